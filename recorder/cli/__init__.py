@@ -1,0 +1,88 @@
+"""``k2eg-recorder`` command line: one sub-command per module in this package.
+
+Each sub-command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int`` (the exit code). Every module is imported to build ``--help``, so a module
+imports its heavy dependencies (confluent_kafka, h5py) inside ``run`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from recorder import __version__
+
+# command name -> module (in recorder.cli) implementing it
+COMMANDS: dict[str, str] = {
+    "run": "run",
+    "demo": "demo",
+    "sim": "sim",
+    "validate": "validate",
+    "inspect": "inspect_cmd",
+    "recover": "recover",
+    "start": "admin",
+    "stop": "admin",
+    "trigger": "admin",
+    "status": "admin",
+    "reload": "admin",
+}
+
+# one-line help, kept here so `--help` does not import every module
+HELP: dict[str, str] = {
+    "run": "run the recorder daemon",
+    "demo": "embedded broker + gateway simulator + example runs -> a real .h5 file",
+    "sim": "run the k2eg gateway simulator",
+    "validate": "check run definitions and show what they would record",
+    "inspect": "summarize a recorded HDF5 file",
+    "recover": "make files left by a crashed writer clean and mark them",
+    "start": "admin: start a run",
+    "stop": "admin: stop a run",
+    "trigger": "admin: trigger a triggered run",
+    "status": "admin: show daemon and run status",
+    "reload": "admin: reload run definitions",
+}
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(f"recorder.cli.{module}") is not None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="k2eg-recorder",
+        description="Record k2eg gateway snapshots from Kafka into chunked HDF5 files.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        if _available(module):
+            p = sub.add_parser(name, help=HELP.get(name, ""), description=HELP.get(name, ""))
+            p.set_defaults(_module=module, _name=name)
+            mod = importlib.import_module(f"recorder.cli.{module}")
+            add = getattr(mod, "add_arguments", None)
+            if add is not None:
+                if getattr(mod, "ADD_ARGUMENTS_TAKES_NAME", False):
+                    add(p, name)
+                else:
+                    add(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    mod = importlib.import_module(f"recorder.cli.{args._module}")
+    try:
+        return int(mod.run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

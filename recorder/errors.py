@@ -1,0 +1,84 @@
+"""The project's one exception hierarchy.
+
+Every error the recorder raises on purpose derives from :class:`RecorderError`, so callers
+(the daemon's main loop, the CLI) can tell "our" failures from bugs with one ``except``.
+"""
+
+from __future__ import annotations
+
+
+class RecorderError(Exception):
+    """Base class of every error raised on purpose by k2eg-recorder."""
+
+
+# --- configuration -------------------------------------------------------------------------
+class ConfigError(RecorderError):
+    """Settings or run definitions are invalid."""
+
+
+# --- the k2eg client -----------------------------------------------------------------------
+class ClientError(RecorderError):
+    """Base class of errors raised by the embedded k2eg client."""
+
+
+class ClientClosedError(ClientError):
+    """The client was used after :meth:`close`."""
+
+
+class TransportError(ClientError):
+    """Kafka could not be reached, a produce failed, or a topic could not be created."""
+
+
+class GatewayTimeoutError(ClientError):
+    """The gateway did not answer a command before its deadline."""
+
+    def __init__(self, command: str, reply_id: str, timeout_s: float) -> None:
+        super().__init__(f"no reply to {command!r} (reply_id={reply_id}) within {timeout_s:g} s")
+        self.command = command
+        self.reply_id = reply_id
+        self.timeout_s = timeout_s
+
+
+class GatewayError(ClientError):
+    """The gateway answered a command with a non-zero error code."""
+
+    def __init__(self, command: str, code: int, message: str, reply_id: str = "") -> None:
+        text = f"k2eg {command!r} failed with error {code}"
+        if message:
+            text += f": {message}"
+        super().__init__(text)
+        self.command = command
+        self.code = code
+        self.message = message
+        self.reply_id = reply_id
+
+
+class InvalidSnapshotPropertiesError(ClientError, ValueError):
+    """SnapshotProperties that the gateway would reject (checked before sending)."""
+
+
+class ProtocolError(ClientError):
+    """A message from the gateway could not be understood (counted and skipped by the client)."""
+
+
+# --- the HDF5 sink -------------------------------------------------------------------------
+class SinkError(RecorderError):
+    """Base class of errors raised by output sinks."""
+
+
+class FileFormatError(SinkError):
+    """A file is not a k2eg-recorder file, or has an unsupported format version."""
+
+
+# --- the daemon ----------------------------------------------------------------------------
+class ServiceError(RecorderError):
+    """The daemon could not carry out an operation."""
+
+
+class AdminCommandError(ServiceError):
+    """An admin command was rejected; ``code`` is the error code sent in the reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

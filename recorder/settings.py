@@ -1,0 +1,91 @@
+"""Daemon and client settings from the environment (prefix ``RECORDER_``).
+
+Run definitions (what to record) live in YAML files, see :mod:`recorder.config`; this module
+holds only *how to connect*: Kafka bootstrap, k2eg topics, identity, and any librdkafka option
+a facility cluster needs (SASL, TLS, ...).
+
+Examples::
+
+    RECORDER_BOOTSTRAP_SERVERS=kafka-1:9092,kafka-2:9092
+    RECORDER_CMD_TOPIC=lcls-k2eg-cmd-topic
+    RECORDER_APP_NAME=recorder-a          # reply topic is "<app_name>-reply" unless set
+    RECORDER_KAFKA__SECURITY__PROTOCOL=SASL_SSL   # any librdkafka option: '__' for '.'
+    RECORDER_KAFKA__SASL__MECHANISM=SCRAM-SHA-512
+    RECORDER_KAFKA__SASL__USERNAME=recorder
+    RECORDER_KAFKA__SASL__PASSWORD=...
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_KAFKA_PREFIX = "RECORDER_KAFKA__"
+
+
+def _kafka_options_from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """``RECORDER_KAFKA__SASL__MECHANISM=PLAIN`` -> ``{"sasl.mechanism": "PLAIN"}``."""
+    options: dict[str, str] = {}
+    for key, value in environ.items():
+        if key.upper().startswith(_KAFKA_PREFIX):
+            name = key[len(_KAFKA_PREFIX) :].lower().replace("__", ".")
+            if name:
+                options[name] = value
+    return options
+
+
+class KafkaSettings(BaseSettings):
+    """How the embedded k2eg client reaches Kafka and the gateway."""
+
+    model_config = SettingsConfigDict(env_prefix="RECORDER_", extra="ignore")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    cmd_topic: str = Field("cmd-in-topic", description="the gateway's command topic")
+    app_name: str = Field("k2eg-recorder", description="names our reply topic: <app_name>-reply")
+    reply_topic: str | None = Field(None, description="overrides <app_name>-reply")
+    client_id: str = Field(default_factory=lambda: f"k2eg-recorder@{socket.gethostname()}")
+    command_timeout_s: float = Field(10.0, gt=0, description="deadline for a gateway reply")
+    create_reply_topic: bool = Field(True, description="create the reply topic if it is missing")
+    kafka: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra librdkafka options (security.protocol, sasl.*, ssl.*, ...)",
+    )
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> KafkaSettings:
+        """Build settings from ``environ`` (default ``os.environ``) plus explicit overrides."""
+        env = dict(os.environ if environ is None else environ)
+        extra = _kafka_options_from_env(env)
+        kafka = {**extra, **overrides.pop("kafka", {})}
+        if environ is None:
+            return cls(kafka=kafka, **overrides)
+        # pydantic-settings reads os.environ; for an explicit mapping, pass the fields directly
+        fields: dict[str, Any] = {}
+        for name in cls.model_fields:
+            env_key = f"RECORDER_{name.upper()}"
+            if env_key in env and name != "kafka":
+                fields[name] = env[env_key]
+        fields.update(overrides)
+        return cls(kafka=kafka, **fields)
+
+    @property
+    def effective_reply_topic(self) -> str:
+        return self.reply_topic or f"{self.app_name}-reply"
+
+    def librdkafka_config(self) -> dict[str, str]:
+        """Common librdkafka configuration (bootstrap, client id and pass-through options)."""
+        conf = {"bootstrap.servers": self.bootstrap_servers, "client.id": self.client_id}
+        conf.update(self.kafka)
+        return conf

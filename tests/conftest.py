@@ -1,0 +1,42 @@
+"""Shared fixtures: a real Kafka-protocol broker for the whole test session.
+
+By default the session starts Tansu (``recorder.broker.EmbeddedBroker``) on a free loopback
+port and kills it by PID at the end. Set ``RECORDER_TEST_BOOTSTRAP=host:port`` to run the same
+tests against another broker instead (for example a real Apache Kafka in a facility's CI).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from recorder.broker import EmbeddedBroker
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("RECORDER_TEST_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    broker = EmbeddedBroker(log_path=log).start()
+    try:
+        yield broker.bootstrap_servers
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """Names (topics, snapshots, apps) unique to this test, so tests never see each other."""
+    token = uuid.uuid4().hex[:8]
+
+    def make(prefix: str) -> str:
+        base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40].strip("-")
+        return f"{prefix}-{base}-{token}".lower()
+
+    return make
