@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from recorder.client.values import PVSample
 
 
-class IterationStatus(str, enum.Enum):
+class IterationStatus(enum.StrEnum):
     COMPLETE = "complete"
     INCOMPLETE = "incomplete"
 
 
-class IncompleteReason(str, enum.Enum):
+class IncompleteReason(enum.StrEnum):
     """Why an iteration was closed without being complete."""
 
     NO_TAIL = "no_tail"  # a newer iteration started before this one's tail arrived

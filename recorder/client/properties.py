@@ -24,7 +24,7 @@ SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _NON_TOPIC_CHARS = re.compile(r"[^A-Za-z0-9\-]")
 
 
-class SnapshotType(str, enum.Enum):
+class SnapshotType(enum.StrEnum):
     """k2eg repeating-snapshot types."""
 
     NORMAL = "normal"

@@ -45,7 +45,7 @@ NDARRAY_UNION_DTYPES: dict[str, np.dtype[Any]] = {
 }
 
 
-class ValueKind(str, enum.Enum):
+class ValueKind(enum.StrEnum):
     """What shape of data a PV's ``value`` holds."""
 
     NONE = "none"  # nil or no `value` field
