@@ -1,0 +1,659 @@
+"""Iteration assembler (pure code): snapshot-topic records in, iteration events out.
+
+State is kept per ``(topic, iter_index)``, never in one "current iteration" variable: several
+iterations of a topic may be open at once (a lost tail, reordering, late messages), and a lost
+message never stalls the stream (the official client's failure mode, protocol §5.3 item 1).
+
+Per iteration the assembler emits ``IterationOpened``, one ``ValuesReceived`` per data *batch*
+and one ``IterationClosed`` (see :mod:`recorder.client.events`), in order per topic.
+
+Batches
+    A batch is consecutive data of one iteration with the same ``submission_seq`` (sequenced
+    gateways) or, without it, the same batch ``timestamp`` (legacy gateways publish one
+    timestamp per submission). A batch is emitted as soon as it is known to be over: its
+    message with ``last_submission_data``, any message of another batch or iteration, a tail,
+    a header, or :meth:`IterationAssembler.idle` (the caller's input is drained). So sub-push
+    partial results flow out while the iteration is still open. Within a batch, sequenced data
+    are reordered by ``msg_seq``. Data for a batch that was already emitted (interleaved
+    batches from a multi-threaded gateway, reordering) form a new ``ValuesReceived`` with the
+    same ``timestamp_ns``/``submission_seq`` and ``late=True`` (counted ``interleaved``).
+
+Closing
+    * tail, ``error != 0``: incomplete, ``GATEWAY_ERROR``;
+    * tail, sequenced with ``total_messages``: complete when all ``total_messages - 2`` data
+      came; if some are missing the iteration stays open ``missing_grace_s`` for late
+      messages, then closes ``MISSING_MESSAGES`` with ``missing_messages`` set;
+    * tail otherwise: complete, or ``NO_HEADER`` if the header never came (data or the tail
+      itself then opened the iteration, ``header_timestamp_ns`` from the storage-node
+      ``header_timestamp`` key when present, else None);
+    * a header of a new iteration closes every open iteration still waiting for its tail as
+      ``NO_TAIL`` (the gateway publishes T(n) before H(n+1), protocol §3.9);
+    * no tail within the topic's timeout (``set_topic_timeout``, e.g. 2 x window + slack):
+      ``TIMEOUT`` (at :meth:`IterationAssembler.expire`);
+    * more than ``max_open_per_topic`` open: the oldest is closed ``NO_TAIL`` (``evicted``);
+    * :meth:`IterationAssembler.close`: ``CLOSED``.
+
+Late, duplicate, restarted
+    * Data or a tail for an iteration already closed is counted ``late.data``/``late.tail``
+      and dropped: the iteration is not reopened and no event is emitted, because a sink has
+      finished that iteration at ``IterationClosed`` (the event order per iteration is always
+      Opened, Values*, Closed). The close event already says the iteration was incomplete.
+    * Duplicates are dropped and counted (``duplicate``, and in the iteration's
+      ``duplicates``): sequenced, the same ``msg_seq`` twice in an iteration; legacy, the same
+      PV with a byte-identical payload twice in an iteration (gateway producer retries, the
+      same PV listed twice in a timedbuffered snapshot, §3.8). A repeated header or tail is
+      counted ``duplicate.header``/``duplicate.tail``.
+    * ``iter_index`` restarts at 1 when a snapshot is stopped and started again. A header for
+      a remembered (closed) or lower ``iter_index`` whose timestamp is newer than anything seen
+      on the topic starts a new run (``restart``); otherwise it is a late header and dropped.
+      Data or a tail can start a new run only for an ``iter_index`` below the highest seen.
+
+Every anomaly is counted in :attr:`IterationAssembler.counters`; malformed records (see
+:class:`recorder.client.wire.DecodeError`) are counted ``malformed.<reason>`` and skipped.
+Memory is bounded by ``max_open_per_topic`` and ``max_closed_per_topic`` (closed iteration
+indexes remembered for late-message detection).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from operator import attrgetter
+from typing import Any, Final
+
+import structlog
+
+from recorder.client.events import (
+    IncompleteReason,
+    IterationClosed,
+    IterationEvent,
+    IterationOpened,
+    IterationStatus,
+    ValuesReceived,
+)
+from recorder.client.values import PVSample
+from recorder.client.wire import (
+    MAX_MESSAGE_BYTES,
+    Data,
+    DecodeError,
+    Header,
+    Record,
+    SnapshotMessage,
+    Tail,
+    decode_snapshot_message,
+)
+
+__all__ = ["IterationAssembler"]
+
+_log = structlog.get_logger(__name__)
+_pv_of = attrgetter("pv")
+_COMPLETE: Final = IterationStatus.COMPLETE
+_INCOMPLETE: Final = IterationStatus.INCOMPLETE
+
+
+class _Iteration:
+    __slots__ = (
+        "data_seqs",
+        "deadline",
+        "duplicates",
+        "emitted",
+        "error",
+        "error_message",
+        "fingerprints",
+        "grace_deadline",
+        "header_seen",
+        "header_ts",
+        "iter_index",
+        "last_ts",
+        "n_batches",
+        "n_data",
+        "n_values",
+        "offset",
+        "partition",
+        "pvs",
+        "snapshot_name",
+        "tail_seen",
+        "tail_ts",
+        "total_messages",
+    )
+
+    def __init__(self, iter_index: int, partition: int, offset: int, deadline: float) -> None:
+        self.iter_index = iter_index
+        self.partition = partition
+        self.offset = offset
+        self.deadline = deadline
+        self.grace_deadline: float | None = None
+        self.snapshot_name: str | None = None
+        self.header_seen = False
+        self.header_ts: int | None = None
+        self.tail_seen = False
+        self.tail_ts: int | None = None
+        self.error = 0
+        self.error_message = ""
+        self.total_messages: int | None = None
+        self.last_ts = 0  # newest gateway timestamp seen in this iteration
+        self.n_data = 0  # data messages accepted
+        self.n_values = 0  # values emitted
+        self.n_batches = 0
+        self.duplicates = 0
+        self.pvs: set[str] = set()
+        self.emitted: set[int] = set()  # batch keys already emitted
+        self.data_seqs: set[int] = set()  # sequenced: msg_seq of accepted data
+        self.fingerprints: dict[Any, Any] | None = None  # legacy duplicate detection
+
+
+class _Batch:
+    __slots__ = (
+        "iteration",
+        "key",
+        "last_seq",
+        "late",
+        "offset",
+        "ordered",
+        "samples",
+        "seqs",
+        "submission_seq",
+        "timestamp_ns",
+    )
+
+    def __init__(
+        self,
+        iteration: _Iteration,
+        key: int,
+        timestamp_ns: int,
+        submission_seq: int | None,
+        late: bool,
+    ) -> None:
+        self.iteration = iteration
+        self.key = key
+        self.timestamp_ns = timestamp_ns
+        self.submission_seq = submission_seq
+        self.late = late
+        self.samples: list[PVSample] = []
+        self.seqs: list[int] = []
+        self.ordered = True
+        self.last_seq = -1
+        self.offset = -1
+
+
+class _Topic:
+    __slots__ = ("closed", "max_index", "max_ts", "name", "open", "pending", "timeout_s")
+
+    def __init__(self, name: str, timeout_s: float) -> None:
+        self.name = name
+        self.timeout_s = timeout_s
+        self.open: dict[int, _Iteration] = {}
+        self.closed: dict[int, int] = {}  # iter_index -> newest timestamp seen (bounded)
+        self.pending: _Batch | None = None
+        self.max_index: int | None = None
+        self.max_ts = -1
+
+
+class IterationAssembler:
+    """Turns snapshot-topic records into iteration events; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        iteration_timeout_s: float = 10.0,
+        max_open_per_topic: int = 4,
+        max_closed_per_topic: int = 1024,
+        missing_grace_s: float = 1.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        if max_open_per_topic < 1:
+            raise ValueError("max_open_per_topic must be >= 1")
+        self.iteration_timeout_s = iteration_timeout_s
+        self.max_open_per_topic = max_open_per_topic
+        self.max_closed_per_topic = max(1, max_closed_per_topic)
+        self.missing_grace_s = missing_grace_s
+        self.max_message_bytes = max_message_bytes
+        self.counters: Counter[str] = Counter()
+        self._topics: dict[str, _Topic] = {}
+        self._timeouts: dict[str, float] = {}
+
+    # ---------------------------------------------------------------------------------- API
+    def set_topic_timeout(self, topic: str, seconds: float) -> None:
+        """Per-iteration timeout for ``topic`` (applies to iterations opened from now on)."""
+        self._timeouts[topic] = seconds
+        state = self._topics.get(topic)
+        if state is not None:
+            state.timeout_s = seconds
+
+    def open_iterations(self, topic: str) -> list[int]:
+        """``iter_index`` of the iterations currently open on ``topic`` (oldest first)."""
+        state = self._topics.get(topic)
+        return list(state.open) if state is not None else []
+
+    def feed(self, record: Record, now: float) -> list[IterationEvent]:
+        """Decode and assemble one record; malformed records are counted and give ``[]``."""
+        try:
+            msg = decode_snapshot_message(
+                record.value, record.headers, max_bytes=self.max_message_bytes
+            )
+        except DecodeError as exc:
+            self.counters["malformed." + exc.reason] += 1
+            return []
+        except Exception:  # a decoder bug must not stop the recorder
+            self.counters["malformed.internal"] += 1
+            _log.exception("snapshot message decoding failed", topic=record.topic)
+            return []
+        return self.feed_message(record.topic, record.partition, record.offset, msg, now)
+
+    def feed_message(
+        self, topic: str, partition: int, offset: int, msg: SnapshotMessage, now: float
+    ) -> list[IterationEvent]:
+        """Assemble one decoded message (``feed`` without the decoding)."""
+        state = self._topics.get(topic)
+        if state is None:
+            state = self._topics[topic] = _Topic(
+                topic, self._timeouts.get(topic, self.iteration_timeout_s)
+            )
+        out: list[IterationEvent] = []
+        try:
+            cls = msg.__class__
+            if cls is Data:
+                self._on_data(state, partition, offset, msg, now, out)  # type: ignore[arg-type]
+            elif cls is Header:
+                self._on_header(state, partition, offset, msg, now, out)  # type: ignore[arg-type]
+            elif cls is Tail:
+                self._on_tail(state, partition, offset, msg, now, out)  # type: ignore[arg-type]
+            else:
+                self.counters["malformed.unknown_message_type"] += 1
+        except Exception:  # never let one message stop the recorder; counted and logged
+            self.counters["internal_error"] += 1
+            _log.exception("iteration assembly failed", topic=topic, offset=offset)
+        return out
+
+    def idle(self, now: float) -> list[IterationEvent]:
+        """The caller's input is drained: emit every pending (partial) batch."""
+        out: list[IterationEvent] = []
+        for state in self._topics.values():
+            if state.pending is not None:
+                self._flush(state, out)
+        return out
+
+    def expire(self, now: float) -> list[IterationEvent]:
+        """Close iterations past their deadline (``TIMEOUT``) or past their grace period for
+        missing messages (``MISSING_MESSAGES``)."""
+        out: list[IterationEvent] = []
+        for state in self._topics.values():
+            for it in list(state.open.values()):
+                if it.grace_deadline is not None:
+                    if now >= it.grace_deadline or now >= it.deadline:
+                        self._close(state, it, IncompleteReason.MISSING_MESSAGES, out)
+                elif now >= it.deadline:
+                    self._close(state, it, IncompleteReason.TIMEOUT, out)
+        return out
+
+    def close(self, topic: str | None = None) -> list[IterationEvent]:
+        """Close the open iterations of ``topic`` (every topic if None) as ``CLOSED`` and
+        forget the topic's state."""
+        out: list[IterationEvent] = []
+        names = list(self._topics) if topic is None else [topic]
+        for name in names:
+            state = self._topics.pop(name, None)
+            if state is None:
+                continue
+            if state.pending is not None:
+                self._flush(state, out)
+            for it in list(state.open.values()):
+                self._close(state, it, IncompleteReason.CLOSED, out)
+        return out
+
+    # ------------------------------------------------------------------------------ messages
+    def _on_data(  # noqa: PLR0917
+        self,
+        state: _Topic,
+        partition: int,
+        offset: int,
+        msg: Data,
+        now: float,
+        out: list[IterationEvent],
+    ) -> None:
+        ts = msg.timestamp_ns
+        if ts > state.max_ts:
+            restart_ok = True
+            state.max_ts = ts
+        else:
+            restart_ok = False
+        it = state.open.get(msg.iter_index)
+        if it is None:
+            it = self._open_unannounced(
+                state,
+                msg.iter_index,
+                restart_ok,
+                partition,
+                offset,
+                now,
+                msg.header_timestamp_ns,
+                "data",
+                out,
+            )
+            if it is None:
+                return
+        # duplicates
+        seq = msg.msg_seq
+        sample = msg.sample
+        if seq is not None:
+            if seq in it.data_seqs:
+                self._duplicate(it, "duplicate")
+                return
+            it.data_seqs.add(seq)
+        elif self._is_legacy_duplicate(it, msg):
+            self._duplicate(it, "duplicate")
+            return
+        it.n_data += 1
+        # batch (the iteration's offset and newest timestamp are updated when it is flushed)
+        sub = msg.submission_seq
+        key = sub if sub is not None else ~ts
+        batch = state.pending
+        if batch is None or batch.iteration is not it or batch.key != key:
+            if batch is not None:
+                self._flush(state, out)
+            late = key in it.emitted
+            if late:
+                self.counters["interleaved"] += 1
+            batch = state.pending = _Batch(it, key, ts, sub, late)
+        batch.samples.append(sample)
+        if seq is not None:
+            batch.seqs.append(seq)
+            if seq < batch.last_seq:
+                batch.ordered = False
+            batch.last_seq = seq
+        if offset > batch.offset:  # noqa: PLR1730 (hot path: no call)
+            batch.offset = offset
+        if msg.last_submission_data:
+            self._flush(state, out)
+        if it.grace_deadline is not None:
+            self._settle_after_tail(state, it, now, out)
+
+    def _is_legacy_duplicate(self, it: _Iteration, msg: Data) -> bool:
+        """Same PV, byte-identical payload, already in this iteration (legacy stream)."""
+        sample = msg.sample
+        stamp = sample.data.get("timeStamp")
+        if stamp.__class__ is dict:
+            fingerprint: Any = (
+                sample.pv,
+                stamp.get("secondsPastEpoch"),
+                stamp.get("nanoseconds"),
+            )
+        else:
+            fingerprint = (sample.pv, None, None)
+        payload: Any = msg.raw if msg.raw is not None else sample.data
+        seen = it.fingerprints
+        if seen is None:
+            it.fingerprints = {fingerprint: payload}
+            return False
+        previous = seen.get(fingerprint)
+        if previous is None:
+            seen[fingerprint] = payload
+            return False
+        if previous.__class__ is list:
+            if payload in previous:
+                return True
+            previous.append(payload)
+            return False
+        if previous == payload:
+            return True
+        seen[fingerprint] = [previous, payload]
+        return False
+
+    def _on_header(  # noqa: PLR0917
+        self,
+        state: _Topic,
+        partition: int,
+        offset: int,
+        msg: Header,
+        now: float,
+        out: list[IterationEvent],
+    ) -> None:
+        ts = msg.timestamp_ns
+        newest = ts > state.max_ts
+        if newest:
+            state.max_ts = ts
+        idx = msg.iter_index
+        it = state.open.get(idx)
+        if it is not None and it.header_seen and newest and ts > it.last_ts:
+            # same iter_index, newer than all we saw: the snapshot was restarted meanwhile
+            self._close(state, it, IncompleteReason.NO_TAIL, out)
+            self._restart(state)
+            it = None
+        if it is not None:
+            if it.header_seen:
+                self._duplicate(it, "duplicate.header")
+                return
+            # the header came after data (or the tail) that opened the iteration
+            self.counters["header_after_data"] += 1
+            it.header_seen = True
+            it.header_ts = ts
+            it.snapshot_name = msg.snapshot_name or it.snapshot_name
+            it.offset = max(it.offset, offset)
+            if it.grace_deadline is not None:
+                self._settle_after_tail(state, it, now, out)
+            return
+        if idx in state.closed or (state.max_index is not None and idx <= state.max_index):
+            if not newest:
+                self.counters["late.header"] += 1
+                return
+            self._restart(state)
+        # a header is a batch boundary; a new iteration ends every one still waiting for a tail
+        if state.pending is not None:
+            self._flush(state, out)
+        for other in list(state.open.values()):
+            if not other.tail_seen:
+                self._close(state, other, IncompleteReason.NO_TAIL, out)
+        self._open(state, idx, partition, offset, now, out, header=msg)
+
+    def _on_tail(  # noqa: PLR0917
+        self,
+        state: _Topic,
+        partition: int,
+        offset: int,
+        msg: Tail,
+        now: float,
+        out: list[IterationEvent],
+    ) -> None:
+        ts = msg.timestamp_ns
+        restart_ok = ts > state.max_ts
+        if restart_ok:
+            state.max_ts = ts
+        it = state.open.get(msg.iter_index)
+        if it is None:
+            it = self._open_unannounced(
+                state,
+                msg.iter_index,
+                restart_ok,
+                partition,
+                offset,
+                now,
+                msg.header_timestamp_ns,
+                "tail",
+                out,
+            )
+            if it is None:
+                return
+        if it.tail_seen:
+            self._duplicate(it, "duplicate.tail")
+            return
+        it.tail_seen = True
+        it.tail_ts = ts
+        it.last_ts = max(it.last_ts, ts)
+        it.offset = max(it.offset, offset)
+        it.snapshot_name = msg.snapshot_name or it.snapshot_name
+        it.error = msg.error
+        it.error_message = msg.error_message
+        if it.header_ts is None and msg.header_timestamp_ns is not None:
+            it.header_ts = msg.header_timestamp_ns
+        if state.pending is not None:
+            self._flush(state, out)
+        if msg.error != 0:
+            self._close(state, it, IncompleteReason.GATEWAY_ERROR, out)
+            return
+        it.total_messages = msg.total_messages
+        if msg.total_messages is not None and self._missing_data(it) > 0:
+            self.counters["waiting_for_missing"] += 1
+            it.grace_deadline = now + self.missing_grace_s
+            if self.missing_grace_s <= 0:
+                self._close(state, it, IncompleteReason.MISSING_MESSAGES, out)
+            return
+        self._close(state, it, None if it.header_seen else IncompleteReason.NO_HEADER, out)
+
+    # ----------------------------------------------------------------------------- helpers
+    def _duplicate(self, it: _Iteration, counter: str) -> None:
+        self.counters[counter] += 1
+        it.duplicates += 1
+
+    @staticmethod
+    def _missing_data(it: _Iteration) -> int:
+        total = it.total_messages
+        return 0 if total is None else max(0, total - 2 - it.n_data)
+
+    def _settle_after_tail(
+        self, state: _Topic, it: _Iteration, now: float, out: list[IterationEvent]
+    ) -> None:
+        """An iteration waiting for missing messages got one: close it once nothing is missing."""
+        if self._missing_data(it) == 0:
+            self.counters["missing_recovered"] += 1
+            self._close(state, it, None if it.header_seen else IncompleteReason.NO_HEADER, out)
+
+    def _restart(self, state: _Topic) -> None:
+        """The snapshot was restarted: its ``iter_index`` counter began again at 1."""
+        self.counters["restart"] += 1
+        state.closed.clear()
+        state.max_index = None
+
+    def _open_unannounced(  # noqa: PLR0917
+        self,
+        state: _Topic,
+        idx: int,
+        newest: bool,
+        partition: int,
+        offset: int,
+        now: float,
+        header_ts: int | None,
+        what: str,
+        out: list[IterationEvent],
+    ) -> _Iteration | None:
+        """Data or a tail for an iteration that is not open: late (None), or open it."""
+        if idx in state.closed:
+            if not (newest and state.max_index is not None and idx < state.max_index):
+                self.counters["late." + what] += 1
+                return None
+            self._restart(state)
+        self.counters["no_header"] += 1
+        return self._open(state, idx, partition, offset, now, out, header_ts=header_ts)
+
+    def _open(  # noqa: PLR0917
+        self,
+        state: _Topic,
+        idx: int,
+        partition: int,
+        offset: int,
+        now: float,
+        out: list[IterationEvent],
+        *,
+        header: Header | None = None,
+        header_ts: int | None = None,
+    ) -> _Iteration:
+        while len(state.open) >= self.max_open_per_topic:
+            self.counters["evicted"] += 1
+            self._close(state, next(iter(state.open.values())), IncompleteReason.NO_TAIL, out)
+        it = _Iteration(idx, partition, offset, now + state.timeout_s)
+        if header is not None:
+            it.header_seen = True
+            it.header_ts = it.last_ts = header.timestamp_ns
+            it.snapshot_name = header.snapshot_name
+        else:
+            it.header_ts = header_ts  # storage-node `header_timestamp`, or None
+        state.open[idx] = it
+        if state.max_index is None or idx > state.max_index:
+            state.max_index = idx
+        self.counters["iterations.opened"] += 1
+        out.append(
+            IterationOpened(state.name, it.snapshot_name, idx, it.header_ts, partition, offset)
+        )
+        return it
+
+    def _flush(self, state: _Topic, out: list[IterationEvent]) -> None:
+        batch = state.pending
+        if batch is None:
+            return
+        state.pending = None
+        it = batch.iteration
+        samples = batch.samples
+        if not batch.ordered:
+            self.counters["reordered"] += 1
+            seqs = batch.seqs
+            order = sorted(range(len(samples)), key=seqs.__getitem__)
+            samples = [samples[i] for i in order]
+        it.n_batches += 1
+        it.n_values += len(samples)
+        it.offset = max(it.offset, batch.offset)
+        it.last_ts = max(it.last_ts, batch.timestamp_ns)
+        it.pvs.update(map(_pv_of, samples))
+        it.emitted.add(batch.key)
+        self.counters["batches"] += 1
+        self.counters["values"] += len(samples)
+        out.append(
+            ValuesReceived(
+                state.name,
+                it.iter_index,
+                it.n_batches,
+                batch.timestamp_ns,
+                tuple(samples),
+                batch.submission_seq,
+                batch.late,
+                it.partition,
+                batch.offset,
+            )
+        )
+
+    def _close(
+        self,
+        state: _Topic,
+        it: _Iteration,
+        reason: IncompleteReason | None,
+        out: list[IterationEvent],
+    ) -> None:
+        pending = state.pending
+        if pending is not None and pending.iteration is it:
+            self._flush(state, out)
+        del state.open[it.iter_index]
+        closed = state.closed
+        closed[it.iter_index] = it.last_ts
+        while len(closed) > self.max_closed_per_topic:
+            del closed[next(iter(closed))]
+        expected = it.total_messages
+        missing: int | None = None
+        if expected is not None:
+            received = it.n_data + (1 if it.header_seen else 0) + (1 if it.tail_seen else 0)
+            missing = max(0, expected - received)
+        if reason is None and missing:
+            reason = IncompleteReason.MISSING_MESSAGES
+        if reason is None:
+            self.counters["iterations.complete"] += 1
+        else:
+            self.counters["iterations.incomplete." + reason.value] += 1
+        if missing:
+            self.counters["missing_messages"] += missing
+        out.append(
+            IterationClosed(
+                state.name,
+                it.snapshot_name,
+                it.iter_index,
+                _COMPLETE if reason is None else _INCOMPLETE,
+                reason,
+                it.header_ts,
+                it.tail_ts,
+                it.error,
+                it.error_message,
+                it.n_values,
+                len(it.pvs),
+                it.n_batches,
+                expected,
+                missing,
+                it.duplicates,
+                it.partition,
+                it.offset,
+            )
+        )

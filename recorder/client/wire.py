@@ -1,0 +1,761 @@
+"""Gateway bytes -> typed messages (pure code: no Kafka, no I/O).
+
+What this module knows about the wire (``/work/shared/research/k2eg-protocol*.md``):
+
+* Every gateway message carries one Kafka header, ``k2eg-ser-type``: ``Msgpack``, ``Json`` or
+  ``Msgpack-Compact``. It is compared case-insensitively and only msgpack is decoded.
+* Snapshot topics carry three message types, told apart by ``message_type``:
+  header (0) ``{message_type, snapshot_name, timestamp, iter_index}``, data (1)
+  ``{message_type, timestamp, iter_index, "<pv>": {...}}`` and tail (2)
+  ``{message_type, error, [error_message], iter_index, timestamp, snapshot_name}``.
+  Newer gateways add ``msg_seq``, ``submission_seq``, ``last_submission_data`` and
+  ``total_messages`` (the *sequenced* generation); the storage-node branch adds
+  ``header_timestamp``. All of them are optional here, and unknown extra keys are tolerated:
+  the PV of a data message is the one key that is not known metadata and holds a map.
+* ``timestamp`` is wall-clock milliseconds on gateway main; a newer document says
+  nanoseconds. :func:`to_ns` tells them apart by magnitude (> 1e15 means ns).
+* PV values are msgpack maps mirroring the pvData structure. msgpack-python decodes float32
+  and float64 to the same Python ``float``, so the float width is recovered from the raw bytes
+  here (:func:`float32_paths`) and handed to :class:`~recorder.client.values.PVSample`.
+* Known gateway bug, kept as sent: ``short[]`` arrays are packed through ``uint16``, so a
+  negative short ``v`` arrives as ``65536 + v`` (a positive msgpack uint16); it cannot be
+  detected in general because an ``ushort[]`` looks the same. Typing gives ``int64`` values.
+
+Float32 detection, fast path and fallback
+-----------------------------------------
+The common PV structures (NTScalar, NTScalarArray) put ``value`` first. For those we search the
+raw bytes for the PV key, the PV map header and the key ``"value"`` (``<key>\\x8N\\xa5value``,
+``N`` the number of fields of the decoded PV map) and inspect the value's marker byte:
+``0xca`` float32, ``0xcb`` float64; for arrays (``0x90..0x9f``, ``0xdc``, ``0xdd``) the
+marker of the first element (pvData arrays are homogeneous). The hit is cross-checked
+against the decoded value (float for a float marker; a list of the same length for an array
+header); anything else, and every map-valued ``value`` with float columns (NTTable), goes
+through a small pure-Python msgpack walker that locates the PV map structurally. Values that
+hold no float at all (ints, strings, enums, NTNDArray unions whose dtype is named by the
+union field) skip byte scanning entirely. The only way to fool the fast path is an unknown
+string or bin field placed before the PV whose bytes contain exactly the encoded PV key +
+map header + ``value`` + a marker that agrees with the decoded value; the gateway sends no
+such field.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from recorder.client.values import PVSample
+from recorder.errors import ProtocolError
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "REPLY_METADATA_KEYS",
+    "SERIALIZATION_HEADER",
+    "SNAPSHOT_METADATA_KEYS",
+    "Data",
+    "DecodeError",
+    "Header",
+    "MessageType",
+    "Record",
+    "Reply",
+    "SnapshotMessage",
+    "Tail",
+    "decode_reply",
+    "decode_snapshot_message",
+    "float32_paths",
+    "serialization_of",
+    "to_ns",
+]
+
+MAX_MESSAGE_BYTES: int = 64 * 1024 * 1024
+"""Messages larger than this are rejected as ``too_large`` (each decode call can override)."""
+
+SERIALIZATION_HEADER: Final = "k2eg-ser-type"
+_MSGPACK: Final = "msgpack"
+_NS_THRESHOLD: Final = 10**15  # a timestamp above this is already in nanoseconds
+
+SNAPSHOT_METADATA_KEYS: frozenset[str] = frozenset(
+    {
+        "message_type",
+        "timestamp",
+        "iter_index",
+        "msg_seq",
+        "submission_seq",
+        "last_submission_data",
+        "header_timestamp",
+        "snapshot_name",
+        "error",
+        "error_message",
+        "total_messages",
+        "message-size",  # injected by the official client; harmless to know
+    }
+)
+REPLY_METADATA_KEYS: frozenset[str] = frozenset(
+    {"error", "reply_id", "message", "publishing_topic", "msg_seq", "message-size"}
+)
+
+_EMPTY: Final[frozenset[str]] = frozenset()
+_F32_VALUE: Final[frozenset[str]] = frozenset({"value"})
+
+
+# --------------------------------------------------------------------------------------------
+# data classes
+# --------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Record:
+    """What the Kafka adapter hands to the core, one per consumed message."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None
+    timestamp_ms: int | None = None  # Kafka message timestamp, if any
+
+
+class MessageType(enum.IntEnum):
+    HEADER = 0
+    DATA = 1
+    TAIL = 2
+
+
+@dataclass(slots=True)
+class Header:
+    snapshot_name: str | None
+    iter_index: int
+    timestamp_ns: int
+    msg_seq: int | None
+    submission_seq: int | None
+
+
+@dataclass(slots=True)
+class Data:
+    iter_index: int
+    timestamp_ns: int
+    sample: PVSample
+    msg_seq: int | None
+    submission_seq: int | None
+    last_submission_data: bool
+    header_timestamp_ns: int | None
+    raw: bytes | None = None  # the message bytes (legacy duplicate detection); added to contract
+
+
+@dataclass(slots=True)
+class Tail:
+    iter_index: int
+    timestamp_ns: int
+    snapshot_name: str | None
+    error: int
+    error_message: str
+    msg_seq: int | None
+    total_messages: int | None
+    submission_seq: int | None
+    header_timestamp_ns: int | None
+
+
+SnapshotMessage = Header | Data | Tail
+
+
+@dataclass(slots=True)
+class Reply:
+    """A message on the reply topic."""
+
+    reply_id: str
+    error: int
+    message: str
+    publishing_topic: str | None
+    samples: dict[str, PVSample]  # PV keys of get / one-shot snapshot replies
+    fields: dict[str, Any]  # every other key, as decoded
+
+
+class DecodeError(ProtocolError):
+    """A message that cannot be decoded; :attr:`reason` is a short counter key.
+
+    Reasons: ``empty`` (no value), ``no_header``, ``wrong_serialization``, ``too_large``,
+    ``not_msgpack``, ``not_a_map``, ``missing_key``, ``bad_type``, ``unknown_message_type``,
+    ``ambiguous_pv`` (a data message with several candidate PV maps).
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------------------------
+# envelope
+# --------------------------------------------------------------------------------------------
+Headers = Iterable[tuple[str, bytes | str | None]] | None
+
+
+def serialization_of(headers: Headers) -> str | None:
+    """The ``k2eg-ser-type`` header value, lower-cased; None when there is no such header."""
+    if not headers:
+        return None
+    for key, value in headers:
+        if key == SERIALIZATION_HEADER or (
+            isinstance(key, str) and key.lower() == SERIALIZATION_HEADER
+        ):
+            if value is None:
+                return ""
+            if isinstance(value, bytes | bytearray):
+                return bytes(value).decode("utf-8", "replace").strip().lower()
+            return str(value).strip().lower()
+    return None
+
+
+_MSGPACK_HEADER_VALUES: Final = frozenset({b"Msgpack", b"msgpack", b"MSGPACK"})
+
+
+def _check_envelope(value: Any, headers: Headers, max_bytes: int) -> None:
+    # fast path: the one header the gateway sets, as the gateway spells it
+    if headers.__class__ is list and len(headers) == 1:
+        key, hv = headers[0]
+        if key == SERIALIZATION_HEADER and hv.__class__ is bytes and hv in _MSGPACK_HEADER_VALUES:
+            ser: str | None = _MSGPACK
+        else:
+            ser = serialization_of(headers)
+    else:
+        ser = serialization_of(headers)
+    if ser is None:
+        raise DecodeError("no_header", f"no {SERIALIZATION_HEADER} header")
+    if ser != _MSGPACK:
+        raise DecodeError("wrong_serialization", ser)
+    if value is None:
+        raise DecodeError("empty", "message has no value")
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise DecodeError("bad_type", f"value is {type(value).__name__}, not bytes")
+    if len(value) > max_bytes:
+        raise DecodeError("too_large", f"{len(value)} bytes > {max_bytes}")
+
+
+def _unpack(value: bytes) -> Any:
+    try:
+        return msgpack.unpackb(value)
+    except Exception as exc:  # msgpack raises many types on garbage; all mean the same
+        raise DecodeError("not_msgpack", f"{type(exc).__name__}: {exc}") from None
+
+
+def to_ns(timestamp: int) -> int:
+    """Gateway timestamp -> ns since the Unix epoch: ms on gateway main, ns if > 1e15."""
+    return timestamp if timestamp > _NS_THRESHOLD else timestamp * 1_000_000
+
+
+def _opt_uint(obj: Mapping[str, Any], key: str) -> int | None:
+    value = obj.get(key)
+    if value.__class__ is int and value >= 0:
+        return value
+    return None
+
+
+def _opt_ts(obj: Mapping[str, Any], key: str) -> int | None:
+    value = obj.get(key)
+    if value.__class__ is int:
+        return to_ns(value)
+    return None
+
+
+def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _required_int(obj: Mapping[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if value.__class__ is int:
+        return value
+    if value is None and key not in obj:
+        raise DecodeError("missing_key", key)
+    raise DecodeError("bad_type", f"{key} is {type(value).__name__}, not int")
+
+
+# --------------------------------------------------------------------------------------------
+# snapshot messages
+# --------------------------------------------------------------------------------------------
+def decode_snapshot_message(
+    value: bytes | None, headers: Headers, *, max_bytes: int = MAX_MESSAGE_BYTES
+) -> SnapshotMessage:
+    """Decode one snapshot-topic message; raise :class:`DecodeError` for anything else."""
+    # hot path, inlined: the gateway's one header as it spells it, a bytes value
+    if (
+        headers.__class__ is list
+        and len(headers) == 1
+        and headers[0][0] == SERIALIZATION_HEADER
+        and headers[0][1].__class__ is bytes
+        and headers[0][1] in _MSGPACK_HEADER_VALUES
+        and value.__class__ is bytes
+        and len(value) <= max_bytes
+    ):
+        raw: bytes = value
+    else:
+        _check_envelope(value, headers, max_bytes)
+        raw = bytes(value)  # type: ignore[arg-type]
+    try:
+        obj = _unpackb(raw)
+    except Exception as exc:  # msgpack raises many types on garbage; all mean the same
+        raise DecodeError("not_msgpack", f"{type(exc).__name__}: {exc}") from None
+    if obj.__class__ is not dict:
+        raise DecodeError("not_a_map", type(obj).__name__)
+    if len(obj) == 4 and obj.get("message_type") == 1:
+        # legacy data message: message_type, timestamp, iter_index and the PV (last)
+        iter_index = obj.get("iter_index")
+        timestamp = obj.get("timestamp")
+        pv_key: Any = next(reversed(obj))
+        pv_data = obj[pv_key]
+        if (
+            iter_index.__class__ is int
+            and timestamp.__class__ is int
+            and pv_data.__class__ is dict
+            and pv_key.__class__ is str
+            and pv_key not in SNAPSHOT_METADATA_KEYS
+            and obj["message_type"].__class__ is int
+        ):
+            return Data(
+                iter_index,
+                timestamp if timestamp > _NS_THRESHOLD else timestamp * 1_000_000,
+                PVSample(pv_key, pv_data, _pv_float32_paths(raw, pv_key, pv_data)),
+                None,
+                None,
+                False,
+                None,
+                raw,
+            )
+    return snapshot_message_from_map(obj, raw)
+
+
+_unpackb = msgpack.unpackb
+
+
+def snapshot_message_from_map(obj: dict[str, Any], raw: bytes | None = None) -> SnapshotMessage:
+    """Build a message from a decoded map (``raw``: the bytes, for float32 detection)."""
+    mtype = obj.get("message_type")
+    if mtype.__class__ is not int:
+        if mtype is None and "message_type" not in obj:
+            raise DecodeError("missing_key", "message_type")
+        raise DecodeError("bad_type", f"message_type is {type(mtype).__name__}")
+    iter_index = _required_int(obj, "iter_index")
+    timestamp = _required_int(obj, "timestamp")
+    timestamp_ns = timestamp if timestamp > _NS_THRESHOLD else timestamp * 1_000_000
+    if mtype == 1:
+        return _data_from_map(obj, raw, iter_index, timestamp_ns)
+    if mtype == 0:
+        return Header(
+            _opt_str(obj, "snapshot_name"),
+            iter_index,
+            timestamp_ns,
+            _opt_uint(obj, "msg_seq"),
+            _opt_uint(obj, "submission_seq"),
+        )
+    if mtype == 2:
+        error = obj.get("error", 0)
+        if error.__class__ is not int:
+            raise DecodeError("bad_type", f"error is {type(error).__name__}")
+        message = obj.get("error_message", "")
+        return Tail(
+            iter_index,
+            timestamp_ns,
+            _opt_str(obj, "snapshot_name"),
+            error,
+            message if isinstance(message, str) else str(message),
+            _opt_uint(obj, "msg_seq"),
+            _opt_uint(obj, "total_messages"),
+            _opt_uint(obj, "submission_seq"),
+            _opt_ts(obj, "header_timestamp"),
+        )
+    raise DecodeError("unknown_message_type", str(mtype))
+
+
+def _data_from_map(
+    obj: dict[str, Any], raw: bytes | None, iter_index: int, timestamp_ns: int
+) -> Data:
+    known = 3  # message_type, timestamp, iter_index: present (checked by the caller)
+    msg_seq = obj.get("msg_seq")
+    if msg_seq is not None:
+        known += 1
+        if msg_seq.__class__ is not int or msg_seq < 0:
+            msg_seq = None
+    submission_seq = obj.get("submission_seq")
+    if submission_seq is not None:
+        known += 1
+        if submission_seq.__class__ is not int or submission_seq < 0:
+            submission_seq = None
+    lsd = obj.get("last_submission_data")
+    if lsd is not None:
+        known += 1
+    last = lsd is True or (lsd.__class__ is int and lsd == 1)
+    header_ts = obj.get("header_timestamp")
+    header_timestamp_ns = None
+    if header_ts is not None:
+        known += 1
+        if header_ts.__class__ is int:
+            header_timestamp_ns = to_ns(header_ts)
+
+    # the PV: gateways put it last and send no other key; check that first, else scan
+    pv_key: Any = next(reversed(obj))
+    pv_data = obj[pv_key]
+    if len(obj) != known + 1 or pv_data.__class__ is not dict or pv_key in SNAPSHOT_METADATA_KEYS:
+        pv_key, pv_data = _find_pv(obj)
+    if pv_key.__class__ is not str:
+        raise DecodeError("bad_type", "PV key is not a string")
+    paths = _pv_float32_paths(raw, pv_key, pv_data) if raw else _EMPTY
+    return Data(
+        iter_index,
+        timestamp_ns,
+        PVSample(pv_key, pv_data, paths),
+        msg_seq,
+        submission_seq,
+        last,
+        header_timestamp_ns,
+        raw,
+    )
+
+
+def _find_pv(obj: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    found: tuple[Any, dict[str, Any]] | None = None
+    non_meta = 0
+    for key, value in obj.items():
+        if key in SNAPSHOT_METADATA_KEYS:
+            continue
+        non_meta += 1
+        if value.__class__ is dict:
+            if found is not None:
+                raise DecodeError("ambiguous_pv", f"{found[0]!r} and {key!r}")
+            found = (key, value)
+    if found is None:
+        if non_meta:
+            raise DecodeError("bad_type", "the PV value is not a map")
+        raise DecodeError("missing_key", "no PV key in data message")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# replies
+# --------------------------------------------------------------------------------------------
+def decode_reply(
+    value: bytes | None, headers: Headers, *, max_bytes: int = MAX_MESSAGE_BYTES
+) -> Reply:
+    """Decode one reply-topic message; raise :class:`DecodeError` for anything else."""
+    _check_envelope(value, headers, max_bytes)
+    raw = bytes(value) if value.__class__ is not bytes else value  # type: ignore[arg-type]
+    obj = _unpack(raw)
+    if obj.__class__ is not dict:
+        raise DecodeError("not_a_map", type(obj).__name__)
+    reply_id = obj.get("reply_id")
+    if not isinstance(reply_id, str):
+        if reply_id is None and "reply_id" not in obj:
+            raise DecodeError("missing_key", "reply_id")
+        raise DecodeError("bad_type", f"reply_id is {type(reply_id).__name__}")
+    error = obj.get("error")
+    if error.__class__ is not int:
+        if error is None and "error" not in obj:
+            raise DecodeError("missing_key", "error")
+        raise DecodeError("bad_type", f"error is {type(error).__name__}")
+    message = obj.get("message", "")
+    topic = obj.get("publishing_topic")
+    pv_maps = {
+        key: val
+        for key, val in obj.items()
+        if key not in REPLY_METADATA_KEYS and isinstance(key, str) and val.__class__ is dict
+    }
+    samples: dict[str, PVSample] = {}
+    if len(pv_maps) == 1:
+        ((key, val),) = pv_maps.items()
+        samples[key] = PVSample(key, val, _pv_float32_paths(raw, key, val))
+    elif pv_maps:
+        by_key = _walk_float32(raw)
+        for key, val in pv_maps.items():
+            samples[key] = PVSample(key, val, by_key.get(key, _EMPTY))
+    fields = {
+        key: val
+        for key, val in obj.items()
+        if key not in ("reply_id", "error", "message", "publishing_topic") and key not in samples
+    }
+    return Reply(
+        reply_id,
+        error,
+        message if isinstance(message, str) else str(message),
+        topic if isinstance(topic, str) and topic else None,
+        samples,
+        fields,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# float32 detection
+# --------------------------------------------------------------------------------------------
+def _map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x80 | n,))
+    if n < 0x10000:
+        return b"\xde" + n.to_bytes(2, "big")
+    return b"\xdf" + n.to_bytes(4, "big")
+
+
+_VALUE_PATTERNS: Final[tuple[bytes, ...]] = tuple(_map_header(n) + b"\xa5value" for n in range(64))
+
+
+_KEY_PREFIXES: dict[str, bytes] = {}  # PV name -> its msgpack str encoding (bounded cache)
+
+
+def _key_prefix(key: str) -> bytes:
+    data = key.encode("utf-8", "surrogatepass")
+    n = len(data)
+    if n < 32:
+        head = bytes((0xA0 | n,))
+    elif n < 0x100:
+        head = b"\xd9" + bytes((n,))
+    elif n < 0x10000:
+        head = b"\xda" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdb" + n.to_bytes(4, "big")
+    if len(_KEY_PREFIXES) >= 65536:
+        _KEY_PREFIXES.clear()
+    _KEY_PREFIXES[key] = head + data
+    return head + data
+
+
+def _pv_float32_paths(raw: bytes, key: str, pv: dict[str, Any]) -> frozenset[str]:
+    """float32 paths of one decoded PV map found in ``raw`` (fast path, walker fallback)."""
+    value = pv.get("value")
+    cls = value.__class__
+    if cls is float:
+        pass
+    elif cls is list:
+        if not value or value[0].__class__ is not float:
+            return _EMPTY
+    elif cls is dict:
+        if not any(
+            c.__class__ is float or (c.__class__ is list and c and c[0].__class__ is float)
+            for c in value.values()  # type: ignore[union-attr]
+        ):
+            return _EMPTY
+        return _walk_float32(raw).get(key, _EMPTY)
+    else:
+        return _EMPTY
+    n = len(pv)
+    if next(iter(pv)) != "value":
+        return _walk_float32(raw).get(key, _EMPTY)
+    prefix = _KEY_PREFIXES.get(key)
+    if prefix is None:
+        prefix = _key_prefix(key)
+    pattern = prefix + (_VALUE_PATTERNS[n] if n < 64 else _map_header(n) + b"\xa5value")
+    pos = raw.find(pattern)
+    if pos < 0:
+        return _walk_float32(raw).get(key, _EMPTY)
+    at = pos + len(pattern)
+    try:
+        marker = raw[at]
+        if cls is float:
+            if marker == 0xCA:
+                return _F32_VALUE
+            if marker == 0xCB:
+                return _EMPTY
+        else:
+            if 0x90 <= marker <= 0x9F:
+                count, first = marker & 0x0F, at + 1
+            elif marker == 0xDC:
+                count, first = int.from_bytes(raw[at + 1 : at + 3], "big"), at + 3
+            elif marker == 0xDD:
+                count, first = int.from_bytes(raw[at + 1 : at + 5], "big"), at + 5
+            else:
+                count, first = -1, 0
+            if count == len(value):  # type: ignore[arg-type]
+                elem = raw[first]
+                if elem == 0xCA:
+                    return _F32_VALUE
+                if elem == 0xCB:
+                    return _EMPTY
+    except IndexError:
+        pass
+    return _walk_float32(raw).get(key, _EMPTY)
+
+
+def float32_paths(raw: bytes, pv: str | None = None) -> frozenset[str]:
+    """Which fields of a PV's ``value`` were sent as msgpack float32: ``"value"`` for a float
+    scalar or array, ``"value.<column>"`` for NTTable columns.
+
+    ``raw`` is a whole data or reply message; ``pv`` selects the PV key (default: the first
+    top-level key that is not known metadata and holds a map). This is the structural walker:
+    exact, but slower than the fast path the decoders use (which it is tested against).
+    Malformed bytes give an empty set.
+    """
+    by_key = _walk_float32(raw)
+    if pv is not None:
+        return by_key.get(pv, _EMPTY)
+    return next(iter(by_key.values()), _EMPTY)
+
+
+# ---- a minimal msgpack walker (positions only; never builds Python objects for values) -----
+class _TruncatedError(Exception):
+    pass
+
+
+_FIXED_SIZES: Final[dict[int, int]] = {
+    0xC0: 0, 0xC2: 0, 0xC3: 0,  # nil, false, true
+    0xCA: 4, 0xCB: 8,  # float32, float64
+    0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,  # uint
+    0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8,  # int
+    0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17,  # fixext (type byte + data)
+}  # fmt: skip
+
+
+def _container(raw: bytes, pos: int) -> tuple[int, int, int]:
+    """(kind, count, position after the header): kind 1 map, 2 array, 0 other."""
+    b = raw[pos]
+    if 0x80 <= b <= 0x8F:
+        return 1, b & 0x0F, pos + 1
+    if 0x90 <= b <= 0x9F:
+        return 2, b & 0x0F, pos + 1
+    if b == 0xDE:
+        return 1, _uint(raw, pos + 1, 2), pos + 3
+    if b == 0xDF:
+        return 1, _uint(raw, pos + 1, 4), pos + 5
+    if b == 0xDC:
+        return 2, _uint(raw, pos + 1, 2), pos + 3
+    if b == 0xDD:
+        return 2, _uint(raw, pos + 1, 4), pos + 5
+    return 0, 0, pos
+
+
+def _uint(raw: bytes, pos: int, size: int) -> int:
+    end = pos + size
+    if end > len(raw):
+        raise _TruncatedError
+    return int.from_bytes(raw[pos:end], "big")
+
+
+def _skip(raw: bytes, pos: int) -> int:
+    """Position after the msgpack object at ``pos`` (iterative: no recursion limit)."""
+    remaining = 1
+    size = len(raw)
+    while remaining:
+        remaining -= 1
+        if pos >= size:
+            raise _TruncatedError
+        b = raw[pos]
+        if b <= 0x7F or b >= 0xE0:
+            pos += 1
+        elif b <= 0x8F:
+            remaining += 2 * (b & 0x0F)
+            pos += 1
+        elif b <= 0x9F:
+            remaining += b & 0x0F
+            pos += 1
+        elif b <= 0xBF:
+            pos += 1 + (b & 0x1F)
+        elif b in _FIXED_SIZES:
+            pos += 1 + _FIXED_SIZES[b]
+        elif b in (0xC4, 0xD9):
+            pos += 2 + _uint(raw, pos + 1, 1)
+        elif b in (0xC5, 0xDA):
+            pos += 3 + _uint(raw, pos + 1, 2)
+        elif b in (0xC6, 0xDB):
+            pos += 5 + _uint(raw, pos + 1, 4)
+        elif b == 0xC7:
+            pos += 3 + _uint(raw, pos + 1, 1)
+        elif b == 0xC8:
+            pos += 4 + _uint(raw, pos + 1, 2)
+        elif b == 0xC9:
+            pos += 6 + _uint(raw, pos + 1, 4)
+        elif b == 0xDC:
+            remaining += _uint(raw, pos + 1, 2)
+            pos += 3
+        elif b == 0xDD:
+            remaining += _uint(raw, pos + 1, 4)
+            pos += 5
+        elif b == 0xDE:
+            remaining += 2 * _uint(raw, pos + 1, 2)
+            pos += 3
+        elif b == 0xDF:
+            remaining += 2 * _uint(raw, pos + 1, 4)
+            pos += 5
+        else:  # 0xC1: never used
+            raise _TruncatedError
+    if pos > size:
+        raise _TruncatedError
+    return pos
+
+
+def _read_str(raw: bytes, pos: int) -> tuple[str | None, int]:
+    """(the string at ``pos`` or None if it is not a string, position after the object)."""
+    b = raw[pos]
+    if 0xA0 <= b <= 0xBF:
+        start, length = pos + 1, b & 0x1F
+    elif b == 0xD9:
+        start, length = pos + 2, _uint(raw, pos + 1, 1)
+    elif b == 0xDA:
+        start, length = pos + 3, _uint(raw, pos + 1, 2)
+    elif b == 0xDB:
+        start, length = pos + 5, _uint(raw, pos + 1, 4)
+    else:
+        return None, _skip(raw, pos)
+    end = start + length
+    if end > len(raw):
+        raise _TruncatedError
+    return raw[start:end].decode("utf-8", "replace"), end
+
+
+def _first_is_float32(raw: bytes, pos: int) -> bool:
+    """True if the object at ``pos`` is a float32, or an array whose first element is one."""
+    b = raw[pos]
+    if b == 0xCA:
+        return True
+    kind, count, inner = _container(raw, pos)
+    return kind == 2 and count > 0 and inner < len(raw) and raw[inner] == 0xCA
+
+
+def _value_paths(raw: bytes, pos: int) -> set[str]:
+    """float32 paths of the ``value`` object starting at ``pos``."""
+    if _first_is_float32(raw, pos):
+        return {"value"}
+    kind, count, pos = _container(raw, pos)
+    paths: set[str] = set()
+    if kind == 1:  # NTTable columns (or a union / struct): value.<name>
+        for _ in range(count):
+            name, pos = _read_str(raw, pos)
+            if name is not None and pos < len(raw) and _first_is_float32(raw, pos):
+                paths.add(f"value.{name}")
+            pos = _skip(raw, pos)
+    return paths
+
+
+def _pv_map_paths(raw: bytes, pos: int) -> tuple[frozenset[str], int] | None:
+    """(float32 paths, field count) of the PV map at ``pos``; None if it is not a map."""
+    kind, count, pos = _container(raw, pos)
+    if kind != 1:
+        return None
+    paths: set[str] = set()
+    for _ in range(count):
+        name, pos = _read_str(raw, pos)
+        if name == "value":
+            paths |= _value_paths(raw, pos)
+        pos = _skip(raw, pos)
+    return frozenset(paths) if paths else _EMPTY, count
+
+
+def _walk_sized(raw: bytes) -> dict[str, tuple[frozenset[str], int]]:
+    """For every top-level non-metadata key holding a map: (float32 paths, field count)."""
+    out: dict[str, tuple[frozenset[str], int]] = {}
+    try:
+        kind, count, pos = _container(raw, 0)
+        if kind != 1:
+            return out
+        for _ in range(count):
+            key, pos = _read_str(raw, pos)
+            if key is None or key in SNAPSHOT_METADATA_KEYS or key in REPLY_METADATA_KEYS:
+                pos = _skip(raw, pos)
+                continue
+            found = _pv_map_paths(raw, pos)
+            if found is not None:
+                out[key] = found
+            pos = _skip(raw, pos)
+    except (_TruncatedError, IndexError, ValueError):
+        return out
+    return out
+
+
+def _walk_float32(raw: bytes) -> dict[str, frozenset[str]]:
+    return {key: paths for key, (paths, _) in _walk_sized(raw).items()}

@@ -1,0 +1,610 @@
+"""recorder.client.assembler: recorded message sequences in, iteration events out.
+
+Every case runs on both stream generations where it applies: legacy (gateway main, no
+sequence keys) and sequenced (msg_seq / submission_seq / last_submission_data /
+total_messages).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from k2eg_sequences import (
+    MSGPACK_HEADERS,
+    T0,
+    Msg,
+    data_msg,
+    header_msg,
+    iteration,
+    ntscalar,
+    records,
+    scalar_pvs,
+    tail_msg,
+)
+
+from recorder.client.assembler import IterationAssembler
+from recorder.client.events import (
+    IncompleteReason,
+    IterationClosed,
+    IterationEvent,
+    IterationOpened,
+    IterationStatus,
+    ValuesReceived,
+)
+from recorder.client.wire import Record
+
+TOPIC = "snap_1"
+GENERATIONS = pytest.mark.parametrize("sequenced", [False, True], ids=["legacy", "sequenced"])
+
+
+class Run:
+    """Feeds records into one assembler, keeping every event and the Kafka offset."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.asm = IterationAssembler(**kwargs)
+        self.events: list[IterationEvent] = []
+        self.offset = 0
+        self.now = 0.0
+
+    def feed(
+        self,
+        msgs: list[Msg] | list[bytes] | list[Msg | bytes],
+        topic: str = TOPIC,
+        now: float | None = None,
+    ) -> list[IterationEvent]:
+        if now is not None:
+            self.now = now
+        out: list[IterationEvent] = []
+        for rec in records(topic, msgs, start_offset=self.offset):
+            out += self.asm.feed(rec, self.now)
+        self.offset += len(msgs)
+        self.events += out
+        return out
+
+    def idle(self) -> list[IterationEvent]:
+        out = self.asm.idle(self.now)
+        self.events += out
+        return out
+
+    def expire(self, now: float) -> list[IterationEvent]:
+        self.now = now
+        out = self.asm.expire(now)
+        self.events += out
+        return out
+
+    def closed(self) -> list[IterationClosed]:
+        return [e for e in self.events if isinstance(e, IterationClosed)]
+
+    def values(self, idx: int | None = None) -> list[ValuesReceived]:
+        return [
+            e
+            for e in self.events
+            if isinstance(e, ValuesReceived) and (idx is None or e.iter_index == idx)
+        ]
+
+
+def kinds(events: list[IterationEvent]) -> list[str]:
+    out = []
+    for e in events:
+        if isinstance(e, IterationOpened):
+            out.append(f"O{e.iter_index}")
+        elif isinstance(e, ValuesReceived):
+            out.append(f"V{e.iter_index}:{len(e.samples)}" + ("L" if e.late else ""))
+        else:
+            out.append(f"C{e.iter_index}:" + (e.reason.value if e.reason else "ok"))
+    return out
+
+
+def pvs_of(event: ValuesReceived) -> list[str]:
+    return [s.pv for s in event.samples]
+
+
+def assert_clean(asm: IterationAssembler) -> None:
+    assert asm.counters["internal_error"] == 0
+    assert asm.counters["malformed.internal"] == 0
+
+
+# ------------------------------------------------------------------------------ normal
+@GENERATIONS
+def test_normal_periodic(sequenced: bool) -> None:
+    run = Run()
+    it1 = iteration("snap_1", 1, [(T0, scalar_pvs(3))], sequenced=sequenced)
+    events = run.feed(it1)
+    assert kinds(events) == ["O1", "V1:3", "C1:ok"]
+    opened, values, closed = events
+    assert isinstance(opened, IterationOpened)
+    assert (opened.topic, opened.snapshot_name, opened.header_timestamp_ns, opened.offset) == (
+        TOPIC,
+        "snap_1",
+        T0 * 10**6,
+        0,
+    )
+    assert isinstance(values, ValuesReceived)
+    assert values.batch == 1 and values.timestamp_ns == T0 * 10**6 and not values.late
+    assert pvs_of(values) == ["PV:0", "PV:1", "PV:2"]
+    assert values.submission_seq == (1 if sequenced else None)
+    assert values.offset == 3
+    assert [float(s.value) for s in values.samples] == [0.0, 1.0, 2.0]
+    assert isinstance(closed, IterationClosed)
+    assert closed.complete and closed.status is IterationStatus.COMPLETE
+    assert (closed.n_values, closed.n_pvs, closed.n_batches, closed.offset) == (3, 3, 1, 4)
+    assert closed.header_timestamp_ns == closed.tail_timestamp_ns == T0 * 10**6
+    assert closed.expected_messages == (5 if sequenced else None)
+    assert closed.missing_messages == (0 if sequenced else None)
+    # the next period
+    events = run.feed(iteration("snap_1", 2, [(T0 + 1000, scalar_pvs(3))], sequenced=sequenced))
+    assert kinds(events) == ["O2", "V2:3", "C2:ok"]
+    assert run.asm.counters["iterations.complete"] == 2
+    assert_clean(run.asm)
+
+
+@GENERATIONS
+def test_legacy_style_values_flow_only_at_batch_end(sequenced: bool) -> None:
+    """Data are held until the batch is known over (then emitted before the tail's close)."""
+    run = Run()
+    msgs = iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=sequenced)
+    assert kinds(run.feed(msgs[:1])) == ["O1"]
+    assert kinds(run.feed(msgs[1:2])) == []
+    if sequenced:  # last_submission_data on the 2nd data message ends the batch at once
+        assert kinds(run.feed(msgs[2:3])) == ["V1:2"]
+        assert kinds(run.feed(msgs[3:])) == ["C1:ok"]
+    else:
+        assert kinds(run.feed(msgs[2:3])) == []
+        assert kinds(run.feed(msgs[3:])) == ["V1:2", "C1:ok"]
+
+
+# ---------------------------------------------------------------------- timedbuffered
+@GENERATIONS
+def test_timedbuffered_many_samples_per_pv(sequenced: bool) -> None:
+    run = Run()
+    values = [("a:x", ntscalar(float(i), nanos=i)) for i in range(5)]
+    values.insert(2, ("b:y", ntscalar(9.0)))
+    run.feed(iteration("s", 1, [(T0, values)], sequenced=sequenced))
+    [v] = run.values()
+    assert pvs_of(v) == ["a:x", "a:x", "b:y", "a:x", "a:x", "a:x"]
+    [c] = run.closed()
+    assert c.complete and (c.n_values, c.n_pvs) == (6, 2)
+    assert run.asm.counters["duplicate"] == 0
+
+
+@GENERATIONS
+def test_sub_push_partial_results_flow_while_open(sequenced: bool) -> None:
+    run = Run()
+    batches = [
+        (T0, [("a:x", ntscalar(1.0, nanos=1)), ("b:y", ntscalar(2.0))]),
+        (T0 + 1000, [("a:x", ntscalar(3.0, nanos=3)), ("a:x", ntscalar(4.0, nanos=4))]),
+        (T0 + 2000, [("a:x", ntscalar(6.0, nanos=6))]),
+    ]
+    msgs = iteration("s", 1, batches, sequenced=sequenced)
+    # header + batch 1
+    out = run.feed(msgs[:3])
+    if sequenced:
+        assert kinds(out) == ["O1", "V1:2"]
+    else:
+        assert kinds(out) == ["O1"]
+        # the caller's input is drained: the partial batch comes out
+        assert kinds(run.idle()) == ["V1:2"]
+    out = run.feed(msgs[3:5])
+    assert kinds(out) == (["V1:2"] if sequenced else [])
+    out = run.feed(msgs[5:])
+    assert kinds(out) == (["V1:1", "C1:ok"] if sequenced else ["V1:2", "V1:1", "C1:ok"])
+    vs = run.values()
+    assert [v.batch for v in vs] == [1, 2, 3]
+    assert [v.timestamp_ns // 10**6 for v in vs] == [T0, T0 + 1000, T0 + 2000]
+    assert [v.submission_seq for v in vs] == ([1, 2, 3] if sequenced else [None] * 3)
+    [c] = run.closed()
+    assert c.complete and (c.n_values, c.n_batches, c.n_pvs) == (5, 3, 2)
+    assert c.header_timestamp_ns == T0 * 10**6 and c.tail_timestamp_ns == (T0 + 2000) * 10**6
+    assert run.idle() == []
+
+
+def test_sequenced_header_alone_then_data_then_tail_alone() -> None:
+    """Gateway-main shape with sequence keys: header-only first batch, tail-only last batch."""
+    run = Run()
+    msgs: list[bytes] = [
+        header_msg("s", 1, T0, msg_seq=1, sub=1),
+        data_msg(1, T0 + 1000, "a:x", ntscalar(1.0), msg_seq=2, sub=2),
+        data_msg(1, T0 + 1000, "b:y", ntscalar(2.0), msg_seq=3, sub=2, last=True),
+        tail_msg("s", 1, T0 + 2000, msg_seq=4, total=4, sub=3),
+    ]
+    assert kinds(run.feed(msgs)) == ["O1", "V1:2", "C1:ok"]
+    assert run.closed()[0].expected_messages == 4
+
+
+# -------------------------------------------------------------------------- triggered / stop
+@GENERATIONS
+def test_triggered_iterations_and_stop_final_iteration(sequenced: bool) -> None:
+    run = Run()
+    assert run.idle() == [] and run.expire(100.0) == []  # silent until the first trigger
+    for idx in (1, 2):
+        run.feed(
+            iteration("trig_1", idx, [(T0 + idx * 5000, scalar_pvs(2))], sequenced=sequenced),
+            topic="trig_1",
+            now=100.0 + idx,
+        )
+    # stop: one final full iteration, then nothing (the ack goes to the reply topic)
+    run.feed(
+        iteration("trig_1", 3, [(T0 + 99_000, scalar_pvs(2))], sequenced=sequenced),
+        topic="trig_1",
+        now=200.0,
+    )
+    assert run.idle() == [] and run.expire(10_000.0) == []
+    assert kinds(run.events) == [
+        "O1",
+        "V1:2",
+        "C1:ok",
+        "O2",
+        "V2:2",
+        "C2:ok",
+        "O3",
+        "V3:2",
+        "C3:ok",
+    ]
+    assert all(e.topic == "trig_1" for e in run.events)
+
+
+@GENERATIONS
+def test_restart_resets_iter_index(sequenced: bool) -> None:
+    run = Run()
+    for idx in (1, 2, 3):
+        run.feed(iteration("s", idx, [(T0 + idx * 1000, scalar_pvs(1))], sequenced=sequenced))
+    # stopped, started again: iter_index begins at 1 with newer timestamps
+    run.feed(iteration("s", 1, [(T0 + 60_000, scalar_pvs(1))], sequenced=sequenced))
+    run.feed(iteration("s", 2, [(T0 + 61_000, scalar_pvs(1))], sequenced=sequenced))
+    assert [c.iter_index for c in run.closed()] == [1, 2, 3, 1, 2]
+    assert all(c.complete for c in run.closed())
+    assert run.asm.counters["restart"] == 1 and run.asm.counters["late.header"] == 0
+
+
+@GENERATIONS
+def test_replayed_old_header_is_late_not_a_restart(sequenced: bool) -> None:
+    run = Run()
+    it1 = iteration("s", 1, [(T0, scalar_pvs(1))], sequenced=sequenced)
+    run.feed(it1)
+    run.feed(iteration("s", 2, [(T0 + 1000, scalar_pvs(1))], sequenced=sequenced))
+    assert run.feed([it1[0]]) == []
+    assert run.feed(it1[1:]) == []
+    assert run.asm.counters["late.header"] == 1
+    assert run.asm.counters["late.data"] == 1 and run.asm.counters["late.tail"] == 1
+    assert run.asm.open_iterations(TOPIC) == []
+
+
+# ------------------------------------------------------------------------- lost messages
+@GENERATIONS
+def test_lost_tail_closed_by_next_header(sequenced: bool) -> None:
+    run = Run()
+    it1 = iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=sequenced)
+    it2 = iteration("s", 2, [(T0 + 1000, scalar_pvs(2))], sequenced=sequenced)
+    run.feed(it1[:-1])  # tail lost
+    out = run.feed(it2[:1])
+    assert kinds(out) == (["C1:no_tail", "O2"] if sequenced else ["V1:2", "C1:no_tail", "O2"])
+    c1 = run.closed()[0]
+    assert c1.status is IterationStatus.INCOMPLETE and c1.tail_timestamp_ns is None
+    assert c1.n_values == 2
+    run.feed(it2[1:])
+    assert run.closed()[1].complete
+    # the lost tail shows up late: counted, nothing reopened
+    assert run.feed(it1[-1:]) == []
+    assert run.asm.counters["late.tail"] == 1
+    assert run.asm.counters["iterations.incomplete.no_tail"] == 1
+
+
+@GENERATIONS
+def test_lost_tail_and_no_next_header_times_out(sequenced: bool) -> None:
+    run = Run(iteration_timeout_s=5.0)
+    run.asm.set_topic_timeout("slow", 30.0)
+    it1 = iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=sequenced)
+    run.feed(it1[:-1], now=10.0)
+    run.feed(it1[:-1], topic="slow", now=10.0)
+    assert run.expire(14.9) == []
+    out = run.expire(15.0)
+    assert [(e.topic, e.reason) for e in out if isinstance(e, IterationClosed)] == [
+        (TOPIC, IncompleteReason.TIMEOUT)
+    ]
+    assert run.expire(39.9) == []
+    [c] = [e for e in run.expire(40.0) if isinstance(e, IterationClosed)]
+    assert c.topic == "slow" and c.reason is IncompleteReason.TIMEOUT and c.n_values == 2
+    # data after the timeout: late, not reopened
+    assert run.feed(it1[1:2]) == []
+    assert run.asm.counters["late.data"] == 1
+
+
+@GENERATIONS
+def test_lost_header(sequenced: bool) -> None:
+    run = Run()
+    msgs = iteration("s", 4, [(T0, scalar_pvs(2))], sequenced=sequenced)
+    out = run.feed(msgs[1:])
+    assert kinds(out) == ["O4", "V4:2", "C4:no_header"]
+    opened = out[0]
+    assert isinstance(opened, IterationOpened) and opened.header_timestamp_ns is None
+    assert opened.snapshot_name is None
+    c = run.closed()[0]
+    assert c.snapshot_name == "s" and c.header_timestamp_ns is None and c.n_values == 2
+    if sequenced:
+        assert c.missing_messages == 1 and c.expected_messages == 4
+    assert run.asm.counters["no_header"] == 1
+
+
+def test_storage_node_header_timestamp_used_when_header_lost() -> None:
+    run = Run()
+    msgs = [
+        data_msg(2, T0 + 10, "a", ntscalar(1.0), header_ts=T0),
+        tail_msg("s", 2, T0 + 10, header_ts=T0),
+    ]
+    out = run.feed(msgs)
+    assert isinstance(out[0], IterationOpened) and out[0].header_timestamp_ns == T0 * 10**6
+    assert run.closed()[0].header_timestamp_ns == T0 * 10**6
+
+
+@GENERATIONS
+def test_tail_only_iteration(sequenced: bool) -> None:
+    run = Run()
+    msgs = iteration("s", 7, [(T0, scalar_pvs(2))], sequenced=sequenced)
+    out = run.feed(msgs[-1:])
+    # sequenced: the tail says 2 data messages exist, so they get a grace period first
+    assert kinds(out) == (["O7"] if sequenced else ["O7", "C7:no_header"])
+    if sequenced:
+        assert kinds(run.expire(100.0)) == ["C7:missing_messages"]
+        [c] = run.closed()
+        assert c.missing_messages == 3 and c.reason is IncompleteReason.MISSING_MESSAGES
+    assert_clean(run.asm)
+
+
+@GENERATIONS
+def test_header_arriving_after_its_data(sequenced: bool) -> None:
+    run = Run()
+    msgs = iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=sequenced)
+    run.feed([msgs[1], msgs[0], msgs[2], msgs[3]])
+    c = run.closed()[0]
+    assert c.complete and c.header_timestamp_ns == T0 * 10**6 and c.n_values == 2
+    assert run.asm.counters["header_after_data"] == 1
+
+
+# ----------------------------------------------------------------------------- duplicates
+def test_sequenced_duplicate_msg_seq() -> None:
+    run = Run()
+    msgs = iteration("s", 1, [(T0, scalar_pvs(3))], sequenced=True)
+    run.feed([msgs[0], msgs[1], msgs[1], msgs[2], msgs[0], msgs[3], msgs[4], msgs[4]])
+    [c] = run.closed()
+    assert c.complete and c.n_values == 3 and c.duplicates == 2
+    assert run.asm.counters["duplicate"] == 1 and run.asm.counters["duplicate.header"] == 1
+    assert run.asm.counters["late.tail"] == 1  # the repeated tail after the close
+
+
+def test_legacy_duplicate_identical_payload() -> None:
+    run = Run()
+    a1 = data_msg(1, T0, "a:x", ntscalar(1.0, nanos=1))
+    a1_again = data_msg(1, T0, "a:x", ntscalar(1.0, nanos=1))
+    a2 = data_msg(1, T0, "a:x", ntscalar(2.0, nanos=1))  # same stamp, other value: kept
+    a3 = data_msg(1, T0, "a:x", ntscalar(1.0, nanos=2))
+    b1 = data_msg(1, T0, "b:y", ntscalar(1.0, nanos=1))  # same payload, other PV: kept
+    run.feed([header_msg("s", 1, T0), a1, a1_again, a2, a3, b1, a2, tail_msg("s", 1, T0)])
+    [v] = run.values()
+    assert pvs_of(v) == ["a:x", "a:x", "a:x", "b:y"]
+    [c] = run.closed()
+    assert c.complete and c.duplicates == 2 and run.asm.counters["duplicate"] == 2
+    # the same payload in the next iteration is not a duplicate (iter_index differs anyway)
+    run.feed(
+        [
+            header_msg("s", 2, T0 + 1),
+            data_msg(2, T0 + 1, "a:x", ntscalar(1.0, nanos=1)),
+            tail_msg("s", 2, T0 + 1),
+        ]
+    )
+    assert run.closed()[1].n_values == 1
+
+
+def test_legacy_duplicate_via_feed_message_without_raw() -> None:
+    from recorder.client.wire import Data, decode_snapshot_message
+
+    asm = IterationAssembler()
+    raw = data_msg(1, T0, "a:x", ntscalar(1.0))
+    msg = decode_snapshot_message(raw, MSGPACK_HEADERS)
+    assert isinstance(msg, Data)
+    msg.raw = None
+    asm.feed_message(TOPIC, 0, 0, msg, 0.0)
+    again = decode_snapshot_message(raw, MSGPACK_HEADERS)
+    assert isinstance(again, Data)
+    again.raw = None
+    asm.feed_message(TOPIC, 0, 1, again, 0.0)
+    assert asm.counters["duplicate"] == 1
+
+
+# --------------------------------------------------------------- interleaving / reordering
+@GENERATIONS
+def test_interleaved_batches(sequenced: bool) -> None:
+    """Two publishing threads interleave batches 1 and 2 of one iteration."""
+    run = Run()
+    batches = [
+        (T0, [("a", ntscalar(1.0, nanos=1)), ("b", ntscalar(2.0, nanos=2))]),
+        (T0 + 1000, [("a", ntscalar(3.0, nanos=3)), ("b", ntscalar(4.0, nanos=4))]),
+    ]
+    h, a1, b1, a2, b2, t = iteration("s", 1, batches, sequenced=sequenced)
+    run.feed([h, a1, a2, b1, b2, t])
+    vs = run.values()
+    assert [(v.batch, pvs_of(v), v.late) for v in vs] == [
+        (1, ["a"], False),
+        (2, ["a"], False),
+        (3, ["b"], True),
+        (4, ["b"], True),
+    ]
+    assert [v.timestamp_ns // 10**6 for v in vs] == [T0, T0 + 1000, T0, T0 + 1000]
+    [c] = run.closed()
+    assert c.complete and c.n_values == 4 and c.n_batches == 4
+    assert run.asm.counters["interleaved"] == 2
+
+
+def test_sequenced_reorder_by_msg_seq_within_batch() -> None:
+    run = Run()
+    h, d2, d3, d4, d5, t = iteration("s", 1, [(T0, scalar_pvs(4))], sequenced=True)
+    run.feed([h, d4, d2, d3, d5, t])  # d5 carries last_submission_data
+    [v] = run.values()
+    assert pvs_of(v) == ["PV:0", "PV:1", "PV:2", "PV:3"]
+    assert run.asm.counters["reordered"] == 1
+    assert run.closed()[0].complete
+
+
+def test_sequenced_tail_before_its_last_data() -> None:
+    run = Run()
+    h, d2, d3, t = iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=True)
+    out = run.feed([h, d2, t])
+    assert kinds(out) == ["O1", "V1:1"]  # waiting for msg 3
+    out = run.feed([d3])
+    # its batch (submission 1) was already emitted at the tail: a late batch
+    assert kinds(out) == ["V1:1L", "C1:ok"]
+    c = run.closed()[0]
+    assert c.complete and c.n_values == 2 and c.missing_messages == 0
+    assert run.asm.counters["missing_recovered"] == 1
+
+
+# ----------------------------------------------------------------------- missing messages
+def test_sequenced_missing_messages_after_grace() -> None:
+    run = Run(missing_grace_s=0.5)
+    msgs = iteration("s", 1, [(T0, scalar_pvs(4))], sequenced=True)
+    run.feed([m for m in msgs if m.msg_seq not in (3, 4)], now=1.0)
+    assert run.asm.open_iterations(TOPIC) == [1]
+    assert [e for e in run.expire(1.4) if isinstance(e, IterationClosed)] == []
+    out = run.expire(1.5)
+    [c] = [e for e in out if isinstance(e, IterationClosed)]
+    assert c.reason is IncompleteReason.MISSING_MESSAGES
+    assert (c.expected_messages, c.missing_messages, c.n_values) == (6, 2, 2)
+    assert c.tail_timestamp_ns == T0 * 10**6
+    assert run.asm.counters["missing_messages"] == 2
+    # and a message that comes later still is late
+    assert run.feed([msgs[2]]) == []
+    assert run.asm.counters["late.data"] == 1
+
+
+def test_sequenced_newer_header_does_not_cut_the_grace_period() -> None:
+    run = Run(missing_grace_s=1.0)
+    it1 = iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=True)
+    it2 = iteration("s", 2, [(T0 + 1000, scalar_pvs(2))], sequenced=True)
+    run.feed([it1[0], it1[1], it1[3]], now=0.0)  # msg 3 missing
+    run.feed(it2[:1], now=0.1)
+    assert run.asm.open_iterations(TOPIC) == [1, 2]
+    run.feed([it1[2]], now=0.2)  # the straggler arrives
+    assert [c.iter_index for c in run.closed()] == [1] and run.closed()[0].complete
+    run.feed(it2[1:], now=0.3)
+    assert all(c.complete for c in run.closed())
+
+
+def test_sequenced_zero_grace_closes_immediately() -> None:
+    run = Run(missing_grace_s=0.0)
+    msgs = iteration("s", 1, [(T0, scalar_pvs(3))], sequenced=True)
+    out = run.feed([m for m in msgs if m.msg_seq != 3])
+    assert kinds(out)[-1] == "C1:missing_messages"
+
+
+# ------------------------------------------------------------------------- gateway error
+@GENERATIONS
+def test_tail_error_is_gateway_error(sequenced: bool) -> None:
+    run = Run()
+    msgs = iteration(
+        "s", 1, [(T0, scalar_pvs(2))], sequenced=sequenced, error=3, error_message="publish failed"
+    )
+    run.feed(msgs)
+    [c] = run.closed()
+    assert c.reason is IncompleteReason.GATEWAY_ERROR
+    assert (c.error_code, c.error_message, c.n_values) == (3, "publish failed", 2)
+
+
+# ---------------------------------------------------------------------- topics and bounds
+@GENERATIONS
+def test_keyed_by_topic_and_iter_index(sequenced: bool) -> None:
+    run = Run()
+    a = iteration("a", 1, [(T0, scalar_pvs(2, prefix="A"))], sequenced=sequenced)
+    b = iteration("b", 1, [(T0, scalar_pvs(3, prefix="B"))], sequenced=sequenced)
+    for ma, mb in zip(a, b, strict=False):
+        run.feed([ma], topic="a")
+        run.feed([mb], topic="b")
+    run.feed(b[len(a) :], topic="b")
+    run.idle()
+    closed = {c.topic: c for c in run.closed()}
+    assert closed["a"].complete and closed["a"].n_values == 2
+    assert closed["b"].complete and closed["b"].n_values == 3
+    for v in run.values():
+        assert all(s.pv.startswith(v.topic.upper()) for s in v.samples)
+
+
+def test_max_open_per_topic_evicts_oldest() -> None:
+    run = Run(max_open_per_topic=2)
+    # data-only iterations (headers lost) do not close each other: the bound does
+    for idx in (1, 2, 3):
+        run.feed([data_msg(idx, T0 + idx, "a", ntscalar(1.0))])
+    assert run.asm.open_iterations(TOPIC) == [2, 3]
+    [c] = run.closed()
+    assert c.iter_index == 1 and c.reason is IncompleteReason.NO_TAIL
+    assert run.asm.counters["evicted"] == 1
+
+
+def test_remembered_closed_iterations_are_bounded() -> None:
+    run = Run(max_closed_per_topic=3)
+    for idx in range(1, 7):
+        run.feed(iteration("s", idx, [(T0 + idx, scalar_pvs(1))], sequenced=False))
+    topic = run.asm._topics[TOPIC]
+    assert list(topic.closed) == [4, 5, 6]
+
+
+def test_close_topic_and_all() -> None:
+    run = Run()
+    run.feed(iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=False)[:-1], topic="x")
+    run.feed(iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=True)[:2], topic="y")
+    out = run.asm.close("x")
+    assert kinds(out) == ["V1:2", "C1:closed"]
+    assert run.asm.close("nope") == []
+    out = run.asm.close()
+    assert kinds(out) == ["V1:1", "C1:closed"]
+    assert isinstance(out[-1], IterationClosed) and out[-1].topic == "y"
+    assert run.asm.counters["iterations.incomplete.closed"] == 2
+
+
+# -------------------------------------------------------------------------------- malformed
+def test_malformed_records_are_counted_and_skipped() -> None:
+    asm = IterationAssembler(max_message_bytes=10_000)
+    good = header_msg("s", 1, T0)
+    bad: list[tuple[Record, str]] = [
+        (Record(TOPIC, 0, 0, good, None), "no_header"),
+        (Record(TOPIC, 0, 1, good, [("k2eg-ser-type", b"Json")]), "wrong_serialization"),
+        (Record(TOPIC, 0, 2, None, MSGPACK_HEADERS), "empty"),
+        (Record(TOPIC, 0, 3, b"\xc1garbage", MSGPACK_HEADERS), "not_msgpack"),
+        (Record(TOPIC, 0, 4, msgpack.packb([1, 2]), MSGPACK_HEADERS), "not_a_map"),
+        (
+            Record(TOPIC, 0, 5, msgpack.packb({"error": 0, "reply_id": "x"}), MSGPACK_HEADERS),
+            "missing_key",
+        ),
+        (
+            Record(
+                TOPIC,
+                0,
+                6,
+                msgpack.packb({"message_type": 9, "timestamp": 1, "iter_index": 1}),
+                MSGPACK_HEADERS,
+            ),
+            "unknown_message_type",
+        ),
+        (Record(TOPIC, 0, 7, b"\x80" + b"\x00" * 20_000, MSGPACK_HEADERS), "too_large"),
+    ]
+    for rec, reason in bad:
+        assert asm.feed(rec, 0.0) == []
+        assert asm.counters["malformed." + reason] >= 1, reason
+    assert sum(v for k, v in asm.counters.items() if k.startswith("malformed.")) == len(bad)
+    assert asm.open_iterations(TOPIC) == []
+    # the stream goes on
+    out = asm.feed(Record(TOPIC, 0, 8, good, MSGPACK_HEADERS), 0.0)
+    assert kinds(out) == ["O1"]
+
+
+def test_feed_message_rejects_unknown_objects() -> None:
+    asm = IterationAssembler()
+    assert asm.feed_message(TOPIC, 0, 0, object(), 0.0) == []  # type: ignore[arg-type]
+    assert asm.counters["malformed.unknown_message_type"] == 1
+
+
+def test_ns_timestamps_sequence() -> None:
+    run = Run()
+    ns = T0 * 1_000_000 + 123
+    run.feed([header_msg("s", 1, ns), data_msg(1, ns, "a", ntscalar(1.0)), tail_msg("s", 1, ns)])
+    [c] = run.closed()
+    assert c.complete and c.header_timestamp_ns == ns and run.values()[0].timestamp_ns == ns

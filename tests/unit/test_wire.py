@@ -1,0 +1,547 @@
+"""recorder.client.wire: envelope checks, message decoding, PV typing, float32 detection."""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from k2eg_sequences import (
+    F32,
+    MSGPACK_HEADERS,
+    T0,
+    data_msg,
+    header_msg,
+    ntenum,
+    ntndarray,
+    ntscalar,
+    nttable,
+    pack,
+    tail_msg,
+)
+
+from recorder.client import wire
+from recorder.client.values import EnumValue, NDArrayValue, TableValue, ValueKind
+from recorder.client.wire import (
+    Data,
+    DecodeError,
+    Header,
+    Tail,
+    decode_reply,
+    decode_snapshot_message,
+    float32_paths,
+    serialization_of,
+    to_ns,
+)
+
+H = MSGPACK_HEADERS
+
+
+def decode_data(raw: bytes) -> Data:
+    msg = decode_snapshot_message(raw, H)
+    assert isinstance(msg, Data)
+    return msg
+
+
+def reason_of(value: Any, headers: Any = H) -> str:
+    with pytest.raises(DecodeError) as info:
+        decode_snapshot_message(value, headers)
+    return info.value.reason
+
+
+# ------------------------------------------------------------------------------- envelope
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([("k2eg-ser-type", b"Msgpack")], "msgpack"),
+        ([("k2eg-ser-type", b"MSGPACK")], "msgpack"),
+        ([("K2EG-Ser-Type", b"msgPack ")], "msgpack"),
+        ([("other", b"x"), ("k2eg-ser-type", "Msgpack")], "msgpack"),
+        ([("k2eg-ser-type", b"Json")], "json"),
+        ([("k2eg-ser-type", b"Msgpack-Compact")], "msgpack-compact"),
+        ([("k2eg-ser-type", None)], ""),
+        ([("other", b"Msgpack")], None),
+        ([], None),
+        (None, None),
+    ],
+)
+def test_serialization_of(headers: Any, expected: str | None) -> None:
+    assert serialization_of(headers) == expected
+
+
+def test_header_value_compared_case_insensitively() -> None:
+    raw = header_msg("s", 1, T0)
+    for value in (b"Msgpack", b"msgpack", b"MsGpAcK"):
+        assert isinstance(decode_snapshot_message(raw, [("k2eg-ser-type", value)]), Header)
+
+
+def test_envelope_rejections() -> None:
+    raw = header_msg("s", 1, T0)
+    assert reason_of(raw, None) == "no_header"
+    assert reason_of(raw, []) == "no_header"
+    assert reason_of(raw, [("k2eg-ser-type", b"Json")]) == "wrong_serialization"
+    assert reason_of(raw, [("k2eg-ser-type", b"Msgpack-Compact")]) == "wrong_serialization"
+    assert reason_of(None) == "empty"
+    assert reason_of("text") == "bad_type"
+    with pytest.raises(DecodeError) as info:
+        decode_snapshot_message(raw, H, max_bytes=len(raw) - 1)
+    assert info.value.reason == "too_large"
+    assert isinstance(decode_snapshot_message(raw, H, max_bytes=len(raw)), Header)
+
+
+def test_decode_error_is_a_protocol_error() -> None:
+    from recorder.errors import ClientError, ProtocolError
+
+    err = DecodeError("bad_type", "x")
+    assert isinstance(err, ProtocolError) and isinstance(err, ClientError)
+    assert str(err) == "bad_type: x" and err.detail == "x"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\xc1", "not_msgpack"),
+        (b"\x93\x01", "not_msgpack"),  # truncated
+        (b"\x01\x02", "not_msgpack"),  # extra data
+        (b"\xa3ab", "not_msgpack"),
+        (b"\x81\x01\x02", "not_msgpack"),  # int map key
+        (msgpack.packb([1, 2]), "not_a_map"),
+        (msgpack.packb("x"), "not_a_map"),
+        (msgpack.packb({"timestamp": T0, "iter_index": 1}), "missing_key"),
+        (msgpack.packb({"message_type": "1", "timestamp": T0, "iter_index": 1}), "bad_type"),
+        (msgpack.packb({"message_type": True, "timestamp": T0, "iter_index": 1}), "bad_type"),
+        (msgpack.packb({"message_type": 0, "timestamp": T0}), "missing_key"),
+        (msgpack.packb({"message_type": 0, "timestamp": 1.5, "iter_index": 1}), "bad_type"),
+        (msgpack.packb({"message_type": 0, "timestamp": T0, "iter_index": None}), "bad_type"),
+        (
+            msgpack.packb({"message_type": 7, "timestamp": T0, "iter_index": 1}),
+            "unknown_message_type",
+        ),
+        (msgpack.packb({"message_type": 1, "timestamp": T0, "iter_index": 1}), "missing_key"),
+        (msgpack.packb({"message_type": 1, "timestamp": T0, "iter_index": 1, "a": 5}), "bad_type"),
+        (
+            msgpack.packb({"message_type": 1, "timestamp": T0, "iter_index": 1, "a": {}, "b": {}}),
+            "ambiguous_pv",
+        ),
+        (
+            msgpack.packb({"message_type": 2, "timestamp": T0, "iter_index": 1, "error": "x"}),
+            "bad_type",
+        ),
+    ],
+)
+def test_malformed_messages(payload: bytes, reason: str) -> None:
+    assert reason_of(payload) == reason
+
+
+# -------------------------------------------------------------------------------- messages
+def test_legacy_header_data_tail() -> None:
+    h = decode_snapshot_message(header_msg("snap_1", 3, T0), H)
+    assert h == Header("snap_1", 3, T0 * 1_000_000, None, None)
+
+    d = decode_data(data_msg(3, T0, "a:x", ntscalar(1.5)))
+    assert (d.iter_index, d.timestamp_ns, d.msg_seq, d.submission_seq) == (
+        3,
+        T0 * 10**6,
+        None,
+        None,
+    )
+    assert d.last_submission_data is False and d.header_timestamp_ns is None
+    assert d.sample.pv == "a:x" and d.sample.data["value"] == 1.5
+    assert d.raw is not None
+
+    t = decode_snapshot_message(tail_msg("snap_1", 3, T0 + 5), H)
+    assert t == Tail(3, (T0 + 5) * 10**6, "snap_1", 0, "", None, None, None, None)
+
+
+def test_sequenced_and_storage_node_keys() -> None:
+    h = decode_snapshot_message(header_msg("s", 5, T0, msg_seq=1, sub=41), H)
+    assert isinstance(h, Header) and (h.msg_seq, h.submission_seq) == (1, 41)
+    d = decode_data(
+        data_msg(5, T0, "c:z", ntscalar(2), msg_seq=4, sub=41, last=True, header_ts=T0 - 3)
+    )
+    assert (d.msg_seq, d.submission_seq, d.last_submission_data) == (4, 41, True)
+    assert d.header_timestamp_ns == (T0 - 3) * 10**6
+    t = decode_snapshot_message(
+        tail_msg(
+            "s", 5, T0, error=2, error_message="boom", msg_seq=5, total=5, sub=41, header_ts=T0 - 3
+        ),
+        H,
+    )
+    assert t == Tail(5, T0 * 10**6, "s", 2, "boom", 5, 5, 41, (T0 - 3) * 10**6)
+
+
+def test_pv_key_found_anywhere_and_unknown_keys_tolerated() -> None:
+    # PV first, then metadata, then an unknown scalar key and the official client's injected key
+    m = {
+        "x:y": ntscalar(F32(0.5)),
+        "message_type": 1,
+        "iter_index": 2,
+        "timestamp": T0,
+        "future_key": "abc",
+        "message-size": 99,
+        "error_message": "",
+    }
+    d = decode_data(pack(m))
+    assert d.sample.pv == "x:y"
+    assert d.sample.float32_paths == frozenset({"value"})
+    assert d.sample.value.dtype == np.float32
+
+
+def test_bad_optional_fields_are_ignored_not_fatal() -> None:
+    m = {
+        "message_type": 1,
+        "timestamp": T0,
+        "iter_index": 1,
+        "msg_seq": "2",
+        "submission_seq": -4,
+        "last_submission_data": "yes",
+        "header_timestamp": "x",
+        "a": ntscalar(1),
+    }
+    d = decode_data(pack(m))
+    assert (d.msg_seq, d.submission_seq, d.last_submission_data, d.header_timestamp_ns) == (
+        None,
+        None,
+        False,
+        None,
+    )
+    assert d.sample.pv == "a"
+
+
+def test_to_ns() -> None:
+    assert to_ns(T0) == T0 * 1_000_000
+    assert to_ns(T0 * 1_000_000) == T0 * 1_000_000  # already ns (> 1e15)
+    assert to_ns(0) == 0
+    ns = 1_763_700_000_123_456_789
+    h = decode_snapshot_message(header_msg("s", 1, ns), H)
+    assert h.timestamp_ns == ns
+
+
+def test_uint64_timestamp_on_the_wire() -> None:
+    raw = header_msg("s", 1, T0)
+    assert b"\xcf" + T0.to_bytes(8, "big") in raw  # what msgpack-c emits too
+
+
+# ------------------------------------------------------------------------------- PV typing
+def typed(value_map: dict[str, Any]) -> tuple[ValueKind, Any, frozenset[str]]:
+    d = decode_data(data_msg(1, T0, "p", value_map))
+    return d.sample.kind, d.sample.value, d.sample.float32_paths
+
+
+def test_ntscalar_float64_and_float32() -> None:
+    kind, value, paths = typed(ntscalar(1.25))
+    assert kind is ValueKind.SCALAR and value.dtype == np.float64 and value == 1.25
+    assert paths == frozenset()
+    kind, value, paths = typed(ntscalar(F32(1.25)))
+    assert kind is ValueKind.SCALAR and value.dtype == np.float32 and value == np.float32(1.25)
+    assert paths == frozenset({"value"})
+
+
+def test_float32_special_values() -> None:
+    for v in (math.nan, math.inf, -math.inf, -0.0):
+        _kind, value, paths = typed(ntscalar(F32(v)))
+        assert value.dtype == np.float32 and paths == {"value"}
+        assert (math.isnan(value) and math.isnan(v)) or value == v
+
+
+def test_integer_bool_string_none_scalars() -> None:
+    kind, value, _ = typed(ntscalar(-7))
+    assert kind is ValueKind.SCALAR and value.dtype == np.int64 and value == -7
+    kind, value, _ = typed(ntscalar(2**64 - 1))
+    assert kind is ValueKind.SCALAR and value.dtype == np.uint64 and value == 2**64 - 1
+    kind, value, _ = typed(ntscalar(True))
+    assert kind is ValueKind.BOOL and value.dtype == np.bool_ and bool(value) is True
+    kind, value, _ = typed(ntscalar("hello"))
+    assert kind is ValueKind.STRING and value == "hello"
+    kind, value, _ = typed(ntscalar(None))
+    assert kind is ValueKind.NONE and value is None
+    kind, value, _ = typed({"alarm": {"severity": 0}})
+    assert kind is ValueKind.NONE
+
+
+def test_sample_metadata() -> None:
+    d = decode_data(data_msg(1, T0, "p", ntscalar(1.0, seconds=10, nanos=5, severity=2)))
+    assert d.sample.timestamp_ns == 10 * 10**9 + 5
+    assert d.sample.severity == 2 and d.sample.status == 0 and d.sample.alarm_message == "NO_ALARM"
+
+
+def test_waveforms() -> None:
+    kind, value, paths = typed(ntscalar([F32(x) for x in (1.0, 2.5, -3.0)]))
+    assert kind is ValueKind.ARRAY and value.dtype == np.float32
+    assert value.tolist() == [1.0, 2.5, -3.0] and paths == {"value"}
+    kind, value, paths = typed(ntscalar([1.0, 2.5]))
+    assert value.dtype == np.float64 and paths == frozenset()
+    kind, value, _ = typed(ntscalar([1, -2, 3]))
+    assert kind is ValueKind.ARRAY and value.dtype == np.int64
+    kind, value, _ = typed(ntscalar([True, False]))
+    assert kind is ValueKind.ARRAY and value.dtype == np.bool_
+    kind, value, _ = typed(ntscalar(["a", "b"]))
+    assert kind is ValueKind.STRING_ARRAY and value == ("a", "b")
+    kind, value, _ = typed(ntscalar([]))
+    assert kind is ValueKind.ARRAY and value.size == 0
+
+
+def test_long_waveforms_array16_and_array32_headers() -> None:
+    for n in (1000, 70_000):
+        values = [F32(float(i)) for i in range(n)]
+        raw = data_msg(1, T0, "w", ntscalar(values))
+        assert (b"\xdc" if n < 65536 else b"\xdd") in raw
+        d = decode_data(raw)
+        assert d.sample.float32_paths == {"value"}
+        assert d.sample.value.dtype == np.float32 and d.sample.value.size == n
+        assert float32_paths(raw) == {"value"}
+    raw = data_msg(1, T0, "w", ntscalar([float(i) for i in range(1000)]))
+    assert decode_data(raw).sample.value.dtype == np.float64
+
+
+def test_short_array_gateway_bug_kept_as_sent() -> None:
+    """short[] is packed through uint16 by the gateway: -1 arrives as 65535 (documented)."""
+    raw = pack(
+        {
+            "message_type": 1,
+            "timestamp": T0,
+            "iter_index": 1,
+            "s": {"value": [0, 65535, 65534, 5], "alarm": {}},
+        }
+    )
+    assert b"\xcd\xff\xff" in raw
+    d = decode_data(raw)
+    assert d.sample.value.dtype == np.int64
+    assert d.sample.value.tolist() == [0, 65535, 65534, 5]
+
+
+def test_ntenum() -> None:
+    kind, value, paths = typed(ntenum(1, ["Off", "On"]))
+    assert kind is ValueKind.ENUM and value == EnumValue(1, ("Off", "On")) and value.label == "On"
+    assert paths == frozenset()
+
+
+def test_nttable_columns_under_value_with_float_widths() -> None:
+    table = nttable(
+        {
+            "x": [F32(1.0), F32(2.0)],
+            "y": [1.5, 2.5],
+            "name": ["a", "b"],
+            "n": [1, 2],
+        }
+    )
+    kind, value, paths = typed(table)
+    assert kind is ValueKind.TABLE and isinstance(value, TableValue)
+    assert paths == {"value.x"}
+    assert value.labels == ("X", "Y", "NAME", "N")
+    assert value.columns["x"].dtype == np.float32
+    assert value.columns["y"].dtype == np.float64
+    assert value.columns["name"] == ("a", "b")
+    assert value.columns["n"].dtype == np.int64
+
+
+def test_ntndarray() -> None:
+    kind, value, _paths = typed(ntndarray("ubyteValue", list(range(6)), (3, 2)))
+    assert kind is ValueKind.NDARRAY and isinstance(value, NDArrayValue)
+    assert value.data.dtype == np.uint8 and value.shape == (2, 3)
+    assert value.image().shape == (2, 3) and value.unique_id == 7
+    kind, value, _ = typed(ntndarray("floatValue", [F32(0.5), F32(1.5)], (2,)))
+    assert value.data.dtype == np.float32 and value.data.tolist() == [0.5, 1.5]
+
+
+def test_struct_fallback() -> None:
+    kind, value, _ = typed({"value": {"a": 1, "b": "x"}, "alarm": alarm_map()})
+    assert kind is ValueKind.STRUCT and value == {"a": 1, "b": "x"}
+
+
+def alarm_map() -> dict[str, Any]:
+    return {"severity": 0, "status": 0, "message": ""}
+
+
+def test_value_not_first_uses_walker() -> None:
+    # pv_field_filter_list gives arbitrary field order: timeStamp before value
+    raw = pack(
+        {
+            "message_type": 1,
+            "timestamp": T0,
+            "iter_index": 1,
+            "p": {"timeStamp": {"secondsPastEpoch": 1, "nanoseconds": 0}, "value": F32(3.0)},
+        }
+    )
+    d = decode_data(raw)
+    assert d.sample.float32_paths == {"value"} and d.sample.value.dtype == np.float32
+
+
+def test_pv_struct_with_many_fields_map16() -> None:
+    pv = {"value": F32(1.0), **{f"f{i}": i for i in range(20)}}
+    raw = data_msg(1, T0, "p", pv)
+    assert b"\xde\x00\x15\xa5value" in raw
+    assert decode_data(raw).sample.float32_paths == {"value"}
+
+
+def test_fast_path_not_fooled_by_a_pv_named_value() -> None:
+    raw = pack(
+        {
+            "message_type": 1,
+            "timestamp": T0,
+            "iter_index": 1,
+            "value": {"value": F32(2.0), "alarm": alarm_map()},
+        }
+    )
+    d = decode_data(raw)
+    assert d.sample.pv == "value" and d.sample.float32_paths == {"value"}
+
+
+def test_fast_path_not_fooled_by_coincidental_bytes() -> None:
+    # an unknown bin field before the PV holds "map header + value + float64 marker" bytes
+    fake = b"\x86\xa5value\xcb\x00\x00\x00\x00\x00\x00\x00\x00"
+    pv = {"value": F32(2.0), "a": 1, "b": 2, "c": 3, "d": 4, "e": 5}
+    raw = pack({"message_type": 1, "timestamp": T0, "iter_index": 1, "note": fake, "p": pv})
+    assert raw.find(b"\x86\xa5value") < raw.find(b"\xa1p")  # the fake comes first
+    assert decode_data(raw).sample.float32_paths == {"value"}
+    # even with the PV key planted too, the decoded-type cross-check sends it to the walker
+    fake = b"\xa1p\x86\xa5value\x93\xcb"
+    pv_list = {"value": [F32(1.0), F32(2.0)], "a": 1, "b": 2, "c": 3, "d": 4, "e": 5}
+    raw = pack({"message_type": 1, "timestamp": T0, "iter_index": 1, "note": fake, "p": pv_list})
+    assert decode_data(raw).sample.float32_paths == {"value"}
+
+
+def test_float32_paths_walker_on_garbage_is_empty() -> None:
+    assert float32_paths(b"") == frozenset()
+    assert float32_paths(b"\xc1\xc1") == frozenset()
+    assert float32_paths(b"\x82\xa1a\x81\xa5value\xca\x00") == frozenset()  # truncated
+    assert float32_paths(msgpack.packb([1, 2, 3])) == frozenset()
+    raw = data_msg(1, T0, "p", ntscalar(F32(1.0)))
+    assert float32_paths(raw, "p") == {"value"} and float32_paths(raw, "q") == frozenset()
+
+
+# ------------------------------------------- fast path vs walker, on generated PV structures
+leaf = st.one_of(
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False),
+    st.floats(width=32, allow_nan=False).map(F32),
+    st.booleans(),
+    st.text(max_size=8),
+    st.none(),
+)
+field_names = st.sampled_from(["alarm", "timeStamp", "display", "x", "value", "units", "é"])
+value_strategy = st.one_of(
+    st.floats(allow_nan=False),
+    st.floats(width=32, allow_nan=False).map(F32),
+    st.integers(-1000, 1000),
+    st.lists(st.floats(width=32, allow_nan=False).map(F32), min_size=0, max_size=40),
+    st.lists(st.floats(allow_nan=False), min_size=1, max_size=40),
+    st.dictionaries(
+        st.text(min_size=1, max_size=5),
+        st.one_of(
+            st.lists(st.floats(width=32, allow_nan=False).map(F32), min_size=1, max_size=4),
+            st.lists(st.floats(allow_nan=False), min_size=1, max_size=4),
+            st.lists(st.integers(0, 9), max_size=4),
+        ),
+        max_size=4,
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=value_strategy,
+    others=st.dictionaries(
+        field_names, st.one_of(leaf, st.dictionaries(field_names, leaf)), max_size=20
+    ),
+    value_first=st.booleans(),
+    pv=st.text(st.characters(codec="utf-8"), min_size=1, max_size=12),
+    sequenced=st.booleans(),
+)
+def test_fast_path_agrees_with_walker(
+    value: Any, others: dict[str, Any], value_first: bool, pv: str, sequenced: bool
+) -> None:
+    others.pop("value", None)
+    pv_map = {"value": value, **others} if value_first else {**others, "value": value}
+    raw = data_msg(
+        3, T0, pv, pv_map, msg_seq=2 if sequenced else None, sub=1 if sequenced else None
+    )
+    d = decode_data(raw)
+    assert d.sample.pv == pv
+    walker = float32_paths(raw, pv)
+    assert d.sample.float32_paths == walker
+    # and both agree with what was packed
+    expected: set[str] = set()
+    if isinstance(value, F32) or (isinstance(value, list) and value and isinstance(value[0], F32)):
+        expected.add("value")
+    if isinstance(value, dict):
+        expected |= {f"value.{k}" for k, c in value.items() if c and isinstance(c[0], F32)}
+    assert walker == expected
+
+
+# ---------------------------------------------------------------------------------- replies
+def test_decode_ack_replies() -> None:
+    raw = msgpack.packb(
+        {
+            "error": 0,
+            "reply_id": "r1",
+            "message": "The snapshot 'snap_1' has been started",
+            "publishing_topic": "snap_1",
+        }
+    )
+    r = decode_reply(raw, H)
+    assert (r.reply_id, r.error, r.publishing_topic, r.samples, r.fields) == (
+        "r1",
+        0,
+        "snap_1",
+        {},
+        {},
+    )
+    assert r.message.endswith("started")
+    running = decode_reply(
+        msgpack.packb(
+            {"error": 0, "reply_id": "r2", "message": "Snapshot My Snap is already running"}
+        ),
+        H,
+    )
+    assert running.error == 0 and running.publishing_topic is None
+    parse_failure = decode_reply(msgpack.packb({"error": -1, "reply_id": "r3"}), H)
+    assert parse_failure.error == -1 and parse_failure.message == ""
+
+
+def test_decode_get_reply_and_one_shot_messages() -> None:
+    raw = pack({"error": 0, "reply_id": "g1", "a:b": ntscalar(F32(4.5))})
+    r = decode_reply(raw, H)
+    assert list(r.samples) == ["a:b"]
+    assert r.samples["a:b"].value.dtype == np.float32
+    raw = pack(
+        {
+            "error": 0,
+            "reply_id": "s1",
+            "msg_seq": 3,
+            "x": ntscalar([1.0, 2.0]),
+            "y": ntscalar([F32(1.0)]),
+        }
+    )
+    r = decode_reply(raw, H)
+    assert r.samples["x"].value.dtype == np.float64 and r.samples["y"].value.dtype == np.float32
+    assert r.fields == {"msg_seq": 3}
+    done = decode_reply(msgpack.packb({"error": 1, "reply_id": "s1"}), H)
+    assert done.error == 1 and not done.samples
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (msgpack.packb({"error": 0}), "missing_key"),
+        (msgpack.packb({"reply_id": "x"}), "missing_key"),
+        (msgpack.packb({"reply_id": 5, "error": 0}), "bad_type"),
+        (msgpack.packb({"reply_id": "x", "error": "0"}), "bad_type"),
+        (msgpack.packb([1]), "not_a_map"),
+        (b"\xc1", "not_msgpack"),
+    ],
+)
+def test_decode_reply_rejections(payload: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode_reply(payload, H)
+    assert info.value.reason == reason
+
+
+def test_float32_marker_helper_matches_struct() -> None:
+    assert pack(F32(1.0)) == struct.pack(">Bf", 0xCA, 1.0)
+    assert wire.MAX_MESSAGE_BYTES == 64 * 1024 * 1024
