@@ -1,0 +1,1034 @@
+"""K2egClient: the embedded k2eg client's public API (snapshots over Kafka).
+
+It covers what the official Python client (PyPI ``k2eg``) offers for snapshots, with the same
+:class:`~recorder.client.properties.SnapshotProperties` field names, and fixes its known
+failure modes (protocol notes §5.3, sequenced §1.5): iterations never stall on a lost message,
+events are delivered in order from one thread, "already running" still finds the topic,
+``snapshot_stop`` delivers the final iteration, and it works on confluent-kafka >= 2.16.
+
+Threads
+    * the Kafka adapter's consumer thread (:mod:`recorder.client.kafka`) reads the reply topic
+      and every snapshot topic, decodes replies, runs the :class:`IterationAssembler` and the
+      :class:`ReplyTracker` (under one lock), and queues events per subscription;
+    * one dispatcher thread calls every user callback: recurring-snapshot handlers (in order
+      per topic) and one-shot snapshot handlers. Callbacks must not call blocking client
+      methods for the *same* subscription (``snapshot_stop`` from a handler does not wait for
+      the handler's own events);
+    * the caller's thread sends commands and waits for replies (bounded by timeouts).
+
+Back-pressure
+    Each subscription holds at most ``max_pending`` undelivered events (soft bound: one Kafka
+    batch may overshoot). Above it the subscription's topic is paused in the consumer thread
+    (nothing more is fetched for it, other topics keep flowing); once the handler or the
+    iterator has taken it down to half, it is resumed exactly after the last delivered record.
+
+Example::
+
+    from recorder.client import K2egClient, SnapshotProperties, IterationClosed
+    from recorder.settings import KafkaSettings
+
+    with K2egClient(KafkaSettings(bootstrap_servers="kafka:9092", app_name="rec")) as client:
+        print(client.get("pva://SIM:AI:DOUBLE:1").value)
+        values = client.snapshot_sync(["pva://A:X", "pva://B:Y"])     # {pv: [PVSample]}
+        props = SnapshotProperties("my_snap", ["pva://A:X"], time_window=1000)
+        sub = client.snapshot_recurring(props)                        # iterator mode
+        for event in sub.events(idle_timeout=5):
+            if isinstance(event, IterationClosed):
+                print(event.iter_index, event.status)
+                break
+        result = client.snapshot_stop("my_snap")    # waits for the final iteration
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from recorder.client.assembler import IterationAssembler
+from recorder.client.commands import (
+    GET,
+    REPEATING_SNAPSHOT,
+    REPEATING_SNAPSHOT_STOP,
+    REPEATING_SNAPSHOT_TRIGGER,
+    SNAPSHOT,
+    encode_command,
+    get_command,
+    new_reply_id,
+    repeating_snapshot_command,
+    snapshot_command,
+    stop_command,
+    trigger_command,
+)
+from recorder.client.events import (
+    IterationClosed,
+    IterationEvent,
+    IterationOpened,
+    ValuesReceived,
+)
+from recorder.client.kafka import KafkaAdapter, StartAt
+from recorder.client.properties import (
+    SnapshotProperties,
+    normalize_snapshot_name,
+    pv_base_name,
+)
+from recorder.client.replies import Outcome, ReplyTracker
+from recorder.client.values import PVSample
+from recorder.client.wire import DecodeError, Record, decode_reply
+from recorder.errors import (
+    ClientClosedError,
+    ClientError,
+    GatewayTimeoutError,
+    TransportError,
+)
+from recorder.settings import KafkaSettings
+
+__all__ = [
+    "Ack",
+    "EventHandler",
+    "Iteration",
+    "IterationCollector",
+    "K2egClient",
+    "OneShotHandler",
+    "RecurringSnapshot",
+    "StopResult",
+    "iteration_timeout_s",
+]
+
+EventHandler = Callable[[IterationEvent], None]
+OneShotHandler = Callable[[str, dict[str, list[PVSample]]], None]
+ErrorHandler = Callable[[str, ClientError], None]
+
+_log = structlog.get_logger("recorder.client")
+
+DEFAULT_SLACK_S = 2.0
+_EXPIRE_EVERY_S = 0.05
+_END = object()  # iterator-mode end marker
+
+
+def iteration_timeout_s(props: SnapshotProperties, slack_s: float = DEFAULT_SLACK_S) -> float:
+    """How long an iteration of ``props`` may stay open without its tail.
+
+    Periodic snapshots publish an iteration within one window (normal: header, data and tail
+    in one submission per period; timedbuffered: header at the first sub-push tick, tail at
+    the window's end), so ``2 * time_window + slack``. A triggered snapshot publishes each
+    iteration in one submission right after the trigger: ``slack``.
+    """
+    if props.triggered:
+        return slack_s
+    return 2.0 * props.time_window / 1000.0 + slack_s
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A gateway acknowledgement (error 0)."""
+
+    command: str
+    reply_id: str
+    message: str
+    publishing_topic: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StopResult:
+    """What :meth:`K2egClient.snapshot_stop` observed.
+
+    ``final_seen``: a tail published after the stop command was read (the final iteration);
+    ``final`` is its close event. False when the client was not reading the snapshot, or the
+    tail did not arrive within the final timeout (then the open iteration was closed
+    ``CLOSED``).
+    """
+
+    snapshot_name: str
+    topic: str
+    message: str
+    final_seen: bool
+    final: IterationClosed | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Iteration:
+    """A whole iteration, as the official client's handler receives it (plus its status)."""
+
+    topic: str
+    snapshot_name: str | None
+    iter_index: int
+    header_timestamp_ns: int | None
+    tail_timestamp_ns: int | None
+    values: dict[str, list[PVSample]]
+    closed: IterationClosed
+
+    @property
+    def complete(self) -> bool:
+        return self.closed.complete
+
+
+class IterationCollector:
+    """An :data:`EventHandler` that gathers events into whole :class:`Iteration` objects.
+
+    ``pv_names`` (base names) get an empty list when they sent nothing, like the official
+    client's ``{pv: [...]}`` for every PV of the request. Values of one PV keep arrival order.
+    Pure code: no threads, no I/O.
+    """
+
+    def __init__(self, handler: Callable[[Iteration], None], pv_names: Iterable[str] = ()) -> None:
+        self._handler = handler
+        self._pv_names = tuple(pv_names)
+        self._open: dict[tuple[str, int], dict[str, list[PVSample]]] = {}
+
+    def __call__(self, event: IterationEvent) -> None:
+        key = (event.topic, event.iter_index)
+        if isinstance(event, IterationOpened):
+            self._open[key] = {pv: [] for pv in self._pv_names}
+        elif isinstance(event, ValuesReceived):
+            values = self._open.setdefault(key, {pv: [] for pv in self._pv_names})
+            for sample in event.samples:
+                values.setdefault(sample.pv, []).append(sample)
+        else:
+            found = self._open.pop(key, None)
+            values = found if found is not None else {pv: [] for pv in self._pv_names}
+            self._handler(
+                Iteration(
+                    event.topic,
+                    event.snapshot_name,
+                    event.iter_index,
+                    event.header_timestamp_ns,
+                    event.tail_timestamp_ns,
+                    values,
+                    event,
+                )
+            )
+
+
+# ------------------------------------------------------------------------------ dispatcher
+class _Dispatcher:
+    """One thread that runs every user callback, in submission order."""
+
+    def __init__(self, name: str, on_error: Callable[[], None]) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._on_error = on_error
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def in_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._queue.put(fn)
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception:
+                self._on_error()
+                _log.exception("client callback raised")
+
+    def close(self, timeout_s: float) -> None:
+        self._queue.put(None)
+        if not self.in_thread:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                _log.error("dispatcher thread did not stop (a callback is blocked)")
+
+
+# ------------------------------------------------------------------------------ subscription
+class RecurringSnapshot:
+    """A recurring snapshot this client reads: its events, flow control and stop.
+
+    Two delivery modes, fixed at creation:
+
+    * *handler*: ``handler(event)`` is called from the client's dispatcher thread, in order;
+    * *iterator*: take events with :meth:`get`, :meth:`events` or ``for event in sub``.
+
+    Events are :data:`~recorder.client.events.IterationEvent` objects, in Kafka order for the
+    topic. The subscription ends after :meth:`K2egClient.snapshot_stop` (final iteration
+    included) or :meth:`K2egClient.close` (open iterations closed ``CLOSED``).
+    """
+
+    def __init__(  # noqa: PLR0917
+        self,
+        client: K2egClient,
+        properties: SnapshotProperties,
+        topic: str,
+        ack: Ack,
+        already_running: bool,
+        handler: EventHandler | None,
+        max_pending: int,
+    ) -> None:
+        self.properties = properties
+        self.snapshot_name = properties.snapshot_name
+        self.topic = topic
+        self.ack = ack
+        self.already_running = already_running
+        self.start_offsets: dict[int, int] = {}
+        self.stats: Counter[str] = Counter()
+        self._client = client
+        self._handler = handler
+        self._max_pending = max(1, max_pending)
+        self._low = self._max_pending // 2
+        self._cond = threading.Condition()
+        self._items: deque[Any] = deque()
+        self._pending = 0
+        self._bp_paused = False
+        self._user_paused = False
+        self._paused = False  # what the adapter was last asked for
+        self._backpressure = True
+        self._ended = False
+        self._finished = threading.Event()
+        self._tails: dict[int, IterationClosed] = {}  # partition -> newest tail-closed event
+        self._log = _log.bind(snapshot=self.snapshot_name, topic=topic)
+
+    # ---- public -----------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet handled/taken."""
+        with self._cond:
+            return self._pending
+
+    @property
+    def paused(self) -> bool:
+        """True while the topic's consumption is paused (back-pressure or :meth:`pause`)."""
+        with self._cond:
+            return self._paused
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        """Wait until the subscription ended and (handler mode) its last event was handled."""
+        return self._finished.wait(timeout)
+
+    def pause(self) -> None:
+        """Stop reading the topic until :meth:`resume` (e.g. while a sink is unavailable)."""
+        with self._cond:
+            self._user_paused = True
+            self._apply_pause_locked()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._user_paused = False
+            self._apply_pause_locked()
+
+    def get(self, timeout: float | None = None) -> IterationEvent | None:
+        """Next event (iterator mode); None once the subscription has ended.
+
+        Raises :class:`TimeoutError` when nothing arrives within ``timeout`` seconds.
+        """
+        if self._handler is not None:
+            raise ClientError("this subscription delivers its events to a handler")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._items:
+                if self._ended:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no event from {self.topic!r} within {timeout:g} s")
+                self._cond.wait(remaining)
+            item = self._items.popleft()
+            if item is _END:
+                self._items.appendleft(item)  # stays ended for later calls
+                return None
+            self._pending -= 1
+            self._after_take_locked()
+            event: IterationEvent = item
+            return event
+
+    def events(self, idle_timeout: float | None = None) -> Iterator[IterationEvent]:
+        """Iterate until the subscription ends (or ``idle_timeout`` passes with no event)."""
+        while True:
+            try:
+                event = self.get(idle_timeout)
+            except TimeoutError:
+                return
+            if event is None:
+                return
+            yield event
+
+    def __iter__(self) -> Iterator[IterationEvent]:
+        return self.events()
+
+    def trigger(self, timeout: float | None = None) -> Ack:
+        return self._client.snapshot_trigger(self.snapshot_name, timeout)
+
+    def stop(
+        self, timeout: float | None = None, *, final_timeout_s: float | None = None
+    ) -> StopResult:
+        return self._client.snapshot_stop(
+            self.snapshot_name, timeout, final_timeout_s=final_timeout_s
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RecurringSnapshot({self.snapshot_name!r}, topic={self.topic!r}, "
+            f"pending={self._pending}, paused={self._paused}, ended={self._ended})"
+        )
+
+    # ---- consumer-thread side ---------------------------------------------------------------
+    def _push(self, events: list[IterationEvent]) -> None:
+        for event in events:
+            if isinstance(event, IterationClosed):
+                self._on_closed(event)
+        with self._cond:
+            if self._ended:
+                self._client._count("events.after_end", len(events))
+                return
+            self._pending += len(events)
+            self.stats["events"] += len(events)
+            if self._handler is not None:
+                self._client._dispatch(lambda: self._deliver(events))
+            else:
+                self._items.extend(events)
+                self._cond.notify_all()
+            if self._backpressure and self._pending >= self._max_pending and not self._bp_paused:
+                self._bp_paused = True
+                self.stats["backpressure_pauses"] += 1
+                self._apply_pause_locked()
+
+    def _on_closed(self, event: IterationClosed) -> None:
+        if event.complete:
+            self.stats["iterations.complete"] += 1
+        else:
+            self.stats["iterations.incomplete"] += 1
+            self._log.info(
+                "iteration incomplete",
+                iteration=event.iter_index,
+                reason=event.reason.value if event.reason else None,
+                missing=event.missing_messages,
+                error=event.error_code or None,
+            )
+        if event.tail_timestamp_ns is not None:
+            with self._cond:
+                previous = self._tails.get(event.partition)
+                if previous is None or event.offset > previous.offset:
+                    self._tails[event.partition] = event
+
+    def _end(self) -> None:
+        with self._cond:
+            if self._ended:
+                return
+            self._ended = True
+            if self._handler is not None:
+                self._client._dispatch(self._finished.set)
+            else:
+                self._items.append(_END)
+                self._finished.set()
+                self._cond.notify_all()
+
+    # ---- dispatcher side ----------------------------------------------------------------------
+    def _deliver(self, events: list[IterationEvent]) -> None:
+        handler = self._handler
+        assert handler is not None
+        try:
+            for event in events:
+                try:
+                    handler(event)
+                except Exception:
+                    self._client._count("handler_errors")
+                    self._log.exception("snapshot handler raised", iteration=event.iter_index)
+        finally:
+            with self._cond:
+                self._pending -= len(events)
+                self._after_take_locked()
+
+    # ---- flow control -----------------------------------------------------------------------
+    def _after_take_locked(self) -> None:
+        if self._bp_paused and self._pending <= self._low:
+            self._bp_paused = False
+            self._apply_pause_locked()
+
+    def _apply_pause_locked(self) -> None:
+        want = (self._bp_paused or self._user_paused) and not self._ended
+        if want == self._paused:
+            return
+        self._paused = want
+        adapter = self._client._adapter
+        (adapter.pause if want else adapter.resume)(self.topic)
+
+    def _begin_final(self) -> None:
+        """Stop in progress: the final tail must be read, whatever the consumer does."""
+        with self._cond:
+            self._backpressure = False
+            self._bp_paused = False
+            self._user_paused = False
+            self._apply_pause_locked()
+
+    def _tail_after(self, offsets: Mapping[int, int]) -> IterationClosed | None:
+        """The newest iteration closed by a tail at an offset >= ``offsets`` (per partition)."""
+        with self._cond:
+            for partition, event in self._tails.items():
+                if event.offset >= offsets.get(partition, 0):
+                    return event
+            return None
+
+
+# ------------------------------------------------------------------------------ the client
+@dataclass(slots=True)
+class _Waiter:
+    command: str
+    future: Future[Outcome]
+    on_done: Callable[[Outcome], None] | None = None
+    log_context: dict[str, Any] = field(default_factory=dict)
+
+
+class K2egClient:
+    """A k2eg client for snapshots: one-shot, recurring (with handle), trigger, stop, get.
+
+    ``settings``: how to reach Kafka and the gateway (bootstrap, command topic, reply topic,
+    ``command_timeout_s``, librdkafka pass-through such as SASL/TLS).
+    ``iteration_slack_s``: added to the per-iteration timeout (:func:`iteration_timeout_s`).
+    ``max_pending``: default bound of undelivered events per subscription (back-pressure).
+    ``batch_size`` / ``poll_timeout_s``: the consumer thread's ``consume()`` batch and wait.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings | None = None,
+        *,
+        iteration_slack_s: float = DEFAULT_SLACK_S,
+        max_pending: int = 10_000,
+        batch_size: int = 1000,
+        poll_timeout_s: float = 0.05,
+        missing_grace_s: float = 1.0,
+        start_timeout_s: float = 15.0,
+    ) -> None:
+        self.settings = settings or KafkaSettings.from_env()
+        self.reply_topic = self.settings.effective_reply_topic
+        self.cmd_topic = self.settings.cmd_topic
+        self.iteration_slack_s = iteration_slack_s
+        self.max_pending = max_pending
+        self._log = _log.bind(app=self.settings.app_name)
+        self._core_lock = threading.Lock()  # assembler + tracker + waiters
+        self._assembler = IterationAssembler(
+            iteration_timeout_s=2.0 + iteration_slack_s, missing_grace_s=missing_grace_s
+        )
+        self._tracker = ReplyTracker()
+        self._waiters: dict[str, _Waiter] = {}
+        self._subs: dict[str, RecurringSnapshot] = {}  # copy-on-write: read lock-free
+        self._subs_lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+        self._next_expire = 0.0
+        self._closed = False
+        self._adapter = KafkaAdapter(
+            self.settings,
+            self._on_records,
+            batch_size=batch_size,
+            poll_timeout_s=poll_timeout_s,
+            name=f"k2eg-{self.settings.app_name}",
+        )
+        self._dispatcher = _Dispatcher(
+            f"k2eg-dispatch-{self.settings.app_name}", lambda: self._count("handler_errors")
+        )
+        try:
+            if self.settings.create_reply_topic:
+                self._adapter.ensure_topic(
+                    self.reply_topic, partitions=1, timeout_s=start_timeout_s
+                )
+            self._adapter.start(start_timeout_s)
+            offsets = self._adapter.add_topic(
+                self.reply_topic, StartAt.end(), timeout_s=start_timeout_s
+            ).result(start_timeout_s + 1.0)
+        except BaseException:
+            self._adapter.close(timeout_s=5.0)
+            self._dispatcher.close(5.0)
+            raise
+        self._log.info("client started", reply_topic=self.reply_topic, offsets=offsets,
+                       cmd_topic=self.cmd_topic)
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self, timeout_s: float = 10.0) -> None:
+        """End every subscription (open iterations close ``CLOSED``), fail pending commands,
+        stop the consumer thread, flush the producer, stop the dispatcher. Idempotent.
+
+        Running gateway snapshots are *not* stopped (call :meth:`snapshot_stop` first)."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subs.values()):
+            try:
+                self._finish_subscription(sub, remove_timeout_s=min(timeout_s, 5.0))
+            except Exception:
+                self._log.exception("closing subscription failed", topic=sub.topic)
+        with self._core_lock:
+            waiters, self._waiters = self._waiters, {}
+            for reply_id in waiters:
+                self._tracker.cancel(reply_id)
+        for waiter in waiters.values():
+            if not waiter.future.done():
+                waiter.future.set_exception(ClientClosedError("the client was closed"))
+        self._adapter.close(timeout_s)
+        self._dispatcher.close(timeout_s)
+        self._log.info("client closed")
+
+    def __enter__(self) -> K2egClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("the client is closed")
+
+    # ------------------------------------------------------------------ counters
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[key] += n
+
+    def counters(self) -> dict[str, int]:
+        """Every counter: ``assembler.*`` (iterations, duplicates, malformed.<reason> ...),
+        ``replies.*``, ``kafka.*`` (consumed, produced, delivery_failed ...), client-level
+        (``handler_errors``, ``events.unrouted`` ...)."""
+        with self._core_lock:
+            out = {f"assembler.{k}": v for k, v in self._assembler.counters.items()}
+            out.update({f"replies.{k}": v for k, v in self._tracker.counters.items()})
+        out.update({f"kafka.{k}": v for k, v in self._adapter.counters.items()})
+        with self._counts_lock:
+            out.update(self._counts)
+        return out
+
+    @property
+    def subscriptions(self) -> dict[str, RecurringSnapshot]:
+        """Active recurring-snapshot subscriptions by topic."""
+        return dict(self._subs)
+
+    # ------------------------------------------------------------------ consumer thread
+    def _on_records(self, records: list[Record], drained: bool) -> None:
+        now = time.monotonic()
+        reply_topic = self.reply_topic
+        events: list[IterationEvent] = []
+        outcomes: list[Outcome] = []
+        with self._core_lock:
+            feed = self._assembler.feed
+            for record in records:
+                if record.topic == reply_topic:
+                    outcomes.extend(self._feed_reply(record))
+                    continue
+                produced = feed(record, now)
+                if produced:
+                    events.extend(produced)
+            if drained:
+                events.extend(self._assembler.idle(now))
+            if now >= self._next_expire:
+                self._next_expire = now + _EXPIRE_EVERY_S
+                events.extend(self._assembler.expire(now))
+                outcomes.extend(self._tracker.expire(now))
+            waiters = [(o, self._waiters.pop(o.reply_id, None)) for o in outcomes]
+            if events:  # routed under the lock: events reach each handle in assembly order
+                self._route(events)
+        for outcome, waiter in waiters:
+            if waiter is not None:
+                self._complete(waiter, outcome)
+
+    def _feed_reply(self, record: Record) -> list[Outcome]:
+        try:
+            reply = decode_reply(record.value, record.headers)
+        except DecodeError as exc:
+            self._count("replies.malformed." + exc.reason)
+            return []
+        return self._tracker.feed(reply)
+
+    def _route(self, events: list[IterationEvent]) -> None:
+        subs = self._subs
+        first_topic = events[0].topic
+        if all(e.topic == first_topic for e in events):
+            groups = {first_topic: events}
+        else:
+            groups = {}
+            for event in events:
+                groups.setdefault(event.topic, []).append(event)
+        for topic, group in groups.items():
+            sub = subs.get(topic)
+            if sub is None:
+                self._count("events.unrouted", len(group))
+                continue
+            sub._push(group)
+
+    def _dispatch(self, fn: Callable[[], None]) -> None:
+        self._dispatcher.submit(fn)
+
+    # ------------------------------------------------------------------ commands
+    def _complete(self, waiter: _Waiter, outcome: Outcome) -> None:
+        if waiter.on_done is not None:
+            on_done = waiter.on_done
+            self._dispatch(lambda: on_done(outcome))
+        if not waiter.future.done():
+            waiter.future.set_result(outcome)
+
+    def _fail_command(self, reply_id: str, error: ClientError) -> None:
+        with self._core_lock:
+            self._tracker.cancel(reply_id)
+            waiter = self._waiters.pop(reply_id, None)
+        if waiter is not None:
+            self._log.warning("command failed", command=waiter.command, reply_id=reply_id,
+                              error=str(error))
+            self._complete(waiter, Outcome(reply_id, waiter.command, [], False, error))
+
+    def _send(
+        self,
+        fields: dict[str, Any],
+        command: str,
+        timeout_s: float,
+        *,
+        multi: bool = False,
+        on_done: Callable[[Outcome], None] | None = None,
+    ) -> Future[Outcome]:
+        self._check_open()
+        reply_id = str(fields["reply_id"])
+        payload = encode_command(fields)
+        future: Future[Outcome] = Future()
+        with self._core_lock:
+            self._waiters[reply_id] = _Waiter(command, future, on_done)
+            self._tracker.expect(
+                reply_id, command, time.monotonic() + timeout_s, multi=multi, timeout_s=timeout_s
+            )
+
+        def delivered(error: TransportError | None) -> None:
+            if error is not None:
+                self._fail_command(reply_id, error)
+
+        try:
+            self._adapter.produce(self.cmd_topic, payload, on_delivery=delivered)
+        except ClientError as exc:
+            self._fail_command(reply_id, exc)
+        self._log.debug("command sent", command=command, reply_id=reply_id)
+        return future
+
+    def _wait(self, future: Future[Outcome], command: str, reply_id: str,
+              timeout_s: float) -> Outcome:
+        try:
+            # the tracker expires the request at timeout_s; the margin only guards a dead thread
+            outcome = future.result(timeout_s + 5.0)
+        except FutureTimeoutError:
+            with self._core_lock:
+                self._tracker.cancel(reply_id)
+                self._waiters.pop(reply_id, None)
+            raise GatewayTimeoutError(command, reply_id, timeout_s) from None
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome
+
+    def _request(self, fields: dict[str, Any], command: str, timeout: float | None,
+                 *, multi: bool = False) -> Outcome:
+        timeout_s = self.settings.command_timeout_s if timeout is None else timeout
+        future = self._send(fields, command, timeout_s, multi=multi)
+        return self._wait(future, command, str(fields["reply_id"]), timeout_s)
+
+    def command(
+        self, fields: Mapping[str, Any], timeout: float | None = None, *, multi: bool = False
+    ) -> Outcome:
+        """Send a raw k2eg command and wait for its reply (``reply_topic``, ``reply_id`` and
+        ``serialization`` are filled in when missing). For commands this client does not wrap
+        (``put``, ``monitor``) and for gateway generations with other fields. Raises
+        :class:`GatewayError` for a non-zero error, :class:`GatewayTimeoutError`."""
+        body = dict(fields)
+        body.setdefault("serialization", "msgpack")
+        body.setdefault("reply_topic", self.reply_topic)
+        body.setdefault("reply_id", new_reply_id())
+        return self._request(body, str(body.get("command", "?")), timeout, multi=multi)
+
+    @staticmethod
+    def _ack(outcome: Outcome) -> Ack:
+        reply = outcome.reply
+        return Ack(
+            outcome.command,
+            outcome.reply_id,
+            reply.message if reply else "",
+            reply.publishing_topic if reply else None,
+        )
+
+    # ------------------------------------------------------------------ get
+    def get(self, pv_uri: str, timeout: float | None = None) -> PVSample:
+        """The current value of one PV (``get``). Raises :class:`GatewayError` (e.g. -3 when
+        the PV does not connect) or :class:`GatewayTimeoutError`."""
+        fields = get_command(pv_uri, reply_topic=self.reply_topic, reply_id=new_reply_id())
+        outcome = self._request(fields, GET, timeout)
+        samples = outcome.samples
+        base = pv_base_name(pv_uri)
+        if base in samples:
+            return samples[base]
+        if len(samples) == 1:
+            return next(iter(samples.values()))
+        raise ClientError(f"the reply to get {pv_uri!r} holds no value for {base!r}")
+
+    # ------------------------------------------------------------------ one-shot snapshot
+    def _one_shot_timeout(self, time_window_msec: int | None, timeout: float | None) -> float:
+        if timeout is not None:
+            return timeout
+        window = (1000 if time_window_msec is None else time_window_msec) / 1000.0
+        return window + self.settings.command_timeout_s
+
+    @staticmethod
+    def _one_shot_values(outcome: Outcome) -> dict[str, list[PVSample]]:
+        values: dict[str, list[PVSample]] = {}
+        for reply in outcome.replies:
+            for pv, sample in reply.samples.items():
+                values.setdefault(pv, []).append(sample)
+        return values
+
+    def snapshot(
+        self,
+        pv_uri_list: Iterable[str],
+        handler: OneShotHandler,
+        *,
+        time_window_msec: int | None = None,
+        timeout: float | None = None,
+        on_error: ErrorHandler | None = None,
+    ) -> str:
+        """One-shot snapshot, asynchronous: returns the reply id at once; later, from the
+        dispatcher thread, ``handler(reply_id, {pv: [PVSample]})`` (PVs that sent nothing are
+        absent, as from the gateway) or ``on_error(reply_id, error)``."""
+        uris = list(pv_uri_list)
+        reply_id = new_reply_id()
+        fields = snapshot_command(
+            uris, reply_topic=self.reply_topic, reply_id=reply_id,
+            time_window_msec=time_window_msec,
+        )
+        log = self._log.bind(reply_id=reply_id)
+
+        def done(outcome: Outcome) -> None:
+            for failure in outcome.failures:
+                log.warning("one-shot snapshot error reply", code=failure.error,
+                            message=failure.message)
+            if outcome.error is not None:
+                if on_error is not None:
+                    on_error(reply_id, outcome.error)
+                else:
+                    log.warning("one-shot snapshot failed", error=str(outcome.error))
+                return
+            handler(reply_id, self._one_shot_values(outcome))
+
+        self._send(fields, SNAPSHOT, self._one_shot_timeout(time_window_msec, timeout),
+                   multi=True, on_done=done)
+        return reply_id
+
+    def snapshot_sync(
+        self,
+        pv_uri_list: Iterable[str],
+        timeout: float | None = None,
+        *,
+        time_window_msec: int | None = None,
+    ) -> dict[str, list[PVSample]]:
+        """One-shot snapshot, blocking: ``{pv: [PVSample]}`` (base PV names)."""
+        reply_id = new_reply_id()
+        fields = snapshot_command(
+            list(pv_uri_list), reply_topic=self.reply_topic, reply_id=reply_id,
+            time_window_msec=time_window_msec,
+        )
+        timeout_s = self._one_shot_timeout(time_window_msec, timeout)
+        future = self._send(fields, SNAPSHOT, timeout_s, multi=True)
+        outcome = self._wait(future, SNAPSHOT, reply_id, timeout_s)
+        for failure in outcome.failures:
+            self._log.warning("one-shot snapshot error reply", reply_id=reply_id,
+                              code=failure.error, message=failure.message)
+        return self._one_shot_values(outcome)
+
+    # ------------------------------------------------------------------ recurring snapshots
+    def snapshot_recurring(
+        self,
+        properties: SnapshotProperties,
+        handler: EventHandler | None = None,
+        timeout: float | None = None,
+        *,
+        start: StartAt | None = None,
+        max_pending: int | None = None,
+    ) -> RecurringSnapshot:
+        """Start a recurring snapshot and read its topic; returns its handle.
+
+        ``handler``: called with each event from the dispatcher thread (else iterate the
+        handle). ``start``: where to read the topic (default: from the topic's end just
+        before the command, or its beginning if the gateway creates it now; give explicit
+        offsets to resume after a restart). If the gateway answers "already running" (same
+        normalized name), the parameters of the running snapshot apply; the handle says
+        ``already_running`` and reads the normalized topic anyway.
+        """
+        self._check_open()
+        properties.validate()
+        topic = properties.topic
+        if topic in self._subs:
+            raise ClientError(f"this client already reads snapshot topic {topic!r}")
+        log = self._log.bind(snapshot=properties.snapshot_name, topic=topic)
+        timeout_s = self.settings.command_timeout_s if timeout is None else timeout
+        before = self._adapter.watermarks(topic).result(timeout_s + 1.0)
+        reply_id = new_reply_id()
+        fields = repeating_snapshot_command(
+            properties, reply_topic=self.reply_topic, reply_id=reply_id
+        )
+        outcome = self._wait(
+            self._send(fields, REPEATING_SNAPSHOT, timeout_s), REPEATING_SNAPSHOT, reply_id,
+            timeout_s,
+        )
+        ack = self._ack(outcome)
+        already_running = ack.publishing_topic is None
+        if ack.publishing_topic and ack.publishing_topic != topic:
+            log.warning("gateway publishes to another topic", publishing_topic=ack.publishing_topic)
+            topic = ack.publishing_topic
+        if already_running:
+            log.warning("snapshot already running: its own parameters apply", message=ack.message)
+        if start is None:
+            start = StartAt.at({p: high for p, (_, high) in before.items()}) if before else (
+                StartAt.beginning()
+            )
+        sub = RecurringSnapshot(
+            self, properties, topic, ack, already_running, handler,
+            self.max_pending if max_pending is None else max_pending,
+        )
+        with self._core_lock:
+            self._assembler.set_topic_timeout(
+                topic, iteration_timeout_s(properties, self.iteration_slack_s)
+            )
+        with self._subs_lock:
+            if topic in self._subs:
+                raise ClientError(f"this client already reads snapshot topic {topic!r}")
+            self._subs = {**self._subs, topic: sub}
+        try:
+            sub.start_offsets = self._adapter.add_topic(topic, start, timeout_s=timeout_s).result(
+                timeout_s + 1.0
+            )
+        except BaseException:
+            with self._subs_lock:
+                self._subs = {k: v for k, v in self._subs.items() if k != topic}
+            raise
+        log.info("recurring snapshot subscribed", offsets=sub.start_offsets,
+                 already_running=already_running, type=properties.type.value,
+                 triggered=properties.triggered, time_window=properties.time_window)
+        return sub
+
+    def snapshot_trigger(
+        self, snapshot_name: str, timeout: float | None = None,
+        *, tags: Mapping[str, str] | None = None,
+    ) -> Ack:
+        """Trigger one iteration of a triggered snapshot (a periodic one ignores it)."""
+        fields = trigger_command(
+            snapshot_name, reply_topic=self.reply_topic, reply_id=new_reply_id(), tags=tags
+        )
+        return self._ack(self._request(fields, REPEATING_SNAPSHOT_TRIGGER, timeout))
+
+    snapshost_trigger = snapshot_trigger  # the official client's spelling
+
+    def snapshot_stop(
+        self,
+        snapshot_name: str,
+        timeout: float | None = None,
+        *,
+        final_timeout_s: float | None = None,
+    ) -> StopResult:
+        """Stop a recurring snapshot; if this client reads it, deliver its final iteration.
+
+        The gateway publishes a final iteration, then acks. Unlike the official client (which
+        unsubscribes first), the topic is read until that iteration's tail is seen and the
+        topic is quiet, or ``final_timeout_s`` passes (default: the iteration timeout); then
+        the subscription ends. In handler mode this returns after the handler saw the last
+        event (unless called from a handler).
+        """
+        self._check_open()
+        topic = normalize_snapshot_name(snapshot_name)
+        sub = self._subs.get(topic)
+        timeout_s = self.settings.command_timeout_s if timeout is None else timeout
+        before: dict[int, int] = {}
+        if sub is not None:
+            sub._begin_final()
+            marks = self._adapter.watermarks(topic).result(timeout_s + 1.0)
+            before = {p: high for p, (_, high) in marks.items()}
+        reply_id = new_reply_id()
+        fields = stop_command(snapshot_name, reply_topic=self.reply_topic, reply_id=reply_id)
+        try:
+            outcome = self._wait(
+                self._send(fields, REPEATING_SNAPSHOT_STOP, timeout_s), REPEATING_SNAPSHOT_STOP,
+                reply_id, timeout_s,
+            )
+        except ClientError:
+            if sub is not None:
+                sub._backpressure = True
+            raise
+        ack = self._ack(outcome)
+        if sub is None:
+            return StopResult(snapshot_name, topic, ack.message, False)
+        if final_timeout_s is None:
+            final_timeout_s = iteration_timeout_s(sub.properties, self.iteration_slack_s)
+        final = self._drain_final(sub, before, final_timeout_s)
+        final_seen = final is not None
+        self._finish_subscription(sub)
+        if not self._dispatcher.in_thread:
+            sub.wait_finished(final_timeout_s + 5.0)
+        sub._log.info("recurring snapshot stopped", final_seen=final_seen,
+                      final_iteration=final.iter_index if final else None)
+        return StopResult(snapshot_name, topic, ack.message, final_seen, final)
+
+    def _drain_final(
+        self,
+        sub: RecurringSnapshot,
+        before: dict[int, int],
+        final_timeout_s: float,
+        quiet_s: float = 0.2,
+    ) -> IterationClosed | None:
+        """Wait for the final iteration: closed by a tail at an offset >= ``before`` (so
+        published after the stop command), no newer iteration open, everything up to the high
+        watermark delivered and the watermark unchanged for ``quiet_s``. Older iterations
+        still open then lost their tail for good (T(n) precedes H(n+1)); they close CLOSED.
+        """
+        deadline = time.monotonic() + final_timeout_s
+        quiet_since: float | None = None
+        quiet_marks: dict[int, tuple[int, int]] | None = None
+        while time.monotonic() < deadline:
+            final = sub._tail_after(before)
+            if final is not None:
+                with self._core_lock:
+                    newer = [i for i in self._assembler.open_iterations(sub.topic)
+                             if i >= final.iter_index]
+                if newer:
+                    quiet_since = None
+                else:
+                    try:
+                        marks = self._adapter.watermarks(sub.topic).result(2.0)
+                    except (FutureTimeoutError, ClientError):
+                        marks = {}
+                    positions = self._adapter.positions(sub.topic)
+                    caught_up = all(positions.get(p, 0) >= hi for p, (_, hi) in marks.items())
+                    if not caught_up:
+                        quiet_since = None
+                    elif quiet_since is None or marks != quiet_marks:
+                        quiet_since, quiet_marks = time.monotonic(), marks
+                    elif time.monotonic() - quiet_since >= quiet_s:
+                        return sub._tail_after(before)
+            time.sleep(0.02)
+        return None
+
+    def _finish_subscription(self, sub: RecurringSnapshot, remove_timeout_s: float = 5.0) -> None:
+        """Stop reading the topic, close what is still open (``CLOSED``), end the handle."""
+        with contextlib.suppress(ClientError, FutureTimeoutError):
+            self._adapter.remove_topic(sub.topic).result(remove_timeout_s)
+        with self._core_lock:
+            events = self._assembler.close(sub.topic)
+            if events:
+                sub._push(events)
+            sub._end()
+        with self._subs_lock:
+            self._subs = {k: v for k, v in self._subs.items() if k != sub.topic}

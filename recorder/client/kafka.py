@@ -1,0 +1,749 @@
+"""Kafka adapter of the embedded k2eg client: the only client module that imports confluent-kafka.
+
+Threading (confluent-kafka >= 2.16 serializes calls on one ``Consumer`` through a gate, and a
+thread that polls in a tight loop starves every other caller, which then hangs): one *consumer
+thread* owns the one :class:`confluent_kafka.Consumer`, creates it, and makes every call on it
+(``incremental_assign``/``incremental_unassign``/``seek``/``pause``/``resume``/``consume``/
+``get_watermark_offsets``/``offsets_for_times``/``close``). Other threads never touch it: they
+enqueue a request (:meth:`KafkaAdapter.add_topic`, :meth:`~KafkaAdapter.remove_topic`, ...) and
+get a :class:`concurrent.futures.Future` that the consumer thread completes between two polls.
+
+Topics are read with ``assign()`` at explicit offsets (all partitions of a topic), obtained from
+``get_watermark_offsets(cached=False)`` or ``offsets_for_times``: no consumer-group join, no
+rebalance, no lazily-resolved ``OFFSET_END`` race, and nothing is ever committed.
+
+Each loop pass hands the records of one ``consume()`` batch to the ``on_records`` callback *in
+the consumer thread* (possibly an empty list: a tick, so the caller can run its timers), with
+``drained=True`` when the batch was not full (input caught up). The callback must be quick and
+must not call blocking adapter methods (it may enqueue requests: they run before the next poll).
+
+The producer is thread-safe: any thread may :meth:`~KafkaAdapter.produce`; delivery reports are
+served by ``poll(0)`` right after each produce and on every consumer-loop pass. Failures are
+counted and handed to the per-message callback. AdminClient helpers create topics
+(``TOPIC_ALREADY_EXISTS`` is fine) and wait for their metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import structlog
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from recorder.client.wire import Record
+from recorder.errors import ClientClosedError, TransportError
+from recorder.settings import KafkaSettings
+
+T = TypeVar("T")
+RecordsCallback = Callable[[list[Record], bool], None]
+DeliveryCallback = Callable[[TransportError | None], None]
+
+_log = structlog.get_logger("recorder.client.kafka")
+
+
+@dataclass(frozen=True, slots=True)
+class StartAt:
+    """Where to start reading a topic (resolved to explicit offsets by the consumer thread).
+
+    * :meth:`end`: the high watermark at the moment the request is served (what is produced
+      after that point is read);
+    * :meth:`beginning`: the low watermark;
+    * :meth:`at`: explicit offsets (one for every partition, or a partition -> offset map;
+      partitions missing from the map start at the end);
+    * :meth:`at_timestamp`: the first message with a timestamp >= ``ms`` (Kafka
+      ``offsets_for_times``); the end when there is none.
+    """
+
+    kind: Literal["end", "beginning", "offsets", "timestamp"]
+    offsets: Mapping[int, int] | None = None
+    offset: int | None = None
+    timestamp_ms: int | None = None
+
+    @classmethod
+    def end(cls) -> StartAt:
+        return cls("end")
+
+    @classmethod
+    def beginning(cls) -> StartAt:
+        return cls("beginning")
+
+    @classmethod
+    def at(cls, offsets: int | Mapping[int, int]) -> StartAt:
+        if isinstance(offsets, int):
+            return cls("offsets", offset=offsets)
+        return cls("offsets", offsets=dict(offsets))
+
+    @classmethod
+    def at_timestamp(cls, timestamp_ms: int) -> StartAt:
+        return cls("timestamp", timestamp_ms=int(timestamp_ms))
+
+
+@dataclass(slots=True)
+class _Request:
+    kind: str
+    future: Future[Any]
+    topic: str = ""
+    start: StartAt | None = None
+    partition: int = 0
+    offset: int = 0
+    deadline: float = 0.0
+    fn: Callable[[], Any] | None = None
+    retry_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _TopicState:
+    partitions: list[int]
+    paused: bool = False
+    positions: dict[int, int] = field(default_factory=dict)  # next offset to deliver
+
+
+def _transport_error(action: str, exc: BaseException) -> TransportError:
+    return TransportError(f"Kafka {action} failed: {exc}")
+
+
+class KafkaAdapter:
+    """One consumer thread (owning the Consumer), one thread-safe Producer, an AdminClient."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        on_records: RecordsCallback,
+        *,
+        batch_size: int = 1000,
+        poll_timeout_s: float = 0.05,
+        metadata_timeout_s: float = 5.0,
+        consumer_config: Mapping[str, Any] | None = None,
+        producer_config: Mapping[str, Any] | None = None,
+        name: str = "k2eg-kafka",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.settings = settings
+        self._on_records = on_records
+        self._batch_size = batch_size
+        self._poll_timeout_s = poll_timeout_s
+        self._metadata_timeout_s = metadata_timeout_s
+        self._name = name
+        self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._retries: list[_Request] = []
+        self._topics: dict[str, _TopicState] = {}  # consumer thread writes; others read copies
+        self._topics_lock = threading.Lock()
+        self._counters: Counter[str] = Counter()
+        self._counters_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._ready: Future[None] = Future()
+        self._stopping = threading.Event()
+        self._closed = False
+        self._log = _log.bind(adapter=name)
+
+        base = settings.librdkafka_config()
+        consumer_conf: dict[str, Any] = {
+            "group.id": f"{settings.app_name}-{uuid.uuid4().hex[:12]}",  # never joined
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",  # an explicit offset below retention: oldest kept
+            "enable.partition.eof": False,
+            "fetch.wait.max.ms": 10,
+            "error_cb": self._error_cb,
+        }
+        consumer_conf.update(base)
+        consumer_conf.update(consumer_config or {})
+        self._consumer_conf = consumer_conf
+
+        producer_conf: dict[str, Any] = {
+            "message.timeout.ms": 30_000,
+            "linger.ms": 2,
+            "error_cb": self._error_cb,
+        }
+        producer_conf.update(base)
+        producer_conf.update(producer_config or {})
+        self._producer_conf = producer_conf
+        try:
+            self._producer = Producer(producer_conf)
+            # metadata look-ups must never auto-create a topic (a producer-type handle would)
+            admin_conf: dict[str, str | int | float | bool] = {
+                **base,
+                "allow.auto.create.topics": False,
+            }
+            self._admin = AdminClient(admin_conf)
+        except KafkaException as exc:
+            raise _transport_error("client creation", exc) from exc
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, timeout_s: float = 10.0) -> KafkaAdapter:
+        """Start the consumer thread; return once it has created its Consumer."""
+        if self._closed:
+            raise ClientClosedError("the Kafka adapter is closed")
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(
+            target=self._run, name=f"{self._name}-consumer", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._ready.result(timeout_s)
+        except FutureTimeoutError as exc:
+            self.close()
+            raise TransportError("the Kafka consumer thread did not start") from exc
+        return self
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the consumer thread (closing the Consumer in it) and flush the producer."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        thread = self._thread
+        if thread is not None:
+            fut: Future[None] = Future()
+            self._requests.put(_Request("stop", fut))
+            thread.join(timeout_s)
+            if thread.is_alive():
+                self._log.error("consumer thread did not stop", timeout_s=timeout_s)
+        remaining = self._producer.flush(max(0.0, min(timeout_s, 5.0)))
+        if remaining:
+            self._count("delivery_failed", remaining)
+            self._log.warning("producer closed with undelivered messages", undelivered=remaining)
+        # fail whatever was still queued
+        self._fail_pending(ClientClosedError("the Kafka adapter is closed"))
+
+    def __enter__(self) -> KafkaAdapter:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def consumer_config(self) -> dict[str, Any]:
+        """The librdkafka configuration of the consumer (callbacks left out)."""
+        return {k: v for k, v in self._consumer_conf.items() if not callable(v)}
+
+    @property
+    def producer_config(self) -> dict[str, Any]:
+        """The librdkafka configuration of the producer (callbacks left out)."""
+        return {k: v for k, v in self._producer_conf.items() if not callable(v)}
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def in_consumer_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    # ------------------------------------------------------------------ requests (any thread)
+    def _submit(self, request: _Request) -> Future[Any]:
+        if self._closed or self._stopping.is_set():
+            request.future.set_exception(ClientClosedError("the Kafka adapter is closed"))
+            return request.future
+        self._requests.put(request)
+        return request.future
+
+    def add_topic(
+        self, topic: str, start: StartAt | None = None, *, timeout_s: float | None = None
+    ) -> Future[dict[int, int]]:
+        """Assign every partition of ``topic`` at explicit offsets; the future gives them.
+
+        If the topic does not exist yet, the consumer thread keeps retrying (without blocking
+        other topics) until ``timeout_s`` (default: the adapter's metadata timeout), then fails
+        the future with :class:`TransportError`. Adding a topic that is already assigned
+        re-positions it.
+        """
+        deadline = time.monotonic() + (timeout_s or self._metadata_timeout_s)
+        return self._submit(
+            _Request("add", Future(), topic=topic, start=start or StartAt.end(), deadline=deadline)
+        )
+
+    def remove_topic(self, topic: str) -> Future[None]:
+        """Unassign every partition of ``topic``; no record of it is delivered afterwards."""
+        return self._submit(_Request("remove", Future(), topic=topic))
+
+    def pause(self, topic: str) -> Future[None]:
+        """Stop fetching ``topic`` (back-pressure); reading resumes after the last delivered."""
+        return self._submit(_Request("pause", Future(), topic=topic))
+
+    def resume(self, topic: str) -> Future[None]:
+        return self._submit(_Request("resume", Future(), topic=topic))
+
+    def seek(self, topic: str, partition: int, offset: int) -> Future[None]:
+        """Move an assigned partition to ``offset`` (the next record delivered)."""
+        return self._submit(
+            _Request("seek", Future(), topic=topic, partition=partition, offset=offset)
+        )
+
+    def watermarks(
+        self, topic: str, *, timeout_s: float | None = None
+    ) -> Future[dict[int, tuple[int, int]]]:
+        """``{partition: (low, high)}`` queried from the broker; ``{}`` if the topic is unknown."""
+        deadline = time.monotonic() + (timeout_s or self._metadata_timeout_s)
+        return self._submit(_Request("watermarks", Future(), topic=topic, deadline=deadline))
+
+    def call_soon(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` in the consumer thread before its next poll."""
+        return self._submit(_Request("call", Future(), fn=fn))
+
+    def positions(self, topic: str) -> dict[int, int]:
+        """Next offset to be delivered, per partition of an assigned topic (``{}`` otherwise)."""
+        with self._topics_lock:
+            state = self._topics.get(topic)
+            return dict(state.positions) if state else {}
+
+    @property
+    def topics(self) -> frozenset[str]:
+        with self._topics_lock:
+            return frozenset(self._topics)
+
+    def is_paused(self, topic: str) -> bool:
+        with self._topics_lock:
+            state = self._topics.get(topic)
+            return bool(state and state.paused)
+
+    # ------------------------------------------------------------------ producer (any thread)
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | str | None = None,
+        headers: Mapping[str, bytes | str] | None = None,
+        on_delivery: DeliveryCallback | None = None,
+        timeout_s: float = 5.0,
+    ) -> None:
+        """Queue a message; ``on_delivery(None | TransportError)`` runs from a producer poll.
+
+        Raises :class:`TransportError` if the local queue stays full for ``timeout_s``.
+        """
+        if self._closed:
+            raise ClientClosedError("the Kafka adapter is closed")
+
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                self._count("produced")
+                failure: TransportError | None = None
+            else:
+                self._count("delivery_failed")
+                failure = TransportError(f"delivery to {topic!r} failed: {err.str()}")
+                self._log.warning("delivery failed", topic=topic, error=err.str())
+            if on_delivery is not None:
+                try:
+                    on_delivery(failure)
+                except Exception:
+                    self._count("callback_errors")
+                    self._log.exception("delivery callback raised", topic=topic)
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=dict(headers) if headers else None,
+                    on_delivery=delivered,
+                )
+                break
+            except BufferError as exc:
+                self._count("produce_queue_full")
+                if time.monotonic() >= deadline:
+                    raise TransportError(f"producer queue full for {timeout_s:g} s") from exc
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                raise _transport_error(f"produce to {topic!r}", exc) from exc
+        self._producer.poll(0)
+
+    def flush(self, timeout_s: float = 5.0) -> int:
+        """Wait for outstanding deliveries; returns how many are still undelivered."""
+        return int(self._producer.flush(timeout_s))
+
+    # ------------------------------------------------------------------ admin (any thread)
+    def topic_partitions(self, topic: str, *, timeout_s: float | None = None) -> int | None:
+        """Number of partitions of ``topic``, or None if the broker does not know it."""
+        try:
+            meta = self._admin.list_topics(topic, timeout=timeout_s or self._metadata_timeout_s)
+        except KafkaException as exc:
+            raise _transport_error(f"metadata request for {topic!r}", exc) from exc
+        tmeta = meta.topics.get(topic)
+        if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+            return None
+        return len(tmeta.partitions)
+
+    def wait_for_topic(self, topic: str, *, timeout_s: float = 10.0) -> int:
+        """Wait until the broker reports ``topic`` with partitions; returns their number."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            n = self.topic_partitions(topic, timeout_s=max(0.1, min(remaining, 2.0)))
+            if n:
+                return n
+            if time.monotonic() >= deadline:
+                raise TransportError(f"topic {topic!r} did not appear within {timeout_s:g} s")
+            time.sleep(0.05)
+
+    def ensure_topic(
+        self,
+        topic: str,
+        *,
+        partitions: int = 1,
+        replication_factor: int = -1,
+        config: Mapping[str, str] | None = None,
+        timeout_s: float = 10.0,
+    ) -> int:
+        """Create ``topic`` unless it exists (TOPIC_ALREADY_EXISTS is fine); wait for metadata.
+
+        ``replication_factor=-1`` lets the broker apply its default. Returns the partition
+        count the broker reports (an existing topic keeps its own).
+        """
+        existing = self.topic_partitions(topic, timeout_s=min(timeout_s, self._metadata_timeout_s))
+        if existing:
+            return existing
+        new = NewTopic(
+            topic,
+            num_partitions=partitions,
+            replication_factor=replication_factor,
+            config=dict(config or {}),
+        )
+        futures = self._admin.create_topics([new], request_timeout=timeout_s)
+        try:
+            futures[topic].result(timeout_s)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise _transport_error(f"creating topic {topic!r}", exc) from exc
+        except FutureTimeoutError as exc:
+            raise TransportError(f"creating topic {topic!r} timed out") from exc
+        self._log.info("topic ensured", topic=topic, partitions=partitions)
+        return self.wait_for_topic(topic, timeout_s=timeout_s)
+
+    # ------------------------------------------------------------------ counters
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._counters_lock:
+            self._counters[key] += n
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """``consumed``, ``produced``, ``delivery_failed``, ``consumer_errors``, ..."""
+        with self._counters_lock:
+            return dict(self._counters)
+
+    def _error_cb(self, err: KafkaError) -> None:
+        self._count("kafka_errors")
+        if err.fatal():
+            self._log.error("fatal Kafka error", error=err.str())
+        else:
+            self._log.warning("Kafka error", error=err.str(), code=err.name())
+
+    # ------------------------------------------------------------------ the consumer thread
+    def _run(self) -> None:
+        try:
+            consumer = Consumer(self._consumer_conf)
+        except Exception as exc:
+            self._ready.set_exception(_transport_error("consumer creation", exc))
+            return
+        self._ready.set_result(None)
+        try:
+            self._loop(consumer)
+        except Exception:
+            self._log.exception("consumer thread crashed")
+            self._count("consumer_thread_crashed")
+        finally:
+            self._stopping.set()
+            with contextlib.suppress(Exception):
+                consumer.close()
+            with self._topics_lock:
+                self._topics.clear()
+            self._fail_pending(ClientClosedError("the Kafka adapter is closed"))
+            self._log.debug("consumer thread stopped")
+
+    def _loop(self, consumer: Consumer) -> None:
+        batch_size = self._batch_size
+        poll_timeout = self._poll_timeout_s
+        while True:
+            if not self._serve_requests(consumer, wait=not self._has_active_topics()):
+                return
+            if self._has_active_topics():
+                first = consumer.poll(poll_timeout)
+                messages = [first] if first is not None else []
+                if first is not None and batch_size > 1:
+                    messages.extend(consumer.consume(batch_size - 1, 0))
+            else:
+                messages = []
+            records = self._to_records(messages) if messages else []
+            self._producer.poll(0)
+            try:
+                self._on_records(records, len(messages) < batch_size)
+            except Exception:
+                self._count("callback_errors")
+                self._log.exception("records callback raised")
+
+    def _has_active_topics(self) -> bool:
+        return any(not s.paused for s in self._topics.values())
+
+    def _to_records(self, messages: list[Message]) -> list[Record]:
+        # the hot loop: one pass, no helper calls (Message getters return Optional types,
+        # but a message without error always has topic/partition/offset)
+        records: list[Record] = []
+        append = records.append
+        topics = self._topics
+        state: _TopicState | None = None
+        last_topic: str | None = None
+        positions: dict[int, int] = {}
+        for msg in messages:
+            if msg.error() is not None:
+                self._consumer_error(msg)
+                continue
+            topic: str = msg.topic()  # type: ignore[assignment]
+            if topic != last_topic:
+                state = topics.get(topic)
+                last_topic = topic
+                if state is not None:
+                    positions = state.positions
+            if state is None:  # unassigned meanwhile: drop
+                continue
+            partition: int = msg.partition()  # type: ignore[assignment]
+            offset: int = msg.offset()  # type: ignore[assignment]
+            ts_type, ts = msg.timestamp()
+            positions[partition] = offset + 1
+            append(
+                Record(
+                    topic,
+                    partition,
+                    offset,
+                    msg.value(),
+                    msg.headers(),  # type: ignore[arg-type]
+                    ts if ts_type else None,  # 0: TIMESTAMP_NOT_AVAILABLE
+                )
+            )
+        if records:
+            self._count("consumed", len(records))
+        return records
+
+    def _consumer_error(self, msg: Message) -> None:
+        err = msg.error()
+        if err is None or err.code() == KafkaError._PARTITION_EOF:
+            return
+        self._count("consumer_errors")
+        self._log.warning(
+            "consumer error", topic=msg.topic(), partition=msg.partition(), error=err.str()
+        )
+
+    def _serve_requests(self, consumer: Consumer, *, wait: bool) -> bool:
+        """Serve queued requests; False once a stop was requested."""
+        now = time.monotonic()
+        if self._retries:
+            due = [r for r in self._retries if r.retry_at <= now]
+            if due:
+                self._retries = [r for r in self._retries if r.retry_at > now]
+                for request in due:
+                    self._serve(consumer, request)
+        timeout = self._poll_timeout_s if wait else 0.0
+        if self._retries and wait:
+            timeout = min(timeout, max(0.0, min(r.retry_at for r in self._retries) - now))
+        while True:
+            try:
+                if timeout > 0:
+                    request = self._requests.get(timeout=timeout)
+                else:
+                    request = self._requests.get_nowait()
+            except queue.Empty:
+                return True
+            timeout = 0.0
+            if request.kind == "stop":
+                request.future.set_result(None)
+                return False
+            self._serve(consumer, request)
+
+    def _serve(self, consumer: Consumer, request: _Request) -> None:
+        if request.future.done():  # cancelled by the caller
+            return
+        try:
+            if request.kind == "add":
+                result: Any = self._do_add(consumer, request)
+                if result is None:  # topic unknown yet: retry later
+                    return
+            elif request.kind == "remove":
+                self._do_remove(consumer, request.topic)
+                result = None
+            elif request.kind in ("pause", "resume"):
+                self._do_pause(consumer, request.topic, request.kind == "pause")
+                result = None
+            elif request.kind == "seek":
+                self._do_seek(consumer, request)
+                result = None
+            elif request.kind == "watermarks":
+                result = self._do_watermarks(consumer, request)
+            elif request.kind == "call":
+                assert request.fn is not None
+                result = request.fn()
+            else:  # pragma: no cover - programming error
+                raise ValueError(f"unknown request {request.kind!r}")
+        except Exception as exc:
+            if isinstance(exc, KafkaException):
+                exc = _transport_error(f"{request.kind} {request.topic!r}", exc)
+            request.future.set_exception(exc)
+        else:
+            request.future.set_result(result)
+
+    def _partitions(self, consumer: Consumer, topic: str, timeout_s: float) -> list[int] | None:
+        meta = consumer.list_topics(topic, timeout=timeout_s)
+        tmeta = meta.topics.get(topic)
+        if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+            return None
+        return sorted(tmeta.partitions)
+
+    def _do_add(self, consumer: Consumer, request: _Request) -> dict[int, int] | None:
+        topic = request.topic
+        start = request.start or StartAt.end()
+        remaining = request.deadline - time.monotonic()
+        partitions = self._partitions(consumer, topic, max(0.05, min(remaining, 1.0)))
+        if partitions is None:
+            if time.monotonic() >= request.deadline:
+                raise TransportError(f"topic {topic!r} does not exist")
+            request.retry_at = time.monotonic() + 0.1
+            self._retries.append(request)
+            return None
+        offsets = self._resolve(consumer, topic, partitions, start, max(0.5, remaining))
+        tps = [TopicPartition(topic, p, offsets[p]) for p in partitions]
+        with self._topics_lock:
+            existing = self._topics.get(topic)
+        if existing is not None:
+            consumer.incremental_unassign([TopicPartition(topic, p) for p in existing.partitions])
+        consumer.incremental_assign(tps)
+        state = _TopicState(partitions=partitions, positions=dict(offsets))
+        with self._topics_lock:
+            self._topics[topic] = state
+        self._log.debug("topic assigned", topic=topic, offsets=offsets, start=start.kind)
+        return dict(offsets)
+
+    def _resolve(
+        self,
+        consumer: Consumer,
+        topic: str,
+        partitions: list[int],
+        start: StartAt,
+        timeout_s: float,
+    ) -> dict[int, int]:
+        offsets: dict[int, int] = {}
+        if start.kind == "timestamp":
+            assert start.timestamp_ms is not None
+            found = consumer.offsets_for_times(
+                [TopicPartition(topic, p, start.timestamp_ms) for p in partitions],
+                timeout=timeout_s,
+            )
+            for tp in found:
+                if tp.error is not None:
+                    raise TransportError(f"offsets_for_times({topic!r}) failed: {tp.error}")
+                if tp.offset >= 0:
+                    offsets[tp.partition] = tp.offset
+        elif start.kind == "offsets":
+            for p in partitions:
+                if start.offsets is not None:
+                    if p in start.offsets:
+                        offsets[p] = int(start.offsets[p])
+                elif start.offset is not None:
+                    offsets[p] = int(start.offset)
+        for p in partitions:
+            if p in offsets:
+                continue
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=timeout_s, cached=False
+            )
+            offsets[p] = low if start.kind == "beginning" else high
+        for p, off in offsets.items():
+            if off < 0 and off != OFFSET_END:
+                raise TransportError(f"invalid start offset {off} for {topic}[{p}]")
+        return offsets
+
+    def _do_remove(self, consumer: Consumer, topic: str) -> None:
+        with self._topics_lock:
+            state = self._topics.pop(topic, None)
+        if state is not None:
+            consumer.incremental_unassign([TopicPartition(topic, p) for p in state.partitions])
+            self._log.debug("topic unassigned", topic=topic)
+        # a pending add for this topic must not resurrect it
+        for request in self._retries:
+            if request.topic == topic and not request.future.done():
+                request.future.set_exception(TransportError(f"topic {topic!r} was removed"))
+        self._retries = [r for r in self._retries if r.topic != topic]
+
+    def _do_pause(self, consumer: Consumer, topic: str, pause: bool) -> None:
+        with self._topics_lock:
+            state = self._topics.get(topic)
+        if state is None or state.paused == pause:
+            return
+        tps = [TopicPartition(topic, p) for p in state.partitions]
+        if pause:
+            consumer.pause(tps)
+            self._count("paused")
+        else:
+            # continue exactly after the last delivered record (drops anything prefetched)
+            consumer.resume(tps)
+            for p in state.partitions:
+                if p in state.positions and state.positions[p] >= 0:
+                    with contextlib.suppress(KafkaException):
+                        consumer.seek(TopicPartition(topic, p, state.positions[p]))
+        with self._topics_lock:
+            state.paused = pause
+
+    def _do_seek(self, consumer: Consumer, request: _Request) -> None:
+        with self._topics_lock:
+            state = self._topics.get(request.topic)
+        if state is None or request.partition not in state.partitions:
+            raise TransportError(f"{request.topic}[{request.partition}] is not assigned")
+        consumer.seek(TopicPartition(request.topic, request.partition, request.offset))
+        with self._topics_lock:
+            state.positions[request.partition] = request.offset
+
+    def _do_watermarks(self, consumer: Consumer, request: _Request) -> dict[int, tuple[int, int]]:
+        remaining = max(0.05, request.deadline - time.monotonic())
+        partitions = self._partitions(consumer, request.topic, min(remaining, 2.0))
+        if partitions is None:
+            return {}
+        out: dict[int, tuple[int, int]] = {}
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(request.topic, p), timeout=remaining, cached=False
+            )
+            out[p] = (int(low), int(high))
+        return out
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending = list(self._retries)
+        self._retries = []
+        while True:
+            try:
+                pending.append(self._requests.get_nowait())
+            except queue.Empty:
+                break
+        for request in pending:
+            if not request.future.done():
+                if request.kind == "stop":
+                    request.future.set_result(None)
+                else:
+                    request.future.set_exception(exc)

@@ -1,0 +1,510 @@
+"""K2egClient + gateway simulator, end to end over a real Kafka-protocol broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from recorder.client import (
+    GatewayError,
+    GatewayTimeoutError,
+    IncompleteReason,
+    InvalidSnapshotPropertiesError,
+    Iteration,
+    IterationClosed,
+    IterationCollector,
+    IterationEvent,
+    IterationOpened,
+    K2egClient,
+    PVSample,
+    SnapshotProperties,
+    SnapshotType,
+    ValueKind,
+    ValuesReceived,
+)
+from recorder.errors import ClientError
+from recorder.settings import KafkaSettings
+from recorder.sim import FaultConfig, GatewaySimulator, Protocol, SimConfig
+
+pytestmark = pytest.mark.integration
+
+GENERATIONS = [Protocol.LEGACY, Protocol.SEQUENCED]
+PVS = ["pva://SIM:AI:DOUBLE:1", "pva://SIM:AI:FLOAT:2", "ca://SIM:WF:DOUBLE:3:N8"]
+BASES = ["SIM:AI:DOUBLE:1", "SIM:AI:FLOAT:2", "SIM:WF:DOUBLE:3:N8"]
+
+SimFactory = Callable[..., GatewaySimulator]
+ClientFactory = Callable[..., K2egClient]
+
+
+@pytest.fixture
+def cmd_topic(unique_name: Callable[[str], str]) -> str:
+    return unique_name("cmd")
+
+
+@pytest.fixture
+def start_sim(kafka_bootstrap: str, cmd_topic: str) -> Iterator[SimFactory]:
+    sims: list[GatewaySimulator] = []
+
+    def start(protocol: Protocol = Protocol.SEQUENCED, **config: Any) -> GatewaySimulator:
+        sim = GatewaySimulator(kafka_bootstrap, cmd_topic, SimConfig(protocol=protocol, **config))
+        sims.append(sim.start())
+        return sim
+
+    yield start
+    for sim in sims:
+        sim.stop()
+
+
+@pytest.fixture
+def make_client(
+    kafka_bootstrap: str, cmd_topic: str, unique_name: Callable[[str], str]
+) -> Iterator[ClientFactory]:
+    clients: list[K2egClient] = []
+
+    def make(**kwargs: Any) -> K2egClient:
+        settings = KafkaSettings(
+            bootstrap_servers=kafka_bootstrap, cmd_topic=kwargs.pop("cmd_topic", cmd_topic),
+            app_name=unique_name("app"), command_timeout_s=kwargs.pop("command_timeout_s", 10),
+        )
+        kwargs.setdefault("iteration_slack_s", 1.0)
+        client = K2egClient(settings, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+    leaked = [t.name for t in threading.enumerate() if t.name.startswith("k2eg-") and t.is_alive()
+              and t.name != "k2eg-sim"]
+    assert not leaked, f"threads left running: {leaked}"
+
+
+class Recorder:
+    """A recurring-snapshot handler that keeps every event and the thread it came from."""
+
+    def __init__(self) -> None:
+        self.events: list[IterationEvent] = []
+        self.threads: set[str] = set()
+        self._cond = threading.Condition()
+
+    def __call__(self, event: IterationEvent) -> None:
+        with self._cond:
+            self.events.append(event)
+            self.threads.add(threading.current_thread().name)
+            self._cond.notify_all()
+
+    def closed(self) -> list[IterationClosed]:
+        with self._cond:
+            return [e for e in self.events if isinstance(e, IterationClosed)]
+
+    def wait_closed(self, n: int, timeout: float = 15.0) -> list[IterationClosed]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len([e for e in self.events if isinstance(e, IterationClosed)]) < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"only {len(self.closed())} iterations closed")
+                self._cond.wait(remaining)
+        return self.closed()
+
+
+def check_event_order(events: list[IterationEvent]) -> dict[int, list[IterationEvent]]:
+    """Per iteration: Opened, Values*, Closed with growing offsets; iterations opened in
+    increasing order. (Two iterations can be open at once when a tail is lost, so a close
+    event may follow a newer iteration's events.)"""
+    by_iter: dict[int, list[IterationEvent]] = {}
+    order: list[int] = []
+    for event in events:
+        if event.iter_index not in by_iter:
+            order.append(event.iter_index)
+        by_iter.setdefault(event.iter_index, []).append(event)
+    assert order == sorted(order)
+    for evs in by_iter.values():
+        assert isinstance(evs[0], IterationOpened)
+        assert all(isinstance(e, ValuesReceived) for e in evs[1:-1])
+        if isinstance(evs[-1], IterationClosed):
+            assert evs[-1].n_batches == len(evs) - 2
+        offsets = [e.offset for e in evs]
+        assert offsets == sorted(offsets)
+    opened = [e.offset for e in events if isinstance(e, IterationOpened)]
+    assert opened == sorted(opened)
+    return by_iter
+
+
+def values_of(events: list[IterationEvent], iter_index: int) -> list[PVSample]:
+    return [
+        s for e in events if isinstance(e, ValuesReceived) and e.iter_index == iter_index
+        for s in e.samples
+    ]
+
+
+# ------------------------------------------------------------------------------ recurring
+@pytest.mark.parametrize("protocol", GENERATIONS)
+def test_recurring_normal_delivers_complete_iterations_in_order_and_the_final_one(
+    protocol: Protocol, start_sim: SimFactory, make_client: ClientFactory,
+    unique_name: Callable[[str], str],
+) -> None:
+    start_sim(protocol)
+    client = make_client()
+    props = SnapshotProperties("Snap_" + unique_name("a").replace("-", "_"), PVS, time_window=100)
+    rec = Recorder()
+    sub = client.snapshot_recurring(props, rec)
+    assert sub.topic == props.snapshot_name.lower()
+    assert not sub.already_running
+    assert sub.ack.publishing_topic == sub.topic
+    rec.wait_closed(4)
+    result = client.snapshot_stop(props.snapshot_name)
+    events = list(rec.events)
+    # the handler saw everything, including the final iteration, before stop returned
+    assert result.final_seen
+    assert result.final is not None and events[-1] == result.final
+    assert result.message.endswith("has been stopped")
+    assert sub.ended and sub.wait_finished(0)
+    by_iter = check_event_order(events)
+    assert list(by_iter) == list(range(1, len(by_iter) + 1))
+    closed = rec.closed()
+    assert all(c.complete for c in closed)
+    assert all(c.n_pvs == 3 and c.n_values == 3 for c in closed)
+    if protocol is Protocol.SEQUENCED:
+        assert all(c.expected_messages == 5 and c.missing_messages == 0 for c in closed)
+    samples = {s.pv: s for s in values_of(events, 1)}
+    assert sorted(samples) == sorted(BASES)
+    assert samples["SIM:AI:FLOAT:2"].value.dtype == np.float32
+    assert samples["SIM:AI:DOUBLE:1"].value.dtype == np.float64
+    assert samples["SIM:WF:DOUBLE:3:N8"].kind is ValueKind.ARRAY
+    assert samples["SIM:WF:DOUBLE:3:N8"].value.shape == (8,)
+    assert all(s.timestamp_ns for s in samples.values())
+    # one dispatcher thread delivered every event
+    assert len(rec.threads) == 1 and next(iter(rec.threads)).startswith("k2eg-dispatch-")
+    time.sleep(0.3)
+    assert len(rec.events) == len(events)  # nothing after the end
+    counters = client.counters()
+    assert counters["assembler.iterations.complete"] == len(closed)
+    assert counters.get("handler_errors", 0) == 0
+    assert client.subscriptions == {}
+
+
+@pytest.mark.parametrize("protocol", GENERATIONS)
+def test_timedbuffered_sub_push_batches_flow_before_the_tail(
+    protocol: Protocol, start_sim: SimFactory, make_client: ClientFactory,
+    unique_name: Callable[[str], str],
+) -> None:
+    start_sim(protocol)
+    client = make_client()
+    props = SnapshotProperties(
+        unique_name("tb"), ["pva://SIM:AI:DOUBLE:1:P20", "pva://SIM:AI:LONG:2:P50"],
+        time_window=400, sub_push_delay_msec=100, type=SnapshotType.TIMEDBUFFERED,
+    )
+    sub = client.snapshot_recurring(props)  # iterator mode
+    events: list[IterationEvent] = []
+    closed = 0
+    for event in sub.events(idle_timeout=5):
+        events.append(event)
+        if isinstance(event, IterationClosed):
+            closed += 1
+            if closed == 3:
+                break
+    client.snapshot_stop(props.snapshot_name)
+    events.extend(sub.events(idle_timeout=5))
+    assert sub.get(0) is None  # ended
+    by_iter = check_event_order(events)
+    full = [c for c in events if isinstance(c, IterationClosed) and c.iter_index in (2, 3)]
+    for c in full:
+        assert c.complete
+        assert c.n_batches >= 3  # ~4 sub-push ticks of 100 ms per 400 ms window
+        values = values_of(events, c.iter_index)
+        fast = [s for s in values if s.pv == "SIM:AI:DOUBLE:1:P20"]
+        assert len(fast) >= 12  # every sample of a 20 ms PV in a 400 ms window, not one
+        stamps = [e.timestamp_ns for e in by_iter[c.iter_index] if isinstance(e, ValuesReceived)]
+        assert stamps == sorted(stamps) and len(set(stamps)) >= 3  # one timestamp per batch
+        if protocol is Protocol.SEQUENCED:
+            seqs = [e.submission_seq for e in by_iter[c.iter_index]
+                    if isinstance(e, ValuesReceived)]
+            assert seqs == sorted(seqs) and None not in seqs
+
+
+def test_triggered_snapshot_publishes_one_iteration_per_trigger(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    start_sim(Protocol.SEQUENCED)
+    client = make_client()
+    props = SnapshotProperties(unique_name("trig"), PVS[:2], time_window=100, triggered=True)
+    sub = client.snapshot_recurring(props)
+    with pytest.raises(TimeoutError):
+        sub.get(0.5)  # nothing until the first trigger
+    for expected in (1, 2, 3):
+        ack = sub.trigger()
+        assert "armed" in ack.message
+        got = [sub.get(5) for _ in range(3)]
+        assert [type(e) for e in got] == [IterationOpened, ValuesReceived, IterationClosed]
+        assert {e.iter_index for e in got if e is not None} == {expected}
+        assert isinstance(got[2], IterationClosed) and got[2].complete
+    result = sub.stop()
+    assert result.final_seen and result.final is not None
+    assert result.final.iter_index == 4 and result.final.complete  # stop: a final iteration
+
+
+def test_stop_keeps_reading_until_the_final_tail_under_backpressure(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    """The official client unsubscribes before stopping and never sees the final iteration.
+    Here the iterator is not even being read (the topic is paused by back-pressure) and the
+    final iteration still arrives."""
+    start_sim(Protocol.SEQUENCED)
+    client = make_client(max_pending=8)
+    props = SnapshotProperties(unique_name("bp"), PVS, time_window=50)
+    sub = client.snapshot_recurring(props)
+    deadline = time.monotonic() + 10
+    while not sub.paused and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sub.paused
+    time.sleep(0.3)
+    assert sub.pending < 8 + 200  # bounded: one consume batch at most beyond the limit
+    result = client.snapshot_stop(props.snapshot_name)
+    assert result.final_seen
+    events = list(sub.events(idle_timeout=2))
+    by_iter = check_event_order(events)
+    assert list(by_iter) == list(range(1, len(by_iter) + 1))  # no gap despite the pauses
+    assert events[-1] == result.final
+    assert all(isinstance(e, IterationClosed) and e.complete for e in events[2::3])
+
+
+def test_backpressure_pauses_and_resumes_without_losing_iterations(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    start_sim(Protocol.LEGACY)
+    client = make_client(max_pending=12)
+    props = SnapshotProperties(unique_name("bp2"), PVS[:1], time_window=20)
+    gate = threading.Event()
+    rec = Recorder()
+
+    def slow(event: IterationEvent) -> None:
+        gate.wait(10)  # the handler is stuck until the gate opens
+        rec(event)
+
+    sub = client.snapshot_recurring(props, slow)
+    deadline = time.monotonic() + 10
+    while not sub.paused and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sub.paused
+    assert client.counters()["kafka.paused"] >= 1
+    gate.set()
+    rec.wait_closed(20)
+    client.snapshot_stop(props.snapshot_name)
+    assert sub.stats["backpressure_pauses"] >= 1
+    by_iter = check_event_order(rec.events)
+    assert list(by_iter) == list(range(1, len(by_iter) + 1))
+    assert all(c.complete for c in rec.closed())
+
+
+# ------------------------------------------------------------------------------ one-shot, get
+def test_one_shot_snapshot_sync_and_async(
+    start_sim: SimFactory, make_client: ClientFactory
+) -> None:
+    start_sim(Protocol.SEQUENCED)
+    client = make_client()
+    uris = ["pva://SIM:AI:DOUBLE:1", "pva://SIM:WF:FLOAT:1", "pva://SIM:NEVER:1"]
+    t0 = time.monotonic()
+    values = client.snapshot_sync(uris, time_window_msec=200)
+    assert time.monotonic() - t0 >= 0.2  # completion comes after the window
+    assert sorted(values) == ["SIM:AI:DOUBLE:1", "SIM:WF:FLOAT:1"]  # NEVER: absent
+    assert values["SIM:WF:FLOAT:1"][0].value.dtype == np.float32
+    assert len(values["SIM:AI:DOUBLE:1"]) == 1
+
+    got: dict[str, Any] = {}
+    done = threading.Event()
+
+    def handler(reply_id: str, result: dict[str, list[PVSample]]) -> None:
+        got.update(reply_id=reply_id, result=result, thread=threading.current_thread().name)
+        done.set()
+
+    reply_id = client.snapshot(uris[:2], handler, time_window_msec=100)
+    assert done.wait(10)
+    assert got["reply_id"] == reply_id
+    assert sorted(got["result"]) == ["SIM:AI:DOUBLE:1", "SIM:WF:FLOAT:1"]
+    assert got["thread"].startswith("k2eg-dispatch-")
+
+
+def test_get_returns_a_typed_value_and_gateway_errors_are_typed(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    start_sim(Protocol.SEQUENCED, get_timeout_s=0.3)
+    client = make_client()
+    sample = client.get("pva://SIM:AI:FLOAT:7")
+    assert sample.pv == "SIM:AI:FLOAT:7"
+    assert sample.kind is ValueKind.SCALAR and sample.value.dtype == np.float32
+    assert client.get("ca://SIM:MBBI:ENUM:1").kind is ValueKind.ENUM
+    with pytest.raises(GatewayError) as never:
+        client.get("pva://SIM:NEVER:1")
+    assert never.value.code == -3 and never.value.command == "get"
+    with pytest.raises(GatewayError) as unknown:
+        client.snapshot_trigger(unique_name("nosuch"))
+    assert unknown.value.code == -2 and "not been found" in unknown.value.message
+    # a URI the client would reject locally, sent raw: the gateway's own code comes back
+    with pytest.raises(InvalidSnapshotPropertiesError):
+        client.snapshot_sync(["pva://bad uri"])
+    with pytest.raises(GatewayError) as bad:
+        client.command({"command": "repeating_snapshot", "snapshot_name": unique_name("x"),
+                        "pv_name_list": ["pva://bad uri"]})
+    assert bad.value.code == -6 and "not parsable" in bad.value.message
+    assert client.counters().get("replies.unmatched", 0) == 0
+
+
+def test_no_gateway_gives_a_gateway_timeout(
+    make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    client = make_client(cmd_topic=unique_name("nobody"))
+    t0 = time.monotonic()
+    with pytest.raises(GatewayTimeoutError) as err:
+        client.get("pva://SIM:AI:DOUBLE:1", timeout=0.5)
+    assert 0.4 < time.monotonic() - t0 < 5
+    assert err.value.command == "get"
+    assert client.counters()["replies.timeout"] == 1
+
+
+# ------------------------------------------------------------------------------ sharing
+def test_already_running_snapshot_is_still_read_from_its_normalized_topic(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    start_sim(Protocol.SEQUENCED)
+    first, second = make_client(), make_client()
+    name = unique_name("shared").replace("-", "_")
+    props = SnapshotProperties(name, PVS[:1], time_window=100)
+    rec1, rec2 = Recorder(), Recorder()
+    sub1 = first.snapshot_recurring(props, rec1)
+    # the same normalized name (upper case) with other parameters: "already running"
+    other = SnapshotProperties(name.upper(), PVS, time_window=5000)
+    sub2 = second.snapshot_recurring(other, rec2)
+    assert sub2.already_running and sub2.ack.publishing_topic is None
+    assert "already running" in sub2.ack.message
+    assert sub2.topic == sub1.topic == name
+    closed = rec2.wait_closed(3)
+    assert all(c.n_pvs == 1 for c in closed[1:])  # the running snapshot's parameters
+    with pytest.raises(ClientError, match="already reads"):
+        first.snapshot_recurring(props)
+    # stopping through the second client stops the gateway snapshot; both see the final
+    result = second.snapshot_stop(other.snapshot_name)
+    assert result.final_seen
+    final = result.final
+    assert final is not None
+    rec1.wait_closed(final.iter_index)  # the first client keeps reading until it gets it
+    assert any(c.iter_index == final.iter_index for c in rec1.closed())
+    first.snapshot_stop(props.snapshot_name)  # "already stopped": fine, ends the handle
+    assert sub1.ended
+
+
+# ------------------------------------------------------------------------------ faults
+@pytest.mark.parametrize("protocol", GENERATIONS)
+def test_dropped_tails_and_headers_close_incomplete_and_never_stall(
+    protocol: Protocol, start_sim: SimFactory, make_client: ClientFactory,
+    unique_name: Callable[[str], str],
+) -> None:
+    start_sim(protocol, faults=FaultConfig.parse("drop-tail=every:3,drop-header=every:4"))
+    client = make_client()
+    props = SnapshotProperties(unique_name("drop"), PVS, time_window=60)
+    rec = Recorder()
+    client.snapshot_recurring(props, rec)
+    rec.wait_closed(14)
+    client.snapshot_stop(props.snapshot_name)
+    closed = rec.closed()
+    reasons = {c.iter_index: c.reason for c in closed}
+    assert IncompleteReason.NO_TAIL in reasons.values()
+    assert IncompleteReason.NO_HEADER in reasons.values()
+    # no stall: after every faulty iteration a complete one follows within 3 iterations
+    last = max(reasons)
+    complete = {i for i, r in reasons.items() if r is None}
+    for index, reason in reasons.items():
+        if reason is not None and index <= last - 3:
+            assert complete & {index + 1, index + 2, index + 3}, (index, reasons)
+    assert sum(c.complete for c in closed) >= len(closed) // 3
+    no_header = [c for c in closed if c.reason is IncompleteReason.NO_HEADER]
+    assert all(c.header_timestamp_ns is None and c.n_values == 3 for c in no_header)
+    counters = client.counters()
+    assert counters["assembler.iterations.incomplete.no_tail"] >= 1
+    assert counters["assembler.iterations.incomplete.no_header"] >= 1
+    check_event_order(rec.events)
+
+
+@pytest.mark.parametrize("protocol", GENERATIONS)
+def test_duplicated_data_is_dropped_and_counted(
+    protocol: Protocol, start_sim: SimFactory, make_client: ClientFactory,
+    unique_name: Callable[[str], str],
+) -> None:
+    start_sim(protocol, faults=FaultConfig.parse("duplicate-data=every:2"))
+    client = make_client()
+    props = SnapshotProperties(unique_name("dup"), PVS, time_window=80)
+    rec = Recorder()
+    client.snapshot_recurring(props, rec)
+    rec.wait_closed(5)
+    client.snapshot_stop(props.snapshot_name)
+    closed = rec.closed()
+    assert all(c.complete and c.n_values == 3 for c in closed)
+    assert sum(c.duplicates for c in closed) >= len(closed)
+    assert client.counters()["assembler.duplicate"] >= len(closed)
+    for c in closed:
+        assert sorted(s.pv for s in values_of(rec.events, c.iter_index)) == sorted(BASES)
+
+
+def test_sequenced_missing_data_is_reported_with_its_count(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    start_sim(Protocol.SEQUENCED, faults=FaultConfig.parse("drop-data=every:5"))
+    client = make_client(missing_grace_s=0.2)
+    props = SnapshotProperties(unique_name("miss"), PVS, time_window=60)
+    rec = Recorder()
+    client.snapshot_recurring(props, rec)
+    rec.wait_closed(8)
+    client.snapshot_stop(props.snapshot_name)
+    missing = [c for c in rec.closed() if c.reason is IncompleteReason.MISSING_MESSAGES]
+    assert missing
+    assert all(c.missing_messages == 1 and c.n_values == 2 for c in missing)
+    assert any(c.complete for c in rec.closed())
+
+
+# ------------------------------------------------------------------------------ helpers, close
+def test_iteration_collector_gives_whole_iterations_like_the_official_client(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    start_sim(Protocol.SEQUENCED)
+    client = make_client()
+    iterations: list[Iteration] = []
+    props = SnapshotProperties(unique_name("coll"), [*PVS, "pva://SIM:NEVER:9"], time_window=80)
+    client.snapshot_recurring(props, IterationCollector(iterations.append, props.pv_names))
+    deadline = time.monotonic() + 10
+    while len(iterations) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.snapshot_stop(props.snapshot_name)
+    first = iterations[0]
+    assert first.complete and first.iter_index == 1
+    assert sorted(first.values) == sorted([*BASES, "SIM:NEVER:9"])
+    assert first.values["SIM:NEVER:9"] == []
+    assert all(len(first.values[b]) == 1 for b in BASES)
+
+
+def test_close_ends_subscriptions_and_stops_every_thread(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    start_sim(Protocol.SEQUENCED)
+    client = make_client()
+    props = SnapshotProperties(
+        unique_name("open"), PVS[:1], time_window=2000, type=SnapshotType.TIMEDBUFFERED,
+        sub_push_delay_msec=100,
+    )
+    sub = client.snapshot_recurring(props)
+    first = sub.get(5)
+    assert isinstance(first, IterationOpened)  # the window (2 s) is still open
+    t0 = time.monotonic()
+    client.close()
+    assert time.monotonic() - t0 < 5
+    rest = list(sub.events(idle_timeout=2))
+    assert isinstance(rest[-1], IterationClosed)
+    assert rest[-1].reason is IncompleteReason.CLOSED
+    assert sub.ended
+    with pytest.raises(ClientError):
+        client.get("pva://SIM:AI:DOUBLE:1")
+    client.close()  # idempotent

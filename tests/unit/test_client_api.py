@@ -1,0 +1,195 @@
+"""Pure parts of the public client: timeouts, whole-iteration collection, flow control."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+
+from recorder.client import (
+    Ack,
+    IncompleteReason,
+    Iteration,
+    IterationClosed,
+    IterationCollector,
+    IterationOpened,
+    IterationStatus,
+    K2egClient,
+    PVSample,
+    RecurringSnapshot,
+    SnapshotProperties,
+    SnapshotType,
+    StartAt,
+    ValuesReceived,
+    iteration_timeout_s,
+)
+from recorder.errors import ClientError
+
+PROPS = SnapshotProperties("s", ["pva://A:X", "pva://B:Y"], time_window=500)
+
+
+def opened(i: int, topic: str = "s") -> IterationOpened:
+    return IterationOpened(topic, "s", i, 1_000 * i, offset=10 * i)
+
+
+def values(i: int, *pvs: str, batch: int = 1) -> ValuesReceived:
+    samples = tuple(PVSample(pv, {"value": float(i)}) for pv in pvs)
+    return ValuesReceived("s", i, batch, 1_000 * i, samples, offset=10 * i + batch)
+
+
+def closed(i: int, *, complete: bool = True, tail: bool = True) -> IterationClosed:
+    return IterationClosed(
+        "s", "s", i,
+        IterationStatus.COMPLETE if complete else IterationStatus.INCOMPLETE,
+        None if complete else IncompleteReason.NO_TAIL,
+        1_000 * i, 2_000 * i if tail else None, offset=10 * i + 9,
+    )
+
+
+def test_iteration_timeout_follows_the_properties() -> None:
+    assert iteration_timeout_s(PROPS, slack_s=2.0) == pytest.approx(3.0)
+    tb = SnapshotProperties("s", ["pva://A"], time_window=3000, type=SnapshotType.TIMEDBUFFERED,
+                            sub_push_delay_msec=1000)
+    assert iteration_timeout_s(tb, slack_s=1.0) == pytest.approx(7.0)
+    trig = SnapshotProperties("s", ["pva://A"], time_window=10_000, triggered=True)
+    assert iteration_timeout_s(trig, slack_s=1.5) == pytest.approx(1.5)  # one submission
+
+
+def test_start_positions() -> None:
+    assert StartAt.end().kind == "end"
+    assert StartAt.beginning().kind == "beginning"
+    assert StartAt.at(5).offset == 5
+    assert StartAt.at({0: 3, 2: 9}).offsets == {0: 3, 2: 9}
+    assert StartAt.at_timestamp(1_700_000_000_000).timestamp_ms == 1_700_000_000_000
+
+
+def test_collector_builds_whole_iterations_with_every_requested_pv() -> None:
+    got: list[Iteration] = []
+    collect = IterationCollector(got.append, PROPS.pv_names)
+    for event in (
+        opened(1), values(1, "A:X"), values(1, "A:X", "B:Y", batch=2), closed(1),
+        opened(2), values(2, "A:X"), closed(2, complete=False, tail=False),
+    ):
+        collect(event)
+    assert [it.iter_index for it in got] == [1, 2]
+    first, second = got
+    assert first.complete and first.tail_timestamp_ns == 2_000
+    assert [s.value for s in first.values["A:X"]] == [1.0, 1.0]
+    assert len(first.values["B:Y"]) == 1
+    assert not second.complete and second.values["B:Y"] == []  # requested, nothing sent
+    assert second.closed.reason is IncompleteReason.NO_TAIL
+
+
+def test_collector_without_an_opened_event_still_delivers() -> None:
+    got: list[Iteration] = []
+    collect = IterationCollector(got.append, ["A:X"])
+    collect(values(3, "A:X", "C:Z"))  # header lost: values first
+    collect(closed(3))
+    assert sorted(got[0].values) == ["A:X", "C:Z"]
+    collect(closed(4))  # nothing at all before the close
+    assert got[1].values == {"A:X": []}
+
+
+class FakeAdapter:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def pause(self, topic: str) -> None:
+        self.calls.append(("pause", topic))
+
+    def resume(self, topic: str) -> None:
+        self.calls.append(("resume", topic))
+
+
+class FakeClient:
+    """What a RecurringSnapshot needs from its client; callbacks run at once."""
+
+    def __init__(self) -> None:
+        self._adapter = FakeAdapter()
+        self.counts: Counter[str] = Counter()
+        self.queued: list[Callable[[], None]] = []
+
+    def _dispatch(self, fn: Callable[[], None]) -> None:
+        self.queued.append(fn)
+
+    def run_dispatched(self) -> None:
+        queued, self.queued = self.queued, []
+        for fn in queued:
+            fn()
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.counts[key] += n
+
+
+def make_sub(fake: FakeClient, handler: Any = None, max_pending: int = 4) -> RecurringSnapshot:
+    ack = Ack("repeating_snapshot", "r", "started", "s")
+    return RecurringSnapshot(cast(K2egClient, fake), PROPS, "s", ack, False, handler, max_pending)
+
+
+def test_iterator_backpressure_pauses_at_the_limit_and_resumes_at_half() -> None:
+    fake = FakeClient()
+    sub = make_sub(fake, max_pending=4)
+    sub._push([opened(1), values(1, "A:X")])
+    sub._push([closed(1), opened(2)])
+    assert sub.paused and fake._adapter.calls == [("pause", "s")]
+    sub._push([values(2, "A:X")])  # overshoot is kept, not dropped
+    assert sub.pending == 5
+    got = [sub.get(0) for _ in range(2)]
+    assert [type(e) for e in got] == [IterationOpened, ValuesReceived]
+    assert sub.paused  # 3 pending > 2
+    sub.get(0)
+    assert not sub.paused and fake._adapter.calls[-1] == ("resume", "s")
+    with pytest.raises(ClientError):
+        make_sub(fake, handler=print).get(0)
+
+
+def test_user_pause_wins_over_backpressure_release() -> None:
+    fake = FakeClient()
+    sub = make_sub(fake, max_pending=2)
+    sub.pause()
+    sub._push([opened(1), values(1, "A:X")])
+    sub.get(0)
+    sub.get(0)
+    assert sub.paused  # back-pressure released, the user's pause holds
+    sub.resume()
+    assert not sub.paused
+    assert fake._adapter.calls == [("pause", "s"), ("resume", "s")]
+
+
+def test_handler_mode_delivers_in_order_and_counts_handler_errors() -> None:
+    fake = FakeClient()
+    seen: list[int] = []
+
+    def handler(event: Any) -> None:
+        seen.append(event.iter_index)
+        if isinstance(event, ValuesReceived):
+            raise RuntimeError("handler bug")
+
+    sub = make_sub(fake, handler=handler, max_pending=3)
+    sub._push([opened(1), values(1, "A:X"), closed(1)])
+    assert sub.paused and sub.pending == 3
+    fake.run_dispatched()
+    assert seen == [1, 1, 1]
+    assert fake.counts["handler_errors"] == 1
+    assert sub.pending == 0 and not sub.paused
+    sub._end()
+    assert not sub.wait_finished(0)  # the end marker is queued behind earlier callbacks
+    fake.run_dispatched()
+    assert sub.wait_finished(0)
+    sub._push([opened(2)])
+    assert fake.counts["events.after_end"] == 1
+
+
+def test_iterator_end_and_the_final_tail_lookup() -> None:
+    fake = FakeClient()
+    sub = make_sub(fake)
+    sub._push([opened(1), closed(1), opened(2), closed(2, complete=False, tail=False)])
+    assert sub._tail_after({0: 0}) == closed(1)
+    assert sub._tail_after({0: 20}) is None  # tail of 1 is at offset 19
+    sub._end()
+    assert [e.iter_index for e in sub.events()] == [1, 1, 2, 2]
+    assert sub.get(0) is None and sub.get() is None
+    with pytest.raises(TimeoutError):
+        make_sub(fake).get(0.01)
