@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,14 +70,14 @@ class SnapshotProperties:
     """Parameters of a repeating snapshot, as the official k2eg client names them."""
 
     snapshot_name: str
-    pv_uri_list: tuple[str, ...]
+    pv_uri_list: Sequence[str]  # stored as a tuple
     time_window: int = 1000
     repeat_delay: int = 0
     sub_push_delay_msec: int = 0
     respect_push_order: bool = True
     triggered: bool = False
     type: SnapshotType = SnapshotType.NORMAL
-    pv_field_filter_list: tuple[str, ...] = field(default_factory=tuple)
+    pv_field_filter_list: Sequence[str] = field(default_factory=tuple)  # stored as a tuple
 
     def __post_init__(self) -> None:
         # accept lists from callers, keep the object hashable

@@ -1,0 +1,217 @@
+"""The status document: the daemon's heartbeat on the status topic and the ``data`` of a
+``status`` reply (pure code).
+
+JSON form (``schema`` names the layout; readers ignore fields they do not know)::
+
+    {"schema": "k2eg-recorder/status/1",
+     "kind": "heartbeat",                 # heartbeat (periodic) | status (a status reply)
+     "seq": 42,                           # heartbeat counter since the daemon started
+     "time": 1732212345678,               # ms since the Unix epoch
+     "daemon": {"instance": "daq-3", "state": "running", "pid": 1234, "version": "0.1.0",
+                "started_at": 1732210000000, "uptime_s": 2345.7,
+                "config_path": "/etc/k2eg-recorder/runs.d",
+                "config_errors": []},      # why the last reload was refused, if it was
+     "runs": {"bpm-10hz": {"state": "recording", "snapshot": "bpm_10hz", "topic": "bpm_10hz",
+                           "mode": "periodic normal", "autostart": true,
+                           "current_file": "/data/k2eg-recorder/bpm/bpm-10hz_....h5.partial",
+                           "recording_started_at": 1732210000500,
+                           "last_iteration": 23456, "last_iteration_at": 1732212345600,
+                           "iterations": {"complete": 23450, "incomplete": 6},
+                           "values_written": 70350, "lag": 0,
+                           "errors": 0, "last_error": null}}}
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from recorder.errors import AdminCommandError
+
+__all__ = ["STATUS_SCHEMA", "DaemonState", "RunState", "RunStatus", "StatusDocument"]
+
+STATUS_SCHEMA = "k2eg-recorder/status/1"
+
+
+class DaemonState(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RELOADING = "reloading"
+    STOPPING = "stopping"
+
+
+class RunState(enum.StrEnum):
+    IDLE = "idle"  # defined, not recording (autostart false, or stopped by an admin)
+    STARTING = "starting"  # waiting for the gateway to start the snapshot
+    RECORDING = "recording"
+    STOPPING = "stopping"  # final iteration and flush in progress
+    FAILED = "failed"  # gave up (see last_error); an admin start tries again
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatus:
+    name: str
+    state: RunState
+    snapshot: str
+    topic: str
+    mode: str
+    autostart: bool
+    current_file: str | None = None
+    recording_started_at: int | None = None  # ms
+    last_iteration: int | None = None  # the gateway's iteration index
+    last_iteration_at: int | None = None  # ms
+    iterations_complete: int = 0
+    iterations_incomplete: int = 0
+    values_written: int = 0
+    lag: int | None = None  # messages behind the end of the snapshot topic
+    errors: int = 0
+    last_error: str | None = None
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "snapshot": self.snapshot,
+            "topic": self.topic,
+            "mode": self.mode,
+            "autostart": self.autostart,
+            "current_file": self.current_file,
+            "recording_started_at": self.recording_started_at,
+            "last_iteration": self.last_iteration,
+            "last_iteration_at": self.last_iteration_at,
+            "iterations": {
+                "complete": self.iterations_complete,
+                "incomplete": self.iterations_incomplete,
+            },
+            "values_written": self.values_written,
+            "lag": self.lag,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }
+
+    @classmethod
+    def from_json_obj(cls, name: str, obj: Mapping[str, Any]) -> RunStatus:
+        iterations = obj.get("iterations") or {}
+        return cls(
+            name=name,
+            state=RunState(obj["state"]),
+            snapshot=_str(obj["snapshot"]),
+            topic=_str(obj["topic"]),
+            mode=_str(obj["mode"]),
+            autostart=bool(obj["autostart"]),
+            current_file=_opt_str(obj.get("current_file")),
+            recording_started_at=_opt_int(obj.get("recording_started_at")),
+            last_iteration=_opt_int(obj.get("last_iteration")),
+            last_iteration_at=_opt_int(obj.get("last_iteration_at")),
+            iterations_complete=_int(iterations.get("complete", 0)),
+            iterations_incomplete=_int(iterations.get("incomplete", 0)),
+            values_written=_int(obj.get("values_written", 0)),
+            lag=_opt_int(obj.get("lag")),
+            errors=_int(obj.get("errors", 0)),
+            last_error=_opt_str(obj.get("last_error")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatusDocument:
+    instance: str
+    state: DaemonState
+    time: int  # ms
+    started_at: int  # ms
+    runs: Sequence[RunStatus] = ()
+    pid: int = 0
+    version: str = ""
+    config_path: str | None = None
+    config_errors: Sequence[str] = ()
+    seq: int = 0
+    kind: str = "heartbeat"
+
+    @property
+    def uptime_s(self) -> float:
+        return max(0.0, (self.time - self.started_at) / 1000)
+
+    def run(self, name: str) -> RunStatus | None:
+        return next((r for r in self.runs if r.name == name), None)
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {
+            "schema": STATUS_SCHEMA,
+            "kind": self.kind,
+            "seq": self.seq,
+            "time": self.time,
+            "daemon": {
+                "instance": self.instance,
+                "state": self.state.value,
+                "pid": self.pid,
+                "version": self.version,
+                "started_at": self.started_at,
+                "uptime_s": round(self.uptime_s, 3),
+                "config_path": self.config_path,
+                "config_errors": list(self.config_errors),
+            },
+            "runs": {r.name: r.to_json_obj() for r in self.runs},
+        }
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_json_obj(), separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_json_obj(cls, obj: Mapping[str, Any]) -> StatusDocument:
+        """Inverse of :meth:`to_json_obj`; raises AdminCommandError (malformed) on bad input."""
+        try:
+            if obj.get("schema") != STATUS_SCHEMA:
+                raise ValueError(f"unknown schema {obj.get('schema')!r}")
+            daemon = obj["daemon"]
+            runs = obj.get("runs", {})
+            if not isinstance(runs, Mapping) or not isinstance(daemon, Mapping):
+                raise TypeError("daemon and runs must be objects")
+            return cls(
+                instance=_str(daemon["instance"]),
+                state=DaemonState(daemon["state"]),
+                time=_int(obj["time"]),
+                started_at=_int(daemon["started_at"]),
+                runs=tuple(RunStatus.from_json_obj(str(n), r) for n, r in runs.items()),
+                pid=_int(daemon.get("pid", 0)),
+                version=_str(daemon.get("version", "")),
+                config_path=_opt_str(daemon.get("config_path")),
+                config_errors=tuple(_str(e) for e in daemon.get("config_errors") or ()),
+                seq=_int(obj.get("seq", 0)),
+                kind=_str(obj.get("kind", "heartbeat")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AdminCommandError("malformed", f"bad status document: {exc!r}") from None
+
+    @classmethod
+    def decode(cls, payload: bytes) -> StatusDocument:
+        try:
+            obj = json.loads(payload)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise AdminCommandError("malformed", f"status is not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise AdminCommandError("malformed", "status document is not a JSON object")
+        return cls.from_json_obj(obj)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else _int(value)

@@ -1,0 +1,165 @@
+"""``k2eg-recorder validate PATH``: check run definitions and show what they would record.
+
+A dry run of the daemon's loader: prints each run (snapshot, mode, autostart, PVs), the file
+it would create first and the HDF5 groups per PV, then every error as
+``file:line: field: message`` on stderr. Exit status 0 when everything is valid, 1 on any
+error (also when some runs are valid), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from recorder.config.models import RunDefinition
+
+HELP = "check run definitions and show what they would record"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "path", nargs="?", help="run-definition file or directory of *.yaml/*.yml files"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead")
+    parser.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the JSON Schema of run-definition files and exit",
+    )
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", help="print errors only (exit status tells)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from recorder.config.loader import check_runs
+    from recorder.config.schema import run_file_schema
+
+    if args.schema:
+        json.dump(run_file_schema(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not args.path:
+        print("k2eg-recorder validate: a PATH is required (or --schema)", file=sys.stderr)
+        return 2
+    loaded, problems = check_runs(args.path)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    described = [describe_run(d, str(loaded.sources[d.name]), now) for d in loaded]
+    if args.json:
+        document = {
+            "path": str(args.path),
+            "files": [str(f) for f in loaded.files],
+            "valid": not problems,
+            "runs": described,
+            "errors": [
+                {"file": p.file, "line": p.line, "field": p.field, "message": p.message}
+                for p in problems
+            ],
+        }
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        print_runs(described, len(loaded.files), str(args.path), sys.stdout)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        count = len(problems)
+        print(f"{count} error{'s' if count != 1 else ''}: nothing would start", file=sys.stderr)
+        return 1
+    return 0
+
+
+def describe_run(definition: RunDefinition, source: str, now: dt.datetime) -> dict[str, Any]:
+    """What a run would do, as plain data (shared by the text and JSON output)."""
+    from recorder.sinks.options import render_file_name
+
+    snap = definition.snapshot
+    out = definition.output
+    first = render_file_name(
+        out, run=definition.name, snapshot=snap.snapshot_name, start=now, seq=0
+    )
+    files = [str(first)]
+    if out.segment.enabled:
+        second = render_file_name(
+            out, run=definition.name, snapshot=snap.snapshot_name, start=now, seq=0, segment=1
+        )
+        files.append(str(second))
+    if snap.triggered:
+        cadence = "one iteration per admin trigger"
+        if snap.type.value == "timedbuffered":
+            cadence += f", looking back {snap.time_window} ms"
+    elif snap.type.value == "timedbuffered":
+        cadence = f"every event, in {snap.time_window} ms windows"
+        if snap.sub_push_delay_msec:
+            cadence += f", pushed every {snap.sub_push_delay_msec} ms"
+    else:
+        cadence = f"latest values every {snap.time_window} ms"
+    return {
+        "name": definition.name,
+        "source": source,
+        "autostart": definition.autostart,
+        "snapshot": snap.snapshot_name,
+        "topic": snap.topic,
+        "mode": definition.mode,
+        "cadence": cadence,
+        "pvs": list(snap.pv_uri_list),
+        "pv_field_filter_list": list(snap.pv_field_filter_list),
+        "directory": str(out.directory),
+        "files": files,
+        "segment": {k: v for k, v in out.segment.model_dump().items() if v is not None},
+        "compression": out.compression.value,
+        "groups": pv_groups(snap.pv_names),
+        "metadata": definition.metadata.file_attributes(),
+    }
+
+
+def pv_groups(pv_names: tuple[str, ...]) -> list[str]:
+    """HDF5 group of each PV (one group per base PV name, '/' escaped as the sink does)."""
+    try:
+        from recorder.sinks.codec import escape_name
+    except ImportError:  # pragma: no cover - the sink package is part of the project
+        return [f"/pvs/{name}" for name in pv_names]
+    return [f"/pvs/{escape_name(name)}" for name in pv_names]
+
+
+def print_runs(runs: list[dict[str, Any]], n_files: int, path: str, out: TextIO) -> None:
+    starting = [r["name"] for r in runs if r["autostart"]]
+    print(
+        f"{len(runs)} valid run{'s' if len(runs) != 1 else ''} in {n_files} "
+        f"file{'s' if n_files != 1 else ''} under {path}; "
+        f"{len(starting)} would start with the daemon",
+        file=out,
+    )
+    for r in runs:
+        print(file=out)
+        print(f"run {r['name']}  ({r['source']})", file=out)
+        rows: list[tuple[str, str]] = [
+            ("snapshot", f"{r['snapshot']} -> topic {r['topic']}"),
+            ("mode", f"{r['mode']}: {r['cadence']}"),
+            (
+                "autostart",
+                "yes: starts with the daemon"
+                if r["autostart"]
+                else "no: waits for `k2eg-recorder start " + r["name"] + "`",
+            ),
+        ]
+        rows.extend(
+            (f"PVs ({len(r['pvs'])})" if i == 0 else "", pv) for i, pv in enumerate(r["pvs"])
+        )
+        if r["pv_field_filter_list"]:
+            rows.append(("fields", ", ".join(r["pv_field_filter_list"])))
+        rows.append(("files", r["files"][0]))
+        if len(r["files"]) > 1:
+            limits = ", ".join(f"{k}={v}" for k, v in r["segment"].items())
+            rows.append(("", f"then {r['files'][1]} ... (new segment at {limits})"))
+        rows.append(("compression", r["compression"]))
+        rows.extend(("groups" if i == 0 else "", group) for i, group in enumerate(r["groups"]))
+        metadata = {k: v for k, v in r["metadata"].items() if v not in ("", [])}
+        if metadata:
+            rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in metadata.items())))
+        for label, value in rows:
+            print(f"  {label:<12} {value}", file=out)

@@ -1,0 +1,119 @@
+"""Daemon settings from the environment (prefix ``RECORDER_``), next to
+:class:`recorder.settings.KafkaSettings` (how to reach Kafka and the gateway).
+
+Both classes read the same environment and ignore each other's variables. Examples::
+
+    RECORDER_CONFIG_PATH=/etc/k2eg-recorder/runs.d
+    RECORDER_ADMIN_TOPIC=k2eg-recorder-admin
+    RECORDER_ADMIN_SECRET=...                # HMAC-SHA256 key; commands must then be signed
+    RECORDER_STATUS_TOPIC=k2eg-recorder-status
+    RECORDER_HEARTBEAT_INTERVAL_S=5
+    RECORDER_METRICS_PORT=9464               # unset: no metrics endpoint
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from recorder.admin.protocol import CommandPolicy
+
+__all__ = ["DaemonSettings"]
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
+
+
+class DaemonSettings(BaseSettings):
+    """How the daemon runs: where run definitions live, the admin/status topics, metrics,
+    shutdown and logging."""
+
+    model_config = SettingsConfigDict(env_prefix="RECORDER_", extra="ignore")
+
+    config_path: Path = Field(
+        default=Path("/etc/k2eg-recorder/runs.d"),
+        description="run-definition file or directory of *.yaml/*.yml files",
+    )
+    instance: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        description="this daemon's name in status documents (default: host name)",
+    )
+    admin_topic: str = Field(
+        default="k2eg-recorder-admin", description="topic the daemon reads commands from"
+    )
+    admin_reply_topic: str = Field(
+        default="k2eg-recorder-admin-reply",
+        description="where replies go when a command names no reply_topic",
+    )
+    admin_group_id: str | None = Field(
+        default=None,
+        description="consumer group of the admin topic (default: k2eg-recorder-<instance>)",
+    )
+    status_topic: str = Field(default="k2eg-recorder-status", description="heartbeat/status topic")
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    command_max_age_s: float = Field(
+        default=30.0, gt=0, description="older commands are answered 'expired', never acted on"
+    )
+    command_max_future_skew_s: float = Field(
+        default=5.0, ge=0, description="allowed clock skew for commands issued 'in the future'"
+    )
+    admin_secret: SecretStr | None = Field(
+        default=None, description="shared HMAC-SHA256 secret; when set, commands must be signed"
+    )
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="unset: no /metrics")
+    metrics_addr: str = Field(
+        default="127.0.0.1", description="address the metrics endpoint binds to"
+    )
+    shutdown_timeout_s: float = Field(
+        default=60.0, gt=0, description="budget for stopping runs and flushing files on shutdown"
+    )
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("admin_topic", "admin_reply_topic", "status_topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        if not _TOPIC_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid Kafka topic name ([A-Za-z0-9._-]{{1,249}})")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("admin_secret")
+    @classmethod
+    def _secret_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            return None  # RECORDER_ADMIN_SECRET= (empty) in an env file means "no secret"
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("admin_secret must be at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> DaemonSettings:
+        if self.admin_topic in (self.admin_reply_topic, self.status_topic):
+            raise ValueError("admin_topic must differ from admin_reply_topic and status_topic")
+        return self
+
+    @property
+    def secret_bytes(self) -> bytes | None:
+        return None if self.admin_secret is None else self.admin_secret.get_secret_value().encode()
+
+    @property
+    def effective_admin_group_id(self) -> str:
+        return self.admin_group_id or f"k2eg-recorder-{self.instance}"
+
+    def command_policy(self) -> CommandPolicy:
+        """The admin codec's acceptance policy built from these settings."""
+        return CommandPolicy(
+            max_age_s=self.command_max_age_s,
+            max_future_skew_s=self.command_max_future_skew_s,
+            secret=self.secret_bytes,
+        )

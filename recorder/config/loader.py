@@ -1,0 +1,521 @@
+"""Load run definitions from YAML with every problem reported at once as ``file:line: field: msg``.
+
+File layout (YAML 1.2, read with ruamel.yaml so ``on``/``yes`` stay strings and duplicate keys
+are errors). A file holds either **one run** (a mapping with ``name:``, ``snapshot:``, ...)::
+
+    name: bpm-10hz
+    snapshot: {snapshot_name: bpm_10hz, pv_uri_list: [pva://SIM:AI:DOUBLE:1]}
+    output: {directory: /data/k2eg-recorder}
+
+or **several runs** under ``runs:`` (the only top-level key then; ``runs: []`` is an empty
+file)::
+
+    runs:
+      - name: bpm-10hz
+        ...
+      - name: wf-triggered
+        ...
+
+A path is a file or a directory; a directory contributes its ``*.yaml``/``*.yml`` files (not
+hidden ones, not sub-directories) in sorted name order. Run names are unique across all files;
+so are k2eg topics, i.e. snapshot names after :func:`normalize_snapshot_name` (``My-Snap`` and
+``my_snap`` would be one snapshot on the gateway).
+
+:func:`load_runs` raises :class:`RunDefinitionError` (a :class:`~recorder.errors.ConfigError`)
+carrying every :class:`Problem`; :func:`check_runs` returns the valid runs and the problems.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import difflib
+import json
+import typing
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from recorder.config.models import RunDefinition, directory_problem
+from recorder.errors import ConfigError
+from recorder.sinks.options import render_file_name
+
+__all__ = [
+    "YAML_SUFFIXES",
+    "LoadedRuns",
+    "Problem",
+    "RunDefinitionError",
+    "RunSource",
+    "check_runs",
+    "definition_files",
+    "load_runs",
+    "parse_runs",
+]
+
+YAML_SUFFIXES = (".yaml", ".yml")
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One error: where (file, 1-based line, dotted field path) and what."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
+
+
+class RunDefinitionError(ConfigError):
+    """Run definitions are invalid; ``problems`` lists every error found."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = tuple(problems)
+        count = len(self.problems)
+        lines = "\n".join(str(p) for p in self.problems)
+        super().__init__(f"{count} error{'s' if count != 1 else ''} in run definitions:\n{lines}")
+
+
+@dataclass(frozen=True, slots=True)
+class RunSource:
+    """Where a run was defined (for messages; not part of the definition)."""
+
+    file: str
+    line: int
+    field: str  # "" for a one-run file, "runs.N" in a list
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class LoadedRuns:
+    """Valid run definitions in load order, with where each was defined."""
+
+    runs: Mapping[str, RunDefinition] = field(default_factory=dict)
+    sources: Mapping[str, RunSource] = field(default_factory=dict)
+    files: tuple[Path, ...] = ()
+
+    def __iter__(self) -> Iterator[RunDefinition]:
+        return iter(self.runs.values())
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+
+# --- public entry points -------------------------------------------------------------------
+def load_runs(path: str | Path) -> LoadedRuns:
+    """All run definitions under ``path``; raises :class:`RunDefinitionError` on any problem."""
+    loaded, problems = check_runs(path)
+    if problems:
+        raise RunDefinitionError(problems)
+    return loaded
+
+
+def check_runs(path: str | Path) -> tuple[LoadedRuns, tuple[Problem, ...]]:
+    """Load what is valid and collect every problem (never raises for bad input)."""
+    path = Path(path)
+    problems: list[Problem] = []
+    files = definition_files(path, problems)
+    texts: list[tuple[str, str]] = []
+    for file in files:
+        try:
+            texts.append((str(file), file.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(str(file), None, "", f"cannot read file: {exc}"))
+    loaded, more = parse_runs(texts)
+    problems.extend(more)
+    return dataclasses.replace(loaded, files=tuple(files)), tuple(problems)
+
+
+def definition_files(path: Path, problems: list[Problem] | None = None) -> list[Path]:
+    """``path`` itself, or the ``*.yaml``/``*.yml`` files directly in it, sorted by name."""
+    sink: list[Problem] = [] if problems is None else problems
+    if path.is_dir():
+        return sorted(
+            (
+                p
+                for p in path.iterdir()
+                if p.suffix.lower() in YAML_SUFFIXES and not p.name.startswith(".") and p.is_file()
+            ),
+            key=lambda p: p.name,
+        )
+    if path.is_file():
+        return [path]
+    sink.append(Problem(str(path), None, "", "no such file or directory"))
+    return []
+
+
+def parse_runs(texts: Iterable[tuple[str, str]]) -> tuple[LoadedRuns, tuple[Problem, ...]]:
+    """Validate ``(file name, YAML text)`` pairs together (cross-file checks included)."""
+    texts = list(texts)
+    problems: list[Problem] = []
+    runs: list[tuple[RunDefinition, RunSource, CommentedMap]] = []
+    for filename, text in texts:
+        runs.extend(_parse_file(filename, text, problems))
+    runs = _cross_checks(runs, problems)
+    order = {name: i for i, (name, _) in enumerate(texts)}
+    problems.sort(key=lambda p: (order.get(p.file, -1), p.line or 0))
+    return (
+        LoadedRuns(runs={d.name: d for d, _, _ in runs}, sources={d.name: s for d, s, _ in runs}),
+        tuple(problems),
+    )
+
+
+# --- one file --------------------------------------------------------------------------------
+def _yaml() -> YAML:
+    yaml = YAML(typ="rt", pure=True)
+    yaml.allow_duplicate_keys = True  # duplicates are found on the node tree, all of them
+    return yaml
+
+
+def _parse_file(
+    filename: str, text: str, problems: list[Problem]
+) -> list[tuple[RunDefinition, RunSource, CommentedMap]]:
+    yaml = _yaml()
+    try:
+        documents = list(yaml.compose_all(text))
+    except MarkedYAMLError as exc:
+        problems.append(_syntax_problem(filename, exc))
+        return []
+    except YAMLError as exc:  # pragma: no cover - ruamel marks every parse error it raises
+        problems.append(Problem(filename, None, "", f"YAML error: {exc}"))
+        return []
+    documents = [d for d in documents if d is not None]
+    if len(documents) > 1:
+        problems.append(
+            Problem(
+                filename,
+                documents[1].start_mark.line + 1,
+                "",
+                "a file holds one YAML document; put several runs under `runs:` instead of '---'",
+            )
+        )
+        return []
+    if not documents:
+        problems.append(
+            Problem(filename, 1, "", "empty file: write one run, or `runs: []` for none")
+        )
+        return []
+    _duplicate_keys(filename, documents[0], (), problems)
+    try:
+        data = yaml.load(text)
+    except MarkedYAMLError as exc:  # e.g. an undefined alias is only found while constructing
+        problems.append(_syntax_problem(filename, exc))
+        return []
+    if not isinstance(data, CommentedMap):
+        problems.append(
+            Problem(
+                filename,
+                1,
+                "",
+                "expected a run (a mapping with name:, snapshot:, ...) "
+                "or `runs:` with a list of runs",
+            )
+        )
+        return []
+    if "runs" not in data:
+        run = _parse_run(filename, data, (), problems)
+        return [run] if run is not None else []
+    out = []
+    for key in data:
+        if key != "runs":
+            problems.append(
+                Problem(
+                    filename,
+                    _line(data, (key,)),
+                    str(key),
+                    "unknown key: a file with `runs:` holds nothing else",
+                )
+            )
+    items = data["runs"]
+    if not isinstance(items, CommentedSeq):
+        problems.append(
+            Problem(filename, _line(data, ("runs",)), "runs", "expected a list of runs")
+        )
+        return []
+    for index, item in enumerate(items):
+        loc: Loc = ("runs", index)
+        if not isinstance(item, CommentedMap):
+            problems.append(
+                Problem(filename, _line(data, loc), _dotted(loc), "expected a run (a mapping)")
+            )
+            continue
+        run = _parse_run(filename, item, loc, problems, root=data)
+        if run is not None:
+            out.append(run)
+    return out
+
+
+def _parse_run(
+    filename: str,
+    node: CommentedMap,
+    prefix: Loc,
+    problems: list[Problem],
+    *,
+    root: CommentedMap | None = None,
+) -> tuple[RunDefinition, RunSource, CommentedMap] | None:
+    root = node if root is None else root
+    before = len(problems)
+    plain = _plain(node, filename, root, prefix, problems)
+    if len(problems) > before:
+        return None
+    found: list[Problem] = []
+    # checked on the raw data too, so it is reported even when other output fields are wrong
+    output = plain.get("output")
+    directory = output.get("directory") if isinstance(output, dict) else None
+    if isinstance(directory, str):
+        message = directory_problem(directory)
+        if message is not None:
+            full = (*prefix, "output", "directory")
+            found.append(Problem(filename, _line(root, full), _dotted(full), message))
+    try:
+        definition = RunDefinition.model_validate_json(json.dumps(plain), strict=True)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            loc = tuple(error["loc"])
+            ctx = error.get("ctx") or {}
+            loc = loc + tuple(ctx.get("subloc", ()))
+            full = prefix + loc
+            problem = Problem(filename, _line(root, full), _dotted(full), _message(error, loc))
+            if problem not in found:
+                found.append(problem)
+    if found:
+        problems.extend(found)
+        return None
+    line = _line(root, prefix) if prefix else _line(root, ("name",))
+    return definition, RunSource(filename, line, _dotted(prefix)), node
+
+
+# --- cross-run checks ----------------------------------------------------------------------
+def _cross_checks(
+    runs: list[tuple[RunDefinition, RunSource, CommentedMap]], problems: list[Problem]
+) -> list[tuple[RunDefinition, RunSource, CommentedMap]]:
+    kept: list[tuple[RunDefinition, RunSource, CommentedMap]] = []
+    by_name: dict[str, RunSource] = {}
+    by_topic: dict[str, tuple[RunDefinition, RunSource]] = {}
+    by_file: dict[Path, tuple[RunDefinition, RunSource]] = {}
+    sample_start = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    for definition, source, node in runs:
+        ok = True
+        if definition.name in by_name:
+            problems.append(
+                Problem(
+                    source.file,
+                    _line(node, ("name",)),
+                    _field(source, "name"),
+                    f"run name {definition.name!r} is already defined at "
+                    f"{by_name[definition.name]}",
+                )
+            )
+            ok = False
+        topic = definition.snapshot.topic
+        if topic in by_topic:
+            other, other_source = by_topic[topic]
+            problems.append(
+                Problem(
+                    source.file,
+                    _line(node, ("snapshot", "snapshot_name")),
+                    _field(source, "snapshot.snapshot_name"),
+                    f"snapshot_name {definition.snapshot.snapshot_name!r} is the same k2eg "
+                    f"snapshot (topic {topic!r}) as {other.snapshot.snapshot_name!r} of run "
+                    f"{other.name!r} at {other_source}: k2eg normalizes names "
+                    "([^A-Za-z0-9-] -> '_', lower case)",
+                )
+            )
+            ok = False
+        if not ok:  # a repeated run name also repeats {run} in file names: say it once
+            continue
+        sample = render_file_name(
+            definition.output,
+            run=definition.name,
+            snapshot=definition.snapshot.snapshot_name,
+            start=sample_start,
+            seq=0,
+        )
+        if sample in by_file:
+            other, other_source = by_file[sample]
+            problems.append(
+                Problem(
+                    source.file,
+                    _line(node, ("output", "file_template"))
+                    if "file_template" in node.get("output", {})
+                    else _line(node, ("output",)),
+                    _field(source, "output.file_template"),
+                    f"files would have the same names as those of run {other.name!r} at "
+                    f"{other_source} (e.g. {sample.name}); put {{run}} in file_template or "
+                    "use another directory",
+                )
+            )
+            ok = False
+        if ok:
+            by_name[definition.name] = source
+            by_topic[topic] = (definition, source)
+            by_file[sample] = (definition, source)
+            kept.append((definition, source, node))
+    return kept
+
+
+def _field(source: RunSource, name: str) -> str:
+    return f"{source.field}.{name}" if source.field else name
+
+
+# --- YAML helpers --------------------------------------------------------------------------
+def _syntax_problem(filename: str, exc: MarkedYAMLError) -> Problem:
+    mark = exc.problem_mark or exc.context_mark
+    line = mark.line + 1 if mark is not None else None
+    parts = [p for p in (exc.context, exc.problem) if p]
+    return Problem(filename, line, "", "YAML syntax error: " + "; ".join(parts))
+
+
+def _duplicate_keys(filename: str, node: Node, loc: Loc, problems: list[Problem]) -> None:
+    if isinstance(node, MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, ScalarNode):
+                key = str(key_node.value)
+                line = key_node.start_mark.line + 1
+                if key in first and key != "<<":
+                    problems.append(
+                        Problem(
+                            filename,
+                            line,
+                            _dotted((*loc, key)),
+                            f"duplicate key {key!r} (first defined at line {first[key]})",
+                        )
+                    )
+                else:
+                    first.setdefault(key, line)
+                _duplicate_keys(filename, value_node, (*loc, key), problems)
+            else:
+                _duplicate_keys(filename, value_node, loc, problems)
+    elif isinstance(node, SequenceNode):
+        for index, item in enumerate(node.value):
+            _duplicate_keys(filename, item, (*loc, index), problems)
+
+
+def _plain(value: Any, filename: str, root: CommentedMap, loc: Loc, problems: list[Problem]) -> Any:
+    """ruamel's round-trip objects -> JSON-compatible Python values (errors for the rest)."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                problems.append(
+                    Problem(
+                        filename,
+                        _line(root, loc),
+                        _dotted(loc),
+                        f"keys must be strings, got {key!r}; quote it",
+                    )
+                )
+                continue
+            out[str(key)] = _plain(item, filename, root, (*loc, key), problems)
+        return out
+    if isinstance(value, list):
+        return [_plain(v, filename, root, (*loc, i), problems) for i, v in enumerate(value)]
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, dt.date):  # YAML timestamps: keep what was written
+        return value.isoformat()
+    problems.append(
+        Problem(
+            filename,
+            _line(root, loc),
+            _dotted(loc),
+            f"unsupported YAML value {value!r} ({type(value).__name__}); use a plain value",
+        )
+    )
+    return None
+
+
+def _line(root: Any, loc: Loc) -> int:
+    """1-based line of the deepest node of ``loc`` that exists in the YAML tree."""
+    node = root
+    line = (root.lc.line + 1) if hasattr(root, "lc") and root.lc.line is not None else 1
+    for part in loc:
+        try:
+            if isinstance(node, CommentedMap) and part in node:
+                position = node.lc.key(part) if part in node.lc.data else None
+                node = node[part]
+            elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+                position = node.lc.item(part)
+                node = node[part]
+            else:
+                break
+        except (KeyError, IndexError, TypeError):  # e.g. keys merged in with '<<: *anchor'
+            break
+        if position is None:  # merged from an anchor: no line of its own here
+            break
+        line = position[0] + 1
+    return line
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+# --- pydantic error messages ---------------------------------------------------------------
+def _message(error: Any, loc: Loc) -> str:
+    kind = error["type"]
+    if kind == "recorder_invalid":
+        return str(error["ctx"]["message"])
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        key = str(loc[-1]) if loc else ""
+        text = f"unknown key {key!r}"
+        close = difflib.get_close_matches(key, allowed, n=1)
+        if close:
+            text += f" (did you mean {close[0]!r}?)"
+        if allowed:
+            text += f"; allowed: {', '.join(allowed)}"
+        return text
+    if kind == "missing":
+        return "required field is missing"
+    message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    value = error.get("input")
+    shows_input = (
+        kind.endswith("_type")
+        or kind in ("enum", "literal_error", "too_short", "too_long")
+        or kind.startswith(("greater_than", "less_than"))
+    )
+    if shows_input and (value is None or isinstance(value, bool | int | float | str)):
+        shown = repr(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        message += f" (got {shown})"
+    return message
+
+
+def _allowed_keys(loc: Loc) -> list[str]:
+    """Field names of the model at ``loc`` inside a RunDefinition (for 'did you mean')."""
+    model: type[BaseModel] = RunDefinition
+    for part in loc:
+        info = model.model_fields.get(str(part))
+        if info is None:
+            return []
+        annotation = info.annotation
+        candidates = [annotation, *typing.get_args(annotation)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return sorted(model.model_fields)

@@ -1,0 +1,180 @@
+"""Prometheus metrics of the recorder, in an injected registry (never the global one).
+
+The daemon builds one :class:`RecorderMetrics` and hands it to its components; tests build
+their own with a private ``CollectorRegistry`` and read values with
+``registry.get_sample_value(...)``. :func:`start_metrics_server` exposes the registry over HTTP
+on loopback unless told otherwise (``RECORDER_METRICS_PORT``, ``RECORDER_METRICS_ADDR``).
+
+Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
+
+=======================================  =========  ===================================
+``iterations_total{run,status}``         counter    status: complete | incomplete
+``values_written_total{run}``            counter    PV values appended to HDF5
+``bytes_written_total{run}``             counter    bytes of data appended (before compression)
+``messages_skipped_total{run,reason}``   counter    e.g. not_msgpack, late, unknown_pv
+``flush_duration_seconds{run}``          histogram  one HDF5 flush
+``consumer_lag_messages{run}``           gauge      messages behind the snapshot topic's end
+``run_recording{run}``                   gauge      1 while recording, else 0
+``last_write_timestamp_seconds{run}``    gauge      Unix time of the last flush
+``write_errors_total{run}``              counter    failed writes/flushes
+``admin_commands_total{command,code}``   counter    admin replies by command and code
+``reloads_total{result}``                counter    ok | failed
+=======================================  =========  ===================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["FLUSH_BUCKETS", "RecorderMetrics", "start_metrics_server"]
+
+NAMESPACE = "k2eg_recorder"
+FLUSH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RecorderMetrics:
+    """All recorder metrics, registered in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
+        r = self.registry
+        ns = NAMESPACE
+        self.iterations = Counter(
+            "iterations",
+            "Iterations closed, by status",
+            ["run", "status"],
+            namespace=ns,
+            registry=r,
+        )
+        self.values_written = Counter(
+            "values_written", "PV values written to HDF5", ["run"], namespace=ns, registry=r
+        )
+        self.bytes_written = Counter(
+            "bytes_written",
+            "Bytes of data appended to HDF5 (before compression)",
+            ["run"],
+            namespace=ns,
+            registry=r,
+        )
+        self.messages_skipped = Counter(
+            "messages_skipped",
+            "Snapshot messages not written, by reason",
+            ["run", "reason"],
+            namespace=ns,
+            registry=r,
+        )
+        self.flush_duration = Histogram(
+            "flush_duration_seconds",
+            "Duration of one HDF5 flush",
+            ["run"],
+            namespace=ns,
+            registry=r,
+            buckets=FLUSH_BUCKETS,
+        )
+        self.consumer_lag = Gauge(
+            "consumer_lag_messages",
+            "Messages between the consumer position and the end of the snapshot topic",
+            ["run"],
+            namespace=ns,
+            registry=r,
+        )
+        self.recording = Gauge(
+            "run_recording", "1 while the run is recording", ["run"], namespace=ns, registry=r
+        )
+        self.last_write = Gauge(
+            "last_write_timestamp_seconds",
+            "Unix time of the run's last successful flush",
+            ["run"],
+            namespace=ns,
+            registry=r,
+        )
+        self.write_errors = Counter(
+            "write_errors", "Failed HDF5 writes or flushes", ["run"], namespace=ns, registry=r
+        )
+        self.admin_commands = Counter(
+            "admin_commands",
+            "Admin commands answered, by command and reply code",
+            ["command", "code"],
+            namespace=ns,
+            registry=r,
+        )
+        self.reloads = Counter(
+            "reloads", "Run-definition reloads, by result", ["result"], namespace=ns, registry=r
+        )
+        self._per_run = (
+            self.values_written,
+            self.bytes_written,
+            self.flush_duration,
+            self.consumer_lag,
+            self.recording,
+            self.last_write,
+            self.write_errors,
+        )
+        self._runs: set[str] = set()
+        self._skip_reasons: dict[str, set[str]] = {}
+        self._statuses: dict[str, set[str]] = {}
+
+    # --- recording side --------------------------------------------------------------------
+    def iteration_closed(self, run: str, status: str) -> None:
+        self._runs.add(run)
+        self._statuses.setdefault(run, set()).add(status)
+        self.iterations.labels(run=run, status=status).inc()
+
+    def values(self, run: str, count: int, nbytes: int = 0) -> None:
+        self._runs.add(run)
+        self.values_written.labels(run=run).inc(count)
+        if nbytes:
+            self.bytes_written.labels(run=run).inc(nbytes)
+
+    def skipped(self, run: str, reason: str, count: int = 1) -> None:
+        self._runs.add(run)
+        self._skip_reasons.setdefault(run, set()).add(reason)
+        self.messages_skipped.labels(run=run, reason=reason).inc(count)
+
+    def flushed(self, run: str, duration_s: float, at_unix_s: float) -> None:
+        self._runs.add(run)
+        self.flush_duration.labels(run=run).observe(duration_s)
+        self.last_write.labels(run=run).set(at_unix_s)
+
+    def write_failed(self, run: str) -> None:
+        self._runs.add(run)
+        self.write_errors.labels(run=run).inc()
+
+    def lag(self, run: str, messages: int) -> None:
+        self._runs.add(run)
+        self.consumer_lag.labels(run=run).set(messages)
+
+    def set_recording(self, run: str, recording: bool) -> None:
+        self._runs.add(run)
+        self.recording.labels(run=run).set(1 if recording else 0)
+
+    def admin_command(self, command: str, code: str) -> None:
+        self.admin_commands.labels(command=command, code=code).inc()
+
+    def reload(self, ok: bool) -> None:
+        self.reloads.labels(result="ok" if ok else "failed").inc()
+
+    def remove_run(self, run: str) -> None:
+        """Forget a run removed by a reload (its series disappear from the exposition)."""
+        if run not in self._runs:
+            return
+        self._runs.discard(run)
+        for metric in self._per_run:
+            with contextlib.suppress(KeyError):  # a run may never have had this series
+                metric.remove(run)
+        for status in self._statuses.pop(run, set()):
+            self.iterations.remove(run, status)
+        for reason in self._skip_reasons.pop(run, set()):
+            self.messages_skipped.remove(run, reason)
+
+
+def start_metrics_server(
+    port: int, registry: CollectorRegistry, *, addr: str = "127.0.0.1"
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve ``registry`` on http://addr:port/metrics from a daemon thread. Port 0 picks a free
+    port (read it from ``server.server_port``). Stop with ``server.shutdown()``."""
+    return start_http_server(port, addr=addr, registry=registry)

@@ -1,0 +1,429 @@
+"""Admin command/reply codec: validation, expiry, HMAC, replay guard, garbage never raises."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recorder.admin.protocol import (
+    AdminCommand,
+    AdminReply,
+    CommandKind,
+    CommandPolicy,
+    CommandRejectedError,
+    ReplayGuard,
+    ReplyCode,
+    build_command,
+    canonical_json,
+    decode_command,
+    decode_or_reject,
+    decode_reply,
+    encode_command,
+    sign,
+    verify,
+)
+from recorder.errors import AdminCommandError
+
+NOW = 1_732_212_345_678
+SECRET = b"s3cret-key"
+OPEN = CommandPolicy(max_age_s=30, max_future_skew_s=5)
+SIGNED = CommandPolicy(max_age_s=30, max_future_skew_s=5, secret=SECRET)
+
+
+def raw(**fields: Any) -> bytes:
+    base: dict[str, Any] = {"command": "start", "request_id": "r-1", "run": "bpm", "issued_at": NOW}
+    base.update(fields)
+    return json.dumps({k: v for k, v in base.items() if v is not DROP}).encode()
+
+
+DROP: Any = object()
+
+
+def rejected(payload: bytes, policy: CommandPolicy = OPEN, **kw: Any) -> CommandRejectedError:
+    with pytest.raises(CommandRejectedError) as info:
+        decode_command(payload, policy, now_ms=kw.pop("now_ms", NOW), **kw)
+    return info.value
+
+
+# --- valid commands --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, AdminCommand(CommandKind.START, "r-1", "bpm", issued_at=NOW)),
+        ({"command": "stop"}, AdminCommand(CommandKind.STOP, "r-1", "bpm", issued_at=NOW)),
+        (
+            {"command": "trigger", "tags": {"shot": "42", "beam": "on"}, "reply_topic": "ops.r"},
+            AdminCommand(
+                CommandKind.TRIGGER, "r-1", "bpm", "ops.r", {"shot": "42", "beam": "on"}, NOW
+            ),
+        ),
+        (
+            {"command": "status", "run": DROP},
+            AdminCommand(CommandKind.STATUS, "r-1", issued_at=NOW),
+        ),
+        ({"command": "status"}, AdminCommand(CommandKind.STATUS, "r-1", "bpm", issued_at=NOW)),
+        (
+            {"command": "reload", "run": DROP},
+            AdminCommand(CommandKind.RELOAD, "r-1", issued_at=NOW),
+        ),
+    ],
+)
+def test_valid_commands(fields: dict[str, Any], expected: AdminCommand) -> None:
+    assert decode_command(raw(**fields), OPEN, now_ms=NOW) == expected
+
+
+# --- malformed -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        (b"", "not a JSON command"),
+        (b"\xff\xfe", "not a JSON command"),
+        (b"{", "not a JSON command"),
+        (b"[1, 2]", "JSON object"),
+        (b'"start"', "JSON object"),
+        (b"null", "JSON object"),
+        (b'{"command": "start", "command": "stop"}', "duplicate key 'command'"),
+        (b'{"command": "start", "request_id": "a", "run": "b", "issued_at": NaN}', "NaN"),
+        (raw(command="launch"), "command must be one of"),
+        (raw(command=["start"]), "command must be one of"),
+        (raw(command=DROP), "command must be one of"),
+        (raw(request_id=DROP), "request_id"),
+        (raw(request_id=""), "request_id"),
+        (raw(request_id="has space"), "request_id"),
+        (raw(request_id="x" * 129), "request_id"),
+        (raw(request_id=7), "request_id"),
+        (raw(run=DROP), "start needs a run"),
+        (raw(command="stop", run=DROP), "stop needs a run"),
+        (raw(command="trigger", run=DROP), "trigger needs a run"),
+        (raw(run="../etc"), "run must be a run name"),
+        (raw(run=None), "run must be a run name"),
+        (raw(command="reload"), "reload takes no run"),
+        (raw(reply_topic="bad topic!"), "reply_topic"),
+        (raw(reply_topic=""), "reply_topic"),
+        (raw(tags={"a": "b"}), "tags are only allowed with trigger"),
+        (raw(command="trigger", tags=["a"]), "tags must be an object"),
+        (raw(command="trigger", tags={"a": 1}), "tag 'a' must be a string"),
+        (raw(command="trigger", tags={"": "x"}), "tag names"),
+        (raw(command="trigger", tags={str(i): "v" for i in range(65)}), "at most 64 tags"),
+        (raw(issued_at=True), "issued_at must be integer"),
+        (raw(issued_at=float(NOW)), "issued_at must be integer"),
+        (raw(issued_at=-1), "issued_at must be integer"),
+        (raw(issued_at="now"), "issued_at must be integer"),
+        (raw(signature="abc"), "signature must be 64"),
+        (raw(extra=1, more=2), "unknown field(s) extra, more"),
+        (b" " * 70_000, "more than 65536"),
+    ],
+)
+def test_malformed(payload: bytes, needle: str) -> None:
+    error = rejected(payload)
+    assert error.reply_code is ReplyCode.MALFORMED
+    assert error.code == "malformed"
+    assert needle in error.message
+    assert isinstance(error, AdminCommandError)
+
+
+def test_all_problems_are_listed_at_once() -> None:
+    error = rejected(raw(command="trigger", run=DROP, reply_topic="a b", issued_at=True))
+    for needle in ("trigger needs a run", "reply_topic", "issued_at"):
+        assert needle in error.message
+
+
+def test_error_reply_keeps_what_can_be_addressed() -> None:
+    error = rejected(raw(command="trigger", request_id="req-9", reply_topic="ops", tags=[1]))
+    reply = error.reply(now_ms=NOW + 1)
+    assert reply.to_json_obj() == {
+        "request_id": "req-9",
+        "command": "trigger",
+        "run": "bpm",
+        "ok": False,
+        "code": "malformed",
+        "message": error.message,
+        "replied_at": NOW + 1,
+    }
+    assert error.reply_topic == "ops"
+    # unusable address fields are not echoed
+    bad = rejected(raw(request_id="two words", reply_topic="a b", run="../x", command="go"))
+    assert (bad.request_id, bad.reply_topic, bad.run, bad.command) == (None, None, None, None)
+
+
+# --- expiry ------------------------------------------------------------------------------------
+def test_expired_and_future_commands() -> None:
+    assert decode_command(raw(issued_at=NOW - 30_000), OPEN, now_ms=NOW).issued_at == NOW - 30_000
+    old = rejected(raw(issued_at=NOW - 30_001))
+    assert old.reply_code is ReplyCode.EXPIRED
+    assert "30.0 s old" in old.message
+    assert decode_command(raw(issued_at=NOW + 5_000), OPEN, now_ms=NOW).run == "bpm"
+    future = rejected(raw(issued_at=NOW + 5_001))
+    assert future.reply_code is ReplyCode.EXPIRED
+    assert "future" in future.message
+
+
+def test_message_timestamp_is_the_fallback_age() -> None:
+    payload = raw(issued_at=DROP)
+    assert decode_command(payload, OPEN, now_ms=NOW, message_timestamp_ms=NOW - 1000).run == "bpm"
+    error = rejected(payload, message_timestamp_ms=NOW - 60_000)
+    assert error.reply_code is ReplyCode.EXPIRED
+    assert rejected(payload).reply_code is ReplyCode.MALFORMED  # no way to know its age
+    # issued_at wins over the message timestamp
+    error = rejected(raw(issued_at=NOW - 60_000), message_timestamp_ms=NOW)
+    assert error.reply_code is ReplyCode.EXPIRED
+
+
+# --- HMAC ------------------------------------------------------------------------------------
+def test_canonical_form_is_documented_json() -> None:
+    obj = {
+        "run": "b\u00e9",
+        "command": "start",
+        "issued_at": 5,
+        "signature": "x",
+        "tags": {"z": "1", "a": "2"},
+    }
+    assert (
+        canonical_json(obj)
+        == b'{"command":"start","issued_at":5,"run":"b\\u00e9","tags":{"a":"2","z":"1"}}'
+    )
+    expected = hmac.new(SECRET, canonical_json(obj), hashlib.sha256).hexdigest()
+    assert sign(obj, SECRET) == expected
+    assert sign(obj, SECRET.decode()) == expected
+
+
+def test_signed_round_trip_and_key_order_independence() -> None:
+    command = build_command(
+        "trigger", run="wf", tags={"shot": "1"}, secret=SECRET, issued_at_ms=NOW
+    )
+    payload = encode_command(command)
+    assert decode_command(payload, SIGNED, now_ms=NOW) == command
+    # the same object re-serialized with other key order and whitespace still verifies
+    obj = json.loads(payload)
+    shuffled = json.dumps(dict(reversed(list(obj.items()))), indent=2).encode()
+    assert decode_command(shuffled, SIGNED, now_ms=NOW) == command
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda o: o.pop("signature"), "signature missing"),
+        (lambda o: o.update(run="other"), "bad signature"),
+        (lambda o: o.update(issued_at=o["issued_at"] + 1), "bad signature"),
+        (lambda o: o.update(tags={"shot": "2"}), "bad signature"),
+        (lambda o: o.update(signature="0" * 64), "bad signature"),
+        (lambda o: o.update(signature=o["signature"].upper()), "bad signature"),
+        (lambda o: o.update(signature=17), "bad signature"),
+    ],
+)
+def test_unauthorized(mutate: Any, needle: str) -> None:
+    obj = build_command("trigger", run="wf", tags={"shot": "1"}, secret=SECRET, issued_at_ms=NOW)
+    data = obj.to_json_obj()
+    mutate(data)
+    error = rejected(json.dumps(data).encode(), SIGNED)
+    assert error.reply_code is ReplyCode.UNAUTHORIZED
+    assert needle in error.message
+
+
+def test_wrong_secret_and_unsigned_issued_at() -> None:
+    other = encode_command(build_command("stop", run="bpm", secret=b"other", issued_at_ms=NOW))
+    assert rejected(other, SIGNED).reply_code is ReplyCode.UNAUTHORIZED
+    data = {"command": "stop", "run": "bpm", "request_id": "r"}
+    data["signature"] = sign(data, SECRET)
+    error = rejected(json.dumps(data).encode(), SIGNED, message_timestamp_ms=NOW)
+    assert error.reply_code is ReplyCode.UNAUTHORIZED
+    assert "issued_at" in error.message
+
+
+def test_unauthorized_is_checked_before_content() -> None:
+    # an unauthenticated sender learns nothing about which fields are wrong
+    error = rejected(raw(command="launch", extra=1), SIGNED)
+    assert error.reply_code is ReplyCode.UNAUTHORIZED
+
+
+def test_build_command_refuses_what_the_daemon_would() -> None:
+    with pytest.raises(CommandRejectedError, match="start needs a run"):
+        build_command("start")
+    with pytest.raises(CommandRejectedError, match="tags are only allowed"):
+        build_command("stop", run="a", tags={"x": "y"})
+    command = build_command(CommandKind.STATUS)
+    assert command.signature is None
+    assert len(command.request_id) == 32
+    assert command.issued_at is not None
+    assert abs(command.issued_at - time.time_ns() // 1_000_000) < 5_000
+
+
+def test_verify_rejects_non_hex_and_nan() -> None:
+    assert not verify({"a": 1}, SECRET)
+    assert not verify({"a": float("nan"), "signature": "0" * 64}, SECRET)
+    good = {"a": 1}
+    good["signature"] = sign(good, SECRET)  # type: ignore[assignment]
+    assert verify(good, SECRET)
+
+
+# --- replies -----------------------------------------------------------------------------------
+def test_success_and_failure_replies_round_trip() -> None:
+    command = decode_command(raw(command="trigger", tags={"k": "v"}), OPEN, now_ms=NOW)
+    ok = AdminReply.success(command, "armed", now_ms=NOW + 3, data={"iteration": 7}, secret=SECRET)
+    assert ok.ok
+    decoded = decode_reply(ok.encode(), secret=SECRET)
+    assert decoded == ok
+    assert json.loads(ok.encode())["data"] == {"iteration": 7}
+
+    error = AdminCommandError("wrong_mode", "run 'bpm' is periodic; trigger needs triggered: true")
+    failure = AdminReply.failure(command, error, now_ms=NOW)
+    assert failure.code is ReplyCode.WRONG_MODE
+    assert not failure.ok
+    assert decode_reply(failure.encode()) == failure
+
+
+def test_every_error_code_round_trips() -> None:
+    command = decode_command(raw(), OPEN, now_ms=NOW)
+    for code in ReplyCode:
+        if code is ReplyCode.OK:
+            continue
+        reply = AdminReply.failure(command, AdminCommandError(code.value, "m"), now_ms=NOW)
+        assert decode_reply(reply.encode()).code is code
+
+
+def test_unknown_error_code_becomes_internal() -> None:
+    command = decode_command(raw(), OPEN, now_ms=NOW)
+    for code in ("boom", "ok"):
+        reply = AdminReply.failure(command, AdminCommandError(code, "m"), now_ms=NOW)
+        assert reply.code is ReplyCode.INTERNAL
+
+
+def test_reply_data_non_finite_becomes_null() -> None:
+    command = decode_command(raw(command="status"), OPEN, now_ms=NOW)
+    reply = AdminReply.success(command, "ok", now_ms=NOW, data={"lag": float("inf"), "t": (1, 2)})
+    assert json.loads(reply.encode())["data"] == {"lag": None, "t": [1, 2]}
+
+
+def test_tampered_or_unsigned_reply_is_refused_by_a_client_with_a_secret() -> None:
+    command = decode_command(raw(), OPEN, now_ms=NOW)
+    reply = AdminReply.success(command, "started", now_ms=NOW, secret=SECRET)
+    obj = json.loads(reply.encode())
+    obj["message"] = "stopped"
+    with pytest.raises(AdminCommandError) as info:
+        decode_reply(json.dumps(obj).encode(), secret=SECRET)
+    assert info.value.code == "unauthorized"
+    unsigned = AdminReply.success(command, "started", now_ms=NOW)
+    with pytest.raises(AdminCommandError):
+        decode_reply(unsigned.encode(), secret=SECRET)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"nope",
+        b"[]",
+        b'{"code": "ok"}',
+        b'{"code": "weird", "message": "", "replied_at": 1}',
+        b'{"code": "ok", "message": 1, "replied_at": 1}',
+        b'{"code": "ok", "message": "", "replied_at": 1, "data": [1]}',
+        b'{"code": "ok", "message": "", "replied_at": 1, "run": 5}',
+    ],
+)
+def test_bad_replies(payload: bytes) -> None:
+    with pytest.raises(AdminCommandError):
+        decode_reply(payload)
+
+
+# --- replay guard ------------------------------------------------------------------------------
+def test_replay_guard() -> None:
+    guard = ReplayGuard(window_s=35)
+    command = decode_command(raw(), OPEN, now_ms=NOW)
+    guard.check(command, now_ms=NOW)
+    with pytest.raises(CommandRejectedError) as info:
+        guard.check(command, now_ms=NOW + 35_000)
+    assert info.value.reply_code is ReplyCode.DUPLICATE
+    assert info.value.request_id == "r-1"
+    guard.check(command, now_ms=NOW + 35_001)  # forgotten after the window: would be expired
+    assert len(guard) == 1
+
+
+def test_replay_guard_is_bounded() -> None:
+    guard = ReplayGuard(window_s=1000, max_entries=3)
+    for i in range(5):
+        guard.check(AdminCommand(CommandKind.STATUS, f"r{i}"), now_ms=NOW)
+    assert len(guard) == 3
+
+
+# --- garbage never raises ------------------------------------------------------------------------
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+command_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "command": st.sampled_from([*CommandKind, "x"]) | json_values,
+        "request_id": st.text(max_size=10) | json_values,
+        "run": st.sampled_from(["bpm", ""]) | json_values,
+        "reply_topic": st.text(max_size=10) | json_values,
+        "tags": st.dictionaries(st.text(max_size=4), st.text(max_size=4)) | json_values,
+        "issued_at": st.integers(NOW - 60_000, NOW + 60_000) | json_values,
+        "signature": st.text(alphabet="0123456789abcdef", min_size=64, max_size=64) | json_values,
+        "other": json_values,
+    },
+)
+
+
+def _check_outcome(result: AdminCommand | AdminReply) -> None:
+    if isinstance(result, AdminReply):
+        assert result.code is not ReplyCode.OK
+        assert result.message
+        json.loads(result.encode())  # always encodable
+    else:
+        assert isinstance(result.command, CommandKind)
+
+
+@settings(max_examples=400, deadline=None)
+@given(payload=st.binary(max_size=300))
+def test_random_bytes_always_give_an_error_reply(payload: bytes) -> None:
+    for policy in (OPEN, SIGNED):
+        result = decode_or_reject(payload, policy, now_ms=NOW, message_timestamp_ms=NOW)
+        _check_outcome(result)
+
+
+@settings(max_examples=400, deadline=None)
+@given(obj=command_like | json_values)
+def test_random_json_never_raises(obj: Any) -> None:
+    payload = json.dumps(obj).encode()
+    for policy in (OPEN, SIGNED):
+        for timestamp in (None, NOW):
+            result = decode_or_reject(payload, policy, now_ms=NOW, message_timestamp_ms=timestamp)
+            _check_outcome(result)
+            if isinstance(result, AdminCommand):  # a valid command survives re-encoding
+                again = decode_command(
+                    encode_command(result), policy, now_ms=NOW, message_timestamp_ms=timestamp
+                )
+                assert again == result
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(list(CommandKind)),
+    tags=st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=10), max_size=5),
+    request_id=st.text(
+        alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40
+    ),
+)
+def test_built_commands_always_decode(
+    kind: CommandKind, tags: dict[str, str], request_id: str
+) -> None:
+    run = None if kind in (CommandKind.RELOAD, CommandKind.STATUS) else "run-1"
+    command = build_command(
+        kind,
+        run=run,
+        tags=tags if kind is CommandKind.TRIGGER else None,
+        request_id=request_id,
+        issued_at_ms=NOW,
+        secret=SECRET,
+    )
+    assert decode_command(encode_command(command), SIGNED, now_ms=NOW) == command

@@ -1,0 +1,92 @@
+"""The status/heartbeat document: JSON layout, round trip, refusal of bad documents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recorder.admin.status import STATUS_SCHEMA, DaemonState, RunState, RunStatus, StatusDocument
+from recorder.errors import AdminCommandError
+
+RUN = RunStatus(
+    name="bpm-10hz",
+    state=RunState.RECORDING,
+    snapshot="bpm_10hz",
+    topic="bpm_10hz",
+    mode="periodic normal",
+    autostart=True,
+    current_file="/data/bpm-10hz_20241121T120000Z_0000.h5.partial",
+    recording_started_at=1_000,
+    last_iteration=41,
+    last_iteration_at=5_000,
+    iterations_complete=40,
+    iterations_incomplete=2,
+    values_written=120,
+    lag=3,
+    errors=1,
+    last_error="iteration 12 incomplete: timeout",
+)
+DOC = StatusDocument(
+    instance="daq-3",
+    state=DaemonState.RUNNING,
+    time=6_500,
+    started_at=500,
+    runs=(RUN, RunStatus("wf", RunState.IDLE, "wf", "wf", "triggered normal", False)),
+    pid=1234,
+    version="0.1.0",
+    config_path="/etc/k2eg-recorder/runs.d",
+    config_errors=("a.yaml:3: name: bad",),
+    seq=9,
+)
+
+
+def test_json_layout() -> None:
+    obj = json.loads(DOC.encode())
+    assert obj["schema"] == STATUS_SCHEMA
+    assert obj["kind"] == "heartbeat"
+    assert obj["seq"] == 9
+    assert obj["daemon"] == {
+        "instance": "daq-3",
+        "state": "running",
+        "pid": 1234,
+        "version": "0.1.0",
+        "started_at": 500,
+        "uptime_s": 6.0,
+        "config_path": "/etc/k2eg-recorder/runs.d",
+        "config_errors": ["a.yaml:3: name: bad"],
+    }
+    run = obj["runs"]["bpm-10hz"]
+    assert run["state"] == "recording"
+    assert run["current_file"].endswith(".h5.partial")
+    assert run["iterations"] == {"complete": 40, "incomplete": 2}
+    assert (run["last_iteration"], run["lag"], run["errors"]) == (41, 3, 1)
+    assert obj["runs"]["wf"]["current_file"] is None
+    assert list(obj["runs"]) == ["bpm-10hz", "wf"]
+
+
+def test_round_trip() -> None:
+    again = StatusDocument.decode(DOC.encode())
+    assert again == DOC
+    assert again.run("bpm-10hz") == RUN
+    assert again.run("missing") is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"[]",
+        b"{}",
+        json.dumps({**json.loads(DOC.encode()), "schema": "other/1"}).encode(),
+        json.dumps({**json.loads(DOC.encode()), "time": "late"}).encode(),
+        json.dumps({**json.loads(DOC.encode()), "runs": []}).encode(),
+        json.dumps(
+            {**json.loads(DOC.encode()), "runs": {"x": {**RUN.to_json_obj(), "state": "zzz"}}}
+        ).encode(),
+    ],
+)
+def test_bad_documents(payload: bytes) -> None:
+    with pytest.raises(AdminCommandError) as info:
+        StatusDocument.decode(payload)
+    assert info.value.code == "malformed"

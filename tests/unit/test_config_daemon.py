@@ -1,0 +1,86 @@
+"""DaemonSettings from RECORDER_* variables, next to KafkaSettings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from recorder.config.daemon import DaemonSettings
+from recorder.settings import KafkaSettings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("RECORDER_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults() -> None:
+    s = DaemonSettings()
+    assert s.config_path == Path("/etc/k2eg-recorder/runs.d")
+    assert s.admin_topic == "k2eg-recorder-admin"
+    assert s.admin_secret is None
+    assert s.metrics_port is None
+    assert s.metrics_addr == "127.0.0.1"
+    policy = s.command_policy()
+    assert (policy.max_age_s, policy.secret) == (30.0, None)
+    assert s.effective_admin_group_id == f"k2eg-recorder-{s.instance}"
+
+
+def test_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "RECORDER_CONFIG_PATH": "/srv/runs.yaml",
+        "RECORDER_ADMIN_TOPIC": "ops-admin",
+        "RECORDER_STATUS_TOPIC": "ops-status",
+        "RECORDER_HEARTBEAT_INTERVAL_S": "2.5",
+        "RECORDER_COMMAND_MAX_AGE_S": "10",
+        "RECORDER_ADMIN_SECRET": "0123456789abcdef-long",
+        "RECORDER_METRICS_PORT": "9464",
+        "RECORDER_LOG_LEVEL": "debug",
+        "RECORDER_LOG_FORMAT": "json",
+        "RECORDER_BOOTSTRAP_SERVERS": "kafka:9092",
+        "RECORDER_KAFKA__SASL__MECHANISM": "PLAIN",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s = DaemonSettings()
+    assert s.config_path == Path("/srv/runs.yaml")
+    assert (s.admin_topic, s.status_topic) == ("ops-admin", "ops-status")
+    assert s.heartbeat_interval_s == 2.5
+    assert s.metrics_port == 9464
+    assert s.log_level == "DEBUG"
+    assert s.log_format == "json"
+    assert s.secret_bytes == b"0123456789abcdef-long"
+    assert "0123456789abcdef" not in repr(s)  # SecretStr never printed
+    assert s.command_policy().max_age_s == 10
+    # the two settings classes share the environment without tripping over each other
+    kafka = KafkaSettings.from_env()
+    assert kafka.bootstrap_servers == "kafka:9092"
+    assert kafka.kafka == {"sasl.mechanism": "PLAIN"}
+
+
+def test_empty_secret_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECORDER_ADMIN_SECRET", "")
+    assert DaemonSettings().admin_secret is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("RECORDER_ADMIN_SECRET", "short", "at least 16"),
+        ("RECORDER_ADMIN_TOPIC", "bad topic", "not a valid Kafka topic"),
+        ("RECORDER_STATUS_TOPIC", "k2eg-recorder-admin", "must differ"),
+        ("RECORDER_METRICS_PORT", "70000", "less than or equal"),
+        ("RECORDER_HEARTBEAT_INTERVAL_S", "0", "greater than 0"),
+        ("RECORDER_LOG_FORMAT", "xml", "auto"),
+    ],
+)
+def test_invalid(monkeypatch: pytest.MonkeyPatch, key: str, value: str, needle: str) -> None:
+    monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError, match=needle):
+        DaemonSettings()

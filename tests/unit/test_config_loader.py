@@ -1,0 +1,315 @@
+"""YAML loading: every error at once as file:line: field: message, cross-file checks."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recorder.config.loader import (
+    Problem,
+    RunDefinitionError,
+    check_runs,
+    definition_files,
+    load_runs,
+    parse_runs,
+)
+from recorder.errors import ConfigError
+
+GOOD = """\
+name: {name}
+snapshot:
+  snapshot_name: {snap}
+  pv_uri_list: [pva://SIM:AI:DOUBLE:1]
+output:
+  directory: /data/{name}
+"""
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(text: str, filename: str = "runs.yaml") -> list[str]:
+    _, problems = parse_runs([(filename, textwrap.dedent(text))])
+    return [str(p) for p in problems]
+
+
+def test_single_run_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "bpm.yaml", GOOD.format(name="bpm", snap="bpm"))
+    loaded = load_runs(path)
+    assert list(loaded.runs) == ["bpm"]
+    assert str(loaded.sources["bpm"]) == f"{path}:1"
+    assert loaded.files == (path,)
+    assert len(loaded) == 1
+    assert [d.name for d in loaded] == ["bpm"]
+
+
+def test_runs_list_and_directory_order(tmp_path: Path) -> None:
+    write(tmp_path, "b.yml", GOOD.format(name="second", snap="s2"))
+    write(
+        tmp_path,
+        "a.yaml",
+        """\
+        runs:
+          - name: first
+            autostart: false
+            snapshot: {snapshot_name: s1, pv_uri_list: [pva://SIM:AI:DOUBLE:1]}
+            output: {directory: /data/x}
+          - name: third
+            snapshot: {snapshot_name: s3, pv_uri_list: [ca://SIM:AI:DOUBLE:2]}
+            output: {directory: /data/x}
+        """,
+    )
+    write(tmp_path, "notes.txt", "not yaml")
+    write(tmp_path, ".hidden.yaml", "garbage: [")
+    (tmp_path / "sub.yaml").mkdir()
+    loaded = load_runs(tmp_path)
+    assert list(loaded.runs) == ["first", "third", "second"]
+    assert loaded.runs["first"].autostart is False
+    assert [p.name for p in loaded.files] == ["a.yaml", "b.yml"]
+    assert loaded.sources["third"].field == "runs.1"
+    assert loaded.sources["third"].line == 6
+
+
+def test_empty_runs_list_and_empty_directory(tmp_path: Path) -> None:
+    write(tmp_path, "none.yaml", "runs: []\n")
+    assert len(load_runs(tmp_path)) == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert len(load_runs(empty)) == 0
+
+
+def test_every_error_is_reported_with_file_line_and_field(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "a.yaml",
+        """\
+        runs:
+          - name: bpm
+            autostart: yes
+            snapshot:
+              snapshot_name: bpm
+              pv_uri_list:
+                - pva://SIM:AI:DOUBLE:1
+                - not a uri
+              time_window: "100"
+              time_windw: 3
+            output:
+              directory: data/relative
+              flush_interval_s: 0
+          - name: wf
+            snapshot:
+              snapshot_name: wf
+              pv_uri_list: [pva://SIM:WF:FLOAT:1]
+              triggered: false
+              triggered: true
+            output: {directory: /data/wf}
+        """,
+    )
+    write(tmp_path, "b.yaml", "name: x\n  bad: [\n")
+    with pytest.raises(RunDefinitionError) as info:
+        load_runs(tmp_path)
+    error = info.value
+    assert isinstance(error, ConfigError)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert [str(p) for p in error.problems] == [
+        f"{a}:3: runs.0.autostart: Input should be a valid boolean (got 'yes')",
+        f"{a}:8: runs.0.snapshot.pv_uri_list.1: 'not a uri' is not a valid PV URI: expected "
+        "pva://NAME, ca://NAME or pv://NAME with NAME made of [A-Za-z0-9-_] parts joined by "
+        "':' and an optional .field",
+        f"{a}:9: runs.0.snapshot.time_window: Input should be a valid integer (got '100')",
+        f"{a}:10: runs.0.snapshot.time_windw: unknown key 'time_windw' (did you mean "
+        "'time_window'?); allowed: pv_field_filter_list, pv_uri_list, repeat_delay, "
+        "respect_push_order, snapshot_name, sub_push_delay_msec, time_window, triggered, type",
+        f"{a}:12: runs.0.output.directory: output directory 'data/relative' must be an absolute "
+        "path (a daemon's working directory is not a place for data)",
+        f"{a}:13: runs.0.output.flush_interval_s: Input should be greater than 0 (got 0)",
+        f"{a}:19: runs.1.snapshot.triggered: duplicate key 'triggered' (first defined at line 18)",
+        f"{b}:2: YAML syntax error: mapping values are not allowed here",
+    ]
+    assert str(error).startswith("8 errors in run definitions:\n")
+
+
+def test_cross_file_collisions(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", GOOD.format(name="bpm", snap="My-Snap"))
+    write(tmp_path, "b.yaml", GOOD.format(name="bpm", snap="other"))
+    write(tmp_path, "c.yaml", GOOD.format(name="c", snap="my-snap"))
+    write(tmp_path, "d.yaml", GOOD.format(name="d", snap="my-snap2"))
+    loaded, problems = check_runs(tmp_path)
+    assert list(loaded.runs) == ["bpm", "d"]
+    text = [str(p) for p in problems]
+    assert (
+        text[0] == f"{tmp_path / 'b.yaml'}:1: name: run name 'bpm' is already defined at "
+        f"{tmp_path / 'a.yaml'}:1"
+    )
+    assert text[1].startswith(
+        f"{tmp_path / 'c.yaml'}:3: snapshot.snapshot_name: snapshot_name 'my-snap' is the "
+        "same k2eg snapshot (topic 'my-snap') as 'My-Snap' of run 'bpm'"
+    )
+    assert len(text) == 2
+
+
+def test_normalization_collision_with_underscore() -> None:
+    text = """\
+    runs:
+      - name: a
+        snapshot: {snapshot_name: Beam_Orbit, pv_uri_list: [pva://X]}
+        output: {directory: /d}
+      - name: b
+        snapshot: {snapshot_name: beam_orbit, pv_uri_list: [pva://Y]}
+        output: {directory: /d}
+    """
+    (problem,) = problems_of(text)
+    assert problem.startswith("runs.yaml:6: runs.1.snapshot.snapshot_name:")
+    assert "topic 'beam_orbit'" in problem
+
+
+def test_output_file_name_collision() -> None:
+    text = """\
+    runs:
+      - name: a
+        snapshot: {snapshot_name: a, pv_uri_list: [pva://X]}
+        output: {directory: /d, file_template: "daq_{seq}.h5"}
+      - name: b
+        snapshot: {snapshot_name: b, pv_uri_list: [pva://Y]}
+        output:
+          directory: /d/
+          file_template: "daq_{seq}.h5"
+      - name: c
+        snapshot: {snapshot_name: c, pv_uri_list: [pva://Y]}
+        output: {directory: /e, file_template: "daq_{seq}.h5"}
+    """
+    (problem,) = problems_of(text)
+    assert problem.startswith(
+        "runs.yaml:9: runs.1.output.file_template: files would have the same names as "
+        "those of run 'a'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "runs.yaml:1: empty file: write one run, or `runs: []` for none"),
+        ("# only a comment\n", "runs.yaml:1: empty file: write one run, or `runs: []` for none"),
+        (
+            "- a\n- b\n",
+            "runs.yaml:1: expected a run (a mapping with name:, snapshot:, ...) or `runs:` "
+            "with a list of runs",
+        ),
+        ("runs: {a: 1}\n", "runs.yaml:1: runs: expected a list of runs"),
+        ("runs:\n  - 5\n", "runs.yaml:2: runs.0: expected a run (a mapping)"),
+        (
+            "runs: []\nname: x\n",
+            "runs.yaml:2: name: unknown key: a file with `runs:` holds nothing else",
+        ),
+        (
+            "name: a\n---\nname: b\n",
+            "runs.yaml:3: a file holds one YAML document; put several runs under `runs:` "
+            "instead of '---'",
+        ),
+        ("name: *nope\n", "runs.yaml:1: YAML syntax error: found undefined alias 'nope'"),
+        ("name: !!binary aGVsbG8=\n", "runs.yaml:1: name: unsupported YAML value"),
+        ("1: x\nname: y\n", "runs.yaml:1: keys must be strings, got 1; quote it"),
+    ],
+)
+def test_file_shape_problems(text: str, expected: str) -> None:
+    found = problems_of(text)
+    assert found, text
+    assert found[0].startswith(expected), found
+
+
+def test_missing_fields_point_at_their_parent() -> None:
+    text = """\
+    runs:
+      - name: a
+        snapshot:
+          pv_uri_list: [pva://X]
+        output: {}
+    """
+    assert problems_of(text) == [
+        "runs.yaml:3: runs.0.snapshot.snapshot_name: required field is missing",
+        "runs.yaml:5: runs.0.output.directory: required field is missing",
+    ]
+
+
+def test_yaml_12_on_off_stay_strings_and_anchors_work() -> None:
+    text = """\
+    defaults: &out
+      directory: /data/shared
+    """
+    # `defaults` is not allowed at top level; anchors inside runs are fine
+    text = """\
+    runs:
+      - name: a
+        autostart: off
+        snapshot: {snapshot_name: a, pv_uri_list: [pva://X]}
+        output: &out {directory: /data/shared, file_template: "{run}_{seq}.h5"}
+      - name: b
+        snapshot: {snapshot_name: b, pv_uri_list: [pva://Y]}
+        output: *out
+    """
+    assert problems_of(text) == [
+        "runs.yaml:3: runs.0.autostart: Input should be a valid boolean (got 'off')"
+    ]
+    loaded, problems = parse_runs([("r.yaml", textwrap.dedent(text).replace("off", "false"))])
+    assert problems == ()
+    assert loaded.runs["b"].output.directory == Path("/data/shared")
+
+
+def test_merge_keys_do_not_break_line_lookup() -> None:
+    text = """\
+    runs:
+      - name: a
+        snapshot: {snapshot_name: a, pv_uri_list: [pva://X]}
+        output: &out {directory: /data/x, file_template: "{run}.h5"}
+      - name: b
+        snapshot: {snapshot_name: b, pv_uri_list: [pva://Y]}
+        output:
+          <<: *out
+          flush_interval_s: -1
+    """
+    assert problems_of(text) == [
+        "runs.yaml:9: runs.1.output.flush_interval_s: Input should be greater than 0 (got -1)"
+    ]
+
+
+def test_unreadable_and_missing_paths(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"name: caf\xe9\n")
+    _, problems = check_runs(bad)
+    assert problems[0].file == str(bad)
+    assert "cannot read file" in problems[0].message
+    _, problems = check_runs(tmp_path / "missing")
+    assert problems == (Problem(str(tmp_path / "missing"), None, "", "no such file or directory"),)
+    assert definition_files(tmp_path / "missing") == []
+
+
+EXAMPLE = (Path(__file__).resolve().parents[2] / "recorder/examples/triggered.yaml").read_text()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    edits=st.lists(
+        st.tuples(
+            st.integers(0, len(EXAMPLE) - 1), st.sampled_from(list(":-[]{}\"'!&*#\n ab1.?|>%@`,"))
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_damaged_files_never_raise_and_problems_have_lines(edits: list[tuple[int, str]]) -> None:
+    text = list(EXAMPLE)
+    for index, char in edits:
+        text[index] = char
+    loaded, problems = parse_runs([("f.yaml", "".join(text))])
+    for problem in problems:
+        assert problem.file == "f.yaml"
+        assert problem.line is not None and problem.line >= 1
+        assert problem.message
+    assert len(loaded.runs) + bool(problems) >= 1 or not "".join(text).strip()

@@ -1,0 +1,121 @@
+"""`k2eg-recorder validate`, the shipped examples and the JSON Schema export."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from recorder.cli import main
+from recorder.config.loader import load_runs
+from recorder.config.schema import run_file_schema
+from recorder.sim.pvs import parse_pv
+
+EXAMPLES = Path(str(resources.files("recorder") / "examples"))
+
+
+def test_examples_are_valid_and_cover_the_three_modes() -> None:
+    loaded = load_runs(EXAMPLES)
+    modes = {d.name: d.mode for d in loaded}
+    assert "periodic normal" in modes.values()
+    assert "periodic timedbuffered" in modes.values()
+    assert any(m.startswith("triggered") for m in modes.values())
+    sub_push = [d for d in loaded if d.snapshot.sub_push_delay_msec]
+    assert sub_push and sub_push[0].snapshot.type.value == "timedbuffered"
+    assert any(not d.autostart for d in loaded)
+
+
+def test_example_pvs_are_served_by_the_simulator() -> None:
+    for definition in load_runs(EXAMPLES):
+        for name in definition.snapshot.pv_names:
+            assert parse_pv(name).connects, name
+
+
+def test_validate_prints_runs_files_and_groups(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(EXAMPLES)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "4 valid runs in 3 files" in out
+    assert "run sim-triggered-lookback" in out
+    assert "no: waits for `k2eg-recorder start sim-triggered-lookback`" in out
+    assert "/data/k2eg-recorder/sim-normal/sim-normal-10hz_" in out
+    assert "/pvs/SIM:WF:FLOAT:1" in out
+    assert "pushed every 250 ms" in out
+
+
+def test_validate_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "--json", str(EXAMPLES / "triggered.yaml")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["valid"] is True
+    assert [r["name"] for r in doc["runs"]] == ["sim-triggered-images", "sim-triggered-lookback"]
+    images = doc["runs"][0]
+    assert images["topic"] == "sim_triggered_images"
+    assert images["files"][0].startswith("/data/k2eg-recorder/sim-triggered/sim-triggered-images_")
+    assert images["files"][0].endswith("_0000.h5")
+    assert images["groups"][0] == "/pvs/SIM:IMG:UBYTE:1:S64x48"
+
+
+def test_validate_reports_every_error_and_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "ok.yaml").write_text(
+        "name: ok\nsnapshot: {snapshot_name: ok, pv_uri_list: [pva://SIM:AI:DOUBLE:1]}\n"
+        "output: {directory: /data/ok}\n"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        textwrap.dedent(
+            """\
+            name: bad
+            snapshot:
+              snapshot_name: OK
+              pv_uri_list: [pva://SIM:AI:DOUBLE:1, "pva://has space"]
+            output: {directory: ../data}
+            """
+        )
+    )
+    assert main(["validate", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert "1 valid run in 2 files" in out
+    lines = err.splitlines()
+    assert lines == [
+        f"{bad}:4: snapshot.pv_uri_list.1: 'pva://has space' is not a valid PV URI: expected "
+        "pva://NAME, ca://NAME or pv://NAME with NAME made of [A-Za-z0-9-_] parts joined by ':' "
+        "and an optional .field",
+        f"{bad}:5: output.directory: output directory '../data' must be an absolute path "
+        "(a daemon's working directory is not a place for data)",
+        "2 errors: nothing would start",
+    ]
+    assert main(["validate", "--quiet", str(tmp_path)]) == 1
+    assert capsys.readouterr().out == ""
+
+
+def test_validate_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(tmp_path / "nope")]) == 1
+    assert "no such file or directory" in capsys.readouterr().err
+    assert main(["validate"]) == 2
+
+
+def test_schema_export(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema == json.loads(json.dumps(run_file_schema()))
+    defs = schema["$defs"]
+    run = defs["RunDefinition"]
+    assert set(run["properties"]) == {"name", "autostart", "snapshot", "output", "metadata"}
+    assert run["additionalProperties"] is False
+    assert set(defs["SnapshotSpec"]["properties"]) >= {"snapshot_name", "pv_uri_list", "type"}
+
+    def refs(node: object) -> list[str]:
+        if isinstance(node, dict):
+            found = [node["$ref"]] if "$ref" in node else []
+            return found + [r for v in node.values() for r in refs(v)]
+        if isinstance(node, list):
+            return [r for v in node for r in refs(v)]
+        return []
+
+    for ref in refs(schema):
+        assert ref.removeprefix("#/$defs/") in defs, ref

@@ -1,0 +1,182 @@
+"""The systemd unit: `systemd-analyze verify` clean, security score gate, project rules; the
+example environment file documents every RECORDER_* setting."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recorder.config.daemon import DaemonSettings
+from recorder.settings import KafkaSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "systemd" / "k2eg-recorder.service"
+ENV_EXAMPLE = ROOT / "systemd" / "recorder.env.example"
+SECURITY_THRESHOLD = 20  # x10 scale: exposure must stay <= 2.0 ("OK"); it is 1.3 today
+
+needs_systemd = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+
+
+def directives(text: str) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def get(text: str, section: str, key: str) -> list[str]:
+    return [v for s, k, v in directives(text) if s == section and k == key]
+
+
+def unit_copy(tmp_path: Path, text: str | None = None) -> Path:
+    """The unit with ExecStart pointing at a binary that exists here (verify checks it)."""
+    text = UNIT.read_text() if text is None else text
+    script = Path(sys.executable).parent / "k2eg-recorder"  # the venv's console script
+    binary = script if script.exists() else Path(sys.executable)
+    text = re.sub(
+        r"^ExecStart=/usr/bin/k2eg-recorder",
+        f"ExecStart={binary}",
+        text,
+        flags=re.MULTILINE,
+    )
+    path = tmp_path / UNIT.name
+    path.write_text(text)
+    return path
+
+
+def verify(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@needs_systemd
+def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
+    result = verify(unit_copy(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+@needs_systemd
+def test_verify_would_catch_a_typo(tmp_path: Path) -> None:
+    # verify exits 0 on unknown keys and only warns: the stderr check above is what matters
+    broken = UNIT.read_text().replace("WatchdogSec=", "WatchdogSecs=")
+    result = verify(unit_copy(tmp_path, broken))
+    assert "WatchdogSecs" in result.stderr
+
+
+@needs_systemd
+def test_security_exposure_gate(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=true",
+            f"--threshold={SECURITY_THRESHOLD}",
+            str(unit_copy(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+
+
+def test_project_rules() -> None:
+    text = UNIT.read_text()
+    s = "Service"
+    assert get(text, s, "Type") == ["notify"]
+    assert get(text, s, "NotifyAccess") == ["main"]
+    assert get(text, s, "Restart") == ["on-failure"]
+    assert get(text, s, "User") == ["k2eg-recorder"]
+    assert get(text, s, "Group") == ["k2eg-recorder"]
+    assert get(text, s, "DynamicUser") == []  # data must stay readable by analysts
+    assert get(text, s, "UMask") == ["0027"]
+    assert get(text, s, "ProtectSystem") == ["strict"]
+    assert get(text, s, "ReadWritePaths") == ["/data/k2eg-recorder"]
+    assert get(text, s, "ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    assert get(text, s, "ExecStart") == [
+        "/usr/bin/k2eg-recorder run --config /etc/k2eg-recorder/runs.d"
+    ]
+    assert get(text, s, "EnvironmentFile") == ["-/etc/k2eg-recorder/recorder.env"]
+    assert "PYTHONUNBUFFERED=1" in get(text, s, "Environment")
+    assert get(text, s, "SyslogIdentifier") == ["k2eg-recorder"]
+    assert get(text, s, "CapabilityBoundingSet") == [""]
+    for key in (
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectControlGroups",
+        "RestrictNamespaces",
+        "LockPersonality",
+    ):
+        assert get(text, s, key) == ["yes"], key
+    watchdog = _seconds(get(text, s, "WatchdogSec")[0])
+    assert 10 <= watchdog <= 120
+    # stopping must outlast the daemon's own shutdown budget (final flushes)
+    stop = _seconds(get(text, s, "TimeoutStopSec")[0])
+    assert stop > DaemonSettings.model_fields["shutdown_timeout_s"].default
+    assert get(text, "Install", "WantedBy") == ["multi-user.target"]
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|min)?", value)
+    assert match, value
+    return int(match[1]) * (60 if match[2] == "min" else 1)
+
+
+def test_env_example_documents_every_setting() -> None:
+    text = ENV_EXAMPLE.read_text()
+    names = set(re.findall(r"^#?(RECORDER_[A-Z0-9_]+)=", text, flags=re.MULTILINE))
+    fields = {f"RECORDER_{n.upper()}" for n in KafkaSettings.model_fields if n != "kafka"}
+    fields |= {f"RECORDER_{n.upper()}" for n in DaemonSettings.model_fields}
+    assert fields - names == set(), "settings missing from recorder.env.example"
+    unknown = {n for n in names - fields if not n.startswith("RECORDER_KAFKA__")}
+    assert unknown == set(), "recorder.env.example names settings that do not exist"
+    for option in (
+        "RECORDER_KAFKA__SASL__MECHANISM",
+        "RECORDER_KAFKA__SECURITY__PROTOCOL",
+        "RECORDER_KAFKA__SASL__PASSWORD",
+        "RECORDER_KAFKA__SSL__CA__LOCATION",
+    ):
+        assert option in names
+    for line in text.splitlines():  # systemd EnvironmentFile syntax: KEY=value, no 'export'
+        if line and not line.startswith("#"):
+            assert re.fullmatch(r"[A-Z][A-Z0-9_]*=\S*", line), line
+
+
+def test_env_example_values_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("RECORDER_"):
+            monkeypatch.delenv(key)
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        match = re.fullmatch(r"#?(RECORDER_[A-Z0-9_]+)=(\S*)", line)
+        if match and not match[1].startswith("RECORDER_KAFKA__") and match[2]:
+            monkeypatch.setenv(match[1], match[2])
+    DaemonSettings()
+    KafkaSettings.from_env()
