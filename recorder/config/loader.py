@@ -210,7 +210,10 @@ def _parse_file(
             Problem(filename, 1, "", "empty file: write one run, or `runs: []` for none")
         )
         return []
+    before = len(problems)
     _duplicate_keys(filename, documents[0], (), problems)
+    if any(p.message.startswith("mapping keys must be plain") for p in problems[before:]):
+        return []  # ruamel cannot even build such a document (unhashable keys)
     try:
         data = yaml.load(text)
     except MarkedYAMLError as exc:  # e.g. an undefined alias is only found while constructing
@@ -401,6 +404,14 @@ def _duplicate_keys(filename: str, node: Node, loc: Loc, problems: list[Problem]
                     first.setdefault(key, line)
                 _duplicate_keys(filename, value_node, (*loc, key), problems)
             else:
+                problems.append(
+                    Problem(
+                        filename,
+                        key_node.start_mark.line + 1,
+                        _dotted(loc),
+                        "mapping keys must be plain names, not lists or mappings",
+                    )
+                )
                 _duplicate_keys(filename, value_node, loc, problems)
     elif isinstance(node, SequenceNode):
         for index, item in enumerate(node.value):

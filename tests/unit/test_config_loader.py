@@ -313,3 +313,18 @@ def test_damaged_files_never_raise_and_problems_have_lines(edits: list[tuple[int
         assert problem.line is not None and problem.line >= 1
         assert problem.message
     assert len(loaded.runs) + bool(problems) >= 1 or not "".join(text).strip()
+
+
+def test_complex_mapping_keys_are_reported_not_raised() -> None:
+    # found by the hypothesis test above: ruamel raises TypeError building such a document
+    text = """\
+    name: a
+    snapshot:
+      ? {pv_uri_list: [pva://X]}
+      : 1
+    output:
+      directory: /data/a
+    """
+    assert problems_of(text) == [
+        "runs.yaml:3: snapshot: mapping keys must be plain names, not lists or mappings"
+    ]
