@@ -1,0 +1,58 @@
+"""``k2eg-recorder inspect FILE``: a readable summary of a recorded file."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from pathlib import Path
+
+HELP = "summarize a recorded HDF5 file"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="a .h5 file (or a .h5.partial being written)")
+
+
+def _t(ns: int) -> str:
+    if not ns:
+        return "-"
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    from recorder.errors import FileFormatError
+    from recorder.reader import open_file
+
+    try:
+        f = open_file(args.file)
+    except (OSError, FileFormatError) as exc:
+        print(f"{args.file}: {exc}")
+        return 1
+    with f:
+        a = f.attrs
+        print(f"file      {args.file}")
+        print(f"format    {a.get('format')} {a.get('format_version')} ({f.layout} layout)")
+        print(f"run       {a.get('run_name')}  recording {a.get('recording_uid')} "
+              f"seq {a.get('recording_seq')} segment {a.get('segment')}")
+        print(f"snapshot  {a.get('snapshot_name', '-')}  type {a.get('snapshot_type', '-')}")
+        reason = a.get("status_reason") or ""
+        print(f"status    {f.status}" + (f" ({reason})" if reason else ""))
+        print(f"time      {a.get('start_time')} .. {a.get('end_time', '(still recording)')}")
+        its = f.iterations()
+        n = len(its["iter_index"])
+        complete = int((its["status"] == "complete").sum()) if n else 0
+        print(f"iterations {n} ({complete} complete, {n - complete} incomplete)", end="")
+        if n:
+            print(f"  iter_index {its['iter_index'][0]}..{its['iter_index'][-1]}")
+        else:
+            print()
+        print(f"{'PV':40} {'kind':12} {'dtype':10} {'shape':12} {'count':>8}  first .. last time")
+        for pv in f.pv_names:
+            times = f.times(pv)
+            vals = f.values(pv)
+            kind = f.pv_info(pv).get("kind", "-")
+            shape = str(vals.shape[1:]) if vals.dtype != object else "varies"
+            print(f"{pv:40} {kind:12} {vals.dtype!s:10} {shape:12} {len(times):>8}  "
+                  f"{_t(int(times[0])) if len(times) else '-'} .. "
+                  f"{_t(int(times[-1])) if len(times) else '-'}")
+    return 0

@@ -1,0 +1,437 @@
+"""Reading k2eg-recorder files (finalized and live/crashed ones) for analysts.
+
+    from recorder.reader import open_file, open_recording
+    with open_file("linac_20250101T000000Z_0003.h5") as f:
+        f.pv_names                       # ['LINAC:BPM1:X', ...]
+        f.values("LINAC:BPM1:X")         # numpy array, one row per value
+        f.times("LINAC:BPM1:X")          # int64 ns since epoch (EPICS timeStamp)
+        f.iterations_of("LINAC:BPM1:X")  # k2eg iter_index of each value
+        f.samples("LINAC:BPM1:X")        # PVSample objects equal to what the gateway sent
+        for data, meta in f.trains():    # karabo-bridge style, one pair per iteration
+            data["LINAC:BPM1:X"]["value"], meta["LINAC:BPM1:X"]["timestamp.tid"]
+
+``open_recording(paths)`` chains the segment files of one recording. Files compressed with
+zstd/blosc2 need ``hdf5plugin``; it is imported here when installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import h5py
+import numpy as np
+import numpy.typing as npt
+
+from recorder.client.values import PVSample, ValueKind
+from recorder.errors import FileFormatError
+from recorder.sinks.buffer import REASON_NAMES, STATUS_NAMES
+from recorder.sinks.codec import (
+    DTYPE_BY_CODE,
+    F_VALUE,
+    KINDS_BY_CODE,
+    STRING_DTYPE_CODE,
+    decode_rest,
+    escape_name,
+    rebuild_data,
+    typed_scalar,
+)
+from recorder.sinks.livefile import LiveView, read_live
+
+with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
+    import hdf5plugin  # noqa: F401
+
+SUPPORTED_MAJOR = "1"
+
+
+def sample_value(
+    view: LiveView, s: dict[str, npt.NDArray[Any]], r: int, rest: dict[str, Any]
+) -> Any:
+    """The Python value of live row ``r`` (columns ``s``) as msgpack decoded it."""
+    dcode = int(s["dtype"][r])
+    kind = KINDS_BY_CODE[int(s["kind"][r])]
+    if dcode == STRING_DTYPE_CODE:
+        return view.text(int(s["offset"][r]), int(s["size"][r])).decode("utf-8")
+    if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
+        o, z = int(s["offset"][r]), int(s["size"][r])
+        return view.pools[dcode][o : o + z].tolist()
+    return typed_scalar(dcode, int(s["ival"][r]), float(s["fval"][r]))
+
+
+def _open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        # a live file (or one left by a crashed writer) opens in SWMR read mode
+        return h5py.File(path, "r", swmr=True)
+
+
+class RecordingFile:
+    """One k2eg-recorder HDF5 file (see docs/file-format.md)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.h5 = _open_h5(self.path)
+        attrs = self.h5.attrs
+        if attrs.get("format") != "k2eg-recorder":
+            self.h5.close()
+            raise FileFormatError(f"{self.path} is not a k2eg-recorder file")
+        version = str(attrs.get("format_version", ""))
+        if version.split(".", maxsplit=1)[0] != SUPPORTED_MAJOR:
+            self.h5.close()
+            raise FileFormatError(f"{self.path}: unsupported format_version {version!r}")
+        self.attrs: dict[str, Any] = {k: _plain(v) for k, v in attrs.items()}
+        self.layout = str(self.attrs.get("layout", "final"))
+        self._live: LiveView | None = None
+        self._cache: dict[str, list[PVSample]] = {}
+        self.refresh()
+
+    # --- basics -------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Re-read a live file (new iterations appear); no-op for finalized files."""
+        self._cache.clear()
+        if self.layout == "live":
+            self._live = read_live(self.h5)
+
+    @property
+    def status(self) -> str:
+        if self._live is not None:
+            return self._live.status
+        return str(self.attrs.get("status", ""))
+
+    @property
+    def pv_names(self) -> list[str]:
+        if self._live is not None:
+            return list(self._live.pv_names)
+        return [str(n) for n in self.attrs_of("pvs").get("pv_names", [])]
+
+    def attrs_of(self, path: str) -> dict[str, Any]:
+        return {k: _plain(v) for k, v in self.h5[path].attrs.items()}
+
+    def iterations(self) -> dict[str, npt.NDArray[Any]]:
+        """The /iterations table as columns (status/reason as strings)."""
+        if self._live is not None:
+            cols = dict(self._live.iterations)
+            view = self._live
+            cols["error_message"] = np.array(
+                [
+                    view.text(int(o), int(z)).decode("utf-8", "replace") if o >= 0 else ""
+                    for o, z in zip(
+                        cols["error_message"].tolist(),
+                        cols.pop("error_message_size").tolist(),
+                        strict=True,
+                    )
+                ],
+                dtype=object,
+            )
+        else:
+            cols = {k: ds[()] for k, ds in self.h5["iterations"].items()}
+            cols["error_message"] = np.array(
+                [m.decode() if isinstance(m, bytes) else m for m in cols["error_message"]],
+                dtype=object,
+            )
+        cols["status"] = np.array([STATUS_NAMES[int(x)] for x in cols["status"]], dtype=object)
+        cols["reason"] = np.array([REASON_NAMES[int(x)] for x in cols["reason"]], dtype=object)
+        return cols
+
+    def pv_info(self, pv: str) -> dict[str, Any]:
+        if self._live is not None:
+            samples = self.samples(pv)
+            info: dict[str, Any] = {"pv_name": pv, "count": len(samples)}
+            if samples:
+                info["kind"] = samples[0].kind.value
+            return info
+        return self.attrs_of(f"pvs/{escape_name(pv)}")
+
+    # --- per-PV arrays ------------------------------------------------------------------------
+    def _group(self, pv: str) -> h5py.Group:
+        if pv not in self.pv_names:
+            raise KeyError(pv)
+        return self.h5["pvs"][escape_name(pv)]
+
+    def _live_rows(self, pv: str) -> npt.NDArray[np.int64]:
+        assert self._live is not None
+        col = self._live.pv_names.index(pv)
+        return np.flatnonzero(self._live.samples["pv"] == col)
+
+    def _column(self, pv: str, name: str) -> npt.NDArray[Any]:
+        if self._live is not None:
+            return self._live.samples[name][self._live_rows(pv)]
+        return np.asarray(self._group(pv)[name][()])
+
+    def times(self, pv: str) -> npt.NDArray[np.int64]:
+        return self._column(pv, "time")
+
+    def iterations_of(self, pv: str) -> npt.NDArray[np.int64]:
+        return self._column(pv, "iteration")
+
+    def severity(self, pv: str) -> npt.NDArray[np.int32]:
+        return self._column(pv, "severity")
+
+    def alarm_status(self, pv: str) -> npt.NDArray[np.int32]:
+        return self._column(pv, "status")
+
+    def values(self, pv: str) -> npt.NDArray[Any]:
+        """One row per value: scalars 1-D in their dtype, waveforms/images stacked when all have
+        the same shape (else an object array of arrays), strings/tables/structures as objects,
+        enums as the index."""
+        samples = self.samples(pv)
+        if not samples:
+            return np.empty(0)
+        kind = samples[0].kind
+        vals = [s.value for s in samples]
+        if kind is ValueKind.ENUM:
+            return np.array([v.index if v is not None else -1 for v in vals], dtype=np.int64)
+        if kind in (ValueKind.SCALAR, ValueKind.BOOL) and all(
+            isinstance(v, np.generic) for v in vals
+        ):
+            return np.array(vals)
+        if kind is ValueKind.NDARRAY:
+            vals = [v.image() if v is not None and hasattr(v, "image") else v for v in vals]
+        if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
+            shapes = {getattr(v, "shape", None) for v in vals}
+            if len(shapes) == 1 and None not in shapes:
+                return np.stack(vals)
+        out = np.empty(len(vals), dtype=object)
+        out[:] = vals
+        return out
+
+    def first_count(self, pv: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """For each /iterations row: first row and number of this PV's values (XFEL INDEX)."""
+        if self._live is None:
+            g = self._group(pv)
+            return g["first"][()], g["count"][()]
+        rows = self._column(pv, "iter_row")
+        n_iter = len(self._live.iterations["iter_index"])
+        count = np.bincount(rows[rows >= 0], minlength=n_iter)[:n_iter].astype(np.int64)
+        big = np.iinfo(np.int64).max
+        first = np.searchsorted(np.where(rows >= 0, rows, big), np.arange(n_iter))
+        return first.astype(np.int64), count
+
+    def samples(self, pv: str) -> list[PVSample]:
+        """Every value of ``pv`` as a PVSample equal to what the client decoded."""
+        cached = self._cache.get(pv)
+        if cached is not None:
+            return cached
+        out = self._live_samples(pv) if self._live is not None else self._final_samples(pv)
+        self._cache[pv] = out
+        return out
+
+    def _live_samples(self, pv: str) -> list[PVSample]:
+        view = self._live
+        assert view is not None
+        col = view.pv_names.index(pv)
+        idx = self._live_rows(pv)
+        s = {k: v[idx] for k, v in view.samples.items()}
+        sel = np.flatnonzero(view.meta["pv"] == col)
+        entries = [
+            (int(view.meta["row"][i]), int(view.meta["offset"][i]), int(view.meta["size"][i]))
+            for i in sel
+        ]
+        out: list[PVSample] = []
+        rest: dict[str, Any] = {"d": {}, "f": []}
+        j = 0
+        for r in range(len(idx)):
+            while j < len(entries) and entries[j][0] <= r:
+                rest = decode_rest(view.text(entries[j][1], entries[j][2]))
+                j += 1
+            flags = int(s["flags"][r])
+            value = sample_value(view, s, r, rest) if flags & F_VALUE else None
+            data = rebuild_data(
+                rest,
+                flags=flags,
+                kind=int(s["kind"][r]),
+                time_ns=int(s["time"][r]),
+                severity=int(s["severity"][r]),
+                status=int(s["status"][r]),
+                value=value,
+            )
+            out.append(PVSample(pv, data, frozenset(rest.get("f", ()))))
+        return out
+
+    def _final_samples(self, pv: str) -> list[PVSample]:
+        g = self._group(pv)
+        kind = ValueKind(g.attrs["kind"])
+        n = int(g.attrs.get("count", len(g["time"])))
+        cols = {k: g[k][()] for k in ("time", "severity", "status", "flags")}
+        value = g["value"][()] if "value" in g else None
+        shape = g["shape"][()] if "shape" in g else None
+        storage = str(g.attrs.get("storage_dtype", "none"))
+        meta_rows = g["metadata/row"][()] if "metadata" in g else np.zeros(0, np.int64)
+        meta_json = g["metadata/json"][()] if "metadata" in g else []
+        out: list[PVSample] = []
+        rest: dict[str, Any] = {"d": {}, "f": []}
+        j = 0
+        kind_code = {k: c for c, k in KINDS_BY_CODE.items()}[kind]
+        for r in range(n):
+            while j < len(meta_rows) and int(meta_rows[j]) <= r:
+                raw = meta_json[j]
+                rest = decode_rest(raw if isinstance(raw, bytes) else raw.encode())
+                j += 1
+            flags = int(cols["flags"][r])
+            v: Any = None
+            if flags & F_VALUE and value is not None:
+                if storage == "utf-8":
+                    item = value[r]
+                    v = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+                elif shape is not None:
+                    sl = tuple(slice(0, int(d)) for d in shape[r])
+                    v = value[r][sl].reshape(-1).tolist()
+                else:
+                    code = {dt.name: c for c, dt in DTYPE_BY_CODE.items()}[storage]
+                    item = value[r]
+                    v = (
+                        float(item)
+                        if DTYPE_BY_CODE[code].kind == "f"
+                        else bool(item)
+                        if DTYPE_BY_CODE[code].kind == "b"
+                        else int(item)
+                    )
+            data = rebuild_data(
+                rest,
+                flags=flags,
+                kind=kind_code,
+                time_ns=int(cols["time"][r]),
+                severity=int(cols["severity"][r]),
+                status=int(cols["status"][r]),
+                value=v,
+            )
+            out.append(PVSample(pv, data, frozenset(rest.get("f", ()))))
+        return out
+
+    # --- iteration by iteration ---------------------------------------------------------------
+    def trains(self) -> Iterator[tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]]:
+        """(data, metadata) per /iterations row, keyed by PV name (karabo-bridge shape).
+
+        ``data[pv]`` has flattened keys: ``value`` (array of this iteration's values),
+        ``timestamp`` (ns), ``alarm.severity``, ``alarm.status``. ``metadata[pv]`` has
+        ``timestamp`` (s, float), ``timestamp.sec``, ``timestamp.frac``, ``timestamp.tid``
+        (the k2eg iter_index), ``iteration.status`` and ``iteration.row``.
+        """
+        its = self.iterations()
+        index = {pv: self.first_count(pv) for pv in self.pv_names}
+        arrays = {pv: (self.values(pv), self.times(pv), self.severity(pv), self.alarm_status(pv))
+                  for pv in self.pv_names}
+        for row in range(len(its["iter_index"])):
+            data: dict[str, dict[str, Any]] = {}
+            meta: dict[str, dict[str, Any]] = {}
+            ts = int(its["header_timestamp"][row]) or int(its["tail_timestamp"][row])
+            for pv, (first, count) in index.items():
+                c = int(count[row])
+                if not c:
+                    continue
+                lo = int(first[row])
+                vals, times, sev, stat = arrays[pv]
+                data[pv] = {
+                    "value": vals[lo : lo + c],
+                    "timestamp": times[lo : lo + c],
+                    "alarm.severity": sev[lo : lo + c],
+                    "alarm.status": stat[lo : lo + c],
+                }
+                meta[pv] = {
+                    "source": pv,
+                    "timestamp": ts / 1e9,
+                    "timestamp.sec": str(ts // 1_000_000_000),
+                    "timestamp.frac": f"{ts % 1_000_000_000:09d}000000000",
+                    "timestamp.tid": int(its["iter_index"][row]),
+                    "iteration.status": str(its["status"][row]),
+                    "iteration.row": row,
+                }
+            yield data, meta
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __enter__(self) -> RecordingFile:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Recording:
+    """The segment files of one recording, in order."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike[str]]) -> None:
+        self.files = [RecordingFile(p) for p in paths]
+        self.files.sort(key=lambda f: int(f.attrs.get("segment", 0)))
+
+    @property
+    def pv_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for f in self.files:
+            names.update(dict.fromkeys(f.pv_names))
+        return list(names)
+
+    def _cat(self, method: str, pv: str) -> npt.NDArray[Any]:
+        parts = [getattr(f, method)(pv) for f in self.files if pv in f.pv_names]
+        return np.concatenate(parts) if parts else np.empty(0)
+
+    def values(self, pv: str) -> npt.NDArray[Any]:
+        return self._cat("values", pv)
+
+    def times(self, pv: str) -> npt.NDArray[Any]:
+        return self._cat("times", pv)
+
+    def iterations_of(self, pv: str) -> npt.NDArray[Any]:
+        return self._cat("iterations_of", pv)
+
+    def trains(self) -> Iterator[tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]]:
+        for f in self.files:
+            yield from f.trains()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_file(path: str | os.PathLike[str]) -> RecordingFile:
+    return RecordingFile(path)
+
+
+def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> Recording:
+    """Open all segments: a list of files, or a directory plus the uid of one file in it."""
+    if isinstance(paths, (str, os.PathLike)):
+        first = RecordingFile(paths)
+        uid = first.attrs.get("recording_uid")
+        first.close()
+        directory = Path(paths).parent
+        found = []
+        for p in sorted(directory.iterdir()):
+            if p.suffix in (".h5", ".hdf5", ".nxs", ".partial"):
+                try:
+                    with h5py.File(p, "r", swmr=p.suffix == ".partial") as h:
+                        if _plain(h.attrs.get("recording_uid")) == uid:
+                            found.append(p)
+                except OSError:
+                    continue
+        return Recording(found)
+    return Recording(paths)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def json_attr(f: RecordingFile, name: str) -> Any:
+    raw = f.attrs.get(name)
+    return json.loads(raw) if isinstance(raw, str) and raw else None

@@ -1,0 +1,351 @@
+"""Lossless split of a PV sample into typed columns plus a "rest" structure (pure code).
+
+Every :class:`~recorder.client.values.PVSample` is split into
+
+* per-sample columns: EPICS time (ns), alarm severity, alarm status, and the value, typed
+  (inline ``ival``/``fval`` for scalars, enums and booleans; an element array for waveforms and
+  NTNDArray pixels; UTF-8 bytes for strings),
+* the *rest*: the decoded PV structure with ``None`` placeholders where a field was extracted
+  (so key order is kept), plus the sample's ``float32_paths``. The rest holds the slowly
+  changing metadata (display, control, valueAlarm, enum choices, NTNDArray dimensions, ...)
+  and is stored only when it changes.
+
+``flags`` says which fields were extracted, so :func:`rebuild_data` gives back the structure
+the gateway sent, value for value (``==``, with float widths kept via ``float32_paths``).
+Anything that does not fit a typed column (structures, string arrays, NTTable, a nil value,
+an out-of-range timestamp) simply stays in the rest.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from recorder.client.values import NDARRAY_UNION_DTYPES, PVSample, ValueKind
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+NS_PER_S = 1_000_000_000
+
+# which fields were extracted into columns (bit flags stored per sample)
+F_TIME = 1
+F_SEVERITY = 2
+F_STATUS = 4
+F_VALUE = 8
+
+KIND_CODES: dict[ValueKind, int] = {
+    ValueKind.NONE: 0,
+    ValueKind.SCALAR: 1,
+    ValueKind.BOOL: 2,
+    ValueKind.STRING: 3,
+    ValueKind.ENUM: 4,
+    ValueKind.ARRAY: 5,
+    ValueKind.STRING_ARRAY: 6,
+    ValueKind.TABLE: 7,
+    ValueKind.NDARRAY: 8,
+    ValueKind.STRUCT: 9,
+}
+KINDS_BY_CODE: dict[int, ValueKind] = {v: k for k, v in KIND_CODES.items()}
+
+# element dtypes of typed values; code 0 = no typed value
+DTYPES: tuple[np.dtype[Any], ...] = (
+    np.dtype(np.bool_),
+    np.dtype(np.int8),
+    np.dtype(np.uint8),
+    np.dtype(np.int16),
+    np.dtype(np.uint16),
+    np.dtype(np.int32),
+    np.dtype(np.uint32),
+    np.dtype(np.int64),
+    np.dtype(np.uint64),
+    np.dtype(np.float32),
+    np.dtype(np.float64),
+)
+DTYPE_CODES: dict[np.dtype[Any], int] = {dt: i + 1 for i, dt in enumerate(DTYPES)}
+DTYPE_BY_CODE: dict[int, np.dtype[Any]] = {i + 1: dt for i, dt in enumerate(DTYPES)}
+STRING_DTYPE_CODE = 12  # UTF-8 bytes in the byte pool
+POOL_NAMES: dict[int, str] = {code: dt.name for code, dt in DTYPE_BY_CODE.items()}
+ARRAY_KINDS = (ValueKind.ARRAY, ValueKind.NDARRAY)
+
+
+@dataclass(slots=True)
+class Split:
+    """One sample split into columns; see the module docstring."""
+
+    time_ns: int
+    severity: int
+    status: int
+    flags: int
+    kind: int
+    dtype: int  # DTYPE_CODES / STRING_DTYPE_CODE / 0
+    ival: int
+    fval: float
+    array: npt.NDArray[Any] | None  # waveform / NTNDArray pixels (flat), typed
+    text: bytes | None  # STRING value, UTF-8
+    rest: dict[str, Any]  # {"d": structure with placeholders, "f": float32 paths}
+
+
+def _int32(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31
+
+
+def split_sample(sample: PVSample) -> Split:
+    """Split ``sample`` (never raises for any decoded structure)."""
+    data = sample.data
+    rest: dict[str, Any] = dict(data)
+    flags = 0
+    time_ns = 0
+    severity = -1
+    status = -1
+    ts = data.get("timeStamp")
+    if isinstance(ts, Mapping):
+        sec = ts.get("secondsPastEpoch")
+        nsec = ts.get("nanoseconds")
+        if (
+            isinstance(sec, int)
+            and not isinstance(sec, bool)
+            and isinstance(nsec, int)
+            and not isinstance(nsec, bool)
+            and 0 <= nsec < NS_PER_S
+        ):
+            t = sec * NS_PER_S + nsec
+            if INT64_MIN <= t <= INT64_MAX:
+                time_ns = t
+                flags |= F_TIME
+                ts_rest = dict(ts)
+                ts_rest["secondsPastEpoch"] = None
+                ts_rest["nanoseconds"] = None
+                rest["timeStamp"] = ts_rest
+    alarm = data.get("alarm")
+    if isinstance(alarm, Mapping):
+        sev = alarm.get("severity")
+        stat = alarm.get("status")
+        alarm_rest = None
+        if _int32(sev):
+            severity = int(sev)  # type: ignore[arg-type]
+            flags |= F_SEVERITY
+            alarm_rest = dict(alarm)
+            alarm_rest["severity"] = None
+        if _int32(stat):
+            status = int(stat)  # type: ignore[arg-type]
+            flags |= F_STATUS
+            alarm_rest = alarm_rest if alarm_rest is not None else dict(alarm)
+            alarm_rest["status"] = None
+        if alarm_rest is not None:
+            rest["alarm"] = alarm_rest
+
+    kind = sample.kind
+    value = sample.value
+    dtype = 0
+    ival = 0
+    fval = 0.0
+    array: npt.NDArray[Any] | None = None
+    text: bytes | None = None
+    if kind is ValueKind.SCALAR:
+        dt = value.dtype
+        dtype = DTYPE_CODES[dt]
+        if dt.kind == "f":
+            fval = float(value)
+        elif dt == np.uint64:
+            ival = int(np.array(value, dtype=np.uint64).view(np.int64))
+        else:
+            ival = int(value)
+        flags |= F_VALUE
+        rest["value"] = None
+    elif kind is ValueKind.BOOL:
+        dtype = DTYPE_CODES[np.dtype(np.bool_)]
+        ival = int(bool(value))
+        flags |= F_VALUE
+        rest["value"] = None
+    elif kind is ValueKind.STRING:
+        try:
+            text = value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: leave it in the rest
+            text = None
+        if text is not None:
+            dtype = STRING_DTYPE_CODE
+            flags |= F_VALUE
+            rest["value"] = None
+    elif kind is ValueKind.ENUM:
+        raw = data["value"]
+        index = raw.get("index")
+        if isinstance(index, int) and INT64_MIN <= index <= INT64_MAX:
+            dtype = DTYPE_CODES[np.dtype(np.int64)]
+            ival = index
+            flags |= F_VALUE
+            enum_rest = dict(raw)
+            enum_rest["index"] = None
+            rest["value"] = enum_rest
+    elif kind is ValueKind.ARRAY:
+        array = value
+        dtype = DTYPE_CODES[value.dtype]
+        flags |= F_VALUE
+        rest["value"] = None
+    elif kind is ValueKind.NDARRAY:
+        array = value.data
+        dtype = DTYPE_CODES[value.data.dtype]
+        flags |= F_VALUE
+        nd_rest = dict(data["value"])
+        nd_rest[value.union_field] = None
+        rest["value"] = nd_rest
+    return Split(
+        time_ns=time_ns,
+        severity=severity,
+        status=status,
+        flags=flags,
+        kind=KIND_CODES[kind],
+        dtype=dtype,
+        ival=ival,
+        fval=fval,
+        array=array,
+        text=text,
+        rest={"d": rest, "f": sorted(sample.float32_paths)},
+    )
+
+
+# --- JSON with tags for what JSON cannot say --------------------------------------------------
+def _to_jsonable(obj: Any) -> Any:
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return {"__float__": repr(obj)}
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) for k in obj) and not any(k.startswith("__") for k in obj):
+            return {k: _to_jsonable(v) for k, v in obj.items()}
+        return {"__map__": [[_to_jsonable(k), _to_jsonable(v)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"__bytes__": base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, np.generic):
+        return _to_jsonable(obj.item())
+    if isinstance(obj, np.ndarray):
+        return [_to_jsonable(v) for v in obj.tolist()]
+    return {"__repr__": repr(obj)}
+
+
+def _from_jsonable(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_from_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        if len(obj) == 1:
+            ((key, val),) = obj.items()
+            if key == "__float__":
+                return float(val)
+            if key == "__bytes__":
+                return base64.b64decode(val)
+            if key == "__map__":
+                return {_hashable(_from_jsonable(k)): _from_jsonable(v) for k, v in val}
+            if key == "__repr__":
+                return val
+        return {k: _from_jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def _hashable(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return tuple(_hashable(v) for v in obj)
+    if isinstance(obj, dict):
+        return tuple((k, _hashable(v)) for k, v in obj.items())
+    return obj
+
+
+def encode_rest(rest: Mapping[str, Any]) -> bytes:
+    """The rest as compact UTF-8 JSON (tagged for non-finite floats, bytes, non-str keys)."""
+    return json.dumps(_to_jsonable(rest), separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_rest(raw: bytes) -> dict[str, Any]:
+    result = _from_jsonable(json.loads(raw.decode("utf-8")))
+    if not isinstance(result, dict):
+        raise ValueError("rest is not a JSON object")
+    return result
+
+
+# --- the way back -----------------------------------------------------------------------------
+def typed_scalar(dtype_code: int, ival: int, fval: float) -> Any:
+    """The Python value of an inline scalar as msgpack would have decoded it."""
+    dt = DTYPE_BY_CODE[dtype_code]
+    if dt.kind == "f":
+        return float(fval)
+    if dt == np.bool_:
+        return bool(ival)
+    if dt == np.uint64:
+        return int(np.array(ival, dtype=np.int64).view(np.uint64))
+    return int(ival)
+
+
+def rebuild_data(
+    rest: Mapping[str, Any],
+    *,
+    flags: int,
+    kind: int,
+    time_ns: int,
+    severity: int,
+    status: int,
+    value: Any,
+) -> dict[str, Any]:
+    """The PV structure as sent: the rest with the extracted fields put back.
+
+    ``value`` is the Python value of the extracted value field (ignored without ``F_VALUE``):
+    an int/float/bool/str, or a list (waveform / NTNDArray pixels).
+    """
+    data: dict[str, Any] = dict(rest["d"])
+    if flags & F_TIME:
+        ts = dict(data["timeStamp"])
+        ts["secondsPastEpoch"], ts["nanoseconds"] = divmod(time_ns, NS_PER_S)
+        data["timeStamp"] = ts
+    if flags & (F_SEVERITY | F_STATUS):
+        alarm = dict(data["alarm"])
+        if flags & F_SEVERITY:
+            alarm["severity"] = severity
+        if flags & F_STATUS:
+            alarm["status"] = status
+        data["alarm"] = alarm
+    if flags & F_VALUE:
+        vkind = KINDS_BY_CODE[kind]
+        if vkind is ValueKind.ENUM:
+            enum_value = dict(data["value"])
+            enum_value["index"] = value
+            data["value"] = enum_value
+        elif vkind is ValueKind.NDARRAY:
+            nd = dict(data["value"])
+            (field,) = [k for k, v in nd.items() if v is None and k in NDARRAY_UNION_DTYPES]
+            nd[field] = value
+            data["value"] = nd
+        else:
+            data["value"] = value
+    return data
+
+
+def rebuild_sample(pv: str, rest: Mapping[str, Any], **columns: Any) -> PVSample:
+    """A :class:`PVSample` equal to the one that was split (``data`` and ``float32_paths``)."""
+    return PVSample(pv, rebuild_data(rest, **columns), frozenset(rest.get("f", ())))
+
+
+# --- HDF5 names -------------------------------------------------------------------------------
+def escape_name(name: str) -> str:
+    """An HDF5 link name for a PV: as is except '%', '/' and a leading '.' (percent-encoded)."""
+    out = name.replace("%", "%25").replace("/", "%2F")
+    if not out or out.startswith("."):
+        out = "%2E" + out[1:] if out else "%00"
+    return out
+
+
+def unescape_name(name: str) -> str:
+    if name == "%00":
+        return ""
+    if name.startswith("%2E"):
+        name = "." + name[3:]
+    return name.replace("%2F", "/").replace("%25", "%")

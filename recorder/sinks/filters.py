@@ -1,0 +1,54 @@
+"""HDF5 filter keyword arguments for h5py ``create_dataset`` (gzip, lzf, zstd, blosc2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from recorder.errors import SinkError
+from recorder.sinks.options import Compression, OutputOptions
+
+DEFAULT_LEVELS = {Compression.GZIP: 4, Compression.ZSTD: 3, Compression.BLOSC2: 5}
+LIVE_LEVELS = {Compression.GZIP: 1, Compression.ZSTD: 1, Compression.BLOSC2: 1}
+
+
+def filter_kwargs(
+    options: OutputOptions, dtype: np.dtype[Any] | None, *, live: bool = False
+) -> tuple[dict[str, Any], str | None]:
+    """(create_dataset keyword arguments, required plugin name or None)."""
+    comp = options.compression
+    level = options.compression_level
+    if live or level is None:
+        level = (LIVE_LEVELS if live else DEFAULT_LEVELS).get(comp, 0)
+    assert level is not None
+    shuffle = bool(
+        options.shuffle
+        and dtype is not None
+        and dtype.kind in "iub"
+        and dtype.itemsize > 1
+    )
+    if comp is Compression.NONE:
+        return {}, None
+    if comp is Compression.GZIP:
+        return {"compression": "gzip", "compression_opts": level, "shuffle": shuffle}, None
+    if comp is Compression.LZF:
+        return {"compression": "lzf", "shuffle": shuffle}, None
+    try:
+        import hdf5plugin
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise SinkError(
+            f"compression {comp.value!r} needs the hdf5plugin package (pip install hdf5plugin)"
+        ) from exc
+    if comp is Compression.ZSTD:
+        return {**hdf5plugin.Zstd(clevel=level), "shuffle": shuffle}, "zstd (hdf5plugin)"
+    blosc_shuffle = hdf5plugin.Blosc2.SHUFFLE if shuffle else hdf5plugin.Blosc2.NOFILTER
+    return (
+        dict(hdf5plugin.Blosc2(cname="zstd", clevel=level, filters=blosc_shuffle)),
+        "blosc2 (hdf5plugin)",
+    )
+
+
+def rows_per_chunk(row_bytes: int, target: int = 256 * 1024, max_rows: int = 65536) -> int:
+    """Rows per chunk so a chunk holds about ``target`` bytes (at least one row)."""
+    return int(max(1, min(max_rows, target // max(1, row_bytes))))

@@ -1,0 +1,348 @@
+"""HDF5Recording: one recording of a run (start to stop) written as HDF5 segment files.
+
+The daemon's API::
+
+    rec = HDF5Recording(options, run_name="linac", snapshot=props, run_definition_text=yaml,
+                        metadata={"operator": "x"}, pv_uris=props.pv_uri_list, seq=3)
+    rec.handle(event)          # every IterationOpened / ValuesReceived / IterationClosed
+    rec.maybe_flush(now)       # from the daemon's loop/timer; flushes every flush_interval_s
+    rec.flush()                # force a flush (data durable on return)
+    rec.close("complete")      # or "aborted"/"failed" with a reason; finalizes the files
+    rec.status, rec.reason, rec.current_path, rec.paths, rec.last_durable_offset, rec.counters
+
+``handle``/``flush``/``maybe_flush`` never raise for I/O problems: a full disk or an
+unwritable directory marks the recording ``failed`` (``rec.reason``), keeps what is already
+on disk (the ``.partial`` file stays recoverable) and drops later events; other recordings
+are unaffected. Files being written are ``<name>.h5.partial`` (SWMR, log-structured layout);
+``close`` rewrites each into ``<name>.h5`` (one NXlog group per PV, read-only).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import structlog
+
+from recorder import __version__
+from recorder.client.events import IterationEvent
+from recorder.client.properties import PVUri, SnapshotProperties
+from recorder.sinks.buffer import RecordingBuffer
+from recorder.sinks.finalize import finalize
+from recorder.sinks.livefile import RECORDING_STATUS, LiveWriter, create_live_layout
+from recorder.sinks.options import (
+    OutputOptions,
+    partial_path,
+    render_file_name,
+    unique_path,
+)
+
+FORMAT_NAME = "k2eg-recorder"
+FORMAT_VERSION = "1.0"
+
+log = structlog.get_logger("recorder.sinks")
+_PARKED: list[h5py.File] = []  # files of failed recordings, never closed (see _fail)
+
+
+class HDF5Recording:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        options: OutputOptions,
+        *,
+        run_name: str,
+        snapshot: SnapshotProperties | None = None,
+        run_definition_text: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        pv_uris: Iterable[str] = (),
+        seq: int = 0,
+        recording_uid: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.options = options
+        self.run_name = run_name
+        self.snapshot = snapshot
+        self.run_definition_text = run_definition_text
+        self.metadata = dict(metadata or {})
+        uris = list(pv_uris) or list(snapshot.pv_uri_list if snapshot else ())
+        self.pv_uri_map: dict[str, str] = {}
+        for uri in uris:
+            try:
+                self.pv_uri_map.setdefault(PVUri.parse(uri).name, uri)
+            except ValueError:
+                self.pv_uri_map.setdefault(uri, uri)
+        self.seq = seq
+        self.uid = recording_uid or str(uuid.uuid4())
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.start_wall = wall_clock()
+        self.status = "recording"
+        self.reason = ""
+        self.segment = -1
+        self.paths: list[Path] = []  # finalized segment files
+        self.current_path: Path | None = None  # the .partial file being written
+        self.counters: dict[str, int] = {
+            "events": 0,
+            "values": 0,
+            "iterations": 0,
+            "flushes": 0,
+            "segments": 0,
+            "dropped_events": 0,
+        }
+        self.last_flush_seconds = 0.0
+        self._final: Path | None = None
+        self._file: h5py.File | None = None
+        self._writer: LiveWriter | None = None
+        self._buffer = RecordingBuffer(self.pv_uri_map)
+        self._durable: dict[tuple[str, int], int] = {}
+        self._last_flush = clock()
+        self._segment_start = clock()
+        self._segment_iterations = 0
+        self._log = log.bind(
+            run=run_name, snapshot=snapshot.snapshot_name if snapshot else None, seq=seq
+        )
+        try:
+            self._open_segment()
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._fail(exc)
+
+    # --- public API ---------------------------------------------------------------------------
+    @property
+    def last_durable_offset(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> highest Kafka offset whose data is durably in a file."""
+        return dict(self._durable)
+
+    def handle(self, event: IterationEvent) -> None:
+        if self.status != "recording":
+            self.counters["dropped_events"] += 1
+            return
+        self.counters["events"] += 1
+        rows = self._buffer.handle(event)
+        if rows:
+            self.counters["iterations"] += len(rows)
+            self._segment_iterations += len(rows)
+            if self._segment_due():
+                self._rotate()
+            self._buffer.activate_oldest()
+        if self._buffer.buffered_bytes >= self.options.max_buffer_bytes:
+            self.flush()
+
+    def maybe_flush(self, now: float | None = None) -> bool:
+        """Flush if ``flush_interval_s`` has passed (or a time-based segment is due)."""
+        now = self.clock() if now is None else now
+        if self.status != "recording":
+            return False
+        if now - self._last_flush >= self.options.flush_interval_s:
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        if self.status != "recording" or self._writer is None:
+            return
+        start = time.perf_counter()
+        try:
+            batch = self._buffer.take()
+            self._writer.write(batch, RECORDING_STATUS["recording"], self._now_ns())
+            self.counters["values"] += len(batch.samples["pv"])
+            self.counters["flushes"] += 1
+            self._durable.update(batch.offsets)
+        except (OSError, RuntimeError, ValueError) as exc:
+            self._fail(exc)
+        self._last_flush = self.clock()
+        self.last_flush_seconds = time.perf_counter() - start
+
+    def close(self, status: str = "complete", reason: str = "") -> list[Path]:
+        """Stop: flush, mark open iterations incomplete, finalize the files."""
+        if status not in ("complete", "aborted", "failed"):
+            raise ValueError(f"bad close status {status!r}")
+        if self.status == "failed":
+            self._close_file()
+            return self.paths
+        if self.status != "recording":
+            return self.paths
+        self._buffer.close_open("recording_stopped")
+        self.flush()
+        if self.status == "failed":
+            self._close_file()
+            return self.paths
+        self._finish_segment(status, reason)
+        self.status = status
+        self.reason = reason
+        self._log.info("recording closed", status=status, reason=reason, files=len(self.paths))
+        return self.paths
+
+    # --- segments -----------------------------------------------------------------------------
+    def _segment_due(self) -> bool:
+        seg = self.options.segment
+        if seg.max_iterations is not None and self._segment_iterations >= seg.max_iterations:
+            return True
+        if seg.max_seconds is not None and self.clock() - self._segment_start >= seg.max_seconds:
+            return True
+        if seg.max_bytes is not None and self.current_path is not None:
+            try:
+                size = self.current_path.stat().st_size + self._buffer.buffered_bytes
+            except OSError:
+                return False
+            return size >= seg.max_bytes
+        return False
+
+    def _rotate(self) -> None:
+        self.flush()
+        if self.status != "recording":
+            return
+        nxt = self._buffer.carry_over()
+        self._finish_segment("complete", "segment limit reached; continued in the next segment")
+        if self.status != "recording":
+            return
+        self._buffer = nxt
+        try:
+            self._open_segment()
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._fail(exc)
+
+    def _open_segment(self) -> None:
+        self.segment += 1
+        self.options.directory.mkdir(parents=True, exist_ok=True)
+        start = dt.datetime.fromtimestamp(self.start_wall, dt.UTC)
+        final = unique_path(
+            render_file_name(
+                self.options,
+                run=self.run_name,
+                snapshot=self.snapshot.snapshot_name if self.snapshot else "",
+                start=start,
+                seq=self.seq,
+                segment=self.segment,
+            )
+        )
+        partial = partial_path(final)
+        f = h5py.File(partial, "x", libver=("v110", "v110"))
+        try:
+            self._root_attrs(f)
+            plugins = create_live_layout(f, self.options)
+            f.attrs.create("required_plugins", plugins, dtype=h5py.string_dtype())
+            f.swmr_mode = True
+        except BaseException:
+            f.close()
+            partial.unlink(missing_ok=True)
+            raise
+        self._file = f
+        self._writer = LiveWriter(f)
+        self._final = final
+        self.current_path = partial
+        self._segment_start = self.clock()
+        self._segment_iterations = 0
+        self.counters["segments"] += 1
+        # an empty commit so a reader sees a consistent (empty) file at once
+        self._writer.commit(RECORDING_STATUS["recording"], self._now_ns())
+        self._log.info("segment opened", path=str(partial), segment=self.segment)
+
+    def _root_attrs(self, f: h5py.File) -> None:
+        a = f.attrs
+        a["format"] = FORMAT_NAME
+        a["format_version"] = FORMAT_VERSION
+        a["layout"] = "live"
+        a["creator"] = "k2eg-recorder"
+        a["creator_version"] = __version__
+        a["hdf5_version"] = h5py.version.hdf5_version
+        a["h5py_version"] = h5py.version.version
+        a["run_name"] = self.run_name
+        a["recording_uid"] = self.uid
+        a["recording_seq"] = self.seq
+        a["segment"] = self.segment
+        a["host"] = socket.gethostname()
+        a["start_time"] = _iso(self.start_wall)
+        a["start_time_ns"] = int(self.start_wall * 1e9)
+        a["segment_start_time"] = _iso(self.wall_clock())
+        a["status"] = "recording"
+        a["status_reason"] = ""
+        a["run_definition"] = self.run_definition_text
+        a["metadata"] = json.dumps(self.metadata, sort_keys=True, default=str)
+        a["pv_uri_map"] = json.dumps(self.pv_uri_map, sort_keys=True)
+        a["output_options"] = self.options.model_dump_json()
+        if self.snapshot is not None:
+            props = {
+                "snapshot_name": self.snapshot.snapshot_name,
+                "pv_uri_list": list(self.snapshot.pv_uri_list),
+                "time_window": self.snapshot.time_window,
+                "repeat_delay": self.snapshot.repeat_delay,
+                "sub_push_delay_msec": self.snapshot.sub_push_delay_msec,
+                "respect_push_order": self.snapshot.respect_push_order,
+                "triggered": self.snapshot.triggered,
+                "type": self.snapshot.type.value,
+                "pv_field_filter_list": list(self.snapshot.pv_field_filter_list),
+            }
+            a["snapshot_name"] = self.snapshot.snapshot_name
+            a["snapshot_topic"] = self.snapshot.topic
+            a["snapshot_properties"] = json.dumps(props, sort_keys=True)
+            for k, v in props.items():
+                a[f"snapshot_{k}" if not k.startswith("snapshot_") else k] = (
+                    json.dumps(v) if isinstance(v, list) else v
+                )
+
+    def _finish_segment(self, status: str, reason: str) -> None:
+        partial, final = self.current_path, self._final
+        self._close_file()
+        if partial is None or final is None:
+            return
+        try:
+            finalize(
+                partial,
+                final,
+                status=status,
+                reason=reason,
+                options=self.options,
+                end_time=self.wall_clock(),
+            )
+        except (OSError, RuntimeError, ValueError) as exc:
+            self._fail(exc)
+            return
+        self.paths.append(final)
+        self.current_path = None
+        self._log.info("segment finalized", path=str(final), status=status)
+
+    def _close_file(self) -> None:
+        f, self._file, self._writer = self._file, None, None
+        if f is not None:
+            try:
+                f.close()
+            except (OSError, RuntimeError, ValueError) as exc:
+                self._log.warning("closing the live file failed", error=str(exc))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.status = "failed"
+        self.reason = f"{type(exc).__name__}: {exc}"
+        self._log.error("recording failed", reason=self.reason, path=str(self.current_path))
+        # Do not H5Fclose a file whose writes failed: HDF5 then tries to flush it again and
+        # leaves the library in a state that crashes later calls on *other* files (seen with
+        # EFBIG/ENOSPC). The handle is parked; what was committed before stays readable.
+        if self._file is not None:
+            _PARKED.append(self._file)
+        self._file, self._writer = None, None
+
+    def _now_ns(self) -> int:
+        return int(self.wall_clock() * 1e9)
+
+    def __enter__(self) -> HDF5Recording:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status == "recording":
+            self.close("aborted" if exc[0] is not None else "complete")
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HDF5Recording", "os"]

@@ -1,0 +1,256 @@
+"""The live (log-structured, SWMR) layout: creation, appends, and a committed-state view.
+
+A file being written (``*.h5.partial``) holds a few append-only datasets whatever the number
+of PVs (see docs/file-format.md, "Live layout"), so a flush costs the same for 10 or 10,000
+PVs and SWMR never needs a new dataset. Every flush appends the data first, flushes, then
+appends one row to ``/live/state`` and flushes again: a state row is a commit record, and
+readers (and ``recover``) use the last one whose lengths are all present.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+import numpy.typing as npt
+
+from recorder.sinks.buffer import (
+    ITERATION_COLUMNS,
+    META_COLUMNS,
+    SAMPLE_COLUMNS,
+    FlushBatch,
+)
+from recorder.sinks.codec import DTYPE_BY_CODE, POOL_NAMES
+from recorder.sinks.filters import filter_kwargs
+from recorder.sinks.options import OutputOptions
+
+STATE_COLUMNS: dict[str, np.dtype[Any]] = {
+    "time": np.dtype(np.int64),  # wall clock of the commit, ns since epoch
+    "status": np.dtype(np.uint8),  # RECORDING_STATUS
+    "n_samples": np.dtype(np.int64),
+    "n_iterations": np.dtype(np.int64),
+    "n_meta": np.dtype(np.int64),
+    "n_pvs": np.dtype(np.int64),
+    "n_kafka": np.dtype(np.int64),
+    "n_bytes": np.dtype(np.int64),
+    **{f"n_pool_{name}": np.dtype(np.int64) for name in POOL_NAMES.values()},
+}
+RECORDING_STATUS = {"recording": 0, "complete": 1, "aborted": 2, "failed": 3}
+KAFKA_COLUMNS: dict[str, np.dtype[Any]] = {
+    "topic": np.dtype("S255"),
+    "partition": np.dtype(np.int32),
+    "offset": np.dtype(np.int64),
+    "time": np.dtype(np.int64),
+}
+PV_COLUMNS: dict[str, np.dtype[Any]] = {"offset": np.dtype(np.int64), "size": np.dtype(np.int64)}
+CHUNK_ROWS = 8192
+POOL_CHUNK = 65536
+
+
+def create_live_layout(f: h5py.File, options: OutputOptions) -> list[str]:
+    """Create every live dataset (before SWMR starts); returns required plugins."""
+    plugins: set[str] = set()
+
+    def make(group: h5py.Group, name: str, dtype: np.dtype[Any], chunk: int) -> None:
+        kwargs, plugin = filter_kwargs(options, dtype, live=True)
+        if dtype.kind == "S":
+            kwargs = {}
+            plugin = None
+        ds = group.create_dataset(
+            name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,), **kwargs
+        )
+        if plugin:
+            plugins.add(plugin)
+            ds.attrs["required_filter"] = plugin
+
+    live = f.create_group("live")
+    live.attrs["description"] = (
+        "log-structured layout of a file being written; k2eg-recorder rewrites it into one "
+        "group per PV when the file is finalized (see docs/file-format.md)"
+    )
+    for gname, columns in (
+        ("samples", SAMPLE_COLUMNS),
+        ("meta", META_COLUMNS),
+        ("state", STATE_COLUMNS),
+        ("kafka", KAFKA_COLUMNS),
+        ("pvs", PV_COLUMNS),
+    ):
+        group = live.create_group(gname)
+        for name, dtype in columns.items():
+            make(group, name, dtype, CHUNK_ROWS if gname == "samples" else 1024)
+    make(live, "bytes", np.dtype(np.uint8), POOL_CHUNK)
+    for code, name in POOL_NAMES.items():
+        make(live, f"pool_{name}", DTYPE_BY_CODE[code], POOL_CHUNK)
+    iterations = f.create_group("iterations")
+    for name, dtype in ITERATION_COLUMNS.items():
+        make(iterations, name, dtype, 1024)
+    return sorted(plugins)
+
+
+def _append(ds: h5py.Dataset, data: npt.NDArray[Any]) -> None:
+    n = len(data)
+    if not n:
+        return
+    start = ds.shape[0]
+    ds.resize((start + n,))
+    ds[start:] = data
+
+
+class LiveWriter:
+    """Appends :class:`FlushBatch` es to an open SWMR file and commits them."""
+
+    def __init__(self, f: h5py.File) -> None:
+        self.f = f
+        live = f["live"]
+        self.samples = {k: live["samples"][k] for k in SAMPLE_COLUMNS}
+        self.meta = {k: live["meta"][k] for k in META_COLUMNS}
+        self.state = {k: live["state"][k] for k in STATE_COLUMNS}
+        self.kafka = {k: live["kafka"][k] for k in KAFKA_COLUMNS}
+        self.pvs = {k: live["pvs"][k] for k in PV_COLUMNS}
+        self.bytes = live["bytes"]
+        self.pools = {code: live[f"pool_{name}"] for code, name in POOL_NAMES.items()}
+        self.iterations = {k: f["iterations"][k] for k in ITERATION_COLUMNS}
+        self.n = {"samples": 0, "iterations": 0, "meta": 0, "pvs": 0, "kafka": 0, "bytes": 0}
+        self.pool_n = dict.fromkeys(POOL_NAMES, 0)
+
+    def write(self, batch: FlushBatch, status: int, now_ns: int) -> None:
+        _append(self.bytes, batch.byte_pool)
+        self.n["bytes"] += len(batch.byte_pool)
+        for code, arr in batch.pools.items():
+            _append(self.pools[code], arr)
+            self.pool_n[code] += len(arr)
+        for k, arr in batch.meta.items():
+            _append(self.meta[k], arr)
+        self.n["meta"] += len(batch.meta["pv"])
+        for k, arr in batch.samples.items():
+            _append(self.samples[k], arr)
+        self.n["samples"] += len(batch.samples["pv"])
+        for k, arr in batch.pvs.items():
+            _append(self.pvs[k], arr)
+        self.n["pvs"] += len(batch.pvs["offset"])
+        for k, arr in batch.iterations.items():
+            _append(self.iterations[k], arr)
+        self.n["iterations"] += len(batch.iterations["iter_index"])
+        if batch.offsets:
+            keys = sorted(batch.offsets)
+            _append(
+                self.kafka["topic"],
+                np.array([t.encode("utf-8")[:255] for t, _ in keys], dtype="S255"),
+            )
+            _append(self.kafka["partition"], np.array([p for _, p in keys], dtype=np.int32))
+            _append(self.kafka["offset"], np.array([batch.offsets[k] for k in keys], np.int64))
+            _append(self.kafka["time"], np.full(len(keys), now_ns, dtype=np.int64))
+            self.n["kafka"] += len(keys)
+        self.f.flush()
+        self.commit(status, now_ns)
+
+    def commit(self, status: int, now_ns: int) -> None:
+        row: dict[str, int] = {
+            "time": now_ns,
+            "status": status,
+            "n_samples": self.n["samples"],
+            "n_iterations": self.n["iterations"],
+            "n_meta": self.n["meta"],
+            "n_pvs": self.n["pvs"],
+            "n_kafka": self.n["kafka"],
+            "n_bytes": self.n["bytes"],
+        }
+        for code, name in POOL_NAMES.items():
+            row[f"n_pool_{name}"] = self.pool_n[code]
+        for k, value in row.items():
+            _append(self.state[k], np.array([value], dtype=STATE_COLUMNS[k]))
+        self.f.flush()
+
+
+@dataclass(slots=True)
+class LiveView:
+    """The committed content of a live file, as numpy arrays (read fully)."""
+
+    attrs: dict[str, Any]
+    pv_names: list[str]
+    samples: dict[str, npt.NDArray[Any]]
+    meta: dict[str, npt.NDArray[Any]]
+    iterations: dict[str, npt.NDArray[Any]]
+    kafka: dict[str, npt.NDArray[Any]]
+    byte_pool: npt.NDArray[np.uint8]
+    pools: dict[int, npt.NDArray[Any]]
+    status: str
+    last_commit_ns: int
+    n_commits: int
+
+    def text(self, offset: int, size: int) -> bytes:
+        return self.byte_pool[offset : offset + size].tobytes()
+
+
+def _refresh(ds: h5py.Dataset) -> None:
+    if ds.file.swmr_mode:
+        ds.refresh()
+
+
+def read_live(f: h5py.File) -> LiveView:
+    """Read the last commit of a live file (open with ``swmr=True`` while it is written)."""
+    live = f["live"]
+    for group in ("samples", "meta", "state", "kafka", "pvs"):
+        for ds in live[group].values():
+            _refresh(ds)
+    for ds in f["iterations"].values():
+        _refresh(ds)
+    _refresh(live["bytes"])
+    for name in POOL_NAMES.values():
+        _refresh(live[f"pool_{name}"])
+    state_len = min(ds.shape[0] for ds in live["state"].values())
+    limits: dict[str, int] = {}
+    status = "recording"
+    commit_ns = 0
+    n_commits = 0
+    actual = {
+        "n_samples": min(live["samples"][k].shape[0] for k in SAMPLE_COLUMNS),
+        "n_iterations": min(f["iterations"][k].shape[0] for k in ITERATION_COLUMNS),
+        "n_meta": min(live["meta"][k].shape[0] for k in META_COLUMNS),
+        "n_pvs": min(live["pvs"][k].shape[0] for k in PV_COLUMNS),
+        "n_kafka": min(live["kafka"][k].shape[0] for k in KAFKA_COLUMNS),
+        "n_bytes": live["bytes"].shape[0],
+        **{f"n_pool_{n}": live[f"pool_{n}"].shape[0] for n in POOL_NAMES.values()},
+    }
+    # the last commit whose data is all there (a kill -9 can cut a flush anywhere)
+    for i in range(state_len - 1, -1, -1):
+        row = {k: int(live["state"][k][i]) for k in STATE_COLUMNS}
+        if all(row[k] <= actual[k] for k in actual):
+            limits = row
+            status = {v: k for k, v in RECORDING_STATUS.items()}.get(row["status"], "recording")
+            commit_ns = row["time"]
+            n_commits = i + 1
+            break
+    if not limits:
+        limits = dict.fromkeys(actual, 0)
+    ns, ni, nm = limits["n_samples"], limits["n_iterations"], limits["n_meta"]
+    byte_pool = live["bytes"][: limits["n_bytes"]]
+    pv_off = live["pvs"]["offset"][: limits["n_pvs"]]
+    pv_size = live["pvs"]["size"][: limits["n_pvs"]]
+    names = [
+        byte_pool[o : o + s].tobytes().decode("utf-8", "surrogatepass")
+        for o, s in zip(pv_off.tolist(), pv_size.tolist(), strict=True)
+    ]
+    return LiveView(
+        attrs=dict(f.attrs),
+        pv_names=names,
+        samples={k: live["samples"][k][:ns] for k in SAMPLE_COLUMNS},
+        meta={k: live["meta"][k][:nm] for k in META_COLUMNS},
+        iterations={k: f["iterations"][k][:ni] for k in ITERATION_COLUMNS},
+        kafka={k: live["kafka"][k][: limits["n_kafka"]] for k in KAFKA_COLUMNS},
+        byte_pool=byte_pool,
+        pools={
+            code: live[f"pool_{name}"][: limits[f"n_pool_{name}"]]
+            for code, name in POOL_NAMES.items()
+        },
+        status=status,
+        last_commit_ns=commit_ns,
+        n_commits=n_commits,
+    )
+
+
+def attrs_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)

@@ -1,0 +1,260 @@
+"""The ``output:`` block of a run definition: where and how a run's HDF5 files are written.
+
+Pure code (pydantic only, no h5py). :class:`OutputOptions` is embedded by the run-definition
+model; :func:`render_file_name` turns its ``file_template`` into a file name that always stays
+inside ``directory`` whatever the run name contains.
+
+Example (YAML)::
+
+    output:
+      directory: /data/k2eg
+      file_template: "{run}_{start:%Y%m%dT%H%M%SZ}_{seq:04d}.h5"
+      segment: {max_iterations: 100000, max_bytes: 2000000000, max_seconds: 3600}
+      compression: gzip
+      compression_level: 4
+      flush_interval_s: 1.0
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+import string
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_FILE_TEMPLATE = "{run}_{start:%Y%m%dT%H%M%SZ}_{seq:04d}.h5"
+TEMPLATE_PLACEHOLDERS = frozenset({"run", "snapshot", "start", "seq", "segment"})
+PARTIAL_SUFFIX = ".partial"
+"""Suffix of a file that is being written; removed (by rename) when the file is finalized."""
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+\-=@,]")
+MAX_FILE_NAME_BYTES = 200  # leaves room for ".partial" and a collision counter under 255
+
+
+class Compression(enum.StrEnum):
+    """Dataset compression. ``gzip`` and ``lzf``/``none`` are readable by every h5py;
+    ``zstd`` and ``blosc2`` need ``hdf5plugin`` (or HDF5_PLUGIN_PATH) in the reader."""
+
+    GZIP = "gzip"
+    LZF = "lzf"
+    NONE = "none"
+    ZSTD = "zstd"
+    BLOSC2 = "blosc2"
+
+
+class SegmentOptions(BaseModel):
+    """When to close the current file and continue the recording in a new numbered segment.
+
+    Any limit reached starts a new segment at the next iteration boundary; none set means
+    one file per recording.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_iterations: int | None = Field(
+        default=None, gt=0, description="Start a new segment after this many iterations."
+    )
+    max_bytes: int | None = Field(
+        default=None,
+        ge=1024 * 1024,
+        description="Start a new segment once the file reaches this size (bytes, >= 1 MiB).",
+    )
+    max_seconds: float | None = Field(
+        default=None, gt=0, description="Start a new segment after this many seconds."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return any(v is not None for v in (self.max_iterations, self.max_bytes, self.max_seconds))
+
+
+class OutputOptions(BaseModel):
+    """Where and how a run writes its HDF5 files (the run definition's ``output:`` block)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    directory: Path = Field(
+        description="Output directory. Every file of the run is created inside it (created "
+        "if missing); names rendered from the template can never escape it."
+    )
+    file_template: str = Field(
+        default=DEFAULT_FILE_TEMPLATE,
+        description="File name template (str.format syntax). Placeholders: {run} run name, "
+        "{snapshot} snapshot name, {start} UTC start of the recording (datetime, format spec "
+        "allowed, e.g. {start:%Y%m%dT%H%M%SZ}), {seq} recording number (int), {segment} "
+        "segment number within the recording (int, starts at 0). Must end in .h5 / .hdf5 / "
+        ".nxs. When segmenting and the template has no {segment}, '_sNNNN' is inserted "
+        "before the extension for segments after the first. Characters outside "
+        "[A-Za-z0-9._+-=@,] are replaced by '_'. Existing files are never overwritten.",
+    )
+    segment: SegmentOptions = Field(
+        default_factory=SegmentOptions,
+        description="Split a recording into numbered segment files (by iterations, bytes or "
+        "time). Default: one file per recording.",
+    )
+    compression: Compression = Field(
+        default=Compression.GZIP,
+        description="Dataset compression: gzip (default, readable everywhere), lzf, none, "
+        "or zstd / blosc2 (need hdf5plugin to read; recorded on each dataset).",
+    )
+    compression_level: int | None = Field(
+        default=None,
+        ge=0,
+        le=22,
+        description="Compression level (gzip 0-9, default 4; zstd 1-22, default 3; blosc2 "
+        "0-9, default 5). Not allowed with lzf/none.",
+    )
+    shuffle: bool = Field(
+        default=True, description="Apply the byte-shuffle filter before gzip/lzf/zstd."
+    )
+    flush_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Buffered values are appended to the file and flushed to disk at least "
+        "this often (seconds). This is also the worst-case data loss on a crash.",
+    )
+    max_buffer_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Flush early when the in-memory buffers of a recording exceed this size "
+        "(bounds memory whatever the message rate).",
+    )
+    swmr: bool = Field(
+        default=True,
+        description="Write in SWMR mode so analysts can open the file while it is written "
+        "(h5py.File(path, 'r', swmr=True)).",
+    )
+
+    @field_validator("file_template")
+    @classmethod
+    def _check_template(cls, template: str) -> str:
+        check_template(template)
+        return template
+
+    @model_validator(mode="after")
+    def _check_level(self) -> OutputOptions:
+        level = self.compression_level
+        if level is None:
+            return self
+        comp = self.compression
+        if comp in (Compression.NONE, Compression.LZF):
+            raise ValueError(f"compression_level is not allowed with compression {comp.value!r}")
+        if comp is Compression.GZIP and level > 9:
+            raise ValueError("gzip compression_level must be 0..9")
+        if comp is Compression.BLOSC2 and level > 9:
+            raise ValueError("blosc2 compression_level must be 0..9")
+        if comp is Compression.ZSTD and level < 1:
+            raise ValueError("zstd compression_level must be 1..22")
+        return self
+
+
+def check_template(template: str) -> None:
+    """Raise ValueError if ``template`` is not a usable file-name template."""
+    if not template or not template.strip():
+        raise ValueError("file_template must not be empty")
+    if "/" in template or "\\" in template or "\x00" in template:
+        raise ValueError("file_template must be a file name, not a path (no '/' or '\\')")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"file_template {template!r}: {exc}") from None
+    for _literal, field_name, _spec, conversion in parsed:
+        if field_name is None:
+            continue
+        if field_name not in TEMPLATE_PLACEHOLDERS:
+            raise ValueError(
+                f"file_template: unknown placeholder {{{field_name}}}; "
+                f"allowed: {', '.join('{' + p + '}' for p in sorted(TEMPLATE_PLACEHOLDERS))}"
+            )
+        if conversion is not None:
+            raise ValueError("file_template: conversions (!r, !s) are not allowed")
+    if not template.lower().endswith((".h5", ".hdf5", ".nxs")):
+        raise ValueError("file_template must end in .h5, .hdf5 or .nxs")
+    # try it once with sample values so bad format specs fail at validation time
+    try:
+        render_template(
+            template, run="r", snapshot="s", start=dt.datetime.now(dt.UTC), seq=0, segment=0
+        )
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ValueError(f"file_template {template!r} cannot be rendered: {exc}") from None
+
+
+def sanitize_component(text: str) -> str:
+    """Make ``text`` safe as part of a file name: ASCII, no separators, no leading dots."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = _UNSAFE_NAME_CHARS.sub("_", text)
+    return text.lstrip(".") or "_"
+
+
+def render_template(
+    template: str, *, run: str, snapshot: str, start: dt.datetime, seq: int, segment: int
+) -> str:
+    """Render the template with string values sanitized (no path is built here)."""
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=dt.UTC)
+    values: dict[str, Any] = {
+        "run": sanitize_component(run),
+        "snapshot": sanitize_component(snapshot),
+        "start": start.astimezone(dt.UTC),
+        "seq": seq,
+        "segment": segment,
+    }
+    return template.format(**values)
+
+
+def render_file_name(
+    options: OutputOptions,
+    *,
+    run: str,
+    snapshot: str,
+    start: dt.datetime,
+    seq: int,
+    segment: int = 0,
+) -> Path:
+    """The final path of a file: inside ``options.directory``, never an existing file's name
+    (callers check for existence and pass a higher ``seq``/add a counter; see
+    :func:`unique_path`). ``segment`` > 0 without ``{segment}`` in the template inserts
+    ``_sNNNN`` before the extension."""
+    name = render_template(
+        options.file_template, run=run, snapshot=snapshot, start=start, seq=seq, segment=segment
+    )
+    if segment > 0 and "{segment" not in options.file_template:
+        stem, dot, ext = name.rpartition(".")
+        name = f"{stem}_s{segment:04d}{dot}{ext}"
+    name = sanitize_component(name)
+    if len(name.encode()) > MAX_FILE_NAME_BYTES:
+        stem, dot, ext = name.rpartition(".")
+        name = stem[: MAX_FILE_NAME_BYTES - len(ext) - 1] + dot + ext
+    directory = options.directory.resolve()
+    path = (directory / name).resolve()
+    if path.parent != directory:  # cannot happen after sanitizing; belt and braces
+        raise ValueError(f"file name {name!r} escapes the output directory {directory}")
+    return path
+
+
+def unique_path(path: Path) -> Path:
+    """``path`` if neither it nor its ``.partial`` twin exists, else ``stem-1.ext``, ..."""
+    candidate = path
+    counter = 0
+    while candidate.exists() or partial_path(candidate).exists():
+        counter += 1
+        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+    return candidate
+
+
+def partial_path(final: Path) -> Path:
+    """Where a file lives while it is written: ``<final>.partial``."""
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def final_path(partial: Path) -> Path:
+    """The final name of a ``.partial`` file."""
+    if not partial.name.endswith(PARTIAL_SUFFIX):
+        return partial
+    return partial.with_name(partial.name[: -len(PARTIAL_SUFFIX)])

@@ -1,0 +1,49 @@
+"""Recovery of files left by a writer that died (kill -9, power loss, full disk)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import h5py
+
+from recorder.sinks.finalize import FINAL_SUFFIX, finalize
+from recorder.sinks.livefile import read_live
+from recorder.sinks.options import PARTIAL_SUFFIX, final_path
+from recorder.sinks.superblock import clear_consistency_flags
+
+
+def find_partials(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.name.endswith(PARTIAL_SUFFIX))
+
+
+def recover_file(path: Path) -> Path:
+    """Finalize ``path`` (a ``*.partial`` file): clean, per-PV layout, read-only, marked.
+
+    The recording status becomes ``aborted`` (``failed`` if the writer had recorded a
+    failure) with a reason saying it was recovered; iterations that were open when the
+    writer died are marked incomplete (``writer_crashed``).
+    """
+    path = Path(path)
+    if not path.name.endswith(PARTIAL_SUFFIX):
+        raise ValueError(f"{path} is not a file being written (no {PARTIAL_SUFFIX} suffix)")
+    stale = path.with_name(final_path(path).name + FINAL_SUFFIX)
+    stale.unlink(missing_ok=True)  # an interrupted finalization
+    clear_consistency_flags(path)
+    with h5py.File(path, "r") as f:
+        view = read_live(f)
+    status = "failed" if view.status == "failed" else "aborted"
+    last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(view.last_commit_ns / 1e9))
+    reason = (
+        f"the writer stopped without finalizing the file (last commit {last}); "
+        f"recovered by k2eg-recorder recover"
+    )
+    return finalize(
+        path,
+        final_path(path),
+        status=status,
+        reason=reason,
+        end_time=view.last_commit_ns / 1e9 if view.last_commit_ns else None,
+        extra_attrs={"recovered": True, "recovered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                      time.gmtime())},
+    )

@@ -1,0 +1,206 @@
+"""kill -9 consistency, live reading from another process, and disk full."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+from recorder.cli import main as cli_main
+from recorder.reader import open_file
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from recorder.client.events import (IterationOpened, ValuesReceived, IterationClosed,
+        IterationStatus)
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+    import structlog, logging
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    rec = HDF5Recording(OutputOptions(directory=Path(sys.argv[1]), flush_interval_s=0.02),
+                        run_name="crash", pv_uris=[f"pva://P{k}" for k in range(20)])
+    print("PATH", rec.current_path, flush=True)
+    delay = float(sys.argv[2])
+    for i in range(100000):
+        rec.handle(IterationOpened("t", "s", i, i))
+        samples = tuple(PVSample(f"P{k}", {"value": float(i * 100 + k),
+                                          "timeStamp": {"secondsPastEpoch": i, "nanoseconds": k}})
+                        for k in range(20))
+        samples += (PVSample("W", {"value": list(range(i % 50))}),)
+        rec.handle(ValuesReceived("t", i, 1, 0, samples, offset=i))
+        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i, offset=i))
+        if rec.maybe_flush():
+            print("FLUSHED", rec.counters["iterations"], flush=True)
+        time.sleep(delay)
+    """
+)
+
+
+def _check_values(f: object, n_iter: int) -> None:
+    from recorder.reader import RecordingFile
+
+    assert isinstance(f, RecordingFile)
+    its = f.iterations()["iter_index"]
+    assert its.tolist() == list(range(len(its)))
+    assert len(its) >= n_iter
+    for k in (0, 7, 19):
+        vals = f.values(f"P{k}")
+        _first, count = f.first_count(f"P{k}")
+        assert vals[: len(its)].tolist() == [float(i * 100 + k) for i in range(len(its))]
+        assert count.tolist() == [1] * len(its)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_9_at_random_moment_then_recover(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path), "0.0005"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        path = Path(proc.stdout.readline().split()[1])
+        flushed = 0
+        deadline = time.monotonic() + rng.uniform(0.3, 1.5)
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("FLUSHED"):
+                flushed = int(line.split()[1])
+        time.sleep(rng.uniform(0, 0.02))  # land anywhere, also inside a flush
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert path.name.endswith(".h5.partial") and path.exists()
+    with open_file(path) as f:  # opens despite the crash (SWMR read)
+        assert f.layout == "live" and f.status == "recording"
+        _check_values(f, flushed)
+    assert cli_main(["recover", str(tmp_path)]) == 0
+    assert not path.exists()
+    (final,) = tmp_path.glob("*.h5")
+    with h5py.File(final, "r") as h:  # plain open works after recovery
+        assert h.attrs["status"] == "aborted"
+        assert "recovered" in h.attrs["status_reason"]
+    assert not final.stat().st_mode & 0o222
+    with open_file(final) as f:
+        _check_values(f, flushed)
+
+
+def test_live_reader_sees_iterations_appear(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path), "0.01"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        path = Path(proc.stdout.readline().split()[1])
+        seen: list[int] = []
+        with open_file(path) as f:  # this process is the reader; the writer is another one
+            for _ in range(30):
+                f.refresh()
+                n = len(f.iterations()["iter_index"])
+                seen.append(n)
+                if n:
+                    _check_values(f, 0)
+                time.sleep(0.05)
+        assert seen == sorted(seen) and seen[-1] > seen[0] + 5, seen
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+DISKFULL = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from pathlib import Path
+    from recorder.client.events import (IterationOpened, ValuesReceived, IterationClosed,
+        IterationStatus)
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+    full, ok, limit = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    if limit:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    a = HDF5Recording(OutputOptions(directory=full, compression="none"), run_name="full")
+    b = HDF5Recording(OutputOptions(directory=ok), run_name="ok")
+    for i in range(400):
+        for rec in (a, b):
+            rec.handle(IterationOpened("t", "s", i, i))
+            big = PVSample("W", {"value": [float(x) for x in range(2000 if rec is a else 2)]})
+            rec.handle(ValuesReceived("t", i, 1, 0, (big,)))
+            rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
+            rec.flush()
+    print("A", a.status, a.reason.replace(chr(10), " "))
+    print("A_PATH", a.current_path)
+    b.close()
+    print("B", b.status, b.paths[0])
+    """
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: after EFBIG/ENOSPC on one file, HDF5 crashes (SIGSEGV/SIGBUS) on later "
+    "calls in the same process; needs one writer process per recording (follow-up)",
+)
+def test_disk_full_fails_one_recording_only(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    ok = tmp_path / "ok"
+    full.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)],
+        check=False,
+        capture_output=True,
+    ).returncode == 0
+    try:
+        # a real full tmpfs when we may mount one, else RLIMIT_FSIZE (EFBIG at 1 MiB)
+        limit = 0 if mounted else 1024 * 1024
+        out = subprocess.run(
+            [sys.executable, "-c", DISKFULL, str(full), str(ok), str(limit)],
+            check=False,
+            capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+        assert lines["A"].startswith("failed"), out.stdout
+        assert "No space" in lines["A"] or "too large" in lines["A"] or "rror" in lines["A"]
+        assert lines["B"].startswith("complete")
+        partial = next(full.glob("*.partial"))
+        with open_file(partial) as f:  # what was committed before the disk filled is there
+            n = len(f.iterations()["iter_index"])
+            assert n > 10
+            assert f.values("W")[:n].shape == (n, 2000)
+        with open_file(Path(lines["B"].split()[1])) as f:
+            assert len(f.iterations()["iter_index"]) == 400
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(full)], check=False)
+
+
+def test_unwritable_directory_fails_cleanly(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        target = Path("/proc/k2eg-recorder-test")  # not writable even for root
+    else:
+        target = tmp_path / "ro"
+        target.mkdir(mode=0o500)
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+
+    rec = HDF5Recording(OutputOptions(directory=target), run_name="x")
+    assert rec.status == "failed" and rec.reason
+    assert rec.close() == []
+

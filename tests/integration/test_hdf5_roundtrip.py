@@ -1,0 +1,234 @@
+"""Round trips through the HDF5 sink: live file, finalized file, h5dump 1.10 as old reader."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+
+from recorder.client.events import (
+    IncompleteReason,
+    IterationClosed,
+    IterationOpened,
+    IterationStatus,
+    ValuesReceived,
+)
+from recorder.client.values import PVSample
+from recorder.reader import open_file
+from recorder.sinks.hdf5 import HDF5Recording
+from recorder.sinks.options import OutputOptions
+
+
+def _ts(i: int) -> dict[str, Any]:
+    return {"secondsPastEpoch": 1_700_000_000 + i, "nanoseconds": 123_456_789, "userTag": 0}
+
+
+def _alarm(i: int) -> dict[str, Any]:
+    return {"severity": i % 3, "status": i % 2, "message": "HIHI" if i % 3 else ""}
+
+
+def make_samples(i: int) -> list[PVSample]:
+    disp = {"units": "mm", "precision": 3, "limitLow": -1.0, "limitHigh": 1.0 + (i >= 3)}
+    return [
+        PVSample("F32", {"value": float(np.float32(0.1 * i)), "timeStamp": _ts(i),
+                         "alarm": _alarm(i),
+                         "display": disp}, frozenset({"value"})),
+        PVSample("F64", {"value": math.pi * i, "timeStamp": _ts(i), "alarm": _alarm(i)}),
+        PVSample("I", {"value": -(2**40) * i, "timeStamp": _ts(i)}),
+        PVSample("U", {"value": 2**64 - 1 - i, "timeStamp": _ts(i)}),
+        PVSample("B", {"value": bool(i % 2), "timeStamp": _ts(i)}),
+        PVSample("S", {"value": "é" * (i * 50), "timeStamp": _ts(i)}),
+        PVSample("E", {"value": {"index": i % 2, "choices": ["Off", "On"]}, "timeStamp": _ts(i)}),
+        PVSample("W", {"value": [float(x) for x in range(i * 3)], "timeStamp": _ts(i)},
+                 frozenset({"value"})),
+        PVSample("WI", {"value": list(range(i + 1)), "timeStamp": _ts(i)}),
+        PVSample("SA", {"value": ["a", "bc"][: i % 3], "timeStamp": _ts(i)}),
+        PVSample("T", {"labels": ["x", "name"], "value": {"x": [1.5, 2.5 * i],
+                                                           "name": ["p", "q"]},
+                       "timeStamp": _ts(i)}, frozenset({"value.x"})),
+        PVSample("IMG", {"value": {"ushortValue": list(range(6 * (i + 1)))},
+                         "dimension": [{"size": 3 * (i + 1)}, {"size": 2}],
+                         "uniqueId": i, "timeStamp": _ts(i)}),
+        PVSample("ST", {"value": {"a": 1, "b": [1, 2]}, "timeStamp": _ts(i)}),
+        PVSample("N", {"value": None, "timeStamp": {"secondsPastEpoch": -5, "nanoseconds": 2e9}}),
+        PVSample("NAN", {"value": float("nan") if i % 2 else float("inf"), "timeStamp": _ts(i),
+                         "display": {"limitLow": float("nan")}}),
+        PVSample("X", {"value": 1 if i < 3 else 1.5, "timeStamp": _ts(i),
+                       "alarm": {"severity": "bad"}}),  # type change + odd alarm
+        PVSample("Z", {"value": "a\x00b" if i == 2 else "ok", "timeStamp": _ts(i)}),
+    ]
+
+
+def same(a: list[PVSample], b: list[PVSample]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert repr_exact(x.data) == repr_exact(y.data), (x.pv, x.data, y.data)
+        assert x.float32_paths == y.float32_paths
+        assert x.kind == y.kind
+
+
+def repr_exact(obj: Any) -> Any:
+    """Comparable form that tells int from float and NaN from NaN."""
+    if isinstance(obj, dict):
+        return [(k, repr_exact(v)) for k, v in obj.items()]
+    if isinstance(obj, list):
+        return [repr_exact(v) for v in obj]
+    return (type(obj).__name__, repr(obj))
+
+
+def record(tmp_path: Path, n_iter: int = 5, **opts: Any) -> tuple[HDF5Recording, dict[str, list]]:
+    options = OutputOptions(directory=tmp_path, **opts)
+    rec = HDF5Recording(options, run_name="rt/../x", pv_uris=["pva://F32", "ca://I"])
+    sent: dict[str, list[PVSample]] = {}
+    for i in range(n_iter):
+        rec.handle(IterationOpened("t", "s", 100 + i, 10 + i, offset=3 * i))
+        samples = make_samples(i)
+        half = len(samples) // 2
+        # sub-push: two batches, the first one flushed before the tail
+        rec.handle(ValuesReceived("t", 100 + i, 1, 1, tuple(samples[:half]), offset=3 * i + 1))
+        rec.flush()
+        rec.handle(ValuesReceived("t", 100 + i, 2, 2, tuple(samples[half:]), offset=3 * i + 1))
+        for s in samples:
+            sent.setdefault(s.pv, []).append(s)
+        if i == 2:
+            rec.handle(IterationClosed("t", "s", 100 + i, IterationStatus.INCOMPLETE,
+                                       IncompleteReason.GATEWAY_ERROR, 10 + i, 20 + i,
+                                       error_code=7, error_message="boom " * 100,
+                                       offset=3 * i + 2))
+        else:
+            rec.handle(IterationClosed("t", "s", 100 + i, IterationStatus.COMPLETE, None,
+                                       10 + i, 20 + i, n_values=len(samples), n_batches=2,
+                                       offset=3 * i + 2))
+    return rec, sent
+
+
+def test_roundtrip_every_type_live_and_final(tmp_path: Path) -> None:
+    rec, sent = record(tmp_path)
+    rec.flush()
+    live = rec.current_path
+    assert live is not None and live.name.endswith(".h5.partial")
+    assert live.parent == tmp_path.resolve()
+    with open_file(live) as f:
+        assert f.layout == "live" and f.status == "recording"
+        for pv, samples in sent.items():
+            same(f.samples(pv), samples)
+    paths = rec.close()
+    assert rec.status == "complete" and len(paths) == 1 and not live.exists()
+    final = paths[0]
+    assert not (final.stat().st_mode & 0o222)  # read-only
+    with open_file(final) as f:
+        assert f.layout == "final" and f.status == "complete"
+        assert set(f.pv_names) == set(sent)
+        for pv, samples in sent.items():
+            same(f.samples(pv), samples)
+        its = f.iterations()
+        assert its["iter_index"].tolist() == [100, 101, 102, 103, 104]
+        assert its["status"].tolist()[2] == "incomplete"
+        assert its["reason"].tolist()[2] == "gateway_error"
+        assert its["error_message"][2] == "boom " * 100
+        assert f.values("F32").dtype == np.float32
+        assert f.values("U").dtype == np.uint64 and f.values("U")[0] == 2**64 - 1
+        assert f.values("E").tolist() == [0, 1, 0, 1, 0]
+        img = f.values("IMG")
+        assert img[1].shape == (2, 6)
+        first, count = f.first_count("W")
+        assert count.tolist() == [1] * 5 and first.tolist() == [0, 1, 2, 3, 4]
+    # plain h5py: NXlog-style groups with exact types
+    with h5py.File(final, "r") as h:
+        g = h["pvs/F32"]
+        assert g["value"].dtype == np.float32 and g["time"].attrs["units"] == "ns"
+        assert g.attrs["units"] == "mm" and g.attrs["precision"] == 3
+        # stored again only on change: alarm message at rows 1 and 3, display at row 3
+        assert h["pvs/F32/metadata/row"][()].tolist() == [0, 1, 3, 4]
+        assert h["pvs/F64/metadata/row"][()].tolist() == [0, 1, 3, 4]
+        assert h["pvs/I/metadata/row"][()].tolist() == [0]
+        assert list(h["pvs/E"].attrs["choices"]) == ["Off", "On"]
+        assert h.attrs["status"] == "complete"
+
+
+def test_timedbuffered_many_values_per_iteration_and_overlap(tmp_path: Path) -> None:
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="tb")
+    sent = []
+    # iteration 2 opens before 1 closes; its values must wait so rows stay grouped
+    rec.handle(IterationOpened("t", "s", 1, 1))
+    rec.handle(IterationOpened("t", "s", 2, 2))
+    for it, n in ((2, 3), (1, 4), (2, 2)):
+        batch = tuple(PVSample("P", {"value": float(it * 100 + k), "timeStamp": _ts(k)})
+                      for k in range(n))
+        rec.handle(ValuesReceived("t", it, 1, 1, batch))
+        sent.append((it, batch))
+    rec.handle(IterationClosed("t", "s", 2, IterationStatus.COMPLETE, None, 2, 3))
+    rec.handle(IterationClosed("t", "s", 1, IterationStatus.INCOMPLETE,
+                               IncompleteReason.TIMEOUT, 1, None))
+    rec.handle(IterationOpened("t", "s", 3, 3))  # never closed: recording stops
+    rec.handle(ValuesReceived("t", 3, 1, 1, (PVSample("P", {"value": 9.0}),)))
+    (path,) = rec.close()
+    with open_file(path) as f:
+        its = f.iterations()
+        assert its["iter_index"].tolist() == [1, 2, 3]
+        assert its["reason"].tolist() == ["timeout", "", "recording_stopped"]
+        first, count = f.first_count("P")
+        assert count.tolist() == [4, 5, 1] and first.tolist() == [0, 4, 9]
+        assert f.iterations_of("P").tolist() == [1] * 4 + [2] * 5 + [3]
+        trains = list(f.trains())
+        assert trains[1][0]["P"]["value"].tolist() == [200.0, 201, 202, 200, 201]
+        assert trains[1][1]["P"]["timestamp.tid"] == 2
+
+
+def test_triggered_sparse_and_segments(tmp_path: Path) -> None:
+    rec = HDF5Recording(
+        OutputOptions(directory=tmp_path, segment={"max_iterations": 2}, compression="zstd"),
+        run_name="trig", pv_uris=["pva://A", "pva://B"], seq=4,
+    )
+    for i in range(5):  # only A answers on most triggers
+        rec.handle(IterationOpened("t", "s", i, i))
+        samples = [PVSample("A", {"value": i, "timeStamp": _ts(i)})]
+        if i == 3:
+            samples.append(PVSample("B", {"value": "late pv", "timeStamp": _ts(i)}))
+        rec.handle(ValuesReceived("t", i, 1, 1, tuple(samples)))
+        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
+    paths = rec.close()
+    assert len(paths) == 3
+    assert [p.name.endswith(s) for p, s in zip(paths, ("0004.h5", "_s0001.h5", "_s0002.h5"),
+                                               strict=True)] == [True] * 3
+    from recorder.reader import open_recording
+
+    with open_recording(paths[0]) as r:
+        assert r.values("A").tolist() == [0, 1, 2, 3, 4]
+        assert r.values("B").tolist() == ["late pv"]
+    with h5py.File(paths[0], "r") as h:
+        assert "zstd" in h["pvs/A/value"].attrs["required_filter"]
+
+
+H5DUMP = shutil.which("h5dump")
+
+
+@pytest.mark.skipif(H5DUMP is None, reason="h5dump (Debian hdf5-tools) not installed")
+def test_old_reader_h5dump_110(tmp_path: Path) -> None:
+    version = subprocess.run(
+        [H5DUMP or "", "--version"], check=False, capture_output=True, text=True
+    )
+    assert "1.10" in version.stdout or "1.12" in version.stdout, version.stdout
+    rec, _sent = record(tmp_path, n_iter=3)
+    rec.flush()
+    live = rec.current_path
+    assert live is not None
+    # the live file is SWMR-flagged while open: h5dump refuses it only because of that flag
+    (final,) = rec.close()
+    out = subprocess.run([H5DUMP or "", "-d", "/pvs/F32/value", str(final)],
+                         check=False, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "0, 0.1, 0.2" in out.stdout.replace("\n", " ") or "0.1" in out.stdout
+    out = subprocess.run([H5DUMP or "", "-d", "/pvs/S/value", str(final)],
+                         check=False, capture_output=True, text=True)
+    assert out.returncode == 0 and "\\37777777703\\37777777651" in out.stdout  # é, UTF-8
+    out = subprocess.run(
+        [H5DUMP or "", "-H", str(final)], check=False, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "iterations" in out.stdout

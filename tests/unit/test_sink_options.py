@@ -1,0 +1,63 @@
+"""OutputOptions: template validation and safe file names."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from recorder.sinks.codec import escape_name, unescape_name
+from recorder.sinks.options import OutputOptions, partial_path, render_file_name, unique_path
+
+START = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+
+
+def test_default_template_renders(tmp_path: Path) -> None:
+    opts = OutputOptions(directory=tmp_path)
+    p = render_file_name(opts, run="linac", snapshot="s", start=START, seq=7)
+    assert p == (tmp_path / "linac_20250102T030405Z_0007.h5").resolve()
+    seg = render_file_name(opts, run="linac", snapshot="s", start=START, seq=7, segment=2)
+    assert seg.name == "linac_20250102T030405Z_0007_s0002.h5"
+
+
+@pytest.mark.parametrize("run", ["../../etc/passwd", "/abs/x", "..", "a/b\\c", "é\x00"])
+def test_names_stay_inside_directory(tmp_path: Path, run: str) -> None:
+    opts = OutputOptions(directory=tmp_path, file_template="{run}.h5")
+    p = render_file_name(opts, run=run, snapshot="", start=START, seq=0)
+    assert p.parent == tmp_path.resolve()
+    assert not p.name.startswith(".")
+
+
+@pytest.mark.parametrize(
+    "template", ["{run}{bogus}.h5", "{run}.txt", "a/{run}.h5", "{run!r}.h5", "{start:%Q", ""]
+)
+def test_bad_templates_rejected(tmp_path: Path, template: str) -> None:
+    with pytest.raises(ValidationError):
+        OutputOptions(directory=tmp_path, file_template=template)
+
+
+def test_level_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError):
+        OutputOptions(directory=tmp_path, compression="gzip", compression_level=12)
+    with pytest.raises(ValidationError):
+        OutputOptions(directory=tmp_path, compression="none", compression_level=1)
+    with pytest.raises(ValidationError):
+        OutputOptions(directory=tmp_path, unknown=1)  # type: ignore[call-arg]
+
+
+def test_unique_path_never_reuses(tmp_path: Path) -> None:
+    p = tmp_path / "x.h5"
+    p.touch()
+    q = unique_path(p)
+    assert q != p
+    partial_path(q).touch()
+    assert unique_path(p) not in (p, q)
+
+
+@pytest.mark.parametrize("name", ["A:B", "a/b", ".x", "%2F", "", "x%y/."])
+def test_escape_roundtrip(name: str) -> None:
+    esc = escape_name(name)
+    assert "/" not in esc and esc not in ("", ".")
+    assert unescape_name(esc) == name
