@@ -237,7 +237,22 @@ class IterationAssembler:
             self.counters["malformed.internal"] += 1
             _log.exception("snapshot message decoding failed", topic=record.topic)
             return []
-        return self.feed_message(record.topic, record.partition, record.offset, msg, now)
+        # feed_message, inlined for data messages (the hot path)
+        if msg.__class__ is not Data:
+            return self.feed_message(record.topic, record.partition, record.offset, msg, now)
+        topic = record.topic
+        state = self._topics.get(topic)
+        if state is None:
+            state = self._topics[topic] = _Topic(
+                topic, self._timeouts.get(topic, self.iteration_timeout_s)
+            )
+        out: list[IterationEvent] = []
+        try:
+            self._on_data(state, record.partition, record.offset, msg, now, out)
+        except Exception:  # never let one message stop the recorder; counted and logged
+            self.counters["internal_error"] += 1
+            _log.exception("iteration assembly failed", topic=topic, offset=record.offset)
+        return out
 
     def feed_message(
         self, topic: str, partition: int, offset: int, msg: SnapshotMessage, now: float
@@ -339,9 +354,22 @@ class IterationAssembler:
                 self._duplicate(it, "duplicate")
                 return
             it.data_seqs.add(seq)
-        elif self._is_legacy_duplicate(it, msg):
-            self._duplicate(it, "duplicate")
-            return
+        else:
+            # legacy: same PV and byte-identical message (inlined _is_legacy_duplicate)
+            raw = msg.raw
+            seen = it.fingerprints
+            if raw is None or seen is None or sample.pv not in seen:
+                if raw is None:
+                    if self._is_legacy_duplicate(it, msg):
+                        self._duplicate(it, "duplicate")
+                        return
+                elif seen is None:
+                    it.fingerprints = {sample.pv: raw}
+                else:
+                    seen[sample.pv] = raw
+            elif self._is_legacy_duplicate(it, msg):
+                self._duplicate(it, "duplicate")
+                return
         it.n_data += 1
         # batch (the iteration's offset and newest timestamp are updated when it is flushed)
         sub = msg.submission_seq
@@ -368,18 +396,24 @@ class IterationAssembler:
             self._settle_after_tail(state, it, now, out)
 
     def _is_legacy_duplicate(self, it: _Iteration, msg: Data) -> bool:
-        """Same PV, byte-identical payload, already in this iteration (legacy stream)."""
+        """Same PV, byte-identical payload, already in this iteration (legacy stream).
+
+        With the message bytes (decoded records) the fingerprint is the PV name and the
+        message bytes are compared (same bytes = same PV, batch timestamp and payload; nothing
+        is decoded or hashed). Without them (``feed_message`` with a hand-built message) the
+        PV's EPICS timestamp narrows the search and the decoded structures are compared.
+        """
         sample = msg.sample
-        stamp = sample.data.get("timeStamp")
-        if stamp.__class__ is dict:
-            fingerprint: Any = (
-                sample.pv,
-                stamp.get("secondsPastEpoch"),
-                stamp.get("nanoseconds"),
-            )
+        payload: Any = msg.raw
+        if payload is not None:
+            fingerprint: Any = sample.pv
         else:
-            fingerprint = (sample.pv, None, None)
-        payload: Any = msg.raw if msg.raw is not None else sample.data
+            payload = sample.data
+            stamp = payload.get("timeStamp")
+            if stamp.__class__ is dict:
+                fingerprint = (sample.pv, stamp.get("secondsPastEpoch"), stamp.get("nanoseconds"))
+            else:
+                fingerprint = (sample.pv, None, None)
         seen = it.fingerprints
         if seen is None:
             it.fingerprints = {fingerprint: payload}

@@ -20,10 +20,12 @@ so their dtype is exact.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import numpy as np
 import numpy.typing as npt
 
@@ -247,23 +249,120 @@ def typed_value(data: Mapping[str, Any], float32_paths: frozenset[str]) -> tuple
     return ValueKind.STRUCT, value
 
 
+def _decode_lenient(payload: bytes | memoryview) -> dict[str, Any]:
+    """Decode a lazily-kept PV map that strict ``msgpack.unpackb`` refused.
+
+    The wire decoder checked the bytes are one complete msgpack map, so strict decoding fails
+    only on content msgpack-python refuses inside it (invalid UTF-8 in a string, a non-string
+    map key, a malformed timestamp extension). Rather than failing a sink that reads
+    ``data``, strings keep their bytes as surrogate escapes and non-string keys are allowed;
+    what cannot be decoded even so becomes ``{}``.
+    """
+    try:
+        obj = msgpack.unpackb(payload, unicode_errors="surrogateescape", strict_map_key=False)
+    except Exception:  # msgpack raises many types; see the docstring
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+@functools.cache
+def _float32_reader() -> Callable[[bytes, int, int | None], frozenset[str]]:
+    from recorder.client.wire import payload_float32_paths  # import cycle: wire imports us
+
+    return payload_float32_paths
+
+
+_unpackb = msgpack.unpackb
+
+
 class PVSample:
     """One PV value as the gateway sent it, with typed accessors.
 
     ``data`` is the decoded PV structure (``value``, ``alarm``, ``timeStamp``, ``display`` ...)
     exactly as msgpack gave it, so nothing the gateway sent is lost. :attr:`value` and
     :attr:`kind` are computed on first use (the assembler never needs them; sinks do).
+
+    Two ways to build one:
+
+    * ``PVSample(pv, data, float32_paths)``: from the decoded structure (eager);
+    * :meth:`from_raw`: from the message bytes and the position of the PV's msgpack map in
+      them (lazy; what the wire decoder does). ``data`` is then decoded on first access and
+      ``float32_paths`` read from the raw bytes on first access (both cached), and
+      :attr:`raw` gives the PV's msgpack bytes (for lossless storage or hashing).
+
+    Lazy decoding is not thread-safe in the sense that two threads reading ``data`` of the
+    same fresh sample at once may both decode it (one result is kept; they are equal).
     """
 
-    __slots__ = ("_typed", "data", "float32_paths", "pv")
+    __slots__ = ("_data", "_end", "_f32", "_msg", "_start", "_typed", "pv")
 
     def __init__(
         self, pv: str, data: Mapping[str, Any], float32_paths: frozenset[str] = frozenset()
     ) -> None:
         self.pv = pv
-        self.data = data
-        self.float32_paths = float32_paths
+        self._data: Mapping[str, Any] | None = data
+        self._f32: frozenset[str] | None = float32_paths
+        self._msg: bytes | None = None
+        self._start = 0
+        self._end: int | None = None
         self._typed: tuple[ValueKind, Any] | None = None
+
+    @classmethod
+    def from_raw(cls, pv: str, raw: bytes, start: int, end: int | None = None) -> PVSample:
+        """A sample whose PV map is the msgpack object ``raw[start:end]`` (``end`` None: to
+        the end of ``raw``), decoded lazily.
+
+        The caller vouches that the slice holds exactly one complete msgpack map (the wire
+        decoder checks it). ``raw`` is kept, not copied.
+        """
+        sample = cls.__new__(cls)
+        sample.pv = pv
+        sample._data = None
+        sample._f32 = None
+        sample._msg = raw
+        sample._start = start
+        sample._end = end
+        sample._typed = None
+        return sample
+
+    @property
+    def data(self) -> Mapping[str, Any]:
+        data = self._data
+        if data is None:
+            payload = memoryview(self._msg)[self._start : self._end]  # type: ignore[arg-type]
+            try:
+                data = _unpackb(payload)
+            except Exception:  # msgpack raises many types; see _decode_lenient
+                data = _decode_lenient(payload)
+            if data.__class__ is not dict:  # from_raw given something else than a map
+                data = {}
+            self._data = data
+        return data
+
+    @data.setter
+    def data(self, value: Mapping[str, Any]) -> None:
+        self._data = value
+        self._typed = None
+
+    @property
+    def float32_paths(self) -> frozenset[str]:
+        paths = self._f32
+        if paths is None:
+            paths = self._f32 = _float32_reader()(self._msg or b"", self._start, self._end)
+        return paths
+
+    @float32_paths.setter
+    def float32_paths(self, value: frozenset[str]) -> None:
+        self._f32 = value
+        self._typed = None
+
+    @property
+    def raw(self) -> bytes | None:
+        """The PV's msgpack bytes as received (lazily-built samples), else None."""
+        msg = self._msg
+        if msg is None:
+            return None
+        return msg[self._start : self._end]
 
     def _typing(self) -> tuple[ValueKind, Any]:
         if self._typed is None:

@@ -21,6 +21,19 @@ What this module knows about the wire (``/work/shared/research/k2eg-protocol*.md
   negative short ``v`` arrives as ``65536 + v`` (a positive msgpack uint16); it cannot be
   detected in general because an ``ushort[]`` looks the same. Typing gives ``int64`` values.
 
+Data messages without decoding the PV
+-------------------------------------
+Nearly all traffic is data messages, and the core needs only their metadata and the PV name.
+``_fast_data`` matches the gateway's layout (metadata keys in its order, unsigned ints, then
+the PV key) with one regex, checks with a C-level ``msgpack.Unpacker.skip`` that the PV map is
+exactly one complete msgpack object running to the end of the message (so truncation,
+garbage and trailing bytes are still rejected, as ``not_msgpack``), and builds the sample with
+:meth:`PVSample.from_raw`: ``data`` is decoded and ``float32_paths`` read from the bytes on
+first use. Anything else goes through the full decode below, the reference behaviour. Not
+checked eagerly on the fast path: content that is structurally valid msgpack but that
+msgpack-python refuses to build (a non-UTF-8 string inside the PV, a non-string map key);
+such a PV is decoded leniently on access (see :class:`PVSample`) instead of being dropped.
+
 Float32 detection, fast path and fallback
 -----------------------------------------
 The common PV structures (NTScalar, NTScalarArray) put ``value`` first. For those we search the
@@ -41,6 +54,8 @@ such field.
 from __future__ import annotations
 
 import enum
+import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -66,6 +81,7 @@ __all__ = [
     "decode_reply",
     "decode_snapshot_message",
     "float32_paths",
+    "payload_float32_paths",
     "serialization_of",
     "to_ns",
 ]
@@ -293,6 +309,15 @@ def decode_snapshot_message(
     else:
         _check_envelope(value, headers, max_bytes)
         raw = bytes(value)  # type: ignore[arg-type]
+    # data messages (nearly all traffic): metadata parsed by hand, the PV map left undecoded
+    if raw and 0x84 <= raw[0] <= 0x88:
+        try:
+            fast = _fast_data(raw)
+        except (IndexError, ValueError, msgpack.UnpackException):  # truncated, garbage
+            fast = None
+            _reset_skipper()
+        if fast is not None:
+            return fast
     try:
         obj = _unpackb(raw)
     except Exception as exc:  # msgpack raises many types on garbage; all mean the same
@@ -327,6 +352,221 @@ def decode_snapshot_message(
 
 
 _unpackb = msgpack.unpackb
+
+# ---- data messages without decoding the PV ------------------------------------------------
+# The gateway's layout (protocol §3.2, sequenced addendum), after the fixmap header byte:
+# message_type 1, timestamp, iter_index, [msg_seq], [submission_seq], [last_submission_data],
+# [header_timestamp], then the PV key (str) whose map runs to the end. One C-level regex match
+# checks that layout and captures each unsigned int (marker + payload bytes) and the PV key's
+# str header; anything else takes the full decoding path.
+_UINT: Final = rb"([\x00-\x7f]|\xcc.|\xcd..|\xce....|\xcf........)"
+_DATA_LAYOUT: Final = re.compile(
+    rb"\xacmessage_type\x01"
+    rb"\xa9timestamp"
+    + _UINT
+    + rb"\xaaiter_index"
+    + _UINT
+    + rb"(?:\xa7msg_seq"
+    + _UINT
+    + rb")?"
+    + rb"(?:\xaesubmission_seq"
+    + _UINT
+    + rb")?"
+    + rb"(?:\xb4last_submission_data([\xc2\xc3]))?"
+    + rb"(?:\xb0header_timestamp"
+    + _UINT
+    + rb")?"
+    + rb"([\xa0-\xbf]|\xd9.|\xda..)",
+    re.DOTALL,
+)
+_match_data: Final = _DATA_LAYOUT.match
+# the two layouts nearly all traffic has, matched without optional groups or a count check:
+# legacy (4 keys) and sequenced without last_submission_data (6 keys)
+_KEY: Final = rb"([\xa0-\xbf]|\xd9.|\xda..)"
+_match_legacy: Final = re.compile(
+    rb"\xacmessage_type\x01\xa9timestamp" + _UINT + rb"\xaaiter_index" + _UINT + _KEY, re.DOTALL
+).match
+_match_sequenced: Final = re.compile(
+    rb"\xacmessage_type\x01\xa9timestamp"
+    + _UINT
+    + rb"\xaaiter_index"
+    + _UINT
+    + rb"\xa7msg_seq"
+    + _UINT
+    + rb"\xaesubmission_seq"
+    + _UINT
+    + _KEY,
+    re.DOTALL,
+).match
+_UINTS: dict[bytes, int] = {}  # encoded uint -> value (bounded cache: values repeat a lot)
+_PV_NAMES: dict[bytes, str] = {}  # encoded PV key -> str (bounded cache; interns the names)
+_CACHE_MAX: Final = 65536
+_TRUE: Final = b"\xc3"
+_tls = threading.local()
+
+
+def _uint_of(encoded: bytes) -> int:
+    value = encoded[0] if len(encoded) == 1 else int.from_bytes(encoded[1:], "big")
+    if len(_UINTS) >= _CACHE_MAX:
+        _UINTS.clear()
+    _UINTS[encoded] = value
+    return value
+
+
+def _skipper() -> msgpack.Unpacker:
+    """This thread's reusable Unpacker, used only to *skip* (validate) PV maps."""
+    try:
+        return _tls.unpacker  # type: ignore[no-any-return]
+    except AttributeError:
+        unpacker = _tls.unpacker = msgpack.Unpacker()
+        return unpacker
+
+
+def _reset_skipper() -> None:
+    """Drop this thread's Unpacker (after an error it may hold unread bytes)."""
+    _tls.__dict__.pop("unpacker", None)
+
+
+def _fast_data(raw: bytes) -> Data | None:
+    """A data message parsed without decoding its PV map, or None to take the full path.
+
+    Accepted: the gateway's data layout (see ``_DATA_LAYOUT``: known metadata keys in the
+    gateway's order, unsigned integer values, ``last_submission_data`` true/false), the map
+    header's count matching, then the PV key (a str that is not metadata) holding a map that
+    is exactly one complete msgpack object reaching the end of ``raw`` (checked by a C-level
+    ``Unpacker.skip``). Anything else (other keys or order, nil/str/negative values, a non-map
+    PV, truncation, trailing bytes, other message types) returns None and the caller decodes
+    the whole message, which stays the reference behaviour and raises the right
+    :class:`DecodeError`. The result equals the full path's, except that the sample is built
+    with :meth:`PVSample.from_raw` (decoded on first use).
+
+    May raise IndexError, ValueError or ``msgpack.UnpackException`` on malformed input (the
+    caller drops this thread's skipping Unpacker and falls back).
+    """
+    n = raw[0]
+    m = None
+    if n == 0x86:
+        m = _match_sequenced(raw, 1)
+        if m is not None:
+            ts_b, idx_b, seq_b, sub_b, key_b = m.groups()
+            lsd_b = hts_b = None
+    elif n == 0x84:
+        m = _match_legacy(raw, 1)
+        if m is not None:
+            ts_b, idx_b, key_b = m.groups()
+            seq_b = sub_b = lsd_b = hts_b = None
+    if m is None:
+        m = _match_data(raw, 1)
+        if m is None:
+            return None
+        ts_b, idx_b, seq_b, sub_b, lsd_b, hts_b, key_b = m.groups()
+        # the map header's count: message_type, timestamp, iter_index, the optionals, the PV
+        if n - 0x80 != (
+            4
+            + (seq_b is not None)
+            + (sub_b is not None)
+            + (lsd_b is not None)
+            + (hts_b is not None)
+        ):
+            return None
+    kstart = m.end()
+    b = key_b[0]
+    kend = kstart + (b & 0x1F if b < 0xC0 else int.from_bytes(key_b[1:], "big"))  # fixstr, str8/16
+    size = len(raw)
+    if kend >= size:
+        return None
+    b = raw[kend]
+    if b < 0x80 or (b > 0x8F and b != 0xDE and b != 0xDF):  # noqa: PLR1714 (hot path)
+        return None  # the PV value is not a map
+    kbytes = raw[kstart:kend]
+    pv = _PV_NAMES.get(kbytes)
+    if pv is None:
+        pv = kbytes.decode("utf-8")  # UnicodeDecodeError is a ValueError: full path
+        if pv in SNAPSHOT_METADATA_KEYS:
+            return None
+        if len(_PV_NAMES) >= _CACHE_MAX:
+            _PV_NAMES.clear()
+        _PV_NAMES[kbytes] = pv
+    try:
+        unpacker = _tls.unpacker
+    except AttributeError:
+        unpacker = _skipper()
+    before = unpacker.tell()
+    unpacker.feed(raw[kend:])
+    unpacker.skip()  # FormatError/StackError (ValueError) on garbage, OutOfData if truncated
+    if unpacker.tell() - before != size - kend:  # trailing bytes after the PV map
+        _reset_skipper()
+        return None
+    uints = _UINTS
+    ts = uints.get(ts_b)
+    if ts is None:
+        ts = _uint_of(ts_b)
+    idx = uints.get(idx_b)
+    if idx is None:
+        idx = _uint_of(idx_b)
+    seq: int | None = None
+    if seq_b is not None:
+        seq = uints.get(seq_b)
+        if seq is None:
+            seq = _uint_of(seq_b)
+    sub: int | None = None
+    if sub_b is not None:
+        sub = uints.get(sub_b)
+        if sub is None:
+            sub = _uint_of(sub_b)
+    hts: int | None = None
+    if hts_b is not None:
+        hts = _uint_of(hts_b)
+        hts = hts if hts > _NS_THRESHOLD else hts * 1_000_000
+    return Data(
+        idx,
+        ts if ts > _NS_THRESHOLD else ts * 1_000_000,
+        PVSample.from_raw(pv, raw, kend),
+        seq,
+        sub,
+        lsd_b == _TRUE,
+        hts,
+        raw,
+    )
+
+
+def payload_float32_paths(raw: bytes, start: int = 0, end: int | None = None) -> frozenset[str]:
+    """float32 paths of the PV map encoded at ``raw[start:end]`` (see :func:`float32_paths`).
+
+    The map's position is known, so ``value`` is looked at directly when it is the first
+    field (NTScalar, NTScalarArray); otherwise the structural walker reads the map.
+    Malformed bytes give an empty set.
+    """
+    if end is not None and end != len(raw):
+        raw = raw[:end]
+    try:
+        b = raw[start]
+        if 0x80 <= b <= 0x8F:
+            pos = start + 1
+        elif b == 0xDE:
+            pos = start + 3
+        elif b == 0xDF:
+            pos = start + 5
+        else:
+            return _EMPTY
+        if raw.startswith(b"\xa5value", pos):
+            at = pos + 6
+            marker = raw[at]
+            if marker == 0xCA:
+                return _F32_VALUE
+            if 0x91 <= marker <= 0x9F:
+                return _F32_VALUE if raw[at + 1] == 0xCA else _EMPTY
+            if marker in {0xDC, 0xDD}:
+                _, count, first = _container(raw, at)
+                return _F32_VALUE if count and raw[first] == 0xCA else _EMPTY
+            if 0x80 <= marker <= 0x8F or marker in {0xDE, 0xDF}:
+                paths = _value_paths(raw, at)
+                return frozenset(paths) if paths else _EMPTY
+            return _EMPTY
+        found = _pv_map_paths(raw, start)
+    except (_TruncatedError, IndexError, ValueError):
+        return _EMPTY
+    return found[0] if found is not None else _EMPTY
 
 
 def snapshot_message_from_map(obj: dict[str, Any], raw: bytes | None = None) -> SnapshotMessage:

@@ -2,14 +2,20 @@
 
 Run: .venv/bin/python tests/unit/bench_feed.py
 Prints, per shape, µs/message for plain ``msgpack.unpackb`` of the same bytes and for
-``feed`` (decode + float32 detection + PVSample + assembly + events), and the ratio
-unpackb/feed (1.0 = feed costs nothing on top of unpackb).
+``feed`` (decode + PVSample + assembly + events), and the ratio unpackb/feed, i.e. feed's
+throughput relative to unpackb's (1.0 = as fast as unpackb; the requirement is >= 0.8).
+
+``feed`` leaves each PV map undecoded (``PVSample.from_raw``); the ``feed+data`` column also
+reads ``.data`` and ``.float32_paths`` of every sample, which is what a sink pays later, for
+an end-to-end comparison. The measurements are interleaved round by round and the best of
+each is kept (the machine is shared; a sequential best-of is skewed by load changes).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from k2eg_sequences import F32, MSGPACK_HEADERS, T0, iteration, ntscalar
 
 from recorder.client.assembler import IterationAssembler
+from recorder.client.events import ValuesReceived
 from recorder.client.wire import Record, decode_snapshot_message
 
 
@@ -31,16 +38,20 @@ def build(n_iter: int, make_values: object, *, sequenced: bool) -> list[Record]:
     return recs
 
 
-def best_of(fn: object, repeat: int = 9) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()  # type: ignore[operator]
-        best = min(best, time.perf_counter() - t)
+def interleaved_best(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
     return best
 
 
-def measure(name: str, recs: list[Record]) -> None:
+RATIOS: dict[str, list[float]] = {"scalar": [], "waveform": []}
+
+
+def measure(name: str, recs: list[Record], shape: str, rounds: int) -> None:
     raws = [r.value for r in recs]
     unpackb = msgpack.unpackb
 
@@ -48,13 +59,9 @@ def measure(name: str, recs: list[Record]) -> None:
         for raw in raws:
             unpackb(raw)
 
-    def base_keep() -> None:
-        kept = [unpackb(raw) for raw in raws]
-        del kept
-
-    def decode_keep() -> None:
-        kept = [decode_snapshot_message(r.value, r.headers) for r in recs]
-        del kept
+    def decode() -> None:
+        for r in recs:
+            decode_snapshot_message(r.value, r.headers)
 
     def ours() -> None:
         asm = IterationAssembler()
@@ -64,16 +71,28 @@ def measure(name: str, recs: list[Record]) -> None:
             n_events += len(feed(rec, 0.0))
         assert asm.counters["iterations.complete"] > 0, asm.counters
 
-    t_base = best_of(base)
-    t_keep = best_of(base_keep)
-    t_decode = best_of(decode_keep)
-    t_ours = best_of(ours)
+    def ours_data() -> None:
+        asm = IterationAssembler()
+        feed = asm.feed
+        for rec in recs:
+            for event in feed(rec, 0.0):
+                if isinstance(event, ValuesReceived):
+                    for sample in event.samples:
+                        _ = sample.data, sample.float32_paths
+
+    best = interleaved_best(
+        {"unpackb": base, "decode": decode, "feed": ours, "feed+data": ours_data}, rounds
+    )
     n = len(recs)
     us = 1e6 / n
+    ratio = best["unpackb"] / best["feed"]
+    RATIOS[shape].append(ratio)
     print(
-        f"{name:40s} n={n:5d} | unpackb {t_base * us:6.2f} | unpackb+keep {t_keep * us:6.2f} |"
-        f" decode+keep {t_decode * us:6.2f} | feed {t_ours * us:6.2f} us/msg |"
-        f" unpackb/feed {t_base / t_ours:4.2f} | unpackb+keep/feed {t_keep / t_ours:4.2f}"
+        f"{name:34s} n={n:5d} | unpackb {best['unpackb'] * us:6.2f} |"
+        f" decode {best['decode'] * us:6.2f} | feed {best['feed'] * us:6.2f} |"
+        f" feed+data {best['feed+data'] * us:6.2f} us/msg |"
+        f" unpackb/feed {ratio:4.2f} |"
+        f" unpackb/(feed+data) {best['unpackb'] / best['feed+data']:4.2f}"
     )
 
 
@@ -95,12 +114,19 @@ def wave32(idx: int) -> list[tuple[str, Any]]:
 
 
 def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
     for sequenced in (False, True):
         gen = "sequenced" if sequenced else "legacy"
-        measure(f"1000-PV f64 scalars, {gen}", build(5, scalars, sequenced=sequenced))
-        measure(f"1000-PV f32 scalars, {gen}", build(5, scalars32, sequenced=sequenced))
-        measure(f"50 x 1000 f64 waveforms, {gen}", build(5, wave64, sequenced=sequenced))
-        measure(f"50 x 1000 f32 waveforms, {gen}", build(5, wave32, sequenced=sequenced))
+        for label, make, shape, n_iter in (
+            ("1000-PV f64 scalars", scalars, "scalar", 5),
+            ("1000-PV f32 scalars", scalars32, "scalar", 5),
+            ("50 x 1000 f64 waveforms", wave64, "waveform", 5),
+            ("50 x 1000 f32 waveforms", wave32, "waveform", 5),
+        ):
+            recs = build(n_iter, make, sequenced=sequenced)
+            measure(f"{label}, {gen}", recs, shape, rounds)
+    for shape, ratios in RATIOS.items():
+        print(f"{shape:8s} throughput feed/unpackb: min {min(ratios):4.2f}  max {max(ratios):4.2f}")
 
 
 if __name__ == "__main__":
