@@ -1,0 +1,274 @@
+"""KaraboBridgeSink with the real karabo_bridge.Client (REQ and SUB) over loopback, fed the
+same hand-built event stream as an HDF5Recording: every iteration a client receives equals
+what the reader returns from the HDF5 file for the same iter_index."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+from bridge_support import (
+    Collector,
+    assert_same,
+    over_the_wire,
+    strip_v1,
+    tid,
+    wait_for,
+    wait_subscribed,
+)
+from karabo_bridge import Client
+
+from recorder.client.events import (
+    IncompleteReason,
+    IterationClosed,
+    IterationEvent,
+    IterationOpened,
+    IterationStatus,
+    ValuesReceived,
+)
+from recorder.client.properties import SnapshotProperties, SnapshotType
+from recorder.client.values import PVSample
+from recorder.reader import open_file
+from recorder.sinks.bridge import (
+    RECORDER_SOURCE,
+    BridgeOptions,
+    IterationInfo,
+    build_train,
+    create_bridge_sink,
+)
+from recorder.sinks.bridge.mapping import Train
+from recorder.sinks.bridge.sink import KaraboBridgeSink
+from recorder.sinks.hdf5 import HDF5Recording
+from recorder.sinks.options import OutputOptions
+
+SEC = 1_700_000_000
+
+
+def _ts(i: int) -> dict[str, Any]:
+    return {"secondsPastEpoch": SEC + i, "nanoseconds": 123_456_789 + i, "userTag": 0}
+
+
+def make_samples(i: int, n: int) -> list[PVSample]:
+    """``n`` values of every PV (n > 1: timedbuffered), every kind the gateway sends."""
+    out: list[PVSample] = []
+    for k in range(n):
+        j = i * 10 + k
+        alarm = {"severity": j % 3, "status": j % 2, "message": "HIHI" if j % 3 else ""}
+        disp = {"units": "mm", "precision": 3, "limitLow": -1.0, "limitHigh": 1.0 + j}
+        out += [
+            PVSample("F32", {"value": float(np.float32(0.1 * j)), "alarm": alarm,
+                             "timeStamp": _ts(j), "display": disp}, frozenset({"value"})),
+            PVSample("F64", {"value": math.pi * j if j % 4 else float("nan"),
+                             "alarm": alarm, "timeStamp": _ts(j)}),
+            PVSample("I", {"value": -(2**40) * j, "timeStamp": _ts(j)}),
+            PVSample("U", {"value": 2**64 - 1 - j, "timeStamp": _ts(j)}),
+            PVSample("B", {"value": bool(j % 2), "timeStamp": _ts(j)}),
+            PVSample("S", {"value": "é" * (j % 5), "timeStamp": _ts(j)}),
+            PVSample("E", {"value": {"index": j % 2, "choices": ["Off", "On"]},
+                           "timeStamp": _ts(j)}),
+            PVSample("W", {"value": [float(x) for x in range(6)], "timeStamp": _ts(j)},
+                     frozenset({"value"})),
+            PVSample("WV", {"value": list(range(1 + j % 3)), "timeStamp": _ts(j)}),  # ragged
+            PVSample("SA", {"value": ["a", "bc"][: j % 3], "timeStamp": _ts(j)}),
+            PVSample("T", {"labels": ["x", "name"],
+                           "value": {"x": [1.5, 2.5 * j], "name": ["p", "q"]},
+                           "timeStamp": _ts(j)}, frozenset({"value.x"})),
+            PVSample("IMG", {"value": {"ushortValue": list(range(j, j + 6))},
+                             "dimension": [{"size": 3}, {"size": 2}], "uniqueId": j,
+                             "timeStamp": _ts(j)}),
+            PVSample("ST", {"value": {"a": j, "b": [1, 2]}, "timeStamp": _ts(j)}),
+            PVSample("N", {"value": None}),
+        ]
+    return out
+
+
+def scenario(n: int) -> tuple[list[IterationEvent], dict[int, list[PVSample]]]:
+    """Events with sub-push batches, overlapping iterations closing out of order, an iteration
+    opened by its data, late values, a tail without header and one still open at the end.
+    Returns the events and, per iter_index, the samples the file keeps for it."""
+    ev: list[IterationEvent] = []
+    kept: dict[int, list[PVSample]] = {}
+
+    def values(it: int, batch: int, samples: list[PVSample], keep: bool = True) -> None:
+        ev.append(ValuesReceived("t", it, batch, batch, tuple(samples)))
+        if keep:
+            kept.setdefault(it, []).extend(samples)
+
+    s10 = make_samples(10, n)
+    ev.append(IterationOpened("t", "s", 10, 10_000))
+    values(10, 1, s10[:5])
+    values(10, 2, s10[5:])
+    ev.append(IterationClosed("t", "s", 10, IterationStatus.COMPLETE, None, 10_000, 10_500,
+                              n_values=len(s10), n_pvs=14, n_batches=2))
+    ev.append(IterationOpened("t", "s", 11, 11_000))
+    ev.append(IterationOpened("t", "s", 12, 12_000))
+    values(12, 1, make_samples(12, n))
+    values(11, 1, make_samples(11, n))
+    ev.append(IterationClosed("t", "s", 12, IterationStatus.COMPLETE, None, 12_000, 12_500))
+    values(12, 2, make_samples(120, 1))  # after its close, while 11 is still open: kept
+    ev.append(IterationClosed("t", "s", 11, IterationStatus.INCOMPLETE,
+                              IncompleteReason.NO_TAIL, 11_000, None))
+    values(13, 1, make_samples(13, n))  # opened by its data (header lost)
+    ev.append(IterationClosed("t", "s", 13, IterationStatus.INCOMPLETE,
+                              IncompleteReason.GATEWAY_ERROR, None, 13_500, error_code=7,
+                              error_message="boom"))
+    values(13, 2, make_samples(130, 1), keep=False)  # late: after the close, dropped by both
+    ev.append(IterationOpened("t", "s", 14, 14_000))
+    values(14, 1, make_samples(14, n))
+    ev.append(IterationClosed("t", "s", 15, IterationStatus.INCOMPLETE,
+                              IncompleteReason.NO_HEADER, None, 15_500))
+    kept.setdefault(15, [])
+    return ev, kept
+
+
+def expected_infos(n: int) -> dict[int, IterationInfo]:
+    ev, _ = scenario(n)
+    headers = {e.iter_index: e.header_timestamp_ns for e in ev if isinstance(e, IterationOpened)}
+    out = {e.iter_index: IterationInfo.from_closed(e, headers.get(e.iter_index))
+           for e in ev if isinstance(e, IterationClosed)}
+    out[14] = IterationInfo.stopped(14, 14_000)
+    return out
+
+
+def read_trains(path: Path) -> dict[int, Train]:
+    with open_file(path) as f:
+        return {tid(t): t for t in f.trains()}
+
+
+@pytest.mark.parametrize("version", ["2.2", "1.0"])
+@pytest.mark.parametrize("snap_type", [SnapshotType.NORMAL, SnapshotType.TIMEDBUFFERED])
+def test_req_and_sub_clients_receive_what_the_file_holds(
+    tmp_path: Path, version: str, snap_type: SnapshotType
+) -> None:
+    n = 3 if snap_type is SnapshotType.TIMEDBUFFERED else 1
+    props = SnapshotProperties("hand_built", ["pva://F32", "pva://I"], type=snap_type)
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="live", snapshot=props)
+    sink = KaraboBridgeSink(BridgeOptions(rep=0, pub=0, protocol_version=version, pub_hwm=8),  # type: ignore[arg-type]
+                            run_name="live", snapshot=props)
+    assert sink.status == "serving", sink.reason
+    assert sink.endpoints["rep"].startswith("tcp://127.0.0.1:")
+    sub = Collector(sink.endpoints["pub"], "SUB").start()
+    req = Client(sink.endpoints["rep"], sock="REQ", timeout=10)
+    from_req: list[Train] = []
+    try:
+        wait_subscribed(sink)
+        events, kept = scenario(n)
+        for event in events:
+            before = sink.counters["iterations"]
+            rec.handle(event)
+            sink.handle(event)
+            if sink.counters["iterations"] > before:
+                # one REQ `next` per publication: the newest iteration, never one twice
+                from_req.append(req.next())
+                wait_for(lambda: len(sub.trains) == sink.counters["iterations"],
+                         what="the SUB client to receive every iteration")
+        (path,) = rec.close()
+        sink.close()
+        wait_for(lambda: len(sub.trains) == sink.counters["iterations"], what="final iterations")
+    finally:
+        from_sub = sub.stop()
+        req.__exit__(None, None, None)
+        sink.close()
+    assert sink.counters["values_after_close"] == len(make_samples(130, 1))
+    assert sink.counters.get("dropped_iterations", 0) == 0
+    from_file = read_trains(path)
+    # served in the file's row order, every iteration, nothing twice
+    assert [tid(t) for t in from_sub] == list(from_file) == [10, 11, 12, 13, 14, 15]
+    assert [tid(t) for t in from_req] == [10, 12, 13]  # 11 and 12 were published together
+    # the reader builds the same container as the sink, before the wire ...
+    infos = expected_infos(n)
+    for it, train in from_file.items():
+        expected = build_train(infos[it], kept[it], stacked=n > 1, run_name="live",
+                               snapshot_name="hand_built")
+        assert_same(train, expected, f"file/{it}")
+    # ... and what the clients received is exactly that container after the wire
+    for received in [*from_sub, *from_req]:
+        if version == "1.0":  # 1.0 also carries each source's metadata inside data
+            assert all(received[0][s]["metadata"] == received[1][s] for s in received[0])
+        got = strip_v1(*received, version)
+        assert_same(got, over_the_wire(from_file[tid(got)], version), f"wire/{tid(got)}")
+    # spot checks on what a client sees
+    data, meta = from_sub[0]
+    if version == "2.2" and n == 1:
+        assert type(data["F32"]["value"]) is float  # numpy scalars travel as Python numbers
+        assert data["F32"]["value"] == pytest.approx(0.1 * 100)
+    assert meta["F32"]["timestamp.tid"] == 10
+    assert meta["F32"]["timestamp.sec"] == str(SEC + 100 + n - 1)
+    assert data[RECORDER_SOURCE]["header_timestamp"] == 10_000
+    assert data[RECORDER_SOURCE]["complete"] is True
+    img = data["IMG"]["value"]
+    assert img.dtype == np.uint16 and img.shape == ((n, 2, 3) if n > 1 else (2, 3))
+    if n > 1:
+        assert data["WV"]["value"] == [[0, 1], [0, 1, 2], [0]]  # ragged: a list per value
+        assert data["F32"]["value"].dtype == np.float32 and data["F32"]["value"].shape == (3,)
+    stopped = from_sub[4][0][RECORDER_SOURCE]
+    assert stopped["status"] == "incomplete" and stopped["reason"] == "recording_stopped"
+    assert from_sub[3][0][RECORDER_SOURCE]["error_message"] == "boom"
+
+
+def test_serve_incomplete_false_serves_only_complete_iterations(tmp_path: Path) -> None:
+    sink = create_bridge_sink(BridgeOptions(pub=0, serve_incomplete=False),  # type: ignore[arg-type]
+                              run_name="c")
+    sub = Collector(sink.endpoints["pub"], "SUB").start()
+    try:
+        wait_subscribed(sink)
+        events, _ = scenario(1)
+        for event in events:
+            sink.handle(event)
+        sink.close("aborted", "test")
+        wait_for(lambda: len(sub.trains) == 2, what="the two complete iterations")
+    finally:
+        got = sub.stop()
+        sink.close()
+    assert [tid(t) for t in got] == [10, 12]
+    assert sink.counters["skipped_incomplete"] == 4
+    assert sink.status == "aborted" and sink.reason == "test"
+
+
+def test_bind_failure_marks_the_sink_failed_and_recording_goes_on(tmp_path: Path) -> None:
+    first = KaraboBridgeSink(BridgeOptions(rep=0), run_name="a")  # type: ignore[arg-type]
+    try:
+        taken = first.endpoints["rep"]
+        second = KaraboBridgeSink(BridgeOptions(rep=taken), run_name="b")
+        assert second.status == "failed" and "bind" in second.reason
+        events, _ = scenario(1)
+        for event in events:
+            second.handle(event)  # never raises
+        assert second.counters["dropped_events"] == len(events)
+        second.close()
+    finally:
+        first.close()
+
+
+def test_a_request_waits_for_the_next_iteration_and_bad_requests_get_an_error() -> None:
+
+    sink = KaraboBridgeSink(BridgeOptions(rep=0), run_name="w")  # type: ignore[arg-type]
+    ctx = zmq.Context()
+    bad = ctx.socket(zmq.REQ)
+    bad.setsockopt(zmq.LINGER, 0)
+    bad.setsockopt(zmq.RCVTIMEO, 5000)
+    try:
+        bad.connect(sink.endpoints["rep"])
+        bad.send(b"give")
+        assert bad.recv().startswith(b"Error: bad request")
+        with Client(sink.endpoints["rep"], sock="REQ", timeout=0.3) as client:
+            with pytest.raises(TimeoutError):
+                client.next()  # nothing recorded yet: the request waits
+            sink.handle(IterationOpened("t", "s", 1, 5))
+            sink.handle(IterationClosed("t", "s", 1, IterationStatus.COMPLETE, None, 5, 6))
+            data, meta = client.next()  # the waiting request is answered
+            assert data[RECORDER_SOURCE]["iter_index"] == 1 and meta[RECORDER_SOURCE][
+                "timestamp.tid"] == 1
+            with pytest.raises(TimeoutError):
+                client.next()  # already has the latest: waits, never the same one twice
+            sink.handle(IterationClosed("t", "s", 2, IterationStatus.COMPLETE, None, 7, 8))
+            assert client.next()[0][RECORDER_SOURCE]["iter_index"] == 2
+    finally:
+        bad.close()
+        ctx.term()
+        sink.close()
+    assert sink.counters["bad_requests"] == 1 and sink.counters["replies"] == 2
