@@ -47,6 +47,7 @@ class DaemonState(enum.StrEnum):
 class RunState(enum.StrEnum):
     IDLE = "idle"  # defined, not recording (autostart false, or stopped by an admin)
     STARTING = "starting"  # waiting for the gateway to start the snapshot
+    RETRYING = "retrying"  # a start failed (gateway/Kafka unreachable); next try after a backoff
     RECORDING = "recording"
     STOPPING = "stopping"  # final iteration and flush in progress
     FAILED = "failed"  # gave up (see last_error); an admin start tries again

@@ -1,0 +1,130 @@
+"""``k2eg-recorder start|stop|trigger|status|reload``: admin commands to a running daemon.
+
+Each publishes one command on the admin topic (``RECORDER_ADMIN_TOPIC``), waits for its reply
+on ``RECORDER_ADMIN_REPLY_TOPIC`` and prints it; signed with ``RECORDER_ADMIN_SECRET`` when
+set. Exit code 0 when the daemon answered ok, 1 for an error reply, 3 when no reply came.
+
+Examples::
+
+    k2eg-recorder status                       # a table of every run
+    k2eg-recorder status bpm-10hz --json       # the raw status document
+    k2eg-recorder trigger wf-triggered --tag shot=42 --tag operator=jdoe
+    k2eg-recorder stop bpm-10hz
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from typing import Any
+
+ADD_ARGUMENTS_TAKES_NAME = True
+HELP = "admin commands to a running daemon"
+EXIT_ERROR_REPLY = 1
+EXIT_NO_REPLY = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    if name in ("start", "stop", "trigger"):
+        parser.add_argument("run", help="run name")
+    elif name == "status":
+        parser.add_argument("run", nargs="?", default=None, help="only this run")
+    if name == "trigger":
+        parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                            help="recorded with the iteration (repeatable)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds to wait for the reply (default: 120 for stop, else 30)")
+    parser.add_argument("--json", action="store_true", help="print the reply as JSON")
+    parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT",
+                        help="Kafka bootstrap servers (default: $RECORDER_BOOTSTRAP_SERVERS)")
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--tag {item!r}: expected KEY=VALUE")
+        tags[key] = value
+    return tags
+
+
+def _ms(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def status_table(doc: dict[str, Any], only: str | None = None) -> str:
+    """A readable table of a status document."""
+    d = doc.get("daemon", {})
+    lines = [
+        f"daemon {d.get('instance')} {d.get('state')} pid {d.get('pid')} version "
+        f"{d.get('version')} up {d.get('uptime_s', 0):.0f} s config {d.get('config_path')}"
+    ]
+    for error in d.get("config_errors") or []:
+        lines.append(f"  reload refused: {error}")
+    header = (f"{'RUN':28} {'STATE':10} {'MODE':24} {'COMPLETE':>8} {'INCOMPL':>7} "
+              f"{'LAST IT':>8} {'LAG':>5} {'ERR':>4}  FILE / LAST ERROR")
+    lines.append(header)
+    for name, r in sorted((doc.get("runs") or {}).items()):
+        if only is not None and name != only:
+            continue
+        its = r.get("iterations", {})
+        last = r.get("last_iteration")
+        lag = r.get("lag")
+        tail = r.get("current_file") or ""
+        if r.get("last_error"):
+            tail = f"{tail}  ! {r['last_error']}".strip()
+        lines.append(
+            f"{name:28} {r.get('state', '?'):10} {r.get('mode', ''):24} "
+            f"{its.get('complete', 0):>8} {its.get('incomplete', 0):>7} "
+            f"{'-' if last is None else last:>8} {'-' if lag is None else lag:>5} "
+            f"{r.get('errors', 0):>4}  {tail}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from recorder.config.daemon import DaemonSettings
+    from recorder.daemon.adminclient import AdminClient
+    from recorder.errors import RecorderError
+    from recorder.settings import KafkaSettings
+
+    command = args._name
+    try:
+        tags = parse_tags(getattr(args, "tag", []))
+        daemon = DaemonSettings()
+        overrides = {} if args.bootstrap is None else {"bootstrap_servers": args.bootstrap}
+        kafka = KafkaSettings.from_env(**overrides)
+    except (ValueError, ValidationError) as exc:
+        print(f"k2eg-recorder {command}: {exc}", file=sys.stderr)
+        return 2
+    timeout = args.timeout if args.timeout is not None else (120.0 if command == "stop" else 30.0)
+    try:
+        with AdminClient(kafka, daemon.admin_topic, daemon.admin_reply_topic,
+                         secret=daemon.secret_bytes) as client:
+            reply = client.request(command, getattr(args, "run", None), tags or None,
+                                   timeout_s=timeout)
+    except RecorderError as exc:
+        print(f"k2eg-recorder {command}: {exc}", file=sys.stderr)
+        return EXIT_NO_REPLY
+    if args.json:
+        print(json.dumps(reply.to_json_obj(), indent=2))
+    elif command == "status" and reply.ok and reply.data:
+        print(status_table(dict(reply.data), getattr(args, "run", None)))
+    else:
+        stream = sys.stdout if reply.ok else sys.stderr
+        print(f"{reply.code.value}: {reply.message}", file=stream)
+        files = (reply.data or {}).get("files")
+        if files:
+            for path in files:
+                print(f"  {path}", file=stream)
+        problems = (reply.data or {}).get("problems")
+        for problem in problems or []:
+            print(f"  {problem}", file=stream)
+    return 0 if reply.ok else EXIT_ERROR_REPLY

@@ -1,0 +1,11 @@
+"""The recorder daemon's parts, composed by :mod:`recorder.service`.
+
+* :mod:`~recorder.daemon.backoff` — retry delays (exponential, capped, jittered);
+* :mod:`~recorder.daemon.resume` — per-run state files: the recording in progress and its
+  last durably written Kafka offsets, so a restart resumes without loss or duplicates;
+* :mod:`~recorder.daemon.pump` — how many events a run may hold before its topic is paused;
+* :mod:`~recorder.daemon.controller` — one :class:`RunController` (and worker thread) per run;
+* :mod:`~recorder.daemon.admin` — admin commands in, exactly one reply out;
+* :mod:`~recorder.daemon.adminlink` — the admin/status topics' Kafka side;
+* :mod:`~recorder.daemon.heartbeat` — the status document and its schedule.
+"""

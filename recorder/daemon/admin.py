@@ -1,0 +1,224 @@
+"""Admin commands in, exactly one reply out (main thread).
+
+Every record read from the admin topic gets one reply: decoded, authenticated and age-checked
+by :mod:`recorder.admin.protocol` (malformed / unauthorized / expired are answered at once and
+never acted on), replays inside the max age are answered ``duplicate``, then the command is
+dispatched: ``status`` and ``reload`` are answered at once, ``start``/``stop``/``trigger`` are
+queued to the run's controller and answered when it has acted (a stop after its files are
+finalized). A bad command never touches another run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from recorder.admin.protocol import (
+    AdminCommand,
+    AdminReply,
+    CommandKind,
+    CommandPolicy,
+    CommandRejectedError,
+    ReplayGuard,
+    ReplyCode,
+    decode_command,
+)
+from recorder.admin.status import StatusDocument
+from recorder.client.wire import Record
+from recorder.errors import AdminCommandError
+from recorder.metrics import RecorderMetrics
+
+_log = structlog.get_logger("recorder.daemon.admin")
+
+PENDING_TIMEOUT_S = 600.0  # a controller that has not answered by then gets an internal reply
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class RunHandle(Protocol):
+    def start(self) -> Future[str]: ...
+
+    def stop(self, reason: str = ...) -> Future[str]: ...
+
+    def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]: ...
+
+    def files(self) -> list[str]: ...
+
+
+class AdminTarget(Protocol):
+    """What the daemon exposes to admin commands."""
+
+    def run_handle(self, name: str) -> RunHandle | None: ...
+
+    def status_document(self, kind: str = "status") -> StatusDocument: ...
+
+    def reload(self, origin: str) -> tuple[bool, str, dict[str, Any]]: ...
+
+
+@dataclass(slots=True)
+class _Pending:
+    command: AdminCommand
+    future: Future[str]
+    reply_topic: str
+    deadline: float
+    data: Callable[[], dict[str, Any]] | None = None
+
+
+class AdminHandler:
+    """Decodes admin records, acts through an :class:`AdminTarget`, sends the replies."""
+
+    def __init__(
+        self,
+        policy: CommandPolicy,
+        default_reply_topic: str,
+        send: Callable[[str, bytes], object],
+        *,
+        metrics: RecorderMetrics | None = None,
+        clock_ms: Callable[[], int] = now_ms,
+    ) -> None:
+        self.policy = policy
+        self.default_reply_topic = default_reply_topic
+        self._send = send
+        self._metrics = metrics
+        self._clock_ms = clock_ms
+        self._guard = ReplayGuard(policy.max_age_s + policy.max_future_skew_s)
+        self._pending: list[_Pending] = []
+        self.replies_sent = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------------ records in
+    def handle(self, record: Record, target: AdminTarget) -> None:
+        now = self._clock_ms()
+        try:
+            command = decode_command(
+                record.value or b"", self.policy, now_ms=now,
+                message_timestamp_ms=record.timestamp_ms,
+            )
+            self._guard.check(command, now_ms=now)
+        except CommandRejectedError as exc:
+            _log.warning("admin command rejected", code=exc.reply_code.value, message=exc.message,
+                         request_id=exc.request_id, command=exc.command, run=exc.run,
+                         offset=record.offset)
+            self._reply(exc.reply_topic, exc.reply(now_ms=now, secret=self.policy.secret))
+            return
+        reply_topic = command.reply_topic or self.default_reply_topic
+        log = _log.bind(request_id=command.request_id, command=command.command.value,
+                        run=command.run)
+        log.info("admin command")
+        try:
+            self._dispatch(command, reply_topic, target)
+        except AdminCommandError as exc:
+            data = exc.data if isinstance(exc, _FailureError) else None
+            self._reply(reply_topic, AdminReply.failure(command, exc, now_ms=self._clock_ms(),
+                                                        data=data, secret=self.policy.secret))
+        except Exception as exc:  # a bug must not cost the reply, nor the daemon
+            log.exception("admin command failed")
+            self._reply(reply_topic, AdminReply.failure(
+                command, AdminCommandError(ReplyCode.INTERNAL.value, f"internal error: {exc!r}"),
+                now_ms=self._clock_ms(), secret=self.policy.secret))
+
+    def _dispatch(self, command: AdminCommand, reply_topic: str, target: AdminTarget) -> None:
+        kind = command.command
+        if kind is CommandKind.STATUS:
+            doc = target.status_document("status")
+            if command.run is not None and doc.run(command.run) is None:
+                raise AdminCommandError(ReplyCode.UNKNOWN_RUN.value,
+                                        f"no run named {command.run!r}")
+            self._ok(command, reply_topic, f"{len(doc.runs)} run(s), daemon {doc.state.value}",
+                     doc.to_json_obj())
+            return
+        if kind is CommandKind.RELOAD:
+            ok, message, data = target.reload("admin command")
+            if not ok:
+                raise _FailureError(ReplyCode.INVALID_CONFIG, message, data)
+            self._ok(command, reply_topic, message, data)
+            return
+        assert command.run is not None  # the codec requires a run for start/stop/trigger
+        handle = target.run_handle(command.run)
+        if handle is None:
+            raise AdminCommandError(ReplyCode.UNKNOWN_RUN.value, f"no run named {command.run!r}")
+        if kind is CommandKind.START:
+            future = handle.start()
+        elif kind is CommandKind.STOP:
+            future = handle.stop(f"stopped by admin command {command.request_id}")
+        else:
+            future = handle.trigger(command.tags)
+        files: Callable[[], dict[str, Any]] | None = None
+        if kind is CommandKind.STOP:
+            def files() -> dict[str, Any]:
+                return {"files": handle.files()}
+        self._pending.append(_Pending(command, future, reply_topic,
+                                      time.monotonic() + PENDING_TIMEOUT_S, files))
+        self.poll()
+
+    # ------------------------------------------------------------------ replies out
+    def poll(self) -> None:
+        """Answer the commands whose controller has acted (call from every loop pass)."""
+        if not self._pending:
+            return
+        still: list[_Pending] = []
+        now = time.monotonic()
+        for p in self._pending:
+            if p.future.done():
+                self._finish(p)
+            elif now >= p.deadline:
+                self._reply(p.reply_topic, AdminReply.failure(
+                    p.command, AdminCommandError(ReplyCode.INTERNAL.value,
+                                                 "no answer from the run in time"),
+                    now_ms=self._clock_ms(), secret=self.policy.secret))
+            else:
+                still.append(p)
+        self._pending = still
+
+    def _finish(self, p: _Pending) -> None:
+        error = p.future.exception()
+        if error is None:
+            self._ok(p.command, p.reply_topic, p.future.result(), p.data() if p.data else None)
+            return
+        if not isinstance(error, AdminCommandError):
+            error = AdminCommandError(ReplyCode.INTERNAL.value, f"internal error: {error!r}")
+        self._reply(p.reply_topic, AdminReply.failure(p.command, error, now_ms=self._clock_ms(),
+                                                      secret=self.policy.secret))
+
+    def _ok(self, command: AdminCommand, reply_topic: str, message: str,
+            data: Mapping[str, Any] | None) -> None:
+        self._reply(reply_topic, AdminReply.success(command, message, now_ms=self._clock_ms(),
+                                                    data=data, secret=self.policy.secret))
+
+    def _reply(self, topic: str | None, reply: AdminReply) -> None:
+        topic = topic or self.default_reply_topic
+        if self._metrics is not None:
+            self._metrics.admin_command(reply.command or "unknown", reply.code.value)
+        _log.info("admin reply", request_id=reply.request_id, command=reply.command,
+                  run=reply.run, code=reply.code.value, reply_message=reply.message, topic=topic)
+        self._send(topic, reply.encode())
+        self.replies_sent += 1
+
+    def fail_pending(self, message: str) -> None:
+        """At shutdown: answer what is still pending."""
+        for p in self._pending:
+            if p.future.done():
+                self._finish(p)
+            else:
+                self._reply(p.reply_topic, AdminReply.failure(
+                    p.command, AdminCommandError(ReplyCode.INTERNAL.value, message),
+                    now_ms=self._clock_ms(), secret=self.policy.secret))
+        self._pending = []
+
+
+class _FailureError(AdminCommandError):
+    """An error reply that carries data (a refused reload lists the problems)."""
+
+    def __init__(self, code: ReplyCode, message: str, data: Mapping[str, Any]) -> None:
+        super().__init__(code.value, message)
+        self.data = data

@@ -1,0 +1,117 @@
+"""Client side of the admin topic: publish a command, wait for its one reply.
+
+Used by ``k2eg-recorder start|stop|trigger|status|reload``, by ``k2eg-recorder demo`` and by
+the tests. The reply topic is read (from its end) *before* the command is produced, so the
+reply cannot be missed; replies to other request ids are ignored.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Mapping
+from types import TracebackType
+
+from recorder.admin.protocol import (
+    AdminCommand,
+    AdminReply,
+    CommandKind,
+    build_command,
+    decode_reply,
+    encode_command,
+)
+from recorder.client import KafkaAdapter, StartAt
+from recorder.client.wire import Record
+from recorder.errors import AdminCommandError, ServiceError
+from recorder.settings import KafkaSettings
+
+
+class AdminClient:
+    """Sends admin commands to a daemon and waits for the replies."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        admin_topic: str,
+        reply_topic: str,
+        *,
+        secret: bytes | None = None,
+        timeout_s: float = 15.0,
+    ) -> None:
+        self.admin_topic = admin_topic
+        self.reply_topic = reply_topic
+        self.secret = secret
+        self._records: queue.Queue[Record] = queue.Queue()
+        settings = kafka.model_copy(update={"app_name": f"{kafka.app_name}-admin-cli"})
+        self._adapter = KafkaAdapter(settings, self._on_records, name="k2eg-recorder-admin-cli")
+        try:
+            self._adapter.ensure_topic(reply_topic, partitions=1, timeout_s=timeout_s)
+            self._adapter.ensure_topic(admin_topic, partitions=1, timeout_s=timeout_s)
+            self._adapter.start(timeout_s)
+            self._adapter.add_topic(reply_topic, StartAt.end(), timeout_s=timeout_s).result(
+                timeout_s + 1
+            )
+        except BaseException:
+            self._adapter.close(5.0)
+            raise
+
+    def _on_records(self, records: list[Record], drained: bool) -> None:
+        for record in records:
+            self._records.put(record)
+
+    def build(
+        self, command: CommandKind | str, run: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> AdminCommand:
+        return build_command(command, run=run, tags=tags, reply_topic=self.reply_topic,
+                             secret=self.secret)
+
+    def send_raw(self, payload: bytes) -> None:
+        """Produce anything on the admin topic (tests of malformed commands)."""
+        self._adapter.produce(self.admin_topic, payload)
+        self._adapter.flush(5.0)
+
+    def send(self, command: AdminCommand) -> None:
+        self.send_raw(encode_command(command))
+
+    def wait_reply(self, request_id: str | None, timeout_s: float = 30.0) -> AdminReply:
+        """The reply with ``request_id`` (None: the next reply without a request id)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServiceError(
+                    f"no reply to request {request_id} on {self.reply_topic!r} within "
+                    f"{timeout_s:g} s (is the daemon running and reading {self.admin_topic!r}?)"
+                )
+            try:
+                record = self._records.get(timeout=min(remaining, 0.2))
+            except queue.Empty:
+                continue
+            try:
+                reply = decode_reply(record.value or b"", secret=self.secret)
+            except AdminCommandError:
+                continue
+            if reply.request_id == request_id:
+                return reply
+
+    def request(
+        self, command: CommandKind | str, run: str | None = None,
+        tags: Mapping[str, str] | None = None, timeout_s: float = 30.0,
+    ) -> AdminReply:
+        """Send a command and return its reply."""
+        cmd = self.build(command, run, tags)
+        self.send(cmd)
+        return self.wait_reply(cmd.request_id, timeout_s)
+
+    def close(self) -> None:
+        self._adapter.close(5.0)
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

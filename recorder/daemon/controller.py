@@ -1,0 +1,767 @@
+"""RunController: one run definition's lifecycle, driven by its own worker thread.
+
+States (:class:`~recorder.admin.status.RunState`)::
+
+    idle --start--> starting --ok--> recording --stop--> stopping --final+finalized--> idle
+                       |  ^                |
+                  fail |  | backoff        | the file cannot be written
+                       v  |                v
+                     retrying            failed (an admin start tries again)
+
+The worker thread owns the run's :class:`~recorder.client.RecurringSnapshot` (iterator mode)
+and its :class:`~recorder.sinks.hdf5.HDF5Recording`: it takes events, writes them, flushes on
+the recording's interval and, after each flush that moved the durable Kafka offsets, rewrites
+the run's state file (:mod:`recorder.daemon.resume`). Other threads (the daemon's main loop)
+only queue requests — :meth:`RunController.start`, :meth:`~RunController.stop`,
+:meth:`~RunController.trigger` return a :class:`~concurrent.futures.Future` holding the reply
+text — and read :meth:`RunController.status`.
+
+A stop sends the k2eg ``repeating_snapshot_stop`` from a helper thread while the worker keeps
+draining events; once the client has delivered the final iteration and ended the subscription,
+the recording is closed (files finalized) and the state file cleared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from recorder.admin.protocol import ReplyCode
+from recorder.admin.status import RunState, RunStatus
+from recorder.client import (
+    IterationClosed,
+    IterationEvent,
+    IterationOpened,
+    K2egClient,
+    RecurringSnapshot,
+    StartAt,
+    StopResult,
+)
+from recorder.config.models import RunDefinition
+from recorder.daemon.backoff import Backoff
+from recorder.daemon.pump import pending_bound
+from recorder.daemon.resume import ActiveRecording, ResumeStore
+from recorder.daemon.resume import RunState as StoredState
+from recorder.errors import AdminCommandError, RecorderError
+from recorder.metrics import RecorderMetrics
+
+_log = structlog.get_logger("recorder.daemon")
+
+PUMP_BUDGET_S = 0.1  # longest stretch of event handling between two request checks
+IDLE_WAIT_S = 0.2
+LAG_EVERY_S = 2.0
+
+
+class Recording(Protocol):
+    """What the controller needs of a recording (:class:`~recorder.sinks.hdf5.HDF5Recording`)."""
+
+    status: str
+    reason: str
+    current_path: Path | None
+    paths: list[Path]
+    counters: dict[str, int]
+    last_flush_seconds: float
+    uid: str
+
+    @property
+    def last_durable_offset(self) -> dict[tuple[str, int], int]: ...
+
+    def handle(self, event: IterationEvent) -> None: ...
+
+    def maybe_flush(self, now: float | None = None) -> bool: ...
+
+    def flush(self) -> None: ...
+
+    def close(self, status: str = "complete", reason: str = "") -> list[Path]: ...
+
+
+class RecordingFactory(Protocol):
+    def __call__(
+        self, definition: RunDefinition, *, seq: int, recording_uid: str | None
+    ) -> Recording: ...
+
+
+def hdf5_recording(
+    definition: RunDefinition, *, seq: int, recording_uid: str | None
+) -> Recording:
+    """The production recording: HDF5 files as the run definition's ``output:`` says."""
+    from recorder.sinks.hdf5 import HDF5Recording
+
+    props = definition.snapshot.to_properties()
+    return HDF5Recording(
+        definition.output,
+        run_name=definition.name,
+        snapshot=props,
+        run_definition_text=definition.model_dump_json(indent=1),
+        metadata=definition.metadata.file_attributes(),
+        pv_uris=props.pv_uri_list,
+        seq=seq,
+        recording_uid=recording_uid,
+    )
+
+
+def _finalize_leftover(partial: Path, run: str) -> Path | None:
+    """Recover the ``.partial`` file a crashed process left (status aborted, open iterations
+    marked ``writer_crashed``): its committed data stays, the resumed recording continues in a
+    new segment from the first offset that file does not hold."""
+    if not partial.exists():
+        return None
+    from recorder.sinks.recover import recover_file
+
+    try:
+        final = recover_file(partial)
+    except (OSError, RuntimeError, ValueError, RecorderError) as exc:
+        _log.error("could not recover a leftover file (left for `k2eg-recorder recover`)",
+                   run=run, path=str(partial), error=str(exc))
+        return None
+    _log.info("leftover file recovered", run=run, path=str(final))
+    return final
+
+
+@dataclass(slots=True)
+class _Request:
+    kind: str  # start | stop | trigger | exit
+    future: Future[str]
+    tags: Mapping[str, str] = field(default_factory=dict)
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class _Stats:
+    last_iteration: int | None = None
+    last_iteration_at: int | None = None  # ms
+    complete: int = 0
+    incomplete: int = 0
+    values_written: int = 0
+    lag: int | None = None
+    errors: int = 0
+    last_error: str | None = None
+    current_file: str | None = None
+    recording_started_at: int | None = None
+    files: list[str] = field(default_factory=list)  # finalized files of this daemon process
+    triggers: int = 0
+
+
+class RunController:
+    """See the module docstring. ``client`` is shared by every run of the daemon."""
+
+    def __init__(
+        self,
+        definition: RunDefinition,
+        client: K2egClient,
+        store: ResumeStore,
+        *,
+        metrics: RecorderMetrics | None = None,
+        recording_factory: RecordingFactory = hdf5_recording,
+        backoff: Backoff | None = None,
+        value_budget: int | None = None,
+        stop_timeout_s: float | None = None,
+    ) -> None:
+        self.definition = definition
+        self.name = definition.name
+        self._client = client
+        self._store = store
+        self._metrics = metrics
+        self._factory = recording_factory
+        self._backoff = backoff or Backoff(initial_s=1.0, factor=2.0, max_s=30.0)
+        self._value_budget = value_budget
+        self._stop_timeout_s = stop_timeout_s
+        self._requests: queue.Queue[_Request] = queue.Queue()
+        self._lock = threading.Lock()  # guards _state and _stats for status()
+        self._state = RunState.IDLE
+        self._stats = _Stats()
+        self._sub: RecurringSnapshot | None = None
+        self._rec: Recording | None = None
+        self._stored: StoredState | None = None
+        self._durable: dict[int, int] = {}
+        self._next_attempt = 0.0
+        self._start_waiters: list[Future[str]] = []
+        self._stop_waiters: list[Future[str]] = []
+        self._stop_thread: threading.Thread | None = None
+        self._stop_result: StopResult | BaseException | None = None
+        self._stop_reason = ""
+        self._sub_ended = False
+        self._pending_tags: deque[dict[str, str]] = deque()
+        self._tags: list[tuple[int, dict[str, str]]] = []  # (iter_index, tags) recorded
+        self._last_opened = -1
+        self._flushes = 0
+        self._values = 0
+        self._next_lag = 0.0
+        self._exit = False
+        self._log = _log.bind(run=self.name, snapshot=definition.snapshot.snapshot_name)
+        self._thread = threading.Thread(target=self._main, name=f"run-{self.name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ any thread
+    def start(self) -> Future[str]:
+        return self._submit(_Request("start", Future()))
+
+    def stop(self, reason: str = "stopped by an admin command") -> Future[str]:
+        return self._submit(_Request("stop", Future(), reason=reason))
+
+    def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]:
+        return self._submit(_Request("trigger", Future(), tags=dict(tags or {})))
+
+    def shutdown(self, reason: str = "daemon shutdown") -> Future[str]:
+        """Stop recording (as :meth:`stop`) and end the worker thread."""
+        return self._submit(_Request("exit", Future(), reason=reason))
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def state(self) -> RunState:
+        with self._lock:
+            return self._state
+
+    @property
+    def tags_recorded(self) -> list[tuple[int, dict[str, str]]]:
+        with self._lock:
+            return list(self._tags)
+
+    def status(self) -> RunStatus:
+        d = self.definition
+        with self._lock:
+            s = self._stats
+            return RunStatus(
+                name=self.name,
+                state=self._state,
+                snapshot=d.snapshot.snapshot_name,
+                topic=d.snapshot.topic,
+                mode=d.mode,
+                autostart=d.autostart,
+                current_file=s.current_file,
+                recording_started_at=s.recording_started_at,
+                last_iteration=s.last_iteration,
+                last_iteration_at=s.last_iteration_at,
+                iterations_complete=s.complete,
+                iterations_incomplete=s.incomplete,
+                values_written=s.values_written,
+                lag=s.lag,
+                errors=s.errors,
+                last_error=s.last_error,
+            )
+
+    def files(self) -> list[str]:
+        """Files finalized by this controller (this process)."""
+        with self._lock:
+            return list(self._stats.files)
+
+    def _submit(self, request: _Request) -> Future[str]:
+        if not self._thread.is_alive():
+            request.future.set_exception(
+                AdminCommandError(ReplyCode.INTERNAL.value, f"run {self.name!r} is shut down")
+            )
+            return request.future
+        self._requests.put(request)
+        return request.future
+
+    # ------------------------------------------------------------------ worker thread
+    def _set_state(self, state: RunState) -> None:
+        with self._lock:
+            if self._state is state:
+                return
+            self._state = state
+        self._log.info("run state", state=state.value)
+        if self._metrics is not None:
+            self._metrics.set_recording(self.name, state is RunState.RECORDING)
+
+    def _error(self, message: str) -> None:
+        with self._lock:
+            self._stats.errors += 1
+            self._stats.last_error = message
+
+    def _main(self) -> None:
+        try:
+            while True:
+                self._serve_requests()
+                state = self.state
+                if self._exit and state in (RunState.IDLE, RunState.FAILED):
+                    return
+                now = time.monotonic()
+                if state in (RunState.STARTING, RunState.RETRYING) and now >= self._next_attempt:
+                    self._attempt_start()
+                    continue
+                if self._sub is not None:
+                    self._pump(PUMP_BUDGET_S)
+                    if self.state is RunState.STOPPING:
+                        self._check_stopped()
+                    elif self._sub_ended:
+                        self._lost_subscription()
+                    continue
+                self._wait_request(IDLE_WAIT_S)
+        except Exception as exc:  # a bug: never take the daemon down, report it
+            self._log.exception("run worker crashed")
+            self._error(f"internal error: {exc!r}")
+            self._set_state(RunState.FAILED)
+            self._abort_recording(f"internal error: {exc!r}")
+            self._fail_waiters(f"internal error: {exc!r}")
+            self._drain_requests_failing()
+
+    def _wait_request(self, timeout: float) -> None:
+        try:
+            request = self._requests.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._serve(request)
+
+    def _serve_requests(self) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            self._serve(request)
+
+    def _serve(self, request: _Request) -> None:
+        try:
+            if request.kind == "start":
+                self._on_start(request.future)
+            elif request.kind == "stop":
+                self._on_stop(request.future, request.reason)
+            elif request.kind == "trigger":
+                self._on_trigger(request.future, request.tags)
+            elif request.kind == "exit":
+                self._exit = True
+                if self.state in (RunState.IDLE, RunState.FAILED):
+                    request.future.set_result(f"run {self.name!r} shut down")
+                else:
+                    self._on_stop(request.future, request.reason)
+        except AdminCommandError as exc:
+            if not request.future.done():
+                request.future.set_exception(exc)
+
+    # ---- start ------------------------------------------------------------------------
+    def _on_start(self, future: Future[str]) -> None:
+        state = self.state
+        if state is RunState.RECORDING:
+            raise AdminCommandError(ReplyCode.ALREADY_RUNNING.value,
+                                    f"run {self.name!r} is already recording")
+        if state is RunState.STOPPING:
+            raise AdminCommandError(ReplyCode.ALREADY_RUNNING.value,
+                                    f"run {self.name!r} is stopping; start it again afterwards")
+        if state in (RunState.STARTING, RunState.RETRYING):
+            self._start_waiters.append(future)
+            return
+        self._backoff.reset()
+        self._next_attempt = 0.0
+        self._start_waiters.append(future)
+        with self._lock:
+            self._stats.last_error = None
+        self._set_state(RunState.STARTING)
+
+    def _attempt_start(self) -> None:
+        d = self.definition
+        props = d.snapshot.to_properties()
+        stored = self._store.load(self.name)
+        active = stored.active
+        if active is not None and active.topic != d.snapshot.topic:
+            self._log.warning("state file names another topic: not resumed",
+                              topic=active.topic)
+            active = None
+        start_at: StartAt | None = None
+        if active is not None and active.offsets:
+            start_at = StartAt.at(active.resume_offsets())
+        budget = self._value_budget
+        max_pending = pending_bound(len(props.pv_uri_list), *(() if budget is None else (budget,)))
+        try:
+            sub = self._client.snapshot_recurring(props, start=start_at, max_pending=max_pending)
+        except RecorderError as exc:
+            self._start_failed(f"snapshot start failed: {exc}")
+            return
+        self._sub = sub
+        self._sub_ended = False
+        if active is not None:
+            self._log.info("resuming recording", recording_uid=active.recording_uid,
+                           seq=active.seq, offsets=start_at.offsets if start_at else None)
+            if active.current_file:
+                leftover = _finalize_leftover(Path(active.current_file), self.name)
+                if leftover is not None:
+                    with self._lock:
+                        self._stats.files.append(str(leftover))
+            seq, uid = active.seq, active.recording_uid
+        else:
+            seq, uid = stored.next_seq, None
+        rec: Recording | None = None
+        try:
+            rec = self._factory(d, seq=seq, recording_uid=uid)
+            reason = rec.reason
+        except (RecorderError, OSError, ValueError, RuntimeError) as exc:
+            reason = f"cannot create the recording: {exc}"
+        if rec is None or rec.status != "recording":
+            self._error(reason)
+            self._log.error("recording could not start", reason=reason)
+            self._stop_snapshot_quietly()
+            self._set_state(RunState.FAILED)
+            self._resolve_start(error=reason)
+            return
+        self._rec = rec
+        # offsets before the first record of this recording count as durable: a crash before
+        # the first flush resumes exactly where this recording started reading
+        if active is not None and active.offsets:
+            self._durable = dict(active.offsets)
+        else:
+            self._durable = {p: o - 1 for p, o in sub.start_offsets.items()}
+        self._flushes = rec.counters.get("flushes", 0)
+        self._values = rec.counters.get("values", 0)
+        new_active = ActiveRecording(
+            recording_uid=rec.uid,
+            seq=seq,
+            topic=sub.topic,
+            snapshot_name=d.snapshot.snapshot_name,
+            offsets=dict(self._durable),
+            current_file=None if rec.current_path is None else str(rec.current_path),
+            segments=(active.segments + 1) if active is not None else 0,
+            updated_at=time.time_ns() // 1_000_000,
+        )
+        try:
+            self._stored = self._store.begin(self.name, new_active)
+        except RecorderError as exc:
+            self._error(str(exc))
+            self._log.error("run state not saved: a restart may not resume", error=str(exc))
+            self._stored = StoredState(self.name, seq + 1, new_active)
+        with self._lock:
+            self._stats.current_file = new_active.current_file
+            self._stats.recording_started_at = time.time_ns() // 1_000_000
+            self._stats.last_error = None
+        self._backoff.reset()
+        self._last_opened = -1
+        self._set_state(RunState.RECORDING)
+        armed = "armed (waiting for triggers)" if d.triggered else "recording"
+        self._resolve_start(message=f"run {self.name!r} {armed} into {rec.current_path}")
+
+    def _start_failed(self, message: str) -> None:
+        delay = self._backoff.next_delay()
+        self._next_attempt = time.monotonic() + delay
+        self._error(message)
+        self._log.warning("run start failed; retrying", error=message, retry_in_s=round(delay, 2),
+                          attempt=self._backoff.attempts)
+        self._set_state(RunState.RETRYING)
+        self._resolve_start(
+            message=f"run {self.name!r} accepted but not recording yet: {message}; "
+                    f"retrying in {delay:.1f} s"
+        )
+
+    def _resolve_start(self, *, message: str = "", error: str | None = None) -> None:
+        waiters, self._start_waiters = self._start_waiters, []
+        for future in waiters:
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(AdminCommandError(ReplyCode.INTERNAL.value, error))
+            else:
+                future.set_result(message)
+
+    # ---- events -----------------------------------------------------------------------
+    def _pump(self, budget_s: float) -> None:
+        sub, rec = self._sub, self._rec
+        assert sub is not None
+        deadline = time.monotonic() + budget_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                event = sub.get(timeout=remaining)
+            except TimeoutError:
+                break
+            if event is None:
+                self._sub_ended = True
+                break
+            if rec is not None:
+                self._on_event(rec, event)
+            if not self._requests.empty():
+                break
+        if rec is not None:
+            rec.maybe_flush()
+            self._after_flush(rec)
+        now = time.monotonic()
+        if now >= self._next_lag and not self._sub_ended:
+            self._next_lag = now + LAG_EVERY_S
+            self._update_lag(sub.topic)
+
+    def _on_event(self, rec: Recording, event: IterationEvent) -> None:
+        if isinstance(event, IterationOpened) and event.iter_index > self._last_opened:
+            self._last_opened = event.iter_index
+            if self._pending_tags:
+                self._tag(rec, event.iter_index, self._pending_tags.popleft())
+        rec.handle(event)
+        if isinstance(event, IterationClosed):
+            now_ms = time.time_ns() // 1_000_000
+            with self._lock:
+                s = self._stats
+                s.last_iteration = event.iter_index
+                s.last_iteration_at = now_ms
+                if event.complete:
+                    s.complete += 1
+                else:
+                    s.incomplete += 1
+            if self._metrics is not None:
+                self._metrics.iteration_closed(self.name, event.status.value)
+            if not event.complete:
+                self._log.info("iteration incomplete", iteration=event.iter_index,
+                               reason=event.reason.value if event.reason else None)
+
+    def _tag(self, rec: Recording, iter_index: int, tags: dict[str, str]) -> None:
+        """Record trigger tags with the iteration the trigger produced."""
+        with self._lock:
+            self._tags.append((iter_index, tags))
+        annotate: Callable[[int, Mapping[str, str]], Any] | None = getattr(
+            rec, "tag_iteration", None
+        )
+        if annotate is not None:
+            annotate(iter_index, tags)
+        self._log.info("trigger tags", iteration=iter_index, tags=tags)
+
+    def _after_flush(self, rec: Recording) -> None:
+        flushes = rec.counters.get("flushes", 0)
+        if flushes == self._flushes:
+            if rec.status == "failed":
+                self._recording_failed(rec)
+            return
+        self._flushes = flushes
+        values = rec.counters.get("values", 0)
+        delta, self._values = values - self._values, values
+        with self._lock:
+            self._stats.values_written += max(0, delta)
+            self._stats.current_file = None if rec.current_path is None else str(rec.current_path)
+        if self._metrics is not None:
+            self._metrics.values(self.name, max(0, delta))
+            self._metrics.flushed(self.name, rec.last_flush_seconds, time.time())
+        if rec.status == "failed":
+            self._recording_failed(rec)
+            return
+        durable = {p: o for (_t, p), o in rec.last_durable_offset.items()}
+        merged = {**self._durable, **{p: max(o, self._durable.get(p, -1))
+                                      for p, o in durable.items()}}
+        current = None if rec.current_path is None else str(rec.current_path)
+        stored = self._stored
+        if stored is None or stored.active is None:
+            return
+        if merged != self._durable or current != stored.active.current_file:
+            self._durable = merged
+            try:
+                self._stored = self._store.update(stored, offsets=dict(merged),
+                                                  current_file=current)
+            except RecorderError as exc:
+                self._error(str(exc))
+                self._log.error("run state not saved", error=str(exc))
+
+    def _update_lag(self, topic: str) -> None:
+        # the client has no public lag call yet: its adapter knows positions and watermarks
+        adapter = self._client._adapter
+        try:
+            marks = adapter.watermarks(topic).result(1.0)
+        except Exception:
+            return
+        positions = adapter.positions(topic)
+        lag = sum(max(0, high - positions.get(p, high)) for p, (_low, high) in marks.items())
+        with self._lock:
+            self._stats.lag = lag
+        if self._metrics is not None:
+            self._metrics.lag(self.name, lag)
+
+    # ---- trigger ------------------------------------------------------------------------
+    def _on_trigger(self, future: Future[str], tags: Mapping[str, str]) -> None:
+        if not self.definition.triggered:
+            raise AdminCommandError(
+                ReplyCode.WRONG_MODE.value,
+                f"run {self.name!r} is {self.definition.mode}: only triggered runs take triggers",
+            )
+        if self.state is not RunState.RECORDING or self._sub is None:
+            raise AdminCommandError(ReplyCode.NOT_RUNNING.value,
+                                    f"run {self.name!r} is {self.state.value}, not armed")
+        self._pending_tags.append(dict(tags))
+        try:
+            ack = self._client.snapshot_trigger(
+                self.definition.snapshot.snapshot_name, tags=dict(tags) or None
+            )
+        except RecorderError as exc:
+            self._pending_tags.pop()
+            self._error(f"trigger failed: {exc}")
+            raise AdminCommandError(ReplyCode.INTERNAL.value, f"trigger failed: {exc}") from exc
+        with self._lock:
+            self._stats.triggers += 1
+        self._log.info("triggered", tags=dict(tags), message=ack.message)
+        future.set_result(f"run {self.name!r} triggered")
+
+    # ---- stop ---------------------------------------------------------------------------
+    def _on_stop(self, future: Future[str], reason: str) -> None:
+        state = self.state
+        if state in (RunState.IDLE, RunState.FAILED):
+            raise AdminCommandError(ReplyCode.NOT_RUNNING.value,
+                                    f"run {self.name!r} is not recording ({state.value})")
+        if state in (RunState.STARTING, RunState.RETRYING):
+            self._resolve_start(error=f"run {self.name!r} was stopped before it started")
+            self._set_state(RunState.IDLE)
+            future.set_result(f"run {self.name!r} stopped before it started recording")
+            return
+        self._stop_waiters.append(future)
+        if state is RunState.STOPPING:
+            return
+        sub = self._sub
+        assert sub is not None
+        self._stop_reason = reason
+        self._stop_result = None
+        self._set_state(RunState.STOPPING)
+        self._log.info("stopping run", reason=reason)
+
+        def stop_snapshot() -> None:
+            try:
+                self._stop_result = sub.stop(final_timeout_s=self._stop_timeout_s)
+            except BaseException as exc:
+                self._stop_result = exc
+
+        self._stop_thread = threading.Thread(
+            target=stop_snapshot, name=f"stop-{self.name}", daemon=True
+        )
+        self._stop_thread.start()
+
+    def _check_stopped(self) -> None:
+        thread = self._stop_thread
+        if thread is None or thread.is_alive():
+            return
+        result = self._stop_result
+        sub = self._sub
+        if isinstance(result, BaseException):
+            # the gateway did not acknowledge the stop: end reading ourselves
+            self._error(f"k2eg stop failed: {result}")
+            self._log.error("k2eg stop failed", error=str(result))
+            if sub is not None and not sub.ended:
+                self._client._finish_subscription(sub)
+        elif not self._sub_ended:
+            return  # the subscription ended: drain what is still queued first
+        if sub is not None:
+            while True:
+                try:
+                    event = sub.get(timeout=0.5)
+                except TimeoutError:
+                    break
+                if event is None:
+                    break
+                if self._rec is not None:
+                    self._on_event(self._rec, event)
+        final_seen = isinstance(result, StopResult) and result.final_seen
+        status = "complete" if final_seen else "aborted"
+        why = self._stop_reason
+        if isinstance(result, BaseException):
+            why += f"; k2eg stop failed: {result}"
+        elif not final_seen:
+            why += "; the final iteration did not arrive in time"
+        files = self._close_recording(status, why)
+        self._stop_thread = None
+        self._sub = None
+        self._set_state(RunState.IDLE)
+        text = f"run {self.name!r} stopped ({status}); files: {', '.join(files) or 'none'}"
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(text)
+
+    def _close_recording(self, status: str, reason: str) -> list[str]:
+        rec, self._rec = self._rec, None
+        if rec is None:
+            return []
+        try:
+            paths = rec.close(status, reason)
+        except Exception as exc:
+            self._error(f"closing the recording failed: {exc}")
+            self._log.exception("closing the recording failed")
+            paths = list(rec.paths)
+        self._after_flush_counts(rec)
+        files = [str(p) for p in paths]
+        with self._lock:
+            self._stats.files.extend(files)
+            self._stats.current_file = None
+        if rec.status == "failed":
+            self._error(f"recording failed: {rec.reason}")
+            return files  # keep the state file: a start resumes from the durable offset
+        stored = self._stored
+        self._stored = None
+        if stored is not None:
+            try:
+                self._store.end(stored)
+            except RecorderError as exc:
+                self._error(str(exc))
+        self._log.info("recording closed", status=status, files=files)
+        return files
+
+    def _after_flush_counts(self, rec: Recording) -> None:
+        values = rec.counters.get("values", 0)
+        delta, self._values = values - self._values, values
+        if delta > 0:
+            with self._lock:
+                self._stats.values_written += delta
+            if self._metrics is not None:
+                self._metrics.values(self.name, delta)
+
+    def _recording_failed(self, rec: Recording) -> None:
+        """The file cannot be written: stop reading (Kafka keeps the data), keep the resume
+        state, report. An admin start resumes from the last durable offset."""
+        reason = rec.reason or "the recording failed"
+        self._error(f"recording failed: {reason}")
+        if self._metrics is not None:
+            self._metrics.write_failed(self.name)
+        self._log.error("recording failed; run stopped (resume with an admin start)",
+                        reason=reason)
+        self._stop_snapshot_quietly()
+        self._close_recording("failed", reason)
+        self._sub = None
+        self._set_state(RunState.FAILED)
+        self._fail_waiters(f"recording failed: {reason}")
+
+    def _lost_subscription(self) -> None:
+        """The client ended the subscription on its own (the client was closed)."""
+        self._log.warning("snapshot subscription ended unexpectedly")
+        self._close_recording("aborted", "the k2eg client stopped reading the snapshot")
+        self._sub = None
+        self._set_state(RunState.IDLE)
+
+    def _stop_snapshot_quietly(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is None or sub.ended:
+            return
+        try:
+            sub.stop(timeout=5.0, final_timeout_s=0.5)
+        except RecorderError as exc:
+            self._log.warning("k2eg stop failed", error=str(exc))
+            with contextlib.suppress(Exception):
+                self._client._finish_subscription(sub)
+
+    def _abort_recording(self, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            self._stop_snapshot_quietly()
+        with contextlib.suppress(Exception):
+            self._close_recording("aborted", reason)
+
+    def _fail_waiters(self, message: str) -> None:
+        self._resolve_start(error=message)
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_exception(AdminCommandError(ReplyCode.INTERNAL.value, message))
+
+    def _drain_requests_failing(self) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            request.future.set_exception(
+                AdminCommandError(ReplyCode.INTERNAL.value, f"run {self.name!r} failed")
+            )

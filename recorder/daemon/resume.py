@@ -1,0 +1,160 @@
+"""Per-run state files: what a restart needs to resume a recording without loss.
+
+One JSON file per run in the state directory (``$STATE_DIRECTORY`` under systemd)::
+
+    {"run": "bpm-10hz", "next_seq": 4,
+     "active": {"recording_uid": "...", "seq": 3, "topic": "bpm_10hz",
+                "snapshot_name": "bpm_10hz", "offsets": {"0": 12345},
+                "current_file": "/data/.../bpm-10hz_..._0003.h5.partial",
+                "segments": 2, "updated_at": 1732212345678}}
+
+``active`` is set while a recording runs and rewritten after every flush that moved the
+durable offsets; it is cleared when the recording ends cleanly (its files finalized). A daemon
+that finds ``active`` at start resumes that recording from ``offset + 1`` into a new segment:
+everything up to ``offset`` is in a file already, everything after it is still in Kafka.
+Files are replaced atomically (write, fsync, rename), so a crash leaves the old or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from recorder.errors import ServiceError
+
+_log = structlog.get_logger("recorder.daemon.resume")
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveRecording:
+    """A recording in progress, as last durably written."""
+
+    recording_uid: str
+    seq: int
+    topic: str
+    snapshot_name: str
+    offsets: dict[int, int] = field(default_factory=dict)  # partition -> highest durable
+    current_file: str | None = None
+    segments: int = 0  # segment files written by earlier daemon processes (for naming)
+    updated_at: int = 0  # ms
+
+    def resume_offsets(self) -> dict[int, int]:
+        """Where to read next: one past the highest durable offset of each partition."""
+        return {p: o + 1 for p, o in self.offsets.items()}
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {
+            "recording_uid": self.recording_uid,
+            "seq": self.seq,
+            "topic": self.topic,
+            "snapshot_name": self.snapshot_name,
+            "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+            "current_file": self.current_file,
+            "segments": self.segments,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_json_obj(cls, obj: dict[str, Any]) -> ActiveRecording:
+        offsets = {int(p): int(o) for p, o in dict(obj.get("offsets") or {}).items()}
+        current = obj.get("current_file")
+        return cls(
+            recording_uid=str(obj["recording_uid"]),
+            seq=int(obj["seq"]),
+            topic=str(obj["topic"]),
+            snapshot_name=str(obj["snapshot_name"]),
+            offsets=offsets,
+            current_file=None if current is None else str(current),
+            segments=int(obj.get("segments", 0)),
+            updated_at=int(obj.get("updated_at", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    run: str
+    next_seq: int = 0
+    active: ActiveRecording | None = None
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "next_seq": self.next_seq,
+            "active": None if self.active is None else self.active.to_json_obj(),
+        }
+
+
+class ResumeStore:
+    """Reads and writes the per-run state files in ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, run: str) -> Path:
+        return self.directory / f"{run}.json"
+
+    def load(self, run: str) -> RunState:
+        """The run's state; a missing or unreadable file is a fresh state (logged)."""
+        path = self.path(run)
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+            active = obj.get("active")
+            return RunState(
+                run=run,
+                next_seq=int(obj.get("next_seq", 0)),
+                active=None if active is None else ActiveRecording.from_json_obj(active),
+            )
+        except FileNotFoundError:
+            return RunState(run)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            _log.error("unreadable run state file ignored", run=run, path=str(path),
+                       error=str(exc))
+            return RunState(run)
+
+    def save(self, state: RunState) -> None:
+        """Atomically replace the run's state file; raises :class:`ServiceError`."""
+        path = self.path(state.run)
+        tmp = path.with_name(path.name + ".tmp")
+        data = json.dumps(state.to_json_obj(), indent=1, sort_keys=True).encode()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise ServiceError(f"cannot write run state {path}: {exc}") from exc
+
+    def begin(self, run: str, active: ActiveRecording) -> RunState:
+        """A recording starts (or resumes): remember it and reserve its sequence number."""
+        current = self.load(run)
+        state = RunState(run, max(current.next_seq, active.seq + 1), active)
+        self.save(state)
+        return state
+
+    def update(self, state: RunState, **changes: Any) -> RunState:
+        """New durable offsets / current file of the active recording."""
+        if state.active is None:
+            return state
+        active = replace(state.active, updated_at=time.time_ns() // 1_000_000, **changes)
+        new = replace(state, active=active)
+        self.save(new)
+        return new
+
+    def end(self, state: RunState) -> RunState:
+        """The recording ended cleanly: nothing to resume."""
+        new = replace(state, active=None)
+        self.save(new)
+        return new

@@ -1,0 +1,431 @@
+"""The recorder daemon: run definitions + k2eg client + admin topic + HDF5 recordings.
+
+``k2eg-recorder run --config PATH`` (the systemd ``ExecStart``) builds a :class:`Service` and
+calls :meth:`Service.run`, which returns the exit code.
+
+Threads
+    * **main** (this module): signals only set flags (and wake the loop); the loop wakes at
+      least every 0.1 s to read admin commands (handed over by the admin link's queue), answer
+      them, apply reloads, publish heartbeats, update ``STATUS=`` and ping ``WATCHDOG=1``;
+    * **admin link** consumer thread (:mod:`recorder.daemon.adminlink`): owns the admin
+      topic's ``Consumer``, queues records for the main loop;
+    * **k2eg client** consumer + dispatcher threads (:mod:`recorder.client`): read the reply
+      and snapshot topics, assemble iterations into one bounded queue per run (the topic is
+      paused when a run's queue is full: back-pressure, never drops);
+    * **one worker per run** (:mod:`recorder.daemon.controller`): start with retry/backoff,
+      write events to the HDF5 recording, flush, save the resume state, stop/finalize;
+    * optional Prometheus HTTP server thread.
+
+Lifecycle
+    load + validate run definitions (bad YAML: exit 2 before touching Kafka) -> connect
+    (retried with backoff until SIGTERM) -> start the ``autostart`` runs (recurring snapshots
+    begin, triggered ones are armed; a recording interrupted by a crash is resumed from its
+    last durable offset) -> ``READY=1`` -> loop -> SIGTERM/SIGINT: ``STOPPING=1``, every run
+    stopped the k2eg way (stop command, final iteration, file finalized) within
+    ``shutdown_timeout_s`` -> exit 0. SIGHUP (or an admin ``reload``) re-reads the definitions.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from recorder import __version__
+from recorder.admin.status import DaemonState, RunState, StatusDocument
+from recorder.config.daemon import DaemonSettings
+from recorder.config.diff import diff_runs
+from recorder.config.loader import check_runs
+from recorder.config.models import RunDefinition
+from recorder.daemon.admin import AdminHandler, RunHandle
+from recorder.daemon.adminlink import AdminLink
+from recorder.daemon.backoff import Backoff
+from recorder.daemon.controller import RecordingFactory, RunController, hdf5_recording
+from recorder.daemon.heartbeat import Heartbeat
+from recorder.daemon.resume import ResumeStore
+from recorder.errors import RecorderError
+from recorder.metrics import RecorderMetrics, start_metrics_server
+from recorder.notify import Notifier, WatchdogPinger, watchdog_interval
+from recorder.settings import KafkaSettings
+
+__all__ = ["EXIT_CONFIG", "EXIT_OK", "Service", "default_state_dir"]
+
+log = structlog.get_logger("recorder.service")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+LOOP_WAIT_S = 0.1
+EXTEND_EVERY_S = 5.0
+
+
+def default_state_dir(environ: dict[str, str] | None = None) -> Path:
+    """``$RECORDER_STATE_DIR``, systemd's ``$STATE_DIRECTORY``, else ``~/.local/state``."""
+    env = dict(os.environ if environ is None else environ)
+    if env.get("RECORDER_STATE_DIR"):
+        return Path(env["RECORDER_STATE_DIR"])
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "k2eg-recorder"
+
+
+@dataclass(slots=True)
+class _Deferred:
+    """A run to (re)create once the controllers it waits for have stopped."""
+
+    definition: RunDefinition
+    start: bool
+    blockers: list[RunController] = field(default_factory=list)
+
+
+class Service:
+    """The long-running recorder daemon (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: DaemonSettings,
+        kafka: KafkaSettings,
+        *,
+        state_dir: Path | None = None,
+        notifier: Notifier | None = None,
+        metrics: RecorderMetrics | None = None,
+        recording_factory: RecordingFactory = hdf5_recording,
+        connect_backoff: Backoff | None = None,
+        run_backoff: Callable[[], Backoff] | None = None,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.kafka = kafka
+        self.state_dir = state_dir or default_state_dir()
+        self.notifier = notifier or Notifier.from_env()
+        self.metrics = metrics or RecorderMetrics()
+        self._factory = recording_factory
+        self._connect_backoff = connect_backoff or Backoff(initial_s=1.0, max_s=30.0)
+        self._run_backoff = run_backoff or (lambda: Backoff(initial_s=1.0, max_s=30.0))
+        self._client_options = dict(client_options or {})
+        self._store = ResumeStore(self.state_dir)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._wake = threading.Event()
+        self._state = DaemonState.STARTING
+        self._started_ms = time.time_ns() // 1_000_000
+        self._definitions: dict[str, RunDefinition] = {}
+        self._controllers: dict[str, RunController] = {}
+        self._retiring: list[RunController] = []
+        self._deferred: list[_Deferred] = []
+        self._config_errors: list[str] = []
+        self._client: Any = None  # K2egClient (imported lazily: confluent-kafka)
+        self._link: AdminLink | None = None
+        self._admin: AdminHandler | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._watchdog = WatchdogPinger(self.notifier, watchdog_interval())
+        self._last_status_line = ""
+        self._metrics_server: Any = None
+        self.ready = threading.Event()  # set once READY=1 was sent (tests, the demo)
+
+    # ------------------------------------------------------------------ control (any thread)
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does). Safe from a signal handler."""
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """Re-read the run definitions (what SIGHUP does). Safe from a signal handler."""
+        self._reload.set()
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        def on_stop(signum: int, _frame: FrameType | None) -> None:
+            self.request_stop()
+
+        def on_hup(signum: int, _frame: FrameType | None) -> None:
+            self.request_reload()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    @property
+    def controllers(self) -> dict[str, RunController]:
+        return dict(self._controllers)
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> int:
+        """Run until :meth:`request_stop`; returns the process exit code."""
+        loaded, problems = check_runs(self.settings.config_path)
+        if problems:
+            for p in problems:
+                log.error("invalid run definition", problem=str(p))
+            log.error("refusing to start: fix the run definitions",
+                      config_path=str(self.settings.config_path), errors=len(problems))
+            return EXIT_CONFIG
+        self._definitions = dict(loaded.runs)
+        log.info("run definitions loaded", runs=list(self._definitions),
+                 config_path=str(self.settings.config_path), state_dir=str(self.state_dir))
+        self._start_metrics()
+        try:
+            if not self._connect():
+                return EXIT_OK  # stopped while still connecting
+            for definition in self._definitions.values():
+                self._add_controller(definition, start=definition.autostart)
+            self._state = DaemonState.RUNNING
+            self.notifier.ready(self._status_line())
+            self.ready.set()
+            log.info("daemon ready", runs=len(self._controllers),
+                     admin_topic=self.settings.admin_topic,
+                     status_topic=self.settings.status_topic)
+            self._loop()
+            self._shutdown()
+            return EXIT_OK
+        finally:
+            self._close()
+
+    def _connect(self) -> bool:
+        """Create the k2eg client and the admin link; retry with backoff until stopped."""
+        from recorder.client import K2egClient
+
+        while not self._stop.is_set():
+            try:
+                self._client = K2egClient(self.kafka, **self._client_options)
+                s = self.settings
+                self._link = AdminLink(self.kafka, s.admin_topic,
+                                       ensure_topics=(s.admin_reply_topic, s.status_topic))
+            except RecorderError as exc:
+                if self._client is not None:
+                    self._client.close(5.0)
+                    self._client = None
+                delay = self._connect_backoff.next_delay()
+                log.error("cannot connect to Kafka; retrying", error=str(exc),
+                          retry_in_s=round(delay, 2), bootstrap=self.kafka.bootstrap_servers)
+                self.notifier.status(f"waiting for Kafka ({exc}); retry in {delay:.0f} s")
+                self._sleep(delay)
+                continue
+            self._admin = AdminHandler(
+                self.settings.command_policy(), self.settings.admin_reply_topic,
+                self._link.produce, metrics=self.metrics,
+            )
+            self._heartbeat = Heartbeat(self.settings.heartbeat_interval_s, self._publish_status)
+            return True
+        return False
+
+    def _publish_status(self, payload: bytes) -> None:
+        if self._link is not None:
+            self._link.produce(self.settings.status_topic, payload, key=self.settings.instance)
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait (for a backoff) while still pinging the watchdog; ends early on stop."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            self._watchdog.maybe_ping(now)
+            self._wake.wait(min(0.5, deadline - now))
+            self._wake.clear()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload("SIGHUP")
+            self._pass()
+            self._wake.wait(LOOP_WAIT_S)
+
+    def _pass(self) -> None:
+        """One pass of the main loop (also run while shutting down)."""
+        now = time.monotonic()
+        link, admin = self._link, self._admin
+        if link is not None and admin is not None:
+            for record in link.take():
+                admin.handle(record, self)
+            admin.poll()
+        self._apply_deferred()
+        if self._heartbeat is not None:
+            self._heartbeat.maybe_beat(now, self._heartbeat_doc)
+        self._watchdog.maybe_ping(now)
+        line = self._status_line()
+        if line != self._last_status_line:
+            self._last_status_line = line
+            self.notifier.status(line)
+
+    def _shutdown(self) -> None:
+        self._state = DaemonState.STOPPING
+        budget = self.settings.shutdown_timeout_s
+        self.notifier.stopping(f"stopping {len(self._controllers)} run(s)")
+        self.notifier.extend_timeout(budget + 10)
+        log.info("shutting down", runs=len(self._controllers), budget_s=budget)
+        if self._heartbeat is not None:
+            self._heartbeat.beat(time.monotonic(), self._heartbeat_doc)
+        controllers = [*self._controllers.values(), *self._retiring]
+        self._deferred.clear()
+        for c in controllers:
+            c.shutdown("daemon shutdown")
+        deadline = time.monotonic() + budget
+        next_extend = time.monotonic() + EXTEND_EVERY_S
+        while any(c.alive for c in controllers) and time.monotonic() < deadline:
+            self._pass()
+            now = time.monotonic()
+            if now >= next_extend:
+                next_extend = now + EXTEND_EVERY_S
+                self.notifier.extend_timeout(deadline - now + 10)
+            time.sleep(LOOP_WAIT_S)
+        late = [c.name for c in controllers if c.alive]
+        if late:
+            log.error("runs did not stop within the shutdown budget; their files stay .partial "
+                      "and resume at the next start", runs=late, budget_s=budget)
+        if self._admin is not None:
+            self._admin.poll()
+            self._admin.fail_pending("the daemon is shutting down")
+        if self._heartbeat is not None:
+            self._heartbeat.beat(time.monotonic(), self._heartbeat_doc)
+        log.info("daemon stopped", files={c.name: c.files() for c in controllers})
+
+    def _close(self) -> None:
+        for closer in (
+            (lambda: self._client.close(10.0)) if self._client is not None else None,
+            self._link.close if self._link is not None else None,
+            self._metrics_server.shutdown if self._metrics_server is not None else None,
+        ):
+            if closer is None:
+                continue
+            try:
+                closer()
+            except Exception:
+                log.exception("error while closing")
+        self._client = None
+        self._link = None
+        self._metrics_server = None
+
+    def _start_metrics(self) -> None:
+        port = self.settings.metrics_port
+        if port is None:
+            return
+        try:
+            server, _thread = start_metrics_server(port, self.metrics.registry,
+                                                   addr=self.settings.metrics_addr)
+        except OSError as exc:
+            log.error("metrics endpoint not started", port=port, error=str(exc))
+            return
+        self._metrics_server = server
+        log.info("metrics endpoint", url=f"http://{self.settings.metrics_addr}:"
+                                         f"{server.server_port}/metrics")
+
+    # ------------------------------------------------------------------ runs
+    def _add_controller(self, definition: RunDefinition, *, start: bool) -> RunController:
+        controller = RunController(
+            definition, self._client, self._store, metrics=self.metrics,
+            recording_factory=self._factory, backoff=self._run_backoff(),
+        )
+        self._controllers[definition.name] = controller
+        self.metrics.set_recording(definition.name, False)
+        if start:
+            controller.start()
+        return controller
+
+    def run_handle(self, name: str) -> RunHandle | None:
+        return self._controllers.get(name)
+
+    def reload(self, origin: str) -> tuple[bool, str, dict[str, Any]]:
+        """Re-read the definitions; apply the difference (see :mod:`recorder.config.diff`).
+        A bad set of definitions changes nothing and is reported."""
+        self.notifier.reloading(f"reloading run definitions ({origin})")
+        previous = self._state
+        self._state = DaemonState.RELOADING
+        try:
+            return self._reload_now(origin)
+        finally:
+            self._state = previous
+            self.notifier.ready(self._status_line())
+
+    def _reload_now(self, origin: str) -> tuple[bool, str, dict[str, Any]]:
+        loaded, problems = check_runs(self.settings.config_path)
+        if problems:
+            self._config_errors = [str(p) for p in problems]
+            self.metrics.reload(False)
+            for p in problems:
+                log.error("reload refused: invalid run definition", problem=str(p), origin=origin)
+            message = (f"reload refused, the previous definitions stay in force: "
+                       f"{len(problems)} problem(s): " + "; ".join(self._config_errors))
+            return False, message, {"problems": list(self._config_errors)}
+        self._config_errors = []
+        diff = diff_runs(self._definitions, loaded.runs)
+        self._definitions = dict(loaded.runs)
+        self.metrics.reload(True)
+        for definition in diff.removed:
+            old = self._controllers.pop(definition.name)
+            old.shutdown("run removed by a reload")
+            self._retiring.append(old)
+            self.metrics.remove_run(definition.name)
+        for change in diff.changed:
+            old = self._controllers[change.name]
+            if not change.restart_required:
+                old.definition = change.new
+                continue
+            active = old.state in (RunState.RECORDING, RunState.STARTING, RunState.RETRYING)
+            old.shutdown("run definition changed by a reload")
+            self._retiring.append(old)
+            del self._controllers[change.name]
+            self._deferred.append(_Deferred(change.new, active, [old]))
+        for definition in diff.added:
+            blockers = [c for c in self._retiring
+                        if c.definition.snapshot.topic == definition.snapshot.topic]
+            self._deferred.append(_Deferred(definition, definition.autostart, blockers))
+        self._apply_deferred()
+        log.info("run definitions reloaded", origin=origin, summary=diff.summary())
+        return True, f"reloaded: {diff.summary()}", diff.as_dict()
+
+    def _apply_deferred(self) -> None:
+        self._retiring = [c for c in self._retiring if c.alive]
+        if not self._deferred:
+            return
+        waiting: list[_Deferred] = []
+        for d in self._deferred:
+            if any(c.alive for c in d.blockers) or d.definition.name in self._controllers:
+                waiting.append(d)
+            else:
+                self._add_controller(d.definition, start=d.start)
+        self._deferred = waiting
+
+    # ------------------------------------------------------------------ status
+    def status_document(self, kind: str = "heartbeat", seq: int = 0) -> StatusDocument:
+        runs = {c.name: c.status() for c in self._retiring if c.alive}
+        runs.update({name: c.status() for name, c in self._controllers.items()})
+        return StatusDocument(
+            instance=self.settings.instance,
+            state=self._state,
+            time=time.time_ns() // 1_000_000,
+            started_at=self._started_ms,
+            runs=tuple(runs.values()),
+            pid=os.getpid(),
+            version=__version__,
+            config_path=str(self.settings.config_path),
+            config_errors=tuple(self._config_errors),
+            seq=seq,
+            kind=kind,
+        )
+
+    def _heartbeat_doc(self, seq: int) -> StatusDocument:
+        return self.status_document("heartbeat", seq)
+
+    def _status_line(self) -> str:
+        states: dict[str, int] = {}
+        complete = 0
+        for c in self._controllers.values():
+            st = c.status()
+            states[st.state.value] = states.get(st.state.value, 0) + 1
+            complete += st.iterations_complete
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no runs"
+        text = f"{self._state.value}: {parts}; {complete} iterations recorded"
+        if self._config_errors:
+            text += f"; reload refused ({len(self._config_errors)} problem(s))"
+        return text
+

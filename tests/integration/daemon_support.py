@@ -1,0 +1,238 @@
+"""Helpers for the daemon end-to-end tests: a daemon subprocess, the admin client, what the
+simulator published (read raw from Kafka with plain msgpack), and files read back in a
+separate process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from confluent_kafka import Consumer, TopicPartition
+
+from recorder.admin.protocol import AdminReply
+from recorder.daemon.adminclient import AdminClient
+from recorder.settings import KafkaSettings
+from recorder.sim import GatewaySimulator
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DaemonEnv:
+    bootstrap: str
+    cmd_topic: str
+    app: str
+    admin_topic: str
+    reply_topic: str
+    status_topic: str
+    state_dir: Path
+    config: Path
+    log_dir: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def environ(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RECORDER_")}
+        env.update({
+            "RECORDER_BOOTSTRAP_SERVERS": self.bootstrap,
+            "RECORDER_CMD_TOPIC": self.cmd_topic,
+            "RECORDER_APP_NAME": self.app,
+            "RECORDER_ADMIN_TOPIC": self.admin_topic,
+            "RECORDER_ADMIN_REPLY_TOPIC": self.reply_topic,
+            "RECORDER_STATUS_TOPIC": self.status_topic,
+            "RECORDER_STATE_DIR": str(self.state_dir),
+            "RECORDER_INSTANCE": self.app,
+            "RECORDER_HEARTBEAT_INTERVAL_S": "0.5",
+            "RECORDER_COMMAND_TIMEOUT_S": "3",
+            "RECORDER_SHUTDOWN_TIMEOUT_S": "30",
+            "RECORDER_LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.extra)
+        return env
+
+    def kafka(self) -> KafkaSettings:
+        return KafkaSettings.from_env({}, bootstrap_servers=self.bootstrap,
+                                      cmd_topic=self.cmd_topic, app_name=f"{self.app}-test")
+
+    def admin(self) -> AdminClient:
+        return AdminClient(self.kafka(), self.admin_topic, self.reply_topic)
+
+
+class DaemonProcess:
+    """``python -m recorder.cli run`` as a child process, killed by PID in teardown."""
+
+    def __init__(self, env: DaemonEnv, name: str = "daemon") -> None:
+        self.env = env
+        self.log_path = env.log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "recorder.cli", "run", "--config", str(env.config)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env.environ(), cwd=REPO,
+            start_new_session=True,
+        )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def status(admin: AdminClient, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The daemon's status document, or None when it does not answer (yet)."""
+    try:
+        reply = admin.request("status", timeout_s=timeout)
+    except Exception:
+        return None
+    return dict(reply.data or {}) if reply.ok else None
+
+
+def run_state(admin: AdminClient, run: str) -> dict[str, Any] | None:
+    doc = status(admin)
+    if doc is None:
+        return None
+    result: dict[str, Any] | None = doc.get("runs", {}).get(run)
+    return result
+
+
+def request(admin: AdminClient, command: str, run: str | None = None,
+            tags: dict[str, str] | None = None, timeout: float = 60.0) -> AdminReply:
+    return admin.request(command, run, tags, timeout_s=timeout)
+
+
+# ---------------------------------------------------------------- what was published
+@dataclass
+class Published:
+    """The snapshot topic decoded with plain msgpack (independent of the daemon's decoder)."""
+
+    data: dict[int, dict[str, list[Any]]] = field(default_factory=dict)  # iter -> pv -> values
+    tails: set[int] = field(default_factory=set)
+    headers: set[int] = field(default_factory=set)
+    offsets: dict[int, int] = field(default_factory=dict)  # iter -> offset of its tail
+
+
+def read_published(bootstrap: str, topic: str, timeout: float = 10.0) -> Published:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{topic}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    out = Published()
+    try:
+        meta = consumer.list_topics(topic, timeout=5)
+        parts = list(meta.topics[topic].partitions)
+        highs = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
+                 for p in parts}
+        consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+        positions = dict.fromkeys(parts, 0)
+        deadline = time.monotonic() + timeout
+        while any(positions[p] < highs[p] for p in parts) and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.2):
+                if msg.error():
+                    continue
+                positions[msg.partition()] = msg.offset() + 1
+                obj = msgpack.unpackb(msg.value(), raw=False, strict_map_key=False)
+                kind, it = obj.get("message_type"), obj.get("iter_index")
+                if kind == 0:
+                    out.headers.add(it)
+                elif kind == 2:
+                    out.tails.add(it)
+                    out.offsets[it] = msg.offset()
+                elif kind == 1:
+                    for key, value in obj.items():
+                        if isinstance(value, dict):
+                            out.data.setdefault(it, {}).setdefault(key, []).append(
+                                value.get("value"))
+    finally:
+        consumer.close()
+    return out
+
+
+# ---------------------------------------------------------------- files, read elsewhere
+_READER = textwrap.dedent("""
+    import json, os, stat, sys
+    from recorder.reader import open_file
+    out = []
+    for path in sys.argv[1:]:
+        with open_file(path) as f:
+            its = f.iterations()
+            pvs = {}
+            for pv in f.pv_names:
+                vals = f.values(pv)
+                pvs[pv] = {"iters": [int(i) for i in f.iterations_of(pv)],
+                           "values": [v.tolist() if hasattr(v, "tolist") else v for v in vals]
+                                     if vals.dtype != object else
+                                     [v.tolist() if hasattr(v, "tolist") else repr(v)
+                                      for v in vals]}
+            out.append({
+                "path": path,
+                "status": f.status,
+                "attrs": {k: (v if isinstance(v, (str, int, float, bool)) else str(v))
+                          for k, v in f.attrs.items()},
+                "writable": bool(os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP
+                                                          | stat.S_IWOTH)),
+                "iterations": [int(i) for i in its["iter_index"]],
+                "iteration_status": [str(s) for s in its["status"]],
+                "pvs": pvs,
+            })
+    json.dump(out, sys.stdout, default=str)
+""")
+
+
+def read_files(paths: list[Path]) -> list[dict[str, Any]]:
+    """Read recorded files in a separate Python process (what an analyst would do)."""
+    if not paths:
+        return []
+    result = subprocess.run(
+        [sys.executable, "-c", _READER, *map(str, paths)], capture_output=True, text=True,
+        cwd=REPO, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    files: list[dict[str, Any]] = json.loads(result.stdout)
+    return files
+
+
+def h5_files(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*.h5"))
+
+
+def partial_files(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*.partial"))
+
+
+@contextlib.contextmanager
+def simulator(bootstrap: str, cmd_topic: str) -> Iterator[GatewaySimulator]:
+    sim = GatewaySimulator(bootstrap, cmd_topic).start()
+    try:
+        yield sim
+    finally:
+        sim.stop()

@@ -1,0 +1,247 @@
+"""The daemon end to end: YAML in, admin commands in, HDF5 files out (checked value by value
+against what the simulator published), SIGTERM, bad YAML, bad commands, gateway unreachable.
+
+The daemon runs as ``python -m recorder.cli run`` (a child process killed by PID in
+teardown); the gateway simulator runs in this process; files are read back in a third one.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from daemon_support import (
+    REPO,
+    DaemonEnv,
+    DaemonProcess,
+    h5_files,
+    partial_files,
+    read_files,
+    read_published,
+    request,
+    run_state,
+    simulator,
+    status,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _yaml(data: Path, snap: Callable[[str], str]) -> str:
+    return f"""
+runs:
+  - name: periodic
+    snapshot:
+      snapshot_name: {snap("periodic")}
+      pv_uri_list: [pva://SIM:AI:DOUBLE:1, pva://SIM:AI:LONG:3, pva://SIM:WF:DOUBLE:1:N8]
+      time_window: 100
+    output: {{directory: {data}/periodic, flush_interval_s: 0.3}}
+  - name: shots
+    snapshot:
+      snapshot_name: {snap("shots")}
+      pv_uri_list: [pva://SIM:AI:DOUBLE:20, pva://SIM:AI:LONG:21]
+      triggered: true
+    output: {{directory: {data}/shots, flush_interval_s: 0.3}}
+  - name: idle
+    autostart: false
+    snapshot:
+      snapshot_name: {snap("idle")}
+      pv_uri_list: [pva://SIM:AI:DOUBLE:30]
+    output: {{directory: {data}/idle}}
+"""
+
+
+@pytest.fixture
+def denv(tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str]) -> DaemonEnv:
+    config = tmp_path / "runs.yaml"
+    data = tmp_path / "data"
+    token = unique_name("t")
+    config.write_text(_yaml(data, lambda s: f"{s}_{token}".replace("-", "_")))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    return DaemonEnv(
+        bootstrap=kafka_bootstrap, cmd_topic=unique_name("cmd"), app=unique_name("rec"),
+        admin_topic=unique_name("admin"), reply_topic=unique_name("reply"),
+        status_topic=unique_name("status"), state_dir=tmp_path / "state", config=config,
+        log_dir=logs,
+    )
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+def _snap_topic(denv: DaemonEnv, run: str) -> str:
+    for line in denv.config.read_text().splitlines():
+        if "snapshot_name:" in line and line.split(":", 1)[1].strip().startswith(run):
+            return line.split(":", 1)[1].strip().lower()
+    raise AssertionError(run)
+
+
+def test_records_triggers_and_sigterm_finalizes(denv: DaemonEnv,
+                                                daemons: list[DaemonProcess]) -> None:
+    data = denv.config.parent / "data"
+    with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
+        daemon = DaemonProcess(denv)
+        daemons.append(daemon)
+        wait_for(lambda: (run_state(admin, "periodic") or {}).get("state") == "recording",
+                 40, "the periodic run to record")
+        wait_for(lambda: (run_state(admin, "shots") or {}).get("state") == "recording", 20,
+                 "the triggered run to be armed")
+        assert run_state(admin, "idle")["state"] == "idle"  # type: ignore[index]
+        for shot in ("1", "2"):
+            reply = request(admin, "trigger", "shots", {"shot": shot})
+            assert reply.ok, reply
+            time.sleep(0.3)
+        wait_for(lambda: ((run_state(admin, "periodic") or {}).get("iterations", {})
+                          .get("complete", 0) >= 15), 30, "15 periodic iterations")
+        doc = status(admin)
+        assert doc is not None and doc["daemon"]["state"] == "running"
+        periodic = doc["runs"]["periodic"]
+        assert periodic["current_file"].endswith(".h5.partial")
+        assert periodic["values_written"] > 0 and periodic["errors"] == 0
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
+    assert partial_files(data) == []
+    files = read_files(h5_files(data))
+    by_run = {f["attrs"]["run_name"]: f for f in files}
+    assert set(by_run) == {"periodic", "shots"}  # the idle run wrote nothing
+    for f in files:
+        assert f["status"] == "complete", f["attrs"].get("status_reason")
+        assert not f["writable"]
+
+    # periodic: every iteration value by value, none missing inside the recorded range
+    published = read_published(denv.bootstrap, _snap_topic(denv, "periodic"))
+    f = by_run["periodic"]
+    recorded = f["iterations"]
+    assert len(recorded) >= 15 and recorded == sorted(set(recorded))
+    expected = [i for i in sorted(published.tails) if recorded[0] <= i <= recorded[-1]]
+    assert recorded == expected
+    assert recorded[-1] == max(published.tails)  # the final iteration of the stop is there
+    for pv, col in f["pvs"].items():
+        got: dict[int, list[object]] = {}
+        for it, value in zip(col["iters"], col["values"], strict=True):
+            got.setdefault(it, []).append(value)
+        for it in recorded:
+            assert got.get(it) == published.data[it][pv], (pv, it)
+
+    # triggered: one iteration per trigger (+ the final one the gateway sends at stop)
+    shots = by_run["shots"]
+    pub_shots = read_published(denv.bootstrap, _snap_topic(denv, "shots"))
+    assert shots["iterations"] == sorted(pub_shots.tails)
+    assert len(shots["iterations"]) >= 2
+    for pv, col in shots["pvs"].items():
+        for it, value in zip(col["iters"], col["values"], strict=True):
+            assert [value] == pub_shots.data[it][pv]
+    log = daemon.log_text()
+    assert '"tags": {"shot": "1"}' in log and '"run": "shots"' in log
+
+
+def test_bad_commands_get_error_replies_and_other_runs_continue(
+    denv: DaemonEnv, daemons: list[DaemonProcess]
+) -> None:
+    with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
+        daemons.append(DaemonProcess(denv))
+        wait_for(lambda: (run_state(admin, "periodic") or {}).get("state") == "recording",
+                 40, "the periodic run to record")
+
+        def code_of(command: str, run: str | None = None) -> str:
+            return request(admin, command, run, timeout=30).code.value
+
+        assert code_of("trigger", "nope") == "unknown_run"
+        assert code_of("trigger", "periodic") == "wrong_mode"
+        assert code_of("stop", "idle") == "not_running"
+        assert code_of("start", "periodic") == "already_running"
+        assert code_of("status", "nope") == "unknown_run"
+        # not JSON at all: answered (no request id) on the default reply topic
+        admin.send_raw(b"\xff not json")
+        assert admin.wait_reply(None, 20).code.value == "malformed"
+        # valid JSON, bad fields: answered to its reply topic with its request id
+        admin.send_raw(json.dumps({"command": "explode", "request_id": "bad-1",
+                                   "reply_topic": denv.reply_topic}).encode())
+        assert admin.wait_reply("bad-1", 20).code.value == "malformed"
+        # too old: answered, never acted on
+        old = admin.build("stop", "periodic")
+        stale = {**json.loads(json.dumps(old.to_json_obj())), "issued_at": 1_000}
+        admin.send_raw(json.dumps(stale).encode())
+        assert admin.wait_reply(old.request_id, 20).code.value == "expired"
+        # the same request twice: acted on once
+        again = admin.build("status")
+        admin.send(again)
+        assert admin.wait_reply(again.request_id, 20).ok
+        admin.send(again)
+        assert admin.wait_reply(again.request_id, 20).code.value == "duplicate"
+
+        before = run_state(admin, "periodic")
+        assert before is not None and before["state"] == "recording"
+        count = before["iterations"]["complete"]
+        wait_for(lambda: (run_state(admin, "periodic") or {}).get("iterations", {})
+                 .get("complete", 0) > count + 3, 20, "the periodic run to keep recording")
+
+        # a bad reload keeps the old definitions and says why
+        good = denv.config.read_text()
+        denv.config.write_text(good.replace("time_window: 100", 'time_window: "fast"'))
+        reply = request(admin, "reload")
+        assert reply.code.value == "invalid_config"
+        assert "runs.yaml:" in reply.message and "time_window" in reply.message
+        doc = status(admin)
+        assert doc is not None and doc["daemon"]["config_errors"]
+        assert doc["runs"]["periodic"]["state"] == "recording"
+
+        # a good reload: one run removed (stopped cleanly), the idle one started by admin
+        denv.config.write_text(good)
+        reply = request(admin, "reload")
+        assert reply.ok and reply.data == {"added": [], "removed": [], "changed": {},
+                                           "unchanged": ["periodic", "shots", "idle"]}
+        reply = request(admin, "start", "idle")
+        assert reply.ok, reply
+        reply = request(admin, "stop", "idle")
+        assert reply.ok and reply.data and len(reply.data["files"]) == 1, reply
+        assert not Path(reply.data["files"][0]).name.endswith(".partial")
+
+
+def test_bad_yaml_is_a_clear_error_and_exit_code_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: x\nsnapshot:\n  snapshot_name: x\n  pv_uri_list: [pva://SIM:AI:DOUBLE:1]\n"
+        "  time_window: '100'\n  colour: blue\noutput: {directory: /tmp/x}\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RECORDER_")}
+    env["RECORDER_BOOTSTRAP_SERVERS"] = "127.0.0.1:1"  # never contacted
+    result = subprocess.run(
+        [sys.executable, "-m", "recorder.cli", "run", "--config", str(bad)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=60, check=False,
+    )
+    assert result.returncode == 2
+    assert f"{bad}:5: snapshot.time_window" in result.stderr, result.stderr
+    assert "colour" in result.stderr
+
+
+def test_gateway_unreachable_is_retried_and_reported(
+    denv: DaemonEnv, daemons: list[DaemonProcess]
+) -> None:
+    denv.extra["RECORDER_COMMAND_TIMEOUT_S"] = "1"
+    with denv.admin() as admin:
+        daemon = DaemonProcess(denv)
+        daemons.append(daemon)
+        st = wait_for(lambda: (run_state(admin, "periodic") or {}).get("state") == "retrying"
+                      and run_state(admin, "periodic"), 40, "the run to report retrying")
+        assert st["errors"] >= 1 and "snapshot start failed" in st["last_error"]
+        assert daemon.proc.poll() is None
+        with simulator(denv.bootstrap, denv.cmd_topic):
+            wait_for(lambda: (run_state(admin, "periodic") or {}).get("state") == "recording",
+                     40, "the run to record once the gateway answers")
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait(60) == 0
+    assert '"run start failed; retrying"' in daemon.log_text()

@@ -1,0 +1,426 @@
+"""Pure daemon logic with fakes: backoff, queue sizing, resume state, the run controller's
+state machine, and admin command handling (exactly one reply per command)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from recorder.admin.protocol import CommandPolicy, build_command, encode_command
+from recorder.admin.status import DaemonState, RunState, StatusDocument
+from recorder.client import IterationClosed, IterationOpened, IterationStatus, ValuesReceived
+from recorder.client.client import Ack, StopResult
+from recorder.client.wire import Record
+from recorder.config.models import RunDefinition
+from recorder.daemon.admin import AdminHandler
+from recorder.daemon.backoff import Backoff
+from recorder.daemon.controller import RunController
+from recorder.daemon.pump import MAX_PENDING, MIN_PENDING, pending_bound
+from recorder.daemon.resume import ActiveRecording, ResumeStore
+from recorder.errors import AdminCommandError, GatewayTimeoutError
+
+
+# ------------------------------------------------------------------ backoff / sizing
+def test_backoff_grows_caps_and_resets() -> None:
+    b = Backoff(initial_s=0.5, factor=2, max_s=3, jitter=0)
+    assert [b.next_delay() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    b.reset()
+    assert b.next_delay() == 0.5
+
+
+def test_backoff_jitter_stays_within_bounds() -> None:
+    b = Backoff(initial_s=1, factor=1, max_s=1.05, jitter=0.1)
+    delays = [b.next_delay() for _ in range(200)]
+    assert all(0.9 <= d <= 1.05 for d in delays) and len(set(delays)) > 10
+
+
+def test_backoff_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError):
+        Backoff(initial_s=0)
+    with pytest.raises(ValueError):
+        Backoff(jitter=1.5)
+
+
+def test_pending_bound_is_a_value_budget() -> None:
+    assert pending_bound(10_000, 200_000) == 20  # 20 iterations of 10k values
+    assert pending_bound(1, 200_000) == MAX_PENDING
+    assert pending_bound(1_000_000, 200_000) == MIN_PENDING
+    assert pending_bound(10, 200_000, batches_per_iteration=100) == MAX_PENDING
+
+
+# ------------------------------------------------------------------ resume store
+def test_resume_store_round_trip_and_end(tmp_path: Path) -> None:
+    store = ResumeStore(tmp_path / "state")
+    assert store.load("r").active is None
+    active = ActiveRecording("uid", 3, "topic", "snap", {0: 41}, "/x.h5.partial")
+    state = store.begin("r", active)
+    assert state.next_seq == 4
+    state = store.update(state, offsets={0: 99})
+    loaded = store.load("r")
+    assert loaded.active is not None and loaded.active.resume_offsets() == {0: 100}
+    assert loaded.active.current_file == "/x.h5.partial"
+    store.end(loaded)
+    assert store.load("r").active is None and store.load("r").next_seq == 4
+
+
+def test_resume_store_ignores_a_corrupt_file(tmp_path: Path) -> None:
+    store = ResumeStore(tmp_path)
+    store.path("r").write_text("{not json")
+    assert store.load("r").active is None
+
+
+# ------------------------------------------------------------------ controller with fakes
+def _definition(tmp_path: Path, *, triggered: bool = False) -> RunDefinition:
+    return RunDefinition.model_validate({
+        "name": "r",
+        "snapshot": {"snapshot_name": "snap", "pv_uri_list": ["pva://A:B"],
+                     "triggered": triggered},
+        "output": {"directory": str(tmp_path / "out")},
+    })
+
+
+class FakeSub:
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.start_offsets = {0: 10}
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.ended = False
+
+    def get(self, timeout: float | None = None) -> Any:
+        try:
+            item = self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+        if item is None:
+            self.ended = True
+        return item
+
+    def stop(self, timeout: float | None = None, *, final_timeout_s: float | None = None
+             ) -> StopResult:
+        final = IterationClosed(self.topic, "snap", 99, IterationStatus.COMPLETE, None, 1, 2,
+                                offset=30)
+        self.events.put(IterationOpened(self.topic, "snap", 99, 1, offset=28))
+        self.events.put(final)
+        self.events.put(None)
+        return StopResult("snap", self.topic, "", True, final)
+
+
+class FakeAdapter:
+    def watermarks(self, topic: str) -> Future[dict[int, tuple[int, int]]]:
+        f: Future[dict[int, tuple[int, int]]] = Future()
+        f.set_result({0: (0, 50)})
+        return f
+
+    def positions(self, topic: str) -> dict[int, int]:
+        return {0: 45}
+
+
+class FakeClient:
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.starts: list[Any] = []
+        self.triggers: list[Mapping[str, str] | None] = []
+        self.sub: FakeSub | None = None
+        self._adapter = FakeAdapter()
+
+    def snapshot_recurring(self, props: Any, start: Any = None, max_pending: int = 0) -> FakeSub:
+        self.starts.append(start)
+        if self.failures:
+            self.failures -= 1
+            raise GatewayTimeoutError("repeating_snapshot", "x", 0.1)
+        self.sub = FakeSub(props.topic)
+        return self.sub
+
+    def snapshot_trigger(self, name: str, timeout: float | None = None,
+                         *, tags: Mapping[str, str] | None = None) -> Ack:
+        self.triggers.append(tags)
+        return Ack("repeating_snapshot_trigger", "id", "")
+
+    def _finish_subscription(self, sub: FakeSub) -> None:
+        sub.ended = True
+
+
+class FakeRecording:
+    def __init__(self, path: Path) -> None:
+        self.status = "recording"
+        self.reason = ""
+        self.current_path: Path | None = path.with_name(path.name + ".partial")
+        self.paths: list[Path] = []
+        self.counters = {"flushes": 0, "values": 0}
+        self.last_flush_seconds = 0.001
+        self.uid = "uid-1"
+        self.events: list[Any] = []
+        self.tags: list[tuple[int, Mapping[str, str]]] = []
+        self._durable: dict[tuple[str, int], int] = {}
+        self._final = path
+
+    @property
+    def last_durable_offset(self) -> dict[tuple[str, int], int]:
+        return dict(self._durable)
+
+    def handle(self, event: Any) -> None:
+        self.events.append(event)
+
+    def maybe_flush(self, now: float | None = None) -> bool:
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        if self.events and self.events[-1].offset >= 0:
+            self._durable[(self.events[-1].topic, 0)] = self.events[-1].offset
+        self.counters["flushes"] += 1
+        self.counters["values"] = sum(isinstance(e, ValuesReceived) for e in self.events)
+
+    def close(self, status: str = "complete", reason: str = "") -> list[Path]:
+        self.flush()
+        self.status = status
+        self.paths = [self._final]
+        self.current_path = None
+        return self.paths
+
+    def tag_iteration(self, iter_index: int, tags: Mapping[str, str]) -> None:
+        self.tags.append((iter_index, tags))
+
+
+def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False
+                ) -> tuple[RunController, list[FakeRecording]]:
+    made: list[FakeRecording] = []
+
+    def factory(definition: RunDefinition, *, seq: int, recording_uid: str | None
+                ) -> FakeRecording:
+        rec = FakeRecording(tmp_path / f"r_{seq}.h5")
+        made.append(rec)
+        return rec
+
+    c = RunController(
+        _definition(tmp_path, triggered=triggered), client,  # type: ignore[arg-type]
+        ResumeStore(tmp_path / "state"), recording_factory=factory,  # type: ignore[arg-type]
+        backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0),
+    )
+    return c, made
+
+
+def _wait(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_start_retries_with_backoff_then_records_and_stops(tmp_path: Path) -> None:
+    client = FakeClient(failures=2)
+    c, made = _controller(tmp_path, client)
+    try:
+        first = c.start().result(5)
+        assert "retrying" in first and c.state is RunState.RETRYING
+        assert c.status().errors == 1 and "snapshot start failed" in str(c.status().last_error)
+        _wait(lambda: c.state is RunState.RECORDING)
+        assert len(client.starts) == 3 and client.starts[-1] is None
+        assert c.status().last_error is None
+        stored = json.loads((tmp_path / "state" / "r.json").read_text())
+        assert stored["active"]["offsets"] == {"0": 9}  # start offset 10 - 1
+        sub = client.sub
+        assert sub is not None
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=11))
+        sub.events.put(IterationClosed(sub.topic, "snap", 1, IterationStatus.COMPLETE, None, 1,
+                                       2, offset=13))
+        _wait(lambda: c.status().iterations_complete == 1)
+        _wait(lambda: json.loads((tmp_path / "state" / "r.json").read_text())["active"]
+              ["offsets"] == {"0": 13})
+        assert c.status().lag == 5
+        result = c.stop().result(5)
+        assert "stopped (complete)" in result
+        assert c.state is RunState.IDLE and c.status().last_iteration == 99
+        assert made[0].status == "complete" and c.files() == [str(made[0]._final)]
+        assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is None
+        with pytest.raises(AdminCommandError) as err:
+            c.stop().result(5)
+        assert err.value.code == "not_running"
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_start_resumes_from_the_durable_offset(tmp_path: Path) -> None:
+    store = ResumeStore(tmp_path / "state")
+    store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41}, None))
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client)
+    try:
+        c.start().result(5)
+        start = client.starts[0]
+        assert start is not None and start.offsets == {0: 42}
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_trigger_rules_and_tags_go_with_the_next_iteration(tmp_path: Path) -> None:
+    client = FakeClient()
+    periodic, _ = _controller(tmp_path / "p", client)
+    try:
+        periodic.start().result(5)
+        with pytest.raises(AdminCommandError) as err:
+            periodic.trigger({"a": "b"}).result(5)
+        assert err.value.code == "wrong_mode"
+    finally:
+        periodic.shutdown().result(5)
+    client = FakeClient()
+    c, made = _controller(tmp_path / "t", client, triggered=True)
+    try:
+        with pytest.raises(AdminCommandError) as err:
+            c.trigger().result(5)
+        assert err.value.code == "not_running"
+        c.start().result(5)
+        assert c.trigger({"shot": "1"}).result(5) == "run 'r' triggered"
+        assert client.triggers == [{"shot": "1"}]
+        sub = client.sub
+        assert sub is not None
+        sub.events.put(IterationOpened(sub.topic, "snap", 5, 1, offset=11))
+        _wait(lambda: c.tags_recorded == [(5, {"shot": "1"})])
+        assert made[0].tags == [(5, {"shot": "1"})]
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_failed_recording_stops_the_run_and_keeps_the_resume_state(tmp_path: Path) -> None:
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    try:
+        c.start().result(5)
+        made[0].status, made[0].reason = "failed", "OSError: disk full"
+        _wait(lambda: c.state is RunState.FAILED)
+        assert "disk full" in str(c.status().last_error)
+        assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is not None
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+# ------------------------------------------------------------------ admin handler
+class FakeHandle:
+    def __init__(self) -> None:
+        self.stop_future: Future[str] = Future()
+
+    def start(self) -> Future[str]:
+        f: Future[str] = Future()
+        f.set_exception(AdminCommandError("already_running", "busy"))
+        return f
+
+    def stop(self, reason: str = "") -> Future[str]:
+        return self.stop_future
+
+    def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]:
+        f: Future[str] = Future()
+        f.set_result(f"triggered {dict(tags or {})}")
+        return f
+
+    def files(self) -> list[str]:
+        return ["/x.h5"]
+
+
+class FakeTarget:
+    def __init__(self) -> None:
+        self.handle = FakeHandle()
+        self.reloads = 0
+
+    def run_handle(self, name: str) -> FakeHandle | None:
+        return self.handle if name == "r" else None
+
+    def status_document(self, kind: str = "status") -> StatusDocument:
+        return StatusDocument("i", DaemonState.RUNNING, 1, 0, kind=kind)
+
+    def reload(self, origin: str) -> tuple[bool, str, dict[str, Any]]:
+        self.reloads += 1
+        return False, "bad yaml", {"problems": ["f.yaml:3: x: bad"]}
+
+
+NOW = 1_700_000_000_000
+
+
+def _record(payload: bytes, ts: int | None = NOW) -> Record:
+    return Record("admin", 0, 0, payload, None, ts)
+
+
+def _handler(secret: bytes | None = None) -> tuple[AdminHandler, list[tuple[str, dict[str, Any]]]]:
+    sent: list[tuple[str, dict[str, Any]]] = []
+    h = AdminHandler(CommandPolicy(max_age_s=30, secret=secret), "default-replies",
+                     lambda topic, payload: sent.append((topic, json.loads(payload))),
+                     clock_ms=lambda: NOW)
+    return h, sent
+
+
+def _cmd(kind: str, run: str | None = None, secret: bytes | None = None, **kw: Any) -> bytes:
+    return encode_command(build_command(kind, run=run, issued_at_ms=NOW, secret=secret,
+                                        reply_topic="mine", **kw))
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "topic"),
+    [
+        (b"\x00garbage", "malformed", "default-replies"),
+        (b'{"command": "start", "request_id": "a", "reply_topic": "mine"}', "malformed", "mine"),
+        (_cmd("trigger", "nope"), "unknown_run", "mine"),
+        (_cmd("start", "r"), "already_running", "mine"),
+        (_cmd("trigger", "r", tags={"k": "v"}), "ok", "mine"),
+        (_cmd("reload"), "invalid_config", "mine"),
+        (encode_command(build_command("status", issued_at_ms=NOW - 31_000)), "expired",
+         "default-replies"),
+    ],
+)
+def test_every_command_gets_exactly_one_reply(payload: bytes, code: str, topic: str) -> None:
+    h, sent = _handler()
+    h.handle(_record(payload), FakeTarget())  # type: ignore[arg-type]
+    assert len(sent) == 1
+    assert sent[0][0] == topic and sent[0][1]["code"] == code, sent
+
+
+def test_unsigned_commands_are_unauthorized_when_a_secret_is_set() -> None:
+    secret = b"0123456789abcdef0123"
+    h, sent = _handler(secret)
+    target = FakeTarget()
+    h.handle(_record(_cmd("status")), target)  # type: ignore[arg-type]
+    h.handle(_record(_cmd("status", secret=b"another-secret-0000")), target)  # type: ignore[arg-type]
+    h.handle(_record(_cmd("status", secret=secret)), target)  # type: ignore[arg-type]
+    assert [s[1]["code"] for s in sent] == ["unauthorized", "unauthorized", "ok"]
+
+
+def test_stop_is_answered_when_the_run_has_stopped() -> None:
+    h, sent = _handler()
+    target = FakeTarget()
+    h.handle(_record(_cmd("stop", "r")), target)  # type: ignore[arg-type]
+    h.poll()
+    assert sent == [] and h.pending == 1
+    target.handle.stop_future.set_result("stopped")
+    h.poll()
+    assert len(sent) == 1 and sent[0][1]["code"] == "ok"
+    assert sent[0][1]["data"] == {"files": ["/x.h5"]}
+    h.poll()
+    assert len(sent) == 1
+
+
+def test_duplicate_request_ids_are_not_acted_on_twice() -> None:
+    h, sent = _handler()
+    target = FakeTarget()
+    payload = _cmd("reload")
+    h.handle(_record(payload), target)  # type: ignore[arg-type]
+    h.handle(_record(payload), target)  # type: ignore[arg-type]
+    assert target.reloads == 1
+    assert [s[1]["code"] for s in sent] == ["invalid_config", "duplicate"]
+
+
+def test_controller_threads_end(tmp_path: Path) -> None:
+    before = threading.active_count()
+    c, _ = _controller(tmp_path, FakeClient())
+    c.shutdown().result(5)
+    assert c.join(5)
+    assert threading.active_count() <= before
