@@ -86,6 +86,11 @@ class KafkaSettings(BaseSettings):
 
     def librdkafka_config(self) -> dict[str, str]:
         """Common librdkafka configuration (bootstrap, client id and pass-through options)."""
-        conf = {"bootstrap.servers": self.bootstrap_servers, "client.id": self.client_id}
+        conf = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            # brokers close idle connections; librdkafka would log each close to stderr
+            "log.connection.close": "false",
+        }
         conf.update(self.kafka)
         return conf

@@ -110,7 +110,11 @@ class GatewaySimulator:
 
     # --- the loop ----------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_options}
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "log.connection.close": "false",  # idle-connection closes are not errors
+            **self.kafka_options,
+        }
 
     def _thread_main(self) -> None:
         try:
