@@ -27,6 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from recorder.sinks.bridge.options import BridgeOptions
+
 DEFAULT_FILE_TEMPLATE = "{run}_{start:%Y%m%dT%H%M%SZ}_{seq:04d}.h5"
 TEMPLATE_PLACEHOLDERS = frozenset({"run", "snapshot", "start", "seq", "segment"})
 PARTIAL_SUFFIX = ".partial"
@@ -129,6 +131,18 @@ class OutputOptions(BaseModel):
         default=True,
         description="Write in SWMR mode so analysts can open the file while it is written "
         "(h5py.File(path, 'r', swmr=True)).",
+    )
+    isolate: bool = Field(
+        default=True,
+        description="Write each recording in its own writer process (recorder.sinks.process), "
+        "so a crash of the HDF5 library after a full disk or an I/O error fails that "
+        "recording only. false: write in the daemon's process (fewer processes, but one "
+        "file's I/O failure can crash every recording).",
+    )
+    bridge: BridgeOptions | None = Field(
+        default=None,
+        description="Also serve each iteration live over the Karabo bridge protocol "
+        "(ZeroMQ; needs k2eg-recorder[bridge]). See docs/bridge.md.",
     )
 
     @field_validator("file_template")

@@ -1,0 +1,815 @@
+"""IsolatedRecording: an :class:`~recorder.sinks.hdf5.HDF5Recording` in its own writer process.
+
+Why: after a real ENOSPC/EFBIG on one file the HDF5 library can crash the whole process
+(SIGSEGV/SIGBUS) on later calls for *other* files (docs/decisions/0002). Recordings therefore
+must not share an HDF5 library instance: each one gets a writer process, and a crash, a full
+disk or a hung file system costs that recording only.
+
+Same API and semantics as ``HDF5Recording`` (the daemon switches with :func:`open_recording`)::
+
+    rec = IsolatedRecording(options, run_name="linac", snapshot=props, seq=3, ...)
+    rec.handle(event); rec.maybe_flush(now); rec.flush(); paths = rec.close("complete")
+    rec.status, rec.reason, rec.current_path, rec.paths, rec.last_durable_offset, rec.counters
+
+Process model
+    One child per recording, started with the ``spawn`` context (never ``fork``: the daemon
+    has librdkafka threads). The child imports h5py and runs a plain ``HDF5Recording``; this
+    module imports neither h5py nor the HDF5 sink in the parent. The constructor waits for the
+    child to open its first file (``start_timeout_s``), so ``status``/``current_path`` mean
+    what they mean in-process. ``clock``/``wall_clock`` cannot cross the process boundary:
+    the parent uses ``clock`` for the flush interval, and the child runs the system clocks
+    shifted by the difference to ``clock()``/``wall_clock()`` observed at construction. The
+    child ignores SIGINT/SIGTERM (the daemon closes recordings
+    in order on shutdown; the unit's ``KillMode=mixed`` signals the main process only) and
+    SIGXFSZ (a file-size limit becomes a clean EFBIG failure). When the parent goes away
+    without ``close`` (crash, proxy garbage-collected) the child sees EOF, flushes what it
+    received and exits *without* finalizing: the ``.partial`` is left for
+    ``k2eg-recorder recover`` exactly as after kill -9 of an in-process writer.
+
+Serialization (no pickling of events)
+    ``handle`` encodes each event at once into a msgpack list: the dataclass fields in order,
+    enums as their value, and each PVSample as ``[pv, payload, float32_paths]`` where payload is
+    ``sample.raw`` (the msgpack bytes a lazily-built sample was received as; float32 paths
+    are then ``None`` and read from those same bytes in the child) or
+    ``msgpack.packb(sample.data)`` with the sorted float32 paths. The child rebuilds
+    ``PVSample.from_raw(pv, payload, 0)`` (decoded lazily, so decoding moves off the daemon).
+    Floats travel as float64 and are re-typed from float32_paths: values are bit-exact. A
+    sample whose ``data`` msgpack cannot represent (only possible for hand-built samples) is
+    dropped, logged and counted in ``counters["unserializable_values"]``.
+    Encoded events are collected into a batch that is shipped when it reaches
+    ``batch_bytes`` and on every ``maybe_flush``/``flush``/``close`` (the daemon calls
+    ``maybe_flush`` every pump cycle, so the child works concurrently with the consumer).
+    Frames go through a one-way pipe written by a sender thread, so the caller never blocks
+    on a full pipe; the child acknowledges every frame with a small state record (status,
+    reason, paths, durable offsets, counters, last flush duration).
+
+Back-pressure (choice: bounded blocking + an observable backlog)
+    ``backlog_bytes`` counts encoded data accepted but not yet acknowledged by the child
+    (batched + queued + in the pipe); ``congested`` is ``backlog_bytes > max_backlog_bytes``
+    (default ``options.max_buffer_bytes``). While congested, ``handle`` waits for the child
+    at most ``max_block_s`` (default 0.5 s) per call and then accepts the event anyway. So a
+    slow writer (say, finalizing a large segment during rotation) slows the caller down to
+    about one event per ``max_block_s``: the daemon's run thread stops draining its
+    subscription, whose bounded queue then pauses the Kafka topic — nothing is dropped, memory
+    grows by at most one event per ``max_block_s``, and the thread still gets to its control
+    requests between events. A daemon that prefers to pause explicitly can watch
+    ``congested``. ``maybe_flush`` never waits: it ships the batch, asks for an asynchronous
+    flush when ``flush_interval_s`` has passed (at most one outstanding) and reads whatever
+    replies are there; ``last_durable_offset``/``counters`` advance when the child's reply
+    arrives (on a later call). ``flush`` and ``close`` are synchronous RPCs with timeouts
+    (``reply_timeout_s``, ``close_timeout_s``: close finalizes, i.e. rewrites, the file).
+
+Failure handling (never raises into the daemon for I/O problems)
+    * The writer fails (ENOSPC, EFBIG, unwritable directory): the child's ``HDF5Recording``
+      marks itself failed; the proxy reports the same ``status``/``reason``.
+    * The child dies (segfault, OOM killer, kill -9): ``status = "failed"``, ``reason`` names
+      the signal or exit code and the ``.partial`` left for ``recover``; later events are
+      dropped (``counters["dropped_events"]``); ``close`` returns the files that exist.
+    * The child stops answering: no reply for ``stall_timeout_s`` while work is outstanding,
+      or ``flush``/``close`` exceeding their timeout: the child is killed (SIGKILL) and the
+      recording failed with a reason saying so.
+    * A bug in the child (an unexpected exception): recording failed, reason has the
+      exception, the partial is kept (not finalized: its state is unknown).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import multiprocessing
+import multiprocessing.util  # registers its atexit hook before ours (ours must run first)
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import msgpack
+import structlog
+
+from recorder.client.events import (
+    IncompleteReason,
+    IterationClosed,
+    IterationEvent,
+    IterationOpened,
+    IterationStatus,
+    ValuesReceived,
+)
+from recorder.client.properties import SnapshotProperties
+from recorder.client.values import PVSample
+from recorder.sinks.options import OutputOptions
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from recorder.sinks.hdf5 import HDF5Recording
+
+__all__ = ["IsolatedRecording", "open_recording"]
+
+log = structlog.get_logger("recorder.sinks.process")
+
+# Proxies not closed by the program are torn down at exit *before* multiprocessing's own hook
+# (atexit is LIFO and multiprocessing.util is imported above), which would otherwise join a
+# writer that waits for EOF on a pipe we still hold.
+_LIVE: weakref.WeakSet[IsolatedRecording] = weakref.WeakSet()
+
+
+@atexit.register
+def _reap_all() -> None:
+    for rec in list(_LIVE):
+        rec._teardown()
+
+START_METHOD: Final = "spawn"  # never "fork": the daemon has librdkafka threads
+DEFAULT_BATCH_BYTES = 256 * 1024
+
+# parent -> child message kinds
+_EVENTS, _FLUSH, _CLOSE = 0, 1, 2
+# event tags
+_OPENED, _VALUES, _CLOSED = 0, 1, 2
+_EVENT_TYPES: tuple[type[Any], ...] = (IterationOpened, ValuesReceived, IterationClosed)
+_FIELDS: tuple[tuple[str, ...], ...] = tuple(
+    tuple(f.name for f in dataclasses.fields(cls)) for cls in _EVENT_TYPES
+)
+_ENUM_FIELDS: dict[str, type[enum.Enum]] = {
+    "status": IterationStatus,
+    "reason": IncompleteReason,
+}
+_SAMPLE_OVERHEAD = 24  # bytes per sample beyond payload + name (msgpack framing)
+
+
+# --------------------------------------------------------------------------------------------
+# encoding (parent) / decoding (child)
+# --------------------------------------------------------------------------------------------
+def _pack_default(obj: Any) -> Any:
+    """msgpack fallback for hand-built sample data (the client only produces msgpack types)."""
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    tolist = getattr(obj, "tolist", None)  # numpy scalars and arrays
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+def _new_packer() -> msgpack.Packer:
+    return msgpack.Packer(
+        default=_pack_default, use_bin_type=True, unicode_errors="surrogateescape"
+    )
+
+
+def _unpack(frame: bytes) -> Any:
+    return msgpack.unpackb(
+        frame, raw=False, strict_map_key=False, unicode_errors="surrogateescape"
+    )
+
+
+class _Encoder:
+    """Events -> compact msgpack-ready lists (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._packer = _new_packer()
+        self.unserializable = 0
+
+    def samples(self, samples: Iterable[PVSample]) -> tuple[list[list[Any]], int]:
+        out: list[list[Any]] = []
+        size = 0
+        pack = self._packer.pack
+        for s in samples:
+            raw = getattr(s, "raw", None)
+            if raw is not None:
+                out.append([s.pv, raw, None])
+                size += len(raw) + len(s.pv) + _SAMPLE_OVERHEAD
+                continue
+            try:
+                payload = pack(s.data)
+            except (TypeError, ValueError, OverflowError) as exc:
+                self._packer.reset()
+                self.unserializable += 1
+                log.error("PV sample cannot be sent to the writer process; dropped",
+                          pv=s.pv, error=str(exc))
+                continue
+            f32 = sorted(s.float32_paths)
+            out.append([s.pv, payload, f32])
+            size += len(payload) + len(s.pv) + _SAMPLE_OVERHEAD + 8 * len(f32)
+        return out, size
+
+    def event(self, event: IterationEvent) -> tuple[list[Any], int]:
+        if isinstance(event, ValuesReceived):
+            tag, size = _VALUES, 64
+        elif isinstance(event, IterationOpened):
+            tag, size = _OPENED, 64
+        elif isinstance(event, IterationClosed):
+            tag, size = _CLOSED, 96 + len(event.error_message)
+        else:
+            raise TypeError(f"not an iteration event: {type(event).__name__}")
+        row: list[Any] = [tag]
+        for name in _FIELDS[tag]:
+            value = getattr(event, name)
+            if name == "samples":
+                value, n = self.samples(value)
+                size += n
+            elif isinstance(value, enum.Enum):
+                value = value.value
+            row.append(value)
+        return row, size
+
+
+def _rebuild_sample(item: list[Any]) -> PVSample:
+    pv, payload, f32 = item
+    sample = PVSample.from_raw(pv, payload, 0)
+    if f32 is not None:
+        sample.float32_paths = frozenset(f32)
+    return sample
+
+
+def _decode_event(row: list[Any]) -> IterationEvent:
+    tag = row[0]
+    kwargs = dict(zip(_FIELDS[tag], row[1:], strict=True))
+    if tag == _VALUES:
+        kwargs["samples"] = tuple(_rebuild_sample(x) for x in kwargs["samples"])
+    else:
+        for name, cls in _ENUM_FIELDS.items():
+            if name in kwargs and kwargs[name] is not None:
+                kwargs[name] = cls(kwargs[name])
+    event: IterationEvent = _EVENT_TYPES[tag](**kwargs)
+    return event
+
+
+def _snapshot_dict(snapshot: SnapshotProperties) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(snapshot):
+        value = getattr(snapshot, f.name)
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (signal {-code})"
+    return f"exited with code {code}"
+
+
+def _log_config() -> dict[str, Any]:
+    """How the parent's logging is configured, so the child logs the same way."""
+    root = logging.getLogger()
+    fmt: str | None = None
+    for handler in root.handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, structlog.stdlib.ProcessorFormatter):
+            for proc in formatter.processors:
+                if isinstance(proc, structlog.processors.JSONRenderer):
+                    fmt = "json"
+                elif isinstance(proc, structlog.dev.ConsoleRenderer):
+                    fmt = "console"
+    return {"format": fmt, "level": root.getEffectiveLevel()}
+
+
+# --------------------------------------------------------------------------------------------
+# the child
+# --------------------------------------------------------------------------------------------
+def _state(rec: HDF5Recording, broken: str | None) -> dict[str, Any]:
+    failed = broken is not None and rec.status == "recording"
+    return {
+        "status": "failed" if failed else rec.status,
+        "reason": broken if failed and broken else rec.reason,
+        "current_path": None if rec.current_path is None else str(rec.current_path),
+        "paths": [str(p) for p in rec.paths],
+        "durable": [[t, p, o] for (t, p), o in rec.last_durable_offset.items()],
+        "counters": dict(rec.counters),
+        "last_flush_seconds": rec.last_flush_seconds,
+    }
+
+
+def _child_main(rx: Connection, tx: Connection, init_blob: bytes) -> None:
+    """Entry point of the writer process (spawned; see the module docstring)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_IGN)
+    init = _unpack(init_blob)
+    logcfg = init["log"]
+    if logcfg["format"] is not None:
+        from recorder.logging import configure_logging
+
+        configure_logging(logcfg["format"], logcfg["level"])
+    else:
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logcfg["level"])
+        )
+    from recorder.sinks.hdf5 import HDF5Recording
+
+    _quiet_unraisable()
+    clock_offset = float(init["clock_offset"])
+    wall_offset = float(init["wall_offset"])
+    snap = init["snapshot"]
+    rec = HDF5Recording(
+        OutputOptions.model_validate_json(init["options"]),
+        run_name=init["run_name"],
+        snapshot=None if snap is None else SnapshotProperties(**snap),
+        run_definition_text=init["run_definition_text"],
+        metadata=init["metadata"],
+        pv_uris=init["pv_uris"],
+        seq=init["seq"],
+        recording_uid=init["uid"],
+        clock=lambda: time.monotonic() + clock_offset,
+        wall_clock=lambda: time.time() + wall_offset,
+    )
+    clog = log.bind(run=init["run_name"], seq=init["seq"], writer_pid=os.getpid())
+    broken: str | None = None
+
+    def parent_gone() -> None:
+        # the parent went away without close(): keep what we have, leave the .partial
+        clog.warning("parent gone; flushing and leaving the file for recover",
+                     path=str(rec.current_path))
+        if broken is None:
+            rec.flush()
+        _exit(0)
+
+    def reply(seq: int) -> None:
+        try:
+            tx.send_bytes(msgpack.packb([seq, _state(rec, broken)], use_bin_type=True))
+        except OSError:
+            parent_gone()
+
+    reply(0)
+    while True:
+        try:
+            frame = rx.recv_bytes()
+        except (EOFError, OSError):
+            parent_gone()
+        msg = _unpack(frame)
+        kind, seq = msg[0], msg[1]
+        try:
+            if kind == _EVENTS:
+                if broken is None:
+                    for row in msg[2]:
+                        rec.handle(_decode_event(row))
+            elif kind == _FLUSH:
+                if broken is None:
+                    rec.flush()
+            elif kind == _CLOSE:
+                if broken is None:
+                    rec.close(msg[2], msg[3])
+                reply(seq)
+                _exit(0)
+        except Exception as exc:  # a bug, not I/O (HDF5Recording handles I/O): stop writing
+            broken = f"writer process error: {type(exc).__name__}: {exc}"
+            clog.exception("writer process error; recording failed, file left as is",
+                           path=str(rec.current_path))
+        reply(seq)
+
+
+def _quiet_unraisable(keep: int = 3) -> None:
+    """After a write failure h5py reports one "Can't decrement id ref count" per dropped
+    HDF5 object (from ``__dealloc__``): log the first ``keep``, then only count them."""
+    seen = 0
+
+    def hook(info: Any) -> None:
+        nonlocal seen
+        seen += 1
+        if seen <= keep:
+            log.warning("ignored exception in a destructor", error=repr(info.exc_value),
+                        object=repr(info.object)[:200], count=seen,
+                        more="suppressed" if seen == keep else None)
+
+    sys.unraisablehook = hook
+
+
+def _exit(code: int) -> None:
+    """Leave without interpreter teardown: a failed recording's parked HDF5 handle must never
+    be closed (see HDF5Recording._fail), and everything else is already closed or flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+# --------------------------------------------------------------------------------------------
+# the parent-side proxy
+# --------------------------------------------------------------------------------------------
+def _sender(out: queue.SimpleQueue[bytes | None], tx: Connection,
+            broken: threading.Event) -> None:
+    """Writes frames to the child; the only user of ``tx``. Closes it at the end (EOF)."""
+    try:
+        while True:
+            frame = out.get()
+            if frame is None:
+                break
+            if broken.is_set():
+                continue
+            try:
+                tx.send_bytes(frame)
+            except (OSError, ValueError):
+                broken.set()  # the child is gone; the reader side reports how
+    finally:
+        tx.close()
+
+
+class _Reaper:
+    """Stop the sender (EOF to the child), reap the child (kill after ``grace_s``). Holds no
+    reference to the proxy, so it can run from a weakref finalizer; idempotent."""
+
+    def __init__(self, proc: BaseProcess, out: queue.SimpleQueue[bytes | None],
+                 rx: Connection, sender: threading.Thread, grace_s: float) -> None:
+        self.proc, self.out, self.rx, self.sender, self.grace_s = proc, out, rx, sender, grace_s
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.out.put(None)
+        self.sender.join(self.grace_s)
+        self.proc.join(self.grace_s)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join(5)
+        self.rx.close()
+
+
+class IsolatedRecording:
+    """``HDF5Recording`` run in a writer process; see the module docstring."""
+
+    def __init__(
+        self,
+        options: OutputOptions,
+        *,
+        run_name: str,
+        snapshot: SnapshotProperties | None = None,
+        run_definition_text: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        pv_uris: Iterable[str] = (),
+        seq: int = 0,
+        recording_uid: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        start_timeout_s: float = 60.0,
+        reply_timeout_s: float = 120.0,
+        close_timeout_s: float = 1800.0,
+        stall_timeout_s: float = 300.0,
+        max_block_s: float = 0.5,
+        max_backlog_bytes: int | None = None,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+    ) -> None:
+        self.options = options
+        self.run_name = run_name
+        self.snapshot = snapshot
+        self.seq = seq
+        self.uid = recording_uid or str(uuid.uuid4())
+        self.clock = clock
+        self.status = "recording"
+        self.reason = ""
+        self.paths: list[Path] = []
+        self.current_path: Path | None = None
+        self.counters: dict[str, int] = {
+            "events": 0,
+            "values": 0,
+            "iterations": 0,
+            "flushes": 0,
+            "segments": 0,
+            "dropped_events": 0,
+        }
+        self.last_flush_seconds = 0.0
+        self.blocked_seconds = 0.0  # total time handle() waited for a congested writer
+        self.reply_timeout_s = reply_timeout_s
+        self.close_timeout_s = close_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.max_block_s = max(0.0, max_block_s)
+        self.max_backlog_bytes = (
+            options.max_buffer_bytes if max_backlog_bytes is None else max_backlog_bytes
+        )
+        self.batch_bytes = batch_bytes
+        self._durable: dict[tuple[str, int], int] = {}
+        self._child_counters: dict[str, int] = dict(self.counters)
+        self._dropped_here = 0
+        self._encoder = _Encoder()
+        self._batch: list[list[Any]] = []
+        self._batch_size = 0
+        self._next_seq = 1
+        self._inflight: dict[int, tuple[int, int]] = {}  # seq -> (bytes, events), in order
+        self._inflight_bytes = 0
+        self._acked = -1
+        self._flush_pending: int | None = None  # seq of an outstanding asynchronous flush
+        self._last_flush = clock()
+        self._last_progress = time.monotonic()
+        self._closed = False
+        self._gone = False  # the child is dead or was killed: nothing more to read
+        self.pid: int | None = None
+        self._reaper: _Reaper | None = None
+        self._log = log.bind(
+            run=run_name, snapshot=snapshot.snapshot_name if snapshot else None, seq=seq
+        )
+
+        ctx = multiprocessing.get_context(START_METHOD)
+        to_child_r, to_child_w = ctx.Pipe(duplex=False)
+        from_child_r, from_child_w = ctx.Pipe(duplex=False)
+        init = {
+            "options": options.model_dump_json(),
+            "run_name": run_name,
+            "snapshot": None if snapshot is None else _snapshot_dict(snapshot),
+            "run_definition_text": run_definition_text,
+            # what HDF5Recording stores (json.dumps(..., default=str)), made msgpack-safe
+            "metadata": json.loads(json.dumps(dict(metadata or {}), default=str)),
+            "pv_uris": list(pv_uris),
+            "seq": seq,
+            "uid": self.uid,
+            "clock_offset": clock() - time.monotonic(),
+            "wall_offset": wall_clock() - time.time(),
+            "log": _log_config(),
+        }
+        self._proc = ctx.Process(
+            target=_child_main,
+            args=(to_child_r, from_child_w, msgpack.packb(init, use_bin_type=True)),
+            name=f"k2eg-writer-{run_name}-{seq}",
+            daemon=False,  # reaped by our own finalizer (closes the pipe first, then joins)
+        )
+        self._rx = from_child_r
+        self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._broken = threading.Event()
+        self._sender = threading.Thread(
+            target=_sender, args=(self._out, to_child_w, self._broken),
+            name=f"k2eg-writer-send-{run_name}-{seq}", daemon=True,
+        )
+        try:
+            self._proc.start()
+        except OSError as exc:  # cannot fork/exec (EAGAIN, ENOMEM): fail like an I/O error
+            for c in (to_child_r, to_child_w, from_child_r, from_child_w):
+                c.close()
+            self._gone = True
+            self._closed = True
+            self._fail(f"cannot start the writer process: {type(exc).__name__}: {exc}")
+            return
+        to_child_r.close()  # the child's ends: only the child may hold them (EOF detection)
+        from_child_w.close()
+        self._sender.start()
+        self.pid = self._proc.pid
+        self._log = self._log.bind(writer_pid=self.pid)
+        self._reaper = _Reaper(self._proc, self._out, self._rx, self._sender, 10.0)
+        # when garbage-collected without close(); at exit _reap_all does it, in the right order
+        weakref.finalize(self, self._reaper).atexit = False
+        _LIVE.add(self)
+        self._inflight[0] = (0, 0)  # the child's "ready" reply acknowledges seq 0
+        self._wait_for(0, start_timeout_s, "start")
+
+    # --- public API ---------------------------------------------------------------------------
+    @property
+    def last_durable_offset(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> highest Kafka offset the writer confirmed durably written."""
+        return dict(self._durable)
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Encoded data accepted by :meth:`handle` and not yet acknowledged by the writer."""
+        return self._batch_size + self._inflight_bytes
+
+    @property
+    def congested(self) -> bool:
+        """True while the writer is behind by more than ``max_backlog_bytes``."""
+        return self.backlog_bytes > self.max_backlog_bytes
+
+    @property
+    def alive(self) -> bool:
+        """True while the writer process runs."""
+        return not self._gone and self._proc.is_alive()
+
+    def handle(self, event: IterationEvent) -> None:
+        if self.status != "recording" or self._closed:
+            self._drop()
+            return
+        row, size = self._encoder.event(event)
+        self._batch.append(row)
+        self._batch_size += size
+        if self._batch_size >= self.batch_bytes:
+            self._ship()
+        if self.congested:
+            self._relieve()
+
+    def maybe_flush(self, now: float | None = None) -> bool:
+        """Ship pending events; ask for a flush if ``flush_interval_s`` passed. Never waits."""
+        if self._closed or self._gone:
+            return False
+        self._ship()
+        self._poll(0.0)
+        if self.status != "recording":
+            return False
+        now = self.clock() if now is None else now
+        if self._stalled():
+            return False
+        if self._flush_pending is None and now - self._last_flush >= self.options.flush_interval_s:
+            self._flush_pending = self._send([_FLUSH, self._take_seq()])
+            self._last_flush = now
+            return True
+        return False
+
+    def flush(self) -> None:
+        """Data handed to :meth:`handle` is durable on return (or the recording failed)."""
+        if self._closed or self._gone or self.status != "recording":
+            return
+        self._ship()
+        seq = self._send([_FLUSH, self._take_seq()])
+        self._wait_for(seq, self.reply_timeout_s, "a flush")
+        self._last_flush = self.clock()
+
+    def close(self, status: str = "complete", reason: str = "") -> list[Path]:
+        """Stop: flush, mark open iterations incomplete, finalize the files (in the writer)."""
+        if status not in ("complete", "aborted", "failed"):
+            raise ValueError(f"bad close status {status!r}")
+        if self._closed:
+            return self.paths
+        self._closed = True
+        if not self._gone:
+            self._ship()
+            seq = self._send([_CLOSE, self._take_seq(), status, reason])
+            self._wait_for(seq, self.close_timeout_s, "close (finalizing the files)")
+        self._teardown()
+        self._log.info("recording closed", status=self.status, reason=self.reason,
+                       files=len(self.paths))
+        return self.paths
+
+    def __enter__(self) -> IsolatedRecording:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status == "recording":
+            self.close("aborted" if exc[0] is not None else "complete")
+        elif not self._closed:
+            self.close()
+
+    # --- internals ----------------------------------------------------------------------------
+    def _teardown(self) -> None:
+        self._gone = True
+        if self._reaper is not None:
+            self._reaper()
+        _LIVE.discard(self)
+
+    def _drop(self, n: int = 1) -> None:
+        """Count events refused (failed recording) or lost with a dead writer."""
+        self._dropped_here += n
+        self.counters["dropped_events"] = (
+            self._child_counters.get("dropped_events", 0) + self._dropped_here
+        )
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _send(self, msg: list[Any], events: int = 0) -> int:
+        frame: bytes = msgpack.packb(msg, use_bin_type=True, unicode_errors="surrogateescape")
+        seq: int = msg[1]
+        if not self._inflight:
+            self._last_progress = time.monotonic()
+        self._inflight[seq] = (len(frame), events)
+        self._inflight_bytes += len(frame)
+        self._out.put(frame)
+        return seq
+
+    def _ship(self) -> None:
+        """Send the pending batch, if any."""
+        if not self._batch or self._gone:
+            return
+        batch, self._batch, self._batch_size = self._batch, [], 0
+        self._send([_EVENTS, self._take_seq(), batch], len(batch))
+        self._poll(0.0)
+
+    def _relieve(self) -> None:
+        """Back-pressure: wait (at most ``max_block_s``) for the writer to catch up."""
+        self._ship()
+        start = time.monotonic()
+        deadline = start + self.max_block_s
+        while self.congested and not self._gone:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stalled():
+                break
+            self._poll(remaining)
+        self.blocked_seconds += time.monotonic() - start
+
+    def _stalled(self) -> bool:
+        """Kill a writer that has not answered for ``stall_timeout_s`` with work pending."""
+        if self._inflight and time.monotonic() - self._last_progress > self.stall_timeout_s:
+            self._kill(f"did not answer for {self.stall_timeout_s:g} s")
+            return True
+        return False
+
+    def _poll(self, timeout: float) -> None:
+        """Apply every reply that is there, waiting up to ``timeout`` for the first one."""
+        wait = timeout
+        while not self._gone:
+            try:
+                if not self._rx.poll(max(0.0, wait)):
+                    return
+                frame = self._rx.recv_bytes()
+            except (EOFError, OSError):
+                self._died()
+                return
+            self._apply(frame)
+            wait = 0.0
+
+    def _wait_for(self, seq: int, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._gone and self._acked < seq:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._kill(f"did not complete {what} within {timeout:g} s")
+                return
+            self._poll(min(remaining, 1.0))
+
+    def _apply(self, frame: bytes) -> None:
+        seq, state = _unpack(frame)
+        self._last_progress = time.monotonic()
+        self._acked = max(self._acked, seq)
+        for done in [s for s in self._inflight if s <= seq]:
+            self._inflight_bytes -= self._inflight.pop(done)[0]
+        if self._flush_pending is not None and self._flush_pending <= seq:
+            self._flush_pending = None
+        self.current_path = None if state["current_path"] is None else Path(state["current_path"])
+        self.paths = [Path(p) for p in state["paths"]]
+        self._durable = {(t, p): o for t, p, o in state["durable"]}
+        self._child_counters = dict(state["counters"])
+        counters = dict(self._child_counters)
+        counters["dropped_events"] = counters.get("dropped_events", 0) + self._dropped_here
+        counters["unserializable_values"] = self._encoder.unserializable
+        self.counters = counters
+        self.last_flush_seconds = float(state["last_flush_seconds"])
+        if self.status == "recording" and state["status"] != "recording":
+            if state["status"] == "failed":
+                self._fail(state["reason"])
+            else:
+                self.status, self.reason = state["status"], state["reason"]
+
+    def _fail(self, reason: str) -> None:
+        if self.status == "failed":
+            return
+        self.status = "failed"
+        self.reason = reason
+        if self._batch:  # never sent: the writer will not see them
+            self._drop(len(self._batch))
+        self._batch, self._batch_size = [], 0
+        self._log.error("recording failed", reason=reason, path=str(self.current_path))
+
+    def _gave_up(self, what: str) -> None:
+        """The child is gone: forget what it did not acknowledge, fail the recording."""
+        self._gone = True
+        lost = sum(n for _size, n in self._inflight.values())
+        if lost:  # sent, never acknowledged: died with the writer
+            self._drop(lost)
+        self._inflight.clear()
+        self._inflight_bytes = 0
+        self._flush_pending = None
+        if self.status == "recording":
+            where = (
+                f"; data up to the last flush is in {self.current_path} "
+                "(finalize it with `k2eg-recorder recover`)"
+                if self.current_path is not None else ""
+            )
+            self._fail(f"writer process (pid {self.pid}) {what}{where}")
+        else:  # already failed (e.g. disk full) or closed: keep that reason
+            self._log.warning("writer process gone", problem=what, status=self.status)
+
+    def _died(self) -> None:
+        self._proc.join(5)
+        code = self._proc.exitcode
+        if code is None:  # closed its pipe but does not exit (dumping core?): do not leave it
+            self._proc.kill()
+            self._proc.join(5)
+            self._gave_up("closed its pipe and did not exit within 5 s; killed with SIGKILL")
+            return
+        self._gave_up(_describe_exit(code))
+
+    def _kill(self, what: str) -> None:
+        self._log.error("writer process unresponsive; killing it", problem=what)
+        if self._proc.exitcode is None:
+            self._proc.kill()
+            self._proc.join(5)
+        self._gave_up(f"{what}; killed with SIGKILL")
+
+
+def open_recording(options: OutputOptions, **kwargs: Any) -> IsolatedRecording | HDF5Recording:
+    """The recording the daemon should use: a writer process per recording when
+    ``options.isolate`` (the default), else an in-process ``HDF5Recording``. ``kwargs`` are
+    ``HDF5Recording``'s (``run_name``, ``snapshot``, ``seq``, ...)."""
+    if options.isolate:
+        return IsolatedRecording(options, **kwargs)
+    from recorder.sinks.hdf5 import HDF5Recording
+
+    return HDF5Recording(options, **kwargs)

@@ -1,0 +1,470 @@
+"""One writer process per recording (recorder.sinks.process.IsolatedRecording).
+
+A real full disk (a 2 MiB tmpfs; RLIMIT_FSIZE where mounting is not permitted), a writer
+killed with SIGKILL, a stopped (hung) writer, back-pressure, and bit-exact values through the
+process boundary compared with the in-process HDF5Recording.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from test_hdf5_roundtrip import make_samples, same
+
+from recorder.cli import main as cli_main
+from recorder.client.events import (
+    IncompleteReason,
+    IterationClosed,
+    IterationEvent,
+    IterationOpened,
+    IterationStatus,
+    ValuesReceived,
+)
+from recorder.client.values import PVSample
+from recorder.reader import RecordingFile, open_file
+from recorder.sinks.hdf5 import HDF5Recording
+from recorder.sinks.options import Compression, OutputOptions
+from recorder.sinks.process import IsolatedRecording, _decode_event, _Encoder, open_recording
+
+WIDTH = 2000  # float64 waveform: 16 kB per iteration
+
+
+def w_value(i: int) -> list[float]:
+    return [float(i * 10_000 + x) for x in range(WIDTH)]
+
+
+def iteration_events(i: int, width: int = WIDTH) -> list[IterationEvent]:
+    samples = (
+        PVSample("W", {"value": w_value(i)[:width], "timeStamp": {"secondsPastEpoch": i,
+                                                                  "nanoseconds": 1}}),
+        PVSample("P", {"value": float(np.float32(i / 3))}, frozenset({"value"})),
+    )
+    return [
+        IterationOpened("t", "s", i, i, offset=i),
+        ValuesReceived("t", i, 1, i, samples, offset=i),
+        IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i, n_values=2,
+                        offset=i),
+    ]
+
+
+def status_of(rec: IsolatedRecording) -> str:
+    """``rec.status`` without mypy narrowing it across calls that change it."""
+    return rec.status
+
+
+def congested(rec: IsolatedRecording) -> bool:
+    return rec.congested
+
+
+def check_iterations(f: RecordingFile, n_min: int) -> int:
+    """The file holds iterations 0..n-1 (n >= n_min), every value as sent; returns n."""
+    n = len(f.iterations()["iter_index"])
+    assert n >= n_min
+    assert f.iterations()["iter_index"].tolist() == list(range(n))
+    w = f.values("W")[:n]
+    assert w.shape == (n, WIDTH) and w.dtype == np.float64
+    assert np.array_equal(w, np.array([w_value(i) for i in range(n)]))
+    p = f.values("P")[:n]
+    assert p.dtype == np.float32
+    assert p.tolist() == [float(np.float32(i / 3)) for i in range(n)]
+    return n
+
+
+@pytest.fixture
+def recordings() -> Iterator[Callable[..., IsolatedRecording]]:
+    """Make IsolatedRecordings; at teardown none is left running (SIGKILL, then close)."""
+    made: list[IsolatedRecording] = []
+
+    def make(options: OutputOptions, **kwargs: Any) -> IsolatedRecording:
+        rec = IsolatedRecording(options, **kwargs)
+        made.append(rec)
+        return rec
+
+    yield make
+    for rec in made:
+        if rec.alive and rec.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec.pid, signal.SIGKILL)
+        rec.close("aborted")
+        assert not rec.alive
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int | None) -> Iterator[None]:
+    """RLIMIT_FSIZE for processes started inside (they inherit it); ours restored after."""
+    if limit is None:
+        yield
+        return
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[tuple[Path, int | None]]:
+    """A 2 MiB tmpfs (a real ENOSPC) when we may mount; else a directory plus a 2 MiB
+    RLIMIT_FSIZE for the writer (EFBIG). Yields (directory, file size limit or None)."""
+    full = tmp_path / "full"
+    full.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(full)],
+        check=False, capture_output=True,
+    ).returncode == 0
+    if not mounted and os.geteuid() == 0 and os.environ.get("CI"):
+        pytest.fail("running as root in CI but cannot mount a tmpfs")
+    try:
+        yield full, None if mounted else 2 * 1024 * 1024
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(full)], check=False, capture_output=True)
+
+
+def test_disk_full_fails_one_recording_only(
+    tmp_path: Path, tiny_disk: tuple[Path, int | None],
+    recordings: Callable[..., IsolatedRecording],
+) -> None:
+    full, limit = tiny_disk
+    with file_size_limit(limit):
+        a = recordings(OutputOptions(directory=full, compression=Compression.NONE), run_name="full")
+    b = recordings(OutputOptions(directory=tmp_path / "ok"), run_name="ok")
+    assert a.pid != b.pid and os.getpid() not in (a.pid, b.pid)
+    n = 400
+    failed_at = None
+    durable_before = -1
+    for i in range(n):
+        for event in iteration_events(i):
+            a.handle(event)
+            b.handle(event)
+        a.flush()
+        b.flush()
+        if a.status == "recording":
+            durable_before = a.last_durable_offset[("t", 0)]
+            assert durable_before == i
+        elif failed_at is None:
+            failed_at = i
+        assert b.status == "recording", b.reason
+    # the tiny disk filled up part way (about 120 iterations of 16 kB)
+    assert failed_at is not None and 20 < failed_at < n - 100, failed_at
+    assert a.status == "failed"
+    if limit is None:
+        assert "No space left on device" in a.reason or "errno = 28" in a.reason, a.reason
+    else:
+        assert "too large" in a.reason or "errno = 27" in a.reason, a.reason
+    # later events were refused, not queued forever; none vanished uncounted
+    assert a.counters["dropped_events"] > 0
+    assert a.counters["events"] + a.counters["dropped_events"] == 3 * n
+    assert a.last_durable_offset[("t", 0)] == durable_before  # failed flushes moved nothing
+    partial = a.current_path
+    assert partial is not None and partial.name.endswith(".h5.partial") and partial.exists()
+
+    # the other recording goes on and completes with every iteration
+    (ok_file,) = b.close()
+    assert b.status == "complete" and b.reason == ""
+    with open_file(ok_file) as f:
+        assert f.status == "complete"
+        assert check_iterations(f, n) == n
+
+    assert a.close() == [] and a.status == "failed"  # a failed recording finalizes nothing
+    assert partial.exists()
+    if limit is None:  # the operator makes room, then recovers the file
+        subprocess.run(["mount", "-o", "remount,size=64m", str(full)], check=True)
+    assert cli_main(["recover", str(full)]) == 0
+    assert not partial.exists()
+    (final,) = full.glob("*.h5")
+    with open_file(final) as f:
+        assert f.layout == "final" and f.status == "aborted"
+        assert "recovered" in f.attrs["status_reason"]
+        check_iterations(f, durable_before + 1)  # everything flushed before the disk filled
+
+
+def test_writer_killed_mid_recording(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording]
+) -> None:
+    a = recordings(OutputOptions(directory=tmp_path / "a"), run_name="victim")
+    b = recordings(OutputOptions(directory=tmp_path / "b"), run_name="survivor")
+    n = 60
+    for i in range(n):
+        for event in iteration_events(i, width=50):
+            a.handle(event)
+            b.handle(event)
+        if i == 30:
+            a.flush()
+            assert a.status == "recording" and a.last_durable_offset == {("t", 0): 30}
+            assert a.pid is not None
+            os.kill(a.pid, signal.SIGKILL)
+        a.maybe_flush()
+        b.maybe_flush()
+    a.flush()  # notices the death at the latest here
+    b.flush()
+    assert a.status == "failed" and not a.alive
+    assert "SIGKILL" in a.reason and str(a.pid) in a.reason, a.reason
+    partial = a.current_path
+    assert partial is not None and partial.exists() and str(partial) in a.reason
+    assert a.last_durable_offset == {("t", 0): 30}
+    # every event was either taken by the writer before it died or counted as dropped
+    assert a.counters["events"] + a.counters["dropped_events"] == 3 * n
+    assert a.counters["events"] >= 3 * 31 and a.counters["dropped_events"] > 0
+    before = a.counters["dropped_events"]
+    a.handle(iteration_events(n)[0])  # never raises into the daemon
+    assert a.counters["dropped_events"] == before + 1
+    assert a.close() == [] and a.status == "failed"
+
+    (ok_file,) = b.close()
+    assert b.status == "complete"
+    with open_file(ok_file) as f:
+        assert len(f.iterations()["iter_index"]) == n
+        assert f.values("W")[n - 1].tolist() == w_value(n - 1)[:50]
+
+    assert cli_main(["recover", str(partial)]) == 0
+    (final,) = (tmp_path / "a").glob("*.h5")
+    with open_file(final) as f:
+        its = f.iterations()["iter_index"].tolist()
+        assert its[:31] == list(range(31))
+        assert f.values("W")[30].tolist() == w_value(30)[:50]
+
+
+def test_hung_writer_back_pressure_then_timeout(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording]
+) -> None:
+    rec = recordings(
+        OutputOptions(directory=tmp_path, max_buffer_bytes=64 * 1024),
+        run_name="hung", reply_timeout_s=1.5, max_block_s=0.1, batch_bytes=16 * 1024,
+    )
+    rec.flush()
+    assert rec.pid is not None
+    os.kill(rec.pid, signal.SIGSTOP)  # a writer stuck in I/O
+    try:
+        blocked = []
+        for i in range(12):  # ~16 kB each: well over the 64 kB back-pressure limit
+            t0 = time.monotonic()
+            for event in iteration_events(i):
+                rec.handle(event)
+            blocked.append(time.monotonic() - t0)
+            assert rec.maybe_flush() in (True, False)  # never waits
+        assert congested(rec) and rec.backlog_bytes > 64 * 1024
+        assert rec.status == "recording"  # slow is not failed
+        # blocks, but boundedly: about max_block_s per event once congested
+        assert 0.5 < rec.blocked_seconds < 12 * 3 * 0.1 + 2
+        assert max(blocked) < 3 * 0.1 + 0.5
+
+        os.kill(rec.pid, signal.SIGCONT)  # the writer catches up
+        rec.flush()
+        assert status_of(rec) == "recording" and rec.backlog_bytes == 0 and not congested(rec)
+        assert rec.last_durable_offset == {("t", 0): 11}
+
+        os.kill(rec.pid, signal.SIGSTOP)  # and now hangs for good
+        for event in iteration_events(12):
+            rec.handle(event)
+        t0 = time.monotonic()
+        rec.flush()
+        assert 1.4 < time.monotonic() - t0 < 10
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, signal.SIGCONT)
+    assert status_of(rec) == "failed" and not rec.alive
+    assert "did not complete a flush within 1.5 s" in rec.reason and "SIGKILL" in rec.reason
+    assert rec.close() == []
+    assert cli_main(["recover", str(tmp_path)]) == 0
+    (final,) = tmp_path.glob("*.h5")
+    with open_file(final) as f:
+        assert check_iterations(f, 12) == 12
+
+
+def _raw(pv: str, data: dict[str, Any]) -> PVSample:
+    """A lazily-decoded sample as the wire decoder builds it (floats packed as float32)."""
+    return PVSample.from_raw(pv, msgpack.packb(data, use_single_float=True), 0)
+
+
+def samples_for(i: int) -> list[PVSample]:
+    ts = {"secondsPastEpoch": 1_700_000_000 + i, "nanoseconds": 5}
+    raw = [
+        _raw("R32", {"value": 0.1 * i, "timeStamp": ts, "alarm": {"severity": 1}}),
+        _raw("RW32", {"value": [0.5 * x + i for x in range(7)], "timeStamp": ts}),
+        _raw("RIMG", {"value": {"floatValue": [x / 7 for x in range(12)]},
+                      "dimension": [{"size": 4}, {"size": 3}], "uniqueId": i}),
+        _raw("RSTR", {"value": f"ünï {i}", "timeStamp": ts}),
+    ]
+    return make_samples(i) + raw
+
+
+def record_stream(rec: HDF5Recording | IsolatedRecording) -> dict[str, list[PVSample]]:
+    sent: dict[str, list[PVSample]] = {}
+    for i in range(5):
+        samples = samples_for(i)
+        half = len(samples) // 2
+        rec.handle(IterationOpened("t", "s", 100 + i, 10 + i, offset=3 * i))
+        rec.handle(ValuesReceived("t", 100 + i, 1, 1, tuple(samples[:half]), offset=3 * i + 1))
+        rec.flush()
+        rec.handle(ValuesReceived("t", 100 + i, 2, 2, tuple(samples[half:]), submission_seq=7,
+                                  late=i == 3, offset=3 * i + 1))
+        if i == 2:
+            rec.handle(IterationClosed("t", "s", 100 + i, IterationStatus.INCOMPLETE,
+                                       IncompleteReason.GATEWAY_ERROR, 10 + i, 20 + i,
+                                       error_code=7, error_message="boom é", offset=3 * i + 2))
+        else:
+            rec.handle(IterationClosed("t", "s", 100 + i, IterationStatus.COMPLETE, None,
+                                       10 + i, None, n_values=len(samples), n_batches=2,
+                                       expected_messages=3, missing_messages=0,
+                                       offset=3 * i + 2))
+        for s in samples:
+            sent.setdefault(s.pv, []).append(s)
+    return sent
+
+
+def assert_bit_exact(x: Any, y: Any) -> None:
+    assert type(x) is type(y), (x, y)
+    if isinstance(x, (np.ndarray, np.generic)):
+        assert x.dtype == y.dtype and x.shape == y.shape, (x, y)
+        if x.dtype == object:
+            for u, v in zip(x.ravel(), y.ravel(), strict=True):
+                assert_bit_exact(u, v)
+        else:
+            assert x.tobytes() == y.tobytes(), (x, y)
+    elif dataclasses.is_dataclass(x):
+        for f in dataclasses.fields(x):
+            assert_bit_exact(getattr(x, f.name), getattr(y, f.name))
+    elif isinstance(x, dict):
+        assert list(x) == list(y)
+        for k in x:
+            assert_bit_exact(x[k], y[k])
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y)
+        for u, v in zip(x, y, strict=True):
+            assert_bit_exact(u, v)
+    else:
+        assert repr(x) == repr(y)
+
+
+def compare_files(isolated: Path, inproc: Path, sent: dict[str, list[PVSample]]) -> None:
+    with open_file(isolated) as f, open_file(inproc) as g:
+        assert f.layout == g.layout
+        assert sorted(f.pv_names) == sorted(g.pv_names) == sorted(sent)
+        for key, col in g.iterations().items():
+            assert_bit_exact(f.iterations()[key], col)
+        for pv, samples in sent.items():
+            same(f.samples(pv), samples)
+            assert_bit_exact(f.values(pv), g.values(pv))
+            assert_bit_exact(f.times(pv), g.times(pv))
+            assert_bit_exact(f.severity(pv), g.severity(pv))
+            assert_bit_exact([s.value for s in f.samples(pv)], [s.value for s in g.samples(pv)])
+        assert f.values("F32").dtype == np.float32 and f.values("R32").dtype == np.float32
+        assert f.values("RW32").dtype == np.float32 and f.values("RIMG").dtype == np.float32
+        assert f.values("RIMG")[0].shape == (3, 4)
+        assert f.values("RSTR").tolist() == [f"ünï {i}" for i in range(5)]
+
+
+def test_roundtrip_bit_exact_through_the_process_boundary(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording]
+) -> None:
+    wall = 1_750_000_000.0
+    iso = recordings(OutputOptions(directory=tmp_path / "iso"), run_name="rt",
+                     pv_uris=["pva://F32"], metadata={"who": "me", "n": 3}, seq=7,
+                     recording_uid="uid-1", wall_clock=lambda: wall)
+    ref = HDF5Recording(OutputOptions(directory=tmp_path / "ref"), run_name="rt",
+                        pv_uris=["pva://F32"], metadata={"who": "me", "n": 3}, seq=7,
+                        recording_uid="uid-1", wall_clock=lambda: wall)
+    sent = record_stream(iso)
+    assert record_stream(ref).keys() == sent.keys()
+    iso.flush()
+    ref.flush()
+    assert iso.current_path is not None and ref.current_path is not None
+    assert iso.current_path.name == ref.current_path.name  # same (wall clock) start time
+    assert iso.last_durable_offset == ref.last_durable_offset == {("t", 0): 14}
+    for key in ("events", "values", "iterations", "dropped_events"):
+        assert iso.counters[key] == ref.counters[key], key
+    compare_files(iso.current_path, ref.current_path, sent)  # live layout
+    (iso_final,) = iso.close()
+    (ref_final,) = ref.close()
+    assert iso.status == ref.status == "complete"
+    compare_files(iso_final, ref_final, sent)  # final layout
+    with open_file(iso_final) as f:
+        assert f.attrs["recording_uid"] == "uid-1" and f.attrs["recording_seq"] == 7
+        assert f.attrs["metadata"] == '{"n": 3, "who": "me"}'
+        # the writer runs the system clock shifted to the parent's wall_clock at start
+        assert 0 <= f.attrs["start_time_ns"] - int(wall * 1e9) < 30e9
+
+
+def test_event_encoding_round_trip() -> None:
+    enc = _Encoder()
+    events: list[IterationEvent] = [
+        IterationOpened("t", None, 5, None, partition=2, offset=9),
+        ValuesReceived("t", 5, 3, 77, tuple(samples_for(1)), submission_seq=4, late=True,
+                       partition=2, offset=10),
+        IterationClosed("t", "s", 5, IterationStatus.INCOMPLETE,
+                        IncompleteReason.MISSING_MESSAGES, None, 8, error_code=3,
+                        error_message="x", n_values=1, n_pvs=1, n_batches=3,
+                        expected_messages=5, missing_messages=2, duplicates=1, partition=2,
+                        offset=11),
+        IterationClosed("t", "s", 6, IterationStatus.COMPLETE, None, 1, 2),
+    ]
+    for event in events:
+        row, size = enc.event(event)
+        assert size > 0
+        back = _decode_event(msgpack.unpackb(msgpack.packb(row), strict_map_key=False))
+        assert type(back) is type(event)
+        if isinstance(event, ValuesReceived):
+            assert isinstance(back, ValuesReceived)
+            assert dataclasses.replace(back, samples=()) == dataclasses.replace(event, samples=())
+            same(list(back.samples), list(event.samples))
+        else:
+            assert back == event
+    # hand-built data msgpack cannot carry is dropped and counted, never raised
+    bad = ValuesReceived("t", 1, 1, 1, (PVSample("X", {"value": object()}),
+                                        PVSample("Y", {"value": np.float32(2.5)})))
+    row, _ = enc.event(bad)
+    assert enc.unserializable == 1 and [s[0] for s in row[5]] == ["Y"]
+
+
+def test_unwritable_directory_fails_cleanly(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording]
+) -> None:
+    target = Path("/proc/k2eg-recorder-test") if os.geteuid() == 0 else tmp_path / "ro"
+    if os.geteuid() != 0:
+        target.mkdir(mode=0o500)
+    rec = recordings(OutputOptions(directory=target), run_name="x")
+    assert rec.status == "failed" and rec.reason and rec.current_path is None
+    rec.handle(iteration_events(0)[0])
+    rec.maybe_flush()
+    rec.flush()
+    assert rec.close() == [] and rec.status == "failed"
+
+
+def test_factory_and_no_h5py_in_the_parent(tmp_path: Path) -> None:
+    rec = open_recording(OutputOptions(directory=tmp_path, isolate=False), run_name="x")
+    assert isinstance(rec, HDF5Recording)
+    rec.close()
+    script = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        from recorder.client.events import IterationOpened
+        from recorder.sinks.options import Compression, OutputOptions
+        from recorder.sinks.process import IsolatedRecording, open_recording
+        rec = open_recording(OutputOptions(directory=Path(sys.argv[1])), run_name="y")
+        assert isinstance(rec, IsolatedRecording), rec
+        rec.handle(IterationOpened("t", "s", 1, 1))
+        rec.flush()
+        print(len(rec.close()), rec.status, "h5py" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1].split() == ["1", "complete", "False"]
