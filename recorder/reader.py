@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from recorder.client.values import PVSample, ValueKind
 from recorder.errors import FileFormatError
+from recorder.sinks.bridge.mapping import IterationInfo, Train, build_train, stacked_for
 from recorder.sinks.buffer import REASON_NAMES, STATUS_NAMES
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
@@ -209,8 +210,8 @@ class RecordingFile:
         rows = self._column(pv, "iter_row")
         n_iter = len(self._live.iterations["iter_index"])
         count = np.bincount(rows[rows >= 0], minlength=n_iter)[:n_iter].astype(np.int64)
-        big = np.iinfo(np.int64).max
-        first = np.searchsorted(np.where(rows >= 0, rows, big), np.arange(n_iter))
+        valid = np.flatnonzero(rows >= 0)  # skip values that arrived after their iteration
+        first = np.append(valid, len(rows))[np.searchsorted(rows[valid], np.arange(n_iter))]
         return first.astype(np.int64), count
 
     def samples(self, pv: str) -> list[PVSample]:
@@ -259,7 +260,14 @@ class RecordingFile:
         kind = ValueKind(g.attrs["kind"])
         n = int(g.attrs.get("count", len(g["time"])))
         cols = {k: g[k][()] for k in ("time", "severity", "status", "flags")}
-        value = g["value"][()] if "value" in g else None
+        value: Any = None
+        table: list[tuple[str, npt.NDArray[Any]]] | None = None
+        if "value" in g and isinstance(g["value"], h5py.Group):  # NTTable: one dataset a column
+            vg = g["value"]
+            names = [str(c) for c in _plain(vg.attrs["columns"])]
+            table = [(c, vg[escape_name(c)][()]) for c in names]
+        elif "value" in g:
+            value = g["value"][()]
         shape = g["shape"][()] if "shape" in g else None
         storage = str(g.attrs.get("storage_dtype", "none"))
         meta_rows = g["metadata/row"][()] if "metadata" in g else np.zeros(0, np.int64)
@@ -268,6 +276,10 @@ class RecordingFile:
         rest: dict[str, Any] = {"d": {}, "f": []}
         j = 0
         kind_code = {k: c for c, k in KINDS_BY_CODE.items()}[kind]
+        scalar_kind = None
+        if storage not in ("utf-8", "table", "none") and shape is None:
+            code = {dt.name: c for c, dt in DTYPE_BY_CODE.items()}[storage]
+            scalar_kind = DTYPE_BY_CODE[code].kind
         for r in range(n):
             while j < len(meta_rows) and int(meta_rows[j]) <= r:
                 raw = meta_json[j]
@@ -275,21 +287,28 @@ class RecordingFile:
                 j += 1
             flags = int(cols["flags"][r])
             v: Any = None
-            if flags & F_VALUE and value is not None:
-                if storage == "utf-8":
+            if flags & F_VALUE and table is not None and shape is not None:
+                length = int(shape[r][0])
+                by_name = {c: _column_items(a[r][:length]) for c, a in table}
+                placeholder = rest["d"].get("value")
+                order = list(placeholder) if isinstance(placeholder, dict) else list(by_name)
+                v = {c: by_name[c] for c in order}
+            elif flags & F_VALUE and value is not None:
+                if kind is ValueKind.STRING_ARRAY and shape is not None:
+                    v = _column_items(value[r][: int(shape[r][0])])
+                elif storage == "utf-8":
                     item = value[r]
                     v = item.decode("utf-8") if isinstance(item, bytes) else str(item)
                 elif shape is not None:
                     sl = tuple(slice(0, int(d)) for d in shape[r])
                     v = value[r][sl].reshape(-1).tolist()
                 else:
-                    code = {dt.name: c for c, dt in DTYPE_BY_CODE.items()}[storage]
                     item = value[r]
                     v = (
                         float(item)
-                        if DTYPE_BY_CODE[code].kind == "f"
+                        if scalar_kind == "f"
                         else bool(item)
-                        if DTYPE_BY_CODE[code].kind == "b"
+                        if scalar_kind == "b"
                         else int(item)
                     )
             data = rebuild_data(
@@ -305,44 +324,34 @@ class RecordingFile:
         return out
 
     # --- iteration by iteration ---------------------------------------------------------------
-    def trains(self) -> Iterator[tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]]:
-        """(data, metadata) per /iterations row, keyed by PV name (karabo-bridge shape).
-
-        ``data[pv]`` has flattened keys: ``value`` (array of this iteration's values),
-        ``timestamp`` (ns), ``alarm.severity``, ``alarm.status``. ``metadata[pv]`` has
-        ``timestamp`` (s, float), ``timestamp.sec``, ``timestamp.frac``, ``timestamp.tid``
-        (the k2eg iter_index), ``iteration.status`` and ``iteration.row``.
+    def trains(self) -> Iterator[Train]:
+        """(data, metadata) per /iterations row: the karabo-bridge container the live bridge
+        serves for the same iteration (built by :func:`recorder.sinks.bridge.build_train`;
+        see docs/bridge.md): ``data[pv]`` holds the PV structure's fields flattened with
+        dots (``value``, ``alarm.severity``, ``timeStamp.secondsPastEpoch``, ...), stacked
+        along a first axis in timedbuffered runs; ``metadata[pv]`` the PV's EPICS
+        ``timestamp``/``timestamp.sec``/``timestamp.frac`` and ``timestamp.tid`` (the k2eg
+        iter_index); ``data["k2eg-recorder/iteration"]`` the iteration record.
         """
         its = self.iterations()
         index = {pv: self.first_count(pv) for pv in self.pv_names}
-        arrays = {pv: (self.values(pv), self.times(pv), self.severity(pv), self.alarm_status(pv))
-                  for pv in self.pv_names}
+        stacked = stacked_for(self.attrs.get("snapshot_type"))
+        run_name = str(self.attrs.get("run_name", ""))
+        snapshot_name = str(self.attrs.get("snapshot_name", ""))
         for row in range(len(its["iter_index"])):
-            data: dict[str, dict[str, Any]] = {}
-            meta: dict[str, dict[str, Any]] = {}
-            ts = int(its["header_timestamp"][row]) or int(its["tail_timestamp"][row])
+            samples: list[PVSample] = []
             for pv, (first, count) in index.items():
                 c = int(count[row])
-                if not c:
-                    continue
-                lo = int(first[row])
-                vals, times, sev, stat = arrays[pv]
-                data[pv] = {
-                    "value": vals[lo : lo + c],
-                    "timestamp": times[lo : lo + c],
-                    "alarm.severity": sev[lo : lo + c],
-                    "alarm.status": stat[lo : lo + c],
-                }
-                meta[pv] = {
-                    "source": pv,
-                    "timestamp": ts / 1e9,
-                    "timestamp.sec": str(ts // 1_000_000_000),
-                    "timestamp.frac": f"{ts % 1_000_000_000:09d}000000000",
-                    "timestamp.tid": int(its["iter_index"][row]),
-                    "iteration.status": str(its["status"][row]),
-                    "iteration.row": row,
-                }
-            yield data, meta
+                if c:
+                    lo = int(first[row])
+                    samples.extend(self.samples(pv)[lo : lo + c])
+            yield build_train(
+                IterationInfo.from_columns(its, row),
+                samples,
+                stacked=stacked,
+                run_name=run_name,
+                snapshot_name=snapshot_name,
+            )
 
     def close(self) -> None:
         self.h5.close()
@@ -383,7 +392,7 @@ class Recording:
     def iterations_of(self, pv: str) -> npt.NDArray[Any]:
         return self._cat("iterations_of", pv)
 
-    def trains(self) -> Iterator[tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]]:
+    def trains(self) -> Iterator[Train]:
         for f in self.files:
             yield from f.trains()
 
@@ -420,6 +429,13 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
                     continue
         return Recording(found)
     return Recording(paths)
+
+
+def _column_items(a: npt.NDArray[Any]) -> list[Any]:
+    """A stored row (numeric or vlen UTF-8) as the Python list msgpack had decoded."""
+    if a.dtype == object:
+        return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in a.tolist()]
+    return list(a.tolist())
 
 
 def _plain(value: Any) -> Any:

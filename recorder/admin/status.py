@@ -18,7 +18,13 @@ JSON form (``schema`` names the layout; readers ignore fields they do not know):
                            "last_iteration": 23456, "last_iteration_at": 1732212345600,
                            "iterations": {"complete": 23450, "incomplete": 6},
                            "values_written": 70350, "lag": 0,
-                           "errors": 0, "last_error": null}}}
+                           "errors": 0, "last_error": null,
+                           "bridge": null}}}
+
+``bridge`` is null unless the run's ``output.bridge`` is set; then (for the current or last
+recording of this daemon process) ``{"status": "serving" | "complete" | "aborted" | "failed",
+"reason": "...", "endpoints": {"rep": "tcp://127.0.0.1:4545", "pub": ...}, "subscribers": true,
+"iterations": n, "served": n, "published": n, "dropped_iterations": n}``.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class RunStatus:
     lag: int | None = None  # messages behind the end of the snapshot topic
     errors: int = 0
     last_error: str | None = None
+    bridge: Mapping[str, Any] | None = None  # the Karabo bridge sink, if the run has one
 
     def to_json_obj(self) -> dict[str, Any]:
         return {
@@ -91,6 +98,7 @@ class RunStatus:
             "lag": self.lag,
             "errors": self.errors,
             "last_error": self.last_error,
+            "bridge": None if self.bridge is None else dict(self.bridge),
         }
 
     @classmethod
@@ -113,6 +121,7 @@ class RunStatus:
             lag=_opt_int(obj.get("lag")),
             errors=_int(obj.get("errors", 0)),
             last_error=_opt_str(obj.get("last_error")),
+            bridge=_opt_mapping(obj.get("bridge")),
         )
 
 
@@ -204,6 +213,14 @@ def _str(value: Any) -> str:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else _str(value)
+
+
+def _opt_mapping(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected an object, got {value!r}")
+    return dict(value)
 
 
 def _int(value: Any) -> int:

@@ -9,7 +9,8 @@ States (:class:`~recorder.admin.status.RunState`)::
                      retrying            failed (an admin start tries again)
 
 The worker thread owns the run's :class:`~recorder.client.RecurringSnapshot` (iterator mode)
-and its :class:`~recorder.sinks.hdf5.HDF5Recording`: it takes events, writes them, flushes on
+and its recording (:func:`hdf5_recording`: an HDF5 writer process per recording, or in-process
+with ``output.isolate: false``): it takes events, writes them, flushes on
 the recording's interval and, after each flush that moved the durable Kafka offsets, rewrites
 the run's state file (:mod:`recorder.daemon.resume`). Other threads (the daemon's main loop)
 only queue requests — :meth:`RunController.start`, :meth:`~RunController.stop`,
@@ -19,6 +20,13 @@ text — and read :meth:`RunController.status`.
 A stop sends the k2eg ``repeating_snapshot_stop`` from a helper thread while the worker keeps
 draining events; once the client has delivered the final iteration and ended the subscription,
 the recording is closed (files finalized) and the state file cleared.
+
+A run whose ``output.bridge`` is set also serves each iteration live over the Karabo bridge
+protocol (:mod:`recorder.sinks.bridge`): the worker creates the bridge sink with the recording,
+hands it every event it hands the recording (same thread, right after it), and closes it with
+the recording's final status. The bridge never affects recording: a sink that cannot be
+created (extra not installed, port taken) or raises is logged, reported in the run's status
+(``bridge``) and dropped, and the recording goes on.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from recorder.client import (
     IterationOpened,
     K2egClient,
     RecurringSnapshot,
+    SnapshotProperties,
     StartAt,
     StopResult,
 )
@@ -54,6 +63,7 @@ from recorder.daemon.resume import ActiveRecording, ResumeStore
 from recorder.daemon.resume import RunState as StoredState
 from recorder.errors import AdminCommandError, RecorderError
 from recorder.metrics import RecorderMetrics
+from recorder.sinks.bridge import BridgeOptions
 
 _log = structlog.get_logger("recorder.daemon")
 
@@ -85,6 +95,54 @@ class Recording(Protocol):
     def close(self, status: str = "complete", reason: str = "") -> list[Path]: ...
 
 
+class BridgeSink(Protocol):
+    """What the controller needs of a live sink
+    (:class:`~recorder.sinks.bridge.sink.KaraboBridgeSink`)."""
+
+    status: str
+    reason: str
+    endpoints: dict[str, str]
+    counters: dict[str, int]
+
+    @property
+    def has_subscribers(self) -> bool: ...
+
+    def handle(self, event: IterationEvent) -> None: ...
+
+    def close(self, status: str = "complete", reason: str = "") -> None: ...
+
+
+class BridgeFactory(Protocol):
+    def __call__(
+        self, options: BridgeOptions, *, run_name: str, snapshot: SnapshotProperties | None
+    ) -> BridgeSink: ...
+
+
+def karabo_bridge(
+    options: BridgeOptions, *, run_name: str, snapshot: SnapshotProperties | None
+) -> BridgeSink:
+    """The production bridge: :func:`recorder.sinks.bridge.create_bridge_sink`."""
+    from recorder.sinks.bridge import create_bridge_sink
+
+    return create_bridge_sink(options, run_name=run_name, snapshot=snapshot)
+
+
+BRIDGE_COUNTERS = ("iterations", "served", "published", "dropped_iterations")
+
+
+def bridge_status(sink: BridgeSink) -> dict[str, Any]:
+    """The ``bridge`` entry of a run's status document."""
+    counters = sink.counters
+    out: dict[str, Any] = {
+        "status": sink.status,
+        "reason": sink.reason,
+        "endpoints": dict(sink.endpoints),
+        "subscribers": bool(sink.has_subscribers),
+    }
+    out.update({k: int(counters.get(k, 0)) for k in BRIDGE_COUNTERS})
+    return out
+
+
 class RecordingFactory(Protocol):
     def __call__(
         self, definition: RunDefinition, *, seq: int, recording_uid: str | None
@@ -94,11 +152,14 @@ class RecordingFactory(Protocol):
 def hdf5_recording(
     definition: RunDefinition, *, seq: int, recording_uid: str | None
 ) -> Recording:
-    """The production recording: HDF5 files as the run definition's ``output:`` says."""
-    from recorder.sinks.hdf5 import HDF5Recording
+    """The production recording: HDF5 files as the run definition's ``output:`` says, written
+    by a writer process of its own (:class:`~recorder.sinks.process.IsolatedRecording`) unless
+    ``output.isolate: false`` (then :class:`~recorder.sinks.hdf5.HDF5Recording` in the daemon's
+    process); see :func:`recorder.sinks.process.open_recording`."""
+    from recorder.sinks.process import open_recording
 
     props = definition.snapshot.to_properties()
-    return HDF5Recording(
+    return open_recording(
         definition.output,
         run_name=definition.name,
         snapshot=props,
@@ -150,6 +211,7 @@ class _Stats:
     recording_started_at: int | None = None
     files: list[str] = field(default_factory=list)  # finalized files of this daemon process
     triggers: int = 0
+    bridge: dict[str, Any] | None = None  # bridge_status() of the current/last bridge
 
 
 class RunController:
@@ -163,6 +225,7 @@ class RunController:
         *,
         metrics: RecorderMetrics | None = None,
         recording_factory: RecordingFactory = hdf5_recording,
+        bridge_factory: BridgeFactory = karabo_bridge,
         backoff: Backoff | None = None,
         value_budget: int | None = None,
         stop_timeout_s: float | None = None,
@@ -173,6 +236,8 @@ class RunController:
         self._store = store
         self._metrics = metrics
         self._factory = recording_factory
+        self._bridge_factory = bridge_factory
+        self._bridge: BridgeSink | None = None
         self._backoff = backoff or Backoff(initial_s=1.0, factor=2.0, max_s=30.0)
         self._value_budget = value_budget
         self._stop_timeout_s = stop_timeout_s
@@ -255,6 +320,7 @@ class RunController:
                 lag=s.lag,
                 errors=s.errors,
                 last_error=s.last_error,
+                bridge=None if s.bridge is None else dict(s.bridge),
             )
 
     def files(self) -> list[str]:
@@ -439,6 +505,7 @@ class RunController:
             self._stats.current_file = new_active.current_file
             self._stats.recording_started_at = time.time_ns() // 1_000_000
             self._stats.last_error = None
+        self._open_bridge(props)
         self._backoff.reset()
         self._last_opened = -1
         self._set_state(RunState.RECORDING)
@@ -490,6 +557,8 @@ class RunController:
         if rec is not None:
             rec.maybe_flush()
             self._after_flush(rec)
+        if self._bridge is not None:
+            self._note_bridge(self._bridge)
         now = time.monotonic()
         if now >= self._next_lag and not self._sub_ended:
             self._next_lag = now + LAG_EVERY_S
@@ -501,6 +570,8 @@ class RunController:
             if self._pending_tags:
                 self._tag(rec, event.iter_index, self._pending_tags.popleft())
         rec.handle(event)
+        if self._bridge is not None:
+            self._feed_bridge(self._bridge, event)
         if isinstance(event, IterationClosed):
             now_ms = time.time_ns() // 1_000_000
             with self._lock:
@@ -684,6 +755,8 @@ class RunController:
             self._log.exception("closing the recording failed")
             paths = list(rec.paths)
         self._after_flush_counts(rec)
+        final = rec.status if rec.status in ("complete", "aborted", "failed") else "aborted"
+        self._close_bridge(final, rec.reason or reason)
         files = [str(p) for p in paths]
         with self._lock:
             self._stats.files.extend(files)
@@ -700,6 +773,65 @@ class RunController:
                 self._error(str(exc))
         self._log.info("recording closed", status=status, files=files)
         return files
+
+    # ---- the Karabo bridge (never affects recording) ----------------------------------
+    def _open_bridge(self, props: SnapshotProperties) -> None:
+        options = self.definition.output.bridge
+        if options is None:
+            with self._lock:
+                self._stats.bridge = None
+            return
+        try:
+            sink = self._bridge_factory(options, run_name=self.name, snapshot=props)
+        except Exception as exc:
+            message = f"karabo bridge not started: {exc}"
+            self._error(message)
+            self._log.error("karabo bridge not started; recording goes on", error=str(exc))
+            with self._lock:
+                self._stats.bridge = {"status": "failed", "reason": str(exc),
+                                      "endpoints": {}, "subscribers": False,
+                                      **dict.fromkeys(BRIDGE_COUNTERS, 0)}
+            return
+        self._bridge = sink
+        self._note_bridge(sink)
+        if sink.status != "serving":
+            self._error(f"karabo bridge failed: {sink.reason}")
+            self._log.error("karabo bridge failed; recording goes on", reason=sink.reason)
+            self._close_bridge("failed", sink.reason)
+            return
+        self._log.info("karabo bridge started", endpoints=dict(sink.endpoints))
+
+    def _feed_bridge(self, sink: BridgeSink, event: IterationEvent) -> None:
+        try:
+            sink.handle(event)
+        except Exception as exc:
+            self._error(f"karabo bridge failed: {exc!r}")
+            self._log.exception("karabo bridge failed; it is closed, recording goes on")
+            self._close_bridge("failed", f"internal error: {exc!r}")
+
+    def _note_bridge(self, sink: BridgeSink) -> None:
+        try:
+            doc = bridge_status(sink)
+        except Exception:  # a status read must not stop the worker
+            self._log.exception("karabo bridge status unavailable")
+            return
+        with self._lock:
+            self._stats.bridge = doc
+
+    def _close_bridge(self, status: str, reason: str) -> None:
+        sink, self._bridge = self._bridge, None
+        if sink is None:
+            return
+        try:
+            sink.close(status, reason)
+        except Exception:
+            self._log.exception("closing the karabo bridge failed")
+        self._note_bridge(sink)
+        if status == "failed":
+            with self._lock:
+                if self._stats.bridge is not None:
+                    self._stats.bridge = {**self._stats.bridge, "status": "failed",
+                                          "reason": sink.reason or reason}
 
     def _after_flush_counts(self, rec: Recording) -> None:
         values = rec.counters.get("values", 0)

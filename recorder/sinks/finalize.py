@@ -3,6 +3,14 @@
 The final file is written next to the partial one as ``<final>.finalizing``, fsync'ed,
 made read-only (0444) and renamed to its final name; only then is the partial file removed.
 A crash at any point leaves the partial file intact, so ``recover`` can simply run this again.
+
+Memory is bounded whatever the size of the segment: the live tables are read in blocks of
+rows (``block_bytes`` of data each, default 128 MiB). A first pass reads only a few small
+columns (PV, kind, dtype, size, iteration row) to learn each PV's row count, type and
+waveform width, and where to cut the blocks; the second pass splits each block by PV and
+appends it to that PV's datasets. Small PVs are buffered and written in one go at the end
+(compact datasets, which is what makes 10,000 PVs cheap); the buffers of all PVs together
+are spilled to chunked datasets whenever they exceed ``block_bytes``.
 """
 
 from __future__ import annotations
@@ -11,27 +19,36 @@ import json
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 import numpy.typing as npt
+from h5py import h5a, h5d, h5p, h5s, h5t
 
-from recorder.client.values import ValueKind
-from recorder.sinks.buffer import ITERATION_COLUMNS, ITERATION_REASONS, ITERATION_STATUS
+from recorder.client.values import ValueKind, typed_value
+from recorder.sinks.buffer import (
+    ITERATION_COLUMNS,
+    ITERATION_REASONS,
+    ITERATION_STATUS,
+    SAMPLE_COLUMNS,
+)
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
     F_VALUE,
+    KIND_CODES,
     KINDS_BY_CODE,
     STRING_DTYPE_CODE,
     decode_rest,
     encode_rest,
     escape_name,
     rebuild_data,
+    typed_scalar,
 )
 from recorder.sinks.filters import filter_kwargs, rows_per_chunk
-from recorder.sinks.livefile import LiveView, read_live
+from recorder.sinks.livefile import Commit, read_commit, read_pv_names
 from recorder.sinks.options import OutputOptions
 
 FINAL_SUFFIX = ".finalizing"
@@ -40,6 +57,26 @@ REASON_ENUM = h5py.enum_dtype(
     {(k or "none"): v for k, v in ITERATION_REASONS.items()}, basetype="u1"
 )
 STR = h5py.string_dtype("utf-8")
+_STR_TID = h5t.py_create(STR, logical=True)
+_SCALAR_SPACE = h5s.create(h5s.SCALAR)
+
+DEFAULT_BLOCK_BYTES = 128 * 1024 * 1024
+"""Memory budget of one block of the live file (and of the buffered PV data)."""
+SCAN_ROWS = 1 << 20  # rows per read in the first pass
+ROW_OVERHEAD = 256  # bytes of memory per sample row in a block (columns + temporaries)
+COMPACT_MAX = 8 * 1024  # datasets up to this size are written compact (in the object header)
+OBJ_BYTES = 64  # estimated memory of one element of an object (string) array
+CHUNK_CACHE = 0  # no chunk cache: rows go out in large blocks (HDF5 2.0 caches 8 MiB a dataset)
+
+K_SCALAR, K_BOOL, K_STRING, K_ENUM = (
+    KIND_CODES[ValueKind.SCALAR],
+    KIND_CODES[ValueKind.BOOL],
+    KIND_CODES[ValueKind.STRING],
+    KIND_CODES[ValueKind.ENUM],
+)
+K_ARRAY, K_NDARRAY = KIND_CODES[ValueKind.ARRAY], KIND_CODES[ValueKind.NDARRAY]
+K_STRING_ARRAY, K_TABLE = KIND_CODES[ValueKind.STRING_ARRAY], KIND_CODES[ValueKind.TABLE]
+EXTRACTED_AT_FINALIZE = (K_STRING_ARRAY, K_TABLE)  # typed only in the final layout
 
 # display / control / valueAlarm fields copied to PV attributes
 META_ATTRS: dict[str, tuple[str, str]] = {
@@ -58,6 +95,7 @@ META_ATTRS: dict[str, tuple[str, str]] = {
     "alarm_high_alarm_limit": ("valueAlarm", "highAlarmLimit"),
     "alarm_hysteresis": ("valueAlarm", "hysteresis"),
 }
+TIME_ATTRS = {"units": "ns", "start": "1970-01-01T00:00:00Z"}
 
 
 def _attr_value(value: Any) -> Any:
@@ -80,15 +118,6 @@ def metadata_attrs(rest: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _rest_at(entries: list[tuple[int, dict[str, Any]]], row: int) -> dict[str, Any]:
-    found = entries[0][1]
-    for r, rest in entries:
-        if r > row:
-            break
-        found = rest
-    return found
-
-
 def _image_shape(rest: Mapping[str, Any], size: int) -> tuple[int, ...]:
     dims = rest["d"].get("dimension")
     sizes: list[int] = []
@@ -103,198 +132,780 @@ def _image_shape(rest: Mapping[str, Any], size: int) -> tuple[int, ...]:
     return (size,)
 
 
-class _PVWriter:
-    def __init__(self, out: h5py.File, view: LiveView, options: OutputOptions) -> None:
-        self.out = out
-        self.view = view
-        self.options = options
-        self.plugins: set[str] = set()
+# --- low-level HDF5 helpers (h5py's high-level calls cost 2x more per object) ----------------
+def set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
+    """Write attributes: str/int/float through the low-level API, the rest through h5py."""
+    oid = obj.id
+    for name, v in attrs.items():
+        key = name.encode()
+        if isinstance(v, str):
+            h5a.create(oid, key, _STR_TID, _SCALAR_SPACE).write(np.array(v, dtype=STR))
+        elif isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63:
+            h5a.create(oid, key, h5t.STD_I64LE, _SCALAR_SPACE).write(np.array(v, np.int64))
+        elif isinstance(v, float):
+            h5a.create(oid, key, h5t.IEEE_F64LE, _SCALAR_SPACE).write(np.array(v, np.float64))
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+            obj.attrs.create(name, v, dtype=STR)
+        else:
+            obj.attrs[name] = v
 
-    def dataset(self, group: h5py.Group, name: str, data: npt.NDArray[Any], **attrs: Any) -> None:
-        kwargs: dict[str, Any] = {}
+
+def _pad(pieces: list[npt.NDArray[Any]], trailing: tuple[int, ...]) -> npt.NDArray[Any]:
+    """Concatenate row blocks, zero-padding (``""`` for strings) their trailing dims."""
+    if all(p.shape[1:] == trailing for p in pieces):
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    n = sum(len(p) for p in pieces)
+    out = np.zeros((n, *trailing), dtype=pieces[0].dtype)
+    if out.dtype == object:
+        out[...] = ""
+    r = 0
+    for p in pieces:
+        region = (slice(r, r + len(p)), *(slice(0, d) for d in p.shape[1:]))
+        out[region] = p
+        r += len(p)
+    return out
+
+
+class _Col:
+    """One dataset of the final file, filled in row blocks with bounded memory.
+
+    Rows are buffered; :meth:`finish` writes a never-spilled column in one call (compact
+    when small), :meth:`spill` creates a chunked dataset of the final length (``total``;
+    None = unknown, resizable) and writes what is buffered. Trailing dimensions grow with the
+    data (waveforms, images, tables, string arrays).
+    """
+
+    __slots__ = ("attrs", "ds", "dtype", "group", "h5dtype", "name", "nbytes", "pieces",
+                 "total", "trailing", "w", "written")
+
+    def __init__(self, w: _Writer, group: h5py.Group, name: str, total: int | None, *,
+                 dtype: np.dtype[Any], attrs: Mapping[str, Any] | None = None,
+                 h5dtype: np.dtype[Any] | None = None) -> None:
+        self.w = w
+        self.h5dtype = h5dtype
+        self.group = group
+        self.name = name
+        self.total = total
+        self.dtype = dtype
+        self.attrs = dict(attrs or {})
+        self.pieces: list[npt.NDArray[Any]] = []
+        self.trailing: tuple[int, ...] | None = None
+        self.nbytes = 0
+        self.written = 0
+        self.ds: h5py.Dataset | None = None
+
+    def add(self, data: npt.NDArray[Any]) -> None:
+        if not len(data):
+            if self.trailing is None or len(data.shape[1:]) == len(self.trailing):
+                self._grow(data.shape[1:])
+            return
+        self.pieces.append(data)
+        self._grow(data.shape[1:])
+        size = data.size * OBJ_BYTES if data.dtype == object else data.nbytes
+        self.nbytes += size
+        self.w.buffered += size
+        self.w.dirty.add(self)
+
+    def _grow(self, shape: tuple[int, ...]) -> None:
+        if self.trailing is None:
+            self.trailing = tuple(shape)
+        else:
+            self.trailing = tuple(max(a, b) for a, b in zip(self.trailing, shape, strict=True))
+
+    def _data(self) -> npt.NDArray[Any]:
+        trailing = self.trailing or ()
+        if not self.pieces:
+            return np.zeros((0, *trailing), dtype=self.dtype)
+        return _pad(self.pieces, trailing)
+
+    def spill(self) -> None:
+        if not self.pieces:
+            return
+        data = self._data()
+        trailing = self.trailing or ()
+        if self.ds is None:
+            total = self.total
+            self.ds = self.w.create(
+                self.group, self.name, None, dtype=self.dtype,
+                shape=(total if total is not None else 0, *trailing),
+                maxshape=(total, *(None,) * len(trailing)), attrs=self.attrs,
+                h5dtype=self.h5dtype,
+            )
+        ds = self.ds
+        need = (max(ds.shape[0], self.written + len(data)), *trailing)
+        if tuple(ds.shape) != need:
+            ds.resize(need)
+        region = (slice(self.written, self.written + len(data)),
+                  *(slice(0, d) for d in data.shape[1:]))
+        ds[region] = data
+        self.written += len(data)
+        self.w.buffered -= self.nbytes
+        self.nbytes = 0
+        self.pieces = []
+
+    def finish(self) -> None:
+        if self.ds is None:
+            data = self._data()
+            if self.total is not None and len(data) < self.total:  # rows never seen: zeros
+                data = _pad([data, np.zeros((self.total - len(data), *data.shape[1:]),
+                                            dtype=self.dtype)], data.shape[1:])
+            self.w.create(self.group, self.name, data, attrs=self.attrs, h5dtype=self.h5dtype)
+            self.w.buffered -= self.nbytes
+            self.pieces = []
+            self.nbytes = 0
+            return
+        self.spill()
+        if self.total is None and self.ds.shape[0] != self.written:
+            self.ds.resize((self.written, *self.ds.shape[1:]))
+
+
+# --- the live file, read in blocks ------------------------------------------------------------
+class _Meta:
+    """Walks /live/meta in order, giving each entry its global sample row."""
+
+    def __init__(self, f: h5py.File, n: int) -> None:
+        live = f["live"]["meta"]
+        self.ds = {k: live[k] for k in ("pv", "row", "offset", "size")}
+        self.n = n
+        self.pos = 0
+        self.buf = {k: np.zeros(0, dtype=np.int64) for k in self.ds}
+
+    def _more(self) -> bool:
+        if self.pos >= self.n:
+            return False
+        hi = min(self.n, self.pos + SCAN_ROWS)
+        for k, ds in self.ds.items():
+            self.buf[k] = np.concatenate([self.buf[k], ds[self.pos : hi].astype(np.int64)])
+        self.pos = hi
+        return True
+
+    def take(self, pv: npt.NDArray[Any], occ: npt.NDArray[np.int64],
+             after: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.int64]]:
+        """Entries of the sample rows (``pv``, per-PV row ``occ``); ``after`` = per-PV row
+        counts once these rows are done. Adds ``local``: the row within ``pv``."""
+        while True:
+            b = self.buf
+            inside = b["row"] < after[b["pv"]] if len(b["pv"]) else np.zeros(0, bool)
+            k = int(np.argmin(inside)) if len(inside) and not inside.all() else len(inside)
+            if k < len(inside) or not self._more():
+                break
+        out = {key: v[:k] for key, v in self.buf.items()}
+        self.buf = {key: v[k:] for key, v in self.buf.items()}
+        keys = pv.astype(np.int64) << 32 | occ
+        order = np.argsort(keys, kind="stable")
+        mkeys = out["pv"] << 32 | out["row"]
+        pos = np.searchsorted(keys[order], mkeys)
+        pos = np.minimum(pos, max(0, len(keys) - 1))
+        found = (keys[order][pos] == mkeys) if len(keys) else np.zeros(len(mkeys), bool)
+        out = {key: v[found] for key, v in out.items()}
+        out["local"] = order[pos[found]]
+        return out
+
+
+def _occurrence(pv: npt.NDArray[Any], prior: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Per-PV row index of each sample row (rows before this block: ``prior``)."""
+    order = np.argsort(pv, kind="stable")
+    sp = pv[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sp)) + 1]
+    lengths = np.diff(np.r_[starts, len(sp)])
+    rank = np.empty(len(pv), dtype=np.int64)
+    rank[order] = np.arange(len(pv)) - np.repeat(starts, lengths)
+    result: npt.NDArray[np.int64] = prior[pv] + rank
+    return result
+
+
+@dataclass(slots=True)
+class _Plan:
+    counts: npt.NDArray[np.int64]  # rows per PV
+    kind: npt.NDArray[np.int64]  # the PV's kind code (see _scan)
+    dtype: npt.NDArray[np.int64]
+    width: npt.NDArray[np.int64]  # max waveform length
+    cuts: list[int]  # block boundaries (sample rows), first 0, last n
+    extra_iters: dict[int, tuple[int, int]]  # iteration row >= n_iter -> (iter_index, count)
+
+
+def _scan(f: h5py.File, commit: Commit, n_pvs: int, n_iter: int, block_bytes: int) -> _Plan:
+    """First pass: row counts, kinds, waveform widths and block boundaries."""
+    live = f["live"]
+    s = live["samples"]
+    n = commit.limits["n_samples"]
+    counts = np.zeros(n_pvs, dtype=np.int64)
+    first_pref = np.full(n_pvs, -1, dtype=np.int64)  # first non-empty typed value
+    first_any = np.full(n_pvs, -1, dtype=np.int64)
+    kind_pref = np.zeros(n_pvs, dtype=np.int64)
+    dtype_pref = np.zeros(n_pvs, dtype=np.int64)
+    kind_any = np.zeros(n_pvs, dtype=np.int64)
+    dtype_any = np.zeros(n_pvs, dtype=np.int64)
+    first_kind = np.full(n_pvs, -1, dtype=np.int64)
+    width = np.zeros(n_pvs, dtype=np.int64)
+    itemsize = np.ones(256, dtype=np.int64)
+    for code, dt in DTYPE_BY_CODE.items():
+        itemsize[code] = dt.itemsize
+    meta = _Meta(f, commit.limits["n_meta"])
+    cuts = [0]
+    acc = 0
+    extra: dict[int, list[int]] = {}
+    for lo in range(0, n, SCAN_ROWS):
+        hi = min(n, lo + SCAN_ROWS)
+        pv = s["pv"][lo:hi].astype(np.int64)
+        kind = s["kind"][lo:hi].astype(np.int64)
+        dtype = s["dtype"][lo:hi].astype(np.int64)
+        flags = s["flags"][lo:hi]
+        size = s["size"][lo:hi]
+        iter_row = s["iter_row"][lo:hi]
+        occ = _occurrence(pv, counts)
+        counts += np.bincount(pv, minlength=n_pvs)
+        # the PV's type: its first typed value, preferring non-empty ones
+        cand = ((flags & F_VALUE) != 0) | np.isin(kind, EXTRACTED_AT_FINALIZE)
+        pref = cand & ~((kind == K_ARRAY) & (size == 0))
+        for mask, first, k_arr, d_arr in ((pref, first_pref, kind_pref, dtype_pref),
+                                          (cand, first_any, kind_any, dtype_any)):
+            rows = np.flatnonzero(mask)
+            upv, idx = np.unique(pv[rows], return_index=True)
+            new = first[upv] < 0
+            upv, idx = upv[new], rows[idx[new]]
+            first[upv] = lo + idx
+            k_arr[upv] = kind[idx]
+            d_arr[upv] = dtype[idx]
+        upv, idx = np.unique(pv, return_index=True)
+        new = first_kind[upv] < 0
+        first_kind[upv[new]] = kind[idx[new]]
+        arr = (kind == K_ARRAY) & ((flags & F_VALUE) != 0)
+        np.maximum.at(width, pv[arr], size[arr])
+        # rows of iterations that were never closed (the writer died)
+        late = np.flatnonzero(iter_row >= n_iter)
+        if len(late):
+            its = s["iteration"][lo:hi][late]
+            for r, it in zip(iter_row[late].tolist(), its.tolist(), strict=True):
+                entry = extra.setdefault(int(r), [int(it), 0])
+                entry[1] += 1
+        # memory of each row: columns, values, strings, metadata JSON
+        weight = np.full(len(pv), ROW_OVERHEAD, dtype=np.int64)
+        weight += np.where(dtype == STRING_DTYPE_CODE, 2 * size, size * itemsize[dtype])
+        m = meta.take(pv, occ, counts)
+        np.add.at(weight, m["local"], 2 * m["size"])
+        cum = np.cumsum(weight) + acc
+        crossings = np.flatnonzero(cum // block_bytes > (cum - weight) // block_bytes)
+        for c in crossings.tolist():
+            if lo + c > cuts[-1]:
+                cuts.append(lo + c)
+        acc = int(cum[-1]) if len(cum) else acc
+    if cuts[-1] != n:
+        cuts.append(n)
+    kind_out = np.where(first_pref >= 0, kind_pref, np.where(first_any >= 0, kind_any, -1))
+    dtype_out = np.where(first_pref >= 0, dtype_pref, np.where(first_any >= 0, dtype_any, 0))
+    kind_out = np.where(kind_out >= 0, kind_out, np.maximum(first_kind, 0))
+    return _Plan(counts, kind_out, dtype_out, width, cuts,
+                 {r: (v[0], v[1]) for r, v in sorted(extra.items())})
+
+
+@dataclass(slots=True)
+class _Block:
+    s: dict[str, npt.NDArray[Any]]
+    bytes_lo: int
+    raw: bytes
+    pools: dict[int, tuple[int, npt.NDArray[Any]]]  # dtype -> (first element offset, elements)
+
+    def text(self, offset: int, size: int) -> bytes:
+        return self.raw[offset - self.bytes_lo : offset - self.bytes_lo + size]
+
+    def elements(self, code: int, offset: int, size: int) -> npt.NDArray[Any]:
+        lo, pool = self.pools[code]
+        return pool[offset - lo : offset - lo + size]
+
+
+def _read_block(f: h5py.File, lo: int, hi: int, meta: dict[str, npt.NDArray[Any]]) -> _Block:
+    live = f["live"]
+    s = {k: live["samples"][k][lo:hi] for k in SAMPLE_COLUMNS}
+    kind, dtype, size, offset = s["kind"], s["dtype"], s["size"], s["offset"]
+    # byte pool: string values and metadata JSON of these rows (contiguous: appended together)
+    is_text = (dtype == STRING_DTYPE_CODE) & (offset >= 0)
+    starts = np.concatenate([offset[is_text], meta["offset"]])
+    ends = np.concatenate([offset[is_text] + size[is_text], meta["offset"] + meta["size"]])
+    b_lo = int(starts.min()) if len(starts) else 0
+    b_hi = int(ends.max()) if len(ends) else 0
+    raw = live["bytes"][b_lo:b_hi].tobytes() if b_hi > b_lo else b""
+    pools: dict[int, tuple[int, npt.NDArray[Any]]] = {}
+    arr = ((kind == K_ARRAY) | (kind == K_NDARRAY)) & (offset >= 0) & np.isin(
+        dtype, list(DTYPE_BY_CODE))
+    for code in np.unique(dtype[arr]).tolist():
+        sel = arr & (dtype == code)
+        p_lo = int(offset[sel].min())
+        p_hi = int((offset[sel] + size[sel]).max())
+        pools[code] = (p_lo, live[f"pool_{DTYPE_BY_CODE[code].name}"][p_lo:p_hi])
+    return _Block(s, b_lo, raw, pools)
+
+
+# --- one PV ------------------------------------------------------------------------------------
+class _PV:
+    """The datasets of one PV and the state carried from block to block."""
+
+    def __init__(self, w: _Writer, name: str, *, n: int, kind: int, dcode: int,
+                 width: int) -> None:
+        self.w = w
+        self.name = name
+        self.n = n
+        self.kind_code = kind
+        self.kind = KINDS_BY_CODE.get(kind, ValueKind.NONE)
+        self.dcode = dcode
+        self.width = width
+        self.rows = 0  # rows done
+        self.base_raw: bytes = b""  # the live rest in effect (JSON)
+        self._base: dict[str, Any] | None = None
+        self.last_json: bytes | None = None  # the last metadata entry written
+        self.first_rest: dict[str, Any] | None = None
+        self.rank: int | None = None  # NTNDArray rank
+        self.schema: tuple[tuple[str, str], ...] | None = None  # NTTable (column, dtype)
+        self.labels: list[str] | None = None
+        self.run_max = -1  # running max of iter_row (first/count index)
+        self.next_k = 0  # first iteration whose `first` is not written yet
+        self.pending = 0  # rows of iteration next_k - 1 seen so far (may continue)
+        self.g = w.pvs.create_group(escape_name(name))
+        self.cols: dict[str, _Col] = {}
+        self.table: dict[str, _Col] = {}
+        self.value_group: h5py.Group | None = None
+        i64, i32 = np.dtype(np.int64), np.dtype(np.int32)
+        for cname, dt, attrs in (("time", i64, TIME_ATTRS), ("iteration", i64, None),
+                                 ("severity", i32, None), ("status", i32, None),
+                                 ("flags", np.dtype(np.uint8), None)):
+            self.cols[cname] = _Col(w, self.g, cname, n, dtype=dt, attrs=attrs)
+        self.first = _Col(w, self.g, "first", w.n_iter, dtype=i64)
+        self.count = _Col(w, self.g, "count", w.n_iter, dtype=i64)
+        self.meta_group: h5py.Group | None = None
+        self.meta_row: _Col | None = None
+        self.meta_json: _Col | None = None
+        if (n and dcode == STRING_DTYPE_CODE) or self.kind is ValueKind.STRING_ARRAY:
+            self.cols["value"] = _Col(w, self.g, "value", n, dtype=np.dtype(object))
+        elif n and dcode in DTYPE_BY_CODE and self.kind is not ValueKind.TABLE:
+            self.cols["value"] = _Col(w, self.g, "value", n, dtype=DTYPE_BY_CODE[dcode],
+                                      attrs={"dtype": DTYPE_BY_CODE[dcode].name})
+        if self.kind in (ValueKind.ARRAY, ValueKind.NDARRAY, ValueKind.STRING_ARRAY,
+                         ValueKind.TABLE):
+            self.cols["shape"] = _Col(w, self.g, "shape", n, dtype=i64)
+        uri = w.uris.get(name)
+        group_attrs: dict[str, Any] = {"NX_class": "NXlog", "pv_name": name}
+        if uri is not None:
+            group_attrs["source"] = uri
+            group_attrs["protocol"] = uri.split("://", 1)[0]
+        set_attrs(self.g, group_attrs)
+
+    # --- rests ----------------------------------------------------------------------------
+    def base(self) -> dict[str, Any]:
+        if self._base is None:
+            self._base = decode_rest(self.base_raw) if self.base_raw else {"d": {}, "f": []}
+        return self._base
+
+    def _emit(self, row: int, raw: bytes) -> None:
+        if raw == self.last_json:
+            return
+        self.last_json = raw
+        if self.meta_row is None or self.meta_json is None:
+            self.meta_group = self.g.create_group("metadata")
+            self.meta_row = _Col(self.w, self.meta_group, "row", None, dtype=np.dtype(np.int64))
+            self.meta_json = _Col(self.w, self.meta_group, "json", None, dtype=np.dtype(object))
+        self.meta_row.add(np.array([row], dtype=np.int64))
+        self.meta_json.add(np.array([raw.decode("utf-8")], dtype=object))
+        if self.first_rest is None:
+            self.first_rest = decode_rest(raw)
+
+    # --- one block of rows --------------------------------------------------------------------
+    def add(self, b: _Block, idx: npt.NDArray[np.int64], entries: dict[int, bytes]) -> None:
+        s = {k: v[idx] for k, v in b.s.items()}
+        m = len(idx)
+        w0 = self.rows
+        flags = s["flags"].copy()
+        kinds = s["kind"].astype(np.int64)
+        dtypes = s["dtype"].astype(np.int64)
+        valued = (flags & F_VALUE) != 0
+        demote = valued & ((kinds != self.kind_code) | (dtypes != self.dcode))
+        extract = self.kind_code in EXTRACTED_AT_FINALIZE
+        # rows whose metadata entry must be looked at: live entries, demoted rows and the
+        # rows after them, the first row of the block; every row for tables/string arrays
+        check = set(entries)
+        check.add(0)
+        value_col = self.cols.get("value")
+        shapes: npt.NDArray[np.int64] | None = None
+        value: npt.NDArray[Any] | None = None
+        py_values: dict[int, Any] = {}  # demoted rows: their Python value
+        table_cols: dict[str, list[Any]] = {}
+        if extract:
+            check.update(range(m))
+        kind = self.kind
+        if kind in (ValueKind.SCALAR, ValueKind.BOOL, ValueKind.ENUM) and value_col is not None:
+            dt = DTYPE_BY_CODE[self.dcode]
+            if dt.kind == "f":
+                value = s["fval"].astype(dt)
+            elif dt == np.uint64:
+                value = s["ival"].view(np.uint64).copy()
+            else:
+                value = s["ival"].astype(dt)
+            value[demote | ~valued] = 0
+        elif kind is ValueKind.STRING and value_col is not None:
+            texts: list[str] = []
+            for i in range(m):
+                if demote[i] or not valued[i]:
+                    texts.append("")
+                    continue
+                t = b.text(int(s["offset"][i]), int(s["size"][i])).decode("utf-8")
+                if "\x00" in t:
+                    demote[i] = True
+                    t = ""
+                texts.append(t)
+            value = np.array(texts, dtype=object)
+        elif kind is ValueKind.ARRAY and value_col is not None:
+            value = np.zeros((m, self.width), dtype=DTYPE_BY_CODE[self.dcode])
+            shapes = np.zeros((m, 1), dtype=np.int64)
+            for i in np.flatnonzero(valued & ~demote).tolist():
+                z = int(s["size"][i])
+                value[i, :z] = b.elements(self.dcode, int(s["offset"][i]), z)
+                shapes[i, 0] = z
+        elif kind is ValueKind.NDARRAY and value_col is not None:
+            check.update(range(m))  # the image shape comes from each row's rest
+        demoted_rows = np.flatnonzero(demote).tolist()
+        check.update(demoted_rows)
+        check.update(r + 1 for r in demoted_rows if r + 1 < m)
+        images: list[tuple[int, npt.NDArray[Any]]] = []
+        strings: list[tuple[int, list[str]]] = []
+        for r in sorted(check):
+            raw = entries.get(r)
+            if raw is not None:
+                self.base_raw = raw
+                self._base = None
+            out = self.base_raw
+            if demote[r]:
+                rest = self.base()
+                pyv = self._py_value(b, s, r)
+                py_values[r] = pyv
+                data = rebuild_data(rest, flags=F_VALUE, kind=int(kinds[r]), time_ns=0,
+                                    severity=0, status=0, value=pyv)
+                out = encode_rest({"d": data, "f": rest.get("f", [])})
+            elif kind is ValueKind.NDARRAY and valued[r] and value_col is not None:
+                z = int(s["size"][r])
+                a = b.elements(self.dcode, int(s["offset"][r]), z)
+                a = a.reshape(_image_shape(self.base(), z))
+                if self.rank is None:
+                    self.rank = a.ndim
+                if a.ndim != self.rank:
+                    demote[r] = True
+                    pyv = a.reshape(-1).tolist()
+                    rest = self.base()
+                    data = rebuild_data(rest, flags=F_VALUE, kind=int(kinds[r]), time_ns=0,
+                                        severity=0, status=0, value=pyv)
+                    out = encode_rest({"d": data, "f": rest.get("f", [])})
+                else:
+                    images.append((r, a))
+            elif extract and int(kinds[r]) == self.kind_code:
+                got = self._extract(r, strings, table_cols)
+                if got is not None:
+                    out = got
+                    flags[r] |= F_VALUE
+            self._emit(w0 + r, out)
+        if kind is ValueKind.NDARRAY and value_col is not None:
+            rank = self.rank or 1
+            shapes = np.zeros((m, rank), dtype=np.int64)
+            for r, a in images:
+                if a.ndim == rank:
+                    shapes[r] = a.shape
+            maxshape = tuple(int(x) for x in shapes.max(axis=0)) if m else (0,) * rank
+            value = np.zeros((m, *maxshape), dtype=DTYPE_BY_CODE[self.dcode])
+            for r, a in images:
+                if a.ndim == rank and a.size:
+                    region: tuple[int | slice, ...] = (r, *(slice(0, d) for d in a.shape))
+                    value[region] = a
+        if kind is ValueKind.STRING_ARRAY and value_col is not None:
+            widest = max((len(x) for _, x in strings), default=0)
+            value = np.full((m, widest), "", dtype=object)
+            shapes = np.zeros((m, 1), dtype=np.int64)
+            for r, items in strings:
+                value[r, : len(items)] = items
+                shapes[r, 0] = len(items)
+        if kind is ValueKind.TABLE:
+            shapes = np.zeros((m, 1), dtype=np.int64)
+            self._add_table(m, table_cols, shapes)
+        flags[demote] &= ~np.uint8(F_VALUE)
+        if value is not None and value_col is not None:
+            value_col.add(value)
+        if shapes is not None and "shape" in self.cols:
+            self.cols["shape"].add(shapes)
+        self.cols["time"].add(s["time"])
+        self.cols["iteration"].add(s["iteration"])
+        self.cols["severity"].add(s["severity"])
+        self.cols["status"].add(s["status"])
+        self.cols["flags"].add(flags)
+        self._index(s["iter_row"])
+        self.rows += m
+
+    def _py_value(self, b: _Block, s: dict[str, npt.NDArray[Any]], r: int) -> Any:
+        dcode = int(s["dtype"][r])
+        kind = int(s["kind"][r])
+        if dcode == STRING_DTYPE_CODE:
+            return b.text(int(s["offset"][r]), int(s["size"][r])).decode("utf-8")
+        if kind in (K_ARRAY, K_NDARRAY):
+            return b.elements(dcode, int(s["offset"][r]), int(s["size"][r])).tolist()
+        return typed_scalar(dcode, int(s["ival"][r]), float(s["fval"][r]))
+
+    def _extract(self, r: int, strings: list[tuple[int, list[str]]],
+                 table_cols: dict[str, list[Any]]) -> bytes | None:
+        """String array / NTTable value of row ``r`` moved out of the rest (JSON of the rest
+        without it), or None when it does not fit the PV's typed columns."""
+        rest = self.base()
+        d = rest.get("d", {})
+        v = d.get("value")
+        if self.kind is ValueKind.STRING_ARRAY:
+            if not isinstance(v, list) or not _clean_strings(v):
+                return None
+            strings.append((r, v))
+            placeholder: Any = None
+        else:
+            kind, table = typed_value(d, frozenset(rest.get("f", ())))
+            if kind is not ValueKind.TABLE or not isinstance(v, Mapping):
+                return None
+            columns = table.columns
+            schema = tuple((c, "str" if isinstance(a, tuple) else a.dtype.str)
+                           for c, a in columns.items())
+            lengths = {len(a) for a in columns.values()}
+            if len(lengths) > 1 or any(
+                isinstance(a, tuple) and not _clean_strings(list(a)) for a in columns.values()
+            ):
+                return None
+            if self.schema is None:
+                self.schema = schema
+                labels = d.get("labels")
+                self.labels = [str(x) for x in labels] if isinstance(labels, list) else []
+            elif [c for c, _ in schema] != [c for c, _ in self.schema] or any(
+                len(columns[c]) and t != t0
+                for (c, t), (_, t0) in zip(schema, self.schema, strict=True)
+            ):
+                return None
+            for c, a in columns.items():
+                table_cols.setdefault(c, []).append((r, a))
+            placeholder = dict.fromkeys(v)
+        d2 = dict(d)
+        d2["value"] = placeholder
+        return encode_rest({"d": d2, "f": rest.get("f", [])})
+
+    def _add_table(self, m: int, table_cols: dict[str, list[Any]],
+                   shapes: npt.NDArray[np.int64]) -> None:
+        if self.schema is None:
+            return
+        if self.value_group is None:
+            self.value_group = self.g.create_group("value")
+            names = [c for c, _ in self.schema]
+            self.value_group.attrs.create("columns", names, dtype=STR)
+            self.value_group.attrs.create("labels", self.labels or [], dtype=STR)
+            set_attrs(self.value_group, {"NX_class": "NXcollection"})
+            for c, t in self.schema:
+                dt = np.dtype(object) if t == "str" else np.dtype(t)
+                attrs = {"column": c, "dtype": "utf-8" if t == "str" else dt.name}
+                self.table[c] = _Col(self.w, self.value_group, escape_name(c), self.n,
+                                     dtype=dt, attrs=attrs)
+        for c, t in self.schema:
+            items = table_cols.get(c, [])
+            widest = max((len(a) for _, a in items), default=0)
+            dt = self.table[c].dtype
+            arr = np.zeros((m, widest), dtype=dt)
+            if t == "str":
+                arr[...] = ""
+            for r, a in items:
+                arr[r, : len(a)] = list(a) if t == "str" else a
+                shapes[r, 0] = len(a)
+            self.table[c].add(arr)
+
+    def _index(self, iter_row: npt.NDArray[np.int64]) -> None:
+        """XFEL-style first/count per /iterations row, written as the rows stream by.
+
+        first[k] = the PV's first row whose iteration row is >= k (rows that arrived after
+        their iteration closed, iter_row -1, belong to the iteration before them)."""
+        n_iter = self.w.n_iter
+        if not len(iter_row):
+            return
+        run = np.maximum.accumulate(np.maximum(iter_row, self.run_max))
+        valid = iter_row >= 0
+        top = min(int(run[-1]), n_iter - 1)
+        # iterations next_k .. top get their `first` in this block
+        if top >= self.next_k:
+            ks = np.arange(self.next_k, top + 1)
+            self.first.add(self.rows + np.searchsorted(run, ks).astype(np.int64))
+            counts = np.bincount(iter_row[valid] - self.next_k + 1 if self.next_k else
+                                 iter_row[valid] + 1, minlength=top - self.next_k + 2)
+            # counts[0] = rows of iteration next_k - 1 (carried), counts[1:] = next_k .. top
+            if self.next_k:
+                self.count.add(np.array([self.pending + counts[0]], dtype=np.int64))
+            counts = counts[1 : top - self.next_k + 2].astype(np.int64)
+            self.count.add(counts[:-1])
+            self.pending = int(counts[-1])
+            self.next_k = top + 1
+        elif self.next_k:
+            self.pending += int(np.count_nonzero(iter_row[valid] == self.next_k - 1))
+        self.run_max = int(run[-1])
+
+    def finish(self) -> None:
+        n_iter = self.w.n_iter
+        if self.next_k:
+            self.count.add(np.array([self.pending], dtype=np.int64))
+        for lo in range(self.next_k, n_iter, SCAN_ROWS):  # iterations after the last row
+            hi = min(n_iter, lo + SCAN_ROWS)
+            self.first.add(np.full(hi - lo, self.rows, dtype=np.int64))
+            self.count.add(np.zeros(hi - lo, dtype=np.int64))
+        self.next_k = n_iter
+        for c in (*self.cols.values(), *self.table.values(), self.first, self.count):
+            c.finish()
+        if self.meta_row is not None and self.meta_json is not None:
+            self.meta_row.finish()
+            self.meta_json.finish()
+        attrs: dict[str, Any] = {
+            "kind": self.kind.value if self.n else ValueKind.NONE.value,
+            "storage_dtype": (
+                DTYPE_BY_CODE[self.dcode].name if self.dcode in DTYPE_BY_CODE
+                and self.kind not in (ValueKind.STRING_ARRAY, ValueKind.TABLE)
+                else "utf-8" if self.dcode == STRING_DTYPE_CODE
+                or self.kind is ValueKind.STRING_ARRAY
+                else "table" if self.kind is ValueKind.TABLE
+                else "none"
+            ),
+            "count": self.n,
+        }
+        if self.first_rest is not None:
+            attrs.update(metadata_attrs(self.first_rest))
+        set_attrs(self.g, attrs)
+
+
+def _clean_strings(items: list[Any]) -> bool:
+    """All str, UTF-8 encodable, no NUL (HDF5 strings end at NUL)."""
+    for x in items:
+        if not isinstance(x, str) or "\x00" in x:
+            return False
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return True
+
+
+class _Writer:
+    """Shared state of one finalization: output file, options, buffered-bytes budget."""
+
+    def __init__(self, out: h5py.File, options: OutputOptions, n_iter: int,
+                 uris: dict[str, str], block_bytes: int) -> None:
+        self.out = out
+        self.options = options
+        self.n_iter = n_iter
+        self.uris = uris
+        self.block_bytes = block_bytes
+        self.plugins: set[str] = set()
+        self.buffered = 0
+        self.dirty: set[_Col] = set()
+        self.pvs = out.require_group("pvs")
+
+    def create(self, group: h5py.Group, name: str, data: npt.NDArray[Any] | None, *,
+               dtype: np.dtype[Any] | None = None, shape: tuple[int, ...] | None = None,
+               maxshape: tuple[int | None, ...] | None = None,
+               attrs: Mapping[str, Any] | None = None,
+               h5dtype: np.dtype[Any] | None = None) -> h5py.Dataset:
+        """A dataset: compact when small and complete, else chunked and compressed."""
+        if data is not None:
+            dtype, shape = data.dtype, data.shape
+        assert dtype is not None and shape is not None
+        is_obj = dtype.kind in "OST"
+        row_bytes = max(1, int(np.prod(shape[1:])) * (OBJ_BYTES if is_obj else dtype.itemsize))
+        nbytes = row_bytes * shape[0]
         plugin = None
-        if data.size and data.dtype.kind not in "OST":
-            kwargs, plugin = filter_kwargs(self.options, data.dtype)
-            row_bytes = max(1, int(np.prod(data.shape[1:])) * data.dtype.itemsize)
-            rows = min(len(data), rows_per_chunk(row_bytes, target=512 * 1024))
-            kwargs["chunks"] = (max(1, rows), *data.shape[1:])
-            kwargs["maxshape"] = (None, *data.shape[1:])
-        elif data.size:
-            kwargs = {"compression": "gzip", "compression_opts": 4, "chunks": True}
-            kwargs["maxshape"] = (None, *data.shape[1:])
-        ds = group.create_dataset(name, data=data, **kwargs)
+        if data is not None and (maxshape is None) and (not data.size or (
+                not is_obj and nbytes <= COMPACT_MAX)):
+            if data.size:
+                dcpl = h5p.create(h5p.DATASET_CREATE)
+                dcpl.set_layout(h5d.COMPACT)
+                sid = h5s.create_simple(shape)
+                tid = h5t.py_create(h5dtype or dtype, logical=True)
+                dsid = h5d.create(group.id, name.encode(), tid, sid, dcpl=dcpl)
+                dsid.write(h5s.ALL, h5s.ALL, np.ascontiguousarray(data))
+                ds = h5py.Dataset(dsid)
+            else:
+                ds = group.create_dataset(name, data=data, dtype=STR if is_obj else h5dtype)
+        else:
+            if is_obj:
+                kwargs: dict[str, Any] = {"compression": "gzip", "compression_opts": 4}
+                dtype = STR
+            else:
+                kwargs, plugin = filter_kwargs(self.options, dtype)
+                dtype = h5dtype or dtype
+            rows = rows_per_chunk(row_bytes, target=512 * 1024)
+            if shape[0]:
+                rows = min(rows, shape[0])
+            chunk = (max(1, rows), *(max(1, d) for d in shape[1:]))
+            kwargs["chunks"] = chunk
+            kwargs["maxshape"] = maxshape if maxshape is not None else (None, *shape[1:])
+            if data is not None:
+                ds = group.create_dataset(name, data=data, dtype=dtype, **kwargs)
+            else:
+                ds = group.create_dataset(name, shape=shape, dtype=dtype, **kwargs)
+        a: dict[str, Any] = dict(attrs or {})
         if plugin:
             self.plugins.add(plugin)
-            ds.attrs["required_filter"] = plugin
-        for k, v in attrs.items():
-            ds.attrs[k] = v
+            a["required_filter"] = plugin
+        if a:
+            set_attrs(ds, a)
+        return ds
 
-    def write_pv(self, col: int, idx: npt.NDArray[np.int64], n_iter: int) -> None:
-        view = self.view
-        name = view.pv_names[col]
-        s = {k: v[idx] for k, v in view.samples.items()}
-        n = len(idx)
-        sel = np.flatnonzero(view.meta["pv"] == col)
-        entries = [
-            (
-                int(view.meta["row"][i]),
-                decode_rest(view.text(int(view.meta["offset"][i]), int(view.meta["size"][i]))),
-            )
-            for i in sel
-        ]
-        g = self.out["pvs"].create_group(escape_name(name))
-        g.attrs["NX_class"] = "NXlog"
-        g.attrs["pv_name"] = name
-        uri = view.attrs.get("pv_uri_map")
-        uris = json.loads(uri) if isinstance(uri, str) else {}
-        if name in uris:
-            g.attrs["source"] = uris[name]
-            g.attrs["protocol"] = uris[name].split("://", 1)[0]
-        flags = s["flags"].copy()
-        kinds = s["kind"]
-        dtypes = s["dtype"]
-        valued = np.flatnonzero(flags & F_VALUE)
-        if len(valued):
-            kind = KINDS_BY_CODE[int(kinds[valued[0]])]
+    def maybe_spill(self) -> None:
+        if self.buffered > self.block_bytes:
+            for col in list(self.dirty):
+                col.spill()
+            self.dirty.clear()
+
+
+def _write_iterations(f: h5py.File, out: h5py.File, w: _Writer, commit: Commit,
+                      plan: _Plan) -> int:
+    """Copy /iterations (in blocks), adding rows for iterations the writer never closed."""
+    src = f["iterations"]
+    n = commit.limits["n_iterations"]
+    extra = plan.extra_iters
+    missing = list(range(n, max(extra) + 1)) if extra else []
+    total = n + len(missing)
+    it = out.create_group("iterations")
+    cols: dict[str, _Col] = {}
+    for name, dt in ITERATION_COLUMNS.items():
+        if name == "error_message_size":
+            continue
+        if name == "error_message":
+            cols[name] = _Col(w, it, name, total, dtype=np.dtype(object))
+        elif name in ("status", "reason"):
+            cols[name] = _Col(w, it, name, total, dtype=dt,
+                              h5dtype=STATUS_ENUM if name == "status" else REASON_ENUM)
         else:
-            kind = KINDS_BY_CODE[int(kinds[0])] if n else ValueKind.NONE
-        dcode = int(dtypes[valued[0]]) if len(valued) else 0
-        # rows whose typed value does not match the PV's first typed value: value into the rest
-        demote = np.zeros(n, dtype=bool)
-        if len(valued):
-            mismatch = (kinds != kinds[valued[0]]) | (dtypes != dcode)
-            demote = (flags & F_VALUE).astype(bool) & mismatch
-        value_ds: npt.NDArray[Any] | None = None
-        shape_ds: npt.NDArray[Any] | None = None
-        if len(valued) and dcode:
-            if dcode == STRING_DTYPE_CODE:
-                texts = []
-                for i in range(n):
-                    if demote[i] or not flags[i] & F_VALUE:
-                        texts.append("")
-                        continue
-                    t = view.text(int(s["offset"][i]), int(s["size"][i])).decode("utf-8")
-                    if "\x00" in t:
-                        demote[i] = True
-                        t = ""
-                    texts.append(t)
-                value_ds = np.array(texts, dtype=object)
-            elif kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
-                pool = view.pools[dcode]
-                arrays: list[npt.NDArray[Any]] = []
-                rank = None
-                for i in range(n):
-                    if demote[i] or not flags[i] & F_VALUE:
-                        arrays.append(np.empty(0, dtype=pool.dtype))
-                        continue
-                    o, z = int(s["offset"][i]), int(s["size"][i])
-                    a = pool[o : o + z]
-                    if kind is ValueKind.NDARRAY:
-                        a = a.reshape(_image_shape(_rest_at(entries, i), z))
-                    if rank is None:
-                        rank = a.ndim
-                    if a.ndim != rank:
-                        demote[i] = True
-                        a = np.empty(0, dtype=pool.dtype)
-                    arrays.append(a)
-                rank = rank or 1
-                shapes = np.zeros((n, rank), dtype=np.int64)
-                for i, a in enumerate(arrays):
-                    if a.ndim == rank:
-                        shapes[i] = a.shape
-                maxshape = tuple(int(x) for x in shapes.max(axis=0)) if n else (0,) * rank
-                value_ds = np.zeros((n, *maxshape), dtype=pool.dtype)
-                for i, a in enumerate(arrays):
-                    if a.size:
-                        region: tuple[int | slice, ...] = (i, *(slice(0, d) for d in a.shape))
-                        value_ds[region] = a
-                shape_ds = shapes
-            else:
-                dt = DTYPE_BY_CODE[dcode]
-                if dt.kind == "f":
-                    value_ds = s["fval"].astype(dt)
-                elif dt == np.uint64:
-                    value_ds = s["ival"].view(np.uint64)
-                else:
-                    value_ds = s["ival"].astype(dt)
-                value_ds = value_ds.copy()
-                value_ds[demote | ~(flags & F_VALUE).astype(bool)] = 0
-        # demoted rows: their value goes into the metadata log (and the rest after them back)
-        if demote.any():
-            entries = self._demote(entries, np.flatnonzero(demote), s, view, kind)
-            flags[demote] &= ~np.uint8(F_VALUE)
-        # the dataset family
-        time_attrs = {"units": "ns", "start": "1970-01-01T00:00:00Z"}
-        if value_ds is not None:
-            self.dataset(g, "value", value_ds)
-            if dcode != STRING_DTYPE_CODE:
-                g["value"].attrs["dtype"] = DTYPE_BY_CODE[dcode].name
-        if shape_ds is not None:
-            self.dataset(g, "shape", shape_ds)
-        self.dataset(g, "time", s["time"], **time_attrs)
-        self.dataset(g, "iteration", s["iteration"])
-        self.dataset(g, "severity", s["severity"])
-        self.dataset(g, "status", s["status"])
-        self.dataset(g, "flags", flags)
-        # XFEL-style index: first row and count of this PV's values for each /iterations row
-        iter_rows = s["iter_row"]
-        count = np.bincount(iter_rows[iter_rows >= 0], minlength=n_iter)[:n_iter].astype(np.int64)
-        first = np.zeros(n_iter, dtype=np.int64)
-        if n_iter:
-            positions = np.searchsorted(
-                np.where(iter_rows >= 0, iter_rows, np.iinfo(np.int64).max), np.arange(n_iter)
-            )
-            first = positions.astype(np.int64)
-            if not np.all(np.diff(iter_rows[iter_rows >= 0]) >= 0):  # never expected
-                raise ValueError(f"PV {name}: rows are not grouped by iteration")
-        self.dataset(g, "first", first)
-        self.dataset(g, "count", count)
-        g.attrs["kind"] = kind.value
-        g.attrs["storage_dtype"] = DTYPE_BY_CODE[dcode].name if dcode in DTYPE_BY_CODE else (
-            "utf-8" if dcode == STRING_DTYPE_CODE else "none"
-        )
-        g.attrs["count"] = n
-        if entries:
-            for k, v in metadata_attrs(entries[0][1]).items():
-                if isinstance(v, list):
-                    g.attrs.create(k, v, dtype=STR)
-                else:
-                    g.attrs[k] = v
-            meta = g.create_group("metadata")
-            meta.attrs["description"] = (
-                "the PV structure without the per-sample fields (JSON, see file-format.md); "
-                "row[i] is the first value row it applies to"
-            )
-            meta.create_dataset("row", data=np.array([r for r, _ in entries], dtype=np.int64))
-            meta.create_dataset(
-                "json",
-                data=np.array([encode_rest(rest).decode() for _, rest in entries], dtype=object),
-                dtype=STR,
-            )
-
-    def _demote(
-        self,
-        entries: list[tuple[int, dict[str, Any]]],
-        rows: npt.NDArray[np.int64],
-        s: dict[str, npt.NDArray[Any]],
-        view: LiveView,
-        kind: ValueKind,
-    ) -> list[tuple[int, dict[str, Any]]]:
-        from recorder.reader import sample_value
-
-        by_row = dict(entries)
-        base = list(entries)
-        for r in rows.tolist():
-            rest = _rest_at(base, r)
-            value = sample_value(view, s, r, rest)
-            row_kind = int(s["kind"][r])
-            data = rebuild_data(
-                rest, flags=F_VALUE, kind=row_kind, time_ns=0, severity=0, status=0, value=value
-            )
-            by_row[r] = {"d": data, "f": rest.get("f", [])}
-            if r + 1 < len(s["pv"]) and (r + 1) not in by_row:
-                by_row[r + 1] = rest
-        return sorted(by_row.items())
+            attrs = TIME_ATTRS if name in ("header_timestamp", "tail_timestamp") else None
+            cols[name] = _Col(w, it, name, total, dtype=dt, attrs=attrs)
+    bytes_ds = f["live"]["bytes"]
+    for lo in range(0, n, SCAN_ROWS):
+        hi = min(n, lo + SCAN_ROWS)
+        block = {k: src[k][lo:hi] for k in ITERATION_COLUMNS}
+        off, size = block["error_message"], block["error_message_size"]
+        messages = [
+            bytes_ds[o : o + z].tobytes().decode("utf-8", "replace") if o >= 0 and z else ""
+            for o, z in zip(off.tolist(), size.tolist(), strict=True)
+        ]
+        block["error_message"] = np.array(messages, dtype=object)
+        for k, c in cols.items():
+            c.add(block[k])
+        w.maybe_spill()
+    if missing:
+        m = len(missing)
+        add: dict[str, npt.NDArray[Any]] = {
+            k: np.zeros(m, dtype=dt) for k, dt in ITERATION_COLUMNS.items()
+        }
+        add["iter_index"][:] = [extra.get(r, (-1, 0))[0] for r in missing]
+        add["n_written"][:] = [extra.get(r, (-1, 0))[1] for r in missing]
+        add["status"][:] = ITERATION_STATUS["incomplete"]
+        add["reason"][:] = ITERATION_REASONS["writer_crashed"]
+        for k in ("expected_messages", "missing_messages", "partition", "offset"):
+            add[k][:] = -1
+        add["error_message"] = np.array([""] * m, dtype=object)
+        for k, c in cols.items():
+            c.add(add[k])
+    for c in cols.values():
+        c.finish()
+    w.dirty.clear()
+    return total
 
 
 def finalize(
@@ -306,69 +917,27 @@ def finalize(
     options: OutputOptions | None = None,
     end_time: float | None = None,
     extra_attrs: Mapping[str, Any] | None = None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> Path:
     """Write ``final`` from the live file ``partial``; returns ``final``."""
     tmp = final.with_name(final.name + FINAL_SUFFIX)
     if tmp.exists():
         tmp.unlink()
-    with h5py.File(partial, "r", swmr=True) as f:
-        view = read_live(f)
-    _add_unclosed_iterations(view)
-    if options is None:
-        opts_json = view.attrs.get("output_options")
-        options = OutputOptions.model_validate_json(opts_json) if isinstance(opts_json, str) \
-            else OutputOptions(directory=final.parent)
-    with h5py.File(tmp, "x", libver=("v110", "v110")) as out:
-        for k, v in view.attrs.items():
-            if k != "required_plugins":
-                out.attrs[k] = v
-        out.attrs["status"] = status
-        out.attrs["status_reason"] = reason
-        end = end_time if end_time is not None else time.time()
-        out.attrs["end_time"] = _iso(end)
-        out.attrs["end_time_ns"] = int(end * 1e9)
-        out.attrs["layout"] = "final"
-        for k, v in (extra_attrs or {}).items():
-            out.attrs[k] = v
-        w = _PVWriter(out, view, options)
-        it = out.create_group("iterations")
-        n_iter = len(view.iterations["iter_index"])
-        for name in ITERATION_COLUMNS:
-            if name in ("error_message", "error_message_size"):
-                continue
-            data = view.iterations[name]
-            if name == "status":
-                it.create_dataset(name, data=data.astype(np.uint8), dtype=STATUS_ENUM)
-            elif name == "reason":
-                it.create_dataset(name, data=data.astype(np.uint8), dtype=REASON_ENUM)
-            else:
-                w.dataset(it, name, data)
-        messages = [
-            view.text(int(o), int(z)).decode("utf-8", "replace") if o >= 0 else ""
-            for o, z in zip(
-                view.iterations["error_message"].tolist(),
-                view.iterations["error_message_size"].tolist(),
-                strict=True,
+    with h5py.File(partial, "r", swmr=True, rdcc_nbytes=CHUNK_CACHE) as f:
+        attrs = dict(f.attrs)
+        if options is None:
+            opts_json = attrs.get("output_options")
+            options = (
+                OutputOptions.model_validate_json(opts_json)
+                if isinstance(opts_json, str)
+                else OutputOptions(directory=final.parent)
             )
-        ]
-        it.create_dataset("error_message", data=np.array(messages, dtype=object), dtype=STR)
-        for k in ("header_timestamp", "tail_timestamp"):
-            it[k].attrs["units"] = "ns"
-            it[k].attrs["start"] = "1970-01-01T00:00:00Z"
-        kafka = out.create_group("kafka")
-        for k, v in view.kafka.items():
-            kafka.create_dataset(k, data=v)
-        pvs = out.create_group("pvs")
-        pvs.attrs["NX_class"] = "NXcollection"
-        pvs.attrs.create("pv_names", view.pv_names, dtype=STR)
-        order = np.argsort(view.samples["pv"], kind="stable")
-        cols = view.samples["pv"][order]
-        for col in range(len(view.pv_names)):
-            lo, hi = np.searchsorted(cols, [col, col + 1])
-            w.write_pv(col, order[lo:hi], n_iter)
-        out.attrs.create("required_plugins", sorted(w.plugins), dtype=STR)
-        out.attrs["n_iterations"] = n_iter
-        out.attrs["n_values"] = len(view.samples["pv"])
+        try:
+            _write_final(f, tmp, attrs, options, status=status, reason=reason,
+                         end_time=end_time, extra_attrs=extra_attrs, block_bytes=block_bytes)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -387,29 +956,81 @@ def finalize(
     return final
 
 
-def _add_unclosed_iterations(view: LiveView) -> None:
-    """Rows for iterations that have values in the file but were never closed (a crash)."""
-    n_iter = len(view.iterations["iter_index"])
-    rows = view.samples["iter_row"]
-    if not len(rows) or int(rows.max()) < n_iter:
-        return
-    missing = np.arange(n_iter, int(rows.max()) + 1)
-    iter_index = []
-    n_written = []
-    for r in missing:
-        sel = rows == r
-        iter_index.append(int(view.samples["iteration"][sel][0]) if sel.any() else -1)
-        n_written.append(int(sel.sum()))
-    extra: dict[str, Any] = {k: np.zeros(len(missing), dtype=dt) for k, dt in
-                             ITERATION_COLUMNS.items()}
-    extra["iter_index"][:] = iter_index
-    extra["n_written"][:] = n_written
-    extra["status"][:] = ITERATION_STATUS["incomplete"]
-    extra["reason"][:] = ITERATION_REASONS["writer_crashed"]
-    for k in ("error_message", "expected_messages", "missing_messages", "partition", "offset"):
-        extra[k][:] = -1
-    for k, v in extra.items():
-        view.iterations[k] = np.concatenate([view.iterations[k], v])
+def _write_final(f: h5py.File, tmp: Path, attrs: dict[str, Any], options: OutputOptions, *,
+                 status: str, reason: str, end_time: float | None,
+                 extra_attrs: Mapping[str, Any] | None, block_bytes: int) -> None:
+    commit = read_commit(f)
+    pv_names = read_pv_names(f, commit)
+    n_pvs = len(pv_names)
+    n_iter_live = commit.limits["n_iterations"]
+    plan = _scan(f, commit, n_pvs, n_iter_live, block_bytes)
+    uri_json = attrs.get("pv_uri_map")
+    uris = json.loads(uri_json) if isinstance(uri_json, str) else {}
+    # no chunk cache: otherwise each open dataset keeps chunks in memory (memory would grow
+    # with the number of PVs); rows are written in large blocks anyway
+    with h5py.File(tmp, "x", libver=("v110", "v110"), rdcc_nbytes=CHUNK_CACHE) as out:
+        for k, v in attrs.items():
+            if k != "required_plugins":
+                out.attrs[k] = v
+        out.attrs["status"] = status
+        out.attrs["status_reason"] = reason
+        end = end_time if end_time is not None else time.time()
+        out.attrs["end_time"] = _iso(end)
+        out.attrs["end_time_ns"] = int(end * 1e9)
+        out.attrs["layout"] = "final"
+        for k, v in (extra_attrs or {}).items():
+            out.attrs[k] = v
+        w = _Writer(out, options, 0, uris, block_bytes)
+        n_iter = _write_iterations(f, out, w, commit, plan)
+        w.n_iter = n_iter
+        kafka = out.create_group("kafka")
+        live = f["live"]
+        nk = commit.limits["n_kafka"]
+        for k in ("topic", "partition", "offset", "time"):
+            kafka.create_dataset(k, data=live["kafka"][k][:nk])
+        pvs = w.pvs
+        set_attrs(pvs, {"NX_class": "NXcollection"})
+        pvs.attrs.create("pv_names", pv_names, dtype=STR)
+        writers = [
+            _PV(w, name, n=int(plan.counts[col]), kind=int(plan.kind[col]),
+                dcode=int(plan.dtype[col]), width=int(plan.width[col]))
+            for col, name in enumerate(pv_names)
+        ]
+        meta = _Meta(f, commit.limits["n_meta"])
+        prior = np.zeros(n_pvs, dtype=np.int64)
+        for lo, hi in zip(plan.cuts[:-1], plan.cuts[1:], strict=True):
+            pv = live["samples"]["pv"][lo:hi].astype(np.int64)
+            occ = _occurrence(pv, prior)
+            prior = prior + np.bincount(pv, minlength=n_pvs)
+            m = meta.take(pv, occ, prior)
+            block = _read_block(f, lo, hi, m)
+            order = np.argsort(pv, kind="stable")
+            sp = pv[order]
+            starts = np.r_[0, np.flatnonzero(np.diff(sp)) + 1] if len(sp) else np.zeros(0, int)
+            ends = np.r_[starts[1:], len(sp)] if len(sp) else np.zeros(0, int)
+            # metadata entries by PV: local row within the PV's rows of this block
+            m_order = np.argsort(m["pv"], kind="stable")
+            m_pv = m["pv"][m_order]
+            for a, z in zip(starts.tolist(), ends.tolist(), strict=True):
+                col = int(sp[a])
+                idx = order[a:z]
+                pw = writers[col]
+                sel = m_order[np.searchsorted(m_pv, col, "left"):
+                              np.searchsorted(m_pv, col, "right")]
+                entries = {
+                    int(row) - pw.rows: block.text(int(o), int(sz))
+                    for row, o, sz in zip(m["row"][sel].tolist(), m["offset"][sel].tolist(),
+                                          m["size"][sel].tolist(), strict=True)
+                }
+                pw.add(block, idx, entries)
+                w.maybe_spill()
+            del block
+        for pw in writers:
+            pw.finish()
+            w.maybe_spill()
+        out.attrs.create("required_plugins", sorted(w.plugins), dtype=STR)
+        out.attrs["n_iterations"] = n_iter
+        out.attrs["n_values"] = int(commit.limits["n_samples"])
 
 
 def _iso(t: float) -> str:

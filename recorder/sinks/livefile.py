@@ -190,8 +190,18 @@ def _refresh(ds: h5py.Dataset) -> None:
         ds.refresh()
 
 
-def read_live(f: h5py.File) -> LiveView:
-    """Read the last commit of a live file (open with ``swmr=True`` while it is written)."""
+@dataclass(slots=True)
+class Commit:
+    """The last complete commit of a live file: how much of each dataset is valid."""
+
+    limits: dict[str, int]  # STATE_COLUMNS n_* -> length
+    status: str
+    time_ns: int
+    n_commits: int
+
+
+def refresh_live(f: h5py.File) -> None:
+    """Refresh every live dataset (a no-op unless the file is open in SWMR read mode)."""
     live = f["live"]
     for group in ("samples", "meta", "state", "kafka", "pvs"):
         for ds in live[group].values():
@@ -201,11 +211,14 @@ def read_live(f: h5py.File) -> LiveView:
     _refresh(live["bytes"])
     for name in POOL_NAMES.values():
         _refresh(live[f"pool_{name}"])
+
+
+def read_commit(f: h5py.File) -> Commit:
+    """The last commit whose data is all there (a kill -9 can cut a flush anywhere); reads
+    only the small /live/state table and dataset shapes."""
+    refresh_live(f)
+    live = f["live"]
     state_len = min(ds.shape[0] for ds in live["state"].values())
-    limits: dict[str, int] = {}
-    status = "recording"
-    commit_ns = 0
-    n_commits = 0
     actual = {
         "n_samples": min(live["samples"][k].shape[0] for k in SAMPLE_COLUMNS),
         "n_iterations": min(f["iterations"][k].shape[0] for k in ITERATION_COLUMNS),
@@ -215,25 +228,45 @@ def read_live(f: h5py.File) -> LiveView:
         "n_bytes": live["bytes"].shape[0],
         **{f"n_pool_{n}": live[f"pool_{n}"].shape[0] for n in POOL_NAMES.values()},
     }
-    # the last commit whose data is all there (a kill -9 can cut a flush anywhere)
-    for i in range(state_len - 1, -1, -1):
-        row = {k: int(live["state"][k][i]) for k in STATE_COLUMNS}
-        if all(row[k] <= actual[k] for k in actual):
-            limits = row
-            status = {v: k for k, v in RECORDING_STATUS.items()}.get(row["status"], "recording")
-            commit_ns = row["time"]
-            n_commits = i + 1
-            break
-    if not limits:
-        limits = dict.fromkeys(actual, 0)
+    hi = state_len
+    while hi > 0:  # newest first, in windows (only the last commits can be cut)
+        lo = max(0, hi - 4096)
+        state = {k: live["state"][k][lo:hi] for k in STATE_COLUMNS}
+        for i in range(hi - 1 - lo, -1, -1):
+            row = {k: int(state[k][i]) for k in STATE_COLUMNS}
+            if all(row[k] <= actual[k] for k in actual):
+                status = {v: k for k, v in RECORDING_STATUS.items()}.get(row["status"])
+                return Commit(
+                    {k: row[k] for k in actual}, status or "recording", row["time"], lo + i + 1
+                )
+        hi = lo
+    return Commit(dict.fromkeys(actual, 0), "recording", 0, 0)
+
+
+def read_pv_names(f: h5py.File, commit: Commit) -> list[str]:
+    live = f["live"]
+    n = commit.limits["n_pvs"]
+    off = live["pvs"]["offset"][:n]
+    size = live["pvs"]["size"][:n]
+    if not n:
+        return []
+    lo, hi = int(off.min()), int((off + size).max())
+    raw = live["bytes"][lo:hi].tobytes()
+    return [
+        raw[o - lo : o - lo + z].decode("utf-8", "surrogatepass")
+        for o, z in zip(off.tolist(), size.tolist(), strict=True)
+    ]
+
+
+def read_live(f: h5py.File) -> LiveView:
+    """Read the last commit of a live file (open with ``swmr=True`` while it is written)."""
+    live = f["live"]
+    commit = read_commit(f)
+    limits = commit.limits
+    status, commit_ns, n_commits = commit.status, commit.time_ns, commit.n_commits
     ns, ni, nm = limits["n_samples"], limits["n_iterations"], limits["n_meta"]
     byte_pool = live["bytes"][: limits["n_bytes"]]
-    pv_off = live["pvs"]["offset"][: limits["n_pvs"]]
-    pv_size = live["pvs"]["size"][: limits["n_pvs"]]
-    names = [
-        byte_pool[o : o + s].tobytes().decode("utf-8", "surrogatepass")
-        for o, s in zip(pv_off.tolist(), pv_size.tolist(), strict=True)
-    ]
+    names = read_pv_names(f, commit)
     return LiveView(
         attrs=dict(f.attrs),
         pv_names=names,

@@ -25,7 +25,7 @@ from recorder.daemon.backoff import Backoff
 from recorder.daemon.controller import RunController
 from recorder.daemon.pump import MAX_PENDING, MIN_PENDING, pending_bound
 from recorder.daemon.resume import ActiveRecording, ResumeStore
-from recorder.errors import AdminCommandError, GatewayTimeoutError
+from recorder.errors import AdminCommandError, GatewayTimeoutError, SinkError
 
 
 # ------------------------------------------------------------------ backoff / sizing
@@ -78,12 +78,16 @@ def test_resume_store_ignores_a_corrupt_file(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ controller with fakes
-def _definition(tmp_path: Path, *, triggered: bool = False) -> RunDefinition:
+def _definition(tmp_path: Path, *, triggered: bool = False,
+                bridge: dict[str, Any] | None = None) -> RunDefinition:
+    output: dict[str, Any] = {"directory": str(tmp_path / "out")}
+    if bridge is not None:
+        output["bridge"] = bridge
     return RunDefinition.model_validate({
         "name": "r",
         "snapshot": {"snapshot_name": "snap", "pv_uri_list": ["pva://A:B"],
                      "triggered": triggered},
-        "output": {"directory": str(tmp_path / "out")},
+        "output": output,
     })
 
 
@@ -190,9 +194,11 @@ class FakeRecording:
         self.tags.append((iter_index, tags))
 
 
-def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False
+def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False,
+                bridge: dict[str, Any] | None = None, bridge_factory: Any = None,
                 ) -> tuple[RunController, list[FakeRecording]]:
     made: list[FakeRecording] = []
+    extra: dict[str, Any] = {} if bridge_factory is None else {"bridge_factory": bridge_factory}
 
     def factory(definition: RunDefinition, *, seq: int, recording_uid: str | None
                 ) -> FakeRecording:
@@ -201,9 +207,10 @@ def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False
         return rec
 
     c = RunController(
-        _definition(tmp_path, triggered=triggered), client,  # type: ignore[arg-type]
+        _definition(tmp_path, triggered=triggered, bridge=bridge),
+        client,  # type: ignore[arg-type]
         ResumeStore(tmp_path / "state"), recording_factory=factory,  # type: ignore[arg-type]
-        backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0),
+        backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0), **extra,
     )
     return c, made
 
@@ -301,6 +308,118 @@ def test_a_failed_recording_stops_the_run_and_keeps_the_resume_state(tmp_path: P
         _wait(lambda: c.state is RunState.FAILED)
         assert "disk full" in str(c.status().last_error)
         assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is not None
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+class FakeBridge:
+    def __init__(self, options: Any, *, run_name: str, snapshot: Any,
+                 fail_on: int | None = None) -> None:
+        self.options = options
+        self.run_name = run_name
+        self.snapshot = snapshot
+        self.status = "serving"
+        self.reason = ""
+        self.endpoints = {"rep": "tcp://127.0.0.1:1234"}
+        self.counters: dict[str, int] = {"iterations": 0, "served": 0}
+        self.has_subscribers = False
+        self.events: list[Any] = []
+        self.closed: tuple[str, str] | None = None
+        self.fail_on = fail_on
+
+    def handle(self, event: Any) -> None:
+        if self.fail_on is not None and len(self.events) >= self.fail_on:
+            raise RuntimeError("bridge bug")
+        self.events.append(event)
+        if isinstance(event, IterationClosed):
+            self.counters["iterations"] += 1
+
+    def close(self, status: str = "complete", reason: str = "") -> None:
+        self.closed = (status, reason)
+        self.status = status
+
+
+def _feed(sub: FakeSub, first: int, n: int) -> None:
+    for i in range(first, first + n):
+        sub.events.put(IterationOpened(sub.topic, "snap", i, 1, offset=10 + 3 * i))
+        sub.events.put(ValuesReceived(sub.topic, i, 1, 1, (), offset=11 + 3 * i))
+        sub.events.put(IterationClosed(sub.topic, "snap", i, IterationStatus.COMPLETE, None,
+                                       1, 2, offset=12 + 3 * i))
+
+
+def test_bridge_gets_every_event_of_the_recording_and_its_final_status(tmp_path: Path) -> None:
+    bridges: list[FakeBridge] = []
+
+    def factory(options: Any, *, run_name: str, snapshot: Any) -> FakeBridge:
+        bridges.append(FakeBridge(options, run_name=run_name, snapshot=snapshot))
+        return bridges[-1]
+
+    client = FakeClient()
+    c, made = _controller(tmp_path, client, bridge={"rep": 0}, bridge_factory=factory)
+    try:
+        c.start().result(5)
+        (bridge,) = bridges
+        assert bridge.options.rep == "tcp://127.0.0.1:0" and bridge.run_name == "r"
+        assert bridge.snapshot.snapshot_name == "snap"
+        doc = c.status().to_json_obj()["bridge"]
+        assert doc["status"] == "serving" and doc["endpoints"] == bridge.endpoints
+        assert client.sub is not None
+        _feed(client.sub, 1, 3)
+        _wait(lambda: c.status().iterations_complete == 3)
+        _wait(lambda: (c.status().bridge or {}).get("iterations") == 3)
+        assert "stopped (complete)" in c.stop().result(5)
+        assert bridge.events == made[0].events  # same events, same order
+        assert bridge.closed is not None and bridge.closed[0] == "complete"
+        assert (c.status().bridge or {})["status"] == "complete"
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_failing_bridge_never_affects_recording(tmp_path: Path) -> None:
+    bridges: list[FakeBridge] = []
+
+    def factory(options: Any, *, run_name: str, snapshot: Any) -> FakeBridge:
+        bridges.append(FakeBridge(options, run_name=run_name, snapshot=snapshot, fail_on=4))
+        return bridges[-1]
+
+    client = FakeClient()
+    c, made = _controller(tmp_path, client, bridge={"pub": 0}, bridge_factory=factory)
+    try:
+        c.start().result(5)
+        assert client.sub is not None
+        _feed(client.sub, 1, 5)
+        _wait(lambda: c.status().iterations_complete == 5)
+        st = c.status()
+        assert st.state is RunState.RECORDING and len(made[0].events) == 15
+        assert st.bridge is not None and st.bridge["status"] == "failed"
+        assert "bridge bug" in st.bridge["reason"] and st.errors == 1
+        assert bridges[0].closed is not None and bridges[0].closed[0] == "failed"
+        assert len(bridges[0].events) == 4  # nothing more after the failure
+        assert "stopped (complete)" in c.stop().result(5)
+        assert made[0].status == "complete"
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_bridge_that_cannot_start_does_not_stop_the_recording(tmp_path: Path) -> None:
+    def factory(options: Any, *, run_name: str, snapshot: Any) -> FakeBridge:
+        raise SinkError("output.bridge needs the optional extra")
+
+    client = FakeClient()
+    c, made = _controller(tmp_path, client, bridge={"rep": 0}, bridge_factory=factory)
+    try:
+        assert "recording" in c.start().result(5)
+        assert client.sub is not None
+        _feed(client.sub, 1, 2)
+        _wait(lambda: c.status().iterations_complete == 2)
+        st = c.status()
+        assert st.state is RunState.RECORDING and len(made[0].events) == 6
+        assert st.bridge is not None and st.bridge["status"] == "failed"
+        assert "optional extra" in st.bridge["reason"]
+        assert "karabo bridge not started" in str(st.last_error)
     finally:
         c.shutdown().result(5)
         assert c.join(5)

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "unit"))
 from k2eg_sequences import F32, MSGPACK_HEADERS, T0, iteration, ntscalar
 
 from recorder.client.assembler import IterationAssembler
