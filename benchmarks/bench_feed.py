@@ -1,6 +1,6 @@
 """Micro-measure (not a test): IterationAssembler.feed() cost per message vs msgpack.unpackb.
 
-Run: .venv/bin/python tests/unit/bench_feed.py
+Run: .venv/bin/python benchmarks/bench_feed.py
 Prints, per shape, µs/message for plain ``msgpack.unpackb`` of the same bytes and for
 ``feed`` (decode + PVSample + assembly + events), and the ratio unpackb/feed, i.e. feed's
 throughput relative to unpackb's (1.0 = as fast as unpackb; the requirement is >= 0.8).
