@@ -848,10 +848,15 @@ class _Writer:
         return ds
 
     def maybe_spill(self) -> None:
-        if self.buffered > self.block_bytes:
-            for col in list(self.dirty):
-                col.spill()
-            self.dirty.clear()
+        """Over budget: write out the largest buffered columns until half of it is free
+        (small columns stay buffered and become compact datasets at the end)."""
+        if self.buffered <= self.block_bytes:
+            return
+        for col in sorted(self.dirty, key=lambda c: c.nbytes, reverse=True):
+            if self.buffered <= self.block_bytes // 2:
+                break
+            col.spill()
+            self.dirty.discard(col)
 
 
 def _write_iterations(f: h5py.File, out: h5py.File, w: _Writer, commit: Commit,

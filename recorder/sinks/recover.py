@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 
 from recorder.sinks.finalize import FINAL_SUFFIX, finalize
-from recorder.sinks.livefile import read_live
+from recorder.sinks.livefile import read_commit
 from recorder.sinks.options import PARTIAL_SUFFIX, final_path
 from recorder.sinks.superblock import clear_consistency_flags
 
@@ -31,9 +31,9 @@ def recover_file(path: Path) -> Path:
     stale.unlink(missing_ok=True)  # an interrupted finalization
     clear_consistency_flags(path)
     with h5py.File(path, "r") as f:
-        view = read_live(f)
-    status = "failed" if view.status == "failed" else "aborted"
-    last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(view.last_commit_ns / 1e9))
+        commit = read_commit(f)  # only the commit records: memory does not grow with the file
+    status = "failed" if commit.status == "failed" else "aborted"
+    last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(commit.time_ns / 1e9))
     reason = (
         f"the writer stopped without finalizing the file (last commit {last}); "
         f"recovered by k2eg-recorder recover"
@@ -43,7 +43,7 @@ def recover_file(path: Path) -> Path:
         final_path(path),
         status=status,
         reason=reason,
-        end_time=view.last_commit_ns / 1e9 if view.last_commit_ns else None,
+        end_time=commit.time_ns / 1e9 if commit.time_ns else None,
         extra_attrs={"recovered": True, "recovered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                       time.gmtime())},
     )

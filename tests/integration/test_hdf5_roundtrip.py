@@ -22,7 +22,7 @@ from recorder.client.events import (
 from recorder.client.values import PVSample
 from recorder.reader import open_file
 from recorder.sinks.hdf5 import HDF5Recording
-from recorder.sinks.options import OutputOptions
+from recorder.sinks.options import Compression, OutputOptions, SegmentOptions
 
 
 def _ts(i: int) -> dict[str, Any]:
@@ -82,7 +82,9 @@ def repr_exact(obj: Any) -> Any:
     return (type(obj).__name__, repr(obj))
 
 
-def record(tmp_path: Path, n_iter: int = 5, **opts: Any) -> tuple[HDF5Recording, dict[str, list]]:
+def record(
+    tmp_path: Path, n_iter: int = 5, **opts: Any
+) -> tuple[HDF5Recording, dict[str, list[PVSample]]]:
     options = OutputOptions(directory=tmp_path, **opts)
     rec = HDF5Recording(options, run_name="rt/../x", pv_uris=["pva://F32", "ca://I"])
     sent: dict[str, list[PVSample]] = {}
@@ -183,7 +185,8 @@ def test_timedbuffered_many_values_per_iteration_and_overlap(tmp_path: Path) -> 
 
 def test_triggered_sparse_and_segments(tmp_path: Path) -> None:
     rec = HDF5Recording(
-        OutputOptions(directory=tmp_path, segment={"max_iterations": 2}, compression="zstd"),
+        OutputOptions(directory=tmp_path, segment=SegmentOptions(max_iterations=2),
+                      compression=Compression.ZSTD),
         run_name="trig", pv_uris=["pva://A", "pva://B"], seq=4,
     )
     for i in range(5):  # only A answers on most triggers

@@ -1,0 +1,208 @@
+"""Finalization: streamed in blocks (bounded memory), typed NTTable / string-array layout."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+from test_hdf5_roundtrip import _ts, record, same
+
+from recorder.client.events import IterationClosed, IterationOpened, IterationStatus
+from recorder.client.values import PVSample
+from recorder.reader import open_file
+from recorder.sinks import hdf5 as hdf5_module
+from recorder.sinks.finalize import finalize
+
+
+def _walk(h: h5py.File) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            out[name] = obj[()]
+
+    h.visititems(visit)
+    return out
+
+
+@pytest.mark.parametrize("block_bytes", [2048, 64 * 1024])
+def test_streamed_finalize_equals_one_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
+) -> None:
+    """Tiny blocks (many blocks, spills to chunked datasets) give the same file content."""
+    one = tmp_path / "one"
+    many = tmp_path / "many"
+    one.mkdir()
+    many.mkdir()
+    rec1, sent = record(one, n_iter=12)
+    (path1,) = rec1.close()
+    monkeypatch.setattr(hdf5_module, "finalize", functools.partial(finalize,
+                                                                   block_bytes=block_bytes))
+    rec2, _ = record(many, n_iter=12)
+    (path2,) = rec2.close()
+    with h5py.File(path1, "r") as a, h5py.File(path2, "r") as b:
+        da, db = _walk(a), _walk(b)
+        assert sorted(da) == sorted(db)
+        for name, va in da.items():
+            vb = db[name]
+            if name.startswith("kafka/time"):
+                continue
+            assert va.dtype == vb.dtype, name
+            assert va.shape == vb.shape, name
+            if va.dtype.kind == "f":
+                np.testing.assert_array_equal(va, vb, err_msg=name)
+            else:
+                assert va.tolist() == vb.tolist(), name
+    with open_file(path2) as f:
+        for pv, samples in sent.items():
+            same(f.samples(pv), samples)
+
+
+def test_typed_table_and_string_array_layout(tmp_path: Path) -> None:
+    rec, sent = record(tmp_path, n_iter=5)
+    (path,) = rec.close()
+    with h5py.File(path, "r") as h:
+        t = h["pvs/T"]
+        assert t.attrs["kind"] == "table"
+        assert isinstance(t["value"], h5py.Group)
+        assert list(t["value"].attrs["columns"]) == ["x", "name"]
+        assert list(t["value"].attrs["labels"]) == ["x", "name"]
+        assert t["value/x"].dtype == np.float32  # float32 column stays float32
+        assert t["value/x"][()].tolist() == [[1.5, 2.5 * i] for i in range(5)]
+        names = t["value/name"][()]
+        assert [x.decode() for x in names[0]] == ["p", "q"]
+        assert t["shape"][()].tolist() == [[2]] * 5
+        assert (t["flags"][()] & 8).all()
+        assert t["metadata/row"][()].tolist() == [0]  # value out of the JSON: stored once
+        sa = h["pvs/SA"]
+        assert sa.attrs["kind"] == "string_array"
+        assert h5py.check_string_dtype(sa["value"].dtype) is not None
+        # rows 0 and 3 were [] (typed as an empty float64 waveform): kept in the JSON
+        assert sa["shape"][()].ravel().tolist() == [0, 1, 2, 0, 1]
+        assert (sa["flags"][()] & 8).tolist() == [0, 8, 8, 0, 8]
+        assert [x.decode() for x in sa["value"][2]] == ["a", "bc"]
+    with open_file(path) as f:
+        for pv in ("T", "SA"):
+            same(f.samples(pv), sent[pv])
+
+
+def test_table_schema_change_stays_lossless(tmp_path: Path) -> None:
+    from recorder.client.events import ValuesReceived
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="tbl")
+    tables = [
+        {"labels": ["a"], "value": {"a": [1, 2, 3]}},
+        {"labels": ["a"], "value": {"a": [4]}},
+        {"labels": ["a"], "value": {"a": [1.5]}},  # column type changes: JSON
+        {"labels": ["a", "b"], "value": {"a": [1], "b": ["x\x00y"]}},  # new column: JSON
+        {"labels": ["a"], "value": {"a": [2**64 - 1]}},  # uint64: JSON
+        {"labels": ["a"], "value": {"a": []}},
+        {"labels": ["a"], "value": {"a": [7, 8]}},
+    ]
+    sent = []
+    for i, tbl in enumerate(tables):
+        s = PVSample("T", {**tbl, "timeStamp": _ts(i)})
+        sent.append(s)
+        rec.handle(IterationOpened("t", "s", i, i))
+        rec.handle(ValuesReceived("t", i, 1, 1, (s,)))
+        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
+    (path,) = rec.close()
+    with open_file(path) as f:
+        same(f.samples("T"), sent)
+    with h5py.File(path, "r") as h:
+        assert h["pvs/T/value/a"].dtype == np.int64
+        assert (h["pvs/T/flags"][()] & 8).tolist() == [8, 8, 0, 0, 0, 8, 8]
+
+
+PEAK = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import numpy as np
+    import structlog, logging
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    from recorder.client.events import (IterationOpened, ValuesReceived, IterationClosed,
+        IterationStatus)
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions, final_path
+    from recorder.sinks.superblock import clear_consistency_flags
+
+    def vm(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    mode, directory, n_iter = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    if mode == "write":
+        rec = HDF5Recording(OutputOptions(directory=directory, compression="none"),
+                            run_name="big")
+        rng = np.random.default_rng(0)
+        wave = rng.normal(size=4000)
+        for i in range(n_iter):
+            rec.handle(IterationOpened("t", "s", i, i))
+            samples = tuple(
+                PVSample(f"W{k}", {"value": (wave + i + k).tolist(),
+                                   "timeStamp": {"secondsPastEpoch": i, "nanoseconds": k}})
+                for k in range(10))
+            samples += tuple(PVSample(f"S{k}", {"value": float(i)}) for k in range(50))
+            rec.handle(ValuesReceived("t", i, 1, 0, samples))
+            rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
+            rec.maybe_flush()
+        rec.flush()
+        print(rec.current_path, flush=True)
+        import os
+        os._exit(0)  # leave the .partial as a crashed writer would
+    partial = directory / sys.argv[4]
+    clear_consistency_flags(partial)
+    if mode == "old":  # the previous, read-everything implementation (for comparison)
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("old_finalize", sys.argv[5])
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        fin = mod.finalize
+        kwargs = {}
+    else:
+        from recorder.sinks.finalize import finalize as fin
+        kwargs = {"block_bytes": int(sys.argv[5])}
+    before = vm("VmRSS:")
+    t = time.perf_counter()
+    fin(partial, final_path(partial), status="complete", **kwargs)
+    print(vm("VmHWM:") - before, time.perf_counter() - t)
+    """
+)
+
+
+def _peak(tmp_path: Path, n_iter: int, block_bytes: int) -> int:
+    d = tmp_path / f"n{n_iter}"
+    d.mkdir()
+    out = subprocess.run([sys.executable, "-c", PEAK, "write", str(d), str(n_iter)],
+                         check=True, capture_output=True, text=True, timeout=300)
+    partial = Path(out.stdout.split()[-1])
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK, "new", str(d), str(n_iter), partial.name,
+         str(block_bytes)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    return int(out.stdout.split()[0])
+
+
+@pytest.mark.slow
+def test_finalize_peak_memory_does_not_grow_with_segment_size(tmp_path: Path) -> None:
+    """A 4x larger segment (about 30 vs 120 MB of waveforms) finalizes in the same memory."""
+    block = 8 * 1024 * 1024
+    small = _peak(tmp_path, 100, block)
+    large = _peak(tmp_path, 400, block)
+    # the large segment holds ~96 MB more data; reading it whole would show up here
+    assert large - small < 24 * 1024 * 1024, (small, large)
+    assert large < 80 * 1024 * 1024, (small, large)
