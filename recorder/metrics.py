@@ -10,8 +10,8 @@ Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
 =======================================  =========  ===================================
 ``iterations_total{run,status}``         counter    status: complete | incomplete
 ``values_written_total{run}``            counter    PV values appended to HDF5
-``bytes_written_total{run}``             counter    bytes of data appended (before compression)
-``messages_skipped_total{run,reason}``   counter    e.g. not_msgpack, late, unknown_pv
+``bytes_written_total{run}``             counter    bytes added to the files being written
+``messages_skipped_total{run,reason}``   counter    malformed.<why>, late.<what>, duplicate...
 ``flush_duration_seconds{run}``          histogram  one HDF5 flush
 ``consumer_lag_messages{run}``           gauge      messages behind the snapshot topic's end
 ``run_recording{run}``                   gauge      1 while recording, else 0
@@ -20,6 +20,11 @@ Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
 ``admin_commands_total{command,code}``   counter    admin replies by command and code
 ``reloads_total{result}``                counter    ok | failed
 =======================================  =========  ===================================
+
+``messages_skipped_total`` reasons are the k2eg client's assembler counters charged to the
+run's snapshot topic (:meth:`recorder.client.K2egClient.skipped`): ``malformed.<why>`` (not
+decodable), ``late.<what>`` (for an iteration already closed), ``duplicate`` /
+``duplicate.header`` / ``duplicate.tail``.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class RecorderMetrics:
         )
         self.bytes_written = Counter(
             "bytes_written",
-            "Bytes of data appended to HDF5 (before compression)",
+            "Bytes added to the HDF5 files being written (the recording's byte counter, else "
+            "the growth of the file at each flush: compressed data plus metadata)",
             ["run"],
             namespace=ns,
             registry=r,

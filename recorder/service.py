@@ -8,12 +8,16 @@ Threads
       least every 0.1 s to read admin commands (handed over by the admin link's queue), answer
       them, apply reloads, publish heartbeats, update ``STATUS=`` and ping ``WATCHDOG=1``;
     * **admin link** consumer thread (:mod:`recorder.daemon.adminlink`): owns the admin
-      topic's ``Consumer``, queues records for the main loop;
+      topic's ``Consumer``, queues records for the main loop; it starts where the previous
+      daemon stopped reading (offset saved in the state directory), so commands sent while
+      the daemon was down are answered (``expired`` past the max age, else acted on);
     * **k2eg client** consumer + dispatcher threads (:mod:`recorder.client`): read the reply
       and snapshot topics, assemble iterations into one bounded queue per run (the topic is
       paused when a run's queue is full: back-pressure, never drops);
     * **one worker per run** (:mod:`recorder.daemon.controller`): start with retry/backoff,
-      write events to the HDF5 recording, flush, save the resume state, stop/finalize;
+      hand events to the HDF5 recording (a writer process per recording unless
+      ``output.isolate: false``) and to the Karabo bridge when ``output.bridge`` is set,
+      flush, save the resume state, stop/finalize;
     * optional Prometheus HTTP server thread.
 
 Lifecycle
@@ -27,6 +31,7 @@ Lifecycle
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -46,7 +51,7 @@ from recorder.config.diff import diff_runs
 from recorder.config.loader import check_runs
 from recorder.config.models import RunDefinition
 from recorder.daemon.admin import AdminHandler, RunHandle
-from recorder.daemon.adminlink import AdminLink
+from recorder.daemon.adminlink import AdminCursor, AdminLink
 from recorder.daemon.backoff import Backoff
 from recorder.daemon.controller import RecordingFactory, RunController, hdf5_recording
 from recorder.daemon.heartbeat import Heartbeat
@@ -64,6 +69,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 LOOP_WAIT_S = 0.1
 EXTEND_EVERY_S = 5.0
+GC_THRESHOLDS = (50_000, 10, 10)  # default (700, 10, 10): see tune_gc
 
 
 def default_state_dir(environ: dict[str, str] | None = None) -> Path:
@@ -75,6 +81,21 @@ def default_state_dir(environ: dict[str, str] | None = None) -> Path:
         return Path(env["STATE_DIRECTORY"].split(":")[0])
     base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "k2eg-recorder"
+
+
+def tune_gc() -> None:
+    """Garbage-collector settings for the long-running daemon, applied once it has started.
+
+    Objects alive after start-up (modules, settings, the client) are frozen out of the
+    collector's view, and young-generation collections run every 50,000 net container
+    allocations instead of 700: at high rates the default thresholds made the collector
+    re-scan the whole heap over and over (~25 % of the CPU draining a pre-filled topic, see
+    benchmarks/bench_e2e.py). Memory is still bounded: objects are freed by reference
+    counting, cycles at the next (rarer) collection.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @dataclass(slots=True)
@@ -101,8 +122,10 @@ class Service:
         connect_backoff: Backoff | None = None,
         run_backoff: Callable[[], Backoff] | None = None,
         client_options: dict[str, Any] | None = None,
+        gc_tuning: bool = True,
     ) -> None:
         self.settings = settings
+        self._gc_tuning = gc_tuning
         self.kafka = kafka
         self.state_dir = state_dir or default_state_dir()
         self.notifier = notifier or Notifier.from_env()
@@ -124,6 +147,7 @@ class Service:
         self._config_errors: list[str] = []
         self._client: Any = None  # K2egClient (imported lazily: confluent-kafka)
         self._link: AdminLink | None = None
+        self._cursor: AdminCursor | None = None
         self._admin: AdminHandler | None = None
         self._heartbeat: Heartbeat | None = None
         self._watchdog = WatchdogPinger(self.notifier, watchdog_interval())
@@ -179,6 +203,8 @@ class Service:
             self._state = DaemonState.RUNNING
             self.notifier.ready(self._status_line())
             self.ready.set()
+            if self._gc_tuning:
+                tune_gc()
             log.info("daemon ready", runs=len(self._controllers),
                      admin_topic=self.settings.admin_topic,
                      status_topic=self.settings.status_topic)
@@ -196,8 +222,13 @@ class Service:
             try:
                 self._client = K2egClient(self.kafka, **self._client_options)
                 s = self.settings
+                cursor = AdminCursor(self.state_dir, s.admin_topic)
                 self._link = AdminLink(self.kafka, s.admin_topic,
-                                       ensure_topics=(s.admin_reply_topic, s.status_topic))
+                                       ensure_topics=(s.admin_reply_topic, s.status_topic),
+                                       start=cursor.load())
+                cursor.reset(self._link.start_offsets)
+                cursor.save()  # commands sent while this daemon is down are read next start
+                self._cursor = cursor
             except RecorderError as exc:
                 if self._client is not None:
                     self._client.close(5.0)
@@ -245,8 +276,13 @@ class Service:
         now = time.monotonic()
         link, admin = self._link, self._admin
         if link is not None and admin is not None:
-            for record in link.take():
+            records = link.take()
+            for record in records:
                 admin.handle(record, self)
+                if self._cursor is not None:
+                    self._cursor.advance(record.partition, record.offset + 1)
+            if records and self._cursor is not None:
+                self._cursor.save()
             admin.poll()
         self._apply_deferred()
         if self._heartbeat is not None:

@@ -84,6 +84,16 @@ def status_table(doc: dict[str, Any], only: str | None = None) -> str:
             f"{'-' if last is None else last:>8} {'-' if lag is None else lag:>5} "
             f"{r.get('errors', 0):>4}  {tail}"
         )
+        bridge = r.get("bridge")
+        if bridge:
+            endpoints = " ".join(f"{k} {v}" for k, v in sorted((bridge.get("endpoints") or {})
+                                                               .items()))
+            line = (f"  bridge {bridge.get('status', '?')} {endpoints or '(no endpoint)'} "
+                    f"served {bridge.get('served', 0)} published {bridge.get('published', 0)}"
+                    f"{' (subscribed)' if bridge.get('subscribers') else ''}")
+            if bridge.get("reason"):
+                line += f"  ! {bridge['reason']}"
+            lines.append(line)
     return "\n".join(lines)
 
 

@@ -113,6 +113,8 @@ _log = structlog.get_logger("recorder.client")
 
 DEFAULT_SLACK_S = 2.0
 _EXPIRE_EVERY_S = 0.05
+# assembler counters of snapshot messages read but not delivered (K2egClient.skipped)
+SKIP_PREFIXES = ("malformed.", "late.", "duplicate")
 _END = object()  # iterator-mode end marker
 
 
@@ -365,6 +367,22 @@ class RecurringSnapshot:
     def __iter__(self) -> Iterator[IterationEvent]:
         return self.events()
 
+    def lag(self, timeout: float = 2.0) -> int | None:
+        """Messages of the topic not yet read by the client (see :meth:`K2egClient.lag`);
+        None once the subscription has ended or when it cannot be known in time."""
+        if self._ended:
+            return None
+        return self._client.lag(self.topic, timeout)
+
+    def skipped(self) -> dict[str, int]:
+        """Messages of the topic not delivered, by reason (see :meth:`K2egClient.skipped`)."""
+        return self._client.skipped(self.topic)
+
+    def unsubscribe(self, timeout: float = 5.0) -> None:
+        """Stop reading without stopping the gateway snapshot (see
+        :meth:`K2egClient.unsubscribe`)."""
+        self._client.unsubscribe(self, timeout)
+
     def trigger(self, timeout: float | None = None) -> Ack:
         return self._client.snapshot_trigger(self.snapshot_name, timeout)
 
@@ -525,6 +543,7 @@ class K2egClient:
         self._subs_lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
+        self._skips: dict[str, Counter[str]] = {}  # topic -> skip reason -> count (core lock)
         self._next_expire = 0.0
         self._closed = False
         self._adapter = KafkaAdapter(
@@ -619,6 +638,54 @@ class K2egClient:
         """Active recurring-snapshot subscriptions by topic."""
         return dict(self._subs)
 
+    def skipped(self, topic: str) -> dict[str, int]:
+        """Snapshot messages of ``topic`` read but not delivered, by reason, since this client
+        started: ``malformed.<why>`` (not decodable), ``late.<what>`` (for an iteration
+        already closed), ``duplicate`` / ``duplicate.header`` / ``duplicate.tail``. The
+        client-wide totals are in :meth:`counters` (``assembler.*``)."""
+        with self._core_lock:
+            return dict(self._skips.get(topic, {}))
+
+    def lag(self, topic: str, timeout: float = 2.0) -> int | None:
+        """Messages of ``topic`` between this client's read position and the end of the
+        topic, summed over its partitions (records already read but not yet taken from a
+        subscription's queue are not counted: see :attr:`RecurringSnapshot.pending`).
+
+        Computed in the consumer thread: the high watermarks are queried from the broker and
+        the read positions taken right after, with no poll in between, so the two agree.
+        None when the client does not read ``topic``, the topic is unknown, or the answer
+        does not come within ``timeout`` seconds. Never raises for Kafka problems.
+        """
+        if self._closed or topic not in self._adapter.topics:
+            return None
+        adapter = self._adapter
+        marks_f = adapter.watermarks(topic, timeout_s=timeout)
+        positions_f = adapter.call_soon(lambda: adapter.positions(topic))
+        try:
+            marks = marks_f.result(timeout + 1.0)
+            positions = positions_f.result(timeout + 1.0)
+        except (FutureTimeoutError, ClientError) as exc:
+            self._log.debug("lag unavailable", topic=topic, error=str(exc))
+            return None
+        if not marks or not positions:
+            return None
+        lag = 0
+        for partition, (_low, high) in marks.items():
+            position = positions.get(partition, high)
+            lag += max(0, high - (position if position >= 0 else high))
+        return lag
+
+    def unsubscribe(self, sub: RecurringSnapshot, timeout: float = 5.0) -> None:
+        """Stop reading a recurring snapshot's topic *without* stopping the gateway snapshot
+        (for that, :meth:`snapshot_stop`): iterations still open close ``CLOSED`` and the
+        handle ends (:meth:`RecurringSnapshot.get` returns None after the queued events).
+        For when the gateway cannot be told (its stop failed) or should keep publishing.
+        Idempotent; does nothing for a handle of another client."""
+        if sub._client is not self or sub.ended:
+            return
+        self._finish_subscription(sub, remove_timeout_s=timeout)
+        sub._log.info("recurring snapshot unsubscribed")
+
     # ------------------------------------------------------------------ consumer thread
     def _on_records(self, records: list[Record], drained: bool) -> None:
         now = time.monotonic()
@@ -627,13 +694,21 @@ class K2egClient:
         outcomes: list[Outcome] = []
         with self._core_lock:
             feed = self._assembler.feed
+            skip_topic: str | None = None
+            skip_base: dict[str, int] = {}
             for record in records:
                 if record.topic == reply_topic:
                     outcomes.extend(self._feed_reply(record))
                     continue
+                if record.topic != skip_topic:  # once per topic run of the batch
+                    if skip_topic is not None:
+                        self._attribute_skips(skip_topic, skip_base)
+                    skip_topic, skip_base = record.topic, self._skip_counts()
                 produced = feed(record, now)
                 if produced:
                     events.extend(produced)
+            if skip_topic is not None:
+                self._attribute_skips(skip_topic, skip_base)
             if drained:
                 events.extend(self._assembler.idle(now))
             if now >= self._next_expire:
@@ -646,6 +721,18 @@ class K2egClient:
         for outcome, waiter in waiters:
             if waiter is not None:
                 self._complete(waiter, outcome)
+
+    def _skip_counts(self) -> dict[str, int]:
+        """The assembler's skip counters (core lock held)."""
+        return {k: v for k, v in self._assembler.counters.items() if k.startswith(SKIP_PREFIXES)}
+
+    def _attribute_skips(self, topic: str, before: dict[str, int]) -> None:
+        """Charge the skip counters' growth since ``before`` to ``topic`` (core lock held)."""
+        counters = self._assembler.counters
+        grown = {k: counters[k] - before.get(k, 0) for k in counters
+                 if k.startswith(SKIP_PREFIXES) and counters[k] != before.get(k, 0)}
+        if grown:
+            self._skips.setdefault(topic, Counter()).update(grown)
 
     def _feed_reply(self, record: Record) -> list[Outcome]:
         try:

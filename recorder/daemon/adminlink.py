@@ -4,18 +4,31 @@ The admin topic is read by a :class:`~recorder.client.KafkaAdapter` of its own (
 thread owns its one ``Consumer``, the confluent-kafka >= 2.16 rule); records are handed to the
 daemon's main loop through a queue, so every command is acted on in the main thread. Replies
 and heartbeats go out through the same adapter's thread-safe producer.
+
+Commands sent while the daemon is down are not lost: :class:`AdminCursor` keeps the admin
+topic's next offset per partition in the state directory (``.admin-offsets.json``, rewritten
+atomically after each pass of the main loop that handled a command), and the link resumes
+reading there. Each command is then judged as usual: older than ``command_max_age_s`` is
+answered ``expired`` (never acted on), a fresher one is acted on. Without a saved position (the
+first start, another admin topic) reading starts at the topic's end; a saved position outside
+the topic's retained range is clamped to it. A crash between acting on a command and saving
+the position replays that command at the next start (at-least-once, within the max age).
 """
 
 from __future__ import annotations
 
+import json
 import queue
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import structlog
 
 from recorder.client import KafkaAdapter, StartAt
 from recorder.client.wire import Record
-from recorder.errors import TransportError
+from recorder.daemon.resume import write_json_atomic
+from recorder.errors import ServiceError, TransportError
 from recorder.settings import KafkaSettings
 
 _log = structlog.get_logger("recorder.daemon.admin")
@@ -23,9 +36,67 @@ _log = structlog.get_logger("recorder.daemon.admin")
 MAX_QUEUED = 10_000  # commands waiting for the main loop; beyond that the topic is paused
 
 
+class AdminCursor:
+    """The admin topic's next offset per partition, kept in ``state_dir`` (main thread)."""
+
+    FILE_NAME = ".admin-offsets.json"  # run names cannot start with a dot: no clash
+
+    def __init__(self, state_dir: Path, topic: str) -> None:
+        self.path = state_dir / self.FILE_NAME
+        self.topic = topic
+        self.offsets: dict[int, int] = {}
+        self._saved: dict[int, int] = {}
+
+    def load(self) -> dict[int, int] | None:
+        """The saved position for this topic; None (logged) when there is none to use."""
+        try:
+            obj = json.loads(self.path.read_text(encoding="utf-8"))
+            topic = str(obj["topic"])
+            offsets = {int(p): int(o) for p, o in dict(obj["offsets"]).items()}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            _log.error("unreadable admin offsets ignored: reading from the end", error=str(exc),
+                       path=str(self.path))
+            return None
+        if topic != self.topic:
+            _log.warning("saved admin offsets are for another topic: reading from the end",
+                         saved_topic=topic, topic=self.topic)
+            return None
+        self.offsets = dict(offsets)
+        self._saved = dict(offsets)
+        return offsets
+
+    def advance(self, partition: int, next_offset: int) -> None:
+        if next_offset > self.offsets.get(partition, -1):
+            self.offsets[partition] = next_offset
+
+    def reset(self, offsets: Mapping[int, int]) -> None:
+        """Where the link really starts (after clamping): saved at the next :meth:`save`."""
+        self.offsets = dict(offsets)
+
+    def save(self) -> bool:
+        """Write the position if it moved; False (logged) when it cannot be written."""
+        if self.offsets == self._saved:
+            return True
+        obj = {"topic": self.topic,
+               "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+               "updated_at": time.time_ns() // 1_000_000}
+        try:
+            write_json_atomic(self.path, obj, what="admin offsets")
+        except ServiceError as exc:
+            _log.error("admin offsets not saved: commands sent while the daemon is down may "
+                       "be missed", error=str(exc))
+            return False
+        self._saved = dict(self.offsets)
+        return True
+
+
 class AdminLink:
-    """Consumes ``admin_topic`` from its end (commands issued while the daemon is down are
-    not replayed: they would be answered "expired" anyway) and produces replies/heartbeats."""
+    """Consumes ``admin_topic`` from ``start`` (partition -> next offset, e.g. from an
+    :class:`AdminCursor`; clamped to what the topic retains; partitions without a position
+    and ``start=None``: from the end) and produces replies/heartbeats. ``start_offsets``
+    says where reading really started."""
 
     def __init__(
         self,
@@ -33,6 +104,7 @@ class AdminLink:
         admin_topic: str,
         *,
         ensure_topics: Iterable[str] = (),
+        start: Mapping[int, int] | None = None,
         timeout_s: float = 15.0,
     ) -> None:
         self.admin_topic = admin_topic
@@ -45,12 +117,31 @@ class AdminLink:
             for topic in (admin_topic, *ensure_topics):
                 self._adapter.ensure_topic(topic, partitions=1, timeout_s=timeout_s)
             self._adapter.start(timeout_s)
-            offsets = self._adapter.add_topic(admin_topic, StartAt.end(),
+            start_at = self._start_at(start, timeout_s)
+            offsets = self._adapter.add_topic(admin_topic, start_at,
                                               timeout_s=timeout_s).result(timeout_s + 1)
         except BaseException:
             self._adapter.close(timeout_s=5.0)
             raise
-        _log.info("admin topic assigned", topic=admin_topic, offsets=offsets)
+        self.start_offsets: dict[int, int] = dict(offsets)
+        _log.info("admin topic assigned", topic=admin_topic, offsets=offsets,
+                  resumed=start is not None)
+
+    def _start_at(self, start: Mapping[int, int] | None, timeout_s: float) -> StartAt:
+        if not start:
+            return StartAt.end()
+        marks = self._adapter.watermarks(self.admin_topic).result(timeout_s + 1)
+        offsets: dict[int, int] = {}
+        for partition, (low, high) in marks.items():
+            saved = start.get(partition)
+            offsets[partition] = high if saved is None else min(max(saved, low), high)
+            if saved is not None and saved != offsets[partition]:
+                _log.warning("saved admin offset outside the topic: clamped",
+                             partition=partition, saved=saved, low=low, high=high)
+        waiting = sum(high - offsets[p] for p, (_low, high) in marks.items())
+        _log.info("admin topic resumed from the saved offsets", offsets=offsets,
+                  commands_waiting=waiting)
+        return StartAt.at(offsets)
 
     def _on_records(self, records: list[Record], drained: bool) -> None:  # consumer thread
         for record in records:

@@ -38,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,6 +70,8 @@ _log = structlog.get_logger("recorder.daemon")
 PUMP_BUDGET_S = 0.1  # longest stretch of event handling between two request checks
 IDLE_WAIT_S = 0.2
 LAG_EVERY_S = 2.0
+LEFTOVER_ATTEMPTS = 5  # recovering a .partial a dying writer process may still hold
+LEFTOVER_RETRY_S = 1.0
 
 
 class Recording(Protocol):
@@ -179,14 +181,52 @@ def _finalize_leftover(partial: Path, run: str) -> Path | None:
         return None
     from recorder.sinks.recover import recover_file
 
+    for attempt in range(1, LEFTOVER_ATTEMPTS + 1):
+        try:
+            final = recover_file(partial)
+        except OSError as exc:
+            # the writer process of the killed daemon may still be flushing it (file lock)
+            if attempt < LEFTOVER_ATTEMPTS:
+                _log.warning("leftover file busy; retrying", run=run, path=str(partial),
+                             error=str(exc), attempt=attempt)
+                time.sleep(LEFTOVER_RETRY_S)
+                continue
+            error = str(exc)
+        except (RuntimeError, ValueError, RecorderError) as exc:
+            error = str(exc)
+        else:
+            _log.info("leftover file recovered", run=run, path=str(final))
+            return final
+        break
+    _log.error("could not recover a leftover file (left for `k2eg-recorder recover`)",
+               run=run, path=str(partial), error=error)
+    return None
+
+
+def _offsets_in_file(path: Path, topic: str) -> dict[int, int]:
+    """Partition -> highest Kafka offset of ``topic`` whose data a finalized file holds (its
+    ``/kafka`` commit log); ``{}`` when it cannot be read."""
+    import h5py
+    import numpy as np
+
     try:
-        final = recover_file(partial)
-    except (OSError, RuntimeError, ValueError, RecorderError) as exc:
-        _log.error("could not recover a leftover file (left for `k2eg-recorder recover`)",
-                   run=run, path=str(partial), error=str(exc))
-        return None
-    _log.info("leftover file recovered", run=run, path=str(final))
-    return final
+        with h5py.File(path, "r") as f:
+            if "kafka" not in f:
+                return {}
+            g = f["kafka"]
+            topics = np.asarray(g["topic"][()])
+            partitions = np.asarray(g["partition"][()])
+            offsets = np.asarray(g["offset"][()])
+    except (OSError, KeyError, ValueError) as exc:
+        _log.warning("cannot read the Kafka offsets of a recovered file", path=str(path),
+                     error=str(exc))
+        return {}
+    out: dict[int, int] = {}
+    wanted = topic.encode("utf-8")[:255]
+    for t, p, o in zip(topics.tolist(), partitions.tolist(), offsets.tolist(), strict=True):
+        if bytes(t) == wanted:
+            out[int(p)] = max(int(o), out.get(int(p), -1))
+    return out
 
 
 @dataclass(slots=True)
@@ -261,6 +301,10 @@ class RunController:
         self._last_opened = -1
         self._flushes = 0
         self._values = 0
+        self._bytes = 0  # rec.counters["bytes"] last seen, when the recording counts bytes
+        self._file_sizes: dict[str, int] = {}  # else: size of each file being written
+        self._skips: dict[str, int] = {}  # sub.skipped() last seen
+        self._first_segment = 0  # segment files the recording had before this process
         self._next_lag = 0.0
         self._exit = False
         self._log = _log.bind(run=self.name, snapshot=definition.snapshot.snapshot_name)
@@ -440,6 +484,8 @@ class RunController:
             self._log.warning("state file names another topic: not resumed",
                               topic=active.topic)
             active = None
+        if active is not None and active.current_file:
+            active = self._recover_leftover(stored, active)
         start_at: StartAt | None = None
         if active is not None and active.offsets:
             start_at = StartAt.at(active.resume_offsets())
@@ -452,18 +498,16 @@ class RunController:
             return
         self._sub = sub
         self._sub_ended = False
+        self._first_segment = active.segments if active is not None else 0
         if active is not None:
             self._log.info("resuming recording", recording_uid=active.recording_uid,
-                           seq=active.seq, offsets=start_at.offsets if start_at else None)
-            if active.current_file:
-                leftover = _finalize_leftover(Path(active.current_file), self.name)
-                if leftover is not None:
-                    with self._lock:
-                        self._stats.files.append(str(leftover))
+                           seq=active.seq, offsets=start_at.offsets if start_at else None,
+                           next_segment=active.segments)
             seq, uid = active.seq, active.recording_uid
         else:
             seq, uid = stored.next_seq, None
         rec: Recording | None = None
+        created_ns = time.time_ns()
         try:
             rec = self._factory(d, seq=seq, recording_uid=uid)
             reason = rec.reason
@@ -485,6 +529,9 @@ class RunController:
             self._durable = {p: o - 1 for p, o in sub.start_offsets.items()}
         self._flushes = rec.counters.get("flushes", 0)
         self._values = rec.counters.get("values", 0)
+        self._bytes = rec.counters.get("bytes", 0)
+        self._file_sizes = {}
+        self._skips = sub.skipped()
         new_active = ActiveRecording(
             recording_uid=rec.uid,
             seq=seq,
@@ -492,7 +539,9 @@ class RunController:
             snapshot_name=d.snapshot.snapshot_name,
             offsets=dict(self._durable),
             current_file=None if rec.current_path is None else str(rec.current_path),
-            segments=(active.segments + 1) if active is not None else 0,
+            segments=self._first_segment + rec.counters.get("segments", 0),
+            started_at_ns=(active.started_at_ns if active is not None and active.started_at_ns
+                           else created_ns),
             updated_at=time.time_ns() // 1_000_000,
         )
         try:
@@ -511,6 +560,34 @@ class RunController:
         self._set_state(RunState.RECORDING)
         armed = "armed (waiting for triggers)" if d.triggered else "recording"
         self._resolve_start(message=f"run {self.name!r} {armed} into {rec.current_path}")
+
+    def _recover_leftover(self, stored: StoredState, active: ActiveRecording) -> ActiveRecording:
+        """Finalize the ``.partial`` file an earlier process left and resume after the last
+        offset it really holds: a writer process outlives a killed daemon long enough to
+        flush what it had received, which may be more than the state file says."""
+        assert active.current_file is not None
+        leftover = _finalize_leftover(Path(active.current_file), self.name)
+        if leftover is None:
+            if Path(active.current_file).exists():
+                return active  # left as .partial (logged); resume from the state file
+            offsets = dict(active.offsets)
+        else:
+            with self._lock:
+                self._stats.files.append(str(leftover))
+            in_file = _offsets_in_file(leftover, active.topic)
+            offsets = {p: max(o, active.offsets.get(p, -1)) for p, o in in_file.items()}
+            offsets = {**active.offsets, **offsets}
+            if offsets != active.offsets:
+                self._log.info("the recovered file holds more than the state file said",
+                               state_offsets=active.offsets, file_offsets=in_file)
+        try:
+            new = self._store.update(stored, offsets=offsets, current_file=None)
+        except RecorderError as exc:
+            self._error(str(exc))
+            self._log.error("run state not saved", error=str(exc))
+            return replace(active, offsets=offsets, current_file=None)
+        assert new.active is not None
+        return new.active
 
     def _start_failed(self, message: str) -> None:
         delay = self._backoff.next_delay()
@@ -562,7 +639,7 @@ class RunController:
         now = time.monotonic()
         if now >= self._next_lag and not self._sub_ended:
             self._next_lag = now + LAG_EVERY_S
-            self._update_lag(sub.topic)
+            self._update_topic_stats(sub)
 
     def _on_event(self, rec: Recording, event: IterationEvent) -> None:
         if isinstance(event, IterationOpened) and event.iter_index > self._last_opened:
@@ -608,11 +685,12 @@ class RunController:
         self._flushes = flushes
         values = rec.counters.get("values", 0)
         delta, self._values = values - self._values, values
+        nbytes = self._bytes_written(rec)
         with self._lock:
             self._stats.values_written += max(0, delta)
             self._stats.current_file = None if rec.current_path is None else str(rec.current_path)
         if self._metrics is not None:
-            self._metrics.values(self.name, max(0, delta))
+            self._metrics.values(self.name, max(0, delta), nbytes)
             self._metrics.flushed(self.name, rec.last_flush_seconds, time.time())
         if rec.status == "failed":
             self._recording_failed(rec)
@@ -624,24 +702,58 @@ class RunController:
         stored = self._stored
         if stored is None or stored.active is None:
             return
-        if merged != self._durable or current != stored.active.current_file:
+        segments = self._first_segment + rec.counters.get("segments", 0)
+        if (merged != self._durable or current != stored.active.current_file
+                or segments != stored.active.segments):
             self._durable = merged
             try:
                 self._stored = self._store.update(stored, offsets=dict(merged),
-                                                  current_file=current)
+                                                  current_file=current, segments=segments)
             except RecorderError as exc:
                 self._error(str(exc))
                 self._log.error("run state not saved", error=str(exc))
 
-    def _update_lag(self, topic: str) -> None:
-        # the client has no public lag call yet: its adapter knows positions and watermarks
-        adapter = self._client._adapter
+    def _bytes_written(self, rec: Recording) -> int:
+        """Bytes the recording added since the last call: its ``bytes`` counter if it keeps
+        one, else the growth of the file being written (compressed data plus metadata)."""
+        if "bytes" in rec.counters:
+            total = rec.counters["bytes"]
+            delta, self._bytes = total - self._bytes, total
+            return max(0, delta)
+        path = rec.current_path
+        if path is None:
+            return 0
         try:
-            marks = adapter.watermarks(topic).result(1.0)
-        except Exception:
+            size = path.stat().st_size
+        except OSError:
+            return 0
+        key = str(path)
+        delta = size - self._file_sizes.get(key, 0)
+        self._file_sizes = {key: size}  # a new segment file starts from 0
+        return max(0, delta)
+
+    def _update_topic_stats(self, sub: RecurringSnapshot) -> None:
+        """Skipped messages (malformed/late/duplicate, charged to this run's topic by the
+        client) and the lag behind the end of the topic."""
+        self._update_skips(sub)
+        self._update_lag(sub)
+
+    def _update_skips(self, sub: RecurringSnapshot) -> None:
+        skipped = sub.skipped()
+        if skipped == self._skips:
             return
-        positions = adapter.positions(topic)
-        lag = sum(max(0, high - positions.get(p, high)) for p, (_low, high) in marks.items())
+        previous, self._skips = self._skips, skipped
+        if self._metrics is None:
+            return
+        for reason, count in skipped.items():
+            delta = count - previous.get(reason, 0)
+            if delta > 0:
+                self._metrics.skipped(self.name, reason, delta)
+
+    def _update_lag(self, sub: RecurringSnapshot) -> None:
+        lag = sub.lag(timeout=1.0)
+        if lag is None:
+            return
         with self._lock:
             self._stats.lag = lag
         if self._metrics is not None:
@@ -714,7 +826,7 @@ class RunController:
             self._error(f"k2eg stop failed: {result}")
             self._log.error("k2eg stop failed", error=str(result))
             if sub is not None and not sub.ended:
-                self._client._finish_subscription(sub)
+                self._client.unsubscribe(sub)
         elif not self._sub_ended:
             return  # the subscription ended: drain what is still queued first
         if sub is not None:
@@ -727,6 +839,8 @@ class RunController:
                     break
                 if self._rec is not None:
                     self._on_event(self._rec, event)
+        if sub is not None:
+            self._update_skips(sub)
         final_seen = isinstance(result, StopResult) and result.final_seen
         status = "complete" if final_seen else "aborted"
         why = self._stop_reason
@@ -873,7 +987,7 @@ class RunController:
         except RecorderError as exc:
             self._log.warning("k2eg stop failed", error=str(exc))
             with contextlib.suppress(Exception):
-                self._client._finish_subscription(sub)
+                self._client.unsubscribe(sub)
 
     def _abort_recording(self, reason: str) -> None:
         with contextlib.suppress(Exception):

@@ -6,12 +6,16 @@ One JSON file per run in the state directory (``$STATE_DIRECTORY`` under systemd
      "active": {"recording_uid": "...", "seq": 3, "topic": "bpm_10hz",
                 "snapshot_name": "bpm_10hz", "offsets": {"0": 12345},
                 "current_file": "/data/.../bpm-10hz_..._0003.h5.partial",
-                "segments": 2, "updated_at": 1732212345678}}
+                "segments": 2, "started_at_ns": 1732210000500000000,
+                "updated_at": 1732212345678}}
 
 ``active`` is set while a recording runs and rewritten after every flush that moved the
 durable offsets; it is cleared when the recording ends cleanly (its files finalized). A daemon
 that finds ``active`` at start resumes that recording from ``offset + 1`` into a new segment:
 everything up to ``offset`` is in a file already, everything after it is still in Kafka.
+``segments`` is the number of segment files the recording has opened so far, i.e. the number
+its next segment file gets; ``started_at_ns`` the recording's original start (wall clock):
+with them a resumed recording continues the segment numbering of the same recording.
 Files are replaced atomically (write, fsync, rename), so a crash leaves the old or the new one.
 """
 
@@ -32,6 +36,26 @@ from recorder.errors import ServiceError
 _log = structlog.get_logger("recorder.daemon.resume")
 
 
+def write_json_atomic(path: Path, obj: Any, *, what: str = "state") -> None:
+    """Replace ``path`` with ``obj`` as JSON: write a temporary file, fsync, rename (a crash
+    leaves the old or the new file). Raises :class:`ServiceError`."""
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ServiceError(f"cannot write {what} {path}: {exc}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class ActiveRecording:
     """A recording in progress, as last durably written."""
@@ -42,7 +66,8 @@ class ActiveRecording:
     snapshot_name: str
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> highest durable
     current_file: str | None = None
-    segments: int = 0  # segment files written by earlier daemon processes (for naming)
+    segments: int = 0  # segment files opened so far = the next segment number
+    started_at_ns: int = 0  # the recording's start (wall clock, ns since the epoch; 0 unknown)
     updated_at: int = 0  # ms
 
     def resume_offsets(self) -> dict[int, int]:
@@ -58,6 +83,7 @@ class ActiveRecording:
             "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
             "current_file": self.current_file,
             "segments": self.segments,
+            "started_at_ns": self.started_at_ns,
             "updated_at": self.updated_at,
         }
 
@@ -73,6 +99,7 @@ class ActiveRecording:
             offsets=offsets,
             current_file=None if current is None else str(current),
             segments=int(obj.get("segments", 0)),
+            started_at_ns=int(obj.get("started_at_ns", 0)),
             updated_at=int(obj.get("updated_at", 0)),
         )
 
@@ -120,22 +147,7 @@ class ResumeStore:
 
     def save(self, state: RunState) -> None:
         """Atomically replace the run's state file; raises :class:`ServiceError`."""
-        path = self.path(state.run)
-        tmp = path.with_name(path.name + ".tmp")
-        data = json.dumps(state.to_json_obj(), indent=1, sort_keys=True).encode()
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise ServiceError(f"cannot write run state {path}: {exc}") from exc
+        write_json_atomic(self.path(state.run), state.to_json_obj(), what="run state")
 
     def begin(self, run: str, active: ActiveRecording) -> RunState:
         """A recording starts (or resumes): remember it and reserve its sequence number."""

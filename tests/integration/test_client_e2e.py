@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -300,6 +301,120 @@ def test_backpressure_pauses_and_resumes_without_losing_iterations(
     by_iter = check_event_order(rec.events)
     assert list(by_iter) == list(range(1, len(by_iter) + 1))
     assert all(c.complete for c in rec.closed())
+
+
+def test_lag_counts_what_the_client_has_not_read(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    sim = start_sim(Protocol.SEQUENCED)
+    client = make_client()
+    props = SnapshotProperties(unique_name("lag").replace("-", "_"), PVS, time_window=50)
+    assert client.lag(props.topic) is None  # not read by this client
+    sub = client.snapshot_recurring(props)  # iterator mode
+    try:
+        assert next(sub.events(idle_timeout=10)) is not None
+        assert client.lag("no-such-topic-" + unique_name("x")) is None
+        deadline = time.monotonic() + 10
+        while (sub.lag() or 0) > 10 and time.monotonic() < deadline:
+            sub.get(timeout=1)  # keep taking events: the client keeps up
+        caught_up = sub.lag()
+        assert caught_up is not None and caught_up <= 10
+        # paused: nothing is read, so the lag grows with what the gateway publishes
+        sub.pause()
+        time.sleep(0.3)  # let the consumer thread apply the pause
+        paused_at = sub.lag()
+        assert sim.engine is not None
+        published = sim.engine.stats["messages"]
+        time.sleep(1.5)
+        grown = sub.lag()
+        new_messages = sim.engine.stats["messages"] - published
+        assert paused_at is not None and grown is not None
+        assert new_messages >= 20
+        assert grown - paused_at >= new_messages - 10, (paused_at, grown, new_messages)
+        # resumed and drained: back near zero
+        sub.resume()
+        deadline = time.monotonic() + 15
+        while (sub.lag() or 0) > 10 and time.monotonic() < deadline:
+            for _ in range(200):
+                try:
+                    sub.get(timeout=0.05)
+                except TimeoutError:
+                    break
+        final = sub.lag()
+        assert final is not None and final <= 10, final
+    finally:
+        client.snapshot_stop(props.snapshot_name)
+    assert sub.lag() is None  # ended
+
+
+def test_skipped_messages_are_charged_to_their_topic(
+    kafka_bootstrap: str, start_sim: SimFactory, make_client: ClientFactory,
+    unique_name: Callable[[str], str],
+) -> None:
+    from confluent_kafka import Producer
+
+    start_sim(Protocol.SEQUENCED)
+    client = make_client()
+    dirty = SnapshotProperties(unique_name("dirty").replace("-", "_"), PVS[:1], time_window=100)
+    clean = SnapshotProperties(unique_name("clean").replace("-", "_"), PVS[:1], time_window=100)
+    subs = [client.snapshot_recurring(dirty), client.snapshot_recurring(clean)]
+    try:
+        for sub in subs:
+            assert next(sub.events(idle_timeout=10)) is not None
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        for i in range(7):
+            producer.produce(dirty.topic, b"\xc1 not msgpack %d" % i)
+        assert producer.flush(10) == 0
+        deadline = time.monotonic() + 15
+        while sum(client.skipped(dirty.topic).values()) < 7 and time.monotonic() < deadline:
+            for sub in subs:  # keep both queues moving
+                with contextlib.suppress(TimeoutError):
+                    sub.get(timeout=0.05)
+        skipped = subs[0].skipped()
+        assert sum(v for k, v in skipped.items() if k.startswith("malformed.")) == 7, skipped
+        assert subs[1].skipped() == {}
+        total = sum(v for k, v in client.counters().items()
+                    if k.startswith("assembler.malformed."))
+        assert total == 7
+    finally:
+        for props in (dirty, clean):
+            client.snapshot_stop(props.snapshot_name)
+
+
+def test_unsubscribe_ends_the_handle_but_the_gateway_keeps_publishing(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    sim = start_sim(Protocol.SEQUENCED)
+    client = make_client()
+    props = SnapshotProperties(unique_name("unsub").replace("-", "_"), PVS, time_window=100)
+    sub = client.snapshot_recurring(props)
+    try:
+        events = []
+        for event in sub.events(idle_timeout=10):
+            events.append(event)
+            if isinstance(event, IterationClosed) and len(events) > 6:
+                break
+        client.unsubscribe(sub)
+        assert sub.ended and client.subscriptions == {}
+        rest = list(sub.events(idle_timeout=5))  # what was queued, then the end
+        assert sub.get(timeout=0) is None
+        opened = {e.iter_index for e in [*events, *rest] if isinstance(e, IterationOpened)}
+        closed = {e.iter_index for e in [*events, *rest] if isinstance(e, IterationClosed)}
+        assert opened <= closed  # an iteration still open was closed (CLOSED), none left
+        assert sub.lag() is None and client.lag(props.topic) is None
+        client.unsubscribe(sub)  # idempotent
+        sub.unsubscribe()
+        assert sim.engine is not None
+        before = sim.engine.stats["iterations"]
+        time.sleep(0.6)
+        assert sim.engine.stats["iterations"] > before  # the snapshot was not stopped
+        # the topic is free again: a new subscription reads it
+        again = client.snapshot_recurring(props)
+        assert again.already_running
+        assert any(isinstance(e, IterationClosed) for e in again.events(idle_timeout=3))
+    finally:
+        result = client.snapshot_stop(props.snapshot_name)
+    assert result.message
 
 
 # ------------------------------------------------------------------------------ one-shot, get

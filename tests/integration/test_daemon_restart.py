@@ -69,6 +69,9 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
         first.wait(10)
         state = json.loads((denv.state_dir / "resume.json").read_text())
         assert state["active"]["offsets"], state
+        # one segment file opened so far: the resumed recording's next one is number 1
+        assert state["active"]["segments"] == 1 and state["active"]["started_at_ns"] > 0
+        started_at_ns = state["active"]["started_at_ns"]
         assert sim.engine is not None
         published_before = sim.engine.stats["iterations"]
         time.sleep(1.5)  # the gateway keeps publishing while no recorder runs
@@ -77,8 +80,12 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
         second = DaemonProcess(denv, "second")
         daemons.append(second)
         wait_for(lambda: _complete(admin, "resume") >= 20, 40, "the resumed recording")
+        resumed_state = json.loads((denv.state_dir / "resume.json").read_text())["active"]
+        assert resumed_state["segments"] == 2 and resumed_state["started_at_ns"] == started_at_ns
         second.signal(signal.SIGTERM)
         assert second.wait(60) == 0, second.log_text()[-3000:]
+    assert '"next_segment": 1' in second.log_text()
+    assert json.loads((denv.state_dir / "resume.json").read_text())["active"] is None
     assert partial_files(data) == []
     files = read_files(h5_files(data))
     assert len(files) == 2, [f["path"] for f in files]
@@ -107,3 +114,89 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
     assert len(complete) == len(set(complete))
     missing = set(range(first_it, last_it + 1)) - set(complete)
     assert len(missing) <= 1, sorted(missing)
+
+
+def _all_replies(bootstrap: str, topic: str) -> list[tuple[str | None, str]]:
+    """(request_id, code) of every reply on ``topic``, read from its beginning."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from recorder.admin.protocol import decode_reply
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{topic}",
+                         "enable.auto.commit": False})
+    out: list[tuple[str | None, str]] = []
+    try:
+        high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=5)[1]
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        position = 0
+        deadline = time.monotonic() + 15
+        while position < high and time.monotonic() < deadline:
+            for msg in consumer.consume(100, 0.2):
+                if msg.error():
+                    continue
+                position = msg.offset() + 1
+                reply = decode_reply(msg.value() or b"")
+                out.append((reply.request_id, reply.code.value))
+    finally:
+        consumer.close()
+    return out
+
+
+def test_admin_commands_sent_while_the_daemon_is_down_are_answered_after_a_restart(
+    tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
+    daemons: list[DaemonProcess],
+) -> None:
+    token = unique_name("adm").replace("-", "_")
+    config = tmp_path / "runs.yaml"
+    config.write_text(f"""
+runs:
+  - name: early
+    autostart: false
+    snapshot: {{snapshot_name: early_{token}, pv_uri_list: [pva://SIM:AI:DOUBLE:1]}}
+    output: {{directory: {tmp_path}/data/early}}
+  - name: late
+    autostart: false
+    snapshot: {{snapshot_name: late_{token}, pv_uri_list: [pva://SIM:AI:DOUBLE:2]}}
+    output: {{directory: {tmp_path}/data/late}}
+""")
+    (tmp_path / "logs").mkdir()
+    denv = DaemonEnv(
+        bootstrap=kafka_bootstrap, cmd_topic=unique_name("cmd"), app=unique_name("rec"),
+        admin_topic=unique_name("admin"), reply_topic=unique_name("reply"),
+        status_topic=unique_name("status"), state_dir=tmp_path / "state", config=config,
+        log_dir=tmp_path / "logs", extra={"RECORDER_COMMAND_MAX_AGE_S": "4"},
+    )
+    with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
+        first = DaemonProcess(denv, "first")
+        daemons.append(first)
+        wait_for(lambda: (run_state(admin, "early") or {}).get("state") == "idle", 40,
+                 "the first daemon to answer")
+        handled = admin.build("status")
+        admin.send(handled)
+        assert admin.wait_reply(handled.request_id, 20).ok
+        first.signal(signal.SIGTERM)
+        assert first.wait(60) == 0, first.log_text()[-3000:]
+        saved = json.loads((denv.state_dir / ".admin-offsets.json").read_text())
+        assert saved["topic"] == denv.admin_topic and saved["offsets"]["0"] >= 2
+
+        # the daemon is down: one command ages past the max age, one is fresh at restart
+        stale = admin.build("start", "early")
+        admin.send(stale)
+        time.sleep(5.0)
+        fresh = admin.build("start", "late")
+        admin.send(fresh)
+        second = DaemonProcess(denv, "second")
+        daemons.append(second)
+        assert admin.wait_reply(stale.request_id, 40).code.value == "expired"
+        reply = admin.wait_reply(fresh.request_id, 40)
+        assert reply.ok, reply
+        assert (run_state(admin, "late") or {}).get("state") == "recording"
+        assert (run_state(admin, "early") or {}).get("state") == "idle"
+        second.signal(signal.SIGTERM)
+        assert second.wait(60) == 0, second.log_text()[-3000:]
+    # every command was answered exactly once over both daemons (nothing replayed)
+    replies = _all_replies(denv.bootstrap, denv.reply_topic)
+    ids = [rid for rid, _code in replies]
+    assert len(ids) == len(set(ids)), replies
+    assert {handled.request_id, stale.request_id, fresh.request_id} <= set(ids)
+    assert '"admin topic resumed from the saved offsets"' in second.log_text()

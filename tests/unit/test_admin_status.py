@@ -90,3 +90,25 @@ def test_bad_documents(payload: bytes) -> None:
     with pytest.raises(AdminCommandError) as info:
         StatusDocument.decode(payload)
     assert info.value.code == "malformed"
+
+
+def test_bridge_entry_round_trips_and_shows_in_the_admin_table() -> None:
+    from dataclasses import replace
+
+    from recorder.cli.admin import status_table
+
+    bridge = {"status": "serving", "reason": "", "subscribers": True,
+              "endpoints": {"rep": "tcp://127.0.0.1:4545", "pub": "tcp://127.0.0.1:4546"},
+              "iterations": 9, "served": 9, "published": 8, "dropped_iterations": 0}
+    doc = replace(DOC, runs=(replace(RUN, bridge=bridge), DOC.runs[1]))
+    obj = json.loads(doc.encode())
+    assert obj["runs"]["bpm-10hz"]["bridge"] == bridge
+    assert obj["runs"]["wf"]["bridge"] is None
+    back = StatusDocument.decode(doc.encode())
+    assert back.run("bpm-10hz") is not None and back.run("bpm-10hz").bridge == bridge  # type: ignore[union-attr]
+    table = status_table(obj)
+    assert ("  bridge serving pub tcp://127.0.0.1:4546 rep tcp://127.0.0.1:4545 served 9 "
+            "published 8 (subscribed)") in table
+    with pytest.raises(AdminCommandError):
+        StatusDocument.decode(json.dumps(
+            {**obj, "runs": {"x": {**obj["runs"]["wf"], "bridge": [1]}}}).encode())

@@ -21,11 +21,13 @@ from recorder.client.client import Ack, StopResult
 from recorder.client.wire import Record
 from recorder.config.models import RunDefinition
 from recorder.daemon.admin import AdminHandler
+from recorder.daemon.adminlink import AdminCursor
 from recorder.daemon.backoff import Backoff
 from recorder.daemon.controller import RunController
 from recorder.daemon.pump import MAX_PENDING, MIN_PENDING, pending_bound
 from recorder.daemon.resume import ActiveRecording, ResumeStore
 from recorder.errors import AdminCommandError, GatewayTimeoutError, SinkError
+from recorder.metrics import RecorderMetrics
 
 
 # ------------------------------------------------------------------ backoff / sizing
@@ -77,6 +79,25 @@ def test_resume_store_ignores_a_corrupt_file(tmp_path: Path) -> None:
     assert store.load("r").active is None
 
 
+def test_admin_cursor_saves_only_moves_and_ignores_another_topic(tmp_path: Path) -> None:
+    cursor = AdminCursor(tmp_path / "state", "admin-a")
+    assert cursor.load() is None  # first start: read from the end
+    cursor.reset({0: 5})
+    assert cursor.save()
+    saved = json.loads((tmp_path / "state" / ".admin-offsets.json").read_text())
+    assert saved["topic"] == "admin-a" and saved["offsets"] == {"0": 5}
+    cursor.advance(0, 7)
+    cursor.advance(0, 6)  # never backwards
+    assert cursor.save()
+    again = AdminCursor(tmp_path / "state", "admin-a")
+    assert again.load() == {0: 7}
+    mtime = again.path.stat().st_mtime_ns
+    assert again.save() and again.path.stat().st_mtime_ns == mtime  # unchanged: not rewritten
+    assert AdminCursor(tmp_path / "state", "admin-b").load() is None
+    again.path.write_text("{broken")
+    assert AdminCursor(tmp_path / "state", "admin-a").load() is None
+
+
 # ------------------------------------------------------------------ controller with fakes
 def _definition(tmp_path: Path, *, triggered: bool = False,
                 bridge: dict[str, Any] | None = None) -> RunDefinition:
@@ -92,8 +113,10 @@ def _definition(tmp_path: Path, *, triggered: bool = False,
 
 
 class FakeSub:
-    def __init__(self, topic: str) -> None:
+    def __init__(self, topic: str, stop_fails: bool = False) -> None:
         self.topic = topic
+        self.stop_fails = stop_fails
+        self.skips: dict[str, int] = {}
         self.start_offsets = {0: 10}
         self.events: queue.Queue[Any] = queue.Queue()
         self.ended = False
@@ -107,8 +130,16 @@ class FakeSub:
             self.ended = True
         return item
 
+    def lag(self, timeout: float = 2.0) -> int | None:
+        return None if self.ended else 5
+
+    def skipped(self) -> dict[str, int]:
+        return dict(self.skips)
+
     def stop(self, timeout: float | None = None, *, final_timeout_s: float | None = None
              ) -> StopResult:
+        if self.stop_fails:
+            raise GatewayTimeoutError("repeating_snapshot_stop", "x", 0.1)
         final = IterationClosed(self.topic, "snap", 99, IterationStatus.COMPLETE, None, 1, 2,
                                 offset=30)
         self.events.put(IterationOpened(self.topic, "snap", 99, 1, offset=28))
@@ -117,30 +148,21 @@ class FakeSub:
         return StopResult("snap", self.topic, "", True, final)
 
 
-class FakeAdapter:
-    def watermarks(self, topic: str) -> Future[dict[int, tuple[int, int]]]:
-        f: Future[dict[int, tuple[int, int]]] = Future()
-        f.set_result({0: (0, 50)})
-        return f
-
-    def positions(self, topic: str) -> dict[int, int]:
-        return {0: 45}
-
-
 class FakeClient:
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, stop_fails: bool = False) -> None:
         self.failures = failures
+        self.stop_fails = stop_fails
         self.starts: list[Any] = []
         self.triggers: list[Mapping[str, str] | None] = []
         self.sub: FakeSub | None = None
-        self._adapter = FakeAdapter()
+        self.unsubscribed: list[FakeSub] = []
 
     def snapshot_recurring(self, props: Any, start: Any = None, max_pending: int = 0) -> FakeSub:
         self.starts.append(start)
         if self.failures:
             self.failures -= 1
             raise GatewayTimeoutError("repeating_snapshot", "x", 0.1)
-        self.sub = FakeSub(props.topic)
+        self.sub = FakeSub(props.topic, self.stop_fails)
         return self.sub
 
     def snapshot_trigger(self, name: str, timeout: float | None = None,
@@ -148,7 +170,8 @@ class FakeClient:
         self.triggers.append(tags)
         return Ack("repeating_snapshot_trigger", "id", "")
 
-    def _finish_subscription(self, sub: FakeSub) -> None:
+    def unsubscribe(self, sub: FakeSub, timeout: float = 5.0) -> None:
+        self.unsubscribed.append(sub)
         sub.ended = True
 
 
@@ -158,7 +181,7 @@ class FakeRecording:
         self.reason = ""
         self.current_path: Path | None = path.with_name(path.name + ".partial")
         self.paths: list[Path] = []
-        self.counters = {"flushes": 0, "values": 0}
+        self.counters = {"flushes": 0, "values": 0, "segments": 1}
         self.last_flush_seconds = 0.001
         self.uid = "uid-1"
         self.events: list[Any] = []
@@ -196,9 +219,12 @@ class FakeRecording:
 
 def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False,
                 bridge: dict[str, Any] | None = None, bridge_factory: Any = None,
+                metrics: RecorderMetrics | None = None,
                 ) -> tuple[RunController, list[FakeRecording]]:
     made: list[FakeRecording] = []
     extra: dict[str, Any] = {} if bridge_factory is None else {"bridge_factory": bridge_factory}
+    if metrics is not None:
+        extra["metrics"] = metrics
 
     def factory(definition: RunDefinition, *, seq: int, recording_uid: str | None
                 ) -> FakeRecording:
@@ -242,7 +268,7 @@ def test_start_retries_with_backoff_then_records_and_stops(tmp_path: Path) -> No
         _wait(lambda: c.status().iterations_complete == 1)
         _wait(lambda: json.loads((tmp_path / "state" / "r.json").read_text())["active"]
               ["offsets"] == {"0": 13})
-        assert c.status().lag == 5
+        _wait(lambda: c.status().lag == 5)  # RecurringSnapshot.lag(), after the first pump
         result = c.stop().result(5)
         assert "stopped (complete)" in result
         assert c.state is RunState.IDLE and c.status().last_iteration == 99
@@ -268,6 +294,35 @@ def test_start_resumes_from_the_durable_offset(tmp_path: Path) -> None:
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+def test_segment_numbering_and_start_time_are_kept_across_resumes(tmp_path: Path) -> None:
+    store = ResumeStore(tmp_path / "state")
+    store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41}, None, segments=3,
+                                     started_at_ns=123))
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    try:
+        c.start().result(5)
+        active = store.load("r").active
+        assert active is not None and active.seq == 7
+        assert active.segments == 4 and active.started_at_ns == 123  # one more file opened
+        made[0].counters["segments"] = 2  # the resumed recording rotated once
+        assert client.sub is not None
+        _feed(client.sub, 1, 1)
+        _wait(lambda: (store.load("r").active or active).segments == 5)
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+    fresh, _ = _controller(tmp_path / "fresh", FakeClient())
+    try:
+        before = time.time_ns()
+        fresh.start().result(5)
+        new = ResumeStore(tmp_path / "fresh" / "state").load("r").active
+        assert new is not None and new.segments == 1 and new.started_at_ns >= before
+    finally:
+        fresh.shutdown().result(5)
+        assert fresh.join(5)
 
 
 def test_trigger_rules_and_tags_go_with_the_next_iteration(tmp_path: Path) -> None:
@@ -308,6 +363,79 @@ def test_a_failed_recording_stops_the_run_and_keeps_the_resume_state(tmp_path: P
         _wait(lambda: c.state is RunState.FAILED)
         assert "disk full" in str(c.status().last_error)
         assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is not None
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_failed_k2eg_stop_unsubscribes_through_the_public_api(tmp_path: Path) -> None:
+    client = FakeClient(stop_fails=True)
+    c, made = _controller(tmp_path, client)
+    try:
+        c.start().result(5)
+        sub = client.sub
+        assert sub is not None
+        _wait(lambda: c.status().lag == 5)  # RecurringSnapshot.lag()
+        result = c.stop().result(5)
+        assert "stopped (aborted)" in result
+        assert client.unsubscribed == [sub] and sub.ended
+        assert made[0].status == "aborted"
+        assert "k2eg stop failed" in str(c.status().last_error)
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_metrics_bytes_skips_and_lag_per_run(tmp_path: Path) -> None:
+    metrics = RecorderMetrics()
+    reg = metrics.registry
+
+    def value(name: str, **labels: str) -> float | None:
+        return reg.get_sample_value(f"k2eg_recorder_{name}", {"run": "r", **labels})
+
+    client = FakeClient()
+    c, made = _controller(tmp_path, client, metrics=metrics)
+    try:
+        c.start().result(5)
+        sub = client.sub
+        assert sub is not None
+        sub.skips = {"malformed.not_msgpack": 2}  # before the run's first pump: counted
+        made[0].counters["bytes"] = 1000
+        _feed(sub, 1, 2)
+        _wait(lambda: value("iterations_total", status="complete") == 2)
+        _wait(lambda: value("bytes_written_total") == 1000)
+        _wait(lambda: value("consumer_lag_messages") == 5)
+        _wait(lambda: value("values_written_total") == 2)
+        assert (value("flush_duration_seconds_count") or 0) >= 1
+        sub.skips = {"malformed.not_msgpack": 5, "late.data": 1}
+        made[0].counters["bytes"] = 1500
+        _feed(sub, 3, 1)
+        _wait(lambda: value("bytes_written_total") == 1500)
+        assert "stopped (complete)" in c.stop().result(5)  # the stop counts the last skips
+        assert value("messages_skipped_total", reason="malformed.not_msgpack") == 5
+        assert value("messages_skipped_total", reason="late.data") == 1
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_bytes_written_falls_back_to_file_growth(tmp_path: Path) -> None:
+    metrics = RecorderMetrics()
+    client = FakeClient()
+    c, made = _controller(tmp_path, client, metrics=metrics)
+    try:
+        c.start().result(5)
+        rec, sub = made[0], client.sub
+        assert sub is not None and rec.current_path is not None
+        rec.current_path.write_bytes(b"x" * 4096)
+        _feed(sub, 1, 1)
+        _wait(lambda: metrics.registry.get_sample_value(
+            "k2eg_recorder_bytes_written_total", {"run": "r"}) == 4096)
+        with rec.current_path.open("ab") as f:
+            f.write(b"y" * 1000)
+        _feed(sub, 2, 1)
+        _wait(lambda: metrics.registry.get_sample_value(
+            "k2eg_recorder_bytes_written_total", {"run": "r"}) == 5096)
     finally:
         c.shutdown().result(5)
         assert c.join(5)
