@@ -31,7 +31,7 @@ import numpy.typing as npt
 from recorder.client.values import PVSample, ValueKind
 from recorder.errors import FileFormatError
 from recorder.sinks.bridge.mapping import IterationInfo, Train, build_train, stacked_for
-from recorder.sinks.buffer import REASON_NAMES, STATUS_NAMES
+from recorder.sinks.buffer import REASON_NAMES, STATUS_NAMES, merge_tags
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
     F_VALUE,
@@ -114,9 +114,17 @@ class RecordingFile:
     def attrs_of(self, path: str) -> dict[str, Any]:
         return {k: _plain(v) for k, v in self.h5[path].attrs.items()}
 
+    def _live_tags(self) -> dict[int, dict[str, str]]:
+        view = self._live
+        assert view is not None
+        t = view.tags
+        return merge_tags(t["iter_index"], t["offset"], t["size"], view.byte_pool)
+
     def iterations(self) -> dict[str, npt.NDArray[Any]]:
-        """The /iterations table as columns (status/reason as strings)."""
+        """The /iterations table as columns (status/reason as strings, ``tags`` as dicts of
+        str, ``{}`` when the iteration has none)."""
         if self._live is not None:
+            live_tags = self._live_tags()
             cols = dict(self._live.iterations)
             view = self._live
             cols["error_message"] = np.array(
@@ -130,8 +138,17 @@ class RecordingFile:
                 ],
                 dtype=object,
             )
+            cols["tags"] = _object_array(
+                [dict(live_tags.get(i, {})) for i in cols["iter_index"].tolist()]
+            )
         else:
             cols = {k: ds[()] for k, ds in self.h5["iterations"].items()}
+            raw_tags = cols.get("tags")
+            cols["tags"] = _object_array(
+                [_decode_tags(t) for t in raw_tags.tolist()]
+                if raw_tags is not None
+                else [{} for _ in range(len(cols["iter_index"]))]
+            )
             cols["error_message"] = np.array(
                 [m.decode() if isinstance(m, bytes) else m for m in cols["error_message"]],
                 dtype=object,
@@ -139,6 +156,16 @@ class RecordingFile:
         cols["status"] = np.array([STATUS_NAMES[int(x)] for x in cols["status"]], dtype=object)
         cols["reason"] = np.array([REASON_NAMES[int(x)] for x in cols["reason"]], dtype=object)
         return cols
+
+    def unmatched_tags(self) -> dict[int, dict[str, str]]:
+        """Trigger tags of iterations that are not in this file (never produced, or in
+        another segment); for a live file: those not (yet) attached to a closed iteration."""
+        if self._live is not None:
+            done = set(self._live.iterations["iter_index"].tolist())
+            return {i: t for i, t in self._live_tags().items() if i not in done}
+        raw = self.attrs.get("unmatched_tags")
+        loaded = json.loads(raw) if isinstance(raw, str) and raw else {}
+        return {int(k): {str(a): str(b) for a, b in v.items()} for k, v in loaded.items()}
 
     def pv_info(self, pv: str) -> dict[str, Any]:
         if self._live is not None:
@@ -436,6 +463,20 @@ def _column_items(a: npt.NDArray[Any]) -> list[Any]:
     if a.dtype == object:
         return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in a.tolist()]
     return list(a.tolist())
+
+
+def _object_array(items: list[Any]) -> npt.NDArray[Any]:
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def _decode_tags(raw: Any) -> dict[str, str]:
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    if not text:
+        return {}
+    loaded = json.loads(text)
+    return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
 
 
 def _plain(value: Any) -> Any:

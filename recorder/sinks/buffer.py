@@ -16,7 +16,8 @@ buffered at once and reach the file at the next flush, before the iteration's ta
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,13 @@ META_COLUMNS: dict[str, np.dtype[Any]] = {
     "offset": np.dtype(np.int64),  # into /live/bytes
     "size": np.dtype(np.int64),
 }
+# /live/tags: trigger tags (JSON object in /live/bytes) for the iteration ``iter_index``
+TAG_COLUMNS: dict[str, np.dtype[Any]] = {
+    "iter_index": np.dtype(np.int64),
+    "offset": np.dtype(np.int64),  # into /live/bytes
+    "size": np.dtype(np.int64),
+}
+_ROW_DTYPE = np.dtype(list(SAMPLE_COLUMNS.items()))
 SAMPLE_ROW_BYTES = sum(dt.itemsize for dt in SAMPLE_COLUMNS.values())
 
 
@@ -99,11 +107,15 @@ class FlushBatch:
     new_pvs: list[str]  # PV names that got a column since the previous batch
     pvs: dict[str, npt.NDArray[np.int64]]  # their names in the byte pool: offset, size
     offsets: dict[tuple[str, int], int]  # (topic, partition) -> highest durable offset
+    tags: dict[str, npt.NDArray[np.int64]] = field(
+        default_factory=lambda: {k: np.zeros(0, dt) for k, dt in TAG_COLUMNS.items()}
+    )
 
     @property
     def empty(self) -> bool:
         return (
-            not len(self.samples["pv"])
+            not len(self.tags["iter_index"])
+            and not len(self.samples["pv"])
             and not len(self.iterations["iter_index"])
             and not self.new_pvs
             and not len(self.byte_pool)
@@ -134,11 +146,14 @@ class RecordingBuffer:
         self.buffered_bytes = 0
         for name in pv_names:
             self.column(name)
-        self._cols: dict[str, list[Any]] = {k: [] for k in SAMPLE_COLUMNS}
+        self._rows: list[tuple[Any, ...]] = []  # SAMPLE_COLUMNS order
         self._pools: dict[int, list[npt.NDArray[Any]]] = collections.defaultdict(list)
         self.pool_len: dict[int, int] = collections.defaultdict(int)
         self._meta: dict[str, list[int]] = {k: [] for k in META_COLUMNS}
         self._iters: dict[str, list[Any]] = {k: [] for k in ITERATION_COLUMNS}
+        self._tags: dict[str, list[int]] = {k: [] for k in TAG_COLUMNS}
+        # tags of iterations not closed in this segment (moved to the next one on rotation)
+        self.tags_pending: dict[int, dict[str, str]] = {}
         self._prev_rest: dict[int, Any] = {}
         self._prev_rest_json: dict[int, bytes] = {}
         self.open: collections.OrderedDict[int, _Open] = collections.OrderedDict()
@@ -162,6 +177,19 @@ class RecordingBuffer:
             self._pv_entries.append((self._add_bytes(raw), len(raw)))
             self.pv_rows.append(0)
         return col
+
+    # --- trigger tags -------------------------------------------------------------------------
+    def tag(self, iter_index: int, tags: Mapping[str, str]) -> None:
+        """Record trigger ``tags`` for iteration ``iter_index`` (before it opens, while it is
+        open, or after it closed): one /live/tags row; joined with /iterations at finalize."""
+        clean = {str(k): str(v) for k, v in tags.items()}
+        raw = tags_json(clean).encode("utf-8")
+        t = self._tags
+        t["iter_index"].append(int(iter_index))
+        t["size"].append(len(raw))
+        t["offset"].append(self._add_bytes(raw))
+        if iter_index not in self._recently_closed:
+            self.tags_pending.setdefault(int(iter_index), {}).update(clean)
 
     # --- events -------------------------------------------------------------------------------
     def handle(self, event: IterationEvent) -> list[int]:
@@ -260,6 +288,7 @@ class RecordingBuffer:
 
     def _iteration_row(self, it: _Open, ev: IterationClosed | None, reason: str | None) -> None:
         self.iterations_closed += 1
+        self.tags_pending.pop(it.iter_index, None)
         c = self._iters
         if ev is not None:
             msg = ev.error_message.encode("utf-8", "surrogatepass") if ev.error_message else b""
@@ -324,32 +353,21 @@ class RecordingBuffer:
                 m["offset"].append(self._add_bytes(raw))
                 self._prev_rest_json[col] = raw
             self._prev_rest[col] = s.rest
-        c = self._cols
-        c["pv"].append(col)
-        c["iter_row"].append(iter_row)
-        c["iteration"].append(iteration)
-        c["time"].append(s.time_ns)
-        c["severity"].append(s.severity)
-        c["status"].append(s.status)
-        c["flags"].append(s.flags)
-        c["kind"].append(s.kind)
-        c["dtype"].append(s.dtype)
-        c["ival"].append(s.ival)
-        c["fval"].append(s.fval)
         if s.array is not None:
             pool_offset = self.pool_len[s.dtype]
             size = int(s.array.size)
             self._pools[s.dtype].append(s.array.reshape(-1))
             self.pool_len[s.dtype] = pool_offset + size
             self.buffered_bytes += s.array.nbytes
-            c["offset"].append(pool_offset)
-            c["size"].append(size)
         elif s.text is not None:
-            c["size"].append(len(s.text))
-            c["offset"].append(self._add_bytes(s.text))
+            size = len(s.text)
+            pool_offset = self._add_bytes(s.text)
         else:
-            c["offset"].append(-1)
-            c["size"].append(0)
+            pool_offset = -1
+            size = 0
+        # one tuple per row (columns are made by numpy in take(): cheaper than 13 appends)
+        self._rows.append((col, iter_row, iteration, s.time_ns, s.severity, s.status, s.flags,
+                           s.kind, s.dtype, s.ival, s.fval, pool_offset, size))
         self.buffered_bytes += SAMPLE_ROW_BYTES
 
     # --- flushing -----------------------------------------------------------------------------
@@ -359,7 +377,8 @@ class RecordingBuffer:
 
     def take(self) -> FlushBatch:
         """Everything buffered (except samples of not-yet-active iterations), as arrays."""
-        samples = {k: np.array(v, dtype=SAMPLE_COLUMNS[k]) for k, v in self._cols.items()}
+        table = np.array(self._rows, dtype=_ROW_DTYPE)
+        samples = {k: np.ascontiguousarray(table[k]) for k in SAMPLE_COLUMNS}
         pools = {}
         for code, arrays in self._pools.items():
             if arrays:
@@ -387,8 +406,10 @@ class RecordingBuffer:
                 "size": np.array([n for _, n in self._pv_entries], dtype=np.int64),
             },
             offsets=offsets,
+            tags={k: np.array(v, dtype=TAG_COLUMNS[k]) for k, v in self._tags.items()},
         )
-        self._cols = {k: [] for k in SAMPLE_COLUMNS}
+        self._tags = {k: [] for k in TAG_COLUMNS}
+        self._rows = []
         self._pools = collections.defaultdict(list)
         self._bytes = []
         self._meta = {k: [] for k in META_COLUMNS}
@@ -415,7 +436,39 @@ class RecordingBuffer:
                     nxt._append(col, split, moved.row, iter_index)
                 moved.n_written += len(it.pending)
         self.open.clear()
+        for iter_index, tags in self.tags_pending.items():  # not (yet) in this segment
+            nxt.tag(iter_index, tags)
         return nxt
+
+
+def tags_json(tags: Mapping[str, str]) -> str:
+    """Trigger tags as stored: a compact JSON object (\\u escapes only for lone surrogates)."""
+    text = json.dumps(dict(tags), ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(dict(tags), separators=(",", ":"))
+    return text
+
+
+def merge_tags(
+    iter_index: npt.NDArray[np.int64],
+    offset: npt.NDArray[np.int64],
+    size: npt.NDArray[np.int64],
+    byte_pool: npt.NDArray[np.uint8],
+) -> dict[int, dict[str, str]]:
+    """/live/tags rows -> iter_index -> tags (several rows for one iteration are merged in
+    order, later keys win)."""
+    out: dict[int, dict[str, str]] = {}
+    for i, o, z in zip(iter_index.tolist(), offset.tolist(), size.tolist(), strict=True):
+        raw = byte_pool[o : o + z].tobytes().decode("utf-8", "replace")
+        try:
+            tags = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(tags, dict):
+            out.setdefault(i, {}).update({str(k): str(v) for k, v in tags.items()})
+    return out
 
 
 def _split_bytes(split: Split) -> int:

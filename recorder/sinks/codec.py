@@ -93,7 +93,19 @@ class Split:
 
 
 def _int32(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31
+    if value.__class__ is not int and (not isinstance(value, int) or isinstance(value, bool)):
+        return False
+    return bool(-(2**31) <= value < 2**31)
+
+
+def _is_int(value: Any) -> bool:
+    """An int, not a bool (exact-type check first: the common case, and cheap)."""
+    return value.__class__ is int or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _is_map(value: Any) -> bool:
+    """A mapping (exact dict first: the ABC check costs ~0.4 µs)."""
+    return value.__class__ is dict or isinstance(value, Mapping)
 
 
 def split_sample(sample: PVSample) -> Split:
@@ -105,16 +117,10 @@ def split_sample(sample: PVSample) -> Split:
     severity = -1
     status = -1
     ts = data.get("timeStamp")
-    if isinstance(ts, Mapping):
+    if ts is not None and _is_map(ts):
         sec = ts.get("secondsPastEpoch")
         nsec = ts.get("nanoseconds")
-        if (
-            isinstance(sec, int)
-            and not isinstance(sec, bool)
-            and isinstance(nsec, int)
-            and not isinstance(nsec, bool)
-            and 0 <= nsec < NS_PER_S
-        ):
+        if _is_int(sec) and _is_int(nsec) and 0 <= nsec < NS_PER_S:
             t = sec * NS_PER_S + nsec
             if INT64_MIN <= t <= INT64_MAX:
                 time_ns = t
@@ -124,17 +130,17 @@ def split_sample(sample: PVSample) -> Split:
                 ts_rest["nanoseconds"] = None
                 rest["timeStamp"] = ts_rest
     alarm = data.get("alarm")
-    if isinstance(alarm, Mapping):
+    if alarm is not None and _is_map(alarm):
         sev = alarm.get("severity")
         stat = alarm.get("status")
         alarm_rest = None
         if _int32(sev):
-            severity = int(sev)  # type: ignore[arg-type]
+            severity = int(sev)
             flags |= F_SEVERITY
             alarm_rest = dict(alarm)
             alarm_rest["severity"] = None
         if _int32(stat):
-            status = int(stat)  # type: ignore[arg-type]
+            status = int(stat)
             flags |= F_STATUS
             alarm_rest = alarm_rest if alarm_rest is not None else dict(alarm)
             alarm_rest["status"] = None
@@ -206,7 +212,7 @@ def split_sample(sample: PVSample) -> Split:
         fval=fval,
         array=array,
         text=text,
-        rest={"d": rest, "f": sorted(sample.float32_paths)},
+        rest={"d": rest, "f": sorted(f32) if (f32 := sample.float32_paths) else []},
     )
 
 

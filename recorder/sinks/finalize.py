@@ -34,6 +34,9 @@ from recorder.sinks.buffer import (
     ITERATION_REASONS,
     ITERATION_STATUS,
     SAMPLE_COLUMNS,
+    TAG_COLUMNS,
+    merge_tags,
+    tags_json,
 )
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
@@ -880,7 +883,20 @@ def _write_iterations(f: h5py.File, out: h5py.File, w: _Writer, commit: Commit,
         else:
             attrs = TIME_ATTRS if name in ("header_timestamp", "tail_timestamp") else None
             cols[name] = _Col(w, it, name, total, dtype=dt, attrs=attrs)
+    cols["tags"] = _Col(w, it, "tags", total, dtype=np.dtype(object))
     bytes_ds = f["live"]["bytes"]
+    tags = _read_tags(f, commit)
+    matched: set[int] = set()
+
+    def tag_column(iter_index: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        out = []
+        for i in iter_index.tolist():
+            t = tags.get(i)
+            out.append(tags_json(t) if t else "")
+            if t is not None:
+                matched.add(i)
+        return np.array(out, dtype=object)
+
     for lo in range(0, n, SCAN_ROWS):
         hi = min(n, lo + SCAN_ROWS)
         block = {k: src[k][lo:hi] for k in ITERATION_COLUMNS}
@@ -890,6 +906,7 @@ def _write_iterations(f: h5py.File, out: h5py.File, w: _Writer, commit: Commit,
             for o, z in zip(off.tolist(), size.tolist(), strict=True)
         ]
         block["error_message"] = np.array(messages, dtype=object)
+        block["tags"] = tag_column(block["iter_index"])
         for k, c in cols.items():
             c.add(block[k])
         w.maybe_spill()
@@ -905,12 +922,29 @@ def _write_iterations(f: h5py.File, out: h5py.File, w: _Writer, commit: Commit,
         for k in ("expected_messages", "missing_messages", "partition", "offset"):
             add[k][:] = -1
         add["error_message"] = np.array([""] * m, dtype=object)
+        add["tags"] = tag_column(add["iter_index"])
         for k, c in cols.items():
             c.add(add[k])
     for c in cols.values():
         c.finish()
     w.dirty.clear()
+    # tags of iterations that are not in this file: kept at the recording level
+    unmatched = {str(i): t for i, t in tags.items() if i not in matched}
+    out.attrs["unmatched_tags"] = json.dumps(unmatched, separators=(",", ":"))
     return total
+
+
+def _read_tags(f: h5py.File, commit: Commit) -> dict[int, dict[str, str]]:
+    """The committed /live/tags rows, merged per iter_index."""
+    live = f["live"]
+    n = commit.limits["n_tags"]
+    if not n:
+        return {}
+    rows = {k: live["tags"][k][:n] for k in TAG_COLUMNS}
+    lo = int(rows["offset"].min())
+    hi = int((rows["offset"] + rows["size"]).max())
+    pool = live["bytes"][lo:hi]
+    return merge_tags(rows["iter_index"], rows["offset"] - lo, rows["size"], pool)
 
 
 def finalize(

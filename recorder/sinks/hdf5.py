@@ -5,6 +5,7 @@ The daemon's API::
     rec = HDF5Recording(options, run_name="linac", snapshot=props, run_definition_text=yaml,
                         metadata={"operator": "x"}, pv_uris=props.pv_uri_list, seq=3)
     rec.handle(event)          # every IterationOpened / ValuesReceived / IterationClosed
+    rec.tag_iteration(42, {"shot": "7"})  # trigger tags of iteration 42 (before/while open)
     rec.maybe_flush(now)       # from the daemon's loop/timer; flushes every flush_interval_s
     rec.flush()                # force a flush (data durable on return)
     rec.close("complete")      # or "aborted"/"failed" with a reason; finalizes the files
@@ -98,6 +99,7 @@ class HDF5Recording:
             "flushes": 0,
             "segments": 0,
             "dropped_events": 0,
+            "tags": 0,
         }
         self.last_flush_seconds = 0.0
         self._final: Path | None = None
@@ -134,6 +136,19 @@ class HDF5Recording:
             if self._segment_due():
                 self._rotate()
             self._buffer.activate_oldest()
+        if self._buffer.buffered_bytes >= self.options.max_buffer_bytes:
+            self.flush()
+
+    def tag_iteration(self, iter_index: int, tags: Mapping[str, str]) -> None:
+        """Store trigger ``tags`` with iteration ``iter_index``: before it opens or while it is
+        open (also after it closed). They reach the file at the next flush, and end up in
+        ``/iterations/tags`` of the file holding that iteration, or in the root attribute
+        ``unmatched_tags`` of a file that does not hold it (see docs/file-format.md)."""
+        if self.status != "recording":
+            self.counters["dropped_events"] += 1
+            return
+        self.counters["tags"] += 1
+        self._buffer.tag(iter_index, tags)
         if self._buffer.buffered_bytes >= self.options.max_buffer_bytes:
             self.flush()
 

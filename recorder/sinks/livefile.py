@@ -21,6 +21,7 @@ from recorder.sinks.buffer import (
     ITERATION_COLUMNS,
     META_COLUMNS,
     SAMPLE_COLUMNS,
+    TAG_COLUMNS,
     FlushBatch,
 )
 from recorder.sinks.codec import DTYPE_BY_CODE, POOL_NAMES
@@ -36,6 +37,7 @@ STATE_COLUMNS: dict[str, np.dtype[Any]] = {
     "n_pvs": np.dtype(np.int64),
     "n_kafka": np.dtype(np.int64),
     "n_bytes": np.dtype(np.int64),
+    "n_tags": np.dtype(np.int64),
     **{f"n_pool_{name}": np.dtype(np.int64) for name in POOL_NAMES.values()},
 }
 RECORDING_STATUS = {"recording": 0, "complete": 1, "aborted": 2, "failed": 3}
@@ -77,6 +79,7 @@ def create_live_layout(f: h5py.File, options: OutputOptions) -> list[str]:
         ("state", STATE_COLUMNS),
         ("kafka", KAFKA_COLUMNS),
         ("pvs", PV_COLUMNS),
+        ("tags", TAG_COLUMNS),
     ):
         group = live.create_group(gname)
         for name, dtype in columns.items():
@@ -110,10 +113,12 @@ class LiveWriter:
         self.state = {k: live["state"][k] for k in STATE_COLUMNS}
         self.kafka = {k: live["kafka"][k] for k in KAFKA_COLUMNS}
         self.pvs = {k: live["pvs"][k] for k in PV_COLUMNS}
+        self.tags = {k: live["tags"][k] for k in TAG_COLUMNS}
         self.bytes = live["bytes"]
         self.pools = {code: live[f"pool_{name}"] for code, name in POOL_NAMES.items()}
         self.iterations = {k: f["iterations"][k] for k in ITERATION_COLUMNS}
-        self.n = {"samples": 0, "iterations": 0, "meta": 0, "pvs": 0, "kafka": 0, "bytes": 0}
+        self.n = {"samples": 0, "iterations": 0, "meta": 0, "pvs": 0, "kafka": 0, "bytes": 0,
+                  "tags": 0}
         self.pool_n = dict.fromkeys(POOL_NAMES, 0)
 
     def write(self, batch: FlushBatch, status: int, now_ns: int) -> None:
@@ -134,6 +139,9 @@ class LiveWriter:
         for k, arr in batch.iterations.items():
             _append(self.iterations[k], arr)
         self.n["iterations"] += len(batch.iterations["iter_index"])
+        for k, arr in batch.tags.items():
+            _append(self.tags[k], arr)
+        self.n["tags"] += len(batch.tags["iter_index"])
         if batch.offsets:
             keys = sorted(batch.offsets)
             _append(
@@ -157,6 +165,7 @@ class LiveWriter:
             "n_pvs": self.n["pvs"],
             "n_kafka": self.n["kafka"],
             "n_bytes": self.n["bytes"],
+            "n_tags": self.n["tags"],
         }
         for code, name in POOL_NAMES.items():
             row[f"n_pool_{name}"] = self.pool_n[code]
@@ -175,6 +184,7 @@ class LiveView:
     meta: dict[str, npt.NDArray[Any]]
     iterations: dict[str, npt.NDArray[Any]]
     kafka: dict[str, npt.NDArray[Any]]
+    tags: dict[str, npt.NDArray[Any]]
     byte_pool: npt.NDArray[np.uint8]
     pools: dict[int, npt.NDArray[Any]]
     status: str
@@ -203,7 +213,7 @@ class Commit:
 def refresh_live(f: h5py.File) -> None:
     """Refresh every live dataset (a no-op unless the file is open in SWMR read mode)."""
     live = f["live"]
-    for group in ("samples", "meta", "state", "kafka", "pvs"):
+    for group in ("samples", "meta", "state", "kafka", "pvs", "tags"):
         for ds in live[group].values():
             _refresh(ds)
     for ds in f["iterations"].values():
@@ -226,6 +236,7 @@ def read_commit(f: h5py.File) -> Commit:
         "n_pvs": min(live["pvs"][k].shape[0] for k in PV_COLUMNS),
         "n_kafka": min(live["kafka"][k].shape[0] for k in KAFKA_COLUMNS),
         "n_bytes": live["bytes"].shape[0],
+        "n_tags": min(live["tags"][k].shape[0] for k in TAG_COLUMNS),
         **{f"n_pool_{n}": live[f"pool_{n}"].shape[0] for n in POOL_NAMES.values()},
     }
     hi = state_len
@@ -274,6 +285,7 @@ def read_live(f: h5py.File) -> LiveView:
         meta={k: live["meta"][k][:nm] for k in META_COLUMNS},
         iterations={k: f["iterations"][k][:ni] for k in ITERATION_COLUMNS},
         kafka={k: live["kafka"][k][: limits["n_kafka"]] for k in KAFKA_COLUMNS},
+        tags={k: live["tags"][k][: limits["n_tags"]] for k in TAG_COLUMNS},
         byte_pool=byte_pool,
         pools={
             code: live[f"pool_{name}"][: limits[f"n_pool_{name}"]]

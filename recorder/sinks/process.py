@@ -8,7 +8,8 @@ disk or a hung file system costs that recording only.
 Same API and semantics as ``HDF5Recording`` (the daemon switches with :func:`open_recording`)::
 
     rec = IsolatedRecording(options, run_name="linac", snapshot=props, seq=3, ...)
-    rec.handle(event); rec.maybe_flush(now); rec.flush(); paths = rec.close("complete")
+    rec.handle(event); rec.tag_iteration(i, tags)
+    rec.maybe_flush(now); rec.flush(); paths = rec.close("complete")
     rec.status, rec.reason, rec.current_path, rec.paths, rec.last_durable_offset, rec.counters
 
 Process model
@@ -135,8 +136,8 @@ DEFAULT_BATCH_BYTES = 256 * 1024
 
 # parent -> child message kinds
 _EVENTS, _FLUSH, _CLOSE = 0, 1, 2
-# event tags
-_OPENED, _VALUES, _CLOSED = 0, 1, 2
+# event tags (_TAGS: trigger tags, [_TAGS, iter_index, {key: value}], in order with events)
+_OPENED, _VALUES, _CLOSED, _TAGS = 0, 1, 2, 3
 _EVENT_TYPES: tuple[type[Any], ...] = (IterationOpened, ValuesReceived, IterationClosed)
 _FIELDS: tuple[tuple[str, ...], ...] = tuple(
     tuple(f.name for f in dataclasses.fields(cls)) for cls in _EVENT_TYPES
@@ -363,7 +364,10 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes) -> None:
             if kind == _EVENTS:
                 if broken is None:
                     for row in msg[2]:
-                        rec.handle(_decode_event(row))
+                        if row[0] == _TAGS:
+                            rec.tag_iteration(row[1], row[2])
+                        else:
+                            rec.handle(_decode_event(row))
             elif kind == _FLUSH:
                 if broken is None:
                     rec.flush()
@@ -488,6 +492,7 @@ class IsolatedRecording:
             "flushes": 0,
             "segments": 0,
             "dropped_events": 0,
+            "tags": 0,
         }
         self.last_flush_seconds = 0.0
         self.blocked_seconds = 0.0  # total time handle() waited for a congested writer
@@ -603,6 +608,18 @@ class IsolatedRecording:
             self._ship()
         if self.congested:
             self._relieve()
+
+    def tag_iteration(self, iter_index: int, tags: Mapping[str, str]) -> None:
+        """Trigger tags for iteration ``iter_index`` (see ``HDF5Recording.tag_iteration``);
+        sent in order with the events."""
+        if self.status != "recording" or self._closed:
+            self._drop()
+            return
+        clean = {str(k): str(v) for k, v in tags.items()}
+        self._batch.append([_TAGS, int(iter_index), clean])
+        self._batch_size += 32 + sum(len(k) + len(v) + 8 for k, v in clean.items())
+        if self._batch_size >= self.batch_bytes:
+            self._ship()
 
     def maybe_flush(self, now: float | None = None) -> bool:
         """Ship pending events; ask for a flush if ``flush_interval_s`` passed. Never waits."""

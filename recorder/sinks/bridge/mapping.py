@@ -48,7 +48,8 @@ item per value (``None`` where missing).
 The per-source ``timestamp`` is the EPICS timestamp of the PV's last value in the iteration
 (the iteration's header time when that value has none). The recorder-level source
 :data:`RECORDER_SOURCE` carries the iteration record (header/tail times, status, reason,
-counts); its metadata timestamp is the iteration header time (tail time without header).
+counts, trigger ``tags`` as a dict of str); its metadata timestamp is the iteration header
+time (tail time without header).
 
 Over the wire (protocol 2.2) ``karabo_bridge`` sends numpy arrays as typed buffers and turns
 numpy scalars into Python ``int``/``float``/``bool``; the reader keeps the numpy scalars.
@@ -96,6 +97,7 @@ class IterationInfo:
     expected_messages: int = -1  # -1 = not a sequenced stream
     missing_messages: int = -1
     duplicates: int = 0
+    tags: tuple[tuple[str, str], ...] = ()  # trigger tags recorded with the iteration
 
     @property
     def complete(self) -> bool:
@@ -155,7 +157,14 @@ class IterationInfo:
             expected_messages=num("expected_messages", -1),
             missing_messages=num("missing_messages", -1),
             duplicates=num("duplicates", 0),
+            tags=tuple(_tags_of(columns, row).items()),
         )
+
+
+def _tags_of(columns: Mapping[str, Any], row: int) -> dict[str, str]:
+    col = columns.get("tags")
+    tags = col[row] if col is not None else None
+    return {str(k): str(v) for k, v in tags.items()} if isinstance(tags, Mapping) else {}
 
 
 def stacked_for(snapshot_type: object) -> bool:
@@ -285,6 +294,7 @@ def recorder_entry(
         "expected_messages": info.expected_messages,
         "missing_messages": info.missing_messages,
         "duplicates": info.duplicates,
+        "tags": dict(info.tags),
         "n_sources": n_sources,
         "stacked": stacked,
         "run_name": run_name,
