@@ -147,12 +147,14 @@ def bridge_status(sink: BridgeSink) -> dict[str, Any]:
 
 class RecordingFactory(Protocol):
     def __call__(
-        self, definition: RunDefinition, *, seq: int, recording_uid: str | None
+        self, definition: RunDefinition, *, seq: int, recording_uid: str | None,
+        first_segment: int = 0, start_ns: int | None = None,
     ) -> Recording: ...
 
 
 def hdf5_recording(
-    definition: RunDefinition, *, seq: int, recording_uid: str | None
+    definition: RunDefinition, *, seq: int, recording_uid: str | None,
+    first_segment: int = 0, start_ns: int | None = None,
 ) -> Recording:
     """The production recording: HDF5 files as the run definition's ``output:`` says, written
     by a writer process of its own (:class:`~recorder.sinks.process.IsolatedRecording`) unless
@@ -170,6 +172,8 @@ def hdf5_recording(
         pv_uris=props.pv_uri_list,
         seq=seq,
         recording_uid=recording_uid,
+        first_segment=first_segment,
+        start_wall=None if start_ns is None else start_ns / 1e9,
     )
 
 
@@ -507,9 +511,11 @@ class RunController:
         else:
             seq, uid = stored.next_seq, None
         rec: Recording | None = None
-        created_ns = time.time_ns()
+        created_ns = (active.started_at_ns if active is not None and active.started_at_ns
+                      else time.time_ns())
         try:
-            rec = self._factory(d, seq=seq, recording_uid=uid)
+            rec = self._factory(d, seq=seq, recording_uid=uid,
+                                first_segment=self._first_segment, start_ns=created_ns)
             reason = rec.reason
         except (RecorderError, OSError, ValueError, RuntimeError) as exc:
             reason = f"cannot create the recording: {exc}"
@@ -540,8 +546,7 @@ class RunController:
             offsets=dict(self._durable),
             current_file=None if rec.current_path is None else str(rec.current_path),
             segments=self._first_segment + rec.counters.get("segments", 0),
-            started_at_ns=(active.started_at_ns if active is not None and active.started_at_ns
-                           else created_ns),
+            started_at_ns=created_ns,
             updated_at=time.time_ns() // 1_000_000,
         )
         try:

@@ -67,6 +67,8 @@ class HDF5Recording:
         pv_uris: Iterable[str] = (),
         seq: int = 0,
         recording_uid: str | None = None,
+        first_segment: int = 0,
+        start_wall: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -86,10 +88,11 @@ class HDF5Recording:
         self.uid = recording_uid or str(uuid.uuid4())
         self.clock = clock
         self.wall_clock = wall_clock
-        self.start_wall = wall_clock()
+        # a resumed recording keeps its start (file names, start_time) and segment numbering
+        self.start_wall = wall_clock() if start_wall is None else start_wall
         self.status = "recording"
         self.reason = ""
-        self.segment = -1
+        self.segment = first_segment - 1
         self.paths: list[Path] = []  # finalized segment files
         self.current_path: Path | None = None  # the .partial file being written
         self.counters: dict[str, int] = {

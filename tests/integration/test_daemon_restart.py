@@ -92,6 +92,11 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
     files.sort(key=lambda f: f["attrs"]["segment_start_time"])
     crashed, resumed = files
     assert crashed["status"] == "aborted" and resumed["status"] == "complete"
+    # one recording in numbered segments: same start in the name, segment 0 then 1, no "-1"
+    assert crashed["attrs"]["segment"] == 0 and resumed["attrs"]["segment"] == 1
+    assert crashed["attrs"]["start_time"] == resumed["attrs"]["start_time"]
+    first_name, second_name = Path(crashed["path"]).name, Path(resumed["path"]).name
+    assert second_name == first_name.replace(".h5", "_s0001.h5"), (first_name, second_name)
     assert crashed["attrs"]["recording_uid"] == resumed["attrs"]["recording_uid"]
 
     published = read_published(denv.bootstrap, snap.lower())

@@ -226,8 +226,8 @@ def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False,
     if metrics is not None:
         extra["metrics"] = metrics
 
-    def factory(definition: RunDefinition, *, seq: int, recording_uid: str | None
-                ) -> FakeRecording:
+    def factory(definition: RunDefinition, *, seq: int, recording_uid: str | None,
+                first_segment: int = 0, start_ns: int | None = None) -> FakeRecording:
         rec = FakeRecording(tmp_path / f"r_{seq}.h5")
         made.append(rec)
         return rec
