@@ -31,7 +31,6 @@ Lifecycle
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import threading
@@ -57,6 +56,7 @@ from recorder.daemon.controller import RecordingFactory, RunController, hdf5_rec
 from recorder.daemon.heartbeat import Heartbeat
 from recorder.daemon.resume import ResumeStore
 from recorder.errors import RecorderError
+from recorder.gctune import tune_gc
 from recorder.metrics import RecorderMetrics, start_metrics_server
 from recorder.notify import Notifier, WatchdogPinger, watchdog_interval
 from recorder.settings import KafkaSettings
@@ -69,7 +69,6 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 LOOP_WAIT_S = 0.1
 EXTEND_EVERY_S = 5.0
-GC_THRESHOLDS = (50_000, 10, 10)  # default (700, 10, 10): see tune_gc
 
 
 def default_state_dir(environ: dict[str, str] | None = None) -> Path:
@@ -81,21 +80,6 @@ def default_state_dir(environ: dict[str, str] | None = None) -> Path:
         return Path(env["STATE_DIRECTORY"].split(":")[0])
     base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "k2eg-recorder"
-
-
-def tune_gc() -> None:
-    """Garbage-collector settings for the long-running daemon, applied once it has started.
-
-    Objects alive after start-up (modules, settings, the client) are frozen out of the
-    collector's view, and young-generation collections run every 50,000 net container
-    allocations instead of 700: at high rates the default thresholds made the collector
-    re-scan the whole heap over and over (~25 % of the CPU draining a pre-filled topic, see
-    benchmarks/bench_e2e.py). Memory is still bounded: objects are freed by reference
-    counting, cycles at the next (rarer) collection.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @dataclass(slots=True)

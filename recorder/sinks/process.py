@@ -317,9 +317,11 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes) -> None:
         structlog.configure(
             wrapper_class=structlog.make_filtering_bound_logger(logcfg["level"])
         )
+    from recorder.gctune import tune_gc
     from recorder.sinks.hdf5 import HDF5Recording
 
     _quiet_unraisable()
+    tune_gc()  # the writer allocates per value like the daemon does; see recorder.gctune
     clock_offset = float(init["clock_offset"])
     wall_offset = float(init["wall_offset"])
     snap = init["snapshot"]
