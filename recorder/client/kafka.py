@@ -488,10 +488,7 @@ class KafkaAdapter:
             if not self._serve_requests(consumer, wait=not self._has_active_topics()):
                 return
             if self._has_active_topics():
-                first = consumer.poll(poll_timeout)
-                messages = [first] if first is not None else []
-                if first is not None and batch_size > 1:
-                    messages.extend(consumer.consume(batch_size - 1, 0))
+                messages = consumer.consume(batch_size, poll_timeout)
             else:
                 messages = []
             records = self._to_records(messages) if messages else []
