@@ -326,26 +326,9 @@ class IterationAssembler:
         out: list[IterationEvent],
     ) -> None:
         ts = msg.timestamp_ns
-        if ts > state.max_ts:
-            restart_ok = True
-            state.max_ts = ts
-        else:
-            restart_ok = False
-        it = state.open.get(msg.iter_index)
+        it = self._iteration_of(state, partition, offset, msg, now, "data", out)
         if it is None:
-            it = self._open_unannounced(
-                state,
-                msg.iter_index,
-                restart_ok,
-                partition,
-                offset,
-                now,
-                msg.header_timestamp_ns,
-                "data",
-                out,
-            )
-            if it is None:
-                return
+            return
         # duplicates
         seq = msg.msg_seq
         sample = msg.sample
@@ -488,24 +471,9 @@ class IterationAssembler:
         out: list[IterationEvent],
     ) -> None:
         ts = msg.timestamp_ns
-        restart_ok = ts > state.max_ts
-        if restart_ok:
-            state.max_ts = ts
-        it = state.open.get(msg.iter_index)
+        it = self._iteration_of(state, partition, offset, msg, now, "tail", out)
         if it is None:
-            it = self._open_unannounced(
-                state,
-                msg.iter_index,
-                restart_ok,
-                partition,
-                offset,
-                now,
-                msg.header_timestamp_ns,
-                "tail",
-                out,
-            )
-            if it is None:
-                return
+            return
         if it.tail_seen:
             self._duplicate(it, "duplicate.tail")
             return
@@ -556,26 +524,35 @@ class IterationAssembler:
         state.closed.clear()
         state.max_index = None
 
-    def _open_unannounced(  # noqa: PLR0917
+    def _iteration_of(  # noqa: PLR0917
         self,
         state: _Topic,
-        idx: int,
-        newest: bool,
         partition: int,
         offset: int,
+        msg: Data | Tail,
         now: float,
-        header_ts: int | None,
         what: str,
         out: list[IterationEvent],
     ) -> _Iteration | None:
-        """Data or a tail for an iteration that is not open: late (None), or open it."""
+        """The open iteration data or a tail belongs to; opened if it is not open yet, None
+        (counted ``late.<what>``) if it was closed already."""
+        ts = msg.timestamp_ns
+        newest = ts > state.max_ts
+        if newest:
+            state.max_ts = ts
+        idx = msg.iter_index
+        it = state.open.get(idx)
+        if it is not None:
+            return it
         if idx in state.closed:
             if not (newest and state.max_index is not None and idx < state.max_index):
                 self.counters["late." + what] += 1
                 return None
             self._restart(state)
         self.counters["no_header"] += 1
-        return self._open(state, idx, partition, offset, now, out, header_ts=header_ts)
+        return self._open(
+            state, idx, partition, offset, now, out, header_ts=msg.header_timestamp_ns
+        )
 
     def _open(  # noqa: PLR0917
         self,
