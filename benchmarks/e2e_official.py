@@ -32,11 +32,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
+from k2eg_official import configure_official_client
 
 
 def vm_kb(field: str, pid: str = "self") -> int:
@@ -54,28 +56,12 @@ def say(line: str) -> None:
 def main() -> int:
     plan = json.loads(Path(sys.argv[1]).read_text())
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
-    folder = tempfile.mkdtemp(prefix="k2eg-ini-")
-    with open(os.path.join(folder, "bench.ini"), "w") as f:
-        f.write(
-            "[DEFAULT]\n"
-            f"kafka_broker_url={plan['bootstrap']}\n"
-            f"k2eg_cmd_topic={plan['cmd_topic']}\n"
-        )
-    os.environ["K2EG_PYTHON_CONFIGURATION_PATH_FOLDER"] = folder
+    configure_official_client(plan["bootstrap"], plan["cmd_topic"], "bench")
 
     import h5py
-    import k2eg.broker
     import numpy as np
     from k2eg.broker import SnapshotProperties, SnapshotType
     from k2eg.dml import dml as k2eg_dml
-
-    base_consumer = k2eg.broker.Consumer
-
-    class ShortSessionConsumer(base_consumer):  # type: ignore[misc, valid-type]
-        def __init__(self, conf: dict[str, Any]) -> None:
-            super().__init__({**conf, "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
-
-    k2eg.broker.Consumer = ShortSessionConsumer
 
     pvs: list[str] = plan["pvs"]
     waveform = plan["kind"] == "waveforms"

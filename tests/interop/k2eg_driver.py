@@ -16,39 +16,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 import threading
 import time
 import traceback
 from typing import Any
 
+from k2eg_official import configure_official_client  # beside this script
+
 
 def main() -> int:
     plan = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    folder = tempfile.mkdtemp(prefix="k2eg-ini-")
-    with open(os.path.join(folder, "sim.ini"), "w") as f:
-        f.write(
-            "[DEFAULT]\n"
-            f"kafka_broker_url={plan['bootstrap']}\n"
-            f"k2eg_cmd_topic={plan['cmd_topic']}\n"
-        )
-    os.environ["K2EG_PYTHON_CONFIGURATION_PATH_FOLDER"] = folder
+    configure_official_client(plan["bootstrap"], plan["cmd_topic"], "sim")
 
-    import k2eg.broker
     from k2eg.broker import SnapshotProperties, SnapshotType
     from k2eg.dml import dml as k2eg_dml
-
-    base_consumer = k2eg.broker.Consumer
-
-    class ShortSessionConsumer(base_consumer):  # type: ignore[misc, valid-type]
-        def __init__(self, conf: dict[str, Any]) -> None:
-            conf = {**conf, "session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
-            super().__init__(conf)
-
-    k2eg.broker.Consumer = ShortSessionConsumer
 
     lock = threading.Lock()
     iterations: dict[str, list[dict[str, Any]]] = {}
