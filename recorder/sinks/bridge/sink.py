@@ -128,6 +128,9 @@ class KaraboBridgeSink:
         self._open: collections.OrderedDict[int, _Open] = collections.OrderedDict()
         self._recent: collections.deque[int] = collections.deque(maxlen=RECENTLY_CLOSED)
         self._queue: collections.deque[_Item] = collections.deque(maxlen=options.queue_size)
+        # "full, so the append drops the oldest" must be decided atomically with the append:
+        # the serving thread pops concurrently (else a drop is counted for an item it serves)
+        self._queue_lock = threading.Lock()
         self._stop = threading.Event()
         self._closed = False
         self._log = log.bind(run=run_name, snapshot=self.snapshot_name)
@@ -255,9 +258,10 @@ class KaraboBridgeSink:
         if not info.complete and not self.options.serve_incomplete:
             self.counters["skipped_incomplete"] += 1
             return
-        if len(self._queue) == self._queue.maxlen:
-            self.counters["dropped_iterations"] += 1  # the oldest goes: latest wins
-        self._queue.append(_Item(info, tuple(samples)))
+        with self._queue_lock:
+            if len(self._queue) == self._queue.maxlen:
+                self.counters["dropped_iterations"] += 1  # the oldest goes: latest wins
+            self._queue.append(_Item(info, tuple(samples)))
         self.counters["iterations"] += 1
         self._wake()
 
@@ -370,10 +374,10 @@ class KaraboBridgeSink:
 
     def _publish_queued(self) -> None:
         while self._queue:
-            try:
+            with self._queue_lock:
+                if not self._queue:  # pragma: no cover - only this thread pops
+                    return
                 item = self._queue.popleft()
-            except IndexError:  # pragma: no cover - only this thread pops
-                return
             self._seq += 1
             served = self._latest = _Served(self._seq, item)
             self.counters["served"] += 1
