@@ -17,7 +17,7 @@ def filter_kwargs(
     options: OutputOptions, dtype: np.dtype[Any] | None, *, live: bool = False
 ) -> tuple[dict[str, Any], str | None]:
     """(create_dataset keyword arguments, required plugin name or None)."""
-    comp = options.compression
+    comp = options.live_compression if live else options.compression
     level = options.compression_level
     if live or level is None:
         level = (LIVE_LEVELS if live else DEFAULT_LEVELS).get(comp, 0)

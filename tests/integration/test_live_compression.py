@@ -1,0 +1,43 @@
+"""``output.live_compression``: the file being written is uncompressed by default (fastest);
+a compressed live file finalizes to the same content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import pytest
+from test_hdf5_roundtrip import record, same
+
+from recorder.reader import open_file
+from recorder.sinks.filters import filter_kwargs
+from recorder.sinks.options import Compression, OutputOptions
+
+
+def test_live_default_is_uncompressed_final_is_gzip(tmp_path: Path) -> None:
+    opts = OutputOptions(directory=tmp_path)
+    assert opts.live_compression is Compression.NONE
+    assert filter_kwargs(opts, None, live=True) == ({}, None)
+    assert filter_kwargs(opts, None)[0]["compression"] == "gzip"
+    gz = OutputOptions(directory=tmp_path, live_compression="gzip", compression="none")
+    assert filter_kwargs(gz, None, live=True)[0]["compression_opts"] == 1  # fast level
+    assert filter_kwargs(gz, None) == ({}, None)
+
+
+@pytest.mark.parametrize("live", ["none", "gzip", "lzf"])
+def test_live_file_filters_and_same_final_content(tmp_path: Path, live: str) -> None:
+    rec, sent = record(tmp_path, n_iter=6, live_compression=live)
+    rec.flush()
+    partial = rec.current_path
+    assert partial is not None and partial.name.endswith(".partial")
+    with h5py.File(partial, "r", swmr=True) as h:
+        ds = h["live/samples/fval"]
+        assert ds.compression == (None if live == "none" else live)
+    (final,) = rec.close()
+    with open_file(final) as f:
+        for pv, samples in sent.items():
+            same(list(f.samples(pv)), samples)
+    with h5py.File(final, "r") as h:  # the final layout uses `compression` (gzip default)
+        chunked = [h[n] for n in ("iterations/iter_index",) if h[n].chunks is not None]
+        for ds in chunked:
+            assert ds.compression == "gzip"
