@@ -523,8 +523,11 @@ def worker(args: argparse.Namespace) -> int:
     original = K2egClient.snapshot_recurring
 
     def timed_subscribe(self: Any, *a: Any, **k: Any) -> Any:
+        t_call = pc()
         sub = original(self, *a, **k)
         marks["t0"] = pc()
+        info["subscribe_s"] = marks["t0"] - t_call
+        wlog(f"subscribed (snapshot_recurring took {info['subscribe_s']:.2f} s)")
         info["rss_t0_kb"] = vm_kb("VmRSS")
         info["cpu_t0"] = thread_cpu()
         return sub
@@ -577,13 +580,18 @@ def worker(args: argparse.Namespace) -> int:
             marks["closed"] = pc()
             return paths
 
-    def factory(definition: RunDefinition, **kwargs: Any) -> Recording:
+    class Factory:
         # the daemon's own factory: output.isolate (set from --sink above) picks
         # IsolatedRecording (writer process) or HDF5Recording (in the daemon's process)
-        rec = hdf5_recording(definition, **kwargs)
-        (out / "recording.json").write_text(json.dumps({"path": str(rec.current_path)}))
-        say("RECORDING")
-        return Timed(rec)  # type: ignore[return-value]
+        prewarm = staticmethod(hdf5_recording.prewarm)  # as the daemon: writer started early
+
+        def __call__(self, definition: RunDefinition, **kwargs: Any) -> Recording:
+            rec = hdf5_recording(definition, **kwargs)
+            (out / "recording.json").write_text(json.dumps({"path": str(rec.current_path)}))
+            say("RECORDING")
+            return Timed(rec)  # type: ignore[return-value]
+
+    factory = Factory()
 
     kafka = KafkaSettings.from_env({}, bootstrap_servers=args.bootstrap,
                                    cmd_topic=args.cmd_topic, app_name=f"{args.topic}-rec")
@@ -611,10 +619,13 @@ def worker(args: argparse.Namespace) -> int:
         wlog("daemon ready")
         deadline = time.monotonic() + args.timeout
         next_report = time.monotonic() + 2.0
+        next_hwm = 0.0
         while not done.wait(0.05):
             c = service.controllers.get("bench")
-            children_hwm()
             now = time.monotonic()
+            if now >= next_hwm:  # /proc reads cost the daemon CPU: not on every pass
+                next_hwm = now + 0.5
+                children_hwm()
             if c is not None and c.state.value == "failed":
                 info["error"] = f"the run failed: {c.status().last_error}"
                 wlog(info["error"])
@@ -660,6 +671,7 @@ def worker(args: argparse.Namespace) -> int:
             "hwm_durable_kb": info.get("hwm_durable_kb", 0),
             "child_hwm_durable_kb": info.get("child_hwm_durable_kb", 0),
             "child_hwm_kb": child_hwm[0], "first_event_s": marks.get("first_event", t0) - t0,
+            "subscribe_s": info.get("subscribe_s", nan),
             "flushes": info.get("flushes", 0), "flush_s": info.get("flush_s", 0.0),
             "drain_cpu_s": cpu, "gc": gc_stats, **extra,
         }
@@ -686,13 +698,16 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def thread_cpu() -> dict[str, float]:
-    """CPU seconds (user + system) per thread name of this process (threads of one name
-    summed)."""
+    """CPU seconds (user + system) per thread of this process: Python threads by their
+    ``threading`` name (numbered suffixes dropped), native threads by their ``comm`` (threads
+    of one name summed)."""
     tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
     out: dict[str, float] = {}
     for task in Path("/proc/self/task").iterdir():
         with contextlib.suppress(OSError, ValueError, IndexError):
-            name = (task / "comm").read_text().strip()
+            name = names.get(int(task.name)) or (task / "comm").read_text().strip()
+            name = name.split(" (")[0]
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
             out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
@@ -911,7 +926,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{(o['vmhwm_kb'] + o['child_hwm_kb']) / 1024:.0f} MB (durable "
                          f"{o['hwm_durable_kb'] / 1024:.0f} + writer "
                          f"{o['child_hwm_durable_kb'] / 1024:.0f}, half "
-                         f"{o['hwm_half_kb'] / 1024:.0f} MB); first event "
+                         f"{o['hwm_half_kb'] / 1024:.0f} MB); subscribe "
+                         f"{o['subscribe_s']:.2f} s, first event "
                          f"{o['first_event_s']:.2f} s, {o['flushes']} flushes "
                          f"{o['flush_s']:.2f} s, drain CPU {o['drain_cpu_s']}, GC {o['gc']}")
                 if args.official and c.official_iterations and r == 0:

@@ -166,6 +166,11 @@ class KafkaAdapter:
             "auto.offset.reset": "earliest",  # an explicit offset below retention: oldest kept
             "enable.partition.eof": False,
             "fetch.wait.max.ms": 10,
+            # bound librdkafka's prefetch (defaults: 100,000 messages or 64 MiB per
+            # partition): the records a slow sink has not taken stay in Kafka, not in memory,
+            # so memory does not grow with the length of the topic behind us
+            "queued.min.messages": 20_000,
+            "queued.max.messages.kbytes": 16_384,
             "error_cb": self._error_cb,
         }
         consumer_conf.update(base)

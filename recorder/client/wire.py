@@ -538,7 +538,9 @@ def payload_float32_paths(raw: bytes, start: int = 0, end: int | None = None) ->
     Malformed bytes give an empty set.
     """
     if end is not None and end != len(raw):
-        raw = raw[:end]
+        # a map inside a larger buffer (e.g. one blob of many samples): copy just the map
+        raw = raw[start:end]
+        start = 0
     try:
         b = raw[start]
         if 0x80 <= b <= 0x8F:

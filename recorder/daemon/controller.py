@@ -152,29 +152,46 @@ class RecordingFactory(Protocol):
     ) -> Recording: ...
 
 
-def hdf5_recording(
-    definition: RunDefinition, *, seq: int, recording_uid: str | None,
-    first_segment: int = 0, start_ns: int | None = None,
-) -> Recording:
-    """The production recording: HDF5 files as the run definition's ``output:`` says, written
-    by a writer process of its own (:class:`~recorder.sinks.process.IsolatedRecording`) unless
-    ``output.isolate: false`` (then :class:`~recorder.sinks.hdf5.HDF5Recording` in the daemon's
-    process); see :func:`recorder.sinks.process.open_recording`."""
-    from recorder.sinks.process import open_recording
+class HDF5RecordingFactory:
+    """The production recording factory (:data:`hdf5_recording`): HDF5 files as the run
+    definition's ``output:`` says, written by a writer process of its own
+    (:class:`~recorder.sinks.process.IsolatedRecording`) unless ``output.isolate: false``
+    (then :class:`~recorder.sinks.hdf5.HDF5Recording` in the daemon's process); see
+    :func:`recorder.sinks.process.open_recording`.
 
-    props = definition.snapshot.to_properties()
-    return open_recording(
-        definition.output,
-        run_name=definition.name,
-        snapshot=props,
-        run_definition_text=definition.model_dump_json(indent=1),
-        metadata=definition.metadata.file_attributes(),
-        pv_uris=props.pv_uri_list,
-        seq=seq,
-        recording_uid=recording_uid,
-        first_segment=first_segment,
-        start_wall=None if start_ns is None else start_ns / 1e9,
-    )
+    :meth:`prewarm` starts the writer process of the next recording ahead of time (the
+    controller calls it before subscribing), so its start-up (an interpreter, h5py) overlaps
+    the subscription instead of delaying the first write."""
+
+    def __call__(
+        self, definition: RunDefinition, *, seq: int, recording_uid: str | None,
+        first_segment: int = 0, start_ns: int | None = None,
+    ) -> Recording:
+        from recorder.sinks.process import open_recording
+
+        props = definition.snapshot.to_properties()
+        return open_recording(
+            definition.output,
+            run_name=definition.name,
+            snapshot=props,
+            run_definition_text=definition.model_dump_json(indent=1),
+            metadata=definition.metadata.file_attributes(),
+            pv_uris=props.pv_uri_list,
+            seq=seq,
+            recording_uid=recording_uid,
+            first_segment=first_segment,
+            start_wall=None if start_ns is None else start_ns / 1e9,
+        )
+
+    @staticmethod
+    def prewarm(definition: RunDefinition) -> None:
+        if definition.output.isolate:
+            from recorder.sinks.process import prewarm_writer
+
+            prewarm_writer()
+
+
+hdf5_recording = HDF5RecordingFactory()
 
 
 def _finalize_leftover(partial: Path, run: str) -> Path | None:
@@ -493,6 +510,12 @@ class RunController:
         start_at: StartAt | None = None
         if active is not None and active.offsets:
             start_at = StartAt.at(active.resume_offsets())
+        prewarm = getattr(self._factory, "prewarm", None)
+        if prewarm is not None:  # the recording's start-up overlaps the subscription
+            try:
+                prewarm(d)
+            except Exception:  # an optimization only: never fails a start
+                self._log.exception("starting the writer ahead of time failed")
         budget = self._value_budget
         max_pending = pending_bound(len(props.pv_uri_list), *(() if budget is None else (budget,)))
         try:

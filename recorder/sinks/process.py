@@ -17,7 +17,10 @@ Process model
     has librdkafka threads). The child imports h5py and runs a plain ``HDF5Recording``; this
     module imports neither h5py nor the HDF5 sink in the parent. The constructor waits for the
     child to open its first file (``start_timeout_s``), so ``status``/``current_path`` mean
-    what they mean in-process. ``clock``/``wall_clock`` cannot cross the process boundary:
+    what they mean in-process; :func:`prewarm_writer` starts that child ahead of time (the
+    daemon does before subscribing), and the recording then sends it its init as the first
+    frame instead of waiting for an interpreter and h5py to start. ``clock``/``wall_clock``
+    cannot cross the process boundary:
     the parent uses ``clock`` for the flush interval, and the child runs the system clocks
     shifted by the difference to ``clock()``/``wall_clock()`` observed at construction. The
     child ignores SIGINT/SIGTERM (the daemon closes recordings
@@ -29,14 +32,17 @@ Process model
 
 Serialization (no pickling of events)
     ``handle`` encodes each event at once into a msgpack list: the dataclass fields in order,
-    enums as their value, and each PVSample as ``[pv, payload, float32_paths]`` where payload is
-    ``sample.raw`` (the msgpack bytes a lazily-built sample was received as; float32 paths
-    are then ``None`` and read from those same bytes in the child) or
-    ``msgpack.packb(sample.data)`` with the sorted float32 paths. The child rebuilds
-    ``PVSample.from_raw(pv, payload, 0)`` (decoded lazily, so decoding moves off the daemon).
-    Floats travel as float64 and are re-typed from float32_paths: values are bit-exact. A
-    sample whose ``data`` msgpack cannot represent (only possible for hand-built samples) is
-    dropped, logged and counted in ``counters["unserializable_values"]``.
+    enums as their value. The samples of a ``ValuesReceived`` travel as
+    ``[pvs, blob, offsets, f32]``: the PV names, *one* blob (the concatenated message bytes
+    the lazily-built samples were received as: one ``b"".join``, no per-sample slicing), the
+    (start, end) position of each sample's PV map in it (int64 arrays) and ``f32`` (``None``,
+    or ``{index: sorted float32 paths}`` for hand-built samples, whose ``data`` is packed
+    with ``msgpack.packb`` into the blob). The child rebuilds
+    ``PVSample.from_raw(pv, blob, start, end)``: views into the blob, decoded lazily (so
+    decoding moves off the daemon; float32 paths of received samples are read from the same
+    bytes). Floats travel as float64 and are re-typed from float32_paths: values are
+    bit-exact. A sample whose ``data`` msgpack cannot represent (only possible for hand-built
+    samples) is dropped, logged and counted in ``counters["unserializable_values"]``.
     Encoded events are collected into a batch that is shipped when it reaches
     ``batch_bytes`` and on every ``maybe_flush``/``flush``/``close`` (the daemon calls
     ``maybe_flush`` every pump cycle, so the child works concurrently with the consumer).
@@ -91,12 +97,14 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import repeat
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import msgpack
+import numpy as np
 import structlog
 
 from recorder.client.events import (
@@ -130,6 +138,7 @@ _LIVE: weakref.WeakSet[IsolatedRecording] = weakref.WeakSet()
 def _reap_all() -> None:
     for rec in list(_LIVE):
         rec._teardown()
+    _release_warm()
 
 START_METHOD: Final = "spawn"  # never "fork": the daemon has librdkafka threads
 DEFAULT_BATCH_BYTES = 256 * 1024
@@ -183,15 +192,37 @@ class _Encoder:
         self._packer = _new_packer()
         self.unserializable = 0
 
-    def samples(self, samples: Iterable[PVSample]) -> tuple[list[list[Any]], int]:
-        out: list[list[Any]] = []
-        size = 0
+    def samples(self, samples: Sequence[PVSample]) -> tuple[list[Any], int]:
+        """``[pvs, blob, offsets, f32]``: the PV names, one blob holding every sample's bytes,
+        their (start, end) positions in it (int64 little-endian: every start, then every end)
+        and ``{index: float32 paths}`` for samples whose bytes were packed here (``None``
+        when there are none)."""
+        try:
+            # lazily-built samples (all the client produces): their message bytes as received
+            msgs: list[Any] = [s._msg for s in samples]
+            if msgs.count(None):
+                return self._samples_mixed(samples)
+            starts = [s._start for s in samples]
+            ends = [s._end for s in samples]
+            pvs = [s.pv for s in samples]
+        except AttributeError:  # not a PVSample (duck-typed)
+            return self._samples_mixed(samples)
+        return self._packed(pvs, msgs, starts, ends, None)
+
+    def _samples_mixed(self, samples: Iterable[PVSample]) -> tuple[list[Any], int]:
+        pvs: list[str] = []
+        msgs: list[bytes] = []
+        starts: list[int] = []
+        ends: list[int | None] = []
+        f32s: dict[int, list[str]] = {}
         pack = self._packer.pack
         for s in samples:
-            raw = getattr(s, "raw", None)
-            if raw is not None:
-                out.append([s.pv, raw, None])
-                size += len(raw) + len(s.pv) + _SAMPLE_OVERHEAD
+            msg = getattr(s, "_msg", None)
+            if msg is not None:
+                pvs.append(s.pv)
+                msgs.append(msg)
+                starts.append(s._start)
+                ends.append(s._end)
                 continue
             try:
                 payload = pack(s.data)
@@ -201,10 +232,35 @@ class _Encoder:
                 log.error("PV sample cannot be sent to the writer process; dropped",
                           pv=s.pv, error=str(exc))
                 continue
-            f32 = sorted(s.float32_paths)
-            out.append([s.pv, payload, f32])
-            size += len(payload) + len(s.pv) + _SAMPLE_OVERHEAD + 8 * len(f32)
-        return out, size
+            f32s[len(pvs)] = sorted(s.float32_paths)
+            pvs.append(s.pv)
+            msgs.append(payload)
+            starts.append(0)
+            ends.append(None)
+        return self._packed(pvs, msgs, starts, ends, f32s or None)
+
+    @staticmethod
+    def _packed(pvs: list[str], msgs: list[bytes], starts: list[int],
+                ends: list[int | None], f32s: dict[int, list[str]] | None,
+                ) -> tuple[list[Any], int]:
+        n = len(msgs)
+        lens = np.fromiter(map(len, msgs), dtype=np.int64, count=n)
+        base = np.zeros(n, dtype=np.int64)
+        if n > 1:
+            np.cumsum(lens[:-1], out=base[1:])
+        offsets = np.empty(2 * n, dtype="<i8")
+        np.add(base, np.fromiter(starts, dtype=np.int64, count=n), out=offsets[:n])
+        if ends.count(None) == n:
+            np.add(base, lens, out=offsets[n:])
+        else:
+            np.add(base, np.fromiter((len(m) if e is None else e for m, e in
+                                      zip(msgs, ends, strict=True)), dtype=np.int64, count=n),
+                   out=offsets[n:])
+        blob = b"".join(msgs)
+        size = len(blob) + 16 * n + sum(map(len, pvs)) + _SAMPLE_OVERHEAD
+        if f32s:
+            size += 16 * len(f32s)
+        return [pvs, blob, offsets.tobytes(), f32s], size
 
     def event(self, event: IterationEvent) -> tuple[list[Any], int]:
         if isinstance(event, ValuesReceived):
@@ -227,19 +283,29 @@ class _Encoder:
         return row, size
 
 
-def _rebuild_sample(item: list[Any]) -> PVSample:
-    pv, payload, f32 = item
-    sample = PVSample.from_raw(pv, payload, 0)
-    if f32 is not None:
-        sample.float32_paths = frozenset(f32)
-    return sample
+_from_raw: Final = PVSample.from_raw
+
+
+def _rebuild_samples(packed: list[Any]) -> tuple[PVSample, ...]:
+    """The samples of an encoded ``ValuesReceived``: views into its one blob (nothing is
+    copied or decoded here)."""
+    pvs, blob, offsets, f32s = packed
+    n = len(pvs)
+    if not n:
+        return ()
+    pos = np.frombuffer(offsets, dtype="<i8")
+    samples = tuple(map(_from_raw, pvs, repeat(blob, n), pos[:n].tolist(), pos[n:].tolist()))
+    if f32s:
+        for i, paths in f32s.items():
+            samples[int(i)].float32_paths = frozenset(paths)
+    return samples
 
 
 def _decode_event(row: list[Any]) -> IterationEvent:
     tag = row[0]
     kwargs = dict(zip(_FIELDS[tag], row[1:], strict=True))
     if tag == _VALUES:
-        kwargs["samples"] = tuple(_rebuild_sample(x) for x in kwargs["samples"])
+        kwargs["samples"] = _rebuild_samples(kwargs["samples"])
     else:
         for name, cls in _ENUM_FIELDS.items():
             if name in kwargs and kwargs[name] is not None:
@@ -303,10 +369,21 @@ def _state(rec: HDF5Recording, broken: str | None) -> dict[str, Any]:
     }
 
 
-def _child_main(rx: Connection, tx: Connection, init_blob: bytes) -> None:
-    """Entry point of the writer process (spawned; see the module docstring)."""
+def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None:
+    """Entry point of the writer process (spawned; see the module docstring). A *warm*
+    writer (``init_blob`` None, see :func:`prewarm_writer`) imports what it needs, then waits
+    for its init as the first frame; EOF instead means it was not needed."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_IGN)
+    if init_blob is None:
+        import recorder.gctune
+        import recorder.logging
+        import recorder.sinks.hdf5  # noqa: F401 (the imports are the point)
+
+        try:
+            init_blob = rx.recv_bytes()
+        except (EOFError, OSError):
+            _exit(0)
     init = _unpack(init_blob)
     logcfg = init["log"]
     if logcfg["format"] is not None:
@@ -403,7 +480,7 @@ def _quiet_unraisable(keep: int = 3) -> None:
     sys.unraisablehook = hook
 
 
-def _exit(code: int) -> None:
+def _exit(code: int) -> NoReturn:
     """Leave without interpreter teardown: a failed recording's parked HDF5 handle must never
     be closed (see HDF5Recording._fail), and everything else is already closed or flushed."""
     for stream in (sys.stdout, sys.stderr):
@@ -453,6 +530,93 @@ class _Reaper:
             self.proc.kill()
             self.proc.join(5)
         self.rx.close()
+
+
+@dataclasses.dataclass(slots=True)
+class _WarmWriter:
+    """A started writer process that waits for its init (the first frame on ``tx``)."""
+
+    proc: BaseProcess
+    tx: Connection  # parent -> child
+    rx: Connection  # child -> parent
+
+
+_WARM: list[_WarmWriter] = []
+_WARM_LOCK = threading.Lock()
+_MAX_WARM: Final = 1
+
+
+def _spawn_writer(init_blob: bytes | None, name: str) -> _WarmWriter:
+    ctx = multiprocessing.get_context(START_METHOD)
+    to_child_r, to_child_w = ctx.Pipe(duplex=False)
+    from_child_r, from_child_w = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_child_main,
+        args=(to_child_r, from_child_w, init_blob),
+        name=name,
+        daemon=False,  # reaped by our own finalizer (closes the pipe first, then joins)
+    )
+    try:
+        proc.start()
+    except BaseException:
+        to_child_w.close()
+        from_child_r.close()
+        raise
+    finally:
+        to_child_r.close()  # the child's ends: only the child may hold them (EOF detection)
+        from_child_w.close()
+    return _WarmWriter(proc, to_child_w, from_child_r)
+
+
+def _close_writer(w: _WarmWriter, grace_s: float = 5.0) -> None:
+    w.tx.close()  # EOF: a warm writer exits
+    w.proc.join(grace_s)
+    if w.proc.exitcode is None:
+        w.proc.kill()
+        w.proc.join(5)
+    w.rx.close()
+
+
+def prewarm_writer() -> None:
+    """Start a writer process now (unless one is waiting already), so that the next
+    :class:`IsolatedRecording` finds its interpreter started and h5py imported instead of
+    waiting for that (about a second): call it before slow work that precedes creating a
+    recording (the daemon does before subscribing). An unused warm writer costs an idle
+    process; it exits at EOF (:func:`release_warm_writers`, interpreter exit). Never raises:
+    a writer that cannot be started now is started by the recording as usual."""
+    with _WARM_LOCK:
+        for w in list(_WARM):
+            if not w.proc.is_alive():
+                _WARM.remove(w)
+                _close_writer(w, 0.0)
+        if len(_WARM) >= _MAX_WARM:
+            return
+        try:
+            _WARM.append(_spawn_writer(None, "k2eg-writer-warm"))
+        except OSError as exc:
+            log.warning("cannot start a writer process ahead of time", error=str(exc))
+
+
+def _take_warm() -> _WarmWriter | None:
+    with _WARM_LOCK:
+        while _WARM:
+            w = _WARM.pop()
+            if w.proc.is_alive():
+                return w
+            _close_writer(w, 0.0)
+    return None
+
+
+def _release_warm() -> None:
+    with _WARM_LOCK:
+        warm, _WARM[:] = list(_WARM), []
+    for w in warm:
+        _close_writer(w)
+
+
+def release_warm_writers() -> None:
+    """End the writer processes :func:`prewarm_writer` started and no recording took."""
+    _release_warm()
 
 
 class IsolatedRecording:
@@ -531,9 +695,6 @@ class IsolatedRecording:
             run=run_name, snapshot=snapshot.snapshot_name if snapshot else None, seq=seq
         )
 
-        ctx = multiprocessing.get_context(START_METHOD)
-        to_child_r, to_child_w = ctx.Pipe(duplex=False)
-        from_child_r, from_child_w = ctx.Pipe(duplex=False)
         init = {
             "options": options.model_dump_json(),
             "run_name": run_name,
@@ -550,30 +711,28 @@ class IsolatedRecording:
             "wall_offset": wall_clock() - time.time(),
             "log": _log_config(),
         }
-        self._proc = ctx.Process(
-            target=_child_main,
-            args=(to_child_r, from_child_w, msgpack.packb(init, use_bin_type=True)),
-            name=f"k2eg-writer-{run_name}-{seq}",
-            daemon=False,  # reaped by our own finalizer (closes the pipe first, then joins)
-        )
-        self._rx = from_child_r
+        init_blob: bytes = msgpack.packb(init, use_bin_type=True)
         self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        name = f"k2eg-writer-{run_name}-{seq}"
+        writer = _take_warm()
+        if writer is not None:  # started ahead of time (prewarm_writer): init is its 1st frame
+            writer.proc.name = name
+            self._out.put(init_blob)
+        else:
+            try:
+                writer = _spawn_writer(init_blob, name)
+            except OSError as exc:  # cannot fork/exec (EAGAIN, ENOMEM): fail like I/O errors
+                self._gone = True
+                self._closed = True
+                self._fail(f"cannot start the writer process: {type(exc).__name__}: {exc}")
+                return
+        self._proc = writer.proc
+        self._rx = writer.rx
         self._broken = threading.Event()
         self._sender = threading.Thread(
-            target=_sender, args=(self._out, to_child_w, self._broken),
+            target=_sender, args=(self._out, writer.tx, self._broken),
             name=f"k2eg-writer-send-{run_name}-{seq}", daemon=True,
         )
-        try:
-            self._proc.start()
-        except OSError as exc:  # cannot fork/exec (EAGAIN, ENOMEM): fail like an I/O error
-            for c in (to_child_r, to_child_w, from_child_r, from_child_w):
-                c.close()
-            self._gone = True
-            self._closed = True
-            self._fail(f"cannot start the writer process: {type(exc).__name__}: {exc}")
-            return
-        to_child_r.close()  # the child's ends: only the child may hold them (EOF detection)
-        from_child_w.close()
         self._sender.start()
         self.pid = self._proc.pid
         self._log = self._log.bind(writer_pid=self.pid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -385,7 +387,13 @@ def test_roundtrip_bit_exact_through_the_process_boundary(
     iso.flush()
     ref.flush()
     assert iso.current_path is not None and ref.current_path is not None
-    assert iso.current_path.name == ref.current_path.name  # same (wall clock) start time
+    # same (wall clock) start time: the writer runs the parent's wall clock from the moment
+    # the recording was created, so its file name may be a second or so later on a busy host
+    stamp = re.compile(r"_(\d{8}T\d{6})Z_")
+    t_iso, t_ref = (datetime.strptime(stamp.search(p.name).group(1), "%Y%m%dT%H%M%S")  # type: ignore[union-attr]
+                    for p in (iso.current_path, ref.current_path))
+    assert stamp.sub("_", iso.current_path.name) == stamp.sub("_", ref.current_path.name)
+    assert 0 <= (t_iso - t_ref).total_seconds() <= 10
     assert iso.last_durable_offset == ref.last_durable_offset == {("t", 0): 14}
     for key in ("events", "values", "iterations", "dropped_events"):
         assert iso.counters[key] == ref.counters[key], key
@@ -429,7 +437,7 @@ def test_event_encoding_round_trip() -> None:
     bad = ValuesReceived("t", 1, 1, 1, (PVSample("X", {"value": object()}),
                                         PVSample("Y", {"value": np.float32(2.5)})))
     row, _ = enc.event(bad)
-    assert enc.unserializable == 1 and [s[0] for s in row[5]] == ["Y"]
+    assert enc.unserializable == 1 and row[5][0] == ["Y"]
 
 
 def test_unwritable_directory_fails_cleanly(
@@ -468,3 +476,62 @@ def test_factory_and_no_h5py_in_the_parent(tmp_path: Path) -> None:
                          text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-1].split() == ["1", "complete", "False"]
+
+
+def test_values_travel_as_one_blob_with_offsets() -> None:
+    """Lazily-built samples (every sample the client produces) cross the boundary as one
+    blob of their messages plus (start, end) positions; the writer gets views into it."""
+    enc = _Encoder()
+    ts = {"secondsPastEpoch": 1_700_000_000, "nanoseconds": 5}
+    inner = msgpack.packb({"value": 1.5, "timeStamp": ts}, use_single_float=True)
+    # a map in the middle of a larger buffer (explicit end), maps running to the end, empty
+    buf = b"\x01\x02" + inner + b"\xc0\xc0"
+    samples = (
+        PVSample.from_raw("MID", buf, 2, 2 + len(inner)),
+        _raw("A", {"value": [0.25, 0.5], "timeStamp": ts}),
+        _raw("B", {"value": 7, "alarm": {"severity": 2}}),
+    )
+    event = ValuesReceived("t", 1, 1, 5, samples, offset=3)
+    row, _ = enc.event(event)
+    pvs, blob, offsets, f32s = row[5]
+    assert pvs == ["MID", "A", "B"] and f32s is None and isinstance(blob, bytes)
+    assert len(offsets) == 2 * 8 * 3
+    back = _decode_event(msgpack.unpackb(msgpack.packb(row), strict_map_key=False))
+    assert isinstance(back, ValuesReceived)
+    for got, want in zip(back.samples, samples, strict=True):
+        assert got.pv == want.pv and got.raw == want.raw
+        assert got.float32_paths == want.float32_paths
+        assert_bit_exact(got.value, want.value)
+    assert back.samples[0].float32_paths == frozenset({"value"})
+    assert back.samples[0].value.dtype == np.float32
+    empty = ValuesReceived("t", 1, 2, 5, ())
+    row, _ = enc.event(empty)
+    assert _decode_event(msgpack.unpackb(msgpack.packb(row), strict_map_key=False)) == empty
+
+
+def test_prewarmed_writer_is_used_and_unused_ones_exit(tmp_path: Path) -> None:
+    from recorder.sinks import process
+
+    process.prewarm_writer()
+    process.prewarm_writer()  # one is waiting already: no second process
+    assert len(process._WARM) == 1
+    warm_pid = process._WARM[0].proc.pid
+    rec = IsolatedRecording(OutputOptions(directory=tmp_path), run_name="warm",
+                            pv_uris=["pva://A"])
+    try:
+        assert rec.pid == warm_pid and not process._WARM
+        rec.handle(IterationOpened("t", "s", 1, 1, offset=0))
+        rec.handle(ValuesReceived("t", 1, 1, 1, tuple(make_samples(1)), offset=1))
+        rec.handle(IterationClosed("t", "s", 1, IterationStatus.COMPLETE, None, 1, 2,
+                                   offset=2))
+        rec.flush()
+        assert rec.status == "recording" and rec.counters["iterations"] == 1
+    finally:
+        (final,) = rec.close()
+    with open_file(final) as f:
+        for s in make_samples(1):
+            assert len(f.times(s.pv)) == 1
+    process.prewarm_writer()
+    (unused,) = process._WARM
+    process.release_warm_writers()  # EOF: it exits without writing anything
+    assert not process._WARM and unused.proc.exitcode == 0
