@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -364,6 +365,15 @@ class PVSample:
             return None
         return msg[self._start : self._end]
 
+    def raw_span(self) -> tuple[bytes, int, int] | None:
+        """Zero-copy :attr:`raw`: (message bytes, start, end) with ``raw == msg[start:end]``;
+        None for an eagerly-built sample. For many samples at once see :data:`RAW_MESSAGE`."""
+        msg = self._msg
+        if msg is None:
+            return None
+        end = self._end
+        return msg, self._start, len(msg) if end is None else end
+
     def _typing(self) -> tuple[ValueKind, Any]:
         if self._typed is None:
             self._typed = typed_value(self.data, self.float32_paths)
@@ -410,3 +420,11 @@ class PVSample:
 
     def __repr__(self) -> str:
         return f"PVSample(pv={self.pv!r}, kind={self.kind.value}, value={self.value!r})"
+
+
+# Bulk zero-copy access to lazily-built samples, for ``map()`` over many samples (C speed):
+# the message bytes (None for an eagerly-built sample), the PV map's start in them, and its
+# end (None: the end of the message). ``sample.raw == msg[start:end]``.
+RAW_MESSAGE: Callable[[PVSample], bytes | None] = operator.attrgetter("_msg")
+RAW_START: Callable[[PVSample], int] = operator.attrgetter("_start")
+RAW_END: Callable[[PVSample], int | None] = operator.attrgetter("_end")

@@ -83,6 +83,8 @@ def same_value(a: Any, b: Any) -> bool:
             and a.dimensions == b.dimensions
             and same_value(a.data, b.data)
         )
+    if isinstance(a, dict | list) and type(a) is type(b):  # STRUCT: NaN-safe, bit for bit
+        return bool(msgpack.packb(a) == msgpack.packb(b))
     return bool(a == b) or (a != a and b != b)  # noqa: PLR0124 (NaN)
 
 

@@ -1,0 +1,716 @@
+"""Template decoding of PV payloads: the sink's fast path, vectorized per layout (pure code).
+
+For one PV, consecutive msgpack payloads are byte-identical except for the value, the
+timestamp and the alarm numbers as long as the metadata does not change. A :class:`Template`
+is learned from one payload (and its :func:`~recorder.sinks.codec.split_sample`): the byte
+positions and encodings of the *dynamic* fields (``value`` — a number, a bool, an enum index
+or an array of fixed-width floats —, ``timeStamp.secondsPastEpoch`` / ``nanoseconds``,
+``alarm.severity`` / ``status``); every other byte is *static*. A payload of the same length
+whose static bytes equal the template's and whose dynamic fields have the template's
+encodings (plus range checks: nanoseconds below 1e9, int32 alarm numbers, ...) decodes to the
+same structure except for the dynamic values, so its :class:`~recorder.sinks.codec.Split` is
+the template's with the dynamic columns read straight from the bytes.
+
+:meth:`TemplateSet.decode` does that for many payloads at once: rows are gathered into an
+``(n, L)`` byte matrix per *layout* (same length and field positions, shared by PVs of the
+same shape), the static bytes are checked (each row against the previous row of the same
+template, and the first row of every run against the template itself), and the columns are
+read with big-endian views. A template is only kept when, on the payload it was learned from,
+the vectorized decoding gives exactly what ``split_sample`` gives (self-check); rows that do
+not match a template are left to the caller (the slow path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from numpy.lib.stride_tricks import sliding_window_view
+
+from recorder.client.values import ValueKind
+from recorder.sinks.codec import (
+    DTYPE_CODES,
+    F_SEVERITY,
+    F_STATUS,
+    F_TIME,
+    F_VALUE,
+    KIND_CODES,
+    Split,
+)
+
+PAD = bytes(8)  # appended to joined payloads: rows are gathered 8-byte wide
+MAX_TEMPLATES_PER_PV = 8
+
+# encodings of a dynamic number: the msgpack marker (its payload follows), or a class of
+# one-byte encodings where the marker byte is the value itself
+ENC_POSFIX = -1  # positive fixint 0x00-0x7f
+ENC_NEGFIX = -2  # negative fixint 0xe0-0xff
+ENC_BOOL = -3  # 0xc2 / 0xc3
+_INT_FMT: dict[int, str] = {
+    0xCC: ">u1", 0xCD: ">u2", 0xCE: ">u4", 0xCF: ">u8",
+    0xD0: ">i1", 0xD1: ">i2", 0xD2: ">i4", 0xD3: ">i8",
+}  # fmt: skip
+_FLOAT_FMT: dict[int, str] = {0xCA: ">f4", 0xCB: ">f8"}
+_INT64_CODE = DTYPE_CODES[np.dtype(np.int64)]
+_UINT64_CODE = DTYPE_CODES[np.dtype(np.uint64)]
+_F32_CODE = DTYPE_CODES[np.dtype(np.float32)]
+_F64_CODE = DTYPE_CODES[np.dtype(np.float64)]
+_KIND_SCALAR = KIND_CODES[ValueKind.SCALAR]
+_KIND_BOOL = KIND_CODES[ValueKind.BOOL]
+_KIND_ENUM = KIND_CODES[ValueKind.ENUM]
+_KIND_ARRAY = KIND_CODES[ValueKind.ARRAY]
+# seconds for which sec * 1e9 + ns (0 <= ns < 1e9) is within int64 whatever ns is
+_SEC_MIN = -9_223_372_036
+_SEC_MAX = 9_223_372_035
+_NS_PER_S = 1_000_000_000
+_I32_MIN = -(2**31)
+_I32_MAX = 2**31 - 1
+
+_U64 = np.dtype(np.uint64)
+
+
+class _MalformedError(Exception):
+    pass
+
+
+# --- the msgpack skeleton walker (learning only) ----------------------------------------------
+def _skip(raw: bytes, pos: int) -> int:
+    """Position after the msgpack object at ``pos``."""
+    remaining = 1
+    n = len(raw)
+    while remaining:
+        remaining -= 1
+        if pos >= n:
+            raise _MalformedError
+        b = raw[pos]
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            pos += 1
+        elif 0x80 <= b <= 0x8F:
+            remaining += 2 * (b & 0x0F)
+            pos += 1
+        elif 0x90 <= b <= 0x9F:
+            remaining += b & 0x0F
+            pos += 1
+        elif 0xA0 <= b <= 0xBF:
+            pos += 1 + (b & 0x1F)
+        elif b in (0xC4, 0xD9):
+            pos += 2 + _uint(raw, pos + 1, 1)
+        elif b in (0xC5, 0xDA):
+            pos += 3 + _uint(raw, pos + 1, 2)
+        elif b in (0xC6, 0xDB):
+            pos += 5 + _uint(raw, pos + 1, 4)
+        elif b == 0xC7:
+            pos += 3 + _uint(raw, pos + 1, 1)
+        elif b == 0xC8:
+            pos += 4 + _uint(raw, pos + 1, 2)
+        elif b == 0xC9:
+            pos += 6 + _uint(raw, pos + 1, 4)
+        elif b in (0xCA, 0xCB) or b in _INT_FMT:
+            pos += 1 + _width(b)
+        elif 0xD4 <= b <= 0xD8:
+            pos += 2 + (1 << (b - 0xD4))
+        elif b == 0xDC:
+            remaining += _uint(raw, pos + 1, 2)
+            pos += 3
+        elif b == 0xDD:
+            remaining += _uint(raw, pos + 1, 4)
+            pos += 5
+        elif b == 0xDE:
+            remaining += 2 * _uint(raw, pos + 1, 2)
+            pos += 3
+        elif b == 0xDF:
+            remaining += 2 * _uint(raw, pos + 1, 4)
+            pos += 5
+        else:  # 0xc1: never used
+            raise _MalformedError
+    if pos > n:
+        raise _MalformedError
+    return pos
+
+
+def _uint(raw: bytes, pos: int, size: int) -> int:
+    if pos + size > len(raw):
+        raise _MalformedError
+    return int.from_bytes(raw[pos : pos + size], "big")
+
+
+def _width(marker: int) -> int:
+    """Payload bytes after the marker of a fixed-width number."""
+    if marker in (0xCA, 0xCB):
+        return 4 if marker == 0xCA else 8
+    return int(_INT_FMT[marker][2])
+
+
+def _map_header(raw: bytes, pos: int) -> tuple[int, int] | None:
+    if pos >= len(raw):
+        raise _MalformedError
+    b = raw[pos]
+    if 0x80 <= b <= 0x8F:
+        return b & 0x0F, pos + 1
+    if b == 0xDE:
+        return _uint(raw, pos + 1, 2), pos + 3
+    if b == 0xDF:
+        return _uint(raw, pos + 1, 4), pos + 5
+    return None
+
+
+def _array_header(raw: bytes, pos: int) -> tuple[int, int] | None:
+    b = raw[pos]
+    if 0x90 <= b <= 0x9F:
+        return b & 0x0F, pos + 1
+    if b == 0xDC:
+        return _uint(raw, pos + 1, 2), pos + 3
+    if b == 0xDD:
+        return _uint(raw, pos + 1, 4), pos + 5
+    return None
+
+
+def _key(raw: bytes, pos: int) -> tuple[str | None, int]:
+    """A map key: its text if it is a str, and the position after it."""
+    b = raw[pos]
+    if 0xA0 <= b <= 0xBF:
+        start, size = pos + 1, b & 0x1F
+    elif b == 0xD9:
+        start, size = pos + 2, _uint(raw, pos + 1, 1)
+    elif b == 0xDA:
+        start, size = pos + 3, _uint(raw, pos + 1, 2)
+    elif b == 0xDB:
+        start, size = pos + 5, _uint(raw, pos + 1, 4)
+    else:
+        return None, _skip(raw, pos)
+    if start + size > len(raw):
+        raise _MalformedError
+    try:
+        return raw[start : start + size].decode("utf-8"), start + size
+    except UnicodeDecodeError:
+        return None, start + size
+
+
+_WATCHED = ("value", "timeStamp", "alarm")
+
+
+def _leaf(raw: bytes, pos: int) -> tuple[int, int] | None:
+    """(marker or encoding class, end) of a fixed-width number or bool at ``pos``, else None."""
+    b = raw[pos]
+    if b <= 0x7F:
+        return ENC_POSFIX, pos + 1
+    if b >= 0xE0:
+        return ENC_NEGFIX, pos + 1
+    if b in (0xC2, 0xC3):
+        return ENC_BOOL, pos + 1
+    if b in _INT_FMT or b in _FLOAT_FMT:
+        return b, pos + 1 + _width(b)
+    return None
+
+
+@dataclass(slots=True)
+class _Skeleton:
+    leaves: dict[tuple[str, ...], tuple[int, int]] = field(default_factory=dict)  # -> (pos, enc)
+    array: tuple[int, int, int] | None = None  # value: (first element, count, element marker)
+    seen: dict[tuple[str, ...], int] = field(default_factory=dict)
+
+
+def walk(raw: bytes) -> _Skeleton | None:
+    """Positions of the fields a template may make dynamic; None if ``raw`` is not one
+    well-formed msgpack map (or a watched field occurs twice)."""
+    sk = _Skeleton()
+    try:
+        head = _map_header(raw, 0)
+        if head is None:
+            return None
+        count, pos = head
+        for _ in range(count):
+            name, pos = _key(raw, pos)
+            if name is not None and name in _WATCHED:
+                _note(sk, (name,))
+                pos = _watched(raw, pos, name, sk)
+            else:
+                pos = _skip(raw, pos)
+        if pos != len(raw):
+            return None
+    except (_MalformedError, IndexError):
+        return None
+    if any(n > 1 for n in sk.seen.values()):
+        return None
+    return sk
+
+
+def _note(sk: _Skeleton, path: tuple[str, ...]) -> None:
+    sk.seen[path] = sk.seen.get(path, 0) + 1
+
+
+def _watched(raw: bytes, pos: int, name: str, sk: _Skeleton) -> int:
+    leaf = _leaf(raw, pos)
+    if leaf is not None:
+        sk.leaves[(name,)] = (pos, leaf[0])
+        return leaf[1]
+    head = _map_header(raw, pos)
+    if head is not None:
+        count, p = head
+        for _ in range(count):
+            sub, p = _key(raw, p)
+            if sub is None:
+                p = _skip(raw, p)
+                continue
+            _note(sk, (name, sub))
+            inner = _leaf(raw, p)
+            if inner is not None:
+                sk.leaves[(name, sub)] = (p, inner[0])
+                p = inner[1]
+            else:
+                p = _skip(raw, p)
+        return p
+    if name == "value":
+        arr = _array_header(raw, pos)
+        if arr is not None:
+            count, first = arr
+            if count and first < len(raw) and raw[first] in _FLOAT_FMT:
+                marker = raw[first]
+                step = 1 + _width(marker)
+                end = first + count * step
+                if end <= len(raw) and raw[first:end:step] == bytes((marker,)) * count:
+                    sk.array = (first, count, marker)
+                    return end
+    return _skip(raw, pos)
+
+
+# --- templates --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str  # sec, ns, sev, stat, value (number / bool / enum index)
+    pos: int  # marker position
+    enc: int  # marker, or ENC_*
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The dynamic bytes (the marker is static unless it holds the value)."""
+        if self.enc < 0:
+            return self.pos, self.pos + 1
+        return self.pos + 1, self.pos + 1 + _width(self.enc)
+
+
+@dataclass(slots=True)
+class Layout:
+    """Length and dynamic fields shared by templates; decodes gathered rows."""
+
+    length: int
+    fields: tuple[_Field, ...]
+    array: tuple[int, int, int] | None  # (first element, count, marker)
+    width: int = 0  # gathered row width (length rounded up to 8)
+    static_width: int = 0  # bytes compared (array elements cut out), multiple of 8
+    templates: list[int] = field(default_factory=list)  # template ids, by local index
+    static: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros((0, 0), _U64))
+
+    def __post_init__(self) -> None:
+        self.width = -(-self.length // 8) * 8
+        cut = 0
+        if self.array is not None:
+            _first, count, marker = self.array
+            cut = count * (1 + _width(marker))
+        self.static_width = -(-(self.length - cut) // 8) * 8
+        self.static = np.zeros((0, self.static_width // 8), _U64)
+
+    def static_bytes(self, mat: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
+        """The compared bytes of gathered rows: dynamic bytes zeroed, array elements cut out
+        (``mat`` may be changed)."""
+        n = len(mat)
+        if self.array is None:
+            z = mat
+            z[:, self.length :] = 0
+            for f in self.fields:
+                a, b = f.span
+                z[:, a:b] = 0
+        else:
+            first, count, marker = self.array
+            end = first + count * (1 + _width(marker))
+            z = np.zeros((n, self.static_width), np.uint8)
+            z[:, :first] = mat[:, :first]
+            z[:, first : first + self.length - end] = mat[:, end : self.length]
+            for f in self.fields:
+                a, b = f.span
+                if a >= end:
+                    a, b = a - (end - first), b - (end - first)
+                z[:, a:b] = 0
+        flat: npt.NDArray[np.uint64] = z.view(_U64)
+        return flat
+
+    def read(self, mat: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.bool_], dict[str, Any]]:
+        """Dynamic columns of gathered rows and which rows have valid dynamic fields."""
+        n = len(mat)
+        ok = np.ones(n, np.bool_)
+        cols: dict[str, Any] = {}
+        for f in self.fields:
+            if f.enc in _FLOAT_FMT:
+                a, b = f.span
+                cols[f.name] = mat[:, a:b].copy().view(_FLOAT_FMT[f.enc])[:, 0]
+                continue
+            big: npt.NDArray[np.bool_] | None = None
+            if f.enc == ENC_POSFIX:
+                raw = mat[:, f.pos]
+                ok &= raw < 0x80
+                v = raw.astype(np.int64)
+            elif f.enc == ENC_NEGFIX:
+                raw = mat[:, f.pos]
+                ok &= raw >= 0xE0
+                v = raw.astype(np.int64) - 256
+            elif f.enc == ENC_BOOL:
+                raw = mat[:, f.pos]
+                ok &= (raw == 0xC2) | (raw == 0xC3)
+                v = raw.astype(np.int64) - 0xC2
+            else:
+                a, b = f.span
+                wide = mat[:, a:b].copy().view(_INT_FMT[f.enc])[:, 0]
+                if f.enc == 0xCF:
+                    v = wide.astype(np.uint64).view(np.int64)
+                    big = v < 0  # above INT64_MAX
+                else:
+                    v = wide.astype(np.int64)
+            small = ~big if big is not None else None
+            if f.name == "sec":
+                ok &= (v >= _SEC_MIN) & (v <= _SEC_MAX)
+            elif f.name == "ns":
+                ok &= (v >= 0) & (v < _NS_PER_S)
+            elif f.name in ("sev", "stat"):
+                ok &= (v >= _I32_MIN) & (v <= _I32_MAX)
+            if small is not None and f.name != "value":
+                ok &= small
+            cols[f.name] = v
+            if f.name == "value" and big is not None:
+                cols["value_big"] = big
+        if self.array is not None:
+            first, count, marker = self.array
+            step = 1 + _width(marker)
+            end = first + count * step
+            ok &= (mat[:, first:end:step] == marker).all(axis=1)
+            elems = mat[:, first:end].reshape(n, count, step)[:, :, 1:]
+            be = elems.view(_FLOAT_FMT[marker])[:, :, 0]
+            if marker == 0xCA:  # as msgpack-python: float32 -> double -> float32
+                cols["array"] = be.astype(np.float64).astype(np.float32)
+            else:
+                cols["array"] = be.astype(np.float64)
+        return ok, cols
+
+
+@dataclass(slots=True)
+class Template:
+    col: int
+    layout: int
+    length: int
+    split: Split  # of the payload it was learned from: constants and rest
+    time_dyn: bool
+    value_dyn: bool
+    rest_json: bytes | None = None  # encode_rest(split.rest), once needed
+
+
+class Columns:
+    """Per-row sample columns being filled (see buffer.SAMPLE_COLUMNS)."""
+
+    __slots__ = ("dtype", "flags", "fval", "ival", "kind", "severity", "size", "status",
+                 "tid", "time")
+
+    def __init__(self, n: int) -> None:
+        self.tid = np.full(n, -1, np.int64)  # template of the row, -1: slow path
+        self.time = np.zeros(n, np.int64)
+        self.severity = np.zeros(n, np.int64)
+        self.status = np.zeros(n, np.int64)
+        self.flags = np.zeros(n, np.uint8)
+        self.kind = np.zeros(n, np.uint8)
+        self.dtype = np.zeros(n, np.uint8)
+        self.ival = np.zeros(n, np.int64)
+        self.fval = np.zeros(n, np.float64)
+        self.size = np.full(n, -1, np.int64)  # array elements, -1: no array
+
+
+# an array piece: rows (ascending), their arrays (rows x elements, typed), dtype code
+Piece = tuple[npt.NDArray[np.int64], npt.NDArray[Any], int]
+
+
+class TemplateSet:
+    """The learned templates (of all PVs of a recording)."""
+
+    def __init__(self) -> None:
+        self.templates: list[Template] = []
+        self.layouts: list[Layout] = []
+        self._layout_ids: dict[tuple[Any, ...], int] = {}
+        self.by_pv: dict[int, dict[int, int]] = {}  # col -> payload length -> template id
+        self._keys = np.zeros(0, np.int64)  # sorted (col << 32 | length)
+        self._key_tid = np.zeros(0, np.int64)
+        self._consts: dict[str, npt.NDArray[Any]] = {}
+        self._layout_of = np.zeros(0, np.int64)
+        self._local = np.zeros(0, np.int64)
+        self._dirty = True
+        # learning back-off after failures: col -> (failures, raw rows seen until retry)
+        self.blocked: dict[int, tuple[int, int]] = {}
+
+    # --- learning -----------------------------------------------------------------------------
+    def may_learn(self, col: int, seen: int) -> bool:
+        b = self.blocked.get(col)
+        return b is None or seen >= b[1]
+
+    def failed(self, col: int, seen: int) -> None:
+        fails = self.blocked.get(col, (0, 0))[0] + 1
+        self.blocked[col] = (fails, seen + 16 * 2 ** min(fails, 12))
+
+    def learn(self, col: int, payload: bytes, split: Split) -> bool:
+        """Learn a template for PV column ``col`` from ``payload`` (its ``split``); False if
+        the payload cannot be a template (kept on the slow path)."""
+        if split.text is not None:
+            return False
+        sk = walk(payload)
+        if sk is None:
+            return False
+        fields: list[_Field] = []
+        leaves = sk.leaves
+        time_dyn = False
+        if split.flags & F_TIME:
+            sec = leaves.get(("timeStamp", "secondsPastEpoch"))
+            ns = leaves.get(("timeStamp", "nanoseconds"))
+            if sec and ns and sec[1] not in (ENC_BOOL, 0xCA, 0xCB) and ns[1] not in (
+                ENC_BOOL, 0xCA, 0xCB
+            ):
+                fields += [_Field("sec", *sec), _Field("ns", *ns)]
+                time_dyn = True
+        for flag, key, name in ((F_SEVERITY, "severity", "sev"), (F_STATUS, "status", "stat")):
+            leaf = leaves.get(("alarm", key))
+            if split.flags & flag and leaf and leaf[1] not in (ENC_BOOL, 0xCA, 0xCB):
+                fields.append(_Field(name, *leaf))
+        value_dyn = False
+        array = None
+        if split.flags & F_VALUE:
+            kind = split.kind
+            leaf = leaves.get(("value",))
+            index = leaves.get(("value", "index"))
+            if kind in (_KIND_SCALAR, _KIND_BOOL) and leaf is not None:
+                if (kind == _KIND_BOOL) == (leaf[1] == ENC_BOOL):
+                    fields.append(_Field("value", *leaf))
+                    value_dyn = True
+            elif kind == _KIND_ENUM and index is not None and index[1] not in (
+                ENC_BOOL, 0xCA, 0xCB
+            ):
+                fields.append(_Field("index", *index))
+                value_dyn = True
+            elif kind == _KIND_ARRAY and sk.array is not None:
+                array = sk.array
+                value_dyn = True
+        if split.array is not None and array is None:
+            return False  # a static array would have to be copied per row
+        fields.sort(key=lambda f: f.pos)
+        layout_key = (len(payload), tuple(fields), array)
+        lid = self._layout_ids.get(layout_key)
+        layout = Layout(len(payload), tuple(fields), array) if lid is None else self.layouts[lid]
+        # the static bytes, and the self-check: the vectorized decoding of the payload itself
+        mat = np.frombuffer(payload + PAD, np.uint8)[: layout.width].reshape(1, -1).copy()
+        ok, cols = layout.read(mat)
+        if not ok[0] or not _same_columns(split, cols, time_dyn, value_dyn):
+            return False
+        static = layout.static_bytes(mat)
+        if lid is None:
+            lid = len(self.layouts)
+            self.layouts.append(layout)
+            self._layout_ids[layout_key] = lid
+        tid = len(self.templates)
+        self.templates.append(Template(col, lid, len(payload), split, time_dyn, value_dyn))
+        layout.templates.append(tid)
+        layout.static = np.concatenate([layout.static, static])
+        per_pv = self.by_pv.setdefault(col, {})
+        per_pv.pop(len(payload), None)
+        per_pv[len(payload)] = tid
+        while len(per_pv) > MAX_TEMPLATES_PER_PV:
+            del per_pv[next(iter(per_pv))]
+        self.blocked.pop(col, None)
+        self._dirty = True
+        return True
+
+    def _refresh(self) -> None:
+        if not self._dirty:
+            return
+        keys: list[int] = []
+        tids: list[int] = []
+        for col, per_pv in self.by_pv.items():
+            for length, tid in per_pv.items():
+                keys.append(col << 32 | length)
+                tids.append(tid)
+        k = np.array(keys, np.int64)
+        order = np.argsort(k)
+        self._keys = k[order]
+        self._key_tid = np.array(tids, np.int64)[order]
+        ts = self.templates
+        s = [t.split for t in ts]
+        self._consts = {
+            "time": np.array([x.time_ns for x in s], np.int64),
+            "severity": np.array([x.severity for x in s], np.int64),
+            "status": np.array([x.status for x in s], np.int64),
+            "flags": np.array([x.flags for x in s], np.uint8),
+            "kind": np.array([x.kind for x in s], np.uint8),
+            "dtype": np.array([x.dtype for x in s], np.uint8),
+            "ival": np.array([x.ival for x in s], np.int64),
+            "fval": np.array([x.fval for x in s], np.float64),
+        }
+        self._layout_of = np.array([t.layout for t in ts], np.int64)
+        local = np.zeros(len(ts), np.int64)
+        for layout in self.layouts:
+            local[layout.templates] = np.arange(len(layout.templates))
+        self._local = local
+        self._dirty = False
+
+    def compact(self) -> None:
+        """Forget templates no PV uses any more (template ids change: call between takes)."""
+        live = sorted(t for per_pv in self.by_pv.values() for t in per_pv.values())
+        if len(self.templates) <= 2 * len(live) + 64:
+            return
+        self._refresh()
+        old_templates, old_layouts, old_local = self.templates, self.layouts, self._local
+        self.templates, self.layouts, self._layout_ids = [], [], {}
+        layout_map: dict[int, int] = {}
+        new_ids: dict[int, int] = {}
+        statics: list[list[npt.NDArray[np.uint64]]] = []
+        for tid in live:
+            t = old_templates[tid]
+            lay = old_layouts[t.layout]
+            lid = layout_map.get(t.layout)
+            if lid is None:
+                lid = layout_map[t.layout] = len(self.layouts)
+                self.layouts.append(Layout(lay.length, lay.fields, lay.array))
+                self._layout_ids[(lay.length, lay.fields, lay.array)] = lid
+                statics.append([])
+            new_ids[tid] = len(self.templates)
+            self.layouts[lid].templates.append(len(self.templates))
+            statics[lid].append(lay.static[old_local[tid] : old_local[tid] + 1])
+            self.templates.append(replace(t, layout=lid))
+        for layout, rows in zip(self.layouts, statics, strict=True):
+            layout.static = np.concatenate(rows)
+        for per_pv in self.by_pv.values():
+            for length, tid in per_pv.items():
+                per_pv[length] = new_ids[tid]
+        self._dirty = True
+
+    # --- decoding -----------------------------------------------------------------------------
+    def lookup(self, cols: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
+               ) -> npt.NDArray[np.int64]:
+        """The template for each (PV column, payload length), -1 if none."""
+        self._refresh()
+        keys = self._keys
+        if not len(keys) or not len(cols):
+            return np.full(len(cols), -1, np.int64)
+        want = cols << 32 | lengths
+        at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+        tid: npt.NDArray[np.int64] = np.where(keys[at] == want, self._key_tid[at], -1)
+        return tid
+
+    def decode(
+        self,
+        big: npt.NDArray[np.uint8],
+        pos: npt.NDArray[np.int64],
+        tids: npt.NDArray[np.int64],
+        rows: npt.NDArray[np.int64],
+        *,
+        out: Columns,
+        pieces: list[Piece],
+    ) -> npt.NDArray[np.bool_]:
+        """Decode payloads at ``pos`` in ``big`` (padded with :data:`PAD`) with templates
+        ``tids``; matched rows get their columns in ``out`` at ``rows`` (arrays go to
+        ``pieces``). ``rows`` ascend. Returns which rows matched."""
+        self._refresh()
+        matched = np.zeros(len(tids), np.bool_)
+        if not len(tids):
+            return matched
+        lay = self._layout_of[tids]
+        order = np.argsort(lay * len(self.templates) + tids, kind="stable")
+        ls = lay[order]
+        bounds = np.flatnonzero(np.diff(ls)) + 1
+        for sel in np.split(order, bounds):
+            layout = self.layouts[int(lay[sel[0]])]
+            t = tids[sel]
+            mat = sliding_window_view(big, layout.width)[pos[sel]]
+            ok, cols = layout.read(mat)
+            z = layout.static_bytes(mat)
+            # static bytes: a row equal to the previous row of its template matches as that
+            # one does; the first row of every run is compared with the template
+            same = (t[1:] == t[:-1]) & ~(z[1:] != z[:-1]).any(axis=1)
+            starts = np.concatenate(([True], ~same))
+            first = np.flatnonzero(starts)
+            ref = layout.static[self._local[t[first]]]
+            good = ~(z[first] != ref).any(axis=1)
+            hit = good[np.cumsum(starts) - 1] & ok
+            matched[sel] = hit
+            if not hit.any():
+                continue
+            r = rows[sel][hit]
+            th = t[hit]
+            c = self._consts
+            out.tid[r] = th
+            out.flags[r] = c["flags"][th]
+            out.kind[r] = c["kind"][th]
+            if "sec" in cols:
+                out.time[r] = cols["sec"][hit] * _NS_PER_S + cols["ns"][hit]
+            else:
+                out.time[r] = c["time"][th]
+            out.severity[r] = cols["sev"][hit] if "sev" in cols else c["severity"][th]
+            out.status[r] = cols["stat"][hit] if "stat" in cols else c["status"][th]
+            value = cols.get("value")
+            if value is None:
+                value = cols.get("index")
+            if value is None:
+                out.dtype[r] = c["dtype"][th]
+                out.ival[r] = c["ival"][th]
+                out.fval[r] = c["fval"][th]
+                if "array" in cols:
+                    arr = cols["array"][hit]
+                    out.size[r] = arr.shape[1]
+                    code = _F32_CODE if arr.dtype == np.float32 else _F64_CODE
+                    pieces.append((r, arr, code))
+            elif value.dtype.kind == "f":
+                out.dtype[r] = c["dtype"][th]
+                out.ival[r] = 0
+                out.fval[r] = value[hit].astype(np.float64)
+            else:
+                big_v = cols.get("value_big")
+                if big_v is not None:
+                    out.dtype[r] = np.where(big_v[hit], _UINT64_CODE, _INT64_CODE)
+                else:
+                    out.dtype[r] = c["dtype"][th]
+                out.ival[r] = value[hit]
+                out.fval[r] = 0.0
+        return matched
+
+
+def _same_columns(split: Split, cols: dict[str, Any], time_dyn: bool, value_dyn: bool) -> bool:
+    """The self-check: does the vectorized reading of the learning payload give ``split``?"""
+    if time_dyn and int(cols["sec"][0]) * _NS_PER_S + int(cols["ns"][0]) != split.time_ns:
+        return False
+    if "sev" in cols and int(cols["sev"][0]) != split.severity:
+        return False
+    if "stat" in cols and int(cols["stat"][0]) != split.status:
+        return False
+    if not value_dyn:
+        return split.array is None
+    if "array" in cols:
+        arr = cols["array"][0]
+        ref = split.array
+        return (
+            ref is not None
+            and ref.dtype == arr.dtype
+            and ref.shape == arr.shape
+            and ref.tobytes() == arr.tobytes()
+            and split.ival == 0
+            and split.fval == 0.0
+        )
+    if split.array is not None:
+        return False
+    value = cols["value"] if "value" in cols else cols["index"]
+    if value.dtype.kind == "f":
+        fval = float(value.astype(np.float64)[0])
+        same_bits = np.float64(fval).tobytes() == np.float64(split.fval).tobytes()
+        return same_bits and split.ival == 0 and split.dtype in (_F32_CODE, _F64_CODE)
+    big = cols.get("value_big")
+    dtype = _UINT64_CODE if big is not None and bool(big[0]) else None
+    if split.kind not in {_KIND_ENUM, _KIND_BOOL}:
+        if dtype is None:
+            dtype = _INT64_CODE
+        if split.dtype != dtype:
+            return False
+    elif big is not None and bool(big[0]):
+        return False
+    return int(value[0]) == split.ival and split.fval == 0.0

@@ -1,0 +1,506 @@
+"""Template decoding (the sink's fast path) must give exactly what the slow path gives.
+
+Every stream is fed three times: through :class:`RecordingBuffer` with templates, with
+``fast=False`` (``split_sample`` for every row; the FlushBatches must be identical, array by
+array, byte pool included) and through the buffer as it was before templates
+(``legacy_buffer``; same content once byte-pool offsets are resolved, since strings and
+metadata JSON are now added to the byte pool at flush time).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from legacy_buffer import RecordingBuffer as LegacyBuffer
+
+from recorder.client.events import (
+    IncompleteReason,
+    IterationClosed,
+    IterationEvent,
+    IterationOpened,
+    IterationStatus,
+    ValuesReceived,
+)
+from recorder.client.values import PVSample
+from recorder.sim.encoding import Float32, Float32Array, pack
+from recorder.sim.pvs import parse_pv, pv_structure
+from recorder.sinks.buffer import FlushBatch, RecordingBuffer
+from recorder.sinks.codec import split_sample
+from recorder.sinks.template import TemplateSet, walk
+
+T0 = 1_763_700_000 * 1_000_000_000
+SIM_PVS = [
+    "SIM:AI:DOUBLE:1", "SIM:AI:FLOAT:2", "SIM:AI:LONG:3", "SIM:AI:INT:4", "SIM:AI:SHORT:5",
+    "SIM:AI:BYTE:6", "SIM:AI:ULONG:7", "SIM:AI:UINT:8", "SIM:AI:USHORT:9", "SIM:AI:UBYTE:10",
+    "SIM:BI:BOOL:11", "SIM:SI:STRING:12", "SIM:MBBI:ENUM:13", "SIM:WF:DOUBLE:14:N40",
+    "SIM:WF:FLOAT:15:N20", "SIM:WF:INT:16", "SIM:WFVAR:DOUBLE:17:N5", "SIM:TABLE:18",
+    "SIM:IMG:UBYTE:19:S4x3", "SIM:IMG:DOUBLE:20:S3x2", "SIM:WF:STRING:21:N3",
+]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ building
+def message(pv: str, struct_: Any, k: int, *, trailer: bytes = b"") -> PVSample:
+    """A lazily-built sample as the wire decoder makes it: the PV map at the end of a data
+    message (``trailer``: extra bytes after it, so that ``end`` is given)."""
+    head = pack({"message_type": 1, "timestamp": 1_763_700_000_000 + k, "iter_index": k,
+                 "msg_seq": k * 7})
+    head = bytes([0x85]) + head[1:] + pack(pv)
+    body = pack(struct_)
+    raw = head + body + trailer
+    return PVSample.from_raw(pv, raw, len(head), len(head) + len(body) if trailer else None)
+
+
+def eager(pv: str, struct_: Any) -> PVSample:
+    """A hand-built sample with the same content (its bytes are not kept)."""
+    raw = pack(struct_)
+    lazy = PVSample.from_raw(pv, raw, 0)
+    return PVSample(pv, msgpack.unpackb(raw), lazy.float32_paths)
+
+
+def sim(pv: str, k: int, wall_ns: int) -> dict[str, Any]:
+    return pv_structure(parse_pv(pv), k, wall_ns)
+
+
+def iteration(k: int, samples: list[PVSample], *, batches: int = 1,
+              status: IterationStatus = IterationStatus.COMPLETE) -> list[IterationEvent]:
+    """Open, values (in ``batches`` events), close of iteration ``k``."""
+    events: list[IterationEvent] = [IterationOpened("t", "snap", k, T0 + k, offset=10 * k)]
+    step = max(1, -(-len(samples) // batches))
+    for b in range(0, len(samples), step):
+        events.append(ValuesReceived("t", k, b + 1, T0 + k, tuple(samples[b : b + step]),
+                                     offset=10 * k + 1 + b // step))
+    reason = None if status is IterationStatus.COMPLETE else IncompleteReason.GATEWAY_ERROR
+    events.append(IterationClosed("t", "snap", k, status, reason, T0 + k, T0 + k + 1,
+                                  error_message="" if reason is None else f"boom {k}",
+                                  n_values=len(samples), offset=10 * k + 9))
+    return events
+
+
+# ------------------------------------------------------------------------------ comparing
+def feed(make: Callable[[], RecordingBuffer | LegacyBuffer], events: list[IterationEvent],
+         flush_every: int, rotate_every: int = 0) -> list[list[Any]]:
+    """Batches (per segment) taken every ``flush_every`` events; the segment rotates
+    (carry_over) every ``rotate_every`` events."""
+    buf = make()
+    out: list[list[Any]] = [[]]
+    for i, ev in enumerate(events, 1):
+        buf.handle(ev)
+        if i % flush_every == 0:
+            out[-1].append(buf.take())
+        if rotate_every and i % rotate_every == 0:
+            out[-1].append(buf.take())
+            buf = buf.carry_over()
+            buf.activate_oldest()
+            out.append([])
+    buf.close_open("recording_stopped")
+    out[-1].append(buf.take())
+    return out
+
+
+def assert_same_batch(a: FlushBatch, b: FlushBatch) -> None:
+    for group in ("samples", "meta", "iterations", "tags", "pvs"):
+        da, db = getattr(a, group), getattr(b, group)
+        assert da.keys() == db.keys(), group
+        for k in da:
+            assert da[k].dtype == db[k].dtype, (group, k)
+            assert da[k].tobytes() == db[k].tobytes(), (group, k)
+    assert a.pools.keys() == b.pools.keys()
+    for code in a.pools:
+        assert a.pools[code].dtype == b.pools[code].dtype
+        assert a.pools[code].tobytes() == b.pools[code].tobytes(), code
+    assert a.byte_pool.tobytes() == b.byte_pool.tobytes()
+    assert a.new_pvs == b.new_pvs
+    assert a.offsets == b.offsets
+
+
+def resolved(batches: list[Any]) -> dict[str, Any]:
+    """Everything a batch stream says, with byte-pool offsets replaced by the bytes."""
+    pool = b"".join(bytes(x.byte_pool) for x in batches)
+
+    def text(o: int, n: int) -> bytes:
+        return pool[o : o + n] if o >= 0 else b""
+
+    out: dict[str, Any] = {"samples": [], "meta": [], "iterations": [], "tags": [],
+                           "pvs": [], "pools": {}, "offsets": []}
+    for x in batches:
+        s = x.samples
+        for i in range(len(s["pv"])):
+            row = {k: s[k][i].tobytes() for k in s if k != "offset"}
+            row["offset"] = (text(int(s["offset"][i]), int(s["size"][i]))
+                             if s["dtype"][i] == 12 else int(s["offset"][i]))
+            out["samples"].append(row)
+        m = x.meta
+        out["meta"] += [(int(p), int(r), text(int(o), int(n)))
+                        for p, r, o, n in zip(m["pv"], m["row"], m["offset"], m["size"],
+                                              strict=True)]
+        it = x.iterations
+        for i in range(len(it["iter_index"])):
+            row = {k: int(it[k][i]) for k in it}
+            row["error_message"] = text(row["error_message"], row["error_message_size"])
+            out["iterations"].append(row)
+        t = x.tags
+        out["tags"] += [(int(i), text(int(o), int(n)))
+                        for i, o, n in zip(t["iter_index"], t["offset"], t["size"], strict=True)]
+        out["pvs"] += [text(int(o), int(n)) for o, n in zip(x.pvs["offset"], x.pvs["size"],
+                                                             strict=True)]
+        out["pvs"] += x.new_pvs
+        for code, arr in x.pools.items():
+            out["pools"].setdefault(code, []).append(arr.tobytes())
+        out["offsets"].append(x.offsets)
+    out["pools"] = {k: b"".join(v) for k, v in out["pools"].items()}
+    return out
+
+
+def check(events_of: Callable[[], list[IterationEvent]], flush_every: int = 7,
+          rotate_every: int = 0) -> list[FlushBatch]:
+    """Feed fresh copies of the stream (samples cache their decoding) the three ways."""
+    fast = feed(RecordingBuffer, events_of(), flush_every, rotate_every)
+    slow = feed(lambda: RecordingBuffer(fast=False), events_of(), flush_every, rotate_every)
+    legacy = feed(LegacyBuffer, events_of(), flush_every, rotate_every)
+    assert [len(x) for x in fast] == [len(x) for x in slow] == [len(x) for x in legacy]
+    for seg_a, seg_b in zip(fast, slow, strict=True):
+        for a, b in zip(seg_a, seg_b, strict=True):
+            assert_same_batch(a, b)
+    for seg_a, seg_c in zip(fast, legacy, strict=True):  # byte offsets restart per segment
+        assert resolved(seg_a) == resolved(seg_c)
+    return [b for seg in fast for b in seg]
+
+
+def fast_rows(batches: list[FlushBatch]) -> int:
+    return sum(len(b.samples["pv"]) for b in batches)
+
+
+# ------------------------------------------------------------------------------ streams
+def sim_stream(n_iter: int = 12, *, batches: int = 1, eager_every: int = 0) -> list[
+        IterationEvent]:
+    events: list[IterationEvent] = []
+    for k in range(n_iter):
+        wall = T0 + k * 100_000_000 + (k * 7919) % 1000
+        samples = []
+        for j, pv in enumerate(SIM_PVS):
+            struct_ = sim(pv, k, wall)
+            if eager_every and (k + j) % eager_every == 0:
+                samples.append(eager(pv, struct_))
+            else:
+                samples.append(message(pv, struct_, k, trailer=b"\xc0" * (j % 2)))
+        events += iteration(k, samples, batches=batches)
+    return events
+
+
+def test_sim_pvs_every_family() -> None:
+    batches = check(lambda: sim_stream(15, batches=2), flush_every=5)
+    assert fast_rows(batches) == 15 * len(SIM_PVS)
+
+
+STEADY = ["SIM:AI:DOUBLE:1", "SIM:AI:FLOAT:2", "SIM:AI:LONG:3", "SIM:BI:BOOL:4",
+          "SIM:MBBI:ENUM:5", "SIM:WF:DOUBLE:6:N50", "SIM:WF:FLOAT:7:N9"]
+
+
+def steady_stream(first: int, n_iter: int) -> list[IterationEvent]:
+    """PVs whose structure does not change: only values, timestamps, alarm numbers."""
+    events: list[IterationEvent] = []
+    for k in range(first, first + n_iter):
+        samples = []
+        for j, pv in enumerate(STEADY):
+            s = sim(pv, 0, T0 + k * 100_000_000 + 70_000 + j)
+            if pv.startswith("SIM:AI:DOUBLE"):
+                s["value"] = float(k) / 7.0
+                s["alarm"]["severity"] = k % 3
+            elif pv.startswith("SIM:AI:FLOAT"):
+                s["value"] = Float32(k / 3.0)
+            elif pv.startswith("SIM:AI:LONG"):
+                s["value"] = 2**40 + k  # one encoding width
+            elif pv.startswith("SIM:BI"):
+                s["value"] = k % 2 == 0
+            elif pv.startswith("SIM:MBBI"):
+                s["value"]["index"] = k % 4
+            elif pv.startswith("SIM:WF:DOUBLE"):
+                s["value"] = [float(k + i) for i in range(50)]
+            else:
+                s["value"] = Float32Array([k * 0.5 + i for i in range(9)])
+            samples.append(message(pv, s, k))
+        events += iteration(k, samples)
+    return events
+
+
+def test_templates_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: once learned, a steady stream is decoded without split_sample."""
+    import recorder.sinks.buffer as buffer_module
+
+    calls = []
+    real = buffer_module.split_sample
+
+    def spy(sample: PVSample) -> Any:
+        calls.append(sample.pv)
+        return real(sample)
+
+    monkeypatch.setattr(buffer_module, "split_sample", spy)
+    buf = RecordingBuffer()
+    for ev in steady_stream(0, 3):
+        buf.handle(ev)
+    first = buf.take()
+    assert sorted(set(calls)) == sorted(STEADY)  # learned from one sample each
+    assert len(buf.templates.templates) == len(STEADY)
+    calls.clear()
+    for ev in steady_stream(3, 40):
+        buf.handle(ev)
+    second = buf.take()
+    assert calls == []
+    assert len(second.samples["pv"]) == 40 * len(STEADY)
+    assert len(second.meta["pv"]) == 0 and len(first.meta["pv"]) == len(STEADY)
+    # and the same as the slow path
+    check(lambda: steady_stream(0, 43), flush_every=9)
+
+
+def test_mixed_eager_and_lazy_samples_and_partial_batches() -> None:
+    check(lambda: sim_stream(10, batches=3, eager_every=3), flush_every=4)
+
+
+def test_overlapping_iterations_pending_samples() -> None:
+    def events() -> list[IterationEvent]:
+        out: list[IterationEvent] = []
+        pv = "SIM:AI:DOUBLE:1"
+        wf = "SIM:WF:DOUBLE:2:N8"
+        for k in range(0, 12, 2):
+            a = [message(pv, sim(pv, k, T0 + k), k), message(wf, sim(wf, k, T0 + k), k)]
+            b = [message(pv, sim(pv, k + 1, T0 + k + 1), k + 1),
+                 message(wf, sim(wf, k + 1, T0 + k + 1), k + 1)]
+            ia, ib = iteration(k, a), iteration(k + 1, b)
+            # k+1 opens and gets its values before k's values and tail
+            out += [ia[0], ib[0], ib[1], ia[1], ib[2], ia[2]]
+        # values after close, values without open
+        out.append(ValuesReceived("t", 10, 2, T0, (message(pv, sim(pv, 99, T0), 99),),
+                                  offset=500))
+        out.append(ValuesReceived("t", 77, 1, T0, (message(pv, sim(pv, 98, T0), 98),),
+                                  offset=501))
+        return out
+
+    for flush_every in (1, 2, 3, 5, 100):
+        check(events, flush_every=flush_every)
+
+
+def test_segment_rotation_carries_open_iterations() -> None:
+    check(lambda: sim_stream(12, batches=2), flush_every=4, rotate_every=9)
+    check(lambda: sim_stream(12, batches=2), flush_every=100, rotate_every=5)
+
+
+def scalar_variants(k: int) -> dict[str, Any]:
+    """An NTScalar double whose metadata, alarm and timestamp encodings change."""
+    s = sim("SIM:AI:DOUBLE:1", k, T0 + k * 1_000_003)
+    s["value"] = [0.5, -0.0, math.inf, float("nan"), 1e300][k % 5]
+    if k % 7 == 3:
+        s["display"]["limitHigh"] = 20.0  # metadata change (and back)
+    if k % 5 == 2:
+        s["alarm"] = {"severity": 2, "status": 3, "message": "HIHI"}
+    if k % 6 == 4:
+        s["alarm"]["message"] = "LOLO"  # same length, other bytes
+    ts = s["timeStamp"]
+    ts["nanoseconds"] = [5, 200, 70_000, 999_999_999, 123_456_789][k % 5]
+    if k % 11 == 5:
+        ts["nanoseconds"] = 1_000_000_000  # out of range: stays in the rest
+    if k % 13 == 6:
+        ts["secondsPastEpoch"] = 2**63  # out of range: stays in the rest
+    if k % 13 == 7:
+        ts["secondsPastEpoch"] = -5
+    if k % 17 == 8:
+        s["alarm"]["severity"] = 2**31  # not int32: stays in the rest
+    return s
+
+
+def test_scalar_metadata_alarm_and_time_changes() -> None:
+    def events() -> list[IterationEvent]:
+        out: list[IterationEvent] = []
+        for k in range(120):
+            out += iteration(k, [message("A", scalar_variants(k), k),
+                                 message("B", scalar_variants(k // 3), k)])
+        return out
+
+    check(events, flush_every=13)
+    check(events, flush_every=200)
+
+
+def int_value(k: int) -> int:
+    values = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32, 2**63 - 1, 2**63, 2**64 - 1,
+              -1, -32, -33, -128, -129, -(2**15), -(2**31), -(2**63)]
+    return values[k % len(values)]
+
+
+def test_integers_of_every_width_and_uint64() -> None:
+    def events() -> list[IterationEvent]:
+        out: list[IterationEvent] = []
+        for k in range(90):
+            s = sim("SIM:AI:LONG:1", 0, T0 + k)
+            s["value"] = int_value(k // 2)
+            e = sim("SIM:MBBI:ENUM:2", k, T0 + k)
+            e["value"]["index"] = [0, 3, 2**63, 200, -1][k % 5]
+            out += iteration(k, [message("I", s, k), message("E", e, k)])
+        return out
+
+    check(events, flush_every=11)
+
+
+def test_float32_values_and_nan_payloads() -> None:
+    snan32 = struct.unpack(">f", b"\x7f\x80\x00\x01")[0]  # becomes a quiet NaN on the way
+    nan64 = struct.unpack(">d", b"\x7f\xf0\x00\x00\x00\x00\x00\x01")[0]
+
+    def events() -> list[IterationEvent]:
+        out: list[IterationEvent] = []
+        for k in range(40):
+            f = sim("SIM:AI:FLOAT:1", k, T0 + k)
+            f["value"] = Float32([1.5, snan32, -0.0, 3.4e38][k % 4])
+            d = sim("SIM:AI:DOUBLE:2", k, T0 + k)
+            d["value"] = [nan64, 2.5][k % 2]
+            w = sim("SIM:WF:FLOAT:3:N4", k, T0 + k)
+            w["value"] = Float32Array([snan32, 1.0, float(k), -2.0])
+            v = sim("SIM:WF:DOUBLE:4:N3", k, T0 + k)
+            v["value"] = [nan64, float(k), -0.0]
+            out += iteration(k, [message("F", f, k), message("D", d, k), message("W", w, k),
+                                 message("V", v, k)])
+        return out
+
+    check(events, flush_every=9)
+
+
+def test_bool_waveform_lengths_and_empty_arrays() -> None:
+    def events() -> list[IterationEvent]:
+        out: list[IterationEvent] = []
+        for k in range(60):
+            b = sim("SIM:BI:BOOL:1", k, T0 + k)
+            w = sim("SIM:WF:DOUBLE:2:N3", k, T0 + k)
+            w["value"] = [float(i) for i in range([3, 3, 0, 17, 3, 70000 if k == 31 else 2][
+                k % 6])]
+            out += iteration(k, [message("B", b, k), message("W", w, k)])
+        return out
+
+    check(events, flush_every=10)
+
+
+def test_values_after_close_and_incomplete_iterations() -> None:
+    def events() -> list[IterationEvent]:
+        out: list[IterationEvent] = []
+        for k in range(10):
+            samples = [message("A", scalar_variants(k), k)]
+            status = IterationStatus.INCOMPLETE if k % 3 == 1 else IterationStatus.COMPLETE
+            out += iteration(k, samples, status=status)
+            out.append(ValuesReceived("t", k, 9, T0, (message("A", scalar_variants(k + 50),
+                                                              k),), late=True, offset=-1))
+        return out
+
+    check(events, flush_every=6)
+
+
+# ------------------------------------------------------------------------------ property
+MUTATIONS = ("value", "display", "alarm", "message", "ns", "sec", "length", "eager", "garbage")
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> list[tuple[int, str, list[tuple[str, dict[str, Any], int]]]]:
+    """Iterations of a few PVs with random mutations of their structure."""
+    n_iter = draw(st.integers(1, 25))
+    pvs = draw(st.lists(st.sampled_from(["SIM:AI:DOUBLE:1", "SIM:AI:FLOAT:2", "SIM:AI:INT:3",
+                                         "SIM:WF:DOUBLE:4:N6", "SIM:MBBI:ENUM:5",
+                                         "SIM:BI:BOOL:6", "SIM:SI:STRING:7"]),
+                        min_size=1, max_size=4, unique=True))
+    out = []
+    for k in range(n_iter):
+        samples = []
+        for pv in pvs:
+            s = sim(pv, k, T0 + k * 999_983)
+            muts = draw(st.sets(st.sampled_from(MUTATIONS), max_size=2))
+            if "value" in muts and not isinstance(s["value"], dict | list | str):
+                s["value"] = draw(st.one_of(st.floats(), st.integers(-(2**63), 2**64 - 1),
+                                            st.booleans()))
+            if "display" in muts and "display" in s:
+                s["display"]["limitLow"] = draw(st.sampled_from([0, 0.0, -1.0, 1, True]))
+            if "alarm" in muts:
+                s["alarm"]["severity"] = draw(st.integers(-(2**33), 2**33))
+                s["alarm"]["status"] = draw(st.integers(0, 300))
+            if "message" in muts:
+                s["alarm"]["message"] = draw(st.sampled_from(["", "HIHI", "LOLO", "é"]))
+            if "ns" in muts:
+                s["timeStamp"]["nanoseconds"] = draw(st.integers(-5, 2 * 10**9))
+            if "sec" in muts:
+                s["timeStamp"]["secondsPastEpoch"] = draw(st.integers(-(2**63), 2**64 - 1))
+            if "length" in muts and isinstance(s["value"], list):
+                s["value"] = s["value"][: draw(st.integers(0, 8))]
+            mode = "eager" if "eager" in muts else "garbage" if "garbage" in muts else "lazy"
+            samples.append((pv, s, mode))
+        out.append((k, draw(st.sampled_from(["in_order", "overlap"])), samples))
+    return out
+
+
+def build(stream: list[tuple[int, str, list[tuple[str, dict[str, Any], str]]]]
+          ) -> list[IterationEvent]:
+    events: list[IterationEvent] = []
+    held: list[IterationEvent] = []
+    for k, order, samples in stream:
+        built = []
+        for pv, s, mode in samples:
+            if mode == "eager":
+                built.append(eager(pv, s))
+            elif mode == "garbage":  # bytes msgpack-python cannot decode (invalid UTF-8)
+                raw = pack(s).replace(b"\xa8NO_ALARM", b"\xa8NO_ALA\xff\xfe")
+                built.append(PVSample.from_raw(pv, raw, 0))
+            else:
+                built.append(message(pv, s, k))
+        evs = iteration(k, built)
+        if order == "overlap" and not held:
+            held = evs  # opened later, closed after the next one
+            events.append(evs[0])
+            continue
+        events += evs[:1] + evs[1:-1]
+        if held:
+            events += held[1:]
+            held = []
+        events.append(evs[-1])
+    events += held[1:]
+    return events
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=streams(), flush_every=st.integers(1, 30), rotate=st.integers(0, 40))
+def test_property_fast_equals_slow(stream: Any, flush_every: int, rotate: int) -> None:
+    check(lambda: build(stream), flush_every=flush_every, rotate_every=rotate)
+
+
+# ------------------------------------------------------------------------------ templates
+def test_walker_refuses_malformed_and_duplicates() -> None:
+    good = pack(sim("SIM:AI:DOUBLE:1", 0, T0))
+    assert walk(good) is not None
+    assert walk(good[:-1]) is None
+    assert walk(good + b"\xc0") is None
+    assert walk(b"\x92\x01\x02") is None
+    dup = b"\x82\xa5value\x01\xa5value\x02"
+    assert walk(dup) is None
+
+
+def test_learning_refuses_strings_and_self_check_failures() -> None:
+    ts = TemplateSet()
+    s = message("S", sim("SIM:SI:STRING:1", 0, T0), 0)
+    assert s.raw is not None
+    assert not ts.learn(0, s.raw, split_sample(s))
+    d = message("D", sim("SIM:AI:DOUBLE:1", 0, T0), 0)
+    assert d.raw is not None
+    split = split_sample(d)
+    split.fval += 1.0  # a split that does not describe the payload
+    assert not ts.learn(1, d.raw, split)
+    assert ts.learn(1, d.raw, split_sample(d))
+
+
+def iter_samples(batches: list[FlushBatch]) -> Iterator[int]:
+    for b in batches:
+        yield from b.samples["pv"].tolist()
+
+
+@pytest.mark.parametrize("flush_every", [3, 1000])
+def test_row_order_is_arrival_order(flush_every: int) -> None:
+    batches = check(lambda: sim_stream(6, batches=2), flush_every=flush_every)
+    cols = list(iter_samples(batches))
+    assert cols == [c for _ in range(6) for c in range(len(SIM_PVS))]
