@@ -47,7 +47,7 @@ from recorder.sinks.livefile import LiveView, read_live
 with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
     import hdf5plugin  # noqa: F401
 
-SUPPORTED_MAJOR = "1"
+SUPPORTED_MAJORS = ("1", "2")  # the live layout is the same in both; the final one differs
 
 
 def sample_value(
@@ -83,13 +83,14 @@ class RecordingFile:
             self.h5.close()
             raise FileFormatError(f"{self.path} is not a k2eg-recorder file")
         version = str(attrs.get("format_version", ""))
-        if version.split(".", maxsplit=1)[0] != SUPPORTED_MAJOR:
+        if version.split(".", maxsplit=1)[0] not in SUPPORTED_MAJORS:
             self.h5.close()
             raise FileFormatError(f"{self.path}: unsupported format_version {version!r}")
         self.attrs: dict[str, Any] = {k: _plain(v) for k, v in attrs.items()}
         self.layout = str(self.attrs.get("layout", "final"))
         self._live: LiveView | None = None
         self._cache: dict[str, list[PVSample]] = {}
+        self._info: dict[str, dict[str, Any]] | None = None
         self.refresh()
 
     # --- basics -------------------------------------------------------------------------------
@@ -174,7 +175,31 @@ class RecordingFile:
             if samples:
                 info["kind"] = samples[0].kind.value
             return info
-        return self.attrs_of(f"pvs/{escape_name(pv)}")
+        return dict(self._pv_info(pv))
+
+    def pv_table(self) -> npt.NDArray[Any]:
+        """The /pv_info table (final layout, format 2): one row per PV, as a numpy structured
+        array (strings as bytes); ``pandas.DataFrame(f.pv_table())`` makes a table of it."""
+        return np.asarray(self.h5["pv_info"][()])
+
+    def _pv_info(self, pv: str) -> dict[str, Any]:
+        """The PV's description: its /pv_info row (format 2) or its group attributes (1.x)."""
+        if self._info is None:
+            if "pv_info" in self.h5:
+                table = self.h5["pv_info"][()]
+                names = table.dtype.names or ()
+                self._info = {}
+                for row in table:
+                    item = {k: _plain(row[k]) for k in names}
+                    self._info[str(item["pv_name"])] = item
+            else:
+                self._info = {}
+        info = self._info.get(pv)
+        if info is None:
+            if pv not in self.pv_names:
+                raise KeyError(pv)
+            info = self._info[pv] = self.attrs_of(f"pvs/{escape_name(pv)}")
+        return info
 
     # --- per-PV arrays ------------------------------------------------------------------------
     def _group(self, pv: str) -> h5py.Group:
@@ -284,9 +309,14 @@ class RecordingFile:
 
     def _final_samples(self, pv: str) -> list[PVSample]:
         g = self._group(pv)
-        kind = ValueKind(g.attrs["kind"])
-        n = int(g.attrs.get("count", len(g["time"])))
-        cols = {k: g[k][()] for k in ("time", "severity", "status", "flags")}
+        info = self._pv_info(pv)
+        kind = ValueKind(info["kind"])
+        n = int(info.get("count", len(g["time"])))
+        cols = {k: g[k][()] for k in ("time", "severity", "status")}
+        if "flags" in g:
+            cols["flags"] = g["flags"][()]
+        else:  # 2.x: the same flags in every row, in /pv_info
+            cols["flags"] = np.full(n, int(info["flags"]), dtype=np.uint8)
         value: Any = None
         table: list[tuple[str, npt.NDArray[Any]]] | None = None
         if "value" in g and isinstance(g["value"], h5py.Group):  # NTTable: one dataset a column
@@ -296,9 +326,13 @@ class RecordingFile:
         elif "value" in g:
             value = g["value"][()]
         shape = g["shape"][()] if "shape" in g else None
-        storage = str(g.attrs.get("storage_dtype", "none"))
-        meta_rows = g["metadata/row"][()] if "metadata" in g else np.zeros(0, np.int64)
-        meta_json = g["metadata/json"][()] if "metadata" in g else []
+        storage = str(info.get("storage_dtype", "none"))
+        meta_rows: npt.NDArray[Any] = np.zeros(0, np.int64)
+        meta_json: Any = []
+        if "metadata" in g:  # 1.x always; 2.x when the metadata changed after row 0
+            meta_rows, meta_json = g["metadata/row"][()], g["metadata/json"][()]
+        elif info.get("metadata") and n:  # 2.x: row 0's metadata is in /pv_info
+            meta_rows, meta_json = np.zeros(1, np.int64), [info["metadata"]]
         out: list[PVSample] = []
         rest: dict[str, Any] = {"d": {}, "f": []}
         j = 0

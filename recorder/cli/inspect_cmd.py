@@ -46,13 +46,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"  iter_index {its['iter_index'][0]}..{its['iter_index'][-1]}")
         else:
             print()
-        print(f"{'PV':40} {'kind':12} {'dtype':10} {'shape':12} {'count':>8}  first .. last time")
+        print(f"{'PV':40} {'kind':12} {'dtype':10} {'shape':12} {'units':8} {'count':>8}  "
+              "first .. last time")
         for pv in f.pv_names:
             times = f.times(pv)
             vals = f.values(pv)
-            kind = f.pv_info(pv).get("kind", "-")
+            info = f.pv_info(pv)
+            kind = info.get("kind", "-")
+            units = str(info.get("units") or "-")
             shape = str(vals.shape[1:]) if vals.dtype != object else "varies"
-            print(f"{pv:40} {kind:12} {vals.dtype!s:10} {shape:12} {len(times):>8}  "
+            print(f"{pv:40} {kind:12} {vals.dtype!s:10} {shape:12} {units:8} {len(times):>8}  "
                   f"{_t(int(times[0])) if len(times) else '-'} .. "
                   f"{_t(int(times[-1])) if len(times) else '-'}")
     return 0

@@ -11,6 +11,13 @@ waveform width, and where to cut the blocks; the second pass splits each block b
 appends it to that PV's datasets. Small PVs are buffered and written in one go at the end
 (compact datasets, which is what makes 10,000 PVs cheap); the buffers of all PVs together
 are spilled to chunked datasets whenever they exceed ``block_bytes``.
+
+With many small PVs the cost is the number of HDF5 objects (format 2.0, see
+docs/decisions/0004-final-layout-objects-per-pv.md): a column identical to one already
+written (iteration, first/count, alarms, often time) becomes a hard link to it, the per-PV
+description is one row of ``/pv_info`` instead of group attributes, ``metadata/*`` exists only
+when the PV structure changes after row 0, constant ``flags`` only in ``/pv_info``, and every
+per-PV object goes through h5py's low-level API.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 import numpy.typing as npt
-from h5py import h5a, h5d, h5p, h5s, h5t
+from h5py import h5a, h5d, h5g, h5o, h5p, h5s, h5t
 
 from recorder.client.values import ValueKind, typed_value
 from recorder.sinks.buffer import (
@@ -69,6 +76,7 @@ SCAN_ROWS = 1 << 20  # rows per read in the first pass
 ROW_OVERHEAD = 256  # bytes of memory per sample row in a block (columns + temporaries)
 COMPACT_MAX = 8 * 1024  # datasets up to this size are written compact (in the object header)
 OBJ_BYTES = 64  # estimated memory of one element of an object (string) array
+SHARE_MAX_BYTES = 64 * 1024 * 1024  # memory for the contents of shareable columns
 CHUNK_CACHE = 0  # no chunk cache: rows go out in large blocks (HDF5 2.0 caches 8 MiB a dataset)
 
 K_SCALAR, K_BOOL, K_STRING, K_ENUM = (
@@ -99,6 +107,19 @@ META_ATTRS: dict[str, tuple[str, str]] = {
     "alarm_hysteresis": ("valueAlarm", "hysteresis"),
 }
 TIME_ATTRS = {"units": "ns", "start": "1970-01-01T00:00:00Z"}
+FORMAT_VERSION = "2.0"
+"""format_version of the final layout (docs/file-format.md; the live layout is unchanged)."""
+# /pv_info columns: (name, "s" = vlen UTF-8 string, else a numpy dtype)
+PV_INFO_FIELDS: tuple[tuple[str, str], ...] = (
+    ("pv_name", "s"), ("group", "s"), ("source", "s"), ("protocol", "s"), ("kind", "s"),
+    ("storage_dtype", "s"), ("count", "<i8"), ("flags", "<i2"),
+    *((a, "s" if a in ("units", "description", "format") else "<f8") for a in META_ATTRS),
+    ("choices", "s"), ("metadata", "s"), ("metadata_entries", "<i8"),
+)
+
+
+NXLOG = {"NX_class": "NXlog"}
+INFO_STR = ("units", "description", "format")  # /pv_info string columns from META_ATTRS
 
 
 def _attr_value(value: Any) -> Any:
@@ -107,17 +128,68 @@ def _attr_value(value: Any) -> Any:
     return json.dumps(value, default=str)
 
 
-def metadata_attrs(rest: Mapping[str, Any]) -> dict[str, Any]:
-    """PV attributes (units, precision, limits, enum choices) from a rest structure."""
-    d = rest.get("d", {})
+def first_metadata(raw: bytes) -> dict[str, Any]:
+    """The structure (``d``) of a metadata entry, enough to read units, limits and choices
+    (plain JSON: tagged values are decoded only where they are used)."""
+    try:
+        top = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return {}
+    d = top.get("d") if isinstance(top, dict) else None
+    if not isinstance(d, dict):
+        return {}
+    if "__map__" in d:  # keys that JSON cannot hold: decode the tags
+        d = decode_rest(raw).get("d", {})
+    return d if isinstance(d, dict) else {}
+
+
+def _untag(value: Any) -> Any:
+    if isinstance(value, dict) and len(value) == 1 and "__float__" in value:
+        return float(value["__float__"])
+    return value
+
+
+def _metadata_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    """META_ATTRS present in a structure, and enum choices."""
     out: dict[str, Any] = {}
     for attr, (group, key) in META_ATTRS.items():
         sub = d.get(group)
-        if isinstance(sub, Mapping) and sub.get(key) is not None:
-            out[attr] = _attr_value(sub[key])
+        if type(sub) is dict and sub.get(key) is not None:  # (decoded JSON: plain dicts)
+            out[attr] = _untag(sub[key])
     value = d.get("value")
-    if isinstance(value, Mapping) and isinstance(value.get("choices"), list):
+    if type(value) is dict and isinstance(value.get("choices"), list):
         out["choices"] = [str(c) for c in value["choices"]]
+    return out
+
+
+def value_attrs(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Attributes of the ``value`` dataset (from :func:`_metadata_fields`): ``units`` and
+    (enums) ``choices``."""
+    out: dict[str, Any] = {}
+    if "units" in fields:
+        out["units"] = str(_attr_value(fields["units"]))
+    if "choices" in fields:
+        out["choices"] = fields["choices"]
+    return out
+
+
+def info_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The /pv_info columns from the first metadata (:func:`_metadata_fields`): strings
+    ``""`` and numbers NaN when absent (non-numbers too; the JSON keeps them exactly)."""
+    out: dict[str, Any] = {}
+    for attr in META_ATTRS:
+        v = fields.get(attr)
+        if attr in INFO_STR:
+            out[attr] = "" if v is None else str(_attr_value(v))
+        elif isinstance(v, (int, float)):
+            try:
+                out[attr] = float(v)
+            except OverflowError:
+                out[attr] = float("nan")
+        else:
+            out[attr] = float("nan")
+    choices = fields.get("choices")
+    out["choices"] = json.dumps(choices) if choices is not None else ""
     return out
 
 
@@ -136,9 +208,60 @@ def _image_shape(rest: Mapping[str, Any], size: int) -> tuple[int, ...]:
 
 
 # --- low-level HDF5 helpers (h5py's high-level calls cost 2x more per object) ----------------
-def set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
-    """Write attributes: str/int/float through the low-level API, the rest through h5py."""
-    oid = obj.id
+def _plist(cls: Any, layout: int | None = None) -> Any:
+    plist = h5p.create(cls)
+    plist.set_obj_track_times(False)  # no timestamps in object headers: smaller, reproducible
+    if layout is not None:
+        plist.set_layout(layout)
+    return plist
+
+
+_GCPL = _plist(h5p.GROUP_CREATE)
+_DCPL_COMPACT = _plist(h5p.DATASET_CREATE, h5d.COMPACT)
+_DCPL_CONTIGUOUS = _plist(h5p.DATASET_CREATE, h5d.CONTIGUOUS)
+_OCPYPL = h5p.create(h5p.OBJECT_COPY)
+_OBJ_MTID = h5t.py_create(np.dtype(object))  # memory type of str objects (vlen strings)
+_TIDS: dict[str, Any] = {}
+
+
+def _tid(dtype: np.dtype[Any], h5dtype: np.dtype[Any] | None = None) -> Any:
+    """The HDF5 type of ``dtype`` (``h5dtype``: an enum or string type to store instead)."""
+    if h5dtype is not None:
+        return h5t.py_create(h5dtype, logical=True)
+    if dtype.kind in "OST":
+        return _STR_TID
+    tid = _TIDS.get(dtype.str)
+    if tid is None:
+        tid = _TIDS[dtype.str] = h5t.py_create(dtype, logical=True)
+    return tid
+
+
+_SPACES: dict[tuple[int, ...], Any] = {}
+
+
+def _space(shape: tuple[int, ...]) -> Any:
+    """A simple dataspace of ``shape`` (cached: the same few shapes recur for every PV)."""
+    sid = _SPACES.get(shape)
+    if sid is None:
+        if len(_SPACES) > 1024:
+            _SPACES.clear()
+        sid = _SPACES[shape] = h5s.create_simple(shape)
+    return sid
+
+
+def _hl(oid: Any) -> h5py.HLObject:
+    return h5py.Dataset(oid) if isinstance(oid, h5d.DatasetID) else h5py.Group(oid)
+
+
+def create_group(parent: Any, name: str) -> Any:
+    """A group (low-level id) under the group id ``parent``, without object timestamps."""
+    return h5g.create(parent, name.encode(), None, _GCPL)
+
+
+def set_attrs(obj: Any, attrs: Mapping[str, Any]) -> None:
+    """Write attributes on an object (h5py object or low-level id): str/int/float and lists of
+    str through the low-level API, the rest through h5py."""
+    oid = obj.id if isinstance(obj, h5py.HLObject) else obj
     for name, v in attrs.items():
         key = name.encode()
         if isinstance(v, str):
@@ -147,10 +270,13 @@ def set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
             h5a.create(oid, key, h5t.STD_I64LE, _SCALAR_SPACE).write(np.array(v, np.int64))
         elif isinstance(v, float):
             h5a.create(oid, key, h5t.IEEE_F64LE, _SCALAR_SPACE).write(np.array(v, np.float64))
+        elif isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            h5a.create(oid, key, _STR_TID, h5s.create_simple((len(v),))).write(
+                np.array(v, dtype=STR))
         elif isinstance(v, list) and all(isinstance(x, str) for x in v):
-            obj.attrs.create(name, v, dtype=STR)
+            _hl(oid).attrs.create(name, v, dtype=STR)
         else:
-            obj.attrs[name] = v
+            _hl(oid).attrs[name] = v
 
 
 def _pad(pieces: list[npt.NDArray[Any]], trailing: tuple[int, ...]) -> npt.NDArray[Any]:
@@ -173,17 +299,19 @@ class _Col:
     """One dataset of the final file, filled in row blocks with bounded memory.
 
     Rows are buffered; :meth:`finish` writes a never-spilled column in one call (compact
-    when small), :meth:`spill` creates a chunked dataset of the final length (``total``;
-    None = unknown, resizable) and writes what is buffered. Trailing dimensions grow with the
-    data (waveforms, images, tables, string arrays).
+    when small; ``share``: a hard link to an identical column written before, see
+    :meth:`_Writer.create`), :meth:`spill` creates a chunked dataset of the final length
+    (``total``; None = unknown, resizable) and writes what is buffered. Trailing dimensions
+    grow with the data (waveforms, images, tables, string arrays). ``group`` is a low-level
+    group id.
     """
 
     __slots__ = ("attrs", "ds", "dtype", "group", "h5dtype", "name", "nbytes", "pieces",
-                 "total", "trailing", "w", "written")
+                 "share", "total", "trailing", "w", "written")
 
-    def __init__(self, w: _Writer, group: h5py.Group, name: str, total: int | None, *,
+    def __init__(self, w: _Writer, group: Any, name: str, total: int | None, *,
                  dtype: np.dtype[Any], attrs: Mapping[str, Any] | None = None,
-                 h5dtype: np.dtype[Any] | None = None) -> None:
+                 h5dtype: np.dtype[Any] | None = None, share: bool = False) -> None:
         self.w = w
         self.h5dtype = h5dtype
         self.group = group
@@ -191,6 +319,7 @@ class _Col:
         self.total = total
         self.dtype = dtype
         self.attrs = dict(attrs or {})
+        self.share = share
         self.pieces: list[npt.NDArray[Any]] = []
         self.trailing: tuple[int, ...] | None = None
         self.nbytes = 0
@@ -228,7 +357,7 @@ class _Col:
         trailing = self.trailing or ()
         if self.ds is None:
             total = self.total
-            self.ds = self.w.create(
+            self.ds = self.w.create_chunked(
                 self.group, self.name, None, dtype=self.dtype,
                 shape=(total if total is not None else 0, *trailing),
                 maxshape=(total, *(None,) * len(trailing)), attrs=self.attrs,
@@ -252,7 +381,9 @@ class _Col:
             if self.total is not None and len(data) < self.total:  # rows never seen: zeros
                 data = _pad([data, np.zeros((self.total - len(data), *data.shape[1:]),
                                             dtype=self.dtype)], data.shape[1:])
-            self.w.create(self.group, self.name, data, attrs=self.attrs, h5dtype=self.h5dtype)
+            self.w.create(self.group, self.name, data, attrs=self.attrs, h5dtype=self.h5dtype,
+                          share=self.share)
+            self.w.dirty.discard(self)
             self.w.buffered -= self.nbytes
             self.pieces = []
             self.nbytes = 0
@@ -456,41 +587,37 @@ class _PV:
         self.base_raw: bytes = b""  # the live rest in effect (JSON)
         self._base: dict[str, Any] | None = None
         self.last_json: bytes | None = None  # the last metadata entry written
-        self.first_rest: dict[str, Any] | None = None
+        self.fields: dict[str, Any] = {}  # _metadata_fields of the first metadata
         self.rank: int | None = None  # NTNDArray rank
         self.schema: tuple[tuple[str, str], ...] | None = None  # NTTable (column, dtype)
         self.labels: list[str] | None = None
         self.run_max = -1  # running max of iter_row (first/count index)
         self.next_k = 0  # first iteration whose `first` is not written yet
         self.pending = 0  # rows of iteration next_k - 1 seen so far (may continue)
-        self.g = w.pvs.create_group(escape_name(name))
+        self.path = escape_name(name)
+        self.g = create_group(w.pvs.id, self.path)
         self.cols: dict[str, _Col] = {}
         self.table: dict[str, _Col] = {}
-        self.value_group: h5py.Group | None = None
+        self.value_group: Any = None
         i64, i32 = np.dtype(np.int64), np.dtype(np.int32)
         for cname, dt, attrs in (("time", i64, TIME_ATTRS), ("iteration", i64, None),
                                  ("severity", i32, None), ("status", i32, None),
                                  ("flags", np.dtype(np.uint8), None)):
-            self.cols[cname] = _Col(w, self.g, cname, n, dtype=dt, attrs=attrs)
-        self.first = _Col(w, self.g, "first", w.n_iter, dtype=i64)
-        self.count = _Col(w, self.g, "count", w.n_iter, dtype=i64)
-        self.meta_group: h5py.Group | None = None
+            self.cols[cname] = _Col(w, self.g, cname, n, dtype=dt, attrs=attrs, share=True)
+        self.first = _Col(w, self.g, "first", w.n_iter, dtype=i64, share=True)
+        self.count = _Col(w, self.g, "count", w.n_iter, dtype=i64, share=True)
+        self.first_json: bytes | None = None  # the metadata of row 0
+        self.n_meta = 0  # metadata entries (row 0 and each change)
         self.meta_row: _Col | None = None
         self.meta_json: _Col | None = None
         if (n and dcode == STRING_DTYPE_CODE) or self.kind is ValueKind.STRING_ARRAY:
             self.cols["value"] = _Col(w, self.g, "value", n, dtype=np.dtype(object))
         elif n and dcode in DTYPE_BY_CODE and self.kind is not ValueKind.TABLE:
-            self.cols["value"] = _Col(w, self.g, "value", n, dtype=DTYPE_BY_CODE[dcode],
-                                      attrs={"dtype": DTYPE_BY_CODE[dcode].name})
+            self.cols["value"] = _Col(w, self.g, "value", n, dtype=DTYPE_BY_CODE[dcode])
         if self.kind in (ValueKind.ARRAY, ValueKind.NDARRAY, ValueKind.STRING_ARRAY,
                          ValueKind.TABLE):
-            self.cols["shape"] = _Col(w, self.g, "shape", n, dtype=i64)
-        uri = w.uris.get(name)
-        group_attrs: dict[str, Any] = {"NX_class": "NXlog", "pv_name": name}
-        if uri is not None:
-            group_attrs["source"] = uri
-            group_attrs["protocol"] = uri.split("://", 1)[0]
-        set_attrs(self.g, group_attrs)
+            self.cols["shape"] = _Col(w, self.g, "shape", n, dtype=i64, share=True)
+        set_attrs(self.g, NXLOG)
 
     # --- rests ----------------------------------------------------------------------------
     def base(self) -> dict[str, Any]:
@@ -499,22 +626,33 @@ class _PV:
         return self._base
 
     def _emit(self, row: int, raw: bytes) -> None:
+        """A metadata entry: row 0's goes to /pv_info; a group ``metadata`` (row, json) is
+        made only when the rest changes later (then it holds every entry, row 0's too)."""
         if raw == self.last_json:
             return
         self.last_json = raw
+        self.n_meta += 1
+        if self.first_json is None:
+            self.first_json = raw
+            self.fields = _metadata_fields(first_metadata(raw))
+            value = self.cols.get("value")
+            if value is not None:
+                value.attrs.update(value_attrs(self.fields))
+            return
         if self.meta_row is None or self.meta_json is None:
-            self.meta_group = self.g.create_group("metadata")
-            self.meta_row = _Col(self.w, self.meta_group, "row", None, dtype=np.dtype(np.int64))
-            self.meta_json = _Col(self.w, self.meta_group, "json", None, dtype=np.dtype(object))
+            mg = create_group(self.g, "metadata")
+            self.meta_row = _Col(self.w, mg, "row", None, dtype=np.dtype(np.int64))
+            self.meta_json = _Col(self.w, mg, "json", None, dtype=np.dtype(object))
+            self.meta_row.add(np.array([0], dtype=np.int64))
+            self.meta_json.add(np.array([self.first_json.decode("utf-8")], dtype=object))
         self.meta_row.add(np.array([row], dtype=np.int64))
         self.meta_json.add(np.array([raw.decode("utf-8")], dtype=object))
-        if self.first_rest is None:
-            self.first_rest = decode_rest(raw)
 
     # --- one block of rows --------------------------------------------------------------------
-    def add(self, b: _Block, idx: npt.NDArray[np.int64], entries: dict[int, bytes]) -> None:
-        s = {k: v[idx] for k, v in b.s.items()}
-        m = len(idx)
+    def add(self, b: _Block, s: dict[str, npt.NDArray[Any]], entries: dict[int, bytes]) -> None:
+        """The PV's rows of block ``b`` (``s``: their columns), with the metadata entries
+        that start at these rows (by row within ``s``)."""
+        m = len(s["flags"])
         w0 = self.rows
         flags = s["flags"].copy()
         kinds = s["kind"].astype(np.int64)
@@ -692,11 +830,10 @@ class _PV:
         if self.schema is None:
             return
         if self.value_group is None:
-            self.value_group = self.g.create_group("value")
+            self.value_group = create_group(self.g, "value")
             names = [c for c, _ in self.schema]
-            self.value_group.attrs.create("columns", names, dtype=STR)
-            self.value_group.attrs.create("labels", self.labels or [], dtype=STR)
-            set_attrs(self.value_group, {"NX_class": "NXcollection"})
+            set_attrs(self.value_group, {"columns": names, "labels": self.labels or [],
+                                         "NX_class": "NXcollection"})
             for c, t in self.schema:
                 dt = np.dtype(object) if t == "str" else np.dtype(t)
                 attrs = {"column": c, "dtype": "utf-8" if t == "str" else dt.name}
@@ -751,12 +888,26 @@ class _PV:
             self.first.add(np.full(hi - lo, self.rows, dtype=np.int64))
             self.count.add(np.zeros(hi - lo, dtype=np.int64))
         self.next_k = n_iter
+        flags = self.cols["flags"]
+        const_flags = -1  # flags of every row when the same for all (no `flags` dataset)
+        if flags.ds is None:
+            f = flags._data()
+            if not len(f) or (f == f[0]).all():
+                const_flags = int(f[0]) if len(f) else 0
+                del self.cols["flags"]
+                self.w.buffered -= flags.nbytes
+                self.w.dirty.discard(flags)
         for c in (*self.cols.values(), *self.table.values(), self.first, self.count):
             c.finish()
         if self.meta_row is not None and self.meta_json is not None:
             self.meta_row.finish()
             self.meta_json.finish()
-        attrs: dict[str, Any] = {
+        uri = self.w.uris.get(self.name)
+        info: dict[str, Any] = {
+            "pv_name": self.name,
+            "group": "/pvs/" + self.path,
+            "source": uri or "",
+            "protocol": uri.split("://", 1)[0] if uri and "://" in uri else "",
             "kind": self.kind.value if self.n else ValueKind.NONE.value,
             "storage_dtype": (
                 DTYPE_BY_CODE[self.dcode].name if self.dcode in DTYPE_BY_CODE
@@ -767,10 +918,12 @@ class _PV:
                 else "none"
             ),
             "count": self.n,
+            "flags": const_flags,
+            "metadata": self.first_json.decode("utf-8") if self.first_json is not None else "",
+            "metadata_entries": self.n_meta,
         }
-        if self.first_rest is not None:
-            attrs.update(metadata_attrs(self.first_rest))
-        set_attrs(self.g, attrs)
+        info.update(info_fields(self.fields))
+        self.w.info.append(info)
 
 
 def _clean_strings(items: list[Any]) -> bool:
@@ -786,7 +939,8 @@ def _clean_strings(items: list[Any]) -> bool:
 
 
 class _Writer:
-    """Shared state of one finalization: output file, options, buffered-bytes budget."""
+    """Shared state of one finalization: output file, options, buffered-bytes budget, and
+    the columns written so far by content (for hard links, see :meth:`create`)."""
 
     def __init__(self, out: h5py.File, options: OutputOptions, n_iter: int,
                  uris: dict[str, str], block_bytes: int) -> None:
@@ -799,55 +953,106 @@ class _Writer:
         self.buffered = 0
         self.dirty: set[_Col] = set()
         self.pvs = out.require_group("pvs")
+        # (name, dtype, shape, attrs, bytes) -> (group id, name): columns to link to
+        self.shared: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
+        self.shared_bytes = 0
+        self.n_links = 0
+        self.templates: dict[tuple[Any, ...], tuple[Any, bytes]] = {}  # see create()
+        self.info: list[dict[str, Any]] = []  # /pv_info rows
 
-    def create(self, group: h5py.Group, name: str, data: npt.NDArray[Any] | None, *,
-               dtype: np.dtype[Any] | None = None, shape: tuple[int, ...] | None = None,
-               maxshape: tuple[int | None, ...] | None = None,
+    def create(self, gid: Any, name: str, data: npt.NDArray[Any], *,
                attrs: Mapping[str, Any] | None = None,
-               h5dtype: np.dtype[Any] | None = None) -> h5py.Dataset:
-        """A dataset: compact when small and complete, else chunked and compressed."""
+               h5dtype: np.dtype[Any] | None = None, share: bool = False) -> None:
+        """A complete dataset: compact when small (contiguous when empty), else chunked and
+        compressed. ``share``: a small numeric column identical (dtype, shape, bytes,
+        attributes) to one written before becomes a hard link to it (an ordinary dataset for
+        readers); the per-PV columns of a snapshot (iteration, first, count, alarms, flags,
+        often time) are the same for most PVs, and a link costs a fraction of a dataset."""
+        dtype, shape = data.dtype, data.shape
+        is_obj = dtype.kind in "OST"
+        if is_obj:  # vlen strings: compact (references into the global heap) when small
+            small = data.size * 16 <= COMPACT_MAX and sum(
+                len(x) for x in data.flat) <= COMPACT_MAX
+        else:
+            small = data.nbytes <= COMPACT_MAX
+        if not small:
+            self.create_chunked(gid, name, data, attrs=attrs, h5dtype=h5dtype)
+            return
+        bname = name.encode()
+        key: tuple[Any, ...] | None = None
+        raw = b""
+        if share and not is_obj and h5dtype is None:
+            # the dict hashes the bytes and compares them in full on a hash match
+            raw = np.ascontiguousarray(data).tobytes()
+            key = (name, dtype.str, shape, repr(sorted(attrs.items())) if attrs else "", raw)
+            found = self.shared.get(key)
+            if found is not None:
+                gid.links.create_hard(bname, found[0], found[1])
+                self.n_links += 1
+                return
+        tid = _tid(dtype, h5dtype)
+        if not data.size:
+            dsid = h5d.create(gid, bname, tid, _space(shape), dcpl=_DCPL_CONTIGUOUS)
+            if attrs:
+                set_attrs(dsid, attrs)
+        elif attrs:
+            # a copy of an earlier dataset with the same type, shape and attributes (then
+            # overwritten) costs less than creating the dataset and its attributes
+            tkey = (name, dtype.str, shape, h5dtype is None, repr(sorted(attrs.items())))
+            template = self.templates.get(tkey)
+            if template is not None:
+                h5o.copy(template[0], template[1], gid, bname, copypl=_OCPYPL)
+                dsid = h5d.open(gid, bname)
+            else:
+                dsid = h5d.create(gid, bname, tid, _space(shape), dcpl=_DCPL_COMPACT)
+                set_attrs(dsid, attrs)
+                self.templates[tkey] = (gid, bname)
+            dsid.write(h5s.ALL, h5s.ALL, np.ascontiguousarray(data),
+                       mtype=_OBJ_MTID if is_obj else tid)
+        else:
+            dsid = h5d.create(gid, bname, tid, _space(shape), dcpl=_DCPL_COMPACT)
+            dsid.write(h5s.ALL, h5s.ALL, np.ascontiguousarray(data),
+                       mtype=_OBJ_MTID if is_obj else tid)
+        if key is not None and self.shared_bytes + len(raw) <= SHARE_MAX_BYTES:
+            self.shared[key] = (gid, bname)
+            self.shared_bytes += len(raw) + 200
+
+    def create_chunked(self, gid: Any, name: str, data: npt.NDArray[Any] | None, *,
+                       dtype: np.dtype[Any] | None = None,
+                       shape: tuple[int, ...] | None = None,
+                       maxshape: tuple[int | None, ...] | None = None,
+                       attrs: Mapping[str, Any] | None = None,
+                       h5dtype: np.dtype[Any] | None = None) -> h5py.Dataset:
+        """A chunked, compressed dataset (written with ``data``, or empty of ``shape``)."""
         if data is not None:
             dtype, shape = data.dtype, data.shape
         assert dtype is not None and shape is not None
         is_obj = dtype.kind in "OST"
         row_bytes = max(1, int(np.prod(shape[1:])) * (OBJ_BYTES if is_obj else dtype.itemsize))
-        nbytes = row_bytes * shape[0]
         plugin = None
-        if data is not None and (maxshape is None) and (not data.size or (
-                not is_obj and nbytes <= COMPACT_MAX)):
-            if data.size:
-                dcpl = h5p.create(h5p.DATASET_CREATE)
-                dcpl.set_layout(h5d.COMPACT)
-                sid = h5s.create_simple(shape)
-                tid = h5t.py_create(h5dtype or dtype, logical=True)
-                dsid = h5d.create(group.id, name.encode(), tid, sid, dcpl=dcpl)
-                dsid.write(h5s.ALL, h5s.ALL, np.ascontiguousarray(data))
-                ds = h5py.Dataset(dsid)
-            else:
-                ds = group.create_dataset(name, data=data, dtype=STR if is_obj else h5dtype)
+        if is_obj:
+            kwargs: dict[str, Any] = {"compression": "gzip", "compression_opts": 4}
+            dtype = STR
         else:
-            if is_obj:
-                kwargs: dict[str, Any] = {"compression": "gzip", "compression_opts": 4}
-                dtype = STR
-            else:
-                kwargs, plugin = filter_kwargs(self.options, dtype)
-                dtype = h5dtype or dtype
-            rows = rows_per_chunk(row_bytes, target=512 * 1024)
-            if shape[0]:
-                rows = min(rows, shape[0])
-            chunk = (max(1, rows), *(max(1, d) for d in shape[1:]))
-            kwargs["chunks"] = chunk
-            kwargs["maxshape"] = maxshape if maxshape is not None else (None, *shape[1:])
-            if data is not None:
-                ds = group.create_dataset(name, data=data, dtype=dtype, **kwargs)
-            else:
-                ds = group.create_dataset(name, shape=shape, dtype=dtype, **kwargs)
+            kwargs, plugin = filter_kwargs(self.options, dtype)
+            dtype = h5dtype or dtype
+        rows = rows_per_chunk(row_bytes, target=512 * 1024)
+        if shape[0]:
+            rows = min(rows, shape[0])
+        kwargs["chunks"] = (max(1, rows), *(max(1, d) for d in shape[1:]))
+        kwargs["maxshape"] = maxshape if maxshape is not None else (None, *shape[1:])
+        kwargs["track_times"] = False
+        group = h5py.Group(gid)
+        if data is not None:
+            ds = group.create_dataset(name, data=data, dtype=dtype, **kwargs)
+        else:
+            ds = group.create_dataset(name, shape=shape, dtype=dtype, **kwargs)
         a: dict[str, Any] = dict(attrs or {})
         if plugin:
             self.plugins.add(plugin)
             a["required_filter"] = plugin
         if a:
-            set_attrs(ds, a)
+            set_attrs(ds.id, a)
         return ds
 
     def maybe_spill(self) -> None:
@@ -870,7 +1075,7 @@ def _write_iterations(f: h5py.File, out: h5py.File, w: _Writer, commit: Commit,
     extra = plan.extra_iters
     missing = list(range(n, max(extra) + 1)) if extra else []
     total = n + len(missing)
-    it = out.create_group("iterations")
+    it = create_group(out.id, "iterations")
     cols: dict[str, _Col] = {}
     for name, dt in ITERATION_COLUMNS.items():
         if name == "error_message_size":
@@ -1017,6 +1222,7 @@ def _write_final(f: h5py.File, tmp: Path, attrs: dict[str, Any], options: Output
         out.attrs["end_time"] = _iso(end)
         out.attrs["end_time_ns"] = int(end * 1e9)
         out.attrs["layout"] = "final"
+        out.attrs["format_version"] = FORMAT_VERSION
         for k, v in (extra_attrs or {}).items():
             out.attrs[k] = v
         w = _Writer(out, options, 0, uris, block_bytes)
@@ -1047,29 +1253,54 @@ def _write_final(f: h5py.File, tmp: Path, attrs: dict[str, Any], options: Output
             sp = pv[order]
             starts = np.r_[0, np.flatnonzero(np.diff(sp)) + 1] if len(sp) else np.zeros(0, int)
             ends = np.r_[starts[1:], len(sp)] if len(sp) else np.zeros(0, int)
+            # the block's columns grouped by PV (in row order within a PV): one slice each
+            grouped = {k: v[order] for k, v in block.s.items()}
             # metadata entries by PV: local row within the PV's rows of this block
             m_order = np.argsort(m["pv"], kind="stable")
             m_pv = m["pv"][m_order]
-            for a, z in zip(starts.tolist(), ends.tolist(), strict=True):
-                col = int(sp[a])
-                idx = order[a:z]
+            cols = sp[starts]
+            m_lo = np.searchsorted(m_pv, cols, "left").tolist()
+            m_hi = np.searchsorted(m_pv, cols, "right").tolist()
+            m_row = m["row"][m_order].tolist()
+            m_off = m["offset"][m_order].tolist()
+            m_size = m["size"][m_order].tolist()
+            for col, a, z, ml, mh in zip(cols.tolist(), starts.tolist(), ends.tolist(), m_lo,
+                                         m_hi, strict=True):
                 pw = writers[col]
-                sel = m_order[np.searchsorted(m_pv, col, "left"):
-                              np.searchsorted(m_pv, col, "right")]
-                entries = {
-                    int(row) - pw.rows: block.text(int(o), int(sz))
-                    for row, o, sz in zip(m["row"][sel].tolist(), m["offset"][sel].tolist(),
-                                          m["size"][sel].tolist(), strict=True)
-                }
-                pw.add(block, idx, entries)
+                entries = {m_row[i] - pw.rows: block.text(m_off[i], m_size[i])
+                           for i in range(ml, mh)}
+                pw.add(block, {k: v[a:z] for k, v in grouped.items()}, entries)
                 w.maybe_spill()
             del block
-        for pw in writers:
-            pw.finish()
+        writers.reverse()
+        while writers:  # (each PV's objects are released once written)
+            writers.pop().finish()
             w.maybe_spill()
+        _write_pv_info(out, w.info)
         out.attrs.create("required_plugins", sorted(w.plugins), dtype=STR)
         out.attrs["n_iterations"] = n_iter
         out.attrs["n_values"] = int(commit.limits["n_samples"])
+
+
+def _write_pv_info(out: h5py.File, rows: list[dict[str, Any]]) -> None:
+    """/pv_info: one row per PV (in /pvs@pv_names order), the per-PV description."""
+    fields = [(name, STR if kind == "s" else np.dtype(kind)) for name, kind in PV_INFO_FIELDS]
+    table = np.zeros(len(rows), dtype=np.dtype(fields))
+    for name, kind in PV_INFO_FIELDS:
+        if kind == "s":
+            table[name] = np.array([r[name] for r in rows] or [], dtype=object)
+        else:
+            table[name] = [r[name] for r in rows]
+    kwargs: dict[str, Any] = {}
+    if len(rows):
+        kwargs = {"chunks": (min(len(rows), 4096),), "compression": "gzip",
+                  "compression_opts": 4, "shuffle": True}
+    ds = out.create_dataset("pv_info", data=table, track_times=False, **kwargs)
+    ds.attrs["description"] = (
+        "one row per PV: name, group, source URI, protocol, kind, storage dtype, count, "
+        "units, precision, display/control/alarm limits and enum choices of its first "
+        "metadata (NaN / empty when absent), that metadata as JSON, and the number of "
+        "metadata entries (> 1: the group has metadata/row and metadata/json)")
 
 
 def _iso(t: float) -> str:

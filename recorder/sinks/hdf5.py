@@ -47,7 +47,7 @@ from recorder.sinks.options import (
 )
 
 FORMAT_NAME = "k2eg-recorder"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "2.0"
 
 log = structlog.get_logger("recorder.sinks")
 _PARKED: list[h5py.File] = []  # files of failed recordings, never closed (see _fail)

@@ -144,14 +144,29 @@ def test_roundtrip_every_type_live_and_final(tmp_path: Path) -> None:
     # plain h5py: NXlog-style groups with exact types
     with h5py.File(final, "r") as h:
         g = h["pvs/F32"]
+        assert g.attrs["NX_class"] == "NXlog"
         assert g["value"].dtype == np.float32 and g["time"].attrs["units"] == "ns"
-        assert g.attrs["units"] == "mm" and g.attrs["precision"] == 3
+        assert g["value"].attrs["units"] == "mm"
+        info = {r["pv_name"].decode(): r for r in h["pv_info"][()]}
+        assert [r["pv_name"].decode() for r in h["pv_info"][()]] == list(h["pvs"].attrs[
+            "pv_names"])
+        f32 = info["F32"]
+        assert f32["units"] == b"mm" and f32["precision"] == 3
+        assert f32["display_limit_low"] == -1.0 and f32["display_limit_high"] == 1.0
+        assert math.isnan(f32["control_limit_low"]) and f32["description"] == b""
+        assert f32["source"] == b"pva://F32" and f32["protocol"] == b"pva"
+        assert f32["kind"] == b"scalar" and f32["storage_dtype"] == b"float32"
+        assert f32["count"] == 5 and info["I"]["source"] == b"ca://I"
         # stored again only on change: alarm message at rows 1 and 3, display at row 3
         assert h["pvs/F32/metadata/row"][()].tolist() == [0, 1, 3, 4]
         assert h["pvs/F64/metadata/row"][()].tolist() == [0, 1, 3, 4]
-        assert h["pvs/I/metadata/row"][()].tolist() == [0]
-        assert list(h["pvs/E"].attrs["choices"]) == ["Off", "On"]
-        assert h.attrs["status"] == "complete"
+        assert f32["metadata_entries"] == 4
+        # never changes: no metadata group, row 0's structure only in /pv_info
+        assert "metadata" not in h["pvs/I"] and info["I"]["metadata_entries"] == 1
+        assert b'"value":null' in info["I"]["metadata"]
+        assert list(h["pvs/E/value"].attrs["choices"]) == ["Off", "On"]
+        assert info["E"]["choices"] == b'["Off", "On"]'
+        assert h.attrs["status"] == "complete" and h.attrs["format_version"] == "2.0"
 
 
 def test_timedbuffered_many_values_per_iteration_and_overlap(tmp_path: Path) -> None:
@@ -242,3 +257,10 @@ def test_old_reader_h5dump_110(tmp_path: Path) -> None:
         [H5DUMP or "", "-H", str(final)], check=False, capture_output=True, text=True
     )
     assert out.returncode == 0 and "iterations" in out.stdout
+    # format 2: the /pv_info compound table, and a column shared by hard link
+    out = subprocess.run([H5DUMP or "", "-d", "/pv_info", str(final)],
+                         check=False, capture_output=True, text=True)
+    assert out.returncode == 0 and '"pva://F32"' in out.stdout, out.stderr
+    out = subprocess.run([H5DUMP or "", "-d", "/pvs/I/first", str(final)],
+                         check=False, capture_output=True, text=True)
+    assert out.returncode == 0 and "0, 1, 2" in out.stdout, out.stdout
