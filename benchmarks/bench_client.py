@@ -15,9 +15,11 @@ Then, in the same run, each measurement is repeated and the best is kept:
 * (a) baseline: ``Consumer.assign`` + ``consume(1000)`` + ``msgpack.unpackb`` of every value;
 * (b0) our adapter alone: ``KafkaAdapter`` + ``msgpack.unpackb`` of every record (the adapter's
   own cost, for comparison only);
-* (b) ours: :class:`recorder.client.kafka.KafkaAdapter` (consumer thread, Record conversion)
-  feeding :class:`recorder.client.assembler.IterationAssembler` (decode, float32 detection,
-  PVSample, assembly) until every iteration's ``IterationClosed`` came out.
+* (b) ours, as :class:`recorder.client.K2egClient` runs it: the
+  :class:`recorder.client.kafka.KafkaAdapter` in raw mode (consumer thread, the consumed
+  messages handed over as they are) feeding
+  :meth:`recorder.client.assembler.IterationAssembler.feed_many` (validation, PVSample,
+  assembly) until every iteration's ``IterationClosed`` came out.
 
 Printed: messages/s for both, events/s for (b), and the ratio (b)/(a) (target >= 0.8).
 """
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import msgpack
 import structlog
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -192,14 +194,9 @@ def run_ours(bootstrap: str, topic: str, total: int, iterations: int) -> Result:
     done = threading.Event()
     state = {"records": 0, "events": 0, "closed": 0}
 
-    def on_records(records: list[Record], drained: bool) -> None:
+    def on_records(records: list[Message], drained: bool) -> None:
         now = time.monotonic()
-        feed = assembler.feed
-        events: list[IterationEvent] = []
-        for record in records:
-            produced = feed(record, now)
-            if produced:
-                events.extend(produced)
+        events: list[IterationEvent] = assembler.feed_many(records, now)
         if drained:
             events.extend(assembler.idle(now))
         state["records"] += len(records)
@@ -209,7 +206,7 @@ def run_ours(bootstrap: str, topic: str, total: int, iterations: int) -> Result:
             done.set()
 
     settings = KafkaSettings(bootstrap_servers=bootstrap, app_name="bench")
-    adapter = KafkaAdapter(settings, on_records, batch_size=1000).start()
+    adapter = KafkaAdapter(settings, on_records, batch_size=1000, raw_messages=True).start()
     try:
         t0 = time.perf_counter()
         adapter.add_topic(topic, StartAt.beginning()).result(10)

@@ -7,8 +7,11 @@ throughput relative to unpackb's (1.0 = as fast as unpackb; the requirement is >
 
 ``feed`` leaves each PV map undecoded (``PVSample.from_raw``); the ``feed+data`` column also
 reads ``.data`` and ``.float32_paths`` of every sample, which is what a sink pays later, for
-an end-to-end comparison. The measurements are interleaved round by round and the best of
-each is kept (the machine is shared; a sequential best-of is skewed by load changes).
+an end-to-end comparison. ``many`` is ``feed_many`` of all the records at once (the batched hot
+path), ``raw`` the same over ``confluent_kafka.Message`` objects, which is what the client's
+consumer thread runs (the Kafka adapter's raw mode: no Record built). The measurements are
+interleaved round by round and the best of each is kept (the machine is shared; a sequential
+best-of is skewed by load changes).
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from k2eg_sequences import F32, MSGPACK_HEADERS, T0, iteration, ntscalar
 from recorder.client.assembler import IterationAssembler
 from recorder.client.events import ValuesReceived
 from recorder.client.wire import Record, decode_snapshot_message
+
+try:
+    from confluent_kafka import Message
+except ImportError:  # pragma: no cover - the raw column is then skipped
+    Message = None
 
 
 def build(n_iter: int, make_values: object, *, sequenced: bool) -> list[Record]:
@@ -71,6 +79,22 @@ def measure(name: str, recs: list[Record], shape: str, rounds: int) -> None:
             n_events += len(feed(rec, 0.0))
         assert asm.counters["iterations.complete"] > 0, asm.counters
 
+    def ours_many() -> None:
+        asm = IterationAssembler()
+        asm.feed_many(recs, 0.0)
+        assert asm.counters["iterations.complete"] > 0, asm.counters
+
+    messages = [
+        Message(topic=r.topic, partition=r.partition, offset=r.offset, value=r.value,
+                headers=r.headers)
+        for r in recs
+    ] if Message is not None else []
+
+    def ours_raw() -> None:
+        asm = IterationAssembler()
+        asm.feed_many(messages, 0.0)
+        assert asm.counters["iterations.complete"] > 0, asm.counters
+
     def ours_data() -> None:
         asm = IterationAssembler()
         feed = asm.feed
@@ -80,9 +104,12 @@ def measure(name: str, recs: list[Record], shape: str, rounds: int) -> None:
                     for sample in event.samples:
                         _ = sample.data, sample.float32_paths
 
-    best = interleaved_best(
-        {"unpackb": base, "decode": decode, "feed": ours, "feed+data": ours_data}, rounds
-    )
+    fns = {"unpackb": base, "decode": decode, "feed": ours, "many": ours_many,
+           "feed+data": ours_data}
+    if messages:
+        fns["raw"] = ours_raw
+    best = interleaved_best(fns, rounds)
+    best.setdefault("raw", float("nan"))
     n = len(recs)
     us = 1e6 / n
     ratio = best["unpackb"] / best["feed"]
@@ -90,8 +117,9 @@ def measure(name: str, recs: list[Record], shape: str, rounds: int) -> None:
     print(
         f"{name:34s} n={n:5d} | unpackb {best['unpackb'] * us:6.2f} |"
         f" decode {best['decode'] * us:6.2f} | feed {best['feed'] * us:6.2f} |"
+        f" many {best['many'] * us:6.2f} | raw {best['raw'] * us:6.2f} |"
         f" feed+data {best['feed+data'] * us:6.2f} us/msg |"
-        f" unpackb/feed {ratio:4.2f} |"
+        f" unpackb/feed {ratio:4.2f} | unpackb/raw {best['unpackb'] / best['raw']:4.2f} |"
         f" unpackb/(feed+data) {best['unpackb'] / best['feed+data']:4.2f}"
     )
 

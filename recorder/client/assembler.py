@@ -48,6 +48,12 @@ Late, duplicate, restarted
       on the topic starts a new run (``restart``); otherwise it is a late header and dropped.
       Data or a tail can start a new run only for an ``iter_index`` below the highest seen.
 
+Input: :meth:`IterationAssembler.feed` (one record), :meth:`~IterationAssembler.feed_many` /
+:meth:`~IterationAssembler.feed_run` (a consumed batch: :class:`~recorder.client.wire.Record`
+or the Kafka messages themselves; data messages in the gateway's usual layout are parsed and
+appended in one inlined pass, everything else takes the reference decoding; same events) and
+:meth:`~IterationAssembler.feed_message` (already decoded).
+
 Every anomaly is counted in :attr:`IterationAssembler.counters`; malformed records (see
 :class:`recorder.client.wire.DecodeError`) are counted ``malformed.<reason>`` and skipped.
 Memory is bounded by ``max_open_per_topic`` and ``max_closed_per_topic`` (closed iteration
@@ -57,9 +63,11 @@ indexes remembered for late-message detection).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any, Final
 
+import msgpack
 import structlog
 
 from recorder.client.events import (
@@ -72,13 +80,21 @@ from recorder.client.events import (
 )
 from recorder.client.values import PVSample
 from recorder.client.wire import (
+    _NS_THRESHOLD,
+    _PV_NAMES,
+    _UINTS,
     MAX_MESSAGE_BYTES,
+    SERIALIZATION_HEADER,
     Data,
     DecodeError,
     Header,
+    RawMessage,
     Record,
     SnapshotMessage,
     Tail,
+    _match_legacy,
+    _match_sequenced,
+    _uint_of,
     decode_snapshot_message,
 )
 
@@ -88,6 +104,12 @@ _log = structlog.get_logger(__name__)
 _pv_of = attrgetter("pv")
 _COMPLETE: Final = IterationStatus.COMPLETE
 _INCOMPLETE: Final = IterationStatus.INCOMPLETE
+# the gateway's one Kafka header, as it spells it (other spellings take the general path)
+_GATEWAY_HEADERS: Final = [(SERIALIZATION_HEADER, b"Msgpack")]
+_BIG_MESSAGE: Final = 1 << 20  # the validating Unpacker is replaced after a larger message
+_RECORD_FIELDS: Final = tuple(
+    attrgetter(name) for name in ("topic", "partition", "offset", "value", "headers")
+)
 
 
 class _Iteration:
@@ -210,6 +232,10 @@ class IterationAssembler:
         self.counters: Counter[str] = Counter()
         self._topics: dict[str, _Topic] = {}
         self._timeouts: dict[str, float] = {}
+        self._unpacker = msgpack.Unpacker()  # validates PV maps on the hot path (skip only)
+        # no layout yet: 0xc1 is never valid msgpack, so a message starting with it fails the
+        # validation below and takes the general path
+        self._layout: tuple[bytes, bytes, int, int, int | None] = (b"\xc1", b"", 0, 0, None)
 
     # ---------------------------------------------------------------------------------- API
     def set_topic_timeout(self, topic: str, seconds: float) -> None:
@@ -226,33 +252,314 @@ class IterationAssembler:
 
     def feed(self, record: Record, now: float) -> list[IterationEvent]:
         """Decode and assemble one record; malformed records are counted and give ``[]``."""
+        out: list[IterationEvent] = []
+        self.feed_run((record,), 0, now, out)
+        return out
+
+    def feed_many(
+        self, records: Sequence[Record] | Sequence[RawMessage], now: float
+    ) -> list[IterationEvent]:
+        """:meth:`feed` every record, in order, and return all the events."""
+        out: list[IterationEvent] = []
+        i, n = 0, len(records)
+        while i < n:
+            i = self.feed_run(records, i, now, out)
+        return out
+
+    def feed_run(
+        self,
+        records: Sequence[Record] | Sequence[RawMessage],
+        start: int,
+        now: float,
+        out: list[IterationEvent],
+    ) -> int:
+        """Feed ``records[start:]`` as long as they are of ``records[start].topic``.
+
+        Events are appended to ``out``; returns the index of the first record not fed
+        (another topic's, or ``len(records)``). Same result as :meth:`feed` of each record.
+        ``records`` are :class:`Record` or, from the Kafka adapter's raw mode, the consumed
+        messages themselves (:class:`~recorder.client.wire.RawMessage`: the same fields,
+        read through methods; not mixed within one call).
+
+        The hot path: a data message in the gateway's common layouts (legacy, 4 keys;
+        sequenced without ``last_submission_data``, 6 keys), with the gateway's one Kafka
+        header and a PV name already seen (wire's name cache), is parsed here: its metadata
+        by comparing bytes with the previous such message's (same map size, timestamp,
+        iter_index, submission_seq; else one regex), its whole bytes validated as exactly
+        one complete msgpack object by a C-level ``Unpacker.skip`` on this assembler's own
+        Unpacker, so a malformed message is never accepted. If the pending batch is its
+        iteration's, it is appended inline (no ``Data``, no call); otherwise it goes to the
+        data handler as a ``Data``. Everything else, including any message that fails a
+        check, takes the general path (:func:`decode_snapshot_message`, then the message
+        handlers), which is the reference behaviour and counts what is malformed.
+        """
+        n = len(records)
+        if start >= n:
+            return start
+        first = records[start]
+        if first.__class__ is Record:
+            topic_of, partition_of, offset_of, value_of, headers_of = _RECORD_FIELDS
+        else:  # a Kafka message (the adapter's raw mode): the same fields, through methods
+            cls: Any = first.__class__
+            topic_of, partition_of, offset_of, value_of, headers_of = (
+                cls.topic,
+                cls.partition,
+                cls.offset,
+                cls.value,
+                cls.headers,
+            )
+        topic = topic_of(first)
+        state = self._topics.get(topic)
+        if state is None:
+            state = self._topics[topic] = _Topic(
+                topic, self._timeouts.get(topic, self.iteration_timeout_s)
+            )
+        open_ = state.open
+        counters = self.counters
+        match_seq = _match_sequenced
+        match_legacy = _match_legacy
+        uints = _UINTS
+        names = _PV_NAMES
+        from_raw = PVSample.from_raw
+        max_bytes = self.max_message_bytes
+        gateway_headers = _GATEWAY_HEADERS
+        unpacker = self._unpacker
+        skip_feed = unpacker.feed
+        skip = unpacker.skip
+        consumed = unpacker.tell()
+        # the metadata layout of the last hot message: its bytes up to msg_seq's value
+        # (sequenced) or to the PV key (legacy), its submission_seq key + value, the values
+        prefix, psub_bytes, pts, pidx, psub = self._layout
+        plen = len(prefix)
+        ts = idx = 0
+        seq: int | None = None
+        sub: int | None = None
+        kstart = 0
+        # the iteration and batch of the last hot message, valid while no general path ran
+        hot_idx: int | None = None
+        hot_key: int | None = None
+        it: Any = None
+        batch: Any = None
+        data_seqs: set[int] = set()
+        append_sample: Any = None
+        append_seq: Any = None
+        i = start
+        while i < n:
+            rec = records[i]
+            if topic_of(rec) != topic:
+                break
+            i += 1
+            raw: Any = value_of(rec)
+            kend = 0
+            if (
+                headers_of(rec) == gateway_headers
+                and raw.__class__ is bytes
+                and len(raw) <= max_bytes
+            ):
+                try:
+                    # 1. the metadata layout of the previous hot message (same map size,
+                    # timestamp, iter_index; same submission_seq): bytes compared, not parsed
+                    if raw.startswith(prefix):
+                        pos = plen
+                        if psub is not None:  # sequenced: msg_seq, then submission_seq
+                            c = raw[pos]
+                            if c < 0x80:
+                                seq = c
+                                pos += 1
+                            elif c == 0xCD:
+                                seq = raw[pos + 1] << 8 | raw[pos + 2]
+                                pos += 3
+                            elif c == 0xCC:
+                                seq = raw[pos + 1]
+                                pos += 2
+                            elif c == 0xCE:
+                                seq = int.from_bytes(raw[pos + 1 : pos + 5], "big")
+                                pos += 5
+                            else:
+                                pos = 0
+                            if pos and raw.startswith(psub_bytes, pos):
+                                pos += len(psub_bytes)
+                            else:
+                                pos = 0
+                        else:
+                            seq = None
+                        if pos:
+                            c = raw[pos]
+                            if 0xA0 <= c <= 0xBF:
+                                kstart = pos + 1
+                                kend = kstart + (c & 0x1F)
+                            elif c == 0xD9:
+                                kstart = pos + 2
+                                kend = kstart + raw[pos + 1]
+                            ts, idx, sub = pts, pidx, psub
+                    # 2. the regex (the gateway's common layouts), which becomes the new layout
+                    if not kend:
+                        m = None
+                        b0 = raw[0]
+                        if b0 == 0x86:
+                            m = match_seq(raw, 1)
+                        elif b0 == 0x84:
+                            m = match_legacy(raw, 1)
+                        if m is not None:
+                            if b0 == 0x86:
+                                ts_b, idx_b, seq_b, sub_b, key_b = m.groups()
+                                seq = uints.get(seq_b)
+                                if seq is None:
+                                    seq = _uint_of(seq_b)
+                                sub = uints.get(sub_b)
+                                if sub is None:
+                                    sub = _uint_of(sub_b)
+                                prefix = raw[: m.start(3)]
+                                psub_bytes = raw[m.start(4) - 15 : m.end(4)]
+                            else:
+                                ts_b, idx_b, key_b = m.groups()
+                                seq = sub = None
+                                prefix = raw[: m.end(2)]
+                            plen = len(prefix)
+                            value = uints.get(ts_b)
+                            ts = _uint_of(ts_b) if value is None else value
+                            if ts <= _NS_THRESHOLD:
+                                ts *= 1_000_000
+                            value = uints.get(idx_b)
+                            idx = _uint_of(idx_b) if value is None else value
+                            pts, pidx, psub = ts, idx, sub
+                            kstart = m.end()
+                            c = key_b[0]
+                            kend = kstart + (
+                                c & 0x1F if c < 0xC0 else int.from_bytes(key_b[1:], "big")
+                            )
+                except IndexError:  # truncated: the general path says why
+                    kend = 0
+            if kend:
+                size = len(raw)
+                pv = names.get(raw[kstart:kend]) if kend < size else None
+                c = raw[kend] if pv is not None else 0
+                if 0x80 <= c <= 0x8F or c == 0xDE or c == 0xDF:  # noqa: PLR1714
+                    # the whole message must be exactly one complete msgpack object
+                    try:
+                        skip_feed(raw)
+                        skip()
+                        done = unpacker.tell()
+                    except Exception:
+                        done = -1
+                    if done - consumed != size:
+                        kend = 0  # malformed (or trailing bytes): the general path says why
+                        consumed = -1
+                    elif size > _BIG_MESSAGE:
+                        consumed = -1
+                    else:
+                        consumed = done
+                    if consumed < 0:
+                        unpacker = self._new_unpacker()
+                        skip_feed = unpacker.feed
+                        skip = unpacker.skip
+                        consumed = 0
+                else:
+                    kend = 0
+            if not kend:
+                hot_idx = None
+                if rec.__class__ is not Record:
+                    rec = Record(topic, partition_of(rec), offset_of(rec), raw, headers_of(rec))
+                self._feed_one(state, rec, now, out)
+                continue
+            key = ~ts if sub is None else sub
+            sample = from_raw(pv, raw, kend)  # type: ignore[arg-type]
+            try:
+                if idx != hot_idx or key != hot_key:
+                    # not the batch of the previous hot message: is one pending for it?
+                    it = open_.get(idx)
+                    batch = state.pending
+                    if (
+                        it is None
+                        or batch is None
+                        or batch.iteration is not it
+                        or batch.key != key
+                        or it.grace_deadline is not None
+                    ):
+                        hot_idx = None
+                        self._on_data(
+                            state,
+                            partition_of(rec),
+                            offset_of(rec),
+                            Data(idx, ts, sample, seq, sub, False, None, raw),
+                            now,
+                            out,
+                        )
+                        continue
+                    # valid until the general path runs (only it flushes or closes)
+                    hot_idx, hot_key, data_seqs = idx, key, it.data_seqs
+                    append_sample, append_seq = batch.samples.append, batch.seqs.append
+                # _on_data, inlined: data appended to the pending batch of its iteration
+                if ts > state.max_ts:  # noqa: PLR1730 (hot path: no call)
+                    state.max_ts = ts
+                if seq is not None:
+                    if seq in data_seqs:
+                        counters["duplicate"] += 1
+                        it.duplicates += 1
+                        continue
+                    data_seqs.add(seq)
+                    append_seq(seq)
+                    if seq < batch.last_seq:
+                        batch.ordered = False
+                    batch.last_seq = seq
+                else:
+                    seen = it.fingerprints
+                    if seen is None:
+                        it.fingerprints = {pv: raw}
+                    elif pv not in seen:
+                        seen[pv] = raw
+                    elif self._is_legacy_duplicate(
+                        it, Data(idx, ts, sample, None, None, False, None, raw)
+                    ):
+                        counters["duplicate"] += 1
+                        it.duplicates += 1
+                        continue
+                it.n_data += 1
+                append_sample(sample)
+                offset = offset_of(rec)
+                if offset > batch.offset:  # noqa: PLR1730 (hot path: no call)
+                    batch.offset = offset
+            except Exception:  # never let one message stop the recorder; counted and logged
+                hot_idx = None
+                counters["internal_error"] += 1
+                _log.exception("iteration assembly failed", topic=topic, offset=offset_of(rec))
+        self._layout = (prefix, psub_bytes, pts, pidx, psub)
+        return i
+
+    def _new_unpacker(self) -> msgpack.Unpacker:
+        """A fresh Unpacker for validating PV maps (after an error it may hold unread bytes;
+        after a big message it holds a big buffer)."""
+        unpacker = self._unpacker = msgpack.Unpacker()
+        return unpacker
+
+    def _feed_one(
+        self, state: _Topic, record: Record, now: float, out: list[IterationEvent]
+    ) -> None:
+        """The general path of one record: full decoding, then the message handlers."""
         try:
             msg = decode_snapshot_message(
                 record.value, record.headers, max_bytes=self.max_message_bytes
             )
         except DecodeError as exc:
             self.counters["malformed." + exc.reason] += 1
-            return []
+            return
         except Exception:  # a decoder bug must not stop the recorder
             self.counters["malformed.internal"] += 1
             _log.exception("snapshot message decoding failed", topic=record.topic)
-            return []
-        # feed_message, inlined for data messages (the hot path)
-        if msg.__class__ is not Data:
-            return self.feed_message(record.topic, record.partition, record.offset, msg, now)
-        topic = record.topic
-        state = self._topics.get(topic)
-        if state is None:
-            state = self._topics[topic] = _Topic(
-                topic, self._timeouts.get(topic, self.iteration_timeout_s)
-            )
-        out: list[IterationEvent] = []
+            return
         try:
-            self._on_data(state, record.partition, record.offset, msg, now, out)
+            cls = msg.__class__
+            if cls is Data:
+                self._on_data(state, record.partition, record.offset, msg, now, out)  # type: ignore[arg-type]
+            elif cls is Header:
+                self._on_header(state, record.partition, record.offset, msg, now, out)  # type: ignore[arg-type]
+            elif cls is Tail:
+                self._on_tail(state, record.partition, record.offset, msg, now, out)  # type: ignore[arg-type]
+            else:  # pragma: no cover - the decoder returns only those
+                self.counters["malformed.unknown_message_type"] += 1
         except Exception:  # never let one message stop the recorder; counted and logged
             self.counters["internal_error"] += 1
-            _log.exception("iteration assembly failed", topic=topic, offset=record.offset)
-        return out
+            _log.exception("iteration assembly failed", topic=record.topic, offset=record.offset)
 
     def feed_message(
         self, topic: str, partition: int, offset: int, msg: SnapshotMessage, now: float

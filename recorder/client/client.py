@@ -46,7 +46,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
@@ -84,7 +84,7 @@ from recorder.client.properties import (
 )
 from recorder.client.replies import Outcome, ReplyTracker
 from recorder.client.values import PVSample
-from recorder.client.wire import DecodeError, Record, decode_reply
+from recorder.client.wire import DecodeError, RawMessage, decode_reply
 from recorder.errors import (
     ClientClosedError,
     ClientError,
@@ -549,6 +549,7 @@ class K2egClient:
         self._adapter = KafkaAdapter(
             self.settings,
             self._on_records,
+            raw_messages=True,  # the assembler reads the messages themselves
             batch_size=batch_size,
             poll_timeout_s=poll_timeout_s,
             name=f"k2eg-{self.settings.app_name}",
@@ -687,28 +688,24 @@ class K2egClient:
         sub._log.info("recurring snapshot unsubscribed")
 
     # ------------------------------------------------------------------ consumer thread
-    def _on_records(self, records: list[Record], drained: bool) -> None:
+    def _on_records(self, records: Sequence[RawMessage], drained: bool) -> None:
         now = time.monotonic()
         reply_topic = self.reply_topic
         events: list[IterationEvent] = []
         outcomes: list[Outcome] = []
         with self._core_lock:
-            feed = self._assembler.feed
-            skip_topic: str | None = None
-            skip_base: dict[str, int] = {}
-            for record in records:
-                if record.topic == reply_topic:
-                    outcomes.extend(self._feed_reply(record))
+            feed_run = self._assembler.feed_run
+            i, n = 0, len(records)
+            while i < n:  # one pass per run of records of one topic
+                msg = records[i]
+                topic: str = msg.topic()  # type: ignore[assignment]
+                if topic == reply_topic:
+                    outcomes.extend(self._feed_reply(msg.value(), msg.headers()))
+                    i += 1
                     continue
-                if record.topic != skip_topic:  # once per topic run of the batch
-                    if skip_topic is not None:
-                        self._attribute_skips(skip_topic, skip_base)
-                    skip_topic, skip_base = record.topic, self._skip_counts()
-                produced = feed(record, now)
-                if produced:
-                    events.extend(produced)
-            if skip_topic is not None:
-                self._attribute_skips(skip_topic, skip_base)
+                skip_base = self._skip_counts()
+                i = feed_run(records, i, now, events)
+                self._attribute_skips(topic, skip_base)
             if drained:
                 events.extend(self._assembler.idle(now))
             if now >= self._next_expire:
@@ -734,9 +731,11 @@ class K2egClient:
         if grown:
             self._skips.setdefault(topic, Counter()).update(grown)
 
-    def _feed_reply(self, record: Record) -> list[Outcome]:
+    def _feed_reply(
+        self, value: bytes | None, headers: Any
+    ) -> list[Outcome]:
         try:
-            reply = decode_reply(record.value, record.headers)
+            reply = decode_reply(value, headers)
         except DecodeError as exc:
             self._count("replies.malformed." + exc.reason)
             return []

@@ -33,6 +33,10 @@ first use. Anything else goes through the full decode below, the reference behav
 checked eagerly on the fast path: content that is structurally valid msgpack but that
 msgpack-python refuses to build (a non-UTF-8 string inside the PV, a non-string map key);
 such a PV is decoded leniently on access (see :class:`PVSample`) instead of being dropped.
+The iteration assembler's batched hot path (:meth:`IterationAssembler.feed_run
+<recorder.client.assembler.IterationAssembler.feed_run>`) applies the same checks inline, with
+``_match_sequenced``/``_match_legacy`` and the name cache of this module; anything it does not
+take comes here.
 
 Float32 detection, fast path and fallback
 -----------------------------------------
@@ -58,7 +62,7 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgpack
 
@@ -74,6 +78,7 @@ __all__ = [
     "DecodeError",
     "Header",
     "MessageType",
+    "RawMessage",
     "Record",
     "Reply",
     "SnapshotMessage",
@@ -130,6 +135,17 @@ class Record:
     value: bytes | None
     headers: list[tuple[str, bytes]] | None
     timestamp_ms: int | None = None  # Kafka message timestamp, if any
+
+
+class RawMessage(Protocol):
+    """A consumed Kafka message as ``confluent_kafka.Message`` exposes it (the adapter's raw
+    mode hands those to the core instead of :class:`Record`)."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def value(self) -> bytes | None: ...
+    def headers(self) -> Any: ...  # list[tuple[str, bytes]] | None from a consumer
 
 
 class MessageType(enum.IntEnum):

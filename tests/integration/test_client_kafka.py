@@ -6,9 +6,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from recorder.broker import free_loopback_port
 from recorder.client.kafka import KafkaAdapter, StartAt
@@ -190,6 +191,46 @@ def test_add_topic_waits_for_a_topic_created_later_and_fails_after_its_timeout(
     assert len(collector.of(late)) == 2
 
 
+def test_raw_mode_hands_over_the_messages_and_tracks_positions(
+    settings: KafkaSettings, kafka_bootstrap: str, unique_name: Callable[[str], str]
+) -> None:
+    got: list[Message] = []
+    cond = threading.Condition()
+
+    def on_records(messages: list[Message], drained: bool) -> None:
+        with cond:
+            got.extend(messages)
+            cond.notify_all()
+
+    topic, other = unique_name("t"), unique_name("o")
+    with KafkaAdapter(settings, on_records, batch_size=50, raw_messages=True) as adapter:
+        adapter.ensure_topic(topic, partitions=3)
+        adapter.ensure_topic(other)
+        adapter.add_topic(topic).result(10)
+        adapter.add_topic(other).result(10)
+        produce_raw(kafka_bootstrap, topic, 9, partitions=3)
+        produce_raw(kafka_bootstrap, other, 2)
+        with cond:
+            assert cond.wait_for(lambda: len(got) >= 11, 10)
+        assert all(isinstance(m, Message) and m.error() is None for m in got)
+        assert sorted(m.value() for m in got if m.topic() == topic) == sorted(
+            f"m{i}".encode() for i in range(9)
+        )
+        assert got[0].headers() == [("k2eg-ser-type", b"Msgpack")]
+        assert adapter.positions(topic) == {0: 3, 1: 3, 2: 3}
+        assert adapter.positions(other) == {0: 2}
+        assert adapter.counters["consumed"] == 11
+        # records of a topic removed meanwhile are left out (the slower filtering pass)
+        adapter.remove_topic(other).result(10)
+        produce_raw(kafka_bootstrap, other, 3, start=10)
+        produce_raw(kafka_bootstrap, topic, 3, partitions=3, start=10)
+        with cond:
+            assert cond.wait_for(lambda: len(got) >= 14, 10)
+        time.sleep(0.3)
+        assert len(got) == 14 and {m.topic() for m in got[11:]} == {topic}
+        assert adapter.positions(topic) == {0: 4, 1: 4, 2: 4}
+
+
 def test_remove_topic_stops_delivery(
     adapter: KafkaAdapter, collector: Collector, kafka_bootstrap: str,
     unique_name: Callable[[str], str],
@@ -211,8 +252,9 @@ def test_remove_topic_stops_delivery(
     assert len(collector.of(keep)) == 1
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["records", "raw_messages"])
 def test_pause_resume_keeps_order_without_gaps_or_duplicates(
-    settings: KafkaSettings, kafka_bootstrap: str, unique_name: Callable[[str], str]
+    settings: KafkaSettings, kafka_bootstrap: str, unique_name: Callable[[str], str], raw: bool
 ) -> None:
     topic = unique_name("t")
     n = 3000
@@ -220,13 +262,13 @@ def test_pause_resume_keeps_order_without_gaps_or_duplicates(
     paused_at: list[int] = []
     adapter: KafkaAdapter
 
-    def on_records(records: list[Record], drained: bool) -> None:
-        got.extend(r.offset for r in records)
+    def on_records(records: list[Any], drained: bool) -> None:
+        got.extend(r.offset() if raw else r.offset for r in records)
         if records and not paused_at:
             paused_at.append(len(got))
             adapter.pause(topic)  # a request from the consumer thread itself
 
-    adapter = KafkaAdapter(settings, on_records, batch_size=100)
+    adapter = KafkaAdapter(settings, on_records, batch_size=100, raw_messages=raw)
     with adapter:
         adapter.ensure_topic(topic)
         produce_raw(kafka_bootstrap, topic, n)

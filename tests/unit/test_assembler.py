@@ -11,6 +11,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from confluent_kafka import Message
 from k2eg_sequences import (
     MSGPACK_HEADERS,
     T0,
@@ -33,14 +34,34 @@ from recorder.client.events import (
     IterationStatus,
     ValuesReceived,
 )
-from recorder.client.wire import Record
+from recorder.client.wire import Record, decode_snapshot_message
 
 TOPIC = "snap_1"
 GENERATIONS = pytest.mark.parametrize("sequenced", [False, True], ids=["legacy", "sequenced"])
 
 
+def as_messages(recs: list[Record]) -> list[Message]:
+    """The records as the Kafka adapter's raw mode hands them over."""
+    return [
+        Message(topic=r.topic, partition=r.partition, offset=r.offset, value=r.value,
+                headers=r.headers)
+        for r in recs
+    ]
+
+
+@pytest.fixture(autouse=True, params=["feed", "feed_many", "messages"])
+def feed_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with records fed one by one, with each ``Run.feed`` call's records
+    fed in one ``feed_many`` (the consumer thread's batched hot path), and with those as
+    Kafka messages (the adapter's raw mode)."""
+    monkeypatch.setattr(Run, "mode", request.param)
+    return str(request.param)
+
+
 class Run:
     """Feeds records into one assembler, keeping every event and the Kafka offset."""
+
+    mode = "feed"
 
     def __init__(self, **kwargs: Any) -> None:
         self.asm = IterationAssembler(**kwargs)
@@ -57,8 +78,14 @@ class Run:
         if now is not None:
             self.now = now
         out: list[IterationEvent] = []
-        for rec in records(topic, msgs, start_offset=self.offset):
-            out += self.asm.feed(rec, self.now)
+        recs = records(topic, msgs, start_offset=self.offset)
+        if self.mode == "feed_many":
+            out = self.asm.feed_many(recs, self.now)
+        elif self.mode == "messages":
+            out = self.asm.feed_many(as_messages(recs), self.now)
+        else:
+            for rec in recs:
+                out += self.asm.feed(rec, self.now)
         self.offset += len(msgs)
         self.events += out
         return out
@@ -608,3 +635,144 @@ def test_ns_timestamps_sequence() -> None:
     run.feed([header_msg("s", 1, ns), data_msg(1, ns, "a", ntscalar(1.0)), tail_msg("s", 1, ns)])
     [c] = run.closed()
     assert c.complete and c.header_timestamp_ns == ns and run.values()[0].timestamp_ns == ns
+
+
+# ------------------------------------------------------------------------ batched hot path
+def test_feed_run_stops_at_another_topic() -> None:
+    asm = IterationAssembler()
+    a = records("a", [m.raw for m in iteration("s", 1, [(T0, scalar_pvs(3))], sequenced=True)])
+    b = records("b", [m.raw for m in iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=False)])
+    recs = a[:3] + b + a[3:]
+    out: list[IterationEvent] = []
+    assert asm.feed_run(recs, 0, 0.0, out) == 3
+    assert asm.feed_run(recs, 3, 0.0, out) == 3 + len(b)
+    assert asm.feed_run(recs, 3 + len(b), 0.0, out) == len(recs)
+    assert asm.feed_run(recs, len(recs), 0.0, out) == len(recs)
+    closed = [e for e in out if isinstance(e, IterationClosed)]
+    assert [(c.topic, c.complete, c.n_values) for c in closed] == [("b", True, 2), ("a", True, 3)]
+
+
+def _hot_stream(sequenced: bool, n: int = 6) -> list[bytes]:
+    raws = [m.raw for m in iteration("s", 1, [(T0, scalar_pvs(n))], sequenced=sequenced)]
+    for raw in raws:  # the PV names are known (the hot path takes only known names)
+        decode_snapshot_message(raw, MSGPACK_HEADERS)
+    return raws
+
+
+@GENERATIONS
+def test_hot_path_is_taken(sequenced: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    raws = _hot_stream(sequenced, 20)
+    asm = IterationAssembler()
+    general: list[int] = []
+    feed_one = asm._feed_one
+
+    def spy(state: Any, rec: Record, now: float, out: list[IterationEvent]) -> None:
+        general.append(rec.offset)
+        feed_one(state, rec, now, out)
+
+    monkeypatch.setattr(asm, "_feed_one", spy)
+    out = asm.feed_many(records(TOPIC, raws), 0.0)
+    # header, the last data (sequenced: last_submission_data), tail; the first data opens
+    # the batch through _on_data without the general decoding
+    assert general == ([0, 20, 21] if sequenced else [0, 21])
+    assert kinds(out) == ["O1", "V1:20", "C1:ok"]
+
+
+@GENERATIONS
+def test_malformed_in_the_middle_of_a_hot_run(sequenced: bool) -> None:
+    """Truncated, trailing bytes, garbage inside the PV map, a non-map PV value: each is
+    counted and skipped, and the messages after it are still accepted."""
+    raws = _hot_stream(sequenced)
+    data = raws[3]  # a data message appended to a pending batch (the hot path)
+    at = data.index(b"\xa5alarm")
+    bad = [
+        data[:-1],
+        data + b"\x00",
+        data[:at] + b"\xc1" + data[at + 1 :],
+        data[: data.index(b"\xa4PV:2") + 5] + b"\x05",  # the PV value is not a map
+        b"",  # not msgpack at all
+    ]
+    run = Run()
+    run.feed(raws[:3] + bad + raws[3:])
+    counters = run.asm.counters
+    assert counters["malformed.not_msgpack"] == 4 and counters["malformed.bad_type"] == 1
+    assert_clean(run.asm)
+    [closed] = run.closed()
+    assert closed.complete and closed.n_values == 6
+    assert [s.pv for v in run.values() for s in v.samples] == [f"PV:{i}" for i in range(6)]
+
+
+@GENERATIONS
+def test_duplicates_on_the_hot_path(sequenced: bool) -> None:
+    raws = _hot_stream(sequenced)
+    run = Run()
+    run.feed([*raws[:4], raws[3], raws[2], *raws[4:]])
+    assert run.asm.counters["duplicate"] == 2
+    [closed] = run.closed()
+    assert closed.complete and closed.duplicates == 2 and closed.n_values == 6
+    assert [s.pv for v in run.values() for s in v.samples] == [f"PV:{i}" for i in range(6)]
+
+
+def test_legacy_same_pv_new_payload_on_the_hot_path_is_kept() -> None:
+    """Legacy, timedbuffered: the same PV twice with other bytes is a new sample."""
+    pv1 = data_msg(1, T0, "a", ntscalar(1.0, nanos=1))
+    pv2 = data_msg(1, T0, "a", ntscalar(2.0, nanos=2))
+    run = Run()
+    run.feed([header_msg("s", 1, T0), pv1, pv2, pv1, pv2, tail_msg("s", 1, T0)])
+    assert run.asm.counters["duplicate"] == 2
+    [values] = run.values()
+    assert [s.data["value"] for s in values.samples] == [1.0, 2.0]
+
+
+def test_reorder_on_the_hot_path() -> None:
+    raws = _hot_stream(True)
+    run = Run()
+    run.feed([raws[0], raws[1], raws[4], raws[2], raws[3], *raws[5:]])
+    assert run.asm.counters["reordered"] == 1
+    [values] = run.values()
+    assert [s.pv for s in values.samples] == [f"PV:{i}" for i in range(6)]
+
+
+def test_big_messages_on_the_hot_path() -> None:
+    """A message above 1 MiB is validated, then the validating Unpacker is replaced."""
+    big = ntscalar([float(i) for i in range(140_000)])
+    raws = [
+        header_msg("s", 1, T0, msg_seq=1, sub=1),
+        data_msg(1, T0, "w:0", big, msg_seq=2, sub=1),
+        data_msg(1, T0, "w:1", big, msg_seq=3, sub=1),
+        data_msg(1, T0, "w:1", big, msg_seq=4, sub=1)[:-3],
+        data_msg(1, T0, "w:2", big, msg_seq=5, sub=1, last=True),
+        tail_msg("s", 1, T0, msg_seq=6, total=6, sub=1),
+    ]
+    assert len(raws[2]) > 1 << 20
+    run = Run(missing_grace_s=0)
+    run.feed(raws + raws[1:3])
+    assert run.asm.counters["malformed.not_msgpack"] == 1
+    [closed] = run.closed()
+    assert closed.n_values == 3 and closed.missing_messages == 1
+    assert run.asm.counters["late.data"] == 2
+    assert [s.pv for v in run.values() for s in v.samples] == ["w:0", "w:1", "w:2"]
+    assert len(run.values()[0].samples[1].data["value"]) == 140_000
+
+
+def test_other_header_spellings_take_the_general_path() -> None:
+    raws = _hot_stream(True, 3)
+    asm = IterationAssembler()
+    recs = [Record(TOPIC, 0, i, raw, [("K2EG-SER-TYPE", b"msgpack")]) for i, raw in enumerate(raws)]
+    out = asm.feed_many(recs, 0.0)
+    closed = [e for e in out if isinstance(e, IterationClosed)]
+    assert len(closed) == 1 and closed[0].complete and closed[0].n_values == 3
+
+
+@GENERATIONS
+def test_truncated_after_a_known_layout(sequenced: bool) -> None:
+    """Messages cut anywhere, right after the metadata the previous message had too."""
+    raws = _hot_stream(sequenced, 4)
+    data = raws[2]
+    run = Run()
+    cuts = [data[:n] for n in range(1, 80)]
+    run.feed([*raws[:2], *cuts, b"\xc1" + data[1:], *raws[2:]])
+    assert run.asm.counters["malformed.not_msgpack"] == len(cuts) + 1
+    assert_clean(run.asm)
+    [closed] = run.closed()
+    assert closed.complete and closed.n_values == 4
