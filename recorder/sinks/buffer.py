@@ -15,10 +15,13 @@ buffered at once and reach the file at the next flush, before the iteration's ta
 
 from __future__ import annotations
 
+import bisect
 import collections
+import gc
+import itertools
 import json
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +38,7 @@ from recorder.client.events import (
 )
 from recorder.client.values import RAW_END, RAW_MESSAGE, RAW_START, PVSample
 from recorder.sinks.codec import DTYPE_BY_CODE, Split, encode_rest, split_sample
-from recorder.sinks.template import PAD, Columns, Piece, TemplateSet
+from recorder.sinks.template import PAD, Columns, Piece, RawArrays, TemplateSet
 
 # /iterations columns: name -> numpy dtype
 ITERATION_COLUMNS: dict[str, np.dtype[Any]] = {
@@ -136,6 +139,20 @@ class _Chunk:
     msgs: list[bytes | None]
     nbytes: int
     offset: int  # Kafka offset of the event
+    lazy: bool  # every item is a lazily-built sample (all msgs are bytes)
+
+
+class _PVColumns(dict[str, int]):
+    """PV name -> column; an unknown name gets the next column (``new``)."""
+
+    __slots__ = ("new",)
+
+    def __init__(self, new: Callable[[str], int]) -> None:
+        super().__init__()
+        self.new = new
+
+    def __missing__(self, pv: str) -> int:
+        return self.new(pv)
 
 
 @dataclass(slots=True)
@@ -150,7 +167,11 @@ class _Open:
 
 _PV_OF = operator.attrgetter("pv")
 CHUNK_BYTES = 4 << 20  # payload bytes decoded at once (bounds the temporaries of take())
-LEARN_ROUNDS = 4  # per chunk: learn from the first unmatched row of each PV, retry
+LEARN_ROUNDS = 4  # per take: learn from the first unmatched row of each PV, retry
+# runs of rows of one template decoded in place (shorter ones are gathered by layout)
+RUN_MIN = 512
+BIG_MESSAGE = 2048  # larger messages are joined by template (smaller: in arrival order)
+RUN_MIN_BYTES = 256 << 10
 
 
 class RecordingBuffer:
@@ -160,6 +181,11 @@ class RecordingBuffer:
     :meth:`take`: with learned templates (:mod:`recorder.sinks.template`), vectorized over
     all the rows that share a layout, and through :func:`split_sample` for the rest
     (``fast=False``: always). Eagerly-built samples are split at once.
+
+    Decoding joins at most about :data:`CHUNK_BYTES` of messages at a time: small messages in
+    arrival order (payloads then gathered by layout), large ones (>= :data:`BIG_MESSAGE`)
+    ordered by template so that long runs are decoded in place and their arrays copied into
+    the pool with one strided copy per run.
     """
 
     def __init__(self, pv_names: Iterable[str] = (), *, fast: bool = True,
@@ -167,7 +193,7 @@ class RecordingBuffer:
         self.fast = fast
         self.templates = templates if templates is not None else TemplateSet()
         self.pv_names: list[str] = []
-        self.pv_columns: dict[str, int] = {}
+        self.pv_columns: dict[str, int] = _PVColumns(self._new_column)
         self._new_pvs: list[str] = []
         self._pv_entries: list[tuple[int, int]] = []  # (byte offset, size) of new PV names
         self.pv_rows: list[int] = []  # rows per PV column (written + taken)
@@ -180,6 +206,7 @@ class RecordingBuffer:
         self._items: list[PVSample | Split] = []
         self._msgs: list[bytes | None] = []
         self._cols: list[int] = []
+        self._lazy = True  # every buffered item is a lazily-built sample
         self._runs: list[tuple[int, int, int]] = []  # (rows, iter_row, iteration)
         self.pool_len: dict[int, int] = collections.defaultdict(int)
         self._meta: dict[str, list[int]] = {k: [] for k in META_COLUMNS}
@@ -189,6 +216,7 @@ class RecordingBuffer:
         self.tags_pending: dict[int, dict[str, str]] = {}
         self._prev_rest: dict[int, Any] = {}
         self._prev_rest_json: dict[int, bytes] = {}
+        self._rest_eq: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         self.open: collections.OrderedDict[int, _Open] = collections.OrderedDict()
         self._recently_closed: collections.deque[int] = collections.deque(maxlen=256)
         self.next_row = 0
@@ -202,14 +230,16 @@ class RecordingBuffer:
     # --- PVs ----------------------------------------------------------------------------------
     def column(self, pv: str) -> int:
         col = self.pv_columns.get(pv)
-        if col is None:
-            col = len(self.pv_names)
-            self.pv_columns[pv] = col
-            self.pv_names.append(pv)
-            self._new_pvs.append(pv)
-            raw = pv.encode("utf-8", "surrogatepass")
-            self._pv_entries.append((self._add_bytes(raw), len(raw)))
-            self.pv_rows.append(0)
+        return self._new_column(pv) if col is None else col
+
+    def _new_column(self, pv: str) -> int:
+        col = len(self.pv_names)
+        self.pv_columns[pv] = col
+        self.pv_names.append(pv)
+        self._new_pvs.append(pv)
+        raw = pv.encode("utf-8", "surrogatepass")
+        self._pv_entries.append((self._add_bytes(raw), len(raw)))
+        self.pv_rows.append(0)
         return col
 
     # --- trigger tags -------------------------------------------------------------------------
@@ -273,13 +303,14 @@ class RecordingBuffer:
         it.pending = []
 
     def _chunk(self, samples: Sequence[PVSample], offset: int) -> _Chunk:
-        cols: list[int | None] = list(map(self.pv_columns.get, map(_PV_OF, samples)))
-        if None in cols:
-            cols = [self.column(s.pv) for s in samples]
+        cols = list(map(self.pv_columns.__getitem__, map(_PV_OF, samples)))
         msgs = list(map(RAW_MESSAGE, samples))
-        if None not in msgs:
+        try:
             nbytes = sum(map(len, msgs)) + SAMPLE_ROW_BYTES * len(msgs)  # type: ignore[arg-type]
-            return _Chunk(cols, samples, msgs, nbytes, offset)  # type: ignore[arg-type]
+        except TypeError:  # eagerly-built samples among them
+            pass
+        else:
+            return _Chunk(cols, samples, msgs, nbytes, offset, True)
         items: list[PVSample | Split] = []
         nbytes = 0
         for s, m in zip(samples, msgs, strict=True):
@@ -290,13 +321,15 @@ class RecordingBuffer:
             else:
                 items.append(s)
                 nbytes += len(m) + SAMPLE_ROW_BYTES
-        return _Chunk(cols, items, msgs, nbytes, offset)  # type: ignore[arg-type]
+        return _Chunk(cols, items, msgs, nbytes, offset, False)
 
     def _add(self, chunk: _Chunk, iter_row: int, iteration: int, *, count: bool = True) -> None:
         self._items.extend(chunk.items)
         self._msgs.extend(chunk.msgs)
         self._cols.extend(chunk.cols)
-        self._runs.append((len(chunk.items), iter_row, iteration))
+        if not chunk.lazy:
+            self._lazy = False
+        self._runs.append((len(chunk.cols), iter_row, iteration))
         if count:
             self.buffered_bytes += chunk.nbytes
 
@@ -313,11 +346,26 @@ class RecordingBuffer:
             self.counters["late_batches"] += 1
         if it.row is None and next(iter(self.open)) == event.iter_index:
             self._activate(it)
-        n = len(event.samples)
+        samples = event.samples
+        n = len(samples)
         self.values_total += n
         if not n:
             return
-        chunk = self._chunk(event.samples, event.offset)
+        if it.row is not None:  # the common case, inline: no chunk
+            msgs = list(map(RAW_MESSAGE, samples))
+            try:
+                nbytes = sum(map(len, msgs))  # type: ignore[arg-type]
+            except TypeError:  # eagerly-built samples among them
+                pass
+            else:
+                self._cols.extend(map(self.pv_columns.__getitem__, map(_PV_OF, samples)))
+                self._items.extend(samples)
+                self._msgs.extend(msgs)
+                self._runs.append((n, it.row, it.iter_index))
+                self.buffered_bytes += nbytes + SAMPLE_ROW_BYTES * n
+                it.n_written += n
+                return
+        chunk = self._chunk(samples, event.offset)
         if it.row is not None:
             self._add(chunk, it.row, it.iter_index)
             it.n_written += n
@@ -414,7 +462,17 @@ class RecordingBuffer:
 
     def take(self) -> FlushBatch:
         """Everything buffered (except samples of not-yet-active iterations), as arrays."""
-        samples, pools = self._columns()
+        # the cyclic garbage collector is paused meanwhile: learning templates allocates many
+        # long-lived containers (each would-be collection walks every sample in memory), and
+        # nothing here makes reference cycles
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            samples, pools = self._columns()
+        finally:
+            if paused:
+                gc.enable()
         byte_pool = np.frombuffer(b"".join(self._bytes), dtype=np.uint8)
         meta = {k: np.array(v, dtype=META_COLUMNS[k]) for k, v in self._meta.items()}
         if self._iter_rows:
@@ -462,7 +520,9 @@ class RecordingBuffer:
         items, msgs, runs = self._items, self._msgs, self._runs
         n = len(items)
         cols = np.array(self._cols, dtype=np.int64)
+        lazy = self._lazy
         self._items, self._msgs, self._cols, self._runs = [], [], [], []
+        self._lazy = True
         if runs:
             counts, irows, iters = (np.array(x, dtype=np.int64) for x in zip(*runs, strict=True))
             iter_row = np.repeat(irows, counts)
@@ -474,7 +534,12 @@ class RecordingBuffer:
         splits: dict[int, Split] = {}
         if self.fast and n:
             self.templates.compact()
-            self._decode(items, msgs, cols, out=out, pieces=pieces, splits=splits)
+            if lazy:
+                lens = np.fromiter(map(len, msgs), np.int64, n)  # type: ignore[arg-type]
+            else:
+                lens = np.array([-1 if x is None else len(x) for x in msgs], np.int64)
+            self._decode(items, msgs, lens, lazy, cols, out=out, pieces=pieces, splits=splits)
+        del msgs
         # the slow path: split_sample
         slow = np.flatnonzero(out.tid < 0)
         texts: dict[int, bytes] = {}
@@ -542,72 +607,160 @@ class RecordingBuffer:
         return samples, pools
 
     def _decode(self, items: list[PVSample | Split], msgs: list[bytes | None],
-                cols: npt.NDArray[np.int64], *, out: Columns, pieces: list[Piece],
-                splits: dict[int, Split]) -> None:
+                lens: npt.NDArray[np.int64], lazy: bool, cols: npt.NDArray[np.int64], *,
+                out: Columns, pieces: list[Piece], splits: dict[int, Split]) -> None:
         """Decode the rows that match a template (learning templates on the way)."""
-        if None in msgs:
-            raw_rows = np.array([i for i, m in enumerate(msgs) if m is not None], np.int64)
-            r_msgs: list[bytes] = [msgs[i] for i in raw_rows.tolist()]
-            r_items: list[PVSample] = [items[i] for i in raw_rows.tolist()]
-        else:
+        if lazy:
             raw_rows = np.arange(len(msgs), dtype=np.int64)
-            r_msgs, r_items = msgs, items  # type: ignore[assignment]
+            r_msgs: list[bytes] = msgs  # type: ignore[assignment]
+            r_items: list[PVSample] = items  # type: ignore[assignment]
+            r_lens = lens
+        else:
+            raw_rows = np.flatnonzero(lens >= 0)
+            rl = raw_rows.tolist()
+            r_msgs = list(map(msgs.__getitem__, rl))  # type: ignore[arg-type]
+            r_items = list(map(items.__getitem__, rl))  # type: ignore[arg-type]
+            r_lens = lens[raw_rows]
         n = len(raw_rows)
         if not n:
             return
         starts = np.fromiter(map(RAW_START, r_items), np.int64, n)
-        lens = np.fromiter(map(len, r_msgs), np.int64, n)
         ends_list = list(map(RAW_END, r_items))
         if ends_list.count(None) == n:
-            ends = lens
+            ends = r_lens
         else:
             ends = np.array([ln if e is None else e for e, ln in
-                             zip(ends_list, lens.tolist(), strict=True)], np.int64)
+                             zip(ends_list, r_lens.tolist(), strict=True)], np.int64)
+        del ends_list
         plen = ends - starts
         r_cols = cols[raw_rows]
-        cum = np.cumsum(lens)
         templates = self.templates
+        pending = np.arange(n, dtype=np.int64)
+        tids = templates.lookup(r_cols, plen)
+        for round_ in range(LEARN_ROUNDS + 1):
+            has = tids >= 0
+            left = pending[~has]
+            if has.any():
+                sel = pending[has]
+                hit = self._decode_rows(sel, tids[has], r_msgs=r_msgs, r_lens=r_lens,
+                                        starts=starts, raw_rows=raw_rows, out=out,
+                                        pieces=pieces)
+                if not hit.all():
+                    left = np.sort(np.concatenate((left, sel[~hit])))
+            if not len(left) or round_ == LEARN_ROUNDS:
+                break
+            # learn from the first unmatched row of each PV, retry
+            _, first = np.unique(r_cols[left], return_index=True)
+            entries: list[tuple[int, bytes, Split]] = []
+            for j in np.sort(left[first]).tolist():
+                col = int(r_cols[j])
+                if not templates.may_learn(col, self._raw_seen):
+                    continue
+                row = int(raw_rows[j])
+                split = splits.get(row)
+                if split is None:
+                    split = splits[row] = split_sample(r_items[j])
+                entries.append((col, r_msgs[j][int(starts[j]) : int(ends[j])], split))
+            learned = templates.learn_many(entries)
+            for (col, _, _), ok in zip(entries, learned, strict=True):
+                if not ok:
+                    templates.failed(col, self._raw_seen)
+            if not any(learned):
+                break
+            pending = left
+            tids = templates.lookup(r_cols[left], plen[left])
+        self._raw_seen += n
+
+    def _decode_rows(self, sel: npt.NDArray[np.int64], tids: npt.NDArray[np.int64], *,
+                     r_msgs: list[bytes], r_lens: npt.NDArray[np.int64],
+                     starts: npt.NDArray[np.int64], raw_rows: npt.NDArray[np.int64],
+                     out: Columns, pieces: list[Piece]) -> npt.NDArray[np.bool_]:
+        """Decode raw rows ``sel`` with their templates ``tids``; which rows matched.
+
+        Rows are joined ordered by (template, message length, start), at most about
+        :data:`CHUNK_BYTES` at a time: a run of rows of one template with the same message
+        length and start is then a strided matrix in the joined bytes (decoded in place with
+        a few numpy operations); short runs are gathered by layout."""
+        templates = self.templates
+        matched = np.zeros(len(sel), np.bool_)
+        m_len = r_lens[sel]
+        m_start = starts[sel]
+        small = m_len < BIG_MESSAGE
+        if small.any():  # joined in arrival order, gathered by layout
+            k = np.flatnonzero(small)
+            matched[k] = self._decode_small(sel[k], tids[k], r_msgs=r_msgs, m_len=m_len[k],
+                                            m_start=m_start[k], raw_rows=raw_rows, out=out,
+                                            pieces=pieces)
+            if small.all():
+                return matched
+            k = np.flatnonzero(~small)
+            matched[k] = self._decode_rows(sel[k], tids[k], r_msgs=r_msgs, r_lens=r_lens,
+                                           starts=starts, raw_rows=raw_rows, out=out,
+                                           pieces=pieces)
+            return matched
+        order = np.lexsort((m_start, m_len, tids))
+        s, t, ml, ms = sel[order], tids[order], m_len[order], m_start[order]
+        new_run = np.empty(len(s), np.bool_)
+        new_run[0] = True
+        new_run[1:] = (t[1:] != t[:-1]) | (ml[1:] != ml[:-1]) | (ms[1:] != ms[:-1])
+        cum = np.cumsum(ml)
+        hit_sorted = np.zeros(len(s), np.bool_)
         a = 0
-        while a < n:
+        while a < len(s):
             before = int(cum[a - 1]) if a else 0
             b = max(a + 1, int(np.searchsorted(cum, before + CHUNK_BYTES, "right")))
-            part = r_msgs[a:b]
+            part = list(map(r_msgs.__getitem__, s[a:b].tolist()))
+            part.append(PAD)
+            big = np.frombuffer(bytearray().join(part), np.uint8)
+            at = cum[a:b] - ml[a:b] - before  # message starts in big
+            rs = np.flatnonzero(new_run[a:b])
+            if not len(rs) or rs[0]:  # a run cut by the chunk boundary
+                rs = np.concatenate(([0], rs))
+            ends = np.append(rs[1:], b - a)
+            rows_ = ends - rs
+            long_ = (rows_ >= RUN_MIN) | ((rows_ >= 2) & (rows_ * ml[a + rs] >= RUN_MIN_BYTES))
+            short: list[npt.NDArray[np.int64]] = []
+            for r0, r1, is_long in zip(rs.tolist(), ends.tolist(), long_.tolist(), strict=True):
+                if not is_long:
+                    short.append(np.arange(r0, r1))
+                    continue
+                hit_sorted[a + r0 : a + r1] = templates.decode_run(
+                    big, raw_rows[s[a + r0 : a + r1]], at=int(at[r0]), msg_len=int(ml[a + r0]),
+                    start=int(ms[a + r0]), tid=int(t[a + r0]), out=out, pieces=pieces,
+                    msgs=part[r0:r1])
+            if short:
+                k = np.concatenate(short)
+                hit_sorted[a + k] = templates.decode(
+                    big, at[k] + ms[a + k], t[a + k], raw_rows[s[a + k]], out=out,
+                    pieces=pieces)
+            del part, big
+            a = b
+        matched[order] = hit_sorted
+        return matched
+
+    def _decode_small(self, sel: npt.NDArray[np.int64], tids: npt.NDArray[np.int64], *,
+                      r_msgs: list[bytes], m_len: npt.NDArray[np.int64],
+                      m_start: npt.NDArray[np.int64], raw_rows: npt.NDArray[np.int64],
+                      out: Columns, pieces: list[Piece]) -> npt.NDArray[np.bool_]:
+        """:meth:`_decode_rows` for small messages (``sel`` ascending): joined in arrival
+        order (cheaper than reordering them), payloads gathered by layout."""
+        matched = np.zeros(len(sel), np.bool_)
+        cum = np.cumsum(m_len)
+        contiguous = len(sel) == len(r_msgs)
+        a = 0
+        while a < len(sel):
+            before = int(cum[a - 1]) if a else 0
+            b = max(a + 1, int(np.searchsorted(cum, before + CHUNK_BYTES, "right")))
+            part = (r_msgs[a:b] if contiguous
+                    else list(map(r_msgs.__getitem__, sel[a:b].tolist())))
             part.append(PAD)
             big = np.frombuffer(b"".join(part), np.uint8)
             del part
-            pos = cum[a:b] - lens[a:b] - before + starts[a:b]
-            c_cols = r_cols[a:b]
-            c_len = plen[a:b]
-            left = np.arange(b - a, dtype=np.int64)
-            for _round in range(LEARN_ROUNDS):
-                tids = templates.lookup(c_cols[left], c_len[left])
-                has = tids >= 0
-                if has.any():
-                    sub = left[has]
-                    hit = templates.decode(big, pos[sub], tids[has], raw_rows[a + sub],
-                                           out=out, pieces=pieces)
-                    left = np.sort(np.concatenate((left[~has], sub[~hit])))
-                if not len(left):
-                    break
-                _, first = np.unique(c_cols[left], return_index=True)
-                learned = False
-                for j in np.sort(left[first]).tolist():
-                    col = int(c_cols[j])
-                    if not templates.may_learn(col, self._raw_seen):
-                        continue
-                    row = int(raw_rows[a + j])
-                    split = splits.get(row)
-                    if split is None:
-                        split = splits[row] = split_sample(r_items[a + j])
-                    payload = r_msgs[a + j][int(starts[a + j]) : int(ends[a + j])]
-                    if templates.learn(col, payload, split):
-                        learned = True
-                    else:
-                        templates.failed(col, self._raw_seen)
-                if not learned:
-                    break
-            self._raw_seen += b - a
+            pos = cum[a:b] - m_len[a:b] - before + m_start[a:b]
+            matched[a:b] = self.templates.decode(big, pos, tids[a:b], raw_rows[sel[a:b]],
+                                                 out=out, pieces=pieces)
             a = b
+        return matched
 
     def _rests_and_texts(self, cols: npt.NDArray[np.int64], tid: npt.NDArray[np.int64], *,
                          rests: dict[int, dict[str, Any]], texts: dict[int, bytes],
@@ -635,21 +788,42 @@ class RecordingBuffer:
         base = np.array(self.pv_rows, dtype=np.int64)
         counts = np.bincount(cols, minlength=n_pvs)
         self.pv_rows = (base + counts).tolist()
-        special = np.zeros(n, np.bool_)
-        special[order[change]] = True
-        special[list(texts)] = True
-        is_change = np.zeros(n, np.bool_)
-        is_change[order[change]] = True
         templates = self.templates.templates
         m = self._meta
+        prev_rests = self._prev_rest
+        chg = order[change]
+        # PVs whose changes are all between templates with a rest equal to the PV's stored
+        # one (a PV switching templates, e.g. with the width of its nanoseconds) store
+        # nothing and keep their stored rest: checked once per (PV, template)
+        c_col, c_tid = cols[chg], tid[chg]
+        fixed = c_tid >= 0
+        unsure = set(c_col[~fixed].tolist())
+        for key in np.unique(c_col[fixed] << 32 | c_tid[fixed]).tolist():
+            col = key >> 32
+            if col in unsure:
+                continue
+            prev = prev_rests.get(col)
+            rest = templates[key & 0xFFFFFFFF].split.rest
+            if prev is None or not (prev is rest or self._same_rest(prev, rest)):
+                unsure.add(col)
+        chg = chg[np.isin(c_col, np.array(sorted(unsure), np.int64))]
+        special = np.zeros(n, np.bool_)
+        special[chg] = True
+        special[list(texts)] = True
+        is_change = np.zeros(n, np.bool_)
+        is_change[chg] = True
         for i in np.flatnonzero(special).tolist():
             if is_change[i]:
                 col = int(cols[i])
                 t = int(tid[i])
                 tmpl = templates[t] if t >= 0 else None
                 rest = tmpl.split.rest if tmpl is not None else rests[i]
-                prev = self._prev_rest.get(col)
-                if prev is None or prev != rest:
+                prev = prev_rests.get(col)
+                if prev is rest:
+                    pass
+                elif prev is None or not (
+                    self._same_rest(prev, rest) if tmpl is not None else prev == rest
+                ):
                     if tmpl is not None:
                         raw = tmpl.rest_json
                         if raw is None:
@@ -667,6 +841,18 @@ class RecordingBuffer:
             if text is not None:
                 offset[i] = self._add_bytes(text)
                 size[i] = len(text)
+
+    def _same_rest(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
+        """``a == b`` for rests of templates (remembered: PVs switch between templates)."""
+        cache = self._rest_eq
+        hit = cache.get((id(a), id(b)))
+        if hit is not None and hit[0] is a and hit[1] is b:
+            return hit[2]
+        same = a == b
+        if len(cache) > 4096:
+            cache.clear()
+        cache[(id(a), id(b))] = (a, b, same)  # holds a and b: their ids stay theirs
+        return same
 
     def _pools(self, out: Columns, pieces: list[Piece],
                arrays: list[tuple[int, npt.NDArray[Any]]],
@@ -688,7 +874,8 @@ class RecordingBuffer:
             pool = np.empty(total, dtype=DTYPE_BY_CODE[code])
             for pr, arr, pcode in pieces:
                 if pcode == code:
-                    _place(pool, offset[pr] - start, arr)
+                    _place(pool, offset[pr] - start,
+                           arr.view() if isinstance(arr, RawArrays) else arr)
             for i, arr in arrays:
                 if out.dtype[i] == code:
                     o = int(offset[i]) - start
@@ -720,22 +907,43 @@ class RecordingBuffer:
 
 
 def _place(pool: npt.NDArray[Any], at: npt.NDArray[np.int64], arr: npt.NDArray[Any]) -> None:
-    """pool[at[k] : at[k] + m] = arr[k] for every row k of ``arr`` (n x m)."""
+    """pool[at[k] : at[k] + m] = arr[k] for every row k of ``arr`` (n x m, possibly a strided
+    big-endian view): one strided copy per stretch of rows whose ``at`` step is constant."""
     n, m = arr.shape
-    if not m:
+    if not m or not n:
         return
+    f32be = arr.dtype == _F4BE  # as msgpack-python: float32 -> double -> float32
+    item = pool.itemsize
+    bounds = [0]
     if n > 1:
         step = np.diff(at)
-        d = int(step[0])
-        if d >= m and bool((step == d).all()):
-            item = pool.itemsize
-            view = np.lib.stride_tricks.as_strided(
-                pool[int(at[0]) :], shape=(n, m), strides=(d * item, item), writeable=True
-            )
-            view[...] = arr
-            return
-    for k, o in enumerate(at.tolist()):
-        pool[o : o + m] = arr[k]
+        steps = step.tolist()
+        chg = (np.flatnonzero(step[1:] != step[:-1]) + 1).tolist()  # step[k] != step[k-1]
+        a = 0
+        while a < n - 1:
+            if steps[a] < m:  # overlapping or backwards: one row
+                a += 1
+            else:  # rows a .. k share the step, k: the next change (or the last row)
+                i = bisect.bisect_right(chg, a)
+                a = (chg[i] if i < len(chg) else n - 1) + 1
+            bounds.append(a)
+    if bounds[-1] < n:
+        bounds.append(n)
+    for a, b in itertools.pairwise(bounds):
+        src = arr[a:b]
+        if f32be:
+            src = src.astype(np.float64)
+        o = int(at[a])
+        if b - a == 1:
+            pool[o : o + m] = src[0]
+            continue
+        d = int(at[a + 1] - at[a])
+        view = np.lib.stride_tricks.as_strided(pool[o:], shape=(b - a, m),
+                                               strides=(d * item, item), writeable=True)
+        view[...] = src
+
+
+_F4BE = np.dtype(">f4")
 
 
 def tags_json(tags: Mapping[str, str]) -> str:

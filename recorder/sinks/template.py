@@ -15,16 +15,24 @@ the template's with the dynamic columns read straight from the bytes.
 ``(n, L)`` byte matrix per *layout* (same length and field positions, shared by PVs of the
 same shape), the static bytes are checked (each row against the previous row of the same
 template, and the first row of every run against the template itself), and the columns are
-read with big-endian views. A template is only kept when, on the payload it was learned from,
-the vectorized decoding gives exactly what ``split_sample`` gives (self-check); rows that do
-not match a template are left to the caller (the slow path).
+read with big-endian views. :meth:`TemplateSet.decode_run` does the same without gathering for
+a run of messages of one template laid out back to back (equal lengths): the run is a strided
+matrix of the joined bytes, whose dynamic bytes are zeroed so that "equal to the previous row"
+is one flat comparison of the run with itself shifted by one message; waveform elements are
+left in the messages (:class:`RawArrays`) and copied into the pool with one strided copy.
+A template is only kept when, on the payload it was learned from, the vectorized decoding
+gives exactly what ``split_sample`` gives (self-check; :meth:`TemplateSet.learn_many` checks
+the payloads of one layout together); rows that do not match a template are left to the
+caller (the slow path).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgpack
 import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
@@ -216,21 +224,33 @@ def walk(raw: bytes) -> _Skeleton | None:
     """Positions of the fields a template may make dynamic; None if ``raw`` is not one
     well-formed msgpack map (or a watched field occurs twice)."""
     sk = _Skeleton()
+    # msgpack's unpacker skips what is not watched (C speed), kept in step with ``pos``
+    up = msgpack.Unpacker(max_buffer_size=max(len(raw), 1 << 20))
     try:
+        up.feed(raw)
         head = _map_header(raw, 0)
         if head is None:
             return None
         count, pos = head
+        if up.read_map_header() != count or up.tell() != pos:
+            return None
         for _ in range(count):
-            name, pos = _key(raw, pos)
-            if name is not None and name in _WATCHED:
+            name = up.unpack()  # a key: str, else not watched (invalid UTF-8 raises)
+            pos = up.tell()
+            if name.__class__ is str and name in _WATCHED:
                 _note(sk, (name,))
                 pos = _watched(raw, pos, name, sk)
+                up.skip()
+                if up.tell() != pos:
+                    return None
             else:
-                pos = _skip(raw, pos)
+                up.skip()
+                pos = up.tell()
         if pos != len(raw):
             return None
     except (_MalformedError, IndexError):
+        return None
+    except Exception:  # msgpack raises many types: not a template
         return None
     if any(n > 1 for n in sk.seen.values()):
         return None
@@ -302,6 +322,7 @@ class Layout:
     static_width: int = 0  # bytes compared (array elements cut out), multiple of 8
     templates: list[int] = field(default_factory=list)  # template ids, by local index
     static: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros((0, 0), _U64))
+    pending: list[npt.NDArray[np.uint64]] = field(default_factory=list)  # rows to add to static
 
     def __post_init__(self) -> None:
         self.width = -(-self.length // 8) * 8
@@ -336,8 +357,10 @@ class Layout:
         flat: npt.NDArray[np.uint64] = z.view(_U64)
         return flat
 
-    def read(self, mat: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.bool_], dict[str, Any]]:
-        """Dynamic columns of gathered rows and which rows have valid dynamic fields."""
+    def read(self, mat: npt.NDArray[np.uint8], *, array: bool = True
+             ) -> tuple[npt.NDArray[np.bool_], dict[str, Any]]:
+        """Dynamic columns of gathered rows and which rows have valid dynamic fields
+        (``array`` False: the array elements are neither checked nor read)."""
         n = len(mat)
         ok = np.ones(n, np.bool_)
         cols: dict[str, Any] = {}
@@ -379,7 +402,7 @@ class Layout:
             cols[f.name] = v
             if f.name == "value" and big is not None:
                 cols["value_big"] = big
-        if self.array is not None:
+        if self.array is not None and array:
             first, count, marker = self.array
             step = 1 + _width(marker)
             end = first + count * step
@@ -401,7 +424,78 @@ class Template:
     split: Split  # of the payload it was learned from: constants and rest
     time_dyn: bool
     value_dyn: bool
+    zero: bytes = b""  # the payload with dynamic bytes (and array elements) zeroed
     rest_json: bytes | None = None  # encode_rest(split.rest), once needed
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What learning found in one payload: its layout key and what is dynamic."""
+
+    col: int
+    payload: bytes
+    split: Split
+    key: tuple[Any, ...]  # (length, fields, array): the layout
+    time_dyn: bool
+    value_dyn: bool
+
+
+def _plan(col: int, payload: bytes, split: Split) -> _Plan | None:
+    if split.text is not None:
+        return None
+    sk = walk(payload)
+    if sk is None:
+        return None
+    fields: list[_Field] = []
+    leaves = sk.leaves
+    time_dyn = False
+    if split.flags & F_TIME:
+        sec = leaves.get(("timeStamp", "secondsPastEpoch"))
+        ns = leaves.get(("timeStamp", "nanoseconds"))
+        if sec and ns and sec[1] not in (ENC_BOOL, 0xCA, 0xCB) and ns[1] not in (
+            ENC_BOOL, 0xCA, 0xCB
+        ):
+            fields += [_Field("sec", *sec), _Field("ns", *ns)]
+            time_dyn = True
+    for flag, key, name in ((F_SEVERITY, "severity", "sev"), (F_STATUS, "status", "stat")):
+        leaf = leaves.get(("alarm", key))
+        if split.flags & flag and leaf and leaf[1] not in (ENC_BOOL, 0xCA, 0xCB):
+            fields.append(_Field(name, *leaf))
+    value_dyn = False
+    array = None
+    if split.flags & F_VALUE:
+        kind = split.kind
+        leaf = leaves.get(("value",))
+        index = leaves.get(("value", "index"))
+        if kind in (_KIND_SCALAR, _KIND_BOOL) and leaf is not None:
+            if (kind == _KIND_BOOL) == (leaf[1] == ENC_BOOL):
+                fields.append(_Field("value", *leaf))
+                value_dyn = True
+        elif kind == _KIND_ENUM and index is not None and index[1] not in (
+            ENC_BOOL, 0xCA, 0xCB
+        ):
+            fields.append(_Field("index", *index))
+            value_dyn = True
+        elif kind == _KIND_ARRAY and sk.array is not None:
+            array = sk.array
+            value_dyn = True
+    if split.array is not None and array is None:
+        return None  # a static array would have to be copied per row
+    fields.sort(key=lambda f: f.pos)
+    return _Plan(col, payload, split, (len(payload), tuple(fields), array), time_dyn,
+                 value_dyn)
+
+
+def _zeroed(payload: bytes, layout: Layout) -> bytes:
+    """``payload`` with the dynamic bytes and the array elements (markers included) zeroed."""
+    z = bytearray(payload)
+    for f in layout.fields:
+        a, b = f.span
+        z[a:b] = bytes(b - a)
+    if layout.array is not None:
+        first, count, marker = layout.array
+        z[first : first + count * (1 + _width(marker))] = bytes(count * (1 + _width(marker)))
+    return bytes(z)
 
 
 class Columns:
@@ -423,8 +517,28 @@ class Columns:
         self.size = np.full(n, -1, np.int64)  # array elements, -1: no array
 
 
-# an array piece: rows (ascending), their arrays (rows x elements, typed), dtype code
-Piece = tuple[npt.NDArray[np.int64], npt.NDArray[Any], int]
+@dataclass(slots=True)
+class RawArrays:
+    """Arrays still in their messages (equal lengths): element ``j`` of message ``k`` is a
+    big-endian float at ``offset + j * step`` in ``msgs[k]``. Copied out by :meth:`view`
+    when the pool is written (the joined bytes are then short-lived)."""
+
+    msgs: list[bytes]
+    offset: int
+    msg_len: int
+    count: int
+    marker: int
+
+    def view(self) -> npt.NDArray[Any]:
+        step = 1 + _width(self.marker)
+        joined = b"".join(self.msgs)
+        return np.ndarray((len(self.msgs), self.count), _FLOAT_FMT[self.marker], joined,
+                          self.offset, (self.msg_len, step))
+
+
+# an array piece: rows (ascending), their arrays (rows x elements, typed; or still in the
+# messages), dtype code
+Piece = tuple[npt.NDArray[np.int64], "npt.NDArray[Any] | RawArrays", int]
 
 
 class TemplateSet:
@@ -456,72 +570,48 @@ class TemplateSet:
     def learn(self, col: int, payload: bytes, split: Split) -> bool:
         """Learn a template for PV column ``col`` from ``payload`` (its ``split``); False if
         the payload cannot be a template (kept on the slow path)."""
-        if split.text is not None:
-            return False
-        sk = walk(payload)
-        if sk is None:
-            return False
-        fields: list[_Field] = []
-        leaves = sk.leaves
-        time_dyn = False
-        if split.flags & F_TIME:
-            sec = leaves.get(("timeStamp", "secondsPastEpoch"))
-            ns = leaves.get(("timeStamp", "nanoseconds"))
-            if sec and ns and sec[1] not in (ENC_BOOL, 0xCA, 0xCB) and ns[1] not in (
-                ENC_BOOL, 0xCA, 0xCB
-            ):
-                fields += [_Field("sec", *sec), _Field("ns", *ns)]
-                time_dyn = True
-        for flag, key, name in ((F_SEVERITY, "severity", "sev"), (F_STATUS, "status", "stat")):
-            leaf = leaves.get(("alarm", key))
-            if split.flags & flag and leaf and leaf[1] not in (ENC_BOOL, 0xCA, 0xCB):
-                fields.append(_Field(name, *leaf))
-        value_dyn = False
-        array = None
-        if split.flags & F_VALUE:
-            kind = split.kind
-            leaf = leaves.get(("value",))
-            index = leaves.get(("value", "index"))
-            if kind in (_KIND_SCALAR, _KIND_BOOL) and leaf is not None:
-                if (kind == _KIND_BOOL) == (leaf[1] == ENC_BOOL):
-                    fields.append(_Field("value", *leaf))
-                    value_dyn = True
-            elif kind == _KIND_ENUM and index is not None and index[1] not in (
-                ENC_BOOL, 0xCA, 0xCB
-            ):
-                fields.append(_Field("index", *index))
-                value_dyn = True
-            elif kind == _KIND_ARRAY and sk.array is not None:
-                array = sk.array
-                value_dyn = True
-        if split.array is not None and array is None:
-            return False  # a static array would have to be copied per row
-        fields.sort(key=lambda f: f.pos)
-        layout_key = (len(payload), tuple(fields), array)
-        lid = self._layout_ids.get(layout_key)
-        layout = Layout(len(payload), tuple(fields), array) if lid is None else self.layouts[lid]
-        # the static bytes, and the self-check: the vectorized decoding of the payload itself
-        mat = np.frombuffer(payload + PAD, np.uint8)[: layout.width].reshape(1, -1).copy()
-        ok, cols = layout.read(mat)
-        if not ok[0] or not _same_columns(split, cols, time_dyn, value_dyn):
-            return False
-        static = layout.static_bytes(mat)
-        if lid is None:
-            lid = len(self.layouts)
-            self.layouts.append(layout)
-            self._layout_ids[layout_key] = lid
-        tid = len(self.templates)
-        self.templates.append(Template(col, lid, len(payload), split, time_dyn, value_dyn))
-        layout.templates.append(tid)
-        layout.static = np.concatenate([layout.static, static])
-        per_pv = self.by_pv.setdefault(col, {})
-        per_pv.pop(len(payload), None)
-        per_pv[len(payload)] = tid
-        while len(per_pv) > MAX_TEMPLATES_PER_PV:
-            del per_pv[next(iter(per_pv))]
-        self.blocked.pop(col, None)
-        self._dirty = True
-        return True
+        return self.learn_many([(col, payload, split)])[0]
+
+    def learn_many(self, entries: Sequence[tuple[int, bytes, Split]]) -> list[bool]:
+        """:meth:`learn` for several PVs (one column each) at once: payloads of the same
+        layout are self-checked together (one vectorized reading per layout)."""
+        results = [False] * len(entries)
+        groups: dict[tuple[Any, ...], list[tuple[int, _Plan]]] = {}
+        for i, (col, payload, split) in enumerate(entries):
+            plan = _plan(col, payload, split)
+            if plan is not None:
+                groups.setdefault(plan.key, []).append((i, plan))
+        for key, members in groups.items():
+            lid = self._layout_ids.get(key)
+            layout = Layout(*key) if lid is None else self.layouts[lid]
+            width = layout.width
+            pad = PAD[: width - layout.length]
+            joined = b"".join([m.payload + pad for _, m in members])
+            mat = np.frombuffer(joined, np.uint8).reshape(len(members), width).copy()
+            # the self-check: the vectorized decoding of the payloads themselves
+            ok, cols = layout.read(mat)
+            static = layout.static_bytes(mat)
+            for j, (i, m) in enumerate(members):
+                if not ok[j] or not _same_columns(m.split, cols, m.time_dyn, m.value_dyn, j):
+                    continue
+                if lid is None:
+                    lid = len(self.layouts)
+                    self.layouts.append(layout)
+                    self._layout_ids[key] = lid
+                tid = len(self.templates)
+                self.templates.append(Template(m.col, lid, layout.length, m.split, m.time_dyn,
+                                               m.value_dyn, _zeroed(m.payload, layout)))
+                layout.templates.append(tid)
+                layout.pending.append(static[j : j + 1])
+                per_pv = self.by_pv.setdefault(m.col, {})
+                per_pv.pop(layout.length, None)
+                per_pv[layout.length] = tid
+                while len(per_pv) > MAX_TEMPLATES_PER_PV:
+                    del per_pv[next(iter(per_pv))]
+                self.blocked.pop(m.col, None)
+                self._dirty = True
+                results[i] = True
+        return results
 
     def _refresh(self) -> None:
         if not self._dirty:
@@ -548,6 +638,10 @@ class TemplateSet:
             "ival": np.array([x.ival for x in s], np.int64),
             "fval": np.array([x.fval for x in s], np.float64),
         }
+        for layout in self.layouts:
+            if layout.pending:
+                layout.static = np.concatenate([layout.static, *layout.pending])
+                layout.pending = []
         self._layout_of = np.array([t.layout for t in ts], np.int64)
         local = np.zeros(len(ts), np.int64)
         for layout in self.layouts:
@@ -599,6 +693,118 @@ class TemplateSet:
         tid: npt.NDArray[np.int64] = np.where(keys[at] == want, self._key_tid[at], -1)
         return tid
 
+    def _fill(self, r: npt.NDArray[np.int64], th: npt.NDArray[np.int64], *, out: Columns,
+              pieces: list[Piece], cols: dict[str, Any], hit: npt.NDArray[np.bool_]) -> None:
+        """Columns of matched rows ``r`` (templates ``th``) from the read ``cols``[hit]."""
+        c = self._consts
+        out.tid[r] = th
+        out.flags[r] = c["flags"][th]
+        out.kind[r] = c["kind"][th]
+        if "sec" in cols:
+            out.time[r] = cols["sec"][hit] * _NS_PER_S + cols["ns"][hit]
+        else:
+            out.time[r] = c["time"][th]
+        out.severity[r] = cols["sev"][hit] if "sev" in cols else c["severity"][th]
+        out.status[r] = cols["stat"][hit] if "stat" in cols else c["status"][th]
+        value = cols.get("value")
+        if value is None:
+            value = cols.get("index")
+        if value is None:
+            out.dtype[r] = c["dtype"][th]
+            out.ival[r] = c["ival"][th]
+            out.fval[r] = c["fval"][th]
+            if "array" in cols:
+                arr = cols["array"][hit]
+                out.size[r] = arr.shape[1]
+                code = _F32_CODE if arr.dtype == np.float32 else _F64_CODE
+                pieces.append((r, arr, code))
+        elif value.dtype.kind == "f":
+            out.dtype[r] = c["dtype"][th]
+            out.ival[r] = 0
+            out.fval[r] = value[hit].astype(np.float64)
+        else:
+            big_v = cols.get("value_big")
+            if big_v is not None:
+                out.dtype[r] = np.where(big_v[hit], _UINT64_CODE, _INT64_CODE)
+            else:
+                out.dtype[r] = c["dtype"][th]
+            out.ival[r] = value[hit]
+            out.fval[r] = 0.0
+
+    def decode_run(self, big: npt.NDArray[np.uint8], rows: npt.NDArray[np.int64], *,
+                   at: int, msg_len: int, start: int, tid: int, out: Columns,
+                   pieces: list[Piece], msgs: list[bytes] | None = None
+                   ) -> npt.NDArray[np.bool_]:
+        """Decode ``len(rows)`` payloads of template ``tid`` in place: message ``k`` is
+        ``big[at + k * msg_len :]``, its payload at ``start`` in it. ``big`` (writable, padded
+        with :data:`PAD`) gets its dynamic bytes and the bytes between payloads zeroed; array
+        pieces are views of it, or :class:`RawArrays` of ``msgs`` (the messages) if given.
+        Returns which rows matched."""
+        self._refresh()
+        n = len(rows)
+        tmpl = self.templates[tid]
+        layout = self.layouts[tmpl.layout]
+        m = msg_len
+        length = layout.length
+        base = at + start
+        u8 = np.uint8
+
+        def rows_of(a: int, k: int, size: int, step: int = 1) -> npt.NDArray[np.uint8]:
+            return np.ndarray((k, size), u8, big, base + a, (m, step))
+
+        mat = rows_of(0, n, layout.width)
+        ok, cols = layout.read(mat, array=False)
+        for f in layout.fields:
+            a, b = f.span
+            rows_of(a, n, b - a)[...] = 0
+        zero = np.frombuffer(tmpl.zero, np.uint8)
+        if layout.array is None:
+            if n > 1 and m > length:
+                rows_of(length, n - 1, m - length)[...] = 0
+            diff = np.flatnonzero(_shift_diff(big[base : base + (n - 1) * m + length], m, n))
+            segs = [(0, length)]
+        else:
+            first, count, marker = layout.array
+            step = 1 + _width(marker)
+            end = first + count * step
+            marks = rows_of(first, n, count, step)
+            ok &= (marks == marker).all(axis=1)
+            segs = [(0, first), (end, length)]
+            differs = np.zeros(n, np.bool_)
+            for a, b in segs:
+                if b > a:
+                    seg = rows_of(a, n, b - a)
+                    differs[1:] |= (seg[1:] != seg[:-1]).any(axis=1)
+            diff = np.flatnonzero(differs)
+        # a row equal to the previous one (dynamic bytes zeroed) matches as that one does;
+        # the first row and every row that differs from its predecessor: against the template
+        starts = np.concatenate(([0], diff))
+        good = np.ones(len(starts), np.bool_)
+        for a, b in segs:
+            if b > a:
+                good &= (rows_of(a, n, b - a)[starts] == zero[a:b]).all(axis=1)
+        is_start = np.zeros(n, np.int64)
+        is_start[starts] = 1
+        hit = good[np.cumsum(is_start) - 1] & ok
+        if not hit.any():
+            return hit
+        r = rows[hit] if not hit.all() else rows
+        self._fill(r, np.full(len(r), tid, np.int64), out=out, pieces=pieces, cols=cols,
+                   hit=hit)
+        if layout.array is not None:
+            first, count, marker = layout.array
+            step = 1 + _width(marker)
+            out.size[r] = count
+            code = _F32_CODE if marker == 0xCA else _F64_CODE
+            if msgs is not None:
+                kept = msgs if len(r) == n else [msgs[i] for i in np.flatnonzero(hit).tolist()]
+                pieces.append((r, RawArrays(kept, start + first + 1, m, count, marker), code))
+            else:
+                be = np.ndarray((n, count), _FLOAT_FMT[marker], big, base + first + 1,
+                                (m, step))
+                pieces.append((r, be if len(r) == n else be[hit], code))
+        return hit
+
     def decode(
         self,
         big: npt.NDArray[np.uint8],
@@ -628,8 +834,11 @@ class TemplateSet:
             z = layout.static_bytes(mat)
             # static bytes: a row equal to the previous row of its template matches as that
             # one does; the first row of every run is compared with the template
-            same = (t[1:] == t[:-1]) & ~(z[1:] != z[:-1]).any(axis=1)
-            starts = np.concatenate(([True], ~same))
+            k = len(t)
+            starts = np.empty(k, np.bool_)
+            starts[0] = True
+            np.not_equal(t[1:], t[:-1], out=starts[1:])
+            starts |= _shift_diff(z.reshape(-1).view(np.uint8), z.shape[1] * 8, k)
             first = np.flatnonzero(starts)
             ref = layout.static[self._local[t[first]]]
             good = ~(z[first] != ref).any(axis=1)
@@ -637,57 +846,47 @@ class TemplateSet:
             matched[sel] = hit
             if not hit.any():
                 continue
-            r = rows[sel][hit]
-            th = t[hit]
-            c = self._consts
-            out.tid[r] = th
-            out.flags[r] = c["flags"][th]
-            out.kind[r] = c["kind"][th]
-            if "sec" in cols:
-                out.time[r] = cols["sec"][hit] * _NS_PER_S + cols["ns"][hit]
-            else:
-                out.time[r] = c["time"][th]
-            out.severity[r] = cols["sev"][hit] if "sev" in cols else c["severity"][th]
-            out.status[r] = cols["stat"][hit] if "stat" in cols else c["status"][th]
-            value = cols.get("value")
-            if value is None:
-                value = cols.get("index")
-            if value is None:
-                out.dtype[r] = c["dtype"][th]
-                out.ival[r] = c["ival"][th]
-                out.fval[r] = c["fval"][th]
-                if "array" in cols:
-                    arr = cols["array"][hit]
-                    out.size[r] = arr.shape[1]
-                    code = _F32_CODE if arr.dtype == np.float32 else _F64_CODE
-                    pieces.append((r, arr, code))
-            elif value.dtype.kind == "f":
-                out.dtype[r] = c["dtype"][th]
-                out.ival[r] = 0
-                out.fval[r] = value[hit].astype(np.float64)
-            else:
-                big_v = cols.get("value_big")
-                if big_v is not None:
-                    out.dtype[r] = np.where(big_v[hit], _UINT64_CODE, _INT64_CODE)
-                else:
-                    out.dtype[r] = c["dtype"][th]
-                out.ival[r] = value[hit]
-                out.fval[r] = 0.0
+            self._fill(rows[sel][hit], t[hit], out=out, pieces=pieces, cols=cols, hit=hit)
         return matched
 
 
-def _same_columns(split: Split, cols: dict[str, Any], time_dyn: bool, value_dyn: bool) -> bool:
-    """The self-check: does the vectorized reading of the learning payload give ``split``?"""
-    if time_dyn and int(cols["sec"][0]) * _NS_PER_S + int(cols["ns"][0]) != split.time_ns:
+def _shift_diff(region: npt.NDArray[np.uint8], m: int, n: int) -> npt.NDArray[np.bool_]:
+    """Which rows ``k`` (1 <= k < n) of ``region`` (row ``k`` at ``k * m``) may differ from
+    row ``k - 1`` (a superset: a compared word may straddle two rows)."""
+    mask = np.zeros(n, np.bool_)
+    tot = len(region) - m
+    if n < 2 or tot <= 0:
+        return mask
+    w = tot // 8 * 8
+    found: list[npt.NDArray[np.int64]] = []
+    if w:
+        ne = region[m : m + w].view(_U64) != region[:w].view(_U64)
+        if ne.any():
+            p = np.flatnonzero(ne) * 8
+            found += [p, p + 7]
+    if w < tot:
+        tail = np.flatnonzero(region[m + w :] != region[w:tot])
+        if len(tail):
+            found.append(tail + w)
+    for p in found:
+        k = p // m + 1
+        mask[k[k < n]] = True
+    return mask
+
+
+def _same_columns(split: Split, cols: dict[str, Any], time_dyn: bool, value_dyn: bool,
+                  j: int = 0) -> bool:
+    """The self-check: does the vectorized reading of learning payload ``j`` give ``split``?"""
+    if time_dyn and int(cols["sec"][j]) * _NS_PER_S + int(cols["ns"][j]) != split.time_ns:
         return False
-    if "sev" in cols and int(cols["sev"][0]) != split.severity:
+    if "sev" in cols and int(cols["sev"][j]) != split.severity:
         return False
-    if "stat" in cols and int(cols["stat"][0]) != split.status:
+    if "stat" in cols and int(cols["stat"][j]) != split.status:
         return False
     if not value_dyn:
         return split.array is None
     if "array" in cols:
-        arr = cols["array"][0]
+        arr = cols["array"][j]
         ref = split.array
         return (
             ref is not None
@@ -701,16 +900,16 @@ def _same_columns(split: Split, cols: dict[str, Any], time_dyn: bool, value_dyn:
         return False
     value = cols["value"] if "value" in cols else cols["index"]
     if value.dtype.kind == "f":
-        fval = float(value.astype(np.float64)[0])
+        fval = float(value.astype(np.float64)[j])
         same_bits = np.float64(fval).tobytes() == np.float64(split.fval).tobytes()
         return same_bits and split.ival == 0 and split.dtype in (_F32_CODE, _F64_CODE)
     big = cols.get("value_big")
-    dtype = _UINT64_CODE if big is not None and bool(big[0]) else None
+    dtype = _UINT64_CODE if big is not None and bool(big[j]) else None
     if split.kind not in {_KIND_ENUM, _KIND_BOOL}:
         if dtype is None:
             dtype = _INT64_CODE
         if split.dtype != dtype:
             return False
-    elif big is not None and bool(big[0]):
+    elif big is not None and bool(big[j]):
         return False
-    return int(value[0]) == split.ival and split.fval == 0.0
+    return int(value[j]) == split.ival and split.fval == 0.0

@@ -504,3 +504,134 @@ def test_row_order_is_arrival_order(flush_every: int) -> None:
     batches = check(lambda: sim_stream(6, batches=2), flush_every=flush_every)
     cols = list(iter_samples(batches))
     assert cols == [c for _ in range(6) for c in range(len(SIM_PVS))]
+
+
+# ------------------------------------------------------------------------------ decoding paths
+# Small messages are joined in arrival order and gathered by layout; large ones are joined by
+# template and long runs decoded in place. Force each path (and chunk boundaries everywhere).
+PATHS = {
+    "in_place": {"BIG_MESSAGE": 0, "RUN_MIN": 2, "RUN_MIN_BYTES": 0},
+    "in_place_small_chunks": {"BIG_MESSAGE": 0, "RUN_MIN": 2, "RUN_MIN_BYTES": 0,
+                              "CHUNK_BYTES": 3000},
+    "sorted_gathered": {"BIG_MESSAGE": 0, "RUN_MIN": 10**9, "RUN_MIN_BYTES": 10**18},
+    "arrival_small_chunks": {"BIG_MESSAGE": 10**18, "CHUNK_BYTES": 1500},
+}
+
+
+def force(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    import recorder.sinks.buffer as buffer_module
+
+    for name, value in PATHS[path].items():
+        monkeypatch.setattr(buffer_module, name, value)
+
+
+def variants_stream() -> list[IterationEvent]:
+    out: list[IterationEvent] = []
+    for k in range(60):
+        out += iteration(k, [message("A", scalar_variants(k), k),
+                             message("B", scalar_variants(k // 3), k, trailer=b"\xc0\xc0")])
+    return out
+
+
+def waveform_stream() -> list[IterationEvent]:
+    """Waveforms whose ns width changes (several templates per PV), a metadata change and
+    back, an element of another type (same length), float32 with a signaling NaN."""
+    snan32 = struct.unpack(">f", b"\x7f\x80\x00\x01")[0]
+    out: list[IterationEvent] = []
+    for k in range(40):
+        w = sim("SIM:WF:DOUBLE:1:N30", k, T0 + k)
+        w["timeStamp"]["nanoseconds"] = 500 if k % 4 == 0 else 70_000 + k
+        w["value"] = [float(k * 30 + i) for i in range(30)]
+        if 10 <= k < 13:
+            w["display"]["units"] = "xx"  # same length, other bytes
+        if k == 20:
+            w["value"][7] = 2**62  # an int element: same length, other marker
+        f = sim("SIM:WF:FLOAT:2:N12", k, T0 + k)
+        f["value"] = Float32Array([snan32 if i == 3 else k + i / 4 for i in range(12)])
+        out += iteration(k, [message("W", w, k), message("F", f, k, trailer=b"\xc0")])
+    return out
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_decoding_paths_equal_slow_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    force(monkeypatch, path)
+    check(lambda: sim_stream(8, batches=2, eager_every=4), flush_every=6)
+    check(lambda: steady_stream(0, 30), flush_every=40)
+    check(variants_stream, flush_every=25)
+    check(variants_stream, flush_every=1000)
+    check(waveform_stream, flush_every=33)
+    check(waveform_stream, flush_every=1000, rotate_every=50)
+
+
+@pytest.mark.parametrize("path", ["in_place", "in_place_small_chunks"])
+def test_in_place_runs_are_used(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Not vacuous: steady waveforms are decoded in place, their arrays left in the
+    messages until the pool is written."""
+    import recorder.sinks.buffer as buffer_module
+    import recorder.sinks.template as template_module
+
+    force(monkeypatch, path)
+    runs: list[int] = []
+    raw: list[int] = []
+    real_run = template_module.TemplateSet.decode_run
+    real_view = template_module.RawArrays.view
+
+    def spy_run(self: TemplateSet, big: Any, rows: Any, **kw: Any) -> Any:
+        runs.append(len(rows))
+        return real_run(self, big, rows, **kw)
+
+    def spy_view(self: Any) -> Any:
+        raw.append(len(self.msgs))
+        return real_view(self)
+
+    monkeypatch.setattr(template_module.TemplateSet, "decode_run", spy_run)
+    monkeypatch.setattr(template_module.RawArrays, "view", spy_view)
+    buf = buffer_module.RecordingBuffer()
+    for ev in steady_stream(0, 30):
+        buf.handle(ev)
+    buf.take()
+    runs.clear()
+    raw.clear()
+    for ev in steady_stream(30, 30):
+        buf.handle(ev)
+    batch = buf.take()
+    assert len(batch.samples["pv"]) == 30 * len(STEADY)
+    assert (batch.samples["offset"] >= 0).sum() == 60  # the two waveform PVs
+    # (a run cut to one row by a chunk boundary is gathered instead)
+    assert 0.9 * 30 * len(STEADY) <= sum(runs) <= 30 * len(STEADY)
+    assert 50 <= sum(raw) <= 60
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=streams(), flush_every=st.integers(1, 30), rotate=st.integers(0, 40),
+       path=st.sampled_from(list(PATHS)))
+def test_property_paths_equal_slow(stream: Any, flush_every: int, rotate: int,
+                                   path: str) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        force(mp, path)
+        check(lambda: build(stream), flush_every=flush_every, rotate_every=rotate)
+
+
+def test_place_strided_stretches() -> None:
+    """Arrays reach the pool with one strided copy per stretch of evenly spaced rows."""
+    import numpy as np
+
+    from recorder.sinks.buffer import _place
+
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        n, m = int(rng.integers(1, 12)), int(rng.integers(1, 5))
+        sizes = rng.choice([m, m, m, m + 1, 2 * m], size=n)
+        gaps = rng.choice([0, 0, 0, 1, 3], size=n)
+        at = np.cumsum(sizes + gaps) - sizes - gaps
+        if rng.random() < 0.2:
+            at = at[rng.permutation(n)]
+        arr = rng.normal(size=(n, m))
+        if rng.random() < 0.3:
+            arr = arr.astype(">f8")
+        pool = np.zeros(int(at.max()) + m + 5)
+        ref = pool.copy()
+        for k in range(n):
+            ref[at[k] : at[k] + m] = arr[k]
+        _place(pool, at.astype(np.int64), arr)
+        assert pool.tobytes() == ref.tobytes()
