@@ -38,7 +38,7 @@ Serialization (no pickling of events)
     (start, end) position of each sample's PV map in it (int64 arrays) and ``f32`` (``None``,
     or ``{index: sorted float32 paths}`` for hand-built samples, whose ``data`` is packed
     with ``msgpack.packb`` into the blob). The child rebuilds
-    ``PVSample.from_raw(pv, blob, start, end)``: views into the blob, decoded lazily (so
+    ``PVSample.from_raw(pv, blob[start:end], 0)``: one small copy per sample, decoded lazily (so
     decoding moves off the daemon; float32 paths of received samples are read from the same
     bytes). Floats travel as float64 and are re-typed from float32_paths: values are
     bit-exact. A sample whose ``data`` msgpack cannot represent (only possible for hand-built
@@ -287,14 +287,17 @@ _from_raw: Final = PVSample.from_raw
 
 
 def _rebuild_samples(packed: list[Any]) -> tuple[PVSample, ...]:
-    """The samples of an encoded ``ValuesReceived``: views into its one blob (nothing is
-    copied or decoded here)."""
+    """The samples of an encoded ``ValuesReceived``: each gets its own payload bytes (one
+    small copy; nothing is decoded here). Not views into the shared blob: the sink accounts
+    and joins samples by their message, and a message shared by every sample of the batch
+    made that quadratic (measured: 11k instead of 260k values/s at 1,000 PVs)."""
     pvs, blob, offsets, f32s = packed
     n = len(pvs)
     if not n:
         return ()
     pos = np.frombuffer(offsets, dtype="<i8")
-    samples = tuple(map(_from_raw, pvs, repeat(blob, n), pos[:n].tolist(), pos[n:].tolist()))
+    pieces = list(map(blob.__getitem__, map(slice, pos[:n].tolist(), pos[n:].tolist())))
+    samples = tuple(map(_from_raw, pvs, pieces, repeat(0, n)))
     if f32s:
         for i, paths in f32s.items():
             samples[int(i)].float32_paths = frozenset(paths)

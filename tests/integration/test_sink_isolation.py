@@ -535,3 +535,27 @@ def test_prewarmed_writer_is_used_and_unused_ones_exit(tmp_path: Path) -> None:
     (unused,) = process._WARM
     process.release_warm_writers()  # EOF: it exits without writing anything
     assert not process._WARM and unused.proc.exitcode == 0
+
+
+def test_rebuilt_samples_own_their_payload() -> None:
+    """The writer's samples each hold just their PV map: the sink sizes and joins samples by
+    their message, so a blob shared by the whole batch made buffering quadratic (a 1,000-PV
+    batch counted as 1,000 x the batch's bytes and flushed on every event)."""
+    from recorder.client.values import RAW_MESSAGE
+    from recorder.sim.encoding import pack
+
+    payloads = [pack({"value": float(i), "timeStamp": {"secondsPastEpoch": i,
+                                                       "nanoseconds": 1, "userTag": 0}})
+                for i in range(50)]
+    msg = b"".join(payloads)
+    starts = np.cumsum([0] + [len(p) for p in payloads])
+    samples = tuple(PVSample.from_raw(f"P{i}", msg, int(starts[i]), int(starts[i + 1]))
+                    for i in range(50))
+    row, _ = _Encoder().event(ValuesReceived("t", 1, 1, 1, samples))
+    back = _decode_event(msgpack.unpackb(msgpack.packb(row), strict_map_key=False))
+    assert isinstance(back, ValuesReceived)
+    for s, p in zip(back.samples, payloads, strict=True):
+        assert s.raw == p
+        message = RAW_MESSAGE(s)
+        assert message is not None and len(message) == len(p)
+    same(list(back.samples), list(samples))
