@@ -561,8 +561,8 @@ def worker(args: argparse.Namespace) -> int:
             self._rec.handle(event)
             self._check()
 
-        def maybe_flush(self, now: float | None = None) -> bool:
-            flushed = self._rec.maybe_flush(now)
+        def maybe_flush(self, now: float | None = None, *, idle: bool = False) -> bool:
+            flushed = self._rec.maybe_flush(now, idle=idle)
             if flushed:
                 info["flushes"] = info.get("flushes", 0) + 1
                 info["flush_s"] = info.get("flush_s", 0.0) + self._rec.last_flush_seconds

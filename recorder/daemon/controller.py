@@ -90,7 +90,7 @@ class Recording(Protocol):
 
     def handle(self, event: IterationEvent) -> None: ...
 
-    def maybe_flush(self, now: float | None = None) -> bool: ...
+    def maybe_flush(self, now: float | None = None, *, idle: bool = False) -> bool: ...
 
     def flush(self) -> None: ...
 
@@ -644,6 +644,7 @@ class RunController:
         sub, rec = self._sub, self._rec
         assert sub is not None
         deadline = time.monotonic() + budget_s
+        idle = False  # the queue ran dry: the input is drained for now
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -651,6 +652,7 @@ class RunController:
             try:
                 event = sub.get(timeout=remaining)
             except TimeoutError:
+                idle = True
                 break
             if event is None:
                 self._sub_ended = True
@@ -660,7 +662,7 @@ class RunController:
             if not self._requests.empty():
                 break
         if rec is not None:
-            rec.maybe_flush()
+            rec.maybe_flush(idle=idle)
             self._after_flush(rec)
         if self._bridge is not None:
             self._note_bridge(self._bridge)

@@ -41,6 +41,7 @@ from recorder.sinks.finalize import finalize
 from recorder.sinks.livefile import RECORDING_STATUS, LiveWriter, create_live_layout
 from recorder.sinks.options import (
     OutputOptions,
+    flush_due_after,
     partial_path,
     render_file_name,
     unique_path,
@@ -111,6 +112,7 @@ class HDF5Recording:
         self._buffer = RecordingBuffer(self.pv_uri_map)
         self._durable: dict[tuple[str, int], int] = {}
         self._last_flush = clock()
+        self._events_at_flush = 0  # counters["events"] at the last flush (idle flushes)
         self._segment_start = clock()
         self._segment_iterations = 0
         self._log = log.bind(
@@ -155,12 +157,14 @@ class HDF5Recording:
         if self._buffer.buffered_bytes >= self.options.max_buffer_bytes:
             self.flush()
 
-    def maybe_flush(self, now: float | None = None) -> bool:
-        """Flush if ``flush_interval_s`` has passed (or a time-based segment is due)."""
+    def maybe_flush(self, now: float | None = None, *, idle: bool = False) -> bool:
+        """Flush if ``flush_interval_s`` has passed, or, when ``idle`` (the caller's input is
+        drained), :data:`IDLE_FLUSH_S` (see there)."""
         now = self.clock() if now is None else now
         if self.status != "recording":
             return False
-        if now - self._last_flush >= self.options.flush_interval_s:
+        idle = idle and self.counters["events"] > self._events_at_flush  # only with new data
+        if now - self._last_flush >= flush_due_after(self.options.flush_interval_s, idle):
             self.flush()
             return True
         return False
@@ -178,6 +182,7 @@ class HDF5Recording:
         except (OSError, RuntimeError, ValueError) as exc:
             self._fail(exc)
         self._last_flush = self.clock()
+        self._events_at_flush = self.counters["events"]
         self.last_flush_seconds = time.perf_counter() - start
 
     def close(self, status: str = "complete", reason: str = "") -> list[Path]:

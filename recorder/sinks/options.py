@@ -279,3 +279,15 @@ def final_path(partial: Path) -> Path:
     if not partial.name.endswith(PARTIAL_SUFFIX):
         return partial
     return partial.with_name(partial.name[: -len(PARTIAL_SUFFIX)])
+
+
+IDLE_FLUSH_S = 0.2
+"""When the recording's input is drained (the run's event queue ran dry), buffered data is
+flushed once it is this old instead of waiting for ``flush_interval_s``: live readers see an
+iteration soon after its tail, and a drained backlog is durable at once. Bounded to 5
+flushes per second however the data trickles in (a flush costs a few ms whatever its size)."""
+
+
+def flush_due_after(flush_interval_s: float, idle: bool) -> float:
+    """Seconds after the last flush that the next one is due."""
+    return min(flush_interval_s, IDLE_FLUSH_S) if idle else flush_interval_s

@@ -117,7 +117,7 @@ from recorder.client.events import (
 )
 from recorder.client.properties import SnapshotProperties
 from recorder.client.values import PVSample
-from recorder.sinks.options import OutputOptions
+from recorder.sinks.options import OutputOptions, flush_due_after
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -689,6 +689,7 @@ class IsolatedRecording:
         self._acked = -1
         self._flush_pending: int | None = None  # seq of an outstanding asynchronous flush
         self._last_flush = clock()
+        self._unflushed = False  # events handed over since the last flush request
         self._last_progress = time.monotonic()
         self._closed = False
         self._gone = False  # the child is dead or was killed: nothing more to read
@@ -772,6 +773,7 @@ class IsolatedRecording:
             self._drop()
             return
         row, size = self._encoder.event(event)
+        self._unflushed = True
         self._batch.append(row)
         self._batch_size += size
         if self._batch_size >= self.batch_bytes:
@@ -791,7 +793,7 @@ class IsolatedRecording:
         if self._batch_size >= self.batch_bytes:
             self._ship()
 
-    def maybe_flush(self, now: float | None = None) -> bool:
+    def maybe_flush(self, now: float | None = None, *, idle: bool = False) -> bool:
         """Ship pending events; ask for a flush if ``flush_interval_s`` passed. Never waits."""
         if self._closed or self._gone:
             return False
@@ -802,9 +804,11 @@ class IsolatedRecording:
         now = self.clock() if now is None else now
         if self._stalled():
             return False
-        if self._flush_pending is None and now - self._last_flush >= self.options.flush_interval_s:
+        due = flush_due_after(self.options.flush_interval_s, idle and self._unflushed)
+        if self._flush_pending is None and now - self._last_flush >= due:
             self._flush_pending = self._send([_FLUSH, self._take_seq()])
             self._last_flush = now
+            self._unflushed = False
             return True
         return False
 
@@ -814,6 +818,7 @@ class IsolatedRecording:
             return
         self._ship()
         seq = self._send([_FLUSH, self._take_seq()])
+        self._unflushed = False
         self._wait_for(seq, self.reply_timeout_s, "a flush")
         self._last_flush = self.clock()
 

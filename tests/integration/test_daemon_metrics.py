@@ -127,7 +127,12 @@ runs:
             a = get(first, name, run=run, **labels)
             b = get(second, name, run=run, **labels)
             assert a is not None and b is not None, (run, name)
-            assert b > a > 0, (run, name, a, b)
+            if name == "bytes_written_total":
+                # bytes on disk: the (uncompressed) live file grows a whole chunk at a time,
+                # so a few seconds at the simulator's rate may add no byte
+                assert b >= a > 0, (run, name, a, b)
+            else:
+                assert b > a > 0, (run, name, a, b)
         assert get(second, "run_recording", run=run) == 1
         lag = get(second, "consumer_lag_messages", run=run)
         assert lag is not None and 0 <= lag < 50, (run, lag)

@@ -196,7 +196,7 @@ class FakeRecording:
     def handle(self, event: Any) -> None:
         self.events.append(event)
 
-    def maybe_flush(self, now: float | None = None) -> bool:
+    def maybe_flush(self, now: float | None = None, *, idle: bool = False) -> bool:
         self.flush()
         return True
 

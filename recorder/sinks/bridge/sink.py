@@ -203,7 +203,7 @@ class KaraboBridgeSink:
                     oldest.samples,
                 )
 
-    def maybe_flush(self, now: float | None = None) -> bool:
+    def maybe_flush(self, now: float | None = None, *, idle: bool = False) -> bool:
         """Nothing to flush (interface parity with HDF5Recording)."""
         return False
 
