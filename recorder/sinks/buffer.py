@@ -305,6 +305,9 @@ class RecordingBuffer:
     def _chunk(self, samples: Sequence[PVSample], offset: int) -> _Chunk:
         cols = list(map(self.pv_columns.__getitem__, map(_PV_OF, samples)))
         msgs = list(map(RAW_MESSAGE, samples))
+        if len(msgs) > 1 and msgs[0] is msgs[1] and msgs[0] is not None:
+            samples = own_payloads(samples)
+            msgs = list(map(RAW_MESSAGE, samples))
         try:
             nbytes = sum(map(len, msgs)) + SAMPLE_ROW_BYTES * len(msgs)  # type: ignore[arg-type]
         except TypeError:  # eagerly-built samples among them
@@ -353,6 +356,9 @@ class RecordingBuffer:
             return
         if it.row is not None:  # the common case, inline: no chunk
             msgs = list(map(RAW_MESSAGE, samples))
+            if n > 1 and msgs[0] is msgs[1] and msgs[0] is not None:
+                samples = own_payloads(samples)
+                msgs = list(map(RAW_MESSAGE, samples))
             try:
                 nbytes = sum(map(len, msgs))  # type: ignore[arg-type]
             except TypeError:  # eagerly-built samples among them
@@ -978,3 +984,20 @@ def merge_tags(
 
 def _split_bytes(split: Split) -> int:
     return SAMPLE_ROW_BYTES + (split.array.nbytes if split.array is not None else 0) + 256
+
+
+def own_payloads(samples: Sequence[PVSample]) -> tuple[PVSample, ...]:
+    """Samples whose PV maps share one message (several PVs in one buffer) rebuilt over their
+    own bytes. The buffer sizes, joins and decodes samples by their message, which is one
+    Kafka message per PV for everything the client produces; a message shared by a whole
+    batch would make that quadratic in the batch size."""
+    out: list[PVSample] = []
+    for s in samples:
+        msg = RAW_MESSAGE(s)
+        if msg is None:
+            out.append(s)
+            continue
+        end = RAW_END(s)
+        own = PVSample.from_raw(s.pv, msg[RAW_START(s) : len(msg) if end is None else end], 0)
+        out.append(own)
+    return tuple(out)

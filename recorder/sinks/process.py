@@ -117,6 +117,7 @@ from recorder.client.events import (
 )
 from recorder.client.properties import SnapshotProperties
 from recorder.client.values import PVSample
+from recorder.sinks.buffer import own_payloads
 from recorder.sinks.options import OutputOptions, flush_due_after
 
 if TYPE_CHECKING:
@@ -202,6 +203,9 @@ class _Encoder:
             msgs: list[Any] = [s._msg for s in samples]
             if msgs.count(None):
                 return self._samples_mixed(samples)
+            if len(msgs) > 1 and msgs[0] is msgs[1]:  # PV maps sharing one message
+                samples = own_payloads(samples)
+                msgs = [s._msg for s in samples]
             starts = [s._start for s in samples]
             ends = [s._end for s in samples]
             pvs = [s.pv for s in samples]

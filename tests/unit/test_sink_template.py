@@ -635,3 +635,42 @@ def test_place_strided_stretches() -> None:
             ref[at[k] : at[k] + m] = arr[k]
         _place(pool, at.astype(np.int64), arr)
         assert pool.tobytes() == ref.tobytes()
+
+
+def test_samples_sharing_one_message_are_sized_and_decoded_as_their_own() -> None:
+    """Several PV maps in one message (not what the client produces, but possible for a
+    hand-fed sink): memory is accounted per PV map, not per message, and the batch is the
+    same as for one message per PV."""
+    import numpy as np
+
+    from recorder.client.events import (
+        IterationClosed,
+        IterationOpened,
+        IterationStatus,
+        ValuesReceived,
+    )
+    from recorder.sim.encoding import pack as _pack
+    from recorder.sinks.buffer import RecordingBuffer
+
+    payloads = [_pack({"value": float(i) / 3, "alarm": {"severity": 0, "status": 0,
+                                                         "message": ""},
+                       "timeStamp": {"secondsPastEpoch": 1_700_000_000 + i,
+                                     "nanoseconds": 123_456_789, "userTag": 0}})
+                for i in range(200)]
+    blob = b"".join(payloads)
+    bounds = np.cumsum([0] + [len(p) for p in payloads]).tolist()
+    shared = tuple(PVSample.from_raw(f"P{i}", blob, bounds[i], bounds[i + 1])
+                   for i in range(200))
+    own = tuple(PVSample.from_raw(f"P{i}", p, 0) for i, p in enumerate(payloads))
+    batches = []
+    for samples in (shared, own):
+        buf = RecordingBuffer()
+        buf.handle(IterationOpened("t", "s", 1, 1))
+        buf.handle(ValuesReceived("t", 1, 1, 1, samples))
+        assert buf.buffered_bytes < 2 * len(blob) + 200 * 256, buf.buffered_bytes
+        buf.handle(IterationClosed("t", "s", 1, IterationStatus.COMPLETE, None, 1, 1))
+        batches.append(buf.take())
+    a, b = batches
+    for k in a.samples:
+        np.testing.assert_array_equal(a.samples[k], b.samples[k], err_msg=k)
+    np.testing.assert_array_equal(a.byte_pool, b.byte_pool)
