@@ -1017,3 +1017,9 @@ def _walk_sized(raw: bytes) -> dict[str, tuple[frozenset[str], int]]:
 
 def _walk_float32(raw: bytes) -> dict[str, frozenset[str]]:
     return {key: paths for key, (paths, _) in _walk_sized(raw).items()}
+
+
+# the walker for other pure modules (the sink's payload templates): one implementation
+MsgpackTruncatedError = _TruncatedError
+skip_object = _skip
+read_uint = _uint

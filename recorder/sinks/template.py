@@ -38,6 +38,9 @@ import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
 from recorder.client.values import ValueKind
+from recorder.client.wire import MsgpackTruncatedError as _MalformedError
+from recorder.client.wire import read_uint as _uint
+from recorder.client.wire import skip_object as _skip
 from recorder.sinks.codec import (
     DTYPE_CODES,
     F_SEVERITY,
@@ -79,71 +82,7 @@ _I32_MAX = 2**31 - 1
 _U64 = np.dtype(np.uint64)
 
 
-class _MalformedError(Exception):
-    pass
-
-
 # --- the msgpack skeleton walker (learning only) ----------------------------------------------
-def _skip(raw: bytes, pos: int) -> int:
-    """Position after the msgpack object at ``pos``."""
-    remaining = 1
-    n = len(raw)
-    while remaining:
-        remaining -= 1
-        if pos >= n:
-            raise _MalformedError
-        b = raw[pos]
-        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
-            pos += 1
-        elif 0x80 <= b <= 0x8F:
-            remaining += 2 * (b & 0x0F)
-            pos += 1
-        elif 0x90 <= b <= 0x9F:
-            remaining += b & 0x0F
-            pos += 1
-        elif 0xA0 <= b <= 0xBF:
-            pos += 1 + (b & 0x1F)
-        elif b in (0xC4, 0xD9):
-            pos += 2 + _uint(raw, pos + 1, 1)
-        elif b in (0xC5, 0xDA):
-            pos += 3 + _uint(raw, pos + 1, 2)
-        elif b in (0xC6, 0xDB):
-            pos += 5 + _uint(raw, pos + 1, 4)
-        elif b == 0xC7:
-            pos += 3 + _uint(raw, pos + 1, 1)
-        elif b == 0xC8:
-            pos += 4 + _uint(raw, pos + 1, 2)
-        elif b == 0xC9:
-            pos += 6 + _uint(raw, pos + 1, 4)
-        elif b in (0xCA, 0xCB) or b in _INT_FMT:
-            pos += 1 + _width(b)
-        elif 0xD4 <= b <= 0xD8:
-            pos += 2 + (1 << (b - 0xD4))
-        elif b == 0xDC:
-            remaining += _uint(raw, pos + 1, 2)
-            pos += 3
-        elif b == 0xDD:
-            remaining += _uint(raw, pos + 1, 4)
-            pos += 5
-        elif b == 0xDE:
-            remaining += 2 * _uint(raw, pos + 1, 2)
-            pos += 3
-        elif b == 0xDF:
-            remaining += 2 * _uint(raw, pos + 1, 4)
-            pos += 5
-        else:  # 0xc1: never used
-            raise _MalformedError
-    if pos > n:
-        raise _MalformedError
-    return pos
-
-
-def _uint(raw: bytes, pos: int, size: int) -> int:
-    if pos + size > len(raw):
-        raise _MalformedError
-    return int.from_bytes(raw[pos : pos + size], "big")
-
-
 def _width(marker: int) -> int:
     """Payload bytes after the marker of a fixed-width number."""
     if marker in (0xCA, 0xCB):
