@@ -937,8 +937,9 @@ def _skip(raw: bytes, pos: int) -> int:
     return pos
 
 
-def _read_str(raw: bytes, pos: int) -> tuple[str | None, int]:
-    """(the string at ``pos`` or None if it is not a string, position after the object)."""
+def _read_str(raw: bytes, pos: int, errors: str = "replace") -> tuple[str | None, int]:
+    """(the string at ``pos`` or None if it is not a string, position after the object);
+    ``errors="strict"``: None also for invalid UTF-8."""
     b = raw[pos]
     if 0xA0 <= b <= 0xBF:
         start, length = pos + 1, b & 0x1F
@@ -953,7 +954,10 @@ def _read_str(raw: bytes, pos: int) -> tuple[str | None, int]:
     end = start + length
     if end > len(raw):
         raise _TruncatedError
-    return raw[start:end].decode("utf-8", "replace"), end
+    try:
+        return raw[start:end].decode("utf-8", errors), end
+    except UnicodeDecodeError:
+        return None, end
 
 
 def _first_is_float32(raw: bytes, pos: int) -> bool:
@@ -1022,4 +1026,5 @@ def _walk_float32(raw: bytes) -> dict[str, frozenset[str]]:
 # the walker for other pure modules (the sink's payload templates): one implementation
 MsgpackTruncatedError = _TruncatedError
 skip_object = _skip
-read_uint = _uint
+container_header = _container
+read_str = _read_str

@@ -39,7 +39,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from recorder.client.values import ValueKind
 from recorder.client.wire import MsgpackTruncatedError as _MalformedError
-from recorder.client.wire import read_uint as _uint
+from recorder.client.wire import container_header as _container
+from recorder.client.wire import read_str as _read_str
 from recorder.client.wire import skip_object as _skip
 from recorder.sinks.codec import (
     DTYPE_CODES,
@@ -83,56 +84,12 @@ _U64 = np.dtype(np.uint64)
 
 
 # --- the msgpack skeleton walker (learning only) ----------------------------------------------
+_MAP, _ARRAY = 1, 2  # container kinds of wire's container_header
 def _width(marker: int) -> int:
     """Payload bytes after the marker of a fixed-width number."""
     if marker in (0xCA, 0xCB):
         return 4 if marker == 0xCA else 8
     return int(_INT_FMT[marker][2])
-
-
-def _map_header(raw: bytes, pos: int) -> tuple[int, int] | None:
-    if pos >= len(raw):
-        raise _MalformedError
-    b = raw[pos]
-    if 0x80 <= b <= 0x8F:
-        return b & 0x0F, pos + 1
-    if b == 0xDE:
-        return _uint(raw, pos + 1, 2), pos + 3
-    if b == 0xDF:
-        return _uint(raw, pos + 1, 4), pos + 5
-    return None
-
-
-def _array_header(raw: bytes, pos: int) -> tuple[int, int] | None:
-    b = raw[pos]
-    if 0x90 <= b <= 0x9F:
-        return b & 0x0F, pos + 1
-    if b == 0xDC:
-        return _uint(raw, pos + 1, 2), pos + 3
-    if b == 0xDD:
-        return _uint(raw, pos + 1, 4), pos + 5
-    return None
-
-
-def _key(raw: bytes, pos: int) -> tuple[str | None, int]:
-    """A map key: its text if it is a str, and the position after it."""
-    b = raw[pos]
-    if 0xA0 <= b <= 0xBF:
-        start, size = pos + 1, b & 0x1F
-    elif b == 0xD9:
-        start, size = pos + 2, _uint(raw, pos + 1, 1)
-    elif b == 0xDA:
-        start, size = pos + 3, _uint(raw, pos + 1, 2)
-    elif b == 0xDB:
-        start, size = pos + 5, _uint(raw, pos + 1, 4)
-    else:
-        return None, _skip(raw, pos)
-    if start + size > len(raw):
-        raise _MalformedError
-    try:
-        return raw[start : start + size].decode("utf-8"), start + size
-    except UnicodeDecodeError:
-        return None, start + size
 
 
 _WATCHED = ("value", "timeStamp", "alarm")
@@ -167,10 +124,9 @@ def walk(raw: bytes) -> _Skeleton | None:
     up = msgpack.Unpacker(max_buffer_size=max(len(raw), 1 << 20))
     try:
         up.feed(raw)
-        head = _map_header(raw, 0)
-        if head is None:
+        kind, count, pos = _container(raw, 0)
+        if kind != _MAP:
             return None
-        count, pos = head
         if up.read_map_header() != count or up.tell() != pos:
             return None
         for _ in range(count):
@@ -205,11 +161,10 @@ def _watched(raw: bytes, pos: int, name: str, sk: _Skeleton) -> int:
     if leaf is not None:
         sk.leaves[(name,)] = (pos, leaf[0])
         return leaf[1]
-    head = _map_header(raw, pos)
-    if head is not None:
-        count, p = head
+    kind, count, p = _container(raw, pos)
+    if kind == _MAP:
         for _ in range(count):
-            sub, p = _key(raw, p)
+            sub, p = _read_str(raw, p, "strict")
             if sub is None:
                 p = _skip(raw, p)
                 continue
@@ -222,16 +177,14 @@ def _watched(raw: bytes, pos: int, name: str, sk: _Skeleton) -> int:
                 p = _skip(raw, p)
         return p
     if name == "value":
-        arr = _array_header(raw, pos)
-        if arr is not None:
-            count, first = arr
-            if count and first < len(raw) and raw[first] in _FLOAT_FMT:
-                marker = raw[first]
-                step = 1 + _width(marker)
-                end = first + count * step
-                if end <= len(raw) and raw[first:end:step] == bytes((marker,)) * count:
-                    sk.array = (first, count, marker)
-                    return end
+        kind, count, first = _container(raw, pos)
+        if kind == _ARRAY and count and first < len(raw) and raw[first] in _FLOAT_FMT:
+            marker = raw[first]
+            step = 1 + _width(marker)
+            end = first + count * step
+            if end <= len(raw) and raw[first:end:step] == bytes((marker,)) * count:
+                sk.array = (first, count, marker)
+                return end
     return _skip(raw, pos)
 
 
