@@ -304,10 +304,7 @@ class RecordingBuffer:
 
     def _chunk(self, samples: Sequence[PVSample], offset: int) -> _Chunk:
         cols = list(map(self.pv_columns.__getitem__, map(_PV_OF, samples)))
-        msgs = list(map(RAW_MESSAGE, samples))
-        if len(msgs) > 1 and msgs[0] is msgs[1] and msgs[0] is not None:
-            samples = own_payloads(samples)
-            msgs = list(map(RAW_MESSAGE, samples))
+        samples, msgs = raw_messages(samples)
         try:
             nbytes = sum(map(len, msgs)) + SAMPLE_ROW_BYTES * len(msgs)  # type: ignore[arg-type]
         except TypeError:  # eagerly-built samples among them
@@ -355,10 +352,7 @@ class RecordingBuffer:
         if not n:
             return
         if it.row is not None:  # the common case, inline: no chunk
-            msgs = list(map(RAW_MESSAGE, samples))
-            if n > 1 and msgs[0] is msgs[1] and msgs[0] is not None:
-                samples = own_payloads(samples)
-                msgs = list(map(RAW_MESSAGE, samples))
+            samples, msgs = raw_messages(samples)
             try:
                 nbytes = sum(map(len, msgs))  # type: ignore[arg-type]
             except TypeError:  # eagerly-built samples among them
@@ -984,6 +978,18 @@ def merge_tags(
 
 def _split_bytes(split: Split) -> int:
     return SAMPLE_ROW_BYTES + (split.array.nbytes if split.array is not None else 0) + 256
+
+
+def raw_messages(
+    samples: Sequence[PVSample],
+) -> tuple[tuple[PVSample, ...], list[bytes | None]]:
+    """``(samples, their messages)``, the samples rebuilt by :func:`own_payloads` first when
+    their PV maps share one message (None: an eagerly-built sample)."""
+    msgs = list(map(RAW_MESSAGE, samples))
+    if len(msgs) > 1 and msgs[0] is msgs[1] and msgs[0] is not None:
+        own = own_payloads(samples)
+        return own, list(map(RAW_MESSAGE, own))
+    return tuple(samples), msgs
 
 
 def own_payloads(samples: Sequence[PVSample]) -> tuple[PVSample, ...]:

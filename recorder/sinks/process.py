@@ -117,7 +117,7 @@ from recorder.client.events import (
 )
 from recorder.client.properties import SnapshotProperties
 from recorder.client.values import PVSample
-from recorder.sinks.buffer import own_payloads
+from recorder.sinks.buffer import raw_messages
 from recorder.sinks.options import OutputOptions, flush_due_after
 
 if TYPE_CHECKING:
@@ -200,18 +200,15 @@ class _Encoder:
         when there are none)."""
         try:
             # lazily-built samples (all the client produces): their message bytes as received
-            msgs: list[Any] = [s._msg for s in samples]
+            samples, msgs = raw_messages(samples)
             if msgs.count(None):
                 return self._samples_mixed(samples)
-            if len(msgs) > 1 and msgs[0] is msgs[1]:  # PV maps sharing one message
-                samples = own_payloads(samples)
-                msgs = [s._msg for s in samples]
             starts = [s._start for s in samples]
             ends = [s._end for s in samples]
             pvs = [s.pv for s in samples]
         except AttributeError:  # not a PVSample (duck-typed)
             return self._samples_mixed(samples)
-        return self._packed(pvs, msgs, starts, ends, None)
+        return self._packed(pvs, msgs, starts, ends, None)  # type: ignore[arg-type] # no None
 
     def _samples_mixed(self, samples: Iterable[PVSample]) -> tuple[list[Any], int]:
         pvs: list[str] = []
