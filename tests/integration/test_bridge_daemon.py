@@ -103,8 +103,10 @@ output:
                      "the daemon to see the SUB client")
             wait_for(lambda: len(sub.trains) >= 10 and len(req.trains) >= 5, 40,
                      "iterations over SUB and REQ")
-            doc = _bridge(admin, "live")
-            assert doc["status"] == "serving" and doc["published"] >= 10, doc
+            # the status document is a periodic snapshot: it may lag what SUB already got
+            doc = wait_for(lambda: (d := _bridge(admin, "live")).get("published", 0) >= 10 and d,
+                           20, "the status document to count the published iterations")
+            assert doc["status"] == "serving", doc
             daemon.signal(signal.SIGTERM)
             assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
         finally:
