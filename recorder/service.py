@@ -179,6 +179,7 @@ class Service:
         log.info("run definitions loaded", runs=list(self._definitions),
                  config_path=str(self.settings.config_path), state_dir=str(self.state_dir))
         self._start_metrics()
+        self._prewarm([d for d in self._definitions.values() if d.autostart])
         try:
             if not self._connect():
                 return EXIT_OK  # stopped while still connecting
@@ -197,6 +198,17 @@ class Service:
             return EXIT_OK
         finally:
             self._close()
+
+    def _prewarm(self, definitions: list[RunDefinition]) -> None:
+        """Start the recordings' writer processes now, while Kafka is being connected (an
+        optimization of the factory's: a failure here only logs)."""
+        prewarm = getattr(self._factory, "prewarm", None)
+        if prewarm is None or not definitions:
+            return
+        try:
+            prewarm(*definitions)
+        except Exception:
+            log.exception("starting writer processes ahead of time failed")
 
     def _connect(self) -> bool:
         """Create the k2eg client and the admin link; retry with backoff until stopped."""

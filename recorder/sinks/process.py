@@ -547,7 +547,7 @@ class _WarmWriter:
 
 _WARM: list[_WarmWriter] = []
 _WARM_LOCK = threading.Lock()
-_MAX_WARM: Final = 1
+MAX_WARM: Final = 4  # writers started ahead of time at most (each an idle interpreter)
 
 
 def _spawn_writer(init_blob: bytes | None, name: str) -> _WarmWriter:
@@ -581,24 +581,25 @@ def _close_writer(w: _WarmWriter, grace_s: float = 5.0) -> None:
     w.rx.close()
 
 
-def prewarm_writer() -> None:
-    """Start a writer process now (unless one is waiting already), so that the next
+def prewarm_writer(count: int = 1) -> None:
+    """Have ``count`` writer processes waiting (at most :data:`MAX_WARM`), so that the next
     :class:`IsolatedRecording` finds its interpreter started and h5py imported instead of
-    waiting for that (about a second): call it before slow work that precedes creating a
-    recording (the daemon does before subscribing). An unused warm writer costs an idle
-    process; it exits at EOF (:func:`release_warm_writers`, interpreter exit). Never raises:
-    a writer that cannot be started now is started by the recording as usual."""
+    waiting for that (0.5-1 s): call it before slow work that precedes creating recordings
+    (the daemon does at start-up for the runs it starts, and before each subscription). An
+    unused warm writer costs an idle process; it exits at EOF (:func:`release_warm_writers`,
+    interpreter exit). Never raises: a writer that cannot be started now is started by the
+    recording as usual."""
     with _WARM_LOCK:
         for w in list(_WARM):
             if not w.proc.is_alive():
                 _WARM.remove(w)
                 _close_writer(w, 0.0)
-        if len(_WARM) >= _MAX_WARM:
-            return
-        try:
-            _WARM.append(_spawn_writer(None, "k2eg-writer-warm"))
-        except OSError as exc:
-            log.warning("cannot start a writer process ahead of time", error=str(exc))
+        while len(_WARM) < min(count, MAX_WARM):
+            try:
+                _WARM.append(_spawn_writer(None, "k2eg-writer-warm"))
+            except OSError as exc:
+                log.warning("cannot start a writer process ahead of time", error=str(exc))
+                return
 
 
 def _take_warm() -> _WarmWriter | None:

@@ -671,3 +671,63 @@ def test_controller_threads_end(tmp_path: Path) -> None:
     c.shutdown().result(5)
     assert c.join(5)
     assert threading.active_count() <= before
+
+
+# ------------------------------------------------------------------ service start-up
+def test_writers_of_the_runs_that_autostart_are_started_before_connecting(
+    tmp_path: Path,
+) -> None:
+    """The writer processes of the runs started at start-up (an interpreter and h5py each,
+    0.5-1 s) start before Kafka is connected, so their start-up overlaps connecting and
+    subscribing instead of delaying the first write."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(
+        "runs:\n"
+        + "".join(
+            f"  - name: {name}\n    autostart: {auto}\n    snapshot:\n"
+            f"      snapshot_name: {name}\n      pv_uri_list: [pva://A]\n"
+            f"    output: {{directory: {tmp_path / 'data'}, isolate: {iso}}}\n"
+            for name, auto, iso in (("one", "true", "true"), ("two", "true", "false"),
+                                    ("armed", "false", "true"))
+        )
+    )
+    seen: list[list[str]] = []
+
+    class Factory:
+        def __call__(self, *a: Any, **k: Any) -> Any:
+            raise AssertionError("no recording is created before Kafka is connected")
+
+        def prewarm(self, *definitions: RunDefinition) -> None:
+            seen.append(sorted(d.name for d in definitions))
+            service.request_stop()  # leave before connecting
+
+    service = Service(DaemonSettings(config_path=runs), KafkaSettings(),
+                      state_dir=tmp_path / "state", recording_factory=Factory(),
+                      gc_tuning=False)
+    guard = threading.Timer(20.0, service.request_stop)  # a regression fails, never hangs
+    guard.start()
+    try:
+        assert service.run() == 0
+    finally:
+        guard.cancel()
+    assert seen == [["one", "two"]]  # the autostart runs; the factory counts isolated ones
+    assert service._client is None  # stopped before connecting
+
+
+def test_prewarm_counts_the_runs_that_isolate_their_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from recorder.daemon.controller import HDF5RecordingFactory
+    from recorder.sinks import process
+
+    counts: list[int] = []
+    monkeypatch.setattr(process, "prewarm_writer", counts.append)
+    a = _definition(tmp_path)
+    b = a.model_copy(update={"output": a.output.model_copy(update={"isolate": False})})
+    HDF5RecordingFactory.prewarm(a, b, a)
+    HDF5RecordingFactory.prewarm(b)
+    assert counts == [2]
