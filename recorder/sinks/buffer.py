@@ -101,6 +101,7 @@ TAG_COLUMNS: dict[str, np.dtype[Any]] = {
     "offset": np.dtype(np.int64),  # into /live/bytes
     "size": np.dtype(np.int64),
 }
+REST_REUSE_MAX = 16  # distinct structures per PV whose stored JSON is reused (memory bound)
 _ROW_DTYPE = np.dtype(list(SAMPLE_COLUMNS.items()))
 SAMPLE_ROW_BYTES = sum(dt.itemsize for dt in SAMPLE_COLUMNS.values())
 
@@ -216,6 +217,10 @@ class RecordingBuffer:
         self.tags_pending: dict[int, dict[str, str]] = {}
         self._prev_rest: dict[int, Any] = {}
         self._prev_rest_json: dict[int, bytes] = {}
+        # per PV column: rest JSON already in /live/bytes -> (offset, size); a PV going back
+        # to an earlier structure (an alarm message flapping between "NO_ALARM" and "HIGH")
+        # gets a /live/meta row pointing at the stored bytes instead of a copy
+        self._rest_at: dict[int, dict[bytes, tuple[int, int]]] = {}
         self._rest_eq: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         self.open: collections.OrderedDict[int, _Open] = collections.OrderedDict()
         self._recently_closed: collections.deque[int] = collections.deque(maxlen=256)
@@ -831,10 +836,18 @@ class RecordingBuffer:
                     else:
                         raw = encode_rest(rest)
                     if raw != self._prev_rest_json.get(col):
+                        known = self._rest_at.get(col)
+                        if known is None:
+                            known = self._rest_at[col] = {}
+                        at = known.get(raw)
+                        if at is None:
+                            at = (self._add_bytes(raw), len(raw))
+                            if len(known) < REST_REUSE_MAX:
+                                known[raw] = at
                         m["pv"].append(col)
                         m["row"].append(int(base[col] + rank[i]))
-                        m["size"].append(len(raw))
-                        m["offset"].append(self._add_bytes(raw))
+                        m["offset"].append(at[0])
+                        m["size"].append(at[1])
                         self._prev_rest_json[col] = raw
                     self._prev_rest[col] = rest
             text = texts.get(i)

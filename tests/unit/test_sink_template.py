@@ -326,6 +326,33 @@ def test_scalar_metadata_alarm_and_time_changes() -> None:
     check(events, flush_every=200)
 
 
+def test_a_structure_seen_before_reuses_its_stored_json() -> None:
+    """An alarm message flapping between two texts changes the PV's structure every few
+    rows: each change gets its /live/meta row, but the JSON of a structure the PV had before
+    in this segment is not stored again (same resolved stream as the old buffer)."""
+    def events() -> list[IterationEvent]:
+        out: list[IterationEvent] = []
+        for k in range(60):
+            s = sim("SIM:AI:DOUBLE:1", k, T0 + k * 1_000_003)
+            if (k // 3) % 2:
+                s["alarm"] = {"severity": 2, "status": 3, "message": "HIHI"}
+            out += iteration(k, [message("A", s, k)])
+        return out
+
+    for rotate in (0, 45):
+        fast = check(events, flush_every=13, rotate_every=rotate)
+        legacy = feed(LegacyBuffer, events(), 13, rotate)
+        meta = [(int(o), int(n)) for b in fast
+                for o, n in zip(b.meta["offset"], b.meta["size"], strict=True)]
+        stored = [m for seg in legacy for m in resolved(seg)["meta"]]  # (pv, row, JSON)
+        distinct = {m[2] for m in stored}
+        assert len(meta) == len(stored) > 10
+        # per segment each structure is stored once (offsets restart in the next segment)
+        assert len(set(meta)) <= len(distinct) * (2 if rotate else 1) < len(meta)
+        assert (sum(len(b.byte_pool) for b in fast)
+                < sum(len(b.byte_pool) for seg in legacy for b in seg) * 0.6)
+
+
 def int_value(k: int) -> int:
     values = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32, 2**63 - 1, 2**63, 2**64 - 1,
               -1, -32, -33, -128, -129, -(2**15), -(2**31), -(2**63)]
