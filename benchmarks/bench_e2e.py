@@ -24,7 +24,10 @@ The rate is a throughput, so every topic holds 150k values or more: with fewer, 
 costs of a recording (its writer process and file, ~0.2-0.5 s, and a payload template learned
 per PV, ~0.1 ms x 10,000 PVs) are most of a drain that (a) finishes in ~1 s, which says little
 about a run that records for hours. Those costs are reported on their own: ``start-up s`` =
-topic assigned -> first event handed to the recording (median).
+topic assigned -> first event handed to the recording (median). ``CPU µs/value``: CPU time
+per value of (a) (its process and the broker, over the drain) and of ours (the daemon, its
+writer process and the broker, topic assigned -> last value durable): on these 2 shared
+cores all of them compete, so the rates follow the CPU each approach needs per value.
 
 Measured per case, in the same run, repeated and interleaved ((a), ours, (a), ours, ...):
 
@@ -195,6 +198,7 @@ class Case:
     messages: int = 0
     values: int = 0
     a_rates: list[float] = field(default_factory=list)
+    a_cpu: list[float] = field(default_factory=list)  # CPU µs per value: (a) + the broker
     ours: list[dict[str, Any]] = field(default_factory=list)
     official: list[dict[str, Any]] = field(default_factory=list)
 
@@ -270,8 +274,10 @@ def create_topic(bootstrap: str, topic: str) -> None:
 
 
 # ------------------------------------------------------------------------------ (a)
-def run_a(bootstrap: str, topic: str, total: int, timeout_s: float = 120.0) -> float:
-    """Seconds to consume + decode ``total`` messages (bench_client's baseline, bounded)."""
+def run_a(bootstrap: str, topic: str, total: int, broker_pid: int,
+          timeout_s: float = 120.0) -> tuple[float, float]:
+    """Seconds to consume + decode ``total`` messages (bench_client's baseline, bounded), and
+    the CPU seconds this process and the broker spent meanwhile."""
     import msgpack
     from confluent_kafka import Consumer, TopicPartition
 
@@ -279,6 +285,7 @@ def run_a(bootstrap: str, topic: str, total: int, timeout_s: float = 120.0) -> f
                          "enable.auto.commit": False, "fetch.wait.max.ms": 10})
     unpack = msgpack.unpackb
     try:
+        cpu0 = proc_cpu() + proc_cpu(broker_pid)
         t0 = time.perf_counter()
         consumer.assign([TopicPartition(topic, 0, 0)])
         n = 0
@@ -290,7 +297,7 @@ def run_a(bootstrap: str, topic: str, total: int, timeout_s: float = 120.0) -> f
                 if msg.error() is None:
                     unpack(msg.value())
                     n += 1
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, proc_cpu() + proc_cpu(broker_pid) - cpu0
     finally:
         consumer.close()
 
@@ -302,7 +309,8 @@ def run_ours(args: argparse.Namespace, case: Case, cmd_topic: str, tmp: Path, ta
     out = tmp / f"ours-{case.name}-{tag}"
     out.mkdir()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
-           "--bootstrap", args.bootstrap, "--cmd-topic", cmd_topic, "--topic", case.topic,
+           "--bootstrap", args.bootstrap, "--broker-pid", str(args.broker_pid),
+           "--cmd-topic", cmd_topic, "--topic", case.topic,
            "--kind", case.kind, "--pvs", str(case.pvs), "--expect-values", str(case.values),
            "--out", str(out), "--flush-interval", str(args.flush_interval),
            "--sink", args.sink_mode, "--timeout", str(args.run_timeout),
@@ -512,6 +520,14 @@ def worker(args: argparse.Namespace) -> int:
             gc_stats["gen2"] += gcinfo["generation"] == 2
 
     gc.callbacks.append(on_gc)
+
+    def all_cpu() -> dict[str, float]:
+        """CPU seconds so far: this process, its children (the writer), the broker."""
+        kids = 0.0
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):
+                kids += sum(proc_cpu(child) for child in (task / "children").read_text().split())
+        return {"daemon": proc_cpu(), "writer": kids, "broker": proc_cpu(args.broker_pid)}
     pv_uris = [f"pva://{name}" for name in bc.pv_names(args.kind, args.pvs)]
     isolate = "true" if args.sink == "isolated" else "false"
     (out / "runs.yaml").write_text(
@@ -537,6 +553,7 @@ def worker(args: argparse.Namespace) -> int:
         wlog(f"subscribed (snapshot_recurring took {info['subscribe_s']:.2f} s)")
         info["rss_t0_kb"] = vm_kb("VmRSS")
         info["cpu_t0"] = thread_cpu()
+        info["proc_cpu_t0"] = all_cpu()
         return sub
 
     K2egClient.snapshot_recurring = timed_subscribe  # type: ignore[method-assign]
@@ -562,6 +579,7 @@ def worker(args: argparse.Namespace) -> int:
                 children_hwm()
                 info["child_hwm_durable_kb"] = child_hwm[0]
                 info["cpu_durable"] = thread_cpu()
+                info["proc_cpu_durable"] = all_cpu()
                 client = getattr(service, "_client", None)
                 info["paused"] = (client.counters().get("kafka.paused", 0)
                                   if client is not None else -1)
@@ -694,7 +712,10 @@ def worker(args: argparse.Namespace) -> int:
             "paused": info.get("paused", -1), "blocked_s": info.get("blocked_s", nan),
             "subscribe_s": info.get("subscribe_s", nan),
             "flushes": info.get("flushes", 0), "flush_s": info.get("flush_s", 0.0),
-            "drain_cpu_s": cpu, "gc": gc_stats, **extra,
+            "drain_cpu_s": cpu, "gc": gc_stats,
+            "cpu_s": {k: round(v - info.get("proc_cpu_t0", {}).get(k, 0.0), 3)
+                      for k, v in info.get("proc_cpu_durable", {}).items()},
+            **extra,
         }
 
     threading.Thread(target=watch, name="bench-watch", daemon=True).start()
@@ -716,6 +737,15 @@ def worker(args: argparse.Namespace) -> int:
                                     f"{len(f.values(pv))} values"
     say("RESULT " + json.dumps(result({"values_in_files": values, "files": files})))
     return 0
+
+
+def proc_cpu(pid: int | str = "self") -> float:
+    """CPU seconds (user + system) of process ``pid`` so far (0.0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu() -> dict[str, float]:
@@ -783,8 +813,9 @@ def report(args: argparse.Namespace, cases: list[Case], latency: dict[str, Any] 
     print()
     print("| case | iterations x PVs | (a) consume+decode values/s | ours values/s "
           "(durable) | ours/(a) | (b) official+h5py values/s | ours/(b) | ours incl. "
-          "finalize values/s | finalize s | start-up s | peak RSS MB drain / incl. finalize |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "finalize values/s | finalize s | start-up s | CPU µs/value (a) / ours | "
+          "peak RSS MB drain / incl. finalize |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in cases:
         a_best, a_med = best_med(c.a_rates)
         o_rates = [c.values / r["drain_s"] for r in c.ours]
@@ -804,10 +835,13 @@ def report(args: argparse.Namespace, cases: list[Case], latency: dict[str, Any] 
         fin = f"{min(r['close_s'] for r in finalized):.2f}" if finalized else "—"
         tot = fmt_rate(max(c.values / r["total_s"] for r in finalized)) if finalized else "—"
         startup = statistics.median(r["first_event_s"] for r in c.ours)
+        cpu_o = statistics.median(sum(r.get("cpu_s", {}).values()) / c.values * 1e6
+                                  for r in c.ours)
+        cpu_col = f"{statistics.median(c.a_cpu):.1f} / {cpu_o:.1f}"
         print(f"| {c.name} | {c.iterations} x {c.pvs:,} | {fmt_rate(a_best)} / {fmt_rate(a_med)} "
               f"| {fmt_rate(o_best)} / {fmt_rate(o_med)} | {o_best / a_best:.2f}x / "
               f"{statistics.median(ratios):.2f}x | {b_col} | {ob} | {tot} | {fin} | "
-              f"{startup:.2f} | {hwm:.0f} / "
+              f"{startup:.2f} | {cpu_col} | {hwm:.0f} / "
               f"{f'{hwm_fin:.0f}' if finalized else '—'} |")
     print()
     mem = {c.name: c for c in cases if c.name.startswith("scalars-1k")}
@@ -873,6 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reader", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
+    parser.add_argument("--broker-pid", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--cmd-topic", help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
@@ -917,6 +952,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker.start()
         args.bootstrap = broker.bootstrap_servers
+        args.broker_pid = broker.pid
         progress(f"broker pid {broker.pid} on {args.bootstrap}")
         cmd_topic = f"bench-e2e-cmd-{uuid.uuid4().hex[:6]}"
         sim = GatewaySimulator(args.bootstrap, cmd_topic).start()
@@ -932,9 +968,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"messages produced in {time.perf_counter() - t:.1f} s")
         for r in range(args.repeat):
             for c in cases:
-                a = run_a(args.bootstrap, c.topic, c.messages)
+                a, a_cpu = run_a(args.bootstrap, c.topic, c.messages, broker.pid)
                 c.a_rates.append(c.values / a)
-                progress(f"{c.name} #{r + 1}: (a) {c.values / a:,.0f} values/s ({a:.2f} s)")
+                c.a_cpu.append(a_cpu / c.values * 1e6)
+                progress(f"{c.name} #{r + 1}: (a) {c.values / a:,.0f} values/s ({a:.2f} s, "
+                         f"CPU incl. broker {a_cpu:.2f} s)")
                 # finalizing costs seconds per 1,000 PVs and does not depend on the drain:
                 # measured on the last repeat only (--quick: not for 10k PVs); earlier repeats
                 # end the daemon once the data is durable. Last, because a stop makes the
@@ -956,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{o['flushes']} flushes "
                          f"{o['flush_s']:.2f} s, topic paused {o.get('paused')}x, handle blocked "
                          f"{o.get('blocked_s', 0):.2f} s, drain CPU {o['drain_cpu_s']}, "
-                         f"GC {o['gc']}")
+                         f"GC {o['gc']}, CPU s (t0 -> durable) {o.get('cpu_s')}")
                 if args.official and c.official_iterations and r == 0:
                     b = run_official(args, c, cmd_topic, tmp, str(r))
                     c.official.append(b)
