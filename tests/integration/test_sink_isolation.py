@@ -537,6 +537,25 @@ def test_prewarmed_writer_is_used_and_unused_ones_exit(tmp_path: Path) -> None:
     assert not process._WARM and unused.proc.exitcode == 0
 
 
+def test_the_pipe_to_the_writer_holds_a_whole_batch() -> None:
+    """The pipe to a writer is widened to 1 MiB (Linux's default 64 KiB made each 256 KiB
+    batch four writes, each waiting for the child to read)."""
+    import fcntl
+
+    from recorder.sinks import process
+
+    limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    if limit < process.PIPE_BYTES:
+        pytest.skip(f"pipe-max-size is {limit}")
+    w = process._spawn_writer(None, "k2eg-writer-pipe-test")
+    try:
+        size = fcntl.fcntl(w.tx.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032))
+        assert size >= process.PIPE_BYTES >= 4 * process.DEFAULT_BATCH_BYTES
+    finally:
+        process._close_writer(w)
+    assert w.proc.exitcode == 0
+
+
 def test_rebuilt_samples_own_their_payload() -> None:
     """The writer's samples each hold just their PV map: the sink sizes and joins samples by
     their message, so a blob shared by the whole batch made buffering quadratic (a 1,000-PV
