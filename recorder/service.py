@@ -120,6 +120,7 @@ class Service:
         self._client_options = dict(client_options or {})
         self._store = ResumeStore(self.state_dir)
         self._stop = threading.Event()
+        self._saved_handlers: dict[int, Any] = {}
         self._reload = threading.Event()
         self._wake = threading.Event()
         self._state = DaemonState.STARTING
@@ -157,9 +158,17 @@ class Service:
         def on_hup(signum: int, _frame: FrameType | None) -> None:
             self.request_reload()
 
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
+        for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop),
+                             (signal.SIGHUP, on_hup)):
+            self._saved_handlers.setdefault(sig, signal.signal(sig, handler))
+
+    def restore_signal_handlers(self) -> None:
+        """Put back the handlers :meth:`install_signal_handlers` replaced. They refer to this
+        service, so until then it (and its Kafka clients: librdkafka keeps reconnecting
+        until a client is deallocated) stays alive in an embedding process (``demo``)."""
+        saved, self._saved_handlers = self._saved_handlers, {}
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
     @property
     def controllers(self) -> dict[str, RunController]:

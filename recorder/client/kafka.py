@@ -204,7 +204,7 @@ class KafkaAdapter:
                 **base,
                 "allow.auto.create.topics": False,
             }
-            self._admin = AdminClient(admin_conf)
+            self._admin: AdminClient | None = AdminClient(admin_conf)
         except KafkaException as exc:
             raise _transport_error("client creation", exc) from exc
 
@@ -245,6 +245,14 @@ class KafkaAdapter:
             self._log.warning("producer closed with undelivered messages", undelivered=remaining)
         # fail whatever was still queued
         self._fail_pending(ClientClosedError("the Kafka adapter is closed"))
+        if thread is None or not thread.is_alive():
+            # end librdkafka's producer threads now (confluent-kafka >= 2.x: close()): an
+            # open handle keeps reconnecting, and logging it, until it is garbage-collected
+            close = getattr(self._producer, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+            self._admin = None  # the admin handle has no close(): released here
 
     def __enter__(self) -> KafkaAdapter:
         return self.start()
@@ -393,17 +401,30 @@ class KafkaAdapter:
                 self._producer.poll(0.05)
             except KafkaException as exc:
                 raise _transport_error(f"produce to {topic!r}", exc) from exc
-        self._producer.poll(0)
+            except RuntimeError as exc:  # the producer was closed meanwhile (close())
+                raise ClientClosedError("the Kafka adapter is closed") from exc
+        with contextlib.suppress(RuntimeError):
+            self._producer.poll(0)
 
     def flush(self, timeout_s: float = 5.0) -> int:
         """Wait for outstanding deliveries; returns how many are still undelivered."""
-        return int(self._producer.flush(timeout_s))
+        try:
+            return int(self._producer.flush(timeout_s))
+        except RuntimeError:  # closed: close() flushed what it could
+            return 0
 
     # ------------------------------------------------------------------ admin (any thread)
+    def _admin_handle(self) -> AdminClient:
+        admin = self._admin
+        if admin is None:
+            raise ClientClosedError("the Kafka adapter is closed")
+        return admin
+
     def topic_partitions(self, topic: str, *, timeout_s: float | None = None) -> int | None:
         """Number of partitions of ``topic``, or None if the broker does not know it."""
         try:
-            meta = self._admin.list_topics(topic, timeout=timeout_s or self._metadata_timeout_s)
+            meta = self._admin_handle().list_topics(
+                topic, timeout=timeout_s or self._metadata_timeout_s)
         except KafkaException as exc:
             raise _transport_error(f"metadata request for {topic!r}", exc) from exc
         tmeta = meta.topics.get(topic)
@@ -446,7 +467,7 @@ class KafkaAdapter:
             replication_factor=replication_factor,
             config=dict(config or {}),
         )
-        futures = self._admin.create_topics([new], request_timeout=timeout_s)
+        futures = self._admin_handle().create_topics([new], request_timeout=timeout_s)
         try:
             futures[topic].result(timeout_s)
         except KafkaException as exc:

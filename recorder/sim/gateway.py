@@ -10,6 +10,7 @@ after :meth:`GatewaySimulator.start` returns is missed.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -188,6 +189,10 @@ class GatewaySimulator:
             if remaining:
                 log.error("sim.flush.incomplete", remaining=remaining)
             consumer.close()
+            close = getattr(producer, "close", None)  # ends librdkafka's threads now
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
             log.info("sim.stopped")
 
     def _execute(self, engine: SimEngine, admin: Any, producer: Any) -> None:

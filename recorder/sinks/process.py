@@ -347,6 +347,7 @@ def _log_config() -> dict[str, Any]:
     """How the parent's logging is configured, so the child logs the same way."""
     root = logging.getLogger()
     fmt: str | None = None
+    path: str | None = None
     for handler in root.handlers:
         formatter = handler.formatter
         if isinstance(formatter, structlog.stdlib.ProcessorFormatter):
@@ -355,7 +356,13 @@ def _log_config() -> dict[str, Any]:
                     fmt = "json"
                 elif isinstance(proc, structlog.dev.ConsoleRenderer):
                     fmt = "console"
-    return {"format": fmt, "level": root.getEffectiveLevel()}
+            # a log file (``demo`` writes the daemon's log to one): the child appends to it;
+            # otherwise it writes to the stdout it inherited (the journal under systemd)
+            stream = getattr(handler, "stream", None)
+            name = getattr(stream, "name", None)
+            if fmt is not None and isinstance(name, str) and os.path.isfile(name):
+                path = os.path.abspath(name)
+    return {"format": fmt, "level": root.getEffectiveLevel(), "path": path}
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,7 +401,11 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
     if logcfg["format"] is not None:
         from recorder.logging import configure_logging
 
-        configure_logging(logcfg["format"], logcfg["level"])
+        stream = None
+        if logcfg.get("path"):
+            with contextlib.suppress(OSError):
+                stream = open(logcfg["path"], "a", encoding="utf-8")  # noqa: SIM115
+        configure_logging(logcfg["format"], logcfg["level"], stream=stream)
     else:
         structlog.configure(
             wrapper_class=structlog.make_filtering_bound_logger(logcfg["level"])

@@ -452,3 +452,40 @@ def test_other_threads_never_hang_on_the_consumer(
     assert len(durations) == 20
     assert max(durations) < 10
     assert adapter.topics == frozenset({busy})
+
+
+def _librdkafka_threads() -> int:
+    import contextlib
+    from pathlib import Path
+
+    n = 0
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            n += (task / "comm").read_text().startswith("rdk:")
+    return n
+
+
+def test_close_ends_every_librdkafka_thread_of_the_adapter(
+    settings: KafkaSettings, unique_name: Callable[[str], str],
+) -> None:
+    """A closed adapter releases its librdkafka handles at once (consumer, producer, admin):
+    an open handle keeps reconnecting, and logging it, once the broker is gone, until it is
+    garbage-collected (seen at the end of ``k2eg-recorder demo``). The adapter object itself
+    stays referenced here on purpose."""
+    before = _librdkafka_threads()
+    adapter = KafkaAdapter(settings, Collector(), batch_size=50).start()
+    topic = unique_name("close")
+    adapter.ensure_topic(topic)
+    adapter.produce(topic, b"x")
+    assert adapter.flush(10) == 0
+    assert _librdkafka_threads() > before
+    adapter.close()
+    deadline = time.monotonic() + 10
+    while _librdkafka_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _librdkafka_threads() <= before
+    with pytest.raises(ClientClosedError):
+        adapter.produce(topic, b"y")
+    with pytest.raises(ClientClosedError):
+        adapter.topic_partitions(topic)
+    assert adapter.flush(1) == 0

@@ -1,0 +1,45 @@
+"""``k2eg-recorder demo``, the README's first command, end to end in its own process: its
+embedded broker, the simulator, the daemon with the example runs, a trigger through the admin
+topic, a clean stop; the files it reports are read back here (another process)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recorder.reader import open_file
+
+
+@pytest.mark.timeout(240)
+def test_demo_records_every_example_run_and_prints_only_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "recorder.cli", "demo", "--seconds", "4", "--triggers", "2",
+         "--output", str(out)],
+        capture_output=True, text=True, timeout=200, check=False,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    # the terminal gets the report only: no librdkafka reconnection noise after the broker
+    # stopped, no log lines of the writer processes (they go to the daemon's log file)
+    noise = [line for line in text.splitlines() if line.startswith(("%", "{"))]
+    assert not noise, noise[:5]
+    assert "trigger sim-triggered-images shot=2: ok" in proc.stdout
+    files = re.findall(r"^(sim-[\w-]+): (/\S+\.h5)$", proc.stdout, re.MULTILINE)
+    assert {name for name, _ in files} == {"sim-normal-10hz", "sim-timedbuffered",
+                                           "sim-triggered-images"}, proc.stdout
+    for name, path in files:
+        assert Path(path).is_relative_to(out / "data")
+        with open_file(path) as f:
+            assert f.status == "complete", (name, f.status)
+            its = f.iterations()
+            assert len(its["iter_index"]) >= (2 if name == "sim-triggered-images" else 3)
+            assert f.pv_names and all(len(f.values(pv)) for pv in f.pv_names)
+    assert not list((out / "data").rglob("*.partial"))
+    log = (out / "daemon.log").read_text()
+    # written by the writer processes (isolated recordings), into the daemon's log file
+    assert log.count('"segment finalized"') == 3, log[-2000:]
