@@ -314,7 +314,8 @@ def run_ours(args: argparse.Namespace, case: Case, cmd_topic: str, tmp: Path, ta
            "--kind", case.kind, "--pvs", str(case.pvs), "--expect-values", str(case.values),
            "--out", str(out), "--flush-interval", str(args.flush_interval),
            "--sink", args.sink_mode, "--timeout", str(args.run_timeout),
-           "--compression", args.compression, "--gc", args.gc]
+           "--compression", args.compression, "--gc", args.gc,
+           "--switch-interval", str(args.switch_interval)]
     if not finalize:
         cmd.append("--no-finalize")
     proc = CHILDREN.popen(cmd, stdout=subprocess.PIPE, stderr=open(out / "stderr.txt", "w"),  # noqa: SIM115
@@ -495,6 +496,7 @@ def worker(args: argparse.Namespace) -> int:
     configure_logging("json", "WARNING", stream=open(out / "daemon.log", "a"))  # noqa: SIM115
     logging.getLogger().setLevel(logging.WARNING)
     pc = time.perf_counter
+    sys.setswitchinterval(args.switch_interval)
     marks: dict[str, float] = {}
     info: dict[str, Any] = {}
     done = threading.Event()
@@ -898,6 +900,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-iterations", type=int, default=50)
     parser.add_argument("--profile", metavar="DIR", help="py-spy (raw, per thread) every daemon "
                         "worker into DIR (needs py-spy in the venv)")
+    parser.add_argument("--switch-interval", type=float, default=sys.getswitchinterval(),
+                        help="sys.setswitchinterval of the daemon worker (diagnostics; "
+                        "default: Python's)")
     parser.add_argument("--gc", choices=("daemon", "untuned"), default="daemon",
                         help="daemon: the daemon's GC tuning (Service.tune_gc); untuned: "
                         "Python's defaults (to show the difference)")
