@@ -275,27 +275,24 @@ def _plain(obj: Any) -> bool:
     str/int/float/bool/None only: what :func:`_to_jsonable` returns unchanged (non-finite
     floats aside, which the encoder refuses)."""
     cls = obj.__class__
+    values: Any
     if cls is dict:
-        for k, v in obj.items():
+        for k in obj:
             if k.__class__ is not str or k.startswith("__"):
                 return False
-            vc = v.__class__
-            if vc is dict or vc is list:
-                if not _plain(v):
-                    return False
-            elif vc not in _JSON_SCALARS:
+        values = obj.values()
+    elif cls is list:
+        values = obj
+    else:
+        return cls in _JSON_SCALARS
+    for v in values:
+        vc = v.__class__
+        if vc is dict or vc is list:
+            if not _plain(v):
                 return False
-        return True
-    if cls is list:
-        for v in obj:
-            vc = v.__class__
-            if vc is dict or vc is list:
-                if not _plain(v):
-                    return False
-            elif vc not in _JSON_SCALARS:
-                return False
-        return True
-    return cls in _JSON_SCALARS
+        elif vc not in _JSON_SCALARS:
+            return False
+    return True
 
 
 def encode_rest(rest: Mapping[str, Any]) -> bytes:
