@@ -168,7 +168,8 @@ class Service:
         until a client is deallocated) stays alive in an embedding process (``demo``)."""
         saved, self._saved_handlers = self._saved_handlers, {}
         for sig, handler in saved.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: not installed from Python; nothing to put back
+                signal.signal(sig, handler)
 
     @property
     def controllers(self) -> dict[str, RunController]:

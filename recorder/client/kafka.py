@@ -384,27 +384,27 @@ class KafkaAdapter:
                     self._log.exception("delivery callback raised", topic=topic)
 
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self._producer.produce(
-                    topic,
-                    value=value,
-                    key=key,
-                    headers=dict(headers) if headers else None,
-                    on_delivery=delivered,
-                )
-                break
-            except BufferError as exc:
-                self._count("produce_queue_full")
-                if time.monotonic() >= deadline:
-                    raise TransportError(f"producer queue full for {timeout_s:g} s") from exc
-                self._producer.poll(0.05)
-            except KafkaException as exc:
-                raise _transport_error(f"produce to {topic!r}", exc) from exc
-            except RuntimeError as exc:  # the producer was closed meanwhile (close())
-                raise ClientClosedError("the Kafka adapter is closed") from exc
-        with contextlib.suppress(RuntimeError):
+        try:
+            while True:
+                try:
+                    self._producer.produce(
+                        topic,
+                        value=value,
+                        key=key,
+                        headers=dict(headers) if headers else None,
+                        on_delivery=delivered,
+                    )
+                    break
+                except BufferError as exc:
+                    self._count("produce_queue_full")
+                    if time.monotonic() >= deadline:
+                        raise TransportError(f"producer queue full for {timeout_s:g} s") from exc
+                    self._producer.poll(0.05)
+                except KafkaException as exc:
+                    raise _transport_error(f"produce to {topic!r}", exc) from exc
             self._producer.poll(0)
+        except RuntimeError as exc:  # the producer was closed meanwhile (close())
+            raise ClientClosedError("the Kafka adapter is closed") from exc
 
     def flush(self, timeout_s: float = 5.0) -> int:
         """Wait for outstanding deliveries; returns how many are still undelivered."""
