@@ -229,6 +229,14 @@ class RecordingFile:
     def alarm_status(self, pv: str) -> npt.NDArray[np.int32]:
         return self._column(pv, "status")
 
+    def alarm_messages(self, pv: str) -> npt.NDArray[Any]:
+        """``alarm.message`` of every value (object array of str, None where a sample had
+        none). The file keeps the message in the PV's metadata entries (a change of message
+        is a metadata change, see docs/file-format.md); this puts it back row by row."""
+        out = np.empty(len(self.samples(pv)), dtype=object)
+        out[:] = [s.alarm_message for s in self.samples(pv)]
+        return out
+
     def values(self, pv: str) -> npt.NDArray[Any]:
         """One row per value: scalars 1-D in their dtype, waveforms/images stacked when all have
         the same shape (else an object array of arrays), strings/tables/structures as objects,
@@ -452,6 +460,9 @@ class Recording:
 
     def iterations_of(self, pv: str) -> npt.NDArray[Any]:
         return self._cat("iterations_of", pv)
+
+    def alarm_messages(self, pv: str) -> npt.NDArray[Any]:
+        return self._cat("alarm_messages", pv)
 
     def trains(self) -> Iterator[Train]:
         for f in self.files:

@@ -130,6 +130,41 @@ def test_metadata_change_after_row_0(tmp_path: Path) -> None:
         assert [s.data["display"]["units"] for s in f.samples("M")] == ["mm"] * 3 + ["um"] * 3
 
 
+def test_alarm_messages_row_by_row_live_and_final(tmp_path: Path) -> None:
+    """A flapping alarm message comes back per row (it is kept in the metadata entries), from
+    the file being written and from the finalized one; a live file stores each structure
+    once per segment (its /live/meta rows share the JSON)."""
+    texts = ["NO_ALARM", "HIGH", "NO_ALARM", "HIGH", "HIHI", "NO_ALARM", "HIGH", "HIGH"]
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="msg",
+                        pv_uris=["pva://F", "pva://Q"])
+    for i, text in enumerate(texts):
+        sev = 0 if text == "NO_ALARM" else 2
+        samples = (
+            PVSample("F", {"value": float(i), "timeStamp": _ts(100 + i),
+                           "alarm": {"severity": sev, "status": 3 * (sev > 0),
+                                     "message": text}}),
+            PVSample("Q", {"value": float(i), "timeStamp": _ts(100 + i)}),  # no alarm
+        )
+        rec.handle(IterationOpened("t", "s", i, i))
+        rec.handle(ValuesReceived("t", i, 1, 1, samples))
+        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
+    rec.flush()
+    live_path = rec.current_path
+    assert live_path is not None
+    with open_file(live_path) as f:
+        assert f.alarm_messages("F").tolist() == texts
+        assert f.alarm_messages("Q").tolist() == [None] * len(texts)
+    with h5py.File(live_path, "r", swmr=True) as h:
+        meta = h["live/meta"]
+        offsets = meta["offset"][()].tolist()
+        assert len(offsets) == 1 + 6 + 1  # Q's row 0, F's row 0 and every change of F
+        assert len(set(offsets)) == 1 + 3  # Q's, and F's three structures stored once each
+    (path,) = rec.close()
+    with open_file(path) as f:
+        assert f.alarm_messages("F").tolist() == texts
+        assert f.severity("F").tolist() == [0 if t == "NO_ALARM" else 2 for t in texts]
+
+
 def test_pv_info_table(tmp_path: Path) -> None:
     path, _sent = _record(tmp_path)
     with open_file(path) as f:
