@@ -52,7 +52,12 @@ from recorder.config.models import RunDefinition
 from recorder.daemon.admin import AdminHandler, RunHandle
 from recorder.daemon.adminlink import AdminCursor, AdminLink
 from recorder.daemon.backoff import Backoff
-from recorder.daemon.controller import RecordingFactory, RunController, hdf5_recording
+from recorder.daemon.controller import (
+    RecordingFactory,
+    RunController,
+    hdf5_recording,
+    prewarm_writers,
+)
 from recorder.daemon.heartbeat import Heartbeat
 from recorder.daemon.resume import ResumeStore
 from recorder.errors import RecorderError
@@ -120,7 +125,6 @@ class Service:
         self._client_options = dict(client_options or {})
         self._store = ResumeStore(self.state_dir)
         self._stop = threading.Event()
-        self._saved_handlers: dict[int, Any] = {}
         self._reload = threading.Event()
         self._wake = threading.Event()
         self._state = DaemonState.STARTING
@@ -158,18 +162,9 @@ class Service:
         def on_hup(signum: int, _frame: FrameType | None) -> None:
             self.request_reload()
 
-        for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop),
-                             (signal.SIGHUP, on_hup)):
-            self._saved_handlers.setdefault(sig, signal.signal(sig, handler))
-
-    def restore_signal_handlers(self) -> None:
-        """Put back the handlers :meth:`install_signal_handlers` replaced. They refer to this
-        service, so until then it (and its Kafka clients: librdkafka keeps reconnecting
-        until a client is deallocated) stays alive in an embedding process (``demo``)."""
-        saved, self._saved_handlers = self._saved_handlers, {}
-        for sig, handler in saved.items():
-            if handler is not None:  # None: not installed from Python; nothing to put back
-                signal.signal(sig, handler)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
 
     @property
     def controllers(self) -> dict[str, RunController]:
@@ -189,7 +184,9 @@ class Service:
         log.info("run definitions loaded", runs=list(self._definitions),
                  config_path=str(self.settings.config_path), state_dir=str(self.state_dir))
         self._start_metrics()
-        self._prewarm([d for d in self._definitions.values() if d.autostart])
+        # the writers of the runs started below begin loading while Kafka is connected
+        prewarm_writers(self._factory, [d for d in self._definitions.values() if d.autostart],
+                        log)
         try:
             if not self._connect():
                 return EXIT_OK  # stopped while still connecting
@@ -208,17 +205,6 @@ class Service:
             return EXIT_OK
         finally:
             self._close()
-
-    def _prewarm(self, definitions: list[RunDefinition]) -> None:
-        """Start the recordings' writer processes now, while Kafka is being connected (an
-        optimization of the factory's: a failure here only logs)."""
-        prewarm = getattr(self._factory, "prewarm", None)
-        if prewarm is None or not definitions:
-            return
-        try:
-            prewarm(*definitions)
-        except Exception:
-            log.exception("starting writer processes ahead of time failed")
 
     def _connect(self) -> bool:
         """Create the k2eg client and the admin link; retry with backoff until stopped."""

@@ -151,9 +151,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  error: {line}", file=sys.stderr)
         files = {name: c.files() for name, c in service.controllers.items()}
         # drop the daemon's Kafka handles before the broker goes away (librdkafka would log
-        # reconnection attempts until they are garbage-collected); the signal handlers hold
-        # the service
-        service.restore_signal_handlers()
+        # reconnection attempts until they are garbage-collected)
         del service
         gc.collect()
     except RecorderError as exc:
@@ -162,8 +160,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if sim is not None:
             sim.stop()
-            sim = None  # its producers go now, not after the broker (reconnection noise)
-            gc.collect()
         broker.stop()
         if log_stream is not sys.stdout:
             log_stream.close()

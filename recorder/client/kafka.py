@@ -124,6 +124,16 @@ class _TopicState:
     positions: dict[int, int] = field(default_factory=dict)  # next offset to deliver
 
 
+def close_producer(producer: Producer) -> None:
+    """End a producer's librdkafka threads now (``Producer.close()``, confluent-kafka >= 2.x;
+    best effort): an open handle keeps reconnecting, and logging it, until it is
+    garbage-collected. Flush first; it is unusable afterwards."""
+    close = getattr(producer, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
+
+
 def _transport_error(action: str, exc: BaseException) -> TransportError:
     return TransportError(f"Kafka {action} failed: {exc}")
 
@@ -246,12 +256,7 @@ class KafkaAdapter:
         # fail whatever was still queued
         self._fail_pending(ClientClosedError("the Kafka adapter is closed"))
         if thread is None or not thread.is_alive():
-            # end librdkafka's producer threads now (confluent-kafka >= 2.x: close()): an
-            # open handle keeps reconnecting, and logging it, until it is garbage-collected
-            close = getattr(self._producer, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
+            close_producer(self._producer)
             self._admin = None  # the admin handle has no close(): released here
 
     def __enter__(self) -> KafkaAdapter:

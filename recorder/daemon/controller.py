@@ -36,7 +36,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -197,6 +197,19 @@ class HDF5RecordingFactory:
 
 
 hdf5_recording = HDF5RecordingFactory()
+
+
+def prewarm_writers(factory: RecordingFactory, definitions: Sequence[RunDefinition],
+                    log: Any) -> None:
+    """Ask ``factory`` (if it can: ``prewarm``) to start the writers of ``definitions`` ahead
+    of time. An optimization only: a failure is logged, never raised."""
+    prewarm = getattr(factory, "prewarm", None)
+    if prewarm is None or not definitions:
+        return
+    try:
+        prewarm(*definitions)
+    except Exception:
+        log.exception("starting writer processes ahead of time failed")
 
 
 def _finalize_leftover(partial: Path, run: str) -> Path | None:
@@ -515,12 +528,7 @@ class RunController:
         start_at: StartAt | None = None
         if active is not None and active.offsets:
             start_at = StartAt.at(active.resume_offsets())
-        prewarm = getattr(self._factory, "prewarm", None)
-        if prewarm is not None:  # the recording's start-up overlaps the subscription
-            try:
-                prewarm(d)
-            except Exception:  # an optimization only: never fails a start
-                self._log.exception("starting the writer ahead of time failed")
+        prewarm_writers(self._factory, [d], self._log)  # overlaps the subscription
         budget = self._value_budget
         max_pending = pending_bound(len(props.pv_uri_list), *(() if budget is None else (budget,)))
         try:

@@ -10,7 +10,6 @@ after :meth:`GatewaySimulator.start` returns is missed.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import uuid
@@ -130,6 +129,8 @@ class GatewaySimulator:
         from confluent_kafka import Consumer, Producer, TopicPartition
         from confluent_kafka.admin import AdminClient
 
+        from recorder.client.kafka import close_producer
+
         admin = AdminClient(self._common())
         if self.create_cmd_topic:
             self._create_topic(admin, self.cmd_topic)
@@ -189,10 +190,7 @@ class GatewaySimulator:
             if remaining:
                 log.error("sim.flush.incomplete", remaining=remaining)
             consumer.close()
-            close = getattr(producer, "close", None)  # ends librdkafka's threads now
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
+            close_producer(producer)
             log.info("sim.stopped")
 
     def _execute(self, engine: SimEngine, admin: Any, producer: Any) -> None:
