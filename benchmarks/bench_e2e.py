@@ -525,11 +525,8 @@ def worker(args: argparse.Namespace) -> int:
 
     def all_cpu() -> dict[str, float]:
         """CPU seconds so far: this process, its children (the writer), the broker."""
-        kids = 0.0
-        for task in Path("/proc/self/task").iterdir():
-            with contextlib.suppress(OSError):
-                kids += sum(proc_cpu(child) for child in (task / "children").read_text().split())
-        return {"daemon": proc_cpu(), "writer": kids, "broker": proc_cpu(args.broker_pid)}
+        return {"daemon": proc_cpu(), "writer": sum(map(proc_cpu, child_pids())),
+                "broker": proc_cpu(args.broker_pid)}
     pv_uris = [f"pva://{name}" for name in bc.pv_names(args.kind, args.pvs)]
     isolate = "true" if args.sink == "isolated" else "false"
     (out / "runs.yaml").write_text(
@@ -643,11 +640,8 @@ def worker(args: argparse.Namespace) -> int:
     child_hwm = [0]
 
     def children_hwm() -> None:
-        pid = os.getpid()
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                for child in (task / "children").read_text().split():
-                    child_hwm[0] = max(child_hwm[0], vm_kb("VmHWM", child))
+        for child in child_pids():
+            child_hwm[0] = max(child_hwm[0], vm_kb("VmHWM", child))
 
     def watch() -> None:
         if not service.ready.wait(60):
@@ -741,28 +735,40 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def stat_cpu(stat: Path) -> float:
+    """CPU seconds (user + system) in a /proc ``stat`` file (a process's or a thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu(pid: int | str = "self") -> float:
     """CPU seconds (user + system) of process ``pid`` so far (0.0 when it is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return stat_cpu(Path(f"/proc/{pid}/stat"))
     except (OSError, IndexError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids() -> list[str]:
+    """PIDs of this process's children (in the daemon worker: its writer processes)."""
+    out: list[str] = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += (task / "children").read_text().split()
+    return out
 
 
 def thread_cpu() -> dict[str, float]:
     """CPU seconds (user + system) per thread of this process: Python threads by their
     ``threading`` name (numbered suffixes dropped), native threads by their ``comm`` (threads
     of one name summed)."""
-    tick = os.sysconf("SC_CLK_TCK")
     names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
     out: dict[str, float] = {}
     for task in Path("/proc/self/task").iterdir():
         with contextlib.suppress(OSError, ValueError, IndexError):
             name = names.get(int(task.name)) or (task / "comm").read_text().strip()
             name = name.split(" (")[0]
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            out[name] = out.get(name, 0.0) + stat_cpu(task / "stat")
     return out
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from recorder.sinks.process import IsolatedRecording
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_client as bc  # the gateway stream of the other benchmarks
+from bench_e2e import proc_cpu
 
 
 def pv_map(k: int, i: int) -> dict[str, object]:
@@ -85,12 +85,6 @@ def build(n_pvs: int, n_iter: int, kind: str) -> list[list[IterationEvent]]:
             IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i, offset=i),
         ])
     return out
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(kind: str, isolated: bool, n_pvs: int, n_iter: int, directory: Path) -> dict[str, float]:

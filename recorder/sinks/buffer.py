@@ -268,18 +268,6 @@ class RecordingBuffer:
             key = (event.topic, event.partition)
             if offset > self._offsets.get(key, -1):
                 self._offsets[key] = offset
-        cls = event.__class__
-        if cls is ValuesReceived:
-            self._values(event)  # type: ignore[arg-type]
-            return []
-        if cls is IterationOpened:
-            ev: IterationOpened = event  # type: ignore[assignment]
-            it = self.open.get(ev.iter_index)
-            if it is None:
-                self._open(ev.iter_index, ev.header_timestamp_ns)
-            elif it.header_timestamp_ns is None:
-                it.header_timestamp_ns = ev.header_timestamp_ns
-            return []
         if isinstance(event, ValuesReceived):
             self._values(event)
             return []

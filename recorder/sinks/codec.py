@@ -314,10 +314,9 @@ _DUMPS = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def decode_rest(raw: bytes) -> dict[str, Any]:
-    if b'"__' not in raw:  # no tags (every tag is a key starting with "__"): as parsed
-        result = json.loads(raw.decode("utf-8"))
-    else:
-        result = _from_jsonable(json.loads(raw.decode("utf-8")))
+    result = json.loads(raw.decode("utf-8"))
+    if b'"__' in raw:  # tags are keys starting with "__"; without any, as parsed
+        result = _from_jsonable(result)
     if not isinstance(result, dict):
         raise ValueError("rest is not a JSON object")
     return result

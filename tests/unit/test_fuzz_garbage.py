@@ -125,6 +125,22 @@ def test_garbage_but_valid_msgpack(items: list[tuple[Any, Any]]) -> None:
     assert tracker.pending == 0
 
 
+def plan_messages(plan: list[tuple[bool, int, int]]) -> list[bytes]:
+    """The messages of real iterations, one per ``(sequenced, n_pvs, n_batches)`` of ``plan``
+    (sub-push batches of NTScalars)."""
+    msgs: list[bytes] = []
+    for n, (sequenced, n_pvs, n_batches) in enumerate(plan, start=1):
+        batches = [
+            (
+                T0 + n * 10_000 + b * 1000,
+                [(f"p{i}", ntscalar(float(i), nanos=b)) for i in range(n_pvs)],
+            )
+            for b in range(n_batches)
+        ]
+        msgs += [m.raw for m in iteration("s", n, batches, sequenced=sequenced)]
+    return msgs
+
+
 @SETTINGS
 @given(
     plan=st.lists(
@@ -142,16 +158,7 @@ def test_faulty_streams_keep_event_invariants(
 ) -> None:
     """Real iterations (legacy or sequenced, sub-push batches), then random drops, duplicates
     and swaps: the events must stay well-formed and nothing may crash."""
-    msgs = []
-    for n, (sequenced, n_pvs, n_batches) in enumerate(plan, start=1):
-        batches = [
-            (
-                T0 + n * 10_000 + b * 1000,
-                [(f"p{i}", ntscalar(float(i), nanos=b)) for i in range(n_pvs)],
-            )
-            for b in range(n_batches)
-        ]
-        msgs += [m.raw for m in iteration("s", n, batches, sequenced=sequenced)]
+    msgs = plan_messages(plan)
     stream: list[bytes] = []
     for i, raw in enumerate(msgs):
         op, _ = ops[i] if i < len(ops) else ("keep", False)
@@ -243,16 +250,7 @@ def test_batched_hot_path_equals_the_general_path(
     """``feed_many`` (hot path: parsed in place, validated by ``Unpacker.skip``) gives the very
     events and counters of the general path (full decoding of every record), on real streams
     with drops, duplicates, swaps, truncated and corrupted messages and other topics."""
-    msgs = []
-    for n, (sequenced, n_pvs, n_batches) in enumerate(plan, start=1):
-        batches = [
-            (
-                T0 + n * 10_000 + b * 1000,
-                [(f"p{i}", ntscalar(float(i), nanos=b)) for i in range(n_pvs)],
-            )
-            for b in range(n_batches)
-        ]
-        msgs += [m.raw for m in iteration("s", n, batches, sequenced=sequenced)]
+    msgs = plan_messages(plan)
     for raw in msgs:  # the PV names are known: the hot path is taken
         decode_snapshot_message(raw, MSGPACK_HEADERS)
     recs: list[Record] = []
