@@ -34,6 +34,7 @@ from recorder.sinks.bridge.mapping import IterationInfo, Train, build_train, sta
 from recorder.sinks.buffer import REASON_NAMES, STATUS_NAMES, merge_tags
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
+    F_MESSAGE,
     F_VALUE,
     KINDS_BY_CODE,
     STRING_DTYPE_CODE,
@@ -47,7 +48,7 @@ from recorder.sinks.livefile import LiveView, read_live
 with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
     import hdf5plugin  # noqa: F401
 
-SUPPORTED_MAJORS = ("1", "2")  # the live layout is the same in both; the final one differs
+SUPPORTED_MAJORS = ("1", "2", "3")  # the live layout is the same in all; the final one differs
 
 
 def sample_value(
@@ -231,8 +232,18 @@ class RecordingFile:
 
     def alarm_messages(self, pv: str) -> npt.NDArray[Any]:
         """``alarm.message`` of every value (object array of str, None where a sample had
-        none). The file keeps the message in the PV's metadata entries (a change of message
-        is a metadata change, see docs/file-format.md); this puts it back row by row."""
+        none). Format 3.x keeps it in the ``alarm_message`` column when the PV's structure
+        changes, else in its one metadata entry; live and 1.x/2.x files in the metadata
+        entries (see docs/file-format.md)."""
+        if self._live is None:
+            g = self._group(pv)
+            codes, texts = self._message_column(g)
+            if "alarm_message" in g and "flags" not in g and int(
+                self._pv_info(pv)["flags"]
+            ) & F_MESSAGE:  # every row's message is in the column
+                out = np.empty(len(codes), dtype=object)
+                out[:] = np.array(texts, dtype=object)[codes] if len(codes) else []
+                return out
         out = np.empty(len(self.samples(pv)), dtype=object)
         out[:] = [s.alarm_message for s in self.samples(pv)]
         return out
@@ -334,6 +345,7 @@ class RecordingFile:
         elif "value" in g:
             value = g["value"][()]
         shape = g["shape"][()] if "shape" in g else None
+        codes, texts = self._message_column(g)
         storage = str(info.get("storage_dtype", "none"))
         meta_rows: npt.NDArray[Any] = np.zeros(0, np.int64)
         meta_json: Any = []
@@ -388,9 +400,18 @@ class RecordingFile:
                 severity=int(cols["severity"][r]),
                 status=int(cols["status"][r]),
                 value=v,
+                message=texts[int(codes[r])] if flags & F_MESSAGE else None,
             )
             out.append(PVSample(pv, data, frozenset(rest.get("f", ()))))
         return out
+
+    @staticmethod
+    def _message_column(g: h5py.Group) -> tuple[npt.NDArray[Any], list[str]]:
+        """``alarm_message`` codes and texts (3.x, PVs whose structure changes), else none."""
+        if "alarm_message" not in g:
+            return np.zeros(0, np.int32), []
+        ds = g["alarm_message"]
+        return ds[()], [str(t) for t in _plain(ds.attrs["texts"])]
 
     # --- iteration by iteration ---------------------------------------------------------------
     def trains(self) -> Iterator[Train]:

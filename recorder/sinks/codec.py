@@ -39,6 +39,9 @@ F_TIME = 1
 F_SEVERITY = 2
 F_STATUS = 4
 F_VALUE = 8
+F_MESSAGE = 16
+"""Final layout only (format 3.0): ``alarm.message`` taken out into the PV's
+``alarm_message`` column (the live layout keeps the message in the rest)."""
 
 KIND_CODES: dict[ValueKind, int] = {
     ValueKind.NONE: 0,
@@ -322,6 +325,39 @@ def decode_rest(raw: bytes) -> dict[str, Any]:
     return result
 
 
+MESSAGE_MAX_BYTES = 1024
+"""Longest ``alarm.message`` (UTF-8) taken out into the final ``alarm_message`` column."""
+
+
+def strip_message(raw: bytes) -> tuple[bytes, str] | None:
+    """The rest JSON ``raw`` with ``alarm.message`` replaced by the ``null`` placeholder, and
+    the message; None when there is no string message to take out (no alarm, a nil or
+    non-string message, NUL or lone surrogates, which HDF5 strings cannot hold, or longer
+    than :data:`MESSAGE_MAX_BYTES`)."""
+    if b'"message"' not in raw:
+        return None
+    rest = decode_rest(raw)
+    d = rest.get("d")
+    if not isinstance(d, dict):
+        return None
+    alarm = d.get("alarm")
+    if not isinstance(alarm, dict):
+        return None
+    message = alarm.get("message")
+    if not isinstance(message, str) or "\x00" in message:
+        return None
+    try:
+        if len(message.encode("utf-8")) > MESSAGE_MAX_BYTES:
+            return None
+    except UnicodeEncodeError:
+        return None
+    stripped = dict(alarm)
+    stripped["message"] = None
+    d = dict(d)
+    d["alarm"] = stripped
+    return encode_rest({**rest, "d": d}), message
+
+
 # --- the way back -----------------------------------------------------------------------------
 def typed_scalar(dtype_code: int, ival: int, fval: float) -> Any:
     """The Python value of an inline scalar as msgpack would have decoded it."""
@@ -344,23 +380,27 @@ def rebuild_data(
     severity: int,
     status: int,
     value: Any,
+    message: str | None = None,
 ) -> dict[str, Any]:
     """The PV structure as sent: the rest with the extracted fields put back.
 
     ``value`` is the Python value of the extracted value field (ignored without ``F_VALUE``):
-    an int/float/bool/str, or a list (waveform / NTNDArray pixels).
+    an int/float/bool/str, or a list (waveform / NTNDArray pixels); ``message`` the
+    ``alarm.message`` (ignored without ``F_MESSAGE``).
     """
     data: dict[str, Any] = dict(rest["d"])
     if flags & F_TIME:
         ts = dict(data["timeStamp"])
         ts["secondsPastEpoch"], ts["nanoseconds"] = divmod(time_ns, NS_PER_S)
         data["timeStamp"] = ts
-    if flags & (F_SEVERITY | F_STATUS):
+    if flags & (F_SEVERITY | F_STATUS | F_MESSAGE):
         alarm = dict(data["alarm"])
         if flags & F_SEVERITY:
             alarm["severity"] = severity
         if flags & F_STATUS:
             alarm["status"] = status
+        if flags & F_MESSAGE:
+            alarm["message"] = message
         data["alarm"] = alarm
     if flags & F_VALUE:
         vkind = KINDS_BY_CODE[kind]

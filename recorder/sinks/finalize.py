@@ -47,6 +47,7 @@ from recorder.sinks.buffer import (
 )
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
+    F_MESSAGE,
     F_VALUE,
     KIND_CODES,
     KINDS_BY_CODE,
@@ -55,6 +56,7 @@ from recorder.sinks.codec import (
     encode_rest,
     escape_name,
     rebuild_data,
+    strip_message,
     typed_scalar,
 )
 from recorder.sinks.filters import filter_kwargs, rows_per_chunk
@@ -107,8 +109,11 @@ META_ATTRS: dict[str, tuple[str, str]] = {
     "alarm_hysteresis": ("valueAlarm", "hysteresis"),
 }
 TIME_ATTRS = {"units": "ns", "start": "1970-01-01T00:00:00Z"}
-FORMAT_VERSION = "2.0"
-"""format_version of the final layout (docs/file-format.md; the live layout is unchanged)."""
+FORMAT_VERSION = "3.0"
+"""format_version of both layouts (docs/file-format.md; 3.0 changed the final layout only)."""
+MESSAGE_TEXTS_MAX = 1024
+"""Distinct alarm messages per PV in ``alarm_message``; later new texts stay in the metadata."""
+MESSAGE_CACHE = 64  # rest JSON -> (without the message, code): entries remembered per PV
 # /pv_info columns: (name, "s" = vlen UTF-8 string, else a numpy dtype)
 PV_INFO_FIELDS: tuple[tuple[str, str], ...] = (
     ("pv_name", "s"), ("group", "s"), ("source", "s"), ("protocol", "s"), ("kind", "s"),
@@ -455,6 +460,7 @@ class _Plan:
     dtype: npt.NDArray[np.int64]
     width: npt.NDArray[np.int64]  # max waveform length
     cuts: list[int]  # block boundaries (sample rows), first 0, last n
+    entries: npt.NDArray[np.int64]  # /live/meta rows per PV (> 1: the structure changed)
     extra_iters: dict[int, tuple[int, int]]  # iteration row >= n_iter -> (iter_index, count)
 
 
@@ -476,6 +482,7 @@ def _scan(f: h5py.File, commit: Commit, n_pvs: int, n_iter: int, block_bytes: in
     for code, dt in DTYPE_BY_CODE.items():
         itemsize[code] = dt.itemsize
     meta = _Meta(f, commit.limits["n_meta"])
+    entries = np.zeros(n_pvs, dtype=np.int64)
     cuts = [0]
     acc = 0
     extra: dict[int, list[int]] = {}
@@ -517,6 +524,7 @@ def _scan(f: h5py.File, commit: Commit, n_pvs: int, n_iter: int, block_bytes: in
         weight = np.full(len(pv), ROW_OVERHEAD, dtype=np.int64)
         weight += np.where(dtype == STRING_DTYPE_CODE, 2 * size, size * itemsize[dtype])
         m = meta.take(pv, occ, counts)
+        entries += np.bincount(m["pv"], minlength=n_pvs)
         np.add.at(weight, m["local"], 2 * m["size"])
         cum = np.cumsum(weight) + acc
         crossings = np.flatnonzero(cum // block_bytes > (cum - weight) // block_bytes)
@@ -529,7 +537,7 @@ def _scan(f: h5py.File, commit: Commit, n_pvs: int, n_iter: int, block_bytes: in
     kind_out = np.where(first_pref >= 0, kind_pref, np.where(first_any >= 0, kind_any, -1))
     dtype_out = np.where(first_pref >= 0, dtype_pref, np.where(first_any >= 0, dtype_any, 0))
     kind_out = np.where(kind_out >= 0, kind_out, np.maximum(first_kind, 0))
-    return _Plan(counts, kind_out, dtype_out, width, cuts,
+    return _Plan(counts, kind_out, dtype_out, width, cuts, entries,
                  {r: (v[0], v[1]) for r, v in sorted(extra.items())})
 
 
@@ -575,7 +583,7 @@ class _PV:
     """The datasets of one PV and the state carried from block to block."""
 
     def __init__(self, w: _Writer, name: str, *, n: int, kind: int, dcode: int,
-                 width: int) -> None:
+                 width: int, split_message: bool = False) -> None:
         self.w = w
         self.name = name
         self.n = n
@@ -607,6 +615,15 @@ class _PV:
         self.first = _Col(w, self.g, "first", w.n_iter, dtype=i64, share=True)
         self.count = _Col(w, self.g, "count", w.n_iter, dtype=i64, share=True)
         self.first_json: bytes | None = None  # the metadata of row 0
+        # alarm.message as a column: only for PVs whose structure changes (else the one
+        # message stays in the one metadata entry); texts in code order
+        self.message: _Col | None = None
+        self.texts: dict[str, int] = {}
+        self.message_cache: dict[bytes, tuple[bytes, int]] = {}
+        self.no_message = 0  # rows before the first message (the column starts with it)
+        if split_message and n:
+            self.message = _Col(w, self.g, "alarm_message", n, dtype=np.dtype(np.int32),
+                                share=True)
         self.n_meta = 0  # metadata entries (row 0 and each change)
         self.meta_row: _Col | None = None
         self.meta_json: _Col | None = None
@@ -624,6 +641,23 @@ class _PV:
         if self._base is None:
             self._base = decode_rest(self.base_raw) if self.base_raw else {"d": {}, "f": []}
         return self._base
+
+    def _take_message(self, raw: bytes) -> tuple[bytes, int]:
+        """``raw`` without its alarm message, and the message's code (-1: left in ``raw``)."""
+        hit = self.message_cache.get(raw)
+        if hit is None:
+            split = strip_message(raw)
+            hit = (raw, -1)
+            if split is not None:
+                code = self.texts.get(split[1])
+                if code is None and len(self.texts) < MESSAGE_TEXTS_MAX:
+                    code = self.texts[split[1]] = len(self.texts)
+                if code is not None:
+                    hit = (split[0], code)
+            if len(self.message_cache) >= MESSAGE_CACHE:
+                self.message_cache.clear()
+            self.message_cache[raw] = hit
+        return hit
 
     def _emit(self, row: int, raw: bytes) -> None:
         """A metadata entry: row 0's goes to /pv_info; a group ``metadata`` (row, json) is
@@ -707,7 +741,9 @@ class _PV:
         check.update(r + 1 for r in demoted_rows if r + 1 < m)
         images: list[tuple[int, npt.NDArray[Any]]] = []
         strings: list[tuple[int, list[str]]] = []
-        for r in sorted(check):
+        checked = sorted(check)
+        codes: list[int] = []  # alarm message code from each checked row on
+        for r in checked:
             raw = entries.get(r)
             if raw is not None:
                 self.base_raw = raw
@@ -740,7 +776,20 @@ class _PV:
                 if got is not None:
                     out = got
                     flags[r] |= F_VALUE
+            if self.message is not None:
+                out, code = self._take_message(out)
+                codes.append(code)
             self._emit(w0 + r, out)
+        if self.message is not None:
+            row_codes = np.repeat(np.array(codes, dtype=np.int32), np.diff([*checked, m]))
+            flags[row_codes >= 0] |= np.uint8(F_MESSAGE)
+            if not self.texts:
+                self.no_message += m
+            else:
+                if self.no_message:
+                    self.message.add(np.full(self.no_message, -1, dtype=np.int32))
+                    self.no_message = 0
+                self.message.add(row_codes)
         if kind is ValueKind.NDARRAY and value_col is not None:
             rank = self.rank or 1
             shapes = np.zeros((m, rank), dtype=np.int64)
@@ -897,8 +946,18 @@ class _PV:
                 del self.cols["flags"]
                 self.w.buffered -= flags.nbytes
                 self.w.dirty.discard(flags)
+        message = self.message
+        if message is not None and message.ds is None:
+            if self.texts:
+                message.attrs["texts"] = list(self.texts)
+                self.cols["alarm_message"] = message
+            else:  # no row had a message to take out: nothing was buffered
+                self.w.dirty.discard(message)
         for c in (*self.cols.values(), *self.table.values(), self.first, self.count):
             c.finish()
+        if message is not None and message.ds is not None:  # spilled: texts known only now
+            message.finish()
+            set_attrs(message.ds, {"texts": list(self.texts)})
         if self.meta_row is not None and self.meta_json is not None:
             self.meta_row.finish()
             self.meta_json.finish()
@@ -1238,7 +1297,8 @@ def _write_final(f: h5py.File, tmp: Path, attrs: dict[str, Any], options: Output
         pvs.attrs.create("pv_names", pv_names, dtype=STR)
         writers = [
             _PV(w, name, n=int(plan.counts[col]), kind=int(plan.kind[col]),
-                dcode=int(plan.dtype[col]), width=int(plan.width[col]))
+                dcode=int(plan.dtype[col]), width=int(plan.width[col]),
+                split_message=bool(plan.entries[col] > 1))
             for col, name in enumerate(pv_names)
         ]
         meta = _Meta(f, commit.limits["n_meta"])

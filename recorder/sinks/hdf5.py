@@ -37,7 +37,7 @@ from recorder import __version__
 from recorder.client.events import IterationEvent
 from recorder.client.properties import PVUri, SnapshotProperties
 from recorder.sinks.buffer import RecordingBuffer
-from recorder.sinks.finalize import finalize
+from recorder.sinks.finalize import FORMAT_VERSION, finalize
 from recorder.sinks.livefile import RECORDING_STATUS, LiveWriter, create_live_layout
 from recorder.sinks.options import (
     OutputOptions,
@@ -48,7 +48,6 @@ from recorder.sinks.options import (
 )
 
 FORMAT_NAME = "k2eg-recorder"
-FORMAT_VERSION = "2.0"
 
 log = structlog.get_logger("recorder.sinks")
 _PARKED: list[h5py.File] = []  # files of failed recordings, never closed (see _fail)

@@ -157,16 +157,21 @@ def test_roundtrip_every_type_live_and_final(tmp_path: Path) -> None:
         assert f32["source"] == b"pva://F32" and f32["protocol"] == b"pva"
         assert f32["kind"] == b"scalar" and f32["storage_dtype"] == b"float32"
         assert f32["count"] == 5 and info["I"]["source"] == b"ca://I"
-        # stored again only on change: alarm message at rows 1 and 3, display at row 3
-        assert h["pvs/F32/metadata/row"][()].tolist() == [0, 1, 3, 4]
-        assert h["pvs/F64/metadata/row"][()].tolist() == [0, 1, 3, 4]
-        assert f32["metadata_entries"] == 4
+        # stored again only on change: display at row 3 (format 3: the alarm message,
+        # "" / "HIHI", is a column, flag 16, not a metadata change)
+        assert h["pvs/F32/metadata/row"][()].tolist() == [0, 3]
+        assert "metadata" not in h["pvs/F64"] and info["F64"]["metadata_entries"] == 1
+        assert f32["metadata_entries"] == 2
+        msg = h["pvs/F32/alarm_message"]
+        texts = list(msg.attrs["texts"])  # str, as for enum choices
+        assert [texts[c] for c in msg[()]] == [_alarm(i)["message"] for i in range(5)]
+        assert f32["flags"] & 16 and b'"message":null' in f32["metadata"]
         # never changes: no metadata group, row 0's structure only in /pv_info
         assert "metadata" not in h["pvs/I"] and info["I"]["metadata_entries"] == 1
         assert b'"value":null' in info["I"]["metadata"]
         assert list(h["pvs/E/value"].attrs["choices"]) == ["Off", "On"]
         assert info["E"]["choices"] == b'["Off", "On"]'
-        assert h.attrs["status"] == "complete" and h.attrs["format_version"] == "2.0"
+        assert h.attrs["status"] == "complete" and h.attrs["format_version"] == "3.0"
 
 
 def test_timedbuffered_many_values_per_iteration_and_overlap(tmp_path: Path) -> None:
