@@ -251,27 +251,113 @@ class RecordingFile:
     def values(self, pv: str) -> npt.NDArray[Any]:
         """One row per value: scalars 1-D in their dtype, waveforms/images stacked when all have
         the same shape (else an object array of arrays), strings/tables/structures as objects,
-        enums as the index."""
-        samples = self.samples(pv)
-        if not samples:
-            return np.empty(0)
-        kind = samples[0].kind
-        vals = [s.value for s in samples]
-        if kind is ValueKind.ENUM:
-            return np.array([v.index if v is not None else -1 for v in vals], dtype=np.int64)
-        if kind in (ValueKind.SCALAR, ValueKind.BOOL) and all(
-            isinstance(v, np.generic) for v in vals
-        ):
-            return np.array(vals)
-        if kind is ValueKind.NDARRAY:
-            vals = [v.image() if v is not None and hasattr(v, "image") else v for v in vals]
-        if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
-            shapes = {getattr(v, "shape", None) for v in vals}
-            if len(shapes) == 1 and None not in shapes:
-                return np.stack(vals)
-        out = np.empty(len(vals), dtype=object)
-        out[:] = vals
-        return out
+        enums as the index. From a finalized file's ``value`` dataset directly when every row
+        of the PV is in it (no per-row objects: as fast as h5py), else from :meth:`samples`."""
+        if self._live is None:
+            direct = self._final_values(pv)
+            if direct is not None:
+                return direct
+        return values_of(self.samples(pv))
+
+    def _final_values(self, pv: str) -> npt.NDArray[Any] | None:
+        """:meth:`values` read straight from the final layout, or None when some row's value
+        is elsewhere (flags differ between rows, or lack 8) or the kind needs the samples."""
+        g = self._group(pv)
+        if "flags" in g or "value" not in g or not isinstance(g["value"], h5py.Dataset):
+            return None
+        info = self._pv_info(pv)
+        if "flags" not in info or not int(info["flags"]) & F_VALUE:
+            return None
+        kind = ValueKind(info["kind"])
+        ds = g["value"]
+        if kind in (ValueKind.SCALAR, ValueKind.BOOL, ValueKind.ENUM):
+            return np.asarray(ds[()])
+        if kind is ValueKind.STRING:
+            return _object_array(ds.asstr()[()].tolist())
+        if kind is ValueKind.ARRAY and "shape" in g:
+            data = ds[()]
+            lengths = g["shape"][()][:, 0]
+            if len(lengths) and (lengths == data.shape[1]).all():
+                return np.asarray(data)
+            return _object_array([data[i, :n] for i, n in enumerate(lengths.tolist())])
+        return None
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per PV, what ``k2eg-recorder inspect`` prints: ``pv``, ``kind``, ``dtype``
+        (storage dtype, ``utf-8``, ``table``...), ``shape`` (of one value; None when it varies),
+        ``units``, ``count``, ``first_ns``/``last_ns`` (EPICS time, 0 without values). Read from
+        the tables (/pv_info and dataset shapes; a live file's sample columns), not from the
+        values, so it stays quick for large files (1.x files: from the samples)."""
+        if self._live is not None:
+            return self._live_summary()
+        if "pv_info" not in self.h5:
+            return [self._samples_summary(pv) for pv in self.pv_names]
+        rows = []
+        for pv in self.pv_names:
+            info = self._pv_info(pv)
+            g = self._group(pv)
+            n = int(info["count"])
+            t = g["time"]
+            shape: tuple[int, ...] | None = ()
+            if "shape" in g:
+                lengths = g["shape"][()]
+                same = len(lengths) and (lengths == lengths[0]).all()
+                shape = tuple(int(x) for x in lengths[0]) if same else None
+            rows.append({
+                "pv": pv, "kind": str(info["kind"]), "dtype": str(info["storage_dtype"]),
+                "shape": shape, "units": str(info.get("units") or ""), "count": n,
+                "first_ns": int(t[0]) if n else 0, "last_ns": int(t[n - 1]) if n else 0,
+            })
+        return rows
+
+    def _samples_summary(self, pv: str) -> dict[str, Any]:
+        times, vals = self.times(pv), self.values(pv)
+        info = self.pv_info(pv)
+        return {
+            "pv": pv, "kind": str(info.get("kind", "-")), "dtype": str(vals.dtype),
+            "shape": None if vals.dtype == object else tuple(vals.shape[1:]),
+            "units": str(info.get("units") or ""), "count": len(times),
+            "first_ns": int(times[0]) if len(times) else 0,
+            "last_ns": int(times[-1]) if len(times) else 0,
+        }
+
+    def _live_summary(self) -> list[dict[str, Any]]:
+        view = self._live
+        assert view is not None
+        s = view.samples
+        order = np.argsort(s["pv"], kind="stable")
+        bounds = np.searchsorted(s["pv"][order], np.arange(len(view.pv_names) + 1))
+        meta_pv = view.meta["pv"]
+        rows = []
+        for col, pv in enumerate(view.pv_names):
+            idx = order[bounds[col] : bounds[col + 1]]
+            n = len(idx)
+            kind, dtype, units = ValueKind.NONE, "none", ""
+            shape: tuple[int, ...] | None = ()
+            if n:
+                kind = KINDS_BY_CODE.get(int(s["kind"][idx[0]]), ValueKind.NONE)
+                code = int(s["dtype"][idx[0]])
+                dtype = ("utf-8" if code == STRING_DTYPE_CODE else
+                         DTYPE_BY_CODE[code].name if code in DTYPE_BY_CODE else "none")
+                if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
+                    sizes = s["size"][idx]
+                    same = kind is ValueKind.ARRAY and (sizes == sizes[0]).all()
+                    shape = (int(sizes[0]),) if same else None
+                first = np.flatnonzero(meta_pv == col)
+                if len(first):
+                    i = int(first[0])
+                    rest = decode_rest(view.text(int(view.meta["offset"][i]),
+                                                 int(view.meta["size"][i])))
+                    display = rest.get("d", {}).get("display")
+                    if isinstance(display, dict) and isinstance(display.get("units"), str):
+                        units = display["units"]
+            times = s["time"][idx]
+            rows.append({
+                "pv": pv, "kind": kind.value, "dtype": dtype, "shape": shape, "units": units,
+                "count": n, "first_ns": int(times[0]) if n else 0,
+                "last_ns": int(times[-1]) if n else 0,
+            })
+        return rows
 
     def first_count(self, pv: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """For each /iterations row: first row and number of this PV's values (XFEL INDEX)."""
@@ -522,6 +608,29 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
                     continue
         return Recording(found)
     return Recording(paths)
+
+
+def values_of(samples: list[PVSample]) -> npt.NDArray[Any]:
+    """The values of ``samples`` as :meth:`RecordingFile.values` returns them."""
+    if not samples:
+        return np.empty(0)
+    kind = samples[0].kind
+    vals = [s.value for s in samples]
+    if kind is ValueKind.ENUM:
+        return np.array([v.index if v is not None else -1 for v in vals], dtype=np.int64)
+    if kind in (ValueKind.SCALAR, ValueKind.BOOL) and all(
+        isinstance(v, np.generic) for v in vals
+    ):
+        return np.array(vals)
+    if kind is ValueKind.NDARRAY:
+        vals = [v.image() if v is not None and hasattr(v, "image") else v for v in vals]
+    if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
+        shapes = {getattr(v, "shape", None) for v in vals}
+        if len(shapes) == 1 and None not in shapes:
+            return np.stack(vals)
+    out = np.empty(len(vals), dtype=object)
+    out[:] = vals
+    return out
 
 
 def _column_items(a: npt.NDArray[Any]) -> list[Any]:

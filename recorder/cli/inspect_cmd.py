@@ -48,14 +48,9 @@ def run(args: argparse.Namespace) -> int:
             print()
         print(f"{'PV':40} {'kind':12} {'dtype':10} {'shape':12} {'units':8} {'count':>8}  "
               "first .. last time")
-        for pv in f.pv_names:
-            times = f.times(pv)
-            vals = f.values(pv)
-            info = f.pv_info(pv)
-            kind = info.get("kind", "-")
-            units = str(info.get("units") or "-")
-            shape = str(vals.shape[1:]) if vals.dtype != object else "varies"
-            print(f"{pv:40} {kind:12} {vals.dtype!s:10} {shape:12} {units:8} {len(times):>8}  "
-                  f"{_t(int(times[0])) if len(times) else '-'} .. "
-                  f"{_t(int(times[-1])) if len(times) else '-'}")
+        for row in f.summary():
+            shape = str(row["shape"]) if row["shape"] is not None else "varies"
+            print(f"{row['pv']:40} {row['kind']:12} {row['dtype']:10} {shape:12} "
+                  f"{row['units'] or '-':8} {row['count']:>8}  "
+                  f"{_t(row['first_ns'])} .. {_t(row['last_ns'])}")
     return 0

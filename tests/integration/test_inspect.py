@@ -1,0 +1,69 @@
+"""``k2eg-recorder inspect FILE`` on live and finalized files (its own process), and
+``RecordingFile.summary`` behind it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from test_hdf5_roundtrip import record
+
+from recorder.reader import open_file
+
+
+def _inspect(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "recorder.cli", "inspect", str(path)],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _rows(out: str) -> dict[str, list[str]]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("PV "))
+    return {line.split()[0]: line.split() for line in lines[start + 1 :]}
+
+
+def test_inspect_live_and_final(tmp_path: Path) -> None:
+    rec, sent = record(tmp_path, n_iter=5)
+    rec.flush()
+    live = rec.current_path
+    assert live is not None
+    got = _inspect(live)
+    assert got.returncode == 0, got.stderr
+    assert "format    k2eg-recorder 3.0 (live layout)" in got.stdout
+    assert "status    recording" in got.stdout
+    live_rows = _rows(got.stdout)
+    with open_file(live) as f:
+        live_summary = {r["pv"]: r for r in f.summary()}
+    (final,) = rec.close()
+    got = _inspect(final)
+    assert got.returncode == 0, got.stderr
+    out = got.stdout
+    assert "format    k2eg-recorder 3.0 (final layout)" in out
+    assert "status    complete" in out
+    assert "iterations 5 (4 complete, 1 incomplete)  iter_index 100..104" in out
+    rows = _rows(out)
+    assert set(rows) == set(sent) == set(live_rows)
+    # PV  kind  dtype  shape  units  count  first .. last
+    assert rows["F32"][1:6] == ["scalar", "float32", "()", "mm", "5"]
+    assert rows["W"][1:6] == ["array", "float32", "varies", "-", "5"]
+    assert rows["S"][1:3] == ["string", "utf-8"] and rows["T"][1:3] == ["table", "table"]
+    assert rows["F32"][6] == "2023-11-14T22:13:20.123+00:00"  # 1_700_000_000 s + 123 ms
+    assert rows["F32"][8] == "2023-11-14T22:13:24.123+00:00"
+    assert rows["N"][5:] == ["5", "-", "..", "-"]  # out-of-range time stamps: not typed
+    with open_file(final) as f:
+        summary = {r["pv"]: r for r in f.summary()}
+        for pv, samples in sent.items():
+            row = summary[pv]
+            assert row["count"] == len(samples) == live_summary[pv]["count"], pv
+            assert row["first_ns"] == live_summary[pv]["first_ns"], pv
+            assert row["last_ns"] == live_summary[pv]["last_ns"], pv
+            assert row["units"] == live_summary[pv]["units"], pv
+            assert row["kind"] == samples[0].kind.value or pv in ("SA", "T", "X"), pv
+
+
+def test_inspect_not_a_recording(tmp_path: Path) -> None:
+    bad = tmp_path / "x.h5"
+    bad.write_bytes(b"not hdf5")
+    got = _inspect(bad)
+    assert got.returncode == 1 and str(bad) in got.stdout
