@@ -31,7 +31,7 @@ import numpy.typing as npt
 from recorder.client.values import PVSample, ValueKind
 from recorder.errors import FileFormatError
 from recorder.sinks.bridge.mapping import IterationInfo, Train, build_train, stacked_for
-from recorder.sinks.buffer import REASON_NAMES, STATUS_NAMES, merge_tags
+from recorder.sinks.buffer import REASON_NAMES, SAMPLE_COLUMNS, STATUS_NAMES, merge_tags
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
     F_MESSAGE,
@@ -215,7 +215,7 @@ class RecordingFile:
 
     def _column(self, pv: str, name: str) -> npt.NDArray[Any]:
         if self._live is not None:
-            return self._live.samples[name][self._live_rows(pv)]
+            return self._live.samples.take((name,), self._live_rows(pv))[name]
         return np.asarray(self._group(pv)[name][()])
 
     def times(self, pv: str) -> npt.NDArray[np.int64]:
@@ -385,7 +385,7 @@ class RecordingFile:
         assert view is not None
         col = view.pv_names.index(pv)
         idx = self._live_rows(pv)
-        s = {k: v[idx] for k, v in view.samples.items()}
+        s = view.samples.take(SAMPLE_COLUMNS, idx)
         sel = np.flatnonzero(view.meta["pv"] == col)
         entries = [
             (int(view.meta["row"][i]), int(view.meta["offset"][i]), int(view.meta["size"][i]))

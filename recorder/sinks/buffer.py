@@ -961,10 +961,11 @@ def merge_tags(
     iter_index: npt.NDArray[np.int64],
     offset: npt.NDArray[np.int64],
     size: npt.NDArray[np.int64],
-    byte_pool: npt.NDArray[np.uint8],
+    byte_pool: Any,
 ) -> dict[int, dict[str, str]]:
     """/live/tags rows -> iter_index -> tags (several rows for one iteration are merged in
-    order, later keys win)."""
+    order, later keys win); ``byte_pool[a:b]`` gives the bytes (a uint8 array or a
+    :class:`~recorder.sinks.livefile.LivePool`)."""
     out: dict[int, dict[str, str]] = {}
     for i, o, z in zip(iter_index.tolist(), offset.tolist(), size.tolist(), strict=True):
         raw = byte_pool[o : o + z].tobytes().decode("utf-8", "replace")

@@ -9,7 +9,10 @@ readers (and ``recover``) use the last one whose lengths are all present.
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,19 +177,123 @@ class LiveWriter:
         self.f.flush()
 
 
+WINDOW_BYTES = 4 << 20
+"""A live pool is read in windows of this size (strings, JSON, waveform elements)."""
+WINDOWS_KEPT = 4
+SAMPLE_CACHE_BYTES = 256 << 20
+"""Sample columns read whole and kept, at most this much; beyond it only the rows asked for."""
+BLOCK_ROWS = 1 << 20  # rows per read when only some rows of a column are wanted
+
+
+class LivePool:
+    """The committed part of a live pool (``/live/pool_*``, ``/live/bytes``), read on demand.
+
+    ``pool[a:b]`` is served from windows of :data:`WINDOW_BYTES` (the last
+    :data:`WINDOWS_KEPT` kept, so rows of one PV, appended in order, read each window once);
+    a slice wider than a window is read directly. The pool is never read whole: waveform
+    and image data of a large live file stay on disk until a PV's samples are asked for."""
+
+    def __init__(self, ds: h5py.Dataset, n: int) -> None:
+        self.ds = ds
+        self.n = n
+        self.dtype = ds.dtype
+        self.window = max(1, WINDOW_BYTES // ds.dtype.itemsize)
+        self.windows: OrderedDict[int, npt.NDArray[Any]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, sl: slice) -> npt.NDArray[Any]:
+        start, stop, step = sl.indices(self.n)
+        if step != 1:
+            raise ValueError("LivePool slices are contiguous")
+        if stop <= start:
+            return np.zeros(0, dtype=self.dtype)
+        k, last = start // self.window, (stop - 1) // self.window
+        if k != last:
+            result: npt.NDArray[Any] = self.ds[start:stop]
+            return result
+        base = k * self.window
+        return self._window(k)[start - base : stop - base]
+
+    def _window(self, k: int) -> npt.NDArray[Any]:
+        got = self.windows.get(k)
+        if got is None:
+            got = self.ds[k * self.window : min(self.n, (k + 1) * self.window)]
+            self.windows[k] = got
+            if len(self.windows) > WINDOWS_KEPT:
+                self.windows.popitem(last=False)
+        else:
+            self.windows.move_to_end(k)
+        return got
+
+
+class LiveColumns(Mapping[str, npt.NDArray[Any]]):
+    """The committed ``/live/samples`` columns, each read when first used.
+
+    ``cols[name]`` reads and keeps the whole column; :meth:`take` gives some rows of
+    several columns, from whole columns while they fit :data:`SAMPLE_CACHE_BYTES`, else
+    read in blocks keeping only those rows (memory: the rows, not the file)."""
+
+    def __init__(self, group: h5py.Group, n: int) -> None:
+        self.group = group
+        self.n = n
+        self.loaded: dict[str, npt.NDArray[Any]] = {}
+        self.loaded_bytes = 0
+
+    def __getitem__(self, name: str) -> npt.NDArray[Any]:
+        got = self.loaded.get(name)
+        if got is None:
+            if name not in SAMPLE_COLUMNS:
+                raise KeyError(name)
+            got = self.group[name][: self.n]
+            self.loaded[name] = got
+            self.loaded_bytes += got.nbytes
+        return got
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SAMPLE_COLUMNS)
+
+    def __len__(self) -> int:
+        return len(SAMPLE_COLUMNS)
+
+    def take(self, names: Iterable[str],
+             rows: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[Any]]:
+        """Columns ``names`` at ``rows`` (ascending)."""
+        out: dict[str, npt.NDArray[Any]] = {}
+        for name in names:
+            size = self.n * SAMPLE_COLUMNS[name].itemsize
+            if name in self.loaded or self.loaded_bytes + size <= SAMPLE_CACHE_BYTES:
+                out[name] = self[name][rows]
+            else:
+                out[name] = self._rows(name, rows)
+        return out
+
+    def _rows(self, name: str, rows: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        ds = self.group[name]
+        result = np.empty(len(rows), dtype=SAMPLE_COLUMNS[name])
+        cuts = np.searchsorted(rows, np.arange(0, self.n + BLOCK_ROWS, BLOCK_ROWS)).tolist()
+        for a, b in itertools.pairwise(cuts):
+            if b > a:
+                lo, hi = int(rows[a]), int(rows[b - 1]) + 1
+                result[a:b] = ds[lo:hi][rows[a:b] - lo]
+        return result
+
+
 @dataclass(slots=True)
 class LiveView:
-    """The committed content of a live file, as numpy arrays (read fully)."""
+    """The committed content of a live file: small tables read, sample columns and pools
+    read on demand (:class:`LiveColumns`, :class:`LivePool`)."""
 
     attrs: dict[str, Any]
     pv_names: list[str]
-    samples: dict[str, npt.NDArray[Any]]
+    samples: LiveColumns
     meta: dict[str, npt.NDArray[Any]]
     iterations: dict[str, npt.NDArray[Any]]
     kafka: dict[str, npt.NDArray[Any]]
     tags: dict[str, npt.NDArray[Any]]
-    byte_pool: npt.NDArray[np.uint8]
-    pools: dict[int, npt.NDArray[Any]]
+    byte_pool: LivePool
+    pools: dict[int, LivePool]
     status: str
     last_commit_ns: int
     n_commits: int
@@ -276,19 +383,19 @@ def read_live(f: h5py.File) -> LiveView:
     limits = commit.limits
     status, commit_ns, n_commits = commit.status, commit.time_ns, commit.n_commits
     ns, ni, nm = limits["n_samples"], limits["n_iterations"], limits["n_meta"]
-    byte_pool = live["bytes"][: limits["n_bytes"]]
+    byte_pool = LivePool(live["bytes"], limits["n_bytes"])
     names = read_pv_names(f, commit)
     return LiveView(
         attrs=dict(f.attrs),
         pv_names=names,
-        samples={k: live["samples"][k][:ns] for k in SAMPLE_COLUMNS},
+        samples=LiveColumns(live["samples"], ns),
         meta={k: live["meta"][k][:nm] for k in META_COLUMNS},
         iterations={k: f["iterations"][k][:ni] for k in ITERATION_COLUMNS},
         kafka={k: live["kafka"][k][: limits["n_kafka"]] for k in KAFKA_COLUMNS},
         tags={k: live["tags"][k][: limits["n_tags"]] for k in TAG_COLUMNS},
         byte_pool=byte_pool,
         pools={
-            code: live[f"pool_{name}"][: limits[f"n_pool_{name}"]]
+            code: LivePool(live[f"pool_{name}"], limits[f"n_pool_{name}"])
             for code, name in POOL_NAMES.items()
         },
         status=status,

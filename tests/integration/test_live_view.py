@@ -1,0 +1,61 @@
+"""Reading a live file reads what is asked for: sample columns when used, pools in windows.
+
+A live file of waveforms can be far larger than memory; opening it, listing PVs and
+iterations must not read its element pools, and one PV's samples read its rows, not the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_hdf5_roundtrip import record, same
+
+from recorder.reader import open_file
+from recorder.sinks import livefile
+
+
+def test_open_reads_no_samples_and_pools_in_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(livefile, "WINDOW_BYTES", 1024)
+    rec, sent = record(tmp_path, n_iter=30)
+    rec.flush()
+    live = rec.current_path
+    assert live is not None
+    with open_file(live) as f:
+        view = f._live
+        assert view is not None
+        assert set(f.pv_names) == set(sent)
+        assert len(f.iterations()["iter_index"]) == 30
+        assert view.samples.loaded == {}  # nothing of /live/samples read yet
+        assert all(not p.windows for p in view.pools.values())
+        assert len(f.times("W")) == 30
+        assert set(view.samples.loaded) == {"pv", "time"}
+        for pv in ("W", "WI", "IMG", "S"):
+            same(f.samples(pv), sent[pv])
+        pools = [p for p in view.pools.values() if p.n]
+        assert pools and all(len(p.windows) <= livefile.WINDOWS_KEPT for p in pools)
+        # the float32 pool of W (up to 87 elements a row) spans many 1 KiB windows
+        assert max(p.n * p.dtype.itemsize for p in pools) > 4 * 1024
+    rec.close()
+
+
+def test_rows_read_in_blocks_beyond_the_cache_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(livefile, "SAMPLE_CACHE_BYTES", 0)
+    monkeypatch.setattr(livefile, "BLOCK_ROWS", 7)
+    rec, sent = record(tmp_path, n_iter=12)
+    rec.flush()
+    live = rec.current_path
+    assert live is not None
+    with open_file(live) as f:
+        view = f._live
+        assert view is not None
+        for pv, samples in sent.items():
+            same(f.samples(pv), samples)
+            assert len(f.times(pv)) == len(samples)
+        assert set(view.samples.loaded) == {"pv"}  # only the PV index column, kept
+        assert f.first_count("F32")[1].tolist() == [1] * 12
+    rec.close()
