@@ -14,14 +14,8 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from test_hdf5_roundtrip import same
+from test_hdf5_roundtrip import record_closed, same
 
-from recorder.client.events import (
-    IterationClosed,
-    IterationOpened,
-    IterationStatus,
-    ValuesReceived,
-)
 from recorder.client.values import PVSample
 from recorder.reader import open_file
 from recorder.sinks import finalize as finalize_module
@@ -75,16 +69,7 @@ def _samples(i: int) -> list[PVSample]:
 
 def _record(directory: Path) -> tuple[Path, dict[str, list[PVSample]]]:
     rec = HDF5Recording(OutputOptions(directory=directory), run_name="msg")
-    sent: dict[str, list[PVSample]] = {}
-    for i in range(N):
-        samples = _samples(i)
-        rec.handle(IterationOpened("t", "s", i, i))
-        rec.handle(ValuesReceived("t", i, 1, 1, tuple(samples)))
-        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
-        for s in samples:
-            sent.setdefault(s.pv, []).append(s)
-    (path,) = rec.close()
-    return path, sent
+    return record_closed(rec, N, _samples)
 
 
 def _messages(sent: list[PVSample]) -> list[Any]:

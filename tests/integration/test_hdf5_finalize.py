@@ -12,9 +12,8 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from test_hdf5_roundtrip import _ts, record, same
+from test_hdf5_roundtrip import _ts, record, same, write_iteration
 
-from recorder.client.events import IterationClosed, IterationOpened, IterationStatus
 from recorder.client.values import PVSample
 from recorder.reader import open_file
 from recorder.sinks import hdf5 as hdf5_module
@@ -104,7 +103,6 @@ def test_typed_table_and_string_array_layout(tmp_path: Path) -> None:
 
 
 def test_table_schema_change_stays_lossless(tmp_path: Path) -> None:
-    from recorder.client.events import ValuesReceived
     from recorder.sinks.hdf5 import HDF5Recording
     from recorder.sinks.options import OutputOptions
 
@@ -122,9 +120,7 @@ def test_table_schema_change_stays_lossless(tmp_path: Path) -> None:
     for i, tbl in enumerate(tables):
         s = PVSample("T", {**tbl, "timeStamp": _ts(i)})
         sent.append(s)
-        rec.handle(IterationOpened("t", "s", i, i))
-        rec.handle(ValuesReceived("t", i, 1, 1, (s,)))
-        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
+        write_iteration(rec, i, (s,))
     (path,) = rec.close()
     with open_file(path) as f:
         same(f.samples("T"), sent)

@@ -9,14 +9,8 @@ from typing import Any
 
 import h5py
 import pytest
-from test_hdf5_roundtrip import same
+from test_hdf5_roundtrip import record_closed, same, write_iteration
 
-from recorder.client.events import (
-    IterationClosed,
-    IterationOpened,
-    IterationStatus,
-    ValuesReceived,
-)
 from recorder.client.values import PVSample
 from recorder.reader import open_file
 from recorder.sinks import hdf5 as hdf5_module
@@ -59,16 +53,7 @@ def _samples(i: int) -> list[PVSample]:
 def _record(directory: Path) -> tuple[Path, dict[str, list[PVSample]]]:
     rec = HDF5Recording(OutputOptions(directory=directory), run_name="v2",
                         pv_uris=["pva://A1", "ca://B"])
-    sent: dict[str, list[PVSample]] = {}
-    for i in range(N_ITER):
-        samples = _samples(i)
-        rec.handle(IterationOpened("t", "s", i, i))
-        rec.handle(ValuesReceived("t", i, 1, 1, tuple(samples)))
-        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
-        for s in samples:
-            sent.setdefault(s.pv, []).append(s)
-    (path,) = rec.close()
-    return path, sent
+    return record_closed(rec, N_ITER, _samples)
 
 
 def _info(h: h5py.File) -> dict[str, Any]:
@@ -145,9 +130,7 @@ def test_alarm_messages_row_by_row_live_and_final(tmp_path: Path) -> None:
                                      "message": text}}),
             PVSample("Q", {"value": float(i), "timeStamp": _ts(100 + i)}),  # no alarm
         )
-        rec.handle(IterationOpened("t", "s", i, i))
-        rec.handle(ValuesReceived("t", i, 1, 1, samples))
-        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
+        write_iteration(rec, i, samples)
     rec.flush()
     live_path = rec.current_path
     assert live_path is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,27 @@ def make_samples(i: int) -> list[PVSample]:
                        "alarm": {"severity": "bad"}}),  # type change + odd alarm
         PVSample("Z", {"value": "a\x00b" if i == 2 else "ok", "timeStamp": _ts(i)}),
     ]
+
+
+def write_iteration(rec: HDF5Recording, i: int, samples: Iterable[PVSample]) -> None:
+    """Iteration ``i`` (iter_index and timestamps ``i``) with ``samples`` in one batch."""
+    rec.handle(IterationOpened("t", "s", i, i))
+    rec.handle(ValuesReceived("t", i, 1, 1, tuple(samples)))
+    rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
+
+
+def record_closed(rec: HDF5Recording, n_iter: int,
+                  samples_of: Callable[[int], list[PVSample]]
+                  ) -> tuple[Path, dict[str, list[PVSample]]]:
+    """Iterations 0..n_iter-1 of ``samples_of(i)``, then close: (the one file, sent by PV)."""
+    sent: dict[str, list[PVSample]] = {}
+    for i in range(n_iter):
+        samples = samples_of(i)
+        write_iteration(rec, i, samples)
+        for s in samples:
+            sent.setdefault(s.pv, []).append(s)
+    (path,) = rec.close()
+    return path, sent
 
 
 def same(a: list[PVSample], b: list[PVSample]) -> None:

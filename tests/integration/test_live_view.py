@@ -6,26 +6,36 @@ iterations must not read its element pools, and one PV's samples read its rows, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from test_hdf5_roundtrip import record, same
 
-from recorder.reader import open_file
+from recorder.client.values import PVSample
+from recorder.reader import RecordingFile, open_file
 from recorder.sinks import livefile
+
+
+@contextmanager
+def _live(tmp_path: Path, n_iter: int) -> Iterator[
+        tuple[RecordingFile, livefile.LiveView, dict[str, list[PVSample]]]]:
+    """The round-trip fixture's recording, flushed and opened while still live."""
+    rec, sent = record(tmp_path, n_iter=n_iter)
+    rec.flush()
+    assert rec.current_path is not None
+    with open_file(rec.current_path) as f:
+        assert f._live is not None
+        yield f, f._live, sent
+    rec.close()
 
 
 def test_open_reads_no_samples_and_pools_in_windows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(livefile, "WINDOW_BYTES", 1024)
-    rec, sent = record(tmp_path, n_iter=30)
-    rec.flush()
-    live = rec.current_path
-    assert live is not None
-    with open_file(live) as f:
-        view = f._live
-        assert view is not None
+    with _live(tmp_path, 30) as (f, view, sent):
         assert set(f.pv_names) == set(sent)
         assert len(f.iterations()["iter_index"]) == 30
         assert view.samples.loaded == {}  # nothing of /live/samples read yet
@@ -38,7 +48,6 @@ def test_open_reads_no_samples_and_pools_in_windows(
         assert pools and all(len(p.windows) <= livefile.WINDOWS_KEPT for p in pools)
         # the float32 pool of W (up to 87 elements a row) spans many 1 KiB windows
         assert max(p.n * p.dtype.itemsize for p in pools) > 4 * 1024
-    rec.close()
 
 
 def test_rows_read_in_blocks_beyond_the_cache_budget(
@@ -46,16 +55,9 @@ def test_rows_read_in_blocks_beyond_the_cache_budget(
 ) -> None:
     monkeypatch.setattr(livefile, "SAMPLE_CACHE_BYTES", 0)
     monkeypatch.setattr(livefile, "BLOCK_ROWS", 7)
-    rec, sent = record(tmp_path, n_iter=12)
-    rec.flush()
-    live = rec.current_path
-    assert live is not None
-    with open_file(live) as f:
-        view = f._live
-        assert view is not None
+    with _live(tmp_path, 12) as (f, view, sent):
         for pv, samples in sent.items():
             same(f.samples(pv), samples)
             assert len(f.times(pv)) == len(samples)
         assert set(view.samples.loaded) == {"pv"}  # only the PV index column, kept
         assert f.first_count("F32")[1].tolist() == [1] * 12
-    rec.close()

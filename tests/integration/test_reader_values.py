@@ -7,14 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from test_hdf5_roundtrip import record
+from test_hdf5_roundtrip import record, write_iteration
 
-from recorder.client.events import (
-    IterationClosed,
-    IterationOpened,
-    IterationStatus,
-    ValuesReceived,
-)
 from recorder.client.values import PVSample
 from recorder.reader import open_file, values_of
 from recorder.sinks.hdf5 import HDF5Recording
@@ -59,9 +53,7 @@ def test_equal_length_waveforms_are_one_array(tmp_path: Path) -> None:
         s = PVSample("WF", {"value": [float(i + k) for k in range(8)],
                             "timeStamp": {"secondsPastEpoch": 1, "nanoseconds": i}})
         sent.append(s)
-        rec.handle(IterationOpened("t", "s", i, i))
-        rec.handle(ValuesReceived("t", i, 1, 1, (s,)))
-        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
+        write_iteration(rec, i, (s,))
     (path,) = rec.close()
     with open_file(path) as f:
         got = f.values("WF")
