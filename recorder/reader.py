@@ -16,6 +16,7 @@ zstd/blosc2 need ``hdf5plugin``; it is imported here when installed.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -48,6 +49,8 @@ from recorder.sinks.livefile import LiveView, read_live
 with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
     import hdf5plugin  # noqa: F401
 
+TRAIN_WINDOW_VALUES = 65_536
+"""trains() reads this many values (about) at a time."""
 SUPPORTED_MAJORS = ("1", "2", "3")  # the live layout is the same in all; the final one differs
 
 
@@ -376,15 +379,25 @@ class RecordingFile:
         cached = self._cache.get(pv)
         if cached is not None:
             return cached
-        out = self._live_samples(pv) if self._live is not None else self._final_samples(pv)
+        out = self.samples_range(pv, 0, None)
         self._cache[pv] = out
         return out
 
-    def _live_samples(self, pv: str) -> list[PVSample]:
+    def samples_range(self, pv: str, lo: int, hi: int | None) -> list[PVSample]:
+        """The PV's samples of rows ``lo:hi`` (not cached): reads only those rows and the
+        metadata entry in effect at ``lo``."""
+        cached = self._cache.get(pv)
+        if cached is not None:
+            return cached[lo:hi]
+        if self._live is not None:
+            return self._live_samples(pv, lo, hi)
+        return self._final_samples(pv, lo, hi)
+
+    def _live_samples(self, pv: str, lo: int, hi: int | None) -> list[PVSample]:
         view = self._live
         assert view is not None
         col = view.pv_names.index(pv)
-        idx = self._live_rows(pv)
+        idx = self._live_rows(pv)[lo:hi]
         s = view.samples.take(SAMPLE_COLUMNS, idx)
         sel = np.flatnonzero(view.meta["pv"] == col)
         entries = [
@@ -393,9 +406,9 @@ class RecordingFile:
         ]
         out: list[PVSample] = []
         rest: dict[str, Any] = {"d": {}, "f": []}
-        j = 0
+        j = max(0, bisect.bisect_right([e[0] for e in entries], lo) - 1)  # in effect at lo
         for r in range(len(idx)):
-            while j < len(entries) and entries[j][0] <= r:
+            while j < len(entries) and entries[j][0] <= lo + r:
                 rest = decode_rest(view.text(entries[j][1], entries[j][2]))
                 j += 1
             flags = int(s["flags"][r])
@@ -412,14 +425,18 @@ class RecordingFile:
             out.append(PVSample(pv, data, frozenset(rest.get("f", ()))))
         return out
 
-    def _final_samples(self, pv: str) -> list[PVSample]:
+    def _final_samples(self, pv: str, lo: int, hi: int | None) -> list[PVSample]:
         g = self._group(pv)
         info = self._pv_info(pv)
         kind = ValueKind(info["kind"])
-        n = int(info.get("count", len(g["time"])))
-        cols = {k: g[k][()] for k in ("time", "severity", "status")}
+        n_all = int(info.get("count", len(g["time"])))
+        lo, hi, _ = slice(lo, hi).indices(n_all)
+        hi = max(lo, hi)
+        n = hi - lo
+        rows = slice(lo, hi)
+        cols = {k: g[k][rows] for k in ("time", "severity", "status")}
         if "flags" in g:
-            cols["flags"] = g["flags"][()]
+            cols["flags"] = g["flags"][rows]
         else:  # 2.x: the same flags in every row, in /pv_info
             cols["flags"] = np.full(n, int(info["flags"]), dtype=np.uint8)
         value: Any = None
@@ -427,28 +444,28 @@ class RecordingFile:
         if "value" in g and isinstance(g["value"], h5py.Group):  # NTTable: one dataset a column
             vg = g["value"]
             names = [str(c) for c in _plain(vg.attrs["columns"])]
-            table = [(c, vg[escape_name(c)][()]) for c in names]
+            table = [(c, vg[escape_name(c)][rows]) for c in names]
         elif "value" in g:
-            value = g["value"][()]
-        shape = g["shape"][()] if "shape" in g else None
-        codes, texts = self._message_column(g)
+            value = g["value"][rows]
+        shape = g["shape"][rows] if "shape" in g else None
+        codes, texts = self._message_column(g, rows)
         storage = str(info.get("storage_dtype", "none"))
         meta_rows: npt.NDArray[Any] = np.zeros(0, np.int64)
         meta_json: Any = []
         if "metadata" in g:  # 1.x always; 2.x when the metadata changed after row 0
             meta_rows, meta_json = g["metadata/row"][()], g["metadata/json"][()]
-        elif info.get("metadata") and n:  # 2.x: row 0's metadata is in /pv_info
+        elif info.get("metadata") and n_all:  # 2.x: row 0's metadata is in /pv_info
             meta_rows, meta_json = np.zeros(1, np.int64), [info["metadata"]]
         out: list[PVSample] = []
         rest: dict[str, Any] = {"d": {}, "f": []}
-        j = 0
+        j = max(0, int(np.searchsorted(meta_rows, lo, "right")) - 1)  # in effect at lo
         kind_code = {k: c for c, k in KINDS_BY_CODE.items()}[kind]
         scalar_kind = None
         if storage not in ("utf-8", "table", "none") and shape is None:
             code = {dt.name: c for c, dt in DTYPE_BY_CODE.items()}[storage]
             scalar_kind = DTYPE_BY_CODE[code].kind
         for r in range(n):
-            while j < len(meta_rows) and int(meta_rows[j]) <= r:
+            while j < len(meta_rows) and int(meta_rows[j]) <= lo + r:
                 raw = meta_json[j]
                 rest = decode_rest(raw if isinstance(raw, bytes) else raw.encode())
                 j += 1
@@ -492,12 +509,14 @@ class RecordingFile:
         return out
 
     @staticmethod
-    def _message_column(g: h5py.Group) -> tuple[npt.NDArray[Any], list[str]]:
-        """``alarm_message`` codes and texts (3.x, PVs whose structure changes), else none."""
+    def _message_column(g: h5py.Group, rows: slice = slice(None)
+                        ) -> tuple[npt.NDArray[Any], list[str]]:
+        """``alarm_message`` codes (of ``rows``) and texts (3.x, PVs whose structure
+        changes), else none."""
         if "alarm_message" not in g:
             return np.zeros(0, np.int32), []
         ds = g["alarm_message"]
-        return ds[()], [str(t) for t in _plain(ds.attrs["texts"])]
+        return ds[rows], [str(t) for t in _plain(ds.attrs["texts"])]
 
     # --- iteration by iteration ---------------------------------------------------------------
     def trains(self) -> Iterator[Train]:
@@ -514,20 +533,35 @@ class RecordingFile:
         stacked = stacked_for(self.attrs.get("snapshot_type"))
         run_name = str(self.attrs.get("run_name", ""))
         snapshot_name = str(self.attrs.get("snapshot_name", ""))
-        for row in range(len(its["iter_index"])):
-            samples: list[PVSample] = []
+        n_rows = len(its["iter_index"])
+        # a window of iterations at a time: each PV's rows of the window are read at once,
+        # so memory holds one window, not the file (TRAIN_WINDOW_VALUES values)
+        per_iteration = max(1, sum(int(c.sum()) for _, c in index.values()) // max(1, n_rows))
+        window = max(1, TRAIN_WINDOW_VALUES // per_iteration)
+        for k0 in range(0, n_rows, window):
+            k1 = min(n_rows, k0 + window)
+            rows: dict[str, tuple[int, list[PVSample]]] = {}
             for pv, (first, count) in index.items():
-                c = int(count[row])
-                if c:
-                    lo = int(first[row])
-                    samples.extend(self.samples(pv)[lo : lo + c])
-            yield build_train(
-                IterationInfo.from_columns(its, row),
-                samples,
-                stacked=stacked,
-                run_name=run_name,
-                snapshot_name=snapshot_name,
-            )
+                counts = count[k0:k1]
+                if counts.any():
+                    lo = int(first[k0])
+                    hi = int((first[k0:k1] + counts).max())
+                    rows[pv] = (lo, self.samples_range(pv, lo, hi))
+            for row in range(k0, k1):
+                samples: list[PVSample] = []
+                for pv, (first, count) in index.items():
+                    n = int(count[row])
+                    if n:
+                        lo, window_samples = rows[pv]
+                        a = int(first[row]) - lo
+                        samples.extend(window_samples[a : a + n])
+                yield build_train(
+                    IterationInfo.from_columns(its, row),
+                    samples,
+                    stacked=stacked,
+                    run_name=run_name,
+                    snapshot_name=snapshot_name,
+                )
 
     def close(self) -> None:
         self.h5.close()

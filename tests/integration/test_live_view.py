@@ -1,4 +1,5 @@
-"""Reading a live file reads what is asked for: sample columns when used, pools in windows.
+"""Reading reads what is asked for: live sample columns when used, pools in windows, trains
+a window of iterations at a time.
 
 A live file of waveforms can be far larger than memory; opening it, listing PVs and
 iterations must not read its element pools, and one PV's samples read its rows, not the file.
@@ -11,8 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from bridge_support import assert_same
 from test_hdf5_roundtrip import record, same
 
+from recorder import reader
 from recorder.client.values import PVSample
 from recorder.reader import RecordingFile, open_file
 from recorder.sinks import livefile
@@ -61,3 +64,32 @@ def test_rows_read_in_blocks_beyond_the_cache_budget(
             assert len(f.times(pv)) == len(samples)
         assert set(view.samples.loaded) == {"pv"}  # only the PV index column, kept
         assert f.first_count("F32")[1].tolist() == [1] * 12
+
+
+@pytest.mark.parametrize("window_values", [1, 40, 65_536])
+def test_trains_read_a_window_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        window_values: int) -> None:
+    """trains() over windows of iterations (1, a few, all) gives what it gives from every
+    PV's samples held in memory, on the live and the finalized file, and keeps none."""
+    rec, _ = record(tmp_path, n_iter=12)
+    rec.flush()
+    live = rec.current_path
+    assert live is not None
+
+    def both(path: Path) -> None:
+        with open_file(path) as whole:
+            for pv in whole.pv_names:
+                whole.samples(pv)  # cached: trains() slices them
+            expected = list(whole.trains())
+        monkeypatch.setattr(reader, "TRAIN_WINDOW_VALUES", window_values)
+        with open_file(path) as f:
+            got = list(f.trains())
+            assert f._cache == {}  # nothing kept beyond a window
+        monkeypatch.undo()
+        assert len(got) == len(expected) == 12
+        for a, b in zip(got, expected, strict=True):
+            assert_same(a, b)
+
+    both(live)
+    (final,) = rec.close()
+    both(final)
