@@ -605,6 +605,15 @@ class Recording:
     def alarm_messages(self, pv: str) -> npt.NDArray[Any]:
         return self._cat("alarm_messages", pv)
 
+    def severity(self, pv: str) -> npt.NDArray[Any]:
+        return self._cat("severity", pv)
+
+    def alarm_status(self, pv: str) -> npt.NDArray[Any]:
+        return self._cat("alarm_status", pv)
+
+    def samples(self, pv: str) -> list[PVSample]:
+        return [s for f in self.files if pv in f.pv_names for s in f.samples(pv)]
+
     def trains(self) -> Iterator[Train]:
         for f in self.files:
             yield from f.trains()

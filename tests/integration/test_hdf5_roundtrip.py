@@ -247,6 +247,10 @@ def test_triggered_sparse_and_segments(tmp_path: Path) -> None:
     with open_recording(paths[0]) as r:
         assert r.values("A").tolist() == [0, 1, 2, 3, 4]
         assert r.values("B").tolist() == ["late pv"]
+        assert [int(x.value) for x in r.samples("A")] == [0, 1, 2, 3, 4]
+        assert r.severity("A").tolist() == r.alarm_status("A").tolist() == [-1] * 5
+        assert r.times("A").tolist() == [(1_700_000_000 + i) * 10**9 + 123_456_789
+                                         for i in range(5)]
     with h5py.File(paths[0], "r") as h:
         # small datasets are compact (uncompressed, readable without the plugin); chunked
         # ones are zstd-compressed and say so
