@@ -4,14 +4,17 @@ bridge options; no sockets."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from recorder.client.events import IncompleteReason, IterationClosed, IterationStatus
-from recorder.client.values import PVSample
+from recorder.client.values import PVSample, ValueKind, typed_array
 from recorder.sinks.bridge import (
     RECORDER_SOURCE,
     BridgeOptions,
@@ -20,7 +23,7 @@ from recorder.sinks.bridge import (
     flatten_sample,
     stacked_for,
 )
-from recorder.sinks.bridge.mapping import karabo_timestamp, plain
+from recorder.sinks.bridge.mapping import _flatten, _scalar, karabo_timestamp, plain
 from recorder.sinks.options import OutputOptions
 
 SEC = 1_700_000_000
@@ -262,3 +265,45 @@ def test_create_bridge_sink_without_the_extra_says_how_to_install(
     monkeypatch.setitem(sys.modules, "recorder.sinks.bridge.sink", None)  # import fails
     with pytest.raises(SinkError, match=r"k2eg-recorder\[bridge\]"):
         create_bridge_sink(BridgeOptions(rep=0), run_name="x")  # type: ignore[arg-type]
+
+
+# --- the inline leaves of _flatten against the plain recursion ---------------------------------
+def _flatten_reference(value: Any, path: str, f32: frozenset[str], out: dict[str, Any]) -> None:
+    """_flatten before its leaves were inlined: recursion for every item."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _flatten_reference(item, f"{path}.{key}", f32, out)
+    elif isinstance(value, list):
+        kind, typed = typed_array(value, path in f32)
+        out[path] = (typed if kind is ValueKind.ARRAY else list(typed)
+                     if kind is ValueKind.STRING_ARRAY else value)
+    else:
+        out[path] = _scalar(value, path, f32)
+
+
+_LEAVES = st.one_of(
+    st.floats(allow_nan=True), st.integers(min_value=-(2**65), max_value=2**65), st.booleans(),
+    st.none(), st.text(max_size=5), st.lists(st.floats(allow_nan=False), max_size=3),
+    st.lists(st.integers(-5, 5), max_size=3), st.lists(st.text(max_size=2), max_size=2),
+)
+_TREES = st.recursive(_LEAVES, lambda kids: st.dictionaries(st.sampled_from(
+    ["value", "alarm", "a", "b", "severity", "x.y"]), kids, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tree=st.dictionaries(st.sampled_from(["display", "alarm", "s"]), _TREES, max_size=3),
+       f32=st.sets(st.sampled_from(["display.a", "alarm.value", "s", "display.value.b"])))
+def test_flatten_inline_leaves_equal_the_recursion(tree: dict[str, Any], f32: set[str]) -> None:
+    got: dict[str, Any] = {}
+    want: dict[str, Any] = {}
+    _flatten(tree, "p", frozenset(f32), got)
+    _flatten_reference(tree, "p", frozenset(f32), want)
+    assert list(got) == list(want)
+    for k, b in want.items():
+        a = got[k]
+        assert type(a) is type(b), k
+        if isinstance(b, np.ndarray):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert a == b or (a != a and b != b), k  # noqa: PLR0124 - NaN

@@ -200,9 +200,20 @@ def _scalar(value: Any, path: str, float32_paths: frozenset[str]) -> Any:
 
 
 def _flatten(value: Any, path: str, float32_paths: frozenset[str], out: dict[str, Any]) -> None:
-    if isinstance(value, Mapping):
+    if value.__class__ is dict or isinstance(value, Mapping):
         for key, item in value.items():
-            _flatten(item, f"{path}.{key}", float32_paths, out)
+            sub = f"{path}.{key}"
+            # the common leaves inline (exact classes; bool is not int here), the rest recurses:
+            # the same result as _flatten(item, ...), 2x faster for NT structures
+            cls = item.__class__
+            if cls is float:
+                out[sub] = np.float32(item) if sub in float32_paths else np.float64(item)
+            elif cls is str:
+                out[sub] = item
+            elif cls is int and INT64_MIN <= item <= INT64_MAX:
+                out[sub] = np.int64(item)
+            else:
+                _flatten(item, sub, float32_paths, out)
     elif isinstance(value, list):
         kind, typed = typed_array(value, path in float32_paths)
         if kind is ValueKind.ARRAY:
