@@ -256,11 +256,33 @@ class RecordingFile:
         the same shape (else an object array of arrays), strings/tables/structures as objects,
         enums as the index. From a finalized file's ``value`` dataset directly when every row
         of the PV is in it (no per-row objects: as fast as h5py), else from :meth:`samples`."""
-        if self._live is None:
-            direct = self._final_values(pv)
-            if direct is not None:
-                return direct
+        direct = self._final_values(pv) if self._live is None else self._live_values(pv)
+        if direct is not None:
+            return direct
         return values_of(self.samples(pv))
+
+    def _live_values(self, pv: str) -> npt.NDArray[Any] | None:
+        """:meth:`values` of a live PV from its inline columns (``fval``/``ival``) when every
+        row is a typed scalar, bool or enum of one dtype; else None."""
+        view = self._live
+        assert view is not None
+        rows = self._live_rows(pv)
+        if pv in self._cache or not len(rows):
+            return None
+        s = view.samples.take(("flags", "kind", "dtype"), rows)
+        kind, code = int(s["kind"][0]), int(s["dtype"][0])
+        vkind = KINDS_BY_CODE.get(kind)
+        if (vkind not in (ValueKind.SCALAR, ValueKind.BOOL, ValueKind.ENUM)
+                or code not in DTYPE_BY_CODE or not (s["flags"] & F_VALUE).all()
+                or (s["kind"] != kind).any() or (s["dtype"] != code).any()):
+            return None
+        dt = DTYPE_BY_CODE[code]
+        if dt.kind == "f":
+            return view.samples.take(("fval",), rows)["fval"].astype(dt)
+        ival = view.samples.take(("ival",), rows)["ival"]
+        if vkind is ValueKind.ENUM:
+            return ival.astype(np.int64)
+        return ival.view(np.uint64).copy() if dt == np.uint64 else ival.astype(dt)
 
     def _final_values(self, pv: str) -> npt.NDArray[Any] | None:
         """:meth:`values` read straight from the final layout, or None when some row's value

@@ -61,3 +61,22 @@ def test_equal_length_waveforms_are_one_array(tmp_path: Path) -> None:
         assert got.shape == (50, 8) and got.dtype == np.float64
         assert got[7].tolist() == [7.0 + k for k in range(8)]
         _equal(got, values_of(sent))
+
+
+# PVs of the fixture read from a live file's inline columns (scalars, bools, enums)
+LIVE_DIRECT = {"F32", "F64", "I", "U", "B", "E", "NAN"}
+
+
+def test_live_values_from_the_inline_columns(tmp_path: Path) -> None:
+    rec, sent = record(tmp_path, n_iter=6)
+    rec.flush()
+    assert rec.current_path is not None
+    with open_file(rec.current_path) as f:
+        for pv in sent:
+            got = f.values(pv)
+            direct = pv not in f._cache
+            assert direct == (pv in LIVE_DIRECT), pv
+            if direct:
+                _equal(got, values_of(f.samples(pv)))
+                _equal(got, values_of(sent[pv]))
+    rec.close()
