@@ -224,11 +224,24 @@ def cases_for(quick: bool) -> list[Case]:
 
 
 # ------------------------------------------------------------------------------ producing
+PRODUCERS: list[Any] = []  # closed before the broker stops (else librdkafka logs reconnects)
+
+
 def producer(bootstrap: str) -> Any:
     from confluent_kafka import Producer
 
-    return Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "batch.num.messages": 10000,
-                     "queue.buffering.max.messages": 500_000, "compression.type": "none"})
+    prod = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5,
+                     "batch.num.messages": 10000, "queue.buffering.max.messages": 500_000,
+                     "compression.type": "none"})
+    PRODUCERS.append(prod)
+    return prod
+
+
+def close_producers() -> None:
+    from recorder.client.kafka import close_producer
+
+    while PRODUCERS:
+        close_producer(PRODUCERS.pop())
 
 
 def produce_all(prod: Any, topic: str, messages: list[bytes], flush_every: int = 20_000) -> None:
@@ -1025,6 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
         CHILDREN.kill_all()
         if sim is not None:
             sim.stop(5)
+        close_producers()
         broker.stop()
         if tmp != Path():
             shutil.rmtree(tmp, ignore_errors=True)
