@@ -40,6 +40,10 @@ Measured per case, in the same run, repeated and interleaved ((a), ours, (a), ou
   (HDF5Recording in the daemon's process). The recording resumes at offset 0 (a restart's
   resume-state path) so it drains the pre-filled topic. Rate = values / (topic assigned ->
   last value durable, i.e. flushed to the SWMR file and readable by another process).
+  ``ours steady`` = values / (first event handed to the recording -> last value durable): the
+  same drain without the one-time start-up (writer process and file, consumer start), which
+  is how (b) is measured (after its warm-ups: group join ~10 s, datasets); ours/(b) is
+  printed both ways, and the target verdict for each.
   ``finalize`` = the recording's ``close()`` (flush + rewrite into the final NXlog layout) and
   ``incl. finalize`` = values / (assigned -> close() returned): measured on the last repeat
   only (earlier repeats leave once the data is durable; ``--quick``: not for 10k PVs), because
@@ -833,22 +837,24 @@ def report(args: argparse.Namespace, cases: list[Case], latency: dict[str, Any] 
           f"{args.repeat} interleaved repeats; best / median)")
     print()
     print("| case | iterations x PVs | (a) consume+decode values/s | ours values/s "
-          "(durable) | ours/(a) | (b) official+h5py values/s | ours/(b) | ours incl. "
-          "finalize values/s | finalize s | start-up s | CPU µs/value (a) / ours | "
-          "peak RSS MB drain / incl. finalize |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "(durable) | ours/(a) | (b) official+h5py values/s | ours/(b) | ours steady "
+          "values/s | ours steady/(b) | ours incl. finalize values/s | finalize s | "
+          "start-up s | CPU µs/value (a) / ours | peak RSS MB drain / incl. finalize |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in cases:
         a_best, a_med = best_med(c.a_rates)
         o_rates = [c.values / r["drain_s"] for r in c.ours]
         o_best, o_med = best_med(o_rates)
         finalized = [r for r in c.ours if r["close_s"] == r["close_s"]]  # not NaN
         ratios = [o / a for o, a in zip(o_rates, c.a_rates, strict=True)]
+        s_best, s_med = best_med([steady_rate(c, r) for r in c.ours])
         if c.official:
             b_best, b_med = best_med([r["rate"] for r in c.official])
             b_col = f"{fmt_rate(b_best)} / {fmt_rate(b_med)}"
             ob = f"{o_best / b_best:.0f}x / {o_med / b_med:.0f}x"
+            sb = f"{s_best / b_best:.0f}x / {s_med / b_med:.0f}x"
         else:
-            b_col = ob = "—"
+            b_col = ob = sb = "—"
         hwm = max(r["hwm_durable_kb"] + r["child_hwm_durable_kb"] for r in c.ours) / 1024
         hwm_fin = max((max(r["vmhwm_kb"] + r["child_hwm_kb"],
                             r["hwm_durable_kb"] + r["child_hwm_durable_kb"])
@@ -861,7 +867,8 @@ def report(args: argparse.Namespace, cases: list[Case], latency: dict[str, Any] 
         cpu_col = f"{statistics.median(c.a_cpu):.1f} / {cpu_o:.1f}"
         print(f"| {c.name} | {c.iterations} x {c.pvs:,} | {fmt_rate(a_best)} / {fmt_rate(a_med)} "
               f"| {fmt_rate(o_best)} / {fmt_rate(o_med)} | {o_best / a_best:.2f}x / "
-              f"{statistics.median(ratios):.2f}x | {b_col} | {ob} | {tot} | {fin} | "
+              f"{statistics.median(ratios):.2f}x | {b_col} | {ob} | {fmt_rate(s_best)} / "
+              f"{fmt_rate(s_med)} | {sb} | {tot} | {fin} | "
               f"{startup:.2f} | {cpu_col} | {hwm:.0f} / "
               f"{f'{hwm_fin:.0f}' if finalized else '—'} |")
     print()
@@ -890,12 +897,24 @@ def report(args: argparse.Namespace, cases: list[Case], latency: dict[str, Any] 
     print()
     ok_a = all(statistics.median([c.values / r["drain_s"] / a for r, a in
                                   zip(c.ours, c.a_rates, strict=True)]) >= 0.6 for c in cases)
-    print(f"Targets: ours/(a) >= 0.6x: {'met' if ok_a else 'NOT met'} (median ratio, every case)"
-          + ("" if not args.official else
-             "; ours/(b) >= 20x: " + ("met" if all(
-                 statistics.median([c.values / r["drain_s"] for r in c.ours])
-                 / statistics.median([r["rate"] for r in c.official]) >= 20
-                 for c in cases if c.official) else "NOT met")))
+    print(f"Targets: ours/(a) >= 0.6x: {'met' if ok_a else 'NOT met'} (median ratio, every case)")
+    if args.official:
+        official = [c for c in cases if c.official]
+
+        def verdict(rate: Callable[[Case, dict[str, Any]], float]) -> str:
+            ok = [statistics.median([rate(c, r) for r in c.ours])
+                  / statistics.median([r["rate"] for r in c.official]) >= 20 for c in official]
+            return f"met in {sum(ok)} of {len(ok)} cases"
+
+        print("ours/(b) >= 20x (medians): like for like, both without one-time start-up (ours "
+              f"steady vs (b) after its warm-ups): {verdict(steady_rate)}; with our start-up "
+              f"counted: {verdict(lambda c, r: c.values / r['drain_s'])}")
+
+
+def steady_rate(c: Case, r: dict[str, Any]) -> float:
+    """Ours without the one-time start-up: values / (first event handed to the recording ->
+    last value durable), as (b) is measured after its warm-ups (group join, datasets)."""
+    return float(c.values / (r["drain_s"] - r["first_event_s"]))
 
 
 def main(argv: list[str] | None = None) -> int:
