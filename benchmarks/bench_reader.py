@@ -4,7 +4,8 @@ Run: ``.venv/bin/python benchmarks/bench_reader.py [--quick]``
 
 Files are written first (not timed) with :class:`recorder.sinks.hdf5.HDF5Recording`:
 
-* a finalized file of 100 NTScalar PVs x 3,000 iterations (``--quick``: 1,000);
+* a finalized file of 100 NTScalar PVs (the simulator's full gateway structure: display
+  with its form choices, control, valueAlarm) x 3,000 iterations (``--quick``: 1,000);
 * a live file (``.h5.partial``, left open as after a crash) of 100 waveform PVs of 1,000
   float64 x 400 iterations, ~320 MB (``--quick``: 100 iterations).
 
@@ -13,8 +14,9 @@ reader as shipped against a baseline in the same run:
 
 * ``values``: ``RecordingFile.values(pv)`` of one scalar PV of the final file (read from the
   ``value`` dataset) vs the per-sample path (``values_of(samples(pv))``), the call only;
-* ``trains``: iterating ``trains()`` over the final file: a window of iterations at a time
-  vs every PV's samples held (``TRAIN_WINDOW_VALUES`` larger than the file);
+* ``trains``: iterating ``trains()`` over the final file: a window of iterations at a time,
+  metadata dicts shared by the rows of one entry flattened once, vs every PV's samples held
+  (``TRAIN_WINDOW_VALUES`` larger than the file) and every sample flattened in full;
 * ``live``: open the live file, list PVs and iterations, read one PV's samples: sample
   columns and pools on demand vs read whole (windows and caches larger than the file).
 """
@@ -44,16 +46,18 @@ WRITE = textwrap.dedent("""
     from recorder.client.values import PVSample
     from recorder.sinks.hdf5 import HDF5Recording
     from recorder.sinks.options import OutputOptions
+    from recorder.sim.pvs import parse_pv, pv_structure
     kind, directory, n_iter = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     directory.mkdir(parents=True, exist_ok=True)
     rec = HDF5Recording(OutputOptions(directory=directory), run_name=kind)
-    disp = {"units": "mm", "precision": 3, "limitLow": -1.0, "limitHigh": 1.0}
+    # the gateway's full NTScalar (display with form choices, control, valueAlarm)
+    full = [pv_structure(parse_pv(f"SIM:AI:DOUBLE:{p}"), 0, 0) for p in range(100)]
     wave = [float(x) for x in range(1000)]
     for i in range(n_iter):
         ts = {"secondsPastEpoch": 1_700_000_000 + i // 10, "nanoseconds": 1000 * i}
         if kind == "scalars":
             samples = tuple(PVSample(f"S{p}", {
-                "value": float(i + p), "timeStamp": ts, "display": disp,
+                **full[p], "value": float(i + p), "timeStamp": ts,
                 "alarm": {"severity": 0, "status": 0, "message": "NO_ALARM"}})
                 for p in range(100))
         else:
@@ -84,8 +88,11 @@ MEASURE = textwrap.dedent("""
             v = f.values(pv) if mode == "ours" else reader.values_of(f.samples(pv))
             n = len(v)
     elif what == "trains":
-        if mode == "base":
+        if mode == "base":  # every sample held, each flattened in full
+            from recorder.sinks.bridge import mapping
             reader.TRAIN_WINDOW_VALUES = 10**12
+            flatten = mapping.flatten_sample
+            mapping.flatten_sample = lambda sample, cache=None: flatten(sample)
         with reader.open_file(path) as f:
             n = sum(1 for _ in f.trains())
     else:

@@ -31,7 +31,13 @@ import numpy.typing as npt
 
 from recorder.client.values import PVSample, ValueKind
 from recorder.errors import FileFormatError
-from recorder.sinks.bridge.mapping import IterationInfo, Train, build_train, stacked_for
+from recorder.sinks.bridge.mapping import (
+    FlatCache,
+    IterationInfo,
+    Train,
+    build_train,
+    stacked_for,
+)
 from recorder.sinks.buffer import REASON_NAMES, SAMPLE_COLUMNS, STATUS_NAMES, merge_tags
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
@@ -558,6 +564,7 @@ class RecordingFile:
         n_rows = len(its["iter_index"])
         # a window of iterations at a time: each PV's rows of the window are read at once,
         # so memory holds one window, not the file (TRAIN_WINDOW_VALUES values)
+        flat_cache: FlatCache = {}  # metadata dicts shared by the rows of one entry
         per_iteration = max(1, sum(int(c.sum()) for _, c in index.values()) // max(1, n_rows))
         window = max(1, TRAIN_WINDOW_VALUES // per_iteration)
         for k0 in range(0, n_rows, window):
@@ -583,6 +590,7 @@ class RecordingFile:
                     stacked=stacked,
                     run_name=run_name,
                     snapshot_name=snapshot_name,
+                    flat_cache=flat_cache,
                 )
 
     def close(self) -> None:

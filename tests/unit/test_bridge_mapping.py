@@ -307,3 +307,26 @@ def test_flatten_inline_leaves_equal_the_recursion(tree: dict[str, Any], f32: se
             np.testing.assert_array_equal(a, b)
         else:
             assert a == b or (a != a and b != b), k  # noqa: PLR0124 - NaN
+
+
+def test_flat_cache_reuses_shared_metadata_dicts_only() -> None:
+    display = {"units": "mm", "limitLow": -1.5, "precision": 3}
+    control = {"limits": [1.0, 2.0], "names": ["a", "b"]}  # copied from the cache
+    samples = [PVSample("P", {"value": float(i), "timeStamp": ts(i), "display": display,
+                              "control": control, "alarm": {"severity": i, "status": 0}})
+               for i in range(3)]
+    cache: dict[Any, Any] = {}
+    for s in samples:
+        got, want = flatten_sample(s, cache), flatten_sample(s)
+        assert list(got) == list(want)
+        for k, v in want.items():
+            assert type(got[k]) is type(v) and np.array_equal(got[k], v), k
+    assert [k[1] for k in cache] == ["display", "control"]  # alarm/timeStamp: per sample
+    first, second = flatten_sample(samples[0], cache), flatten_sample(samples[1], cache)
+    first["control.limits"][0] = 99.0  # the caller's copy
+    first["control.names"].append("c")
+    assert second["control.limits"][0] == 1.0 and second["control.names"] == ["a", "b"]
+    assert flatten_sample(samples[2], cache)["control.names"] == ["a", "b"]
+    other = {"units": "mm", "limitLow": -1.5, "precision": 3}  # equal, not the same dict
+    assert flatten_sample(PVSample("P", {"display": other}), cache)["display.units"] == "mm"
+    assert len(cache) == 3

@@ -226,14 +226,41 @@ def _flatten(value: Any, path: str, float32_paths: frozenset[str], out: dict[str
         out[path] = _scalar(value, path, float32_paths)
 
 
-def flatten_sample(sample: PVSample) -> dict[str, Any]:
-    """The flat fields of one PV value (see the module docstring)."""
+FlatCache = dict[tuple[int, str, frozenset[str]], tuple[Any, tuple[tuple[str, Any], ...]]]
+"""Flattened sub-structures by identity (see :func:`flatten_sample`)."""
+FLAT_CACHE_MAX = 4096
+_PER_SAMPLE = frozenset({"value", "alarm", "timeStamp"})  # new dicts in every sample
+
+
+def flatten_sample(sample: PVSample, cache: FlatCache | None = None) -> dict[str, Any]:
+    """The flat fields of one PV value (see the module docstring).
+
+    ``cache``: samples rebuilt from a file share the dicts of their metadata entry (display,
+    control, valueAlarm...) from row to row; their flattened fields are kept by the dict's
+    identity (the dict itself is held, so the id stays its own) and reused, lists and arrays
+    copied. The result is the same as without it."""
     out: dict[str, Any] = {}
     f32 = sample.float32_paths
     kind = sample.kind
     for key, item in sample.data.items():
         name = key if isinstance(key, str) else str(key)
-        if name != "value" or kind not in _TYPED_KINDS:
+        if cache is not None and name not in _PER_SAMPLE and item.__class__ is dict:
+            ckey = (id(item), name, f32)
+            hit = cache.get(ckey)
+            if hit is not None and hit[0] is item:
+                for k, v in hit[1]:
+                    cls = v.__class__
+                    out[k] = list(v) if cls is list else v.copy() if cls is np.ndarray else v
+                continue
+            sub: dict[str, Any] = {}
+            _flatten(item, name, f32, sub)
+            out.update(sub)
+            if len(cache) >= FLAT_CACHE_MAX:
+                cache.clear()
+            cache[ckey] = (item, tuple((k, list(v) if v.__class__ is list else
+                                        v.copy() if v.__class__ is np.ndarray else v)
+                                       for k, v in sub.items()))
+        elif name != "value" or kind not in _TYPED_KINDS:
             _flatten(item, name, f32, out)
         elif kind is ValueKind.NDARRAY:
             out["value"] = sample.value.image()
@@ -320,8 +347,10 @@ def build_train(
     stacked: bool,
     run_name: str = "",
     snapshot_name: str = "",
+    flat_cache: FlatCache | None = None,
 ) -> Train:
-    """The ``(data, metadata)`` container of one iteration.
+    """The ``(data, metadata)`` container of one iteration (``flat_cache``: see
+    :func:`flatten_sample`).
 
     ``samples``: the iteration's PV values in arrival order (values of different PVs may be
     interleaved). ``stacked``: the run's PVs are stacked along a first axis
@@ -334,7 +363,7 @@ def build_train(
     data: dict[str, dict[str, Any]] = {}
     meta: dict[str, dict[str, Any]] = {}
     for pv, pv_samples in by_pv.items():
-        flats = [flatten_sample(s) for s in pv_samples]
+        flats = [flatten_sample(s, flat_cache) for s in pv_samples]
         data[pv] = stack_fields(flats) if stacked or len(flats) > 1 else flats[0]
         ts = pv_samples[-1].timestamp_ns
         meta[pv] = {
