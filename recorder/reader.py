@@ -311,6 +311,13 @@ class RecordingFile:
             if len(lengths) and (lengths == data.shape[1]).all():
                 return np.asarray(data)
             return _object_array([data[i, :n] for i, n in enumerate(lengths.tolist())])
+        if kind is ValueKind.NDARRAY and "shape" in g:  # images, zero-padded to the largest
+            data = ds[()]
+            shapes = g["shape"][()]
+            if len(shapes) and (shapes == data.shape[1:]).all():
+                return np.asarray(data)
+            return _object_array([data[(i, *(slice(0, d) for d in shape))]
+                                  for i, shape in enumerate(shapes.tolist())])
         return None
 
     def summary(self) -> list[dict[str, Any]]:

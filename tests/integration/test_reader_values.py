@@ -15,7 +15,7 @@ from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions
 
 # PVs of the round-trip fixture whose rows are all in `value` (constant flags with 8)
-DIRECT = {"F32", "F64", "I", "U", "B", "S", "E", "W", "WI", "NAN"}
+DIRECT = {"F32", "F64", "I", "U", "B", "S", "E", "W", "WI", "NAN", "IMG"}
 
 
 def _equal(a: Any, b: Any) -> None:
@@ -80,3 +80,21 @@ def test_live_values_from_the_inline_columns(tmp_path: Path) -> None:
                 _equal(got, values_of(f.samples(pv)))
                 _equal(got, values_of(sent[pv]))
     rec.close()
+
+
+def test_equal_shape_images_are_one_array(tmp_path: Path) -> None:
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="img")
+    sent = []
+    for i in range(20):
+        s = PVSample("CAM", {"value": {"ushortValue": [i + k for k in range(12)]},
+                             "dimension": [{"size": 4}, {"size": 3}],
+                             "timeStamp": {"secondsPastEpoch": 1, "nanoseconds": i}})
+        sent.append(s)
+        write_iteration(rec, i, (s,))
+    (path,) = rec.close()
+    with open_file(path) as f:
+        got = f.values("CAM")
+        assert "CAM" not in f._cache
+        assert got.shape == (20, 3, 4) and got.dtype == np.uint16
+        assert got[5].tolist() == (5 + np.arange(12)).reshape(3, 4).tolist()
+        _equal(got, values_of(sent))
