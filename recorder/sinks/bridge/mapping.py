@@ -388,6 +388,7 @@ def build_train(
 
 __all__ = [
     "RECORDER_SOURCE",
+    "FlatCache",
     "IterationInfo",
     "Train",
     "build_train",
