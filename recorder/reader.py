@@ -107,6 +107,9 @@ class RecordingFile:
     def refresh(self) -> None:
         """Re-read a live file (new iterations appear); no-op for finalized files."""
         self._cache.clear()
+        self._live_index: tuple[npt.NDArray[Any], npt.NDArray[Any]] | None = None
+        self._live_cols: dict[str, int] | None = None
+        self._live_meta_index: tuple[npt.NDArray[Any], npt.NDArray[Any]] | None = None
         if self.layout == "live":
             self._live = read_live(self.h5)
 
@@ -217,10 +220,42 @@ class RecordingFile:
             raise KeyError(pv)
         return self.h5["pvs"][escape_name(pv)]
 
-    def _live_rows(self, pv: str) -> npt.NDArray[np.int64]:
+    def _live_rows(self, pv: str) -> npt.NDArray[Any]:
+        """The live rows of ``pv``, ascending: from one stable sort of the PV column, made
+        on first use (per PV it is a slice; a scan per PV would cost PVs x rows)."""
+        view = self._live
+        assert view is not None
+        if self._live_index is None:
+            pv_col = view.samples["pv"]
+            order = np.argsort(pv_col, kind="stable")
+            if len(order) < 2**31:
+                order = order.astype(np.int32)
+            bounds = np.searchsorted(pv_col[order], np.arange(len(view.pv_names) + 1))
+            self._live_index = (order, bounds)
+        order, bounds = self._live_index
+        col = self._live_col(pv)
+        return order[bounds[col] : bounds[col + 1]]
+
+    def _live_meta(self, col: int) -> npt.NDArray[Any]:
+        """Indices of PV ``col``'s rows in /live/meta, in order (one stable sort, first use)."""
+        view = self._live
+        assert view is not None
+        if self._live_meta_index is None:
+            meta_pv = view.meta["pv"]
+            order = np.argsort(meta_pv, kind="stable")
+            bounds = np.searchsorted(meta_pv[order], np.arange(len(view.pv_names) + 1))
+            self._live_meta_index = (order, bounds)
+        order, bounds = self._live_meta_index
+        return order[bounds[col] : bounds[col + 1]]
+
+    def _live_col(self, pv: str) -> int:
         assert self._live is not None
-        col = self._live.pv_names.index(pv)
-        return np.flatnonzero(self._live.samples["pv"] == col)
+        if self._live_cols is None:
+            self._live_cols = {name: i for i, name in enumerate(self._live.pv_names)}
+        col = self._live_cols.get(pv)
+        if col is None:
+            raise ValueError(f"{pv!r} is not in this file")
+        return col
 
     def _column(self, pv: str, name: str) -> npt.NDArray[Any]:
         if self._live is not None:
@@ -365,7 +400,6 @@ class RecordingFile:
         s = view.samples
         order = np.argsort(s["pv"], kind="stable")
         bounds = np.searchsorted(s["pv"][order], np.arange(len(view.pv_names) + 1))
-        meta_pv = view.meta["pv"]
         rows = []
         for col, pv in enumerate(view.pv_names):
             idx = order[bounds[col] : bounds[col + 1]]
@@ -381,7 +415,7 @@ class RecordingFile:
                     sizes = s["size"][idx]
                     same = kind is ValueKind.ARRAY and (sizes == sizes[0]).all()
                     shape = (int(sizes[0]),) if same else None
-                first = np.flatnonzero(meta_pv == col)
+                first = self._live_meta(col)
                 if len(first):
                     i = int(first[0])
                     rest = decode_rest(view.text(int(view.meta["offset"][i]),
@@ -431,10 +465,9 @@ class RecordingFile:
     def _live_samples(self, pv: str, lo: int, hi: int | None) -> list[PVSample]:
         view = self._live
         assert view is not None
-        col = view.pv_names.index(pv)
         idx = self._live_rows(pv)[lo:hi]
         s = view.samples.take(SAMPLE_COLUMNS, idx)
-        sel = np.flatnonzero(view.meta["pv"] == col)
+        sel = self._live_meta(self._live_col(pv))
         entries = [
             (int(view.meta["row"][i]), int(view.meta["offset"][i]), int(view.meta["size"][i]))
             for i in sel
