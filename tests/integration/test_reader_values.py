@@ -3,14 +3,15 @@ is in it, and gives exactly what the per-sample path gives (dtype, shape, values
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from test_hdf5_roundtrip import record, write_iteration
+from test_hdf5_roundtrip import record, record_closed
 
 from recorder.client.values import PVSample
-from recorder.reader import open_file, values_of
+from recorder.reader import RecordingFile, open_file, values_of
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions
 
@@ -33,34 +34,38 @@ def _equal(a: Any, b: Any) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def _check_values(f: RecordingFile, sent: dict[str, list[PVSample]], direct: set[str]) -> None:
+    """values() of every PV: read directly (no samples built) exactly for ``direct``, and
+    equal to the per-sample path and to what was sent."""
+    for pv, samples in sent.items():
+        got = f.values(pv)
+        assert (pv not in f._cache) == (pv in direct), pv
+        if pv in direct:  # (the others are values_of(samples) already)
+            _equal(got, values_of(f.samples(pv)))
+            _equal(got, values_of(samples))
+
+
 def test_values_direct_equal_the_samples_path(tmp_path: Path) -> None:
     rec, sent = record(tmp_path, n_iter=6)
     (path,) = rec.close()
     with open_file(path) as f:
-        for pv in sent:
-            got = f.values(pv)
-            direct = pv not in f._cache  # no samples were built
-            assert direct == (pv in DIRECT), pv
-            if direct:  # (the others are values_of(samples) already)
-                _equal(got, values_of(f.samples(pv)))
-                _equal(got, values_of(sent[pv]))
+        _check_values(f, sent, DIRECT)
+
+
+def _one_pv(tmp_path: Path, n: int, data_of: Callable[[int], dict[str, Any]]
+            ) -> tuple[Path, dict[str, list[PVSample]]]:
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="one")
+    return record_closed(rec, n, lambda i: [PVSample("P", {
+        **data_of(i), "timeStamp": {"secondsPastEpoch": 1, "nanoseconds": i}})])
 
 
 def test_equal_length_waveforms_are_one_array(tmp_path: Path) -> None:
-    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="wf")
-    sent = []
-    for i in range(50):
-        s = PVSample("WF", {"value": [float(i + k) for k in range(8)],
-                            "timeStamp": {"secondsPastEpoch": 1, "nanoseconds": i}})
-        sent.append(s)
-        write_iteration(rec, i, (s,))
-    (path,) = rec.close()
+    path, sent = _one_pv(tmp_path, 50, lambda i: {"value": [float(i + k) for k in range(8)]})
     with open_file(path) as f:
-        got = f.values("WF")
-        assert "WF" not in f._cache
+        _check_values(f, sent, {"P"})
+        got = f.values("P")
         assert got.shape == (50, 8) and got.dtype == np.float64
         assert got[7].tolist() == [7.0 + k for k in range(8)]
-        _equal(got, values_of(sent))
 
 
 # PVs of the fixture read from a live file's inline columns (scalars, bools, enums)
@@ -72,29 +77,16 @@ def test_live_values_from_the_inline_columns(tmp_path: Path) -> None:
     rec.flush()
     assert rec.current_path is not None
     with open_file(rec.current_path) as f:
-        for pv in sent:
-            got = f.values(pv)
-            direct = pv not in f._cache
-            assert direct == (pv in LIVE_DIRECT), pv
-            if direct:
-                _equal(got, values_of(f.samples(pv)))
-                _equal(got, values_of(sent[pv]))
+        _check_values(f, sent, LIVE_DIRECT)
     rec.close()
 
 
 def test_equal_shape_images_are_one_array(tmp_path: Path) -> None:
-    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="img")
-    sent = []
-    for i in range(20):
-        s = PVSample("CAM", {"value": {"ushortValue": [i + k for k in range(12)]},
-                             "dimension": [{"size": 4}, {"size": 3}],
-                             "timeStamp": {"secondsPastEpoch": 1, "nanoseconds": i}})
-        sent.append(s)
-        write_iteration(rec, i, (s,))
-    (path,) = rec.close()
+    path, sent = _one_pv(tmp_path, 20, lambda i: {
+        "value": {"ushortValue": [i + k for k in range(12)]},
+        "dimension": [{"size": 4}, {"size": 3}]})
     with open_file(path) as f:
-        got = f.values("CAM")
-        assert "CAM" not in f._cache
+        _check_values(f, sent, {"P"})
+        got = f.values("P")
         assert got.shape == (20, 3, 4) and got.dtype == np.uint16
         assert got[5].tolist() == (5 + np.arange(12)).reshape(3, 4).tolist()
-        _equal(got, values_of(sent))
