@@ -226,12 +226,7 @@ class RecordingFile:
         view = self._live
         assert view is not None
         if self._live_index is None:
-            pv_col = view.samples["pv"]
-            order = np.argsort(pv_col, kind="stable")
-            if len(order) < 2**31:
-                order = order.astype(np.int32)
-            bounds = np.searchsorted(pv_col[order], np.arange(len(view.pv_names) + 1))
-            self._live_index = (order, bounds)
+            self._live_index = _group_index(view.samples["pv"], len(view.pv_names))
         order, bounds = self._live_index
         col = self._live_col(pv)
         return order[bounds[col] : bounds[col + 1]]
@@ -241,10 +236,7 @@ class RecordingFile:
         view = self._live
         assert view is not None
         if self._live_meta_index is None:
-            meta_pv = view.meta["pv"]
-            order = np.argsort(meta_pv, kind="stable")
-            bounds = np.searchsorted(meta_pv[order], np.arange(len(view.pv_names) + 1))
-            self._live_meta_index = (order, bounds)
+            self._live_meta_index = _group_index(view.meta["pv"], len(view.pv_names))
         order, bounds = self._live_meta_index
         return order[bounds[col] : bounds[col + 1]]
 
@@ -281,10 +273,10 @@ class RecordingFile:
         entries (see docs/file-format.md)."""
         if self._live is None:
             g = self._group(pv)
-            codes, texts = self._message_column(g)
             if "alarm_message" in g and "flags" not in g and int(
                 self._pv_info(pv)["flags"]
             ) & F_MESSAGE:  # every row's message is in the column
+                codes, texts = self._message_column(g)
                 out = np.empty(len(codes), dtype=object)
                 out[:] = np.array(texts, dtype=object)[codes] if len(codes) else []
                 return out
@@ -398,11 +390,9 @@ class RecordingFile:
         view = self._live
         assert view is not None
         s = view.samples
-        order = np.argsort(s["pv"], kind="stable")
-        bounds = np.searchsorted(s["pv"][order], np.arange(len(view.pv_names) + 1))
         rows = []
         for col, pv in enumerate(view.pv_names):
-            idx = order[bounds[col] : bounds[col + 1]]
+            idx = self._live_rows(pv)
             n = len(idx)
             kind, dtype, units = ValueKind.NONE, "none", ""
             shape: tuple[int, ...] | None = ()
@@ -535,8 +525,8 @@ class RecordingFile:
         # per-row columns as Python lists (a list index costs a fraction of a numpy one)
         times, sevs, stats = (cols[k].tolist() for k in ("time", "severity", "status"))
         flag_list, code_list = cols["flags"].tolist(), codes.tolist()
-        scalars = (value.tolist() if scalar_kind is not None and value is not None
-                   and table is None and kind is not ValueKind.STRING_ARRAY else None)
+        # (a scalar storage dtype: no shape, not utf-8 strings or a table)
+        scalars = value.tolist() if scalar_kind is not None and value is not None else None
         f32: frozenset[str] = frozenset()
         for r in range(n):
             while j < len(meta_rows) and int(meta_rows[j]) <= lo + r:
@@ -748,6 +738,15 @@ def values_of(samples: list[PVSample]) -> npt.NDArray[Any]:
     out = np.empty(len(vals), dtype=object)
     out[:] = vals
     return out
+
+
+def _group_index(keys: npt.NDArray[Any], n: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """Rows grouped by ``keys`` (0..n-1), in order within a group: ``order[bounds[k] :
+    bounds[k + 1]]`` are the rows of key ``k`` (one stable sort instead of a scan per key)."""
+    order = np.argsort(keys, kind="stable")
+    if len(order) < 2**31:
+        order = order.astype(np.int32)
+    return order, np.searchsorted(keys[order], np.arange(n + 1))
 
 
 def _column_items(a: npt.NDArray[Any]) -> list[Any]:

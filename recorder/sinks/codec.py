@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -325,6 +325,17 @@ def decode_rest(raw: bytes) -> dict[str, Any]:
     return result
 
 
+def utf8_text(value: Any) -> bytes | None:
+    """``value`` as UTF-8 when an HDF5 string can hold it (a str without NUL, where HDF5
+    strings end, and without lone surrogates), else None."""
+    if not isinstance(value, str) or "\x00" in value:
+        return None
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
 MESSAGE_MAX_BYTES = 1024
 """Longest ``alarm.message`` (UTF-8) taken out into the final ``alarm_message`` column."""
 
@@ -344,18 +355,14 @@ def strip_message(raw: bytes) -> tuple[bytes, str] | None:
     if not isinstance(alarm, dict):
         return None
     message = alarm.get("message")
-    if not isinstance(message, str) or "\x00" in message:
-        return None
-    try:
-        if len(message.encode("utf-8")) > MESSAGE_MAX_BYTES:
-            return None
-    except UnicodeEncodeError:
+    encoded = utf8_text(message)
+    if encoded is None or len(encoded) > MESSAGE_MAX_BYTES:
         return None
     stripped = dict(alarm)
     stripped["message"] = None
     d = dict(d)
     d["alarm"] = stripped
-    return encode_rest({**rest, "d": d}), message
+    return encode_rest({**rest, "d": d}), cast(str, message)  # a str: utf8_text said so
 
 
 # --- the way back -----------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from recorder.sinks.codec import (
     rebuild_data,
     strip_message,
     typed_scalar,
+    utf8_text,
 )
 from recorder.sinks.filters import filter_kwargs, rows_per_chunk
 from recorder.sinks.livefile import Commit, read_commit, read_pv_names
@@ -987,14 +988,7 @@ class _PV:
 
 def _clean_strings(items: list[Any]) -> bool:
     """All str, UTF-8 encodable, no NUL (HDF5 strings end at NUL)."""
-    for x in items:
-        if not isinstance(x, str) or "\x00" in x:
-            return False
-        try:
-            x.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-    return True
+    return all(utf8_text(x) is not None for x in items)
 
 
 class _Writer:

@@ -232,6 +232,12 @@ FLAT_CACHE_MAX = 4096
 _PER_SAMPLE = frozenset({"value", "alarm", "timeStamp"})  # new dicts in every sample
 
 
+def _fresh(value: Any) -> Any:
+    """A copy of a mutable flat field (list, array); immutable ones as they are."""
+    cls = value.__class__
+    return list(value) if cls is list else value.copy() if cls is np.ndarray else value
+
+
 def flatten_sample(sample: PVSample, cache: FlatCache | None = None) -> dict[str, Any]:
     """The flat fields of one PV value (see the module docstring).
 
@@ -248,18 +254,14 @@ def flatten_sample(sample: PVSample, cache: FlatCache | None = None) -> dict[str
             ckey = (id(item), name, f32)
             hit = cache.get(ckey)
             if hit is not None and hit[0] is item:
-                for k, v in hit[1]:
-                    cls = v.__class__
-                    out[k] = list(v) if cls is list else v.copy() if cls is np.ndarray else v
+                out.update((k, _fresh(v)) for k, v in hit[1])
                 continue
             sub: dict[str, Any] = {}
             _flatten(item, name, f32, sub)
             out.update(sub)
             if len(cache) >= FLAT_CACHE_MAX:
                 cache.clear()
-            cache[ckey] = (item, tuple((k, list(v) if v.__class__ is list else
-                                        v.copy() if v.__class__ is np.ndarray else v)
-                                       for k, v in sub.items()))
+            cache[ckey] = (item, tuple((k, _fresh(v)) for k, v in sub.items()))
         elif name != "value" or kind not in _TYPED_KINDS:
             _flatten(item, name, f32, out)
         elif kind is ValueKind.NDARRAY:
