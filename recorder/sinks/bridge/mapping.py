@@ -226,8 +226,11 @@ def _flatten(value: Any, path: str, float32_paths: frozenset[str], out: dict[str
         out[path] = _scalar(value, path, float32_paths)
 
 
-FlatCache = dict[tuple[int, str, frozenset[str]], tuple[Any, tuple[tuple[str, Any], ...]]]
-"""Flattened sub-structures by identity (see :func:`flatten_sample`)."""
+FlatCache = dict[
+    tuple[int, str, frozenset[str]], tuple[Any, dict[str, Any], tuple[str, ...]]
+]
+"""Flattened sub-structures by identity (see :func:`flatten_sample`): the structure (held, so
+its id stays its own), its flat fields, and which of them are mutable (lists, arrays)."""
 FLAT_CACHE_MAX = 4096
 _PER_SAMPLE = frozenset({"value", "alarm", "timeStamp"})  # new dicts in every sample
 
@@ -243,8 +246,8 @@ def flatten_sample(sample: PVSample, cache: FlatCache | None = None) -> dict[str
 
     ``cache``: samples rebuilt from a file share the dicts of their metadata entry (display,
     control, valueAlarm...) from row to row; their flattened fields are kept by the dict's
-    identity (the dict itself is held, so the id stays its own) and reused, lists and arrays
-    copied. The result is the same as without it."""
+    identity and reused (one dict update; lists and arrays copied, so no two samples share a
+    mutable field). The result is the same as without it, key order included."""
     out: dict[str, Any] = {}
     f32 = sample.float32_paths
     kind = sample.kind
@@ -253,15 +256,16 @@ def flatten_sample(sample: PVSample, cache: FlatCache | None = None) -> dict[str
         if cache is not None and name not in _PER_SAMPLE and item.__class__ is dict:
             ckey = (id(item), name, f32)
             hit = cache.get(ckey)
-            if hit is not None and hit[0] is item:
-                out.update((k, _fresh(v)) for k, v in hit[1])
-                continue
-            sub: dict[str, Any] = {}
-            _flatten(item, name, f32, sub)
-            out.update(sub)
-            if len(cache) >= FLAT_CACHE_MAX:
-                cache.clear()
-            cache[ckey] = (item, tuple((k, _fresh(v)) for k, v in sub.items()))
+            if hit is None or hit[0] is not item:
+                sub: dict[str, Any] = {}
+                _flatten(item, name, f32, sub)
+                mutable = tuple(k for k, v in sub.items() if _fresh(v) is not v)
+                if len(cache) >= FLAT_CACHE_MAX:
+                    cache.clear()
+                hit = cache[ckey] = (item, {k: _fresh(v) for k, v in sub.items()}, mutable)
+            out.update(hit[1])
+            for k in hit[2]:  # re-assigned: the key keeps its place
+                out[k] = _fresh(out[k])
         elif name != "value" or kind not in _TYPED_KINDS:
             _flatten(item, name, f32, out)
         elif kind is ValueKind.NDARRAY:
