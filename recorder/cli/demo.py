@@ -199,5 +199,15 @@ def print_summary(files: dict[str, list[str]]) -> None:
 
 
 def _short(value: object) -> str:
-    text = repr(value.tolist() if hasattr(value, "tolist") else value)
+    """A value as numpy prints it (float32 with float32's digits), cut to 40 characters."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        text = np.array2string(value, threshold=6, edgeitems=2, separator=", ",
+                               max_line_width=10**6)
+    elif isinstance(value, np.generic):
+        text = str(value)
+    else:
+        text = repr(value)
+    text = " ".join(text.split())
     return text if len(text) <= 40 else text[:37] + "..."
