@@ -542,6 +542,9 @@ def _scan(f: h5py.File, commit: Commit, n_pvs: int, n_iter: int, block_bytes: in
                  {r: (v[0], v[1]) for r, v in sorted(extra.items())})
 
 
+GATHER_ELEMENTS = 1 << 20  # elements gathered at a time by _Block.gather
+
+
 @dataclass(slots=True)
 class _Block:
     s: dict[str, npt.NDArray[Any]]
@@ -555,6 +558,28 @@ class _Block:
     def elements(self, code: int, offset: int, size: int) -> npt.NDArray[Any]:
         lo, pool = self.pools[code]
         return pool[offset - lo : offset - lo + size]
+
+    def gather(self, code: int, offsets: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64],
+               out: npt.NDArray[Any], rows: npt.NDArray[np.int64]) -> None:
+        """``out[rows[k], :sizes[k]] = elements(code, offsets[k], sizes[k])`` for every k,
+        vectorized per array length: rows side by side in the pool (as one decoded piece is
+        stored) are one reshaped slice, others a fancy-indexed gather."""
+        if not len(rows):
+            return
+        lo, pool = self.pools[code]
+        for z in np.unique(sizes).tolist():
+            if not z:
+                continue
+            k = np.flatnonzero(sizes == z)
+            at = offsets[k] - lo
+            a = int(at[0])
+            if len(at) == 1 or (np.diff(at) == z).all():
+                out[rows[k], :z] = pool[a : a + len(at) * z].reshape(len(at), z)
+                continue
+            step = max(1, GATHER_ELEMENTS // z)  # bounds the index array (8 bytes/element)
+            span = np.arange(z)
+            for c in range(0, len(at), step):
+                out[rows[k[c : c + step]], :z] = pool[at[c : c + step, None] + span]
 
 
 def _read_block(f: h5py.File, lo: int, hi: int, meta: dict[str, npt.NDArray[Any]]) -> _Block:
@@ -731,10 +756,9 @@ class _PV:
         elif kind is ValueKind.ARRAY and value_col is not None:
             value = np.zeros((m, self.width), dtype=DTYPE_BY_CODE[self.dcode])
             shapes = np.zeros((m, 1), dtype=np.int64)
-            for i in np.flatnonzero(valued & ~demote).tolist():
-                z = int(s["size"][i])
-                value[i, :z] = b.elements(self.dcode, int(s["offset"][i]), z)
-                shapes[i, 0] = z
+            rows = np.flatnonzero(valued & ~demote)
+            shapes[rows, 0] = s["size"][rows]
+            b.gather(self.dcode, s["offset"][rows], s["size"][rows], value, rows)
         elif kind is ValueKind.NDARRAY and value_col is not None:
             check.update(range(m))  # the image shape comes from each row's rest
         demoted_rows = np.flatnonzero(demote).tolist()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from test_hdf5_roundtrip import _ts, record, same, write_iteration
 
+import recorder.sinks.finalize as finalize_module
 from recorder.client.values import PVSample
 from recorder.reader import open_file
 from recorder.sinks import hdf5 as hdf5_module
@@ -69,6 +70,35 @@ def test_streamed_finalize_equals_one_block(
     with open_file(path2) as f:
         for pv, samples in sent.items():
             same(f.samples(pv), samples)
+
+
+@pytest.mark.parametrize("gather_elements", [1, 7, 1 << 20])
+def test_block_gather_equals_row_by_row(monkeypatch: pytest.MonkeyPatch,
+                                        gather_elements: int) -> None:
+    """Arrays copied out of a block's pool: side by side (one slice), scattered (gathered,
+    in index-bounded chunks), mixed lengths and empty arrays, as one row at a time does."""
+    monkeypatch.setattr(finalize_module, "GATHER_ELEMENTS", gather_elements)
+    rng = np.random.default_rng(3)
+    for case in range(300):
+        n = int(rng.integers(1, 30))
+        width = int(rng.integers(1, 9))
+        fixed = case % 3 == 0
+        sizes = np.full(n, width) if fixed else rng.integers(0, width + 1, n)
+        lo = int(rng.integers(0, 50))
+        if case % 2:  # side by side, as a decoded piece is stored
+            offsets = lo + np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        else:
+            offsets = lo + rng.permutation(np.concatenate(([0], np.cumsum(sizes + 2)[:-1])))
+        pool = rng.normal(size=int((offsets + sizes).max()) - lo + 3).astype(np.float32)
+        block = finalize_module._Block({}, 0, b"", {5: (lo, pool)})
+        m = n + 4
+        rows = np.sort(rng.choice(m, n, replace=False))
+        got = np.zeros((m, width), np.float32)
+        want = got.copy()
+        block.gather(5, offsets.astype(np.int64), sizes.astype(np.int64), got, rows)
+        for k in range(n):
+            want[rows[k], : sizes[k]] = block.elements(5, int(offsets[k]), int(sizes[k]))
+        assert got.tobytes() == want.tobytes(), case
 
 
 def test_typed_table_and_string_array_layout(tmp_path: Path) -> None:
