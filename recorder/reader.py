@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -33,15 +33,21 @@ from recorder.client.values import PVSample, ValueKind
 from recorder.errors import FileFormatError
 from recorder.sinks.bridge.mapping import (
     FlatCache,
+    FlatTemplate,
+    FlatValue,
     IterationInfo,
     Train,
-    build_train,
+    build_train_flat,
+    flatten_sample,
     stacked_for,
 )
 from recorder.sinks.buffer import REASON_NAMES, SAMPLE_COLUMNS, STATUS_NAMES, merge_tags
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
     F_MESSAGE,
+    F_SEVERITY,
+    F_STATUS,
+    F_TIME,
     F_VALUE,
     KINDS_BY_CODE,
     STRING_DTYPE_CODE,
@@ -80,6 +86,29 @@ def _open_h5(path: Path) -> h5py.File:
     except OSError:
         # a live file (or one left by a crashed writer) opens in SWMR read mode
         return h5py.File(path, "r", swmr=True)
+
+
+class _Row(NamedTuple):
+    """One stored row of a PV: the metadata entry in effect and the per-row columns."""
+
+    rest: dict[str, Any]
+    f32: frozenset[str]
+    flags: int
+    kind: int
+    time: int
+    severity: int
+    status: int
+    value: Any  # the Python value (F_VALUE), as msgpack gave it
+    message: str | None  # alarm.message (F_MESSAGE)
+
+    def sample(self, pv: str) -> PVSample:
+        data = rebuild_data(self.rest, flags=self.flags, kind=self.kind, time_ns=self.time,
+                            severity=self.severity, status=self.status, value=self.value,
+                            message=self.message)
+        return PVSample(pv, data, self.f32)
+
+
+_UNSEEN: Any = object()
 
 
 class RecordingFile:
@@ -484,6 +513,47 @@ class RecordingFile:
         return out
 
     def _final_samples(self, pv: str, lo: int, hi: int | None) -> list[PVSample]:
+        return [row.sample(pv) for row in self._final_rows(pv, lo, hi)]
+
+    def flat_range(self, pv: str, lo: int, hi: int | None,
+                   cache: FlatCache | None = None) -> list[FlatValue]:
+        """The PV's values of rows ``lo:hi`` as :meth:`trains` holds them: (flat fields, EPICS
+        time) each, equal to :func:`~recorder.sinks.bridge.flatten_sample` of
+        :meth:`samples_range` (``cache``: see there). From a finalized file, rows sharing a
+        metadata entry and flags reuse the first one's fields
+        (:class:`~recorder.sinks.bridge.mapping.FlatTemplate`) instead of each being rebuilt
+        and flattened in full."""
+        if self._live is not None or pv in self._cache:
+            return [(flatten_sample(s, cache), s.timestamp_ns)
+                    for s in self.samples_range(pv, lo, hi)]
+        out: list[FlatValue] = []
+        rest: dict[str, Any] | None = None
+        templates: dict[int, FlatTemplate | None] = {}  # by flags, for the entry in effect
+        for row in self._final_rows(pv, lo, hi):
+            if row.rest is not rest:
+                rest = row.rest
+                templates = {}
+            flags = row.flags
+            tmpl = templates.get(flags, _UNSEEN)
+            if tmpl is not None and tmpl is not _UNSEEN:
+                got = tmpl.row(row.value, row.time, row.severity, row.status,
+                               row.message)
+                if got is not None:
+                    out.append(got)
+                    continue
+            sample = row.sample(pv)
+            flat = flatten_sample(sample, cache)
+            out.append((flat, sample.timestamp_ns))
+            if tmpl is _UNSEEN:
+                templates[flags] = FlatTemplate.of(
+                    sample, flat, value=bool(flags & F_VALUE), time=bool(flags & F_TIME),
+                    severity=bool(flags & F_SEVERITY), status=bool(flags & F_STATUS),
+                    message=bool(flags & F_MESSAGE))
+        return out
+
+    def _final_rows(self, pv: str, lo: int, hi: int | None) -> Iterator[_Row]:
+        """The stored columns of the PV's rows ``lo:hi`` with the metadata entry in effect
+        at each (reads only those rows)."""
         g = self._group(pv)
         info = self._pv_info(pv)
         kind = ValueKind(info["kind"])
@@ -514,7 +584,6 @@ class RecordingFile:
             meta_rows, meta_json = g["metadata/row"][()], g["metadata/json"][()]
         elif info.get("metadata") and n_all:  # 2.x: row 0's metadata is in /pv_info
             meta_rows, meta_json = np.zeros(1, np.int64), [info["metadata"]]
-        out: list[PVSample] = []
         rest: dict[str, Any] = {"d": {}, "f": []}
         j = max(0, int(np.searchsorted(meta_rows, lo, "right")) - 1)  # in effect at lo
         kind_code = {k: c for c, k in KINDS_BY_CODE.items()}[kind]
@@ -557,18 +626,8 @@ class RecordingFile:
                     item = value[r]
                     v = (float(item) if scalar_kind == "f" else bool(item)
                          if scalar_kind == "b" else int(item))
-            data = rebuild_data(
-                rest,
-                flags=flags,
-                kind=kind_code,
-                time_ns=times[r],
-                severity=sevs[r],
-                status=stats[r],
-                value=v,
-                message=texts[code_list[r]] if flags & F_MESSAGE else None,
-            )
-            out.append(PVSample(pv, data, f32))
-        return out
+            yield _Row(rest, f32, flags, kind_code, times[r], sevs[r], stats[r], v,
+                       texts[code_list[r]] if flags & F_MESSAGE else None)
 
     @staticmethod
     def _message_column(g: h5py.Group, rows: slice = slice(None)
@@ -603,28 +662,28 @@ class RecordingFile:
         window = max(1, TRAIN_WINDOW_VALUES // per_iteration)
         for k0 in range(0, n_rows, window):
             k1 = min(n_rows, k0 + window)
-            rows: dict[str, tuple[int, list[PVSample]]] = {}
+            rows: dict[str, tuple[int, list[FlatValue]]] = {}
             for pv, (first, count) in index.items():
                 counts = count[k0:k1]
                 if counts.any():
                     lo = int(first[k0])
                     hi = int((first[k0:k1] + counts).max())
-                    rows[pv] = (lo, self.samples_range(pv, lo, hi))
+                    rows[pv] = (lo, self.flat_range(pv, lo, hi, flat_cache))
+            firsts = {pv: first[k0:k1].tolist() for pv, (first, _) in index.items()}
+            counts_ = {pv: count[k0:k1].tolist() for pv, (_, count) in index.items()}
             for row in range(k0, k1):
-                samples: list[PVSample] = []
-                for pv, (first, count) in index.items():
-                    n = int(count[row])
+                by_pv: dict[str, list[FlatValue]] = {}
+                for pv, (lo, values) in rows.items():
+                    n = counts_[pv][row - k0]
                     if n:
-                        lo, window_samples = rows[pv]
-                        a = int(first[row]) - lo
-                        samples.extend(window_samples[a : a + n])
-                yield build_train(
+                        a = firsts[pv][row - k0] - lo
+                        by_pv[pv] = values[a : a + n]
+                yield build_train_flat(
                     IterationInfo.from_columns(its, row),
-                    samples,
+                    by_pv,
                     stacked=stacked,
                     run_name=run_name,
                     snapshot_name=snapshot_name,
-                    flat_cache=flat_cache,
                 )
 
     def close(self) -> None:

@@ -93,3 +93,73 @@ def test_trains_read_a_window_at_a_time(tmp_path: Path, monkeypatch: pytest.Monk
     both(live)
     (final,) = rec.close()
     both(final)
+
+
+def _mixed(i: int) -> list[PVSample]:
+    """PVs whose flat fields come from templates, and rows that must not (flags and kinds
+    changing, messages of every sort, uint64 values on both sides of int64's range)."""
+    ts = {"secondsPastEpoch": 1_700_000_000 + i, "nanoseconds": 7 * i, "userTag": 0}
+    flap = "HIGH" if (i // 3) % 2 else "NO_ALARM"
+    alarm = {"severity": 2 if flap == "HIGH" else 0, "status": 3 if flap == "HIGH" else 0,
+             "message": flap}
+    display = {"units": "A", "limitLow": -1.0, "form": {"index": 0, "choices": ["a", "b"]}}
+    odd = [None, 7, "a\x00b", "ok", "ok", "fine"][i % 6]
+    return [
+        PVSample("FLAP", {"value": float(i), "alarm": alarm, "timeStamp": ts,
+                          "display": display}),
+        PVSample("F32", {"value": float(i) / 4, "alarm": dict(alarm), "timeStamp": ts},
+                 frozenset({"value"})),
+        PVSample("U", {"value": 5 if i % 2 else 2**64 - 1 - i, "timeStamp": ts}),
+        PVSample("E", {"value": {"index": i % 3, "choices": ["x", "y", "z"]}, "timeStamp": ts,
+                       "alarm": {"severity": 0, "status": 0, "message": odd}}),
+        PVSample("S", {"value": f"text {i}", "timeStamp": ts}),
+        PVSample("W", {"value": [float(x) for x in range(i % 4)], "timeStamp": ts},
+                 frozenset({"value"})),
+        PVSample("X", {"value": 1 if i < 10 else 1.5 if i < 20 else "s", "timeStamp": ts}),
+        PVSample("NT", {"value": 1.0} if i % 5 else {"value": 2.0, "timeStamp": ts}),
+    ]
+
+
+def test_trains_from_templates_equal_trains_from_samples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finalized file's trains(): rows sharing a metadata entry and flags reuse the first
+    one's flat fields; the result equals trains from every sample flattened in full, key
+    order included, and no two trains share a mutable field."""
+    from test_hdf5_roundtrip import record_closed
+
+    from recorder.sinks.bridge.mapping import FlatTemplate
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="tmpl")
+    path, _ = record_closed(rec, 30, _mixed)
+    with open_file(path) as whole:
+        for pv in whole.pv_names:
+            whole.samples(pv)  # cached: trains() flattens every sample
+        expected = list(whole.trains())
+    served = []
+    real_row = FlatTemplate.row
+
+    def spy(self: FlatTemplate, *args: object) -> object:
+        got = real_row(self, *args)  # type: ignore[arg-type]
+        served.append(got is not None)
+        return got
+
+    monkeypatch.setattr(FlatTemplate, "row", spy)
+    monkeypatch.setattr(reader, "TRAIN_WINDOW_VALUES", 40)  # several windows
+    with open_file(path) as f:
+        got = list(f.trains())
+    assert len(got) == len(expected) == 30
+    for (data, meta), (data_x, meta_x) in zip(got, expected, strict=True):
+        assert_same((data, meta), (data_x, meta_x))
+        assert list(data) == list(data_x)
+        for source in data:
+            assert list(data[source]) == list(data_x[source]), source
+    # not vacuous: most of the 240 rows came from templates (each window of 5 iterations
+    # starts one per PV and flags; X's string rows and NT's rows without timeStamp: none)
+    assert sum(served) > 120
+    # lists are each train's own (trains 1 and 2: both from the template of window 0)
+    got[1][0]["FLAP"]["display.form.choices"].append("c")
+    assert got[2][0]["FLAP"]["display.form.choices"] == ["a", "b"]
+    assert got[1][0]["E"]["value.choices"] is not got[2][0]["E"]["value.choices"]

@@ -58,13 +58,13 @@ numpy scalars into Python ``int``/``float``/``bool``; the reader keeps the numpy
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from recorder.client.events import IterationClosed, IterationStatus
-from recorder.client.values import PVSample, ValueKind, typed_array
+from recorder.client.values import PVSample, ValueKind, typed_array, typed_value
 
 RECORDER_SOURCE = "k2eg-recorder/iteration"
 """Source name of the recorder-level entry (one per iteration)."""
@@ -283,6 +283,102 @@ _TYPED_KINDS = frozenset({
 })
 
 
+@dataclass(slots=True, kw_only=True)
+class FlatTemplate:
+    """The flat fields of one sample, reused for later values of the same PV that differ from
+    it only in the fields a recording stores per row: the value (scalar, bool, string,
+    waveform, enum index), the EPICS time and the alarm severity, status and message.
+
+    A file's reader builds one per metadata entry and row flags (:meth:`of`, from the first
+    such row's sample and its :func:`flatten_sample` result), then :meth:`row` gives each
+    later row's flat fields: a copy of the first with those leaves replaced, typed by the
+    same rules (``typed_value`` for ``value``, the leaf rule otherwise), keys in the same
+    order. Lists and arrays are copied, as :func:`flatten_sample` does."""
+
+    base: dict[str, Any]
+    f32: frozenset[str]
+    kind: ValueKind
+    value_path: str | None  # the value's leaf, when the value is stored per row
+    time: bool  # per-row leaves: EPICS time, alarm severity, status, message
+    severity: bool
+    status: bool
+    message: bool
+    time_ns: int | None  # the EPICS time of every row when it is not per row
+    mutable: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mutable = tuple(k for k, v in self.base.items() if _fresh(v) is not v)
+
+    @classmethod
+    def of(cls, sample: PVSample, flat: dict[str, Any], *, value: bool, time: bool,
+           severity: bool, status: bool, message: bool) -> FlatTemplate | None:
+        """A template from ``sample`` and ``flat = flatten_sample(sample)``, the flags saying
+        which leaves change from row to row; None when a leaf is not where it would be
+        replaced (an NTTable, an image, a structure: such rows are flattened in full)."""
+        kind = sample.kind
+        path: str | None = None
+        if value:
+            if kind in _ROW_VALUE_KINDS:
+                path = "value"
+            elif kind is ValueKind.ENUM:
+                path = "value.index"
+            else:
+                return None
+        leaves = [path] if path else []
+        if time:
+            leaves += [_SECONDS, _NANOS]
+        leaves += [p for p, on in ((_SEVERITY, severity), (_STATUS, status),
+                                   (_MESSAGE, message)) if on]
+        if any(p not in flat for p in leaves):
+            return None
+        return cls(base={k: _fresh(v) for k, v in flat.items()}, f32=sample.float32_paths,
+                   kind=kind, value_path=path, time=time, severity=severity, status=status,
+                   message=message, time_ns=sample.timestamp_ns)
+
+    def row(self, value: Any, time_ns: int, severity: int, status: int,
+            message: str | None) -> tuple[dict[str, Any], int | None] | None:
+        """(flat fields, EPICS time in ns) of a row; None when its value does not type as the
+        template's did (the row is then flattened in full)."""
+        out = dict(self.base)
+        for k in self.mutable:  # re-assigned: the key keeps its place
+            out[k] = _fresh(out[k])
+        f32 = self.f32
+        path = self.value_path
+        if path == "value":
+            kind, typed = typed_value({"value": value}, f32)
+            if kind is not self.kind:
+                return None
+            out[path] = list(typed) if kind is ValueKind.STRING_ARRAY else typed
+        elif path is not None:
+            out[path] = _int_leaf(value, path, f32)
+        ts = self.time_ns
+        if self.time:
+            ts = time_ns
+            seconds, nanos = divmod(time_ns, NS_PER_S)
+            out[_SECONDS] = _int_leaf(seconds, _SECONDS, f32)
+            out[_NANOS] = _int_leaf(nanos, _NANOS, f32)
+        if self.severity:
+            out[_SEVERITY] = _int_leaf(severity, _SEVERITY, f32)
+        if self.status:
+            out[_STATUS] = _int_leaf(status, _STATUS, f32)
+        if self.message:
+            out[_MESSAGE] = _scalar(message, _MESSAGE, f32)
+        return out, ts
+
+
+def _int_leaf(value: int, path: str, f32: frozenset[str]) -> Any:
+    """An integer leaf as :func:`_flatten` types it (inline for int64, as there)."""
+    if value.__class__ is int and INT64_MIN <= value <= INT64_MAX:
+        return np.int64(value)
+    return _scalar(value, path, f32)
+
+
+_ROW_VALUE_KINDS = frozenset({ValueKind.SCALAR, ValueKind.BOOL, ValueKind.STRING,
+                              ValueKind.ARRAY})
+_SECONDS, _NANOS = "timeStamp.secondsPastEpoch", "timeStamp.nanoseconds"
+_SEVERITY, _STATUS, _MESSAGE = "alarm.severity", "alarm.status", "alarm.message"
+
+
 # --- several samples of one PV ----------------------------------------------------------------
 _MISSING = object()
 
@@ -346,6 +442,10 @@ def recorder_entry(
     }
 
 
+FlatValue = tuple[dict[str, Any], int | None]
+"""One value of a PV as a train holds it: its flat fields and its EPICS time (ns, or None)."""
+
+
 def build_train(
     info: IterationInfo,
     samples: Iterable[PVSample],
@@ -362,16 +462,35 @@ def build_train(
     interleaved). ``stacked``: the run's PVs are stacked along a first axis
     (:func:`stacked_for` of the snapshot type). Only PVs with a value in the iteration appear.
     """
-    by_pv: dict[str, list[PVSample]] = {}
+    by_pv: dict[str, list[FlatValue]] = {}
     for sample in samples:
-        by_pv.setdefault(sample.pv, []).append(sample)
+        flat = flatten_sample(sample, flat_cache)
+        by_pv.setdefault(sample.pv, []).append((flat, sample.timestamp_ns))
+    return build_train_flat(info, by_pv, stacked=stacked, run_name=run_name,
+                            snapshot_name=snapshot_name)
+
+
+def build_train_flat(
+    info: IterationInfo,
+    by_pv: Mapping[str, Sequence[FlatValue]],
+    *,
+    stacked: bool,
+    run_name: str = "",
+    snapshot_name: str = "",
+) -> Train:
+    """:func:`build_train` from values already flattened, by PV (in the order the PVs are
+    to appear; each PV's values in arrival order)."""
     iteration_ns = info.header_timestamp_ns or info.tail_timestamp_ns
     data: dict[str, dict[str, Any]] = {}
     meta: dict[str, dict[str, Any]] = {}
-    for pv, pv_samples in by_pv.items():
-        flats = [flatten_sample(s, flat_cache) for s in pv_samples]
-        data[pv] = stack_fields(flats) if stacked or len(flats) > 1 else flats[0]
-        ts = pv_samples[-1].timestamp_ns
+    for pv, values in by_pv.items():
+        if not values:
+            continue
+        if stacked or len(values) > 1:
+            data[pv] = stack_fields([flat for flat, _ in values])
+        else:
+            data[pv] = values[0][0]
+        ts = values[-1][1]
         meta[pv] = {
             "source": pv,
             **karabo_timestamp(iteration_ns if ts is None else ts),
@@ -379,7 +498,7 @@ def build_train(
         }
     data[RECORDER_SOURCE] = recorder_entry(
         info,
-        n_sources=len(by_pv),
+        n_sources=len(meta),
         stacked=stacked,
         run_name=run_name,
         snapshot_name=snapshot_name,
@@ -395,9 +514,12 @@ def build_train(
 __all__ = [
     "RECORDER_SOURCE",
     "FlatCache",
+    "FlatTemplate",
+    "FlatValue",
     "IterationInfo",
     "Train",
     "build_train",
+    "build_train_flat",
     "flatten_sample",
     "karabo_timestamp",
     "plain",
