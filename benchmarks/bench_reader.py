@@ -15,8 +15,9 @@ reader as shipped against a baseline in the same run:
 * ``values``: ``RecordingFile.values(pv)`` of one scalar PV of the final file (read from the
   ``value`` dataset) vs the per-sample path (``values_of(samples(pv))``), the call only;
 * ``trains``: iterating ``trains()`` over the final file: a window of iterations at a time,
-  metadata dicts shared by the rows of one entry flattened once, vs every PV's samples held
-  (``TRAIN_WINDOW_VALUES`` larger than the file) and every sample flattened in full;
+  the rows of one metadata entry and flags flattened once (later rows copy the fields and
+  replace the per-row leaves), vs every PV's samples held (read first) and every sample
+  flattened in full into its train (``build_train``, as the reader did before);
 * ``live``: open the live file, list PVs and iterations, read one PV's samples: sample
   columns and pools on demand vs read whole (windows and caches larger than the file).
 """
@@ -88,13 +89,21 @@ MEASURE = textwrap.dedent("""
             v = f.values(pv) if mode == "ours" else reader.values_of(f.samples(pv))
             n = len(v)
     elif what == "trains":
-        if mode == "base":  # every sample held, each flattened in full
-            from recorder.sinks.bridge import mapping
-            reader.TRAIN_WINDOW_VALUES = 10**12
-            flatten = mapping.flatten_sample
-            mapping.flatten_sample = lambda sample, cache=None: flatten(sample)
         with reader.open_file(path) as f:
-            n = sum(1 for _ in f.trains())
+            if mode == "ours":
+                n = sum(1 for _ in f.trains())
+            else:  # every PV's samples held, each flattened in full into its train
+                from recorder.sinks.bridge.mapping import IterationInfo, build_train
+                its = f.iterations()
+                held = {pv: (*f.first_count(pv), f.samples(pv)) for pv in f.pv_names}
+                n = 0
+                for row in range(len(its["iter_index"])):
+                    samples = []
+                    for first, count, pv_samples in held.values():
+                        a, c = int(first[row]), int(count[row])
+                        samples.extend(pv_samples[a : a + c])
+                    build_train(IterationInfo.from_columns(its, row), samples, stacked=False)
+                    n += 1
     else:
         if mode == "base":
             livefile.WINDOW_BYTES = livefile.SAMPLE_CACHE_BYTES = 1 << 40
