@@ -346,9 +346,9 @@ class FlatTemplate:
         path = self.value_path
         if path == "value":
             kind, typed = typed_value({"value": value}, f32)
-            if kind is not self.kind:
+            if kind is not self.kind:  # e.g. strings in a waveform: flatten_sample decides
                 return None
-            out[path] = list(typed) if kind is ValueKind.STRING_ARRAY else typed
+            out[path] = typed  # what flatten_sample puts there for these kinds
         elif path is not None:
             out[path] = _int_leaf(value, path, f32)
         ts = self.time_ns
