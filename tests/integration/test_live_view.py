@@ -7,6 +7,7 @@ iterations must not read its element pools, and one PV's samples read its rows, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -204,7 +205,7 @@ def _mutated_streams(draw: st.DrawFn) -> list[list[PVSample]]:
                 s["display"]["limitLow"] = draw(st.sampled_from([0, 0.0, -1.0, True]))
             value = s["value"]
             f32 = frozenset({"value"}) if "FLOAT" in pv and isinstance(value, float) and (
-                value != value or abs(value) <= 3.4e38) else frozenset()  # float32's range
+                math.isnan(value) or abs(value) <= 3.4e38) else frozenset()  # float32's range
             samples.append(PVSample(pv, s, f32))
         out.append(samples)
     return out
