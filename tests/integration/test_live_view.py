@@ -16,6 +16,7 @@ import pytest
 from bridge_support import assert_same
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pv_mutations import FIELD_MUTATIONS, PROPERTY_PVS, mutate
 from test_hdf5_roundtrip import record, same
 
 from recorder import reader
@@ -168,10 +169,6 @@ def test_trains_from_templates_equal_trains_from_samples(
     assert got[1][0]["E"]["value.choices"] is not got[2][0]["E"]["value.choices"]
 
 
-_PROPERTY_PVS = ["SIM:AI:DOUBLE:1", "SIM:AI:FLOAT:2", "SIM:AI:INT:3", "SIM:WF:DOUBLE:4:N6",
-                 "SIM:MBBI:ENUM:5", "SIM:BI:BOOL:6", "SIM:SI:STRING:7"]
-
-
 @st.composite
 def _mutated_streams(draw: st.DrawFn) -> list[list[PVSample]]:
     """Iterations of a few simulator PVs, each value randomly mutated: values of other types
@@ -179,30 +176,17 @@ def _mutated_streams(draw: st.DrawFn) -> list[list[PVSample]]:
     from recorder.sim.pvs import parse_pv, pv_structure
 
     n_iter = draw(st.integers(1, 12))
-    pvs = draw(st.lists(st.sampled_from(_PROPERTY_PVS), min_size=1, max_size=4, unique=True))
+    pvs = draw(st.lists(st.sampled_from(PROPERTY_PVS), min_size=1, max_size=4, unique=True))
     out = []
     for k in range(n_iter):
         samples = []
         for pv in pvs:
             s = pv_structure(parse_pv(pv), k, 1_763_700_000 * 10**9 + k * 999_983)
-            muts = draw(st.sets(st.sampled_from(["value", "alarm", "message", "ns", "sec",
-                                                 "length", "display"]), max_size=3))
-            if "value" in muts and not isinstance(s["value"], dict | list):
-                s["value"] = draw(st.one_of(st.floats(), st.integers(-(2**63), 2**64 - 1),
-                                            st.booleans(), st.text(max_size=3)))
-            if "alarm" in muts:
-                s["alarm"]["severity"] = draw(st.integers(-(2**33), 2**33))
-                s["alarm"]["status"] = draw(st.integers(0, 300))
-            if "message" in muts:
-                s["alarm"]["message"] = draw(st.sampled_from(["", "HIHI", "LOLO", "é", None]))
-            if "ns" in muts:
-                s["timeStamp"]["nanoseconds"] = draw(st.integers(-5, 2 * 10**9))
-            if "sec" in muts:
-                s["timeStamp"]["secondsPastEpoch"] = draw(st.integers(-(2**63), 2**64 - 1))
-            if "length" in muts and isinstance(s["value"], list):
-                s["value"] = s["value"][: draw(st.integers(0, 8))]
-            if "display" in muts and "display" in s:
-                s["display"]["limitLow"] = draw(st.sampled_from([0, 0.0, -1.0, True]))
+            muts = draw(st.sets(st.sampled_from(FIELD_MUTATIONS), max_size=3))
+            mutate(draw, s, muts,
+                   values=st.one_of(st.floats(), st.integers(-(2**63), 2**64 - 1),
+                                    st.booleans(), st.text(max_size=3)),
+                   messages=["", "HIHI", "LOLO", "é", None], limits=[0, 0.0, -1.0, True])
             value = s["value"]
             f32 = frozenset({"value"}) if "FLOAT" in pv and isinstance(value, float) and (
                 math.isnan(value) or abs(value) <= 3.4e38) else frozenset()  # float32's range

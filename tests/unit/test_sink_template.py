@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from legacy_buffer import RecordingBuffer as LegacyBuffer
+from pv_mutations import FIELD_MUTATIONS, PROPERTY_PVS, mutate
 
 from recorder.client.events import (
     IncompleteReason,
@@ -459,39 +460,24 @@ def test_values_after_close_and_incomplete_iterations() -> None:
 
 
 # ------------------------------------------------------------------------------ property
-MUTATIONS = ("value", "display", "alarm", "message", "ns", "sec", "length", "eager", "garbage")
+MUTATIONS = (*FIELD_MUTATIONS, "eager", "garbage")
 
 
 @st.composite
 def streams(draw: st.DrawFn) -> list[tuple[int, str, list[tuple[str, dict[str, Any], int]]]]:
     """Iterations of a few PVs with random mutations of their structure."""
     n_iter = draw(st.integers(1, 25))
-    pvs = draw(st.lists(st.sampled_from(["SIM:AI:DOUBLE:1", "SIM:AI:FLOAT:2", "SIM:AI:INT:3",
-                                         "SIM:WF:DOUBLE:4:N6", "SIM:MBBI:ENUM:5",
-                                         "SIM:BI:BOOL:6", "SIM:SI:STRING:7"]),
-                        min_size=1, max_size=4, unique=True))
+    pvs = draw(st.lists(st.sampled_from(PROPERTY_PVS), min_size=1, max_size=4, unique=True))
     out = []
     for k in range(n_iter):
         samples = []
         for pv in pvs:
             s = sim(pv, k, T0 + k * 999_983)
             muts = draw(st.sets(st.sampled_from(MUTATIONS), max_size=2))
-            if "value" in muts and not isinstance(s["value"], dict | list | str):
-                s["value"] = draw(st.one_of(st.floats(), st.integers(-(2**63), 2**64 - 1),
-                                            st.booleans()))
-            if "display" in muts and "display" in s:
-                s["display"]["limitLow"] = draw(st.sampled_from([0, 0.0, -1.0, 1, True]))
-            if "alarm" in muts:
-                s["alarm"]["severity"] = draw(st.integers(-(2**33), 2**33))
-                s["alarm"]["status"] = draw(st.integers(0, 300))
-            if "message" in muts:
-                s["alarm"]["message"] = draw(st.sampled_from(["", "HIHI", "LOLO", "é"]))
-            if "ns" in muts:
-                s["timeStamp"]["nanoseconds"] = draw(st.integers(-5, 2 * 10**9))
-            if "sec" in muts:
-                s["timeStamp"]["secondsPastEpoch"] = draw(st.integers(-(2**63), 2**64 - 1))
-            if "length" in muts and isinstance(s["value"], list):
-                s["value"] = s["value"][: draw(st.integers(0, 8))]
+            mutate(draw, s, muts, fixed=(dict, list, str),
+                   values=st.one_of(st.floats(), st.integers(-(2**63), 2**64 - 1),
+                                    st.booleans()),
+                   messages=["", "HIHI", "LOLO", "é"], limits=[0, 0.0, -1.0, 1, True])
             mode = "eager" if "eager" in muts else "garbage" if "garbage" in muts else "lazy"
             samples.append((pv, s, mode))
         out.append((k, draw(st.sampled_from(["in_order", "overlap"])), samples))
