@@ -662,21 +662,22 @@ class RecordingFile:
         window = max(1, TRAIN_WINDOW_VALUES // per_iteration)
         for k0 in range(0, n_rows, window):
             k1 = min(n_rows, k0 + window)
-            rows: dict[str, tuple[int, list[FlatValue]]] = {}
+            # per PV with values in the window: its rows' flat values, and where each
+            # iteration's values start in them and how many there are
+            rows: dict[str, tuple[list[FlatValue], list[int], list[int]]] = {}
             for pv, (first, count) in index.items():
                 counts = count[k0:k1]
                 if counts.any():
                     lo = int(first[k0])
                     hi = int((first[k0:k1] + counts).max())
-                    rows[pv] = (lo, self.flat_range(pv, lo, hi, flat_cache))
-            firsts = {pv: first[k0:k1].tolist() for pv, (first, _) in index.items()}
-            counts_ = {pv: count[k0:k1].tolist() for pv, (_, count) in index.items()}
+                    rows[pv] = (self.flat_range(pv, lo, hi, flat_cache),
+                                (first[k0:k1] - lo).tolist(), counts.tolist())
             for row in range(k0, k1):
                 by_pv: dict[str, list[FlatValue]] = {}
-                for pv, (lo, values) in rows.items():
-                    n = counts_[pv][row - k0]
+                for pv, (values, starts, ns) in rows.items():
+                    n = ns[row - k0]
                     if n:
-                        a = firsts[pv][row - k0] - lo
+                        a = starts[row - k0]
                         by_pv[pv] = values[a : a + n]
                 yield build_train_flat(
                     IterationInfo.from_columns(its, row),

@@ -462,10 +462,14 @@ def build_train(
     interleaved). ``stacked``: the run's PVs are stacked along a first axis
     (:func:`stacked_for` of the snapshot type). Only PVs with a value in the iteration appear.
     """
-    by_pv: dict[str, list[FlatValue]] = {}
+    grouped: dict[str, list[PVSample]] = {}
     for sample in samples:
-        flat = flatten_sample(sample, flat_cache)
-        by_pv.setdefault(sample.pv, []).append((flat, sample.timestamp_ns))
+        grouped.setdefault(sample.pv, []).append(sample)
+    by_pv: dict[str, list[FlatValue]] = {}
+    for pv, pv_samples in grouped.items():
+        values: list[FlatValue] = [(flatten_sample(s, flat_cache), None) for s in pv_samples]
+        values[-1] = (values[-1][0], pv_samples[-1].timestamp_ns)  # the only time used
+        by_pv[pv] = values
     return build_train_flat(info, by_pv, stacked=stacked, run_name=run_name,
                             snapshot_name=snapshot_name)
 
@@ -479,7 +483,8 @@ def build_train_flat(
     snapshot_name: str = "",
 ) -> Train:
     """:func:`build_train` from values already flattened, by PV (in the order the PVs are
-    to appear; each PV's values in arrival order)."""
+    to appear; each PV's values in arrival order). A PV's metadata timestamp is its last
+    value's time (the other values' times are not read)."""
     iteration_ns = info.header_timestamp_ns or info.tail_timestamp_ns
     data: dict[str, dict[str, Any]] = {}
     meta: dict[str, dict[str, Any]] = {}
