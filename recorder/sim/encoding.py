@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgpack
+import numpy as np
 
 SER_HEADER = "k2eg-ser-type"
 SER_MSGPACK = "Msgpack"
@@ -92,6 +93,27 @@ def _pack_container_header(n: int, out: bytearray, fix: int, c16: bytes, c32: by
         out += c32 + struct.pack(">I", n)
 
 
+# an array element as msgpack-c packs it: the float32 (0xca) or float64 (0xcb) marker byte and
+# the big-endian value; a numpy record array of these is the packed elements, back to back
+_FLOAT32_ITEMS = (np.dtype([("marker", "u1"), ("value", ">f4")]), 0xCA)
+_FLOAT64_ITEMS = (np.dtype([("marker", "u1"), ("value", ">f8")]), 0xCB)
+
+
+def _pack_floats(items: Sequence[float], layout: tuple[np.dtype[Any], int],
+                 out: bytearray) -> None:
+    """The elements of a float array (no header), each packed as its own msgpack float."""
+    dtype, marker = layout
+    values = np.array(items, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        packed = values.astype(dtype["value"])
+    if np.any(np.isinf(packed) & np.isfinite(values)):  # as struct.pack(">f") refuses it
+        raise OverflowError("float too large to pack with f format")
+    records = np.empty(len(items), dtype)
+    records["marker"] = marker
+    records["value"] = packed
+    out += records.tobytes()
+
+
 def _pack(value: Any, out: bytearray) -> None:
     if value is None:
         out.append(0xC0)
@@ -114,12 +136,15 @@ def _pack(value: Any, out: bytearray) -> None:
             _pack(item, out)
     elif isinstance(value, Float32Array):
         _pack_container_header(len(value), out, 0x90, b"\xdc", b"\xdd")
-        for item in value:
-            out += b"\xca" + struct.pack(">f", item)
+        _pack_floats(value, _FLOAT32_ITEMS, out)
     elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
         if all(type(item) in _PLAIN_SCALARS for item in value):
             # fast path: msgpack-python packs ints/str/bool/None exactly like msgpack-c
             out += msgpack.packb(list(value))
+            return
+        if all(type(item) is float for item in value):  # a double[] waveform
+            _pack_container_header(len(value), out, 0x90, b"\xdc", b"\xdd")
+            _pack_floats(value, _FLOAT64_ITEMS, out)
             return
         _pack_container_header(len(value), out, 0x90, b"\xdc", b"\xdd")
         for item in value:

@@ -113,12 +113,16 @@ def pv_base(uri: str) -> str | None:
 # --- snapshots ------------------------------------------------------------------------------
 @dataclass(slots=True)
 class Sample:
-    """One monitor event: update ``k`` of PV ``pv`` that arrived at ``arrival`` (monotonic)."""
+    """One monitor event: update ``k`` of PV ``pv`` that arrived at ``arrival`` (monotonic).
+
+    Its pvData structure is built only when the sample is published
+    (:meth:`SimEngine.structure`): a normal snapshot keeps the last update of each PV in its
+    window, so the updates it overwrites are never built (a loaded machine would otherwise
+    build every update of every array PV, fall behind and build ever more per tick)."""
 
     pv: str
     k: int
     arrival: float
-    data: dict[str, Any]
     forced: bool = False
 
 
@@ -290,7 +294,7 @@ class SimEngine:
             spec = self.spec(pv)
             for k in range(snap.cursors[pv] + 1, k_now + 1):
                 arrival = max(self.start + spec.update_time(k), snap.subscribed_at)
-                events.append((arrival, order, Sample(pv, k, arrival, self.structure(pv, k))))
+                events.append((arrival, order, Sample(pv, k, arrival)))
             snap.cursors[pv] = max(snap.cursors[pv], k_now)
         events.sort(key=lambda e: (e[0], e[1]))
         return [e[2] for e in events]
@@ -506,7 +510,7 @@ class SimEngine:
                 continue
             k = self.pv_index(pv, now)
             if k >= 0:
-                forced.append(Sample(pv, k, now, self.structure(pv, k), forced=True))
+                forced.append(Sample(pv, k, now, forced=True))
         self._add_events(snap, forced)
 
     def _slot_values(self, snap: RepeatingSnapshot) -> list[Sample]:
@@ -607,7 +611,7 @@ class SimEngine:
                 msg["submission_seq"] = it.submission
                 if i == len(data) - 1:
                     msg["last_submission_data"] = True
-            value = sample.data
+            value = self.structure(sample.pv, sample.k)
             if snap.field_filter:
                 value = {k: v for k, v in value.items() if k in snap.field_filter}
             msg[sample.pv] = value

@@ -39,6 +39,7 @@ LIVE_PVS = [
 FAST_PVS = ["pva://SIM:IMG:USHORT:1:S128x128:P50", "pva://SIM:WF:DOUBLE:2:N20000:P50",
             "pva://SIM:AI:DOUBLE:3:P50"]
 FAST_WINDOW_MS = 50
+MIN_PUBLISHED = 60  # iterations the rate comparison needs at least
 
 
 @pytest.fixture
@@ -184,9 +185,15 @@ output:
 
             wait_for(lambda: complete() >= 10, 40, "the run to record")
             assert sim.engine is not None
-            t0, rec0, pub0 = time.monotonic(), complete(), sim.engine.stats["iterations"]
-            time.sleep(8.0)
-            t1, rec1, pub1 = time.monotonic(), complete(), sim.engine.stats["iterations"]
+            engine = sim.engine
+            t0, rec0, pub0 = time.monotonic(), complete(), engine.stats["iterations"]
+            # at least 8 s and at least MIN_PUBLISHED iterations: on a loaded machine the
+            # simulator (in this process) publishes below its nominal cadence, and the window
+            # then runs longer instead of comparing a handful of iterations
+            wait_for(lambda: time.monotonic() - t0 >= 8.0
+                     and engine.stats["iterations"] - pub0 >= MIN_PUBLISHED, 90,
+                     f"the simulator to publish {MIN_PUBLISHED} iterations")
+            t1, rec1, pub1 = time.monotonic(), complete(), engine.stats["iterations"]
             doc = _bridge(admin, "fast")
             lag = (run_state(admin, "fast") or {}).get("lag")
             daemon.signal(signal.SIGTERM)
@@ -204,9 +211,8 @@ output:
     # the serving thread really was sending to the subscriber that never reads
     assert doc["status"] == "serving" and doc["published"] >= 1, doc
     # full rate: the cadence is what the gateway really published in the window (the
-    # simulator in this process may run below the nominal 20/s on a loaded machine; it must
-    # still produce enough for the comparison to mean something)
-    assert published_rate >= 0.5 * (1000 / FAST_WINDOW_MS), published_rate
+    # simulator in this process may run below the nominal 20/s on a loaded machine)
+    assert pub1 - pub0 >= MIN_PUBLISHED
     assert rate >= 0.9 * published_rate, (rate, published_rate)
     assert lag is not None and lag < 50, lag  # about 10 iterations' worth of messages
     # no iteration missing in the file: every published iteration in the recorded range

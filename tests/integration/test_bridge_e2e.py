@@ -133,10 +133,13 @@ def test_live_iterations_match_the_hdf5_file(
         both = BothSinks(rec, sink)
         client.snapshot_recurring(props, both)
         both.wait_closed(6)
+        # the REQ client's three answers are waited for, not assumed from the run's length
+        # (its thread shares this process with the simulator and the client on a busy machine)
+        wait_for(lambda: len(req.trains) >= 3, 30, "three replies to the REQ client")
         client.snapshot_stop(props.snapshot_name)
         (path,) = rec.close()
         sink.close()
-        wait_for(lambda: len(sub.trains) >= sink.counters["published"], what="SUB delivery")
+        wait_for(lambda: len(sub.trains) >= sink.counters["published"], 30, "SUB delivery")
     finally:
         from_sub = sub.stop()
         from_req = req.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -13,7 +14,13 @@ from hypothesis import strategies as st
 from recorder.errors import ConfigError
 from recorder.sim.encoding import Float32, Float32Array, pack, serialize
 from recorder.sim.faults import FaultConfig, FaultInjector, FaultRule
-from recorder.sim.pvs import parse_pv, pv_structure
+from recorder.sim.pvs import (
+    DOUBLE_AMPLITUDE,
+    INT_RANGES,
+    numeric_value,
+    parse_pv,
+    pv_structure,
+)
 
 WALL_NS = 1_700_000_000_123_456_789
 
@@ -48,6 +55,77 @@ def test_matches_msgpack_reference_for_plain_values(value: Any) -> None:
     """Without float32 the bytes are exactly msgpack's (smallest int forms, order kept)."""
     assert pack(value) == msgpack.packb(value)
     assert msgpack.unpackb(pack(value), strict_map_key=False) == value
+
+
+finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+float_items = st.one_of(st.floats(), st.just(-0.0), st.just(math.nan), st.just(-math.nan))
+
+
+@given(st.lists(float_items, max_size=40))
+def test_double_arrays_pack_like_element_by_element(items: list[float]) -> None:
+    """A list of floats (a double[] waveform) takes the numpy path: same bytes as packing each
+    element (0xcb + big-endian double), NaN payloads and -0.0 included."""
+    head = msgpack.packb([0] * len(items))[: -len(items) or None]
+    assert pack(items) == head + b"".join(b"\xcb" + struct.pack(">d", x) for x in items)
+
+
+@given(st.lists(st.one_of(finite32, st.floats(allow_nan=False, min_value=-3.4e38,
+                                               max_value=3.4e38), st.just(math.nan),
+                          st.just(math.inf)), max_size=40))
+def test_float32_arrays_pack_like_element_by_element(items: list[float]) -> None:
+    head = msgpack.packb([0] * len(items))[: -len(items) or None]
+    assert pack(Float32Array(items)) == head + b"".join(
+        b"\xca" + struct.pack(">f", x) for x in items)
+
+
+def test_float_array_packing_at_header_boundaries_and_overflow() -> None:
+    for n in (15, 16, 65535, 65536):
+        items = [0.25 * i for i in range(n)]
+        assert msgpack.unpackb(pack(items)) == items
+        assert msgpack.unpackb(pack(Float32Array(items))) == items
+    with pytest.raises(OverflowError):  # what struct.pack(">f", 1e39) raises
+        pack(Float32Array([1.0, 1e39]))
+    assert pack([1.0, 2]) == msgpack.packb([1.0, 2])  # mixed: element by element
+
+
+@pytest.mark.parametrize("typ", ["DOUBLE", "FLOAT", *INT_RANGES])
+@pytest.mark.parametrize("k", [0, 1, 39, 12_345, 10**12])
+def test_waveforms_equal_their_elements_one_by_one(typ: str, k: int) -> None:
+    """The waveform builder (per sine cycle, or numpy for integers) gives exactly the values
+    numeric_value gives element by element, types included (the large k takes the Python-int
+    path for every integer type)."""
+    spec = parse_pv(f"SIM:WF:{typ}:3:N100")
+    wf = pv_structure(spec, k, WALL_NS)["value"]
+    expected = [numeric_value(typ, k, spec.phase, i) for i in range(100)]
+    assert wf == expected
+    assert [type(x) for x in wf] == [float if typ == "FLOAT" else type(x) for x in expected]
+    assert isinstance(wf, Float32Array) == (typ == "FLOAT")
+    if typ in INT_RANGES:
+        low, high = INT_RANGES[typ]
+        assert all(low <= x <= high for x in wf)
+    else:  # a sine of period 40 (in k and in 3 i), rounded to 6 decimals
+        assert all(
+            abs(x - DOUBLE_AMPLITUDE * math.sin(2 * math.pi * ((k + spec.phase + 3 * i) % 40)
+                                                / 40.0)) <= 5e-7
+            for i, x in enumerate(wf))
+
+
+@pytest.mark.parametrize("typ", ["UBYTE", "BYTE", "USHORT", "SHORT", "INT", "UINT", "FLOAT",
+                                 "DOUBLE"])
+def test_image_pixels_equal_their_definition(typ: str) -> None:
+    w, h, k = 7, 5, 123
+    pixels = pv_structure(parse_pv(f"SIM:IMG:{typ}:1:S{w}x{h}"), k, WALL_NS)["value"]
+    (values,) = pixels.values()
+    if typ in ("FLOAT", "DOUBLE"):
+        expected = [round(math.sin((x + y + k) / 5.0) * 100.0, 4)
+                    for y in range(h) for x in range(w)]
+    else:
+        low, high = INT_RANGES[typ]
+        expected = [low + (x * 3 + y * 5 + k) % min(high - low + 1, 251)
+                    for y in range(h) for x in range(w)]
+    assert values == expected
+    assert {type(v) for v in values} == {float if typ in ("FLOAT", "DOUBLE") else int}
+    assert isinstance(values, Float32Array) == (typ == "FLOAT")
 
 
 def test_json_serialization() -> None:
