@@ -735,7 +735,9 @@ class _PV:
         if kind in (ValueKind.SCALAR, ValueKind.BOOL, ValueKind.ENUM) and value_col is not None:
             dt = DTYPE_BY_CODE[self.dcode]
             if dt.kind == "f":
-                value = s["fval"].astype(dt)
+                # rows of another type (demoted below, then zeroed) may not fit a float32
+                with np.errstate(over="ignore", invalid="ignore"):
+                    value = s["fval"].astype(dt)
             elif dt == np.uint64:
                 value = s["ival"].view(np.uint64).copy()
             else:
