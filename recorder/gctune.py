@@ -8,7 +8,8 @@ GC_THRESHOLDS = (50_000, 10, 10)  # default (700, 10, 10): see tune_gc
 
 
 def tune_gc() -> None:
-    """Garbage-collector settings for the long-running daemon, applied once it has started.
+    """Garbage-collector settings for the long-running daemon, applied once it has connected
+    and before any run consumes.
 
     Objects alive after start-up (modules, settings, the client) are frozen out of the
     collector's view, and young-generation collections run every 50,000 net container

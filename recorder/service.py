@@ -190,13 +190,15 @@ class Service:
         try:
             if not self._connect():
                 return EXIT_OK  # stopped while still connecting
+            if self._gc_tuning:
+                # before any run consumes: the full collection does not stall a consumer
+                # that has just begun, and in-flight messages are not frozen with start-up
+                tune_gc()
             for definition in self._definitions.values():
                 self._add_controller(definition, start=definition.autostart)
             self._state = DaemonState.RUNNING
             self.notifier.ready(self._status_line())
             self.ready.set()
-            if self._gc_tuning:
-                tune_gc()
             log.info("daemon ready", runs=len(self._controllers),
                      admin_topic=self.settings.admin_topic,
                      status_topic=self.settings.status_topic)
