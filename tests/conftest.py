@@ -7,13 +7,22 @@ tests against another broker instead (for example a real Apache Kafka in a facil
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+import structlog
 
 from recorder.broker import EmbeddedBroker
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Log lines of this process (the in-process simulator, client and sinks) from INFO up:
+    a failing test's captured output then shows what happened, not one debug line per
+    simulated iteration (the daemons the tests start log as configured for them)."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
 
 
 @pytest.fixture(scope="session")
