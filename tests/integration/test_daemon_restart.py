@@ -23,7 +23,10 @@ from daemon_support import (
     wait_for,
 )
 
+from recorder.admin.protocol import build_command
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+MAX_AGE_S = 30  # RECORDER_COMMAND_MAX_AGE_S of the admin-command test
 
 
 @pytest.fixture
@@ -169,7 +172,7 @@ runs:
         bootstrap=kafka_bootstrap, cmd_topic=unique_name("cmd"), app=unique_name("rec"),
         admin_topic=unique_name("admin"), reply_topic=unique_name("reply"),
         status_topic=unique_name("status"), state_dir=tmp_path / "state", config=config,
-        log_dir=tmp_path / "logs", extra={"RECORDER_COMMAND_MAX_AGE_S": "4"},
+        log_dir=tmp_path / "logs", extra={"RECORDER_COMMAND_MAX_AGE_S": str(MAX_AGE_S)},
     )
     with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
         first = DaemonProcess(denv, "first")
@@ -184,10 +187,12 @@ runs:
         saved = json.loads((denv.state_dir / ".admin-offsets.json").read_text())
         assert saved["topic"] == denv.admin_topic and saved["offsets"]["0"] >= 2
 
-        # the daemon is down: one command ages past the max age, one is fresh at restart
-        stale = admin.build("start", "early")
+        # the daemon is down: one command has aged past the max age by the time it is read
+        # (issued MAX_AGE_S + 10 s ago: the age the daemon judges is now - issued_at), one is
+        # fresh at restart (the max age is far above a daemon's start-up on a busy machine)
+        stale = build_command("start", run="early", reply_topic=admin.reply_topic,
+                              issued_at_ms=time.time_ns() // 1_000_000 - (MAX_AGE_S + 10) * 1000)
         admin.send(stale)
-        time.sleep(5.0)
         fresh = admin.build("start", "late")
         admin.send(fresh)
         second = DaemonProcess(denv, "second")
