@@ -67,6 +67,13 @@ Measured per case, in the same run, repeated and interleaved ((a), ours, (a), ou
 Nothing waits unbounded: every wait has a timeout and an error naming what did not happen;
 the broker and every child process are killed by PID (their own process group) on exit, also
 on SIGTERM/SIGINT; on failure the work directory is kept and named.
+
+This module imports only the standard library at its top (``bench_client`` inside the
+functions that use it): the daemon's writer processes are spawned, and a spawned process
+re-imports its parent's main module, which under ``k2eg-recorder run`` is the light
+``recorder.cli``. Importing ``bench_client`` (confluent_kafka, the client, the simulator) here
+added ~0.17 s to the writer's start, and so to the start-up measured, that operators do not
+pay.
 """
 
 from __future__ import annotations
@@ -96,7 +103,6 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-import bench_client as bc  # noqa: E402
 
 K2EG_PYTHON = ROOT / ".venv-k2eg" / "bin" / "python"
 T0 = time.monotonic()
@@ -208,6 +214,7 @@ class Case:
 
     @property
     def pv_names(self) -> list[str]:
+        import bench_client as bc  # not at the top: see the module docstring
         return bc.pv_names(self.kind, self.pvs)
 
 
@@ -251,6 +258,8 @@ def close_producers() -> None:
 def produce_all(prod: Any, topic: str, messages: list[bytes], flush_every: int = 20_000) -> None:
     """Produce and flush in batches: Tansu's high watermark is the last batch's base offset
     + 1, so flushing per batch keeps watermarks close to the real end."""
+    import bench_client as bc  # not at the top: see the module docstring
+
     from recorder.sim.encoding import SER_HEADER, SER_MSGPACK
 
     headers = [(SER_HEADER, SER_MSGPACK.encode())]
@@ -270,6 +279,7 @@ def produce_all(prod: Any, topic: str, messages: list[bytes], flush_every: int =
 
 
 def encode(case: Case, first: int, count: int) -> list[bytes]:
+    import bench_client as bc  # not at the top: see the module docstring
     pvs = bc.packed_pvs(case.kind, case.pvs)
     ts = int(time.time() * 1000)
     out: list[bytes] = []
@@ -379,6 +389,7 @@ def run_ours(args: argparse.Namespace, case: Case, cmd_topic: str, tmp: Path, ta
 # ------------------------------------------------------------------------------ (b)
 def run_official(args: argparse.Namespace, case: Case, cmd_topic: str, tmp: Path,
                  tag: str) -> dict[str, Any]:
+    import bench_client as bc  # not at the top: see the module docstring
     token = uuid.uuid4().hex[:6]
     snapshot = f"bench-off-{case.name}-{tag}-{token}"
     app = f"bench-off-{token}"
@@ -497,6 +508,8 @@ def run_latency(args: argparse.Namespace, cmd_topic: str, tmp: Path) -> dict[str
 def worker(args: argparse.Namespace) -> int:
     """The daemon draining one topic (its own process); progress on stderr, RESULT on stdout."""
     import faulthandler
+
+    import bench_client as bc  # not at the top: see the module docstring
 
     # last resort against a hang: dump every thread's stack and exit
     faulthandler.dump_traceback_later(args.timeout + 90, exit=True)
