@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.ma  # np.unique imports it on first use (~25 ms): here, not in a flush
 import numpy.typing as npt
 
 from recorder.client.events import (
