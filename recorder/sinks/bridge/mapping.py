@@ -241,6 +241,19 @@ def _fresh(value: Any) -> Any:
     return list(value) if cls is list else value.copy() if cls is np.ndarray else value
 
 
+def _mutable_keys(flat: Mapping[str, Any]) -> tuple[str, ...]:
+    """The fields :func:`_fresh` copies (lists, arrays)."""
+    return tuple(k for k, v in flat.items() if v.__class__ is list or v.__class__ is np.ndarray)
+
+
+def _copy_into(out: dict[str, Any], flat: Mapping[str, Any], mutable: tuple[str, ...]) -> None:
+    """``out.update(flat)`` with the ``mutable`` fields copied (re-assigned: each key keeps
+    its place), so no two results share a list or an array."""
+    out.update(flat)
+    for k in mutable:
+        out[k] = _fresh(out[k])
+
+
 def flatten_sample(sample: PVSample, cache: FlatCache | None = None) -> dict[str, Any]:
     """The flat fields of one PV value (see the module docstring).
 
@@ -259,13 +272,11 @@ def flatten_sample(sample: PVSample, cache: FlatCache | None = None) -> dict[str
             if hit is None or hit[0] is not item:
                 sub: dict[str, Any] = {}
                 _flatten(item, name, f32, sub)
-                mutable = tuple(k for k, v in sub.items() if _fresh(v) is not v)
                 if len(cache) >= FLAT_CACHE_MAX:
                     cache.clear()
-                hit = cache[ckey] = (item, {k: _fresh(v) for k, v in sub.items()}, mutable)
-            out.update(hit[1])
-            for k in hit[2]:  # re-assigned: the key keeps its place
-                out[k] = _fresh(out[k])
+                hit = cache[ckey] = (item, {k: _fresh(v) for k, v in sub.items()},
+                                     _mutable_keys(sub))
+            _copy_into(out, hit[1], hit[2])
         elif name != "value" or kind not in _TYPED_KINDS:
             _flatten(item, name, f32, out)
         elif kind is ValueKind.NDARRAY:
@@ -307,7 +318,7 @@ class FlatTemplate:
     mutable: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.mutable = tuple(k for k, v in self.base.items() if _fresh(v) is not v)
+        self.mutable = _mutable_keys(self.base)
 
     @classmethod
     def of(cls, sample: PVSample, flat: dict[str, Any], *, value: bool, time: bool,
@@ -339,9 +350,8 @@ class FlatTemplate:
             message: str | None) -> tuple[dict[str, Any], int | None] | None:
         """(flat fields, EPICS time in ns) of a row; None when its value does not type as the
         template's did (the row is then flattened in full)."""
-        out = dict(self.base)
-        for k in self.mutable:  # re-assigned: the key keeps its place
-            out[k] = _fresh(out[k])
+        out: dict[str, Any] = {}
+        _copy_into(out, self.base, self.mutable)
         f32 = self.f32
         path = self.value_path
         if path == "value":
