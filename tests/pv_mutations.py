@@ -10,9 +10,12 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from recorder.sim.pvs import parse_pv, pv_structure
+
 PROPERTY_PVS = ["SIM:AI:DOUBLE:1", "SIM:AI:FLOAT:2", "SIM:AI:INT:3", "SIM:WF:DOUBLE:4:N6",
                 "SIM:MBBI:ENUM:5", "SIM:BI:BOOL:6", "SIM:SI:STRING:7"]
 FIELD_MUTATIONS = ("value", "display", "alarm", "message", "ns", "sec", "length")
+T0_NS = 1_763_700_000 * 1_000_000_000  # iteration k's structures are stamped T0_NS + k * 999_983
 
 
 def mutate(draw: st.DrawFn, s: dict[str, Any], muts: set[str], *,
@@ -37,3 +40,25 @@ def mutate(draw: st.DrawFn, s: dict[str, Any], muts: set[str], *,
         s["timeStamp"]["secondsPastEpoch"] = draw(st.integers(-(2**63), 2**64 - 1))
     if "length" in muts and isinstance(s["value"], list):
         s["value"] = s["value"][: draw(st.integers(0, 8))]
+
+
+def mutated_iterations(draw: st.DrawFn, *, max_iterations: int, mutations: Sequence[str],
+                       max_mutations: int, **mutate_kw: Any,
+                       ) -> list[list[tuple[str, dict[str, Any], set[str]]]]:
+    """1..``max_iterations`` iterations of 1-4 distinct :data:`PROPERTY_PVS`: each PV's
+    simulator structure of that iteration with a drawn set of up to ``max_mutations`` of
+    ``mutations`` applied by :func:`mutate` (``mutate_kw``: its strategies). Per iteration,
+    (pv, structure, the set drawn) per PV: names in ``mutations`` beyond
+    :data:`FIELD_MUTATIONS` are the caller's to apply."""
+    n_iter = draw(st.integers(1, max_iterations))
+    pvs = draw(st.lists(st.sampled_from(PROPERTY_PVS), min_size=1, max_size=4, unique=True))
+    out = []
+    for k in range(n_iter):
+        samples = []
+        for pv in pvs:
+            s = pv_structure(parse_pv(pv), k, T0_NS + k * 999_983)
+            muts = draw(st.sets(st.sampled_from(mutations), max_size=max_mutations))
+            mutate(draw, s, muts, **mutate_kw)
+            samples.append((pv, s, muts))
+        out.append(samples)
+    return out

@@ -16,7 +16,7 @@ import pytest
 from bridge_support import assert_same
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pv_mutations import FIELD_MUTATIONS, PROPERTY_PVS, mutate
+from pv_mutations import FIELD_MUTATIONS, mutated_iterations
 from test_hdf5_roundtrip import record, same
 
 from recorder import reader
@@ -173,25 +173,20 @@ def test_trains_from_templates_equal_trains_from_samples(
 def _mutated_streams(draw: st.DrawFn) -> list[list[PVSample]]:
     """Iterations of a few simulator PVs, each value randomly mutated: values of other types
     and sizes, alarms beyond int32, messages, timestamps outside the storable range."""
-    from recorder.sim.pvs import parse_pv, pv_structure
-
-    n_iter = draw(st.integers(1, 12))
-    pvs = draw(st.lists(st.sampled_from(PROPERTY_PVS), min_size=1, max_size=4, unique=True))
+    iterations = mutated_iterations(
+        draw, max_iterations=12, mutations=FIELD_MUTATIONS, max_mutations=3,
+        values=st.one_of(st.floats(), st.integers(-(2**63), 2**64 - 1), st.booleans(),
+                         st.text(max_size=3)),
+        messages=["", "HIHI", "LOLO", "é", None], limits=[0, 0.0, -1.0, True])
     out = []
-    for k in range(n_iter):
-        samples = []
-        for pv in pvs:
-            s = pv_structure(parse_pv(pv), k, 1_763_700_000 * 10**9 + k * 999_983)
-            muts = draw(st.sets(st.sampled_from(FIELD_MUTATIONS), max_size=3))
-            mutate(draw, s, muts,
-                   values=st.one_of(st.floats(), st.integers(-(2**63), 2**64 - 1),
-                                    st.booleans(), st.text(max_size=3)),
-                   messages=["", "HIHI", "LOLO", "é", None], limits=[0, 0.0, -1.0, True])
+    for samples in iterations:
+        built = []
+        for pv, s, _muts in samples:
             value = s["value"]
             f32 = frozenset({"value"}) if "FLOAT" in pv and isinstance(value, float) and (
                 math.isnan(value) or abs(value) <= 3.4e38) else frozenset()  # float32's range
-            samples.append(PVSample(pv, s, f32))
-        out.append(samples)
+            built.append(PVSample(pv, s, f32))
+        out.append(built)
     return out
 
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from legacy_buffer import RecordingBuffer as LegacyBuffer
-from pv_mutations import FIELD_MUTATIONS, PROPERTY_PVS, mutate
+from pv_mutations import FIELD_MUTATIONS, mutated_iterations
 
 from recorder.client.events import (
     IncompleteReason,
@@ -464,23 +464,17 @@ MUTATIONS = (*FIELD_MUTATIONS, "eager", "garbage")
 
 
 @st.composite
-def streams(draw: st.DrawFn) -> list[tuple[int, str, list[tuple[str, dict[str, Any], int]]]]:
+def streams(draw: st.DrawFn) -> list[tuple[int, str, list[tuple[str, dict[str, Any], str]]]]:
     """Iterations of a few PVs with random mutations of their structure."""
-    n_iter = draw(st.integers(1, 25))
-    pvs = draw(st.lists(st.sampled_from(PROPERTY_PVS), min_size=1, max_size=4, unique=True))
+    iterations = mutated_iterations(
+        draw, max_iterations=25, mutations=MUTATIONS, max_mutations=2, fixed=(dict, list, str),
+        values=st.one_of(st.floats(), st.integers(-(2**63), 2**64 - 1), st.booleans()),
+        messages=["", "HIHI", "LOLO", "é"], limits=[0, 0.0, -1.0, 1, True])
     out = []
-    for k in range(n_iter):
-        samples = []
-        for pv in pvs:
-            s = sim(pv, k, T0 + k * 999_983)
-            muts = draw(st.sets(st.sampled_from(MUTATIONS), max_size=2))
-            mutate(draw, s, muts, fixed=(dict, list, str),
-                   values=st.one_of(st.floats(), st.integers(-(2**63), 2**64 - 1),
-                                    st.booleans()),
-                   messages=["", "HIHI", "LOLO", "é"], limits=[0, 0.0, -1.0, 1, True])
-            mode = "eager" if "eager" in muts else "garbage" if "garbage" in muts else "lazy"
-            samples.append((pv, s, mode))
-        out.append((k, draw(st.sampled_from(["in_order", "overlap"])), samples))
+    for k, samples in enumerate(iterations):
+        modes = [(pv, s, "eager" if "eager" in muts else "garbage" if "garbage" in muts
+                  else "lazy") for pv, s, muts in samples]
+        out.append((k, draw(st.sampled_from(["in_order", "overlap"])), modes))
     return out
 
 
