@@ -31,6 +31,7 @@ def main() -> int:
     configure_official_client(plan["bootstrap"], plan["cmd_topic"], "sim")
 
     from k2eg.broker import SnapshotProperties, SnapshotType
+    from k2eg.dml import OperationTimeout
     from k2eg.dml import dml as k2eg_dml
 
     lock = threading.Lock()
@@ -58,7 +59,19 @@ def main() -> int:
                 if op == "sleep":
                     time.sleep(step["seconds"])
                 elif op == "get":
-                    record["value"] = client.get(step["pv"], timeout=step.get("timeout", 10))
+                    # "attempts" > 1 only for the session's first command: the client's reply
+                    # consumer starts at the reply topic's end, resolved only after the
+                    # assignment it waited for, so on a loaded machine the first reply can be
+                    # published before that position and is never read (OperationTimeout).
+                    for attempt in range(1, step.get("attempts", 1) + 1):
+                        record["attempts"] = attempt
+                        try:
+                            record["value"] = client.get(
+                                step["pv"], timeout=step.get("timeout", 10))
+                            break
+                        except OperationTimeout:
+                            if attempt == step.get("attempts", 1):
+                                raise
                 elif op == "snapshot_async":
                     rid = client.snapshot(step["pvs"], one_shot_handler)
                     deadline = time.monotonic() + step.get("timeout", 10)

@@ -117,15 +117,22 @@ def session(kafka_bootstrap: str) -> Iterator[dict[str, Any]]:
     plan = {
         "bootstrap": kafka_bootstrap, "cmd_topic": cmd, "app": app, "drain_s": 0.5,
         "steps": [
-            {"op": "get", "pv": "pva://SIM:AI:DOUBLE:1"},
+            {"op": "get", "pv": "pva://SIM:AI:DOUBLE:1", "attempts": 3},
             {"op": "snapshot_async", "pvs": ONE_SHOT_PVS},
             {"op": "snapshot_sync", "pvs": ONE_SHOT_PVS},
-            {"op": "recurring", "name": names["normal"], "pvs": RECURRING_PVS,
-             "time_window": 250},
+            # "normal" is subscribed last. Every subscription change re-joins k2eg 0.3.2's
+            # consumer group, and on each assignment the client seeks EVERY snapshot topic to
+            # its end (broker.py __on_assign). A re-join that lands inside a normal iteration
+            # (header consumed, tail skipped) stalls that snapshot for good: the client has no
+            # timeout and drops every later iteration (research notes, sequenced details
+            # §1.5; seen in CI as one "normal" iteration delivered in 60 s). Timedbuffered
+            # snapshots discard the broken iteration and go on, so they can take re-joins.
             {"op": "recurring", "name": names["tb"], "pvs": RECURRING_PVS,
              "type": "timedbuffered", "time_window": 900, "sub_push_delay_msec": 300},
             {"op": "recurring", "name": names["trig"], "pvs": RECURRING_PVS,
              "type": "timedbuffered", "time_window": 400, "triggered": True},
+            {"op": "recurring", "name": names["normal"], "pvs": RECURRING_PVS,
+             "time_window": 250},
             {"op": "sleep", "seconds": 5},  # the client seeks new topics to their end
             {"op": "trigger", "name": names["trig"]},
             {"op": "sleep", "seconds": 1},
@@ -215,7 +222,10 @@ def test_recurring_iterations_match_what_was_published(
     assert ack["message"] == f"The snapshot '{name}' has been started"
     delivered = sorted(session["iterations"].get(name, []), key=lambda d: d["iteration"])
     minimum = {"normal": 5, "tb": 3, "trig": 2}[kind]
-    assert len(delivered) >= minimum, f"only {len(delivered)} iterations delivered"
+    waits = [(s["value"], s["seconds"]) for s in session["steps_by_op"]["wait_iterations"]]
+    assert len(delivered) >= minimum, (
+        f"only {len(delivered)} iterations delivered: {[d['iteration'] for d in delivered]}; "
+        f"wait_iterations (counts, seconds): {waits}")
     indexes = [d["iteration"] for d in delivered]
     # no duplicates, in order; gaps only where the official client re-subscribed (k2eg 0.3.2
     # re-joins its consumer group for every new subscription and reads from the end, so what
