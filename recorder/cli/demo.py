@@ -188,14 +188,14 @@ def print_summary(files: dict[str, list[str]]) -> None:
                 print(f"{run_name}: {path}")
                 print(f"  status {f.status}; {n} iterations ({complete} complete); "
                       f"{len(f.pv_names)} PVs")
-                for pv in f.pv_names:
-                    values = f.values(pv)
-                    shape = "x".join(str(d) for d in values.shape[1:]) or "scalar"
-                    if values.dtype == object:
-                        shape = "variable"
+                for row in f.summary():  # kind, storage dtype, shape as inspect prints
+                    values = f.values(row["pv"])
+                    shape = row["shape"]
+                    shape_text = ("varies" if shape is None else
+                                  "x".join(str(d) for d in shape) or "scalar")
                     last = _short(values[-1]) if len(values) else "-"
-                    print(f"    {pv:34} {len(values):6} values  {values.dtype!s:8} "
-                          f"{shape:10} last={last}")
+                    print(f"    {row['pv']:34} {row['count']:6} values  {row['kind']:8} "
+                          f"{row['dtype']:8} {shape_text:7} last={last}")
 
 
 def _short(value: object) -> str:

@@ -39,6 +39,13 @@ def test_demo_records_every_example_run_and_prints_only_its_report(tmp_path: Pat
             its = f.iterations()
             assert len(its["iter_index"]) >= (2 if name == "sim-triggered-images" else 3)
             assert f.pv_names and all(len(f.values(pv)) for pv in f.pv_names)
+    # each PV's line: count, kind, storage dtype and shape as `inspect` gives them
+    assert re.search(r"^    SIM:SI:STRING:1 +\d+ values  string +utf-8 +scalar +last='msg-",
+                     proc.stdout, re.MULTILINE), proc.stdout
+    assert re.search(r"^    SIM:IMG:UBYTE:1:S64x48 +\d+ values  ndarray +uint8 +48x64 +last=",
+                     proc.stdout, re.MULTILINE), proc.stdout
+    assert re.search(r"^    SIM:TABLE:1 +\d+ values  table +table +(varies|\d+) +last=",
+                     proc.stdout, re.MULTILINE), proc.stdout
     assert not list((out / "data").rglob("*.partial"))
     log = (out / "daemon.log").read_text()
     # written by the writer processes (isolated recordings), into the daemon's log file
