@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--json", action="store_true", help="print the reply as JSON")
     parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT",
                         help="Kafka bootstrap servers (default: $RECORDER_BOOTSTRAP_SERVERS)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also log the Kafka client's warnings (e.g. each failed connection "
+                             "attempt) to stderr")
 
 
 def parse_tags(items: list[str]) -> dict[str, str]:
@@ -103,9 +106,13 @@ def run(args: argparse.Namespace) -> int:
     from recorder.config.daemon import DaemonSettings
     from recorder.daemon.adminclient import AdminClient
     from recorder.errors import RecorderError
+    from recorder.logging import configure_logging
     from recorder.settings import KafkaSettings
 
     command = args._name
+    # the outcome is printed below; librdkafka's retries (a warning per failed connection
+    # attempt while the broker is unreachable) only with --verbose
+    configure_logging(False, "INFO" if args.verbose else "CRITICAL", stream=sys.stderr)
     try:
         tags = parse_tags(getattr(args, "tag", []))
         daemon = DaemonSettings()
@@ -121,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
             reply = client.request(command, getattr(args, "run", None), tags or None,
                                    timeout_s=timeout)
     except RecorderError as exc:
-        print(f"k2eg-recorder {command}: {exc}", file=sys.stderr)
+        print(f"k2eg-recorder {command}: {exc} (Kafka at {kafka.bootstrap_servers}: "
+              "--bootstrap or RECORDER_BOOTSTRAP_SERVERS)", file=sys.stderr)
         return EXIT_NO_REPLY
     if args.json:
         print(json.dumps(reply.to_json_obj(), indent=2))

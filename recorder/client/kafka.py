@@ -55,6 +55,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from recorder.client.throttle import RepeatThrottle, normalized
 from recorder.client.wire import Record
 from recorder.errors import ClientClosedError, TransportError
 from recorder.settings import KafkaSettings
@@ -65,6 +66,38 @@ MessagesCallback = Callable[[list[Message], bool], None]  # raw mode (``raw_mess
 DeliveryCallback = Callable[[TransportError | None], None]
 
 _log = structlog.get_logger("recorder.client.kafka")
+
+
+LOG_REPEAT_WINDOW_S = 60.0
+_THROTTLE = RepeatThrottle(LOG_REPEAT_WINDOW_S)  # shared by every KafkaAdapter
+
+
+class LibrdkafkaLog:
+    """confluent-kafka's ``logger``: librdkafka's log lines through structlog instead of its
+    own stderr output (raw ``%3|...`` lines in the journal), repeats throttled.
+
+    confluent-kafka calls ``log(level, fmt, *args)`` with a :mod:`logging` level and the
+    text ``"<FACILITY> [<handle>] <message>"``; it becomes the event ``librdkafka`` with
+    ``facility``, ``message`` and, after held-back repeats, ``repeated``.
+    """
+
+    def __init__(self, log: Any, throttle: RepeatThrottle) -> None:
+        self._log = log
+        self._throttle = throttle
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        try:
+            text = fmt % args if args else fmt
+            facility, _, rest = text.partition(" ")
+            if rest.startswith("[") and "] " in rest:  # the handle: rdkafka#producer-1
+                rest = rest.split("] ", 1)[1]
+            dropped = self._throttle.admit(("log", facility, normalized(rest)))
+            if dropped is None:
+                return
+            extra = {"repeated": dropped} if dropped else {}
+            self._log.log(level, "librdkafka", facility=facility, message=rest, **extra)
+        except Exception:  # a log line must never break a poll
+            return
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +168,14 @@ def close_producer(producer: Producer) -> None:
 
 
 def _transport_error(action: str, exc: BaseException) -> TransportError:
-    return TransportError(f"Kafka {action} failed: {exc}")
+    """``Kafka <action> failed: <reason>``; a KafkaException gives its error's text and
+    name (``Failed to get metadata: Local: Broker transport failure (_TRANSPORT)``), not
+    the repr of the KafkaError."""
+    reason = str(exc)
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    if isinstance(err, KafkaError):
+        reason = f"{err.str()} ({err.name()})"
+    return TransportError(f"Kafka {action} failed: {reason}")
 
 
 class KafkaAdapter:
@@ -174,6 +214,10 @@ class KafkaAdapter:
         self._stopping = threading.Event()
         self._closed = False
         self._log = _log.bind(adapter=name)
+        # librdkafka's errors and log lines: a line per distinct message per minute at most,
+        # across every adapter of the process (a daemon retrying to connect creates new ones)
+        self._throttle = _THROTTLE
+        librdkafka_log = LibrdkafkaLog(self._log, self._throttle)
 
         base = settings.librdkafka_config()
         consumer_conf: dict[str, Any] = {
@@ -194,6 +238,7 @@ class KafkaAdapter:
             # messages/s than an unbounded consumer). Re-check the queue every 10 ms instead.
             "fetch.queue.backoff.ms": 10,
             "error_cb": self._error_cb,
+            "logger": librdkafka_log,  # served by consume(), in the consumer thread
         }
         consumer_conf.update(base)
         consumer_conf.update(consumer_config or {})
@@ -203,6 +248,7 @@ class KafkaAdapter:
             "message.timeout.ms": 30_000,
             "linger.ms": 2,
             "error_cb": self._error_cb,
+            "logger": librdkafka_log,  # served by poll(), as delivery reports are
         }
         producer_conf.update(base)
         producer_conf.update(producer_config or {})
@@ -213,6 +259,11 @@ class KafkaAdapter:
             admin_conf: dict[str, str | int | float | bool] = {
                 **base,
                 "allow.auto.create.topics": False,
+                # nothing polls this handle between requests, so it gets no logger (its log
+                # lines would queue up) and logs nothing: librdkafka would print every failed
+                # connection attempt to stderr, ~20 a second while Kafka is unreachable. Its
+                # failures reach us as the exceptions of the requests (TransportError).
+                "log_level": 0,
             }
             self._admin: AdminClient | None = AdminClient(admin_conf)
         except KafkaException as exc:
@@ -499,8 +550,12 @@ class KafkaAdapter:
         self._count("kafka_errors")
         if err.fatal():
             self._log.error("fatal Kafka error", error=err.str())
-        else:
-            self._log.warning("Kafka error", error=err.str(), code=err.name())
+            return
+        dropped = self._throttle.admit(("error", err.code(), normalized(err.str())))
+        if dropped is None:
+            return
+        extra = {"repeated": dropped} if dropped else {}
+        self._log.warning("Kafka error", error=err.str(), code=err.name(), **extra)
 
     # ------------------------------------------------------------------ the consumer thread
     def _run(self) -> None:

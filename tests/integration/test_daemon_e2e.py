@@ -7,6 +7,7 @@ teardown); the gateway simulator runs in this process; files are read back in a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -30,6 +31,8 @@ from daemon_support import (
     status,
     wait_for,
 )
+
+from recorder.broker import EmbeddedBroker, free_loopback_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -245,3 +248,56 @@ def test_gateway_unreachable_is_retried_and_reported(
             daemon.signal(signal.SIGTERM)
             assert daemon.wait(60) == 0
     assert '"run start failed; retrying"' in daemon.log_text()
+
+
+def test_kafka_unreachable_at_start_is_retried_quietly_then_recording_begins(
+    denv: DaemonEnv, daemons: list[DaemonProcess]
+) -> None:
+    """Kafka down when the daemon starts: it retries with backoff and says so once in a
+    while, without librdkafka's line per connection attempt (raw ``%3|`` lines on stderr
+    before, ~20 a second); once a broker listens on that address it connects and records."""
+    port = free_loopback_port()
+    env = dataclasses.replace(denv, bootstrap=f"127.0.0.1:{port}")
+    daemon = DaemonProcess(env)
+    daemons.append(daemon)
+    wait_for(lambda: daemon.log_text().count('"cannot connect to Kafka; retrying"') >= 2, 60,
+             "two failed connection attempts")
+    assert daemon.proc.poll() is None
+    lines = daemon.log_text().splitlines()
+    assert not [line for line in lines if line.startswith("%")], lines[:5]
+    noisy = [line for line in lines if '"Kafka error"' in line or '"librdkafka"' in line]
+    # the first of each distinct message (transport failure, all brokers down, librdkafka's
+    # FAIL line), then nothing for a minute, whichever adapter of the process saw it
+    assert 1 <= len(noisy) <= 6, noisy
+    with EmbeddedBroker(port=port) as broker, simulator(broker.bootstrap_servers,
+                                                        env.cmd_topic):
+        with env.admin() as admin:
+            wait_for(lambda: (run_state(admin, "periodic") or {}).get("state") == "recording",
+                     90, "the run to record once Kafka is up")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    assert '"daemon ready"' in daemon.log_text()
+
+
+def test_admin_cli_with_kafka_unreachable_prints_one_clear_line() -> None:
+    port = free_loopback_port()
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RECORDER_")}
+    cmd = [sys.executable, "-m", "recorder.cli", "status", "--bootstrap", f"127.0.0.1:{port}",
+           "--timeout", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=60, check=False)
+    assert result.returncode == 3  # no reply
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines[:10]  # not a line per connection attempt
+    assert lines[0].startswith("k2eg-recorder status: Kafka metadata request for "), lines
+    assert "Broker transport failure (_TRANSPORT)" in lines[0]
+    assert f"(Kafka at 127.0.0.1:{port}: --bootstrap or RECORDER_BOOTSTRAP_SERVERS)" in lines[0]
+    # --verbose: the Kafka client's own reports too, structured and throttled
+    verbose = subprocess.run([*cmd, "--verbose"], capture_output=True, text=True, env=env,
+                             cwd=REPO, timeout=60, check=False)
+    assert verbose.returncode == 3
+    noisy = verbose.stderr.splitlines()
+    assert not [line for line in noisy if line.startswith("%")], noisy[:5]
+    assert any("librdkafka" in line or "Kafka error" in line for line in noisy), noisy
+    assert len(noisy) <= 8, noisy
