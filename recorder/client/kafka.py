@@ -589,6 +589,8 @@ class KafkaAdapter:
                 messages = consumer.consume(batch_size, poll_timeout)
             else:
                 messages = []
+                if not self._topics:  # nothing assigned: no record can come, but the
+                    consumer.poll(0)  # error and log callbacks are served only by polls
             if not messages:
                 records: list[Any] = []
             elif self._raw_messages:
