@@ -48,6 +48,12 @@ from recorder.sinks.options import (
 )
 
 FORMAT_NAME = "k2eg-recorder"
+# Chunk cache of each live dataset. The writer only appends, so only the last chunk of a
+# dataset is ever touched again (the largest, a pool chunk, is 512 KiB). HDF5 2.0 (h5py 3.16)
+# caches 8 MiB a dataset by default: the cache of each of the ~20 growing datasets filled up
+# over the first tens of millions of values, ~50 MB more per writer for nothing
+# (benchmarks/bench_sink_memory.py).
+LIVE_CHUNK_CACHE = 1024 * 1024
 
 log = structlog.get_logger("recorder.sinks")
 _PARKED: list[h5py.File] = []  # files of failed recordings, never closed (see _fail)
@@ -248,7 +254,7 @@ class HDF5Recording:
             )
         )
         partial = partial_path(final)
-        f = h5py.File(partial, "x", libver=("v110", "v110"))
+        f = h5py.File(partial, "x", libver=("v110", "v110"), rdcc_nbytes=LIVE_CHUNK_CACHE)
         try:
             self._root_attrs(f)
             plugins = create_live_layout(f, self.options)
