@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sys
 from pathlib import Path
 
 HELP = "summarize a recorded HDF5 file"
@@ -23,10 +24,20 @@ def run(args: argparse.Namespace) -> int:
     from recorder.errors import FileFormatError
     from recorder.reader import open_file
 
+    path: Path = args.file
+    if not path.is_file():
+        print(f"{path}: {'not a file' if path.exists() else 'no such file'}", file=sys.stderr)
+        return 1
     try:
-        f = open_file(args.file)
-    except (OSError, FileFormatError) as exc:
-        print(f"{args.file}: {exc}")
+        f = open_file(path)
+    except FileFormatError as exc:
+        print(str(exc), file=sys.stderr)  # names the file
+        return 1
+    except OSError as exc:  # h5py's text: "Unable to synchronously open file (<why>)"
+        why = str(exc)
+        if "file signature not found" in why:
+            why = "not an HDF5 file"
+        print(f"{path}: cannot open: {why}", file=sys.stderr)
         return 1
     with f:
         a = f.attrs

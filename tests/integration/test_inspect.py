@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 from test_hdf5_roundtrip import record
 
 from recorder.reader import open_file
@@ -66,4 +67,14 @@ def test_inspect_not_a_recording(tmp_path: Path) -> None:
     bad = tmp_path / "x.h5"
     bad.write_bytes(b"not hdf5")
     got = _inspect(bad)
-    assert got.returncode == 1 and str(bad) in got.stdout
+    assert got.returncode == 1 and got.stdout == ""
+    assert got.stderr == f"{bad}: cannot open: not an HDF5 file\n"
+    missing = _inspect(tmp_path / "missing.h5")
+    assert missing.returncode == 1
+    assert missing.stderr == f"{tmp_path / 'missing.h5'}: no such file\n"
+    assert _inspect(tmp_path).stderr == f"{tmp_path}: not a file\n"
+    other = tmp_path / "other.h5"  # HDF5, but not one of ours
+    with h5py.File(other, "w") as f:
+        f["x"] = [1, 2, 3]
+    got = _inspect(other)
+    assert got.returncode == 1 and got.stderr == f"{other} is not a k2eg-recorder file\n"
