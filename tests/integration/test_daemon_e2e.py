@@ -267,8 +267,9 @@ def test_kafka_unreachable_at_start_is_retried_quietly_then_recording_begins(
     assert not [line for line in lines if line.startswith("%")], lines[:5]
     noisy = [line for line in lines if '"Kafka error"' in line or '"librdkafka"' in line]
     # the first of each distinct message (transport failure, all brokers down, librdkafka's
-    # FAIL line), then nothing for a minute, whichever adapter of the process saw it
-    assert 1 <= len(noisy) <= 6, noisy
+    # FAIL line, and their "N identical error(s) suppressed" variants), then nothing for a
+    # minute, whichever adapter of the process saw it; unthrottled it was ~20 lines a second
+    assert 1 <= len(noisy) <= 8, noisy
     with EmbeddedBroker(port=port) as broker, simulator(broker.bootstrap_servers,
                                                         env.cmd_topic):
         with env.admin() as admin:
