@@ -257,13 +257,14 @@ class KafkaAdapter:
             self._producer = Producer(producer_conf)
             # metadata look-ups must never auto-create a topic (a producer-type handle would)
             admin_conf: dict[str, str | int | float | bool] = {
-                **base,
-                "allow.auto.create.topics": False,
                 # nothing polls this handle between requests, so it gets no logger (its log
                 # lines would queue up) and logs nothing: librdkafka would print every failed
                 # connection attempt to stderr, ~20 a second while Kafka is unreachable. Its
-                # failures reach us as the exceptions of the requests (TransportError).
+                # failures reach us as the exceptions of the requests (TransportError). An
+                # operator's RECORDER_KAFKA__LOG_LEVEL (with __DEBUG) still applies.
                 "log_level": 0,
+                **base,
+                "allow.auto.create.topics": False,
             }
             self._admin: AdminClient | None = AdminClient(admin_conf)
         except KafkaException as exc:
