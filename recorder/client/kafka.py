@@ -91,11 +91,9 @@ class LibrdkafkaLog:
             facility, _, rest = text.partition(" ")
             if rest.startswith("[") and "] " in rest:  # the handle: rdkafka#producer-1
                 rest = rest.split("] ", 1)[1]
-            dropped = self._throttle.admit(("log", facility, normalized(rest)))
-            if dropped is None:
-                return
-            extra = {"repeated": dropped} if dropped else {}
-            self._log.log(level, "librdkafka", facility=facility, message=rest, **extra)
+            fields = self._throttle.log_fields(("log", facility, normalized(rest)))
+            if fields is not None:
+                self._log.log(level, "librdkafka", facility=facility, message=rest, **fields)
         except Exception:  # a log line must never break a poll
             return
 
@@ -216,8 +214,7 @@ class KafkaAdapter:
         self._log = _log.bind(adapter=name)
         # librdkafka's errors and log lines: a line per distinct message per minute at most,
         # across every adapter of the process (a daemon retrying to connect creates new ones)
-        self._throttle = _THROTTLE
-        librdkafka_log = LibrdkafkaLog(self._log, self._throttle)
+        librdkafka_log = LibrdkafkaLog(self._log, _THROTTLE)
 
         base = settings.librdkafka_config()
         consumer_conf: dict[str, Any] = {
@@ -552,11 +549,9 @@ class KafkaAdapter:
         if err.fatal():
             self._log.error("fatal Kafka error", error=err.str())
             return
-        dropped = self._throttle.admit(("error", err.code(), normalized(err.str())))
-        if dropped is None:
-            return
-        extra = {"repeated": dropped} if dropped else {}
-        self._log.warning("Kafka error", error=err.str(), code=err.name(), **extra)
+        fields = _THROTTLE.log_fields(("error", err.code(), normalized(err.str())))
+        if fields is not None:
+            self._log.warning("Kafka error", error=err.str(), code=err.name(), **fields)
 
     # ------------------------------------------------------------------ the consumer thread
     def _run(self) -> None:

@@ -59,3 +59,11 @@ class RepeatThrottle:
                 del self._keys[next(iter(self._keys))]
             self._keys[key] = [now, 0]
             return dropped
+
+    def log_fields(self, key: Hashable) -> dict[str, int] | None:
+        """:meth:`admit` as the keyword arguments of the log line to write: None to drop it,
+        else ``{}`` or, after held-back repeats, ``{"repeated": n}``."""
+        dropped = self.admit(key)
+        if dropped is None:
+            return None
+        return {"repeated": dropped} if dropped else {}

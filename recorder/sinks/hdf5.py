@@ -50,9 +50,9 @@ from recorder.sinks.options import (
 FORMAT_NAME = "k2eg-recorder"
 # Chunk cache of each live dataset. The writer only appends, so only the last chunk of a
 # dataset is ever touched again (the largest, a pool chunk, is 512 KiB). HDF5 2.0 (h5py 3.16)
-# caches 8 MiB a dataset by default: the cache of each of the ~20 growing datasets filled up
-# over the first tens of millions of values, ~50 MB more per writer for nothing
-# (benchmarks/bench_sink_memory.py).
+# caches 8 MiB a dataset by default: the caches of the ~20 growing datasets filled up over the
+# first tens of millions of values, ~70 MB more per writer at 2 M values and ~125 MB at 100 M
+# (260 -> 309 MB against 158 -> 180 MB; benchmarks/bench_sink_memory.py).
 LIVE_CHUNK_CACHE = 1024 * 1024
 
 log = structlog.get_logger("recorder.sinks")

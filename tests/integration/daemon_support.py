@@ -28,6 +28,12 @@ from recorder.sim import GatewaySimulator
 REPO = Path(__file__).resolve().parents[2]
 
 
+def environ_without_recorder() -> dict[str, str]:
+    """This process's environment without any ``RECORDER_*`` setting (a child sees only
+    what a test gives it)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RECORDER_")}
+
+
 @dataclass
 class DaemonEnv:
     bootstrap: str
@@ -42,7 +48,7 @@ class DaemonEnv:
     extra: dict[str, str] = field(default_factory=dict)
 
     def environ(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RECORDER_")}
+        env = environ_without_recorder()
         env.update({
             "RECORDER_BOOTSTRAP_SERVERS": self.bootstrap,
             "RECORDER_CMD_TOPIC": self.cmd_topic,

@@ -21,6 +21,7 @@ from daemon_support import (
     REPO,
     DaemonEnv,
     DaemonProcess,
+    environ_without_recorder,
     h5_files,
     partial_files,
     read_files,
@@ -220,7 +221,7 @@ def test_bad_yaml_is_a_clear_error_and_exit_code_2(tmp_path: Path) -> None:
         "name: x\nsnapshot:\n  snapshot_name: x\n  pv_uri_list: [pva://SIM:AI:DOUBLE:1]\n"
         "  time_window: '100'\n  colour: blue\noutput: {directory: /tmp/x}\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RECORDER_")}
+    env = environ_without_recorder()
     env["RECORDER_BOOTSTRAP_SERVERS"] = "127.0.0.1:1"  # never contacted
     result = subprocess.run(
         [sys.executable, "-m", "recorder.cli", "run", "--config", str(bad)],
@@ -282,7 +283,7 @@ def test_kafka_unreachable_at_start_is_retried_quietly_then_recording_begins(
 
 def test_admin_cli_with_kafka_unreachable_prints_one_clear_line() -> None:
     port = free_loopback_port()
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RECORDER_")}
+    env = environ_without_recorder()
     cmd = [sys.executable, "-m", "recorder.cli", "status", "--bootstrap", f"127.0.0.1:{port}",
            "--timeout", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO,

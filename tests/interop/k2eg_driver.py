@@ -63,14 +63,15 @@ def main() -> int:
                     # consumer starts at the reply topic's end, resolved only after the
                     # assignment it waited for, so on a loaded machine the first reply can be
                     # published before that position and is never read (OperationTimeout).
-                    for attempt in range(1, step.get("attempts", 1) + 1):
+                    attempts = step.get("attempts", 1)
+                    for attempt in range(1, attempts + 1):
                         record["attempts"] = attempt
                         try:
                             record["value"] = client.get(
                                 step["pv"], timeout=step.get("timeout", 10))
                             break
                         except OperationTimeout:
-                            if attempt == step.get("attempts", 1):
+                            if attempt == attempts:
                                 raise
                 elif op == "snapshot_async":
                     rid = client.snapshot(step["pvs"], one_shot_handler)

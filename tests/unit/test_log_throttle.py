@@ -36,6 +36,16 @@ def test_first_admitted_repeats_held_back_then_counted_after_the_window() -> Non
     assert t.admit("a") == 0  # nothing held back since
 
 
+def test_log_fields() -> None:
+    clock = Clock()
+    t = RepeatThrottle(60.0, clock=clock)
+    assert t.log_fields("a") == {}
+    assert t.log_fields("a") is None
+    assert t.log_fields("a") is None
+    clock.now += 60
+    assert t.log_fields("a") == {"repeated": 2}
+
+
 def test_keys_are_independent_and_bounded() -> None:
     clock = Clock()
     t = RepeatThrottle(60.0, clock=clock, max_keys=2)
