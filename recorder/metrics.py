@@ -108,6 +108,15 @@ class RecorderMetrics:
             namespace=ns,
             registry=r,
         )
+        self.snapshot_resends = Counter(
+            "snapshot_resends",
+            "Snapshot starts re-sent because a periodic run's topic went silent (or a trigger "
+            "found the snapshot unknown), by the gateway's answer: restarted (it had lost the "
+            "snapshot), already_running, failed (no answer)",
+            ["run", "outcome"],
+            namespace=ns,
+            registry=r,
+        )
         self.reloads = Counter(
             "reloads", "Run-definition reloads, by result", ["result"], namespace=ns, registry=r
         )
@@ -123,6 +132,7 @@ class RecorderMetrics:
         self._runs: set[str] = set()
         self._skip_reasons: dict[str, set[str]] = {}
         self._statuses: dict[str, set[str]] = {}
+        self._resend_outcomes: dict[str, set[str]] = {}
 
     # --- recording side --------------------------------------------------------------------
     def iteration_closed(self, run: str, status: str) -> None:
@@ -158,6 +168,11 @@ class RecorderMetrics:
         self._runs.add(run)
         self.recording.labels(run=run).set(1 if recording else 0)
 
+    def snapshot_resent(self, run: str, outcome: str) -> None:
+        self._runs.add(run)
+        self._resend_outcomes.setdefault(run, set()).add(outcome)
+        self.snapshot_resends.labels(run=run, outcome=outcome).inc()
+
     def admin_command(self, command: str, code: str) -> None:
         self.admin_commands.labels(command=command, code=code).inc()
 
@@ -176,6 +191,8 @@ class RecorderMetrics:
             self.iterations.remove(run, status)
         for reason in self._skip_reasons.pop(run, set()):
             self.messages_skipped.remove(run, reason)
+        for outcome in self._resend_outcomes.pop(run, set()):
+            self.snapshot_resends.remove(run, outcome)
 
 
 def start_metrics_server(

@@ -354,6 +354,7 @@ class Service:
         controller = RunController(
             definition, self._client, self._store, metrics=self.metrics,
             recording_factory=self._factory, backoff=self._run_backoff(),
+            silence_after_s=self.settings.silence_after_s,
         )
         self._controllers[definition.name] = controller
         self.metrics.set_recording(definition.name, False)
@@ -448,13 +449,16 @@ class Service:
 
     def _status_line(self) -> str:
         states: dict[str, int] = {}
-        complete = 0
+        complete = silent = 0
         for c in self._controllers.values():
             st = c.status()
             states[st.state.value] = states.get(st.state.value, 0) + 1
             complete += st.iterations_complete
+            silent += st.silent_since is not None
         parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no runs"
         text = f"{self._state.value}: {parts}; {complete} iterations recorded"
+        if silent:
+            text += f"; {silent} silent (no data from the gateway)"
         if self._config_errors:
             text += f"; reload refused ({len(self._config_errors)} problem(s))"
         return text

@@ -78,6 +78,8 @@ class RunStatus:
     errors: int = 0
     last_error: str | None = None
     bridge: Mapping[str, Any] | None = None  # the Karabo bridge sink, if the run has one
+    silent_since: int | None = None  # ms: a periodic run's topic has gone silent since then
+    snapshot_restarts: int = 0  # times the gateway had lost the snapshot and started it again
 
     def to_json_obj(self) -> dict[str, Any]:
         return {
@@ -99,6 +101,8 @@ class RunStatus:
             "errors": self.errors,
             "last_error": self.last_error,
             "bridge": None if self.bridge is None else dict(self.bridge),
+            "silent_since": self.silent_since,
+            "snapshot_restarts": self.snapshot_restarts,
         }
 
     @classmethod
@@ -122,6 +126,8 @@ class RunStatus:
             errors=_int(obj.get("errors", 0)),
             last_error=_opt_str(obj.get("last_error")),
             bridge=_opt_mapping(obj.get("bridge")),
+            silent_since=_opt_int(obj.get("silent_since")),
+            snapshot_restarts=_int(obj.get("snapshot_restarts", 0)),
         )
 
 

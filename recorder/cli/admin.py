@@ -87,6 +87,9 @@ def status_table(doc: dict[str, Any], only: str | None = None) -> str:
             f"{'-' if last is None else last:>8} {'-' if lag is None else lag:>5} "
             f"{r.get('errors', 0):>4}  {tail}"
         )
+        if r.get("silent_since"):
+            lines.append(f"  silent since {_ms(r['silent_since'])} UTC: no data from the "
+                         f"gateway; its snapshot start is re-sent with backoff")
         bridge = r.get("bridge")
         if bridge:
             endpoints = " ".join(f"{k} {v}" for k, v in sorted((bridge.get("endpoints") or {})

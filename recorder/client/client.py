@@ -386,6 +386,15 @@ class RecurringSnapshot:
     def trigger(self, timeout: float | None = None) -> Ack:
         return self._client.snapshot_trigger(self.snapshot_name, timeout)
 
+    def resend_start(self, timeout: float | None = None) -> Ack:
+        """Send this snapshot's ``repeating_snapshot`` command again, with the same
+        properties, without touching the subscription (the topic is read on).
+
+        For a snapshot the gateway may have lost (a gateway restart forgets running
+        snapshots): an ack with a ``publishing_topic`` means the gateway started it anew (its
+        ``iter_index`` begins again at 1); none means it was still running."""
+        return self._client.snapshot_resend(self.properties, timeout)
+
     def stop(
         self, timeout: float | None = None, *, final_timeout_s: float | None = None
     ) -> StopResult:
@@ -1006,6 +1015,18 @@ class K2egClient:
                  already_running=already_running, type=properties.type.value,
                  triggered=properties.triggered, time_window=properties.time_window)
         return sub
+
+    def snapshot_resend(
+        self, properties: SnapshotProperties, timeout: float | None = None
+    ) -> Ack:
+        """Send ``repeating_snapshot`` for ``properties`` and return the gateway's ack, and
+        nothing else: no topic is subscribed (see :meth:`RecurringSnapshot.resend_start`)."""
+        self._check_open()
+        properties.validate()
+        fields = repeating_snapshot_command(
+            properties, reply_topic=self.reply_topic, reply_id=new_reply_id()
+        )
+        return self._ack(self._request(fields, REPEATING_SNAPSHOT, timeout))
 
     def snapshot_trigger(
         self, snapshot_name: str, timeout: float | None = None,

@@ -72,6 +72,13 @@ class DaemonSettings(BaseSettings):
     shutdown_timeout_s: float = Field(
         default=60.0, gt=0, description="budget for stopping runs and flushing files on shutdown"
     )
+    silence_after_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="a periodic run whose snapshot topic stays silent this long (and at least "
+        "5 time windows) reports it and re-sends the snapshot start (a restarted gateway has "
+        "forgotten it); 0 turns this off",
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 

@@ -47,6 +47,8 @@ import structlog
 from recorder.admin.protocol import ReplyCode
 from recorder.admin.status import RunState, RunStatus
 from recorder.client import (
+    Ack,
+    GatewayError,
     IterationClosed,
     IterationEvent,
     IterationOpened,
@@ -61,6 +63,7 @@ from recorder.daemon.backoff import Backoff
 from recorder.daemon.pump import pending_bound
 from recorder.daemon.resume import ActiveRecording, ResumeStore
 from recorder.daemon.resume import RunState as StoredState
+from recorder.daemon.silence import SilenceWatch, silence_limit_s
 from recorder.errors import AdminCommandError, RecorderError
 from recorder.metrics import RecorderMetrics
 from recorder.sinks.bridge import BridgeOptions
@@ -72,6 +75,7 @@ IDLE_WAIT_S = 0.2
 LAG_EVERY_S = 2.0
 LEFTOVER_ATTEMPTS = 5  # recovering a .partial a dying writer process may still hold
 LEFTOVER_RETRY_S = 1.0
+SNAPSHOT_NOT_FOUND = -2  # the gateway's error code for a trigger of a snapshot it does not run
 
 
 class Recording(Protocol):
@@ -291,6 +295,8 @@ class _Stats:
     files: list[str] = field(default_factory=list)  # finalized files of this daemon process
     triggers: int = 0
     bridge: dict[str, Any] | None = None  # bridge_status() of the current/last bridge
+    silent_since: int | None = None  # ms: the snapshot's silence is being reported
+    snapshot_restarts: int = 0  # re-sent starts the gateway answered by starting it anew
 
 
 class RunController:
@@ -308,6 +314,7 @@ class RunController:
         backoff: Backoff | None = None,
         value_budget: int | None = None,
         stop_timeout_s: float | None = None,
+        silence_after_s: float = 30.0,
     ) -> None:
         self.definition = definition
         self.name = definition.name
@@ -320,6 +327,10 @@ class RunController:
         self._backoff = backoff or Backoff(initial_s=1.0, factor=2.0, max_s=30.0)
         self._value_budget = value_budget
         self._stop_timeout_s = stop_timeout_s
+        self._silence_after_s = silence_after_s
+        self._silence: SilenceWatch | None = None  # periodic runs while recording
+        self._resend_thread: threading.Thread | None = None
+        self._resend_result: Ack | BaseException | None = None
         self._requests: queue.Queue[_Request] = queue.Queue()
         self._lock = threading.Lock()  # guards _state and _stats for status()
         self._state = RunState.IDLE
@@ -337,7 +348,6 @@ class RunController:
         self._sub_ended = False
         self._pending_tags: deque[dict[str, str]] = deque()
         self._tags: list[tuple[int, dict[str, str]]] = []  # (iter_index, tags) recorded
-        self._last_opened = -1
         self._flushes = 0
         self._values = 0
         self._bytes = 0  # rec.counters["bytes"] last seen, when the recording counts bytes
@@ -404,6 +414,8 @@ class RunController:
                 errors=s.errors,
                 last_error=s.last_error,
                 bridge=None if s.bridge is None else dict(s.bridge),
+                silent_since=s.silent_since,
+                snapshot_restarts=s.snapshot_restarts,
             )
 
     def files(self) -> list[str]:
@@ -426,6 +438,10 @@ class RunController:
             if self._state is state:
                 return
             self._state = state
+            if state is not RunState.RECORDING:
+                self._stats.silent_since = None
+        if state is not RunState.RECORDING:
+            self._silence = None
         self._log.info("run state", state=state.value)
         if self._metrics is not None:
             self._metrics.set_recording(self.name, state is RunState.RECORDING)
@@ -452,6 +468,8 @@ class RunController:
                         self._check_stopped()
                     elif self._sub_ended:
                         self._lost_subscription()
+                    else:
+                        self._watch_silence()
                     continue
                 self._wait_request(IDLE_WAIT_S)
         except Exception as exc:  # a bug: never take the daemon down, report it
@@ -597,7 +615,10 @@ class RunController:
             self._stats.last_error = None
         self._open_bridge(props)
         self._backoff.reset()
-        self._last_opened = -1
+        limit = silence_limit_s(d.snapshot.time_window, self._silence_after_s)
+        self._silence = None if d.triggered or limit == float("inf") else SilenceWatch(
+            limit, time.monotonic(), Backoff(initial_s=limit, max_s=max(limit, 300.0))
+        )
         self._set_state(RunState.RECORDING)
         armed = "armed (waiting for triggers)" if d.triggered else "recording"
         self._resolve_start(message=f"run {self.name!r} {armed} into {rec.current_path}")
@@ -658,6 +679,7 @@ class RunController:
         assert sub is not None
         deadline = time.monotonic() + budget_s
         idle = False  # the queue ran dry: the input is drained for now
+        heard = False
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -670,10 +692,13 @@ class RunController:
             if event is None:
                 self._sub_ended = True
                 break
+            heard = True
             if rec is not None:
                 self._on_event(rec, event)
             if not self._requests.empty():
                 break
+        if heard and self._silence is not None:
+            self._heard()
         if rec is not None:
             rec.maybe_flush(idle=idle)
             self._after_flush(rec)
@@ -685,11 +710,11 @@ class RunController:
             self._update_topic_stats(sub)
 
     def _on_event(self, rec: Recording, event: IterationEvent) -> None:
-        if isinstance(event, IterationOpened) and event.iter_index > self._last_opened:
-            self._last_opened = event.iter_index
-            if self._pending_tags:
-                self._tag(rec, event.iter_index, self._pending_tags.popleft())
         rec.handle(event)
+        if self._pending_tags and isinstance(event, IterationOpened):
+            # the iteration a trigger produced; tagged once the recording has it open (a
+            # restarted snapshot's iteration 1 is then in the new segment, not the old one's)
+            self._tag(rec, event.iter_index, self._pending_tags.popleft())
         if self._bridge is not None:
             self._feed_bridge(self._bridge, event)
         if isinstance(event, IterationClosed):
@@ -802,6 +827,80 @@ class RunController:
         if self._metrics is not None:
             self._metrics.lag(self.name, lag)
 
+    # ---- silence (periodic runs) --------------------------------------------------------
+    def _heard(self) -> None:
+        assert self._silence is not None
+        lasted = self._silence.heard(time.monotonic())
+        if lasted is None:
+            return
+        with self._lock:
+            self._stats.silent_since = None
+        self._log.info("snapshot messages again after a silence", silent_s=round(lasted, 1))
+
+    def _watch_silence(self) -> None:
+        """Re-send the start of a periodic snapshot that went silent (see
+        :mod:`recorder.daemon.silence`), from a helper thread: the worker keeps pumping."""
+        watch, sub = self._silence, self._sub
+        if watch is None or sub is None or self.state is not RunState.RECORDING:
+            return
+        thread = self._resend_thread
+        if thread is not None:
+            if thread.is_alive():
+                return
+            self._resend_thread = None
+            self._resend_done(sub)
+        now = time.monotonic()
+        if not watch.due(now):
+            return
+        silent_s = round(watch.silent_for(now), 1)
+        if watch.resends == 1:
+            with self._lock:
+                self._stats.silent_since = time.time_ns() // 1_000_000 - int(silent_s * 1000)
+        self._log.warning("snapshot silent: re-sending its start", silent_s=silent_s,
+                          topic=sub.topic, attempt=watch.resends)
+        self._resend_result = None
+
+        def resend() -> None:
+            try:
+                self._resend_result = sub.resend_start()
+            except BaseException as exc:
+                self._resend_result = exc
+
+        self._resend_thread = threading.Thread(target=resend, name=f"resend-{self.name}",
+                                               daemon=True)
+        self._resend_thread.start()
+
+    def _resend_done(self, sub: RecurringSnapshot) -> None:
+        result, watch = self._resend_result, self._silence
+        if watch is None:
+            return
+        silent_s = round(watch.silent_for(time.monotonic()))
+        if isinstance(result, Ack) and result.publishing_topic:
+            outcome = "restarted"
+            with self._lock:
+                self._stats.snapshot_restarts += 1
+            self._error(f"no message for {silent_s} s: the gateway had lost the snapshot "
+                        f"and started it again")
+            self._log.warning("gateway started the snapshot again", message=result.message,
+                              publishing_topic=result.publishing_topic)
+            if result.publishing_topic != sub.topic:
+                self._log.error("the gateway now publishes to another topic",
+                                publishing_topic=result.publishing_topic, topic=sub.topic)
+        elif isinstance(result, Ack):
+            outcome = "already_running"
+            self._error(f"no message for {silent_s} s although the gateway says the snapshot "
+                        f"runs ({result.message})")
+            self._log.warning("gateway says the snapshot runs, but nothing arrives",
+                              message=result.message, silent_s=silent_s)
+        else:
+            outcome = "failed"
+            self._error(f"no message for {silent_s} s, and re-sending the snapshot start "
+                        f"failed: {result}")
+            self._log.warning("re-sending the snapshot start failed", error=str(result),
+                              silent_s=silent_s)
+        if self._metrics is not None:
+            self._metrics.snapshot_resent(self.name, outcome)
+
     # ---- trigger ------------------------------------------------------------------------
     def _on_trigger(self, future: Future[str], tags: Mapping[str, str]) -> None:
         if not self.definition.triggered:
@@ -814,9 +913,7 @@ class RunController:
                                     f"run {self.name!r} is {self.state.value}, not armed")
         self._pending_tags.append(dict(tags))
         try:
-            ack = self._client.snapshot_trigger(
-                self.definition.snapshot.snapshot_name, tags=dict(tags) or None
-            )
+            ack = self._trigger(self._sub, tags)
         except RecorderError as exc:
             self._pending_tags.pop()
             self._error(f"trigger failed: {exc}")
@@ -825,6 +922,25 @@ class RunController:
             self._stats.triggers += 1
         self._log.info("triggered", tags=dict(tags), message=ack.message)
         future.set_result(f"run {self.name!r} triggered")
+
+    def _trigger(self, sub: RecurringSnapshot, tags: Mapping[str, str]) -> Ack:
+        """Trigger; a gateway that does not know the snapshot (-2: it was restarted and
+        forgot it) gets its start again and then the trigger."""
+        name = self.definition.snapshot.snapshot_name
+        try:
+            return self._client.snapshot_trigger(name, tags=dict(tags) or None)
+        except GatewayError as exc:
+            if exc.code != SNAPSHOT_NOT_FOUND:
+                raise
+            self._log.warning("the gateway does not know the snapshot: starting it again",
+                              error=str(exc))
+        ack = sub.resend_start()
+        if ack.publishing_topic:  # started anew: iter_index begins again at 1
+            with self._lock:
+                self._stats.snapshot_restarts += 1
+            if self._metrics is not None:
+                self._metrics.snapshot_resent(self.name, "restarted")
+        return self._client.snapshot_trigger(name, tags=dict(tags) or None)
 
     # ---- stop ---------------------------------------------------------------------------
     def _on_stop(self, future: Future[str], reason: str) -> None:

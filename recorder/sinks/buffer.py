@@ -223,6 +223,7 @@ class RecordingBuffer:
         self._rest_eq: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         self.open: collections.OrderedDict[int, _Open] = collections.OrderedDict()
         self._recently_closed: collections.deque[int] = collections.deque(maxlen=256)
+        self.max_index = 0  # highest iter_index opened in this segment
         self.next_row = 0
         self._offsets: dict[tuple[str, int], int] = {}
         self._durable: dict[tuple[str, int], int] = {}
@@ -279,7 +280,20 @@ class RecordingBuffer:
             return []
         return self._closed(event)
 
+    def repeats(self, iter_index: int) -> bool:
+        """Would opening ``iter_index`` give this segment a second iteration of that index?
+        The gateway's counter began again (a snapshot restart: stopped and started, or a
+        restarted gateway). The client emits an iteration's opening once, so an index not
+        open now is new unless it closed here: among the last 256 closed, or older than
+        all of them (iterations open and close in index order within a few)."""
+        if iter_index > self.max_index or iter_index in self.open:
+            return False
+        recent = self._recently_closed
+        return iter_index in recent or (len(recent) == recent.maxlen and iter_index < min(recent))
+
     def _open(self, iter_index: int, header_ts: int | None) -> _Open:
+        if iter_index > self.max_index:  # noqa: PLR1730 (hot path: no call)
+            self.max_index = iter_index
         it = _Open(iter_index, header_ts)
         self.open[iter_index] = it
         if len(self.open) == 1:

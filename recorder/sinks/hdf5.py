@@ -34,7 +34,7 @@ import h5py
 import structlog
 
 from recorder import __version__
-from recorder.client.events import IterationEvent
+from recorder.client.events import IterationEvent, IterationOpened
 from recorder.client.properties import PVUri, SnapshotProperties
 from recorder.sinks.buffer import RecordingBuffer
 from recorder.sinks.finalize import FORMAT_VERSION, finalize
@@ -109,6 +109,7 @@ class HDF5Recording:
             "segments": 0,
             "dropped_events": 0,
             "tags": 0,
+            "snapshot_restarts": 0,
         }
         self.last_flush_seconds = 0.0
         self._final: Path | None = None
@@ -139,12 +140,20 @@ class HDF5Recording:
             self.counters["dropped_events"] += 1
             return
         self.counters["events"] += 1
+        if event.__class__ is IterationOpened and self._buffer.repeats(event.iter_index):
+            # iter_index began again (the snapshot was restarted): a file holds each index once
+            self.counters["snapshot_restarts"] += 1
+            self._rotate("the snapshot was restarted (its iter_index began again); "
+                         "continued in the next segment")
+            if self.status != "recording":
+                self.counters["dropped_events"] += 1
+                return
         rows = self._buffer.handle(event)
         if rows:
             self.counters["iterations"] += len(rows)
             self._segment_iterations += len(rows)
             if self._segment_due():
-                self._rotate()
+                self._rotate("segment limit reached; continued in the next segment")
             self._buffer.activate_oldest()
         if self._buffer.buffered_bytes >= self.options.max_buffer_bytes:
             self.flush()
@@ -225,12 +234,12 @@ class HDF5Recording:
             return size >= seg.max_bytes
         return False
 
-    def _rotate(self) -> None:
+    def _rotate(self, reason: str) -> None:
         self.flush()
         if self.status != "recording":
             return
         nxt = self._buffer.carry_over()
-        self._finish_segment("complete", "segment limit reached; continued in the next segment")
+        self._finish_segment("complete", reason)
         if self.status != "recording":
             return
         self._buffer = nxt

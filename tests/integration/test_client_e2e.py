@@ -513,6 +513,34 @@ def test_already_running_snapshot_is_still_read_from_its_normalized_topic(
     assert sub1.ended
 
 
+@pytest.mark.parametrize("protocol", GENERATIONS)
+def test_resend_start_gets_a_restarted_gateway_to_publish_again_on_the_same_topic(
+    protocol: Protocol, start_sim: SimFactory, make_client: ClientFactory,
+    unique_name: Callable[[str], str],
+) -> None:
+    gateway = start_sim(protocol)
+    client = make_client(command_timeout_s=5)
+    props = SnapshotProperties(unique_name("again").replace("-", "_"), PVS[:2], time_window=100)
+    rec = Recorder()
+    sub = client.snapshot_recurring(props, rec)
+    rec.wait_closed(3)
+    ack = sub.resend_start()  # the gateway still runs it: nothing changes
+    assert ack.publishing_topic is None and "already running" in ack.message
+    gateway.stop()  # a restart: the new gateway knows no snapshot
+    start_sim(protocol)
+    seen = len(rec.closed())
+    ack = sub.resend_start()
+    assert ack.publishing_topic == sub.topic and not sub.ended
+    closed = rec.wait_closed(seen + 3)
+    indexes = [c.iter_index for c in closed]
+    restart = indexes.index(1, 1)  # iter_index began again, on the same subscription
+    assert indexes[:restart] == sorted(indexes[:restart]) and max(indexes[:restart]) >= 3
+    assert indexes[restart:] == list(range(1, len(indexes) - restart + 1))
+    assert all(c.complete for c in closed[restart:])
+    assert client.counters()["assembler.restart"] == 1
+    client.snapshot_stop(props.snapshot_name)
+
+
 # ------------------------------------------------------------------------------ faults
 @pytest.mark.parametrize("protocol", GENERATIONS)
 def test_dropped_tails_and_headers_close_incomplete_and_never_stall(

@@ -248,3 +248,72 @@ def test_isolated_writer_killed_keeps_flushed_tags(tmp_path: Path) -> None:
     assert cli_main(["recover", str(partial)]) == 0
     (final,) = tmp_path.glob("*.h5")
     _check_recovered(final)
+
+
+def test_a_restarted_snapshot_continues_in_a_new_segment_with_its_own_tags(
+    tmp_path: Path, make: Callable[..., Rec]
+) -> None:
+    """iter_index began again (the gateway restarted the snapshot): a file never holds two
+    iterations of one index, so the recording rotates, and the new iteration 1's tags are
+    not joined with the old iteration 1."""
+    base = 0
+
+    def run_of(i: int, value: float) -> list[IterationEvent]:
+        nonlocal base
+        base += 3
+        sample = PVSample("P", {"value": value, "timeStamp": {"secondsPastEpoch": base,
+                                                              "nanoseconds": 0}})
+        return [
+            IterationOpened("t", "s", i, 1_000 + base, offset=base),
+            ValuesReceived("t", i, 1, 0, (sample,), offset=base + 1),
+            IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, 1_000 + base,
+                            2_000 + base, n_values=1, n_pvs=1, n_batches=1, offset=base + 2),
+        ]
+
+    rec = make(OutputOptions(directory=tmp_path))
+    for i in (1, 2, 3):
+        opened_ev, *rest = run_of(i, float(i))
+        rec.handle(opened_ev)
+        if i == 2:
+            rec.tag_iteration(2, {"shot": "old-2"})
+        for ev in rest:
+            rec.handle(ev)
+    for i in (1, 2):  # the snapshot again, from iter_index 1
+        opened_ev, *rest = run_of(i, 10.0 + i)
+        rec.handle(opened_ev)
+        if i == 1:
+            rec.tag_iteration(1, {"shot": "new-1"})  # as the controller: once it is open
+        for ev in rest:
+            rec.handle(ev)
+    first, second = rec.close()
+    with open_file(first) as f:
+        assert f.status == "complete"
+        assert f.iterations()["iter_index"].tolist() == [1, 2, 3]
+        assert list(f.iterations()["tags"]) == [{}, {"shot": "old-2"}, {}]
+        assert f.values("P").tolist() == [1.0, 2.0, 3.0]
+        assert "restarted" in f.attrs["status_reason"]
+        assert f.unmatched_tags() == {}
+    with open_file(second) as f:
+        assert f.iterations()["iter_index"].tolist() == [1, 2]
+        assert list(f.iterations()["tags"]) == [{"shot": "new-1"}, {}]
+        assert f.values("P").tolist() == [11.0, 12.0]
+        assert f.unmatched_tags() == {}
+    if isinstance(rec, HDF5Recording):
+        assert rec.counters["snapshot_restarts"] == 1
+
+
+def test_reordered_openings_are_not_taken_for_a_restart(tmp_path: Path) -> None:
+    """Iteration 5 opened before 4 (data overtook a header) stays in one file."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="tags")
+    for i in (1, 2, 3):
+        for ev in events(i):
+            rec.handle(ev)
+    rec.handle(opened(5))
+    rec.handle(opened(4))
+    for i in (4, 5):
+        rec.handle(values(i))
+        rec.handle(closed(i))
+    (only,) = rec.close()
+    assert rec.counters["snapshot_restarts"] == 0
+    with open_file(only) as f:
+        assert sorted(f.iterations()["iter_index"].tolist()) == [1, 2, 3, 4, 5]

@@ -112,3 +112,25 @@ def test_bridge_entry_round_trips_and_shows_in_the_admin_table() -> None:
     with pytest.raises(AdminCommandError):
         StatusDocument.decode(json.dumps(
             {**obj, "runs": {"x": {**obj["runs"]["wf"], "bridge": [1]}}}).encode())
+
+
+def test_silence_fields_round_trip_show_in_the_table_and_default_for_old_documents() -> None:
+    from dataclasses import replace
+
+    from recorder.cli.admin import status_table
+
+    silent = replace(RUN, silent_since=1_795_291_545_000, snapshot_restarts=2)
+    doc = replace(DOC, runs=(silent, DOC.runs[1]))
+    obj = json.loads(doc.encode())
+    assert obj["runs"]["bpm-10hz"]["silent_since"] == 1_795_291_545_000
+    assert obj["runs"]["bpm-10hz"]["snapshot_restarts"] == 2
+    assert StatusDocument.decode(doc.encode()).run("bpm-10hz") == silent
+    table = status_table(obj)
+    assert ("  silent since 2026-11-21 20:05:45 UTC: no data from the gateway; its snapshot "
+            "start is re-sent with backoff") in table
+    assert table.count("silent since") == 1  # not for the run that hears its gateway
+    older = json.loads(DOC.encode())  # a document from a daemon without these fields
+    for run in older["runs"].values():
+        del run["silent_since"], run["snapshot_restarts"]
+    back = StatusDocument.decode(json.dumps(older).encode()).run("bpm-10hz")
+    assert back is not None and back.silent_since is None and back.snapshot_restarts == 0

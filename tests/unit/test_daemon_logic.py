@@ -26,7 +26,7 @@ from recorder.daemon.backoff import Backoff
 from recorder.daemon.controller import RunController
 from recorder.daemon.pump import MAX_PENDING, MIN_PENDING, pending_bound
 from recorder.daemon.resume import ActiveRecording, ResumeStore
-from recorder.errors import AdminCommandError, GatewayTimeoutError, SinkError
+from recorder.errors import AdminCommandError, GatewayError, GatewayTimeoutError, SinkError
 from recorder.metrics import RecorderMetrics
 
 
@@ -100,14 +100,14 @@ def test_admin_cursor_saves_only_moves_and_ignores_another_topic(tmp_path: Path)
 
 # ------------------------------------------------------------------ controller with fakes
 def _definition(tmp_path: Path, *, triggered: bool = False,
-                bridge: dict[str, Any] | None = None) -> RunDefinition:
+                bridge: dict[str, Any] | None = None, time_window: int = 1000) -> RunDefinition:
     output: dict[str, Any] = {"directory": str(tmp_path / "out")}
     if bridge is not None:
         output["bridge"] = bridge
     return RunDefinition.model_validate({
         "name": "r",
         "snapshot": {"snapshot_name": "snap", "pv_uri_list": ["pva://A:B"],
-                     "triggered": triggered},
+                     "triggered": triggered, "time_window": time_window},
         "output": output,
     })
 
@@ -120,6 +120,16 @@ class FakeSub:
         self.start_offsets = {0: 10}
         self.events: queue.Queue[Any] = queue.Queue()
         self.ended = False
+        self.resends: list[float] = []
+        self.resend_answers: list[Ack | Exception] = []  # then: "already running"
+
+    def resend_start(self, timeout: float | None = None) -> Ack:
+        self.resends.append(time.monotonic())
+        answer = (self.resend_answers.pop(0) if self.resend_answers
+                  else Ack("repeating_snapshot", "id", "Snapshot snap is already running"))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def get(self, timeout: float | None = None) -> Any:
         try:
@@ -152,6 +162,7 @@ class FakeClient:
     def __init__(self, failures: int = 0, stop_fails: bool = False) -> None:
         self.failures = failures
         self.stop_fails = stop_fails
+        self.trigger_errors: list[Exception] = []
         self.starts: list[Any] = []
         self.triggers: list[Mapping[str, str] | None] = []
         self.sub: FakeSub | None = None
@@ -168,6 +179,8 @@ class FakeClient:
     def snapshot_trigger(self, name: str, timeout: float | None = None,
                          *, tags: Mapping[str, str] | None = None) -> Ack:
         self.triggers.append(tags)
+        if self.trigger_errors:
+            raise self.trigger_errors.pop(0)
         return Ack("repeating_snapshot_trigger", "id", "")
 
     def unsubscribe(self, sub: FakeSub, timeout: float = 5.0) -> None:
@@ -219,12 +232,15 @@ class FakeRecording:
 
 def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False,
                 bridge: dict[str, Any] | None = None, bridge_factory: Any = None,
-                metrics: RecorderMetrics | None = None,
+                metrics: RecorderMetrics | None = None, time_window: int = 1000,
+                silence_after_s: float | None = None,
                 ) -> tuple[RunController, list[FakeRecording]]:
     made: list[FakeRecording] = []
     extra: dict[str, Any] = {} if bridge_factory is None else {"bridge_factory": bridge_factory}
     if metrics is not None:
         extra["metrics"] = metrics
+    if silence_after_s is not None:
+        extra["silence_after_s"] = silence_after_s
 
     def factory(definition: RunDefinition, *, seq: int, recording_uid: str | None,
                 first_segment: int = 0, start_ns: int | None = None) -> FakeRecording:
@@ -233,7 +249,7 @@ def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False,
         return rec
 
     c = RunController(
-        _definition(tmp_path, triggered=triggered, bridge=bridge),
+        _definition(tmp_path, triggered=triggered, bridge=bridge, time_window=time_window),
         client,  # type: ignore[arg-type]
         ResumeStore(tmp_path / "state"), recording_factory=factory,  # type: ignore[arg-type]
         backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0), **extra,
@@ -352,6 +368,102 @@ def test_trigger_rules_and_tags_go_with_the_next_iteration(tmp_path: Path) -> No
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+def _resends(metrics: RecorderMetrics, outcome: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "k2eg_recorder_snapshot_resends_total", {"run": "r", "outcome": outcome})
+    return value or 0.0
+
+
+def test_a_silent_periodic_run_resends_its_start_with_backoff_and_reports_it(
+    tmp_path: Path,
+) -> None:
+    """Nothing on the topic for the limit (0.3 s here): the start is re-sent; no answer
+    (gateway down) backs off (0.3 s, then 0.6 s), a fresh start (restarted gateway) is
+    counted, and the first message ends the silence."""
+    client = FakeClient()
+    metrics = RecorderMetrics()
+    c, _made = _controller(tmp_path, client, time_window=10, silence_after_s=0.3,
+                           metrics=metrics)
+    try:
+        started = time.monotonic()
+        c.start().result(5)
+        sub = client.sub
+        assert sub is not None
+        sub.resend_answers = [
+            GatewayTimeoutError("repeating_snapshot", "x", 0.1),
+            Ack("repeating_snapshot", "id", "started", publishing_topic=sub.topic),
+        ]
+        _wait(lambda: len(sub.resends) >= 1)
+        assert sub.resends[0] - started >= 0.3
+        _wait(lambda: c.status().silent_since is not None)
+        _wait(lambda: "failed" in (c.status().last_error or ""))
+        _wait(lambda: len(sub.resends) >= 2)
+        assert sub.resends[1] - sub.resends[0] >= 0.25  # backoff, with its +-10 % jitter
+        _wait(lambda: c.status().snapshot_restarts == 1)
+        st = c.status()
+        assert st.state is RunState.RECORDING and st.silent_since is not None
+        assert "started it again" in (st.last_error or "")
+        assert st.to_json_obj()["snapshot_restarts"] == 1
+        assert _resends(metrics, "failed") == 1 and _resends(metrics, "restarted") == 1
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=11))
+        _wait(lambda: c.status().silent_since is None)
+        n = len(sub.resends)
+        time.sleep(0.2)  # heard within the limit: nothing more is sent
+        assert len(sub.resends) == n
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_triggered_runs_are_not_watched_and_periodic_watch_can_be_off(tmp_path: Path) -> None:
+    client = FakeClient()
+    trig, _ = _controller(tmp_path / "t", client, triggered=True, time_window=10,
+                          silence_after_s=0.1)
+    off_client = FakeClient()
+    off, _ = _controller(tmp_path / "o", off_client, time_window=10, silence_after_s=0)
+    try:
+        trig.start().result(5)
+        off.start().result(5)
+        time.sleep(0.5)
+        assert client.sub is not None and client.sub.resends == []
+        assert off_client.sub is not None and off_client.sub.resends == []
+        assert trig.status().silent_since is None and off.status().silent_since is None
+    finally:
+        for c in (trig, off):
+            c.shutdown().result(5)
+
+
+def test_a_trigger_the_gateway_does_not_know_restarts_the_snapshot_then_triggers(
+    tmp_path: Path,
+) -> None:
+    """A restarted gateway forgot the snapshot: -2 "has not been found" on trigger; the
+    start is re-sent and the trigger repeated, and its tags go with the new iteration 1."""
+    client = FakeClient()
+    metrics = RecorderMetrics()
+    c, made = _controller(tmp_path, client, triggered=True, metrics=metrics)
+    try:
+        c.start().result(5)
+        sub = client.sub
+        assert sub is not None
+        sub.events.put(IterationOpened(sub.topic, "snap", 7, 1, offset=11))  # before
+        _wait(lambda: len(made[0].events) == 1)
+        client.trigger_errors = [
+            GatewayError("repeating_snapshot_trigger", -2, "Snapshot 'snap' has not been found")
+        ]
+        sub.resend_answers = [Ack("repeating_snapshot", "id", "ok", publishing_topic=sub.topic)]
+        assert c.trigger({"shot": "9"}).result(5) == "run 'r' triggered"
+        assert client.triggers == [{"shot": "9"}, {"shot": "9"}] and len(sub.resends) == 1
+        assert c.status().snapshot_restarts == 1 and _resends(metrics, "restarted") == 1
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 2, offset=40))  # the new one
+        _wait(lambda: made[0].tags == [(1, {"shot": "9"})])
+        client.trigger_errors = [GatewayError("repeating_snapshot_trigger", -1, "bad name")]
+        with pytest.raises(AdminCommandError, match="trigger failed"):
+            c.trigger().result(5)
+        assert len(sub.resends) == 1  # other gateway errors are only reported
+    finally:
+        c.shutdown().result(5)
 
 
 def test_a_failed_recording_stops_the_run_and_keeps_the_resume_state(tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ def test_remove_run_drops_its_series_only() -> None:
         m.values(run, 1, 8)
         m.skipped(run, "late")
         m.lag(run, 1)
+        m.snapshot_resent(run, "restarted")
     m.remove_run("a")
     m.remove_run("never-seen")
     assert value(reg, "iterations_total", run="a", status="complete") is None
@@ -69,6 +70,8 @@ def test_remove_run_drops_its_series_only() -> None:
     assert value(reg, "consumer_lag_messages", run="a") is None
     assert value(reg, "iterations_total", run="b", status="complete") == 1
     assert value(reg, "messages_skipped_total", run="b", reason="late") == 1
+    assert value(reg, "snapshot_resends_total", run="a", outcome="restarted") is None
+    assert value(reg, "snapshot_resends_total", run="b", outcome="restarted") == 1
 
 
 def test_two_instances_do_not_collide() -> None:
