@@ -133,6 +133,12 @@ def run_state(admin: AdminClient, run: str) -> dict[str, Any] | None:
     return result
 
 
+def complete_iterations(admin: AdminClient, run: str) -> int:
+    """The run's count of complete iterations from the daemon's status (0 without one)."""
+    state = run_state(admin, run) or {}
+    return int(state.get("iterations", {}).get("complete", 0))
+
+
 def request(admin: AdminClient, command: str, run: str | None = None,
             tags: dict[str, str] | None = None, timeout: float = 60.0) -> AdminReply:
     return admin.request(command, run, tags, timeout_s=timeout)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,6 @@ FAST_PVS = ["pva://SIM:IMG:USHORT:1:S128x128:P50", "pva://SIM:WF:DOUBLE:2:N20000
 FAST_WINDOW_MS = 50
 MIN_PUBLISHED = 60  # iterations the rate comparison needs at least
 
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def _env(tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,13 +77,6 @@ def denv(tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str]
         log_dir=logs,
     )
 
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def _snap_topic(denv: DaemonEnv, run: str) -> str:

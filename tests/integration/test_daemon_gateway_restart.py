@@ -12,6 +12,12 @@ in a new segment file, and trigger tags land on the iteration they were given fo
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import signal
+import socket
+import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +25,7 @@ import pytest
 from daemon_support import (
     DaemonEnv,
     DaemonProcess,
+    complete_iterations,
     h5_files,
     request,
     run_state,
@@ -62,6 +69,32 @@ runs:
 
 
 @pytest.fixture
+def notify_lines() -> Iterator[tuple[str, list[str]]]:
+    """A systemd notify socket (AF_UNIX datagrams, as systemd binds it): its address and
+    every message received, collected by a thread."""
+    directory = tempfile.mkdtemp(prefix="k2n")  # short: socket paths are limited to 108 bytes
+    path = f"{directory}/notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    received: list[str] = []
+    done = threading.Event()
+
+    def collect() -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                received.append(sock.recv(65536).decode())
+
+    thread = threading.Thread(target=collect, daemon=True)
+    thread.start()
+    yield path, received
+    done.set()
+    thread.join(5)
+    sock.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
 def sims() -> Iterator[list[GatewaySimulator]]:
     started: list[GatewaySimulator] = []
     yield started
@@ -69,55 +102,57 @@ def sims() -> Iterator[list[GatewaySimulator]]:
         sim.stop()
 
 
-def _complete(admin: object, run: str) -> int:
-    state = run_state(admin, run) or {}  # type: ignore[arg-type]
-    return int(state.get("iterations", {}).get("complete", 0))
-
-
 def test_a_restarted_gateway_gets_its_snapshots_again_and_files_keep_them_apart(
-    denv: DaemonEnv, sims: list[GatewaySimulator]
+    denv: DaemonEnv, sims: list[GatewaySimulator], daemons: list[DaemonProcess],
+    notify_lines: tuple[str, list[str]],
 ) -> None:
     data = denv.config.parent / "data"
+    denv.extra["NOTIFY_SOCKET"], notified = notify_lines
     sims.append(GatewaySimulator(denv.bootstrap, denv.cmd_topic).start())
     daemon = DaemonProcess(denv)
-    try:
-        with denv.admin() as admin:
-            wait_for(lambda: (run_state(admin, "periodic") or {}).get("state") == "recording",
-                     40, "the periodic run to record")
-            wait_for(lambda: (run_state(admin, "shots") or {}).get("state") == "recording",
-                     20, "the triggered run to be armed")
-            assert request(admin, "trigger", "shots", {"shot": "before"}).ok
-            wait_for(lambda: _complete(admin, "shots") == 1, 20, "the first shot")
-            wait_for(lambda: _complete(admin, "periodic") >= 5, 30, "5 periodic iterations")
+    daemons.append(daemon)
+    with denv.admin() as admin:
+        wait_for(lambda: (run_state(admin, "periodic") or {}).get("state") == "recording",
+                 40, "the periodic run to record")
+        wait_for(lambda: (run_state(admin, "shots") or {}).get("state") == "recording",
+                 20, "the triggered run to be armed")
+        assert request(admin, "trigger", "shots", {"shot": "before"}).ok
+        wait_for(lambda: complete_iterations(admin, "shots") == 1, 20, "the first shot")
+        wait_for(lambda: complete_iterations(admin, "periodic") >= 5, 30,
+                 "5 periodic iterations")
 
-            sims.pop().stop()  # the gateway goes away and forgets its snapshots
-            silent = wait_for(
-                lambda: (s := run_state(admin, "periodic")) and s.get("silent_since") and s,
-                30, "the periodic run to report its silence")
-            assert silent["state"] == "recording" and silent["snapshot_restarts"] == 0
-            before_restart = _complete(admin, "periodic")
+        sims.pop().stop()  # the gateway goes away and forgets its snapshots
+        silent = wait_for(
+            lambda: (s := run_state(admin, "periodic")) and s.get("silent_since") and s,
+            30, "the periodic run to report its silence")
+        assert silent["state"] == "recording" and silent["snapshot_restarts"] == 0
+        before_restart = complete_iterations(admin, "periodic")
 
-            sims.append(GatewaySimulator(denv.bootstrap, denv.cmd_topic).start())
-            wait_for(lambda: (s := run_state(admin, "periodic")) and s["snapshot_restarts"] == 1
-                     and s["silent_since"] is None, 60,
-                     "the daemon to start the snapshot on the new gateway")
-            wait_for(lambda: _complete(admin, "periodic") >= before_restart + 5, 30,
-                     "5 periodic iterations from the new gateway")
-            reply = request(admin, "trigger", "shots", {"shot": "after"})
-            assert reply.ok, reply  # -2 from the new gateway, start re-sent, triggered
-            wait_for(lambda: _complete(admin, "shots") == 2, 20, "the second shot")
-            shots = run_state(admin, "shots")
-            assert shots is not None and shots["snapshot_restarts"] == 1
-            assert shots["silent_since"] is None  # triggered runs are never "silent"
+        sims.append(GatewaySimulator(denv.bootstrap, denv.cmd_topic).start())
+        wait_for(lambda: (s := run_state(admin, "periodic")) and s["snapshot_restarts"] == 1
+                 and s["silent_since"] is None, 60,
+                 "the daemon to start the snapshot on the new gateway")
+        wait_for(lambda: complete_iterations(admin, "periodic") >= before_restart + 5, 30,
+                 "5 periodic iterations from the new gateway")
+        reply = request(admin, "trigger", "shots", {"shot": "after"})
+        assert reply.ok, reply  # -2 from the new gateway, start re-sent, triggered
+        wait_for(lambda: complete_iterations(admin, "shots") == 2, 20, "the second shot")
+        shots = run_state(admin, "shots")
+        assert shots is not None and shots["snapshot_restarts"] == 1
+        assert shots["silent_since"] is None  # triggered runs are never "silent"
 
-            assert request(admin, "stop", "periodic").ok
-            assert request(admin, "stop", "shots").ok
-    finally:
-        daemon.kill()
+        assert request(admin, "stop", "periodic").ok
+        assert request(admin, "stop", "shots").ok
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
     log = daemon.log_text()
     assert "snapshot silent: re-sending its start" in log
     assert "gateway started the snapshot again" in log
     assert "the gateway does not know the snapshot" in log
+    statuses = [line for m in notified for line in m.split("\n") if line.startswith("STATUS=")]
+    assert "READY=1" in notified[0] and any("STOPPING=1" in m for m in notified)
+    assert any("; 1 silent (no data from the gateway)" in line for line in statuses), statuses
+    assert "silent" not in statuses[-1]
 
     first, second = h5_files(data / "periodic")  # one recording, two segments
     with open_file(first) as f:

@@ -8,7 +8,7 @@ import signal
 import socket
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,13 +21,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 P = "k2eg_recorder_"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def _free_port() -> int:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from daemon_support import (
     DaemonEnv,
     DaemonProcess,
+    complete_iterations,
     h5_files,
     partial_files,
     read_files,
@@ -28,18 +29,6 @@ from recorder.admin.protocol import build_command
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MAX_AGE_S = 30  # RECORDER_COMMAND_MAX_AGE_S of the admin-command test
 
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
-
-
-def _complete(admin: object, run: str) -> int:
-    st = run_state(admin, run)  # type: ignore[arg-type]
-    return int((st or {}).get("iterations", {}).get("complete", 0)) if st else 0
 
 
 def test_restart_after_kill_resumes_without_loss_or_duplicates(
@@ -67,7 +56,7 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
     with simulator(denv.bootstrap, denv.cmd_topic) as sim, denv.admin() as admin:
         first = DaemonProcess(denv, "first")
         daemons.append(first)
-        wait_for(lambda: _complete(admin, "resume") >= 12, 40, "12 iterations")
+        wait_for(lambda: complete_iterations(admin, "resume") >= 12, 40, "12 iterations")
         first.signal(signal.SIGKILL)
         first.wait(10)
         state = json.loads((denv.state_dir / "resume.json").read_text())
@@ -82,7 +71,7 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
 
         second = DaemonProcess(denv, "second")
         daemons.append(second)
-        wait_for(lambda: _complete(admin, "resume") >= 20, 40, "the resumed recording")
+        wait_for(lambda: complete_iterations(admin, "resume") >= 20, 40, "the resumed recording")
         resumed_state = json.loads((denv.state_dir / "resume.json").read_text())["active"]
         assert resumed_state["segments"] == 2 and resumed_state["started_at_ns"] == started_at_ns
         second.signal(signal.SIGTERM)
