@@ -47,6 +47,19 @@ class DaemonEnv:
     log_dir: Path
     extra: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def in_dir(cls, tmp_path: Path, bootstrap: str, unique_name: Callable[[str], str],
+               config: Path, extra: dict[str, str] | None = None) -> DaemonEnv:
+        """A daemon with topics of its own, its state and logs under ``tmp_path``."""
+        logs = tmp_path / "logs"
+        logs.mkdir(exist_ok=True)
+        return cls(
+            bootstrap=bootstrap, cmd_topic=unique_name("cmd"), app=unique_name("rec"),
+            admin_topic=unique_name("admin"), reply_topic=unique_name("reply"),
+            status_topic=unique_name("status"), state_dir=tmp_path / "state", config=config,
+            log_dir=logs, extra=dict(extra or {}),
+        )
+
     def environ(self) -> dict[str, str]:
         env = environ_without_recorder()
         env.update({

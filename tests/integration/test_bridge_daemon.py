@@ -47,13 +47,7 @@ def _env(tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str]
          yaml: str) -> DaemonEnv:
     config = tmp_path / "runs.yaml"
     config.write_text(yaml)
-    (tmp_path / "logs").mkdir()
-    return DaemonEnv(
-        bootstrap=kafka_bootstrap, cmd_topic=unique_name("cmd"), app=unique_name("rec"),
-        admin_topic=unique_name("admin"), reply_topic=unique_name("reply"),
-        status_topic=unique_name("status"), state_dir=tmp_path / "state", config=config,
-        log_dir=tmp_path / "logs",
-    )
+    return DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config)
 
 
 def _bridge(admin: Any, run: str) -> dict[str, Any]:

@@ -68,14 +68,7 @@ def denv(tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str]
     data = tmp_path / "data"
     token = unique_name("t")
     config.write_text(_yaml(data, lambda s: f"{s}_{token}".replace("-", "_")))
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    return DaemonEnv(
-        bootstrap=kafka_bootstrap, cmd_topic=unique_name("cmd"), app=unique_name("rec"),
-        admin_topic=unique_name("admin"), reply_topic=unique_name("reply"),
-        status_topic=unique_name("status"), state_dir=tmp_path / "state", config=config,
-        log_dir=logs,
-    )
+    return DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config)
 
 
 

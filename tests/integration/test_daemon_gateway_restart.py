@@ -58,14 +58,8 @@ runs:
       triggered: true
     output: {{directory: {data}/shots, flush_interval_s: 0.3}}
 """)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    return DaemonEnv(
-        bootstrap=kafka_bootstrap, cmd_topic=unique_name("cmd"), app=unique_name("rec"),
-        admin_topic=unique_name("admin"), reply_topic=unique_name("reply"),
-        status_topic=unique_name("status"), state_dir=tmp_path / "state", config=config,
-        log_dir=logs, extra={"RECORDER_SILENCE_AFTER_S": "2"},
-    )
+    return DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config,
+                            {"RECORDER_SILENCE_AFTER_S": "2"})
 
 
 @pytest.fixture

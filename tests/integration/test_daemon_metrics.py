@@ -66,14 +66,9 @@ runs:
       time_window: 100
     output: {{directory: {data}/beta, flush_interval_s: 0.3, isolate: false}}
 """)
-    (tmp_path / "logs").mkdir()
     port = _free_port()
-    denv = DaemonEnv(
-        bootstrap=kafka_bootstrap, cmd_topic=unique_name("cmd"), app=unique_name("rec"),
-        admin_topic=unique_name("admin"), reply_topic=unique_name("reply"),
-        status_topic=unique_name("status"), state_dir=tmp_path / "state", config=config,
-        log_dir=tmp_path / "logs", extra={"RECORDER_METRICS_PORT": str(port)},
-    )
+    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config,
+                            {"RECORDER_METRICS_PORT": str(port)})
     with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
         daemon = DaemonProcess(denv)
         daemons.append(daemon)

@@ -46,13 +46,7 @@ snapshot:
   time_window: 100
 output: {{directory: {data}, flush_interval_s: 0.3}}
 """)
-    (tmp_path / "logs").mkdir()
-    denv = DaemonEnv(
-        bootstrap=kafka_bootstrap, cmd_topic=unique_name("cmd"), app=unique_name("rec"),
-        admin_topic=unique_name("admin"), reply_topic=unique_name("reply"),
-        status_topic=unique_name("status"), state_dir=tmp_path / "state", config=config,
-        log_dir=tmp_path / "logs",
-    )
+    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config)
     with simulator(denv.bootstrap, denv.cmd_topic) as sim, denv.admin() as admin:
         first = DaemonProcess(denv, "first")
         daemons.append(first)
@@ -156,13 +150,8 @@ runs:
     snapshot: {{snapshot_name: late_{token}, pv_uri_list: [pva://SIM:AI:DOUBLE:2]}}
     output: {{directory: {tmp_path}/data/late}}
 """)
-    (tmp_path / "logs").mkdir()
-    denv = DaemonEnv(
-        bootstrap=kafka_bootstrap, cmd_topic=unique_name("cmd"), app=unique_name("rec"),
-        admin_topic=unique_name("admin"), reply_topic=unique_name("reply"),
-        status_topic=unique_name("status"), state_dir=tmp_path / "state", config=config,
-        log_dir=tmp_path / "logs", extra={"RECORDER_COMMAND_MAX_AGE_S": str(MAX_AGE_S)},
-    )
+    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config,
+                            {"RECORDER_COMMAND_MAX_AGE_S": str(MAX_AGE_S)})
     with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
         first = DaemonProcess(denv, "first")
         daemons.append(first)
