@@ -21,6 +21,12 @@ A stop sends the k2eg ``repeating_snapshot_stop`` from a helper thread while the
 draining events; once the client has delivered the final iteration and ended the subscription,
 the recording is closed (files finalized) and the state file cleared.
 
+A periodic run whose snapshot topic stays silent (no message for ``silence_after_s``, and
+at least 5 time windows: :mod:`recorder.daemon.silence`) reports it in its status
+(``silent_since``) and re-sends the snapshot's start from a helper thread, with backoff, until
+messages arrive again: a restarted gateway has forgotten the snapshot and starts it anew. A
+trigger the gateway answers "has not been found" (-2) re-sends the start, then the trigger.
+
 A run whose ``output.bridge`` is set also serves each iteration live over the Karabo bridge
 protocol (:mod:`recorder.sinks.bridge`): the worker creates the bridge sink with the recording,
 hands it every event it hands the recording (same thread, right after it), and closes it with
