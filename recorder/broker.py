@@ -39,16 +39,22 @@ def broker_binary() -> str:
 
 
 class EmbeddedBroker:
-    """A Tansu broker child process listening on ``127.0.0.1:<port>``."""
+    """A Tansu broker child process listening on ``127.0.0.1:<port>``.
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    ``advertised_port``: the port the broker tells clients to connect to (default: ``port``),
+    for a relay in front of it (tests that cut the network).
+    """
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None,
+                 advertised_port: int | None = None) -> None:
         self.port = port or free_loopback_port()
+        self.advertised_port = advertised_port or self.port
         self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.advertised_port}"
 
     @property
     def pid(self) -> int | None:
@@ -56,10 +62,12 @@ class EmbeddedBroker:
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         self._proc = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url",
+             advertised],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

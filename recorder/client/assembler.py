@@ -594,6 +594,16 @@ class IterationAssembler:
                 self._flush(state, out)
         return out
 
+    def defer(self, seconds: float) -> None:
+        """Move every open iteration's deadlines ``seconds`` later: time during which the
+        caller could not read (Kafka unreachable) does not count against an iteration, whose
+        messages may be in Kafka already."""
+        for state in self._topics.values():
+            for it in state.open.values():
+                it.deadline += seconds
+                if it.grace_deadline is not None:
+                    it.grace_deadline += seconds
+
     def expire(self, now: float) -> list[IterationEvent]:
         """Close iterations past their deadline (``TIMEOUT``) or past their grace period for
         missing messages (``MISSING_MESSAGES``)."""

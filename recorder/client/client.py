@@ -132,6 +132,16 @@ def iteration_timeout_s(props: SnapshotProperties, slack_s: float = DEFAULT_SLAC
 
 
 # ------------------------------------------------------------------------------ results
+def command_producer_config(settings: KafkaSettings) -> dict[str, Any]:
+    """This client's producer sends gateway commands only: one that Kafka did not take within
+    the command timeout is dropped (its caller got an error by then), never delivered later
+    for the gateway to act on late (a trigger repeated by an operator must not fire twice
+    once Kafka is back). An operator's own ``message.timeout.ms`` (or its alias) wins."""
+    if {"message.timeout.ms", "delivery.timeout.ms"} & set(settings.kafka):
+        return {}
+    return {"message.timeout.ms": max(1, round(settings.command_timeout_s * 1000))}
+
+
 @dataclass(frozen=True, slots=True)
 class Ack:
     """A gateway acknowledgement (error 0)."""
@@ -554,6 +564,7 @@ class K2egClient:
         self._counts_lock = threading.Lock()
         self._skips: dict[str, Counter[str]] = {}  # topic -> skip reason -> count (core lock)
         self._next_expire = 0.0
+        self._down_since: float | None = None  # Kafka unreachable since (consumer thread)
         self._closed = False
         self._adapter = KafkaAdapter(
             self.settings,
@@ -561,6 +572,7 @@ class K2egClient:
             raw_messages=True,  # the assembler reads the messages themselves
             batch_size=batch_size,
             poll_timeout_s=poll_timeout_s,
+            producer_config=command_producer_config(self.settings),
             name=f"k2eg-{self.settings.app_name}",
         )
         self._dispatcher = _Dispatcher(
@@ -717,9 +729,18 @@ class K2egClient:
                 self._attribute_skips(topic, skip_base)
             if drained:
                 events.extend(self._assembler.idle(now))
+            if self._adapter.kafka_down:  # iterations wait: their messages may be in Kafka
+                if self._down_since is None:
+                    self._down_since = now
+                    self._log.warning("Kafka unreachable: open iterations wait for it")
+            elif self._down_since is not None:
+                self._assembler.defer(now - self._down_since)
+                self._log.info("Kafka reachable again", down_s=round(now - self._down_since, 1))
+                self._down_since = None
             if now >= self._next_expire:
                 self._next_expire = now + _EXPIRE_EVERY_S
-                events.extend(self._assembler.expire(now))
+                if self._down_since is None:
+                    events.extend(self._assembler.expire(now))
                 outcomes.extend(self._tracker.expire(now))
             waiters = [(o, self._waiters.pop(o.reply_id, None)) for o in outcomes]
             if events:  # routed under the lock: events reach each handle in assembly order

@@ -176,6 +176,9 @@ def _transport_error(action: str, exc: BaseException) -> TransportError:
     return TransportError(f"Kafka {action} failed: {reason}")
 
 
+_DOWN_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
+
+
 class KafkaAdapter:
     """One consumer thread (owning the Consumer), one thread-safe Producer, an AdminClient."""
 
@@ -198,6 +201,7 @@ class KafkaAdapter:
         self._on_records: Callable[[list[Any], bool], None] = on_records
         self._raw_messages = raw_messages
         self._batch_size = batch_size
+        self._kafka_down = False
         self._poll_timeout_s = poll_timeout_s
         self._metadata_timeout_s = metadata_timeout_s
         self._name = name
@@ -544,8 +548,17 @@ class KafkaAdapter:
         with self._counters_lock:
             return dict(self._counters)
 
+    @property
+    def kafka_down(self) -> bool:
+        """Kafka unreachable: set by a transport failure (``_TRANSPORT``,
+        ``_ALL_BROKERS_DOWN``), cleared by the next record consumed or broker round trip that
+        succeeds (a watermark query: the daemon asks every few seconds)."""
+        return self._kafka_down
+
     def _error_cb(self, err: KafkaError) -> None:
         self._count("kafka_errors")
+        if err.code() in _DOWN_CODES:
+            self._kafka_down = True
         if err.fatal():
             self._log.error("fatal Kafka error", error=err.str())
             return
@@ -587,6 +600,8 @@ class KafkaAdapter:
                 messages = []
                 if not self._topics:  # nothing assigned: no record can come, but the
                     consumer.poll(0)  # error and log callbacks are served only by polls
+            if messages:
+                self._kafka_down = False
             if not messages:
                 records: list[Any] = []
             elif self._raw_messages:
@@ -733,6 +748,7 @@ class KafkaAdapter:
                 result = None
             elif request.kind == "watermarks":
                 result = self._do_watermarks(consumer, request)
+                self._kafka_down = False
             elif request.kind == "call":
                 assert request.fn is not None
                 result = request.fn()

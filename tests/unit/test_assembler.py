@@ -338,6 +338,25 @@ def test_lost_tail_and_no_next_header_times_out(sequenced: bool) -> None:
     assert run.asm.counters["late.data"] == 1
 
 
+def test_deferred_deadlines_leave_out_time_kafka_was_unreachable() -> None:
+    """defer(): the caller could not read for a while; deadlines and grace periods move."""
+    run = Run(iteration_timeout_s=5.0, missing_grace_s=0.5)
+    it1 = iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=True)
+    run.feed(it1[:-2], now=10.0)  # header + first value: no tail yet
+    run.asm.defer(20.0)  # Kafka unreachable for 20 s
+    assert run.expire(34.9) == []
+    [c] = [e for e in run.expire(35.0) if isinstance(e, IterationClosed)]
+    assert c.reason is IncompleteReason.TIMEOUT and c.n_values == 1
+    run2 = Run(missing_grace_s=0.5)
+    it2 = iteration("s", 2, [(T0, scalar_pvs(4))], sequenced=True)
+    run2.feed([m for m in it2 if m.msg_seq != 3], now=1.0)  # tail in, one value missing
+    run2.asm.defer(3.0)
+    assert run2.expire(4.4) == []
+    run2.feed([m for m in it2 if m.msg_seq == 3], now=4.4)  # the missing one, after all
+    [c2] = run2.closed()
+    assert c2.complete and c2.n_values == 4
+
+
 @GENERATIONS
 def test_lost_header(sequenced: bool) -> None:
     run = Run()
