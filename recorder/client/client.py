@@ -112,6 +112,7 @@ ErrorHandler = Callable[[str, ClientError], None]
 _log = structlog.get_logger("recorder.client")
 
 DEFAULT_SLACK_S = 2.0
+_DOWN_REPORT_S = 2.0  # Kafka unreachable this long is logged (once per outage)
 _EXPIRE_EVERY_S = 0.05
 # assembler counters of snapshot messages read but not delivered (K2egClient.skipped)
 SKIP_PREFIXES = ("malformed.", "late.", "duplicate")
@@ -565,6 +566,7 @@ class K2egClient:
         self._skips: dict[str, Counter[str]] = {}  # topic -> skip reason -> count (core lock)
         self._next_expire = 0.0
         self._down_since: float | None = None  # Kafka unreachable since (consumer thread)
+        self._down_logged = False
         self._closed = False
         self._adapter = KafkaAdapter(
             self.settings,
@@ -732,11 +734,17 @@ class K2egClient:
             if self._adapter.kafka_down:  # iterations wait: their messages may be in Kafka
                 if self._down_since is None:
                     self._down_since = now
+                elif not self._down_logged and now - self._down_since >= _DOWN_REPORT_S:
+                    # (one broker of a cluster failing while records flow is not reported)
+                    self._down_logged = True
                     self._log.warning("Kafka unreachable: open iterations wait for it")
             elif self._down_since is not None:
                 self._assembler.defer(now - self._down_since)
-                self._log.info("Kafka reachable again", down_s=round(now - self._down_since, 1))
+                if self._down_logged:
+                    self._log.info("Kafka reachable again",
+                                   down_s=round(now - self._down_since, 1))
                 self._down_since = None
+                self._down_logged = False
             if now >= self._next_expire:
                 self._next_expire = now + _EXPIRE_EVERY_S
                 if self._down_since is None:

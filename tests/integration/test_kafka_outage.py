@@ -199,3 +199,5 @@ runs:
         assert got["values"] == want, pv
     log = daemon.log_text()
     assert "Kafka error" in log or "librdkafka" in log  # the outage was seen and reported
+    assert log.count("Kafka unreachable: open iterations wait for it") == 1
+    assert log.count("Kafka reachable again") == 1
