@@ -738,6 +738,20 @@ class Recording:
     def samples(self, pv: str) -> list[PVSample]:
         return [s for f in self.files if pv in f.pv_names for s in f.samples(pv)]
 
+    def iterations(self) -> dict[str, npt.NDArray[Any]]:
+        """Every segment's /iterations table, in order, plus ``segment`` (the file's segment
+        number) per row: ``iter_index`` is unique within a file, not across the files of a
+        recording whose snapshot was restarted (docs/decisions/0006)."""
+        tables = [f.iterations() for f in self.files]
+        if not tables:
+            return {}
+        out = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+        out["segment"] = np.concatenate([
+            np.full(len(t["iter_index"]), int(f.attrs.get("segment", 0)), dtype=np.int64)
+            for f, t in zip(self.files, tables, strict=True)
+        ])
+        return out
+
     def trains(self) -> Iterator[Train]:
         for f in self.files:
             yield from f.trains()

@@ -25,7 +25,7 @@ from recorder.client.events import (
     ValuesReceived,
 )
 from recorder.client.values import PVSample
-from recorder.reader import open_file
+from recorder.reader import open_file, open_recording
 from recorder.sinks.bridge.mapping import RECORDER_SOURCE
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions, SegmentOptions
@@ -300,6 +300,12 @@ def test_a_restarted_snapshot_continues_in_a_new_segment_with_its_own_tags(
         assert f.unmatched_tags() == {}
     if isinstance(rec, HDF5Recording):
         assert rec.counters["snapshot_restarts"] == 1
+    with open_recording(second) as whole:  # both segments, the restart visible per row
+        its = whole.iterations()
+        assert its["iter_index"].tolist() == [1, 2, 3, 1, 2]
+        assert its["segment"].tolist() == [0, 0, 0, 1, 1]
+        assert list(its["tags"]) == [{}, {"shot": "old-2"}, {}, {"shot": "new-1"}, {}]
+        assert whole.values("P").tolist() == [1.0, 2.0, 3.0, 11.0, 12.0]
 
 
 def test_reordered_openings_are_not_taken_for_a_restart(tmp_path: Path) -> None:
