@@ -117,6 +117,12 @@ class RecorderMetrics:
             namespace=ns,
             registry=r,
         )
+        self.kafka_up = Gauge(
+            "kafka_up",
+            "0 while the daemon's k2eg client cannot reach Kafka (for 2 s or more), else 1",
+            namespace=ns,
+            registry=r,
+        )
         self.reloads = Counter(
             "reloads", "Run-definition reloads, by result", ["result"], namespace=ns, registry=r
         )
@@ -172,6 +178,9 @@ class RecorderMetrics:
         self._runs.add(run)
         self._resend_outcomes.setdefault(run, set()).add(outcome)
         self.snapshot_resends.labels(run=run, outcome=outcome).inc()
+
+    def set_kafka_up(self, up: bool) -> None:
+        self.kafka_up.set(1 if up else 0)
 
     def admin_command(self, command: str, code: str) -> None:
         self.admin_commands.labels(command=command, code=code).inc()

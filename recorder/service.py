@@ -282,6 +282,7 @@ class Service:
         if self._heartbeat is not None:
             self._heartbeat.maybe_beat(now, self._heartbeat_doc)
         self._watchdog.maybe_ping(now)
+        self.metrics.set_kafka_up(self._kafka_unreachable_since() is None)
         line = self._status_line()
         if line != self._last_status_line:
             self._last_status_line = line
@@ -447,6 +448,10 @@ class Service:
     def _heartbeat_doc(self, seq: int) -> StatusDocument:
         return self.status_document("heartbeat", seq)
 
+    def _kafka_unreachable_since(self) -> float | None:
+        client = self._client
+        return None if client is None else client.kafka_unreachable_since
+
     def _status_line(self) -> str:
         states: dict[str, int] = {}
         complete = silent = 0
@@ -459,6 +464,10 @@ class Service:
         text = f"{self._state.value}: {parts}; {complete} iterations recorded"
         if silent:
             text += f"; {silent} silent (no data from the gateway)"
+        down = self._kafka_unreachable_since()
+        if down is not None:
+            at = time.strftime("%H:%M:%S", time.gmtime(down))
+            text += f"; Kafka unreachable since {at} UTC"
         if self._config_errors:
             text += f"; reload refused ({len(self._config_errors)} problem(s))"
         return text

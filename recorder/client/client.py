@@ -567,6 +567,7 @@ class K2egClient:
         self._next_expire = 0.0
         self._down_since: float | None = None  # Kafka unreachable since (consumer thread)
         self._down_logged = False
+        self._down_wall = 0.0
         self._closed = False
         self._adapter = KafkaAdapter(
             self.settings,
@@ -658,6 +659,12 @@ class K2egClient:
         return out
 
     @property
+    def kafka_unreachable_since(self) -> float | None:
+        """Unix time since which this client cannot reach Kafka (transport failures, nothing
+        read since), once that has lasted 2 s; None while it reads normally."""
+        return self._down_wall if self._down_logged else None
+
+    @property
     def subscriptions(self) -> dict[str, RecurringSnapshot]:
         """Active recurring-snapshot subscriptions by topic."""
         return dict(self._subs)
@@ -737,6 +744,7 @@ class K2egClient:
                 elif not self._down_logged and now - self._down_since >= _DOWN_REPORT_S:
                     # (one broker of a cluster failing while records flow is not reported)
                     self._down_logged = True
+                    self._down_wall = time.time() - (now - self._down_since)
                     self._log.warning("Kafka unreachable: open iterations wait for it")
             elif self._down_since is not None:
                 self._assembler.defer(now - self._down_since)

@@ -12,12 +12,7 @@ in a new segment file, and trigger tags land on the iteration they were given fo
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import signal
-import socket
-import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -60,32 +55,6 @@ runs:
 """)
     return DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config,
                             {"RECORDER_SILENCE_AFTER_S": "2"})
-
-
-@pytest.fixture
-def notify_lines() -> Iterator[tuple[str, list[str]]]:
-    """A systemd notify socket (AF_UNIX datagrams, as systemd binds it): its address and
-    every message received, collected by a thread."""
-    directory = tempfile.mkdtemp(prefix="k2n")  # short: socket paths are limited to 108 bytes
-    path = f"{directory}/notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(0.2)
-    received: list[str] = []
-    done = threading.Event()
-
-    def collect() -> None:
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                received.append(sock.recv(65536).decode())
-
-    thread = threading.Thread(target=collect, daemon=True)
-    thread.start()
-    yield path, received
-    done.set()
-    thread.join(5)
-    sock.close()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def test_an_iteration_split_by_an_outage_waits_for_the_rest_of_its_messages(
                             "iter_index": 1})
     tail = msgpack.packb({"message_type": 2, "error": 0, "iter_index": 1, "timestamp": ts,
                           "snapshot_name": name})
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "log_level": 0})
 
     def produce(*values: bytes) -> None:
         for value in values:
@@ -151,9 +152,18 @@ def test_an_iteration_split_by_an_outage_waits_for_the_rest_of_its_messages(
         assert client.counters().get("assembler.late.data", 0) == 0
 
 
+def _kafka_up(port: int) -> float | None:
+    """k2eg_recorder_kafka_up from the daemon's /metrics (HTTP: answers while Kafka is down)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("k2eg_recorder_kafka_up "):
+                return float(line.split()[1])
+    return None
+
+
 def test_a_kafka_outage_mid_run_loses_nothing_and_the_daemon_records_on(
     relay: TcpRelay, tmp_path: Path, unique_name: Callable[[str], str],
-    daemons: list[DaemonProcess],
+    daemons: list[DaemonProcess], notify_lines: tuple[str, list[str]],
 ) -> None:
     bootstrap = _bootstrap(relay)
     token = unique_name("o").replace("-", "_")
@@ -168,14 +178,19 @@ runs:
       time_window: 200
     output: {{directory: {data}, flush_interval_s: 0.3}}
 """)
-    denv = DaemonEnv.in_dir(tmp_path, bootstrap, unique_name, config)
+    metrics_port = free_loopback_port()
+    notify_socket, notified = notify_lines
+    denv = DaemonEnv.in_dir(tmp_path, bootstrap, unique_name, config, {
+        "RECORDER_METRICS_PORT": str(metrics_port), "NOTIFY_SOCKET": notify_socket})
     with simulator(bootstrap, denv.cmd_topic), denv.admin() as admin:
         daemon = DaemonProcess(denv)
         daemons.append(daemon)
         wait_for(lambda: complete_iterations(admin, "periodic") >= 10, 60, "10 iterations")
+        assert _kafka_up(metrics_port) == 1
         relay.cut()
         time.sleep(OUTAGE_S)
         assert daemon.proc.poll() is None, daemon.log_text()[-3000:]
+        assert _kafka_up(metrics_port) == 0  # what a facility's alerting watches
         relay.restore()
         before = wait_for(lambda: complete_iterations(admin, "periodic"), 60,
                           "the daemon to answer again")
@@ -183,6 +198,7 @@ runs:
                  "10 more iterations after the outage")
         state = run_state(admin, "periodic")
         assert state is not None and state["state"] == "recording"
+        assert _kafka_up(metrics_port) == 1
         assert request(admin, "stop", "periodic").ok
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
@@ -201,3 +217,6 @@ runs:
     assert "Kafka error" in log or "librdkafka" in log  # the outage was seen and reported
     assert log.count("Kafka unreachable: open iterations wait for it") == 1
     assert log.count("Kafka reachable again") == 1
+    statuses = [m for m in notified if "STATUS=" in m]
+    down = [m for m in statuses if "; Kafka unreachable since " in m]
+    assert down and "Kafka unreachable" not in statuses[-1], statuses
