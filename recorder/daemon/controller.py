@@ -287,6 +287,14 @@ class _Request:
 
 
 @dataclass(slots=True)
+class _Resend:
+    """A snapshot start re-sent from a helper thread, which fills in the answer."""
+
+    thread: threading.Thread = field(default_factory=threading.Thread)
+    result: Ack | BaseException | None = None
+
+
+@dataclass(slots=True)
 class _Stats:
     last_iteration: int | None = None
     last_iteration_at: int | None = None  # ms
@@ -335,8 +343,7 @@ class RunController:
         self._stop_timeout_s = stop_timeout_s
         self._silence_after_s = silence_after_s
         self._silence: SilenceWatch | None = None  # periodic runs while recording
-        self._resend_thread: threading.Thread | None = None
-        self._resend_result: Ack | BaseException | None = None
+        self._resend: _Resend | None = None  # the re-sent start in flight
         self._requests: queue.Queue[_Request] = queue.Queue()
         self._lock = threading.Lock()  # guards _state and _stats for status()
         self._state = RunState.IDLE
@@ -448,6 +455,7 @@ class RunController:
                 self._stats.silent_since = None
         if state is not RunState.RECORDING:
             self._silence = None
+            self._resend = None  # a late answer then lands in its own, forgotten holder
         self._log.info("run state", state=state.value)
         if self._metrics is not None:
             self._metrics.set_recording(self.name, state is RunState.RECORDING)
@@ -849,12 +857,12 @@ class RunController:
         watch, sub = self._silence, self._sub
         if watch is None or sub is None or self.state is not RunState.RECORDING:
             return
-        thread = self._resend_thread
-        if thread is not None:
-            if thread.is_alive():
+        pending = self._resend
+        if pending is not None:
+            if pending.thread.is_alive():
                 return
-            self._resend_thread = None
-            self._resend_done(sub)
+            self._resend = None
+            self._resend_done(sub, pending.result)
         now = time.monotonic()
         if not watch.due(now):
             return
@@ -864,20 +872,20 @@ class RunController:
                 self._stats.silent_since = time.time_ns() // 1_000_000 - int(silent_s * 1000)
         self._log.warning("snapshot silent: re-sending its start", silent_s=silent_s,
                           topic=sub.topic, attempt=watch.resends)
-        self._resend_result = None
+        job = _Resend()
 
         def resend() -> None:
             try:
-                self._resend_result = sub.resend_start()
+                job.result = sub.resend_start()
             except BaseException as exc:
-                self._resend_result = exc
+                job.result = exc
 
-        self._resend_thread = threading.Thread(target=resend, name=f"resend-{self.name}",
-                                               daemon=True)
-        self._resend_thread.start()
+        job.thread = threading.Thread(target=resend, name=f"resend-{self.name}", daemon=True)
+        self._resend = job
+        job.thread.start()
 
-    def _resend_done(self, sub: RecurringSnapshot) -> None:
-        result, watch = self._resend_result, self._silence
+    def _resend_done(self, sub: RecurringSnapshot, result: Ack | BaseException | None) -> None:
+        watch = self._silence
         if watch is None:
             return
         silent_s = round(watch.silent_for(time.monotonic()))

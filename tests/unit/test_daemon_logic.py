@@ -122,9 +122,12 @@ class FakeSub:
         self.ended = False
         self.resends: list[float] = []
         self.resend_answers: list[Ack | Exception] = []  # then: "already running"
+        self.resend_gate: threading.Event | None = None  # holds the answer back until set
 
     def resend_start(self, timeout: float | None = None) -> Ack:
         self.resends.append(time.monotonic())
+        if self.resend_gate is not None:
+            self.resend_gate.wait(10)
         answer = (self.resend_answers.pop(0) if self.resend_answers
                   else Ack("repeating_snapshot", "id", "Snapshot snap is already running"))
         if isinstance(answer, Exception):
@@ -415,6 +418,33 @@ def test_a_silent_periodic_run_resends_its_start_with_backoff_and_reports_it(
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+def test_an_answer_to_a_resend_of_an_earlier_recording_is_not_applied_later(
+    tmp_path: Path,
+) -> None:
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client, time_window=10, silence_after_s=0.2)
+    try:
+        c.start().result(5)
+        first = client.sub
+        assert first is not None
+        gate = threading.Event()
+        first.resend_gate = gate
+        first.resend_answers = [Ack("repeating_snapshot", "id", "ok", publishing_topic="t")]
+        _wait(lambda: len(first.resends) == 1)  # in flight, answer held back
+        c.stop().result(5)
+        c.start().result(5)
+        second = client.sub
+        assert second is not None and second is not first
+        second.events.put(IterationOpened(second.topic, "snap", 1, 1, offset=11))
+        gate.set()  # the old answer ("started anew") arrives now
+        time.sleep(0.15)
+        st = c.status()
+        assert st.snapshot_restarts == 0 and st.silent_since is None
+        assert "started it again" not in (st.last_error or "")
+    finally:
+        c.shutdown().result(5)
 
 
 def test_triggered_runs_are_not_watched_and_periodic_watch_can_be_off(tmp_path: Path) -> None:
