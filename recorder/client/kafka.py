@@ -600,7 +600,7 @@ class KafkaAdapter:
                 messages = []
                 if not self._topics:  # nothing assigned: no record can come, but the
                     consumer.poll(0)  # error and log callbacks are served only by polls
-            if messages:
+            if messages and messages[-1].error() is None:  # a record, not an error event
                 self._kafka_down = False
             if not messages:
                 records: list[Any] = []
