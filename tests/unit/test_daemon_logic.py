@@ -410,6 +410,10 @@ def test_a_silent_periodic_run_resends_its_start_with_backoff_and_reports_it(
         assert "started it again" in (st.last_error or "")
         assert st.to_json_obj()["snapshot_restarts"] == 1
         assert _resends(metrics, "failed") == 1 and _resends(metrics, "restarted") == 1
+        # still nothing: the next answer is "already running" (the PVs or the gateway itself
+        # need a look), reported as such
+        _wait(lambda: _resends(metrics, "already_running") == 1)
+        assert "although the gateway says the snapshot runs" in (c.status().last_error or "")
         sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=11))
         _wait(lambda: c.status().silent_since is None)
         n = len(sub.resends)
