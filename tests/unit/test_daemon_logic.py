@@ -428,7 +428,7 @@ def test_an_answer_to_a_resend_of_an_earlier_recording_is_not_applied_later(
     tmp_path: Path,
 ) -> None:
     client = FakeClient()
-    c, _made = _controller(tmp_path, client, time_window=10, silence_after_s=0.2)
+    c, _made = _controller(tmp_path, client, time_window=10, silence_after_s=1.0)
     try:
         c.start().result(5)
         first = client.sub
