@@ -566,6 +566,7 @@ class K2egClient:
         self._skips: dict[str, Counter[str]] = {}  # topic -> skip reason -> count (core lock)
         self._next_expire = 0.0
         self._down_since: float | None = None  # Kafka unreachable since (consumer thread)
+        self._stalled_since: float | None = None  # reading stalled since (consumer thread)
         self._down_logged = False
         self._down_wall = 0.0
         self._closed = False
@@ -738,24 +739,10 @@ class K2egClient:
                 self._attribute_skips(topic, skip_base)
             if drained:
                 events.extend(self._assembler.idle(now))
-            if self._adapter.kafka_down:  # iterations wait: their messages may be in Kafka
-                if self._down_since is None:
-                    self._down_since = now
-                elif not self._down_logged and now - self._down_since >= _DOWN_REPORT_S:
-                    # (one broker of a cluster failing while records flow is not reported)
-                    self._down_logged = True
-                    self._down_wall = time.time() - (now - self._down_since)
-                    self._log.warning("Kafka unreachable: open iterations wait for it")
-            elif self._down_since is not None:
-                self._assembler.defer(now - self._down_since)
-                if self._down_logged:
-                    self._log.info("Kafka reachable again",
-                                   down_s=round(now - self._down_since, 1))
-                self._down_since = None
-                self._down_logged = False
+            self._note_kafka_state(now)
             if now >= self._next_expire:
                 self._next_expire = now + _EXPIRE_EVERY_S
-                if self._down_since is None:
+                if self._stalled_since is None:
                     events.extend(self._assembler.expire(now))
                 outcomes.extend(self._tracker.expire(now))
             waiters = [(o, self._waiters.pop(o.reply_id, None)) for o in outcomes]
@@ -764,6 +751,32 @@ class K2egClient:
         for outcome, waiter in waiters:
             if waiter is not None:
                 self._complete(waiter, outcome)
+
+    def _note_kafka_state(self, now: float) -> None:
+        """Consumer thread, core lock held. While reading is stalled (Kafka unreachable, no
+        record since) open iterations wait: their messages may be in Kafka, and the time does
+        not count against their deadlines. Kafka unreachable for 2 s is reported (log,
+        :attr:`kafka_unreachable_since`), once per outage: a broker of a cluster failing while
+        records flow is not."""
+        adapter = self._adapter
+        if adapter.reading_stalled:
+            if self._stalled_since is None:
+                self._stalled_since = now
+        elif self._stalled_since is not None:
+            self._assembler.defer(now - self._stalled_since)
+            self._stalled_since = None
+        if adapter.kafka_down:
+            if self._down_since is None:
+                self._down_since = now
+            elif not self._down_logged and now - self._down_since >= _DOWN_REPORT_S:
+                self._down_logged = True
+                self._down_wall = time.time() - (now - self._down_since)
+                self._log.warning("Kafka unreachable: open iterations wait for it")
+        elif self._down_since is not None:
+            if self._down_logged:
+                self._log.info("Kafka reachable again", down_s=round(now - self._down_since, 1))
+            self._down_since = None
+            self._down_logged = False
 
     def _skip_counts(self) -> dict[str, int]:
         """The assembler's skip counters (core lock held)."""

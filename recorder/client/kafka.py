@@ -177,6 +177,8 @@ def _transport_error(action: str, exc: BaseException) -> TransportError:
 
 
 _DOWN_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
+_PROBE_EVERY_S = 1.0  # metadata requests while Kafka counts as down (see _probe)
+_PROBE_TIMEOUT_S = 0.5
 
 
 class KafkaAdapter:
@@ -202,6 +204,8 @@ class KafkaAdapter:
         self._raw_messages = raw_messages
         self._batch_size = batch_size
         self._kafka_down = False
+        self._reading_stalled = False
+        self._next_probe = 0.0
         self._poll_timeout_s = poll_timeout_s
         self._metadata_timeout_s = metadata_timeout_s
         self._name = name
@@ -552,13 +556,21 @@ class KafkaAdapter:
     def kafka_down(self) -> bool:
         """Kafka unreachable: set by a transport failure (``_TRANSPORT``,
         ``_ALL_BROKERS_DOWN``), cleared by the next record consumed or broker round trip that
-        succeeds (a watermark query: the daemon asks every few seconds)."""
+        succeeds (a watermark query, or the consumer thread's own metadata probe, made once a
+        second while nothing arrives)."""
         return self._kafka_down
+
+    @property
+    def reading_stalled(self) -> bool:
+        """Set with :attr:`kafka_down`, cleared only by the next record consumed: a broker
+        that answers again does not mean the consumer fetches again yet (its reconnect backs
+        off up to ``reconnect.backoff.max.ms``)."""
+        return self._reading_stalled
 
     def _error_cb(self, err: KafkaError) -> None:
         self._count("kafka_errors")
         if err.code() in _DOWN_CODES:
-            self._kafka_down = True
+            self._kafka_down = self._reading_stalled = True
         if err.fatal():
             self._log.error("fatal Kafka error", error=err.str())
             return
@@ -601,7 +613,9 @@ class KafkaAdapter:
                 if not self._topics:  # nothing assigned: no record can come, but the
                     consumer.poll(0)  # error and log callbacks are served only by polls
             if messages and messages[-1].error() is None:  # a record, not an error event
-                self._kafka_down = False
+                self._kafka_down = self._reading_stalled = False
+            elif self._kafka_down:
+                self._probe(consumer)
             if not messages:
                 records: list[Any] = []
             elif self._raw_messages:
@@ -702,6 +716,22 @@ class KafkaAdapter:
         self._log.warning(
             "consumer error", topic=msg.topic(), partition=msg.partition(), error=err.str()
         )
+
+    def _probe(self, consumer: Consumer) -> None:
+        """While Kafka counts as down and nothing arrives, ask a broker for metadata once a
+        second: an answer shows Kafka is back (an idle client would otherwise wait for its
+        next record, and a single transport error would leave it "down")."""
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        self._next_probe = now + _PROBE_EVERY_S
+        with self._topics_lock:
+            topic = next(iter(self._topics), None)
+        try:
+            consumer.list_topics(topic, timeout=_PROBE_TIMEOUT_S)
+        except KafkaException:
+            return
+        self._kafka_down = False
 
     def _serve_requests(self, consumer: Consumer, *, wait: bool) -> bool:
         """Serve queued requests; False once a stop was requested."""

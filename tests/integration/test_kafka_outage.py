@@ -93,10 +93,13 @@ def test_a_command_kafka_did_not_take_in_time_is_dropped_not_delivered_later(
             with pytest.raises(ClientError):
                 client.snapshot_trigger("snap_while_down")
             assert time.monotonic() - started < 6
-            time.sleep(1.0)
+            wait_for(lambda: client.kafka_unreachable_since is not None, 10,
+                     "the client to report Kafka unreachable")
         finally:
             relay.restore()
-        time.sleep(5.0)  # librdkafka reconnects (backoff) and would deliver what it still holds
+        # idle (no record to read): its own metadata probe sees Kafka back
+        wait_for(lambda: client.kafka_unreachable_since is None, 15, "Kafka reachable again")
+        time.sleep(3.0)  # librdkafka reconnects (backoff) and would deliver what it still holds
         with pytest.raises(GatewayError, match="has not been found"):
             client.snapshot_trigger("snap_after")  # Kafka and the gateway work again
         assert _messages_in(bootstrap, cmd_topic) == 1  # only the second trigger
