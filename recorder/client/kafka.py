@@ -72,6 +72,12 @@ LOG_REPEAT_WINDOW_S = 60.0
 _THROTTLE = RepeatThrottle(LOG_REPEAT_WINDOW_S)  # shared by every KafkaAdapter
 
 
+def librdkafka_logger(log: Any) -> LibrdkafkaLog:
+    """A ``logger`` for any confluent-kafka handle: its lines through ``log`` (structlog),
+    repeats throttled together with every adapter's."""
+    return LibrdkafkaLog(log, _THROTTLE)
+
+
 class LibrdkafkaLog:
     """confluent-kafka's ``logger``: librdkafka's log lines through structlog instead of its
     own stderr output (raw ``%3|...`` lines in the journal), repeats throttled.
@@ -177,6 +183,7 @@ def _transport_error(action: str, exc: BaseException) -> TransportError:
 
 
 _DOWN_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 _PROBE_EVERY_S = 1.0  # metadata requests while Kafka counts as down (see _probe)
 _PROBE_TIMEOUT_S = 0.5
 
@@ -310,6 +317,11 @@ class KafkaAdapter:
         if remaining:
             self._count("delivery_failed", remaining)
             self._log.warning("producer closed with undelivered messages", undelivered=remaining)
+            # dropped now: librdkafka would otherwise hold the process until each of them
+            # timed out (message.timeout.ms), e.g. heartbeats queued while Kafka is down
+            with contextlib.suppress(Exception):
+                self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+                self._producer.flush(0)  # their (failed) delivery reports
         # fail whatever was still queued
         self._fail_pending(ClientClosedError("the Kafka adapter is closed"))
         if thread is None or not thread.is_alive():
@@ -435,9 +447,10 @@ class KafkaAdapter:
                 self._count("produced")
                 failure: TransportError | None = None
             else:
-                self._count("delivery_failed")
                 failure = TransportError(f"delivery to {topic!r} failed: {err.str()}")
-                self._log.warning("delivery failed", topic=topic, error=err.str())
+                if err.code() not in _PURGED:  # dropped at close: counted and logged there
+                    self._count("delivery_failed")
+                    self._log.warning("delivery failed", topic=topic, error=err.str())
             if on_delivery is not None:
                 try:
                     on_delivery(failure)

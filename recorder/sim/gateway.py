@@ -129,15 +129,17 @@ class GatewaySimulator:
         from confluent_kafka import Consumer, Producer, TopicPartition
         from confluent_kafka.admin import AdminClient
 
-        from recorder.client.kafka import close_producer
+        from recorder.client.kafka import close_producer, librdkafka_logger
 
-        admin = AdminClient(self._common())
+        # librdkafka's own lines (a broker going away) as log events, not raw stderr
+        common = {**self._common(), "logger": librdkafka_logger(log)}
+        admin = AdminClient(common)
         if self.create_cmd_topic:
             self._create_topic(admin, self.cmd_topic)
-        producer = Producer({**self._common(), "linger.ms": 1})
+        producer = Producer({**common, "linger.ms": 1})
         consumer = Consumer(
             {
-                **self._common(),
+                **common,
                 "group.id": f"k2eg-sim-{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": 20,

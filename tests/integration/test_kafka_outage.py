@@ -223,3 +223,52 @@ runs:
     statuses = [m for m in notified if "STATUS=" in m]
     down = [m for m in statuses if "; Kafka unreachable since " in m]
     assert down and "Kafka unreachable" not in statuses[-1], statuses
+
+
+def test_sigterm_while_kafka_is_down_finalizes_what_was_recorded_and_exits_0(
+    relay: TcpRelay, tmp_path: Path, unique_name: Callable[[str], str],
+    daemons: list[DaemonProcess],
+) -> None:
+    """systemctl stop during an outage: the k2eg stop cannot reach the gateway, so each run
+    ends after the command timeout; its file is finalized ("aborted", saying why) with every
+    iteration read before the outage, and the daemon exits 0 within its shutdown budget."""
+    bootstrap = _bootstrap(relay)
+    token = unique_name("t").replace("-", "_")
+    data = tmp_path / "data"
+    config = tmp_path / "runs.yaml"
+    config.write_text(f"""
+runs:
+  - name: periodic
+    snapshot:
+      snapshot_name: periodic_{token}
+      pv_uri_list: [pva://SIM:AI:DOUBLE:1]
+      time_window: 200
+    output: {{directory: {data}, flush_interval_s: 0.3}}
+""")
+    denv = DaemonEnv.in_dir(tmp_path, bootstrap, unique_name, config)
+    with simulator(bootstrap, denv.cmd_topic), denv.admin() as admin:
+        daemon = DaemonProcess(denv)
+        daemons.append(daemon)
+        wait_for(lambda: complete_iterations(admin, "periodic") >= 5, 60, "5 iterations")
+        recorded = complete_iterations(admin, "periodic")
+        relay.cut()
+        try:
+            time.sleep(1.0)
+            started = time.monotonic()
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
+            took = time.monotonic() - started
+        finally:
+            relay.restore()
+    # the test daemon's 3 s command timeout and 5 s for its last heartbeats, not the 30 s
+    # budget nor librdkafka waiting for each queued heartbeat to time out (it did: 33 s)
+    assert took < 20, took
+    log = daemon.log_text()
+    assert "producer closed with undelivered messages" in log and "Purged" not in log
+    (final,) = h5_files(data)
+    (info,) = read_files([final])
+    assert info["status"] == "aborted" and not info["writable"]
+    assert "k2eg stop failed" in info["attrs"]["status_reason"], info["attrs"]
+    complete = [i for i, st in zip(info["iterations"], info["iteration_status"], strict=True)
+                if st == "complete"]
+    assert len(complete) >= recorded
