@@ -10,6 +10,7 @@ finalized). A bad command never touches another run.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -34,6 +35,7 @@ from recorder.errors import AdminCommandError
 from recorder.metrics import RecorderMetrics
 
 _log = structlog.get_logger("recorder.daemon.admin")
+_QUERY = logging.DEBUG  # log level of status queries and their ok replies
 
 PENDING_TIMEOUT_S = 600.0  # a controller that has not answered by then gets an internal reply
 
@@ -114,7 +116,9 @@ class AdminHandler:
         reply_topic = command.reply_topic or self.default_reply_topic
         log = _log.bind(request_id=command.request_id, command=command.command.value,
                         run=command.run)
-        log.info("admin command")
+        # status queries (dashboards poll them) at debug; commands that act, at info
+        log.log(_QUERY if command.command is CommandKind.STATUS else logging.INFO,
+                "admin command")
         try:
             self._dispatch(command, reply_topic, target)
         except AdminCommandError as exc:
@@ -199,8 +203,10 @@ class AdminHandler:
         topic = topic or self.default_reply_topic
         if self._metrics is not None:
             self._metrics.admin_command(reply.command or "unknown", reply.code.value)
-        _log.info("admin reply", request_id=reply.request_id, command=reply.command,
-                  run=reply.run, code=reply.code.value, reply_message=reply.message, topic=topic)
+        quiet = reply.ok and reply.command == CommandKind.STATUS.value
+        _log.log(_QUERY if quiet else logging.INFO, "admin reply", request_id=reply.request_id,
+                 command=reply.command, run=reply.run, code=reply.code.value,
+                 reply_message=reply.message, topic=topic)
         self._send(topic, reply.encode())
         self.replies_sent += 1
 

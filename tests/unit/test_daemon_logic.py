@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from recorder.admin.protocol import CommandPolicy, build_command, encode_command
 from recorder.admin.status import DaemonState, RunState, StatusDocument
@@ -775,6 +776,23 @@ def test_every_command_gets_exactly_one_reply(payload: bytes, code: str, topic: 
     h.handle(_record(payload), FakeTarget())  # type: ignore[arg-type]
     assert len(sent) == 1
     assert sent[0][0] == topic and sent[0][1]["code"] == code, sent
+
+
+def test_status_queries_are_logged_at_debug_commands_that_act_at_info() -> None:
+    """Dashboards poll status every few seconds: those lines would swamp the journal."""
+    h, sent = _handler()
+    target = FakeTarget()
+    with capture_logs() as logs:
+        h.handle(_record(_cmd("status")), target)  # type: ignore[arg-type]
+        h.handle(_record(_cmd("trigger", "r", tags={"k": "v"})), target)  # type: ignore[arg-type]
+        h.handle(_record(_cmd("start", "r")), target)  # type: ignore[arg-type]  # an error
+    assert [m[1]["code"] for m in sent] == ["ok", "ok", "already_running"]
+    levels = [(e["event"], e.get("command"), e["log_level"]) for e in logs
+              if e["event"] in ("admin command", "admin reply")]
+    assert levels == [  # at INFO (the daemon's default and these tests'): no status lines
+        ("admin command", "trigger", "info"), ("admin reply", "trigger", "info"),
+        ("admin command", "start", "info"), ("admin reply", "start", "info"),
+    ]
 
 
 def test_unsigned_commands_are_unauthorized_when_a_secret_is_set() -> None:
