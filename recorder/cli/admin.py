@@ -2,12 +2,15 @@
 
 Each publishes one command on the admin topic (``RECORDER_ADMIN_TOPIC``), waits for its reply
 on ``RECORDER_ADMIN_REPLY_TOPIC`` and prints it; signed with ``RECORDER_ADMIN_SECRET`` when
-set. Exit code 0 when the daemon answered ok, 1 for an error reply, 3 when no reply came.
+set. Exit code 0 when the daemon answered ok, 1 for an error reply, 3 when no reply came;
+``status --check`` exits 4 when the daemon answered but something needs attention (for
+monitoring scripts).
 
 Examples::
 
     k2eg-recorder status                       # a table of every run
     k2eg-recorder status bpm-10hz --json       # the raw status document
+    k2eg-recorder status --check               # exit 4 (and say why) if anything needs a look
     k2eg-recorder trigger wf-triggered --tag shot=42 --tag operator=jdoe
     k2eg-recorder stop bpm-10hz
 """
@@ -24,6 +27,7 @@ ADD_ARGUMENTS_TAKES_NAME = True
 HELP = "admin commands to a running daemon"
 EXIT_ERROR_REPLY = 1
 EXIT_NO_REPLY = 3
+EXIT_ATTENTION = 4  # status --check: the daemon answered, and something needs attention
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -31,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("run", help="run name")
     elif name == "status":
         parser.add_argument("run", nargs="?", default=None, help="only this run")
+        parser.add_argument("--check", action="store_true",
+                            help="exit 4 when a run failed, is retrying its start or gets no "
+                                 "data, or a reload was refused (each reason on stderr)")
     if name == "trigger":
         parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                             help="recorded with the iteration (repeatable)")
@@ -58,6 +65,22 @@ def _ms(ms: int | None) -> str:
     if not ms:
         return "-"
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def attention(doc: dict[str, Any], only: str | None = None) -> list[str]:
+    """What in a status document needs an operator's look (empty: all is well)."""
+    out = [f"reload refused: {e}" for e in (doc.get("daemon", {}).get("config_errors") or [])]
+    for name, r in sorted((doc.get("runs") or {}).items()):
+        if only is not None and name != only:
+            continue
+        state = r.get("state")
+        why = f": {r['last_error']}" if r.get("last_error") else ""
+        if state in ("failed", "retrying"):
+            out.append(f"run {name} is {state}{why}")
+        if r.get("silent_since"):
+            out.append(f"run {name} gets no data from the gateway since "
+                       f"{_ms(r['silent_since'])} UTC")
+    return out
 
 
 def status_table(doc: dict[str, Any], only: str | None = None) -> str:
@@ -145,7 +168,11 @@ def run(args: argparse.Namespace) -> int:
         if files:
             for path in files:
                 print(f"  {path}", file=stream)
-        problems = (reply.data or {}).get("problems")
-        for problem in problems or []:
+        for problem in (reply.data or {}).get("problems") or []:
             print(f"  {problem}", file=stream)
+    if command == "status" and reply.ok and getattr(args, "check", False):
+        needs = attention(dict(reply.data or {}), getattr(args, "run", None))
+        for line in needs:
+            print(f"attention: {line}", file=sys.stderr)
+        return EXIT_ATTENTION if needs else 0
     return 0 if reply.ok else EXIT_ERROR_REPLY

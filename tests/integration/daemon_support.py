@@ -146,6 +146,12 @@ def run_state(admin: AdminClient, run: str) -> dict[str, Any] | None:
     return result
 
 
+def cli(env: DaemonEnv, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``k2eg-recorder ARGS`` in a child process, configured as the daemon of ``env`` is."""
+    return subprocess.run([sys.executable, "-m", "recorder.cli", *args], capture_output=True,
+                          text=True, env=env.environ(), cwd=REPO, timeout=timeout, check=False)
+
+
 def complete_iterations(admin: AdminClient, run: str) -> int:
     """The run's count of complete iterations from the daemon's status (0 without one)."""
     state = run_state(admin, run) or {}

@@ -20,6 +20,7 @@ import pytest
 from daemon_support import (
     DaemonEnv,
     DaemonProcess,
+    cli,
     complete_iterations,
     h5_files,
     request,
@@ -89,6 +90,9 @@ def test_a_restarted_gateway_gets_its_snapshots_again_and_files_keep_them_apart(
             lambda: (s := run_state(admin, "periodic")) and s.get("silent_since") and s,
             30, "the periodic run to report its silence")
         assert silent["state"] == "recording" and silent["snapshot_restarts"] == 0
+        check = cli(denv, "status", "--check")  # what a monitoring script runs
+        assert check.returncode == 4, check
+        assert "attention: run periodic gets no data from the gateway since" in check.stderr
         before_restart = complete_iterations(admin, "periodic")
 
         sims.append(GatewaySimulator(denv.bootstrap, denv.cmd_topic).start())
@@ -103,6 +107,8 @@ def test_a_restarted_gateway_gets_its_snapshots_again_and_files_keep_them_apart(
         shots = run_state(admin, "shots")
         assert shots is not None and shots["snapshot_restarts"] == 1
         assert shots["silent_since"] is None  # triggered runs are never "silent"
+        check = cli(denv, "status", "--check")
+        assert check.returncode == 0 and "attention" not in check.stderr, check
 
         assert request(admin, "stop", "periodic").ok
         assert request(admin, "stop", "shots").ok

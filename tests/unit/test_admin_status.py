@@ -134,3 +134,26 @@ def test_silence_fields_round_trip_show_in_the_table_and_default_for_old_documen
         del run["silent_since"], run["snapshot_restarts"]
     back = StatusDocument.decode(json.dumps(older).encode()).run("bpm-10hz")
     assert back is not None and back.silent_since is None and back.snapshot_restarts == 0
+
+
+def test_attention_lists_what_needs_a_look_and_nothing_when_all_is_well() -> None:
+    from dataclasses import replace
+
+    from recorder.cli.admin import attention
+
+    assert attention(json.loads(DOC.encode())) == ["reload refused: a.yaml:3: name: bad"]
+    healthy = replace(DOC, config_errors=())
+    assert attention(json.loads(healthy.encode())) == []
+    runs = (
+        replace(RUN, name="a", state=RunState.FAILED, last_error="disk full"),
+        replace(RUN, name="b", state=RunState.RETRYING, last_error=None),
+        replace(RUN, name="c", silent_since=1_795_291_545_000),
+        replace(RUN, name="d"),
+    )
+    doc = json.loads(replace(healthy, runs=runs).encode())
+    assert attention(doc) == [
+        "run a is failed: disk full",
+        "run b is retrying",
+        "run c gets no data from the gateway since 2026-11-21 20:05:45 UTC",
+    ]
+    assert attention(doc, "d") == [] and attention(doc, "c") == [attention(doc)[2]]
