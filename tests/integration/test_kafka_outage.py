@@ -65,6 +65,21 @@ def _bootstrap(relay: TcpRelay) -> str:
     return f"127.0.0.1:{relay.port}"
 
 
+def _periodic_run(tmp_path: Path, token: str, pvs: str) -> Path:
+    """runs.yaml with one periodic run ``periodic`` (200 ms) recording into tmp_path/data."""
+    config = tmp_path / "runs.yaml"
+    config.write_text(f"""
+runs:
+  - name: periodic
+    snapshot:
+      snapshot_name: periodic_{token}
+      pv_uri_list: [{pvs}]
+      time_window: 200
+    output: {{directory: {tmp_path / "data"}, flush_interval_s: 0.3}}
+""")
+    return config
+
+
 def _messages_in(bootstrap: str, topic: str) -> int:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "count"})
     try:
@@ -171,16 +186,7 @@ def test_a_kafka_outage_mid_run_loses_nothing_and_the_daemon_records_on(
     bootstrap = _bootstrap(relay)
     token = unique_name("o").replace("-", "_")
     data = tmp_path / "data"
-    config = tmp_path / "runs.yaml"
-    config.write_text(f"""
-runs:
-  - name: periodic
-    snapshot:
-      snapshot_name: periodic_{token}
-      pv_uri_list: [pva://SIM:AI:DOUBLE:1, pva://SIM:WF:DOUBLE:2:N16]
-      time_window: 200
-    output: {{directory: {data}, flush_interval_s: 0.3}}
-""")
+    config = _periodic_run(tmp_path, token, "pva://SIM:AI:DOUBLE:1, pva://SIM:WF:DOUBLE:2:N16")
     metrics_port = free_loopback_port()
     notify_socket, notified = notify_lines
     denv = DaemonEnv.in_dir(tmp_path, bootstrap, unique_name, config, {
@@ -235,16 +241,7 @@ def test_sigterm_while_kafka_is_down_finalizes_what_was_recorded_and_exits_0(
     bootstrap = _bootstrap(relay)
     token = unique_name("t").replace("-", "_")
     data = tmp_path / "data"
-    config = tmp_path / "runs.yaml"
-    config.write_text(f"""
-runs:
-  - name: periodic
-    snapshot:
-      snapshot_name: periodic_{token}
-      pv_uri_list: [pva://SIM:AI:DOUBLE:1]
-      time_window: 200
-    output: {{directory: {data}, flush_interval_s: 0.3}}
-""")
+    config = _periodic_run(tmp_path, token, "pva://SIM:AI:DOUBLE:1")
     denv = DaemonEnv.in_dir(tmp_path, bootstrap, unique_name, config)
     with simulator(bootstrap, denv.cmd_topic), denv.admin() as admin:
         daemon = DaemonProcess(denv)
