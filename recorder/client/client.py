@@ -567,8 +567,7 @@ class K2egClient:
         self._next_expire = 0.0
         self._down_since: float | None = None  # Kafka unreachable since (consumer thread)
         self._stalled_since: float | None = None  # reading stalled since (consumer thread)
-        self._down_logged = False
-        self._down_wall = 0.0
+        self._down_wall: float | None = None  # unix time, once the outage is reported
         self._closed = False
         self._adapter = KafkaAdapter(
             self.settings,
@@ -663,7 +662,7 @@ class K2egClient:
     def kafka_unreachable_since(self) -> float | None:
         """Unix time since which this client cannot reach Kafka (transport failures, nothing
         read since), once that has lasted 2 s; None while it reads normally."""
-        return self._down_wall if self._down_logged else None
+        return self._down_wall
 
     @property
     def subscriptions(self) -> dict[str, RecurringSnapshot]:
@@ -768,15 +767,14 @@ class K2egClient:
         if adapter.kafka_down:
             if self._down_since is None:
                 self._down_since = now
-            elif not self._down_logged and now - self._down_since >= _DOWN_REPORT_S:
-                self._down_logged = True
+            elif self._down_wall is None and now - self._down_since >= _DOWN_REPORT_S:
                 self._down_wall = time.time() - (now - self._down_since)
                 self._log.warning("Kafka unreachable: open iterations wait for it")
         elif self._down_since is not None:
-            if self._down_logged:
+            if self._down_wall is not None:
                 self._log.info("Kafka reachable again", down_s=round(now - self._down_since, 1))
             self._down_since = None
-            self._down_logged = False
+            self._down_wall = None
 
     def _skip_counts(self) -> dict[str, int]:
         """The assembler's skip counters (core lock held)."""

@@ -229,7 +229,7 @@ class KafkaAdapter:
         self._log = _log.bind(adapter=name)
         # librdkafka's errors and log lines: a line per distinct message per minute at most,
         # across every adapter of the process (a daemon retrying to connect creates new ones)
-        librdkafka_log = LibrdkafkaLog(self._log, _THROTTLE)
+        librdkafka_log = librdkafka_logger(self._log)
 
         base = settings.librdkafka_config()
         consumer_conf: dict[str, Any] = {
