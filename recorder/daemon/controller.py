@@ -854,8 +854,8 @@ class RunController:
     def _watch_silence(self) -> None:
         """Re-send the start of a periodic snapshot that went silent (see
         :mod:`recorder.daemon.silence`), from a helper thread: the worker keeps pumping."""
-        watch, sub = self._silence, self._sub
-        if watch is None or sub is None or self.state is not RunState.RECORDING:
+        watch, sub = self._silence, self._sub  # a watch exists only while recording
+        if watch is None or sub is None:
             return
         pending = self._resend
         if pending is not None:
@@ -891,8 +891,6 @@ class RunController:
         silent_s = round(watch.silent_for(time.monotonic()))
         if isinstance(result, Ack) and result.publishing_topic:
             outcome = "restarted"
-            with self._lock:
-                self._stats.snapshot_restarts += 1
             self._error(f"no message for {silent_s} s: the gateway had lost the snapshot "
                         f"and started it again")
             self._log.warning("gateway started the snapshot again", message=result.message,
@@ -912,6 +910,14 @@ class RunController:
                         f"failed: {result}")
             self._log.warning("re-sending the snapshot start failed", error=str(result),
                               silent_s=silent_s)
+        self._count_resend(outcome)
+
+    def _count_resend(self, outcome: str) -> None:
+        """A re-sent start and the gateway's answer: ``restarted`` (it had lost the
+        snapshot), ``already_running`` or ``failed``."""
+        if outcome == "restarted":
+            with self._lock:
+                self._stats.snapshot_restarts += 1
         if self._metrics is not None:
             self._metrics.snapshot_resent(self.name, outcome)
 
@@ -950,10 +956,7 @@ class RunController:
                               error=str(exc))
         ack = sub.resend_start()
         if ack.publishing_topic:  # started anew: iter_index begins again at 1
-            with self._lock:
-                self._stats.snapshot_restarts += 1
-            if self._metrics is not None:
-                self._metrics.snapshot_resent(self.name, "restarted")
+            self._count_resend("restarted")
         return self._client.snapshot_trigger(name, tags=dict(tags) or None)
 
     # ---- stop ---------------------------------------------------------------------------
