@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import msgpack
 from confluent_kafka import Consumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from recorder.admin.protocol import AdminReply
 from recorder.daemon.adminclient import AdminClient
@@ -161,6 +163,26 @@ def complete_iterations(admin: AdminClient, run: str) -> int:
 def request(admin: AdminClient, command: str, run: str | None = None,
             tags: dict[str, str] | None = None, timeout: float = 60.0) -> AdminReply:
     return admin.request(command, run, tags, timeout_s=timeout)
+
+
+# ---------------------------------------------------------------- the metrics endpoint
+METRIC_PREFIX = "k2eg_recorder_"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of the daemon's /metrics (plain HTTP: it answers while Kafka is down)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def get(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((METRIC_PREFIX + name, frozenset(labels.items())))
 
 
 # ---------------------------------------------------------------- what was published

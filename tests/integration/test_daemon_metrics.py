@@ -5,43 +5,27 @@ messages skipped on one run's topic are charged to that run only."""
 from __future__ import annotations
 
 import signal
-import socket
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
-from daemon_support import DaemonEnv, DaemonProcess, run_state, simulator, wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from daemon_support import (
+    METRIC_PREFIX,
+    DaemonEnv,
+    DaemonProcess,
+    Samples,
+    get,
+    run_state,
+    scrape,
+    simulator,
+    wait_for,
+)
+
+from recorder.broker import free_loopback_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-P = "k2eg_recorder_"
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
-
-
-def get(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((P + name, frozenset(labels.items())))
 
 
 def test_metrics_endpoint_per_run_series_grow(
@@ -66,7 +50,7 @@ runs:
       time_window: 100
     output: {{directory: {data}/beta, flush_interval_s: 0.3, isolate: false}}
 """)
-    port = _free_port()
+    port = free_loopback_port()
     denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config,
                             {"RECORDER_METRICS_PORT": str(port)})
     with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
@@ -92,7 +76,7 @@ runs:
 
         def skipped_of(samples: Samples, run: str) -> dict[str, float]:
             return {dict(labels)["reason"]: v for (name, labels), v in samples.items()
-                    if name == P + "messages_skipped_total" and ("run", run) in labels}
+                    if name == METRIC_PREFIX + "messages_skipped_total" and ("run", run) in labels}
 
         first = wait_for(ready, 30, "flushes and lag of both runs")
         time.sleep(2.5)

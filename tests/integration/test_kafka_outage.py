@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,11 +21,13 @@ from daemon_support import (
     DaemonEnv,
     DaemonProcess,
     complete_iterations,
+    get,
     h5_files,
     read_files,
     read_published,
     request,
     run_state,
+    scrape,
     simulator,
     wait_for,
 )
@@ -170,15 +171,6 @@ def test_an_iteration_split_by_an_outage_waits_for_the_rest_of_its_messages(
         assert client.counters().get("assembler.late.data", 0) == 0
 
 
-def _kafka_up(port: int) -> float | None:
-    """k2eg_recorder_kafka_up from the daemon's /metrics (HTTP: answers while Kafka is down)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith("k2eg_recorder_kafka_up "):
-                return float(line.split()[1])
-    return None
-
-
 def test_a_kafka_outage_mid_run_loses_nothing_and_the_daemon_records_on(
     relay: TcpRelay, tmp_path: Path, unique_name: Callable[[str], str],
     daemons: list[DaemonProcess], notify_lines: tuple[str, list[str]],
@@ -195,11 +187,11 @@ def test_a_kafka_outage_mid_run_loses_nothing_and_the_daemon_records_on(
         daemon = DaemonProcess(denv)
         daemons.append(daemon)
         wait_for(lambda: complete_iterations(admin, "periodic") >= 10, 60, "10 iterations")
-        assert _kafka_up(metrics_port) == 1
+        assert get(scrape(metrics_port), "kafka_up") == 1
         relay.cut()
         time.sleep(OUTAGE_S)
         assert daemon.proc.poll() is None, daemon.log_text()[-3000:]
-        assert _kafka_up(metrics_port) == 0  # what a facility's alerting watches
+        assert get(scrape(metrics_port), "kafka_up") == 0  # what a facility's alerting watches
         relay.restore()
         before = wait_for(lambda: complete_iterations(admin, "periodic"), 60,
                           "the daemon to answer again")
@@ -207,7 +199,7 @@ def test_a_kafka_outage_mid_run_loses_nothing_and_the_daemon_records_on(
                  "10 more iterations after the outage")
         state = run_state(admin, "periodic")
         assert state is not None and state["state"] == "recording"
-        assert _kafka_up(metrics_port) == 1
+        assert get(scrape(metrics_port), "kafka_up") == 1
         assert request(admin, "stop", "periodic").ok
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
