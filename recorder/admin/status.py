@@ -19,7 +19,12 @@ JSON form (``schema`` names the layout; readers ignore fields they do not know):
                            "iterations": {"complete": 23450, "incomplete": 6},
                            "values_written": 70350, "lag": 0,
                            "errors": 0, "last_error": null,
-                           "bridge": null}}}
+                           "bridge": null,
+                           "silent_since": null,  # ms: a periodic run gets no data since
+                           "snapshot_restarts": 0}}}  # the gateway had lost the snapshot
+
+``silent_since`` and ``snapshot_restarts`` were added on 2026-11-22 (a document without them
+reads as null / 0).
 
 ``bridge`` is null unless the run's ``output.bridge`` is set; then (for the current or last
 recording of this daemon process) ``{"status": "serving" | "complete" | "aborted" | "failed",
