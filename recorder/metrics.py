@@ -19,6 +19,10 @@ Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
 ``write_errors_total{run}``              counter    failed writes/flushes
 ``admin_commands_total{command,code}``   counter    admin replies by command and code
 ``reloads_total{result}``                counter    ok | failed
+``disk_free_bytes{path}``                gauge      free space of a filesystem runs write to
+``disk_total_bytes{path}``               gauge      its size (path: its mount point)
+``disk_warning{path}``                   gauge      1 while it needs a look (low, filling,
+                                                    not answering), else 0
 =======================================  =========  ===================================
 
 ``messages_skipped_total`` reasons are the k2eg client's assembler counters charged to the
@@ -31,9 +35,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from recorder.admin.status import DiskStatus
 
 __all__ = ["FLUSH_BUCKETS", "RecorderMetrics", "start_metrics_server"]
 
@@ -126,6 +135,30 @@ class RecorderMetrics:
         self.reloads = Counter(
             "reloads", "Run-definition reloads, by result", ["result"], namespace=ns, registry=r
         )
+        self.disk_free = Gauge(
+            "disk_free_bytes",
+            "Free space (for unprivileged users) of a filesystem the runs write to, by mount "
+            "point",
+            ["path"],
+            namespace=ns,
+            registry=r,
+        )
+        self.disk_total = Gauge(
+            "disk_total_bytes",
+            "Size of a filesystem the runs write to, by mount point",
+            ["path"],
+            namespace=ns,
+            registry=r,
+        )
+        self.disk_warning = Gauge(
+            "disk_warning",
+            "1 while a filesystem the runs write to needs a look: below the free-space "
+            "minimum, filling up within the warning horizon, or not answering",
+            ["path"],
+            namespace=ns,
+            registry=r,
+        )
+        self._disk_paths: set[str] = set()
         self._per_run = (
             self.values_written,
             self.bytes_written,
@@ -181,6 +214,24 @@ class RecorderMetrics:
 
     def set_kafka_up(self, up: bool) -> None:
         self.kafka_up.set(1 if up else 0)
+
+    def disks(self, disks: Iterable[DiskStatus]) -> None:
+        """Set the disk gauges to these filesystems (series of others are removed)."""
+        paths: set[str] = set()
+        for d in disks:
+            paths.add(d.path)
+            self.disk_warning.labels(path=d.path).set(1 if d.warning else 0)
+            for gauge, value in ((self.disk_free, d.free_bytes), (self.disk_total, d.total_bytes)):
+                if value is None:
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(d.path)
+                else:
+                    gauge.labels(path=d.path).set(value)
+        for gone in self._disk_paths - paths:
+            for gauge in (self.disk_free, self.disk_total, self.disk_warning):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
+        self._disk_paths = paths
 
     def admin_command(self, command: str, code: str) -> None:
         self.admin_commands.labels(command=command, code=code).inc()

@@ -18,6 +18,10 @@ Threads
       hand events to the HDF5 recording (a writer process per recording unless
       ``output.isolate: false``) and to the Karabo bridge when ``output.bridge`` is set,
       flush, save the resume state, stop/finalize;
+    * **disk probe** (:mod:`recorder.daemon.diskprobe`): ``statvfs`` of the runs' output
+      directories every ``disk_check_interval_s``; the main loop judges the readings
+      (:mod:`recorder.daemon.diskspace`: low, filling up, not answering), so a hung network
+      filesystem cannot hang the loop that pings the watchdog;
     * optional Prometheus HTTP server thread.
 
 Lifecycle
@@ -58,6 +62,8 @@ from recorder.daemon.controller import (
     hdf5_recording,
     prewarm_writers,
 )
+from recorder.daemon.diskprobe import DiskProbe
+from recorder.daemon.diskspace import DiskChange, DiskWatch, MinFree, format_bytes
 from recorder.daemon.heartbeat import Heartbeat
 from recorder.daemon.resume import ResumeStore
 from recorder.errors import RecorderError
@@ -142,6 +148,8 @@ class Service:
         self._watchdog = WatchdogPinger(self.notifier, watchdog_interval())
         self._last_status_line = ""
         self._metrics_server: Any = None
+        self._disk_probe: DiskProbe | None = None
+        self._disk_watch: DiskWatch | None = None
         self.ready = threading.Event()  # set once READY=1 was sent (tests, the demo)
 
     # ------------------------------------------------------------------ control (any thread)
@@ -184,6 +192,7 @@ class Service:
         log.info("run definitions loaded", runs=list(self._definitions),
                  config_path=str(self.settings.config_path), state_dir=str(self.state_dir))
         self._start_metrics()
+        self._start_disk_checks()
         # the writers of the runs started below begin loading while Kafka is connected
         prewarm_writers(self._factory, [d for d in self._definitions.values() if d.autostart],
                         log)
@@ -283,6 +292,7 @@ class Service:
             self._heartbeat.maybe_beat(now, self._heartbeat_doc)
         self._watchdog.maybe_ping(now)
         self.metrics.set_kafka_up(self._kafka_unreachable_since() is None)
+        self._judge_disks(now)
         line = self._status_line()
         if line != self._last_status_line:
             self._last_status_line = line
@@ -325,6 +335,7 @@ class Service:
             (lambda: self._client.close(10.0)) if self._client is not None else None,
             self._link.close if self._link is not None else None,
             self._metrics_server.shutdown if self._metrics_server is not None else None,
+            self._disk_probe.close if self._disk_probe is not None else None,
         ):
             if closer is None:
                 continue
@@ -335,6 +346,7 @@ class Service:
         self._client = None
         self._link = None
         self._metrics_server = None
+        self._disk_probe = None
 
     def _start_metrics(self) -> None:
         port = self.settings.metrics_port
@@ -349,6 +361,35 @@ class Service:
         self._metrics_server = server
         log.info("metrics endpoint", url=f"http://{self.settings.metrics_addr}:"
                                          f"{server.server_port}/metrics")
+
+    # ------------------------------------------------------------------ disks
+    def _start_disk_checks(self) -> None:
+        s = self.settings
+        if s.disk_check_interval_s <= 0:
+            return
+        self._disk_watch = DiskWatch(MinFree.parse(s.disk_min_free), s.disk_full_warning_s)
+        self._disk_probe = DiskProbe(s.disk_check_interval_s)
+        self._watch_disks()
+        self._disk_probe.start()
+
+    def _watch_disks(self) -> None:
+        """Point the disk probe at the output directories of the current definitions."""
+        if self._disk_probe is None:
+            return
+        runs_by_dir: dict[str, list[str]] = {}
+        for name, definition in self._definitions.items():
+            runs_by_dir.setdefault(str(definition.output.directory), []).append(name)
+        self._disk_probe.set_directories(runs_by_dir)
+
+    def _judge_disks(self, now: float) -> None:
+        probe, watch = self._disk_probe, self._disk_watch
+        if probe is None or watch is None:
+            return
+        before = watch.statuses
+        for change in watch.update(now, probe.latest(), probe.busy()):
+            _log_disk_change(change)
+        if watch.statuses != before:
+            self.metrics.disks(watch.statuses)
 
     # ------------------------------------------------------------------ runs
     def _add_controller(self, definition: RunDefinition, *, start: bool) -> RunController:
@@ -391,6 +432,7 @@ class Service:
         self._config_errors = []
         diff = diff_runs(self._definitions, loaded.runs)
         self._definitions = dict(loaded.runs)
+        self._watch_disks()
         self.metrics.reload(True)
         for definition in diff.removed:
             old = self._controllers.pop(definition.name)
@@ -443,6 +485,7 @@ class Service:
             config_errors=tuple(self._config_errors),
             seq=seq,
             kind=kind,
+            disks=() if self._disk_watch is None else self._disk_watch.statuses,
         )
 
     def _heartbeat_doc(self, seq: int) -> StatusDocument:
@@ -470,5 +513,19 @@ class Service:
             text += f"; Kafka unreachable since {at} UTC"
         if self._config_errors:
             text += f"; reload refused ({len(self._config_errors)} problem(s))"
+        if self._disk_watch is not None:
+            for warning in self._disk_watch.warnings():
+                text += f"; disk {warning}"
         return text
+
+
+def _log_disk_change(change: DiskChange) -> None:
+    d = change.status
+    free = None if d.free_bytes is None else format_bytes(d.free_bytes)
+    if change.kind == "warning":
+        log.warning("disk needs a look", path=d.path, warning=d.warning, free=free,
+                    free_bytes=d.free_bytes, total_bytes=d.total_bytes, runs=list(d.runs))
+    else:
+        log.info("disk fine again", path=d.path, free=free, free_bytes=d.free_bytes,
+                 runs=list(d.runs))
 

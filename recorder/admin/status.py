@@ -10,7 +10,15 @@ JSON form (``schema`` names the layout; readers ignore fields they do not know):
      "daemon": {"instance": "daq-3", "state": "running", "pid": 1234, "version": "0.1.0",
                 "started_at": 1732210000000, "uptime_s": 2345.7,
                 "config_path": "/etc/k2eg-recorder/runs.d",
-                "config_errors": []},      # why the last reload was refused, if it was
+                "config_errors": [],       # why the last reload was refused, if it was
+                "disks": [{"path": "/data",            # a filesystem the runs write to
+                           "directories": ["/data/k2eg-recorder/bpm"],
+                           "runs": ["bpm-10hz"],
+                           "free_bytes": 812345678912, "total_bytes": 1000204886016,
+                           "min_free_bytes": 50010244300,
+                           "full_in_s": 81234.5,       # at the recent rate; null: not filling
+                           "warning": null,            # why it needs a look, else null
+                           "checked_at": 1732212345000}]},
      "runs": {"bpm-10hz": {"state": "recording", "snapshot": "bpm_10hz", "topic": "bpm_10hz",
                            "mode": "periodic normal", "autostart": true,
                            "current_file": "/data/k2eg-recorder/bpm/bpm-10hz_....h5.partial",
@@ -24,7 +32,8 @@ JSON form (``schema`` names the layout; readers ignore fields they do not know):
                            "snapshot_restarts": 0}}}  # the gateway had lost the snapshot
 
 ``silent_since`` and ``snapshot_restarts`` were added on 2026-11-22 (a document without them
-reads as null / 0).
+reads as null / 0), ``daemon.disks`` on 2026-11-22 too (absent: empty; see
+:mod:`recorder.daemon.diskspace`).
 
 ``bridge`` is null unless the run's ``output.bridge`` is set; then (for the current or last
 recording of this daemon process) ``{"status": "serving" | "complete" | "aborted" | "failed",
@@ -43,7 +52,14 @@ from typing import Any
 
 from recorder.errors import AdminCommandError
 
-__all__ = ["STATUS_SCHEMA", "DaemonState", "RunState", "RunStatus", "StatusDocument"]
+__all__ = [
+    "STATUS_SCHEMA",
+    "DaemonState",
+    "DiskStatus",
+    "RunState",
+    "RunStatus",
+    "StatusDocument",
+]
 
 STATUS_SCHEMA = "k2eg-recorder/status/1"
 
@@ -137,6 +153,52 @@ class RunStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskStatus:
+    """A filesystem the runs write to (see :mod:`recorder.daemon.diskspace`)."""
+
+    path: str  # its mount point
+    directories: tuple[str, ...] = ()  # the runs' output directories on it
+    runs: tuple[str, ...] = ()
+    free_bytes: int | None = None  # for unprivileged users (statvfs f_bavail); None: unknown
+    total_bytes: int | None = None
+    min_free_bytes: int | None = None
+    full_in_s: float | None = None  # at the rate free space fell recently; None: not falling
+    warning: str | None = None  # why it needs an operator's look
+    checked_at: int | None = None  # ms, the last check that returned
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "directories": list(self.directories),
+            "runs": list(self.runs),
+            "free_bytes": self.free_bytes,
+            "total_bytes": self.total_bytes,
+            "min_free_bytes": self.min_free_bytes,
+            "full_in_s": None if self.full_in_s is None else round(self.full_in_s, 1),
+            "warning": self.warning,
+            "checked_at": self.checked_at,
+        }
+
+    @classmethod
+    def from_json_obj(cls, obj: Mapping[str, Any]) -> DiskStatus:
+        full_in = obj.get("full_in_s")
+        if full_in is not None and (isinstance(full_in, bool)
+                                    or not isinstance(full_in, int | float)):
+            raise TypeError(f"expected a number, got {full_in!r}")
+        return cls(
+            path=_str(obj["path"]),
+            directories=tuple(_str(d) for d in obj.get("directories") or ()),
+            runs=tuple(_str(r) for r in obj.get("runs") or ()),
+            free_bytes=_opt_int(obj.get("free_bytes")),
+            total_bytes=_opt_int(obj.get("total_bytes")),
+            min_free_bytes=_opt_int(obj.get("min_free_bytes")),
+            full_in_s=None if full_in is None else float(full_in),
+            warning=_opt_str(obj.get("warning")),
+            checked_at=_opt_int(obj.get("checked_at")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class StatusDocument:
     instance: str
     state: DaemonState
@@ -149,6 +211,7 @@ class StatusDocument:
     config_errors: Sequence[str] = ()
     seq: int = 0
     kind: str = "heartbeat"
+    disks: Sequence[DiskStatus] = ()
 
     @property
     def uptime_s(self) -> float:
@@ -172,6 +235,7 @@ class StatusDocument:
                 "uptime_s": round(self.uptime_s, 3),
                 "config_path": self.config_path,
                 "config_errors": list(self.config_errors),
+                "disks": [d.to_json_obj() for d in self.disks],
             },
             "runs": {r.name: r.to_json_obj() for r in self.runs},
         }
@@ -201,6 +265,7 @@ class StatusDocument:
                 config_errors=tuple(_str(e) for e in daemon.get("config_errors") or ()),
                 seq=_int(obj.get("seq", 0)),
                 kind=_str(obj.get("kind", "heartbeat")),
+                disks=tuple(DiskStatus.from_json_obj(d) for d in daemon.get("disks") or ()),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AdminCommandError("malformed", f"bad status document: {exc!r}") from None

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("run", nargs="?", default=None, help="only this run")
         parser.add_argument("--check", action="store_true",
                             help="exit 4 when a run failed, is retrying its start or gets no "
-                                 "data, or a reload was refused (each reason on stderr)")
+                                 "data, a reload was refused, or a disk the runs write to is "
+                                 "low, filling up or not answering (each reason on stderr)")
     if name == "trigger":
         parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                             help="recorded with the iteration (repeatable)")
@@ -69,7 +70,12 @@ def _ms(ms: int | None) -> str:
 
 def attention(doc: dict[str, Any], only: str | None = None) -> list[str]:
     """What in a status document needs an operator's look (empty: all is well)."""
-    out = [f"reload refused: {e}" for e in (doc.get("daemon", {}).get("config_errors") or [])]
+    daemon = doc.get("daemon", {})
+    out = [f"reload refused: {e}" for e in (daemon.get("config_errors") or [])]
+    for disk in daemon.get("disks") or []:
+        runs = set(disk.get("runs") or ())
+        if disk.get("warning") and (only is None or only in runs):
+            out.append(f"disk {disk.get('path')}: {disk['warning']}")
     for name, r in sorted((doc.get("runs") or {}).items()):
         if only is not None and name != only:
             continue
@@ -83,6 +89,22 @@ def attention(doc: dict[str, Any], only: str | None = None) -> list[str]:
     return out
 
 
+def disk_line(disk: dict[str, Any]) -> str:
+    """``disk /data: 812.3 GiB free of 931.5 GiB (87.2%), full in ~22 h (runs a, b)``."""
+    from recorder.daemon.diskspace import format_bytes, format_duration
+
+    free, total = disk.get("free_bytes"), disk.get("total_bytes")
+    if free is None or not total:
+        text = f"disk {disk.get('path')}: free space unknown"
+    else:
+        text = (f"disk {disk.get('path')}: {format_bytes(free)} free of {format_bytes(total)} "
+                f"({100 * free / total:.1f}%)")
+        if disk.get("full_in_s") is not None:
+            text += f", full in {format_duration(disk['full_in_s'])}"
+    runs = disk.get("runs") or ()
+    return f"{text} (run{'s' if len(runs) != 1 else ''} {', '.join(runs)})" if runs else text
+
+
 def status_table(doc: dict[str, Any], only: str | None = None) -> str:
     """A readable table of a status document."""
     d = doc.get("daemon", {})
@@ -92,6 +114,12 @@ def status_table(doc: dict[str, Any], only: str | None = None) -> str:
     ]
     for error in d.get("config_errors") or []:
         lines.append(f"  reload refused: {error}")
+    for disk in d.get("disks") or []:
+        if only is not None and only not in (disk.get("runs") or ()):
+            continue
+        lines.append(disk_line(disk))
+        if disk.get("warning"):
+            lines.append(f"  ! {disk['warning']}")
     header = (f"{'RUN':28} {'STATE':10} {'MODE':24} {'COMPLETE':>8} {'INCOMPL':>7} "
               f"{'LAST IT':>8} {'LAG':>5} {'ERR':>4}  FILE / LAST ERROR")
     lines.append(header)

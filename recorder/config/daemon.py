@@ -9,6 +9,7 @@ Both classes read the same environment and ignore each other's variables. Exampl
     RECORDER_STATUS_TOPIC=k2eg-recorder-status
     RECORDER_HEARTBEAT_INTERVAL_S=5
     RECORDER_METRICS_PORT=9464               # unset: no metrics endpoint
+    RECORDER_DISK_MIN_FREE=5%                # or a size: 200G
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recorder.admin.protocol import CommandPolicy
+from recorder.daemon.diskspace import MinFree
 
 __all__ = ["DaemonSettings"]
 
@@ -79,6 +81,23 @@ class DaemonSettings(BaseSettings):
         "5 time windows) reports it and re-sends the snapshot start (a restarted gateway has "
         "forgotten it); 0 turns this off",
     )
+    disk_check_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="how often the free space of the runs' output filesystems is checked "
+        "(status, metrics, warnings before a disk fills); 0 turns the checks off",
+    )
+    disk_min_free: str = Field(
+        default="5%",
+        description="warn when a filesystem the runs write to has less free space than this: "
+        "a share of its size (5%) or a size (200G; K/M/G/T/P are powers of 1024)",
+    )
+    disk_full_warning_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="warn when, at the rate its free space fell over the last minutes, a "
+        "filesystem would be full within this many seconds; 0 turns this warning off",
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
@@ -87,6 +106,12 @@ class DaemonSettings(BaseSettings):
     def _topic(cls, value: str) -> str:
         if not _TOPIC_RE.match(value):
             raise ValueError(f"{value!r} is not a valid Kafka topic name ([A-Za-z0-9._-]{{1,249}})")
+        return value
+
+    @field_validator("disk_min_free")
+    @classmethod
+    def _min_free(cls, value: str) -> str:
+        MinFree.parse(value)  # ValueError says what is accepted
         return value
 
     @field_validator("log_level", mode="before")

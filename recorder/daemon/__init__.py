@@ -7,5 +7,9 @@
 * :mod:`~recorder.daemon.controller` — one :class:`RunController` (and worker thread) per run;
 * :mod:`~recorder.daemon.admin` — admin commands in, exactly one reply out;
 * :mod:`~recorder.daemon.adminlink` — the admin/status topics' Kafka side;
-* :mod:`~recorder.daemon.heartbeat` — the status document and its schedule.
+* :mod:`~recorder.daemon.heartbeat` — the status document and its schedule;
+* :mod:`~recorder.daemon.silence` — a periodic run whose topic went silent (gateway restarts);
+* :mod:`~recorder.daemon.diskspace` / :mod:`~recorder.daemon.diskprobe` — free space where
+  the runs write, judged (pure) and checked (a thread of its own: a hung disk must not hang
+  the main loop).
 """

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from recorder.admin.status import STATUS_SCHEMA, DaemonState, RunState, RunStatus, StatusDocument
+from recorder.admin.status import (
+    STATUS_SCHEMA,
+    DaemonState,
+    DiskStatus,
+    RunState,
+    RunStatus,
+    StatusDocument,
+)
 from recorder.errors import AdminCommandError
 
 RUN = RunStatus(
@@ -55,6 +62,7 @@ def test_json_layout() -> None:
         "uptime_s": 6.0,
         "config_path": "/etc/k2eg-recorder/runs.d",
         "config_errors": ["a.yaml:3: name: bad"],
+        "disks": [],
     }
     run = obj["runs"]["bpm-10hz"]
     assert run["state"] == "recording"
@@ -157,3 +165,52 @@ def test_attention_lists_what_needs_a_look_and_nothing_when_all_is_well() -> Non
         "run c gets no data from the gateway since 2026-11-21 20:05:45 UTC",
     ]
     assert attention(doc, "d") == [] and attention(doc, "c") == [attention(doc)[2]]
+
+
+GIB = 1024**3
+DISKS = (
+    DiskStatus(path="/data", directories=("/data/bpm", "/data/wf"), runs=("bpm-10hz", "wf"),
+               free_bytes=812 * GIB, total_bytes=1000 * GIB, min_free_bytes=50 * GIB,
+               full_in_s=81_234.5, warning=None, checked_at=6_000),
+    DiskStatus(path="/scratch", directories=("/scratch/x",), runs=("x",), free_bytes=GIB,
+               total_bytes=100 * GIB, min_free_bytes=5 * GIB, full_in_s=None,
+               warning="1.0 GiB free (1.0%), below the minimum of 5%", checked_at=6_000),
+    DiskStatus(path="/nfs/hung", directories=("/nfs/hung",),
+               warning="storage not answering: checking /nfs/hung has not returned for 31 s"),
+)
+
+
+def test_disks_round_trip_show_in_the_table_and_need_attention_when_warned() -> None:
+    from dataclasses import replace
+
+    from recorder.cli.admin import attention, status_table
+
+    doc = replace(DOC, config_errors=(), disks=DISKS)
+    obj = json.loads(doc.encode())
+    assert obj["daemon"]["disks"][0] == {
+        "path": "/data", "directories": ["/data/bpm", "/data/wf"], "runs": ["bpm-10hz", "wf"],
+        "free_bytes": 812 * GIB, "total_bytes": 1000 * GIB, "min_free_bytes": 50 * GIB,
+        "full_in_s": 81_234.5, "warning": None, "checked_at": 6_000,
+    }
+    assert StatusDocument.decode(doc.encode()) == doc
+    table = status_table(obj).splitlines()
+    assert "disk /data: 812.0 GiB free of 1000.0 GiB (81.2%), full in ~22 h 34 min " \
+           "(runs bpm-10hz, wf)" in table
+    assert "disk /scratch: 1.0 GiB free of 100.0 GiB (1.0%) (run x)" in table
+    assert "  ! 1.0 GiB free (1.0%), below the minimum of 5%" in table
+    assert "disk /nfs/hung: free space unknown" in table
+    assert attention(obj) == [
+        "disk /scratch: 1.0 GiB free (1.0%), below the minimum of 5%",
+        "disk /nfs/hung: storage not answering: checking /nfs/hung has not returned for 31 s",
+    ]
+    # one run's view: only the disks it writes to
+    assert attention(obj, "bpm-10hz") == []
+    assert attention(obj, "x") == [attention(obj)[0]]
+    assert not any(line.startswith("disk /data") for line in status_table(obj, "x").splitlines())
+    older = json.loads(DOC.encode())  # a daemon from before the disk checks
+    del older["daemon"]["disks"]
+    assert StatusDocument.decode(json.dumps(older).encode()).disks == ()
+    with pytest.raises(AdminCommandError):
+        StatusDocument.decode(json.dumps(
+            {**obj, "daemon": {**obj["daemon"], "disks": [{"path": "/d", "full_in_s": "1"}]}}
+        ).encode())

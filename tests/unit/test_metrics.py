@@ -95,3 +95,22 @@ def test_http_exposition_on_loopback() -> None:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_disk_gauges_follow_the_filesystems_in_use() -> None:
+    from recorder.admin.status import DiskStatus
+
+    reg = CollectorRegistry()
+    m = RecorderMetrics(reg)
+    m.disks([DiskStatus("/data", free_bytes=800, total_bytes=1000),
+             DiskStatus("/scratch", free_bytes=10, total_bytes=1000, warning="low")])
+    assert value(reg, "disk_free_bytes", path="/data") == 800
+    assert value(reg, "disk_total_bytes", path="/data") == 1000
+    assert value(reg, "disk_warning", path="/data") == 0
+    assert value(reg, "disk_warning", path="/scratch") == 1
+    # /scratch no longer used; /data's check hangs (nothing known but the warning)
+    m.disks([DiskStatus("/data", warning="storage not answering")])
+    assert value(reg, "disk_free_bytes", path="/data") is None
+    assert value(reg, "disk_warning", path="/data") == 1
+    assert value(reg, "disk_free_bytes", path="/scratch") is None
+    assert value(reg, "disk_warning", path="/scratch") is None
