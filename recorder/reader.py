@@ -7,6 +7,8 @@
         f.times("LINAC:BPM1:X")          # int64 ns since epoch (EPICS timeStamp)
         f.iterations_of("LINAC:BPM1:X")  # k2eg iter_index of each value
         f.samples("LINAC:BPM1:X")        # PVSample objects equal to what the gateway sent
+        f.by_iteration("LINAC:BPM1:X")   # one value per /iterations row, masked where none
+        f.table()                        # scalar PVs side by side, one row per iteration
         for data, meta in f.trains():    # karabo-bridge style, one pair per iteration
             data["LINAC:BPM1:X"]["value"], meta["LINAC:BPM1:X"]["timestamp.tid"]
 
@@ -462,6 +464,24 @@ class RecordingFile:
         first = np.append(valid, len(rows))[np.searchsorted(rows[valid], np.arange(n_iter))]
         return first.astype(np.int64), count
 
+    def by_iteration(self, pv: str, *, pick: str = "last") -> np.ma.MaskedArray:
+        """``pv``'s value in each /iterations row, aligned with :meth:`iterations`: the last
+        (``pick="first"``: the first) of its values in that iteration, in arrival order, masked where the
+        iteration has none (a PV that did not answer, an incomplete iteration). Shape
+        ``(n_iterations, *value_shape)`` in the dtype of :meth:`values`; masked entries hold
+        NaN (floats), 0 or None, never another iteration's value."""
+        first, count = self.first_count(pv)
+        return _pick(self.values(pv), first, count, pick)
+
+    def table(self, pvs: Iterable[str] | None = None, *, pick: str = "last"
+              ) -> dict[str, npt.NDArray[Any]]:
+        """PVs side by side, one row per iteration (see :func:`aligned_table`); default: every
+        scalar, boolean and enum PV. ``pandas.DataFrame(f.table()).set_index("iter_index")``
+        is the usual next step."""
+        names = _scalar_pvs(self.summary()) if pvs is None else list(pvs)
+        its = self.iterations()
+        return aligned_table(its, {pv: self.by_iteration(pv, pick=pick) for pv in names})
+
     def samples(self, pv: str) -> list[PVSample]:
         """Every value of ``pv`` as a PVSample equal to what the client decoded."""
         cached = self._cache.get(pv)
@@ -752,6 +772,27 @@ class Recording:
         ])
         return out
 
+    def by_iteration(self, pv: str, *, pick: str = "last") -> np.ma.MaskedArray:
+        """:meth:`RecordingFile.by_iteration` over every segment, aligned with
+        :meth:`iterations` (all masked in a segment without the PV)."""
+        parts: list[np.ma.MaskedArray | int] = [
+            f.by_iteration(pv, pick=pick) if pv in f.pv_names else len(f.iterations()["iter_index"])
+            for f in self.files
+        ]
+        return _concat_masked(parts)
+
+    def table(self, pvs: Iterable[str] | None = None, *, pick: str = "last"
+              ) -> dict[str, npt.NDArray[Any]]:
+        """:meth:`RecordingFile.table` over every segment, with their ``segment`` column."""
+        if pvs is None:
+            names: dict[str, None] = {}
+            for f in self.files:
+                names.update(dict.fromkeys(_scalar_pvs(f.summary())))
+            pvs = list(names)
+        names_list = list(pvs)
+        return aligned_table(self.iterations(),
+                             {pv: self.by_iteration(pv, pick=pick) for pv in names_list})
+
     def trains(self) -> Iterator[Train]:
         for f in self.files:
             yield from f.trains()
@@ -789,6 +830,100 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
                     continue
         return Recording(found)
     return Recording(paths)
+
+
+_SCALAR_KINDS = (ValueKind.SCALAR.value, ValueKind.BOOL.value, ValueKind.ENUM.value)
+
+
+def _scalar_pvs(summary: list[dict[str, Any]]) -> list[str]:
+    return [row["pv"] for row in summary if row["kind"] in _SCALAR_KINDS]
+
+
+def _fill_value(dtype: np.dtype[Any]) -> Any:
+    if dtype.kind in "fc":
+        return np.nan
+    return None if dtype.kind == "O" else 0
+
+
+def _pick(values: npt.NDArray[Any], first: npt.NDArray[np.int64],
+          count: npt.NDArray[np.int64], pick: str) -> np.ma.MaskedArray:
+    """One value per iteration row out of ``values`` by the XFEL-style index."""
+    if pick not in ("first", "last"):
+        raise ValueError(f"pick must be 'first' or 'last', not {pick!r}")
+    missing = np.asarray(count) <= 0
+    if not len(values):  # never a value: all masked
+        data = np.full(len(count), np.nan)
+        return np.ma.MaskedArray(data, mask=np.ones(len(count), dtype=bool))
+    rows = np.asarray(first) + (np.asarray(count) - 1 if pick == "last" else 0)
+    rows = np.where(missing, 0, rows)
+    data = values[rows].copy()
+    if missing.any():
+        data[missing] = _fill_value(data.dtype)
+    mask = np.broadcast_to(missing.reshape((-1,) + (1,) * (data.ndim - 1)), data.shape)
+    return np.ma.MaskedArray(data, mask=mask.copy())
+
+
+def _concat_masked(parts: list[np.ma.MaskedArray | int]) -> np.ma.MaskedArray:
+    """Segments' aligned values; an int stands for that many rows of a segment without the
+    PV. Shapes that differ between segments give an object array."""
+    present = [p for p in parts if not isinstance(p, int)]
+    if not present:
+        n = sum(p for p in parts if isinstance(p, int))
+        return np.ma.MaskedArray(np.full(n, np.nan), mask=np.ones(n, dtype=bool))
+    shapes = {p.shape[1:] for p in present}
+    if len(shapes) > 1:  # e.g. a waveform whose length changed between segments
+        present = [_object_rows(p) for p in present]
+        shapes = {()}
+    dtype = np.result_type(*[p.dtype for p in present])
+    shape = shapes.pop()
+    filled: list[np.ma.MaskedArray] = []
+    it = iter(present)
+    for p in parts:
+        if isinstance(p, int):
+            data = np.full((p, *shape), _fill_value(dtype), dtype=dtype)
+            filled.append(np.ma.MaskedArray(data, mask=np.ones(data.shape, dtype=bool)))
+        else:
+            filled.append(next(it))
+    out: np.ma.MaskedArray = np.ma.concatenate(filled)  # type: ignore[no-untyped-call]
+    return out
+
+
+def _object_rows(m: np.ma.MaskedArray) -> np.ma.MaskedArray:
+    """One object per row (an array, or None where masked)."""
+    rows = np.asarray(np.ma.getmaskarray(m).reshape(len(m), -1).all(axis=1))
+    out = np.empty(len(m), dtype=object)
+    for i in range(len(m)):
+        out[i] = None if rows[i] else np.asarray(m.data[i])
+    return np.ma.MaskedArray(out, mask=rows)
+
+
+def aligned_table(iterations: dict[str, npt.NDArray[Any]],
+                  columns: dict[str, np.ma.MaskedArray]) -> dict[str, npt.NDArray[Any]]:
+    """Columns for a table with one row per iteration: ``iter_index`` (``segment`` too when
+    the iterations carry it), ``status``, ``header_timestamp`` (ns), then one column per PV,
+    named as the PV. A scalar column keeps its dtype when every iteration has a value; with
+    gaps, numbers (and booleans) become float64 with NaN, as pandas does; strings, waveforms
+    and other values are object columns with None where an iteration has none."""
+    out: dict[str, npt.NDArray[Any]] = {"iter_index": iterations["iter_index"]}
+    for key in ("segment", "status", "header_timestamp"):
+        if key in iterations:
+            out[key] = iterations[key]
+    for pv, m in columns.items():
+        missing = np.ma.getmaskarray(m).reshape(len(m), -1).all(axis=1) if len(m) else \
+            np.zeros(0, dtype=bool)
+        if m.ndim > 1:
+            out[pv] = _object_rows(m).data
+        elif not missing.any():
+            out[pv] = np.asarray(m.data)
+        elif m.dtype.kind in "fiub":
+            numbers = np.asarray(m.data, dtype=np.float64).copy()
+            numbers[missing] = np.nan
+            out[pv] = numbers
+        else:
+            col = np.asarray(m.data).astype(object)
+            col[missing] = None
+            out[pv] = col
+    return out
 
 
 def values_of(samples: list[PVSample]) -> npt.NDArray[Any]:

@@ -1,0 +1,124 @@
+"""Analysts' view across PVs: each PV's value per iteration (``by_iteration``), and PVs side by
+side in one table (``table``), from real files: finalized, still being written, and a
+recording split into segments whose PV list changed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_hdf5_roundtrip import write_iteration
+
+from recorder.client.values import PVSample
+from recorder.reader import open_file, open_recording
+from recorder.sinks.hdf5 import HDF5Recording
+from recorder.sinks.options import OutputOptions, SegmentOptions
+
+N = 6
+
+
+def _ts(i: int, k: int = 0) -> dict[str, Any]:
+    return {"secondsPastEpoch": 1_700_000_000 + i, "nanoseconds": 1000 * k, "userTag": 0}
+
+
+def samples_of(i: int) -> list[PVSample]:
+    """Iteration i: A every time; B (int) not in iteration 2; S (string) not in 1; W a
+    waveform; E an enum; T twice per iteration (timedbuffered-like), not at all in 4;
+    iteration 5 holds A only."""
+    out = [PVSample("A", {"value": 0.5 * i, "timeStamp": _ts(i)})]
+    if i == 5:
+        return out
+    if i != 2:
+        out.append(PVSample("B", {"value": 10 * i, "timeStamp": _ts(i)}))
+    if i != 1:
+        out.append(PVSample("S", {"value": f"s{i}", "timeStamp": _ts(i)}))
+    out.append(PVSample("W", {"value": [float(i + k) for k in range(4)], "timeStamp": _ts(i)}))
+    out.append(PVSample("E", {"value": {"index": i % 2, "choices": ["Off", "On"]},
+                              "timeStamp": _ts(i)}))
+    if i != 4:
+        out += [PVSample("T", {"value": 100.0 * i + k, "timeStamp": _ts(i, k)}) for k in (1, 2)]
+    return out
+
+
+def recording(tmp_path: Path, **opts: Any) -> HDF5Recording:
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, **opts), run_name="aligned")
+    for i in range(N):
+        write_iteration(rec, i, samples_of(i))
+    return rec
+
+
+def check(f: Any) -> None:
+    its = f.iterations()["iter_index"]
+    assert its.tolist() == list(range(N))
+
+    a = f.by_iteration("A")
+    assert a.dtype == np.float64 and not a.mask.any()
+    assert a.data.tolist() == [0.5 * i for i in range(N)]
+
+    b = f.by_iteration("B")
+    assert b.dtype == np.int64 and b.mask.tolist() == [i in (2, 5) for i in range(N)]
+    assert b.data.tolist() == [0, 10, 0, 30, 40, 0]  # masked: 0, never a neighbour's value
+
+    t_last, t_first = f.by_iteration("T"), f.by_iteration("T", pick="first")
+    assert t_last.mask.tolist() == t_first.mask.tolist() == [i in (4, 5) for i in range(N)]
+    assert t_last.compressed().tolist() == [100.0 * i + 2 for i in (0, 1, 2, 3)]
+    assert t_first.compressed().tolist() == [100.0 * i + 1 for i in (0, 1, 2, 3)]
+    assert math.isnan(t_last.data[4])
+
+    w = f.by_iteration("W")
+    assert w.shape == (N, 4) and w.mask[5].all() and not w.mask[:5].any()
+    assert w[3].tolist() == [3.0, 4.0, 5.0, 6.0]
+
+    table = f.table()
+    assert list(table) == ["iter_index", "status", "header_timestamp", "A", "B", "E", "T"]
+    assert table["A"].dtype == np.float64 and table["A"].tolist() == a.data.tolist()
+    assert table["E"].dtype == np.float64  # not in iteration 5
+    assert table["E"].tolist()[:5] == [0, 1, 0, 1, 0] and math.isnan(table["E"][5])
+    assert table["B"].dtype == np.float64  # gaps: NaN, as pandas does
+    assert [None if math.isnan(x) else x for x in table["B"].tolist()] == [
+        0, 10, None, 30, 40, None]
+    assert table["status"].tolist() == ["complete"] * N
+
+    some = f.table(["S", "W"])
+    assert some["S"].tolist() == ["s0", None, "s2", "s3", "s4", None]
+    assert some["W"][5] is None and some["W"][0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+    with pytest.raises(ValueError, match="pick"):
+        f.by_iteration("A", pick="middle")
+
+
+def test_aligned_values_of_a_live_and_a_finalized_file(tmp_path: Path) -> None:
+    rec = recording(tmp_path)
+    rec.flush()
+    assert rec.current_path is not None
+    with open_file(rec.current_path) as live:
+        assert live.layout == "live"
+        check(live)
+    (path,) = rec.close()
+    with open_file(path) as final:
+        check(final)
+
+
+def test_aligned_values_across_segments_whose_pv_list_changed(tmp_path: Path) -> None:
+    rec = HDF5Recording(OutputOptions(directory=tmp_path,
+                                      segment=SegmentOptions(max_iterations=4)),
+                        run_name="segments")
+    for i in range(N):  # C only from iteration 4 on: the first segment has no C at all
+        extra = [PVSample("C", {"value": i, "timeStamp": _ts(i)})] if i >= 4 else []
+        write_iteration(rec, i, [PVSample("A", {"value": 0.5 * i, "timeStamp": _ts(i)}),
+                                 *extra])
+    paths = rec.close()
+    assert len(paths) == 2
+    with open_recording(paths) as r:
+        c = r.by_iteration("C")
+        assert c.mask.tolist() == [True] * 4 + [False] * 2
+        assert c.compressed().tolist() == [4, 5] and c.dtype == np.int64
+        assert c.data.tolist()[:4] == [0] * 4
+        table = r.table()
+        assert table["segment"].tolist() == [0, 0, 0, 0, 1, 1]
+        assert table["A"].tolist() == [0.5 * i for i in range(N)]
+        assert [None if math.isnan(x) else x for x in table["C"].tolist()] == [
+            None, None, None, None, 4, 5]
