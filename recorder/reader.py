@@ -466,8 +466,9 @@ class RecordingFile:
 
     def by_iteration(self, pv: str, *, pick: str = "last") -> np.ma.MaskedArray:
         """``pv``'s value in each /iterations row, aligned with :meth:`iterations`: the last
-        (``pick="first"``: the first) of its values in that iteration, in arrival order, masked where the
-        iteration has none (a PV that did not answer, an incomplete iteration). Shape
+        (``pick="first"``: the first) of its values in that iteration, in arrival order,
+        masked where the iteration has none (a PV that did not answer, an incomplete
+        iteration). Shape
         ``(n_iterations, *value_shape)`` in the dtype of :meth:`values`; masked entries hold
         NaN (floats), 0 or None, never another iteration's value."""
         first, count = self.first_count(pv)

@@ -140,11 +140,17 @@ class HDF5Recording:
             self.counters["dropped_events"] += 1
             return
         self.counters["events"] += 1
-        if event.__class__ is IterationOpened and self._buffer.repeats(event.iter_index):
-            # iter_index began again (the snapshot was restarted): a file holds each index once
-            self.counters["snapshot_restarts"] += 1
-            self._rotate("the snapshot was restarted (its iter_index began again); "
-                         "continued in the next segment")
+        if event.__class__ is IterationOpened:
+            if self._buffer.repeats(event.iter_index):
+                # iter_index began again (the snapshot was restarted): a file holds each
+                # index once
+                self.counters["snapshot_restarts"] += 1
+                self._rotate("the snapshot was restarted (its iter_index began again); "
+                             "continued in the next segment")
+            elif self._segment_iterations and self._segment_due():
+                # the next segment begins with the iteration that needs it, so a recording
+                # stopped at a segment limit leaves no empty last file
+                self._rotate("segment limit reached; continued in the next segment")
             if self.status != "recording":
                 self.counters["dropped_events"] += 1
                 return
@@ -152,8 +158,6 @@ class HDF5Recording:
         if rows:
             self.counters["iterations"] += len(rows)
             self._segment_iterations += len(rows)
-            if self._segment_due():
-                self._rotate("segment limit reached; continued in the next segment")
             self._buffer.activate_oldest()
         if self._buffer.buffered_bytes >= self.options.max_buffer_bytes:
             self.flush()

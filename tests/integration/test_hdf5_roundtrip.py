@@ -266,6 +266,38 @@ H5DUMP = shutil.which("h5dump")
 
 
 @pytest.mark.skipif(H5DUMP is None, reason="h5dump (Debian hdf5-tools) not installed")
+def test_a_segment_begins_with_the_iteration_that_needs_it(tmp_path: Path) -> None:
+    """Segment limits (iterations, seconds) rotate when the next iteration opens: a recording
+    stopped right at a limit, as a triggered run often is, leaves no empty last file."""
+    now = [0.0]
+    rec = HDF5Recording(
+        OutputOptions(directory=tmp_path / "n", segment=SegmentOptions(max_iterations=2)),
+        run_name="shots", clock=lambda: now[0],
+    )
+    for i in range(4):
+        write_iteration(rec, i, [PVSample("A", {"value": i, "timeStamp": _ts(i)})])
+    assert rec.counters["segments"] == 2  # the limit is reached, nothing opened for it yet
+    paths = rec.close()
+    assert [_indexes(p) for p in paths] == [[0, 1], [2, 3]]
+
+    rec = HDF5Recording(
+        OutputOptions(directory=tmp_path / "t", segment=SegmentOptions(max_seconds=60)),
+        run_name="hourly", clock=lambda: now[0],
+    )
+    for i, t in enumerate((0.0, 30.0, 61.0, 200.0, 230.0)):
+        now[0] = t
+        write_iteration(rec, i, [PVSample("A", {"value": i, "timeStamp": _ts(i)})])
+    now[0] = 400.0  # the last segment is past its limit when the run stops
+    paths = rec.close()
+    assert [_indexes(p) for p in paths] == [[0, 1], [2], [3, 4]]
+
+
+def _indexes(path: Path) -> list[int]:
+    with open_file(path) as f:
+        assert f.status == "complete"
+        return list(f.iterations()["iter_index"].tolist())
+
+
 def test_old_reader_h5dump_110(tmp_path: Path) -> None:
     version = subprocess.run(
         [H5DUMP or "", "--version"], check=False, capture_output=True, text=True
