@@ -381,6 +381,12 @@ class Service:
             runs_by_dir.setdefault(str(definition.output.directory), []).append(name)
         self._disk_probe.set_directories(runs_by_dir)
 
+    def _room_for(self, directory: Path) -> bool:
+        """Whether a recording into ``directory`` may resume after its disk ran out (any
+        thread: reads the watch's latest statuses)."""
+        watch = self._disk_watch
+        return True if watch is None else watch.has_room(str(directory))
+
     def _judge_disks(self, now: float) -> None:
         probe, watch = self._disk_probe, self._disk_watch
         if probe is None or watch is None:
@@ -396,7 +402,7 @@ class Service:
         controller = RunController(
             definition, self._client, self._store, metrics=self.metrics,
             recording_factory=self._factory, backoff=self._run_backoff(),
-            silence_after_s=self.settings.silence_after_s,
+            silence_after_s=self.settings.silence_after_s, room_for=self._room_for,
         )
         self._controllers[definition.name] = controller
         self.metrics.set_recording(definition.name, False)

@@ -6,7 +6,16 @@ States (:class:`~recorder.admin.status.RunState`)::
                        |  ^                |
                   fail |  | backoff        | the file cannot be written
                        v  |                v
-                     retrying            failed (an admin start tries again)
+                     retrying <--------- failed (an admin start tries again)
+                                 disk full
+
+A recording that fails because its disk (quota, file-size limit) ran out keeps its resume
+state, like any failed recording, but the run does not wait for an operator: it stops reading
+and leaves the gateway snapshot running (its data waits in Kafka), retries (state
+``retrying``, the reason in ``last_error``) with backoff once its filesystem has room again
+(``room_for``, injected: the daemon's disk watch, :mod:`recorder.daemon.diskspace`), and the
+recording resumes from its last durable offset into a new segment: nothing still within the
+topic's retention is lost. A stop while it waits stops the gateway snapshot.
 
 The worker thread owns the run's :class:`~recorder.client.RecurringSnapshot` (iterator mode)
 and its recording (:func:`hdf5_recording`: an HDF5 writer process per recording, or in-process
@@ -66,6 +75,7 @@ from recorder.client import (
 )
 from recorder.config.models import RunDefinition
 from recorder.daemon.backoff import Backoff
+from recorder.daemon.diskspace import out_of_space
 from recorder.daemon.pump import pending_bound
 from recorder.daemon.resume import ActiveRecording, ResumeStore
 from recorder.daemon.resume import RunState as StoredState
@@ -78,6 +88,7 @@ _log = structlog.get_logger("recorder.daemon")
 
 PUMP_BUDGET_S = 0.1  # longest stretch of event handling between two request checks
 IDLE_WAIT_S = 0.2
+ROOM_POLL_S = 1.0  # how often a run waiting for disk space asks whether there is room
 LAG_EVERY_S = 2.0
 LEFTOVER_ATTEMPTS = 5  # recovering a .partial a dying writer process may still hold
 LEFTOVER_RETRY_S = 1.0
@@ -329,6 +340,7 @@ class RunController:
         value_budget: int | None = None,
         stop_timeout_s: float | None = None,
         silence_after_s: float = 30.0,
+        room_for: Callable[[Path], bool] | None = None,
     ) -> None:
         self.definition = definition
         self.name = definition.name
@@ -342,6 +354,8 @@ class RunController:
         self._value_budget = value_budget
         self._stop_timeout_s = stop_timeout_s
         self._silence_after_s = silence_after_s
+        self._room_for = room_for or (lambda _directory: True)
+        self._awaiting_room = False  # retrying after the disk ran out: only once it has room
         self._silence: SilenceWatch | None = None  # periodic runs while recording
         self._resend: _Resend | None = None  # the re-sent start in flight
         self._requests: queue.Queue[_Request] = queue.Queue()
@@ -474,8 +488,11 @@ class RunController:
                     return
                 now = time.monotonic()
                 if state in (RunState.STARTING, RunState.RETRYING) and now >= self._next_attempt:
-                    self._attempt_start()
-                    continue
+                    if self._awaiting_room and not self._room_for(self.definition.output.directory):
+                        self._next_attempt = now + ROOM_POLL_S
+                    else:
+                        self._attempt_start()
+                        continue
                 if self._sub is not None:
                     self._pump(PUMP_BUDGET_S)
                     if self.state is RunState.STOPPING:
@@ -629,6 +646,9 @@ class RunController:
             self._stats.last_error = None
         self._open_bridge(props)
         self._backoff.reset()
+        if self._awaiting_room:
+            self._awaiting_room = False
+            self._log.info("disk has room again: recording resumed", file=new_active.current_file)
         limit = silence_limit_s(d.snapshot.time_window, self._silence_after_s)
         self._silence = None if d.triggered or limit == float("inf") else SilenceWatch(
             limit, time.monotonic(), Backoff(initial_s=limit, max_s=max(limit, 300.0))
@@ -967,6 +987,9 @@ class RunController:
                                     f"run {self.name!r} is not recording ({state.value})")
         if state in (RunState.STARTING, RunState.RETRYING):
             self._resolve_start(error=f"run {self.name!r} was stopped before it started")
+            if self._awaiting_room:  # its snapshot was left running for the resume
+                self._awaiting_room = False
+                self._stop_gateway_snapshot()
             self._set_state(RunState.IDLE)
             future.set_result(f"run {self.name!r} stopped before it started recording")
             return
@@ -1136,15 +1159,30 @@ class RunController:
         """The file cannot be written: stop reading (Kafka keeps the data), keep the resume
         state, report. An admin start resumes from the last durable offset."""
         reason = rec.reason or "the recording failed"
-        self._error(f"recording failed: {reason}")
         if self._metrics is not None:
             self._metrics.write_failed(self.name)
-        self._log.error("recording failed; run stopped (resume with an admin start)",
-                        reason=reason)
-        self._stop_snapshot_quietly()
+        no_room = out_of_space(reason) or not self._room_for(self.definition.output.directory)
+        if no_room:
+            # stop reading, not the gateway snapshot: its data waits in Kafka for the resume
+            self._release_quietly()
+        else:
+            self._stop_snapshot_quietly()
         self._close_recording("failed", reason)
         self._sub = None
-        self._set_state(RunState.FAILED)
+        if no_room:
+            self._awaiting_room = True
+            delay = self._backoff.next_delay()
+            self._next_attempt = time.monotonic() + delay
+            self._error(f"recording failed: {reason}; it resumes when its disk has room again")
+            self._log.error("recording failed: its disk ran out; it resumes (from the last "
+                            "durable offset, into a new segment) once the disk has room again",
+                            reason=reason, directory=str(self.definition.output.directory))
+            self._set_state(RunState.RETRYING)
+        else:
+            self._error(f"recording failed: {reason}")
+            self._log.error("recording failed; run stopped (resume with an admin start)",
+                            reason=reason)
+            self._set_state(RunState.FAILED)
         self._fail_waiters(f"recording failed: {reason}")
 
     def _lost_subscription(self) -> None:
@@ -1153,6 +1191,22 @@ class RunController:
         self._close_recording("aborted", "the k2eg client stopped reading the snapshot")
         self._sub = None
         self._set_state(RunState.IDLE)
+
+    def _release_quietly(self) -> None:
+        """Stop reading the snapshot; the gateway goes on publishing it."""
+        sub, self._sub = self._sub, None
+        if sub is None or sub.ended:
+            return
+        with contextlib.suppress(Exception):
+            self._client.unsubscribe(sub)
+
+    def _stop_gateway_snapshot(self) -> None:
+        """Stop the snapshot a run waiting for disk space left running at the gateway."""
+        name = self.definition.snapshot.snapshot_name
+        try:
+            self._client.snapshot_stop(name, timeout=5.0, final_timeout_s=0.5)
+        except RecorderError as exc:
+            self._log.warning("k2eg stop failed", error=str(exc), snapshot=name)
 
     def _stop_snapshot_quietly(self) -> None:
         sub, self._sub = self._sub, None

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from recorder.admin.status import DiskStatus
 
 __all__ = [
+    "RESUME_MIN_FREE",
     "TREND_MIN_SPAN_S",
     "TREND_WINDOW_S",
     "DiskChange",
@@ -43,12 +44,26 @@ __all__ = [
     "MinFree",
     "format_bytes",
     "format_duration",
+    "out_of_space",
 ]
 
 TREND_WINDOW_S = 300.0  # samples older than this do not count for the rate
 TREND_MIN_SPAN_S = 60.0  # no rate before the samples span this long
 CLEAR_MARGIN = 1.10  # a low-space warning clears above 110 % of the minimum
 CLEAR_HORIZON = 2.0  # a filling-up warning clears when full_in exceeds twice the horizon
+STUCK = "storage not answering"  # how a check that does not return is reported
+
+RESUME_MIN_FREE = 64 * 1024**2
+"""A recording that failed for want of space resumes once its filesystem has at least this
+much free, and its minimum (with the 10 % margin): less would fail again at once."""
+_NO_SPACE = (
+    "no space left on device",  # ENOSPC, as Python and h5py say it
+    "errno = 28",  # ... as the HDF5 library says it
+    "disk quota exceeded",  # EDQUOT
+    "errno = 122",
+    "file too large",  # EFBIG: a file-size limit; a new segment file starts below it
+    "errno = 27",
+)
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(%|[kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -184,6 +199,18 @@ class DiskWatch:
         """The latest status of every filesystem, by mount point."""
         return self._statuses
 
+    def has_room(self, directory: str) -> bool:
+        """Whether a recording into ``directory`` could resume: its filesystem is not low
+        (hysteresis included), its last check returned, and it has :data:`RESUME_MIN_FREE`
+        free. True when the directory is not watched (nothing says otherwise)."""
+        for d in self._statuses:
+            if directory in d.directories:
+                if d.free_bytes is None or (d.warning or "").startswith(STUCK):
+                    return False
+                floor = (d.min_free_bytes or 0) * CLEAR_MARGIN
+                return d.free_bytes >= max(RESUME_MIN_FREE, floor)
+        return True
+
     def warnings(self) -> list[str]:
         """``"<mount>: <warning>"`` for every filesystem that needs a look."""
         return [f"{d.path}: {d.warning}" for d in self._statuses if d.warning]
@@ -198,7 +225,7 @@ class DiskWatch:
         and since when, monotonic); returns the warnings set and cleared since the last call."""
         stuck: str | None = None
         if busy is not None and now - busy[1] >= self.stuck_after_s:
-            stuck = (f"storage not answering: checking {busy[0]} has not returned for "
+            stuck = (f"{STUCK}: checking {busy[0]} has not returned for "
                      f"{now - busy[1]:.0f} s")
         statuses: list[DiskStatus] = []
         seen: set[int] = set()
@@ -253,6 +280,13 @@ class DiskWatch:
             warning=warning,
             checked_at=r.at_wall_ms,
         )
+
+
+def out_of_space(reason: str) -> bool:
+    """Whether a recording's failure ``reason`` says its disk (or quota, or file-size limit)
+    ran out."""
+    text = reason.lower()
+    return any(marker in text for marker in _NO_SPACE)
 
 
 def _share(free: int, total: int) -> str:

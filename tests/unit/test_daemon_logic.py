@@ -7,7 +7,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,7 @@ def _definition(tmp_path: Path, *, triggered: bool = False,
 
 class FakeSub:
     def __init__(self, topic: str, stop_fails: bool = False) -> None:
+        self.stopped = False
         self.topic = topic
         self.stop_fails = stop_fails
         self.skips: dict[str, int] = {}
@@ -152,6 +153,7 @@ class FakeSub:
 
     def stop(self, timeout: float | None = None, *, final_timeout_s: float | None = None
              ) -> StopResult:
+        self.stopped = True
         if self.stop_fails:
             raise GatewayTimeoutError("repeating_snapshot_stop", "x", 0.1)
         final = IterationClosed(self.topic, "snap", 99, IterationStatus.COMPLETE, None, 1, 2,
@@ -171,6 +173,7 @@ class FakeClient:
         self.triggers: list[Mapping[str, str] | None] = []
         self.sub: FakeSub | None = None
         self.unsubscribed: list[FakeSub] = []
+        self.stopped_by_name: list[str] = []
 
     def snapshot_recurring(self, props: Any, start: Any = None, max_pending: int = 0) -> FakeSub:
         self.starts.append(start)
@@ -190,6 +193,11 @@ class FakeClient:
     def unsubscribe(self, sub: FakeSub, timeout: float = 5.0) -> None:
         self.unsubscribed.append(sub)
         sub.ended = True
+
+    def snapshot_stop(self, name: str, timeout: float | None = None, *,
+                      final_timeout_s: float | None = None) -> StopResult:
+        self.stopped_by_name.append(name)
+        return StopResult(name, name, "", False)
 
 
 class FakeRecording:
@@ -238,9 +246,12 @@ def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False,
                 bridge: dict[str, Any] | None = None, bridge_factory: Any = None,
                 metrics: RecorderMetrics | None = None, time_window: int = 1000,
                 silence_after_s: float | None = None,
+                room_for: Callable[[Path], bool] | None = None,
                 ) -> tuple[RunController, list[FakeRecording]]:
     made: list[FakeRecording] = []
     extra: dict[str, Any] = {} if bridge_factory is None else {"bridge_factory": bridge_factory}
+    if room_for is not None:
+        extra["room_for"] = room_for
     if metrics is not None:
         extra["metrics"] = metrics
     if silence_after_s is not None:
@@ -510,6 +521,66 @@ def test_a_failed_recording_stops_the_run_and_keeps_the_resume_state(tmp_path: P
         _wait(lambda: c.state is RunState.FAILED)
         assert "disk full" in str(c.status().last_error)
         assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is not None
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_recording_whose_disk_ran_out_resumes_once_there_is_room(tmp_path: Path) -> None:
+    client = FakeClient()
+    room = [True]
+    asked: list[Path] = []
+
+    def room_for(directory: Path) -> bool:
+        asked.append(directory)
+        return room[0]
+
+    c, made = _controller(tmp_path, client, room_for=room_for)
+    try:
+        c.start().result(5)
+        sub = client.sub
+        assert sub is not None
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=41))
+        _wait(lambda: made[0].last_durable_offset == {(sub.topic, 0): 41})
+        room[0] = False  # the disk filled up
+        made[0].status = "failed"
+        made[0].reason = "OSError: [Errno 28] No space left on device"
+        _wait(lambda: c.state is RunState.RETRYING)
+        # reading stopped, the gateway snapshot left running: its data waits in Kafka
+        assert client.unsubscribed == [sub] and not sub.stopped
+        status = c.status()
+        assert "No space left on device" in str(status.last_error)
+        assert "resumes when its disk has room again" in str(status.last_error)
+        assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is not None
+        time.sleep(0.5)  # backoff 0.05 s long past: no attempt while there is no room
+        assert len(made) == 1 and len(client.starts) == 1
+        assert asked and asked[-1] == c.definition.output.directory
+        room[0] = True  # an operator freed space
+        _wait(lambda: c.state is RunState.RECORDING, timeout=5)
+        assert len(made) == 2 and c.status().current_file == str(made[1].current_path)
+        assert client.starts[-1] is not None  # resumed from the durable offset
+        assert client.starts[-1].offsets == {0: 42}
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_failure_while_the_disk_has_no_room_waits_for_room_too(tmp_path: Path) -> None:
+    """The writer may die without saying why (HDF5 after ENOSPC): no room is reason enough."""
+    client = FakeClient()
+    room = [True]
+    c, made = _controller(tmp_path, client, room_for=lambda _d: room[0])
+    try:
+        c.start().result(5)
+        room[0] = False
+        made[0].status, made[0].reason = "failed", "writer process exited (signal 11)"
+        _wait(lambda: c.state is RunState.RETRYING)
+        assert client.stopped_by_name == []
+        assert c.stop().result(5) == "run 'r' stopped before it started recording"
+        assert client.stopped_by_name == [c.definition.snapshot.snapshot_name]
+        room[0] = True
+        time.sleep(0.3)
+        assert c.state is RunState.IDLE and len(made) == 1  # a stop ends the waiting
     finally:
         c.shutdown().result(5)
         assert c.join(5)

@@ -234,3 +234,38 @@ def test_probe_reads_the_real_filesystem(tmp_path: Path) -> None:
     assert abs(r.free_bytes - v.f_bavail * v.f_frsize) < 64 * 1024**2  # type: ignore[operator]
     assert Path(r.mount) in (tmp_path, *tmp_path.parents)
     assert os.path.ismount(r.mount) or r.mount == "/"
+
+
+@pytest.mark.parametrize(("reason", "expected"), [
+    ("OSError: [Errno 28] No space left on device", True),
+    ("Can't write data (file write failed: ..., errno = 28, error message = 'No space left "
+     "on device', ...)", True),
+    ("OSError: [Errno 122] Disk quota exceeded", True),
+    ("OSError: [Errno 27] File too large", True),
+    ("writer process exited (signal 11)", False),
+    ("PermissionError: [Errno 13] Permission denied: '/data/x.h5.partial'", False),
+])
+def test_out_of_space_reasons(reason: str, expected: bool) -> None:
+    from recorder.daemon.diskspace import out_of_space
+
+    assert out_of_space(reason) is expected
+
+
+def test_room_to_resume_needs_the_minimum_with_its_margin_and_64_mib() -> None:
+    from recorder.daemon.diskspace import RESUME_MIN_FREE
+
+    watch = DiskWatch(MinFree.parse("5%"), full_warning_s=0, stuck_after_s=30)
+    assert watch.has_room("/anywhere")  # not watched: nothing says otherwise
+    watch.update(0, [reading(0, 0)])
+    assert not watch.has_room("/data/run")
+    watch.update(1, [reading(52 * GIB, 1)])  # above the minimum, not above its margin
+    assert not watch.has_room("/data/run")
+    watch.update(2, [reading(60 * GIB, 2)])
+    assert watch.has_room("/data/run")
+    watch.update(3, [reading(60 * GIB, 2)], busy=("/data/run", -40))  # its check hangs
+    assert not watch.has_room("/data/run")
+    small = DiskWatch(MinFree.parse("0"))
+    small.update(0, [reading(RESUME_MIN_FREE - 1, 0)])
+    assert not small.has_room("/data/run")
+    small.update(1, [reading(RESUME_MIN_FREE, 1)])
+    assert small.has_room("/data/run")
