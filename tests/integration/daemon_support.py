@@ -293,3 +293,21 @@ def simulator(bootstrap: str, cmd_topic: str) -> Iterator[GatewaySimulator]:
         yield sim
     finally:
         sim.stop()
+
+
+@contextlib.contextmanager
+def tmpfs(directory: Path, size: str) -> Iterator[bool]:
+    """Mount a tmpfs of ``size`` (``2m``) on ``directory`` (a real ENOSPC when it fills);
+    yields whether it could be mounted (needs root), unmounts afterwards. Running as root in
+    CI without being able to mount is an error, not a skip."""
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+        check=False, capture_output=True,
+    ).returncode == 0
+    if not mounted and os.geteuid() == 0 and os.environ.get("CI"):
+        raise AssertionError("running as root in CI but cannot mount a tmpfs")
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(directory)], check=False, capture_output=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from daemon_support import (
     request,
     run_state,
     simulator,
+    tmpfs,
     wait_for,
 )
 
@@ -41,18 +41,10 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of DISK_MB MiB (mounting needs root: skipped elsewhere, required in CI)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(disk)],
-        check=False, capture_output=True,
-    ).returncode == 0
-    if not mounted:
-        if os.geteuid() == 0 and os.environ.get("CI"):
-            pytest.fail("running as root in CI but cannot mount a tmpfs")
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(disk, f"{DISK_MB}m") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False, capture_output=True)
 
 
 def fill(disk: Path, leave_bytes: int) -> Path:

@@ -25,6 +25,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from daemon_support import tmpfs
 from test_hdf5_roundtrip import make_samples, same
 
 from recorder.cli import main as cli_main
@@ -125,17 +126,8 @@ def tiny_disk(tmp_path: Path) -> Iterator[tuple[Path, int | None]]:
     RLIMIT_FSIZE for the writer (EFBIG). Yields (directory, file size limit or None)."""
     full = tmp_path / "full"
     full.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(full)],
-        check=False, capture_output=True,
-    ).returncode == 0
-    if not mounted and os.geteuid() == 0 and os.environ.get("CI"):
-        pytest.fail("running as root in CI but cannot mount a tmpfs")
-    try:
+    with tmpfs(full, "2m") as mounted:
         yield full, None if mounted else 2 * 1024 * 1024
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(full)], check=False, capture_output=True)
 
 
 def test_disk_full_fails_one_recording_only(
