@@ -19,6 +19,7 @@ Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
 ``write_errors_total{run}``              counter    failed writes/flushes
 ``admin_commands_total{command,code}``   counter    admin replies by command and code
 ``reloads_total{result}``                counter    ok | failed
+``files_total{run,status}``              counter    files finalized: complete | aborted | failed
 ``disk_free_bytes{path}``                gauge      free space of a filesystem runs write to
 ``disk_total_bytes{path}``               gauge      its size (path: its mount point)
 ``disk_warning{path}``                   gauge      1 while it needs a look (low, filling,
@@ -135,6 +136,13 @@ class RecorderMetrics:
         self.reloads = Counter(
             "reloads", "Run-definition reloads, by result", ["result"], namespace=ns, registry=r
         )
+        self.files = Counter(
+            "files",
+            "Files finalized, by the status the file records",
+            ["run", "status"],
+            namespace=ns,
+            registry=r,
+        )
         self.disk_free = Gauge(
             "disk_free_bytes",
             "Free space (for unprivileged users) of a filesystem the runs write to, by mount "
@@ -172,6 +180,7 @@ class RecorderMetrics:
         self._skip_reasons: dict[str, set[str]] = {}
         self._statuses: dict[str, set[str]] = {}
         self._resend_outcomes: dict[str, set[str]] = {}
+        self._file_statuses: dict[str, set[str]] = {}
 
     # --- recording side --------------------------------------------------------------------
     def iteration_closed(self, run: str, status: str) -> None:
@@ -211,6 +220,11 @@ class RecorderMetrics:
         self._runs.add(run)
         self._resend_outcomes.setdefault(run, set()).add(outcome)
         self.snapshot_resends.labels(run=run, outcome=outcome).inc()
+
+    def file_finalized(self, run: str, status: str) -> None:
+        self._runs.add(run)
+        self._file_statuses.setdefault(run, set()).add(status)
+        self.files.labels(run=run, status=status).inc()
 
     def set_kafka_up(self, up: bool) -> None:
         self.kafka_up.set(1 if up else 0)
@@ -253,6 +267,8 @@ class RecorderMetrics:
             self.messages_skipped.remove(run, reason)
         for outcome in self._resend_outcomes.pop(run, set()):
             self.snapshot_resends.remove(run, outcome)
+        for status in self._file_statuses.pop(run, set()):
+            self.files.remove(run, status)
 
 
 def start_metrics_server(

@@ -48,6 +48,7 @@ from typing import Any
 import structlog
 
 from recorder import __version__
+from recorder.admin.files import FileEvent
 from recorder.admin.status import DaemonState, RunState, StatusDocument
 from recorder.config.daemon import DaemonSettings
 from recorder.config.diff import diff_runs
@@ -227,7 +228,8 @@ class Service:
                 s = self.settings
                 cursor = AdminCursor(self.state_dir, s.admin_topic)
                 self._link = AdminLink(self.kafka, s.admin_topic,
-                                       ensure_topics=(s.admin_reply_topic, s.status_topic),
+                                       ensure_topics=(s.admin_reply_topic, s.status_topic,
+                                                      s.files_topic),
                                        start=cursor.load())
                 cursor.reset(self._link.start_offsets)
                 cursor.save()  # commands sent while this daemon is down are read next start
@@ -403,12 +405,36 @@ class Service:
             definition, self._client, self._store, metrics=self.metrics,
             recording_factory=self._factory, backoff=self._run_backoff(),
             silence_after_s=self.settings.silence_after_s, room_for=self._room_for,
+            on_file=self._on_file,
         )
         self._controllers[definition.name] = controller
         self.metrics.set_recording(definition.name, False)
         if start:
             controller.start()
         return controller
+
+    def _on_file(self, definition: RunDefinition, path: Path) -> None:
+        """A run finalized ``path``: publish its file event (a run's worker thread)."""
+        from recorder.sinks.describe import describe_file
+
+        info: dict[str, Any] = {}
+        error = None
+        try:
+            info = describe_file(path)
+        except (OSError, KeyError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        event = FileEvent(
+            time=time.time_ns() // 1_000_000, instance=self.settings.instance,
+            run=definition.name, snapshot=definition.snapshot.snapshot_name, path=str(path),
+            error=error, **info,
+        )
+        link = self._link
+        published = link is not None and link.produce(
+            self.settings.files_topic, event.encode(), key=definition.name)
+        self.metrics.file_finalized(definition.name, event.status or "unknown")
+        log.info("file event", run=definition.name, path=str(path), status=event.status,
+                 iterations=event.iterations, bytes=event.bytes, published=published,
+                 error=error)
 
     def run_handle(self, name: str) -> RunHandle | None:
         return self._controllers.get(name)

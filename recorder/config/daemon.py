@@ -7,6 +7,7 @@ Both classes read the same environment and ignore each other's variables. Exampl
     RECORDER_ADMIN_TOPIC=k2eg-recorder-admin
     RECORDER_ADMIN_SECRET=...                # HMAC-SHA256 key; commands must then be signed
     RECORDER_STATUS_TOPIC=k2eg-recorder-status
+    RECORDER_FILES_TOPIC=k2eg-recorder-files  # an event per finalized file
     RECORDER_HEARTBEAT_INTERVAL_S=5
     RECORDER_METRICS_PORT=9464               # unset: no metrics endpoint
     RECORDER_DISK_MIN_FREE=5%                # or a size: 200G
@@ -57,6 +58,10 @@ class DaemonSettings(BaseSettings):
         description="consumer group of the admin topic (default: k2eg-recorder-<instance>)",
     )
     status_topic: str = Field(default="k2eg-recorder-status", description="heartbeat/status topic")
+    files_topic: str = Field(
+        default="k2eg-recorder-files",
+        description="a JSON event per finalized file (path, status, iterations...), key = run",
+    )
     heartbeat_interval_s: float = Field(default=5.0, gt=0, le=3600)
     command_max_age_s: float = Field(
         default=30.0, gt=0, description="older commands are answered 'expired', never acted on"
@@ -101,7 +106,7 @@ class DaemonSettings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
-    @field_validator("admin_topic", "admin_reply_topic", "status_topic")
+    @field_validator("admin_topic", "admin_reply_topic", "status_topic", "files_topic")
     @classmethod
     def _topic(cls, value: str) -> str:
         if not _TOPIC_RE.match(value):
@@ -130,8 +135,9 @@ class DaemonSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> DaemonSettings:
-        if self.admin_topic in (self.admin_reply_topic, self.status_topic):
-            raise ValueError("admin_topic must differ from admin_reply_topic and status_topic")
+        if self.admin_topic in (self.admin_reply_topic, self.status_topic, self.files_topic):
+            raise ValueError("admin_topic must differ from admin_reply_topic, status_topic "
+                             "and files_topic")
         return self
 
     @property

@@ -341,6 +341,7 @@ class RunController:
         stop_timeout_s: float | None = None,
         silence_after_s: float = 30.0,
         room_for: Callable[[Path], bool] | None = None,
+        on_file: Callable[[RunDefinition, Path], None] | None = None,
     ) -> None:
         self.definition = definition
         self.name = definition.name
@@ -356,6 +357,8 @@ class RunController:
         self._silence_after_s = silence_after_s
         self._room_for = room_for or (lambda _directory: True)
         self._awaiting_room = False  # retrying after the disk ran out: only once it has room
+        self._on_file = on_file  # told of each finalized file (the daemon's file events)
+        self._announced = 0  # files of the current recording already told
         self._silence: SilenceWatch | None = None  # periodic runs while recording
         self._resend: _Resend | None = None  # the re-sent start in flight
         self._requests: queue.Queue[_Request] = queue.Queue()
@@ -612,6 +615,7 @@ class RunController:
             self._resolve_start(error=reason)
             return
         self._rec = rec
+        self._announced = 0
         # offsets before the first record of this recording count as durable: a crash before
         # the first flush resumes exactly where this recording started reading
         if active is not None and active.offsets:
@@ -670,6 +674,7 @@ class RunController:
         else:
             with self._lock:
                 self._stats.files.append(str(leftover))
+            self._file_finalized(leftover)
             in_file = _offsets_in_file(leftover, active.topic)
             offsets = {p: max(o, active.offsets.get(p, -1)) for p, o in in_file.items()}
             offsets = {**active.offsets, **offsets}
@@ -736,6 +741,7 @@ class RunController:
         if rec is not None:
             rec.maybe_flush(idle=idle)
             self._after_flush(rec)
+            self._announce_files(rec)
         if self._bridge is not None:
             self._note_bridge(self._bridge)
         now = time.monotonic()
@@ -1068,6 +1074,7 @@ class RunController:
             self._log.exception("closing the recording failed")
             paths = list(rec.paths)
         self._after_flush_counts(rec)
+        self._announce_files(rec)
         final = rec.status if rec.status in ("complete", "aborted", "failed") else "aborted"
         self._close_bridge(final, rec.reason or reason)
         files = [str(p) for p in paths]
@@ -1145,6 +1152,24 @@ class RunController:
                 if self._stats.bridge is not None:
                     self._stats.bridge = {**self._stats.bridge, "status": "failed",
                                           "reason": sink.reason or reason}
+
+    def _announce_files(self, rec: Recording) -> None:
+        """Tell of the files the recording finalized since the last call (a segment rotation,
+        the close)."""
+        paths = list(rec.paths)
+        if len(paths) <= self._announced:
+            return
+        new, self._announced = paths[self._announced:], len(paths)
+        for path in new:
+            self._file_finalized(Path(path))
+
+    def _file_finalized(self, path: Path) -> None:
+        if self._on_file is None:
+            return
+        try:
+            self._on_file(self.definition, path)
+        except Exception:  # a file event must never stop a recording
+            self._log.exception("file event failed", path=str(path))
 
     def _after_flush_counts(self, rec: Recording) -> None:
         values = rec.counters.get("values", 0)

@@ -234,7 +234,7 @@ class FakeRecording:
     def close(self, status: str = "complete", reason: str = "") -> list[Path]:
         self.flush()
         self.status = status
-        self.paths = [self._final]
+        self.paths = [*self.paths, self._final]  # the segments finalized before, and the last
         self.current_path = None
         return self.paths
 
@@ -247,11 +247,14 @@ def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False,
                 metrics: RecorderMetrics | None = None, time_window: int = 1000,
                 silence_after_s: float | None = None,
                 room_for: Callable[[Path], bool] | None = None,
+                on_file: Callable[[RunDefinition, Path], None] | None = None,
                 ) -> tuple[RunController, list[FakeRecording]]:
     made: list[FakeRecording] = []
     extra: dict[str, Any] = {} if bridge_factory is None else {"bridge_factory": bridge_factory}
     if room_for is not None:
         extra["room_for"] = room_for
+    if on_file is not None:
+        extra["on_file"] = on_file
     if metrics is not None:
         extra["metrics"] = metrics
     if silence_after_s is not None:
@@ -560,6 +563,28 @@ def test_a_recording_whose_disk_ran_out_resumes_once_there_is_room(tmp_path: Pat
         assert len(made) == 2 and c.status().current_file == str(made[1].current_path)
         assert client.starts[-1] is not None  # resumed from the durable offset
         assert client.starts[-1].offsets == {0: 42}
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_each_finalized_file_is_told_once(tmp_path: Path) -> None:
+    told: list[tuple[str, Path]] = []
+    client = FakeClient()
+    c, made = _controller(tmp_path, client,
+                          on_file=lambda d, p: told.append((d.name, p)))
+    try:
+        c.start().result(5)
+        sub = client.sub
+        assert sub is not None
+        made[0].paths.append(tmp_path / "r_0.h5")  # a segment rotation
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=3))
+        _wait(lambda: len(told) == 1)
+        time.sleep(0.3)  # later pump cycles: not told again
+        assert told == [("r", tmp_path / "r_0.h5")]
+        made[0]._final = tmp_path / "r_0_s0001.h5"
+        c.stop().result(5)
+        assert told == [("r", tmp_path / "r_0.h5"), ("r", tmp_path / "r_0_s0001.h5")]
     finally:
         c.shutdown().result(5)
         assert c.join(5)

@@ -1,0 +1,116 @@
+"""The files topic: a running daemon publishes one event per finalized file, each saying what
+the file says about itself, so a data catalog or an archive job needs no directory watching.
+
+A periodic run records into segments of 5 iterations and is stopped; every segment file (the
+rotated ones and the last one, finalized at the stop) must have exactly one event whose
+fields match the file read back with h5py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from daemon_support import (
+    DaemonEnv,
+    DaemonProcess,
+    complete_iterations,
+    h5_files,
+    request,
+    run_state,
+    simulator,
+    wait_for,
+)
+
+from recorder.admin.files import FileEvent
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def file_events(bootstrap: str, topic: str, want: int, timeout: float = 20.0
+                ) -> list[tuple[str | None, FileEvent]]:
+    """(key, event) of the topic's messages from its start, until ``want`` of them."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{topic}",
+                         "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    out: list[tuple[str | None, FileEvent]] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(out) < want and time.monotonic() < deadline:
+            for msg in consumer.consume(100, 0.2):
+                if msg.error() is None:
+                    key = msg.key()
+                    out.append((None if key is None else key.decode(),
+                                FileEvent.decode(msg.value())))
+    finally:
+        consumer.close()
+    return out
+
+
+def test_every_finalized_file_gets_one_event_that_matches_it(
+    tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
+    daemons: list[DaemonProcess],
+) -> None:
+    token = unique_name("fe").replace("-", "_")
+    data = tmp_path / "data"
+    config = tmp_path / "runs.yaml"
+    config.write_text(f"""
+runs:
+  - name: seg
+    snapshot:
+      snapshot_name: seg_{token}
+      pv_uri_list: [pva://SIM:AI:DOUBLE:1, pva://SIM:WF:DOUBLE:2:N64]
+      time_window: 100
+    output:
+      directory: {data}/seg
+      flush_interval_s: 0.3
+      segment: {{max_iterations: 5}}
+""")
+    files_topic = unique_name("files")
+    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config,
+                            {"RECORDER_FILES_TOPIC": files_topic})
+    with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
+        daemon = DaemonProcess(denv)
+        daemons.append(daemon)
+        wait_for(lambda: (run_state(admin, "seg") or {}).get("state") == "recording", 40,
+                 "the run to record")
+        wait_for(lambda: complete_iterations(admin, "seg") >= 12, 30, "12 iterations")
+        assert request(admin, "stop", "seg").ok
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
+
+    files = h5_files(data / "seg")
+    assert len(files) >= 3, files  # 5 + 5 + the rest
+    events = file_events(kafka_bootstrap, files_topic, len(files))
+    time.sleep(0.5)
+    assert len(file_events(kafka_bootstrap, files_topic, len(files) + 1, timeout=2)) == \
+        len(files)  # one each, no more
+    by_path = {e.path: (key, e) for key, e in events}
+    assert sorted(by_path) == sorted(str(p.resolve()) for p in files), (by_path, files)
+    uids = set()
+    for path in files:
+        key, e = by_path[str(path.resolve())]
+        with h5py.File(path, "r") as f:
+            a: dict[str, Any] = {k: (v.decode() if isinstance(v, bytes) else v)
+                                 for k, v in f.attrs.items()}
+        assert key == "seg" and (e.run, e.snapshot) == ("seg", f"seg_{token}")
+        assert e.instance == denv.app and e.error is None
+        assert e.status == a["status"] == "complete"
+        assert e.iterations == int(a["n_iterations"]) and e.values == int(a["n_values"])
+        assert e.segment == int(a["segment"]) and e.recording_uid == a["recording_uid"]
+        assert (e.start_time, e.end_time) == (a["start_time"], a["end_time"])
+        assert e.bytes == path.stat().st_size and e.format_version == a["format_version"]
+        uids.add(e.recording_uid)
+    assert len(uids) == 1  # the segments of one recording
+    assert sorted(e.segment for _k, e in events) == list(range(len(files)))  # type: ignore[type-var]
+    assert sum(e.iterations for _k, e in events[:-1]) == 5 * (len(files) - 1)  # type: ignore[misc]
+    log = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{")]
+    told = [entry for entry in log if entry.get("event") == "file event"]
+    assert len(told) == len(files) and all(entry["published"] for entry in told)
