@@ -608,6 +608,11 @@ class RunController:
         except (RecorderError, OSError, ValueError, RuntimeError) as exc:
             reason = f"cannot create the recording: {exc}"
         if rec is None or rec.status != "recording":
+            if out_of_space(reason):  # no room for a new file: wait for it, as after a failure
+                self._awaiting_room = True
+                self._release_quietly()
+                self._start_failed(f"{reason}; it resumes when its disk has room again")
+                return
             self._error(reason)
             self._log.error("recording could not start", reason=reason)
             self._stop_snapshot_quietly()

@@ -568,6 +568,33 @@ def test_a_recording_whose_disk_ran_out_resumes_once_there_is_room(tmp_path: Pat
         assert c.join(5)
 
 
+def test_no_room_for_a_new_file_waits_for_room_too(tmp_path: Path) -> None:
+    """Without disk checks (room_for always yes), a recording that cannot even create its
+    file for want of space retries with backoff instead of failing for good."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    real = c._factory
+    attempts = [0]
+
+    def full_then_fine(*args: Any, **kwargs: Any) -> Any:
+        attempts[0] += 1
+        if attempts[0] == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    c._factory = full_then_fine  # type: ignore[assignment]
+    try:
+        reply = c.start().result(5)
+        assert "accepted but not recording yet" in reply and "No space left" in reply
+        first = client.unsubscribed[0]
+        assert not first.stopped  # the gateway snapshot was left running
+        _wait(lambda: c.state is RunState.RECORDING)
+        assert attempts[0] == 2 and len(made) == 1
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_each_finalized_file_is_told_once(tmp_path: Path) -> None:
     told: list[tuple[str, Path]] = []
     client = FakeClient()
