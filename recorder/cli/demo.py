@@ -55,6 +55,7 @@ def write_examples(config_dir: Path, data_dir: Path) -> list[Path]:
 def _drive(service: object, admin_args: dict[str, object], *, seconds: float, triggers: int,
            report: list[str], errors: list[str]) -> None:
     """The operator: trigger the triggered run through the admin topic, then stop."""
+    from recorder.cli.admin import disk_line
     from recorder.daemon.adminclient import AdminClient
     from recorder.service import Service
 
@@ -80,10 +81,26 @@ def _drive(service: object, admin_args: dict[str, object], *, seconds: float, tr
                 its = st.get("iterations", {})
                 report.append(f"status {name}: {st.get('state')}, {its.get('complete', 0)} "
                               f"complete / {its.get('incomplete', 0)} incomplete iterations")
+            for disk in (reply.data or {}).get("daemon", {}).get("disks") or []:
+                report.append(f"status {disk_line(disk)}")
     except Exception as exc:
         errors.append(f"{type(exc).__name__}: {exc}")
     finally:
         service.request_stop()  # the same path as SIGTERM
+
+
+def _count_messages(bootstrap: str, topic: str) -> int:
+    """Messages in ``topic`` (its one partition), from the watermarks."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "k2eg-recorder-demo-count"})
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+    except Exception:  # a count for the printout only
+        return 0
+    finally:
+        consumer.close()
+    return int(high - low)
 
 
 def _sleep_until(service: object, deadline: float) -> None:
@@ -150,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
         for line in errors:
             print(f"  error: {line}", file=sys.stderr)
         files = {name: c.files() for name, c in service.controllers.items()}
+        events = _count_messages(broker.bootstrap_servers, daemon.files_topic)
+        print(f"  files topic {daemon.files_topic}: {events} file event(s), one per file "
+              f"finalized")
         # drop the daemon's Kafka handles before the broker goes away (librdkafka would log
         # reconnection attempts until they are garbage-collected)
         del service

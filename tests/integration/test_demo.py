@@ -50,3 +50,8 @@ def test_demo_records_every_example_run_and_prints_only_its_report(tmp_path: Pat
     log = (out / "daemon.log").read_text()
     # written by the writer processes (isolated recordings), into the daemon's log file
     assert log.count('"segment finalized"') == 3, log[-2000:]
+    # one file event per file on the files topic, and the disk the runs write to
+    assert "  files topic k2eg-recorder-files: 3 file event(s), one per file finalized" \
+        in proc.stdout.splitlines(), proc.stdout
+    assert re.search(r"^  status disk /\S*: [\d.]+ \w+ free of [\d.]+ \w+ \([\d.]+%\)",
+                     proc.stdout, re.MULTILINE), proc.stdout
