@@ -833,11 +833,12 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
     return Recording(paths)
 
 
-_SCALAR_KINDS = (ValueKind.SCALAR.value, ValueKind.BOOL.value, ValueKind.ENUM.value)
+SCALAR_KINDS = (ValueKind.SCALAR.value, ValueKind.BOOL.value, ValueKind.ENUM.value)
+"""The kinds of PV (``summary()["kind"]``) ``table()`` takes by default."""
 
 
 def _scalar_pvs(summary: list[dict[str, Any]]) -> list[str]:
-    return [row["pv"] for row in summary if row["kind"] in _SCALAR_KINDS]
+    return [row["pv"] for row in summary if row["kind"] in SCALAR_KINDS]
 
 
 def _fill_value(dtype: np.dtype[Any]) -> Any:
@@ -903,7 +904,8 @@ def aligned_table(iterations: dict[str, npt.NDArray[Any]],
     """Columns for a table with one row per iteration: ``iter_index`` (``segment`` too when
     the iterations carry it), ``status``, ``header_timestamp`` (ns), then one column per PV,
     named as the PV. A scalar column keeps its dtype when every iteration has a value; with
-    gaps, numbers (and booleans) become float64 with NaN, as pandas does; strings, waveforms
+    gaps, floats hold NaN there, integers and booleans become float64 with NaN (as pandas
+    does); strings, waveforms
     and other values are object columns with None where an iteration has none."""
     out: dict[str, npt.NDArray[Any]] = {"iter_index": iterations["iter_index"]}
     for key in ("segment", "status", "header_timestamp"):
@@ -917,7 +919,9 @@ def aligned_table(iterations: dict[str, npt.NDArray[Any]],
         elif not missing.any():
             out[pv] = np.asarray(m.data)
         elif m.dtype.kind in "fiub":
-            numbers = np.asarray(m.data, dtype=np.float64).copy()
+            # floats keep their dtype (float32 stays float32); integers and booleans become
+            # float64 to hold NaN
+            numbers = np.array(m.data, dtype=m.dtype if m.dtype.kind == "f" else np.float64)
             numbers[missing] = np.nan
             out[pv] = numbers
         else:

@@ -1,0 +1,123 @@
+"""``k2eg-recorder export FILE``: PVs side by side, one CSV row per iteration.
+
+For a spreadsheet or a tool that does not read HDF5: the whole recording FILE belongs to (all
+its segments in FILE's directory, unless ``--only-file``), one row per iteration with
+``iter_index``, ``status``, the header time (ISO 8601 UTC and ns), then one column per PV: its
+value in that iteration (the last one; ``--pick first``), empty where it has none. Scalar,
+boolean, enum (the index) and string PVs; by default all of them, or ``--pv NAME`` (repeat).
+
+Examples::
+
+    k2eg-recorder export /data/bpm/bpm-10hz_20261122T130002Z_0000.h5 -o bpm.csv
+    k2eg-recorder export FILE --pv LINAC:BPM1:X --pv LINAC:BPM2:X | head
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+HELP = "PVs side by side, one CSV row per iteration"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="a .h5 file of the recording (or .h5.partial)")
+    parser.add_argument("--pv", action="append", default=None, metavar="NAME",
+                        help="this PV (repeatable; default: every scalar/bool/enum/string PV)")
+    parser.add_argument("--pick", choices=("last", "first"), default="last",
+                        help="the value of an iteration holding several (timedbuffered)")
+    parser.add_argument("--only-file", action="store_true",
+                        help="this file only, not every segment of its recording")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="CSV file to write (default: standard output)")
+
+
+def _iso(ns: int) -> str:
+    if not ns:
+        return ""
+    stamp = dt.datetime.fromtimestamp(ns // 1000 / 1e6, dt.UTC)
+    return stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value
+
+
+def _texts(column: Any) -> list[Any]:
+    """A column's cells: float32 as float32 prints (``9.510565``, not its float64 widening)."""
+    import numpy as np
+
+    if column.dtype == np.float32:
+        return [None if v != v else str(v) for v in column]  # noqa: PLR0124 (NaN)
+    return list(column.tolist())
+
+
+def write_csv(table: dict[str, Any], pvs: list[str], out: TextIO) -> int:
+    """The table's rows as CSV; returns the number of rows."""
+    writer = csv.writer(out, lineterminator="\n")
+    extra = ["segment"] if "segment" in table else []
+    writer.writerow(["iter_index", *extra, "status", "header_time", "header_timestamp_ns",
+                     *pvs])
+    columns = [_texts(table[pv]) for pv in pvs]
+    n = len(table["iter_index"])
+    segments = table["segment"].tolist() if extra else None
+    for i in range(n):
+        ns = int(table["header_timestamp"][i])
+        head: list[Any] = [int(table["iter_index"][i])]
+        if segments is not None:
+            head.append(segments[i])
+        writer.writerow([*head, table["status"][i], _iso(ns), ns,
+                         *(_cell(c[i]) for c in columns)])
+    return n
+
+
+def run(args: argparse.Namespace) -> int:
+    from recorder.errors import FileFormatError
+    from recorder.reader import SCALAR_KINDS, RecordingFile, open_file, open_recording
+
+    path: Path = args.file
+    if not path.is_file():
+        print(f"{path}: {'not a file' if path.exists() else 'no such file'}", file=sys.stderr)
+        return 1
+    try:
+        source = open_file(path) if args.only_file else open_recording(path)
+    except (FileFormatError, OSError) as exc:
+        print(f"{path}: cannot open: {exc}", file=sys.stderr)
+        return 1
+    with source:
+        files = [source] if isinstance(source, RecordingFile) else source.files
+        kinds: dict[str, str] = {}
+        for f in files:
+            for row in f.summary():
+                kinds.setdefault(row["pv"], row["kind"])
+        allowed = {pv for pv, kind in kinds.items() if kind in (*SCALAR_KINDS, "string")}
+        pvs = list(args.pv) if args.pv else [pv for pv in kinds if pv in allowed]
+        unknown = [pv for pv in pvs if pv not in kinds]
+        not_scalar = [pv for pv in pvs if pv in kinds and pv not in allowed]
+        if unknown or not_scalar:
+            for pv in unknown:
+                print(f"{path}: no PV {pv!r} in the recording", file=sys.stderr)
+            for pv in not_scalar:
+                print(f"{path}: {pv!r} holds {kinds[pv]} values, not one number or text per "
+                      "iteration: read it with recorder.reader", file=sys.stderr)
+            return 2
+        table = source.table(pvs, pick=args.pick)
+        if args.output is None:
+            try:
+                write_csv(table, pvs, sys.stdout)
+                sys.stdout.flush()
+            except BrokenPipeError:  # `| head`: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        else:
+            with open(args.output, "w", encoding="utf-8", newline="") as out:
+                n = write_csv(table, pvs, out)
+            print(f"{args.output}: {n} iterations x {len(pvs)} PVs", file=sys.stderr)
+    return 0

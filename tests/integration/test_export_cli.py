@@ -1,0 +1,74 @@
+"""``k2eg-recorder export``: a recording's scalar PVs as CSV, one row per iteration, read
+back with the csv module from the command's real output (a child process)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from test_hdf5_roundtrip import write_iteration
+from test_reader_aligned import N, samples_of
+
+from recorder.client.values import PVSample
+from recorder.sinks.hdf5 import HDF5Recording
+from recorder.sinks.options import OutputOptions, SegmentOptions
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def export(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "recorder.cli", "export", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+
+
+def rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_export_a_recording_of_several_segments(tmp_path: Path) -> None:
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, segment=SegmentOptions(max_iterations=4)),
+                        run_name="csv")
+    for i in range(N):
+        f32 = PVSample("F", {"value": float(np.float32(0.1 * i)),
+                             "timeStamp": {"secondsPastEpoch": 1, "nanoseconds": i}},
+                       frozenset({"value"}))
+        write_iteration(rec, i, [*samples_of(i), f32])
+    first, second = rec.close()
+
+    proc = export(str(second))  # any file of the recording: all its segments
+    assert proc.returncode == 0, proc.stderr
+    table = rows(proc.stdout)
+    head = list(table[0])
+    assert head[:5] == ["iter_index", "segment", "status", "header_time", "header_timestamp_ns"]
+    assert sorted(head[5:]) == ["A", "B", "E", "F", "S", "T"], head
+    assert [r["iter_index"] for r in table] == [str(i) for i in range(N)]
+    assert [r["segment"] for r in table] == ["0"] * 4 + ["1"] * 2
+    assert [r["B"] for r in table] == ["0.0", "10.0", "", "30.0", "40.0", ""]  # gaps: empty
+    assert [r["S"] for r in table] == ["s0", "", "s2", "s3", "s4", ""]
+    assert [r["T"] for r in table] == ["2.0", "102.0", "202.0", "302.0", "", ""]  # the last
+    assert [r["E"] for r in table] == ["0.0", "1.0", "0.0", "1.0", "0.0", ""]
+    assert [r["F"] for r in table] == [str(np.float32(0.1 * i)) for i in range(N)]  # 0.3, not
+    assert "W" not in table[0]  # waveforms have no CSV cell      # 0.30000001192092896
+    assert table[0]["header_time"] == ""  # header timestamp 0: none received
+    assert table[1]["header_time"] == "1970-01-01T00:00:00.000000Z"  # 1 ns
+    assert table[1]["header_timestamp_ns"] == "1"
+
+    firsts = rows(export(str(first), "--pick", "first", "--only-file", "--pv", "T",
+                         "--pv", "A").stdout)
+    assert list(firsts[0]) == ["iter_index", "status", "header_time", "header_timestamp_ns",
+                               "T", "A"]
+    assert [r["T"] for r in firsts] == ["1.0", "101.0", "201.0", "301.0"]
+
+    out = tmp_path / "out.csv"
+    proc = export(str(first), "-o", str(out))
+    assert proc.returncode == 0 and "6 iterations x" in proc.stderr
+    assert rows(out.read_text()) == table
+
+    bad = export(str(first), "--pv", "W", "--pv", "NOPE")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "'W' holds array values" in bad.stderr and "no PV 'NOPE'" in bad.stderr
+    assert export(str(tmp_path / "missing.h5")).returncode == 1
