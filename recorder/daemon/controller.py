@@ -556,6 +556,12 @@ class RunController:
         if state is RunState.STOPPING:
             raise AdminCommandError(ReplyCode.ALREADY_RUNNING.value,
                                     f"run {self.name!r} is stopping; start it again afterwards")
+        if state is RunState.RETRYING and self._awaiting_room:  # may be hours: answer now
+            with self._lock:
+                why = self._stats.last_error
+            future.set_result(f"run {self.name!r} waits for room on its disk ({why}); it "
+                              "resumes by itself")
+            return
         if state in (RunState.STARTING, RunState.RETRYING):
             self._start_waiters.append(future)
             return

@@ -557,6 +557,9 @@ def test_a_recording_whose_disk_ran_out_resumes_once_there_is_room(tmp_path: Pat
         assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is not None
         time.sleep(0.5)  # backoff 0.05 s long past: no attempt while there is no room
         assert len(made) == 1 and len(client.starts) == 1
+        # an operator's start is answered at once (waiting for room may take hours)
+        assert "waits for room on its disk" in c.start().result(1)
+        assert c.state is RunState.RETRYING and len(made) == 1
         assert asked and asked[-1] == c.definition.output.directory
         room[0] = True  # an operator freed space
         _wait(lambda: c.state is RunState.RECORDING, timeout=5)
