@@ -58,6 +58,7 @@ from recorder.sinks.codec import (
     rebuild_data,
     typed_scalar,
 )
+from recorder.sinks.describe import plain
 from recorder.sinks.livefile import LiveView, read_live
 
 with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
@@ -127,7 +128,7 @@ class RecordingFile:
         if version.split(".", maxsplit=1)[0] not in SUPPORTED_MAJORS:
             self.h5.close()
             raise FileFormatError(f"{self.path}: unsupported format_version {version!r}")
-        self.attrs: dict[str, Any] = {k: _plain(v) for k, v in attrs.items()}
+        self.attrs: dict[str, Any] = {k: plain(v) for k, v in attrs.items()}
         self.layout = str(self.attrs.get("layout", "final"))
         self._live: LiveView | None = None
         self._cache: dict[str, list[PVSample]] = {}
@@ -157,7 +158,7 @@ class RecordingFile:
         return [str(n) for n in self.attrs_of("pvs").get("pv_names", [])]
 
     def attrs_of(self, path: str) -> dict[str, Any]:
-        return {k: _plain(v) for k, v in self.h5[path].attrs.items()}
+        return {k: plain(v) for k, v in self.h5[path].attrs.items()}
 
     def _live_tags(self) -> dict[int, dict[str, str]]:
         view = self._live
@@ -234,7 +235,7 @@ class RecordingFile:
                 names = table.dtype.names or ()
                 self._info = {}
                 for row in table:
-                    item = {k: _plain(row[k]) for k in names}
+                    item = {k: plain(row[k]) for k in names}
                     self._info[str(item["pv_name"])] = item
             else:
                 self._info = {}
@@ -592,7 +593,7 @@ class RecordingFile:
         table: list[tuple[str, npt.NDArray[Any]]] | None = None
         if "value" in g and isinstance(g["value"], h5py.Group):  # NTTable: one dataset a column
             vg = g["value"]
-            names = [str(c) for c in _plain(vg.attrs["columns"])]
+            names = [str(c) for c in plain(vg.attrs["columns"])]
             table = [(c, vg[escape_name(c)][rows]) for c in names]
         elif "value" in g:
             value = g["value"][rows]
@@ -658,7 +659,7 @@ class RecordingFile:
         if "alarm_message" not in g:
             return np.zeros(0, np.int32), []
         ds = g["alarm_message"]
-        return ds[rows], [str(t) for t in _plain(ds.attrs["texts"])]
+        return ds[rows], [str(t) for t in plain(ds.attrs["texts"])]
 
     # --- iteration by iteration ---------------------------------------------------------------
     def trains(self) -> Iterator[Train]:
@@ -825,7 +826,7 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
             if p.suffix in (".h5", ".hdf5", ".nxs", ".partial"):
                 try:
                     with h5py.File(p, "r", swmr=p.suffix == ".partial") as h:
-                        if _plain(h.attrs.get("recording_uid")) == uid:
+                        if plain(h.attrs.get("recording_uid")) == uid:
                             found.append(p)
                 except OSError:
                     continue
@@ -982,16 +983,6 @@ def _decode_tags(raw: Any) -> dict[str, str]:
         return {}
     loaded = json.loads(text)
     return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def json_attr(f: RecordingFile, name: str) -> Any:

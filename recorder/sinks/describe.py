@@ -10,14 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 
-__all__ = ["describe_file"]
+__all__ = ["describe_file", "plain"]
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """An HDF5 attribute (or table cell) as plain Python: bytes decoded, numpy scalars and
+    object arrays unwrapped."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
-    if hasattr(value, "item"):  # numpy scalar
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return [plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
         return value.item()
     return value
 
@@ -29,7 +34,7 @@ def describe_file(path: Path) -> dict[str, Any]:
     file cannot be read."""
     size = path.stat().st_size
     with h5py.File(path, "r") as f:
-        a = {k: _plain(v) for k, v in f.attrs.items()
+        a = {k: plain(v) for k, v in f.attrs.items()
              if k in ("recording_uid", "segment", "status", "status_reason", "start_time",
                       "end_time", "n_iterations", "n_values", "format_version")}
     return {
