@@ -20,8 +20,12 @@ import datetime as dt
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from recorder.reader import Recording, RecordingFile
 
 HELP = "PVs side by side, one CSV row per iteration"
 
@@ -80,17 +84,19 @@ def write_csv(table: dict[str, Any], pvs: list[str], out: TextIO) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recorder.errors import FileFormatError
-    from recorder.reader import SCALAR_KINDS, RecordingFile, open_file, open_recording
+    from recorder.cli.inspect_cmd import open_or_report
+    from recorder.reader import (
+        SCALAR_KINDS,
+        RecordingFile,
+        open_file,
+        open_recording,
+    )
 
     path: Path = args.file
-    if not path.is_file():
-        print(f"{path}: {'not a file' if path.exists() else 'no such file'}", file=sys.stderr)
-        return 1
-    try:
-        source = open_file(path) if args.only_file else open_recording(path)
-    except (FileFormatError, OSError) as exc:
-        print(f"{path}: cannot open: {exc}", file=sys.stderr)
+    opener: Callable[[Path], RecordingFile | Recording] = (
+        open_file if args.only_file else open_recording)
+    source = open_or_report(path, opener)
+    if source is None:
         return 1
     with source:
         files = [source] if isinstance(source, RecordingFile) else source.files

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 HELP = "summarize a recorded HDF5 file"
+T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,24 +23,32 @@ def _t(ns: int) -> str:
     return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat(timespec="milliseconds")
 
 
-def run(args: argparse.Namespace) -> int:
+def open_or_report(path: Path, opener: Callable[[Path], T]) -> T | None:
+    """``opener(path)``, or None after saying on stderr why the file cannot be read (missing,
+    not a file, not HDF5, not ours): what ``inspect`` and ``export`` tell their users."""
     from recorder.errors import FileFormatError
-    from recorder.reader import open_file
 
-    path: Path = args.file
     if not path.is_file():
         print(f"{path}: {'not a file' if path.exists() else 'no such file'}", file=sys.stderr)
-        return 1
+        return None
     try:
-        f = open_file(path)
+        return opener(path)
     except FileFormatError as exc:
         print(str(exc), file=sys.stderr)  # names the file
-        return 1
     except OSError as exc:  # h5py's text: "Unable to synchronously open file (<why>)"
         why = str(exc)
         if "file signature not found" in why:
             why = "not an HDF5 file"
         print(f"{path}: cannot open: {why}", file=sys.stderr)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from recorder.reader import open_file
+
+    path: Path = args.file
+    f = open_or_report(path, open_file)
+    if f is None:
         return 1
     with f:
         a = f.attrs
