@@ -616,7 +616,7 @@ class RunController:
         if rec is None or rec.status != "recording":
             if out_of_space(reason):  # no room for a new file: wait for it, as after a failure
                 self._awaiting_room = True
-                self._release_quietly()
+                self._stop_snapshot_quietly(at_gateway=False)
                 self._start_failed(f"{reason}; it resumes when its disk has room again")
                 return
             self._error(reason)
@@ -1198,11 +1198,8 @@ class RunController:
         if self._metrics is not None:
             self._metrics.write_failed(self.name)
         no_room = out_of_space(reason) or not self._room_for(self.definition.output.directory)
-        if no_room:
-            # stop reading, not the gateway snapshot: its data waits in Kafka for the resume
-            self._release_quietly()
-        else:
-            self._stop_snapshot_quietly()
+        # no room: stop reading, not the gateway snapshot (its data waits in Kafka)
+        self._stop_snapshot_quietly(at_gateway=not no_room)
         self._close_recording("failed", reason)
         self._sub = None
         if no_room:
@@ -1228,14 +1225,6 @@ class RunController:
         self._sub = None
         self._set_state(RunState.IDLE)
 
-    def _release_quietly(self) -> None:
-        """Stop reading the snapshot; the gateway goes on publishing it."""
-        sub, self._sub = self._sub, None
-        if sub is None or sub.ended:
-            return
-        with contextlib.suppress(Exception):
-            self._client.unsubscribe(sub)
-
     def _stop_gateway_snapshot(self) -> None:
         """Stop the snapshot a run waiting for disk space left running at the gateway."""
         name = self.definition.snapshot.snapshot_name
@@ -1244,16 +1233,20 @@ class RunController:
         except RecorderError as exc:
             self._log.warning("k2eg stop failed", error=str(exc), snapshot=name)
 
-    def _stop_snapshot_quietly(self) -> None:
+    def _stop_snapshot_quietly(self, *, at_gateway: bool = True) -> None:
+        """Stop reading the snapshot and, unless ``at_gateway`` is false (its data is to wait
+        in Kafka), stop it at the gateway; a failed k2eg stop only unsubscribes."""
         sub, self._sub = self._sub, None
         if sub is None or sub.ended:
             return
-        try:
-            sub.stop(timeout=5.0, final_timeout_s=0.5)
-        except RecorderError as exc:
-            self._log.warning("k2eg stop failed", error=str(exc))
-            with contextlib.suppress(Exception):
-                self._client.unsubscribe(sub)
+        if at_gateway:
+            try:
+                sub.stop(timeout=5.0, final_timeout_s=0.5)
+                return
+            except RecorderError as exc:
+                self._log.warning("k2eg stop failed", error=str(exc))
+        with contextlib.suppress(Exception):
+            self._client.unsubscribe(sub)
 
     def _abort_recording(self, reason: str) -> None:
         with contextlib.suppress(Exception):
