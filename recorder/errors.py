@@ -6,6 +6,8 @@ Every error the recorder raises on purpose derives from :class:`RecorderError`, 
 
 from __future__ import annotations
 
+import errno
+
 
 class RecorderError(Exception):
     """Base class of every error raised on purpose by k2eg-recorder."""
@@ -68,6 +70,17 @@ class SinkError(RecorderError):
 
 class FileFormatError(SinkError):
     """A file is not a k2eg-recorder file, or has an unsupported format version."""
+
+
+class FileBusyError(SinkError, BlockingIOError):
+    """A running writer holds the file (its writer lock): it is not to be recovered now.
+    An OSError (EAGAIN) too, so callers that retry busy files catch it as one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EAGAIN, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 # --- the daemon ----------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from recorder.sinks.codec import (
     typed_scalar,
 )
 from recorder.sinks.describe import plain
+from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import LiveView, read_live
 
 with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
@@ -84,11 +85,8 @@ def sample_value(
 
 
 def _open_h5(path: Path) -> h5py.File:
-    try:
-        return h5py.File(path, "r")
-    except OSError:
-        # a live file (or one left by a crashed writer) opens in SWMR read mode
-        return h5py.File(path, "r", swmr=True)
+    # a live file (or one left by a crashed writer) opens in SWMR read mode
+    return open_for_reading(path)
 
 
 class _Row(NamedTuple):
@@ -825,7 +823,7 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
         for p in sorted(directory.iterdir()):
             if p.suffix in (".h5", ".hdf5", ".nxs", ".partial"):
                 try:
-                    with h5py.File(p, "r", swmr=p.suffix == ".partial") as h:
+                    with open_for_reading(p, live_first=p.suffix == ".partial") as h:
                         if plain(h.attrs.get("recording_uid")) == uid:
                             found.append(p)
                 except OSError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,7 +24,9 @@ COMMANDS: dict[str, str] = {
     "validate": "validate",
     "inspect": "inspect_cmd",
     "export": "export",
+    "ls": "ls_cmd",
     "recover": "recover",
+    "verify": "verify_cmd",
     "start": "admin",
     "stop": "admin",
     "trigger": "admin",
@@ -39,7 +42,9 @@ HELP: dict[str, str] = {
     "validate": "check run definitions and show what they would record",
     "inspect": "summarize a recorded HDF5 file",
     "export": "PVs side by side, one CSV row per iteration",
+    "ls": "list the recordings on disk (run, time span, status, files)",
     "recover": "make files left by a crashed writer clean and mark them",
+    "verify": "check recorded files against the file-format spec",
     "start": "admin: start a run",
     "stop": "admin: stop a run",
     "trigger": "admin: trigger a triggered run",
@@ -84,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(mod.run(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `k2eg-recorder ls --json | head`: the reader left, fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 141  # 128 + SIGPIPE, as a shell reports a killed writer
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -189,7 +189,24 @@ def run(args: argparse.Namespace) -> int:
     if partials:
         print(f"not finalized: {partials}", file=sys.stderr)
         return 1
+    if not print_verified([p for paths in files.values() for p in paths]):
+        return 1
+    print(f"list them: k2eg-recorder ls {data_dir}/*; read one: k2eg-recorder inspect FILE")
     return 1 if errors or code != 0 else 0
+
+
+def print_verified(paths: list[str]) -> bool:
+    """``k2eg-recorder verify`` of the demo's files (with their data): whether all pass."""
+    from recorder.verify import verify_file
+
+    reports = [verify_file(p, data=True) for p in paths]
+    bad = [r for r in reports if not r.ok]
+    print(f"k2eg-recorder verify --data: {len(reports) - len(bad)} of {len(reports)} file(s) "
+          "match docs/file-format.md")
+    for r in bad:
+        for problem in r.errors:
+            print(f"  {r.path}: {problem}", file=sys.stderr)
+    return not bad
 
 
 def print_summary(files: dict[str, list[str]]) -> None:

@@ -36,6 +36,7 @@ import structlog
 from recorder import __version__
 from recorder.client.events import IterationEvent, IterationOpened
 from recorder.client.properties import PVUri, SnapshotProperties
+from recorder.sinks import writelock
 from recorder.sinks.buffer import RecordingBuffer
 from recorder.sinks.finalize import FORMAT_VERSION, finalize
 from recorder.sinks.livefile import RECORDING_STATUS, LiveWriter, create_live_layout
@@ -114,6 +115,7 @@ class HDF5Recording:
         self.last_flush_seconds = 0.0
         self._final: Path | None = None
         self._file: h5py.File | None = None
+        self._lock: writelock.WriterLock | None = None
         self._writer: LiveWriter | None = None
         self._buffer = RecordingBuffer(self.pv_uri_map)
         self._durable: dict[tuple[str, int], int] = {}
@@ -281,6 +283,7 @@ class HDF5Recording:
         self._writer = LiveWriter(f)
         self._final = final
         self.current_path = partial
+        self._lock = writelock.acquire(partial)  # until finalized: recover leaves it alone
         self._segment_start = self.clock()
         self._segment_iterations = 0
         self.counters["segments"] += 1
@@ -348,6 +351,8 @@ class HDF5Recording:
         except (OSError, RuntimeError, ValueError) as exc:
             self._fail(exc)
             return
+        finally:
+            self._release_lock()
         self.paths.append(final)
         self.current_path = None
         self._log.info("segment finalized", path=str(final), status=status)
@@ -370,6 +375,12 @@ class HDF5Recording:
         if self._file is not None:
             _PARKED.append(self._file)
         self._file, self._writer = None, None
+        self._release_lock()  # an abandoned file: `recover` may finalize it
+
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     def _now_ns(self) -> int:
         return int(self.wall_clock() * 1e9)

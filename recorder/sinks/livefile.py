@@ -314,7 +314,8 @@ class Commit:
     limits: dict[str, int]  # STATE_COLUMNS n_* -> length
     status: str
     time_ns: int
-    n_commits: int
+    n_commits: int  # commit rows up to this one
+    n_rows: int  # rows in /live/state (later ones point past the data: a flush cut short)
 
 
 def refresh_live(f: h5py.File) -> None:
@@ -355,10 +356,11 @@ def read_commit(f: h5py.File) -> Commit:
             if all(row[k] <= actual[k] for k in actual):
                 status = {v: k for k, v in RECORDING_STATUS.items()}.get(row["status"])
                 return Commit(
-                    {k: row[k] for k in actual}, status or "recording", row["time"], lo + i + 1
+                    {k: row[k] for k in actual}, status or "recording", row["time"], lo + i + 1,
+                    state_len,
                 )
         hi = lo
-    return Commit(dict.fromkeys(actual, 0), "recording", 0, 0)
+    return Commit(dict.fromkeys(actual, 0), "recording", 0, 0, state_len)
 
 
 def read_pv_names(f: h5py.File, commit: Commit) -> list[str]:

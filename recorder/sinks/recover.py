@@ -7,10 +7,12 @@ from pathlib import Path
 
 import h5py
 
+from recorder.errors import FileBusyError
 from recorder.sinks.finalize import FINAL_SUFFIX, finalize
 from recorder.sinks.livefile import read_commit
 from recorder.sinks.options import PARTIAL_SUFFIX, final_path
 from recorder.sinks.superblock import clear_consistency_flags
+from recorder.sinks.writelock import writer_active
 
 
 def find_partials(directory: Path) -> list[Path]:
@@ -22,11 +24,17 @@ def recover_file(path: Path) -> Path:
 
     The recording status becomes ``aborted`` (``failed`` if the writer had recorded a
     failure) with a reason saying it was recovered; iterations that were open when the
-    writer died are marked incomplete (``writer_crashed``).
+    writer died are marked incomplete (``writer_crashed``). Raises :class:`FileBusyError`
+    while a running writer holds the file (:mod:`recorder.sinks.writelock`).
     """
     path = Path(path)
     if not path.name.endswith(PARTIAL_SUFFIX):
         raise ValueError(f"{path} is not a file being written (no {PARTIAL_SUFFIX} suffix)")
+    if writer_active(path):
+        raise FileBusyError(
+            f"{path} is being written: a running writer holds its lock (not touched; "
+            "stop the run, or wait until it is finalized)"
+        )
     stale = path.with_name(final_path(path).name + FINAL_SUFFIX)
     stale.unlink(missing_ok=True)  # an interrupted finalization
     clear_consistency_flags(path)

@@ -1,4 +1,5 @@
-"""Clear the HDF5 superblock's file-consistency flags (what ``h5clear -s`` does), pure Python.
+"""The HDF5 superblock, pure Python: clear its file-consistency flags (what ``h5clear -s``
+does), read the end-of-file address it records.
 
 A writer killed while a file is open for (SWMR) writing leaves "file is open for write"
 flags in a version 2/3 superblock, and HDF5 then refuses a normal open ("may use <h5clear
@@ -66,6 +67,21 @@ def consistency_flags(path: Path) -> int:
     if head[:8] != SIGNATURE or head[8] not in (2, 3):
         raise ValueError(f"{path}: not an HDF5 file with a version 2/3 superblock at offset 0")
     return head[11]
+
+
+def stored_eof(path: Path) -> int | None:
+    """The end-of-file address a version 2/3 superblock records (plus its base address):
+    the size the file must at least have. None when the file has no such superblock."""
+    with open(path, "rb") as fh:
+        head = fh.read(12 + 3 * 8)
+    if len(head) < 12 or head[:8] != SIGNATURE or head[8] not in (2, 3):
+        return None
+    size_off = head[9]
+    if size_off not in (2, 4, 8) or len(head) < 12 + 3 * size_off:
+        return None
+    base = int.from_bytes(head[12 : 12 + size_off], "little")
+    eof = int.from_bytes(head[12 + 2 * size_off : 12 + 3 * size_off], "little")
+    return eof - base
 
 
 def clear_consistency_flags(path: Path) -> bool:

@@ -47,6 +47,11 @@ def test_demo_records_every_example_run_and_prints_only_its_report(tmp_path: Pat
     assert re.search(r"^    SIM:TABLE:1 +\d+ values  table +table +(varies|\d+) +last=",
                      proc.stdout, re.MULTILINE), proc.stdout
     assert not list((out / "data").rglob("*.partial"))
+    # the demo checks its own files against the format spec, data included
+    assert "k2eg-recorder verify --data: 3 of 3 file(s) match docs/file-format.md" \
+        in proc.stdout.splitlines(), proc.stdout
+    assert f"list them: k2eg-recorder ls {out / 'data'}/*; read one: k2eg-recorder " \
+        "inspect FILE" in proc.stdout.splitlines(), proc.stdout
     log = (out / "daemon.log").read_text()
     # written by the writer processes (isolated recordings), into the daemon's log file
     assert log.count('"segment finalized"') == 3, log[-2000:]

@@ -16,6 +16,7 @@ import pytest
 
 from recorder.cli import main as cli_main
 from recorder.reader import open_file
+from recorder.verify import verify_file
 
 WRITER = textwrap.dedent(
     """
@@ -89,6 +90,9 @@ def test_kill_9_at_random_moment_then_recover(tmp_path: Path, seed: int) -> None
     with open_file(path) as f:  # opens despite the crash (SWMR read)
         assert f.layout == "live" and f.status == "recording"
         _check_values(f, flushed)
+    # consistent at its last complete commit wherever the kill landed, data included
+    report = verify_file(path, data=True)
+    assert report.ok and report.status == "unfinished", report.problems
     assert cli_main(["recover", str(tmp_path)]) == 0
     assert not path.exists()
     (final,) = tmp_path.glob("*.h5")
@@ -98,6 +102,9 @@ def test_kill_9_at_random_moment_then_recover(tmp_path: Path, seed: int) -> None
     assert not final.stat().st_mode & 0o222
     with open_file(final) as f:
         _check_values(f, flushed)
+    report = verify_file(final, data=True)
+    assert report.ok and not report.warnings, report.problems
+    assert report.status == "aborted"
 
 
 def test_live_reader_sees_iterations_appear(tmp_path: Path) -> None:

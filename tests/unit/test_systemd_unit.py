@@ -16,6 +16,8 @@ from recorder.settings import KafkaSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "k2eg-recorder.service"
+VERIFY_UNIT = ROOT / "systemd" / "k2eg-recorder-verify.service"
+VERIFY_TIMER = ROOT / "systemd" / "k2eg-recorder-verify.timer"
 ENV_EXAMPLE = ROOT / "systemd" / "recorder.env.example"
 SECURITY_THRESHOLD = 20  # x10 scale: exposure must stay <= 2.0 ("OK"); it is 1.3 today
 
@@ -43,9 +45,9 @@ def get(text: str, section: str, key: str) -> list[str]:
     return [v for s, k, v in directives(text) if s == section and k == key]
 
 
-def unit_copy(tmp_path: Path, text: str | None = None) -> Path:
+def unit_copy(tmp_path: Path, text: str | None = None, unit: Path = UNIT) -> Path:
     """The unit with ExecStart pointing at a binary that exists here (verify checks it)."""
-    text = UNIT.read_text() if text is None else text
+    text = unit.read_text() if text is None else text
     script = Path(sys.executable).parent / "k2eg-recorder"  # the venv's console script
     binary = script if script.exists() else Path(sys.executable)
     text = re.sub(
@@ -54,14 +56,14 @@ def unit_copy(tmp_path: Path, text: str | None = None) -> Path:
         text,
         flags=re.MULTILINE,
     )
-    path = tmp_path / UNIT.name
+    path = tmp_path / unit.name
     path.write_text(text)
     return path
 
 
-def verify(path: Path) -> subprocess.CompletedProcess[str]:
+def verify(*paths: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(path)],
+        ["systemd-analyze", "verify", "--man=no", *map(str, paths)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -85,14 +87,15 @@ def test_verify_would_catch_a_typo(tmp_path: Path) -> None:
 
 
 @needs_systemd
-def test_security_exposure_gate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", [UNIT, VERIFY_UNIT], ids=lambda u: u.name)
+def test_security_exposure_gate(tmp_path: Path, unit: Path) -> None:
     result = subprocess.run(
         [
             "systemd-analyze",
             "security",
             "--offline=true",
             f"--threshold={SECURITY_THRESHOLD}",
-            str(unit_copy(tmp_path)),
+            str(unit_copy(tmp_path, unit=unit)),
         ],
         capture_output=True,
         text=True,
@@ -100,6 +103,36 @@ def test_security_exposure_gate(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+
+
+@needs_systemd
+def test_the_nightly_verify_units_are_clean(tmp_path: Path) -> None:
+    service = unit_copy(tmp_path, unit=VERIFY_UNIT)
+    timer = tmp_path / VERIFY_TIMER.name
+    timer.write_text(VERIFY_TIMER.read_text())
+    result = verify(service, timer)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_the_nightly_verify_reads_only() -> None:
+    text = VERIFY_UNIT.read_text()
+    s = "Service"
+    assert get(text, s, "Type") == ["oneshot"]
+    (exec_start,) = get(text, s, "ExecStart")
+    assert exec_start.startswith("/usr/bin/k2eg-recorder verify ") and "--data" in exec_start
+    assert get(text, s, "User") == get(text, s, "Group") == ["k2eg-recorder"]
+    assert get(text, s, "ProtectSystem") == ["strict"] and not get(text, s, "ReadWritePaths")
+    assert get(text, s, "PrivateNetwork") == ["yes"]
+    assert get(text, s, "IOSchedulingClass") == ["idle"]
+    # the same run definitions as the daemon: the directories it checks are the ones written
+    (config,) = [v for v in get(text, s, "Environment") if v.startswith("RECORDER_CONFIG_PATH=")]
+    daemon_config = get(UNIT.read_text(), s, "ExecStart")[0].split("--config ", 1)[1]
+    assert config.split("=", 1)[1] == daemon_config
+    timer = VERIFY_TIMER.read_text()
+    assert get(timer, "Timer", "Unit") == [VERIFY_UNIT.name]
+    assert get(timer, "Timer", "Persistent") == ["true"]
+    assert get(timer, "Install", "WantedBy") == ["timers.target"]
 
 
 def test_project_rules() -> None:

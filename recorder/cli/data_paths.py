@@ -1,0 +1,73 @@
+"""The PATH arguments of the commands that read recorded files (``ls``, ``verify``):
+files or directories, by default the output directories of the configured runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_paths_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                        help="directories (not recursive) or files; default: the output "
+                        "directories of the run definitions (RECORDER_CONFIG_PATH)")
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--run``, ``--since``, ``--until``: which recordings' files (see recorder.catalog)."""
+    parser.add_argument("--run", action="append", default=None, metavar="NAME",
+                        help="only this run (repeatable)")
+    parser.add_argument("--since", metavar="WHEN",
+                        help="only files with data after WHEN: ISO 8601 (UTC unless an "
+                        "offset is given), now, today, yesterday, or a time ago: 30m, 2h, 1d")
+    parser.add_argument("--until", metavar="WHEN", help="only files with data before WHEN")
+
+
+def time_window(args: argparse.Namespace, command: str) -> tuple[int | None, int | None] | None:
+    """``--since`` / ``--until`` as ns since the epoch; None, said on stderr, when one cannot
+    be read or the window is empty."""
+    from recorder.catalog import parse_when
+
+    try:
+        since = None if args.since is None else parse_when(args.since)
+        until = None if args.until is None else parse_when(args.until)
+    except ValueError as exc:
+        print(f"k2eg-recorder {command}: {exc}", file=sys.stderr)
+        return None
+    if since is not None and until is not None and since > until:
+        print(f"k2eg-recorder {command}: --since is after --until: no file can match",
+              file=sys.stderr)
+        return None
+    return since, until
+
+
+def configured_directories() -> tuple[list[Path], str | None]:
+    """The output directories of the configured runs, or ([], why not)."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.config.loader import check_runs
+
+    try:
+        config = DaemonSettings().config_path
+    except ValueError as exc:  # a bad RECORDER_* variable
+        return [], str(exc)
+    if not config.exists():
+        return [], f"no run definitions at {config} (RECORDER_CONFIG_PATH)"
+    loaded, problems = check_runs(config)
+    dirs = list(dict.fromkeys(Path(d.output.directory) for d in loaded))
+    if not dirs:
+        why = f"; {len(problems)} problem(s), see k2eg-recorder validate" if problems else ""
+        return [], f"no valid run definition at {config}{why}"
+    return dirs, None
+
+
+def paths_to_read(paths: list[Path], command: str) -> list[Path] | None:
+    """``paths``, or when none are given the configured output directories that exist (a
+    run that has not recorded yet has none); None, said on stderr, when there are neither."""
+    if paths:
+        return paths
+    found, why = configured_directories()
+    if not found:
+        print(f"k2eg-recorder {command}: give a PATH ({why})", file=sys.stderr)
+        return None
+    return [p for p in found if p.exists()]

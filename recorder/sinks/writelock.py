@@ -1,0 +1,91 @@
+"""The writer lock: a healthy writer holds one on its ``.partial`` file until it is finalized.
+
+Why: ``k2eg-recorder recover`` (and the daemon's recovery of leftovers at start-up) turns a
+``.partial`` file into a finalized one. It must only touch files no writer is using. HDF5's
+own file lock cannot say so: a writer in SWMR mode releases it (so readers can open the
+file), and ``recover`` clears the superblock's "open for writing" flags itself. So each
+writer takes an advisory open-file-description lock (Linux ``F_OFD_SETLK``, whole file,
+exclusive) on a descriptor of its own, right after creating the file, and keeps it until
+the file is finalized, or until the recording fails (the file is then abandoned, and
+``recover`` may take it). The kernel drops the lock when the process dies however it dies,
+so a file left by a crash (kill -9, OOM, power loss) is never locked. OFD locks are not
+released when another descriptor of the same file is closed (h5py opens and closes several
+while finalizing), unlike ``lockf``; they also work over NFS (as POSIX locks).
+
+Best effort: where the lock cannot be taken (not Linux, a file system without locks)
+:func:`acquire` returns None and recovery falls back to what it did before (the file's
+consistency flags); :func:`writer_active` then says None (cannot tell).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from pathlib import Path
+from typing import Final
+
+__all__ = ["WriterLock", "acquire", "writer_active"]
+
+# struct flock on Linux (x86-64, aarch64, ...): short l_type, short l_whence, off_t l_start,
+# off_t l_len, pid_t l_pid (+ padding); l_pid must be 0 for OFD locks
+_FLOCK: Final = struct.Struct("hhqqi4x")
+_F_OFD_GETLK: Final = getattr(fcntl, "F_OFD_GETLK", 36)
+_F_OFD_SETLK: Final = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+def _flock(kind: int) -> bytes:
+    return _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0)
+
+
+class WriterLock:
+    """A held writer lock; :meth:`release` (idempotent) drops it."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the description drops its OFD lock
+
+    def __del__(self) -> None:  # a lost reference must not keep the lock (or the fd)
+        self.release()
+
+
+def acquire(path: str | os.PathLike[str]) -> WriterLock | None:
+    """Take the writer lock on ``path`` (which the caller just created), or None when this
+    system cannot (see the module docstring) or someone else holds it."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, _flock(fcntl.F_WRLCK))
+    except OSError:
+        os.close(fd)
+        return None
+    return WriterLock(path, fd)
+
+
+def writer_active(path: str | os.PathLike[str]) -> bool | None:
+    """True when a writer holds ``path``'s writer lock, False when nobody does, None when
+    this cannot be told (the file cannot be opened, or the system has no OFD locks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        got = fcntl.fcntl(fd, _F_OFD_GETLK, _flock(fcntl.F_WRLCK))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    kind = _FLOCK.unpack(got)[0]
+    return bool(kind != fcntl.F_UNLCK)

@@ -1,0 +1,288 @@
+"""``k2eg-recorder ls`` and ``recorder.catalog`` over real files, read from other processes;
+the writer lock keeps ``recover`` off a file a live writer is writing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import pytest
+
+from recorder.catalog import find_recordings, scan
+from recorder.client.events import (
+    IterationClosed,
+    IterationOpened,
+    IterationStatus,
+    ValuesReceived,
+)
+from recorder.client.values import PVSample
+from recorder.sinks.hdf5 import HDF5Recording
+from recorder.sinks.options import OutputOptions, SegmentOptions
+
+T_ALPHA = dt.datetime(2026, 1, 1, 10, 0, tzinfo=dt.UTC).timestamp()
+T_BETA = dt.datetime(2026, 1, 2, 10, 0, tzinfo=dt.UTC).timestamp()
+
+# a writer in its own process that keeps its file open until told (stdin closed) or killed
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from recorder.client.events import (IterationOpened, ValuesReceived, IterationClosed,
+        IterationStatus)
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+    import structlog, logging
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    rec = HDF5Recording(OutputOptions(directory=Path(sys.argv[1])), run_name="gamma",
+                        pv_uris=["pva://G:X"])
+    for i in range(1, 6):
+        rec.handle(IterationOpened("t", "gamma", i, i * 10**9))
+        rec.handle(ValuesReceived("t", i, 1, i * 10**9,
+                                  (PVSample("G:X", {"value": float(i)}),), offset=i))
+        rec.handle(IterationClosed("t", "gamma", i, IterationStatus.COMPLETE, None,
+                                   i * 10**9, i * 10**9, offset=i))
+    rec.flush()
+    print("READY", rec.current_path, flush=True)
+    sys.stdin.read()
+    rec.close()
+    print("CLOSED", flush=True)
+    """
+)
+
+
+def record(directory: Path, run: str, t0: float, n: int, *, segment_every: int | None = None,
+           incomplete: set[int] = frozenset(), close: tuple[str, str] = ("complete", "")
+           ) -> list[Path]:
+    """A recording of ``n`` iterations of PV ``<run>:X`` whose clock starts at ``t0``
+    (one iteration a second); ``incomplete`` iterations lose their tail."""
+    now = [t0]
+    opts = OutputOptions(directory=directory,
+                         segment=SegmentOptions(max_iterations=segment_every))
+    rec = HDF5Recording(opts, run_name=run, pv_uris=[f"pva://{run}:X"],
+                        wall_clock=lambda: now[0], start_wall=t0)
+    for i in range(1, n + 1):
+        now[0] = t0 + i
+        ns = int(now[0] * 1e9)
+        rec.handle(IterationOpened("t", run, i, ns, offset=3 * i))
+        rec.handle(ValuesReceived("t", i, 1, ns, (PVSample(f"{run}:X", {"value": float(i)}),),
+                                  offset=3 * i + 1))
+        status = IterationStatus.INCOMPLETE if i in incomplete else IterationStatus.COMPLETE
+        rec.handle(IterationClosed("t", run, i, status, None, ns, ns, offset=3 * i + 2))
+    now[0] = t0 + n + 1
+    return rec.close(*close)
+
+
+def ls(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``k2eg-recorder ls`` in a child process (another reader than the writers)."""
+    return subprocess.run([sys.executable, "-m", "recorder.cli", "ls", *args],
+                          check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def ls_json(*args: str) -> dict[str, Any]:
+    out = ls(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+def recover(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "recorder.cli", "recover", *args],
+                          check=False, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def gamma(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """A live writer (run gamma) with a flushed .partial, killed by PID at the end."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "data")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("READY"), line
+        yield proc, Path(line.split()[1])
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_ls_lists_recordings_and_tells_live_files_from_leftovers(
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path]
+) -> None:
+    data = tmp_path / "data"
+    alpha = record(data, "alpha", T_ALPHA, 5, segment_every=3, incomplete={2})
+    beta = record(data, "beta", T_BETA, 2, close=("aborted", "operator stop"))
+    assert len(alpha) == 2 and len(beta) == 1
+    proc, partial = gamma
+
+    doc = ls_json(str(data))
+    by_run = {r["run"]: r for r in doc["recordings"]}
+    assert [r["run"] for r in doc["recordings"]] == ["alpha", "beta", "gamma"]  # oldest first
+    a = by_run["alpha"]
+    assert a["status"] == "complete"
+    assert [f["path"] for f in a["files"]] == [str(p) for p in alpha]
+    assert [f["segment"] for f in a["files"]] == [0, 1]
+    assert [f["iterations"] for f in a["files"]] == [3, 2]
+    assert (a["iterations"], a["incomplete"], a["values"]) == (5, 1, 5)
+    assert a["start"] == "2026-01-01T10:00:00.000Z"
+    assert a["end"] == "2026-01-01T10:00:06.000Z"  # closed one second after the last
+    assert a["bytes"] == sum(p.stat().st_size for p in alpha)
+    b = by_run["beta"]
+    assert (b["status"], b["reason"], b["iterations"]) == ("aborted", "operator stop", 2)
+    g = by_run["gamma"]
+    assert g["status"] == "recording"
+    assert g["files"][0]["partial"] is True and g["files"][0]["path"] == str(partial)
+    assert (g["iterations"], g["values"]) == (5, 5)
+    assert doc["unreadable"] == [] and doc["foreign"] == []
+
+    text = ls(str(data))
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].split()[:4] == ["run", "start", "(UTC)", "end"]
+    assert lines[1].split()[:8] == ["alpha", "2026-01-01", "10:00:00.000", "2026-01-01",
+                                    "10:00:06.000", "complete", "2", "5"]
+    assert "(1)" in lines[1]  # one incomplete iteration
+    assert lines[2].split()[5:7] == ["aborted", "1"]
+    assert lines[3].strip() == "aborted: operator stop"
+    assert lines[4].split()[0] == "gamma" and "recording" in lines[4]
+    assert lines[5].startswith("3 recording(s), 4 file(s), ")
+
+    # recover leaves the live writer's file alone (safe while the daemon records) ...
+    out = recover(str(data))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{partial}: left alone: a running writer is writing it" in out.stdout
+    assert partial.exists()
+    # ... and the writer goes on and finalizes it itself
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    assert proc.stdout.readline().strip() == "CLOSED"
+    proc.wait(30)
+    g = {r["run"]: r for r in ls_json(str(data))["recordings"]}["gamma"]
+    assert (g["status"], g["files"][0]["partial"]) == ("complete", False)
+
+
+def test_a_killed_writer_leaves_an_unfinished_file_that_recover_finalizes(
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path]
+) -> None:
+    data = tmp_path / "data"
+    proc, partial = gamma
+    assert recover(str(partial)).returncode == 0 and partial.exists()  # busy: left alone
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    g = ls_json(str(data))["recordings"][0]
+    assert (g["run"], g["status"], g["iterations"]) == ("gamma", "unfinished", 5)
+    text = ls(str(data)).stdout
+    assert "unfinished" in text.splitlines()[1]
+    assert "1 file(s) unfinished" in text and "k2eg-recorder recover" in text
+
+    out = recover(str(data))
+    assert out.returncode == 0, out.stdout
+    assert f"{partial} -> {str(partial).removesuffix('.partial')} (verified)" \
+        in out.stdout.splitlines(), out.stdout
+    g = ls_json(str(data))["recordings"][0]
+    assert (g["status"], g["iterations"], g["files"][0]["partial"]) == ("aborted", 5, False)
+    assert "recovered by k2eg-recorder recover" in g["reason"]
+
+
+def test_filters_windows_and_the_reader(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    record(data, "alpha", T_ALPHA, 5, segment_every=3)
+    record(data, "beta", T_BETA, 2)
+
+    def runs(*args: str) -> list[tuple[str, int]]:
+        return [(r["run"], len(r["files"])) for r in ls_json(str(data), *args)["recordings"]]
+
+    assert runs("--run", "beta") == [("beta", 1)]
+    assert runs("--run", "beta", "--run", "alpha") == [("alpha", 2), ("beta", 1)]
+    assert runs("--run", "nope") == []
+    assert runs("--since", "2026-01-02") == [("beta", 1)]
+    assert runs("--until", "2026-01-01T12:00") == [("alpha", 2)]
+    # alpha's segments: 10:00:00-10:00:04 (iterations 1-3), 10:00:04-10:00:06 (4-5)
+    assert runs("--since", "2026-01-01T10:00:05") == [("alpha", 1), ("beta", 1)]
+    assert runs("--since", "2026-01-01T11:00:01+01:00", "--until", "2026-01-01T10:00:03Z") \
+        == [("alpha", 1)]
+    assert runs("--since", "1h") == []
+    bad = ls(str(data), "--since", "last tuesday")
+    assert bad.returncode == 2 and "cannot read the time 'last tuesday'" in bad.stderr
+    bad = ls(str(data), "--since", "2026-01-02", "--until", "2026-01-01")
+    assert bad.returncode == 2 and "--since is after --until" in bad.stderr
+
+    # the same from Python, and on to the data
+    (alpha,) = find_recordings(data, run="alpha")
+    with alpha.open() as rec:
+        assert rec.values("alpha:X").tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [r.run for r in find_recordings([data], since="2026-01-02")] == ["beta"]
+
+
+def test_default_paths_come_from_the_run_definitions(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    record(data, "alpha", T_ALPHA, 2)
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(textwrap.dedent(f"""
+        runs:
+          - name: alpha
+            snapshot: {{snapshot_name: alpha, pv_uri_list: ["pva://alpha:X"]}}
+            output: {{directory: {data}}}
+          - name: never-recorded
+            snapshot: {{snapshot_name: other, pv_uri_list: ["pva://other:X"]}}
+            output: {{directory: {tmp_path / "nothing-yet"}}}
+        """))
+    out = ls(env={"RECORDER_CONFIG_PATH": str(runs)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1].split()[0] == "alpha"
+    missing = ls(env={"RECORDER_CONFIG_PATH": str(tmp_path / "none.yaml")})
+    assert missing.returncode == 2
+    assert "give a PATH (no run definitions at" in missing.stderr
+
+
+def test_other_files_are_skipped_or_reported(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (alpha,) = record(data, "alpha", T_ALPHA, 2)
+    with h5py.File(data / "someone-else.h5", "w") as f:
+        f["x"] = [1, 2, 3]
+    (data / "notes.h5").write_text("not HDF5 at all")
+    (data / "readme.txt").write_text("ignored: not a recording's name")
+    doc = ls_json(str(data))
+    assert [r["run"] for r in doc["recordings"]] == ["alpha"]
+    assert sorted(Path(p).name for p in doc["foreign"]) == ["notes.h5", "someone-else.h5"]
+    assert "2 file(s) skipped: not k2eg-recorder files" in ls(str(data)).stdout
+
+    (data / "cut.h5").write_bytes(alpha.read_bytes()[:4096])  # a copy that was cut short
+    out = ls(str(data))
+    assert out.returncode == 1
+    assert out.stdout.splitlines()[1].split()[0] == "alpha"  # the rest is still listed
+    assert f"{data / 'cut.h5'}: cannot read:" in out.stderr
+    assert [p.name for p, _ in scan(data).unreadable] == ["cut.h5"]
+
+    # a live file cut short (a copy of a .partial that still has its "open for write" flags):
+    # it opens only in SWMR mode, where HDF5 would retry its reads for ever; reported at once
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "live"), run_name="live",
+                        pv_uris=["pva://L:X"])
+    rec.handle(IterationOpened("t", "live", 1, 1))
+    rec.handle(ValuesReceived("t", 1, 1, 1, (PVSample("L:X", {"value": 1.0}),), offset=1))
+    rec.flush()
+    assert rec.current_path is not None
+    whole = rec.current_path.read_bytes()
+    rec.close()
+    (data / "cut-live.h5.partial").write_bytes(whole[:4096])
+    out = ls(str(data / "cut-live.h5.partial"))
+    assert out.returncode == 1
+    assert "cut-live.h5.partial: cannot read:" in out.stderr
+    assert f"truncated file: 4096 bytes, its superblock needs {len(whole)}" in out.stderr
+    inspect = subprocess.run([sys.executable, "-m", "recorder.cli", "inspect",
+                              str(data / "cut-live.h5.partial")],
+                             check=False, capture_output=True, text=True, timeout=120)
+    assert inspect.returncode == 1 and "truncated file" in inspect.stderr
+
+    gone = ls(str(tmp_path / "missing"))
+    assert gone.returncode == 2 and "no such file or directory" in gone.stderr
