@@ -14,8 +14,17 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import structlog
+from hypothesis import settings
 
 from recorder.broker import EmbeddedBroker
+
+# Property tests: "ci" (what scripts/test and .ci/run use) draws the same examples on every run,
+# so a red CI run is reproducible and never a roll of the dice; plain pytest draws new ones
+# each run ("default"), and "explore" draws 1,000 per test (where a test does not set its own
+# count), to hunt for new failures.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", max_examples=1000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

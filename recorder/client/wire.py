@@ -117,6 +117,7 @@ SNAPSHOT_METADATA_KEYS: frozenset[str] = frozenset(
 REPLY_METADATA_KEYS: frozenset[str] = frozenset(
     {"error", "reply_id", "message", "publishing_topic", "msg_seq", "message-size"}
 )
+_ALL_METADATA_KEYS: Final = SNAPSHOT_METADATA_KEYS | REPLY_METADATA_KEYS
 
 _EMPTY: Final[frozenset[str]] = frozenset()
 _F32_VALUE: Final[frozenset[str]] = frozenset({"value"})
@@ -723,7 +724,7 @@ def decode_reply(
         ((key, val),) = pv_maps.items()
         samples[key] = PVSample(key, val, _pv_float32_paths(raw, key, val))
     elif pv_maps:
-        by_key = _walk_float32(raw)
+        by_key = _walk_float32(raw, REPLY_METADATA_KEYS)
         for key, val in pv_maps.items():
             samples[key] = PVSample(key, val, by_key.get(key, _EMPTY))
     fields = {
@@ -790,19 +791,19 @@ def _pv_float32_paths(raw: bytes, key: str, pv: dict[str, Any]) -> frozenset[str
             for c in value.values()  # type: ignore[union-attr]
         ):
             return _EMPTY
-        return _walk_float32(raw).get(key, _EMPTY)
+        return _walk_key(raw, key)
     else:
         return _EMPTY
     n = len(pv)
     if next(iter(pv)) != "value":
-        return _walk_float32(raw).get(key, _EMPTY)
+        return _walk_key(raw, key)
     prefix = _KEY_PREFIXES.get(key)
     if prefix is None:
         prefix = _key_prefix(key)
     pattern = prefix + (_VALUE_PATTERNS[n] if n < 64 else _map_header(n) + b"\xa5value")
     pos = raw.find(pattern)
     if pos < 0:
-        return _walk_float32(raw).get(key, _EMPTY)
+        return _walk_key(raw, key)
     at = pos + len(pattern)
     try:
         marker = raw[at]
@@ -828,7 +829,7 @@ def _pv_float32_paths(raw: bytes, key: str, pv: dict[str, Any]) -> frozenset[str
                     return _EMPTY
     except IndexError:
         pass
-    return _walk_float32(raw).get(key, _EMPTY)
+    return _walk_key(raw, key)
 
 
 def float32_paths(raw: bytes, pv: str | None = None) -> frozenset[str]:
@@ -840,10 +841,9 @@ def float32_paths(raw: bytes, pv: str | None = None) -> frozenset[str]:
     exact, but slower than the fast path the decoders use (which it is tested against).
     Malformed bytes give an empty set.
     """
-    by_key = _walk_float32(raw)
     if pv is not None:
-        return by_key.get(pv, _EMPTY)
-    return next(iter(by_key.values()), _EMPTY)
+        return _walk_key(raw, pv)
+    return next(iter(_walk_float32(raw).values()), _EMPTY)
 
 
 # ---- a minimal msgpack walker (positions only; never builds Python objects for values) -----
@@ -998,8 +998,11 @@ def _pv_map_paths(raw: bytes, pos: int) -> tuple[frozenset[str], int] | None:
     return frozenset(paths) if paths else _EMPTY, count
 
 
-def _walk_sized(raw: bytes) -> dict[str, tuple[frozenset[str], int]]:
-    """For every top-level non-metadata key holding a map: (float32 paths, field count)."""
+def _walk_sized(
+    raw: bytes, skip: frozenset[str] = _ALL_METADATA_KEYS, only: str | None = None
+) -> dict[str, tuple[frozenset[str], int]]:
+    """For every top-level key holding a map, except the ``skip`` keys (or for the key ``only``
+    alone): (float32 paths, field count). A repeated key counts as msgpack decodes it: last."""
     out: dict[str, tuple[frozenset[str], int]] = {}
     try:
         kind, count, pos = _container(raw, 0)
@@ -1007,7 +1010,7 @@ def _walk_sized(raw: bytes) -> dict[str, tuple[frozenset[str], int]]:
             return out
         for _ in range(count):
             key, pos = _read_str(raw, pos)
-            if key is None or key in SNAPSHOT_METADATA_KEYS or key in REPLY_METADATA_KEYS:
+            if key is None or (key != only if only is not None else key in skip):
                 pos = _skip(raw, pos)
                 continue
             found = _pv_map_paths(raw, pos)
@@ -1019,8 +1022,17 @@ def _walk_sized(raw: bytes) -> dict[str, tuple[frozenset[str], int]]:
     return out
 
 
-def _walk_float32(raw: bytes) -> dict[str, frozenset[str]]:
-    return {key: paths for key, (paths, _) in _walk_sized(raw).items()}
+def _walk_float32(
+    raw: bytes, skip: frozenset[str] = _ALL_METADATA_KEYS
+) -> dict[str, frozenset[str]]:
+    return {key: paths for key, (paths, _) in _walk_sized(raw, skip).items()}
+
+
+def _walk_key(raw: bytes, key: str) -> frozenset[str]:
+    """float32 paths of the PV under ``key``: that key is the PV's whatever its name (a PV may
+    be called ``message`` in a snapshot, or ``timestamp`` in a get reply)."""
+    found = _walk_sized(raw, only=key).get(key)
+    return found[0] if found is not None else _EMPTY
 
 
 # the walker for other pure modules (the sink's payload templates): one implementation

@@ -416,6 +416,29 @@ def test_float32_paths_walker_on_garbage_is_empty() -> None:
     assert float32_paths(raw, "p") == {"value"} and float32_paths(raw, "q") == frozenset()
 
 
+def test_pv_named_like_a_field_of_the_other_message_kind_keeps_its_float32() -> None:
+    # "message" is a reply field, not a snapshot one: in a snapshot it is a PV like any other
+    # (here with "value" second, so the fast path hands over to the walker)
+    raw = data_msg(1, T0, "message", {"alarm": {"severity": 0}, "value": [F32(1.5), F32(2.5)]})
+    d = decode_data(raw)
+    assert d.sample.pv == "message" and d.sample.float32_paths == {"value"}
+    assert float32_paths(raw, "message") == {"value"}
+    # and "timestamp" is a snapshot field, not a reply one: two PVs in a get reply
+    raw = pack(
+        {
+            "error": 0,
+            "reply_id": "g2",
+            "timestamp": {"alarm": {}, "value": F32(3.0)},
+            "message": "ok",
+            "b": ntscalar(1.0),
+        }
+    )
+    r = decode_reply(raw, H)
+    assert set(r.samples) == {"timestamp", "b"}
+    assert r.samples["timestamp"].float32_paths == {"value"}
+    assert r.samples["b"].float32_paths == frozenset()
+
+
 # ------------------------------------------- fast path vs walker, on generated PV structures
 leaf = st.one_of(
     st.integers(-(2**63), 2**64 - 1),
