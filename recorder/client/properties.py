@@ -23,6 +23,24 @@ PV_URI_RE = re.compile(
 # What the official client accepts as a snapshot name
 SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _NON_TOPIC_CHARS = re.compile(r"[^A-Za-z0-9\-]")
+# The fields of snapshot messages besides the PV: a PV with one of these names would share its
+# key with the field in the gateway's data message (one map), so its values could not be read
+SNAPSHOT_METADATA_KEYS: frozenset[str] = frozenset(
+    {
+        "message_type",
+        "timestamp",
+        "iter_index",
+        "msg_seq",
+        "submission_seq",
+        "last_submission_data",
+        "header_timestamp",
+        "snapshot_name",
+        "error",
+        "error_message",
+        "total_messages",
+        "message-size",  # injected by the official client; harmless to know
+    }
+)
 
 
 class SnapshotType(enum.StrEnum):
@@ -58,6 +76,18 @@ def normalize_snapshot_name(name: str) -> str:
     ``"My Snap"`` and ``"my_snap"`` therefore share one topic (and one running snapshot).
     """
     return _NON_TOPIC_CHARS.sub("_", name).lower()
+
+
+def message_field_clash(uri: str) -> str | None:
+    """Why the PV of a valid ``uri`` cannot be recorded from a snapshot, or None: its name is
+    a field of the gateway's data messages."""
+    name = PVUri.parse(uri).name
+    if name not in SNAPSHOT_METADATA_KEYS:
+        return None
+    return (
+        f"{uri!r}: the PV name {name!r} is also a field of the gateway's snapshot data "
+        "messages, which carry both in one map: its values could not be told apart"
+    )
 
 
 def pv_base_name(uri: str) -> str:
@@ -103,6 +133,8 @@ class SnapshotProperties:
         for uri in self.pv_uri_list:
             if not isinstance(uri, str) or PV_URI_RE.match(uri) is None:
                 out.append(f"pv_uri_list: {uri!r} is not a valid PV URI")
+            elif clash := message_field_clash(uri):
+                out.append(f"pv_uri_list: {clash}")
         for name, value in (
             ("time_window", self.time_window),
             ("repeat_delay", self.repeat_delay),

@@ -66,6 +66,7 @@ from typing import Any, Final, Protocol
 
 import msgpack
 
+from recorder.client.properties import SNAPSHOT_METADATA_KEYS
 from recorder.client.values import PVSample
 from recorder.errors import ProtocolError
 
@@ -98,22 +99,6 @@ SERIALIZATION_HEADER: Final = "k2eg-ser-type"
 _MSGPACK: Final = "msgpack"
 _NS_THRESHOLD: Final = 10**15  # a timestamp above this is already in nanoseconds
 
-SNAPSHOT_METADATA_KEYS: frozenset[str] = frozenset(
-    {
-        "message_type",
-        "timestamp",
-        "iter_index",
-        "msg_seq",
-        "submission_seq",
-        "last_submission_data",
-        "header_timestamp",
-        "snapshot_name",
-        "error",
-        "error_message",
-        "total_messages",
-        "message-size",  # injected by the official client; harmless to know
-    }
-)
 REPLY_METADATA_KEYS: frozenset[str] = frozenset(
     {"error", "reply_id", "message", "publishing_topic", "msg_seq", "message-size"}
 )

@@ -53,6 +53,7 @@ from recorder.client.properties import (
     PVUri,
     SnapshotProperties,
     SnapshotType,
+    message_field_clash,
     normalize_snapshot_name,
 )
 from recorder.sinks.options import OutputOptions
@@ -101,6 +102,9 @@ def _check_pv_uri(uri: str) -> str:
             f"{uri!r} is not a valid PV URI: expected pva://NAME, ca://NAME or pv://NAME with "
             "NAME made of [A-Za-z0-9-_] parts joined by ':' and an optional .field"
         )
+    clash = message_field_clash(uri)
+    if clash:
+        raise invalid(clash)
     return uri
 
 

@@ -93,6 +93,16 @@ def test_repeating_snapshot_command() -> None:
         repeating_snapshot_command(SnapshotProperties("bad name", ("pva://a",)), **R)
     with pytest.raises(InvalidSnapshotPropertiesError):
         repeating_snapshot_command(SnapshotProperties("s", ("pva://a",), time_window=2**31), **R)
+    # a PV named like a field of the data messages could not be read back: refused up front
+    clashing = SnapshotProperties("s", ("pva://a", "pva://msg_seq", "ca://error.VAL"))
+    assert clashing.problems() == [
+        "pv_uri_list: 'pva://msg_seq': the PV name 'msg_seq' is also a field of the gateway's "
+        "snapshot data messages, which carry both in one map: its values could not be told apart",
+        "pv_uri_list: 'ca://error.VAL': the PV name 'error' is also a field of the gateway's "
+        "snapshot data messages, which carry both in one map: its values could not be told apart",
+    ]
+    with pytest.raises(InvalidSnapshotPropertiesError, match="'msg_seq'"):
+        repeating_snapshot_command(clashing, **R)
 
 
 def test_trigger_stop_get() -> None:

@@ -91,6 +91,16 @@ def errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
             "not a valid PV URI",
         ),
         (
+            run(snapshot={"pv_uri_list": ["pva://A", "pva://timestamp", "ca://B"]}),
+            ("snapshot", "pv_uri_list", 1),
+            "the PV name 'timestamp' is also a field of the gateway's snapshot data messages",
+        ),
+        (
+            run(snapshot={"pv_uri_list": ["ca://iter_index.VAL"]}),
+            ("snapshot", "pv_uri_list", 0),
+            "could not be told apart",
+        ),
+        (
             run(snapshot={"pv_uri_list": ["pva://A:B", "ca://A:B.VAL"]}),
             ("snapshot", "pv_uri_list", 1),
             "same PV (A:B)",
