@@ -138,8 +138,9 @@ class OutputOptions(BaseModel):
     )
     swmr: bool = Field(
         default=True,
-        description="Write in SWMR mode so analysts can open the file while it is written "
-        "(h5py.File(path, 'r', swmr=True)).",
+        description="Live files are always written in SWMR mode, so analysts can open them "
+        "while they are written (h5py.File(path, 'r', swmr=True)); the live layout is built "
+        "for it (docs/decisions/0002). Only true is accepted.",
     )
     isolate: bool = Field(
         default=True,
@@ -153,6 +154,16 @@ class OutputOptions(BaseModel):
         description="Also serve each iteration live over the Karabo bridge protocol "
         "(ZeroMQ; needs k2eg-recorder[bridge]). See docs/bridge.md.",
     )
+
+    @field_validator("swmr")
+    @classmethod
+    def _check_swmr(cls, swmr: bool) -> bool:
+        if not swmr:
+            raise ValueError(
+                "swmr: false is not supported: live files are always written in SWMR mode, "
+                "which keeps them readable while written and after a crash (remove the key)"
+            )
+        return swmr
 
     @field_validator("file_template")
     @classmethod

@@ -12,6 +12,15 @@ so a file left by a crash (kill -9, OOM, power loss) is never locked. OFD locks 
 released when another descriptor of the same file is closed (h5py opens and closes several
 while finalizing), unlike ``lockf``; they also work over NFS (as POSIX locks).
 
+The writer also holds a *shared* BSD ``flock`` on a second descriptor: the lock HDF5 itself
+takes when it opens a file (shared to read, exclusive to write). SWMR readers share it, but
+whatever would open the live file for writing fails at once with HDF5's "unable to lock
+file, errno = 11": ``h5clear -s`` (which HDF5's own error message suggests to whoever opens a
+live file without SWMR), h5py's ``"a"``/``"r+"``, a second writer. Without it, ``h5clear``
+rewrote the superblock of a file being written. Local file systems keep ``flock`` and OFD
+locks apart; on NFS, where ``flock`` is emulated with POSIX locks, the second lock would
+conflict with the first, so it is not taken there.
+
 Best effort: where the lock cannot be taken (not Linux, a file system without locks)
 :func:`acquire` returns None and recovery falls back to what it did before (the file's
 consistency flags); :func:`writer_active` then says None (cannot tell).
@@ -41,16 +50,25 @@ def _flock(kind: int) -> bytes:
 class WriterLock:
     """A held writer lock; :meth:`release` (idempotent) drops it."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, guard_fd: int | None = None) -> None:
         self.path = path
         self._fd: int | None = fd
+        self._guard_fd = guard_fd
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
+    @property
+    def guards_hdf5(self) -> bool:
+        """Whether the shared ``flock`` that keeps HDF5 writers out is held too."""
+        return self._guard_fd is not None
+
     def release(self) -> None:
         fd, self._fd = self._fd, None
+        guard, self._guard_fd = self._guard_fd, None
+        if guard is not None:
+            os.close(guard)  # drops the flock
         if fd is not None:
             os.close(fd)  # closing the description drops its OFD lock
 
@@ -71,7 +89,21 @@ def acquire(path: str | os.PathLike[str]) -> WriterLock | None:
     except OSError:
         os.close(fd)
         return None
-    return WriterLock(path, fd)
+    return WriterLock(path, fd, _hdf5_guard(path))
+
+
+def _hdf5_guard(path: Path) -> int | None:
+    """A descriptor holding a shared ``flock`` on ``path`` (HDF5's own lock), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def writer_active(path: str | os.PathLike[str]) -> bool | None:

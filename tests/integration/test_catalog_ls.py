@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,6 +193,52 @@ def test_a_killed_writer_leaves_an_unfinished_file_that_recover_finalizes(
     g = ls_json(str(data))["recordings"][0]
     assert (g["status"], g["iterations"], g["files"][0]["partial"]) == ("aborted", 5, False)
     assert "recovered by k2eg-recorder recover" in g["reason"]
+
+
+def open_in_child(path: Path, mode: str, **kwargs: Any) -> str:
+    """What h5py in another process says when it opens ``path``: "ok" or its error."""
+    code = (f"import h5py\ntry:\n    h5py.File({str(path)!r}, {mode!r}, **{kwargs!r}).close()\n"
+            "    print('ok')\nexcept OSError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                         text=True, timeout=60)
+    return out.stdout.strip()
+
+
+def test_a_live_file_cannot_be_opened_for_writing_nor_h5cleared(
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path]
+) -> None:
+    """A plain open of a live file fails with HDF5's "may use <h5clear file>"; h5clear would
+    then have rewritten the superblock under the writer. The writer's shared flock stops it
+    (and h5py's "r+"/"a") while SWMR readers go on reading."""
+    proc, partial = gamma
+    assert open_in_child(partial, "r", swmr=True) == "ok"
+    assert "h5clear" in open_in_child(partial, "r")  # HDF5's advice, which must not work
+    for mode in ("r+", "a"):
+        assert "unable to lock file" in open_in_child(partial, mode), mode
+    if shutil.which("h5clear"):
+        out = subprocess.run(["h5clear", "-s", str(partial)], check=False,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0, out.stdout + out.stderr
+        assert "h5clear" in open_in_child(partial, "r")  # flags untouched
+    # the writer is unaffected and finalizes its file, which opens every way
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    assert proc.stdout.readline().strip() == "CLOSED"
+    proc.wait(30)
+    final = partial.with_name(partial.name.removesuffix(".partial"))
+    assert open_in_child(final, "r") == "ok"
+
+
+def test_a_killed_writer_takes_its_locks_along(
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path]
+) -> None:
+    proc, partial = gamma
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    # nothing holds the file: HDF5 now refuses "r+" only for its flags, not for a lock
+    said = open_in_child(partial, "r+")
+    assert "unable to lock file" not in said and "h5clear" in said, said
+    assert open_in_child(partial, "r", swmr=True) == "ok"
 
 
 def test_filters_windows_and_the_reader(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,25 @@ def test_the_writer_lock_is_seen_from_another_descriptor_and_released(tmp_path: 
     lock.release()  # idempotent
     assert not lock.held
     assert writelock.writer_active(path) is False
+
+
+def test_the_writer_lock_keeps_hdf5_writers_out_and_lets_readers_in(tmp_path: Path) -> None:
+    # HDF5 takes flock(LOCK_SH) to read and flock(LOCK_EX) to write: the guard is a shared one
+    path = tmp_path / "x.h5.partial"
+    path.write_bytes(b"data")
+    lock = writelock.acquire(path)
+    assert lock is not None and lock.guards_hdf5
+    other = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a writer: refused
+        fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a reader: welcome
+        fcntl.flock(other, fcntl.LOCK_UN)
+        lock.release()
+        assert not lock.guards_hdf5
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the writer is done
+    finally:
+        os.close(other)
 
 
 def test_the_writer_lock_goes_with_its_object(tmp_path: Path) -> None:

@@ -136,6 +136,7 @@ def errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
             "Extra inputs",
         ),
         (run(output={"directory": "relative/dir"}), ("output", "directory"), "absolute"),
+        (run(output={"swmr": False}), ("output", "swmr"), "swmr: false is not supported"),
         (run(output={"directory": "/data/../etc"}), ("output", "directory"), "'..'"),
         (run(output={"file_template": "../x.h5"}), ("output", "file_template"), "not a path"),
         (run(metadata={"tags": ["a", "a"]}), ("metadata", "tags", 1), "listed twice"),
