@@ -31,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -80,26 +81,26 @@ def acquire(path: str | os.PathLike[str]) -> WriterLock | None:
     """Take the writer lock on ``path`` (which the caller just created), or None when this
     system cannot (see the module docstring) or someone else holds it."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
+    fd = _locked_descriptor(
+        path, os.O_RDWR, lambda fd: fcntl.fcntl(fd, _F_OFD_SETLK, _flock(fcntl.F_WRLCK))
+    )
+    if fd is None:
         return None
-    try:
-        fcntl.fcntl(fd, _F_OFD_SETLK, _flock(fcntl.F_WRLCK))
-    except OSError:
-        os.close(fd)
-        return None
-    return WriterLock(path, fd, _hdf5_guard(path))
+    # HDF5's own lock, shared: HDF5 writers (h5clear, "r+", "a") are kept out, readers not
+    guard = _locked_descriptor(
+        path, os.O_RDONLY, lambda fd: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    )
+    return WriterLock(path, fd, guard)
 
 
-def _hdf5_guard(path: Path) -> int | None:
-    """A descriptor holding a shared ``flock`` on ``path`` (HDF5's own lock), or None."""
+def _locked_descriptor(path: Path, flags: int, lock: Callable[[int], object]) -> int | None:
+    """A new descriptor of ``path`` on which ``lock`` succeeded, or None (nothing left open)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        lock(fd)
     except OSError:
         os.close(fd)
         return None
