@@ -95,3 +95,17 @@ class AdminCommandError(ServiceError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class UnverifiedReplyError(ServiceError):
+    """A reply to our request came, but its signature does not verify with our secret (the
+    daemon uses another admin secret, or none): ``text`` is what it said, unauthenticated."""
+
+    def __init__(self, request_id: str, text: str) -> None:
+        super().__init__(
+            f"the daemon answered request {request_id} ({text}), but the reply's signature "
+            "does not verify with RECORDER_ADMIN_SECRET: the daemon has another admin secret "
+            "(or none)"
+        )
+        self.request_id = request_id
+        self.text = text

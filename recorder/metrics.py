@@ -29,7 +29,8 @@ Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
 ``messages_skipped_total`` reasons are the k2eg client's assembler counters charged to the
 run's snapshot topic (:meth:`recorder.client.K2egClient.skipped`): ``malformed.<why>`` (not
 decodable), ``late.<what>`` (for an iteration already closed), ``duplicate`` /
-``duplicate.header`` / ``duplicate.tail``.
+``duplicate.header`` / ``duplicate.tail``, ``before_start.<what>`` (the rest of an iteration
+already under way when a new recording began reading).
 """
 
 from __future__ import annotations

@@ -26,11 +26,12 @@ Threads
 
 Lifecycle
     load + validate run definitions (bad YAML: exit 2 before touching Kafka) -> connect
-    (retried with backoff until SIGTERM) -> start the ``autostart`` runs (recurring snapshots
-    begin, triggered ones are armed; a recording interrupted by a crash is resumed from its
-    last durable offset) -> ``READY=1`` -> loop -> SIGTERM/SIGINT: ``STOPPING=1``, every run
-    stopped the k2eg way (stop command, final iteration, file finalized) within
-    ``shutdown_timeout_s`` -> exit 0. SIGHUP (or an admin ``reload``) re-reads the definitions.
+    (retried with backoff until SIGTERM) -> start the ``autostart`` runs and every run a crash
+    left recording, autostart or not (recurring snapshots begin, triggered ones are armed; a
+    recording interrupted by a crash is resumed from its last durable offset) -> ``READY=1``
+    -> loop -> SIGTERM/SIGINT: ``STOPPING=1``, every run stopped the k2eg way (stop command,
+    final iteration, file finalized) within ``shutdown_timeout_s`` -> exit 0. SIGHUP (or an
+    admin ``reload``) re-reads the definitions.
 """
 
 from __future__ import annotations
@@ -194,8 +195,16 @@ class Service:
                  config_path=str(self.settings.config_path), state_dir=str(self.state_dir))
         self._start_metrics()
         self._start_disk_checks()
+        # runs that start: autostart, and those an unclean exit left recording (a crash, a
+        # kill: their state file still has an active recording), whoever started them
+        starting = {name: d.autostart or self._interrupted(d)
+                    for name, d in self._definitions.items()}
+        for name, d in self._definitions.items():
+            if starting[name] and not d.autostart:
+                log.warning("run was recording when the daemon exited without stopping it: "
+                            "resuming it", run=name)
         # the writers of the runs started below begin loading while Kafka is connected
-        prewarm_writers(self._factory, [d for d in self._definitions.values() if d.autostart],
+        prewarm_writers(self._factory, [d for d in self._definitions.values() if starting[d.name]],
                         log)
         try:
             if not self._connect():
@@ -205,7 +214,7 @@ class Service:
                 # that has just begun, and in-flight messages are not frozen with start-up
                 tune_gc()
             for definition in self._definitions.values():
-                self._add_controller(definition, start=definition.autostart)
+                self._add_controller(definition, start=starting[definition.name])
             self._state = DaemonState.RUNNING
             self.notifier.ready(self._status_line())
             self.ready.set()
@@ -400,6 +409,13 @@ class Service:
             self.metrics.disks(watch.statuses)
 
     # ------------------------------------------------------------------ runs
+    def _interrupted(self, definition: RunDefinition) -> bool:
+        """The run's state file still holds an active recording of its snapshot topic: the
+        last daemon did not stop it (crash, kill -9), so it resumes whether it autostarts
+        or was started by an admin command."""
+        active = self._store.load(definition.name).active
+        return active is not None and active.topic == definition.snapshot.topic
+
     def _add_controller(self, definition: RunDefinition, *, start: bool) -> RunController:
         controller = RunController(
             definition, self._client, self._store, metrics=self.metrics,

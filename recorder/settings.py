@@ -22,7 +22,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _KAFKA_PREFIX = "RECORDER_KAFKA__"
@@ -37,6 +37,17 @@ def _kafka_options_from_env(environ: Mapping[str, str]) -> dict[str, str]:
             if name:
                 options[name] = value
     return options
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """A settings error as the operator sets it: one ``RECORDER_<NAME>: message`` line per
+    problem, *without* the value given (it may be a secret or a password)."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        name = "__".join(str(part) for part in error.get("loc", ())).upper()
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        lines.append(f"RECORDER_{name}: {message}" if name else message)
+    return "\n".join(lines)
 
 
 class KafkaSettings(BaseSettings):

@@ -19,7 +19,9 @@ Reply (always exactly one per command, on ``reply_topic`` or the default reply t
 Error codes (:class:`ReplyCode`): ``unknown_run``, ``not_running``, ``already_running``,
 ``wrong_mode`` (trigger on a periodic run), ``malformed``, ``expired``, ``unauthorized``,
 ``duplicate`` (request_id seen within the max age: a replay or a redelivery),
-``invalid_config`` (a reload found bad definitions and kept the old ones), ``internal``.
+``invalid_config`` (a reload found bad definitions and kept the old ones), ``start_failed``
+(the run could not start recording, e.g. its output directory cannot be created; the reason
+says why), ``internal``.
 
 **Signature.** ``signature = hex(HMAC-SHA256(key=secret as UTF-8, msg=canonical))`` where
 ``canonical`` is the JSON object *without* its ``signature`` member, encoded as
@@ -105,6 +107,7 @@ class ReplyCode(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     DUPLICATE = "duplicate"
     INVALID_CONFIG = "invalid_config"
+    START_FAILED = "start_failed"
     INTERNAL = "internal"
 
 

@@ -2,7 +2,9 @@
 
 Each publishes one command on the admin topic (``RECORDER_ADMIN_TOPIC``), waits for its reply
 on ``RECORDER_ADMIN_REPLY_TOPIC`` and prints it; signed with ``RECORDER_ADMIN_SECRET`` when
-set. Exit code 0 when the daemon answered ok, 1 for an error reply, 3 when no reply came;
+set. Exit code 0 when the daemon answered ok, 1 for an error reply (or a reply whose
+signature does not verify: another secret), 2 for bad arguments (checked before anything is
+sent: a run name or tags the daemon would refuse as malformed), 3 when no reply came;
 ``status --check`` exits 4 when the daemon answered but something needs attention (for
 monitoring scripts).
 
@@ -42,14 +44,25 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     if name == "trigger":
         parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                             help="recorded with the iteration (repeatable)")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds to wait for the reply (default: 120 for stop, else 30)")
+    default = "120" if name == "stop" else "30"
+    parser.add_argument("--timeout", type=_positive_seconds, default=None,
+                        help=f"seconds to wait for the reply (default: {default})")
     parser.add_argument("--json", action="store_true", help="print the reply as JSON")
     parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT",
                         help="Kafka bootstrap servers (default: $RECORDER_BOOTSTRAP_SERVERS)")
     parser.add_argument("--verbose", action="store_true",
                         help="also log the Kafka client's warnings (e.g. each failed connection "
                              "attempt) to stderr")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
+    return value
 
 
 def parse_tags(items: list[str]) -> dict[str, str]:
@@ -157,11 +170,12 @@ def status_table(doc: dict[str, Any], only: str | None = None) -> str:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from recorder.admin.protocol import build_command
     from recorder.config.daemon import DaemonSettings
     from recorder.daemon.adminclient import AdminClient
-    from recorder.errors import RecorderError
+    from recorder.errors import RecorderError, UnverifiedReplyError
     from recorder.logging import configure_logging
-    from recorder.settings import KafkaSettings
+    from recorder.settings import KafkaSettings, settings_problems
 
     command = args._name
     # the outcome is printed below; librdkafka's retries (a warning per failed connection
@@ -172,7 +186,15 @@ def run(args: argparse.Namespace) -> int:
         daemon = DaemonSettings()
         overrides = {} if args.bootstrap is None else {"bootstrap_servers": args.bootstrap}
         kafka = KafkaSettings.from_env(**overrides)
-    except (ValueError, ValidationError) as exc:
+        # a command the daemon would refuse as malformed (run name, tags) is refused here,
+        # before anything is sent
+        build_command(command, run=getattr(args, "run", None), tags=tags or None,
+                      reply_topic=daemon.admin_reply_topic, secret=daemon.secret_bytes)
+    except ValidationError as exc:
+        print(f"k2eg-recorder {command}: invalid settings:\n{settings_problems(exc)}",
+              file=sys.stderr)
+        return 2
+    except (ValueError, RecorderError) as exc:
         print(f"k2eg-recorder {command}: {exc}", file=sys.stderr)
         return 2
     timeout = args.timeout if args.timeout is not None else (120.0 if command == "stop" else 30.0)
@@ -181,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
                          secret=daemon.secret_bytes) as client:
             reply = client.request(command, getattr(args, "run", None), tags or None,
                                    timeout_s=timeout)
+    except UnverifiedReplyError as exc:
+        print(f"k2eg-recorder {command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR_REPLY
     except RecorderError as exc:
         print(f"k2eg-recorder {command}: {exc} (Kafka at {kafka.bootstrap_servers}: "
               "--bootstrap or RECORDER_BOOTSTRAP_SERVERS)", file=sys.stderr)

@@ -44,13 +44,16 @@ def time_window(args: argparse.Namespace, command: str) -> tuple[int | None, int
 
 def configured_directories() -> tuple[list[Path], str | None]:
     """The output directories of the configured runs, or ([], why not)."""
+    from pydantic import ValidationError
+
     from recorder.config.daemon import DaemonSettings
     from recorder.config.loader import check_runs
+    from recorder.settings import settings_problems
 
     try:
         config = DaemonSettings().config_path
-    except ValueError as exc:  # a bad RECORDER_* variable
-        return [], str(exc)
+    except ValidationError as exc:  # a bad RECORDER_* variable
+        return [], settings_problems(exc).replace("\n", "; ")
     if not config.exists():
         return [], f"no run definitions at {config} (RECORDER_CONFIG_PATH)"
     loaded, problems = check_runs(config)

@@ -60,12 +60,13 @@ def run(args: argparse.Namespace) -> int:
     from recorder.config.daemon import DaemonSettings
     from recorder.logging import configure_logging
     from recorder.service import Service
-    from recorder.settings import KafkaSettings
+    from recorder.settings import KafkaSettings, settings_problems
 
     try:
         daemon, kafka = settings_from_args(args)
     except ValidationError as exc:
-        print(f"k2eg-recorder run: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"k2eg-recorder run: invalid settings:\n{settings_problems(exc)}",
+              file=sys.stderr)
         return 2
     assert isinstance(daemon, DaemonSettings) and isinstance(kafka, KafkaSettings)
     configure_logging(daemon.log_format, daemon.log_level)

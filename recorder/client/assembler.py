@@ -33,6 +33,13 @@ Closing
     * more than ``max_open_per_topic`` open: the oldest is closed ``NO_TAIL`` (``evicted``);
     * :meth:`IterationAssembler.close`: ``CLOSED``.
 
+Starting fresh
+    :meth:`IterationAssembler.start_at_header` marks a topic read from "now" (not resumed from
+    stored offsets): until its first header, data and tails of iterations whose header came
+    before the read position are counted ``before_start.data``/``before_start.tail`` and
+    dropped, so a new recording begins with a whole iteration and never re-records the tail
+    end of one an earlier recording of the same snapshot already holds.
+
 Late, duplicate, restarted
     * Data or a tail for an iteration already closed is counted ``late.data``/``late.tail``
       and dropped: the iteration is not reopened and no event is emitted, because a sink has
@@ -232,6 +239,7 @@ class IterationAssembler:
         self.counters: Counter[str] = Counter()
         self._topics: dict[str, _Topic] = {}
         self._timeouts: dict[str, float] = {}
+        self._before_start: set[str] = set()  # topics that drop headless data until a header
         self._unpacker = msgpack.Unpacker()  # validates PV maps on the hot path (skip only)
         # no layout yet: 0xc1 is never valid msgpack, so a message starting with it fails the
         # validation below and takes the general path
@@ -244,6 +252,11 @@ class IterationAssembler:
         state = self._topics.get(topic)
         if state is not None:
             state.timeout_s = seconds
+
+    def start_at_header(self, topic: str) -> None:
+        """``topic`` is read from "now": drop data and tails of iterations already under way
+        (no header read) until the topic's first header (``before_start.*``)."""
+        self._before_start.add(topic)
 
     def open_iterations(self, topic: str) -> list[int]:
         """``iter_index`` of the iterations currently open on ``topic`` (oldest first)."""
@@ -622,7 +635,10 @@ class IterationAssembler:
         forget the topic's state."""
         out: list[IterationEvent] = []
         names = list(self._topics) if topic is None else [topic]
+        if topic is None:
+            self._before_start.clear()
         for name in names:
+            self._before_start.discard(name)
             state = self._topics.pop(name, None)
             if state is None:
                 continue
@@ -745,6 +761,7 @@ class IterationAssembler:
         newest = ts > state.max_ts
         if newest:
             state.max_ts = ts
+        self._before_start.discard(state.name)
         idx = msg.iter_index
         it = state.open.get(idx)
         if it is not None and it.header_seen and newest and ts > it.last_ts:
@@ -866,6 +883,9 @@ class IterationAssembler:
                 self.counters["late." + what] += 1
                 return None
             self._restart(state)
+        if self._before_start and state.name in self._before_start:
+            self.counters["before_start." + what] += 1
+            return None
         self.counters["no_header"] += 1
         return self._open(
             state, idx, partition, offset, now, out, header_ts=msg.header_timestamp_ns

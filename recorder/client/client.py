@@ -115,7 +115,7 @@ DEFAULT_SLACK_S = 2.0
 _DOWN_REPORT_S = 2.0  # Kafka unreachable this long is logged (once per outage)
 _EXPIRE_EVERY_S = 0.05
 # assembler counters of snapshot messages read but not delivered (K2egClient.skipped)
-SKIP_PREFIXES = ("malformed.", "late.", "duplicate")
+SKIP_PREFIXES = ("malformed.", "late.", "duplicate", "before_start.")
 _END = object()  # iterator-mode end marker
 
 
@@ -672,8 +672,10 @@ class K2egClient:
     def skipped(self, topic: str) -> dict[str, int]:
         """Snapshot messages of ``topic`` read but not delivered, by reason, since this client
         started: ``malformed.<why>`` (not decodable), ``late.<what>`` (for an iteration
-        already closed), ``duplicate`` / ``duplicate.header`` / ``duplicate.tail``. The
-        client-wide totals are in :meth:`counters` (``assembler.*``)."""
+        already closed), ``duplicate`` / ``duplicate.header`` / ``duplicate.tail``,
+        ``before_start.data`` / ``before_start.tail`` (the rest of an iteration already under
+        way when a fresh subscription began reading). The client-wide totals are in
+        :meth:`counters` (``assembler.*``)."""
         with self._core_lock:
             return dict(self._skips.get(topic, {}))
 
@@ -1008,7 +1010,10 @@ class K2egClient:
         ``handler``: called with each event from the dispatcher thread (else iterate the
         handle). ``start``: where to read the topic (default: from the topic's end just
         before the command, or its beginning if the gateway creates it now; give explicit
-        offsets to resume after a restart). If the gateway answers "already running" (same
+        offsets to resume after a restart). Read from "now" (the default, or
+        ``StartAt.end()``), the subscription begins with the first iteration whose header it
+        reads: the rest of one already under way is skipped (``before_start.*`` in
+        :meth:`skipped`). If the gateway answers "already running" (same
         normalized name), the parameters of the running snapshot apply; the handle says
         ``already_running`` and reads the normalized topic anyway.
         """
@@ -1035,6 +1040,8 @@ class K2egClient:
             topic = ack.publishing_topic
         if already_running:
             log.warning("snapshot already running: its own parameters apply", message=ack.message)
+        # read from "now" (not resumed, not history): begin at the first whole iteration
+        fresh = start is None or start.kind == "end"
         if start is None:
             start = StartAt.at({p: high for p, (_, high) in before.items()}) if before else (
                 StartAt.beginning()
@@ -1047,6 +1054,8 @@ class K2egClient:
             self._assembler.set_topic_timeout(
                 topic, iteration_timeout_s(properties, self.iteration_slack_s)
             )
+            if fresh:
+                self._assembler.start_at_header(topic)
         with self._subs_lock:
             if topic in self._subs:
                 raise ClientError(f"this client already reads snapshot topic {topic!r}")

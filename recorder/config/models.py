@@ -45,7 +45,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from recorder.client.properties import (
     PV_URI_RE,
@@ -57,6 +56,7 @@ from recorder.client.properties import (
     normalize_snapshot_name,
 )
 from recorder.sinks.options import OutputOptions
+from recorder.validation import invalid
 
 __all__ = [
     "RUN_NAME_RE",
@@ -72,13 +72,6 @@ FIELD_FILTER_RE = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$")
 ATTRIBUTE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 INT32_MAX = 2**31 - 1
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(SnapshotProperties)}
-
-
-def invalid(message: str, *subloc: str | int) -> PydanticCustomError:
-    """A validation error whose location is refined by ``subloc`` (read by the loader)."""
-    return PydanticCustomError(
-        "recorder_invalid", "{message}", {"message": message, "subloc": subloc}
-    )
 
 
 def _check_run_name(name: str) -> str:
@@ -196,6 +189,12 @@ class SnapshotSpec(BaseModel):
     @model_validator(mode="after")
     def _only_used_fields(self) -> SnapshotSpec:
         timedbuffered = self.type is SnapshotType.TIMEDBUFFERED
+        if self.time_window == 0 and not self.triggered:
+            raise invalid(
+                "time_window: 0 on a periodic snapshot makes the gateway publish an iteration "
+                "on every pass of its ~1 ms loop (a flood); give the period in ms",
+                "time_window",
+            )
         if self.sub_push_delay_msec and (not timedbuffered or self.triggered):
             raise invalid(
                 "sub_push_delay_msec is only used by timedbuffered, non-triggered snapshots "

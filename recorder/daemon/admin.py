@@ -53,6 +53,8 @@ class RunHandle(Protocol):
 
     def files(self) -> list[str]: ...
 
+    def recording_files(self) -> list[str]: ...
+
 
 class AdminTarget(Protocol):
     """What the daemon exposes to admin commands."""
@@ -160,7 +162,7 @@ class AdminHandler:
         files: Callable[[], dict[str, Any]] | None = None
         if kind is CommandKind.STOP:
             def files() -> dict[str, Any]:
-                return {"files": handle.files()}
+                return {"files": handle.recording_files()}
         self._pending.append(_Pending(command, future, reply_topic,
                                       time.monotonic() + PENDING_TIMEOUT_S, files))
         self.poll()

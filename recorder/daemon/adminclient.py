@@ -16,13 +16,14 @@ from recorder.admin.protocol import (
     AdminCommand,
     AdminReply,
     CommandKind,
+    ReplyCode,
     build_command,
     decode_reply,
     encode_command,
 )
 from recorder.client import KafkaAdapter, StartAt
 from recorder.client.wire import Record
-from recorder.errors import AdminCommandError, ServiceError
+from recorder.errors import AdminCommandError, ServiceError, UnverifiedReplyError
 from recorder.settings import KafkaSettings
 
 
@@ -82,7 +83,9 @@ class AdminClient:
             if remaining <= 0:
                 raise ServiceError(
                     f"no reply to request {request_id} on {self.reply_topic!r} within "
-                    f"{timeout_s:g} s (is the daemon running and reading {self.admin_topic!r}?)"
+                    f"{timeout_s:g} s (is the daemon running and reading {self.admin_topic!r}?"
+                    " The command stays on the topic: a daemon that reads it while it is "
+                    "younger than its RECORDER_COMMAND_MAX_AGE_S still carries it out)"
                 )
             try:
                 record = self._records.get(timeout=min(remaining, 0.2))
@@ -90,10 +93,23 @@ class AdminClient:
                 continue
             try:
                 reply = decode_reply(record.value or b"", secret=self.secret)
-            except AdminCommandError:
+            except AdminCommandError as exc:
+                if exc.code == ReplyCode.UNAUTHORIZED.value and request_id is not None:
+                    self._unverified(record.value or b"", request_id)
                 continue
             if reply.request_id == request_id:
                 return reply
+
+    @staticmethod
+    def _unverified(payload: bytes, request_id: str) -> None:
+        """A reply whose signature failed: if it answers our request, say so (raises
+        :class:`UnverifiedReplyError`) instead of waiting for a reply that cannot come."""
+        try:
+            reply = decode_reply(payload)
+        except AdminCommandError:
+            return
+        if reply.request_id == request_id:
+            raise UnverifiedReplyError(request_id, f"{reply.code.value}: {reply.message}")
 
     def request(
         self, command: CommandKind | str, run: str | None = None,

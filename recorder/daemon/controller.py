@@ -318,6 +318,7 @@ class _Stats:
     current_file: str | None = None
     recording_started_at: int | None = None
     files: list[str] = field(default_factory=list)  # finalized files of this daemon process
+    recording_files: list[str] = field(default_factory=list)  # ... of the last recording
     triggers: int = 0
     bridge: dict[str, Any] | None = None  # bridge_status() of the current/last bridge
     silent_since: int | None = None  # ms: the snapshot's silence is being reported
@@ -453,6 +454,11 @@ class RunController:
         with self._lock:
             return list(self._stats.files)
 
+    def recording_files(self) -> list[str]:
+        """Files finalized of the last recording started (what a stop reply lists)."""
+        with self._lock:
+            return list(self._stats.recording_files)
+
     def _submit(self, request: _Request) -> Future[str]:
         if not self._thread.is_alive():
             request.future.set_exception(
@@ -570,6 +576,7 @@ class RunController:
         self._start_waiters.append(future)
         with self._lock:
             self._stats.last_error = None
+            self._stats.recording_files = []
         self._set_state(RunState.STARTING)
 
     def _attempt_start(self) -> None:
@@ -623,7 +630,7 @@ class RunController:
             self._log.error("recording could not start", reason=reason)
             self._stop_snapshot_quietly()
             self._set_state(RunState.FAILED)
-            self._resolve_start(error=reason)
+            self._resolve_start(error=f"run {self.name!r} could not start recording: {reason}")
             return
         self._rec = rec
         self._announced = 0
@@ -685,6 +692,7 @@ class RunController:
         else:
             with self._lock:
                 self._stats.files.append(str(leftover))
+                self._stats.recording_files.append(str(leftover))
             self._file_finalized(leftover)
             in_file = _offsets_in_file(leftover, active.topic)
             offsets = {p: max(o, active.offsets.get(p, -1)) for p, o in in_file.items()}
@@ -713,13 +721,16 @@ class RunController:
                     f"retrying in {delay:.1f} s"
         )
 
-    def _resolve_start(self, *, message: str = "", error: str | None = None) -> None:
+    def _resolve_start(
+        self, *, message: str = "", error: str | None = None,
+        code: ReplyCode = ReplyCode.START_FAILED,
+    ) -> None:
         waiters, self._start_waiters = self._start_waiters, []
         for future in waiters:
             if future.done():
                 continue
             if error is not None:
-                future.set_exception(AdminCommandError(ReplyCode.INTERNAL.value, error))
+                future.set_exception(AdminCommandError(code.value, error))
             else:
                 future.set_result(message)
 
@@ -1091,6 +1102,7 @@ class RunController:
         files = [str(p) for p in paths]
         with self._lock:
             self._stats.files.extend(files)
+            self._stats.recording_files.extend(files)
             self._stats.current_file = None
         if rec.status == "failed":
             self._error(f"recording failed: {rec.reason}")
@@ -1255,7 +1267,7 @@ class RunController:
             self._close_recording("aborted", reason)
 
     def _fail_waiters(self, message: str) -> None:
-        self._resolve_start(error=message)
+        self._resolve_start(error=message, code=ReplyCode.INTERNAL)
         waiters, self._stop_waiters = self._stop_waiters, []
         for f in waiters:
             if not f.done():

@@ -36,6 +36,7 @@ import structlog
 from recorder import __version__
 from recorder.client.events import IterationEvent, IterationOpened
 from recorder.client.properties import PVUri, SnapshotProperties
+from recorder.errors import SinkError
 from recorder.sinks import writelock
 from recorder.sinks.buffer import RecordingBuffer
 from recorder.sinks.finalize import FORMAT_VERSION, finalize
@@ -128,7 +129,7 @@ class HDF5Recording:
         )
         try:
             self._open_segment()
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SinkError) as exc:
             self._fail(exc)
 
     # --- public API ---------------------------------------------------------------------------
@@ -251,12 +252,19 @@ class HDF5Recording:
         self._buffer = nxt
         try:
             self._open_segment()
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SinkError) as exc:
             self._fail(exc)
 
     def _open_segment(self) -> None:
         self.segment += 1
-        self.options.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.options.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(
+                f"output directory {self.options.directory} cannot be created: "
+                f"{exc.strerror or exc} (create it, writable by the service user, and list it "
+                "in the unit's ReadWritePaths=)"
+            ) from exc
         start = dt.datetime.fromtimestamp(self.start_wall, dt.UTC)
         final = unique_path(
             render_file_name(
@@ -367,7 +375,8 @@ class HDF5Recording:
 
     def _fail(self, exc: BaseException) -> None:
         self.status = "failed"
-        self.reason = f"{type(exc).__name__}: {exc}"
+        # our own errors say what failed; a library's error is named by its type
+        self.reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
         self._log.error("recording failed", reason=self.reason, path=str(self.current_path))
         # Do not H5Fclose a file whose writes failed: HDF5 then tries to flush it again and
         # leaves the library in a state that crashes later calls on *other* files (seen with

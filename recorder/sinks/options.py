@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from recorder.sinks.bridge.options import BridgeOptions
+from recorder.validation import invalid
 
 DEFAULT_FILE_TEMPLATE = "{run}_{start:%Y%m%dT%H%M%SZ}_{seq:04d}.h5"
 TEMPLATE_PLACEHOLDERS = frozenset({"run", "snapshot", "start", "seq", "segment"})
@@ -178,13 +179,14 @@ class OutputOptions(BaseModel):
             return self
         comp = self.compression
         if comp in (Compression.NONE, Compression.LZF):
-            raise ValueError(f"compression_level is not allowed with compression {comp.value!r}")
+            raise invalid(f"compression_level is not allowed with compression {comp.value!r}",
+                          "compression_level")
         if comp is Compression.GZIP and level > 9:
-            raise ValueError("gzip compression_level must be 0..9")
+            raise invalid("gzip compression_level must be 0..9", "compression_level")
         if comp is Compression.BLOSC2 and level > 9:
-            raise ValueError("blosc2 compression_level must be 0..9")
+            raise invalid("blosc2 compression_level must be 0..9", "compression_level")
         if comp is Compression.ZSTD and level < 1:
-            raise ValueError("zstd compression_level must be 1..22")
+            raise invalid("zstd compression_level must be 1..22", "compression_level")
         return self
 
 

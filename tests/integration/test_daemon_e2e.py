@@ -201,6 +201,32 @@ def test_bad_commands_get_error_replies_and_other_runs_continue(
         assert not Path(reply.data["files"][0]).name.endswith(".partial")
 
 
+def test_a_run_started_again_records_only_its_new_snapshot(
+    denv: DaemonEnv, daemons: list[DaemonProcess]
+) -> None:
+    """Start, stop, start, stop one run: the second recording begins with the new snapshot's
+    first whole iteration (none of the old snapshot's last one, which the first file holds:
+    the broker's end offset may lag), and each stop lists only its own recording's file."""
+    with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
+        daemons.append(DaemonProcess(denv))
+        wait_for(lambda: run_state(admin, "idle") is not None, 40, "the daemon to answer")
+        stops = []
+        for _ in range(2):
+            assert request(admin, "start", "idle").ok
+            wait_for(lambda: (run_state(admin, "idle") or {}).get("iterations", {})
+                     .get("complete", 0) >= 5, 40, "five iterations")
+            reply = request(admin, "stop", "idle")
+            assert reply.ok and reply.data, reply
+            stops.append(reply.data["files"])
+            assert (run_state(admin, "idle") or {}).get("iterations", {}).get("incomplete") == 0
+    assert [len(f) for f in stops] == [1, 1] and stops[0] != stops[1], stops
+    first, second = read_files([Path(stops[0][0]), Path(stops[1][0])])
+    for f in (first, second):
+        assert f["status"] == "complete"
+        assert set(f["iteration_status"]) == {"complete"}, f["iteration_status"]
+    assert second["iterations"][0] == 1, second["iterations"][:5]
+
+
 def test_bad_yaml_is_a_clear_error_and_exit_code_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(

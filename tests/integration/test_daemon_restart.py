@@ -19,6 +19,7 @@ from daemon_support import (
     partial_files,
     read_files,
     read_published,
+    request,
     run_state,
     simulator,
     wait_for,
@@ -31,15 +32,19 @@ MAX_AGE_S = 30  # RECORDER_COMMAND_MAX_AGE_S of the admin-command test
 
 
 
+@pytest.mark.parametrize("autostart", [True, False], ids=["autostart", "admin-started"])
 def test_restart_after_kill_resumes_without_loss_or_duplicates(
     tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
-    daemons: list[DaemonProcess],
+    daemons: list[DaemonProcess], autostart: bool,
 ) -> None:
+    """Also a run an admin command started: after a crash it records on, as an autostart
+    run does (its state file says it was recording)."""
     snap = unique_name("resume").replace("-", "_")
     data = tmp_path / "data"
     config = tmp_path / "runs.yaml"
     config.write_text(f"""
 name: resume
+autostart: {str(autostart).lower()}
 snapshot:
   snapshot_name: {snap}
   pv_uri_list: [pva://SIM:AI:DOUBLE:1, pva://SIM:WF:DOUBLE:2:N4]
@@ -50,6 +55,9 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
     with simulator(denv.bootstrap, denv.cmd_topic) as sim, denv.admin() as admin:
         first = DaemonProcess(denv, "first")
         daemons.append(first)
+        if not autostart:
+            reply = request(admin, "start", "resume", timeout=40)
+            assert reply.code.value == "ok", reply
         wait_for(lambda: complete_iterations(admin, "resume") >= 12, 40, "12 iterations")
         first.signal(signal.SIGKILL)
         first.wait(10)
@@ -66,6 +74,8 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
         second = DaemonProcess(denv, "second")
         daemons.append(second)
         wait_for(lambda: complete_iterations(admin, "resume") >= 20, 40, "the resumed recording")
+        if not autostart:
+            assert "resuming it" in second.log_text()
         resumed_state = json.loads((denv.state_dir / "resume.json").read_text())["active"]
         assert resumed_state["segments"] == 2 and resumed_state["started_at_ns"] == started_at_ns
         second.signal(signal.SIGTERM)

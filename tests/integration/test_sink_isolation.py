@@ -440,6 +440,9 @@ def test_unwritable_directory_fails_cleanly(
         target.mkdir(mode=0o500)
     rec = recordings(OutputOptions(directory=target), run_name="x")
     assert rec.status == "failed" and rec.reason and rec.current_path is None
+    if os.geteuid() == 0:  # the directory cannot be made: said so, with what to do
+        assert rec.reason.startswith(f"output directory {target} cannot be created: "), rec.reason
+        assert "ReadWritePaths=" in rec.reason
     rec.handle(iteration_events(0)[0])
     rec.maybe_flush()
     rec.flush()

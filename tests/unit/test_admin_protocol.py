@@ -314,6 +314,25 @@ def test_tampered_or_unsigned_reply_is_refused_by_a_client_with_a_secret() -> No
         decode_reply(unsigned.encode(), secret=SECRET)
 
 
+def test_client_names_a_reply_to_its_request_signed_with_another_secret() -> None:
+    """The admin CLI with the wrong secret: the daemon's answer to *its* request fails the
+    signature check and is reported at once (not waited for until the timeout); replies to
+    other requests and garbage are still just skipped."""
+    from recorder.daemon.adminclient import AdminClient
+    from recorder.errors import UnverifiedReplyError
+
+    command = decode_command(raw(), OPEN, now_ms=NOW)
+    reply = AdminReply.failure(command, AdminCommandError("unauthorized", "bad signature"),
+                               now_ms=NOW, secret=b"the-daemons-own-secret")
+    assert command.request_id is not None
+    with pytest.raises(UnverifiedReplyError) as info:
+        AdminClient._unverified(reply.encode(), command.request_id)
+    assert "unauthorized: bad signature" in str(info.value)
+    assert "RECORDER_ADMIN_SECRET" in str(info.value)
+    AdminClient._unverified(reply.encode(), "someone-elses-request")  # not ours: no error
+    AdminClient._unverified(b"\xff junk", command.request_id)
+
+
 @pytest.mark.parametrize(
     "payload",
     [

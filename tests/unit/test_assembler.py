@@ -373,6 +373,44 @@ def test_lost_header(sequenced: bool) -> None:
     assert run.asm.counters["no_header"] == 1
 
 
+@GENERATIONS
+def test_fresh_start_skips_the_rest_of_an_iteration_under_way(sequenced: bool) -> None:
+    """Read from "now", the rest of an iteration whose header came before the read position
+    (e.g. an earlier recording's last one) is dropped and counted; the first header starts
+    the recording, and from then on a headless iteration is recorded as before."""
+    run = Run()
+    run.asm.start_at_header(TOPIC)
+    old = iteration("s", 51, [(T0, scalar_pvs(2))], sequenced=sequenced)
+    new1 = iteration("s", 1, [(T0 + 1000, scalar_pvs(2))], sequenced=sequenced)
+    lost = iteration("s", 2, [(T0 + 1100, scalar_pvs(2))], sequenced=sequenced)
+    out = run.feed(old[1:] + new1)
+    assert kinds(out) == ["O1", "V1:2", "C1:ok"]
+    assert run.asm.counters["before_start.data"] == 2
+    assert run.asm.counters["before_start.tail"] == 1
+    assert run.asm.counters["no_header"] == 0
+    out = run.feed(lost[1:])  # after the first header: a lost header is an incomplete iteration
+    assert kinds(out)[:2] == ["O2", "V2:2"]
+    assert run.asm.counters["no_header"] == 1
+    assert_clean(run.asm)
+
+
+@GENERATIONS
+def test_fresh_start_is_per_topic_and_ends_with_close(sequenced: bool) -> None:
+    run = Run()
+    run.asm.start_at_header("other")
+    msgs = iteration("s", 4, [(T0, scalar_pvs(2))], sequenced=sequenced)
+    assert kinds(run.feed(msgs[1:]))[:2] == ["O4", "V4:2"]  # TOPIC was not marked
+    run.asm.start_at_header(TOPIC)
+    run.asm.close(TOPIC)  # the subscription ended: the mark goes with it
+    msgs = iteration("s", 9, [(T0 + 500, scalar_pvs(1))], sequenced=sequenced)
+    assert kinds(run.feed(msgs[1:]))[:2] == ["O9", "V9:1"]
+    run.asm.start_at_header(TOPIC)
+    run.asm.close()
+    msgs = iteration("s", 11, [(T0 + 900, scalar_pvs(1))], sequenced=sequenced)
+    assert kinds(run.feed(msgs[1:]))[:2] == ["O11", "V11:1"]
+    assert run.asm.counters["before_start.data"] == 0
+
+
 def test_storage_node_header_timestamp_used_when_header_lost() -> None:
     run = Run()
     msgs = [

@@ -108,6 +108,22 @@ def errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         (run(snapshot={"time_window": "100"}), ("snapshot", "time_window"), "valid integer"),
         (run(snapshot={"time_window": 1.5}), ("snapshot", "time_window"), "valid integer"),
         (run(snapshot={"time_window": -1}), ("snapshot", "time_window"), "greater than or equal"),
+        (run(snapshot={"time_window": 0}), ("snapshot", "time_window"), "a flood"),
+        (
+            run(snapshot={"time_window": 0, "type": "timedbuffered"}),
+            ("snapshot", "time_window"),
+            "~1 ms loop",
+        ),
+        (
+            run(output={"compression": "gzip", "compression_level": 15}),
+            ("output", "compression_level"),
+            "gzip compression_level must be 0..9",
+        ),
+        (
+            run(output={"compression": "lzf", "compression_level": 1}),
+            ("output", "compression_level"),
+            "not allowed with compression 'lzf'",
+        ),
         (run(snapshot={"repeat_delay": 2**31}), ("snapshot", "repeat_delay"), "less than or equal"),
         (run(snapshot={"type": "NORMAL"}), ("snapshot", "type"), "'normal' or 'timedbuffered'"),
         (
@@ -183,3 +199,8 @@ def test_definitions_are_frozen_and_comparable() -> None:
     assert a == b
     with pytest.raises(ValidationError):
         a.name = "other"
+
+
+def test_time_window_zero_is_a_valid_look_back_for_a_triggered_snapshot() -> None:
+    d = RunDefinition.model_validate(run(snapshot={"time_window": 0, "triggered": True}))
+    assert d.snapshot.time_window == 0 and d.triggered

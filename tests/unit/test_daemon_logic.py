@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from recorder.admin.protocol import CommandPolicy, build_command, encode_command
+from recorder.admin.protocol import CommandPolicy, ReplyCode, build_command, encode_command
 from recorder.admin.status import DaemonState, RunState, StatusDocument
 from recorder.client import IterationClosed, IterationOpened, IterationStatus, ValuesReceived
 from recorder.client.client import Ack, StopResult
@@ -845,6 +845,9 @@ class FakeHandle:
         return f
 
     def files(self) -> list[str]:
+        return ["/earlier.h5", "/x.h5"]
+
+    def recording_files(self) -> list[str]:
         return ["/x.h5"]
 
 
@@ -1021,3 +1024,31 @@ def test_prewarm_counts_the_runs_that_isolate_their_writer(
     HDF5RecordingFactory.prewarm(a, b, a)
     HDF5RecordingFactory.prewarm(b)
     assert counts == [2]
+
+
+def test_a_recording_that_cannot_be_created_answers_start_failed(tmp_path: Path) -> None:
+    """A start whose recording cannot be created (its directory cannot be made) is answered
+    ``start_failed`` with the sink's reason, not ``internal``; the run is failed."""
+    client = FakeClient()
+    reason = "output directory /proc/x cannot be created: No such file or directory (...)"
+
+    def factory(definition: RunDefinition, *, seq: int, recording_uid: str | None,
+                first_segment: int = 0, start_ns: int | None = None) -> FakeRecording:
+        rec = FakeRecording(tmp_path / "never.h5")
+        rec.status, rec.reason = "failed", reason
+        return rec
+
+    c = RunController(
+        _definition(tmp_path), client,  # type: ignore[arg-type]
+        ResumeStore(tmp_path / "state"), recording_factory=factory,  # type: ignore[arg-type]
+        backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0),
+    )
+    try:
+        with pytest.raises(AdminCommandError) as info:
+            c.start().result(5)
+        assert info.value.code == ReplyCode.START_FAILED.value
+        assert info.value.message == f"run 'r' could not start recording: {reason}"
+        assert c.state is RunState.FAILED
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
