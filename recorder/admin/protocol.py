@@ -346,6 +346,10 @@ def _problems(obj: Mapping[str, Any]) -> list[str]:
     return out
 
 
+RESERVED_TAG_PREFIX = "k2eg-recorder."
+"""Trigger-tag names the recorder sets itself (``k2eg-recorder.cause``); commands may not."""
+
+
 def _tag_problems(tags: Any, command: CommandKind | None) -> list[str]:
     if command != CommandKind.TRIGGER:
         return ["tags are only allowed with trigger"]
@@ -357,6 +361,9 @@ def _tag_problems(tags: Any, command: CommandKind | None) -> list[str]:
     for key, value in tags.items():
         if not key or len(key) > MAX_TAG_CHARS:
             out.append("tag names must be 1..1024 characters")
+        elif key.startswith(RESERVED_TAG_PREFIX):
+            out.append(f"tag {key!r}: names starting with {RESERVED_TAG_PREFIX!r} are the "
+                       "recorder's own (e.g. the tag of a stop's last iteration)")
         if not isinstance(value, str) or len(value) > MAX_TAG_CHARS:
             out.append(f"tag {key!r} must be a string of at most 1024 characters")
     return out

@@ -39,12 +39,22 @@ def write_examples(config_dir: Path, data_dir: Path) -> list[Path]:
     """Copy the packaged example run definitions, output directories under ``data_dir``."""
     from importlib import resources
 
+    from recorder.errors import ConfigError
+
+    examples = resources.files("recorder") / "examples"
+    items = sorted((i for i in examples.iterdir() if i.name.endswith((".yaml", ".yml"))),
+                   key=lambda p: p.name)
+    names = {i.name for i in items}
+    foreign = sorted(p.name for p in config_dir.glob("*.y*ml") if p.name not in names) if (
+        config_dir.is_dir()) else []
+    if foreign:
+        raise ConfigError(
+            f"{config_dir} holds run definitions that are not the demo's ({', '.join(foreign)}):"
+            " give --output a new or empty directory (the demo writes its own runs.d there)"
+        )
     config_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    examples = resources.files("recorder") / "examples"
-    for item in sorted(examples.iterdir(), key=lambda p: p.name):
-        if not item.name.endswith((".yaml", ".yml")):
-            continue
+    for item in items:
         text = item.read_text(encoding="utf-8").replace(EXAMPLE_DATA_ROOT, str(data_dir))
         target = config_dir / item.name
         target.write_text(text, encoding="utf-8")
@@ -124,7 +134,11 @@ def run(args: argparse.Namespace) -> int:
     configure_logging("console" if args.verbose else "json", "INFO", stream=log_stream)
     data_dir = out / "data"
     config_dir = out / "runs.d"
-    write_examples(config_dir, data_dir)
+    try:
+        write_examples(config_dir, data_dir)
+    except RecorderError as exc:
+        print(f"k2eg-recorder demo: {exc}", file=sys.stderr)
+        return 2
     print(f"k2eg-recorder demo: output in {out}")
     broker = EmbeddedBroker(log_path=out / "broker.log")
     sim: GatewaySimulator | None = None
@@ -162,6 +176,15 @@ def run(args: argparse.Namespace) -> int:
         driver.start()
         code = service.run()
         driver.join(10)
+        if code != 0 and not service.ready.is_set():
+            # it refused to start (the reasons are in its log): say so, not "0 files"
+            from recorder.config.loader import check_runs
+
+            print(f"k2eg-recorder demo: the daemon refused to start (exit {code}); "
+                  f"see {log_path}", file=sys.stderr)
+            for problem in check_runs(config_dir)[1]:
+                print(f"  {problem}", file=sys.stderr)
+            return code
         for line in report:
             print(f"  {line}")
         for line in errors:

@@ -59,7 +59,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from recorder.admin.protocol import ReplyCode
+from recorder.admin.protocol import RESERVED_TAG_PREFIX, ReplyCode
 from recorder.admin.status import RunState, RunStatus
 from recorder.client import (
     Ack,
@@ -90,6 +90,11 @@ PUMP_BUDGET_S = 0.1  # longest stretch of event handling between two request che
 IDLE_WAIT_S = 0.2
 ROOM_POLL_S = 1.0  # how often a run waiting for disk space asks whether there is room
 LAG_EVERY_S = 2.0
+RESUMED_BY = ("the daemon at its restart, which resumed the recording in the next segment "
+              "from the first message this file does not hold")
+"""How a file left by a crash and recovered at a restart says so (its ``reason``)."""
+STOP_ITERATION_TAGS: dict[str, str] = {f"{RESERVED_TAG_PREFIX}cause": "stop"}
+"""Tags of the iteration a triggered snapshot publishes when it is stopped (not a trigger's)."""
 LEFTOVER_ATTEMPTS = 5  # recovering a .partial a dying writer process may still hold
 LEFTOVER_RETRY_S = 1.0
 SNAPSHOT_NOT_FOUND = -2  # the gateway's error code for a trigger of a snapshot it does not run
@@ -243,7 +248,7 @@ def _finalize_leftover(partial: Path, run: str) -> Path | None:
 
     for attempt in range(1, LEFTOVER_ATTEMPTS + 1):
         try:
-            final = recover_file(partial)
+            final = recover_file(partial, by=RESUMED_BY)
         except OSError as exc:
             # the writer process of the killed daemon may still be flushing it (file lock)
             if attempt < LEFTOVER_ATTEMPTS:
@@ -577,6 +582,7 @@ class RunController:
         with self._lock:
             self._stats.last_error = None
             self._stats.recording_files = []
+        self._pending_tags.clear()  # a trigger whose iteration never came tags nothing new
         self._set_state(RunState.STARTING)
 
     def _attempt_start(self) -> None:
@@ -1030,6 +1036,10 @@ class RunController:
         self._stop_result = None
         self._set_state(RunState.STOPPING)
         self._log.info("stopping run", reason=reason)
+        if self.definition.triggered:
+            # the gateway publishes one last iteration when a snapshot stops, triggered or
+            # not: tagged, so analysts do not count it as a trigger's
+            self._pending_tags.append(dict(STOP_ITERATION_TAGS))
 
         def stop_snapshot() -> None:
             try:

@@ -19,12 +19,13 @@ def find_partials(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(PARTIAL_SUFFIX))
 
 
-def recover_file(path: Path) -> Path:
+def recover_file(path: Path, *, by: str = "k2eg-recorder recover") -> Path:
     """Finalize ``path`` (a ``*.partial`` file): clean, per-PV layout, read-only, marked.
 
     The recording status becomes ``aborted`` (``failed`` if the writer had recorded a
     failure) with a reason saying it was recovered; iterations that were open when the
-    writer died are marked incomplete (``writer_crashed``). Raises :class:`FileBusyError`
+    writer died are marked incomplete (``writer_crashed``); ``by`` completes the reason
+    ("recovered by ..."). Raises :class:`FileBusyError`
     while a running writer holds the file (:mod:`recorder.sinks.writelock`).
     """
     path = Path(path)
@@ -44,7 +45,7 @@ def recover_file(path: Path) -> Path:
     last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(commit.time_ns / 1e9))
     reason = (
         f"the writer stopped without finalizing the file (last commit {last}); "
-        f"recovered by k2eg-recorder recover"
+        f"recovered by {by}"
     )
     return finalize(
         path,

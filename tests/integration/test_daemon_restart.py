@@ -56,6 +56,7 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
         first = DaemonProcess(denv, "first")
         daemons.append(first)
         if not autostart:
+            wait_for(lambda: run_state(admin, "resume") is not None, 40, "the daemon to answer")
             reply = request(admin, "start", "resume", timeout=40)
             assert reply.code.value == "ok", reply
         wait_for(lambda: complete_iterations(admin, "resume") >= 12, 40, "12 iterations")
@@ -88,6 +89,8 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
     files.sort(key=lambda f: f["attrs"]["segment_start_time"])
     crashed, resumed = files
     assert crashed["status"] == "aborted" and resumed["status"] == "complete"
+    # the crashed segment says it was recovered and where the recording went on
+    assert "resumed the recording in the next segment" in crashed["attrs"]["status_reason"]
     # one recording in numbered segments: same start in the name, segment 0 then 1, no "-1"
     assert crashed["attrs"]["segment"] == 0 and resumed["attrs"]["segment"] == 1
     assert crashed["attrs"]["start_time"] == resumed["attrs"]["start_time"]

@@ -111,6 +111,7 @@ def test_valid_commands(fields: dict[str, Any], expected: AdminCommand) -> None:
         (raw(command="trigger", tags=["a"]), "tags must be an object"),
         (raw(command="trigger", tags={"a": 1}), "tag 'a' must be a string"),
         (raw(command="trigger", tags={"": "x"}), "tag names"),
+        (raw(command="trigger", tags={"k2eg-recorder.cause": "x"}), "the recorder's own"),
         (raw(command="trigger", tags={str(i): "v" for i in range(65)}), "at most 64 tags"),
         (raw(issued_at=True), "issued_at must be integer"),
         (raw(issued_at=float(NOW)), "issued_at must be integer"),

@@ -1052,3 +1052,34 @@ def test_a_recording_that_cannot_be_created_answers_start_failed(tmp_path: Path)
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+def test_the_iteration_a_triggered_stop_publishes_is_tagged_as_such(tmp_path: Path) -> None:
+    """The gateway publishes one last iteration when a snapshot stops, triggered or not; in
+    a triggered run it is tagged ``k2eg-recorder.cause: stop``, not counted as a trigger's.
+    A trigger whose iteration never came does not tag the next recording's first one."""
+    from recorder.daemon.controller import STOP_ITERATION_TAGS
+
+    client = FakeClient()
+    c, made = _controller(tmp_path, client, triggered=True)
+    try:
+        c.start().result(5)
+        c.trigger({"shot": "1"}).result(5)
+        sub = client.sub
+        assert sub is not None
+        sub.events.put(IterationOpened(sub.topic, "snap", 5, 1, offset=11))
+        _wait(lambda: len(made[0].tags) == 1)
+        c.trigger({"shot": "2"}).result(5)  # its iteration never comes
+        c.stop().result(5)
+        # FakeSub.stop publishes iteration 99, the stop's; it got the trigger's pending tag
+        # (FIFO, as iterations follow triggers in order), the stop's own stays pending
+        assert made[0].tags == [(5, {"shot": "1"}), (99, {"shot": "2"})]
+        c.start().result(5)
+        sub = client.sub
+        assert sub is not None
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=40))
+        c.stop().result(5)
+        assert made[1].tags == [(99, STOP_ITERATION_TAGS)], made[1].tags
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
