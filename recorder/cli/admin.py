@@ -71,6 +71,8 @@ def parse_tags(items: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--tag {item!r}: expected KEY=VALUE")
+        if key in tags:
+            raise ValueError(f"--tag {item!r}: tag {key!r} is given twice")
         tags[key] = value
     return tags
 
@@ -216,12 +218,16 @@ def run(args: argparse.Namespace) -> int:
         print(status_table(dict(reply.data), getattr(args, "run", None)))
     else:
         stream = sys.stdout if reply.ok else sys.stderr
-        print(f"{reply.code.value}: {reply.message}", file=stream)
+        problems = (reply.data or {}).get("problems") or []
+        message = reply.message
+        if problems and "; ".join(problems) in message:  # listed below, one per line
+            message = message.replace("; ".join(problems), "").rstrip(": ")
+        print(f"{reply.code.value}: {message}", file=stream)
         files = (reply.data or {}).get("files")
         if files:
             for path in files:
                 print(f"  {path}", file=stream)
-        for problem in (reply.data or {}).get("problems") or []:
+        for problem in problems:
             print(f"  {problem}", file=stream)
     if command == "status" and reply.ok and getattr(args, "check", False):
         needs = attention(dict(reply.data or {}), getattr(args, "run", None))

@@ -29,9 +29,13 @@ def run(args: argparse.Namespace) -> int:
     from recorder.verify import verify_file
 
     files: list[Path] = []
-    for p in args.paths:
-        files.extend(find_partials(p) if p.is_dir() else [p])
     failures = busy = 0
+    for p in args.paths:
+        if not p.exists():
+            print(f"{p}: no such file or directory")
+            failures += 1
+            continue
+        files.extend(find_partials(p) if p.is_dir() else [p])
     for p in files:
         try:
             out = recover_file(p)
@@ -53,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
             failures += 1
         else:
             print(f"{p} -> {out} (verified)")
-    if not files or busy == len(files):
+    if (not files or busy == len(files)) and not failures:
         print("nothing to recover")
     return 1 if failures else 0

@@ -22,7 +22,8 @@ HELP = "check run definitions and show what they would record"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "path", nargs="?", help="run-definition file or directory of *.yaml/*.yml files"
+        "path", nargs="?", help="run-definition file or directory of *.yaml/*.yml files "
+        "(default: $RECORDER_CONFIG_PATH, as the daemon)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead")
     parser.add_argument(
@@ -43,9 +44,18 @@ def run(args: argparse.Namespace) -> int:
         json.dump(run_file_schema(), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    if not args.path:
-        print("k2eg-recorder validate: a PATH is required (or --schema)", file=sys.stderr)
-        return 2
+    if not args.path:  # what the daemon would load
+        from pydantic import ValidationError
+
+        from recorder.config.daemon import DaemonSettings
+        from recorder.settings import settings_problems
+
+        try:
+            args.path = str(DaemonSettings().config_path)
+        except ValidationError as exc:
+            print(f"k2eg-recorder validate: give a PATH (invalid settings: "
+                  f"{settings_problems(exc)})", file=sys.stderr)
+            return 2
     loaded, problems = check_runs(args.path)
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     described = [describe_run(d, str(loaded.sources[d.name]), now) for d in loaded]

@@ -133,9 +133,20 @@ def check_runs(path: str | Path) -> tuple[LoadedRuns, tuple[Problem, ...]]:
     texts: list[tuple[str, str]] = []
     for file in files:
         try:
-            texts.append((str(file), file.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError) as exc:
+            raw = file.read_bytes()
+        except OSError as exc:
             problems.append(Problem(str(file), None, "", f"cannot read file: {exc}"))
+            continue
+        try:
+            texts.append((str(file), raw.decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+            problems.append(Problem(
+                str(file), line, "",
+                f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {column} "
+                "(run definitions are UTF-8; re-save the file as UTF-8)",
+            ))
     loaded, more = parse_runs(texts)
     problems.extend(more)
     return dataclasses.replace(loaded, files=tuple(files)), tuple(problems)

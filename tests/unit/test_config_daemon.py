@@ -102,37 +102,3 @@ def test_settings_problems_name_the_variable_and_never_echo_the_value(
                for line in lines), lines
     assert any(line.startswith("RECORDER_METRICS_PORT: ") for line in lines), lines
 
-
-@pytest.mark.parametrize(
-    ("argv", "needle"),
-    [
-        (["start", "bad name!"], "run must be a run name"),
-        (["start", ""], "run must be a run name"),
-        (["trigger", "shots", "--tag", "k=" + "x" * 5000], "at most 1024 characters"),
-        (["trigger", "shots", "--tag", "novalue"], "expected KEY=VALUE"),
-    ],
-)
-def test_admin_cli_refuses_a_malformed_command_before_sending_it(
-    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Exit 2 (bad arguments), with nothing sent: no broker listens at this address, and the
-    answer is immediate."""
-    from recorder.cli import main
-
-    monkeypatch.setenv("RECORDER_BOOTSTRAP_SERVERS", "127.0.0.1:9")
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert needle in err and "Kafka" not in err, err
-
-
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
-def test_admin_cli_timeout_must_be_positive(
-    value: str, capsys: pytest.CaptureFixture[str],
-) -> None:
-    from recorder.cli import main
-
-    with pytest.raises(SystemExit) as info:
-        main(["stop", "run-a", "--timeout", value])
-    assert info.value.code == 2
-    assert "--timeout" in capsys.readouterr().err

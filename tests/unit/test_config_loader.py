@@ -281,10 +281,10 @@ def test_merge_keys_do_not_break_line_lookup() -> None:
 
 def test_unreadable_and_missing_paths(tmp_path: Path) -> None:
     bad = tmp_path / "latin1.yaml"
-    bad.write_bytes(b"name: caf\xe9\n")
+    bad.write_bytes(b"name: x\nsnapshot:\n  snapshot_name: caf\xe9\n")
     _, problems = check_runs(bad)
-    assert problems[0].file == str(bad)
-    assert "cannot read file" in problems[0].message
+    assert problems == (Problem(str(bad), 3, "", "not UTF-8 text: byte 0xe9 at column 21 "
+                                "(run definitions are UTF-8; re-save the file as UTF-8)"),)
     _, problems = check_runs(tmp_path / "missing")
     assert problems == (Problem(str(tmp_path / "missing"), None, "", "no such file or directory"),)
     assert definition_files(tmp_path / "missing") == []

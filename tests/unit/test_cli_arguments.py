@@ -1,0 +1,66 @@
+"""Command-line arguments refused (or defaulted) before anything runs: exit 2 and a line
+that says what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recorder.cli import main
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["start", "bad name!"], "run must be a run name"),
+        (["start", ""], "run must be a run name"),
+        (["trigger", "shots", "--tag", "k=" + "x" * 5000], "at most 1024 characters"),
+        (["trigger", "shots", "--tag", "novalue"], "expected KEY=VALUE"),
+        (["trigger", "shots", "--tag", "shot=1", "--tag", "shot=2"], "'shot' is given twice"),
+    ],
+)
+def test_admin_cli_refuses_a_malformed_command_before_sending_it(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Exit 2 (bad arguments), with nothing sent: no broker listens at this address, and the
+    answer is immediate."""
+    monkeypatch.setenv("RECORDER_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Kafka" not in err, err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_admin_cli_timeout_must_be_positive(
+    value: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["stop", "run-a", "--timeout", value])
+    assert info.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_recover_names_a_path_that_does_not_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["recover", str(tmp_path / "nope.h5.partial")]) == 1
+    assert capsys.readouterr().out == f"{tmp_path / 'nope.h5.partial'}: no such file or directory\n"
+
+
+def test_validate_without_path_checks_what_the_daemon_would_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = tmp_path / "runs.d"
+    runs.mkdir()
+    (runs / "a.yaml").write_text(
+        "name: a\nsnapshot: {snapshot_name: a, pv_uri_list: [pva://X]}\n"
+        f"output: {{directory: {tmp_path}/data}}\n"
+    )
+    monkeypatch.setenv("RECORDER_CONFIG_PATH", str(runs))
+    assert main(["validate"]) == 0
+    assert str(runs) in capsys.readouterr().out
+    monkeypatch.setenv("RECORDER_CONFIG_PATH", str(tmp_path / "missing"))
+    assert main(["validate", "-q"]) == 1
+    assert "no such file or directory" in capsys.readouterr().err
