@@ -180,9 +180,6 @@ def run(args: argparse.Namespace) -> int:
     from recorder.settings import KafkaSettings, settings_problems
 
     command = args._name
-    # the outcome is printed below; librdkafka's retries (a warning per failed connection
-    # attempt while the broker is unreachable) only with --verbose
-    configure_logging(False, "INFO" if args.verbose else "CRITICAL", stream=sys.stderr)
     try:
         tags = parse_tags(getattr(args, "tag", []))
         daemon = DaemonSettings()
@@ -199,6 +196,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RecorderError) as exc:
         print(f"k2eg-recorder {command}: {exc}", file=sys.stderr)
         return 2
+    # the outcome is printed below; librdkafka's retries (a warning per failed connection
+    # attempt while the broker is unreachable) only with --verbose
+    configure_logging(False, "INFO" if args.verbose else "CRITICAL", stream=sys.stderr)
     timeout = args.timeout if args.timeout is not None else (120.0 if command == "stop" else 30.0)
     try:
         with AdminClient(kafka, daemon.admin_topic, daemon.admin_reply_topic,

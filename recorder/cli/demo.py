@@ -129,9 +129,6 @@ def run(args: argparse.Namespace) -> int:
 
     out = (args.output or Path(tempfile.mkdtemp(prefix="k2eg-recorder-demo-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "daemon.log"
-    log_stream = sys.stdout if args.verbose else open(log_path, "a", encoding="utf-8")  # noqa: SIM115
-    configure_logging("console" if args.verbose else "json", "INFO", stream=log_stream)
     data_dir = out / "data"
     config_dir = out / "runs.d"
     try:
@@ -139,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     except RecorderError as exc:
         print(f"k2eg-recorder demo: {exc}", file=sys.stderr)
         return 2
+    log_path = out / "daemon.log"
+    log_stream = sys.stdout if args.verbose else open(log_path, "a", encoding="utf-8")  # noqa: SIM115
+    configure_logging("console" if args.verbose else "json", "INFO", stream=log_stream)
     print(f"k2eg-recorder demo: output in {out}")
     broker = EmbeddedBroker(log_path=out / "broker.log")
     sim: GatewaySimulator | None = None

@@ -35,7 +35,7 @@ class DaemonSettings(BaseSettings):
     """How the daemon runs: where run definitions live, the admin/status topics, metrics,
     shutdown and logging."""
 
-    model_config = SettingsConfigDict(env_prefix="RECORDER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RECORDER_", extra="ignore", allow_inf_nan=False)
 
     config_path: Path = Field(
         default=Path("/etc/k2eg-recorder/runs.d"),

@@ -132,7 +132,7 @@ class SnapshotSpec(BaseModel):
     """The ``snapshot:`` block: the fields of k2eg's ``SnapshotProperties``, same names and
     defaults (checked by a test), plus the checks the gateway would only log and ignore."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     snapshot_name: SnapshotName = Field(
         description="k2eg snapshot name ([A-Za-z0-9_-]+). The gateway publishes on the topic "
@@ -237,7 +237,7 @@ class SnapshotSpec(BaseModel):
 class RunMetadata(BaseModel):
     """Free description of a run, copied into every file it writes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     description: str = Field(default="", max_length=4096)
     experiment: str = Field(default="", max_length=256)
@@ -295,7 +295,7 @@ def directory_problem(directory: str) -> str | None:
 class RunDefinition(BaseModel):
     """One recording run: a k2eg repeating snapshot recorded into HDF5 files."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: RunName = Field(description="Unique run name (admin commands, metrics, file names).")
     autostart: bool = Field(

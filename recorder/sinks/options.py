@@ -57,7 +57,7 @@ class SegmentOptions(BaseModel):
     one file per recording.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     max_iterations: int | None = Field(
         default=None, gt=0, description="Start a new segment after this many iterations."
@@ -79,7 +79,7 @@ class SegmentOptions(BaseModel):
 class OutputOptions(BaseModel):
     """Where and how a run writes its HDF5 files (the run definition's ``output:`` block)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     directory: Path = Field(
         description="Output directory. Every file of the run is created inside it (created "

@@ -78,6 +78,8 @@ def test_empty_secret_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
         ("RECORDER_METRICS_PORT", "70000", "less than or equal"),
         ("RECORDER_HEARTBEAT_INTERVAL_S", "0", "greater than 0"),
         ("RECORDER_LOG_FORMAT", "xml", "auto"),
+        ("RECORDER_SHUTDOWN_TIMEOUT_S", "inf", "finite number"),
+        ("RECORDER_COMMAND_MAX_AGE_S", "nan", "finite number"),
     ],
 )
 def test_invalid(monkeypatch: pytest.MonkeyPatch, key: str, value: str, needle: str) -> None:

@@ -110,6 +110,11 @@ def errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         (run(snapshot={"time_window": -1}), ("snapshot", "time_window"), "greater than or equal"),
         (run(snapshot={"time_window": 0}), ("snapshot", "time_window"), "a flood"),
         (
+            run(output={"segment": {"max_seconds": float("inf")}}),
+            ("output", "segment", "max_seconds"),
+            "finite number",
+        ),
+        (
             run(snapshot={"time_window": 0, "type": "timedbuffered"}),
             ("snapshot", "time_window"),
             "~1 ms loop",

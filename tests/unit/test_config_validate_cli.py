@@ -93,10 +93,15 @@ def test_validate_reports_every_error_and_fails(
     assert capsys.readouterr().out == ""
 
 
-def test_validate_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["validate", str(tmp_path / "nope")]) == 1
     assert "no such file or directory" in capsys.readouterr().err
-    assert main(["validate"]) == 2
+    monkeypatch.setenv("RECORDER_CONFIG_PATH", str(tmp_path / "nope"))
+    assert main(["validate"]) == 1  # what the daemon would load: RECORDER_CONFIG_PATH
+    monkeypatch.setenv("RECORDER_ADMIN_SECRET", "short")
+    assert main(["validate"]) == 2  # settings the daemon would refuse: no path to check
+    assert "RECORDER_ADMIN_SECRET" in capsys.readouterr().err
 
 
 def test_schema_export(capsys: pytest.CaptureFixture[str]) -> None:

@@ -57,7 +57,7 @@ class BridgeOptions(BaseModel):
     """Serve each iteration live over ZeroMQ with the Karabo bridge protocol (see
     docs/bridge.md). Needs the optional extra ``k2eg-recorder[bridge]``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     rep: str | None = Field(
         default=None,
