@@ -86,7 +86,30 @@ def sample_value(
 
 def _open_h5(path: Path) -> h5py.File:
     # a live file (or one left by a crashed writer) opens in SWMR read mode
-    return open_for_reading(path)
+    try:
+        return open_for_reading(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if str(path) in str(exc):
+            raise
+        raise OSError(f"{path}: cannot open as HDF5: {exc}") from exc
+
+
+def unknown_pv(pv: str, names: Iterable[str], where: str) -> KeyError:
+    """A KeyError that says which PV is not there, where, and what is (close matches, the
+    base name of a URI)."""
+    import difflib
+
+    known = list(names)
+    base = pv.split("://", 1)[1] if "://" in pv else None
+    if base is not None and base in known:
+        hint = f"PVs are named without their protocol: {base!r}"
+    else:
+        close = difflib.get_close_matches(pv, known, n=3)
+        hint = (f"did you mean {', '.join(map(repr, close))}?" if close
+                else f"it has {len(known)} PV(s)" + (f", e.g. {known[0]!r}" if known else ""))
+    return KeyError(f"no PV {pv!r} in {where}; {hint}")
 
 
 class _Row(NamedTuple):
@@ -240,14 +263,14 @@ class RecordingFile:
         info = self._info.get(pv)
         if info is None:
             if pv not in self.pv_names:
-                raise KeyError(pv)
+                raise unknown_pv(pv, self.pv_names, str(self.path))
             info = self._info[pv] = self.attrs_of(f"pvs/{escape_name(pv)}")
         return info
 
     # --- per-PV arrays ------------------------------------------------------------------------
     def _group(self, pv: str) -> h5py.Group:
         if pv not in self.pv_names:
-            raise KeyError(pv)
+            raise unknown_pv(pv, self.pv_names, str(self.path))
         return self.h5["pvs"][escape_name(pv)]
 
     def _live_rows(self, pv: str) -> npt.NDArray[Any]:
@@ -733,9 +756,13 @@ class Recording:
             names.update(dict.fromkeys(f.pv_names))
         return list(names)
 
+    def _check(self, pv: str) -> None:
+        if self.files and not any(pv in f.pv_names for f in self.files):
+            raise unknown_pv(pv, self.pv_names, f"this recording ({len(self.files)} file(s))")
+
     def _cat(self, method: str, pv: str) -> npt.NDArray[Any]:
-        parts = [getattr(f, method)(pv) for f in self.files if pv in f.pv_names]
-        return np.concatenate(parts) if parts else np.empty(0)
+        self._check(pv)
+        return join_rows([getattr(f, method)(pv) for f in self.files if pv in f.pv_names])
 
     def values(self, pv: str) -> npt.NDArray[Any]:
         return self._cat("values", pv)
@@ -756,6 +783,7 @@ class Recording:
         return self._cat("alarm_status", pv)
 
     def samples(self, pv: str) -> list[PVSample]:
+        self._check(pv)
         return [s for f in self.files if pv in f.pv_names for s in f.samples(pv)]
 
     def iterations(self) -> dict[str, npt.NDArray[Any]]:
@@ -867,6 +895,10 @@ def _pick(values: npt.NDArray[Any], first: npt.NDArray[np.int64],
 def _concat_masked(parts: list[np.ma.MaskedArray | int]) -> np.ma.MaskedArray:
     """Segments' aligned values; an int stands for that many rows of a segment without the
     PV. Shapes that differ between segments give an object array."""
+    if any(not isinstance(p, int) and not np.ma.getmaskarray(p).all() for p in parts):
+        # a segment where the PV has no value at all says nothing about its dtype or shape
+        parts = [len(p) if not isinstance(p, int) and np.ma.getmaskarray(p).all() else p
+                 for p in parts]
     present = [p for p in parts if not isinstance(p, int)]
     if not present:
         n = sum(p for p in parts if isinstance(p, int))
@@ -927,6 +959,27 @@ def aligned_table(iterations: dict[str, npt.NDArray[Any]],
             col = np.asarray(m.data).astype(object)
             col[missing] = None
             out[pv] = col
+    return out
+
+
+def join_rows(parts: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+    """Per-segment arrays of one PV as one: concatenated when their dtypes and row shapes
+    agree (a segment without values does not count, so int64 stays int64), else an object
+    array with one entry per row (as :meth:`RecordingFile.values` for varying shapes)."""
+    filled = [p for p in parts if len(p)]
+    if not filled:
+        return parts[0] if parts else np.empty(0)
+    if len(filled) == 1:
+        return filled[0]
+    first = filled[0]
+    if first.dtype != object and all(
+        p.dtype == first.dtype and p.shape[1:] == first.shape[1:] for p in filled
+    ):
+        return np.concatenate(filled)
+    rows: list[Any] = [row for p in filled for row in p]
+    out = np.empty(len(rows), dtype=object)
+    for i, row in enumerate(rows):  # one by one: equal-shape rows would broadcast
+        out[i] = row
     return out
 
 

@@ -655,8 +655,9 @@ class _Checker:
             try:
                 self.report.bytes_read += _read_all(ds)
             except Exception as exc:  # HDF5 and filter errors come in several classes
-                needs = plain(ds.attrs.get("required_filter", ""))
-                hint = f" (it needs {needs}: pip install hdf5plugin)" if needs else ""
+                needs = str(plain(ds.attrs.get("required_filter", "")))
+                hint = (f" (it needs {needs}: pip install hdf5plugin)" if "hdf5plugin" in needs
+                        else f" (it needs {needs})" if needs else "")
                 self.err(ds.name, f"cannot read its data{hint}: {type(exc).__name__}: {exc}")
 
 

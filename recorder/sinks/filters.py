@@ -10,6 +10,7 @@ from recorder.errors import SinkError
 from recorder.sinks.options import Compression, OutputOptions
 
 DEFAULT_LEVELS = {Compression.GZIP: 4, Compression.ZSTD: 3, Compression.BLOSC2: 5}
+LZF_FILTER = "lzf (h5py; other HDF5 readers need its LZF plugin)"
 LIVE_LEVELS = {Compression.GZIP: 1, Compression.ZSTD: 1, Compression.BLOSC2: 1}
 
 
@@ -32,8 +33,8 @@ def filter_kwargs(
         return {}, None
     if comp is Compression.GZIP:
         return {"compression": "gzip", "compression_opts": level, "shuffle": shuffle}, None
-    if comp is Compression.LZF:
-        return {"compression": "lzf", "shuffle": shuffle}, None
+    if comp is Compression.LZF:  # in h5py, not in libhdf5: h5dump cannot decode it alone
+        return {"compression": "lzf", "shuffle": shuffle}, LZF_FILTER
     try:
         import hdf5plugin
     except ImportError as exc:  # pragma: no cover - depends on the installation

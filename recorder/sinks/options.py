@@ -40,8 +40,11 @@ MAX_FILE_NAME_BYTES = 200  # leaves room for ".partial" and a collision counter 
 
 
 class Compression(enum.StrEnum):
-    """Dataset compression. ``gzip`` and ``lzf``/``none`` are readable by every h5py;
-    ``zstd`` and ``blosc2`` need ``hdf5plugin`` (or HDF5_PLUGIN_PATH) in the reader."""
+    """Dataset compression. ``gzip`` and ``none`` are readable by every HDF5 reader; ``lzf``
+    is built into h5py but not into the HDF5 library, so h5dump and C/Fortran/MATLAB readers
+    need h5py's LZF plugin; ``zstd`` and ``blosc2`` need ``hdf5plugin`` (or
+    HDF5_PLUGIN_PATH) in the reader. Datasets that need more than the HDF5 library say so
+    in a ``required_filter`` attribute."""
 
     GZIP = "gzip"
     LZF = "lzf"
@@ -102,8 +105,9 @@ class OutputOptions(BaseModel):
     )
     compression: Compression = Field(
         default=Compression.GZIP,
-        description="Dataset compression: gzip (default, readable everywhere), lzf, none, "
-        "or zstd / blosc2 (need hdf5plugin to read; recorded on each dataset).",
+        description="Dataset compression: gzip (default, readable everywhere), none, lzf "
+        "(h5py reads it; h5dump and non-Python readers need h5py's LZF plugin), or zstd / "
+        "blosc2 (need hdf5plugin to read). What a dataset needs is recorded on it.",
     )
     compression_level: int | None = Field(
         default=None,

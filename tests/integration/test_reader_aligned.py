@@ -122,3 +122,46 @@ def test_aligned_values_across_segments_whose_pv_list_changed(tmp_path: Path) ->
         assert table["A"].tolist() == [0.5 * i for i in range(N)]
         assert [None if math.isnan(x) else x for x in table["C"].tolist()] == [
             None, None, None, None, 4, 5]
+
+
+def test_a_recording_keeps_dtypes_and_shapes_across_segments(tmp_path: Path) -> None:
+    """PVs listed in every segment but with values in only some: int64 stays int64 (exact
+    near 2**60), float32 stays float32, also per iteration; a waveform whose length differs
+    between segments comes back as one row per value (an object array), not an error; a
+    PV name that is in no segment is an error naming it, not an empty array."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path,
+                                      segment=SegmentOptions(max_iterations=3)),
+                        run_name="dtypes", pv_uris=["pva://I", "pva://F", "pva://W", "pva://A"])
+    for i in range(6):
+        late = [PVSample("I", {"value": np.int64(2**60 + i), "timeStamp": _ts(i)}),
+                PVSample("F", {"value": float(np.float32(0.1 * i)), "timeStamp": _ts(i)},
+                         frozenset({"value"}))] if i >= 3 \
+            else []
+        width = 4 if i < 3 else 6
+        write_iteration(rec, i, [
+            PVSample("A", {"value": 0.5 * i, "timeStamp": _ts(i)}),
+            PVSample("W", {"value": [float(i)] * width, "timeStamp": _ts(i)}),
+            *late,
+        ])
+    paths = rec.close()
+    assert len(paths) == 2
+    with open_recording(paths) as r:
+        assert all("I" in f.pv_names for f in r.files)  # listed, without values in segment 0
+        ints = r.values("I")
+        assert ints.dtype == np.int64 and ints.tolist() == [2**60 + i for i in (3, 4, 5)]
+        assert r.values("F").dtype == np.float32
+        assert r.times("I").dtype == np.int64 and len(r.times("I")) == 3
+        per_it = r.by_iteration("I")
+        assert per_it.dtype == np.int64
+        assert per_it.mask.tolist() == [True] * 3 + [False] * 3
+        assert per_it.compressed().tolist() == [2**60 + i for i in (3, 4, 5)]
+        assert r.by_iteration("F").dtype == np.float32
+        w = r.values("W")
+        assert w.dtype == object and [len(x) for x in w] == [4, 4, 4, 6, 6, 6]
+        assert w[5].tolist() == [5.0] * 6
+        with pytest.raises(KeyError, match=r"no PV 'NOPE' in this recording \(2 file\(s\)\)"):
+            r.values("NOPE")
+        with pytest.raises(KeyError, match=r"PVs are named without their protocol: 'I'"):
+            r.samples("pva://I")
+    with open_file(paths[0]) as f, pytest.raises(KeyError, match=r"did you mean 'A'"):
+        f.values("AA")
