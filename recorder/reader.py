@@ -936,7 +936,8 @@ def aligned_table(iterations: dict[str, npt.NDArray[Any]],
     the iterations carry it), ``status``, ``header_timestamp`` (ns), then one column per PV,
     named as the PV. A scalar column keeps its dtype when every iteration has a value; with
     gaps, floats hold NaN there, integers and booleans become float64 with NaN (as pandas
-    does); strings, waveforms
+    does) unless an integer is beyond 2**53 (float64 would round it): such a column holds
+    Python ints and None; strings, waveforms
     and other values are object columns with None where an iteration has none."""
     out: dict[str, npt.NDArray[Any]] = {"iter_index": iterations["iter_index"]}
     for key in ("segment", "status", "header_timestamp"):
@@ -949,9 +950,14 @@ def aligned_table(iterations: dict[str, npt.NDArray[Any]],
             out[pv] = _object_rows(m).data
         elif not missing.any():
             out[pv] = np.asarray(m.data)
+        elif m.dtype.kind in "iu" and not _exact_in_float64(m.data[~missing]):
+            # integers beyond 2**53 would not survive float64: Python ints, None for gaps
+            col = np.empty(len(m), dtype=object)
+            col[~missing] = [int(v) for v in m.data[~missing]]
+            out[pv] = col
         elif m.dtype.kind in "fiub":
-            # floats keep their dtype (float32 stays float32); integers and booleans become
-            # float64 to hold NaN
+            # floats keep their dtype (float32 stays float32); integers (up to 2**53) and
+            # booleans become float64 to hold NaN
             numbers = np.array(m.data, dtype=m.dtype if m.dtype.kind == "f" else np.float64)
             numbers[missing] = np.nan
             out[pv] = numbers
@@ -960,6 +966,15 @@ def aligned_table(iterations: dict[str, npt.NDArray[Any]],
             col[missing] = None
             out[pv] = col
     return out
+
+
+def _exact_in_float64(values: npt.NDArray[Any]) -> bool:
+    """Whether every integer in ``values`` is exactly a float64 (|v| <= 2**53)."""
+    if not len(values):
+        return True
+    if values.dtype.kind == "u":
+        return bool(values.max() <= 2**53)
+    return bool(values.max() <= 2**53 and values.min() >= -(2**53))
 
 
 def join_rows(parts: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:

@@ -156,6 +156,12 @@ def test_a_recording_keeps_dtypes_and_shapes_across_segments(tmp_path: Path) -> 
         assert per_it.mask.tolist() == [True] * 3 + [False] * 3
         assert per_it.compressed().tolist() == [2**60 + i for i in (3, 4, 5)]
         assert r.by_iteration("F").dtype == np.float32
+        # side by side, with gaps: integers beyond 2**53 stay exact (object column, None in
+        # the gaps) instead of float64 NaN-filled; float32 keeps NaN in its own dtype
+        table = r.table(["I", "F"])
+        assert table["I"].dtype == object
+        assert table["I"].tolist() == [None] * 3 + [2**60 + i for i in (3, 4, 5)]
+        assert table["F"].dtype == np.float32 and np.isnan(table["F"][:3]).all()
         w = r.values("W")
         assert w.dtype == object and [len(x) for x in w] == [4, 4, 4, 6, 6, 6]
         assert w[5].tolist() == [5.0] * 6
