@@ -58,3 +58,18 @@ def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
         return f"{prefix}-{base}-{token}".lower()
 
     return make
+
+
+@pytest.fixture
+def logging_untouched() -> Iterator[None]:
+    """For commands that must refuse bad input before they configure logging (which would
+    change the logging of every later test in this process): checked, and undone if it
+    happens. Use with ``pytestmark = pytest.mark.usefixtures("logging_untouched")``."""
+    before = structlog.get_config()
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler).__name__ == "_FlushingHandler":
+            root.removeHandler(handler)
+            structlog.configure(**before)
+            raise AssertionError("a refused command configured logging")

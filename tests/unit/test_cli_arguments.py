@@ -3,30 +3,13 @@ that says what is wrong."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from recorder.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _logging_untouched() -> Iterator[None]:
-    """These commands refuse bad input before they configure logging (which would change the
-    logging of every later test in this process): checked, and undone if it happens."""
-    import logging
-
-    import structlog
-
-    before = structlog.get_config()
-    yield
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if type(handler).__name__ == "_FlushingHandler":
-            root.removeHandler(handler)
-            structlog.configure(**before)
-            raise AssertionError("a refused command configured logging")
+pytestmark = pytest.mark.usefixtures("logging_untouched")
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@ DIR/runs.d and never mixes them with an operator's."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,23 +12,7 @@ from recorder.cli.demo import write_examples
 from recorder.config.loader import check_runs
 from recorder.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def _logging_untouched() -> Iterator[None]:
-    """These commands refuse bad input before they configure logging (which would change the
-    logging of every later test in this process): checked, and undone if it happens."""
-    import logging
-
-    import structlog
-
-    before = structlog.get_config()
-    yield
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if type(handler).__name__ == "_FlushingHandler":
-            root.removeHandler(handler)
-            structlog.configure(**before)
-            raise AssertionError("a refused command configured logging")
+pytestmark = pytest.mark.usefixtures("logging_untouched")
 
 
 def test_examples_are_written_with_their_data_under_the_output(tmp_path: Path) -> None:
