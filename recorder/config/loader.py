@@ -43,9 +43,9 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from recorder.config.models import RunDefinition, directory_problem
+from recorder.config.models import RunDefinition, SnapshotSpec, directory_problem
 from recorder.errors import ConfigError
-from recorder.sinks.options import render_file_name
+from recorder.sinks.options import OutputOptions, render_file_name
 
 __all__ = [
     "YAML_SUFFIXES",
@@ -299,7 +299,9 @@ def _parse_run(
     try:
         definition = RunDefinition.model_validate_json(json.dumps(plain), strict=True)
     except ValidationError as exc:
-        for error in exc.errors(include_url=False):
+        errors = list(exc.errors(include_url=False))
+        errors += _second_pass(plain, [tuple(e["loc"]) for e in errors])
+        for error in errors:
             loc = tuple(error["loc"])
             ctx = error.get("ctx") or {}
             loc = loc + tuple(ctx.get("subloc", ()))
@@ -312,6 +314,63 @@ def _parse_run(
         return None
     line = _line(root, prefix) if prefix else _line(root, ("name",))
     return definition, RunSource(filename, line, _dotted(prefix)), node
+
+
+# The fields each block's cross-field checks (model validators) read: a second pass that
+# dropped one of them (or an unknown key that may be a misspelling of one) would judge the
+# block by a default the author did not write, so it is not made.
+_CROSS_FIELDS: dict[str, tuple[type[BaseModel], frozenset[str]]] = {
+    "snapshot": (SnapshotSpec, frozenset({"type", "triggered", "sub_push_delay_msec",
+                                          "pv_field_filter_list", "time_window"})),
+    "output": (OutputOptions, frozenset({"compression", "compression_level"})),
+}
+
+
+def _second_pass(plain: dict[str, Any], error_locs: list[Loc]) -> list[Any]:
+    """Every problem at once: a block with a wrong field skips its model validators (the
+    checks that relate two of its fields). Validate the block again without the wrong
+    fields and return the errors only those checks find (``recorder_invalid``)."""
+    extra: list[Any] = []
+    for block, (model, cross) in _CROSS_FIELDS.items():
+        raw = plain.get(block)
+        locs = [loc[1:] for loc in error_locs if loc[:1] == (block,) and len(loc) > 1]
+        if not isinstance(raw, dict) or not locs:
+            continue
+        tops = {str(loc[0]) for loc in locs}
+        if tops & cross or any(
+            key not in model.model_fields and difflib.get_close_matches(key, cross, cutoff=0.6)
+            for key in tops
+        ):
+            continue
+        copy = json.loads(json.dumps(raw))
+        for loc in sorted(locs, key=_loc_key, reverse=True):  # list items: highest first
+            _delete(copy, loc)
+        try:
+            model.model_validate_json(json.dumps(copy), strict=True)
+        except ValidationError as exc:
+            for error in exc.errors(include_url=False):
+                if error["type"] == "recorder_invalid" and not error["loc"]:
+                    extra.append({**error, "loc": (block, *error["loc"])})
+    return extra
+
+
+def _loc_key(loc: Loc) -> list[tuple[int, int, str]]:
+    return [(0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in loc]
+
+
+def _delete(obj: Any, loc: Loc) -> None:
+    """Remove the value at ``loc`` from nested dicts/lists (nothing if it is not there)."""
+    for part in loc[:-1]:
+        found = (part in obj) if isinstance(obj, dict) else (
+            isinstance(obj, list) and isinstance(part, int) and 0 <= part < len(obj))
+        if not found:
+            return
+        obj = obj[part]
+    last = loc[-1]
+    if isinstance(obj, dict):
+        obj.pop(last, None)
+    elif isinstance(obj, list) and isinstance(last, int) and 0 <= last < len(obj):
+        obj.pop(last)
 
 
 # --- cross-run checks ----------------------------------------------------------------------

@@ -328,3 +328,46 @@ def test_complex_mapping_keys_are_reported_not_raised() -> None:
     assert problems_of(text) == [
         "runs.yaml:3: snapshot: mapping keys must be plain names, not lists or mappings"
     ]
+
+
+def test_checks_between_fields_of_a_block_are_reported_with_its_other_errors() -> None:
+    """A block with a wrong field still gets the checks that relate two of its fields (its
+    model validators), so one pass reports every problem; unless a field those checks read
+    is itself wrong or possibly misspelt: then a default would be judged, not the author's
+    value, and nothing more is said."""
+    text = """\
+    name: a
+    snapshot:
+      snapshot_name: a
+      pv_uri_list: [pva://X, "pva://bad name"]
+      sub_push_delay_msec: 100
+      colour: red
+    output:
+      directory: /data/a
+      compression: gzip
+      compression_level: 15
+      segment: {max_iterations: 1.5}
+    """
+    got = problems_of(text)
+    assert [p.split(": ", 2)[:2] for p in got] == [
+        ["runs.yaml:4", "snapshot.pv_uri_list.1"],
+        ["runs.yaml:5", "snapshot.sub_push_delay_msec"],
+        ["runs.yaml:6", "snapshot.colour"],
+        ["runs.yaml:10", "output.compression_level"],
+        ["runs.yaml:11", "output.segment.max_iterations"],
+    ], got
+    assert "only used by timedbuffered" in got[1] and "gzip compression_level" in got[3]
+    cautious = """\
+    name: b
+    snapshot:
+      snapshot_name: b
+      pv_uri_list: [pva://X]
+      type: NORMAL
+      sub_push_delay_msec: 100
+    output:
+      directory: /data/b
+      compresion: zstd
+      compression_level: 15
+    """
+    got = problems_of(cautious)
+    assert [p.split(": ", 2)[1] for p in got] == ["snapshot.type", "output.compresion"], got
