@@ -42,18 +42,27 @@ def time_window(args: argparse.Namespace, command: str) -> tuple[int | None, int
     return since, until
 
 
-def configured_directories() -> tuple[list[Path], str | None]:
-    """The output directories of the configured runs, or ([], why not)."""
+def configured_path() -> tuple[Path | None, str | None]:
+    """The run definitions the daemon would load (``RECORDER_CONFIG_PATH``), or (None, why
+    not: the bad ``RECORDER_*`` settings, without their values)."""
     from pydantic import ValidationError
 
     from recorder.config.daemon import DaemonSettings
-    from recorder.config.loader import check_runs
     from recorder.settings import settings_problems
 
     try:
-        config = DaemonSettings().config_path
-    except ValidationError as exc:  # a bad RECORDER_* variable
-        return [], settings_problems(exc).replace("\n", "; ")
+        return DaemonSettings().config_path, None
+    except ValidationError as exc:
+        return None, settings_problems(exc).replace("\n", "; ")
+
+
+def configured_directories() -> tuple[list[Path], str | None]:
+    """The output directories of the configured runs, or ([], why not)."""
+    from recorder.config.loader import check_runs
+
+    config, why_not = configured_path()
+    if config is None:
+        return [], why_not
     if not config.exists():
         return [], f"no run definitions at {config} (RECORDER_CONFIG_PATH)"
     loaded, problems = check_runs(config)

@@ -45,17 +45,14 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     if not args.path:  # what the daemon would load
-        from pydantic import ValidationError
+        from recorder.cli.data_paths import configured_path
 
-        from recorder.config.daemon import DaemonSettings
-        from recorder.settings import settings_problems
-
-        try:
-            args.path = str(DaemonSettings().config_path)
-        except ValidationError as exc:
-            print(f"k2eg-recorder validate: give a PATH (invalid settings: "
-                  f"{settings_problems(exc)})", file=sys.stderr)
+        config, why_not = configured_path()
+        if config is None:
+            print(f"k2eg-recorder validate: give a PATH (invalid settings: {why_not})",
+                  file=sys.stderr)
             return 2
+        args.path = str(config)
     loaded, problems = check_runs(args.path)
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     described = [describe_run(d, str(loaded.sources[d.name]), now) for d in loaded]

@@ -349,8 +349,8 @@ def _second_pass(plain: dict[str, Any], error_locs: list[Loc]) -> list[Any]:
             model.model_validate_json(json.dumps(copy), strict=True)
         except ValidationError as exc:
             for error in exc.errors(include_url=False):
-                if error["type"] == "recorder_invalid" and not error["loc"]:
-                    extra.append({**error, "loc": (block, *error["loc"])})
+                if error["type"] == "recorder_invalid" and not error["loc"]:  # the block's own
+                    extra.append({**error, "loc": (block,)})
     return extra
 
 

@@ -323,7 +323,7 @@ class _Stats:
     current_file: str | None = None
     recording_started_at: int | None = None
     files: list[str] = field(default_factory=list)  # finalized files of this daemon process
-    recording_files: list[str] = field(default_factory=list)  # ... of the last recording
+    recording_first: int = 0  # files[recording_first:] are those of the last recording
     triggers: int = 0
     bridge: dict[str, Any] | None = None  # bridge_status() of the current/last bridge
     silent_since: int | None = None  # ms: the snapshot's silence is being reported
@@ -462,7 +462,7 @@ class RunController:
     def recording_files(self) -> list[str]:
         """Files finalized of the last recording started (what a stop reply lists)."""
         with self._lock:
-            return list(self._stats.recording_files)
+            return self._stats.files[self._stats.recording_first:]
 
     def _submit(self, request: _Request) -> Future[str]:
         if not self._thread.is_alive():
@@ -581,7 +581,7 @@ class RunController:
         self._start_waiters.append(future)
         with self._lock:
             self._stats.last_error = None
-            self._stats.recording_files = []
+            self._stats.recording_first = len(self._stats.files)
         self._pending_tags.clear()  # a trigger whose iteration never came tags nothing new
         self._set_state(RunState.STARTING)
 
@@ -698,7 +698,6 @@ class RunController:
         else:
             with self._lock:
                 self._stats.files.append(str(leftover))
-                self._stats.recording_files.append(str(leftover))
             self._file_finalized(leftover)
             in_file = _offsets_in_file(leftover, active.topic)
             offsets = {p: max(o, active.offsets.get(p, -1)) for p, o in in_file.items()}
@@ -1112,7 +1111,6 @@ class RunController:
         files = [str(p) for p in paths]
         with self._lock:
             self._stats.files.extend(files)
-            self._stats.recording_files.extend(files)
             self._stats.current_file = None
         if rec.status == "failed":
             self._error(f"recording failed: {rec.reason}")
