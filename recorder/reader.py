@@ -50,6 +50,7 @@ from recorder.sinks.codec import (
     F_SEVERITY,
     F_STATUS,
     F_TIME,
+    F_USER_TAG,
     F_VALUE,
     KINDS_BY_CODE,
     STRING_DTYPE_CODE,
@@ -124,11 +125,12 @@ class _Row(NamedTuple):
     status: int
     value: Any  # the Python value (F_VALUE), as msgpack gave it
     message: str | None  # alarm.message (F_MESSAGE)
+    user_tag: int  # timeStamp.userTag (F_USER_TAG)
 
     def sample(self, pv: str) -> PVSample:
         data = rebuild_data(self.rest, flags=self.flags, kind=self.kind, time_ns=self.time,
                             severity=self.severity, status=self.status, value=self.value,
-                            message=self.message)
+                            message=self.message, user_tag=self.user_tag)
         return PVSample(pv, data, self.f32)
 
 
@@ -551,6 +553,7 @@ class RecordingFile:
                 severity=int(s["severity"][r]),
                 status=int(s["status"][r]),
                 value=value,
+                user_tag=int(s["user_tag"][r]),
             )
             out.append(PVSample(pv, data, frozenset(rest.get("f", ()))))
         return out
@@ -580,7 +583,7 @@ class RecordingFile:
             tmpl = templates.get(flags, _UNSEEN)
             if tmpl is not None and tmpl is not _UNSEEN:
                 got = tmpl.row(row.value, row.time, row.severity, row.status,
-                               row.message)
+                               row.message, row.user_tag)
                 if got is not None:
                     out.append(got)
                     continue
@@ -591,7 +594,7 @@ class RecordingFile:
                 templates[flags] = FlatTemplate.of(
                     sample, flat, value=bool(flags & F_VALUE), time=bool(flags & F_TIME),
                     severity=bool(flags & F_SEVERITY), status=bool(flags & F_STATUS),
-                    message=bool(flags & F_MESSAGE))
+                    message=bool(flags & F_MESSAGE), user_tag=bool(flags & F_USER_TAG))
         return out
 
     def _final_rows(self, pv: str, lo: int, hi: int | None) -> Iterator[_Row]:
@@ -636,6 +639,7 @@ class RecordingFile:
             scalar_kind = DTYPE_BY_CODE[code].kind
         # per-row columns as Python lists (a list index costs a fraction of a numpy one)
         times, sevs, stats = (cols[k].tolist() for k in ("time", "severity", "status"))
+        tags = g["user_tag"][rows].tolist() if "user_tag" in g else [0] * n  # 3.1
         flag_list, code_list = cols["flags"].tolist(), codes.tolist()
         # (a scalar storage dtype: no shape, not utf-8 strings or a table)
         scalars = value.tolist() if scalar_kind is not None and value is not None else None
@@ -670,7 +674,7 @@ class RecordingFile:
                     v = (float(item) if scalar_kind == "f" else bool(item)
                          if scalar_kind == "b" else int(item))
             yield _Row(rest, f32, flags, kind_code, times[r], sevs[r], stats[r], v,
-                       texts[code_list[r]] if flags & F_MESSAGE else None)
+                       texts[code_list[r]] if flags & F_MESSAGE else None, tags[r])
 
     @staticmethod
     def _message_column(g: h5py.Group, rows: slice = slice(None)

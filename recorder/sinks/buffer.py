@@ -79,6 +79,7 @@ SAMPLE_COLUMNS: dict[str, np.dtype[Any]] = {
     "time": np.dtype(np.int64),  # EPICS timeStamp, ns since epoch
     "severity": np.dtype(np.int32),
     "status": np.dtype(np.int32),
+    "user_tag": np.dtype(np.int32),  # timeStamp.userTag where codec.F_USER_TAG (format 3.1)
     "flags": np.dtype(np.uint8),  # codec.F_*
     "kind": np.dtype(np.uint8),  # codec.KIND_CODES
     "dtype": np.dtype(np.uint8),  # codec.DTYPE_CODES / STRING_DTYPE_CODE
@@ -555,6 +556,7 @@ class RecordingBuffer:
             c_time: list[int] = []
             c_sev: list[int] = []
             c_stat: list[int] = []
+            c_tag: list[int] = []
             c_flags: list[int] = []
             c_kind: list[int] = []
             c_dtype: list[int] = []
@@ -569,6 +571,7 @@ class RecordingBuffer:
                 c_time.append(s.time_ns)
                 c_sev.append(s.severity)
                 c_stat.append(s.status)
+                c_tag.append(s.user_tag)
                 c_flags.append(s.flags)
                 c_kind.append(s.kind)
                 c_dtype.append(s.dtype)
@@ -585,6 +588,7 @@ class RecordingBuffer:
             out.time[slow] = np.array(c_time, dtype=np.int64)
             out.severity[slow] = np.array(c_sev, dtype=np.int64)
             out.status[slow] = np.array(c_stat, dtype=np.int64)
+            out.user_tag[slow] = np.array(c_tag, dtype=np.int64)
             out.flags[slow] = np.array(c_flags, dtype=np.uint8)
             out.kind[slow] = np.array(c_kind, dtype=np.uint8)
             out.dtype[slow] = np.array(c_dtype, dtype=np.uint8)
@@ -602,6 +606,7 @@ class RecordingBuffer:
             "time": out.time,
             "severity": out.severity.astype(np.int32),
             "status": out.status.astype(np.int32),
+            "user_tag": out.user_tag.astype(np.int32),
             "flags": out.flags,
             "kind": out.kind,
             "dtype": out.dtype,

@@ -2,7 +2,8 @@
 
 Every :class:`~recorder.client.values.PVSample` is split into
 
-* per-sample columns: EPICS time (ns), alarm severity, alarm status, and the value, typed
+* per-sample columns: EPICS time (ns), a nonzero ``timeStamp.userTag`` (EPICS 7's UTAG, e.g. a
+  pulse id), alarm severity, alarm status, and the value, typed
   (inline ``ival``/``fval`` for scalars, enums and booleans; an element array for waveforms and
   NTNDArray pixels; UTF-8 bytes for strings),
 * the *rest*: the decoded PV structure with ``None`` placeholders where a field was extracted
@@ -42,6 +43,11 @@ F_VALUE = 8
 F_MESSAGE = 16
 """Final layout only (format 3.0): ``alarm.message`` taken out into the PV's
 ``alarm_message`` column (the live layout keeps the message in the rest)."""
+F_USER_TAG = 32
+"""Format 3.1: a nonzero int32 ``timeStamp.userTag`` taken out into the ``user_tag`` column (a
+zero stays in the rest, so PVs that never set one store what they stored before; a tag
+that changes every sample, such as a pulse id, no longer makes each sample's rest new)."""
+USER_TAG_MIN, USER_TAG_MAX = -(2**31), 2**31 - 1
 
 KIND_CODES: dict[ValueKind, int] = {
     ValueKind.NONE: 0,
@@ -93,6 +99,7 @@ class Split:
     array: npt.NDArray[Any] | None  # waveform / NTNDArray pixels (flat), typed
     text: bytes | None  # STRING value, UTF-8
     rest: dict[str, Any]  # {"d": structure with placeholders, "f": float32 paths}
+    user_tag: int = 0  # timeStamp.userTag when F_USER_TAG
 
 
 def _int32(value: Any) -> bool:
@@ -119,8 +126,10 @@ def split_sample(sample: PVSample) -> Split:
     time_ns = 0
     severity = -1
     status = -1
+    user_tag = 0
     ts = data.get("timeStamp")
     if ts is not None and _is_map(ts):
+        ts_rest = None
         sec = ts.get("secondsPastEpoch")
         nsec = ts.get("nanoseconds")
         if _is_int(sec) and _is_int(nsec) and 0 <= nsec < NS_PER_S:
@@ -131,7 +140,14 @@ def split_sample(sample: PVSample) -> Split:
                 ts_rest = dict(ts)
                 ts_rest["secondsPastEpoch"] = None
                 ts_rest["nanoseconds"] = None
-                rest["timeStamp"] = ts_rest
+        tag = ts.get("userTag")
+        if tag and _int32(tag):
+            user_tag = int(tag)
+            flags |= F_USER_TAG
+            ts_rest = ts_rest if ts_rest is not None else dict(ts)
+            ts_rest["userTag"] = None
+        if ts_rest is not None:
+            rest["timeStamp"] = ts_rest
     alarm = data.get("alarm")
     if alarm is not None and _is_map(alarm):
         sev = alarm.get("severity")
@@ -216,6 +232,7 @@ def split_sample(sample: PVSample) -> Split:
         array=array,
         text=text,
         rest={"d": rest, "f": sorted(f32) if (f32 := sample.float32_paths) else []},
+        user_tag=user_tag,
     )
 
 
@@ -388,17 +405,22 @@ def rebuild_data(
     status: int,
     value: Any,
     message: str | None = None,
+    user_tag: int = 0,
 ) -> dict[str, Any]:
     """The PV structure as sent: the rest with the extracted fields put back.
 
     ``value`` is the Python value of the extracted value field (ignored without ``F_VALUE``):
     an int/float/bool/str, or a list (waveform / NTNDArray pixels); ``message`` the
-    ``alarm.message`` (ignored without ``F_MESSAGE``).
+    ``alarm.message`` (ignored without ``F_MESSAGE``); ``user_tag`` the
+    ``timeStamp.userTag`` (ignored without ``F_USER_TAG``).
     """
     data: dict[str, Any] = dict(rest["d"])
-    if flags & F_TIME:
+    if flags & (F_TIME | F_USER_TAG):
         ts = dict(data["timeStamp"])
-        ts["secondsPastEpoch"], ts["nanoseconds"] = divmod(time_ns, NS_PER_S)
+        if flags & F_TIME:
+            ts["secondsPastEpoch"], ts["nanoseconds"] = divmod(time_ns, NS_PER_S)
+        if flags & F_USER_TAG:
+            ts["userTag"] = user_tag
         data["timeStamp"] = ts
     if flags & (F_SEVERITY | F_STATUS | F_MESSAGE):
         alarm = dict(data["alarm"])

@@ -48,6 +48,7 @@ from recorder.sinks.buffer import (
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
     F_MESSAGE,
+    F_USER_TAG,
     F_VALUE,
     KIND_CODES,
     KINDS_BY_CODE,
@@ -110,8 +111,9 @@ META_ATTRS: dict[str, tuple[str, str]] = {
     "alarm_hysteresis": ("valueAlarm", "hysteresis"),
 }
 TIME_ATTRS = {"units": "ns", "start": "1970-01-01T00:00:00Z"}
-FORMAT_VERSION = "3.0"
-"""format_version of both layouts (docs/file-format.md; 3.0 changed the final layout only)."""
+FORMAT_VERSION = "3.1"
+"""format_version of both layouts (docs/file-format.md; 3.0 changed the final layout only,
+3.1 added the ``user_tag`` columns of both)."""
 MESSAGE_TEXTS_MAX = 1024
 """Distinct alarm messages per PV in ``alarm_message``; later new texts stay in the metadata."""
 MESSAGE_CACHE = 64  # rest JSON -> (without the message, code): entries remembered per PV
@@ -584,7 +586,9 @@ class _Block:
 
 def _read_block(f: h5py.File, lo: int, hi: int, meta: dict[str, npt.NDArray[Any]]) -> _Block:
     live = f["live"]
-    s = {k: live["samples"][k][lo:hi] for k in SAMPLE_COLUMNS}
+    samples = live["samples"]
+    s = {k: samples[k][lo:hi] if k in samples else np.zeros(hi - lo, dt)  # 3.0: no user_tag
+         for k, dt in SAMPLE_COLUMNS.items()}
     kind, dtype, size, offset = s["kind"], s["dtype"], s["size"], s["offset"]
     # byte pool: string values and metadata JSON of these rows (contiguous: appended together)
     is_text = (dtype == STRING_DTYPE_CODE) & (offset >= 0)
@@ -650,6 +654,9 @@ class _PV:
         if split_message and n:
             self.message = _Col(w, self.g, "alarm_message", n, dtype=np.dtype(np.int32),
                                 share=True)
+        # timeStamp.userTag as a column: only for PVs with a nonzero one (codec.F_USER_TAG)
+        self.user_tag: _Col | None = None
+        self.no_tag = 0  # rows before the first taken-out tag (the column starts with them)
         self.n_meta = 0  # metadata entries (row 0 and each change)
         self.meta_row: _Col | None = None
         self.meta_json: _Col | None = None
@@ -844,6 +851,7 @@ class _PV:
             value_col.add(value)
         if shapes is not None and "shape" in self.cols:
             self.cols["shape"].add(shapes)
+        self._add_user_tags(flags, s["user_tag"])
         self.cols["time"].add(s["time"])
         self.cols["iteration"].add(s["iteration"])
         self.cols["severity"].add(s["severity"])
@@ -851,6 +859,21 @@ class _PV:
         self.cols["flags"].add(flags)
         self._index(s["iter_row"])
         self.rows += m
+
+    def _add_user_tags(self, flags: npt.NDArray[np.uint8], tags: npt.NDArray[Any]) -> None:
+        """The ``user_tag`` column, made at the first row whose tag was taken out (0 in rows
+        without one, which keep their tag in their metadata entry)."""
+        tagged = (flags & F_USER_TAG) != 0
+        col = self.user_tag
+        if col is None:
+            if not tagged.any():
+                self.no_tag += len(flags)
+                return
+            col = self.user_tag = self.cols["user_tag"] = _Col(
+                self.w, self.g, "user_tag", self.n, dtype=np.dtype(np.int32), share=True)
+            if self.no_tag:
+                col.add(np.zeros(self.no_tag, np.int32))
+        col.add(np.where(tagged, tags, 0).astype(np.int32))
 
     def _py_value(self, b: _Block, s: dict[str, npt.NDArray[Any]], r: int) -> Any:
         dcode = int(s["dtype"][r])

@@ -133,8 +133,8 @@ class LiveWriter:
         for k, arr in batch.meta.items():
             _append(self.meta[k], arr)
         self.n["meta"] += len(batch.meta["pv"])
-        for k, arr in batch.samples.items():
-            _append(self.samples[k], arr)
+        for k, ds in self.samples.items():  # the file's columns
+            _append(ds, batch.samples[k])
         self.n["samples"] += len(batch.samples["pv"])
         for k, arr in batch.pvs.items():
             _append(self.pvs[k], arr)
@@ -246,7 +246,8 @@ class LiveColumns(Mapping[str, npt.NDArray[Any]]):
         if got is None:
             if name not in SAMPLE_COLUMNS:
                 raise KeyError(name)
-            got = self.group[name][: self.n]
+            got = (self.group[name][: self.n] if name in self.group
+                   else np.zeros(self.n, SAMPLE_COLUMNS[name]))  # 3.0 files: no user_tag
             self.loaded[name] = got
             self.loaded_bytes += got.nbytes
         return got
@@ -270,6 +271,8 @@ class LiveColumns(Mapping[str, npt.NDArray[Any]]):
         return out
 
     def _rows(self, name: str, rows: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        if name not in self.group:
+            return np.zeros(len(rows), SAMPLE_COLUMNS[name])
         ds = self.group[name]
         result = np.empty(len(rows), dtype=SAMPLE_COLUMNS[name])
         cuts = np.searchsorted(rows, np.arange(0, self.n + BLOCK_ROWS, BLOCK_ROWS)).tolist()
@@ -338,7 +341,8 @@ def read_commit(f: h5py.File) -> Commit:
     live = f["live"]
     state_len = min(ds.shape[0] for ds in live["state"].values())
     actual = {
-        "n_samples": min(live["samples"][k].shape[0] for k in SAMPLE_COLUMNS),
+        "n_samples": min(live["samples"][k].shape[0] for k in SAMPLE_COLUMNS
+                         if k in live["samples"]),
         "n_iterations": min(f["iterations"][k].shape[0] for k in ITERATION_COLUMNS),
         "n_meta": min(live["meta"][k].shape[0] for k in META_COLUMNS),
         "n_pvs": min(live["pvs"][k].shape[0] for k in PV_COLUMNS),

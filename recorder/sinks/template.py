@@ -4,12 +4,13 @@ For one PV, consecutive msgpack payloads are byte-identical except for the value
 timestamp and the alarm numbers as long as the metadata does not change. A :class:`Template`
 is learned from one payload (and its :func:`~recorder.sinks.codec.split_sample`): the byte
 positions and encodings of the *dynamic* fields (``value`` — a number, a bool, an enum index
-or an array of fixed-width floats —, ``timeStamp.secondsPastEpoch`` / ``nanoseconds``,
-``alarm.severity`` / ``status``); every other byte is *static*. A payload of the same length
-whose static bytes equal the template's and whose dynamic fields have the template's
-encodings (plus range checks: nanoseconds below 1e9, int32 alarm numbers, ...) decodes to the
-same structure except for the dynamic values, so its :class:`~recorder.sinks.codec.Split` is
-the template's with the dynamic columns read straight from the bytes.
+or an array of fixed-width floats —, ``timeStamp.secondsPastEpoch`` / ``nanoseconds`` /
+a nonzero ``userTag``, ``alarm.severity`` / ``status``); every other byte is *static*. A
+payload of the same length whose static bytes equal the template's and whose dynamic fields
+have the template's encodings (plus range checks: nanoseconds below 1e9, int32 alarm numbers
+and user tags, ...) decodes to the same structure except for the dynamic values, so its
+:class:`~recorder.sinks.codec.Split` is the template's with the dynamic columns read straight
+from the bytes.
 
 :meth:`TemplateSet.decode` does that for many payloads at once: rows are gathered into an
 ``(n, L)`` byte matrix per *layout* (same length and field positions, shared by PVs of the
@@ -47,6 +48,7 @@ from recorder.sinks.codec import (
     F_SEVERITY,
     F_STATUS,
     F_TIME,
+    F_USER_TAG,
     F_VALUE,
     KIND_CODES,
     Split,
@@ -191,7 +193,7 @@ def _watched(raw: bytes, pos: int, name: str, sk: _Skeleton) -> int:
 # --- templates --------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class _Field:
-    name: str  # sec, ns, sev, stat, value (number / bool / enum index)
+    name: str  # sec, ns, tag, sev, stat, value (number / bool / enum index)
     pos: int  # marker position
     enc: int  # marker, or ENC_*
 
@@ -289,6 +291,8 @@ class Layout:
                 ok &= (v >= 0) & (v < _NS_PER_S)
             elif f.name in ("sev", "stat"):
                 ok &= (v >= _I32_MIN) & (v <= _I32_MAX)
+            elif f.name == "tag":  # a zero tag stays in the rest (codec.F_USER_TAG)
+                ok &= (v >= _I32_MIN) & (v <= _I32_MAX) & (v != 0)
             if small is not None and f.name != "value":
                 ok &= small
             cols[f.name] = v
@@ -349,6 +353,11 @@ def _plan(col: int, payload: bytes, split: Split) -> _Plan | None:
         ):
             fields += [_Field("sec", *sec), _Field("ns", *ns)]
             time_dyn = True
+    if split.flags & F_USER_TAG:
+        tag = leaves.get(("timeStamp", "userTag"))
+        if tag is None or tag[1] in (ENC_BOOL, 0xCA, 0xCB):
+            return None  # the tag would be static, as if it never changed
+        fields.append(_Field("tag", *tag))
     for flag, key, name in ((F_SEVERITY, "severity", "sev"), (F_STATUS, "status", "stat")):
         leaf = leaves.get(("alarm", key))
         if split.flags & flag and leaf and leaf[1] not in (ENC_BOOL, 0xCA, 0xCB):
@@ -394,13 +403,14 @@ class Columns:
     """Per-row sample columns being filled (see buffer.SAMPLE_COLUMNS)."""
 
     __slots__ = ("dtype", "flags", "fval", "ival", "kind", "severity", "size", "status",
-                 "tid", "time")
+                 "tid", "time", "user_tag")
 
     def __init__(self, n: int) -> None:
         self.tid = np.full(n, -1, np.int64)  # template of the row, -1: slow path
         self.time = np.zeros(n, np.int64)
         self.severity = np.zeros(n, np.int64)
         self.status = np.zeros(n, np.int64)
+        self.user_tag = np.zeros(n, np.int64)
         self.flags = np.zeros(n, np.uint8)
         self.kind = np.zeros(n, np.uint8)
         self.dtype = np.zeros(n, np.uint8)
@@ -524,6 +534,7 @@ class TemplateSet:
             "time": np.array([x.time_ns for x in s], np.int64),
             "severity": np.array([x.severity for x in s], np.int64),
             "status": np.array([x.status for x in s], np.int64),
+            "user_tag": np.array([x.user_tag for x in s], np.int64),
             "flags": np.array([x.flags for x in s], np.uint8),
             "kind": np.array([x.kind for x in s], np.uint8),
             "dtype": np.array([x.dtype for x in s], np.uint8),
@@ -598,6 +609,7 @@ class TemplateSet:
             out.time[r] = c["time"][th]
         out.severity[r] = cols["sev"][hit] if "sev" in cols else c["severity"][th]
         out.status[r] = cols["stat"][hit] if "stat" in cols else c["status"][th]
+        out.user_tag[r] = cols["tag"][hit] if "tag" in cols else c["user_tag"][th]
         value = cols.get("value")
         if value is None:
             value = cols.get("index")
@@ -774,6 +786,8 @@ def _same_columns(split: Split, cols: dict[str, Any], time_dyn: bool, value_dyn:
     if "sev" in cols and int(cols["sev"][j]) != split.severity:
         return False
     if "stat" in cols and int(cols["stat"][j]) != split.status:
+        return False
+    if "tag" in cols and int(cols["tag"][j]) != split.user_tag:
         return False
     if not value_dyn:
         return split.array is None

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 from test_hdf5_roundtrip import record, write_iteration
+from test_hdf5_user_tag import samples_of as tagged_samples
 
 from recorder.client.events import (
     IncompleteReason,
@@ -72,7 +73,7 @@ def every_kind(directory: Path) -> list[Path]:
     """Files of every kind the writer makes, in ``directory``: each value type with
     sub-push and a gateway error (live copy and final), timedbuffered with overlapping
     iterations and late values, zstd segments, a waveform file with chunked gzip data,
-    and a file left by kill -9 with its recovered twin."""
+    user tags taken out into columns, and a file left by kill -9 with its recovered twin."""
     rec, _sent = record(directory / "types")
     rec.flush()
     live = rec.current_path
@@ -109,6 +110,11 @@ def every_kind(directory: Path) -> list[Path]:
         write_iteration(rec, i, [PVSample("W", {"value": rng.normal(size=256).tolist()})])
     rec.close()
 
+    rec = HDF5Recording(OutputOptions(directory=directory / "tags"), run_name="tags")
+    for i in range(12):
+        write_iteration(rec, i, tagged_samples(i))
+    rec.close()
+
     killed = directory / "killed"
     killed.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", KILLED, str(killed)],
@@ -138,7 +144,7 @@ def by_name(files: list[Path], part: str) -> Path:
 
 
 def test_every_kind_of_file_passes(files: list[Path]) -> None:
-    assert len(files) == 9
+    assert len(files) == 10
     out = verify_cli("--data", "--json", *map(str, files))
     assert out.returncode == 0, out.stdout + out.stderr
     reports = {Path(r["path"]).relative_to(files[0].parents[1]).as_posix(): r
@@ -151,7 +157,7 @@ def test_every_kind_of_file_passes(files: list[Path]) -> None:
         else:
             assert r["layout"] == "final" and r["warnings"] == [], (name, r)
     final = {n: r for n, r in reports.items() if not n.endswith(".partial")}
-    assert sorted(r["status"] for r in final.values()) == ["aborted"] + ["complete"] * 6
+    assert sorted(r["status"] for r in final.values()) == ["aborted"] + ["complete"] * 7
     types = next(r for n, r in final.items() if n.startswith("types/"))
     assert (types["iterations"], types["pvs"], types["values"]) == (5, 17, 85)
     tb = next(r for n, r in final.items() if n.startswith("tb/"))
@@ -285,6 +291,21 @@ def test_a_broken_final_file_names_the_rule(files: list[Path], tmp_path: Path,
     report = verify_file(broken)
     assert not report.ok
     assert any(str(p).startswith(expected) for p in report.errors), report.problems
+
+
+def test_user_tags_need_their_column(files: list[Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.h5"
+    shutil.copy(by_name(files, "tags/tags_"), broken)
+    assert verify_file(broken).ok
+    broken.chmod(0o644)
+    with h5py.File(broken, "r+") as f:
+        del f["pvs/P/user_tag"]  # flag 32 in /pv_info
+        del f["pvs/M/user_tag"]  # flag 32 in some rows of its flags column
+    broken.chmod(0o444)
+    errors = [str(p) for p in verify_file(broken).errors]
+    for pv in ("P", "M"):
+        assert f"/pvs/{pv}: rows have flag 32 (user tag in 'user_tag'), but there is no " \
+               "'user_tag'" in errors, errors
 
 
 def test_warnings_alone_pass(files: list[Path], tmp_path: Path) -> None:

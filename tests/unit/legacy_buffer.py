@@ -72,6 +72,7 @@ SAMPLE_COLUMNS: dict[str, np.dtype[Any]] = {
     "time": np.dtype(np.int64),  # EPICS timeStamp, ns since epoch
     "severity": np.dtype(np.int32),
     "status": np.dtype(np.int32),
+    "user_tag": np.dtype(np.int32),  # format 3.1
     "flags": np.dtype(np.uint8),  # codec.F_*
     "kind": np.dtype(np.uint8),  # codec.KIND_CODES
     "dtype": np.dtype(np.uint8),  # codec.DTYPE_CODES / STRING_DTYPE_CODE
@@ -366,8 +367,9 @@ class RecordingBuffer:
             pool_offset = -1
             size = 0
         # one tuple per row (columns are made by numpy in take(): cheaper than 13 appends)
-        self._rows.append((col, iter_row, iteration, s.time_ns, s.severity, s.status, s.flags,
-                           s.kind, s.dtype, s.ival, s.fval, pool_offset, size))
+        self._rows.append((col, iter_row, iteration, s.time_ns, s.severity, s.status,
+                           s.user_tag, s.flags, s.kind, s.dtype, s.ival, s.fval, pool_offset,
+                           size))
         self.buffered_bytes += SAMPLE_ROW_BYTES
 
     # --- flushing -----------------------------------------------------------------------------

@@ -239,13 +239,17 @@ STEADY = ["SIM:AI:DOUBLE:1", "SIM:AI:FLOAT:2", "SIM:AI:LONG:3", "SIM:BI:BOOL:4",
           "SIM:MBBI:ENUM:5", "SIM:WF:DOUBLE:6:N50", "SIM:WF:FLOAT:7:N9"]
 
 
-def steady_stream(first: int, n_iter: int, pvs: list[str] = STEADY) -> list[IterationEvent]:
-    """PVs whose structure does not change: only values, timestamps, alarm numbers."""
+def steady_stream(first: int, n_iter: int, pvs: list[str] = STEADY,
+                  tag_of: Callable[[int, int], Any] | None = None) -> list[IterationEvent]:
+    """PVs whose structure does not change: only values, timestamps, alarm numbers (and
+    ``timeStamp.userTag = tag_of(k, j)`` if given)."""
     events: list[IterationEvent] = []
     for k in range(first, first + n_iter):
         samples = []
         for j, pv in enumerate(pvs):
             s = sim(pv, 0, T0 + k * 100_000_000 + 70_000 + j)
+            if tag_of is not None:
+                s["timeStamp"]["userTag"] = tag_of(k, j)
             if pv.startswith("SIM:AI:DOUBLE"):
                 s["value"] = float(k) / 7.0
                 s["alarm"]["severity"] = k % 3
@@ -714,3 +718,55 @@ def test_samples_sharing_one_message_are_sized_and_decoded_as_their_own() -> Non
     for k in a.samples:
         np.testing.assert_array_equal(a.samples[k], b.samples[k], err_msg=k)
     np.testing.assert_array_equal(a.byte_pool, b.byte_pool)
+
+
+# ------------------------------------------------------------------------------ user tags
+def tagged_stream(first: int, n_iter: int, tag_of: Callable[[int, int], Any]
+                  ) -> list[IterationEvent]:
+    """:func:`steady_stream` with ``timeStamp.userTag = tag_of(k, j)`` (a pulse id...)."""
+    return steady_stream(first, n_iter, tag_of=tag_of)
+
+
+def test_a_changing_user_tag_is_a_column_and_keeps_the_fast_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pulse id in timeStamp.userTag changes every sample: it is taken out into the
+    user_tag column (flag 32), the rest stays the same (no metadata entry per sample) and
+    the template decodes it (no split_sample once learned)."""
+    import recorder.sinks.buffer as buffer_module
+
+    calls = []
+    real = buffer_module.split_sample
+
+    def spy(sample: PVSample) -> Any:
+        calls.append(sample.pv)
+        return real(sample)
+
+    monkeypatch.setattr(buffer_module, "split_sample", spy)
+    pulse = lambda k, j: 1_000_000 + 3 * k + j  # noqa: E731  (uint32 on the wire)
+    buf = RecordingBuffer()
+    for ev in tagged_stream(0, 3, pulse):
+        buf.handle(ev)
+    first = buf.take()
+    calls.clear()
+    for ev in tagged_stream(3, 40, pulse):
+        buf.handle(ev)
+    second = buf.take()
+    assert calls == []
+    assert len(second.meta["pv"]) == 0 and len(first.meta["pv"]) == len(STEADY)
+    tags = second.samples["user_tag"]
+    assert tags.dtype == np.int32
+    expect = [pulse(k, j) for k in range(3, 43) for j in range(len(STEADY))]
+    assert tags.tolist() == expect
+    assert ((second.samples["flags"] & 32) != 0).all()
+
+
+@pytest.mark.parametrize("tag_of", [
+    lambda k, j: 1_000_000 + 3 * k + j,  # one width: the template's
+    lambda k, j: (k * 37 + j) % 300 - 150,  # fixint, int8/uint8, negative: several widths
+    lambda k, j: [5, 0, 2**31 - 1, -(2**31), 2**31, True, None, 1.5, 7][(k + j) % 9],
+], ids=["pulse", "widths", "edges"])
+def test_user_tags_decode_as_the_slow_path(tag_of: Callable[[int, int], Any]) -> None:
+    """Zero, out-of-int32, bool, nil and float tags stay in the rest; the fast path gives
+    exactly what split_sample gives, and the legacy buffer (via split_sample) agrees."""
+    check(lambda: tagged_stream(0, 30, tag_of), flush_every=7)
+    check(lambda: tagged_stream(0, 30, tag_of), flush_every=100)

@@ -298,7 +298,8 @@ _TYPED_KINDS = frozenset({
 class FlatTemplate:
     """The flat fields of one sample, reused for later values of the same PV that differ from
     it only in the fields a recording stores per row: the value (scalar, bool, string,
-    waveform, enum index), the EPICS time and the alarm severity, status and message.
+    waveform, enum index), the EPICS time and user tag and the alarm severity, status and
+    message.
 
     A file's reader builds one per metadata entry and row flags (:meth:`of`, from the first
     such row's sample and its :func:`flatten_sample` result), then :meth:`row` gives each
@@ -315,6 +316,7 @@ class FlatTemplate:
     status: bool
     message: bool
     time_ns: int | None  # the EPICS time of every row when it is not per row
+    user_tag: bool = False
     mutable: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -322,7 +324,8 @@ class FlatTemplate:
 
     @classmethod
     def of(cls, sample: PVSample, flat: dict[str, Any], *, value: bool, time: bool,
-           severity: bool, status: bool, message: bool) -> FlatTemplate | None:
+           severity: bool, status: bool, message: bool, user_tag: bool = False
+           ) -> FlatTemplate | None:
         """A template from ``sample`` and ``flat = flatten_sample(sample)``, the flags saying
         which leaves change from row to row; None when a leaf is not where it would be
         replaced (an NTTable, an image, a structure: such rows are flattened in full)."""
@@ -338,16 +341,16 @@ class FlatTemplate:
         leaves = [path] if path else []
         if time:
             leaves += [_SECONDS, _NANOS]
-        leaves += [p for p, on in ((_SEVERITY, severity), (_STATUS, status),
-                                   (_MESSAGE, message)) if on]
+        leaves += [p for p, on in ((_USER_TAG, user_tag), (_SEVERITY, severity),
+                                   (_STATUS, status), (_MESSAGE, message)) if on]
         if any(p not in flat for p in leaves):
             return None
         return cls(base={k: _fresh(v) for k, v in flat.items()}, f32=sample.float32_paths,
                    kind=kind, value_path=path, time=time, severity=severity, status=status,
-                   message=message, time_ns=sample.timestamp_ns)
+                   message=message, time_ns=sample.timestamp_ns, user_tag=user_tag)
 
-    def row(self, value: Any, time_ns: int, severity: int, status: int,
-            message: str | None) -> tuple[dict[str, Any], int | None] | None:
+    def row(self, value: Any, time_ns: int, severity: int, status: int,  # noqa: PLR0917
+            message: str | None, user_tag: int = 0) -> tuple[dict[str, Any], int | None] | None:
         """(flat fields, EPICS time in ns) of a row; None when its value does not type as the
         template's did (the row is then flattened in full)."""
         out: dict[str, Any] = {}
@@ -367,6 +370,8 @@ class FlatTemplate:
             seconds, nanos = divmod(time_ns, NS_PER_S)
             out[_SECONDS] = _int_leaf(seconds, _SECONDS, f32)
             out[_NANOS] = _int_leaf(nanos, _NANOS, f32)
+        if self.user_tag:
+            out[_USER_TAG] = _int_leaf(user_tag, _USER_TAG, f32)
         if self.severity:
             out[_SEVERITY] = _int_leaf(severity, _SEVERITY, f32)
         if self.status:
@@ -386,6 +391,7 @@ def _int_leaf(value: int, path: str, f32: frozenset[str]) -> Any:
 _ROW_VALUE_KINDS = frozenset({ValueKind.SCALAR, ValueKind.BOOL, ValueKind.STRING,
                               ValueKind.ARRAY})
 _SECONDS, _NANOS = "timeStamp.secondsPastEpoch", "timeStamp.nanoseconds"
+_USER_TAG = "timeStamp.userTag"
 _SEVERITY, _STATUS, _MESSAGE = "alarm.severity", "alarm.status", "alarm.message"
 
 
