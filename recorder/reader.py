@@ -68,7 +68,7 @@ with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
 
 TRAIN_WINDOW_VALUES = 65_536
 """trains() reads this many values (about) at a time."""
-SUPPORTED_MAJORS = ("1", "2", "3")  # the live layout is the same in all; the final one differs
+SUPPORTED_MAJORS = ("1", "2", "3", "4")  # the live layout is the same in all; the final one differs
 
 
 def sample_value(
@@ -323,9 +323,9 @@ class RecordingFile:
 
     def alarm_messages(self, pv: str) -> npt.NDArray[Any]:
         """``alarm.message`` of every value (object array of str, None where a sample had
-        none). Format 3.x keeps it in the ``alarm_message`` column when the PV's structure
-        changes, else in its one metadata entry; live and 1.x/2.x files in the metadata
-        entries (see docs/file-format.md)."""
+        none). Formats 3.x and 4.x keep it in the ``alarm_message`` column when the PV's
+        structure changes, else in its one metadata entry; live and 1.x/2.x files in the
+        metadata entries (see docs/file-format.md)."""
         if self._live is None:
             g = self._group(pv)
             if "alarm_message" in g and "flags" not in g and int(
@@ -639,7 +639,7 @@ class RecordingFile:
             scalar_kind = DTYPE_BY_CODE[code].kind
         # per-row columns as Python lists (a list index costs a fraction of a numpy one)
         times, sevs, stats = (cols[k].tolist() for k in ("time", "severity", "status"))
-        tags = g["user_tag"][rows].tolist() if "user_tag" in g else [0] * n  # 3.1
+        tags = g["user_tag"][rows].tolist() if "user_tag" in g else [0] * n  # 4.x
         flag_list, code_list = cols["flags"].tolist(), codes.tolist()
         # (a scalar storage dtype: no shape, not utf-8 strings or a table)
         scalars = value.tolist() if scalar_kind is not None and value is not None else None
@@ -679,7 +679,7 @@ class RecordingFile:
     @staticmethod
     def _message_column(g: h5py.Group, rows: slice = slice(None)
                         ) -> tuple[npt.NDArray[Any], list[str]]:
-        """``alarm_message`` codes (of ``rows``) and texts (3.x, PVs whose structure
+        """``alarm_message`` codes (of ``rows``) and texts (3.x and later, PVs whose structure
         changes), else none."""
         if "alarm_message" not in g:
             return np.zeros(0, np.int32), []

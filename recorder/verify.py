@@ -57,7 +57,7 @@ with contextlib.suppress(ImportError):  # zstd / blosc2 datasets (data=True deco
 
 __all__ = ["KNOWN_MAJOR", "Problem", "Report", "verify_file", "verify_paths"]
 
-KNOWN_MAJOR = 3
+KNOWN_MAJOR = 4
 """The newest major ``format_version`` this verifier knows."""
 
 ROOT_REQUIRED = (
@@ -423,7 +423,7 @@ class _Checker:
                     self.err(f"{path}/value", f"dtype {value.dtype}, /pv_info says {storage}")
 
     def user_tag(self, path: str, m: Mapping[str, Any], flags: int) -> None:
-        """Rows whose ``timeStamp.userTag`` was taken out (flag 32, format 3.1) need the
+        """Rows whose ``timeStamp.userTag`` was taken out (flag 32, format 4.0) need the
         ``user_tag`` column, of an integer type."""
         ds = m.get("user_tag")
         if isinstance(ds, h5py.Dataset) and ds.dtype.kind not in "iu":

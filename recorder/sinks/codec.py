@@ -44,7 +44,7 @@ F_MESSAGE = 16
 """Final layout only (format 3.0): ``alarm.message`` taken out into the PV's
 ``alarm_message`` column (the live layout keeps the message in the rest)."""
 F_USER_TAG = 32
-"""Format 3.1: a nonzero int32 ``timeStamp.userTag`` taken out into the ``user_tag`` column (a
+"""Format 4.0: a nonzero int32 ``timeStamp.userTag`` taken out into the ``user_tag`` column (a
 zero stays in the rest, so PVs that never set one store what they stored before; a tag
 that changes every sample, such as a pulse id, no longer makes each sample's rest new)."""
 USER_TAG_MIN, USER_TAG_MAX = -(2**31), 2**31 - 1

@@ -23,7 +23,7 @@ from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions
 
 N = 40
-ODD_TAGS = [0, None, 2**31, True, 1.5]  # stay in the metadata, as before format 3.1
+ODD_TAGS = [0, None, 2**31, True, 1.5]  # stay in the metadata, as before format 4.0
 
 
 def pulse(i: int) -> int:
@@ -75,7 +75,7 @@ def test_a_pulse_id_tag_is_a_column_and_round_trips(tmp_path: Path) -> None:
             same(f.samples(pv), samples)
     (final,) = rec.close()
     with open_file(final) as f:
-        assert f.attrs["format_version"] == "3.1"
+        assert f.attrs["format_version"] == "4.0"
         for pv, samples in sent.items():
             same(f.samples(pv), samples)
         # trains() flattens rows from one template per metadata entry: the tag is per row
@@ -109,7 +109,7 @@ def test_a_pulse_id_tag_is_a_column_and_round_trips(tmp_path: Path) -> None:
 
 def test_a_live_file_without_the_column_still_reads_and_finalizes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A .partial written before format 3.1 has no /live/samples/user_tag: it reads, and
+    """A .partial written before format 4.0 has no /live/samples/user_tag: it reads, and
     finalizes (the daemon's restart, ``recover``), with every tag that was in its rests."""
     old_columns = {k: v for k, v in livefile.SAMPLE_COLUMNS.items() if k != "user_tag"}
     with monkeypatch.context() as m:

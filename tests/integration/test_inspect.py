@@ -31,7 +31,7 @@ def test_inspect_live_and_final(tmp_path: Path) -> None:
     assert live is not None
     got = _inspect(live)
     assert got.returncode == 0, got.stderr
-    assert "format    k2eg-recorder 3.0 (live layout)" in got.stdout
+    assert "format    k2eg-recorder 4.0 (live layout)" in got.stdout
     assert "status    recording" in got.stdout
     live_rows = _rows(got.stdout)
     with open_file(live) as f:
@@ -40,7 +40,7 @@ def test_inspect_live_and_final(tmp_path: Path) -> None:
     got = _inspect(final)
     assert got.returncode == 0, got.stderr
     out = got.stdout
-    assert "format    k2eg-recorder 3.0 (final layout)" in out
+    assert "format    k2eg-recorder 4.0 (final layout)" in out
     assert "status    complete" in out
     assert "iterations 5 (4 complete, 1 incomplete)  iter_index 100..104" in out
     rows = _rows(out)

@@ -227,7 +227,7 @@ def _unlink_iteration(f: h5py.File) -> None:
 
 FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
     ("newer format", _attr("format_version", "9.0"),
-     "/: format 9.0 is newer than this k2eg-recorder knows (3.x)"),
+     "/: format 9.0 is newer than this k2eg-recorder knows (4.x)"),
     ("foreign file", _attr("format", "other"), "/: not a k2eg-recorder file"),
     ("attribute gone", _attr("run_name"), "/: root attribute 'run_name' is missing"),
     ("bad JSON attribute", _attr("pv_uri_map", "{oops"), "/: root attribute 'pv_uri_map' is "

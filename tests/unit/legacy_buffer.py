@@ -72,7 +72,7 @@ SAMPLE_COLUMNS: dict[str, np.dtype[Any]] = {
     "time": np.dtype(np.int64),  # EPICS timeStamp, ns since epoch
     "severity": np.dtype(np.int32),
     "status": np.dtype(np.int32),
-    "user_tag": np.dtype(np.int32),  # format 3.1
+    "user_tag": np.dtype(np.int32),  # format 4.0
     "flags": np.dtype(np.uint8),  # codec.F_*
     "kind": np.dtype(np.uint8),  # codec.KIND_CODES
     "dtype": np.dtype(np.uint8),  # codec.DTYPE_CODES / STRING_DTYPE_CODE
