@@ -46,6 +46,7 @@ from recorder.sinks.bridge.mapping import (
 from recorder.sinks.buffer import REASON_NAMES, SAMPLE_COLUMNS, STATUS_NAMES, merge_tags
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
+    F_FRAME,
     F_MESSAGE,
     F_SEVERITY,
     F_STATUS,
@@ -126,11 +127,14 @@ class _Row(NamedTuple):
     value: Any  # the Python value (F_VALUE), as msgpack gave it
     message: str | None  # alarm.message (F_MESSAGE)
     user_tag: int  # timeStamp.userTag (F_USER_TAG)
+    unique_id: int  # NTNDArray uniqueId and dataTimeStamp (F_FRAME)
+    data_time: int
 
     def sample(self, pv: str) -> PVSample:
         data = rebuild_data(self.rest, flags=self.flags, kind=self.kind, time_ns=self.time,
                             severity=self.severity, status=self.status, value=self.value,
-                            message=self.message, user_tag=self.user_tag)
+                            message=self.message, user_tag=self.user_tag,
+                            unique_id=self.unique_id, data_time_ns=self.data_time)
         return PVSample(pv, data, self.f32)
 
 
@@ -545,6 +549,7 @@ class RecordingFile:
                 j += 1
             flags = int(s["flags"][r])
             value = sample_value(view, s, r, rest) if flags & F_VALUE else None
+            framed = flags & F_FRAME  # an NTNDArray's uniqueId in fval, dataTimeStamp in ival
             data = rebuild_data(
                 rest,
                 flags=flags,
@@ -554,6 +559,8 @@ class RecordingFile:
                 status=int(s["status"][r]),
                 value=value,
                 user_tag=int(s["user_tag"][r]),
+                unique_id=int(s["fval"][r]) if framed else 0,
+                data_time_ns=int(s["ival"][r]) if framed else 0,
             )
             out.append(PVSample(pv, data, frozenset(rest.get("f", ()))))
         return out
@@ -594,7 +601,8 @@ class RecordingFile:
                 templates[flags] = FlatTemplate.of(
                     sample, flat, value=bool(flags & F_VALUE), time=bool(flags & F_TIME),
                     severity=bool(flags & F_SEVERITY), status=bool(flags & F_STATUS),
-                    message=bool(flags & F_MESSAGE), user_tag=bool(flags & F_USER_TAG))
+                    message=bool(flags & F_MESSAGE), user_tag=bool(flags & F_USER_TAG),
+                    frame=bool(flags & F_FRAME))
         return out
 
     def _final_rows(self, pv: str, lo: int, hi: int | None) -> Iterator[_Row]:
@@ -639,7 +647,9 @@ class RecordingFile:
             scalar_kind = DTYPE_BY_CODE[code].kind
         # per-row columns as Python lists (a list index costs a fraction of a numpy one)
         times, sevs, stats = (cols[k].tolist() for k in ("time", "severity", "status"))
-        tags = g["user_tag"][rows].tolist() if "user_tag" in g else [0] * n  # 4.x
+        # 4.x: user tags, NTNDArray frame ids and times (0 where not taken out)
+        tags, uids, dts = (g[k][rows].tolist() if k in g else [0] * n
+                           for k in ("user_tag", "unique_id", "data_time"))
         flag_list, code_list = cols["flags"].tolist(), codes.tolist()
         # (a scalar storage dtype: no shape, not utf-8 strings or a table)
         scalars = value.tolist() if scalar_kind is not None and value is not None else None
@@ -674,7 +684,8 @@ class RecordingFile:
                     v = (float(item) if scalar_kind == "f" else bool(item)
                          if scalar_kind == "b" else int(item))
             yield _Row(rest, f32, flags, kind_code, times[r], sevs[r], stats[r], v,
-                       texts[code_list[r]] if flags & F_MESSAGE else None, tags[r])
+                       texts[code_list[r]] if flags & F_MESSAGE else None, tags[r], uids[r],
+                       dts[r])
 
     @staticmethod
     def _message_column(g: h5py.Group, rows: slice = slice(None)

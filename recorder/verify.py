@@ -46,7 +46,7 @@ import numpy.typing as npt
 
 from recorder.catalog import candidates, live_status
 from recorder.sinks.buffer import ITERATION_COLUMNS, ITERATION_REASONS, ITERATION_STATUS
-from recorder.sinks.codec import F_USER_TAG, POOL_NAMES, STRING_DTYPE_CODE
+from recorder.sinks.codec import F_FRAME, F_USER_TAG, POOL_NAMES, STRING_DTYPE_CODE
 from recorder.sinks.describe import plain
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import read_commit, read_pv_names
@@ -378,7 +378,7 @@ class _Checker:
             if not isinstance(m.get(name), h5py.Dataset):
                 self.err(path, f"dataset {name!r} is missing")
         for name in ("time", "iteration", "severity", "status", "shape", "flags",
-                     "alarm_message", "user_tag"):
+                     "alarm_message", "user_tag", "unique_id", "data_time"):
             ds = m.get(name)
             if isinstance(ds, h5py.Dataset) and (ds.ndim == 0 or ds.shape[0] != n):
                 self.err(f"{path}/{name}", f"{ds.shape} rows, the PV has {n}")
@@ -393,7 +393,9 @@ class _Checker:
         if "flags" not in m and flags == -1:
             self.err(path, "no flags dataset, but /pv_info says the rows' flags differ")
         self.alarm_message(path, m)
-        self.user_tag(path, m, flags)
+        self.per_row(path, m, flags, F_USER_TAG, names=("user_tag",), what="user tag")
+        self.per_row(path, m, flags, F_FRAME, names=("unique_id", "data_time"),
+                     what="NTNDArray uniqueId and dataTimeStamp")
         self.metadata(path, m, row, n)
         self.index(path, m, it, written, n)
         return n
@@ -422,22 +424,25 @@ class _Checker:
                 if value.dtype != expected:
                     self.err(f"{path}/value", f"dtype {value.dtype}, /pv_info says {storage}")
 
-    def user_tag(self, path: str, m: Mapping[str, Any], flags: int) -> None:
-        """Rows whose ``timeStamp.userTag`` was taken out (flag 32, format 4.0) need the
-        ``user_tag`` column, of an integer type."""
-        ds = m.get("user_tag")
-        if isinstance(ds, h5py.Dataset) and ds.dtype.kind not in "iu":
-            self.err(f"{path}/user_tag", f"dtype {ds.dtype}, expected int32")
-        if ds is not None:
+    def per_row(self, path: str, m: Mapping[str, Any], flags: int, bit: int, *,
+                names: tuple[str, ...], what: str) -> None:
+        """Rows with flag ``bit`` (format 4.0: 32 user tag, 64 NTNDArray frame id and time)
+        need the integer columns ``names``."""
+        for name in names:
+            ds = m.get(name)
+            if isinstance(ds, h5py.Dataset) and ds.dtype.kind not in "iu":
+                self.err(f"{path}/{name}", f"dtype {ds.dtype}, expected an integer type")
+        missing = [name for name in names if name not in m]
+        if not missing:
             return
         per_row = m.get("flags")
         if flags == -1 and isinstance(per_row, h5py.Dataset):
-            tagged = bool(np.any(per_row[()] & F_USER_TAG))
+            flagged = bool(np.any(per_row[()] & bit))
         else:
-            tagged = flags != -1 and bool(flags & F_USER_TAG)
-        if tagged:
-            self.err(path, "rows have flag 32 (user tag in 'user_tag'), but there is no "
-                     "'user_tag'")
+            flagged = flags != -1 and bool(flags & bit)
+        if flagged:
+            self.err(path, f"rows have flag {bit} ({what} in {', '.join(names)}), but there "
+                     f"is no {' or '.join(repr(n) for n in missing)}")
 
     def alarm_message(self, path: str, m: Mapping[str, Any]) -> None:
         ds = m.get("alarm_message")

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from recorder.sim.pvs import parse_pv, pv_structure
 
 PROPERTY_PVS = ["SIM:AI:DOUBLE:1", "SIM:AI:FLOAT:2", "SIM:AI:INT:3", "SIM:WF:DOUBLE:4:N6",
-                "SIM:MBBI:ENUM:5", "SIM:BI:BOOL:6", "SIM:SI:STRING:7"]
-FIELD_MUTATIONS = ("value", "display", "alarm", "message", "ns", "sec", "tag", "length")
+                "SIM:MBBI:ENUM:5", "SIM:BI:BOOL:6", "SIM:SI:STRING:7", "SIM:IMG:USHORT:8:S3x2"]
+FIELD_MUTATIONS = ("value", "display", "alarm", "message", "ns", "sec", "tag", "frame",
+                   "length")
 # timeStamp.userTag: taken out when a nonzero int32 (codec.F_USER_TAG), else kept in the rest
 USER_TAGS = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from(
     [0, 1, 127, 128, -1, -33, 2**31 - 1, -(2**31), 2**31, -(2**31) - 1, 2**40, True, False,
@@ -28,8 +29,8 @@ def mutate(draw: st.DrawFn, s: dict[str, Any], muts: set[str], *,
     """Apply the ``muts`` (of :data:`FIELD_MUTATIONS`) to the PV structure ``s`` in place:
     a value drawn from ``values`` (unless the value is one of ``fixed``), ``display.limitLow``
     from ``limits``, alarm severity/status beyond int32, a message from ``messages``,
-    nanoseconds and seconds outside the storable range, a user tag (:data:`USER_TAGS`), a
-    waveform cut to 0..8 elements."""
+    nanoseconds and seconds outside the storable range, a user tag (:data:`USER_TAGS`), an
+    image's uniqueId (as a user tag) and frame nanoseconds, a waveform cut to 0..8 elements."""
     if "value" in muts and not isinstance(s["value"], fixed):
         s["value"] = draw(values)
     if "display" in muts and "display" in s:
@@ -45,6 +46,9 @@ def mutate(draw: st.DrawFn, s: dict[str, Any], muts: set[str], *,
         s["timeStamp"]["secondsPastEpoch"] = draw(st.integers(-(2**63), 2**64 - 1))
     if "tag" in muts:
         s["timeStamp"]["userTag"] = draw(USER_TAGS)
+    if "frame" in muts and "uniqueId" in s:
+        s["uniqueId"] = draw(USER_TAGS)
+        s["dataTimeStamp"]["nanoseconds"] = draw(st.sampled_from([0, 999_999_999, 10**9, -1]))
     if "length" in muts and isinstance(s["value"], list):
         s["value"] = s["value"][: draw(st.integers(0, 8))]
 

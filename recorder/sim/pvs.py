@@ -370,7 +370,8 @@ def _image(spec: PVSpec, k: int, wall_ns: int) -> dict[str, Any]:
                 "tags": [],
                 "descriptor": "Color mode",
                 "alarm": _alarm(),
-                "timeStamp": _time_stamp(wall_ns),
+                # areaDetector's NTNDArrayConverter never sets an attribute's timeStamp
+                "timeStamp": _time_stamp(0),
                 "sourceType": 0,
                 "source": "Driver",
             }

@@ -36,7 +36,7 @@ from recorder.client.events import (
     ValuesReceived,
 )
 from recorder.client.values import RAW_END, RAW_MESSAGE, RAW_START, PVSample
-from recorder.sinks.codec import DTYPE_BY_CODE, Split, encode_rest, split_sample
+from recorder.sinks.codec import DTYPE_BY_CODE, Split, encode_rest, same_rest, split_sample
 from recorder.sinks.template import PAD, Columns, Piece, RawArrays, TemplateSet
 
 # /iterations columns: name -> numpy dtype
@@ -833,7 +833,7 @@ class RecordingBuffer:
                 if prev is rest:
                     pass
                 elif prev is None or not (
-                    self._same_rest(prev, rest) if tmpl is not None else prev == rest
+                    self._same_rest(prev, rest) if tmpl is not None else same_rest(prev, rest)
                 ):
                     if tmpl is not None:
                         raw = tmpl.rest_json
@@ -862,12 +862,13 @@ class RecordingBuffer:
                 size[i] = len(text)
 
     def _same_rest(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
-        """``a == b`` for rests of templates (remembered: PVs switch between templates)."""
+        """:func:`~recorder.sinks.codec.same_rest` for rests of templates (remembered: PVs
+        switch between templates)."""
         cache = self._rest_eq
         hit = cache.get((id(a), id(b)))
         if hit is not None and hit[0] is a and hit[1] is b:
             return hit[2]
-        same = a == b
+        same = same_rest(a, b)
         if len(cache) > 4096:
             cache.clear()
         cache[(id(a), id(b))] = (a, b, same)  # holds a and b: their ids stay theirs

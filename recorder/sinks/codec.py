@@ -3,7 +3,8 @@
 Every :class:`~recorder.client.values.PVSample` is split into
 
 * per-sample columns: EPICS time (ns), a nonzero ``timeStamp.userTag`` (EPICS 7's UTAG, e.g. a
-  pulse id), alarm severity, alarm status, and the value, typed
+  pulse id), alarm severity, alarm status, an NTNDArray frame's ``uniqueId`` and
+  ``dataTimeStamp``, and the value, typed
   (inline ``ival``/``fval`` for scalars, enums and booleans; an element array for waveforms and
   NTNDArray pixels; UTF-8 bytes for strings),
 * the *rest*: the decoded PV structure with ``None`` placeholders where a field was extracted
@@ -47,7 +48,11 @@ F_USER_TAG = 32
 """Format 4.0: a nonzero int32 ``timeStamp.userTag`` taken out into the ``user_tag`` column (a
 zero stays in the rest, so PVs that never set one store what they stored before; a tag
 that changes every sample, such as a pulse id, no longer makes each sample's rest new)."""
-USER_TAG_MIN, USER_TAG_MAX = -(2**31), 2**31 - 1
+F_FRAME = 64
+"""Format 4.0: an NTNDArray's ``uniqueId`` (int32) and ``dataTimeStamp`` (as ns) taken out,
+both or neither: they change with every frame (live layout: ``fval`` and ``ival`` of the row,
+which an NTNDArray row does not use otherwise; final layout: ``unique_id`` and
+``data_time``)."""
 
 KIND_CODES: dict[ValueKind, int] = {
     ValueKind.NONE: 0,
@@ -220,6 +225,15 @@ def split_sample(sample: PVSample) -> Split:
         nd_rest = dict(data["value"])
         nd_rest[value.union_field] = None
         rest["value"] = nd_rest
+        frame = _frame(data)
+        if frame is not None:
+            fval, ival = frame
+            flags |= F_FRAME
+            rest["uniqueId"] = None
+            dts_rest = dict(data["dataTimeStamp"])
+            dts_rest["secondsPastEpoch"] = None
+            dts_rest["nanoseconds"] = None
+            rest["dataTimeStamp"] = dts_rest
     return Split(
         time_ns=time_ns,
         severity=severity,
@@ -234,6 +248,47 @@ def split_sample(sample: PVSample) -> Split:
         rest={"d": rest, "f": sorted(f32) if (f32 := sample.float32_paths) else []},
         user_tag=user_tag,
     )
+
+
+def _frame(data: Mapping[str, Any]) -> tuple[float, int] | None:
+    """(uniqueId, dataTimeStamp in ns) of an NTNDArray structure, if both fit their columns."""
+    uid = data.get("uniqueId")
+    dts = data.get("dataTimeStamp")
+    if uid is None or not _int32(uid) or dts is None or not _is_map(dts):
+        return None
+    sec = dts.get("secondsPastEpoch")
+    nsec = dts.get("nanoseconds")
+    if not (_is_int(sec) and _is_int(nsec) and 0 <= nsec < NS_PER_S):
+        return None
+    t = sec * NS_PER_S + nsec
+    if not INT64_MIN <= t <= INT64_MAX:
+        return None
+    return float(uid), t
+
+
+def same_rest(a: Any, b: Any) -> bool:
+    """``a == b`` as the stored JSON would tell: also telling ``0``, ``0.0`` and ``False``
+    apart, ``0.0`` from ``-0.0``, and dict key order, which ``==`` ignores (a rest judged
+    equal to the previous one is not stored again, so ``==`` alone would give a sample the
+    previous sample's ``0`` for its ``False``)."""
+    return bool(a == b) and _exactly(a, b)
+
+
+def _exactly(a: Any, b: Any) -> bool:
+    cls = a.__class__
+    if cls is not b.__class__:
+        return False
+    if cls is dict:
+        return len(a) == len(b) and all(
+            ka.__class__ is kb.__class__ and ka == kb and _exactly(va, vb)
+            for (ka, va), (kb, vb) in zip(a.items(), b.items(), strict=True))
+    if cls is list or cls is tuple:
+        return len(a) == len(b) and all(map(_exactly, a, b))
+    if cls is float:
+        if a != b:
+            return math.isnan(a) and math.isnan(b)
+        return math.copysign(1.0, a) == math.copysign(1.0, b)
+    return bool(a == b)
 
 
 # --- JSON with tags for what JSON cannot say --------------------------------------------------
@@ -406,13 +461,17 @@ def rebuild_data(
     value: Any,
     message: str | None = None,
     user_tag: int = 0,
+    unique_id: int = 0,
+    data_time_ns: int = 0,
 ) -> dict[str, Any]:
     """The PV structure as sent: the rest with the extracted fields put back.
 
     ``value`` is the Python value of the extracted value field (ignored without ``F_VALUE``):
     an int/float/bool/str, or a list (waveform / NTNDArray pixels); ``message`` the
     ``alarm.message`` (ignored without ``F_MESSAGE``); ``user_tag`` the
-    ``timeStamp.userTag`` (ignored without ``F_USER_TAG``).
+    ``timeStamp.userTag`` (ignored without ``F_USER_TAG``); ``unique_id`` and
+    ``data_time_ns`` an NTNDArray's ``uniqueId`` and ``dataTimeStamp`` (without ``F_FRAME``:
+    ignored).
     """
     data: dict[str, Any] = dict(rest["d"])
     if flags & (F_TIME | F_USER_TAG):
@@ -422,6 +481,11 @@ def rebuild_data(
         if flags & F_USER_TAG:
             ts["userTag"] = user_tag
         data["timeStamp"] = ts
+    if flags & F_FRAME:
+        data["uniqueId"] = unique_id
+        dts = dict(data["dataTimeStamp"])
+        dts["secondsPastEpoch"], dts["nanoseconds"] = divmod(data_time_ns, NS_PER_S)
+        data["dataTimeStamp"] = dts
     if flags & (F_SEVERITY | F_STATUS | F_MESSAGE):
         alarm = dict(data["alarm"])
         if flags & F_SEVERITY:

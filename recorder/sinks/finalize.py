@@ -47,6 +47,7 @@ from recorder.sinks.buffer import (
 )
 from recorder.sinks.codec import (
     DTYPE_BY_CODE,
+    F_FRAME,
     F_MESSAGE,
     F_USER_TAG,
     F_VALUE,
@@ -657,6 +658,9 @@ class _PV:
         # timeStamp.userTag as a column: only for PVs with a nonzero one (codec.F_USER_TAG)
         self.user_tag: _Col | None = None
         self.no_tag = 0  # rows before the first taken-out tag (the column starts with them)
+        # an NTNDArray frame's uniqueId and dataTimeStamp (codec.F_FRAME), made the same way
+        self.frame: tuple[_Col, _Col] | None = None
+        self.no_frame = 0
         self.n_meta = 0  # metadata entries (row 0 and each change)
         self.meta_row: _Col | None = None
         self.meta_json: _Col | None = None
@@ -852,6 +856,7 @@ class _PV:
         if shapes is not None and "shape" in self.cols:
             self.cols["shape"].add(shapes)
         self._add_user_tags(flags, s["user_tag"])
+        self._add_frames(flags, s["fval"], s["ival"])
         self.cols["time"].add(s["time"])
         self.cols["iteration"].add(s["iteration"])
         self.cols["severity"].add(s["severity"])
@@ -874,6 +879,29 @@ class _PV:
             if self.no_tag:
                 col.add(np.zeros(self.no_tag, np.int32))
         col.add(np.where(tagged, tags, 0).astype(np.int32))
+
+    def _add_frames(self, flags: npt.NDArray[np.uint8], fval: npt.NDArray[np.float64],
+                    ival: npt.NDArray[np.int64]) -> None:
+        """The ``unique_id`` and ``data_time`` columns (NTNDArray rows with F_FRAME: the live
+        row's ``fval`` and ``ival``), made at the first such row; 0 in other rows."""
+        framed = (flags & F_FRAME) != 0
+        cols = self.frame
+        if cols is None:
+            if not framed.any():
+                self.no_frame += len(flags)
+                return
+            i32, i64 = np.dtype(np.int32), np.dtype(np.int64)
+            uid = _Col(self.w, self.g, "unique_id", self.n, dtype=i32, share=True)
+            when = _Col(self.w, self.g, "data_time", self.n, dtype=i64, attrs=TIME_ATTRS,
+                        share=True)
+            cols = self.frame = (uid, when)
+            self.cols["unique_id"], self.cols["data_time"] = cols
+            if self.no_frame:
+                uid.add(np.zeros(self.no_frame, i32))
+                when.add(np.zeros(self.no_frame, i64))
+        with np.errstate(invalid="ignore"):  # fval of other rows: any float, NaN included
+            cols[0].add(np.where(framed, fval, 0).astype(np.int32))
+        cols[1].add(np.where(framed, ival, 0).astype(np.int64))
 
     def _py_value(self, b: _Block, s: dict[str, npt.NDArray[Any]], r: int) -> Any:
         dcode = int(s["dtype"][r])

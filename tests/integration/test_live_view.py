@@ -22,6 +22,7 @@ from test_hdf5_roundtrip import record, same
 from recorder import reader
 from recorder.client.values import PVSample
 from recorder.reader import RecordingFile, open_file
+from recorder.sim.encoding import Float32, pack
 from recorder.sinks import livefile
 
 
@@ -183,9 +184,10 @@ def _mutated_streams(draw: st.DrawFn) -> list[list[PVSample]]:
         built = []
         for pv, s, _muts in samples:
             value = s["value"]
-            f32 = frozenset({"value"}) if "FLOAT" in pv and isinstance(value, float) and (
-                math.isnan(value) or abs(value) <= 3.4e38) else frozenset()  # float32's range
-            built.append(PVSample(pv, s, f32))
+            if "FLOAT" in pv and isinstance(value, float) and (
+                    math.isnan(value) or abs(value) <= 3.4e38):  # float32's range
+                s["value"] = Float32(value)
+            built.append(PVSample.from_raw(pv, pack(s), 0))  # as the client builds them
         out.append(built)
     return out
 
@@ -195,8 +197,8 @@ def _mutated_streams(draw: st.DrawFn) -> list[list[PVSample]]:
 @given(stream=_mutated_streams(), window=st.sampled_from([1, 7, 65_536]))
 def test_property_trains_from_templates(tmp_path_factory: pytest.TempPathFactory,
                                         stream: list[list[PVSample]], window: int) -> None:
-    """Whatever the values and structures, a finalized file's trains() equal trains from
-    every sample flattened in full (key order included)."""
+    """Whatever the values and structures, a finalized file's samples are those sent, and
+    its trains() equal trains from every sample flattened in full (key order included)."""
     from test_hdf5_roundtrip import record_closed
 
     from recorder.sinks.hdf5 import HDF5Recording
@@ -204,10 +206,10 @@ def test_property_trains_from_templates(tmp_path_factory: pytest.TempPathFactory
 
     directory = tmp_path_factory.mktemp("prop")
     rec = HDF5Recording(OutputOptions(directory=directory), run_name="prop")
-    path, _ = record_closed(rec, len(stream), lambda i: stream[i])
+    path, sent = record_closed(rec, len(stream), lambda i: stream[i])
     with open_file(path) as whole:
         for pv in whole.pv_names:
-            whole.samples(pv)
+            same(whole.samples(pv), sent[pv])
         expected = list(whole.trains())
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reader, "TRAIN_WINDOW_VALUES", window)

@@ -18,8 +18,8 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from test_hdf5_per_sample_fields import samples_of as tagged_samples
 from test_hdf5_roundtrip import record, write_iteration
-from test_hdf5_user_tag import samples_of as tagged_samples
 
 from recorder.client.events import (
     IncompleteReason,
@@ -293,7 +293,7 @@ def test_a_broken_final_file_names_the_rule(files: list[Path], tmp_path: Path,
     assert any(str(p).startswith(expected) for p in report.errors), report.problems
 
 
-def test_user_tags_need_their_column(files: list[Path], tmp_path: Path) -> None:
+def test_per_sample_fields_need_their_columns(files: list[Path], tmp_path: Path) -> None:
     broken = tmp_path / "broken.h5"
     shutil.copy(by_name(files, "tags/tags_"), broken)
     assert verify_file(broken).ok
@@ -301,11 +301,14 @@ def test_user_tags_need_their_column(files: list[Path], tmp_path: Path) -> None:
     with h5py.File(broken, "r+") as f:
         del f["pvs/P/user_tag"]  # flag 32 in /pv_info
         del f["pvs/M/user_tag"]  # flag 32 in some rows of its flags column
+        del f["pvs/IMG/unique_id"]  # flag 64: an image's uniqueId and dataTimeStamp
     broken.chmod(0o444)
     errors = [str(p) for p in verify_file(broken).errors]
     for pv in ("P", "M"):
-        assert f"/pvs/{pv}: rows have flag 32 (user tag in 'user_tag'), but there is no " \
+        assert f"/pvs/{pv}: rows have flag 32 (user tag in user_tag), but there is no " \
                "'user_tag'" in errors, errors
+    assert "/pvs/IMG: rows have flag 64 (NTNDArray uniqueId and dataTimeStamp in unique_id, " \
+           "data_time), but there is no 'unique_id'" in errors, errors
 
 
 def test_warnings_alone_pass(files: list[Path], tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from recorder.client.events import (
     IterationStatus,
     ValuesReceived,
 )
-from recorder.sinks.codec import DTYPE_BY_CODE, Split, encode_rest, split_sample
+from recorder.sinks.codec import DTYPE_BY_CODE, Split, encode_rest, same_rest, split_sample
 
 # /iterations columns: name -> numpy dtype
 ITERATION_COLUMNS: dict[str, np.dtype[Any]] = {
@@ -344,7 +344,7 @@ class RecordingBuffer:
         self.pv_rows[col] = row + 1
         # the rest is stored when it changes (compare dicts first, JSON only when they differ)
         prev = self._prev_rest.get(col)
-        if prev is None or prev != s.rest:
+        if prev is None or not same_rest(prev, s.rest):
             raw = encode_rest(s.rest)
             if raw != self._prev_rest_json.get(col):
                 m = self._meta

@@ -324,11 +324,13 @@ class FlatTemplate:
 
     @classmethod
     def of(cls, sample: PVSample, flat: dict[str, Any], *, value: bool, time: bool,
-           severity: bool, status: bool, message: bool, user_tag: bool = False
-           ) -> FlatTemplate | None:
+           severity: bool, status: bool, message: bool, user_tag: bool = False,
+           frame: bool = False) -> FlatTemplate | None:
         """A template from ``sample`` and ``flat = flatten_sample(sample)``, the flags saying
         which leaves change from row to row; None when a leaf is not where it would be
         replaced (an NTTable, an image, a structure: such rows are flattened in full)."""
+        if frame:  # an image's uniqueId and dataTimeStamp: flattened in full
+            return None
         kind = sample.kind
         path: str | None = None
         if value:

@@ -1,7 +1,8 @@
-"""``timeStamp.userTag`` (EPICS 7's UTAG, e.g. a pulse id) through the HDF5 sink: a tag that
-changes every sample is a ``user_tag`` column, not a metadata entry per sample, and every
-sample comes back exactly as sent, from the live file, the final file (in another process
-too) and a live file of format 3.0, which has no such column."""
+"""Per-sample fields of format 4.0 through the HDF5 sink: ``timeStamp.userTag`` (EPICS 7's
+UTAG, e.g. a pulse id) and an NTNDArray's ``uniqueId`` and ``dataTimeStamp`` change with
+every sample; they are columns (``user_tag``; ``unique_id``, ``data_time``), not a metadata
+entry per sample, and every sample comes back exactly as sent, from the live file, the final
+file (in another process too) and a live file of format 3.0, which has no ``user_tag``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from test_hdf5_roundtrip import same, write_iteration
 
 from recorder.client.values import PVSample
 from recorder.reader import open_file
+from recorder.sim.pvs import parse_pv, pv_structure
 from recorder.sinks import livefile
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions
@@ -47,7 +49,7 @@ def samples_of(i: int) -> list[PVSample]:
                        "timeStamp": _ts(i, -pulse(i))}, frozenset({"value"})),
         PVSample("IMG", {"value": {"ubyteValue": [i % 256] * 6},
                          "dimension": [{"size": 3}, {"size": 2}], "uniqueId": i + 1,
-                         "timeStamp": _ts(i, pulse(i))}),
+                         "dataTimeStamp": _ts(i, 0), "timeStamp": _ts(i, pulse(i))}),
     ]
 
 
@@ -134,3 +136,50 @@ def test_a_live_file_without_the_column_still_reads_and_finalizes(
     with open_file(final) as f:
         for pv, samples in sent.items():
             same(f.samples(pv), samples)
+
+
+T0 = 1_763_700_000 * 1_000_000_000
+
+
+def frame(i: int) -> PVSample:
+    """A simulated areaDetector image (4x3 uint16): uniqueId i + 1, dataTimeStamp of the
+    frame; frame 5 has a bool uniqueId, frame 7 is one-dimensional (not the PV's rank)."""
+    s = pv_structure(parse_pv("SIM:IMG:USHORT:1:S4x3"), i, T0 + i * 100_000_003)
+    if i == 5:
+        s["uniqueId"] = True  # does not fit the column: stays in the metadata
+    if i == 7:
+        s["dimension"] = [dict(s["dimension"][0], size=12, fullSize=12)]
+    return PVSample("CAM", s)
+
+
+def test_an_image_frame_id_and_time_are_columns(tmp_path: Path) -> None:
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="cam")
+    sent = []
+    for i in range(12):
+        write_iteration(rec, i, [frame(i)])
+        sent.append(frame(i))
+        if i == 6:
+            rec.flush()
+    rec.flush()
+    live = rec.current_path
+    assert live is not None
+    with open_file(live) as f:
+        same(f.samples("CAM"), sent)
+    (final,) = rec.close()
+    with open_file(final) as f:
+        same(f.samples("CAM"), sent)
+        assert [t[0]["CAM"]["uniqueId"] for t in f.trains()][:3] == [1, 2, 3]
+    with h5py.File(final, "r") as h:
+        g = h["pvs/CAM"]
+        info = {r["pv_name"].decode(): r for r in h["pv_info"][()]}["CAM"]
+        assert g["unique_id"].dtype == np.int32
+        assert g["unique_id"][()].tolist() == [0 if i == 5 else i + 1 for i in range(12)]
+        frame_ns = [s.data["dataTimeStamp"] for s in sent]
+        assert g["data_time"][()].tolist() == [
+            0 if i == 5 else t["secondsPastEpoch"] * 10**9 + t["nanoseconds"]
+            for i, t in enumerate(frame_ns)]
+        assert g["data_time"].attrs["units"] == "ns"
+        # entries: row 0, the bool id (5) and back (6), the 1-D frame (7) and back (8);
+        # one per frame before format 4.0
+        assert info["metadata_entries"] == 5
+        assert g["metadata/row"][()].tolist() == [0, 5, 6, 7, 8]
