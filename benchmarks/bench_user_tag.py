@@ -17,8 +17,8 @@ Measured on 2026-11-23, 1,000 PVs x 100 iterations (defaults), tagged/baseline: 
 format 4.0 (commit a408b8a, where the tag stayed in each sample's metadata; this script run
 in a checkout of it) speed 0.09x (8,569 vs 98,765 values/s), finalize 10.7x (6.21 vs
 0.58 s), file 17x (77.3 vs 4.6 MB), metadata entries 100x (one per sample); format 4.0 (the
-tag is a ``user_tag`` column) speed 1.03x, finalize 0.97x, file 1.13x (5.1 vs 4.6 MB: the
-column), metadata entries 1.00x.
+tag is a ``user_tag`` column), two runs: speed 0.92-1.03x, finalize 0.97-1.13x, file 1.13x
+(5.1 vs 4.6 MB: the column), metadata entries 1.00x.
 """
 
 from __future__ import annotations
