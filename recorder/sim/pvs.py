@@ -33,7 +33,9 @@ Families (``<TYPE>`` in brackets is the default):
 =================  ==========================================================================
 
 Options: ``P<ms>`` update period (default: the simulator's, 100 ms; ``P0`` = one value, never
-updates), ``N<len>`` waveform length, ``Q<ms>`` quiet-after, ``S<w>x<h>`` image size. Any other
+updates), ``N<len>`` waveform length, ``Q<ms>`` quiet-after, ``S<w>x<h>`` image size,
+``U<n>`` ``timeStamp.userTag`` = n + the update number (a pulse id, as EPICS 7 records carry
+in UTAG; default 0, as most IOCs send). Any other
 part is an identifier (``1``, ``X``, ...) that only makes the name (and its value phase) unique.
 Names outside ``SIM:`` and unknown families never connect, like a PV no IOC serves.
 
@@ -81,7 +83,7 @@ IMG_UNION = {
     "FLOAT": "floatValue",
     "DOUBLE": "doubleValue",
 }
-_OPTION_RE = re.compile(r"^(?:(?P<key>[PNQ])(?P<num>\d+)|S(?P<w>\d+)x(?P<h>\d+))$")
+_OPTION_RE = re.compile(r"^(?:(?P<key>[PNQU])(?P<num>\d+)|S(?P<w>\d+)x(?P<h>\d+))$")
 DEFAULT_TYPES = {"AI": "DOUBLE", "QUIET": "DOUBLE", "WF": "DOUBLE", "WFVAR": "DOUBLE",
                  "IMG": "UBYTE", "BI": "BOOL", "SI": "STRING", "MBBI": "ENUM"}
 DOUBLE_AMPLITUDE = 10.0
@@ -102,6 +104,7 @@ class PVSpec:
     quiet_after_s: float | None = None
     width: int = 8
     height: int = 6
+    user_tag: int | None = None  # U<n>: timeStamp.userTag = n + update number
 
     @property
     def connects(self) -> bool:
@@ -143,6 +146,7 @@ def parse_pv(name: str, default_period_ms: int = 100) -> PVSpec:
     typ = DEFAULT_TYPES.get(family, "")
     period_ms = default_period_ms
     length, quiet_ms, width, height = 16, 500, 8, 6
+    user_tag: int | None = None
     for part in parts[2:]:
         if part in TYPE_WORDS:
             typ = part
@@ -156,6 +160,8 @@ def parse_pv(name: str, default_period_ms: int = 100) -> PVSpec:
             period_ms = int(match["num"])
         elif match["key"] == "N":
             length = max(1, int(match["num"]))
+        elif match["key"] == "U":
+            user_tag = int(match["num"])
         else:
             quiet_ms = int(match["num"])
     if family in ("AI", "QUIET") and typ not in NUMERIC_TYPES:
@@ -173,6 +179,7 @@ def parse_pv(name: str, default_period_ms: int = 100) -> PVSpec:
         quiet_after_s=quiet_ms / 1000.0 if family == "QUIET" else None,
         width=width,
         height=height,
+        user_tag=user_tag,
     )
 
 
@@ -384,6 +391,13 @@ def _image(spec: PVSpec, k: int, wall_ns: int) -> dict[str, Any]:
 
 def pv_structure(spec: PVSpec, k: int, wall_ns: int) -> dict[str, Any]:
     """The full pvData structure of ``spec`` at update ``k`` stamped ``wall_ns`` (ns)."""
+    s = _structure(spec, k, wall_ns)
+    if spec.user_tag is not None:
+        s["timeStamp"]["userTag"] = (spec.user_tag + k) % 2**31  # an int32, as in pvData
+    return s
+
+
+def _structure(spec: PVSpec, k: int, wall_ns: int) -> dict[str, Any]:
     builders: dict[str, Callable[[PVSpec, int, int], dict[str, Any]]] = {
         "WF": _waveform,
         "WFVAR": _waveform,

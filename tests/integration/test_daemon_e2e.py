@@ -34,8 +34,17 @@ from daemon_support import (
 )
 
 from recorder.broker import EmbeddedBroker, free_loopback_port
+from recorder.sim.pvs import numeric_value, parse_pv
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+TAGGED = "SIM:AI:DOUBLE:2:U1000"  # timeStamp.userTag = 1000 + update number (a pulse id)
+_TAG_READER = ("import h5py, json, sys; h = h5py.File(sys.argv[1], 'r'); "
+               "info = {r['pv_name'].decode(): int(r['metadata_entries']) "
+               "for r in h['pv_info'][()]}; "
+               "print(json.dumps([h['pvs/' + sys.argv[2]]['user_tag'][()].tolist(), "
+               "info[sys.argv[2]]]))")
 
 
 def _yaml(data: Path, snap: Callable[[str], str]) -> str:
@@ -44,7 +53,8 @@ runs:
   - name: periodic
     snapshot:
       snapshot_name: {snap("periodic")}
-      pv_uri_list: [pva://SIM:AI:DOUBLE:1, pva://SIM:AI:LONG:3, pva://SIM:WF:DOUBLE:1:N8]
+      pv_uri_list: [pva://SIM:AI:DOUBLE:1, pva://SIM:AI:LONG:3, pva://SIM:WF:DOUBLE:1:N8,
+                    pva://{TAGGED}]
       time_window: 100
     output: {{directory: {data}/periodic, flush_interval_s: 0.3}}
   - name: shots
@@ -125,6 +135,16 @@ def test_records_triggers_and_sigterm_finalizes(denv: DaemonEnv,
             got.setdefault(it, []).append(value)
         for it in recorded:
             assert got.get(it) == published.data[it][pv], (pv, it)
+    # the pulse id in timeStamp.userTag: a column (format 4.0), read by plain h5py in another
+    # process; each tag belongs to the value of the same update, one metadata entry
+    out = subprocess.run([sys.executable, "-c", _TAG_READER, f["path"], TAGGED],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    tags, entries = json.loads(out)
+    spec = parse_pv(TAGGED)
+    assert entries == 1
+    assert tags == sorted(tags) and tags[0] >= 1000
+    assert f["pvs"][TAGGED]["values"] == [numeric_value(spec.type, t - 1000, spec.phase)
+                                          for t in tags]
 
     # triggered: one iteration per trigger (+ the final one the gateway sends at stop)
     shots = by_run["shots"]

@@ -217,3 +217,13 @@ def test_fault_spec_parsing_and_firing() -> None:
         with pytest.raises(ConfigError):
             FaultConfig.parse(bad)
     assert not FaultConfig.parse("").any_active
+
+
+def test_user_tag_option_counts_updates() -> None:
+    """``U<n>``: timeStamp.userTag = n + update number (an int32), on any family."""
+    scalar = parse_pv("SIM:AI:DOUBLE:2:U1000")
+    assert scalar.user_tag == 1000 and scalar.connects
+    assert pv_structure(scalar, 5, 10**18)["timeStamp"]["userTag"] == 1005
+    image = parse_pv("SIM:IMG:UBYTE:1:S4x3:U2147483647")
+    assert pv_structure(image, 1, 10**18)["timeStamp"]["userTag"] == 0  # wraps as an int32
+    assert pv_structure(parse_pv("SIM:AI:DOUBLE:2"), 5, 10**18)["timeStamp"]["userTag"] == 0
