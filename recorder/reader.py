@@ -409,7 +409,9 @@ class RecordingFile:
     def summary(self) -> list[dict[str, Any]]:
         """One row per PV, what ``k2eg-recorder inspect`` prints: ``pv``, ``kind``, ``dtype``
         (storage dtype, ``utf-8``, ``table``...), ``shape`` (of one value; None when it varies),
-        ``units``, ``count``, ``first_ns``/``last_ns`` (EPICS time, 0 without values). Read from
+        ``units``, ``count``, ``first_ns``/``last_ns`` (EPICS time of the first and last value;
+        None without values or when that value's time stamp was not a storable one; 0 is
+        a real time, 1970-01-01, which an IOC sends for a record never processed). Read from
         the tables (/pv_info and dataset shapes; a live file's sample columns), not from the
         values, so it stays quick for large files (1.x files: from the samples)."""
         if self._live is not None:
@@ -427,10 +429,14 @@ class RecordingFile:
                 lengths = g["shape"][()]
                 same = len(lengths) and (lengths == lengths[0]).all()
                 shape = tuple(int(x) for x in lengths[0]) if same else None
+            flags = int(info.get("flags", 0))
+            first_f, last_f = ((int(g["flags"][0]), int(g["flags"][n - 1])) if flags == -1
+                               and n else (flags, flags))
             rows.append({
                 "pv": pv, "kind": str(info["kind"]), "dtype": str(info["storage_dtype"]),
                 "shape": shape, "units": str(info.get("units") or ""), "count": n,
-                "first_ns": int(t[0]) if n else 0, "last_ns": int(t[n - 1]) if n else 0,
+                "first_ns": _timed(int(t[0]), first_f) if n else None,
+                "last_ns": _timed(int(t[n - 1]), last_f) if n else None,
             })
         return rows
 
@@ -441,8 +447,8 @@ class RecordingFile:
             "pv": pv, "kind": str(info.get("kind", "-")), "dtype": str(vals.dtype),
             "shape": None if vals.dtype == object else tuple(vals.shape[1:]),
             "units": str(info.get("units") or ""), "count": len(times),
-            "first_ns": int(times[0]) if len(times) else 0,
-            "last_ns": int(times[-1]) if len(times) else 0,
+            "first_ns": int(times[0]) if len(times) else None,
+            "last_ns": int(times[-1]) if len(times) else None,
         }
 
     def _live_summary(self) -> list[dict[str, Any]]:
@@ -473,10 +479,11 @@ class RecordingFile:
                     if isinstance(display, dict) and isinstance(display.get("units"), str):
                         units = display["units"]
             times = s["time"][idx]
+            flags = s["flags"][idx]
             rows.append({
                 "pv": pv, "kind": kind.value, "dtype": dtype, "shape": shape, "units": units,
-                "count": n, "first_ns": int(times[0]) if n else 0,
-                "last_ns": int(times[-1]) if n else 0,
+                "count": n, "first_ns": _timed(int(times[0]), int(flags[0])) if n else None,
+                "last_ns": _timed(int(times[-1]), int(flags[-1])) if n else None,
             })
         return rows
 
@@ -877,6 +884,11 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
 
 SCALAR_KINDS = (ValueKind.SCALAR.value, ValueKind.BOOL.value, ValueKind.ENUM.value)
 """The kinds of PV (``summary()["kind"]``) ``table()`` takes by default."""
+
+
+def _timed(ns: int, flags: int) -> int | None:
+    """A row's EPICS time, None when its time stamp stayed in the metadata (flag 1 clear)."""
+    return ns if flags & F_TIME else None
 
 
 def _scalar_pvs(summary: list[dict[str, Any]]) -> list[str]:

@@ -3,8 +3,9 @@
 For a spreadsheet or a tool that does not read HDF5: the whole recording FILE belongs to (all
 its segments in FILE's directory, unless ``--only-file``), one row per iteration with
 ``iter_index``, ``status``, the header time (ISO 8601 UTC and ns), then one column per PV: its
-value in that iteration (the last one; ``--pick first``), empty where it has none. Scalar,
-boolean, enum (the index) and string PVs; by default all of them, or ``--pv NAME`` (repeat).
+value in that iteration (the last one; ``--pick first``), empty where it has none; integers,
+enum indices and booleans print as ``10``, ``2``, ``True``. Scalar, boolean, enum (the index)
+and string PVs; by default all of them, or ``--pv NAME`` (repeat).
 
 Examples::
 
@@ -55,22 +56,40 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def _texts(column: Any) -> list[Any]:
-    """A column's cells: float32 as float32 prints (``9.510565``, not its float64 widening)."""
+def _texts(column: Any, stored: str = "") -> list[Any]:
+    """A column's cells: float32 as float32 prints (``9.510565``, not its float64 widening);
+    integers, enum indices and booleans of a PV stored as such (``stored``: its storage
+    dtype) as ``10`` and ``True`` even where gaps made the table column float64."""
     import numpy as np
 
     if column.dtype == np.float32:
         return [None if v != v else str(v) for v in column]  # noqa: PLR0124 (NaN)
+    kind = _kind_of(stored)
+    if column.dtype.kind == "f" and kind in ("i", "u", "b"):
+        as_stored = bool if kind == "b" else int
+        return [None if v != v else as_stored(v) for v in column.tolist()]  # noqa: PLR0124
     return list(column.tolist())
 
 
-def write_csv(table: dict[str, Any], pvs: list[str], out: TextIO) -> int:
-    """The table's rows as CSV; returns the number of rows."""
+def _kind_of(stored: str) -> str:
+    """numpy kind of a storage dtype name (``int64``, ``bool``...), ``""`` for others."""
+    import numpy as np
+
+    try:
+        return np.dtype(stored).kind
+    except TypeError:  # utf-8, table, none
+        return ""
+
+
+def write_csv(table: dict[str, Any], pvs: list[str], out: TextIO,
+              stored: dict[str, str] | None = None) -> int:
+    """The table's rows as CSV (``stored``: each PV's storage dtype); returns the number of
+    rows."""
     writer = csv.writer(out, lineterminator="\n")
     extra = ["segment"] if "segment" in table else []
     writer.writerow(["iter_index", *extra, "status", "header_time", "header_timestamp_ns",
                      *pvs])
-    columns = [_texts(table[pv]) for pv in pvs]
+    columns = [_texts(table[pv], (stored or {}).get(pv, "")) for pv in pvs]
     n = len(table["iter_index"])
     segments = table["segment"].tolist() if extra else None
     for i in range(n):
@@ -101,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
     with source:
         files = [source] if isinstance(source, RecordingFile) else source.files
         kinds: dict[str, str] = {}
+        stored: dict[str, str] = {}
         for f in files:
             for row in f.summary():
                 kinds.setdefault(row["pv"], row["kind"])
+                stored.setdefault(row["pv"], row["dtype"])
         allowed = {pv for pv, kind in kinds.items() if kind in (*SCALAR_KINDS, "string")}
         pvs = list(args.pv) if args.pv else [pv for pv in kinds if pv in allowed]
         unknown = [pv for pv in pvs if pv not in kinds]
@@ -118,12 +139,12 @@ def run(args: argparse.Namespace) -> int:
         table = source.table(pvs, pick=args.pick)
         if args.output is None:
             try:
-                write_csv(table, pvs, sys.stdout)
+                write_csv(table, pvs, sys.stdout, stored)
                 sys.stdout.flush()
             except BrokenPipeError:  # `| head`: the reader has what it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         else:
             with open(args.output, "w", encoding="utf-8", newline="") as out:
-                n = write_csv(table, pvs, out)
+                n = write_csv(table, pvs, out, stored)
             print(f"{args.output}: {n} iterations x {len(pvs)} PVs", file=sys.stderr)
     return 0

@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="a .h5 file (or a .h5.partial being written)")
 
 
-def _t(ns: int) -> str:
-    if not ns:
+def _t(ns: int | None) -> str:
+    """An EPICS time (0 is a real one: 1970-01-01, a record never processed), ``-`` for none."""
+    if ns is None:
         return "-"
     return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat(timespec="milliseconds")
 

@@ -36,7 +36,8 @@ def test_export_a_recording_of_several_segments(tmp_path: Path) -> None:
         f32 = PVSample("F", {"value": float(np.float32(0.1 * i)),
                              "timeStamp": {"secondsPastEpoch": 1, "nanoseconds": i}},
                        frozenset({"value"}))
-        write_iteration(rec, i, [*samples_of(i), f32])
+        flag = [PVSample("Q", {"value": i % 2 == 0})] if i != 3 else []  # a bool, a gap
+        write_iteration(rec, i, [*samples_of(i), f32, *flag])
     first, second = rec.close()
 
     proc = export(str(second))  # any file of the recording: all its segments
@@ -44,13 +45,15 @@ def test_export_a_recording_of_several_segments(tmp_path: Path) -> None:
     table = rows(proc.stdout)
     head = list(table[0])
     assert head[:5] == ["iter_index", "segment", "status", "header_time", "header_timestamp_ns"]
-    assert sorted(head[5:]) == ["A", "B", "E", "F", "S", "T"], head
+    assert sorted(head[5:]) == ["A", "B", "E", "F", "Q", "S", "T"], head
     assert [r["iter_index"] for r in table] == [str(i) for i in range(N)]
     assert [r["segment"] for r in table] == ["0"] * 4 + ["1"] * 2
-    assert [r["B"] for r in table] == ["0.0", "10.0", "", "30.0", "40.0", ""]  # gaps: empty
+    # gaps: empty; integers, enum indices and booleans print as such despite the gaps
+    assert [r["B"] for r in table] == ["0", "10", "", "30", "40", ""]
     assert [r["S"] for r in table] == ["s0", "", "s2", "s3", "s4", ""]
     assert [r["T"] for r in table] == ["2.0", "102.0", "202.0", "302.0", "", ""]  # the last
-    assert [r["E"] for r in table] == ["0.0", "1.0", "0.0", "1.0", "0.0", ""]
+    assert [r["E"] for r in table] == ["0", "1", "0", "1", "0", ""]
+    assert [r["Q"] for r in table] == ["True", "False", "True", "", "True", "False"]
     assert [r["F"] for r in table] == [str(np.float32(0.1 * i)) for i in range(N)]  # 0.3, not
     assert "W" not in table[0]  # waveforms have no CSV cell      # 0.30000001192092896
     assert table[0]["header_time"] == ""  # header timestamp 0: none received

@@ -78,3 +78,41 @@ def test_inspect_not_a_recording(tmp_path: Path) -> None:
         f["x"] = [1, 2, 3]
     got = _inspect(other)
     assert got.returncode == 1 and got.stderr == f"{other} is not a k2eg-recorder file\n"
+
+
+def test_an_epics_time_of_zero_is_a_time(tmp_path: Path) -> None:
+    """An IOC sends time 0 (1970-01-01) for a record never processed: a time, printed as one;
+    ``-`` only where there is none (no values, or a time stamp that could not be stored)."""
+    from test_hdf5_roundtrip import write_iteration
+
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="zero",
+                        pv_uris=["pva://ZERO", "pva://BAD", "pva://ABSENT"])
+    for i in range(3):
+        write_iteration(rec, i, [
+            PVSample("ZERO", {"value": 1.0, "timeStamp": {"secondsPastEpoch": 0,
+                                                           "nanoseconds": 0}}),
+            PVSample("BAD", {"value": 2.0, "timeStamp": {"secondsPastEpoch": 1,
+                                                          "nanoseconds": -1}}),
+        ])
+    rec.flush()
+    live = rec.current_path
+    assert live is not None
+    got = _inspect(live)
+    assert got.returncode == 0, got.stderr
+    rows = _rows(got.stdout)
+    assert rows["ZERO"][6:] == ["1970-01-01T00:00:00.000+00:00", "..",
+                                "1970-01-01T00:00:00.000+00:00"]
+    assert rows["BAD"][6:] == ["-", "..", "-"]
+    (final,) = rec.close()
+    rows = _rows(_inspect(final).stdout)
+    assert rows["ZERO"][6] == "1970-01-01T00:00:00.000+00:00"
+    assert rows["BAD"][6:] == ["-", "..", "-"]
+    assert rows["ABSENT"][5:] == ["0", "-", "..", "-"]
+    with open_file(final) as f:
+        summary = {r["pv"]: r for r in f.summary()}
+    assert summary["ZERO"]["first_ns"] == 0 and summary["BAD"]["first_ns"] is None
+    assert summary["ABSENT"]["first_ns"] is None
