@@ -346,8 +346,10 @@ class RecordingFile:
     def values(self, pv: str) -> npt.NDArray[Any]:
         """One row per value: scalars 1-D in their dtype, waveforms/images stacked when all have
         the same shape (else an object array of arrays), strings/tables/structures as objects,
-        enums as the index. From a finalized file's ``value`` dataset directly when every row
-        of the PV is in it (no per-row objects: as fast as h5py), else from :meth:`samples`."""
+        enums as the index (-1 in a row without an enum value, where the file's ``value``
+        holds a 0 with flag 8 clear). From a finalized file's ``value`` dataset directly when
+        every row of the PV is in it (no per-row objects: as fast as h5py), else from
+        :meth:`samples`."""
         direct = self._final_values(pv) if self._live is None else self._live_values(pv)
         if direct is not None:
             return direct

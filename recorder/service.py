@@ -431,12 +431,12 @@ class Service:
 
     def _on_file(self, definition: RunDefinition, path: Path) -> None:
         """A run finalized ``path``: publish its file event (a run's worker thread)."""
-        from recorder.sinks.describe import describe_file
+        from recorder.sinks.describe import file_event_fields
 
         info: dict[str, Any] = {}
         error = None
         try:
-            info = describe_file(path)
+            info = file_event_fields(path)
         except (OSError, KeyError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         event = FileEvent(

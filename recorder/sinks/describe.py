@@ -12,7 +12,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-__all__ = ["describe_file", "plain"]
+__all__ = ["file_event_fields", "plain"]
 
 
 def plain(value: Any) -> Any:
@@ -27,7 +27,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-def describe_file(path: Path) -> dict[str, Any]:
+def file_event_fields(path: Path) -> dict[str, Any]:
     """``bytes``, ``recording_uid``, ``segment``, ``status``, ``reason``, ``start_time``,
     ``end_time``, ``iterations``, ``values``, ``format_version`` of the finalized file at
     ``path`` (the :class:`recorder.admin.files.FileEvent` fields). Raises OSError when the
