@@ -69,7 +69,7 @@ with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
 
 TRAIN_WINDOW_VALUES = 65_536
 """trains() reads this many values (about) at a time."""
-SUPPORTED_MAJORS = ("1", "2", "3", "4")  # the live layout is the same in all; the final one differs
+SUPPORTED_MAJORS = ("1", "2", "3", "4")  # 4.0 added per-sample columns to both layouts
 
 
 def sample_value(

@@ -114,7 +114,8 @@ META_ATTRS: dict[str, tuple[str, str]] = {
 TIME_ATTRS = {"units": "ns", "start": "1970-01-01T00:00:00Z"}
 FORMAT_VERSION = "4.0"
 """format_version of both layouts (docs/file-format.md; 3.0 changed the final layout only,
-4.0 added the ``user_tag`` columns of both)."""
+4.0 added the per-sample columns of user tags and NTNDArray frame ids and times, decision
+0009)."""
 MESSAGE_TEXTS_MAX = 1024
 """Distinct alarm messages per PV in ``alarm_message``; later new texts stay in the metadata."""
 MESSAGE_CACHE = 64  # rest JSON -> (without the message, code): entries remembered per PV
