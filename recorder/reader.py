@@ -343,6 +343,24 @@ class RecordingFile:
         out[:] = [s.alarm_message for s in self.samples(pv)]
         return out
 
+    def user_tags(self, pv: str) -> npt.NDArray[Any]:
+        """``timeStamp.userTag`` of every value (EPICS 7's UTAG: a pulse id at some
+        facilities): int64, 0 where a sample had none; an object array when some tag is not
+        an integer (None, ...). Format 4.x keeps nonzero tags in the ``user_tag`` column
+        (read directly when every row is in it), the others in the metadata."""
+        if self._live is None:
+            g = self._group(pv)
+            flags = int(self._pv_info(pv).get("flags", 0))
+            if "user_tag" in g and "flags" not in g and flags & F_USER_TAG:
+                return np.asarray(g["user_tag"][()], dtype=np.int64)
+        tags: list[Any] = []
+        for sample in self.samples(pv):
+            ts = sample.data.get("timeStamp")
+            tags.append(ts.get("userTag", 0) if isinstance(ts, dict) else 0)
+        if all(t.__class__ is int and -(2**63) <= t < 2**63 for t in tags):
+            return np.array(tags, dtype=np.int64)
+        return _object_array(tags)
+
     def values(self, pv: str) -> npt.NDArray[Any]:
         """One row per value: scalars 1-D in their dtype, waveforms/images stacked when all have
         the same shape (else an object array of arrays), strings/tables/structures as objects,
@@ -799,6 +817,9 @@ class Recording:
 
     def alarm_messages(self, pv: str) -> npt.NDArray[Any]:
         return self._cat("alarm_messages", pv)
+
+    def user_tags(self, pv: str) -> npt.NDArray[Any]:
+        return self._cat("user_tags", pv)
 
     def severity(self, pv: str) -> npt.NDArray[Any]:
         return self._cat("severity", pv)

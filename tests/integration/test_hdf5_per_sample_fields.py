@@ -75,11 +75,16 @@ def test_a_pulse_id_tag_is_a_column_and_round_trips(tmp_path: Path) -> None:
     with open_file(live) as f:  # the live layout: user_tag column of /live/samples
         for pv, samples in sent.items():
             same(f.samples(pv), samples)
+        assert f.user_tags("P").tolist() == [pulse(i) for i in range(N)]
     (final,) = rec.close()
     with open_file(final) as f:
         assert f.attrs["format_version"] == "4.0"
         for pv, samples in sent.items():
             same(f.samples(pv), samples)
+        assert f.user_tags("P").tolist() == [pulse(i) for i in range(N)]  # the column
+        assert f.user_tags("Z").dtype == np.int64 and not f.user_tags("Z").any()
+        assert f.user_tags("M").tolist() == [
+            pulse(i) if i % 2 == 0 else ODD_TAGS[i % 5] for i in range(N)]  # objects
         # trains() flattens rows from one template per metadata entry: the tag is per row
         seen = [t[0]["P"]["timeStamp.userTag"] for t in f.trains()]
         assert [int(x) for x in seen] == [pulse(i) for i in range(N)]
