@@ -22,7 +22,7 @@ import bisect
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -61,6 +61,7 @@ from recorder.sinks.codec import (
     typed_scalar,
 )
 from recorder.sinks.describe import plain
+from recorder.sinks.finalize import EXTRACTED_AT_FINALIZE, K_ARRAY
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import LiveView, read_live
 
@@ -364,9 +365,10 @@ class RecordingFile:
     def values(self, pv: str) -> npt.NDArray[Any]:
         """One row per value: scalars 1-D in their dtype, waveforms/images stacked when all have
         the same shape (else an object array of arrays), strings/tables/structures as objects,
-        enums as the index (-1 in a row without an enum value, where the file's ``value``
-        holds a 0 with flag 8 clear). From a finalized file's ``value`` dataset directly when
-        every row of the PV is in it (no per-row objects: as fast as h5py), else from
+        enums as the index (int64; :data:`ENUM_NO_INDEX`, -1, where a sample has no index,
+        never the file's fill 0, which is the first choice). A sample without a value is None
+        in an object array (enums: -1). From a finalized file's ``value`` dataset directly
+        when every row of the PV is in it (no per-row objects: as fast as h5py), else from
         :meth:`samples`."""
         direct = self._final_values(pv) if self._live is None else self._live_values(pv)
         if direct is not None:
@@ -482,8 +484,9 @@ class RecordingFile:
             kind, dtype, units = ValueKind.NONE, "none", ""
             shape: tuple[int, ...] | None = ()
             if n:
-                kind = KINDS_BY_CODE.get(int(s["kind"][idx[0]]), ValueKind.NONE)
-                code = int(s["dtype"][idx[0]])
+                typed = idx[_type_row(s["kind"][idx], s["flags"][idx], s["size"][idx])]
+                kind = KINDS_BY_CODE.get(int(s["kind"][typed]), ValueKind.NONE)
+                code = int(s["dtype"][typed])
                 dtype = ("utf-8" if code == STRING_DTYPE_CODE else
                          DTYPE_BY_CODE[code].name if code in DTYPE_BY_CODE else "none")
                 if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
@@ -525,7 +528,8 @@ class RecordingFile:
         masked where the iteration has none (a PV that did not answer, an incomplete
         iteration). Shape
         ``(n_iterations, *value_shape)`` in the dtype of :meth:`values`; masked entries hold
-        NaN (floats), 0 or None, never another iteration's value."""
+        NaN (floats), 0 or None, never another iteration's value (an enum's 0 there is
+        masked; an unmasked -1 is a sample without an index, as in :meth:`values`)."""
         first, count = self.first_count(pv)
         return _pick(self.values(pv), first, count, pick)
 
@@ -1048,14 +1052,42 @@ def join_rows(parts: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
     return out
 
 
+ENUM_NO_INDEX = -1
+"""An enum PV's value (:meth:`RecordingFile.values`, ``by_iteration``, ``table``) where its
+sample has no index: no value at all, or an index that is not an integer. Not a valid index,
+so it cannot be taken for a choice; the file's ``value`` dataset holds the format's fill, 0
+(the first choice), in such a row, with flag 8 clear (docs/file-format.md)."""
+
+
+def _enum_indices(samples: list[PVSample]) -> npt.NDArray[np.int64] | None:
+    """The index of each sample of an enum PV, :data:`ENUM_NO_INDEX` where a sample has none
+    (no value, or an NTEnum structure without an integer index: typed as a structure); None
+    when a sample holds another kind of value (the PV's type changed)."""
+    out = np.empty(len(samples), dtype=np.int64)
+    for i, s in enumerate(samples):
+        kind, value = s.kind, s.value
+        if kind is ValueKind.ENUM:
+            out[i] = value.index
+        elif kind is ValueKind.NONE or (
+                kind is ValueKind.STRUCT and isinstance(value, Mapping) and "index" in value):
+            out[i] = ENUM_NO_INDEX
+        else:
+            return None
+    return out
+
+
 def values_of(samples: list[PVSample]) -> npt.NDArray[Any]:
-    """The values of ``samples`` as :meth:`RecordingFile.values` returns them."""
+    """The values of ``samples`` as :meth:`RecordingFile.values` returns them. An enum PV's
+    are its indices (int64), :data:`ENUM_NO_INDEX` for a sample without one, whichever
+    sample it is (the first one too)."""
     if not samples:
         return np.empty(0)
     kind = samples[0].kind
     vals = [s.value for s in samples]
-    if kind is ValueKind.ENUM:
-        return np.array([v.index if v is not None else -1 for v in vals], dtype=np.int64)
+    if any(s.kind is ValueKind.ENUM for s in samples):
+        indices = _enum_indices(samples)
+        if indices is not None:
+            return indices
     if kind in (ValueKind.SCALAR, ValueKind.BOOL) and all(
         isinstance(v, np.generic) for v in vals
     ):
@@ -1069,6 +1101,21 @@ def values_of(samples: list[PVSample]) -> npt.NDArray[Any]:
     out = np.empty(len(vals), dtype=object)
     out[:] = vals
     return out
+
+
+def _type_row(kinds: npt.NDArray[Any], flags: npt.NDArray[Any], sizes: npt.NDArray[Any]
+              ) -> int:
+    """Which of a live PV's rows (their ``kind``, ``flags``, ``size`` columns) gives the PV's
+    kind and dtype, as finalization decides them (docs/file-format.md): its first typed value,
+    a non-empty one when there is one (an empty waveform is how the client types ``[]``);
+    the first row when no row has a typed value. So a PV whose first sample had no value is
+    still an enum (a scalar, ...) in :meth:`RecordingFile.summary` of the live file."""
+    typed = ((flags & F_VALUE) != 0) | np.isin(kinds, EXTRACTED_AT_FINALIZE)
+    for rows in (typed & ~((kinds == K_ARRAY) & (sizes == 0)), typed):
+        hit = np.flatnonzero(rows)
+        if len(hit):
+            return int(hit[0])
+    return 0
 
 
 def _group_index(keys: npt.NDArray[Any], n: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:

@@ -8,12 +8,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 from test_hdf5_roundtrip import write_iteration
 
 from recorder.client.values import PVSample
 from recorder.reader import open_file, open_recording
+from recorder.sinks.codec import F_VALUE
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions, SegmentOptions
 
@@ -171,3 +173,50 @@ def test_a_recording_keeps_dtypes_and_shapes_across_segments(tmp_path: Path) -> 
             r.samples("pva://I")
     with open_file(paths[0]) as f, pytest.raises(KeyError, match=r"did you mean 'A'"):
         f.values("AA")
+
+
+def enum_without_index(i: int) -> list[PVSample]:
+    """Iteration i of an enum PV "E" that has no index in iteration 0 (no value at all: the
+    first sample) and 2 (an index that is not an integer), none in 3; and "A" every time."""
+    choices = ["Off", "On", "Fault"]
+    value: Any = {0: None, 2: {"index": None, "choices": choices}}.get(
+        i, {"index": 2 if i == 1 else 0, "choices": choices})
+    out = [PVSample("A", {"value": 0.5 * i, "timeStamp": _ts(i)})]
+    if i != 3:
+        out.append(PVSample("E", {"value": value, "timeStamp": _ts(i)}))
+    return out
+
+
+def test_an_enum_sample_without_an_index_reads_as_minus_one(tmp_path: Path) -> None:
+    """Where an enum PV's sample has no index, values() and by_iteration() say -1 (not a
+    valid index), whichever sample it is and in both layouts; the file's `value` holds its
+    fill 0 there with flag 8 clear (docs/file-format.md), which the reader must not return
+    (0 is the first choice). table() keeps the -1 and has NaN where the iteration has no
+    sample."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="enum")
+    for i in range(5):
+        write_iteration(rec, i, enum_without_index(i))
+    rec.flush()
+    assert rec.current_path is not None
+    with open_file(rec.current_path) as live:
+        check_enum_without_index(live)
+    (path,) = rec.close()
+    with open_file(path) as final:
+        check_enum_without_index(final)
+    with h5py.File(path) as h:
+        assert h["pvs/E/value"][()].tolist() == [0, 2, 0, 0]  # the format's fill: 0
+        assert (h["pvs/E/flags"][()] & F_VALUE).astype(bool).tolist() == [
+            False, True, False, True]
+
+
+def check_enum_without_index(f: Any) -> None:
+    values = f.values("E")
+    assert values.dtype == np.int64 and values.tolist() == [-1, 2, -1, 0]
+    per_it = f.by_iteration("E")
+    assert per_it.dtype == np.int64 and per_it.mask.tolist() == [i == 3 for i in range(5)]
+    assert per_it.compressed().tolist() == [-1, 2, -1, 0]
+    assert {r["pv"]: r["kind"] for r in f.summary()}["E"] == "enum"
+    table = f.table()
+    assert list(table)[3:] == ["A", "E"]
+    assert table["E"].dtype == np.float64
+    assert [None if math.isnan(x) else x for x in table["E"].tolist()] == [-1, 2, -1, None, 0]
