@@ -535,9 +535,9 @@ class RecordingFile:
 
     def table(self, pvs: Iterable[str] | None = None, *, pick: str = "last"
               ) -> dict[str, npt.NDArray[Any]]:
-        """PVs side by side, one row per iteration (see :func:`aligned_table`); default: every
-        scalar, boolean and enum PV. ``pandas.DataFrame(f.table()).set_index("iter_index")``
-        is the usual next step."""
+        """PVs side by side, one row per iteration (see :func:`aligned_table`: the dtype of a
+        column with gaps, enums, booleans); default: every scalar, boolean and enum PV.
+        ``pandas.DataFrame(f.table()).set_index("iter_index")`` is the usual next step."""
         names = _scalar_pvs(self.summary()) if pvs is None else list(pvs)
         its = self.iterations()
         return aligned_table(its, {pv: self.by_iteration(pv, pick=pick) for pv in names})
@@ -988,11 +988,21 @@ def aligned_table(iterations: dict[str, npt.NDArray[Any]],
                   columns: dict[str, np.ma.MaskedArray]) -> dict[str, npt.NDArray[Any]]:
     """Columns for a table with one row per iteration: ``iter_index`` (``segment`` too when
     the iterations carry it), ``status``, ``header_timestamp`` (ns), then one column per PV,
-    named as the PV. A scalar column keeps its dtype when every iteration has a value; with
-    gaps, floats hold NaN there, integers and booleans become float64 with NaN (as pandas
-    does) unless an integer is beyond 2**53 (float64 would round it): such a column holds
-    Python ints and None; strings, waveforms
-    and other values are object columns with None where an iteration has none."""
+    named as the PV. A scalar column keeps its dtype when every iteration has a value. With
+    gaps (iterations without a value of the PV):
+
+    * floats hold NaN there, in their dtype (float32 stays float32);
+    * integers become float64 with NaN (as pandas does), exact up to 2**53; a column with an
+      integer beyond that (float64 would round it) holds Python ints and None instead;
+    * enum indices are integers: float64 with NaN; -1 (:data:`ENUM_NO_INDEX`) stays -1, a
+      sample without an index, not a gap;
+    * booleans become float64 0.0 / 1.0 with NaN (pandas would make them an object column;
+      float64 keeps them numbers: the mean is the fraction of True);
+    * strings, waveforms and other values are object columns with None.
+
+    Nothing is lost: every value comes back exactly (``bool(x)``, ``int(x)``). A PV with a
+    sample without a value (None in :meth:`RecordingFile.values`: a disconnected scalar,
+    say) is an object column, None there and in the gaps."""
     out: dict[str, npt.NDArray[Any]] = {"iter_index": iterations["iter_index"]}
     for key in ("segment", "status", "header_timestamp"):
         if key in iterations:

@@ -220,3 +220,31 @@ def check_enum_without_index(f: Any) -> None:
     assert list(table)[3:] == ["A", "E"]
     assert table["E"].dtype == np.float64
     assert [None if math.isnan(x) else x for x in table["E"].tolist()] == [-1, 2, -1, None, 0]
+
+
+def test_boolean_and_enum_columns_with_gaps(tmp_path: Path) -> None:
+    """table(): a boolean PV without gaps stays bool; with gaps it is float64 0.0/1.0 with
+    NaN (numbers, as aligned_table documents), exactly its values; a boolean PV with a
+    sample without a value is an object column (None there and in the gaps); an enum with
+    gaps is float64 with NaN."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="bools")
+    for i in range(4):
+        write_iteration(rec, i, [
+            PVSample("ALL", {"value": i % 2 == 0, "timeStamp": _ts(i)}),
+            *([PVSample("GAP", {"value": i == 0, "timeStamp": _ts(i)})] if i != 2 else []),
+            *([PVSample("NOV", {"value": None if i == 1 else True, "timeStamp": _ts(i)})]
+              if i != 3 else []),
+            *([PVSample("E", {"value": {"index": i, "choices": list("abcd")},
+                              "timeStamp": _ts(i)})] if i != 1 else []),
+        ])
+    (path,) = rec.close()
+    with open_file(path) as f:
+        table = f.table()
+    assert table["ALL"].dtype == np.bool_
+    assert table["ALL"].tolist() == [True, False, True, False]
+    assert table["GAP"].dtype == np.float64
+    assert [None if math.isnan(x) else bool(x) for x in table["GAP"].tolist()] == [
+        True, False, None, False]
+    assert table["NOV"].dtype == object and table["NOV"].tolist() == [True, None, True, None]
+    assert table["E"].dtype == np.float64
+    assert [None if math.isnan(x) else int(x) for x in table["E"].tolist()] == [0, None, 2, 3]
