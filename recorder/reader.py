@@ -733,10 +733,12 @@ class RecordingFile:
         """(data, metadata) per /iterations row: the karabo-bridge container the live bridge
         serves for the same iteration (built by :func:`recorder.sinks.bridge.build_train`;
         see docs/bridge.md): ``data[pv]`` holds the PV structure's fields flattened with
-        dots (``value``, ``alarm.severity``, ``timeStamp.secondsPastEpoch``, ...), stacked
-        along a first axis in timedbuffered runs; ``metadata[pv]`` the PV's EPICS
-        ``timestamp``/``timestamp.sec``/``timestamp.frac`` and ``timestamp.tid`` (the k2eg
-        iter_index); ``data["k2eg-recorder/iteration"]`` the iteration record.
+        dots (``value``, ``alarm.severity``, ``timeStamp.secondsPastEpoch``, ...; an enum
+        has ``value.index``/``value.choices`` and no ``value``, a table ``value.<column>``:
+        see docs/bridge.md), stacked along a first axis in timedbuffered runs;
+        ``metadata[pv]`` the PV's EPICS ``timestamp``/``timestamp.sec``/``timestamp.frac``
+        and ``timestamp.tid`` (the k2eg iter_index); ``data["k2eg-recorder/iteration"]``
+        the iteration record.
         """
         its = self.iterations()
         index = {pv: self.first_count(pv) for pv in self.pv_names}

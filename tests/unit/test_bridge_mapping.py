@@ -96,6 +96,24 @@ def test_arrays_enum_table_image_and_structures() -> None:
     assert not any(k.startswith("value.e") for k in struct)  # empty structure vanishes
 
 
+def _leaf_prefixes(flat: Mapping[str, Any]) -> list[str]:
+    """Keys that are also the start of another key (``value`` next to ``value.index``): a
+    container a tool mapping dots to groups (EuXFEL's file layout, a Karabo Hash) cannot hold."""
+    return sorted(k for k in flat if any(o.startswith(k + ".") for o in flat))
+
+
+def test_fields_are_a_tree_so_an_enum_has_no_plain_value() -> None:
+    """docs/bridge.md: the fields are the PV structure's leaves, none also a node; an NTEnum
+    serves ``value.index`` and ``value.choices`` and no ``value`` key (which would be both),
+    an NTTable ``value.<column>``."""
+    enum = flatten_sample(scalar("EN", {"index": 2, "choices": ["a", "b", "c"]}))
+    assert "value" not in enum and enum["value.index"] == 2
+    table = flatten_sample(PVSample("T", {"labels": ["x"], "value": {"x": [1.5]}}))
+    assert "value" not in table and table["value.x"].tolist() == [1.5]
+    for flat in (enum, table, flatten_sample(scalar("A", 0.5, display={"units": "mm"}))):
+        assert _leaf_prefixes(flat) == [], flat
+
+
 # --- one iteration ----------------------------------------------------------------------------
 def test_normal_run_serves_single_values_with_epics_timestamps() -> None:
     samples = [scalar("A", 1.5, k=1), scalar("W", [1.0, 2.0], k=2), scalar("N", None)]

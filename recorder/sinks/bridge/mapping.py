@@ -33,7 +33,9 @@ Field rules (one sample):
   ``dimension``/``attribute``) stay lists of dicts;
 * NTNDArray: ``value`` is the image as a numpy array in its exact dtype and numpy shape
   (``dimension[0]`` is x, the last axis);
-* NTEnum: ``value.index`` and ``value.choices``; NTTable: ``labels`` and ``value.<column>``.
+* NTEnum: ``value.index`` and ``value.choices``; NTTable: ``labels`` and ``value.<column>``;
+  no plain ``value`` key for them: the keys are a flattened tree (no key both a leaf and a
+  node), as Karabo sends them and tools that map dots to HDF5 groups need (docs/bridge.md).
 
 Several values of one PV in one iteration (timedbuffered snapshots) are *stacked along a new
 first axis*, in arrival order: a scalar field becomes a 1-D array of length n, a waveform an
