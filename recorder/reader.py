@@ -452,13 +452,10 @@ class RecordingFile:
                 same = len(lengths) and (lengths == lengths[0]).all()
                 shape = tuple(int(x) for x in lengths[0]) if same else None
             flags = int(info.get("flags", 0))
-            first_f, last_f = ((int(g["flags"][0]), int(g["flags"][n - 1])) if flags == -1
-                               and n else (flags, flags))
             rows.append({
                 "pv": pv, "kind": str(info["kind"]), "dtype": str(info["storage_dtype"]),
                 "shape": shape, "units": str(info.get("units") or ""), "count": n,
-                "first_ns": _timed(int(t[0]), first_f) if n else None,
-                "last_ns": _timed(int(t[n - 1]), last_f) if n else None,
+                **_first_last_time(t, g["flags"] if flags == -1 else flags, n),
             })
         return rows
 
@@ -484,7 +481,7 @@ class RecordingFile:
             kind, dtype, units = ValueKind.NONE, "none", ""
             shape: tuple[int, ...] | None = ()
             if n:
-                typed = idx[_type_row(s["kind"][idx], s["flags"][idx], s["size"][idx])]
+                typed = _type_row(s, idx)
                 kind = KINDS_BY_CODE.get(int(s["kind"][typed]), ValueKind.NONE)
                 code = int(s["dtype"][typed])
                 dtype = ("utf-8" if code == STRING_DTYPE_CODE else
@@ -501,12 +498,10 @@ class RecordingFile:
                     display = rest.get("d", {}).get("display")
                     if isinstance(display, dict) and isinstance(display.get("units"), str):
                         units = display["units"]
-            times = s["time"][idx]
-            flags = s["flags"][idx]
+            ends = idx[[0, -1]] if n else idx  # only the first and last rows' times
             rows.append({
                 "pv": pv, "kind": kind.value, "dtype": dtype, "shape": shape, "units": units,
-                "count": n, "first_ns": _timed(int(times[0]), int(flags[0])) if n else None,
-                "last_ns": _timed(int(times[-1]), int(flags[-1])) if n else None,
+                "count": n, **_first_last_time(s["time"][ends], s["flags"][ends], len(ends)),
             })
         return rows
 
@@ -915,11 +910,6 @@ SCALAR_KINDS = (ValueKind.SCALAR.value, ValueKind.BOOL.value, ValueKind.ENUM.val
 """The kinds of PV (``summary()["kind"]``) ``table()`` takes by default."""
 
 
-def _timed(ns: int, flags: int) -> int | None:
-    """A row's EPICS time, None when its time stamp stayed in the metadata (flag 1 clear)."""
-    return ns if flags & F_TIME else None
-
-
 def _scalar_pvs(summary: list[dict[str, Any]]) -> list[str]:
     return [row["pv"] for row in summary if row["kind"] in SCALAR_KINDS]
 
@@ -1115,19 +1105,36 @@ def values_of(samples: list[PVSample]) -> npt.NDArray[Any]:
     return out
 
 
-def _type_row(kinds: npt.NDArray[Any], flags: npt.NDArray[Any], sizes: npt.NDArray[Any]
-              ) -> int:
-    """Which of a live PV's rows (their ``kind``, ``flags``, ``size`` columns) gives the PV's
-    kind and dtype, as finalization decides them (docs/file-format.md): its first typed value,
-    a non-empty one when there is one (an empty waveform is how the client types ``[]``);
-    the first row when no row has a typed value. So a PV whose first sample had no value is
-    still an enum (a scalar, ...) in :meth:`RecordingFile.summary` of the live file."""
-    typed = ((flags & F_VALUE) != 0) | np.isin(kinds, EXTRACTED_AT_FINALIZE)
-    for rows in (typed & ~((kinds == K_ARRAY) & (sizes == 0)), typed):
-        hit = np.flatnonzero(rows)
+def _first_last_time(times: Any, flags: Any, n: int) -> dict[str, int | None]:
+    """``first_ns``/``last_ns`` of :meth:`RecordingFile.summary` from a PV's ``n`` rows:
+    ``times`` and ``flags`` are its columns (arrays or datasets: only rows 0 and n - 1 are
+    read; ``flags`` an int when every row has the same). A row's time is None when its flag 1
+    is clear: the column holds 0 there, which is also the time of a record never processed."""
+
+    def at(row: int) -> int | None:
+        row_flags = flags if isinstance(flags, int) else int(flags[row])
+        return int(times[row]) if row_flags & F_TIME else None
+
+    return {"first_ns": at(0) if n else None, "last_ns": at(n - 1) if n else None}
+
+
+def _type_row(s: Mapping[str, npt.NDArray[Any]], rows: npt.NDArray[Any]) -> int:
+    """Which of a live PV's sample ``rows`` (in the columns ``s``) gives the PV's kind and
+    dtype, as finalization decides them (docs/file-format.md): its first typed value, a
+    non-empty one when there is one (an empty waveform is how the client types ``[]``); the
+    first row when no row has a typed value. So a PV whose first sample had no value is still
+    an enum (a scalar, ...) in :meth:`RecordingFile.summary` of the live file."""
+    first = int(rows[0])
+    flags, kind = int(s["flags"][first]), int(s["kind"][first])
+    if flags & F_VALUE and not (kind == K_ARRAY and s["size"][first] == 0):
+        return first  # the usual case: the first row is typed, read no other row
+    kinds, sizes = s["kind"][rows], s["size"][rows]
+    typed = ((s["flags"][rows] & F_VALUE) != 0) | np.isin(kinds, EXTRACTED_AT_FINALIZE)
+    for candidates in (typed & ~((kinds == K_ARRAY) & (sizes == 0)), typed):
+        hit = np.flatnonzero(candidates)
         if len(hit):
-            return int(hit[0])
-    return 0
+            return int(rows[hit[0]])
+    return first
 
 
 def _group_index(keys: npt.NDArray[Any], n: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
