@@ -270,11 +270,11 @@ def steady_stream(first: int, n_iter: int, pvs: list[str] = STEADY,
     return events
 
 
-def test_templates_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not vacuous: once learned, a steady stream is decoded without split_sample."""
+def spy_split_sample(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The PV of every sample the buffer hands to split_sample (the slow path), from now on."""
     import recorder.sinks.buffer as buffer_module
 
-    calls = []
+    calls: list[str] = []
     real = buffer_module.split_sample
 
     def spy(sample: PVSample) -> Any:
@@ -282,6 +282,12 @@ def test_templates_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(sample)
 
     monkeypatch.setattr(buffer_module, "split_sample", spy)
+    return calls
+
+
+def test_templates_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: once learned, a steady stream is decoded without split_sample."""
+    calls = spy_split_sample(monkeypatch)
     buf = RecordingBuffer()
     for ev in steady_stream(0, 3):
         buf.handle(ev)
@@ -732,16 +738,7 @@ def test_a_changing_user_tag_is_a_column_and_keeps_the_fast_path(
     """A pulse id in timeStamp.userTag changes every sample: it is taken out into the
     user_tag column (flag 32), the rest stays the same (no metadata entry per sample) and
     the template decodes it (no split_sample once learned)."""
-    import recorder.sinks.buffer as buffer_module
-
-    calls = []
-    real = buffer_module.split_sample
-
-    def spy(sample: PVSample) -> Any:
-        calls.append(sample.pv)
-        return real(sample)
-
-    monkeypatch.setattr(buffer_module, "split_sample", spy)
+    calls = spy_split_sample(monkeypatch)
     pulse = lambda k, j: 1_000_000 + 3 * k + j  # noqa: E731  (uint32 on the wire)
     buf = RecordingBuffer()
     for ev in tagged_stream(0, 3, pulse):
