@@ -116,6 +116,13 @@ FORMAT_VERSION = "4.0"
 """format_version of both layouts (docs/file-format.md; 3.0 changed the final layout only,
 4.0 added the per-sample columns of user tags and NTNDArray frame ids and times, decision
 0009)."""
+FLAGGED_COLUMNS: dict[int, tuple[tuple[str, np.dtype[Any], Mapping[str, Any] | None], ...]] = {
+    F_USER_TAG: (("user_tag", np.dtype(np.int32), None),),
+    F_FRAME: (("unique_id", np.dtype(np.int32), None),
+              ("data_time", np.dtype(np.int64), TIME_ATTRS)),
+}
+"""Per-row columns of fields taken out under a flag (format 4.0, decision 0009): the flag
+-> (dataset, dtype, attributes) each, in the order of the live columns that feed them."""
 MESSAGE_TEXTS_MAX = 1024
 """Distinct alarm messages per PV in ``alarm_message``; later new texts stay in the metadata."""
 MESSAGE_CACHE = 64  # rest JSON -> (without the message, code): entries remembered per PV
@@ -656,12 +663,10 @@ class _PV:
         if split_message and n:
             self.message = _Col(w, self.g, "alarm_message", n, dtype=np.dtype(np.int32),
                                 share=True)
-        # timeStamp.userTag as a column: only for PVs with a nonzero one (codec.F_USER_TAG)
-        self.user_tag: _Col | None = None
-        self.no_tag = 0  # rows before the first taken-out tag (the column starts with them)
-        # an NTNDArray frame's uniqueId and dataTimeStamp (codec.F_FRAME), made the same way
-        self.frame: tuple[_Col, _Col] | None = None
-        self.no_frame = 0
+        # columns of fields taken out per row (FLAGGED_COLUMNS), made at the first such row;
+        # until then, the rows seen without the flag (the columns start with their zeros)
+        self.flagged: dict[int, tuple[_Col, ...]] = {}
+        self.unflagged = dict.fromkeys(FLAGGED_COLUMNS, 0)
         self.n_meta = 0  # metadata entries (row 0 and each change)
         self.meta_row: _Col | None = None
         self.meta_json: _Col | None = None
@@ -856,8 +861,8 @@ class _PV:
             value_col.add(value)
         if shapes is not None and "shape" in self.cols:
             self.cols["shape"].add(shapes)
-        self._add_user_tags(flags, s["user_tag"])
-        self._add_frames(flags, s["fval"], s["ival"])
+        self._add_flagged(flags, F_USER_TAG, s["user_tag"])
+        self._add_flagged(flags, F_FRAME, s["fval"], s["ival"])  # the live row's id, time
         self.cols["time"].add(s["time"])
         self.cols["iteration"].add(s["iteration"])
         self.cols["severity"].add(s["severity"])
@@ -866,43 +871,26 @@ class _PV:
         self._index(s["iter_row"])
         self.rows += m
 
-    def _add_user_tags(self, flags: npt.NDArray[np.uint8], tags: npt.NDArray[Any]) -> None:
-        """The ``user_tag`` column, made at the first row whose tag was taken out (0 in rows
-        without one, which keep their tag in their metadata entry)."""
-        tagged = (flags & F_USER_TAG) != 0
-        col = self.user_tag
-        if col is None:
-            if not tagged.any():
-                self.no_tag += len(flags)
-                return
-            col = self.user_tag = self.cols["user_tag"] = _Col(
-                self.w, self.g, "user_tag", self.n, dtype=np.dtype(np.int32), share=True)
-            if self.no_tag:
-                col.add(np.zeros(self.no_tag, np.int32))
-        col.add(np.where(tagged, tags, 0).astype(np.int32))
-
-    def _add_frames(self, flags: npt.NDArray[np.uint8], fval: npt.NDArray[np.float64],
-                    ival: npt.NDArray[np.int64]) -> None:
-        """The ``unique_id`` and ``data_time`` columns (NTNDArray rows with F_FRAME: the live
-        row's ``fval`` and ``ival``), made at the first such row; 0 in other rows."""
-        framed = (flags & F_FRAME) != 0
-        cols = self.frame
+    def _add_flagged(self, flags: npt.NDArray[np.uint8], bit: int,
+                     *values: npt.NDArray[Any]) -> None:
+        """The :data:`FLAGGED_COLUMNS` of flag ``bit`` for a block's rows, ``values`` in rows
+        with the flag, 0 in the others (they keep the field in their metadata entry); made at
+        the first row with the flag, so a PV without one has no such dataset."""
+        on = (flags & bit) != 0
+        cols = self.flagged.get(bit)
         if cols is None:
-            if not framed.any():
-                self.no_frame += len(flags)
+            if not on.any():
+                self.unflagged[bit] += len(flags)
                 return
-            i32, i64 = np.dtype(np.int32), np.dtype(np.int64)
-            uid = _Col(self.w, self.g, "unique_id", self.n, dtype=i32, share=True)
-            when = _Col(self.w, self.g, "data_time", self.n, dtype=i64, attrs=TIME_ATTRS,
-                        share=True)
-            cols = self.frame = (uid, when)
-            self.cols["unique_id"], self.cols["data_time"] = cols
-            if self.no_frame:
-                uid.add(np.zeros(self.no_frame, i32))
-                when.add(np.zeros(self.no_frame, i64))
-        with np.errstate(invalid="ignore"):  # fval of other rows: any float, NaN included
-            cols[0].add(np.where(framed, fval, 0).astype(np.int32))
-        cols[1].add(np.where(framed, ival, 0).astype(np.int64))
+            cols = self.flagged[bit] = tuple(
+                _Col(self.w, self.g, name, self.n, dtype=dt, attrs=attrs, share=True)
+                for name, dt, attrs in FLAGGED_COLUMNS[bit])
+            for col in cols:
+                self.cols[col.name] = col
+                if self.unflagged[bit]:
+                    col.add(np.zeros(self.unflagged[bit], col.dtype))
+        for col, v in zip(cols, values, strict=True):
+            col.add(np.where(on, v, 0).astype(col.dtype))
 
     def _py_value(self, b: _Block, s: dict[str, npt.NDArray[Any]], r: int) -> Any:
         dcode = int(s["dtype"][r])
