@@ -135,16 +135,13 @@ def split_sample(sample: PVSample) -> Split:
     ts = data.get("timeStamp")
     if ts is not None and _is_map(ts):
         ts_rest = None
-        sec = ts.get("secondsPastEpoch")
-        nsec = ts.get("nanoseconds")
-        if _is_int(sec) and _is_int(nsec) and 0 <= nsec < NS_PER_S:
-            t = sec * NS_PER_S + nsec
-            if INT64_MIN <= t <= INT64_MAX:
-                time_ns = t
-                flags |= F_TIME
-                ts_rest = dict(ts)
-                ts_rest["secondsPastEpoch"] = None
-                ts_rest["nanoseconds"] = None
+        t = _epics_ns(ts)
+        if t is not None:
+            time_ns = t
+            flags |= F_TIME
+            ts_rest = dict(ts)
+            ts_rest["secondsPastEpoch"] = None
+            ts_rest["nanoseconds"] = None
         tag = ts.get("userTag")
         if tag and _int32(tag):
             user_tag = int(tag)
@@ -250,20 +247,25 @@ def split_sample(sample: PVSample) -> Split:
     )
 
 
+def _epics_ns(ts: Mapping[str, Any]) -> int | None:
+    """An EPICS time stamp structure as int64 ns since the epoch, None when it is not one
+    (seconds or nanoseconds not integers, nanoseconds outside 0..1e9, beyond int64)."""
+    sec: Any = ts.get("secondsPastEpoch")
+    nsec: Any = ts.get("nanoseconds")
+    if not (_is_int(sec) and _is_int(nsec) and 0 <= nsec < NS_PER_S):
+        return None
+    t: int = sec * NS_PER_S + nsec
+    return t if INT64_MIN <= t <= INT64_MAX else None
+
+
 def _frame(data: Mapping[str, Any]) -> tuple[float, int] | None:
     """(uniqueId, dataTimeStamp in ns) of an NTNDArray structure, if both fit their columns."""
     uid = data.get("uniqueId")
     dts = data.get("dataTimeStamp")
     if uid is None or not _int32(uid) or dts is None or not _is_map(dts):
         return None
-    sec = dts.get("secondsPastEpoch")
-    nsec = dts.get("nanoseconds")
-    if not (_is_int(sec) and _is_int(nsec) and 0 <= nsec < NS_PER_S):
-        return None
-    t = sec * NS_PER_S + nsec
-    if not INT64_MIN <= t <= INT64_MAX:
-        return None
-    return float(uid), t
+    t = _epics_ns(dts)
+    return None if t is None else (float(uid), t)
 
 
 def same_rest(a: Any, b: Any) -> bool:
