@@ -63,7 +63,7 @@ from recorder.sinks.codec import (
     utf8_text,
 )
 from recorder.sinks.filters import filter_kwargs, rows_per_chunk
-from recorder.sinks.livefile import Commit, read_commit, read_pv_names
+from recorder.sinks.livefile import Commit, read_commit, read_pv_names, sample_slice
 from recorder.sinks.options import OutputOptions
 
 FINAL_SUFFIX = ".finalizing"
@@ -596,8 +596,7 @@ class _Block:
 def _read_block(f: h5py.File, lo: int, hi: int, meta: dict[str, npt.NDArray[Any]]) -> _Block:
     live = f["live"]
     samples = live["samples"]
-    s = {k: samples[k][lo:hi] if k in samples else np.zeros(hi - lo, dt)  # 3.0: no user_tag
-         for k, dt in SAMPLE_COLUMNS.items()}
+    s = {k: sample_slice(samples, k, lo, hi) for k in SAMPLE_COLUMNS}
     kind, dtype, size, offset = s["kind"], s["dtype"], s["size"], s["offset"]
     # byte pool: string values and metadata JSON of these rows (contiguous: appended together)
     is_text = (dtype == STRING_DTYPE_CODE) & (offset >= 0)

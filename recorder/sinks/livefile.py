@@ -228,6 +228,15 @@ class LivePool:
         return got
 
 
+def sample_slice(samples: h5py.Group, name: str, lo: int, hi: int) -> npt.NDArray[Any]:
+    """Rows ``lo:hi`` of the ``/live/samples`` column ``name``; zeros for a column the file
+    predates (``user_tag``: 3.0 live files, where no row has its flag)."""
+    if name not in samples:
+        return np.zeros(hi - lo, SAMPLE_COLUMNS[name])
+    got: npt.NDArray[Any] = samples[name][lo:hi]
+    return got
+
+
 class LiveColumns(Mapping[str, npt.NDArray[Any]]):
     """The committed ``/live/samples`` columns, each read when first used.
 
@@ -246,8 +255,7 @@ class LiveColumns(Mapping[str, npt.NDArray[Any]]):
         if got is None:
             if name not in SAMPLE_COLUMNS:
                 raise KeyError(name)
-            got = (self.group[name][: self.n] if name in self.group
-                   else np.zeros(self.n, SAMPLE_COLUMNS[name]))  # 3.0 files: no user_tag
+            got = sample_slice(self.group, name, 0, self.n)
             self.loaded[name] = got
             self.loaded_bytes += got.nbytes
         return got
