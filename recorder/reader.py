@@ -314,6 +314,21 @@ class RecordingFile:
             return self._live.samples.take((name,), self._live_rows(pv))[name]
         return np.asarray(self._group(pv)[name][()])
 
+    def _column_range(self, pv: str, name: str, lo: int, hi: int | None) -> npt.NDArray[Any]:
+        if self._live is not None:
+            return self._live.samples.take((name,), self._live_rows(pv)[lo:hi])[name]
+        return np.asarray(self._group(pv)[name][lo:hi])
+
+    def row_count(self, pv: str) -> int:
+        """How many values of ``pv`` the file holds (late ones included)."""
+        if self._live is not None:
+            return len(self._live_rows(pv))
+        return int(self._group(pv)["iteration"].shape[0])
+
+    def iterations_range(self, pv: str, lo: int, hi: int | None) -> npt.NDArray[np.int64]:
+        """:meth:`iterations_of` of rows ``lo:hi`` only (reads only those rows)."""
+        return self._column_range(pv, "iteration", lo, hi)
+
     def times(self, pv: str) -> npt.NDArray[np.int64]:
         return self._column(pv, "time")
 

@@ -71,7 +71,8 @@ def _pack_int(value: int, out: bytearray) -> None:
 
 
 def _pack_str(value: str, out: bytearray) -> None:
-    raw = value.encode("utf-8")
+    # lone surrogates: the bytes of invalid UTF-8 the client decoded with surrogateescape
+    raw = value.encode("utf-8", "surrogateescape")
     n = len(raw)
     if n < 32:
         out.append(0xA0 | n)
@@ -140,7 +141,7 @@ def _pack(value: Any, out: bytearray) -> None:
     elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
         if all(type(item) in _PLAIN_SCALARS for item in value):
             # fast path: msgpack-python packs ints/str/bool/None exactly like msgpack-c
-            out += msgpack.packb(list(value))
+            out += msgpack.packb(list(value), unicode_errors="surrogateescape")
             return
         if all(type(item) is float for item in value):  # a double[] waveform
             _pack_container_header(len(value), out, 0x90, b"\xdc", b"\xdd")

@@ -42,6 +42,7 @@ import structlog
 
 from recorder.sim.encoding import SER_HEADER, serialize
 from recorder.sim.faults import FaultConfig, FaultInjector
+from recorder.sim.messages import data_message, header_message, tail_message
 from recorder.sim.pvs import PVSpec, parse_pv, pv_structure
 
 log = structlog.get_logger("recorder.sim")
@@ -597,35 +598,24 @@ class SimEngine:
         bound = log.bind(snapshot=snap.name, iteration=it.index)
         if header:
             it.msg_seq += 1
-            msg: dict[str, Any] = {"message_type": 0, "snapshot_name": snap.name,
-                                   "timestamp": ts, "iter_index": it.index}
-            if sequenced:
-                msg["msg_seq"] = it.msg_seq
-                msg["submission_seq"] = it.submission
-            self._publish(snap, msg, "header", now)
+            self._publish(snap, header_message(snap.name, ts, it.index,
+                                               msg_seq=it.msg_seq if sequenced else None,
+                                               submission_seq=it.submission), "header", now)
         for i, sample in enumerate(data):
             it.msg_seq += 1
-            msg = {"message_type": 1, "timestamp": ts, "iter_index": it.index}
-            if sequenced:
-                msg["msg_seq"] = it.msg_seq
-                msg["submission_seq"] = it.submission
-                if i == len(data) - 1:
-                    msg["last_submission_data"] = True
             value = self.structure(sample.pv, sample.k)
             if snap.field_filter:
                 value = {k: v for k, v in value.items() if k in snap.field_filter}
-            msg[sample.pv] = value
+            msg = data_message(sample.pv, value, ts, it.index,
+                               msg_seq=it.msg_seq if sequenced else None,
+                               submission_seq=it.submission,
+                               last_of_submission=i == len(data) - 1)
             self._publish(snap, msg, "data", now)
         if tail:
             it.msg_seq += 1
-            msg = {"message_type": 2, "error": 0}
-            if snap.serialization == "json":
-                msg["error_message"] = ""
-            msg |= {"iter_index": it.index, "timestamp": ts, "snapshot_name": snap.name}
-            if sequenced:
-                msg["msg_seq"] = it.msg_seq
-                msg["total_messages"] = it.msg_seq
-                msg["submission_seq"] = it.submission
+            msg = tail_message(snap.name, ts, it.index, json_form=snap.serialization == "json",
+                               msg_seq=it.msg_seq if sequenced else None,
+                               submission_seq=it.submission)
             self._publish(snap, msg, "tail", now)
             snap.iteration = None
             self.stats["iterations"] += 1

@@ -1,0 +1,283 @@
+"""``k2eg-recorder replay``: publish a recorded file back to Kafka as the gateway's snapshot
+stream (see :mod:`recorder.replay` for what is and is not reproduced).
+
+Examples::
+
+    k2eg-recorder replay /data/k2eg/bpm/bpm_20261121T101500Z_000.h5 --topic bpm-replay
+    k2eg-recorder replay FILE --topic t --speed 0                # as fast as the broker takes it
+    k2eg-recorder replay FILE --topic t --speed 10 --iterations 100:199 --pv BPM:X --pv BPM:Y
+    k2eg-recorder replay FILE --all-segments --topic t            # every segment of its recording
+
+The topic is never guessed: replaying into the topic a gateway publishes (the one the file was
+recorded from) would mix old iterations into every consumer of that snapshot, so that topic is
+refused unless ``--to-recorded-topic`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+HELP = "publish a recorded file back to Kafka as the gateway's snapshot stream"
+
+EXIT_USAGE = 2
+EXIT_UNDELIVERED = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                        help="recorded files (.h5, or a .partial being written), replayed in "
+                        "segment order")
+    parser.add_argument("--topic", required=True,
+                        help="the Kafka topic to publish to (created with 1 partition if "
+                        "missing)")
+    parser.add_argument("--bootstrap", default=None,
+                        help="Kafka bootstrap servers (default: $RECORDER_BOOTSTRAP_SERVERS); "
+                        "SASL/TLS options come from RECORDER_KAFKA__* as for the daemon")
+    parser.add_argument("--speed", type=_speed, default=1.0,
+                        help="pace: 1 = as recorded (the gateway's header times), 10 = ten "
+                        "times faster, 0 = as fast as possible (default 1)")
+    parser.add_argument("--protocol", choices=("sequenced", "legacy"), default="sequenced",
+                        help="sequenced (msg_seq/submission_seq/total_messages, what the "
+                        "official k2eg client 0.3.2 needs; default) or legacy (gateway main)")
+    parser.add_argument("--snapshot-name", default=None,
+                        help="snapshot_name in headers and tails and the message key "
+                        "(default: the file's)")
+    parser.add_argument("--iterations", default=None, metavar="FIRST:LAST",
+                        help="only these iter_index values (inclusive; either side may be "
+                        "empty)")
+    parser.add_argument("--pv", action="append", default=None, metavar="NAME",
+                        help="only this PV (repeatable; default: all)")
+    parser.add_argument("--all-segments", action="store_true",
+                        help="replay every segment of the recording of each FILE (found next "
+                        "to it by recording uid)")
+    parser.add_argument("--to-recorded-topic", action="store_true",
+                        help="allow publishing to the topic the file was recorded from")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show librdkafka's own log (connection retries) on stderr")
+
+
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be 0 (as fast as possible) or a positive "
+                                         "factor")
+    return value
+
+
+def parse_range(text: str | None) -> tuple[int | None, int | None]:
+    """``FIRST:LAST`` (inclusive, either may be empty) or a single ``N``."""
+    if text is None:
+        return None, None
+    first_s, sep, last_s = text.partition(":")
+    if not sep:
+        last_s = first_s
+    try:
+        first = int(first_s) if first_s.strip() else None
+        last = int(last_s) if last_s.strip() else None
+    except ValueError:
+        raise ValueError(f"--iterations {text!r}: expected FIRST:LAST, e.g. 100:199, 100: "
+                         "or :199") from None
+    if first is not None and last is not None and first > last:
+        raise ValueError(f"--iterations {text!r}: FIRST is after LAST")
+    return first, last
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from recorder.errors import RecorderError
+    from recorder.replay import Selection
+    from recorder.settings import KafkaSettings, settings_problems
+
+    try:
+        first, last = parse_range(args.iterations)
+        overrides = {} if args.bootstrap is None else {"bootstrap_servers": args.bootstrap}
+        kafka = KafkaSettings.from_env(**overrides)
+        files = _files(args.files, args.all_segments)
+    except ValidationError as exc:
+        print(f"k2eg-recorder replay: invalid settings:\n{settings_problems(exc)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, OSError, RecorderError) as exc:
+        print(f"k2eg-recorder replay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    selection = Selection(first, last, frozenset(args.pv) if args.pv else None)
+    try:
+        return _replay(args, kafka, files, selection)
+    finally:
+        for f in files:
+            f.close()
+
+
+def _files(paths: list[Path], all_segments: bool) -> list[Any]:
+    """The files opened, in segment order (each path's recording's segments with
+    ``all_segments``); a missing or foreign file is an error naming it."""
+    from recorder.reader import RecordingFile, open_recording
+
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+    opened: list[Any] = []
+    try:
+        if all_segments:
+            seen: set[Path] = set()
+            for p in paths:
+                rec = open_recording(p)
+                for f in rec.files:
+                    if f.path.resolve() in seen:
+                        f.close()
+                    else:
+                        seen.add(f.path.resolve())
+                        opened.append(f)
+        else:
+            opened = [RecordingFile(p) for p in paths]
+    except Exception:
+        for f in opened:
+            f.close()
+        raise
+    return opened
+
+
+def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: Any) -> int:
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient
+
+    from recorder.replay import (
+        encode_iteration,
+        iterations,
+        recorded_topic_of,
+        snapshot_name_of,
+    )
+    from recorder.sim.encoding import SER_HEADER, SER_MSGPACK
+
+    for f in files:
+        recorded = recorded_topic_of(f)
+        if recorded and recorded == args.topic and not args.to_recorded_topic:
+            print(f"k2eg-recorder replay: {f.path} was recorded from topic {recorded!r}; "
+                  "replaying into it would mix old iterations into what its gateway publishes "
+                  "(pass --to-recorded-topic if that is what you want)", file=sys.stderr)
+            return EXIT_USAGE
+        if selection.pvs is not None:
+            unknown = sorted(selection.pvs - set(f.pv_names))
+            if unknown and len(files) == 1:
+                print(f"k2eg-recorder replay: {f.path} has no PV {', '.join(unknown)}",
+                      file=sys.stderr)
+                return EXIT_USAGE
+
+    base = kafka.librdkafka_config()
+    if not args.verbose:  # the outcome is printed; librdkafka's connection retries only here
+        base["log_level"] = 2
+    conf = {**base, "linger.ms": 5, "compression.type": "snappy"}  # as the gateway produces
+    problem = _create_topic(AdminClient(base), args.topic)
+    if problem:
+        print(f"k2eg-recorder replay: {problem} (Kafka at {kafka.bootstrap_servers}: "
+              "--bootstrap or RECORDER_BOOTSTRAP_SERVERS)", file=sys.stderr)
+        return EXIT_UNDELIVERED
+
+    producer = Producer(conf)
+    failed: list[str] = []
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failed.append(str(err))
+
+    stop = _stop_on_signals()
+    headers = [(SER_HEADER, SER_MSGPACK)]
+    sequenced = args.protocol == "sequenced"
+    n_iterations = n_values = n_messages = 0
+    t_start = time.monotonic()
+    origin: tuple[float, int] | None = None  # (monotonic, recorded ms) of the first iteration
+    try:
+        for f in files:
+            snapshot = args.snapshot_name or snapshot_name_of(f)
+            key = snapshot.encode()
+            for it in iterations(f, selection):
+                if stop():
+                    break
+                if args.speed > 0 and it.timestamp_ms:
+                    if origin is None:
+                        origin = (time.monotonic(), it.timestamp_ms)
+                    due = origin[0] + (it.timestamp_ms - origin[1]) / 1000.0 / args.speed
+                    while not stop() and (wait := due - time.monotonic()) > 0:
+                        producer.poll(min(wait, 0.2))
+                for value in encode_iteration(it, snapshot, sequenced=sequenced):
+                    _produce(producer, args.topic, key, value, headers=headers,
+                             on_delivery=delivered)
+                    n_messages += 1
+                n_iterations += 1 if it.header_ms is not None or it.tail_ms is not None else 0
+                n_values += len(it.samples) + len(it.late)
+                producer.poll(0)
+            if stop():
+                break
+        remaining = producer.flush(30)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    seconds = time.monotonic() - t_start
+    names = ", ".join(str(f.path) for f in files)
+    interrupted = " (interrupted)" if stop() else ""
+    print(f"replayed {n_iterations} iterations, {n_values} values ({n_messages} messages) of "
+          f"{names} to topic {args.topic!r} at {kafka.bootstrap_servers} in {seconds:.1f} s"
+          f"{interrupted}")
+    if remaining or failed:
+        print(f"k2eg-recorder replay: {remaining + len(failed)} of {n_messages} messages not "
+              f"delivered" + (f": {failed[0]}" if failed else " (Kafka did not confirm them "
+                              "within 30 s)"), file=sys.stderr)
+        return EXIT_UNDELIVERED
+    return 130 if interrupted else 0
+
+
+def _create_topic(admin: Any, topic: str, timeout_s: float = 10.0) -> str | None:
+    """Create ``topic`` (1 partition, as the gateway does) unless it exists; what went wrong,
+    or None."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.cimpl import NewTopic
+
+    try:
+        admin.create_topics([NewTopic(topic, 1)], request_timeout=timeout_s)[topic].result(
+            timeout=timeout_s + 2)
+    except KafkaException as exc:
+        err: Any = exc.args[0] if exc.args else None
+        code = err.code() if isinstance(err, KafkaError) else None
+        if code == KafkaError.TOPIC_ALREADY_EXISTS:
+            return None
+        if code in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
+            return f"no answer from Kafka within {timeout_s:.0f} s"
+        return f"cannot create topic {topic!r}: {exc}"
+    except Exception as exc:  # a future's own timeout: the broker did not answer
+        return f"no answer from Kafka within {timeout_s:.0f} s ({type(exc).__name__})"
+    return None
+
+
+def _produce(producer: Any, topic: str, key: bytes, value: bytes, *, headers: Any,
+             on_delivery: Any) -> None:
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, headers=headers,
+                             on_delivery=on_delivery)
+            return
+        except BufferError:  # the local queue is full: let deliveries drain it
+            producer.poll(0.1)
+
+
+def _stop_on_signals() -> Any:
+    """SIGINT/SIGTERM end the replay after the message being produced (what was produced is
+    still delivered); returns the "stop requested" test."""
+    requested = False
+
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal requested
+        requested = True
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: requested

@@ -1,0 +1,186 @@
+"""``k2eg-recorder replay`` over a real broker: a recorded file goes back to Kafka as the
+gateway's stream, and our client (assembler) and sink record it again into the same data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from test_hdf5_roundtrip import make_samples, repr_exact
+
+from recorder.client.assembler import IterationAssembler
+from recorder.client.events import (
+    IncompleteReason,
+    IterationClosed,
+    IterationOpened,
+    IterationStatus,
+    ValuesReceived,
+)
+from recorder.client.properties import SnapshotProperties
+from recorder.client.wire import Data, Record, decode_snapshot_message
+from recorder.reader import open_file, open_recording
+from recorder.sinks.hdf5 import HDF5Recording
+from recorder.sinks.options import OutputOptions, SegmentOptions
+
+T0_NS = 1_700_000_000_000_000_000
+STEP_NS = 300_000_000  # 300 ms between iterations
+ITERATIONS = 6
+SNAPSHOT = SnapshotProperties("rp-source", ("pva://F32", "pva://F64"), time_window=300)
+
+
+def replay(bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "recorder.cli", "replay", "--bootstrap", bootstrap, *args],
+        capture_output=True, text=True, timeout=120, check=False)
+
+
+def write_source(directory: Path) -> list[Path]:
+    """Six iterations of every type, in two segments: sub-push (two batches), a gateway error
+    (iteration 3) and a lost tail (iteration 2)."""
+    rec = HDF5Recording(OutputOptions(directory=directory,
+                                      segment=SegmentOptions(max_iterations=3)),
+                        run_name="source", snapshot=SNAPSHOT)
+    for i in range(ITERATIONS):
+        index, t = 100 + i, T0_NS + i * STEP_NS
+        rec.handle(IterationOpened("t", "rp-source", index, t, offset=3 * i))
+        samples = make_samples(i)
+        n = len(samples)
+        half = n // 2
+        rec.handle(ValuesReceived("t", index, t, 1, tuple(samples[:half]), offset=3 * i + 1))
+        rec.handle(ValuesReceived("t", index, t, 2, tuple(samples[half:]), offset=3 * i + 1))
+        if i == 2:
+            rec.handle(IterationClosed("t", "rp-source", index, IterationStatus.INCOMPLETE,
+                                       IncompleteReason.NO_TAIL, t, 0, n_values=n, n_pvs=n,
+                                       n_batches=2, offset=3 * i + 2))
+        elif i == 3:
+            rec.handle(IterationClosed("t", "rp-source", index, IterationStatus.INCOMPLETE,
+                                       IncompleteReason.GATEWAY_ERROR, t, t + 1_000_000,
+                                       error_code=7, error_message="IOC gone", n_values=n,
+                                       n_pvs=n, n_batches=2, offset=3 * i + 2))
+        else:
+            rec.handle(IterationClosed("t", "rp-source", index, IterationStatus.COMPLETE, None,
+                                       t, t + 1_000_000, n_values=n, n_pvs=n, n_batches=2,
+                                       offset=3 * i + 2))
+    paths = rec.close()
+    assert len(paths) == 2
+    return paths
+
+
+def consume(bootstrap: str, topic: str, expect: int, timeout_s: float = 30.0) -> list[Any]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"rp-{topic}",
+                         "enable.auto.commit": False})
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < expect and time.monotonic() < deadline:
+            out += [m for m in consumer.consume(500, 0.2) if m.error() is None]
+        return out
+    finally:
+        consumer.close()
+
+
+def record_again(messages: list[Any], directory: Path) -> Path:
+    """The consumed records through our client's assembler into our sink."""
+    asm = IterationAssembler(iteration_timeout_s=3600)
+    rec = HDF5Recording(OutputOptions(directory=directory), run_name="again")
+    records = [Record(m.topic(), m.partition(), m.offset(), m.value(), m.headers())
+               for m in messages]
+    for event in asm.feed_many(records, 0.0) + asm.close():
+        rec.handle(event)
+    (path,) = rec.close()
+    assert not {k: v for k, v in asm.counters.items() if k.startswith(("malformed", "late"))}
+    return path
+
+
+def on_the_wire(sample: Any) -> frozenset[str]:
+    """The float32 paths a message can carry: an empty array has no element to say so."""
+    def empty(path: str) -> bool:
+        node: Any = sample.data
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        return node == []
+    return frozenset(p for p in sample.float32_paths if not empty(p))
+
+
+def n_messages(paths: list[Path]) -> int:
+    with open_recording(paths) as r:
+        its = r.iterations()
+        values = sum(len(r.iterations_of(pv)) for pv in r.pv_names)
+    return values + int((its["header_timestamp"] != 0).sum() + (its["tail_timestamp"] != 0).sum())
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> list[Path]:
+    return write_source(tmp_path / "source")
+
+
+def test_a_replayed_recording_records_again_value_for_value(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], source: list[Path], tmp_path: Path,
+) -> None:
+    topic = unique_name("replay")
+    done = replay(kafka_bootstrap, str(source[0]), "--all-segments", "--topic", topic,
+                  "--speed", "0")
+    assert done.returncode == 0, done.stderr
+    assert f"replayed {ITERATIONS} iterations" in done.stdout
+    messages = consume(kafka_bootstrap, topic, n_messages(source))
+    assert len(messages) == n_messages(source)
+    assert {m.key() for m in messages} == {b"rp-source"}  # the gateway's key: snapshot name
+    again = record_again(messages, tmp_path / "again")
+
+    with open_recording(source) as a, open_file(again) as b:
+        assert b.pv_names == a.pv_names
+        for pv in a.pv_names:
+            sa, sb = a.samples(pv), b.samples(pv)
+            assert [repr_exact(s.data) for s in sb] == [repr_exact(s.data) for s in sa], pv
+            assert [s.float32_paths for s in sb] == [on_the_wire(s) for s in sa], pv
+            assert b.iterations_of(pv).tolist() == a.iterations_of(pv).tolist()
+        ia, ib = a.iterations(), b.iterations()
+        for col in ("iter_index", "header_timestamp", "tail_timestamp", "status", "reason",
+                    "error_code", "error_message", "n_values", "n_pvs"):
+            assert ib[col].tolist() == ia[col].tolist(), col
+    assert ib["reason"].tolist()[2:4] == ["no_tail", "gateway_error"]
+
+
+def test_replay_paces_selects_and_refuses_the_recorded_topic(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], source: list[Path],
+) -> None:
+    # the file's own snapshot topic is refused: old iterations would reach live consumers
+    refused = replay(kafka_bootstrap, str(source[0]), "--topic", SNAPSHOT.topic)
+    assert refused.returncode == 2
+    assert "--to-recorded-topic" in refused.stderr and "recorded from topic" in refused.stderr
+
+    # one PV, iterations 100..101 of the first segment, at 2x: 300 ms apart -> >= 150 ms
+    topic = unique_name("replay-sel")
+    done = replay(kafka_bootstrap, str(source[0]), "--topic", topic, "--speed", "2",
+                  "--iterations", "100:101", "--pv", "F64", "--protocol", "legacy")
+    assert done.returncode == 0, done.stderr
+    messages = consume(kafka_bootstrap, topic, 6)
+    decoded = [decode_snapshot_message(m.value(), m.headers()) for m in messages]
+    assert [(type(d).__name__, d.iter_index) for d in decoded] == [
+        ("Header", 100), ("Data", 100), ("Tail", 100), ("Header", 101), ("Data", 101),
+        ("Tail", 101)]
+    assert all(d.msg_seq is None for d in decoded)  # legacy stream
+    assert {d.sample.pv for d in decoded if isinstance(d, Data)} == {"F64"}
+    created = [m.timestamp()[1] for m in messages]  # producer time (ms)
+    assert created[3] - created[0] >= 140  # paced: never earlier than 150 ms, minus rounding
+
+    # mistakes are named, nothing is published
+    missing = replay(kafka_bootstrap, "/nonexistent/x.h5", "--topic", topic)
+    assert missing.returncode == 2 and "/nonexistent/x.h5: no such file" in missing.stderr
+    unknown = replay(kafka_bootstrap, str(source[0]), "--topic", topic, "--pv", "NOPE")
+    assert unknown.returncode == 2 and "no PV NOPE" in unknown.stderr
+
+
+def test_no_broker_is_a_clear_error(tmp_path: Path, source: list[Path]) -> None:
+    port_closed = "127.0.0.1:9"  # discard port: nothing listens on loopback
+    done = replay(port_closed, str(source[0]), "--topic", "t")
+    assert done.returncode == 1
+    assert "no answer from Kafka within 10 s" in done.stderr
+    assert "FAIL" not in done.stderr  # librdkafka's own retry log only with --verbose
