@@ -102,6 +102,25 @@ def test_a_decoded_gateway_message_is_replayed_byte_for_byte(name: str) -> None:
     assert encode_iteration(it, "s", sequenced=True)[1] == raw
 
 
+def test_float32_metadata_comes_back_equal_as_float64() -> None:
+    """Known and documented: the client keeps the float width of ``value`` only, so a float
+    PV's valueAlarm limits (float32 on the wire) are replayed as float64 of the same number."""
+    name = "SIM:AI:FLOAT:2"
+    structure = pv_structure(parse_pv(name), 3, 1_700_000_000_123_456_789)
+    raw = pack(data_message(name, structure, T_MS, 7, msg_seq=2, last_of_submission=True))
+    received = decode(raw)
+    assert isinstance(received, Data)
+    replayed = encode_iteration(ReplayIteration(7, T_MS, None, samples=[received.sample]),
+                                "s", sequenced=True)[1]
+    again = decode(replayed)
+    assert isinstance(again, Data)
+    assert again.sample.data == received.sample.data
+    assert again.sample.float32_paths == received.sample.float32_paths == {"value"}
+    # the four alarm limits and the hysteresis: float32 -> float64, 4 bytes longer each
+    assert raw.count(b"\xca") - replayed.count(b"\xca") == 5
+    assert len(replayed) - len(raw) == 5 * 4
+
+
 def test_invalid_utf8_the_client_kept_goes_back_as_the_same_bytes() -> None:
     raw = pack(data_message("p", {"value": 2.0, "display": {"units": "mm"}}, T_MS, 1,
                             msg_seq=2, last_of_submission=True)).replace(b"\xa2mm", b"\xa2\xb0C")
