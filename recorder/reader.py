@@ -170,6 +170,7 @@ class RecordingFile:
         self._live_index: tuple[npt.NDArray[Any], npt.NDArray[Any]] | None = None
         self._live_cols: dict[str, int] | None = None
         self._live_meta_index: tuple[npt.NDArray[Any], npt.NDArray[Any]] | None = None
+        self._names: tuple[list[str], frozenset[str]] | None = None
         if self.layout == "live":
             self._live = read_live(self.h5)
 
@@ -181,9 +182,18 @@ class RecordingFile:
 
     @property
     def pv_names(self) -> list[str]:
-        if self._live is not None:
-            return list(self._live.pv_names)
-        return [str(n) for n in self.attrs_of("pvs").get("pv_names", [])]
+        return list(self._pv_names()[0])
+
+    def _pv_names(self) -> tuple[list[str], frozenset[str]]:
+        """The PV names in file order and as a set, read once per refresh (a per-PV loop used
+        to decode the whole name attribute for every PV it touched)."""
+        if self._names is None:
+            if self._live is not None:
+                names = list(self._live.pv_names)
+            else:
+                names = [str(n) for n in self.attrs_of("pvs").get("pv_names", [])]
+            self._names = (names, frozenset(names))
+        return self._names
 
     def attrs_of(self, path: str) -> dict[str, Any]:
         return {k: plain(v) for k, v in self.h5[path].attrs.items()}
@@ -269,14 +279,14 @@ class RecordingFile:
                 self._info = {}
         info = self._info.get(pv)
         if info is None:
-            if pv not in self.pv_names:
+            if pv not in self._pv_names()[1]:
                 raise unknown_pv(pv, self.pv_names, str(self.path))
             info = self._info[pv] = self.attrs_of(f"pvs/{escape_name(pv)}")
         return info
 
     # --- per-PV arrays ------------------------------------------------------------------------
     def _group(self, pv: str) -> h5py.Group:
-        if pv not in self.pv_names:
+        if pv not in self._pv_names()[1]:
             raise unknown_pv(pv, self.pv_names, str(self.path))
         return self.h5["pvs"][escape_name(pv)]
 

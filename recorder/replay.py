@@ -88,7 +88,6 @@ def gateway_structure(sample: PVSample) -> Any:
     for path in sorted(paths):
         parts = path.split(".")
         node: Any = out
-        parents: list[tuple[dict[str, Any], str]] = []
         for key in parts[:-1]:
             child = node.get(key) if isinstance(node, Mapping) else None
             if not isinstance(child, Mapping):
@@ -96,7 +95,6 @@ def gateway_structure(sample: PVSample) -> Any:
                 break
             child = dict(child)  # copied on the way down: the sample is not touched
             node[key] = child
-            parents.append((node, key))
             node = child
         if node is None:
             continue
@@ -109,13 +107,62 @@ def gateway_structure(sample: PVSample) -> Any:
     return out
 
 
-def pack_message(msg: Mapping[str, Any]) -> bytes:
-    """The gateway's bytes for ``msg``; a structure the gateway's packer could not have made
-    (a msgpack bin, an integer out of 64 bits) is packed by msgpack-python instead."""
+_packb = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape").pack
+
+
+def _pack_tree(value: Any, paths: frozenset[str]) -> bytes:
+    """``value`` packed as the gateway packs it, the float32 ``paths`` within it (relative,
+    ``""`` = ``value`` itself) as float32. msgpack-python packs everything else exactly as
+    msgpack-c does (smallest integers, str8, float64), in C; only float32 needs our packer."""
+    if not paths:
+        return bytes(_packb(value))
+    if "" in paths:
+        if isinstance(value, float):
+            return pack(Float32(value))
+        if isinstance(value, list) and value and all(type(x) is float for x in value):
+            return pack(Float32Array(value))
+        return bytes(_packb(value))
+    if not isinstance(value, Mapping):
+        return bytes(_packb(value))
+    parts = [_map_header(len(value))]
+    for key, item in value.items():
+        parts.append(_packb(key))
+        prefix = f"{key}."
+        sub = frozenset("" if p == key else p[len(prefix):] for p in paths
+                        if p == key or p.startswith(prefix))
+        parts.append(_pack_tree(item, sub))
+    return b"".join(parts)
+
+
+def _map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x80 | n,))
+    if n < 0x10000:
+        return b"\xde" + n.to_bytes(2, "big")
+    return b"\xdf" + n.to_bytes(4, "big")
+
+
+def pack_message(msg: Mapping[str, Any], sample: PVSample | None = None) -> bytes:
+    """The gateway's bytes for ``msg`` (carrying ``sample``'s structure under its PV name,
+    float32 fields as float32); a structure the gateway's packer could not have made (a
+    msgpack bin, an integer out of 64 bits) is packed by msgpack-python as it comes."""
     try:
-        return pack(msg)
+        if sample is None:
+            return bytes(_packb(msg))
+        paths = sample.float32_paths
+        parts = [_map_header(len(msg))]
+        for key, item in msg.items():
+            parts.append(_packb(key))
+            parts.append(_pack_tree(item, paths) if key == sample.pv else _packb(item))
+        return b"".join(parts)
     except (TypeError, OverflowError, ValueError):
-        return bytes(msgpack.packb(msg, use_bin_type=True, unicode_errors="surrogateescape"))
+        data = gateway_structure(sample) if sample is not None else None
+        try:
+            return pack({k: data if sample is not None and k == sample.pv else v
+                         for k, v in msg.items()})
+        except (TypeError, OverflowError, ValueError):
+            return bytes(msgpack.packb(msg, use_bin_type=True,
+                                       unicode_errors="surrogateescape"))
 
 
 def encode_iteration(it: ReplayIteration, snapshot: str, *, sequenced: bool) -> list[bytes]:
@@ -134,17 +181,17 @@ def encode_iteration(it: ReplayIteration, snapshot: str, *, sequenced: bool) -> 
                                                msg_seq=next_seq())))
     n = len(it.samples)
     for i, sample in enumerate(it.samples):
-        out.append(pack_message(data_message(sample.pv, gateway_structure(sample), ts,
-                                             it.iter_index, msg_seq=next_seq(),
-                                             last_of_submission=i == n - 1)))
+        out.append(pack_message(data_message(sample.pv, sample.data, ts, it.iter_index,
+                                             msg_seq=next_seq(),
+                                             last_of_submission=i == n - 1), sample))
     if it.tail_ms is not None:
         out.append(pack_message(tail_message(snapshot, it.tail_ms, it.iter_index,
                                              error=it.error_code,
                                              error_message=it.error_message,
                                              msg_seq=next_seq())))
     for index, sample in it.late:
-        out.append(pack_message(data_message(sample.pv, gateway_structure(sample), ts, index,
-                                             msg_seq=next_seq())))
+        out.append(pack_message(data_message(sample.pv, sample.data, ts, index,
+                                             msg_seq=next_seq()), sample))
     return out
 
 

@@ -90,3 +90,32 @@ def test_equal_shape_images_are_one_array(tmp_path: Path) -> None:
         got = f.values("P")
         assert got.shape == (20, 3, 4) and got.dtype == np.uint16
         assert got[5].tolist() == (5 + np.arange(12)).reshape(3, 4).tolist()
+
+
+def test_pv_names_are_read_once_per_file_not_per_pv(tmp_path: Path, monkeypatch: Any) -> None:
+    """A loop over every PV (values, summary, table, replay) checked each name against the
+    whole decoded name attribute: PVs x PVs work, 102 s instead of 2.9 s for values() of
+    10,000 PVs. The names are read once (per refresh of a live file)."""
+    rec, _sent = record(tmp_path)
+    (path,) = rec.close()
+    reads: list[str] = []
+    original = RecordingFile.attrs_of
+
+    def counting(self: RecordingFile, where: str) -> dict[str, Any]:
+        reads.append(where)
+        return original(self, where)
+
+    monkeypatch.setattr(RecordingFile, "attrs_of", counting)
+    with open_file(path) as f:
+        for pv in f.pv_names:
+            f.values(pv)
+            f.times(pv)
+            f.first_count(pv)
+        f.summary()
+        assert reads.count("pvs") == 1
+        try:
+            f.values("not-a-pv")
+        except KeyError as exc:
+            assert "not-a-pv" in str(exc)
+        else:
+            raise AssertionError("an unknown PV must raise KeyError")
