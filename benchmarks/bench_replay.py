@@ -1,0 +1,140 @@
+"""Replay and per-PV reading: what ``k2eg-recorder replay`` and a loop over every PV cost.
+
+Run: ``.venv/bin/python benchmarks/bench_replay.py [--quick]`` (~1 min; ``--quick``: ~20 s)
+
+Files are written first (not timed) with :class:`recorder.sinks.hdf5.HDF5Recording` from the
+sink benchmark's gateway-faithful messages (``bench_sink.Workload``): 1,000 NTScalar PVs x 100
+iterations and 100 waveform PVs of 1,000 float64 x 100 iterations (``--quick``: 30).
+
+* ``replay``: ``k2eg-recorder replay FILE --speed 0`` (a fresh process, start-up included) to
+  an embedded broker (Tansu), vs (a) a plain confluent-kafka producer, same settings, sending
+  the same message bytes, encoded beforehand (untimed): the broker's and librdkafka's limit.
+  Values per second and replay/(a).
+* ``names``: ``values(pv)`` of every PV of a 10,000-PV final file (``--quick``: 2,000), as
+  shipped (PV names read once) vs the names read again for every PV (what the reader did
+  before 2026-11-23), best of 2 each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_sink  # noqa: E402
+import structlog  # noqa: E402
+
+from recorder import reader  # noqa: E402
+from recorder.broker import EmbeddedBroker  # noqa: E402
+from recorder.sinks.hdf5 import HDF5Recording  # noqa: E402
+from recorder.sinks.options import OutputOptions  # noqa: E402
+
+T0_NS = 1_700_000_000 * 1_000_000_000
+
+
+def write_file(kind: str, n_pvs: int, n_iter: int, directory: Path) -> tuple[Path, int]:
+    w = bench_sink.Workload(kind, n_pvs, n_iter, bench_sink.pv_names(kind, n_pvs), T0_NS)
+    rec = HDF5Recording(OutputOptions(directory=directory), run_name=f"{kind}-{n_pvs}",
+                        pv_uris=[f"pva://{x}" for x in w.names])
+    for k in range(w.n_iter):
+        for event in w.events(k):
+            rec.handle(event)
+    (path,) = rec.close()
+    return path, w.n_values
+
+
+def replay_seconds(path: Path, bootstrap: str, topic: str) -> float:
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "recorder.cli", "replay", str(path), "--topic",
+                           topic, "--speed", "0", "--bootstrap", bootstrap],
+                          capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t
+    if done.returncode != 0:
+        raise SystemExit(f"replay failed: {done.stderr}")
+    return seconds
+
+
+def plain_seconds(path: Path, bootstrap: str, topic: str) -> float:
+    """(a): the same bytes, encoded beforehand, through a plain producer."""
+    from confluent_kafka import Producer
+
+    from recorder.replay import encode_iteration, iterations, snapshot_name_of
+    from recorder.sim.encoding import SER_HEADER, SER_MSGPACK
+
+    with reader.open_file(path) as f:
+        name = snapshot_name_of(f)
+        messages = [m for it in iterations(f) for m in encode_iteration(it, name, sequenced=True)]
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5,
+                         "compression.type": "snappy"})
+    key, headers = name.encode(), [(SER_HEADER, SER_MSGPACK)]
+    t = time.perf_counter()
+    for value in messages:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    if producer.flush(60):
+        raise SystemExit("(a): messages not delivered")
+    return time.perf_counter() - t
+
+
+def names_loop(path: Path, cached: bool) -> float:
+    original = reader.RecordingFile._pv_names
+
+    def uncached(self: Any) -> Any:
+        self._names = None
+        return original(self)
+
+    if not cached:
+        reader.RecordingFile._pv_names = uncached  # type: ignore[method-assign]
+    try:
+        best = float("inf")
+        for _ in range(2):
+            with reader.open_file(path) as f:
+                t = time.perf_counter()
+                for pv in f.pv_names:
+                    f.values(pv)
+                best = min(best, time.perf_counter() - t)
+        return best
+    finally:
+        reader.RecordingFile._pv_names = original  # type: ignore[method-assign]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    n_iter = 30 if args.quick else 100
+    with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp, EmbeddedBroker() as broker:
+        print("| file | values | replay values/s (s) | (a) plain producer values/s (s) | "
+              "replay/(a) |\n|---|---|---|---|---|")
+        for kind, n_pvs in (("scalar", 1000), ("waveform", 100)):
+            path, n_values = write_file(kind, n_pvs, n_iter, Path(tmp) / kind)
+            ours = replay_seconds(path, broker.bootstrap_servers, f"replay-{kind}")
+            plain = plain_seconds(path, broker.bootstrap_servers, f"plain-{kind}")
+            print(f"| {n_pvs} {kind} PVs x {n_iter} | {n_values:,} | {n_values / ours:,.0f} "
+                  f"({ours:.2f}) | {n_values / plain:,.0f} ({plain:.2f}) | "
+                  f"{plain / ours:.2f}x |", flush=True)
+        n_pvs = 2000 if args.quick else 10_000
+        path, _ = write_file("scalar", n_pvs, 20, Path(tmp) / "names")
+        new, old = names_loop(path, True), names_loop(path, False)
+        print(f"\nvalues() of every PV of a {n_pvs:,}-PV file: {new:.2f} s with the names "
+              f"read once vs {old:.2f} s read again per PV ({old / new:.1f}x faster)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
