@@ -91,6 +91,16 @@ def parse_range(text: str | None) -> tuple[int | None, int | None]:
     return first, last
 
 
+def pace_warning(behind_s: float, seconds: float, speed: float) -> str | None:
+    """What to tell when iterations went out noticeably later than their paced time (more
+    than 0.5 s and 10% of the replay), else None."""
+    if speed <= 0 or behind_s <= max(0.5, 0.1 * seconds):
+        return None
+    return (f"could not keep --speed {speed:g}: iterations went out up to {behind_s:.1f} s "
+            "later than their recorded pace (reading and packing the file is the limit: see "
+            "the README's replay figures; a lower --speed keeps the pace)")
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -196,6 +206,7 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
     n_iterations = n_values = n_messages = 0
     t_start = time.monotonic()
     origin: tuple[float, int] | None = None  # (monotonic, recorded ms) of the first iteration
+    behind = 0.0  # the most an iteration went out later than its paced time (s)
     try:
         for f in files:
             snapshot = args.snapshot_name or snapshot_name_of(f)
@@ -207,6 +218,7 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
                     if origin is None:
                         origin = (time.monotonic(), it.timestamp_ms)
                     due = origin[0] + (it.timestamp_ms - origin[1]) / 1000.0 / args.speed
+                    behind = max(behind, time.monotonic() - due)
                     while not stop() and (wait := due - time.monotonic()) > 0:
                         producer.poll(min(wait, 0.2))
                 for value in encode_iteration(it, snapshot, sequenced=sequenced):
@@ -228,6 +240,9 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
     print(f"replayed {n_iterations} iterations, {n_values} values ({n_messages} messages) of "
           f"{names} to topic {args.topic!r} at {kafka.bootstrap_servers} in {seconds:.1f} s"
           f"{interrupted}")
+    warning = pace_warning(behind, seconds, args.speed)
+    if warning:
+        print(f"k2eg-recorder replay: {warning}", file=sys.stderr)
     if remaining or failed:
         print(f"k2eg-recorder replay: {remaining + len(failed)} of {n_messages} messages not "
               f"delivered" + (f": {failed[0]}" if failed else " (Kafka did not confirm them "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recorder.cli.replay import parse_range
+from recorder.cli.replay import pace_warning, parse_range
 from recorder.client.values import PVSample
 from recorder.client.wire import Data, Header, Tail, decode_snapshot_message
 from recorder.replay import ReplayIteration, Selection, encode_iteration, gateway_structure
@@ -143,3 +143,11 @@ def test_selection_and_iteration_ranges() -> None:
     sel = Selection(3, 5)
     assert [i for i in range(1, 8) if sel.wants(i)] == [3, 4, 5]
     assert Selection().wants(-1)
+
+
+def test_falling_behind_the_pace_is_told() -> None:
+    assert pace_warning(0.2, 10.0, 1.0) is None  # within 0.5 s
+    assert pace_warning(0.9, 20.0, 1.0) is None  # within 10 % of the replay
+    warning = pace_warning(3.0, 20.0, 2.0)
+    assert warning is not None and "--speed 2" in warning and "3.0 s" in warning
+    assert pace_warning(100.0, 1.0, 0.0) is None  # --speed 0 has no pace
