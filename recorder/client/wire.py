@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import msgpack
+import numpy as np
 
 from recorder.client.properties import SNAPSHOT_METADATA_KEYS
 from recorder.client.values import PVSample
@@ -105,7 +106,6 @@ REPLY_METADATA_KEYS: frozenset[str] = frozenset(
 _ALL_METADATA_KEYS: Final = SNAPSHOT_METADATA_KEYS | REPLY_METADATA_KEYS
 
 _EMPTY: Final[frozenset[str]] = frozenset()
-_F32_VALUE: Final[frozenset[str]] = frozenset({"value"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,29 +544,19 @@ def payload_float32_paths(raw: bytes, start: int = 0, end: int | None = None) ->
         raw = raw[start:end]
         start = 0
     try:
-        b = raw[start]
-        if 0x80 <= b <= 0x8F:
-            pos = start + 1
-        elif b == 0xDE:
-            pos = start + 3
-        elif b == 0xDF:
-            pos = start + 5
-        else:
+        kind, count, pos = _container(raw, start)
+        if kind != 1:
+            return _EMPTY
+        if raw.find(b"\xca", pos) < 0:  # not a single float32 anywhere in the map
             return _EMPTY
         if raw.startswith(b"\xa5value", pos):
-            at = pos + 6
-            marker = raw[at]
-            if marker == 0xCA:
-                return _F32_VALUE
-            if 0x91 <= marker <= 0x9F:
-                return _F32_VALUE if raw[at + 1] == 0xCA else _EMPTY
-            if marker in {0xDC, 0xDD}:
-                _, count, first = _container(raw, at)
-                return _F32_VALUE if count and raw[first] == 0xCA else _EMPTY
-            if 0x80 <= marker <= 0x8F or marker in {0xDE, 0xDF}:
-                paths = _value_paths(raw, at)
-                return frozenset(paths) if paths else _EMPTY
-            return _EMPTY
+            # value first (NTScalar, NTScalarArray): look at it, then at the other fields only
+            # if a float32 marker can be among them (a float PV's valueAlarm limits are)
+            paths: set[str] = set()
+            after = _fields_paths(raw, pos, 1, "", paths)
+            if raw.find(b"\xca", after) >= 0:
+                _fields_paths(raw, after, count - 1, "", paths)
+            return frozenset(paths) if paths else _EMPTY
         found = _pv_map_paths(raw, start)
     except (_TruncatedError, IndexError, ValueError):
         return _EMPTY
@@ -730,96 +720,19 @@ def decode_reply(
 # --------------------------------------------------------------------------------------------
 # float32 detection
 # --------------------------------------------------------------------------------------------
-def _map_header(n: int) -> bytes:
-    if n < 16:
-        return bytes((0x80 | n,))
-    if n < 0x10000:
-        return b"\xde" + n.to_bytes(2, "big")
-    return b"\xdf" + n.to_bytes(4, "big")
-
-
-_VALUE_PATTERNS: Final[tuple[bytes, ...]] = tuple(_map_header(n) + b"\xa5value" for n in range(64))
-
-
-_KEY_PREFIXES: dict[str, bytes] = {}  # PV name -> its msgpack str encoding (bounded cache)
-
-
-def _key_prefix(key: str) -> bytes:
-    data = key.encode("utf-8", "surrogatepass")
-    n = len(data)
-    if n < 32:
-        head = bytes((0xA0 | n,))
-    elif n < 0x100:
-        head = b"\xd9" + bytes((n,))
-    elif n < 0x10000:
-        head = b"\xda" + n.to_bytes(2, "big")
-    else:
-        head = b"\xdb" + n.to_bytes(4, "big")
-    if len(_KEY_PREFIXES) >= 65536:
-        _KEY_PREFIXES.clear()
-    _KEY_PREFIXES[key] = head + data
-    return head + data
-
-
 def _pv_float32_paths(raw: bytes, key: str, pv: dict[str, Any]) -> frozenset[str]:
-    """float32 paths of one decoded PV map found in ``raw`` (fast path, walker fallback)."""
-    value = pv.get("value")
-    cls = value.__class__
-    if cls is float:
-        pass
-    elif cls is list:
-        if not value or value[0].__class__ is not float:
-            return _EMPTY
-    elif cls is dict:
-        if not any(
-            c.__class__ is float or (c.__class__ is list and c and c[0].__class__ is float)
-            for c in value.values()  # type: ignore[union-attr]
-        ):
-            return _EMPTY
-        return _walk_key(raw, key)
-    else:
+    """float32 paths of one decoded PV map found in ``raw``: none without a float32 marker
+    byte anywhere (most double PVs), else the structural walker."""
+    if raw.find(b"\xca") < 0:
         return _EMPTY
-    n = len(pv)
-    if next(iter(pv)) != "value":
-        return _walk_key(raw, key)
-    prefix = _KEY_PREFIXES.get(key)
-    if prefix is None:
-        prefix = _key_prefix(key)
-    pattern = prefix + (_VALUE_PATTERNS[n] if n < 64 else _map_header(n) + b"\xa5value")
-    pos = raw.find(pattern)
-    if pos < 0:
-        return _walk_key(raw, key)
-    at = pos + len(pattern)
-    try:
-        marker = raw[at]
-        if cls is float:
-            if marker == 0xCA:
-                return _F32_VALUE
-            if marker == 0xCB:
-                return _EMPTY
-        else:
-            if 0x90 <= marker <= 0x9F:
-                count, first = marker & 0x0F, at + 1
-            elif marker == 0xDC:
-                count, first = int.from_bytes(raw[at + 1 : at + 3], "big"), at + 3
-            elif marker == 0xDD:
-                count, first = int.from_bytes(raw[at + 1 : at + 5], "big"), at + 5
-            else:
-                count, first = -1, 0
-            if count == len(value):  # type: ignore[arg-type]
-                elem = raw[first]
-                if elem == 0xCA:
-                    return _F32_VALUE
-                if elem == 0xCB:
-                    return _EMPTY
-    except IndexError:
-        pass
     return _walk_key(raw, key)
 
 
 def float32_paths(raw: bytes, pv: str | None = None) -> frozenset[str]:
-    """Which fields of a PV's ``value`` were sent as msgpack float32: ``"value"`` for a float
-    scalar or array, ``"value.<column>"`` for NTTable columns.
+    """Which fields of a PV's structure were sent as msgpack float32, as dotted paths:
+    ``"value"`` for a float scalar or array, ``"value.<column>"`` for NTTable columns (and an
+    NTNDArray's ``value.floatValue``), ``"valueAlarm.lowAlarmLimit"`` etc. for a float PV's
+    alarm limits; maps inside arrays (NTNDArray attributes) are not looked into.
 
     ``raw`` is a whole data or reply message; ``pv`` selects the PV key (default: the first
     top-level key that is not known metadata and holds a map). This is the structural walker:
@@ -945,28 +858,61 @@ def _read_str(raw: bytes, pos: int, errors: str = "replace") -> tuple[str | None
         return None, end
 
 
-def _first_is_float32(raw: bytes, pos: int) -> bool:
-    """True if the object at ``pos`` is a float32, or an array whose first element is one."""
-    b = raw[pos]
-    if b == 0xCA:
-        return True
+_FLOAT_WIDTHS: Final[dict[int, int]] = {0xCA: 5, 0xCB: 9}  # marker + payload bytes
+_LONG_ARRAY: Final = 16  # arrays longer than this are skipped without a Python loop
+_MAX_DEPTH: Final = 16  # nested maps looked into for float32 fields
+
+
+def _skip_value(raw: bytes, pos: int) -> int:
+    """Position after the object at ``pos``: like :func:`_skip`, but a long array is skipped
+    in C (a waveform of same-width floats by one strided check of its markers, any other
+    by msgpack's own skipper), not element by element."""
     kind, count, inner = _container(raw, pos)
-    return kind == 2 and count > 0 and inner < len(raw) and raw[inner] == 0xCA
+    if kind != 2 or count <= _LONG_ARRAY:
+        return _skip(raw, pos)
+    width = _FLOAT_WIDTHS.get(raw[inner]) if inner < len(raw) else None
+    if width is not None:
+        end = inner + width * count
+        if end <= len(raw):
+            markers = np.frombuffer(raw, np.uint8, width * count, inner)[::width]
+            if bool((markers == raw[inner]).all()):
+                return end
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(raw) - pos, 1))
+    unpacker.feed(memoryview(raw)[pos:])
+    try:
+        unpacker.skip()
+    except (msgpack.OutOfData, ValueError) as exc:
+        raise _TruncatedError from exc
+    return pos + unpacker.tell()
 
 
-def _value_paths(raw: bytes, pos: int) -> set[str]:
-    """float32 paths of the ``value`` object starting at ``pos``."""
-    if _first_is_float32(raw, pos):
-        return {"value"}
-    kind, count, pos = _container(raw, pos)
-    paths: set[str] = set()
-    if kind == 1:  # NTTable columns (or a union / struct): value.<name>
-        for _ in range(count):
-            name, pos = _read_str(raw, pos)
-            if name is not None and pos < len(raw) and _first_is_float32(raw, pos):
-                paths.add(f"value.{name}")
-            pos = _skip(raw, pos)
-    return paths
+def _fields_paths(raw: bytes, pos: int, count: int, prefix: str, paths: set[str], *,
+                  depth: int = 0) -> int:
+    """Add to ``paths`` the float32 fields of the ``count`` map entries at ``pos`` (a float32,
+    or an array whose first element is one; nested maps are looked into, with dotted paths);
+    returns the position after them."""
+    for _ in range(count):
+        name, pos = _read_str(raw, pos)
+        if name is None:  # a key that is not a string: its value is not a field of ours
+            pos = _skip_value(raw, pos)
+            continue
+        b = raw[pos]
+        if b == 0xCA:
+            pos += 5
+            if pos > len(raw):
+                raise _TruncatedError
+            paths.add(prefix + name)
+            continue
+        kind, n, inner = _container(raw, pos)
+        if kind == 2:
+            if n and inner < len(raw) and raw[inner] == 0xCA:
+                paths.add(prefix + name)
+            pos = _skip_value(raw, pos)
+        elif kind == 1 and depth < _MAX_DEPTH:
+            pos = _fields_paths(raw, inner, n, f"{prefix}{name}.", paths, depth=depth + 1)
+        else:
+            pos = _skip_value(raw, pos)
+    return pos
 
 
 def _pv_map_paths(raw: bytes, pos: int) -> tuple[frozenset[str], int] | None:
@@ -975,11 +921,8 @@ def _pv_map_paths(raw: bytes, pos: int) -> tuple[frozenset[str], int] | None:
     if kind != 1:
         return None
     paths: set[str] = set()
-    for _ in range(count):
-        name, pos = _read_str(raw, pos)
-        if name == "value":
-            paths |= _value_paths(raw, pos)
-        pos = _skip(raw, pos)
+    if raw.find(b"\xca", pos) >= 0:  # else there is no float32 to find
+        _fields_paths(raw, pos, count, "", paths)
     return frozenset(paths) if paths else _EMPTY, count
 
 

@@ -85,7 +85,7 @@ def test_flapping_message_is_a_column_and_the_structure_is_stored_once(
 ) -> None:
     path, sent = _record(tmp_path)
     with h5py.File(path, "r") as h:
-        assert h.attrs["format_version"] == "4.0"
+        assert h.attrs["format_version"] == "4.1"
         info = _info(h)
         g = h["pvs/FLAP"]
         assert "metadata" not in g and info["FLAP"]["metadata_entries"] == 1

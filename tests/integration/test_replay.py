@@ -184,3 +184,45 @@ def test_no_broker_is_a_clear_error(tmp_path: Path, source: list[Path]) -> None:
     assert done.returncode == 1
     assert "no answer from Kafka within 10 s" in done.stderr
     assert "FAIL" not in done.stderr  # librdkafka's own retry log only with --verbose
+
+
+def test_gateway_bytes_recorded_then_replayed_are_the_same_bytes(tmp_path: Path) -> None:
+    """Through a finalized file and back: the data messages of the simulator's PVs (the
+    gateway's encoding; a float PV's valueAlarm limits are float32 too) come out identical."""
+    from recorder.replay import ReplayIteration, encode_iteration, iterations
+    from recorder.sim.encoding import pack
+    from recorder.sim.messages import data_message
+    from recorder.sim.pvs import parse_pv, pv_structure
+
+    names = ["SIM:AI:FLOAT:2", "SIM:AI:DOUBLE:1", "SIM:WF:FLOAT:1", "SIM:IMG:FLOAT:1:S8x4",
+             "SIM:TABLE:1", "SIM:MBBI:1", "SIM:AI:DOUBLE:4:U1000"]
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="bytes")
+    sent: dict[tuple[int, str], bytes] = {}
+    for k in range(3):
+        index, t_ms = k + 1, 1_700_000_000_000 + 100 * k
+        samples = []
+        for i, name in enumerate(names):
+            structure = pv_structure(parse_pv(name), k, t_ms * 1_000_000 - 5_000)
+            raw = pack(data_message(name, structure, t_ms, index, msg_seq=i + 2,
+                                    last_of_submission=i == len(names) - 1))
+            sent[index, name] = raw
+            received = decode_snapshot_message(raw, [("k2eg-ser-type", b"Msgpack")])
+            assert isinstance(received, Data)
+            samples.append(received.sample)
+        t_ns = t_ms * 1_000_000
+        rec.handle(IterationOpened("t", "s", index, t_ns))
+        rec.handle(ValuesReceived("t", index, t_ns, 1, tuple(samples)))
+        rec.handle(IterationClosed("t", "s", index, IterationStatus.COMPLETE, None, t_ns, t_ns))
+    (path,) = rec.close()
+    with open_file(path) as f:
+        assert {"value", "valueAlarm.lowAlarmLimit", "valueAlarm.hysteresis"} <= (
+            f.samples("SIM:AI:FLOAT:2")[0].float32_paths)
+        for it in iterations(f):
+            # in the sent order (the file keeps its own PV order), as one submission
+            it.samples.sort(key=lambda s: names.index(s.pv))
+            replayed = encode_iteration(
+                ReplayIteration(it.iter_index, it.header_ms, None, samples=it.samples),
+                "s", sequenced=True)[1:]
+            assert len(replayed) == len(names)
+            for name, raw in zip(names, replayed, strict=True):
+                assert raw == sent[it.iter_index, name], (it.iter_index, name)

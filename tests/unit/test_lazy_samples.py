@@ -190,7 +190,7 @@ def test_layouts_the_fast_path_leaves_to_the_full_decoder() -> None:
         assert isinstance(got, Data)
         assert got.sample.raw is None  # full path
         assert (got.iter_index, got.msg_seq, got.sample.pv) == (ref.iter_index, ref.msg_seq, "p")
-        assert got.sample.float32_paths == {"value"}
+        assert got.sample.float32_paths == {"value", "valueAlarm.lowAlarmLimit"}
 
 
 def reason(raw: bytes) -> str:
@@ -267,11 +267,11 @@ def test_eager_constructor_unchanged() -> None:
 def test_from_raw_directly() -> None:
     body = pack(ntscalar([F32(1.0), F32(2.0)]))
     s = PVSample.from_raw("w", b"junk" + body, 4)
-    assert s.raw == body and s.float32_paths == {"value"}
+    assert s.raw == body and s.float32_paths == {"value", "valueAlarm.lowAlarmLimit"}
     assert s.value.dtype == np.float32 and list(s.value) == [1.0, 2.0]
     t = PVSample.from_raw("w", b"junk" + body + b"more", 4, 4 + len(body))
     assert t.raw == body and t.data == msgpack.unpackb(body)
-    assert payload_float32_paths(b"junk" + body, 4) == {"value"}
+    assert payload_float32_paths(b"junk" + body, 4) == {"value", "valueAlarm.lowAlarmLimit"}
     assert payload_float32_paths(b"\xc1", 0) == frozenset()
 
 

@@ -42,6 +42,9 @@ from recorder.client.wire import (
 
 H = MSGPACK_HEADERS
 
+# the test structures' valueAlarm.lowAlarmLimit is a float32 (k2eg_sequences.ntscalar)
+META_F32 = frozenset({"valueAlarm.lowAlarmLimit"})
+
 
 def decode_data(raw: bytes) -> Data:
     msg = decode_snapshot_message(raw, H)
@@ -189,7 +192,7 @@ def test_pv_key_found_anywhere_and_unknown_keys_tolerated() -> None:
     }
     d = decode_data(pack(m))
     assert d.sample.pv == "x:y"
-    assert d.sample.float32_paths == frozenset({"value"})
+    assert d.sample.float32_paths == {"value", *META_F32}
     assert d.sample.value.dtype == np.float32
 
 
@@ -237,16 +240,18 @@ def typed(value_map: dict[str, Any]) -> tuple[ValueKind, Any, frozenset[str]]:
 def test_ntscalar_float64_and_float32() -> None:
     kind, value, paths = typed(ntscalar(1.25))
     assert kind is ValueKind.SCALAR and value.dtype == np.float64 and value == 1.25
-    assert paths == frozenset()
+    assert paths == META_F32  # a float32 alarm limit does not make the value float32
     kind, value, paths = typed(ntscalar(F32(1.25)))
     assert kind is ValueKind.SCALAR and value.dtype == np.float32 and value == np.float32(1.25)
-    assert paths == frozenset({"value"})
+    assert paths == {"value", *META_F32}
+    _kind, _value, paths = typed(ntscalar(F32(1.25), display=False))
+    assert paths == {"value"}
 
 
 def test_float32_special_values() -> None:
     for v in (math.nan, math.inf, -math.inf, -0.0):
         _kind, value, paths = typed(ntscalar(F32(v)))
-        assert value.dtype == np.float32 and paths == {"value"}
+        assert value.dtype == np.float32 and paths == {"value", *META_F32}
         assert (math.isnan(value) and math.isnan(v)) or value == v
 
 
@@ -274,9 +279,9 @@ def test_sample_metadata() -> None:
 def test_waveforms() -> None:
     kind, value, paths = typed(ntscalar([F32(x) for x in (1.0, 2.5, -3.0)]))
     assert kind is ValueKind.ARRAY and value.dtype == np.float32
-    assert value.tolist() == [1.0, 2.5, -3.0] and paths == {"value"}
+    assert value.tolist() == [1.0, 2.5, -3.0] and paths == {"value", *META_F32}
     kind, value, paths = typed(ntscalar([1.0, 2.5]))
-    assert value.dtype == np.float64 and paths == frozenset()
+    assert value.dtype == np.float64 and paths == META_F32
     kind, value, _ = typed(ntscalar([1, -2, 3]))
     assert kind is ValueKind.ARRAY and value.dtype == np.int64
     kind, value, _ = typed(ntscalar([True, False]))
@@ -293,9 +298,9 @@ def test_long_waveforms_array16_and_array32_headers() -> None:
         raw = data_msg(1, T0, "w", ntscalar(values))
         assert (b"\xdc" if n < 65536 else b"\xdd") in raw
         d = decode_data(raw)
-        assert d.sample.float32_paths == {"value"}
+        assert d.sample.float32_paths == {"value", *META_F32}
         assert d.sample.value.dtype == np.float32 and d.sample.value.size == n
-        assert float32_paths(raw) == {"value"}
+        assert float32_paths(raw) == {"value", *META_F32}
     raw = data_msg(1, T0, "w", ntscalar([float(i) for i in range(1000)]))
     assert decode_data(raw).sample.value.dtype == np.float64
 
@@ -413,7 +418,8 @@ def test_float32_paths_walker_on_garbage_is_empty() -> None:
     assert float32_paths(b"\x82\xa1a\x81\xa5value\xca\x00") == frozenset()  # truncated
     assert float32_paths(msgpack.packb([1, 2, 3])) == frozenset()
     raw = data_msg(1, T0, "p", ntscalar(F32(1.0)))
-    assert float32_paths(raw, "p") == {"value"} and float32_paths(raw, "q") == frozenset()
+    assert float32_paths(raw, "p") == {"value", *META_F32}
+    assert float32_paths(raw, "q") == frozenset()
 
 
 def test_pv_named_like_a_field_of_the_other_message_kind_keeps_its_float32() -> None:
@@ -436,7 +442,7 @@ def test_pv_named_like_a_field_of_the_other_message_kind_keeps_its_float32() -> 
     r = decode_reply(raw, H)
     assert set(r.samples) == {"timestamp", "b"}
     assert r.samples["timestamp"].float32_paths == {"value"}
-    assert r.samples["b"].float32_paths == frozenset()
+    assert r.samples["b"].float32_paths == META_F32
 
 
 # ------------------------------------------- fast path vs walker, on generated PV structures
@@ -492,13 +498,20 @@ def test_fast_path_agrees_with_walker(
     assert d.sample.pv == pv
     walker = float32_paths(raw, pv)
     assert d.sample.float32_paths == walker
-    # and both agree with what was packed
-    expected: set[str] = set()
-    if isinstance(value, F32) or (isinstance(value, list) and value and isinstance(value[0], F32)):
-        expected.add("value")
-    if isinstance(value, dict):
-        expected |= {f"value.{k}" for k, c in value.items() if c and isinstance(c[0], F32)}
-    assert walker == expected
+    # and both agree with what was packed: every float32 field, maps looked into
+    assert walker == f32_fields(pv_map)
+
+
+def f32_fields(obj: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted paths of the float32 scalars and arrays (first element) in ``obj``."""
+    out: set[str] = set()
+    for key, item in obj.items():
+        if isinstance(item, F32) or (isinstance(item, list) and item
+                                     and isinstance(item[0], F32)):
+            out.add(prefix + key)
+        elif isinstance(item, dict):
+            out |= f32_fields(item, f"{prefix}{key}.")
+    return out
 
 
 # ---------------------------------------------------------------------------------- replies
