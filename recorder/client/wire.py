@@ -535,9 +535,9 @@ def _fast_data(raw: bytes) -> Data | None:
 def payload_float32_paths(raw: bytes, start: int = 0, end: int | None = None) -> frozenset[str]:
     """float32 paths of the PV map encoded at ``raw[start:end]`` (see :func:`float32_paths`).
 
-    The map's position is known, so ``value`` is looked at directly when it is the first
-    field (NTScalar, NTScalarArray); otherwise the structural walker reads the map.
-    Malformed bytes give an empty set.
+    Without a float32 marker byte in the map there is nothing to walk. When ``value`` is the
+    first field (NTScalar, NTScalarArray) it is read first, and the other fields only if a
+    marker byte follows it. Malformed bytes give an empty set.
     """
     if end is not None and end != len(raw):
         # a map inside a larger buffer (e.g. one blob of many samples): copy just the map
