@@ -11,6 +11,7 @@ import h5py
 from test_hdf5_roundtrip import record
 
 from recorder.reader import open_file
+from recorder.sinks.finalize import FORMAT_VERSION
 
 
 def _inspect(path: Path) -> subprocess.CompletedProcess[str]:
@@ -31,7 +32,7 @@ def test_inspect_live_and_final(tmp_path: Path) -> None:
     assert live is not None
     got = _inspect(live)
     assert got.returncode == 0, got.stderr
-    assert "format    k2eg-recorder 4.0 (live layout)" in got.stdout
+    assert f"format    k2eg-recorder {FORMAT_VERSION} (live layout)" in got.stdout
     assert "status    recording" in got.stdout
     live_rows = _rows(got.stdout)
     with open_file(live) as f:
@@ -40,7 +41,7 @@ def test_inspect_live_and_final(tmp_path: Path) -> None:
     got = _inspect(final)
     assert got.returncode == 0, got.stderr
     out = got.stdout
-    assert "format    k2eg-recorder 4.0 (final layout)" in out
+    assert f"format    k2eg-recorder {FORMAT_VERSION} (final layout)" in out
     assert "status    complete" in out
     assert "iterations 5 (4 complete, 1 incomplete)  iter_index 100..104" in out
     rows = _rows(out)
