@@ -3,15 +3,20 @@
 A dry run of the daemon's loader: prints each run (snapshot, mode, autostart, PVs), the file
 it would create first and the HDF5 groups per PV, then every error as
 ``file:line: field: message`` on stderr. Exit status 0 when everything is valid, 1 on any
-error (also when some runs are valid), 2 on bad usage.
+error (also when some runs are valid), 2 on bad usage. An output directory that does not
+exist or is not writable here is a note in the run's description, not an error: the daemon
+may run on another host or as another user.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import getpass
 import json
+import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
@@ -116,12 +121,35 @@ def describe_run(definition: RunDefinition, source: str, now: dt.datetime) -> di
         "pvs": list(snap.pv_uri_list),
         "pv_field_filter_list": list(snap.pv_field_filter_list),
         "directory": str(out.directory),
+        "directory_note": directory_note(Path(out.directory)),
         "files": files,
         "segment": {k: v for k, v in out.segment.model_dump().items() if v is not None},
         "compression": out.compression.value,
         "groups": pv_groups(snap.pv_names),
         "metadata": definition.metadata.file_attributes(),
     }
+
+
+def directory_note(directory: Path) -> str | None:
+    """What an operator should know about a run's output directory on this host (as the
+    user running ``validate``; the service user may differ), or None when it is ready."""
+    user = getpass.getuser()
+    if directory.is_dir():
+        if os.access(directory, os.W_OK | os.X_OK):
+            return None
+        return (f"warning: not writable by {user}: the service user needs write access "
+                "(and the unit's ReadWritePaths= must list it)")
+    if directory.exists():
+        return "warning: exists and is not a directory: the run would fail to start"
+    ancestor = directory.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"warning: cannot be created: {ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return (f"warning: does not exist, and {ancestor} is not writable by {user}: create "
+                "it, writable by the service user, or the run fails to start")
+    return f"note: does not exist yet on this host; created under {ancestor} at the first start"
 
 
 def pv_groups(pv_names: tuple[str, ...]) -> list[str]:
@@ -159,6 +187,8 @@ def print_runs(runs: list[dict[str, Any]], n_files: int, path: str, out: TextIO)
         )
         if r["pv_field_filter_list"]:
             rows.append(("fields", ", ".join(r["pv_field_filter_list"])))
+        if r.get("directory_note"):
+            rows.append(("directory", f"{r['directory']}: {r['directory_note']}"))
         rows.append(("files", r["files"][0]))
         if len(r["files"]) > 1:
             limits = ", ".join(f"{k}={v}" for k, v in r["segment"].items())

@@ -124,3 +124,41 @@ def test_schema_export(capsys: pytest.CaptureFixture[str]) -> None:
 
     for ref in refs(schema):
         assert ref.removeprefix("#/$defs/") in defs, ref
+
+
+def test_output_directories_that_are_not_ready_are_noted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recorder.cli import validate
+
+    ready = tmp_path / "data"
+    ready.mkdir()
+    assert validate.directory_note(ready) is None
+    later = validate.directory_note(tmp_path / "new" / "deeper")
+    assert later is not None and later.startswith("note: does not exist yet")
+    assert str(tmp_path) in later
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "is not a directory" in str(validate.directory_note(blocker))
+    assert f"{blocker} is not a directory" in str(validate.directory_note(blocker / "sub"))
+    # as a user without write access (the tests may run as root, so access is simulated)
+    monkeypatch.setattr(validate.os, "access", lambda _path, _mode: False)
+    assert "not writable by" in str(validate.directory_note(ready))
+    assert "is not writable by" in str(validate.directory_note(ready / "sub"))
+
+
+def test_validate_shows_the_directory_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs.yaml"
+    missing = tmp_path / "not-yet"
+    runs.write_text(
+        "runs:\n  - name: bpm\n    snapshot:\n      snapshot_name: bpm\n"
+        "      pv_uri_list: [\"pva://SIM:AI:DOUBLE:1\"]\n      time_window: 100\n"
+        f"    output:\n      directory: {missing}\n"
+    )
+    assert main(["validate", str(runs)]) == 0  # a note, not an error
+    out = capsys.readouterr().out
+    assert f"directory    {missing}: note: does not exist yet" in out
+    assert main(["validate", "--json", str(runs)]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["directory_note"].startswith("note:")
