@@ -348,3 +348,18 @@ def test_flat_cache_reuses_shared_metadata_dicts_only() -> None:
     other = {"units": "mm", "limitLow": -1.5, "precision": 3}  # equal, not the same dict
     assert flatten_sample(PVSample("P", {"display": other}), cache)["display.units"] == "mm"
     assert len(cache) == 3
+
+
+def test_a_float_pvs_alarm_limits_are_float32_like_its_value() -> None:
+    """The gateway sends a ``float`` NTScalar's valueAlarm limits as float32 (format 4.1
+    records their width): the bridge serves them as float32, the double display limits as
+    float64."""
+    from recorder.sim.encoding import pack
+    from recorder.sim.pvs import parse_pv, pv_structure
+
+    structure = pv_structure(parse_pv("SIM:AI:FLOAT:2"), 3, 1_700_000_000_123_456_789)
+    flat = flatten_sample(PVSample.from_raw("SIM:AI:FLOAT:2", pack(structure), 0))
+    assert flat["value"].dtype == np.float32
+    assert flat["valueAlarm.lowAlarmLimit"].dtype == np.float32
+    assert flat["valueAlarm.hysteresis"].dtype == np.float32
+    assert flat["display.limitLow"].dtype == np.float64
