@@ -23,7 +23,7 @@ This module reads files through :mod:`recorder.reader` and builds bytes; publish
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,7 +271,3 @@ def snapshot_name_of(f: RecordingFile) -> str:
 
 def recorded_topic_of(f: RecordingFile) -> str:
     return str(f.attrs.get("snapshot_topic", "") or "")
-
-
-def count_values(its: Iterable[ReplayIteration]) -> int:
-    return sum(len(it.samples) + len(it.late) for it in its)

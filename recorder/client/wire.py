@@ -343,7 +343,7 @@ def decode_snapshot_message(
             return Data(
                 iter_index,
                 timestamp if timestamp > _NS_THRESHOLD else timestamp * 1_000_000,
-                PVSample(pv_key, pv_data, _pv_float32_paths(raw, pv_key, pv_data)),
+                PVSample(pv_key, pv_data, _pv_float32_paths(raw, pv_key)),
                 None,
                 None,
                 False,
@@ -634,7 +634,7 @@ def _data_from_map(
         pv_key, pv_data = _find_pv(obj)
     if pv_key.__class__ is not str:
         raise DecodeError("bad_type", "PV key is not a string")
-    paths = _pv_float32_paths(raw, pv_key, pv_data) if raw else _EMPTY
+    paths = _pv_float32_paths(raw, pv_key) if raw else _EMPTY
     return Data(
         iter_index,
         timestamp_ns,
@@ -697,7 +697,7 @@ def decode_reply(
     samples: dict[str, PVSample] = {}
     if len(pv_maps) == 1:
         ((key, val),) = pv_maps.items()
-        samples[key] = PVSample(key, val, _pv_float32_paths(raw, key, val))
+        samples[key] = PVSample(key, val, _pv_float32_paths(raw, key))
     elif pv_maps:
         by_key = _walk_float32(raw, REPLY_METADATA_KEYS)
         for key, val in pv_maps.items():
@@ -720,8 +720,8 @@ def decode_reply(
 # --------------------------------------------------------------------------------------------
 # float32 detection
 # --------------------------------------------------------------------------------------------
-def _pv_float32_paths(raw: bytes, key: str, pv: dict[str, Any]) -> frozenset[str]:
-    """float32 paths of one decoded PV map found in ``raw``: none without a float32 marker
+def _pv_float32_paths(raw: bytes, key: str) -> frozenset[str]:
+    """float32 paths of the PV ``key`` in ``raw``: none without a float32 marker
     byte anywhere (most double PVs), else the structural walker."""
     if raw.find(b"\xca") < 0:
         return _EMPTY
