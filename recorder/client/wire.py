@@ -38,21 +38,18 @@ The iteration assembler's batched hot path (:meth:`IterationAssembler.feed_run
 ``_match_sequenced``/``_match_legacy`` and the name cache of this module; anything it does not
 take comes here.
 
-Float32 detection, fast path and fallback
------------------------------------------
-The common PV structures (NTScalar, NTScalarArray) put ``value`` first. For those we search the
-raw bytes for the PV key, the PV map header and the key ``"value"`` (``<key>\\x8N\\xa5value``,
-``N`` the number of fields of the decoded PV map) and inspect the value's marker byte:
-``0xca`` float32, ``0xcb`` float64; for arrays (``0x90..0x9f``, ``0xdc``, ``0xdd``) the
-marker of the first element (pvData arrays are homogeneous). The hit is cross-checked
-against the decoded value (float for a float marker; a list of the same length for an array
-header); anything else, and every map-valued ``value`` with float columns (NTTable), goes
-through a small pure-Python msgpack walker that locates the PV map structurally. Values that
-hold no float at all (ints, strings, enums, NTNDArray unions whose dtype is named by the
-union field) skip byte scanning entirely. The only way to fool the fast path is an unknown
-string or bin field placed before the PV whose bytes contain exactly the encoded PV key +
-map header + ``value`` + a marker that agrees with the decoded value; the gateway sends no
-such field.
+Float32 detection
+-----------------
+Every float32 field of a PV's structure is named as a dotted path (``value``,
+``value.<column>`` of an NTTable, ``valueAlarm.lowAlarmLimit`` of a float PV; decision 0010).
+A PV map without a single ``0xca`` byte holds no float32 and is not walked at all (most
+double PVs). Otherwise a small msgpack walker locates the PV map structurally and descends
+into nested maps (up to 16 levels; maps inside arrays, such as NTNDArray attributes, are not
+looked into). Long arrays are skipped without visiting each element in Python: a float
+array's markers are checked with one strided numpy comparison, anything else is skipped by
+``msgpack.Unpacker.skip``. When ``value`` is the first field (NTScalar, NTScalarArray) it is
+read first, and the other fields only if a marker byte follows it. Malformed bytes give no
+paths, never an exception.
 """
 
 from __future__ import annotations
