@@ -37,6 +37,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
+def hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="20,000 iterations")
@@ -83,13 +91,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {row[0]:,} | {row[0] * args.pvs:,} | {row[1]:.0f} | {row[2]:,} | "
                       f"{row[3]:.1f} | {row[4]:.0f} |", flush=True)
         assert rec.status == "recording", rec.reason
-        rec.close()
+        t_close = time.perf_counter()
+        files = rec.close()
+        close_s = time.perf_counter() - t_close
+        size_mb = sum(p.stat().st_size for p in files) / 2**20
+        peak_mb = hwm_mb()
     first, last = rows[0], rows[-1]
     tail = rows[len(rows) * 7 // 10 :]
     print(f"\nRSS at the end / at {first[0]:,} iterations: {last[1] / first[1]:.2f}x "
           f"({first[1]:.0f} -> {last[1]:.0f} MB); over the last 30% of the run: "
           f"{min(r[1] for r in tail):.0f}-{max(r[1] for r in tail):.0f} MB; Python blocks "
           f"{last[2] / first[2]:.2f}x")
+    values = last[0] * args.pvs
+    print(f"Finalize (close: last flush + rewrite into the final layout, {values:,} values): "
+          f"{close_s:.1f} s = {close_s / values * 1e6:.2f} µs/value, final file {size_mb:.0f} MB; "
+          f"peak RSS of the process {peak_mb:.0f} MB")
     return 0
 
 
