@@ -3,8 +3,9 @@
 For a spreadsheet or a tool that does not read HDF5: the whole recording FILE belongs to (all
 its segments in FILE's directory, unless ``--only-file``), one row per iteration with
 ``iter_index``, ``status``, the header time (ISO 8601 UTC and ns), then one column per PV: its
-value in that iteration (the last one; ``--pick first``), empty where it has none; integers,
-enum indices and booleans print as ``10``, ``2``, ``True``. Scalar, boolean, enum (the index)
+value in that iteration (the last one; ``--pick first``), empty where it has none (a NaN the
+PV sent prints as ``nan``: it is a value, not a gap); integers, enum indices and booleans
+print as ``10``, ``2``, ``True``. Scalar, boolean, enum (the index)
 and string PVs; by default all of them, or ``--pv NAME`` (repeat).
 
 Examples::
@@ -50,20 +51,25 @@ def _iso(ns: int) -> str:
     return stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _cell(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _cell(value: Any, gap: bool) -> Any:
+    """A CSV cell: empty where the iteration has no value (``gap``, or a sample without a
+    value: None); a NaN the PV sent is a value and prints as ``nan``."""
+    if gap or value is None:
         return ""
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
     return value
 
 
 def _texts(column: Any, stored: str = "") -> list[Any]:
     """A column's cells: float32 as float32 prints (``9.510565``, not its float64 widening);
     integers, enum indices and booleans of a PV stored as such (``stored``: its storage
-    dtype) as ``10`` and ``True`` even where gaps made the table column float64."""
+    dtype) as ``10`` and ``True`` even where gaps made the table column float64 (the gaps'
+    NaN become None)."""
     import numpy as np
 
     if column.dtype == np.float32:
-        return [None if v != v else str(v) for v in column]  # noqa: PLR0124 (NaN)
+        return [str(v) for v in column]
     kind = _kind_of(stored)
     if column.dtype.kind == "f" and kind in ("i", "u", "b"):
         as_stored = bool if kind == "b" else int
@@ -82,15 +88,18 @@ def _kind_of(stored: str) -> str:
 
 
 def write_csv(table: dict[str, Any], pvs: list[str], out: TextIO,
-              stored: dict[str, str] | None = None) -> int:
-    """The table's rows as CSV (``stored``: each PV's storage dtype); returns the number of
-    rows."""
+              stored: dict[str, str] | None = None,
+              gaps: dict[str, Any] | None = None) -> int:
+    """The table's rows as CSV (``stored``: each PV's storage dtype; ``gaps``: per PV, True
+    in the iterations without a value, the mask of ``by_iteration``; without it a NaN is
+    taken for a gap); returns the number of rows."""
     writer = csv.writer(out, lineterminator="\n")
     extra = ["segment"] if "segment" in table else []
     writer.writerow(["iter_index", *extra, "status", "header_time", "header_timestamp_ns",
                      *pvs])
     columns = [_texts(table[pv], (stored or {}).get(pv, "")) for pv in pvs]
     n = len(table["iter_index"])
+    holes = [_gaps_of(table[pv], (gaps or {}).get(pv)) for pv in pvs]
     segments = table["segment"].tolist() if extra else None
     for i in range(n):
         ns = int(table["header_timestamp"][i])
@@ -98,15 +107,33 @@ def write_csv(table: dict[str, Any], pvs: list[str], out: TextIO,
         if segments is not None:
             head.append(segments[i])
         writer.writerow([*head, table["status"][i], _iso(ns), ns,
-                         *(_cell(c[i]) for c in columns)])
+                         *(_cell(c[i], h[i]) for c, h in zip(columns, holes, strict=True))])
     return n
 
 
+def _gaps_of(column: Any, mask: Any) -> list[bool]:
+    """Which rows of a table column are gaps: the ``by_iteration`` mask when known, else
+    its NaN (a float column) or None (an object column) rows."""
+    import numpy as np
+
+    if not len(column):
+        return []
+    if mask is not None:
+        per_row = np.asarray(mask, dtype=bool).reshape(len(column), -1)
+        return [bool(row.all()) for row in per_row]
+    if column.dtype.kind == "f":
+        return np.isnan(column).tolist()  # type: ignore[no-any-return]
+    return [v is None for v in column.tolist()]
+
+
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from recorder.cli.inspect_cmd import open_or_report
     from recorder.reader import (
         SCALAR_KINDS,
         RecordingFile,
+        aligned_table,
         open_file,
         open_recording,
     )
@@ -136,15 +163,19 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{path}: {pv!r} holds {kinds[pv]} values, not one number or text per "
                       "iteration: read it with recorder.reader", file=sys.stderr)
             return 2
-        table = source.table(pvs, pick=args.pick)
+        # the table of source.table(), keeping each column's mask: a gap is an empty cell, a
+        # NaN the PV sent is "nan"
+        aligned = {pv: source.by_iteration(pv, pick=args.pick) for pv in pvs}
+        table = aligned_table(source.iterations(), aligned)
+        gaps = {pv: np.ma.getmaskarray(m) for pv, m in aligned.items()}
         if args.output is None:
             try:
-                write_csv(table, pvs, sys.stdout, stored)
+                write_csv(table, pvs, sys.stdout, stored, gaps)
                 sys.stdout.flush()
             except BrokenPipeError:  # `| head`: the reader has what it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         else:
             with open(args.output, "w", encoding="utf-8", newline="") as out:
-                n = write_csv(table, pvs, out, stored)
+                n = write_csv(table, pvs, out, stored, gaps)
             print(f"{args.output}: {n} iterations x {len(pvs)} PVs", file=sys.stderr)
     return 0

@@ -75,3 +75,22 @@ def test_export_a_recording_of_several_segments(tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stdout == ""
     assert "'W' holds array values" in bad.stderr and "no PV 'NOPE'" in bad.stderr
     assert export(str(tmp_path / "missing.h5")).returncode == 1
+
+
+def test_a_nan_value_is_not_a_gap(tmp_path: Path) -> None:
+    """A NaN the PV sent (a BPM without beam, say) is a value: ``nan`` in its cell; only an
+    iteration without a value of the PV has an empty cell (float64 and float32 alike)."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="nan")
+    nan = float("nan")
+    for i, x in enumerate((1.5, nan, None, 2.5)):  # None: no value in that iteration
+        ts = {"secondsPastEpoch": 1, "nanoseconds": i}
+        samples = [] if x is None else [
+            PVSample("D", {"value": x, "timeStamp": ts}),
+            PVSample("F", {"value": x, "timeStamp": ts}, frozenset({"value"}))]
+        write_iteration(rec, i, [PVSample("A", {"value": i, "timeStamp": ts}), *samples])
+    (path,) = rec.close()
+
+    table = rows(export(str(path)).stdout)
+    assert [r["D"] for r in table] == ["1.5", "nan", "", "2.5"]
+    assert [r["F"] for r in table] == ["1.5", "nan", "", "2.5"]
+    assert [r["A"] for r in table] == ["0", "1", "2", "3"]
