@@ -45,6 +45,7 @@ def open_or_report(path: Path, opener: Callable[[Path], T]) -> T | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from recorder.catalog import live_status
     from recorder.reader import open_file
 
     path: Path = args.file
@@ -59,8 +60,16 @@ def run(args: argparse.Namespace) -> int:
               f"seq {a.get('recording_seq')} segment {a.get('segment')}")
         print(f"snapshot  {a.get('snapshot_name', '-')}  type {a.get('snapshot_type', '-')}")
         reason = a.get("status_reason") or ""
-        print(f"status    {f.status}" + (f" ({reason})" if reason else ""))
-        print(f"time      {a.get('start_time')} .. {a.get('end_time', '(still recording)')}")
+        status = f.status
+        end = a.get("end_time", "(still recording)")
+        if f.layout == "live":  # a .partial: "recording" only while a writer holds it
+            status = live_status(status, path)
+            if status == "unfinished":
+                reason = reason or ("no writer holds this file: a crashed or failed recording; "
+                                    "k2eg-recorder recover makes it a finalized file")
+                end = "(not finalized)"
+        print(f"status    {status}" + (f" ({reason})" if reason else ""))
+        print(f"time      {a.get('start_time')} .. {end}")
         its = f.iterations()
         n = len(its["iter_index"])
         complete = int((its["status"] == "complete").sum()) if n else 0

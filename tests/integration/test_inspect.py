@@ -117,3 +117,24 @@ def test_an_epics_time_of_zero_is_a_time(tmp_path: Path) -> None:
         summary = {r["pv"]: r for r in f.summary()}
     assert summary["ZERO"]["first_ns"] == 0 and summary["BAD"]["first_ns"] is None
     assert summary["ABSENT"]["first_ns"] is None
+
+
+def test_a_partial_no_writer_holds_is_unfinished_not_recording(tmp_path: Path) -> None:
+    """A .partial whose writer is gone (here: a copy, which no writer locks; a crash leaves
+    the same) is shown as ``ls`` and ``verify`` show it, ``unfinished`` with what to do, not
+    as ``recording``, which only a file its writer holds is."""
+    import shutil
+
+    rec, _sent = record(tmp_path / "run", n_iter=3)
+    rec.flush()
+    live = rec.current_path
+    assert live is not None
+    left = tmp_path / live.name
+    shutil.copyfile(live, left)
+    got = _inspect(live)
+    assert "status    recording\n" in got.stdout and "(still recording)" in got.stdout
+    got = _inspect(left)
+    assert got.returncode == 0, got.stderr
+    assert "status    unfinished (no writer holds this file" in got.stdout
+    assert "k2eg-recorder recover" in got.stdout and "(not finalized)" in got.stdout
+    rec.close()
