@@ -315,8 +315,8 @@ class RecordingFile:
         if self._live_cols is None:
             self._live_cols = {name: i for i, name in enumerate(self._live.pv_names)}
         col = self._live_cols.get(pv)
-        if col is None:
-            raise ValueError(f"{pv!r} is not in this file")
+        if col is None:  # the KeyError of a finalized file, with its hints
+            raise unknown_pv(pv, self.pv_names, str(self.path))
         return col
 
     def _column(self, pv: str, name: str) -> npt.NDArray[Any]:
@@ -873,7 +873,9 @@ class Recording:
 
     def by_iteration(self, pv: str, *, pick: str = "last") -> np.ma.MaskedArray:
         """:meth:`RecordingFile.by_iteration` over every segment, aligned with
-        :meth:`iterations` (all masked in a segment without the PV)."""
+        :meth:`iterations` (all masked in a segment without the PV; a PV in none of the
+        segments is a KeyError, as in :meth:`values`)."""
+        self._check(pv)
         parts: list[np.ma.MaskedArray | int] = [
             f.by_iteration(pv, pick=pick) if pv in f.pv_names else len(f.iterations()["iter_index"])
             for f in self.files

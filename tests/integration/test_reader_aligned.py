@@ -14,7 +14,7 @@ import pytest
 from test_hdf5_roundtrip import write_iteration
 
 from recorder.client.values import PVSample
-from recorder.reader import open_file, open_recording
+from recorder.reader import RecordingFile, open_file, open_recording
 from recorder.sinks.codec import F_VALUE
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions, SegmentOptions
@@ -99,9 +99,18 @@ def test_aligned_values_of_a_live_and_a_finalized_file(tmp_path: Path) -> None:
     with open_file(rec.current_path) as live:
         assert live.layout == "live"
         check(live)
+        unknown(live)
     (path,) = rec.close()
     with open_file(path) as final:
         check(final)
+        unknown(final)
+
+
+def unknown(f: RecordingFile) -> None:
+    """A PV the file does not have: the same KeyError, with hints, in both layouts."""
+    for read in (f.values, f.times, f.by_iteration, f.samples, f.pv_info):
+        with pytest.raises(KeyError, match=r"no PV 'AA' in .*; did you mean 'A'"):
+            read("AA")
 
 
 def test_aligned_values_across_segments_whose_pv_list_changed(tmp_path: Path) -> None:
@@ -171,6 +180,11 @@ def test_a_recording_keeps_dtypes_and_shapes_across_segments(tmp_path: Path) -> 
             r.values("NOPE")
         with pytest.raises(KeyError, match=r"PVs are named without their protocol: 'I'"):
             r.samples("pva://I")
+        # a misspelt PV is an error in the aligned views too, not a column of gaps
+        with pytest.raises(KeyError, match=r"no PV 'NOPE' in this recording"):
+            r.by_iteration("NOPE")
+        with pytest.raises(KeyError, match=r"no PV 'i' in this recording"):
+            r.table(["I", "i"])
     with open_file(paths[0]) as f, pytest.raises(KeyError, match=r"did you mean 'A'"):
         f.values("AA")
 
