@@ -262,7 +262,13 @@ class RecordingFile:
 
     def pv_table(self) -> npt.NDArray[Any]:
         """The /pv_info table (final layout, format 2): one row per PV, as a numpy structured
-        array (strings as bytes); ``pandas.DataFrame(f.pv_table())`` makes a table of it."""
+        array (strings as bytes); ``pandas.DataFrame(f.pv_table())`` makes a table of it.
+        A KeyError that says so for a file without one (live, format 1.x)."""
+        if "pv_info" not in self.h5:
+            why = ("a live file gets it when it is finalized" if self._live is not None
+                   else f"format {self.attrs.get('format_version')} files have none")
+            raise KeyError(f"{self.path} has no /pv_info table ({why}); summary() and "
+                           "pv_info(pv) describe its PVs")
         return np.asarray(self.h5["pv_info"][()])
 
     def _pv_info(self, pv: str) -> dict[str, Any]:

@@ -148,6 +148,17 @@ def test_alarm_messages_row_by_row_live_and_final(tmp_path: Path) -> None:
         assert f.severity("F").tolist() == [0 if t == "NO_ALARM" else 2 for t in texts]
 
 
+def test_pv_table_of_a_live_file_says_why_there_is_none(tmp_path: Path) -> None:
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="live")
+    write_iteration(rec, 0, _samples(0))
+    rec.flush()
+    assert rec.current_path is not None
+    with open_file(rec.current_path) as f, pytest.raises(
+            KeyError, match=r"no /pv_info table \(a live file gets it when it is finalized\)"):
+        f.pv_table()
+    rec.close()
+
+
 def test_pv_info_table(tmp_path: Path) -> None:
     path, _sent = _record(tmp_path)
     with open_file(path) as f:
