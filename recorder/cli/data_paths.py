@@ -83,3 +83,20 @@ def paths_to_read(paths: list[Path], command: str) -> list[Path] | None:
         print(f"k2eg-recorder {command}: give a PATH ({why})", file=sys.stderr)
         return None
     return [p for p in found if p.exists()]
+
+
+def note_subdirectories(paths: list[Path], command: str) -> None:
+    """Say on stderr which of ``paths`` are directories without recorder files of their own
+    whose subdirectories have some (PATHs are not searched recursively: ``ls /data`` of
+    ``/data/<run>/`` finds nothing, and would otherwise only say so)."""
+    from recorder.catalog import candidates
+
+    for p in paths:
+        if not p.is_dir() or candidates([p])[0]:
+            continue
+        subdirs = sorted(c for c in p.iterdir() if c.is_dir() and candidates([c])[0])
+        if subdirs:
+            shown = ", ".join(str(d) for d in subdirs[:5]) + (", ..." if len(subdirs) > 5 else "")
+            print(f"k2eg-recorder {command}: {p}: no recorder files in it (directories are not "
+                  f"searched recursively); its subdirectories with files: {shown} "
+                  f"(e.g. k2eg-recorder {command} {p}/*)", file=sys.stderr)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, TextIO
 from recorder.cli.data_paths import (
     add_paths_argument,
     add_selection_arguments,
+    note_subdirectories,
     paths_to_read,
     time_window,
 )
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         print_table(catalog, sys.stdout, files=args.files)
     for p, why in catalog.unreadable:
         print(f"{p}: cannot read: {why}", file=sys.stderr)
+    if args.paths:
+        note_subdirectories(paths, "ls")
     return 1 if catalog.unreadable else 0
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TextIO
 from recorder.cli.data_paths import (
     add_paths_argument,
     add_selection_arguments,
+    note_subdirectories,
     paths_to_read,
     time_window,
 )
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print_total(reports, sys.stdout)
+    if args.paths:
+        note_subdirectories(paths, "verify")
     return 0 if all(r.ok for r in reports) else 1
 
 

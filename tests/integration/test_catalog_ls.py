@@ -333,3 +333,26 @@ def test_other_files_are_skipped_or_reported(tmp_path: Path) -> None:
 
     gone = ls(str(tmp_path / "missing"))
     assert gone.returncode == 2 and "no such file or directory" in gone.stderr
+
+
+def test_a_parent_directory_is_not_searched_and_ls_and_verify_say_where_files_are(
+    tmp_path: Path
+) -> None:
+    """``ls /data`` / ``verify /data`` of ``/data/<run>/*.h5``: directories are not searched
+    recursively, so nothing is listed or checked (exit 0: an empty directory is fine); they
+    say on stderr which subdirectories hold files, so "0 file(s) checked" is not taken
+    for a clean bill of health."""
+    data = tmp_path / "data"
+    record(data / "alpha", "alpha", T_ALPHA, 2)
+    (data / "empty").mkdir()
+    out = ls(str(data))
+    assert out.returncode == 0 and out.stdout == "no recordings\n"
+    assert f"{data}: no recorder files in it (directories are not searched" in out.stderr
+    assert f"subdirectories with files: {data / 'alpha'} " in out.stderr
+    checked = subprocess.run([sys.executable, "-m", "recorder.cli", "verify", str(data)],
+                             check=False, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0 and "0 file(s) checked" in checked.stdout
+    assert f"k2eg-recorder verify: {data}: no recorder files" in checked.stderr
+    # a directory with files of its own, or one without any below it: no note
+    assert ls(str(data / "alpha")).stderr == ""
+    assert ls(str(data / "empty")).stderr == ""
