@@ -920,7 +920,8 @@ def open_file(path: str | os.PathLike[str]) -> RecordingFile:
 
 
 def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> Recording:
-    """Open all segments: a list of files, or a directory plus the uid of one file in it."""
+    """Open all segments of a recording: a list of its files, or one of them (a file path:
+    the files of its directory with the same ``recording_uid``, ``.partial`` ones too)."""
     if isinstance(paths, (str, os.PathLike)):
         first = RecordingFile(paths)
         uid = first.attrs.get("recording_uid")
