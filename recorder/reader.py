@@ -64,6 +64,7 @@ from recorder.sinks.describe import plain
 from recorder.sinks.finalize import EXTRACTED_AT_FINALIZE, K_ARRAY
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import LiveView, read_live
+from recorder.sinks.options import PARTIAL_SUFFIX
 
 with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
     import hdf5plugin  # noqa: F401
@@ -165,7 +166,13 @@ class RecordingFile:
 
     # --- basics -------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Re-read a live file (new iterations appear); no-op for finalized files."""
+        """Re-read a live file (new iterations appear); no-op for finalized files. A live
+        file finalized since it was opened (its ``.partial`` gone, ``NAME.h5`` of the same
+        recording and segment in its place) is reopened as that file: :attr:`path`,
+        :attr:`layout` and :attr:`status` then say so (the live file's last commit still
+        says ``recording``)."""
+        if self.layout == "live" and not self.path.exists():
+            self._follow_finalized()
         self._cache.clear()
         self._live_index: tuple[npt.NDArray[Any], npt.NDArray[Any]] | None = None
         self._live_cols: dict[str, int] | None = None
@@ -173,6 +180,23 @@ class RecordingFile:
         self._names: tuple[list[str], frozenset[str]] | None = None
         if self.layout == "live":
             self._live = read_live(self.h5)
+
+    def _follow_finalized(self) -> None:
+        final = self.path.with_name(self.path.name.removesuffix(PARTIAL_SUFFIX))
+        if final == self.path or not final.is_file():
+            return
+        try:
+            done = RecordingFile(final)
+        except (OSError, FileFormatError):
+            return
+        same = all(done.attrs.get(k) == self.attrs.get(k) for k in ("recording_uid", "segment"))
+        if not same or done.layout == "live":
+            done.close()
+            return
+        self.h5.close()
+        self.path, self.h5, self.attrs, self.layout = done.path, done.h5, done.attrs, done.layout
+        self._live = None
+        self._info = None
 
     @property
     def status(self) -> str:

@@ -119,3 +119,28 @@ def test_pv_names_are_read_once_per_file_not_per_pv(tmp_path: Path, monkeypatch:
             assert "not-a-pv" in str(exc)
         else:
             raise AssertionError("an unknown PV must raise KeyError")
+
+
+def test_refresh_follows_a_live_file_to_its_finalized_file(tmp_path: Path) -> None:
+    """A reader watching a .partial (refresh() in a loop) learns when the recording ends:
+    finalization writes NAME.h5 and removes NAME.h5.partial, whose last commit still says
+    ``recording``; refresh() then goes on with the finalized file (same recording_uid and
+    segment), with its status and every iteration, instead of the deleted one."""
+    from test_hdf5_roundtrip import write_iteration
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="watch")
+    for i in range(2):
+        write_iteration(rec, i, [PVSample("P", {"value": float(i)})])
+    rec.flush()
+    partial = rec.current_path
+    assert partial is not None
+    with open_file(partial) as f:
+        assert (f.layout, f.status, f.values("P").tolist()) == ("live", "recording", [0, 1])
+        write_iteration(rec, 2, [PVSample("P", {"value": 2.0})])
+        (final,) = rec.close()
+        f.refresh()
+        assert (f.layout, f.status, f.path) == ("final", "complete", final)
+        assert f.values("P").tolist() == [0.0, 1.0, 2.0]
+        assert f.iterations()["iter_index"].tolist() == [0, 1, 2]
+        f.refresh()  # finalized: nothing more to follow
+        assert f.path == final
