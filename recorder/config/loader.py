@@ -43,7 +43,8 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from recorder.config.models import RunDefinition, SnapshotSpec, directory_problem
+from recorder.client.properties import SNAPSHOT_NAME_RE, normalize_snapshot_name
+from recorder.config.models import RUN_NAME_RE, RunDefinition, SnapshotSpec, directory_problem
 from recorder.errors import ConfigError
 from recorder.sinks.options import OutputOptions, render_file_name
 
@@ -99,6 +100,19 @@ class RunSource:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """One run as written: its definition when it is valid (None when it has errors of its
+    own), and its name and snapshot name when those are valid, so that a run with other
+    errors is still checked for collisions with the rest (every error in one pass)."""
+
+    definition: RunDefinition | None
+    name: str | None
+    snapshot_name: str | None
+    source: RunSource
+    node: CommentedMap
 
 
 @dataclass(frozen=True)
@@ -174,10 +188,10 @@ def parse_runs(texts: Iterable[tuple[str, str]]) -> tuple[LoadedRuns, tuple[Prob
     """Validate ``(file name, YAML text)`` pairs together (cross-file checks included)."""
     texts = list(texts)
     problems: list[Problem] = []
-    runs: list[tuple[RunDefinition, RunSource, CommentedMap]] = []
+    parsed: list[_Parsed] = []
     for filename, text in texts:
-        runs.extend(_parse_file(filename, text, problems))
-    runs = _cross_checks(runs, problems)
+        parsed.extend(_parse_file(filename, text, problems))
+    runs = _cross_checks(parsed, problems)
     order = {name: i for i, (name, _) in enumerate(texts)}
     problems.sort(key=lambda p: (order.get(p.file, -1), p.line or 0))
     return (
@@ -193,9 +207,7 @@ def _yaml() -> YAML:
     return yaml
 
 
-def _parse_file(
-    filename: str, text: str, problems: list[Problem]
-) -> list[tuple[RunDefinition, RunSource, CommentedMap]]:
+def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Parsed]:
     yaml = _yaml()
     try:
         documents = list(yaml.compose_all(text))
@@ -244,7 +256,7 @@ def _parse_file(
     if "runs" not in data:
         run = _parse_run(filename, data, (), problems)
         return [run] if run is not None else []
-    out = []
+    out: list[_Parsed] = []
     for key in data:
         if key != "runs":
             problems.append(
@@ -281,12 +293,14 @@ def _parse_run(
     problems: list[Problem],
     *,
     root: CommentedMap | None = None,
-) -> tuple[RunDefinition, RunSource, CommentedMap] | None:
+) -> _Parsed | None:
     root = node if root is None else root
     before = len(problems)
     plain = _plain(node, filename, root, prefix, problems)
     if len(problems) > before:
         return None
+    line = _line(root, prefix) if prefix else _line(root, ("name",))
+    source = RunSource(filename, line, _dotted(prefix))
     found: list[Problem] = []
     # checked on the raw data too, so it is reported even when other output fields are wrong
     output = plain.get("output")
@@ -311,9 +325,18 @@ def _parse_run(
                 found.append(problem)
     if found:
         problems.extend(found)
-        return None
-    line = _line(root, prefix) if prefix else _line(root, ("name",))
-    return definition, RunSource(filename, line, _dotted(prefix)), node
+        name, snapshot = plain.get("name"), plain.get("snapshot")
+        snapshot_name = snapshot.get("snapshot_name") if isinstance(snapshot, dict) else None
+        return _Parsed(
+            None,
+            name if isinstance(name, str) and RUN_NAME_RE.match(name) else None,
+            snapshot_name
+            if isinstance(snapshot_name, str) and SNAPSHOT_NAME_RE.match(snapshot_name)
+            else None,
+            source,
+            node,
+        )
+    return _Parsed(definition, definition.name, definition.snapshot.snapshot_name, source, node)
 
 
 # The fields each block's cross-field checks (model validators) read: a second pass that
@@ -375,42 +398,52 @@ def _delete(obj: Any, loc: Loc) -> None:
 
 # --- cross-run checks ----------------------------------------------------------------------
 def _cross_checks(
-    runs: list[tuple[RunDefinition, RunSource, CommentedMap]], problems: list[Problem]
+    parsed: list[_Parsed], problems: list[Problem]
 ) -> list[tuple[RunDefinition, RunSource, CommentedMap]]:
+    """Names, k2eg topics and file names that collide between runs. A run with errors of its
+    own takes part with its name and snapshot name (when those are valid), so a collision is
+    reported in the same pass as its other errors; only valid runs are kept."""
     kept: list[tuple[RunDefinition, RunSource, CommentedMap]] = []
     by_name: dict[str, RunSource] = {}
-    by_topic: dict[str, tuple[RunDefinition, RunSource]] = {}
+    by_topic: dict[str, _Parsed] = {}
     by_file: dict[Path, tuple[RunDefinition, RunSource]] = {}
     sample_start = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-    for definition, source, node in runs:
+    for run in parsed:
+        definition, source, node = run.definition, run.source, run.node
         ok = True
-        if definition.name in by_name:
+        if run.name is not None and run.name in by_name:
             problems.append(
                 Problem(
                     source.file,
                     _line(node, ("name",)),
                     _field(source, "name"),
-                    f"run name {definition.name!r} is already defined at "
-                    f"{by_name[definition.name]}",
+                    f"run name {run.name!r} is already defined at {by_name[run.name]}",
                 )
             )
             ok = False
-        topic = definition.snapshot.topic
-        if topic in by_topic:
-            other, other_source = by_topic[topic]
+        topic = None if run.snapshot_name is None else normalize_snapshot_name(run.snapshot_name)
+        if topic is not None and topic in by_topic:
+            other = by_topic[topic]
+            whose = f"run {other.name!r}" if other.name is not None else "the run"
             problems.append(
                 Problem(
                     source.file,
                     _line(node, ("snapshot", "snapshot_name")),
                     _field(source, "snapshot.snapshot_name"),
-                    f"snapshot_name {definition.snapshot.snapshot_name!r} is the same k2eg "
-                    f"snapshot (topic {topic!r}) as {other.snapshot.snapshot_name!r} of run "
-                    f"{other.name!r} at {other_source}: k2eg normalizes names "
+                    f"snapshot_name {run.snapshot_name!r} is the same k2eg "
+                    f"snapshot (topic {topic!r}) as {other.snapshot_name!r} of {whose} at "
+                    f"{other.source}: k2eg normalizes names "
                     "([^A-Za-z0-9-] -> '_', lower case)",
                 )
             )
             ok = False
         if not ok:  # a repeated run name also repeats {run} in file names: say it once
+            continue
+        if definition is None:  # errors of its own: its names still count for the others
+            if run.name is not None:
+                by_name[run.name] = source
+            if topic is not None:
+                by_topic[topic] = run
             continue
         sample = render_file_name(
             definition.output,
@@ -420,7 +453,7 @@ def _cross_checks(
             seq=0,
         )
         if sample in by_file:
-            other, other_source = by_file[sample]
+            other_definition, other_source = by_file[sample]
             problems.append(
                 Problem(
                     source.file,
@@ -428,15 +461,15 @@ def _cross_checks(
                     if "file_template" in node.get("output", {})
                     else _line(node, ("output",)),
                     _field(source, "output.file_template"),
-                    f"files would have the same names as those of run {other.name!r} at "
-                    f"{other_source} (e.g. {sample.name}); put {{run}} in file_template or "
+                    f"files would have the same names as those of run {other_definition.name!r}"
+                    f" at {other_source} (e.g. {sample.name}); put {{run}} in file_template or "
                     "use another directory",
                 )
             )
             ok = False
         if ok:
             by_name[definition.name] = source
-            by_topic[topic] = (definition, source)
+            by_topic[topic or definition.snapshot.topic] = run
             by_file[sample] = (definition, source)
             kept.append((definition, source, node))
     return kept

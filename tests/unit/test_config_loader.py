@@ -371,3 +371,45 @@ def test_checks_between_fields_of_a_block_are_reported_with_its_other_errors() -
     """
     got = problems_of(cautious)
     assert [p.split(": ", 2)[1] for p in got] == ["snapshot.type", "output.compresion"], got
+
+
+def test_collisions_are_reported_with_the_runs_other_errors(tmp_path: Path) -> None:
+    """A run with an error of its own still takes part in the checks between runs (name,
+    k2eg topic), so one pass reports the collision too, not only after the other fix."""
+    write(tmp_path, "a.yaml", """\
+        runs:
+          - name: bpm
+            snapshot: {snapshot_name: Beam-Orbit, pv_uri_list: [pva://X], time_window: "1"}
+            output: {directory: /data/a}
+          - name: bpm
+            snapshot: {snapshot_name: beam-orbit, pv_uri_list: [pva://X]}
+            output: {directory: /data/b}
+        """)
+    write(tmp_path, "b.yaml", """\
+        name: other
+        snapshot: {snapshot_name: BEAM-ORBIT, pv_uri_list: [pva://X]}
+        output: {directory: relative}
+        """)
+    loaded, problems = check_runs(tmp_path)
+    assert len(loaded) == 0
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert [(p.file, p.line, p.field) for p in problems] == [
+        (str(a), 3, "runs.0.snapshot.time_window"),
+        (str(a), 5, "runs.1.name"),
+        (str(a), 6, "runs.1.snapshot.snapshot_name"),
+        (str(b), 2, "snapshot.snapshot_name"),
+        (str(b), 3, "output.directory"),
+    ], problems
+    assert problems[1].message == f"run name 'bpm' is already defined at {a}:2"
+    assert "as 'Beam-Orbit' of run 'bpm' at" in problems[3].message
+    # a run whose own name is wrong cannot collide by name, and is still not kept
+    _, problems = parse_runs([("c.yaml", textwrap.dedent("""\
+        runs:
+          - name: -bad
+            snapshot: {snapshot_name: s, pv_uri_list: [pva://X]}
+            output: {directory: /data/c}
+          - name: ok
+            snapshot: {snapshot_name: t, pv_uri_list: [pva://X]}
+            output: {directory: /data/c}
+        """))])
+    assert [p.field for p in problems] == ["runs.0.name"]

@@ -79,7 +79,7 @@ def test_validate_reports_every_error_and_fails(
     )
     assert main(["validate", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
-    assert "1 valid run in 2 files" in out
+    assert "0 valid runs in 2 files" in out  # ok.yaml's snapshot is bad.yaml's too
     lines = err.splitlines()
     assert lines == [
         f"{bad}:4: snapshot.pv_uri_list.1: 'pva://has space' is not a valid PV URI: expected "
@@ -87,7 +87,10 @@ def test_validate_reports_every_error_and_fails(
         "and an optional .field",
         f"{bad}:5: output.directory: output directory '../data' must be an absolute path "
         "(a daemon's working directory is not a place for data)",
-        "2 errors: nothing would start",
+        f"{tmp_path / 'ok.yaml'}:2: snapshot.snapshot_name: snapshot_name 'ok' is the same k2eg "
+        f"snapshot (topic 'ok') as 'OK' of run 'bad' at {bad}:1: k2eg normalizes names "
+        "([^A-Za-z0-9-] -> '_', lower case)",
+        "3 errors: nothing would start",
     ]
     assert main(["validate", "--quiet", str(tmp_path)]) == 1
     assert capsys.readouterr().out == ""
