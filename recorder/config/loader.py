@@ -296,9 +296,8 @@ def _parse_run(
 ) -> _Parsed | None:
     root = node if root is None else root
     before = len(problems)
-    plain = _plain(node, filename, root, prefix, problems)
-    if len(problems) > before:
-        return None
+    unusable: list[Loc] = []  # values _plain could not take: reported, not validated again
+    plain = _plain(node, filename, root, prefix, problems, unusable=unusable)
     line = _line(root, prefix) if prefix else _line(root, ("name",))
     source = RunSource(filename, line, _dotted(prefix))
     found: list[Problem] = []
@@ -320,10 +319,12 @@ def _parse_run(
             ctx = error.get("ctx") or {}
             loc = loc + tuple(ctx.get("subloc", ()))
             full = prefix + loc
+            if any(full[: len(bad)] == bad for bad in unusable):
+                continue  # already reported by _plain (the value is a stand-in)
             problem = Problem(filename, _line(root, full), _dotted(full), _message(error, loc))
             if problem not in found:
                 found.append(problem)
-    if found:
+    if found or len(problems) > before:
         problems.extend(found)
         name, snapshot = plain.get("name"), plain.get("snapshot")
         snapshot_name = snapshot.get("snapshot_name") if isinstance(snapshot, dict) else None
@@ -521,8 +522,17 @@ def _duplicate_keys(filename: str, node: Node, loc: Loc, problems: list[Problem]
             _duplicate_keys(filename, item, (*loc, index), problems)
 
 
-def _plain(value: Any, filename: str, root: CommentedMap, loc: Loc, problems: list[Problem]) -> Any:
-    """ruamel's round-trip objects -> JSON-compatible Python values (errors for the rest)."""
+def _plain(
+    value: Any,
+    filename: str,
+    root: CommentedMap,
+    loc: Loc,
+    problems: list[Problem],
+    *,
+    unusable: list[Loc] | None = None,
+) -> Any:
+    """ruamel's round-trip objects -> JSON-compatible Python values (errors for the rest:
+    their ``loc`` goes to ``unusable``, and None stands in for the value)."""
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
@@ -530,16 +540,26 @@ def _plain(value: Any, filename: str, root: CommentedMap, loc: Loc, problems: li
                 problems.append(
                     Problem(
                         filename,
-                        _line(root, loc),
+                        _key_line(value, key, _line(root, loc)),
                         _dotted(loc),
                         f"keys must be strings, got {key!r}; quote it",
                     )
                 )
                 continue
-            out[str(key)] = _plain(item, filename, root, (*loc, key), problems)
+            if (why := _not_text(key)) is not None:
+                problems.append(
+                    Problem(filename, _key_line(value, key, _line(root, loc)), _dotted(loc),
+                            f"key {why}")
+                )
+                continue
+            out[str(key)] = _plain(item, filename, root, (*loc, key), problems,
+                                   unusable=unusable)
         return out
     if isinstance(value, list):
-        return [_plain(v, filename, root, (*loc, i), problems) for i, v in enumerate(value)]
+        return [
+            _plain(v, filename, root, (*loc, i), problems, unusable=unusable)
+            for i, v in enumerate(value)
+        ]
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
@@ -547,18 +567,38 @@ def _plain(value: Any, filename: str, root: CommentedMap, loc: Loc, problems: li
     if isinstance(value, float):
         return float(value)
     if isinstance(value, str):
-        return str(value)
-    if isinstance(value, dt.date):  # YAML timestamps: keep what was written
+        why = _not_text(value)
+        if why is None:
+            return str(value)
+        message = why
+    elif isinstance(value, dt.date):  # YAML timestamps: keep what was written
         return value.isoformat()
-    problems.append(
-        Problem(
-            filename,
-            _line(root, loc),
-            _dotted(loc),
-            f"unsupported YAML value {value!r} ({type(value).__name__}); use a plain value",
-        )
-    )
+    else:
+        message = f"unsupported YAML value {value!r} ({type(value).__name__}); use a plain value"
+    problems.append(Problem(filename, _line(root, loc), _dotted(loc), message))
+    if unusable is not None:
+        unusable.append(loc)
     return None
+
+
+def _not_text(text: str) -> str | None:
+    """Why ``text`` is not Unicode text (a lone surrogate from a ``\\uD800`` escape), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"{text!r} holds \\u{ord(text[exc.start]):04x}, half of a UTF-16 surrogate pair, "
+            "not a character: write the character itself (or its \\UXXXXXXXX escape)"
+        )
+    return None
+
+
+def _key_line(mapping: Any, key: Any, default: int) -> int:
+    """1-based line of ``key`` in a ruamel mapping (``default`` when it has none)."""
+    try:
+        return int(mapping.lc.key(key)[0]) + 1
+    except (AttributeError, KeyError, TypeError, IndexError):
+        return default
 
 
 def _line(root: Any, loc: Loc) -> int:

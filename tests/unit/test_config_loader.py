@@ -413,3 +413,38 @@ def test_collisions_are_reported_with_the_runs_other_errors(tmp_path: Path) -> N
             output: {directory: /data/c}
         """))])
     assert [p.field for p in problems] == ["runs.0.name"]
+
+
+def test_values_yaml_alone_has_do_not_hide_the_runs_other_errors() -> None:
+    """A non-string key, a value of a YAML-only type or a string that is not Unicode text
+    (a lone surrogate escape) is reported at its own line, with every other error of the
+    run, and never as a JSON parse error without a field."""
+    text = """\
+    name: "\\ud800x"
+    snapshot:
+      snapshot_name: s
+      pv_uri_list: [pva://X]
+      time_window: "100"
+    output: {directory: /data/s}
+    metadata:
+      tags: [a, a]
+      attributes:
+        ok: 1
+        2: two
+        when: !!set {a}
+    """
+    assert problems_of(text) == [
+        "runs.yaml:1: name: '\\ud800x' holds \\ud800, half of a UTF-16 surrogate pair, not a "
+        "character: write the character itself (or its \\UXXXXXXXX escape)",
+        "runs.yaml:5: snapshot.time_window: Input should be a valid integer (got '100')",
+        "runs.yaml:8: metadata.tags.1: tag 'a' is listed twice",
+        "runs.yaml:11: metadata.attributes: keys must be strings, got 2; quote it",
+        "runs.yaml:12: metadata.attributes.when: unsupported YAML value "
+        "set(odict_keys(['a'])) (CommentedSet); use a plain value",
+    ]
+    # alone, such a value still makes the run invalid
+    loaded, problems = parse_runs([("r.yaml", GOOD.format(name="a", snap="a")
+                                    + "metadata: {attributes: {3: x}}\n")])
+    assert len(loaded) == 0 and [str(p) for p in problems] == [
+        "r.yaml:7: metadata.attributes: keys must be strings, got 3; quote it"
+    ]
