@@ -280,7 +280,10 @@ class RunMetadata(BaseModel):
 
 
 def directory_problem(directory: str) -> str | None:
-    """Why ``directory`` is not a safe output directory, or None (absolute, no '..')."""
+    """Why ``directory`` is not a safe output directory, or None (absolute, no '..', no
+    NUL: no file system takes one in a path)."""
+    if "\x00" in directory:
+        return f"output directory {directory!r} must not contain a NUL character ('\\0')"
     path = PurePosixPath(directory)
     if not path.is_absolute():
         return (

@@ -448,3 +448,17 @@ def test_values_yaml_alone_has_do_not_hide_the_runs_other_errors() -> None:
     assert len(loaded) == 0 and [str(p) for p in problems] == [
         "r.yaml:7: metadata.attributes: keys must be strings, got 3; quote it"
     ]
+
+
+def test_an_output_directory_with_a_nul_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    # found by hand: "\0" in a double-quoted directory reached Path.resolve() (ValueError)
+    path = write(tmp_path, "nul.yaml", """\
+        name: nul
+        snapshot: {snapshot_name: nul, pv_uri_list: [pva://X]}
+        output: {directory: "/data/x\\0y"}
+        """)
+    _, problems = check_runs(path)
+    assert [str(p) for p in problems] == [
+        f"{path}:3: output.directory: output directory '/data/x\\x00y' must not contain a NUL "
+        "character ('\\0')"
+    ]
