@@ -133,6 +133,13 @@ def describe_run(definition: RunDefinition, source: str, now: dt.datetime) -> di
 def directory_note(directory: Path) -> str | None:
     """What an operator should know about a run's output directory on this host (as the
     user running ``validate``; the service user may differ), or None when it is ready."""
+    try:
+        return _directory_note(directory)
+    except (OSError, RuntimeError) as exc:  # e.g. a symlink loop, a path the kernel refuses
+        return f"warning: cannot be checked on this host: {exc}"
+
+
+def _directory_note(directory: Path) -> str | None:
     user = getpass.getuser()
     if directory.is_dir():
         if os.access(directory, os.W_OK | os.X_OK):

@@ -446,13 +446,25 @@ def _cross_checks(
             if topic is not None:
                 by_topic[topic] = run
             continue
-        sample = render_file_name(
-            definition.output,
-            run=definition.name,
-            snapshot=definition.snapshot.snapshot_name,
-            start=sample_start,
-            seq=0,
-        )
+        try:
+            sample = render_file_name(
+                definition.output,
+                run=definition.name,
+                snapshot=definition.snapshot.snapshot_name,
+                start=sample_start,
+                seq=0,
+            )
+        except (OSError, RuntimeError, ValueError) as exc:  # e.g. a symlink loop in the path
+            problems.append(
+                Problem(
+                    source.file,
+                    _line(node, ("output", "directory")),
+                    _field(source, "output.directory"),
+                    f"output directory {str(definition.output.directory)!r} cannot be "
+                    f"resolved on this host: {exc}",
+                )
+            )
+            continue
         if sample in by_file:
             other_definition, other_source = by_file[sample]
             problems.append(

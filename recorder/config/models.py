@@ -71,6 +71,8 @@ RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 FIELD_FILTER_RE = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$")
 ATTRIBUTE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 INT32_MAX = 2**31 - 1
+NAME_MAX_BYTES = 255  # Linux NAME_MAX: one path component
+PATH_MAX_BYTES = 4096  # Linux PATH_MAX, the terminating NUL included
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(SnapshotProperties)}
 
 
@@ -292,6 +294,14 @@ def directory_problem(directory: str) -> str | None:
         )
     if ".." in path.parts:
         return f"output directory {directory!r} must not contain '..'"
+    if len(directory.encode("utf-8", "surrogateescape")) > PATH_MAX_BYTES - NAME_MAX_BYTES:
+        return (f"output directory '{directory[:40]}...' is too long: at most "
+                f"{PATH_MAX_BYTES - NAME_MAX_BYTES} bytes leave room for its file names "
+                f"(Linux takes paths of up to {PATH_MAX_BYTES})")
+    for part in path.parts:
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+            return (f"output directory: its part '{part[:40]}...' is longer than "
+                    f"{NAME_MAX_BYTES} bytes, the longest name a Linux file system takes")
     return None
 
 

@@ -462,3 +462,26 @@ def test_an_output_directory_with_a_nul_is_an_error_not_a_traceback(tmp_path: Pa
         f"{path}:3: output.directory: output directory '/data/x\\x00y' must not contain a NUL "
         "character ('\\0')"
     ]
+
+
+def test_output_directories_the_kernel_refuses_are_errors_not_tracebacks(tmp_path: Path) -> None:
+    # found by hand: each raised out of validate (and the daemon's start-up) before
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    cases = {
+        "/" + "a" * 5000: "is too long: at most 3841 bytes leave room for its file names",
+        "/" + "b" * 256 + "/x": "is longer than 255 bytes, the longest name a Linux file system",
+        str(tmp_path / "loop1" / "x"): "cannot be resolved on this host: Symlink loop from",
+    }
+    for directory, expected in cases.items():
+        text = GOOD.format(name="d", snap="d").replace("/data/d", directory)
+        _, problems = parse_runs([("d.yaml", text)])
+        assert [(p.line, p.field) for p in problems] == [(6, "output.directory")], problems
+        assert expected in problems[0].message, problems[0].message
+
+
+def test_validate_notes_a_directory_it_cannot_check(tmp_path: Path) -> None:
+    from recorder.cli.validate import directory_note
+
+    note = directory_note(tmp_path / ("b" * 256))  # ENAMETOOLONG from is_dir()
+    assert note is not None and note.startswith("warning: cannot be checked on this host: ")
