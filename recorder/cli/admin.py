@@ -23,7 +23,10 @@ import argparse
 import datetime as dt
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from recorder.admin.protocol import AdminReply
 
 ADD_ARGUMENTS_TAKES_NAME = True
 HELP = "admin commands to a running daemon"
@@ -169,6 +172,23 @@ def status_table(doc: dict[str, Any], only: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def reply_text(reply: AdminReply) -> str:
+    """A reply as printed: ``code: message``, then its files and problems one per line (and
+    not in the message again)."""
+    data = reply.data or {}
+    problems = [str(p) for p in data.get("problems") or []]
+    files = [str(f) for f in data.get("files") or []]
+    message = reply.message
+    if problems and "; ".join(problems) in message:  # listed below, one per line
+        message = message.replace("; ".join(problems), "").rstrip(": ")
+    if files and message.endswith("; files: " + ", ".join(files)):
+        message = message.removesuffix("; files: " + ", ".join(files))
+    lines = [f"{reply.code.value}: {message}"]
+    lines.extend(f"  {path}" for path in files)
+    lines.extend(f"  {problem}" for problem in problems)
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -217,18 +237,7 @@ def run(args: argparse.Namespace) -> int:
     elif command == "status" and reply.ok and reply.data:
         print(status_table(dict(reply.data), getattr(args, "run", None)))
     else:
-        stream = sys.stdout if reply.ok else sys.stderr
-        problems = (reply.data or {}).get("problems") or []
-        message = reply.message
-        if problems and "; ".join(problems) in message:  # listed below, one per line
-            message = message.replace("; ".join(problems), "").rstrip(": ")
-        print(f"{reply.code.value}: {message}", file=stream)
-        files = (reply.data or {}).get("files")
-        if files:
-            for path in files:
-                print(f"  {path}", file=stream)
-        for problem in problems:
-            print(f"  {problem}", file=stream)
+        print(reply_text(reply), file=sys.stdout if reply.ok else sys.stderr)
     if command == "status" and reply.ok and getattr(args, "check", False):
         needs = attention(dict(reply.data or {}), getattr(args, "run", None))
         for line in needs:

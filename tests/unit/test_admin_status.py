@@ -214,3 +214,24 @@ def test_disks_round_trip_show_in_the_table_and_need_attention_when_warned() -> 
         StatusDocument.decode(json.dumps(
             {**obj, "daemon": {**obj["daemon"], "disks": [{"path": "/d", "full_in_s": "1"}]}}
         ).encode())
+
+
+def test_a_reply_prints_its_files_and_problems_once() -> None:
+    """`k2eg-recorder stop` printed each file twice: in the message and listed below it."""
+    from recorder.admin.protocol import AdminReply, ReplyCode
+    from recorder.cli.admin import reply_text
+
+    stop = AdminReply("r1", "stop", ReplyCode.OK,
+                      "run 'a' stopped (complete); files: /d/a_0000.h5, /d/a_0000_s0001.h5",
+                      "a", {"files": ["/d/a_0000.h5", "/d/a_0000_s0001.h5"]}, 1)
+    assert reply_text(stop) == ("ok: run 'a' stopped (complete)\n"
+                                "  /d/a_0000.h5\n  /d/a_0000_s0001.h5")
+    none = AdminReply("r2", "stop", ReplyCode.OK, "run 'a' stopped (aborted); files: none",
+                      "a", {"files": []}, 1)
+    assert reply_text(none) == "ok: run 'a' stopped (aborted); files: none"
+    reload = AdminReply("r3", "reload", ReplyCode.INVALID_CONFIG,
+                        "reload refused, the previous definitions stay in force: 2 problem(s): "
+                        "a.yaml:1: x; b.yaml:2: y", None, {"problems": ["a.yaml:1: x",
+                                                                        "b.yaml:2: y"]}, 1)
+    assert reply_text(reload) == ("invalid_config: reload refused, the previous definitions "
+                                  "stay in force: 2 problem(s)\n  a.yaml:1: x\n  b.yaml:2: y")
