@@ -10,6 +10,7 @@ finalized). A bad command never touches another run.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -136,8 +137,7 @@ class AdminHandler:
         if kind is CommandKind.STATUS:
             doc = target.status_document("status")
             if command.run is not None and doc.run(command.run) is None:
-                raise AdminCommandError(ReplyCode.UNKNOWN_RUN.value,
-                                        f"no run named {command.run!r}")
+                raise _unknown_run(command.run, doc)
             self._ok(command, reply_topic, f"{len(doc.runs)} run(s), daemon {doc.state.value}",
                      doc.to_json_obj())
             return
@@ -150,7 +150,7 @@ class AdminHandler:
         assert command.run is not None  # the codec requires a run for start/stop/trigger
         handle = target.run_handle(command.run)
         if handle is None:
-            raise AdminCommandError(ReplyCode.UNKNOWN_RUN.value, f"no run named {command.run!r}")
+            raise _unknown_run(command.run, target.status_document("status"))
         if kind is CommandKind.START:
             future = handle.start()
         elif kind is CommandKind.STOP:
@@ -228,3 +228,18 @@ class _FailureError(AdminCommandError):
     def __init__(self, code: ReplyCode, message: str, data: Mapping[str, Any]) -> None:
         super().__init__(code.value, message)
         self.data = data
+
+
+def _unknown_run(name: str, doc: StatusDocument) -> AdminCommandError:
+    """``unknown_run``, saying which runs there are (and the likely one when it is a typo)."""
+    known = sorted(r.name for r in doc.runs)
+    message = f"no run named {name!r}"
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        message += f" (did you mean {close[0]!r}?)"
+    if not known:
+        message += f"; the daemon has no runs (its run definitions: {doc.config_path})"
+    else:
+        shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
+        message += f"; its runs: {shown}"
+    return AdminCommandError(ReplyCode.UNKNOWN_RUN.value, message)

@@ -330,6 +330,18 @@ class _Stats:
     snapshot_restarts: int = 0  # re-sent starts the gateway answered by starting it anew
 
 
+# what an operator can do about a trigger refused in each state (not_running)
+_NOT_ARMED_HINT: dict[RunState, str] = {
+    RunState.IDLE: "start it first (k2eg-recorder start {run})",
+    RunState.FAILED: "start it again (k2eg-recorder start {run}); k2eg-recorder status {run} "
+    "says why it failed",
+    RunState.STARTING: "trigger again once it records (k2eg-recorder status {run})",
+    RunState.RETRYING: "its start is retried; k2eg-recorder status {run} says why it waits",
+    RunState.STOPPING: "it is being stopped; start it again afterwards",
+    RunState.RECORDING: "it is not subscribed to its snapshot yet; trigger again",
+}
+
+
 class RunController:
     """See the module docstring. ``client`` is shared by every run of the daemon."""
 
@@ -983,7 +995,8 @@ class RunController:
             )
         if self.state is not RunState.RECORDING or self._sub is None:
             raise AdminCommandError(ReplyCode.NOT_RUNNING.value,
-                                    f"run {self.name!r} is {self.state.value}, not armed")
+                                    f"run {self.name!r} is {self.state.value}, not armed: "
+                                    f"{_NOT_ARMED_HINT[self.state].format(run=self.name)}")
         self._pending_tags.append(dict(tags))
         try:
             ack = self._trigger(self._sub, tags)

@@ -375,6 +375,8 @@ def test_trigger_rules_and_tags_go_with_the_next_iteration(tmp_path: Path) -> No
         with pytest.raises(AdminCommandError) as err:
             c.trigger().result(5)
         assert err.value.code == "not_running"
+        assert err.value.message == ("run 'r' is idle, not armed: start it first "
+                                     "(k2eg-recorder start r)")  # says what to do
         c.start().result(5)
         assert c.trigger({"shot": "1"}).result(5) == "run 'r' triggered"
         assert client.triggers == [{"shot": "1"}]
@@ -905,6 +907,35 @@ def test_every_command_gets_exactly_one_reply(payload: bytes, code: str, topic: 
     h.handle(_record(payload), FakeTarget())  # type: ignore[arg-type]
     assert len(sent) == 1
     assert sent[0][0] == topic and sent[0][1]["code"] == code, sent
+
+
+def test_an_unknown_run_is_answered_with_the_runs_there_are() -> None:
+    """`k2eg-recorder start bpm-10Hz` should say which runs the daemon has (and which one
+    was meant), not only that there is no such run."""
+    from recorder.admin.status import RunState, RunStatus
+
+    class Target(FakeTarget):
+        def __init__(self, names: list[str]) -> None:
+            super().__init__()
+            self.names = names
+
+        def status_document(self, kind: str = "status") -> StatusDocument:
+            runs = tuple(RunStatus(n, RunState.IDLE, n, n, "periodic normal", True)
+                         for n in self.names)
+            return StatusDocument("i", DaemonState.RUNNING, 1, 0, kind=kind, runs=runs,
+                                  config_path="/etc/k2eg-recorder/runs.d")
+
+    h, sent = _handler()
+    h.handle(_record(_cmd("start", "bpm-10Hz")), Target(["bpm-10hz", "r", "wf"]))  # type: ignore[arg-type]
+    h.handle(_record(_cmd("status", "nope")), Target(["r"]))  # type: ignore[arg-type]
+    h.handle(_record(_cmd("trigger", "x")), Target([]))  # type: ignore[arg-type]
+    assert [(m[1]["code"], m[1]["message"]) for m in sent] == [
+        ("unknown_run", "no run named 'bpm-10Hz' (did you mean 'bpm-10hz'?); its runs: "
+                        "bpm-10hz, r, wf"),
+        ("unknown_run", "no run named 'nope'; its runs: r"),
+        ("unknown_run", "no run named 'x'; the daemon has no runs (its run definitions: "
+                        "/etc/k2eg-recorder/runs.d)"),
+    ]
 
 
 def test_status_queries_are_logged_at_debug_commands_that_act_at_info() -> None:
