@@ -186,6 +186,7 @@ def test_env_example_documents_every_setting() -> None:
     names = set(re.findall(r"^#?(RECORDER_[A-Z0-9_]+)=", text, flags=re.MULTILINE))
     fields = {f"RECORDER_{n.upper()}" for n in KafkaSettings.model_fields if n != "kafka"}
     fields |= {f"RECORDER_{n.upper()}" for n in DaemonSettings.model_fields}
+    fields |= {"RECORDER_STATE_DIR"}  # read by recorder.service.default_state_dir
     assert fields - names == set(), "settings missing from recorder.env.example"
     unknown = {n for n in names - fields if not n.startswith("RECORDER_KAFKA__")}
     assert unknown == set(), "recorder.env.example names settings that do not exist"
