@@ -113,6 +113,15 @@ class DaemonSettings(BaseSettings):
             raise ValueError(f"{value!r} is not a valid Kafka topic name ([A-Za-z0-9._-]{{1,249}})")
         return value
 
+    @field_validator("config_path", mode="before")
+    @classmethod
+    def _config_path_given(cls, value: object) -> object:
+        # Path("") is the working directory: an empty RECORDER_CONFIG_PATH= would load
+        # whatever YAML files happen to be there
+        if isinstance(value, str | Path) and not str(value).strip():
+            raise ValueError("must not be empty (unset it for /etc/k2eg-recorder/runs.d)")
+        return value
+
     @field_validator("disk_min_free")
     @classmethod
     def _min_free(cls, value: str) -> str:

@@ -80,6 +80,8 @@ def test_empty_secret_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
         ("RECORDER_LOG_FORMAT", "xml", "auto"),
         ("RECORDER_SHUTDOWN_TIMEOUT_S", "inf", "finite number"),
         ("RECORDER_COMMAND_MAX_AGE_S", "nan", "finite number"),
+        ("RECORDER_CONFIG_PATH", "", "must not be empty"),  # not the working directory
+        ("RECORDER_CONFIG_PATH", "  ", "must not be empty"),
     ],
 )
 def test_invalid(monkeypatch: pytest.MonkeyPatch, key: str, value: str, needle: str) -> None:
