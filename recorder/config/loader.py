@@ -163,6 +163,8 @@ def check_runs(path: str | Path) -> tuple[LoadedRuns, tuple[Problem, ...]]:
             ))
     loaded, more = parse_runs(texts)
     problems.extend(more)
+    order = {str(file): i for i, file in enumerate(files)}  # unreadable files in their place
+    problems.sort(key=lambda p: (order.get(p.file, -1), p.line or 0))
     return dataclasses.replace(loaded, files=tuple(files)), tuple(problems)
 
 

@@ -485,3 +485,14 @@ def test_validate_notes_a_directory_it_cannot_check(tmp_path: Path) -> None:
 
     note = directory_note(tmp_path / ("b" * 256))  # ENAMETOOLONG from is_dir()
     assert note is not None and note.startswith("warning: cannot be checked on this host: ")
+
+
+def test_problems_of_a_directory_come_in_file_order(tmp_path: Path) -> None:
+    """A file that is not UTF-8 was listed before every other file's problems."""
+    write(tmp_path, "a.yaml", "name: a\n")
+    (tmp_path / "b.yaml").write_bytes(b"name: caf\xe9\n")
+    write(tmp_path, "c.yaml", "name: c\n")
+    _, problems = check_runs(tmp_path)
+    assert [(Path(p.file).name, p.line) for p in problems] == [
+        ("a.yaml", 1), ("a.yaml", 1), ("b.yaml", 1), ("c.yaml", 1), ("c.yaml", 1)
+    ], problems
