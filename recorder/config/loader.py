@@ -499,7 +499,11 @@ def _syntax_problem(filename: str, exc: MarkedYAMLError) -> Problem:
     mark = exc.problem_mark or exc.context_mark
     line = mark.line + 1 if mark is not None else None
     parts = [p for p in (exc.context, exc.problem) if p]
-    return Problem(filename, line, "", "YAML syntax error: " + "; ".join(parts))
+    message = "YAML syntax error: " + "; ".join(parts)
+    if "'\\t'" in (exc.problem or ""):  # what to do about it, and where on the line
+        where = f" (the tab at column {mark.column + 1})" if mark is not None else ""
+        message += f"{where}: YAML takes spaces, not tabs, for indentation and after ':'"
+    return Problem(filename, line, "", message)
 
 
 def _duplicate_keys(filename: str, node: Node, loc: Loc, problems: list[Problem]) -> None:

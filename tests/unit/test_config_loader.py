@@ -496,3 +496,13 @@ def test_problems_of_a_directory_come_in_file_order(tmp_path: Path) -> None:
     assert [(Path(p.file).name, p.line) for p in problems] == [
         ("a.yaml", 1), ("a.yaml", 1), ("b.yaml", 1), ("c.yaml", 1), ("c.yaml", 1)
     ], problems
+
+
+def test_a_tab_says_to_use_spaces_and_where_it_is() -> None:
+    assert problems_of("name: t\nsnapshot:\n\tsnapshot_name: x\n") == [
+        "runs.yaml:3: YAML syntax error: while scanning for the next token; found character "
+        "'\\t' that cannot start any token (the tab at column 1): YAML takes spaces, not tabs, "
+        "for indentation and after ':'"
+    ]
+    [problem] = problems_of("name:\tt\n")
+    assert problem.startswith("runs.yaml:1: ") and "(the tab at column 6)" in problem
