@@ -358,6 +358,12 @@ class _Col:
             if self.trailing is None or len(data.shape[1:]) == len(self.trailing):
                 self._grow(data.shape[1:])
             return
+        base = data.base
+        if isinstance(base, np.ndarray) and base.nbytes > 2 * data.nbytes:
+            # a slice of a block's column (every PV's rows): held as it is, it would keep
+            # the whole block in memory until this column is written (uncounted: 0.58 GB
+            # instead of 0.3 for 1,000 PVs x 12,000 iterations with a 128 MiB budget)
+            data = data.copy()
         self.pieces.append(data)
         self._grow(data.shape[1:])
         size = _buffered_size(data)
