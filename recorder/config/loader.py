@@ -31,6 +31,7 @@ import dataclasses
 import datetime as dt
 import difflib
 import json
+import os
 import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -172,14 +173,18 @@ def definition_files(path: Path, problems: list[Problem] | None = None) -> list[
     """``path`` itself, or the ``*.yaml``/``*.yml`` files directly in it, sorted by name."""
     sink: list[Problem] = [] if problems is None else problems
     if path.is_dir():
-        return sorted(
-            (
-                p
-                for p in path.iterdir()
-                if p.suffix.lower() in YAML_SUFFIXES and not p.name.startswith(".") and p.is_file()
-            ),
-            key=lambda p: p.name,
-        )
+        found: list[Path] = []
+        for p in sorted(path.iterdir(), key=lambda p: p.name):
+            if p.suffix.lower() not in YAML_SUFFIXES or p.name.startswith("."):
+                continue
+            if p.is_file():
+                found.append(p)
+            elif p.is_symlink() and not p.exists():
+                # its runs would be missing without a word (and stopped by a reload)
+                sink.append(Problem(str(p), None, "", f"broken symbolic link (to "
+                                    f"'{os.readlink(p)}'): its run definitions cannot be read; "
+                                    "fix or remove the link"))
+        return found
     if path.is_file():
         return [path]
     sink.append(Problem(str(path), None, "", "no such file or directory"))

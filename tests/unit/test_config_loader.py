@@ -77,6 +77,20 @@ def test_runs_list_and_directory_order(tmp_path: Path) -> None:
     assert loaded.sources["third"].line == 6
 
 
+def test_a_broken_symlink_in_a_directory_is_an_error(tmp_path: Path) -> None:
+    """A run file linked from elsewhere whose target is gone is reported (a reload would
+    otherwise stop its runs without a word); the other files still load."""
+    write(tmp_path, "a.yaml", GOOD.format(name="first", snap="s1"))
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "gone" / "b.yaml")
+    loaded, problems = check_runs(tmp_path)
+    assert list(loaded.runs) == ["first"]
+    assert [str(p) for p in problems] == [
+        f"{tmp_path / 'b.yaml'}: broken symbolic link (to '{tmp_path / 'gone' / 'b.yaml'}'): "
+        "its run definitions cannot be read; fix or remove the link"]
+    with pytest.raises(RunDefinitionError, match="broken symbolic link"):
+        load_runs(tmp_path)
+
+
 def test_empty_runs_list_and_empty_directory(tmp_path: Path) -> None:
     write(tmp_path, "none.yaml", "runs: []\n")
     assert len(load_runs(tmp_path)) == 0
