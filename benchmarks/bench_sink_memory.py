@@ -15,6 +15,9 @@ the first checkpoint (10% of the run), measured in the same run: 1.0 is flat.
 Measured here, 1,000 PVs x 100,000 iterations: 158 MB at 10 M values, 179-180 MB from 70 M to
 100 M values (x1.14, flat over the last 30%). Before the live file got its own 1 MiB chunk cache
 per dataset (HDF5 2.0 defaults to 8 MiB), the same run went from 260 MB to 304-309 MB.
+At the end the segment is finalized (``close()``), timed: 118.6 s for the 100 M values
+(1.19 us/value), peak RSS 0.68 GB; ``--quick``: 22.5 s (51.6 s before partly filled chunks
+stopped being rewritten at every spill).
 """
 
 from __future__ import annotations
