@@ -200,6 +200,9 @@ def print_runs(runs: list[dict[str, Any]], n_files: int, path: str, out: TextIO)
         if len(r["files"]) > 1:
             limits = ", ".join(f"{k}={v}" for k, v in r["segment"].items())
             rows.append(("", f"then {r['files'][1]} ... (new segment at {limits})"))
+        else:
+            rows.append(("", "one file per recording (no segment limit): it is finalized as a "
+                             "whole when the run stops, about 1 µs per value (README: segments)"))
         rows.append(("compression", r["compression"]))
         rows.extend(("groups" if i == 0 else "", group) for i, group in enumerate(r["groups"]))
         metadata = {k: v for k, v in r["metadata"].items() if v not in ("", [])}
