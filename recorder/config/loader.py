@@ -32,6 +32,7 @@ import datetime as dt
 import difflib
 import json
 import os
+import re
 import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -214,7 +215,19 @@ def _yaml() -> YAML:
     return yaml
 
 
+_YAML_DIRECTIVE = re.compile(r"^%YAML[ \t]+(\S+)", re.MULTILINE)
+
+
 def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Parsed]:
+    directive = _YAML_DIRECTIVE.search(text)
+    if directive is not None and directive.group(1) != "1.2":
+        # ruamel would follow it: under YAML 1.1, `yes`/`no`/`on`/`off` become booleans
+        problems.append(Problem(
+            filename, text.count("\n", 0, directive.start()) + 1, "",
+            f"'%YAML {directive.group(1)}': run definitions are read as YAML 1.2 (yes/no/on/"
+            "off are strings, not booleans); remove the directive",
+        ))
+        return []
     yaml = _yaml()
     try:
         documents = list(yaml.compose_all(text))

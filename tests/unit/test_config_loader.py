@@ -91,6 +91,17 @@ def test_a_broken_symlink_in_a_directory_is_an_error(tmp_path: Path) -> None:
         load_runs(tmp_path)
 
 
+def test_a_yaml_1_1_directive_is_refused() -> None:
+    """README: run definitions are YAML 1.2, where `yes` is a string; a %YAML 1.1 directive
+    would make ruamel read it as a boolean."""
+    text = "# runs\n%YAML 1.1\n---\n" + GOOD.format(name="a", snap="s") + "autostart: yes\n"
+    assert problems_of(text) == [
+        "runs.yaml:2: '%YAML 1.1': run definitions are read as YAML 1.2 (yes/no/on/off are "
+        "strings, not booleans); remove the directive"]
+    text12 = "%YAML 1.2\n---\n" + GOOD.format(name="a", snap="s")
+    assert problems_of(text12) == []
+
+
 def test_empty_runs_list_and_empty_directory(tmp_path: Path) -> None:
     write(tmp_path, "none.yaml", "runs: []\n")
     assert len(load_runs(tmp_path)) == 0
