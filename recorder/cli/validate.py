@@ -74,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
         }
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
-    elif not args.quiet:
+    elif not args.quiet and (loaded.files or not problems):  # not for a path that is not there
         print_runs(described, len(loaded.files), str(args.path), sys.stdout)
+    if not loaded.files and not problems and Path(args.path).is_dir():
+        print(f"note: no *.yaml or *.yml file in {args.path}: the daemon would start with no "
+              "runs", file=sys.stderr)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:

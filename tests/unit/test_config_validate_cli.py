@@ -101,7 +101,13 @@ def test_validate_reports_every_error_and_fails(
 def test_validate_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["validate", str(tmp_path / "nope")]) == 1
-    assert "no such file or directory" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "no such file or directory" in err
+    assert out == ""  # no "0 valid runs in 0 files" for a path that is not there
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["validate", str(empty)]) == 0  # the daemon may start with no runs
+    assert "note: no *.yaml or *.yml file in" in capsys.readouterr().err
     monkeypatch.setenv("RECORDER_CONFIG_PATH", str(tmp_path / "nope"))
     assert main(["validate"]) == 1  # what the daemon would load: RECORDER_CONFIG_PATH
     monkeypatch.setenv("RECORDER_ADMIN_SECRET", "short")
