@@ -65,6 +65,7 @@ from recorder.sinks.finalize import EXTRACTED_AT_FINALIZE, K_ARRAY
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import LiveView, read_live
 from recorder.sinks.options import PARTIAL_SUFFIX
+from recorder.sinks.writelock import writer_active
 
 with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
     import hdf5plugin  # noqa: F401
@@ -203,6 +204,23 @@ class RecordingFile:
         if self._live is not None:
             return self._live.status
         return str(self.attrs.get("status", ""))
+
+    @property
+    def writer_active(self) -> bool | None:
+        """Whether a writer still writes this file: True while a recorder holds the lock of a
+        live ``.partial``; False for a finalized file and for a ``.partial`` nobody holds (a
+        crashed or failed writer: its last commit still says ``recording``; ``k2eg-recorder
+        recover`` finalizes it); None where it cannot be told (no OFD locks, e.g. some
+        network file systems). A watch loop that also ends on a dead writer::
+
+            while f.status == "recording" and f.writer_active is not False:
+                f.refresh()
+        """
+        if self.layout != "live":
+            return False
+        if not self.path.exists():  # finalized since (refresh() follows it) or removed
+            return False
+        return writer_active(self.path)
 
     @property
     def pv_names(self) -> list[str]:

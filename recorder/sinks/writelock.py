@@ -31,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -110,6 +111,8 @@ def _locked_descriptor(path: Path, flags: int, lock: Callable[[int], object]) ->
 def writer_active(path: str | os.PathLike[str]) -> bool | None:
     """True when a writer holds ``path``'s writer lock, False when nobody does, None when
     this cannot be told (the file cannot be opened, or the system has no OFD locks)."""
+    if sys.platform != "linux":  # OFD locks (and the command numbers used here) are Linux's
+        return None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

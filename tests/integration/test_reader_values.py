@@ -144,3 +144,25 @@ def test_refresh_follows_a_live_file_to_its_finalized_file(tmp_path: Path) -> No
         assert f.iterations()["iter_index"].tolist() == [0, 1, 2]
         f.refresh()  # finalized: nothing more to follow
         assert f.path == final
+        assert f.writer_active is False
+
+
+def test_writer_active_tells_a_live_file_from_a_crashed_one(tmp_path: Path) -> None:
+    """A .partial whose writer died still says ``recording`` (its last commit):
+    writer_active tells the two apart, so a watch loop can end."""
+    from test_hdf5_roundtrip import write_iteration
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="watch")
+    write_iteration(rec, 0, [PVSample("P", {"value": 0.0})])
+    rec.flush()
+    partial = rec.current_path
+    assert partial is not None
+    with open_file(partial) as f:
+        assert (f.status, f.writer_active) == ("recording", True)
+        rec._release_lock()  # as the kernel does when the writer process dies
+        assert (f.status, f.writer_active) == ("recording", False)
+        loops = 0
+        while f.status == "recording" and f.writer_active is not False:
+            loops += 1  # must not run: the writer is gone
+            f.refresh()
+        assert loops == 0
