@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 import numpy.typing as npt
 
-from recorder.client.values import PVSample, ValueKind
+from recorder.client.values import PVSample, TableValue, ValueKind
 from recorder.errors import FileFormatError
 from recorder.sinks.bridge.mapping import (
     FlatCache,
@@ -248,7 +248,9 @@ class RecordingFile:
 
     def iterations(self) -> dict[str, npt.NDArray[Any]]:
         """The /iterations table as columns (status/reason as strings, ``tags`` as dicts of
-        str, ``{}`` when the iteration has none)."""
+        str, ``{}`` when the iteration has none). A complete iteration's reason is ``""``
+        (falsy; the final file's enum names it ``none``, as HDF5 enum names cannot be
+        empty), the same as the Karabo bridge's ``reason``."""
         if self._live is not None:
             live_tags = self._live_tags()
             cols = dict(self._live.iterations)
@@ -557,12 +559,16 @@ class RecordingFile:
                 typed = _type_row(s, idx)
                 kind = KINDS_BY_CODE.get(int(s["kind"][typed]), ValueKind.NONE)
                 code = int(s["dtype"][typed])
-                dtype = ("utf-8" if code == STRING_DTYPE_CODE else
+                dtype = ("table" if kind is ValueKind.TABLE else
+                         "utf-8" if code == STRING_DTYPE_CODE
+                         or kind is ValueKind.STRING_ARRAY else
                          DTYPE_BY_CODE[code].name if code in DTYPE_BY_CODE else "none")
                 if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
                     sizes = s["size"][idx]
                     same = kind is ValueKind.ARRAY and (sizes == sizes[0]).all()
                     shape = (int(sizes[0]),) if same else None
+                elif kind in (ValueKind.STRING_ARRAY, ValueKind.TABLE):
+                    shape = _extracted_shape(self.values(pv))  # in each row's metadata
                 first = self._live_meta(col)
                 if len(first):
                     i = int(first[0])
@@ -1211,6 +1217,18 @@ def _type_row(s: Mapping[str, npt.NDArray[Any]], rows: npt.NDArray[Any]) -> int:
         if len(hit):
             return int(rows[hit[0]])
     return first
+
+
+def _extracted_shape(values: npt.NDArray[Any]) -> tuple[int, ...] | None:
+    """The shape of one value of a live string-array or table PV, as the final layout's
+    ``shape`` dataset gives it: the length of each string array, the number of rows of each
+    table (its columns' length); None when it varies."""
+    lengths = {
+        len(next(iter(v.columns.values()), ())) if isinstance(v, TableValue) else len(v)
+        for v in values.tolist()
+        if isinstance(v, (TableValue, tuple, list, np.ndarray))
+    }
+    return (lengths.pop(),) if len(lengths) == 1 else None
 
 
 def _group_index(keys: npt.NDArray[Any], n: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:

@@ -61,6 +61,9 @@ def test_inspect_live_and_final(tmp_path: Path) -> None:
             assert row["first_ns"] == live_summary[pv]["first_ns"], pv
             assert row["last_ns"] == live_summary[pv]["last_ns"], pv
             assert row["units"] == live_summary[pv]["units"], pv
+            live_row = live_summary[pv]
+            assert (live_row["kind"], live_row["dtype"]) == (row["kind"], row["dtype"]), pv
+            assert live_row["shape"] == row["shape"], pv
             assert row["kind"] == samples[0].kind.value or pv in ("SA", "T", "X"), pv
 
 
