@@ -72,7 +72,10 @@ with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
 
 TRAIN_WINDOW_VALUES = 65_536
 """trains() reads this many values (about) at a time."""
-SUPPORTED_MAJORS = ("1", "2", "3", "4")  # 4.0 added per-sample columns to both layouts
+SUPPORTED_MAJORS = ("1", "2", "3", "4", "5")  # 5.0: the PV groups are plain NXlogs
+SHAPED_KINDS = (ValueKind.ARRAY, ValueKind.NDARRAY, ValueKind.STRING_ARRAY, ValueKind.TABLE)
+"""Kinds whose rows have a shape: a ``shape`` dataset, or (5.0, when every row has the same
+shape) none, and then every row has the trailing shape of ``value``."""
 
 
 def sample_value(
@@ -340,6 +343,39 @@ class RecordingFile:
             raise unknown_pv(pv, self.pv_names, str(self.path))
         return self.h5["pvs"][escape_name(pv)]
 
+    def _side(self, pv: str, tree: str, old: str) -> h5py.Group | None:
+        """The PV's entry in a side tree of the final layout: format 5.0 keeps the first/count
+        index in ``/index/<PV>`` and changing metadata in ``/metadata/<PV>`` (so the PV
+        group is a plain NXlog); older files keep them in the PV group (``old``: the group
+        itself for the index, its ``metadata`` subgroup). None when there is none."""
+        g = self._group(pv)
+        side = self.h5.get(f"{tree}/{escape_name(pv)}")
+        if isinstance(side, h5py.Group):
+            return side
+        if not old:
+            return g
+        sub = g.get(old)
+        return sub if isinstance(sub, h5py.Group) else None
+
+    def _shapes(self, g: h5py.Group, kind: ValueKind, rows: slice = slice(None)
+                ) -> npt.NDArray[np.int64] | None:
+        """The shape of each row (``rows``) of a PV of a shaped kind: its ``shape`` dataset,
+        or, where format 5.0 left it out because every row has the same shape, the trailing
+        shape of ``value`` for each row. None for other kinds (and PVs without values)."""
+        if "shape" in g:
+            return np.asarray(g["shape"][rows])
+        value = g.get("value")
+        if kind not in SHAPED_KINDS or value is None:
+            return None
+        if isinstance(value, h5py.Group):  # NTTable: rows of a table = its columns' length
+            columns = [c for c in value.values() if isinstance(c, h5py.Dataset)]
+            n, trailing = (columns[0].shape[0], columns[0].shape[1:2]) if columns else (
+                int(g["time"].shape[0]), (0,))
+        else:
+            n, trailing = value.shape[0], value.shape[1:]
+        count = len(range(*rows.indices(n)))
+        return np.tile(np.asarray(trailing, dtype=np.int64), (count, 1))
+
     def _live_rows(self, pv: str) -> npt.NDArray[Any]:
         """The live rows of ``pv``, ascending: from one stable sort of the PV column, made
         on first use (per PV it is a slice; a scan per PV would cost PVs x rows)."""
@@ -488,15 +524,15 @@ class RecordingFile:
             return np.asarray(ds[()])
         if kind is ValueKind.STRING:
             return _object_array(ds.asstr()[()].tolist())
-        if kind is ValueKind.ARRAY and "shape" in g:
+        shapes = self._shapes(g, kind)
+        if kind is ValueKind.ARRAY and shapes is not None:
             data = ds[()]
-            lengths = g["shape"][()][:, 0]
+            lengths = shapes[:, 0]
             if len(lengths) and (lengths == data.shape[1]).all():
                 return np.asarray(data)
             return _object_array([data[i, :n] for i, n in enumerate(lengths.tolist())])
-        if kind is ValueKind.NDARRAY and "shape" in g:  # images, zero-padded to the largest
-            data = ds[()]
-            shapes = g["shape"][()]
+        if kind is ValueKind.NDARRAY and shapes is not None:  # images, zero-padded to the
+            data = ds[()]  # largest
             if len(shapes) and (shapes == data.shape[1:]).all():
                 return np.asarray(data)
             return _object_array([data[(i, *(slice(0, d) for d in shape))]
@@ -522,8 +558,8 @@ class RecordingFile:
             n = int(info["count"])
             t = g["time"]
             shape: tuple[int, ...] | None = ()
-            if "shape" in g:
-                lengths = g["shape"][()]
+            lengths = self._shapes(g, ValueKind(str(info["kind"])))
+            if lengths is not None:
                 same = len(lengths) and (lengths == lengths[0]).all()
                 shape = tuple(int(x) for x in lengths[0]) if same else None
             flags = int(info.get("flags", 0))
@@ -587,7 +623,8 @@ class RecordingFile:
     def first_count(self, pv: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """For each /iterations row: first row and number of this PV's values (XFEL INDEX)."""
         if self._live is None:
-            g = self._group(pv)
+            g = self._side(pv, "index", ".")
+            assert g is not None
             return g["first"][()], g["count"][()]
         rows = self._column(pv, "iter_row")
         n_iter = len(self._live.iterations["iter_index"])
@@ -734,13 +771,14 @@ class RecordingFile:
             table = [(c, vg[escape_name(c)][rows]) for c in names]
         elif "value" in g:
             value = g["value"][rows]
-        shape = g["shape"][rows] if "shape" in g else None
+        shape = self._shapes(g, kind, rows)
         codes, texts = self._message_column(g, rows)
         storage = str(info.get("storage_dtype", "none"))
         meta_rows: npt.NDArray[Any] = np.zeros(0, np.int64)
         meta_json: Any = []
-        if "metadata" in g:  # 1.x always; 2.x when the metadata changed after row 0
-            meta_rows, meta_json = g["metadata/row"][()], g["metadata/json"][()]
+        meta = self._side(pv, "metadata", "metadata")
+        if meta is not None:  # 1.x always; 2.x-4.x (5.0: in /metadata) when it changed
+            meta_rows, meta_json = meta["row"][()], meta["json"][()]
         elif info.get("metadata") and n_all:  # 2.x: row 0's metadata is in /pv_info
             meta_rows, meta_json = np.zeros(1, np.int64), [info["metadata"]]
         rest: dict[str, Any] = {"d": {}, "f": []}
@@ -754,7 +792,7 @@ class RecordingFile:
         times, sevs, stats = (cols[k].tolist() for k in ("time", "severity", "status"))
         # 4.x: user tags, NTNDArray frame ids and times (0 where not taken out)
         tags, uids, dts = (g[k][rows].tolist() if k in g else [0] * n
-                           for k in ("user_tag", "unique_id", "data_time"))
+                           for k in ("user_tag", "unique_id", frame_time_name(g)))
         flag_list, code_list = cols["flags"].tolist(), codes.tolist()
         # (a scalar storage dtype: no shape, not utf-8 strings or a table)
         scalars = value.tolist() if scalar_kind is not None and value is not None else None
@@ -1217,6 +1255,13 @@ def _type_row(s: Mapping[str, npt.NDArray[Any]], rows: npt.NDArray[Any]) -> int:
         if len(hit):
             return int(rows[hit[0]])
     return first
+
+
+def frame_time_name(g: h5py.Group) -> str:
+    """The dataset of an NTNDArray PV's per-frame ``dataTimeStamp``: ``data_timestamp``
+    (5.0; a name ending in ``_time`` is an NXlog sub-log to NeXus loaders such as
+    scippnexus, decision 0011), ``data_time`` in 4.x files."""
+    return "data_timestamp" if "data_timestamp" in g else "data_time"
 
 
 def _extracted_shape(values: npt.NDArray[Any]) -> tuple[int, ...] | None:

@@ -57,7 +57,7 @@ with contextlib.suppress(ImportError):  # zstd / blosc2 datasets (data=True deco
 
 __all__ = ["KNOWN_MAJOR", "Problem", "Report", "verify_file", "verify_paths"]
 
-KNOWN_MAJOR = 4
+KNOWN_MAJOR = 5
 """The newest major ``format_version`` this verifier knows."""
 
 ROOT_REQUIRED = (
@@ -333,9 +333,13 @@ class _Checker:
             if not isinstance(g, h5py.Group):
                 self.err(path, f"the group of PV {name!r} is missing")
                 continue
-            rows_total += self.pv_group(path, g, row, it=it, written=written)
+            rows_total += self.pv_group(path, g, row, it=it, written=written, major=major)
         for extra in sorted(set(pvs) - groups_seen):
             self.warn(f"/pvs/{extra}", "a group that is not in /pvs@pv_names")
+        for tree in ("index", "metadata") if major >= 5 else ():
+            side = f.get(tree)
+            for extra in sorted(set(side) - groups_seen) if isinstance(side, h5py.Group) else ():
+                self.warn(f"/{tree}/{extra}", "a group that is not in /pvs@pv_names")
         self.report.values = rows_total
         if "n_values" in attrs and attrs["n_values"] != rows_total:
             self.err("/", f"n_values is {attrs['n_values']}, the PVs hold {rows_total} rows")
@@ -368,15 +372,19 @@ class _Checker:
         return info
 
     def pv_group(self, path: str, g: h5py.Group, row: Mapping[str, Any], *,
-                 it: Mapping[str, npt.NDArray[Any]], written: npt.NDArray[np.int64]) -> int:
+                 it: Mapping[str, npt.NDArray[Any]], written: npt.NDArray[np.int64],
+                 major: int = KNOWN_MAJOR) -> int:
         """Check one PV's group; returns its row count (adds its counts to ``written``)."""
         n = int(row["count"])
         m: dict[str, Any] = {name: g[name] for name in g}  # each member opened once
+        where = dict.fromkeys(m, path)  # the group each member is in (for messages)
         if g.attrs.get("NX_class") not in ("NXlog", b"NXlog"):
             self.err(path, "NX_class is not 'NXlog'")
+        if major >= 5:  # the NXlog holds per-value columns only (decision 0011)
+            self.plain_nxlog(path, g, m, where)
         for name in PV_COLUMNS:
             if not isinstance(m.get(name), h5py.Dataset):
-                self.err(path, f"dataset {name!r} is missing")
+                self.err(where.get(name, path), f"dataset {name!r} is missing")
         for name in ("time", "iteration", "severity", "status", "shape", "flags",
                      "alarm_message", "user_tag", "unique_id", "data_time"):
             ds = m.get(name)
@@ -399,6 +407,33 @@ class _Checker:
         self.metadata(path, m, row, n)
         self.index(path, m, it, written, n)
         return n
+
+    def plain_nxlog(self, path: str, g: h5py.Group, m: dict[str, Any],
+                    where: dict[str, str]) -> None:
+        """Format 5.0: the PV's first/count index is in ``/index/<PV>`` and its changing
+        metadata in ``/metadata/<PV>``, the frame time is ``data_timestamp``; they are
+        merged into ``m`` under their 4.x names, so the checks below apply to both."""
+        for name in ("first", "count", "metadata", "data_time"):
+            if name in m:
+                self.err(f"{path}/{name}", "format 5 names it 'data_timestamp'"
+                         if name == "data_time" else
+                         f"format 5 keeps {name!r} out of the PV group")
+                del m[name]
+        if "data_timestamp" in m:
+            m["data_time"] = m.pop("data_timestamp")
+        rel = path.rsplit("/", 1)[-1]
+        index = g.file.get(f"index/{rel}")
+        if isinstance(index, h5py.Group):
+            for name in ("first", "count"):
+                if name in index:
+                    m[name] = index[name]
+                    where[name] = index.name
+        else:
+            self.err(f"/index/{rel}", "missing (the PV's first/count index)")
+            where["first"] = where["count"] = f"/index/{rel}"
+        meta = g.file.get(f"metadata/{rel}")
+        if isinstance(meta, h5py.Group):
+            m["metadata"] = meta
 
     def value(self, path: str, m: Mapping[str, Any], row: Mapping[str, Any], n: int) -> None:
         kind = str(row.get("kind", ""))
@@ -463,28 +498,29 @@ class _Checker:
         meta = m.get("metadata")
         if not isinstance(meta, h5py.Group):
             if entries > 1:
-                self.err(path, f"/pv_info says {entries} metadata entries, the group has no "
-                         "'metadata'")
+                self.err(path, f"/pv_info says {entries} metadata entries, there is no "
+                         "'metadata' group (format 5: /metadata/<PV>)")
             text = row.get("metadata")
             if isinstance(text, str) and text and not _json_ok(text):
                 self.err("/pv_info", f"the metadata JSON of {path} does not parse")
             return
+        mpath = str(meta.name)  # {path}/metadata; format 5: /metadata/<PV>
         rows_ds, json_ds = meta.get("row"), meta.get("json")
         if not isinstance(rows_ds, h5py.Dataset) or not isinstance(json_ds, h5py.Dataset):
-            self.err(f"{path}/metadata", "needs the datasets 'row' and 'json'")
+            self.err(mpath, "needs the datasets 'row' and 'json'")
             return
         rows = rows_ds[()]
         if len(rows) != json_ds.shape[0]:
-            self.err(f"{path}/metadata", f"{len(rows)} rows but {json_ds.shape[0]} JSON texts")
+            self.err(mpath, f"{len(rows)} rows but {json_ds.shape[0]} JSON texts")
             return
         if entries >= 0 and entries != len(rows):
-            self.err(f"{path}/metadata", f"{len(rows)} entries, /pv_info says {entries}")
+            self.err(mpath, f"{len(rows)} entries, /pv_info says {entries}")
         if len(rows) and (rows[0] != 0 or np.any(np.diff(rows) <= 0) or rows[-1] >= max(n, 1)):
-            self.err(f"{path}/metadata/row", "entries must start at row 0 and increase, "
+            self.err(f"{mpath}/row", "entries must start at row 0 and increase, "
                      f"below {n}: {_listed(rows)}")
         bad = [k for k, text in enumerate(json_ds[()]) if not _json_ok(text)]
         if bad:
-            self.err(f"{path}/metadata/json", f"entries {_listed(bad)} do not parse")
+            self.err(f"{mpath}/json", f"entries {_listed(bad)} do not parse")
 
     def index(self, path: str, m: Mapping[str, Any], it: Mapping[str, npt.NDArray[Any]],
               written: npt.NDArray[np.int64], n: int) -> None:
@@ -495,17 +531,18 @@ class _Checker:
             return  # reported as missing columns
         first, count = first_ds[()], count_ds[()]
         n_iter = len(written)
+        ipath = str(first_ds.parent.name)  # the PV group; format 5: /index/<PV>
         if len(first) != n_iter or len(count) != n_iter:
-            self.err(path, f"first/count have {len(first)}/{len(count)} rows, /iterations "
+            self.err(ipath, f"first/count have {len(first)}/{len(count)} rows, /iterations "
                      f"has {n_iter}")
             return
         bad = np.flatnonzero((count < 0) | (first < 0) | (first + count > n))
         if len(bad):
-            self.err(f"{path}/count", f"iteration rows {_listed(bad)}: first/count point "
+            self.err(f"{ipath}/count", f"iteration rows {_listed(bad)}: first/count point "
                      f"outside the PV's {n} rows")
             return
         if np.any(np.diff(first) < 0):
-            self.err(f"{path}/first", "decreases (each PV's rows are in iteration order)")
+            self.err(f"{ipath}/first", "decreases (each PV's rows are in iteration order)")
         written += count
         if "iter_index" not in it or not count.any():
             return

@@ -52,7 +52,7 @@ F_FRAME = 64
 """Format 4.0: an NTNDArray's ``uniqueId`` (int32) and ``dataTimeStamp`` (as ns) taken out,
 both or neither: they change with every frame (live layout: ``fval`` and ``ival`` of the row,
 which an NTNDArray row does not use otherwise; final layout: ``unique_id`` and
-``data_time``)."""
+``data_timestamp``, ``data_time`` before 5.0)."""
 
 KIND_CODES: dict[ValueKind, int] = {
     ValueKind.NONE: 0,

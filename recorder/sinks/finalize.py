@@ -128,14 +128,14 @@ META_ATTRS: dict[str, tuple[str, str]] = {
     "alarm_hysteresis": ("valueAlarm", "hysteresis"),
 }
 TIME_ATTRS = {"units": "ns", "start": "1970-01-01T00:00:00Z"}
-FORMAT_VERSION = "4.1"
+FORMAT_VERSION = "5.0"
 """format_version of both layouts (docs/file-format.md; 3.0 changed the final layout only,
 4.0 added the per-sample columns of user tags and NTNDArray frame ids and times, decision
-0009)."""
+0009; 5.0 made the PV groups plain NXlogs, decision 0011: final layout only)."""
 FLAGGED_COLUMNS: dict[int, tuple[tuple[str, np.dtype[Any], Mapping[str, Any] | None], ...]] = {
     F_USER_TAG: (("user_tag", np.dtype(np.int32), None),),
     F_FRAME: (("unique_id", np.dtype(np.int32), None),
-              ("data_time", np.dtype(np.int64), TIME_ATTRS)),
+              ("data_timestamp", np.dtype(np.int64), TIME_ATTRS)),
 }
 """Per-row columns of fields taken out under a flag (format 4.0, decision 0009): the flag
 -> (dataset, dtype, attributes) each, in the order of the live columns that feed them."""
@@ -712,6 +712,7 @@ class _PV:
         self.pending = 0  # rows of iteration next_k - 1 seen so far (may continue)
         self.path = escape_name(name)
         self.g = create_group(w.pvs.id, self.path)
+        self.index_group = create_group(w.index.id, self.path)  # /index/<PV> (format 5.0)
         self.cols: dict[str, _Col] = {}
         self.table: dict[str, _Col] = {}
         self.value_group: Any = None
@@ -720,8 +721,8 @@ class _PV:
                                  ("severity", i32, None), ("status", i32, None),
                                  ("flags", np.dtype(np.uint8), None)):
             self.cols[cname] = _Col(w, self.g, cname, n, dtype=dt, attrs=attrs, share=True)
-        self.first = _Col(w, self.g, "first", w.n_iter, dtype=i64, share=True)
-        self.count = _Col(w, self.g, "count", w.n_iter, dtype=i64, share=True)
+        self.first = _Col(w, self.index_group, "first", w.n_iter, dtype=i64, share=True)
+        self.count = _Col(w, self.index_group, "count", w.n_iter, dtype=i64, share=True)
         self.first_json: bytes | None = None  # the metadata of row 0
         # alarm.message as a column: only for PVs whose structure changes (else the one
         # message stays in the one metadata entry); texts in code order
@@ -743,9 +744,11 @@ class _PV:
             self.cols["value"] = _Col(w, self.g, "value", n, dtype=np.dtype(object))
         elif n and dcode in DTYPE_BY_CODE and self.kind is not ValueKind.TABLE:
             self.cols["value"] = _Col(w, self.g, "value", n, dtype=DTYPE_BY_CODE[dcode])
-        if self.kind in (ValueKind.ARRAY, ValueKind.NDARRAY, ValueKind.STRING_ARRAY,
-                         ValueKind.TABLE):
-            self.cols["shape"] = _Col(w, self.g, "shape", n, dtype=i64, share=True)
+        # `shape`: made at the first row whose shape differs from the rows before it (format
+        # 5.0: left out when every row has the same shape, the trailing shape of `value`)
+        self.shape: _Col | None = None
+        self.same_shape: npt.NDArray[np.int64] | None = None  # the rows' shape so far
+        self.same_rows = 0  # rows seen with it
         set_attrs(self.g, NXLOG)
 
     # --- rests ----------------------------------------------------------------------------
@@ -786,7 +789,7 @@ class _PV:
                 value.attrs.update(value_attrs(self.fields))
             return
         if self.meta_row is None or self.meta_json is None:
-            mg = create_group(self.g, "metadata")
+            mg = create_group(self.w.metadata_group().id, self.path)  # /metadata/<PV>
             self.meta_row = _Col(self.w, mg, "row", None, dtype=np.dtype(np.int64))
             self.meta_json = _Col(self.w, mg, "json", None, dtype=np.dtype(object))
             self.meta_row.add(np.array([0], dtype=np.int64))
@@ -928,8 +931,8 @@ class _PV:
         flags[demote] &= ~np.uint8(F_VALUE)
         if value is not None and value_col is not None:
             value_col.add(value)
-        if shapes is not None and "shape" in self.cols:
-            self.cols["shape"].add(shapes)
+        if shapes is not None:
+            self._add_shapes(shapes)
         self._add_flagged(flags, F_USER_TAG, s["user_tag"])
         self._add_flagged(flags, F_FRAME, s["fval"], s["ival"])  # the live row's id, time
         self.cols["time"].add(s["time"])
@@ -1064,6 +1067,23 @@ class _PV:
             self.pending += int(np.count_nonzero(iter_row[valid] == self.next_k - 1))
         self.run_max = int(run[-1])
 
+    def _add_shapes(self, shapes: npt.NDArray[np.int64]) -> None:
+        """The rows' shapes: counted while they are all the same, a ``shape`` column from the
+        first row that differs (the rows before it get the common shape)."""
+        if self.shape is None:
+            if not len(shapes):
+                return
+            if self.same_shape is None:
+                self.same_shape = shapes[0].copy()
+            if (shapes == self.same_shape).all():
+                self.same_rows += len(shapes)
+                return
+            self.shape = _Col(self.w, self.g, "shape", self.n, dtype=np.dtype(np.int64),
+                              share=True)
+            if self.same_rows:
+                self.shape.add(np.tile(self.same_shape, (self.same_rows, 1)))
+        self.shape.add(shapes)
+
     def finish(self) -> None:
         n_iter = self.w.n_iter
         if self.next_k:
@@ -1089,8 +1109,25 @@ class _PV:
                 self.cols["alarm_message"] = message
             else:  # no row had a message to take out: nothing was buffered
                 self.w.dirty.discard(message)
+        if self.shape is None and self.same_shape is not None:
+            value = next(iter(self.table.values()), None) or self.cols.get("value")
+            trailing = (value.trailing or ())[: 1 if self.table else None] if value else None
+            if trailing is not None and trailing != tuple(self.same_shape.tolist()):
+                # readers take the shape from `value`: it must be that one, else written
+                self.shape = _Col(self.w, self.g, "shape", self.n,
+                                  dtype=np.dtype(np.int64), share=True)
+                self.shape.add(np.tile(self.same_shape, (self.same_rows, 1)))
+        if self.shape is not None:
+            self.cols["shape"] = self.shape
         for c in (*self.cols.values(), *self.table.values(), self.first, self.count):
             c.finish()
+        value = self.cols.get("value")
+        if value is not None and value.trailing and self.shape is None:
+            # one array per row: say which dimension the per-row columns run along (NeXus
+            # `axes`/`AXISNAME_indices`), else a loader guesses it from the lengths, and
+            # 1,000 rows of 1,000-element waveforms are ambiguous (decision 0011)
+            set_attrs(self.g, {"axes": ["time", *["."] * len(value.trailing)], **{
+                f"{name}_indices": 0 for name in self.cols if name not in ("value", "time")}})
         if message is not None and message.ds is not None:  # spilled: texts known only now
             message.finish()
             set_attrs(message.ds, {"texts": list(self.texts)})
@@ -1143,12 +1180,20 @@ class _Writer:
         # chunk rows of the columns written in pieces (see plan_piece_rows)
         self.piece_rows = MAX_CHUNK_ROWS
         self.pvs = out.require_group("pvs")
+        self.index = out.require_group("index")  # /index/<PV>/{first,count} (format 5.0)
+        self._metadata: h5py.Group | None = None
         # (name, dtype, shape, attrs, bytes) -> (group id, name): columns to link to
         self.shared: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
         self.shared_bytes = 0
         self.n_links = 0
         self.templates: dict[tuple[Any, ...], tuple[Any, bytes]] = {}  # see create()
         self.info: list[dict[str, Any]] = []  # /pv_info rows
+
+    def metadata_group(self) -> h5py.Group:
+        """``/metadata``, made for the first PV whose structure changes (format 5.0)."""
+        if self._metadata is None:
+            self._metadata = self.out.require_group("metadata")
+        return self._metadata
 
     def create(self, gid: Any, name: str, data: npt.NDArray[Any], *,
                attrs: Mapping[str, Any] | None = None,

@@ -85,10 +85,10 @@ def test_flapping_message_is_a_column_and_the_structure_is_stored_once(
 ) -> None:
     path, sent = _record(tmp_path)
     with h5py.File(path, "r") as h:
-        assert h.attrs["format_version"] == "4.1"
+        assert h.attrs["format_version"] == "5.0"
         info = _info(h)
         g = h["pvs/FLAP"]
-        assert "metadata" not in g and info["FLAP"]["metadata_entries"] == 1
+        assert "FLAP" not in h["metadata"] and info["FLAP"]["metadata_entries"] == 1
         assert info["FLAP"]["flags"] & F_MESSAGE
         assert b'"message":null' in info["FLAP"]["metadata"]
         msg = g["alarm_message"]
@@ -98,15 +98,15 @@ def test_flapping_message_is_a_column_and_the_structure_is_stored_once(
         # identical codes and texts: one dataset, two names
         assert h["pvs/FLAP2/alarm_message"] == msg
         # a constant structure keeps its one message in its one metadata entry
-        assert "alarm_message" not in h["pvs/CONST"] and "metadata" not in h["pvs/CONST"]
+        assert "alarm_message" not in h["pvs/CONST"] and "CONST" not in h["metadata"]
         assert not info["CONST"]["flags"] & F_MESSAGE
         assert b'"message":"NO_ALARM"' in info["CONST"]["metadata"]
         # the structure changes for another reason: the message is a column all the same
         units = h["pvs/UNITS"]
         assert list(units["alarm_message"].attrs["texts"]) == ["LOLO"]
         assert units["alarm_message"][()].tolist() == [0] * N
-        assert units["metadata/row"][()].tolist() == [0, N // 2]
-        assert all(b'"message":null' in j for j in units["metadata/json"][()])
+        assert h["metadata/UNITS/row"][()].tolist() == [0, N // 2]
+        assert all(b'"message":null' in j for j in h["metadata/UNITS/json"][()])
     with open_file(path) as f:
         for pv, samples in sent.items():
             same(f.samples(pv), samples)
@@ -147,7 +147,7 @@ def test_more_texts_than_the_column_takes(tmp_path: Path,
         assert list(g["alarm_message"].attrs["texts"]) == ["NO_ALARM"]
         high = [_flap(i) == "HIGH" for i in range(N)]
         assert (g["alarm_message"][()] < 0).tolist() == high
-        jsons = g["metadata/json"][()]
+        jsons = h["metadata/FLAP/json"][()]
         assert any(b'"message":"HIGH"' in j for j in jsons)
         assert any(b'"message":null' in j for j in jsons)
     with open_file(path) as f:
@@ -188,7 +188,7 @@ def test_format_2_files_are_still_read(tmp_path: Path,
     with h5py.File(path, "r") as h:
         assert h.attrs["format_version"] == "2.0"
         assert "alarm_message" not in h["pvs/FLAP"]
-        assert len(h["pvs/FLAP/metadata/row"]) > 2
+        assert len(h["metadata/FLAP/row"]) > 2
     with open_file(path) as f:
         for pv, samples in sent.items():
             same(f.samples(pv), samples)

@@ -64,16 +64,18 @@ def test_shared_columns_are_ordinary_datasets(tmp_path: Path) -> None:
     path, sent = _record(tmp_path)
     with h5py.File(path, "r") as h:
         a1, a2, b = h["pvs/A1"], h["pvs/A2"], h["pvs/B"]
-        for name in ("time", "iteration", "severity", "status", "first", "count"):
+        for name in ("pvs/{}/time", "pvs/{}/iteration", "pvs/{}/severity", "pvs/{}/status",
+                     "index/{}/first", "index/{}/count"):
             # one object, two names: h5py sees the same dataset under both PVs
-            assert isinstance(a2[name], h5py.Dataset)
-            assert a1[name] == a2[name], name
-            assert h5py.h5o.get_info(a1[name].id).rc >= 2, name
-            assert a1[name][()].tolist() == a2[name][()].tolist()
+            one, other = h[name.format("A1")], h[name.format("A2")]
+            assert isinstance(other, h5py.Dataset)
+            assert one == other, name
+            assert h5py.h5o.get_info(one.id).rc >= 2, name
+            assert one[()].tolist() == other[()].tolist()
         assert a2["time"].attrs["units"] == "ns"
         assert a2["time"].attrs["start"] == "1970-01-01T00:00:00Z"
         assert a1["iteration"][()].tolist() == list(range(N_ITER))
-        assert a1["count"][()].tolist() == [1] * N_ITER
+        assert h["index/A1/count"][()].tolist() == [1] * N_ITER
         # own columns: not shared, their own values
         assert b["time"] != a1["time"] and b["severity"] != a1["severity"]
         assert b["severity"][()].tolist() == [i % 3 for i in range(N_ITER)]
@@ -100,8 +102,8 @@ def test_metadata_change_after_row_0(tmp_path: Path) -> None:
     with h5py.File(path, "r") as h:
         info = _info(h)
         m = h["pvs/M"]
-        assert m["metadata/row"][()].tolist() == [0, 3, 5]
-        jsons = [x.decode() for x in m["metadata/json"][()]]
+        assert h["metadata/M/row"][()].tolist() == [0, 3, 5]  # format 5: beside the NXlog
+        jsons = [x.decode() for x in h["metadata/M/json"][()]]
         assert '"units":"mm"' in jsons[0] and '"units":"um"' in jsons[1]
         assert '"description":"moved"' in jsons[2]
         assert info["M"]["metadata_entries"] == 3
@@ -109,7 +111,7 @@ def test_metadata_change_after_row_0(tmp_path: Path) -> None:
         # units of the first metadata on value and in /pv_info; changes in the JSON
         assert m["value"].attrs["units"] == "mm" and info["M"]["units"] == b"mm"
         # no change: no metadata group
-        assert "metadata" not in h["pvs/A1"] and info["A1"]["metadata_entries"] == 1
+        assert "A1" not in h["metadata"] and info["A1"]["metadata_entries"] == 1
     with open_file(path) as f:
         same(f.samples("M"), sent["M"])
         assert [s.data["display"]["units"] for s in f.samples("M")] == ["mm"] * 3 + ["um"] * 3
@@ -174,7 +176,7 @@ def test_pv_info_table(tmp_path: Path) -> None:
         assert f.pv_info("E")["choices"] == '["Off", "On"]'
     with h5py.File(path, "r") as h:
         assert list(h["pvs/E/value"].attrs["choices"]) == ["Off", "On"]
-        assert h.attrs["format_version"] == "4.1"
+        assert h.attrs["format_version"] == "5.0"
 
 
 def test_spilled_columns_are_not_shared_but_equal(

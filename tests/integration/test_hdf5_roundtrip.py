@@ -181,19 +181,23 @@ def test_roundtrip_every_type_live_and_final(tmp_path: Path) -> None:
         assert f32["count"] == 5 and info["I"]["source"] == b"ca://I"
         # stored again only on change: display at row 3 (format 3: the alarm message,
         # "" / "HIHI", is a column, flag 16, not a metadata change)
-        assert h["pvs/F32/metadata/row"][()].tolist() == [0, 3]
-        assert "metadata" not in h["pvs/F64"] and info["F64"]["metadata_entries"] == 1
+        assert h["metadata/F32/row"][()].tolist() == [0, 3]  # format 5: beside the NXlog
+        assert "F64" not in h["metadata"] and info["F64"]["metadata_entries"] == 1
+        # format 5: the PV groups hold per-value columns only (plain NXlogs, decision 0011)
+        for name, pv in h["pvs"].items():
+            assert not {"first", "count", "metadata", "data_time"} & set(pv), name
+            assert h[f"index/{name}/first"].shape == (5,), name
         assert f32["metadata_entries"] == 2
         msg = h["pvs/F32/alarm_message"]
         texts = list(msg.attrs["texts"])  # str, as for enum choices
         assert [texts[c] for c in msg[()]] == [_alarm(i)["message"] for i in range(5)]
         assert f32["flags"] & 16 and b'"message":null' in f32["metadata"]
         # never changes: no metadata group, row 0's structure only in /pv_info
-        assert "metadata" not in h["pvs/I"] and info["I"]["metadata_entries"] == 1
+        assert "I" not in h["metadata"] and info["I"]["metadata_entries"] == 1
         assert b'"value":null' in info["I"]["metadata"]
         assert list(h["pvs/E/value"].attrs["choices"]) == ["Off", "On"]
         assert info["E"]["choices"] == b'["Off", "On"]'
-        assert h.attrs["status"] == "complete" and h.attrs["format_version"] == "4.1"
+        assert h.attrs["status"] == "complete" and h.attrs["format_version"] == "5.0"
 
 
 def test_timedbuffered_many_values_per_iteration_and_overlap(tmp_path: Path) -> None:
@@ -324,6 +328,6 @@ def test_old_reader_h5dump_110(tmp_path: Path) -> None:
     out = subprocess.run([H5DUMP or "", "-d", "/pv_info", str(final)],
                          check=False, capture_output=True, text=True)
     assert out.returncode == 0 and '"pva://F32"' in out.stdout, out.stderr
-    out = subprocess.run([H5DUMP or "", "-d", "/pvs/I/first", str(final)],
+    out = subprocess.run([H5DUMP or "", "-d", "/index/I/first", str(final)],
                          check=False, capture_output=True, text=True)
     assert out.returncode == 0 and "0, 1, 2" in out.stdout, out.stdout

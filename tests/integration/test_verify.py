@@ -227,7 +227,7 @@ def _unlink_iteration(f: h5py.File) -> None:
 
 FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
     ("newer format", _attr("format_version", "9.0"),
-     "/: format 9.0 is newer than this k2eg-recorder knows (4.x)"),
+     "/: format 9.0 is newer than this k2eg-recorder knows (5.x)"),
     ("foreign file", _attr("format", "other"), "/: not a k2eg-recorder file"),
     ("attribute gone", _attr("run_name"), "/: root attribute 'run_name' is missing"),
     ("bad JSON attribute", _attr("pv_uri_map", "{oops"), "/: root attribute 'pv_uri_map' is "
@@ -250,16 +250,21 @@ FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
     ("group gone", _delete("pvs/F64"), "/pvs/F64: the group of PV 'F64' is missing"),
     ("column gone", _delete("pvs/B/time"), "/pvs/B: dataset 'time' is missing"),
     ("value gone", _delete("pvs/B/value"), "/pvs/B: no 'value' for 5 rows of kind 'bool'"),
-    ("index out of range", _set("pvs/S/count", 4, 2),
-     "/pvs/S/count: iteration rows 4: first/count point outside the PV's 5 rows"),
+    ("index out of range", _set("index/S/count", 4, 2),
+     "/index/S/count: iteration rows 4: first/count point outside the PV's 5 rows"),
+    ("index gone", _delete("index/S"), "/index/S: missing (the PV's first/count index)"),
+    ("index in the NXlog", lambda f: f["pvs/S"].create_dataset("first", data=[0]),
+     "/pvs/S/first: format 5 keeps 'first' out of the PV group"),
+    ("frame time under its 4.x name", lambda f: f["pvs/S"].create_dataset("data_time", data=[0]),
+     "/pvs/S/data_time: format 5 names it 'data_timestamp'"),
     ("index to the wrong rows", _unlink_iteration,
      "/pvs/I/iteration: rows 1 (indexed as iteration 101, holds 999)"),
     ("alarm text code", _set("pvs/F64/alarm_message", 0, 40),
      "/pvs/F64/alarm_message: rows 0: code outside -1..1"),
-    ("metadata JSON", _set("pvs/X/metadata/json", 0, "{"),
-     "/pvs/X/metadata/json: entries 0 do not parse"),
-    ("metadata order", _set("pvs/X/metadata/row", 0, 3),
-     "/pvs/X/metadata/row: entries must start at row 0 and increase"),
+    ("metadata JSON", _set("metadata/X/json", 0, "{"),
+     "/metadata/X/json: entries 0 do not parse"),
+    ("metadata order", _set("metadata/X/row", 0, 3),
+     "/metadata/X/row: entries must start at row 0 and increase"),
     ("flags column gone", _delete("pvs/Z/flags"),
      "/pvs/Z: no flags dataset, but /pv_info says the rows' flags differ"),
     ("time units gone", lambda f: f["pvs/U/time"].attrs.__delitem__("units"),
@@ -273,7 +278,7 @@ FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
     ("storage dtype", _pv_info("I", "storage_dtype", b"float32"),
      "/pvs/I/value: dtype int64, /pv_info says float32"),
     ("metadata entries", _pv_info("X", "metadata_entries", 7),
-     "/pvs/X/metadata: 2 entries, /pv_info says 7"),
+     "/metadata/X: 2 entries, /pv_info says 7"),
 ]
 
 
