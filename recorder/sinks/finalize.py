@@ -1122,8 +1122,10 @@ class _PV:
         for c in (*self.cols.values(), *self.table.values(), self.first, self.count):
             c.finish()
         value = self.cols.get("value")
-        if value is not None and value.trailing and self.shape is None:
-            # one array per row: say which dimension the per-row columns run along (NeXus
+        if value is not None and value.trailing and (
+                self.shape is None or self.shape.trailing == (1,)):
+            # an array per row (of one shape, or 1-D: `shape` (n, 1) is then read as one
+            # length per row): say which dimension the per-row columns run along (NeXus
             # `axes`/`AXISNAME_indices`), else a loader guesses it from the lengths, and
             # 1,000 rows of 1,000-element waveforms are ambiguous (decision 0011)
             set_attrs(self.g, {"axes": ["time", *["."] * len(value.trailing)], **{

@@ -34,7 +34,8 @@ FIXED = ["SIM:AI:DOUBLE:1", "SIM:AI:FLOAT:2", "SIM:AI:LONG:3", "SIM:BI:BOOL:1",
 """PVs with one value of one shape per iteration: each must load as a DataArray."""
 BUFFERED = "SIM:AI:DOUBLE:10:P20"  # several values per iteration (timedbuffered)
 GAPPY = "SIM:AI:DOUBLE:20"  # missing from one iteration
-RAGGED = ["SIM:WFVAR:DOUBLE:10:N32", "SIM:TABLE:1"]  # rows of different shapes; a table
+VARYING = "SIM:WFVAR:DOUBLE:10:N32"  # waveforms whose length changes
+TABLE = "SIM:TABLE:1"
 N_ITER = 6
 T0_NS = 1_700_000_000 * 10**9
 
@@ -57,8 +58,9 @@ with snx.File(sys.argv[1]) as f:
             row["values"] = values.tolist() if hasattr(values, "tolist") else list(values)
             coords = got.coords
             row["time"] = coords["time"].values.astype("datetime64[ns]").astype(np.int64).tolist()
-            for c in ("iteration", "severity", "status"):
-                row[c] = coords[c].values.tolist()
+            for c in ("iteration", "severity", "status", "shape"):
+                if c in coords:
+                    row[c] = coords[c].values.tolist()
         out[name] = row
 print(json.dumps(out))
 """
@@ -66,7 +68,7 @@ print(json.dumps(out))
 
 def _record(directory: Path) -> Path:
     rec = HDF5Recording(OutputOptions(directory=directory), run_name="nexus")
-    specs = {name: parse_pv(name) for name in [*FIXED, BUFFERED, GAPPY, *RAGGED]}
+    specs = {name: parse_pv(name) for name in [*FIXED, BUFFERED, GAPPY, VARYING, TABLE]}
     for i in range(1, N_ITER + 1):
         wall = T0_NS + i * 100_000_000
         rec.handle(IterationOpened("t", "nexus", i, wall))
@@ -109,5 +111,12 @@ def test_scippnexus_reads_every_pv_group_as_an_nxlog(tmp_path: Path) -> None:
         assert len(loaded[BUFFERED]["values"]) == 3 * N_ITER
         assert loaded[GAPPY]["iteration"] == [1, 2, 4, 5, 6]
         assert np.asarray(loaded["SIM:IMG:UBYTE:1:S8x6"]["values"]).shape == (N_ITER, 6, 8)
-        for pv in RAGGED:  # not one array: NeXus's fallback, a DataGroup (no error)
-            assert loaded[pv]["type"] == "DataGroup", pv
+        # waveforms of changing length: zero-padded, with each row's length as a coordinate
+        row = loaded[VARYING]
+        assert row["type"] == "DataArray", row["warnings"]
+        lengths = [len(v) for v in f.values(VARYING)]
+        assert row["shape"] == lengths and len(set(lengths)) > 1
+        assert [r[:n] for r, n in zip(row["values"], lengths, strict=True)] == [
+            v.tolist() for v in f.values(VARYING)]
+        # a table is a group of columns, not one array: NeXus's fallback, a DataGroup
+        assert loaded[TABLE]["type"] == "DataGroup"
