@@ -61,7 +61,7 @@ from recorder.sinks.codec import (
     typed_scalar,
 )
 from recorder.sinks.describe import plain
-from recorder.sinks.finalize import EXTRACTED_AT_FINALIZE, K_ARRAY
+from recorder.sinks.final_layout import EXTRACTED_AT_FINALIZE, K_ARRAY
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import LiveView, read_live
 from recorder.sinks.options import PARTIAL_SUFFIX

@@ -39,7 +39,8 @@ from recorder.client.properties import PVUri, SnapshotProperties
 from recorder.errors import SinkError
 from recorder.sinks import writelock
 from recorder.sinks.buffer import RecordingBuffer
-from recorder.sinks.finalize import FORMAT_VERSION, finalize
+from recorder.sinks.final_layout import FORMAT_VERSION
+from recorder.sinks.finalize import finalize
 from recorder.sinks.livefile import RECORDING_STATUS, LiveWriter, create_live_layout
 from recorder.sinks.options import (
     OutputOptions,

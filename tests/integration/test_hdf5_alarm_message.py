@@ -18,6 +18,7 @@ from test_hdf5_roundtrip import record_closed, same
 
 from recorder.client.values import PVSample
 from recorder.reader import open_file
+from recorder.sinks import final_pv
 from recorder.sinks import finalize as finalize_module
 from recorder.sinks import hdf5 as hdf5_module
 from recorder.sinks.codec import F_MESSAGE, MESSAGE_MAX_BYTES, strip_message
@@ -140,7 +141,7 @@ def test_messages_that_stay_in_the_metadata(tmp_path: Path) -> None:
 def test_more_texts_than_the_column_takes(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Beyond MESSAGE_TEXTS_MAX distinct texts, new ones stay in the metadata entries."""
-    monkeypatch.setattr(finalize_module, "MESSAGE_TEXTS_MAX", 1)
+    monkeypatch.setattr(final_pv, "MESSAGE_TEXTS_MAX", 1)
     path, sent = _record(tmp_path)
     with h5py.File(path, "r") as h:
         g = h["pvs/FLAP"]
@@ -182,7 +183,7 @@ def test_spilled_message_column_equals_the_buffered_one(
 def test_format_2_files_are_still_read(tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A 2.0 file (message in the metadata entries, no column) reads the same."""
-    monkeypatch.setattr(finalize_module, "strip_message", lambda raw: None)
+    monkeypatch.setattr(final_pv, "strip_message", lambda raw: None)
     monkeypatch.setattr(finalize_module, "FORMAT_VERSION", "2.0")
     path, sent = _record(tmp_path)
     with h5py.File(path, "r") as h:

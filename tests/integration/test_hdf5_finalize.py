@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from test_hdf5_roundtrip import _ts, record, record_closed, same, write_iteration
 
-import recorder.sinks.finalize as finalize_module
 from recorder.client.values import PVSample
 from recorder.reader import open_file
+from recorder.sinks import final_blocks, final_datasets
 from recorder.sinks import hdf5 as hdf5_module
 from recorder.sinks.finalize import finalize
 from recorder.sinks.hdf5 import HDF5Recording
@@ -82,7 +82,7 @@ def test_spilled_columns_write_each_chunk_once(tmp_path: Path, monkeypatch: pyte
     made finalizing 1,000 PVs x 12,000 iterations take 28 s instead of 15), and the file
     holds what one block gives."""
     writes: dict[str, list[tuple[int, int]]] = {}
-    spill = finalize_module._Col.spill
+    spill = final_datasets._Col.spill
 
     def spy(self: Any, **kwargs: Any) -> None:
         before = self.written
@@ -105,8 +105,8 @@ def test_spilled_columns_write_each_chunk_once(tmp_path: Path, monkeypatch: pyte
     path1, sent = record_closed(HDF5Recording(OutputOptions(directory=one), run_name="c"),
                                 600, samples_of)
     rng = np.random.default_rng(5)
-    monkeypatch.setattr(finalize_module._Col, "spill", spy)
-    monkeypatch.setattr(finalize_module, "PIECE_CHUNK_MIN_BYTES", 1, raising=False)  # small file
+    monkeypatch.setattr(final_datasets._Col, "spill", spy)
+    monkeypatch.setattr(final_datasets, "PIECE_CHUNK_MIN_BYTES", 1, raising=False)  # small file
     monkeypatch.setattr(hdf5_module, "finalize", functools.partial(finalize,
                                                                    block_bytes=256 * 1024))
     path2, _ = record_closed(HDF5Recording(OutputOptions(directory=many), run_name="c"),
@@ -137,7 +137,7 @@ def test_block_gather_equals_row_by_row(monkeypatch: pytest.MonkeyPatch,
                                         gather_elements: int) -> None:
     """Arrays copied out of a block's pool: side by side (one slice), scattered (gathered,
     in index-bounded chunks), mixed lengths and empty arrays, as one row at a time does."""
-    monkeypatch.setattr(finalize_module, "GATHER_ELEMENTS", gather_elements)
+    monkeypatch.setattr(final_blocks, "GATHER_ELEMENTS", gather_elements)
     rng = np.random.default_rng(3)
     for case in range(300):
         n = int(rng.integers(1, 30))
@@ -150,7 +150,7 @@ def test_block_gather_equals_row_by_row(monkeypatch: pytest.MonkeyPatch,
         else:
             offsets = lo + rng.permutation(np.concatenate(([0], np.cumsum(sizes + 2)[:-1])))
         pool = rng.normal(size=int((offsets + sizes).max()) - lo + 3).astype(np.float32)
-        block = finalize_module._Block({}, 0, b"", {5: (lo, pool)})
+        block = final_blocks._Block({}, 0, b"", {5: (lo, pool)})
         m = n + 4
         rows = np.sort(rng.choice(m, n, replace=False))
         got = np.zeros((m, width), np.float32)

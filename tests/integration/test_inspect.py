@@ -11,7 +11,7 @@ import h5py
 from test_hdf5_roundtrip import record
 
 from recorder.reader import open_file
-from recorder.sinks.finalize import FORMAT_VERSION
+from recorder.sinks.final_layout import FORMAT_VERSION
 
 
 def _inspect(path: Path) -> subprocess.CompletedProcess[str]:
