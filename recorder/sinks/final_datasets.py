@@ -112,7 +112,7 @@ class _Col:
         size = _buffered_size(data)
         self.nbytes += size
         self.w.buffered += size
-        self.w.dirty.add(self)
+        self.w.dirty[self] = None
 
     def _grow(self, shape: tuple[int, ...]) -> None:
         if self.trailing is None:
@@ -195,7 +195,7 @@ class _Col:
                                             dtype=self.dtype)], data.shape[1:])
             self.w.create(self.group, self.name, data, attrs=self.attrs, h5dtype=self.h5dtype,
                           share=self.share)
-            self.w.dirty.discard(self)
+            self.w.dirty.pop(self, None)
             self.w.buffered -= self.nbytes
             self.pieces = []
             self.nbytes = 0
@@ -218,7 +218,9 @@ class _Writer:
         self.block_bytes = block_bytes
         self.plugins: set[str] = set()
         self.buffered = 0
-        self.dirty: set[_Col] = set()
+        # buffered columns, in the order they got data (a dict: ties in maybe_spill's order
+        # must not depend on memory addresses, or the same input gives other bytes)
+        self.dirty: dict[_Col, None] = {}
         # chunk rows of the columns written in pieces (see plan_piece_rows)
         self.piece_rows = MAX_CHUNK_ROWS
         self.pvs = out.require_group("pvs")
@@ -363,7 +365,7 @@ class _Writer:
                     return
                 col.spill(whole_chunks=whole)
                 if not col.pieces:
-                    self.dirty.discard(col)
+                    self.dirty.pop(col, None)
 
 
 def plan_piece_rows(plan: _Plan, n_iter: int, block_bytes: int) -> int:

@@ -472,14 +472,14 @@ class _PV:
                 const_flags = int(f[0]) if len(f) else 0
                 del self.cols["flags"]
                 self.w.buffered -= flags.nbytes
-                self.w.dirty.discard(flags)
+                self.w.dirty.pop(flags, None)
         message = self.message
         if message is not None and message.ds is None:
             if self.texts:
                 message.attrs["texts"] = list(self.texts)
                 self.cols["alarm_message"] = message
             else:  # no row had a message to take out: nothing was buffered
-                self.w.dirty.discard(message)
+                self.w.dirty.pop(message, None)
         if self.shape is None and self.same_shape is not None:
             value = next(iter(self.table.values()), None) or self.cols.get("value")
             trailing = (value.trailing or ())[: 1 if self.table else None] if value else None
