@@ -517,7 +517,7 @@ def worker(args: argparse.Namespace) -> int:
     from recorder.client.client import K2egClient
     from recorder.config.daemon import DaemonSettings
     from recorder.config.models import RunDefinition
-    from recorder.daemon.controller import Recording, hdf5_recording
+    from recorder.daemon.recording import Recording, hdf5_recording
     from recorder.daemon.resume import ActiveRecording, ResumeStore
     from recorder.logging import configure_logging
     from recorder.service import Service

@@ -58,15 +58,11 @@ from recorder.config.models import RunDefinition
 from recorder.daemon.admin import AdminHandler, RunHandle
 from recorder.daemon.adminlink import AdminCursor, AdminLink
 from recorder.daemon.backoff import Backoff
-from recorder.daemon.controller import (
-    RecordingFactory,
-    RunController,
-    hdf5_recording,
-    prewarm_writers,
-)
+from recorder.daemon.controller import RunController
 from recorder.daemon.diskprobe import DiskProbe
 from recorder.daemon.diskspace import DiskChange, DiskWatch, MinFree, format_bytes
 from recorder.daemon.heartbeat import Heartbeat
+from recorder.daemon.recording import RecordingFactory, hdf5_recording, prewarm_writers
 from recorder.daemon.resume import ResumeStore
 from recorder.errors import RecorderError
 from recorder.gctune import tune_gc

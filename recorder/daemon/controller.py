@@ -18,11 +18,12 @@ recording resumes from its last durable offset into a new segment: nothing still
 topic's retention is lost. A stop while it waits stops the gateway snapshot.
 
 The worker thread owns the run's :class:`~recorder.client.RecurringSnapshot` (iterator mode)
-and its recording (:func:`hdf5_recording`: an HDF5 writer process per recording, or in-process
-with ``output.isolate: false``): it takes events, writes them, flushes on
-the recording's interval and, after each flush that moved the durable Kafka offsets, rewrites
-the run's state file (:mod:`recorder.daemon.resume`). Other threads (the daemon's main loop)
-only queue requests — :meth:`RunController.start`, :meth:`~RunController.stop`,
+and its recording (:data:`~recorder.daemon.recording.hdf5_recording`: an HDF5 writer process
+per recording, or in-process with ``output.isolate: false``): it takes events, writes them,
+flushes on the recording's interval and, after each flush that moved the durable Kafka
+offsets, rewrites the run's state file (:mod:`recorder.daemon.resume`). A ``.partial`` file a
+crashed process left is recovered first (:mod:`recorder.daemon.leftovers`). Other threads (the
+daemon's main loop) only queue requests — :meth:`RunController.start`, :meth:`~RunController.stop`,
 :meth:`~RunController.trigger` return a :class:`~concurrent.futures.Future` holding the reply
 text — and read :meth:`RunController.status`.
 
@@ -37,11 +38,11 @@ messages arrive again: a restarted gateway has forgotten the snapshot and starts
 trigger the gateway answers "has not been found" (-2) re-sends the start, then the trigger.
 
 A run whose ``output.bridge`` is set also serves each iteration live over the Karabo bridge
-protocol (:mod:`recorder.sinks.bridge`): the worker creates the bridge sink with the recording,
-hands it every event it hands the recording (same thread, right after it), and closes it with
-the recording's final status. The bridge never affects recording: a sink that cannot be
-created (extra not installed, port taken) or raises is logged, reported in the run's status
-(``bridge``) and dropped, and the recording goes on.
+protocol (:mod:`recorder.sinks.bridge`, through :mod:`recorder.daemon.bridge`): the worker
+creates the bridge sink with the recording, hands it every event it hands the recording (same
+thread, right after it), and closes it with the recording's final status. The bridge never
+affects recording: a sink that cannot be created (extra not installed, port taken) or raises
+is logged, reported in the run's status (``bridge``) and dropped, and the recording goes on.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -75,14 +76,27 @@ from recorder.client import (
 )
 from recorder.config.models import RunDefinition
 from recorder.daemon.backoff import Backoff
+from recorder.daemon.bridge import (
+    BRIDGE_COUNTERS,
+    BridgeFactory,
+    BridgeSink,
+    bridge_status,
+    karabo_bridge,
+)
 from recorder.daemon.diskspace import out_of_space
+from recorder.daemon.leftovers import finalize_leftover, offsets_in_file
 from recorder.daemon.pump import pending_bound
+from recorder.daemon.recording import (
+    Recording,
+    RecordingFactory,
+    hdf5_recording,
+    prewarm_writers,
+)
 from recorder.daemon.resume import ActiveRecording, ResumeStore
 from recorder.daemon.resume import RunState as StoredState
 from recorder.daemon.silence import SilenceWatch, silence_limit_s
 from recorder.errors import AdminCommandError, RecorderError
 from recorder.metrics import RecorderMetrics
-from recorder.sinks.bridge import BridgeOptions
 
 _log = structlog.get_logger("recorder.daemon")
 
@@ -90,208 +104,9 @@ PUMP_BUDGET_S = 0.1  # longest stretch of event handling between two request che
 IDLE_WAIT_S = 0.2
 ROOM_POLL_S = 1.0  # how often a run waiting for disk space asks whether there is room
 LAG_EVERY_S = 2.0
-RESUMED_BY = ("the daemon at its restart, which resumed the recording in the next segment "
-              "from the first message this file does not hold")
-"""How a file left by a crash and recovered at a restart says so (its ``reason``)."""
 STOP_ITERATION_TAGS: dict[str, str] = {f"{RESERVED_TAG_PREFIX}cause": "stop"}
 """Tags of the iteration a triggered snapshot publishes when it is stopped (not a trigger's)."""
-LEFTOVER_ATTEMPTS = 5  # recovering a .partial a dying writer process may still hold
-LEFTOVER_RETRY_S = 1.0
 SNAPSHOT_NOT_FOUND = -2  # the gateway's error code for a trigger of a snapshot it does not run
-
-
-class Recording(Protocol):
-    """What the controller needs of a recording (:class:`~recorder.sinks.hdf5.HDF5Recording`)."""
-
-    status: str
-    reason: str
-    current_path: Path | None
-    paths: list[Path]
-    counters: dict[str, int]
-    last_flush_seconds: float
-    uid: str
-
-    @property
-    def last_durable_offset(self) -> dict[tuple[str, int], int]: ...
-
-    def handle(self, event: IterationEvent) -> None: ...
-
-    def maybe_flush(self, now: float | None = None, *, idle: bool = False) -> bool: ...
-
-    def flush(self) -> None: ...
-
-    def close(self, status: str = "complete", reason: str = "") -> list[Path]: ...
-
-
-class BridgeSink(Protocol):
-    """What the controller needs of a live sink
-    (:class:`~recorder.sinks.bridge.sink.KaraboBridgeSink`)."""
-
-    status: str
-    reason: str
-    endpoints: dict[str, str]
-    counters: dict[str, int]
-
-    @property
-    def has_subscribers(self) -> bool: ...
-
-    def handle(self, event: IterationEvent) -> None: ...
-
-    def close(self, status: str = "complete", reason: str = "") -> None: ...
-
-
-class BridgeFactory(Protocol):
-    def __call__(
-        self, options: BridgeOptions, *, run_name: str, snapshot: SnapshotProperties | None
-    ) -> BridgeSink: ...
-
-
-def karabo_bridge(
-    options: BridgeOptions, *, run_name: str, snapshot: SnapshotProperties | None
-) -> BridgeSink:
-    """The production bridge: :func:`recorder.sinks.bridge.create_bridge_sink`."""
-    from recorder.sinks.bridge import create_bridge_sink
-
-    return create_bridge_sink(options, run_name=run_name, snapshot=snapshot)
-
-
-BRIDGE_COUNTERS = ("iterations", "served", "published", "dropped_iterations")
-
-
-def bridge_status(sink: BridgeSink) -> dict[str, Any]:
-    """The ``bridge`` entry of a run's status document."""
-    counters = sink.counters
-    out: dict[str, Any] = {
-        "status": sink.status,
-        "reason": sink.reason,
-        "endpoints": dict(sink.endpoints),
-        "subscribers": bool(sink.has_subscribers),
-    }
-    out.update({k: int(counters.get(k, 0)) for k in BRIDGE_COUNTERS})
-    return out
-
-
-class RecordingFactory(Protocol):
-    def __call__(
-        self, definition: RunDefinition, *, seq: int, recording_uid: str | None,
-        first_segment: int = 0, start_ns: int | None = None,
-    ) -> Recording: ...
-
-
-class HDF5RecordingFactory:
-    """The production recording factory (:data:`hdf5_recording`): HDF5 files as the run
-    definition's ``output:`` says, written by a writer process of its own
-    (:class:`~recorder.sinks.process.IsolatedRecording`) unless ``output.isolate: false``
-    (then :class:`~recorder.sinks.hdf5.HDF5Recording` in the daemon's process); see
-    :func:`recorder.sinks.process.open_recording`.
-
-    :meth:`prewarm` starts the writer processes of the next recordings ahead of time (the
-    daemon at start-up for the runs it starts, the controller before subscribing), so their
-    start-up (an interpreter, h5py: 0.5-1 s) overlaps connecting and subscribing instead of
-    delaying the first write."""
-
-    def __call__(
-        self, definition: RunDefinition, *, seq: int, recording_uid: str | None,
-        first_segment: int = 0, start_ns: int | None = None,
-    ) -> Recording:
-        from recorder.sinks.process import open_recording
-
-        props = definition.snapshot.to_properties()
-        return open_recording(
-            definition.output,
-            run_name=definition.name,
-            snapshot=props,
-            run_definition_text=definition.model_dump_json(indent=1),
-            metadata=definition.metadata.file_attributes(),
-            pv_uris=props.pv_uri_list,
-            seq=seq,
-            recording_uid=recording_uid,
-            first_segment=first_segment,
-            start_wall=None if start_ns is None else start_ns / 1e9,
-        )
-
-    @staticmethod
-    def prewarm(*definitions: RunDefinition) -> None:
-        """Have a writer process waiting for each of ``definitions`` that isolates its writer
-        (the daemon calls it at start-up for the runs it starts, the controller before each
-        subscription)."""
-        count = sum(1 for d in definitions if d.output.isolate)
-        if count:
-            from recorder.sinks.process import prewarm_writer
-
-            prewarm_writer(count)
-
-
-hdf5_recording = HDF5RecordingFactory()
-
-
-def prewarm_writers(factory: RecordingFactory, definitions: Sequence[RunDefinition],
-                    log: Any) -> None:
-    """Ask ``factory`` (if it can: ``prewarm``) to start the writers of ``definitions`` ahead
-    of time. An optimization only: a failure is logged, never raised."""
-    prewarm = getattr(factory, "prewarm", None)
-    if prewarm is None or not definitions:
-        return
-    try:
-        prewarm(*definitions)
-    except Exception:
-        log.exception("starting writer processes ahead of time failed")
-
-
-def _finalize_leftover(partial: Path, run: str) -> Path | None:
-    """Recover the ``.partial`` file a crashed process left (status aborted, open iterations
-    marked ``writer_crashed``): its committed data stays, the resumed recording continues in a
-    new segment from the first offset that file does not hold."""
-    if not partial.exists():
-        return None
-    from recorder.sinks.recover import recover_file
-
-    for attempt in range(1, LEFTOVER_ATTEMPTS + 1):
-        try:
-            final = recover_file(partial, by=RESUMED_BY)
-        except OSError as exc:
-            # the writer process of the killed daemon may still be flushing it (file lock)
-            if attempt < LEFTOVER_ATTEMPTS:
-                _log.warning("leftover file busy; retrying", run=run, path=str(partial),
-                             error=str(exc), attempt=attempt)
-                time.sleep(LEFTOVER_RETRY_S)
-                continue
-            error = str(exc)
-        except (RuntimeError, ValueError, RecorderError) as exc:
-            error = str(exc)
-        else:
-            _log.info("leftover file recovered", run=run, path=str(final))
-            return final
-        break
-    _log.error("could not recover a leftover file (left for `k2eg-recorder recover`)",
-               run=run, path=str(partial), error=error)
-    return None
-
-
-def _offsets_in_file(path: Path, topic: str) -> dict[int, int]:
-    """Partition -> highest Kafka offset of ``topic`` whose data a finalized file holds (its
-    ``/kafka`` commit log); ``{}`` when it cannot be read."""
-    import h5py
-    import numpy as np
-
-    try:
-        with h5py.File(path, "r") as f:
-            if "kafka" not in f:
-                return {}
-            g = f["kafka"]
-            topics = np.asarray(g["topic"][()])
-            partitions = np.asarray(g["partition"][()])
-            offsets = np.asarray(g["offset"][()])
-    except (OSError, KeyError, ValueError) as exc:
-        _log.warning("cannot read the Kafka offsets of a recovered file", path=str(path),
-                     error=str(exc))
-        return {}
-    out: dict[int, int] = {}
-    wanted = topic.encode("utf-8")[:255]
-    for t, p, o in zip(topics.tolist(), partitions.tolist(), offsets.tolist(), strict=True):
-        if bytes(t) == wanted:
-            out[int(p)] = max(int(o), out.get(int(p), -1))
-    return out
 
 
 @dataclass(slots=True)
@@ -702,7 +517,7 @@ class RunController:
         offset it really holds: a writer process outlives a killed daemon long enough to
         flush what it had received, which may be more than the state file says."""
         assert active.current_file is not None
-        leftover = _finalize_leftover(Path(active.current_file), self.name)
+        leftover = finalize_leftover(Path(active.current_file), self.name)
         if leftover is None:
             if Path(active.current_file).exists():
                 return active  # left as .partial (logged); resume from the state file
@@ -711,7 +526,7 @@ class RunController:
             with self._lock:
                 self._stats.files.append(str(leftover))
             self._file_finalized(leftover)
-            in_file = _offsets_in_file(leftover, active.topic)
+            in_file = offsets_in_file(leftover, active.topic)
             offsets = {p: max(o, active.offsets.get(p, -1)) for p, o in in_file.items()}
             offsets = {**active.offsets, **offsets}
             if offsets != active.offsets:

@@ -12,7 +12,7 @@ import pytest
 from recorder.client import IterationClosed, IterationOpened, IterationStatus, ValuesReceived
 from recorder.client.values import PVSample
 from recorder.config.models import RunDefinition
-from recorder.daemon.controller import hdf5_recording
+from recorder.daemon.recording import hdf5_recording
 from recorder.reader import open_file
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.process import IsolatedRecording

@@ -1045,7 +1045,7 @@ def test_writers_of_the_runs_that_autostart_are_started_before_connecting(
 def test_prewarm_counts_the_runs_that_isolate_their_writer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from recorder.daemon.controller import HDF5RecordingFactory
+    from recorder.daemon.recording import HDF5RecordingFactory
     from recorder.sinks import process
 
     counts: list[int] = []
