@@ -15,14 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from recorder.client.client import (
-        Ack,
         EventHandler,
-        Iteration,
-        IterationCollector,
         K2egClient,
         OneShotHandler,
-        RecurringSnapshot,
-        StopResult,
         iteration_timeout_s,
     )
     from recorder.client.events import (
@@ -41,6 +36,8 @@ if TYPE_CHECKING:
         normalize_snapshot_name,
         pv_base_name,
     )
+    from recorder.client.results import Ack, Iteration, IterationCollector, StopResult
+    from recorder.client.subscription import RecurringSnapshot
     from recorder.client.values import EnumValue, NDArrayValue, PVSample, TableValue, ValueKind
     from recorder.errors import (
         ClientClosedError,
@@ -54,19 +51,13 @@ if TYPE_CHECKING:
 # name -> the module that defines it
 _LAZY: dict[str, str] = {
     **dict.fromkeys(
-        (
-            "Ack",
-            "EventHandler",
-            "Iteration",
-            "IterationCollector",
-            "K2egClient",
-            "OneShotHandler",
-            "RecurringSnapshot",
-            "StopResult",
-            "iteration_timeout_s",
-        ),
+        ("EventHandler", "K2egClient", "OneShotHandler", "iteration_timeout_s"),
         "recorder.client.client",
     ),
+    **dict.fromkeys(
+        ("Ack", "Iteration", "IterationCollector", "StopResult"), "recorder.client.results"
+    ),
+    **dict.fromkeys(("RecurringSnapshot",), "recorder.client.subscription"),
     **dict.fromkeys(
         (
             "IncompleteReason",

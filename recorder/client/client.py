@@ -17,10 +17,8 @@ Threads
     * the caller's thread sends commands and waits for replies (bounded by timeouts).
 
 Back-pressure
-    Each subscription holds at most ``max_pending`` undelivered events (soft bound: one Kafka
-    batch may overshoot). Above it the subscription's topic is paused in the consumer thread
-    (nothing more is fetched for it, other topics keep flowing); once the handler or the
-    iterator has taken it down to half, it is resumed exactly after the last delivered record.
+    Each subscription holds a bounded number of undelivered events (its topic is paused
+    above it): see :mod:`recorder.client.subscription`.
 
 Example::
 
@@ -45,8 +43,8 @@ import contextlib
 import queue
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
@@ -70,12 +68,7 @@ from recorder.client.commands import (
     stop_command,
     trigger_command,
 )
-from recorder.client.events import (
-    IterationClosed,
-    IterationEvent,
-    IterationOpened,
-    ValuesReceived,
-)
+from recorder.client.events import IterationClosed, IterationEvent
 from recorder.client.kafka import KafkaAdapter, StartAt
 from recorder.client.properties import (
     SnapshotProperties,
@@ -83,6 +76,8 @@ from recorder.client.properties import (
     pv_base_name,
 )
 from recorder.client.replies import Outcome, ReplyTracker
+from recorder.client.results import Ack, StopResult
+from recorder.client.subscription import RecurringSnapshot
 from recorder.client.values import PVSample
 from recorder.client.wire import DecodeError, RawMessage, decode_reply
 from recorder.errors import (
@@ -96,8 +91,6 @@ from recorder.settings import KafkaSettings
 __all__ = [
     "Ack",
     "EventHandler",
-    "Iteration",
-    "IterationCollector",
     "K2egClient",
     "OneShotHandler",
     "RecurringSnapshot",
@@ -116,7 +109,6 @@ _DOWN_REPORT_S = 2.0  # Kafka unreachable this long is logged (once per outage)
 _EXPIRE_EVERY_S = 0.05
 # assembler counters of snapshot messages read but not delivered (K2egClient.skipped)
 SKIP_PREFIXES = ("malformed.", "late.", "duplicate", "before_start.")
-_END = object()  # iterator-mode end marker
 
 
 def iteration_timeout_s(props: SnapshotProperties, slack_s: float = DEFAULT_SLACK_S) -> float:
@@ -132,7 +124,6 @@ def iteration_timeout_s(props: SnapshotProperties, slack_s: float = DEFAULT_SLAC
     return 2.0 * props.time_window / 1000.0 + slack_s
 
 
-# ------------------------------------------------------------------------------ results
 def command_producer_config(settings: KafkaSettings) -> dict[str, Any]:
     """This client's producer sends gateway commands only: one that Kafka did not take within
     the command timeout is dropped (its caller got an error by then), never delivered later
@@ -141,87 +132,6 @@ def command_producer_config(settings: KafkaSettings) -> dict[str, Any]:
     if {"message.timeout.ms", "delivery.timeout.ms"} & set(settings.kafka):
         return {}
     return {"message.timeout.ms": max(1, round(settings.command_timeout_s * 1000))}
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    """A gateway acknowledgement (error 0)."""
-
-    command: str
-    reply_id: str
-    message: str
-    publishing_topic: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StopResult:
-    """What :meth:`K2egClient.snapshot_stop` observed.
-
-    ``final_seen``: a tail published after the stop command was read (the final iteration);
-    ``final`` is its close event. False when the client was not reading the snapshot, or the
-    tail did not arrive within the final timeout (then the open iteration was closed
-    ``CLOSED``).
-    """
-
-    snapshot_name: str
-    topic: str
-    message: str
-    final_seen: bool
-    final: IterationClosed | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Iteration:
-    """A whole iteration, as the official client's handler receives it (plus its status)."""
-
-    topic: str
-    snapshot_name: str | None
-    iter_index: int
-    header_timestamp_ns: int | None
-    tail_timestamp_ns: int | None
-    values: dict[str, list[PVSample]]
-    closed: IterationClosed
-
-    @property
-    def complete(self) -> bool:
-        return self.closed.complete
-
-
-class IterationCollector:
-    """An :data:`EventHandler` that gathers events into whole :class:`Iteration` objects.
-
-    ``pv_names`` (base names) get an empty list when they sent nothing, like the official
-    client's ``{pv: [...]}`` for every PV of the request. Values of one PV keep arrival order.
-    Pure code: no threads, no I/O.
-    """
-
-    def __init__(self, handler: Callable[[Iteration], None], pv_names: Iterable[str] = ()) -> None:
-        self._handler = handler
-        self._pv_names = tuple(pv_names)
-        self._open: dict[tuple[str, int], dict[str, list[PVSample]]] = {}
-
-    def __call__(self, event: IterationEvent) -> None:
-        key = (event.topic, event.iter_index)
-        if isinstance(event, IterationOpened):
-            self._open[key] = {pv: [] for pv in self._pv_names}
-        elif isinstance(event, ValuesReceived):
-            values = self._open.setdefault(key, {pv: [] for pv in self._pv_names})
-            for sample in event.samples:
-                values.setdefault(sample.pv, []).append(sample)
-        else:
-            found = self._open.pop(key, None)
-            values = found if found is not None else {pv: [] for pv in self._pv_names}
-            self._handler(
-                Iteration(
-                    event.topic,
-                    event.snapshot_name,
-                    event.iter_index,
-                    event.header_timestamp_ns,
-                    event.tail_timestamp_ns,
-                    values,
-                    event,
-                )
-            )
 
 
 # ------------------------------------------------------------------------------ dispatcher
@@ -258,263 +168,6 @@ class _Dispatcher:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 _log.error("dispatcher thread did not stop (a callback is blocked)")
-
-
-# ------------------------------------------------------------------------------ subscription
-class RecurringSnapshot:
-    """A recurring snapshot this client reads: its events, flow control and stop.
-
-    Two delivery modes, fixed at creation:
-
-    * *handler*: ``handler(event)`` is called from the client's dispatcher thread, in order;
-    * *iterator*: take events with :meth:`get`, :meth:`events` or ``for event in sub``.
-
-    Events are :data:`~recorder.client.events.IterationEvent` objects, in Kafka order for the
-    topic. The subscription ends after :meth:`K2egClient.snapshot_stop` (final iteration
-    included) or :meth:`K2egClient.close` (open iterations closed ``CLOSED``).
-    """
-
-    def __init__(  # noqa: PLR0917
-        self,
-        client: K2egClient,
-        properties: SnapshotProperties,
-        topic: str,
-        ack: Ack,
-        already_running: bool,
-        handler: EventHandler | None,
-        max_pending: int,
-    ) -> None:
-        self.properties = properties
-        self.snapshot_name = properties.snapshot_name
-        self.topic = topic
-        self.ack = ack
-        self.already_running = already_running
-        self.start_offsets: dict[int, int] = {}
-        self.stats: Counter[str] = Counter()
-        self._client = client
-        self._handler = handler
-        self._max_pending = max(1, max_pending)
-        self._low = self._max_pending // 2
-        self._cond = threading.Condition()
-        self._items: deque[Any] = deque()
-        self._pending = 0
-        self._bp_paused = False
-        self._user_paused = False
-        self._paused = False  # what the adapter was last asked for
-        self._backpressure = True
-        self._ended = False
-        self._finished = threading.Event()
-        self._tails: dict[int, IterationClosed] = {}  # partition -> newest tail-closed event
-        self._log = _log.bind(snapshot=self.snapshot_name, topic=topic)
-
-    # ---- public -----------------------------------------------------------------------
-    @property
-    def pending(self) -> int:
-        """Events queued and not yet handled/taken."""
-        with self._cond:
-            return self._pending
-
-    @property
-    def paused(self) -> bool:
-        """True while the topic's consumption is paused (back-pressure or :meth:`pause`)."""
-        with self._cond:
-            return self._paused
-
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
-    def wait_finished(self, timeout: float | None = None) -> bool:
-        """Wait until the subscription ended and (handler mode) its last event was handled."""
-        return self._finished.wait(timeout)
-
-    def pause(self) -> None:
-        """Stop reading the topic until :meth:`resume` (e.g. while a sink is unavailable)."""
-        with self._cond:
-            self._user_paused = True
-            self._apply_pause_locked()
-
-    def resume(self) -> None:
-        with self._cond:
-            self._user_paused = False
-            self._apply_pause_locked()
-
-    def get(self, timeout: float | None = None) -> IterationEvent | None:
-        """Next event (iterator mode); None once the subscription has ended.
-
-        Raises :class:`TimeoutError` when nothing arrives within ``timeout`` seconds.
-        """
-        if self._handler is not None:
-            raise ClientError("this subscription delivers its events to a handler")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not self._items:
-                if self._ended:
-                    return None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"no event from {self.topic!r} within {timeout:g} s")
-                self._cond.wait(remaining)
-            item = self._items.popleft()
-            if item is _END:
-                self._items.appendleft(item)  # stays ended for later calls
-                return None
-            self._pending -= 1
-            self._after_take_locked()
-            event: IterationEvent = item
-            return event
-
-    def events(self, idle_timeout: float | None = None) -> Iterator[IterationEvent]:
-        """Iterate until the subscription ends (or ``idle_timeout`` passes with no event)."""
-        while True:
-            try:
-                event = self.get(idle_timeout)
-            except TimeoutError:
-                return
-            if event is None:
-                return
-            yield event
-
-    def __iter__(self) -> Iterator[IterationEvent]:
-        return self.events()
-
-    def lag(self, timeout: float = 2.0) -> int | None:
-        """Messages of the topic not yet read by the client (see :meth:`K2egClient.lag`);
-        None once the subscription has ended or when it cannot be known in time."""
-        if self._ended:
-            return None
-        return self._client.lag(self.topic, timeout)
-
-    def skipped(self) -> dict[str, int]:
-        """Messages of the topic not delivered, by reason (see :meth:`K2egClient.skipped`)."""
-        return self._client.skipped(self.topic)
-
-    def unsubscribe(self, timeout: float = 5.0) -> None:
-        """Stop reading without stopping the gateway snapshot (see
-        :meth:`K2egClient.unsubscribe`)."""
-        self._client.unsubscribe(self, timeout)
-
-    def trigger(self, timeout: float | None = None) -> Ack:
-        return self._client.snapshot_trigger(self.snapshot_name, timeout)
-
-    def resend_start(self, timeout: float | None = None) -> Ack:
-        """Send this snapshot's ``repeating_snapshot`` command again, with the same
-        properties, without touching the subscription (the topic is read on).
-
-        For a snapshot the gateway may have lost (a gateway restart forgets running
-        snapshots): an ack with a ``publishing_topic`` means the gateway started it anew (its
-        ``iter_index`` begins again at 1); none means it was still running."""
-        return self._client.snapshot_resend(self.properties, timeout)
-
-    def stop(
-        self, timeout: float | None = None, *, final_timeout_s: float | None = None
-    ) -> StopResult:
-        return self._client.snapshot_stop(
-            self.snapshot_name, timeout, final_timeout_s=final_timeout_s
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"RecurringSnapshot({self.snapshot_name!r}, topic={self.topic!r}, "
-            f"pending={self._pending}, paused={self._paused}, ended={self._ended})"
-        )
-
-    # ---- consumer-thread side ---------------------------------------------------------------
-    def _push(self, events: list[IterationEvent]) -> None:
-        for event in events:
-            if isinstance(event, IterationClosed):
-                self._on_closed(event)
-        with self._cond:
-            if self._ended:
-                self._client._count("events.after_end", len(events))
-                return
-            self._pending += len(events)
-            self.stats["events"] += len(events)
-            if self._handler is not None:
-                self._client._dispatch(lambda: self._deliver(events))
-            else:
-                self._items.extend(events)
-                self._cond.notify_all()
-            if self._backpressure and self._pending >= self._max_pending and not self._bp_paused:
-                self._bp_paused = True
-                self.stats["backpressure_pauses"] += 1
-                self._apply_pause_locked()
-
-    def _on_closed(self, event: IterationClosed) -> None:
-        if event.complete:
-            self.stats["iterations.complete"] += 1
-        else:
-            self.stats["iterations.incomplete"] += 1
-            self._log.info(
-                "iteration incomplete",
-                iteration=event.iter_index,
-                reason=event.reason.value if event.reason else None,
-                missing=event.missing_messages,
-                error=event.error_code or None,
-            )
-        if event.tail_timestamp_ns is not None:
-            with self._cond:
-                previous = self._tails.get(event.partition)
-                if previous is None or event.offset > previous.offset:
-                    self._tails[event.partition] = event
-
-    def _end(self) -> None:
-        with self._cond:
-            if self._ended:
-                return
-            self._ended = True
-            if self._handler is not None:
-                self._client._dispatch(self._finished.set)
-            else:
-                self._items.append(_END)
-                self._finished.set()
-                self._cond.notify_all()
-
-    # ---- dispatcher side ----------------------------------------------------------------------
-    def _deliver(self, events: list[IterationEvent]) -> None:
-        handler = self._handler
-        assert handler is not None
-        try:
-            for event in events:
-                try:
-                    handler(event)
-                except Exception:
-                    self._client._count("handler_errors")
-                    self._log.exception("snapshot handler raised", iteration=event.iter_index)
-        finally:
-            with self._cond:
-                self._pending -= len(events)
-                self._after_take_locked()
-
-    # ---- flow control -----------------------------------------------------------------------
-    def _after_take_locked(self) -> None:
-        if self._bp_paused and self._pending <= self._low:
-            self._bp_paused = False
-            self._apply_pause_locked()
-
-    def _apply_pause_locked(self) -> None:
-        want = (self._bp_paused or self._user_paused) and not self._ended
-        if want == self._paused:
-            return
-        self._paused = want
-        adapter = self._client._adapter
-        (adapter.pause if want else adapter.resume)(self.topic)
-
-    def _begin_final(self) -> None:
-        """Stop in progress: the final tail must be read, whatever the consumer does."""
-        with self._cond:
-            self._backpressure = False
-            self._bp_paused = False
-            self._user_paused = False
-            self._apply_pause_locked()
-
-    def _tail_after(self, offsets: Mapping[int, int]) -> IterationClosed | None:
-        """The newest iteration closed by a tail at an offset >= ``offsets`` (per partition)."""
-        with self._cond:
-            for partition, event in self._tails.items():
-                if event.offset >= offsets.get(partition, 0):
-                    return event
-            return None
 
 
 # ------------------------------------------------------------------------------ the client

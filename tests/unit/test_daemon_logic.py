@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from recorder.admin.protocol import CommandPolicy, ReplyCode, build_command, encode_command
 from recorder.admin.status import DaemonState, RunState, StatusDocument
 from recorder.client import IterationClosed, IterationOpened, IterationStatus, ValuesReceived
-from recorder.client.client import Ack, StopResult
+from recorder.client.results import Ack, StopResult
 from recorder.client.wire import Record
 from recorder.config.models import RunDefinition
 from recorder.daemon.admin import AdminHandler
