@@ -22,17 +22,28 @@ import bisect
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 
 import h5py
 import numpy as np
 import numpy.typing as npt
 
-from recorder.client.values import PVSample, TableValue, ValueKind
+from recorder.client.values import PVSample, ValueKind
 from recorder.errors import FileFormatError
+from recorder.reader_align import SCALAR_KINDS, _concat_masked, _pick, _scalar_pvs, aligned_table
+from recorder.reader_rows import (
+    _column_items,
+    _decode_tags,
+    _group_index,
+    _Row,
+    frame_time_name,
+    sample_value,
+)
+from recorder.reader_summary import _extracted_shape, _first_last_time, _type_row
+from recorder.reader_values import ENUM_NO_INDEX, _object_array, join_rows, values_of
 from recorder.sinks.bridge.mapping import (
     FlatCache,
     FlatTemplate,
@@ -58,10 +69,8 @@ from recorder.sinks.codec import (
     decode_rest,
     escape_name,
     rebuild_data,
-    typed_scalar,
 )
 from recorder.sinks.describe import plain
-from recorder.sinks.final_layout import EXTRACTED_AT_FINALIZE, K_ARRAY
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import LiveView, read_live
 from recorder.sinks.options import PARTIAL_SUFFIX
@@ -70,26 +79,17 @@ from recorder.sinks.writelock import writer_active
 with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
     import hdf5plugin  # noqa: F401
 
+__all__ = [
+    "ENUM_NO_INDEX", "SCALAR_KINDS", "TRAIN_WINDOW_VALUES", "Recording", "RecordingFile",
+    "aligned_table", "join_rows", "open_file", "open_recording", "unknown_pv", "values_of",
+]
+
 TRAIN_WINDOW_VALUES = 65_536
 """trains() reads this many values (about) at a time."""
 SUPPORTED_MAJORS = ("1", "2", "3", "4", "5")  # 5.0: the PV groups are plain NXlogs
 SHAPED_KINDS = (ValueKind.ARRAY, ValueKind.NDARRAY, ValueKind.STRING_ARRAY, ValueKind.TABLE)
 """Kinds whose rows have a shape: a ``shape`` dataset, or (5.0, when every row has the same
 shape) none, and then every row has the trailing shape of ``value``."""
-
-
-def sample_value(
-    view: LiveView, s: dict[str, npt.NDArray[Any]], r: int, rest: dict[str, Any]
-) -> Any:
-    """The Python value of live row ``r`` (columns ``s``) as msgpack decoded it."""
-    dcode = int(s["dtype"][r])
-    kind = KINDS_BY_CODE[int(s["kind"][r])]
-    if dcode == STRING_DTYPE_CODE:
-        return view.text(int(s["offset"][r]), int(s["size"][r])).decode("utf-8")
-    if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
-        o, z = int(s["offset"][r]), int(s["size"][r])
-        return view.pools[dcode][o : o + z].tolist()
-    return typed_scalar(dcode, int(s["ival"][r]), float(s["fval"][r]))
 
 
 def _open_h5(path: Path) -> h5py.File:
@@ -118,30 +118,6 @@ def unknown_pv(pv: str, names: Iterable[str], where: str) -> KeyError:
         hint = (f"did you mean {', '.join(map(repr, close))}?" if close
                 else f"it has {len(known)} PV(s)" + (f", e.g. {known[0]!r}" if known else ""))
     return KeyError(f"no PV {pv!r} in {where}; {hint}")
-
-
-class _Row(NamedTuple):
-    """One stored row of a PV: the metadata entry in effect and the per-row columns."""
-
-    rest: dict[str, Any]
-    f32: frozenset[str]
-    flags: int
-    kind: int
-    time: int
-    severity: int
-    status: int
-    value: Any  # the Python value (F_VALUE), as msgpack gave it
-    message: str | None  # alarm.message (F_MESSAGE)
-    user_tag: int  # timeStamp.userTag (F_USER_TAG)
-    unique_id: int  # NTNDArray uniqueId and dataTimeStamp (F_FRAME)
-    data_time: int
-
-    def sample(self, pv: str) -> PVSample:
-        data = rebuild_data(self.rest, flags=self.flags, kind=self.kind, time_ns=self.time,
-                            severity=self.severity, status=self.status, value=self.value,
-                            message=self.message, user_tag=self.user_tag,
-                            unique_id=self.unique_id, data_time_ns=self.data_time)
-        return PVSample(pv, data, self.f32)
 
 
 _UNSEEN: Any = object()
@@ -1024,286 +1000,6 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
                     continue
         return Recording(found)
     return Recording(paths)
-
-
-SCALAR_KINDS = (ValueKind.SCALAR.value, ValueKind.BOOL.value, ValueKind.ENUM.value)
-"""The kinds of PV (``summary()["kind"]``) ``table()`` takes by default."""
-
-
-def _scalar_pvs(summary: list[dict[str, Any]]) -> list[str]:
-    return [row["pv"] for row in summary if row["kind"] in SCALAR_KINDS]
-
-
-def _fill_value(dtype: np.dtype[Any]) -> Any:
-    if dtype.kind in "fc":
-        return np.nan
-    return None if dtype.kind == "O" else 0
-
-
-def _pick(values: npt.NDArray[Any], first: npt.NDArray[np.int64],
-          count: npt.NDArray[np.int64], pick: str) -> np.ma.MaskedArray:
-    """One value per iteration row out of ``values`` by the XFEL-style index."""
-    if pick not in ("first", "last"):
-        raise ValueError(f"pick must be 'first' or 'last', not {pick!r}")
-    missing = np.asarray(count) <= 0
-    if not len(values):  # never a value: all masked
-        data = np.full(len(count), np.nan)
-        return np.ma.MaskedArray(data, mask=np.ones(len(count), dtype=bool))
-    rows = np.asarray(first) + (np.asarray(count) - 1 if pick == "last" else 0)
-    rows = np.where(missing, 0, rows)
-    data = values[rows].copy()
-    if missing.any():
-        data[missing] = _fill_value(data.dtype)
-    mask = np.broadcast_to(missing.reshape((-1,) + (1,) * (data.ndim - 1)), data.shape)
-    return np.ma.MaskedArray(data, mask=mask.copy())
-
-
-def _concat_masked(parts: list[np.ma.MaskedArray | int]) -> np.ma.MaskedArray:
-    """Segments' aligned values; an int stands for that many rows of a segment without the
-    PV. Shapes that differ between segments give an object array."""
-    if any(not isinstance(p, int) and not np.ma.getmaskarray(p).all() for p in parts):
-        # a segment where the PV has no value at all says nothing about its dtype or shape
-        parts = [len(p) if not isinstance(p, int) and np.ma.getmaskarray(p).all() else p
-                 for p in parts]
-    present = [p for p in parts if not isinstance(p, int)]
-    if not present:
-        n = sum(p for p in parts if isinstance(p, int))
-        return np.ma.MaskedArray(np.full(n, np.nan), mask=np.ones(n, dtype=bool))
-    shapes = {p.shape[1:] for p in present}
-    if len(shapes) > 1:  # e.g. a waveform whose length changed between segments
-        present = [_object_rows(p) for p in present]
-        shapes = {()}
-    dtype = np.result_type(*[p.dtype for p in present])
-    shape = shapes.pop()
-    filled: list[np.ma.MaskedArray] = []
-    it = iter(present)
-    for p in parts:
-        if isinstance(p, int):
-            data = np.full((p, *shape), _fill_value(dtype), dtype=dtype)
-            filled.append(np.ma.MaskedArray(data, mask=np.ones(data.shape, dtype=bool)))
-        else:
-            filled.append(next(it))
-    out: np.ma.MaskedArray = np.ma.concatenate(filled)  # type: ignore[no-untyped-call]
-    return out
-
-
-def _object_rows(m: np.ma.MaskedArray) -> np.ma.MaskedArray:
-    """One object per row (an array, or None where masked)."""
-    rows = np.asarray(np.ma.getmaskarray(m).reshape(len(m), -1).all(axis=1))
-    out = np.empty(len(m), dtype=object)
-    for i in range(len(m)):
-        out[i] = None if rows[i] else np.asarray(m.data[i])
-    return np.ma.MaskedArray(out, mask=rows)
-
-
-def aligned_table(iterations: dict[str, npt.NDArray[Any]],
-                  columns: dict[str, np.ma.MaskedArray]) -> dict[str, npt.NDArray[Any]]:
-    """Columns for a table with one row per iteration: ``iter_index`` (``segment`` too when
-    the iterations carry it), ``status``, ``header_timestamp`` (ns), then one column per PV,
-    named as the PV. A scalar column keeps its dtype when every iteration has a value. With
-    gaps (iterations without a value of the PV):
-
-    * floats hold NaN there, in their dtype (float32 stays float32);
-    * integers become float64 with NaN (as pandas does), exact up to 2**53; a column with an
-      integer beyond that (float64 would round it) holds Python ints and None instead;
-    * enum indices are integers: float64 with NaN; -1 (:data:`ENUM_NO_INDEX`) stays -1, a
-      sample without an index, not a gap;
-    * booleans become float64 0.0 / 1.0 with NaN (pandas would make them an object column;
-      float64 keeps them numbers: the mean is the fraction of True);
-    * strings, waveforms and other values are object columns with None.
-
-    Nothing is lost: every value comes back exactly (``bool(x)``, ``int(x)``). A PV with a
-    sample without a value (None in :meth:`RecordingFile.values`: a disconnected scalar,
-    say) is an object column, None there and in the gaps."""
-    out: dict[str, npt.NDArray[Any]] = {"iter_index": iterations["iter_index"]}
-    for key in ("segment", "status", "header_timestamp"):
-        if key in iterations:
-            out[key] = iterations[key]
-    for pv, m in columns.items():
-        missing = np.ma.getmaskarray(m).reshape(len(m), -1).all(axis=1) if len(m) else \
-            np.zeros(0, dtype=bool)
-        if m.ndim > 1:
-            out[pv] = _object_rows(m).data
-        elif not missing.any():
-            out[pv] = np.asarray(m.data)
-        elif m.dtype.kind in "iu" and not _exact_in_float64(m.data[~missing]):
-            # integers beyond 2**53 would not survive float64: Python ints, None for gaps
-            col = np.empty(len(m), dtype=object)
-            col[~missing] = [int(v) for v in m.data[~missing]]
-            out[pv] = col
-        elif m.dtype.kind in "fiub":
-            # floats keep their dtype (float32 stays float32); integers (up to 2**53) and
-            # booleans become float64 to hold NaN
-            numbers = np.array(m.data, dtype=m.dtype if m.dtype.kind == "f" else np.float64)
-            numbers[missing] = np.nan
-            out[pv] = numbers
-        else:
-            col = np.asarray(m.data).astype(object)
-            col[missing] = None
-            out[pv] = col
-    return out
-
-
-def _exact_in_float64(values: npt.NDArray[Any]) -> bool:
-    """Whether every integer in ``values`` is exactly a float64 (|v| <= 2**53)."""
-    if not len(values):
-        return True
-    if values.dtype.kind == "u":
-        return bool(values.max() <= 2**53)
-    return bool(values.max() <= 2**53 and values.min() >= -(2**53))
-
-
-def join_rows(parts: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
-    """Per-segment arrays of one PV as one: concatenated when their dtypes and row shapes
-    agree (a segment without values does not count, so int64 stays int64), else an object
-    array with one entry per row (as :meth:`RecordingFile.values` for varying shapes)."""
-    filled = [p for p in parts if len(p)]
-    if not filled:
-        return parts[0] if parts else np.empty(0)
-    if len(filled) == 1:
-        return filled[0]
-    first = filled[0]
-    if first.dtype != object and all(
-        p.dtype == first.dtype and p.shape[1:] == first.shape[1:] for p in filled
-    ):
-        return np.concatenate(filled)
-    rows: list[Any] = [row for p in filled for row in p]
-    out = np.empty(len(rows), dtype=object)
-    for i, row in enumerate(rows):  # one by one: equal-shape rows would broadcast
-        out[i] = row
-    return out
-
-
-ENUM_NO_INDEX = -1
-"""An enum PV's value (:meth:`RecordingFile.values`, ``by_iteration``, ``table``) where its
-sample has no index: no value at all, or an index that is not an integer. Not a valid index,
-so it cannot be taken for a choice; the file's ``value`` dataset holds the format's fill, 0
-(the first choice), in such a row, with flag 8 clear (docs/file-format.md)."""
-
-
-def _enum_indices(samples: list[PVSample]) -> npt.NDArray[np.int64] | None:
-    """The index of each sample of an enum PV, :data:`ENUM_NO_INDEX` where a sample has none
-    (no value, or an NTEnum structure without an integer index: typed as a structure); None
-    when a sample holds another kind of value (the PV's type changed)."""
-    out = np.empty(len(samples), dtype=np.int64)
-    for i, s in enumerate(samples):
-        kind, value = s.kind, s.value
-        if kind is ValueKind.ENUM:
-            out[i] = value.index
-        elif kind is ValueKind.NONE or (
-                kind is ValueKind.STRUCT and isinstance(value, Mapping) and "index" in value):
-            out[i] = ENUM_NO_INDEX
-        else:
-            return None
-    return out
-
-
-def values_of(samples: list[PVSample]) -> npt.NDArray[Any]:
-    """The values of ``samples`` as :meth:`RecordingFile.values` returns them. An enum PV's
-    are its indices (int64), :data:`ENUM_NO_INDEX` for a sample without one, whichever
-    sample it is (the first one too)."""
-    if not samples:
-        return np.empty(0)
-    kind = samples[0].kind
-    vals = [s.value for s in samples]
-    if any(s.kind is ValueKind.ENUM for s in samples):
-        indices = _enum_indices(samples)
-        if indices is not None:
-            return indices
-    if kind in (ValueKind.SCALAR, ValueKind.BOOL) and all(
-        isinstance(v, np.generic) for v in vals
-    ):
-        return np.array(vals)
-    if kind is ValueKind.NDARRAY:
-        vals = [v.image() if v is not None and hasattr(v, "image") else v for v in vals]
-    if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
-        shapes = {getattr(v, "shape", None) for v in vals}
-        if len(shapes) == 1 and None not in shapes:
-            return np.stack(vals)
-    out = np.empty(len(vals), dtype=object)
-    out[:] = vals
-    return out
-
-
-def _first_last_time(times: Any, flags: Any, n: int) -> dict[str, int | None]:
-    """``first_ns``/``last_ns`` of :meth:`RecordingFile.summary` from a PV's ``n`` rows:
-    ``times`` and ``flags`` are its columns (arrays or datasets: only rows 0 and n - 1 are
-    read; ``flags`` an int when every row has the same). A row's time is None when its flag 1
-    is clear: the column holds 0 there, which is also the time of a record never processed."""
-
-    def at(row: int) -> int | None:
-        row_flags = flags if isinstance(flags, int) else int(flags[row])
-        return int(times[row]) if row_flags & F_TIME else None
-
-    return {"first_ns": at(0) if n else None, "last_ns": at(n - 1) if n else None}
-
-
-def _type_row(s: Mapping[str, npt.NDArray[Any]], rows: npt.NDArray[Any]) -> int:
-    """Which of a live PV's sample ``rows`` (in the columns ``s``) gives the PV's kind and
-    dtype, as finalization decides them (docs/file-format.md): its first typed value, a
-    non-empty one when there is one (an empty waveform is how the client types ``[]``); the
-    first row when no row has a typed value. So a PV whose first sample had no value is still
-    an enum (a scalar, ...) in :meth:`RecordingFile.summary` of the live file."""
-    first = int(rows[0])
-    flags, kind = int(s["flags"][first]), int(s["kind"][first])
-    if flags & F_VALUE and not (kind == K_ARRAY and s["size"][first] == 0):
-        return first  # the usual case: the first row is typed, read no other row
-    kinds, sizes = s["kind"][rows], s["size"][rows]
-    typed = ((s["flags"][rows] & F_VALUE) != 0) | np.isin(kinds, EXTRACTED_AT_FINALIZE)
-    for candidates in (typed & ~((kinds == K_ARRAY) & (sizes == 0)), typed):
-        hit = np.flatnonzero(candidates)
-        if len(hit):
-            return int(rows[hit[0]])
-    return first
-
-
-def frame_time_name(g: h5py.Group) -> str:
-    """The dataset of an NTNDArray PV's per-frame ``dataTimeStamp``: ``data_timestamp``
-    (5.0; a name ending in ``_time`` is an NXlog sub-log to NeXus loaders such as
-    scippnexus, decision 0011), ``data_time`` in 4.x files."""
-    return "data_timestamp" if "data_timestamp" in g else "data_time"
-
-
-def _extracted_shape(values: npt.NDArray[Any]) -> tuple[int, ...] | None:
-    """The shape of one value of a live string-array or table PV, as the final layout's
-    ``shape`` dataset gives it: the length of each string array, the number of rows of each
-    table (its columns' length); None when it varies."""
-    lengths = {
-        len(next(iter(v.columns.values()), ())) if isinstance(v, TableValue) else len(v)
-        for v in values.tolist()
-        if isinstance(v, (TableValue, tuple, list, np.ndarray))
-    }
-    return (lengths.pop(),) if len(lengths) == 1 else None
-
-
-def _group_index(keys: npt.NDArray[Any], n: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-    """Rows grouped by ``keys`` (0..n-1), in order within a group: ``order[bounds[k] :
-    bounds[k + 1]]`` are the rows of key ``k`` (one stable sort instead of a scan per key)."""
-    order = np.argsort(keys, kind="stable")
-    if len(order) < 2**31:
-        order = order.astype(np.int32)
-    return order, np.searchsorted(keys[order], np.arange(n + 1))
-
-
-def _column_items(a: npt.NDArray[Any]) -> list[Any]:
-    """A stored row (numeric or vlen UTF-8) as the Python list msgpack had decoded."""
-    if a.dtype == object:
-        return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in a.tolist()]
-    return list(a.tolist())
-
-
-def _object_array(items: list[Any]) -> npt.NDArray[Any]:
-    out = np.empty(len(items), dtype=object)
-    out[:] = items
-    return out
-
-
-def _decode_tags(raw: Any) -> dict[str, str]:
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-    if not text:
-        return {}
-    loaded = json.loads(text)
-    return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
 
 
 def json_attr(f: RecordingFile, name: str) -> Any:

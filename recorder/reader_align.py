@@ -1,0 +1,139 @@
+"""PVs aligned by iteration: one value per /iterations row picked out of a PV's values by the
+XFEL-style first/count index (masked where the iteration has none), the segments of a
+recording concatenated, and the columns of ``table()`` (``aligned_table``, ``SCALAR_KINDS``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from recorder.client.values import ValueKind
+
+SCALAR_KINDS = (ValueKind.SCALAR.value, ValueKind.BOOL.value, ValueKind.ENUM.value)
+"""The kinds of PV (``summary()["kind"]``) ``table()`` takes by default."""
+
+
+def _scalar_pvs(summary: list[dict[str, Any]]) -> list[str]:
+    return [row["pv"] for row in summary if row["kind"] in SCALAR_KINDS]
+
+
+def _fill_value(dtype: np.dtype[Any]) -> Any:
+    if dtype.kind in "fc":
+        return np.nan
+    return None if dtype.kind == "O" else 0
+
+
+def _pick(values: npt.NDArray[Any], first: npt.NDArray[np.int64],
+          count: npt.NDArray[np.int64], pick: str) -> np.ma.MaskedArray:
+    """One value per iteration row out of ``values`` by the XFEL-style index."""
+    if pick not in ("first", "last"):
+        raise ValueError(f"pick must be 'first' or 'last', not {pick!r}")
+    missing = np.asarray(count) <= 0
+    if not len(values):  # never a value: all masked
+        data = np.full(len(count), np.nan)
+        return np.ma.MaskedArray(data, mask=np.ones(len(count), dtype=bool))
+    rows = np.asarray(first) + (np.asarray(count) - 1 if pick == "last" else 0)
+    rows = np.where(missing, 0, rows)
+    data = values[rows].copy()
+    if missing.any():
+        data[missing] = _fill_value(data.dtype)
+    mask = np.broadcast_to(missing.reshape((-1,) + (1,) * (data.ndim - 1)), data.shape)
+    return np.ma.MaskedArray(data, mask=mask.copy())
+
+
+def _concat_masked(parts: list[np.ma.MaskedArray | int]) -> np.ma.MaskedArray:
+    """Segments' aligned values; an int stands for that many rows of a segment without the
+    PV. Shapes that differ between segments give an object array."""
+    if any(not isinstance(p, int) and not np.ma.getmaskarray(p).all() for p in parts):
+        # a segment where the PV has no value at all says nothing about its dtype or shape
+        parts = [len(p) if not isinstance(p, int) and np.ma.getmaskarray(p).all() else p
+                 for p in parts]
+    present = [p for p in parts if not isinstance(p, int)]
+    if not present:
+        n = sum(p for p in parts if isinstance(p, int))
+        return np.ma.MaskedArray(np.full(n, np.nan), mask=np.ones(n, dtype=bool))
+    shapes = {p.shape[1:] for p in present}
+    if len(shapes) > 1:  # e.g. a waveform whose length changed between segments
+        present = [_object_rows(p) for p in present]
+        shapes = {()}
+    dtype = np.result_type(*[p.dtype for p in present])
+    shape = shapes.pop()
+    filled: list[np.ma.MaskedArray] = []
+    it = iter(present)
+    for p in parts:
+        if isinstance(p, int):
+            data = np.full((p, *shape), _fill_value(dtype), dtype=dtype)
+            filled.append(np.ma.MaskedArray(data, mask=np.ones(data.shape, dtype=bool)))
+        else:
+            filled.append(next(it))
+    out: np.ma.MaskedArray = np.ma.concatenate(filled)  # type: ignore[no-untyped-call]
+    return out
+
+
+def _object_rows(m: np.ma.MaskedArray) -> np.ma.MaskedArray:
+    """One object per row (an array, or None where masked)."""
+    rows = np.asarray(np.ma.getmaskarray(m).reshape(len(m), -1).all(axis=1))
+    out = np.empty(len(m), dtype=object)
+    for i in range(len(m)):
+        out[i] = None if rows[i] else np.asarray(m.data[i])
+    return np.ma.MaskedArray(out, mask=rows)
+
+
+def aligned_table(iterations: dict[str, npt.NDArray[Any]],
+                  columns: dict[str, np.ma.MaskedArray]) -> dict[str, npt.NDArray[Any]]:
+    """Columns for a table with one row per iteration: ``iter_index`` (``segment`` too when
+    the iterations carry it), ``status``, ``header_timestamp`` (ns), then one column per PV,
+    named as the PV. A scalar column keeps its dtype when every iteration has a value. With
+    gaps (iterations without a value of the PV):
+
+    * floats hold NaN there, in their dtype (float32 stays float32);
+    * integers become float64 with NaN (as pandas does), exact up to 2**53; a column with an
+      integer beyond that (float64 would round it) holds Python ints and None instead;
+    * enum indices are integers: float64 with NaN; -1 (:data:`ENUM_NO_INDEX`) stays -1, a
+      sample without an index, not a gap;
+    * booleans become float64 0.0 / 1.0 with NaN (pandas would make them an object column;
+      float64 keeps them numbers: the mean is the fraction of True);
+    * strings, waveforms and other values are object columns with None.
+
+    Nothing is lost: every value comes back exactly (``bool(x)``, ``int(x)``). A PV with a
+    sample without a value (None in :meth:`RecordingFile.values`: a disconnected scalar,
+    say) is an object column, None there and in the gaps."""
+    out: dict[str, npt.NDArray[Any]] = {"iter_index": iterations["iter_index"]}
+    for key in ("segment", "status", "header_timestamp"):
+        if key in iterations:
+            out[key] = iterations[key]
+    for pv, m in columns.items():
+        missing = np.ma.getmaskarray(m).reshape(len(m), -1).all(axis=1) if len(m) else \
+            np.zeros(0, dtype=bool)
+        if m.ndim > 1:
+            out[pv] = _object_rows(m).data
+        elif not missing.any():
+            out[pv] = np.asarray(m.data)
+        elif m.dtype.kind in "iu" and not _exact_in_float64(m.data[~missing]):
+            # integers beyond 2**53 would not survive float64: Python ints, None for gaps
+            col = np.empty(len(m), dtype=object)
+            col[~missing] = [int(v) for v in m.data[~missing]]
+            out[pv] = col
+        elif m.dtype.kind in "fiub":
+            # floats keep their dtype (float32 stays float32); integers (up to 2**53) and
+            # booleans become float64 to hold NaN
+            numbers = np.array(m.data, dtype=m.dtype if m.dtype.kind == "f" else np.float64)
+            numbers[missing] = np.nan
+            out[pv] = numbers
+        else:
+            col = np.asarray(m.data).astype(object)
+            col[missing] = None
+            out[pv] = col
+    return out
+
+
+def _exact_in_float64(values: npt.NDArray[Any]) -> bool:
+    """Whether every integer in ``values`` is exactly a float64 (|v| <= 2**53)."""
+    if not len(values):
+        return True
+    if values.dtype.kind == "u":
+        return bool(values.max() <= 2**53)
+    return bool(values.max() <= 2**53 and values.min() >= -(2**53))
