@@ -40,7 +40,7 @@ from recorder.client.events import (
     ValuesReceived,
 )
 from recorder.client.values import PVSample
-from recorder.sinks import process
+from recorder.sinks import process_spawn
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions
 from recorder.sinks.process import IsolatedRecording
@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--kinds", default="lazy,eager,waveforms")
-    parser.add_argument("--pipe-bytes", type=int, default=process.PIPE_BYTES,
+    parser.add_argument("--pipe-bytes", type=int, default=process_spawn.PIPE_BYTES,
                         help="size of the pipe to the writer (65536: Linux's default, to "
                         "compare)")
     args = parser.parse_args(argv)
-    process.PIPE_BYTES = args.pipe_bytes
+    process_spawn.PIPE_BYTES = args.pipe_bytes  # read by _widen_pipe at each spawn
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     print(f"{args.pvs} PVs x {args.iterations} iterations "
           f"({args.pvs * args.iterations} values), best of {args.repeat}; values/s")

@@ -41,7 +41,8 @@ from recorder.client.values import PVSample
 from recorder.reader import RecordingFile, open_file
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import Compression, OutputOptions
-from recorder.sinks.process import IsolatedRecording, _decode_event, _Encoder, open_recording
+from recorder.sinks.process import IsolatedRecording, open_recording
+from recorder.sinks.process_codec import _decode_event, _Encoder
 
 WIDTH = 2000  # float64 waveform: 16 kB per iteration
 
@@ -505,16 +506,16 @@ def test_values_travel_as_one_blob_with_offsets() -> None:
 
 
 def test_prewarmed_writer_is_used_and_unused_ones_exit(tmp_path: Path) -> None:
-    from recorder.sinks import process
+    from recorder.sinks import process, process_spawn
 
     process.prewarm_writer()
     process.prewarm_writer()  # one is waiting already: no second process
-    assert len(process._WARM) == 1
-    warm_pid = process._WARM[0].proc.pid
+    assert len(process_spawn._WARM) == 1
+    warm_pid = process_spawn._WARM[0].proc.pid
     rec = IsolatedRecording(OutputOptions(directory=tmp_path), run_name="warm",
                             pv_uris=["pva://A"])
     try:
-        assert rec.pid == warm_pid and not process._WARM
+        assert rec.pid == warm_pid and not process_spawn._WARM
         rec.handle(IterationOpened("t", "s", 1, 1, offset=0))
         rec.handle(ValuesReceived("t", 1, 1, 1, tuple(make_samples(1)), offset=1))
         rec.handle(IterationClosed("t", "s", 1, IterationStatus.COMPLETE, None, 1, 2,
@@ -527,9 +528,9 @@ def test_prewarmed_writer_is_used_and_unused_ones_exit(tmp_path: Path) -> None:
         for s in make_samples(1):
             assert len(f.times(s.pv)) == 1
     process.prewarm_writer()
-    (unused,) = process._WARM
+    (unused,) = process_spawn._WARM
     process.release_warm_writers()  # EOF: it exits without writing anything
-    assert not process._WARM and unused.proc.exitcode == 0
+    assert not process_spawn._WARM and unused.proc.exitcode == 0
 
 
 def test_the_pipe_to_the_writer_holds_a_whole_batch() -> None:
@@ -537,17 +538,17 @@ def test_the_pipe_to_the_writer_holds_a_whole_batch() -> None:
     batch four writes, each waiting for the child to read)."""
     import fcntl
 
-    from recorder.sinks import process
+    from recorder.sinks import process, process_spawn
 
     limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
-    if limit < process.PIPE_BYTES:
+    if limit < process_spawn.PIPE_BYTES:
         pytest.skip(f"pipe-max-size is {limit}")
-    w = process._spawn_writer(None, "k2eg-writer-pipe-test")
+    w = process_spawn._spawn_writer(None, "k2eg-writer-pipe-test")
     try:
         size = fcntl.fcntl(w.tx.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032))
-        assert size >= process.PIPE_BYTES >= 4 * process.DEFAULT_BATCH_BYTES
+        assert size >= process_spawn.PIPE_BYTES >= 4 * process.DEFAULT_BATCH_BYTES
     finally:
-        process._close_writer(w)
+        process_spawn._close_writer(w)
     assert w.proc.exitcode == 0
 
 

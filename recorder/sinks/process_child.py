@@ -1,0 +1,191 @@
+"""The writer process: :func:`_child_main`, the entry point that
+:mod:`recorder.sinks.process_spawn` starts (``spawn``: the child imports this module, so it
+stays as light as the parent's side; h5py and the HDF5 sink are imported inside the function),
+runs a plain ``HDF5Recording`` and answers every frame with :func:`_state`. It ignores
+SIGINT/SIGTERM and SIGXFSZ, logs the way the parent does (:func:`_log_config`, taken in the
+parent) and leaves with :func:`_exit` (no interpreter teardown). The process model is in
+:mod:`recorder.sinks.process`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import msgpack
+import structlog
+
+from recorder.client.properties import SnapshotProperties
+from recorder.sinks.options import OutputOptions
+from recorder.sinks.process_codec import _CLOSE, _EVENTS, _FLUSH, _TAGS, _decode_event, _unpack
+
+if TYPE_CHECKING:
+    from recorder.sinks.hdf5 import HDF5Recording
+
+log = structlog.get_logger("recorder.sinks.process")
+
+
+def _log_config() -> dict[str, Any]:
+    """How the parent's logging is configured, so the child logs the same way."""
+    root = logging.getLogger()
+    fmt: str | None = None
+    path: str | None = None
+    for handler in root.handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, structlog.stdlib.ProcessorFormatter):
+            for proc in formatter.processors:
+                if isinstance(proc, structlog.processors.JSONRenderer):
+                    fmt = "json"
+                elif isinstance(proc, structlog.dev.ConsoleRenderer):
+                    fmt = "console"
+            # a log file (``demo`` writes the daemon's log to one): the child appends to it;
+            # otherwise it writes to the stdout it inherited (the journal under systemd)
+            stream = getattr(handler, "stream", None)
+            name = getattr(stream, "name", None)
+            if fmt is not None and isinstance(name, str) and os.path.isfile(name):
+                path = os.path.abspath(name)
+    return {"format": fmt, "level": root.getEffectiveLevel(), "path": path}
+
+
+def _state(rec: HDF5Recording, broken: str | None) -> dict[str, Any]:
+    failed = broken is not None and rec.status == "recording"
+    return {
+        "status": "failed" if failed else rec.status,
+        "reason": broken if failed and broken else rec.reason,
+        "current_path": None if rec.current_path is None else str(rec.current_path),
+        "paths": [str(p) for p in rec.paths],
+        "durable": [[t, p, o] for (t, p), o in rec.last_durable_offset.items()],
+        "counters": dict(rec.counters),
+        "last_flush_seconds": rec.last_flush_seconds,
+    }
+
+
+def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None:
+    """Entry point of the writer process (spawned; see :mod:`recorder.sinks.process`). A
+    *warm* writer (``init_blob`` None, see :func:`~recorder.sinks.process_spawn.prewarm_writer`)
+    imports what it needs, then waits for its init as the first frame; EOF instead means it
+    was not needed."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_IGN)
+    if init_blob is None:
+        import recorder.gctune
+        import recorder.logging
+        import recorder.sinks.hdf5  # noqa: F401 (the imports are the point)
+
+        try:
+            init_blob = rx.recv_bytes()
+        except (EOFError, OSError):
+            _exit(0)
+    init = _unpack(init_blob)
+    logcfg = init["log"]
+    if logcfg["format"] is not None:
+        from recorder.logging import configure_logging
+
+        stream = None
+        if logcfg.get("path"):
+            with contextlib.suppress(OSError):
+                stream = open(logcfg["path"], "a", encoding="utf-8")  # noqa: SIM115
+        configure_logging(logcfg["format"], logcfg["level"], stream=stream)
+    else:
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logcfg["level"])
+        )
+    from recorder.gctune import tune_gc
+    from recorder.sinks.hdf5 import HDF5Recording
+
+    _quiet_unraisable()
+    tune_gc()  # the writer allocates per value like the daemon does; see recorder.gctune
+    clock_offset = float(init["clock_offset"])
+    wall_offset = float(init["wall_offset"])
+    snap = init["snapshot"]
+    rec = HDF5Recording(
+        OutputOptions.model_validate_json(init["options"]),
+        run_name=init["run_name"],
+        snapshot=None if snap is None else SnapshotProperties(**snap),
+        run_definition_text=init["run_definition_text"],
+        metadata=init["metadata"],
+        pv_uris=init["pv_uris"],
+        seq=init["seq"],
+        recording_uid=init["uid"],
+        first_segment=init["first_segment"],
+        start_wall=init["start_wall"],
+        clock=lambda: time.monotonic() + clock_offset,
+        wall_clock=lambda: time.time() + wall_offset,
+    )
+    clog = log.bind(run=init["run_name"], seq=init["seq"], writer_pid=os.getpid())
+    broken: str | None = None
+
+    def parent_gone() -> None:
+        # the parent went away without close(): keep what we have, leave the .partial
+        clog.warning("parent gone; flushing and leaving the file for recover",
+                     path=str(rec.current_path))
+        if broken is None:
+            rec.flush()
+        _exit(0)
+
+    def reply(seq: int) -> None:
+        try:
+            tx.send_bytes(msgpack.packb([seq, _state(rec, broken)], use_bin_type=True))
+        except OSError:
+            parent_gone()
+
+    reply(0)
+    while True:
+        try:
+            frame = rx.recv_bytes()
+        except (EOFError, OSError):
+            parent_gone()
+        msg = _unpack(frame)
+        kind, seq = msg[0], msg[1]
+        try:
+            if kind == _EVENTS:
+                if broken is None:
+                    for row in msg[2]:
+                        if row[0] == _TAGS:
+                            rec.tag_iteration(row[1], row[2])
+                        else:
+                            rec.handle(_decode_event(row))
+            elif kind == _FLUSH:
+                if broken is None:
+                    rec.flush()
+            elif kind == _CLOSE:
+                if broken is None:
+                    rec.close(msg[2], msg[3])
+                reply(seq)
+                _exit(0)
+        except Exception as exc:  # a bug, not I/O (HDF5Recording handles I/O): stop writing
+            broken = f"writer process error: {type(exc).__name__}: {exc}"
+            clog.exception("writer process error; recording failed, file left as is",
+                           path=str(rec.current_path))
+        reply(seq)
+
+
+def _quiet_unraisable(keep: int = 3) -> None:
+    """After a write failure h5py reports one "Can't decrement id ref count" per dropped
+    HDF5 object (from ``__dealloc__``): log the first ``keep``, then only count them."""
+    seen = 0
+
+    def hook(info: Any) -> None:
+        nonlocal seen
+        seen += 1
+        if seen <= keep:
+            log.warning("ignored exception in a destructor", error=repr(info.exc_value),
+                        object=repr(info.object)[:200], count=seen,
+                        more="suppressed" if seen == keep else None)
+
+    sys.unraisablehook = hook
+
+
+def _exit(code: int) -> NoReturn:
+    """Leave without interpreter teardown: a failed recording's parked HDF5 handle must never
+    be closed (see HDF5Recording._fail), and everything else is already closed or flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
