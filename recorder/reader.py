@@ -1001,7 +1001,3 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
         return Recording(found)
     return Recording(paths)
 
-
-def json_attr(f: RecordingFile, name: str) -> Any:
-    raw = f.attrs.get(name)
-    return json.loads(raw) if isinstance(raw, str) and raw else None
