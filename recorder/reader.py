@@ -1000,4 +1000,3 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
                     continue
         return Recording(found)
     return Recording(paths)
-
