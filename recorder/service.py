@@ -36,6 +36,7 @@ Lifecycle
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import threading
@@ -171,6 +172,9 @@ class Service:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        # SIGUSR1: every thread's stack to stderr (the journal), the daemon goes on; for a
+        # daemon that seems stuck (`systemctl kill -s USR1 k2eg-recorder`: writers too)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     @property
     def controllers(self) -> dict[str, RunController]:

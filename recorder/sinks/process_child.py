@@ -10,6 +10,7 @@ parent) and leaves with :func:`_exit` (no interpreter teardown). The process mod
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -73,6 +74,8 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
     was not needed."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_IGN)
+    # as the daemon: SIGUSR1 writes this writer's stacks to stderr (not its default: exit)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if init_blob is None:
         import recorder.gctune
         import recorder.logging

@@ -115,7 +115,15 @@ class DaemonProcess:
             os.kill(self.proc.pid, signum)
 
     def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
+        """The exit code; when the daemon has not exited in ``timeout``, every thread's
+        stack of it and its writers (SIGUSR1) is in :meth:`log_text` before this raises."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+            raise
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -120,6 +120,13 @@ def test_low_disk_is_reported_everywhere_and_recording_goes_on(
                  "the moved directory in the disk report")
         assert request(admin, "stop", "periodic").ok
 
+        # SIGUSR1 (to the process group, as `systemctl kill` sends it): every process writes
+        # its threads' stacks to its log and goes on
+        os.killpg(daemon.proc.pid, signal.SIGUSR1)
+        wait_for(lambda: "Current thread" in daemon.log_text(), 10, "the daemon's stacks")
+        assert "_loop" in daemon.log_text()  # the main loop's frame
+        assert request(admin, "status").ok
+
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
     lines = [json.loads(line) for line in daemon.log_text().splitlines()
