@@ -7,6 +7,7 @@ file (in another process too) and a live file of format 3.0, which has no ``user
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from test_hdf5_roundtrip import same, write_iteration
+from test_hdf5_roundtrip import _as_format_4, same, write_iteration
 
 from recorder.client.values import PVSample
 from recorder.reader import open_file
@@ -188,3 +189,10 @@ def test_an_image_frame_id_and_time_are_columns(tmp_path: Path) -> None:
         # one per frame before format 4.0
         assert info["metadata_entries"] == 5
         assert h["metadata/CAM/row"][()].tolist() == [0, 5, 6, 7, 8]
+    # a 4.x file (frame time named data_time, metadata in the PV group) reads the same
+    old = tmp_path / "old.h5"
+    shutil.copyfile(final, old)
+    _as_format_4(old)
+    with open_file(old) as f:
+        assert "data_time" in f.h5["pvs/CAM"]
+        same(f.samples("CAM"), sent)

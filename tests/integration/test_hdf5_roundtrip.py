@@ -331,3 +331,56 @@ def test_old_reader_h5dump_110(tmp_path: Path) -> None:
     out = subprocess.run([H5DUMP or "", "-d", "/index/I/first", str(final)],
                          check=False, capture_output=True, text=True)
     assert out.returncode == 0 and "0, 1, 2" in out.stdout, out.stdout
+
+
+def _as_format_4(path: Path) -> None:
+    """Rewrite a 5.0 file in place into the 4.1 layout (what k2eg-recorder wrote before
+    decision 0011): first/count and the metadata subgroup inside the PV group, the frame time
+    named data_time, a shape dataset for every PV of a shaped kind, no NeXus axes."""
+    path.chmod(0o644)
+    with h5py.File(path, "r+") as h:
+        info = {r["pv_name"].decode(): r for r in h["pv_info"][()]}
+        for name, g in h["pvs"].items():
+            for k in ("first", "count"):
+                h.move(f"index/{name}/{k}", f"pvs/{name}/{k}")
+            if name in h.get("metadata", {}):
+                h.move(f"metadata/{name}", f"pvs/{name}/metadata")
+            if "data_timestamp" in g:
+                g.move("data_timestamp", "data_time")
+            for attr in [a for a in g.attrs if a == "axes" or a.endswith("_indices")]:
+                del g.attrs[attr]
+            kind = info[name]["kind"].decode()
+            if kind in ("array", "ndarray", "string_array", "table") and "shape" not in g:
+                value = g["value"]
+                trailing = (next(iter(value.values())).shape[1:2]
+                            if isinstance(value, h5py.Group) else value.shape[1:])
+                g["shape"] = np.tile(np.asarray(trailing, np.int64), (len(g["time"]), 1))
+        del h["index"]
+        if "metadata" in h:
+            del h["metadata"]
+        h.attrs["format_version"] = "4.1"
+
+
+def test_format_4_files_read_the_same(tmp_path: Path) -> None:
+    """Files written before format 5.0 (index, metadata and frame time inside the PV group,
+    shape always written) read exactly as before, and verify accepts them."""
+    from recorder.verify import verify_file
+
+    rec, sent = record(tmp_path)
+    (final,) = rec.close()
+    old = tmp_path / "old.h5"
+    shutil.copyfile(final, old)
+    _as_format_4(old)
+    with h5py.File(old, "r") as h:
+        assert "first" in h["pvs/F32"] and "index" not in h and "shape" in h["pvs/W"]
+    with open_file(final) as new_f, open_file(old) as old_f:
+        assert old_f.attrs["format_version"] == "4.1"
+        for pv, samples in sent.items():
+            same(old_f.samples(pv), samples)
+            assert [repr(v) for v in old_f.values(pv).tolist()] == [
+                repr(v) for v in new_f.values(pv).tolist()], pv
+            assert [a.tolist() for a in old_f.first_count(pv)] == [
+                a.tolist() for a in new_f.first_count(pv)], pv
+        assert old_f.summary() == new_f.summary()
+    report = verify_file(old, data=True)
+    assert report.ok, [str(p) for p in report.errors]
