@@ -434,6 +434,31 @@ class _Checker:
         meta = g.file.get(f"metadata/{rel}")
         if isinstance(meta, h5py.Group):
             m["metadata"] = meta
+        self.nexus_axes(path, g, m)
+
+    def nexus_axes(self, path: str, g: h5py.Group, m: Mapping[str, Any]) -> None:
+        """NeXus ``axes`` / ``<column>_indices`` (format 5.0, array PVs): what loaders take
+        the dimensions from, so they must name the time dimension and real per-row columns."""
+        indices = {a[: -len("_indices")]: plain(g.attrs[a]) for a in g.attrs
+                   if a.endswith("_indices")}
+        if "axes" not in g.attrs:
+            if indices:
+                self.err(path, f"{sorted(indices)[0]}_indices without 'axes'")
+            return
+        axes = [str(a) for a in plain(g.attrs["axes"])]
+        value = m.get("value")
+        ndim = value.ndim if isinstance(value, h5py.Dataset) else None
+        if not axes or axes[0] != "time" or (ndim is not None and len(axes) != ndim):
+            self.err(path, f"axes {axes} must be 'time' and one entry per further dimension "
+                     f"of value ({ndim} in all)")
+        n = m["time"].shape[0] if isinstance(m.get("time"), h5py.Dataset) else None
+        for name, index in sorted(indices.items()):
+            column = g.get(name)
+            if not isinstance(column, h5py.Dataset):
+                self.err(path, f"{name}_indices names no dataset of the group")
+            elif index != 0 or column.shape[:1] != (n,):
+                self.err(f"{path}/{name}", f"{name}_indices is {index}, but only a column "
+                         "of one row per value runs along time (index 0)")
 
     def value(self, path: str, m: Mapping[str, Any], row: Mapping[str, Any], n: int) -> None:
         kind = str(row.get("kind", ""))
