@@ -322,8 +322,9 @@ class RecordingFile:
     def _side(self, pv: str, tree: str, old: str) -> h5py.Group | None:
         """The PV's entry in a side tree of the final layout: format 5.0 keeps the first/count
         index in ``/index/<PV>`` and changing metadata in ``/metadata/<PV>`` (so the PV
-        group is a plain NXlog); older files keep them in the PV group (``old``: the group
-        itself for the index, its ``metadata`` subgroup). None when there is none."""
+        group is a plain NXlog); older files keep them in the PV group (``old``: ``""`` for the
+        group itself, which holds the index, or the name of its ``metadata`` subgroup). None
+        when there is none."""
         g = self._group(pv)
         side = self.h5.get(f"{tree}/{escape_name(pv)}")
         if isinstance(side, h5py.Group):
@@ -599,7 +600,7 @@ class RecordingFile:
     def first_count(self, pv: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """For each /iterations row: first row and number of this PV's values (XFEL INDEX)."""
         if self._live is None:
-            g = self._side(pv, "index", ".")
+            g = self._side(pv, "index", "")
             assert g is not None
             return g["first"][()], g["count"][()]
         rows = self._column(pv, "iter_row")
