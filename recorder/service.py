@@ -132,6 +132,9 @@ class Service:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._wake = threading.Event()
+        # set by the signal handlers, acted on by the main thread (see install_signal_handlers)
+        self._stop_signalled = False
+        self._reload_signalled = False
         self._state = DaemonState.STARTING
         self._started_ms = time.time_ns() // 1_000_000
         self._definitions: dict[str, RunDefinition] = {}
@@ -153,21 +156,30 @@ class Service:
 
     # ------------------------------------------------------------------ control (any thread)
     def request_stop(self) -> None:
-        """Begin a graceful shutdown (what SIGTERM does). Safe from a signal handler."""
+        """Begin a graceful shutdown (what SIGTERM does), from any thread; not from a signal
+        handler (see :meth:`install_signal_handlers`)."""
         self._stop.set()
         self._wake.set()
 
     def request_reload(self) -> None:
-        """Re-read the run definitions (what SIGHUP does). Safe from a signal handler."""
+        """Re-read the run definitions (what SIGHUP does), from any thread; not from a
+        signal handler."""
         self._reload.set()
         self._wake.set()
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP reloads. The handlers only set a flag, which the main
+        loop turns into :meth:`request_stop` / :meth:`request_reload` within ``LOOP_WAIT_S``:
+        a handler runs in the main thread between two bytecodes, and one that took a lock
+        the interrupted code holds waits for itself for ever. ``Event.set()`` did, when
+        SIGTERM came while the main loop was inside the same Event's ``clear()`` or
+        ``wait()``: the daemon then ignored SIGTERM (seen once in CI)."""
+
         def on_stop(signum: int, _frame: FrameType | None) -> None:
-            self.request_stop()
+            self._stop_signalled = True
 
         def on_hup(signum: int, _frame: FrameType | None) -> None:
-            self.request_reload()
+            self._reload_signalled = True
 
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
@@ -231,7 +243,7 @@ class Service:
         """Create the k2eg client and the admin link; retry with backoff until stopped."""
         from recorder.client import K2egClient
 
-        while not self._stop.is_set():
+        while not self._stopping():
             try:
                 self._client = K2egClient(self.kafka, **self._client_options)
                 s = self.settings
@@ -265,19 +277,29 @@ class Service:
         if self._link is not None:
             self._link.produce(self.settings.status_topic, payload, key=self.settings.instance)
 
+    def _stopping(self) -> bool:
+        """Main thread: act on what the signal handlers noted; True once a stop is asked."""
+        if self._stop_signalled:
+            self._stop_signalled = False
+            self.request_stop()
+        if self._reload_signalled:
+            self._reload_signalled = False
+            self.request_reload()
+        return self._stop.is_set()
+
     def _sleep(self, seconds: float) -> None:
         """Wait (for a backoff) while still pinging the watchdog; ends early on stop."""
         deadline = time.monotonic() + seconds
-        while not self._stop.is_set():
+        while not self._stopping():
             now = time.monotonic()
             if now >= deadline:
                 return
             self._watchdog.maybe_ping(now)
-            self._wake.wait(min(0.5, deadline - now))
+            self._wake.wait(min(LOOP_WAIT_S, deadline - now))
             self._wake.clear()
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping():
             self._wake.clear()
             if self._reload.is_set():
                 self._reload.clear()

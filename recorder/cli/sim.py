@@ -101,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"embedded broker: {bootstrap} (pid {broker.pid})", flush=True)
         sim = GatewaySimulator(bootstrap, args.cmd_topic, config, start_offset=args.from_offset)
 
+        received: list[int] = []
+
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("sim.signal", signal=signal.Signals(signum).name)
+            received.append(signum)  # no logging here: a handler must take no lock
             sim.request_stop()
 
         signal.signal(signal.SIGINT, on_signal)
@@ -113,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         sim.run()
+        for signum in received[:1]:
+            log.info("sim.signal", signal=signal.Signals(signum).name)
         return 0
     except RecorderError as exc:
         print(f"k2eg-recorder sim: {exc}", file=sys.stderr)

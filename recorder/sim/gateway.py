@@ -54,6 +54,7 @@ class GatewaySimulator:
         self.engine: SimEngine | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._stop_requested = False  # request_stop(): a plain flag, safe in a signal handler
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._created: set[str] = set()
@@ -64,6 +65,7 @@ class GatewaySimulator:
         if self._thread is not None:
             raise RuntimeError("simulator already started")
         self._stop.clear()
+        self._stop_requested = False
         self._thread = threading.Thread(target=self._thread_main, name="k2eg-sim", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s):
@@ -91,7 +93,10 @@ class GatewaySimulator:
             raise TransportError(f"simulator failed: {self._error}") from self._error
 
     def request_stop(self) -> None:
-        self._stop.set()
+        """End :meth:`run` after the current step. Only sets a flag, so a signal handler may
+        call it (one that took a lock the interrupted main thread holds would wait for
+        itself for ever)."""
+        self._stop_requested = True
 
     @property
     def running(self) -> bool:
@@ -171,7 +176,7 @@ class GatewaySimulator:
                 offsets={tp.partition: tp.offset for tp in assignment},
             )
             self._ready.set()
-            while not self._stop.is_set():
+            while not (self._stop.is_set() or self._stop_requested):
                 now = time.monotonic()
                 wait = min(max(engine.next_deadline(now) - now, 0.0), MAX_WAIT_S)
                 messages = consumer.consume(num_messages=100, timeout=wait) if wait > 0 else (

@@ -1114,3 +1114,39 @@ def test_the_iteration_a_triggered_stop_publishes_is_tagged_as_such(tmp_path: Pa
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from recorder.config.daemon import DaemonSettings
+from recorder.service import Service
+from recorder.settings import KafkaSettings
+
+service = Service(DaemonSettings(config_path=Path(sys.argv[1])), KafkaSettings(),
+                  state_dir=Path(sys.argv[2]))
+service.install_signal_handlers()
+with service._wake._cond:  # where the main loop is while in the Event's clear() or wait()
+    os.kill(os.getpid(), signal.SIGTERM)  # the handlers run here, between two bytecodes
+    os.kill(os.getpid(), signal.SIGHUP)
+    for _ in range(10_000):
+        pass
+assert service._stopping() and service._reload.is_set()
+print("stopping")
+"""
+
+
+def test_a_signal_while_the_main_loop_holds_its_wake_lock_still_stops_the_daemon(
+        tmp_path: Path) -> None:
+    """The signal handlers take no lock: one that called Event.set() while the main thread
+    was inside the same Event (the main loop clears and waits on it every 0.1 s) waited for
+    itself for ever, and the daemon ignored SIGTERM (a CI run saw it: no "shutting down"
+    in 60 s). In a child process, so the old behaviour is a timeout, not a hung suite."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs.d"
+    runs.mkdir()
+    got = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, str(runs), str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert got.returncode == 0 and got.stdout == "stopping\n", got.stderr
