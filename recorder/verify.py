@@ -422,7 +422,8 @@ class _Checker:
         if "data_timestamp" in m:
             m["data_time"] = m.pop("data_timestamp")
         rel = path.rsplit("/", 1)[-1]
-        index = g.file.get(f"index/{rel}")
+        file = g.file  # an h5py File object is made at each .file: once per PV
+        index = file.get(f"index/{rel}")
         if isinstance(index, h5py.Group):
             for name in ("first", "count"):
                 if name in index:
@@ -431,7 +432,7 @@ class _Checker:
         else:
             self.err(f"/index/{rel}", "missing (the PV's first/count index)")
             where["first"] = where["count"] = f"/index/{rel}"
-        meta = g.file.get(f"metadata/{rel}")
+        meta = file.get(f"metadata/{rel}")
         if isinstance(meta, h5py.Group):
             m["metadata"] = meta
         self.nexus_axes(path, g, m)
@@ -556,7 +557,7 @@ class _Checker:
             return  # reported as missing columns
         first, count = first_ds[()], count_ds[()]
         n_iter = len(written)
-        ipath = str(first_ds.parent.name)  # the PV group; format 5: /index/<PV>
+        ipath = str(first_ds.name).rsplit("/", 1)[0]  # the PV group; format 5: /index/<PV>
         if len(first) != n_iter or len(count) != n_iter:
             self.err(ipath, f"first/count have {len(first)}/{len(count)} rows, /iterations "
                      f"has {n_iter}")
