@@ -449,11 +449,16 @@ class _PV:
             if (shapes == self.same_shape).all():
                 self.same_rows += len(shapes)
                 return
-            self.shape = _Col(self.w, self.g, "shape", self.n, dtype=np.dtype(np.int64),
-                              share=True)
-            if self.same_rows:
-                self.shape.add(np.tile(self.same_shape, (self.same_rows, 1)))
+            self._make_shape_column()
+        assert self.shape is not None
         self.shape.add(shapes)
+
+    def _make_shape_column(self) -> None:
+        """``shape``, made now: the rows seen so far all had ``same_shape``."""
+        self.shape = _Col(self.w, self.g, "shape", self.n, dtype=np.dtype(np.int64),
+                          share=True)
+        if self.same_rows and self.same_shape is not None:
+            self.shape.add(np.tile(self.same_shape, (self.same_rows, 1)))
 
     def finish(self) -> None:
         n_iter = self.w.n_iter
@@ -481,13 +486,11 @@ class _PV:
             else:  # no row had a message to take out: nothing was buffered
                 self.w.dirty.pop(message, None)
         if self.shape is None and self.same_shape is not None:
-            value = next(iter(self.table.values()), None) or self.cols.get("value")
-            trailing = (value.trailing or ())[: 1 if self.table else None] if value else None
+            data = next(iter(self.table.values()), None) or self.cols.get("value")
+            trailing = (data.trailing or ())[: 1 if self.table else None] if data else None
             if trailing is not None and trailing != tuple(self.same_shape.tolist()):
                 # readers take the shape from `value`: it must be that one, else written
-                self.shape = _Col(self.w, self.g, "shape", self.n,
-                                  dtype=np.dtype(np.int64), share=True)
-                self.shape.add(np.tile(self.same_shape, (self.same_rows, 1)))
+                self._make_shape_column()
         if self.shape is not None:
             self.cols["shape"] = self.shape
         for c in (*self.cols.values(), *self.table.values(), self.first, self.count):
