@@ -18,6 +18,7 @@ Timestamps are int64 nanoseconds since the Unix epoch (the gateway sends ms; we 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from recorder.client.values import PVSample
@@ -55,7 +56,8 @@ class ValuesReceived:
     iter_index: int
     batch: int  # 1-based number of this batch within the iteration
     timestamp_ns: int  # the gateway's batch timestamp
-    samples: tuple[PVSample, ...]
+    # the client gives a tuple; a writer process gets recorder.sinks.packed.PackedSamples
+    samples: Sequence[PVSample]
     submission_seq: int | None = None  # sequenced stream only
     late: bool = False  # data that arrived after its batch had already been emitted
     partition: int = 0

@@ -21,6 +21,7 @@ import json
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ from recorder.client.events import (
 )
 from recorder.client.values import RAW_END, RAW_MESSAGE, RAW_START, PVSample
 from recorder.sinks.codec import DTYPE_BY_CODE, Split, encode_rest, same_rest, split_sample
+from recorder.sinks.packed import PackedSamples
 from recorder.sinks.template import PAD, Columns, Piece, RawArrays, TemplateSet
 
 # /iterations columns: name -> numpy dtype
@@ -131,13 +133,16 @@ class FlushBatch:
         )
 
 
-# a run of buffered rows from one event: PV columns, samples (or eager splits), message bytes
-# (None for an eager split), estimated memory
+# a run of buffered rows from one event: PV columns, samples (eager splits; None for the
+# rows of PackedSamples), message bytes (None for an eager split) and each PV map's start and
+# end in them (end None: to the end of the message), estimated memory
 @dataclass(slots=True)
 class _Chunk:
     cols: list[int]
-    items: Sequence[PVSample | Split]
+    items: Sequence[PVSample | Split | None]
     msgs: list[bytes | None]
+    starts: list[int]
+    ends: list[int | None]
     nbytes: int
     offset: int  # Kafka offset of the event
     lazy: bool  # every item is a lazily-built sample (all msgs are bytes)
@@ -175,6 +180,35 @@ BIG_MESSAGE = 2048  # larger messages are joined by template (smaller: in arriva
 RUN_MIN_BYTES = 256 << 10
 
 
+@dataclass(slots=True)
+class _Messages:
+    """The raw rows of a take(): each row's message and PV map start, its size for the
+    small/large split, and the distinct messages (consecutive rows may share one)."""
+
+    rows: list[bytes]  # per row
+    m_len: npt.NDArray[np.int64]  # per row: its message's length, or its PV map's if shared
+    starts: npt.NDArray[np.int64]  # per row: its PV map's start in its message
+    uid: npt.NDArray[np.int64]  # per row: its message in u_msgs (non-decreasing)
+    u_msgs: list[bytes]
+    u_lens: npt.NDArray[np.int64]
+
+
+def _distinct(
+    msgs: list[bytes],
+) -> tuple[npt.NDArray[np.int64], list[bytes], npt.NDArray[np.int64]]:
+    """(per row: its message's number, the distinct messages, their lengths): a run of rows
+    holding the same message object shares one number."""
+    n = len(msgs)
+    ids = np.fromiter(map(id, msgs), np.uint64, n)
+    new = np.empty(n, np.bool_)
+    new[0] = True
+    np.not_equal(ids[1:], ids[:-1], out=new[1:])
+    uid = np.cumsum(new, dtype=np.int64) - 1
+    u_msgs = msgs if int(uid[-1]) == n - 1 else list(map(msgs.__getitem__,
+                                                         np.flatnonzero(new).tolist()))
+    return uid, u_msgs, np.fromiter(map(len, u_msgs), np.int64, len(u_msgs))
+
+
 class RecordingBuffer:
     """Everything of one recording segment that is not yet in the file.
 
@@ -203,9 +237,13 @@ class RecordingBuffer:
         self.buffered_bytes = 0
         for name in pv_names:
             self.column(name)
-        # buffered rows in arrival order (samples of active iterations)
-        self._items: list[PVSample | Split] = []
+        # buffered rows in arrival order (samples of active iterations): the sample (an
+        # eager split; None for a row of PackedSamples), its message (None for an eager
+        # split: rows of PackedSamples share their blob) and its PV map's start and end in it
+        self._items: list[PVSample | Split | None] = []
         self._msgs: list[bytes | None] = []
+        self._starts: list[int] = []
+        self._ends: list[int | None] = []
         self._cols: list[int] = []
         self._lazy = True  # every buffered item is a lazily-built sample
         self._runs: list[tuple[int, int, int]] = []  # (rows, iter_row, iteration)
@@ -310,15 +348,23 @@ class RecordingBuffer:
         it.pending = []
 
     def _chunk(self, samples: Sequence[PVSample], offset: int) -> _Chunk:
+        if samples.__class__ is PackedSamples:
+            p: PackedSamples = samples
+            n = len(p.pvs)
+            return _Chunk(list(map(self.pv_columns.__getitem__, p.pvs)), [None] * n,
+                          [p.blob] * n, p.starts, list(p.ends),
+                          p.payload_bytes + SAMPLE_ROW_BYTES * n, offset, True)
         cols = list(map(self.pv_columns.__getitem__, map(_PV_OF, samples)))
         samples, msgs = raw_messages(samples)
+        starts = list(map(RAW_START, samples))
+        ends = list(map(RAW_END, samples))
         try:
             nbytes = sum(map(len, msgs)) + SAMPLE_ROW_BYTES * len(msgs)  # type: ignore[arg-type]
         except TypeError:  # eagerly-built samples among them
             pass
         else:
-            return _Chunk(cols, samples, msgs, nbytes, offset, True)
-        items: list[PVSample | Split] = []
+            return _Chunk(cols, samples, msgs, starts, ends, nbytes, offset, True)
+        items: list[PVSample | Split | None] = []
         nbytes = 0
         for s, m in zip(samples, msgs, strict=True):
             if m is None:
@@ -328,11 +374,13 @@ class RecordingBuffer:
             else:
                 items.append(s)
                 nbytes += len(m) + SAMPLE_ROW_BYTES
-        return _Chunk(cols, items, msgs, nbytes, offset, False)
+        return _Chunk(cols, items, msgs, starts, ends, nbytes, offset, False)
 
     def _add(self, chunk: _Chunk, iter_row: int, iteration: int, *, count: bool = True) -> None:
         self._items.extend(chunk.items)
         self._msgs.extend(chunk.msgs)
+        self._starts.extend(chunk.starts)
+        self._ends.extend(chunk.ends)
         self._cols.extend(chunk.cols)
         if not chunk.lazy:
             self._lazy = False
@@ -359,6 +407,17 @@ class RecordingBuffer:
         if not n:
             return
         if it.row is not None:  # the common case, inline: no chunk
+            if samples.__class__ is PackedSamples:  # in a writer process: no object per row
+                p: PackedSamples = samples
+                self._cols.extend(map(self.pv_columns.__getitem__, p.pvs))
+                self._items.extend(repeat(None, n))
+                self._msgs.extend(repeat(p.blob, n))
+                self._starts.extend(p.starts)
+                self._ends.extend(p.ends)
+                self._runs.append((n, it.row, it.iter_index))
+                self.buffered_bytes += p.payload_bytes + SAMPLE_ROW_BYTES * n
+                it.n_written += n
+                return
             samples, msgs = raw_messages(samples)
             try:
                 nbytes = sum(map(len, msgs))  # type: ignore[arg-type]
@@ -368,6 +427,8 @@ class RecordingBuffer:
                 self._cols.extend(map(self.pv_columns.__getitem__, map(_PV_OF, samples)))
                 self._items.extend(samples)
                 self._msgs.extend(msgs)
+                self._starts.extend(map(RAW_START, samples))
+                self._ends.extend(map(RAW_END, samples))
                 self._runs.append((n, it.row, it.iter_index))
                 self.buffered_bytes += nbytes + SAMPLE_ROW_BYTES * n
                 it.n_written += n
@@ -525,10 +586,12 @@ class RecordingBuffer:
     def _columns(self) -> tuple[dict[str, npt.NDArray[Any]], dict[int, npt.NDArray[Any]]]:
         """The buffered rows as /live/samples columns and pool elements (rows are consumed)."""
         items, msgs, runs = self._items, self._msgs, self._runs
+        starts, ends = self._starts, self._ends
         n = len(items)
         cols = np.array(self._cols, dtype=np.int64)
         lazy = self._lazy
         self._items, self._msgs, self._cols, self._runs = [], [], [], []
+        self._starts, self._ends = [], []
         self._lazy = True
         if runs:
             counts, irows, iters = (np.array(x, dtype=np.int64) for x in zip(*runs, strict=True))
@@ -541,12 +604,8 @@ class RecordingBuffer:
         splits: dict[int, Split] = {}
         if self.fast and n:
             self.templates.compact()
-            if lazy:
-                lens = np.fromiter(map(len, msgs), np.int64, n)  # type: ignore[arg-type]
-            else:
-                lens = np.array([-1 if x is None else len(x) for x in msgs], np.int64)
-            self._decode(items, msgs, lens, lazy, cols, out=out, pieces=pieces, splits=splits)
-        del msgs
+            self._decode(items, msgs, starts, ends, lazy=lazy, cols=cols, out=out,
+                         pieces=pieces, splits=splits)
         # the slow path: split_sample
         slow = np.flatnonzero(out.tid < 0)
         texts: dict[int, bytes] = {}
@@ -567,6 +626,8 @@ class RecordingBuffer:
                 s = splits.get(i)
                 if s is None:
                     item = items[i]
+                    if item is None:  # a row of PackedSamples
+                        item = self._sample(i, cols, msgs, starts, ends)
                     s = item if item.__class__ is Split else split_sample(item)  # type: ignore[arg-type]
                 c_time.append(s.time_ns)
                 c_sev.append(s.severity)
@@ -595,6 +656,7 @@ class RecordingBuffer:
             out.ival[slow] = np.array(c_ival, dtype=np.int64)
             out.fval[slow] = np.array(c_fval, dtype=np.float64)
             out.size[slow] = np.array(c_size, dtype=np.int64)
+        del msgs, starts, ends
         offset = np.full(n, -1, np.int64)
         size = np.maximum(out.size, 0)
         self._rests_and_texts(cols, out.tid, rests=rests, texts=texts, offset=offset, size=size)
@@ -617,44 +679,69 @@ class RecordingBuffer:
         }
         return samples, pools
 
-    def _decode(self, items: list[PVSample | Split], msgs: list[bytes | None],
-                lens: npt.NDArray[np.int64], lazy: bool, cols: npt.NDArray[np.int64], *,
-                out: Columns, pieces: list[Piece], splits: dict[int, Split]) -> None:
-        """Decode the rows that match a template (learning templates on the way)."""
+    def _sample(self, i: int, cols: npt.NDArray[np.int64], msgs: list[bytes | None],
+                starts: list[int], ends: list[int | None]) -> PVSample:
+        """Row ``i`` of PackedSamples as a sample (for the rows decoded one by one)."""
+        return PVSample.from_raw(self.pv_names[int(cols[i])], msgs[i], starts[i], ends[i])  # type: ignore[arg-type]
+
+    def _decode(self, items: list[PVSample | Split | None], msgs: list[bytes | None],
+                starts_l: list[int], ends_l: list[int | None], *, lazy: bool,
+                cols: npt.NDArray[np.int64], out: Columns, pieces: list[Piece],
+                splits: dict[int, Split]) -> None:
+        """Decode the rows that match a template (learning templates on the way).
+
+        A row's PV map is ``msg[start:end]``. Consecutive rows may share their message (the
+        rows of one PackedSamples share its blob): small rows are then decoded in the shared
+        message as it is; PV maps of :data:`BIG_MESSAGE` bytes or more are first copied out
+        into their own (so that runs of them are strided matrices, as for other rows)."""
         if lazy:
             raw_rows = np.arange(len(msgs), dtype=np.int64)
             r_msgs: list[bytes] = msgs  # type: ignore[assignment]
-            r_items: list[PVSample] = items  # type: ignore[assignment]
-            r_lens = lens
+            r_starts, r_ends = starts_l, ends_l
         else:
-            raw_rows = np.flatnonzero(lens >= 0)
+            present = map(operator.is_not, msgs, repeat(None))
+            raw_rows = np.flatnonzero(np.fromiter(present, np.bool_, len(msgs)))
             rl = raw_rows.tolist()
             r_msgs = list(map(msgs.__getitem__, rl))  # type: ignore[arg-type]
-            r_items = list(map(items.__getitem__, rl))  # type: ignore[arg-type]
-            r_lens = lens[raw_rows]
+            r_starts = list(map(starts_l.__getitem__, rl))
+            r_ends = list(map(ends_l.__getitem__, rl))
         n = len(raw_rows)
         if not n:
             return
-        starts = np.fromiter(map(RAW_START, r_items), np.int64, n)
-        ends_list = list(map(RAW_END, r_items))
-        if ends_list.count(None) == n:
-            ends = r_lens
+        starts = np.array(r_starts, np.int64)
+        uid, u_msgs, u_lens = _distinct(r_msgs)
+        if r_ends.count(None):
+            ends = np.array([-1 if e is None else e for e in r_ends], np.int64)
+            to_end = ends < 0
+            ends[to_end] = u_lens[uid[to_end]]
         else:
-            ends = np.array([ln if e is None else e for e, ln in
-                             zip(ends_list, r_lens.tolist(), strict=True)], np.int64)
-        del ends_list
+            ends = np.array(r_ends, np.int64)
         plen = ends - starts
+        shared = np.bincount(uid)[uid] > 1
+        if len(u_msgs) < n:
+            cut = np.flatnonzero(shared & (plen >= BIG_MESSAGE))
+            if len(cut):  # big PV maps in a shared message: each copied into its own
+                r_msgs = list(r_msgs)
+                for j, a, b in zip(cut.tolist(), starts[cut].tolist(), ends[cut].tolist(),
+                                   strict=True):
+                    r_msgs[j] = r_msgs[j][a:b]
+                starts[cut] = 0
+                ends[cut] = plen[cut]
+                uid, u_msgs, u_lens = _distinct(r_msgs)
+                shared = np.bincount(uid)[uid] > 1
+        # a row's size for the small/large split: its message, or its PV map when shared
+        m_len = np.where(shared, plen, u_lens[uid])
         r_cols = cols[raw_rows]
         templates = self.templates
         pending = np.arange(n, dtype=np.int64)
         tids = templates.lookup(r_cols, plen)
+        msgs_of = _Messages(r_msgs, m_len, starts, uid, u_msgs, u_lens)
         for round_ in range(LEARN_ROUNDS + 1):
             has = tids >= 0
             left = pending[~has]
             if has.any():
                 sel = pending[has]
-                hit = self._decode_rows(sel, tids[has], r_msgs=r_msgs, r_lens=r_lens,
-                                        starts=starts, raw_rows=raw_rows, out=out,
+                hit = self._decode_rows(sel, tids[has], msgs_of, raw_rows=raw_rows, out=out,
                                         pieces=pieces)
                 if not hit.all():
                     left = np.sort(np.concatenate((left, sel[~hit])))
@@ -670,7 +757,10 @@ class RecordingBuffer:
                 row = int(raw_rows[j])
                 split = splits.get(row)
                 if split is None:
-                    split = splits[row] = split_sample(r_items[j])
+                    item = items[row]
+                    if item is None:  # a row of PackedSamples
+                        item = self._sample(row, cols, msgs, starts_l, ends_l)
+                    split = splits[row] = split_sample(item)  # type: ignore[arg-type]
                 entries.append((col, r_msgs[j][int(starts[j]) : int(ends[j])], split))
             learned = templates.learn_many(entries)
             for (col, _, _), ok in zip(entries, learned, strict=True):
@@ -682,10 +772,9 @@ class RecordingBuffer:
             tids = templates.lookup(r_cols[left], plen[left])
         self._raw_seen += n
 
-    def _decode_rows(self, sel: npt.NDArray[np.int64], tids: npt.NDArray[np.int64], *,
-                     r_msgs: list[bytes], r_lens: npt.NDArray[np.int64],
-                     starts: npt.NDArray[np.int64], raw_rows: npt.NDArray[np.int64],
-                     out: Columns, pieces: list[Piece]) -> npt.NDArray[np.bool_]:
+    def _decode_rows(self, sel: npt.NDArray[np.int64], tids: npt.NDArray[np.int64],
+                     msgs: _Messages, *, raw_rows: npt.NDArray[np.int64], out: Columns,
+                     pieces: list[Piece]) -> npt.NDArray[np.bool_]:
         """Decode raw rows ``sel`` with their templates ``tids``; which rows matched.
 
         Rows are joined ordered by (template, message length, start), at most about
@@ -694,21 +783,20 @@ class RecordingBuffer:
         a few numpy operations); short runs are gathered by layout."""
         templates = self.templates
         matched = np.zeros(len(sel), np.bool_)
-        m_len = r_lens[sel]
-        m_start = starts[sel]
+        m_len = msgs.m_len[sel]
+        m_start = msgs.starts[sel]
         small = m_len < BIG_MESSAGE
         if small.any():  # joined in arrival order, gathered by layout
             k = np.flatnonzero(small)
-            matched[k] = self._decode_small(sel[k], tids[k], r_msgs=r_msgs, m_len=m_len[k],
-                                            m_start=m_start[k], raw_rows=raw_rows, out=out,
+            matched[k] = self._decode_small(sel[k], tids[k], msgs, raw_rows=raw_rows, out=out,
                                             pieces=pieces)
             if small.all():
                 return matched
             k = np.flatnonzero(~small)
-            matched[k] = self._decode_rows(sel[k], tids[k], r_msgs=r_msgs, r_lens=r_lens,
-                                           starts=starts, raw_rows=raw_rows, out=out,
+            matched[k] = self._decode_rows(sel[k], tids[k], msgs, raw_rows=raw_rows, out=out,
                                            pieces=pieces)
             return matched
+        r_msgs = msgs.rows  # large rows have their own message
         order = np.lexsort((m_start, m_len, tids))
         s, t, ml, ms = sel[order], tids[order], m_len[order], m_start[order]
         new_run = np.empty(len(s), np.bool_)
@@ -749,27 +837,39 @@ class RecordingBuffer:
         matched[order] = hit_sorted
         return matched
 
-    def _decode_small(self, sel: npt.NDArray[np.int64], tids: npt.NDArray[np.int64], *,
-                      r_msgs: list[bytes], m_len: npt.NDArray[np.int64],
-                      m_start: npt.NDArray[np.int64], raw_rows: npt.NDArray[np.int64],
-                      out: Columns, pieces: list[Piece]) -> npt.NDArray[np.bool_]:
-        """:meth:`_decode_rows` for small messages (``sel`` ascending): joined in arrival
-        order (cheaper than reordering them), payloads gathered by layout."""
+    def _decode_small(self, sel: npt.NDArray[np.int64], tids: npt.NDArray[np.int64],
+                      msgs: _Messages, *, raw_rows: npt.NDArray[np.int64], out: Columns,
+                      pieces: list[Piece]) -> npt.NDArray[np.bool_]:
+        """:meth:`_decode_rows` for small messages (``sel`` ascending): their messages
+        joined in arrival order (cheaper than reordering them; a message shared by several
+        rows once), payloads gathered by layout."""
         matched = np.zeros(len(sel), np.bool_)
-        cum = np.cumsum(m_len)
-        contiguous = len(sel) == len(r_msgs)
+        uid = msgs.uid[sel]
+        m_start = msgs.starts[sel]
+        new = np.empty(len(sel), np.bool_)
+        new[0] = True
+        np.not_equal(uid[1:], uid[:-1], out=new[1:])
+        first = np.flatnonzero(new)  # each message's first row
+        du = uid[first]  # the messages, in order
+        row_msg = np.cumsum(new) - 1  # row -> its message in du
+        d_len = msgs.u_lens[du]
+        cum = np.cumsum(d_len)
+        u_msgs = msgs.u_msgs
+        every = len(du) == len(u_msgs)
         a = 0
-        while a < len(sel):
+        while a < len(du):
             before = int(cum[a - 1]) if a else 0
             b = max(a + 1, int(np.searchsorted(cum, before + CHUNK_BYTES, "right")))
-            part = (r_msgs[a:b] if contiguous
-                    else list(map(r_msgs.__getitem__, sel[a:b].tolist())))
+            part = u_msgs[a:b] if every else list(map(u_msgs.__getitem__, du[a:b].tolist()))
             part.append(PAD)
             big = np.frombuffer(b"".join(part), np.uint8)
             del part
-            pos = cum[a:b] - m_len[a:b] - before + m_start[a:b]
-            matched[a:b] = self.templates.decode(big, pos, tids[a:b], raw_rows[sel[a:b]],
-                                                 out=out, pieces=pieces)
+            ra = int(first[a])
+            rb = int(first[b]) if b < len(first) else len(sel)
+            rm = row_msg[ra:rb]
+            pos = cum[rm] - d_len[rm] - before + m_start[ra:rb]
+            matched[ra:rb] = self.templates.decode(big, pos, tids[ra:rb], raw_rows[sel[ra:rb]],
+                                                   out=out, pieces=pieces)
             a = b
         return matched
 

@@ -41,6 +41,7 @@ from recorder.client.values import PVSample
 from recorder.reader import RecordingFile, open_file
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import Compression, OutputOptions
+from recorder.sinks.packed import PackedSamples
 from recorder.sinks.process import IsolatedRecording, open_recording
 from recorder.sinks.process_codec import _decode_event, _Encoder
 
@@ -476,7 +477,9 @@ def test_factory_and_no_h5py_in_the_parent(tmp_path: Path) -> None:
 
 def test_values_travel_as_one_blob_with_offsets() -> None:
     """Lazily-built samples (every sample the client produces) cross the boundary as one
-    blob of their messages plus (start, end) positions; the writer gets views into it."""
+    blob of their messages plus (start, end) positions; the writer keeps them so
+    (PackedSamples: the recording buffer decodes them in the blob), and each still reads as
+    the sample it was."""
     enc = _Encoder()
     ts = {"secondsPastEpoch": 1_700_000_000, "nanoseconds": 5}
     inner = msgpack.packb({"value": 1.5, "timeStamp": ts}, use_single_float=True)
@@ -494,6 +497,7 @@ def test_values_travel_as_one_blob_with_offsets() -> None:
     assert len(offsets) == 2 * 8 * 3
     back = _decode_event(msgpack.unpackb(msgpack.packb(row), strict_map_key=False))
     assert isinstance(back, ValuesReceived)
+    assert type(back.samples) is PackedSamples and back.samples.blob == blob
     for got, want in zip(back.samples, samples, strict=True):
         assert got.pv == want.pv and got.raw == want.raw
         assert got.float32_paths == want.float32_paths

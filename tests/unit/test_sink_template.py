@@ -36,6 +36,8 @@ from recorder.sim.pvs import parse_pv, pv_structure
 from recorder.sinks.buffer import FlushBatch, RecordingBuffer
 from recorder.sinks.codec import STRING_DTYPE_CODE as STRING_CODE
 from recorder.sinks.codec import split_sample
+from recorder.sinks.packed import PackedSamples
+from recorder.sinks.process_codec import _decode_event, _Encoder, _new_packer, _unpack
 from recorder.sinks.template import TemplateSet, walk
 
 T0 = 1_763_700_000 * 1_000_000_000
@@ -191,13 +193,27 @@ def assert_tiles(batch: FlushBatch) -> None:
         assert (starts[1:] == ends[:-1]).all(), code
 
 
+def through_pipe(events: list[IterationEvent]) -> list[IterationEvent]:
+    """The events as a writer process gets them (the pipe's codec, bytes and all): the
+    lazily-built samples of an event arrive as one :class:`PackedSamples`."""
+    enc, packer = _Encoder(), _new_packer()
+    return [_decode_event(_unpack(packer.pack(enc.event(ev)[0]))) for ev in events]
+
+
 def check(events_of: Callable[[], list[IterationEvent]], flush_every: int = 7,
           rotate_every: int = 0) -> list[FlushBatch]:
-    """Feed fresh copies of the stream (samples cache their decoding) the three ways."""
+    """Feed fresh copies of the stream (samples cache their decoding) the three ways, and
+    the fast way as a writer process gets it (:func:`through_pipe`)."""
     fast = feed(RecordingBuffer, events_of(), flush_every, rotate_every)
     slow = feed(lambda: RecordingBuffer(fast=False), events_of(), flush_every, rotate_every)
     legacy = feed(LegacyBuffer, events_of(), flush_every, rotate_every)
+    piped = feed(RecordingBuffer, through_pipe(events_of()), flush_every, rotate_every)
     assert [len(x) for x in fast] == [len(x) for x in slow] == [len(x) for x in legacy]
+    assert [len(x) for x in piped] == [len(x) for x in fast]
+    for seg_a, seg_p in zip(fast, piped, strict=True):
+        for p in seg_p:
+            assert_tiles(p)
+        assert resolved(seg_a) == resolved(seg_p)
     for seg_a, seg_b in zip(fast, slow, strict=True):
         for a, b in zip(seg_a, seg_b, strict=True):
             assert_same_batch(a, b)
@@ -303,6 +319,53 @@ def test_templates_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(second.meta["pv"]) == 0 and len(first.meta["pv"]) == len(STEADY)
     # and the same as the slow path
     check(lambda: steady_stream(0, 43), flush_every=9)
+
+
+def piped_stream(first: int, n_iter: int) -> list[IterationEvent]:
+    """Per iteration, in one event: a waveform whose PV map is larger than BIG_MESSAGE, two
+    small scalars, a string (decoded one by one) and a second large waveform."""
+    out: list[IterationEvent] = []
+    for k in range(first, first + n_iter):
+        wall = T0 + k * 100_000_000 + 70_000
+        w1 = sim("SIM:WF:DOUBLE:1:N300", 0, wall)
+        w1["value"] = [k + i / 8 for i in range(300)]
+        w2 = sim("SIM:WF:FLOAT:2:N600", 0, wall + 1)
+        w2["value"] = Float32Array([k - i / 4 for i in range(600)])
+        a = sim("SIM:AI:DOUBLE:3", 0, wall + 2)
+        a["value"] = k / 7
+        b = sim("SIM:AI:LONG:4", k, wall + 3)
+        text = sim("SIM:SI:STRING:5", k, wall + 4)
+        out += iteration(k, [message("W1", w1, k), message("A", a, k), message("S", text, k),
+                             message("B", b, k, trailer=b"\xc0"), message("W2", w2, k)])
+    return out
+
+
+def test_piped_samples_are_decoded_where_they_lie_in_the_blob(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer process gets each event's samples as one PackedSamples (the pipe's blob and
+    positions): the buffer decodes them in the blob, with no sample object per row; only a
+    row decoded one by one (learning, a string) becomes a sample, and large PV maps are
+    copied out of the blob into their own messages. The file's content is the same."""
+    import recorder.sinks.buffer as buffer_module
+
+    assert len(pack(sim("SIM:WF:DOUBLE:1:N300", 0, T0))) > buffer_module.BIG_MESSAGE
+    events = through_pipe(piped_stream(0, 40))
+    packs = [ev.samples for ev in events if isinstance(ev, ValuesReceived)]
+    assert len(packs) == 40 and all(type(p) is PackedSamples for p in packs)
+    calls = spy_split_sample(monkeypatch)
+    buf = RecordingBuffer()
+    batches = []
+    for i, ev in enumerate(events, 1):
+        buf.handle(ev)
+        if i % 30 == 0:
+            batches.append(buf.take())
+    batches.append(buf.take())
+    assert all(p._samples is None for p in packs)  # never made into samples
+    assert sorted(set(calls)) == ["A", "B", "S", "W1", "W2"]
+    assert calls.count("S") == 40 and len(calls) == 44  # learning once per PV, strings each
+    assert sum(len(b.samples["pv"]) for b in batches) == 40 * 5
+    check(lambda: piped_stream(0, 40), flush_every=30)
+    check(lambda: piped_stream(0, 40), flush_every=1000, rotate_every=70)
 
 
 def test_mixed_eager_and_lazy_samples_and_partial_batches() -> None:
