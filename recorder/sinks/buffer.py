@@ -212,10 +212,12 @@ def _distinct(
 class RecordingBuffer:
     """Everything of one recording segment that is not yet in the file.
 
-    Samples are kept as they came (lazily-built samples: their msgpack bytes) and decoded at
-    :meth:`take`: with learned templates (:mod:`recorder.sinks.template`), vectorized over
-    all the rows that share a layout, and through :func:`split_sample` for the rest
-    (``fast=False``: always). Eagerly-built samples are split at once.
+    Samples are kept as they came (lazily-built samples: their msgpack bytes; a writer
+    process's :class:`~recorder.sinks.packed.PackedSamples`: the blob and each PV map's
+    position in it, no object per row) and decoded at :meth:`take`: with learned templates
+    (:mod:`recorder.sinks.template`), vectorized over all the rows that share a layout, and
+    through :func:`split_sample` for the rest (``fast=False``: always). Eagerly-built samples
+    are split at once.
 
     Decoding joins at most about :data:`CHUNK_BYTES` of messages at a time: small messages in
     arrival order (payloads then gathered by layout), large ones (>= :data:`BIG_MESSAGE`)
