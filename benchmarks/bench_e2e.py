@@ -343,7 +343,8 @@ def run_ours(args: argparse.Namespace, case: Case, cmd_topic: str, tmp: Path, ta
            "--out", str(out), "--flush-interval", str(args.flush_interval),
            "--sink", args.sink_mode, "--timeout", str(args.run_timeout),
            "--compression", args.compression, "--gc", args.gc,
-           "--switch-interval", str(args.switch_interval)]
+           "--switch-interval", str(args.switch_interval),
+           "--max-buffer-mb", str(args.max_buffer_mb)]
     if not finalize:
         cmd.append("--no-finalize")
     proc = CHILDREN.popen(cmd, stdout=subprocess.PIPE, stderr=open(out / "stderr.txt", "w"),  # noqa: SIM115
@@ -567,7 +568,9 @@ def worker(args: argparse.Namespace) -> int:
         f"  pv_uri_list: {json.dumps(pv_uris)}\n"
         "  time_window: 600000\n"
         f"output: {{directory: {out / 'data'}, flush_interval_s: {args.flush_interval}, "
-        f"compression: {args.compression}, isolate: {isolate}}}\n"
+        f"compression: {args.compression}, isolate: {isolate}"
+        + (f", max_buffer_bytes: {int(args.max_buffer_mb * 2**20)}" if args.max_buffer_mb else "")
+        + "}\n"
     )
     store = ResumeStore(out / "state")
     store.begin("bench", ActiveRecording("bench-uid", 0, args.topic, args.topic, {0: -1}, None))
@@ -966,6 +969,8 @@ def main(argv: list[str] | None = None) -> int:
                              "default: IsolatedRecording, a writer process per recording) or "
                              "hdf5 (isolate: false, HDF5Recording in the daemon's process)")
     parser.add_argument("--flush-interval", type=float, default=1.0)
+    parser.add_argument("--max-buffer-mb", type=float, default=0.0,
+                        help="the run's output.max_buffer_bytes in MiB (0: its default)")
     parser.add_argument("--compression", default="gzip", help="output compression (run "
                         "definition default: gzip)")
     parser.add_argument("--live-rate", type=float, default=10.0, help="latency run: Hz")
