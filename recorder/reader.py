@@ -22,7 +22,7 @@ import bisect
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -121,6 +121,10 @@ def unknown_pv(pv: str, names: Iterable[str], where: str) -> KeyError:
 
 
 _UNSEEN: Any = object()
+MEMBERS_CACHED = 65_536  # PV groups whose member names are kept (see RecordingFile.refresh)
+META_CACHE_BYTES = 64 << 20
+"""A final file's metadata entries kept in memory once read (all PVs together); beyond it
+they are read again at every read of rows."""
 
 
 class RecordingFile:
@@ -158,6 +162,11 @@ class RecordingFile:
         self._live_cols: dict[str, int] | None = None
         self._live_meta_index: tuple[npt.NDArray[Any], npt.NDArray[Any]] | None = None
         self._names: tuple[list[str], frozenset[str]] | None = None
+        # final files, per PV: its group's member names and its metadata entries (asked for
+        # by every read of rows; kept while they total at most META_CACHE_BYTES)
+        self._members: dict[str, frozenset[str]] = {}
+        self._meta: dict[str, tuple[npt.NDArray[Any], Any]] = {}
+        self._meta_bytes = 0
         if self.layout == "live":
             self._live = read_live(self.h5)
 
@@ -177,6 +186,7 @@ class RecordingFile:
         self.path, self.h5, self.attrs, self.layout = done.path, done.h5, done.attrs, done.layout
         self._live = None
         self._info = None
+        self._members, self._meta, self._meta_bytes = {}, {}, 0
 
     @property
     def status(self) -> str:
@@ -334,14 +344,18 @@ class RecordingFile:
         sub = g.get(old)
         return sub if isinstance(sub, h5py.Group) else None
 
-    def _shapes(self, g: h5py.Group, kind: ValueKind, rows: slice = slice(None)
+    def _shapes(self, g: h5py.Group, kind: ValueKind, rows: slice = slice(None), *,
+                names: frozenset[str] | None = None, value: Any = _UNSEEN,
                 ) -> npt.NDArray[np.int64] | None:
         """The shape of each row (``rows``) of a PV of a shaped kind: its ``shape`` dataset,
         or, where format 5.0 left it out because every row has the same shape, the trailing
-        shape of ``value`` for each row. None for other kinds (and PVs without values)."""
-        if "shape" in g:
+        shape of ``value`` for each row. None for other kinds (and PVs without values).
+        ``names`` (the group's members) and ``value`` (its value object, None if it has
+        none), when the caller has them, save opening them again."""
+        if "shape" in (g if names is None else names):
             return np.asarray(g["shape"][rows])
-        value = g.get("value")
+        if value is _UNSEEN:
+            value = g.get("value")
         if kind not in SHAPED_KINDS or value is None:
             return None
         if isinstance(value, h5py.Group):  # NTTable: rows of a table = its columns' length
@@ -728,6 +742,11 @@ class RecordingFile:
         """The stored columns of the PV's rows ``lo:hi`` with the metadata entry in effect
         at each (reads only those rows)."""
         g = self._group(pv)
+        names = self._members.get(pv)
+        if names is None:
+            if len(self._members) >= MEMBERS_CACHED:
+                self._members.clear()
+            names = self._members[pv] = frozenset(g)
         info = self._pv_info(pv)
         kind = ValueKind(info["kind"])
         n_all = int(info.get("count", len(g["time"])))
@@ -736,28 +755,23 @@ class RecordingFile:
         n = hi - lo
         rows = slice(lo, hi)
         cols = {k: g[k][rows] for k in ("time", "severity", "status")}
-        if "flags" in g:
+        if "flags" in names:
             cols["flags"] = g["flags"][rows]
         else:  # 2.x: the same flags in every row, in /pv_info
             cols["flags"] = np.full(n, int(info["flags"]), dtype=np.uint8)
         value: Any = None
         table: list[tuple[str, npt.NDArray[Any]]] | None = None
-        if "value" in g and isinstance(g["value"], h5py.Group):  # NTTable: one dataset a column
-            vg = g["value"]
-            names = [str(c) for c in plain(vg.attrs["columns"])]
-            table = [(c, vg[escape_name(c)][rows]) for c in names]
-        elif "value" in g:
-            value = g["value"][rows]
-        shape = self._shapes(g, kind, rows)
-        codes, texts = self._message_column(g, rows)
+        stored = g["value"] if "value" in names else None
+        if isinstance(stored, h5py.Group):  # NTTable: one dataset a column
+            cnames = [str(c) for c in plain(stored.attrs["columns"])]
+            table = [(c, stored[escape_name(c)][rows]) for c in cnames]
+        elif stored is not None:
+            value = stored[rows]
+        shape = self._shapes(g, kind, rows, names=names, value=stored)
+        codes, texts = (self._message_column(g, rows) if "alarm_message" in names
+                        else (np.zeros(0, np.int32), []))
         storage = str(info.get("storage_dtype", "none"))
-        meta_rows: npt.NDArray[Any] = np.zeros(0, np.int64)
-        meta_json: Any = []
-        meta = self._side(pv, "metadata", "metadata")
-        if meta is not None:  # 1.x always; 2.x-4.x (5.0: in /metadata) when it changed
-            meta_rows, meta_json = meta["row"][()], meta["json"][()]
-        elif info.get("metadata") and n_all:  # 2.x: row 0's metadata is in /pv_info
-            meta_rows, meta_json = np.zeros(1, np.int64), [info["metadata"]]
+        meta_rows, meta_json = self._meta_entries(pv, info, n_all)
         rest: dict[str, Any] = {"d": {}, "f": []}
         j = max(0, int(np.searchsorted(meta_rows, lo, "right")) - 1)  # in effect at lo
         kind_code = {k: c for c, k in KINDS_BY_CODE.items()}[kind]
@@ -768,8 +782,8 @@ class RecordingFile:
         # per-row columns as Python lists (a list index costs a fraction of a numpy one)
         times, sevs, stats = (cols[k].tolist() for k in ("time", "severity", "status"))
         # 4.x: user tags, NTNDArray frame ids and times (0 where not taken out)
-        tags, uids, dts = (g[k][rows].tolist() if k in g else [0] * n
-                           for k in ("user_tag", "unique_id", frame_time_name(g)))
+        tags, uids, dts = (g[k][rows].tolist() if k in names else [0] * n
+                           for k in ("user_tag", "unique_id", frame_time_name(names)))
         flag_list, code_list = cols["flags"].tolist(), codes.tolist()
         # (a scalar storage dtype: no shape, not utf-8 strings or a table)
         scalars = value.tolist() if scalar_kind is not None and value is not None else None
@@ -806,6 +820,26 @@ class RecordingFile:
             yield _Row(rest, f32, flags, kind_code, times[r], sevs[r], stats[r], v,
                        texts[code_list[r]] if flags & F_MESSAGE else None, tags[r], uids[r],
                        dts[r])
+
+    def _meta_entries(self, pv: str, info: Mapping[str, Any], n_all: int
+                      ) -> tuple[npt.NDArray[Any], Any]:
+        """The PV's metadata entries of a final file: (first row of each, its JSON), read once
+        while the cached ones total at most :data:`META_CACHE_BYTES`."""
+        got = self._meta.get(pv)
+        if got is not None:
+            return got
+        meta_rows: npt.NDArray[Any] = np.zeros(0, np.int64)
+        meta_json: Any = []
+        meta = self._side(pv, "metadata", "metadata")
+        if meta is not None:  # 1.x always; 2.x-4.x (5.0: in /metadata) when it changed
+            meta_rows, meta_json = meta["row"][()], meta["json"][()]
+        elif info.get("metadata") and n_all:  # 2.x: row 0's metadata is in /pv_info
+            meta_rows, meta_json = np.zeros(1, np.int64), [info["metadata"]]
+        size = meta_rows.nbytes + sum(map(len, meta_json)) + 64 * len(meta_json)
+        if self._meta_bytes + size <= META_CACHE_BYTES:
+            self._meta[pv] = (meta_rows, meta_json)
+            self._meta_bytes += size
+        return meta_rows, meta_json
 
     @staticmethod
     def _message_column(g: h5py.Group, rows: slice = slice(None)

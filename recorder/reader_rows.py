@@ -8,9 +8,9 @@ grouped by PV.
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 from typing import Any, NamedTuple
 
-import h5py
 import numpy as np
 import numpy.typing as npt
 
@@ -57,10 +57,11 @@ class _Row(NamedTuple):
         return PVSample(pv, data, self.f32)
 
 
-def frame_time_name(g: h5py.Group) -> str:
-    """The dataset of an NTNDArray PV's per-frame ``dataTimeStamp``: ``data_timestamp``
-    (5.0; a name ending in ``_time`` is an NXlog sub-log to NeXus loaders such as
-    scippnexus, decision 0011), ``data_time`` in 4.x files."""
+def frame_time_name(g: Container[str]) -> str:
+    """The dataset of an NTNDArray PV's per-frame ``dataTimeStamp`` (``g``: its group, or
+    the names in it): ``data_timestamp`` (5.0; a name ending in ``_time`` is an NXlog
+    sub-log to NeXus loaders such as scippnexus, decision 0011), ``data_time`` in 4.x
+    files."""
     return "data_timestamp" if "data_timestamp" in g else "data_time"
 
 

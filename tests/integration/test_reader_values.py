@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from test_hdf5_roundtrip import record, record_closed
 
 from recorder.client.values import PVSample
@@ -119,6 +120,42 @@ def test_pv_names_are_read_once_per_file_not_per_pv(tmp_path: Path, monkeypatch:
             assert "not-a-pv" in str(exc)
         else:
             raise AssertionError("an unknown PV must raise KeyError")
+
+
+def _same_samples(got: list[PVSample], want: list[PVSample]) -> None:
+    assert [s.pv for s in got] == [s.pv for s in want]
+    assert [s.data for s in got] == [s.data for s in want]
+    assert [s.float32_paths for s in got] == [s.float32_paths for s in want]
+
+
+@pytest.mark.parametrize("cache_bytes", [64 << 20, 0])
+def test_metadata_entries_are_read_once_per_pv_not_per_window(
+        tmp_path: Path, monkeypatch: Any, cache_bytes: int) -> None:
+    """Reading a window of rows (replay, trains) needs the PV's metadata entries; each
+    window read all of them again (work windows x entries, for a PV whose units or limits
+    change often). They are read once per PV while the cached ones fit META_CACHE_BYTES
+    (0: never kept, read per window as before; the same samples either way)."""
+    import recorder.reader as reader_module
+
+    monkeypatch.setattr(reader_module, "META_CACHE_BYTES", cache_bytes)
+    path, sent = _one_pv(tmp_path, 60, lambda i: {
+        "value": float(i), "display": {"units": f"u{i // 3}", "precision": i % 4}})
+    reads: list[str] = []
+    original = RecordingFile._side
+
+    def counting(self: RecordingFile, pv: str, tree: str, old: str) -> Any:
+        reads.append(tree)
+        return original(self, pv, tree, old)
+
+    monkeypatch.setattr(RecordingFile, "_side", counting)
+    with open_file(path) as f:
+        windows = [f.samples_range("P", lo, lo + 7) for lo in range(0, 60, 7)]
+        assert reads.count("metadata") == (1 if cache_bytes else len(windows))
+        assert len(f._meta) == (1 if cache_bytes else 0)
+        if cache_bytes:
+            assert len(f._meta["P"][1]) == 60  # an entry per value: precision changes each
+        _same_samples([s for w in windows for s in w], sent["P"])
+        _same_samples(f.samples_range("P", 13, 41), sent["P"][13:41])
 
 
 def test_refresh_follows_a_live_file_to_its_finalized_file(tmp_path: Path) -> None:
