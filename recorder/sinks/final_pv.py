@@ -471,7 +471,7 @@ class _PV:
         self.next_k = n_iter
         flags = self.cols["flags"]
         const_flags = -1  # flags of every row when the same for all (no `flags` dataset)
-        if flags.ds is None:
+        if not flags.spilled:
             f = flags._data()
             if not len(f) or (f == f[0]).all():
                 const_flags = int(f[0]) if len(f) else 0
@@ -479,7 +479,7 @@ class _PV:
                 self.w.buffered -= flags.nbytes
                 self.w.dirty.pop(flags, None)
         message = self.message
-        if message is not None and message.ds is None:
+        if message is not None and not message.spilled:
             if self.texts:
                 message.attrs["texts"] = list(self.texts)
                 self.cols["alarm_message"] = message
@@ -504,9 +504,9 @@ class _PV:
             # 1,000 rows of 1,000-element waveforms are ambiguous (decision 0011)
             set_attrs(self.g, {"axes": ["time", *["."] * len(value.trailing)], **{
                 f"{name}_indices": 0 for name in self.cols if name not in ("value", "time")}})
-        if message is not None and message.ds is not None:  # spilled: texts known only now
+        if message is not None and message.spilled:  # texts known only now
             message.finish()
-            set_attrs(message.ds, {"texts": list(self.texts)})
+            set_attrs(message.dataset(), {"texts": list(self.texts)})
         if self.meta_row is not None and self.meta_json is not None:
             self.meta_row.finish()
             self.meta_json.finish()
