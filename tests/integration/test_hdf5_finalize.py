@@ -6,6 +6,7 @@ import functools
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,46 @@ def test_streamed_finalize_equals_one_block(
             same(f.samples(pv), samples)
 
 
+def _one_block_and_in_pieces(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        make_samples: Callable[[], Callable[[int], list[PVSample]]], n_iter: int, *,
+        block_bytes: int, spy: Callable[..., None], **patch: Any,
+) -> tuple[Path, Path, dict[str, list[PVSample]]]:
+    """The same recording (``make_samples()`` gives its samples, afresh for each) finalized
+    in one block, then with a ``block_bytes`` budget, so in pieces, with
+    ``final_datasets._Col.spill`` replaced by ``spy`` and ``patch`` set on final_datasets:
+    (one-block file, file finalized in pieces, the samples sent)."""
+    one, many = tmp_path / "one", tmp_path / "many"
+    one.mkdir()
+    many.mkdir()
+    path1, sent = record_closed(HDF5Recording(OutputOptions(directory=one), run_name="p"),
+                                n_iter, make_samples())
+    monkeypatch.setattr(final_datasets._Col, "spill", spy)
+    for name, value in patch.items():
+        monkeypatch.setattr(final_datasets, name, value, raising=False)
+    monkeypatch.setattr(hdf5_module, "finalize", functools.partial(finalize,
+                                                                   block_bytes=block_bytes))
+    path2, _ = record_closed(HDF5Recording(OutputOptions(directory=many), run_name="p"),
+                             n_iter, make_samples())
+    return path1, path2, sent
+
+
+def _assert_as_one_block(path1: Path, path2: Path, sent: dict[str, list[PVSample]], *,
+                         skip: Callable[[str], bool] = lambda key: False) -> None:
+    """The file finalized in pieces holds the one-block file's datasets (but ``skip``'s)
+    and the samples sent."""
+    with h5py.File(path1, "r") as a, h5py.File(path2, "r") as b:
+        da = {k: v for k, v in _walk(a).items() if not skip(k)}
+        db = {k: v for k, v in _walk(b).items() if not skip(k)}
+        assert sorted(da) == sorted(db)
+        for key, va in da.items():
+            if not key.startswith("kafka/time") and va.dtype.names is None:
+                assert va.tolist() == db[key].tolist(), key
+    with open_file(path2) as f:
+        for pv, samples in sent.items():
+            same(f.samples(pv), samples)
+
+
 def test_columns_written_in_pieces_do_not_keep_their_datasets_open(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Finalizing in pieces (many PVs, a small budget) holds at most the dataset it writes
@@ -93,30 +134,13 @@ def test_columns_written_in_pieces_do_not_keep_their_datasets_open(
                                                  "nanoseconds": k}})
                 for k in range(60)]
 
-    one, many = tmp_path / "one", tmp_path / "many"
-    one.mkdir()
-    many.mkdir()
-    path1, sent = record_closed(HDF5Recording(OutputOptions(directory=one), run_name="o"),
-                                400, samples_of)
-    monkeypatch.setattr(final_datasets._Col, "spill", spy)
-    monkeypatch.setattr(hdf5_module, "finalize", functools.partial(finalize,
-                                                                   block_bytes=128 * 1024))
-    path2, _ = record_closed(HDF5Recording(OutputOptions(directory=many), run_name="o"),
-                             400, samples_of)
+    path1, path2, sent = _one_block_and_in_pieces(
+        tmp_path, monkeypatch, lambda: samples_of, 400, block_bytes=128 * 1024, spy=spy)
     assert len(open_counts) > 200, "too few writes in pieces to tell"
     assert max(open_counts) <= 2, max(open_counts)
-    with h5py.File(path1, "r") as a, h5py.File(path2, "r") as b:
-        # (a `flags` column written in pieces stays, where one block finds it constant and
-        # leaves it out: both are the format, and the samples below are the same)
-        da = {k: v for k, v in _walk(a).items() if not k.endswith("/flags")}
-        db = {k: v for k, v in _walk(b).items() if not k.endswith("/flags")}
-        assert sorted(da) == sorted(db)
-        for key, va in da.items():
-            if not key.startswith("kafka/time") and va.dtype.names is None:
-                assert va.tolist() == db[key].tolist(), key
-    with open_file(path2) as f:
-        for pv, samples in sent.items():
-            same(f.samples(pv), samples)
+    # (a `flags` column written in pieces stays, where one block finds it constant and
+    # leaves it out: both are the format, and the samples are the same)
+    _assert_as_one_block(path1, path2, sent, skip=lambda key: key.endswith("/flags"))
 
 
 def test_spilled_columns_write_each_chunk_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -135,27 +159,21 @@ def test_spilled_columns_write_each_chunk_once(tmp_path: Path, monkeypatch: pyte
         if self.written != before:
             writes.setdefault(self.dataset().name, []).append((before, self.written))
 
-    rng = np.random.default_rng(5)
+    def make_samples() -> Callable[[int], list[PVSample]]:
+        rng = np.random.default_rng(5)
 
-    def samples_of(i: int) -> list[PVSample]:
-        return [PVSample(f"P{k}", {"value": float(rng.normal()),
-                                   "alarm": {"severity": 0, "status": 0, "message": ""},
-                                   "timeStamp": {"secondsPastEpoch": 1_700_000_000 + i,
-                                                 "nanoseconds": k}})
-                for k in range(40)]
+        def samples_of(i: int) -> list[PVSample]:
+            return [PVSample(f"P{k}", {"value": float(rng.normal()),
+                                       "alarm": {"severity": 0, "status": 0, "message": ""},
+                                       "timeStamp": {"secondsPastEpoch": 1_700_000_000 + i,
+                                                     "nanoseconds": k}})
+                    for k in range(40)]
 
-    one, many = tmp_path / "one", tmp_path / "many"
-    one.mkdir()
-    many.mkdir()
-    path1, sent = record_closed(HDF5Recording(OutputOptions(directory=one), run_name="c"),
-                                600, samples_of)
-    rng = np.random.default_rng(5)
-    monkeypatch.setattr(final_datasets._Col, "spill", spy)
-    monkeypatch.setattr(final_datasets, "PIECE_CHUNK_MIN_BYTES", 1, raising=False)  # small file
-    monkeypatch.setattr(hdf5_module, "finalize", functools.partial(finalize,
-                                                                   block_bytes=256 * 1024))
-    path2, _ = record_closed(HDF5Recording(OutputOptions(directory=many), run_name="c"),
-                             600, samples_of)
+        return samples_of
+
+    path1, path2, sent = _one_block_and_in_pieces(
+        tmp_path, monkeypatch, make_samples, 600, block_bytes=256 * 1024, spy=spy,
+        PIECE_CHUNK_MIN_BYTES=1)  # a small file
     with h5py.File(path2, "r") as h:
         value = h["pvs/P0/value"]
         assert value.chunks is not None and value.chunks[0] < 600  # sized to the budget
@@ -166,15 +184,7 @@ def test_spilled_columns_write_each_chunk_once(tmp_path: Path, monkeypatch: pyte
             for lo, hi in regions:
                 assert lo % rows == 0, (name, lo, hi, rows)
                 assert hi % rows == 0 or hi == total, (name, lo, hi, rows)
-        with h5py.File(path1, "r") as a:
-            da, db = _walk(a), _walk(h)
-            assert sorted(da) == sorted(db)
-            for key, va in da.items():
-                if not key.startswith("kafka/time") and va.dtype.names is None:
-                    assert va.tolist() == db[key].tolist(), key
-    with open_file(path2) as f:
-        for pv, samples in sent.items():
-            same(f.samples(pv), samples)
+    _assert_as_one_block(path1, path2, sent)
 
 
 @pytest.mark.parametrize("gather_elements", [1, 7, 1 << 20])
