@@ -39,7 +39,7 @@ from recorder.client.events import (
 from recorder.client.values import RAW_END, RAW_MESSAGE, RAW_START, PVSample
 from recorder.sinks.codec import DTYPE_BY_CODE, Split, encode_rest, same_rest, split_sample
 from recorder.sinks.packed import PackedSamples
-from recorder.sinks.template import PAD, Columns, Piece, RawArrays, TemplateSet
+from recorder.sinks.template import PAD, Columns, Piece, RawArrays, TemplateSet, run_starts
 
 # /iterations columns: name -> numpy dtype
 ITERATION_COLUMNS: dict[str, np.dtype[Any]] = {
@@ -199,10 +199,7 @@ def _distinct(
     """(per row: its message's number, the distinct messages, their lengths): a run of rows
     holding the same message object shares one number."""
     n = len(msgs)
-    ids = np.fromiter(map(id, msgs), np.uint64, n)
-    new = np.empty(n, np.bool_)
-    new[0] = True
-    np.not_equal(ids[1:], ids[:-1], out=new[1:])
+    new = run_starts(np.fromiter(map(id, msgs), np.uint64, n))
     uid = np.cumsum(new, dtype=np.int64) - 1
     u_msgs = msgs if int(uid[-1]) == n - 1 else list(map(msgs.__getitem__,
                                                          np.flatnonzero(new).tolist()))
@@ -848,9 +845,7 @@ class RecordingBuffer:
         matched = np.zeros(len(sel), np.bool_)
         uid = msgs.uid[sel]
         m_start = msgs.starts[sel]
-        new = np.empty(len(sel), np.bool_)
-        new[0] = True
-        np.not_equal(uid[1:], uid[:-1], out=new[1:])
+        new = run_starts(uid)
         first = np.flatnonzero(new)  # each message's first row
         du = uid[first]  # the messages, in order
         row_msg = np.cumsum(new) - 1  # row -> its message in du
@@ -889,9 +884,7 @@ class RecordingBuffer:
         order = np.argsort(cols, kind="stable")
         sc = cols[order]
         sk = key[order]
-        new_pv = np.empty(n, np.bool_)
-        new_pv[0] = True
-        np.not_equal(sc[1:], sc[:-1], out=new_pv[1:])
+        new_pv = run_starts(sc)
         change = new_pv.copy()
         change[1:] |= sk[1:] != sk[:-1]
         starts = np.flatnonzero(new_pv)

@@ -739,9 +739,7 @@ class TemplateSet:
             # static bytes: a row equal to the previous row of its template matches as that
             # one does; the first row of every run is compared with the template
             k = len(t)
-            starts = np.empty(k, np.bool_)
-            starts[0] = True
-            np.not_equal(t[1:], t[:-1], out=starts[1:])
+            starts = run_starts(t)
             starts |= _shift_diff(z.reshape(-1).view(np.uint8), z.shape[1] * 8, k)
             first = np.flatnonzero(starts)
             ref = layout.static[self._local[t[first]]]
@@ -752,6 +750,15 @@ class TemplateSet:
                 continue
             self._fill(rows[sel][hit], t[hit], out=out, pieces=pieces, cols=cols, hit=hit)
         return matched
+
+
+def run_starts(keys: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    """Where a run of equal ``keys`` begins: row 0 and every row whose key differs from the
+    previous row's (``keys`` non-empty)."""
+    starts = np.empty(len(keys), np.bool_)
+    starts[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=starts[1:])
+    return starts
 
 
 def _shift_diff(region: npt.NDArray[np.uint8], m: int, n: int) -> npt.NDArray[np.bool_]:
