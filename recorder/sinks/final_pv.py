@@ -89,9 +89,13 @@ class _PV:
         self.value_group: Any = None
         i64, i32 = np.dtype(np.int64), np.dtype(np.int32)
         for cname, dt, attrs in (("time", i64, TIME_ATTRS), ("iteration", i64, None),
-                                 ("severity", i32, None), ("status", i32, None),
-                                 ("flags", np.dtype(np.uint8), None)):
+                                 ("severity", i32, None), ("status", i32, None)):
             self.cols[cname] = _Col(w, self.g, cname, n, dtype=dt, attrs=attrs, share=True)
+        # `flags`: made at the first row whose flags differ from the rows before it; until
+        # then only that one value and the number of rows (a constant one is /pv_info's,
+        # also when the PV is written in pieces)
+        self.same_flags: int | None = None
+        self.same_flags_rows = 0
         self.first = _Col(w, self.index_group, "first", w.n_iter, dtype=i64, share=True)
         self.count = _Col(w, self.index_group, "count", w.n_iter, dtype=i64, share=True)
         self.first_json: bytes | None = None  # the metadata of row 0
@@ -310,9 +314,30 @@ class _PV:
         self.cols["iteration"].add(s["iteration"])
         self.cols["severity"].add(s["severity"])
         self.cols["status"].add(s["status"])
-        self.cols["flags"].add(flags)
+        self._add_flags(flags)
         self._index(s["iter_row"])
         self.rows += m
+
+    def _add_flags(self, flags: npt.NDArray[np.uint8]) -> None:
+        """A block's ``flags``: counted while every row has the same, the column made (in
+        its place after ``status``) at the first that differs."""
+        col = self.cols.get("flags")
+        if col is None:
+            if not len(flags):
+                return
+            first = int(flags[0])
+            if (self.same_flags is None or first == self.same_flags) and (
+                    flags == first).all():
+                self.same_flags = first
+                self.same_flags_rows += len(flags)
+                return
+            col = _Col(self.w, self.g, "flags", self.n, dtype=np.dtype(np.uint8), share=True)
+            if self.same_flags_rows:
+                col.add(np.full(self.same_flags_rows, self.same_flags, dtype=np.uint8))
+            cols = list(self.cols.items())
+            at = [name for name, _ in cols].index("status") + 1
+            self.cols = dict([*cols[:at], ("flags", col), *cols[at:]])
+        col.add(flags)
 
     def _add_flagged(self, flags: npt.NDArray[np.uint8], bit: int,
                      *values: npt.NDArray[Any]) -> None:
@@ -469,15 +494,8 @@ class _PV:
             self.first.add(np.full(hi - lo, self.rows, dtype=np.int64))
             self.count.add(np.zeros(hi - lo, dtype=np.int64))
         self.next_k = n_iter
-        flags = self.cols["flags"]
-        const_flags = -1  # flags of every row when the same for all (no `flags` dataset)
-        if not flags.spilled:
-            f = flags._data()
-            if not len(f) or (f == f[0]).all():
-                const_flags = int(f[0]) if len(f) else 0
-                del self.cols["flags"]
-                self.w.buffered -= flags.nbytes
-                self.w.dirty.pop(flags, None)
+        # flags of every row when the same for all (no `flags` dataset), else -1
+        const_flags = -1 if "flags" in self.cols else self.same_flags or 0
         message = self.message
         if message is not None and not message.spilled:
             if self.texts:

@@ -99,17 +99,21 @@ def _one_block_and_in_pieces(
     return path1, path2, sent
 
 
-def _assert_as_one_block(path1: Path, path2: Path, sent: dict[str, list[PVSample]], *,
-                         skip: Callable[[str], bool] = lambda key: False) -> None:
-    """The file finalized in pieces holds the one-block file's datasets (but ``skip``'s)
-    and the samples sent."""
+def _assert_as_one_block(path1: Path, path2: Path, sent: dict[str, list[PVSample]]) -> None:
+    """The file finalized in pieces holds the one-block file's datasets (also /pv_info, field
+    by field: a constant `flags` is there, not a dataset, either way) and the samples sent."""
     with h5py.File(path1, "r") as a, h5py.File(path2, "r") as b:
-        da = {k: v for k, v in _walk(a).items() if not skip(k)}
-        db = {k: v for k, v in _walk(b).items() if not skip(k)}
+        da, db = _walk(a), _walk(b)
         assert sorted(da) == sorted(db)
         for key, va in da.items():
-            if not key.startswith("kafka/time") and va.dtype.names is None:
+            if key.startswith("kafka/time"):
+                continue
+            if va.dtype.names is None:
                 assert va.tolist() == db[key].tolist(), key
+            else:
+                for field in va.dtype.names:  # NaN == NaN (unset limits)
+                    np.testing.assert_array_equal(va[field], db[key][field],
+                                                  err_msg=f"{key}: {field}")
     with open_file(path2) as f:
         for pv, samples in sent.items():
             same(f.samples(pv), samples)
@@ -138,9 +142,39 @@ def test_columns_written_in_pieces_do_not_keep_their_datasets_open(
         tmp_path, monkeypatch, lambda: samples_of, 400, block_bytes=128 * 1024, spy=spy)
     assert len(open_counts) > 200, "too few writes in pieces to tell"
     assert max(open_counts) <= 2, max(open_counts)
-    # (a `flags` column written in pieces stays, where one block finds it constant and
-    # leaves it out: both are the format, and the samples are the same)
-    _assert_as_one_block(path1, path2, sent, skip=lambda key: key.endswith("/flags"))
+    _assert_as_one_block(path1, path2, sent)
+
+
+def test_flags_written_in_pieces_are_a_column_only_when_they_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In pieces as in one block: a PV whose rows all have the same flags has no `flags`
+    dataset (the one value is /pv_info's), and one whose flags change only after many rows
+    were written gets the whole column, those rows included."""
+    spilled: set[str] = set()
+    spill = final_datasets._Col.spill
+
+    def spy(self: Any, **kwargs: Any) -> None:
+        spill(self, **kwargs)
+        if self.spilled:
+            spilled.add(self.dataset().name)
+
+    def samples_of(i: int) -> list[PVSample]:
+        # P1's value in row 350 is no number: that row keeps it in its metadata (flag 8 off)
+        return [PVSample(f"P{k}", {"value": "text" if (k, i) == (1, 350) else float(i + k),
+                                   "timeStamp": {"secondsPastEpoch": 1_700_000_000 + i,
+                                                 "nanoseconds": k}})
+                for k in range(30)]
+
+    path1, path2, sent = _one_block_and_in_pieces(
+        tmp_path, monkeypatch, lambda: samples_of, 400, block_bytes=64 * 1024, spy=spy)
+    assert "/pvs/P0/time" in spilled, "not written in pieces"
+    with h5py.File(path2, "r") as h:
+        info = {r["pv_name"].decode(): r for r in h["pv_info"][()]}
+        assert "flags" not in h["pvs/P0"] and info["P0"]["flags"] & 8
+        flags = h["pvs/P1/flags"][()]
+        assert info["P1"]["flags"] == -1 and len(flags) == 400
+        assert np.flatnonzero((flags & 8) == 0).tolist() == [350]
+    _assert_as_one_block(path1, path2, sent)
 
 
 def test_spilled_columns_write_each_chunk_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
