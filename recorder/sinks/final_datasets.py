@@ -137,8 +137,9 @@ class _Col:
             return np.zeros((0, *trailing), dtype=self.dtype)
         return _pad(self.pieces, trailing)
 
-    def spill(self, *, whole_chunks: bool = False) -> None:
-        """Write what is buffered into the chunked dataset (made at the first spill).
+    def spill(self, *, whole_chunks: bool = False) -> h5py.Dataset | None:
+        """Write what is buffered into the chunked dataset (made at the first spill); returns
+        that dataset when it wrote to it.
 
         ``whole_chunks``: only the rows up to the last chunk boundary, keeping the rest
         buffered, so that each compressed chunk is written once; a partly filled chunk
@@ -146,20 +147,20 @@ class _Col:
         spill (that made finalizing 1,000 PVs x 12,000 iterations take 28 s instead of 15).
         """
         if not self.pieces:
-            return
+            return None
         n = sum(map(len, self.pieces))
         if whole_chunks:
             end = self.written + n
             if self.total is not None and end >= self.total:
                 if not self.spilled:
-                    return  # complete: finish() writes it (compact, linked, or left out)
+                    return None  # complete: finish() writes it (compact, linked, left out)
             else:
                 rows = self.chunk0 if self.spilled else (
                     self.w.chunk_rows(self.dtype, self.trailing or (), self.total,
                                       piece_rows=True))
                 n = end - end % rows - self.written
                 if n <= 0:
-                    return
+                    return None
         data = self._data()
         trailing = self.trailing or ()
         if not self.spilled:
@@ -200,6 +201,7 @@ class _Col:
         else:
             self.nbytes = 0
             self.pieces = []
+        return ds
 
     def finish(self) -> None:
         if not self.spilled:
@@ -214,9 +216,10 @@ class _Col:
             self.pieces = []
             self.nbytes = 0
             return
-        self.spill()
+        ds = self.spill()
         if self.total is None:
-            ds = self.dataset()
+            if ds is None:
+                ds = self.dataset()
             if ds.shape[0] != self.written:
                 ds.resize((self.written, *ds.shape[1:]))
 
