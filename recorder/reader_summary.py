@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from recorder.client.values import TableValue
 from recorder.sinks.codec import F_TIME, F_VALUE
-from recorder.sinks.final_layout import EXTRACTED_AT_FINALIZE, K_ARRAY
+from recorder.sinks.final_layout import K_ARRAY, typing_rows
 
 
 def _first_last_time(times: Any, flags: Any, n: int) -> dict[str, int | None]:
@@ -39,9 +39,7 @@ def _type_row(s: Mapping[str, npt.NDArray[Any]], rows: npt.NDArray[Any]) -> int:
     flags, kind = int(s["flags"][first]), int(s["kind"][first])
     if flags & F_VALUE and not (kind == K_ARRAY and s["size"][first] == 0):
         return first  # the usual case: the first row is typed, read no other row
-    kinds, sizes = s["kind"][rows], s["size"][rows]
-    typed = ((s["flags"][rows] & F_VALUE) != 0) | np.isin(kinds, EXTRACTED_AT_FINALIZE)
-    for candidates in (typed & ~((kinds == K_ARRAY) & (sizes == 0)), typed):
+    for candidates in typing_rows(s["flags"][rows], s["kind"][rows], s["size"][rows]):
         hit = np.flatnonzero(candidates)
         if len(hit):
             return int(rows[hit[0]])

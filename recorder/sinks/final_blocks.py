@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from recorder.sinks.buffer import SAMPLE_COLUMNS
 from recorder.sinks.codec import DTYPE_BY_CODE, F_VALUE, STRING_DTYPE_CODE
-from recorder.sinks.final_layout import EXTRACTED_AT_FINALIZE, K_ARRAY, K_NDARRAY
+from recorder.sinks.final_layout import K_ARRAY, K_NDARRAY, typing_rows
 from recorder.sinks.livefile import Commit, sample_slice
 
 SCAN_ROWS = 1 << 20  # rows per read in the first pass
@@ -142,8 +142,7 @@ def _scan(f: h5py.File, commit: Commit, n_pvs: int, n_iter: int, block_bytes: in
         occ = _occurrence(pv, counts)
         counts += np.bincount(pv, minlength=n_pvs)
         # the PV's type: its first typed value, preferring non-empty ones
-        cand = ((flags & F_VALUE) != 0) | np.isin(kind, EXTRACTED_AT_FINALIZE)
-        pref = cand & ~((kind == K_ARRAY) & (size == 0))
+        pref, cand = typing_rows(flags, kind, size)
         for mask, first, k_arr, d_arr in ((pref, first_pref, kind_pref, dtype_pref),
                                           (cand, first_any, kind_any, dtype_any)):
             rows = np.flatnonzero(mask)

@@ -10,10 +10,11 @@ from typing import Any
 
 import h5py
 import numpy as np
+import numpy.typing as npt
 
 from recorder.client.values import ValueKind
 from recorder.sinks.buffer import ITERATION_REASONS, ITERATION_STATUS
-from recorder.sinks.codec import F_FRAME, F_USER_TAG, KIND_CODES
+from recorder.sinks.codec import F_FRAME, F_USER_TAG, F_VALUE, KIND_CODES
 
 STATUS_ENUM = h5py.enum_dtype(ITERATION_STATUS, basetype="u1")
 REASON_ENUM = h5py.enum_dtype(
@@ -30,6 +31,17 @@ K_SCALAR, K_BOOL, K_STRING, K_ENUM = (
 K_ARRAY, K_NDARRAY = KIND_CODES[ValueKind.ARRAY], KIND_CODES[ValueKind.NDARRAY]
 K_STRING_ARRAY, K_TABLE = KIND_CODES[ValueKind.STRING_ARRAY], KIND_CODES[ValueKind.TABLE]
 EXTRACTED_AT_FINALIZE = (K_STRING_ARRAY, K_TABLE)  # typed only in the final layout
+
+
+def typing_rows(flags: npt.NDArray[Any], kinds: npt.NDArray[Any], sizes: npt.NDArray[Any],
+                ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Which live sample rows can give a PV its kind and dtype (docs/file-format.md):
+    (preferred, typed). Typed rows have a typed value (flag 8) or one typed only at
+    finalization (string arrays, tables); preferred are the typed ones that are not an empty
+    waveform (how the client types ``[]``). A PV takes its first preferred row, else its first
+    typed row, else its first row."""
+    typed = ((flags & F_VALUE) != 0) | np.isin(kinds, EXTRACTED_AT_FINALIZE)
+    return typed & ~((kinds == K_ARRAY) & (sizes == 0)), typed
 
 # display / control / valueAlarm fields copied to PV attributes
 META_ATTRS: dict[str, tuple[str, str]] = {
