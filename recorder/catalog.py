@@ -14,8 +14,10 @@ data is read, so a directory of thousands of files is listed in seconds. Files o
 recording (the same ``recording_uid``: its segments, and the segments a restarted daemon
 resumed into) are grouped, in segment order.
 
-Times are ns since the Unix epoch (UTC). A file covers ``start_ns`` (its segment's start) to
-``end_ns`` (finalized: its ``end_time_ns``; being written: its last commit). ``since`` /
+Times are ns since the Unix epoch (UTC). A file covers ``start_ns`` (its segment's start,
+the recording's for the first segment, or the header timestamp of its first iteration when
+that came earlier) to ``end_ns`` (finalized: its ``end_time_ns``; being written: its last
+commit; or the last gateway timestamp of its iterations when that is later). ``since`` /
 ``until`` keep the files that overlap the window, so a recording that began before the
 window shows only its files from the window on.
 """
@@ -107,8 +109,9 @@ class FileEntry:
     segment: int
     status: str  # recording | unfinished | complete | aborted | failed (see STATUS_ORDER)
     reason: str
-    start_ns: int  # the segment's start
-    end_ns: int  # finalized: end_time_ns; being written: its last commit (start_ns if none)
+    start_ns: int  # the segment's start (the recording's, for segment 0), or its first header
+    end_ns: int  # finalized: end_time_ns; being written: its last commit (start_ns if none),
+    # or its last gateway timestamp
     iterations: int
     incomplete: int  # iterations whose status is not complete
     values: int
@@ -231,6 +234,8 @@ def describe_file(path: str | os.PathLike[str]) -> FileEntry:
         if a.get("format") != "k2eg-recorder":
             raise FileFormatError(f"{path} is not a k2eg-recorder file")
         start_ns = _ns(a.get("segment_start_time")) or int(a.get("start_time_ns") or 0)
+        if int(a.get("segment", 0)) == 0 and 0 < int(a.get("start_time_ns") or 0) < start_ns:
+            start_ns = int(a["start_time_ns"])  # the first segment: from the recording's start
         if a.get("layout") == "live":
             commit = read_commit(f)
             n_iter = int(commit.limits["n_iterations"])
@@ -248,6 +253,17 @@ def describe_file(path: str | os.PathLike[str]) -> FileEntry:
         if n_iter:
             column = f["iterations/status"][:n_iter]
             incomplete = int(np.count_nonzero(column))
+            # the segment was opened after the header of its first iteration (its start was
+            # decided when the first event came; iterations read back after a restart or
+            # still open at a rotation came earlier): the gateway's timestamps widen the span
+            # to the data it holds
+            stamps = np.concatenate([f["iterations/header_timestamp"][:n_iter],
+                                     f["iterations/tail_timestamp"][:n_iter]])
+            stamps = stamps[stamps > 0]
+            if len(stamps):
+                if not start_ns or int(stamps.min()) < start_ns:
+                    start_ns = int(stamps.min())
+                end_ns = max(end_ns, int(stamps.max()))
     return FileEntry(
         path=path,
         run=str(a.get("run_name", "")),

@@ -47,11 +47,12 @@ WRITER = textwrap.dedent(
     rec = HDF5Recording(OutputOptions(directory=Path(sys.argv[1])), run_name="gamma",
                         pv_uris=["pva://G:X"])
     for i in range(1, 6):
-        rec.handle(IterationOpened("t", "gamma", i, i * 10**9))
-        rec.handle(ValuesReceived("t", i, 1, i * 10**9,
+        ns = time.time_ns()  # the gateway's timestamps: now, as the file's start
+        rec.handle(IterationOpened("t", "gamma", i, ns))
+        rec.handle(ValuesReceived("t", i, 1, ns,
                                   (PVSample("G:X", {"value": float(i)}),), offset=i))
         rec.handle(IterationClosed("t", "gamma", i, IterationStatus.COMPLETE, None,
-                                   i * 10**9, i * 10**9, offset=i))
+                                   ns, ns, offset=i))
     rec.flush()
     print("READY", rec.current_path, flush=True)
     sys.stdin.read()
@@ -269,6 +270,32 @@ def test_filters_windows_and_the_reader(tmp_path: Path) -> None:
     with alpha.open() as rec:
         assert rec.values("alpha:X").tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert [r.run for r in find_recordings([data], since="2026-01-02")] == ["beta"]
+
+
+def test_a_file_spans_the_iterations_it_holds_not_only_its_wall_clock(tmp_path: Path,
+                                                                      ) -> None:
+    """A segment opened after the headers of its first iterations (read back from Kafka
+    after a restart, or the recording's first iteration already under way) is listed from
+    its first header on: --until between that header and the segment's opening finds it."""
+    data = tmp_path / "data"
+    t0 = dt.datetime(2026, 1, 3, 12, 0, tzinfo=dt.UTC).timestamp()
+    now = [t0]
+    rec = HDF5Recording(OutputOptions(directory=data), run_name="late", pv_uris=["pva://L:X"],
+                        wall_clock=lambda: now[0], start_wall=t0)
+    for i in range(1, 4):  # headers at 11:59:57, 11:59:58, 11:59:59: before the file opened
+        ns = int((t0 - 4 + i) * 1e9)
+        rec.handle(IterationOpened("t", "late", i, ns, offset=3 * i))
+        rec.handle(ValuesReceived("t", i, 1, ns, (PVSample("L:X", {"value": float(i)}),),
+                                  offset=3 * i + 1))
+        rec.handle(IterationClosed("t", "late", i, IterationStatus.COMPLETE, None, ns, ns,
+                                   offset=3 * i + 2))
+        now[0] = t0 + i
+    rec.close()
+    (entry,) = ls_json(str(data))["recordings"]
+    assert entry["start"].startswith("2026-01-03T11:59:57"), entry
+    until = ls_json(str(data), "--until", "2026-01-03T11:59:58.5Z")["recordings"]
+    assert [r["run"] for r in until] == ["late"]
+    assert ls_json(str(data), "--until", "2026-01-03T11:59:56Z")["recordings"] == []
 
 
 def test_default_paths_come_from_the_run_definitions(tmp_path: Path) -> None:
