@@ -12,8 +12,9 @@
         for data, meta in f.trains():    # karabo-bridge style, one pair per iteration
             data["LINAC:BPM1:X"]["value"], meta["LINAC:BPM1:X"]["timestamp.tid"]
 
-``open_recording(paths)`` chains the segment files of one recording. Files compressed with
-zstd/blosc2 need ``hdf5plugin``; it is imported here when installed.
+``open_recording(paths)`` chains the segment files of one recording (a list of them, one of
+them, or a directory of one recording; files of several recordings are refused). Files
+compressed with zstd/blosc2 need ``hdf5plugin``; it is imported here when installed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import bisect
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -914,11 +915,21 @@ class RecordingFile:
 
 
 class Recording:
-    """The segment files of one recording, in order."""
+    """The segment files of one recording, in order. Files of other recordings (another
+    ``recording_uid``) or one file given twice are a :class:`FileFormatError`: their
+    iterations would be chained as if one recording's."""
 
     def __init__(self, paths: Iterable[str | os.PathLike[str]]) -> None:
         self.files = [RecordingFile(p) for p in paths]
-        self.files.sort(key=lambda f: int(f.attrs.get("segment", 0)))
+        try:
+            _one_recording(self.files)
+        except FileFormatError:
+            self.close()
+            raise
+        # segment order; a segment number a crashed daemon used twice: by opening time
+        self.files.sort(key=lambda f: (int(f.attrs.get("segment", 0)),
+                                       str(plain(f.attrs.get("segment_start_time", ""))),
+                                       f.path.name))
 
     @property
     def pv_names(self) -> list[str]:
@@ -1012,26 +1023,58 @@ class Recording:
         self.close()
 
 
+def _one_recording(files: Sequence[RecordingFile]) -> None:
+    """Raise :class:`FileFormatError` unless ``files`` are distinct files of one recording."""
+    uids: dict[str, list[RecordingFile]] = {}
+    for f in files:
+        uids.setdefault(str(f.attrs.get("recording_uid", "")), []).append(f)
+    if len(uids) > 1:
+        which = "; ".join(f"{uid or '(none)'} (run {plain(fs[0].attrs.get('run_name'))!r}): "
+                          + ", ".join(str(f.path) for f in fs) for uid, fs in uids.items())
+        raise FileFormatError(f"these files belong to {len(uids)} recordings, not one: {which}."
+                              " Open each recording on its own (`k2eg-recorder ls` lists them)")
+    seen: dict[tuple[int, int], RecordingFile] = {}
+    for f in files:
+        st = os.stat(f.path)
+        if (st.st_dev, st.st_ino) in seen:
+            raise FileFormatError(f"{f.path} given twice (as {seen[st.st_dev, st.st_ino].path})")
+        seen[st.st_dev, st.st_ino] = f
+
+
 def open_file(path: str | os.PathLike[str]) -> RecordingFile:
     return RecordingFile(path)
 
 
+def _recording_files(directory: Path) -> dict[str, list[Path]]:
+    """The k2eg-recorder files of ``directory`` (``.partial`` ones too) by recording_uid."""
+    found: dict[str, list[Path]] = {}
+    for p in sorted(directory.iterdir()):
+        if p.suffix in (".h5", ".hdf5", ".nxs", ".partial") and p.is_file():
+            try:
+                with open_for_reading(p, live_first=p.suffix == ".partial") as h:
+                    if plain(h.attrs.get("format")) == "k2eg-recorder":
+                        found.setdefault(str(plain(h.attrs.get("recording_uid"))), []).append(p)
+            except OSError:
+                continue
+    return found
+
+
 def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> Recording:
-    """Open all segments of a recording: a list of its files, or one of them (a file path:
-    the files of its directory with the same ``recording_uid``, ``.partial`` ones too)."""
+    """Open all segments of a recording: a list of its files; one of them (a file path: the
+    files of its directory with the same ``recording_uid``, ``.partial`` ones too); or a
+    directory holding the files of one recording. Files of several recordings are a
+    :class:`FileFormatError` (:func:`recorder.catalog.find_recordings` tells them apart)."""
     if isinstance(paths, (str, os.PathLike)):
-        first = RecordingFile(paths)
-        uid = first.attrs.get("recording_uid")
-        first.close()
-        directory = Path(paths).parent
-        found = []
-        for p in sorted(directory.iterdir()):
-            if p.suffix in (".h5", ".hdf5", ".nxs", ".partial"):
-                try:
-                    with open_for_reading(p, live_first=p.suffix == ".partial") as h:
-                        if plain(h.attrs.get("recording_uid")) == uid:
-                            found.append(p)
-                except OSError:
-                    continue
-        return Recording(found)
+        path = Path(paths)
+        found = _recording_files(path if path.is_dir() else path.parent)
+        if path.is_dir():
+            if len(found) != 1:
+                raise FileFormatError(
+                    f"{path} holds the files of {len(found)} recordings; open_recording "
+                    "takes a directory of one (or one of its files): "
+                    "recorder.catalog.find_recordings / `k2eg-recorder ls` list them")
+            return Recording(next(iter(found.values())))
+        with RecordingFile(path) as first:
+            uid = str(first.attrs.get("recording_uid"))
+        return Recording(found.get(uid, [path]))
     return Recording(paths)

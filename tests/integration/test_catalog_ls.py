@@ -298,6 +298,33 @@ def test_a_file_spans_the_iterations_it_holds_not_only_its_wall_clock(tmp_path: 
     assert ls_json(str(data), "--until", "2026-01-03T11:59:56Z")["recordings"] == []
 
 
+def test_open_recording_chains_one_recordings_segments_only(tmp_path: Path) -> None:
+    """open_recording of a directory or a list: the segments of one recording, in order;
+    files of two recordings (whose iter_index both start at 1) or one file twice are an
+    error that says so, never one chained table."""
+    from recorder.errors import FileFormatError
+    from recorder.reader import open_recording
+
+    alpha = record(tmp_path / "a", "alpha", T_ALPHA, 5, segment_every=3)
+    with open_recording(tmp_path / "a") as rec:  # a directory of one recording
+        assert rec.values("alpha:X").tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+        assert rec.iterations()["segment"].tolist() == [0, 0, 0, 1, 1]
+    with open_recording(list(reversed(alpha))) as rec:  # any order: segment order
+        assert rec.iterations()["iter_index"].tolist() == [1, 2, 3, 4, 5]
+    with open_recording(alpha[1]) as rec:  # one file: its recording's files beside it
+        assert len(rec.files) == 2
+    beta = record(tmp_path / "a", "beta", T_BETA, 2)
+    with pytest.raises(FileFormatError, match="belong to 2 recordings, not one") as err:
+        open_recording([alpha[0], beta[0]])
+    assert "'alpha'" in str(err.value) and "'beta'" in str(err.value)
+    with pytest.raises(FileFormatError, match="holds the files of 2 recordings"):
+        open_recording(tmp_path / "a")
+    with pytest.raises(FileFormatError, match="given twice"):
+        open_recording([alpha[0], alpha[1], alpha[0]])
+    with open_recording(beta[0]) as rec:  # a file: only its own recording
+        assert rec.values("beta:X").tolist() == [1.0, 2.0]
+
+
 def test_default_paths_come_from_the_run_definitions(tmp_path: Path) -> None:
     data = tmp_path / "data"
     record(data, "alpha", T_ALPHA, 2)
