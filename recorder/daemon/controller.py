@@ -97,6 +97,7 @@ from recorder.daemon.resume import RunState as StoredState
 from recorder.daemon.silence import SilenceWatch, silence_limit_s
 from recorder.errors import AdminCommandError, RecorderError
 from recorder.metrics import RecorderMetrics
+from recorder.sinks.options import final_path
 
 _log = structlog.get_logger("recorder.daemon")
 
@@ -517,15 +518,27 @@ class RunController:
         offset it really holds: a writer process outlives a killed daemon long enough to
         flush what it had received, which may be more than the state file says."""
         assert active.current_file is not None
-        leftover = finalize_leftover(Path(active.current_file), self.name)
-        if leftover is None:
-            if Path(active.current_file).exists():
-                return active  # left as .partial (logged); resume from the state file
-            offsets = dict(active.offsets)
-        else:
+        partial = Path(active.current_file)
+        leftover = finalize_leftover(partial, self.name)
+        finalized_before = final_path(partial)
+        if leftover is None and not partial.exists() and finalized_before != partial \
+                and finalized_before.exists():
+            # `k2eg-recorder recover` (or an operator) finalized it while the daemon was
+            # down: it may hold more than the state file says, as a file recovered here does
+            self._log.info("the leftover file was finalized before this start",
+                           path=str(finalized_before))
+            with self._lock:
+                self._stats.files.append(str(finalized_before))
+            leftover = finalized_before
+        elif leftover is not None:
             with self._lock:
                 self._stats.files.append(str(leftover))
             self._file_finalized(leftover)
+        if leftover is None:
+            if partial.exists():
+                return active  # left as .partial (logged); resume from the state file
+            offsets = dict(active.offsets)
+        else:
             in_file = offsets_in_file(leftover, active.topic)
             offsets = {p: max(o, active.offsets.get(p, -1)) for p, o in in_file.items()}
             offsets = {**active.offsets, **offsets}

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,13 +34,18 @@ MAX_AGE_S = 30  # RECORDER_COMMAND_MAX_AGE_S of the admin-command test
 
 
 
-@pytest.mark.parametrize("autostart", [True, False], ids=["autostart", "admin-started"])
-def test_restart_after_kill_resumes_without_loss_or_duplicates(
+@pytest.mark.parametrize(("autostart", "recover_first"), [(True, False), (False, False),
+                                                         (True, True)],
+                         ids=["autostart", "admin-started", "recovered-by-operator"])
+def test_restart_after_kill_resumes_without_loss_or_duplicates(  # noqa: PLR0917
     tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
-    daemons: list[DaemonProcess], autostart: bool,
+    daemons: list[DaemonProcess], autostart: bool, recover_first: bool,
 ) -> None:
     """Also a run an admin command started: after a crash it records on, as an autostart
-    run does (its state file says it was recording)."""
+    run does (its state file says it was recording). And when an operator ran `k2eg-recorder
+    recover` on the leftover before the restart, the daemon resumes after what that file
+    holds, not after the offsets of its state file, which lag it (here made to lag by 6
+    records; the writer flushes what it received after the daemon's last state save)."""
     snap = unique_name("resume").replace("-", "_")
     data = tmp_path / "data"
     config = tmp_path / "runs.yaml"
@@ -71,12 +78,22 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
         published_before = sim.engine.stats["iterations"]
         time.sleep(1.5)  # the gateway keeps publishing while no recorder runs
         assert sim.engine.stats["iterations"] > published_before + 5
+        if recover_first:
+            state["active"]["offsets"] = {p: max(-1, o - 6)
+                                          for p, o in state["active"]["offsets"].items()}
+            (denv.state_dir / "resume.json").write_text(json.dumps(state))
+            out = subprocess.run([sys.executable, "-m", "recorder.cli", "recover", str(data)],
+                                 capture_output=True, text=True, timeout=120, check=False)
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert partial_files(data) == [] and len(h5_files(data)) == 1, out.stdout
 
         second = DaemonProcess(denv, "second")
         daemons.append(second)
         wait_for(lambda: complete_iterations(admin, "resume") >= 20, 40, "the resumed recording")
         if not autostart:
             assert "resuming it" in second.log_text()
+        if recover_first:
+            assert "the leftover file was finalized before this start" in second.log_text()
         resumed_state = json.loads((denv.state_dir / "resume.json").read_text())["active"]
         assert resumed_state["segments"] == 2 and resumed_state["started_at_ns"] == started_at_ns
         second.signal(signal.SIGTERM)
@@ -89,8 +106,10 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
     files.sort(key=lambda f: f["attrs"]["segment_start_time"])
     crashed, resumed = files
     assert crashed["status"] == "aborted" and resumed["status"] == "complete"
-    # the crashed segment says it was recovered and where the recording went on
-    assert "resumed the recording in the next segment" in crashed["attrs"]["status_reason"]
+    # the crashed segment says it was recovered (and, by the daemon, where it went on)
+    assert crashed["attrs"]["recovered"]
+    if not recover_first:
+        assert "resumed the recording in the next segment" in crashed["attrs"]["status_reason"]
     # one recording in numbered segments: same start in the name, segment 0 then 1, no "-1"
     assert crashed["attrs"]["segment"] == 0 and resumed["attrs"]["segment"] == 1
     assert crashed["attrs"]["start_time"] == resumed["attrs"]["start_time"]
