@@ -218,6 +218,11 @@ class Service:
         # the writers of the runs started below begin loading while Kafka is connected
         prewarm_writers(self._factory, [d for d in self._definitions.values() if starting[d.name]],
                         log)
+        # started: the run definitions are valid and the daemon runs. Kafka may be down at
+        # boot; waiting for it is the daemon's job (retried, shown in STATUS=), not a failed
+        # start that TimeoutStartSec= would kill and Restart= repeat
+        self.notifier.ready(f"connecting to Kafka at {self.kafka.bootstrap_servers}; "
+                            f"{len(self._definitions)} run(s) loaded")
         try:
             if not self._connect():
                 return EXIT_OK  # stopped while still connecting
@@ -228,7 +233,7 @@ class Service:
             for definition in self._definitions.values():
                 self._add_controller(definition, start=starting[definition.name])
             self._state = DaemonState.RUNNING
-            self.notifier.ready(self._status_line())
+            self.notifier.status(self._status_line())
             self.ready.set()
             log.info("daemon ready", runs=len(self._controllers),
                      admin_topic=self.settings.admin_topic,

@@ -284,18 +284,23 @@ def test_gateway_unreachable_is_retried_and_reported(
 
 
 def test_kafka_unreachable_at_start_is_retried_quietly_then_recording_begins(
-    denv: DaemonEnv, daemons: list[DaemonProcess]
+    denv: DaemonEnv, daemons: list[DaemonProcess], notify_lines: tuple[str, list[str]],
 ) -> None:
     """Kafka down when the daemon starts: it retries with backoff and says so once in a
     while, without librdkafka's line per connection attempt (raw ``%3|`` lines on stderr
-    before, ~20 a second); once a broker listens on that address it connects and records."""
+    before, ~20 a second); once a broker listens on that address it connects and records.
+    systemd hears READY=1 meanwhile (else TimeoutStartSec= kills the unit and Restart=
+    repeats that while Kafka is down) and the reason in STATUS=."""
     port = free_loopback_port()
     env = dataclasses.replace(denv, bootstrap=f"127.0.0.1:{port}")
+    env.extra["NOTIFY_SOCKET"], notified = notify_lines
     daemon = DaemonProcess(env)
     daemons.append(daemon)
     wait_for(lambda: daemon.log_text().count('"cannot connect to Kafka; retrying"') >= 2, 60,
              "two failed connection attempts")
     assert daemon.proc.poll() is None
+    assert any("READY=1" in m for m in notified), notified
+    assert any("STATUS=waiting for Kafka" in m for m in notified), notified
     lines = daemon.log_text().splitlines()
     assert not [line for line in lines if line.startswith("%")], lines[:5]
     noisy = [line for line in lines if '"Kafka error"' in line or '"librdkafka"' in line]
