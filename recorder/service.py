@@ -65,7 +65,7 @@ from recorder.daemon.diskspace import DiskChange, DiskWatch, MinFree, format_byt
 from recorder.daemon.heartbeat import Heartbeat
 from recorder.daemon.recording import RecordingFactory, hdf5_recording, prewarm_writers
 from recorder.daemon.resume import ResumeStore
-from recorder.errors import RecorderError
+from recorder.errors import ConfigError, RecorderError
 from recorder.gctune import tune_gc
 from recorder.metrics import RecorderMetrics, start_metrics_server
 from recorder.notify import Notifier, WatchdogPinger, watchdog_interval
@@ -224,8 +224,13 @@ class Service:
         self.notifier.ready(f"connecting to Kafka at {self.kafka.bootstrap_servers}; "
                             f"{len(self._definitions)} run(s) loaded")
         try:
-            if not self._connect():
-                return EXIT_OK  # stopped while still connecting
+            try:
+                if not self._connect():
+                    return EXIT_OK  # stopped while still connecting
+            except ConfigError as exc:  # a Kafka setting librdkafka refuses: no retry mends it
+                log.error("refusing to start: fix the Kafka settings", error=str(exc))
+                self.notifier.status(f"refusing to start: {exc}")
+                return EXIT_CONFIG
             if self._gc_tuning:
                 # before any run consumes: the full collection does not stall a consumer
                 # that has just begun, and in-flight messages are not frozen with start-up
@@ -264,6 +269,8 @@ class Service:
                 if self._client is not None:
                     self._client.close(5.0)
                     self._client = None
+                if isinstance(exc, ConfigError):
+                    raise
                 delay = self._connect_backoff.next_delay()
                 log.error("cannot connect to Kafka; retrying", error=str(exc),
                           retry_in_s=round(delay, 2), bootstrap=self.kafka.bootstrap_servers)

@@ -4,7 +4,8 @@ Each publishes one command on the admin topic (``RECORDER_ADMIN_TOPIC``), waits 
 on ``RECORDER_ADMIN_REPLY_TOPIC`` and prints it; signed with ``RECORDER_ADMIN_SECRET`` when
 set. Exit code 0 when the daemon answered ok, 1 for an error reply (or a reply whose
 signature does not verify: another secret), 2 for bad arguments (checked before anything is
-sent: a run name or tags the daemon would refuse as malformed), 3 when no reply came;
+sent: a run name or tags the daemon would refuse as malformed) or Kafka settings the client
+refuses, 3 when no reply came;
 ``status --check`` exits 4 when the daemon answered but something needs attention (for
 monitoring scripts).
 
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     from recorder.admin.protocol import build_command
     from recorder.config.daemon import DaemonSettings
     from recorder.daemon.adminclient import AdminClient
-    from recorder.errors import RecorderError, UnverifiedReplyError
+    from recorder.errors import ConfigError, RecorderError, UnverifiedReplyError
     from recorder.logging import configure_logging
     from recorder.settings import KafkaSettings, settings_problems
 
@@ -228,6 +229,9 @@ def run(args: argparse.Namespace) -> int:
     except UnverifiedReplyError as exc:
         print(f"k2eg-recorder {command}: {exc}", file=sys.stderr)
         return EXIT_ERROR_REPLY
+    except ConfigError as exc:  # a Kafka setting librdkafka refuses: nothing was sent
+        print(f"k2eg-recorder {command}: {exc}", file=sys.stderr)
+        return 2
     except RecorderError as exc:
         print(f"k2eg-recorder {command}: {exc} (Kafka at {kafka.bootstrap_servers}: "
               "--bootstrap or RECORDER_BOOTSTRAP_SERVERS)", file=sys.stderr)

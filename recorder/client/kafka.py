@@ -57,7 +57,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from recorder.client.throttle import RepeatThrottle, normalized
 from recorder.client.wire import Record
-from recorder.errors import ClientClosedError, TransportError
+from recorder.errors import ClientClosedError, ConfigError, RecorderError, TransportError
 from recorder.settings import KafkaSettings
 
 T = TypeVar("T")
@@ -182,6 +182,18 @@ def _transport_error(action: str, exc: BaseException) -> TransportError:
     return TransportError(f"Kafka {action} failed: {reason}")
 
 
+def _creation_error(action: str, exc: BaseException) -> RecorderError:
+    """A librdkafka handle that cannot be created: a setting it refuses (an unknown property,
+    an invalid value) is a :class:`ConfigError`, which no retry mends; else as
+    :func:`_transport_error`."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    if isinstance(err, KafkaError) and err.code() == KafkaError._INVALID_ARG:
+        return ConfigError(f"Kafka settings: {err.str()} (set by RECORDER_KAFKA__* in the "
+                           "environment, e.g. RECORDER_KAFKA__SECURITY__PROTOCOL for "
+                           "security.protocol)")
+    return _transport_error(action, exc)
+
+
 _DOWN_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 _PROBE_EVERY_S = 1.0  # metadata requests while Kafka counts as down (see _probe)
@@ -280,7 +292,7 @@ class KafkaAdapter:
             }
             self._admin: AdminClient | None = AdminClient(admin_conf)
         except KafkaException as exc:
-            raise _transport_error("client creation", exc) from exc
+            raise _creation_error("client creation", exc) from exc
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 10.0) -> KafkaAdapter:
@@ -596,7 +608,7 @@ class KafkaAdapter:
         try:
             consumer = Consumer(self._consumer_conf)
         except Exception as exc:
-            self._ready.set_exception(_transport_error("consumer creation", exc))
+            self._ready.set_exception(_creation_error("consumer creation", exc))
             return
         self._ready.set_result(None)
         try:

@@ -318,6 +318,35 @@ def test_kafka_unreachable_at_start_is_retried_quietly_then_recording_begins(
     assert '"daemon ready"' in daemon.log_text()
 
 
+def test_a_kafka_setting_librdkafka_refuses_stops_the_daemon_with_exit_2(
+    denv: DaemonEnv, daemons: list[DaemonProcess], notify_lines: tuple[str, list[str]],
+) -> None:
+    """A misspelt RECORDER_KAFKA__* property is a configuration error, like a bad run
+    definition (exit 2, which the unit does not restart), not "cannot connect to Kafka"
+    retried for ever."""
+    denv.extra["RECORDER_KAFKA__FOO__BAR"] = "1"
+    denv.extra["NOTIFY_SOCKET"], notified = notify_lines
+    daemon = DaemonProcess(denv)
+    daemons.append(daemon)
+    assert daemon.wait(60) == 2
+    log = daemon.log_text()
+    assert "refusing to start: fix the Kafka settings" in log
+    assert 'No such configuration property: \\"foo.bar\\"' in log, log[-2000:]
+    assert "cannot connect to Kafka" not in log
+    assert any("STATUS=refusing to start: Kafka settings" in m for m in notified), notified
+
+
+def test_admin_cli_with_a_kafka_setting_the_client_refuses_exits_2() -> None:
+    env = {**environ_without_recorder(), "RECORDER_KAFKA__FOO__BAR": "1"}
+    cmd = [sys.executable, "-m", "recorder.cli", "status", "--bootstrap",
+           f"127.0.0.1:{free_loopback_port()}", "--timeout", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=60, check=False)
+    assert result.returncode == 2, result  # a setting to fix, not "no reply"
+    assert result.stderr.startswith(
+        'k2eg-recorder status: Kafka settings: No such configuration property: "foo.bar"'), result
+
+
 def test_admin_cli_with_kafka_unreachable_prints_one_clear_line() -> None:
     port = free_loopback_port()
     env = environ_without_recorder()

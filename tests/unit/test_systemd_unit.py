@@ -141,6 +141,9 @@ def test_project_rules() -> None:
     assert get(text, s, "Type") == ["notify"]
     assert get(text, s, "NotifyAccess") == ["main"]
     assert get(text, s, "Restart") == ["on-failure"]
+    # invalid run definitions or Kafka settings: no restart loop (the daemon's exit code)
+    from recorder.service import EXIT_CONFIG
+    assert get(text, s, "RestartPreventExitStatus") == [str(EXIT_CONFIG)]
     assert get(text, s, "User") == ["k2eg-recorder"]
     assert get(text, s, "Group") == ["k2eg-recorder"]
     assert get(text, s, "DynamicUser") == []  # data must stay readable by analysts
