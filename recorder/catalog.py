@@ -158,8 +158,13 @@ class RecordingEntry:
 
     @property
     def reason(self) -> str:
-        """The reason given by the first file that is not complete (``""`` if none)."""
-        return next((f.reason for f in self.files if f.reason), "")
+        """The reason given by the first file with the recording's :attr:`status` (``""``
+        for a complete recording): not a complete segment's "continued in the next
+        segment" when a later one was aborted."""
+        status = self.status
+        if status == "complete":
+            return ""
+        return next((f.reason for f in self.files if f.status == status and f.reason), "")
 
     @property
     def iterations(self) -> int:

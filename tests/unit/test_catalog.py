@@ -95,6 +95,19 @@ def test_a_recording_sums_and_spans_its_files() -> None:
     assert doc["start"] == utc(1_000).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def test_a_recordings_reason_is_that_of_the_file_that_gives_its_status() -> None:
+    """A complete segment's reason ("continued in the next segment") is not why the
+    recording is aborted; a complete recording has no reason to show."""
+    rotated = "segment limit reached; continued in the next segment"
+    files = (
+        _file(0, "complete", 1_000, 2_000, reason=rotated),
+        _file(1, "complete", 2_000, 3_000, reason=rotated),
+        _file(2, "aborted", 3_000, 4_000, reason="the writer stopped without finalizing"),
+    )
+    assert RecordingEntry("run", "uid", files).reason == "the writer stopped without finalizing"
+    assert RecordingEntry("run", "uid", files[:2]).reason == ""
+
+
 def test_the_writer_lock_is_seen_from_another_descriptor_and_released(tmp_path: Path) -> None:
     path = tmp_path / "x.h5.partial"
     path.write_bytes(b"data")
