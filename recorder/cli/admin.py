@@ -26,6 +26,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from recorder.cli.argtypes import positive_seconds
+
 if TYPE_CHECKING:
     from recorder.admin.protocol import AdminReply
 
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                             help="recorded with the iteration (repeatable)")
     default = "120" if name == "stop" else "30"
-    parser.add_argument("--timeout", type=_positive_seconds, default=None,
+    parser.add_argument("--timeout", type=positive_seconds, default=None,
                         help=f"seconds to wait for the reply (default: {default})")
     parser.add_argument("--json", action="store_true", help="print the reply as JSON")
     parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT",
@@ -57,16 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="also log the Kafka client's warnings (e.g. each failed connection "
                              "attempt) to stderr")
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
-    return value
 
 
 def parse_tags(items: list[str]) -> dict[str, str]:

@@ -19,18 +19,20 @@ import threading
 import time
 from pathlib import Path
 
+from recorder.cli.argtypes import count, positive_seconds
+
 HELP = "embedded broker + gateway simulator + example runs -> real .h5 files"
 
 EXAMPLE_DATA_ROOT = "/data/k2eg-recorder"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seconds", type=float, default=8.0,
+    parser.add_argument("--seconds", type=positive_seconds, default=8.0,
                         help="how long to record (default 8)")
     parser.add_argument("--output", type=Path, default=None, metavar="DIR",
                         help="where the run definitions, files and logs go "
                              "(default: a new temporary directory)")
-    parser.add_argument("--triggers", type=int, default=3,
+    parser.add_argument("--triggers", type=count, default=3,
                         help="admin triggers sent to the triggered run (default 3)")
     parser.add_argument("--verbose", action="store_true", help="show the daemon's log")
 
@@ -137,7 +139,12 @@ def run(args: argparse.Namespace) -> int:
     from recorder.sim import GatewaySimulator
 
     out = (args.output or Path(tempfile.mkdtemp(prefix="k2eg-recorder-demo-"))).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, no permission
+        print(f"k2eg-recorder demo: --output {out}: cannot use it as a directory: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
     data_dir = out / "data"
     config_dir = out / "runs.d"
     try:

@@ -175,7 +175,11 @@ def run(args: argparse.Namespace) -> int:
             except BrokenPipeError:  # `| head`: the reader has what it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         else:
-            with open(args.output, "w", encoding="utf-8", newline="") as out:
-                n = write_csv(table, pvs, out, stored, gaps)
+            try:
+                with open(args.output, "w", encoding="utf-8", newline="") as out:
+                    n = write_csv(table, pvs, out, stored, gaps)
+            except OSError as exc:  # a missing directory, a directory, no permission, full
+                print(f"{args.output}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+                return 1
             print(f"{args.output}: {n} iterations x {len(pvs)} PVs", file=sys.stderr)
     return 0

@@ -94,3 +94,14 @@ def test_a_nan_value_is_not_a_gap(tmp_path: Path) -> None:
     assert [r["D"] for r in table] == ["1.5", "nan", "", "2.5"]
     assert [r["F"] for r in table] == ["1.5", "nan", "", "2.5"]
     assert [r["A"] for r in table] == ["0", "1", "2", "3"]
+
+
+def test_an_output_that_cannot_be_written_is_said_in_one_line(tmp_path: Path) -> None:
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "data"), run_name="out")
+    write_iteration(rec, 0, [PVSample("A", {"value": 1.0})])
+    (path,) = rec.close()
+    for target, why in ((tmp_path / "no" / "such" / "x.csv", "No such file or directory"),
+                        (tmp_path, "Is a directory")):
+        out = export(str(path), "-o", str(target))
+        assert out.returncode == 1, out
+        assert out.stderr == f"{target}: cannot write: {why}\n", out.stderr

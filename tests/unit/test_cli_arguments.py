@@ -44,6 +44,29 @@ def test_admin_cli_timeout_must_be_positive(
     assert "--timeout" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--seconds", "-1"], "--seconds: '-1': must be more than 0 seconds"),
+    (["--seconds", "0"], "--seconds: '0': must be more than 0 seconds"),
+    (["--triggers", "-2"], "--triggers: '-2': must be 0 or more"),
+    (["--triggers", "two"], "--triggers: 'two' is not a whole number"),
+])
+def test_demo_refuses_what_it_cannot_run(argv: list[str], needle: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", *argv])
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_demo_output_that_is_a_file_is_one_line(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    taken = tmp_path / "notes.h5"
+    taken.write_text("x")
+    assert main(["demo", "--output", str(taken)]) == 2
+    assert capsys.readouterr().err == (f"k2eg-recorder demo: --output {taken}: cannot use it "
+                                       "as a directory: File exists\n")
+
+
 def test_recover_names_a_path_that_does_not_exist(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
