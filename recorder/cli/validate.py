@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif not args.quiet and (loaded.files or not problems):  # not for a path that is not there
-        print_runs(described, len(loaded.files), str(args.path), sys.stdout)
+        print_runs(described, len(loaded.files), str(args.path), sys.stdout,
+                   errors=len(problems))
     if not loaded.files and not problems and Path(args.path).is_dir():
         print(f"note: no *.yaml or *.yml file in {args.path}: the daemon would start with no "
               "runs", file=sys.stderr)
@@ -171,12 +172,16 @@ def pv_groups(pv_names: tuple[str, ...]) -> list[str]:
     return [f"/pvs/{escape_name(name)}" for name in pv_names]
 
 
-def print_runs(runs: list[dict[str, Any]], n_files: int, path: str, out: TextIO) -> None:
+def print_runs(runs: list[dict[str, Any]], n_files: int, path: str, out: TextIO, *,
+               errors: int = 0) -> None:
+    """The runs ``path`` defines; with ``errors``, the daemon starts none of them (it refuses
+    definitions with any error), and the summary says so."""
     starting = [r["name"] for r in runs if r["autostart"]]
+    would = ("none would start with the daemon until the errors are fixed" if errors
+             else f"{len(starting)} would start with the daemon")
     print(
         f"{len(runs)} valid run{'s' if len(runs) != 1 else ''} in {n_files} "
-        f"file{'s' if n_files != 1 else ''} under {path}; "
-        f"{len(starting)} would start with the daemon",
+        f"file{'s' if n_files != 1 else ''} under {path}; {would}",
         file=out,
     )
     for r in runs:

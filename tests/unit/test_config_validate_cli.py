@@ -98,6 +98,26 @@ def test_validate_reports_every_error_and_fails(
     assert capsys.readouterr().out == ""
 
 
+def test_validate_with_errors_says_no_run_would_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A valid run beside an invalid one does not start either (the daemon refuses the
+    definitions as a whole): the summary on stdout says so, as stderr does."""
+    (tmp_path / "ok.yaml").write_text(
+        "name: ok\nsnapshot: {snapshot_name: ok, pv_uri_list: [pva://SIM:AI:DOUBLE:1]}\n"
+        "output: {directory: /data/ok}\n")
+    (tmp_path / "bad.yaml").write_text(
+        "name: bad\nsnapshot: {snapshot_name: bad, pv_uri_list: [pva://X], nope: 1}\n"
+        "output: {directory: /data/bad}\n")
+    assert main(["validate", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == (f"1 valid run in 2 files under {tmp_path}; none would start "
+                                   "with the daemon until the errors are fixed")
+    assert err.splitlines()[-1] == "1 error: nothing would start"
+    assert main(["validate", str(tmp_path / "ok.yaml")]) == 0
+    assert "1 would start with the daemon" in capsys.readouterr().out
+
+
 def test_validate_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["validate", str(tmp_path / "nope")]) == 1
