@@ -334,7 +334,7 @@ def _parse_run(
     except ValidationError as exc:
         errors = list(exc.errors(include_url=False))
         errors += _second_pass(plain, [tuple(e["loc"]) for e in errors])
-        for error in errors:
+        for error in _each_problem(errors):
             loc = tuple(error["loc"])
             ctx = error.get("ctx") or {}
             loc = loc + tuple(ctx.get("subloc", ()))
@@ -396,6 +396,24 @@ def _second_pass(plain: dict[str, Any], error_locs: list[Loc]) -> list[Any]:
                 if error["type"] == "recorder_invalid" and not error["loc"]:  # the block's own
                     extra.append({**error, "loc": (block,)})
     return extra
+
+
+def _each_problem(errors: list[Any]) -> list[Any]:
+    """``errors`` with the further problems of a model validator's one error
+    (:func:`recorder.validation.invalid_all`) as errors of their own; without a list's "too
+    short" that counts only its valid items when an item's own error is reported."""
+    locs = [tuple(e["loc"]) for e in errors]
+    out: list[Any] = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        if error["type"] == "too_short" and any(
+                len(other) > len(loc) and other[: len(loc)] == loc for other in locs):
+            continue
+        out.append(error)
+        ctx = error.get("ctx") or {}
+        out.extend({**error, "ctx": {"message": message, "subloc": subloc}}
+                   for message, subloc in ctx.get("more", ()))
+    return out
 
 
 def _loc_key(loc: Loc) -> list[tuple[int, int, str]]:

@@ -56,7 +56,7 @@ from recorder.client.properties import (
     normalize_snapshot_name,
 )
 from recorder.sinks.options import OutputOptions
-from recorder.validation import invalid
+from recorder.validation import invalid, invalid_all
 
 __all__ = [
     "RUN_NAME_RE",
@@ -190,25 +190,26 @@ class SnapshotSpec(BaseModel):
 
     @model_validator(mode="after")
     def _only_used_fields(self) -> SnapshotSpec:
+        """Settings the gateway would flood with or silently ignore; every one at once."""
         timedbuffered = self.type is SnapshotType.TIMEDBUFFERED
+        problems: list[tuple[str, tuple[str | int, ...]]] = []
         if self.time_window == 0 and not self.triggered:
-            raise invalid(
+            problems.append((
                 "time_window: 0 on a periodic snapshot makes the gateway publish an iteration "
                 "on every pass of its ~1 ms loop (a flood); give the period in ms",
-                "time_window",
-            )
+                ("time_window",)))
         if self.sub_push_delay_msec and (not timedbuffered or self.triggered):
-            raise invalid(
+            problems.append((
                 "sub_push_delay_msec is only used by timedbuffered, non-triggered snapshots "
                 "(the gateway would ignore it here)",
-                "sub_push_delay_msec",
-            )
+                ("sub_push_delay_msec",)))
         if self.pv_field_filter_list and not timedbuffered:
-            raise invalid(
+            problems.append((
                 "pv_field_filter_list is only used by timedbuffered snapshots "
                 "(the gateway would ignore it here)",
-                "pv_field_filter_list",
-            )
+                ("pv_field_filter_list",)))
+        if problems:
+            raise invalid_all(problems)
         return self
 
     @property

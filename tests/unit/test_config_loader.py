@@ -398,6 +398,35 @@ def test_checks_between_fields_of_a_block_are_reported_with_its_other_errors() -
     assert [p.split(": ", 2)[1] for p in got] == ["snapshot.type", "output.compresion"], got
 
 
+def test_every_setting_the_gateway_would_ignore_is_reported_at_once() -> None:
+    """The snapshot block's checks between fields report all they find in one pass, not the
+    first (a second run used to show the field filter only once sub_push_delay_msec was
+    fixed); a list whose only item is wrong says so once, not also that it is empty."""
+    text = """\
+    name: a
+    snapshot:
+      snapshot_name: a
+      pv_uri_list: [pva://X]
+      time_window: 0
+      sub_push_delay_msec: 50
+      pv_field_filter_list: [value]
+    output: {directory: /data/a}
+    """
+    got = problems_of(text)
+    assert [p.split(": ", 2)[:2] for p in got] == [
+        ["runs.yaml:5", "snapshot.time_window"],
+        ["runs.yaml:6", "snapshot.sub_push_delay_msec"],
+        ["runs.yaml:7", "snapshot.pv_field_filter_list"],
+    ], got
+    only_bad = """\
+    name: b
+    snapshot: {snapshot_name: b, pv_uri_list: ["pva://has space"]}
+    output: {directory: /data/b}
+    """
+    got = problems_of(only_bad)
+    assert len(got) == 1 and "snapshot.pv_uri_list.0: 'pva://has space'" in got[0], got
+
+
 def test_collisions_are_reported_with_the_runs_other_errors(tmp_path: Path) -> None:
     """A run with an error of its own still takes part in the checks between runs (name,
     k2eg topic), so one pass reports the collision too, not only after the other fix."""
