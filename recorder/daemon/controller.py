@@ -74,6 +74,7 @@ from recorder.client import (
     StartAt,
     StopResult,
 )
+from recorder.client.throttle import RepeatThrottle
 from recorder.config.models import RunDefinition
 from recorder.daemon.backoff import Backoff
 from recorder.daemon.bridge import (
@@ -218,6 +219,7 @@ class RunController:
         self._file_sizes: dict[str, int] = {}  # else: size of each file being written
         self._skips: dict[str, int] = {}  # sub.skipped() last seen
         self._first_segment = 0  # segment files the recording had before this process
+        self._state_log_throttle = RepeatThrottle(60.0)  # "run state not saved", per error
         self._next_lag = 0.0
         self._exit = False
         self._log = _log.bind(run=self.name, snapshot=definition.snapshot.snapshot_name)
@@ -493,8 +495,7 @@ class RunController:
         try:
             self._stored = self._store.begin(self.name, new_active)
         except RecorderError as exc:
-            self._error(str(exc))
-            self._log.error("run state not saved: a restart may not resume", error=str(exc))
+            self._state_not_saved(exc)
             self._stored = StoredState(self.name, seq + 1, new_active)
         with self._lock:
             self._stats.current_file = new_active.current_file
@@ -548,8 +549,7 @@ class RunController:
         try:
             new = self._store.update(stored, offsets=offsets, current_file=None)
         except RecorderError as exc:
-            self._error(str(exc))
-            self._log.error("run state not saved", error=str(exc))
+            self._state_not_saved(exc)
             return replace(active, offsets=offsets, current_file=None)
         assert new.active is not None
         return new.active
@@ -685,8 +685,17 @@ class RunController:
                 self._stored = self._store.update(stored, offsets=dict(merged),
                                                   current_file=current, segments=segments)
             except RecorderError as exc:
-                self._error(str(exc))
-                self._log.error("run state not saved", error=str(exc))
+                self._state_not_saved(exc)
+
+    def _state_not_saved(self, exc: RecorderError) -> None:
+        """The run's state file cannot be written (an unwritable or full state directory):
+        counted and in the status at every attempt (after each flush), logged once a minute
+        with the number of attempts held back."""
+        self._error(str(exc))
+        held_back = self._state_log_throttle.admit(str(exc))
+        if held_back is not None:
+            self._log.error("run state not saved: a restart may not resume", error=str(exc),
+                            repeats_held_back=held_back)
 
     def _bytes_written(self, rec: Recording) -> int:
         """Bytes the recording added since the last call: its ``bytes`` counter if it keeps

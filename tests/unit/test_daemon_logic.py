@@ -27,7 +27,13 @@ from recorder.daemon.backoff import Backoff
 from recorder.daemon.controller import RunController
 from recorder.daemon.pump import MAX_PENDING, MIN_PENDING, pending_bound
 from recorder.daemon.resume import ActiveRecording, ResumeStore
-from recorder.errors import AdminCommandError, GatewayError, GatewayTimeoutError, SinkError
+from recorder.errors import (
+    AdminCommandError,
+    GatewayError,
+    GatewayTimeoutError,
+    RecorderError,
+    SinkError,
+)
 from recorder.metrics import RecorderMetrics
 
 
@@ -312,6 +318,40 @@ def test_start_retries_with_backoff_then_records_and_stops(tmp_path: Path) -> No
             c.stop().result(5)
         assert err.value.code == "not_running"
     finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_state_file_that_cannot_be_saved_is_logged_once_a_minute(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unwritable state directory: every failed save is counted (errors, last_error),
+    but the log says so once a minute, not after every flush (~5 lines a second a run)."""
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client)
+    try:
+        c.start().result(5)
+        _wait(lambda: c.state is RunState.RECORDING)
+        errors_before = c.status().errors
+
+        def refuse(self: ResumeStore, *args: Any, **kwargs: Any) -> Any:
+            raise RecorderError("cannot write /state/r.json: read-only file system")
+
+        monkeypatch.setattr(ResumeStore, "update", refuse)
+        sub = client.sub
+        assert sub is not None
+        with capture_logs() as logs:
+            for i in range(1, 6):
+                sub.events.put(IterationOpened(sub.topic, "snap", i, i, offset=10 + 3 * i))
+                sub.events.put(IterationClosed(sub.topic, "snap", i, IterationStatus.COMPLETE,
+                                               None, i, i, offset=12 + 3 * i))
+                _wait(lambda i=i: c.status().iterations_complete == i)
+                _wait(lambda i=i: c.status().errors >= errors_before + i)
+        lines = [e for e in logs if e["event"].startswith("run state not saved")]
+        assert len(lines) == 1, lines
+        assert lines[0]["repeats_held_back"] == 0 and "read-only" in lines[0]["error"]
+        assert "read-only" in str(c.status().last_error)
+    finally:
+        monkeypatch.undo()
         c.shutdown().result(5)
         assert c.join(5)
 
