@@ -15,7 +15,7 @@ messages. Key: the run name. Layout (``schema`` names it; fields are only ever a
      "reason": "",                          # status_reason when not complete
      "start_time": "2026-11-22T13:00:02Z", "end_time": "2026-11-22T14:00:02Z",
      "iterations": 36000, "values": 108000,
-     "format_version": "5.0",
+     "format_version": "5.1",
      "error": null}                         # why the file could not be read, if so
 
 Everything but ``schema``, ``time``, ``instance``, ``run``, ``snapshot`` and ``path`` comes

@@ -61,7 +61,7 @@ META_ATTRS: dict[str, tuple[str, str]] = {
     "alarm_hysteresis": ("valueAlarm", "hysteresis"),
 }
 TIME_ATTRS = {"units": "ns", "start": "1970-01-01T00:00:00Z"}
-FORMAT_VERSION = "5.0"
+FORMAT_VERSION = "5.1"
 """format_version of both layouts (docs/file-format.md; 3.0 changed the final layout only,
 4.0 added the per-sample columns of user tags and NTNDArray frame ids and times, decision
 0009; 5.0 made the PV groups plain NXlogs, decision 0011: final layout only)."""

@@ -40,6 +40,7 @@ from recorder.sinks.buffer import (
     merge_tags,
     tags_json,
 )
+from recorder.sinks.filters import filter_kwargs
 from recorder.sinks.final_blocks import (
     SCAN_ROWS,
     _Meta,
@@ -49,8 +50,8 @@ from recorder.sinks.final_blocks import (
     _read_block,
     _scan,
 )
-from recorder.sinks.final_datasets import _Col, _Writer, plan_piece_rows
-from recorder.sinks.final_h5 import create_group, set_attrs
+from recorder.sinks.final_datasets import COMPACT_MAX, _Col, _Writer, plan_piece_rows
+from recorder.sinks.final_h5 import _DCPL_COMPACT, create_group, set_attrs
 from recorder.sinks.final_layout import (
     FORMAT_VERSION,
     PV_INFO_FIELDS,
@@ -60,7 +61,7 @@ from recorder.sinks.final_layout import (
     TIME_ATTRS,
 )
 from recorder.sinks.final_pv import _PV
-from recorder.sinks.livefile import Commit, read_commit, read_pv_names
+from recorder.sinks.livefile import KAFKA_COLUMNS, Commit, read_commit, read_pv_names
 from recorder.sinks.options import OutputOptions
 
 FINAL_SUFFIX = ".finalizing"
@@ -232,11 +233,10 @@ def _write_final(f: h5py.File, tmp: Path, attrs: dict[str, Any], options: Output
         n_iter = _write_iterations(f, out, w, commit, plan)
         w.n_iter = n_iter
         w.piece_rows = plan_piece_rows(plan, n_iter, block_bytes)
-        kafka = out.create_group("kafka")
+        kafka = create_group(out.id, "kafka")
         live = f["live"]
         nk = commit.limits["n_kafka"]
-        for k in ("topic", "partition", "offset", "time"):
-            kafka.create_dataset(k, data=live["kafka"][k][:nk])
+        _write_kafka(w, kafka, {k: live["kafka"][k][:nk] for k in KAFKA_COLUMNS})
         pvs = w.pvs
         set_attrs(pvs, {"NX_class": "NXcollection"})
         pvs.attrs.create("pv_names", pv_names, dtype=STR)
@@ -285,6 +285,27 @@ def _write_final(f: h5py.File, tmp: Path, attrs: dict[str, Any], options: Output
         out.attrs.create("required_plugins", sorted(w.plugins), dtype=STR)
         out.attrs["n_iterations"] = n_iter
         out.attrs["n_values"] = int(commit.limits["n_samples"])
+
+
+def _write_kafka(w: _Writer, group: Any, columns: dict[str, Any]) -> None:
+    """/kafka: a row per flush, so compact while small, chunked and compressed in long
+    recordings; ``time`` with the time attributes. ``topic`` stays fixed-length (S255),
+    which the writer's string path (vlen UTF-8) does not take."""
+    for name, data in columns.items():
+        attrs = TIME_ATTRS if name == "time" else None
+        if data.dtype.kind != "S":
+            if data.nbytes <= COMPACT_MAX:
+                w.create(group, name, data, attrs=attrs)
+            else:
+                w.create_chunked(group, name, data, attrs=attrs)
+            continue
+        if data.nbytes <= COMPACT_MAX:
+            kwargs: dict[str, Any] = {"dcpl": _DCPL_COMPACT}
+        else:
+            kwargs, _plugin = filter_kwargs(w.options, data.dtype)
+            kwargs["chunks"] = (w.chunk_rows(np.dtype(np.uint8), (data.dtype.itemsize,),
+                                             len(data)),)
+        h5py.Group(group).create_dataset(name, data=data, track_times=False, **kwargs)
 
 
 def _write_pv_info(out: h5py.File, rows: list[dict[str, Any]]) -> None:

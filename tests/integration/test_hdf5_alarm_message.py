@@ -86,7 +86,7 @@ def test_flapping_message_is_a_column_and_the_structure_is_stored_once(
 ) -> None:
     path, sent = _record(tmp_path)
     with h5py.File(path, "r") as h:
-        assert h.attrs["format_version"] == "5.0"
+        assert h.attrs["format_version"] == "5.1"
         info = _info(h)
         g = h["pvs/FLAP"]
         assert "FLAP" not in h["metadata"] and info["FLAP"]["metadata_entries"] == 1

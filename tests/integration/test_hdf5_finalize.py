@@ -15,6 +15,12 @@ import numpy as np
 import pytest
 from test_hdf5_roundtrip import _ts, record, record_closed, same, write_iteration
 
+from recorder.client.events import (
+    IterationClosed,
+    IterationOpened,
+    IterationStatus,
+    ValuesReceived,
+)
 from recorder.client.values import PVSample
 from recorder.reader import open_file
 from recorder.sinks import final_blocks, final_datasets
@@ -417,3 +423,37 @@ def test_the_same_live_file_finalizes_to_the_same_bytes(tmp_path: Path) -> None:
     assert all(c.read_bytes() == first for c in copies[1:])
     with open_file(copies[0]) as f:
         assert f.values("P3").tolist() == [float((i * 7 + 3) % 11) for i in range(300)]
+
+
+@pytest.mark.parametrize("flushes", [3, 1100])
+def test_the_kafka_log_is_compact_when_small_and_its_time_says_its_unit(
+        tmp_path: Path, flushes: int) -> None:
+    """/kafka has a row per flush (and partition): a few rows in the object header, the many
+    rows of a long recording chunked and compressed; ``time`` is ns since the epoch and says
+    so as every time column does; ``offset`` is the highest offset the file holds."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="k", pv_uris=["pva://X"])
+    for i in range(flushes):
+        ts = {"secondsPastEpoch": 1_700_000_000 + i, "nanoseconds": 0}
+        rec.handle(IterationOpened("t", "s", i, i, offset=3 * i))
+        rec.handle(ValuesReceived("t", i, 1, 1, (PVSample("X", {"value": float(i),
+                                                                 "timeStamp": ts}),),
+                                  offset=3 * i + 1))
+        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i,
+                                   offset=3 * i + 2))
+        rec.flush()
+    (path,) = rec.close()
+    with h5py.File(path, "r") as h:
+        kafka = h["kafka"]
+        assert {k: kafka[k].dtype.str for k in kafka} == {
+            "topic": "|S255", "partition": "<i4", "offset": "<i8", "time": "<i8"}
+        assert len(kafka["offset"]) == flushes + 1  # and close()'s
+        assert dict(kafka["time"].attrs) == {"units": "ns", "start": "1970-01-01T00:00:00Z"}
+        assert kafka["time"][0] > 1_700_000_000 * 10**9
+        for k in kafka:  # the documented rule: compact up to 8 KiB
+            small = kafka[k].dtype.itemsize * len(kafka[k]) <= 8192
+            layout = kafka[k].id.get_create_plist().get_layout()
+            assert layout == (h5py.h5d.COMPACT if small else h5py.h5d.CHUNKED), k
+            assert small or kafka[k].compression == "gzip", k
+        assert (flushes > 1000) == (kafka["offset"].chunks is not None)
+        assert kafka["offset"][()].tolist() == [3 * i + 2 for i in range(flushes)] + [
+            3 * flushes - 1]

@@ -176,7 +176,7 @@ def test_pv_info_table(tmp_path: Path) -> None:
         assert f.pv_info("E")["choices"] == '["Off", "On"]'
     with h5py.File(path, "r") as h:
         assert list(h["pvs/E/value"].attrs["choices"]) == ["Off", "On"]
-        assert h.attrs["format_version"] == "5.0"
+        assert h.attrs["format_version"] == "5.1"
 
 
 def test_spilled_columns_are_not_shared_but_equal(

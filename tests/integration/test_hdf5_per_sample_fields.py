@@ -79,7 +79,7 @@ def test_a_pulse_id_tag_is_a_column_and_round_trips(tmp_path: Path) -> None:
         assert f.user_tags("P").tolist() == [pulse(i) for i in range(N)]
     (final,) = rec.close()
     with open_file(final) as f:
-        assert f.attrs["format_version"] == "5.0"
+        assert f.attrs["format_version"] == "5.1"
         for pv, samples in sent.items():
             same(f.samples(pv), samples)
         assert f.user_tags("P").tolist() == [pulse(i) for i in range(N)]  # the column

@@ -197,7 +197,7 @@ def test_roundtrip_every_type_live_and_final(tmp_path: Path) -> None:
         assert b'"value":null' in info["I"]["metadata"]
         assert list(h["pvs/E/value"].attrs["choices"]) == ["Off", "On"]
         assert info["E"]["choices"] == b'["Off", "On"]'
-        assert h.attrs["status"] == "complete" and h.attrs["format_version"] == "5.0"
+        assert h.attrs["status"] == "complete" and h.attrs["format_version"] == "5.1"
 
 
 def test_timedbuffered_many_values_per_iteration_and_overlap(tmp_path: Path) -> None:
