@@ -7,7 +7,7 @@ import datetime as dt
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 HELP = "summarize a recorded HDF5 file"
 T = TypeVar("T")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"format    {a.get('format')} {a.get('format_version')} ({f.layout} layout)")
         print(f"run       {a.get('run_name')}  recording {a.get('recording_uid')} "
               f"seq {a.get('recording_seq')} segment {a.get('segment')}")
-        print(f"snapshot  {a.get('snapshot_name', '-')}  type {a.get('snapshot_type', '-')}")
+        print(f"snapshot  {a.get('snapshot_name', '-')}  {snapshot_mode(a)}")
         reason = a.get("status_reason") or ""
         status = f.status
         end = a.get("end_time", "(still recording)")
@@ -86,3 +86,22 @@ def run(args: argparse.Namespace) -> int:
                   f"{row['units'] or '-':8} {row['count']:>8}  "
                   f"{_t(row['first_ns'])} .. {_t(row['last_ns'])}")
     return 0
+
+
+def snapshot_mode(a: dict[str, Any]) -> str:
+    """``periodic normal: latest values every 100 ms``, ``triggered timedbuffered: ...``
+    from a file's ``snapshot_*`` attributes (``type -`` when the sink was used without
+    a snapshot)."""
+    from recorder.config.models import cadence
+
+    kind = a.get("snapshot_type")
+    if kind is None:
+        return "type -"
+    triggered = bool(a.get("snapshot_triggered", False))
+    try:
+        what = cadence(triggered=triggered, timedbuffered=kind == "timedbuffered",
+                       time_window=int(a.get("snapshot_time_window", 0)),
+                       sub_push_delay_msec=int(a.get("snapshot_sub_push_delay_msec", 0) or 0))
+    except (TypeError, ValueError):
+        what = "?"
+    return f"{'triggered' if triggered else 'periodic'} {kind}: {what}"

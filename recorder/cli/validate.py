@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 def describe_run(definition: RunDefinition, source: str, now: dt.datetime) -> dict[str, Any]:
     """What a run would do, as plain data (shared by the text and JSON output)."""
+    from recorder.config.models import cadence
     from recorder.sinks.options import render_file_name
 
     snap = definition.snapshot
@@ -104,16 +105,8 @@ def describe_run(definition: RunDefinition, source: str, now: dt.datetime) -> di
             out, run=definition.name, snapshot=snap.snapshot_name, start=now, seq=0, segment=1
         )
         files.append(str(second))
-    if snap.triggered:
-        cadence = "one iteration per admin trigger"
-        if snap.type.value == "timedbuffered":
-            cadence += f", looking back {snap.time_window} ms"
-    elif snap.type.value == "timedbuffered":
-        cadence = f"every event, in {snap.time_window} ms windows"
-        if snap.sub_push_delay_msec:
-            cadence += f", pushed every {snap.sub_push_delay_msec} ms"
-    else:
-        cadence = f"latest values every {snap.time_window} ms"
+    what = cadence(triggered=snap.triggered, timedbuffered=snap.type.value == "timedbuffered",
+                   time_window=snap.time_window, sub_push_delay_msec=snap.sub_push_delay_msec)
     return {
         "name": definition.name,
         "source": source,
@@ -121,7 +114,7 @@ def describe_run(definition: RunDefinition, source: str, now: dt.datetime) -> di
         "snapshot": snap.snapshot_name,
         "topic": snap.topic,
         "mode": definition.mode,
-        "cadence": cadence,
+        "cadence": what,
         "pvs": list(snap.pv_uri_list),
         "pv_field_filter_list": list(snap.pv_field_filter_list),
         "directory": str(out.directory),

@@ -130,6 +130,23 @@ AttributeValue = Annotated[Any, AfterValidator(_check_attribute_value)]
 Millis = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
+def cadence(*, triggered: bool, timedbuffered: bool, time_window: int,
+            sub_push_delay_msec: int = 0) -> str:
+    """What a snapshot's settings make the gateway publish, in words (``validate``,
+    ``inspect``)."""
+    if triggered:
+        text = "one iteration per admin trigger"
+        if timedbuffered:
+            text += f", looking back {time_window} ms"
+        return text
+    if timedbuffered:
+        text = f"every event, in {time_window} ms windows"
+        if sub_push_delay_msec:
+            text += f", pushed every {sub_push_delay_msec} ms"
+        return text
+    return f"latest values every {time_window} ms"
+
+
 class SnapshotSpec(BaseModel):
     """The ``snapshot:`` block: the fields of k2eg's ``SnapshotProperties``, same names and
     defaults (checked by a test), plus the checks the gateway would only log and ignore."""

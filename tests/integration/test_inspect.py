@@ -6,12 +6,17 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import h5py
-from test_hdf5_roundtrip import record
+import pytest
+from test_hdf5_roundtrip import record, write_iteration
 
+from recorder.client.values import PVSample
 from recorder.reader import open_file
 from recorder.sinks.final_layout import FORMAT_VERSION
+from recorder.sinks.hdf5 import HDF5Recording
+from recorder.sinks.options import OutputOptions
 
 
 def _inspect(path: Path) -> subprocess.CompletedProcess[str]:
@@ -65,6 +70,28 @@ def test_inspect_live_and_final(tmp_path: Path) -> None:
             assert (live_row["kind"], live_row["dtype"]) == (row["kind"], row["dtype"]), pv
             assert live_row["shape"] == row["shape"], pv
             assert row["kind"] == samples[0].kind.value or pv in ("SA", "T", "X"), pv
+
+
+@pytest.mark.parametrize(("props", "line"), [
+    ({"time_window": 100}, "periodic normal: latest values every 100 ms"),
+    ({"time_window": 300, "type": "timedbuffered", "sub_push_delay_msec": 100},
+     "periodic timedbuffered: every event, in 300 ms windows, pushed every 100 ms"),
+    ({"time_window": 0, "triggered": True}, "triggered normal: one iteration per admin trigger"),
+])
+def test_inspect_says_how_the_snapshot_was_taken(tmp_path: Path, props: dict[str, Any],
+                                                 line: str) -> None:
+    """A triggered run's file says it is triggered (it used to print only `type normal`)."""
+    from recorder.client.properties import SnapshotProperties, SnapshotType
+
+    if "type" in props:
+        props = {**props, "type": SnapshotType(props["type"])}
+    snapshot = SnapshotProperties("shots", ("pva://A",), **props)
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="m", snapshot=snapshot)
+    write_iteration(rec, 1, [PVSample("A", {"value": 1.0})])
+    (path,) = rec.close()
+    got = _inspect(path)
+    assert got.returncode == 0, got.stderr
+    assert f"snapshot  shots  {line}\n" in got.stdout, got.stdout
 
 
 def test_inspect_not_a_recording(tmp_path: Path) -> None:
