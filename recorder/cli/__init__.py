@@ -38,7 +38,7 @@ COMMANDS: dict[str, str] = {
 # one-line help, kept here so `--help` does not import every module
 HELP: dict[str, str] = {
     "run": "run the recorder daemon",
-    "demo": "embedded broker + gateway simulator + example runs -> a real .h5 file",
+    "demo": "embedded broker + gateway simulator + example runs -> real .h5 files",
     "sim": "run the k2eg gateway simulator",
     "validate": "check run definitions and show what they would record",
     "inspect": "summarize a recorded HDF5 file",

@@ -19,7 +19,7 @@ HELP = "run the recorder daemon"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, metavar="PATH",
-                        help="run-definition file or directory of *.yaml "
+                        help="run-definition file or directory of *.yaml/*.yml "
                              "(default: $RECORDER_CONFIG_PATH or /etc/k2eg-recorder/runs.d)")
     parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                         help="where resume state is kept (default: $RECORDER_STATE_DIR, "
