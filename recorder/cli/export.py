@@ -2,7 +2,8 @@
 
 For a spreadsheet or a tool that does not read HDF5: the whole recording FILE belongs to (all
 its segments in FILE's directory, unless ``--only-file``), one row per iteration with
-``iter_index``, ``status``, the header time (ISO 8601 UTC and ns), then one column per PV: its
+``iter_index``, ``segment``, ``status``, the header time (ISO 8601 UTC and ns), ``tags`` (a
+triggered iteration's trigger tags as a JSON object; empty when none), then one column per PV: its
 value in that iteration (the last one; ``--pick first``), empty where it has none (a NaN the
 PV sent prints as ``nan``: it is a value, not a gap); integers, enum indices and booleans
 print as ``10``, ``2``, ``True``. Scalar, boolean, enum (the index)
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import json
 import math
 import os
 import sys
@@ -94,21 +96,24 @@ def write_csv(table: dict[str, Any], pvs: list[str], out: TextIO,
     in the iterations without a value, the mask of ``by_iteration``; without it a NaN is
     taken for a gap); returns the number of rows."""
     writer = csv.writer(out, lineterminator="\n")
-    extra = ["segment"] if "segment" in table else []
-    writer.writerow(["iter_index", *extra, "status", "header_time", "header_timestamp_ns",
-                     *pvs])
+    writer.writerow(["iter_index", "segment", "status", "header_time", "header_timestamp_ns",
+                     "tags", *pvs])
     columns = [_texts(table[pv], (stored or {}).get(pv, "")) for pv in pvs]
     n = len(table["iter_index"])
     holes = [_gaps_of(table[pv], (gaps or {}).get(pv)) for pv in pvs]
-    segments = table["segment"].tolist() if extra else None
+    segments = table["segment"].tolist() if "segment" in table else [""] * n
+    tags = table["tags"].tolist() if "tags" in table else [None] * n
     for i in range(n):
         ns = int(table["header_timestamp"][i])
-        head: list[Any] = [int(table["iter_index"][i])]
-        if segments is not None:
-            head.append(segments[i])
-        writer.writerow([*head, table["status"][i], _iso(ns), ns,
+        writer.writerow([int(table["iter_index"][i]), segments[i], table["status"][i],
+                         _iso(ns), ns, _tags_cell(tags[i]),
                          *(_cell(c[i], h[i]) for c, h in zip(columns, holes, strict=True))])
     return n
+
+
+def _tags_cell(tags: Any) -> str:
+    """An iteration's trigger tags as a compact JSON object, ``""`` when it has none."""
+    return json.dumps(tags, ensure_ascii=False, separators=(",", ":")) if tags else ""
 
 
 def _gaps_of(column: Any, mask: Any) -> list[bool]:
@@ -166,7 +171,12 @@ def run(args: argparse.Namespace) -> int:
         # the table of source.table(), keeping each column's mask: a gap is an empty cell, a
         # NaN the PV sent is "nan"
         aligned = {pv: source.by_iteration(pv, pick=args.pick) for pv in pvs}
-        table = aligned_table(source.iterations(), aligned)
+        iterations = source.iterations()
+        if "segment" not in iterations:  # --only-file: the same columns, its segment number
+            iterations["segment"] = np.full(len(iterations["iter_index"]),
+                                            int(files[0].attrs.get("segment", 0)))
+        table = aligned_table(iterations, aligned)
+        table["tags"] = iterations["tags"]
         gaps = {pv: np.ma.getmaskarray(m) for pv, m in aligned.items()}
         if args.output is None:
             try:

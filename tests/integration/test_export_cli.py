@@ -38,14 +38,18 @@ def test_export_a_recording_of_several_segments(tmp_path: Path) -> None:
                        frozenset({"value"}))
         flag = [PVSample("Q", {"value": i % 2 == 0})] if i != 3 else []  # a bool, a gap
         write_iteration(rec, i, [*samples_of(i), f32, *flag])
+        if i == 4:
+            rec.tag_iteration(4, {"shot": "42", "operator": "jdoe"})
     first, second = rec.close()
 
     proc = export(str(second))  # any file of the recording: all its segments
     assert proc.returncode == 0, proc.stderr
     table = rows(proc.stdout)
     head = list(table[0])
-    assert head[:5] == ["iter_index", "segment", "status", "header_time", "header_timestamp_ns"]
-    assert sorted(head[5:]) == ["A", "B", "E", "F", "Q", "S", "T"], head
+    assert head[:6] == ["iter_index", "segment", "status", "header_time", "header_timestamp_ns",
+                        "tags"]
+    assert sorted(head[6:]) == ["A", "B", "E", "F", "Q", "S", "T"], head
+    assert [r["tags"] for r in table] == [""] * 4 + ['{"shot":"42","operator":"jdoe"}', ""]
     assert [r["iter_index"] for r in table] == [str(i) for i in range(N)]
     assert [r["segment"] for r in table] == ["0"] * 4 + ["1"] * 2
     # gaps: empty; integers, enum indices and booleans print as such despite the gaps
@@ -62,8 +66,10 @@ def test_export_a_recording_of_several_segments(tmp_path: Path) -> None:
 
     firsts = rows(export(str(first), "--pick", "first", "--only-file", "--pv", "T",
                          "--pv", "A").stdout)
-    assert list(firsts[0]) == ["iter_index", "status", "header_time", "header_timestamp_ns",
-                               "T", "A"]
+    # the same columns for one file (its segment number) as for the recording
+    assert list(firsts[0]) == ["iter_index", "segment", "status", "header_time",
+                               "header_timestamp_ns", "tags", "T", "A"]
+    assert {r["segment"] for r in firsts} == {"0"}
     assert [r["T"] for r in firsts] == ["1.0", "101.0", "201.0", "301.0"]
 
     out = tmp_path / "out.csv"
