@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from recorder.broker import free_loopback_port
 from recorder.client.kafka import KafkaAdapter, StartAt
 from recorder.client.wire import Record
-from recorder.errors import ClientClosedError, TransportError
+from recorder.errors import ClientClosedError, ConfigError, TransportError
 from recorder.settings import KafkaSettings
 
 pytestmark = pytest.mark.integration
@@ -335,7 +335,9 @@ def test_delivery_failure_is_reported_and_counted(unique_name: Callable[[str], s
 
 def test_librdkafka_options_from_settings_reach_librdkafka() -> None:
     bad = KafkaSettings(bootstrap_servers="127.0.0.1:1", kafka={"security.protocol": "bogus"})
-    with pytest.raises(TransportError, match=r"security\.protocol"):
+    # a setting librdkafka refuses is one to fix, not a connection to retry
+    with pytest.raises(ConfigError, match=r'Kafka settings: Invalid value "bogus" for '
+                                          r'configuration property "security\.protocol"'):
         KafkaAdapter(bad, Collector())
     sasl = KafkaSettings(
         bootstrap_servers="127.0.0.1:1",
