@@ -971,6 +971,29 @@ class Recording:
         self._check(pv)
         return [s for f in self.files if pv in f.pv_names for s in f.samples(pv)]
 
+    def pv_info(self, pv: str) -> dict[str, Any]:
+        """:meth:`RecordingFile.pv_info` of the first segment holding the PV."""
+        self._check(pv)
+        return next(f.pv_info(pv) for f in self.files if pv in f.pv_names)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """:meth:`RecordingFile.summary` over every segment, one row per PV: ``count``
+        summed, ``first_ns`` of the first segment with values and ``last_ns`` of the last,
+        ``shape`` None when the segments' differ; ``kind``, ``dtype`` and ``units`` of the
+        first segment with values (of the first holding the PV when none has)."""
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for f in self.files:
+            for row in f.summary():
+                rows.setdefault(row["pv"], []).append(row)
+        out = []
+        for parts in rows.values():
+            valued = [r for r in parts if r["count"]] or parts[:1]
+            shapes = {r["shape"] for r in valued}
+            out.append({**valued[0], "count": sum(r["count"] for r in parts),
+                        "shape": shapes.pop() if len(shapes) == 1 else None,
+                        "first_ns": valued[0]["first_ns"], "last_ns": valued[-1]["last_ns"]})
+        return out
+
     def iterations(self) -> dict[str, npt.NDArray[Any]]:
         """Every segment's /iterations table, in order, plus ``segment`` (the file's segment
         number) per row: ``iter_index`` is unique within a file, not across the files of a

@@ -183,6 +183,19 @@ def test_a_recording_keeps_dtypes_and_shapes_across_segments(tmp_path: Path) -> 
         # a misspelt PV is an error in the aligned views too, not a column of gaps
         with pytest.raises(KeyError, match=r"no PV 'NOPE' in this recording"):
             r.by_iteration("NOPE")
+        # the recording's summary: counts summed, times from the first and last segment
+        # with values, the kind of the segment with values, no shape where they differ
+        summary = {row["pv"]: row for row in r.summary()}
+        ns = [(1_700_000_000 + i) * 10**9 for i in range(6)]
+        assert (summary["I"]["count"], summary["I"]["first_ns"], summary["I"]["last_ns"]) == (
+            3, ns[3], ns[5])
+        in_second = {row["pv"]: row for row in r.files[1].summary()}
+        assert summary["I"] == {**in_second["I"], "count": 3}
+        assert (summary["A"]["count"], summary["A"]["first_ns"]) == (6, ns[0])
+        assert summary["A"]["shape"] == () and summary["W"]["shape"] is None
+        assert r.pv_info("F") == r.files[0].pv_info("F")
+        with pytest.raises(KeyError, match=r"no PV 'NOPE' in this recording"):
+            r.pv_info("NOPE")
         with pytest.raises(KeyError, match=r"no PV 'i' in this recording"):
             r.table(["I", "i"])
     with open_file(paths[0]) as f, pytest.raises(KeyError, match=r"did you mean 'A'"):
