@@ -17,6 +17,9 @@ Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
 ``run_recording{run}``                   gauge      1 while recording, else 0
 ``last_write_timestamp_seconds{run}``    gauge      Unix time of the last flush
 ``write_errors_total{run}``              counter    failed writes/flushes
+``snapshot_resends_total{run,outcome}``  counter    snapshot starts re-sent to a gateway
+                                                    that forgot them, by outcome
+``kafka_up``                             gauge      1 while Kafka answers, else 0
 ``admin_commands_total{command,code}``   counter    admin replies by command and code
 ``reloads_total{result}``                counter    ok | failed
 ``files_total{run,status}``              counter    files finalized: complete | aborted | failed

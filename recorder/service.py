@@ -25,13 +25,14 @@ Threads
     * optional Prometheus HTTP server thread.
 
 Lifecycle
-    load + validate run definitions (bad YAML: exit 2 before touching Kafka) -> connect
-    (retried with backoff until SIGTERM) -> start the ``autostart`` runs and every run a crash
-    left recording, autostart or not (recurring snapshots begin, triggered ones are armed; a
-    recording interrupted by a crash is resumed from its last durable offset) -> ``READY=1``
-    -> loop -> SIGTERM/SIGINT: ``STOPPING=1``, every run stopped the k2eg way (stop command,
-    final iteration, file finalized) within ``shutdown_timeout_s`` -> exit 0. SIGHUP (or an
-    admin ``reload``) re-reads the definitions.
+    load + validate run definitions (bad YAML: exit 2 before touching Kafka) -> ``READY=1``
+    (decision 0012) -> connect (retried with backoff until SIGTERM; Kafka settings librdkafka
+    refuses: exit 2) -> start the ``autostart`` runs and every run a crash left recording,
+    autostart or not (recurring snapshots begin, triggered ones are armed; a recording
+    interrupted by a crash is resumed from its last durable offset) -> loop ->
+    SIGTERM/SIGINT: ``STOPPING=1``, every run stopped the k2eg way (stop command, final
+    iteration, file finalized) within ``shutdown_timeout_s`` -> exit 0. SIGHUP (or an admin
+    ``reload``) re-reads the definitions.
 """
 
 from __future__ import annotations

@@ -23,15 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $RECORDER_CONFIG_PATH or /etc/k2eg-recorder/runs.d)")
     parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                         help="where resume state is kept (default: $RECORDER_STATE_DIR, "
-                             "$STATE_DIRECTORY, ~/.local/state/k2eg-recorder)")
+                             "$STATE_DIRECTORY, else $XDG_STATE_HOME or ~/.local/state, "
+                             "/k2eg-recorder)")
     parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT",
                         help="Kafka bootstrap servers (default: $RECORDER_BOOTSTRAP_SERVERS)")
     parser.add_argument("--log-format", choices=("auto", "json", "console"), default=None,
                         help="log format (default: $RECORDER_LOG_FORMAT or auto: console on a "
                              "terminal, JSON lines otherwise)")
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ...")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING, ... (default: $RECORDER_LOG_LEVEL or INFO)")
     parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus metrics on this port (default: none)")
+                        help="serve Prometheus metrics on this port (default: "
+                             "$RECORDER_METRICS_PORT, else off)")
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[object, object]:

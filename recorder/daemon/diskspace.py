@@ -1,7 +1,8 @@
 """Free space where the runs write, judged before a disk fills (pure code).
 
-A recording whose disk fills fails: it is marked failed, everything flushed before is kept, and
-its run waits for an operator's ``start``. This module is the warning before that happens. The
+A recording whose disk fills stops: everything flushed before is kept, its run waits
+(``retrying``) and resumes by itself once the disk has room again (decision 0007). This module
+is the warning before that happens, and the judge of "room again". The
 probe thread (:mod:`recorder.daemon.diskprobe`) reads ``statvfs`` of every run's output
 directory; :class:`DiskWatch` turns its readings into one :class:`DiskStatus` per filesystem
 (runs on the same filesystem are reported together) and into changes to log. A filesystem needs

@@ -117,7 +117,8 @@ class OutputOptions(BaseModel):
         "0-9, default 5). Not allowed with lzf/none.",
     )
     shuffle: bool = Field(
-        default=True, description="Apply the byte-shuffle filter before gzip/lzf/zstd."
+        default=True, description="Byte-shuffle integer columns of 2 bytes or wider before "
+        "compression (blosc2: its own shuffle); floats and strings are not shuffled."
     )
     live_compression: Compression = Field(
         default=Compression.NONE,

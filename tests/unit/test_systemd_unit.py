@@ -126,9 +126,14 @@ def test_the_nightly_verify_reads_only() -> None:
     assert get(text, s, "PrivateNetwork") == ["yes"]
     assert get(text, s, "IOSchedulingClass") == ["idle"]
     # the same run definitions as the daemon: the directories it checks are the ones written
+    # (the daemon's default path, and RECORDER_CONFIG_PATH from the same environment file)
+    from recorder.config.daemon import DaemonSettings
+
     (config,) = [v for v in get(text, s, "Environment") if v.startswith("RECORDER_CONFIG_PATH=")]
-    daemon_config = get(UNIT.read_text(), s, "ExecStart")[0].split("--config ", 1)[1]
-    assert config.split("=", 1)[1] == daemon_config
+    default = DaemonSettings.model_fields["config_path"].default
+    assert config.split("=", 1)[1] == str(default)
+    assert "--config" not in get(UNIT.read_text(), s, "ExecStart")[0]
+    assert get(text, s, "EnvironmentFile") == get(UNIT.read_text(), s, "EnvironmentFile")
     timer = VERIFY_TIMER.read_text()
     assert get(timer, "Timer", "Unit") == [VERIFY_UNIT.name]
     assert get(timer, "Timer", "Persistent") == ["true"]
@@ -152,7 +157,7 @@ def test_project_rules() -> None:
     assert get(text, s, "ReadWritePaths") == ["/data/k2eg-recorder"]
     assert get(text, s, "ExecReload") == ["/bin/kill -HUP $MAINPID"]
     assert get(text, s, "ExecStart") == [
-        "/usr/bin/k2eg-recorder run --config /etc/k2eg-recorder/runs.d"
+        "/usr/bin/k2eg-recorder run"  # the run definitions: RECORDER_CONFIG_PATH, as validate
     ]
     assert get(text, s, "EnvironmentFile") == ["-/etc/k2eg-recorder/recorder.env"]
     assert "PYTHONUNBUFFERED=1" in get(text, s, "Environment")
