@@ -6,6 +6,7 @@ entry of a run's status document.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from recorder.client import IterationEvent, SnapshotProperties
@@ -25,6 +26,8 @@ class BridgeSink(Protocol):
     def has_subscribers(self) -> bool: ...
 
     def handle(self, event: IterationEvent) -> None: ...
+
+    def tag_iteration(self, iter_index: int, tags: Mapping[str, str]) -> None: ...
 
     def close(self, status: str = "complete", reason: str = "") -> None: ...
 

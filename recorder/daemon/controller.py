@@ -649,6 +649,14 @@ class RunController:
         )
         if annotate is not None:
             annotate(iter_index, tags)
+        bridge = self._bridge
+        if bridge is not None:  # served live with the iteration, as the file's trains() has them
+            try:
+                bridge.tag_iteration(iter_index, tags)
+            except Exception as exc:
+                self._error(f"karabo bridge failed: {exc!r}")
+                self._log.exception("karabo bridge failed; it is closed, recording goes on")
+                self._close_bridge("failed", f"internal error: {exc!r}")
         self._log.info("trigger tags", iteration=iter_index, tags=tags)
 
     def _after_flush(self, rec: Recording) -> None:

@@ -272,3 +272,29 @@ def test_a_request_waits_for_the_next_iteration_and_bad_requests_get_an_error() 
         ctx.term()
         sink.close()
     assert sink.counters["bad_requests"] == 1 and sink.counters["replies"] == 2
+
+
+def test_trigger_tags_are_served_with_their_iteration_as_the_file_has_them(
+        tmp_path: Path) -> None:
+    """The daemon tags an iteration (a trigger's tags) before it closes: the live container
+    has them in its recorder source, as the file's trains() does; tags for an iteration
+    already served are counted, not attached to another one."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="shots")
+    sink = KaraboBridgeSink(BridgeOptions(rep=0), run_name="shots")  # type: ignore[arg-type]
+    tags = {"shot": "42", "note": "é µ"}
+    try:
+        with Client(sink.endpoints["rep"], sock="REQ", timeout=10) as client:
+            for out in (rec, sink):
+                out.handle(IterationOpened("t", "s", 7, 5))
+                out.tag_iteration(7, tags)
+                out.handle(ValuesReceived("t", 7, 1, 5, (PVSample("A", {"value": 1.5}),)))
+                out.handle(IterationClosed("t", "s", 7, IterationStatus.COMPLETE, None, 5, 6))
+            data, _meta = client.next()
+            sink.tag_iteration(7, {"late": "1"})  # already served
+    finally:
+        sink.close()
+    (path,) = rec.close()
+    assert data[RECORDER_SOURCE]["iter_index"] == 7
+    assert data[RECORDER_SOURCE]["tags"] == tags
+    assert read_trains(path)[7][0][RECORDER_SOURCE]["tags"] == tags
+    assert sink.counters["late_tags"] == 1

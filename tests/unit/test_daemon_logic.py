@@ -770,6 +770,7 @@ class FakeBridge:
         self.events: list[Any] = []
         self.closed: tuple[str, str] | None = None
         self.fail_on = fail_on
+        self.tags: list[tuple[int, dict[str, str]]] = []
 
     def handle(self, event: Any) -> None:
         if self.fail_on is not None and len(self.events) >= self.fail_on:
@@ -777,6 +778,9 @@ class FakeBridge:
         self.events.append(event)
         if isinstance(event, IterationClosed):
             self.counters["iterations"] += 1
+
+    def tag_iteration(self, iter_index: int, tags: Mapping[str, str]) -> None:
+        self.tags.append((iter_index, dict(tags)))
 
     def close(self, status: str = "complete", reason: str = "") -> None:
         self.closed = (status, reason)
@@ -815,6 +819,34 @@ def test_bridge_gets_every_event_of_the_recording_and_its_final_status(tmp_path:
         assert bridge.events == made[0].events  # same events, same order
         assert bridge.closed is not None and bridge.closed[0] == "complete"
         assert (c.status().bridge or {})["status"] == "complete"
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_trigger_tags_go_to_the_bridge_as_to_the_recording(tmp_path: Path) -> None:
+    """A triggered run's tags reach its live bridge with the same iteration as its file
+    (they were recorded in the file only, and the bridge served `tags: {}`)."""
+    bridges: list[FakeBridge] = []
+
+    def factory(options: Any, *, run_name: str, snapshot: Any) -> FakeBridge:
+        bridges.append(FakeBridge(options, run_name=run_name, snapshot=snapshot))
+        return bridges[-1]
+
+    client = FakeClient()
+    c, made = _controller(tmp_path, client, triggered=True, bridge={"rep": 0},
+                          bridge_factory=factory)
+    try:
+        c.start().result(5)
+        assert c.trigger({"shot": "1"}).result(5) == "run 'r' triggered"
+        sub = client.sub
+        assert sub is not None
+        sub.events.put(IterationOpened(sub.topic, "snap", 5, 1, offset=11))
+        _wait(lambda: bool(made[0].tags))
+        (bridge,) = bridges
+        _wait(lambda: bool(bridge.tags))
+        assert bridge.tags == [(5, {"shot": "1"})]
+        assert [(i, dict(t)) for i, t in made[0].tags] == bridge.tags
     finally:
         c.shutdown().result(5)
         assert c.join(5)

@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +129,7 @@ class KaraboBridgeSink:
         self.counters: dict[str, int] = collections.defaultdict(int)
         self._open: collections.OrderedDict[int, _Open] = collections.OrderedDict()
         self._recent: collections.deque[int] = collections.deque(maxlen=RECENTLY_CLOSED)
+        self._tags: dict[int, dict[str, str]] = {}  # trigger tags of iterations not served yet
         self._queue: collections.deque[_Item] = collections.deque(maxlen=options.queue_size)
         # "full, so the append drops the oldest" must be decided atomically with the append:
         # the serving thread pops concurrently (else a drop is counted for an item it serves)
@@ -254,7 +257,24 @@ class KaraboBridgeSink:
         self.close("aborted" if exc[0] is not None else "complete")
 
     # --- recording thread helpers -------------------------------------------------------------
+    def tag_iteration(self, iter_index: int, tags: Mapping[str, str]) -> None:
+        """Trigger ``tags`` of iteration ``iter_index``, served with it (its
+        ``k2eg-recorder/iteration`` source, as the file's ``trains()`` gives them): before it
+        closes, as the daemon sends them. Tags of an iteration already served are dropped
+        (counted ``late_tags``); at most :data:`RECENTLY_CLOSED` iterations' tags wait."""
+        if self.status != "serving":
+            return
+        if iter_index in self._recent:
+            self.counters["late_tags"] += 1
+            return
+        self._tags.setdefault(iter_index, {}).update({str(k): str(v) for k, v in tags.items()})
+        while len(self._tags) > RECENTLY_CLOSED:
+            self._tags.pop(next(iter(self._tags)))
+
     def _enqueue(self, info: IterationInfo, samples: list[PVSample]) -> None:
+        tags = self._tags.pop(info.iter_index, None)
+        if tags:
+            info = dataclasses.replace(info, tags=tuple(tags.items()))
         if not info.complete and not self.options.serve_incomplete:
             self.counters["skipped_incomplete"] += 1
             return
