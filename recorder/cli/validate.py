@@ -124,6 +124,8 @@ def describe_run(definition: RunDefinition, source: str, now: dt.datetime) -> di
         "compression": out.compression.value,
         "groups": pv_groups(snap.pv_names),
         "metadata": definition.metadata.file_attributes(),
+        "bridge": None if out.bridge is None else {
+            k: v for k, v in out.bridge.model_dump().items() if v is not None},
     }
 
 
@@ -205,6 +207,11 @@ def print_runs(runs: list[dict[str, Any]], n_files: int, path: str, out: TextIO,
             rows.append(("", "one file per recording (no segment limit): it is finalized as a "
                              "whole when the run stops, about 1 µs per value (README: segments)"))
         rows.append(("compression", r["compression"]))
+        if r.get("bridge"):
+            b = r["bridge"]
+            ends = ", ".join(f"{k} {b[k]}" for k in ("rep", "pub") if b.get(k))
+            rows.append(("bridge", f"{ends} (Karabo bridge protocol "
+                                   f"{b.get('protocol_version')}, docs/bridge.md)"))
         rows.extend(("groups" if i == 0 else "", group) for i, group in enumerate(r["groups"]))
         metadata = {k: v for k, v in r["metadata"].items() if v not in ("", [])}
         if metadata:

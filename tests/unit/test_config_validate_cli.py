@@ -118,6 +118,19 @@ def test_validate_with_errors_says_no_run_would_start(
     assert "1 would start with the daemon" in capsys.readouterr().out
 
 
+def test_validate_shows_a_runs_live_bridge(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "c.yaml"
+    run.write_text("name: c\nsnapshot: {snapshot_name: c, pv_uri_list: [pva://X]}\n"
+                   "output: {directory: /data/c, bridge: {rep: 4545}}\n")
+    assert main(["validate", str(run)]) == 0
+    assert ("  bridge       rep tcp://127.0.0.1:4545 (Karabo bridge protocol 2.2, "
+            "docs/bridge.md)\n") in capsys.readouterr().out
+    assert main(["validate", "--json", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["bridge"]["rep"] == (
+        "tcp://127.0.0.1:4545")
+
+
 def test_validate_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["validate", str(tmp_path / "nope")]) == 1
