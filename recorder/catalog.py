@@ -315,7 +315,7 @@ def scan(
     out = Catalog()
     groups: dict[tuple[str, str], list[FileEntry]] = {}
     seen: set[Path] = set()
-    found, out.missing = candidates(paths)
+    found, out.missing = candidates(paths, out.unreadable)
     for path in found:
         key = path.resolve()
         if key in seen:
@@ -364,15 +364,21 @@ _ATTRS = frozenset({
 })
 
 
-def candidates(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[Path]]:
+def candidates(paths: Iterable[str | os.PathLike[str]],
+               unlisted: list[tuple[Path, str]] | None = None) -> tuple[list[Path], list[Path]]:
     """(the recorder's files in ``paths``, the paths that do not exist): a directory gives
     its ``*.h5`` / ``*.hdf5`` / ``*.nxs`` files and their ``.partial``, not recursively,
-    sorted; a file is taken as it is."""
+    sorted; a file is taken as it is. A directory that cannot be listed (no permission) is
+    added to ``unlisted`` with the reason, when given, and skipped."""
     found: list[Path] = []
     missing: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend(sorted(c for c in p.iterdir() if _ours(c.name) and c.is_file()))
+            try:
+                found.extend(sorted(c for c in p.iterdir() if _ours(c.name) and c.is_file()))
+            except OSError as exc:
+                if unlisted is not None:
+                    unlisted.append((p, f"cannot list the directory: {exc.strerror or exc}"))
         elif p.is_file():
             found.append(p)
         else:

@@ -134,8 +134,19 @@ class RecordingFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.h5 = _open_h5(self.path)
+        try:
+            self._open()
+        except (KeyError, RuntimeError) as exc:  # h5py's words for damaged metadata
+            self.h5.close()
+            raise FileFormatError(f"{self.path}: damaged: "
+                                  f"{exc.args[0] if exc.args else exc}") from exc
+
+    def _open(self) -> None:
         attrs = self.h5.attrs
-        if attrs.get("format") != "k2eg-recorder":
+        if "format" not in attrs.keys():  # noqa: SIM118 (keys() reads them: damage shows)
+            self.h5.close()
+            raise FileFormatError(f"{self.path} is not a k2eg-recorder file")
+        if attrs["format"] != "k2eg-recorder":
             self.h5.close()
             raise FileFormatError(f"{self.path} is not a k2eg-recorder file")
         version = str(attrs.get("format_version", ""))
@@ -1077,7 +1088,7 @@ def _recording_files(directory: Path) -> dict[str, list[Path]]:
                 with open_for_reading(p, live_first=p.suffix == ".partial") as h:
                     if plain(h.attrs.get("format")) == "k2eg-recorder":
                         found.setdefault(str(plain(h.attrs.get("recording_uid"))), []).append(p)
-            except OSError:
+            except (OSError, KeyError, RuntimeError):  # unreadable, damaged: not ours to chain
                 continue
     return found
 

@@ -94,7 +94,10 @@ def note_subdirectories(paths: list[Path], command: str) -> None:
     for p in paths:
         if not p.is_dir() or candidates([p])[0]:
             continue
-        subdirs = sorted(c for c in p.iterdir() if c.is_dir() and candidates([c])[0])
+        try:
+            subdirs = sorted(c for c in p.iterdir() if c.is_dir() and candidates([c])[0])
+        except OSError:  # cannot be listed: the command says so for the path itself
+            continue
         if subdirs:
             shown = ", ".join(str(d) for d in subdirs[:5]) + (", ..." if len(subdirs) > 5 else "")
             print(f"k2eg-recorder {command}: {p}: no recorder files in it (directories are not "

@@ -185,6 +185,11 @@ def run(args: argparse.Namespace) -> int:
             except BrokenPipeError:  # `| head`: the reader has what it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         else:
+            if args.output.exists() and any(
+                    os.path.samefile(args.output, f.path) for f in files if f.path.exists()):
+                print(f"{args.output}: is a file of the recording being exported; "
+                      "not overwritten", file=sys.stderr)
+                return 2
             try:
                 with open(args.output, "w", encoding="utf-8", newline="") as out:
                     n = write_csv(table, pvs, out, stored, gaps)

@@ -35,7 +35,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{p}: no such file or directory")
             failures += 1
             continue
-        files.extend(find_partials(p) if p.is_dir() else [p])
+        try:
+            files.extend(find_partials(p) if p.is_dir() else [p])
+        except OSError as exc:  # a directory that cannot be listed
+            print(f"{p}: cannot list the directory: {exc.strerror or exc}")
+            failures += 1
     for p in files:
         try:
             out = recover_file(p)

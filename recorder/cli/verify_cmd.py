@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from recorder.cli.data_paths import (
@@ -60,10 +61,13 @@ def run(args: argparse.Namespace) -> int:
     window = time_window(args, "verify")
     if paths is None or window is None:
         return 2
-    files, missing = candidates(paths)
+    unlisted: list[tuple[Path, str]] = []
+    files, missing = candidates(paths, unlisted)
     for p in missing:
         print(f"k2eg-recorder verify: {p}: no such file or directory", file=sys.stderr)
-    if missing:
+    for p, why in unlisted:
+        print(f"k2eg-recorder verify: {p}: {why}", file=sys.stderr)
+    if missing or unlisted:
         return 2
     if args.run or args.since or args.until:
         # the files of the selected recordings, and every file that could not be described

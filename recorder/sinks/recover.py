@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -38,21 +39,44 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover") -> Path:
         )
     stale = path.with_name(final_path(path).name + FINAL_SUFFIX)
     stale.unlink(missing_ok=True)  # an interrupted finalization
+    with open(path, "rb") as raw:
+        superblock = raw.read(SUPERBLOCK_BYTES)  # put back if it cannot be recovered
     clear_consistency_flags(path)
-    with h5py.File(path, "r") as f:
-        commit = read_commit(f)  # only the commit records: memory does not grow with the file
-    status = "failed" if commit.status == "failed" else "aborted"
-    last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(commit.time_ns / 1e9))
-    reason = (
-        f"the writer stopped without finalizing the file (last commit {last}); "
-        f"recovered by {by}"
-    )
-    return finalize(
-        path,
-        final_path(path),
-        status=status,
-        reason=reason,
-        end_time=commit.time_ns / 1e9 if commit.time_ns else None,
-        extra_attrs={"recovered": True, "recovered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                      time.gmtime())},
-    )
+    try:
+        with h5py.File(path, "r") as f:
+            commit = read_commit(f)  # only the commit records: memory does not grow with it
+        status = "failed" if commit.status == "failed" else "aborted"
+        last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(commit.time_ns / 1e9))
+        reason = (
+            f"the writer stopped without finalizing the file (last commit {last}); "
+            f"recovered by {by}"
+        )
+        return finalize(
+            path,
+            final_path(path),
+            status=status,
+            reason=reason,
+            end_time=commit.time_ns / 1e9 if commit.time_ns else None,
+            extra_attrs={"recovered": True, "recovered_at": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        )
+    except BaseException as exc:
+        # not recovered: the file stays as it was, byte for byte (flags included), for
+        # another tool or a second look; h5py's errors of a damaged file are KeyErrors
+        if path.exists():
+            _restore(path, superblock)
+        if isinstance(exc, KeyError):
+            raise ValueError(f"{path}: damaged: {exc.args[0] if exc.args else exc}") from exc
+        raise
+
+
+SUPERBLOCK_BYTES = 256  # more than a version 2/3 superblock (48 bytes with 8-byte offsets)
+
+
+def _restore(path: Path, head: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, head, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

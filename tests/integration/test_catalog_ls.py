@@ -196,6 +196,36 @@ def test_a_killed_writer_leaves_an_unfinished_file_that_recover_finalizes(
     assert "recovered by k2eg-recorder recover" in g["reason"]
 
 
+def test_a_file_recover_cannot_recover_is_left_byte_for_byte(
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path]
+) -> None:
+    """A leftover truncated (a disk that lost its tail) or with damaged metadata: `recover`
+    says NOT recovered, goes on with the other files, and leaves each damaged one exactly as
+    it was (it cleared the superblock's flags first, and did not put them back)."""
+    proc, partial = gamma
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    whole = partial.read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    truncated = bad / "t.h5.partial"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    damaged = bad / "d.h5.partial"
+    damaged.write_bytes(whole[:200] + bytes(4000) + whole[4200:])  # metadata zeroed
+    good = bad / partial.name
+    good.write_bytes(whole)
+    before = {p: p.read_bytes() for p in (truncated, damaged)}
+    out = recover(str(bad))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith(f"{truncated}: NOT recovered: ") for line in lines), lines
+    assert any(line.startswith(f"{damaged}: NOT recovered: ") for line in lines), lines
+    assert any(line.startswith(f"{good} -> ") for line in lines), lines  # the others go on
+    for p, content in before.items():
+        assert p.read_bytes() == content, p
+
+
 def open_in_child(path: Path, mode: str, **kwargs: Any) -> str:
     """What h5py in another process says when it opens ``path``: "ok" or its error."""
     code = (f"import h5py\ntry:\n    h5py.File({str(path)!r}, {mode!r}, **{kwargs!r}).close()\n"

@@ -111,3 +111,7 @@ def test_an_output_that_cannot_be_written_is_said_in_one_line(tmp_path: Path) ->
         out = export(str(path), "-o", str(target))
         assert out.returncode == 1, out
         assert out.stderr == f"{target}: cannot write: {why}\n", out.stderr
+    before = path.read_bytes()
+    out = export(str(path), "-o", str(path))  # the recording itself: never overwritten
+    assert out.returncode == 2 and "not overwritten" in out.stderr, out
+    assert path.read_bytes() == before

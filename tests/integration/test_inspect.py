@@ -168,3 +168,27 @@ def test_a_partial_no_writer_holds_is_unfinished_not_recording(tmp_path: Path) -
     assert "status    unfinished (no writer holds this file" in got.stdout
     assert "k2eg-recorder recover" in got.stdout and "(not finalized)" in got.stdout
     rec.close()
+
+
+def test_a_damaged_file_is_said_in_one_line_and_does_not_stop_its_neighbours(
+        tmp_path: Path) -> None:
+    """A final file whose metadata is damaged (4 KB zeroed near its start): `inspect` and
+    the reader say so (FileFormatError "damaged"), no traceback; a good file beside it still
+    opens as its recording (the damaged one is not taken for a segment)."""
+    from recorder.errors import FileFormatError
+    from recorder.reader import open_recording
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="good")
+    write_iteration(rec, 1, [PVSample("A", {"value": 1.0})])
+    (good,) = rec.close()
+    whole = good.read_bytes()
+    damaged = tmp_path / "other.h5"
+    damaged.write_bytes(whole[:200] + bytes(4000) + whole[4200:])
+    got = _inspect(damaged)
+    assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
+    assert got.stderr.startswith(f"{damaged}: damaged: ") or "not a k2eg-recorder" in got.stderr
+    with pytest.raises(FileFormatError):
+        open_file(damaged)
+    with open_recording(good) as r:
+        assert [f.path for f in r.files] == [good]
+        assert r.values("A").tolist() == [1.0]
