@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from recorder.errors import FileBusyError
 from recorder.sinks.finalize import FINAL_SUFFIX, finalize
 from recorder.sinks.livefile import read_commit
 from recorder.sinks.options import PARTIAL_SUFFIX, final_path
-from recorder.sinks.superblock import clear_consistency_flags
+from recorder.sinks.superblock import clear_consistency_flags, restore_superblock
 from recorder.sinks.writelock import writer_active
 
 
@@ -39,9 +38,7 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover") -> Path:
         )
     stale = path.with_name(final_path(path).name + FINAL_SUFFIX)
     stale.unlink(missing_ok=True)  # an interrupted finalization
-    with open(path, "rb") as raw:
-        superblock = raw.read(SUPERBLOCK_BYTES)  # put back if it cannot be recovered
-    clear_consistency_flags(path)
+    original = clear_consistency_flags(path)  # put back if it cannot be recovered
     try:
         with h5py.File(path, "r") as f:
             commit = read_commit(f)  # only the commit records: memory does not grow with it
@@ -63,20 +60,8 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover") -> Path:
     except BaseException as exc:
         # not recovered: the file stays as it was, byte for byte (flags included), for
         # another tool or a second look; h5py's errors of a damaged file are KeyErrors
-        if path.exists():
-            _restore(path, superblock)
+        if original is not None and path.exists():
+            restore_superblock(path, original)
         if isinstance(exc, KeyError):
             raise ValueError(f"{path}: damaged: {exc.args[0] if exc.args else exc}") from exc
         raise
-
-
-SUPERBLOCK_BYTES = 256  # more than a version 2/3 superblock (48 bytes with 8-byte offsets)
-
-
-def _restore(path: Path, head: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, head, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)

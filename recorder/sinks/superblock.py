@@ -84,8 +84,9 @@ def stored_eof(path: Path) -> int | None:
     return eof - base
 
 
-def clear_consistency_flags(path: Path) -> bool:
-    """Set the flags to 0 and fix the checksum; returns True if something changed."""
+def clear_consistency_flags(path: Path) -> bytes | None:
+    """Set the flags to 0 and fix the checksum; returns the superblock as it was when
+    something changed (for :func:`restore_superblock`), else None."""
     fd = os.open(path, os.O_RDWR)
     try:
         head = os.pread(fd, 12, 0)
@@ -98,11 +99,23 @@ def clear_consistency_flags(path: Path) -> bool:
         if lookup3(bytes(body[:body_len])) != stored:
             raise ValueError(f"{path}: superblock checksum mismatch")
         if body[11] == 0:
-            return False
+            return None
+        original = bytes(body)
         body[11] = 0
         body[body_len:] = struct.pack("<I", lookup3(bytes(body[:body_len])))
         os.pwrite(fd, bytes(body), 0)
         os.fsync(fd)
-        return True
+        return original
+    finally:
+        os.close(fd)
+
+
+def restore_superblock(path: Path, original: bytes) -> None:
+    """Put back the superblock :func:`clear_consistency_flags` returned (the file was not
+    recovered: it stays byte for byte as it was)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, original, 0)
+        os.fsync(fd)
     finally:
         os.close(fd)
