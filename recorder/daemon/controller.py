@@ -654,9 +654,7 @@ class RunController:
             try:
                 bridge.tag_iteration(iter_index, tags)
             except Exception as exc:
-                self._error(f"karabo bridge failed: {exc!r}")
-                self._log.exception("karabo bridge failed; it is closed, recording goes on")
-                self._close_bridge("failed", f"internal error: {exc!r}")
+                self._bridge_failed(exc)
         self._log.info("trigger tags", iteration=iter_index, tags=tags)
 
     def _after_flush(self, rec: Recording) -> None:
@@ -1014,9 +1012,13 @@ class RunController:
         try:
             sink.handle(event)
         except Exception as exc:
-            self._error(f"karabo bridge failed: {exc!r}")
-            self._log.exception("karabo bridge failed; it is closed, recording goes on")
-            self._close_bridge("failed", f"internal error: {exc!r}")
+            self._bridge_failed(exc)
+
+    def _bridge_failed(self, exc: Exception) -> None:
+        """A bug in the live bridge: logged, counted, the bridge closed; recording goes on."""
+        self._error(f"karabo bridge failed: {exc!r}")
+        self._log.exception("karabo bridge failed; it is closed, recording goes on")
+        self._close_bridge("failed", f"internal error: {exc!r}")
 
     def _note_bridge(self, sink: BridgeSink) -> None:
         try:
