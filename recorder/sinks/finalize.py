@@ -292,12 +292,8 @@ def _write_kafka(w: _Writer, group: Any, columns: dict[str, Any]) -> None:
     recordings; ``time`` with the time attributes. ``topic`` stays fixed-length (S255),
     which the writer's string path (vlen UTF-8) does not take."""
     for name, data in columns.items():
-        attrs = TIME_ATTRS if name == "time" else None
-        if data.dtype.kind != "S":
-            if data.nbytes <= COMPACT_MAX:
-                w.create(group, name, data, attrs=attrs)
-            else:
-                w.create_chunked(group, name, data, attrs=attrs)
+        if data.dtype.kind != "S":  # numbers: compact or chunked, as every column
+            w.create(group, name, data, attrs=TIME_ATTRS if name == "time" else None)
             continue
         if data.nbytes <= COMPACT_MAX:
             kwargs: dict[str, Any] = {"dcpl": _DCPL_COMPACT}
