@@ -143,10 +143,8 @@ class RecordingFile:
 
     def _open(self) -> None:
         attrs = self.h5.attrs
-        if "format" not in attrs.keys():  # noqa: SIM118 (keys() reads them: damage shows)
-            self.h5.close()
-            raise FileFormatError(f"{self.path} is not a k2eg-recorder file")
-        if attrs["format"] != "k2eg-recorder":
+        # keys() reads them all (damage shows as an error), where .get() would say None
+        if "format" not in attrs.keys() or attrs["format"] != "k2eg-recorder":  # noqa: SIM118
             self.h5.close()
             raise FileFormatError(f"{self.path} is not a k2eg-recorder file")
         version = str(attrs.get("format_version", ""))
@@ -1080,16 +1078,18 @@ def open_file(path: str | os.PathLike[str]) -> RecordingFile:
 
 
 def _recording_files(directory: Path) -> dict[str, list[Path]]:
-    """The k2eg-recorder files of ``directory`` (``.partial`` ones too) by recording_uid."""
+    """The k2eg-recorder files of ``directory`` (``.partial`` ones too; the files ``ls``
+    takes, :func:`recorder.catalog.candidates`) by recording_uid."""
+    from recorder.catalog import candidates
+
     found: dict[str, list[Path]] = {}
-    for p in sorted(directory.iterdir()):
-        if p.suffix in (".h5", ".hdf5", ".nxs", ".partial") and p.is_file():
-            try:
-                with open_for_reading(p, live_first=p.suffix == ".partial") as h:
-                    if plain(h.attrs.get("format")) == "k2eg-recorder":
-                        found.setdefault(str(plain(h.attrs.get("recording_uid"))), []).append(p)
-            except (OSError, KeyError, RuntimeError):  # unreadable, damaged: not ours to chain
-                continue
+    for p in candidates([directory])[0]:
+        try:
+            with open_for_reading(p, live_first=p.suffix == ".partial") as h:
+                if plain(h.attrs.get("format")) == "k2eg-recorder":
+                    found.setdefault(str(plain(h.attrs.get("recording_uid"))), []).append(p)
+        except (OSError, KeyError, RuntimeError):  # unreadable, damaged: not ours to chain
+            continue
     return found
 
 
