@@ -43,6 +43,7 @@ def typing_rows(flags: npt.NDArray[Any], kinds: npt.NDArray[Any], sizes: npt.NDA
     typed = ((flags & F_VALUE) != 0) | np.isin(kinds, EXTRACTED_AT_FINALIZE)
     return typed & ~((kinds == K_ARRAY) & (sizes == 0)), typed
 
+
 # display / control / valueAlarm fields copied to PV attributes
 META_ATTRS: dict[str, tuple[str, str]] = {
     "units": ("display", "units"),
@@ -64,7 +65,8 @@ TIME_ATTRS = {"units": "ns", "start": "1970-01-01T00:00:00Z"}
 FORMAT_VERSION = "5.1"
 """format_version of both layouts (docs/file-format.md; 3.0 changed the final layout only,
 4.0 added the per-sample columns of user tags and NTNDArray frame ids and times, decision
-0009; 5.0 made the PV groups plain NXlogs, decision 0011: final layout only)."""
+0009; 5.0 made the PV groups plain NXlogs, decision 0011: final layout only; 5.1 gave
+/kafka/time its units and the /kafka columns the storage rule of the others)."""
 FLAGGED_COLUMNS: dict[int, tuple[tuple[str, np.dtype[Any], Mapping[str, Any] | None], ...]] = {
     F_USER_TAG: (("user_tag", np.dtype(np.int32), None),),
     F_FRAME: (("unique_id", np.dtype(np.int32), None),
