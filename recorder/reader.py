@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
+import inspect
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -128,6 +130,62 @@ META_CACHE_BYTES = 64 << 20
 they are read again at every read of rows."""
 
 
+T = TypeVar("T")
+
+def _member(group: h5py.Group | h5py.File, name: str) -> Any:
+    """``group[name]``, or None when there is no such link. Not ``group.get(name)``, which
+    also says None when the object is there but cannot be read (damaged metadata)."""
+    return group[name] if name in group else None  # noqa: SIM401 (see above)
+
+
+def _damage(path: Path, exc: BaseException) -> FileFormatError | None:
+    """``exc`` as "``path``: damaged: ..." when h5py raised it, i.e. the file's metadata or
+    data did not read back (a checksum, a decompression, a missing object of the layout);
+    None for the reader's own errors (an unknown PV ...)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or "h5py" not in Path(tb.tb_frame.f_code.co_filename).parts:
+        return None
+    text = str(exc.args[0]) if exc.args else str(exc)
+    return FileFormatError(f"{path}: damaged: {text}")
+
+
+def _reporting(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generate(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(self, *args, **kwargs)
+            except (KeyError, RuntimeError, OSError) as exc:
+                raise (_damage(self.path, exc) or exc) from exc
+        return generate
+
+    @functools.wraps(fn)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except (KeyError, RuntimeError, OSError) as exc:
+            raise (_damage(self.path, exc) or exc) from exc
+    return call
+
+
+def _damage_reported(cls: type[T]) -> type[T]:
+    """Every public method and property of ``cls`` raises :class:`FileFormatError` ("PATH:
+    damaged: ...") for HDF5's errors of a damaged file instead of a bare KeyError naming
+    no file (as opening it already does)."""
+    for name, attr in list(vars(cls).items()):
+        if name.startswith("_"):
+            continue
+        if isinstance(attr, property) and attr.fget is not None:
+            setattr(cls, name, property(_reporting(attr.fget), attr.fset, attr.fdel,
+                                        attr.__doc__))
+        elif inspect.isfunction(attr):
+            setattr(cls, name, _reporting(attr))
+    return cls
+
+
+@_damage_reported
 class RecordingFile:
     """One k2eg-recorder HDF5 file (see docs/file-format.md)."""
 
@@ -269,7 +327,8 @@ class RecordingFile:
                 [dict(live_tags.get(i, {})) for i in cols["iter_index"].tolist()]
             )
         else:
-            cols = {k: ds[()] for k, ds in self.h5["iterations"].items()}
+            table = self.h5["iterations"]
+            cols = {k: table[k][()] for k in table}
             raw_tags = cols.get("tags")
             cols["tags"] = _object_array(
                 [_decode_tags(t) for t in raw_tags.tolist()]
@@ -346,12 +405,12 @@ class RecordingFile:
         group itself, which holds the index, or the name of its ``metadata`` subgroup). None
         when there is none."""
         g = self._group(pv)
-        side = self.h5.get(f"{tree}/{escape_name(pv)}")
+        side = _member(self.h5, f"{tree}/{escape_name(pv)}")
         if isinstance(side, h5py.Group):
             return side
         if not old:
             return g
-        sub = g.get(old)
+        sub = _member(g, old)
         return sub if isinstance(sub, h5py.Group) else None
 
     def _shapes(self, g: h5py.Group, kind: ValueKind, rows: slice = slice(None), *,
@@ -365,11 +424,11 @@ class RecordingFile:
         if "shape" in (g if names is None else names):
             return np.asarray(g["shape"][rows])
         if value is _UNSEEN:
-            value = g.get("value")
+            value = _member(g, "value")
         if kind not in SHAPED_KINDS or value is None:
             return None
         if isinstance(value, h5py.Group):  # NTTable: rows of a table = its columns' length
-            columns = [c for c in value.values() if isinstance(c, h5py.Dataset)]
+            columns = [c for c in map(value.__getitem__, value) if isinstance(c, h5py.Dataset)]
             n, trailing = (columns[0].shape[0], columns[0].shape[1:2]) if columns else (
                 int(g["time"].shape[0]), (0,))
         else:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from recorder import __version__
+from recorder.errors import FileFormatError
 
 # command name -> module (in recorder.cli) implementing it
 COMMANDS: dict[str, str] = {
@@ -91,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(mod.run(args))
     except KeyboardInterrupt:
         return 130
+    except FileFormatError as exc:  # a file found damaged part-way (it names the file)
+        sys.stdout.flush()
+        print(f"k2eg-recorder {args._name}: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `k2eg-recorder ls --json | head`: the reader left, fine
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout

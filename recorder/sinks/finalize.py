@@ -61,6 +61,7 @@ from recorder.sinks.final_layout import (
     TIME_ATTRS,
 )
 from recorder.sinks.final_pv import _PV
+from recorder.sinks.h5open import open_live
 from recorder.sinks.livefile import KAFKA_COLUMNS, Commit, read_commit, read_pv_names
 from recorder.sinks.options import OutputOptions
 
@@ -171,7 +172,7 @@ def finalize(
     tmp = final.with_name(final.name + FINAL_SUFFIX)
     if tmp.exists():
         tmp.unlink()
-    with h5py.File(partial, "r", swmr=True, rdcc_nbytes=CHUNK_CACHE) as f:
+    with open_live(partial, rdcc_nbytes=CHUNK_CACHE) as f:
         attrs = dict(f.attrs)
         if options is None:
             opts_json = attrs.get("output_options")

@@ -1,30 +1,44 @@
 """Open a recorder file for reading, finalized or live, without ever hanging on a bad one.
 
 A file being written (or left by a crashed writer) still carries HDF5's "open for write"
-flags and opens only in SWMR read mode. In that mode HDF5 does not check the file's length:
-it retries every metadata read that fails, with a back-off that doubles up to an hour per
-try, so a *truncated* file (a copy cut short, a disk that filled up) makes the open hang
-for good (seen with h5py 3.16 / HDF5 2.0 on a finalized file cut to 4 KiB). So before a
-SWMR open the length is checked against the end-of-file address in the superblock, the
-check HDF5 makes itself in normal mode; a writer can be caught between writing the
-superblock and extending the file, so a short file gets a few looks before it is called
-truncated.
+flags and opens only in SWMR read mode. In that mode HDF5 re-reads any metadata whose
+checksum fails, in case a writer was caught half-way through writing it: 100 attempts by
+default, sleeping 1 ns, 2 ns, 4 ns ... between them, so that one *damaged* metadata block
+(zeroed or overwritten bytes) stalls the read for 2**100 ns, that is for good. Two guards:
+
+* Every SWMR open here sets the number of attempts to :data:`METADATA_READ_ATTEMPTS`
+  (``H5Pset_metadata_read_attempts``, which h5py does not wrap, called on the libhdf5 h5py
+  itself loaded): the back-off then adds up to about a second per damaged block, still a
+  million times longer than a writer takes to write one.
+* A *truncated* file (a copy cut short, a disk that filled up) would fail every read too,
+  so before a SWMR open its length is checked against the end-of-file address in the
+  superblock, the check HDF5 makes itself in normal mode; a writer can be caught between
+  writing the superblock and extending the file, so a short file gets a few looks before it
+  is called truncated.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
+from h5py import h5f
 
 from recorder.sinks.superblock import stored_eof
 
-__all__ = ["open_for_reading", "truncation"]
+__all__ = ["METADATA_READ_ATTEMPTS", "open_for_reading", "open_live", "truncation"]
 
 LOOKS = 5
 LOOK_INTERVAL_S = 0.05
+METADATA_READ_ATTEMPTS = 30  # back-off 2**30 ns ~ 1.1 s in all per damaged metadata block
+
+_LIBHDF5 = re.compile(r"/libhdf5(?:_serial|_openmpi|_mpich)?(?:-[0-9a-f]+)?\.so[.0-9]*$")
 
 
 def truncation(path: str | os.PathLike[str]) -> str | None:
@@ -41,27 +55,63 @@ def truncation(path: str | os.PathLike[str]) -> str | None:
     return f"truncated file: {size} bytes, its superblock needs {need}"
 
 
-def open_for_reading(path: str | os.PathLike[str], *, live_first: bool = False) -> h5py.File:
+def open_for_reading(path: str | os.PathLike[str], *, live_first: bool = False,
+                     **kwargs: Any) -> h5py.File:
     """``path`` opened read-only: normally, or in SWMR read mode when it is being written
-    (``live_first``: try that first, for ``.partial`` files). Raises OSError when it
-    cannot be opened, also (at once) when it is truncated."""
+    (``live_first``: try that first, for ``.partial`` files). ``kwargs`` go to
+    :class:`h5py.File` (``rdcc_nbytes`` ...). Raises OSError when it cannot be opened,
+    also (at once) when it is truncated."""
     path = Path(path)
     if live_first:
-        _refuse_truncated(path)
         try:
-            return h5py.File(path, "r", swmr=True)
-        except OSError:
-            return h5py.File(path, "r")
+            return open_live(path, **kwargs)
+        except OSError as exc:
+            if "truncated file" in str(exc):
+                raise
+            return h5py.File(path, "r", **kwargs)
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, "r", **kwargs)
     except OSError as exc:
         if "truncated file" in str(exc):  # HDF5 checks the length before the flags
             raise
-        _refuse_truncated(path)
-        return h5py.File(path, "r", swmr=True)
+        return open_live(path, **kwargs)
 
 
-def _refuse_truncated(path: Path) -> None:
+def open_live(path: str | os.PathLike[str], **kwargs: Any) -> h5py.File:
+    """``path`` opened in SWMR read mode with a bounded number of metadata read attempts
+    (see the module's docstring); refuses a truncated file at once (OSError)."""
+    path = Path(path)
     why = truncation(path)
     if why is not None:
         raise OSError(f"Unable to open {path} ({why})")
+    set_attempts = _set_metadata_read_attempts()
+    if set_attempts is None:  # not the libhdf5 we know how to reach: HDF5's own default
+        return h5py.File(path, "r", swmr=True, **kwargs)
+    with h5py._objects.phil:  # h5py serializes every call into HDF5 with this lock
+        fapl = h5py._hl.files.make_fapl(None, **kwargs)
+        if set_attempts(fapl.id, METADATA_READ_ATTEMPTS) < 0:
+            raise OSError(f"Unable to open {path} (cannot set the metadata read attempts)")
+        fid = h5f.open(os.fsencode(path), h5f.ACC_RDONLY | h5f.ACC_SWMR_READ, fapl=fapl)
+    return h5py.File(fid)
+
+
+@functools.cache
+def _set_metadata_read_attempts() -> Any:
+    """``H5Pset_metadata_read_attempts`` of the libhdf5 loaded in this process (the one
+    h5py was built on), or None when it cannot be found."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split(None, 5)[-1].strip() for line in maps
+                     if _LIBHDF5.search(line.rstrip("\n"))}
+    except OSError:
+        return None
+    for lib in sorted(paths):
+        try:
+            handle = ctypes.CDLL(lib, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            func = handle.H5Pset_metadata_read_attempts
+        except (OSError, AttributeError):
+            continue
+        func.argtypes = [ctypes.c_int64, ctypes.c_uint]
+        func.restype = ctypes.c_int
+        return func
+    return None

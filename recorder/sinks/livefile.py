@@ -332,11 +332,12 @@ class Commit:
 def refresh_live(f: h5py.File) -> None:
     """Refresh every live dataset (a no-op unless the file is open in SWMR read mode)."""
     live = f["live"]
-    for group in ("samples", "meta", "state", "kafka", "pvs", "tags"):
-        for ds in live[group].values():
-            _refresh(ds)
-    for ds in f["iterations"].values():
-        _refresh(ds)
+    # by name, not .values(): h5py's values() gives None for a member it cannot open
+    # (damaged metadata), where indexing raises the KeyError that says so
+    for group in (*(live[g] for g in ("samples", "meta", "state", "kafka", "pvs", "tags")),
+                  f["iterations"]):
+        for name in group:
+            _refresh(group[name])
     _refresh(live["bytes"])
     for name in POOL_NAMES.values():
         _refresh(live[f"pool_{name}"])

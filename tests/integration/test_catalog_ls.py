@@ -26,6 +26,9 @@ from recorder.client.events import (
     ValuesReceived,
 )
 from recorder.client.values import PVSample
+from recorder.errors import FileFormatError
+from recorder.reader import open_file
+from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions, SegmentOptions
 
@@ -224,6 +227,73 @@ def test_a_file_recover_cannot_recover_is_left_byte_for_byte(
     assert any(line.startswith(f"{good} -> ") for line in lines), lines  # the others go on
     for p, content in before.items():
         assert p.read_bytes() == content, p
+
+
+def test_damaged_metadata_in_a_live_file_is_reported_not_waited_on(
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path]
+) -> None:
+    """A live file opens only in SWMR mode, where HDF5 re-reads metadata whose checksum
+    fails 100 times, doubling a sleep from 1 ns: one damaged object header made inspect,
+    ls, verify, recover and the reader wait for good (the timeouts here fail). Each now
+    says the file is damaged within seconds, and recover leaves it byte for byte."""
+    proc, partial = gamma
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    with open_for_reading(partial, live_first=True) as f:
+        column = f["live/state"]
+        header = h5py.h5o.get_info(column[next(iter(column))].id).addr
+    whole = bytearray(partial.read_bytes())
+    whole[header + 8 : header + 40] = bytes(range(100, 132))  # its checksum no longer holds
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    damaged = bad / partial.name
+    damaged.write_bytes(whole)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "recorder.cli", *args], check=False,
+                              capture_output=True, text=True, timeout=60)
+
+    for args in (["inspect"], ["ls"], ["verify"], ["recover"]):
+        out = cli(*args, str(damaged))
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr, (args, out.stderr)
+        assert "checksum" in out.stdout + out.stderr, (args, out.stdout, out.stderr)
+    assert damaged.read_bytes() == whole  # recover put the superblock's flags back
+    code = ("import sys\nfrom recorder.reader import open_file\n"
+            "from recorder.errors import FileFormatError\n"
+            "try:\n    open_file(sys.argv[1])\nexcept FileFormatError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(damaged)], check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith(f"{damaged}: damaged: "), out.stdout + out.stderr
+
+
+def test_a_finalized_file_damaged_inside_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """Damage found after opening (a PV's dataset whose object header no longer checks):
+    the reader raises FileFormatError "PATH: damaged: ..." (h5py alone: a KeyError naming
+    no file, or None from .items()), inspect and export say so and exit 1; the reader's own
+    errors stay what they were."""
+    (path,) = record(tmp_path / "data", "alpha", T_ALPHA, 3)
+    with h5py.File(path, "r") as f:
+        header = h5py.h5o.get_info(f["pvs/alpha:X/value"].id).addr
+    whole = bytearray(path.read_bytes())
+    whole[header + 8 : header + 40] = bytes(range(100, 132))
+    path.chmod(0o644)
+    path.write_bytes(whole)
+    with open_file(path) as rf:
+        with pytest.raises(FileFormatError, match=f"^{path}: damaged: .*checksum"):
+            rf.values("alpha:X")
+        with pytest.raises(FileFormatError, match="damaged"):
+            list(rf.trains())
+        with pytest.raises(KeyError, match="no PV 'alpha:Y'"):
+            rf.values("alpha:Y")
+        assert rf.iterations()["iter_index"].tolist() == [1, 2, 3]  # the rest still reads
+    for args in (["inspect", str(path)], ["export", str(path), "-o", str(tmp_path / "x.csv")]):
+        out = subprocess.run([sys.executable, "-m", "recorder.cli", *args], check=False,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
+        assert f"{path}: damaged: " in out.stderr, out.stderr
 
 
 def open_in_child(path: Path, mode: str, **kwargs: Any) -> str:
