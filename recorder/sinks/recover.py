@@ -31,6 +31,10 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover") -> Path:
     path = Path(path)
     if not path.name.endswith(PARTIAL_SUFFIX):
         raise ValueError(f"{path} is not a file being written (no {PARTIAL_SUFFIX} suffix)")
+    if path.is_symlink():  # finalizing next to the link would leave the real file behind,
+        # its flags cleared, to be recovered a second time (a duplicate recording file)
+        raise ValueError(f"{path} is a symbolic link (to {path.resolve()}): recover the file "
+                         "itself, in the directory its writer wrote it to")
     if writer_active(path):
         raise FileBusyError(
             f"{path} is being written: a running writer holds its lock (not touched; "

@@ -202,8 +202,8 @@ def test_a_killed_writer_leaves_an_unfinished_file_that_recover_finalizes(
 def test_a_file_recover_cannot_recover_is_left_byte_for_byte(
     tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path]
 ) -> None:
-    """A leftover truncated (a disk that lost its tail) or with damaged metadata: `recover`
-    says NOT recovered, goes on with the other files, and leaves each damaged one exactly as
+    """A leftover truncated (a disk that lost its tail), with damaged metadata, or a symbolic
+    link to one: `recover` says NOT recovered, goes on with the other files, and leaves each damaged one exactly as
     it was (it cleared the superblock's flags first, and did not put them back)."""
     proc, partial = gamma
     proc.send_signal(signal.SIGKILL)
@@ -217,7 +217,15 @@ def test_a_file_recover_cannot_recover_is_left_byte_for_byte(
     damaged.write_bytes(whole[:200] + bytes(4000) + whole[4200:])  # metadata zeroed
     good = bad / partial.name
     good.write_bytes(whole)
-    before = {p: p.read_bytes() for p in (truncated, damaged)}
+    # a link to a leftover elsewhere: finalized next to the link, the real file would stay,
+    # its flags cleared, to be recovered again (a second copy of the recording)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / "l.h5.partial"
+    target.write_bytes(whole)
+    link = bad / "l.h5.partial"
+    link.symlink_to(target)
+    before = {p: p.read_bytes() for p in (truncated, damaged, target)}
     out = recover(str(bad))
     assert out.returncode == 1, out.stdout + out.stderr
     assert "Traceback" not in out.stderr, out.stderr
@@ -225,6 +233,8 @@ def test_a_file_recover_cannot_recover_is_left_byte_for_byte(
     assert any(line.startswith(f"{truncated}: NOT recovered: ") for line in lines), lines
     assert any(line.startswith(f"{damaged}: NOT recovered: ") for line in lines), lines
     assert any(line.startswith(f"{good} -> ") for line in lines), lines  # the others go on
+    assert f"{link}: NOT recovered: {link} is a symbolic link (to {target})" in out.stdout
+    assert link.is_symlink() and sorted(p.name for p in elsewhere.iterdir()) == [target.name]
     for p, content in before.items():
         assert p.read_bytes() == content, p
 
