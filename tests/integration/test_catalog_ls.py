@@ -203,8 +203,9 @@ def test_a_file_recover_cannot_recover_is_left_byte_for_byte(
     tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path]
 ) -> None:
     """A leftover truncated (a disk that lost its tail), with damaged metadata, or a symbolic
-    link to one: `recover` says NOT recovered, goes on with the other files, and leaves each damaged one exactly as
-    it was (it cleared the superblock's flags first, and did not put them back)."""
+    link to one: `recover` says NOT recovered, goes on with the other files, and leaves each
+    damaged one exactly as it was (it cleared the superblock's flags first, and did not put
+    them back)."""
     proc, partial = gamma
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
@@ -239,21 +240,28 @@ def test_a_file_recover_cannot_recover_is_left_byte_for_byte(
         assert p.read_bytes() == content, p
 
 
+@pytest.mark.parametrize("where", ["column-header", "root-attribute"])
 def test_damaged_metadata_in_a_live_file_is_reported_not_waited_on(
-    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path]
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path], where: str
 ) -> None:
     """A live file opens only in SWMR mode, where HDF5 re-reads metadata whose checksum
-    fails 100 times, doubling a sleep from 1 ns: one damaged object header made inspect,
-    ls, verify, recover and the reader wait for good (the timeouts here fail). Each now
-    says the file is damaged within seconds, and recover leaves it byte for byte."""
+    fails 100 times, doubling a sleep from 1 ns: one damaged block (a live column's object
+    header; the heap block holding the name of a root attribute, which only finalization
+    reads in `recover`) made inspect, ls, verify, recover and the reader wait for good (the
+    timeouts here fail). Each now says the file is damaged within seconds, and recover
+    leaves it byte for byte (decision 0013)."""
     proc, partial = gamma
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    with open_for_reading(partial, live_first=True) as f:
-        column = f["live/state"]
-        header = h5py.h5o.get_info(column[next(iter(column))].id).addr
     whole = bytearray(partial.read_bytes())
-    whole[header + 8 : header + 40] = bytes(range(100, 132))  # its checksum no longer holds
+    if where == "column-header":
+        with open_for_reading(partial, live_first=True) as f:
+            column = f["live/state"]
+            at = h5py.h5o.get_info(column[next(iter(column))].id).addr + 8
+    else:
+        assert whole.count(b"pv_uri_map") == 1
+        at = whole.find(b"pv_uri_map")
+    whole[at : at + 10] = b"XXXXXXXXXX"  # the checksum of the block no longer holds
     bad = tmp_path / "bad"
     bad.mkdir()
     damaged = bad / partial.name

@@ -28,6 +28,7 @@ from daemon_support import (
 )
 
 from recorder.admin.protocol import build_command
+from recorder.sinks.writelock import writer_active
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MAX_AGE_S = 30  # RECORDER_COMMAND_MAX_AGE_S of the admin-command test
@@ -137,6 +138,55 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
     assert len(complete) == len(set(complete))
     missing = set(range(first_it, last_it + 1)) - set(complete)
     assert len(missing) <= 1, sorted(missing)
+
+
+def test_a_damaged_leftover_is_left_for_the_operator_and_the_recording_goes_on(
+    tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
+    daemons: list[DaemonProcess],
+) -> None:
+    """The leftover of a killed daemon with damaged metadata (here the name of a root
+    attribute, read only when the file is finalized): the restarted daemon says it cannot
+    recover it, leaves it byte for byte for the operator, and records on in the next
+    segment. HDF5's SWMR read retries (100, doubling a sleep) used to hold that start for
+    good, the run never resumed (decision 0013)."""
+    snap = unique_name("damaged").replace("-", "_")
+    data = tmp_path / "data"
+    config = tmp_path / "runs.yaml"
+    config.write_text(f"""
+name: damaged
+snapshot:
+  snapshot_name: {snap}
+  pv_uri_list: [pva://SIM:AI:DOUBLE:1]
+  time_window: 100
+output: {{directory: {data}, flush_interval_s: 0.3}}
+""")
+    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config)
+    with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
+        first = DaemonProcess(denv, "first")
+        daemons.append(first)
+        wait_for(lambda: complete_iterations(admin, "damaged") >= 8, 40, "8 iterations")
+        first.signal(signal.SIGKILL)
+        first.wait(10)
+        (leftover,) = partial_files(data)
+        # its writer process outlives the daemon a moment, to flush what it had received
+        wait_for(lambda: writer_active(leftover) is False, 20, "the writer process to end")
+        whole = bytearray(leftover.read_bytes())
+        assert whole.count(b"pv_uri_map") == 1
+        at = whole.find(b"pv_uri_map")
+        whole[at : at + 10] = b"XXXXXXXXXX"  # the checksum of its heap block fails
+        leftover.write_bytes(whole)
+
+        second = DaemonProcess(denv, "second")
+        daemons.append(second)
+        wait_for(lambda: complete_iterations(admin, "damaged") >= 14, 40,
+                 "the resumed recording")
+        assert "could not recover a leftover file" in second.log_text()
+        second.signal(signal.SIGTERM)
+        assert second.wait(60) == 0, second.log_text()[-3000:]
+    assert leftover.read_bytes() == whole
+    (resumed,) = read_files(h5_files(data))
+    assert resumed["status"] == "complete" and resumed["attrs"]["segment"] == 1
+    assert resumed["iterations"], resumed
 
 
 def _all_replies(bootstrap: str, topic: str) -> list[tuple[str | None, str]]:
