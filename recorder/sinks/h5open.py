@@ -96,9 +96,9 @@ def open_live(path: str | os.PathLike[str], **kwargs: Any) -> h5py.File:
 
 
 @functools.cache
-def _set_metadata_read_attempts() -> Any:
-    """``H5Pset_metadata_read_attempts`` of the libhdf5 loaded in this process (the one
-    h5py was built on), or None when it cannot be found."""
+def libhdf5() -> ctypes.CDLL | None:
+    """The libhdf5 loaded in this process (the one h5py was built on), or None when it
+    cannot be found (no ``/proc``, a name we do not know, no such symbol)."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             paths = {line.split(None, 5)[-1].strip() for line in maps
@@ -108,10 +108,20 @@ def _set_metadata_read_attempts() -> Any:
     for lib in sorted(paths):
         try:
             handle = ctypes.CDLL(lib, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-            func = handle.H5Pset_metadata_read_attempts
+            handle.H5Pset_metadata_read_attempts  # noqa: B018 (the symbol must be there)
         except (OSError, AttributeError):
             continue
-        func.argtypes = [ctypes.c_int64, ctypes.c_uint]
-        func.restype = ctypes.c_int
-        return func
+        return handle
     return None
+
+
+@functools.cache
+def _set_metadata_read_attempts() -> Any:
+    """``H5Pset_metadata_read_attempts`` of :func:`libhdf5`, or None."""
+    lib = libhdf5()
+    if lib is None:
+        return None
+    func = lib.H5Pset_metadata_read_attempts
+    func.argtypes = [ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func

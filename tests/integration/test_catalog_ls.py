@@ -240,6 +240,28 @@ def test_a_file_recover_cannot_recover_is_left_byte_for_byte(
         assert p.read_bytes() == content, p
 
 
+def test_swmr_opens_set_the_metadata_read_attempts(
+    gamma: tuple[subprocess.Popen[str], Path]
+) -> None:
+    """open_live reaches H5Pset_metadata_read_attempts in the libhdf5 h5py loaded (a wheel
+    that renamed it would silently bring back HDF5's 100 attempts) and the open file has
+    the bound."""
+    import ctypes
+
+    from recorder.sinks import h5open
+
+    _, partial = gamma
+    lib = h5open.libhdf5()
+    assert lib is not None, "h5py's libhdf5 not found in /proc/self/maps"
+    with h5open.open_live(partial) as f:
+        assert f.swmr_mode
+        get = lib.H5Pget_metadata_read_attempts
+        get.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_uint)]
+        attempts = ctypes.c_uint()
+        assert get(f.id.get_access_plist().id, ctypes.byref(attempts)) >= 0
+        assert attempts.value == h5open.METADATA_READ_ATTEMPTS == 30
+
+
 @pytest.mark.parametrize("where", ["column-header", "root-attribute"])
 def test_damaged_metadata_in_a_live_file_is_reported_not_waited_on(
     tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path], where: str
