@@ -69,7 +69,13 @@ class SinkError(RecorderError):
 
 
 class FileFormatError(SinkError):
-    """A file is not a k2eg-recorder file, or has an unsupported format version."""
+    """A file is not a k2eg-recorder file, has an unsupported format version, or is damaged."""
+
+
+class DamagedFileError(FileFormatError, ValueError):
+    """What a file holds does not read back whole (a checksum, impossible values): it is
+    reported, never "repaired" by guessing. A ValueError too, as h5py's own words for such
+    files were before."""
 
 
 class FileBusyError(SinkError, BlockingIOError):

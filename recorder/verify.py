@@ -612,8 +612,20 @@ class _Checker:
         n_bytes = limits["n_bytes"]
         self.ranges("/iterations/error_message", it.get("error_message"),
                     it.get("error_message_size"), n_bytes, optional=True)
+        pvs = {k: live["pvs"][k][: limits["n_pvs"]] for k in ("offset", "size")}
+        if not self.ranges("/live/pvs", pvs["offset"], pvs["size"], n_bytes):
+            return
         names = read_pv_names(f, commit)
         self.report.pvs = len(names)
+        empty = np.flatnonzero([not n for n in names])
+        if len(empty):
+            self.err("/live/pvs", f"rows {_listed(empty)}: an empty PV name")
+        seen: dict[str, int] = {}
+        twice = np.flatnonzero([bool(n) and seen.setdefault(n, i) != i
+                                for i, n in enumerate(names)])
+        if len(twice):
+            self.err("/live/pvs", f"rows {_listed(twice)}: the name of an earlier PV "
+                     f"(e.g. {names[int(twice[0])]!r}); each PV is named once")
         ns = limits["n_samples"]
         self.report.values = ns
         s = {k: live["samples"][k][:ns] for k in ("pv", "iter_row", "iteration", "dtype",

@@ -2,9 +2,10 @@
 
 Files a running writer holds (its writer lock, :mod:`recorder.sinks.writelock`) are left
 alone and named, so this is safe to run while the daemon records into the same directory.
-Each recovered file is then checked against the file-format spec (``recorder.verify``,
-structure and index; ``--no-verify`` skips it). Exit status 1 when a file could not be
-recovered or its recovered file does not pass.
+Each ``.partial`` is checked against the file-format spec first (``recorder.verify``,
+structure and index), and so is the file it becomes before it replaces the ``.partial``: a
+file that does not pass is left as it was, byte for byte (``--no-verify`` skips both checks
+and finalizes what can be read). Exit status 1 when a file could not be recovered.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "paths", nargs="+", type=Path, help="*.h5.partial files or directories to scan"
     )
     parser.add_argument("--no-verify", action="store_true",
-                        help="do not check the recovered files (k2eg-recorder verify)")
+                        help="do not check the .partial files nor the files they become "
+                             "(k2eg-recorder verify): finalize what can be read")
 
 
 def run(args: argparse.Namespace) -> int:
     from recorder.errors import FileBusyError
     from recorder.sinks.recover import find_partials, recover_file
-    from recorder.verify import verify_file
+    from recorder.sinks.writelock import writer_active
 
     files: list[Path] = []
     failures = busy = 0
@@ -40,27 +42,44 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:  # a directory that cannot be listed
             print(f"{p}: cannot list the directory: {exc.strerror or exc}")
             failures += 1
+    check = None if args.no_verify else _verify_problems
     for p in files:
+        if check is not None and not writer_active(p):
+            # what verify finds in the .partial names the damage in the file's own terms;
+            # finalizing would stop somewhere in it with HDF5's words, or not at all
+            problems = check(p)
+            if problems:
+                print(f"{p}: NOT recovered: it does not pass k2eg-recorder verify "
+                      f"({len(problems)} error(s)); the first: {problems[0]}; left as it was "
+                      "(--no-verify finalizes what can be read)")
+                failures += 1
+                continue
         try:
-            out = recover_file(p)
+            out = recover_file(p, check=check)
         except FileBusyError:
             print(f"{p}: left alone: a running writer is writing it")
             busy += 1
             continue
         except (OSError, ValueError, RuntimeError) as exc:
-            print(f"{p}: NOT recovered: {exc}")
+            why = str(exc).removeprefix(f"{p}: ")
+            if check is not None and "k2eg-recorder verify" not in why:
+                # damage the structure check did not reach (data chunks, text): the data
+                # check says where, in the file's own terms
+                found = _verify_problems(p, data=True)
+                if found:
+                    why += f"; k2eg-recorder verify --data: {found[0]}"
+            print(f"{p}: NOT recovered: {why}")
             failures += 1
             continue
-        if args.no_verify:
-            print(f"{p} -> {out}")
-            continue
-        errors = verify_file(out).errors
-        if errors:
-            print(f"{p} -> {out}: does NOT pass k2eg-recorder verify ({len(errors)} "
-                  f"error(s)); the first: {errors[0]}")
-            failures += 1
-        else:
-            print(f"{p} -> {out} (verified)")
+        print(f"{p} -> {out}" if check is None else f"{p} -> {out} (verified)")
     if (not files or busy == len(files)) and not failures:
         print("nothing to recover")
     return 1 if failures else 0
+
+
+def _verify_problems(path: Path, *, data: bool = False) -> list[str]:
+    """The errors ``k2eg-recorder verify`` finds in ``path`` (structure and index; with
+    ``data``, every value read back too)."""
+    from recorder.verify import verify_file
+
+    return [str(e) for e in verify_file(path, data=data).errors]

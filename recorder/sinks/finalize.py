@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 import numpy.typing as npt
 
+from recorder.errors import DamagedFileError
 from recorder.sinks.buffer import (
     ITERATION_COLUMNS,
     ITERATION_REASONS,
@@ -167,8 +168,12 @@ def finalize(
     end_time: float | None = None,
     extra_attrs: Mapping[str, Any] | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    check: Callable[[Path], Sequence[str]] | None = None,
 ) -> Path:
-    """Write ``final`` from the live file ``partial``; returns ``final``."""
+    """Write ``final`` from the live file ``partial``; returns ``final``. ``check`` (e.g.
+    ``k2eg-recorder verify``) gets the written file before it takes its name and ``partial``
+    is removed: problems it returns raise :class:`DamagedFileError` and leave ``partial``
+    as it was, with no ``final``."""
     tmp = final.with_name(final.name + FINAL_SUFFIX)
     if tmp.exists():
         tmp.unlink()
@@ -192,6 +197,12 @@ def finalize(
         os.fsync(fd)
     finally:
         os.close(fd)
+    problems = list(check(tmp)) if check is not None else []
+    if problems:
+        tmp.unlink(missing_ok=True)
+        raise DamagedFileError(
+            f"the finalized file would not pass k2eg-recorder verify ({len(problems)} "
+            f"problem(s)); the first: {problems[0]}")
     os.chmod(tmp, 0o444)
     if final.exists():
         raise FileExistsError(f"{final} exists; refusing to overwrite")

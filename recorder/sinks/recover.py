@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import h5py
 
-from recorder.errors import FileBusyError
+from recorder.errors import DamagedFileError, FileBusyError
 from recorder.sinks.finalize import FINAL_SUFFIX, finalize
 from recorder.sinks.livefile import read_commit
 from recorder.sinks.options import PARTIAL_SUFFIX, final_path
@@ -19,14 +21,18 @@ def find_partials(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(PARTIAL_SUFFIX))
 
 
-def recover_file(path: Path, *, by: str = "k2eg-recorder recover") -> Path:
+def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
+                 check: Callable[[Path], Sequence[str]] | None = None) -> Path:
     """Finalize ``path`` (a ``*.partial`` file): clean, per-PV layout, read-only, marked.
 
     The recording status becomes ``aborted`` (``failed`` if the writer had recorded a
     failure) with a reason saying it was recovered; iterations that were open when the
     writer died are marked incomplete (``writer_crashed``); ``by`` completes the reason
     ("recovered by ..."). Raises :class:`FileBusyError`
-    while a running writer holds the file (:mod:`recorder.sinks.writelock`).
+    while a running writer holds the file (:mod:`recorder.sinks.writelock`), and
+    :class:`DamagedFileError` when what it holds does not read back (also when the finalized
+    file would not pass ``check``, e.g. ``k2eg-recorder verify``): the file is then left as
+    it was, byte for byte, and no final file is written.
     """
     path = Path(path)
     if not path.name.endswith(PARTIAL_SUFFIX):
@@ -60,12 +66,16 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover") -> Path:
             end_time=commit.time_ns / 1e9 if commit.time_ns else None,
             extra_attrs={"recovered": True, "recovered_at": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            check=check,
         )
     except BaseException as exc:
         # not recovered: the file stays as it was, byte for byte (flags included), for
         # another tool or a second look; h5py's errors of a damaged file are KeyErrors
         if original is not None and path.exists():
             restore_superblock(path, original)
-        if isinstance(exc, KeyError):
-            raise ValueError(f"{path}: damaged: {exc.args[0] if exc.args else exc}") from exc
+        if isinstance(exc, (KeyError, IndexError, UnicodeDecodeError, json.JSONDecodeError)):
+            # h5py's KeyError for damaged metadata; the others, damaged values (a PV or
+            # iteration row out of range, text that does not decode)
+            what = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise DamagedFileError(f"{path}: damaged: {what}") from exc
         raise

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 import pytest
 
 from recorder.catalog import find_recordings, scan
@@ -334,6 +335,94 @@ def test_a_finalized_file_damaged_inside_is_named_not_a_traceback(tmp_path: Path
         assert out.returncode == 1, (args, out.stdout, out.stderr)
         assert "Traceback" not in out.stderr, out.stderr
         assert f"{path}: damaged: " in out.stderr, out.stderr
+
+
+def crashed_copy(directory: Path, name: str) -> Path:
+    """A .partial as a crashed writer leaves it (flags set, no lock): two PVs, 3 iterations,
+    copied after a flush while its writer held it."""
+    rec = HDF5Recording(OutputOptions(directory=directory / "w"), run_name="crash",
+                        pv_uris=["pva://C:A", "pva://C:B"])
+    for i in range(1, 4):
+        rec.handle(IterationOpened("t", "crash", i, i, offset=3 * i))
+        rec.handle(ValuesReceived("t", i, 1, i, (PVSample("C:A", {"value": float(i)}),
+                                                 PVSample("C:B", {"value": -float(i)})),
+                                  offset=3 * i + 1))
+        rec.handle(IterationClosed("t", "crash", i, IterationStatus.COMPLETE, None, i, i,
+                                   offset=3 * i + 2))
+    rec.flush()
+    assert rec.current_path is not None
+    copy = directory / name
+    copy.write_bytes(rec.current_path.read_bytes())
+    rec.close()
+    return copy
+
+
+def set_rows(path: Path, dataset: str, values: dict[int, int]) -> None:
+    """Overwrite rows of an uncompressed live column in place (damage where it lies)."""
+    with open_for_reading(path, live_first=True) as f:
+        ds = f[dataset]
+        assert ds.compression is None
+        at, dtype = ds.id.get_chunk_info(0).byte_offset, ds.dtype
+    data = bytearray(path.read_bytes())
+    for row, value in values.items():
+        start = at + row * dtype.itemsize
+        data[start : start + dtype.itemsize] = np.array(value, dtype).tobytes()
+    path.write_bytes(data)
+
+
+def test_recover_leaves_a_partial_verify_rejects_and_names_the_damage(tmp_path: Path) -> None:
+    """Values pointing at no PV: `recover` checked only the file it made, after it had
+    replaced the .partial, or stopped in an IndexError traceback. It now verifies the
+    .partial first and leaves it byte for byte, saying where it is damaged; --no-verify
+    (finalize what can be read) reports the damage in one line too. Two PVs under one name
+    are an error of verify (finalizing stopped on "name already exists")."""
+    bad_pv = crashed_copy(tmp_path, "bad-pv.h5.partial")
+    set_rows(bad_pv, "live/samples/pv", {0: 9999, 3: -5})
+    twice = crashed_copy(tmp_path, "twice.h5.partial")
+    with open_for_reading(twice, live_first=True) as f:
+        first = int(f["live/pvs/offset"][0])
+        size = int(f["live/pvs/size"][0])
+    set_rows(twice, "live/pvs/offset", {1: first})
+    set_rows(twice, "live/pvs/size", {1: size})
+    before = {p: p.read_bytes() for p in (bad_pv, twice)}
+    out = recover(str(bad_pv), str(twice))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert f"{bad_pv}: NOT recovered: it does not pass k2eg-recorder verify (1 error(s)); " \
+           "the first: /live/samples/pv: rows 0, 3: no such PV;" in out.stdout, lines
+    assert f"{twice}: NOT recovered: " in out.stdout and "/live/pvs: rows 1: the name of " \
+           "an earlier PV (e.g. 'C:A')" in out.stdout, lines
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [bad_pv.name,
+                                                                          twice.name]
+    forced = recover("--no-verify", str(bad_pv))
+    assert forced.returncode == 1 and "Traceback" not in forced.stderr, forced.stderr
+    assert forced.stdout.startswith(f"{bad_pv}: NOT recovered: damaged: "), forced.stdout
+    assert bad_pv.read_bytes() == before[bad_pv]
+
+
+def test_a_finalized_result_that_fails_its_check_leaves_the_partial(tmp_path: Path) -> None:
+    """The file recover writes replaces the .partial only once it passes the check (verify
+    in the CLI): else the .partial stays byte for byte and nothing else remains."""
+    from recorder.errors import DamagedFileError
+    from recorder.sinks.recover import recover_file
+
+    partial = crashed_copy(tmp_path, "c.h5.partial")
+    before = partial.read_bytes()
+    seen: list[Path] = []
+
+    def check(path: Path) -> list[str]:
+        seen.append(path)
+        with h5py.File(path, "r") as f:  # the finalized file, complete, not yet in place
+            assert f.attrs["status"] == "aborted"
+        return ["/pvs/C:A/value: made up for the test"]
+
+    with pytest.raises(DamagedFileError, match=r"would not pass k2eg-recorder verify .*made up"):
+        recover_file(partial, check=check)
+    assert len(seen) == 1 and not seen[0].exists()
+    assert partial.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [partial.name]
+    assert recover_file(partial, check=lambda _p: []).exists() and not partial.exists()
 
 
 def open_in_child(path: Path, mode: str, **kwargs: Any) -> str:

@@ -439,27 +439,42 @@ def test_reports_are_plain_data(files: list[Path]) -> None:
 def test_recover_says_when_its_file_does_not_pass(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    """``recover`` checks what it wrote; a finding (here injected: the recovery itself is
-    sound, see test_hdf5_crash) makes it exit 1 and name the first error."""
+    """``recover`` checks the .partial and what it wrote before that replaces it; a finding
+    (here injected: the recovery itself is sound, see test_hdf5_crash) in either makes it
+    exit 1, name the first error and leave the .partial byte for byte, with no other file."""
     from recorder import verify
     from recorder.cli import main as cli_main
 
-    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="r")
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "w"), run_name="r")
     write_iteration(rec, 1, [PVSample("A", {"value": 1.0})])
     rec.flush()
     partial = rec.current_path
     assert partial is not None
-    shutil.copy(partial, tmp_path / "left.h5.partial")
+    left = tmp_path / "left.h5.partial"
+    shutil.copy(partial, left)
     shutil.copy(partial, tmp_path / "other.h5.partial")
     rec.close()
+    capsys.readouterr()  # the recording's log lines
+    before = left.read_bytes()
 
-    def failing(path: Path, *, data: bool = False) -> Report:
+    def failing(path: Path, *, data: bool = False, finalized: bool) -> Report:
+        if finalized == str(path).endswith(".partial"):
+            return Report(Path(path))
         return Report(Path(path), problems=[verify.Problem("error", "/pvs/A", "made up")])
 
-    monkeypatch.setattr(verify, "verify_file", failing)
-    assert cli_main(["recover", str(tmp_path / "left.h5.partial")]) == 1
-    out = capsys.readouterr().out
-    assert "does NOT pass k2eg-recorder verify (1 error(s)); the first: /pvs/A: made up" in out
+    for finalized, says in ((False, "it does not pass k2eg-recorder verify (1 error(s)); "
+                                    "the first: /pvs/A: made up; left as it was"),
+                            (True, "the finalized file would not pass k2eg-recorder verify "
+                                   "(1 problem(s)); the first: /pvs/A: made up")):
+        monkeypatch.setattr(verify, "verify_file",
+                            lambda p, *, data=False, f=finalized: failing(p, data=data,
+                                                                         finalized=f))
+        assert cli_main(["recover", str(left)]) == 1
+        out = capsys.readouterr().out
+        assert out.startswith(f"{left}: NOT recovered: {says}"), out
+        assert left.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+            "left.h5.partial", "other.h5.partial"]
     other = tmp_path / "other.h5.partial"
     assert cli_main(["recover", "--no-verify", str(other)]) == 0  # not checked: passes
     assert capsys.readouterr().out == f"{other} -> {tmp_path / 'other.h5'}\n"
