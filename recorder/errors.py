@@ -72,6 +72,13 @@ class FileFormatError(SinkError):
     """A file is not a k2eg-recorder file, has an unsupported format version, or is damaged."""
 
 
+class NotInFileError(SinkError, KeyError):
+    """What was asked for (a PV, a table) is not in the file: a KeyError, as a mapping's."""
+
+    def __str__(self) -> str:  # KeyError's would show the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
 class DamagedFileError(FileFormatError, ValueError):
     """What a file holds does not read back whole (a checksum, impossible values): it is
     reported, never "repaired" by guessing. A ValueError too, as h5py's own words for such

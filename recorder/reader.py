@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recorder.client.values import PVSample, ValueKind
-from recorder.errors import FileFormatError
+from recorder.errors import DamagedFileError, FileFormatError, NotInFileError, RecorderError
 from recorder.reader_align import SCALAR_KINDS, _concat_masked, _pick, _scalar_pvs, aligned_table
 from recorder.reader_rows import (
     _column_items,
@@ -107,7 +107,7 @@ def _open_h5(path: Path) -> h5py.File:
         raise OSError(f"{path}: cannot open as HDF5: {exc}") from exc
 
 
-def unknown_pv(pv: str, names: Iterable[str], where: str) -> KeyError:
+def unknown_pv(pv: str, names: Iterable[str], where: str) -> NotInFileError:
     """A KeyError that says which PV is not there, where, and what is (close matches, the
     base name of a URI)."""
     import difflib
@@ -120,7 +120,7 @@ def unknown_pv(pv: str, names: Iterable[str], where: str) -> KeyError:
         close = difflib.get_close_matches(pv, known, n=3)
         hint = (f"did you mean {', '.join(map(repr, close))}?" if close
                 else f"it has {len(known)} PV(s)" + (f", e.g. {known[0]!r}" if known else ""))
-    return KeyError(f"no PV {pv!r} in {where}; {hint}")
+    return NotInFileError(f"no PV {pv!r} in {where}; {hint}")
 
 
 _UNSEEN: Any = object()
@@ -138,35 +138,49 @@ def _member(group: h5py.Group | h5py.File, name: str) -> Any:
     return group[name] if name in group else None  # noqa: SIM401 (see above)
 
 
-def _damage(path: Path, exc: BaseException) -> FileFormatError | None:
-    """``exc`` as "``path``: damaged: ..." when h5py raised it, i.e. the file's metadata or
-    data did not read back (a checksum, a decompression, a missing object of the layout);
-    None for the reader's own errors (an unknown PV ...)."""
+def _damage(path: Path, exc: BaseException) -> DamagedFileError | None:
+    """``exc`` as "``path``: damaged: ..." when the file's content caused it: h5py raised it
+    (metadata or data that did not read back: a checksum, a decompression, a missing object
+    of the layout), or a value read from the file was impossible (a code or row out of
+    range, text that does not decode). None for the reader's own errors (an unknown PV ...)."""
+    if isinstance(exc, RecorderError):
+        return None
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    if tb is None or "h5py" not in Path(tb.tb_frame.f_code.co_filename).parts:
+    from_h5py = tb is not None and "h5py" in Path(tb.tb_frame.f_code.co_filename).parts
+    if from_h5py and isinstance(exc, (KeyError, RuntimeError, OSError)):
+        text = str(exc.args[0]) if exc.args else str(exc)
+    elif isinstance(exc, (KeyError, IndexError, UnicodeDecodeError, json.JSONDecodeError)):
+        text = f"{type(exc).__name__}: {exc}"  # a value of the file that cannot be
+    else:
         return None
-    text = str(exc.args[0]) if exc.args else str(exc)
-    return FileFormatError(f"{path}: damaged: {text}")
+    return DamagedFileError(f"{path}: damaged: {text}")
 
 
 def _reporting(fn: Callable[..., Any]) -> Callable[..., Any]:
+    content = (KeyError, IndexError, RuntimeError, OSError, ValueError)
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generate(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
             try:
                 yield from fn(self, *args, **kwargs)
-            except (KeyError, RuntimeError, OSError) as exc:
-                raise (_damage(self.path, exc) or exc) from exc
+            except content as exc:
+                damaged = _damage(self.path, exc)
+                if damaged is None:
+                    raise
+                raise damaged from exc
         return generate
 
     @functools.wraps(fn)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(self, *args, **kwargs)
-        except (KeyError, RuntimeError, OSError) as exc:
-            raise (_damage(self.path, exc) or exc) from exc
+        except content as exc:
+            damaged = _damage(self.path, exc)
+            if damaged is None:
+                raise
+            raise damaged from exc
     return call
 
 
@@ -194,10 +208,12 @@ class RecordingFile:
         self.h5 = _open_h5(self.path)
         try:
             self._open()
-        except (KeyError, RuntimeError) as exc:  # h5py's words for damaged metadata
+        except (KeyError, IndexError, RuntimeError, OSError, ValueError) as exc:
             self.h5.close()
-            raise FileFormatError(f"{self.path}: damaged: "
-                                  f"{exc.args[0] if exc.args else exc}") from exc
+            damaged = _damage(self.path, exc)
+            if damaged is None:
+                raise
+            raise damaged from exc
 
     def _open(self) -> None:
         attrs = self.h5.attrs
@@ -369,7 +385,7 @@ class RecordingFile:
         if "pv_info" not in self.h5:
             why = ("a live file gets it when it is finalized" if self._live is not None
                    else f"format {self.attrs.get('format_version')} files have none")
-            raise KeyError(f"{self.path} has no /pv_info table ({why}); summary() and "
+            raise NotInFileError(f"{self.path} has no /pv_info table ({why}); summary() and "
                            "pv_info(pv) describe its PVs")
         return np.asarray(self.h5["pv_info"][()])
 

@@ -770,11 +770,41 @@ def _read_all(ds: h5py.Dataset) -> int:
     row_bytes = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
     step = ds.chunks[0] if ds.chunks else 1
     block = max(step, (BLOCK_BYTES // row_bytes) // step * step)
+    texts = _utf8_fields(ds.dtype)
     total = 0
     for lo in range(0, ds.shape[0], block):
         part = ds[lo : lo + block]
         total += int(part.nbytes)
+        for name in texts:
+            column = part if name is None else part[name]
+            per_row = max(1, int(np.prod(column.shape[1:], dtype=np.int64)))
+            bad = sorted({lo + i // per_row for i, t in enumerate(column.ravel().tolist())
+                          if isinstance(t, bytes) and not _is_utf8(t)})
+            if bad:
+                where = "" if name is None else f"field {name!r}, "
+                raise ValueError(f"{where}rows {_listed(bad)}: text that is not UTF-8 "
+                                 "(damaged bytes)")
     return total
+
+
+def _utf8_fields(dtype: np.dtype[Any]) -> list[str | None]:
+    """The variable-length UTF-8 text of a dataset's type: None for the whole value, or
+    the names of such fields of a compound type (h5py hands them over as undecoded bytes)."""
+    def utf8(t: np.dtype[Any]) -> bool:
+        info = h5py.check_string_dtype(t)
+        return info is not None and info.length is None and info.encoding == "utf-8"
+
+    if dtype.names is None:
+        return [None] if utf8(dtype) else []
+    return [name for name in dtype.names if utf8(dtype[name])]
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _ranges(first: npt.NDArray[np.int64], count: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:

@@ -425,6 +425,44 @@ def test_a_finalized_result_that_fails_its_check_leaves_the_partial(tmp_path: Pa
     assert recover_file(partial, check=lambda _p: []).exists() and not partial.exists()
 
 
+def test_text_damaged_in_the_global_heap_is_found_by_verify_data_and_named_by_readers(
+    tmp_path: Path
+) -> None:
+    """Variable-length strings live in HDF5's global heap, which has no checksum: a changed
+    byte read back as text that is not UTF-8. `verify --data` said ok; the reader and export
+    failed with a UnicodeDecodeError traceback. verify --data names the rows; the reader
+    raises DamagedFileError; export says so in one line."""
+    from recorder.errors import DamagedFileError
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "d"), run_name="txt",
+                        pv_uris=["pva://T:S"])
+    for i in range(1, 4):
+        rec.handle(IterationOpened("t", "txt", i, i, offset=3 * i))
+        rec.handle(ValuesReceived("t", i, 1, i, (PVSample("T:S", {"value": "é" * 60 + str(i)}),),
+                                  offset=3 * i + 1))
+        rec.handle(IterationClosed("t", "txt", i, IterationStatus.COMPLETE, None, i, i,
+                                   offset=3 * i + 2))
+    (path,) = rec.close()
+    whole = bytearray(path.read_bytes())
+    at = whole.find(("é" * 60 + "2").encode())
+    assert at > 0
+    whole[at] = 0xFF  # not a UTF-8 lead byte
+    path.chmod(0o644)
+    path.write_bytes(whole)
+    out = subprocess.run([sys.executable, "-m", "recorder.cli", "verify", "--data", str(path)],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stdout
+    assert "error: /pvs/T:S/value: cannot read its data: ValueError: rows 1: text that is " \
+           "not UTF-8" in out.stdout, out.stdout
+    with open_file(path) as f, pytest.raises(DamagedFileError, match="UnicodeDecodeError"):
+        f.values("T:S")
+    out = subprocess.run([sys.executable, "-m", "recorder.cli", "export", str(path), "-o",
+                          str(tmp_path / "x.csv")], check=False, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"{path}: damaged: UnicodeDecodeError" in out.stderr, out.stderr
+
+
 def open_in_child(path: Path, mode: str, **kwargs: Any) -> str:
     """What h5py in another process says when it opens ``path``: "ok" or its error."""
     code = (f"import h5py\ntry:\n    h5py.File({str(path)!r}, {mode!r}, **{kwargs!r}).close()\n"
