@@ -458,7 +458,13 @@ class RecordingFile:
         view = self._live
         assert view is not None
         if self._live_index is None:
-            self._live_index = _group_index(view.samples["pv"], len(view.pv_names))
+            keys, n = view.samples["pv"], len(view.pv_names)
+            outside = np.flatnonzero((keys < 0) | (keys >= n)) if len(keys) else keys[:0]
+            if len(outside):  # else their values would be left out without a word
+                shown = ", ".join(map(str, outside[:10].tolist()))
+                raise DamagedFileError(f"{self.path}: damaged: /live/samples/pv: rows {shown}"
+                                       f"{' ...' if len(outside) > 10 else ''}: no such PV")
+            self._live_index = _group_index(keys, n)
         order, bounds = self._live_index
         col = self._live_col(pv)
         return order[bounds[col] : bounds[col + 1]]

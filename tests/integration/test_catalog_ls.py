@@ -27,7 +27,7 @@ from recorder.client.events import (
     ValuesReceived,
 )
 from recorder.client.values import PVSample
-from recorder.errors import FileFormatError
+from recorder.errors import DamagedFileError, FileFormatError
 from recorder.reader import open_file
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.hdf5 import HDF5Recording
@@ -395,6 +395,10 @@ def test_recover_leaves_a_partial_verify_rejects_and_names_the_damage(tmp_path: 
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [bad_pv.name,
                                                                           twice.name]
+    # the reader too (it left those rows out without a word)
+    with open_file(bad_pv) as f, pytest.raises(
+            DamagedFileError, match=r"/live/samples/pv: rows 0, 3: no such PV"):
+        f.values("C:B")
     forced = recover("--no-verify", str(bad_pv))
     assert forced.returncode == 1 and "Traceback" not in forced.stderr, forced.stderr
     assert forced.stdout.startswith(f"{bad_pv}: NOT recovered: damaged: "), forced.stdout
@@ -404,7 +408,6 @@ def test_recover_leaves_a_partial_verify_rejects_and_names_the_damage(tmp_path: 
 def test_a_finalized_result_that_fails_its_check_leaves_the_partial(tmp_path: Path) -> None:
     """The file recover writes replaces the .partial only once it passes the check (verify
     in the CLI): else the .partial stays byte for byte and nothing else remains."""
-    from recorder.errors import DamagedFileError
     from recorder.sinks.recover import recover_file
 
     partial = crashed_copy(tmp_path, "c.h5.partial")
@@ -432,8 +435,6 @@ def test_text_damaged_in_the_global_heap_is_found_by_verify_data_and_named_by_re
     byte read back as text that is not UTF-8. `verify --data` said ok; the reader and export
     failed with a UnicodeDecodeError traceback. verify --data names the rows; the reader
     raises DamagedFileError; export says so in one line."""
-    from recorder.errors import DamagedFileError
-
     rec = HDF5Recording(OutputOptions(directory=tmp_path / "d"), run_name="txt",
                         pv_uris=["pva://T:S"])
     for i in range(1, 4):
