@@ -456,7 +456,7 @@ class Service:
             definition, self._client, self._store, metrics=self.metrics,
             recording_factory=self._factory, backoff=self._run_backoff(),
             silence_after_s=self.settings.silence_after_s, room_for=self._room_for,
-            on_file=self._on_file,
+            on_file=self._on_file, leftover_timeout_s=self.settings.leftover_timeout_s,
         )
         self._controllers[definition.name] = controller
         self.metrics.set_recording(definition.name, False)

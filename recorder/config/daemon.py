@@ -86,6 +86,13 @@ class DaemonSettings(BaseSettings):
         "5 time windows) reports it and re-sends the snapshot start (a restarted gateway has "
         "forgotten it); 0 turns this off",
     )
+    leftover_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="the .partial file a crash left is recovered at a restart in a child "
+        "process, ended after this many seconds plus one per 50 MB of the file (HDF5 loops "
+        "for ever on some damaged files); the file is then left for k2eg-recorder recover",
+    )
     disk_check_interval_s: float = Field(
         default=10.0,
         ge=0,

@@ -85,7 +85,7 @@ from recorder.daemon.bridge import (
     karabo_bridge,
 )
 from recorder.daemon.diskspace import out_of_space
-from recorder.daemon.leftovers import finalize_leftover, offsets_in_file
+from recorder.daemon.leftovers import LEFTOVER_TIMEOUT_S, finalize_leftover, offsets_in_file
 from recorder.daemon.pump import pending_bound
 from recorder.daemon.recording import (
     Recording,
@@ -177,6 +177,7 @@ class RunController:
         silence_after_s: float = 30.0,
         room_for: Callable[[Path], bool] | None = None,
         on_file: Callable[[RunDefinition, Path], None] | None = None,
+        leftover_timeout_s: float = LEFTOVER_TIMEOUT_S,
     ) -> None:
         self.definition = definition
         self.name = definition.name
@@ -193,6 +194,7 @@ class RunController:
         self._room_for = room_for or (lambda _directory: True)
         self._awaiting_room = False  # retrying after the disk ran out: only once it has room
         self._on_file = on_file  # told of each finalized file (the daemon's file events)
+        self._leftover_timeout_s = leftover_timeout_s
         self._announced = 0  # files of the current recording already told
         self._silence: SilenceWatch | None = None  # periodic runs while recording
         self._resend: _Resend | None = None  # the re-sent start in flight
@@ -520,7 +522,7 @@ class RunController:
         flush what it had received, which may be more than the state file says."""
         assert active.current_file is not None
         partial = Path(active.current_file)
-        leftover = finalize_leftover(partial, self.name)
+        leftover = finalize_leftover(partial, self.name, timeout_s=self._leftover_timeout_s)
         finalized_before = final_path(partial)
         if leftover is None and not partial.exists() and finalized_before != partial \
                 and finalized_before.exists():

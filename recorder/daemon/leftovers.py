@@ -1,16 +1,26 @@
 """Files a crashed process left: :func:`finalize_leftover` recovers the ``.partial`` file of
 a recording a restart resumes, and :func:`offsets_in_file` reads the Kafka offsets a finalized
 file holds, so the resumed recording goes on after the last message that file holds.
+
+The recovery runs in a child process (``python -m recorder.daemon.leftovers PARTIAL``) that is
+killed after a deadline: HDF5 2.0 loops for ever, holding the GIL, on some damaged files (a
+zero-filled global-heap block, as a power loss can leave). In the daemon's own process that
+would stop every run and the systemd watchdog pings, and the restart that followed would meet
+the same file again.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import structlog
 
-from recorder.errors import RecorderError
+from recorder.errors import DamagedFileError, RecorderError
+from recorder.sinks.superblock import restore_superblock, superblock_bytes
 
 _log = structlog.get_logger("recorder.daemon")
 
@@ -19,19 +29,22 @@ RESUMED_BY = ("the daemon at its restart, which resumed the recording in the nex
 """How a file left by a crash and recovered at a restart says so (its ``reason``)."""
 LEFTOVER_ATTEMPTS = 5  # recovering a .partial a dying writer process may still hold
 LEFTOVER_RETRY_S = 1.0
+LEFTOVER_TIMEOUT_S = 300.0  # RECORDER_LEFTOVER_TIMEOUT_S: the child's deadline ...
+LEFTOVER_BYTES_PER_S = 50e6  # ... plus a second per 50 MB of the file
+RESULT = "RESULT "  # the child's answer on stdout: this, then JSON
 
 
-def finalize_leftover(partial: Path, run: str) -> Path | None:
+def finalize_leftover(partial: Path, run: str, *, timeout_s: float = LEFTOVER_TIMEOUT_S
+                      ) -> Path | None:
     """Recover the ``.partial`` file a crashed process left (status aborted, open iterations
     marked ``writer_crashed``): its committed data stays, the resumed recording continues in a
-    new segment from the first offset that file does not hold."""
+    new segment from the first offset that file does not hold. None when it cannot be
+    recovered (logged; the file is left for ``k2eg-recorder recover``)."""
     if not partial.exists():
         return None
-    from recorder.sinks.recover import recover_file
-
     for attempt in range(1, LEFTOVER_ATTEMPTS + 1):
         try:
-            final = recover_file(partial, by=RESUMED_BY)
+            final = recover_in_child(partial, timeout_s=timeout_s)
         except OSError as exc:
             # the writer process of the killed daemon may still be flushing it (file lock)
             if attempt < LEFTOVER_ATTEMPTS:
@@ -75,3 +88,65 @@ def offsets_in_file(path: Path, topic: str) -> dict[int, int]:
         if bytes(t) == wanted:
             out[int(p)] = max(int(o), out.get(int(p), -1))
     return out
+
+
+def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) -> Path:
+    """:func:`recorder.sinks.recover.recover_file` of ``partial`` in a child process, killed
+    after ``timeout_s`` plus a second per 50 MB. Raises what recover_file raises: OSError
+    (e.g. a writer still holds the file), DamagedFileError (also when the child was killed)
+    or RecorderError."""
+    try:
+        size = partial.stat().st_size
+    except OSError:
+        size = 0
+    deadline = timeout_s + size / LEFTOVER_BYTES_PER_S
+    original = superblock_bytes(partial)
+    cmd = [sys.executable, "-m", "recorder.daemon.leftovers", str(partial)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline,
+                             check=False)
+    except subprocess.TimeoutExpired:
+        # as recover_file leaves a file it did not recover: byte for byte, nothing else
+        from recorder.sinks.finalize import FINAL_SUFFIX  # h5py: not in the daemon's import
+        from recorder.sinks.options import final_path
+
+        if original and superblock_bytes(partial) != original:
+            restore_superblock(partial, original)
+        final = final_path(partial)
+        final.with_name(final.name + FINAL_SUFFIX).unlink(missing_ok=True)
+        raise DamagedFileError(
+            f"{partial}: recovering it did not end within {deadline:.0f} s (HDF5 loops for "
+            "ever on some damaged files); the process was killed") from None
+    answers = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
+    if not answers:
+        raise RecorderError(f"{partial}: the recovery process ended (exit {out.returncode}) "
+                            f"without an answer: {out.stderr.strip()[-500:]}")
+    answer = json.loads(answers[-1][len(RESULT):])
+    if "final" in answer:
+        return Path(answer["final"])
+    error, kind = str(answer["error"]), answer["kind"]
+    if kind == "os":
+        raise OSError(error)
+    if kind == "damaged":
+        raise DamagedFileError(error)
+    raise RecorderError(error)
+
+
+def _child(argv: list[str]) -> int:
+    """The child process of :func:`recover_in_child`: one answer line on stdout."""
+    from recorder.sinks.recover import recover_file
+
+    partial = Path(argv[0])
+    try:
+        answer = {"final": str(recover_file(partial, by=RESUMED_BY))}
+    except OSError as exc:
+        answer = {"error": str(exc), "kind": "os"}
+    except (ValueError, RuntimeError, RecorderError) as exc:
+        kind = "damaged" if isinstance(exc, (ValueError, RuntimeError)) else "recorder"
+        answer = {"error": str(exc), "kind": kind}
+    print(RESULT + json.dumps(answer), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

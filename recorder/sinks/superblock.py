@@ -110,6 +110,16 @@ def clear_consistency_flags(path: Path) -> bytes | None:
         os.close(fd)
 
 
+def superblock_bytes(path: Path) -> bytes:
+    """A version 2/3 superblock as it is on disk (what :func:`restore_superblock` takes), or
+    ``b""`` when the file has none."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:8] != SIGNATURE or len(head) < 12 or head[8] not in (2, 3):
+            return b""
+        return head + f.read(4 * head[9] + 4)
+
+
 def restore_superblock(path: Path, original: bytes) -> None:
     """Put back the superblock :func:`clear_consistency_flags` returned (the file was not
     recovered: it stays byte for byte as it was)."""

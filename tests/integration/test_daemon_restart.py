@@ -140,15 +140,19 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
     assert len(missing) <= 1, sorted(missing)
 
 
+@pytest.mark.parametrize("damage", ["checksum", "heap-loop"])
 def test_a_damaged_leftover_is_left_for_the_operator_and_the_recording_goes_on(
     tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
-    daemons: list[DaemonProcess],
+    daemons: list[DaemonProcess], damage: str,
 ) -> None:
-    """The leftover of a killed daemon with damaged metadata (here the name of a root
-    attribute, read only when the file is finalized): the restarted daemon says it cannot
-    recover it, leaves it byte for byte for the operator, and records on in the next
-    segment. HDF5's SWMR read retries (100, doubling a sleep) used to hold that start for
-    good, the run never resumed (decision 0013)."""
+    """The leftover of a killed daemon, damaged: the restarted daemon says it cannot recover
+    it, leaves it byte for byte for the operator, and records on in the next segment.
+    ``checksum``: the name of a root attribute (read only when the file is finalized);
+    HDF5's SWMR read retries (100, doubling a sleep) held that start for good (decision
+    0013). ``heap-loop``: the global-heap block of the root's strings zero-filled, as a
+    power loss can leave it; HDF5 2.0 loops for ever on it holding the GIL, which froze the
+    whole daemon (every run, the watchdog) until the recovery moved to a child process with
+    a deadline (RECORDER_LEFTOVER_TIMEOUT_S, 3 s here)."""
     snap = unique_name("damaged").replace("-", "_")
     data = tmp_path / "data"
     config = tmp_path / "runs.yaml"
@@ -160,7 +164,8 @@ snapshot:
   time_window: 100
 output: {{directory: {data}, flush_interval_s: 0.3}}
 """)
-    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config)
+    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config,
+                            extra={"RECORDER_LEFTOVER_TIMEOUT_S": "3"})
     with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
         first = DaemonProcess(denv, "first")
         daemons.append(first)
@@ -171,9 +176,15 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
         # its writer process outlives the daemon a moment, to flush what it had received
         wait_for(lambda: writer_active(leftover) is False, 20, "the writer process to end")
         whole = bytearray(leftover.read_bytes())
-        assert whole.count(b"pv_uri_map") == 1
-        at = whole.find(b"pv_uri_map")
-        whole[at : at + 10] = b"XXXXXXXXXX"  # the checksum of its heap block fails
+        if damage == "checksum":
+            assert whole.count(b"pv_uri_map") == 1
+            at = whole.find(b"pv_uri_map")
+            whole[at : at + 10] = b"XXXXXXXXXX"  # the checksum of its heap block fails
+        else:  # the first global-heap collection: "GCOL", version, 3 reserved, its size
+            at = whole.find(b"GCOL\x01\x00\x00\x00")
+            size = int.from_bytes(whole[at + 8 : at + 16], "little")
+            assert at > 0 and 16 < size <= 65536, (at, size)
+            whole[at + 16 : at + size] = bytes(size - 16)
         leftover.write_bytes(whole)
 
         second = DaemonProcess(denv, "second")
@@ -181,6 +192,8 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
         wait_for(lambda: complete_iterations(admin, "damaged") >= 14, 40,
                  "the resumed recording")
         assert "could not recover a leftover file" in second.log_text()
+        if damage == "heap-loop":
+            assert "the process was killed" in second.log_text()
         second.signal(signal.SIGTERM)
         assert second.wait(60) == 0, second.log_text()[-3000:]
     assert leftover.read_bytes() == whole
