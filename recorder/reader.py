@@ -158,36 +158,40 @@ def _damage(path: Path, exc: BaseException) -> DamagedFileError | None:
     return DamagedFileError(f"{path}: damaged: {text}")
 
 
+_CONTENT_ERRORS = (KeyError, IndexError, RuntimeError, OSError, ValueError)
+
+
+@contextlib.contextmanager
+def _reported(path: Path) -> Iterator[None]:
+    """Errors the file's content caused (:func:`_damage`) leave as DamagedFileError."""
+    try:
+        yield
+    except _CONTENT_ERRORS as exc:
+        damaged = _damage(path, exc)
+        if damaged is None:
+            raise
+        raise damaged from exc
+
+
 def _reporting(fn: Callable[..., Any]) -> Callable[..., Any]:
-    content = (KeyError, IndexError, RuntimeError, OSError, ValueError)
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generate(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
-            try:
+            with _reported(self.path):
                 yield from fn(self, *args, **kwargs)
-            except content as exc:
-                damaged = _damage(self.path, exc)
-                if damaged is None:
-                    raise
-                raise damaged from exc
         return generate
 
     @functools.wraps(fn)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with _reported(self.path):
             return fn(self, *args, **kwargs)
-        except content as exc:
-            damaged = _damage(self.path, exc)
-            if damaged is None:
-                raise
-            raise damaged from exc
     return call
 
 
 def _damage_reported(cls: type[T]) -> type[T]:
-    """Every public method and property of ``cls`` raises :class:`FileFormatError` ("PATH:
-    damaged: ...") for HDF5's errors of a damaged file instead of a bare KeyError naming
-    no file (as opening it already does)."""
+    """Every public method and property of ``cls`` raises :class:`DamagedFileError` ("PATH:
+    damaged: ...") for errors the file's content caused (:func:`_damage`) instead of a bare
+    KeyError, UnicodeDecodeError ... naming no file (as opening it does)."""
     for name, attr in list(vars(cls).items()):
         if name.startswith("_"):
             continue
@@ -207,13 +211,11 @@ class RecordingFile:
         self.path = Path(path)
         self.h5 = _open_h5(self.path)
         try:
-            self._open()
-        except (KeyError, IndexError, RuntimeError, OSError, ValueError) as exc:
+            with _reported(self.path):
+                self._open()
+        except BaseException:
             self.h5.close()
-            damaged = _damage(self.path, exc)
-            if damaged is None:
-                raise
-            raise damaged from exc
+            raise
 
     def _open(self) -> None:
         attrs = self.h5.attrs
