@@ -7,6 +7,7 @@ Every error the recorder raises on purpose derives from :class:`RecorderError`, 
 from __future__ import annotations
 
 import errno
+import json
 
 
 class RecorderError(Exception):
@@ -83,6 +84,12 @@ class DamagedFileError(FileFormatError, ValueError):
     """What a file holds does not read back whole (a checksum, impossible values): it is
     reported, never "repaired" by guessing. A ValueError too, as h5py's own words for such
     files were before."""
+
+
+DAMAGED_VALUE_ERRORS: tuple[type[Exception], ...] = (
+    KeyError, IndexError, UnicodeDecodeError, json.JSONDecodeError)
+"""What reading a damaged file's values raises in our code (a code or row out of range,
+text that does not decode, JSON that does not parse), besides h5py's own errors."""
 
 
 class FileBusyError(SinkError, BlockingIOError):

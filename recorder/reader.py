@@ -35,7 +35,13 @@ import numpy as np
 import numpy.typing as npt
 
 from recorder.client.values import PVSample, ValueKind
-from recorder.errors import DamagedFileError, FileFormatError, NotInFileError, RecorderError
+from recorder.errors import (
+    DAMAGED_VALUE_ERRORS,
+    DamagedFileError,
+    FileFormatError,
+    NotInFileError,
+    RecorderError,
+)
 from recorder.reader_align import SCALAR_KINDS, _concat_masked, _pick, _scalar_pvs, aligned_table
 from recorder.reader_rows import (
     _column_items,
@@ -151,7 +157,7 @@ def _damage(path: Path, exc: BaseException) -> DamagedFileError | None:
     from_h5py = tb is not None and "h5py" in Path(tb.tb_frame.f_code.co_filename).parts
     if from_h5py and isinstance(exc, (KeyError, RuntimeError, OSError)):
         text = str(exc.args[0]) if exc.args else str(exc)
-    elif isinstance(exc, (KeyError, IndexError, UnicodeDecodeError, json.JSONDecodeError)):
+    elif isinstance(exc, DAMAGED_VALUE_ERRORS):
         text = f"{type(exc).__name__}: {exc}"  # a value of the file that cannot be
     else:
         return None
@@ -221,11 +227,9 @@ class RecordingFile:
         attrs = self.h5.attrs
         # keys() reads them all (damage shows as an error), where .get() would say None
         if "format" not in attrs.keys() or attrs["format"] != "k2eg-recorder":  # noqa: SIM118
-            self.h5.close()
             raise FileFormatError(f"{self.path} is not a k2eg-recorder file")
         version = str(attrs.get("format_version", ""))
         if version.split(".", maxsplit=1)[0] not in SUPPORTED_MAJORS:
-            self.h5.close()
             raise FileFormatError(f"{self.path}: unsupported format_version {version!r}")
         self.attrs: dict[str, Any] = {k: plain(v) for k, v in attrs.items()}
         self.layout = str(self.attrs.get("layout", "final"))
@@ -463,9 +467,10 @@ class RecordingFile:
             keys, n = view.samples["pv"], len(view.pv_names)
             outside = np.flatnonzero((keys < 0) | (keys >= n)) if len(keys) else keys[:0]
             if len(outside):  # else their values would be left out without a word
-                shown = ", ".join(map(str, outside[:10].tolist()))
-                raise DamagedFileError(f"{self.path}: damaged: /live/samples/pv: rows {shown}"
-                                       f"{' ...' if len(outside) > 10 else ''}: no such PV")
+                from recorder.verify import _listed  # verify's words for the same damage
+
+                raise DamagedFileError(f"{self.path}: damaged: /live/samples/pv: rows "
+                                       f"{_listed(outside.tolist())}: no such PV")
             self._live_index = _group_index(keys, n)
         order, bounds = self._live_index
         col = self._live_col(pv)

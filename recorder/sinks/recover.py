@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import h5py
 
-from recorder.errors import DamagedFileError, FileBusyError
+from recorder.errors import DAMAGED_VALUE_ERRORS, DamagedFileError, FileBusyError
 from recorder.sinks.finalize import FINAL_SUFFIX, finalize
 from recorder.sinks.livefile import read_commit
 from recorder.sinks.options import PARTIAL_SUFFIX, final_path
@@ -73,7 +72,7 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
         # another tool or a second look; h5py's errors of a damaged file are KeyErrors
         if original is not None and path.exists():
             restore_superblock(path, original)
-        if isinstance(exc, (KeyError, IndexError, UnicodeDecodeError, json.JSONDecodeError)):
+        if isinstance(exc, DAMAGED_VALUE_ERRORS):
             # h5py's KeyError for damaged metadata; the others, damaged values (a PV or
             # iteration row out of range, text that does not decode)
             what = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

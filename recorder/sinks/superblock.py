@@ -87,27 +87,20 @@ def stored_eof(path: Path) -> int | None:
 def clear_consistency_flags(path: Path) -> bytes | None:
     """Set the flags to 0 and fix the checksum; returns the superblock as it was when
     something changed (for :func:`restore_superblock`), else None."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        head = os.pread(fd, 12, 0)
-        if head[:8] != SIGNATURE or head[8] not in (2, 3):
-            raise ValueError(f"{path}: not an HDF5 file with a version 2/3 superblock")
-        size_off = head[9]
-        body_len = 12 + 4 * size_off
-        body = bytearray(os.pread(fd, body_len + 4, 0))
-        (stored,) = struct.unpack("<I", body[body_len:])
-        if lookup3(bytes(body[:body_len])) != stored:
-            raise ValueError(f"{path}: superblock checksum mismatch")
-        if body[11] == 0:
-            return None
-        original = bytes(body)
-        body[11] = 0
-        body[body_len:] = struct.pack("<I", lookup3(bytes(body[:body_len])))
-        os.pwrite(fd, bytes(body), 0)
-        os.fsync(fd)
-        return original
-    finally:
-        os.close(fd)
+    original = superblock_bytes(path)
+    if not original:
+        raise ValueError(f"{path}: not an HDF5 file with a version 2/3 superblock")
+    body_len = len(original) - 4
+    (stored,) = struct.unpack("<I", original[body_len:])
+    if lookup3(original[:body_len]) != stored:
+        raise ValueError(f"{path}: superblock checksum mismatch")
+    if original[11] == 0:
+        return None
+    body = bytearray(original)
+    body[11] = 0
+    body[body_len:] = struct.pack("<I", lookup3(bytes(body[:body_len])))
+    restore_superblock(path, bytes(body))
+    return original
 
 
 def superblock_bytes(path: Path) -> bytes:
@@ -121,8 +114,9 @@ def superblock_bytes(path: Path) -> bytes:
 
 
 def restore_superblock(path: Path, original: bytes) -> None:
-    """Put back the superblock :func:`clear_consistency_flags` returned (the file was not
-    recovered: it stays byte for byte as it was)."""
+    """Write the superblock ``original`` at the start of the file and sync it: the cleared
+    one, or the one :func:`clear_consistency_flags` returned (the file was not recovered:
+    it stays byte for byte as it was)."""
     fd = os.open(path, os.O_WRONLY)
     try:
         os.pwrite(fd, original, 0)
