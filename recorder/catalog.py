@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from recorder.errors import FileFormatError
+from recorder.errors import DamagedFileError, FileFormatError
 from recorder.sinks.describe import plain
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import read_commit
@@ -323,8 +323,11 @@ def scan(
         seen.add(key)
         try:
             entry = describe_file(path)
-        except FileFormatError:
-            out.foreign.append(path)
+        except FileFormatError as exc:
+            if not isinstance(exc, DamagedFileError):  # ours, but damaged: unreadable
+                out.foreign.append(path)
+                continue
+            out.unreadable.append((path, str(exc)))
             continue
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             why = str(exc)

@@ -86,6 +86,12 @@ class DamagedFileError(FileFormatError, ValueError):
     files were before."""
 
 
+class HeapLoopError(DamagedFileError, OSError):
+    """A global-heap collection of the file is damaged in the way HDF5 loops on for ever
+    (:mod:`recorder.sinks.globalheap`): the file is refused before HDF5 reads it. An OSError
+    too, as the other reasons a file cannot be opened are."""
+
+
 DAMAGED_VALUE_ERRORS: tuple[type[Exception], ...] = (
     KeyError, IndexError, UnicodeDecodeError, json.JSONDecodeError)
 """What reading a damaged file's values raises in our code (a code or row out of range,

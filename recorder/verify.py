@@ -48,7 +48,7 @@ from recorder.catalog import candidates, live_status
 from recorder.sinks.buffer import ITERATION_COLUMNS, ITERATION_REASONS, ITERATION_STATUS
 from recorder.sinks.codec import F_FRAME, F_USER_TAG, POOL_NAMES, STRING_DTYPE_CODE
 from recorder.sinks.describe import plain
-from recorder.sinks.h5open import open_for_reading
+from recorder.sinks.h5open import check_heap, open_for_reading
 from recorder.sinks.livefile import read_commit, read_pv_names
 from recorder.sinks.options import PARTIAL_SUFFIX
 
@@ -151,6 +151,8 @@ def verify_file(path: str | os.PathLike[str], *, data: bool = False) -> Report:
     checker = _Checker(report, data=data)
     try:
         partial = report.path.name.endswith(PARTIAL_SUFFIX)
+        if data and not partial:  # a .partial no writer holds is scanned as it opens
+            check_heap(report.path)
         with open_for_reading(report.path, live_first=partial) as f:
             checker.check(f)
     except OSError as exc:

@@ -139,6 +139,8 @@ def _child(argv: list[str]) -> int:
     partial = Path(argv[0])
     try:
         answer = {"final": str(recover_file(partial, by=RESUMED_BY))}
+    except DamagedFileError as exc:  # before OSError: a HeapLoopError is one too
+        answer = {"error": str(exc), "kind": "damaged"}
     except OSError as exc:
         answer = {"error": str(exc), "kind": "os"}
     except (ValueError, RuntimeError, RecorderError) as exc:

@@ -15,6 +15,12 @@ default, sleeping 1 ns, 2 ns, 4 ns ... between them, so that one *damaged* metad
   superblock, the check HDF5 makes itself in normal mode; a writer can be caught between
   writing the superblock and extending the file, so a short file gets a few looks before it
   is called truncated.
+
+A third guard is not HDF5's doing: HDF5 2.0 loops for ever, holding the GIL, on a global-heap
+collection a power loss zero-filled. Before a file no writer holds opens in SWMR mode (a file
+left by a crash), :func:`check_heap` scans it for such collections
+(:mod:`recorder.sinks.globalheap`, ~0.4 s per GB) and refuses it with
+:class:`~recorder.errors.HeapLoopError`; ``verify --data`` scans finalized files too.
 """
 
 from __future__ import annotations
@@ -30,9 +36,13 @@ from typing import Any
 import h5py
 from h5py import h5f
 
+from recorder.errors import HeapLoopError
+from recorder.sinks.globalheap import looping_collections
 from recorder.sinks.superblock import stored_eof
+from recorder.sinks.writelock import writer_active
 
-__all__ = ["METADATA_READ_ATTEMPTS", "open_for_reading", "open_live", "truncation"]
+__all__ = ["METADATA_READ_ATTEMPTS", "check_heap", "open_for_reading", "open_live",
+           "truncation"]
 
 LOOKS = 5
 LOOK_INTERVAL_S = 0.05
@@ -65,6 +75,8 @@ def open_for_reading(path: str | os.PathLike[str], *, live_first: bool = False,
     if live_first:
         try:
             return open_live(path, **kwargs)
+        except HeapLoopError:
+            raise
         except OSError as exc:
             if "truncated file" in str(exc):
                 raise
@@ -84,6 +96,7 @@ def open_live(path: str | os.PathLike[str], **kwargs: Any) -> h5py.File:
     why = truncation(path)
     if why is not None:
         raise OSError(f"Unable to open {path} ({why})")
+    check_heap(path)
     set_attempts = _set_metadata_read_attempts()
     if set_attempts is None:  # not the libhdf5 we know how to reach: HDF5's own default
         return h5py.File(path, "r", swmr=True, **kwargs)
@@ -93,6 +106,20 @@ def open_live(path: str | os.PathLike[str], **kwargs: Any) -> h5py.File:
             raise OSError(f"Unable to open {path} (cannot set the metadata read attempts)")
         fid = h5f.open(os.fsencode(path), h5f.ACC_RDONLY | h5f.ACC_SWMR_READ, fapl=fapl)
     return h5py.File(fid)
+
+
+def check_heap(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`~recorder.errors.HeapLoopError` when the file at ``path`` has a
+    global-heap collection HDF5 would loop on for ever. Files a writer holds (its writer
+    lock) are not scanned: they are being written, so a collection may be caught half-way,
+    and a healthy writer does not leave zeros. OSError when it cannot be read."""
+    path = Path(path)
+    if writer_active(path):
+        return
+    loops = looping_collections(path)
+    if loops:
+        more = f" (and {len(loops) - 1} more)" if len(loops) > 1 else ""
+        raise HeapLoopError(f"Unable to open {path} ({loops[0].describe()}{more})")
 
 
 @functools.cache

@@ -10,6 +10,7 @@ import h5py
 
 from recorder.errors import DAMAGED_VALUE_ERRORS, DamagedFileError, FileBusyError
 from recorder.sinks.finalize import FINAL_SUFFIX, finalize
+from recorder.sinks.h5open import check_heap
 from recorder.sinks.livefile import read_commit
 from recorder.sinks.options import PARTIAL_SUFFIX, final_path
 from recorder.sinks.superblock import clear_consistency_flags, restore_superblock
@@ -29,7 +30,8 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
     writer died are marked incomplete (``writer_crashed``); ``by`` completes the reason
     ("recovered by ..."). Raises :class:`FileBusyError`
     while a running writer holds the file (:mod:`recorder.sinks.writelock`), and
-    :class:`DamagedFileError` when what it holds does not read back (also when the finalized
+    :class:`DamagedFileError` when what it holds does not read back (:class:`HeapLoopError`,
+    an OSError too, for a global heap HDF5 would loop on; also when the finalized
     file would not pass ``check``, e.g. ``k2eg-recorder verify``): the file is then left as
     it was, byte for byte, and no final file is written.
     """
@@ -45,6 +47,7 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
             f"{path} is being written: a running writer holds its lock (not touched; "
             "stop the run, or wait until it is finalized)"
         )
+    check_heap(path)  # HeapLoopError: HDF5 would loop for ever reading it (nothing touched)
     stale = path.with_name(final_path(path).name + FINAL_SUFFIX)
     stale.unlink(missing_ok=True)  # an interrupted finalization
     original = clear_consistency_flags(path)  # put back if it cannot be recovered

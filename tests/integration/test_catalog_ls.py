@@ -678,3 +678,109 @@ def test_a_parent_directory_is_not_searched_and_ls_and_verify_say_where_files_ar
     # a directory with files of its own, or one without any below it: no note
     assert ls(str(data / "alpha")).stderr == ""
     assert ls(str(data / "empty")).stderr == ""
+
+
+def zero_first_heap_collection(path: Path) -> bytes:
+    """Zero-fill the objects of ``path``'s first global-heap collection ("GCOL", version,
+    3 reserved bytes, its size), as a power loss can leave them; returns the new bytes."""
+    whole = bytearray(path.read_bytes())
+    at = whole.find(b"GCOL\x01\x00\x00\x00")
+    size = int.from_bytes(whole[at + 8 : at + 16], "little")
+    assert at > 0 and 32 < size <= 65536, (at, size)
+    whole[at + 16 : at + size] = bytes(size - 16)
+    path.chmod(0o644)
+    path.write_bytes(whole)
+    return bytes(whole)
+
+
+def test_a_heap_hdf5_loops_on_is_refused_not_hung_on(
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path]
+) -> None:
+    """A zero-filled global-heap collection makes HDF5 2.0 loop for ever holding the GIL
+    (an object of size 0 never advances its parser). On such a leftover inspect, ls,
+    verify, recover, export and the reader hung for good (the 60 s timeouts here fail on
+    the code before recorder.sinks.globalheap); each now names the collection at once, and
+    recover leaves the file byte for byte. A finalized file is scanned by verify --data."""
+    from recorder.errors import HeapLoopError
+    from recorder.sinks.globalheap import looping_collections
+
+    proc, partial = gamma
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert looping_collections(partial) == []
+    whole = zero_first_heap_collection(partial)
+    (loop,) = looping_collections(partial)
+    assert whole[loop.collection : loop.collection + 4] == b"GCOL" and loop.size == 0
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "recorder.cli", *args], check=False,
+                              capture_output=True, text=True, timeout=60)
+
+    said = f"damaged global-heap collection at byte {loop.collection}"
+    for args in (["inspect"], ["ls"], ["verify"], ["verify", "--data"], ["recover"],
+                 ["export", "-o", str(tmp_path / "x.csv")]):
+        out = cli(*args[:1], str(partial), *args[1:])
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr, (args, out.stderr)
+        assert said in out.stdout + out.stderr, (args, out.stdout, out.stderr)
+    assert partial.read_bytes() == whole  # recover touched nothing
+    assert sorted(p.name for p in partial.parent.iterdir()) == [partial.name]
+    code = ("import sys\nfrom recorder.reader import open_file\n"
+            "try:\n    open_file(sys.argv[1])\nexcept OSError as e:\n"
+            "    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(partial)], check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("HeapLoopError Unable to open"), out.stdout + out.stderr
+    assert said in out.stdout
+
+    (final,) = record(tmp_path / "final", "alpha", T_ALPHA, 3)
+    assert looping_collections(final) == []
+    zero_first_heap_collection(final)
+    out = cli("verify", "--data", str(final))
+    assert out.returncode == 1 and "damaged global-heap collection" in out.stdout, out
+    with pytest.raises(HeapLoopError):
+        from recorder.sinks.h5open import check_heap
+
+        check_heap(final)
+
+
+def test_a_leftover_recovery_that_does_not_end_is_killed_and_leaves_the_file(
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The daemon's safety net for loops the heap scan does not know: the recovery child
+    (here a stand-in that clears the superblock's flags, starts the final file, and then
+    never ends) is killed after its deadline, the superblock is put back and the half-written
+    final file removed, so the leftover is byte for byte what it was."""
+    from recorder.daemon.leftovers import recover_in_child
+    from recorder.sinks.finalize import FINAL_SUFFIX
+    from recorder.sinks.options import final_path
+
+    proc, partial = gamma
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    before = partial.read_bytes()
+    marker = tmp_path / "cleared"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        exec {sys.executable} -c '
+        import sys, time
+        from pathlib import Path
+        from recorder.sinks.superblock import clear_consistency_flags
+        p = Path(sys.argv[-1])
+        clear_consistency_flags(p)
+        Path(sys.argv[-1][: -len(".partial")] + "{FINAL_SUFFIX}").write_bytes(b"half")
+        Path("{marker}").touch()
+        time.sleep(600)
+        ' "$@"
+        """))
+    stand_in.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(stand_in))
+    with pytest.raises(DamagedFileError, match=r"did not end within 3 s .* was killed"):
+        recover_in_child(partial, timeout_s=3)
+    assert marker.exists()  # the stand-in did change the file before it was killed
+    assert partial.read_bytes() == before
+    final = final_path(partial)
+    assert not final.with_name(final.name + FINAL_SUFFIX).exists()
+    assert sorted(p.name for p in partial.parent.iterdir()) == [partial.name]

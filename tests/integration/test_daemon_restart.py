@@ -152,7 +152,8 @@ def test_a_damaged_leftover_is_left_for_the_operator_and_the_recording_goes_on(
     0013). ``heap-loop``: the global-heap block of the root's strings zero-filled, as a
     power loss can leave it; HDF5 2.0 loops for ever on it holding the GIL, which froze the
     whole daemon (every run, the watchdog) until the recovery moved to a child process with
-    a deadline (RECORDER_LEFTOVER_TIMEOUT_S, 3 s here)."""
+    a deadline (RECORDER_LEFTOVER_TIMEOUT_S, 3 s here); the child now finds the collection
+    before HDF5 reads it (recorder.sinks.globalheap) and says where it is."""
     snap = unique_name("damaged").replace("-", "_")
     data = tmp_path / "data"
     config = tmp_path / "runs.yaml"
@@ -193,7 +194,8 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
                  "the resumed recording")
         assert "could not recover a leftover file" in second.log_text()
         if damage == "heap-loop":
-            assert "the process was killed" in second.log_text()
+            assert "damaged global-heap collection at byte" in second.log_text()
+            assert "the process was killed" not in second.log_text()
         second.signal(signal.SIGTERM)
         assert second.wait(60) == 0, second.log_text()[-3000:]
     assert leftover.read_bytes() == whole
