@@ -1,4 +1,13 @@
-"""HDF5 filter keyword arguments for h5py ``create_dataset`` (gzip, lzf, zstd, blosc2)."""
+"""HDF5 filter keyword arguments for h5py ``create_dataset`` (gzip, lzf, zstd, blosc2).
+
+Stored chunks carry a checksum whatever the compression but ``none``: gzip's deflate stream
+has its own (zlib's Adler-32), and lzf, zstd and blosc2 chunks get HDF5's ``fletcher32``
+filter after the compressor (built into every HDF5 library, so no reader needs more than the
+compressor itself), so that a damaged chunk fails to read instead of reading back as other
+values (``k2eg-recorder verify --data``). ``none`` stays unfiltered: fletcher32 there made a
+plain read ~7x slower (32 MB of float64: 0.011 -> 0.076 s), the cost of the other three's
+decompression.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ from recorder.sinks.options import Compression, OutputOptions
 
 DEFAULT_LEVELS = {Compression.GZIP: 4, Compression.ZSTD: 3, Compression.BLOSC2: 5}
 LZF_FILTER = "lzf (h5py; other HDF5 readers need its LZF plugin)"
+CHECKSUM = {"fletcher32": True}  # after the compressor: the stored bytes are checked
 LIVE_LEVELS = {Compression.GZIP: 1, Compression.ZSTD: 1, Compression.BLOSC2: 1}
 
 
@@ -34,7 +44,7 @@ def filter_kwargs(
     if comp is Compression.GZIP:
         return {"compression": "gzip", "compression_opts": level, "shuffle": shuffle}, None
     if comp is Compression.LZF:  # in h5py, not in libhdf5: h5dump cannot decode it alone
-        return {"compression": "lzf", "shuffle": shuffle}, LZF_FILTER
+        return {"compression": "lzf", "shuffle": shuffle, **CHECKSUM}, LZF_FILTER
     try:
         import hdf5plugin
     except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -42,10 +52,11 @@ def filter_kwargs(
             f"compression {comp.value!r} needs the hdf5plugin package (pip install hdf5plugin)"
         ) from exc
     if comp is Compression.ZSTD:
-        return {**hdf5plugin.Zstd(clevel=level), "shuffle": shuffle}, "zstd (hdf5plugin)"
+        return ({**hdf5plugin.Zstd(clevel=level), "shuffle": shuffle, **CHECKSUM},
+                "zstd (hdf5plugin)")
     blosc_shuffle = hdf5plugin.Blosc2.SHUFFLE if shuffle else hdf5plugin.Blosc2.NOFILTER
     return (
-        dict(hdf5plugin.Blosc2(cname="zstd", clevel=level, filters=blosc_shuffle)),
+        {**hdf5plugin.Blosc2(cname="zstd", clevel=level, filters=blosc_shuffle), **CHECKSUM},
         "blosc2 (hdf5plugin)",
     )
 

@@ -377,6 +377,49 @@ def test_a_damaged_block_shows_with_data(files: list[Path], tmp_path: Path) -> N
     assert out.returncode == 1 and "FAIL  " in out.stdout and "/pvs/W/value" in out.stdout
 
 
+@pytest.mark.parametrize("compression", ["lzf", "zstd", "blosc2", "none"])
+def test_a_damaged_chunk_shows_with_data_whatever_the_compression(
+    tmp_path: Path, compression: str
+) -> None:
+    """lzf, zstd and blosc2 chunks keep no checksum of their own (gzip's deflate stream
+    does): their datasets carry HDF5's fletcher32 after the compressor, so bytes changed in
+    a stored chunk fail to read (verify --data, the reader) instead of reading back as
+    other values, which they did before. ``none`` stays unfiltered: its damage is not seen
+    (the README says so)."""
+    rng = np.random.default_rng(3)
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "out",
+                                      compression=Compression(compression)), run_name="c")
+    for i in range(400):
+        write_iteration(rec, i, [PVSample("W", {"value": np.round(rng.normal(size=256),
+                                                                  3).tolist()})])
+    (path,) = rec.close()
+    assert verify_file(path, data=True).ok
+    with h5py.File(path, "r") as f:
+        ds = f["pvs/W/value"]
+        assert ds.fletcher32 is (compression != "none")
+        before = ds[()]
+        info = ds.id.get_chunk_info(1)
+    path.chmod(0o644)
+    with path.open("r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(b"\x5a" * 8)
+    assert verify_file(path).ok  # the structure is intact
+    report = verify_file(path, data=True)
+    if compression == "none":
+        assert report.ok
+        with h5py.File(path, "r") as f:
+            assert not np.array_equal(f["pvs/W/value"][()], before)  # read back as others
+        return
+    assert [p.where for p in report.errors] == ["/pvs/W/value"], report.problems
+    assert "cannot read its data" in report.errors[0].message
+    code = ("import sys\nfrom recorder.reader import open_file\n"
+            "with open_file(sys.argv[1]) as f:\n    f.values('W')\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], check=False,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and f"DamagedFileError: {path}: damaged: " in out.stderr, \
+        out.stderr[-2000:]
+
+
 def test_plugin_filter_must_be_named(files: list[Path], tmp_path: Path) -> None:
     first = sorted(p for p in files if "/seg/" in str(p))[0]
     copy = tmp_path / "zstd.h5"
