@@ -22,41 +22,37 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from recorder.sinks.superblock import SIGNATURE
+
 __all__ = ["HeapLoop", "looping_collections"]
 
-_SIGNATURE: Final = b"GCOL\x01\x00\x00\x00"  # signature, version 1, 3 reserved bytes
+_COLLECTION: Final = b"GCOL\x01\x00\x00\x00"  # signature, version 1, 3 reserved bytes
 _ALIGN: Final = 8  # H5HG_ALIGNMENT
 _WRAPS: Final = 1 << 63  # an object size this large wraps HDF5's pointer (never valid)
-_SUPERBLOCK: Final = b"\x89HDF\r\n\x1a\n"
 # an object's header by the file's size of lengths: index, (references, reserved), size
 _OBJECT_HEADERS: Final = {n: struct.Struct(f"<H6x{c}") for n, c in ((2, "H"), (4, "I"), (8, "Q"))}
 
 
+@dataclass(frozen=True, slots=True)
 class HeapLoop:
     """A collection HDF5 would loop on: where it starts and where its walk stops."""
 
-    __slots__ = ("collection", "object", "size")
-
-    def __init__(self, collection: int, obj: int, size: int) -> None:
-        self.collection = collection  # byte offset of its "GCOL" signature in the file
-        self.object = obj  # byte offset of the object header the walk cannot pass
-        self.size = size  # that object's size field
-
-    def __repr__(self) -> str:
-        return f"HeapLoop(collection={self.collection}, object={self.object}, size={self.size})"
+    collection: int  # byte offset of its "GCOL" signature in the file
+    object: int  # byte offset of the object header the walk cannot pass
+    size: int  # that object's size field
 
     def describe(self) -> str:
-        what = "size 0" if self.size == 0 else f"size {self.size}"
         return (f"damaged global-heap collection at byte {self.collection}: its object at "
-                f"byte {self.object} has {what}, on which HDF5 loops for ever")
+                f"byte {self.object} has size {self.size}, on which HDF5 loops for ever")
 
 
 def length_size(head: bytes) -> int:
     """The "size of lengths" of a version 2/3 superblock (8 unless the file says otherwise)."""
-    if head[:8] == _SUPERBLOCK and len(head) >= 11 and head[8] in (2, 3) \
+    if head[:8] == SIGNATURE and len(head) >= 11 and head[8] in (2, 3) \
             and head[10] in (2, 4, 8):
         return head[10]
     return 8
@@ -68,7 +64,7 @@ def looping_collections(path: str | os.PathLike[str]) -> list[HeapLoop]:
     read."""
     with open(Path(path), "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
-        if size < len(_SIGNATURE):
+        if size < len(_COLLECTION):
             return []
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             if hasattr(mmap, "MADV_SEQUENTIAL"):
@@ -78,14 +74,14 @@ def looping_collections(path: str | os.PathLike[str]) -> list[HeapLoop]:
 
 def _scan(mm: mmap.mmap, file_size: int, lsize: int) -> list[HeapLoop]:
     found: list[HeapLoop] = []
-    at = mm.find(_SIGNATURE)
+    at = mm.find(_COLLECTION)
     while at >= 0:
         csize = int.from_bytes(mm[at + 8 : at + 8 + lsize], "little")
         if 2 * (8 + lsize) <= csize <= file_size - at:  # a header and an object at least
             loop = _walk(mm, at, csize, lsize)
             if loop is not None:
                 found.append(loop)
-        at = mm.find(_SIGNATURE, at + 1)
+        at = mm.find(_COLLECTION, at + 1)
     return found
 
 
