@@ -151,7 +151,7 @@ def verify_file(path: str | os.PathLike[str], *, data: bool = False) -> Report:
     checker = _Checker(report, data=data)
     try:
         partial = report.path.name.endswith(PARTIAL_SUFFIX)
-        if data and not partial:  # a .partial no writer holds is scanned as it opens
+        if not partial:  # a .partial no writer holds is scanned as it opens
             check_heap(report.path)
         with open_for_reading(report.path, live_first=partial) as f:
             checker.check(f)

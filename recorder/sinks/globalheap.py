@@ -11,10 +11,14 @@ handler, no other Python thread runs). A power loss can leave such zeros in a fi
 written; bit rot can put them anywhere.
 
 :func:`looping_collections` finds such collections with a scan of the file's bytes (about
-0.4 s per GB from the page cache): every ``GCOL`` signature of version 1 with its reserved
-bytes zero and a size that fits the file, walked as HDF5 walks it. It reports only the
-collections on which that walk would not advance (size 0, or a size so large the pointer
-would wrap): the hangs. Anything else HDF5 reports itself. Pure code: no h5py.
+0.4 s per GB from the page cache): every ``GCOL`` signature of version 1 (HDF5 checks
+nothing more) with a size that fits the file, walked as HDF5 walks it. It reports only the
+collections on which that walk would not advance (an object of size 0) or would step
+backwards (a size that wraps the pointer): the hangs. A walk that runs past the end is
+HDF5's own error, and signatures inside a sound collection (in a string, say) are its
+objects' bytes, not collections. Signatures in raw data (a string PV's bytes in a live
+file's pool) cannot be told apart here; :func:`recorder.sinks.h5open.check_heap` drops
+those that lie in a dataset's storage. Pure code: no h5py.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from recorder.sinks.superblock import SIGNATURE
 
 __all__ = ["HeapLoop", "looping_collections"]
 
-_COLLECTION: Final = b"GCOL\x01\x00\x00\x00"  # signature, version 1, 3 reserved bytes
+_COLLECTION: Final = b"GCOL\x01"  # signature, version 1 (HDF5 skips the 3 reserved bytes)
 _ALIGN: Final = 8  # H5HG_ALIGNMENT
-_WRAPS: Final = 1 << 63  # an object size this large wraps HDF5's pointer (never valid)
+_SIZE_T: Final = 1 << 64
+_BACKWARDS: Final = _SIZE_T - (1 << 48)  # a step this large wraps any user-space pointer
 # an object's header by the file's size of lengths: index, (references, reserved), size
 _OBJECT_HEADERS: Final = {n: struct.Struct(f"<H6x{c}") for n, c in ((2, "H"), (4, "I"), (8, "Q"))}
 
@@ -44,10 +49,16 @@ class HeapLoop:
     collection: int  # byte offset of its "GCOL" signature in the file
     object: int  # byte offset of the object header the walk cannot pass
     size: int  # that object's size field
+    backwards: bool = False  # the size wraps HDF5's pointer backwards (else: size 0)
 
     def describe(self) -> str:
+        what = ("which sends HDF5's parser backwards (it loops for ever or reads outside the "
+                "collection)" if self.backwards else "on which HDF5 loops for ever")
         return (f"damaged global-heap collection at byte {self.collection}: its object at "
-                f"byte {self.object} has size {self.size}, on which HDF5 loops for ever")
+                f"byte {self.object} has size {self.size}, {what}")
+
+
+_OVERRUN: Final = HeapLoop(-1, -1, -1)  # _walk: the walk runs past the end (HDF5's error)
 
 
 def length_size(head: bytes) -> int:
@@ -74,19 +85,24 @@ def looping_collections(path: str | os.PathLike[str]) -> list[HeapLoop]:
 
 def _scan(mm: mmap.mmap, file_size: int, lsize: int) -> list[HeapLoop]:
     found: list[HeapLoop] = []
+    sound_until = 0  # the end of the last sound collection: what lies inside is its objects
     at = mm.find(_COLLECTION)
     while at >= 0:
         csize = int.from_bytes(mm[at + 8 : at + 8 + lsize], "little")
-        if 2 * (8 + lsize) <= csize <= file_size - at:  # a header and an object at least
+        if at >= sound_until and 2 * (8 + lsize) <= csize <= file_size - at:
             loop = _walk(mm, at, csize, lsize)
-            if loop is not None:
+            if loop is None:
+                sound_until = at + csize
+            elif loop is not _OVERRUN:
                 found.append(loop)
         at = mm.find(_COLLECTION, at + 1)
     return found
 
 
 def _walk(mm: mmap.mmap, at: int, csize: int, lsize: int) -> HeapLoop | None:
-    """The collection at ``at`` walked as HDF5 walks it: where it would stop advancing.
+    """The collection at ``at`` walked as HDF5 walks it: None when the walk ends exactly at
+    its end (a sound collection), :data:`_OVERRUN` when it runs past it (HDF5 reports an
+    error), else where it steps by 0 or backwards. Arithmetic modulo 2**64, as C's size_t.
     The collection's header (H5HG_SIZEOF_HDR: signature, version, reserved, size) and an
     object's (H5HG_SIZEOF_OBJHDR: index, references, reserved, size) are both 8 + lsize."""
     obj_header = 8 + lsize
@@ -97,9 +113,13 @@ def _walk(mm: mmap.mmap, at: int, csize: int, lsize: int) -> HeapLoop | None:
         if p + obj_header > end:  # too small for a header: free space, the end
             return None
         idx, osize = unpack(mm, p)
-        # the free space (index 0) counts its own header and is not padded
-        need = obj_header + (osize + _ALIGN - 1) // _ALIGN * _ALIGN if idx > 0 else osize
-        if need == 0 or need >= _WRAPS:
-            return HeapLoop(at, p, osize)
+        if idx > 0:  # header + size padded to 8; the free space (index 0) counts its header
+            need = (obj_header + (osize + _ALIGN - 1) % _SIZE_T // _ALIGN * _ALIGN) % _SIZE_T
+        else:
+            need = osize
+        if need == 0 or need >= _BACKWARDS:
+            return HeapLoop(at, p, osize, backwards=need != 0)
+        if p + need > end:
+            return _OVERRUN
         p += need
     return None

@@ -25,6 +25,7 @@ left by a crash), :func:`check_heap` scans it for such collections
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import os
@@ -91,12 +92,17 @@ def open_for_reading(path: str | os.PathLike[str], *, live_first: bool = False,
 
 def open_live(path: str | os.PathLike[str], **kwargs: Any) -> h5py.File:
     """``path`` opened in SWMR read mode with a bounded number of metadata read attempts
-    (see the module's docstring); refuses a truncated file at once (OSError)."""
+    (see the module's docstring); refuses a truncated file at once (OSError), and a file no
+    writer holds whose global heap HDF5 would loop on (:class:`HeapLoopError`)."""
     path = Path(path)
     why = truncation(path)
     if why is not None:
         raise OSError(f"Unable to open {path} ({why})")
     check_heap(path)
+    return _open_swmr(path, **kwargs)
+
+
+def _open_swmr(path: Path, **kwargs: Any) -> h5py.File:
     set_attempts = _set_metadata_read_attempts()
     if set_attempts is None:  # not the libhdf5 we know how to reach: HDF5's own default
         return h5py.File(path, "r", swmr=True, **kwargs)
@@ -112,14 +118,51 @@ def check_heap(path: str | os.PathLike[str]) -> None:
     """Raise :class:`~recorder.errors.HeapLoopError` when the file at ``path`` has a
     global-heap collection HDF5 would loop on for ever. Files a writer holds (its writer
     lock) are not scanned: they are being written, so a collection may be caught half-way,
-    and a healthy writer does not leave zeros. OSError when it cannot be read."""
+    and a healthy writer does not leave zeros. What the byte scan finds inside a dataset's
+    stored data (a string PV's bytes in a live file's pool) is data, not a collection.
+    OSError when it cannot be read."""
     path = Path(path)
     if writer_active(path):
         return
     loops = looping_collections(path)
     if loops:
+        stored = _stored_data(path)
+        starts = [start for start, _end in stored]
+        loops = [loop for loop in loops
+                 if not (i := bisect.bisect_right(starts, loop.collection))
+                 or loop.collection >= stored[i - 1][1]]
+    if loops:
         more = f" (and {len(loops) - 1} more)" if len(loops) > 1 else ""
         raise HeapLoopError(f"Unable to open {path} ({loops[0].describe()}{more})")
+
+
+def _stored_data(path: Path) -> list[tuple[int, int]]:
+    """(start, end) byte ranges of every dataset's stored data (chunks, contiguous blocks),
+    sorted; read from the file's metadata only (checksummed, and never the global heap).
+    ``[]`` when the file cannot be opened (then every collection found counts)."""
+    ranges: list[tuple[int, int]] = []
+
+    def visit(_name: str, obj: Any) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        dsid = obj.id
+        if obj.chunks is not None:
+            dsid.chunk_iter(lambda c: ranges.append((c.byte_offset, c.byte_offset + c.size)))
+        else:
+            offset = dsid.get_offset()
+            if offset is not None:  # contiguous (compact data is in its object header)
+                ranges.append((offset, offset + dsid.get_storage_size()))
+
+    try:
+        try:
+            f = h5py.File(path, "r")
+        except OSError:
+            f = _open_swmr(path)
+        with f:
+            f.visititems(visit)
+    except (OSError, KeyError, ValueError, RuntimeError):
+        pass  # damaged metadata: the ranges read so far (fewer ranges, no false refusal more)
+    return sorted(ranges)
 
 
 @functools.cache

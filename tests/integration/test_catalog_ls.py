@@ -700,7 +700,7 @@ def test_a_heap_hdf5_loops_on_is_refused_not_hung_on(
     (an object of size 0 never advances its parser). On such a leftover inspect, ls,
     verify, recover, export and the reader hung for good (the 60 s timeouts here fail on
     the code before recorder.sinks.globalheap); each now names the collection at once, and
-    recover leaves the file byte for byte. A finalized file is scanned by verify --data."""
+    recover leaves the file byte for byte. verify scans finalized files too."""
     from recorder.errors import HeapLoopError
     from recorder.sinks.globalheap import looping_collections
 
@@ -736,8 +736,9 @@ def test_a_heap_hdf5_loops_on_is_refused_not_hung_on(
     (final,) = record(tmp_path / "final", "alpha", T_ALPHA, 3)
     assert looping_collections(final) == []
     zero_first_heap_collection(final)
-    out = cli("verify", "--data", str(final))
-    assert out.returncode == 1 and "damaged global-heap collection" in out.stdout, out
+    for args in (["verify"], ["verify", "--data"]):
+        out = cli(*args, str(final))
+        assert out.returncode == 1 and "damaged global-heap collection" in out.stdout, out
     with pytest.raises(HeapLoopError):
         from recorder.sinks.h5open import check_heap
 
@@ -784,3 +785,57 @@ def test_a_leftover_recovery_that_does_not_end_is_killed_and_leaves_the_file(
     final = final_path(partial)
     assert not final.with_name(final.name + FINAL_SUFFIX).exists()
     assert sorted(p.name for p in partial.parent.iterdir()) == [partial.name]
+
+
+STRING_LEFTOVER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from recorder.client.events import IterationClosed, IterationOpened, IterationStatus
+    from recorder.client.events import ValuesReceived
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+
+    # a string value holding exactly the bytes of a zero-filled global-heap collection
+    fake = "GCOL\\x01\\x00\\x00\\x00" + "\\x00\\x10" + "\\x00" * 54
+    rec = HDF5Recording(OutputOptions(directory=Path(sys.argv[1])), run_name="fp",
+                        pv_uris=["pva://S"])
+    for i in range(1, 4):
+        ns = time.time_ns()
+        rec.handle(IterationOpened("t", "fp", i, ns))
+        rec.handle(ValuesReceived("t", i, 1, ns, (PVSample("S", {"value": fake}),), offset=i))
+        rec.handle(IterationClosed("t", "fp", i, IterationStatus.COMPLETE, None, ns, ns,
+                                   offset=i))
+    rec.flush()
+    print(rec.current_path, flush=True)
+    os._exit(0)  # a crash: the .partial stays, no writer holds it
+    """
+)
+
+
+def test_a_string_value_that_looks_like_a_damaged_heap_is_data(tmp_path: Path) -> None:
+    """The byte scan finds the signature of a zero-filled collection in a string PV's
+    bytes (a live file keeps them in a pool dataset); those lie in a dataset's stored data,
+    so they are data: the leftover is read, recovered and verified as any other (it was
+    refused by every tool), and the finalized file, where the string sits inside a sound
+    collection, passes verify --data."""
+    from recorder.sinks.globalheap import looping_collections
+    from recorder.sinks.h5open import check_heap
+
+    out = subprocess.run([sys.executable, "-c", STRING_LEFTOVER, str(tmp_path)],
+                         check=True, capture_output=True, text=True, timeout=60)
+    partial = Path(out.stdout.split()[-1])  # the last line (log lines come first)
+    assert len(looping_collections(partial)) == 3  # the three values, seen as collections
+    check_heap(partial)  # ... but in the pool's chunks: no error
+    for args in (["inspect"], ["verify", "--data"]):
+        got = subprocess.run([sys.executable, "-m", "recorder.cli", *args, str(partial)],
+                             check=False, capture_output=True, text=True, timeout=60)
+        assert "global-heap" not in got.stdout + got.stderr, (args, got.stdout, got.stderr)
+    assert recover(str(partial)).returncode == 0
+    (final,) = tmp_path.glob("*.h5")
+    got = subprocess.run([sys.executable, "-m", "recorder.cli", "verify", "--data", str(final)],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stdout + got.stderr
+    with open_file(final) as rf:
+        assert rf.values("S").tolist() == ["GCOL\x01\x00\x00\x00\x00\x10" + "\x00" * 54] * 3

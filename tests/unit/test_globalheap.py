@@ -77,21 +77,52 @@ def test_objects_zeroed_after_good_ones_and_a_wrapping_size_are_found(
     assert second.collection == base + 4096 and second.size == (1 << 64) - 32
 
 
-@pytest.mark.parametrize("variant", ["version", "reserved", "too-big", "too-small"])
+@pytest.mark.parametrize("variant", ["version", "too-big", "too-small"])
 def test_signatures_that_are_not_collections_are_ignored(tmp_path: Path,
                                                           variant: str) -> None:
     """"GCOL" in data (a string value, compressed bytes) is a collection only with version
-    1, zero reserved bytes and a size that fits the file."""
+    1 and a size that fits the file."""
     zeroed = bytearray(b"GCOL\x01\x00\x00\x00" + (4096).to_bytes(8, "little") + bytes(4080))
     if variant == "version":
         zeroed[4] = 2
-    elif variant == "reserved":
-        zeroed[6] = 1
     elif variant == "too-big":
         zeroed[8:16] = (1 << 40).to_bytes(8, "little")
     else:
         zeroed[8:16] = (16).to_bytes(8, "little")
     assert looping_collections(write(tmp_path, bytes(zeroed))) == []
+
+
+def test_reserved_bytes_are_not_checked_as_hdf5_does_not(tmp_path: Path) -> None:
+    """HDF5 reads a collection whatever its 3 reserved bytes hold: one changed byte there
+    must not hide a zero-filled collection (it did)."""
+    zeroed = bytearray(b"GCOL\x01\x00\x00\x00" + (4096).to_bytes(8, "little") + bytes(4080))
+    zeroed[6] = 1
+    (loop,) = looping_collections(write(tmp_path, bytes(zeroed)))
+    assert loop.collection == 8 + 4 + 100 and not loop.backwards
+
+
+def test_a_signature_inside_a_sound_collection_is_its_data(tmp_path: Path) -> None:
+    """A string whose bytes look like a zero-filled collection, stored in a sound one (the
+    way a finalized file keeps string values): not reported."""
+    fake = b"GCOL\x01\x00\x00\x00" + (64).to_bytes(8, "little") + bytes(48)
+    path = write(tmp_path, collection([obj(1, b"before"), obj(2, fake), obj(3, b"after")]))
+    assert looping_collections(path) == []
+    alone = write(tmp_path, fake + bytes(64))  # the same bytes outside any collection
+    assert len(looping_collections(alone)) == 1
+
+
+@pytest.mark.parametrize(("size", "found"), [
+    ((1 << 64) - 20, True),  # wraps the pointer 20 bytes back: HDF5 walks in a circle
+    ((1 << 64) - 1, True),  # wraps 1 byte back (HDF5 then reads a garbage header)
+    (1 << 63, False),  # past the end: HDF5's "ran off end of input buffer" error
+    (4096 * 4, False),  # past the end too
+])
+def test_free_space_sizes_that_step_backwards(tmp_path: Path, size: int, found: bool) -> None:
+    heap = collection([obj(1, b"c"), obj(0, b"", size=size)])
+    loops = looping_collections(write(tmp_path, heap))
+    assert bool(loops) is found, loops
+    if found:
+        assert loops[0].backwards and "backwards" in loops[0].describe()
 
 
 def test_lengths_of_4_bytes_from_the_superblock(tmp_path: Path) -> None:
