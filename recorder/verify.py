@@ -32,6 +32,7 @@ No check writes to the file.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import stat
@@ -67,6 +68,11 @@ ROOT_REQUIRED = (
     "run_definition", "metadata", "pv_uri_map", "output_options", "required_plugins",
 )
 FINAL_REQUIRED = ("end_time", "end_time_ns", "n_iterations", "n_values")
+# text that is never empty, and times, when present: the global heap that holds root
+# attributes' text has no checksum, so zeroed bytes there read back as empty or cut text
+NONEMPTY_TEXT = ("creator", "creator_version", "hdf5_version", "h5py_version", "run_name",
+                 "recording_uid", "host", "status")
+TIME_TEXT = ("start_time", "segment_start_time", "end_time")
 JSON_ATTRS = ("metadata", "pv_uri_map", "output_options", "snapshot_properties",
               "unmatched_tags")
 FINAL_STATUSES = ("complete", "aborted", "failed")
@@ -219,6 +225,16 @@ class _Checker:
         for name in required:
             if name not in a:
                 self.err("/", f"root attribute {name!r} is missing")
+        for name in NONEMPTY_TEXT:
+            if name in a and not str(a[name]).strip():
+                self.err("/", f"root attribute {name!r} is empty")
+        for name in TIME_TEXT:
+            if name in a:
+                try:
+                    dt.datetime.fromisoformat(str(a[name]))
+                except ValueError:
+                    self.err("/", f"root attribute {name!r} is not an ISO 8601 time: "
+                             f"{str(a[name])!r}")
         for name in JSON_ATTRS:
             if name in a:
                 try:

@@ -232,6 +232,11 @@ FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
     ("attribute gone", _attr("run_name"), "/: root attribute 'run_name' is missing"),
     ("bad JSON attribute", _attr("pv_uri_map", "{oops"), "/: root attribute 'pv_uri_map' is "
      "not JSON"),
+    # text of the global heap (no checksum) zeroed: it reads back empty or cut short
+    ("empty identity", _attr("recording_uid", ""), "/: root attribute 'recording_uid' is "
+     "empty"),
+    ("cut time", _attr("start_time", "2026-11-2"), "/: root attribute 'start_time' is not "
+     "an ISO 8601 time: '2026-11-2'"),
     ("status of a live file", _attr("status", "recording"),
      "/: status 'recording' in a finalized file"),
     ("times reversed", _attr("end_time_ns", 1), "/: end_time_ns 1 is before start_time_ns"),
