@@ -28,7 +28,7 @@ import datetime as dt
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -302,10 +302,13 @@ def scan(
     run: str | Sequence[str] | None = None,
     since: str | int | None = None,
     until: str | int | None = None,
+    describe: Callable[[Path], FileEntry] = describe_file,
 ) -> Catalog:
     """Describe the recorder's files in ``paths`` (directories, not recursive, and files)
     and group them into recordings, oldest first. ``run`` keeps those runs; ``since`` /
-    ``until`` (ns, or text for :func:`parse_when`) keep the files that overlap the window."""
+    ``until`` (ns, or text for :func:`parse_when`) keep the files that overlap the window.
+    ``describe`` reads one file (the CLI passes :func:`describe_file` in a worker process
+    with a deadline, :class:`recorder.deadline.DeadlineWorker`)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     runs = {run} if isinstance(run, str) else None if run is None else set(run)
@@ -322,7 +325,7 @@ def scan(
             continue
         seen.add(key)
         try:
-            entry = describe_file(path)
+            entry = describe(path)
         except FileFormatError as exc:
             if not isinstance(exc, DamagedFileError):  # ours, but damaged: unreadable
                 out.foreign.append(path)

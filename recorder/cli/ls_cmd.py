@@ -13,6 +13,9 @@ Examples::
     k2eg-recorder ls /data/k2eg-recorder/* --run bpm-10hz --since 2026-11-22 --until 2026-11-23
     k2eg-recorder ls /data/k2eg-recorder/bpm --json | jq '.recordings[].files[].path'
 
+Each file is read in a worker process: one that does not answer within ``--file-timeout``
+(HDF5 loops for ever on some damaged files) is reported as unreadable and the rest listed.
+
 Exit status: 0, 1 when a file could not be read (named on stderr, the rest is listed),
 2 on bad usage (a time it cannot read, a PATH that does not exist, no PATH and no readable
 run definitions).
@@ -25,6 +28,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, TextIO
 
+from recorder.cli.argtypes import positive_seconds
 from recorder.cli.data_paths import (
     add_paths_argument,
     add_selection_arguments,
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
     from recorder.catalog import Catalog, RecordingEntry
 
 HELP = "list the recordings on disk (run, time span, status, files)"
+FILE_TIMEOUT_S = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,10 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_selection_arguments(parser)
     parser.add_argument("--files", action="store_true", help="also a line per file")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--file-timeout", type=positive_seconds, default=FILE_TIMEOUT_S, metavar="SECONDS",
+        help="a file that does not answer within this long is reported as unreadable and "
+        f"the others are listed (HDF5 loops for ever on some damaged files; default "
+        f"{FILE_TIMEOUT_S:g})")
 
 
 def run(args: argparse.Namespace) -> int:
-    from recorder.catalog import scan
+    from recorder.catalog import describe_file, scan
+    from recorder.deadline import DeadlineWorker
 
     paths = paths_to_read(args.paths, "ls")
     if paths is None:
@@ -56,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     if window is None:
         return 2
     since, until = window
-    catalog = scan(paths, run=args.run, since=since, until=until)
+    with DeadlineWorker(args.file_timeout) as worker:
+        catalog = scan(paths, run=args.run, since=since, until=until,
+                       describe=lambda path: worker.call(describe_file, path))
     if catalog.missing:
         for p in catalog.missing:
             print(f"k2eg-recorder ls: {p}: no such file or directory", file=sys.stderr)

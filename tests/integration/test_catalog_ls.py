@@ -839,3 +839,22 @@ def test_a_string_value_that_looks_like_a_damaged_heap_is_data(tmp_path: Path) -
     assert got.returncode == 0, got.stdout + got.stderr
     with open_file(final) as rf:
         assert rf.values("S").tolist() == ["GCOL\x01\x00\x00\x00\x00\x10" + "\x00" * 54] * 3
+
+
+def test_ls_lists_the_others_when_a_finalized_file_makes_hdf5_loop(tmp_path: Path) -> None:
+    """A finalized file is not scanned before it opens (a full read of every file), so
+    HDF5 loops for ever on one whose global heap was zero-filled afterwards (storage
+    damage). ls reads each file in a worker process with a deadline: the damaged file is
+    reported and the other recordings listed (ls hung for good before)."""
+    data = tmp_path / "data"
+    (good,) = record(data, "alpha", T_ALPHA, 3)
+    (bad,) = record(data, "beta", T_BETA, 2)
+    zero_first_heap_collection(bad)
+    out = ls(str(data), "--file-timeout", "3", "--json")
+    assert out.returncode == 1, out.stderr
+    doc = json.loads(out.stdout)
+    assert [f["path"] for r in doc["recordings"] for f in r["files"]] == [str(good)]
+    (unreadable,) = doc["unreadable"]
+    assert unreadable["path"] == str(bad)
+    assert "no answer within 3 s" in unreadable["error"], unreadable
+    assert f"{bad}: cannot read: Unable to read {bad} (no answer within 3 s" in out.stderr
