@@ -42,7 +42,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -52,6 +53,7 @@ import structlog
 
 from recorder import __version__
 from recorder.admin.files import FileEvent
+from recorder.admin.protocol import ReplyCode
 from recorder.admin.status import DaemonState, RunState, StatusDocument
 from recorder.config.daemon import DaemonSettings
 from recorder.config.diff import diff_runs
@@ -66,7 +68,7 @@ from recorder.daemon.diskspace import DiskChange, DiskWatch, MinFree, format_byt
 from recorder.daemon.heartbeat import Heartbeat
 from recorder.daemon.recording import RecordingFactory, hdf5_recording, prewarm_writers
 from recorder.daemon.resume import ResumeStore
-from recorder.errors import ConfigError, RecorderError
+from recorder.errors import AdminCommandError, ConfigError, RecorderError
 from recorder.gctune import tune_gc
 from recorder.metrics import RecorderMetrics, start_metrics_server
 from recorder.notify import Notifier, WatchdogPinger, watchdog_interval
@@ -100,6 +102,46 @@ class _Deferred:
     definition: RunDefinition
     start: bool
     blockers: list[RunController] = field(default_factory=list)
+
+
+class _RestartingRun:
+    """The admin handle of a run a reload is creating again (its definition changed, or a
+    run of its topic is still stopping): its controller is made once the ones it waits for
+    have stopped. ``start``/``stop`` say whether it starts then; a trigger is refused
+    (``not_running``): it could only be acted on late. Before, such a run was answered
+    ``unknown_run`` while status listed it."""
+
+    def __init__(self, deferred: _Deferred) -> None:
+        self._deferred = deferred
+        self.name = deferred.definition.name
+
+    @staticmethod
+    def _answer(message: str | None = None, error: AdminCommandError | None = None
+                ) -> Future[str]:
+        future: Future[str] = Future()
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(message or "")
+        return future
+
+    def start(self) -> Future[str]:
+        self._deferred.start = True
+        return self._answer(f"run {self.name!r} starts once its previous recording has "
+                            "stopped (a reload is restarting it)")
+
+    def stop(self, reason: str = "") -> Future[str]:
+        self._deferred.start = False
+        return self._answer(f"run {self.name!r} stays stopped (a reload was restarting it; "
+                            "its previous recording is being finalized)")
+
+    def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]:
+        return self._answer(error=AdminCommandError(
+            ReplyCode.NOT_RUNNING.value, f"run {self.name!r} is restarting after a reload "
+            "(its previous recording is being finalized): trigger it once it records"))
+
+    def recording_files(self) -> list[str]:
+        return [f for c in self._deferred.blockers for f in c.recording_files()]
 
 
 class Service:
@@ -488,7 +530,13 @@ class Service:
                  error=error)
 
     def run_handle(self, name: str) -> RunHandle | None:
-        return self._controllers.get(name)
+        controller = self._controllers.get(name)
+        if controller is not None:
+            return controller
+        for deferred in self._deferred:  # a reload is creating it again
+            if deferred.definition.name == name:
+                return _RestartingRun(deferred)
+        return None
 
     def reload(self, origin: str) -> tuple[bool, str, dict[str, Any]]:
         """Re-read the definitions; apply the difference (see :mod:`recorder.config.diff`).

@@ -1222,3 +1222,35 @@ def test_a_signal_while_the_main_loop_holds_its_wake_lock_still_stops_the_daemon
     got = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, str(runs), str(tmp_path / "s")],
                          capture_output=True, text=True, timeout=60, check=False)
     assert got.returncode == 0 and got.stdout == "stopping\n", got.stderr
+
+
+def test_a_run_a_reload_is_restarting_answers_for_itself(tmp_path: Path) -> None:
+    """Between a reload that changed a run and the end of its old recording's stop, the
+    run has no controller: admin commands for it were answered ``unknown_run`` ("no run
+    named 'r' (did you mean 'r'?)") while status listed it (seen in a soak test). A trigger
+    is now refused ``not_running``; start/stop decide whether the new controller starts; a
+    stop lists the files of the recording being stopped."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service, _Deferred
+    from recorder.settings import KafkaSettings
+
+    class Stopping:
+        alive = True
+
+        def recording_files(self) -> list[str]:
+            return ["/data/r_0000.h5"]
+
+    service = Service(DaemonSettings(config_path=tmp_path / "none.yaml"), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False)
+    deferred = _Deferred(_definition(tmp_path, triggered=True), True, [Stopping()])  # type: ignore[list-item]
+    service._deferred.append(deferred)
+    assert service.run_handle("other") is None
+    handle = service.run_handle("r")
+    assert handle is not None
+    error = handle.trigger({"shot": "1"}).exception()
+    assert isinstance(error, AdminCommandError) and error.code == "not_running"
+    assert "restarting after a reload" in error.message
+    assert "stays stopped" in handle.stop().result(0)
+    assert deferred.start is False and handle.recording_files() == ["/data/r_0000.h5"]
+    assert "starts once its previous recording has stopped" in handle.start().result(0)
+    assert deferred.start is True
