@@ -70,7 +70,7 @@ indexes remembered for late-message detection).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from operator import attrgetter
 from typing import Any, Final
 
@@ -607,21 +607,27 @@ class IterationAssembler:
                 self._flush(state, out)
         return out
 
-    def defer(self, seconds: float) -> None:
-        """Move every open iteration's deadlines ``seconds`` later: time during which the
-        caller could not read (Kafka unreachable) does not count against an iteration, whose
-        messages may be in Kafka already."""
-        for state in self._topics.values():
+    def defer(self, seconds: float, topic: str | None = None) -> None:
+        """Move every open iteration's deadlines (of ``topic``; every topic's if None)
+        ``seconds`` later: time during which the caller could not read (Kafka unreachable,
+        the topic paused) does not count against an iteration, whose messages may be in Kafka
+        already."""
+        states = self._topics.values() if topic is None else [
+            s for s in (self._topics.get(topic),) if s is not None]
+        for state in states:
             for it in state.open.values():
                 it.deadline += seconds
                 if it.grace_deadline is not None:
                     it.grace_deadline += seconds
 
-    def expire(self, now: float) -> list[IterationEvent]:
+    def expire(self, now: float, frozen: Container[str] = ()) -> list[IterationEvent]:
         """Close iterations past their deadline (``TIMEOUT``) or past their grace period for
-        missing messages (``MISSING_MESSAGES``)."""
+        missing messages (``MISSING_MESSAGES``); not those of the ``frozen`` topics (not being
+        read now: their deadlines move by the paused time when reading resumes, :meth:`defer`)."""
         out: list[IterationEvent] = []
         for state in self._topics.values():
+            if state.name in frozen:
+                continue
             for it in list(state.open.values()):
                 if it.grace_deadline is not None:
                     if now >= it.grace_deadline or now >= it.deadline:

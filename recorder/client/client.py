@@ -220,6 +220,7 @@ class K2egClient:
         self._next_expire = 0.0
         self._down_since: float | None = None  # Kafka unreachable since (consumer thread)
         self._stalled_since: float | None = None  # reading stalled since (consumer thread)
+        self._paused_since: dict[str, float] = {}  # topic -> paused since (consumer thread)
         self._down_wall: float | None = None  # unix time, once the outage is reported
         self._closed = False
         self._adapter = KafkaAdapter(
@@ -394,10 +395,11 @@ class K2egClient:
             if drained:
                 events.extend(self._assembler.idle(now))
             self._note_kafka_state(now)
+            paused = self._note_paused_topics(now)
             if now >= self._next_expire:
                 self._next_expire = now + _EXPIRE_EVERY_S
                 if self._stalled_since is None:
-                    events.extend(self._assembler.expire(now))
+                    events.extend(self._assembler.expire(now, frozen=paused))
                 outcomes.extend(self._tracker.expire(now))
             waiters = [(o, self._waiters.pop(o.reply_id, None)) for o in outcomes]
             if events:  # routed under the lock: events reach each handle in assembly order
@@ -405,6 +407,22 @@ class K2egClient:
         for outcome, waiter in waiters:
             if waiter is not None:
                 self._complete(waiter, outcome)
+
+    def _note_paused_topics(self, now: float) -> frozenset[str]:
+        """Consumer thread, core lock held. A paused topic (back-pressure: its sink is slow;
+        or a user's pause) is not read, so its open iterations wait as while Kafka is
+        unreachable: their messages are in Kafka, and the paused time does not count against
+        their deadlines (another topic's reading kept expiring them: an iteration open when
+        its topic paused for longer than its timeout was cut, its later messages skipped as
+        late). Returns the paused topics."""
+        paused = self._adapter.paused_topics
+        since = self._paused_since
+        for topic in paused:
+            since.setdefault(topic, now)
+        if len(since) > len(paused):  # some were resumed (or removed)
+            for topic in [t for t in since if t not in paused]:
+                self._assembler.defer(now - since.pop(topic), topic)
+        return paused
 
     def _note_kafka_state(self, now: float) -> None:
         """Consumer thread, core lock held. While reading is stalled (Kafka unreachable, no

@@ -431,6 +431,12 @@ class KafkaAdapter:
         with self._topics_lock:
             return frozenset(self._topics)
 
+    @property
+    def paused_topics(self) -> frozenset[str]:
+        """The assigned topics whose fetching is paused now (back-pressure, a user's pause)."""
+        with self._topics_lock:
+            return frozenset(t for t, state in self._topics.items() if state.paused)
+
     def is_paused(self, topic: str) -> bool:
         with self._topics_lock:
             state = self._topics.get(topic)

@@ -651,3 +651,58 @@ def test_close_ends_subscriptions_and_stops_every_thread(
     with pytest.raises(ClientError):
         client.get("pva://SIM:AI:DOUBLE:1")
     client.close()  # idempotent
+
+
+def test_a_long_backpressure_pause_does_not_time_out_open_iterations(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    """A topic paused by back-pressure (the sink slow, e.g. finalizing a large segment)
+    for longer than the iteration timeout while another topic of the client is read (the
+    daemon's other runs): the iterations open when it paused have their messages in Kafka,
+    unread. Their time must not run meanwhile: each comes out complete and nothing is
+    skipped as late."""
+    start_sim(Protocol.SEQUENCED)
+    client = make_client(max_pending=2, iteration_slack_s=0.3)
+    # timedbuffered with sub-pushes: an iteration's messages span its window (10 sub-pushes
+    # of 100 ms), and a pause at the second event falls inside the first iteration
+    props = SnapshotProperties(unique_name("bp3"), PVS, time_window=1000,
+                               sub_push_delay_msec=100, type="timedbuffered")
+    gate = threading.Event()
+    rec = Recorder()
+
+    def slow(event: IterationEvent) -> None:
+        gate.wait(30)
+        rec(event)
+
+    # another run of the daemon, read on its own (iterator mode, as the daemon's pumps
+    # read): its topic keeps the consumer reading while the first one is paused
+    other_props = SnapshotProperties(unique_name("busy"), PVS[:1], time_window=20)
+    other_sub = client.snapshot_recurring(other_props)
+    other_closed: list[IterationClosed] = []
+
+    def drain() -> None:
+        for event in other_sub.events(idle_timeout=3):
+            if isinstance(event, IterationClosed):
+                other_closed.append(event)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    sub = client.snapshot_recurring(props, slow)
+    deadline = time.monotonic() + 10
+    while not sub.paused and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sub.paused
+    time.sleep(6.0)  # 2.6 iteration timeouts (2 x 1 s + 0.3 s) while paused
+    assert len(other_closed) > 20  # the other topic was read meanwhile
+    gate.set()
+    rec.wait_closed(3)  # the one open at the pause and a few after
+    client.snapshot_stop(props.snapshot_name)
+    client.snapshot_stop(other_props.snapshot_name)
+    reader.join(10)
+    time.sleep(0.5)
+    by_iter = check_event_order(rec.events)
+    assert list(by_iter) == list(range(1, len(by_iter) + 1))
+    incomplete = [(c.iter_index, c.reason) for c in rec.closed() if not c.complete]
+    assert incomplete == [], incomplete
+    skipped = client.skipped(props.topic)
+    assert not any(v for k, v in skipped.items() if k.startswith("late")), skipped

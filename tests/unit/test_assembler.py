@@ -338,6 +338,26 @@ def test_lost_tail_and_no_next_header_times_out(sequenced: bool) -> None:
     assert run.asm.counters["late.data"] == 1
 
 
+def test_a_paused_topic_is_frozen_and_deferred_alone() -> None:
+    """expire(frozen=...) leaves the open iterations of paused topics alone (their messages
+    are in Kafka, unread), and defer(seconds, topic) moves only that topic's deadlines when
+    it resumes; the other topic's iterations time out as before."""
+    run = Run(iteration_timeout_s=5.0)
+    it1 = iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=True)
+    run.feed(it1[:-2], now=10.0)
+    run.feed(it1[:-2], topic="paused", now=10.0)
+    out = run.asm.expire(15.0, frozen={"paused"})
+    assert [(e.topic, e.reason) for e in out if isinstance(e, IterationClosed)] == [
+        (TOPIC, IncompleteReason.TIMEOUT)]
+    assert run.asm.expire(30.0, frozen={"paused"}) == []  # paused from 10 s to 30 s
+    run.asm.defer(20.0, "paused")
+    run.asm.defer(5.0, "no such topic")  # a topic removed while paused: nothing to move
+    assert run.asm.expire(34.9) == []
+    run.feed(it1[-2:], topic="paused", now=34.9)  # the rest, read after the resume
+    [c] = [e for e in run.closed() if e.topic == "paused"]
+    assert c.complete and c.n_values == 2
+
+
 def test_deferred_deadlines_leave_out_time_kafka_was_unreachable() -> None:
     """defer(): the caller could not read for a while; deadlines and grace periods move."""
     run = Run(iteration_timeout_s=5.0, missing_grace_s=0.5)
