@@ -23,7 +23,7 @@ those that lie in a dataset's storage. Pure code: no h5py.
 
 from __future__ import annotations
 
-import mmap
+import contextlib
 import os
 import struct
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ from recorder.sinks.superblock import SIGNATURE
 
 __all__ = ["HeapLoop", "looping_collections"]
 
+WINDOW: Final = 1 << 20  # bytes read at a time
 _COLLECTION: Final = b"GCOL\x01"  # signature, version 1 (HDF5 skips the 3 reserved bytes)
 _ALIGN: Final = 8  # H5HG_ALIGNMENT
 _SIZE_T: Final = 1 << 64
@@ -72,34 +73,62 @@ def length_size(head: bytes) -> int:
 def looping_collections(path: str | os.PathLike[str]) -> list[HeapLoop]:
     """The global-heap collections of the file at ``path`` that HDF5 would loop on for ever
     (see the module docstring); ``[]`` for a sound file. Raises OSError when it cannot be
-    read."""
-    with open(Path(path), "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
+    read. Reads the file in :data:`WINDOW` pieces (no mmap: mapped pages count in the
+    process's memory, which finalizing a leftover keeps bounded)."""
+    fd = os.open(Path(path), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
         if size < len(_COLLECTION):
             return []
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            if hasattr(mmap, "MADV_SEQUENTIAL"):
-                mm.madvise(mmap.MADV_SEQUENTIAL)
-            return _scan(mm, size, length_size(mm[:11]))
+        with contextlib.suppress(AttributeError, OSError):  # the kernel's read-ahead
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return _scan(fd, size, length_size(os.pread(fd, 11, 0)))
+    finally:
+        os.close(fd)
 
 
-def _scan(mm: mmap.mmap, file_size: int, lsize: int) -> list[HeapLoop]:
+class _Reader:
+    """Forward reads through one buffer of about :data:`WINDOW` bytes."""
+
+    __slots__ = ("data", "fd", "start")
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.start, self.data = fd, 0, b""
+
+    def at(self, offset: int, n: int) -> tuple[bytes, int]:
+        """A buffer holding bytes ``offset .. offset + n`` (fewer at the end of the file)
+        and the position of ``offset`` in it."""
+        pos = offset - self.start
+        if pos < 0 or pos + n > len(self.data):
+            self.data = os.pread(self.fd, max(WINDOW, n), offset)
+            self.start, pos = offset, 0
+        return self.data, pos
+
+
+def _scan(fd: int, file_size: int, lsize: int) -> list[HeapLoop]:
     found: list[HeapLoop] = []
     sound_until = 0  # the end of the last sound collection: what lies inside is its objects
-    at = mm.find(_COLLECTION)
-    while at >= 0:
-        csize = int.from_bytes(mm[at + 8 : at + 8 + lsize], "little")
-        if at >= sound_until and 2 * (8 + lsize) <= csize <= file_size - at:
-            loop = _walk(mm, at, csize, lsize)
-            if loop is None:
-                sound_until = at + csize
-            elif loop is not _OVERRUN:
-                found.append(loop)
-        at = mm.find(_COLLECTION, at + 1)
+    walker = _Reader(fd)
+    step = WINDOW - len(_COLLECTION) + 1  # windows overlap by a signature less one byte
+    for base in range(0, file_size, step):
+        window = os.pread(fd, WINDOW, base)
+        last = base + step >= file_size  # else hits past step are the next window's
+        i = window.find(_COLLECTION)
+        while i >= 0 and (i < step or last):
+            at = base + i
+            head, pos = walker.at(at, 8 + lsize)
+            csize = int.from_bytes(head[pos + 8 : pos + 8 + lsize], "little")
+            if at >= sound_until and 2 * (8 + lsize) <= csize <= file_size - at:
+                loop = _walk(walker, at, csize, lsize)
+                if loop is None:
+                    sound_until = at + csize
+                elif loop is not _OVERRUN:
+                    found.append(loop)
+            i = window.find(_COLLECTION, i + 1)
     return found
 
 
-def _walk(mm: mmap.mmap, at: int, csize: int, lsize: int) -> HeapLoop | None:
+def _walk(reader: _Reader, at: int, csize: int, lsize: int) -> HeapLoop | None:
     """The collection at ``at`` walked as HDF5 walks it: None when the walk ends exactly at
     its end (a sound collection), :data:`_OVERRUN` when it runs past it (HDF5 reports an
     error), else where it steps by 0 or backwards. Arithmetic modulo 2**64, as C's size_t.
@@ -112,7 +141,8 @@ def _walk(mm: mmap.mmap, at: int, csize: int, lsize: int) -> HeapLoop | None:
     while p < end:
         if p + obj_header > end:  # too small for a header: free space, the end
             return None
-        idx, osize = unpack(mm, p)
+        data, pos = reader.at(p, obj_header)
+        idx, osize = unpack(data, pos)
         if idx > 0:  # header + size padded to 8; the free space (index 0) counts its header
             need = (obj_header + (osize + _ALIGN - 1) % _SIZE_T // _ALIGN * _ALIGN) % _SIZE_T
         else:

@@ -145,3 +145,20 @@ def test_empty_and_tiny_files(tmp_path: Path) -> None:
     assert looping_collections(empty) == [] and looping_collections(tiny) == []
     with pytest.raises(OSError):
         looping_collections(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("window", [16, 37, 100, 4096, 5000])
+def test_windows_of_any_size_find_the_same(tmp_path: Path, window: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is read in windows (not mapped): signatures across a window's edge and
+    collections longer than a window are found as in one read."""
+    from recorder.sinks import globalheap
+
+    fake = b"GCOL\x01\x00\x00\x00" + (64).to_bytes(8, "little") + bytes(48)
+    zeroed = b"GCOL\x01\x00\x00\x00" + (4096).to_bytes(8, "little") + bytes(4080)
+    path = write(tmp_path, collection([obj(1, b"x" * 300), obj(2, fake)]), zeroed,
+                 collection([obj(i, b"y" * 40) for i in range(1, 60)]), zeroed, fake)
+    whole = looping_collections(path)
+    assert [loop.collection for loop in whole] == [112 + 4096, 112 + 3 * 4096, 112 + 4 * 4096]
+    monkeypatch.setattr(globalheap, "WINDOW", window)
+    assert looping_collections(path) == whole
