@@ -138,10 +138,14 @@ def _walk(reader: _Reader, at: int, csize: int, lsize: int) -> HeapLoop | None:
     unpack = _OBJECT_HEADERS[lsize].unpack_from
     p = at + obj_header
     end = at + csize
+    data, start = b"", 0  # the reader's buffer: the file's bytes from start
     while p < end:
         if p + obj_header > end:  # too small for a header: free space, the end
             return None
-        data, pos = reader.at(p, obj_header)
+        pos = p - start
+        if pos < 0 or pos + obj_header > len(data):
+            data, pos = reader.at(p, obj_header)
+            start = p - pos
         idx, osize = unpack(data, pos)
         if idx > 0:  # header + size padded to 8; the free space (index 0) counts its header
             need = (obj_header + (osize + _ALIGN - 1) % _SIZE_T // _ALIGN * _ALIGN) % _SIZE_T
