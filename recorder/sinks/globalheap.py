@@ -11,7 +11,7 @@ handler, no other Python thread runs). A power loss can leave such zeros in a fi
 written; bit rot can put them anywhere.
 
 :func:`looping_collections` finds such collections with a scan of the file's bytes (about
-0.4 s per GB from the page cache): every ``GCOL`` signature of version 1 (HDF5 checks
+0.6 s per GB from the page cache): every ``GCOL`` signature of version 1 (HDF5 checks
 nothing more) with a size that fits the file, walked as HDF5 walks it. It reports only the
 collections on which that walk would not advance (an object of size 0) or would step
 backwards (a size that wraps the pointer): the hangs. A walk that runs past the end is

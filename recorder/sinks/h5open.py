@@ -19,7 +19,7 @@ default, sleeping 1 ns, 2 ns, 4 ns ... between them, so that one *damaged* metad
 A third guard is not HDF5's doing: HDF5 2.0 loops for ever, holding the GIL, on a global-heap
 collection a power loss zero-filled. Before a file no writer holds opens in SWMR mode (a file
 left by a crash), :func:`check_heap` scans it for such collections
-(:mod:`recorder.sinks.globalheap`, ~0.4 s per GB) and refuses it with
+(:mod:`recorder.sinks.globalheap`, ~0.6 s per GB) and refuses it with
 :class:`~recorder.errors.HeapLoopError`; ``verify --data`` scans finalized files too.
 """
 
