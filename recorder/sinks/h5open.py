@@ -20,7 +20,7 @@ A third guard is not HDF5's doing: HDF5 2.0 loops for ever, holding the GIL, on 
 collection a power loss zero-filled. Before a file no writer holds opens in SWMR mode (a file
 left by a crash), :func:`check_heap` scans it for such collections
 (:mod:`recorder.sinks.globalheap`, ~0.6 s per GB) and refuses it with
-:class:`~recorder.errors.HeapLoopError`; ``verify --data`` scans finalized files too.
+:class:`~recorder.errors.HeapLoopError`; ``verify`` scans finalized files too.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def _stored_data(path: Path) -> list[tuple[int, int]]:
         with f:
             f.visititems(visit)
     except (OSError, KeyError, ValueError, RuntimeError):
-        pass  # damaged metadata: the ranges read so far (fewer ranges, no false refusal more)
+        pass  # damaged metadata: the ranges read so far (a hit they miss is still refused)
     return sorted(ranges)
 
 
