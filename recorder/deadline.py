@@ -3,7 +3,8 @@
 HDF5 loops for ever, holding the GIL, on some damaged files (a zero-filled global-heap
 collection; decision 0014). Files that may hold such damage are scanned before they open, but
 a finalized file is not scanned on every open (that would read it whole). Commands that go
-through many files, like ``k2eg-recorder ls``, make their per-file call through a
+through many files, like ``k2eg-recorder ls``, and ``inspect``, which Ctrl-C cannot stop
+while HDF5 loops, make their per-file call through a
 :class:`DeadlineWorker` instead: one forked worker process serves the calls one at a time, and
 a call that does not answer in time gets the worker killed and replaced, and an
 :class:`OSError` naming the file, so one damaged file is reported and the others are listed.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.pool
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -40,6 +42,8 @@ class DeadlineWorker:
         if "fork" not in multiprocessing.get_all_start_methods():
             return fn(path)
         if self._pool is None:
+            sys.stdout.flush()  # what this process has buffered is not the worker's to write
+            sys.stderr.flush()
             self._pool = multiprocessing.get_context("fork").Pool(1)
         pending = self._pool.apply_async(fn, (path,))
         try:

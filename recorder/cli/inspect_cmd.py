@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import sys
 from collections.abc import Callable
@@ -13,8 +14,17 @@ HELP = "summarize a recorded HDF5 file"
 T = TypeVar("T")
 
 
+TIMEOUT_S = 300.0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from recorder.cli.argtypes import positive_seconds
+
     parser.add_argument("file", type=Path, help="a .h5 file (or a .h5.partial being written)")
+    parser.add_argument(
+        "--timeout", type=positive_seconds, default=TIMEOUT_S, metavar="SECONDS",
+        help="give up on a file that does not answer within this long (HDF5 loops for ever "
+        f"on some damaged files, and Ctrl-C cannot stop it there; default {TIMEOUT_S:g})")
 
 
 def _t(ns: int | None) -> str:
@@ -45,6 +55,32 @@ def open_or_report(path: Path, opener: Callable[[Path], T]) -> T | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The summary is printed by a forked worker process (:mod:`recorder.deadline`), which
+    is killed when it does not answer within ``--timeout``."""
+    import functools
+
+    from recorder.deadline import DeadlineWorker
+
+    with DeadlineWorker(args.timeout) as worker:
+        try:
+            return worker.call(functools.partial(_summarize, args), args.file)
+        except BrokenPipeError:
+            raise  # the reader of our output left (`| head`): the CLI says so
+        except OSError as exc:
+            print(f"{args.file}: cannot read: {exc}", file=sys.stderr)
+            return 1
+
+
+def _summarize(args: argparse.Namespace, _path: Path) -> int:
+    try:
+        return _print_summary(args)
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+
+def _print_summary(args: argparse.Namespace) -> int:
     from recorder.catalog import live_status
     from recorder.reader import open_file
 

@@ -845,7 +845,8 @@ def test_ls_lists_the_others_when_a_finalized_file_makes_hdf5_loop(tmp_path: Pat
     """A finalized file is not scanned before it opens (a full read of every file), so
     HDF5 loops for ever on one whose global heap was zero-filled afterwards (storage
     damage). ls reads each file in a worker process with a deadline: the damaged file is
-    reported and the other recordings listed (ls hung for good before)."""
+    reported and the other recordings listed (ls hung for good before); inspect gives up
+    after its --timeout."""
     data = tmp_path / "data"
     (good,) = record(data, "alpha", T_ALPHA, 3)
     (bad,) = record(data, "beta", T_BETA, 2)
@@ -858,3 +859,11 @@ def test_ls_lists_the_others_when_a_finalized_file_makes_hdf5_loop(tmp_path: Pat
     assert unreadable["path"] == str(bad)
     assert "no answer within 3 s" in unreadable["error"], unreadable
     assert f"{bad}: cannot read: Unable to read {bad} (no answer within 3 s" in out.stderr
+    # inspect, which Ctrl-C cannot stop there either, gives up after its --timeout
+    out = subprocess.run([sys.executable, "-m", "recorder.cli", "inspect", str(bad),
+                          "--timeout", "3"], check=False, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and "no answer within 3 s" in out.stderr, out
+    out = subprocess.run([sys.executable, "-m", "recorder.cli", "inspect", str(good)],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith(f"file      {good}\n"), out
