@@ -36,7 +36,6 @@ class DeadlineWorker:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._pool: multiprocessing.pool.Pool | None = None
-        self.killed = 0  # workers killed for not answering
 
     def call(self, fn: Callable[[Any], T], path: str | os.PathLike[str]) -> T:
         if "fork" not in multiprocessing.get_all_start_methods():
@@ -51,7 +50,6 @@ class DeadlineWorker:
         except multiprocessing.TimeoutError:
             self._pool.terminate()  # kills the worker, stuck in HDF5 with its GIL held
             self._pool = None
-            self.killed += 1
             raise OSError(
                 f"Unable to read {os.fspath(path)} (no answer within {self.timeout_s:g} s: "
                 "HDF5 loops for ever on some damaged files; `k2eg-recorder verify` checks it "

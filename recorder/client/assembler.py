@@ -612,8 +612,11 @@ class IterationAssembler:
         ``seconds`` later: time during which the caller could not read (Kafka unreachable,
         the topic paused) does not count against an iteration, whose messages may be in Kafka
         already."""
-        states = self._topics.values() if topic is None else [
-            s for s in (self._topics.get(topic),) if s is not None]
+        if topic is None:
+            states = list(self._topics.values())
+        else:
+            state = self._topics.get(topic)
+            states = [] if state is None else [state]
         for state in states:
             for it in state.open.values():
                 it.deadline += seconds

@@ -395,9 +395,9 @@ class K2egClient:
             if drained:
                 events.extend(self._assembler.idle(now))
             self._note_kafka_state(now)
-            paused = self._note_paused_topics(now)
             if now >= self._next_expire:
                 self._next_expire = now + _EXPIRE_EVERY_S
+                paused = self._note_paused_topics(now)  # every 50 ms, not every batch
                 if self._stalled_since is None:
                     events.extend(self._assembler.expire(now, frozen=paused))
                 outcomes.extend(self._tracker.expire(now))
