@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
             failures += 1
     check = None if args.no_verify else _verify_problems
     for p in files:
+        verified = False
         if check is not None and not writer_active(p):
             # what verify finds in the .partial names the damage in the file's own terms;
             # finalizing would stop somewhere in it with HDF5's words, or not at all
@@ -54,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
                       "(--no-verify finalizes what can be read)")
                 failures += 1
                 continue
+            verified = True  # which scanned its global heap
         try:
-            out = recover_file(p, check=check)
+            out = recover_file(p, check=check, heap_checked=verified)
         except FileBusyError:
             print(f"{p}: left alone: a running writer is writing it")
             busy += 1

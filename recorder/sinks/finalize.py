@@ -169,15 +169,17 @@ def finalize(
     extra_attrs: Mapping[str, Any] | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     check: Callable[[Path], Sequence[str]] | None = None,
+    heap_checked: bool = False,
 ) -> Path:
     """Write ``final`` from the live file ``partial``; returns ``final``. ``check`` (e.g.
     ``k2eg-recorder verify``) gets the written file before it takes its name and ``partial``
     is removed: problems it returns raise :class:`DamagedFileError` and leave ``partial``
-    as it was, with no ``final``."""
+    as it was, with no ``final``. ``heap_checked``: the caller has scanned ``partial``'s
+    global heap (:func:`~recorder.sinks.h5open.check_heap`), so opening it does not again."""
     tmp = final.with_name(final.name + FINAL_SUFFIX)
     if tmp.exists():
         tmp.unlink()
-    with open_live(partial, rdcc_nbytes=CHUNK_CACHE) as f:
+    with open_live(partial, scan_heap=not heap_checked, rdcc_nbytes=CHUNK_CACHE) as f:
         attrs = dict(f.attrs)
         if options is None:
             opts_json = attrs.get("output_options")

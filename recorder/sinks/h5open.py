@@ -90,15 +90,18 @@ def open_for_reading(path: str | os.PathLike[str], *, live_first: bool = False,
         return open_live(path, **kwargs)
 
 
-def open_live(path: str | os.PathLike[str], **kwargs: Any) -> h5py.File:
+def open_live(path: str | os.PathLike[str], *, scan_heap: bool = True,
+              **kwargs: Any) -> h5py.File:
     """``path`` opened in SWMR read mode with a bounded number of metadata read attempts
     (see the module's docstring); refuses a truncated file at once (OSError), and a file no
-    writer holds whose global heap HDF5 would loop on (:class:`HeapLoopError`)."""
+    writer holds whose global heap HDF5 would loop on (:class:`HeapLoopError`; not looked
+    for with ``scan_heap=False``, when the caller has just run :func:`check_heap`)."""
     path = Path(path)
     why = truncation(path)
     if why is not None:
         raise OSError(f"Unable to open {path} ({why})")
-    check_heap(path)
+    if scan_heap:
+        check_heap(path)
     return _open_swmr(path, **kwargs)
 
 

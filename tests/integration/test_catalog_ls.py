@@ -3,6 +3,8 @@ the writer lock keeps ``recover`` off a file a live writer is writing."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -107,10 +109,11 @@ def recover(*args: str) -> subprocess.CompletedProcess[str]:
                           check=False, capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
-def gamma(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
-    """A live writer (run gamma) with a flushed .partial, killed by PID at the end."""
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "data")],
+@contextlib.contextmanager
+def gamma_writer(data: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """A live writer (run gamma) with a flushed .partial in ``data``, killed by PID at the
+    end."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(data)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -120,6 +123,12 @@ def gamma(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+@pytest.fixture
+def gamma(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    with gamma_writer(tmp_path / "data") as writer:
+        yield writer
 
 
 def test_ls_lists_recordings_and_tells_live_files_from_leftovers(
@@ -198,6 +207,43 @@ def test_a_killed_writer_leaves_an_unfinished_file_that_recover_finalizes(
     g = ls_json(str(data))["recordings"][0]
     assert (g["status"], g["iterations"], g["files"][0]["partial"]) == ("aborted", 5, False)
     assert "recovered by k2eg-recorder recover" in g["reason"]
+
+
+def test_recover_scans_a_leftovers_global_heap_once(
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The heap scan reads the whole file (~0.6 s per GB): recover's check of the leftover
+    (verify) scans it, and neither recover_file nor the finalizer's open scan it again (they
+    did: three scans of the leftover); the finalized result is scanned by its own check."""
+    from recorder.cli import recover as recover_cli
+    from recorder.sinks import h5open
+
+    proc, partial = gamma
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    scanned: list[str] = []
+    real = h5open.looping_collections
+
+    def counting(path: str | os.PathLike[str]) -> Any:
+        scanned.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(h5open, "looping_collections", counting)
+    final = Path(str(partial).removesuffix(".partial"))
+    args = argparse.Namespace(paths=[partial], no_verify=False)
+    assert recover_cli.run(args) == 0, capsys.readouterr().out
+    assert f"{partial} -> {final} (verified)" in capsys.readouterr().out
+    assert scanned.count(partial.name) == 1, scanned
+    assert len(scanned) == 2 and scanned[1].startswith(final.name), scanned  # the result
+
+    # --no-verify: recover_file's own scan, once
+    with gamma_writer(tmp_path / "again") as (proc2, partial2):
+        proc2.send_signal(signal.SIGKILL)
+        proc2.wait(10)
+        scanned.clear()
+        assert recover_cli.run(argparse.Namespace(paths=[partial2], no_verify=True)) == 0
+        assert scanned == [partial2.name], scanned
 
 
 def test_a_file_recover_cannot_recover_is_left_byte_for_byte(
