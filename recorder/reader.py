@@ -44,10 +44,10 @@ from recorder.errors import (
 )
 from recorder.reader_align import SCALAR_KINDS, _concat_masked, _pick, _scalar_pvs, aligned_table
 from recorder.reader_rows import (
+    StoredRow,
     _column_items,
     _decode_tags,
     _group_index,
-    _Row,
     frame_time_name,
     sample_value,
 )
@@ -796,6 +796,16 @@ class RecordingFile:
             out.append(PVSample(pv, data, frozenset(rest.get("f", ()))))
         return out
 
+    def stored_rows(self, pv: str, lo: int, hi: int | None) -> list[StoredRow] | None:
+        """The PV's rows ``lo:hi`` of a finalized file as stored: the per-row columns with
+        the metadata entry in effect at each (:class:`~recorder.reader_rows.StoredRow`; its
+        ``sample(pv)`` is the row's entry of :meth:`samples_range`). Rows of one metadata
+        entry share its ``rest`` object. None for a live file (and a PV :meth:`samples`
+        cached): use :meth:`samples_range`."""
+        if self._live is not None or pv in self._cache:
+            return None
+        return list(self._final_rows(pv, lo, hi))
+
     def _final_samples(self, pv: str, lo: int, hi: int | None) -> list[PVSample]:
         return [row.sample(pv) for row in self._final_rows(pv, lo, hi)]
 
@@ -836,7 +846,7 @@ class RecordingFile:
                     frame=bool(flags & F_FRAME))
         return out
 
-    def _final_rows(self, pv: str, lo: int, hi: int | None) -> Iterator[_Row]:
+    def _final_rows(self, pv: str, lo: int, hi: int | None) -> Iterator[StoredRow]:
         """The stored columns of the PV's rows ``lo:hi`` with the metadata entry in effect
         at each (reads only those rows)."""
         g = self._group(pv)
@@ -915,7 +925,7 @@ class RecordingFile:
                     item = value[r]
                     v = (float(item) if scalar_kind == "f" else bool(item)
                          if scalar_kind == "b" else int(item))
-            yield _Row(rest, f32, flags, kind_code, times[r], sevs[r], stats[r], v,
+            yield StoredRow(rest, f32, flags, kind_code, times[r], sevs[r], stats[r], v,
                        texts[code_list[r]] if flags & F_MESSAGE else None, tags[r], uids[r],
                        dts[r])
 

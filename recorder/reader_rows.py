@@ -1,5 +1,5 @@
 """A file's stored rows read back as the client decoded them: a live row's value
-(``sample_value``), a final-layout row with the metadata entry in effect (``_Row``, which
+(``sample_value``), a final-layout row with the metadata entry in effect (``StoredRow``, which
 rebuilds its PVSample), a stored string-array or table row as a list, the trigger tags of an
 /iterations row, the name of an NTNDArray PV's frame-time dataset, and a live file's rows
 grouped by PV.
@@ -33,7 +33,7 @@ def sample_value(
     return typed_scalar(dcode, int(s["ival"][r]), float(s["fval"][r]))
 
 
-class _Row(NamedTuple):
+class StoredRow(NamedTuple):
     """One stored row of a PV: the metadata entry in effect and the per-row columns."""
 
     rest: dict[str, Any]

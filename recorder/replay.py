@@ -33,12 +33,25 @@ import numpy.typing as npt
 
 from recorder.client.values import PVSample
 from recorder.reader import RecordingFile
+from recorder.replay_pack import (
+    PackedStructure,
+    map_header,
+    pack_tree,
+    packb,
+    packed_rows,
+)
 from recorder.sim.encoding import Float32, Float32Array, pack
 from recorder.sim.messages import data_message, header_message, tail_message
 
 NS_PER_MS = 1_000_000
-WINDOW_VALUES = 65_536
-"""Values read from the file at a time (a window of iterations): memory holds one window."""
+WINDOW_BYTES = 64 * 1024 * 1024
+"""About how many bytes of values are read from the file at a time (a window of iterations:
+memory holds one window), counted packed plus :data:`VALUE_OVERHEAD` each. The first window
+is :data:`FIRST_WINDOW` iterations, each next one sized by the bytes per iteration so far."""
+WINDOW_VALUES = 1 << 20
+"""At most this many values a window."""
+VALUE_OVERHEAD = 100  # a packed value's objects (its bytes, a PackedStructure, a list slot)
+FIRST_WINDOW = 8
 
 
 @dataclass(slots=True)
@@ -50,8 +63,9 @@ class ReplayIteration:
     tail_ms: int | None  # None: no tail was received (the iteration stays incomplete)
     error_code: int = 0
     error_message: str = ""
-    samples: list[PVSample] = field(default_factory=list)
-    late: list[tuple[int, PVSample]] = field(default_factory=list)  # (iter_index, sample)
+    samples: list[PVSample | PackedStructure] = field(default_factory=list)
+    late: list[tuple[int, PVSample | PackedStructure]] = field(
+        default_factory=list)  # (iter_index, sample)
 
     @property
     def timestamp_ms(self) -> int:
@@ -107,55 +121,29 @@ def gateway_structure(sample: PVSample) -> Any:
     return out
 
 
-_packb = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape").pack
-
-
-def _pack_tree(value: Any, paths: frozenset[str]) -> bytes:
-    """``value`` packed as the gateway packs it, the float32 ``paths`` within it (relative,
-    ``""`` = ``value`` itself) as float32. msgpack-python packs everything else exactly as
-    msgpack-c does (smallest integers, str8, float64), in C; only float32 needs our packer."""
-    if not paths:
-        return bytes(_packb(value))
-    if "" in paths:
-        if isinstance(value, float):
-            return pack(Float32(value))
-        if isinstance(value, list) and value and all(type(x) is float for x in value):
-            return pack(Float32Array(value))
-        return bytes(_packb(value))
-    if not isinstance(value, Mapping):
-        return bytes(_packb(value))
-    parts = [_map_header(len(value))]
-    for key, item in value.items():
-        parts.append(_packb(key))
-        prefix = f"{key}."
-        sub = frozenset("" if p == key else p[len(prefix):] for p in paths
-                        if p == key or p.startswith(prefix))
-        parts.append(_pack_tree(item, sub))
-    return b"".join(parts)
-
-
-def _map_header(n: int) -> bytes:
-    if n < 16:
-        return bytes((0x80 | n,))
-    if n < 0x10000:
-        return b"\xde" + n.to_bytes(2, "big")
-    return b"\xdf" + n.to_bytes(4, "big")
-
-
-def pack_message(msg: Mapping[str, Any], sample: PVSample | None = None) -> bytes:
+def pack_message(msg: Mapping[str, Any],
+                 sample: PVSample | PackedStructure | None = None) -> bytes:
     """The gateway's bytes for ``msg`` (carrying ``sample``'s structure under its PV name,
-    float32 fields as float32); a structure the gateway's packer could not have made (a
-    msgpack bin, an integer out of 64 bits) is packed by msgpack-python as it comes."""
+    float32 fields as float32; a :class:`PackedStructure` as it is); a structure the
+    gateway's packer could not have made (a msgpack bin, an integer out of 64 bits) is
+    packed by msgpack-python as it comes."""
     try:
         if sample is None:
-            return bytes(_packb(msg))
+            return packb(msg)
+        parts = [map_header(len(msg))]
+        if isinstance(sample, PackedStructure):
+            for key, item in msg.items():
+                parts.append(packb(key))
+                parts.append(sample.packed if key == sample.pv else packb(item))
+            return b"".join(parts)
         paths = sample.float32_paths
-        parts = [_map_header(len(msg))]
         for key, item in msg.items():
-            parts.append(_packb(key))
-            parts.append(_pack_tree(item, paths) if key == sample.pv else _packb(item))
+            parts.append(packb(key))
+            parts.append(pack_tree(item, paths) if key == sample.pv else packb(item))
         return b"".join(parts)
     except (TypeError, OverflowError, ValueError):
+        if isinstance(sample, PackedStructure):
+            raise
         data = gateway_structure(sample) if sample is not None else None
         try:
             return pack({k: data if sample is not None and k == sample.pv else v
@@ -181,7 +169,7 @@ def encode_iteration(it: ReplayIteration, snapshot: str, *, sequenced: bool) -> 
                                                msg_seq=next_seq())))
     n = len(it.samples)
     for i, sample in enumerate(it.samples):
-        out.append(pack_message(data_message(sample.pv, sample.data, ts, it.iter_index,
+        out.append(pack_message(data_message(sample.pv, _structure(sample), ts, it.iter_index,
                                              msg_seq=next_seq(),
                                              last_of_submission=i == n - 1), sample))
     if it.tail_ms is not None:
@@ -190,9 +178,14 @@ def encode_iteration(it: ReplayIteration, snapshot: str, *, sequenced: bool) -> 
                                              error_message=it.error_message,
                                              msg_seq=next_seq())))
     for index, sample in it.late:
-        out.append(pack_message(data_message(sample.pv, sample.data, ts, index,
+        out.append(pack_message(data_message(sample.pv, _structure(sample), ts, index,
                                              msg_seq=next_seq()), sample))
     return out
+
+
+def _structure(sample: PVSample | PackedStructure) -> Any:
+    """What a data message carries for ``sample`` (a packed one's bytes go in at packing)."""
+    return sample.data if isinstance(sample, PVSample) else None
 
 
 def _ms(ns: int) -> int | None:
@@ -216,7 +209,7 @@ def iterations(f: RecordingFile, selection: Selection = Selection()) -> Iterator
     codes, messages = its["error_code"].tolist(), its["error_message"].tolist()
 
     # rows before the first iteration's first row: late values of an earlier iteration
-    leading: list[tuple[int, PVSample]] = []
+    leading: list[tuple[int, PVSample | PackedStructure]] = []
     for pv, (first, _count, n_pv) in index.items():
         lo = int(first[0]) if n_rows else n_pv
         if lo > 0:
@@ -227,21 +220,27 @@ def iterations(f: RecordingFile, selection: Selection = Selection()) -> Iterator
                               late=leading)
 
     per_row = max(1, sum(int(c.sum()) for _f, c, _n in index.values()) // max(1, n_rows))
-    window = max(1, WINDOW_VALUES // per_row)
-    for k0 in range(0, n_rows, window):
-        k1 = min(n_rows, k0 + window)
+    most = max(1, WINDOW_VALUES // per_row)
+    window = min(most, FIRST_WINDOW)
+    read_bytes = read_rows = 0  # what the windows read so far held, packed
+    k1 = 0
+    while k1 < n_rows:
+        k0, k1 = k1, min(n_rows, k1 + window)
         wanted = [k for k in range(k0, k1) if selection.wants(iter_index[k])]
         if not wanted:
             continue
         # per PV: its rows from the window's first iteration to the next window's (late
         # values of the window's last iteration included), read at once
-        rows: dict[str, tuple[list[PVSample], list[int], int]] = {}
+        rows: dict[str, tuple[list[PVSample | PackedStructure], list[int], int]] = {}
         for pv, (first, _count, n_pv) in index.items():
             lo = int(first[k0])
             hi = int(first[k1]) if k1 < n_rows else n_pv
             if hi > lo:
-                rows[pv] = (f.samples_range(pv, lo, hi),
-                            f.iterations_range(pv, lo, hi).tolist(), lo)
+                samples = _samples(f, pv, lo, hi)
+                read_bytes += sum(map(_packed_size, samples))
+                rows[pv] = (samples, f.iterations_range(pv, lo, hi).tolist(), lo)
+        read_rows += k1 - k0
+        window = max(1, min(most, WINDOW_BYTES * read_rows // max(1, read_bytes)))
         for k in wanted:
             it = ReplayIteration(
                 iter_index=iter_index[k],
@@ -260,9 +259,27 @@ def iterations(f: RecordingFile, selection: Selection = Selection()) -> Iterator
             yield it
 
 
-def _with_index(f: RecordingFile, pv: str, lo: int, hi: int) -> list[tuple[int, PVSample]]:
-    return list(zip(f.iterations_range(pv, lo, hi).tolist(), f.samples_range(pv, lo, hi),
+def _with_index(f: RecordingFile, pv: str, lo: int, hi: int
+                ) -> list[tuple[int, PVSample | PackedStructure]]:
+    return list(zip(f.iterations_range(pv, lo, hi).tolist(), _samples(f, pv, lo, hi),
                     strict=True))
+
+
+def _packed_size(sample: PVSample | PackedStructure) -> int:
+    """``sample``'s bytes packed (a sample not packed yet: about what it holds in memory)."""
+    if isinstance(sample, PackedStructure):
+        return len(sample.packed) + VALUE_OVERHEAD
+    value = sample.data.get("value") if isinstance(sample.data, Mapping) else None
+    return 1024 + 32 * (len(value) if isinstance(value, list) else 1)
+
+
+def _samples(f: RecordingFile, pv: str, lo: int, hi: int) -> list[PVSample | PackedStructure]:
+    """The PV's rows ``lo:hi``: from a finalized file packed by template where one fits
+    (:func:`~recorder.replay_pack.packed_rows`), from a live file as samples."""
+    stored = f.stored_rows(pv, lo, hi)
+    if stored is None:
+        return list[PVSample | PackedStructure](f.samples_range(pv, lo, hi))
+    return packed_rows(stored, pv)
 
 
 def snapshot_name_of(f: RecordingFile) -> str:

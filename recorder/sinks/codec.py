@@ -513,6 +513,44 @@ def rebuild_data(
     return data
 
 
+ROW_FIELDS = ("seconds", "nanoseconds", "user_tag", "unique_id", "data_seconds",
+              "data_nanoseconds", "severity", "status", "message", "value")
+"""The per-row columns :func:`rebuild_data` puts back (time and ``dataTimeStamp`` as their
+``secondsPastEpoch`` and ``nanoseconds``), as :func:`row_field_paths` names them."""
+
+
+def row_field_paths(rest: Mapping[str, Any], *, flags: int, kind: int
+                    ) -> list[tuple[tuple[str, ...], str]]:
+    """Where :func:`rebuild_data` puts each per-row field back for a row with ``flags`` and
+    value ``kind`` under the metadata ``rest``: ``(path, field)`` pairs, ``path`` the keys
+    from the structure's root, ``field`` one of :data:`ROW_FIELDS`. Whatever is not at
+    these paths is the rest's, the same for every row sharing it and ``flags``."""
+    out: list[tuple[tuple[str, ...], str]] = []
+    if flags & F_TIME:
+        out += [(("timeStamp", "secondsPastEpoch"), "seconds"),
+                (("timeStamp", "nanoseconds"), "nanoseconds")]
+    if flags & F_USER_TAG:
+        out.append((("timeStamp", "userTag"), "user_tag"))
+    if flags & F_FRAME:
+        out += [(("uniqueId",), "unique_id"),
+                (("dataTimeStamp", "secondsPastEpoch"), "data_seconds"),
+                (("dataTimeStamp", "nanoseconds"), "data_nanoseconds")]
+    for flag, key in ((F_SEVERITY, "severity"), (F_STATUS, "status"), (F_MESSAGE, "message")):
+        if flags & flag:
+            out.append((("alarm", key), key))
+    if flags & F_VALUE:
+        vkind = KINDS_BY_CODE[kind]
+        if vkind is ValueKind.ENUM:
+            out.append((("value", "index"), "value"))
+        elif vkind is ValueKind.NDARRAY:
+            (field,) = [k for k, v in rest["d"]["value"].items()
+                        if v is None and k in NDARRAY_UNION_DTYPES]
+            out.append((("value", field), "value"))
+        else:
+            out.append((("value",), "value"))
+    return out
+
+
 def rebuild_sample(pv: str, rest: Mapping[str, Any], **columns: Any) -> PVSample:
     """A :class:`PVSample` equal to the one that was split (``data`` and ``float32_paths``)."""
     return PVSample(pv, rebuild_data(rest, **columns), frozenset(rest.get("f", ())))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from recorder.cli.replay import pace_warning, parse_range
@@ -133,3 +135,51 @@ def test_falling_behind_the_pace_is_told() -> None:
     warning = pace_warning(3.0, 20.0, 2.0)
     assert warning is not None and "--speed 2" in warning and "3.0 s" in warning
     assert pace_warning(100.0, 1.0, 0.0) is None  # --speed 0 has no pace
+
+
+@pytest.mark.parametrize("kind", ["scalar", "enum", "ndarray"])
+def test_row_field_paths_are_where_rebuild_data_puts_each_field(kind: str) -> None:
+    """The replay templates pack everything but these paths once per metadata entry: for
+    every combination of flags, each per-row field is found at its path, and only there."""
+    from recorder.client.values import ValueKind
+    from recorder.sinks.codec import (
+        KIND_CODES,
+        NS_PER_S,
+        ROW_FIELDS,
+        rebuild_data,
+        row_field_paths,
+    )
+
+    value: object = {"index": None, "choices": ["a"]} if kind == "enum" else (
+        {"ushortValue": None, "intValue": 0} if kind == "ndarray" else None)
+    rest = {"d": {"value": value,
+                  "alarm": {"severity": None, "status": None, "message": None},
+                  "timeStamp": {"secondsPastEpoch": None, "nanoseconds": None,
+                                "userTag": None},
+                  "uniqueId": None,
+                  "dataTimeStamp": {"secondsPastEpoch": None, "nanoseconds": None}},
+            "f": []}
+    marks = {"seconds": 1001, "nanoseconds": 1002, "user_tag": 1003, "unique_id": 1004,
+             "data_seconds": 1005, "data_nanoseconds": 1006, "severity": 1007,
+             "status": 1008, "message": "m1009", "value": 1010}
+    assert set(marks) == set(ROW_FIELDS)
+    code = KIND_CODES[{"scalar": ValueKind.SCALAR, "enum": ValueKind.ENUM,
+                       "ndarray": ValueKind.NDARRAY}[kind]]
+    for flags in range(128):
+        data = rebuild_data(rest, flags=flags, kind=code,
+                            time_ns=1001 * NS_PER_S + 1002, severity=1007, status=1008,
+                            value=1010, message="m1009", user_tag=1003, unique_id=1004,
+                            data_time_ns=1005 * NS_PER_S + 1006)
+        paths = row_field_paths(rest, flags=flags, kind=code)
+        found = dict(_leaves_among(data, (), list(marks.values())))
+        assert found == {path: marks[name] for path, name in paths}, (kind, flags)
+
+
+def _leaves_among(node: object, path: tuple[str, ...], wanted: list[object]
+                  ) -> Iterator[tuple[tuple[str, ...], object]]:
+    """(path, leaf) of the leaves of ``node`` that are in ``wanted``."""
+    if isinstance(node, dict):
+        for key, item in node.items():
+            yield from _leaves_among(item, (*path, key), wanted)
+    elif node in wanted:
+        yield path, node
