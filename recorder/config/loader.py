@@ -48,6 +48,7 @@ from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from recorder.client.properties import SNAPSHOT_NAME_RE, normalize_snapshot_name
 from recorder.config.models import RUN_NAME_RE, RunDefinition, SnapshotSpec, directory_problem
 from recorder.errors import ConfigError
+from recorder.sinks.filters import missing_plugin
 from recorder.sinks.options import OutputOptions, render_file_name
 
 __all__ = [
@@ -503,6 +504,16 @@ def _cross_checks(
                 )
             )
             continue
+        for name in ("compression", "live_compression"):
+            why = missing_plugin(getattr(definition.output, name))
+            if why is not None:
+                problems.append(Problem(
+                    source.file,
+                    _line(node, ("output", name)),
+                    _field(source, f"output.{name}"),
+                    why,
+                ))
+                ok = False
         if sample in by_file:
             other_definition, other_source = by_file[sample]
             problems.append(

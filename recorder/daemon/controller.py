@@ -942,9 +942,14 @@ class RunController:
             why += f"; k2eg stop failed: {result}"
         elif not final_seen:
             why += "; the final iteration did not arrive in time"
-        files = self._close_recording(status, why)
+        files, failed = self._close_recording(status, why)
         self._stop_thread = None
         self._sub = None
+        if failed is not None:  # e.g. its file could not be finalized: say so, not "stopped"
+            self._set_state(RunState.FAILED)
+            self._fail_waiters(f"run {self.name!r} stopped, but its recording failed: "
+                               f"{failed}; files: {', '.join(files) or 'none'}")
+            return
         self._set_state(RunState.IDLE)
         text = f"run {self.name!r} stopped ({status}); files: {', '.join(files) or 'none'}"
         waiters, self._stop_waiters = self._stop_waiters, []
@@ -952,10 +957,12 @@ class RunController:
             if not f.done():
                 f.set_result(text)
 
-    def _close_recording(self, status: str, reason: str) -> list[str]:
+    def _close_recording(self, status: str, reason: str) -> tuple[list[str], str | None]:
+        """Close the recording as ``status``: (its files, why it failed or None). A failure
+        found at the close (its file could not be finalized) counts as a write error."""
         rec, self._rec = self._rec, None
         if rec is None:
-            return []
+            return [], None
         try:
             paths = rec.close(status, reason)
         except Exception as exc:
@@ -971,8 +978,12 @@ class RunController:
             self._stats.files.extend(files)
             self._stats.current_file = None
         if rec.status == "failed":
+            if status != "failed" and self._metrics is not None:
+                self._metrics.write_failed(self.name)  # not counted by _recording_failed
             self._error(f"recording failed: {rec.reason}")
-            return files  # keep the state file: a start resumes from the durable offset
+            self._log.error("recording failed", reason=rec.reason, files=files)
+            # keep the state file: a start resumes from the durable offset
+            return files, rec.reason or "the recording failed"
         stored = self._stored
         self._stored = None
         if stored is not None:
@@ -981,7 +992,7 @@ class RunController:
             except RecorderError as exc:
                 self._error(str(exc))
         self._log.info("recording closed", status=status, files=files)
-        return files
+        return files, None
 
     # ---- the Karabo bridge (never affects recording) ----------------------------------
     def _open_bridge(self, props: SnapshotProperties) -> None:
@@ -1103,9 +1114,10 @@ class RunController:
     def _lost_subscription(self) -> None:
         """The client ended the subscription on its own (the client was closed)."""
         self._log.warning("snapshot subscription ended unexpectedly")
-        self._close_recording("aborted", "the k2eg client stopped reading the snapshot")
+        _, failed = self._close_recording("aborted",
+                                          "the k2eg client stopped reading the snapshot")
         self._sub = None
-        self._set_state(RunState.IDLE)
+        self._set_state(RunState.IDLE if failed is None else RunState.FAILED)
 
     def _stop_gateway_snapshot(self) -> None:
         """Stop the snapshot a run waiting for disk space left running at the gateway."""

@@ -11,6 +11,7 @@ decompression.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,18 @@ DEFAULT_LEVELS = {Compression.GZIP: 4, Compression.ZSTD: 3, Compression.BLOSC2: 
 LZF_FILTER = "lzf (h5py; other HDF5 readers need its LZF plugin)"
 CHECKSUM = {"fletcher32": True}  # after the compressor: the stored bytes are checked
 LIVE_LEVELS = {Compression.GZIP: 1, Compression.ZSTD: 1, Compression.BLOSC2: 1}
+
+
+def missing_plugin(compression: Compression) -> str | None:
+    """Why ``compression`` cannot be written on this host (the package its filter comes
+    from is not installed), or None. Looks the package up without importing it (the daemon
+    process does not import h5py)."""
+    if compression in (Compression.ZSTD, Compression.BLOSC2) and (
+            importlib.util.find_spec("hdf5plugin") is None):
+        return (f"compression {compression.value!r} needs the hdf5plugin package, which is "
+                "not installed here (pip install 'k2eg-recorder[compression]', or "
+                "hdf5plugin)")
+    return None
 
 
 def filter_kwargs(
@@ -47,10 +60,8 @@ def filter_kwargs(
         return {"compression": "lzf", "shuffle": shuffle, **CHECKSUM}, LZF_FILTER
     try:
         import hdf5plugin
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise SinkError(
-            f"compression {comp.value!r} needs the hdf5plugin package (pip install hdf5plugin)"
-        ) from exc
+    except ImportError as exc:
+        raise SinkError(missing_plugin(comp) or f"hdf5plugin: {exc}") from exc
     if comp is Compression.ZSTD:
         return ({**hdf5plugin.Zstd(clevel=level), "shuffle": shuffle, **CHECKSUM},
                 "zstd (hdf5plugin)")

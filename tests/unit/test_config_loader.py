@@ -560,3 +560,28 @@ def test_a_tab_says_to_use_spaces_and_where_it_is() -> None:
     ]
     [problem] = problems_of("name:\tt\n")
     assert problem.startswith("runs.yaml:1: ") and "(the tab at column 6)" in problem
+
+
+def test_a_compression_whose_plugin_is_not_installed_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """zstd/blosc2 without hdf5plugin passed validate and start; the file then failed to
+    finalize at the stop, left .partial (found by the README walkthrough). Now the run is
+    refused where it is defined, as on a host without the package."""
+    import importlib.util
+
+    from recorder.sinks import filters
+
+    text = GOOD.format(name="z", snap="z") + "  compression: zstd\n  live_compression: blosc2\n"
+    assert problems_of(text) == []  # the test environment has hdf5plugin
+    real = importlib.util.find_spec
+    monkeypatch.setattr(filters.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "hdf5plugin" else real(name, *a))
+    loaded, problems = parse_runs([("z.yaml", text)])
+    assert [str(p) for p in problems] == [
+        f"z.yaml:{line}: {field}: compression {comp!r} needs the hdf5plugin package, which "
+        "is not installed here (pip install 'k2eg-recorder[compression]', or hdf5plugin)"
+        for line, field, comp in ((7, "output.compression", "zstd"),
+                                  (8, "output.live_compression", "blosc2"))]
+    assert len(loaded) == 0
+    assert problems_of(GOOD.format(name="g", snap="g") + "  compression: lzf\n") == []

@@ -571,6 +571,40 @@ def test_a_failed_recording_stops_the_run_and_keeps_the_resume_state(tmp_path: P
         assert c.join(5)
 
 
+def test_a_file_that_cannot_be_finalized_at_the_stop_fails_the_stop(tmp_path: Path) -> None:
+    """A close that fails (the file cannot be finalized: e.g. a compression whose plugin the
+    writer cannot load) was answered "stopped (complete); files: none", left the run idle
+    and counted no write error, so status --check and the alert on write_errors_total
+    missed a recording left .partial (found by the README walkthrough)."""
+    client = FakeClient()
+    metrics = RecorderMetrics()
+    c, made = _controller(tmp_path, client, metrics=metrics)
+    try:
+        c.start().result(5)
+
+        def failing_close(status: str = "complete", reason: str = "") -> list[Path]:
+            made[0].status = "failed"
+            made[0].reason = "SinkError: compression 'zstd' needs the hdf5plugin package"
+            return []
+
+        made[0].close = failing_close  # type: ignore[method-assign]
+        with pytest.raises(AdminCommandError) as err:
+            c.stop().result(5)
+        assert err.value.code == "internal"
+        assert err.value.message == (
+            "run 'r' stopped, but its recording failed: SinkError: compression 'zstd' needs "
+            "the hdf5plugin package; files: none")
+        assert c.state is RunState.FAILED
+        assert "hdf5plugin" in str(c.status().last_error)
+        assert metrics.registry.get_sample_value(
+            "k2eg_recorder_write_errors_total", {"run": "r"}) == 1
+        # the resume state stays: a start resumes from the last durable offset
+        assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is not None
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_a_recording_whose_disk_ran_out_resumes_once_there_is_room(tmp_path: Path) -> None:
     client = FakeClient()
     room = [True]
