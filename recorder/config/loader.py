@@ -258,6 +258,8 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
     _duplicate_keys(filename, documents[0], (), problems)
     if any(p.message.startswith("mapping keys must be plain") for p in problems[before:]):
         return []  # ruamel cannot even build such a document (unhashable keys)
+    # a run with a duplicate key is not valid (YAML kept one of the values, silently)
+    duplicated = [p.field for p in problems[before:] if p.message.startswith("duplicate key")]
     try:
         data = yaml.load(text)
     except MarkedYAMLError as exc:  # e.g. an undefined alias is only found while constructing
@@ -276,7 +278,7 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
         return []
     if "runs" not in data:
         run = _parse_run(filename, data, (), problems)
-        return [run] if run is not None else []
+        return [] if run is None else [_invalid_if(run, duplicated)]
     out: list[_Parsed] = []
     for key in data:
         if key != "runs":
@@ -303,8 +305,14 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
             continue
         run = _parse_run(filename, item, loc, problems, root=data)
         if run is not None:
-            out.append(run)
+            inside = f"{_dotted(loc)}."
+            out.append(_invalid_if(run, [f for f in duplicated if f.startswith(inside)]))
     return out
+
+
+def _invalid_if(run: _Parsed, problems: Sequence[object]) -> _Parsed:
+    """``run``, not valid (no definition) when it has ``problems`` found outside its model."""
+    return dataclasses.replace(run, definition=None) if problems else run
 
 
 def _parse_run(

@@ -585,3 +585,28 @@ def test_a_compression_whose_plugin_is_not_installed_is_an_error(
                                   (8, "output.live_compression", "blosc2"))]
     assert len(loaded) == 0
     assert problems_of(GOOD.format(name="g", snap="g") + "  compression: lzf\n") == []
+
+
+def test_a_run_with_a_duplicate_key_is_not_valid() -> None:
+    """YAML keeps one of the two values silently: the run was counted valid ("1 valid run")
+    beside the error (found by the README walkthrough). Its neighbours stay valid."""
+    one = "name: d\nautostart: true\nautostart: false\n" + GOOD.format(name="d", snap="d")[8:]
+    loaded, problems = parse_runs([("one.yaml", one)])
+    assert [str(p) for p in problems] == [
+        "one.yaml:3: autostart: duplicate key 'autostart' (first defined at line 2)"]
+    assert len(loaded) == 0
+    many = """\
+    runs:
+      - name: a
+        snapshot: {snapshot_name: a, pv_uri_list: [pva://X]}
+        output: {directory: /a}
+      - name: b
+        snapshot: {snapshot_name: b, pv_uri_list: [pva://X], time_window: 5, time_window: 6}
+        output: {directory: /b}
+      - name: c
+        snapshot: {snapshot_name: c, pv_uri_list: [pva://X]}
+        output: {directory: /c}
+    """
+    loaded, problems = parse_runs([("many.yaml", textwrap.dedent(many))])
+    assert [p.field for p in problems] == ["runs.1.snapshot.time_window"]
+    assert [r.name for r in loaded] == ["a", "c"]
