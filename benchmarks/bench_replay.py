@@ -1,15 +1,17 @@
 """Replay and per-PV reading: what ``k2eg-recorder replay`` and a loop over every PV cost.
 
-Run: ``.venv/bin/python benchmarks/bench_replay.py [--quick]`` (~1 min; ``--quick``: ~20 s)
+Run: ``.venv/bin/python benchmarks/bench_replay.py [--quick]`` (~4 min; ``--quick``: ~1 min)
 
 Files are written first (not timed) with :class:`recorder.sinks.hdf5.HDF5Recording` from the
 sink benchmark's gateway-faithful messages (``bench_sink.Workload``): 1,000 NTScalar PVs x 100
-iterations and 100 waveform PVs of 1,000 float64 x 100 iterations (``--quick``: 30).
+iterations (``--quick``: 30) and 100 waveform PVs of 1,000 float64 x 700 iterations (230 MB;
+``--quick``: 100).
 
 * ``replay``: ``k2eg-recorder replay FILE --speed 0`` (a fresh process, start-up included) to
   an embedded broker (Tansu), vs (a) a plain confluent-kafka producer, same settings, sending
   the same message bytes, encoded beforehand (untimed): the broker's and librdkafka's limit.
-  Values per second and replay/(a).
+  Values per second, replay/(a), and the replay process's peak RSS (it reads the file a
+  window of iterations at a time, ~64 MB of packed values).
 * ``names``: ``values(pv)`` of every PV of a 10,000-PV final file (``--quick``: 2,000), as
   shipped (PV names read once) vs the names read again for every PV (what the reader did
   before 2026-11-23), best of 2 each.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,15 +55,20 @@ def write_file(kind: str, n_pvs: int, n_iter: int, directory: Path) -> tuple[Pat
     return path, w.n_values
 
 
-def replay_seconds(path: Path, bootstrap: str, topic: str) -> float:
+def replay_seconds(path: Path, bootstrap: str, topic: str) -> tuple[float, float]:
+    """The replay's wall time and its process's peak RSS (MB)."""
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "recorder.cli", "replay", str(path), "--topic",
-                           topic, "--speed", "0", "--bootstrap", bootstrap],
-                          capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - t
-    if done.returncode != 0:
-        raise SystemExit(f"replay failed: {done.stderr}")
-    return seconds
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-m", "recorder.cli", "replay", str(path),
+                                 "--topic", topic, "--speed", "0", "--bootstrap", bootstrap],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"replay failed: {err.read().decode(errors='replace')}")
+    return seconds, usage.ru_maxrss / 1024
 
 
 def plain_seconds(path: Path, bootstrap: str, topic: str) -> float:
@@ -75,7 +83,8 @@ def plain_seconds(path: Path, bootstrap: str, topic: str) -> float:
         messages = [m for it in iterations(f) for m in encode_iteration(it, name, sequenced=True)]
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5,
                          "compression.type": "snappy"})
-    key, headers = name.encode(), [(SER_HEADER, SER_MSGPACK)]
+    key = name.encode()
+    headers: list[tuple[str, str | bytes | None]] = [(SER_HEADER, SER_MSGPACK)]
     t = time.perf_counter()
     for value in messages:
         while True:
@@ -117,17 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    n_iter = 30 if args.quick else 100
     with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp, EmbeddedBroker() as broker:
-        print("| file | values | replay values/s (s) | (a) plain producer values/s (s) | "
-              "replay/(a) |\n|---|---|---|---|---|")
-        for kind, n_pvs in (("scalar", 1000), ("waveform", 100)):
+        print("| file | values | replay values/s (s) | replay peak RSS | (a) plain producer "
+              "values/s (s) | replay/(a) |\n|---|---|---|---|---|---|")
+        # the waveforms: more values than one window held before 2026-11-24 (65,536 values,
+        # as Python floats): 700 iterations held 2.6 GB then
+        for kind, n_pvs, n_iter in (("scalar", 1000, 30 if args.quick else 100),
+                                    ("waveform", 100, 100 if args.quick else 700)):
             path, n_values = write_file(kind, n_pvs, n_iter, Path(tmp) / kind)
-            ours = replay_seconds(path, broker.bootstrap_servers, f"replay-{kind}")
+            ours, rss_mb = replay_seconds(path, broker.bootstrap_servers, f"replay-{kind}")
             plain = plain_seconds(path, broker.bootstrap_servers, f"plain-{kind}")
-            print(f"| {n_pvs} {kind} PVs x {n_iter} | {n_values:,} | {n_values / ours:,.0f} "
-                  f"({ours:.2f}) | {n_values / plain:,.0f} ({plain:.2f}) | "
-                  f"{plain / ours:.2f}x |", flush=True)
+            print(f"| {n_pvs} {kind} PVs x {n_iter} ({path.stat().st_size / 1e6:.0f} MB) | "
+                  f"{n_values:,} | {n_values / ours:,.0f} ({ours:.2f}) | {rss_mb:.0f} MB | "
+                  f"{n_values / plain:,.0f} ({plain:.2f}) | {plain / ours:.2f}x |", flush=True)
         n_pvs = 2000 if args.quick else 10_000
         path, _ = write_file("scalar", n_pvs, 20, Path(tmp) / "names")
         new, old = names_loop(path, True), names_loop(path, False)
