@@ -441,6 +441,8 @@ def drive(soak: Soak, client: Any) -> None:
                 progress(f"ending the soak early: {soak.stopped_early}")
                 return
             if len(soak.samples) % max(1, round(60 / args.sample_s)) == 1:
+                if args.csv:  # each minute: what a killed soak (OOM) measured survives
+                    write_csv(args.csv, soak)
                 progress(f"daemon RSS {s.daemon_rss_kb / MB:.1f} MB (HWM "
                          f"{s.daemon_hwm_kb / MB:.1f}), fds {s.daemon_fds}, threads "
                          f"{s.daemon_threads}, CPU {s.daemon_cpu_s:.0f} s; writers "
