@@ -90,7 +90,8 @@ with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
 
 __all__ = [
     "ENUM_NO_INDEX", "SCALAR_KINDS", "TRAIN_WINDOW_VALUES", "Recording", "RecordingFile",
-    "aligned_table", "join_rows", "open_file", "open_recording", "unknown_pv", "values_of",
+    "aligned_table", "join_rows", "open_file", "open_recording", "reporting_damage",
+    "unknown_pv", "values_of",
 ]
 
 TRAIN_WINDOW_VALUES = 65_536
@@ -168,8 +169,10 @@ _CONTENT_ERRORS = (KeyError, IndexError, RuntimeError, OSError, ValueError)
 
 
 @contextlib.contextmanager
-def _reported(path: Path) -> Iterator[None]:
-    """Errors the file's content caused (:func:`_damage`) leave as DamagedFileError."""
+def reporting_damage(path: Path) -> Iterator[None]:
+    """Errors the file's content caused (:func:`_damage`) leave as DamagedFileError naming
+    ``path`` (for code that builds on what the reader read, e.g. from
+    :meth:`RecordingFile.stored_rows`)."""
     try:
         yield
     except _CONTENT_ERRORS as exc:
@@ -183,13 +186,13 @@ def _reporting(fn: Callable[..., Any]) -> Callable[..., Any]:
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generate(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
-            with _reported(self.path):
+            with reporting_damage(self.path):
                 yield from fn(self, *args, **kwargs)
         return generate
 
     @functools.wraps(fn)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with _reported(self.path):
+        with reporting_damage(self.path):
             return fn(self, *args, **kwargs)
     return call
 
@@ -217,7 +220,7 @@ class RecordingFile:
         self.path = Path(path)
         self.h5 = _open_h5(self.path)
         try:
-            with _reported(self.path):
+            with reporting_damage(self.path):
                 self._open()
         except BaseException:
             self.h5.close()

@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recorder.client.values import PVSample
-from recorder.reader import RecordingFile
+from recorder.reader import RecordingFile, reporting_damage
 from recorder.replay_pack import (
     PackedStructure,
     map_header,
@@ -279,7 +279,8 @@ def _samples(f: RecordingFile, pv: str, lo: int, hi: int) -> list[PVSample | Pac
     stored = f.stored_rows(pv, lo, hi)
     if stored is None:
         return list[PVSample | PackedStructure](f.samples_range(pv, lo, hi))
-    return packed_rows(stored, pv)
+    with reporting_damage(f.path):  # a value rebuilt here that cannot be, as the reader says
+        return packed_rows(stored, pv)
 
 
 def snapshot_name_of(f: RecordingFile) -> str:

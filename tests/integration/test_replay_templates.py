@@ -106,3 +106,27 @@ def test_a_window_holds_about_window_bytes_of_waveforms(
     assert all(isinstance(s, PackedStructure) for it in its for s in it.samples[1:])
     assert spans[0] == replay.FIRST_WINDOW and sum(spans) == 40
     assert max(spans[1:]) == 3 and len(spans) == 1 + 11, spans
+
+
+def test_a_value_that_cannot_be_rebuilt_is_named_damaged(tmp_path: Path) -> None:
+    """Rows are rebuilt in replay now, outside the reader's methods: damage found there is
+    still a DamagedFileError naming the file (the CLI prints it), not a bare KeyError."""
+    import json
+
+    import h5py
+
+    from recorder.errors import DamagedFileError
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="dmg")
+    path, _ = record_closed(rec, 3, _mixed)
+    path.chmod(0o644)
+    with h5py.File(path, "r+") as h5:
+        info = h5["pv_info"]
+        rows = info[()]
+        (i,) = [k for k, name in enumerate(rows["pv_name"]) if name in (b"FLAP", "FLAP")]
+        rest = json.loads(rows[i]["metadata"])
+        del rest["d"]["timeStamp"]  # its rows still say their time was taken out (flag 1)
+        rows[i]["metadata"] = json.dumps(rest)
+        info[...] = rows
+    with open_file(path) as f, pytest.raises(DamagedFileError, match=f"{path}: damaged: "):
+        list(replay.iterations(f))
