@@ -27,6 +27,9 @@ HELP = "publish a recorded file back to Kafka as the gateway's snapshot stream"
 
 EXIT_USAGE = 2
 EXIT_UNDELIVERED = 1
+REPLAY_QUEUE_KB = 64 * 1024
+"""The producer's local queue (queue.buffering.max.kbytes, unless RECORDER_KAFKA__ sets it):
+replay waits for deliveries beyond it, so its memory is bounded."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,7 +189,10 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
     base = kafka.librdkafka_config()
     if not args.verbose:  # the outcome is printed; librdkafka's connection retries only here
         base["log_level"] = 2
-    conf = {**base, "linger.ms": 5, "compression.type": "snappy"}  # as the gateway produces
+    # as the gateway produces; the local queue bounded (librdkafka's default, 1 GB, held
+    # half a GB of a waveform file replayed faster than the broker took it)
+    conf = {"queue.buffering.max.kbytes": REPLAY_QUEUE_KB, **base, "linger.ms": 5,
+            "compression.type": "snappy"}
     problem = _create_topic(AdminClient(base), args.topic)
     if problem:
         print(f"k2eg-recorder replay: {problem} (Kafka at {kafka.bootstrap_servers}: "
