@@ -189,8 +189,8 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
     base = kafka.librdkafka_config()
     if not args.verbose:  # the outcome is printed; librdkafka's connection retries only here
         base["log_level"] = 2
-    # as the gateway produces; the local queue bounded (librdkafka's default, 1 GB, held
-    # half a GB of a waveform file replayed faster than the broker took it)
+    # as the gateway produces; the local queue bounded (librdkafka's default is 1 GB: a
+    # replay faster than the broker could queue that much)
     conf = {"queue.buffering.max.kbytes": REPLAY_QUEUE_KB, **base, "linger.ms": 5,
             "compression.type": "snappy"}
     problem = _create_topic(AdminClient(base), args.topic)
