@@ -12,6 +12,10 @@ iterations (``--quick``: 30) and 100 waveform PVs of 1,000 float64 x 700 iterati
   the same message bytes, encoded beforehand (untimed): the broker's and librdkafka's limit.
   Values per second, replay/(a), and the replay process's peak RSS (it reads the file a
   window of iterations at a time, ~64 MB of packed values).
+* ``core``: reading and packing alone (``recorder.replay.iterations`` + ``encode_iteration``,
+  no Kafka, a fresh process each) as shipped (rows packed by template, windows sized in
+  bytes) vs (b) every row rebuilt as a sample and packed whole in windows of 65,536 values
+  (the code before 2026-11-24): speed and peak RSS.
 * ``names``: ``values(pv)`` of every PV of a 10,000-PV final file (``--quick``: 2,000), as
   shipped (PV names read once) vs the names read again for every PV (what the reader did
   before 2026-11-23), best of 2 each.
@@ -128,12 +132,44 @@ def names_loop(path: Path, cached: bool) -> float:
         reader.RecordingFile._pv_names = original  # type: ignore[method-assign]
 
 
+def core_child(path: str, mode: str) -> int:
+    """``--core-child``: :func:`recorder.replay.iterations` + ``encode_iteration`` of every
+    iteration of ``path`` in this (fresh) process; prints ``seconds VmHWM-kB``. ``mode``
+    ``whole``: as replay read and packed before 2026-11-24 (every row rebuilt as a sample and
+    packed whole, windows of 65,536 values)."""
+    from recorder import replay
+
+    if mode == "whole":
+        reader.RecordingFile.stored_rows = lambda *_a: None  # type: ignore[method-assign]
+        replay.WINDOW_VALUES = 65_536
+        replay.WINDOW_BYTES = replay.FIRST_WINDOW = 1 << 62
+    t = time.perf_counter()
+    with reader.open_file(path) as f:
+        for it in replay.iterations(f):
+            replay.encode_iteration(it, "snap", sequenced=True)
+    seconds = time.perf_counter() - t
+    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text()
+               .splitlines() if line.startswith("VmHWM:"))
+    print(seconds, hwm)
+    return 0
+
+
+def core(path: Path, mode: str) -> tuple[float, float]:
+    out = subprocess.run([sys.executable, __file__, "--core-child", str(path), mode],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), int(out[1]) / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--core-child", nargs=2, metavar=("FILE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.core_child:
+        return core_child(*args.core_child)
     with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp, EmbeddedBroker() as broker:
+        cores: list[str] = []
         print("| file | values | replay values/s (s) | replay peak RSS | (a) plain producer "
               "values/s (s) | replay/(a) |\n|---|---|---|---|---|---|")
         # the waveforms: more values than one window held before 2026-11-24 (65,536 values,
@@ -143,9 +179,19 @@ def main(argv: list[str] | None = None) -> int:
             path, n_values = write_file(kind, n_pvs, n_iter, Path(tmp) / kind)
             ours, rss_mb = replay_seconds(path, broker.bootstrap_servers, f"replay-{kind}")
             plain = plain_seconds(path, broker.bootstrap_servers, f"plain-{kind}")
-            print(f"| {n_pvs} {kind} PVs x {n_iter} ({path.stat().st_size / 1e6:.0f} MB) | "
-                  f"{n_values:,} | {n_values / ours:,.0f} ({ours:.2f}) | {rss_mb:.0f} MB | "
-                  f"{n_values / plain:,.0f} ({plain:.2f}) | {plain / ours:.2f}x |", flush=True)
+            name = f"{n_pvs} {kind} PVs x {n_iter} ({path.stat().st_size / 1e6:.0f} MB)"
+            print(f"| {name} | {n_values:,} | {n_values / ours:,.0f} ({ours:.2f}) | "
+                  f"{rss_mb:.0f} MB | {n_values / plain:,.0f} ({plain:.2f}) | "
+                  f"{plain / ours:.2f}x |", flush=True)
+            (t_new, m_new), (t_old, m_old) = core(path, "templates"), core(path, "whole")
+            cores.append(f"| {name} | {n_values / t_new:,.0f} ({t_new:.2f}) | {m_new:.0f} MB "
+                         f"| {n_values / t_old:,.0f} ({t_old:.2f}) | {m_old:.0f} MB | "
+                         f"{t_old / t_new:.2f}x |")
+        print("\nReading and packing alone (iterations + encode_iteration, no Kafka; a fresh "
+              "process each): as shipped vs (b) every row rebuilt as a sample and packed whole "
+              "in windows of 65,536 values (before 2026-11-24)\n\n| file | values/s (s) | "
+              "peak RSS | (b) values/s (s) | (b) peak RSS | speed-up |\n|---|---|---|---|---|---|")
+        print("\n".join(cores), flush=True)
         n_pvs = 2000 if args.quick else 10_000
         path, _ = write_file("scalar", n_pvs, 20, Path(tmp) / "names")
         new, old = names_loop(path, True), names_loop(path, False)
