@@ -106,6 +106,7 @@ PUMP_BUDGET_S = 0.1  # longest stretch of event handling between two request che
 IDLE_WAIT_S = 0.2
 ROOM_POLL_S = 1.0  # how often a run waiting for disk space asks whether there is room
 LAG_EVERY_S = 2.0
+TAGS_KEPT = 256  # trigger tags kept for tags_recorded (the newest): one per trigger, unbounded
 STOP_ITERATION_TAGS: dict[str, str] = {f"{RESERVED_TAG_PREFIX}cause": "stop"}
 """Tags of the iteration a triggered snapshot publishes when it is stopped (not a trigger's)."""
 SNAPSHOT_NOT_FOUND = -2  # the gateway's error code for a trigger of a snapshot it does not run
@@ -214,7 +215,9 @@ class RunController:
         self._stop_reason = ""
         self._sub_ended = False
         self._pending_tags: deque[dict[str, str]] = deque()
-        self._tags: list[tuple[int, dict[str, str]]] = []  # (iter_index, tags) recorded
+        # (iter_index, tags) recorded, the newest TAGS_KEPT: the file has them all (a list grew
+        # by one entry per trigger for as long as the daemon ran)
+        self._tags: deque[tuple[int, dict[str, str]]] = deque(maxlen=TAGS_KEPT)
         self._flushes = 0
         self._values = 0
         self._bytes = 0  # rec.counters["bytes"] last seen, when the recording counts bytes
@@ -257,6 +260,7 @@ class RunController:
 
     @property
     def tags_recorded(self) -> list[tuple[int, dict[str, str]]]:
+        """The newest trigger tags recorded (at most ``TAGS_KEPT``), oldest first."""
         with self._lock:
             return list(self._tags)
 

@@ -508,6 +508,30 @@ def test_an_answer_to_a_resend_of_an_earlier_recording_is_not_applied_later(
         c.shutdown().result(5)
 
 
+def test_trigger_tags_kept_in_memory_are_bounded(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller keeps the newest TAGS_KEPT trigger tags, not one entry per trigger for
+    as long as the daemon runs (the recording has them all)."""
+    import recorder.daemon.controller as controller_mod
+
+    monkeypatch.setattr(controller_mod, "TAGS_KEPT", 2)
+    client = FakeClient()
+    c, made = _controller(tmp_path, client, triggered=True)
+    try:
+        c.start().result(5)
+        sub = client.sub
+        assert sub is not None
+        for shot in range(1, 4):
+            assert c.trigger({"shot": str(shot)}).result(5) == "run 'r' triggered"
+            sub.events.put(IterationOpened(sub.topic, "snap", shot, 1, offset=10 + shot))
+            _wait(lambda shot=shot: len(made[0].tags) == shot)
+        assert c.tags_recorded == [(2, {"shot": "2"}), (3, {"shot": "3"})]
+        assert [i for i, _t in made[0].tags] == [1, 2, 3]  # the recording got every one
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_triggered_runs_are_not_watched_and_periodic_watch_can_be_off(tmp_path: Path) -> None:
     client = FakeClient()
     trig, _ = _controller(tmp_path / "t", client, triggered=True, time_window=10,
