@@ -438,7 +438,7 @@ class IsolatedRecording:
         if self._flush_pending is not None and self._flush_pending <= seq:
             self._flush_pending = None
         self.current_path = None if state["current_path"] is None else Path(state["current_path"])
-        self.paths = [Path(p) for p in state["paths"]]
+        self.paths[state["paths_from"]:] = map(Path, state["paths"])  # the new ones
         self._durable = {(t, p): o for t, p, o in state["durable"]}
         self._child_counters = dict(state["counters"])
         counters = dict(self._child_counters)

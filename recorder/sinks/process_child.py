@@ -54,13 +54,17 @@ def _log_config() -> dict[str, Any]:
     return {"format": fmt, "level": root.getEffectiveLevel(), "path": path}
 
 
-def _state(rec: HDF5Recording, broken: str | None) -> dict[str, Any]:
+def _state(rec: HDF5Recording, broken: str | None, paths_from: int) -> dict[str, Any]:
+    """The recording's state for the parent; of its finalized files only those from index
+    ``paths_from`` on (the parent has the ones before: a recording of 60 s segments has
+    1,440 a day, and every reply carried them all)."""
     failed = broken is not None and rec.status == "recording"
     return {
         "status": "failed" if failed else rec.status,
         "reason": broken if failed and broken else rec.reason,
         "current_path": None if rec.current_path is None else str(rec.current_path),
-        "paths": [str(p) for p in rec.paths],
+        "paths_from": paths_from,
+        "paths": [str(p) for p in rec.paths[paths_from:]],
         "durable": [[t, p, o] for (t, p), o in rec.last_durable_offset.items()],
         "counters": dict(rec.counters),
         "last_flush_seconds": rec.last_flush_seconds,
@@ -132,11 +136,16 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
             rec.flush()
         _exit(0)
 
+    paths_sent = 0
+
     def reply(seq: int) -> None:
+        nonlocal paths_sent
         try:
-            tx.send_bytes(msgpack.packb([seq, _state(rec, broken)], use_bin_type=True))
+            tx.send_bytes(msgpack.packb([seq, _state(rec, broken, paths_sent)],
+                                        use_bin_type=True))
         except OSError:
             parent_gone()
+        paths_sent = len(rec.paths)
 
     reply(0)
     while True:

@@ -578,3 +578,32 @@ def test_rebuilt_samples_own_their_payload() -> None:
         message = RAW_MESSAGE(s)
         assert message is not None and len(message) == len(p)
     same(list(back.samples), list(samples))
+
+
+def test_the_writer_reports_each_finalized_segment_once(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every reply of the writer carried the paths of all the recording's segments (1,440 a
+    day with 60 s segments, several replies a second, each rebuilt into Path objects);
+    now only those finalized since the last reply."""
+    from recorder.sinks.options import SegmentOptions
+
+    carried: list[int] = []
+    real = IsolatedRecording._apply
+
+    def spy(self: IsolatedRecording, frame: bytes) -> None:
+        carried.append(len(msgpack.unpackb(frame)[1]["paths"]))
+        real(self, frame)
+
+    monkeypatch.setattr(IsolatedRecording, "_apply", spy)
+    rec = recordings(OutputOptions(directory=tmp_path, segment=SegmentOptions(
+        max_iterations=1)), run_name="segs")
+    for i in range(12):
+        for event in iteration_events(i, width=4):
+            rec.handle(event)
+        rec.flush()
+    paths = rec.close()
+    assert rec.status == "complete", rec.reason
+    assert paths == sorted(tmp_path.glob("segs_*.h5")) and len(paths) == 12
+    assert sum(carried) == 12 and max(carried) <= 2, carried
