@@ -69,7 +69,7 @@ from recorder.daemon.heartbeat import Heartbeat
 from recorder.daemon.recording import RecordingFactory, hdf5_recording, prewarm_writers
 from recorder.daemon.resume import ResumeStore
 from recorder.errors import AdminCommandError, ConfigError, RecorderError
-from recorder.gctune import tune_gc
+from recorder.gctune import MemoryUpkeep, tune_gc
 from recorder.metrics import RecorderMetrics, start_metrics_server
 from recorder.notify import Notifier, WatchdogPinger, watchdog_interval
 from recorder.settings import KafkaSettings
@@ -191,6 +191,7 @@ class Service:
         self._admin: AdminHandler | None = None
         self._heartbeat: Heartbeat | None = None
         self._watchdog = WatchdogPinger(self.notifier, watchdog_interval())
+        self._upkeep = MemoryUpkeep()
         self._last_status_line = ""
         self._metrics_server: Any = None
         self._disk_probe: DiskProbe | None = None
@@ -379,6 +380,7 @@ class Service:
         if self._heartbeat is not None:
             self._heartbeat.maybe_beat(now, self._heartbeat_doc)
         self._watchdog.maybe_ping(now)
+        self._upkeep.maybe_run(now)
         self.metrics.set_kafka_up(self._kafka_unreachable_since() is None)
         self._judge_disks(now)
         line = self._status_line()

@@ -40,7 +40,9 @@ def write_json_atomic(path: Path, obj: Any, *, what: str = "state") -> None:
     """Replace ``path`` with ``obj`` as JSON: write a temporary file, fsync, rename (a crash
     leaves the old or the new file). Raises :class:`ServiceError`."""
     tmp = path.with_name(path.name + ".tmp")
-    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    # no indent: json's C encoder (with indent the pure-Python one, whose closures are
+    # cyclic garbage at every save, i.e. after every flush of a recording run)
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)

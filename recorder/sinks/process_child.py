@@ -103,7 +103,7 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
         structlog.configure(
             wrapper_class=structlog.make_filtering_bound_logger(logcfg["level"])
         )
-    from recorder.gctune import tune_gc
+    from recorder.gctune import MemoryUpkeep, tune_gc
     from recorder.sinks.hdf5 import HDF5Recording
 
     _quiet_unraisable()
@@ -137,6 +137,7 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
         _exit(0)
 
     paths_sent = 0
+    upkeep = MemoryUpkeep()
 
     def reply(seq: int) -> None:
         nonlocal paths_sent
@@ -176,6 +177,7 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
             clog.exception("writer process error; recording failed, file left as is",
                            path=str(rec.current_path))
         reply(seq)
+        upkeep.maybe_run(time.monotonic())
 
 
 def _quiet_unraisable(keep: int = 3) -> None:

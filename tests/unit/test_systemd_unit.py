@@ -161,6 +161,7 @@ def test_project_rules() -> None:
     ]
     assert get(text, s, "EnvironmentFile") == ["-/etc/k2eg-recorder/recorder.env"]
     assert "PYTHONUNBUFFERED=1" in get(text, s, "Environment")
+    assert "MALLOC_ARENA_MAX=2" in get(text, s, "Environment")
     assert get(text, s, "SyslogIdentifier") == ["k2eg-recorder"]
     assert get(text, s, "CapabilityBoundingSet") == [""]
     for key in (
