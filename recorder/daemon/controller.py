@@ -665,11 +665,15 @@ class RunController:
 
     def _after_flush(self, rec: Recording) -> None:
         flushes = rec.counters.get("flushes", 0)
-        if flushes == self._flushes:
-            if rec.status == "failed":
-                self._recording_failed(rec)
-            return
-        self._flushes = flushes
+        if flushes != self._flushes:
+            self._flushes = flushes
+            self._flushed(rec)
+        if rec.status == "failed":  # after saving what its flushes made durable: a resume
+            self._recording_failed(rec)  # starts after it, nothing recorded twice
+
+    def _flushed(self, rec: Recording) -> None:
+        """Count what the recording's new flushes wrote and save the offsets they made
+        durable (also when it failed after them: that data is in its file)."""
         values = rec.counters.get("values", 0)
         delta, self._values = values - self._values, values
         nbytes = self._bytes_written(rec)
@@ -679,9 +683,6 @@ class RunController:
         if self._metrics is not None:
             self._metrics.values(self.name, max(0, delta), nbytes)
             self._metrics.flushed(self.name, rec.last_flush_seconds, time.time())
-        if rec.status == "failed":
-            self._recording_failed(rec)
-            return
         durable = {p: o for (_t, p), o in rec.last_durable_offset.items()}
         merged = {**self._durable, **{p: max(o, self._durable.get(p, -1))
                                       for p, o in durable.items()}}

@@ -629,6 +629,34 @@ def test_a_file_that_cannot_be_finalized_at_the_stop_fails_the_stop(tmp_path: Pa
         assert c.join(5)
 
 
+def test_offsets_flushed_before_a_failure_are_saved_with_it(tmp_path: Path) -> None:
+    """A writer reply can say both: a flush made offset 41 durable, and then a write failed.
+    The failure was handled first and the offset never saved, so the resume re-read data the
+    failed file holds (found as a race in test_a_recording_whose_disk_ran_out_...)."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    try:
+        c.start().result(5)
+        rec = made[0]
+        flush = rec.flush
+
+        def flush_then_fail() -> None:
+            flush()
+            if rec._durable:
+                rec.status, rec.reason = "failed", "OSError: [Errno 5] Input/output error"
+
+        rec.flush = flush_then_fail  # type: ignore[method-assign]
+        sub = client.sub
+        assert sub is not None
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=41))
+        _wait(lambda: c.state is RunState.FAILED)
+        state = json.loads((tmp_path / "state" / "r.json").read_text())
+        assert state["active"]["offsets"] == {"0": 41}
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_a_recording_whose_disk_ran_out_resumes_once_there_is_room(tmp_path: Path) -> None:
     client = FakeClient()
     room = [True]
