@@ -23,7 +23,7 @@ This module reads files through :mod:`recorder.reader` and builds bytes; publish
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,15 +131,14 @@ def pack_message(msg: Mapping[str, Any],
         if sample is None:
             return packb(msg)
         parts = [map_header(len(msg))]
-        if isinstance(sample, PackedStructure):
-            for key, item in msg.items():
-                parts.append(packb(key))
-                parts.append(sample.packed if key == sample.pv else packb(item))
-            return b"".join(parts)
-        paths = sample.float32_paths
         for key, item in msg.items():
             parts.append(packb(key))
-            parts.append(pack_tree(item, paths) if key == sample.pv else packb(item))
+            if key != sample.pv:
+                parts.append(packb(item))
+            elif isinstance(sample, PackedStructure):
+                parts.append(sample.packed)
+            else:
+                parts.append(pack_tree(item, sample.float32_paths))
         return b"".join(parts)
     except (TypeError, OverflowError, ValueError):
         if isinstance(sample, PackedStructure):
@@ -231,7 +230,7 @@ def iterations(f: RecordingFile, selection: Selection = Selection()) -> Iterator
             continue
         # per PV: its rows from the window's first iteration to the next window's (late
         # values of the window's last iteration included), read at once
-        rows: dict[str, tuple[list[PVSample | PackedStructure], list[int], int]] = {}
+        rows: dict[str, tuple[Sequence[PVSample | PackedStructure], list[int], int]] = {}
         for pv, (first, _count, n_pv) in index.items():
             lo = int(first[k0])
             hi = int(first[k1]) if k1 < n_rows else n_pv
@@ -273,12 +272,13 @@ def _packed_size(sample: PVSample | PackedStructure) -> int:
     return 1024 + 32 * (len(value) if isinstance(value, list) else 1)
 
 
-def _samples(f: RecordingFile, pv: str, lo: int, hi: int) -> list[PVSample | PackedStructure]:
+def _samples(f: RecordingFile, pv: str, lo: int, hi: int
+             ) -> Sequence[PVSample | PackedStructure]:
     """The PV's rows ``lo:hi``: from a finalized file packed by template where one fits
     (:func:`~recorder.replay_pack.packed_rows`), from a live file as samples."""
     stored = f.stored_rows(pv, lo, hi)
     if stored is None:
-        return list[PVSample | PackedStructure](f.samples_range(pv, lo, hi))
+        return f.samples_range(pv, lo, hi)
     with reporting_damage(f.path):  # a value rebuilt here that cannot be, as the reader says
         return packed_rows(stored, pv)
 

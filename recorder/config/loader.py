@@ -278,7 +278,7 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
         return []
     if "runs" not in data:
         run = _parse_run(filename, data, (), problems)
-        return [] if run is None else [_invalid_if(run, duplicated)]
+        return [] if run is None else [_invalid_if(run, bool(duplicated))]
     out: list[_Parsed] = []
     for key in data:
         if key != "runs":
@@ -306,13 +306,14 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
         run = _parse_run(filename, item, loc, problems, root=data)
         if run is not None:
             inside = f"{_dotted(loc)}."
-            out.append(_invalid_if(run, [f for f in duplicated if f.startswith(inside)]))
+            out.append(_invalid_if(run, any(f.startswith(inside) for f in duplicated)))
     return out
 
 
-def _invalid_if(run: _Parsed, problems: Sequence[object]) -> _Parsed:
-    """``run``, not valid (no definition) when it has ``problems`` found outside its model."""
-    return dataclasses.replace(run, definition=None) if problems else run
+def _invalid_if(run: _Parsed, invalid: bool) -> _Parsed:
+    """``run``, not valid (no definition) when a problem found outside its model (a
+    duplicate key) makes it ``invalid``."""
+    return dataclasses.replace(run, definition=None) if invalid else run
 
 
 def _parse_run(

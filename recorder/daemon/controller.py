@@ -983,10 +983,11 @@ class RunController:
             self._stats.files.extend(files)
             self._stats.current_file = None
         if rec.status == "failed":
-            if status != "failed" and self._metrics is not None:
-                self._metrics.write_failed(self.name)  # not counted by _recording_failed
+            if status != "failed":  # found at the close: not counted nor logged by
+                if self._metrics is not None:  # _recording_failed
+                    self._metrics.write_failed(self.name)
+                self._log.error("recording failed", reason=rec.reason, files=files)
             self._error(f"recording failed: {rec.reason}")
-            self._log.error("recording failed", reason=rec.reason, files=files)
             # keep the state file: a start resumes from the durable offset
             return files, rec.reason or "the recording failed"
         stored = self._stored
