@@ -106,6 +106,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from procfs import cpu_seconds, stat_fields, status_kb  # noqa: E402
 
 K2EG_PYTHON = ROOT / ".venv-k2eg" / "bin" / "python"
 T0 = time.monotonic()
@@ -120,14 +121,7 @@ class BenchError(RuntimeError):
 
 
 def vm_kb(field_name: str, pid: int | str = "self") -> int:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    return 0
+    return status_kb(pid).get(field_name, 0)
 
 
 # ------------------------------------------------------------------------------ children
@@ -773,8 +767,10 @@ def worker(args: argparse.Namespace) -> int:
 
 def stat_cpu(stat: Path) -> float:
     """CPU seconds (user + system) in a /proc ``stat`` file (a process's or a thread's)."""
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = stat_fields(stat)
+    if fields is None:
+        raise OSError(f"{stat}: gone")
+    return cpu_seconds(fields)
 
 
 def proc_cpu(pid: int | str = "self") -> float:

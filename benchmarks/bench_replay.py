@@ -24,7 +24,6 @@ iterations (``--quick``: 30) and 100 waveform PVs of 1,000 float64 x 700 iterati
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import subprocess
 import sys
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_sink  # noqa: E402
 import structlog  # noqa: E402
+from procfs import status_kb  # noqa: E402
 
 from recorder import reader  # noqa: E402
 from recorder.broker import EmbeddedBroker  # noqa: E402
@@ -68,12 +68,8 @@ def replay_seconds(path: Path, bootstrap: str, topic: str) -> tuple[float, float
         proc = subprocess.Popen([sys.executable, "-m", "recorder.cli", "replay", str(path),
                                  "--topic", topic, "--speed", "0", "--bootstrap", bootstrap],
                                 stdout=subprocess.DEVNULL, stderr=err)
-        status = Path(f"/proc/{proc.pid}/status")
         while proc.poll() is None:
-            with contextlib.suppress(OSError):
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        hwm_kb = max(hwm_kb, int(line.split()[1]))
+            hwm_kb = max(hwm_kb, status_kb(proc.pid).get("VmHWM", 0))
             time.sleep(0.05)
         seconds = time.perf_counter() - t
         if proc.returncode != 0:
@@ -148,9 +144,7 @@ def core_child(path: str, mode: str) -> int:
         for it in replay.iterations(f):
             replay.encode_iteration(it, "snap", sequenced=True)
     seconds = time.perf_counter() - t
-    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text()
-               .splitlines() if line.startswith("VmHWM:"))
-    print(seconds, hwm)
+    print(seconds, status_kb()["VmHWM"])
     return 0
 
 

@@ -77,9 +77,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from procfs import cpu_seconds, stat_fields, status_kb  # noqa: E402
 
 T0 = time.monotonic()
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 MB = 1024.0  # /proc reports kB
 TRIGGERED_RUN = "sim-triggered-images"
 HEAVY_RUN = "soak-heavy"
@@ -98,30 +100,6 @@ class BenchError(RuntimeError):
 # ------------------------------------------------------------------ /proc
 
 
-def proc_status_kb(pid: int) -> dict[str, int]:
-    """The ``kB`` fields of ``/proc/PID/status`` (VmRSS, VmHWM, ...); empty if it is gone."""
-    out: dict[str, int] = {}
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if (len(parts) == 2 and parts[1] == "kB") or (key == "Threads" and parts):
-            out[key] = int(parts[0])
-    return out
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """The fields of ``/proc/PID/stat`` after the command name (field 3 = index 0)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
 def mem_available_kb() -> int:
     """MemAvailable of ``/proc/meminfo`` (kB)."""
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -130,18 +108,13 @@ def mem_available_kb() -> int:
     return 0
 
 
-def cpu_s(fields: Sequence[str]) -> float:
-    """utime + stime in seconds."""
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def children_of(pid: int) -> list[int]:
     """Live child processes of ``pid`` (by the parent PID in their ``stat``)."""
     kids: list[int] = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        fields = proc_stat(int(entry.name))
+        fields = stat_fields(int(entry.name))
         if fields is not None and int(fields[1]) == pid:
             kids.append(int(entry.name))
     return kids
@@ -249,18 +222,18 @@ class Soak:
         assert self.daemon is not None
         pid = self.daemon.pid
         now = time.monotonic()
-        st = proc_status_kb(pid)
-        fields = proc_stat(pid)
-        own_cpu = cpu_s(fields) if fields else float("nan")
+        st = status_kb(pid)
+        fields = stat_fields(pid)
+        own_cpu = cpu_seconds(fields) if fields else float("nan")
         writers: list[Writer] = []
         others = 0
         for kid in children_of(pid):
             if "multiprocessing.spawn" not in cmdline(kid) or "resource_tracker" in cmdline(kid):
                 others += 1
                 continue
-            kst = proc_status_kb(kid)
-            kfields = proc_stat(kid)
-            kcpu = cpu_s(kfields) if kfields else 0.0
+            kst = status_kb(kid)
+            kfields = stat_fields(kid)
+            kcpu = cpu_seconds(kfields) if kfields else 0.0
             writers.append(Writer(kid, self.label_of(kid), kst.get("VmRSS", 0),
                                   kst.get("VmHWM", 0), kcpu))
         prev = self.samples[-1] if self.samples else None
@@ -272,7 +245,7 @@ class Soak:
             t_s=now - T0, daemon_rss_kb=st.get("VmRSS", 0), daemon_hwm_kb=st.get("VmHWM", 0),
             daemon_fds=fd_count(pid), daemon_threads=st.get("Threads", 0),
             daemon_cpu_s=own_cpu, daemon_cpu_pct=pct, writers=writers, others=others,
-            broker_rss_kb=proc_status_kb(self.broker_pid).get("VmRSS", 0),
+            broker_rss_kb=status_kb(self.broker_pid).get("VmRSS", 0),
             mem_available_kb=mem_available_kb(),
             files_h5=h5, files_partial=partial, triggers_ok=self.triggers_ok,
             triggers_bad=self.triggers_bad,
