@@ -12,7 +12,9 @@ gateway simulator's own encoder (:mod:`recorder.sim.encoding`, float32 packing i
 
 Then, in the same run, each measurement is repeated and the best is kept:
 
-* (a) baseline: ``Consumer.assign`` + ``consume(1000)`` + ``msgpack.unpackb`` of every value;
+* (a) baseline: ``Consumer.assign`` + ``consume(1000)`` + ``msgpack.unpackb`` of every value,
+  the consumer configured as ours fetches (:data:`recorder.client.kafka.FETCH_TUNING`; before
+  2026-11-24 it had librdkafka's default ``fetch.queue.backoff.ms`` of 1 s, which idled it);
 * (b0) our adapter alone: ``KafkaAdapter`` + ``msgpack.unpackb`` of every record (the adapter's
   own cost, for comparison only);
 * (b) ours, as :class:`recorder.client.K2egClient` runs it: the
@@ -45,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recorder.broker import EmbeddedBroker
 from recorder.client.assembler import IterationAssembler
 from recorder.client.events import IterationClosed, IterationEvent
-from recorder.client.kafka import KafkaAdapter, StartAt
+from recorder.client.kafka import FETCH_TUNING, KafkaAdapter, StartAt
 from recorder.client.wire import Record
 from recorder.settings import KafkaSettings
 from recorder.sim.encoding import SER_HEADER, SER_MSGPACK, pack
@@ -148,7 +150,7 @@ class Result:
 
 def run_baseline(bootstrap: str, topic: str, total: int) -> Result:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}",
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+                         "enable.auto.commit": False, **FETCH_TUNING})
     unpack = msgpack.unpackb
     try:
         t0 = time.perf_counter()

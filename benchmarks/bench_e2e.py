@@ -33,7 +33,10 @@ recorder package is byte-compiled first, as an installed daemon's is (:func:`com
 Measured per case, in the same run, repeated and interleaved ((a), ours, (a), ours, ...):
 
 * (a) plain consume + decode: ``Consumer.assign`` + ``consume(1000)`` + ``msgpack.unpackb``
-  of every message of the topic; values / (assign -> last message decoded).
+  of every message of the topic, the consumer configured as ours fetches
+  (:data:`recorder.client.kafka.FETCH_TUNING`; before 2026-11-24 it had librdkafka's default
+  ``fetch.queue.backoff.ms`` of 1 s, which idled it half of the waveform drain); values /
+  (assign -> last message decoded).
 * ours: the daemon (``recorder.service.Service``: admin link, K2egClient, RunController and
   the daemon's recording factory, i.e. the code of ``k2eg-recorder run``) in a fresh process,
   with the run's real PV list. ``--sink`` sets the run's ``output.isolate``: ``isolated``
@@ -305,8 +308,10 @@ def run_a(bootstrap: str, topic: str, total: int, broker_pid: int,
     import msgpack
     from confluent_kafka import Consumer, TopicPartition
 
+    from recorder.client.kafka import FETCH_TUNING
+
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}",
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+                         "enable.auto.commit": False, **FETCH_TUNING})
     unpack = msgpack.unpackb
     try:
         cpu0 = proc_cpu() + proc_cpu(broker_pid)

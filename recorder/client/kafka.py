@@ -40,7 +40,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import structlog
 from confluent_kafka import (
@@ -76,6 +76,25 @@ def librdkafka_logger(log: Any) -> LibrdkafkaLog:
     """A ``logger`` for any confluent-kafka handle: its lines through ``log`` (structlog),
     repeats throttled together with every adapter's."""
     return LibrdkafkaLog(log, _THROTTLE)
+
+
+#: How every consumer of ours fetches (the benchmarks' plain-consumer baselines use it too, so
+#: they are compared like for like).
+FETCH_TUNING: Final[dict[str, int]] = {
+    # the official client's is 5 ms; what 10 ms costs the broker idle: bench_fetch_wait.py
+    "fetch.wait.max.ms": 10,
+    # bound librdkafka's prefetch (defaults: 100,000 messages or 64 MiB per partition): the
+    # records a slow sink has not taken stay in Kafka, not in memory, so memory does not grow
+    # with the length of the topic behind us
+    "queued.min.messages": 20_000,
+    "queued.max.messages.kbytes": 16_384,
+    # once a partition's local queue is above those bounds librdkafka postpones its next fetch
+    # by fetch.queue.backoff.ms (default 1000 ms): a consumer that decodes what it reads then
+    # drains the queue in a fraction of that second and idles the rest (a plain consume +
+    # msgpack decode of 150k messages of 128-float waveforms on Tansu, 2026-11-24: 94-96k
+    # messages/s with the default, 201-215k with 10 ms). Re-check the queue every 10 ms.
+    "fetch.queue.backoff.ms": 10,
+}
 
 
 class LibrdkafkaLog:
@@ -250,17 +269,7 @@ class KafkaAdapter:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",  # an explicit offset below retention: oldest kept
             "enable.partition.eof": False,
-            "fetch.wait.max.ms": 10,
-            # bound librdkafka's prefetch (defaults: 100,000 messages or 64 MiB per
-            # partition): the records a slow sink has not taken stay in Kafka, not in memory,
-            # so memory does not grow with the length of the topic behind us
-            "queued.min.messages": 20_000,
-            "queued.max.messages.kbytes": 16_384,
-            # once a partition's local queue is above those bounds librdkafka postpones its
-            # next fetch by fetch.queue.backoff.ms (default 1000 ms): the consumer then drains
-            # the queue in ~0.2 s and idles the rest of the second (measured: 3x fewer
-            # messages/s than an unbounded consumer). Re-check the queue every 10 ms instead.
-            "fetch.queue.backoff.ms": 10,
+            **FETCH_TUNING,
             "error_cb": self._error_cb,
             "logger": librdkafka_log,  # served by consume(), in the consumer thread
         }
