@@ -200,18 +200,25 @@ def get(samples: Samples, name: str, **labels: str) -> float | None:
 # ---------------------------------------------------------------- what was published
 @dataclass
 class Published:
-    """The snapshot topic decoded with plain msgpack (independent of the daemon's decoder)."""
+    """The snapshot topic decoded with plain msgpack (independent of the daemon's decoder).
+
+    A data message whose bytes repeat an earlier one of its iteration is a producer retry (the
+    simulator's producer, as the gateway's, is not idempotent: a request whose reply a cut
+    connection lost is sent again), which the daemon drops too: counted in ``duplicates``,
+    not in ``data``."""
 
     data: dict[int, dict[str, list[Any]]] = field(default_factory=dict)  # iter -> pv -> values
     tails: set[int] = field(default_factory=set)
     headers: set[int] = field(default_factory=set)
     offsets: dict[int, int] = field(default_factory=dict)  # iter -> offset of its tail
+    duplicates: int = 0
 
 
 def read_published(bootstrap: str, topic: str, timeout: float = 10.0) -> Published:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{topic}",
                          "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     out = Published()
+    seen: set[tuple[int, bytes]] = set()
     try:
         meta = consumer.list_topics(topic, timeout=5)
         parts = list(meta.topics[topic].partitions)
@@ -233,6 +240,10 @@ def read_published(bootstrap: str, topic: str, timeout: float = 10.0) -> Publish
                     out.tails.add(it)
                     out.offsets[it] = msg.offset()
                 elif kind == 1:
+                    if (it, msg.value()) in seen:
+                        out.duplicates += 1
+                        continue
+                    seen.add((it, msg.value()))
                     for key, value in obj.items():
                         if isinstance(value, dict):
                             out.data.setdefault(it, {}).setdefault(key, []).append(

@@ -201,10 +201,14 @@ def test_a_kafka_outage_mid_run_loses_nothing_and_the_daemon_records_on(
         assert state is not None and state["state"] == "recording"
         assert get(scrape(metrics_port), "kafka_up") == 1
         assert request(admin, "stop", "periodic").ok
+        dropped = get(scrape(metrics_port), "messages_skipped_total", run="periodic",
+                      reason="duplicate") or 0
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
 
     published = read_published(bootstrap, f"periodic_{token}")
+    # a produce request cut with the connection is sent again: the daemon drops the copy
+    assert published.duplicates == dropped, (published.duplicates, dropped)
     (recorded,) = read_files(h5_files(data))
     its = recorded["iterations"]
     assert len(its) == len(set(its)), "an iteration was recorded twice"
