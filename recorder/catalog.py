@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from recorder.errors import DamagedFileError, FileFormatError
-from recorder.sinks.describe import plain
+from recorder.sinks.describe import data_span_ns, iso_ns, plain
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import read_commit
 from recorder.sinks.options import PARTIAL_SUFFIX
@@ -199,8 +199,8 @@ class RecordingEntry:
             "recording_uid": self.recording_uid,
             "status": self.status,
             "reason": self.reason,
-            "start": _iso(self.start_ns),
-            "end": _iso(self.end_ns),
+            "start": iso_ns(self.start_ns),
+            "end": iso_ns(self.end_ns),
             "start_ns": self.start_ns,
             "end_ns": self.end_ns,
             "iterations": self.iterations,
@@ -209,8 +209,8 @@ class RecordingEntry:
             "bytes": self.bytes,
             "files": [
                 {"path": str(f.path), "segment": f.segment, "status": f.status,
-                 "reason": f.reason, "partial": f.partial, "start": _iso(f.start_ns),
-                 "end": _iso(f.end_ns), "iterations": f.iterations,
+                 "reason": f.reason, "partial": f.partial, "start": iso_ns(f.start_ns),
+                 "end": iso_ns(f.end_ns), "iterations": f.iterations,
                  "incomplete": f.incomplete, "values": f.values, "bytes": f.bytes,
                  "format_version": f.format_version}
                 for f in self.files
@@ -262,13 +262,11 @@ def describe_file(path: str | os.PathLike[str]) -> FileEntry:
             # decided when the first event came; iterations read back after a restart or
             # still open at a rotation came earlier): the gateway's timestamps widen the span
             # to the data it holds
-            stamps = np.concatenate([f["iterations/header_timestamp"][:n_iter],
-                                     f["iterations/tail_timestamp"][:n_iter]])
-            stamps = stamps[stamps > 0]
-            if len(stamps):
-                if not start_ns or int(stamps.min()) < start_ns:
-                    start_ns = int(stamps.min())
-                end_ns = max(end_ns, int(stamps.max()))
+            span = data_span_ns(f["iterations"], n_iter)
+            if span is not None:
+                if not start_ns or span[0] < start_ns:
+                    start_ns = span[0]
+                end_ns = max(end_ns, span[1])
     return FileEntry(
         path=path,
         run=str(a.get("run_name", "")),
@@ -419,7 +417,3 @@ def _ns(iso: Any) -> int:
 def utc(ns: int) -> dt.datetime:
     """ns since the epoch as an aware UTC datetime (microseconds)."""
     return dt.datetime.fromtimestamp(ns // 1000 / 1e6, dt.UTC)
-
-
-def _iso(ns: int) -> str:
-    return utc(ns).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -13,7 +13,11 @@ messages. Key: the run name. Layout (``schema`` names it; fields are only ever a
      "recording_uid": "5c1f...", "segment": 0,
      "status": "complete",                  # complete | aborted | failed (the file's own)
      "reason": "",                          # status_reason when not complete
-     "start_time": "2026-11-22T13:00:02Z", "end_time": "2026-11-22T14:00:02Z",
+     "start_time": "2026-11-22T13:00:02Z",  # the recording's (the same in every segment)
+     "end_time": "2026-11-22T14:00:02Z",    # this file's
+     "segment_start_time": "2026-11-22T13:00:02Z",  # this file opened (wall clock)
+     "data_start_time": "2026-11-22T13:00:01.900Z",  # the gateway's earliest and latest
+     "data_end_time": "2026-11-22T14:00:01.950Z",    # timestamps in /iterations (or null)
      "iterations": 36000, "values": 108000,
      "format_version": "5.1",
      "error": null}                         # why the file could not be read, if so
@@ -51,6 +55,9 @@ class FileEvent:
     reason: str | None = None
     start_time: str | None = None
     end_time: str | None = None
+    segment_start_time: str | None = None
+    data_start_time: str | None = None
+    data_end_time: str | None = None
     iterations: int | None = None
     values: int | None = None
     format_version: str | None = None
@@ -78,6 +85,7 @@ class FileEvent:
                 if not isinstance(fields[name], str):
                     raise TypeError(f"{name}: expected a string, got {fields[name]!r}")
             for name in ("recording_uid", "status", "reason", "start_time", "end_time",
+                         "segment_start_time", "data_start_time", "data_end_time",
                          "format_version", "error"):
                 if fields[name] is not None and not isinstance(fields[name], str):
                     raise TypeError(f"{name}: expected a string, got {fields[name]!r}")

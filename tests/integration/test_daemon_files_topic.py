@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from daemon_support import (
@@ -30,6 +31,7 @@ from daemon_support import (
 )
 
 from recorder.admin.files import FileEvent
+from recorder.sinks.describe import iso_ns
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,6 +54,11 @@ def file_events(bootstrap: str, topic: str, want: int, timeout: float = 20.0
     finally:
         consumer.close()
     return out
+
+
+def f_iterations(path: Path, column: str) -> Any:
+    with h5py.File(path, "r") as f:
+        return f["iterations"][column][:]
 
 
 def test_every_finalized_file_gets_one_event_that_matches_it(
@@ -106,6 +113,12 @@ runs:
         assert e.iterations == int(a["n_iterations"]) and e.values == int(a["n_values"])
         assert e.segment == int(a["segment"]) and e.recording_uid == a["recording_uid"]
         assert (e.start_time, e.end_time) == (a["start_time"], a["end_time"])
+        assert e.segment_start_time == a["segment_start_time"]
+        stamps = np.concatenate([f_iterations(path, "header_timestamp"),
+                                 f_iterations(path, "tail_timestamp")])
+        assert (e.data_start_time, e.data_end_time) == (iso_ns(int(stamps[stamps > 0].min())),
+                                                        iso_ns(int(stamps.max())))
+        assert e.data_start_time <= e.data_end_time  # type: ignore[operator]
         assert e.bytes == path.stat().st_size and e.format_version == a["format_version"]
         uids.add(e.recording_uid)
     assert len(uids) == 1  # the segments of one recording
