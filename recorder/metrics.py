@@ -33,7 +33,8 @@ Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
 run's snapshot topic (:meth:`recorder.client.K2egClient.skipped`): ``malformed.<why>`` (not
 decodable), ``late.<what>`` (for an iteration already closed), ``duplicate`` /
 ``duplicate.header`` / ``duplicate.tail``, ``before_start.<what>`` (the rest of an iteration
-already under way when a new recording began reading).
+already under way when a new recording began reading), ``lost.retention`` (never read: a
+resume found them deleted by the topic's retention).
 """
 
 from __future__ import annotations

@@ -231,6 +231,7 @@ class K2egClient:
             poll_timeout_s=poll_timeout_s,
             producer_config=command_producer_config(self.settings),
             name=f"k2eg-{self.settings.app_name}",
+            on_offset_gap=self._on_offset_gap,
         )
         self._dispatcher = _Dispatcher(
             f"k2eg-dispatch-{self.settings.app_name}", lambda: self._count("handler_errors")
@@ -328,8 +329,9 @@ class K2egClient:
         started: ``malformed.<why>`` (not decodable), ``late.<what>`` (for an iteration
         already closed), ``duplicate`` / ``duplicate.header`` / ``duplicate.tail``,
         ``before_start.data`` / ``before_start.tail`` (the rest of an iteration already under
-        way when a fresh subscription began reading). The client-wide totals are in
-        :meth:`counters` (``assembler.*``)."""
+        way when a fresh subscription began reading), ``lost.retention`` (never read: a resume
+        found them deleted by the topic's retention). The client-wide totals are in
+        :meth:`counters` (``assembler.*``; ``kafka.offsets_missing``)."""
         with self._core_lock:
             return dict(self._skips.get(topic, {}))
 
@@ -448,6 +450,14 @@ class K2egClient:
                 self._log.info("Kafka reachable again", down_s=round(now - self._down_since, 1))
             self._down_since = None
             self._down_wall = None
+
+    def _on_offset_gap(self, topic: str, partition: int, expected: int, read: int) -> None:
+        """Consumer thread: a topic resumed at ``expected`` began at ``read``; the messages
+        between are gone from Kafka (its retention), charged to the topic as ``lost.retention``
+        (:meth:`skipped`). Reading from below the offset loses nothing (the adapter logs it)."""
+        if read > expected:
+            with self._core_lock:
+                self._skips.setdefault(topic, Counter())["lost.retention"] += read - expected
 
     def _skip_counts(self) -> dict[str, int]:
         """The assembler's skip counters (core lock held)."""

@@ -55,6 +55,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from recorder.client.firstread import FirstReads
 from recorder.client.throttle import RepeatThrottle, normalized
 from recorder.client.wire import Record
 from recorder.errors import ClientClosedError, ConfigError, RecorderError, TransportError
@@ -63,6 +64,9 @@ from recorder.settings import KafkaSettings
 T = TypeVar("T")
 RecordsCallback = Callable[[list[Record], bool], None]
 MessagesCallback = Callable[[list[Message], bool], None]  # raw mode (``raw_messages=True``)
+#: ``(topic, partition, expected, read)``: the first message read from a partition started at
+#: an explicit offset was not at that offset (see :meth:`KafkaAdapter.add_topic`)
+OffsetGapCallback = Callable[[str, int, int, int], None]
 DeliveryCallback = Callable[[TransportError | None], None]
 
 _log = structlog.get_logger("recorder.client.kafka")
@@ -234,11 +238,14 @@ class KafkaAdapter:
         consumer_config: Mapping[str, Any] | None = None,
         producer_config: Mapping[str, Any] | None = None,
         name: str = "k2eg-kafka",
+        on_offset_gap: OffsetGapCallback | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.settings = settings
         self._on_records: Callable[[list[Any], bool], None] = on_records
+        self._on_offset_gap = on_offset_gap
+        self._first_reads = FirstReads()  # consumer thread only
         self._raw_messages = raw_messages
         self._batch_size = batch_size
         self._kafka_down = False
@@ -394,7 +401,8 @@ class KafkaAdapter:
         If the topic does not exist yet, the consumer thread keeps retrying (without blocking
         other topics) until ``timeout_s`` (default: the adapter's metadata timeout), then fails
         the future with :class:`TransportError`. Adding a topic that is already assigned
-        re-positions it.
+        re-positions it. Started at explicit offsets (:meth:`StartAt.at`), the first message
+        read from each partition is checked to be at its offset (see ``on_offset_gap``).
         """
         deadline = time.monotonic() + (timeout_s or self._metadata_timeout_s)
         return self._submit(
@@ -656,6 +664,8 @@ class KafkaAdapter:
                 self._kafka_down = self._reading_stalled = False
             elif self._kafka_down:
                 self._probe(consumer)
+            if messages and self._first_reads:
+                self._check_first_reads(messages)
             if not messages:
                 records: list[Any] = []
             elif self._raw_messages:
@@ -730,6 +740,34 @@ class KafkaAdapter:
             positions[msg.partition()] = msg.offset() + 1  # type: ignore[index,operator]
         self._count("consumed", len(messages))
         return messages
+
+    def _check_first_reads(self, messages: list[Message]) -> None:
+        """The first message read from a partition started at an explicit offset (a resume,
+        the admin link's saved position, a seek) must be at that offset
+        (:mod:`recorder.client.firstread`): a mismatch is logged, counted and told to
+        ``on_offset_gap``."""
+        reads = ((m.topic(), m.partition(), m.offset()) for m in messages if m.error() is None)
+        for gap in self._first_reads.check(reads):  # type: ignore[arg-type]
+            if gap.missing:
+                self._count("offsets_missing", gap.missing)
+                self._log.warning(
+                    "messages missing from Kafka: the topic no longer holds them (its "
+                    "retention deleted them before they were read)", topic=gap.topic,
+                    partition=gap.partition, expected_offset=gap.expected,
+                    first_offset_read=gap.read, missing=gap.missing)
+            else:
+                self._count("offsets_reset")
+                self._log.warning(
+                    "the topic no longer reaches the offset to read from (deleted and created "
+                    "again?): reading from its oldest message", topic=gap.topic,
+                    partition=gap.partition, expected_offset=gap.expected,
+                    first_offset_read=gap.read)
+            if self._on_offset_gap is not None:
+                try:
+                    self._on_offset_gap(gap.topic, gap.partition, gap.expected, gap.read)
+                except Exception:
+                    self._count("callback_errors")
+                    self._log.exception("offset gap callback raised")
 
     def _filtered(self, messages: list[Message]) -> list[Message]:
         """:meth:`_deliverable` with consumer errors or unassigned topics in the batch."""
@@ -857,6 +895,10 @@ class KafkaAdapter:
             consumer.incremental_unassign([TopicPartition(topic, p) for p in existing.partitions])
         consumer.incremental_assign(tps)
         state = _TopicState(partitions=partitions, positions=dict(offsets))
+        self._first_reads.forget(topic)
+        if start.kind == "offsets":
+            for p, off in offsets.items():
+                self._first_reads.expect(topic, p, off)
         with self._topics_lock:
             self._topics[topic] = state
         self._log.debug("topic assigned", topic=topic, offsets=offsets, start=start.kind)
@@ -904,6 +946,7 @@ class KafkaAdapter:
     def _do_remove(self, consumer: Consumer, topic: str) -> None:
         with self._topics_lock:
             state = self._topics.pop(topic, None)
+        self._first_reads.forget(topic)
         if state is not None:
             consumer.incremental_unassign([TopicPartition(topic, p) for p in state.partitions])
             self._log.debug("topic unassigned", topic=topic)
@@ -940,6 +983,7 @@ class KafkaAdapter:
         consumer.seek(TopicPartition(request.topic, request.partition, request.offset))
         with self._topics_lock:
             state.positions[request.partition] = request.offset
+        self._first_reads.expect(request.topic, request.partition, request.offset)
 
     def _do_watermarks(self, consumer: Consumer, request: _Request) -> dict[int, tuple[int, int]]:
         remaining = max(0.05, request.deadline - time.monotonic())

@@ -438,6 +438,9 @@ class RunController:
         prewarm_writers(self._factory, [d], self._log)  # overlaps the subscription
         budget = self._value_budget
         max_pending = pending_bound(len(props.pv_uri_list), *(() if budget is None else (budget,)))
+        # what the client skipped on this topic before (earlier recordings): from here on, all
+        # of it is this recording's (a resume's lost offsets come with its first fetch)
+        skips_before = self._client.skipped(d.snapshot.topic)
         try:
             sub = self._client.snapshot_recurring(props, start=start_at, max_pending=max_pending)
         except RecorderError as exc:
@@ -486,7 +489,7 @@ class RunController:
         self._values = rec.counters.get("values", 0)
         self._bytes = rec.counters.get("bytes", 0)
         self._file_sizes = {}
-        self._skips = sub.skipped()
+        self._skips = skips_before
         new_active = ActiveRecording(
             recording_uid=rec.uid,
             seq=seq,
@@ -740,6 +743,12 @@ class RunController:
         if skipped == self._skips:
             return
         previous, self._skips = self._skips, skipped
+        lost = skipped.get("lost.retention", 0) - previous.get("lost.retention", 0)
+        if lost > 0:  # the adapter logged the offsets; this says which run lost what
+            message = (f"{lost} message(s) of the snapshot topic were deleted by its retention "
+                       "before this run read them: the recording has a gap")
+            self._log.error("messages lost to the topic's retention", lost=lost)
+            self._error(message)
         if self._metrics is None:
             return
         for reason, count in skipped.items():

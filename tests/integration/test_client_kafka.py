@@ -148,6 +148,33 @@ def test_assign_at_beginning_and_at_explicit_offsets(
     assert [(r.partition, r.offset) for r in collector.of(c)] == [(1, 4)]
 
 
+def test_starts_at_explicit_offsets_and_seeks_are_checked_without_false_gaps(
+    settings: KafkaSettings, collector: Collector, kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+) -> None:
+    """A resume reads exactly from its offset on a broker that still holds it: the first
+    message of each partition is compared with it (recorder.client.firstread), and nothing is
+    reported; the gap case itself (retention) cannot be made on Tansu, which deletes nothing."""
+    gaps: list[tuple[str, int, int, int]] = []
+    ad = KafkaAdapter(settings, collector, batch_size=200,
+                      on_offset_gap=lambda *gap: gaps.append(gap)).start()
+    try:
+        topic = unique_name("t")
+        ad.ensure_topic(topic, partitions=2)
+        produce_raw(kafka_bootstrap, topic, 10, partitions=2)  # offsets 0..4 in both
+        assert ad.add_topic(topic, StartAt.at({0: 2, 1: 4})).result(10) == {0: 2, 1: 4}
+        got = collector.wait_for(3 + 1)
+        assert sorted((r.partition, r.offset) for r in got) == [(0, 2), (0, 3), (0, 4), (1, 4)]
+        ad.seek(topic, 0, 1).result(5)
+        got = collector.wait_for(4 + 4)
+        assert [r.offset for r in got[4:]] == [1, 2, 3, 4]
+        time.sleep(0.2)
+        assert gaps == []
+        assert "offsets_missing" not in ad.counters and "offsets_reset" not in ad.counters
+    finally:
+        ad.close()
+
+
 def test_assign_at_timestamp_uses_the_brokers_offsets_for_times(
     adapter: KafkaAdapter, kafka_bootstrap: str, unique_name: Callable[[str], str]
 ) -> None:

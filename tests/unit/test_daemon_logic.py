@@ -186,8 +186,14 @@ class FakeClient:
         if self.failures:
             self.failures -= 1
             raise GatewayTimeoutError("repeating_snapshot", "x", 0.1)
+        before = self.skipped(props.topic)
         self.sub = FakeSub(props.topic, self.stop_fails)
+        self.sub.skips = before  # as K2egClient: counted per topic since the client started
         return self.sub
+
+    def skipped(self, topic: str) -> dict[str, int]:
+        sub = self.sub
+        return dict(sub.skips) if sub is not None and sub.topic == topic else {}
 
     def snapshot_trigger(self, name: str, timeout: float | None = None,
                          *, tags: Mapping[str, str] | None = None) -> Ack:
@@ -815,6 +821,40 @@ def test_metrics_bytes_skips_and_lag_per_run(tmp_path: Path) -> None:
         assert "stopped (complete)" in c.stop().result(5)  # the stop counts the last skips
         assert value("messages_skipped_total", reason="malformed.not_msgpack") == 5
         assert value("messages_skipped_total", reason="late.data") == 1
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_messages_lost_to_retention_before_a_resume_are_reported(tmp_path: Path) -> None:
+    """The client charges a resume's deleted offsets to the topic with its first fetch, which
+    may come before the run's first look at the counters: still this recording's."""
+    metrics = RecorderMetrics()
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(f"k2eg_recorder_{name}", {"run": "r", **labels})
+
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client, metrics=metrics)
+    try:
+        c.start().result(5)
+        first = client.sub
+        assert first is not None
+        first.skips = {"late.data": 1}
+        _feed(first, 1, 2)
+        assert "stopped" in c.stop().result(5)
+        assert value("messages_skipped_total", reason="late.data") == 1
+        assert c.status().last_error is None
+        c.start().result(5)
+        sub = client.sub
+        assert sub is not None and sub is not first
+        sub.skips = {"late.data": 1, "lost.retention": 42}  # the earlier one's, and the gap
+        _feed(sub, 3, 1)
+        _wait(lambda: value("messages_skipped_total", reason="lost.retention") == 42)
+        status = c.status()
+        assert status.last_error is not None and "42 message(s)" in status.last_error
+        assert "retention" in status.last_error and status.errors == 1
+        assert value("messages_skipped_total", reason="late.data") == 1  # not counted again
     finally:
         c.shutdown().result(5)
         assert c.join(5)

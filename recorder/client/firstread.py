@@ -1,0 +1,72 @@
+"""Is the first message read from a partition the one its explicit start offset names?
+(pure code, no Kafka).
+
+A recording resumes at the offset after the last one its file holds durably; the admin link
+at the command after the last one it answered. If the daemon was down for longer than the
+topic keeps data, Kafka deleted the messages between: librdkafka then starts at the oldest one
+it still has (``auto.offset.reset``), and without this check the gap would pass silently. A
+first message below the offset means the topic no longer reaches it (deleted and created
+again); reading from its start then loses nothing.
+
+Only the first message per partition after a start or a seek is compared: later offsets may
+skip legitimately (transaction markers, compaction) and are not watched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["FirstReads", "OffsetGap"]
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetGap:
+    """The first message read from ``topic[partition]`` was at ``read``, not ``expected``."""
+
+    topic: str
+    partition: int
+    expected: int
+    read: int
+
+    @property
+    def missing(self) -> int:
+        """Offsets skipped (0 when reading went back below the expected offset)."""
+        return max(0, self.read - self.expected)
+
+
+class FirstReads:
+    """The partitions started at an explicit offset whose first message is still to come."""
+
+    def __init__(self) -> None:
+        self._expected: dict[tuple[str, int], int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._expected)
+
+    def expect(self, topic: str, partition: int, offset: int) -> None:
+        """``topic[partition]`` was started (or sought) at ``offset``; negative (logical
+        offsets: end, beginning) are not checked."""
+        if offset >= 0:
+            self._expected[(topic, partition)] = offset
+        else:
+            self._expected.pop((topic, partition), None)
+
+    def forget(self, topic: str) -> None:
+        """``topic`` is no longer read (or is started again)."""
+        for key in [k for k in self._expected if k[0] == topic]:
+            del self._expected[key]
+
+    def check(self, reads: Iterable[tuple[str, int, int]]) -> list[OffsetGap]:
+        """Compare the first of ``reads`` ((topic, partition, offset), in the order read) for
+        each watched partition with its expected offset; those partitions are watched no more.
+        Returns the mismatches."""
+        gaps: list[OffsetGap] = []
+        expected = self._expected
+        for topic, partition, offset in reads:
+            want = expected.pop((topic, partition), None)
+            if want is not None and offset != want:
+                gaps.append(OffsetGap(topic, partition, want, offset))
+            if not expected:
+                break
+        return gaps
