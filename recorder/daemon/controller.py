@@ -1105,9 +1105,13 @@ class RunController:
         reason = rec.reason or "the recording failed"
         if self._metrics is not None:
             self._metrics.write_failed(self.name)
-        no_room = out_of_space(reason) or not self._room_for(self.definition.output.directory)
+        # a stop was asked (its helper thread stops the gateway snapshot): the run does not
+        # wait for room and resume by itself, it stops here
+        stopping = self.state is RunState.STOPPING
+        no_room = not stopping and (
+            out_of_space(reason) or not self._room_for(self.definition.output.directory))
         # no room: stop reading, not the gateway snapshot (its data waits in Kafka)
-        self._stop_snapshot_quietly(at_gateway=not no_room)
+        self._stop_snapshot_quietly(at_gateway=not no_room and not stopping)
         self._close_recording("failed", reason)
         self._sub = None
         if no_room:

@@ -1380,3 +1380,39 @@ def test_a_run_a_reload_is_restarting_answers_for_itself(tmp_path: Path) -> None
     assert deferred.start is False and handle.recording_files() == ["/data/r_0000.h5"]
     assert "starts once its previous recording has stopped" in handle.start().result(0)
     assert deferred.start is True
+
+
+def test_a_disk_full_failure_while_stopping_does_not_resume_the_stopped_run(
+        tmp_path: Path) -> None:
+    """A stop was asked, and while the worker drained the last events (the gateway's final
+    iteration takes a while) the recording failed for want of space: the run waited for
+    room and then resumed recording by itself, as if the stop had never been asked (and a
+    daemon shutting down kept its worker thread alive)."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    try:
+        c.start().result(5)
+        sub = client.sub
+        assert sub is not None
+        gate = threading.Event()
+        stop = sub.stop
+
+        def slow_stop(timeout: float | None = None, *,
+                      final_timeout_s: float | None = None) -> StopResult:
+            gate.wait(10)
+            return stop(timeout, final_timeout_s=final_timeout_s)
+
+        sub.stop = slow_stop  # type: ignore[method-assign]
+        stopped = c.stop()
+        _wait(lambda: c.state is RunState.STOPPING)
+        made[0].status, made[0].reason = "failed", "OSError: [Errno 28] No space left on device"
+        with pytest.raises(AdminCommandError):
+            stopped.result(5)
+        gate.set()
+        time.sleep(0.5)  # backoff 0.05 s long past, and there is room
+        assert len(made) == 1 and c.state is RunState.FAILED
+        assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is not None
+    finally:
+        gate.set()
+        c.shutdown().result(5)
+        assert c.join(5)
