@@ -977,10 +977,11 @@ class RunController:
         rec, self._rec = self._rec, None
         if rec is None:
             return [], None
+        raised: str | None = None  # a close that raised left its file unfinalized: failed
         try:
             paths = rec.close(status, reason)
         except Exception as exc:
-            self._error(f"closing the recording failed: {exc}")
+            raised = f"closing the recording failed: {type(exc).__name__}: {exc}"
             self._log.exception("closing the recording failed")
             paths = list(rec.paths)
         self._after_flush_counts(rec)
@@ -991,14 +992,15 @@ class RunController:
         with self._lock:
             self._stats.files.extend(files)
             self._stats.current_file = None
-        if rec.status == "failed":
+        failed = rec.reason if rec.status == "failed" else raised
+        if failed is not None:
             if status != "failed":  # found at the close: not counted nor logged by
                 if self._metrics is not None:  # _recording_failed
                     self._metrics.write_failed(self.name)
-                self._log.error("recording failed", reason=rec.reason, files=files)
-            self._error(f"recording failed: {rec.reason}")
+                self._log.error("recording failed", reason=failed, files=files)
+            self._error(f"recording failed: {failed}")
             # keep the state file: a start resumes from the durable offset
-            return files, rec.reason or "the recording failed"
+            return files, failed or "the recording failed"
         stored = self._stored
         self._stored = None
         if stored is not None:

@@ -1416,3 +1416,28 @@ def test_a_disk_full_failure_while_stopping_does_not_resume_the_stopped_run(
         gate.set()
         c.shutdown().result(5)
         assert c.join(5)
+
+
+def test_a_close_that_raises_keeps_the_resume_state_and_fails_the_stop(tmp_path: Path) -> None:
+    """A recording's close that raised (an unexpected error: in-process, finalize's
+    SinkError for a compression filter it cannot load escapes HDF5Recording.close) left its
+    file .partial, yet the stop answered "stopped", the run went idle and the resume state
+    was cleared: a start began a new recording instead of resuming after the file's data,
+    and the file's offsets were never read back."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    try:
+        c.start().result(5)
+
+        def raising_close(status: str = "complete", reason: str = "") -> list[Path]:
+            raise RuntimeError("finalize blew up")
+
+        made[0].close = raising_close  # type: ignore[method-assign]
+        with pytest.raises(AdminCommandError) as err:
+            c.stop().result(5)
+        assert err.value.code == "internal" and "finalize blew up" in err.value.message
+        assert c.state is RunState.FAILED
+        assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is not None
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
