@@ -48,6 +48,7 @@ is logged, reported in the run's status (``bridge``) and dropped, and the record
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import queue
 import threading
 import time
@@ -98,7 +99,7 @@ from recorder.daemon.resume import RunState as StoredState
 from recorder.daemon.silence import SilenceWatch, silence_limit_s
 from recorder.errors import AdminCommandError, RecorderError
 from recorder.metrics import RecorderMetrics
-from recorder.sinks.options import final_path
+from recorder.sinks.options import final_path, partial_path, render_file_name
 
 _log = structlog.get_logger("recorder.daemon")
 
@@ -549,19 +550,51 @@ class RunController:
                 return active  # left as .partial (logged); resume from the state file
             offsets = dict(active.offsets)
         else:
-            in_file = offsets_in_file(leftover, active.topic)
-            offsets = {p: max(o, active.offsets.get(p, -1)) for p, o in in_file.items()}
-            offsets = {**active.offsets, **offsets}
-            if offsets != active.offsets:
-                self._log.info("the recovered file holds more than the state file said",
-                               state_offsets=active.offsets, file_offsets=in_file)
+            offsets = self._offsets_after(leftover, active.topic, active.offsets)
+        offsets, segments = self._recover_later_segments(active, offsets)
         try:
-            new = self._store.update(stored, offsets=offsets, current_file=None)
+            new = self._store.update(stored, offsets=offsets, current_file=None,
+                                     segments=segments)
         except RecorderError as exc:
             self._state_not_saved(exc)
-            return replace(active, offsets=offsets, current_file=None)
+            return replace(active, offsets=offsets, current_file=None, segments=segments)
         assert new.active is not None
         return new.active
+
+    def _offsets_after(self, final: Path, topic: str, offsets: dict[int, int]
+                       ) -> dict[int, int]:
+        """``offsets`` moved past what the finalized file ``final`` holds."""
+        in_file = offsets_in_file(final, topic)
+        merged = {**offsets, **{p: max(o, offsets.get(p, -1)) for p, o in in_file.items()}}
+        if merged != offsets:
+            self._log.info("the recovered file holds more than the state file said",
+                           state_offsets=offsets, file_offsets=in_file, path=str(final))
+        return merged
+
+    def _recover_later_segments(self, active: ActiveRecording, offsets: dict[int, int]
+                                ) -> tuple[dict[int, int], int]:
+        """Recover the segments the recording opened after its state file was last saved
+        (a rotation is saved after the next flush: a crash in between leaves the state file
+        naming the segment before): (offsets past what they hold, the next segment number)."""
+        segments = active.segments
+        if not active.started_at_ns:  # an old state file: the file names cannot be known
+            return offsets, segments
+        start = dt.datetime.fromtimestamp(active.started_at_ns / 1e9, dt.UTC)
+        while True:
+            later = partial_path(render_file_name(
+                self.definition.output, run=self.name, snapshot=active.snapshot_name,
+                start=start, seq=active.seq, segment=segments))
+            if not later.exists():
+                return offsets, segments
+            self._log.info("a later segment of the recording was left too", path=str(later))
+            segments += 1  # the resumed recording never reuses its number
+            recovered = finalize_leftover(later, self.name, timeout_s=self._leftover_timeout_s)
+            if recovered is None:  # left as .partial (logged)
+                return offsets, segments
+            with self._lock:
+                self._stats.files.append(str(recovered))
+            self._file_finalized(recovered)
+            offsets = self._offsets_after(recovered, active.topic, offsets)
 
     def _start_failed(self, message: str) -> None:
         delay = self._backoff.next_delay()

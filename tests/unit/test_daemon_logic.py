@@ -1441,3 +1441,73 @@ def test_a_close_that_raises_keeps_the_resume_state_and_fails_the_stop(tmp_path:
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+ROTATING_WRITER = """
+import json, os, sys
+from recorder.client import IterationClosed, IterationOpened, IterationStatus, ValuesReceived
+from recorder.client.values import PVSample
+from recorder.config.models import RunDefinition
+from recorder.sinks.hdf5 import HDF5Recording
+
+d = RunDefinition.model_validate_json(sys.argv[1])
+props = d.snapshot.to_properties()
+rec = HDF5Recording(d.output, run_name=d.name, snapshot=props, pv_uris=props.pv_uri_list,
+                    seq=0, start_wall=1.7e9)
+saved = {}
+for i in (1, 2):
+    o = 10 * i
+    rec.handle(IterationOpened(props.topic, "snap", i, i, offset=o))
+    rec.handle(ValuesReceived(props.topic, i, 1, i, (PVSample("A:B", {"value": float(i)}),),
+                              offset=o + 1))
+    rec.handle(IterationClosed(props.topic, "snap", i, IterationStatus.COMPLETE, None, i, i,
+                               offset=o + 2))
+    rec.flush()
+    if i == 1:  # what the daemon saved after this flush; it dies before it saves again
+        saved = {"current_file": str(rec.current_path), "segments": rec.counters["segments"],
+                 "offsets": rec.last_durable_offset[(props.topic, 0)], "uid": rec.uid}
+print(json.dumps(saved), flush=True)
+os._exit(0)  # killed: no close, the segment being written is left .partial
+"""
+
+
+def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_save(
+        tmp_path: Path) -> None:
+    """The state file names the .partial being written; it is rewritten after a flush, so
+    a segment rotation (in the writer process, or in handle() in-process) is saved some time
+    later. A daemon killed in between left a state file naming the previous segment (since
+    finalized): the restart recovered that one, resumed after the offsets it holds and
+    never looked at the next segment, which stayed .partial and whose iterations the
+    resumed recording read and wrote again."""
+    import subprocess
+    import sys
+
+    from recorder.daemon.recording import hdf5_recording
+
+    d = RunDefinition.model_validate({
+        "name": "r",
+        "snapshot": {"snapshot_name": "snap", "pv_uri_list": ["pva://A:B"]},
+        "output": {"directory": str(tmp_path / "out"), "isolate": False,
+                   "segment": {"max_iterations": 1}},
+    })
+    got = subprocess.run([sys.executable, "-c", ROTATING_WRITER, d.model_dump_json()],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert got.returncode == 0, got.stderr
+    saved = json.loads(got.stdout.splitlines()[-1])
+    partials = sorted((tmp_path / "out").glob("*.partial"))
+    assert len(partials) == 1 and str(partials[0]) != saved["current_file"]  # rotated
+    store = ResumeStore(tmp_path / "state")
+    store.begin("r", ActiveRecording(
+        saved["uid"], 0, d.snapshot.topic, "snap", {0: saved["offsets"]},
+        saved["current_file"], saved["segments"], started_at_ns=int(1.7e18)))
+    client = FakeClient()
+    c = RunController(d, client, store, recording_factory=hdf5_recording,  # type: ignore[arg-type]
+                      backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0))
+    try:
+        c.start().result(60)
+        assert client.starts[-1] is not None
+        assert client.starts[-1].offsets == {0: 23}  # after iteration 2, in the 2nd segment
+        assert not partials[0].exists()  # recovered
+    finally:
+        c.shutdown().result(60)
+        assert c.join(60)
