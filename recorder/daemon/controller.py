@@ -581,19 +581,31 @@ class RunController:
             return offsets, segments
         start = dt.datetime.fromtimestamp(active.started_at_ns / 1e9, dt.UTC)
         while True:
-            later = partial_path(render_file_name(
+            final = render_file_name(
                 self.definition.output, run=self.name, snapshot=active.snapshot_name,
-                start=start, seq=active.seq, segment=segments))
-            if not later.exists():
+                start=start, seq=active.seq, segment=segments)
+            later = partial_path(final)
+            if later.exists():
+                self._log.info("a later segment of the recording was left too",
+                               path=str(later))
+                segments += 1  # the resumed recording never reuses its number
+                recovered = finalize_leftover(later, self.name,
+                                              timeout_s=self._leftover_timeout_s)
+                if recovered is None:  # left as .partial (logged)
+                    return offsets, segments
+                with self._lock:
+                    self._stats.files.append(str(recovered))
+                self._file_finalized(recovered)
+            elif final.exists():  # rotated out again before the crash (several rotations
+                # between two saves of the state file: short segments)
+                self._log.info("a later segment of the recording was finalized before the "
+                               "restart", path=str(final))
+                segments += 1
+                with self._lock:
+                    self._stats.files.append(str(final))
+                recovered = final
+            else:
                 return offsets, segments
-            self._log.info("a later segment of the recording was left too", path=str(later))
-            segments += 1  # the resumed recording never reuses its number
-            recovered = finalize_leftover(later, self.name, timeout_s=self._leftover_timeout_s)
-            if recovered is None:  # left as .partial (logged)
-                return offsets, segments
-            with self._lock:
-                self._stats.files.append(str(recovered))
-            self._file_finalized(recovered)
             offsets = self._offsets_after(recovered, active.topic, offsets)
 
     def _start_failed(self, message: str) -> None:

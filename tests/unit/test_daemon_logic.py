@@ -1455,7 +1455,7 @@ props = d.snapshot.to_properties()
 rec = HDF5Recording(d.output, run_name=d.name, snapshot=props, pv_uris=props.pv_uri_list,
                     seq=0, start_wall=1.7e9)
 saved = {}
-for i in (1, 2):
+for i in range(1, int(sys.argv[2]) + 1):
     o = 10 * i
     rec.handle(IterationOpened(props.topic, "snap", i, i, offset=o))
     rec.handle(ValuesReceived(props.topic, i, 1, i, (PVSample("A:B", {"value": float(i)}),),
@@ -1471,14 +1471,16 @@ os._exit(0)  # killed: no close, the segment being written is left .partial
 """
 
 
+@pytest.mark.parametrize("iterations", [2, 3])
 def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_save(
-        tmp_path: Path) -> None:
+        tmp_path: Path, iterations: int) -> None:
     """The state file names the .partial being written; it is rewritten after a flush, so
     a segment rotation (in the writer process, or in handle() in-process) is saved some time
     later. A daemon killed in between left a state file naming the previous segment (since
     finalized): the restart recovered that one, resumed after the offsets it holds and
     never looked at the next segment, which stayed .partial and whose iterations the
-    resumed recording read and wrote again."""
+    resumed recording read and wrote again. With 3 iterations the segment after the saved
+    one was rotated out (finalized) too, and the one after it left .partial."""
     import subprocess
     import sys
 
@@ -1490,7 +1492,8 @@ def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_sa
         "output": {"directory": str(tmp_path / "out"), "isolate": False,
                    "segment": {"max_iterations": 1}},
     })
-    got = subprocess.run([sys.executable, "-c", ROTATING_WRITER, d.model_dump_json()],
+    got = subprocess.run([sys.executable, "-c", ROTATING_WRITER, d.model_dump_json(),
+                          str(iterations)],
                          capture_output=True, text=True, timeout=120, check=False)
     assert got.returncode == 0, got.stderr
     saved = json.loads(got.stdout.splitlines()[-1])
@@ -1506,8 +1509,11 @@ def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_sa
     try:
         c.start().result(60)
         assert client.starts[-1] is not None
-        assert client.starts[-1].offsets == {0: 23}  # after iteration 2, in the 2nd segment
+        # after the last iteration, in the last segment
+        assert client.starts[-1].offsets == {0: 10 * iterations + 3}
         assert not partials[0].exists()  # recovered
+        finals = sorted((tmp_path / "out").glob("*.h5"))
+        assert len(finals) == iterations and sorted(c.files()) == [str(f) for f in finals]
     finally:
         c.shutdown().result(60)
         assert c.join(60)
