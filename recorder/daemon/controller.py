@@ -540,6 +540,9 @@ class RunController:
                            path=str(finalized_before))
             with self._lock:
                 self._stats.files.append(str(finalized_before))
+            # its event may never have gone out (a rotation the crashed daemon had not yet
+            # told of; `recover` publishes none): told now, at the risk of a repeat
+            self._file_finalized(finalized_before)
             leftover = finalized_before
         elif leftover is not None:
             with self._lock:
@@ -603,6 +606,7 @@ class RunController:
                 segments += 1
                 with self._lock:
                     self._stats.files.append(str(final))
+                self._file_finalized(final)  # its event may not have gone out (see above)
                 recovered = final
             else:
                 return offsets, segments

@@ -1504,8 +1504,10 @@ def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_sa
         saved["uid"], 0, d.snapshot.topic, "snap", {0: saved["offsets"]},
         saved["current_file"], saved["segments"], started_at_ns=int(1.7e18)))
     client = FakeClient()
+    told: list[Path] = []
     c = RunController(d, client, store, recording_factory=hdf5_recording,  # type: ignore[arg-type]
-                      backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0))
+                      backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0),
+                      on_file=lambda _d, path: told.append(path))
     try:
         c.start().result(60)
         assert client.starts[-1] is not None
@@ -1514,6 +1516,9 @@ def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_sa
         assert not partials[0].exists()  # recovered
         finals = sorted((tmp_path / "out").glob("*.h5"))
         assert len(finals) == iterations and sorted(c.files()) == [str(f) for f in finals]
+        # the crashed writer finalized (rotated out) all but the last without the daemon
+        # telling of them: each one's file event goes out at the restart
+        assert sorted(told) == finals
     finally:
         c.shutdown().result(60)
         assert c.join(60)
