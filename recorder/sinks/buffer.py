@@ -144,7 +144,9 @@ class _Chunk:
     starts: list[int]
     ends: list[int | None]
     nbytes: int
-    offset: int  # Kafka offset of the event
+    # Kafka offset of the event; of a held chunk (an iteration not yet active): the lowest
+    # offset its messages may have (the highest offset handled before it, plus one)
+    offset: int
     lazy: bool  # every item is a lazily-built sample (all msgs are bytes)
 
 
@@ -169,6 +171,7 @@ class _Open:
     pending: list[_Chunk] = field(default_factory=list)
     closed: IterationClosed | None = None
     n_written: int = 0
+    held_from: int = -1  # closed while an older one is open: as _Chunk.offset of a held chunk
 
 
 _PV_OF = operator.attrgetter("pv")
@@ -265,6 +268,7 @@ class RecordingBuffer:
         self.next_row = 0
         self._offsets: dict[tuple[str, int], int] = {}
         self._durable: dict[tuple[str, int], int] = {}
+        self._held_from = -1  # the event being handled: lowest offset its messages may have
         self.counters: collections.Counter[str] = collections.Counter()
         self.iterations_closed = 0
         self.values_total = 0
@@ -300,12 +304,27 @@ class RecordingBuffer:
 
     # --- events -------------------------------------------------------------------------------
     def handle(self, event: IterationEvent) -> list[int]:
-        """Buffer one event; returns the /iterations rows closed by it (possibly several)."""
+        """Buffer one event; returns the /iterations rows closed by it (possibly several).
+
+        An opening's offset is not taken as handled: an iteration opened by its data (or
+        tail) carries that message's offset before the message itself is delivered (the
+        assembler still holds its batch, and may first deliver an older iteration's), and a
+        header alone puts nothing in the file. Every other event's messages come after the
+        offsets handled before it, so the messages of an event held in memory (an iteration
+        not yet active) begin after them (``_held_from``)."""
         offset = event.offset
+        if event.__class__ is IterationOpened:
+            offset = -1
         if offset >= 0:
             key = (event.topic, event.partition)
-            if offset > self._offsets.get(key, -1):
+            before = self._offsets.get(key, -1)
+            if offset > before:
                 self._offsets[key] = offset
+                self._held_from = before + 1
+            else:
+                self._held_from = offset
+        else:
+            self._held_from = offset
         if isinstance(event, ValuesReceived):
             self._values(event)
             return []
@@ -432,11 +451,11 @@ class RecordingBuffer:
                 self.buffered_bytes += nbytes + SAMPLE_ROW_BYTES * n
                 it.n_written += n
                 return
-        chunk = self._chunk(samples, event.offset)
         if it.row is not None:
-            self._add(chunk, it.row, it.iter_index)
+            self._add(self._chunk(samples, event.offset), it.row, it.iter_index)
             it.n_written += n
         else:
+            chunk = self._chunk(samples, self._held_from)
             it.pending.append(chunk)
             self.buffered_bytes += chunk.nbytes
 
@@ -445,6 +464,7 @@ class RecordingBuffer:
         if it is None:
             it = self._open(event.iter_index, event.header_timestamp_ns)
         it.closed = event
+        it.held_from = self._held_from
         rows: list[int] = []
         # close from the oldest while the oldest is closed (rows stay in activation order);
         # the next open iteration is activated by activate_oldest() (after a segment rotation)
@@ -550,11 +570,14 @@ class RecordingBuffer:
             }
         else:
             iterations = {k: np.zeros(0, dtype=dt) for k, dt in ITERATION_COLUMNS.items()}
-        # offsets are durable up to the first event whose data still waits in memory
+        # offsets are durable up to the first event whose data still waits in memory (the
+        # samples and the close of iterations not yet active)
         offsets = dict(self._offsets)
         for it in self.open.values():
-            for chunk in it.pending:
-                offset = chunk.offset
+            held = [c.offset for c in it.pending]
+            if it.closed is not None:  # its row waits for the older ones
+                held.append(it.held_from)
+            for offset in held:
                 for key in list(offsets):
                     if offset >= 0 and offsets[key] >= offset:
                         offsets[key] = offset - 1
@@ -1018,6 +1041,7 @@ class RecordingBuffer:
         for iter_index, it in self.open.items():
             moved = nxt._open(iter_index, it.header_timestamp_ns)
             moved.closed = it.closed
+            moved.held_from = it.held_from
             if moved.row is None:
                 moved.pending = it.pending
                 nxt.buffered_bytes += sum(c.nbytes for c in it.pending)

@@ -131,6 +131,7 @@ class _Open:
     pending: list[tuple[int, Split, int]] = field(default_factory=list)  # (pv col, split, offset)
     closed: IterationClosed | None = None
     n_written: int = 0
+    held_from: int = -1  # closed while an older one is open: lowest offset it may hold
 
 
 class RecordingBuffer:
@@ -161,6 +162,7 @@ class RecordingBuffer:
         self._recently_closed: collections.deque[int] = collections.deque(maxlen=256)
         self.next_row = 0
         self._offsets: dict[tuple[str, int], int] = {}
+        self._held_from = -1
         self._durable: dict[tuple[str, int], int] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self.iterations_closed = 0
@@ -196,7 +198,12 @@ class RecordingBuffer:
     def handle(self, event: IterationEvent) -> list[int]:
         """Buffer one event; returns the /iterations rows closed by it (possibly several)."""
         key = (event.topic, event.partition)
-        if event.offset >= 0 and event.offset > self._offsets.get(key, -1):
+        # (as the current buffer: an opening's offset is not taken as handled; what is held
+        # in memory holds messages after the offsets handled before it)
+        before = self._offsets.get(key, -1)
+        self._held_from = -1 if event.offset < 0 or isinstance(event, IterationOpened) else (
+            min(before + 1, event.offset))
+        if self._held_from >= 0 and event.offset > before:
             self._offsets[key] = event.offset
         if isinstance(event, IterationOpened):
             it = self.open.get(event.iter_index)
@@ -247,7 +254,7 @@ class RecordingBuffer:
         else:
             for sample in event.samples:
                 split = split_sample(sample)
-                it.pending.append((self.column(sample.pv), split, event.offset))
+                it.pending.append((self.column(sample.pv), split, self._held_from))
                 self.buffered_bytes += _split_bytes(split)
 
     def _closed(self, event: IterationClosed) -> list[int]:
@@ -255,6 +262,7 @@ class RecordingBuffer:
         if it is None:
             it = self._open(event.iter_index, event.header_timestamp_ns)
         it.closed = event
+        it.held_from = self._held_from
         rows: list[int] = []
         # close from the oldest while the oldest is closed (rows stay in activation order);
         # the next open iteration is activated by activate_oldest() (after a segment rotation)
@@ -391,7 +399,10 @@ class RecordingBuffer:
         # offsets are durable up to the first event whose data still waits in memory
         offsets = dict(self._offsets)
         for it in self.open.values():
-            for _col, _split, offset in it.pending:
+            held = [offset for _col, _split, offset in it.pending]
+            if it.closed is not None:
+                held.append(it.held_from)
+            for offset in held:
                 for key in list(offsets):
                     if offset >= 0 and offsets[key] >= offset:
                         offsets[key] = offset - 1
@@ -431,6 +442,7 @@ class RecordingBuffer:
         for iter_index, it in self.open.items():
             moved = nxt._open(iter_index, it.header_timestamp_ns)
             moved.closed = it.closed
+            moved.held_from = it.held_from
             if moved.row is None:
                 moved.pending = it.pending
             else:
