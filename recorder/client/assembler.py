@@ -784,6 +784,10 @@ class IterationAssembler:
                 return
             # the header came after data (or the tail) that opened the iteration
             self.counters["header_after_data"] += 1
+            if state.pending is not None and state.pending.iteration is not it:
+                # a batch boundary as any message of another iteration: the header's offset
+                # (in this iteration's, at its close) must not come out before the batch
+                self._flush(state, out)
             it.header_seen = True
             it.header_ts = ts
             it.snapshot_name = msg.snapshot_name or it.snapshot_name

@@ -58,13 +58,22 @@ elif case == "younger_close_held":
             tail_msg("s", 1, T + 2, msg_seq=2, total=5),
             header_msg("s", 2, T + 3, msg_seq=0),
             tail_msg("s", 2, T + 4, error=3, error_message="boom", msg_seq=1, total=2)]
+elif case == "header_after_data":
+    # iteration 5 opened by its data, 6 by its data; 5's header comes late, amid 6's batch;
+    # both time out: the flush comes right after 5's close
+    msgs = [d(5, 0, sequenced=False), d(6, 1, sequenced=False), d(6, 2, sequenced=False),
+            header_msg("s", 5, T - 1)]
 else:
     raise SystemExit(f"unknown case {case}")
 
-asm = IterationAssembler(missing_grace_s=60.0)
+asm = IterationAssembler(missing_grace_s=60.0, iteration_timeout_s=5.0)
 rec = HDF5Recording(OutputOptions(directory=sys.argv[4], flush_interval_s=3600),
                     run_name="durable", pv_uris=[], start_wall=1.7e9)
 events = asm.feed_many(records(TOPIC, msgs), 0.0)
+if case == "header_after_data":  # the daemon's pump may flush between any two events
+    events += asm.expire(10.0)
+    events = events[: next(i for i, e in enumerate(events) if type(e).__name__ ==
+                           "IterationClosed") + 1]
 for ev in events:
     rec.handle(ev)
 rec.flush()
@@ -79,11 +88,13 @@ DATA = {
     "opened_by_data": [0],
     "younger_batch_held": [1, 2, 5, 6, 7],
     "younger_close_held": [1],
+    "header_after_data": [0, 1, 2],
 }
 TAILS = {
     "opened_by_data": [],
     "younger_batch_held": [(1, 3)],
     "younger_close_held": [(1, 2), (2, 4)],
+    "header_after_data": [],
 }
 
 
