@@ -76,6 +76,7 @@ __all__ = [
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_TAGS = 64
 MAX_TAG_CHARS = 1024
+MAX_ISSUED_AT = 2**63 - 1  # Kafka's timestamps are int64 ms; beyond, an age overflows a float
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 TOPIC_RE = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
 RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")  # as recorder.config.models
@@ -335,7 +336,8 @@ def _problems(obj: Mapping[str, Any]) -> list[str]:
         out.extend(_tag_problems(obj["tags"], command))
     if "issued_at" in obj:
         issued_at = obj["issued_at"]
-        if isinstance(issued_at, bool) or not isinstance(issued_at, int) or issued_at < 0:
+        if (isinstance(issued_at, bool) or not isinstance(issued_at, int)
+                or not 0 <= issued_at <= MAX_ISSUED_AT):
             out.append(
                 f"issued_at must be integer ms since the Unix epoch (got {_show(issued_at)})"
             )

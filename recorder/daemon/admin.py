@@ -114,6 +114,12 @@ class AdminHandler:
                          offset=record.offset)
             self._reply(exc.reply_topic, exc.reply(now_ms=now, secret=self.policy.secret))
             return
+        except Exception as exc:  # a codec bug: the main loop (and each restart) would die
+            _log.exception("admin command not decoded", offset=record.offset)
+            self._reply(None, CommandRejectedError(
+                ReplyCode.INTERNAL, f"internal error decoding the command: {exc!r}",
+            ).reply(now_ms=now, secret=self.policy.secret))
+            return
         reply_topic = command.reply_topic or self.default_reply_topic
         log = _log.bind(request_id=command.request_id, command=command.command.value,
                         run=command.run)

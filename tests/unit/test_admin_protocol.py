@@ -447,3 +447,16 @@ def test_built_commands_always_decode(
         secret=SECRET,
     )
     assert decode_command(encode_command(command), SIGNED, now_ms=NOW) == command
+
+
+def test_an_issued_at_beyond_any_clock_is_answered_not_raised() -> None:
+    """JSON integers have no bound: ``issued_at`` 10**400 passed validation, and formatting
+    its age (``age_ms / 1000``) raised OverflowError out of decode_or_reject ("never raises")
+    and out of the daemon's main loop; the admin offset was not saved past it, so every
+    restart read the same command again and died again."""
+    for value in (10**400, 2**63):
+        result = decode_or_reject(raw(issued_at=value), OPEN, now_ms=NOW)
+        assert isinstance(result, AdminReply)
+        assert result.code in (ReplyCode.MALFORMED, ReplyCode.EXPIRED)
+        json.loads(result.encode())
+

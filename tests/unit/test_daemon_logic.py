@@ -1522,3 +1522,17 @@ def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_sa
     finally:
         c.shutdown().result(60)
         assert c.join(60)
+
+
+def test_a_command_the_codec_chokes_on_is_answered_and_the_loop_goes_on() -> None:
+    """``"issued_at": 10**400`` raised OverflowError out of AdminHandler.handle, i.e. out of
+    the daemon's main loop (the daemon exited, and read the same record again at each
+    restart); the commands after it are still answered."""
+    h, sent = _handler()
+    target = FakeTarget()
+    poison = json.dumps({"command": "status", "request_id": "p", "reply_topic": "mine",
+                         "issued_at": 10**400}).encode()
+    h.handle(_record(poison), target)  # type: ignore[arg-type]
+    h.handle(_record(_cmd("status")), target)  # type: ignore[arg-type]
+    assert [(topic, reply["request_id"], reply["code"]) for topic, reply in sent] == [
+        ("mine", "p", "malformed"), ("mine", sent[1][1]["request_id"], "ok")]
