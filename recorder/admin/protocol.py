@@ -77,10 +77,12 @@ MAX_COMMAND_BYTES = 64 * 1024
 MAX_TAGS = 64
 MAX_TAG_CHARS = 1024
 MAX_ISSUED_AT = 2**63 - 1  # Kafka's timestamps are int64 ms; beyond, an age overflows a float
-REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
-TOPIC_RE = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
-RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")  # as recorder.config.models
-SIGNATURE_RE = re.compile(r"^[0-9a-f]{64}$")
+# \Z, not $ (which also matches before a final newline: "replies\n" passed, and Kafka
+# refuses that topic name, as it does "." and "..": the reply was lost)
+REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}\Z")
+TOPIC_RE = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9._\-]{1,249}\Z")
+RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\Z")  # as recorder.config.models
+SIGNATURE_RE = re.compile(r"^[0-9a-f]{64}\Z")
 COMMAND_KEYS = frozenset(
     {"command", "request_id", "run", "reply_topic", "tags", "issued_at", "signature"}
 )

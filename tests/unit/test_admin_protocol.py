@@ -460,3 +460,14 @@ def test_an_issued_at_beyond_any_clock_is_answered_not_raised() -> None:
         assert result.code in (ReplyCode.MALFORMED, ReplyCode.EXPIRED)
         json.loads(result.encode())
 
+
+def test_reply_topics_kafka_refuses_are_malformed() -> None:
+    """Kafka refuses the topic names "." and ".." and names with a newline (they passed the
+    pattern, whose ``$`` also matches before a final newline): the command was acted on and
+    its reply, produced there, was lost."""
+    for topic in (".", "..", "ops-replies\n"):
+        error = rejected(raw(reply_topic=topic))
+        assert error.reply_code is ReplyCode.MALFORMED and error.reply_topic is None
+    assert decode_command(raw(reply_topic="a..b"), OPEN, now_ms=NOW).reply_topic == "a..b"
+    for field in ("run", "request_id"):  # neither are the other patterns fooled
+        assert rejected(raw(**{field: "bpm\n"})).reply_code is ReplyCode.MALFORMED
