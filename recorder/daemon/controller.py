@@ -397,6 +397,10 @@ class RunController:
 
     # ---- start ------------------------------------------------------------------------
     def _on_start(self, future: Future[str]) -> None:
+        if self._exit:  # queued behind a shutdown: starting now would outlive the daemon
+            raise AdminCommandError(ReplyCode.INTERNAL.value,
+                                    f"run {self.name!r} is shutting down (the daemon is "
+                                    "stopping or a reload removed it)")
         state = self.state
         if state is RunState.RECORDING:
             raise AdminCommandError(ReplyCode.ALREADY_RUNNING.value,

@@ -1536,3 +1536,26 @@ def test_a_command_the_codec_chokes_on_is_answered_and_the_loop_goes_on() -> Non
     h.handle(_record(_cmd("status")), target)  # type: ignore[arg-type]
     assert [(topic, reply["request_id"], reply["code"]) for topic, reply in sent] == [
         ("mine", "p", "malformed"), ("mine", sent[1][1]["request_id"], "ok")]
+
+
+def test_a_start_queued_behind_the_shutdown_does_not_start_the_run(tmp_path: Path) -> None:
+    """The daemon's shutdown asks each controller to exit, then its loop still answers admin
+    commands: a start for an idle run queued right behind the exit request was served
+    before the worker checked that it should end, so the run started recording while the
+    daemon shut down (the shutdown waited its whole budget, the file stayed .partial and
+    the next daemon resumed the run)."""
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client)
+    try:
+        with c._lock:  # the worker is held while both requests are queued
+            exiting = c.shutdown()
+            start = c.start()
+        assert "shut down" in exiting.result(5)
+        error = start.exception(5)
+        assert isinstance(error, AdminCommandError), start.result()
+        assert c.join(5) and client.starts == [] and c.state is RunState.IDLE
+    finally:
+        c.shutdown()
+        if c.state is RunState.RECORDING:
+            c.stop().result(5)
+        c.join(5)
