@@ -542,7 +542,12 @@ class Service:
 
     def reload(self, origin: str) -> tuple[bool, str, dict[str, Any]]:
         """Re-read the definitions; apply the difference (see :mod:`recorder.config.diff`).
-        A bad set of definitions changes nothing and is reported."""
+        A bad set of definitions changes nothing and is reported. Refused while the daemon
+        shuts down (its loop still answers admin commands): the runs it would create would
+        outlive the shutdown."""
+        if self._state is DaemonState.STOPPING:
+            raise AdminCommandError(ReplyCode.INTERNAL.value,
+                                    "the daemon is shutting down: reload refused")
         self.notifier.reloading(f"reloading run definitions ({origin})")
         previous = self._state
         self._state = DaemonState.RELOADING

@@ -1559,3 +1559,42 @@ def test_a_start_queued_behind_the_shutdown_does_not_start_the_run(tmp_path: Pat
         if c.state is RunState.RECORDING:
             c.stop().result(5)
         c.join(5)
+
+
+def test_a_reload_while_the_daemon_shuts_down_is_refused(tmp_path: Path) -> None:
+    """The shutdown's loop still answers admin commands: a ``reload`` then created the
+    controllers of added (autostart) or changed runs, which the shutdown, waiting only for
+    the controllers it had told to stop, left recording when it closed the Kafka client
+    (their files .partial, the runs resumed by the next daemon); and it told systemd
+    RELOADING=1/READY=1 in the middle of STOPPING=1."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs:\n  - name: late\n    autostart: true\n    snapshot:\n"
+                    "      snapshot_name: late\n      pv_uri_list: [pva://A]\n"
+                    f"    output: {{directory: {tmp_path / 'data'}}}\n")
+
+    def factory(definition: RunDefinition, *, seq: int, recording_uid: str | None,
+                first_segment: int = 0, start_ns: int | None = None) -> FakeRecording:
+        return FakeRecording(tmp_path / f"late_{seq}.h5")
+
+    service = Service(DaemonSettings(config_path=runs), KafkaSettings(),
+                      state_dir=tmp_path / "state", recording_factory=factory,  # type: ignore[arg-type]
+                      gc_tuning=False)
+    client = FakeClient()
+    client.kafka_unreachable_since = None  # type: ignore[attr-defined]
+    service._client = client
+    service._state = DaemonState.STOPPING  # as _shutdown sets it
+    h, sent = _handler()
+    try:
+        h.handle(_record(_cmd("reload")), service)
+        assert [s[1]["code"] for s in sent] == ["internal"], sent
+        assert "shutting down" in sent[0][1]["message"]
+        assert service.controllers == {} and service._deferred == []
+        assert service._state is DaemonState.STOPPING
+    finally:
+        for c in service.controllers.values():
+            c.shutdown()
+            c.join(5)
