@@ -369,13 +369,15 @@ class Service:
         link, admin = self._link, self._admin
         if link is not None and admin is not None:
             records = link.take()
+            waiting = admin.pending
             for record in records:
                 admin.handle(record, self)
                 if self._cursor is not None:
                     self._cursor.advance(record.partition, record.offset + 1)
-            if records and self._cursor is not None:
-                self._cursor.save()
             admin.poll()
+            if (records or admin.pending != waiting) and self._cursor is not None:
+                # not past a command still waiting for its reply
+                self._cursor.save(hold=admin.unanswered())
         self._apply_deferred()
         if self._heartbeat is not None:
             self._heartbeat.maybe_beat(now, self._heartbeat_doc)
@@ -416,6 +418,8 @@ class Service:
         if self._admin is not None:
             self._admin.poll()
             self._admin.fail_pending("the daemon is shutting down")
+            if self._cursor is not None:  # answered: not read again at the next start
+                self._cursor.save(hold=self._admin.unanswered())
         if self._heartbeat is not None:
             self._heartbeat.beat(time.monotonic(), self._heartbeat_doc)
         log.info("daemon stopped", files={c.name: c.files() for c in controllers})

@@ -72,6 +72,8 @@ class _Pending:
     reply_topic: str
     deadline: float
     data: Callable[[], dict[str, Any]] | None = None
+    partition: int = 0
+    offset: int | None = None  # of its record: the admin position stays there until answered
 
 
 class AdminHandler:
@@ -127,7 +129,7 @@ class AdminHandler:
         log.log(_QUERY if command.command is CommandKind.STATUS else logging.INFO,
                 "admin command")
         try:
-            self._dispatch(command, reply_topic, target)
+            self._dispatch(command, reply_topic, target, record)
         except AdminCommandError as exc:
             data = exc.data if isinstance(exc, _FailureError) else None
             self._reply(reply_topic, AdminReply.failure(command, exc, now_ms=self._clock_ms(),
@@ -138,7 +140,8 @@ class AdminHandler:
                 command, AdminCommandError(ReplyCode.INTERNAL.value, f"internal error: {exc!r}"),
                 now_ms=self._clock_ms(), secret=self.policy.secret))
 
-    def _dispatch(self, command: AdminCommand, reply_topic: str, target: AdminTarget) -> None:
+    def _dispatch(self, command: AdminCommand, reply_topic: str, target: AdminTarget,
+                  record: Record) -> None:
         kind = command.command
         if kind is CommandKind.STATUS:
             doc = target.status_document("status")
@@ -168,8 +171,18 @@ class AdminHandler:
             def files() -> dict[str, Any]:
                 return {"files": handle.recording_files()}
         self._pending.append(_Pending(command, future, reply_topic,
-                                      time.monotonic() + PENDING_TIMEOUT_S, files))
+                                      time.monotonic() + PENDING_TIMEOUT_S, files,
+                                      record.partition, record.offset))
         self.poll()
+
+    def unanswered(self) -> dict[int, int]:
+        """Per partition, the offset of the first command still waiting for its run: the
+        admin position to save stays there, so a crash before its reply has it read again."""
+        out: dict[int, int] = {}
+        for p in self._pending:
+            if p.offset is not None and p.offset < out.get(p.partition, p.offset + 1):
+                out[p.partition] = p.offset
+        return out
 
     # ------------------------------------------------------------------ replies out
     def poll(self) -> None:

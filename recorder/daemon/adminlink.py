@@ -12,7 +12,10 @@ reading there. Each command is then judged as usual: older than ``command_max_ag
 answered ``expired`` (never acted on), a fresher one is acted on. Without a saved position (the
 first start, another admin topic) reading starts at the topic's end; a saved position outside
 the topic's retained range is clamped to it. A crash between acting on a command and saving
-the position replays that command at the next start (at-least-once, within the max age).
+the position replays that command at the next start (at-least-once, within the max age); so
+does one before the reply to a command still waiting for its run (a stop finalizing its
+files): the saved position stays at the first command not answered yet, so that command and
+those after it are read again.
 """
 
 from __future__ import annotations
@@ -75,12 +78,15 @@ class AdminCursor:
         """Where the link really starts (after clamping): saved at the next :meth:`save`."""
         self.offsets = dict(offsets)
 
-    def save(self) -> bool:
-        """Write the position if it moved; False (logged) when it cannot be written."""
-        if self.offsets == self._saved:
+    def save(self, hold: Mapping[int, int] | None = None) -> bool:
+        """Write the position if it moved, not past ``hold`` (partition -> offset of the
+        first command not answered yet); False (logged) when it cannot be written."""
+        hold = hold or {}
+        offsets = {p: min(o, hold.get(p, o)) for p, o in self.offsets.items()}
+        if offsets == self._saved:
             return True
         obj = {"topic": self.topic,
-               "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+               "offsets": {str(p): o for p, o in sorted(offsets.items())},
                "updated_at": time.time_ns() // 1_000_000}
         try:
             write_json_atomic(self.path, obj, what="admin offsets")
@@ -88,7 +94,7 @@ class AdminCursor:
             _log.error("admin offsets not saved: commands sent while the daemon is down may "
                        "be missed", error=str(exc))
             return False
-        self._saved = dict(self.offsets)
+        self._saved = offsets
         return True
 
 

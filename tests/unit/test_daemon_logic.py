@@ -1598,3 +1598,62 @@ def test_a_reload_while_the_daemon_shuts_down_is_refused(tmp_path: Path) -> None
         for c in service.controllers.values():
             c.shutdown()
             c.join(5)
+
+
+def test_the_saved_admin_offset_stays_at_a_command_not_answered_yet(tmp_path: Path) -> None:
+    """The admin offset was saved past a stop as soon as it was handed to its run, before it
+    was answered (its files are finalized first): a daemon that crashed meanwhile never
+    answered it, and the next one, resuming past it, neither stopped the (resumed) run nor
+    answered. The position now stays at the first command not answered, so it is read
+    again after a crash (at-least-once); a shutdown that answers it moves past it."""
+    from recorder.admin.status import RunStatus
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    class Run(FakeHandle):
+        name = "r"
+        alive = True
+
+        def shutdown(self, reason: str = "") -> None:
+            self.alive = False
+
+        def status(self) -> RunStatus:
+            return RunStatus("r", RunState.RECORDING, "snap", "t", "periodic normal", False)
+
+    class Link:
+        def __init__(self) -> None:
+            self.queued: list[Record] = []
+
+        def take(self, limit: int = 100) -> list[Record]:
+            out, self.queued = self.queued, []
+            return out
+
+    service = Service(DaemonSettings(config_path=tmp_path / "none.yaml"), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False)
+    run = Run()
+    service._controllers["r"] = run  # type: ignore[assignment]
+    link = Link()
+    service._link = link  # type: ignore[assignment]
+    service._cursor = AdminCursor(tmp_path / "state", "admin")
+    service._admin, sent = _handler()
+
+    def saved() -> dict[int, int] | None:
+        return AdminCursor(tmp_path / "state", "admin").load()
+
+    link.queued = [Record("admin", 0, offset, payload, None, NOW) for offset, payload in
+                   enumerate([_cmd("status"), _cmd("stop", "r"), _cmd("status")])]
+    service._pass()
+    assert [s[1]["command"] for s in sent] == ["status", "status"]  # the stop is pending
+    assert saved() == {0: 1}  # read again after a crash: the stop, then the status again
+    run.stop_future.set_result("stopped")
+    service._pass()
+    assert [s[1]["command"] for s in sent] == ["status", "status", "stop"]
+    assert saved() == {0: 3}
+
+    link.queued = [Record("admin", 0, 3, _cmd("stop", "r"), None, NOW)]
+    run.stop_future = Future()
+    service._pass()
+    assert saved() == {0: 3}
+    service._shutdown()  # answers it ("the daemon is shutting down"): not read again
+    assert [s[1]["code"] for s in sent][-1] == "internal" and saved() == {0: 4}
