@@ -577,11 +577,20 @@ class Service:
         self._watch_disks()
         self.metrics.reload(True)
         for definition in diff.removed:
+            self.metrics.remove_run(definition.name)
+            if self._drop_deferred(definition.name) is not None:
+                continue  # an earlier reload was creating it again: not any more
             old = self._controllers.pop(definition.name)
             old.shutdown("run removed by a reload")
             self._retiring.append(old)
-            self.metrics.remove_run(definition.name)
         for change in diff.changed:
+            deferred = self._drop_deferred(change.name)
+            if deferred is not None:  # an earlier reload is creating it again: with this one
+                blockers = [*deferred.blockers, *(
+                    c for c in self._retiring if c not in deferred.blockers
+                    and c.definition.snapshot.topic == change.new.snapshot.topic)]
+                self._deferred.append(_Deferred(change.new, deferred.start, blockers))
+                continue
             old = self._controllers[change.name]
             if not change.restart_required:
                 old.definition = change.new
@@ -598,6 +607,14 @@ class Service:
         self._apply_deferred()
         log.info("run definitions reloaded", origin=origin, summary=diff.summary())
         return True, f"reloaded: {diff.summary()}", diff.as_dict()
+
+    def _drop_deferred(self, name: str) -> _Deferred | None:
+        """Take the run ``name`` out of those a reload is creating again (if it is one)."""
+        for deferred in self._deferred:
+            if deferred.definition.name == name:
+                self._deferred.remove(deferred)
+                return deferred
+        return None
 
     def _apply_deferred(self) -> None:
         self._retiring = [c for c in self._retiring if c.alive]

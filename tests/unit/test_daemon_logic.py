@@ -1657,3 +1657,41 @@ def test_the_saved_admin_offset_stays_at_a_command_not_answered_yet(tmp_path: Pa
     assert saved() == {0: 3}
     service._shutdown()  # answers it ("the daemon is shutting down"): not read again
     assert [s[1]["code"] for s in sent][-1] == "internal" and saved() == {0: 4}
+
+
+@pytest.mark.parametrize("change", ["changed", "removed"])
+def test_a_reload_while_a_run_is_restarting_after_a_reload(tmp_path: Path, change: str) -> None:
+    """A reload that changed a run leaves it without a controller until its old recording
+    has stopped; a second reload in that time that changed or removed it again looked its
+    controller up (``self._controllers[name]``) and raised KeyError: half applied, answered
+    ``internal`` to an admin reload, and a SIGHUP took the daemon's main loop down."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service, _Deferred
+    from recorder.settings import KafkaSettings
+
+    class Stopping:
+        alive = True
+        definition = _definition(tmp_path)
+
+        def recording_files(self) -> list[str]:
+            return []
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs: []\n" if change == "removed" else
+                    "runs:\n  - name: r\n    snapshot:\n      snapshot_name: snap\n"
+                    "      pv_uri_list: ['pva://A:B']\n      time_window: 2000\n"
+                    f"    output: {{directory: {tmp_path / 'out'}}}\n")
+    service = Service(DaemonSettings(config_path=runs), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False)
+    first = _definition(tmp_path, time_window=1500)  # what the first reload brought
+    service._definitions = {"r": first}
+    service._deferred.append(_Deferred(first, True, [Stopping()]))  # type: ignore[list-item]
+    ok, message, _data = service.reload("SIGHUP")
+    assert ok, message
+    assert service.controllers == {}
+    if change == "removed":
+        assert service._deferred == [] and service.run_handle("r") is None
+    else:
+        [deferred] = service._deferred
+        assert deferred.definition.snapshot.time_window == 2000 and deferred.start
+        assert service.run_handle("r") is not None
