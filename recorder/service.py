@@ -325,6 +325,7 @@ class Service:
                 self.settings.command_policy(), self.settings.admin_reply_topic,
                 self._link.produce, metrics=self.metrics,
             )
+            self._admin.remember(cursor.answered)  # not carried out twice after a crash
             self._heartbeat = Heartbeat(self.settings.heartbeat_interval_s, self._publish_status)
             return True
         return False
@@ -377,7 +378,7 @@ class Service:
             admin.poll()
             if (records or admin.pending != waiting) and self._cursor is not None:
                 # not past a command still waiting for its reply
-                self._cursor.save(hold=admin.unanswered())
+                self._cursor.save(hold=admin.unanswered(), answered=admin.answered_ids())
         self._apply_deferred()
         if self._heartbeat is not None:
             self._heartbeat.maybe_beat(now, self._heartbeat_doc)
@@ -419,7 +420,8 @@ class Service:
             self._admin.poll()
             self._admin.fail_pending("the daemon is shutting down")
             if self._cursor is not None:  # answered: not read again at the next start
-                self._cursor.save(hold=self._admin.unanswered())
+                self._cursor.save(hold=self._admin.unanswered(),
+                                  answered=self._admin.answered_ids())
         if self._heartbeat is not None:
             self._heartbeat.beat(time.monotonic(), self._heartbeat_doc)
         log.info("daemon stopped", files={c.name: c.files() for c in controllers})

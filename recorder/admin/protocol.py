@@ -631,6 +631,21 @@ class ReplayGuard:
         while len(self._seen) > self.max_entries:
             self._seen.popitem(last=False)
 
+    def remembered(self, now_ms: int) -> dict[str, int]:
+        """The request_ids inside the window, each with when it was seen (ms): what a
+        restarted daemon needs to go on refusing them (:meth:`restore`)."""
+        self._expire(now_ms)
+        return dict(self._seen)
+
+    def restore(self, seen: Mapping[str, int], *, now_ms: int) -> None:
+        """Remember ``seen`` (request_id -> ms, from :meth:`remembered` of an earlier process)
+        as far as still inside the window; call before any :meth:`check`."""
+        for request_id, at in sorted(seen.items(), key=lambda item: item[1]):
+            if now_ms - at <= self.window_ms and request_id not in self._seen:
+                self._seen[request_id] = at
+        while len(self._seen) > self.max_entries:
+            self._seen.popitem(last=False)
+
     def _expire(self, now_ms: int) -> None:
         while self._seen:
             request_id, seen_at = next(iter(self._seen.items()))

@@ -175,6 +175,21 @@ class AdminHandler:
                                       record.partition, record.offset))
         self.poll()
 
+    def answered_ids(self) -> dict[str, int]:
+        """request_id -> ms it was read, of the commands answered inside the replay window:
+        kept with the admin position (:class:`~recorder.daemon.adminlink.AdminCursor`), so
+        that a command read again after a crash is answered ``duplicate``, not carried out a
+        second time. A command still waiting for its run is left out: read again, it is
+        carried out (and answered) then."""
+        waiting = {p.command.request_id for p in self._pending}
+        return {request_id: at
+                for request_id, at in self._guard.remembered(self._clock_ms()).items()
+                if request_id not in waiting}
+
+    def remember(self, answered: Mapping[str, int]) -> None:
+        """:meth:`answered_ids` of the previous daemon (at start, before any command)."""
+        self._guard.restore(answered, now_ms=self._clock_ms())
+
     def unanswered(self) -> dict[int, int]:
         """Per partition, the offset of the first command still waiting for its run: the
         admin position to save stays there, so a crash before its reply has it read again."""

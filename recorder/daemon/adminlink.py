@@ -15,7 +15,9 @@ the topic's retained range is clamped to it. A crash between acting on a command
 the position replays that command at the next start (at-least-once, within the max age); so
 does one before the reply to a command still waiting for its run (a stop finalizing its
 files): the saved position stays at the first command not answered yet, so that command and
-those after it are read again.
+those after it are read again. Those after it were answered, and the request_ids of answered
+commands are saved with the position (inside the replay window): read again, they are
+answered ``duplicate`` and not carried out twice.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ class AdminCursor:
         self.path = state_dir / self.FILE_NAME
         self.topic = topic
         self.offsets: dict[int, int] = {}
-        self._saved: dict[int, int] = {}
+        # request_id -> ms read, of the commands answered inside the replay window
+        # (AdminHandler.answered_ids): one read again after a crash is not carried out twice
+        self.answered: dict[str, int] = {}
+        self._saved: tuple[dict[int, int], dict[str, int]] = ({}, {})
 
     def load(self) -> dict[int, int] | None:
         """The saved position for this topic; None (logged) when there is none to use."""
@@ -56,6 +61,7 @@ class AdminCursor:
             obj = json.loads(self.path.read_text(encoding="utf-8"))
             topic = str(obj["topic"])
             offsets = {int(p): int(o) for p, o in dict(obj["offsets"]).items()}
+            answered = {str(r): int(t) for r, t in dict(obj.get("answered", {})).items()}
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -67,7 +73,8 @@ class AdminCursor:
                          saved_topic=topic, topic=self.topic)
             return None
         self.offsets = dict(offsets)
-        self._saved = dict(offsets)
+        self.answered = answered
+        self._saved = (dict(offsets), dict(answered))
         return offsets
 
     def advance(self, partition: int, next_offset: int) -> None:
@@ -78,15 +85,20 @@ class AdminCursor:
         """Where the link really starts (after clamping): saved at the next :meth:`save`."""
         self.offsets = dict(offsets)
 
-    def save(self, hold: Mapping[int, int] | None = None) -> bool:
+    def save(self, hold: Mapping[int, int] | None = None,
+             answered: Mapping[str, int] | None = None) -> bool:
         """Write the position if it moved, not past ``hold`` (partition -> offset of the
-        first command not answered yet); False (logged) when it cannot be written."""
+        first command not answered yet), with ``answered`` (else the last ones given or
+        loaded); False (logged) when it cannot be written."""
         hold = hold or {}
         offsets = {p: min(o, hold.get(p, o)) for p, o in self.offsets.items()}
-        if offsets == self._saved:
+        if answered is not None:
+            self.answered = dict(answered)
+        if (offsets, self.answered) == self._saved:
             return True
         obj = {"topic": self.topic,
                "offsets": {str(p): o for p, o in sorted(offsets.items())},
+               "answered": self.answered,
                "updated_at": time.time_ns() // 1_000_000}
         try:
             write_json_atomic(self.path, obj, what="admin offsets")
@@ -94,7 +106,7 @@ class AdminCursor:
             _log.error("admin offsets not saved: commands sent while the daemon is down may "
                        "be missed", error=str(exc))
             return False
-        self._saved = offsets
+        self._saved = (offsets, dict(self.answered))
         return True
 
 

@@ -371,6 +371,20 @@ def test_replay_guard_is_bounded() -> None:
     assert len(guard) == 3
 
 
+def test_replay_guard_carries_its_window_over_to_a_new_process() -> None:
+    first = ReplayGuard(window_s=35)
+    for i, at in enumerate((NOW - 40_000, NOW - 20_000, NOW)):
+        first.check(AdminCommand(CommandKind.STATUS, f"r{i}"), now_ms=at)
+    kept = first.remembered(NOW)
+    assert kept == {"r1": NOW - 20_000, "r2": NOW}  # r0 is out of the window
+    second = ReplayGuard(window_s=35)
+    second.restore({**kept, "r0": NOW - 40_000}, now_ms=NOW + 10_000)
+    with pytest.raises(CommandRejectedError):
+        second.check(AdminCommand(CommandKind.STATUS, "r2"), now_ms=NOW + 10_000)
+    second.check(AdminCommand(CommandKind.STATUS, "r0"), now_ms=NOW + 10_000)  # forgotten
+    second.check(AdminCommand(CommandKind.STATUS, "r1"), now_ms=NOW + 16_000)  # expired now
+
+
 # --- garbage never raises ------------------------------------------------------------------------
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

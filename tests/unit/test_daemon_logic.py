@@ -101,6 +101,12 @@ def test_admin_cursor_saves_only_moves_and_ignores_another_topic(tmp_path: Path)
     mtime = again.path.stat().st_mtime_ns
     assert again.save() and again.path.stat().st_mtime_ns == mtime  # unchanged: not rewritten
     assert AdminCursor(tmp_path / "state", "admin-b").load() is None
+    assert again.save(answered={"req-1": 1_795_291_545_000})  # answered ids: saved with it
+    third = AdminCursor(tmp_path / "state", "admin-a")
+    assert third.load() == {0: 7} and third.answered == {"req-1": 1_795_291_545_000}
+    again.path.write_text('{"topic": "admin-a", "offsets": {"0": 9}}')  # before 2026-11-24
+    older = AdminCursor(tmp_path / "state", "admin-a")
+    assert older.load() == {0: 9} and older.answered == {}
     again.path.write_text("{broken")
     assert AdminCursor(tmp_path / "state", "admin-a").load() is None
 
@@ -1657,6 +1663,68 @@ def test_the_saved_admin_offset_stays_at_a_command_not_answered_yet(tmp_path: Pa
     assert saved() == {0: 3}
     service._shutdown()  # answers it ("the daemon is shutting down"): not read again
     assert [s[1]["code"] for s in sent][-1] == "internal" and saved() == {0: 4}
+
+
+def test_commands_read_again_after_a_crash_are_not_carried_out_twice(tmp_path: Path) -> None:
+    """After a crash the admin topic is read again from a stop that was still waiting for its
+    files; a trigger after it had been answered: read again, it is answered ``duplicate`` and
+    not fired twice (the answered request_ids are saved with the position), while the stop
+    is carried out and answered."""
+    from recorder.admin.status import RunStatus
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    class Run(FakeHandle):
+        name = "r"
+        alive = True
+        triggered = 0
+
+        def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]:
+            self.triggered += 1
+            return super().trigger(tags)
+
+        def status(self) -> RunStatus:
+            return RunStatus("r", RunState.RECORDING, "snap", "t", "periodic normal", False)
+
+    class Link:
+        def __init__(self) -> None:
+            self.queued: list[Record] = []
+
+        def take(self, limit: int = 100) -> list[Record]:
+            out, self.queued = self.queued, []
+            return out
+
+    records = [Record("admin", 0, 0, _cmd("stop", "r"), None, NOW),
+               Record("admin", 0, 1, _cmd("trigger", "r"), None, NOW)]
+
+    def daemon() -> tuple[Any, Run, Link, list[Any]]:
+        service = Service(DaemonSettings(config_path=tmp_path / "none.yaml"), KafkaSettings(),
+                          state_dir=tmp_path / "state", gc_tuning=False)
+        run = Run()
+        service._controllers["r"] = run  # type: ignore[assignment]
+        link = Link()
+        service._link = link  # type: ignore[assignment]
+        cursor = AdminCursor(tmp_path / "state", "admin")
+        start = cursor.load()
+        service._cursor = cursor
+        service._admin, sent = _handler()
+        service._admin.remember(cursor.answered)  # as Service._connect does
+        link.queued = [r for r in records if start is None or r.offset >= start.get(0, 0)]
+        return service, run, link, sent
+
+    first, run, _link, sent = daemon()
+    first._pass()
+    assert [(m[1]["command"], m[1]["code"]) for m in sent] == [("trigger", "ok")]
+    assert run.triggered == 1  # the stop still waits for its files: then the daemon dies
+
+    second, run, _link, sent = daemon()
+    second._pass()  # read again from the stop
+    run.stop_future.set_result("stopped")
+    second._pass()
+    assert sorted((m[1]["command"], m[1]["code"]) for m in sent) == [
+        ("stop", "ok"), ("trigger", "duplicate")]
+    assert run.triggered == 0  # not fired twice
 
 
 @pytest.mark.parametrize("change", ["changed", "removed"])
