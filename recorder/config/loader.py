@@ -42,7 +42,9 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import ConstructorError, RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import CollectionEndEvent, CollectionStartEvent
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from recorder.client.properties import SNAPSHOT_NAME_RE, normalize_snapshot_name
@@ -174,6 +176,14 @@ def check_runs(path: str | Path) -> tuple[LoadedRuns, tuple[Problem, ...]]:
 def definition_files(path: Path, problems: list[Problem] | None = None) -> list[Path]:
     """``path`` itself, or the ``*.yaml``/``*.yml`` files directly in it, sorted by name."""
     sink: list[Problem] = [] if problems is None else problems
+    try:
+        return _definition_files(path, sink)
+    except OSError as exc:  # e.g. a directory the daemon's user may not list
+        sink.append(Problem(str(path), None, "", f"cannot read: {exc}"))
+        return []
+
+
+def _definition_files(path: Path, sink: list[Problem]) -> list[Path]:
     if path.is_dir():
         found: list[Path] = []
         for p in sorted(path.iterdir(), key=lambda p: p.name):
@@ -210,10 +220,83 @@ def parse_runs(texts: Iterable[tuple[str, str]]) -> tuple[LoadedRuns, tuple[Prob
 
 
 # --- one file --------------------------------------------------------------------------------
+MAX_DEPTH = 32
+"""Deepest nesting of mappings and lists a file may have (a run needs 6: runs, its item,
+metadata, attributes, ...); ruamel and the checks here recurse per level."""
+MAX_NODES = 100_000
+"""Most values a file may hold once its aliases are expanded (an alias of an alias of ...
+grows exponentially)."""
+
+
+class _UnreadableValueError(ConstructorError):
+    """A value ruamel resolved to a type but could not build (a date that does not exist,
+    ``!!int abc``, an integer of more digits than Python converts)."""
+
+
+class _Constructor(RoundTripConstructor):
+    """ruamel's round-trip constructor, whose values that cannot be built are marked errors
+    at their node (ruamel lets the ValueError of e.g. ``2026-02-30`` escape unmarked)."""
+
+    def construct_non_recursive_object(self, node: Any, tag: str | None = None) -> Any:
+        try:
+            return super().construct_non_recursive_object(node, tag)
+        except YAMLError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+            kind = str(tag or node.tag).rpartition(":")[2]
+            shown = repr(node.value) if isinstance(node, ScalarNode) else "this value"
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            why = str(exc)[:200] or type(exc).__name__
+            raise _UnreadableValueError(
+                None, None, f"{shown} cannot be read as {kind}: {why}; quote it if it is meant "
+                "as text", node.start_mark) from None
+
+
 def _yaml() -> YAML:
     yaml = YAML(typ="rt", pure=True)
+    yaml.Constructor = _Constructor
     yaml.allow_duplicate_keys = True  # duplicates are found on the node tree, all of them
     return yaml
+
+
+def _too_deep(text: str) -> int | None:
+    """0-based line of the first mapping or list nested deeper than :data:`MAX_DEPTH`, or
+    None (read from the parser's events: composing such a text could exhaust the stack)."""
+    depth = 0
+    for event in _yaml().parse(text):
+        if isinstance(event, CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return int(event.start_mark.line)
+        elif isinstance(event, CollectionEndEvent):
+            depth -= 1
+    return None
+
+
+def _shape_problem(root: Node) -> tuple[int, str] | None:
+    """(0-based line, message) when ``root`` with its aliases expanded contains itself, is
+    nested deeper than :data:`MAX_DEPTH` or holds more than :data:`MAX_NODES` values."""
+    count = 0
+    stack: list[tuple[Node, int, frozenset[int]]] = [(root, 1, frozenset())]
+    while stack:
+        node, depth, above = stack.pop()
+        count += 1
+        line = int(node.start_mark.line)
+        if count > MAX_NODES:
+            return line, (f"more than {MAX_NODES} values once its aliases (*name) are "
+                          "expanded: write the runs out")
+        if not isinstance(node, MappingNode | SequenceNode):
+            continue
+        if id(node) in above:
+            return line, ("an alias (*name) refers to a mapping or list that contains it: "
+                          "the value would be infinite")
+        if depth > MAX_DEPTH:
+            return line, f"nested more than {MAX_DEPTH} levels deep (aliases expanded)"
+        inside = above | {id(node)}
+        children = ([n for pair in node.value for n in pair] if isinstance(node, MappingNode)
+                    else list(node.value))
+        stack.extend((child, depth + 1, inside) for child in reversed(children))
+    return None
 
 
 _YAML_DIRECTIVE = re.compile(r"^%YAML[ \t]+(\S+)", re.MULTILINE)
@@ -231,12 +314,17 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
         return []
     yaml = _yaml()
     try:
-        documents = list(yaml.compose_all(text))
+        deep = _too_deep(text)
+        documents = [] if deep is not None else list(yaml.compose_all(text))
     except MarkedYAMLError as exc:
         problems.append(_syntax_problem(filename, exc))
         return []
     except YAMLError as exc:  # pragma: no cover - ruamel marks every parse error it raises
         problems.append(Problem(filename, None, "", f"YAML error: {exc}"))
+        return []
+    if deep is not None:
+        problems.append(Problem(filename, deep + 1, "", f"nested more than {MAX_DEPTH} levels "
+                                "deep: a run definition is a few levels of mappings and lists"))
         return []
     documents = [d for d in documents if d is not None]
     if len(documents) > 1:
@@ -254,6 +342,10 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
             Problem(filename, 1, "", "empty file: write one run, or `runs: []` for none")
         )
         return []
+    shape = _shape_problem(documents[0])
+    if shape is not None:
+        problems.append(Problem(filename, shape[0] + 1, "", shape[1]))
+        return []
     before = len(problems)
     _duplicate_keys(filename, documents[0], (), problems)
     if any(p.message.startswith("mapping keys must be plain") for p in problems[before:]):
@@ -262,6 +354,11 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
     duplicated = [p.field for p in problems[before:] if p.message.startswith("duplicate key")]
     try:
         data = yaml.load(text)
+    except _UnreadableValueError as exc:
+        mark = exc.problem_mark
+        problems.append(Problem(filename, None if mark is None else mark.line + 1,
+                                _dotted(_node_loc(documents[0], mark)), str(exc.problem)))
+        return []
     except MarkedYAMLError as exc:  # e.g. an undefined alias is only found while constructing
         problems.append(_syntax_problem(filename, exc))
         return []
@@ -560,6 +657,22 @@ def _syntax_problem(filename: str, exc: MarkedYAMLError) -> Problem:
         where = f" (the tab at column {mark.column + 1})" if mark is not None else ""
         message += f"{where}: YAML takes spaces, not tabs, for indentation and after ':'"
     return Problem(filename, line, "", message)
+
+
+def _node_loc(root: Node, mark: Any) -> Loc:
+    """Where in the document the node that starts at ``mark`` is (() when not found)."""
+    stack: list[tuple[Node, Loc]] = [(root, ())]
+    while stack:
+        node, loc = stack.pop()
+        start = node.start_mark
+        if mark is not None and (start.line, start.column) == (mark.line, mark.column):
+            return loc
+        if isinstance(node, MappingNode):
+            stack.extend((value, (*loc, str(key.value))) for key, value in node.value
+                         if isinstance(key, ScalarNode))
+        elif isinstance(node, SequenceNode):
+            stack.extend((item, (*loc, index)) for index, item in enumerate(node.value))
+    return ()
 
 
 def _duplicate_keys(filename: str, node: Node, loc: Loc, problems: list[Problem]) -> None:

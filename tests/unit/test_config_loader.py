@@ -610,3 +610,64 @@ def test_a_run_with_a_duplicate_key_is_not_valid() -> None:
     loaded, problems = parse_runs([("many.yaml", textwrap.dedent(many))])
     assert [p.field for p in problems] == ["runs.1.snapshot.time_window"]
     assert [r.name for r in loaded] == ["a", "c"]
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ("2026-02-30", "'2026-02-30' cannot be read as timestamp: day is out of range for month"),
+    ("2026-13-01", "'2026-13-01' cannot be read as timestamp: month must be in 1..12"),
+    ("!!int abc", "'abc' cannot be read as int"),
+    ("!!bool maybe", "'maybe' cannot be read as bool"),
+    ("9" * 5000, "cannot be read as int: Exceeds the limit"),
+])
+def test_a_value_ruamel_cannot_build_is_an_error_not_a_traceback(value: str, needle: str) -> None:
+    """ruamel resolves `2026-02-30` to a date (and an integer of 5,000 digits to an int) and
+    raises a bare ValueError building it: check_runs raised, so `validate` printed a
+    traceback and a SIGHUP reload took the daemon's main loop down (no clean stop)."""
+    text = GOOD.format(name="v", snap="v") + f"metadata:\n  experiment: {value}\n"
+    [problem] = problems_of(text)
+    assert problem.startswith("runs.yaml:8: metadata.experiment: "), problem
+    assert needle in problem and "quote it" in problem
+
+
+@pytest.mark.parametrize(("extra", "line"), [
+    ("metadata: &m {tags: *m}", 7),  # an alias inside what it names: an infinite value
+    ("metadata: {attributes: {a: " + "[" * 400 + "]" * 400 + "}}", 7),  # past the stack
+    ("metadata:\n  attributes:\n" + "".join("  " * (i + 2) + f"k{i}:\n" for i in range(300)),
+     39),  # the first mapping 33 levels deep
+])
+def test_recursive_or_too_deep_values_are_errors_not_a_recursion_error(extra: str,
+                                                                       line: int) -> None:
+    """ruamel, _plain and the duplicate-key walk recurse per level: a recursive alias or a
+    few hundred levels raised RecursionError out of check_runs (validate's traceback, a
+    reload killing the daemon's loop)."""
+    [problem] = problems_of(GOOD.format(name="v", snap="v") + extra + "\n")
+    assert problem.startswith(f"runs.yaml:{line}: "), problem
+    assert "nested more than 32 levels" in problem or "refers to a mapping or list" in problem
+
+
+def test_aliases_that_expand_exponentially_are_refused_at_once() -> None:
+    """Nine levels of ten aliases each ("billion laughs"): the loader expanded them into
+    10^9 values (a reload hung the daemon's loop until the watchdog killed it)."""
+    text = "x:\n  - &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+    [problem] = problems_of(text)
+    assert problem.startswith("runs.yaml:2: more than 100000 values"), problem
+
+
+def test_a_directory_that_cannot_be_listed_is_an_error_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's user may not list a run-definition directory (wrong mode after an edit):
+    iterdir's PermissionError came out of check_runs (a SIGHUP reload killed the loop)."""
+    import errno
+
+    write(tmp_path, "a.yaml", GOOD.format(name="a", snap="a"))
+
+    def refused(self: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    loaded, problems = check_runs(tmp_path)
+    assert len(loaded) == 0
+    assert [str(p) for p in problems] == [
+        f"{tmp_path}: cannot read: [Errno 13] Permission denied: '{tmp_path}'"]
+
