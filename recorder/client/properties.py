@@ -18,10 +18,10 @@ from recorder.errors import InvalidSnapshotPropertiesError
 PV_URI_RE = re.compile(
     r"^(?P<protocol>pva?|ca)://"
     r"(?P<name>[a-zA-Z0-9\-_]+(?::[a-zA-Z0-9\-_]+)*)"
-    r"(?:\.(?P<field>[a-zA-Z0-9\-_]+(?:\.[a-zA-Z0-9_]+)*))?$"
+    r"(?:\.(?P<field>[a-zA-Z0-9\-_]+(?:\.[a-zA-Z0-9_]+)*))?\Z"
 )
 # What the official client accepts as a snapshot name
-SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+\Z")
 _NON_TOPIC_CHARS = re.compile(r"[^A-Za-z0-9\-]")
 # The fields of snapshot messages besides the PV: a PV with one of these names would share its
 # key with the field in the gateway's data message (one map), so its values could not be read

@@ -67,9 +67,9 @@ __all__ = [
     "invalid",
 ]
 
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
-FIELD_FILTER_RE = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$")
-ATTRIBUTE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\Z")
+FIELD_FILTER_RE = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*\Z")
+ATTRIBUTE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}\Z")
 INT32_MAX = 2**31 - 1
 NAME_MAX_BYTES = 255  # Linux NAME_MAX: one path component
 PATH_MAX_BYTES = 4096  # Linux PATH_MAX, the terminating NUL included

@@ -671,3 +671,19 @@ def test_a_directory_that_cannot_be_listed_is_an_error_not_a_traceback(
     assert [str(p) for p in problems] == [
         f"{tmp_path}: cannot read: [Errno 13] Permission denied: '{tmp_path}'"]
 
+
+@pytest.mark.parametrize(("field", "line"), [
+    ("name", "name: \"x\\n\""),
+    ("snapshot.snapshot_name", "  snapshot_name: \"x\\n\""),
+    ("snapshot.pv_uri_list.0", "  pv_uri_list: [\"pva://SIM:AI:DOUBLE:1\\n\"]"),
+    ("metadata.attributes.a\n", "metadata: {attributes: {\"a\\n\": 1}}"),
+])
+def test_a_trailing_newline_is_not_part_of_a_valid_name(field: str, line: str) -> None:
+    """The name patterns ended in `$`, which also matches before a final newline: a quoted
+    or block-scalar `bpm\\n` passed validate and went to the gateway and into admin names."""
+    lines = GOOD.format(name="x", snap="x").splitlines()
+    key = line.split(":", maxsplit=1)[0]
+    text = "\n".join([line if ln.split(":", maxsplit=1)[0] == key else ln for ln in lines]
+                     + ([line] if key == "metadata" else [])) + "\n"
+    problems = problems_of(text)
+    assert [p.split(": ", 2)[1] for p in problems] == [field], problems
