@@ -14,6 +14,7 @@ A change to ``autostart`` alone needs no restart: it only matters when the daemo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,10 +103,11 @@ def diff_runs(
         previous = before.get(name)
         if previous is None:
             continue
-        if previous == definition:
-            unchanged.append(definition)
+        fields = changed_fields(previous, definition)
+        if fields:
+            changed.append(RunChange(previous, definition, fields))
         else:
-            changed.append(RunChange(previous, definition, changed_fields(previous, definition)))
+            unchanged.append(definition)
     return RunDiff(added, removed, tuple(changed), tuple(unchanged))
 
 
@@ -120,7 +122,8 @@ def _compare(old: Any, new: Any, path: str, out: list[str]) -> None:
     if isinstance(old, dict) and isinstance(new, dict):  # nested models and dict fields
         for key in [*old, *(k for k in new if k not in old)]:
             _compare(old.get(key), new.get(key), f"{path}.{key}" if path else str(key), out)
-    elif old != new:
+    elif json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
+        # typed: `1` -> `true` or `1.0` in metadata is written differently (1 == True == 1.0)
         out.append(path)
 
 

@@ -94,3 +94,13 @@ def test_pv_list_change_and_order_matter() -> None:
 def test_duplicate_names_in_an_iterable_are_refused() -> None:
     with pytest.raises(ValueError, match="appears twice"):
         diff_runs([d("a"), d("a")], [])
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, True), (0, False), (1, 1.0)])
+def test_an_attribute_of_another_type_is_a_change(before: Any, after: Any) -> None:
+    """1 == True == 1.0 in Python, so `operator_ok: 1` -> `true` was "unchanged": the reload
+    did not apply it and the files went on saying 1."""
+    diff = diff_runs([d("a", metadata={"attributes": {"x": before}})],
+                     [d("a", metadata={"attributes": {"x": after}})])
+    assert [(c.name, c.fields) for c in diff.changed] == [("a", ("metadata.attributes.x",))]
+    assert diff.unchanged == ()
