@@ -585,13 +585,11 @@ class Service:
             old = self._controllers.pop(definition.name)
             old.shutdown("run removed by a reload")
             self._retiring.append(old)
+        recreated: list[_Deferred] = []
         for change in diff.changed:
             deferred = self._drop_deferred(change.name)
             if deferred is not None:  # an earlier reload is creating it again: with this one
-                blockers = [*deferred.blockers, *(
-                    c for c in self._retiring if c not in deferred.blockers
-                    and c.definition.snapshot.topic == change.new.snapshot.topic)]
-                self._deferred.append(_Deferred(change.new, deferred.start, blockers))
+                recreated.append(_Deferred(change.new, deferred.start, [*deferred.blockers]))
                 continue
             old = self._controllers[change.name]
             if not change.restart_required:
@@ -601,7 +599,13 @@ class Service:
             old.shutdown("run definition changed by a reload")
             self._retiring.append(old)
             del self._controllers[change.name]
-            self._deferred.append(_Deferred(change.new, active, [old]))
+            recreated.append(_Deferred(change.new, active, [old]))
+        for deferred in recreated:  # once every run this reload stops is retiring: a run
+            # taking over another's snapshot (a swap, a rename) also waits for that one
+            topic = deferred.definition.snapshot.topic
+            deferred.blockers.extend(c for c in self._retiring if c not in deferred.blockers
+                                     and c.definition.snapshot.topic == topic)
+            self._deferred.append(deferred)
         for definition in diff.added:
             blockers = [c for c in self._retiring
                         if c.definition.snapshot.topic == definition.snapshot.topic]

@@ -1763,3 +1763,55 @@ def test_a_reload_while_a_run_is_restarting_after_a_reload(tmp_path: Path, chang
         [deferred] = service._deferred
         assert deferred.definition.snapshot.time_window == 2000 and deferred.start
         assert service.run_handle("r") is not None
+
+
+def test_runs_that_swap_snapshots_in_a_reload_wait_for_each_other(tmp_path: Path) -> None:
+    """A reload that gives run a the snapshot of run b (and b that of a, or b removed) made
+    a's new controller wait only for a's old one: once that had stopped, a started on b's
+    snapshot while b's old recording was still stopping it — two runs on one k2eg snapshot,
+    and b's stop then stopped the snapshot a had just started."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    def definition(name: str, snap: str) -> RunDefinition:
+        return RunDefinition.model_validate({
+            "name": name, "snapshot": {"snapshot_name": snap, "pv_uri_list": ["pva://A:B"]},
+            "output": {"directory": str(tmp_path / "out")}})
+
+    class Old:
+        state = RunState.RECORDING
+
+        def __init__(self, d: RunDefinition) -> None:
+            self.definition = d
+            self.alive = True
+
+        def shutdown(self, reason: str = "") -> None:
+            pass
+
+        def recording_files(self) -> list[str]:
+            return []
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(
+        "runs:\n"
+        f"  - {{name: a, snapshot: {{snapshot_name: snap_b, pv_uri_list: ['pva://A:B']}}, "
+        f"output: {{directory: {tmp_path / 'out'}}}}}\n"
+        f"  - {{name: b, snapshot: {{snapshot_name: snap_a, pv_uri_list: ['pva://A:B']}}, "
+        f"output: {{directory: {tmp_path / 'out'}}}}}\n")
+    service = Service(DaemonSettings(config_path=runs), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False)
+    service._definitions = {"a": definition("a", "snap_a"), "b": definition("b", "snap_b")}
+    old = {name: Old(d) for name, d in service._definitions.items()}
+    service._controllers = dict(old)  # type: ignore[arg-type]
+    made: list[str] = []
+    service._add_controller = lambda d, *, start: made.append(d.name)  # type: ignore[method-assign,assignment,return-value]
+    ok, message, _data = service.reload("SIGHUP")
+    assert ok, message
+    assert made == []
+    old["a"].alive = False  # a's old recording has stopped, b's is still stopping snap_b
+    service._apply_deferred()
+    assert made == []  # a (now on snap_b) waits for b's old recording too
+    old["b"].alive = False
+    service._apply_deferred()
+    assert sorted(made) == ["a", "b"]
