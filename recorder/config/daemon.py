@@ -28,7 +28,7 @@ from recorder.daemon.diskspace import MinFree
 
 __all__ = ["DaemonSettings"]
 
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
+_TOPIC_RE = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9._\-]{1,249}\Z")  # \Z: not before a final newline
 
 
 class DaemonSettings(BaseSettings):
