@@ -21,8 +21,10 @@ Batches
 Closing
     * tail, ``error != 0``: incomplete, ``GATEWAY_ERROR``;
     * tail, sequenced with ``total_messages``: complete when all ``total_messages - 2`` data
-      came; if some are missing the iteration stays open ``missing_grace_s`` for late
-      messages, then closes ``MISSING_MESSAGES`` with ``missing_messages`` set;
+      and the header came; if some are missing the iteration stays open ``missing_grace_s``
+      for late messages (a header retried by the producer may land after the tail), then
+      closes ``MISSING_MESSAGES`` with ``missing_messages`` set (``NO_HEADER`` when only the
+      header is missing);
     * tail otherwise: complete, or ``NO_HEADER`` if the header never came (data or the tail
       itself then opened the iteration, ``header_timestamp_ns`` from the storage-node
       ``header_timestamp`` key when present, else None);
@@ -30,7 +32,8 @@ Closing
       ``NO_TAIL`` (the gateway publishes T(n) before H(n+1), protocol §3.9);
     * no tail within the topic's timeout (``set_topic_timeout``, e.g. 2 x window + slack):
       ``TIMEOUT`` (at :meth:`IterationAssembler.expire`);
-    * more than ``max_open_per_topic`` open: the oldest is closed ``NO_TAIL`` (``evicted``);
+    * more than ``max_open_per_topic`` open: the oldest is closed ``NO_TAIL`` (``evicted``), or
+      as at the end of its grace period if its tail came;
     * :meth:`IterationAssembler.close`: ``CLOSED``.
 
 Starting fresh
@@ -634,7 +637,7 @@ class IterationAssembler:
             for it in list(state.open.values()):
                 if it.grace_deadline is not None:
                     if now >= it.grace_deadline or now >= it.deadline:
-                        self._close(state, it, IncompleteReason.MISSING_MESSAGES, out)
+                        self._close(state, it, self._grace_reason(it), out)
                 elif now >= it.deadline:
                     self._close(state, it, IncompleteReason.TIMEOUT, out)
         return out
@@ -839,11 +842,12 @@ class IterationAssembler:
             self._close(state, it, IncompleteReason.GATEWAY_ERROR, out)
             return
         it.total_messages = msg.total_messages
-        if msg.total_messages is not None and self._missing_data(it) > 0:
+        # total_messages counts the header too: a header reordered after the tail is waited for
+        if msg.total_messages is not None and (self._missing_data(it) > 0 or not it.header_seen):
             self.counters["waiting_for_missing"] += 1
             it.grace_deadline = now + self.missing_grace_s
             if self.missing_grace_s <= 0:
-                self._close(state, it, IncompleteReason.MISSING_MESSAGES, out)
+                self._close(state, it, self._grace_reason(it), out)
             return
         self._close(state, it, None if it.header_seen else IncompleteReason.NO_HEADER, out)
 
@@ -861,9 +865,15 @@ class IterationAssembler:
         self, state: _Topic, it: _Iteration, now: float, out: list[IterationEvent]
     ) -> None:
         """An iteration waiting for missing messages got one: close it once nothing is missing."""
-        if self._missing_data(it) == 0:
+        if it.header_seen and self._missing_data(it) == 0:
             self.counters["missing_recovered"] += 1
-            self._close(state, it, None if it.header_seen else IncompleteReason.NO_HEADER, out)
+            self._close(state, it, None, out)
+
+    def _grace_reason(self, it: _Iteration) -> IncompleteReason:
+        """Why an iteration still missing messages at the end of its grace period is closed."""
+        if self._missing_data(it) > 0:
+            return IncompleteReason.MISSING_MESSAGES
+        return IncompleteReason.NO_HEADER
 
     def _restart(self, state: _Topic) -> None:
         """The snapshot was restarted: its ``iter_index`` counter began again at 1."""
@@ -918,7 +928,13 @@ class IterationAssembler:
     ) -> _Iteration:
         while len(state.open) >= self.max_open_per_topic:
             self.counters["evicted"] += 1
-            self._close(state, next(iter(state.open.values())), IncompleteReason.NO_TAIL, out)
+            oldest = next(iter(state.open.values()))
+            # one whose tail came is still waiting for announced messages, not for its tail
+            reason = (
+                IncompleteReason.NO_TAIL if oldest.grace_deadline is None
+                else self._grace_reason(oldest)
+            )
+            self._close(state, oldest, reason, out)
         it = _Iteration(idx, partition, offset, now + state.timeout_s)
         if header is not None:
             it.header_seen = True

@@ -382,6 +382,9 @@ def test_lost_header(sequenced: bool) -> None:
     run = Run()
     msgs = iteration("s", 4, [(T0, scalar_pvs(2))], sequenced=sequenced)
     out = run.feed(msgs[1:])
+    if sequenced:  # the tail's total_messages counts the header: it gets the grace period
+        assert kinds(out) == ["O4", "V4:2"]
+        out += run.expire(100.0)
     assert kinds(out) == ["O4", "V4:2", "C4:no_header"]
     opened = out[0]
     assert isinstance(opened, IterationOpened) and opened.header_timestamp_ns is None
@@ -561,6 +564,57 @@ def test_sequenced_tail_before_its_last_data() -> None:
     c = run.closed()[0]
     assert c.complete and c.n_values == 2 and c.missing_messages == 0
     assert run.asm.counters["missing_recovered"] == 1
+
+
+def test_sequenced_header_after_the_tail_of_a_whole_iteration() -> None:
+    """A header retried by the (non-idempotent) producer lands after its data and tail: the
+    tail's total_messages counts the header, so the iteration waits for it as it waits for a
+    missing data message (D2 T H D3 was already complete; D2 D3 T H was closed no_header at
+    the tail and its header dropped as late)."""
+    run = Run()
+    h, d2, d3, t = iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=True)
+    assert kinds(run.feed([d2, d3, t])) == ["O1", "V1:2"]  # the header is announced, not here
+    out = run.feed([h])
+    assert kinds(out) == ["C1:ok"]
+    [c] = run.closed()
+    assert c.complete and c.header_timestamp_ns == T0 * 10**6 and c.missing_messages == 0
+    assert c.snapshot_name == "s" and c.n_values == 2
+    assert run.asm.counters["late.header"] == 0
+    assert run.asm.counters["header_after_data"] == 1
+    # and a header that never comes: closed no_header once the grace period is over
+    run2 = Run(missing_grace_s=0.5)
+    msgs = iteration("s", 2, [(T0, scalar_pvs(2))], sequenced=True)
+    assert kinds(run2.feed(msgs[1:], now=1.0)) == ["O2", "V2:2"]
+    assert run2.expire(1.4) == []
+    assert kinds(run2.expire(1.5)) == ["C2:no_header"]
+    [c2] = run2.closed()
+    assert (c2.missing_messages, c2.expected_messages, c2.n_values) == (1, 4, 2)
+
+
+def test_sequenced_iteration_evicted_in_its_grace_is_not_no_tail() -> None:
+    """A fast snapshot: more iterations open than max_open_per_topic while one waits in its
+    grace period (header or data announced by its tail not here). Evicted, it gets the reason
+    of its grace period: its tail came, so not no_tail."""
+    run = Run(max_open_per_topic=2, missing_grace_s=10.0)
+    its = [
+        iteration("s", i, [(T0 + i * 60, scalar_pvs(1))], sequenced=True) for i in (1, 2, 3)
+    ]
+    run.feed(its[0][1:] + its[1][1:] + its[2])  # the headers of 1 and 2 lost
+    assert [(c.iter_index, c.reason) for c in run.closed()] == [
+        (1, IncompleteReason.NO_HEADER), (3, None)]
+    assert run.asm.counters["evicted"] == 1
+    run.expire(100.0)
+    assert [c.reason for c in run.closed()][-1] is IncompleteReason.NO_HEADER
+    # the same with a data message lost: evicted missing_messages, not no_tail
+    run = Run(max_open_per_topic=2, missing_grace_s=10.0)
+    its = [
+        iteration("s", i, [(T0 + i * 60, scalar_pvs(2))], sequenced=True) for i in (1, 2, 3)
+    ]
+    run.feed([m for m in its[0] + its[1] if m.msg_seq != 3] + its[2])
+    [c1, c3] = run.closed()
+    assert (c1.iter_index, c1.reason, c1.missing_messages) == (
+        1, IncompleteReason.MISSING_MESSAGES, 1)
+    assert c3.iter_index == 3 and c3.complete
 
 
 # ----------------------------------------------------------------------- missing messages
