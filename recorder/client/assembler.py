@@ -776,9 +776,14 @@ class IterationAssembler:
         self._before_start.discard(state.name)
         idx = msg.iter_index
         it = state.open.get(idx)
-        if it is not None and it.header_seen and newest and ts > it.last_ts:
-            # same iter_index, newer than all we saw: the snapshot was restarted meanwhile
-            self._close(state, it, IncompleteReason.NO_TAIL, out)
+        if it is not None and (it.header_seen or it.tail_seen) and newest and ts > it.last_ts:
+            # same iter_index, newer than all we saw (a header is never newer than its own
+            # tail): the snapshot was restarted meanwhile
+            reason = (
+                IncompleteReason.NO_TAIL if it.grace_deadline is None
+                else self._grace_reason(it)
+            )
+            self._close(state, it, reason, out)
             self._restart(state)
             it = None
         if it is not None:

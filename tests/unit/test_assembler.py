@@ -285,6 +285,31 @@ def test_restart_resets_iter_index(sequenced: bool) -> None:
     assert run.asm.counters["restart"] == 1 and run.asm.counters["late.header"] == 0
 
 
+@pytest.mark.parametrize("lost", [(1,), (1, 3)], ids=["header", "header+data"])
+def test_restart_header_is_not_taken_for_a_headerless_iteration_in_its_grace(
+    lost: tuple[int, ...],
+) -> None:
+    """The last iteration of a run lost its header (and a data message): its tail came, it
+    waits in its grace period. The snapshot is restarted at once: the new run's header for
+    the same iter_index, newer than that tail, starts a new run; it was taken for the late
+    header of the old iteration (closed complete with the new run's header, the new run's
+    data dropped as late or as duplicate msg_seq, or merged into it)."""
+    run = Run(missing_grace_s=10.0)
+    old = iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=True)
+    run.feed([m for m in old if m.kind != "H" and m.msg_seq not in lost])
+    assert run.closed() == []
+    new = iteration("s", 1, [(T0 + 5000, scalar_pvs(2, base=10.0))], sequenced=True)
+    run.feed(new)
+    assert [(c.header_timestamp_ns, c.reason, c.n_values) for c in run.closed()] == [
+        (None, IncompleteReason.NO_HEADER if lost == (1,) else IncompleteReason.MISSING_MESSAGES,
+         3 - len(lost)),
+        ((T0 + 5000) * 10**6, None, 2),
+    ]
+    assert [s.data["value"] for v in run.values() if v.timestamp_ns == (T0 + 5000) * 10**6
+            for s in v.samples] == [10.0, 11.0]
+    assert run.asm.counters["restart"] == 1 and run.asm.counters["header_after_data"] == 0
+
+
 @GENERATIONS
 def test_replayed_old_header_is_late_not_a_restart(sequenced: bool) -> None:
     run = Run()
