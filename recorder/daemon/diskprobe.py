@@ -50,7 +50,9 @@ class DiskProbe:
         self._lock = threading.Lock()
         self._runs_by_dir: dict[str, tuple[str, ...]] = {}
         self._latest: tuple[DiskReading, ...] = ()
-        self._busy: tuple[str, float] | None = None
+        self._last: dict[str, DiskReading] = {}  # directory -> its latest reading
+        self._checking: dict[str, float] = {}  # directory -> its check in progress since
+        self._round_wait_s = min(1.0, interval_s)  # a round waits this long for its checks
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,8 +69,14 @@ class DiskProbe:
             return self._latest
 
     def busy(self) -> tuple[str, float] | None:
-        """The directory being checked and since when (monotonic), or None."""
-        return self._busy
+        """The directory checked the longest now and since when (monotonic), or None."""
+        checks = self.busy_all()
+        return min(checks, key=lambda c: c[1]) if checks else None
+
+    def busy_all(self) -> tuple[tuple[str, float], ...]:
+        """Every check in progress: its directory and since when (monotonic)."""
+        with self._lock:
+            return tuple(sorted(self._checking.items()))
 
     def start(self) -> DiskProbe:
         if self._thread is None:
@@ -86,18 +94,47 @@ class DiskProbe:
     # ------------------------------------------------------------------ the checks
     def check(self) -> tuple[DiskReading, ...]:
         """One round over every directory: a reading per filesystem. Also stored as
-        :meth:`latest` (the thread calls this every ``interval_s``)."""
+        :meth:`latest` (the thread calls this every ``interval_s``). Each directory is checked
+        in a thread of its own: one that hangs (a network filesystem that stopped answering)
+        keeps its last reading and is not checked again until it returns, and does not hold
+        up the others."""
         with self._lock:
             runs_by_dir = dict(self._runs_by_dir)
+            for gone in set(self._last) - set(runs_by_dir):
+                del self._last[gone]
+            started = []
+            for directory in sorted(runs_by_dir):
+                if directory in self._checking:  # still hanging since an earlier round
+                    continue
+                self._checking[directory] = self._clock()
+                t = threading.Thread(target=self._check_into, args=(directory,),
+                                     name=f"{self._name}-check", daemon=True)
+                started.append(t)
+        for t in started:
+            t.start()
+        deadline = time.monotonic() + self._round_wait_s
+        for t in started:
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            last = dict(self._last)
         by_device: dict[int, DiskReading] = {}
         for directory in sorted(runs_by_dir):
-            reading = self._check_one(directory, runs_by_dir[directory])
+            reading = last.get(directory)
+            if reading is None:  # its first check has not returned
+                continue
+            runs = runs_by_dir[directory]
             seen = by_device.get(reading.device)
             if seen is not None:  # another directory on a filesystem already read
                 reading = DiskReading(
                     seen.device, seen.mount, (*seen.directories, directory),
-                    tuple(sorted({*seen.runs, *reading.runs})), reading.free_bytes,
+                    tuple(sorted({*seen.runs, *runs})), reading.free_bytes,
                     reading.total_bytes, reading.at, reading.at_wall_ms, reading.error,
+                )
+            elif reading.runs != runs:
+                reading = DiskReading(
+                    reading.device, reading.mount, reading.directories, runs,
+                    reading.free_bytes, reading.total_bytes, reading.at, reading.at_wall_ms,
+                    reading.error,
                 )
             by_device[reading.device] = reading
         readings = tuple(by_device.values())
@@ -105,8 +142,19 @@ class DiskProbe:
             self._latest = readings
         return readings
 
+    def _check_into(self, directory: str) -> None:
+        try:
+            reading = self._check_one(directory, ())
+            with self._lock:
+                if directory in self._runs_by_dir:
+                    self._last[directory] = reading
+        except Exception:  # a bug here must not end the checks
+            _log.exception("disk check failed", directory=directory)
+        finally:
+            with self._lock:
+                self._checking.pop(directory, None)
+
     def _check_one(self, directory: str, runs: tuple[str, ...]) -> DiskReading:
-        self._busy = (directory, self._clock())
         try:
             path = Path(directory)
             while True:
@@ -132,8 +180,6 @@ class DiskProbe:
                 self._clock(), int(self._wall() * 1000),
                 error=f"{type(exc).__name__}: {exc.strerror or exc}",
             )
-        finally:
-            self._busy = None
 
     def _run(self) -> None:
         while not self._stop.is_set():

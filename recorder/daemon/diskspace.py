@@ -220,14 +220,22 @@ class DiskWatch:
         self,
         now: float,
         readings: Sequence[DiskReading],
-        busy: tuple[str, float] | None = None,
+        busy: tuple[str, float] | Sequence[tuple[str, float]] | None = None,
     ) -> list[DiskChange]:
-        """Take the probe's latest readings and the check in progress, if any (its directory
-        and since when, monotonic); returns the warnings set and cleared since the last call."""
-        stuck: str | None = None
-        if busy is not None and now - busy[1] >= self.stuck_after_s:
-            stuck = (f"{STUCK}: checking {busy[0]} has not returned for "
-                     f"{now - busy[1]:.0f} s")
+        """Take the probe's latest readings and the checks in progress, if any (each its
+        directory and since when, monotonic); returns the warnings set and cleared since the
+        last call."""
+        if busy is None:
+            checks: list[tuple[str, float]] = []
+        elif len(busy) == 2 and isinstance(busy[0], str):
+            checks = [busy]  # type: ignore[list-item]
+        else:
+            checks = list(busy)  # type: ignore[arg-type]
+        stuck: dict[str, str] = {
+            directory: f"{STUCK}: checking {directory} has not returned for {now - since:.0f} s"
+            for directory, since in checks
+            if now - since >= self.stuck_after_s
+        }
         statuses: list[DiskStatus] = []
         seen: set[int] = set()
         for r in readings:
@@ -237,16 +245,17 @@ class DiskWatch:
                 fs = self._fs[r.device] = _Filesystem(DiskTrend(self._window_s, self._min_span_s))
             if r.free_bytes is not None:
                 fs.trend.add(r.at, r.free_bytes)
-            hung = stuck if busy is not None and busy[0] in r.directories else None
+            hung = next((stuck[d] for d in r.directories if d in stuck), None)
             status = self._judge(fs, r, hung)
             fs.warning = status.warning
             statuses.append(status)
         for device in set(self._fs) - seen:  # no run writes there any more
             del self._fs[device]
-        if stuck is not None and busy is not None and not any(
-            busy[0] in s.directories for s in statuses
-        ):  # its first check hangs: nothing known but that
-            statuses.append(DiskStatus(path=busy[0], directories=(busy[0],), warning=stuck))
+        for directory, why in stuck.items():
+            if not any(directory in s.directories for s in statuses):
+                # its first check hangs: nothing known but that
+                statuses.append(DiskStatus(path=directory, directories=(directory,),
+                                           warning=why))
         before = {d.path: d.warning for d in self._statuses}
         self._statuses = tuple(sorted(statuses, key=lambda d: d.path))
         return [

@@ -269,3 +269,39 @@ def test_room_to_resume_needs_the_minimum_with_its_margin_and_64_mib() -> None:
     assert not small.has_room("/data/run")
     small.update(1, [reading(RESUME_MIN_FREE, 1)])
     assert small.has_room("/data/run")
+
+
+def test_a_hanging_check_does_not_freeze_the_other_filesystems() -> None:
+    """One hung network filesystem: the local disks are still checked every round (their
+    warnings, the metrics and a full disk's resume depend on fresh readings)."""
+    release = threading.Event()
+    free = {"/data": 10 * GIB}
+
+    def statvfs(path: Path) -> Any:
+        if str(path) == "/nfs":
+            release.wait(10)
+        return SimpleNamespace(f_bavail=free.get(str(path), GIB) // 4096, f_frsize=4096,
+                               f_blocks=TOTAL // 4096)
+
+    def stat(path: Path) -> Any:
+        return SimpleNamespace(st_dev={"/": 1, "/data": 2, "/nfs": 3}[str(path)])
+
+    probe = DiskProbe(0.05, stat=stat, statvfs=statvfs).start()
+    try:
+        probe.set_directories({"/data": ["a"], "/nfs": ["b"]})
+        deadline = time.monotonic() + 5
+        while probe.busy() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        free["/data"] = GIB  # /data fills while /nfs hangs
+        deadline = time.monotonic() + 5
+        while not any(r.mount == "/data" and r.free_bytes == GIB for r in probe.latest()):
+            assert time.monotonic() < deadline, "/data is not checked while /nfs hangs"
+            time.sleep(0.01)
+        watch = DiskWatch(MinFree.parse("5%"), stuck_after_s=0.2)
+        time.sleep(0.3)
+        watch.update(time.monotonic(), probe.latest(), probe.busy())
+        assert sorted(w.split(":")[0] for w in watch.warnings()) == ["/data", "/nfs"]
+    finally:
+        release.set()
+        probe.close()
