@@ -257,12 +257,18 @@ class DiskWatch:
                 statuses.append(DiskStatus(path=directory, directories=(directory,),
                                            warning=why))
         before = {d.path: d.warning for d in self._statuses}
+        # a warning reported under a run's directory (its filesystem was not known: its check
+        # hung or failed) clears under the mount point its directory is now reported at
+        warned_dirs = {x for d in self._statuses if d.warning for x in d.directories}
         self._statuses = tuple(sorted(statuses, key=lambda d: d.path))
-        return [
-            DiskChange("ok" if d.warning is None else "warning", d)
-            for d in self._statuses
-            if (d.warning is None) != (before.get(d.path) is None)
-        ]
+        changes: list[DiskChange] = []
+        for d in self._statuses:
+            if d.warning is not None:
+                if before.get(d.path) is None:
+                    changes.append(DiskChange("warning", d))
+            elif before.get(d.path) is not None or not warned_dirs.isdisjoint(d.directories):
+                changes.append(DiskChange("ok", d))
+        return changes
 
     def _judge(self, fs: _Filesystem, r: DiskReading, hung: str | None) -> DiskStatus:
         free, total = r.free_bytes, r.total_bytes

@@ -305,3 +305,26 @@ def test_a_hanging_check_does_not_freeze_the_other_filesystems() -> None:
     finally:
         release.set()
         probe.close()
+
+
+def test_a_warning_under_a_directory_name_clears_under_its_mount_point() -> None:
+    """A check that hung (or failed) before its filesystem was known is reported under the
+    run's directory; once it answers, the filesystem is reported under its mount point, and
+    the log must say the warning cleared (else "disk needs a look" stands for ever)."""
+    watch = DiskWatch(MinFree.parse("5%"), stuck_after_s=30)
+    assert [c.kind for c in watch.update(45, [], busy=("/data/run", 0))] == ["warning"]
+    changes = watch.update(50, [reading(100 * GIB, 50)])
+    assert [(c.kind, c.status.path) for c in changes] == [("ok", "/data")]
+    watch = DiskWatch(MinFree.parse("5%"), stuck_after_s=30)
+    failed = DiskReading(-5, "/data/run", ("/data/run",), ("r",), None, None, 0, 0,
+                         error="PermissionError: Permission denied")
+    assert [c.kind for c in watch.update(0, [failed])] == ["warning"]
+    assert [c.kind for c in watch.update(10, [reading(100 * GIB, 10)])] == ["ok"]
+    # ... also into a filesystem already reported (another run's directory, no warning)
+    watch = DiskWatch(MinFree.parse("5%"), stuck_after_s=30)
+    other = DiskReading(7, "/data", ("/data/other",), ("o",), 100 * GIB, TOTAL, 0, 0)
+    assert [c.kind for c in watch.update(0, [other, failed])] == ["warning"]
+    merged = DiskReading(7, "/data", ("/data/other", "/data/run"), ("o", "r"), 100 * GIB,
+                         TOTAL, 10, 10_000)
+    assert [(c.kind, c.status.path) for c in watch.update(10, [merged])] == [("ok", "/data")]
+    assert watch.update(20, [merged]) == []
