@@ -477,11 +477,12 @@ class Service:
             runs_by_dir.setdefault(str(definition.output.directory), []).append(name)
         self._disk_probe.set_directories(runs_by_dir)
 
-    def _room_for(self, directory: Path) -> bool:
-        """Whether a recording into ``directory`` may resume after its disk ran out (any
-        thread: reads the watch's latest statuses)."""
+    def _room_for(self, directory: Path, since: float | None = None) -> bool:
+        """Whether a recording into ``directory`` may resume after its disk ran out (at
+        ``since``, monotonic: judged on a later reading) (any thread: reads the watch's
+        latest statuses)."""
         watch = self._disk_watch
-        return True if watch is None else watch.has_room(str(directory))
+        return True if watch is None else watch.has_room(str(directory), since)
 
     def _judge_disks(self, now: float) -> None:
         probe, watch = self._disk_probe, self._disk_watch

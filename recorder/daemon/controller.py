@@ -177,7 +177,7 @@ class RunController:
         value_budget: int | None = None,
         stop_timeout_s: float | None = None,
         silence_after_s: float = 30.0,
-        room_for: Callable[[Path], bool] | None = None,
+        room_for: Callable[[Path, float | None], bool] | None = None,
         on_file: Callable[[RunDefinition, Path], None] | None = None,
         leftover_timeout_s: float = LEFTOVER_TIMEOUT_S,
     ) -> None:
@@ -193,8 +193,9 @@ class RunController:
         self._value_budget = value_budget
         self._stop_timeout_s = stop_timeout_s
         self._silence_after_s = silence_after_s
-        self._room_for = room_for or (lambda _directory: True)
+        self._room_for = room_for or (lambda _directory, _since: True)
         self._awaiting_room = False  # retrying after the disk ran out: only once it has room
+        self._ran_out_at = 0.0  # when (monotonic): room is judged on a later disk check
         self._on_file = on_file  # told of each finalized file (the daemon's file events)
         self._leftover_timeout_s = leftover_timeout_s
         self._announced = 0  # files of the current recording already told
@@ -339,7 +340,8 @@ class RunController:
                     return
                 now = time.monotonic()
                 if state in (RunState.STARTING, RunState.RETRYING) and now >= self._next_attempt:
-                    if self._awaiting_room and not self._room_for(self.definition.output.directory):
+                    if self._awaiting_room and not self._room_for(
+                            self.definition.output.directory, self._ran_out_at):
                         self._next_attempt = now + ROOM_POLL_S
                     else:
                         self._attempt_start()
@@ -473,6 +475,7 @@ class RunController:
         if rec is None or rec.status != "recording":
             if out_of_space(reason):  # no room for a new file: wait for it, as after a failure
                 self._awaiting_room = True
+                self._ran_out_at = time.monotonic()
                 self._stop_snapshot_quietly(at_gateway=False)
                 self._start_failed(f"{reason}; it resumes when its disk has room again")
                 return
@@ -1164,13 +1167,14 @@ class RunController:
         # wait for room and resume by itself, it stops here
         stopping = self.state is RunState.STOPPING
         no_room = not stopping and (
-            out_of_space(reason) or not self._room_for(self.definition.output.directory))
+            out_of_space(reason) or not self._room_for(self.definition.output.directory, None))
         # no room: stop reading, not the gateway snapshot (its data waits in Kafka)
         self._stop_snapshot_quietly(at_gateway=not no_room and not stopping)
         self._close_recording("failed", reason)
         self._sub = None
         if no_room:
             self._awaiting_room = True
+            self._ran_out_at = time.monotonic()
             delay = self._backoff.next_delay()
             self._next_attempt = time.monotonic() + delay
             self._error(f"recording failed: {reason}; it resumes when its disk has room again")

@@ -194,18 +194,23 @@ class DiskWatch:
         self._min_span_s = min_span_s
         self._fs: dict[int, _Filesystem] = {}
         self._statuses: tuple[DiskStatus, ...] = ()
+        self._read_at: dict[str, float] = {}  # directory -> when its last reading was taken
 
     @property
     def statuses(self) -> tuple[DiskStatus, ...]:
         """The latest status of every filesystem, by mount point."""
         return self._statuses
 
-    def has_room(self, directory: str) -> bool:
+    def has_room(self, directory: str, since: float | None = None) -> bool:
         """Whether a recording into ``directory`` could resume: its filesystem is not low
         (hysteresis included), its last check returned, and it has :data:`RESUME_MIN_FREE`
-        free. True when the directory is not watched (nothing says otherwise)."""
+        free. True when the directory is not watched (nothing says otherwise). ``since``
+        (monotonic, when its disk ran out): a reading taken before says nothing about room
+        now, so False until a later one."""
         for d in self._statuses:
             if directory in d.directories:
+                if since is not None and self._read_at.get(directory, -math.inf) < since:
+                    return False
                 if d.free_bytes is None or (d.warning or "").startswith(STUCK):
                     return False
                 floor = (d.min_free_bytes or 0) * CLEAR_MARGIN
@@ -249,6 +254,8 @@ class DiskWatch:
             status = self._judge(fs, r, hung)
             fs.warning = status.warning
             statuses.append(status)
+        self._read_at = {d: r.at for r in readings if r.free_bytes is not None
+                         for d in r.directories}
         for device in set(self._fs) - seen:  # no run writes there any more
             del self._fs[device]
         for directory, why in stuck.items():

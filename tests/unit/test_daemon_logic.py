@@ -264,7 +264,7 @@ def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False,
                 bridge: dict[str, Any] | None = None, bridge_factory: Any = None,
                 metrics: RecorderMetrics | None = None, time_window: int = 1000,
                 silence_after_s: float | None = None,
-                room_for: Callable[[Path], bool] | None = None,
+                room_for: Callable[[Path, float | None], bool] | None = None,
                 on_file: Callable[[RunDefinition, Path], None] | None = None,
                 ) -> tuple[RunController, list[FakeRecording]]:
     made: list[FakeRecording] = []
@@ -673,9 +673,11 @@ def test_a_recording_whose_disk_ran_out_resumes_once_there_is_room(tmp_path: Pat
     client = FakeClient()
     room = [True]
     asked: list[Path] = []
+    sinces: list[float | None] = []
 
-    def room_for(directory: Path) -> bool:
+    def room_for(directory: Path, since: float | None) -> bool:
         asked.append(directory)
+        sinces.append(since)
         return room[0]
 
     c, made = _controller(tmp_path, client, room_for=room_for)
@@ -686,6 +688,7 @@ def test_a_recording_whose_disk_ran_out_resumes_once_there_is_room(tmp_path: Pat
         sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=41))
         _wait(lambda: made[0].last_durable_offset == {(sub.topic, 0): 41})
         room[0] = False  # the disk filled up
+        ran_out = time.monotonic()
         made[0].status = "failed"
         made[0].reason = "OSError: [Errno 28] No space left on device"
         _wait(lambda: c.state is RunState.RETRYING)
@@ -701,6 +704,8 @@ def test_a_recording_whose_disk_ran_out_resumes_once_there_is_room(tmp_path: Pat
         assert "waits for room on its disk" in c.start().result(1)
         assert c.state is RunState.RETRYING and len(made) == 1
         assert asked and asked[-1] == c.definition.output.directory
+        # judged on a disk check taken after the disk ran out, not an older one
+        assert sinces[-1] is not None and sinces[-1] >= ran_out
         room[0] = True  # an operator freed space
         _wait(lambda: c.state is RunState.RECORDING, timeout=5)
         assert len(made) == 2 and c.status().current_file == str(made[1].current_path)
@@ -764,7 +769,7 @@ def test_a_failure_while_the_disk_has_no_room_waits_for_room_too(tmp_path: Path)
     """The writer may die without saying why (HDF5 after ENOSPC): no room is reason enough."""
     client = FakeClient()
     room = [True]
-    c, made = _controller(tmp_path, client, room_for=lambda _d: room[0])
+    c, made = _controller(tmp_path, client, room_for=lambda _d, _since: room[0])
     try:
         c.start().result(5)
         room[0] = False

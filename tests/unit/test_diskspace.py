@@ -328,3 +328,18 @@ def test_a_warning_under_a_directory_name_clears_under_its_mount_point() -> None
                          TOTAL, 10, 10_000)
     assert [(c.kind, c.status.path) for c in watch.update(10, [merged])] == [("ok", "/data")]
     assert watch.update(20, [merged]) == []
+
+
+def test_room_to_resume_is_judged_on_a_reading_taken_after_the_disk_ran_out() -> None:
+    """The probe reads every 10 s: a reading from before a run's disk ran out (another run
+    just filled it, or a resumed backlog did) says nothing about room now; a run resumed on
+    it fails again at once, over and over until the next reading (backoff reset each time)."""
+    watch = DiskWatch(MinFree.parse("0"), full_warning_s=0)
+    watch.update(100, [reading(GIB, 100)])
+    assert watch.has_room("/data/run")
+    assert not watch.has_room("/data/run", since=104)  # ran out at 104: not known yet
+    watch.update(110, [reading(0, 110)])
+    assert not watch.has_room("/data/run", since=104)
+    watch.update(120, [reading(GIB, 120)])
+    assert watch.has_room("/data/run", since=104)
+    assert watch.has_room("/elsewhere", since=104)  # not watched: nothing says otherwise
