@@ -35,6 +35,13 @@ def _pick(values: npt.NDArray[Any], first: npt.NDArray[np.int64],
     if not len(values):  # never a value: all masked
         data = np.full(len(count), np.nan)
         return np.ma.MaskedArray(data, mask=np.ones(len(count), dtype=bool))
+    if values.ndim > 1 and 0 in values.shape[1:]:
+        # rows of no element (empty waveforms) cannot carry a mask: one object per row, so
+        # that an empty array is a value and only iterations without one are masked
+        rows_of = np.empty(len(values), dtype=object)
+        for i in range(len(values)):
+            rows_of[i] = values[i]
+        values = rows_of
     rows = np.asarray(first) + (np.asarray(count) - 1 if pick == "last" else 0)
     rows = np.where(missing, 0, rows)
     data = values[rows].copy()

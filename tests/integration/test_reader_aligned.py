@@ -275,3 +275,38 @@ def test_boolean_and_enum_columns_with_gaps(tmp_path: Path) -> None:
     assert table["NOV"].dtype == object and table["NOV"].tolist() == [True, None, True, None]
     assert table["E"].dtype == np.float64
     assert [None if math.isnan(x) else int(x) for x in table["E"].tolist()] == [0, None, 2, 3]
+
+
+def test_empty_waveforms_are_values_not_gaps(tmp_path: Path) -> None:
+    """A waveform of length 0 is a value: by_iteration/table give it (an empty array) in its
+    iteration, and mask only the iterations without a value, also across segments (one
+    segment where every waveform of the PV is empty, another where they are not)."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path,
+                                      segment=SegmentOptions(max_iterations=3)),
+                        run_name="empty")
+    sent: dict[int, list[float]] = {0: [], 2: [], 3: [1.0, 2.0], 5: []}
+    for i in range(6):
+        write_iteration(rec, i, [PVSample("A", {"value": float(i), "timeStamp": _ts(i)})] + (
+            [PVSample("W", {"value": sent[i], "timeStamp": _ts(i)})] if i in sent else []))
+    paths = rec.close()
+    assert len(paths) == 2
+
+    def expect(col: Any, its: list[int]) -> None:
+        assert len(col) == len(its)
+        for i, v in zip(its, col, strict=True):
+            if i in sent:
+                assert v is not None and v is not np.ma.masked, i
+                assert np.asarray(v).tolist() == sent[i], i
+            else:
+                assert v is None or v is np.ma.masked, i
+
+    with open_file(paths[0]) as f:  # only empty waveforms in this segment
+        m = f.by_iteration("W")
+        assert np.ma.getmaskarray(m).reshape(len(m), -1).all(axis=1).tolist() == [
+            False, True, False]
+        expect(f.table(["W"])["W"], [0, 1, 2])
+    with open_recording(paths[0]) as r:
+        m = r.by_iteration("W")
+        assert np.ma.getmaskarray(m).reshape(len(m), -1).all(axis=1).tolist() == [
+            i not in sent for i in range(6)]
+        expect(r.table(["W"])["W"], list(range(6)))
