@@ -497,6 +497,19 @@ class RecordingBuffer:
             rows.append(it.row or 0)
         return rows
 
+    def end_segment(self) -> None:
+        """Rows, in this segment, for the open iteration whose values it already holds (the
+        oldest, active one): incomplete ``recording_stopped`` with its header timestamp; it
+        goes on in the next segment (:meth:`carry_over`). Without this row, finalization
+        would add one as for a writer that died (``writer_crashed``, no header)."""
+        for it in self.open.values():
+            if it.row is not None and it.n_written:
+                self._iter_rows.append((
+                    it.iter_index, it.header_timestamp_ns or 0, 0, _INCOMPLETE,
+                    ITERATION_REASONS["recording_stopped"], 0, -1, 0, 0, 0, 0,
+                    it.n_written, -1, -1, 0, -1, -1,
+                ))  # fmt: skip
+
     def _iteration_row(self, it: _Open, ev: IterationClosed | None, reason: str | None) -> None:
         self.iterations_closed += 1
         if self.tags_pending:

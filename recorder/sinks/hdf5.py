@@ -243,6 +243,7 @@ class HDF5Recording:
         return False
 
     def _rotate(self, reason: str) -> None:
+        self._buffer.end_segment()
         self.flush()
         if self.status != "recording":
             return

@@ -384,3 +384,39 @@ def test_format_4_files_read_the_same(tmp_path: Path) -> None:
         assert old_f.summary() == new_f.summary()
     report = verify_file(old, data=True)
     assert report.ok, [str(p) for p in report.errors]
+
+
+def test_an_iteration_open_at_a_rotation_is_not_reported_as_a_writer_crash(
+        tmp_path: Path) -> None:
+    """Iteration 3 is open, with values already in segment 0, when 4 opens and rotates: its
+    row in segment 0 keeps the header it had (0 would be "not received") and says the
+    segment stopped before it closed, not ``writer_crashed`` (the writer did not die)."""
+    rec = HDF5Recording(
+        OutputOptions(directory=tmp_path, segment=SegmentOptions(max_iterations=2)),
+        run_name="rot")
+    write_iteration(rec, 1, [PVSample("A", {"value": 1.0, "timeStamp": _ts(1)})])
+    rec.handle(IterationOpened("t", "s", 2, 2))
+    rec.handle(ValuesReceived("t", 2, 1, 1, (PVSample("A", {"value": 2.0}),)))
+    rec.handle(IterationOpened("t", "s", 3, 3_000))  # while 2 is open: no rotation yet
+    rec.handle(ValuesReceived("t", 3, 1, 1, (PVSample("A", {"value": 3.0}),)))
+    rec.handle(IterationClosed("t", "s", 2, IterationStatus.COMPLETE, None, 2, 2))
+    rec.handle(IterationOpened("t", "s", 4, 4_000))  # rotation: 3 is still open
+    rec.handle(ValuesReceived("t", 3, 2, 1, (PVSample("A", {"value": 3.5}),)))
+    rec.handle(IterationClosed("t", "s", 3, IterationStatus.COMPLETE, None, 3_000, 3_001))
+    rec.handle(IterationClosed("t", "s", 4, IterationStatus.COMPLETE, None, 4_000, 4_001))
+    paths = rec.close()
+    assert len(paths) == 2
+    with open_file(paths[0]) as f:
+        its = f.iterations()
+        assert its["iter_index"].tolist() == [1, 2, 3]
+        assert its["header_timestamp"].tolist() == [1, 2, 3_000]
+        assert its["status"].tolist()[2] == "incomplete"
+        assert its["reason"].tolist()[2] != "writer_crashed"
+        assert its["n_written"].tolist() == [1, 1, 1]
+        assert f.values("A").tolist() == [1.0, 2.0, 3.0]
+    with open_file(paths[1]) as f:
+        its = f.iterations()
+        assert its["iter_index"].tolist() == [3, 4]
+        assert its["status"].tolist() == ["complete", "complete"]
+        assert its["n_written"].tolist() == [1, 0]
+        assert f.values("A").tolist() == [3.5]
