@@ -75,7 +75,13 @@ def values_of(samples: list[PVSample]) -> npt.NDArray[Any]:
     if kind in (ValueKind.SCALAR, ValueKind.BOOL) and all(
         isinstance(v, np.generic) for v in vals
     ):
-        return np.array(vals)
+        out_scalars = np.array(vals)
+        # int64 and uint64 (an unsigned PV crossing 2**63), or integers beside floats, meet
+        # in float64: kept when it holds every integer exactly (|v| <= 2**53), else each
+        # value as it was decoded
+        if out_scalars.dtype.kind != "f" or all(
+                v.dtype.kind not in "iu" or -(2**53) <= int(v) <= 2**53 for v in vals):
+            return out_scalars
     if kind is ValueKind.NDARRAY:
         vals = [v.image() if v is not None and hasattr(v, "image") else v for v in vals]
     if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):

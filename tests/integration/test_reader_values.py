@@ -203,3 +203,16 @@ def test_writer_active_tells_a_live_file_from_a_crashed_one(tmp_path: Path) -> N
             loops += 1  # must not run: the writer is gone
             f.refresh()
         assert loops == 0
+
+
+def test_an_unsigned_pv_crossing_int64s_range_keeps_every_value_exact(tmp_path: Path) -> None:
+    """Integers are int64, uint64 only above int64's range: a ulong PV going from 5 to
+    2**64 - 1 changes type (the later rows in the metadata). values() gives each integer
+    exactly, not a float64 rounding of them (2**64 - 1 is not a float64)."""
+    sent = [5, 2**64 - 1, 2**63, 7]
+    path, _ = _one_pv(tmp_path, len(sent), lambda i: {"value": sent[i]})
+    with open_file(path) as f:
+        got = f.values("P")
+        assert [int(v) for v in got] == sent
+        assert [int(v) for v in f.by_iteration("P")] == sent
+        assert [int(v) for v in f.table(["P"])["P"]] == sent
