@@ -67,6 +67,12 @@ def _concat_masked(parts: list[np.ma.MaskedArray | int]) -> np.ma.MaskedArray:
         present = [_object_rows(p) for p in present]
         shapes = {()}
     dtype = np.result_type(*[p.dtype for p in present])
+    if dtype.kind == "f" and not all(
+            p.dtype.kind not in "iu" or _exact_in_float64(p.compressed()) for p in present):
+        # int64 and uint64 segments (an unsigned PV crossing 2**63) meet in float64, which
+        # would round them: objects, as values() gives them
+        present = [np.ma.MaskedArray(p, dtype=object) for p in present]
+        dtype = np.dtype(object)
     shape = shapes.pop()
     filled: list[np.ma.MaskedArray] = []
     it = iter(present)

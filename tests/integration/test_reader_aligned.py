@@ -310,3 +310,21 @@ def test_empty_waveforms_are_values_not_gaps(tmp_path: Path) -> None:
         assert np.ma.getmaskarray(m).reshape(len(m), -1).all(axis=1).tolist() == [
             i not in sent for i in range(6)]
         expect(r.table(["W"])["W"], list(range(6)))
+
+
+def test_an_unsigned_pv_crossing_int64s_range_between_segments_stays_exact(
+        tmp_path: Path) -> None:
+    """int64 in one segment, uint64 (above int64's range) in the next: by_iteration and
+    table over the recording give every integer exactly, as values() does."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path,
+                                      segment=SegmentOptions(max_iterations=2)),
+                        run_name="u64")
+    sent = [5, 6, 2**64 - 1, 2**63]
+    for i, v in enumerate(sent):
+        write_iteration(rec, i, [PVSample("P", {"value": v, "timeStamp": _ts(i)})])
+    paths = rec.close()
+    assert len(paths) == 2
+    with open_recording(paths[0]) as r:
+        assert [int(v) for v in r.values("P")] == sent
+        assert [int(v) for v in r.by_iteration("P")] == sent
+        assert [int(v) for v in r.table(["P"])["P"]] == sent
