@@ -9,7 +9,10 @@ first message below the offset means the topic no longer reaches it (deleted and
 again); reading from its start then loses nothing.
 
 Only the first message per partition after a start or a seek is compared: later offsets may
-skip legitimately (transaction markers, compaction) and are not watched.
+skip legitimately (transaction markers, compaction) and are not watched. A partition that
+delivers nothing for :data:`WATCH_S` after its start is watched no more: its topic had nothing
+after the offset then (a quiet topic, e.g. a triggered run's), and while any partition is
+watched every batch read is scanned.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["FirstReads", "OffsetGap"]
+__all__ = ["WATCH_S", "FirstReads", "OffsetGap"]
+
+WATCH_S = 120.0
+"""How long a partition's first message is waited for (monotonic seconds)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,22 +46,37 @@ class FirstReads:
 
     def __init__(self) -> None:
         self._expected: dict[tuple[str, int], int] = {}
+        self._until: dict[tuple[str, int], float] = {}  # watched until (monotonic)
+        self.topics: frozenset[str] = frozenset()  # the topics with a watched partition
 
     def __bool__(self) -> bool:
         return bool(self._expected)
 
-    def expect(self, topic: str, partition: int, offset: int) -> None:
-        """``topic[partition]`` was started (or sought) at ``offset``; negative (logical
-        offsets: end, beginning) are not checked."""
+    def expect(self, topic: str, partition: int, offset: int, now: float = 0.0) -> None:
+        """``topic[partition]`` was started (or sought) at ``offset`` at ``now``; negative
+        (logical offsets: end, beginning) are not checked."""
+        key = (topic, partition)
         if offset >= 0:
-            self._expected[(topic, partition)] = offset
+            self._expected[key] = offset
+            self._until[key] = now + WATCH_S
         else:
-            self._expected.pop((topic, partition), None)
+            self._expected.pop(key, None)
+            self._until.pop(key, None)
+        self._changed()
 
     def forget(self, topic: str) -> None:
         """``topic`` is no longer read (or is started again)."""
         for key in [k for k in self._expected if k[0] == topic]:
             del self._expected[key]
+            self._until.pop(key, None)
+        self._changed()
+
+    def expire(self, now: float) -> None:
+        """Stop watching the partitions that delivered nothing for :data:`WATCH_S`."""
+        for key in [k for k, until in self._until.items() if now >= until]:
+            del self._expected[key]
+            del self._until[key]
+        self._changed()
 
     def check(self, reads: Iterable[tuple[str, int, int]]) -> list[OffsetGap]:
         """Compare the first of ``reads`` ((topic, partition, offset), in the order read) for
@@ -64,9 +85,17 @@ class FirstReads:
         gaps: list[OffsetGap] = []
         expected = self._expected
         for topic, partition, offset in reads:
-            want = expected.pop((topic, partition), None)
-            if want is not None and offset != want:
+            key = (topic, partition)
+            want = expected.pop(key, None)
+            if want is None:
+                continue
+            self._until.pop(key, None)
+            if offset != want:
                 gaps.append(OffsetGap(topic, partition, want, offset))
             if not expected:
                 break
+        self._changed()
         return gaps
+
+    def _changed(self) -> None:
+        self.topics = frozenset(topic for topic, _ in self._expected)

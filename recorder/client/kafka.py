@@ -746,8 +746,12 @@ class KafkaAdapter:
         the admin link's saved position, a seek) must be at that offset
         (:mod:`recorder.client.firstread`): a mismatch is logged, counted and told to
         ``on_offset_gap``."""
-        reads = ((m.topic(), m.partition(), m.offset()) for m in messages if m.error() is None)
-        for gap in self._first_reads.check(reads):  # type: ignore[arg-type]
+        first_reads = self._first_reads
+        first_reads.expire(time.monotonic())
+        watched = first_reads.topics
+        reads = ((topic, m.partition(), m.offset()) for m in messages
+                 if (topic := m.topic()) in watched and m.error() is None)
+        for gap in first_reads.check(reads):  # type: ignore[arg-type]
             if gap.missing:
                 self._count("offsets_missing", gap.missing)
                 self._log.warning(
@@ -897,8 +901,9 @@ class KafkaAdapter:
         state = _TopicState(partitions=partitions, positions=dict(offsets))
         self._first_reads.forget(topic)
         if start.kind == "offsets":
+            now = time.monotonic()
             for p, off in offsets.items():
-                self._first_reads.expect(topic, p, off)
+                self._first_reads.expect(topic, p, off, now)
         with self._topics_lock:
             self._topics[topic] = state
         self._log.debug("topic assigned", topic=topic, offsets=offsets, start=start.kind)
@@ -983,7 +988,8 @@ class KafkaAdapter:
         consumer.seek(TopicPartition(request.topic, request.partition, request.offset))
         with self._topics_lock:
             state.positions[request.partition] = request.offset
-        self._first_reads.expect(request.topic, request.partition, request.offset)
+        self._first_reads.expect(request.topic, request.partition, request.offset,
+                                 time.monotonic())
 
     def _do_watermarks(self, consumer: Consumer, request: _Request) -> dict[int, tuple[int, int]]:
         remaining = max(0.05, request.deadline - time.monotonic())

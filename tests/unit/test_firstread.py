@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recorder.client.firstread import FirstReads, OffsetGap
+from recorder.client.firstread import WATCH_S, FirstReads, OffsetGap
 
 
 def test_a_resume_at_the_offset_read_first_has_no_gap() -> None:
@@ -50,3 +50,18 @@ def test_logical_offsets_are_not_checked_and_a_removed_topic_is_forgotten() -> N
     reads.expect("u", 0, 7)
     reads.forget("t")
     assert reads.check([("t", 0, 99), ("u", 0, 7)]) == [] and not reads
+
+
+def test_a_partition_that_delivers_nothing_for_a_while_is_watched_no_more() -> None:
+    """A quiet topic (a triggered run's, started at its end) would otherwise have every batch
+    of every other topic scanned for as long as it stays quiet."""
+    reads = FirstReads()
+    reads.expect("quiet", 0, 50, now=0.0)
+    reads.expect("busy", 0, 7, now=10.0)
+    assert reads.topics == {"quiet", "busy"}
+    reads.expire(WATCH_S - 1)
+    assert reads.topics == {"quiet", "busy"}
+    reads.expire(WATCH_S)
+    assert reads.topics == {"busy"}  # only the scanned topics are looked at
+    assert reads.check([("quiet", 0, 99), ("busy", 0, 9)]) == [OffsetGap("busy", 0, 7, 9)]
+    assert not reads and reads.topics == frozenset()
