@@ -1611,40 +1611,52 @@ def test_a_reload_while_the_daemon_shuts_down_is_refused(tmp_path: Path) -> None
             c.join(5)
 
 
+class _AdminRun(FakeHandle):
+    """A recording run "r" as the service's admin handling sees it (triggers counted)."""
+
+    name = "r"
+    alive = True
+    triggered = 0
+
+    def shutdown(self, reason: str = "") -> None:
+        self.alive = False
+
+    def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]:
+        self.triggered += 1
+        return super().trigger(tags)
+
+    def status(self) -> Any:
+        from recorder.admin.status import RunStatus
+
+        return RunStatus("r", RunState.RECORDING, "snap", "t", "periodic normal", False)
+
+
+class _QueuedLink:
+    """The admin link's ``take``: the records queued by the test."""
+
+    def __init__(self) -> None:
+        self.queued: list[Record] = []
+
+    def take(self, limit: int = 100) -> list[Record]:
+        out, self.queued = self.queued, []
+        return out
+
+
 def test_the_saved_admin_offset_stays_at_a_command_not_answered_yet(tmp_path: Path) -> None:
     """The admin offset was saved past a stop as soon as it was handed to its run, before it
     was answered (its files are finalized first): a daemon that crashed meanwhile never
     answered it, and the next one, resuming past it, neither stopped the (resumed) run nor
     answered. The position now stays at the first command not answered, so it is read
     again after a crash (at-least-once); a shutdown that answers it moves past it."""
-    from recorder.admin.status import RunStatus
     from recorder.config.daemon import DaemonSettings
     from recorder.service import Service
     from recorder.settings import KafkaSettings
 
-    class Run(FakeHandle):
-        name = "r"
-        alive = True
-
-        def shutdown(self, reason: str = "") -> None:
-            self.alive = False
-
-        def status(self) -> RunStatus:
-            return RunStatus("r", RunState.RECORDING, "snap", "t", "periodic normal", False)
-
-    class Link:
-        def __init__(self) -> None:
-            self.queued: list[Record] = []
-
-        def take(self, limit: int = 100) -> list[Record]:
-            out, self.queued = self.queued, []
-            return out
-
     service = Service(DaemonSettings(config_path=tmp_path / "none.yaml"), KafkaSettings(),
                       state_dir=tmp_path / "state", gc_tuning=False)
-    run = Run()
+    run = _AdminRun()
     service._controllers["r"] = run  # type: ignore[assignment]
-    link = Link()
+    link = _QueuedLink()
     service._link = link  # type: ignore[assignment]
     service._cursor = AdminCursor(tmp_path / "state", "admin")
     service._admin, sent = _handler()
@@ -1675,40 +1687,19 @@ def test_commands_read_again_after_a_crash_are_not_carried_out_twice(tmp_path: P
     files; a trigger after it had been answered: read again, it is answered ``duplicate`` and
     not fired twice (the answered request_ids are saved with the position), while the stop
     is carried out and answered."""
-    from recorder.admin.status import RunStatus
     from recorder.config.daemon import DaemonSettings
     from recorder.service import Service
     from recorder.settings import KafkaSettings
 
-    class Run(FakeHandle):
-        name = "r"
-        alive = True
-        triggered = 0
-
-        def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]:
-            self.triggered += 1
-            return super().trigger(tags)
-
-        def status(self) -> RunStatus:
-            return RunStatus("r", RunState.RECORDING, "snap", "t", "periodic normal", False)
-
-    class Link:
-        def __init__(self) -> None:
-            self.queued: list[Record] = []
-
-        def take(self, limit: int = 100) -> list[Record]:
-            out, self.queued = self.queued, []
-            return out
-
     records = [Record("admin", 0, 0, _cmd("stop", "r"), None, NOW),
                Record("admin", 0, 1, _cmd("trigger", "r"), None, NOW)]
 
-    def daemon() -> tuple[Any, Run, Link, list[Any]]:
+    def daemon() -> tuple[Any, _AdminRun, _QueuedLink, list[Any]]:
         service = Service(DaemonSettings(config_path=tmp_path / "none.yaml"), KafkaSettings(),
                           state_dir=tmp_path / "state", gc_tuning=False)
-        run = Run()
+        run = _AdminRun()
         service._controllers["r"] = run  # type: ignore[assignment]
-        link = Link()
+        link = _QueuedLink()
         service._link = link  # type: ignore[assignment]
         cursor = AdminCursor(tmp_path / "state", "admin")
         start = cursor.load()
