@@ -504,11 +504,7 @@ class RecordingBuffer:
         would add one as for a writer that died (``writer_crashed``, no header)."""
         for it in self.open.values():
             if it.row is not None and it.n_written:
-                self._iter_rows.append((
-                    it.iter_index, it.header_timestamp_ns or 0, 0, _INCOMPLETE,
-                    ITERATION_REASONS["recording_stopped"], 0, -1, 0, 0, 0, 0,
-                    it.n_written, -1, -1, 0, -1, -1,
-                ))  # fmt: skip
+                self._iter_rows.append(self._unclosed_row(it, "recording_stopped"))
 
     def _iteration_row(self, it: _Open, ev: IterationClosed | None, reason: str | None) -> None:
         self.iterations_closed += 1
@@ -541,11 +537,17 @@ class RecordingBuffer:
                 ev.offset,
             ))
         else:
-            self._iter_rows.append((
-                it.iter_index, it.header_timestamp_ns or 0, 0, _INCOMPLETE,
-                ITERATION_REASONS[reason or "recording_stopped"], 0, -1, 0, 0, 0, 0,
-                it.n_written, -1, -1, 0, -1, -1,
-            ))  # fmt: skip
+            self._iter_rows.append(self._unclosed_row(it, reason or "recording_stopped"))
+
+    @staticmethod
+    def _unclosed_row(it: _Open, reason: str) -> tuple[int, ...]:
+        """The /iterations row of an iteration ended without its close event: incomplete for
+        ``reason``, its header time and the values it wrote, nothing else known."""
+        return (
+            it.iter_index, it.header_timestamp_ns or 0, 0, _INCOMPLETE,
+            ITERATION_REASONS[reason], 0, -1, 0, 0, 0, 0,
+            it.n_written, -1, -1, 0, -1, -1,
+        )  # fmt: skip
 
     # --- column buffers -----------------------------------------------------------------------
     def _add_bytes(self, raw: bytes) -> int:
