@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recorder.client.values import ValueKind
+from recorder.reader_values import exact_in_float64
 
 SCALAR_KINDS = (ValueKind.SCALAR.value, ValueKind.BOOL.value, ValueKind.ENUM.value)
 """The kinds of PV (``summary()["kind"]``) ``table()`` takes by default."""
@@ -68,7 +69,7 @@ def _concat_masked(parts: list[np.ma.MaskedArray | int]) -> np.ma.MaskedArray:
         shapes = {()}
     dtype = np.result_type(*[p.dtype for p in present])
     if dtype.kind == "f" and not all(
-            p.dtype.kind not in "iu" or _exact_in_float64(p.compressed()) for p in present):
+            p.dtype.kind not in "iu" or exact_in_float64(p.compressed()) for p in present):
         # int64 and uint64 segments (an unsigned PV crossing 2**63) meet in float64, which
         # would round them: objects, as values() gives them
         present = [np.ma.MaskedArray(p, dtype=object) for p in present]
@@ -125,7 +126,7 @@ def aligned_table(iterations: dict[str, npt.NDArray[Any]],
             out[pv] = _object_rows(m).data
         elif not missing.any():
             out[pv] = np.asarray(m.data)
-        elif m.dtype.kind in "iu" and not _exact_in_float64(m.data[~missing]):
+        elif m.dtype.kind in "iu" and not exact_in_float64(m.data[~missing]):
             # integers beyond 2**53 would not survive float64: Python ints, None for gaps
             col = np.empty(len(m), dtype=object)
             col[~missing] = [int(v) for v in m.data[~missing]]
@@ -141,12 +142,3 @@ def aligned_table(iterations: dict[str, npt.NDArray[Any]],
             col[missing] = None
             out[pv] = col
     return out
-
-
-def _exact_in_float64(values: npt.NDArray[Any]) -> bool:
-    """Whether every integer in ``values`` is exactly a float64 (|v| <= 2**53)."""
-    if not len(values):
-        return True
-    if values.dtype.kind == "u":
-        return bool(values.max() <= 2**53)
-    return bool(values.max() <= 2**53 and values.min() >= -(2**53))

@@ -77,10 +77,12 @@ def values_of(samples: list[PVSample]) -> npt.NDArray[Any]:
     ):
         out_scalars = np.array(vals)
         # int64 and uint64 (an unsigned PV crossing 2**63), or integers beside floats, meet
-        # in float64: kept when it holds every integer exactly (|v| <= 2**53), else each
-        # value as it was decoded
+        # in float64: kept when it holds every integer exactly, else each value as it was
+        # decoded (each integer kind checked in its own dtype: together they would be
+        # float64 already)
         if out_scalars.dtype.kind != "f" or all(
-                v.dtype.kind not in "iu" or -(2**53) <= int(v) <= 2**53 for v in vals):
+                exact_in_float64(np.array([v for v in vals if v.dtype.kind == kind], dtype))
+                for kind, dtype in (("i", np.int64), ("u", np.uint64))):
             return out_scalars
     if kind is ValueKind.NDARRAY:
         vals = [v.image() if v is not None and hasattr(v, "image") else v for v in vals]
@@ -97,3 +99,12 @@ def _object_array(items: list[Any]) -> npt.NDArray[Any]:
     out = np.empty(len(items), dtype=object)
     out[:] = items
     return out
+
+
+def exact_in_float64(values: npt.NDArray[Any]) -> bool:
+    """Whether every integer in ``values`` is exactly a float64 (|v| <= 2**53)."""
+    if not len(values):
+        return True
+    if values.dtype.kind == "u":
+        return bool(values.max() <= 2**53)
+    return bool(values.max() <= 2**53 and values.min() >= -(2**53))
