@@ -45,37 +45,32 @@ class FirstReads:
     """The partitions started at an explicit offset whose first message is still to come."""
 
     def __init__(self) -> None:
-        self._expected: dict[tuple[str, int], int] = {}
-        self._until: dict[tuple[str, int], float] = {}  # watched until (monotonic)
+        # (topic, partition) -> (expected offset, watched until: monotonic)
+        self._watched: dict[tuple[str, int], tuple[int, float]] = {}
         self.topics: frozenset[str] = frozenset()  # the topics with a watched partition
 
     def __bool__(self) -> bool:
-        return bool(self._expected)
+        return bool(self._watched)
 
     def expect(self, topic: str, partition: int, offset: int, now: float = 0.0) -> None:
         """``topic[partition]`` was started (or sought) at ``offset`` at ``now``; negative
         (logical offsets: end, beginning) are not checked."""
-        key = (topic, partition)
         if offset >= 0:
-            self._expected[key] = offset
-            self._until[key] = now + WATCH_S
+            self._watched[(topic, partition)] = (offset, now + WATCH_S)
         else:
-            self._expected.pop(key, None)
-            self._until.pop(key, None)
+            self._watched.pop((topic, partition), None)
         self._changed()
 
     def forget(self, topic: str) -> None:
         """``topic`` is no longer read (or is started again)."""
-        for key in [k for k in self._expected if k[0] == topic]:
-            del self._expected[key]
-            self._until.pop(key, None)
+        for key in [k for k in self._watched if k[0] == topic]:
+            del self._watched[key]
         self._changed()
 
     def expire(self, now: float) -> None:
         """Stop watching the partitions that delivered nothing for :data:`WATCH_S`."""
-        for key in [k for k, until in self._until.items() if now >= until]:
-            del self._expected[key]
-            del self._until[key]
+        for key in [k for k, (_, until) in self._watched.items() if now >= until]:
+            del self._watched[key]
         self._changed()
 
     def check(self, reads: Iterable[tuple[str, int, int]]) -> list[OffsetGap]:
@@ -83,19 +78,17 @@ class FirstReads:
         each watched partition with its expected offset; those partitions are watched no more.
         Returns the mismatches."""
         gaps: list[OffsetGap] = []
-        expected = self._expected
+        watched = self._watched
         for topic, partition, offset in reads:
-            key = (topic, partition)
-            want = expected.pop(key, None)
-            if want is None:
+            entry = watched.pop((topic, partition), None)
+            if entry is None:
                 continue
-            self._until.pop(key, None)
-            if offset != want:
-                gaps.append(OffsetGap(topic, partition, want, offset))
-            if not expected:
+            if offset != entry[0]:
+                gaps.append(OffsetGap(topic, partition, entry[0], offset))
+            if not watched:
                 break
         self._changed()
         return gaps
 
     def _changed(self) -> None:
-        self.topics = frozenset(topic for topic, _ in self._expected)
+        self.topics = frozenset(topic for topic, _ in self._watched)
