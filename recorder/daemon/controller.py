@@ -545,16 +545,12 @@ class RunController:
             # down: it may hold more than the state file says, as a file recovered here does
             self._log.info("the leftover file was finalized before this start",
                            path=str(finalized_before))
-            with self._lock:
-                self._stats.files.append(str(finalized_before))
             # its event may never have gone out (a rotation the crashed daemon had not yet
             # told of; `recover` publishes none): told now, at the risk of a repeat
-            self._file_finalized(finalized_before)
+            self._adopt_file(finalized_before)
             leftover = finalized_before
         elif leftover is not None:
-            with self._lock:
-                self._stats.files.append(str(leftover))
-            self._file_finalized(leftover)
+            self._adopt_file(leftover)
         if leftover is None:
             if partial.exists():
                 return active  # left as .partial (logged); resume from the state file
@@ -603,21 +599,24 @@ class RunController:
                                               timeout_s=self._leftover_timeout_s)
                 if recovered is None:  # left as .partial (logged)
                     return offsets, segments
-                with self._lock:
-                    self._stats.files.append(str(recovered))
-                self._file_finalized(recovered)
+                self._adopt_file(recovered)
             elif final.exists():  # rotated out again before the crash (several rotations
                 # between two saves of the state file: short segments)
                 self._log.info("a later segment of the recording was finalized before the "
                                "restart", path=str(final))
                 segments += 1
-                with self._lock:
-                    self._stats.files.append(str(final))
-                self._file_finalized(final)  # its event may not have gone out (see above)
+                self._adopt_file(final)  # its event may not have gone out (see above)
                 recovered = final
             else:
                 return offsets, segments
             offsets = self._offsets_after(recovered, active.topic, offsets)
+
+    def _adopt_file(self, path: Path) -> None:
+        """A finalized file of the recording being resumed, which an earlier process left:
+        listed among this run's files and told (its file event)."""
+        with self._lock:
+            self._stats.files.append(str(path))
+        self._file_finalized(path)
 
     def _start_failed(self, message: str) -> None:
         delay = self._backoff.next_delay()
