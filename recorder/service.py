@@ -376,9 +376,8 @@ class Service:
                 if self._cursor is not None:
                     self._cursor.advance(record.partition, record.offset + 1)
             admin.poll()
-            if (records or admin.pending != waiting) and self._cursor is not None:
-                # not past a command still waiting for its reply
-                self._cursor.save(hold=admin.unanswered(), answered=admin.answered_ids())
+            if records or admin.pending != waiting:
+                self._save_admin_position(admin)
         self._apply_deferred()
         if self._heartbeat is not None:
             self._heartbeat.maybe_beat(now, self._heartbeat_doc)
@@ -390,6 +389,12 @@ class Service:
         if line != self._last_status_line:
             self._last_status_line = line
             self.notifier.status(line)
+
+    def _save_admin_position(self, admin: AdminHandler) -> None:
+        """Save the admin read position, not past a command still waiting for its reply, with
+        the request_ids answered (see :class:`~recorder.daemon.adminlink.AdminCursor`)."""
+        if self._cursor is not None:
+            self._cursor.save(hold=admin.unanswered(), answered=admin.answered_ids())
 
     def _shutdown(self) -> None:
         self._state = DaemonState.STOPPING
@@ -419,9 +424,7 @@ class Service:
         if self._admin is not None:
             self._admin.poll()
             self._admin.fail_pending("the daemon is shutting down")
-            if self._cursor is not None:  # answered: not read again at the next start
-                self._cursor.save(hold=self._admin.unanswered(),
-                                  answered=self._admin.answered_ids())
+            self._save_admin_position(self._admin)  # answered: not read again at next start
         if self._heartbeat is not None:
             self._heartbeat.beat(time.monotonic(), self._heartbeat_doc)
         log.info("daemon stopped", files={c.name: c.files() for c in controllers})
