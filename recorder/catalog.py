@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from recorder.errors import DamagedFileError, FileFormatError
-from recorder.sinks.describe import data_span_ns, iso_ns, plain
+from recorder.sinks.describe import data_span_ns, iso_ns, plain, utc
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import read_commit
 from recorder.sinks.options import PARTIAL_SUFFIX
@@ -412,8 +412,3 @@ def _ns(iso: Any) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
-
-
-def utc(ns: int) -> dt.datetime:
-    """ns since the epoch as an aware UTC datetime (microseconds)."""
-    return dt.datetime.fromtimestamp(ns // 1000 / 1e6, dt.UTC)

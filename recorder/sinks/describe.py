@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-__all__ = ["data_span_ns", "file_event_fields", "iso_ns", "plain"]
+__all__ = ["data_span_ns", "file_event_fields", "iso_ns", "plain", "utc"]
 
 
 def plain(value: Any) -> Any:
@@ -44,10 +44,14 @@ def data_span_ns(iterations: Any, n_iterations: int) -> tuple[int, int] | None:
     return int(stamps.min()), int(stamps.max())
 
 
+def utc(ns: int) -> dt.datetime:
+    """ns since the epoch as an aware UTC datetime (microseconds)."""
+    return dt.datetime.fromtimestamp(ns // 1000 / 1e6, dt.UTC)
+
+
 def iso_ns(ns: int) -> str:
     """ns since the epoch as ISO 8601 UTC with milliseconds (``...T13:00:02.100Z``)."""
-    when = dt.datetime.fromtimestamp(ns // 1000 / 1e6, dt.UTC)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc(ns).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def file_event_fields(path: Path) -> dict[str, Any]:
