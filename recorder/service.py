@@ -492,7 +492,7 @@ class Service:
         if probe is None or watch is None:
             return
         before = watch.statuses
-        for change in watch.update(now, probe.latest(), probe.busy_all()):
+        for change in watch.update(now, probe.latest(), probe.busy()):
             _log_disk_change(change)
         if watch.statuses != before:
             self.metrics.disks(watch.statuses)

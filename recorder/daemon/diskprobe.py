@@ -68,12 +68,7 @@ class DiskProbe:
         with self._lock:
             return self._latest
 
-    def busy(self) -> tuple[str, float] | None:
-        """The directory checked the longest now and since when (monotonic), or None."""
-        checks = self.busy_all()
-        return min(checks, key=lambda c: c[1]) if checks else None
-
-    def busy_all(self) -> tuple[tuple[str, float], ...]:
+    def busy(self) -> tuple[tuple[str, float], ...]:
         """Every check in progress: its directory and since when (monotonic)."""
         with self._lock:
             return tuple(sorted(self._checking.items()))

@@ -225,20 +225,14 @@ class DiskWatch:
         self,
         now: float,
         readings: Sequence[DiskReading],
-        busy: tuple[str, float] | Sequence[tuple[str, float]] | None = None,
+        busy: Sequence[tuple[str, float]] = (),
     ) -> list[DiskChange]:
-        """Take the probe's latest readings and the checks in progress, if any (each its
-        directory and since when, monotonic); returns the warnings set and cleared since the
-        last call."""
-        if busy is None:
-            checks: list[tuple[str, float]] = []
-        elif len(busy) == 2 and isinstance(busy[0], str):
-            checks = [busy]  # type: ignore[list-item]
-        else:
-            checks = list(busy)  # type: ignore[arg-type]
+        """Take the probe's latest readings and the checks in progress (each its directory
+        and since when, monotonic: :meth:`DiskProbe.busy`); returns the warnings set and
+        cleared since the last call."""
         stuck: dict[str, str] = {
             directory: f"{STUCK}: checking {directory} has not returned for {now - since:.0f} s"
-            for directory, since in checks
+            for directory, since in busy
             if now - since >= self.stuck_after_s
         }
         statuses: list[DiskStatus] = []
