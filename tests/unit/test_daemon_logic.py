@@ -293,6 +293,14 @@ def _controller(tmp_path: Path, client: FakeClient, *, triggered: bool = False,
     return c, made
 
 
+def _started(c: RunController, client: FakeClient) -> FakeSub:
+    """Start the run and return the subscription its start made."""
+    c.start().result(5)
+    sub = client.sub
+    assert sub is not None
+    return sub
+
+
 def _wait(predicate: Any, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -460,9 +468,7 @@ def test_a_silent_periodic_run_resends_its_start_with_backoff_and_reports_it(
                            metrics=metrics)
     try:
         started = time.monotonic()
-        c.start().result(5)
-        sub = client.sub
-        assert sub is not None
+        sub = _started(c, client)
         sub.resend_answers = [
             GatewayTimeoutError("repeating_snapshot", "x", 0.1),
             Ack("repeating_snapshot", "id", "started", publishing_topic=sub.topic),
@@ -530,9 +536,7 @@ def test_trigger_tags_kept_in_memory_are_bounded(tmp_path: Path,
     client = FakeClient()
     c, made = _controller(tmp_path, client, triggered=True)
     try:
-        c.start().result(5)
-        sub = client.sub
-        assert sub is not None
+        sub = _started(c, client)
         for shot in range(1, 4):
             assert c.trigger({"shot": str(shot)}).result(5) == "run 'r' triggered"
             sub.events.put(IterationOpened(sub.topic, "snap", shot, 1, offset=10 + shot))
@@ -571,9 +575,7 @@ def test_a_trigger_the_gateway_does_not_know_restarts_the_snapshot_then_triggers
     metrics = RecorderMetrics()
     c, made = _controller(tmp_path, client, triggered=True, metrics=metrics)
     try:
-        c.start().result(5)
-        sub = client.sub
-        assert sub is not None
+        sub = _started(c, client)
         sub.events.put(IterationOpened(sub.topic, "snap", 7, 1, offset=11))  # before
         _wait(lambda: len(made[0].events) == 1)
         client.trigger_errors = [
@@ -682,9 +684,7 @@ def test_a_recording_whose_disk_ran_out_resumes_once_there_is_room(tmp_path: Pat
 
     c, made = _controller(tmp_path, client, room_for=room_for)
     try:
-        c.start().result(5)
-        sub = client.sub
-        assert sub is not None
+        sub = _started(c, client)
         sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=41))
         _wait(lambda: made[0].last_durable_offset == {(sub.topic, 0): 41})
         room[0] = False  # the disk filled up
@@ -749,9 +749,7 @@ def test_each_finalized_file_is_told_once(tmp_path: Path) -> None:
     c, made = _controller(tmp_path, client,
                           on_file=lambda d, p: told.append((d.name, p)))
     try:
-        c.start().result(5)
-        sub = client.sub
-        assert sub is not None
+        sub = _started(c, client)
         made[0].paths.append(tmp_path / "r_0.h5")  # a segment rotation
         sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=3))
         _wait(lambda: len(told) == 1)
@@ -790,9 +788,7 @@ def test_a_failed_k2eg_stop_unsubscribes_through_the_public_api(tmp_path: Path) 
     client = FakeClient(stop_fails=True)
     c, made = _controller(tmp_path, client)
     try:
-        c.start().result(5)
-        sub = client.sub
-        assert sub is not None
+        sub = _started(c, client)
         _wait(lambda: c.status().lag == 5)  # RecurringSnapshot.lag()
         result = c.stop().result(5)
         assert "stopped (aborted)" in result
@@ -814,9 +810,7 @@ def test_metrics_bytes_skips_and_lag_per_run(tmp_path: Path) -> None:
     client = FakeClient()
     c, made = _controller(tmp_path, client, metrics=metrics)
     try:
-        c.start().result(5)
-        sub = client.sub
-        assert sub is not None
+        sub = _started(c, client)
         sub.skips = {"malformed.not_msgpack": 2}  # before the run's first pump: counted
         made[0].counters["bytes"] = 1000
         _feed(sub, 1, 2)
@@ -1314,9 +1308,7 @@ def test_the_iteration_a_triggered_stop_publishes_is_tagged_as_such(tmp_path: Pa
         # FakeSub.stop publishes iteration 99, the stop's; it got the trigger's pending tag
         # (FIFO, as iterations follow triggers in order), the stop's own stays pending
         assert made[0].tags == [(5, {"shot": "1"}), (99, {"shot": "2"})]
-        c.start().result(5)
-        sub = client.sub
-        assert sub is not None
+        sub = _started(c, client)
         sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=40))
         c.stop().result(5)
         assert made[1].tags == [(99, STOP_ITERATION_TAGS)], made[1].tags
@@ -1402,9 +1394,7 @@ def test_a_disk_full_failure_while_stopping_does_not_resume_the_stopped_run(
     client = FakeClient()
     c, made = _controller(tmp_path, client)
     try:
-        c.start().result(5)
-        sub = client.sub
-        assert sub is not None
+        sub = _started(c, client)
         gate = threading.Event()
         stop = sub.stop
 
@@ -1642,12 +1632,11 @@ class _QueuedLink:
         return out
 
 
-def test_the_saved_admin_offset_stays_at_a_command_not_answered_yet(tmp_path: Path) -> None:
-    """The admin offset was saved past a stop as soon as it was handed to its run, before it
-    was answered (its files are finalized first): a daemon that crashed meanwhile never
-    answered it, and the next one, resuming past it, neither stopped the (resumed) run nor
-    answered. The position now stays at the first command not answered, so it is read
-    again after a crash (at-least-once); a shutdown that answers it moves past it."""
+def _admin_service(tmp_path: Path) -> tuple[Any, _AdminRun, _QueuedLink, list[Any],
+                                           dict[int, int] | None]:
+    """A Service with run "r", a queued admin link and the admin position of ``tmp_path``'s
+    state directory loaded (and its answered request_ids remembered) as ``_connect`` does:
+    (service, run, link, replies sent, the saved position)."""
     from recorder.config.daemon import DaemonSettings
     from recorder.service import Service
     from recorder.settings import KafkaSettings
@@ -1658,8 +1647,21 @@ def test_the_saved_admin_offset_stays_at_a_command_not_answered_yet(tmp_path: Pa
     service._controllers["r"] = run  # type: ignore[assignment]
     link = _QueuedLink()
     service._link = link  # type: ignore[assignment]
-    service._cursor = AdminCursor(tmp_path / "state", "admin")
+    cursor = AdminCursor(tmp_path / "state", "admin")
+    start = cursor.load()
+    service._cursor = cursor
     service._admin, sent = _handler()
+    service._admin.remember(cursor.answered)
+    return service, run, link, sent, start
+
+
+def test_the_saved_admin_offset_stays_at_a_command_not_answered_yet(tmp_path: Path) -> None:
+    """The admin offset was saved past a stop as soon as it was handed to its run, before it
+    was answered (its files are finalized first): a daemon that crashed meanwhile never
+    answered it, and the next one, resuming past it, neither stopped the (resumed) run nor
+    answered. The position now stays at the first command not answered, so it is read
+    again after a crash (at-least-once); a shutdown that answers it moves past it."""
+    service, run, link, sent, _start = _admin_service(tmp_path)
 
     def saved() -> dict[int, int] | None:
         return AdminCursor(tmp_path / "state", "admin").load()
@@ -1687,25 +1689,11 @@ def test_commands_read_again_after_a_crash_are_not_carried_out_twice(tmp_path: P
     files; a trigger after it had been answered: read again, it is answered ``duplicate`` and
     not fired twice (the answered request_ids are saved with the position), while the stop
     is carried out and answered."""
-    from recorder.config.daemon import DaemonSettings
-    from recorder.service import Service
-    from recorder.settings import KafkaSettings
-
     records = [Record("admin", 0, 0, _cmd("stop", "r"), None, NOW),
                Record("admin", 0, 1, _cmd("trigger", "r"), None, NOW)]
 
     def daemon() -> tuple[Any, _AdminRun, _QueuedLink, list[Any]]:
-        service = Service(DaemonSettings(config_path=tmp_path / "none.yaml"), KafkaSettings(),
-                          state_dir=tmp_path / "state", gc_tuning=False)
-        run = _AdminRun()
-        service._controllers["r"] = run  # type: ignore[assignment]
-        link = _QueuedLink()
-        service._link = link  # type: ignore[assignment]
-        cursor = AdminCursor(tmp_path / "state", "admin")
-        start = cursor.load()
-        service._cursor = cursor
-        service._admin, sent = _handler()
-        service._admin.remember(cursor.answered)  # as Service._connect does
+        service, run, link, sent, start = _admin_service(tmp_path)
         link.queued = [r for r in records if start is None or r.offset >= start.get(0, 0)]
         return service, run, link, sent
 
