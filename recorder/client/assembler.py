@@ -179,6 +179,7 @@ class _Batch:
         "key",
         "last_seq",
         "late",
+        "nbytes",
         "offset",
         "ordered",
         "samples",
@@ -205,6 +206,7 @@ class _Batch:
         self.ordered = True
         self.last_seq = -1
         self.offset = -1
+        self.nbytes = 0  # of the messages that carried the samples
 
 
 class _Topic:
@@ -532,6 +534,7 @@ class IterationAssembler:
                         continue
                 it.n_data += 1
                 append_sample(sample)
+                batch.nbytes += size
                 offset = offset_of(rec)
                 if offset > batch.offset:  # noqa: PLR1730 (hot path: no call)
                     batch.offset = offset
@@ -711,6 +714,8 @@ class IterationAssembler:
                 self.counters["interleaved"] += 1
             batch = state.pending = _Batch(it, key, ts, sub, late)
         batch.samples.append(sample)
+        if msg.raw is not None:
+            batch.nbytes += len(msg.raw)
         if seq is not None:
             batch.seqs.append(seq)
             if seq < batch.last_seq:
@@ -987,6 +992,7 @@ class IterationAssembler:
                 batch.late,
                 it.partition,
                 batch.offset,
+                batch.nbytes,
             )
         )
 

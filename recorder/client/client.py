@@ -77,7 +77,7 @@ from recorder.client.properties import (
 )
 from recorder.client.replies import Outcome, ReplyTracker
 from recorder.client.results import Ack, StopResult
-from recorder.client.subscription import RecurringSnapshot
+from recorder.client.subscription import DEFAULT_MAX_PENDING_BYTES, RecurringSnapshot
 from recorder.client.values import PVSample
 from recorder.client.wire import DecodeError, RawMessage, decode_reply
 from recorder.errors import (
@@ -185,7 +185,8 @@ class K2egClient:
     ``settings``: how to reach Kafka and the gateway (bootstrap, command topic, reply topic,
     ``command_timeout_s``, librdkafka pass-through such as SASL/TLS).
     ``iteration_slack_s``: added to the per-iteration timeout (:func:`iteration_timeout_s`).
-    ``max_pending``: default bound of undelivered events per subscription (back-pressure).
+    ``max_pending`` / ``max_pending_bytes``: default bounds of undelivered events, and of
+    their message bytes, per subscription (back-pressure).
     ``batch_size`` / ``poll_timeout_s``: the consumer thread's ``consume()`` batch and wait.
     """
 
@@ -195,6 +196,7 @@ class K2egClient:
         *,
         iteration_slack_s: float = DEFAULT_SLACK_S,
         max_pending: int = 10_000,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         batch_size: int = 1000,
         poll_timeout_s: float = 0.05,
         missing_grace_s: float = 1.0,
@@ -205,6 +207,7 @@ class K2egClient:
         self.cmd_topic = self.settings.cmd_topic
         self.iteration_slack_s = iteration_slack_s
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self._log = _log.bind(app=self.settings.app_name)
         self._core_lock = threading.Lock()  # assembler + tracker + waiters
         self._assembler = IterationAssembler(
@@ -685,6 +688,7 @@ class K2egClient:
         *,
         start: StartAt | None = None,
         max_pending: int | None = None,
+        max_pending_bytes: int | None = None,
     ) -> RecurringSnapshot:
         """Start a recurring snapshot and read its topic; returns its handle.
 
@@ -730,6 +734,7 @@ class K2egClient:
         sub = RecurringSnapshot(
             self, properties, topic, ack, already_running, handler,
             self.max_pending if max_pending is None else max_pending,
+            self.max_pending_bytes if max_pending_bytes is None else max_pending_bytes,
         )
         with self._core_lock:
             self._assembler.set_topic_timeout(

@@ -62,6 +62,9 @@ class ValuesReceived:
     late: bool = False  # data that arrived after its batch had already been emitted
     partition: int = 0
     offset: int = -1
+    # bytes of the Kafka messages that carried these samples (the client's back-pressure
+    # counts them; 0 when not known)
+    nbytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,12 @@
 control and stop.
 
 Back-pressure
-    Each subscription holds at most ``max_pending`` undelivered events (soft bound: one Kafka
-    batch may overshoot). Above it the subscription's topic is paused in the consumer thread
-    (nothing more is fetched for it, other topics keep flowing); once the handler or the
-    iterator has taken it down to half, it is resumed exactly after the last delivered record.
+    Each subscription holds at most ``max_pending`` undelivered events and
+    ``max_pending_bytes`` of their messages (:attr:`ValuesReceived.nbytes`; soft bounds: one
+    Kafka batch may overshoot). At either bound the subscription's topic is paused in the
+    consumer thread (nothing more is fetched for it, other topics keep flowing); once the
+    handler or the iterator has taken both down to half, it is resumed exactly after the last
+    delivered record.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from recorder.client.events import IterationClosed, IterationEvent
+from recorder.client.events import IterationClosed, IterationEvent, ValuesReceived
 from recorder.client.properties import SnapshotProperties
 from recorder.client.results import Ack, StopResult
 from recorder.errors import ClientError
@@ -32,6 +34,12 @@ __all__ = ["RecurringSnapshot"]
 _log = structlog.get_logger("recorder.client")
 
 _END = object()  # iterator-mode end marker
+DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+
+
+def _bytes_of(event: object) -> int:
+    """The message bytes an event holds (its samples'; headers and tails count nothing)."""
+    return event.nbytes if event.__class__ is ValuesReceived else 0
 
 
 class RecurringSnapshot:
@@ -56,6 +64,7 @@ class RecurringSnapshot:
         already_running: bool,
         handler: EventHandler | None,
         max_pending: int,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
     ) -> None:
         self.properties = properties
         self.snapshot_name = properties.snapshot_name
@@ -68,9 +77,12 @@ class RecurringSnapshot:
         self._handler = handler
         self._max_pending = max(1, max_pending)
         self._low = self._max_pending // 2
+        self._max_bytes = max(1, max_pending_bytes)
+        self._low_bytes = self._max_bytes // 2
         self._cond = threading.Condition()
         self._items: deque[Any] = deque()
         self._pending = 0
+        self._pending_bytes = 0
         self._bp_paused = False
         self._user_paused = False
         self._paused = False  # what the adapter was last asked for
@@ -86,6 +98,12 @@ class RecurringSnapshot:
         """Events queued and not yet handled/taken."""
         with self._cond:
             return self._pending
+
+    @property
+    def pending_bytes(self) -> int:
+        """Message bytes of the events queued and not yet handled/taken."""
+        with self._cond:
+            return self._pending_bytes
 
     @property
     def paused(self) -> bool:
@@ -133,6 +151,7 @@ class RecurringSnapshot:
                 self._items.appendleft(item)  # stays ended for later calls
                 return None
             self._pending -= 1
+            self._pending_bytes -= _bytes_of(item)
             self._after_take_locked()
             event: IterationEvent = item
             return event
@@ -194,21 +213,29 @@ class RecurringSnapshot:
 
     # ---- consumer-thread side ---------------------------------------------------------------
     def _push(self, events: list[IterationEvent]) -> None:
+        nbytes = 0
         for event in events:
-            if isinstance(event, IterationClosed):
+            if event.__class__ is ValuesReceived:
+                nbytes += event.nbytes
+            elif isinstance(event, IterationClosed):
                 self._on_closed(event)
         with self._cond:
             if self._ended:
                 self._client._count("events.after_end", len(events))
                 return
             self._pending += len(events)
+            self._pending_bytes += nbytes
             self.stats["events"] += len(events)
             if self._handler is not None:
-                self._client._dispatch(lambda: self._deliver(events))
+                self._client._dispatch(lambda: self._deliver(events, nbytes))
             else:
                 self._items.extend(events)
                 self._cond.notify_all()
-            if self._backpressure and self._pending >= self._max_pending and not self._bp_paused:
+            if (
+                self._backpressure
+                and not self._bp_paused
+                and (self._pending >= self._max_pending or self._pending_bytes >= self._max_bytes)
+            ):
                 self._bp_paused = True
                 self.stats["backpressure_pauses"] += 1
                 self._apply_pause_locked()
@@ -244,7 +271,7 @@ class RecurringSnapshot:
                 self._cond.notify_all()
 
     # ---- dispatcher side ----------------------------------------------------------------------
-    def _deliver(self, events: list[IterationEvent]) -> None:
+    def _deliver(self, events: list[IterationEvent], nbytes: int) -> None:
         handler = self._handler
         assert handler is not None
         try:
@@ -257,11 +284,16 @@ class RecurringSnapshot:
         finally:
             with self._cond:
                 self._pending -= len(events)
+                self._pending_bytes -= nbytes
                 self._after_take_locked()
 
     # ---- flow control -----------------------------------------------------------------------
     def _after_take_locked(self) -> None:
-        if self._bp_paused and self._pending <= self._low:
+        if (
+            self._bp_paused
+            and self._pending <= self._low
+            and self._pending_bytes <= self._low_bytes
+        ):
             self._bp_paused = False
             self._apply_pause_locked()
 

@@ -5,9 +5,12 @@ Events flow: Kafka -> the client's consumer thread (assembly) -> the run's bound
 When the worker falls behind (slow disk, a long flush), the queue reaches its bound and the
 client *pauses* the snapshot topic (nothing more is fetched, nothing is dropped); once the
 worker has taken it down to the low-water mark (half) the topic is resumed right after the
-last delivered record. The recording itself flushes when its buffers exceed
-``max_buffer_bytes``. So memory is bounded by ``max_pending`` events plus one buffer, whatever
-the rate or the length of the run.
+last delivered record. The queue is also bounded in bytes: the client pauses the topic once
+its events hold ``max_pending_bytes`` of Kafka messages (64 MiB by default,
+:data:`recorder.client.subscription.DEFAULT_MAX_PENDING_BYTES`), so a few large arrays
+(images) pause it long before the event bound. The recording itself flushes when its buffers
+exceed ``max_buffer_bytes``. So memory is bounded by ``max_pending`` events or 64 MiB of
+messages, whichever comes first, plus one buffer, whatever the rate or the length of the run.
 
 A ``ValuesReceived`` event holds one data batch, up to every PV of the snapshot, so the bound
 is derived from a budget of *values* rather than a fixed number of events.

@@ -303,6 +303,45 @@ def test_backpressure_pauses_and_resumes_without_losing_iterations(
     assert all(c.complete for c in rec.closed())
 
 
+def test_backpressure_counts_the_bytes_of_large_arrays(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    """Images of ~100 kB: the topic pauses on the bytes queued (here ~4 images), long
+    before the event bound would (10,000 events), and nothing is lost once it resumes."""
+    start_sim(Protocol.SEQUENCED)
+    client = make_client(max_pending=10_000, max_pending_bytes=400_000)
+    props = SnapshotProperties(unique_name("bpb"), ["pva://SIM:IMG:UBYTE:1:S256x256"],
+                               time_window=50)
+    gate = threading.Event()
+    rec = Recorder()
+
+    def slow(event: IterationEvent) -> None:
+        gate.wait(20)
+        rec(event)
+
+    sub = client.snapshot_recurring(props, slow)
+    try:
+        deadline = time.monotonic() + 10
+        while not sub.paused and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sub.paused and sub.stats["backpressure_pauses"] >= 1
+        time.sleep(0.5)  # paused: nothing more is fetched for it
+        assert sub.pending < 100  # events: far below their bound of 10,000
+        queued = sub.pending_bytes
+        assert 400_000 <= queued < 400_000 + 20 * 140_000, queued  # one fetch's overshoot
+        time.sleep(0.5)
+        assert sub.pending_bytes == queued  # still paused, not growing
+    finally:
+        gate.set()
+    rec.wait_closed(20)
+    client.snapshot_stop(props.snapshot_name)
+    by_iter = check_event_order(rec.events)
+    assert list(by_iter) == list(range(1, len(by_iter) + 1))
+    assert all(c.complete for c in rec.closed())
+    values = [e for e in rec.events if isinstance(e, ValuesReceived)]
+    assert values and all(e.nbytes > 65_536 for e in values)  # the pixels alone are 64 KiB
+
+
 def test_lag_counts_what_the_client_has_not_read(
     start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
 ) -> None:

@@ -133,6 +133,27 @@ def assert_clean(asm: IterationAssembler) -> None:
     assert asm.counters["malformed.internal"] == 0
 
 
+@GENERATIONS
+def test_values_events_carry_the_bytes_of_their_messages(sequenced: bool) -> None:
+    """``nbytes`` (the client's back-pressure counts it) is the size of the Kafka messages
+    that carried a batch's samples: over the hot path and the general one (a data message in
+    another layout: it carries ``header_timestamp``)."""
+    run = Run()
+    it1 = iteration("snap_1", 1, [(T0, scalar_pvs(3)), (T0 + 5, scalar_pvs(2, prefix="W"))],
+                    sequenced=sequenced)
+    odd = it1[2]  # the second data message of the first batch
+    assert odd.kind == "D" and odd.pv is not None
+    odd.raw = data_msg(1, T0, odd.pv, ntscalar(1.0, nanos=1), msg_seq=odd.msg_seq,
+                       sub=1 if sequenced else None, header_ts=T0)
+    run.feed(it1)
+    assert_clean(run.asm)
+    data = [m for m in it1 if m.kind == "D"]
+    assert [len(v.samples) for v in run.values()] == [3, 2]
+    assert [v.nbytes for v in run.values()] == [
+        sum(len(m.raw) for m in data[:3]), sum(len(m.raw) for m in data[3:])
+    ]
+
+
 # ------------------------------------------------------------------------------ normal
 @GENERATIONS
 def test_normal_periodic(sequenced: bool) -> None:

@@ -34,9 +34,10 @@ def opened(i: int, topic: str = "s") -> IterationOpened:
     return IterationOpened(topic, "s", i, 1_000 * i, offset=10 * i)
 
 
-def values(i: int, *pvs: str, batch: int = 1) -> ValuesReceived:
+def values(i: int, *pvs: str, batch: int = 1, nbytes: int = 0) -> ValuesReceived:
     samples = tuple(PVSample(pv, {"value": float(i)}) for pv in pvs)
-    return ValuesReceived("s", i, batch, 1_000 * i, samples, offset=10 * i + batch)
+    return ValuesReceived("s", i, batch, 1_000 * i, samples, offset=10 * i + batch,
+                          nbytes=nbytes)
 
 
 def closed(i: int, *, complete: bool = True, tail: bool = True) -> IterationClosed:
@@ -123,9 +124,13 @@ class FakeClient:
         self.counts[key] += n
 
 
-def make_sub(fake: FakeClient, handler: Any = None, max_pending: int = 4) -> RecurringSnapshot:
+def make_sub(
+    fake: FakeClient, handler: Any = None, max_pending: int = 4, max_bytes: int = 1 << 30
+) -> RecurringSnapshot:
     ack = Ack("repeating_snapshot", "r", "started", "s")
-    return RecurringSnapshot(cast(K2egClient, fake), PROPS, "s", ack, False, handler, max_pending)
+    return RecurringSnapshot(
+        cast(K2egClient, fake), PROPS, "s", ack, False, handler, max_pending, max_bytes
+    )
 
 
 def test_iterator_backpressure_pauses_at_the_limit_and_resumes_at_half() -> None:
@@ -143,6 +148,34 @@ def test_iterator_backpressure_pauses_at_the_limit_and_resumes_at_half() -> None
     assert not sub.paused and fake._adapter.calls[-1] == ("resume", "s")
     with pytest.raises(ClientError):
         make_sub(fake, handler=print).get(0)
+
+
+def test_iterator_backpressure_counts_message_bytes() -> None:
+    """A few events of large arrays (images) pause the topic by their bytes, long before
+    the event bound, and it resumes once both are down to half."""
+    fake = FakeClient()
+    sub = make_sub(fake, max_pending=1000, max_bytes=1000)
+    sub._push([opened(1), values(1, "A:X", nbytes=400)])
+    assert not sub.paused and sub.pending_bytes == 400
+    sub._push([values(1, "B:Y", batch=2, nbytes=700), closed(1)])
+    assert sub.paused and sub.pending_bytes == 1100  # overshoot is kept, not dropped
+    assert sub.stats["backpressure_pauses"] == 1
+    sub.get(0)  # the header: no bytes
+    sub.get(0)
+    assert sub.paused and sub.pending_bytes == 700  # > half of 1000
+    sub.get(0)
+    assert not sub.paused and sub.pending_bytes == 0
+    assert fake._adapter.calls == [("pause", "s"), ("resume", "s")]
+
+
+def test_handler_backpressure_counts_message_bytes() -> None:
+    fake = FakeClient()
+    seen: list[Any] = []
+    sub = make_sub(fake, handler=seen.append, max_pending=1000, max_bytes=1000)
+    sub._push([opened(1), values(1, "A:X", nbytes=999), values(1, "B:Y", batch=2, nbytes=1)])
+    assert sub.paused and sub.pending_bytes == 1000
+    fake.run_dispatched()
+    assert len(seen) == 3 and sub.pending_bytes == 0 and not sub.paused
 
 
 def test_user_pause_wins_over_backpressure_release() -> None:
