@@ -582,8 +582,7 @@ class Service:
         self._definitions = dict(loaded.runs)
         self._watch_disks()
         self.metrics.reload(True)
-        for definition in diff.removed:
-            self.metrics.remove_run(definition.name)
+        for definition in diff.removed:  # its metrics go once it has stopped (_apply_deferred)
             if self._drop_deferred(definition.name) is not None:
                 continue  # an earlier reload was creating it again: not any more
             old = self._controllers.pop(definition.name)
@@ -627,7 +626,13 @@ class Service:
         return None
 
     def _apply_deferred(self) -> None:
+        stopped = [c for c in self._retiring if not c.alive]
         self._retiring = [c for c in self._retiring if c.alive]
+        for c in stopped:  # a removed run's series: not before its stop has counted its last
+            name = c.definition.name
+            if (name not in self._definitions
+                    and not any(r.definition.name == name for r in self._retiring)):
+                self.metrics.remove_run(name)
         if not self._deferred:
             return
         waiting: list[_Deferred] = []

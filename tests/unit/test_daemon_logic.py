@@ -1799,3 +1799,49 @@ def test_runs_that_swap_snapshots_in_a_reload_wait_for_each_other(tmp_path: Path
     old["b"].alive = False
     service._apply_deferred()
     assert sorted(made) == ["a", "b"]
+
+
+def test_the_metrics_of_a_run_a_reload_removed_are_gone_once_it_has_stopped(
+    tmp_path: Path,
+) -> None:
+    """A reload that removes a run dropped its series at once, then stopped it: the stop set
+    ``run_recording`` to 0 and counted the final iteration and file, which made the series
+    again, for ever (``run_recording{run=...} 0`` of a run that no longer exists: an alert
+    on runs that stopped recording fired for it until the daemon restarted)."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    metrics = RecorderMetrics()
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs: []\n")
+
+    def factory(definition: RunDefinition, *, seq: int, recording_uid: str | None,
+                first_segment: int = 0, start_ns: int | None = None) -> FakeRecording:
+        return FakeRecording(tmp_path / f"r_{seq}.h5")
+
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", metrics=metrics,
+                      recording_factory=factory,  # type: ignore[arg-type]
+                      gc_tuning=False)
+    client = FakeClient()
+    client.kafka_unreachable_since = None  # type: ignore[attr-defined]
+    service._client = client
+    definition = _definition(tmp_path)
+    service._definitions = {"r": definition}
+    controller = service._add_controller(definition, start=False)
+    sub = _started(controller, client)
+    _feed(sub, 1, 2)
+
+    def series_of_r() -> list[str]:
+        return sorted({f"{m.name}:{s.name}" for m in metrics.registry.collect()
+                       for s in m.samples if s.labels.get("run") == "r"})
+
+    _wait(lambda: metrics.registry.get_sample_value(
+        "k2eg_recorder_iterations_total", {"run": "r", "status": "complete"}) == 2)
+    ok, message, _data = service.reload("SIGHUP")
+    assert ok, message
+    assert controller.join(5)
+    service._apply_deferred()
+    assert series_of_r() == []
+    assert service._retiring == []
