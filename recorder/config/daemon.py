@@ -53,10 +53,6 @@ class DaemonSettings(BaseSettings):
         default="k2eg-recorder-admin-reply",
         description="where replies go when a command names no reply_topic",
     )
-    admin_group_id: str | None = Field(
-        default=None,
-        description="consumer group of the admin topic (default: k2eg-recorder-<instance>)",
-    )
     status_topic: str = Field(default="k2eg-recorder-status", description="heartbeat/status topic")
     files_topic: str = Field(
         default="k2eg-recorder-files",
@@ -159,10 +155,6 @@ class DaemonSettings(BaseSettings):
     @property
     def secret_bytes(self) -> bytes | None:
         return None if self.admin_secret is None else self.admin_secret.get_secret_value().encode()
-
-    @property
-    def effective_admin_group_id(self) -> str:
-        return self.admin_group_id or f"k2eg-recorder-{self.instance}"
 
     def command_policy(self) -> CommandPolicy:
         """The admin codec's acceptance policy built from these settings."""

@@ -29,7 +29,6 @@ def test_defaults() -> None:
     assert s.metrics_addr == "127.0.0.1"
     policy = s.command_policy()
     assert (policy.max_age_s, policy.secret) == (30.0, None)
-    assert s.effective_admin_group_id == f"k2eg-recorder-{s.instance}"
 
 
 def test_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -223,3 +223,30 @@ def test_env_example_values_are_accepted(monkeypatch: pytest.MonkeyPatch) -> Non
             monkeypatch.setenv(match[1], match[2])
     DaemonSettings()
     KafkaSettings.from_env()
+
+
+def test_every_daemon_setting_the_env_example_documents_is_read() -> None:
+    """RECORDER_ADMIN_GROUP_ID was documented ("consumer group for the admin topic") but
+    read by nothing: the admin topic is read without a consumer group (decision 0003), so an
+    operator who set it (for an ACL, or to find the daemon in the group listing) got no
+    effect and no word about it. A DaemonSettings field must be read outside its module,
+    directly or through a DaemonSettings method or property that is."""
+    import ast
+
+    module = ROOT / "recorder" / "config" / "daemon.py"
+    sources = "\n".join(p.read_text() for p in (ROOT / "recorder").rglob("*.py") if p != module)
+    read = {name for name in DaemonSettings.model_fields if re.search(rf"\.{name}\b", sources)}
+    (cls,) = [n for n in ast.walk(ast.parse(module.read_text()))
+              if isinstance(n, ast.ClassDef) and n.name == "DaemonSettings"]
+    helpers = {f.name: {a.attr for a in ast.walk(f) if isinstance(a, ast.Attribute)
+                        and isinstance(a.value, ast.Name) and a.value.id == "self"}
+               for f in cls.body if isinstance(f, ast.FunctionDef)}
+    used = {name for name in helpers if re.search(rf"\.{name}\b", sources)}
+    while used:  # a helper used outside reads its fields, and the helpers it calls
+        name = used.pop()
+        for attr in helpers.pop(name, set()):
+            read.add(attr)
+            if attr in helpers:
+                used.add(attr)
+    unread = set(DaemonSettings.model_fields) - read
+    assert unread == set(), "settings documented in recorder.env.example that nothing reads"
