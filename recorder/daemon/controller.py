@@ -842,6 +842,9 @@ class RunController:
                 return
             self._resend = None
             self._resend_done(sub, pending.result)
+        if sub.pending:  # messages wait to be taken (a flush outlasted the limit): not silent
+            self._heard()
+            return
         now = time.monotonic()
         if not watch.due(now):
             return

@@ -160,6 +160,10 @@ class FakeSub:
     def lag(self, timeout: float = 2.0) -> int | None:
         return None if self.ended else 5
 
+    @property
+    def pending(self) -> int:
+        return self.events.qsize()
+
     def skipped(self) -> dict[str, int]:
         return dict(self.skips)
 
@@ -494,6 +498,42 @@ def test_a_silent_periodic_run_resends_its_start_with_backoff_and_reports_it(
         n = len(sub.resends)
         time.sleep(0.2)  # heard less than the limit ago: nothing more is sent
         assert len(sub.resends) == n
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_slow_flush_while_messages_wait_is_no_silence(tmp_path: Path) -> None:
+    """A flush that outlasts the silence limit (a slow disk, a large segment finalized) while
+    the gateway goes on publishing: the messages wait in the subscription, nothing is silent.
+    The watch was asked right after the flush and re-sent the snapshot start, reported the run
+    silent ("no data from the gateway", ``status --check`` exit 4) and counted
+    ``snapshot_resends_total{outcome="already_running"}``, which the README says to alert on."""
+    client = FakeClient()
+    metrics = RecorderMetrics()
+    c, made = _controller(tmp_path, client, time_window=10, silence_after_s=0.5,
+                          metrics=metrics)
+    try:
+        sub = _started(c, client)
+        rec = made[0]
+        flush = rec.flush
+        slow = threading.Event()
+
+        def slow_flush() -> None:
+            if slow.is_set():
+                slow.clear()
+                _feed(sub, 2, 3)  # published meanwhile: waiting in the subscription
+                time.sleep(0.8)
+            flush()
+
+        rec.flush = slow_flush  # type: ignore[method-assign]
+        _feed(sub, 1, 1)
+        _wait(lambda: c.status().iterations_complete == 1)
+        slow.set()
+        _wait(lambda: c.status().iterations_complete == 4)
+        assert sub.resends == []
+        assert c.status().silent_since is None and c.status().last_error is None
+        assert _resends(metrics, "already_running") == 0
     finally:
         c.shutdown().result(5)
         assert c.join(5)
