@@ -54,7 +54,7 @@ import structlog
 from recorder import __version__
 from recorder.admin.files import FileEvent
 from recorder.admin.protocol import ReplyCode
-from recorder.admin.status import DaemonState, RunState, StatusDocument
+from recorder.admin.status import DaemonState, RunState, RunStatus, StatusDocument
 from recorder.config.daemon import DaemonSettings
 from recorder.config.diff import diff_runs
 from recorder.config.loader import check_runs
@@ -644,9 +644,23 @@ class Service:
         self._deferred = waiting
 
     # ------------------------------------------------------------------ status
-    def status_document(self, kind: str = "heartbeat", seq: int = 0) -> StatusDocument:
+    def _run_statuses(self) -> dict[str, RunStatus]:
+        """Every run: its controller's status, else (a reload is restarting it) that of its
+        previous recording still stopping, else of the run waiting for another's to stop (a
+        rename, a swap of snapshots): starting, or idle when it will not start."""
         runs = {c.name: c.status() for c in self._retiring if c.alive}
         runs.update({name: c.status() for name, c in self._controllers.items()})
+        for deferred in self._deferred:
+            d = deferred.definition
+            if d.name not in runs:
+                runs[d.name] = RunStatus(
+                    name=d.name, state=RunState.STARTING if deferred.start else RunState.IDLE,
+                    snapshot=d.snapshot.snapshot_name, topic=d.snapshot.topic, mode=d.mode,
+                    autostart=d.autostart)
+        return runs
+
+    def status_document(self, kind: str = "heartbeat", seq: int = 0) -> StatusDocument:
+        runs = self._run_statuses()
         return StatusDocument(
             instance=self.settings.instance,
             state=self._state,
@@ -672,8 +686,7 @@ class Service:
     def _status_line(self) -> str:
         states: dict[str, int] = {}
         complete = silent = 0
-        for c in self._controllers.values():
-            st = c.status()
+        for st in self._run_statuses().values():
             states[st.state.value] = states.get(st.state.value, 0) + 1
             complete += st.iterations_complete
             silent += st.silent_since is not None

@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from recorder.admin.protocol import CommandPolicy, ReplyCode, build_command, encode_command
-from recorder.admin.status import DaemonState, RunState, StatusDocument
+from recorder.admin.status import DaemonState, RunState, RunStatus, StatusDocument
 from recorder.client import IterationClosed, IterationOpened, IterationStatus, ValuesReceived
 from recorder.client.results import Ack, StopResult
 from recorder.client.wire import Record
@@ -1808,10 +1808,14 @@ def test_runs_that_swap_snapshots_in_a_reload_wait_for_each_other(tmp_path: Path
 
         def __init__(self, d: RunDefinition) -> None:
             self.definition = d
+            self.name = d.name
             self.alive = True
 
         def shutdown(self, reason: str = "") -> None:
             pass
+
+        def status(self) -> RunStatus:
+            return RunStatus(self.name, RunState.STOPPING, "s", "s", "periodic normal", True)
 
         def recording_files(self) -> list[str]:
             return []
@@ -1885,3 +1889,57 @@ def test_the_metrics_of_a_run_a_reload_removed_are_gone_once_it_has_stopped(
     service._apply_deferred()
     assert series_of_r() == []
     assert service._retiring == []
+
+
+def test_a_run_a_reload_added_that_waits_for_another_to_stop_is_in_the_status(
+    tmp_path: Path,
+) -> None:
+    """A run renamed in the run definitions (the new name takes over the old one's snapshot)
+    is created once the old recording has stopped; until then it took start/stop commands
+    but was missing from the status document: `k2eg-recorder status NEW` answered
+    ``unknown_run`` and the heartbeats did not list it."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    def definition(name: str) -> RunDefinition:
+        return RunDefinition.model_validate({
+            "name": name, "snapshot": {"snapshot_name": "snap_a", "pv_uri_list": ["pva://A:B"]},
+            "output": {"directory": str(tmp_path / "out")}})
+
+    class Old:
+        state = RunState.RECORDING
+        alive = True
+
+        def __init__(self, d: RunDefinition) -> None:
+            self.definition = d
+            self.name = d.name
+
+        def shutdown(self, reason: str = "") -> None:
+            self.state = RunState.STOPPING
+
+        def status(self) -> RunStatus:
+            return RunStatus(self.name, self.state, "snap_a", "snap_a", "periodic normal", True)
+
+        def recording_files(self) -> list[str]:
+            return []
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(
+        f"runs:\n  - {{name: b, snapshot: {{snapshot_name: snap_a, pv_uri_list: ['pva://A:B']}},"
+        f" output: {{directory: {tmp_path / 'out'}}}}}\n")
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False)
+    service._definitions = {"a": definition("a")}
+    old = Old(definition("a"))
+    service._controllers = {"a": old}  # type: ignore[dict-item]
+    ok, message, _data = service.reload("SIGHUP")
+    assert ok, message
+    assert service.run_handle("b") is not None  # b takes commands...
+    doc = service.status_document("status")
+    assert doc.run("a") is not None and doc.run("a").state is RunState.STOPPING  # type: ignore[union-attr]
+    b = doc.run("b")  # ...and is in the status
+    assert b is not None, [r.name for r in doc.runs]
+    assert b.state is RunState.STARTING and b.snapshot == "snap_a" and b.autostart
+    service._state = DaemonState.RUNNING
+    assert service._status_line().startswith("running: 1 starting, 1 stopping;")
