@@ -77,7 +77,10 @@ def configure_logging(
     ]
     renderer: Processor
     if as_json:
-        shared.append(structlog.processors.dict_tracebacks)
+        # without the frames' local variables (structlog's default shows them): they hold
+        # secrets (the admin secret, sasl.password in a librdkafka configuration)
+        shared.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
     else:
         colors = False

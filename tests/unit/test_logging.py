@@ -90,6 +90,34 @@ def test_exceptions_are_structured_in_json() -> None:
     assert "bad value" in json.dumps(line["exception"])
 
 
+def test_json_tracebacks_carry_no_local_variables() -> None:
+    """structlog's dict tracebacks show every frame's local variables by default: an
+    exception logged under systemd wrote them to the journal, e.g. the admin codec's
+    ``policy`` (its repr holds RECORDER_ADMIN_SECRET) or a librdkafka configuration with
+    ``sasl.password``, and made one journal line of kilobytes per frame."""
+    from recorder.admin.protocol import CommandPolicy
+
+    out = io.StringIO()
+    configure_logging(json=True, stream=out)
+
+    def decode(policy: CommandPolicy) -> None:
+        conf = {"sasl.password": "kafka-pass-word"}
+        raise ValueError(f"codec bug ({len(conf)})")
+
+    try:
+        decode(CommandPolicy(secret=b"admin-secret-0123456789"))
+    except ValueError:
+        structlog.get_logger("x").exception("admin command not decoded")
+    try:
+        decode(CommandPolicy(secret=b"admin-secret-0123456789"))
+    except ValueError:
+        logging.getLogger("lib").exception("stdlib too")
+    text = out.getvalue()
+    assert "codec bug (1)" in text and len(lines(out)) == 2
+    assert "admin-secret" not in text and "kafka-pass" not in text
+    assert '"locals"' not in text
+
+
 def test_console_on_a_tty() -> None:
     out = TtyStream()
     configure_logging(json=None, stream=out)
