@@ -14,6 +14,8 @@ Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
 ``messages_skipped_total{run,reason}``   counter    malformed.<why>, late.<what>, duplicate...
 ``flush_duration_seconds{run}``          histogram  one HDF5 flush
 ``consumer_lag_messages{run}``           gauge      messages behind the snapshot topic's end
+``backpressure_pauses_total{run}``       counter    times the run's topic was paused because
+                                                    writing fell behind (its queue was full)
 ``run_recording{run}``                   gauge      1 while recording, else 0
 ``last_write_timestamp_seconds{run}``    gauge      Unix time of the last flush
 ``write_errors_total{run}``              counter    failed writes/flushes
@@ -103,6 +105,14 @@ class RecorderMetrics:
             namespace=ns,
             registry=r,
         )
+        self.backpressure_pauses = Counter(
+            "backpressure_pauses",
+            "Times the run's snapshot topic was paused because writing fell behind (its queue "
+            "of events reached its bound)",
+            ["run"],
+            namespace=ns,
+            registry=r,
+        )
         self.recording = Gauge(
             "run_recording", "1 while the run is recording", ["run"], namespace=ns, registry=r
         )
@@ -180,6 +190,7 @@ class RecorderMetrics:
             self.recording,
             self.last_write,
             self.write_errors,
+            self.backpressure_pauses,
         )
         self._runs: set[str] = set()
         self._skip_reasons: dict[str, set[str]] = {}
@@ -216,6 +227,10 @@ class RecorderMetrics:
     def lag(self, run: str, messages: int) -> None:
         self._runs.add(run)
         self.consumer_lag.labels(run=run).set(messages)
+
+    def backpressure_paused(self, run: str, count: int = 1) -> None:
+        self._runs.add(run)
+        self.backpressure_pauses.labels(run=run).inc(count)
 
     def set_recording(self, run: str, recording: bool) -> None:
         self._runs.add(run)

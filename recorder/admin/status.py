@@ -29,11 +29,17 @@ JSON form (``schema`` names the layout; readers ignore fields they do not know):
                            "errors": 0, "last_error": null,
                            "bridge": null,
                            "silent_since": null,  # ms: a periodic run gets no data since
-                           "snapshot_restarts": 0}}}  # the gateway had lost the snapshot
+                           "snapshot_restarts": 0,  # the gateway had lost the snapshot
+                           "writer_behind_since": null,  # ms: topic paused, writing behind
+                           "backpressure_pauses": 0}}}  # times its topic was paused so
 
 ``silent_since`` and ``snapshot_restarts`` were added on 2026-11-22 (a document without them
 reads as null / 0), ``daemon.disks`` on 2026-11-22 too (absent: empty; see
-:mod:`recorder.daemon.diskspace`).
+:mod:`recorder.daemon.diskspace`), ``writer_behind_since`` and ``backpressure_pauses`` on
+2026-11-24 (null / 0): the run's queue reached its bound (200,000 values or 64 MiB of
+messages) because writing falls behind, so its topic is paused, since then (null: it is read);
+``backpressure_pauses`` counts such pauses in this daemon process (a few during long flushes
+are normal; a run that stays behind shows its lag growing).
 
 ``bridge`` is null unless the run's ``output.bridge`` is set; then (for the current or last
 recording of this daemon process) ``{"status": "serving" | "complete" | "aborted" | "failed",
@@ -101,6 +107,8 @@ class RunStatus:
     bridge: Mapping[str, Any] | None = None  # the Karabo bridge sink, if the run has one
     silent_since: int | None = None  # ms: a periodic run's topic has gone silent since then
     snapshot_restarts: int = 0  # times the gateway had lost the snapshot and started it again
+    writer_behind_since: int | None = None  # ms: its topic is paused, writing falls behind
+    backpressure_pauses: int = 0  # times its topic was paused so (this daemon process)
 
     def to_json_obj(self) -> dict[str, Any]:
         return {
@@ -124,6 +132,8 @@ class RunStatus:
             "bridge": None if self.bridge is None else dict(self.bridge),
             "silent_since": self.silent_since,
             "snapshot_restarts": self.snapshot_restarts,
+            "writer_behind_since": self.writer_behind_since,
+            "backpressure_pauses": self.backpressure_pauses,
         }
 
     @classmethod
@@ -149,6 +159,8 @@ class RunStatus:
             bridge=_opt_mapping(obj.get("bridge")),
             silent_since=_opt_int(obj.get("silent_since")),
             snapshot_restarts=_int(obj.get("snapshot_restarts", 0)),
+            writer_behind_since=_opt_int(obj.get("writer_behind_since")),
+            backpressure_pauses=_int(obj.get("backpressure_pauses", 0)),
         )
 
 

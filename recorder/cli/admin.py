@@ -152,6 +152,10 @@ def status_table(doc: dict[str, Any], only: str | None = None) -> str:
         if r.get("silent_since"):
             lines.append(f"  silent since {_ms(r['silent_since'])} UTC: no data from the "
                          f"gateway; its snapshot start is re-sent with backoff")
+        if r.get("writer_behind_since"):
+            lines.append(f"  writing behind since {_ms(r['writer_behind_since'])} UTC: its topic "
+                         f"is paused until the writer catches up (paused "
+                         f"{r.get('backpressure_pauses', 0)} time(s) so far)")
         bridge = r.get("bridge")
         if bridge:
             endpoints = " ".join(f"{k} {v}" for k, v in sorted((bridge.get("endpoints") or {})

@@ -106,6 +106,13 @@ class RecurringSnapshot:
             return self._pending_bytes
 
     @property
+    def backpressure_paused(self) -> bool:
+        """True while the topic is paused because the queue reached its bound (the handler or
+        the iterator falls behind), whatever :meth:`pause` says."""
+        with self._cond:
+            return self._bp_paused and not self._ended
+
+    @property
     def paused(self) -> bool:
         """True while the topic's consumption is paused (back-pressure or :meth:`pause`)."""
         with self._cond:

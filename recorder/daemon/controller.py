@@ -147,6 +147,8 @@ class _Stats:
     bridge: dict[str, Any] | None = None  # bridge_status() of the current/last bridge
     silent_since: int | None = None  # ms: the snapshot's silence is being reported
     snapshot_restarts: int = 0  # re-sent starts the gateway answered by starting it anew
+    writer_behind_since: int | None = None  # ms: seen paused by back-pressure since then
+    backpressure_pauses: int = 0  # of its subscriptions in this process
 
 
 # what an operator can do about a trigger refused in each state (not_running)
@@ -225,6 +227,7 @@ class RunController:
         self._bytes = 0  # rec.counters["bytes"] last seen, when the recording counts bytes
         self._file_sizes: dict[str, int] = {}  # else: size of each file being written
         self._skips: dict[str, int] = {}  # sub.skipped() last seen
+        self._bp_pauses_seen = 0  # sub.stats["backpressure_pauses"] last seen
         self._first_segment = 0  # segment files the recording had before this process
         self._state_log_throttle = RepeatThrottle(60.0)  # "run state not saved", per error
         self._next_lag = 0.0
@@ -290,6 +293,8 @@ class RunController:
                 bridge=None if s.bridge is None else dict(s.bridge),
                 silent_since=s.silent_since,
                 snapshot_restarts=s.snapshot_restarts,
+                writer_behind_since=s.writer_behind_since,
+                backpressure_pauses=s.backpressure_pauses,
             )
 
     def files(self) -> list[str]:
@@ -319,6 +324,7 @@ class RunController:
             self._state = state
             if state is not RunState.RECORDING:
                 self._stats.silent_since = None
+                self._stats.writer_behind_since = None
         if state is not RunState.RECORDING:
             self._silence = None
             self._resend = None  # a late answer then lands in its own, forgotten holder
@@ -498,6 +504,7 @@ class RunController:
         self._bytes = rec.counters.get("bytes", 0)
         self._file_sizes = {}
         self._skips = skips_before
+        self._bp_pauses_seen = 0  # a new subscription counts from 0
         new_active = ActiveRecording(
             recording_uid=rec.uid,
             seq=seq,
@@ -792,6 +799,25 @@ class RunController:
         client) and the lag behind the end of the topic."""
         self._update_skips(sub)
         self._update_lag(sub)
+        self._update_backpressure(sub)
+
+    def _update_backpressure(self, sub: RecurringSnapshot) -> None:
+        pauses = sub.stats["backpressure_pauses"]
+        behind = sub.backpressure_paused
+        with self._lock:
+            s = self._stats
+            new = pauses - self._bp_pauses_seen
+            self._bp_pauses_seen = pauses
+            s.backpressure_pauses += max(0, new)
+            if not behind:
+                s.writer_behind_since = None
+            elif s.writer_behind_since is None:
+                s.writer_behind_since = int(time.time() * 1000)
+                self._log.info("writing falls behind: the snapshot topic is paused until it "
+                               "catches up", queued_bytes=sub.pending_bytes,
+                               queued_events=sub.pending)
+        if new > 0 and self._metrics is not None:
+            self._metrics.backpressure_paused(self.name, new)
 
     def _update_skips(self, sub: RecurringSnapshot) -> None:
         skipped = sub.skipped()

@@ -140,8 +140,26 @@ def test_silence_fields_round_trip_show_in_the_table_and_default_for_old_documen
     older = json.loads(DOC.encode())  # a document from a daemon without these fields
     for run in older["runs"].values():
         del run["silent_since"], run["snapshot_restarts"]
+        del run["writer_behind_since"], run["backpressure_pauses"]
     back = StatusDocument.decode(json.dumps(older).encode()).run("bpm-10hz")
     assert back is not None and back.silent_since is None and back.snapshot_restarts == 0
+    assert back.writer_behind_since is None and back.backpressure_pauses == 0
+
+
+def test_writing_behind_round_trips_and_shows_in_the_table() -> None:
+    from dataclasses import replace
+
+    from recorder.cli.admin import status_table
+
+    behind = replace(RUN, writer_behind_since=1_795_291_545_000, backpressure_pauses=4)
+    doc = replace(DOC, runs=(behind, DOC.runs[1]))
+    obj = json.loads(doc.encode())
+    assert obj["runs"]["bpm-10hz"]["writer_behind_since"] == 1_795_291_545_000
+    assert StatusDocument.decode(doc.encode()).run("bpm-10hz") == behind
+    table = status_table(obj)
+    assert ("  writing behind since 2026-11-21 20:05:45 UTC: its topic is paused until the "
+            "writer catches up (paused 4 time(s) so far)") in table
+    assert table.count("writing behind") == 1
 
 
 def test_attention_lists_what_needs_a_look_and_nothing_when_all_is_well() -> None:

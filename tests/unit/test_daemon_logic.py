@@ -7,6 +7,7 @@ import json
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -137,6 +138,9 @@ class FakeSub:
         self.resends: list[float] = []
         self.resend_answers: list[Ack | Exception] = []  # then: "already running"
         self.resend_gate: threading.Event | None = None  # holds the answer back until set
+        self.stats: Counter[str] = Counter()
+        self.backpressure_paused = False
+        self.pending_bytes = 0
 
     def resend_start(self, timeout: float | None = None) -> Ack:
         self.resends.append(time.monotonic())
@@ -534,6 +538,46 @@ def test_a_slow_flush_while_messages_wait_is_no_silence(tmp_path: Path) -> None:
         assert sub.resends == []
         assert c.status().silent_since is None and c.status().last_error is None
         assert _resends(metrics, "already_running") == 0
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_run_whose_writing_falls_behind_says_so_in_status_and_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's topic paused by back-pressure (its queue reached its bound): the status says
+    since when and how often, the metric counts the pauses, and it clears once read again."""
+    import recorder.daemon.controller as controller_module
+
+    monkeypatch.setattr(controller_module, "LAG_EVERY_S", 0.05)
+    client = FakeClient()
+    metrics = RecorderMetrics()
+    c, _made = _controller(tmp_path, client, metrics=metrics)
+
+    def pauses() -> float:
+        value = metrics.registry.get_sample_value(
+            "k2eg_recorder_backpressure_pauses_total", {"run": "r"})
+        return value or 0.0
+
+    try:
+        sub = _started(c, client)
+        assert c.status().writer_behind_since is None and pauses() == 0
+        before = int(time.time() * 1000)
+        sub.stats["backpressure_pauses"] = 2
+        sub.backpressure_paused = True
+        _feed(sub, 1, 1)  # the worker goes round its loop
+        _wait(lambda: c.status().writer_behind_since is not None)
+        since = c.status().writer_behind_since
+        assert since is not None and since >= before
+        assert c.status().backpressure_pauses == 2 and pauses() == 2
+        assert c.status().to_json_obj()["writer_behind_since"] == since
+        sub.stats["backpressure_pauses"] = 3
+        sub.backpressure_paused = False
+        _feed(sub, 2, 1)
+        _wait(lambda: c.status().writer_behind_since is None)
+        _wait(lambda: c.status().backpressure_pauses == 3)
+        assert pauses() == 3
     finally:
         c.shutdown().result(5)
         assert c.join(5)
