@@ -273,9 +273,11 @@ class K2egClient:
             waiters, self._waiters = self._waiters, {}
             for reply_id in waiters:
                 self._tracker.cancel(reply_id)
-        for waiter in waiters.values():
-            if not waiter.future.done():
-                waiter.future.set_exception(ClientClosedError("the client was closed"))
+        for reply_id, waiter in waiters.items():
+            # through _complete: an asynchronous one-shot's on_error runs too (dispatched
+            # before the dispatcher stops), a waiting caller gets ClientClosedError
+            error = ClientClosedError("the client was closed")
+            self._complete(waiter, Outcome(reply_id, waiter.command, [], False, error))
         self._adapter.close(timeout_s)
         self._dispatcher.close(timeout_s)
         self._log.info("client closed")

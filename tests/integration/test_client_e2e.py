@@ -28,7 +28,7 @@ from recorder.client import (
     ValueKind,
     ValuesReceived,
 )
-from recorder.errors import ClientError
+from recorder.errors import ClientClosedError, ClientError
 from recorder.settings import KafkaSettings
 from recorder.sim import FaultConfig, GatewaySimulator, Protocol, SimConfig
 
@@ -482,6 +482,27 @@ def test_one_shot_snapshot_sync_and_async(
     assert got["reply_id"] == reply_id
     assert sorted(got["result"]) == ["SIM:AI:DOUBLE:1", "SIM:WF:FLOAT:1"]
     assert got["thread"].startswith("k2eg-dispatch-")
+
+
+def test_close_fails_a_pending_async_one_shot_through_its_on_error(
+    make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    """An asynchronous one-shot snapshot still waiting when the client closes gets its
+    ``on_error`` (the promised outcome), not silence: a caller waiting for it would hang."""
+    client = make_client(cmd_topic=unique_name("nobody"))
+    errors: list[tuple[str, ClientError]] = []
+    done = threading.Event()
+
+    def on_error(reply_id: str, error: ClientError) -> None:
+        errors.append((reply_id, error))
+        done.set()
+
+    reply_id = client.snapshot(["pva://SIM:AI:DOUBLE:1"], lambda *_: done.set(),
+                               timeout=60, on_error=on_error)
+    client.close()
+    assert done.wait(5), "neither handler nor on_error was called"
+    assert errors and errors[0][0] == reply_id
+    assert isinstance(errors[0][1], ClientClosedError)
 
 
 def test_get_returns_a_typed_value_and_gateway_errors_are_typed(
