@@ -536,6 +536,9 @@ class K2egClient:
         payload = encode_command(fields)
         future: Future[Outcome] = Future()
         with self._core_lock:
+            if reply_id in self._waiters or reply_id in self._tracker:
+                # the reply could not be told apart: the pending command keeps its waiter
+                raise ClientError(f"reply_id {reply_id!r} is already used by a pending command")
             self._waiters[reply_id] = _Waiter(command, future, on_done)
             self._tracker.expect(
                 reply_id, command, time.monotonic() + timeout_s, multi=multi, timeout_s=timeout_s

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -503,6 +504,37 @@ def test_close_fails_a_pending_async_one_shot_through_its_on_error(
     assert done.wait(5), "neither handler nor on_error was called"
     assert errors and errors[0][0] == reply_id
     assert isinstance(errors[0][1], ClientClosedError)
+
+
+def test_a_reply_id_already_pending_is_refused_and_the_first_command_keeps_its_reply(
+    make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    """``command()`` with a reply_id that a command still waits on: refused with a
+    ClientError, and the reply still reaches the command that owns the id (it waited in vain
+    for its timeout, and the reply went to the refused one)."""
+    client = make_client(cmd_topic=unique_name("nobody"))
+    got: dict[str, Any] = {}
+
+    def first() -> None:
+        t0 = time.monotonic()
+        try:
+            got["outcome"] = client.command({"command": "info", "pv_name": "pva://A",
+                                             "reply_id": "dup"}, timeout=3)
+        except ClientError as exc:
+            got["error"] = exc
+        got["took"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    time.sleep(0.3)
+    with pytest.raises(ClientError, match="dup"):
+        client.command({"command": "info", "pv_name": "pva://B", "reply_id": "dup"}, timeout=3)
+    client._adapter.produce(client.reply_topic,
+                            msgpack.packb({"error": 0, "reply_id": "dup", "message": "ok"}),
+                            headers={"k2eg-ser-type": "Msgpack"})
+    thread.join(15)
+    assert "error" not in got, got
+    assert got["outcome"].reply.message == "ok" and got["took"] < 2.5
 
 
 def test_get_returns_a_typed_value_and_gateway_errors_are_typed(
