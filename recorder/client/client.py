@@ -107,6 +107,7 @@ _log = structlog.get_logger("recorder.client")
 DEFAULT_SLACK_S = 2.0
 _DOWN_REPORT_S = 2.0  # Kafka unreachable this long is logged (once per outage)
 _EXPIRE_EVERY_S = 0.05
+_ALREADY_STOPPED = "is already stopped"  # the stop ack of a snapshot the gateway does not run
 # assembler counters of snapshot messages read but not delivered (K2egClient.skipped)
 SKIP_PREFIXES = ("malformed.", "late.", "duplicate", "before_start.")
 
@@ -828,7 +829,10 @@ class K2egClient:
             return StopResult(snapshot_name, topic, ack.message, False)
         if final_timeout_s is None:
             final_timeout_s = iteration_timeout_s(sub.properties, self.iteration_slack_s)
-        final = self._drain_final(sub, before, final_timeout_s)
+        # "already stopped": the gateway did not run it (restarted, or stopped by another
+        # client) and publishes no final iteration for this stop: read what the topic holds
+        tail_expected = _ALREADY_STOPPED not in ack.message
+        final = self._drain_final(sub, before, final_timeout_s, tail_expected=tail_expected)
         final_seen = final is not None
         self._finish_subscription(sub)
         if not self._dispatcher.in_thread:
@@ -843,21 +847,26 @@ class K2egClient:
         before: dict[int, int],
         final_timeout_s: float,
         quiet_s: float = 0.2,
+        *,
+        tail_expected: bool = True,
     ) -> IterationClosed | None:
         """Wait for the final iteration: closed by a tail at an offset >= ``before`` (so
         published after the stop command), no newer iteration open, everything up to the high
         watermark delivered and the watermark unchanged for ``quiet_s``. Older iterations
         still open then lost their tail for good (T(n) precedes H(n+1)); they close CLOSED.
+        Without ``tail_expected`` (no final iteration will come) only the last condition.
         """
         deadline = time.monotonic() + final_timeout_s
         quiet_since: float | None = None
         quiet_marks: dict[int, tuple[int, int]] | None = None
         while time.monotonic() < deadline:
             final = sub._tail_after(before)
-            if final is not None:
-                with self._core_lock:
-                    newer = [i for i in self._assembler.open_iterations(sub.topic)
-                             if i >= final.iter_index]
+            if final is not None or not tail_expected:
+                newer: list[int] = []
+                if final is not None:
+                    with self._core_lock:
+                        newer = [i for i in self._assembler.open_iterations(sub.topic)
+                                 if i >= final.iter_index]
                 if newer:
                     quiet_since = None
                 else:

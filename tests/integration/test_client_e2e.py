@@ -421,6 +421,28 @@ def test_skipped_messages_are_charged_to_their_topic(
             client.snapshot_stop(props.snapshot_name)
 
 
+def test_a_stop_answered_already_stopped_does_not_wait_for_a_final_iteration(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    """A gateway that no longer runs the snapshot (restarted: it forgot it; or stopped by
+    someone else) answers "already stopped" and publishes nothing more, so the stop returns
+    once what the topic holds is read, not after the iteration timeout (2 W + slack: for a
+    slow snapshot longer than a daemon's shutdown budget)."""
+    sim = start_sim(Protocol.SEQUENCED)
+    client = make_client()
+    props = SnapshotProperties(unique_name("gone").replace("-", "_"), PVS[:1], time_window=4000)
+    rec = Recorder()
+    client.snapshot_recurring(props, rec)
+    sim.stop()  # the gateway restarts (before its first iteration) and forgets its snapshots
+    start_sim(Protocol.SEQUENCED)
+    t0 = time.monotonic()
+    result = client.snapshot_stop(props.snapshot_name)
+    assert "already stopped" in result.message
+    assert time.monotonic() - t0 < 3.0  # the iteration timeout is 9 s
+    assert not result.final_seen and client.subscriptions == {}
+    assert rec.events == []
+
+
 def test_unsubscribe_ends_the_handle_but_the_gateway_keeps_publishing(
     start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
 ) -> None:
