@@ -248,9 +248,17 @@ def _check_envelope(value: Any, headers: Headers, max_bytes: int) -> None:
 
 
 def _unpack(value: bytes) -> Any:
+    """A reply's map; content strict decoding refuses (a string that is not UTF-8, e.g. a
+    Latin-1 unit) is kept as snapshot data keeps it (surrogate escapes, see
+    :func:`recorder.client.values._decode_lenient`)."""
     try:
         return msgpack.unpackb(value)
     except Exception as exc:  # msgpack raises many types on garbage; all mean the same
+        try:
+            return msgpack.unpackb(value, unicode_errors="surrogateescape",
+                                   strict_map_key=False)
+        except Exception:
+            pass
         raise DecodeError("not_msgpack", f"{type(exc).__name__}: {exc}") from None
 
 

@@ -129,3 +129,18 @@ def test_decode_then_track_real_bytes() -> None:
     t.expect("t1", "repeating_snapshot_trigger", deadline=1.0)
     [out] = t.feed(decode_reply(raw, [("k2eg-ser-type", b"Msgpack")]))
     assert out.ok and out.reply is not None and out.reply.message.endswith("armed")
+
+
+def test_a_reply_with_a_latin1_string_in_its_pv_is_decoded() -> None:
+    """A get / one-shot reply whose PV structure holds a string that is not UTF-8 (a Latin-1
+    unit such as b"\\xb0C", common on CA IOCs) is the PV's value, as in snapshot data
+    messages: it was dropped as not msgpack, so the get timed out and the one-shot snapshot
+    lacked the PV."""
+    raw = pack({"error": 0, "reply_id": "g1", "SIM:T": ntscalar(2.0)}).replace(
+        b"\xa2mm", b"\xa2\xb0C"
+    )
+    r = decode_reply(raw, MSGPACK_HEADERS)
+    assert r.error == 0 and r.reply_id == "g1"
+    sample = r.samples["SIM:T"]
+    assert sample.data["display"]["units"].encode("utf-8", "surrogateescape") == b"\xb0C"
+    assert sample.value == 2.0
