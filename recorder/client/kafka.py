@@ -973,10 +973,13 @@ class KafkaAdapter:
         else:
             # continue exactly after the last delivered record (drops anything prefetched)
             consumer.resume(tps)
+            now = time.monotonic()
             for p in state.partitions:
                 if p in state.positions and state.positions[p] >= 0:
                     with contextlib.suppress(KafkaException):
                         consumer.seek(TopicPartition(topic, p, state.positions[p]))
+                    # a long pause may outlast the topic's retention: a gap is reported
+                    self._first_reads.expect(topic, p, state.positions[p], now)
         with self._topics_lock:
             state.paused = pause
 
