@@ -49,7 +49,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -98,6 +98,7 @@ __all__ = [
     "iteration_timeout_s",
 ]
 
+T = TypeVar("T")
 EventHandler = Callable[[IterationEvent], None]
 OneShotHandler = Callable[[str, dict[str, list[PVSample]]], None]
 ErrorHandler = Callable[[str, ClientError], None]
@@ -133,6 +134,17 @@ def command_producer_config(settings: KafkaSettings) -> dict[str, Any]:
     if {"message.timeout.ms", "delivery.timeout.ms"} & set(settings.kafka):
         return {}
     return {"message.timeout.ms": max(1, round(settings.command_timeout_s * 1000))}
+
+
+def _kafka_result(future: Future[T], timeout_s: float, what: str) -> T:
+    """The result of an adapter request; one that takes longer than ``timeout_s`` (the
+    consumer thread busy with a slow broker) is cancelled if not begun and is a
+    :class:`TransportError`, as Kafka failing to answer is, not a bare ``TimeoutError``."""
+    try:
+        return future.result(timeout_s)
+    except FutureTimeoutError:
+        future.cancel()
+        raise TransportError(f"Kafka did not answer {what} within {timeout_s:g} s") from None
 
 
 # ------------------------------------------------------------------------------ dispatcher
@@ -246,9 +258,11 @@ class K2egClient:
                     self.reply_topic, partitions=1, timeout_s=start_timeout_s
                 )
             self._adapter.start(start_timeout_s)
-            offsets = self._adapter.add_topic(
-                self.reply_topic, StartAt.end(), timeout_s=start_timeout_s
-            ).result(start_timeout_s + 1.0)
+            offsets = _kafka_result(
+                self._adapter.add_topic(self.reply_topic, StartAt.end(),
+                                        timeout_s=start_timeout_s),
+                start_timeout_s + 1.0, f"the assignment of {self.reply_topic!r}",
+            )
         except BaseException:
             self._adapter.close(timeout_s=5.0)
             self._dispatcher.close(5.0)
@@ -715,7 +729,8 @@ class K2egClient:
             raise ClientError(f"this client already reads snapshot topic {topic!r}")
         log = self._log.bind(snapshot=properties.snapshot_name, topic=topic)
         timeout_s = self.settings.command_timeout_s if timeout is None else timeout
-        before = self._adapter.watermarks(topic).result(timeout_s + 1.0)
+        before = _kafka_result(self._adapter.watermarks(topic), timeout_s + 1.0,
+                               f"the offsets of {topic!r}")
         reply_id = new_reply_id()
         fields = repeating_snapshot_command(
             properties, reply_topic=self.reply_topic, reply_id=reply_id
@@ -753,12 +768,14 @@ class K2egClient:
                 raise ClientError(f"this client already reads snapshot topic {topic!r}")
             self._subs = {**self._subs, topic: sub}
         try:
-            sub.start_offsets = self._adapter.add_topic(topic, start, timeout_s=timeout_s).result(
-                timeout_s + 1.0
+            sub.start_offsets = _kafka_result(
+                self._adapter.add_topic(topic, start, timeout_s=timeout_s), timeout_s + 1.0,
+                f"the assignment of {topic!r}",
             )
         except BaseException:
             with self._subs_lock:
                 self._subs = {k: v for k, v in self._subs.items() if k != topic}
+            self._adapter.remove_topic(topic)  # an assignment still under way is undone
             raise
         log.info("recurring snapshot subscribed", offsets=sub.start_offsets,
                  already_running=already_running, type=properties.type.value,
@@ -811,7 +828,12 @@ class K2egClient:
         before: dict[int, int] = {}
         if sub is not None:
             sub._begin_final()
-            marks = self._adapter.watermarks(topic).result(timeout_s + 1.0)
+            try:
+                marks = _kafka_result(self._adapter.watermarks(topic), timeout_s + 1.0,
+                                      f"the offsets of {topic!r}")
+            except ClientError:
+                sub._backpressure = True
+                raise
             before = {p: high for p, (_, high) in marks.items()}
         reply_id = new_reply_id()
         fields = stop_command(snapshot_name, reply_topic=self.reply_topic, reply_id=reply_id)

@@ -29,7 +29,7 @@ from recorder.client import (
     ValueKind,
     ValuesReceived,
 )
-from recorder.errors import ClientClosedError, ClientError
+from recorder.errors import ClientClosedError, ClientError, TransportError
 from recorder.settings import KafkaSettings
 from recorder.sim import FaultConfig, GatewaySimulator, Protocol, SimConfig
 
@@ -557,6 +557,30 @@ def test_a_reply_id_already_pending_is_refused_and_the_first_command_keeps_its_r
     thread.join(15)
     assert "error" not in got, got
     assert got["outcome"].reply.message == "ok" and got["took"] < 2.5
+
+
+def test_kafka_answering_too_slowly_is_a_transport_error_not_a_bare_timeout(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    """The consumer thread busy (a slow broker's metadata answers ahead in its queue) past a
+    snapshot start's or stop's own Kafka requests: a TransportError (a RecorderError, which
+    the daemon retries), not concurrent.futures' TimeoutError (its run worker crashed into
+    "internal error", the run failed); the start's topic is not left assigned."""
+    start_sim(Protocol.SEQUENCED)
+    client = make_client()
+    name = unique_name("busy").replace("-", "_")
+    props = SnapshotProperties(name, PVS[:1], time_window=100)
+    client._adapter.call_soon(lambda: time.sleep(3.5))
+    with pytest.raises(TransportError):
+        client.snapshot_recurring(props, timeout=1)
+    time.sleep(3)
+    sub = client.snapshot_recurring(props, Recorder())
+    client._adapter.call_soon(lambda: time.sleep(3.5))
+    with pytest.raises(TransportError):
+        sub.stop(timeout=1)
+    time.sleep(3)
+    assert sub.stop().message.endswith("has been stopped")
+    assert name not in client._adapter.topics
 
 
 def test_get_returns_a_typed_value_and_gateway_errors_are_typed(
