@@ -63,9 +63,11 @@ Failure handling (never raises into the daemon for I/O problems)
     * The child dies (segfault, OOM killer, kill -9): ``status = "failed"``, ``reason`` names
       the signal or exit code and the ``.partial`` left for ``recover``; later events are
       dropped (``counters["dropped_events"]``); ``close`` returns the files that exist.
-    * The child stops answering: no reply for ``stall_timeout_s`` while work is outstanding,
-      or ``flush``/``close`` exceeding their timeout: the child is killed (SIGKILL) and the
-      recording failed with a reason saying so.
+    * The child stops answering: no reply for ``stall_timeout_s`` while work is outstanding
+      and no I/O for at least half of it (a writer finalizing a large segment at a rotation
+      answers only when done, but reads and writes meanwhile), or ``flush``/``close``
+      exceeding their timeout: the child is killed (SIGKILL) and the recording failed with a
+      reason saying so.
     * A bug in the child (an unexpected exception): recording failed, reason has the
       exception, the partial is kept (not finalized: its state is unknown).
 
@@ -194,6 +196,7 @@ class IsolatedRecording:
         self._last_flush = clock()
         self._unflushed = False  # events handed over since the last flush request
         self._last_progress = time.monotonic()
+        self._io_mark: tuple[float, int] | None = None  # (when, I/O bytes): last look
         self._closed = False
         self._gone = False  # the child is dead or was killed: nothing more to read
         self.pid: int | None = None
@@ -400,8 +403,29 @@ class IsolatedRecording:
         self.blocked_seconds += time.monotonic() - start
 
     def _stalled(self) -> bool:
-        """Kill a writer that has not answered for ``stall_timeout_s`` with work pending."""
-        if self._inflight and time.monotonic() - self._last_progress > self.stall_timeout_s:
+        """Kill a writer that has not answered for ``stall_timeout_s`` with work pending, and
+        has not read or written anything for half of it either. A writer finalizing a large
+        segment at a rotation answers only when it is done (minutes for hundreds of millions
+        of values), but reads and writes all along: in a silence longer than a tenth of the
+        timeout its I/O counters are looked at, and a change counts as an answer."""
+        if not self._inflight:
+            return False
+        now = time.monotonic()
+        if now - self._last_progress <= self.stall_timeout_s / 10:
+            return False
+        io = _io_bytes(self.pid)
+        if io is not None:
+            mark = self._io_mark
+            if mark is None or mark[0] < self._last_progress:  # first look in this silence
+                self._io_mark = (now, io)
+                return False
+            if io != mark[1]:  # busy, not hung
+                self._io_mark = (now, io)
+                self._last_progress = now
+                return False
+            if now - mark[0] < self.stall_timeout_s / 2:  # not idle long enough to tell
+                return False
+        if now - self._last_progress > self.stall_timeout_s:
             self._kill(f"did not answer for {self.stall_timeout_s:g} s")
             return True
         return False
@@ -497,6 +521,24 @@ class IsolatedRecording:
             self._proc.kill()
             self._proc.join(5)
         self._gave_up(f"{what}; killed with SIGKILL")
+
+
+def _io_bytes(pid: int | None) -> int | None:
+    """Bytes process ``pid`` has read and written so far (Linux ``/proc/PID/io``: ``rchar``
+    plus ``wchar``), or None where that cannot be read."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/io", encoding="ascii") as f:
+            text = f.read()
+    except OSError:
+        return None
+    total = 0
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("rchar", "wchar"):
+            total += int(value)
+    return total
 
 
 def open_recording(options: OutputOptions, **kwargs: Any) -> IsolatedRecording | HDF5Recording:

@@ -607,3 +607,57 @@ def test_the_writer_reports_each_finalized_segment_once(
     assert rec.status == "complete", rec.reason
     assert paths == sorted(tmp_path.glob("segs_*.h5")) and len(paths) == 12
     assert sum(carried) == 12 and max(carried) <= 2, carried
+
+
+def test_a_writer_finalizing_a_large_segment_at_a_rotation_is_busy_not_hung(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording]
+) -> None:
+    """At a segment rotation the writer rewrites the segment (finalizes it) before it answers
+    again: ~1.2 us per value (README), so 5 min for a segment of ~250 M values. It was
+    killed as hung once that outlasted ``stall_timeout_s`` (300 s), failing the recording;
+    a writer that keeps reading and writing is busy. One that does nothing is still hung."""
+    from recorder.sinks.options import SegmentOptions
+
+    npv, k, stall = 3000, 500, 0.5
+    names = [f"P{j}" for j in range(npv)]
+    raws = [msgpack.packb({"value": float(j), "timeStamp": {"secondsPastEpoch": 1,
+                                                            "nanoseconds": j}})
+            for j in range(npv)]
+    rec = recordings(OutputOptions(directory=tmp_path, segment=SegmentOptions(
+        max_iterations=k)), run_name="big", stall_timeout_s=stall)
+    for i in range(k):
+        rec.handle(IterationOpened("t", "s", i, i, offset=3 * i))
+        rec.handle(ValuesReceived("t", i, 1, i, tuple(map(PVSample.from_raw, names, raws,
+                                                          [0] * npv)), offset=3 * i + 1))
+        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i,
+                                   offset=3 * i + 2))
+        if i % 25 == 0:
+            rec.flush()  # small flushes (a synchronous flush waits without stall checks)
+    rec.flush()
+    assert rec.status == "recording" and not rec.paths
+    rec.handle(IterationOpened("t", "s", k, k, offset=3 * k))  # rotates: finalizes 1.5 M values
+    t0 = time.monotonic()
+    while status_of(rec) == "recording" and not rec.paths and time.monotonic() - t0 < 120:
+        rec.maybe_flush()
+        time.sleep(0.01)
+    took = time.monotonic() - t0
+    assert status_of(rec) == "recording", rec.reason
+    assert took > stall  # the rewrite outlasted stall_timeout_s (else this shows nothing)
+    assert len(rec.paths) == 1 and rec.alive
+
+    assert rec.pid is not None
+    os.kill(rec.pid, signal.SIGSTOP)  # now hung: no answer, no I/O
+    try:
+        rec.handle(IterationClosed("t", "s", k, IterationStatus.COMPLETE, None, k, k,
+                                   offset=3 * k + 2))
+        rec.maybe_flush()
+        t0 = time.monotonic()
+        while status_of(rec) == "recording" and time.monotonic() - t0 < 30:
+            rec.maybe_flush()
+            time.sleep(0.01)
+        assert time.monotonic() - t0 < stall + 5
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, signal.SIGCONT)
+    assert status_of(rec) == "failed" and not rec.alive
+    assert f"did not answer for {stall:g} s" in rec.reason and "SIGKILL" in rec.reason
