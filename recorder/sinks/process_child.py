@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("recorder.sinks.process")
 
+# blocked while a writer starts (see process_spawn._spawn_writer), until _child_main has set
+# what they do here
+STARTUP_BLOCKED: frozenset[signal.Signals] = frozenset(
+    {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
+
 
 def _log_config() -> dict[str, Any]:
     """How the parent's logging is configured, so the child logs the same way."""
@@ -80,6 +85,7 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
         signal.signal(sig, signal.SIG_IGN)
     # as the daemon: SIGUSR1 writes this writer's stacks to stderr (not its default: exit)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTUP_BLOCKED)  # one that came meanwhile: now
     if init_blob is None:
         import recorder.gctune
         import recorder.logging

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 
 import structlog
 
-from recorder.sinks.process_child import _child_main
+from recorder.sinks.process_child import STARTUP_BLOCKED, _child_main
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -128,6 +128,10 @@ def _spawn_writer(init_blob: bytes | None, name: str) -> _WarmWriter:
         name=name,
         daemon=False,  # reaped by our own finalizer (closes the pipe first, then joins)
     )
+    # the child starts with the signals it handles blocked (the mask survives exec) and
+    # unblocks them once it has its handlers: until then their default action (exit) would end
+    # a writer still starting on `systemctl kill -s USR1` or a terminal's Ctrl-C
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)
     try:
         proc.start()
     except BaseException:
@@ -135,6 +139,7 @@ def _spawn_writer(init_blob: bytes | None, name: str) -> _WarmWriter:
         from_child_r.close()
         raise
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         to_child_r.close()  # the child's ends: only the child may hold them (EOF detection)
         from_child_w.close()
     return _WarmWriter(proc, to_child_w, from_child_r)

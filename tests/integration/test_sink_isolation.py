@@ -661,3 +661,46 @@ def test_a_writer_finalizing_a_large_segment_at_a_rotation_is_busy_not_hung(
             os.kill(rec.pid, signal.SIGCONT)
     assert status_of(rec) == "failed" and not rec.alive
     assert f"did not answer for {stall:g} s" in rec.reason and "SIGKILL" in rec.reason
+
+
+def test_sigusr1_while_a_writer_starts_does_not_kill_it(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording]
+) -> None:
+    """``systemctl kill -s USR1`` (README: every process writes its stacks, and they go on
+    recording) reaches the writers too; one still starting (an interpreter, its imports: up
+    to a second) had no handler yet, and SIGUSR1's default action killed it: the recording
+    then failed at its start ("killed by SIGUSR1"), a writer started ahead of time was lost."""
+    import multiprocessing
+    import threading
+
+    from recorder.sinks import process_spawn
+
+    made: list[IsolatedRecording] = []
+    starting = threading.Thread(target=lambda: made.append(recordings(
+        OutputOptions(directory=tmp_path / "cold"), run_name="usr1")))
+    starting.start()
+    deadline = time.monotonic() + 10
+    while not multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    (child,) = multiprocessing.active_children()
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGUSR1)
+    starting.join(120)
+    (rec,) = made
+    assert rec.pid == child.pid
+    assert status_of(rec) == "recording", rec.reason
+    for event in iteration_events(0, width=4):
+        rec.handle(event)
+    (path,) = rec.close()
+    assert rec.status == "complete"
+    with open_file(path) as f:
+        assert f.iterations()["iter_index"].tolist() == [0]
+
+    process_spawn.prewarm_writer()
+    (warm,) = process_spawn._WARM
+    assert warm.proc.pid is not None
+    os.kill(warm.proc.pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    rec = recordings(OutputOptions(directory=tmp_path / "warm"), run_name="usr1w")
+    assert rec.pid == warm.proc.pid and status_of(rec) == "recording", rec.reason
+    assert rec.close() and rec.status == "complete"
