@@ -95,7 +95,7 @@ import structlog
 
 from recorder.client.events import IterationEvent
 from recorder.client.properties import SnapshotProperties
-from recorder.sinks.options import OutputOptions, flush_due_after
+from recorder.sinks.options import PARTIAL_SUFFIX, OutputOptions, final_path, flush_due_after
 from recorder.sinks.process_child import _log_config
 from recorder.sinks.process_codec import (
     _CLOSE,
@@ -496,14 +496,28 @@ class IsolatedRecording:
         self._inflight_bytes = 0
         self._flush_pending = None
         if self.status == "recording":
-            where = (
-                f"; data up to the last flush is in {self.current_path} "
-                "(finalize it with `k2eg-recorder recover`)"
-                if self.current_path is not None else ""
-            )
-            self._fail(f"writer process (pid {self.pid}) {what}{where}")
+            self._fail(f"writer process (pid {self.pid}) {what}{self._left_behind()}")
         else:  # already failed (e.g. disk full) or closed: keep that reason
             self._log.warning("writer process gone", problem=what, status=self.status)
+
+    def _left_behind(self) -> str:
+        """What a writer that is gone left, for the reason: the file it was writing, as it
+        last said. It may have finalized that one at a rotation and not said so yet: the file
+        is then one of the recording's (``paths``), and what it wrote after it is in the next
+        segment's ``.partial``, if it got to open one."""
+        partial = self.current_path
+        if partial is None:
+            return ""
+        final = final_path(partial)
+        if final != partial and not partial.exists() and final.exists():
+            if final not in self.paths:
+                self.paths.append(final)
+            self.current_path = None  # which one it was writing then: not known
+            return (f"; it had finalized {final}; a later segment it began is left as "
+                    f"{PARTIAL_SUFFIX} in {partial.parent} (finalize it with "
+                    "`k2eg-recorder recover`)")
+        return (f"; data up to the last flush is in {partial} "
+                "(finalize it with `k2eg-recorder recover`)")
 
     def _died(self) -> None:
         self._proc.join(5)

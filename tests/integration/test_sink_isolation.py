@@ -40,7 +40,7 @@ from recorder.client.events import (
 from recorder.client.values import PVSample
 from recorder.reader import RecordingFile, open_file
 from recorder.sinks.hdf5 import HDF5Recording
-from recorder.sinks.options import Compression, OutputOptions
+from recorder.sinks.options import Compression, OutputOptions, final_path
 from recorder.sinks.packed import PackedSamples
 from recorder.sinks.process import IsolatedRecording, open_recording
 from recorder.sinks.process_codec import _decode_event, _Encoder
@@ -704,3 +704,56 @@ def test_sigusr1_while_a_writer_starts_does_not_kill_it(
     rec = recordings(OutputOptions(directory=tmp_path / "warm"), run_name="usr1w")
     assert rec.pid == warm.proc.pid and status_of(rec) == "recording", rec.reason
     assert rec.close() and rec.status == "complete"
+
+
+def test_writer_killed_right_after_a_rotation_finalized_a_segment(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording]
+) -> None:
+    """A writer that dies after a rotation finalized a segment but before its next answer
+    (it goes on with the rest of the batch and opens the next segment first): the reason sent
+    the operator to ``recover`` a ``.partial`` that no longer existed, and the finalized
+    segment was missing from the recording's files (``close()``, the stop reply)."""
+    import threading
+
+    from recorder.sinks.options import SegmentOptions
+
+    for attempt in range(2):
+        d = tmp_path / f"a{attempt}"
+        rec = recordings(OutputOptions(directory=d, segment=SegmentOptions(max_iterations=5)),
+                         run_name="rot", batch_bytes=1 << 30)
+        for i in range(5):
+            for event in iteration_events(i, width=4):
+                rec.handle(event)
+        rec.flush()
+        assert rec.pid is not None and rec.current_path is not None
+        first = rec.current_path
+        pid = rec.pid
+        stopped = threading.Event()
+
+        def watch(first: Path = first, pid: int = pid, stopped: threading.Event = stopped
+                  ) -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if not first.exists():  # finalized (renamed, then the .partial removed)
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.set()
+                    return
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        for i in range(5, 60):  # the rotation, then more work in the same frame
+            for event in iteration_events(i):
+                rec.handle(event)
+        rec.maybe_flush()
+        watcher.join()
+        assert stopped.is_set()
+        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGCONT)
+        rec.flush()
+        assert status_of(rec) == "failed" and "SIGKILL" in rec.reason
+        finals = sorted(d.glob("*.h5"))
+        assert finals == [final_path(first)]
+        assert rec.close() == finals  # told, or found when the writer died
+        for named in re.findall(r"(/\S+\.h5\.partial)\b", rec.reason):
+            assert Path(named).exists(), rec.reason  # never a file that is gone
+        assert str(first) not in rec.reason
