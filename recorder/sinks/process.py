@@ -95,6 +95,7 @@ import structlog
 
 from recorder.client.events import IterationEvent
 from recorder.client.properties import SnapshotProperties
+from recorder.sinks import process_spawn
 from recorder.sinks.options import PARTIAL_SUFFIX, OutputOptions, final_path, flush_due_after
 from recorder.sinks.process_child import _log_config
 from recorder.sinks.process_codec import (
@@ -246,7 +247,8 @@ class IsolatedRecording:
         self._sender.start()
         self.pid = self._proc.pid
         self._log = self._log.bind(writer_pid=self.pid)
-        self._reaper = _Reaper(self._proc, self._out, self._rx, self._sender, 10.0)
+        self._reaper = _Reaper(self._proc, self._out, self._rx, self._sender,
+                               process_spawn.REAP_GRACE_S)
         # when garbage-collected without close(); at exit _reap_all does it, in the right order
         weakref.finalize(self, self._reaper).atexit = False
         _LIVE.add(self)
@@ -354,10 +356,10 @@ class IsolatedRecording:
             self.close()
 
     # --- internals ----------------------------------------------------------------------------
-    def _teardown(self) -> None:
+    def _teardown(self, deadline: float | None = None) -> None:
         self._gone = True
         if self._reaper is not None:
-            self._reaper()
+            self._reaper(deadline)
         _LIVE.discard(self)
 
     def _drop(self, n: int = 1) -> None:

@@ -16,6 +16,7 @@ import multiprocessing.util  # registers its atexit hook before ours (ours must 
 import queue
 import signal
 import threading
+import time
 import weakref
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Final
@@ -37,10 +38,20 @@ log = structlog.get_logger("recorder.sinks.process")
 _LIVE: weakref.WeakSet[IsolatedRecording] = weakref.WeakSet()
 
 
+REAP_GRACE_S = 10.0  # a writer that got EOF has this long to exit before SIGKILL
+
+
 @atexit.register
 def _reap_all() -> None:
-    for rec in list(_LIVE):
-        rec._teardown()
+    """Every writer gets EOF first, then they share one grace period: one by one, each busy
+    writer (finalizing when the shutdown budget ran out) waited out a grace of its own."""
+    live = list(_LIVE)
+    for rec in live:
+        if rec._reaper is not None:
+            rec._reaper.eof()
+    deadline = time.monotonic() + REAP_GRACE_S
+    for rec in live:
+        rec._teardown(deadline)
     _release_warm()
 
 
@@ -73,14 +84,25 @@ class _Reaper:
                  rx: Connection, sender: threading.Thread, grace_s: float) -> None:
         self.proc, self.out, self.rx, self.sender, self.grace_s = proc, out, rx, sender, grace_s
         self.done = False
+        self.eof_sent = False
 
-    def __call__(self) -> None:
+    def eof(self) -> None:
+        """Have the sender close the pipe (EOF to the child) after the frames queued."""
+        if not self.eof_sent:
+            self.eof_sent = True
+            self.out.put(None)
+
+    def __call__(self, deadline: float | None = None) -> None:
+        """EOF, then reap the child, killed if still running at ``deadline`` (default:
+        ``grace_s`` from now)."""
         if self.done:
             return
         self.done = True
-        self.out.put(None)
-        self.sender.join(self.grace_s)
-        self.proc.join(self.grace_s)
+        self.eof()
+        if deadline is None:
+            deadline = time.monotonic() + self.grace_s
+        self.sender.join(max(0.0, deadline - time.monotonic()))
+        self.proc.join(max(0.0, deadline - time.monotonic()))
         if self.proc.exitcode is None:
             self.proc.kill()
             self.proc.join(5)

@@ -757,3 +757,30 @@ def test_writer_killed_right_after_a_rotation_finalized_a_segment(
         for named in re.findall(r"(/\S+\.h5\.partial)\b", rec.reason):
             assert Path(named).exists(), rec.reason  # never a file that is gone
         assert str(first) not in rec.reason
+
+
+def test_writers_left_at_exit_are_reaped_together(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At interpreter exit the writers of recordings not closed (runs still finalizing when
+    the shutdown budget ran out) get EOF and a grace period, then SIGKILL. They were reaped
+    one after the other, each busy writer waiting out its own grace (10 s): a dozen of them
+    took the exit past the unit's TimeoutStopSec, and systemd killed the daemon."""
+    from recorder.sinks import process_spawn
+
+    monkeypatch.setattr(process_spawn, "REAP_GRACE_S", 1.0, raising=False)
+    busy = [recordings(OutputOptions(directory=tmp_path / str(i)), run_name=f"busy{i}")
+            for i in range(3)]
+    for rec in busy:
+        assert rec.pid is not None
+        os.kill(rec.pid, signal.SIGSTOP)  # busy (finalizing): reads no EOF
+    t0 = time.monotonic()
+    try:
+        process_spawn._reap_all()
+    finally:
+        for rec in busy:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec.pid, signal.SIGCONT)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 1.0 + 1.5
+    assert not any(rec.alive for rec in busy)
