@@ -65,9 +65,9 @@ Failure handling (never raises into the daemon for I/O problems)
       dropped (``counters["dropped_events"]``); ``close`` returns the files that exist.
     * The child stops answering: no reply for ``stall_timeout_s`` while work is outstanding
       and no I/O for at least half of it (a writer finalizing a large segment at a rotation
-      answers only when done, but reads and writes meanwhile), or ``flush``/``close``
-      exceeding their timeout: the child is killed (SIGKILL) and the recording failed with a
-      reason saying so.
+      answers only when done, but reads and writes meanwhile), ``flush`` exceeding its
+      timeout, or ``close`` its timeout with no I/O during the last such stretch either: the
+      child is killed (SIGKILL) and the recording failed with a reason saying so.
     * A bug in the child (an unexpected exception): recording failed, reason has the
       exception, the partial is kept (not finalized: its state is unknown).
 
@@ -340,7 +340,8 @@ class IsolatedRecording:
         if not self._gone:
             self._ship()
             seq = self._send([_CLOSE, self._take_seq(), status, reason])
-            self._wait_for(seq, self.close_timeout_s, "close (finalizing the files)")
+            self._wait_for(seq, self.close_timeout_s, "close (finalizing the files)",
+                           while_busy=True)
         self._teardown()
         self._log.info("recording closed", status=self.status, reason=self.reason,
                        files=len(self.paths))
@@ -446,11 +447,22 @@ class IsolatedRecording:
             self._apply(frame)
             wait = 0.0
 
-    def _wait_for(self, seq: int, timeout: float, what: str) -> None:
+    def _wait_for(self, seq: int, timeout: float, what: str, *, while_busy: bool = False
+                  ) -> None:
+        """Wait for the reply to ``seq``; kill the writer after ``timeout``, or with
+        ``while_busy`` (finalizing) only after ``timeout`` without any I/O."""
         deadline = time.monotonic() + timeout
+        io = _io_bytes(self.pid) if while_busy else None
         while not self._gone and self._acked < seq:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                now_io = _io_bytes(self.pid) if io is not None else None
+                if now_io is not None and now_io != io:  # still reading and writing
+                    io = now_io
+                    deadline += timeout
+                    self._log.info("writer process still busy; waiting", work=what,
+                                   timeout_s=timeout)
+                    continue
                 self._kill(f"did not complete {what} within {timeout:g} s")
                 return
             self._poll(min(remaining, 1.0))

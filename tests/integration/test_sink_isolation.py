@@ -609,22 +609,13 @@ def test_the_writer_reports_each_finalized_segment_once(
     assert sum(carried) == 12 and max(carried) <= 2, carried
 
 
-def test_a_writer_finalizing_a_large_segment_at_a_rotation_is_busy_not_hung(
-    tmp_path: Path, recordings: Callable[..., IsolatedRecording]
-) -> None:
-    """At a segment rotation the writer rewrites the segment (finalizes it) before it answers
-    again: ~1.2 us per value (README), so 5 min for a segment of ~250 M values. It was
-    killed as hung once that outlasted ``stall_timeout_s`` (300 s), failing the recording;
-    a writer that keeps reading and writing is busy. One that does nothing is still hung."""
-    from recorder.sinks.options import SegmentOptions
-
-    npv, k, stall = 3000, 500, 0.5
+def record_large_segment(rec: IsolatedRecording, k: int, npv: int = 3000) -> None:
+    """``k`` iterations of ``npv`` scalars (a segment that takes a second or more to
+    finalize), flushed: durable on return."""
     names = [f"P{j}" for j in range(npv)]
     raws = [msgpack.packb({"value": float(j), "timeStamp": {"secondsPastEpoch": 1,
                                                             "nanoseconds": j}})
             for j in range(npv)]
-    rec = recordings(OutputOptions(directory=tmp_path, segment=SegmentOptions(
-        max_iterations=k)), run_name="big", stall_timeout_s=stall)
     for i in range(k):
         rec.handle(IterationOpened("t", "s", i, i, offset=3 * i))
         rec.handle(ValuesReceived("t", i, 1, i, tuple(map(PVSample.from_raw, names, raws,
@@ -634,6 +625,21 @@ def test_a_writer_finalizing_a_large_segment_at_a_rotation_is_busy_not_hung(
         if i % 25 == 0:
             rec.flush()  # small flushes (a synchronous flush waits without stall checks)
     rec.flush()
+
+
+def test_a_writer_finalizing_a_large_segment_at_a_rotation_is_busy_not_hung(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording]
+) -> None:
+    """At a segment rotation the writer rewrites the segment (finalizes it) before it answers
+    again: ~1.2 us per value (README), so 5 min for a segment of ~250 M values. It was
+    killed as hung once that outlasted ``stall_timeout_s`` (300 s), failing the recording;
+    a writer that keeps reading and writing is busy. One that does nothing is still hung."""
+    from recorder.sinks.options import SegmentOptions
+
+    k, stall = 500, 0.5
+    rec = recordings(OutputOptions(directory=tmp_path, segment=SegmentOptions(
+        max_iterations=k)), run_name="big", stall_timeout_s=stall)
+    record_large_segment(rec, k)
     assert rec.status == "recording" and not rec.paths
     rec.handle(IterationOpened("t", "s", k, k, offset=3 * k))  # rotates: finalizes 1.5 M values
     t0 = time.monotonic()
@@ -784,3 +790,39 @@ def test_writers_left_at_exit_are_reaped_together(
                 os.kill(rec.pid, signal.SIGCONT)  # type: ignore[arg-type]
     assert time.monotonic() - t0 < 1.0 + 1.5
     assert not any(rec.alive for rec in busy)
+
+
+def test_a_stop_waits_for_a_writer_still_finalizing_a_large_segment(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording]
+) -> None:
+    """``close`` finalizes the last segment; a writer still at it when ``close_timeout_s``
+    (30 min: ~1.5 G values, two days of 1,000 PVs at 10 Hz without a segment limit) ran out
+    was killed, the stop answered "recording failed", and the whole rewrite was left to
+    ``recover``. A writer that keeps reading and writing is given more time."""
+    timeout = 0.5
+    rec = recordings(OutputOptions(directory=tmp_path), run_name="bigstop",
+                     close_timeout_s=timeout)
+    record_large_segment(rec, 500)
+    t0 = time.monotonic()
+    paths = rec.close()
+    took = time.monotonic() - t0
+    assert rec.status == "complete", rec.reason
+    assert took > timeout  # the rewrite outlasted close_timeout_s (else this shows nothing)
+    (final,) = paths
+    with open_file(final) as f:
+        assert f.status == "complete" and len(f.iterations()["iter_index"]) == 500
+
+    hung = recordings(OutputOptions(directory=tmp_path / "hung"), run_name="hungstop",
+                      close_timeout_s=timeout)
+    for event in iteration_events(0, width=4):
+        hung.handle(event)
+    assert hung.pid is not None
+    os.kill(hung.pid, signal.SIGSTOP)  # no I/O: hung, killed after close_timeout_s
+    try:
+        t0 = time.monotonic()
+        assert hung.close() == []
+        assert time.monotonic() - t0 < timeout + 5
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung.pid, signal.SIGCONT)
+    assert status_of(hung) == "failed" and "did not complete close" in hung.reason
