@@ -74,9 +74,19 @@ def _texts(column: Any, stored: str = "") -> list[Any]:
         return [str(v) for v in column]
     kind = _kind_of(stored)
     if column.dtype.kind == "f" and kind in ("i", "u", "b"):
-        as_stored = bool if kind == "b" else int
-        return [None if v != v else as_stored(v) for v in column.tolist()]  # noqa: PLR0124
+        return [_as_stored(v, kind) for v in column.tolist()]
     return list(column.tolist())
+
+
+def _as_stored(value: float, kind: str) -> Any:
+    """A float of an integer or boolean PV's table column as the PV sent it: None for a gap
+    (NaN), ``10`` / ``True`` where it is one, else the float itself (a value sent after the
+    PV changed type: 2.75 is not 2)."""
+    if value != value:  # noqa: PLR0124
+        return None
+    if kind == "b":
+        return bool(value) if value in (0.0, 1.0) else value
+    return int(value) if value.is_integer() else value
 
 
 def _kind_of(stored: str) -> str:

@@ -115,3 +115,17 @@ def test_an_output_that_cannot_be_written_is_said_in_one_line(tmp_path: Path) ->
     out = export(str(path), "-o", str(path))  # the recording itself: never overwritten
     assert out.returncode == 2 and "not overwritten" in out.stderr, out
     assert path.read_bytes() == before
+
+
+def test_a_value_after_a_type_change_is_exported_as_sent(tmp_path: Path) -> None:
+    """A PV stored as integers that later sends a float (its IOC record changed type): the
+    float is its value in that iteration, not truncated to the integer column's type."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="change")
+    for i, x in enumerate((1, 2, 2.75, -0.5)):
+        write_iteration(rec, i, [PVSample("X", {"value": x}), PVSample("Q", {
+            "value": i % 2 == 0 if i < 2 else 0.5})])
+    (path,) = rec.close()
+
+    table = rows(export(str(path)).stdout)
+    assert [r["X"] for r in table] == ["1", "2", "2.75", "-0.5"]
+    assert [r["Q"] for r in table] == ["True", "False", "0.5", "0.5"]
