@@ -6,7 +6,7 @@ commit). ``--data`` also reads every dataset whole, so blocks damaged on disk sh
 for big files: it reads them entirely). Without PATH it checks the output directories of
 the run definitions the daemon reads (``RECORDER_CONFIG_PATH``). ``--run``, ``--since``,
 ``--until`` select recordings as ``ls`` does (files with data in the window; files that
-cannot be read are always checked).
+cannot be read, or give no answer within ``--file-timeout``, are always checked).
 
 Examples::
 
@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from recorder.cli.argtypes import positive_seconds
 from recorder.cli.data_paths import (
     add_paths_argument,
     add_selection_arguments,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from recorder.verify import Report
 
 HELP = "check recorded files against the file-format spec"
+FILE_TIMEOUT_S = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,10 +53,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="only files with problems, and the total")
+    parser.add_argument(
+        "--file-timeout", type=positive_seconds, default=FILE_TIMEOUT_S, metavar="SECONDS",
+        help="with --run/--since/--until: a file whose run and times do not answer within "
+        "this long is checked as one that cannot be read (HDF5 loops for ever on some "
+        f"damaged files; default {FILE_TIMEOUT_S:g})")
 
 
 def run(args: argparse.Namespace) -> int:
-    from recorder.catalog import candidates, scan
+    from recorder.catalog import candidates, describe_file, scan
+    from recorder.deadline import DeadlineWorker
     from recorder.verify import verify_file
 
     paths = paths_to_read(args.paths, "verify")
@@ -72,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
     if args.run or args.since or args.until:
         # the files of the selected recordings, and every file that could not be described
         # (it cannot be placed in time or run, and is exactly what needs a look)
-        catalog = scan(files, run=args.run, since=window[0], until=window[1])
+        # (each file described in a worker with a deadline, as `ls` does: HDF5 loops for
+        # ever on a finalized file whose global heap was zero-filled, which verify names)
+        with DeadlineWorker(args.file_timeout) as worker:
+            catalog = scan(files, run=args.run, since=window[0], until=window[1],
+                           describe=lambda path: worker.call(describe_file, path))
         chosen = {f.path for r in catalog.recordings for f in r.files}
         chosen.update(p for p, _why in catalog.unreadable)
         files = [p for p in files if p in chosen]

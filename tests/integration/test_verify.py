@@ -554,3 +554,25 @@ def test_selection_by_run_and_time_as_ls_does(tmp_path: Path) -> None:
     assert out.returncode == 2 and "ISO 8601" in out.stderr
     out = verify_cli("--since", "2026-01-03", "--until", "2026-01-01", str(data))
     assert out.returncode == 2 and "--since is after --until" in out.stderr
+
+
+def test_a_selection_names_a_finalized_file_hdf5_loops_on(tmp_path: Path) -> None:
+    """The nightly ``verify -q --data --since 26h``: selecting the recordings reads every
+    file's attributes, on which HDF5 loops for ever when a finalized file's global heap was
+    zero-filled (storage damage). The file that does not answer in time is checked like any
+    unreadable one (verify's heap scan names the damage), and the others are verified; the
+    selection hung for good before."""
+    from test_catalog_ls import T_ALPHA, T_BETA, zero_first_heap_collection
+    from test_catalog_ls import record as record_at
+
+    data = tmp_path / "data"
+    (good,) = record_at(data, "alpha", T_ALPHA, 3)
+    (bad,) = record_at(data, "beta", T_BETA, 2)
+    zero_first_heap_collection(bad)
+    out = subprocess.run([sys.executable, "-m", "recorder.cli", "verify", "-q", "--since",
+                          "2026-01-01", "--file-timeout", "3", str(data)], check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out
+    assert f"FAIL  {bad}" in out.stdout and "damaged global-heap collection" in out.stdout
+    assert "2 file(s) checked: 1 ok, 0 with warnings, 1 failed" in out.stdout, out.stdout
+    assert str(good) not in out.stdout  # -q: ok files are not listed
