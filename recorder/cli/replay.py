@@ -179,12 +179,14 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
                   "replaying into it would mix old iterations into what its gateway publishes "
                   "(pass --to-recorded-topic if that is what you want)", file=sys.stderr)
             return EXIT_USAGE
-        if selection.pvs is not None:
-            unknown = sorted(selection.pvs - set(f.pv_names))
-            if unknown and len(files) == 1:
-                print(f"k2eg-recorder replay: {f.path} has no PV {', '.join(unknown)}",
-                      file=sys.stderr)
-                return EXIT_USAGE
+    if selection.pvs is not None:  # a PV may be missing from some segments, not from all
+        unknown = sorted(selection.pvs - {pv for f in files for pv in f.pv_names})
+        if unknown:
+            names = ", ".join(unknown)
+            said = (f"{files[0].path} has no PV {names}" if len(files) == 1
+                    else f"no PV {names} in any of the {len(files)} files")
+            print(f"k2eg-recorder replay: {said}", file=sys.stderr)
+            return EXIT_USAGE
 
     base = kafka.librdkafka_config()
     if not args.verbose:  # the outcome is printed; librdkafka's connection retries only here

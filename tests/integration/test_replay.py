@@ -176,6 +176,13 @@ def test_replay_paces_selects_and_refuses_the_recorded_topic(
     assert missing.returncode == 2 and "/nonexistent/x.h5: no such file" in missing.stderr
     unknown = replay(kafka_bootstrap, str(source[0]), "--topic", topic, "--pv", "NOPE")
     assert unknown.returncode == 2 and "no PV NOPE" in unknown.stderr
+    # also over several files (a PV may be missing from some segments, not from all)
+    for files in (["--all-segments", str(source[0])], [str(p) for p in source]):
+        empty = unique_name("replay-nopv")
+        unknown = replay(kafka_bootstrap, *files, "--topic", empty, "--pv", "F64",
+                         "--pv", "NOPE")
+        assert unknown.returncode == 2, unknown
+        assert "no PV NOPE" in unknown.stderr and unknown.stdout == "", unknown
 
 
 def test_no_broker_is_a_clear_error(tmp_path: Path, source: list[Path]) -> None:
