@@ -19,6 +19,8 @@ import signal
 import sys
 from types import FrameType
 
+from recorder.cli.argtypes import count
+
 HELP = "run the k2eg gateway simulator"
 
 
@@ -62,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--from-offset",
-        type=int,
+        type=count,
         default=None,
         help="read the command topic from this offset instead of its end",
     )

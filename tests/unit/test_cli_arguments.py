@@ -89,3 +89,16 @@ def test_validate_without_path_checks_what_the_daemon_would_load(
     monkeypatch.setenv("RECORDER_CONFIG_PATH", str(tmp_path / "missing"))
     assert main(["validate", "-q"]) == 1
     assert "no such file or directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--from-offset", "-5"], "--from-offset: '-5': must be 0 or more"),
+    (["--from-offset", "end"], "--from-offset: 'end' is not a whole number"),
+])
+def test_sim_refuses_what_it_cannot_run(argv: list[str], needle: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A negative offset was a librdkafka traceback once the simulator had connected."""
+    with pytest.raises(SystemExit) as info:
+        main(["sim", "--bootstrap", "127.0.0.1:9", *argv])
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
