@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from recorder.errors import TransportError
+from recorder.errors import RecorderError, TransportError
 from recorder.sim.engine import CreateTopic, Flush, Produce, SimConfig, SimEngine
 
 log = structlog.get_logger("recorder.sim")
@@ -124,6 +124,9 @@ class GatewaySimulator:
     def _thread_main(self) -> None:
         try:
             self._loop()
+        except RecorderError as exc:  # said by start()/run(): no traceback
+            self._error = exc
+            log.error("sim.failed", error=str(exc))
         except BaseException as exc:  # reported to start()/run()
             self._error = exc
             log.exception("sim.failed")
@@ -239,6 +242,9 @@ class GatewaySimulator:
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise TransportError(f"cannot create topic {name!r}: {exc}") from exc
+        except TimeoutError:  # the future's own: the broker did not answer
+            raise TransportError(f"no answer from Kafka at {self.bootstrap_servers} within "
+                                 f"15 s (creating topic {name!r})") from None
         self._created.add(name)
 
 

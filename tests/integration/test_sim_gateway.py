@@ -187,3 +187,17 @@ def test_cli_runs_until_sigterm(kafka_bootstrap: str, unique_name: Callable[[str
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_cli_without_a_broker_says_so_in_one_line() -> None:
+    """No broker at --bootstrap: one line naming it, exit 1 (it was a traceback of a bare
+    TimeoutError and "simulator failed: " with nothing after it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECORDER_")}
+    out = subprocess.run([sys.executable, "-m", "recorder.cli", "sim", "--bootstrap",
+                          "127.0.0.1:9"], capture_output=True, text=True, env=env,
+                         timeout=120, check=False)
+    assert out.returncode == 1, out
+    assert "Traceback" not in out.stderr + out.stdout, out
+    last = out.stderr.splitlines()[-1]
+    assert last.startswith("k2eg-recorder sim: simulator failed: no answer from Kafka at "
+                           "127.0.0.1:9 within"), out.stderr
