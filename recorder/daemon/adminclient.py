@@ -23,7 +23,12 @@ from recorder.admin.protocol import (
 )
 from recorder.client import KafkaAdapter, StartAt
 from recorder.client.wire import Record
-from recorder.errors import AdminCommandError, ServiceError, UnverifiedReplyError
+from recorder.errors import (
+    AdminCommandError,
+    ServiceError,
+    TransportError,
+    UnverifiedReplyError,
+)
 from recorder.settings import KafkaSettings
 
 
@@ -68,9 +73,18 @@ class AdminClient:
                              secret=self.secret)
 
     def send_raw(self, payload: bytes) -> None:
-        """Produce anything on the admin topic (tests of malformed commands)."""
-        self._adapter.produce(self.admin_topic, payload)
+        """Produce anything on the admin topic (tests of malformed commands). Raises
+        :class:`TransportError` when Kafka refused it (no daemon can read it then)."""
+        failures: list[TransportError] = []
+
+        def delivered(error: TransportError | None) -> None:
+            if error is not None:
+                failures.append(error)
+
+        self._adapter.produce(self.admin_topic, payload, on_delivery=delivered)
         self._adapter.flush(5.0)
+        if failures:
+            raise failures[0]
 
     def send(self, command: AdminCommand) -> None:
         self.send_raw(encode_command(command))
