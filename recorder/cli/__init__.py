@@ -8,6 +8,7 @@ imports its heavy dependencies (confluent_kafka, h5py) inside ``run`` only.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import os
@@ -97,9 +98,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"k2eg-recorder {args._name}: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `k2eg-recorder ls --json | head`: the reader left, fine
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
+        _drop_stdout()
         return 141  # 128 + SIGPIPE, as a shell reports a killed writer
+    except OSError as exc:  # `k2eg-recorder export FILE > out.csv` on a full filesystem
+        if exc.errno not in OUTPUT_FULL:
+            raise
+        _drop_stdout()
+        print(f"k2eg-recorder {args._name}: cannot write the output: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+
+
+OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""Why standard output cannot take what a command prints: said in one line, exit 1."""
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null: no second error when Python flushes it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":  # pragma: no cover

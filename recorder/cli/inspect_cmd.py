@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     is killed when it does not answer within ``--timeout``."""
     import functools
 
+    from recorder.cli import OUTPUT_FULL
     from recorder.deadline import DeadlineWorker
 
     with DeadlineWorker(args.timeout) as worker:
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         except BrokenPipeError:
             raise  # the reader of our output left (`| head`): the CLI says so
         except OSError as exc:
+            if exc.errno in OUTPUT_FULL:
+                raise  # our output could not be written (a full disk): the CLI says so
             print(f"{args.file}: cannot read: {exc}", file=sys.stderr)
             return 1
 

@@ -129,3 +129,21 @@ def test_a_value_after_a_type_change_is_exported_as_sent(tmp_path: Path) -> None
     table = rows(export(str(path)).stdout)
     assert [r["X"] for r in table] == ["1", "2", "2.75", "-0.5"]
     assert [r["Q"] for r in table] == ["True", "False", "0.5", "0.5"]
+
+
+def test_standard_output_on_a_full_disk_is_said_in_one_line(tmp_path: Path) -> None:
+    """``export FILE > out.csv`` on a full filesystem (here /dev/full): one line, exit 1,
+    as with ``-o`` (it was a traceback); the same for the other commands that print."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="full")
+    for i in range(3):
+        write_iteration(rec, i, [PVSample("A", {"value": 1.0 * i})])
+    (path,) = rec.close()
+    for args in (["export", str(path)], ["ls", str(tmp_path)], ["verify", str(path)],
+                 ["inspect", str(path)]):
+        with open("/dev/full", "w") as full:
+            out = subprocess.run([sys.executable, "-m", "recorder.cli", *args], stdout=full,
+                                 stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=120,
+                                 check=False)
+        assert out.returncode == 1, (args, out.stderr)
+        assert out.stderr == (f"k2eg-recorder {args[0]}: cannot write the output: "
+                              "No space left on device\n"), (args, out.stderr)
