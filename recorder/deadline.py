@@ -3,8 +3,8 @@
 HDF5 loops for ever, holding the GIL, on some damaged files (a zero-filled global-heap
 collection; decision 0014). Files that may hold such damage are scanned before they open, but
 a finalized file is not scanned on every open (that would read it whole). Commands that go
-through many files, like ``k2eg-recorder ls``, and ``inspect``, which Ctrl-C cannot stop
-while HDF5 loops, make their per-file call through a
+through many files, like ``k2eg-recorder ls``, and ``inspect`` (HDF5's loop does not heed
+Ctrl-C: the worker is killed then too), make their per-file call through a
 :class:`DeadlineWorker` instead: one forked worker process serves the calls one at a time, and
 a call that does not answer in time gets the worker killed and replaced, and an
 :class:`OSError` naming the file, so one damaged file is reported and the others are listed.
@@ -48,12 +48,20 @@ class DeadlineWorker:
         try:
             return pending.get(self.timeout_s)
         except multiprocessing.TimeoutError:
-            self._pool.terminate()  # kills the worker, stuck in HDF5 with its GIL held
-            self._pool = None
+            self._kill()
             raise OSError(
                 f"Unable to read {os.fspath(path)} (no answer within {self.timeout_s:g} s: "
                 "HDF5 loops for ever on some damaged files; `k2eg-recorder verify` checks it "
                 "for the damage it knows)") from None
+        except BaseException:  # Ctrl-C: the worker may never end by itself
+            self._kill()
+            raise
+
+    def _kill(self) -> None:
+        """Kill the worker (stuck in HDF5 with its GIL held, it cannot end on its own)."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=positive_seconds, default=TIMEOUT_S, metavar="SECONDS",
         help="give up on a file that does not answer within this long (HDF5 loops for ever "
-        f"on some damaged files, and Ctrl-C cannot stop it there; default {TIMEOUT_S:g})")
+        f"on some damaged files; Ctrl-C ends it too; default {TIMEOUT_S:g})")
 
 
 def _t(ns: int | None) -> str:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -913,3 +914,29 @@ def test_ls_lists_the_others_when_a_finalized_file_makes_hdf5_loop(tmp_path: Pat
     out = subprocess.run([sys.executable, "-m", "recorder.cli", "inspect", str(good)],
                          check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith(f"file      {good}\n"), out
+
+
+@pytest.mark.parametrize("command", ["ls", "inspect"])
+def test_ctrl_c_ends_a_command_whose_file_makes_hdf5_loop(tmp_path: Path, command: str) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) while the worker is stuck in HDF5's
+    loop on a damaged finalized file: the command ends at once, exit 130, and takes its
+    worker along (it waited for the worker, which never ends, for good)."""
+    (bad,) = record(tmp_path / "data", "beta", T_BETA, 2)
+    zero_first_heap_collection(bad)
+    target = bad.parent if command == "ls" else bad
+    proc = subprocess.Popen([sys.executable, "-m", "recorder.cli", command, str(target)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        time.sleep(4)  # the worker is in HDF5's loop by now
+        assert proc.poll() is None
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err, err
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)  # no worker left behind in the process group
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
