@@ -161,14 +161,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     with source:
         files = [source] if isinstance(source, RecordingFile) else source.files
-        kinds: dict[str, str] = {}
-        stored: dict[str, str] = {}
-        for f in files:
-            for row in f.summary():
-                kinds.setdefault(row["pv"], row["kind"])
-                stored.setdefault(row["pv"], row["dtype"])
-        allowed = {pv for pv, kind in kinds.items() if kind in (*SCALAR_KINDS, "string")}
-        pvs = list(args.pv) if args.pv else [pv for pv in kinds if pv in allowed]
+        # over the segments: the kind of the first with values (a PV may have none in the
+        # first segment)
+        summary = source.summary()
+        kinds = {row["pv"]: row["kind"] for row in summary}
+        stored = {row["pv"]: row["dtype"] for row in summary}
+        exported = {pv for pv, kind in kinds.items() if kind in (*SCALAR_KINDS, "string")}
+        allowed = exported | {pv for pv, kind in kinds.items() if kind == "none"}  # empty
+        pvs = list(args.pv) if args.pv else [pv for pv in kinds if pv in exported]
         unknown = [pv for pv in pvs if pv not in kinds]
         not_scalar = [pv for pv in pvs if pv in kinds and pv not in allowed]
         if unknown or not_scalar:

@@ -147,3 +147,23 @@ def test_standard_output_on_a_full_disk_is_said_in_one_line(tmp_path: Path) -> N
         assert out.returncode == 1, (args, out.stderr)
         assert out.stderr == (f"k2eg-recorder {args[0]}: cannot write the output: "
                               "No space left on device\n"), (args, out.stderr)
+
+
+def test_a_pv_without_values_in_the_first_segment_is_exported(tmp_path: Path) -> None:
+    """A PV that has values only from the second segment on (disconnected when the
+    recording began) is one of the recording's integer PVs: it was left out of the export,
+    and ``--pv`` refused it as holding "none values"; a PV without any value, named, is an
+    empty column."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, segment=SegmentOptions(
+        max_iterations=2)), run_name="late", pv_uris=["pva://A", "pva://B", "pva://NEVER"])
+    for i in range(4):
+        late = [PVSample("B", {"value": 10 + i})] if i >= 2 else []
+        write_iteration(rec, i, [PVSample("A", {"value": float(i)}), *late])
+    first, _second = rec.close()
+
+    table = rows(export(str(first)).stdout)
+    assert [r["B"] for r in table] == ["", "", "12", "13"]
+    named = export(str(first), "--pv", "B", "--pv", "NEVER")
+    assert named.returncode == 0, named.stderr
+    assert [(r["B"], r["NEVER"]) for r in rows(named.stdout)] == [
+        ("", ""), ("", ""), ("12", ""), ("13", "")]
