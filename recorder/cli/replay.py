@@ -137,8 +137,11 @@ def _files(paths: list[Path], all_segments: bool) -> list[Any]:
     from recorder.reader import RecordingFile, open_recording
 
     for p in paths:
+        if p.is_dir():
+            raise IsADirectoryError(f"{p}: not a file (a directory): give its .h5 files, or "
+                                    "one of them with --all-segments")
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such file")
+            raise FileNotFoundError(f"{p}: {'not a file' if p.exists() else 'no such file'}")
     opened: list[Any] = []
     try:
         if all_segments:

@@ -174,6 +174,9 @@ def test_replay_paces_selects_and_refuses_the_recorded_topic(
     # mistakes are named, nothing is published
     missing = replay(kafka_bootstrap, "/nonexistent/x.h5", "--topic", topic)
     assert missing.returncode == 2 and "/nonexistent/x.h5: no such file" in missing.stderr
+    directory = replay(kafka_bootstrap, str(source[0].parent), "--topic", topic)
+    assert directory.returncode == 2, directory
+    assert f"{source[0].parent}: not a file (a directory)" in directory.stderr, directory
     unknown = replay(kafka_bootstrap, str(source[0]), "--topic", topic, "--pv", "NOPE")
     assert unknown.returncode == 2 and "no PV NOPE" in unknown.stderr
     # also over several files (a PV may be missing from some segments, not from all)
