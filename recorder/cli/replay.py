@@ -164,7 +164,7 @@ def _files(paths: list[Path], all_segments: bool) -> list[Any]:
 
 
 def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: Any) -> int:
-    from confluent_kafka import Producer
+    from confluent_kafka import KafkaError, KafkaException, Producer
     from confluent_kafka.admin import AdminClient
 
     from recorder.replay import (
@@ -198,13 +198,22 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
     # replay faster than the broker could queue that much)
     conf = {"queue.buffering.max.kbytes": REPLAY_QUEUE_KB, **base, "linger.ms": 5,
             "compression.type": "snappy"}
-    problem = _create_topic(AdminClient(base), args.topic)
+    try:
+        admin = AdminClient(base)
+        producer = Producer(conf)
+    except KafkaException as exc:  # a setting librdkafka refuses: nothing was sent
+        err = exc.args[0] if exc.args else None
+        if not (isinstance(err, KafkaError) and err.code() == KafkaError._INVALID_ARG):
+            raise
+        print(f"k2eg-recorder replay: Kafka settings: {err.str()} (set by RECORDER_KAFKA__* "
+              "in the environment)", file=sys.stderr)
+        return EXIT_USAGE
+    problem = _create_topic(admin, args.topic)
     if problem:
         print(f"k2eg-recorder replay: {problem} (Kafka at {kafka.bootstrap_servers}: "
               "--bootstrap or RECORDER_BOOTSTRAP_SERVERS)", file=sys.stderr)
         return EXIT_UNDELIVERED
 
-    producer = Producer(conf)
     failed: list[str] = []
 
     def delivered(err: Any, _msg: Any) -> None:

@@ -236,3 +236,18 @@ def test_gateway_bytes_recorded_then_replayed_are_the_same_bytes(tmp_path: Path)
             assert len(replayed) == len(names)
             for name, raw in zip(names, replayed, strict=True):
                 assert raw == sent[it.iter_index, name], (it.iter_index, name)
+
+
+def test_a_kafka_setting_the_client_refuses_is_a_usage_error(source: list[Path]) -> None:
+    """A misspelt RECORDER_KAFKA__* property (SASL/TLS settings come from there): one line
+    naming it, exit 2, as the admin commands say it (it was a librdkafka traceback)."""
+    import os
+
+    env = {**os.environ, "RECORDER_KAFKA__FOO__BAR": "1"}
+    done = subprocess.run([sys.executable, "-m", "recorder.cli", "replay", "--bootstrap",
+                           "127.0.0.1:9", str(source[0]), "--topic", "t"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done
+    assert done.stderr.startswith('k2eg-recorder replay: Kafka settings: No such '
+                                  'configuration property: "foo.bar"'), done.stderr
+    assert "Traceback" not in done.stderr
