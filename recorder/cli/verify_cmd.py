@@ -89,7 +89,12 @@ def run(args: argparse.Namespace) -> int:
         chosen.update(p for p, _why in catalog.unreadable)
         files = [p for p in files if p in chosen]
     reports: list[Report] = []
-    for path in files:
+    for listed in files:
+        path = _now_at(listed)
+        if path is None:
+            print(f"k2eg-recorder verify: {listed}: removed since it was listed; not checked",
+                  file=sys.stderr)
+            continue
         report = verify_file(path, data=args.data)
         reports.append(report)
         if not args.json:
@@ -103,6 +108,18 @@ def run(args: argparse.Namespace) -> int:
     if args.paths:
         note_subdirectories(paths, "verify")
     return 0 if all(r.ok for r in reports) else 1
+
+
+def _now_at(path: Path) -> Path | None:
+    """Where a listed file is now: a ``.partial`` the recorder finalized since it was listed
+    (a segment rotated, a run stopped: verify runs beside the daemon) is its final file;
+    None when it is gone."""
+    from recorder.sinks.options import final_path
+
+    if path.exists():
+        return path
+    final = final_path(path)
+    return final if final != path and final.exists() else None
 
 
 def print_report(report: Report, out: TextIO, *, quiet: bool = False) -> None:

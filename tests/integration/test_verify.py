@@ -576,3 +576,38 @@ def test_a_selection_names_a_finalized_file_hdf5_loops_on(tmp_path: Path) -> Non
     assert f"FAIL  {bad}" in out.stdout and "damaged global-heap collection" in out.stdout
     assert "2 file(s) checked: 1 ok, 0 with warnings, 1 failed" in out.stdout, out.stdout
     assert str(good) not in out.stdout  # -q: ok files are not listed
+
+
+def test_a_segment_finalized_while_verify_runs_is_not_a_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The nightly verify reads the directories the daemon writes to: a .partial listed at
+    the start is finalized (renamed) by the time its turn comes (a rotation or a stop during
+    a long `--data` run). It was reported FAIL ("No such file or directory") and failed the
+    unit; its finalized file is checked instead."""
+    import recorder.verify
+    from recorder.cli import main as cli_main
+
+    first = HDF5Recording(OutputOptions(directory=tmp_path), run_name="alpha")
+    write_iteration(first, 0, [PVSample("A", {"value": 1.0})])
+    (checked_first,) = first.close()
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="racing")
+    for i in range(3):
+        write_iteration(rec, i, [PVSample("A", {"value": 1.0 * i})])
+    rec.flush()
+    partial = rec.current_path
+    assert partial is not None and partial.name.endswith(".partial")
+    real = recorder.verify.verify_file
+    finalized: list[Path] = []
+
+    def racing(path: Path, **kwargs: Any) -> Report:
+        if path == checked_first:  # while it is checked, the daemon finalizes the other
+            finalized.extend(rec.close())
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(recorder.verify, "verify_file", racing)
+    assert cli_main(["verify", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    (final,) = finalized
+    assert f"ok    {final}  (final, complete, 3 iterations" in out, out
+    assert "2 file(s) checked: 2 ok, 0 with warnings, 0 failed" in out
