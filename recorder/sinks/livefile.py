@@ -366,7 +366,7 @@ def read_commit(f: h5py.File) -> Commit:
         state = {k: live["state"][k][lo:hi] for k in STATE_COLUMNS}
         for i in range(hi - 1 - lo, -1, -1):
             row = {k: int(state[k][i]) for k in STATE_COLUMNS}
-            if all(row[k] <= actual[k] for k in actual):
+            if all(0 <= row[k] <= actual[k] for k in actual):  # < 0: a row overwritten
                 status = {v: k for k, v in RECORDING_STATUS.items()}.get(row["status"])
                 return Commit(
                     {k: row[k] for k in actual}, status or "recording", row["time"], lo + i + 1,
