@@ -39,7 +39,7 @@ from recorder.errors import DamagedFileError, FileFormatError
 from recorder.sinks.describe import data_span_ns, iso_ns, plain, utc
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import read_commit
-from recorder.sinks.options import PARTIAL_SUFFIX
+from recorder.sinks.options import PARTIAL_SUFFIX, final_path
 from recorder.sinks.writelock import writer_active
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ __all__ = [
     "describe_file",
     "find_recordings",
     "live_status",
+    "now_at",
     "parse_when",
     "scan",
     "utc",
@@ -317,7 +318,10 @@ def scan(
     groups: dict[tuple[str, str], list[FileEntry]] = {}
     seen: set[Path] = set()
     found, out.missing = candidates(paths, out.unreadable)
-    for path in found:
+    for listed in found:
+        path = now_at(listed)
+        if path is None:  # removed since it was listed (an archive job): not there to list
+            continue
         key = path.resolve()
         if key in seen:
             continue
@@ -388,6 +392,16 @@ def candidates(paths: Iterable[str | os.PathLike[str]],
         else:
             missing.append(p)
     return found, missing
+
+
+def now_at(path: Path) -> Path | None:
+    """Where a listed file is now: a ``.partial`` finalized since it was listed (a segment
+    rotated, a run stopped: the catalog is read beside the daemon) is its final file; None
+    when it is gone."""
+    if path.exists():
+        return path
+    final = final_path(path)
+    return final if final != path and final.exists() else None
 
 
 def _ours(name: str) -> bool:

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recorder.catalog import candidates, describe_file, scan
+    from recorder.catalog import candidates, describe_file, now_at, scan
     from recorder.deadline import DeadlineWorker
     from recorder.verify import verify_file
 
@@ -87,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
                            describe=lambda path: worker.call(describe_file, path))
         chosen = {f.path for r in catalog.recordings for f in r.files}
         chosen.update(p for p, _why in catalog.unreadable)
-        files = [p for p in files if p in chosen]
+        files = [p for p in files if p in chosen or now_at(p) in chosen]
     reports: list[Report] = []
     for listed in files:
-        path = _now_at(listed)
+        path = now_at(listed)
         if path is None:
             print(f"k2eg-recorder verify: {listed}: removed since it was listed; not checked",
                   file=sys.stderr)
@@ -108,18 +108,6 @@ def run(args: argparse.Namespace) -> int:
     if args.paths:
         note_subdirectories(paths, "verify")
     return 0 if all(r.ok for r in reports) else 1
-
-
-def _now_at(path: Path) -> Path | None:
-    """Where a listed file is now: a ``.partial`` the recorder finalized since it was listed
-    (a segment rotated, a run stopped: verify runs beside the daemon) is its final file;
-    None when it is gone."""
-    from recorder.sinks.options import final_path
-
-    if path.exists():
-        return path
-    final = final_path(path)
-    return final if final != path and final.exists() else None
 
 
 def print_report(report: Report, out: TextIO, *, quiet: bool = False) -> None:

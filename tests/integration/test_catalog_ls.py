@@ -940,3 +940,36 @@ def test_ctrl_c_ends_a_command_whose_file_makes_hdf5_loop(tmp_path: Path, comman
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_a_segment_finalized_while_ls_runs_is_listed_not_unreadable(tmp_path: Path) -> None:
+    """``ls`` beside the daemon: a .partial listed at the start was finalized (renamed) by
+    the time its turn came. It was reported unreadable (exit 1, "No such file or
+    directory"); its final file is described instead, and a file removed meanwhile is not
+    an error."""
+    from test_hdf5_roundtrip import write_iteration
+
+    from recorder.catalog import describe_file
+
+    first = HDF5Recording(OutputOptions(directory=tmp_path), run_name="alpha")
+    write_iteration(first, 0, [PVSample("A", {"value": 1.0})])
+    (alpha,) = first.close()
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="racing")
+    write_iteration(rec, 0, [PVSample("A", {"value": 1.0})])
+    rec.flush()
+    gone = HDF5Recording(OutputOptions(directory=tmp_path / "other"), run_name="zeta")
+    write_iteration(gone, 0, [PVSample("A", {"value": 1.0})])
+    (zeta,) = gone.close()
+    zeta = zeta.rename(tmp_path / zeta.name)
+    finalized: list[Path] = []
+
+    def describe(path: Path) -> Any:
+        if path == alpha:  # meanwhile the daemon finalizes one, an archive job takes one
+            finalized.extend(rec.close())
+            zeta.unlink()
+        return describe_file(path)
+
+    catalog = scan(tmp_path, describe=describe)
+    assert catalog.unreadable == []
+    assert [f.path for r in catalog.recordings for f in r.files] == [alpha, *finalized]
+    assert [r.status for r in catalog.recordings] == ["complete", "complete"]
