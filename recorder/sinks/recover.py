@@ -10,7 +10,7 @@ import h5py
 
 from recorder.errors import DAMAGED_VALUE_ERRORS, DamagedFileError, FileBusyError
 from recorder.sinks.finalize import FINAL_SUFFIX, finalize
-from recorder.sinks.h5open import check_heap
+from recorder.sinks.h5open import check_heap, open_live
 from recorder.sinks.livefile import read_commit
 from recorder.sinks.options import PARTIAL_SUFFIX, final_path
 from recorder.sinks.superblock import clear_consistency_flags, restore_superblock
@@ -21,6 +21,25 @@ def find_partials(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(PARTIAL_SUFFIX))
 
 
+def _finalized_already(path: Path) -> bool:
+    """Whether ``path``'s final name holds the finalized file of the same recording segment
+    (same ``recording_uid`` and ``segment``)."""
+    final = final_path(path)
+    if not final.exists():
+        return False
+    try:
+        check_heap(final)
+        with h5py.File(final, "r") as f:
+            done = dict(f.attrs)
+        with open_live(path, scan_heap=False) as f:
+            left = dict(f.attrs)
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return False
+    keys = ("format", "recording_uid", "segment")
+    return done.get("layout") == "final" and all(
+        k in left and k in done and done[k] == left[k] for k in keys)
+
+
 def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
                  check: Callable[[Path], Sequence[str]] | None = None,
                  heap_checked: bool = False) -> Path:
@@ -29,7 +48,9 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
     The recording status becomes ``aborted`` (``failed`` if the writer had recorded a
     failure) with a reason saying it was recovered; iterations that were open when the
     writer died are marked incomplete (``writer_crashed``); ``by`` completes the reason
-    ("recovered by ..."). Raises :class:`FileBusyError`
+    ("recovered by ..."). A ``.partial`` whose final name already holds the finalized file
+    of the same segment (a writer killed after renaming it, before removing the ``.partial``)
+    is removed, and that file, left as it is, returned. Raises :class:`FileBusyError`
     while a running writer holds the file (:mod:`recorder.sinks.writelock`), and
     :class:`DamagedFileError` when what it holds does not read back (:class:`HeapLoopError`,
     an OSError too, for a global heap HDF5 would loop on; also when the finalized
@@ -52,6 +73,12 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
         )
     if not heap_checked:  # HeapLoopError: HDF5 would loop for ever reading it (untouched)
         check_heap(path)
+    if _finalized_already(path):
+        # a writer (or recover) killed after the final file took its name, before it removed
+        # the .partial: that finalization was complete (the file is checked and synced
+        # before it is renamed), so the .partial is only a copy of what the file holds
+        path.unlink()
+        return final_path(path)
     stale = path.with_name(final_path(path).name + FINAL_SUFFIX)
     stale.unlink(missing_ok=True)  # an interrupted finalization
     original = clear_consistency_flags(path)  # put back if it cannot be recovered

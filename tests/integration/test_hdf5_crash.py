@@ -147,3 +147,62 @@ def test_unwritable_directory_fails_cleanly(tmp_path: Path) -> None:
     assert rec.status == "failed" and rec.reason
     assert rec.close() == []
 
+
+
+# a writer killed (kill -9) inside finalization, right after the final file took its name
+# and before the .partial was removed
+KILLED_AFTER_RENAME = textwrap.dedent(
+    """
+    import os, pathlib, signal, sys
+    from pathlib import Path
+    from recorder.client.events import (IterationOpened, ValuesReceived, IterationClosed,
+        IterationStatus)
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+    import structlog, logging
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    real = pathlib.Path.unlink
+    def unlink(self, *args, **kwargs):
+        if self.name.endswith(".partial"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, *args, **kwargs)
+    pathlib.Path.unlink = unlink
+    rec = HDF5Recording(OutputOptions(directory=Path(sys.argv[1])), run_name="renamed",
+                        pv_uris=["pva://R:X"])
+    for i in range(1, 4):
+        rec.handle(IterationOpened("t", "s", i, i, offset=3 * i))
+        rec.handle(ValuesReceived("t", i, 1, i, (PVSample("R:X", {"value": float(i)}),),
+                                  offset=3 * i + 1))
+        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i,
+                                   offset=3 * i + 2))
+    rec.close("complete")
+    """
+)
+
+
+def _killed_after_rename(directory: Path) -> tuple[Path, Path]:
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_RENAME, str(directory)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (final,) = directory.glob("*.h5")
+    (partial,) = directory.glob("*.h5.partial")
+    assert partial.name == final.name + ".partial"
+    return partial, final
+
+
+def test_a_writer_killed_between_rename_and_unlink_is_recovered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The final file is complete (fsync'ed, checked, read-only) once it has its name: the
+    .partial beside it is what is left of a finalization that had finished. `recover`
+    refused it for ever ("exists; refusing to overwrite", exit 1, after finalizing it
+    again each time); it now removes the .partial and leaves the final file as it was."""
+    partial, final = _killed_after_rename(tmp_path)
+    before = final.read_bytes()
+    assert cli_main(["recover", str(tmp_path)]) == 0, capsys.readouterr().out
+    assert not partial.exists() and final.read_bytes() == before
+    with h5py.File(final, "r") as h:
+        assert h.attrs["status"] == "complete" and h.attrs["n_iterations"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+    assert cli_main(["recover", str(tmp_path)]) == 0  # nothing left: a second run is a no-op
