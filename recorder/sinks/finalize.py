@@ -177,6 +177,8 @@ def finalize(
     as it was, with no ``final``. ``heap_checked``: the caller has scanned ``partial``'s
     global heap (:func:`~recorder.sinks.h5open.check_heap`), so opening it does not again."""
     tmp = final.with_name(final.name + FINAL_SUFFIX)
+    if final.exists():  # before the work (and checked again before the rename)
+        raise FileExistsError(f"{final} exists; refusing to overwrite")
     if tmp.exists():
         tmp.unlink()
     with open_live(partial, scan_heap=not heap_checked, rdcc_nbytes=CHUNK_CACHE) as f:
@@ -207,6 +209,7 @@ def finalize(
             f"problem(s)); the first: {problems[0]}")
     os.chmod(tmp, 0o444)
     if final.exists():
+        tmp.unlink(missing_ok=True)
         raise FileExistsError(f"{final} exists; refusing to overwrite")
     os.rename(tmp, final)
     partial.unlink()

@@ -206,3 +206,21 @@ def test_a_writer_killed_between_rename_and_unlink_is_recovered(
         assert h.attrs["status"] == "complete" and h.attrs["n_iterations"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
     assert cli_main(["recover", str(tmp_path)]) == 0  # nothing left: a second run is a no-op
+
+
+def test_recover_refuses_a_name_another_file_holds_and_leaves_nothing_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The final name of a .partial holds another file (not the finalized segment): recover
+    refuses and leaves both files as they were. It finalized the .partial in full first and
+    then left that copy beside them, read-only, as ``<name>.h5.finalizing``."""
+    partial, final = _killed_after_rename(tmp_path)
+    final.unlink()
+    with h5py.File(final, "w") as other:
+        other["x"] = [1, 2, 3]
+    before = {p: p.read_bytes() for p in (partial, final)}
+    assert cli_main(["recover", str(tmp_path)]) == 1
+    assert f"{final} exists; refusing to overwrite" in capsys.readouterr().out
+    assert sorted(tmp_path.iterdir()) == sorted(before)
+    for p, content in before.items():
+        assert p.read_bytes() == content, p
