@@ -280,6 +280,10 @@ class HDF5Recording:
         )
         partial = partial_path(final)
         f = h5py.File(partial, "x", libver=("v110", "v110"), rdcc_nbytes=LIVE_CHUNK_CACHE)
+        # the writer lock from the file's creation (recover leaves it alone), the shared
+        # flock once HDF5 has dropped its own exclusive one (SWMR); where the lock cannot
+        # be taken beside HDF5's (NFS emulates flock with POSIX locks), once SWMR started
+        lock = writelock.acquire(partial)
         try:
             self._root_attrs(f)
             plugins = create_live_layout(f, self.options)
@@ -288,12 +292,18 @@ class HDF5Recording:
         except BaseException:
             f.close()
             partial.unlink(missing_ok=True)
+            if lock is not None:
+                lock.release()
             raise
+        if lock is None:
+            lock = writelock.acquire(partial)
+        else:
+            lock.guard_hdf5()
+        self._lock = lock  # until finalized
         self._file = f
         self._writer = LiveWriter(f)
         self._final = final
         self.current_path = partial
-        self._lock = writelock.acquire(partial)  # until finalized: recover leaves it alone
         self._segment_start = self.clock()
         self._segment_iterations = 0
         self.counters["segments"] += 1

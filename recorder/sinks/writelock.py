@@ -17,7 +17,9 @@ takes when it opens a file (shared to read, exclusive to write). SWMR readers sh
 whatever would open the live file for writing fails at once with HDF5's "unable to lock
 file, errno = 11": ``h5clear -s`` (which HDF5's own error message suggests to whoever opens a
 live file without SWMR), h5py's ``"a"``/``"r+"``, a second writer. Without it, ``h5clear``
-rewrote the superblock of a file being written. Local file systems keep ``flock`` and OFD
+rewrote the superblock of a file being written. Until SWMR starts HDF5 holds its lock
+exclusively, so the writer takes this one then (:meth:`WriterLock.guard_hdf5`). Local file
+systems keep ``flock`` and OFD
 locks apart; on NFS, where ``flock`` is emulated with POSIX locks, the second lock would
 conflict with the first, so it is not taken there.
 
@@ -66,6 +68,13 @@ class WriterLock:
         """Whether the shared ``flock`` that keeps HDF5 writers out is held too."""
         return self._guard_fd is not None
 
+    def guard_hdf5(self) -> bool:
+        """Take the shared ``flock`` if :func:`acquire` could not (HDF5 held its exclusive
+        one: the file was still open for writing before SWMR started); whether it is held."""
+        if self._fd is not None and self._guard_fd is None:
+            self._guard_fd = _guard(self.path)
+        return self._guard_fd is not None
+
     def release(self) -> None:
         fd, self._fd = self._fd, None
         guard, self._guard_fd = self._guard_fd, None
@@ -87,11 +96,15 @@ def acquire(path: str | os.PathLike[str]) -> WriterLock | None:
     )
     if fd is None:
         return None
-    # HDF5's own lock, shared: HDF5 writers (h5clear, "r+", "a") are kept out, readers not
-    guard = _locked_descriptor(
+    return WriterLock(path, fd, _guard(path))
+
+
+def _guard(path: Path) -> int | None:
+    """HDF5's own lock, shared, on a new descriptor: HDF5 writers (h5clear, "r+", "a") are
+    kept out, readers not. None when it cannot be taken."""
+    return _locked_descriptor(
         path, os.O_RDONLY, lambda fd: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     )
-    return WriterLock(path, fd, guard)
 
 
 def _locked_descriptor(path: Path, flags: int, lock: Callable[[int], object]) -> int | None:

@@ -973,3 +973,46 @@ def test_a_segment_finalized_while_ls_runs_is_listed_not_unreadable(tmp_path: Pa
     assert catalog.unreadable == []
     assert [f.path for r in catalog.recordings for f in r.files] == [alpha, *finalized]
     assert [r.status for r in catalog.recordings] == ["complete", "complete"]
+
+
+@pytest.mark.parametrize("moment", ["layout", "swmr"])
+def test_a_file_being_created_is_locked_from_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """The writer lock is taken when the .partial is created (file-format.md: "from its
+    creation"): `recover` run while a segment is being set up (its layout created, SWMR
+    started) leaves it alone. The lock came only after that, so recover found no writer:
+    before SWMR it said "NOT recovered" (exit 1) for a file being written (with
+    --no-verify, after clearing the flags of the open file and writing the old superblock
+    back over the writer's); after it, it finalized the empty file and deleted the .partial
+    the writer went on writing (the recording failed at its end: its final name was
+    taken, its data gone)."""
+    from recorder.sinks import hdf5 as hdf5_module
+    from recorder.sinks.livefile import LiveWriter
+
+    said: list[str] = []
+
+    def recover_now(path: Path) -> None:
+        out = recover(str(path))
+        said.append(f"{out.returncode} {out.stdout.strip()}")
+
+    real_layout = hdf5_module.create_live_layout
+
+    def layout(f: h5py.File, options: OutputOptions) -> list[str]:
+        plugins = real_layout(f, options)
+        recover_now(Path(f.filename))  # the layout is there, SWMR not yet started
+        return plugins
+
+    def writer(f: h5py.File) -> LiveWriter:
+        recover_now(Path(f.filename))  # SWMR started
+        return LiveWriter(f)
+
+    if moment == "layout":
+        monkeypatch.setattr(hdf5_module, "create_live_layout", layout)
+    else:
+        monkeypatch.setattr(hdf5_module, "LiveWriter", writer)
+    paths = record(tmp_path / "data", "delta", T_ALPHA, 3)
+    assert len(said) == 1 and said[0].startswith("0 ") and "left alone" in said[0], said
+    assert len(paths) == 1
+    with open_file(paths[0]) as f:
+        assert f.status == "complete" and len(f.iterations()["iter_index"]) == 3
