@@ -43,12 +43,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"{p}: cannot list the directory: {exc.strerror or exc}")
             failures += 1
     check = None if args.no_verify else _verify_problems
+    gone = 0
     for p in files:
+        if _finalized_meanwhile(p):
+            gone += 1
+            continue
         verified = False
         if check is not None and not writer_active(p):
             # what verify finds in the .partial names the damage in the file's own terms;
             # finalizing would stop somewhere in it with HDF5's words, or not at all
             problems = check(p)
+            if problems and _finalized_meanwhile(p):
+                gone += 1
+                continue
             if problems:
                 print(f"{p}: NOT recovered: it does not pass k2eg-recorder verify "
                       f"({len(problems)} error(s)); the first: {problems[0]}; left as it was "
@@ -63,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
             busy += 1
             continue
         except (OSError, ValueError, RuntimeError) as exc:
+            if _finalized_meanwhile(p):
+                gone += 1
+                continue
             why = str(exc).removeprefix(f"{p}: ")
             if check is not None and "k2eg-recorder verify" not in why:
                 # damage the structure check did not reach (data chunks, text): the data
@@ -74,9 +84,22 @@ def run(args: argparse.Namespace) -> int:
             failures += 1
             continue
         print(f"{p} -> {out}" if check is None else f"{p} -> {out} (verified)")
-    if (not files or busy == len(files)) and not failures:
+    if (not files or busy + gone == len(files)) and not failures:
         print("nothing to recover")
     return 1 if failures else 0
+
+
+def _finalized_meanwhile(path: Path) -> bool:
+    """``path`` (listed as a ``.partial``) is gone and its final file is there: its writer
+    finalized it after it was listed (said so). Files a running writer is writing are
+    listed too, and a rotation or a stop finalizes them at any time."""
+    from recorder.sinks.options import PARTIAL_SUFFIX, final_path
+
+    final = final_path(path)
+    if not path.name.endswith(PARTIAL_SUFFIX) or path.exists() or not final.exists():
+        return False
+    print(f"{path}: finalized meanwhile by its writer: {final}")
+    return True
 
 
 def _verify_problems(path: Path, *, data: bool = False) -> list[str]:

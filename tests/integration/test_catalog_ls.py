@@ -1016,3 +1016,38 @@ def test_a_file_being_created_is_locked_from_the_start(
     assert len(paths) == 1
     with open_file(paths[0]) as f:
         assert f.status == "complete" and len(f.iterations()["iter_index"]) == 3
+
+
+def test_a_live_file_finalized_while_recover_runs_is_not_a_failure(
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`recover DIR` is safe while the daemon records there: a .partial its writer
+    finalizes after recover listed it (a rotation, a stop) is gone when its turn comes.
+    recover reported it "NOT recovered" (it could not be read) and exited 1."""
+    from recorder.cli import recover as recover_cli
+    from recorder.sinks import recover as recover_module
+
+    proc, live = gamma
+    data = live.parent
+    leftover = crashed_copy(data, "a.h5.partial")  # listed first
+    real = recover_module.recover_file
+
+    def recover_then_writer_finalizes(path: Path, **kwargs: Any) -> Path:
+        out = real(path, **kwargs)
+        if path == leftover:  # meanwhile the live writer finalizes its file
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.close()
+            assert proc.stdout.readline().strip() == "CLOSED"
+            proc.wait(30)
+        return out
+
+    monkeypatch.setattr(recover_module, "recover_file", recover_then_writer_finalizes)
+    final = live.with_name(live.name.removesuffix(".partial"))
+    code = recover_cli.run(argparse.Namespace(paths=[data], no_verify=False))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"{leftover} -> " in out and "NOT recovered" not in out, out
+    assert f"{live}: finalized meanwhile by its writer: {final}" in out.splitlines(), out
+    with open_file(final) as f:
+        assert f.status == "complete"
