@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 
 from recorder.errors import DAMAGED_VALUE_ERRORS, DamagedFileError, FileBusyError
+from recorder.sinks import writelock
 from recorder.sinks.finalize import FINAL_SUFFIX, finalize
 from recorder.sinks.h5open import check_heap, open_live
 from recorder.sinks.livefile import read_commit
@@ -66,13 +67,28 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
         # its flags cleared, to be recovered a second time (a duplicate recording file)
         raise ValueError(f"{path} is a symbolic link (to {path.resolve()}): recover the file "
                          "itself, in the directory its writer wrote it to")
+    busy = FileBusyError(
+        f"{path} is being written: a running writer holds its lock (not touched; "
+        "stop the run, or wait until it is finalized)"
+    )
     if writer_active(path):
-        raise FileBusyError(
-            f"{path} is being written: a running writer holds its lock (not touched; "
-            "stop the run, or wait until it is finalized)"
-        )
+        raise busy
     if not heap_checked:  # HeapLoopError: HDF5 would loop for ever reading it (untouched)
         check_heap(path)
+    # held while recovering, as a writer's: another recover (the daemon's at its restart, an
+    # operator's) leaves the file alone instead of finalizing it at the same time
+    lock = writelock.acquire(path)
+    if lock is None and writer_active(path):
+        raise busy
+    try:
+        return _recover(path, by=by, check=check)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _recover(path: Path, *, by: str, check: Callable[[Path], Sequence[str]] | None) -> Path:
+    """:func:`recover_file` of a file nobody else writes nor recovers."""
     if _finalized_already(path):
         # a writer (or recover) killed after the final file took its name, before it removed
         # the .partial: that finalization was complete (the file is checked and synced

@@ -1051,3 +1051,31 @@ def test_a_live_file_finalized_while_recover_runs_is_not_a_failure(
     assert f"{live}: finalized meanwhile by its writer: {final}" in out.splitlines(), out
     with open_file(final) as f:
         assert f.status == "complete"
+
+
+def test_two_recoveries_of_one_leftover_at_once(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second `recover` of a leftover another one is finalizing (the daemon's at its
+    restart and an operator's) leaves it alone, as a file a writer holds. It removed the
+    first one's unfinished `.finalizing` as stale, wrote its own under the same name and
+    renamed it: the first then synced, checked and renamed whatever had that name (here it
+    failed, NOT recovered; at other moments it takes the other's file half-written)."""
+    from recorder.sinks import finalize as finalize_module
+    from recorder.sinks.recover import recover_file
+
+    partial = crashed_copy(tmp_path, "c.h5.partial")
+    said: list[subprocess.CompletedProcess[str]] = []
+    real = finalize_module._write_final
+
+    def write_final(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        said.append(recover("--no-verify", str(partial)))  # the other one, meanwhile
+
+    monkeypatch.setattr(finalize_module, "_write_final", write_final)
+    final = recover_file(partial)
+    (other,) = said
+    assert other.returncode == 0 and "left alone" in other.stdout, other.stdout
+    assert not partial.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [final.name]
+    with open_file(final) as f:
+        assert f.status == "aborted" and len(f.iterations()["iter_index"]) == 3
