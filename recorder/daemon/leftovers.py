@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from recorder.errors import DamagedFileError, RecorderError
+from recorder.errors import DamagedFileError, FileBusyError, RecorderError
 from recorder.sinks.superblock import restore_superblock, superblock_bytes
 
 _log = structlog.get_logger("recorder.daemon")
@@ -45,7 +45,7 @@ def finalize_leftover(partial: Path, run: str, *, timeout_s: float = LEFTOVER_TI
     for attempt in range(1, LEFTOVER_ATTEMPTS + 1):
         try:
             final = recover_in_child(partial, timeout_s=timeout_s)
-        except OSError as exc:
+        except FileBusyError as exc:
             # the writer process of the killed daemon may still be flushing it (file lock)
             if attempt < LEFTOVER_ATTEMPTS:
                 _log.warning("leftover file busy; retrying", run=run, path=str(partial),
@@ -53,8 +53,8 @@ def finalize_leftover(partial: Path, run: str, *, timeout_s: float = LEFTOVER_TI
                 time.sleep(LEFTOVER_RETRY_S)
                 continue
             error = str(exc)
-        except (RuntimeError, ValueError, RecorderError) as exc:
-            error = str(exc)
+        except (OSError, RuntimeError, ValueError, RecorderError) as exc:
+            error = str(exc)  # a full disk, a final name taken, damage: trying again won't do
         else:
             _log.info("leftover file recovered", run=run, path=str(final))
             return final
@@ -93,8 +93,8 @@ def offsets_in_file(path: Path, topic: str) -> dict[int, int]:
 def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) -> Path:
     """:func:`recorder.sinks.recover.recover_file` of ``partial`` in a child process, killed
     after ``timeout_s`` plus a second per 50 MB. Raises what recover_file raises: OSError
-    (e.g. a writer still holds the file), DamagedFileError (also when the child was killed)
-    or RecorderError."""
+    (FileBusyError: a writer still holds the file), DamagedFileError (also when the child
+    was killed) or RecorderError."""
     try:
         size = partial.stat().st_size
     except OSError:
@@ -125,6 +125,8 @@ def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) ->
     if "final" in answer:
         return Path(answer["final"])
     error, kind = str(answer["error"]), answer["kind"]
+    if kind == "busy":
+        raise FileBusyError(error)
     if kind == "os":
         raise OSError(error)
     if kind == "damaged":
@@ -141,6 +143,8 @@ def _child(argv: list[str]) -> int:
         answer = {"final": str(recover_file(partial, by=RESUMED_BY))}
     except DamagedFileError as exc:  # before OSError: a HeapLoopError is one too
         answer = {"error": str(exc), "kind": "damaged"}
+    except FileBusyError as exc:
+        answer = {"error": str(exc), "kind": "busy"}
     except OSError as exc:
         answer = {"error": str(exc), "kind": "os"}
     except (ValueError, RuntimeError, RecorderError) as exc:

@@ -1079,3 +1079,35 @@ def test_two_recoveries_of_one_leftover_at_once(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [final.name]
     with open_file(final) as f:
         assert f.status == "aborted" and len(f.iterations()["iter_index"]) == 3
+
+
+def test_the_daemon_retries_a_leftover_only_while_a_writer_holds_it(
+    tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At a restart a leftover a dying writer still holds is tried again (5 times, a second
+    apart); any other failure of its recovery is final. Every OSError was retried: a
+    full disk (ENOSPC) or a final name another file holds finalized the leftover 5 times
+    over (a child process each, up to its deadline) before the run could start."""
+    from recorder.daemon import leftovers
+
+    _proc, live = gamma
+    calls: list[Path] = []
+    real = leftovers.recover_in_child
+
+    def counting(partial: Path, **kwargs: Any) -> Path:
+        calls.append(partial)
+        return real(partial, **kwargs)
+
+    monkeypatch.setattr(leftovers, "recover_in_child", counting)
+    monkeypatch.setattr(leftovers, "LEFTOVER_RETRY_S", 0.0)
+    assert leftovers.finalize_leftover(live, "gamma") is None  # its writer holds it
+    assert len(calls) == leftovers.LEFTOVER_ATTEMPTS
+
+    calls.clear()
+    partial = crashed_copy(tmp_path, "c.h5.partial")
+    taken = tmp_path / "c.h5"
+    taken.write_bytes(b"another file")
+    assert leftovers.finalize_leftover(partial, "crash") is None
+    assert len(calls) == 1
+    assert partial.exists() and taken.read_bytes() == b"another file"
