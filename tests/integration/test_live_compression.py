@@ -65,3 +65,30 @@ def test_lzf_files_say_what_other_readers_need(tmp_path: Path) -> None:
                      and o.compression == "lzf" else None)
         assert lzf and all(ds.attrs["required_filter"] == LZF_FILTER for ds in lzf)
     assert verify_file(final, data=True).errors == []
+
+
+@pytest.mark.parametrize("live", ["zstd", "blosc2"])
+def test_a_leftover_compressed_with_a_plugin_is_recovered_in_a_fresh_process(
+        tmp_path: Path, live: str) -> None:
+    """A .partial written with ``live_compression`` zstd/blosc2 (and gzip or no plugin for
+    the final file) left by a crash: the daemon recovers it at its restart in a fresh child
+    process, which never imported hdf5plugin, so HDF5 could not read the live data ("can't
+    open directory (/usr/local/lib/plugin)"): the leftover stayed, the daemon said it could
+    not recover it (`recover --no-verify` as well)."""
+    import shutil
+
+    from recorder.daemon.leftovers import recover_in_child
+
+    pytest.importorskip("hdf5plugin")
+    rec, sent = record(tmp_path / "w", n_iter=6, live_compression=live, compression="gzip")
+    rec.flush()
+    assert rec.current_path is not None
+    partial = tmp_path / rec.current_path.name
+    shutil.copy(rec.current_path, partial)  # as a crash leaves it
+    rec.close()
+    final = recover_in_child(partial)
+    assert not partial.exists()
+    with open_file(final) as f:
+        assert f.status == "aborted"
+        for pv, samples in sent.items():
+            same(list(f.samples(pv)), samples)
