@@ -9,6 +9,7 @@ readers (and ``recover``) use the last one whose lengths are all present.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections import OrderedDict
@@ -52,6 +53,11 @@ KAFKA_COLUMNS: dict[str, np.dtype[Any]] = {
 }
 PV_COLUMNS: dict[str, np.dtype[Any]] = {"offset": np.dtype(np.int64), "size": np.dtype(np.int64)}
 CHUNK_ROWS = 8192
+
+# live files written with zstd / blosc2: whatever reads them (recover's process, ls) needs
+# hdf5plugin's filters registered
+with contextlib.suppress(ImportError):
+    import hdf5plugin  # noqa: F401
 POOL_CHUNK = 65536
 
 

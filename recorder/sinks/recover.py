@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,9 +16,6 @@ from recorder.sinks.livefile import read_commit
 from recorder.sinks.options import PARTIAL_SUFFIX, final_path
 from recorder.sinks.superblock import clear_consistency_flags, restore_superblock
 from recorder.sinks.writelock import writer_active
-
-with contextlib.suppress(ImportError):  # live files written with zstd / blosc2
-    import hdf5plugin  # noqa: F401
 
 
 def find_partials(directory: Path) -> list[Path]:

@@ -92,3 +92,22 @@ def test_a_leftover_compressed_with_a_plugin_is_recovered_in_a_fresh_process(
         assert f.status == "aborted"
         for pv, samples in sent.items():
             same(list(f.samples(pv)), samples)
+
+
+def test_ls_reads_a_live_file_compressed_with_a_plugin(tmp_path: Path) -> None:
+    """`k2eg-recorder ls` (a fresh process: hdf5plugin not imported) reads the commit
+    records of a .partial written with live_compression zstd; it said "cannot read: ...
+    can't open directory (/usr/local/lib/plugin)" and left the recording out."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("hdf5plugin")
+    rec, _sent = record(tmp_path, n_iter=6, live_compression="zstd")
+    rec.flush()
+    out = subprocess.run([sys.executable, "-m", "recorder.cli", "ls", "--json", str(tmp_path)],
+                         check=False, capture_output=True, text=True, timeout=120)
+    rec.close()
+    assert out.returncode == 0, out.stdout + out.stderr
+    (g,) = json.loads(out.stdout)["recordings"]
+    assert g["iterations"] == 6 and g["files"][0]["partial"], g
