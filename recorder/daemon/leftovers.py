@@ -11,6 +11,7 @@ the same file again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -70,6 +71,8 @@ def offsets_in_file(path: Path, topic: str) -> dict[int, int]:
     import h5py
     import numpy as np
 
+    with contextlib.suppress(ImportError):  # /kafka compressed with zstd / blosc2
+        import hdf5plugin  # noqa: F401
     try:
         with h5py.File(path, "r") as f:
             if "kafka" not in f:

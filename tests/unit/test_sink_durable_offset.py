@@ -124,3 +124,41 @@ def test_the_durable_offset_never_passes_what_the_file_holds(tmp_path: Path,
     lost_rows = [i for i, o in TAILS[case] if o <= durable and i not in rows]
     assert not lost_rows, (f"durable offset {durable}, but the file has no row for the "
                            f"iterations {lost_rows}", told)
+
+
+def test_the_daemon_reads_the_offsets_of_a_file_compressed_with_a_plugin(
+        tmp_path: Path) -> None:
+    """The daemon resumes after the offsets a recovered file holds (its /kafka log), read in
+    the daemon's own process, which never imports hdf5plugin. With ``compression: zstd``
+    (or blosc2) /kafka/topic is zstd-compressed once a file has a few dozen flushes (it is
+    compact only up to 8 KiB: 32 rows): the read failed ("cannot read the Kafka offsets"),
+    and the run resumed from the older offsets of its state file (data written twice)."""
+    pytest.importorskip("hdf5plugin")
+    from recorder.client.events import (
+        IterationClosed,
+        IterationOpened,
+        IterationStatus,
+        ValuesReceived,
+    )
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, compression="zstd"),
+                        run_name="z", pv_uris=["pva://A"])
+    for i in range(1, 41):  # a flush each: 40 rows of /kafka
+        rec.handle(IterationOpened(TOPIC, "s", i, i, offset=3 * i))
+        rec.handle(ValuesReceived(TOPIC, i, 1, i, (PVSample("A", {"value": float(i)}),),
+                                  offset=3 * i + 1))
+        rec.handle(IterationClosed(TOPIC, "s", i, IterationStatus.COMPLETE, None, i, i,
+                                   offset=3 * i + 2))
+        rec.flush()
+    (final,) = rec.close()
+    with h5py.File(final, "r") as f:
+        assert f["kafka/topic"].chunks is not None  # compressed with the plugin
+    got = subprocess.run(  # the daemon's process: no hdf5plugin imported
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from recorder.daemon.leftovers import offsets_in_file; "
+         "print(offsets_in_file(Path(sys.argv[1]), sys.argv[2]))", str(final), TOPIC],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert got.stdout.strip().splitlines()[-1] == "{0: 122}", got.stdout + got.stderr
