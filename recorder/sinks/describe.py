@@ -8,12 +8,18 @@ read-only.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+# files compressed with zstd / blosc2, read in the daemon's process (the file event), which
+# imports nothing else that registers their filters
+with contextlib.suppress(ImportError):
+    import hdf5plugin  # noqa: F401
 
 __all__ = ["data_span_ns", "file_event_fields", "iso_ns", "plain", "utc"]
 

@@ -127,3 +127,44 @@ runs:
     log = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{")]
     told = [entry for entry in log if entry.get("event") == "file event"]
     assert len(told) == len(files) and all(entry["published"] for entry in told)
+
+
+def test_the_event_of_a_file_compressed_with_a_plugin_says_what_it_holds(
+        tmp_path: Path) -> None:
+    """The file event is read in the daemon's process, which never imports hdf5plugin: with
+    ``compression: zstd`` (or blosc2) a file of more than 1,024 iterations has its
+    /iterations timestamps zstd-compressed (compact only up to 8 KiB), the read failed, and
+    the event said only its size and an error (no status, iterations, times)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("hdf5plugin")
+    from recorder.client.events import (
+        IterationClosed,
+        IterationOpened,
+        IterationStatus,
+        ValuesReceived,
+    )
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, compression="zstd"), run_name="z",
+                        pv_uris=["pva://A"])
+    for i in range(1, 1201):
+        rec.handle(IterationOpened("t", "s", i, i * 1_000_000))
+        rec.handle(ValuesReceived("t", i, 1, i, (PVSample("A", {"value": float(i)}),)))
+        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None,
+                                   i * 1_000_000, i * 1_000_000))
+    (final,) = rec.close()
+    with h5py.File(final, "r") as f:
+        assert f["iterations/header_timestamp"].chunks is not None
+    got = subprocess.run(  # as the daemon does it: describe imported on its own
+        [sys.executable, "-c", "import json, sys; from pathlib import Path; "
+         "from recorder.sinks.describe import file_event_fields; "
+         "print(json.dumps(file_event_fields(Path(sys.argv[1]))))", str(final)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert got.returncode == 0, got.stderr[-2000:]
+    info = json.loads(got.stdout.splitlines()[-1])
+    assert (info["status"], info["iterations"]) == ("complete", 1200)
+    assert info["data_start_time"] == iso_ns(1_000_000)
