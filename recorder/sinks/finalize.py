@@ -312,13 +312,17 @@ def _write_kafka(w: _Writer, group: Any, columns: dict[str, Any]) -> None:
         if data.dtype.kind != "S":  # numbers: compact or chunked, as every column
             w.create(group, name, data, attrs=TIME_ATTRS if name == "time" else None)
             continue
+        plugin = None
         if data.nbytes <= COMPACT_MAX:
             kwargs: dict[str, Any] = {"dcpl": _DCPL_COMPACT}
         else:
-            kwargs, _plugin = filter_kwargs(w.options, data.dtype)
+            kwargs, plugin = filter_kwargs(w.options, data.dtype)
             kwargs["chunks"] = (w.chunk_rows(np.dtype(np.uint8), (data.dtype.itemsize,),
                                              len(data)),)
-        h5py.Group(group).create_dataset(name, data=data, track_times=False, **kwargs)
+        ds = h5py.Group(group).create_dataset(name, data=data, track_times=False, **kwargs)
+        if plugin:  # named, as on every dataset the writer's path makes (w.create)
+            w.plugins.add(plugin)
+            ds.attrs["required_filter"] = plugin
 
 
 def _write_pv_info(out: h5py.File, rows: list[dict[str, Any]]) -> None:

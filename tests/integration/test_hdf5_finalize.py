@@ -457,3 +457,34 @@ def test_the_kafka_log_is_compact_when_small_and_its_time_says_its_unit(
         assert (flushes > 1000) == (kafka["offset"].chunks is not None)
         assert kafka["offset"][()].tolist() == [3 * i + 2 for i in range(flushes)] + [
             3 * flushes - 1]
+
+
+@pytest.mark.parametrize("compression", ["lzf", "zstd", "blosc2"])
+def test_a_chunked_kafka_topic_names_its_filter(tmp_path: Path, compression: str) -> None:
+    """/kafka/topic is chunked with the file's compression past 32 flushes (8 KiB of S255);
+    with lzf, zstd or blosc2 it must name its filter (``required_filter``) and the file the
+    plugin (``required_plugins``), as every other dataset does. It named neither: the file
+    failed verify ("compressed with a plugin filter without a 'required_filter' attribute";
+    "required_plugins is empty" when nothing else was chunked), so `recover`'s check
+    refused to replace such a leftover, and readers had no way to know they needed the
+    plugin (the daemon could not read the file's offsets)."""
+    from recorder.verify import verify_file
+
+    if compression != "lzf":
+        pytest.importorskip("hdf5plugin")
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, compression=compression),
+                        run_name="k", pv_uris=["pva://X"])
+    for i in range(40):
+        rec.handle(IterationOpened("t", "s", i, i, offset=3 * i))
+        rec.handle(ValuesReceived("t", i, 1, 1, (PVSample("X", {"value": float(i)}),),
+                                  offset=3 * i + 1))
+        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i,
+                                   offset=3 * i + 2))
+        rec.flush()
+    (path,) = rec.close()
+    with h5py.File(path, "r") as h:
+        topic = h["kafka/topic"]
+        assert topic.chunks is not None
+        assert topic.attrs["required_filter"] in list(h.attrs["required_plugins"])
+    report = verify_file(path)
+    assert report.ok, report.problems
