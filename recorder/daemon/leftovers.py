@@ -11,7 +11,6 @@ the same file again.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -71,10 +70,11 @@ def offsets_in_file(path: Path, topic: str) -> dict[int, int]:
     import h5py
     import numpy as np
 
-    with contextlib.suppress(ImportError):  # /kafka compressed with zstd / blosc2
-        import hdf5plugin  # noqa: F401
+    from recorder.sinks.filters import register_plugins
+
     try:
         with h5py.File(path, "r") as f:
+            register_plugins(f.attrs.get("required_plugins"))  # /kafka zstd / blosc2
             if "kafka" not in f:
                 return {}
             g = f["kafka"]

@@ -8,7 +8,6 @@ read-only.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-# files compressed with zstd / blosc2, read in the daemon's process (the file event), which
-# imports nothing else that registers their filters
-with contextlib.suppress(ImportError):
-    import hdf5plugin  # noqa: F401
+from recorder.sinks.filters import register_plugins
 
 __all__ = ["data_span_ns", "file_event_fields", "iso_ns", "plain", "utc"]
 
@@ -68,6 +64,7 @@ def file_event_fields(path: Path) -> dict[str, Any]:
     file cannot be read."""
     size = path.stat().st_size
     with h5py.File(path, "r") as f:
+        register_plugins(f.attrs.get("required_plugins"))  # compression zstd / blosc2
         a = {k: plain(v) for k, v in f.attrs.items()
              if k in ("recording_uid", "segment", "status", "status_reason", "start_time",
                       "segment_start_time", "end_time", "n_iterations", "n_values",

@@ -11,6 +11,7 @@ decompression.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from typing import Any
 
@@ -35,6 +36,18 @@ def missing_plugin(compression: Compression) -> str | None:
                 "not installed here (pip install 'k2eg-recorder[compression]', or "
                 "hdf5plugin)")
     return None
+
+
+def register_plugins(required: Any) -> None:
+    """Register hdf5plugin's filters (zstd, blosc2) when a file's ``required_plugins``
+    attribute names them, so that this process can read it: processes that did not write
+    it (recover's, ``ls``, the daemon reading offsets and file events) have not imported
+    the package, and it costs ~6 MB to load, so only files that need it do. Without the
+    package the read fails with HDF5's words."""
+    names = [] if required is None else np.atleast_1d(required).tolist()
+    if any("hdf5plugin" in str(n) for n in names):
+        with contextlib.suppress(ImportError):
+            import hdf5plugin  # noqa: F401
 
 
 def filter_kwargs(

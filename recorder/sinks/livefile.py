@@ -9,7 +9,6 @@ readers (and ``recover``) use the last one whose lengths are all present.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 from collections import OrderedDict
@@ -29,7 +28,7 @@ from recorder.sinks.buffer import (
     FlushBatch,
 )
 from recorder.sinks.codec import DTYPE_BY_CODE, POOL_NAMES
-from recorder.sinks.filters import filter_kwargs
+from recorder.sinks.filters import filter_kwargs, register_plugins
 from recorder.sinks.options import OutputOptions
 
 STATE_COLUMNS: dict[str, np.dtype[Any]] = {
@@ -54,10 +53,6 @@ KAFKA_COLUMNS: dict[str, np.dtype[Any]] = {
 PV_COLUMNS: dict[str, np.dtype[Any]] = {"offset": np.dtype(np.int64), "size": np.dtype(np.int64)}
 CHUNK_ROWS = 8192
 
-# live files written with zstd / blosc2: whatever reads them (recover's process, ls) needs
-# hdf5plugin's filters registered
-with contextlib.suppress(ImportError):
-    import hdf5plugin  # noqa: F401
 POOL_CHUNK = 65536
 
 
@@ -352,6 +347,7 @@ def refresh_live(f: h5py.File) -> None:
 def read_commit(f: h5py.File) -> Commit:
     """The last commit whose data is all there (a kill -9 can cut a flush anywhere); reads
     only the small /live/state table and dataset shapes."""
+    register_plugins(f.attrs.get("required_plugins"))  # live_compression zstd / blosc2
     refresh_live(f)
     live = f["live"]
     state_len = min(ds.shape[0] for ds in live["state"].values())
