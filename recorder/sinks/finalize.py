@@ -184,12 +184,7 @@ def finalize(
     with open_live(partial, scan_heap=not heap_checked, rdcc_nbytes=CHUNK_CACHE) as f:
         attrs = dict(f.attrs)
         if options is None:
-            opts_json = attrs.get("output_options")
-            options = (
-                OutputOptions.model_validate_json(opts_json)
-                if isinstance(opts_json, str)
-                else OutputOptions(directory=final.parent)
-            )
+            options = _stored_options(attrs.get("output_options"), final.parent)
         try:
             _write_final(f, tmp, attrs, options, status=status, reason=reason,
                          end_time=end_time, extra_attrs=extra_attrs, block_bytes=block_bytes)
@@ -219,6 +214,28 @@ def finalize(
     finally:
         os.close(dfd)
     return final
+
+
+def _stored_options(text: Any, directory: Path) -> OutputOptions:
+    """The output options a live file was written with (its compression is the final
+    file's). Written by another version they may not validate here (an option added since,
+    one refused since): then its compression settings are taken, defaults for the rest."""
+    if not isinstance(text, str):
+        return OutputOptions(directory=directory)
+    try:
+        return OutputOptions.model_validate_json(text)
+    except ValueError:
+        pass
+    try:
+        stored = json.loads(text)
+    except ValueError:
+        stored = None
+    keep = {k: stored[k] for k in ("compression", "compression_level", "shuffle")
+            if k in stored} if isinstance(stored, dict) else {}
+    try:
+        return OutputOptions(directory=directory, **keep)
+    except ValueError:
+        return OutputOptions(directory=directory)
 
 
 def _write_final(f: h5py.File, tmp: Path, attrs: dict[str, Any], options: OutputOptions, *,

@@ -224,3 +224,57 @@ def test_recover_refuses_a_name_another_file_holds_and_leaves_nothing_behind(
     assert sorted(tmp_path.iterdir()) == sorted(before)
     for p, content in before.items():
         assert p.read_bytes() == content, p
+
+
+LEFT_BY_A_CRASH = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from recorder.client.events import (IterationOpened, ValuesReceived, IterationClosed,
+        IterationStatus)
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+    import structlog, logging
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    rec = HDF5Recording(OutputOptions(directory=Path(sys.argv[1])), run_name="old",
+                        pv_uris=["pva://O:X"])
+    for i in range(1, 4):
+        rec.handle(IterationOpened("t", "s", i, i, offset=3 * i))
+        rec.handle(ValuesReceived("t", i, 1, i, (PVSample("O:X", {"value": [float(i)] * 4096}),),
+                                  offset=3 * i + 1))
+        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i,
+                                   offset=3 * i + 2))
+    rec.flush()
+    print(rec.current_path, flush=True)
+    os._exit(0)
+    """
+)
+
+
+@pytest.mark.parametrize("stored", [{"swmr": False}, {"a_later_option": 1}])
+def test_a_leftover_whose_stored_output_options_no_longer_validate_is_recovered(
+        tmp_path: Path, stored: dict[str, object]) -> None:
+    """A leftover keeps the output options its writer ran with (``output_options``, JSON),
+    which finalization reads for the compression. Written by another version, they may not
+    validate here: ``swmr: false`` (accepted, and ignored, before 2026-11-22, refused
+    since), an option a later version added (the model forbids unknown keys). Recovery
+    failed on them for good ("NOT recovered: 1 validation error for OutputOptions"); the
+    file is now finalized with the compression settings it names."""
+    import json
+
+    from recorder.sinks.superblock import clear_consistency_flags
+
+    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)], check=True,
+                         capture_output=True, text=True, timeout=120)
+    partial = Path(out.stdout.split()[-1])
+    clear_consistency_flags(partial)
+    with h5py.File(partial, "r+") as h:  # as that other version wrote it
+        options = json.loads(h.attrs["output_options"])
+        h.attrs["output_options"] = json.dumps({**options, "compression": "lzf", **stored})
+    assert cli_main(["recover", str(partial)]) == 0
+    final = partial.with_name(partial.name.removesuffix(".partial"))
+    with h5py.File(final, "r") as h:
+        assert h.attrs["status"] == "aborted"
+        assert h["iterations/iter_index"][()].tolist() == [1, 2, 3]
+        assert "lzf" in str(list(h.attrs["required_plugins"]))  # its compression, kept
