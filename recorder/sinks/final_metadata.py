@@ -18,9 +18,25 @@ INFO_STR = ("units", "description", "format")  # /pv_info string columns from ME
 
 
 def _attr_value(value: Any) -> Any:
-    if isinstance(value, (bool, int, float, str)):
+    if isinstance(value, str):
+        return hdf5_text(value)
+    if isinstance(value, (bool, int, float)):
         return value
     return json.dumps(value, default=str)
+
+
+def hdf5_text(value: str) -> str:
+    """``value`` as an HDF5 UTF-8 string can hold it, for the descriptive copies of metadata
+    text (attributes, ``/pv_info`` columns): bytes that were not UTF-8 (the client keeps them
+    as lone surrogates, e.g. a Latin-1 ``°C``) and NUL, where HDF5 strings end, become
+    U+FFFD. The metadata JSON keeps the text exactly."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+    return value
 
 
 def first_metadata(raw: bytes) -> dict[str, Any]:
@@ -53,7 +69,7 @@ def _metadata_fields(d: Mapping[str, Any]) -> dict[str, Any]:
             out[attr] = _untag(sub[key])
     value = d.get("value")
     if type(value) is dict and isinstance(value.get("choices"), list):
-        out["choices"] = [str(c) for c in value["choices"]]
+        out["choices"] = [str(c) for c in value["choices"]]  # exact: /pv_info's JSON
     return out
 
 
@@ -64,7 +80,7 @@ def value_attrs(fields: Mapping[str, Any]) -> dict[str, Any]:
     if "units" in fields:
         out["units"] = str(_attr_value(fields["units"]))
     if "choices" in fields:
-        out["choices"] = fields["choices"]
+        out["choices"] = [hdf5_text(c) for c in fields["choices"]]
     return out
 
 

@@ -49,6 +49,7 @@ from recorder.sinks.final_metadata import (
     _image_shape,
     _metadata_fields,
     first_metadata,
+    hdf5_text,
     info_fields,
     value_attrs,
 )
@@ -396,7 +397,8 @@ class _PV:
             if self.schema is None:
                 self.schema = schema
                 labels = d.get("labels")
-                self.labels = [str(x) for x in labels] if isinstance(labels, list) else []
+                self.labels = ([hdf5_text(str(x)) for x in labels] if isinstance(labels, list)
+                               else [])
             elif [c for c, _ in schema] != [c for c, _ in self.schema] or any(
                 len(columns[c]) and t != t0
                 for (c, t), (_, t0) in zip(schema, self.schema, strict=True)

@@ -420,3 +420,42 @@ def test_an_iteration_open_at_a_rotation_is_not_reported_as_a_writer_crash(
         assert its["status"].tolist() == ["complete", "complete"]
         assert its["n_written"].tolist() == [1, 0]
         assert f.values("A").tolist() == [3.5]
+
+
+def test_metadata_text_hdf5_cannot_hold_is_finalized(tmp_path: Path) -> None:
+    """EPICS text is often Latin-1 (``°C`` as the byte 0xB0 in an EGU field) or may hold NUL:
+    such units, descriptions, enum choices and table labels (kept exactly in the metadata
+    JSON) used to make finalization fail (``VLEN strings do not support embedded NULLs``,
+    ``UnicodeEncodeError``), leaving every PV of the segment in the ``.partial``."""
+    from recorder.sim.encoding import pack
+
+    def lazy(pv: str, data: dict[str, Any]) -> PVSample:
+        raw = pack(data)  # "\udcb0": the byte 0xB0 on the wire, as the client decodes it
+        return PVSample.from_raw(pv, raw, 0)
+
+    def samples_of(i: int) -> list[PVSample]:
+        return [
+            lazy("T", {"value": 20.5 + i, "timeStamp": _ts(i), "display": {
+                "units": "\udcb0C", "description": "temp\x00erature", "format": "\udcff"}}),
+            lazy("E", {"value": {"index": i % 2, "choices": ["Off", "50 \udcb0C", "a\x00b"]},
+                       "timeStamp": _ts(i)}),
+            lazy("TB", {"labels": ["x \udcb5m", "y\x00"], "value": {"x": [1.0], "y": [2]},
+                        "timeStamp": _ts(i)}),
+        ]
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="latin1")
+    path, sent = record_closed(rec, 3, samples_of)
+    assert rec.status == "complete" and path.suffix == ".h5"
+    with open_file(path) as f:
+        for pv, samples in sent.items():
+            same(f.samples(pv), samples)
+        assert f.values("E").tolist() == [0, 1, 0]
+        assert f.pv_info("T")["units"] == "\ufffdC"
+    with h5py.File(path, "r") as h:
+        assert h["pvs/T/value"].attrs["units"] == "\ufffdC"
+        assert list(h["pvs/E/value"].attrs["choices"]) == ["Off", "50 \ufffdC", "a\ufffdb"]
+        assert list(h["pvs/TB/value"].attrs["labels"]) == ["x \ufffdm", "y\ufffd"]
+    from recorder.verify import verify_file
+
+    report = verify_file(path, data=True)
+    assert report.ok, [str(p) for p in report.errors]
