@@ -79,6 +79,7 @@ class _PV:
         self.rank: int | None = None  # NTNDArray rank
         self.schema: tuple[tuple[str, str], ...] | None = None  # NTTable (column, dtype)
         self.labels: list[str] | None = None
+        self.untyped_tables = 0  # NTTable rows before the schema is known (no columns yet)
         self.run_max = -1  # running max of iter_row (first/count index)
         self.next_k = 0  # first iteration whose `first` is not written yet
         self.pending = 0  # rows of iteration next_k - 1 seen so far (may continue)
@@ -413,7 +414,8 @@ class _PV:
 
     def _add_table(self, m: int, table_cols: dict[str, list[Any]],
                    shapes: npt.NDArray[np.int64]) -> None:
-        if self.schema is None:
+        if self.schema is None:  # no table fit typed columns yet: their rows are counted
+            self.untyped_tables += m
             return
         if self.value_group is None:
             self.value_group = create_group(self.g, "value")
@@ -425,6 +427,8 @@ class _PV:
                 attrs = {"column": c, "dtype": "utf-8" if t == "str" else dt.name}
                 self.table[c] = _Col(self.w, self.value_group, escape_name(c), self.n,
                                      dtype=dt, attrs=attrs)
+                if self.untyped_tables:  # earlier blocks' rows (in their metadata JSON)
+                    self.table[c].add(np.zeros((self.untyped_tables, 0), dtype=dt))
         for c, t in self.schema:
             items = table_cols.get(c, [])
             widest = max((len(a) for _, a in items), default=0)

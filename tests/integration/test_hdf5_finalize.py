@@ -315,6 +315,28 @@ def test_table_schema_change_stays_lossless(tmp_path: Path) -> None:
         assert (h["pvs/T/flags"][()] & 8).tolist() == [8, 8, 0, 0, 0, 8, 8]
 
 
+def test_a_table_untyped_for_a_whole_block_keeps_its_later_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An NTTable PV whose tables fill a finalization block without one that fits typed
+    columns (columns of different lengths, a string with NUL; they stay in the metadata
+    JSON): its typed tables in later blocks were written from the column's row 0, so each
+    was read from another row (zeros here) and its own rows were lost."""
+    monkeypatch.setattr(hdf5_module, "finalize", functools.partial(finalize, block_bytes=512))
+
+    def samples_of(i: int) -> list[PVSample]:
+        table = ({"labels": ["a", "b"], "value": {"a": [1.5, 2.5], "b": ["p\x00"]}} if i < 4
+                 else {"labels": ["a", "b"], "value": {"a": [1.5 * i, 2.5], "b": ["x", "y"]}})
+        return [PVSample("T", {**table, "timeStamp": _ts(i)}),
+                PVSample("W", {"value": [float(i)] * 40, "timeStamp": _ts(i)})]
+
+    path, sent = record_closed(HDF5Recording(OutputOptions(directory=tmp_path),
+                                             run_name="tbl"), 8, samples_of)
+    with open_file(path) as f:
+        same(f.samples("T"), sent["T"])
+    with h5py.File(path, "r") as h:
+        assert h["pvs/T/value/a"][4:, 0].tolist() == [6.0, 7.5, 9.0, 10.5]
+
+
 PEAK = textwrap.dedent(
     """
     import sys, time
