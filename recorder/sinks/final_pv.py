@@ -77,6 +77,7 @@ class _PV:
         self.last_json: bytes | None = None  # the last metadata entry written
         self.fields: dict[str, Any] = {}  # _metadata_fields of the first metadata
         self.rank: int | None = None  # NTNDArray rank
+        self.rankless = 0  # NTNDArray rows before the first image (the rank is not known)
         self.schema: tuple[tuple[str, str], ...] | None = None  # NTTable (column, dtype)
         self.labels: list[str] | None = None
         self.untyped_tables = 0  # NTTable rows before the schema is known (no columns yet)
@@ -283,8 +284,11 @@ class _PV:
                     self.message.add(np.full(self.no_message, -1, dtype=np.int32))
                     self.no_message = 0
                 self.message.add(row_codes)
-        if kind is ValueKind.NDARRAY and value_col is not None:
+        if kind is ValueKind.NDARRAY and value_col is not None and self.rank is None:
+            self.rankless += m  # no image yet: these rows wait for the rank (or finish)
+        elif kind is ValueKind.NDARRAY and value_col is not None:
             rank = self.rank or 1
+            self._add_rankless(rank)
             shapes = np.zeros((m, rank), dtype=np.int64)
             for r, a in images:
                 if a.ndim == rank:
@@ -319,6 +323,14 @@ class _PV:
         self._add_flags(flags)
         self._index(s["iter_row"])
         self.rows += m
+
+    def _add_rankless(self, rank: int) -> None:
+        """The NTNDArray rows before the first image (no value), as images of ``rank``."""
+        value = self.cols.get("value")
+        if self.rankless and value is not None:
+            value.add(np.zeros((self.rankless, *(0,) * rank), dtype=value.dtype))
+            self._add_shapes(np.zeros((self.rankless, rank), dtype=np.int64))
+        self.rankless = 0
 
     def _add_flags(self, flags: npt.NDArray[np.uint8]) -> None:
         """A block's ``flags``: counted while every row has the same, the column made (in
@@ -493,6 +505,7 @@ class _PV:
 
     def finish(self) -> None:
         n_iter = self.w.n_iter
+        self._add_rankless(self.rank or 1)
         if self.next_k:
             self.count.add(np.array([self.pending], dtype=np.int64))
         for lo in range(self.next_k, n_iter, SCAN_ROWS):  # iterations after the last row

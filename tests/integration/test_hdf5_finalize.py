@@ -337,6 +337,27 @@ def test_a_table_untyped_for_a_whole_block_keeps_its_later_rows(
         assert h["pvs/T/value/a"][4:, 0].tolist() == [6.0, 7.5, 9.0, 10.5]
 
 
+def test_an_image_pv_without_a_frame_for_a_whole_block_is_finalized(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An NTNDArray PV without a frame yet (nil value: a camera not acquiring) for a whole
+    finalization block: its rows there were written as 1-D, the frames after them as 2-D,
+    and finalization failed (``zip() argument 2 is longer than argument 1``)."""
+    monkeypatch.setattr(hdf5_module, "finalize", functools.partial(finalize, block_bytes=512))
+
+    def samples_of(i: int) -> list[PVSample]:
+        image = ({"value": None} if i < 4 else
+                 {"value": {"ushortValue": list(range(i, i + 6))}, "uniqueId": i})
+        return [PVSample("IMG", {**image, "dimension": [{"size": 3}, {"size": 2}],
+                                 "timeStamp": _ts(i)}),
+                PVSample("W", {"value": [float(i)] * 40, "timeStamp": _ts(i)})]
+
+    path, sent = record_closed(HDF5Recording(OutputOptions(directory=tmp_path),
+                                             run_name="img"), 8, samples_of)
+    with open_file(path) as f:
+        same(f.samples("IMG"), sent["IMG"])
+        assert f.samples("IMG")[4].value.image().tolist() == [[4, 5, 6], [7, 8, 9]]
+
+
 PEAK = textwrap.dedent(
     """
     import sys, time
