@@ -403,10 +403,10 @@ class _PV:
             schema = tuple((c, "str" if isinstance(a, tuple) else a.dtype.str)
                            for c, a in columns.items())
             lengths = {len(a) for a in columns.values()}
-            if len(lengths) > 1 or any(
+            if len(lengths) > 1 or not _clean_strings(list(columns)) or any(
                 isinstance(a, tuple) and not _clean_strings(list(a)) for a in columns.values()
             ):
-                return None
+                return None  # (column names: HDF5 names and attribute text)
             if self.schema is None:
                 self.schema = schema
                 labels = d.get("labels")

@@ -315,6 +315,22 @@ def test_table_schema_change_stays_lossless(tmp_path: Path) -> None:
         assert (h["pvs/T/flags"][()] & 8).tolist() == [8, 8, 0, 0, 0, 8, 8]
 
 
+def test_table_columns_hdf5_cannot_name_stay_in_the_metadata(tmp_path: Path) -> None:
+    """Column names with NUL or bytes that are not UTF-8 cannot be HDF5 names or attribute
+    text: such tables stay in the metadata JSON (flag 8 clear) instead of failing the
+    finalization of the whole file."""
+    names = ["b\x00", "\udcb0"]
+    sent = [PVSample(f"T{j}", {"labels": ["a", "b"], "value": {"a": [9], name: [i]},
+                               "timeStamp": _ts(i)})
+            for i in range(2) for j, name in enumerate(names)]
+    path, by_pv = record_closed(HDF5Recording(OutputOptions(directory=tmp_path),
+                                              run_name="tbl"), 1, lambda i: sent)
+    with open_file(path) as f:
+        for pv, samples in by_pv.items():
+            same(f.samples(pv), samples)
+            assert f.pv_info(pv)["flags"] & 8 == 0
+
+
 def test_a_table_untyped_for_a_whole_block_keeps_its_later_rows(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An NTTable PV whose tables fill a finalization block without one that fits typed
