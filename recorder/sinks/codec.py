@@ -302,6 +302,8 @@ def _to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float):
         if math.isfinite(obj):
             return obj
+        if math.isnan(obj) and math.copysign(1.0, obj) < 0:
+            return {"__float__": "-nan"}  # x86's default NaN; float("-nan") keeps the sign
         return {"__float__": repr(obj)}
     if isinstance(obj, Mapping):
         if all(isinstance(k, str) for k in obj) and not any(k.startswith("__") for k in obj):

@@ -11,7 +11,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recorder.sinks.codec import _from_jsonable, _to_jsonable, decode_rest, encode_rest
+from recorder.sinks.codec import (
+    _from_jsonable,
+    _to_jsonable,
+    decode_rest,
+    encode_rest,
+)
 
 
 def tagged(rest: Any) -> bytes:
@@ -66,3 +71,14 @@ def test_what_json_cannot_say_is_tagged_and_comes_back() -> None:
     assert back[1] == "int key" and back["__float__"] == 2 and back["bytes"] == b"\x00\xff"
     assert math.isnan(back["nan"]) and back["inf"] == -math.inf
     assert back["tuple"] == [1, {2: 3}]
+
+
+def test_a_negative_nan_keeps_its_sign() -> None:
+    """x86's default NaN (0.0/0.0 in an IOC, in a table column or metadata) has its sign bit
+    set: the JSON tag said "nan" for it, and it came back positive."""
+    neg = -math.nan
+    assert math.copysign(1.0, neg) < 0
+    raw = encode_rest({"d": {"value": {"a": [1.5, neg, math.nan]}}, "f": []})
+    back = decode_rest(raw)["d"]["value"]["a"]
+    assert [math.copysign(1.0, x) for x in back[1:]] == [-1.0, 1.0]
+    assert all(map(math.isnan, back[1:]))
