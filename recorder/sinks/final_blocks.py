@@ -188,15 +188,26 @@ def _scan(f: h5py.File, commit: Commit, n_pvs: int, n_iter: int, block_bytes: in
 GATHER_ELEMENTS = 1 << 20  # elements gathered at a time by _Block.gather
 
 
+TEXT_GAP = 64 * 1024  # byte-pool bytes between a block's texts read rather than skipped
+
+
 @dataclass(slots=True)
 class _Block:
     s: dict[str, npt.NDArray[Any]]
     bytes_lo: int
     raw: bytes
     pools: dict[int, tuple[int, npt.NDArray[Any]]]  # dtype -> (first element offset, elements)
+    # byte-pool runs apart from ``raw`` (first offset, bytes): metadata JSON stored long
+    # before the block's rows (a PV back to a structure it had)
+    texts: tuple[tuple[int, bytes], ...] = ()
 
     def text(self, offset: int, size: int) -> bytes:
-        return self.raw[offset - self.bytes_lo : offset - self.bytes_lo + size]
+        if self.bytes_lo <= offset and offset + size <= self.bytes_lo + len(self.raw):
+            return self.raw[offset - self.bytes_lo : offset - self.bytes_lo + size]
+        for lo, run in self.texts:
+            if lo <= offset and offset + size <= lo + len(run):
+                return run[offset - lo : offset - lo + size]
+        raise ValueError(f"bytes {offset}+{size} are not among the block's byte-pool runs")
 
     def elements(self, code: int, offset: int, size: int) -> npt.NDArray[Any]:
         lo, pool = self.pools[code]
@@ -234,9 +245,19 @@ def _read_block(f: h5py.File, lo: int, hi: int, meta: dict[str, npt.NDArray[Any]
     is_text = (dtype == STRING_DTYPE_CODE) & (offset >= 0)
     starts = np.concatenate([offset[is_text], meta["offset"]])
     ends = np.concatenate([offset[is_text] + size[is_text], meta["offset"] + meta["size"]])
-    b_lo = int(starts.min()) if len(starts) else 0
-    b_hi = int(ends.max()) if len(ends) else 0
-    raw = live["bytes"][b_lo:b_hi].tobytes() if b_hi > b_lo else b""
+    # read in runs: the texts of the block's rows are side by side, but a metadata entry may
+    # point far back (/live/meta reuses the JSON of a structure seen before)
+    order = np.argsort(starts, kind="stable")
+    runs: list[list[int]] = []
+    for a, e in zip(starts[order].tolist(), ends[order].tolist(), strict=True):
+        if runs and a <= runs[-1][1] + TEXT_GAP:
+            runs[-1][1] = max(runs[-1][1], e)
+        else:
+            runs.append([a, e])
+    read = [(a, live["bytes"][a:e].tobytes() if e > a else b"") for a, e in runs]
+    # the largest run (the rows' own texts) in ``raw``, the others beside it
+    main = max(range(len(read)), key=lambda i: len(read[i][1]), default=None)
+    b_lo, raw = read[main] if main is not None else (0, b"")
     pools: dict[int, tuple[int, npt.NDArray[Any]]] = {}
     arr = ((kind == K_ARRAY) | (kind == K_NDARRAY)) & (offset >= 0) & np.isin(
         dtype, list(DTYPE_BY_CODE))
@@ -245,4 +266,4 @@ def _read_block(f: h5py.File, lo: int, hi: int, meta: dict[str, npt.NDArray[Any]
         p_lo = int(offset[sel].min())
         p_hi = int((offset[sel] + size[sel]).max())
         pools[code] = (p_lo, live[f"pool_{DTYPE_BY_CODE[code].name}"][p_lo:p_hi])
-    return _Block(s, b_lo, raw, pools)
+    return _Block(s, b_lo, raw, pools, tuple(r for i, r in enumerate(read) if i != main))

@@ -24,6 +24,7 @@ from recorder.client.events import (
 from recorder.client.values import PVSample
 from recorder.reader import open_file
 from recorder.sinks import final_blocks, final_datasets
+from recorder.sinks import finalize as finalize_module
 from recorder.sinks import hdf5 as hdf5_module
 from recorder.sinks.finalize import finalize
 from recorder.sinks.hdf5 import HDF5Recording
@@ -372,6 +373,46 @@ def test_an_image_pv_without_a_frame_for_a_whole_block_is_finalized(
     with open_file(path) as f:
         same(f.samples("IMG"), sent["IMG"])
         assert f.samples("IMG")[4].value.image().tolist() == [[4, 5, 6], [7, 8, 9]]
+
+
+def test_a_block_reads_the_text_it_needs_not_the_byte_pool_before_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PV returning to a structure it had before (an alarm message flapping between two
+    texts) points its /live/meta rows at the JSON stored the first time, at the start of
+    /live/bytes: every block read the byte pool from there on (here ~40 MB a block with a
+    1 MiB budget, the whole pool near the end), so finalization memory grew with the
+    segment."""
+    reads: list[int] = []
+    real = final_blocks._read_block
+
+    def spy(f: Any, lo: int, hi: int, meta: Any) -> Any:
+        block = real(f, lo, hi, meta)
+        reads.append(len(block.raw) + sum(len(r) for _, r in getattr(block, "texts", ())))
+        return block
+
+    monkeypatch.setattr(finalize_module, "_read_block", spy)
+    monkeypatch.setattr(hdf5_module, "finalize", functools.partial(finalize,
+                                                                   block_bytes=1 << 20))
+
+    def samples_of(i: int) -> list[PVSample]:
+        return [PVSample("S", {"value": f"{i:06d}" + "x" * 100_000, "timeStamp": _ts(i)}),
+                PVSample("F", {"value": 1.0, "alarm": {"severity": 0, "status": 0,
+                                                        "message": "A" if i % 2 else "B"}})]
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="flap")
+    sent: dict[str, list[PVSample]] = {}
+    for i in range(200):
+        samples = samples_of(i)
+        write_iteration(rec, i, samples)
+        for x in samples:
+            sent.setdefault(x.pv, []).append(x)
+        if i % 10 == 0:
+            rec.flush()
+    (path,) = rec.close()
+    assert len(reads) > 10 and max(reads) < 4 << 20, max(reads)
+    with open_file(path) as f:
+        for pv, samples in sent.items():
+            same(f.samples(pv), samples)
 
 
 PEAK = textwrap.dedent(
