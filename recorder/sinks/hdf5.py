@@ -222,6 +222,8 @@ class HDF5Recording:
             self._close_file()
             return self.paths
         self._finish_segment(status, reason)
+        if self.status == "failed":  # finalization failed: the .partial stays for recover
+            return self.paths
         self.status = status
         self.reason = reason
         self._log.info("recording closed", status=status, reason=reason, files=len(self.paths))

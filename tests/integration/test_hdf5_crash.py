@@ -278,3 +278,32 @@ def test_a_leftover_whose_stored_output_options_no_longer_validate_is_recovered(
         assert h.attrs["status"] == "aborted"
         assert h["iterations/iter_index"][()].tolist() == [1, 2, 3]
         assert "lzf" in str(list(h.attrs["required_plugins"]))  # its compression, kept
+
+
+def test_a_failed_finalization_is_not_reported_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finalization failing at close (an I/O error, a value HDF5 refuses) left the
+    ``.partial`` and logged "recording failed", but close() then set the status it was
+    asked for: "recording closed status=complete files=0"."""
+    from recorder.client.events import (
+        IterationClosed,
+        IterationOpened,
+        IterationStatus,
+        ValuesReceived,
+    )
+    from recorder.client.values import PVSample
+    from recorder.sinks import hdf5 as hdf5_module
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hdf5_module, "finalize", fails)
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="x")
+    rec.handle(IterationOpened("t", "s", 1, 1))
+    rec.handle(ValuesReceived("t", 1, 1, 1, (PVSample("A", {"value": 1.0}),)))
+    rec.handle(IterationClosed("t", "s", 1, IterationStatus.COMPLETE, None, 1, 1))
+    assert rec.close() == []
+    assert rec.status == "failed" and "No space left" in rec.reason
+    assert [p.name.endswith(".h5.partial") for p in tmp_path.iterdir()] == [True]
