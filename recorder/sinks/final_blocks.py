@@ -247,14 +247,16 @@ def _read_block(f: h5py.File, lo: int, hi: int, meta: dict[str, npt.NDArray[Any]
     ends = np.concatenate([offset[is_text] + size[is_text], meta["offset"] + meta["size"]])
     # read in runs: the texts of the block's rows are side by side, but a metadata entry may
     # point far back (/live/meta reuses the JSON of a structure seen before)
+    # (vectorized: a block holds up to millions of texts)
     order = np.argsort(starts, kind="stable")
-    runs: list[list[int]] = []
-    for a, e in zip(starts[order].tolist(), ends[order].tolist(), strict=True):
-        if runs and a <= runs[-1][1] + TEXT_GAP:
-            runs[-1][1] = max(runs[-1][1], e)
-        else:
-            runs.append([a, e])
-    read = [(a, live["bytes"][a:e].tobytes() if e > a else b"") for a, e in runs]
+    a, e = starts[order], ends[order]
+    runs: list[tuple[int, int]] = []
+    if len(a):
+        reach = np.maximum.accumulate(e)  # the furthest end so far
+        first = np.flatnonzero(np.concatenate([[True], a[1:] > reach[:-1] + TEXT_GAP]))
+        runs = list(zip(a[first].tolist(), np.maximum.reduceat(e, first).tolist(),
+                        strict=True))
+    read = [(lo, live["bytes"][lo:hi].tobytes() if hi > lo else b"") for lo, hi in runs]
     # the largest run (the rows' own texts) in ``raw``, the others beside it
     main = max(range(len(read)), key=lambda i: len(read[i][1]), default=None)
     b_lo, raw = read[main] if main is not None else (0, b"")
