@@ -232,6 +232,12 @@ class RecorderMetrics:
         self._runs.add(run)
         self.backpressure_pauses.labels(run=run).inc(count)
 
+    def clear_lag(self, run: str) -> None:
+        """A run that stopped reading has no lag: its series goes (it kept its last value,
+        and an alert on it kept firing for a stopped run)."""
+        with contextlib.suppress(KeyError):
+            self.consumer_lag.remove(run)
+
     def set_recording(self, run: str, recording: bool) -> None:
         self._runs.add(run)
         self.recording.labels(run=run).set(1 if recording else 0)

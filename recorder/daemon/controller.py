@@ -325,12 +325,15 @@ class RunController:
             if state is not RunState.RECORDING:
                 self._stats.silent_since = None
                 self._stats.writer_behind_since = None
+                self._stats.lag = None  # it reads nothing: no lag to report
         if state is not RunState.RECORDING:
             self._silence = None
             self._resend = None  # a late answer then lands in its own, forgotten holder
         self._log.info("run state", state=state.value)
         if self._metrics is not None:
             self._metrics.set_recording(self.name, state is RunState.RECORDING)
+            if state is not RunState.RECORDING:
+                self._metrics.clear_lag(self.name)
 
     def _error(self, message: str) -> None:
         with self._lock:

@@ -583,6 +583,34 @@ def test_a_run_whose_writing_falls_behind_says_so_in_status_and_metrics(
         assert c.join(5)
 
 
+def test_a_stopped_run_reports_no_lag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lag (status and gauge) is that of a run reading its topic; once it stops it is
+    gone, not its last value for ever (an alert on a growing lag kept firing)."""
+    import recorder.daemon.controller as controller_module
+
+    monkeypatch.setattr(controller_module, "LAG_EVERY_S", 0.05)
+    client = FakeClient()
+    metrics = RecorderMetrics()
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value(
+            "k2eg_recorder_consumer_lag_messages", {"run": "r"})
+
+    c, _made = _controller(tmp_path, client, metrics=metrics)
+    try:
+        sub = _started(c, client)
+        _feed(sub, 1, 1)
+        _wait(lambda: c.status().lag == 5)
+        assert gauge() == 5
+        c.stop().result(5)
+        assert c.status().lag is None and gauge() is None
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_an_answer_to_a_resend_of_an_earlier_recording_is_not_applied_later(
     tmp_path: Path,
 ) -> None:
