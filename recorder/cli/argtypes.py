@@ -25,3 +25,13 @@ def count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
     return value
+
+
+def kafka_topic(text: str) -> str:
+    """A name Kafka accepts for a topic (1 to 249 of ``[A-Za-z0-9._-]``, not ``.`` or ``..``)."""
+    from recorder.admin.protocol import TOPIC_RE
+
+    if not TOPIC_RE.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a valid Kafka topic name ([A-Za-z0-9._-]{{1,249}})")
+    return text

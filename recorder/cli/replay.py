@@ -23,6 +23,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from recorder.cli.argtypes import kafka_topic
+
 HELP = "publish a recorded file back to Kafka as the gateway's snapshot stream"
 
 EXIT_USAGE = 2
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE",
                         help="recorded files (.h5, or a .partial being written), replayed in "
                         "segment order")
-    parser.add_argument("--topic", required=True,
+    parser.add_argument("--topic", required=True, type=kafka_topic,
                         help="the Kafka topic to publish to (created with 1 partition if "
                         "missing)")
     parser.add_argument("--bootstrap", default=None,

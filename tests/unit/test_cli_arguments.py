@@ -102,3 +102,17 @@ def test_sim_refuses_what_it_cannot_run(argv: list[str], needle: str,
         main(["sim", "--bootstrap", "127.0.0.1:9", *argv])
     assert info.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("topic", ["", "bad topic", "a/b", ".", "x" * 250])
+def test_replay_refuses_a_topic_name_kafka_cannot_have(
+    topic: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """README: replay exits 2 for a usage problem (file, selection, topic), before Kafka is
+    asked (it used to try to create the topic and exit 1, after 10 s without a broker)."""
+    with pytest.raises(SystemExit) as info:
+        main(["replay", str(tmp_path / "rec.h5"), "--topic", topic,
+              "--bootstrap", "127.0.0.1:9"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--topic" in err and "not a valid Kafka topic name" in err, err
