@@ -298,3 +298,30 @@ def test_trigger_tags_are_served_with_their_iteration_as_the_file_has_them(
     assert data[RECORDER_SOURCE]["tags"] == tags
     assert read_trains(path)[7][0][RECORDER_SOURCE]["tags"] == tags
     assert sink.counters["late_tags"] == 1
+
+
+@pytest.mark.parametrize("version", ["2.2", "1.0"])
+def test_text_that_was_not_utf8_is_served_not_the_whole_iteration_dropped(version: str) -> None:
+    """The client keeps bytes that are not UTF-8 (a Latin-1 ``°C`` in a CA PV's units) as
+    lone surrogates, which msgpack cannot pack: the iteration is still served, such text
+    with U+FFFD in their place (as the file's descriptive copies have it)."""
+    sink = KaraboBridgeSink(BridgeOptions(rep=0, protocol_version=version),  # type: ignore[arg-type]
+                            run_name="latin1")
+    try:
+        with Client(sink.endpoints["rep"], sock="REQ", timeout=5) as client:
+            sink.handle(IterationOpened("t", "s", 1, 5))
+            sink.handle(ValuesReceived("t", 1, 1, 5, (
+                PVSample("T", {"value": 21.5, "display": {"units": "\udcb0C"},
+                               "alarm": {"severity": 0, "status": 0, "message": "x\udcff"}}),
+                PVSample("OK", {"value": 1.5}),
+            )))
+            sink.handle(IterationClosed("t", "s", 1, IterationStatus.COMPLETE, None, 5, 6,
+                                        error_message="bad \udce9"))
+            data, _meta = strip_v1(*client.next(), version)
+    finally:
+        sink.close()
+    assert data["OK"]["value"] == 1.5
+    assert data["T"]["value"] == 21.5 and data["T"]["display.units"] == "\ufffdC"
+    assert data["T"]["alarm.message"] == "x\ufffd"
+    assert data[RECORDER_SOURCE]["error_message"] == "bad \ufffd"
+    assert sink.counters.get("build_errors", 0) == 0

@@ -109,6 +109,27 @@ def wire_safe(value: Any) -> Any:
     return value
 
 
+def _text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+    return value
+
+
+def wire_text(value: Any) -> Any:
+    """``value`` with the lone surrogates of its texts (keys included) replaced by U+FFFD:
+    the client keeps bytes that were not UTF-8 (a Latin-1 ``°C``) as lone surrogates, which
+    msgpack cannot pack."""
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, dict):
+        return {wire_text(k): wire_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [wire_text(v) for v in value]
+    return value
+
+
 class KaraboBridgeSink:
     """See the module docstring."""
 
@@ -420,9 +441,15 @@ class KaraboBridgeSink:
                 )
                 if self.options.protocol_version == "2.2":
                     data = wire_safe(data)
-                served.frames = serialize(
-                    data, meta, protocol_version=self.options.protocol_version
-                )
+                try:
+                    served.frames = serialize(
+                        data, meta, protocol_version=self.options.protocol_version
+                    )
+                except UnicodeEncodeError:  # text that was not UTF-8 (rare): U+FFFD
+                    served.frames = serialize(
+                        wire_text(data), wire_text(meta),
+                        protocol_version=self.options.protocol_version,
+                    )
                 self.counters["built"] += 1
             except Exception as exc:  # an unexpected value: skip this iteration, keep serving
                 served.failed = True
@@ -445,4 +472,4 @@ class KaraboBridgeSink:
         return True
 
 
-__all__ = ["KaraboBridgeSink", "wire_safe"]
+__all__ = ["KaraboBridgeSink", "wire_safe", "wire_text"]
