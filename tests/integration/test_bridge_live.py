@@ -325,3 +325,19 @@ def test_text_that_was_not_utf8_is_served_not_the_whole_iteration_dropped(versio
     assert data["T"]["alarm.message"] == "x\ufffd"
     assert data[RECORDER_SOURCE]["error_message"] == "bad \ufffd"
     assert sink.counters.get("build_errors", 0) == 0
+
+
+def test_an_ipv6_endpoint_the_options_accept_can_be_bound() -> None:
+    """``tcp://[::1]:<port>`` passes validation (docs: tcp://<host>:<port>); ZeroMQ binds an
+    IPv6 address only on a socket with IPV6 set, so the bridge failed "No such device"."""
+    sink = KaraboBridgeSink(BridgeOptions(rep="tcp://[::1]:0"), run_name="v6")
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.IPV6, 1)
+    try:
+        assert sink.status == "serving", sink.reason
+        with Client(sink.endpoints["rep"], sock="REQ", timeout=5, context=ctx) as client:
+            sink.handle(IterationOpened("t", "s", 3, 5))
+            sink.handle(IterationClosed("t", "s", 3, IterationStatus.COMPLETE, None, 5, 6))
+            assert client.next()[0][RECORDER_SOURCE]["iter_index"] == 3
+    finally:
+        sink.close()

@@ -130,6 +130,12 @@ def wire_text(value: Any) -> Any:
     return value
 
 
+def _allow_ipv6(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """ZeroMQ binds an IPv6 address (``tcp://[::1]:<port>``) only on a socket with IPV6 set."""
+    if endpoint.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+
+
 class KaraboBridgeSink:
     """See the module docstring."""
 
@@ -321,12 +327,14 @@ class KaraboBridgeSink:
         if opts.rep is not None:
             rep = self._rep = self._ctx.socket(zmq.ROUTER)
             rep.setsockopt(zmq.LINGER, 0)
+            _allow_ipv6(rep, opts.rep)
             rep.bind(opts.rep)
             self.endpoints["rep"] = rep.getsockopt_string(zmq.LAST_ENDPOINT)
         if opts.pub is not None:
             pub = self._pub = self._ctx.socket(zmq.XPUB)
             pub.setsockopt(zmq.LINGER, PUB_LINGER_MS)
             pub.setsockopt(zmq.SNDHWM, opts.pub_hwm)
+            _allow_ipv6(pub, opts.pub)
             pub.bind(opts.pub)
             self.endpoints["pub"] = pub.getsockopt_string(zmq.LAST_ENDPOINT)
 
