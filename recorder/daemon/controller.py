@@ -692,12 +692,13 @@ class RunController:
 
     def _on_event(self, rec: Recording, event: IterationEvent) -> None:
         rec.handle(event)
-        if self._pending_tags and isinstance(event, IterationOpened):
-            # the iteration a trigger produced; tagged once the recording has it open (a
-            # restarted snapshot's iteration 1 is then in the new segment, not the old one's)
-            self._tag(rec, event.iter_index, self._pending_tags.popleft())
         if self._bridge is not None:
             self._feed_bridge(self._bridge, event)
+        if self._pending_tags and isinstance(event, IterationOpened):
+            # the iteration a trigger produced; tagged once the recording (and the bridge)
+            # has it open (a restarted snapshot's iteration 1 is then in the new segment, not
+            # the old one's)
+            self._tag(rec, event.iter_index, self._pending_tags.popleft())
         if isinstance(event, IterationClosed):
             now_ms = time.time_ns() // 1_000_000
             with self._lock:

@@ -341,3 +341,23 @@ def test_an_ipv6_endpoint_the_options_accept_can_be_bound() -> None:
             assert client.next()[0][RECORDER_SOURCE]["iter_index"] == 3
     finally:
         sink.close()
+
+
+def test_tags_of_a_restarted_snapshots_iteration_are_served_with_it() -> None:
+    """A restarted gateway starts the snapshot anew: its iter_index begins again at 1. The
+    daemon tags the new iteration 1 once it is open (as the file gets them, in the new
+    segment); the bridge took them for tags of the old iteration 1, already served, and
+    served the new one with ``tags: {}``."""
+    sink = KaraboBridgeSink(BridgeOptions(rep=0), run_name="restart")  # type: ignore[arg-type]
+    try:
+        with Client(sink.endpoints["rep"], sock="REQ", timeout=5) as client:
+            for tags in ({"shot": "1"}, {"shot": "2"}):  # before and after the restart
+                sink.handle(IterationOpened("t", "s", 1, 5))
+                sink.tag_iteration(1, tags)
+                sink.handle(ValuesReceived("t", 1, 1, 5, (PVSample("A", {"value": 1.5}),)))
+                sink.handle(IterationClosed("t", "s", 1, IterationStatus.COMPLETE, None, 5, 6))
+                data, _meta = client.next()
+                assert data[RECORDER_SOURCE]["tags"] == tags
+    finally:
+        sink.close()
+    assert sink.counters.get("late_tags", 0) == 0

@@ -1095,6 +1095,38 @@ def test_trigger_tags_go_to_the_bridge_as_to_the_recording(tmp_path: Path) -> No
         assert c.join(5)
 
 
+def test_the_bridge_has_an_iteration_open_before_its_trigger_tags(tmp_path: Path) -> None:
+    """The bridge gets the opening of a triggered iteration before its tags: after a snapshot
+    restart (iter_index begins again) the opening tells it the index is a new iteration, so
+    the tags are not taken as late tags of the old one (the bridge served `tags: {}`)."""
+    calls: list[tuple[str, int]] = []
+
+    class OrderBridge(FakeBridge):
+        def handle(self, event: Any) -> None:
+            calls.append((type(event).__name__, event.iter_index))
+            super().handle(event)
+
+        def tag_iteration(self, iter_index: int, tags: Mapping[str, str]) -> None:
+            calls.append(("tags", iter_index))
+            super().tag_iteration(iter_index, tags)
+
+    def factory(options: Any, *, run_name: str, snapshot: Any) -> FakeBridge:
+        return OrderBridge(options, run_name=run_name, snapshot=snapshot)
+
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client, triggered=True, bridge={"rep": 0},
+                           bridge_factory=factory)
+    try:
+        sub = _started(c, client)
+        assert c.trigger({"shot": "1"}).result(5) == "run 'r' triggered"
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=11))
+        _wait(lambda: ("tags", 1) in calls)
+        assert calls == [("IterationOpened", 1), ("tags", 1)]
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_a_failing_bridge_never_affects_recording(tmp_path: Path) -> None:
     bridges: list[FakeBridge] = []
 

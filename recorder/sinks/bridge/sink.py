@@ -203,6 +203,10 @@ class KaraboBridgeSink:
         if isinstance(event, IterationOpened):
             it = self._open.get(event.iter_index)
             if it is None:
+                if event.iter_index in self._recent:
+                    # the client opens an iteration once: the snapshot was restarted (its
+                    # iter_index began again), this is a new iteration, not a late one
+                    self._recent.remove(event.iter_index)
                 self._open[event.iter_index] = _Open(event.iter_index, event.header_timestamp_ns)
             elif it.header_timestamp_ns is None:
                 it.header_timestamp_ns = event.header_timestamp_ns
