@@ -44,7 +44,9 @@ are normal; a run that stays behind shows its lag growing).
 ``bridge`` is null unless the run's ``output.bridge`` is set; then (for the current or last
 recording of this daemon process) ``{"status": "serving" | "complete" | "aborted" | "failed",
 "reason": "...", "endpoints": {"rep": "tcp://127.0.0.1:4545", "pub": ...}, "subscribers": true,
-"iterations": n, "served": n, "published": n, "dropped_iterations": n}``.
+"iterations": n, "served": n, "published": n, "replies": n, "dropped_iterations": n,
+"skipped_incomplete": n, "late_tags": n}`` (the counters of docs/bridge.md; ``replies``,
+``skipped_incomplete`` and ``late_tags`` were added on 2026-11-24: absent reads as 0).
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def karabo_bridge(
     return create_bridge_sink(options, run_name=run_name, snapshot=snapshot)
 
 
-BRIDGE_COUNTERS = ("iterations", "served", "published", "dropped_iterations")
+BRIDGE_COUNTERS = ("iterations", "served", "published", "replies", "dropped_iterations",
+                   "skipped_incomplete", "late_tags")
 
 
 def bridge_status(sink: BridgeSink) -> dict[str, Any]:

@@ -361,3 +361,29 @@ def test_tags_of_a_restarted_snapshots_iteration_are_served_with_it() -> None:
     finally:
         sink.close()
     assert sink.counters.get("late_tags", 0) == 0
+
+
+def test_the_status_entry_has_the_counters_the_docs_list() -> None:
+    """docs/bridge.md: the run's ``bridge`` status object has the counters ``iterations``,
+    ``served``, ``published``, ``replies``, ``dropped_iterations``, ``skipped_incomplete``
+    and ``late_tags``; ``replies`` (whether REQ clients get anything), ``skipped_incomplete``
+    and ``late_tags`` were missing."""
+    from recorder.daemon.bridge import bridge_status
+
+    sink = KaraboBridgeSink(BridgeOptions(rep=0, serve_incomplete=False),  # type: ignore[arg-type]
+                            run_name="st")
+    try:
+        with Client(sink.endpoints["rep"], sock="REQ", timeout=5) as client:
+            sink.handle(IterationClosed("t", "s", 1, IterationStatus.INCOMPLETE,
+                                        IncompleteReason.NO_TAIL, 5, None))
+            sink.handle(IterationClosed("t", "s", 2, IterationStatus.COMPLETE, None, 7, 8))
+            client.next()
+            sink.tag_iteration(2, {"late": "1"})
+    finally:
+        sink.close()
+    doc = bridge_status(sink)
+    assert {k: doc.get(k) for k in ("iterations", "served", "replies", "dropped_iterations",
+                                    "skipped_incomplete", "late_tags")} == {
+        "iterations": 1, "served": 1, "replies": 1, "dropped_iterations": 0,
+        "skipped_incomplete": 1, "late_tags": 1}
+    assert doc["published"] == 0
