@@ -387,3 +387,16 @@ def test_the_status_entry_has_the_counters_the_docs_list() -> None:
         "iterations": 1, "served": 1, "replies": 1, "dropped_iterations": 0,
         "skipped_incomplete": 1, "late_tags": 1}
     assert doc["published"] == 0
+
+
+def test_a_closed_bridge_reports_no_subscribers() -> None:
+    """The status of a run whose bridge closed (the run stopped) said ``subscribers: true``
+    when a SUB client was connected at the close: nobody is subscribed to a closed socket."""
+    sink = KaraboBridgeSink(BridgeOptions(pub=0), run_name="p")  # type: ignore[arg-type]
+    try:
+        with Client(sink.endpoints["pub"], sock="SUB", timeout=0.3):
+            wait_subscribed(sink)
+            sink.close()
+            assert not sink.has_subscribers
+    finally:
+        sink.close()

@@ -347,6 +347,7 @@ class KaraboBridgeSink:
             if sock is not None:
                 sock.close()
         self._rep = self._pub = None
+        self._topics.clear()  # nobody is subscribed to a closed socket
         self._ctx.term()
 
     # --- the serving thread -------------------------------------------------------------------
