@@ -82,7 +82,7 @@ from recorder.sinks.codec import (
 from recorder.sinks.describe import plain
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import LiveView, read_live
-from recorder.sinks.options import PARTIAL_SUFFIX
+from recorder.sinks.options import PARTIAL_SUFFIX, final_path
 from recorder.sinks.writelock import writer_active
 
 with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
@@ -1027,7 +1027,8 @@ class RecordingFile:
 class Recording:
     """The segment files of one recording, in order. Files of other recordings (another
     ``recording_uid``) or one file given twice are a :class:`FileFormatError`: their
-    iterations would be chained as if one recording's."""
+    iterations would be chained as if one recording's. A ``.partial`` beside its own
+    finalized file is left out (the final file holds all of it)."""
 
     def __init__(self, paths: Iterable[str | os.PathLike[str]]) -> None:
         self.files = [RecordingFile(p) for p in paths]
@@ -1036,6 +1037,7 @@ class Recording:
         except FileFormatError:
             self.close()
             raise
+        self.files = _without_finalized_partials(self.files)
         # segment order; a segment number a crashed daemon used twice: by opening time
         self.files.sort(key=lambda f: (int(f.attrs.get("segment", 0)),
                                        str(plain(f.attrs.get("segment_start_time", ""))),
@@ -1172,6 +1174,22 @@ def _one_recording(files: Sequence[RecordingFile]) -> None:
         if (st.st_dev, st.st_ino) in seen:
             raise FileFormatError(f"{f.path} given twice (as {seen[st.st_dev, st.st_ino].path})")
         seen[st.st_dev, st.st_ino] = f
+
+
+def _without_finalized_partials(files: list[RecordingFile]) -> list[RecordingFile]:
+    """``files`` without a live ``NAME.h5.partial`` whose finalized ``NAME.h5`` (same
+    segment) is among them, closed: finalization writes the final file before it removes
+    the ``.partial`` (a writer killed in between leaves both until ``recover``), and the
+    final file holds every iteration of it; chained both, each would come twice."""
+    finals = {(f.path.resolve(), f.attrs.get("segment")) for f in files if f.layout != "live"}
+    kept = []
+    for f in files:
+        if f.layout == "live" and (final_path(f.path).resolve(),
+                                   f.attrs.get("segment")) in finals:
+            f.close()
+        else:
+            kept.append(f)
+    return kept
 
 
 def open_file(path: str | os.PathLike[str]) -> RecordingFile:

@@ -216,3 +216,31 @@ def test_an_unsigned_pv_crossing_int64s_range_keeps_every_value_exact(tmp_path: 
         assert [int(v) for v in got] == sent
         assert [int(v) for v in f.by_iteration("P")] == sent
         assert [int(v) for v in f.table(["P"])["P"]] == sent
+
+
+def test_a_partial_beside_its_finalized_file_is_not_chained_twice(tmp_path: Path) -> None:
+    """Finalization writes NAME.h5, then removes NAME.h5.partial (a writer killed in
+    between leaves both until `recover`): open_recording of the directory, of one of its
+    files or of a list with both reads the segment once, from the finalized file."""
+    import shutil
+
+    from test_hdf5_roundtrip import write_iteration
+
+    from recorder.reader import open_recording
+    from recorder.sinks.options import SegmentOptions
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path,
+                                      segment=SegmentOptions(max_iterations=3)), run_name="d")
+    for i in range(1, 6):
+        write_iteration(rec, i, [PVSample("P", {"value": float(i)})])
+    rec.flush()
+    live = rec.current_path
+    assert live is not None
+    shutil.copy(live, tmp_path / "kept")
+    first, second = rec.close()
+    shutil.move(tmp_path / "kept", live)  # the .partial beside its final file
+    for given in (tmp_path, first, live, [first, second, live]):
+        with open_recording(given) as r:  # type: ignore[arg-type]
+            assert [f.path for f in r.files] == [first, second], given
+            assert r.iterations()["iter_index"].tolist() == [1, 2, 3, 4, 5]
+            assert r.values("P").tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
