@@ -1031,7 +1031,7 @@ class Recording:
     finalized file is left out (the final file holds all of it)."""
 
     def __init__(self, paths: Iterable[str | os.PathLike[str]]) -> None:
-        self.files = [RecordingFile(p) for p in paths]
+        self.files = [RecordingFile(p) for p in _now_at_all(paths)]
         try:
             _one_recording(self.files)
         except FileFormatError:
@@ -1192,6 +1192,28 @@ def _without_finalized_partials(files: list[RecordingFile]) -> list[RecordingFil
     return kept
 
 
+def _now_at(path: Path) -> Path:
+    """``path``, or its final file when it is a ``.partial`` finalized since it was listed
+    (a segment rotated, the run ended: the directory is read beside the writer)."""
+    if path.exists() or not path.name.endswith(PARTIAL_SUFFIX):
+        return path
+    final = final_path(path)
+    return final if final.is_file() else path
+
+
+def _now_at_all(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """:func:`_now_at` of each path; a ``.partial`` finalized since into a file also given
+    (listed between the rename and the removal) once, as that file."""
+    given = [Path(p) for p in paths]
+    names = {p.resolve() for p in given}
+    out = []
+    for p in given:
+        now = _now_at(p)
+        if now == p or now.resolve() not in names:
+            out.append(now)
+    return out
+
+
 def open_file(path: str | os.PathLike[str]) -> RecordingFile:
     return RecordingFile(path)
 
@@ -1202,7 +1224,7 @@ def _recording_files(directory: Path) -> dict[str, list[Path]]:
     from recorder.catalog import candidates
 
     found: dict[str, list[Path]] = {}
-    for p in candidates([directory])[0]:
+    for p in _now_at_all(candidates([directory])[0]):
         try:
             with open_for_reading(p, live_first=p.suffix == ".partial") as h:
                 if plain(h.attrs.get("format")) == "k2eg-recorder":
@@ -1216,7 +1238,8 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
     """Open all segments of a recording: a list of its files; one of them (a file path: the
     files of its directory with the same ``recording_uid``, ``.partial`` ones too); or a
     directory holding the files of one recording. Files of several recordings are a
-    :class:`FileFormatError` (:func:`recorder.catalog.find_recordings` tells them apart)."""
+    :class:`FileFormatError` (:func:`recorder.catalog.find_recordings` tells them apart).
+    A ``.partial`` finalized since it was listed or given is read from its final file."""
     if isinstance(paths, (str, os.PathLike)):
         path = Path(paths)
         found = _recording_files(path if path.is_dir() else path.parent)
@@ -1227,6 +1250,7 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
                     "takes a directory of one (or one of its files): "
                     "recorder.catalog.find_recordings / `k2eg-recorder ls` list them")
             return Recording(next(iter(found.values())))
+        path = _now_at(path)
         with RecordingFile(path) as first:
             uid = str(first.attrs.get("recording_uid"))
         return Recording(found.get(uid, [path]))

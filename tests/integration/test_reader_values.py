@@ -244,3 +244,39 @@ def test_a_partial_beside_its_finalized_file_is_not_chained_twice(tmp_path: Path
             assert [f.path for f in r.files] == [first, second], given
             assert r.iterations()["iter_index"].tolist() == [1, 2, 3, 4, 5]
             assert r.values("P").tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_open_recording_follows_a_segment_finalized_while_it_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open_recording of a directory being written: a .partial listed, then finalized (a
+    segment rotation, the run's end) before it is opened, is read from its final file,
+    not left out of the recording (nor an error)."""
+    from test_hdf5_roundtrip import write_iteration
+
+    from recorder import catalog
+    from recorder.reader import open_recording
+    from recorder.sinks.options import SegmentOptions
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path,
+                                      segment=SegmentOptions(max_iterations=3)), run_name="d")
+    for i in range(1, 6):
+        write_iteration(rec, i, [PVSample("P", {"value": float(i)})])
+    rec.flush()
+    listed = catalog.candidates([tmp_path])
+    assert [p.name.endswith(".partial") for p in listed[0]] == [False, True]
+    first, second = rec.close()
+    monkeypatch.setattr(catalog, "candidates", lambda *_a, **_k: listed)  # the listing
+    with open_recording(tmp_path) as r:  # taken just before the close
+        assert [f.path for f in r.files] == [first, second]
+        assert r.values("P").tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    with open_recording([first, listed[0][1]]) as r:
+        assert [f.path for f in r.files] == [first, second]
+    both = [listed[0][0], second, listed[0][1]]  # listed between the rename and the removal
+    monkeypatch.setattr(catalog, "candidates", lambda *_a, **_k: (both, []))
+    with open_recording(tmp_path) as r:
+        assert [f.path for f in r.files] == [first, second]
+    with open_recording(both) as r:
+        assert [f.path for f in r.files] == [first, second]
+    with open_recording(listed[0][1]) as r:  # one file, a .partial finalized since
+        assert [f.path for f in r.files] == [first, second]
