@@ -88,11 +88,12 @@ def _concat_masked(parts: list[np.ma.MaskedArray | int]) -> np.ma.MaskedArray:
 
 
 def _object_rows(m: np.ma.MaskedArray) -> np.ma.MaskedArray:
-    """One object per row (an array, or None where masked)."""
+    """One object per row (an array, or None where masked; a 1-D column's rows are its
+    values as they are, not 0-d arrays: a float, a str)."""
     rows = np.asarray(np.ma.getmaskarray(m).reshape(len(m), -1).all(axis=1))
     out = np.empty(len(m), dtype=object)
     for i in range(len(m)):
-        out[i] = None if rows[i] else np.asarray(m.data[i])
+        out[i] = None if rows[i] else m.data[i] if m.ndim == 1 else np.asarray(m.data[i])
     return np.ma.MaskedArray(out, mask=rows)
 
 

@@ -328,3 +328,27 @@ def test_an_unsigned_pv_crossing_int64s_range_between_segments_stays_exact(
         assert [int(v) for v in r.values("P")] == sent
         assert [int(v) for v in r.by_iteration("P")] == sent
         assert [int(v) for v in r.table(["P"])["P"]] == sent
+
+
+def test_a_pv_whose_kind_changes_between_segments_keeps_its_values(tmp_path: Path) -> None:
+    """A PV that is a number in one segment, a waveform in the next, a string in the last
+    (still being written): by_iteration and table() give each iteration's value as values()
+    gives it (a number, an array, a str), not a 0-d numpy array in its place."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path,
+                                      segment=SegmentOptions(max_iterations=2)), run_name="k")
+    kinds: list[Any] = [1.5, 2.5, [3.0, 3.0], [4.0, 4.0], "s4", "s5"]
+    for i, value in enumerate(kinds):
+        write_iteration(rec, i, [PVSample("P", {"value": value, "timeStamp": _ts(i)})])
+    rec.flush()
+    with open_recording(tmp_path) as r:
+        assert r.files[-1].layout == "live"
+        per_it = r.by_iteration("P")
+        column = r.table(["P"])["P"]
+        for i, want in enumerate(kinds):
+            for got in (r.values("P")[i], per_it.data[i], column[i]):
+                if isinstance(want, list):
+                    assert isinstance(got, np.ndarray) and got.tolist() == want, (i, got)
+                else:
+                    assert not isinstance(got, np.ndarray) and got == want, (i, repr(got))
+                    assert isinstance(got, type(want)), (i, repr(got))
+    rec.close()
