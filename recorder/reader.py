@@ -1194,11 +1194,11 @@ def _without_finalized_partials(files: list[RecordingFile]) -> list[RecordingFil
 
 def _now_at(path: Path) -> Path:
     """``path``, or its final file when it is a ``.partial`` finalized since it was listed
-    (a segment rotated, the run ended: the directory is read beside the writer)."""
-    if path.exists() or not path.name.endswith(PARTIAL_SUFFIX):
-        return path
-    final = final_path(path)
-    return final if final.is_file() else path
+    (a segment rotated, the run ended: the directory is read beside the writer); ``path``
+    when neither exists (opening it says so)."""
+    from recorder.catalog import now_at
+
+    return now_at(path) or path
 
 
 def _now_at_all(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
