@@ -25,6 +25,7 @@ import functools
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -90,8 +91,8 @@ with contextlib.suppress(ImportError):  # zstd / blosc2 datasets
 
 __all__ = [
     "ENUM_NO_INDEX", "SCALAR_KINDS", "TRAIN_WINDOW_VALUES", "Recording", "RecordingFile",
-    "aligned_table", "join_rows", "open_file", "open_recording", "reporting_damage",
-    "unknown_pv", "values_of",
+    "SkippedFileWarning", "aligned_table", "join_rows", "open_file", "open_recording",
+    "reporting_damage", "unknown_pv", "values_of",
 ]
 
 TRAIN_WINDOW_VALUES = 65_536
@@ -1031,6 +1032,9 @@ class Recording:
     finalized file is left out (the final file holds all of it)."""
 
     def __init__(self, paths: Iterable[str | os.PathLike[str]]) -> None:
+        # files beside it that open_recording could not read (path, why): see
+        # SkippedFileWarning
+        self.skipped: list[tuple[Path, str]] = []
         self.files = [RecordingFile(p) for p in _now_at_all(paths)]
         try:
             _one_recording(self.files)
@@ -1218,20 +1222,37 @@ def open_file(path: str | os.PathLike[str]) -> RecordingFile:
     return RecordingFile(path)
 
 
-def _recording_files(directory: Path) -> dict[str, list[Path]]:
+class SkippedFileWarning(RuntimeWarning):
+    """:func:`open_recording` could not read a file beside the recording's: it may be one of
+    its segments (then missing from the :class:`Recording`) or another recording's. The
+    recording's ``skipped`` lists them (path, why)."""
+
+
+def _recording_files(directory: Path) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
     """The k2eg-recorder files of ``directory`` (``.partial`` ones too; the files ``ls``
-    takes, :func:`recorder.catalog.candidates`) by recording_uid."""
+    takes, :func:`recorder.catalog.candidates`) by recording_uid, and those that could not
+    be read (path, why)."""
     from recorder.catalog import candidates
 
     found: dict[str, list[Path]] = {}
+    unread: list[tuple[Path, str]] = []
     for p in _now_at_all(candidates([directory])[0]):
         try:
             with open_for_reading(p, live_first=p.suffix == ".partial") as h:
                 if plain(h.attrs.get("format")) == "k2eg-recorder":
                     found.setdefault(str(plain(h.attrs.get("recording_uid"))), []).append(p)
-        except (OSError, KeyError, RuntimeError):  # unreadable, damaged: not ours to chain
-            continue
-    return found
+        except (OSError, KeyError, RuntimeError) as exc:  # unreadable, damaged: not chained
+            unread.append((p, f"{type(exc).__name__}: {exc}"))
+    return found, unread
+
+
+def _skipped(rec: Recording, unread: list[tuple[Path, str]]) -> Recording:
+    """``rec`` told of the files beside it that could not be read (a warning each)."""
+    rec.skipped = list(unread)
+    for p, why in unread:
+        warnings.warn(f"{p} could not be read ({why}); if it is a segment of this recording, "
+                      "the recording lacks it", SkippedFileWarning, stacklevel=3)
+    return rec
 
 
 def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> Recording:
@@ -1242,16 +1263,16 @@ def open_recording(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[s
     A ``.partial`` finalized since it was listed or given is read from its final file."""
     if isinstance(paths, (str, os.PathLike)):
         path = Path(paths)
-        found = _recording_files(path if path.is_dir() else path.parent)
+        found, unread = _recording_files(path if path.is_dir() else path.parent)
         if path.is_dir():
             if len(found) != 1:
                 raise FileFormatError(
                     f"{path} holds the files of {len(found)} recordings; open_recording "
                     "takes a directory of one (or one of its files): "
                     "recorder.catalog.find_recordings / `k2eg-recorder ls` list them")
-            return Recording(next(iter(found.values())))
+            return _skipped(Recording(next(iter(found.values()))), unread)
         path = _now_at(path)
         with RecordingFile(path) as first:
             uid = str(first.attrs.get("recording_uid"))
-        return Recording(found.get(uid, [path]))
+        return _skipped(Recording(found.get(uid, [path])), unread)
     return Recording(paths)

@@ -34,6 +34,23 @@ def _t(ns: int | None) -> str:
     return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat(timespec="milliseconds")
 
 
+def quietly_opened(opener: Callable[[Path], T], path: Path) -> T:
+    """``opener(path)``; the files beside a recording that could not be read (its
+    ``skipped``: a segment of it would be missing) are said on stderr, one line each,
+    instead of as Python warnings."""
+    import warnings
+
+    from recorder.reader import SkippedFileWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedFileWarning)
+        opened = opener(path)
+    for p, why in getattr(opened, "skipped", ()):
+        print(f"{p}: could not be read ({why}); if it is a segment of this recording, it is "
+              "missing here", file=sys.stderr)
+    return opened
+
+
 def open_or_report(path: Path, opener: Callable[[Path], T]) -> T | None:
     """``opener(path)``, or None after saying on stderr why the file cannot be read (missing,
     not a file, not HDF5, not ours): what ``inspect`` and ``export`` tell their users."""
@@ -43,7 +60,7 @@ def open_or_report(path: Path, opener: Callable[[Path], T]) -> T | None:
         print(f"{path}: {'not a file' if path.exists() else 'no such file'}", file=sys.stderr)
         return None
     try:
-        return opener(path)
+        return quietly_opened(opener, path)
     except FileFormatError as exc:
         print(str(exc), file=sys.stderr)  # names the file
     except OSError as exc:  # h5py's text: "Unable to synchronously open file (<why>)"

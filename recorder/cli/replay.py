@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
 def _files(paths: list[Path], all_segments: bool) -> list[Any]:
     """The files opened, in segment order (each path's recording's segments with
     ``all_segments``); a missing or foreign file is an error naming it."""
+    from recorder.cli.inspect_cmd import quietly_opened
     from recorder.reader import RecordingFile, open_recording
 
     for p in paths:
@@ -149,7 +150,7 @@ def _files(paths: list[Path], all_segments: bool) -> list[Any]:
         if all_segments:
             seen: set[Path] = set()
             for p in paths:
-                rec = open_recording(p)
+                rec = quietly_opened(open_recording, p)
                 for f in rec.files:
                     if f.path.resolve() in seen:
                         f.close()

@@ -167,3 +167,31 @@ def test_a_pv_without_values_in_the_first_segment_is_exported(tmp_path: Path) ->
     assert named.returncode == 0, named.stderr
     assert [(r["B"], r["NEVER"]) for r in rows(named.stdout)] == [
         ("", ""), ("", ""), ("12", ""), ("13", "")]
+
+
+def test_a_file_beside_the_recording_that_cannot_be_read_is_said(tmp_path: Path) -> None:
+    """A file of the recording's directory that cannot be read (a damaged segment?) was left
+    out without a word: the CSV lacked its iterations and export exited 0. It is still left
+    out (whose it is cannot be known), but named on stderr, and open_recording warns."""
+    import pytest
+
+    from recorder.reader import SkippedFileWarning, open_recording
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, segment=SegmentOptions(max_iterations=4)),
+                        run_name="csv")
+    for i in range(N):
+        write_iteration(rec, i, samples_of(i))
+    first, _second = rec.close()
+    damaged = tmp_path / "csv_20260101T000000Z_0002.h5"
+    damaged.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))  # a signature, then zeros
+
+    with pytest.warns(SkippedFileWarning, match=damaged.name):
+        recording = open_recording(first)
+    with recording:
+        assert [p for p, _why in recording.skipped] == [damaged]
+        assert len(recording.files) == 2
+    proc = export(str(first))
+    assert proc.returncode == 0, proc.stderr
+    assert len(rows(proc.stdout)) == N
+    assert f"{damaged}: could not be read" in proc.stderr
+    assert "Warning" not in proc.stderr  # said in one line, not as a Python warning
