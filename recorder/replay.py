@@ -152,10 +152,15 @@ def pack_message(msg: Mapping[str, Any],
                                        unicode_errors="surrogateescape"))
 
 
-def encode_iteration(it: ReplayIteration, snapshot: str, *, sequenced: bool) -> list[bytes]:
-    """The messages of ``it`` in publishing order: header, data, tail, then late values."""
+def encode_iteration(it: ReplayIteration, snapshot: str, *, sequenced: bool,
+                     sent: int = 0) -> list[bytes]:
+    """The messages of ``it`` in publishing order: header, data, tail, then late values.
+
+    ``sent``: how many messages of this iteration were already published, from the previous
+    segment (an iteration open at a rotation has a row in both): its header is not sent again
+    and ``msg_seq`` counts on from them."""
     ts = it.timestamp_ms
-    seq = 0
+    seq = sent
     out: list[bytes] = []
 
     def next_seq() -> int | None:
@@ -163,7 +168,7 @@ def encode_iteration(it: ReplayIteration, snapshot: str, *, sequenced: bool) -> 
         seq += 1
         return seq if sequenced else None
 
-    if it.header_ms is not None:
+    if it.header_ms is not None and not sent:
         out.append(pack_message(header_message(snapshot, it.header_ms, it.iter_index,
                                                msg_seq=next_seq())))
     n = len(it.samples)
@@ -180,6 +185,13 @@ def encode_iteration(it: ReplayIteration, snapshot: str, *, sequenced: bool) -> 
         out.append(pack_message(data_message(sample.pv, _structure(sample), ts, index,
                                              msg_seq=next_seq()), sample))
     return out
+
+
+def continues(previous: ReplayIteration | None, it: ReplayIteration) -> bool:
+    """Whether ``it`` (the first of a segment) is the rest of ``previous`` (the last of the
+    segment before): the same iteration, left open by the rotation (no tail)."""
+    return (previous is not None and previous.tail_ms is None
+            and previous.iter_index == it.iter_index and previous.header_ms == it.header_ms)
 
 
 def _structure(sample: PVSample | PackedStructure) -> Any:

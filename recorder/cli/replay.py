@@ -171,6 +171,8 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
     from confluent_kafka.admin import AdminClient
 
     from recorder.replay import (
+        ReplayIteration,
+        continues,
         encode_iteration,
         iterations,
         recorded_topic_of,
@@ -230,13 +232,23 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
     t_start = time.monotonic()
     origin: tuple[float, int] | None = None  # (monotonic, recorded ms) of the first iteration
     behind = 0.0  # the most an iteration went out later than its paced time (s)
+    # the last iteration of the previous file and how many of its messages were sent: the
+    # first row of the next one may be its rest (an iteration open at a rotation)
+    carried: tuple[ReplayIteration, int] | None = None
+    last: tuple[ReplayIteration, int] | None = None
     try:
         for f in files:
             snapshot = args.snapshot_name or snapshot_name_of(f)
             key = snapshot.encode()
+            carried, last = last, None
             for it in iterations(f, selection):
                 if stop():
                     break
+                sent = 0
+                if carried is not None and (it.samples or it.header_ms is not None
+                                            or it.tail_ms is not None):  # a row
+                    sent = carried[1] if continues(carried[0], it) else 0
+                    carried = None
                 if args.speed > 0 and it.timestamp_ms:
                     if origin is None:
                         origin = (time.monotonic(), it.timestamp_ms)
@@ -244,11 +256,14 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
                     behind = max(behind, time.monotonic() - due)
                     while not stop() and (wait := due - time.monotonic()) > 0:
                         producer.poll(min(wait, 0.2))
-                for value in encode_iteration(it, snapshot, sequenced=sequenced):
+                messages = encode_iteration(it, snapshot, sequenced=sequenced, sent=sent)
+                for value in messages:
                     _produce(producer, args.topic, key, value, headers=headers,
                              on_delivery=delivered)
                     n_messages += 1
-                n_iterations += 1 if it.header_ms is not None or it.tail_ms is not None else 0
+                last = (it, sent + len(messages))
+                n_iterations += 1 if not sent and (it.header_ms is not None
+                                                   or it.tail_ms is not None) else 0
                 n_values += len(it.samples) + len(it.late)
                 producer.poll(0)
             if stop():

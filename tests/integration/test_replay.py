@@ -251,3 +251,62 @@ def test_a_kafka_setting_the_client_refuses_is_a_usage_error(source: list[Path])
     assert done.stderr.startswith('k2eg-recorder replay: Kafka settings: No such '
                                   'configuration property: "foo.bar"'), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_iteration_split_by_a_rotation_is_replayed_as_one(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path,
+) -> None:
+    """Iteration 3 was open when segment 1 began: its first value is in segment 0 (a row
+    without tail), the rest and its tail in segment 1. Replayed with --all-segments it is one
+    iteration again: its header once, its messages numbered on (it was sent twice from
+    msg_seq 1, and the sequenced stream's second value was dropped as a duplicate)."""
+    from test_hdf5_roundtrip import _ts
+
+    from recorder.client.values import PVSample
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "src",
+                                      segment=SegmentOptions(max_iterations=2)),
+                        run_name="rot", snapshot=SNAPSHOT)
+
+    def t(i: int) -> int:
+        return T0_NS + i * STEP_NS
+
+    def value(i: int, x: float, batch: int = 1) -> None:
+        rec.handle(ValuesReceived("t", i, t(i), batch,
+                                  (PVSample("A", {"value": x, "timeStamp": _ts(i)}),)))
+
+    def close(i: int, n: int) -> None:
+        rec.handle(IterationClosed("t", "rp-source", i, IterationStatus.COMPLETE, None, t(i),
+                                   t(i) + 1_000_000, n_values=n, n_pvs=1, n_batches=n))
+
+    rec.handle(IterationOpened("t", "rp-source", 1, t(1)))
+    value(1, 1.0)
+    close(1, 1)
+    rec.handle(IterationOpened("t", "rp-source", 2, t(2)))
+    value(2, 2.0)
+    rec.handle(IterationOpened("t", "rp-source", 3, t(3)))
+    value(3, 3.0)
+    close(2, 1)
+    rec.handle(IterationOpened("t", "rp-source", 4, t(4)))  # rotation: 3 is still open
+    value(3, 3.5, 2)
+    close(3, 2)
+    value(4, 4.0)
+    close(4, 1)
+    paths = rec.close()
+    assert len(paths) == 2
+    with open_recording(paths) as r:
+        assert r.iterations_of("A").tolist() == [1, 2, 3, 3, 4]
+
+    topic = unique_name("replay-split")
+    done = replay(kafka_bootstrap, str(paths[0]), "--all-segments", "--topic", topic,
+                  "--speed", "0")
+    assert done.returncode == 0, done.stderr
+    assert "replayed 4 iterations, 5 values (13 messages)" in done.stdout, done.stdout
+    again = record_again(consume(kafka_bootstrap, topic, 13), tmp_path / "again")
+    with open_file(again) as b:
+        assert b.values("A").tolist() == [1.0, 2.0, 3.0, 3.5, 4.0]
+        assert b.iterations_of("A").tolist() == [1, 2, 3, 3, 4]
+        its = b.iterations()
+        assert its["iter_index"].tolist() == [1, 2, 3, 4]
+        assert its["status"].tolist() == ["complete"] * 4
+        assert its["n_values"].tolist() == [1, 1, 2, 1]
