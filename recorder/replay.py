@@ -15,7 +15,10 @@ PVs within an iteration (they are replayed PV by PV, in the file's PV order), th
 iteration into sub-push batches (one submission per iteration), and messages the recorder
 received but could not decode (counted, never stored). Values that arrived after their
 iteration closed (stored after it, uncounted) are replayed after that iteration's tail, with
-their own ``iter_index``, as they came.
+their own ``iter_index``, as they came. In the sequenced stream, messages that were missing
+when recorded (``missing_messages``, a lost header among them) are missing again: their
+``msg_seq`` numbers are skipped (data after a lost header from 2), so the tail's
+``total_messages`` counts them.
 
 This module reads files through :mod:`recorder.reader` and builds bytes; publishing them
 (Kafka, pacing) is the CLI's job (:mod:`recorder.cli.replay`).
@@ -63,6 +66,7 @@ class ReplayIteration:
     tail_ms: int | None  # None: no tail was received (the iteration stays incomplete)
     error_code: int = 0
     error_message: str = ""
+    missing_messages: int = 0  # sequenced: messages that never arrived (the header among them)
     samples: list[PVSample | PackedStructure] = field(default_factory=list)
     late: list[tuple[int, PVSample | PackedStructure]] = field(
         default_factory=list)  # (iter_index, sample)
@@ -171,12 +175,17 @@ def encode_iteration(it: ReplayIteration, snapshot: str, *, sequenced: bool,
     if it.header_ms is not None and not sent:
         out.append(pack_message(header_message(snapshot, it.header_ms, it.iter_index,
                                                msg_seq=next_seq())))
+    elif not seq:
+        seq = 1  # the header's number, as when the gateway's header was lost
     n = len(it.samples)
     for i, sample in enumerate(it.samples):
         out.append(pack_message(data_message(sample.pv, _structure(sample), ts, it.iter_index,
                                              msg_seq=next_seq(),
                                              last_of_submission=i == n - 1), sample))
     if it.tail_ms is not None:
+        # messages that were missing when it was recorded stay missing (a lost header's
+        # number is skipped already)
+        seq += max(0, it.missing_messages - (it.header_ms is None))
         out.append(pack_message(tail_message(snapshot, it.tail_ms, it.iter_index,
                                              error=it.error_code,
                                              error_message=it.error_message,
@@ -218,6 +227,8 @@ def iterations(f: RecordingFile, selection: Selection = Selection()) -> Iterator
     iter_index = its["iter_index"].tolist()
     header_ts, tail_ts = its["header_timestamp"].tolist(), its["tail_timestamp"].tolist()
     codes, messages = its["error_code"].tolist(), its["error_message"].tolist()
+    missing = (its["missing_messages"].tolist() if "missing_messages" in its
+               else [0] * len(iter_index))
 
     # rows before the first iteration's first row: late values of an earlier iteration
     leading: list[tuple[int, PVSample | PackedStructure]] = []
@@ -259,6 +270,7 @@ def iterations(f: RecordingFile, selection: Selection = Selection()) -> Iterator
                 tail_ms=_ms(int(tail_ts[k])),
                 error_code=int(codes[k]),
                 error_message=str(messages[k] or ""),
+                missing_messages=int(missing[k]),
             )
             for pv, (samples, indexes, lo) in rows.items():
                 first, count, n_pv = index[pv]

@@ -86,9 +86,9 @@ def consume(bootstrap: str, topic: str, expect: int, timeout_s: float = 30.0) ->
         consumer.close()
 
 
-def record_again(messages: list[Any], directory: Path) -> Path:
+def record_again(messages: list[Any], directory: Path, missing_grace_s: float = 1.0) -> Path:
     """The consumed records through our client's assembler into our sink."""
-    asm = IterationAssembler(iteration_timeout_s=3600)
+    asm = IterationAssembler(iteration_timeout_s=3600, missing_grace_s=missing_grace_s)
     rec = HDF5Recording(OutputOptions(directory=directory), run_name="again")
     records = [Record(m.topic(), m.partition(), m.offset(), m.value(), m.headers())
                for m in messages]
@@ -310,3 +310,52 @@ def test_an_iteration_split_by_a_rotation_is_replayed_as_one(
         assert its["iter_index"].tolist() == [1, 2, 3, 4]
         assert its["status"].tolist() == ["complete"] * 4
         assert its["n_values"].tolist() == [1, 1, 2, 1]
+
+
+def test_iterations_missing_messages_or_their_header_stay_so(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path,
+) -> None:
+    """A sequenced iteration recorded with messages missing (its tail's total_messages more
+    than arrived) or without its header is replayed so: total_messages as recorded, data
+    numbered from 2 after a lost header. It was replayed complete (every stored message
+    renumbered from 1), and a lost header was no longer counted as a missing message."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "src"), run_name="miss",
+                        snapshot=SNAPSHOT)
+    for i in range(3):
+        index, t = 100 + i, T0_NS + i * STEP_NS
+        samples = tuple(make_samples(i)[:3])
+        if i != 1:
+            rec.handle(IterationOpened("t", "rp-source", index, t))
+        rec.handle(ValuesReceived("t", index, t, 1, samples))
+        reason, expected, missing = [(None, 5, 0), (IncompleteReason.NO_HEADER, 5, 1),
+                                     (IncompleteReason.MISSING_MESSAGES, 7, 2)][i]
+        rec.handle(IterationClosed(
+            "t", "rp-source", index,
+            IterationStatus.COMPLETE if reason is None else IterationStatus.INCOMPLETE,
+            reason, None if i == 1 else t, t + 1_000_000, n_values=3, n_pvs=3, n_batches=1,
+            expected_messages=expected, missing_messages=missing))
+    (path,) = rec.close()
+
+    topic = unique_name("replay-missing")
+    done = replay(kafka_bootstrap, str(path), "--topic", topic, "--speed", "0")
+    assert done.returncode == 0, done.stderr
+    again = record_again(consume(kafka_bootstrap, topic, 14), tmp_path / "again",
+                         missing_grace_s=0.0)
+    with open_file(path) as a, open_file(again) as b:
+        ia, ib = a.iterations(), b.iterations()
+        for col in ("iter_index", "header_timestamp", "tail_timestamp", "status", "reason",
+                    "expected_messages", "missing_messages", "n_values"):
+            assert ib[col].tolist() == ia[col].tolist(), col
+
+    # one PV of three: the other PVs' values are left out, not missing
+    topic = unique_name("replay-missing-pv")
+    done = replay(kafka_bootstrap, str(path), "--topic", topic, "--speed", "0", "--pv", "F64")
+    assert done.returncode == 0, done.stderr
+    again = record_again(consume(kafka_bootstrap, topic, 8), tmp_path / "again-pv",
+                         missing_grace_s=0.0)
+    with open_file(again) as b:
+        ib = b.iterations()
+        assert ib["status"].tolist() == ia["status"].tolist()
+        assert ib["reason"].tolist() == ia["reason"].tolist()
+        assert ib["missing_messages"].tolist() == ia["missing_messages"].tolist()
+        assert ib["expected_messages"].tolist() == [3, 3, 5]
