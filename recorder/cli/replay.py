@@ -158,12 +158,26 @@ def _files(paths: list[Path], all_segments: bool) -> list[Any]:
                         seen.add(f.path.resolve())
                         opened.append(f)
         else:
-            opened = [RecordingFile(p) for p in paths]
+            for p in paths:
+                opened.append(RecordingFile(p))
+            opened.sort(key=_segment_order(opened))
     except Exception:
         for f in opened:
             f.close()
         raise
     return opened
+
+
+def _segment_order(files: list[Any]) -> Any:
+    """The sort key that puts each recording's files in segment order (as
+    :class:`~recorder.reader.Recording` does), recordings in the order first given."""
+    from recorder.sinks.describe import plain
+
+    first: dict[str, int] = {}
+    for k, f in enumerate(files):
+        first.setdefault(str(f.attrs.get("recording_uid")), k)
+    return lambda f: (first[str(f.attrs.get("recording_uid"))], int(f.attrs.get("segment", 0)),
+                      str(plain(f.attrs.get("segment_start_time", ""))), f.path.name)
 
 
 def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: Any) -> int:

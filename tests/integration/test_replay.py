@@ -359,3 +359,18 @@ def test_iterations_missing_messages_or_their_header_stay_so(
         assert ib["reason"].tolist() == ia["reason"].tolist()
         assert ib["missing_messages"].tolist() == ia["missing_messages"].tolist()
         assert ib["expected_messages"].tolist() == [3, 3, 5]
+
+
+def test_segments_given_out_of_order_are_replayed_in_segment_order(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], source: list[Path],
+) -> None:
+    """FILE... are "replayed in segment order" (--help): given last segment first, the
+    iterations went out 103..105 then 100..102, a restart to any consumer."""
+    topic = unique_name("replay-order")
+    done = replay(kafka_bootstrap, str(source[1]), str(source[0]), "--topic", topic,
+                  "--speed", "0", "--pv", "F64")
+    assert done.returncode == 0, done.stderr
+    messages = consume(kafka_bootstrap, topic, 17)
+    decoded = [decode_snapshot_message(m.value(), m.headers()) for m in messages]
+    indexes = [d.iter_index for d in decoded if isinstance(d, Data)]
+    assert indexes == [100, 101, 102, 103, 104, 105]
