@@ -29,9 +29,14 @@ HELP = "publish a recorded file back to Kafka as the gateway's snapshot stream"
 
 EXIT_USAGE = 2
 EXIT_UNDELIVERED = 1
-REPLAY_QUEUE_KB = 64 * 1024
+REPLAY_MESSAGE_BYTES = 65 * 1024 * 1024
+"""The producer's largest message (message.max.bytes, unless RECORDER_KAFKA__ sets it): what
+the recorder takes (the client's 64 MiB MAX_MESSAGE_BYTES) and room for the keys replay adds
+(librdkafka's 1 MB default refused a recorded image the gateway had sent)."""
+REPLAY_QUEUE_KB = 2 * REPLAY_MESSAGE_BYTES // 1024
 """The producer's local queue (queue.buffering.max.kbytes, unless RECORDER_KAFKA__ sets it):
-replay waits for deliveries beyond it, so its memory is bounded."""
+replay waits for deliveries beyond it, so its memory is bounded; it holds the largest
+message (a larger one would wait for room forever)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -215,7 +220,8 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
         base["log_level"] = 2
     # as the gateway produces; the local queue bounded (librdkafka's default is 1 GB: a
     # replay faster than the broker could queue that much)
-    conf = {"queue.buffering.max.kbytes": REPLAY_QUEUE_KB, **base, "linger.ms": 5,
+    conf = {"queue.buffering.max.kbytes": REPLAY_QUEUE_KB,
+            "message.max.bytes": REPLAY_MESSAGE_BYTES, **base, "linger.ms": 5,
             "compression.type": "snappy"}
     try:
         admin = AdminClient(base)
@@ -327,6 +333,8 @@ def _create_topic(admin: Any, topic: str, timeout_s: float = 10.0) -> str | None
 
 def _produce(producer: Any, topic: str, key: bytes, value: bytes, *, headers: Any,
              on_delivery: Any) -> None:
+    from confluent_kafka import KafkaException
+
     while True:
         try:
             producer.produce(topic, value=value, key=key, headers=headers,
@@ -334,6 +342,9 @@ def _produce(producer: Any, topic: str, key: bytes, value: bytes, *, headers: An
             return
         except BufferError:  # the local queue is full: let deliveries drain it
             producer.poll(0.1)
+        except KafkaException as exc:  # refused at once (too large): not delivered
+            on_delivery(exc.args[0] if exc.args else exc, None)
+            return
 
 
 def _stop_on_signals() -> Any:

@@ -374,3 +374,42 @@ def test_segments_given_out_of_order_are_replayed_in_segment_order(
     decoded = [decode_snapshot_message(m.value(), m.headers()) for m in messages]
     indexes = [d.iter_index for d in decoded if isinstance(d, Data)]
     assert indexes == [100, 101, 102, 103, 104, 105]
+
+
+def test_a_value_larger_than_the_producers_default_message_size_is_replayed(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path,
+) -> None:
+    """A 2 MB image the gateway published (its own message.max.bytes) and the recorder
+    recorded: replay stopped with a KafkaException traceback (librdkafka's 1 MB default)."""
+    from recorder.client.values import PVSample
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "src"), run_name="big",
+                        snapshot=SNAPSHOT)
+    image = PVSample("IMG", {"value": {"ushortValue": list(range(1000)) * 1000},
+                             "dimension": [{"size": 1000}, {"size": 1000}], "uniqueId": 1,
+                             "timeStamp": {"secondsPastEpoch": 1_700_000_000,
+                                           "nanoseconds": 0, "userTag": 0}})
+    rec.handle(IterationOpened("t", "rp-source", 1, T0_NS))
+    rec.handle(ValuesReceived("t", 1, T0_NS, 1, (image,)))
+    rec.handle(IterationClosed("t", "rp-source", 1, IterationStatus.COMPLETE, None, T0_NS,
+                               T0_NS, n_values=1, n_pvs=1, n_batches=1))
+    (path,) = rec.close()
+    topic = unique_name("replay-big")
+    done = replay(kafka_bootstrap, str(path), "--topic", topic, "--speed", "0")
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
+    messages = consume(kafka_bootstrap, topic, 3)
+    again = record_again(messages, tmp_path / "again")
+    with open_file(path) as a, open_file(again) as b:
+        assert repr_exact(b.samples("IMG")[0].data) == repr_exact(a.samples("IMG")[0].data)
+
+    # a limit set lower (RECORDER_KAFKA__*): the message is not delivered, said so, exit 1
+    import os
+
+    env = {**os.environ, "RECORDER_KAFKA__MESSAGE__MAX__BYTES": "1000000"}
+    refused = subprocess.run([sys.executable, "-m", "recorder.cli", "replay", "--bootstrap",
+                              kafka_bootstrap, str(path), "--topic", topic, "--speed", "0"],
+                             env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 1, refused
+    assert "1 of 3 messages not delivered" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
