@@ -609,9 +609,11 @@ class Service:
             deferred.blockers.extend(c for c in self._retiring if c not in deferred.blockers
                                      and c.definition.snapshot.topic == topic)
             self._deferred.append(deferred)
-        for definition in diff.added:
+        for definition in diff.added:  # also after its own earlier recording, when an
+            # earlier reload removed it: both would write the run's state file
             blockers = [c for c in self._retiring
-                        if c.definition.snapshot.topic == definition.snapshot.topic]
+                        if c.definition.snapshot.topic == definition.snapshot.topic
+                        or c.name == definition.name]
             self._deferred.append(_Deferred(definition, definition.autostart, blockers))
         self._apply_deferred()
         log.info("run definitions reloaded", origin=origin, summary=diff.summary())

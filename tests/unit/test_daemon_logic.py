@@ -2047,3 +2047,61 @@ def test_a_run_a_reload_added_that_waits_for_another_to_stop_is_in_the_status(
     assert b.state is RunState.STARTING and b.snapshot == "snap_a" and b.autostart
     service._state = DaemonState.RUNNING
     assert service._status_line().startswith("running: 1 starting, 1 stopping;")
+
+
+def test_a_run_added_again_while_its_removed_recording_stops_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """A reload removed run r (its recording being finalized), a later reload added r again
+    on another snapshot: the new r started at once, while the old one was still stopping.
+    Both wrote r's state file; the old one's end of recording, written last, cleared the new
+    recording from it, so a crash then neither resumed r nor recovered its .partial file.
+    The new r now waits for the old one, as a run taking over a snapshot does."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    gate = threading.Event()
+
+    class SlowClose(FakeRecording):
+        def close(self, status: str = "complete", reason: str = "") -> list[Path]:
+            gate.wait(10)  # a large segment being finalized
+            return super().close(status, reason)
+
+    def factory(definition: RunDefinition, *, seq: int, recording_uid: str | None,
+                first_segment: int = 0, start_ns: int | None = None) -> FakeRecording:
+        return (SlowClose if seq == 0 else FakeRecording)(tmp_path / f"r_{seq}.h5")
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs: []\n")
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", recording_factory=factory,  # type: ignore[arg-type]
+                      gc_tuning=False)
+    client = FakeClient()
+    client.kafka_unreachable_since = None  # type: ignore[attr-defined]
+    service._client = client
+    first = _definition(tmp_path)
+    service._definitions = {"r": first}
+    old = service._add_controller(first, start=False)
+    _started(old, client)
+    try:
+        ok, message, _data = service.reload("SIGHUP")  # r removed: its recording stops
+        assert ok, message
+        _wait(lambda: old.state is RunState.STOPPING)
+        runs.write_text(
+            "runs:\n  - {name: r, autostart: true, snapshot: {snapshot_name: other, "
+            f"pv_uri_list: ['pva://A:B']}}, output: {{directory: {tmp_path / 'out'}}}}}\n")
+        ok, message, _data = service.reload("SIGHUP")  # r again, on another snapshot
+        assert ok, message
+        gate.set()
+        assert old.join(5)
+        service._apply_deferred()
+        new = service.controllers["r"]
+        _wait(lambda: new.state is RunState.RECORDING)
+        active = ResumeStore(tmp_path / "state").load("r").active
+        assert active is not None and active.topic == "other", active
+    finally:
+        gate.set()
+        for c in service.controllers.values():
+            c.shutdown()
+            c.join(5)
