@@ -197,6 +197,8 @@ class Service:
         self._disk_probe: DiskProbe | None = None
         self._disk_watch: DiskWatch | None = None
         self.ready = threading.Event()  # set once READY=1 was sent (tests, the demo)
+        # why run() returned EXIT_CONFIG (what `k2eg-recorder run` prints last, on stderr)
+        self.refusal: str | None = None
 
     # ------------------------------------------------------------------ control (any thread)
     def request_stop(self) -> None:
@@ -245,6 +247,8 @@ class Service:
                 log.error("invalid run definition", problem=str(p))
             log.error("refusing to start: fix the run definitions",
                       config_path=str(self.settings.config_path), errors=len(problems))
+            self.refusal = (f"invalid run definitions in {self.settings.config_path} (see the "
+                            "errors above; `k2eg-recorder validate` explains them)")
             return EXIT_CONFIG
         self._definitions = dict(loaded.runs)
         log.info("run definitions loaded", runs=list(self._definitions),
@@ -274,6 +278,7 @@ class Service:
             except ConfigError as exc:  # a Kafka setting librdkafka refuses: no retry mends it
                 log.error("refusing to start: fix the Kafka settings", error=str(exc))
                 self.notifier.status(f"refusing to start: {exc}")
+                self.refusal = f"refusing to start: {exc}"
                 return EXIT_CONFIG
             if self._gc_tuning:
                 # before any run consumes: the full collection does not stall a consumer

@@ -5,7 +5,8 @@ Connection settings come from the environment (``RECORDER_BOOTSTRAP_SERVERS``, S
 (``RECORDER_ADMIN_TOPIC``, ``RECORDER_ADMIN_SECRET``, ``RECORDER_METRICS_PORT``, ... see
 :mod:`recorder.config.daemon`); options given here override them.
 
-Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 2 for invalid settings or run definitions.
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 2 for invalid settings (also a Kafka setting
+the Kafka client refuses) or run definitions.
 """
 
 from __future__ import annotations
@@ -85,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
     service = Service(daemon, kafka, state_dir=args.state_dir)
     service.install_signal_handlers()
     code = service.run()
-    if code == 2:
-        print(f"k2eg-recorder run: invalid run definitions in {daemon.config_path} "
-              "(see the errors above; `k2eg-recorder validate` explains them)", file=sys.stderr)
+    if service.refusal is not None:  # the run definitions, or a Kafka setting
+        print(f"k2eg-recorder run: {service.refusal}", file=sys.stderr)
     return code

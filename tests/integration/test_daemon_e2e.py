@@ -323,7 +323,8 @@ def test_a_kafka_setting_librdkafka_refuses_stops_the_daemon_with_exit_2(
 ) -> None:
     """A misspelt RECORDER_KAFKA__* property is a configuration error, like a bad run
     definition (exit 2, which the unit does not restart), not "cannot connect to Kafka"
-    retried for ever."""
+    retried for ever. The daemon's last word on stderr said "invalid run definitions in
+    PATH (... `k2eg-recorder validate` explains them)": it now names the Kafka setting."""
     denv.extra["RECORDER_KAFKA__FOO__BAR"] = "1"
     denv.extra["NOTIFY_SOCKET"], notified = notify_lines
     daemon = DaemonProcess(denv)
@@ -334,6 +335,9 @@ def test_a_kafka_setting_librdkafka_refuses_stops_the_daemon_with_exit_2(
     assert 'No such configuration property: \\"foo.bar\\"' in log, log[-2000:]
     assert "cannot connect to Kafka" not in log
     assert any("STATUS=refusing to start: Kafka settings" in m for m in notified), notified
+    # the last line (stderr) blamed the run definitions, which are fine
+    assert "invalid run definitions" not in log, log[-500:]
+    assert "k2eg-recorder run: refusing to start: Kafka settings" in log, log[-500:]
 
 
 def test_admin_cli_with_a_kafka_setting_the_client_refuses_exits_2() -> None:
