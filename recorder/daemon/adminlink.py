@@ -26,7 +26,10 @@ import json
 import queue
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
@@ -39,6 +42,18 @@ from recorder.settings import KafkaSettings
 _log = structlog.get_logger("recorder.daemon.admin")
 
 MAX_QUEUED = 10_000  # commands waiting for the main loop; beyond that the topic is paused
+
+T = TypeVar("T")
+
+
+def _answer(future: Future[T], timeout_s: float, what: str) -> T:
+    """The adapter's answer; none within ``timeout_s`` is a :class:`TransportError` (the
+    daemon's connect loop retries those), not a bare ``TimeoutError`` that ended it."""
+    try:
+        return future.result(timeout_s)
+    except FutureTimeoutError:
+        future.cancel()
+        raise TransportError(f"Kafka did not answer {what} within {timeout_s:g} s") from None
 
 
 class AdminCursor:
@@ -136,8 +151,8 @@ class AdminLink:
                 self._adapter.ensure_topic(topic, partitions=1, timeout_s=timeout_s)
             self._adapter.start(timeout_s)
             start_at = self._start_at(start, timeout_s)
-            offsets = self._adapter.add_topic(admin_topic, start_at,
-                                              timeout_s=timeout_s).result(timeout_s + 1)
+            offsets = _answer(self._adapter.add_topic(admin_topic, start_at, timeout_s=timeout_s),
+                              timeout_s + 1, f"the assignment of {admin_topic!r}")
         except BaseException:
             self._adapter.close(timeout_s=5.0)
             raise
@@ -148,7 +163,8 @@ class AdminLink:
     def _start_at(self, start: Mapping[int, int] | None, timeout_s: float) -> StartAt:
         if not start:
             return StartAt.end()
-        marks = self._adapter.watermarks(self.admin_topic).result(timeout_s + 1)
+        marks = _answer(self._adapter.watermarks(self.admin_topic), timeout_s + 1,
+                        f"the offsets of {self.admin_topic!r}")
         offsets: dict[int, int] = {}
         for partition, (low, high) in marks.items():
             saved = start.get(partition)

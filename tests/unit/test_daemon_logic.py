@@ -2105,3 +2105,43 @@ def test_a_run_added_again_while_its_removed_recording_stops_waits_for_it(
         for c in service.controllers.values():
             c.shutdown()
             c.join(5)
+
+
+@pytest.mark.parametrize("saved", [None, {0: 3}])
+def test_an_admin_topic_kafka_is_slow_to_assign_is_a_transport_error(
+    monkeypatch: pytest.MonkeyPatch, saved: dict[int, int] | None,
+) -> None:
+    """Kafka slow to answer the admin topic's assignment (or its watermarks, when reading
+    resumes from a saved position) while the daemon connects: the admin link raised the bare
+    ``TimeoutError`` of its future, which the daemon's connect loop (retrying
+    :class:`RecorderError`) did not catch: the daemon died with a traceback instead of
+    retrying as it does when Kafka is down. It is a TransportError now, the adapter closed."""
+    from recorder.daemon import adminlink
+    from recorder.errors import TransportError
+    from recorder.settings import KafkaSettings
+
+    closed: list[bool] = []
+
+    class SlowAdapter:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def ensure_topic(self, topic: str, **kwargs: Any) -> None:
+            pass
+
+        def start(self, timeout_s: float) -> None:
+            pass
+
+        def watermarks(self, topic: str, **kwargs: Any) -> Future[Any]:
+            return Future()  # never answered in time
+
+        def add_topic(self, topic: str, start: Any, **kwargs: Any) -> Future[Any]:
+            return Future()
+
+        def close(self, timeout_s: float = 5.0) -> None:
+            closed.append(True)
+
+    monkeypatch.setattr(adminlink, "KafkaAdapter", SlowAdapter)
+    with pytest.raises(TransportError, match="did not answer"):
+        adminlink.AdminLink(KafkaSettings(), "admin", start=saved, timeout_s=0.05)
+    assert closed == [True]
