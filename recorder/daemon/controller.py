@@ -445,6 +445,8 @@ class RunController:
         if active is not None and active.topic != d.snapshot.topic:
             self._log.warning("state file names another topic: not resumed",
                               topic=active.topic)
+            if active.current_file:  # the file a crash left is finalized all the same (the
+                self._recover_leftover(stored, active)  # state file is replaced below)
             active = None
         if active is not None and active.current_file:
             active = self._recover_leftover(stored, active)

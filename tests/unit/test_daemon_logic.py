@@ -2145,3 +2145,47 @@ def test_an_admin_topic_kafka_is_slow_to_assign_is_a_transport_error(
     with pytest.raises(TransportError, match="did not answer"):
         adminlink.AdminLink(KafkaSettings(), "admin", start=saved, timeout_s=0.05)
     assert closed == [True]
+
+
+def test_a_start_on_another_snapshot_still_finalizes_the_file_a_crash_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The daemon crashed while run r recorded snapshot "old"; r's definition now names
+    another snapshot. Its start (rightly) did not resume the old recording, but it did not
+    finalize the .partial file that recording left either, and then replaced the state file
+    that named it: the file stayed .partial for good, no file event, nothing in the log
+    saying where it is. It is now recovered as any leftover is (and told), then r starts
+    afresh on its new snapshot."""
+    from recorder.daemon import controller as controller_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    partial = out / "r_old_0000.h5.partial"
+    partial.write_bytes(b"left by a crash")
+    recovered: list[Path] = []
+
+    def finalize(path: Path, run: str, *, timeout_s: float = 0.0) -> Path | None:
+        if not path.exists():
+            return None
+        final = path.with_name(path.name.removesuffix(".partial"))
+        path.rename(final)
+        recovered.append(path)
+        return final
+
+    monkeypatch.setattr(controller_module, "finalize_leftover", finalize)
+    store = ResumeStore(tmp_path / "state")
+    store.begin("r", ActiveRecording("old-uid", 4, "old", "old", {0: 41}, str(partial),
+                                     segments=1, started_at_ns=int(1.7e18)))
+    client = FakeClient()
+    told: list[Path] = []
+    c, _made = _controller(tmp_path, client, on_file=lambda _d, path: told.append(path))
+    try:
+        c.start().result(5)
+        assert client.starts == [None]  # not resumed: another topic
+        assert recovered == [partial] and not partial.exists()
+        assert told == [out / "r_old_0000.h5"] and c.files() == [str(out / "r_old_0000.h5")]
+        active = store.load("r").active
+        assert active is not None and active.topic == "snap" and active.seq == 5
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
