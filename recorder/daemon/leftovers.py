@@ -11,7 +11,11 @@ the same file again.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +36,7 @@ LEFTOVER_RETRY_S = 1.0
 LEFTOVER_TIMEOUT_S = 300.0  # RECORDER_LEFTOVER_TIMEOUT_S: the child's deadline ...
 LEFTOVER_BYTES_PER_S = 50e6  # ... plus a second per 50 MB of the file
 RESULT = "RESULT "  # the child's answer on stdout: this, then JSON
+STACKS_FD_ENV = "K2EG_RECORDER_STACKS_FD"  # where the child writes its stacks at SIGUSR1
 
 
 def finalize_leftover(partial: Path, run: str, *, timeout_s: float = LEFTOVER_TIMEOUT_S
@@ -105,9 +110,12 @@ def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) ->
     deadline = timeout_s + size / LEFTOVER_BYTES_PER_S
     original = superblock_bytes(partial)
     cmd = [sys.executable, "-m", "recorder.daemon.leftovers", str(partial)]
+    # its stacks at SIGUSR1 go where the daemon's go (its own stderr is read for errors)
+    stacks = os.dup(2)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline,
-                             check=False)
+                             check=False, pass_fds=(stacks,),
+                             env={**os.environ, STACKS_FD_ENV: str(stacks)})
     except subprocess.TimeoutExpired:
         # as recover_file leaves a file it did not recover: byte for byte, nothing else
         from recorder.sinks.finalize import FINAL_SUFFIX  # h5py: not in the daemon's import
@@ -120,6 +128,8 @@ def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) ->
         raise DamagedFileError(
             f"{partial}: recovering it did not end within {deadline:.0f} s (HDF5 loops for "
             "ever on some damaged files); the process was killed") from None
+    finally:
+        os.close(stacks)
     answers = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
     if not answers:
         raise RecorderError(f"{partial}: the recovery process ended (exit {out.returncode}) "
@@ -157,5 +167,18 @@ def _child(argv: list[str]) -> int:
     return 0
 
 
+def _dump_stacks_on_sigusr1() -> None:
+    """SIGUSR1 (`systemctl kill -s USR1 k2eg-recorder` reaches every process of the unit):
+    this process's stacks, as the daemon and its writers do; by default it killed the
+    recovery, and the leftover was left .partial."""
+    fd = os.environ.get(STACKS_FD_ENV)
+    with contextlib.suppress(ValueError, OSError):
+        if fd is not None:
+            faulthandler.register(signal.SIGUSR1, file=int(fd), all_threads=True)
+            return
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 if __name__ == "__main__":
+    _dump_stacks_on_sigusr1()
     sys.exit(_child(sys.argv[1:]))

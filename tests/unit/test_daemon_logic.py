@@ -3,6 +3,7 @@ state machine, and admin command handling (exactly one reply per command)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -2189,3 +2190,54 @@ def test_a_start_on_another_snapshot_still_finalizes_the_file_a_crash_left(
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+def test_sigusr1_to_a_leftover_recovery_dumps_its_stacks_and_it_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """`systemctl kill -s USR1 k2eg-recorder` (every process of the unit) asks each process
+    for its stacks and lets it go on (README). The child that recovers a leftover at a
+    restart, what a daemon that seems stuck at its start is often busy with, was killed by
+    it (SIGUSR1's default action): the leftover was then left .partial, "could not recover".
+    It now writes its stacks to the daemon's stderr (the journal) and goes on."""
+    import os
+    import signal
+
+    from recorder.daemon import leftovers
+
+    partial = tmp_path / "r_0000.h5.partial"
+    os.mkfifo(partial)  # opening it blocks: a recovery that takes its time
+    monkeypatch.setattr(leftovers, "superblock_bytes", lambda path: b"")
+    outcome: list[BaseException | Path] = []
+
+    def recover() -> None:
+        try:
+            outcome.append(leftovers.recover_in_child(partial, timeout_s=60))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=recover, daemon=True)
+    thread.start()
+
+    def child() -> int | None:
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if (proc.name.isdigit() and str(partial).encode()
+                        in (proc / "cmdline").read_bytes()
+                        and (proc / "wchan").read_text() == "wait_for_partner"):
+                    return int(proc.name)  # opening the FIFO
+        return None
+
+    deadline = time.monotonic() + 60
+    while (pid := child()) is None:
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        assert thread.is_alive() and child() == pid, f"the recovery child died: {outcome}"
+        assert "leftovers.py" in capfd.readouterr().err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        thread.join(30)
