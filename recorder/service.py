@@ -423,6 +423,9 @@ class Service:
                 self.notifier.extend_timeout(deadline - now + 10)
             time.sleep(LOOP_WAIT_S)
         late = [c.name for c in controllers if c.alive]
+        for c in self._controllers.values():  # not runs a reload removed or changed
+            if c.alive:  # closing the client below ends its stop: its state is kept
+                c.abandon()
         if late:
             log.error("runs did not stop within the shutdown budget; their files stay .partial "
                       "and resume at the next start", runs=late, budget_s=budget)

@@ -232,6 +232,8 @@ class RunController:
         self._state_log_throttle = RepeatThrottle(60.0)  # "run state not saved", per error
         self._next_lag = 0.0
         self._exit = False
+        self._abandoned = False  # the daemon exits without waiting for this run (abandon)
+        self._stop_for_exit = False  # the stop in progress was begun by shutdown(), not stop()
         self._log = _log.bind(run=self.name, snapshot=definition.snapshot.snapshot_name)
         self._thread = threading.Thread(target=self._main, name=f"run-{self.name}", daemon=True)
         self._thread.start()
@@ -249,6 +251,13 @@ class RunController:
     def shutdown(self, reason: str = "daemon shutdown") -> Future[str]:
         """Stop recording (as :meth:`stop`) and end the worker thread."""
         return self._submit(_Request("exit", Future(), reason=reason))
+
+    def abandon(self) -> None:
+        """The daemon no longer waits for this run (its shutdown budget ran out): whatever
+        the stop :meth:`shutdown` began still does before the process ends, the state file
+        keeps the recording, so the next start resumes it from its last durable offset, as
+        the daemon logs (a stop an admin command began stays a stop)."""
+        self._abandoned = True
 
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
@@ -994,6 +1003,7 @@ class RunController:
         sub = self._sub
         assert sub is not None
         self._stop_reason = reason
+        self._stop_for_exit = self._exit
         self._stop_result = None
         self._set_state(RunState.STOPPING)
         self._log.info("stopping run", reason=reason)
@@ -1091,6 +1101,11 @@ class RunController:
             self._error(f"recording failed: {failed}")
             # keep the state file: a start resumes from the durable offset
             return files, failed or "the recording failed"
+        if self._abandoned and self._stop_for_exit:  # the next start resumes it (abandon);
+            # not a run an admin command was stopping: that stop stands
+            self._log.warning("recording closed after the shutdown budget: its state is "
+                              "kept, the next start resumes it", status=status, files=files)
+            return files, None
         stored = self._stored
         self._stored = None
         if stored is not None:

@@ -2241,3 +2241,72 @@ def test_sigusr1_to_a_leftover_recovery_dumps_its_stacks_and_it_goes_on(
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         thread.join(30)
+
+
+@pytest.mark.parametrize("stopped_by", ["shutdown", "admin", "reload"])
+def test_a_run_late_at_the_end_of_the_shutdown_budget_resumes_at_the_next_start(
+    tmp_path: Path, stopped_by: str,
+) -> None:
+    """The shutdown budget ran out while a run was still stopping (its final iteration
+    behind a backlog its slow writer had not read yet): the daemon logged that its file
+    "resumes at the next start", then closed the Kafka client, which ended the stop; the
+    run's worker then closed its recording as aborted and cleared its state file, so the
+    next daemon did not resume it and what it had not read yet was never recorded. The
+    state file now keeps the recording: the next start resumes it. A run an admin ``stop``
+    was stopping is not resumed: that stop stands; nor one a reload removed."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.errors import ClientClosedError
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    closed = threading.Event()
+
+    class SlowStopSub(FakeSub):
+        def stop(self, timeout: float | None = None, *, final_timeout_s: float | None = None
+                 ) -> StopResult:
+            closed.wait(10)  # the final iteration is behind the backlog
+            raise ClientClosedError("the k2eg client is closed")
+
+    class Client(FakeClient):
+        def snapshot_recurring(self, props: Any, start: Any = None,
+                               max_pending: int = 0) -> FakeSub:
+            self.starts.append(start)
+            self.sub = SlowStopSub(props.topic)
+            return self.sub
+
+        def close(self, timeout_s: float = 10.0) -> None:
+            closed.set()
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs: []\n")
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0,
+                                     shutdown_timeout_s=0.3), KafkaSettings(),
+                      state_dir=tmp_path / "state",
+                      recording_factory=lambda d, **kw: FakeRecording(  # type: ignore[arg-type]
+                          tmp_path / f"r_{kw['seq']}.h5"),
+                      gc_tuning=False)
+    client = Client()
+    client.kafka_unreachable_since = None  # type: ignore[attr-defined]
+    service._client = client
+    definition = _definition(tmp_path)
+    service._definitions = {"r": definition}
+    c = service._add_controller(definition, start=True)
+    _wait(lambda: c.state is RunState.RECORDING)
+    if stopped_by == "admin":
+        c.stop()
+        _wait(lambda: c.state is RunState.STOPPING)
+    elif stopped_by == "reload":
+        ok, message, _data = service.reload("SIGHUP")  # runs: []
+        assert ok and service._retiring == [c], message
+        _wait(lambda: c.state is RunState.STOPPING)
+    with capture_logs() as logs:
+        service._shutdown()
+    assert any(e["event"].startswith("runs did not stop within the shutdown budget")
+               for e in logs), logs
+    service._close()
+    assert c.join(5)
+    active = ResumeStore(tmp_path / "state").load("r").active
+    if stopped_by != "shutdown":
+        assert active is None
+    else:
+        assert active is not None and active.topic == "snap"
