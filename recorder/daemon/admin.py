@@ -267,6 +267,11 @@ class _FailureError(AdminCommandError):
 def _unknown_run(name: str, doc: StatusDocument) -> AdminCommandError:
     """``unknown_run``, saying which runs there are (and the likely one when it is a typo)."""
     known = sorted(r.name for r in doc.runs)
+    if name in known:  # in the status, not defined: a run a reload removed, still stopping
+        return AdminCommandError(
+            ReplyCode.UNKNOWN_RUN.value,
+            f"run {name!r} was removed from the run definitions by a reload; its recording is "
+            f"being finalized (k2eg-recorder status {name})")
     message = f"no run named {name!r}"
     close = difflib.get_close_matches(name, known, n=1)
     if close:

@@ -2310,3 +2310,32 @@ def test_a_run_late_at_the_end_of_the_shutdown_budget_resumes_at_the_next_start(
         assert active is None
     else:
         assert active is not None and active.topic == "snap"
+
+
+def test_a_command_for_a_run_a_reload_removed_while_it_stops_says_so(tmp_path: Path) -> None:
+    """A reload removed run r; while its recording is being finalized r is still in the
+    status (stopping), so a ``stop r`` or ``trigger r`` then was answered "no run named 'r'
+    (did you mean 'r'?); its runs: r": the run the operator named, offered as the one meant.
+    The answer now says what happened to it."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    class Retiring:
+        alive = True
+        definition = _definition(tmp_path)
+        name = "r"
+
+        def status(self) -> RunStatus:
+            return RunStatus("r", RunState.STOPPING, "snap", "snap", "periodic normal", True)
+
+    service = Service(DaemonSettings(config_path=tmp_path / "runs.yaml", disk_check_interval_s=0),
+                      KafkaSettings(), state_dir=tmp_path / "state", gc_tuning=False)
+    service._retiring = [Retiring()]  # type: ignore[list-item]
+    h, sent = _handler()
+    h.handle(_record(_cmd("stop", "r")), service)
+    h.handle(_record(_cmd("trigger", "r")), service)
+    for _topic, reply in sent:
+        assert reply["code"] == "unknown_run", reply
+        assert "did you mean 'r'" not in reply["message"], reply["message"]
+        assert "removed from the run definitions by a reload" in reply["message"], reply
