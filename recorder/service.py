@@ -280,6 +280,10 @@ class Service:
                 self.notifier.status(f"refusing to start: {exc}")
                 self.refusal = f"refusing to start: {exc}"
                 return EXIT_CONFIG
+            self._stopping()  # the signals that came during the last connection attempt
+            if self._reload.is_set():  # a SIGHUP while connecting: no run has started yet,
+                self._reload.clear()  # so they start as the definitions now say
+                starting = self._reload_before_start(starting)
             if self._gc_tuning:
                 # before any run consumes: the full collection does not stall a consumer
                 # that has just begun, and in-flight messages are not frozen with start-up
@@ -575,15 +579,34 @@ class Service:
             self._state = previous
             self.notifier.ready(self._status_line())
 
+    def _refuse_reload(self, problems: tuple[Any, ...], origin: str) -> str:
+        self._config_errors = [str(p) for p in problems]
+        self.metrics.reload(False)
+        for p in problems:
+            log.error("reload refused: invalid run definition", problem=str(p), origin=origin)
+        return (f"reload refused, the previous definitions stay in force: "
+                f"{len(problems)} problem(s): " + "; ".join(self._config_errors))
+
+    def _reload_before_start(self, starting: dict[str, bool]) -> dict[str, bool]:
+        """A reload asked while connecting (before any run started): the definitions are
+        read again (a bad set keeps those read at start, reported as a refused reload), so
+        a run removed meanwhile is not started only to be stopped; which runs start."""
+        loaded, problems = check_runs(self.settings.config_path)
+        if problems:
+            self._refuse_reload(problems, "SIGHUP")
+            return starting
+        self._config_errors = []
+        self.metrics.reload(True)
+        diff = diff_runs(self._definitions, loaded.runs)
+        self._definitions = dict(loaded.runs)
+        self._watch_disks()
+        log.info("run definitions reloaded", origin="SIGHUP", summary=diff.summary())
+        return {name: d.autostart or self._interrupted(d) for name, d in self._definitions.items()}
+
     def _reload_now(self, origin: str) -> tuple[bool, str, dict[str, Any]]:
         loaded, problems = check_runs(self.settings.config_path)
         if problems:
-            self._config_errors = [str(p) for p in problems]
-            self.metrics.reload(False)
-            for p in problems:
-                log.error("reload refused: invalid run definition", problem=str(p), origin=origin)
-            message = (f"reload refused, the previous definitions stay in force: "
-                       f"{len(problems)} problem(s): " + "; ".join(self._config_errors))
+            message = self._refuse_reload(problems, origin)
             return False, message, {"problems": list(self._config_errors)}
         self._config_errors = []
         diff = diff_runs(self._definitions, loaded.runs)

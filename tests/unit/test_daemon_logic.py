@@ -2339,3 +2339,45 @@ def test_a_command_for_a_run_a_reload_removed_while_it_stops_says_so(tmp_path: P
         assert reply["code"] == "unknown_run", reply
         assert "did you mean 'r'" not in reply["message"], reply["message"]
         assert "removed from the run definitions by a reload" in reply["message"], reply
+
+
+def test_a_sighup_while_connecting_starts_the_runs_as_then_defined(tmp_path: Path) -> None:
+    """Kafka was down at start; meanwhile the operator removed a run (say, one hammering
+    the wrong PVs) and reloaded (SIGHUP). Once Kafka answered, the daemon started the runs
+    of the definitions read at its start, the removed one too (a snapshot start at the
+    gateway, a new file), and only then applied the reload, stopping it again. The
+    definitions are now read again before any run starts."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    def run_yaml(*names: str) -> str:
+        return "runs:\n" + "".join(
+            f"  - {{name: {n}, autostart: true, snapshot: {{snapshot_name: {n}, "
+            f"pv_uri_list: ['pva://A:B']}}, output: {{directory: {tmp_path / 'out'}}}}}\n"
+            for n in names)
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(run_yaml("keep", "wrong"))
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False,
+                      recording_factory=lambda d, **kw: FakeRecording(  # type: ignore[arg-type]
+                          tmp_path / f"{d.name}_{kw['seq']}.h5"))
+    made: list[tuple[str, bool]] = []
+
+    def connect() -> bool:  # Kafka answers after the operator's edit and SIGHUP
+        runs.write_text(run_yaml("keep"))
+        service.request_reload()
+        service._client = FakeClient()
+        service._client.kafka_unreachable_since = None
+        return True
+
+    def add(definition: RunDefinition, *, start: bool) -> Any:
+        made.append((definition.name, start))
+        service.request_stop()
+        return None
+
+    service._connect = connect  # type: ignore[method-assign]
+    service._add_controller = add  # type: ignore[method-assign,assignment]
+    assert service.run() == 0
+    assert made == [("keep", True)]
