@@ -280,7 +280,8 @@ class Service:
                 self.notifier.status(f"refusing to start: {exc}")
                 self.refusal = f"refusing to start: {exc}"
                 return EXIT_CONFIG
-            self._stopping()  # the signals that came during the last connection attempt
+            if self._stopping():  # SIGTERM during the last connection attempt: no run
+                return EXIT_OK  # starts only to be stopped (interrupted ones resume next time)
             if self._reload.is_set():  # a SIGHUP while connecting: no run has started yet,
                 self._reload.clear()  # so they start as the definitions now say
                 starting = self._reload_before_start(starting)

@@ -2381,3 +2381,34 @@ def test_a_sighup_while_connecting_starts_the_runs_as_then_defined(tmp_path: Pat
     service._add_controller = add  # type: ignore[method-assign,assignment]
     assert service.run() == 0
     assert made == [("keep", True)]
+
+
+def test_a_sigterm_while_connecting_starts_no_run(tmp_path: Path) -> None:
+    """SIGTERM came during the connection attempt that then succeeded: the daemon started
+    every autostart run (a snapshot start at the gateway, a new file each) only to stop them
+    again at once. It now exits without starting any."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs:\n  - {name: r, autostart: true, snapshot: {snapshot_name: snap, "
+                    f"pv_uri_list: ['pva://A:B']}}, output: {{directory: {tmp_path / 'out'}}}}}\n")
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False)
+    made: list[str] = []
+
+    def connect() -> bool:
+        service._stop_signalled = True  # as the SIGTERM handler does
+        service._client = FakeClient()
+        service._client.kafka_unreachable_since = None
+        return True
+
+    def add(definition: RunDefinition, *, start: bool) -> Any:
+        made.append(definition.name)
+        return None
+
+    service._connect = connect  # type: ignore[method-assign]
+    service._add_controller = add  # type: ignore[method-assign,assignment]
+    assert service.run() == 0
+    assert made == []
