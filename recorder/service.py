@@ -253,6 +253,7 @@ class Service:
         self._definitions = dict(loaded.runs)
         log.info("run definitions loaded", runs=list(self._definitions),
                  config_path=str(self.settings.config_path), state_dir=str(self.state_dir))
+        self._name_orphaned_leftovers()
         self._start_metrics()
         self._start_disk_checks()
         # runs that start: autostart, and those an unclean exit left recording (a crash, a
@@ -511,6 +512,22 @@ class Service:
             self.metrics.disks(watch.statuses)
 
     # ------------------------------------------------------------------ runs
+    def _name_orphaned_leftovers(self) -> None:
+        """Runs no longer defined whose state file still names the file a crash left: no
+        run resumes (and so finalizes) it; say where it is and how to finalize it."""
+        try:
+            names = sorted(p.stem for p in self.state_dir.glob("*.json")
+                           if not p.name.startswith("."))
+        except OSError:
+            return
+        for name in names:
+            if name in self._definitions:
+                continue
+            active = self._store.load(name).active
+            if active is not None and active.current_file and Path(active.current_file).exists():
+                log.warning("a run no longer defined left this file unfinalized: finalize it "
+                            "with `k2eg-recorder recover`", run=name, path=active.current_file)
+
     def _interrupted(self, definition: RunDefinition) -> bool:
         """The run's state file still holds an active recording of its snapshot topic: the
         last daemon did not stop it (crash, kill -9), so it resumes whether it autostarts

@@ -2412,3 +2412,29 @@ def test_a_sigterm_while_connecting_starts_no_run(tmp_path: Path) -> None:
     service._add_controller = add  # type: ignore[method-assign,assignment]
     assert service.run() == 0
     assert made == []
+
+
+def test_the_leftover_of_a_run_no_longer_defined_is_named_at_start(tmp_path: Path) -> None:
+    """The daemon crashed while run "gone" recorded, and "gone" was taken out of the run
+    definitions before the restart: no run resumes it, so its .partial file stayed as it was
+    without a word (the promise is that a restart finalizes the file each run was writing).
+    The start now says which file was left and how to finalize it."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs: []\n")
+    partial = tmp_path / "out" / "gone_0000.h5.partial"
+    partial.parent.mkdir()
+    partial.write_bytes(b"left by a crash")
+    ResumeStore(tmp_path / "state").begin("gone", ActiveRecording(
+        "uid", 0, "snap", "snap", {0: 41}, str(partial)))
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False)
+    service._connect = lambda: False  # type: ignore[method-assign]  # stopped while connecting
+    with capture_logs() as logs:
+        assert service.run() == 0
+    [warning] = [e for e in logs if e.get("run") == "gone"]
+    assert warning["log_level"] == "warning" and warning["path"] == str(partial), warning
+    assert "k2eg-recorder recover" in warning["event"], warning
