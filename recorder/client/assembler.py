@@ -755,14 +755,23 @@ class IterationAssembler:
         if previous is None:
             seen[fingerprint] = payload
             return False
-        if previous.__class__ is list:
+        cls = previous.__class__
+        if cls is set:  # message bytes: looked up by hash, not compared with each one
+            if payload in previous:
+                return True
+            previous.add(payload)
+            return False
+        if cls is list:  # decoded payloads (unhashable), few per PV and EPICS timestamp
             if payload in previous:
                 return True
             previous.append(payload)
             return False
         if previous == payload:
             return True
-        seen[fingerprint] = [previous, payload]
+        # a PV with many values in one iteration (timedbuffered: a fast PV in a long window)
+        seen[fingerprint] = (
+            {previous, payload} if isinstance(previous, bytes) else [previous, payload]
+        )
         return False
 
     def _on_header(  # noqa: PLR0917

@@ -565,6 +565,35 @@ def test_legacy_duplicate_via_feed_message_without_raw() -> None:
     assert asm.counters["duplicate"] == 1
 
 
+def test_legacy_duplicate_check_does_not_grow_with_the_pvs_values_in_an_iteration() -> None:
+    """Legacy timedbuffered: a fast PV has thousands of values in one window. Each new payload
+    was compared with every earlier payload of its PV in the iteration (quadratic: a 1 kHz PV
+    in a 60 s window took seconds per iteration, growing with the message rate)."""
+    from recorder.client.wire import Data, decode_snapshot_message
+
+    compared = 0
+
+    class Counted(bytes):
+        __hash__ = bytes.__hash__
+
+        def __eq__(self, other: object) -> bool:
+            nonlocal compared
+            compared += 1
+            return bytes.__eq__(self, other)  # type: ignore[no-any-return]
+
+    asm = IterationAssembler()
+    asm.feed(records(TOPIC, [header_msg("s", 1, T0)])[0], 0.0)
+    n = 2000
+    for i in range(n + 1):
+        raw = data_msg(1, T0, "a:x", ntscalar(float(i % n), nanos=i % n))  # the last: again
+        msg = decode_snapshot_message(raw, MSGPACK_HEADERS)
+        assert isinstance(msg, Data)
+        msg.raw = Counted(raw)
+        asm.feed_message(TOPIC, 0, i + 1, msg, 0.0)
+    assert asm.counters["duplicate"] == 1
+    assert compared < 10 * n
+
+
 # --------------------------------------------------------------- interleaving / reordering
 @GENERATIONS
 def test_interleaved_batches(sequenced: bool) -> None:
