@@ -48,7 +48,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,8 @@ __all__ = [
     "decode_or_reject",
     "decode_reply",
     "encode_command",
+    "files_text",
+    "reply_files",
     "sign",
     "verify",
 ]
@@ -76,6 +78,9 @@ __all__ = [
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_TAGS = 64
 MAX_TAG_CHARS = 1024
+REPLY_FILES_CHARS = 200_000
+"""File paths listed in a reply, at most (a stop reply lists them twice: its message and its
+``files``): a reply is one Kafka message, at most ~1 MB (librdkafka's default)."""
 MAX_ISSUED_AT = 2**63 - 1  # Kafka's timestamps are int64 ms; beyond, an age overflows a float
 # \Z, not $ (which also matches before a final newline: "replies\n" passed, and Kafka
 # refuses that topic name, as it does "." and "..": the reply was lost)
@@ -115,6 +120,26 @@ class ReplyCode(enum.StrEnum):
 
 
 # --- canonical form and HMAC ---------------------------------------------------------------
+def reply_files(files: Sequence[str]) -> list[str]:
+    """The newest of ``files`` (oldest first) whose paths add up to at most
+    :data:`REPLY_FILES_CHARS`: a long recording has tens of thousands of segment files."""
+    total = 0
+    for i in range(len(files) - 1, -1, -1):
+        total += len(files[i]) + 4
+        if total > REPLY_FILES_CHARS:
+            return list(files[i + 1 :])
+    return list(files)
+
+
+def files_text(files: Sequence[str]) -> str:
+    """``files: a, b`` for a reply's message (the newest: :func:`reply_files`, after how many
+    there are). Ends with ``"; files: " + ", ".join(reply_files(files))`` after a ``;``."""
+    shown = reply_files(files)
+    if len(shown) == len(files):
+        return f"files: {', '.join(files) or 'none'}"
+    return f"{len(files)} files, the last {len(shown)} listed; files: {', '.join(shown)}"
+
+
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
     """The signed bytes: ``obj`` without ``signature``, sorted keys, compact, ASCII."""
     body = {k: v for k, v in obj.items() if k != "signature"}

@@ -29,6 +29,7 @@ from recorder.admin.protocol import (
     ReplayGuard,
     ReplyCode,
     decode_command,
+    reply_files,
 )
 from recorder.admin.status import StatusDocument
 from recorder.client.wire import Record
@@ -169,7 +170,7 @@ class AdminHandler:
         files: Callable[[], dict[str, Any]] | None = None
         if kind is CommandKind.STOP:
             def files() -> dict[str, Any]:
-                return {"files": handle.recording_files()}
+                return {"files": reply_files(handle.recording_files())}
         self._pending.append(_Pending(command, future, reply_topic,
                                       time.monotonic() + PENDING_TIMEOUT_S, files,
                                       record.partition, record.offset))

@@ -61,7 +61,7 @@ from typing import Any
 
 import structlog
 
-from recorder.admin.protocol import RESERVED_TAG_PREFIX, ReplyCode
+from recorder.admin.protocol import RESERVED_TAG_PREFIX, ReplyCode, files_text
 from recorder.admin.status import RunState, RunStatus
 from recorder.client import (
     Ack,
@@ -1062,10 +1062,10 @@ class RunController:
         if failed is not None:  # e.g. its file could not be finalized: say so, not "stopped"
             self._set_state(RunState.FAILED)
             self._fail_waiters(f"run {self.name!r} stopped, but its recording failed: "
-                               f"{failed}; files: {', '.join(files) or 'none'}")
+                               f"{failed}; {files_text(files)}")
             return
         self._set_state(RunState.IDLE)
-        text = f"run {self.name!r} stopped ({status}); files: {', '.join(files) or 'none'}"
+        text = f"run {self.name!r} stopped ({status}); {files_text(files)}"
         waiters, self._stop_waiters = self._stop_waiters, []
         for f in waiters:
             if not f.done():

@@ -2438,3 +2438,39 @@ def test_the_leftover_of_a_run_no_longer_defined_is_named_at_start(tmp_path: Pat
     [warning] = [e for e in logs if e.get("run") == "gone"]
     assert warning["log_level"] == "warning" and warning["path"] == str(partial), warning
     assert "k2eg-recorder recover" in warning["event"], warning
+
+
+def test_the_stop_reply_of_a_recording_with_many_segments_fits_in_a_kafka_message(
+    tmp_path: Path,
+) -> None:
+    """A long recording (one-minute segments for weeks, or many snapshot restarts) has tens
+    of thousands of files. The stop reply listed every one twice (its message and its
+    ``files``): over Kafka's 1 MB message limit, the producer refused it and the operator's
+    ``k2eg-recorder stop`` got no answer. It lists the newest files and says how many."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    sent: list[bytes] = []
+    h = AdminHandler(CommandPolicy(max_age_s=30), "default-replies",
+                     lambda topic, payload: sent.append(payload), clock_ms=lambda: NOW)
+
+    class Target(FakeTarget):
+        def run_handle(self, name: str) -> Any:
+            return c if name == "r" else None
+
+    try:
+        _started(c, client)
+        earlier = [tmp_path / f"r_0_seg{i:06d}_a_long_descriptive_run_name.h5"
+                   for i in range(20_000)]
+        made[0].paths = earlier
+        h.handle(_record(_cmd("stop", "r")), Target())  # type: ignore[arg-type]
+        _wait(lambda: (h.poll(), bool(sent))[1])
+        assert len(sent[0]) < 1_000_000  # librdkafka's default message.max.bytes
+        reply = json.loads(sent[0])
+        assert reply["code"] == "ok"
+        files = reply["data"]["files"]
+        assert files and files[-1] == str(made[0]._final)  # the newest are listed
+        assert "20001 files" in reply["message"]
+        assert reply["message"].endswith("; files: " + ", ".join(files))  # as the CLI prints
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
