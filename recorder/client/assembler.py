@@ -72,6 +72,7 @@ indexes remembered for late-message detection).
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Container, Sequence
 from operator import attrgetter
@@ -117,9 +118,21 @@ _INCOMPLETE: Final = IterationStatus.INCOMPLETE
 # the gateway's one Kafka header, as it spells it (other spellings take the general path)
 _GATEWAY_HEADERS: Final = [(SERIALIZATION_HEADER, b"Msgpack")]
 _BIG_MESSAGE: Final = 1 << 20  # the validating Unpacker is replaced after a larger message
+# legacy duplicate detection keeps larger messages as a digest, not their bytes: an iteration
+# is remembered until its tail, a timedbuffered window of images would stay in memory
+FINGERPRINT_BYTES: Final = 4096
 _RECORD_FIELDS: Final = tuple(
     attrgetter(name) for name in ("topic", "partition", "offset", "value", "headers")
 )
+
+
+def _fingerprint(raw: bytes) -> bytes:
+    """What the legacy duplicate check keeps of a message: its bytes, or for a large one a
+    128-bit digest (equal messages, equal digests; distinct ones collide with odds 2**-128,
+    and a digest is never mistaken for a message: messages are longer)."""
+    if len(raw) <= FINGERPRINT_BYTES:
+        return raw
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 class _Iteration:
@@ -523,9 +536,10 @@ class IterationAssembler:
                 else:
                     seen = it.fingerprints
                     if seen is None:
-                        it.fingerprints = {pv: raw}
+                        it.fingerprints = {pv: raw if size <= FINGERPRINT_BYTES
+                                           else _fingerprint(raw)}
                     elif pv not in seen:
-                        seen[pv] = raw
+                        seen[pv] = raw if size <= FINGERPRINT_BYTES else _fingerprint(raw)
                     elif self._is_legacy_duplicate(
                         it, Data(idx, ts, sample, None, None, False, None, raw)
                     ):
@@ -695,9 +709,9 @@ class IterationAssembler:
                         self._duplicate(it, "duplicate")
                         return
                 elif seen is None:
-                    it.fingerprints = {sample.pv: raw}
+                    it.fingerprints = {sample.pv: _fingerprint(raw)}
                 else:
-                    seen[sample.pv] = raw
+                    seen[sample.pv] = _fingerprint(raw)
             elif self._is_legacy_duplicate(it, msg):
                 self._duplicate(it, "duplicate")
                 return
@@ -733,13 +747,15 @@ class IterationAssembler:
 
         With the message bytes (decoded records) the fingerprint is the PV name and the
         message bytes are compared (same bytes = same PV, batch timestamp and payload; nothing
-        is decoded or hashed). Without them (``feed_message`` with a hand-built message) the
-        PV's EPICS timestamp narrows the search and the decoded structures are compared.
+        is decoded; messages above :data:`FINGERPRINT_BYTES` by their digest). Without them
+        (``feed_message`` with a hand-built message) the PV's EPICS timestamp narrows the
+        search and the decoded structures are compared.
         """
         sample = msg.sample
         payload: Any = msg.raw
         if payload is not None:
             fingerprint: Any = sample.pv
+            payload = _fingerprint(payload)
         else:
             payload = sample.data
             stamp = payload.get("timeStamp")

@@ -594,6 +594,43 @@ def test_legacy_duplicate_check_does_not_grow_with_the_pvs_values_in_an_iteratio
     assert compared < 10 * n
 
 
+def test_a_legacy_window_of_large_arrays_is_not_held_in_memory_until_its_tail() -> None:
+    """Legacy timedbuffered: a window's sub-push batches flow out as they end (the writer has
+    them), but the duplicate check kept every message of the iteration until its tail: the
+    daemon held the whole window of a camera's images, beyond the queue's 64 MiB bound."""
+    import tracemalloc
+
+    def record(raw: bytes, offset: int) -> Record:
+        return Record(TOPIC, 0, offset, raw, list(MSGPACK_HEADERS))
+
+    asm = IterationAssembler()
+    image = [0.0] * 8192  # ~74 kB per message
+    tracemalloc.start()
+    try:
+        asm.feed(record(header_msg("s", 1, T0), 0), 0.0)
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(80):  # one batch per sub-push: each flows out when the next begins
+            image[0] = float(i)
+            raw = data_msg(1, T0 + i, "cam:image", ntscalar(image, nanos=i))
+            asm.feed(record(raw, i + 1), 0.0)
+            del raw
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert asm.open_iterations(TOPIC) == [1]
+    # the pending batch (one image) and the validating Unpacker's buffer, not the 80 images
+    assert held < 2_500_000
+    for i in (79, 3):  # a producer retry of an image is still a duplicate; others are not
+        image[0] = float(i)
+        asm.feed(record(data_msg(1, T0 + i, "cam:image", ntscalar(image, nanos=i)), 90 + i), 0)
+    image[0] = 3.5
+    asm.feed(record(data_msg(1, T0 + 3, "cam:image", ntscalar(image, nanos=3)), 200), 0.0)
+    assert asm.counters["duplicate"] == 2
+    [closed] = [e for e in asm.feed(record(tail_msg("s", 1, T0 + 80), 201), 0.0)
+                if isinstance(e, IterationClosed)]
+    assert closed.n_values == 81 and closed.duplicates == 2
+
+
 # --------------------------------------------------------------- interleaving / reordering
 @GENERATIONS
 def test_interleaved_batches(sequenced: bool) -> None:
