@@ -176,7 +176,7 @@ def test_a_damaged_file_is_said_in_one_line_and_does_not_stop_its_neighbours(
     the reader say so (FileFormatError "damaged"), no traceback; a good file beside it still
     opens as its recording (the damaged one is not taken for a segment)."""
     from recorder.errors import FileFormatError
-    from recorder.reader import open_recording
+    from recorder.reader import SkippedFileWarning, open_recording
 
     rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="good")
     write_iteration(rec, 1, [PVSample("A", {"value": 1.0})])
@@ -189,8 +189,9 @@ def test_a_damaged_file_is_said_in_one_line_and_does_not_stop_its_neighbours(
     assert got.stderr.startswith(f"{damaged}: damaged: ") or "not a k2eg-recorder" in got.stderr
     with pytest.raises(FileFormatError):
         open_file(damaged)
-    with open_recording(good) as r:
+    with pytest.warns(SkippedFileWarning, match="other.h5"), open_recording(good) as r:
         assert [f.path for f in r.files] == [good]
+        assert [p for p, _why in r.skipped] == [damaged]  # named, not chained
         assert r.values("A").tolist() == [1.0]
 
 
