@@ -64,8 +64,7 @@ class GatewaySimulator:
         """Start the loop thread; returns once the command topic is assigned."""
         if self._thread is not None:
             raise RuntimeError("simulator already started")
-        self._stop.clear()
-        self._stop_requested = False
+        self._new_run()
         self._thread = threading.Thread(target=self._thread_main, name="k2eg-sim", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s):
@@ -76,6 +75,16 @@ class GatewaySimulator:
             self.stop()
             raise TransportError(f"simulator failed to start: {error}") from error
         return self
+
+    def _new_run(self) -> None:
+        """Forget the previous run (start() after stop()): not ready, no error, no engine
+        until the new loop says so, and its topics are created again."""
+        self._stop.clear()
+        self._stop_requested = False
+        self._ready.clear()
+        self._error = None
+        self.engine = None
+        self._created.clear()
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop the loop, flush the producer, close the consumer (in the loop thread)."""

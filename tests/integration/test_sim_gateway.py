@@ -201,3 +201,27 @@ def test_cli_without_a_broker_says_so_in_one_line() -> None:
     last = out.stderr.splitlines()[-1]
     assert last.startswith("k2eg-recorder sim: simulator failed: no answer from Kafka at "
                            "127.0.0.1:9 within"), out.stderr
+
+
+def test_start_after_stop_returns_once_the_new_loop_reads_commands(
+    kafka_bootstrap: str, unique_name: Callable[[str], str]
+) -> None:
+    """A simulator started again after stop() answers a command sent right after start()
+    returns (start() returned at once, on the first run's ready flag: the new loop had not
+    yet taken the command topic's end offset, so the command was skipped)."""
+    topics = Topics(kafka_bootstrap)
+    cmd, reply = unique_name("cmd"), unique_name("again") + "-reply"
+    topics.create(reply)
+    sim = GatewaySimulator(kafka_bootstrap, cmd, SimConfig(default_period_ms=50))
+    try:
+        sim.start()
+        first = sim.engine
+        sim.stop()
+        sim.start()
+        assert sim.engine is not first
+        topics.send(cmd, {"command": "get", "reply_topic": reply, "reply_id": "g",
+                          "pv_name": "pva://SIM:AI:INT:1"})
+        msgs = topics.read(reply, lambda got: len(got) >= 1)
+        assert [unpack(m)["reply_id"] for m in msgs] == ["g"]
+    finally:
+        sim.stop()
