@@ -50,18 +50,15 @@ class FaultRule:
     @classmethod
     def parse(cls, text: str) -> FaultRule:
         text = text.strip()
+        by_count = text.startswith("every:") or not (text.startswith("p:") or "." in text)
         try:
-            if text.startswith("every:"):
-                rule = cls(every=int(text[6:]))
-            elif text.startswith("p:"):
-                rule = cls(probability=float(text[2:]))
-            elif "." in text:
-                rule = cls(probability=float(text))
+            if by_count:
+                rule = cls(every=int(text.removeprefix("every:")))
             else:
-                rule = cls(every=int(text))
+                rule = cls(probability=float(text.removeprefix("p:")))
         except ValueError as exc:
             raise ConfigError(f"fault rule {text!r}: expected every:N or p:X") from exc
-        if rule.every < 0 or not 0.0 <= rule.probability <= 1.0:
+        if (by_count and rule.every < 1) or not 0.0 <= rule.probability <= 1.0:
             raise ConfigError(f"fault rule {text!r}: N must be >= 1 and 0 <= X <= 1")
         return rule
 

@@ -213,7 +213,8 @@ def test_fault_spec_parsing_and_firing() -> None:
     assert not injector.fires("drop_header")
     assert injector.stalled(0.85) and not injector.stalled(0.75)
     assert injector.stall_end(0.85) == 1.0
-    for bad in ("drop-tail", "nope=1", "drop-tail=p:2", "stall=every:100/200", "delay-ms=x"):
+    for bad in ("drop-tail", "nope=1", "drop-tail=p:2", "stall=every:100/200", "delay-ms=x",
+                "drop-tail=every:0", "duplicate-data=0"):  # every 0th: refused, not "never"
         with pytest.raises(ConfigError):
             FaultConfig.parse(bad)
     assert not FaultConfig.parse("").any_active
