@@ -24,7 +24,11 @@ from recorder.sim.engine import CreateTopic, Flush, Produce, SimConfig, SimEngin
 
 log = structlog.get_logger("recorder.sim")
 
-MAX_WAIT_S = 0.05  # longest command poll: bounds stop() latency and stall-release latency
+# commands are read as the gateway does (cmd-max-fecth-element / cmd-max-fecth-time-out,
+# k2eg-protocol.md §1.1): at most 10 in at most 10 ms, then acted on, so only triggers that
+# close together coalesce (§3.6). Also bounds stop() latency and stall-release latency.
+CMD_FETCH_MAX = 10
+CMD_FETCH_TIMEOUT_S = 0.010
 
 
 class GatewaySimulator:
@@ -190,10 +194,8 @@ class GatewaySimulator:
             self._ready.set()
             while not (self._stop.is_set() or self._stop_requested):
                 now = time.monotonic()
-                wait = min(max(engine.next_deadline(now) - now, 0.0), MAX_WAIT_S)
-                messages = consumer.consume(num_messages=100, timeout=wait) if wait > 0 else (
-                    consumer.consume(num_messages=100, timeout=0)
-                )
+                wait = min(max(engine.next_deadline(now) - now, 0.0), CMD_FETCH_TIMEOUT_S)
+                messages = consumer.consume(num_messages=CMD_FETCH_MAX, timeout=wait)
                 now = time.monotonic()
                 for message in messages:
                     error = message.error()

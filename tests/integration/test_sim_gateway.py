@@ -225,3 +225,32 @@ def test_start_after_stop_returns_once_the_new_loop_reads_commands(
         assert [unpack(m)["reply_id"] for m in msgs] == ["g"]
     finally:
         sim.stop()
+
+
+def test_triggers_30_ms_apart_make_one_iteration_each(
+    sim_env: tuple[GatewaySimulator, Topics, str, str], unique_name: Callable[[str], str]
+) -> None:
+    """The gateway reads commands in batches of at most 10 within 10 ms and consumes a
+    trigger on its next ~1 ms loop pass, so only triggers that close together coalesce
+    (k2eg-protocol.md §1.1, §3.6). The simulator read commands for up to 50 ms before acting
+    on them: two triggers 30 ms apart were usually one iteration (a shot lost)."""
+    _sim, topics, cmd, reply = sim_env
+    name = unique_name("shots").replace("-", "_")
+    topics.send(cmd, {"command": "repeating_snapshot", "reply_topic": reply, "reply_id": "s",
+                      "snapshot_name": name, "pv_name_list": ["pva://SIM:AI:INT:1"],
+                      "triggered": True})
+    assert len(topics.read(reply, lambda got: len(got) >= 1)) == 1
+    pairs = 6
+    for i in range(pairs):
+        for rid in (f"a{i}", f"b{i}"):
+            topics.send(cmd, {"command": "repeating_snapshot_trigger", "reply_topic": reply,
+                              "reply_id": rid, "snapshot_name": name})
+            time.sleep(0.03)
+        time.sleep(0.2)
+    acks = topics.read(reply, lambda got: len(got) >= 1 + 2 * pairs)
+    assert len(acks) == 1 + 2 * pairs
+    time.sleep(0.3)
+    stream = [unpack(m) for m in topics.read(name, lambda got: False, timeout_s=1.0)]
+    tails = [m["iter_index"] for m in stream if m["message_type"] == 2]
+    assert tails == list(range(1, len(tails) + 1))
+    assert len(tails) >= 2 * pairs - 1  # one coalesced pair at most (a loaded machine)
