@@ -197,6 +197,7 @@ class Service:
         self._disk_probe: DiskProbe | None = None
         self._disk_watch: DiskWatch | None = None
         self.ready = threading.Event()  # set once READY=1 was sent (tests, the demo)
+        self._consumers_dead_said = False  # a dead consumer thread was logged
         # why run() returned EXIT_CONFIG (what `k2eg-recorder run` prints last, on stderr)
         self.refusal: str | None = None
 
@@ -392,7 +393,8 @@ class Service:
         self._apply_deferred()
         if self._heartbeat is not None:
             self._heartbeat.maybe_beat(now, self._heartbeat_doc)
-        self._watchdog.maybe_ping(now)
+        if self._consumers_alive():
+            self._watchdog.maybe_ping(now)
         self._upkeep.maybe_run(now)
         self.metrics.set_kafka_up(self._kafka_unreachable_since() is None)
         self._judge_disks(now)
@@ -400,6 +402,23 @@ class Service:
         if line != self._last_status_line:
             self._last_status_line = line
             self.notifier.status(line)
+
+    def _consumers_alive(self) -> bool:
+        """Whether the Kafka consumer threads of the k2eg client and of the admin link are
+        alive while the daemon runs. One that died (a bug, a library crash) leaves a daemon
+        that reads neither data nor commands: the watchdog is no longer pinged, so systemd
+        restarts it (``WatchdogSec``) and its runs resume from their durable offsets."""
+        if self._state is not DaemonState.RUNNING:
+            return True  # connecting, stopping: their own pings
+        dead = [what for what, part in (("k2eg client", self._client), ("admin link", self._link))
+                if part is not None and not part.running]
+        if dead and not self._consumers_dead_said:
+            self._consumers_dead_said = True
+            log.critical("a Kafka consumer thread died: the watchdog is no longer pinged, so "
+                         "systemd restarts the daemon", consumers=dead)
+            self.notifier.status(f"Kafka consumer of the {' and '.join(dead)} died; "
+                                 "waiting for the watchdog to restart the daemon")
+        return not dead
 
     def _save_admin_position(self, admin: AdminHandler) -> None:
         """Save the admin read position, not past a command still waiting for its reply, with

@@ -312,6 +312,12 @@ class K2egClient:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def running(self) -> bool:
+        """Whether its Kafka consumer thread is alive (it reads snapshot topics and replies;
+        it only ends on :meth:`close`, or when it crashed)."""
+        return self._adapter.running
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosedError("the client is closed")

@@ -188,6 +188,11 @@ class AdminLink:
             self._paused = False
             self._adapter.resume(self.admin_topic)
 
+    @property
+    def running(self) -> bool:
+        """Whether its Kafka consumer thread is alive (it reads commands)."""
+        return self._adapter.running
+
     def take(self, limit: int = 100) -> list[Record]:
         """Up to ``limit`` queued records (main thread)."""
         out: list[Record] = []

@@ -1771,6 +1771,7 @@ class _QueuedLink:
 
     def __init__(self) -> None:
         self.queued: list[Record] = []
+        self.running = True  # its consumer thread is alive
 
     def take(self, limit: int = 100) -> list[Record]:
         out, self.queued = self.queued, []
@@ -2474,3 +2475,48 @@ def test_the_stop_reply_of_a_recording_with_many_segments_fits_in_a_kafka_messag
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+def test_a_dead_kafka_consumer_thread_stops_the_watchdog_pings(tmp_path: Path) -> None:
+    """The admin link's (or the client's) consumer thread died: the daemon read neither
+    commands nor data, yet pinged the watchdog from its main loop for ever, so systemd never
+    restarted it. The pings now stop (and it says why), so the watchdog restarts it."""
+    import socket
+
+    from recorder.notify import Notifier, WatchdogPinger
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    try:
+        service, _run, link, _sent, _start = _admin_service(tmp_path)
+        service.notifier = Notifier(str(tmp_path / "notify.sock"))
+        service._watchdog = WatchdogPinger(service.notifier, 0.01)  # WatchdogSec=20ms
+        service._state = DaemonState.RUNNING
+
+        def datagrams() -> list[str]:
+            out = []
+            sock.setblocking(False)
+            try:
+                while True:
+                    out.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                pass
+            finally:
+                sock.setblocking(True)
+            return out
+
+        service._pass()
+        time.sleep(0.05)
+        service._pass()
+        assert any("WATCHDOG=1" in d for d in datagrams())
+        link.running = False  # its consumer thread died
+        with capture_logs() as logs:
+            service._pass()
+            time.sleep(0.05)
+            service._pass()
+        got = datagrams()
+        assert not any("WATCHDOG=1" in d for d in got), got
+        assert any("admin link died" in d for d in got), got
+        assert [e["consumers"] for e in logs if e["log_level"] == "critical"] == [["admin link"]]
+    finally:
+        sock.close()
