@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     check = None if args.no_verify else _verify_problems
     gone = 0
     for p in files:
-        if _finalized_meanwhile(p):
+        if _finalized_meanwhile(p) or _already_final(p):
             gone += 1
             continue
         verified = False
@@ -87,6 +87,28 @@ def run(args: argparse.Namespace) -> int:
     if (not files or busy + gone == len(files)) and not failures:
         print("nothing to recover")
     return 1 if failures else 0
+
+
+def _already_final(path: Path) -> bool:
+    """``path`` (given by name, e.g. ``recover data/*``) is a finalized k2eg-recorder file:
+    nothing to do, said so (it was reported NOT recovered, exit 1)."""
+    from recorder.sinks.options import PARTIAL_SUFFIX
+
+    if path.name.endswith(PARTIAL_SUFFIX):
+        return False
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            ours = f.attrs.get("format") in ("k2eg-recorder", b"k2eg-recorder")
+            status = f.attrs.get("status")
+            status = status.decode() if isinstance(status, bytes) else status
+    except (OSError, RuntimeError, ValueError):
+        return False  # not HDF5, damaged, a live file: recover_file says why
+    if not ours or status == "recording":
+        return False
+    print(f"{path}: already finalized (status {status}): nothing to do")
+    return True
 
 
 def _finalized_meanwhile(path: Path) -> bool:

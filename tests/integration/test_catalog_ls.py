@@ -1111,3 +1111,18 @@ def test_the_daemon_retries_a_leftover_only_while_a_writer_holds_it(
     assert leftovers.finalize_leftover(partial, "crash") is None
     assert len(calls) == 1
     assert partial.exists() and taken.read_bytes() == b"another file"
+
+
+def test_recover_of_finalized_files_says_there_is_nothing_to_do(tmp_path: Path) -> None:
+    """`recover data/*` (the shell's glob takes the finalized files too) reported each of
+    them "NOT recovered: not a file being written" and exited 1; a finalized file of ours is
+    now "already finalized", exit 0, while a foreign file stays an error."""
+    (done,) = record(tmp_path / "data", "alpha", T_BETA, 2)
+    out = recover(str(done))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "already finalized (status complete): nothing to do" in out.stdout
+    assert "nothing to recover" in out.stdout
+    foreign = tmp_path / "notes.h5"
+    foreign.write_bytes(b"not hdf5")
+    out = recover(str(done), str(foreign))
+    assert out.returncode == 1 and "notes.h5: NOT recovered" in out.stdout, out.stdout
