@@ -250,6 +250,13 @@ def typed_value(data: Mapping[str, Any], float32_paths: frozenset[str]) -> tuple
     return ValueKind.STRUCT, value
 
 
+def unpack_lenient(payload: bytes | memoryview) -> Any:
+    """``msgpack.unpackb`` that keeps what strict decoding refuses inside a well-formed
+    object: strings that are not UTF-8 as surrogate escapes, non-string map keys. Raises what
+    msgpack raises on bytes that are not msgpack."""
+    return msgpack.unpackb(payload, unicode_errors="surrogateescape", strict_map_key=False)
+
+
 def _decode_lenient(payload: bytes | memoryview) -> dict[str, Any]:
     """Decode a lazily-kept PV map that strict ``msgpack.unpackb`` refused.
 
@@ -260,7 +267,7 @@ def _decode_lenient(payload: bytes | memoryview) -> dict[str, Any]:
     what cannot be decoded even so becomes ``{}``.
     """
     try:
-        obj = msgpack.unpackb(payload, unicode_errors="surrogateescape", strict_map_key=False)
+        obj = unpack_lenient(payload)
     except Exception:  # msgpack raises many types; see the docstring
         return {}
     return obj if isinstance(obj, dict) else {}

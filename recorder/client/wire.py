@@ -54,6 +54,7 @@ paths, never an exception.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
 import threading
@@ -65,7 +66,7 @@ import msgpack
 import numpy as np
 
 from recorder.client.properties import SNAPSHOT_METADATA_KEYS
-from recorder.client.values import PVSample
+from recorder.client.values import PVSample, unpack_lenient
 from recorder.errors import ProtocolError
 
 __all__ = [
@@ -249,16 +250,12 @@ def _check_envelope(value: Any, headers: Headers, max_bytes: int) -> None:
 
 def _unpack(value: bytes) -> Any:
     """A reply's map; content strict decoding refuses (a string that is not UTF-8, e.g. a
-    Latin-1 unit) is kept as snapshot data keeps it (surrogate escapes, see
-    :func:`recorder.client.values._decode_lenient`)."""
+    Latin-1 unit) is kept as snapshot data keeps it (:func:`unpack_lenient`)."""
     try:
         return msgpack.unpackb(value)
     except Exception as exc:  # msgpack raises many types on garbage; all mean the same
-        try:
-            return msgpack.unpackb(value, unicode_errors="surrogateescape",
-                                   strict_map_key=False)
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):
+            return unpack_lenient(value)
         raise DecodeError("not_msgpack", f"{type(exc).__name__}: {exc}") from None
 
 
