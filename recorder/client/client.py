@@ -49,7 +49,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 
@@ -69,7 +69,7 @@ from recorder.client.commands import (
     trigger_command,
 )
 from recorder.client.events import IterationClosed, IterationEvent
-from recorder.client.kafka import KafkaAdapter, StartAt
+from recorder.client.kafka import KafkaAdapter, StartAt, answer_within
 from recorder.client.properties import (
     SnapshotProperties,
     normalize_snapshot_name,
@@ -98,7 +98,6 @@ __all__ = [
     "iteration_timeout_s",
 ]
 
-T = TypeVar("T")
 EventHandler = Callable[[IterationEvent], None]
 OneShotHandler = Callable[[str, dict[str, list[PVSample]]], None]
 ErrorHandler = Callable[[str, ClientError], None]
@@ -134,17 +133,6 @@ def command_producer_config(settings: KafkaSettings) -> dict[str, Any]:
     if {"message.timeout.ms", "delivery.timeout.ms"} & set(settings.kafka):
         return {}
     return {"message.timeout.ms": max(1, round(settings.command_timeout_s * 1000))}
-
-
-def _kafka_result(future: Future[T], timeout_s: float, what: str) -> T:
-    """The result of an adapter request; one that takes longer than ``timeout_s`` (the
-    consumer thread busy with a slow broker) is cancelled if not begun and is a
-    :class:`TransportError`, as Kafka failing to answer is, not a bare ``TimeoutError``."""
-    try:
-        return future.result(timeout_s)
-    except FutureTimeoutError:
-        future.cancel()
-        raise TransportError(f"Kafka did not answer {what} within {timeout_s:g} s") from None
 
 
 # ------------------------------------------------------------------------------ dispatcher
@@ -258,7 +246,7 @@ class K2egClient:
                     self.reply_topic, partitions=1, timeout_s=start_timeout_s
                 )
             self._adapter.start(start_timeout_s)
-            offsets = _kafka_result(
+            offsets = answer_within(
                 self._adapter.add_topic(self.reply_topic, StartAt.end(),
                                         timeout_s=start_timeout_s),
                 start_timeout_s + 1.0, f"the assignment of {self.reply_topic!r}",
@@ -735,7 +723,7 @@ class K2egClient:
             raise ClientError(f"this client already reads snapshot topic {topic!r}")
         log = self._log.bind(snapshot=properties.snapshot_name, topic=topic)
         timeout_s = self.settings.command_timeout_s if timeout is None else timeout
-        before = _kafka_result(self._adapter.watermarks(topic), timeout_s + 1.0,
+        before = answer_within(self._adapter.watermarks(topic), timeout_s + 1.0,
                                f"the offsets of {topic!r}")
         reply_id = new_reply_id()
         fields = repeating_snapshot_command(
@@ -774,7 +762,7 @@ class K2egClient:
                 raise ClientError(f"this client already reads snapshot topic {topic!r}")
             self._subs = {**self._subs, topic: sub}
         try:
-            sub.start_offsets = _kafka_result(
+            sub.start_offsets = answer_within(
                 self._adapter.add_topic(topic, start, timeout_s=timeout_s), timeout_s + 1.0,
                 f"the assignment of {topic!r}",
             )
@@ -833,14 +821,10 @@ class K2egClient:
         timeout_s = self.settings.command_timeout_s if timeout is None else timeout
         before: dict[int, int] = {}
         if sub is not None:
-            sub._begin_final()
-            try:
-                marks = _kafka_result(self._adapter.watermarks(topic), timeout_s + 1.0,
-                                      f"the offsets of {topic!r}")
-            except ClientError:
-                sub._backpressure = True
-                raise
+            marks = answer_within(self._adapter.watermarks(topic), timeout_s + 1.0,
+                                  f"the offsets of {topic!r}")
             before = {p: high for p, (_, high) in marks.items()}
+            sub._begin_final()  # after the offsets: a failure to get them leaves it as it was
         reply_id = new_reply_id()
         fields = stop_command(snapshot_name, reply_topic=self.reply_topic, reply_id=reply_id)
         try:

@@ -72,6 +72,18 @@ DeliveryCallback = Callable[[TransportError | None], None]
 _log = structlog.get_logger("recorder.client.kafka")
 
 
+def answer_within(future: Future[T], timeout_s: float, what: str) -> T:
+    """The result of an adapter request (:meth:`KafkaAdapter.add_topic`, ``watermarks``...);
+    one that takes longer than ``timeout_s`` (the consumer thread busy with a slow broker) is
+    cancelled if not begun and is a :class:`TransportError`, as Kafka failing to answer is
+    (callers retry those), not a bare ``TimeoutError``."""
+    try:
+        return future.result(timeout_s)
+    except FutureTimeoutError:
+        future.cancel()
+        raise TransportError(f"Kafka did not answer {what} within {timeout_s:g} s") from None
+
+
 LOG_REPEAT_WINDOW_S = 60.0
 _THROTTLE = RepeatThrottle(LOG_REPEAT_WINDOW_S)  # shared by every KafkaAdapter
 

@@ -26,14 +26,12 @@ import json
 import queue
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeoutError
 from pathlib import Path
-from typing import TypeVar
 
 import structlog
 
 from recorder.client import KafkaAdapter, StartAt
+from recorder.client.kafka import answer_within
 from recorder.client.wire import Record
 from recorder.daemon.resume import write_json_atomic
 from recorder.errors import ServiceError, TransportError
@@ -42,18 +40,6 @@ from recorder.settings import KafkaSettings
 _log = structlog.get_logger("recorder.daemon.admin")
 
 MAX_QUEUED = 10_000  # commands waiting for the main loop; beyond that the topic is paused
-
-T = TypeVar("T")
-
-
-def _answer(future: Future[T], timeout_s: float, what: str) -> T:
-    """The adapter's answer; none within ``timeout_s`` is a :class:`TransportError` (the
-    daemon's connect loop retries those), not a bare ``TimeoutError`` that ended it."""
-    try:
-        return future.result(timeout_s)
-    except FutureTimeoutError:
-        future.cancel()
-        raise TransportError(f"Kafka did not answer {what} within {timeout_s:g} s") from None
 
 
 class AdminCursor:
@@ -151,8 +137,9 @@ class AdminLink:
                 self._adapter.ensure_topic(topic, partitions=1, timeout_s=timeout_s)
             self._adapter.start(timeout_s)
             start_at = self._start_at(start, timeout_s)
-            offsets = _answer(self._adapter.add_topic(admin_topic, start_at, timeout_s=timeout_s),
-                              timeout_s + 1, f"the assignment of {admin_topic!r}")
+            offsets = answer_within(
+                self._adapter.add_topic(admin_topic, start_at, timeout_s=timeout_s),
+                timeout_s + 1, f"the assignment of {admin_topic!r}")
         except BaseException:
             self._adapter.close(timeout_s=5.0)
             raise
@@ -163,8 +150,8 @@ class AdminLink:
     def _start_at(self, start: Mapping[int, int] | None, timeout_s: float) -> StartAt:
         if not start:
             return StartAt.end()
-        marks = _answer(self._adapter.watermarks(self.admin_topic), timeout_s + 1,
-                        f"the offsets of {self.admin_topic!r}")
+        marks = answer_within(self._adapter.watermarks(self.admin_topic), timeout_s + 1,
+                              f"the offsets of {self.admin_topic!r}")
         offsets: dict[int, int] = {}
         for partition, (low, high) in marks.items():
             saved = start.get(partition)
