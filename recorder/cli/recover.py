@@ -92,17 +92,16 @@ def run(args: argparse.Namespace) -> int:
 def _already_final(path: Path) -> bool:
     """``path`` (given by name, e.g. ``recover data/*``) is a finalized k2eg-recorder file:
     nothing to do, said so (it was reported NOT recovered, exit 1)."""
+    from recorder.sinks.describe import plain
+    from recorder.sinks.h5open import open_for_reading
     from recorder.sinks.options import PARTIAL_SUFFIX
 
     if path.name.endswith(PARTIAL_SUFFIX):
         return False
     try:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            ours = f.attrs.get("format") in ("k2eg-recorder", b"k2eg-recorder")
-            status = f.attrs.get("status")
-            status = status.decode() if isinstance(status, bytes) else status
+        with open_for_reading(path) as f:
+            ours = plain(f.attrs.get("format")) == "k2eg-recorder"
+            status = plain(f.attrs.get("status"))
     except (OSError, RuntimeError, ValueError):
         return False  # not HDF5, damaged, a live file: recover_file says why
     if not ours or status == "recording":
