@@ -56,7 +56,7 @@ from recorder.admin.files import FileEvent
 from recorder.admin.protocol import ReplyCode
 from recorder.admin.status import DaemonState, RunState, RunStatus, StatusDocument
 from recorder.config.daemon import DaemonSettings
-from recorder.config.diff import diff_runs
+from recorder.config.diff import RunDiff, diff_runs
 from recorder.config.loader import check_runs
 from recorder.config.models import RunDefinition
 from recorder.daemon.admin import AdminHandler, RunHandle
@@ -624,6 +624,16 @@ class Service:
         return (f"reload refused, the previous definitions stay in force: "
                 f"{len(problems)} problem(s): " + "; ".join(self._config_errors))
 
+    def _take_definitions(self, runs: Mapping[str, RunDefinition]) -> RunDiff:
+        """A reload's good definitions in force (the disks they write to watched, the reload
+        counted); what changed against the previous ones."""
+        self._config_errors = []
+        diff = diff_runs(self._definitions, runs)
+        self._definitions = dict(runs)
+        self._watch_disks()
+        self.metrics.reload(True)
+        return diff
+
     def _reload_before_start(self, starting: dict[str, bool]) -> dict[str, bool]:
         """A reload asked while connecting (before any run started): the definitions are
         read again (a bad set keeps those read at start, reported as a refused reload), so
@@ -632,11 +642,7 @@ class Service:
         if problems:
             self._refuse_reload(problems, "SIGHUP")
             return starting
-        self._config_errors = []
-        self.metrics.reload(True)
-        diff = diff_runs(self._definitions, loaded.runs)
-        self._definitions = dict(loaded.runs)
-        self._watch_disks()
+        diff = self._take_definitions(loaded.runs)
         log.info("run definitions reloaded", origin="SIGHUP", summary=diff.summary())
         return {name: d.autostart or self._interrupted(d) for name, d in self._definitions.items()}
 
@@ -645,11 +651,7 @@ class Service:
         if problems:
             message = self._refuse_reload(problems, origin)
             return False, message, {"problems": list(self._config_errors)}
-        self._config_errors = []
-        diff = diff_runs(self._definitions, loaded.runs)
-        self._definitions = dict(loaded.runs)
-        self._watch_disks()
-        self.metrics.reload(True)
+        diff = self._take_definitions(loaded.runs)
         for definition in diff.removed:  # its metrics go once it has stopped (_apply_deferred)
             if self._drop_deferred(definition.name) is not None:
                 continue  # an earlier reload was creating it again: not any more
