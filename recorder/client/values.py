@@ -257,6 +257,17 @@ def unpack_lenient(payload: bytes | memoryview) -> Any:
     return msgpack.unpackb(payload, unicode_errors="surrogateescape", strict_map_key=False)
 
 
+def replace_surrogates(text: str) -> str:
+    """``text`` with the lone surrogates :func:`unpack_lenient` keeps for bytes that were not
+    UTF-8 (a Latin-1 ``°C``) replaced by U+FFFD, for what must be valid UTF-8 (HDF5 strings,
+    msgpack out)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
+
+
 def _decode_lenient(payload: bytes | memoryview) -> dict[str, Any]:
     """Decode a lazily-kept PV map that strict ``msgpack.unpackb`` refused.
 

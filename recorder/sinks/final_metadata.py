@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from recorder.client.values import replace_surrogates
 from recorder.sinks.codec import decode_rest
 from recorder.sinks.final_layout import META_ATTRS
 
@@ -32,11 +33,7 @@ def hdf5_text(value: str) -> str:
     U+FFFD. The metadata JSON keeps the text exactly."""
     if "\x00" in value:
         value = value.replace("\x00", "\ufffd")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        value = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
-    return value
+    return replace_surrogates(value)
 
 
 def first_metadata(raw: bytes) -> dict[str, Any]:

@@ -59,7 +59,7 @@ from recorder.client.events import (
     ValuesReceived,
 )
 from recorder.client.properties import SnapshotProperties
-from recorder.client.values import PVSample
+from recorder.client.values import PVSample, replace_surrogates
 from recorder.sinks.bridge.mapping import IterationInfo, build_train, stacked_for
 from recorder.sinks.bridge.options import BridgeOptions
 
@@ -109,20 +109,12 @@ def wire_safe(value: Any) -> Any:
     return value
 
 
-def _text(value: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
-    return value
-
-
 def wire_text(value: Any) -> Any:
     """``value`` with the lone surrogates of its texts (keys included) replaced by U+FFFD:
     the client keeps bytes that were not UTF-8 (a Latin-1 ``°C``) as lone surrogates, which
     msgpack cannot pack."""
     if isinstance(value, str):
-        return _text(value)
+        return replace_surrogates(value)
     if isinstance(value, dict):
         return {wire_text(k): wire_text(v) for k, v in value.items()}
     if isinstance(value, list):
