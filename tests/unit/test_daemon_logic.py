@@ -544,22 +544,34 @@ def test_a_slow_flush_while_messages_wait_is_no_silence(tmp_path: Path) -> None:
         assert c.join(5)
 
 
-def test_a_run_whose_writing_falls_behind_says_so_in_status_and_metrics(
+def _topic_stats_controller(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The run's topic paused by back-pressure (its queue reached its bound): the status says
-    since when and how often, the metric counts the pauses, and it clears once read again."""
+) -> tuple[RunController, FakeClient, RecorderMetrics]:
+    """A controller with metrics whose topic statistics (lag, skips, back-pressure) are
+    taken every 50 ms instead of every LAG_EVERY_S."""
     import recorder.daemon.controller as controller_module
 
     monkeypatch.setattr(controller_module, "LAG_EVERY_S", 0.05)
     client = FakeClient()
     metrics = RecorderMetrics()
     c, _made = _controller(tmp_path, client, metrics=metrics)
+    return c, client, metrics
+
+
+def _run_sample(metrics: RecorderMetrics, name: str) -> float | None:
+    """Run "r"'s sample of metric ``name`` (None: no such series)."""
+    return metrics.registry.get_sample_value(f"k2eg_recorder_{name}", {"run": "r"})
+
+
+def test_a_run_whose_writing_falls_behind_says_so_in_status_and_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's topic paused by back-pressure (its queue reached its bound): the status says
+    since when and how often, the metric counts the pauses, and it clears once read again."""
+    c, client, metrics = _topic_stats_controller(tmp_path, monkeypatch)
 
     def pauses() -> float:
-        value = metrics.registry.get_sample_value(
-            "k2eg_recorder_backpressure_pauses_total", {"run": "r"})
-        return value or 0.0
+        return _run_sample(metrics, "backpressure_pauses_total") or 0.0
 
     try:
         sub = _started(c, client)
@@ -589,17 +601,11 @@ def test_a_stopped_run_reports_no_lag(
 ) -> None:
     """The lag (status and gauge) is that of a run reading its topic; once it stops it is
     gone, not its last value for ever (an alert on a growing lag kept firing)."""
-    import recorder.daemon.controller as controller_module
-
-    monkeypatch.setattr(controller_module, "LAG_EVERY_S", 0.05)
-    client = FakeClient()
-    metrics = RecorderMetrics()
+    c, client, metrics = _topic_stats_controller(tmp_path, monkeypatch)
 
     def gauge() -> float | None:
-        return metrics.registry.get_sample_value(
-            "k2eg_recorder_consumer_lag_messages", {"run": "r"})
+        return _run_sample(metrics, "consumer_lag_messages")
 
-    c, _made = _controller(tmp_path, client, metrics=metrics)
     try:
         sub = _started(c, client)
         _feed(sub, 1, 1)
