@@ -52,7 +52,6 @@ KAFKA_COLUMNS: dict[str, np.dtype[Any]] = {
 }
 PV_COLUMNS: dict[str, np.dtype[Any]] = {"offset": np.dtype(np.int64), "size": np.dtype(np.int64)}
 CHUNK_ROWS = 8192
-
 POOL_CHUNK = 65536
 
 
