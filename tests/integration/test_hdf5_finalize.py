@@ -15,12 +15,6 @@ import numpy as np
 import pytest
 from test_hdf5_roundtrip import _ts, record, record_closed, same, write_iteration
 
-from recorder.client.events import (
-    IterationClosed,
-    IterationOpened,
-    IterationStatus,
-    ValuesReceived,
-)
 from recorder.client.values import PVSample
 from recorder.reader import open_file
 from recorder.sinks import final_blocks, final_datasets
@@ -534,12 +528,8 @@ def test_the_kafka_log_is_compact_when_small_and_its_time_says_its_unit(
     rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="k", pv_uris=["pva://X"])
     for i in range(flushes):
         ts = {"secondsPastEpoch": 1_700_000_000 + i, "nanoseconds": 0}
-        rec.handle(IterationOpened("t", "s", i, i, offset=3 * i))
-        rec.handle(ValuesReceived("t", i, 1, 1, (PVSample("X", {"value": float(i),
-                                                                 "timeStamp": ts}),),
-                                  offset=3 * i + 1))
-        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i,
-                                   offset=3 * i + 2))
+        write_iteration(rec, i, [PVSample("X", {"value": float(i), "timeStamp": ts})],
+                        offset=3 * i)
         rec.flush()
     (path,) = rec.close()
     with h5py.File(path, "r") as h:
@@ -575,11 +565,7 @@ def test_a_chunked_kafka_topic_names_its_filter(tmp_path: Path, compression: str
     rec = HDF5Recording(OutputOptions(directory=tmp_path, compression=compression),
                         run_name="k", pv_uris=["pva://X"])
     for i in range(40):
-        rec.handle(IterationOpened("t", "s", i, i, offset=3 * i))
-        rec.handle(ValuesReceived("t", i, 1, 1, (PVSample("X", {"value": float(i)}),),
-                                  offset=3 * i + 1))
-        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i,
-                                   offset=3 * i + 2))
+        write_iteration(rec, i, [PVSample("X", {"value": float(i)})], offset=3 * i)
         rec.flush()
     (path,) = rec.close()
     with h5py.File(path, "r") as h:

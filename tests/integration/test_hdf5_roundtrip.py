@@ -66,11 +66,14 @@ def make_samples(i: int) -> list[PVSample]:
     ]
 
 
-def write_iteration(rec: HDF5Recording, i: int, samples: Iterable[PVSample]) -> None:
-    """Iteration ``i`` (iter_index and timestamps ``i``) with ``samples`` in one batch."""
-    rec.handle(IterationOpened("t", "s", i, i))
-    rec.handle(ValuesReceived("t", i, 1, 1, tuple(samples)))
-    rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i))
+def write_iteration(rec: HDF5Recording, i: int, samples: Iterable[PVSample], *,
+                    offset: int = -1) -> None:
+    """Iteration ``i`` (iter_index and timestamps ``i``) with ``samples`` in one batch; with
+    ``offset``, its header, data and tail at Kafka offsets ``offset`` to ``offset + 2``."""
+    o = (offset, offset + 1, offset + 2) if offset >= 0 else (-1, -1, -1)
+    rec.handle(IterationOpened("t", "s", i, i, offset=o[0]))
+    rec.handle(ValuesReceived("t", i, 1, 1, tuple(samples), offset=o[1]))
+    rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i, offset=o[2]))
 
 
 def record_closed(rec: HDF5Recording, n_iter: int,
