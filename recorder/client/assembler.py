@@ -107,6 +107,7 @@ from recorder.client.wire import (
     _match_sequenced,
     _uint_of,
     decode_snapshot_message,
+    kafka_time_ms,
 )
 
 __all__ = ["IterationAssembler"]
@@ -156,6 +157,7 @@ class _Iteration:
         "partition",
         "pvs",
         "snapshot_name",
+        "tail_kafka_ms",
         "tail_seen",
         "tail_ts",
         "total_messages",
@@ -172,6 +174,7 @@ class _Iteration:
         self.header_ts: int | None = None
         self.tail_seen = False
         self.tail_ts: int | None = None
+        self.tail_kafka_ms: int | None = None  # the tail's Kafka message timestamp
         self.error = 0
         self.error_message = ""
         self.total_messages: int | None = None
@@ -490,7 +493,8 @@ class IterationAssembler:
             if not kend:
                 hot_idx = None
                 if rec.__class__ is not Record:
-                    rec = Record(topic, partition_of(rec), offset_of(rec), raw, headers_of(rec))
+                    rec = Record(topic, partition_of(rec), offset_of(rec), raw, headers_of(rec),
+                                 kafka_time_ms(rec))
                 self._feed_one(state, rec, now, out)
                 continue
             key = ~ts if sub is None else sub
@@ -587,7 +591,8 @@ class IterationAssembler:
             elif cls is Header:
                 self._on_header(state, record.partition, record.offset, msg, now, out)  # type: ignore[arg-type]
             elif cls is Tail:
-                self._on_tail(state, record.partition, record.offset, msg, now, out)  # type: ignore[arg-type]
+                self._on_tail(state, record.partition, record.offset, msg, now, out,  # type: ignore[arg-type]
+                              record.timestamp_ms)
             else:  # pragma: no cover - the decoder returns only those
                 self.counters["malformed.unknown_message_type"] += 1
         except Exception:  # never let one message stop the recorder; counted and logged
@@ -854,6 +859,7 @@ class IterationAssembler:
         msg: Tail,
         now: float,
         out: list[IterationEvent],
+        kafka_ms: int | None = None,
     ) -> None:
         ts = msg.timestamp_ns
         it = self._iteration_of(state, partition, offset, msg, now, "tail", out)
@@ -864,6 +870,7 @@ class IterationAssembler:
             return
         it.tail_seen = True
         it.tail_ts = ts
+        it.tail_kafka_ms = kafka_ms
         it.last_ts = max(it.last_ts, ts)
         it.offset = max(it.offset, offset)
         it.snapshot_name = msg.snapshot_name or it.snapshot_name
@@ -1068,5 +1075,6 @@ class IterationAssembler:
                 it.duplicates,
                 it.partition,
                 it.offset,
+                it.tail_kafka_ms,
             )
         )

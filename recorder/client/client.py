@@ -79,7 +79,7 @@ from recorder.client.replies import Outcome, ReplyTracker
 from recorder.client.results import Ack, StopResult
 from recorder.client.subscription import DEFAULT_MAX_PENDING_BYTES, RecurringSnapshot
 from recorder.client.values import PVSample
-from recorder.client.wire import DecodeError, RawMessage, decode_reply
+from recorder.client.wire import DecodeError, RawMessage, decode_reply, kafka_time_ms
 from recorder.errors import (
     ClientClosedError,
     ClientError,
@@ -110,6 +110,18 @@ _EXPIRE_EVERY_S = 0.05
 _ALREADY_STOPPED = "is already stopped"  # the stop ack of a snapshot the gateway does not run
 # assembler counters of snapshot messages read but not delivered (K2egClient.skipped)
 SKIP_PREFIXES = ("malformed.", "late.", "duplicate", "before_start.")
+# the gateway produces its final tail, releases the PVs' monitors, then produces the stop's
+# ack: a tail produced longer than this before the ack is not the final one
+FINAL_BEFORE_ACK_MS = 250
+
+
+def produced_before(final: IterationClosed, ack_time_ms: int | None) -> bool:
+    """Was ``final``'s tail produced more than :data:`FINAL_BEFORE_ACK_MS` before the stop's
+    ack (both Kafka timestamps)? False when either is unknown."""
+    tail_ms = final.tail_kafka_time_ms
+    if ack_time_ms is None or tail_ms is None:
+        return False
+    return ack_time_ms - tail_ms > FINAL_BEFORE_ACK_MS
 
 
 def iteration_timeout_s(props: SnapshotProperties, slack_s: float = DEFAULT_SLACK_S) -> float:
@@ -402,7 +414,9 @@ class K2egClient:
                 msg = records[i]
                 topic: str = msg.topic()  # type: ignore[assignment]
                 if topic == reply_topic:
-                    outcomes.extend(self._feed_reply(msg.value(), msg.headers()))
+                    outcomes.extend(
+                        self._feed_reply(msg.value(), msg.headers(), kafka_time_ms(msg))
+                    )
                     i += 1
                     continue
                 skip_base = self._skip_counts()
@@ -486,13 +500,14 @@ class K2egClient:
             self._skips.setdefault(topic, Counter()).update(grown)
 
     def _feed_reply(
-        self, value: bytes | None, headers: Any
+        self, value: bytes | None, headers: Any, kafka_ms: int | None = None
     ) -> list[Outcome]:
         try:
             reply = decode_reply(value, headers)
         except DecodeError as exc:
             self._count("replies.malformed." + exc.reason)
             return []
+        reply.kafka_time_ms = kafka_ms
         return self._tracker.feed(reply)
 
     def _route(self, events: list[IterationEvent]) -> None:
@@ -844,7 +859,9 @@ class K2egClient:
         # "already stopped": the gateway did not run it (restarted, or stopped by another
         # client) and publishes no final iteration for this stop: read what the topic holds
         tail_expected = _ALREADY_STOPPED not in ack.message
-        final = self._drain_final(sub, before, final_timeout_s, tail_expected=tail_expected)
+        reply = outcome.reply
+        final = self._drain_final(sub, before, final_timeout_s, tail_expected=tail_expected,
+                                  ack_time_ms=reply.kafka_time_ms if reply else None)
         final_seen = final is not None
         self._finish_subscription(sub)
         if not self._dispatcher.in_thread:
@@ -861,16 +878,25 @@ class K2egClient:
         quiet_s: float = 0.2,
         *,
         tail_expected: bool = True,
+        ack_time_ms: int | None = None,
     ) -> IterationClosed | None:
         """Wait for the final iteration: closed by a tail at an offset >= ``before`` (so
         published after the stop command), no newer iteration open, everything up to the high
         watermark delivered and the watermark unchanged for ``quiet_s``. Older iterations
         still open then lost their tail for good (T(n) precedes H(n+1)); they close CLOSED.
         Without ``tail_expected`` (no final iteration will come) only the last condition.
+
+        The gateway produces its final tail just before its ack (same producer, same
+        clock), but the ack can be read first. With ``ack_time_ms`` (the ack's Kafka
+        timestamp), a tail produced more than :data:`FINAL_BEFORE_ACK_MS` before it is a
+        regular iteration that came between the stop and the final one, so the wait goes
+        on for the final one until ``final_timeout_s``; then that tail is taken (a warning
+        says so). See ``docs/decisions/0015-the-final-iteration-of-a-stop.md``.
         """
         deadline = time.monotonic() + final_timeout_s
         quiet_since: float | None = None
         quiet_marks: dict[int, tuple[int, int]] | None = None
+        early: IterationClosed | None = None  # quiet, but produced long before the ack
         while time.monotonic() < deadline:
             final = sub._tail_after(before)
             if final is not None or not tail_expected:
@@ -893,8 +919,24 @@ class K2egClient:
                     elif quiet_since is None or marks != quiet_marks:
                         quiet_since, quiet_marks = time.monotonic(), marks
                     elif time.monotonic() - quiet_since >= quiet_s:
-                        return sub._tail_after(before)
+                        final = sub._tail_after(before)
+                        if final is None or not produced_before(final, ack_time_ms):
+                            return final
+                        if early is not final:
+                            early = final
+                            sub._log.info(
+                                "stop: the newest tail came before the final one; waiting",
+                                iteration=final.iter_index,
+                                before_ack_ms=ack_time_ms - final.tail_kafka_time_ms,  # type: ignore[operator]
+                            )
             time.sleep(0.02)
+        if early is not None and sub._tail_after(before) is early:
+            sub._log.warning(
+                "stop: no tail close to the gateway's ack was read; the newest is taken as"
+                " the final iteration", iteration=early.iter_index,
+                before_ack_ms=ack_time_ms - early.tail_kafka_time_ms,  # type: ignore[operator]
+            )
+            return early
         return None
 
     def _finish_subscription(self, sub: RecurringSnapshot, remove_timeout_s: float = 5.0) -> None:

@@ -86,6 +86,9 @@ class IterationClosed:
     duplicates: int = 0  # duplicate data messages dropped
     partition: int = 0
     offset: int = -1
+    # the Kafka timestamp of the tail's message (ms; the gateway's producer clock for
+    # CreateTime topics), None when unknown: a stop compares it with its ack's
+    tail_kafka_time_ms: int | None = None
 
     @property
     def complete(self) -> bool:

@@ -132,6 +132,16 @@ class RawMessage(Protocol):
     def headers(self) -> Any: ...  # list[tuple[str, bytes]] | None from a consumer
 
 
+def kafka_time_ms(message: Any) -> int | None:
+    """The Kafka timestamp (ms) of a consumed ``confluent_kafka.Message``, None when it has
+    none (``TIMESTAMP_NOT_AVAILABLE``) or the object offers none (a test's stand-in)."""
+    timestamp = getattr(message, "timestamp", None)
+    if timestamp is None:
+        return None
+    kind, value = timestamp()
+    return int(value) if kind else None
+
+
 class MessageType(enum.IntEnum):
     HEADER = 0
     DATA = 1
@@ -185,6 +195,7 @@ class Reply:
     publishing_topic: str | None
     samples: dict[str, PVSample]  # PV keys of get / one-shot snapshot replies
     fields: dict[str, Any]  # every other key, as decoded
+    kafka_time_ms: int | None = None  # the message's Kafka timestamp, when known
 
 
 class DecodeError(ProtocolError):

@@ -35,7 +35,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -90,6 +90,7 @@ class Produce:
     key: str
     value: bytes
     headers: tuple[tuple[str, str], ...]
+    timestamp_ms: int | None = None  # the Kafka timestamp; None: the producer's clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +260,7 @@ class SimEngine:
         self._one_shots: list[_PendingOneShot] = []
         self._stall_held: list[Action] = []
         self._delayed: list[tuple[float, Produce]] = []
+        self._late_stops: list[tuple[float, str, ReplyTo, str]] = []  # fault delay-stop-ms
         self._reorder_held: dict[str, tuple[float, Produce]] = {}
         self.stats: dict[str, int] = {"commands": 0, "messages": 0, "iterations": 0}
 
@@ -310,6 +312,7 @@ class SimEngine:
         deadlines += [g.deadline for g in self._gets]
         deadlines += [o.deadline for o in self._one_shots]
         deadlines += [t for t, _ in self._delayed]
+        deadlines += [t for t, *_ in self._late_stops]
         deadlines += [t + 1.0 for t, _ in self._reorder_held.values()]
         if self._stall_held:
             deadlines.append(self.start + self.faults.stall_end(now - self.start))
@@ -357,6 +360,14 @@ class SimEngine:
 
     def tick(self, now: float) -> None:
         """Advance every snapshot, timeout and held message to ``now``."""
+        for late in [s for s in self._late_stops if s[0] <= now]:
+            self._late_stops.remove(late)
+            _due, topic, reply, name = late
+            snap = self.snapshots.get(topic)
+            if snap is None:
+                self._reply(reply, KEY_REPEATING, 0, f"Snapshot '{name}' is already stopped")
+            else:
+                snap.stop_acks.append((reply, name))
         for snap in list(self.snapshots.values()):
             self._tick_snapshot(snap, now)
         for get in [g for g in self._gets if g.deadline <= now]:
@@ -487,6 +498,10 @@ class SimEngine:
         if snap is None:
             self._reply(reply, KEY_REPEATING, 0, f"Snapshot '{name}' is already stopped")
             return
+        delay_ms = self.faults.config.delay_stop_ms
+        if delay_ms > 0:
+            self._late_stops.append((now + delay_ms / 1000.0, snap.topic, reply, name))
+            return
         # the ack goes out after the final iteration (next tick)
         snap.stop_acks.append((reply, name))
 
@@ -560,7 +575,14 @@ class SimEngine:
             header = not snap.header_sent or snap.triggered
         else:
             data, header = self._slot_values(snap), True
+        queued = len(self._out)
         self._submit(snap, now, header=header, data=data, tail=True)
+        delay_ms = self.faults.config.delay_final_ms
+        if delay_ms > 0:  # built and timestamped now, read after the ack
+            final = [a for a in self._out[queued:] if isinstance(a, Produce)]
+            self._out[queued:] = [a for a in self._out[queued:] if not isinstance(a, Produce)]
+            due, wall_ms = now + delay_ms / 1000.0, self.wall_ms(now)
+            self._delayed += [(due, replace(a, timestamp_ms=wall_ms)) for a in final]
         del self.snapshots[snap.topic]
         self._iter_counters.pop(snap.name, None)
         for held_topic in [t for t in self._reorder_held if t == snap.topic]:

@@ -18,6 +18,11 @@ Text form (the CLI's ``--faults``), comma-separated ``name=rule`` items::
 ``reorder-data``   a data message is held back and published after the next message of
                    its topic (so it may follow its iteration's tail)
 ``delay-data``     a data message is published ``delay-ms`` later (default 200 ms)
+``delay-stop-ms``  ``<ms>``: a stop command is acted on this much later (a busy gateway),
+                   so the snapshot's iterations go on meanwhile
+``delay-final-ms`` ``<ms>``: a stop's final iteration is published this much *after* the
+                   stop's ack, with the Kafka timestamps of when it was built (before the
+                   ack): the gateway queues it before acking, but it can be read later
 ``stall``          ``every:<period_ms>/<duration_ms>``: snapshot publishing pauses for
                    ``duration_ms`` at the end of every ``period_ms``; the messages held meanwhile
                    are then published in order
@@ -77,6 +82,8 @@ class FaultConfig:
     reorder_data: FaultRule = field(default_factory=FaultRule)
     delay_data: FaultRule = field(default_factory=FaultRule)
     delay_ms: int = 200
+    delay_stop_ms: int = 0
+    delay_final_ms: int = 0
     stall_every_ms: int = 0
     stall_ms: int = 0
     seed: int = 0
@@ -84,7 +91,8 @@ class FaultConfig:
     @property
     def any_active(self) -> bool:
         rules = (getattr(self, name) for name in _RULES)
-        return any(rule.active for rule in rules) or self.stall_ms > 0
+        return any(rule.active for rule in rules) or max(
+            self.stall_ms, self.delay_stop_ms, self.delay_final_ms) > 0
 
     @classmethod
     def parse(cls, spec: str) -> FaultConfig:

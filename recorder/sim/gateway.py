@@ -232,6 +232,7 @@ class GatewaySimulator:
                     value=action.value,
                     key=action.key.encode(),
                     headers=list(action.headers),
+                    timestamp=action.timestamp_ms or 0,  # 0: the producer's clock
                 )
                 return
             except BufferError:  # local queue full: serve delivery reports and retry

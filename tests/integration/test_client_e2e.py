@@ -443,6 +443,53 @@ def test_a_stop_answered_already_stopped_does_not_wait_for_a_final_iteration(
     assert rec.events == []
 
 
+def test_a_final_iteration_read_after_the_stop_ack_is_waited_for(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    """The gateway acts on the stop late (iteration 2 is published after the stop was sent)
+    and its final iteration, queued before the ack, is read 0.6 s after it. When the ack is
+    read the newest tail is iteration 2's, produced ~0.4 s before the ack by the Kafka
+    timestamps: it is not taken for the final one (the old rule, 0.2 s of quiet, did), the
+    final iteration is waited for and delivered."""
+    sim = start_sim(Protocol.SEQUENCED,
+                    faults=FaultConfig.parse("delay-stop-ms=1400,delay-final-ms=600"))
+    client = make_client()
+    props = SnapshotProperties(unique_name("late").replace("-", "_"), PVS[:1], time_window=1000)
+    rec = Recorder()
+    client.snapshot_recurring(props, rec)
+    rec.wait_closed(1)
+    result = client.snapshot_stop(props.snapshot_name)
+    assert result.final_seen and result.final is not None
+    closed = rec.closed()
+    assert sim.engine is not None
+    built = sim.engine.stats["iterations"]  # the final one included
+    assert built >= 3
+    assert result.final.iter_index == built
+    assert result.final == closed[-1] and all(c.complete for c in closed)
+    assert [c.iter_index for c in closed] == list(range(1, built + 1))
+    assert result.final.tail_kafka_time_ms is not None
+
+
+def test_a_final_iteration_that_never_comes_after_the_ack_ends_the_stop_at_its_timeout(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
+) -> None:
+    """As above, but the final iteration is not read within the final timeout: the stop
+    returns then, with the newest tail (produced ~0.4 s before the ack) as the final one."""
+    start_sim(Protocol.SEQUENCED,
+              faults=FaultConfig.parse("delay-stop-ms=1400,delay-final-ms=60000"))
+    client = make_client()
+    props = SnapshotProperties(unique_name("never").replace("-", "_"), PVS[:1],
+                               time_window=1000)
+    rec = Recorder()
+    client.snapshot_recurring(props, rec)
+    rec.wait_closed(1)
+    t0 = time.monotonic()
+    result = client.snapshot_stop(props.snapshot_name, final_timeout_s=2.0)
+    assert time.monotonic() - t0 < 1.6 + 2.0 + 1.0  # the late stop, the timeout, a margin
+    assert result.final_seen and result.final is not None
+    assert result.final.iter_index == 2 and rec.closed()[-1] == result.final
+
+
 def test_unsubscribe_ends_the_handle_but_the_gateway_keeps_publishing(
     start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
 ) -> None:

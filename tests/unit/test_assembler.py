@@ -44,7 +44,8 @@ def as_messages(recs: list[Record]) -> list[Message]:
     """The records as the Kafka adapter's raw mode hands them over."""
     return [
         Message(topic=r.topic, partition=r.partition, offset=r.offset, value=r.value,
-                headers=r.headers)
+                headers=r.headers,
+                timestamp=(0, 0) if r.timestamp_ms is None else (1, r.timestamp_ms))
         for r in recs
     ]
 
@@ -74,11 +75,16 @@ class Run:
         msgs: list[Msg] | list[bytes] | list[Msg | bytes],
         topic: str = TOPIC,
         now: float | None = None,
+        kafka_ms: int | None = None,
     ) -> list[IterationEvent]:
+        """``kafka_ms``: the records' Kafka timestamps are ``kafka_ms``, ``kafka_ms + 1``..."""
         if now is not None:
             self.now = now
         out: list[IterationEvent] = []
         recs = records(topic, msgs, start_offset=self.offset)
+        if kafka_ms is not None:
+            for i, rec in enumerate(recs):
+                rec.timestamp_ms = kafka_ms + i
         if self.mode == "feed_many":
             out = self.asm.feed_many(recs, self.now)
         elif self.mode == "messages":
@@ -1019,3 +1025,15 @@ def test_truncated_after_a_known_layout(sequenced: bool) -> None:
     assert_clean(run.asm)
     [closed] = run.closed()
     assert closed.complete and closed.n_values == 4
+
+
+@GENERATIONS
+def test_the_close_carries_the_kafka_timestamp_of_the_tail_message(sequenced: bool) -> None:
+    """A stop compares it with its ack's (the final iteration is produced just before)."""
+    run = Run()
+    msgs = iteration("snap_1", 1, [(T0, scalar_pvs(3))], sequenced=sequenced)
+    run.feed(msgs, kafka_ms=1_700_000_000_000)
+    run.feed(iteration("snap_1", 2, [(T0 + 1000, scalar_pvs(3))], sequenced=sequenced))
+    first, second = [e for e in run.events if isinstance(e, IterationClosed)]
+    assert first.tail_kafka_time_ms == 1_700_000_000_000 + len(msgs) - 1
+    assert second.tail_kafka_time_ms is None

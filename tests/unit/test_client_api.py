@@ -226,3 +226,19 @@ def test_iterator_end_and_the_final_tail_lookup() -> None:
     assert sub.get(0) is None and sub.get() is None
     with pytest.raises(TimeoutError):
         make_sub(fake).get(0.01)
+
+
+def test_a_tail_produced_long_before_the_stop_ack_is_not_the_final_one() -> None:
+    from recorder.client.client import FINAL_BEFORE_ACK_MS, produced_before
+    from recorder.client.events import IterationClosed, IterationStatus
+
+    def closed(tail_ms: int | None) -> IterationClosed:
+        return IterationClosed("t", "s", 2, IterationStatus.COMPLETE, None, 1, 2,
+                               tail_kafka_time_ms=tail_ms)
+
+    ack = 1_700_000_000_000
+    assert produced_before(closed(ack - FINAL_BEFORE_ACK_MS - 1), ack)
+    assert not produced_before(closed(ack - FINAL_BEFORE_ACK_MS), ack)
+    assert not produced_before(closed(ack + 500), ack)  # read after the ack: LogAppendTime
+    assert not produced_before(closed(None), ack)  # no timestamps: the quiet rule alone
+    assert not produced_before(closed(ack - 10_000), None)

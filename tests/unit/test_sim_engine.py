@@ -444,3 +444,39 @@ def test_fault_stall_holds_then_releases_in_order() -> None:
     assert indexes[:2] == [3, 4] and indexes == list(range(3, 3 + len(indexes)))
     assert [m["iter_index"] for m in released] == sorted(m["iter_index"] for m in released)
     check_sequencing(iterations(released))
+
+
+def test_fault_delay_stop_lets_iterations_go_on_until_the_stop_is_acted_on() -> None:
+    e = engine(faults=FaultConfig.parse("delay-stop-ms=500"))
+    start(e)
+    e.drain()
+    now = run(e, T0 + 0.3)  # iteration 1
+    e.drain()
+    send(e, now, command="repeating_snapshot_stop", reply_id="s", snapshot_name="snap")
+    assert e.next_deadline(now) <= now + 0.5
+    now = run(e, now + 0.49, now=now)
+    out = e.drain()
+    assert replies(out) == [] and sorted(iterations(stream(out))) == [2, 3]  # still running
+    now = run(e, now + 0.02, now=now)
+    out = e.drain()
+    assert [m["iter_index"] for m in stream(out)] == [4] * 4  # the final iteration
+    assert replies(out)[0][1]["message"] == "Snapshot 'snap' has been stopped"
+
+
+def test_fault_delay_final_publishes_it_after_the_ack_with_its_build_time() -> None:
+    e = engine(faults=FaultConfig.parse("delay-final-ms=300"))
+    start(e)
+    e.drain()
+    now = run(e, T0 + 0.3)
+    e.drain()
+    send(e, now, command="repeating_snapshot_stop", reply_id="s", snapshot_name="snap")
+    e.tick(now)
+    out = e.drain()
+    assert stream(out) == [] and replies(out)[0][1]["message"].endswith("has been stopped")
+    run(e, now + 0.29, now=now)
+    assert e.drain() == []
+    run(e, now + 0.31, now=now + 0.29)
+    late = [a for a in e.drain() if isinstance(a, Produce)]
+    assert [msgpack.unpackb(a.value)["message_type"] for a in late] == [0, 1, 1, 2]
+    # Kafka timestamps of when the gateway built (and queued) it, before its ack
+    assert {a.timestamp_ms for a in late} == {e.wall_ms(now)}

@@ -585,3 +585,14 @@ def test_decode_reply_rejections(payload: bytes, reason: str) -> None:
 def test_float32_marker_helper_matches_struct() -> None:
     assert pack(F32(1.0)) == struct.pack(">Bf", 0xCA, 1.0)
     assert wire.MAX_MESSAGE_BYTES == 64 * 1024 * 1024
+
+
+def test_kafka_time_ms_of_a_consumed_message() -> None:
+    from confluent_kafka import Message
+
+    from recorder.client.wire import kafka_time_ms
+
+    assert kafka_time_ms(Message(topic="t", value=b"", timestamp=(1, 1234))) == 1234  # create
+    assert kafka_time_ms(Message(topic="t", value=b"", timestamp=(2, 99))) == 99  # log append
+    assert kafka_time_ms(Message(topic="t", value=b"")) is None  # not available
+    assert kafka_time_ms(object()) is None  # a stand-in without timestamps
