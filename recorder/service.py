@@ -399,9 +399,8 @@ class Service:
         self.metrics.set_kafka_up(self._kafka_unreachable_since() is None)
         self._judge_disks(now)
         line = self._status_line()
-        if line != self._last_status_line:
-            self._last_status_line = line
-            self.notifier.status(line)
+        if line != self._last_status_line and self.notifier.status(line):
+            self._last_status_line = line  # else sent again next pass (or not under systemd)
 
     def _consumers_alive(self) -> bool:
         """Whether the Kafka consumer threads of the k2eg client and of the admin link are

@@ -2526,3 +2526,31 @@ def test_a_dead_kafka_consumer_thread_stops_the_watchdog_pings(tmp_path: Path) -
         assert [e["consumers"] for e in logs if e["log_level"] == "critical"] == [["admin link"]]
     finally:
         sock.close()
+
+
+def test_a_status_line_systemd_did_not_get_is_sent_again(tmp_path: Path) -> None:
+    """A STATUS= datagram that failed (systemd re-executing, a full socket buffer) was
+    remembered as sent: ``systemctl status`` kept the old line until the status changed."""
+    import socket
+
+    from recorder.notify import Notifier
+
+    service, _run, _link, _sent, _start = _admin_service(tmp_path)
+    path = tmp_path / "notify.sock"
+    service.notifier = Notifier(str(path))  # nobody listens yet: the send fails
+    service._pass()
+    assert service.notifier.last_error is not None
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        listener.bind(str(path))
+        listener.settimeout(2)
+        service._pass()  # the same line: sent now
+        got = listener.recv(4096).decode()
+        assert got.startswith("STATUS=")
+        listener.setblocking(False)
+        service._pass()  # sent once, not again
+        with pytest.raises(BlockingIOError):
+            listener.recv(4096)
+    finally:
+        listener.close()
+        service.notifier.close()
