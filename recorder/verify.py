@@ -47,7 +47,13 @@ import numpy.typing as npt
 
 from recorder.catalog import candidates, live_status
 from recorder.sinks.buffer import ITERATION_COLUMNS, ITERATION_REASONS, ITERATION_STATUS
-from recorder.sinks.codec import F_FRAME, F_USER_TAG, POOL_NAMES, STRING_DTYPE_CODE
+from recorder.sinks.codec import (
+    F_FRAME,
+    F_USER_TAG,
+    POOL_NAMES,
+    STRING_DTYPE_CODE,
+    escape_name,
+)
 from recorder.sinks.describe import plain
 from recorder.sinks.h5open import check_heap, open_for_reading
 from recorder.sinks.livefile import read_commit, read_pv_names
@@ -491,9 +497,7 @@ class _Checker:
                 self.err(path, f"no 'value' for {n} rows of kind {kind!r}")
             return
         if isinstance(value, h5py.Group):  # NTTable: one dataset per column
-            for column in value.values():
-                if isinstance(column, h5py.Dataset) and column.shape[:1] != (n,):
-                    self.err(column.name, f"{column.shape[:1]} rows, the PV has {n}")
+            self.table(path, value, n)
             return
         if value.ndim == 0 or value.shape[0] != n:
             self.err(f"{path}/value", f"{value.shape} rows, the PV has {n}")
@@ -506,6 +510,28 @@ class _Checker:
             else:
                 if value.dtype != expected:
                     self.err(f"{path}/value", f"dtype {value.dtype}, /pv_info says {storage}")
+
+    def table(self, path: str, value: h5py.Group, n: int) -> None:
+        """An NTTable's ``value`` group: a ``(n, max_rows)`` dataset for each name in its
+        ``columns``, all of one width (a reader cuts every column to a table's rows)."""
+        for column in value.values():
+            if isinstance(column, h5py.Dataset) and column.shape[:1] != (n,):
+                self.err(column.name, f"{column.shape[:1]} rows, the PV has {n}")
+        if "columns" not in value.attrs:
+            self.err(f"{path}/value", "attribute 'columns' is missing")
+            return
+        widths: dict[str, int] = {}
+        for name in (str(c) for c in plain(value.attrs["columns"])):
+            column = value.get(escape_name(name))
+            if not isinstance(column, h5py.Dataset):
+                self.err(f"{path}/value", f"column {name!r} (in its 'columns') has no dataset")
+            elif column.ndim != 2:
+                self.err(str(column.name), f"shape {column.shape}, expected (rows, max_rows)")
+            else:
+                widths[name] = int(column.shape[1])
+        if len(set(widths.values())) > 1:
+            self.err(f"{path}/value", f"columns of different widths (rows per table): "
+                     f"{widths}")
 
     def per_row(self, path: str, m: Mapping[str, Any], flags: int, bit: int, *,
                 names: tuple[str, ...], what: str) -> None:

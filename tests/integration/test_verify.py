@@ -225,6 +225,16 @@ def _unlink_iteration(f: h5py.File) -> None:
     g["iteration"] = column
 
 
+def _narrower_column(f: h5py.File) -> None:
+    """The NTTable column ``name`` one table row narrower than ``x``."""
+    value = f["pvs/T/value"]
+    column = value["name"][()]
+    attrs = dict(value["name"].attrs)
+    del value["name"]
+    value.create_dataset("name", data=column[:, :1], dtype=h5py.string_dtype())
+    value["name"].attrs.update(attrs)
+
+
 FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
     ("newer format", _attr("format_version", "9.0"),
      "/: format 9.0 is newer than this k2eg-recorder knows (5.x)"),
@@ -288,6 +298,12 @@ FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
      "/pvs/I/value: dtype int64, /pv_info says float32"),
     ("metadata entries", _pv_info("X", "metadata_entries", 7),
      "/metadata/X: 2 entries, /pv_info says 7"),
+    # an NTTable column named in value@columns without its dataset: the reader fails on it
+    ("table column gone", _delete("pvs/T/value/x"),
+     "/pvs/T/value: column 'x' (in its 'columns') has no dataset"),
+    # a column narrower than the others: the reader cuts every column of the table to it
+    ("table column narrower", _narrower_column,
+     "/pvs/T/value: columns of different widths (rows per table): {'x': 2, 'name': 1}"),
 ]
 
 
