@@ -497,10 +497,14 @@ class _Checker:
                 self.err(path, f"no 'value' for {n} rows of kind {kind!r}")
             return
         if isinstance(value, h5py.Group):  # NTTable: one dataset per column
-            self.table(path, value, n)
+            width = self.table(path, value, n)
+            if width is not None:
+                self.shapes(path, m, (width,))
             return
         if value.ndim == 0 or value.shape[0] != n:
             self.err(f"{path}/value", f"{value.shape} rows, the PV has {n}")
+        else:
+            self.shapes(path, m, value.shape[1:])
         storage = str(row.get("storage_dtype", ""))
         if storage and storage not in ("utf-8", "table", "none"):
             try:
@@ -511,15 +515,16 @@ class _Checker:
                 if value.dtype != expected:
                     self.err(f"{path}/value", f"dtype {value.dtype}, /pv_info says {storage}")
 
-    def table(self, path: str, value: h5py.Group, n: int) -> None:
+    def table(self, path: str, value: h5py.Group, n: int) -> int | None:
         """An NTTable's ``value`` group: a ``(n, max_rows)`` dataset for each name in its
-        ``columns``, all of one width (a reader cuts every column to a table's rows)."""
+        ``columns``, all of one width (a reader cuts every column to a table's rows).
+        Returns that width (None when there is none)."""
         for column in value.values():
             if isinstance(column, h5py.Dataset) and column.shape[:1] != (n,):
                 self.err(column.name, f"{column.shape[:1]} rows, the PV has {n}")
         if "columns" not in value.attrs:
             self.err(f"{path}/value", "attribute 'columns' is missing")
-            return
+            return None
         widths: dict[str, int] = {}
         for name in (str(c) for c in plain(value.attrs["columns"])):
             column = value.get(escape_name(name))
@@ -532,6 +537,26 @@ class _Checker:
         if len(set(widths.values())) > 1:
             self.err(f"{path}/value", f"columns of different widths (rows per table): "
                      f"{widths}")
+            return None
+        return next(iter(widths.values()), None)
+
+    def shapes(self, path: str, m: Mapping[str, Any], trailing: tuple[int, ...]) -> None:
+        """Each row of ``shape`` (when there is one) lies within ``trailing``, the shape
+        ``value`` has after its rows: the reader takes a row's value as
+        ``value[i, :shape[i, 0], ...]``."""
+        ds = m.get("shape")
+        if not isinstance(ds, h5py.Dataset):
+            return
+        if ds.ndim != 2 or ds.shape[1] != len(trailing):
+            self.err(f"{path}/shape", f"{ds.shape}: a rank of "
+                     f"{ds.shape[1] if ds.ndim == 2 else '?'}, value has rows of rank "
+                     f"{len(trailing)}")
+            return
+        shape = ds[()]
+        bad = np.flatnonzero(((shape < 0) | (shape > np.asarray(trailing))).any(axis=1))
+        if len(bad):
+            self.err(f"{path}/shape", f"rows {_listed(bad)}: a shape outside "
+                     f"0..{tuple(trailing)}, the trailing shape of value")
 
     def per_row(self, path: str, m: Mapping[str, Any], flags: int, bit: int, *,
                 names: tuple[str, ...], what: str) -> None:

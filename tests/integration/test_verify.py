@@ -205,6 +205,13 @@ def _delete(path: str) -> Callable[[h5py.File], None]:
     return change
 
 
+def _replace(path: str, data: Any) -> Callable[[h5py.File], None]:
+    def change(f: h5py.File) -> None:
+        del f[path]
+        f[path] = data
+    return change
+
+
 def _pv_info(pv: str, name: str, value: Any) -> Callable[[h5py.File], None]:
     """One field of one PV's /pv_info row changed (the compound dataset rewritten)."""
     def change(f: h5py.File) -> None:
@@ -304,6 +311,13 @@ FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
     # a column narrower than the others: the reader cuts every column of the table to it
     ("table column narrower", _narrower_column,
      "/pvs/T/value: columns of different widths (rows per table): {'x': 2, 'name': 1}"),
+    # a shape row past the stored value, or negative: the reader gives padding, or cuts
+    ("shape past the value", _set("pvs/W/shape", 1, 13),
+     "/pvs/W/shape: rows 1: a shape outside 0..(12,), the trailing shape of value"),
+    ("negative shape", _set("pvs/WI/shape", 2, -1),
+     "/pvs/WI/shape: rows 2: a shape outside 0..(5,), the trailing shape of value"),
+    ("shape of another rank", _replace("pvs/IMG/shape", np.ones((5, 1), np.int64)),
+     "/pvs/IMG/shape: (5, 1): a rank of 1, value has rows of rank 2"),
 ]
 
 
