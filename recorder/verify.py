@@ -600,8 +600,12 @@ class _Checker:
                 self.err(path, f"/pv_info says {entries} metadata entries, there is no "
                          "'metadata' group (format 5: /metadata/<PV>)")
             text = row.get("metadata")
-            if isinstance(text, str) and text and not _json_ok(text):
-                self.err("/pv_info", f"the metadata JSON of {path} does not parse")
+            if isinstance(text, str) and text and not _json_object(text):
+                self.err("/pv_info", f"the metadata JSON of {path} does not parse as a JSON "
+                         "object")
+            elif text == "" and n:
+                self.err("/pv_info", f"the metadata JSON of {path} is empty, the PV has {n} "
+                         "rows")
             return
         mpath = str(meta.name)  # {path}/metadata; format 5: /metadata/<PV>
         rows_ds, json_ds = meta.get("row"), meta.get("json")
@@ -617,9 +621,9 @@ class _Checker:
         if len(rows) and (rows[0] != 0 or np.any(np.diff(rows) <= 0) or rows[-1] >= max(n, 1)):
             self.err(f"{mpath}/row", "entries must start at row 0 and increase, "
                      f"below {n}: {_listed(rows)}")
-        bad = [k for k, text in enumerate(json_ds[()]) if not _json_ok(text)]
+        bad = [k for k, text in enumerate(json_ds[()]) if not _json_object(text)]
         if bad:
-            self.err(f"{mpath}/json", f"entries {_listed(bad)} do not parse")
+            self.err(f"{mpath}/json", f"entries {_listed(bad)} do not parse as a JSON object")
 
     def index(self, path: str, m: Mapping[str, Any], it: Mapping[str, npt.NDArray[Any]],
               written: npt.NDArray[np.int64], n: int) -> None:
@@ -733,7 +737,8 @@ class _Checker:
         if len(bad):
             self.err("/live/meta", f"rows {_listed(bad)}: no such PV or a negative row")
         if self.ranges("/live/meta", meta["offset"], meta["size"], n_bytes):
-            self.texts("/live/meta", live["bytes"], meta["offset"], meta["size"], _json_ok)
+            self.texts("/live/meta", live["bytes"], meta["offset"], meta["size"],
+                       _json_object)
         nt = limits["n_tags"]
         tags = {k: live["tags"][k][:nt] for k in ("offset", "size")}
         if self.ranges("/live/tags", tags["offset"], tags["size"], n_bytes):
@@ -894,12 +899,12 @@ def _text(raw: Any) -> str:
     return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
 
 
-def _json_ok(raw: Any) -> bool:
+def _json_object(raw: Any) -> bool:
+    """A metadata entry: a JSON object (``{"d": structure, "f": float32_paths}``)."""
     try:
-        json.loads(_text(raw))
+        return isinstance(json.loads(_text(raw)), dict)
     except ValueError:
         return False
-    return True
 
 
 def _json_object_or_empty(raw: Any) -> bool:

@@ -316,6 +316,14 @@ FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
      "/pvs/W/shape: rows 1: a shape outside 0..(12,), the trailing shape of value"),
     ("negative shape", _set("pvs/WI/shape", 2, -1),
      "/pvs/WI/shape: rows 2: a shape outside 0..(5,), the trailing shape of value"),
+    # JSON that parses but is not what the spec (and the reader) needs: the reader fails
+    ("metadata entry not an object", _set("metadata/X/json", 1, "[1]"),
+     "/metadata/X/json: entries 1 do not parse as a JSON object"),
+    ("row 0 metadata not an object", _pv_info("B", "metadata", b"[1]"),
+     "/pv_info: the metadata JSON of /pvs/B does not parse as a JSON object"),
+    # zeroed text of the global heap reads back empty
+    ("row 0 metadata empty", _pv_info("B", "metadata", b""),
+     "/pv_info: the metadata JSON of /pvs/B is empty, the PV has 5 rows"),
     ("shape of another rank", _replace("pvs/IMG/shape", np.ones((5, 1), np.int64)),
      "/pvs/IMG/shape: (5, 1): a rank of 1, value has rows of rank 2"),
 ]
