@@ -244,9 +244,13 @@ class _Checker:
         for name in JSON_ATTRS:
             if name in a:
                 try:
-                    json.loads(str(a[name]))
+                    loaded = json.loads(str(a[name]))
                 except ValueError as exc:
                     self.err("/", f"root attribute {name!r} is not JSON: {exc}")
+                else:
+                    if name == "unmatched_tags" and not _tags_by_iteration(loaded):
+                        self.err("/", "root attribute 'unmatched_tags' is not a JSON object "
+                                 "of iter_index: tags ({\"<iter_index>\": {tag: value}})")
         status = str(a.get("status", ""))
         self.report.status = status
         partial = self.report.path.name.endswith(PARTIAL_SUFFIX)
@@ -905,6 +909,20 @@ def _json_object(raw: Any) -> bool:
         return isinstance(json.loads(_text(raw)), dict)
     except ValueError:
         return False
+
+
+def _tags_by_iteration(loaded: Any) -> bool:
+    """``unmatched_tags``: ``{"<iter_index>": {tag: value}}``."""
+    if not isinstance(loaded, dict):
+        return False
+    for key, tags in loaded.items():
+        try:
+            int(key)
+        except ValueError:
+            return False
+        if not isinstance(tags, dict):
+            return False
+    return True
 
 
 def _json_object_or_empty(raw: Any) -> bool:

@@ -324,6 +324,10 @@ FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
     # zeroed text of the global heap reads back empty
     ("row 0 metadata empty", _pv_info("B", "metadata", b""),
      "/pv_info: the metadata JSON of /pvs/B is empty, the PV has 5 rows"),
+    ("unmatched tags not by iteration", _attr("unmatched_tags", '{"x": {"shot": "1"}}'),
+     "/: root attribute 'unmatched_tags' is not a JSON object of iter_index: tags"),
+    ("unmatched tags not objects", _attr("unmatched_tags", '{"7": "shot"}'),
+     "/: root attribute 'unmatched_tags' is not a JSON object of iter_index: tags"),
     ("shape of another rank", _replace("pvs/IMG/shape", np.ones((5, 1), np.int64)),
      "/pvs/IMG/shape: (5, 1): a rank of 1, value has rows of rank 2"),
 ]
