@@ -46,6 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recorder.catalog import candidates, live_status
+from recorder.client.values import ValueKind
 from recorder.sinks.buffer import ITERATION_COLUMNS, ITERATION_REASONS, ITERATION_STATUS
 from recorder.sinks.codec import (
     F_FRAME,
@@ -89,6 +90,7 @@ PV_COLUMNS = ("time", "iteration", "severity", "status", "first", "count")
 # which h5py carries itself; any other one needs a plugin and must be named on its dataset
 PLAIN_FILTERS = frozenset({1, 2, 3, 4, 5, 6, 32000})
 NO_VALUE_KINDS = ("none", "struct")
+KINDS = tuple(k.value for k in ValueKind)
 BLOCK_BYTES = 64 << 20  # data=True reads datasets in blocks of about this size
 MAX_LISTED = 5  # rows named in one problem before "and N more"
 
@@ -394,6 +396,11 @@ class _Checker:
         if len(info) != len(names):
             self.err("/pv_info", f"{len(info)} rows for {len(names)} PVs in /pvs@pv_names")
             return None
+        kinds = [str(plain(x)) for x in info["kind"]]
+        bad = [k for k, kind in enumerate(kinds) if kind not in KINDS]
+        if bad:
+            self.err("/pv_info", f"rows {_listed(bad)}: kind {kinds[bad[0]]!r} is not one of "
+                     f"{', '.join(KINDS)}")
         stored = [str(plain(x)) for x in info["pv_name"]]
         if stored != names:
             bad = [k for k, (a, b) in enumerate(zip(stored, names, strict=True)) if a != b]

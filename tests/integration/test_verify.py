@@ -303,6 +303,8 @@ FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
      "/pvs/Z/flags: present, but /pv_info says every row has flags 9"),
     ("storage dtype", _pv_info("I", "storage_dtype", b"float32"),
      "/pvs/I/value: dtype int64, /pv_info says float32"),
+    ("unknown kind", _pv_info("I", "kind", b"scalr"),
+     "/pv_info: rows 1: kind 'scalr' is not one of none, scalar, bool, "),
     ("metadata entries", _pv_info("X", "metadata_entries", 7),
      "/metadata/X: 2 entries, /pv_info says 7"),
     # an NTTable column named in value@columns without its dataset: the reader fails on it
