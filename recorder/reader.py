@@ -52,7 +52,12 @@ from recorder.reader_rows import (
     frame_time_name,
     sample_value,
 )
-from recorder.reader_summary import _extracted_shape, _first_last_time, _type_row
+from recorder.reader_summary import (
+    _extracted_shape,
+    _first_last_time,
+    _image_shape,
+    _type_row,
+)
 from recorder.reader_values import ENUM_NO_INDEX, _object_array, join_rows, values_of
 from recorder.sinks.bridge.mapping import (
     FlatCache,
@@ -694,8 +699,17 @@ class RecordingFile:
                          DTYPE_BY_CODE[code].name if code in DTYPE_BY_CODE else "none")
                 if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
                     sizes = s["size"][idx]
-                    same = kind is ValueKind.ARRAY and (sizes == sizes[0]).all()
-                    shape = (int(sizes[0]),) if same else None
+                    shape = (int(sizes[0]),) if (sizes == sizes[0]).all() else None
+                    if kind is ValueKind.NDARRAY and shape is not None:
+                        # the image's dimensions are in its metadata entries
+                        shape = _image_shape(
+                            decode_rest(view.text(int(view.meta["offset"][i]),
+                                                  int(view.meta["size"][i])))
+                            for i in self._live_meta(col).tolist())
+                        if shape == ():  # no dimensions: the flat data (NDArrayValue.shape)
+                            shape = (int(sizes[0]),)
+                        elif shape is not None and int(np.prod(shape)) != int(sizes[0]):
+                            shape = None
                 elif kind in (ValueKind.STRING_ARRAY, ValueKind.TABLE):
                     shape = _extracted_shape(self.values(pv))  # in each row's metadata
                 first = self._live_meta(col)

@@ -5,7 +5,7 @@ finalization will give it, the shape of a live string-array or table PV's values
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,3 +56,18 @@ def _extracted_shape(values: npt.NDArray[Any]) -> tuple[int, ...] | None:
         if isinstance(v, (TableValue, tuple, list, np.ndarray))
     }
     return (lengths.pop(),) if len(lengths) == 1 else None
+
+
+def _image_shape(entries: Iterable[Mapping[str, Any]]) -> tuple[int, ...] | None:
+    """The shape of a live NTNDArray PV's frames from its metadata entries (decoded rest
+    JSON): the reversed ``dimension`` sizes (C order, as the final layout and
+    :attr:`NDArrayValue.shape` give them), None when the entries differ or give none."""
+    shapes = set()
+    for rest in entries:
+        d = rest.get("d")
+        dims = d.get("dimension") if isinstance(d, Mapping) else None
+        if not isinstance(dims, list) or not all(
+                isinstance(x, Mapping) and isinstance(x.get("size"), int) for x in dims):
+            return None
+        shapes.add(tuple(int(x["size"]) for x in reversed(dims)))
+    return shapes.pop() if len(shapes) == 1 else None

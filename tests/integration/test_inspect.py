@@ -72,6 +72,29 @@ def test_inspect_live_and_final(tmp_path: Path) -> None:
             assert row["kind"] == samples[0].kind.value or pv in ("SA", "T", "X"), pv
 
 
+def test_live_summary_gives_the_shape_of_images_of_one_shape(tmp_path: Path) -> None:
+    """An NTNDArray PV whose frames all have one shape: the live file's summary (inspect of
+    a .partial) gives it as the final file does, not "varies"."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="img")
+    for i in range(4):
+        write_iteration(rec, i, [
+            PVSample("CAM", {"value": {"ushortValue": list(range(6))},
+                             "dimension": [{"size": 3}, {"size": 2}], "uniqueId": i}),
+            PVSample("LINE", {"value": {"ubyteValue": [1, 2, 3, 4]},
+                              "dimension": [{"size": 4}]}),
+            PVSample("GROW", {"value": {"ubyteValue": [1] * 4},
+                              "dimension": [{"size": 2}, {"size": 2}] if i else [{"size": 4}]}),
+        ])
+    rec.flush()
+    assert rec.current_path is not None
+    with open_file(rec.current_path) as f:
+        live = {r["pv"]: r["shape"] for r in f.summary()}
+    (final,) = rec.close()
+    with open_file(final) as f:
+        assert {r["pv"]: r["shape"] for r in f.summary()} == live
+    assert live == {"CAM": (2, 3), "LINE": (4,), "GROW": None}
+
+
 @pytest.mark.parametrize(("props", "line"), [
     ({"time_window": 100}, "periodic normal: latest values every 100 ms"),
     ({"time_window": 300, "type": "timedbuffered", "sub_push_delay_msec": 100},
