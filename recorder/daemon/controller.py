@@ -1198,13 +1198,20 @@ class RunController:
             self._log.exception("file event failed", path=str(path))
 
     def _after_flush_counts(self, rec: Recording) -> None:
+        """After close(): what its own last flush wrote (values, bytes) and that flush."""
         values = rec.counters.get("values", 0)
         delta, self._values = values - self._values, values
+        nbytes = self._bytes_written(rec) if "bytes" in rec.counters else 0
+        flushes = rec.counters.get("flushes", 0)
+        flushed, self._flushes = flushes != self._flushes, flushes
         if delta > 0:
             with self._lock:
                 self._stats.values_written += delta
-            if self._metrics is not None:
-                self._metrics.values(self.name, delta)
+        if self._metrics is not None:
+            if delta > 0 or nbytes:
+                self._metrics.values(self.name, max(0, delta), nbytes)
+            if flushed:
+                self._metrics.flushed(self.name, rec.last_flush_seconds, time.time())
 
     def _recording_failed(self, rec: Recording) -> None:
         """The file cannot be written: stop reading (Kafka keeps the data), keep the resume

@@ -2554,3 +2554,36 @@ def test_a_status_line_systemd_did_not_get_is_sent_again(tmp_path: Path) -> None
     finally:
         listener.close()
         service.notifier.close()
+
+
+def test_the_flush_inside_close_counts_in_the_bytes_and_flush_metrics(tmp_path: Path) -> None:
+    """A recording's close() flushes its last data: its values were counted, its bytes
+    (``bytes_written_total``) and the flush itself (``flush_duration_seconds``) were not."""
+    client = FakeClient()
+    metrics = RecorderMetrics()
+    c, made = _controller(tmp_path, client, metrics=metrics)
+    try:
+        _started(c, client)
+        rec = made[0]
+        rec.counters["bytes"] = 0
+        plain_close = rec.close
+
+        def close(status: str = "complete", reason: str = "") -> list[Path]:
+            rec.counters["bytes"] += 4096  # what the last flush wrote
+            return plain_close(status, reason)
+
+        rec.close = close  # type: ignore[method-assign]
+        _wait(lambda: rec.counters["flushes"] > 0)
+        flushes_before = rec.counters["flushes"]
+        _wait(lambda: metrics.registry.get_sample_value(
+            "k2eg_recorder_flush_duration_seconds_count", {"run": "r"}) == flushes_before)
+        c.stop().result(5)
+
+        def sample(name: str) -> float:
+            return metrics.registry.get_sample_value(name, {"run": "r"}) or 0.0
+
+        assert sample("k2eg_recorder_bytes_written_total") == 4096
+        assert sample("k2eg_recorder_flush_duration_seconds_count") == rec.counters["flushes"]
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
