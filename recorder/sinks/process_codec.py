@@ -186,7 +186,7 @@ class _Encoder:
 def _rebuild_samples(packed: list[Any]) -> Sequence[PVSample]:
     """The samples of an encoded ``ValuesReceived``, as :class:`PackedSamples` over the blob
     (nothing is copied or decoded here: the recording buffer decodes the PV maps in place).
-    Hand-built samples (with float32 paths) are rebuilt one by one, each over its own bytes."""
+    Hand-built samples (with float32 paths) are rebuilt one by one as hand-built samples."""
     pvs, blob, offsets, f32s = packed
     n = len(pvs)
     if not n:
@@ -195,10 +195,14 @@ def _rebuild_samples(packed: list[Any]) -> Sequence[PVSample]:
     packed_samples = PackedSamples(pvs, blob, pos[:n].tolist(), pos[n:].tolist())
     if not f32s:
         return packed_samples
-    samples = packed_samples.samples()
+    samples = list(packed_samples.samples())
     for i, paths in f32s.items():
-        samples[int(i)].float32_paths = frozenset(paths)
-    return samples
+        # hand-built again (its bytes are not what a gateway sent: every float is float64),
+        # so the recording buffer splits it as such instead of matching its bytes against a
+        # payload template, which would give it the template's float widths
+        s = samples[int(i)]
+        samples[int(i)] = PVSample(s.pv, s.data, frozenset(paths))
+    return tuple(samples)
 
 
 def _decode_event(row: list[Any]) -> IterationEvent:

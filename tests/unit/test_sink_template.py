@@ -34,8 +34,8 @@ from recorder.client.values import PVSample
 from recorder.sim.encoding import Float32, Float32Array, pack
 from recorder.sim.pvs import parse_pv, pv_structure
 from recorder.sinks.buffer import FlushBatch, RecordingBuffer
+from recorder.sinks.codec import DTYPE_CODES, split_sample
 from recorder.sinks.codec import STRING_DTYPE_CODE as STRING_CODE
-from recorder.sinks.codec import split_sample
 from recorder.sinks.packed import PackedSamples
 from recorder.sinks.process_codec import _decode_event, _Encoder, _new_packer, _unpack
 from recorder.sinks.template import TemplateSet, walk
@@ -370,6 +370,28 @@ def test_piped_samples_are_decoded_where_they_lie_in_the_blob(
 
 def test_mixed_eager_and_lazy_samples_and_partial_batches() -> None:
     check(lambda: sim_stream(10, batches=3, eager_every=3), flush_every=4)
+
+
+def test_piped_hand_built_samples_keep_their_float_widths() -> None:
+    """Hand-built samples cross the pipe packed with msgpack (every float as float64) and
+    their float32 paths beside: a float64 value after a float32 one (same bytes layout)
+    must not be decoded with the float32 one's template (nor the other way round)."""
+    def events() -> list[IterationEvent]:
+        out: list[IterationEvent] = []
+        for k in range(12):
+            s = sim("SIM:AI:DOUBLE:1", k, T0 + k)
+            s["value"] = Float32(1.5) if k % 3 == 1 else 0.1
+            s["display"]["limitLow"] = Float32(-2.5) if k % 4 == 2 else -2.5
+            out += iteration(k, [eager("A", s)])
+        return out
+
+    check(events, flush_every=5)
+    buf = RecordingBuffer()
+    for ev in through_pipe(events()):
+        buf.handle(ev)
+    rows = buf.take().samples
+    f32, f64 = DTYPE_CODES[np.dtype(np.float32)], DTYPE_CODES[np.dtype(np.float64)]
+    assert rows["dtype"].tolist() == [f32 if k % 3 == 1 else f64 for k in range(12)]
 
 
 def test_overlapping_iterations_pending_samples() -> None:
