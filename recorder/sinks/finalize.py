@@ -1,7 +1,8 @@
 """Finalization: rewrite a live ``*.partial`` file into the final per-PV layout.
 
 The final file is written next to the partial one as ``<final>.finalizing``, fsync'ed,
-made read-only (0444) and renamed to its final name; only then is the partial file removed.
+made read-only (0444 less the umask) and renamed to its final name; only then is the partial
+file removed.
 A crash at any point leaves the partial file intact, so ``recover`` can simply run this again.
 
 Memory is bounded whatever the size of the segment: the live tables are read in blocks of
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -202,7 +204,9 @@ def finalize(
         raise DamagedFileError(
             f"the finalized file would not pass k2eg-recorder verify ({len(problems)} "
             f"problem(s)); the first: {problems[0]}")
-    os.chmod(tmp, 0o444)
+    # read-only, as created otherwise: 0444 less the umask (the unit's UMask=0027 keeps the
+    # data from other users: 0440)
+    os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) & ~0o222)
     if final.exists():
         tmp.unlink(missing_ok=True)
         raise FileExistsError(f"{final} exists; refusing to overwrite")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -462,3 +464,20 @@ def test_metadata_text_hdf5_cannot_hold_is_finalized(tmp_path: Path) -> None:
 
     report = verify_file(path, data=True)
     assert report.ok, [str(p) for p in report.errors]
+
+
+def test_files_keep_the_umask_the_unit_sets(tmp_path: Path) -> None:
+    """The unit's UMask=0027 makes files group-readable, not world-readable: the finalized
+    file is read-only, and keeps that (0440, not 0444)."""
+    old = os.umask(0o027)
+    try:
+        rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="perm")
+        write_iteration(rec, 1, [PVSample("A", {"value": 1.0, "timeStamp": _ts(1)})])
+        rec.flush()
+        live = rec.current_path
+        assert live is not None
+        assert stat.S_IMODE(live.stat().st_mode) & 0o007 == 0
+        (final,) = rec.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o440
