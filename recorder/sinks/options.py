@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 import re
 import string
 import unicodedata
@@ -270,8 +271,12 @@ def render_file_name(
         name = f"{stem}_s{segment:04d}{dot}{ext}"
     name = sanitize_component(name)
     if len(name.encode()) > MAX_FILE_NAME_BYTES:
+        # cut, with a digest of the whole name: the end cut off holds what tells files apart
+        # ({seq}, {segment}, {start}), and one name for every segment would have the resume's
+        # search for later segments (RunController) find the first one for ever
         stem, dot, ext = name.rpartition(".")
-        name = stem[: MAX_FILE_NAME_BYTES - len(ext) - 1] + dot + ext
+        digest = "_" + hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = stem[: MAX_FILE_NAME_BYTES - len(ext) - 1 - len(digest)] + digest + dot + ext
     directory = options.directory.resolve()
     path = (directory / name).resolve()
     if path.parent != directory:  # cannot happen after sanitizing; belt and braces

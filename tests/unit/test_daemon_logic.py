@@ -1676,6 +1676,53 @@ def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_sa
         assert c.join(60)
 
 
+@pytest.mark.timeout(120)
+def test_a_resume_with_file_names_too_long_to_keep_whole_ends(tmp_path: Path) -> None:
+    """A file name longer than 200 bytes is shortened; it was cut at its end, taking the
+    segment number (and ``{start}``, ``{seq}``) with it, so every segment of a recording got
+    the same name (told apart only by unique_path's -1, -2, ...). At a restart after a crash,
+    the search for the segments opened after the last state save rendered that one name for
+    segment after segment, found it each time (the first segment) and never ended: the run
+    never started, its first file's event went out again and again."""
+    import subprocess
+    import sys
+
+    from recorder.daemon.recording import hdf5_recording
+
+    snapshot = "s" * 190
+    d = RunDefinition.model_validate({
+        "name": "r",
+        "snapshot": {"snapshot_name": snapshot, "pv_uri_list": ["pva://A:B"]},
+        "output": {"directory": str(tmp_path / "out"), "isolate": False,
+                   "file_template": "{run}_{snapshot}_{start:%Y%m%dT%H%M%SZ}_{seq:04d}.h5",
+                   "segment": {"max_iterations": 1}},
+    })
+    got = subprocess.run([sys.executable, "-c", ROTATING_WRITER, d.model_dump_json(), "3"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert got.returncode == 0, got.stderr
+    saved = json.loads(got.stdout.splitlines()[-1])
+    (partial,) = (tmp_path / "out").glob("*.partial")
+    store = ResumeStore(tmp_path / "state")
+    store.begin("r", ActiveRecording(
+        saved["uid"], 0, d.snapshot.topic, snapshot, {0: saved["offsets"]},
+        saved["current_file"], saved["segments"], started_at_ns=int(1.7e18)))
+    client = FakeClient()
+    told: list[Path] = []
+    c = RunController(d, client, store, recording_factory=hdf5_recording,  # type: ignore[arg-type]
+                      backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0),
+                      on_file=lambda _d, path: told.append(path))
+    try:
+        c.start().result(60)
+        assert client.starts[-1] is not None
+        assert client.starts[-1].offsets == {0: 33}  # after the last iteration
+        finals = sorted((tmp_path / "out").glob("*.h5"))
+        assert len(finals) == 3 and sorted(told) == finals
+        assert not partial.exists()  # recovered
+    finally:
+        c.shutdown().result(60)
+        assert c.join(60)
+
+
 def test_a_command_the_codec_chokes_on_is_answered_and_the_loop_goes_on() -> None:
     """``"issued_at": 10**400`` raised OverflowError out of AdminHandler.handle, i.e. out of
     the daemon's main loop (the daemon exited, and read the same record again at each

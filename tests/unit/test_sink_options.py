@@ -61,3 +61,17 @@ def test_escape_roundtrip(name: str) -> None:
     esc = escape_name(name)
     assert "/" not in esc and esc not in ("", ".")
     assert unescape_name(esc) == name
+
+
+def test_a_name_too_long_keeps_its_segments_apart(tmp_path: Path) -> None:
+    """A name over 200 bytes is shortened; cut at its end it lost the segment number (and
+    {seq}, {start}): every segment of a recording rendered to one name."""
+    opts = OutputOptions(directory=tmp_path,
+                         file_template="{run}_{snapshot}_{start:%Y%m%dT%H%M%SZ}_{seq:04d}.h5")
+    names = {render_file_name(opts, run="r", snapshot="s" * 190, start=START, seq=seq,
+                              segment=segment).name
+             for seq in (0, 1) for segment in (0, 1, 2)}
+    assert len(names) == 6
+    assert all(len(n) <= 200 and n.endswith(".h5") and n.startswith("r_sss") for n in names)
+    again = render_file_name(opts, run="r", snapshot="s" * 190, start=START, seq=1, segment=2)
+    assert again.name in names  # the same inputs, the same name (a resume finds its files)
