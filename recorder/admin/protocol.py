@@ -14,7 +14,8 @@ Reply (always exactly one per command, on ``reply_topic`` or the default reply t
 
     {"request_id": "7f3c...", "command": "trigger", "run": "wf-triggered",
      "ok": true, "code": "ok", "message": "run 'wf-triggered' triggered",
-     "data": {...}, "replied_at": 1732212345702, "signature": "..."}
+     "data": {...}, "replied_at": 1732212345702,
+     "answers": "9c0f...", "signature": "..."}  # with a secret: see Signature
 
 Error codes (:class:`ReplyCode`): ``unknown_run``, ``not_running``, ``already_running``,
 ``wrong_mode`` (trigger on a periodic run), ``malformed``, ``expired``, ``unauthorized``,
@@ -30,7 +31,12 @@ keys sorted by code point, no whitespace, non-ASCII escaped as ``\\uXXXX`` (lowe
 integers in decimal. Commands hold only strings, integers and string maps, so the form is easy
 to reproduce in any language. Verification is constant-time (:func:`hmac.compare_digest`);
 ``issued_at`` is required in signed commands so a captured command cannot be replayed after it
-expires. Replies are signed the same way when a secret is configured.
+expires. Replies are signed the same way when a secret is configured, and then carry
+``answers``: the signature of the command they answer, ``null`` for a command that was
+rejected before it was acted on (unsigned, badly signed, malformed, expired, duplicate).
+Anyone who can write to the admin topic can make the daemon answer (``unauthorized``) a
+``request_id`` they saw; a client therefore takes as its reply only one whose ``answers`` is
+its own command's signature (:func:`answers_command`).
 
 **Age.** A command is *expired* when ``now - issued_at`` (or the Kafka message timestamp when
 there is no ``issued_at``) exceeds the configured max age, or when it claims to be issued more
@@ -49,7 +55,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from recorder.errors import AdminCommandError
@@ -63,6 +69,7 @@ __all__ = [
     "CommandRejectedError",
     "ReplayGuard",
     "ReplyCode",
+    "answers_command",
     "build_command",
     "canonical_json",
     "decode_command",
@@ -432,6 +439,10 @@ class AdminReply:
     data: Mapping[str, Any] | None = None
     replied_at: int = 0  # ms since the epoch
     signature: str | None = None
+    # signed replies: the signature of the command answered (None: a rejected command);
+    # ``bound`` says the reply has the field (replies of an older daemon do not)
+    answers: str | None = None
+    bound: bool = False
 
     @property
     def ok(self) -> bool:
@@ -455,6 +466,7 @@ class AdminReply:
             command.run,
             data,
             now_ms,
+            answers=command.signature,
         ).signed(secret)
 
     @classmethod
@@ -483,6 +495,7 @@ class AdminReply:
             command.run,
             data,
             now_ms,
+            answers=command.signature,
         ).signed(secret)
 
     def to_json_obj(self) -> dict[str, Any]:
@@ -497,6 +510,8 @@ class AdminReply:
         }
         if self.data is not None:
             obj["data"] = _json_safe(self.data)
+        if self.bound:
+            obj["answers"] = self.answers
         if self.signature is not None:
             obj["signature"] = self.signature
         return obj
@@ -504,36 +519,11 @@ class AdminReply:
     def signed(self, secret: bytes | None) -> AdminReply:
         if secret is None:
             return self
-        signature = sign(AdminReply.to_json_obj(_unsigned(self)), secret)
-        return _with_signature(self, signature)
+        bound = replace(self, bound=True, signature=None)
+        return replace(bound, signature=sign(bound.to_json_obj(), secret))
 
     def encode(self) -> bytes:
         return json.dumps(self.to_json_obj(), separators=(",", ":"), allow_nan=False).encode()
-
-
-def _unsigned(reply: AdminReply) -> AdminReply:
-    return AdminReply(
-        reply.request_id,
-        reply.command,
-        reply.code,
-        reply.message,
-        reply.run,
-        reply.data,
-        reply.replied_at,
-    )
-
-
-def _with_signature(reply: AdminReply, signature: str) -> AdminReply:
-    return AdminReply(
-        reply.request_id,
-        reply.command,
-        reply.code,
-        reply.message,
-        reply.run,
-        reply.data,
-        reply.replied_at,
-        signature,
-    )
 
 
 def _json_safe(value: Any) -> Any:
@@ -571,6 +561,9 @@ def decode_reply(payload: bytes, *, secret: bytes | None = None) -> AdminReply:
         data = obj.get("data")
         if data is not None and not isinstance(data, dict):
             raise TypeError("data")
+        answers = obj.get("answers")
+        if answers is not None and not isinstance(answers, str):
+            raise TypeError("answers")
     except (KeyError, ValueError, TypeError) as exc:
         raise AdminCommandError(ReplyCode.MALFORMED.value, f"bad reply: {exc}") from None
     return AdminReply(
@@ -582,7 +575,19 @@ def decode_reply(payload: bytes, *, secret: bytes | None = None) -> AdminReply:
         data,
         replied_at,
         obj.get("signature"),
+        answers,
+        "answers" in obj,
     )
+
+
+def answers_command(reply: AdminReply, command: AdminCommand) -> bool:
+    """Is ``reply`` (of ``command``'s ``request_id``) the answer to ``command`` itself? A
+    signed reply names the command it answers (``answers``); one that names no command, or
+    another one, was caused by someone else's command with the same ``request_id``. A reply
+    without the field (an older daemon, or no secret) is taken as before."""
+    if not reply.bound:
+        return True
+    return reply.answers is not None and reply.answers == command.signature
 
 
 # --- client side ---------------------------------------------------------------------------

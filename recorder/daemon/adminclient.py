@@ -12,11 +12,14 @@ import time
 from collections.abc import Mapping
 from types import TracebackType
 
+import structlog
+
 from recorder.admin.protocol import (
     AdminCommand,
     AdminReply,
     CommandKind,
     ReplyCode,
+    answers_command,
     build_command,
     decode_reply,
     encode_command,
@@ -30,6 +33,8 @@ from recorder.errors import (
     UnverifiedReplyError,
 )
 from recorder.settings import KafkaSettings
+
+_log = structlog.get_logger("recorder.admin.client")
 
 
 class AdminClient:
@@ -89,8 +94,12 @@ class AdminClient:
     def send(self, command: AdminCommand) -> None:
         self.send_raw(encode_command(command))
 
-    def wait_reply(self, request_id: str | None, timeout_s: float = 30.0) -> AdminReply:
-        """The reply with ``request_id`` (None: the next reply without a request id)."""
+    def wait_reply(self, request_id: str | None, timeout_s: float = 30.0, *,
+                   command: AdminCommand | None = None) -> AdminReply:
+        """The reply with ``request_id`` (None: the next reply without a request id). With
+        ``command`` (signed), a signed reply must answer that very command
+        (:func:`~recorder.admin.protocol.answers_command`): one caused by someone else's
+        command with the same request_id is passed over."""
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -111,8 +120,15 @@ class AdminClient:
                 if exc.code == ReplyCode.UNAUTHORIZED.value and request_id is not None:
                     self._unverified(record.value or b"", request_id)
                 continue
-            if reply.request_id == request_id:
-                return reply
+            if reply.request_id != request_id:
+                continue
+            if command is not None and self.secret is not None \
+                    and not answers_command(reply, command):
+                _log.warning("a reply to another command with this request_id was passed over",
+                             request_id=request_id, code=reply.code.value,
+                             message=reply.message)
+                continue
+            return reply
 
     @staticmethod
     def _unverified(payload: bytes, request_id: str) -> None:
@@ -132,7 +148,7 @@ class AdminClient:
         """Send a command and return its reply."""
         cmd = self.build(command, run, tags)
         self.send(cmd)
-        return self.wait_reply(cmd.request_id, timeout_s)
+        return self.wait_reply(cmd.request_id, timeout_s, command=cmd)
 
     def close(self) -> None:
         self._adapter.close(5.0)

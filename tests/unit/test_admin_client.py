@@ -8,6 +8,7 @@ from concurrent.futures import Future
 
 import pytest
 
+from recorder.admin.status import DaemonState, StatusDocument
 from recorder.daemon import adminclient
 from recorder.errors import ServiceError, TransportError
 from recorder.settings import KafkaSettings
@@ -55,3 +56,53 @@ def test_a_command_kafka_refused_is_said_at_once(monkeypatch: pytest.MonkeyPatch
             client.request("status", timeout_s=3.0)
     assert not isinstance(info.value, ServiceError)
     assert time.monotonic() - t0 < 2
+
+
+class ForgingAdapter(RefusingAdapter):
+    """The admin topic as a daemon with a secret reads it: someone who saw the operator's
+    command sends a copy without its signature (same request_id) first; the daemon answers
+    both, and the replies reach the client (its reply topic)."""
+
+    client: adminclient.AdminClient | None = None
+
+    def produce(self, topic: str, value: bytes, *, on_delivery: object = None,
+                **_kwargs: object) -> None:
+        import json
+
+        from recorder.admin.protocol import CommandPolicy
+        from recorder.client.wire import Record
+        from recorder.daemon.admin import AdminHandler
+
+        replies: list[bytes] = []
+        handler = AdminHandler(CommandPolicy(max_age_s=30, secret=SECRET), "replies",
+                               lambda _topic, payload: replies.append(payload))
+        forged = {k: v for k, v in json.loads(value).items() if k != "signature"}
+
+        class Target:
+            def status_document(self, kind: str = "status") -> StatusDocument:
+                return StatusDocument("i", DaemonState.RUNNING, 1, 0, kind=kind)
+
+        for payload in (json.dumps(forged).encode(), value):
+            handler.handle(Record(topic, 0, 0, payload, None, None), Target())  # type: ignore[arg-type]
+        if callable(on_delivery):
+            on_delivery(None)
+        assert self.client is not None
+        self.client._on_records([Record("replies", 0, i, r, None, None)
+                                 for i, r in enumerate(replies)], True)
+
+
+SECRET = b"0123456789abcdef0123"
+
+
+def test_a_reply_caused_by_a_forged_copy_of_the_command_is_passed_over(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a secret, a forged unsigned copy of the operator's command (same request_id)
+    made the daemon send a signed ``unauthorized`` reply with that request_id, and the CLI
+    took it for the answer to its own command (it said "unauthorized" while the real command
+    was carried out). Signed replies now name the command they answer."""
+    monkeypatch.setattr(adminclient, "KafkaAdapter", ForgingAdapter)
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:9")
+    with adminclient.AdminClient(kafka, "admin", "replies", secret=SECRET) as client:
+        ForgingAdapter.client = client
+        reply = client.request("status", timeout_s=3.0)
+    assert reply.ok and reply.code.value == "ok"

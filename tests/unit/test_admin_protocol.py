@@ -485,3 +485,36 @@ def test_reply_topics_kafka_refuses_are_malformed() -> None:
     assert decode_command(raw(reply_topic="a..b"), OPEN, now_ms=NOW).reply_topic == "a..b"
     for field in ("run", "request_id"):  # neither are the other patterns fooled
         assert rejected(raw(**{field: "bpm\n"})).reply_code is ReplyCode.MALFORMED
+
+
+def test_signed_replies_name_the_command_they_answer() -> None:
+    from recorder.admin.protocol import (
+        AdminReply,
+        CommandPolicy,
+        CommandRejectedError,
+        ReplyCode,
+        answers_command,
+        build_command,
+        decode_reply,
+    )
+
+    secret = b"0123456789abcdef0123"
+    cmd = build_command("status", issued_at_ms=1, secret=secret)
+    ok = AdminReply.success(cmd, "fine", now_ms=2, secret=secret)
+    assert ok.to_json_obj()["answers"] == cmd.signature
+    got = decode_reply(ok.encode(), secret=secret)
+    assert got.bound and got.answers == cmd.signature and answers_command(got, cmd)
+    # a rejected command (here: someone's unsigned copy with the same request_id)
+    rejected = CommandRejectedError(ReplyCode.UNAUTHORIZED, "bad signature",
+                                    request_id=cmd.request_id).reply(now_ms=3, secret=secret)
+    got = decode_reply(rejected.encode(), secret=secret)
+    assert got.bound and got.answers is None and "answers" in rejected.to_json_obj()
+    assert not answers_command(got, cmd)
+    other = build_command("status", issued_at_ms=5, secret=secret, request_id=cmd.request_id)
+    assert not answers_command(decode_reply(
+        AdminReply.success(other, "x", now_ms=2, secret=secret).encode(), secret=secret), cmd)
+    # without a secret the reply is as before (no "answers"), and taken as before
+    plain = AdminReply.success(build_command("status", issued_at_ms=1), "fine", now_ms=2)
+    assert "answers" not in plain.to_json_obj()
+    assert answers_command(decode_reply(plain.encode()), cmd)
+    assert CommandPolicy(max_age_s=30).secret is None
