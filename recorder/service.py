@@ -336,6 +336,8 @@ class Service:
             self._admin = AdminHandler(
                 self.settings.command_policy(), self.settings.admin_reply_topic,
                 self._link.produce, metrics=self.metrics,
+                protected_topics=(self.settings.admin_topic, self.settings.status_topic,
+                                  self.settings.files_topic, self.kafka.cmd_topic),
             )
             self._admin.remember(cursor.answered)  # not carried out twice after a crash
             self._heartbeat = Heartbeat(self.settings.heartbeat_interval_s, self._publish_status)

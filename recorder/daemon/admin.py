@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -88,9 +88,14 @@ class AdminHandler:
         *,
         metrics: RecorderMetrics | None = None,
         clock_ms: Callable[[], int] = now_ms,
+        protected_topics: Iterable[str] = (),
     ) -> None:
         self.policy = policy
         self.default_reply_topic = default_reply_topic
+        # topics others read for something else (the admin, status and files topics, the
+        # gateway's commands): a command's reply_topic naming one gets its reply on the
+        # default reply topic instead of corrupting that stream
+        self.protected_topics = frozenset(protected_topics) - {default_reply_topic}
         self._send = send
         self._metrics = metrics
         self._clock_ms = clock_ms
@@ -235,6 +240,11 @@ class AdminHandler:
                                                     data=data, secret=self.policy.secret))
 
     def _reply(self, topic: str | None, reply: AdminReply) -> None:
+        if topic in self.protected_topics:
+            _log.warning("a command's reply_topic is one of the daemon's own topics: its reply "
+                         "goes to the default reply topic", reply_topic=topic,
+                         request_id=reply.request_id, default=self.default_reply_topic)
+            topic = None
         topic = topic or self.default_reply_topic
         if self._metrics is not None:
             self._metrics.admin_command(reply.command or "unknown", reply.code.value)

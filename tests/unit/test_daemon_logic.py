@@ -2634,3 +2634,21 @@ def test_the_flush_inside_close_counts_in_the_bytes_and_flush_metrics(tmp_path: 
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+def test_a_reply_topic_naming_one_of_the_daemons_own_topics_is_not_written_to() -> None:
+    """A command (signed or not, any sender with write access to the admin topic) names the
+    status topic, the files topic, the admin topic or the gateway's command topic as its
+    reply_topic: its reply went there, into streams dashboards, catalogs and the gateway read
+    for something else. It now goes to the default reply topic."""
+    sent: list[tuple[str, dict[str, Any]]] = []
+    h = AdminHandler(CommandPolicy(max_age_s=30), "default-replies",
+                     lambda topic, payload: sent.append((topic, json.loads(payload))),
+                     clock_ms=lambda: NOW,
+                     protected_topics=("admin", "status", "files", "cmd-in-topic"))
+    target = FakeTarget()
+    for topic in ("status", "files", "admin", "cmd-in-topic", "mine"):
+        payload = encode_command(build_command("status", issued_at_ms=NOW, reply_topic=topic))
+        h.handle(_record(payload), target)  # type: ignore[arg-type]
+    h.handle(_record(b'{"command": "nope", "reply_topic": "status"}'), target)  # type: ignore[arg-type]
+    assert [topic for topic, _ in sent] == ["default-replies"] * 4 + ["mine", "default-replies"]
