@@ -92,6 +92,11 @@ class HeapLoopError(DamagedFileError, OSError):
     too, as the other reasons a file cannot be opened are."""
 
 
+class NothingToRecoverError(SinkError):
+    """A ``.partial`` file left by a writer killed while it created it holds nothing but its
+    superblock: no data, nothing to finalize; recovery removed it."""
+
+
 DAMAGED_VALUE_ERRORS: tuple[type[Exception], ...] = (
     KeyError, IndexError, UnicodeDecodeError, json.JSONDecodeError)
 """What reading a damaged file's values raises in our code (a code or row out of range,

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recorder.errors import FileBusyError
+    from recorder.errors import FileBusyError, NothingToRecoverError
     from recorder.sinks.recover import find_partials, recover_file
     from recorder.sinks.writelock import writer_active
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             gone += 1
             continue
         verified = False
-        if check is not None and not writer_active(p):
+        if check is not None and not writer_active(p) and not _superblock_only(p):
             # what verify finds in the .partial names the damage in the file's own terms;
             # finalizing would stop somewhere in it with HDF5's words, or not at all
             problems = check(p)
@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{p}: left alone: a running writer is writing it")
             busy += 1
             continue
+        except NothingToRecoverError as exc:
+            print(exc)
+            gone += 1
+            continue
         except (OSError, ValueError, RuntimeError) as exc:
             if _finalized_meanwhile(p):
                 gone += 1
@@ -87,6 +91,17 @@ def run(args: argparse.Namespace) -> int:
     if (not files or busy + gone == len(files)) and not failures:
         print("nothing to recover")
     return 1 if failures else 0
+
+
+def _superblock_only(path: Path) -> bool:
+    """Left by a writer killed while it created it (recover_file removes it): verify
+    would call it truncated."""
+    from recorder.sinks.superblock import superblock_only
+
+    try:
+        return superblock_only(path)
+    except OSError:
+        return False
 
 
 def _already_final(path: Path) -> bool:

@@ -23,7 +23,12 @@ from pathlib import Path
 
 import structlog
 
-from recorder.errors import DamagedFileError, FileBusyError, RecorderError
+from recorder.errors import (
+    DamagedFileError,
+    FileBusyError,
+    NothingToRecoverError,
+    RecorderError,
+)
 from recorder.sinks.superblock import restore_superblock, superblock_bytes
 
 _log = structlog.get_logger("recorder.daemon")
@@ -58,6 +63,10 @@ def finalize_leftover(partial: Path, run: str, *, timeout_s: float = LEFTOVER_TI
                 time.sleep(LEFTOVER_RETRY_S)
                 continue
             error = str(exc)
+        except NothingToRecoverError as exc:  # removed: its writer died creating it
+            _log.info("leftover file held nothing", run=run, path=str(partial),
+                      detail=str(exc))
+            return None
         except (OSError, RuntimeError, ValueError, RecorderError) as exc:
             error = str(exc)  # a full disk, a final name taken, damage: trying again won't do
         else:
@@ -144,6 +153,8 @@ def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) ->
         raise OSError(error)
     if kind == "damaged":
         raise DamagedFileError(error)
+    if kind == "nothing":
+        raise NothingToRecoverError(error)
     raise RecorderError(error)
 
 
@@ -158,6 +169,8 @@ def _child(argv: list[str]) -> int:
         answer = {"error": str(exc), "kind": "damaged"}
     except FileBusyError as exc:
         answer = {"error": str(exc), "kind": "busy"}
+    except NothingToRecoverError as exc:
+        answer = {"error": str(exc), "kind": "nothing"}
     except OSError as exc:
         answer = {"error": str(exc), "kind": "os"}
     except (ValueError, RuntimeError, RecorderError) as exc:

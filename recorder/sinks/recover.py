@@ -8,13 +8,22 @@ from pathlib import Path
 
 import h5py
 
-from recorder.errors import DAMAGED_VALUE_ERRORS, DamagedFileError, FileBusyError
+from recorder.errors import (
+    DAMAGED_VALUE_ERRORS,
+    DamagedFileError,
+    FileBusyError,
+    NothingToRecoverError,
+)
 from recorder.sinks import writelock
 from recorder.sinks.finalize import FINAL_SUFFIX, finalize
 from recorder.sinks.h5open import check_heap, open_live
 from recorder.sinks.livefile import read_commit
 from recorder.sinks.options import PARTIAL_SUFFIX, final_path
-from recorder.sinks.superblock import clear_consistency_flags, restore_superblock
+from recorder.sinks.superblock import (
+    clear_consistency_flags,
+    restore_superblock,
+    superblock_only,
+)
 from recorder.sinks.writelock import writer_active
 
 
@@ -56,7 +65,9 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
     :class:`DamagedFileError` when what it holds does not read back (:class:`HeapLoopError`,
     an OSError too, for a global heap HDF5 would loop on; also when the finalized
     file would not pass ``check``, e.g. ``k2eg-recorder verify``): the file is then left as
-    it was, byte for byte, and no final file is written. ``heap_checked``: the caller has
+    it was, byte for byte, and no final file is written. A ``.partial`` that is only its
+    superblock (its writer was killed while it created it: no data) is removed, and
+    :class:`NothingToRecoverError` raised. ``heap_checked``: the caller has
     just scanned the file's global heap (:func:`~recorder.sinks.h5open.check_heap`, which
     ``k2eg-recorder verify`` runs), so it is not scanned again (~0.6 s per GB each time).
     """
@@ -81,6 +92,12 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
     if lock is None and writer_active(path):
         raise busy
     try:
+        if lock is not None and lock.guards_hdf5 and superblock_only(path):
+            # no HDF5 writer has it open either (its exclusive flock, until SWMR starts)
+            path.unlink()
+            raise NothingToRecoverError(
+                f"{path}: removed: it holds nothing (its writer was killed while it "
+                "created the file, before writing any data)")
         return _recover(path, by=by, check=check)
     finally:
         if lock is not None:

@@ -84,6 +84,20 @@ def stored_eof(path: Path) -> int | None:
     return eof - base
 
 
+def superblock_only(path: Path) -> bool:
+    """Whether the file is a version 2/3 superblock (its checksum right) and nothing else,
+    while the superblock names a larger file: what HDF5 writes when it creates a file,
+    before anything else reaches the disk (a writer killed then left it)."""
+    sb = superblock_bytes(path)
+    if not sb or len(sb) != 16 + 4 * sb[9] or path.stat().st_size != len(sb):
+        return False
+    body_len = len(sb) - 4
+    if lookup3(sb[:body_len]) != struct.unpack("<I", sb[body_len:])[0]:
+        return False
+    need = stored_eof(path)
+    return need is not None and need > len(sb)
+
+
 def clear_consistency_flags(path: Path) -> bytes | None:
     """Set the flags to 0 and fix the checksum; returns the superblock as it was when
     something changed (for :func:`restore_superblock`), else None."""

@@ -307,3 +307,84 @@ def test_a_failed_finalization_is_not_reported_complete(
     assert rec.close() == []
     assert rec.status == "failed" and "No space left" in rec.reason
     assert [p.name.endswith(".h5.partial") for p in tmp_path.iterdir()] == [True]
+
+
+# a writer killed while it created its file (a rotation, a start): before SWMR writing
+# starts HDF5 has written nothing but the superblock
+KILLED_WHILE_CREATING = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import structlog, logging
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    from recorder.sinks import hdf5
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    hdf5.create_live_layout = killed
+    HDF5Recording(OutputOptions(directory=Path(sys.argv[1])), run_name="born",
+                  pv_uris=["pva://B:X"])
+    """
+)
+
+
+@pytest.mark.parametrize("options", [[], ["--no-verify"]])
+def test_a_writer_killed_while_creating_its_file_leaves_nothing_recover_refuses(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str]) -> None:
+    """Killed before it wrote anything but the superblock, a writer left a 48-byte
+    ``.partial`` whose superblock names a larger file: `recover` called it "truncated" and
+    refused it for ever (exit 1), as the daemon's recovery of leftovers did. It holds no
+    data: it is removed, and said so."""
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_CREATING, str(tmp_path)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (partial,) = tmp_path.iterdir()
+    assert cli_main(["recover", *options, str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{partial}: removed: it holds nothing" in out, out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_an_hdf5_writer_is_creating_is_not_removed(tmp_path: Path) -> None:
+    """The same 48 bytes while a writer creates the file (HDF5's own exclusive lock, before
+    the writer lock is taken): not a leftover."""
+    from recorder.errors import NothingToRecoverError
+    from recorder.sinks.recover import recover_file
+
+    partial = tmp_path / "x.h5.partial"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import h5py, sys; f = h5py.File(sys.argv[1], 'x', "
+         "libver=('v110', 'v110')); print('open', flush=True); sys.stdin.read()",
+         str(partial)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        before = partial.read_bytes()
+        with pytest.raises(OSError) as raised:
+            recover_file(partial)
+        assert not isinstance(raised.value, NothingToRecoverError)
+        assert partial.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_daemon_removes_such_a_leftover_and_says_it_held_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The daemon's recovery of leftovers at a restart logged "could not recover a leftover
+    file (left for `k2eg-recorder recover`)", which refused it too."""
+    from recorder.daemon import leftovers
+    from recorder.errors import NothingToRecoverError
+
+    subprocess.run([sys.executable, "-c", KILLED_WHILE_CREATING, str(tmp_path)],
+                   check=False, capture_output=True, timeout=120)
+    (partial,) = tmp_path.iterdir()
+    with pytest.raises(NothingToRecoverError, match="holds nothing"):
+        leftovers.recover_in_child(partial)
+    assert not partial.exists()
+    subprocess.run([sys.executable, "-c", KILLED_WHILE_CREATING, str(tmp_path)],
+                   check=False, capture_output=True, timeout=120)
+    (partial,) = tmp_path.iterdir()
+    assert leftovers.finalize_leftover(partial, "born") is None
+    assert not partial.exists()
+    assert "could not recover" not in capsys.readouterr().out
