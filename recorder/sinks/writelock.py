@@ -122,8 +122,10 @@ def _locked_descriptor(path: Path, flags: int, lock: Callable[[int], object]) ->
 
 
 def writer_active(path: str | os.PathLike[str]) -> bool | None:
-    """True when a writer holds ``path``'s writer lock, False when nobody does, None when
-    this cannot be told (the file cannot be opened, or the system has no OFD locks)."""
+    """True when a writer holds ``path``'s writer lock, or HDF5's own exclusive lock (a
+    program has it open for writing outside SWMR: a writer creating it, h5py's "r+"), False
+    when nobody does, None when this cannot be told (the file cannot be opened, or the
+    system has no OFD locks)."""
     if sys.platform != "linux":  # OFD locks (and the command numbers used here) are Linux's
         return None
     try:
@@ -132,9 +134,16 @@ def writer_active(path: str | os.PathLike[str]) -> bool | None:
         return None
     try:
         got = fcntl.fcntl(fd, _F_OFD_GETLK, _flock(fcntl.F_WRLCK))
+        if _FLOCK.unpack(got)[0] != fcntl.F_UNLCK:
+            return True
+        try:  # shared, as HDF5's readers take it: only an HDF5 writer's conflicts
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            pass  # no flock here: the writer lock alone tells
+        return False
     except OSError:
         return None
     finally:
-        os.close(fd)
-    kind = _FLOCK.unpack(got)[0]
-    return bool(kind != fcntl.F_UNLCK)
+        os.close(fd)  # (drops the flock taken to test)

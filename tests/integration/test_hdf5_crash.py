@@ -388,3 +388,36 @@ def test_the_daemon_removes_such_a_leftover_and_says_it_held_nothing(
     assert leftovers.finalize_leftover(partial, "born") is None
     assert not partial.exists()
     assert "could not recover" not in capsys.readouterr().out
+
+
+def test_a_leftover_another_hdf5_writer_has_open_is_left_alone(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A program that opened a leftover for writing with HDF5 (after ``h5clear -s``, with
+    h5py's "r+") holds HDF5's exclusive lock, not the writer lock: `recover` rewrote the
+    superblock under it (the flags cleared, then put back), then failed to open it,
+    "NOT recovered: ... unable to lock file" (exit 1). It is now left alone as busy."""
+    from recorder.errors import FileBusyError
+    from recorder.sinks.recover import recover_file
+    from recorder.sinks.superblock import clear_consistency_flags
+
+    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)], check=True,
+                         capture_output=True, text=True, timeout=120)
+    partial = Path(out.stdout.split()[-1])
+    clear_consistency_flags(partial)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import h5py, sys; f = h5py.File(sys.argv[1], 'r+'); "
+         "print('open', flush=True); sys.stdin.read()", str(partial)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        before, mtime = partial.read_bytes(), partial.stat().st_mtime_ns
+        with pytest.raises(FileBusyError):
+            recover_file(partial)
+        for options in ([], ["--no-verify"]):
+            assert cli_main(["recover", *options, str(tmp_path)]) == 0
+            assert "left alone" in capsys.readouterr().out
+        assert partial.read_bytes() == before and partial.stat().st_mtime_ns == mtime
+        assert sorted(tmp_path.iterdir()) == [partial]
+    finally:
+        holder.kill()
+        holder.wait()
