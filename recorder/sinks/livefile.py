@@ -361,17 +361,26 @@ def read_commit(f: h5py.File) -> Commit:
         "n_tags": min(live["tags"][k].shape[0] for k in TAG_COLUMNS),
         **{f"n_pool_{n}": live[f"pool_{n}"].shape[0] for n in POOL_NAMES.values()},
     }
+
+    def fits(row: dict[str, int]) -> bool:
+        return all(0 <= row[k] <= actual[k] for k in actual)  # < 0: a row overwritten
+
     hi = state_len
     while hi > 0:  # newest first, in windows (only the last commits can be cut)
         lo = max(0, hi - 4096)
-        state = {k: live["state"][k][lo:hi] for k in STATE_COLUMNS}
-        for i in range(hi - 1 - lo, -1, -1):
+        first = max(0, lo - 1)  # with the row before the window's first
+        state = {k: live["state"][k][first:hi] for k in STATE_COLUMNS}
+        for i in range(hi - 1 - first, lo - first - 1, -1):
             row = {k: int(state[k][i]) for k in STATE_COLUMNS}
-            if all(0 <= row[k] <= actual[k] for k in actual):  # < 0: a row overwritten
+            before = {k: int(state[k][i - 1]) for k in actual} if i > 0 else None
+            # counts only grow from commit to commit: a row below the one before it was
+            # never written whole (its extent reached the disk, not its values: zeros)
+            if fits(row) and not (before is not None and fits(before)
+                                  and any(row[k] < before[k] for k in actual)):
                 status = {v: k for k, v in RECORDING_STATUS.items()}.get(row["status"])
                 return Commit(
-                    {k: row[k] for k in actual}, status or "recording", row["time"], lo + i + 1,
-                    state_len,
+                    {k: row[k] for k in actual}, status or "recording", row["time"],
+                    first + i + 1, state_len,
                 )
         hi = lo
     return Commit(dict.fromkeys(actual, 0), "recording", 0, 0, state_len)

@@ -421,3 +421,35 @@ def test_a_leftover_another_hdf5_writer_has_open_is_left_alone(
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("unwritten", [("time", "status", "n_samples", "n_iterations",
+                                        "n_meta", "n_pvs", "n_kafka", "n_bytes", "n_tags"),
+                                       ("n_samples", "n_iterations")])
+def test_a_commit_row_whose_values_never_reached_the_disk_is_not_the_last_commit(
+        tmp_path: Path, unwritten: tuple[str, ...]) -> None:
+    """HDF5 can write a dataset's new extent before the chunk that holds the new rows (its
+    metadata cache flushes what it must, when it must): a kill then leaves ``/live/state``
+    rows that read as the fill value, 0. Such a row passed as the last commit (0 rows of
+    everything fit any file): `recover` made a verified file of 0 iterations and removed
+    the ``.partial`` that held them all. Rows of 0 (no time, counts that went down) are not
+    commits; the last real one is taken."""
+    from recorder.sinks.livefile import STATE_COLUMNS
+    from recorder.sinks.superblock import clear_consistency_flags
+
+    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)], check=True,
+                         capture_output=True, text=True, timeout=120)
+    partial = Path(out.stdout.split()[-1])
+    clear_consistency_flags(partial)
+    with h5py.File(partial, "r+") as h:  # a row whose columns in ``unwritten`` read as 0
+        state = h["live/state"]
+        last = {k: state[k][-1] for k in STATE_COLUMNS}
+        for k in STATE_COLUMNS:
+            state[k].resize((state[k].shape[0] + 1,))
+            if k not in unwritten:
+                state[k][-1] = last[k]
+    assert cli_main(["recover", str(partial)]) == 0
+    final = partial.with_name(partial.name.removesuffix(".partial"))
+    with h5py.File(final, "r") as h:
+        assert h["iterations/iter_index"][()].tolist() == [1, 2, 3]
+        assert h.attrs["n_values"] == 3
