@@ -99,6 +99,7 @@ from recorder.daemon.resume import RunState as StoredState
 from recorder.daemon.silence import SilenceWatch, silence_limit_s
 from recorder.errors import AdminCommandError, RecorderError
 from recorder.metrics import RecorderMetrics
+from recorder.sinks.bridge.options import BridgeOptions
 from recorder.sinks.options import final_path, partial_path, render_file_name
 
 _log = structlog.get_logger("recorder.daemon")
@@ -191,6 +192,7 @@ class RunController:
         self._factory = recording_factory
         self._bridge_factory = bridge_factory
         self._bridge: BridgeSink | None = None
+        self._bridge_options: BridgeOptions | None = None  # those self._bridge was made with
         self._backoff = backoff or Backoff(initial_s=1.0, factor=2.0, max_s=30.0)
         self._value_budget = value_budget
         self._stop_timeout_s = stop_timeout_s
@@ -350,6 +352,12 @@ class RunController:
             self._stats.last_error = message
 
     def _main(self) -> None:
+        try:
+            self._main_loop()
+        finally:  # the endpoints live as long as the run's worker (see _end_bridge_recording)
+            self._close_bridge("complete", "")
+
+    def _main_loop(self) -> None:
         try:
             while True:
                 self._serve_requests()
@@ -1086,8 +1094,7 @@ class RunController:
             paths = list(rec.paths)
         self._after_flush_counts(rec)
         self._announce_files(rec)
-        final = rec.status if rec.status in ("complete", "aborted", "failed") else "aborted"
-        self._close_bridge(final, rec.reason or reason)
+        self._end_bridge_recording()
         files = [str(p) for p in paths]
         with self._lock:
             self._stats.files.extend(files)
@@ -1119,6 +1126,20 @@ class RunController:
     # ---- the Karabo bridge (never affects recording) ----------------------------------
     def _open_bridge(self, props: SnapshotProperties) -> None:
         options = self.definition.output.bridge
+        sink = self._bridge
+        if sink is not None:  # the run's earlier recording's, still bound
+            if options is not None and options == self._bridge_options \
+                    and sink.status == "serving":
+                try:
+                    sink.begin_recording(props)
+                except Exception as exc:
+                    self._bridge_failed(exc)
+                else:
+                    self._note_bridge(sink)
+                    self._log.info("karabo bridge serves the new recording",
+                                   endpoints=dict(sink.endpoints))
+                    return
+            self._close_bridge("complete", "")
         if options is None:
             with self._lock:
                 self._stats.bridge = None
@@ -1134,7 +1155,7 @@ class RunController:
                                       "endpoints": {}, "subscribers": False,
                                       **dict.fromkeys(BRIDGE_COUNTERS, 0)}
             return
-        self._bridge = sink
+        self._bridge, self._bridge_options = sink, options
         self._note_bridge(sink)
         if sink.status != "serving":
             self._error(f"karabo bridge failed: {sink.reason}")
@@ -1142,6 +1163,20 @@ class RunController:
             self._close_bridge("failed", sink.reason)
             return
         self._log.info("karabo bridge started", endpoints=dict(sink.endpoints))
+
+    def _end_bridge_recording(self) -> None:
+        """The recording ended: its open iterations are served as incomplete, and the bridge
+        stays bound for the run's next recording (a REQ client's waiting request is answered
+        then; one bound anew is never asked again), until the run's worker ends."""
+        sink = self._bridge
+        if sink is None:
+            return
+        try:
+            sink.end_recording()
+        except Exception as exc:
+            self._bridge_failed(exc)
+            return
+        self._note_bridge(sink)
 
     def _feed_bridge(self, sink: BridgeSink, event: IterationEvent) -> None:
         try:

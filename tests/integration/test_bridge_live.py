@@ -4,7 +4,9 @@ what the reader returns from the HDF5 file for the same iter_index."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -400,3 +402,38 @@ def test_a_closed_bridge_reports_no_subscribers() -> None:
             assert not sink.has_subscribers
     finally:
         sink.close()
+
+
+def test_a_request_waiting_when_a_recording_ends_is_answered_by_the_next_one() -> None:
+    """The run's recording ends (a stop and a start, a disk-full pause): the endpoints stay
+    bound, so a REQ client whose request was waiting is answered with the next recording's
+    first iteration. (Bound anew, ZeroMQ's REQ socket would never send its request again:
+    the client waited for ever.) The open iteration of the ended recording is served as
+    incomplete first, to whoever asks."""
+    props = SnapshotProperties("again", ["pva://A"])
+    sink = KaraboBridgeSink(BridgeOptions(rep=0), run_name="again", snapshot=props)  # type: ignore[arg-type]
+    try:
+        endpoint = sink.endpoints["rep"]
+        with Client(endpoint, sock="REQ", timeout=5) as client:
+            sink.handle(IterationOpened("t", "again", 1, 5))
+            sink.handle(IterationClosed("t", "again", 1, IterationStatus.COMPLETE, None, 5, 6))
+            assert client.next()[0][RECORDER_SOURCE]["iter_index"] == 1
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(client.next)  # has the newest: its request waits
+                wait_for(lambda: sink.counters.get("requests", 0) >= 2 or waiting.done(), 5,
+                         "the request to wait")
+                time.sleep(0.2)
+                assert not waiting.done()
+                sink.end_recording()
+                sink.begin_recording(props)
+                assert sink.endpoints["rep"] == endpoint
+                # the gateway's iter_index began again at 1: a new iteration, not a late one
+                sink.handle(IterationOpened("t", "again", 1, 9))
+                sink.handle(IterationClosed("t", "again", 1, IterationStatus.COMPLETE, None,
+                                            9, 10))
+                data, _meta = waiting.result(5)
+            assert data[RECORDER_SOURCE]["iter_index"] == 1
+            assert data[RECORDER_SOURCE]["header_timestamp"] == 9
+    finally:
+        sink.close()
+    assert sink.counters["replies"] == 2 and sink.counters.get("values_after_close", 0) == 0

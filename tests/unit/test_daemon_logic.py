@@ -1021,6 +1021,7 @@ class FakeBridge:
         self.closed: tuple[str, str] | None = None
         self.fail_on = fail_on
         self.tags: list[tuple[int, dict[str, str]]] = []
+        self.ended = self.begun = 0
 
     def handle(self, event: Any) -> None:
         if self.fail_on is not None and len(self.events) >= self.fail_on:
@@ -1031,6 +1032,13 @@ class FakeBridge:
 
     def tag_iteration(self, iter_index: int, tags: Mapping[str, str]) -> None:
         self.tags.append((iter_index, dict(tags)))
+
+    def end_recording(self) -> None:
+        self.ended += 1
+
+    def begin_recording(self, snapshot: Any) -> None:
+        self.snapshot = snapshot
+        self.begun += 1
 
     def close(self, status: str = "complete", reason: str = "") -> None:
         self.closed = (status, reason)
@@ -1067,11 +1075,23 @@ def test_bridge_gets_every_event_of_the_recording_and_its_final_status(tmp_path:
         _wait(lambda: (c.status().bridge or {}).get("iterations") == 3)
         assert "stopped (complete)" in c.stop().result(5)
         assert bridge.events == made[0].events  # same events, same order
-        assert bridge.closed is not None and bridge.closed[0] == "complete"
-        assert (c.status().bridge or {})["status"] == "complete"
+        # the recording ended, the run's endpoints stay bound (a REQ client waiting now is
+        # answered by the next recording, not left waiting for ever by an endpoint bound anew)
+        assert bridge.ended == 1 and bridge.closed is None
+        assert (c.status().bridge or {})["status"] == "serving"
+        served = bridge.counters["iterations"]
+        c.start().result(5)
+        assert bridges == [bridge] and bridge.begun == 1
+        assert client.sub is not None
+        _feed(client.sub, 1, 2)
+        _wait(lambda: len(made) == 2 and len(made[1].events) == 6)
+        _wait(lambda: (c.status().bridge or {}).get("iterations") == served + 2)
+        assert bridge.events[len(made[0].events):] == made[1].events
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+    assert bridge.closed is not None and bridge.closed[0] == "complete"  # the worker ended
+    assert (c.status().bridge or {})["status"] == "complete"
 
 
 def test_trigger_tags_go_to_the_bridge_as_to_the_recording(tmp_path: Path) -> None:

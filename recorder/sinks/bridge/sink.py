@@ -236,6 +236,34 @@ class KaraboBridgeSink:
     def flush(self) -> None:
         """Nothing to flush (interface parity with HDF5Recording)."""
 
+    def end_recording(self) -> None:
+        """The recording ended but the run goes on being served (a stop and a start, a
+        disk-full pause, a daemon's resume): serve the iterations still open as incomplete
+        and forget this recording's iterations; the endpoints stay bound, so a REQ client
+        waiting now is answered with the next recording's first iteration (ZeroMQ does not
+        send a request again to an endpoint bound anew)."""
+        if self.status == "serving":
+            self._serve_open()
+        self._open.clear()
+        self._recent.clear()
+        self._tags.clear()
+
+    def begin_recording(self, snapshot: SnapshotProperties | None) -> None:
+        """A new recording of the run, served on the same endpoints."""
+        self.snapshot_name = snapshot.snapshot_name if snapshot is not None else ""
+        self.stacked = stacked_for(snapshot.type) if snapshot is not None else False
+        self._log = log.bind(run=self.run_name, snapshot=self.snapshot_name)
+
+    def _serve_open(self) -> None:
+        while self._open:
+            _, it = self._open.popitem(last=False)
+            info = (
+                IterationInfo.from_closed(it.closed, it.header_timestamp_ns)
+                if it.closed is not None
+                else IterationInfo.stopped(it.iter_index, it.header_timestamp_ns)
+            )
+            self._enqueue(info, it.samples)
+
     def close(self, status: str = "complete", reason: str = "") -> None:
         """Serve the iterations still open as incomplete, then stop serving and free the
         sockets (waits for the serving thread, at most ~10 s)."""
@@ -245,14 +273,7 @@ class KaraboBridgeSink:
             return
         self._closed = True
         if self.status == "serving":
-            while self._open:
-                _, it = self._open.popitem(last=False)
-                info = (
-                    IterationInfo.from_closed(it.closed, it.header_timestamp_ns)
-                    if it.closed is not None
-                    else IterationInfo.stopped(it.iter_index, it.header_timestamp_ns)
-                )
-                self._enqueue(info, it.samples)
+            self._serve_open()
             self.status = status
             self.reason = reason
         self._open.clear()
