@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recorder.cli.argtypes import count, positive_seconds
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from recorder.admin.protocol import AdminReply
+    from recorder.daemon.adminclient import AdminClient
 
 HELP = "embedded broker + gateway simulator + example runs -> real .h5 files"
 
@@ -65,8 +73,10 @@ def write_examples(config_dir: Path, data_dir: Path) -> list[Path]:
 
 
 def _drive(service: object, admin_args: dict[str, object], *, seconds: float, triggers: int,
-           report: list[str], errors: list[str]) -> None:
-    """The operator: trigger the triggered run through the admin topic, then stop."""
+           report: list[str], errors: list[str], done: threading.Event) -> None:
+    """The operator: trigger the triggered run through the admin topic, then stop. Ends as
+    soon as ``done`` is set (the daemon stopped on SIGINT/SIGTERM): no command is sent to a
+    daemon that no longer reads them."""
     from recorder.cli.admin import disk_line
     from recorder.daemon.adminclient import AdminClient
     from recorder.service import Service
@@ -74,20 +84,30 @@ def _drive(service: object, admin_args: dict[str, object], *, seconds: float, tr
     assert isinstance(service, Service)
     start = time.monotonic()
     try:
-        if not service.ready.wait(60):
-            errors.append("the daemon did not become ready within 60 s")
-            return
+        deadline = start + 60
+        while not service.ready.wait(0.1):
+            if done.is_set():
+                return
+            if time.monotonic() > deadline:
+                errors.append("the daemon did not become ready within 60 s")
+                return
         client = AdminClient(**admin_args)  # type: ignore[arg-type]
         with client:
             gap = seconds / (triggers + 1)
             for shot in range(1, triggers + 1):
-                _sleep_until(service, start + shot * gap)
-                reply = client.request("trigger", "sim-triggered-images",
-                                       tags={"shot": str(shot), "source": "demo"})
+                if not _sleep_until(done, start + shot * gap):
+                    return
+                reply = _request(client, done, "trigger", "sim-triggered-images",
+                                 tags={"shot": str(shot), "source": "demo"})
+                if reply is None:
+                    return
                 report.append(f"trigger sim-triggered-images shot={shot}: {reply.code.value} "
                               f"- {reply.message}")
-            _sleep_until(service, start + seconds)
-            reply = client.request("status")
+            if not _sleep_until(done, start + seconds):
+                return
+            reply = _request(client, done, "status")
+            if reply is None:
+                return
             runs = (reply.data or {}).get("runs", {})
             for name, st in runs.items():
                 its = st.get("iterations", {})
@@ -96,9 +116,28 @@ def _drive(service: object, admin_args: dict[str, object], *, seconds: float, tr
             for disk in (reply.data or {}).get("daemon", {}).get("disks") or []:
                 report.append(f"status {disk_line(disk)}")
     except Exception as exc:
-        errors.append(f"{type(exc).__name__}: {exc}")
+        if not done.is_set():
+            errors.append(f"{type(exc).__name__}: {exc}")
     finally:
         service.request_stop()  # the same path as SIGTERM
+
+
+def _request(client: AdminClient, done: threading.Event, command: str, run: str | None = None, *,
+             tags: dict[str, str] | None = None, timeout_s: float = 30.0) -> AdminReply | None:
+    """``client.request(...)``, or None once ``done`` is set while waiting for the reply."""
+    from recorder.errors import ServiceError
+
+    cmd = client.build(command, run, tags)
+    client.send(cmd)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.wait_reply(cmd.request_id, 0.5)
+        except ServiceError:
+            if done.is_set():
+                return None
+            if time.monotonic() >= deadline:
+                raise ServiceError(f"no reply to {command!r} within {timeout_s:g} s") from None
 
 
 def _count_messages(bootstrap: str, topic: str, expect: int, wait_s: float = 15.0) -> int:
@@ -122,9 +161,9 @@ def _count_messages(bootstrap: str, topic: str, expect: int, wait_s: float = 15.
         consumer.close()
 
 
-def _sleep_until(service: object, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+def _sleep_until(done: threading.Event, deadline: float) -> bool:
+    """Wait until ``deadline`` (monotonic); False if ``done`` was set first."""
+    return not done.wait(max(0.0, deadline - time.monotonic()))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
     sim: GatewaySimulator | None = None
     report: list[str] = []
     errors: list[str] = []
+    interrupted: list[int] = []  # SIGINT/SIGTERM received while the daemon ran
+    done = threading.Event()  # the daemon stopped: the driver ends
     code = 1
     try:
         broker.start()
@@ -177,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  recording for {args.seconds:g} s ...", flush=True)
         service = Service(daemon, kafka, state_dir=out / "state")
         service.install_signal_handlers()
+        _note_signals(interrupted)
         admin_args: dict[str, object] = {
             "kafka": kafka, "admin_topic": daemon.admin_topic,
             "reply_topic": daemon.admin_reply_topic, "secret": daemon.secret_bytes,
@@ -184,12 +226,18 @@ def run(args: argparse.Namespace) -> int:
         driver = threading.Thread(
             target=_drive, args=(service, admin_args),
             kwargs={"seconds": args.seconds, "triggers": args.triggers, "report": report,
-                    "errors": errors},
+                    "errors": errors, "done": done},
             name="demo-driver", daemon=True,
         )
         driver.start()
+        started = time.monotonic()
         code = service.run()
+        done.set()
         driver.join(10)
+        if interrupted:
+            print(f"k2eg-recorder demo: interrupted by {signal.Signals(interrupted[0]).name} "
+                  f"after {time.monotonic() - started:.0f} s of {args.seconds:g}: the daemon "
+                  "stopped the way SIGTERM stops it", file=sys.stderr, flush=True)
         if code != 0 and not service.ready.is_set():
             # it refused to start (the reasons are in its log): say so, not "0 files"
             from recorder.config.loader import check_runs
@@ -230,7 +278,23 @@ def run(args: argparse.Namespace) -> int:
     if not print_verified([p for paths in files.values() for p in paths]):
         return 1
     print(f"list them: k2eg-recorder ls {data_dir}/*; read one: k2eg-recorder inspect FILE")
+    if interrupted:
+        return 128 + interrupted[0]  # as a shell reports a command a signal ended
     return 1 if errors or code != 0 else 0
+
+
+def _note_signals(noted: list[int]) -> None:
+    """Note SIGINT/SIGTERM in ``noted``, then hand them to the handlers installed before
+    (the daemon's: a flag its main loop acts on)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+
+        def handler(num: int, frame: FrameType | None, previous: object = previous) -> None:
+            noted.append(num)
+            if callable(previous):
+                previous(num, frame)
+
+        signal.signal(signum, handler)
 
 
 def print_verified(paths: list[str]) -> bool:

@@ -4,9 +4,12 @@ topic, a clean stop; the files it reports are read back here (another process)."
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,41 @@ def test_demo_records_every_example_run_and_prints_only_its_report(tmp_path: Pat
         in proc.stdout.splitlines(), proc.stdout
     assert re.search(r"^  status disk /\S*: [\d.]+ \w+ free of [\d.]+ \w+ \([\d.]+%\)",
                      proc.stdout, re.MULTILINE), proc.stdout
+
+
+@pytest.mark.timeout(240)
+def test_demo_interrupted_while_recording_stops_at_once_and_says_so(tmp_path: Path) -> None:
+    """Ctrl-C during the recording: the daemon stops the way SIGTERM does, the demo reports
+    the files it finalized, says it was interrupted and exits 130; it does not wait for the
+    rest of ``--seconds`` or talk to the stopped daemon (log lines after its log closed)."""
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recorder.cli", "demo", "--seconds", "120", "--output", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        log = out / "daemon.log"
+        deadline = time.monotonic() + 90
+        while not (log.exists() and '"daemon ready"' in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = stdout + stderr
+    assert "Traceback" not in text and "Logging error" not in text, stderr[-3000:]
+    assert proc.returncode == 130, text[-3000:]
+    assert "interrupted" in stderr, stderr
+    assert took < 8, (took, text[-3000:])
+    broker_pid = int(re.findall(r"embedded Kafka broker +\S+ \(pid (\d+)\)", stdout)[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(broker_pid, 0)
+    assert not list((out / "data").rglob("*.partial"))
+    assert "k2eg-recorder verify --data: 3 of 3 file(s) match docs/file-format.md" \
+        in stdout.splitlines(), stdout
