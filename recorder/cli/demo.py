@@ -184,13 +184,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     data_dir = out / "data"
     config_dir = out / "runs.d"
+    log_path = out / "daemon.log"
     try:
         write_examples(config_dir, data_dir)
+        log_stream = sys.stdout if args.verbose else open(log_path, "a", encoding="utf-8")  # noqa: SIM115
     except RecorderError as exc:
         print(f"k2eg-recorder demo: {exc}", file=sys.stderr)
         return 2
-    log_path = out / "daemon.log"
-    log_stream = sys.stdout if args.verbose else open(log_path, "a", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:  # no permission, a read-only file system, a directory in the way
+        print(f"k2eg-recorder demo: --output {out}: cannot write "
+              f"{exc.filename or 'there'}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     configure_logging("console" if args.verbose else "json", "INFO", stream=log_stream)
     print(f"k2eg-recorder demo: output in {out}")
     broker = EmbeddedBroker(log_path=out / "broker.log")
