@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Container
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -256,6 +257,11 @@ def run(args: argparse.Namespace) -> int:
         for line in errors:
             print(f"  error: {line}", file=sys.stderr)
         files = {name: c.files() for name, c in service.controllers.items()}
+        # a run that starts by itself and left no file failed (its output directory cannot
+        # be created, its disk is full, ...): the demo did not show it working
+        failed = {name: c.status().last_error or f"the run ended {c.state.value}"
+                  for name, c in service.controllers.items()
+                  if c.definition.autostart and not files[name]}
         events = _count_messages(broker.bootstrap_servers, daemon.files_topic,
                                  expect=sum(map(len, files.values())))
         print(f"  files topic {daemon.files_topic}: {events} file event(s), one per file "
@@ -274,12 +280,17 @@ def run(args: argparse.Namespace) -> int:
         if log_stream is not sys.stdout:
             log_stream.close()
     print()
-    print_summary(files)
+    print_summary(files, failed)
     partials = sorted(str(p) for p in data_dir.rglob("*.partial"))
     if partials:
         print(f"not finalized: {partials}", file=sys.stderr)
         return 1
     if not print_verified([p for paths in files.values() for p in paths]):
+        return 1
+    if failed:
+        print("k2eg-recorder demo: runs that recorded nothing:", file=sys.stderr)
+        for name, reason in failed.items():
+            print(f"  {name}: recorded no file: {reason}", file=sys.stderr)
         return 1
     print(f"list them: k2eg-recorder ls {data_dir}/*; read one: k2eg-recorder inspect FILE")
     if interrupted:
@@ -315,13 +326,14 @@ def print_verified(paths: list[str]) -> bool:
     return not bad
 
 
-def print_summary(files: dict[str, list[str]]) -> None:
-    """What each file holds, read back with :mod:`recorder.reader`."""
+def print_summary(files: dict[str, list[str]], failed: Container[str] = ()) -> None:
+    """What each file holds, read back with :mod:`recorder.reader`; ``failed``: the runs
+    that were started but recorded nothing."""
     from recorder.reader import open_file
 
     for run_name, paths in files.items():
         if not paths:
-            print(f"{run_name}: no file (not started)")
+            print(f"{run_name}: no file ({'failed' if run_name in failed else 'not started'})")
             continue
         for path in paths:
             with open_file(path) as f:

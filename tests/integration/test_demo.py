@@ -101,3 +101,26 @@ def test_demo_interrupted_while_recording_stops_at_once_and_says_so(tmp_path: Pa
     assert not list((out / "data").rglob("*.partial"))
     assert "k2eg-recorder verify --data: 3 of 3 file(s) match docs/file-format.md" \
         in stdout.splitlines(), stdout
+
+
+@pytest.mark.timeout(240)
+def test_demo_whose_runs_could_not_record_fails_and_says_why(tmp_path: Path) -> None:
+    """Runs that started but recorded nothing (here: their output directory cannot be
+    created) are a failed demo, with the reason; not "not started", "0 of 0 file(s) match"
+    and exit 0."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "data").write_text("a file where the data directory goes\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "recorder.cli", "demo", "--seconds", "2", "--triggers", "1",
+         "--output", str(out)],
+        capture_output=True, text=True, timeout=200, check=False,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    for run in ("sim-normal-10hz", "sim-timedbuffered", "sim-triggered-images"):
+        assert re.search(rf"^  {run}: recorded no file: .*cannot be created", proc.stderr,
+                         re.MULTILINE), proc.stderr
+        assert f"{run}: no file (not started)" not in proc.stdout, proc.stdout
+    assert "sim-triggered-lookback: no file (not started)" in proc.stdout.splitlines()
