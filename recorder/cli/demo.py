@@ -197,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
               f"{exc.filename or 'there'}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     configure_logging("console" if args.verbose else "json", "INFO", stream=log_stream)
+    log_where = "on this terminal" if args.verbose else str(log_path)
     print(f"k2eg-recorder demo: output in {out}")
     broker = EmbeddedBroker(log_path=out / "broker.log")
     sim: GatewaySimulator | None = None
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
             status_topic="k2eg-recorder-demo-status", heartbeat_interval_s=2.0,
             shutdown_timeout_s=30.0, metrics_port=None,
         )
-        print(f"  recorder daemon        runs from {config_dir}, log {log_path}")
+        print(f"  recorder daemon        runs from {config_dir}, log {log_where}")
         print(f"  recording for {args.seconds:g} s ...", flush=True)
         service = Service(daemon, kafka, state_dir=out / "state")
         service.install_signal_handlers()
@@ -248,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
             from recorder.config.loader import check_runs
 
             print(f"k2eg-recorder demo: the daemon refused to start (exit {code}); "
-                  f"see {log_path}", file=sys.stderr)
+                  f"see its log ({log_where})", file=sys.stderr)
             for problem in check_runs(config_dir)[1]:
                 print(f"  {problem}", file=sys.stderr)
             return code

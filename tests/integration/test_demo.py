@@ -124,3 +124,20 @@ def test_demo_whose_runs_could_not_record_fails_and_says_why(tmp_path: Path) -> 
                          re.MULTILINE), proc.stderr
         assert f"{run}: no file (not started)" not in proc.stdout, proc.stdout
     assert "sim-triggered-lookback: no file (not started)" in proc.stdout.splitlines()
+
+
+@pytest.mark.timeout(240)
+def test_demo_verbose_says_where_the_log_really_goes(tmp_path: Path) -> None:
+    """``--verbose``: the daemon's log is on the terminal, and the demo says so; it does not
+    name a daemon.log that is never written."""
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "recorder.cli", "demo", "--seconds", "1", "--triggers", "0",
+         "--verbose", "--output", str(out)],
+        capture_output=True, text=True, timeout=200, check=False,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "segment finalized" in proc.stdout  # the writers' log, on the terminal
+    assert not (out / "daemon.log").exists()
+    assert str(out / "daemon.log") not in proc.stdout + proc.stderr, proc.stdout[:2000]
+    assert f"runs from {out / 'runs.d'}, log on this terminal" in proc.stdout, proc.stdout[:2000]
