@@ -73,6 +73,40 @@ def write_examples(config_dir: Path, data_dir: Path) -> list[Path]:
     return written
 
 
+def finish_killed_demo(state_dir: Path, config_dir: Path) -> list[str]:
+    """A demo killed in this --output left its runs active in ``state_dir``, with the Kafka
+    offsets of its broker, which died with it (Tansu keeps everything in memory). Resumed,
+    they would read this demo's new broker from those offsets on: nothing is recorded until
+    its topics reach them. So the files the killed demo left are finalized here, as
+    ``k2eg-recorder recover`` does, and its runs start anew; returns what was done, a line
+    per file."""
+    from recorder.config.loader import check_runs
+    from recorder.daemon.resume import ResumeStore
+    from recorder.errors import FileBusyError
+    from recorder.sinks.options import PARTIAL_SUFFIX
+    from recorder.sinks.recover import recover_file
+
+    if not state_dir.is_dir():
+        return []
+    store = ResumeStore(state_dir)
+    done: list[str] = []
+    for name in check_runs(config_dir)[0].runs:
+        state = store.load(name)
+        active = state.active
+        if active is None:
+            continue
+        left = Path(active.current_file) if active.current_file else None
+        if left is not None and left.name.endswith(PARTIAL_SUFFIX) and left.exists():
+            try:
+                done.append(str(recover_file(left, by="k2eg-recorder demo")))
+            except FileBusyError:  # a demo running in the same --output writes it
+                continue
+            except (OSError, ValueError) as exc:  # left as it was: the summary names it
+                done.append(f"{left}: not finalized: {exc}")
+        store.end(state)
+    return done
+
+
 def _drive(service: object, admin_args: dict[str, object], *, seconds: float, triggers: int,
            report: list[str], errors: list[str], done: threading.Event) -> None:
     """The operator: trigger the triggered run through the admin topic, then stop. Ends as
@@ -198,7 +232,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging("console" if args.verbose else "json", "INFO", stream=log_stream)
     log_where = "on this terminal" if args.verbose else str(log_path)
+    recovered = finish_killed_demo(out / "state", config_dir)
     print(f"k2eg-recorder demo: output in {out}")
+    if recovered:
+        print(f"  an earlier demo here was killed: finalized {len(recovered)} file(s) it left "
+              "(as k2eg-recorder recover does)")
+        for line in recovered:
+            print(f"    {line}")
     broker = EmbeddedBroker(log_path=out / "broker.log")
     sim: GatewaySimulator | None = None
     report: list[str] = []
