@@ -167,7 +167,7 @@ def _request(client: AdminClient, done: threading.Event, command: str, run: str 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return client.wait_reply(cmd.request_id, 0.5)
+            return client.wait_reply(cmd.request_id, 0.5, command=cmd)
         except ServiceError:
             if done.is_set():
                 return None
