@@ -385,11 +385,13 @@ class RecordingFile:
         return {int(k): {str(a): str(b) for a, b in v.items()} for k, v in loaded.items()}
 
     def pv_info(self, pv: str) -> dict[str, Any]:
-        if self._live is not None:
-            samples = self.samples(pv)
-            info: dict[str, Any] = {"pv_name": pv, "count": len(samples)}
-            if samples:
-                info["kind"] = samples[0].kind.value
+        if self._live is not None:  # from the sample columns (no value read), the kind
+            rows = self._live_rows(pv)  # as summary() and finalization give it
+            info: dict[str, Any] = {"pv_name": pv, "count": len(rows)}
+            if len(rows):
+                s = self._live.samples
+                kind = KINDS_BY_CODE.get(int(s["kind"][_type_row(s, rows)]), ValueKind.NONE)
+                info["kind"] = kind.value
             return info
         return dict(self._pv_info(pv))
 

@@ -220,3 +220,27 @@ def test_property_trains_from_templates(tmp_path_factory: pytest.TempPathFactory
         assert_same((data, meta), (data_x, meta_x))
         for source in data:
             assert list(data[source]) == list(data_x[source]), source
+
+
+def test_pv_info_of_a_live_file_reads_no_values(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pv_info(pv)`` of a live file: the PV's count and the kind the finalized file gives
+    it, from the sample columns. It rebuilt and kept every sample of the PV (a camera's
+    frames as Python lists: the file's pools read whole, memory many times the file), and
+    said the first sample's kind: ``array`` for a string-array PV whose first value was
+    ``[]``, which finalization makes a ``string_array`` (docs/file-format.md)."""
+    monkeypatch.setattr(livefile, "WINDOW_BYTES", 1024)
+    rec, sent = record(tmp_path, n_iter=6)
+    rec.flush()
+    assert rec.current_path is not None
+    with open_file(rec.current_path) as f:
+        view = f._live
+        assert view is not None
+        live = {pv: f.pv_info(pv) for pv in sent}
+        assert all(not p.windows for p in view.pools.values())  # no element read
+        assert f._cache == {}
+    (final,) = rec.close()
+    with open_file(final) as f:
+        for pv, samples in sent.items():
+            assert live[pv] == {"pv_name": pv, "count": len(samples),
+                                "kind": f.pv_info(pv)["kind"]}, pv
