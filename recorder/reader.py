@@ -55,7 +55,7 @@ from recorder.reader_rows import (
 from recorder.reader_summary import (
     _extracted_shape,
     _first_last_time,
-    _image_shape,
+    _image_shape_of,
     _type_row,
 )
 from recorder.reader_values import ENUM_NO_INDEX, _object_array, join_rows, values_of
@@ -699,22 +699,16 @@ class RecordingFile:
                          "utf-8" if code == STRING_DTYPE_CODE
                          or kind is ValueKind.STRING_ARRAY else
                          DTYPE_BY_CODE[code].name if code in DTYPE_BY_CODE else "none")
-                if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
+                first = self._live_meta(col)
+                if kind is ValueKind.ARRAY:
                     sizes = s["size"][idx]
                     shape = (int(sizes[0]),) if (sizes == sizes[0]).all() else None
-                    if kind is ValueKind.NDARRAY and shape is not None:
-                        # the image's dimensions are in its metadata entries
-                        shape = _image_shape(
-                            decode_rest(view.text(int(view.meta["offset"][i]),
-                                                  int(view.meta["size"][i])))
-                            for i in self._live_meta(col).tolist())
-                        if shape == ():  # no dimensions: the flat data (NDArrayValue.shape)
-                            shape = (int(sizes[0]),)
-                        elif shape is not None and int(np.prod(shape)) != int(sizes[0]):
-                            shape = None
+                elif kind is ValueKind.NDARRAY:  # the image shape is in each row's metadata
+                    at = dict.fromkeys(zip(view.meta["offset"][first].tolist(),
+                                           view.meta["size"][first].tolist(), strict=True))
+                    shape = _image_shape_of(s, idx, (view.text(o, z) for o, z in at))
                 elif kind in (ValueKind.STRING_ARRAY, ValueKind.TABLE):
                     shape = _extracted_shape(self.values(pv))  # in each row's metadata
-                first = self._live_meta(col)
                 if len(first):
                     i = int(first[0])
                     rest = decode_rest(view.text(int(view.meta["offset"][i]),

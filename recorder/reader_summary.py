@@ -14,6 +14,7 @@ import numpy.typing as npt
 from recorder.client.values import TableValue
 from recorder.sinks.codec import F_TIME, F_VALUE
 from recorder.sinks.final_layout import K_ARRAY, typing_rows
+from recorder.sinks.final_metadata import _image_shape, first_metadata
 
 
 def _first_last_time(times: Any, flags: Any, n: int) -> dict[str, int | None]:
@@ -58,16 +59,21 @@ def _extracted_shape(values: npt.NDArray[Any]) -> tuple[int, ...] | None:
     return (lengths.pop(),) if len(lengths) == 1 else None
 
 
-def _image_shape(entries: Iterable[Mapping[str, Any]]) -> tuple[int, ...] | None:
-    """The shape of a live NTNDArray PV's frames from its metadata entries (decoded rest
-    JSON): the reversed ``dimension`` sizes (C order, as the final layout and
-    :attr:`NDArrayValue.shape` give them), None when the entries differ or give none."""
-    shapes = set()
-    for rest in entries:
-        d = rest.get("d")
-        dims = d.get("dimension") if isinstance(d, Mapping) else None
-        if not isinstance(dims, list) or not all(
-                isinstance(x, Mapping) and isinstance(x.get("size"), int) for x in dims):
+def _image_shape_of(s: Mapping[str, npt.NDArray[Any]], rows: npt.NDArray[Any],
+                    rests: Iterable[bytes]) -> tuple[int, ...] | None:
+    """The shape of every image of a live NTNDArray PV (its sample ``rows`` in the columns
+    ``s``; ``rests``: the JSON of each of its metadata entries), as finalization gives it:
+    from the ``dimension`` of the row's entry (docs/file-format.md); None when it varies or
+    when a row holds no image of the PV's type (the final ``shape`` has zeros there)."""
+    sizes = s["size"][rows]
+    if not ((sizes == sizes[0]).all() and (s["flags"][rows] & F_VALUE).all()
+            and (s["kind"][rows] == s["kind"][rows[0]]).all()
+            and (s["dtype"][rows] == s["dtype"][rows[0]]).all()):
+        return None
+    shape: tuple[int, ...] | None = None
+    for raw in rests:
+        got = _image_shape({"d": first_metadata(raw)}, int(sizes[0]))
+        if shape is not None and got != shape:
             return None
-        shapes.add(tuple(int(x["size"]) for x in reversed(dims)))
-    return shapes.pop() if len(shapes) == 1 else None
+        shape = got
+    return shape

@@ -245,3 +245,37 @@ def test_a_commit_with_a_negative_count_is_not_taken(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "recorder.cli", "export", str(left)],
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.splitlines()[1].startswith("1,0,complete,"), out
+
+
+def test_a_live_file_of_images_of_one_size_has_their_shape(tmp_path: Path) -> None:
+    """A camera's frames of one size: the live file's summary (what `inspect` prints while
+    it records) gives their shape, as the finalized file's does (it said None, "varies",
+    for every NTNDArray PV of a live file). Frames whose shape changes, or a frame that
+    changes the PV's type, still give None, in both layouts."""
+
+    def frame(i: int, w: int, h: int, pixels: Any = None, union: str = "ushortValue",
+              ) -> PVSample:
+        return PVSample("CAM", {
+            "value": {union: list(range(w * h)) if pixels is None else pixels},
+            "dimension": [{"size": w}, {"size": h}], "uniqueId": i,
+            "timeStamp": {"secondsPastEpoch": 1_700_000_000 + i, "nanoseconds": 0}})
+
+    cases = {
+        "same": [frame(i, 4, 3) for i in range(4)],
+        "resized": [frame(0, 4, 3), frame(1, 4, 3), frame(2, 3, 4), frame(3, 4, 3)],
+        "other_type": [frame(0, 4, 3), frame(1, 4, 3), frame(2, 4, 3, [0.5] * 12, "doubleValue")],
+        "one_flat": [frame(0, 4, 3), frame(1, 4, 3), frame(2, 5, 3, list(range(12)))],
+    }
+    for name, frames in cases.items():
+        rec = HDF5Recording(OutputOptions(directory=tmp_path / name), run_name=name)
+        for i, sample in enumerate(frames):
+            write_iteration(rec, i + 1, [sample])
+        rec.flush()
+        assert rec.current_path is not None
+        with open_file(rec.current_path) as f:
+            (live,) = f.summary()
+        (final,) = rec.close()
+        with open_file(final) as f:
+            (done,) = f.summary()
+        assert live["shape"] == done["shape"], (name, live, done)
+        assert done["shape"] == ((3, 4) if name == "same" else None), (name, done)
