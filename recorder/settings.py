@@ -53,14 +53,16 @@ def settings_problems(exc: ValidationError) -> str:
 class KafkaSettings(BaseSettings):
     """How the embedded k2eg client reaches Kafka and the gateway."""
 
-    model_config = SettingsConfigDict(env_prefix="RECORDER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RECORDER_", extra="ignore", allow_inf_nan=False)
 
     bootstrap_servers: str = "127.0.0.1:9092"
     cmd_topic: str = Field("cmd-in-topic", description="the gateway's command topic")
     app_name: str = Field("k2eg-recorder", description="names our reply topic: <app_name>-reply")
     reply_topic: str | None = Field(None, description="overrides <app_name>-reply")
     client_id: str = Field(default_factory=lambda: f"k2eg-recorder@{socket.gethostname()}")
-    command_timeout_s: float = Field(10.0, gt=0, description="deadline for a gateway reply")
+    # also the command producer's message.timeout.ms, at most 2147483647 ms
+    command_timeout_s: float = Field(10.0, gt=0, le=2_147_483,
+                                     description="deadline for a gateway reply")
     create_reply_topic: bool = Field(True, description="create the reply topic if it is missing")
     kafka: dict[str, str] = Field(
         default_factory=dict,

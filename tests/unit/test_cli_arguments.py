@@ -116,3 +116,18 @@ def test_replay_refuses_a_topic_name_kafka_cannot_have(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--topic" in err and "not a valid Kafka topic name" in err, err
+
+
+@pytest.mark.parametrize("value", ["inf", "1e12"])
+def test_run_refuses_a_command_timeout_kafka_cannot_take(
+    value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RECORDER_COMMAND_TIMEOUT_S becomes the producer's message.timeout.ms (at most
+    2147483647 ms): inf was an OverflowError traceback (exit 1, restarted by systemd in a
+    loop), 1e12 was blamed on the RECORDER_KAFKA__* settings."""
+    monkeypatch.setenv("RECORDER_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+    monkeypatch.setenv("RECORDER_COMMAND_TIMEOUT_S", value)
+    examples = Path(__file__).parents[2] / "recorder" / "examples"
+    assert main(["run", "--config", str(examples / "triggered.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "RECORDER_COMMAND_TIMEOUT_S" in err and "RECORDER_KAFKA__" not in err, err
