@@ -84,12 +84,14 @@ class KafkaSettings(BaseSettings):
         kafka = {**extra, **overrides.pop("kafka", {})}
         if environ is None:
             return cls(kafka=kafka, **overrides)
-        # pydantic-settings reads os.environ; for an explicit mapping, pass the fields directly
+        # pydantic-settings reads os.environ; for an explicit mapping, pass every field
+        # directly (a field left out would be read from os.environ)
         fields: dict[str, Any] = {}
-        for name in cls.model_fields:
+        for name, info in cls.model_fields.items():
             env_key = f"RECORDER_{name.upper()}"
-            if env_key in env and name != "kafka":
-                fields[name] = env[env_key]
+            if name != "kafka":
+                fields[name] = (env[env_key] if env_key in env
+                                else info.get_default(call_default_factory=True))
         fields.update(overrides)
         return cls(kafka=kafka, **fields)
 

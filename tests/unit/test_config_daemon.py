@@ -105,3 +105,21 @@ def test_settings_problems_name_the_variable_and_never_echo_the_value(
                for line in lines), lines
     assert any(line.startswith("RECORDER_METRICS_PORT: ") for line in lines), lines
 
+
+
+def test_kafka_settings_from_an_explicit_mapping_ignore_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``from_env(mapping)`` reads the mapping only. It read ``os.environ`` too: `k2eg-recorder
+    demo` run in a shell holding the unit's recorder.env (RECORDER_CREATE_REPLY_TOPIC=false,
+    as where topics are pre-created) never became ready on its embedded broker, and a bad
+    value there was a pydantic traceback."""
+    monkeypatch.setenv("RECORDER_CREATE_REPLY_TOPIC", "false")
+    monkeypatch.setenv("RECORDER_REPLY_TOPIC", "production-reply")
+    monkeypatch.setenv("RECORDER_COMMAND_TIMEOUT_S", "0")
+    kafka = KafkaSettings.from_env({"RECORDER_APP_NAME": "demo"},
+                                   bootstrap_servers="127.0.0.1:1")
+    assert kafka.create_reply_topic is True
+    assert kafka.effective_reply_topic == "demo-reply"
+    assert kafka.command_timeout_s == 10.0
+    assert kafka.bootstrap_servers == "127.0.0.1:1"
