@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +48,18 @@ def settings_problems(exc: ValidationError) -> str:
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         lines.append(f"RECORDER_{name}: {message}" if name else message)
     return "\n".join(lines)
+
+
+_S = TypeVar("_S", bound=BaseSettings)
+
+
+def without_environment(cls: type[_S], **values: Any) -> _S:
+    """``cls`` from ``values`` and its defaults only: pydantic-settings reads ``os.environ``
+    for every field not given, so each one is given (the demo, an explicit mapping)."""
+    for name, info in cls.model_fields.items():
+        if name not in values:
+            values[name] = info.get_default(call_default_factory=True)
+    return cls(**values)
 
 
 class KafkaSettings(BaseSettings):
@@ -84,16 +96,13 @@ class KafkaSettings(BaseSettings):
         kafka = {**extra, **overrides.pop("kafka", {})}
         if environ is None:
             return cls(kafka=kafka, **overrides)
-        # pydantic-settings reads os.environ; for an explicit mapping, pass every field
-        # directly (a field left out would be read from os.environ)
         fields: dict[str, Any] = {}
-        for name, info in cls.model_fields.items():
+        for name in cls.model_fields:
             env_key = f"RECORDER_{name.upper()}"
-            if name != "kafka":
-                fields[name] = (env[env_key] if env_key in env
-                                else info.get_default(call_default_factory=True))
+            if env_key in env and name != "kafka":
+                fields[name] = env[env_key]
         fields.update(overrides)
-        return cls(kafka=kafka, **fields)
+        return without_environment(cls, kafka=kafka, **fields)
 
     @property
     def effective_reply_topic(self) -> str:

@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     from recorder.errors import RecorderError
     from recorder.logging import configure_logging
     from recorder.service import Service
-    from recorder.settings import KafkaSettings
+    from recorder.settings import KafkaSettings, without_environment
     from recorder.sim import GatewaySimulator
 
     out = (args.output or Path(tempfile.mkdtemp(prefix="k2eg-recorder-demo-"))).resolve()
@@ -254,8 +254,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  gateway simulator      command topic {cmd_topic}")
         kafka = KafkaSettings.from_env({}, bootstrap_servers=broker.bootstrap_servers,
                                        cmd_topic=cmd_topic, app_name="k2eg-recorder-demo")
-        daemon = DaemonSettings(
-            config_path=config_dir, instance="demo", admin_topic="k2eg-recorder-demo-admin",
+        daemon = without_environment(  # the operator's RECORDER_* are not the demo's
+            DaemonSettings, config_path=config_dir, instance="demo",
+            admin_topic="k2eg-recorder-demo-admin",
             admin_reply_topic="k2eg-recorder-demo-admin-reply",
             status_topic="k2eg-recorder-demo-status", heartbeat_interval_s=2.0,
             shutdown_timeout_s=30.0, metrics_port=None,

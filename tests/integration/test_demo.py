@@ -20,10 +20,14 @@ from recorder.reader import open_file
 @pytest.mark.timeout(240)
 def test_demo_records_every_example_run_and_prints_only_its_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
+    # in a shell holding the unit's recorder.env: none of it is the demo's (it read them: a
+    # short secret was a traceback, a reply topic not created a demo never ready)
+    env = {**os.environ, "RECORDER_ADMIN_SECRET": "short", "RECORDER_FILES_TOPIC": "ops-files",
+           "RECORDER_CREATE_REPLY_TOPIC": "false", "RECORDER_BOOTSTRAP_SERVERS": "kafka-1:9092"}
     proc = subprocess.run(
         [sys.executable, "-m", "recorder.cli", "demo", "--seconds", "4", "--triggers", "2",
          "--output", str(out)],
-        capture_output=True, text=True, timeout=200, check=False,
+        capture_output=True, text=True, timeout=200, check=False, env=env,
     )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
