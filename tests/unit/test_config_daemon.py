@@ -123,3 +123,34 @@ def test_kafka_settings_from_an_explicit_mapping_ignore_the_process_environment(
     assert kafka.effective_reply_topic == "demo-reply"
     assert kafka.command_timeout_s == 10.0
     assert kafka.bootstrap_servers == "127.0.0.1:1"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("RECORDER_CMD_TOPIC", "cmd in topic"),
+        ("RECORDER_REPLY_TOPIC", "recorder/reply"),
+        ("RECORDER_APP_NAME", "recorder a"),  # names the reply topic "recorder a-reply"
+    ],
+)
+def test_kafka_topic_settings_kafka_cannot_have_are_refused(
+    monkeypatch: pytest.MonkeyPatch, key: str, value: str,
+) -> None:
+    """Kafka refuses such a topic: the daemon retried 'cannot connect to Kafka' for ever (the
+    reply topic) or every gateway command failed (the command topic). Now refused at start
+    (exit 2), naming the variable, as the daemon's own topics are."""
+    from recorder.settings import settings_problems
+
+    monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError) as info:
+        KafkaSettings.from_env()
+    text = settings_problems(info.value)
+    assert key in text and "not a valid Kafka topic name" in text, text
+
+
+def test_app_name_with_its_own_reply_topic_need_not_be_a_topic_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RECORDER_APP_NAME", "recorder a")
+    monkeypatch.setenv("RECORDER_REPLY_TOPIC", "recorder-a-reply")
+    assert KafkaSettings.from_env().effective_reply_topic == "recorder-a-reply"
