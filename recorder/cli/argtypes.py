@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def positive_seconds(text: str) -> float:
@@ -35,3 +36,10 @@ def kafka_topic(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a valid Kafka topic name ([A-Za-z0-9._-]{{1,249}})")
     return text
+
+
+def given_path(text: str) -> Path:
+    """A path that is not empty: ``Path("")`` is the working directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from recorder.cli.argtypes import given_path
 
 HELP = "run the recorder daemon"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, metavar="PATH",
+    parser.add_argument("--config", type=given_path, default=None, metavar="PATH",
                         help="run-definition file or directory of *.yaml/*.yml "
                              "(default: $RECORDER_CONFIG_PATH or /etc/k2eg-recorder/runs.d)")
-    parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--state-dir", type=given_path, default=None, metavar="DIR",
                         help="where resume state is kept (default: $RECORDER_STATE_DIR, "
                              "$STATE_DIRECTORY, else $XDG_STATE_HOME or ~/.local/state, "
                              "/k2eg-recorder)")

@@ -131,3 +131,21 @@ def test_run_refuses_a_command_timeout_kafka_cannot_take(
     assert main(["run", "--config", str(examples / "triggered.yaml")]) == 2
     err = capsys.readouterr().err
     assert "RECORDER_COMMAND_TIMEOUT_S" in err and "RECORDER_KAFKA__" not in err, err
+
+
+@pytest.mark.parametrize("option", ["--config", "--state-dir"])
+def test_run_refuses_an_empty_path_option(
+    option: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """``--config ""`` (an empty shell variable in ExecStart=) was Path(".") to argparse: the
+    daemon loaded whatever YAML files the working directory held, as an empty
+    RECORDER_CONFIG_PATH did before it was refused; ``--state-dir ""`` kept the resume state
+    there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stray.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--config", str(tmp_path / "none.yaml"), option, ""])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: must not be empty" in err, err
