@@ -26,7 +26,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from recorder.cli.argtypes import positive_seconds
+from recorder.cli.argtypes import not_empty, positive_seconds
 
 if TYPE_CHECKING:
     from recorder.admin.protocol import AdminReply
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--timeout", type=positive_seconds, default=None,
                         help=f"seconds to wait for the reply (default: {default})")
     parser.add_argument("--json", action="store_true", help="print the reply as JSON")
-    parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT",
+    parser.add_argument("--bootstrap", type=not_empty, default=None, metavar="HOST:PORT",
                         help="Kafka bootstrap servers (default: $RECORDER_BOOTSTRAP_SERVERS)")
     parser.add_argument("--verbose", action="store_true",
                         help="also log the Kafka client's warnings (e.g. each failed connection "

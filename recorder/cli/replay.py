@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from recorder.cli.argtypes import kafka_topic
+from recorder.cli.argtypes import kafka_topic, not_empty
 
 HELP = "publish a recorded file back to Kafka as the gateway's snapshot stream"
 
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic", required=True, type=kafka_topic,
                         help="the Kafka topic to publish to (created with 1 partition if "
                         "missing)")
-    parser.add_argument("--bootstrap", default=None,
+    parser.add_argument("--bootstrap", type=not_empty, default=None,
                         help="Kafka bootstrap servers (default: $RECORDER_BOOTSTRAP_SERVERS); "
                         "SASL/TLS options come from RECORDER_KAFKA__* as for the daemon")
     parser.add_argument("--speed", type=_speed, default=1.0,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recorder.cli.argtypes import given_path
+from recorder.cli.argtypes import given_path, not_empty, port
 
 HELP = "run the recorder daemon"
 
@@ -27,14 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where resume state is kept (default: $RECORDER_STATE_DIR, "
                              "$STATE_DIRECTORY, else $XDG_STATE_HOME or ~/.local/state, "
                              "/k2eg-recorder)")
-    parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT",
+    parser.add_argument("--bootstrap", type=not_empty, default=None, metavar="HOST:PORT",
                         help="Kafka bootstrap servers (default: $RECORDER_BOOTSTRAP_SERVERS)")
     parser.add_argument("--log-format", choices=("auto", "json", "console"), default=None,
                         help="log format (default: $RECORDER_LOG_FORMAT or auto: console on a "
                              "terminal, JSON lines otherwise)")
-    parser.add_argument("--log-level", default=None,
+    parser.add_argument("--log-level", type=str.upper, default=None,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
                         help="DEBUG, INFO, WARNING, ... (default: $RECORDER_LOG_LEVEL or INFO)")
-    parser.add_argument("--metrics-port", type=int, default=None,
+    parser.add_argument("--metrics-port", type=port, default=None, metavar="PORT",
                         help="serve Prometheus metrics on this port (default: "
                              "$RECORDER_METRICS_PORT, else off)")
 

@@ -149,3 +149,41 @@ def test_run_refuses_an_empty_path_option(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}: must not be empty" in err, err
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
+    (["--metrics-port", "70000"], "argument --metrics-port: '70000': must be 0 to 65535"),
+    (["--metrics-port", "-1"], "argument --metrics-port: '-1': must be 0 to 65535"),
+    (["--bootstrap", " "], "argument --bootstrap: must not be empty"),
+])
+def test_run_names_the_option_it_refuses(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad option was reported as the RECORDER_* variable of that setting ('invalid
+    settings: RECORDER_METRICS_PORT: ...'), which the operator had not set."""
+    for key in ("RECORDER_LOG_LEVEL", "RECORDER_METRICS_PORT", "RECORDER_BOOTSTRAP_SERVERS"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--config", "/nonexistent/runs.d", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "RECORDER_" not in err, err
+
+
+@pytest.mark.parametrize("argv", [["status"], ["replay", "x.h5", "--topic", "t"]])
+def test_bootstrap_option_refused_under_its_own_name(
+    argv: list[str], capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--bootstrap", ""])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --bootstrap: must not be empty" in err and "RECORDER_" not in err, err
+
+
+def test_run_log_level_option_is_case_insensitive() -> None:
+    from recorder.cli import build_parser
+
+    assert build_parser().parse_args(["run", "--log-level", "debug"]).log_level == "DEBUG"
