@@ -148,8 +148,8 @@ class DaemonSettings(BaseSettings):
     @model_validator(mode="after")
     def _distinct_topics(self) -> DaemonSettings:
         if self.admin_topic in (self.admin_reply_topic, self.status_topic, self.files_topic):
-            raise ValueError("admin_topic must differ from admin_reply_topic, status_topic "
-                             "and files_topic")
+            raise ValueError("RECORDER_ADMIN_TOPIC must differ from RECORDER_ADMIN_REPLY_TOPIC, "
+                             "RECORDER_STATUS_TOPIC and RECORDER_FILES_TOPIC")
         return self
 
     @property

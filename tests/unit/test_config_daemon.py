@@ -154,3 +154,15 @@ def test_app_name_with_its_own_reply_topic_need_not_be_a_topic_name(
     monkeypatch.setenv("RECORDER_APP_NAME", "recorder a")
     monkeypatch.setenv("RECORDER_REPLY_TOPIC", "recorder-a-reply")
     assert KafkaSettings.from_env().effective_reply_topic == "recorder-a-reply"
+
+
+def test_a_topic_clash_names_the_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clash has no single field, so the line carried no RECORDER_ name: 'admin_topic
+    must differ from ...' for an operator who had set RECORDER_FILES_TOPIC."""
+    from recorder.settings import settings_problems
+
+    monkeypatch.setenv("RECORDER_FILES_TOPIC", "k2eg-recorder-admin")
+    with pytest.raises(ValidationError) as info:
+        DaemonSettings()
+    text = settings_problems(info.value)
+    assert text.startswith("RECORDER_ADMIN_TOPIC ") and "RECORDER_FILES_TOPIC" in text, text
