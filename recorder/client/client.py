@@ -429,7 +429,10 @@ class K2egClient:
                 self._next_expire = now + _EXPIRE_EVERY_S
                 paused = self._note_paused_topics(now)  # every 50 ms, not every batch
                 if self._stalled_since is None:
-                    events.extend(self._assembler.expire(now, frozen=paused))
+                    # deadlines passed while Kafka was known to answer, not later: silence
+                    # is told from a silent Kafka only by the adapter's probe
+                    alive_at = min(now, self._adapter.alive_at)
+                    events.extend(self._assembler.expire(alive_at, frozen=paused))
                 outcomes.extend(self._tracker.expire(now))
             waiters = [(o, self._waiters.pop(o.reply_id, None)) for o in outcomes]
             if events:  # routed under the lock: events reach each handle in assembly order
@@ -457,13 +460,14 @@ class K2egClient:
     def _note_kafka_state(self, now: float) -> None:
         """Consumer thread, core lock held. While reading is stalled (Kafka unreachable, no
         record since) open iterations wait: their messages may be in Kafka, and the time does
-        not count against their deadlines. Kafka unreachable for 2 s is reported (log,
+        not count against their deadlines, from the last time Kafka answered (a Kafka gone
+        silent is found out by a probe, later). Kafka unreachable for 2 s is reported (log,
         :attr:`kafka_unreachable_since`), once per outage: a broker of a cluster failing while
         records flow is not."""
         adapter = self._adapter
         if adapter.reading_stalled:
             if self._stalled_since is None:
-                self._stalled_since = now
+                self._stalled_since = min(now, adapter.alive_at)
         elif self._stalled_since is not None:
             self._assembler.defer(now - self._stalled_since)
             self._stalled_since = None

@@ -233,6 +233,10 @@ _DOWN_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 _PROBE_EVERY_S = 1.0  # metadata requests while Kafka counts as down (see _probe)
 _PROBE_TIMEOUT_S = 0.5
+# nothing read for this long: ask a broker for metadata (see _probe), at most this often. A
+# Kafka that went silent (its host powered off, a network partition) closes no connection,
+# so librdkafka reports nothing before its own timeouts (socket.timeout.ms, 60 s)
+_IDLE_PROBE_S = 0.5
 
 
 class KafkaAdapter:
@@ -263,6 +267,7 @@ class KafkaAdapter:
         self._kafka_down = False
         self._reading_stalled = False
         self._next_probe = 0.0
+        self._alive_at = time.monotonic()  # Kafka last answered the consumer (see alive_at)
         self._poll_timeout_s = poll_timeout_s
         self._metadata_timeout_s = metadata_timeout_s
         self._name = name
@@ -615,10 +620,20 @@ class KafkaAdapter:
     @property
     def kafka_down(self) -> bool:
         """Kafka unreachable: set by a transport failure (``_TRANSPORT``,
-        ``_ALL_BROKERS_DOWN``), cleared by the next record consumed or broker round trip that
+        ``_ALL_BROKERS_DOWN``) or by a metadata probe not answered (Kafka silent, see
+        :attr:`alive_at`), cleared by the next record consumed or broker round trip that
         succeeds (a watermark query, or the consumer thread's own metadata probe, made once a
         second while nothing arrives)."""
         return self._kafka_down
+
+    @property
+    def alive_at(self) -> float:
+        """When (``time.monotonic()``) Kafka last answered the consumer: a record read, a
+        metadata probe or a watermark query answered. While records flow it is the last
+        batch's time; while nothing arrives the consumer thread probes every
+        ``_IDLE_PROBE_S``, so a Kafka that answers keeps it within about that of now, and one
+        that went silent leaves it behind (a probe it does not answer marks it down)."""
+        return self._alive_at
 
     @property
     def reading_stalled(self) -> bool:
@@ -672,10 +687,13 @@ class KafkaAdapter:
                 messages = []
                 if not self._topics:  # nothing assigned: no record can come, but the
                     consumer.poll(0)  # error and log callbacks are served only by polls
+            now = time.monotonic()
             if messages and messages[-1].error() is None:  # a record, not an error event
                 self._kafka_down = self._reading_stalled = False
-            elif self._kafka_down:
-                self._probe(consumer)
+                self._alive_at = now
+            elif self._kafka_down or (now - self._alive_at >= _IDLE_PROBE_S
+                                      and self._has_active_topics()):
+                self._probe(consumer, now)
             if messages and self._first_reads:
                 self._check_first_reads(messages)
             if not messages:
@@ -811,21 +829,31 @@ class KafkaAdapter:
             "consumer error", topic=msg.topic(), partition=msg.partition(), error=err.str()
         )
 
-    def _probe(self, consumer: Consumer) -> None:
-        """While Kafka counts as down and nothing arrives, ask a broker for metadata once a
-        second: an answer shows Kafka is back (an idle client would otherwise wait for its
-        next record, and a single transport error would leave it "down")."""
-        now = time.monotonic()
+    def _probe(self, consumer: Consumer, now: float) -> None:
+        """Ask a broker for metadata: while Kafka counts as down and nothing arrives, once a
+        second (an answer shows Kafka is back: an idle client would otherwise wait for its
+        next record, and a single transport error would leave it "down"); while it counts as
+        up and nothing was read for ``_IDLE_PROBE_S``, every ``_IDLE_PROBE_S`` (no answer
+        within ``_PROBE_TIMEOUT_S``: Kafka went silent, which librdkafka would only report
+        after its own timeouts; it is then down and reading stalled, as after a transport
+        error)."""
         if now < self._next_probe:
             return
-        self._next_probe = now + _PROBE_EVERY_S
+        self._next_probe = now + (_PROBE_EVERY_S if self._kafka_down else _IDLE_PROBE_S)
         with self._topics_lock:
             topic = next(iter(self._topics), None)
         try:
             consumer.list_topics(topic, timeout=_PROBE_TIMEOUT_S)
-        except KafkaException:
+        except KafkaException as exc:
+            if not self._kafka_down:
+                self._count("probes_unanswered")
+                self._log.warning("Kafka does not answer", error=str(exc),
+                                  silent_s=round(time.monotonic() - self._alive_at, 1))
+                self._kafka_down = self._reading_stalled = True
+                self._next_probe = time.monotonic() + _PROBE_EVERY_S
             return
         self._kafka_down = False
+        self._alive_at = time.monotonic()
 
     def _serve_requests(self, consumer: Consumer, *, wait: bool) -> bool:
         """Serve queued requests; False once a stop was requested."""
@@ -873,6 +901,7 @@ class KafkaAdapter:
             elif request.kind == "watermarks":
                 result = self._do_watermarks(consumer, request)
                 self._kafka_down = False
+                self._alive_at = time.monotonic()
             elif request.kind == "call":
                 assert request.fn is not None
                 result = request.fn()

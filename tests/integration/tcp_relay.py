@@ -4,7 +4,9 @@ back (a network outage or a broker that is down, without losing the broker's dat
 The broker must advertise the relay's address (``EmbeddedBroker(advertised_port=...)``), or
 clients would reach it directly after bootstrapping. ``cut()`` closes every relayed
 connection and stops listening (new connections are refused, as by a host that is down);
-``restore()`` listens again on the same port.
+``restore()`` listens again on the same port. ``freeze()`` is a silent outage (a host powered
+off, a network partition): connections stay open but no byte passes and no new connection is
+served, so clients see no error until their own timeouts; ``thaw()`` lets the bytes flow on.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class TcpRelay:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
+        self._frozen = threading.Event()
         self._thread: threading.Thread | None = None
         self.connections = 0  # accepted so far
 
@@ -49,6 +52,12 @@ class TcpRelay:
     def restore(self) -> None:
         self._listen()
 
+    def freeze(self) -> None:
+        self._frozen.set()
+
+    def thaw(self) -> None:
+        self._frozen.clear()
+
     def stop(self) -> None:
         self._stop.set()
         self.cut()
@@ -67,6 +76,9 @@ class TcpRelay:
     def _pump(self) -> None:
         """One thread: accept, and copy bytes both ways, polling every 50 ms."""
         while not self._stop.is_set():
+            if self._frozen.is_set():
+                self._stop.wait(0.05)
+                continue
             with self._lock:
                 listener = self._listener
                 pairs = list(self._pairs)

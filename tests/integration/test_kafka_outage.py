@@ -171,6 +171,58 @@ def test_an_iteration_split_by_an_outage_waits_for_the_rest_of_its_messages(
         assert client.counters().get("assembler.late.data", 0) == 0
 
 
+def test_an_iteration_split_by_a_silent_outage_waits_for_the_rest_of_its_messages(
+    relay: TcpRelay, unique_name: Callable[[str], str]
+) -> None:
+    """As above, but Kafka goes silent instead of refusing connections (its host powered off,
+    a network partition): no transport error comes before librdkafka's own timeouts (60 s),
+    yet the silent time must not count against the open iteration either."""
+    bootstrap = _bootstrap(relay)
+    cmd_topic = unique_name("cmd")
+    name = unique_name("silent").replace("-", "_")
+    events: list[IterationEvent] = []
+    props = SnapshotProperties(name, ["pva://SILENT:A", "pva://SILENT:B"], triggered=True)
+    ts = int(time.time() * 1000)
+
+    def data(pv: str, value: float) -> bytes:
+        return msgpack.packb({"message_type": 1, "timestamp": ts, "iter_index": 1, pv: {
+            "value": value, "alarm": {"severity": 0, "status": 0, "message": "NO_ALARM"},
+            "timeStamp": {"secondsPastEpoch": ts // 1000, "nanoseconds": 0}}})
+
+    header = msgpack.packb({"message_type": 0, "snapshot_name": name, "timestamp": ts,
+                            "iter_index": 1})
+    tail = msgpack.packb({"message_type": 2, "error": 0, "iter_index": 1, "timestamp": ts,
+                          "snapshot_name": name})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "log_level": 0})
+
+    def produce(*values: bytes) -> None:
+        for value in values:
+            producer.produce(name, value, headers=[("k2eg-ser-type", b"Msgpack")])
+        assert producer.flush(30) == 0
+
+    with simulator(bootstrap, cmd_topic), K2egClient(KafkaSettings(
+            bootstrap_servers=bootstrap, cmd_topic=cmd_topic, app_name=unique_name("app"),
+            command_timeout_s=5), iteration_slack_s=2.0) as client:
+        client.snapshot_recurring(props, events.append)
+        produce(header, data("SILENT:A", 1.5))
+        wait_for(lambda: any(isinstance(e, IterationOpened) for e in events), 20,
+                 "the iteration to open")
+        relay.freeze()
+        try:
+            time.sleep(6.0)  # 3 x the iteration's timeout (2 s for a triggered snapshot)
+            assert not any(isinstance(e, IterationClosed) for e in events), events
+            # and reported as an outage ("Kafka unreachable since", kafka_up 0)
+            assert client.kafka_unreachable_since is not None
+        finally:
+            relay.thaw()
+        produce(data("SILENT:B", 2.5), tail)
+        closed = wait_for(lambda: [e for e in events if isinstance(e, IterationClosed)], 30,
+                          "the iteration to close")
+        assert closed[0].complete and closed[0].n_values == 2, closed
+        assert client.counters().get("assembler.late.data", 0) == 0
+        wait_for(lambda: client.kafka_unreachable_since is None, 15, "Kafka reachable again")
+
+
 def test_a_kafka_outage_mid_run_loses_nothing_and_the_daemon_records_on(
     relay: TcpRelay, tmp_path: Path, unique_name: Callable[[str], str],
     daemons: list[DaemonProcess], notify_lines: tuple[str, list[str]],
