@@ -594,8 +594,25 @@ class K2egClient:
                 self._waiters.pop(reply_id, None)
             raise GatewayTimeoutError(command, reply_id, timeout_s) from None
         if outcome.error is not None:
-            raise outcome.error
+            raise self._explained(outcome.error)
         return outcome
+
+    def _explained(self, error: ClientError) -> ClientError:
+        """A command that got no reply, or that Kafka did not take: when the command topic
+        does not exist, that is the reason (no gateway can read the command), not a gateway
+        that does not answer or a slow Kafka."""
+        if not isinstance(error, GatewayTimeoutError | TransportError) or self._adapter.kafka_down:
+            return error
+        try:
+            if self._adapter.topic_partitions(self.cmd_topic, timeout_s=2.0) is not None:
+                return error
+        except ClientError:  # Kafka does not answer either: the error stands
+            return error
+        missing = TransportError(
+            f"the command topic {self.cmd_topic!r} does not exist, so no gateway receives "
+            "commands (RECORDER_CMD_TOPIC must name the gateway's cmd-input-topic)")
+        missing.__cause__ = error
+        return missing
 
     def _request(self, fields: dict[str, Any], command: str, timeout: float | None,
                  *, multi: bool = False) -> Outcome:

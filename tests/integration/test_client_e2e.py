@@ -667,6 +667,25 @@ def test_no_gateway_gives_a_gateway_timeout(
     assert client.counters()["replies.timeout"] == 1
 
 
+def test_a_command_topic_that_does_not_exist_is_named_in_the_error(
+    kafka_bootstrap: str, unique_name: Callable[[str], str]
+) -> None:
+    """RECORDER_CMD_TOPIC naming no topic (a typo, the gateway's topics not deployed yet): no
+    command reaches any gateway, and the error says so instead of blaming the gateway for not
+    answering. (Topics are not created on demand here, as on a production cluster; Tansu
+    creates one a producer asks metadata for unless told not to.)"""
+    cmd_topic = unique_name("nocmd")
+    settings = KafkaSettings(bootstrap_servers=kafka_bootstrap, cmd_topic=cmd_topic,
+                             app_name=unique_name("app"), command_timeout_s=2,
+                             kafka={"allow.auto.create.topics": "false"})
+    with K2egClient(settings) as client:
+        for call in (lambda: client.snapshot_trigger("snap"),
+                     lambda: client.get("pva://SIM:AI:DOUBLE:1", timeout=1.0)):
+            with pytest.raises(TransportError, match=f"command topic '{cmd_topic}' does not "
+                                                     "exist"):
+                call()
+
+
 # ------------------------------------------------------------------------------ sharing
 def test_already_running_snapshot_is_still_read_from_its_normalized_topic(
     start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
