@@ -894,6 +894,9 @@ class RunController:
         if sub.pending:  # messages wait to be taken (a flush outlasted the limit): not silent
             self._heard()
             return
+        if self._client.kafka_unreachable_since is not None:  # Kafka's silence, not the
+            self._heard()  # gateway's: its messages wait in Kafka (and a start cannot go out)
+            return
         now = time.monotonic()
         if not watch.due(now):
             return

@@ -195,6 +195,7 @@ class FakeClient:
         self.sub: FakeSub | None = None
         self.unsubscribed: list[FakeSub] = []
         self.stopped_by_name: list[str] = []
+        self.kafka_unreachable_since: float | None = None
 
     def snapshot_recurring(self, props: Any, start: Any = None, max_pending: int = 0) -> FakeSub:
         self.starts.append(start)
@@ -539,6 +540,34 @@ def test_a_slow_flush_while_messages_wait_is_no_silence(tmp_path: Path) -> None:
         assert sub.resends == []
         assert c.status().silent_since is None and c.status().last_error is None
         assert _resends(metrics, "already_running") == 0
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_kafka_unreachable_is_no_silence_of_the_gateway(tmp_path: Path) -> None:
+    """Kafka unreachable for longer than the silence limit: nothing can arrive, and the
+    gateway's messages wait in Kafka (README: reading resumes where it stopped). The run was
+    reported silent ("no data from the gateway", ``status --check`` exit 4), its start re-sent
+    (failing, counted in ``snapshot_resends_total{outcome="failed"}``) and its last error said
+    so after Kafka was back. Once Kafka answers, a gateway still silent is reported after a
+    full limit."""
+    client = FakeClient()
+    metrics = RecorderMetrics()
+    c, _made = _controller(tmp_path, client, time_window=10, silence_after_s=0.5,
+                           metrics=metrics)
+    try:
+        sub = _started(c, client)
+        client.kafka_unreachable_since = time.time()
+        time.sleep(1.5)
+        assert sub.resends == []
+        st = c.status()
+        assert st.silent_since is None and st.last_error is None
+        assert _resends(metrics, "failed") == 0
+        client.kafka_unreachable_since = None
+        back = time.monotonic()
+        _wait(lambda: len(sub.resends) >= 1)
+        assert sub.resends[0] - back >= 0.3  # the limit, from the last check while down
     finally:
         c.shutdown().result(5)
         assert c.join(5)
