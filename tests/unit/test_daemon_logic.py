@@ -1672,6 +1672,25 @@ os._exit(0)  # killed: no close, the segment being written is left .partial
 """
 
 
+def _resumed_from(tmp_path: Path, d: RunDefinition, saved: dict[str, Any]
+                  ) -> tuple[RunController, FakeClient, list[Path]]:
+    """A controller of ``d`` whose state file holds what ROTATING_WRITER's daemon saved
+    (``saved``) before it died, with an in-process HDF5 recording: (it, its client, the files
+    it told of)."""
+    from recorder.daemon.recording import hdf5_recording
+
+    store = ResumeStore(tmp_path / "state")
+    store.begin("r", ActiveRecording(
+        saved["uid"], 0, d.snapshot.topic, d.snapshot.snapshot_name, {0: saved["offsets"]},
+        saved["current_file"], saved["segments"], started_at_ns=int(1.7e18)))
+    client = FakeClient()
+    told: list[Path] = []
+    c = RunController(d, client, store, recording_factory=hdf5_recording,  # type: ignore[arg-type]
+                      backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0),
+                      on_file=lambda _d, path: told.append(path))
+    return c, client, told
+
+
 @pytest.mark.parametrize("iterations", [2, 3])
 def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_save(
         tmp_path: Path, iterations: int) -> None:
@@ -1685,7 +1704,6 @@ def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_sa
     import subprocess
     import sys
 
-    from recorder.daemon.recording import hdf5_recording
 
     d = RunDefinition.model_validate({
         "name": "r",
@@ -1700,15 +1718,7 @@ def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_sa
     saved = json.loads(got.stdout.splitlines()[-1])
     partials = sorted((tmp_path / "out").glob("*.partial"))
     assert len(partials) == 1 and str(partials[0]) != saved["current_file"]  # rotated
-    store = ResumeStore(tmp_path / "state")
-    store.begin("r", ActiveRecording(
-        saved["uid"], 0, d.snapshot.topic, "snap", {0: saved["offsets"]},
-        saved["current_file"], saved["segments"], started_at_ns=int(1.7e18)))
-    client = FakeClient()
-    told: list[Path] = []
-    c = RunController(d, client, store, recording_factory=hdf5_recording,  # type: ignore[arg-type]
-                      backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0),
-                      on_file=lambda _d, path: told.append(path))
+    c, client, told = _resumed_from(tmp_path, d, saved)
     try:
         c.start().result(60)
         assert client.starts[-1] is not None
@@ -1736,7 +1746,6 @@ def test_a_resume_with_file_names_too_long_to_keep_whole_ends(tmp_path: Path) ->
     import subprocess
     import sys
 
-    from recorder.daemon.recording import hdf5_recording
 
     snapshot = "s" * 190
     d = RunDefinition.model_validate({
@@ -1751,15 +1760,7 @@ def test_a_resume_with_file_names_too_long_to_keep_whole_ends(tmp_path: Path) ->
     assert got.returncode == 0, got.stderr
     saved = json.loads(got.stdout.splitlines()[-1])
     (partial,) = (tmp_path / "out").glob("*.partial")
-    store = ResumeStore(tmp_path / "state")
-    store.begin("r", ActiveRecording(
-        saved["uid"], 0, d.snapshot.topic, snapshot, {0: saved["offsets"]},
-        saved["current_file"], saved["segments"], started_at_ns=int(1.7e18)))
-    client = FakeClient()
-    told: list[Path] = []
-    c = RunController(d, client, store, recording_factory=hdf5_recording,  # type: ignore[arg-type]
-                      backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0),
-                      on_file=lambda _d, path: told.append(path))
+    c, client, told = _resumed_from(tmp_path, d, saved)
     try:
         c.start().result(60)
         assert client.starts[-1] is not None
