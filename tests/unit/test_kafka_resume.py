@@ -72,3 +72,44 @@ def test_a_resume_that_finds_its_offset_deleted_reports_the_gap() -> None:
         assert len(gaps) == 1
     finally:
         adapter.close(timeout_s=1.0)
+
+
+class MetadataConsumer:
+    """A stand-in Consumer whose metadata names ``topic`` with ``error`` (a KafkaError)."""
+
+    def __init__(self, topic: str, error: Any) -> None:
+        from types import SimpleNamespace
+
+        self.meta = SimpleNamespace(topics={topic: SimpleNamespace(error=error, partitions={})})
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        return self.meta
+
+
+def test_a_topic_whose_metadata_is_in_error_for_now_is_not_taken_for_a_new_one() -> None:
+    """A fresh start reads the snapshot topic from the end it had before the start command, or
+    from its beginning when it does not exist yet. A topic whose metadata was in error for a
+    moment (LEADER_NOT_AVAILABLE: a leader election, a broker restarting) gave no watermarks,
+    as a topic that does not exist: the recording read the topic's whole history (earlier
+    recordings' iterations) into the new file. Only a topic the broker does not know is
+    absent; a transient error fails the query (the start is retried)."""
+    import time
+    from concurrent.futures import Future
+
+    import pytest
+    from confluent_kafka import KafkaError
+
+    from recorder.client.kafka import _Request
+    from recorder.errors import TransportError
+
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="meta")
+    adapter = KafkaAdapter(settings, lambda records, drained: None)
+    try:
+        request = _Request("watermarks", Future(), topic="snap", deadline=time.monotonic() + 1)
+        busy = MetadataConsumer("snap", KafkaError(KafkaError.LEADER_NOT_AVAILABLE))
+        with pytest.raises(TransportError, match="in error for now"):
+            adapter._do_watermarks(busy, request)  # type: ignore[arg-type]
+        unknown = MetadataConsumer("snap", KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+        assert adapter._do_watermarks(unknown, request) == {}  # type: ignore[arg-type]
+    finally:
+        adapter.close(1.0)
