@@ -194,6 +194,7 @@ class Service:
         self._upkeep = MemoryUpkeep()
         self._last_status_line = ""
         self._metrics_server: Any = None
+        self._metrics_problem: str | None = None
         self._disk_probe: DiskProbe | None = None
         self._disk_watch: DiskWatch | None = None
         self.ready = threading.Event()  # set once READY=1 was sent (tests, the demo)
@@ -490,6 +491,9 @@ class Service:
                                                    addr=self.settings.metrics_addr)
         except OSError as exc:
             log.error("metrics endpoint not started", port=port, error=str(exc))
+            # in `systemctl status` too: a scrape of that port reaches whatever holds it
+            self._metrics_problem = f"metrics endpoint not started (port {port}: " \
+                f"{exc.strerror or exc})"
             return
         self._metrics_server = server
         log.info("metrics endpoint", url=f"http://{self.settings.metrics_addr}:"
@@ -773,6 +777,8 @@ class Service:
             text += f"; Kafka unreachable since {at} UTC"
         if self._config_errors:
             text += f"; reload refused ({len(self._config_errors)} problem(s))"
+        if self._metrics_problem:
+            text += f"; {self._metrics_problem}"
         if self._disk_watch is not None:
             for warning in self._disk_watch.warnings():
                 text += f"; disk {warning}"

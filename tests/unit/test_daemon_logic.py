@@ -2702,3 +2702,27 @@ def test_a_reply_topic_naming_one_of_the_daemons_own_topics_is_not_written_to() 
         h.handle(_record(payload), target)  # type: ignore[arg-type]
     h.handle(_record(b'{"command": "nope", "reply_topic": "status"}'), target)  # type: ignore[arg-type]
     assert [topic for topic, _ in sent] == ["default-replies"] * 4 + ["mine", "default-replies"]
+
+
+def test_a_metrics_port_in_use_is_said_in_the_systemd_status(tmp_path: Path) -> None:
+    """The metrics endpoint could not start (its port held by another process): only a log
+    line said so, and a Prometheus scrape of that port reached whatever holds it. The
+    ``STATUS=`` line (``systemctl status``) now says it too."""
+    import socket
+
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        port = holder.getsockname()[1]
+        service = Service(DaemonSettings(config_path=tmp_path / "none.yaml", metrics_port=port,
+                                         metrics_addr="127.0.0.1"),
+                          KafkaSettings(), state_dir=tmp_path / "state", gc_tuning=False)
+        service._start_metrics()
+        assert f"metrics endpoint not started (port {port}" in service._status_line()
+    finally:
+        holder.close()
