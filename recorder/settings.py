@@ -53,6 +53,16 @@ def settings_problems(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def unknown_variables(environ: Mapping[str, str], *settings: type[BaseSettings]) -> list[str]:
+    """The ``RECORDER_*`` variables of ``environ`` that no field of ``settings`` (all with the
+    ``RECORDER_`` prefix), no ``RECORDER_KAFKA__*`` option and not ``RECORDER_STATE_DIR``
+    take: a misspelt name (``RECORDER_BOOTSTRAP_SERVER``) is otherwise silently ignored."""
+    known = {"RECORDER_STATE_DIR"} | {
+        f"RECORDER_{name.upper()}" for cls in settings for name in cls.model_fields}
+    return sorted(k for k in environ if k.startswith("RECORDER_") and k not in known
+                  and not k.startswith(_KAFKA_PREFIX))
+
+
 _S = TypeVar("_S", bound=BaseSettings)
 
 

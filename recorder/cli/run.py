@@ -12,6 +12,7 @@ the Kafka client refuses) or run definitions.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from recorder.cli.argtypes import given_path, not_empty, port
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from recorder.config.daemon import DaemonSettings
     from recorder.logging import configure_logging
     from recorder.service import Service
-    from recorder.settings import KafkaSettings, settings_problems
+    from recorder.settings import KafkaSettings, settings_problems, unknown_variables
 
     try:
         daemon, kafka = settings_from_args(args)
@@ -76,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     assert isinstance(daemon, DaemonSettings) and isinstance(kafka, KafkaSettings)
     configure_logging(daemon.log_format, daemon.log_level)
+    unknown = unknown_variables(os.environ, DaemonSettings, KafkaSettings)
+    if unknown:  # a misspelt name would be ignored without a word
+        import structlog
+
+        structlog.get_logger("recorder.cli").warning(
+            "environment variables no setting takes (misspelt?); ignored", variables=unknown)
     from recorder.config.loader import check_runs
 
     _loaded, problems = check_runs(daemon.config_path)

@@ -166,3 +166,31 @@ def test_a_topic_clash_names_the_variables(monkeypatch: pytest.MonkeyPatch) -> N
         DaemonSettings()
     text = settings_problems(info.value)
     assert text.startswith("RECORDER_ADMIN_TOPIC ") and "RECORDER_FILES_TOPIC" in text, text
+
+
+def test_a_misspelt_variable_is_named_at_start(tmp_path: Path) -> None:
+    """``RECORDER_BOOTSTRAP_SERVER`` (no S) or ``RECORDER_KAFKA_SASL__USERNAME`` (one
+    underscore) was ignored without a word: the daemon then used the default. ``run`` now
+    logs the variables no setting takes."""
+    import os
+    import subprocess
+    import sys
+
+    from recorder.config.daemon import DaemonSettings
+    from recorder.settings import KafkaSettings, unknown_variables
+
+    env = {"RECORDER_BOOTSTRAP_SERVER": "x:1", "RECORDER_KAFKA_SASL__USERNAME": "u",
+           "RECORDER_KAFKA__SASL__USERNAME": "u", "RECORDER_STATE_DIR": "/x",
+           "RECORDER_LOG_LEVEL": "INFO", "RECORDER_COMMAND_TIMEOUT_S": "5", "HOME": "/root"}
+    assert unknown_variables(env, DaemonSettings, KafkaSettings) == [
+        "RECORDER_BOOTSTRAP_SERVER", "RECORDER_KAFKA_SASL__USERNAME"]
+    bad = tmp_path / "runs.yaml"
+    bad.write_text("name: r\n")  # refused: the daemon stops before Kafka
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RECORDER_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "recorder.cli", "run", "--config", str(bad),
+         "--log-format", "json"],
+        env={**clean, "RECORDER_BOOTSTRAP_SERVER": "x:1"},
+        capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "misspelt" in out.stdout and "RECORDER_BOOTSTRAP_SERVER" in out.stdout, out.stdout
