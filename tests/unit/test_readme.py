@@ -15,7 +15,9 @@ from recorder.admin.protocol import CommandPolicy, ReplyCode, decode_command, de
 from recorder.config.daemon import DaemonSettings
 from recorder.config.loader import check_runs, parse_runs
 from recorder.metrics import RecorderMetrics
+from recorder.reader import SUPPORTED_MAJORS
 from recorder.settings import KafkaSettings
+from recorder.sinks.final_layout import FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -98,3 +100,13 @@ def test_the_reply_codes_the_readme_lists_exist() -> None:
     section = section[:section.index("\n\n")]
     codes = set(re.findall(r"`([a-z_]+)`", section))
     assert {c.value for c in ReplyCode} - {"ok"} <= codes
+
+
+def test_decision_0001_states_the_current_format_version_and_what_readers_accept() -> None:
+    """docs/decisions/0001 is where the format's versioning rule is stated: the version it
+    calls current is the one the writer writes, and it says readers take the older MAJORs
+    (``recorder.reader.SUPPORTED_MAJORS``), not only their own."""
+    text = (ROOT / "docs/decisions/0001-file-format-version-and-libver.md").read_text()
+    assert re.findall(r"\(now `([0-9.]+)`", text) == [FORMAT_VERSION]
+    assert "Readers accept the same MAJOR" not in text
+    assert tuple(str(m) for m in range(1, int(FORMAT_VERSION[0]) + 1)) == SUPPORTED_MAJORS
