@@ -43,7 +43,7 @@ from recorder.errors import (
     NotInFileError,
     RecorderError,
 )
-from recorder.reader_align import SCALAR_KINDS, _concat_masked, _pick, _scalar_pvs, aligned_table
+from recorder.reader_align import SCALAR_KINDS, _pick, _scalar_pvs, aligned_table
 from recorder.reader_rows import (
     StoredRow,
     _column_items,
@@ -58,7 +58,13 @@ from recorder.reader_summary import (
     _image_shape_of,
     _type_row,
 )
-from recorder.reader_values import ENUM_NO_INDEX, _object_array, join_rows, values_of
+from recorder.reader_values import (
+    ENUM_NO_INDEX,
+    _object_array,
+    exact_in_float64,
+    join_rows,
+    values_of,
+)
 from recorder.sinks.bridge.mapping import (
     FlatCache,
     FlatTemplate,
@@ -1073,7 +1079,24 @@ class Recording:
         return join_rows([getattr(f, method)(pv) for f in self.files if pv in f.pv_names])
 
     def values(self, pv: str) -> npt.NDArray[Any]:
-        return self._cat("values", pv)
+        """:meth:`RecordingFile.values` of every segment, as one file holding all of them
+        would give them: a PV whose dtype or kind changed between segments (a bool then a
+        number, float32 then float64, an enum then a number) is joined by the rules of
+        :func:`values_of`, not an object array beside another segment's numbers."""
+        self._check(pv)
+        held = [f for f in self.files if pv in f.pv_names]
+        parts = [f.values(pv) for f in held]
+        filled = [(f, p) for f, p in zip(held, parts, strict=True) if len(p)]
+        dtypes = {p.dtype for _, p in filled}
+        enum = {f.pv_info(pv).get("kind") == ValueKind.ENUM.value for f, _ in filled}
+        if len(enum) > 1 or (len(dtypes) > 1 and any(dt.kind not in "biuf" for dt in dtypes)):
+            return values_of(self.samples(pv))
+        if len(dtypes) > 1 and len({p.shape[1:] for _, p in filled}) == 1:
+            joined = np.concatenate([p for _, p in filled])  # in their common dtype
+            if joined.dtype.kind != "f" or all(
+                    p.dtype.kind not in "iu" or exact_in_float64(p) for _, p in filled):
+                return joined
+        return join_rows(parts)
 
     def times(self, pv: str) -> npt.NDArray[Any]:
         return self._cat("times", pv)
@@ -1138,12 +1161,20 @@ class Recording:
         """:meth:`RecordingFile.by_iteration` over every segment, aligned with
         :meth:`iterations` (all masked in a segment without the PV; a PV in none of the
         segments is a KeyError, as in :meth:`values`)."""
-        self._check(pv)
-        parts: list[np.ma.MaskedArray | int] = [
-            f.by_iteration(pv, pick=pick) if pv in f.pv_names else len(f.iterations()["iter_index"])
-            for f in self.files
-        ]
-        return _concat_masked(parts)
+        values = self.values(pv)  # picked from the recording's values: in their dtype
+        firsts, counts = [], []
+        rows = 0
+        for f in self.files:
+            if pv in f.pv_names:
+                first, count = f.first_count(pv)
+                firsts.append(np.asarray(first, dtype=np.int64) + rows)
+                counts.append(np.asarray(count, dtype=np.int64))
+                rows += f.row_count(pv)
+            else:
+                n = len(f.iterations()["iter_index"])
+                firsts.append(np.zeros(n, dtype=np.int64))
+                counts.append(np.zeros(n, dtype=np.int64))
+        return _pick(values, np.concatenate(firsts), np.concatenate(counts), pick)
 
     def table(self, pvs: Iterable[str] | None = None, *, pick: str = "last"
               ) -> dict[str, npt.NDArray[Any]]:

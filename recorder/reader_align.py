@@ -1,6 +1,6 @@
 """PVs aligned by iteration: one value per /iterations row picked out of a PV's values by the
-XFEL-style first/count index (masked where the iteration has none), the segments of a
-recording concatenated, and the columns of ``table()`` (``aligned_table``, ``SCALAR_KINDS``).
+XFEL-style first/count index (masked where the iteration has none), and the columns of
+``table()`` (``aligned_table``, ``SCALAR_KINDS``).
 """
 
 from __future__ import annotations
@@ -50,41 +50,6 @@ def _pick(values: npt.NDArray[Any], first: npt.NDArray[np.int64],
         data[missing] = _fill_value(data.dtype)
     mask = np.broadcast_to(missing.reshape((-1,) + (1,) * (data.ndim - 1)), data.shape)
     return np.ma.MaskedArray(data, mask=mask.copy())
-
-
-def _concat_masked(parts: list[np.ma.MaskedArray | int]) -> np.ma.MaskedArray:
-    """Segments' aligned values; an int stands for that many rows of a segment without the
-    PV. Shapes that differ between segments give an object array."""
-    if any(not isinstance(p, int) and not np.ma.getmaskarray(p).all() for p in parts):
-        # a segment where the PV has no value at all says nothing about its dtype or shape
-        parts = [len(p) if not isinstance(p, int) and np.ma.getmaskarray(p).all() else p
-                 for p in parts]
-    present = [p for p in parts if not isinstance(p, int)]
-    if not present:
-        n = sum(p for p in parts if isinstance(p, int))
-        return np.ma.MaskedArray(np.full(n, np.nan), mask=np.ones(n, dtype=bool))
-    shapes = {p.shape[1:] for p in present}
-    if len(shapes) > 1:  # e.g. a waveform whose length changed between segments
-        present = [_object_rows(p) for p in present]
-        shapes = {()}
-    dtype = np.result_type(*[p.dtype for p in present])
-    if dtype.kind == "f" and not all(
-            p.dtype.kind not in "iu" or exact_in_float64(p.compressed()) for p in present):
-        # int64 and uint64 segments (an unsigned PV crossing 2**63) meet in float64, which
-        # would round them: objects, as values() gives them
-        present = [np.ma.MaskedArray(p, dtype=object) for p in present]
-        dtype = np.dtype(object)
-    shape = shapes.pop()
-    filled: list[np.ma.MaskedArray] = []
-    it = iter(present)
-    for p in parts:
-        if isinstance(p, int):
-            data = np.full((p, *shape), _fill_value(dtype), dtype=dtype)
-            filled.append(np.ma.MaskedArray(data, mask=np.ones(data.shape, dtype=bool)))
-        else:
-            filled.append(next(it))
-    out: np.ma.MaskedArray = np.ma.concatenate(filled)  # type: ignore[no-untyped-call]
-    return out
 
 
 def _object_rows(m: np.ma.MaskedArray) -> np.ma.MaskedArray:

@@ -352,3 +352,44 @@ def test_a_pv_whose_kind_changes_between_segments_keeps_its_values(tmp_path: Pat
                     assert not isinstance(got, np.ndarray) and got == want, (i, repr(got))
                     assert isinstance(got, type(want)), (i, repr(got))
     rec.close()
+
+
+def _f32(v: float) -> tuple[float, frozenset[str]]:
+    return float(np.float32(v)), frozenset({"value"})
+
+
+ON, OFF = ({"index": k, "choices": ["Off", "On"]} for k in (1, 0))
+TYPE_CHANGES: dict[str, list[Any]] = {
+    "bool_then_int": [True, False, 3, 4],
+    "bool_then_float": [True, False, 3.5, 4.5],
+    "float32_then_float64": [_f32(0.5), _f32(1.5), 2.25, 3.25],
+    "enum_then_int": [ON, OFF, 3, 4],
+    "int_then_enum": [2, 3, ON, OFF],
+    "int_then_enum_within_a_segment": [2, ON, OFF, ON],
+}
+
+
+def _plain(a: Any) -> list[str]:
+    return [f"{type(x).__name__}:{x!r}" for x in np.asarray(a).tolist()]
+
+
+@pytest.mark.parametrize("sent", TYPE_CHANGES.values(), ids=list(TYPE_CHANGES))
+def test_a_pv_whose_type_changes_at_a_rotation_reads_as_from_one_file(
+        tmp_path: Path, sent: list[Any]) -> None:
+    """The same values recorded into one file and into segments of two iterations: the
+    recording's values(), by_iteration() and table() are what the one file gives (dtype and
+    each value), not objects in one and numbers in the other, nor an enum that is an
+    EnumValue in one segment and an index in the next."""
+    for name, segment in (("one", SegmentOptions()), ("split", SegmentOptions(max_iterations=2))):
+        rec = HDF5Recording(OutputOptions(directory=tmp_path / name, segment=segment),
+                            run_name=name)
+        for i, v in enumerate(sent):
+            value, f32 = v if isinstance(v, tuple) else (v, frozenset[str]())
+            write_iteration(rec, i, [PVSample("P", {"value": value, "timeStamp": _ts(i)}, f32)])
+        assert len(rec.close()) == (1 if name == "one" else 2)
+    with open_recording(tmp_path / "one") as one, open_recording(tmp_path / "split") as split:
+        for read in (lambda r: r.values("P"), lambda r: r.by_iteration("P").data,
+                     lambda r: r.table(["P"])["P"]):
+            want, got = read(one), read(split)
+            assert (got.dtype, _plain(got)) == (want.dtype, _plain(want))
+            assert read(one).dtype == one.values("P").dtype
