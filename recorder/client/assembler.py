@@ -91,6 +91,7 @@ from recorder.client.events import (
 )
 from recorder.client.values import PVSample
 from recorder.client.wire import (
+    _INT64_MAX,
     _NS_THRESHOLD,
     _PV_NAMES,
     _UINTS,
@@ -454,6 +455,8 @@ class IterationAssembler:
                             ts = _uint_of(ts_b) if value is None else value
                             if ts <= _NS_THRESHOLD:
                                 ts *= 1_000_000
+                            if ts > _INT64_MAX:  # as wire.to_ns: not known
+                                ts = 0
                             value = uints.get(idx_b)
                             idx = _uint_of(idx_b) if value is None else value
                             pts, pidx, psub = ts, idx, sub

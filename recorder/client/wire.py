@@ -97,6 +97,8 @@ MAX_MESSAGE_BYTES: int = 64 * 1024 * 1024
 SERIALIZATION_HEADER: Final = "k2eg-ser-type"
 _MSGPACK: Final = "msgpack"
 _NS_THRESHOLD: Final = 10**15  # a timestamp above this is already in nanoseconds
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
 
 REPLY_METADATA_KEYS: frozenset[str] = frozenset(
     {"error", "reply_id", "message", "publishing_topic", "msg_seq", "message-size"}
@@ -271,8 +273,11 @@ def _unpack(value: bytes) -> Any:
 
 
 def to_ns(timestamp: int) -> int:
-    """Gateway timestamp -> ns since the Unix epoch: ms on gateway main, ns if > 1e15."""
-    return timestamp if timestamp > _NS_THRESHOLD else timestamp * 1_000_000
+    """Gateway timestamp -> ns since the Unix epoch: ms on gateway main, ns if > 1e15. A
+    timestamp whose ns do not fit an int64 (a faulty clock: ms past the year 2262) is 0, not
+    known, as the file writes a missing header or tail time."""
+    ns = timestamp if timestamp > _NS_THRESHOLD else timestamp * 1_000_000
+    return ns if _INT64_MIN <= ns <= _INT64_MAX else 0
 
 
 def _opt_uint(obj: Mapping[str, Any], key: str) -> int | None:
@@ -355,7 +360,7 @@ def decode_snapshot_message(
         ):
             return Data(
                 iter_index,
-                timestamp if timestamp > _NS_THRESHOLD else timestamp * 1_000_000,
+                to_ns(timestamp),
                 PVSample(pv_key, pv_data, _pv_float32_paths(raw, pv_key)),
                 None,
                 None,
@@ -531,11 +536,11 @@ def _fast_data(raw: bytes) -> Data | None:
             sub = _uint_of(sub_b)
     hts: int | None = None
     if hts_b is not None:
-        hts = _uint_of(hts_b)
-        hts = hts if hts > _NS_THRESHOLD else hts * 1_000_000
+        hts = to_ns(_uint_of(hts_b))
+    ts = ts if ts > _NS_THRESHOLD else ts * 1_000_000
     return Data(
         idx,
-        ts if ts > _NS_THRESHOLD else ts * 1_000_000,
+        ts if ts <= _INT64_MAX else 0,  # to_ns, inline: a uint is never below int64
         PVSample.from_raw(pv, raw, kend),
         seq,
         sub,
@@ -584,8 +589,7 @@ def snapshot_message_from_map(obj: dict[str, Any], raw: bytes | None = None) -> 
             raise DecodeError("missing_key", "message_type")
         raise DecodeError("bad_type", f"message_type is {type(mtype).__name__}")
     iter_index = _required_int(obj, "iter_index")
-    timestamp = _required_int(obj, "timestamp")
-    timestamp_ns = timestamp if timestamp > _NS_THRESHOLD else timestamp * 1_000_000
+    timestamp_ns = to_ns(_required_int(obj, "timestamp"))
     if mtype == 1:
         return _data_from_map(obj, raw, iter_index, timestamp_ns)
     if mtype == 0:

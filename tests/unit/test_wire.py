@@ -596,3 +596,54 @@ def test_kafka_time_ms_of_a_consumed_message() -> None:
     assert kafka_time_ms(Message(topic="t", value=b"", timestamp=(2, 99))) == 99  # log append
     assert kafka_time_ms(Message(topic="t", value=b"")) is None  # not available
     assert kafka_time_ms(object()) is None  # a stand-in without timestamps
+
+
+# a faulty gateway clock: ms past year 2262, ns beyond int64, ms before 1678
+@pytest.mark.parametrize("ts", [10**14, 9_223_372_036_855, 2**63, 2**64 - 1, -(10**14)])
+def test_timestamps_beyond_int64_ns_are_not_known(ts: int) -> None:
+    """Events carry int64 ns (recorder.client.events): a gateway timestamp whose ns do not fit
+    one is taken as not known (0, as the file writes a missing header or tail) instead of
+    handing the sinks an int that fails the recording when /iterations is written."""
+    h = decode_snapshot_message(header_msg("s", 1, ts), H)
+    t = decode_snapshot_message(tail_msg("s", 1, ts, header_ts=ts), H)
+    assert isinstance(h, Header) and isinstance(t, Tail)
+    assert (h.timestamp_ns, t.timestamp_ns, t.header_timestamp_ns) == (0, 0, 0)
+    for raw in (data_msg(1, ts, "p", ntscalar(1.0)),  # legacy layout
+                data_msg(1, ts, "p", ntscalar(1.0), msg_seq=1, sub=1, header_ts=ts),
+                data_msg(1, ts, "p", ntscalar(1.0), extra={"x": 1})):  # full decoding
+        d = decode_data(raw)
+        assert d.timestamp_ns == 0
+        assert d.header_timestamp_ns in (None, 0)
+    assert to_ns(ts) == 0
+
+
+def test_an_iteration_with_a_timestamp_beyond_int64_is_recorded(tmp_path: Any) -> None:
+    """One header and tail from a gateway with a faulty clock (ms past year 2262) failed the
+    recording at its next flush (OverflowError writing /iterations); the iteration is now
+    recorded, its header and tail times 0 (not known), and the recording goes on."""
+    from recorder.client.assembler import IterationAssembler
+    from recorder.client.events import ValuesReceived
+    from recorder.reader import open_file
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+
+    asm = IterationAssembler()
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, isolate=False), run_name="r",
+                        pv_uris=["pva://p"])
+    bad = 10**14
+    msgs = [header_msg("s", 1, bad), data_msg(1, bad, "p", ntscalar(1.5)), tail_msg("s", 1, bad),
+            header_msg("s", 2, T0), data_msg(2, T0, "p", ntscalar(2.5)), tail_msg("s", 2, T0),
+            # the PV known now: its data message takes the assembler's hot path
+            header_msg("s", 3, bad), data_msg(3, bad, "p", ntscalar(3.5)), tail_msg("s", 3, bad)]
+    for offset, raw in enumerate(msgs):
+        for event in asm.feed(wire.Record("t", 0, offset, raw, H), 0.0):
+            if isinstance(event, ValuesReceived):
+                assert event.timestamp_ns == (T0 * 1_000_000 if event.iter_index == 2 else 0)
+            rec.handle(event)
+    rec.flush()
+    assert rec.status == "recording", rec.reason
+    (path,) = rec.close()
+    with open_file(path) as f:
+        assert list(f.values("p")) == [1.5, 2.5, 3.5]
+        its = f.iterations()
+        assert list(its["header_timestamp"].astype("int64")) == [0, T0 * 1_000_000, 0]
