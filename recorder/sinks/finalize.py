@@ -261,8 +261,16 @@ def _write_final(f: h5py.File, tmp: Path, attrs: dict[str, Any], options: Output
         out.attrs["status"] = status
         out.attrs["status_reason"] = reason
         end = end_time if end_time is not None else time.time()
-        out.attrs["end_time"] = _iso(end)
-        out.attrs["end_time_ns"] = int(end * 1e9)
+        end_text, end_ns = _iso(end), int(end * 1e9)
+        start_ns = attrs.get("start_time_ns")
+        if isinstance(start_ns, (int, np.integer)) and end_ns < start_ns:
+            # the wall clock was stepped back (NTP) since the recording started: it ends at
+            # its start, never before it
+            end_ns = int(start_ns)
+            start_text = attrs.get("start_time")
+            end_text = start_text if isinstance(start_text, str) else _iso(end_ns / 1e9)
+        out.attrs["end_time"] = end_text
+        out.attrs["end_time_ns"] = end_ns
         out.attrs["layout"] = "final"
         out.attrs["format_version"] = FORMAT_VERSION
         for k, v in (extra_attrs or {}).items():

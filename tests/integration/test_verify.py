@@ -655,3 +655,20 @@ def test_a_segment_finalized_while_verify_runs_is_not_a_failure(
     (final,) = finalized
     assert f"ok    {final}  (final, complete, 3 iterations" in out, out
     assert "2 file(s) checked: 2 ok, 0 with warnings, 0 failed" in out
+
+
+def test_a_recording_across_a_clock_stepped_back_passes(tmp_path: Path) -> None:
+    """NTP stepping the wall clock back an hour while a recording is written: its file ended
+    'before it started' (end_time_ns < start_time_ns), which verify (and the nightly timer)
+    reported as broken; the end is now never before the start."""
+    wall = [1_795_510_560.25]
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, isolate=False), run_name="jump",
+                        wall_clock=lambda: wall[0])
+    write_iteration(rec, 1, [PVSample("A", {"value": 1.0})])
+    wall[0] -= 3600
+    (path,) = rec.close()
+    report = verify_file(path)
+    assert report.ok, [str(p) for p in report.errors]
+    with h5py.File(path, "r") as f:
+        assert f.attrs["end_time_ns"] == f.attrs["start_time_ns"]
+        assert f.attrs["end_time"] == f.attrs["start_time"]
