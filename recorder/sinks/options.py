@@ -17,6 +17,7 @@ Example (YAML)::
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import enum
 import hashlib
@@ -234,16 +235,31 @@ def sanitize_component(text: str) -> str:
     return text.lstrip(".") or "_"
 
 
+_EPOCH_DIRECTIVE = re.compile(r"%[%s]")
+
+
+class _UTCStart(dt.datetime):
+    """The start as the template formats it: ``%s`` is its Unix seconds (the C library's
+    ``strftime`` reads the time as local time: off by the host's UTC offset)."""
+
+    def __format__(self, spec: str) -> str:
+        if "%s" in spec:
+            seconds = str(calendar.timegm(self.utctimetuple()))
+            spec = _EPOCH_DIRECTIVE.sub(lambda m: seconds if m[0] == "%s" else "%%", spec)
+        return super().__format__(spec)
+
+
 def render_template(
     template: str, *, run: str, snapshot: str, start: dt.datetime, seq: int, segment: int
 ) -> str:
     """Render the template with string values sanitized (no path is built here)."""
     if start.tzinfo is None:
         start = start.replace(tzinfo=dt.UTC)
+    utc = start.astimezone(dt.UTC)
     values: dict[str, Any] = {
         "run": sanitize_component(run),
         "snapshot": sanitize_component(snapshot),
-        "start": start.astimezone(dt.UTC),
+        "start": _UTCStart.combine(utc.date(), utc.timetz()),
         "seq": seq,
         "segment": segment,
     }

@@ -75,3 +75,24 @@ def test_a_name_too_long_keeps_its_segments_apart(tmp_path: Path) -> None:
     assert all(len(n) <= 200 and n.endswith(".h5") and n.startswith("r_sss") for n in names)
     again = render_file_name(opts, run="r", snapshot="s" * 190, start=START, seq=1, segment=2)
     assert again.name in names  # the same inputs, the same name (a resume finds its files)
+
+
+def test_start_as_epoch_seconds_is_utc_whatever_the_host_time_zone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """{start:%s} (Unix seconds) went through the C library, which reads the UTC start as
+    local time: on a host in Europe/Berlin the name said an hour (in summer two) earlier."""
+    import time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        opts = OutputOptions(directory=tmp_path, file_template="{run}_{start:%s}_{seq}.h5")
+        start = dt.datetime(2026, 7, 1, 0, 0, 0, tzinfo=dt.UTC)
+        path = render_file_name(opts, run="r", snapshot="s", start=start, seq=1)
+        assert path.name == f"r_{int(start.timestamp())}_1.h5"
+        opts = OutputOptions(directory=tmp_path, file_template="{start:%Y%%s%s.%f}.h5")
+        path = render_file_name(opts, run="r", snapshot="s", start=start, seq=1)
+        assert path.name == f"2026_s{int(start.timestamp())}.000000.h5"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
