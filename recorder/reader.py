@@ -1146,7 +1146,10 @@ class Recording:
     def iterations(self) -> dict[str, npt.NDArray[Any]]:
         """Every segment's /iterations table, in order, plus ``segment`` (the file's segment
         number) per row: ``iter_index`` is unique within a file, not across the files of a
-        recording whose snapshot was restarted (docs/decisions/0006)."""
+        recording whose snapshot was restarted (docs/decisions/0006), nor for an iteration
+        open at a segment rotation: it has a row in both files, the first one incomplete
+        with reason ``recording_stopped``, its values split between them (leave those rows
+        out to count iterations)."""
         tables = [f.iterations() for f in self.files]
         if not tables:
             return {}
