@@ -82,6 +82,10 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 LOOP_WAIT_S = 0.1
 EXTEND_EVERY_S = 5.0
+CONFIG_ERRORS_KEPT = 50
+"""Problems of a refused reload listed in the status, the heartbeats and the reload's reply
+(one long PV list with a wrong prefix is thousands: all of them made every status document
+too large for a Kafka message); a last line says how many more there are."""
 
 
 def default_state_dir(environ: dict[str, str] | None = None) -> Path:
@@ -184,7 +188,8 @@ class Service:
         self._controllers: dict[str, RunController] = {}
         self._retiring: list[RunController] = []
         self._deferred: list[_Deferred] = []
-        self._config_errors: list[str] = []
+        self._config_errors: list[str] = []  # at most CONFIG_ERRORS_KEPT, then "... more"
+        self._config_error_count = 0  # problems of the last refused reload, all of them
         self._client: Any = None  # K2egClient (imported lazily: confluent-kafka)
         self._link: AdminLink | None = None
         self._cursor: AdminCursor | None = None
@@ -622,7 +627,13 @@ class Service:
             self.notifier.ready(self._status_line())
 
     def _refuse_reload(self, problems: tuple[Any, ...], origin: str) -> str:
-        self._config_errors = [str(p) for p in problems]
+        self._config_errors = [str(p) for p in problems[:CONFIG_ERRORS_KEPT]]
+        self._config_error_count = len(problems)
+        if len(problems) > CONFIG_ERRORS_KEPT:
+            self._config_errors.append(
+                f"... and {len(problems) - CONFIG_ERRORS_KEPT} more problem(s), "
+                f"{len(problems)} in all (k2eg-recorder validate "
+                f"{self.settings.config_path} lists them all)")
         self.metrics.reload(False)
         for p in problems:
             log.error("reload refused: invalid run definition", problem=str(p), origin=origin)
@@ -633,6 +644,7 @@ class Service:
         """A reload's good definitions in force (the disks they write to watched, the reload
         counted); what changed against the previous ones."""
         self._config_errors = []
+        self._config_error_count = 0
         diff = diff_runs(self._definitions, runs)
         self._definitions = dict(runs)
         self._watch_disks()
@@ -776,7 +788,7 @@ class Service:
             at = time.strftime("%H:%M:%S", time.gmtime(down))
             text += f"; Kafka unreachable since {at} UTC"
         if self._config_errors:
-            text += f"; reload refused ({len(self._config_errors)} problem(s))"
+            text += f"; reload refused ({self._config_error_count} problem(s))"
         if self._metrics_problem:
             text += f"; {self._metrics_problem}"
         if self._disk_watch is not None:

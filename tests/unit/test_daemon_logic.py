@@ -2726,3 +2726,46 @@ def test_a_metrics_port_in_use_is_said_in_the_systemd_status(tmp_path: Path) -> 
         assert f"metrics endpoint not started (port {port}" in service._status_line()
     finally:
         holder.close()
+
+
+def test_a_refused_reload_of_many_problems_keeps_status_and_replies_within_a_kafka_message(
+    tmp_path: Path,
+) -> None:
+    """A run of 10,000 PVs whose generated list got a wrong prefix ("pva//") is 10,000
+    problems. A refused reload kept every one in ``config_errors``: each heartbeat and every
+    status reply carried them (over 2 MB, past Kafka's 1 MB message limit), so the producer
+    refused them all: no heartbeat, ``k2eg-recorder status`` and the reload itself got no
+    answer, while the daemon recorded on. The status and the reply now list the first
+    problems and say how many there are."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    def run_yaml(prefix: str) -> str:
+        pvs = ", ".join(f"{prefix}SECTOR:{i // 100}:BPM:{i % 100}:X" for i in range(10_000))
+        return (f"runs:\n  - name: bpms\n    autostart: false\n    snapshot: {{snapshot_name: "
+                f"bpms, pv_uri_list: [{pvs}]}}\n    output: {{directory: {tmp_path / 'o'}}}\n")
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(run_yaml("pva://"))
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False)
+    service._client = FakeClient()
+    service._client.kafka_unreachable_since = None  # type: ignore[attr-defined]
+    runs.write_text(run_yaml("pva//"))
+    sent: list[bytes] = []
+    h = AdminHandler(CommandPolicy(max_age_s=30), "default-replies",
+                     lambda topic, payload: sent.append(payload), clock_ms=lambda: NOW)
+    h.handle(_record(_cmd("reload")), service)
+    h.handle(_record(_cmd("status")), service)
+    heartbeat = service.status_document("heartbeat", 1).encode()
+    assert [len(p) < 1_000_000 for p in (*sent, heartbeat)] == [True, True, True]
+    reload, status = (json.loads(p) for p in sent)
+    assert reload["code"] == "invalid_config" and "10000 problem(s)" in reload["message"]
+    errors = status["data"]["daemon"]["config_errors"]
+    assert errors[0].endswith("runs.0.snapshot.pv_uri_list.0: 'pva//SECTOR:0:BPM:0:X' is not "
+                              "a valid PV URI: expected pva://NAME, ca://NAME or pv://NAME with"
+                              " NAME made of [A-Za-z0-9-_] parts joined by ':' and an optional "
+                              ".field")
+    assert "10000" in errors[-1] and "k2eg-recorder validate" in errors[-1]
+    assert service._status_line().endswith("reload refused (10000 problem(s))")
