@@ -57,7 +57,7 @@ from recorder.admin.protocol import ReplyCode
 from recorder.admin.status import DaemonState, RunState, RunStatus, StatusDocument
 from recorder.config.daemon import DaemonSettings
 from recorder.config.diff import RunDiff, diff_runs
-from recorder.config.loader import check_runs
+from recorder.config.loader import LoadedRuns, Problem, check_runs
 from recorder.config.models import RunDefinition
 from recorder.daemon.admin import AdminHandler, RunHandle
 from recorder.daemon.adminlink import AdminCursor, AdminLink
@@ -248,7 +248,7 @@ class Service:
     # ------------------------------------------------------------------ main
     def run(self) -> int:
         """Run until :meth:`request_stop`; returns the process exit code."""
-        loaded, problems = check_runs(self.settings.config_path)
+        loaded, problems = self._check_runs()
         if problems:
             for p in problems:
                 log.error("invalid run definition", problem=str(p))
@@ -541,6 +541,31 @@ class Service:
             self.metrics.disks(watch.statuses)
 
     # ------------------------------------------------------------------ runs
+    def _check_runs(self) -> tuple[LoadedRuns, tuple[Problem, ...]]:
+        """The run definitions and their problems, with those only this daemon sees: a
+        snapshot whose k2eg topic (its normalized name) is one of the daemon's own topics or
+        the gateway's command topic, into which the gateway would write its data."""
+        loaded, problems = check_runs(self.settings.config_path)
+        s, k = self.settings, self.kafka
+        own = {s.admin_topic: "RECORDER_ADMIN_TOPIC", s.admin_reply_topic:
+               "RECORDER_ADMIN_REPLY_TOPIC", s.status_topic: "RECORDER_STATUS_TOPIC",
+               s.files_topic: "RECORDER_FILES_TOPIC", k.cmd_topic: "RECORDER_CMD_TOPIC",
+               k.effective_reply_topic: "the k2eg reply topic (RECORDER_REPLY_TOPIC)"}
+        clashes = []
+        for name, definition in loaded.runs.items():
+            topic = definition.snapshot.topic
+            if topic not in own:
+                continue
+            source = loaded.sources[name]
+            clashes.append(Problem(
+                source.file, source.line,
+                f"{source.field}.snapshot.snapshot_name" if source.field
+                else "snapshot.snapshot_name",
+                f"snapshot_name {definition.snapshot.snapshot_name!r} is published on topic "
+                f"{topic!r} (k2eg normalizes names: [^A-Za-z0-9-] -> '_', lower case), which "
+                f"is {own[topic]} of this daemon: rename the snapshot"))
+        return loaded, (*problems, *clashes)
+
     def _name_orphaned_leftovers(self) -> None:
         """Runs no longer defined whose state file still names the file a crash left: no
         run resumes (and so finalizes) it; say where it is and how to finalize it."""
@@ -655,7 +680,7 @@ class Service:
         """A reload asked while connecting (before any run started): the definitions are
         read again (a bad set keeps those read at start, reported as a refused reload), so
         a run removed meanwhile is not started only to be stopped; which runs start."""
-        loaded, problems = check_runs(self.settings.config_path)
+        loaded, problems = self._check_runs()
         if problems:
             self._refuse_reload(problems, "SIGHUP")
             return starting
@@ -664,7 +689,7 @@ class Service:
         return {name: d.autostart or self._interrupted(d) for name, d in self._definitions.items()}
 
     def _reload_now(self, origin: str) -> tuple[bool, str, dict[str, Any]]:
-        loaded, problems = check_runs(self.settings.config_path)
+        loaded, problems = self._check_runs()
         if problems:
             message = self._refuse_reload(problems, origin)
             return False, message, {"problems": list(self._config_errors)}

@@ -2769,3 +2769,49 @@ def test_a_refused_reload_of_many_problems_keeps_status_and_replies_within_a_kaf
                               ".field")
     assert "10000" in errors[-1] and "k2eg-recorder validate" in errors[-1]
     assert service._status_line().endswith("reload refused (10000 problem(s))")
+
+
+@pytest.mark.parametrize("snapshot_name", ["K2EG-Recorder-Admin", "k2eg-recorder-status",
+                                           "k2eg-recorder-files", "cmd-in-topic",
+                                           "K2EG-Recorder-Reply"])
+def test_a_snapshot_whose_topic_is_one_of_the_daemons_own_is_refused(
+    tmp_path: Path, snapshot_name: str,
+) -> None:
+    """k2eg publishes a snapshot on its normalized name ([^A-Za-z0-9-] -> '_', lower case):
+    a run of snapshot "K2EG-Recorder-Admin" had the gateway write its data into the daemon's
+    admin topic (each message answered 'malformed'), and likewise into its status, files or
+    reply topic, or the gateway's own command topic. Such a run is now refused, at the start
+    and by a reload, naming the topic it would share."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import EXIT_CONFIG, Service
+    from recorder.settings import KafkaSettings
+
+    def run_yaml(snapshot: str) -> str:
+        return ("runs:\n  - {name: ok, snapshot: {snapshot_name: fine, pv_uri_list: ['pva://A']},"
+                f" output: {{directory: {tmp_path / 'out'}}}}}\n"
+                f"  - {{name: bad, snapshot: {{snapshot_name: {snapshot}, pv_uri_list: "
+                f"['pva://A']}}, output: {{directory: {tmp_path / 'out'}}}}}\n")
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(run_yaml(snapshot_name))
+    settings = DaemonSettings(config_path=runs, disk_check_interval_s=0)
+    kafka = KafkaSettings(app_name="k2eg-recorder")
+    service = Service(settings, kafka, state_dir=tmp_path / "state", gc_tuning=False)
+    connected: list[bool] = []
+    service._connect = lambda: connected.append(True) or False  # type: ignore[method-assign]
+    topic = snapshot_name.lower()
+    with capture_logs() as logs:
+        assert service.run() == EXIT_CONFIG
+    assert connected == []
+    problems = [e["problem"] for e in logs if e["event"] == "invalid run definition"]
+    assert len(problems) == 1 and "runs.1.snapshot.snapshot_name" in problems[0], problems
+    assert f"topic {topic!r}" in problems[0], problems
+
+    runs.write_text(run_yaml("other"))  # valid: the daemon starts; then a reload brings it
+    service = Service(settings, kafka, state_dir=tmp_path / "state", gc_tuning=False)
+    service._client = FakeClient()
+    service._client.kafka_unreachable_since = None  # type: ignore[attr-defined]
+    runs.write_text(run_yaml(snapshot_name))
+    ok, message, _data = service.reload("SIGHUP")
+    assert not ok and f"topic {topic!r}" in message, message
+    assert service.controllers == {} and service._deferred == []
