@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import io
 import json
 import math
 import os
@@ -189,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
         table["tags"] = iterations["tags"]
         gaps = {pv: np.ma.getmaskarray(m) for pv, m in aligned.items()}
         if args.output is None:
+            if isinstance(sys.stdout, io.TextIOWrapper):  # text the IOC sent not as UTF-8
+                sys.stdout.reconfigure(errors="surrogateescape")  # (as -o writes it)
             try:
                 write_csv(table, pvs, sys.stdout, stored, gaps)
                 sys.stdout.flush()
@@ -201,7 +204,10 @@ def run(args: argparse.Namespace) -> int:
                       "not overwritten", file=sys.stderr)
                 return 2
             try:
-                with open(args.output, "w", encoding="utf-8", newline="") as out:
+                # a text the IOC sent that is not UTF-8 (lone surrogates in the reader): its
+                # bytes as sent
+                with open(args.output, "w", encoding="utf-8", errors="surrogateescape",
+                          newline="") as out:
                     n = write_csv(table, pvs, out, stored, gaps)
             except OSError as exc:  # a missing directory, a directory, no permission, full
                 print(f"{args.output}: cannot write: {exc.strerror or exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,27 @@ def test_a_file_beside_the_recording_that_cannot_be_read_is_said(tmp_path: Path)
     assert len(rows(proc.stdout)) == N
     assert f"{damaged}: could not be read" in proc.stderr
     assert "Warning" not in proc.stderr  # said in one line, not as a Python warning
+
+
+def test_a_text_that_is_not_utf8_is_written_as_sent(tmp_path: Path) -> None:
+    """A string PV whose IOC sent bytes that are not UTF-8 (a Latin-1 ``°C``: the reader
+    gives them as lone surrogates) made ``-o out.csv`` fail with a traceback, and standard
+    output too under a strict UTF-8 locale; the bytes are now written as the IOC sent them,
+    to the file and to standard output alike."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "data"), run_name="latin")
+    for i, text in enumerate(("20 C", "20\udcb0C", "")):
+        write_iteration(rec, i, [PVSample("S", {"value": text}), PVSample("A", {"value": i})])
+    (path,) = rec.close()
+
+    out = tmp_path / "out.csv"
+    proc = export(str(path), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    raw = out.read_bytes()
+    assert b",20\xb0C,1\n" in raw
+    with open(out, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        assert [r["S"] for r in csv.DictReader(f)] == ["20 C", "20\udcb0C", ""]
+    strict = subprocess.run([sys.executable, "-m", "recorder.cli", "export", str(path)],
+                            capture_output=True, cwd=REPO, timeout=120, check=False,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert strict.returncode == 0, strict.stderr
+    assert strict.stdout == raw
