@@ -102,16 +102,19 @@ def _kind_of(stored: str) -> str:
 
 def write_csv(table: dict[str, Any], pvs: list[str], out: TextIO,
               stored: dict[str, str] | None = None,
-              gaps: dict[str, Any] | None = None) -> int:
+              gaps: dict[str, Any] | None = None, *,
+              keys: list[str] | None = None) -> int:
     """The table's rows as CSV (``stored``: each PV's storage dtype; ``gaps``: per PV, True
     in the iterations without a value, the mask of ``by_iteration``; without it a NaN is
-    taken for a gap); returns the number of rows."""
+    taken for a gap; ``keys``: the table's column of each PV, when not named as the PV);
+    returns the number of rows."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["iter_index", "segment", "status", "header_time", "header_timestamp_ns",
                      "tags", *pvs])
-    columns = [_texts(table[pv], (stored or {}).get(pv, "")) for pv in pvs]
+    keyed = list(zip(keys or pvs, pvs, strict=True))
+    columns = [_texts(table[key], (stored or {}).get(pv, "")) for key, pv in keyed]
     n = len(table["iter_index"])
-    holes = [_gaps_of(table[pv], (gaps or {}).get(pv)) for pv in pvs]
+    holes = [_gaps_of(table[key], (gaps or {}).get(pv)) for key, pv in keyed]
     segments = table["segment"].tolist() if "segment" in table else [""] * n
     tags = table["tags"].tolist() if "tags" in table else [None] * n
     for i in range(n):
@@ -186,14 +189,18 @@ def run(args: argparse.Namespace) -> int:
         if "segment" not in iterations:  # --only-file: the same columns, its segment number
             iterations["segment"] = np.full(len(iterations["iter_index"]),
                                             int(files[0].attrs.get("segment", 0)))
-        table = aligned_table(iterations, aligned)
+        # the PV columns under keys no PV name or column of the iterations can be (a PV
+        # named "status" or "tags" would replace that column)
+        keys = [f"\0{k}" for k in range(len(pvs))]
+        table = aligned_table(iterations, {
+            key: aligned[pv] for key, pv in zip(keys, pvs, strict=True)})
         table["tags"] = iterations["tags"]
         gaps = {pv: np.ma.getmaskarray(m) for pv, m in aligned.items()}
         if args.output is None:
             if isinstance(sys.stdout, io.TextIOWrapper):  # text the IOC sent not as UTF-8
                 sys.stdout.reconfigure(errors="surrogateescape")  # (as -o writes it)
             try:
-                write_csv(table, pvs, sys.stdout, stored, gaps)
+                write_csv(table, pvs, sys.stdout, stored, gaps, keys=keys)
                 sys.stdout.flush()
             except BrokenPipeError:  # `| head`: the reader has what it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -208,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
                 # bytes as sent
                 with open(args.output, "w", encoding="utf-8", errors="surrogateescape",
                           newline="") as out:
-                    n = write_csv(table, pvs, out, stored, gaps)
+                    n = write_csv(table, pvs, out, stored, gaps, keys=keys)
             except OSError as exc:  # a missing directory, a directory, no permission, full
                 print(f"{args.output}: cannot write: {exc.strerror or exc}", file=sys.stderr)
                 return 1

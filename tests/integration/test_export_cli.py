@@ -220,3 +220,30 @@ def test_a_text_that_is_not_utf8_is_written_as_sent(tmp_path: Path) -> None:
                             env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert strict.returncode == 0, strict.stderr
     assert strict.stdout == raw
+
+
+def test_a_pv_named_as_a_fixed_column_keeps_both(tmp_path: Path) -> None:
+    """A PV named ``status``, ``segment``, ``tags``, ``iter_index`` or ``header_timestamp``
+    replaced that column of the iterations (``status`` printed the PV's values, a ``tags``
+    PV printed ``{}``), or the iterations' column replaced the PV's values; both are now
+    written, each as it is."""
+    names = ["status", "segment", "tags", "iter_index", "header_timestamp"]
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="names")
+    for i in range(3):
+        write_iteration(rec, 10 + i, [PVSample("status", {"value": 100 + i}),
+                                      PVSample("segment", {"value": 0.5 + i}),
+                                      PVSample("tags", {"value": f"t{i}"}),
+                                      PVSample("iter_index", {"value": 7}),
+                                      PVSample("header_timestamp", {"value": -1.5})])
+    (path,) = rec.close()
+
+    for args in ([], [arg for pv in names for arg in ("--pv", pv)]):
+        proc = export(str(path), *args)
+        assert proc.returncode == 0, proc.stderr
+        head, *body = list(csv.reader(io.StringIO(proc.stdout)))
+        assert head[6:] == names
+        assert [r[:6] for r in body] == [
+            [str(10 + i), "0", "complete", "1970-01-01T00:00:00.000000Z", str(10 + i), ""]
+            for i in range(3)]
+        assert [r[6:] for r in body] == [[str(100 + i), str(0.5 + i), f"t{i}", "7", "-1.5"]
+                                         for i in range(3)]
