@@ -76,7 +76,27 @@ def _texts(column: Any, stored: str = "") -> list[Any]:
     kind = _kind_of(stored)
     if column.dtype.kind == "f" and kind in ("i", "u", "b"):
         return [_as_stored(v, kind) for v in column.tolist()]
+    if column.dtype == object:  # a value of another kind after the PV changed type
+        return [_other(v) for v in column.tolist()]
     return list(column.tolist())
+
+
+def _other(value: Any) -> Any:
+    """A value of an object column as its cell: an enum value as its index, an array (a
+    waveform, a string array) as a JSON list of its exact values, others as they are."""
+    from recorder.client.values import EnumValue
+
+    if isinstance(value, EnumValue):
+        return value.index
+    if isinstance(value, list | tuple) or getattr(value, "ndim", 0) != 0:
+        items = value.tolist() if hasattr(value, "tolist") else list(value)
+        return json.dumps(items, ensure_ascii=False, default=_plain)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar or array inside a list, for ``json.dumps`` (others as text)."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def _as_stored(value: float, kind: str) -> Any:

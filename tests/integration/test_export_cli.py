@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import subprocess
 import sys
@@ -247,3 +248,23 @@ def test_a_pv_named_as_a_fixed_column_keeps_both(tmp_path: Path) -> None:
             for i in range(3)]
         assert [r[6:] for r in body] == [[str(100 + i), str(0.5 + i), f"t{i}", "7", "-1.5"]
                                          for i in range(3)]
+
+
+def test_a_value_of_another_kind_after_a_type_change_is_exact(tmp_path: Path) -> None:
+    """A PV whose IOC record changed type while recorded: an enum that then sends integers
+    printed its enum values as ``EnumValue(index=0, choices=('Off', 'On'))``, not their
+    index; a scalar that then sends a waveform printed numpy's rounded summary
+    (``[0.12345679 1. ...]``, 8 digits, elided past 1,000 elements). An enum value is now
+    its index, a waveform a JSON list of its exact values."""
+    wave = [0.123456789012, 1.0, *range(2000)]
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="kinds")
+    for i in range(3):
+        e = {"index": i, "choices": ["Off", "On", "Mid"]} if i < 2 else 5
+        write_iteration(rec, i, [PVSample("E", {"value": e}),
+                                 PVSample("X", {"value": wave if i == 1 else 0.5 * i})])
+    (path,) = rec.close()
+
+    table = rows(export(str(path)).stdout)
+    assert [r["E"] for r in table] == ["0", "1", "5"]
+    assert [r["X"] for r in table][::2] == ["0.0", "1.0"]
+    assert json.loads(table[1]["X"]) == wave
