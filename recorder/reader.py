@@ -26,7 +26,7 @@ import inspect
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -1051,7 +1051,13 @@ class Recording:
         # files beside it that open_recording could not read (path, why): see
         # SkippedFileWarning
         self.skipped: list[tuple[Path, str]] = []
-        self.files = [RecordingFile(p) for p in _now_at_all(paths)]
+        given = _now_at_all(paths)
+        names = {p.resolve() for p in given}
+        self.files = []
+        for p in given:
+            f = _open_now(p, names)
+            if f is not None:
+                self.files.append(f)
         try:
             _one_recording(self.files)
         except FileFormatError:
@@ -1260,6 +1266,19 @@ def _now_at_all(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         if now == p or now.resolve() not in names:
             out.append(now)
     return out
+
+
+def _open_now(path: Path, names: Container[Path]) -> RecordingFile | None:
+    """``RecordingFile(path)``; a ``.partial`` finalized since :func:`_now_at` found it
+    (while the files before it opened) from its final file, None when that file is among
+    ``names`` (the resolved paths opened with it) already."""
+    try:
+        return RecordingFile(path)
+    except FileNotFoundError:
+        now = _now_at(path)
+        if now == path:
+            raise
+        return None if now.resolve() in names else RecordingFile(now)
 
 
 def open_file(path: str | os.PathLike[str]) -> RecordingFile:

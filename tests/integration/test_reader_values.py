@@ -280,3 +280,47 @@ def test_open_recording_follows_a_segment_finalized_while_it_opens(
         assert [f.path for f in r.files] == [first, second]
     with open_recording(listed[0][1]) as r:  # one file, a .partial finalized since
         assert [f.path for f in r.files] == [first, second]
+
+
+def test_open_recording_follows_a_segment_finalized_after_its_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A .partial still there when open_recording looked, finalized while it opened the
+    files before it (a segment rotation while a long recording opens: ``export`` of a
+    recording being written failed with "No such file or directory: ...h5.partial"), is
+    read from its final file."""
+    from test_hdf5_roundtrip import write_iteration
+
+    from recorder import reader
+    from recorder.reader import open_recording
+    from recorder.sinks.options import SegmentOptions
+
+    for given, when in (("directory", "before"), ("files", "before"), ("files", "after")):
+        where = tmp_path / given / when
+        rec = HDF5Recording(OutputOptions(directory=where,
+                                          segment=SegmentOptions(max_iterations=3)),
+                            run_name="d")
+        for i in range(1, 6):
+            write_iteration(rec, i, [PVSample("P", {"value": float(i)})])
+        rec.flush()
+        listed = sorted(where.iterdir())
+        assert [p.name.endswith(".partial") for p in listed] == [False, True]
+        opened = reader._open_h5
+        closed: list[Path] = []
+
+        def open_h5(path: Path, rec: HDF5Recording = rec, opened: Any = opened,
+                    closed: list[Path] = closed, when: str = when) -> Any:
+            if when == "after":  # the .partial opened, then finalized
+                h5 = opened(path)
+                if path.suffix == ".partial":
+                    closed.extend(rec.close())
+                return h5
+            if not closed:  # the first file opens: the writer finalizes the second
+                closed.extend(rec.close())
+            return opened(path)
+
+        monkeypatch.setattr(reader, "_open_h5", open_h5)
+        with open_recording(where if given == "directory" else listed) as r:
+            assert [f.path for f in r.files] == closed
+            assert r.values("P").tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+        monkeypatch.setattr(reader, "_open_h5", opened)
