@@ -350,6 +350,11 @@ class _Checker:
         if major < 2:  # the PV description was in group attributes then
             self.warn("/pvs", f"format {attrs['format_version']}: the PV groups of 1.x files "
                       "are not checked (root attributes and /iterations are)")
+            # the values it holds all the same: a row per value in each PV's time column
+            self.report.values = sum(
+                len(t) for name in names
+                if isinstance(g := pvs.get(escape_name(name)), h5py.Group)
+                and isinstance(t := g.get("time"), h5py.Dataset))
             return
         info = self.pv_info(f, names)
         if info is None:
