@@ -237,6 +237,16 @@ def sample_slice(samples: h5py.Group, name: str, lo: int, hi: int) -> npt.NDArra
     return got
 
 
+def state_slice(state: h5py.Group, name: str, lo: int, hi: int) -> npt.NDArray[Any]:
+    """Rows ``lo:hi`` of the ``/live/state`` column ``name``; zeros for a column the file
+    predates (``n_tags``: 1.0 live files from before trigger tags, which have no
+    ``/live/tags``)."""
+    if name not in state:
+        return np.zeros(hi - lo, STATE_COLUMNS[name])
+    got: npt.NDArray[Any] = state[name][lo:hi]
+    return got
+
+
 class LiveColumns(Mapping[str, npt.NDArray[Any]]):
     """The committed ``/live/samples`` columns, each read when first used.
 
@@ -334,8 +344,8 @@ def refresh_live(f: h5py.File) -> None:
     live = f["live"]
     # by name, not .values(): h5py's values() gives None for a member it cannot open
     # (damaged metadata), where indexing raises the KeyError that says so
-    for group in (*(live[g] for g in ("samples", "meta", "state", "kafka", "pvs", "tags")),
-                  f["iterations"]):
+    for group in (*(live[g] for g in ("samples", "meta", "state", "kafka", "pvs")),
+                  *((live["tags"],) if "tags" in live else ()), f["iterations"]):
         for name in group:
             _refresh(group[name])
     _refresh(live["bytes"])
@@ -358,7 +368,8 @@ def read_commit(f: h5py.File) -> Commit:
         "n_pvs": min(live["pvs"][k].shape[0] for k in PV_COLUMNS),
         "n_kafka": min(live["kafka"][k].shape[0] for k in KAFKA_COLUMNS),
         "n_bytes": live["bytes"].shape[0],
-        "n_tags": min(live["tags"][k].shape[0] for k in TAG_COLUMNS),
+        "n_tags": (min(live["tags"][k].shape[0] for k in TAG_COLUMNS)
+                   if "tags" in live else 0),  # 1.0 files from before trigger tags: none
         **{f"n_pool_{n}": live[f"pool_{n}"].shape[0] for n in POOL_NAMES.values()},
     }
 
@@ -369,7 +380,7 @@ def read_commit(f: h5py.File) -> Commit:
     while hi > 0:  # newest first, in windows (only the last commits can be cut)
         lo = max(0, hi - 4096)
         first = max(0, lo - 1)  # with the row before the window's first
-        state = {k: live["state"][k][first:hi] for k in STATE_COLUMNS}
+        state = {k: state_slice(live["state"], k, first, hi) for k in STATE_COLUMNS}
         for i in range(hi - 1 - first, lo - first - 1, -1):
             row = {k: int(state[k][i]) for k in STATE_COLUMNS}
             before = {k: int(state[k][i - 1]) for k in actual} if i > 0 else None
@@ -417,7 +428,8 @@ def read_live(f: h5py.File) -> LiveView:
         meta={k: live["meta"][k][:nm] for k in META_COLUMNS},
         iterations={k: f["iterations"][k][:ni] for k in ITERATION_COLUMNS},
         kafka={k: live["kafka"][k][: limits["n_kafka"]] for k in KAFKA_COLUMNS},
-        tags={k: live["tags"][k][: limits["n_tags"]] for k in TAG_COLUMNS},
+        tags={k: (live["tags"][k][: limits["n_tags"]] if "tags" in live
+                  else np.zeros(0, dt)) for k, dt in TAG_COLUMNS.items()},
         byte_pool=byte_pool,
         pools={
             code: LivePool(live[f"pool_{name}"], limits[f"n_pool_{name}"])

@@ -67,3 +67,40 @@ def test_verify_counts_the_values_of_an_old_file(version: str, tmp_path: Path) -
     report = verify_file(old_file(version, tmp_path), data=True)
     assert report.ok, [str(p) for p in report.errors]
     assert report.values == sum(len(v) for v in EXPECTED["samples"].values())
+
+
+def old_partial(directory: Path) -> Path:
+    path = directory / "fx_20261124T091116Z_0000.h5.partial"
+    path.write_bytes(gzip.decompress(
+        (FIXTURES / "live-1.0-untagged.h5.partial.gz").read_bytes()))
+    return path
+
+
+def test_a_partial_from_before_trigger_tags_is_read_verified_and_recovered(
+        tmp_path: Path) -> None:
+    """A .partial of the first 1.0 writer (no /live/tags, no n_tags commit column) left by a
+    crash: read, verified and recovered as that version did (was: 'damaged: object 'tags'
+    doesn't exist' from the reader, inspect and export; verify 'cannot check'; recover
+    refused it)."""
+    from recorder.sinks.recover import recover_file
+
+    expected = json.loads((FIXTURES / "live-1.0-untagged.json").read_text("utf-8"))["samples"]
+    partial = old_partial(tmp_path)
+    with open_file(partial) as f:
+        assert f.iterations()["iter_index"].tolist() == [0, 1]
+        assert _plain(f.iterations()["tags"]) == [{}, {}]
+        for pv, samples in expected.items():
+            assert [_plain(s.data) for s in f.samples(pv)] == samples, pv
+    report = verify_file(partial, data=True)
+    assert report.ok, [str(p) for p in report.errors]
+    assert report.iterations == 2
+    final = recover_file(partial)
+    assert not partial.exists()
+    with open_file(final) as f:
+        its = f.iterations()
+        assert its["iter_index"].tolist() == [0, 1, 2]
+        assert its["status"].tolist() == ["complete", "complete", "incomplete"]
+        for pv, samples in expected.items():
+            assert [_plain(s.data) for s in f.samples(pv)] == samples, pv
+    report = verify_file(final, data=True)
+    assert report.ok, [str(p) for p in report.errors]
