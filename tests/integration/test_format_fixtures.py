@@ -104,3 +104,26 @@ def test_a_partial_from_before_trigger_tags_is_read_verified_and_recovered(
             assert [_plain(s.data) for s in f.samples(pv)] == samples, pv
     report = verify_file(final, data=True)
     assert report.ok, [str(p) for p in report.errors]
+
+
+def kafka_zstd_file(directory: Path) -> Path:
+    path = directory / "kz_20261124T091417Z_0000.h5"
+    path.write_bytes(gzip.decompress(
+        (FIXTURES / "format-5.1-kafka-zstd.h5.gz").read_bytes()))
+    path.chmod(0o444)
+    return path
+
+
+def test_verify_accepts_a_5_1_file_whose_kafka_topic_column_lacks_its_filter_name(
+        tmp_path: Path) -> None:
+    """5.1 writers before 2026-11-24 05:27 compressed a long /kafka/topic with zstd/blosc2
+    without naming the filter (on it, in required_plugins): every reader that has
+    hdf5plugin reads it, so verify warns instead of failing such a file (the nightly verify
+    reported it broken)."""
+    path = kafka_zstd_file(tmp_path)
+    report = verify_file(path, data=True)
+    assert report.ok, [str(p) for p in report.errors]
+    assert any(p.where == "/kafka/topic" for p in report.warnings), report.warnings
+    with open_file(path) as f:
+        assert f.values("A").tolist() == [float(i) for i in range(40)]
+
