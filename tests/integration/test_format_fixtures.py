@@ -127,3 +127,19 @@ def test_verify_accepts_a_5_1_file_whose_kafka_topic_column_lacks_its_filter_nam
     with open_file(path) as f:
         assert f.values("A").tolist() == [float(i) for i in range(40)]
 
+
+def test_the_daemon_reads_the_kafka_offsets_of_a_5_1_file_without_the_filter_name(
+        tmp_path: Path) -> None:
+    """The daemon (no hdf5plugin imported) reads the offsets a finalized segment of an
+    older writer holds when it resumes its recording (was: none, so the resume read again
+    from the state file's older offsets and recorded those iterations twice)."""
+    import subprocess
+    import sys
+
+    path = kafka_zstd_file(tmp_path)
+    got = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from recorder.daemon.leftovers import offsets_in_file; "
+         "print(offsets_in_file(Path(sys.argv[1]), sys.argv[2]))", str(path), "topic-x"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert got.stdout.strip().splitlines()[-1] == "{0: 119}", got.stdout + got.stderr
