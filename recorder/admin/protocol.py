@@ -402,7 +402,19 @@ def _tag_problems(tags: Any, command: CommandKind | None) -> list[str]:
                        "recorder's own (e.g. the tag of a stop's last iteration)")
         if not isinstance(value, str) or len(value) > MAX_TAG_CHARS:
             out.append(f"tag {key!r} must be a string of at most 1024 characters")
+        elif not (_unicode(key) and _unicode(value)):  # the gateway command is UTF-8 JSON
+            out.append(f"tag {key!r} is not valid Unicode (a lone surrogate, or a byte "
+                       "that is not UTF-8)")
     return out
+
+
+def _unicode(text: str) -> bool:
+    """``text`` has no lone surrogate (JSON's "\\ud800", argv's escape of a non-UTF-8 byte)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _show(value: Any) -> str:

@@ -113,6 +113,9 @@ def test_valid_commands(fields: dict[str, Any], expected: AdminCommand) -> None:
         (raw(command="trigger", tags={"": "x"}), "tag names"),
         (raw(command="trigger", tags={"k2eg-recorder.cause": "x"}), "the recorder's own"),
         (raw(command="trigger", tags={str(i): "v" for i in range(65)}), "at most 64 tags"),
+        # a lone surrogate (JSON "\ud800"; a CLI argument with a byte that is not UTF-8)
+        (raw(command="trigger", tags={"shot": "\ud800"}), "tag 'shot' is not valid Unicode"),
+        (raw(command="trigger", tags={"\udcff": "1"}), "is not valid Unicode"),
         (raw(issued_at=True), "issued_at must be integer"),
         (raw(issued_at=float(NOW)), "issued_at must be integer"),
         (raw(issued_at=-1), "issued_at must be integer"),

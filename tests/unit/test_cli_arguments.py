@@ -20,6 +20,9 @@ pytestmark = pytest.mark.usefixtures("logging_untouched")
         (["trigger", "shots", "--tag", "k=" + "x" * 5000], "at most 1024 characters"),
         (["trigger", "shots", "--tag", "novalue"], "expected KEY=VALUE"),
         (["trigger", "shots", "--tag", "shot=1", "--tag", "shot=2"], "'shot' is given twice"),
+        # a byte that is not UTF-8 in a tag (argv's surrogate escape): the gateway command
+        # could not be encoded; the daemon answered internal "trigger failed" and kept an error
+        (["trigger", "shots", "--tag", "shot=\udcff"], "not valid Unicode"),
     ],
 )
 def test_admin_cli_refuses_a_malformed_command_before_sending_it(
