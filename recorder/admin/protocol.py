@@ -83,6 +83,7 @@ __all__ = [
 ]
 
 MAX_COMMAND_BYTES = 64 * 1024
+OVERSIZE_READ = 16  # a command up to this many times too large is read for its reply address
 MAX_TAGS = 64
 MAX_TAG_CHARS = 1024
 REPLY_FILES_CHARS = 200_000
@@ -276,10 +277,13 @@ def decode_command(
 ) -> AdminCommand:
     """Parse, authenticate, validate and age-check a command; raise
     :class:`CommandRejectedError` (with what is known of request_id/reply_topic) otherwise."""
-    try:
-        obj = _parse_json(payload, policy.max_bytes)
+    too_large = len(payload) > policy.max_bytes
+    try:  # one too large is still read (up to a bound) for where its refusal goes
+        obj = _parse_json(payload, policy.max_bytes * (OVERSIZE_READ if too_large else 1))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CommandRejectedError(ReplyCode.MALFORMED, f"not a JSON command: {exc}") from None
+        why = (f"command is {len(payload)} bytes, more than {policy.max_bytes}" if too_large
+               else str(exc))
+        raise CommandRejectedError(ReplyCode.MALFORMED, f"not a JSON command: {why}") from None
     if not isinstance(obj, dict):
         raise CommandRejectedError(ReplyCode.MALFORMED, "a command is a JSON object")
 
@@ -292,6 +296,11 @@ def decode_command(
 
     def reject(code: ReplyCode, message: str) -> CommandRejectedError:
         return CommandRejectedError(code, message, **address)
+
+    if too_large:
+        raise reject(ReplyCode.MALFORMED,
+                     f"command is {len(payload)} bytes, more than {policy.max_bytes} (fewer "
+                     "or shorter tags)")
 
     if policy.secret is not None:
         if "signature" not in obj:
@@ -631,6 +640,10 @@ def build_command(
         raise CommandRejectedError(ReplyCode.MALFORMED, "; ".join(problems))
     if secret is not None:
         obj["signature"] = sign(obj, secret)
+    size = len(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode())
+    if size > MAX_COMMAND_BYTES:  # as encode_command sends it: the daemon would refuse it
+        raise CommandRejectedError(ReplyCode.MALFORMED, f"command is {size} bytes, more than "
+                                   f"{MAX_COMMAND_BYTES} (fewer or shorter tags)")
     return AdminCommand(
         command=CommandKind(obj["command"]),
         request_id=obj["request_id"],

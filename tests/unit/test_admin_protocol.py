@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recorder.admin.protocol import (
+    MAX_COMMAND_BYTES,
     AdminCommand,
     AdminReply,
     CommandKind,
@@ -131,6 +132,19 @@ def test_malformed(payload: bytes, needle: str) -> None:
     assert error.code == "malformed"
     assert needle in error.message
     assert isinstance(error, AdminCommandError)
+
+
+def test_a_command_too_large_is_refused_under_its_request_id() -> None:
+    """A trigger within the tag limits can be larger than a command may be: refused, but
+    answered under its request_id on its reply_topic (the sender waits for that reply)."""
+    payload = raw(command="trigger", request_id="big-1", reply_topic="ops",
+                  tags={f"t{i}": "x" * 1024 for i in range(64)})
+    assert len(payload) > MAX_COMMAND_BYTES
+    error = rejected(payload)
+    assert error.reply_code is ReplyCode.MALFORMED and "more than 65536" in error.message
+    assert (error.request_id, error.reply_topic, error.run) == ("big-1", "ops", "bpm")
+    with pytest.raises(CommandRejectedError, match="more than 65536"):
+        build_command("trigger", run="bpm", tags={f"t{i}": "x" * 1024 for i in range(64)})
 
 
 def test_all_problems_are_listed_at_once() -> None:

@@ -23,6 +23,10 @@ pytestmark = pytest.mark.usefixtures("logging_untouched")
         # a byte that is not UTF-8 in a tag (argv's surrogate escape): the gateway command
         # could not be encoded; the daemon answered internal "trigger failed" and kept an error
         (["trigger", "shots", "--tag", "shot=\udcff"], "not valid Unicode"),
+        # within the tag limits, but more than an admin command may be (the daemon refused it
+        # without its request_id: no reply came, exit 3 after the timeout)
+        (["trigger", "shots", *(a for i in range(64) for a in ("--tag", f"t{i}=" + "x" * 1024))],
+         "more than 65536"),
     ],
 )
 def test_admin_cli_refuses_a_malformed_command_before_sending_it(
