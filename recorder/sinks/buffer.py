@@ -237,6 +237,9 @@ class RecordingBuffer:
         self._bytes: list[bytes] = []
         self.bytes_len = 0
         self.buffered_bytes = 0
+        # of buffered_bytes, those of samples of iterations not yet active (a flush cannot
+        # take them: they wait for the older iterations still open)
+        self.pending_bytes = 0
         for name in pv_names:
             self.column(name)
         # buffered rows in arrival order (samples of active iterations): the sample (an
@@ -363,6 +366,7 @@ class RecordingBuffer:
         for chunk in it.pending:
             self._add(chunk, it.row, it.iter_index, count=False)
             it.n_written += len(chunk.items)
+            self.pending_bytes -= chunk.nbytes
         it.pending = []
 
     def _chunk(self, samples: Sequence[PVSample], offset: int) -> _Chunk:
@@ -458,6 +462,7 @@ class RecordingBuffer:
             chunk = self._chunk(samples, self._held_from)
             it.pending.append(chunk)
             self.buffered_bytes += chunk.nbytes
+            self.pending_bytes += chunk.nbytes
 
     def _closed(self, event: IterationClosed) -> list[int]:
         it = self.open.get(event.iter_index)
@@ -617,7 +622,8 @@ class RecordingBuffer:
         self._iter_rows = []
         self._new_pvs = []
         self._pv_entries = []
-        self.buffered_bytes = sum(c.nbytes for it in self.open.values() for c in it.pending)
+        self.buffered_bytes = self.pending_bytes = sum(
+            c.nbytes for it in self.open.values() for c in it.pending)
         return batch
 
     def _columns(self) -> tuple[dict[str, npt.NDArray[Any]], dict[int, npt.NDArray[Any]]]:
@@ -1059,7 +1065,9 @@ class RecordingBuffer:
             moved.held_from = it.held_from
             if moved.row is None:
                 moved.pending = it.pending
-                nxt.buffered_bytes += sum(c.nbytes for c in it.pending)
+                held = sum(c.nbytes for c in it.pending)
+                nxt.buffered_bytes += held
+                nxt.pending_bytes += held
             else:
                 for chunk in it.pending:
                     nxt._add(chunk, moved.row, iter_index)

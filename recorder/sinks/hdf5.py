@@ -163,7 +163,7 @@ class HDF5Recording:
             self.counters["iterations"] += len(rows)
             self._segment_iterations += len(rows)
             self._buffer.activate_oldest()
-        if self._buffer.buffered_bytes >= self.options.max_buffer_bytes:
+        if self._buffer_full():
             self.flush()
 
     def tag_iteration(self, iter_index: int, tags: Mapping[str, str]) -> None:
@@ -176,7 +176,7 @@ class HDF5Recording:
             return
         self.counters["tags"] += 1
         self._buffer.tag(iter_index, tags)
-        if self._buffer.buffered_bytes >= self.options.max_buffer_bytes:
+        if self._buffer_full():
             self.flush()
 
     def maybe_flush(self, now: float | None = None, *, idle: bool = False) -> bool:
@@ -228,6 +228,14 @@ class HDF5Recording:
         self.reason = reason
         self._log.info("recording closed", status=status, reason=reason, files=len(self.paths))
         return self.paths
+
+    def _buffer_full(self) -> bool:
+        """Flush early: the buffers hold ``max_buffer_bytes``, and a quarter of that at least
+        can be written (samples of iterations waiting behind an older one still open cannot:
+        past the limit they would have every event flush, nothing each time)."""
+        buf, limit = self._buffer, self.options.max_buffer_bytes
+        return (buf.buffered_bytes >= limit
+                and buf.buffered_bytes - buf.pending_bytes >= limit // 4)
 
     # --- segments -----------------------------------------------------------------------------
     def _segment_due(self) -> bool:
