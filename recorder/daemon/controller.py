@@ -86,7 +86,12 @@ from recorder.daemon.bridge import (
     karabo_bridge,
 )
 from recorder.daemon.diskspace import out_of_space
-from recorder.daemon.leftovers import LEFTOVER_TIMEOUT_S, finalize_leftover, offsets_in_file
+from recorder.daemon.leftovers import (
+    LEFTOVER_TIMEOUT_S,
+    finalize_leftover,
+    offsets_in_file,
+    recording_uid_in_file,
+)
 from recorder.daemon.pump import pending_bound
 from recorder.daemon.recording import (
     Recording,
@@ -100,7 +105,7 @@ from recorder.daemon.silence import SilenceWatch, silence_limit_s
 from recorder.errors import AdminCommandError, RecorderError
 from recorder.metrics import RecorderMetrics
 from recorder.sinks.bridge.options import BridgeOptions
-from recorder.sinks.options import final_path, partial_path, render_file_name
+from recorder.sinks.options import final_path, partial_path, render_file_name, taken_paths
 
 _log = structlog.get_logger("recorder.daemon")
 
@@ -616,28 +621,37 @@ class RunController:
             return offsets, segments
         start = dt.datetime.fromtimestamp(active.started_at_ns / 1e9, dt.UTC)
         while True:
-            final = render_file_name(
+            name = render_file_name(
                 self.definition.output, run=self.name, snapshot=active.snapshot_name,
                 start=start, seq=active.seq, segment=segments)
-            later = partial_path(final)
-            if later.exists():
-                self._log.info("a later segment of the recording was left too",
-                               path=str(later))
-                segments += 1  # the resumed recording never reuses its number
-                recovered = finalize_leftover(later, self.name,
+            recovered: Path | None = None
+            # the name, or one with a counter when an earlier recording's file had it (a
+            # template without {seq}/{start}): the one of this recording
+            for final in taken_paths(name):
+                later = partial_path(final)
+                if later.exists():
+                    self._log.info("a later segment of the recording was left too",
+                                   path=str(later))
+                    found = finalize_leftover(later, self.name,
                                               timeout_s=self._leftover_timeout_s)
-                if recovered is None:  # left as .partial (logged)
-                    return offsets, segments
-                self._adopt_file(recovered)
-            elif final.exists():  # rotated out again before the crash (several rotations
-                # between two saves of the state file: short segments)
-                self._log.info("a later segment of the recording was finalized before the "
-                               "restart", path=str(final))
-                segments += 1
-                self._adopt_file(final)  # its event may not have gone out (see above)
-                recovered = final
-            else:
+                    if found is None:  # left as .partial (logged)
+                        return offsets, segments + 1  # its number is never reused
+                elif final.exists():  # rotated out again before the crash (several
+                    # rotations between two saves of the state file: short segments)
+                    found = final
+                else:
+                    continue
+                if recording_uid_in_file(found) in (None, active.recording_uid):
+                    recovered = found
+                    break
+                self._log.info("a file of another recording has the name of a later "
+                               "segment", path=str(found))
+            if recovered is None:
                 return offsets, segments
+            self._log.info("a later segment of the recording was finalized",
+                           path=str(recovered))
+            segments += 1  # the resumed recording never reuses its number
+            self._adopt_file(recovered)  # its event may not have gone out (see above)
             offsets = self._offsets_after(recovered, active.topic, offsets)
 
     def _adopt_file(self, path: Path) -> None:

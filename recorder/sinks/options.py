@@ -21,9 +21,11 @@ import calendar
 import datetime as dt
 import enum
 import hashlib
+import itertools
 import re
 import string
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -302,12 +304,25 @@ def render_file_name(
 
 def unique_path(path: Path) -> Path:
     """``path`` if neither it nor its ``.partial`` twin exists, else ``stem-1.ext``, ..."""
-    candidate = path
-    counter = 0
-    while candidate.exists() or partial_path(candidate).exists():
-        counter += 1
-        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
-    return candidate
+    for candidate in _numbered(path):
+        if not (candidate.exists() or partial_path(candidate).exists()):
+            return candidate
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def taken_paths(path: Path) -> Iterator[Path]:
+    """The files (final or ``.partial``) :func:`unique_path` found taken for ``path``, in
+    its order: ``path``, ``stem-1.ext``, ... up to the first free name (excluded)."""
+    for candidate in _numbered(path):
+        if not (candidate.exists() or partial_path(candidate).exists()):
+            return
+        yield candidate
+
+
+def _numbered(path: Path) -> Iterator[Path]:
+    yield path
+    for counter in itertools.count(1):
+        yield path.with_name(f"{path.stem}-{counter}{path.suffix}")
 
 
 def partial_path(final: Path) -> Path:

@@ -1735,6 +1735,55 @@ def test_a_resume_recovers_the_segment_a_rotation_opened_after_the_last_state_sa
         assert c.join(60)
 
 
+def test_a_resume_does_not_take_an_earlier_recordings_segments_for_its_own(
+        tmp_path: Path) -> None:
+    """A file_template without {seq} or {start} ("{run}.h5") gives each recording's segments
+    the names of the one before, so they get a counter ("r-1.h5", "r_s0001-1.h5"): files are
+    never overwritten. A resume looked for the later segments by the plain names only: it
+    took the earlier recording's "r_s0001.h5" (and those after it) for its own, told of them
+    again as this recording's files, and never found its own "r_s0001-1.h5.partial", whose
+    iterations it recorded a second time and which stayed .partial."""
+    import subprocess
+    import sys
+
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import HDF5Recording
+
+    d = RunDefinition.model_validate({
+        "name": "r",
+        "snapshot": {"snapshot_name": "snap", "pv_uri_list": ["pva://A:B"]},
+        "output": {"directory": str(tmp_path / "out"), "isolate": False,
+                   "file_template": "{run}.h5", "segment": {"max_iterations": 1}},
+    })
+    props = d.snapshot.to_properties()
+    earlier = HDF5Recording(d.output, run_name="r", snapshot=props, seq=0, start_wall=1.6e9)
+    for i in range(1, 4):  # an earlier recording of r: r.h5, r_s0001.h5, r_s0002.h5
+        earlier.handle(IterationOpened(props.topic, "snap", i, i, offset=i))
+        earlier.handle(IterationClosed(props.topic, "snap", i, IterationStatus.COMPLETE,
+                                       None, i, i, offset=i))
+        earlier.handle(ValuesReceived(props.topic, i, 1, i,
+                                      (PVSample("A:B", {"value": 0.0}),), offset=i))
+    theirs = earlier.close()
+    assert [p.name for p in theirs] == ["r.h5", "r_s0001.h5", "r_s0002.h5"]
+    got = subprocess.run([sys.executable, "-c", ROTATING_WRITER, d.model_dump_json(), "2"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert got.returncode == 0, got.stderr
+    saved = json.loads(got.stdout.splitlines()[-1])
+    partials = sorted((tmp_path / "out").glob("*.partial"))
+    assert [p.name for p in partials] == ["r_s0001-1.h5.partial"]
+    c, client, told = _resumed_from(tmp_path, d, saved)
+    try:
+        c.start().result(60)
+        assert client.starts[-1] is not None
+        assert client.starts[-1].offsets == {0: 23}  # after its 2nd iteration, not again
+        assert not partials[0].exists()  # recovered
+        ours = [tmp_path / "out" / "r-1.h5", tmp_path / "out" / "r_s0001-1.h5"]
+        assert sorted(told) == ours and sorted(c.files()) == [str(p) for p in ours]
+    finally:
+        c.shutdown().result(60)
+        assert c.join(60)
+
+
 @pytest.mark.timeout(120)
 def test_a_resume_with_file_names_too_long_to_keep_whole_ends(tmp_path: Path) -> None:
     """A file name longer than 200 bytes is shortened; it was cut at its end, taking the
