@@ -330,3 +330,21 @@ def tmpfs(directory: Path, size: str) -> Iterator[bool]:
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(directory)], check=False, capture_output=True)
+
+
+def writer_pids(daemon_pid: int) -> list[int]:
+    """The daemon's writer processes: its children started by multiprocessing (from
+    ``/proc``)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == daemon_pid and b"multiprocessing" in cmd:
+            out.append(int(entry.name))
+    return out

@@ -21,6 +21,7 @@ from daemon_support import (
     simulator,
     status,
     wait_for,
+    writer_pids,
 )
 
 from recorder.admin.protocol import AdminReply, decode_reply, encode_command
@@ -187,20 +188,6 @@ def test_one_runs_bad_output_directory_never_affects_the_others(
     assert {f["attrs"]["run_name"] for f in files} == {f"run{i}" for i in range(1, 6)}
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(entry.name))
-    return out
-
-
 @pytest.mark.timeout(180)
 def test_a_killed_writer_of_one_run_never_affects_the_others(
         tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
@@ -222,7 +209,7 @@ def test_a_killed_writer_of_one_run_never_affects_the_others(
             return runs if ok else None
 
         wait_for(recording, 60, "every run to record")
-        writers = _children(daemon.proc.pid)
+        writers = writer_pids(daemon.proc.pid)
         assert len(writers) >= 4, writers
         victim = None
         # which writer is run0's: the one holding its .partial file open

@@ -28,6 +28,7 @@ from daemon_support import (
     run_state,
     simulator,
     wait_for,
+    writer_pids,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -57,22 +58,6 @@ runs:
     snapshot: {{snapshot_name: trig_{token}, pv_uri_list: [{uris("trig")}], triggered: true}}
     output: {{directory: {data}/trig, flush_interval_s: 0.3}}
 """
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"multiprocessing" in cmd:
-            out.append(int(entry.name))
-    return out
 
 
 def _kill(pids: list[int]) -> None:
@@ -146,10 +131,10 @@ def test_random_kills_lose_nothing_and_record_nothing_twice(
                     admin.send(admin.build("trigger", "trig"))
                     time.sleep(0.15)
                 if action == "writers":
-                    _kill(_children(daemon.proc.pid))
+                    _kill(writer_pids(daemon.proc.pid))
                     time.sleep(rng.uniform(0.2, 2.0))
                 elif action == "both":
-                    writers = _children(daemon.proc.pid)
+                    writers = writer_pids(daemon.proc.pid)
                     daemon.signal(signal.SIGKILL)
                     _kill(writers)
                 elif action == "hup":
