@@ -1224,7 +1224,10 @@ def _one_recording(files: Sequence[RecordingFile]) -> None:
                               " Open each recording on its own (`k2eg-recorder ls` lists them)")
     seen: dict[tuple[int, int], RecordingFile] = {}
     for f in files:
-        st = os.stat(f.path)
+        try:
+            st = os.stat(f.path)
+        except FileNotFoundError:  # a .partial finalized since it was opened (its final
+            continue  # file, if given too, is left out by _without_finalized_partials)
         if (st.st_dev, st.st_ino) in seen:
             raise FileFormatError(f"{f.path} given twice (as {seen[st.st_dev, st.st_ino].path})")
         seen[st.st_dev, st.st_ino] = f

@@ -3,6 +3,7 @@ is in it, and gives exactly what the per-sample path gives (dtype, shape, values
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -324,3 +325,43 @@ def test_open_recording_follows_a_segment_finalized_after_its_check(
             assert [f.path for f in r.files] == closed
             assert r.values("P").tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
         monkeypatch.setattr(reader, "_open_h5", opened)
+
+
+def test_open_recording_takes_a_partial_finalized_once_it_is_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last .partial of a recording being written, opened, then finalized (renamed and
+    removed) before open_recording checked that no file was given twice: the check's
+    os.stat of the .partial raised FileNotFoundError (``export`` of a recording being
+    written failed now and then). The file is read from the handle already open."""
+    from test_hdf5_roundtrip import write_iteration
+
+    from recorder import reader
+    from recorder.reader import open_recording
+    from recorder.sinks.options import SegmentOptions
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, segment=SegmentOptions(
+        max_iterations=3)), run_name="d")
+    for i in range(1, 6):
+        write_iteration(rec, i, [PVSample("P", {"value": float(i)})])
+    rec.flush()
+    listed = sorted(tmp_path.iterdir())
+    assert [p.name.endswith(".partial") for p in listed] == [False, True]
+    opened = reader._open_h5
+    gone: list[Path] = []
+
+    def open_h5(path: Path) -> Any:
+        h5 = opened(path)
+        if path.suffix == ".partial":  # opened: now it is renamed away under the reader
+            moved = path.with_name(path.name + ".moved")
+            os.link(path, moved)
+            path.unlink()
+            gone.append(moved)
+        return h5
+
+    monkeypatch.setattr(reader, "_open_h5", open_h5)
+    with open_recording(listed) as r:
+        assert r.values("P").tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert gone
+    os.replace(gone[0], listed[1])  # back, for the writer to finalize it
+    rec.close()
