@@ -18,7 +18,6 @@ Examples::
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -26,9 +25,9 @@ from typing import Any, TypeVar
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from recorder.admin.protocol import TOPIC_RE, TOPIC_RULE
+
 _KAFKA_PREFIX = "RECORDER_KAFKA__"
-_TOPIC_RE = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9._\-]{1,249}\Z")  # as recorder.config.daemon
-_TOPIC_RULE = "not a valid Kafka topic name ([A-Za-z0-9._-]{1,249})"
 
 
 def _kafka_options_from_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -104,15 +103,15 @@ class KafkaSettings(BaseSettings):
     @field_validator("cmd_topic", "reply_topic")
     @classmethod
     def _topic(cls, value: str | None) -> str | None:
-        if value and not _TOPIC_RE.match(value):  # reply_topic "" (or unset): <app_name>-reply
-            raise ValueError(f"{value!r} is {_TOPIC_RULE}")
+        if value and not TOPIC_RE.match(value):  # reply_topic "" (or unset): <app_name>-reply
+            raise ValueError(f"{value!r} is {TOPIC_RULE}")
         return value
 
     @model_validator(mode="after")
     def _reply_topic(self) -> KafkaSettings:
-        if not _TOPIC_RE.match(self.effective_reply_topic):
+        if not TOPIC_RE.match(self.effective_reply_topic):
             raise ValueError(f"RECORDER_APP_NAME: makes the reply topic "
-                             f"{self.effective_reply_topic!r}, {_TOPIC_RULE}; change it or set "
+                             f"{self.effective_reply_topic!r}, {TOPIC_RULE}; change it or set "
                              "RECORDER_REPLY_TOPIC")
         return self
 

@@ -30,11 +30,10 @@ def count(text: str) -> int:
 
 def kafka_topic(text: str) -> str:
     """A name Kafka accepts for a topic (1 to 249 of ``[A-Za-z0-9._-]``, not ``.`` or ``..``)."""
-    from recorder.admin.protocol import TOPIC_RE
+    from recorder.admin.protocol import TOPIC_RE, TOPIC_RULE
 
     if not TOPIC_RE.match(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a valid Kafka topic name ([A-Za-z0-9._-]{{1,249}})")
+        raise argparse.ArgumentTypeError(f"{text!r} is {TOPIC_RULE}")
     return text
 
 

@@ -15,7 +15,6 @@ Both classes read the same environment and ignore each other's variables. Exampl
 
 from __future__ import annotations
 
-import re
 import socket
 from pathlib import Path
 from typing import Literal
@@ -23,12 +22,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from recorder.admin.protocol import CommandPolicy
+from recorder.admin.protocol import TOPIC_RE, TOPIC_RULE, CommandPolicy
 from recorder.daemon.diskspace import MinFree
 
 __all__ = ["DaemonSettings"]
 
-_TOPIC_RE = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9._\-]{1,249}\Z")  # \Z: not before a final newline
 
 
 class DaemonSettings(BaseSettings):
@@ -112,8 +110,8 @@ class DaemonSettings(BaseSettings):
     @field_validator("admin_topic", "admin_reply_topic", "status_topic", "files_topic")
     @classmethod
     def _topic(cls, value: str) -> str:
-        if not _TOPIC_RE.match(value):
-            raise ValueError(f"{value!r} is not a valid Kafka topic name ([A-Za-z0-9._-]{{1,249}})")
+        if not TOPIC_RE.match(value):
+            raise ValueError(f"{value!r} is {TOPIC_RULE}")
         return value
 
     @field_validator("config_path", mode="before")
