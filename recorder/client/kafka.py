@@ -914,22 +914,16 @@ class KafkaAdapter:
         else:
             request.future.set_result(result)
 
-    def _partitions(self, consumer: Consumer, topic: str, timeout_s: float) -> list[int] | None:
-        meta = consumer.list_topics(topic, timeout=timeout_s)
-        tmeta = meta.topics.get(topic)
-        if tmeta is None or tmeta.error is not None or not tmeta.partitions:
-            return None
-        return sorted(tmeta.partitions)
-
-    def _existing_partitions(self, consumer: Consumer, topic: str, timeout_s: float
-                             ) -> list[int] | None:
-        """:meth:`_partitions`, where only a topic the broker does not know is None: a topic
-        whose metadata is in error for now (a leader election, a broker restarting) raises
+    def _partitions(self, consumer: Consumer, topic: str, timeout_s: float, *,
+                    transient_raises: bool = False) -> list[int] | None:
+        """The topic's partitions, None when the broker has none for it. With
+        ``transient_raises`` only a topic the broker does not know is None: one whose metadata
+        is in error for now (a leader election, a broker restarting) raises
         :class:`TransportError`, so it is not taken for a topic that does not exist yet
         (whose reading starts at its beginning: a topic's whole history read again)."""
         meta = consumer.list_topics(topic, timeout=timeout_s)
         tmeta = meta.topics.get(topic)
-        if tmeta is not None and tmeta.error is not None \
+        if transient_raises and tmeta is not None and tmeta.error is not None \
                 and tmeta.error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
             raise TransportError(f"the metadata of topic {topic!r} is in error for now: "
                                  f"{tmeta.error.str()}")
@@ -1053,7 +1047,8 @@ class KafkaAdapter:
 
     def _do_watermarks(self, consumer: Consumer, request: _Request) -> dict[int, tuple[int, int]]:
         remaining = max(0.05, request.deadline - time.monotonic())
-        partitions = self._existing_partitions(consumer, request.topic, min(remaining, 2.0))
+        partitions = self._partitions(consumer, request.topic, min(remaining, 2.0),
+                                      transient_raises=True)
         if partitions is None:
             return {}
         out: dict[int, tuple[int, int]] = {}
