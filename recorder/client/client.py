@@ -115,13 +115,20 @@ SKIP_PREFIXES = ("malformed.", "late.", "duplicate", "before_start.")
 FINAL_BEFORE_ACK_MS = 250
 
 
+def before_ack_ms(final: IterationClosed, ack_time_ms: int | None) -> int | None:
+    """How long (ms, Kafka timestamps) before the stop's ack ``final``'s tail was produced;
+    None when either time is unknown."""
+    tail_ms = final.tail_kafka_time_ms
+    if ack_time_ms is None or tail_ms is None:
+        return None
+    return ack_time_ms - tail_ms
+
+
 def produced_before(final: IterationClosed, ack_time_ms: int | None) -> bool:
     """Was ``final``'s tail produced more than :data:`FINAL_BEFORE_ACK_MS` before the stop's
     ack (both Kafka timestamps)? False when either is unknown."""
-    tail_ms = final.tail_kafka_time_ms
-    if ack_time_ms is None or tail_ms is None:
-        return False
-    return ack_time_ms - tail_ms > FINAL_BEFORE_ACK_MS
+    gap = before_ack_ms(final, ack_time_ms)
+    return gap is not None and gap > FINAL_BEFORE_ACK_MS
 
 
 def iteration_timeout_s(props: SnapshotProperties, slack_s: float = DEFAULT_SLACK_S) -> float:
@@ -948,14 +955,14 @@ class K2egClient:
                             sub._log.info(
                                 "stop: the newest tail came before the final one; waiting",
                                 iteration=final.iter_index,
-                                before_ack_ms=ack_time_ms - final.tail_kafka_time_ms,  # type: ignore[operator]
+                                before_ack_ms=before_ack_ms(final, ack_time_ms),
                             )
             time.sleep(0.02)
         if early is not None and sub._tail_after(before) is early:
             sub._log.warning(
                 "stop: no tail close to the gateway's ack was read; the newest is taken as"
                 " the final iteration", iteration=early.iter_index,
-                before_ack_ms=ack_time_ms - early.tail_kafka_time_ms,  # type: ignore[operator]
+                before_ack_ms=before_ack_ms(early, ack_time_ms),
             )
             return early
         return None
