@@ -776,15 +776,9 @@ class RunController:
     def _flushed(self, rec: Recording) -> None:
         """Count what the recording's new flushes wrote and save the offsets they made
         durable (also when it failed after them: that data is in its file)."""
-        values = rec.counters.get("values", 0)
-        delta, self._values = values - self._values, values
-        nbytes = self._bytes_written(rec)
+        self._count_written(rec, flushed=True)
         with self._lock:
-            self._stats.values_written += max(0, delta)
             self._stats.current_file = None if rec.current_path is None else str(rec.current_path)
-        if self._metrics is not None:
-            self._metrics.values(self.name, max(0, delta), nbytes)
-            self._metrics.flushed(self.name, rec.last_flush_seconds, time.time())
         durable = {p: o for (_t, p), o in rec.last_durable_offset.items()}
         merged = {**self._durable, **{p: max(o, self._durable.get(p, -1))
                                       for p, o in durable.items()}}
@@ -1251,16 +1245,20 @@ class RunController:
 
     def _after_flush_counts(self, rec: Recording) -> None:
         """After close(): what its own last flush wrote (values, bytes) and that flush."""
-        values = rec.counters.get("values", 0)
-        delta, self._values = values - self._values, values
-        nbytes = self._bytes_written(rec) if "bytes" in rec.counters else 0
         flushes = rec.counters.get("flushes", 0)
         flushed, self._flushes = flushes != self._flushes, flushes
-        if delta > 0:
-            with self._lock:
-                self._stats.values_written += delta
+        self._count_written(rec, flushed=flushed)
+
+    def _count_written(self, rec: Recording, *, flushed: bool) -> None:
+        """Count what the recording wrote since the last count (values, bytes) and, when it
+        ``flushed``, that flush (its duration, the time of the last write)."""
+        values = rec.counters.get("values", 0)
+        delta, self._values = values - self._values, values
+        nbytes = self._bytes_written(rec)  # 0 after close() without a bytes counter
+        with self._lock:
+            self._stats.values_written += max(0, delta)
         if self._metrics is not None:
-            if delta > 0 or nbytes:
+            if flushed or delta > 0 or nbytes:
                 self._metrics.values(self.name, max(0, delta), nbytes)
             if flushed:
                 self._metrics.flushed(self.name, rec.last_flush_seconds, time.time())
