@@ -82,14 +82,14 @@ def recording_uid_in_file(path: Path) -> str | None:
     """The ``recording_uid`` of a finalized file; None when it cannot be read or has none."""
     import h5py
 
+    from recorder.sinks.describe import plain
+
     try:
         with h5py.File(path, "r") as f:
-            uid = f.attrs.get("recording_uid")
+            uid = plain(f.attrs.get("recording_uid"))
     except (OSError, KeyError, ValueError) as exc:
         _log.warning("cannot read the recording of a file", path=str(path), error=str(exc))
         return None
-    if isinstance(uid, bytes):
-        uid = uid.decode("utf-8", "replace")
     return uid if isinstance(uid, str) else None
 
 

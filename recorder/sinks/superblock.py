@@ -91,8 +91,7 @@ def superblock_only(path: Path) -> bool:
     sb = superblock_bytes(path)
     if not sb or len(sb) != 16 + 4 * sb[9] or path.stat().st_size != len(sb):
         return False
-    body_len = len(sb) - 4
-    if lookup3(sb[:body_len]) != struct.unpack("<I", sb[body_len:])[0]:
+    if not _checksum_ok(sb):
         return False
     need = stored_eof(path)
     return need is not None and need > len(sb)
@@ -104,10 +103,9 @@ def clear_consistency_flags(path: Path) -> bytes | None:
     original = superblock_bytes(path)
     if not original:
         raise ValueError(f"{path}: not an HDF5 file with a version 2/3 superblock")
-    body_len = len(original) - 4
-    (stored,) = struct.unpack("<I", original[body_len:])
-    if lookup3(original[:body_len]) != stored:
+    if not _checksum_ok(original):
         raise ValueError(f"{path}: superblock checksum mismatch")
+    body_len = len(original) - 4
     if original[11] == 0:
         return None
     body = bytearray(original)
@@ -115,6 +113,13 @@ def clear_consistency_flags(path: Path) -> bytes | None:
     body[body_len:] = struct.pack("<I", lookup3(bytes(body[:body_len])))
     restore_superblock(path, bytes(body))
     return original
+
+
+def _checksum_ok(sb: bytes) -> bool:
+    """Whether a version 2/3 superblock's last 4 bytes are the lookup3 of the rest."""
+    body_len = len(sb) - 4
+    (stored,) = struct.unpack("<I", sb[body_len:])
+    return lookup3(sb[:body_len]) == int(stored)
 
 
 def superblock_bytes(path: Path) -> bytes:
