@@ -283,6 +283,23 @@ def test_open_recording_follows_a_segment_finalized_while_it_opens(
         assert [f.path for f in r.files] == [first, second]
 
 
+def _two_segments(where: Path) -> tuple[HDF5Recording, list[Path]]:
+    """A recording being written: 5 iterations of PV "P" (values 1.0..5.0) in segments of 3,
+    the first finalized, the second a .partial; (it, its two files in name order)."""
+    from test_hdf5_roundtrip import write_iteration
+
+    from recorder.sinks.options import SegmentOptions
+
+    rec = HDF5Recording(OutputOptions(directory=where, segment=SegmentOptions(max_iterations=3)),
+                        run_name="d")
+    for i in range(1, 6):
+        write_iteration(rec, i, [PVSample("P", {"value": float(i)})])
+    rec.flush()
+    listed = sorted(where.iterdir())
+    assert [p.name.endswith(".partial") for p in listed] == [False, True]
+    return rec, listed
+
+
 def test_open_recording_follows_a_segment_finalized_after_its_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,22 +307,12 @@ def test_open_recording_follows_a_segment_finalized_after_its_check(
     files before it (a segment rotation while a long recording opens: ``export`` of a
     recording being written failed with "No such file or directory: ...h5.partial"), is
     read from its final file."""
-    from test_hdf5_roundtrip import write_iteration
-
     from recorder import reader
     from recorder.reader import open_recording
-    from recorder.sinks.options import SegmentOptions
 
     for given, when in (("directory", "before"), ("files", "before"), ("files", "after")):
         where = tmp_path / given / when
-        rec = HDF5Recording(OutputOptions(directory=where,
-                                          segment=SegmentOptions(max_iterations=3)),
-                            run_name="d")
-        for i in range(1, 6):
-            write_iteration(rec, i, [PVSample("P", {"value": float(i)})])
-        rec.flush()
-        listed = sorted(where.iterdir())
-        assert [p.name.endswith(".partial") for p in listed] == [False, True]
+        rec, listed = _two_segments(where)
         opened = reader._open_h5
         closed: list[Path] = []
 
@@ -334,19 +341,10 @@ def test_open_recording_takes_a_partial_finalized_once_it_is_open(
     removed) before open_recording checked that no file was given twice: the check's
     os.stat of the .partial raised FileNotFoundError (``export`` of a recording being
     written failed now and then). The file is read from the handle already open."""
-    from test_hdf5_roundtrip import write_iteration
-
     from recorder import reader
     from recorder.reader import open_recording
-    from recorder.sinks.options import SegmentOptions
 
-    rec = HDF5Recording(OutputOptions(directory=tmp_path, segment=SegmentOptions(
-        max_iterations=3)), run_name="d")
-    for i in range(1, 6):
-        write_iteration(rec, i, [PVSample("P", {"value": float(i)})])
-    rec.flush()
-    listed = sorted(tmp_path.iterdir())
-    assert [p.name.endswith(".partial") for p in listed] == [False, True]
+    rec, listed = _two_segments(tmp_path)
     opened = reader._open_h5
     gone: list[Path] = []
 
