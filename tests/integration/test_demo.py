@@ -18,17 +18,19 @@ from recorder.reader import open_file
 
 
 @pytest.mark.timeout(240)
+def _demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``k2eg-recorder demo ARGS`` in its own process, run to its end."""
+    return subprocess.run([sys.executable, "-m", "recorder.cli", "demo", *args],
+                          capture_output=True, text=True, timeout=200, check=False, env=env)
+
+
 def test_demo_records_every_example_run_and_prints_only_its_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     # in a shell holding the unit's recorder.env: none of it is the demo's (it read them: a
     # short secret was a traceback, a reply topic not created a demo never ready)
     env = {**os.environ, "RECORDER_ADMIN_SECRET": "short", "RECORDER_FILES_TOPIC": "ops-files",
            "RECORDER_CREATE_REPLY_TOPIC": "false", "RECORDER_BOOTSTRAP_SERVERS": "kafka-1:9092"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "recorder.cli", "demo", "--seconds", "4", "--triggers", "2",
-         "--output", str(out)],
-        capture_output=True, text=True, timeout=200, check=False, env=env,
-    )
+    proc = _demo("--seconds", "4", "--triggers", "2", "--output", str(out), env=env)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
     # the terminal gets the report only: no librdkafka reconnection noise after the broker
@@ -115,11 +117,7 @@ def test_demo_whose_runs_could_not_record_fails_and_says_why(tmp_path: Path) -> 
     out = tmp_path / "demo"
     out.mkdir()
     (out / "data").write_text("a file where the data directory goes\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "recorder.cli", "demo", "--seconds", "2", "--triggers", "1",
-         "--output", str(out)],
-        capture_output=True, text=True, timeout=200, check=False,
-    )
+    proc = _demo("--seconds", "2", "--triggers", "1", "--output", str(out))
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
@@ -135,11 +133,7 @@ def test_demo_verbose_says_where_the_log_really_goes(tmp_path: Path) -> None:
     """``--verbose``: the daemon's log is on the terminal, and the demo says so; it does not
     name a daemon.log that is never written."""
     out = tmp_path / "demo"
-    proc = subprocess.run(
-        [sys.executable, "-m", "recorder.cli", "demo", "--seconds", "1", "--triggers", "0",
-         "--verbose", "--output", str(out)],
-        capture_output=True, text=True, timeout=200, check=False,
-    )
+    proc = _demo("--seconds", "1", "--triggers", "0", "--verbose", "--output", str(out))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "segment finalized" in proc.stdout  # the writers' log, on the terminal
     assert not (out / "daemon.log").exists()
@@ -176,11 +170,7 @@ def test_demo_run_again_after_a_killed_one_records_from_its_own_broker(tmp_path:
     first.communicate()
     left = sorted((out / "data").rglob("*.partial"))
     assert len(left) == 3, left
-    proc = subprocess.run(
-        [sys.executable, "-m", "recorder.cli", "demo", "--seconds", "3", "--triggers", "1",
-         "--output", str(out)],
-        capture_output=True, text=True, timeout=200, check=False,
-    )
+    proc = _demo("--seconds", "3", "--triggers", "1", "--output", str(out))
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
     assert "finalized 3 file(s)" in proc.stdout, proc.stdout
