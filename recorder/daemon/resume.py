@@ -16,7 +16,8 @@ everything up to ``offset`` is in a file already, everything after it is still i
 ``segments`` is the number of segment files the recording has opened so far, i.e. the number
 its next segment file gets; ``started_at_ns`` the recording's original start (wall clock):
 with them a resumed recording continues the segment numbering of the same recording.
-Files are replaced atomically (write, fsync, rename), so a crash leaves the old or the new one.
+Files are replaced atomically (write, fsync, rename, fsync of the directory), so a crash or a
+power cut leaves the old or the new one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 import structlog
 
+from recorder.durability import sync_directory, sync_fd
 from recorder.errors import ServiceError
 
 _log = structlog.get_logger("recorder.daemon.resume")
@@ -48,10 +50,11 @@ def write_json_atomic(path: Path, obj: Any, *, what: str = "state") -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
             os.write(fd, data)
-            os.fsync(fd)
+            sync_fd(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        sync_directory(path.parent)  # the rename itself, or a power cut can undo it
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()

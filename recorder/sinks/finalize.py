@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 import numpy.typing as npt
 
+from recorder.durability import sync_directory, sync_file
 from recorder.errors import DamagedFileError
 from recorder.sinks.buffer import (
     ITERATION_COLUMNS,
@@ -193,11 +194,7 @@ def finalize(
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_file(tmp)
     problems = list(check(tmp)) if check is not None else []
     if problems:
         tmp.unlink(missing_ok=True)
@@ -212,11 +209,7 @@ def finalize(
         raise FileExistsError(f"{final} exists; refusing to overwrite")
     os.rename(tmp, final)
     partial.unlink()
-    dfd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    sync_directory(final.parent)
     return final
 
 

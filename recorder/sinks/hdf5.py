@@ -36,6 +36,7 @@ import structlog
 from recorder import __version__
 from recorder.client.events import IterationEvent, IterationOpened
 from recorder.client.properties import PVUri, SnapshotProperties
+from recorder.durability import sync_directory
 from recorder.errors import SinkError
 from recorder.sinks import writelock
 from recorder.sinks.buffer import RecordingBuffer
@@ -311,7 +312,7 @@ class HDF5Recording:
             lock.guard_hdf5()
         self._lock = lock  # until finalized
         self._file = f
-        self._writer = LiveWriter(f)
+        self._writer = LiveWriter(f, sync=self.options.fsync)
         self._final = final
         self.current_path = partial
         self._segment_start = self.clock()
@@ -319,6 +320,8 @@ class HDF5Recording:
         self.counters["segments"] += 1
         # an empty commit so a reader sees a consistent (empty) file at once
         self._writer.commit(RECORDING_STATUS["recording"], self._now_ns())
+        if self.options.fsync:  # the new file's name, so its flushed data can be found
+            sync_directory(partial.parent)
         self._log.info("segment opened", path=str(partial), segment=self.segment)
 
     def _root_attrs(self, f: h5py.File) -> None:

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import numpy.typing as npt
 
+from recorder.durability import sync_fd
 from recorder.sinks.buffer import (
     ITERATION_COLUMNS,
     META_COLUMNS,
@@ -108,8 +109,12 @@ def _append(ds: h5py.Dataset, data: npt.NDArray[Any]) -> None:
 class LiveWriter:
     """Appends :class:`FlushBatch` es to an open SWMR file and commits them."""
 
-    def __init__(self, f: h5py.File) -> None:
+    def __init__(self, f: h5py.File, *, sync: bool = True) -> None:
         self.f = f
+        # fsync after the data and again after its commit record: a power cut must not leave
+        # a commit whose data never reached the disk (the kernel writes pages back in any
+        # order), and a batch's Kafka offsets count as written only once both are on disk
+        self._fd: int | None = f.id.get_vfd_handle() if sync else None
         live = f["live"]
         self.samples = {k: live["samples"][k] for k in SAMPLE_COLUMNS}
         self.meta = {k: live["meta"][k] for k in META_COLUMNS}
@@ -155,7 +160,7 @@ class LiveWriter:
             _append(self.kafka["offset"], np.array([batch.offsets[k] for k in keys], np.int64))
             _append(self.kafka["time"], np.full(len(keys), now_ns, dtype=np.int64))
             self.n["kafka"] += len(keys)
-        self.f.flush()
+        self._flush()
         self.commit(status, now_ns)
 
     def commit(self, status: int, now_ns: int) -> None:
@@ -174,7 +179,12 @@ class LiveWriter:
             row[f"n_pool_{name}"] = self.pool_n[code]
         for k, value in row.items():
             _append(self.state[k], np.array([value], dtype=STATE_COLUMNS[k]))
+        self._flush()
+
+    def _flush(self) -> None:
         self.f.flush()
+        if self._fd is not None:
+            sync_fd(self._fd)
 
 
 WINDOW_BYTES = 4 << 20

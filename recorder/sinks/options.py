@@ -140,6 +140,14 @@ class OutputOptions(BaseModel):
         "run's input is drained (it has caught up with the gateway), new data is flushed "
         "after 0.2 s already (at most 5 flushes a second).",
     )
+    fsync: bool = Field(
+        default=True,
+        description="Each flush waits until its data is on disk (fsync) before the Kafka "
+        "offsets it covers count as written, so a power cut or a kernel crash loses no more "
+        "than a killed daemon: a restart resumes after the last data on disk. false: a flush "
+        "ends in the page cache (cheaper on slow network file systems); a power cut can then "
+        "lose data the run state says is written, which a restart does not record again.",
+    )
     max_buffer_bytes: int = Field(
         default=64 * 1024 * 1024,
         ge=64 * 1024,

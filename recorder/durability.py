@@ -1,0 +1,38 @@
+"""Making writes survive a power cut or a kernel crash, not only a killed process.
+
+A write that returned is in the kernel's page cache: it survives ``kill -9`` of the writer but
+not a power cut, a kernel panic or a VM reset. Whatever the daemon tells someone else is on
+disk (the Kafka offsets it resumes after, a finalized file) is made durable with these first:
+the file's data with ``fsync``, and a file just created or renamed with an ``fsync`` of its
+directory (the name is in the directory, not in the file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def sync_fd(fd: int) -> None:
+    """Wait until everything written to the file behind ``fd`` is on disk. Raises OSError
+    (EIO after a failed write-back: the data may be lost, and must not be counted as
+    written)."""
+    os.fsync(fd)
+
+
+def sync_file(path: Path) -> None:
+    """:func:`sync_fd` of the file at ``path`` (any descriptor of a file syncs all of it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_directory(directory: Path) -> None:
+    """Make the names created, renamed or removed in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
