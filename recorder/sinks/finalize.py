@@ -1,8 +1,8 @@
 """Finalization: rewrite a live ``*.partial`` file into the final per-PV layout.
 
 The final file is written next to the partial one as ``<final>.finalizing``, fsync'ed,
-made read-only (0444 less the umask) and renamed to its final name; only then is the partial
-file removed.
+made read-only (0444 less the umask) and renamed to its final name; only once that rename is
+on disk (an fsync of the directory) is the partial file removed (and that made durable too).
 A crash at any point leaves the partial file intact, so ``recover`` can simply run this again.
 
 Memory is bounded whatever the size of the segment: the live tables are read in blocks of
@@ -208,8 +208,11 @@ def finalize(
         tmp.unlink(missing_ok=True)
         raise FileExistsError(f"{final} exists; refusing to overwrite")
     os.rename(tmp, final)
-    partial.unlink()
+    # the new name on disk before the partial file goes: a power cut can keep directory
+    # changes out of order, and the removal alone would leave only the .finalizing copy
     sync_directory(final.parent)
+    partial.unlink()
+    sync_directory(partial.parent)
     return final
 
 

@@ -21,6 +21,7 @@ from recorder.client.events import IterationClosed, IterationOpened, IterationSt
 from recorder.client.values import PVSample
 from recorder.daemon import resume
 from recorder.reader import open_file
+from recorder.sinks import finalize as finalize_module
 from recorder.sinks import hdf5, livefile
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions
@@ -172,3 +173,39 @@ def test_the_run_state_survives_a_power_cut_once_saved(
     resume.write_json_atomic(state / "run.json", {"offsets": {"0": 41}})
     assert order == ["fsync file", "rename", "fsync state"]
     assert json.loads((state / "run.json").read_text()) == {"offsets": {"0": 41}}
+
+
+def test_the_final_name_is_durable_before_the_partial_file_is_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finalization renames ``.finalizing`` to the final name, then removes the ``.partial``.
+    A power cut may keep directory changes out of order (btrfs does): with one fsync of the
+    directory after both, the removal could reach the disk and the rename not, leaving only
+    a ``.finalizing`` copy that recover deletes as an interrupted finalization (the segment
+    lost). The rename is made durable first."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, flush_interval_s=3600),
+                        run_name="f", clock=lambda: 0.0)
+    _iteration(rec, 1)
+    partial = rec.current_path
+    assert partial is not None
+    order: list[str] = []
+    real_rename, real_unlink, real_dir = os.rename, Path.unlink, finalize_module.sync_directory
+
+    def rename(a: Any, b: Any) -> None:
+        order.append("rename")
+        real_rename(a, b)
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == partial:
+            order.append("unlink partial")
+        real_unlink(self, missing_ok=missing_ok)
+
+    def sync_directory(directory: Path) -> None:
+        order.append("fsync dir")
+        real_dir(directory)
+
+    monkeypatch.setattr(finalize_module.os, "rename", rename)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(finalize_module, "sync_directory", sync_directory)
+    (final,) = rec.close()
+    assert order == ["rename", "fsync dir", "unlink partial", "fsync dir"]
+    assert final.exists() and not partial.exists()
