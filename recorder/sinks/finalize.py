@@ -194,20 +194,22 @@ def finalize(
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    sync_file(tmp)
-    problems = list(check(tmp)) if check is not None else []
-    if problems:
+    try:  # the copy goes with any failure (an fsync's ENOSPC/EIO too): the partial stays
+        sync_file(tmp)
+        problems = list(check(tmp)) if check is not None else []
+        if problems:
+            raise DamagedFileError(
+                f"the finalized file would not pass k2eg-recorder verify ({len(problems)} "
+                f"problem(s)); the first: {problems[0]}")
+        # read-only, as created otherwise: 0444 less the umask (the unit's UMask=0027 keeps
+        # the data from other users: 0440)
+        os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) & ~0o222)
+        if final.exists():
+            raise FileExistsError(f"{final} exists; refusing to overwrite")
+        os.rename(tmp, final)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise DamagedFileError(
-            f"the finalized file would not pass k2eg-recorder verify ({len(problems)} "
-            f"problem(s)); the first: {problems[0]}")
-    # read-only, as created otherwise: 0444 less the umask (the unit's UMask=0027 keeps the
-    # data from other users: 0440)
-    os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) & ~0o222)
-    if final.exists():
-        tmp.unlink(missing_ok=True)
-        raise FileExistsError(f"{final} exists; refusing to overwrite")
-    os.rename(tmp, final)
+        raise
     # the new name on disk before the partial file goes: a power cut can keep directory
     # changes out of order, and the removal alone would leave only the .finalizing copy
     sync_directory(final.parent)

@@ -209,3 +209,30 @@ def test_the_final_name_is_durable_before_the_partial_file_is_removed(
     (final,) = rec.close()
     assert order == ["rename", "fsync dir", "unlink partial", "fsync dir"]
     assert final.exists() and not partial.exists()
+
+
+@pytest.mark.parametrize("failing", ["sync_file", "rename"])
+def test_a_finalization_that_cannot_reach_the_disk_leaves_no_copy_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """ENOSPC/EDQUOT/EIO from the fsync (network file systems and quotas report them only
+    there) or from the rename of the finalized copy: the recording fails with the reason and
+    keeps its ``.partial`` for recover, and the ``.finalizing`` copy (as large as the
+    segment, on a disk that may be full: the run waits for room that copy takes) is removed,
+    as after any other failed finalization."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, flush_interval_s=3600),
+                        run_name="f", clock=lambda: 0.0)
+    _iteration(rec, 1)
+    partial = rec.current_path
+    assert partial is not None
+
+    def full(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if failing == "sync_file":
+        monkeypatch.setattr(finalize_module, "sync_file", full)
+    else:
+        monkeypatch.setattr(finalize_module.os, "rename", full)
+    assert rec.close() == []
+    assert rec.status == "failed" and "No space left on device" in rec.reason
+    assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name]
+    assert _committed(partial) == (1, 1)
