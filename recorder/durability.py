@@ -36,3 +36,18 @@ def sync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_directories(directory: Path, *, sync: bool = True) -> None:
+    """``mkdir -p directory``; with ``sync``, each directory it creates is made durable in its
+    parent (a new directory's name is in its parent: until that is on disk, a power cut can
+    take the directory and every file in it). Raises OSError."""
+    created: list[Path] = []
+    missing = directory
+    while not missing.exists() and missing.parent != missing:
+        created.append(missing)
+        missing = missing.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    if sync:
+        for new in reversed(created):
+            sync_directory(new.parent)

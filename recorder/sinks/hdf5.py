@@ -36,7 +36,7 @@ import structlog
 from recorder import __version__
 from recorder.client.events import IterationEvent, IterationOpened
 from recorder.client.properties import PVUri, SnapshotProperties
-from recorder.durability import sync_directory
+from recorder.durability import make_directories, sync_directory
 from recorder.errors import SinkError
 from recorder.sinks import writelock
 from recorder.sinks.buffer import RecordingBuffer
@@ -271,7 +271,7 @@ class HDF5Recording:
     def _open_segment(self) -> None:
         self.segment += 1
         try:
-            self.options.directory.mkdir(parents=True, exist_ok=True)
+            make_directories(self.options.directory, sync=self.options.fsync)
         except OSError as exc:
             raise SinkError(
                 f"output directory {self.options.directory} cannot be created: "

@@ -236,3 +236,34 @@ def test_a_finalization_that_cannot_reach_the_disk_leaves_no_copy_behind(
     assert rec.status == "failed" and "No space left on device" in rec.reason
     assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name]
     assert _committed(partial) == (1, 1)
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The path behind every fsync'ed descriptor, in order (the real call is still made)."""
+    calls: list[Path] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+def test_an_output_directory_the_recording_creates_is_synced_into_its_parent(
+        tmp_path: Path, fsynced: list[Path]) -> None:
+    """The output directory is created at the first segment when missing (a new run's
+    directory): its name is in its parent directory, and until that is on disk a power cut
+    can take the directory and every file in it, whose offsets the run state says are
+    written."""
+    out = tmp_path / "runs" / "linac"
+    rec = HDF5Recording(OutputOptions(directory=out, flush_interval_s=3600),
+                        run_name="f", clock=lambda: 0.0)
+    assert rec.status == "recording", rec.reason
+    base = tmp_path.resolve()
+    assert base in fsynced and base / "runs" in fsynced
+    _iteration(rec, 1)
+    rec.flush()
+    rec.close()
