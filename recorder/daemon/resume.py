@@ -49,7 +49,9 @@ def write_json_atomic(path: Path, obj: Any, *, what: str = "state") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # a write may take less than asked (a disk filling up): the rest
+                view = view[os.write(fd, view):]
             sync_fd(fd)
         finally:
             os.close(fd)

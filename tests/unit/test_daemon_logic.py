@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from recorder.errors import (
     GatewayError,
     GatewayTimeoutError,
     RecorderError,
+    ServiceError,
     SinkError,
 )
 from recorder.metrics import RecorderMetrics
@@ -86,6 +88,32 @@ def test_resume_store_ignores_a_corrupt_file(tmp_path: Path) -> None:
     store = ResumeStore(tmp_path)
     store.path("r").write_text("{not json")
     assert store.load("r").active is None
+
+
+def test_a_short_write_of_the_state_file_is_completed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write(2) may write less than asked (a disk or quota filling up in the middle of it,
+    some network and FUSE file systems): the state file was renamed into place cut short,
+    the next start found it unreadable and resumed nothing ("unreadable run state file
+    ignored"). The rest is written; a write that fails then leaves the old file."""
+    from recorder.daemon import resume
+
+    real = os.write
+    monkeypatch.setattr(resume.os, "write", lambda fd, data: real(fd, bytes(data[:16])))
+    store = ResumeStore(tmp_path / "state")
+    active = ActiveRecording("uid", 3, "topic", "snap", {0: 41}, "/x.h5.partial")
+    store.begin("r", active)
+    loaded = store.load("r").active
+    assert loaded is not None and loaded.resume_offsets() == {0: 42}
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(resume.os, "write", full)
+    with pytest.raises(ServiceError, match="No space left"):
+        store.update(store.load("r"), offsets={0: 99})
+    loaded = store.load("r").active
+    assert loaded is not None and loaded.resume_offsets() == {0: 42}
 
 
 def test_admin_cursor_saves_only_moves_and_ignores_another_topic(tmp_path: Path) -> None:
