@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from recorder.durability import sync_directory, sync_fd
+from recorder.durability import make_directories, sync_directory, sync_fd
 from recorder.errors import ServiceError
 
 _log = structlog.get_logger("recorder.daemon.resume")
@@ -46,7 +46,7 @@ def write_json_atomic(path: Path, obj: Any, *, what: str = "state") -> None:
     # cyclic garbage at every save, i.e. after every flush of a recording run)
     data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_directories(path.parent)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
             view = memoryview(data)

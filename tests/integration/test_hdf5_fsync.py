@@ -267,3 +267,13 @@ def test_an_output_directory_the_recording_creates_is_synced_into_its_parent(
     _iteration(rec, 1)
     rec.flush()
     rec.close()
+
+
+def test_a_state_directory_the_state_file_creates_is_synced_into_its_parent(
+        tmp_path: Path, fsynced: list[Path]) -> None:
+    """The state directory is created with the first state file when missing (no systemd
+    StateDirectory=): without an fsync of its parent a power cut can take the directory
+    and the state file in it, and the next start resumes nothing."""
+    resume.write_json_atomic(tmp_path / "var" / "state" / "run.json", {"offsets": {"0": 41}})
+    base = tmp_path.resolve()
+    assert base in fsynced and base / "var" in fsynced
