@@ -8,6 +8,7 @@ from pathlib import Path
 
 import h5py
 
+from recorder.durability import sync_directory
 from recorder.errors import (
     DAMAGED_VALUE_ERRORS,
     DamagedFileError,
@@ -95,6 +96,7 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
         if lock is not None and lock.guards_hdf5 and superblock_only(path):
             # no HDF5 writer has it open either (its exclusive flock, until SWMR starts)
             path.unlink()
+            sync_directory(path.parent)  # gone for good, or a power cut brings it back
             raise NothingToRecoverError(
                 f"{path}: removed: it holds nothing (its writer was killed while it "
                 "created the file, before writing any data)")
@@ -111,6 +113,7 @@ def _recover(path: Path, *, by: str, check: Callable[[Path], Sequence[str]] | No
         # the .partial: that finalization was complete (the file is checked and synced
         # before it is renamed), so the .partial is only a copy of what the file holds
         path.unlink()
+        sync_directory(path.parent)  # gone for good, or a power cut brings it back
         return final_path(path)
     stale = path.with_name(final_path(path).name + FINAL_SUFFIX)
     stale.unlink(missing_ok=True)  # an interrupted finalization

@@ -208,6 +208,34 @@ def test_a_writer_killed_between_rename_and_unlink_is_recovered(
     assert cli_main(["recover", str(tmp_path)]) == 0  # nothing left: a second run is a no-op
 
 
+def test_the_removal_of_a_finalized_partial_is_durable_before_recover_returns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """recover (the daemon's at a restart, which then drops the file from the run state)
+    removed the .partial beside its final file without an fsync of the directory: after a
+    power cut it could come back, listed as an unfinished recording, a copy of the
+    finalized segment. Same for a .partial that held nothing."""
+    from recorder.sinks.recover import recover_file
+
+    partial, final = _killed_after_rename(tmp_path)
+    events: list[str] = []
+    real_unlink, real_fsync = Path.unlink, os.fsync
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == partial:
+            events.append("unlink")
+        real_unlink(self, missing_ok=missing_ok)
+
+    def fsync(fd: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")) == tmp_path.resolve():
+            events.append("fsync dir")
+        real_fsync(fd)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert recover_file(partial) == final
+    assert events == ["unlink", "fsync dir"]
+
+
 def test_recover_refuses_a_name_another_file_holds_and_leaves_nothing_behind(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
