@@ -502,7 +502,11 @@ class KafkaAdapter:
                 failure = TransportError(f"delivery to {topic!r} failed: {err.str()}")
                 if err.code() not in _PURGED:  # dropped at close: counted and logged there
                     self._count("delivery_failed")
-                    self._log.warning("delivery failed", topic=topic, error=err.str())
+                    # while Kafka is down every heartbeat times out: a line a minute per text
+                    fields = _THROTTLE.log_fields(("delivery", topic, normalized(err.str())))
+                    if fields is not None:
+                        self._log.warning("delivery failed", topic=topic, error=err.str(),
+                                          **fields)
             if on_delivery is not None:
                 try:
                     on_delivery(failure)

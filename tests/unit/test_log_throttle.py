@@ -127,3 +127,30 @@ def test_transport_error_text_of_a_kafka_exception() -> None:
         "Kafka metadata request for 'x' failed: Failed to get metadata (_TRANSPORT)")
     assert str(_transport_error("client creation", ValueError("bad"))) == (
         "Kafka client creation failed: bad")
+
+
+def test_failed_deliveries_while_kafka_is_down_are_throttled() -> None:
+    """Kafka unreachable for an hour: every heartbeat (one each 5 s) times out in the
+    producer and was logged as its own ``delivery failed`` warning, 720 an hour of the same
+    text; the README promises each distinct message once a minute, with the count of the
+    repeats held back. The deliveries still fail (and are counted) each time."""
+    from recorder.client.kafka import KafkaAdapter
+    from recorder.settings import KafkaSettings
+
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="throttled")
+    adapter = KafkaAdapter(settings, lambda records, drained: None,
+                           producer_config={"message.timeout.ms": 50})
+    failures: list[object] = []
+    try:
+        with capture_logs() as logs:
+            for _ in range(4):
+                adapter.produce("status-topic-delivery-throttle", b"{}",
+                                on_delivery=failures.append)
+                assert adapter.flush(5.0) == 0
+    finally:
+        adapter.close(1.0)
+    assert len(failures) == 4 and all(f is not None for f in failures)
+    assert adapter.counters["delivery_failed"] == 4
+    failed = [e for e in logs if e["event"] == "delivery failed"]
+    assert len(failed) == 1, failed
+    assert failed[0]["topic"] == "status-topic-delivery-throttle"
