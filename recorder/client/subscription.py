@@ -90,7 +90,10 @@ class RecurringSnapshot:
         self._ended = False
         self._finished = threading.Event()
         self._tails: dict[int, IterationClosed] = {}  # partition -> newest tail-closed event
-        self._log = _log.bind(snapshot=self.snapshot_name, topic=topic)
+        # with the context bound where it is made (the daemon's run=): its lines are logged
+        # from the client's consumer and dispatcher threads, which do not have it
+        self._log = _log.bind(**{**structlog.contextvars.get_contextvars(),
+                                 "snapshot": self.snapshot_name, "topic": topic})
 
     # ---- public -----------------------------------------------------------------------
     @property

@@ -48,6 +48,7 @@ is logged, reported in the run's status (``bridge``) and dropped, and the record
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import queue
 import threading
@@ -103,6 +104,7 @@ from recorder.daemon.resume import ActiveRecording, ResumeStore
 from recorder.daemon.resume import RunState as StoredState
 from recorder.daemon.silence import SilenceWatch, silence_limit_s
 from recorder.errors import AdminCommandError, RecorderError
+from recorder.logging import bind_run
 from recorder.metrics import RecorderMetrics
 from recorder.sinks.bridge.options import BridgeOptions
 from recorder.sinks.options import final_path, partial_path, render_file_name, taken_paths
@@ -357,10 +359,12 @@ class RunController:
             self._stats.last_error = message
 
     def _main(self) -> None:
-        try:
-            self._main_loop()
-        finally:  # the endpoints live as long as the run's worker (see _end_bridge_recording)
-            self._close_bridge("complete", "")
+        # what the k2eg client logs from this thread (subscribe, stop) names the run too
+        with bind_run(run=self.name):
+            try:
+                self._main_loop()
+            finally:  # the endpoints live as long as the run's worker (see _end_bridge_recording)
+                self._close_bridge("complete", "")
 
     def _main_loop(self) -> None:
         try:
@@ -922,7 +926,8 @@ class RunController:
             except BaseException as exc:
                 job.result = exc
 
-        job.thread = threading.Thread(target=resend, name=f"resend-{self.name}", daemon=True)
+        job.thread = threading.Thread(target=contextvars.copy_context().run, args=(resend,),
+                                      name=f"resend-{self.name}", daemon=True)
         self._resend = job
         job.thread.start()
 
@@ -1037,8 +1042,9 @@ class RunController:
             except BaseException as exc:
                 self._stop_result = exc
 
-        self._stop_thread = threading.Thread(
-            target=stop_snapshot, name=f"stop-{self.name}", daemon=True
+        self._stop_thread = threading.Thread(  # logs with this thread's context (run=)
+            target=contextvars.copy_context().run, args=(stop_snapshot,),
+            name=f"stop-{self.name}", daemon=True,
         )
         self._stop_thread.start()
 

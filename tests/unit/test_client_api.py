@@ -242,3 +242,25 @@ def test_a_tail_produced_long_before_the_stop_ack_is_not_the_final_one() -> None
     assert not produced_before(closed(ack + 500), ack)  # read after the ack: LogAppendTime
     assert not produced_before(closed(None), ack)  # no timestamps: the quiet rule alone
     assert not produced_before(closed(ack - 10_000), None)
+
+
+def test_a_subscriptions_lines_carry_the_context_it_was_made_in() -> None:
+    """The daemon subscribes from a run's worker thread, with ``run=`` bound; the
+    subscription's own lines (an incomplete iteration, a handler that raised) are logged
+    from the client's consumer and dispatcher threads, which do not have it: they named the
+    snapshot only, not the run."""
+    import threading
+
+    from structlog.testing import capture_logs
+
+    from recorder.logging import bind_run
+
+    fake = FakeClient()
+    with bind_run(run="r1"):
+        sub = make_sub(fake)
+    with capture_logs() as logs:
+        pusher = threading.Thread(target=sub._push, args=([opened(1), closed(1, complete=False)],))
+        pusher.start()
+        pusher.join()
+    (line,) = [e for e in logs if e["event"] == "iteration incomplete"]
+    assert line["run"] == "r1" and line["snapshot"] == sub.snapshot_name
