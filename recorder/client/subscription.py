@@ -24,6 +24,7 @@ import structlog
 from recorder.client.events import IterationClosed, IterationEvent, ValuesReceived
 from recorder.client.properties import SnapshotProperties
 from recorder.client.results import Ack, StopResult
+from recorder.client.throttle import RepeatThrottle
 from recorder.errors import ClientError
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class RecurringSnapshot:
         self._ended = False
         self._finished = threading.Event()
         self._tails: dict[int, IterationClosed] = {}  # partition -> newest tail-closed event
+        self._incomplete_log_throttle = RepeatThrottle(60.0)  # "iteration incomplete"
         # with the context bound where it is made (the daemon's run=): its lines are logged
         # from the client's consumer and dispatcher threads, which do not have it
         self._log = _log.bind(**{**structlog.contextvars.get_contextvars(),
@@ -255,13 +257,17 @@ class RecurringSnapshot:
             self.stats["iterations.complete"] += 1
         else:
             self.stats["iterations.incomplete"] += 1
-            self._log.info(
-                "iteration incomplete",
-                iteration=event.iter_index,
-                reason=event.reason.value if event.reason else None,
-                missing=event.missing_messages,
-                error=event.error_code or None,
-            )
+            reason = event.reason.value if event.reason else None
+            fields = self._incomplete_log_throttle.log_fields(reason)  # a line a minute
+            if fields is not None:
+                self._log.info(
+                    "iteration incomplete",
+                    iteration=event.iter_index,
+                    reason=reason,
+                    missing=event.missing_messages,
+                    error=event.error_code or None,
+                    **fields,
+                )
         if event.tail_timestamp_ns is not None:
             with self._cond:
                 previous = self._tails.get(event.partition)

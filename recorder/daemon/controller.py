@@ -239,6 +239,7 @@ class RunController:
         self._bp_pauses_seen = 0  # sub.stats["backpressure_pauses"] last seen
         self._first_segment = 0  # segment files the recording had before this process
         self._state_log_throttle = RepeatThrottle(60.0)  # "run state not saved", per error
+        self._incomplete_log_throttle = RepeatThrottle(60.0)  # "iteration incomplete", per reason
         self._next_lag = 0.0
         self._exit = False
         self._abandoned = False  # the daemon exits without waiting for this run (abandon)
@@ -748,9 +749,12 @@ class RunController:
                     s.incomplete += 1
             if self._metrics is not None:
                 self._metrics.iteration_closed(self.name, event.status.value)
-            if not event.complete:
-                self._log.info("iteration incomplete", iteration=event.iter_index,
-                               reason=event.reason.value if event.reason else None)
+            if not event.complete:  # each one is counted; logged once a minute per reason
+                reason = event.reason.value if event.reason else None
+                fields = self._incomplete_log_throttle.log_fields(reason)
+                if fields is not None:
+                    self._log.info("iteration incomplete", iteration=event.iter_index,
+                                   reason=reason, **fields)
 
     def _tag(self, rec: Recording, iter_index: int, tags: dict[str, str]) -> None:
         """Record trigger tags with the iteration the trigger produced."""

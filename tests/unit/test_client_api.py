@@ -264,3 +264,17 @@ def test_a_subscriptions_lines_carry_the_context_it_was_made_in() -> None:
         pusher.join()
     (line,) = [e for e in logs if e["event"] == "iteration incomplete"]
     assert line["run"] == "r1" and line["snapshot"] == sub.snapshot_name
+
+
+def test_a_subscription_logs_incomplete_iterations_once_a_minute_per_reason() -> None:
+    """Every iteration incomplete (a gateway error in each tail, 10 a second): one line a
+    minute, not one per iteration; the count is in ``stats``."""
+    fake = FakeClient()
+    sub = make_sub(fake, max_pending=1000)
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        for i in range(1, 21):
+            sub._push([opened(i), closed(i, complete=False)])
+    assert sub.stats["iterations.incomplete"] == 20
+    assert len([e for e in logs if e["event"] == "iteration incomplete"]) == 1

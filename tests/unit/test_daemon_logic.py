@@ -414,6 +414,36 @@ def test_a_state_file_that_cannot_be_saved_is_logged_once_a_minute(
         assert c.join(5)
 
 
+def test_incomplete_iterations_are_logged_once_a_minute_per_reason(tmp_path: Path) -> None:
+    """A gateway whose every tail carries an error (or a header lost each time) at 10 Hz:
+    each incomplete iteration was an info line of its own, 36,000 an hour a run. The first
+    of each reason is logged, its repeats are counted (status, metrics) and summed up in the
+    next line a minute later."""
+    from recorder.client import IncompleteReason
+
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client)
+    try:
+        sub = _started(c, client)
+        _wait(lambda: c.state is RunState.RECORDING)
+        with capture_logs() as logs:
+            for i in range(1, 21):
+                reason = (IncompleteReason.GATEWAY_ERROR if i < 20
+                          else IncompleteReason.NO_HEADER)
+                sub.events.put(IterationOpened(sub.topic, "snap", i, i, offset=10 + 2 * i))
+                sub.events.put(IterationClosed(sub.topic, "snap", i,
+                                               IterationStatus.INCOMPLETE, reason, i, i,
+                                               offset=11 + 2 * i))
+            _wait(lambda: c.status().iterations_incomplete == 20)
+        lines = [e for e in logs if e["event"] == "iteration incomplete"]
+        assert [(e["iteration"], e["reason"]) for e in lines] == [
+            (1, "gateway_error"), (20, "no_header")]
+        assert lines[0]["run"] == "r"
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_start_resumes_from_the_durable_offset(tmp_path: Path) -> None:
     store = ResumeStore(tmp_path / "state")
     store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41}, None))
