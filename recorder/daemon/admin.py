@@ -32,6 +32,7 @@ from recorder.admin.protocol import (
     reply_files,
 )
 from recorder.admin.status import StatusDocument
+from recorder.client.throttle import RepeatThrottle, normalized
 from recorder.client.wire import Record
 from recorder.errors import AdminCommandError
 from recorder.metrics import RecorderMetrics
@@ -101,6 +102,7 @@ class AdminHandler:
         self._clock_ms = clock_ms
         self._guard = ReplayGuard(policy.max_age_s + policy.max_future_skew_s)
         self._pending: list[_Pending] = []
+        self._rejected_log = RepeatThrottle(60.0)
         self.replies_sent = 0
 
     @property
@@ -117,10 +119,15 @@ class AdminHandler:
             )
             self._guard.check(command, now_ms=now)
         except CommandRejectedError as exc:
-            _log.warning("admin command rejected", code=exc.reply_code.value, message=exc.message,
-                         request_id=exc.request_id, command=exc.command, run=exc.run,
-                         offset=record.offset)
-            self._reply(exc.reply_topic, exc.reply(now_ms=now, secret=self.policy.secret))
+            # a producer that floods the admin topic: each record answered, logged once a
+            # minute per kind of rejection
+            fields = self._rejected_log.log_fields((exc.reply_code, normalized(exc.message)))
+            if fields is not None:
+                _log.warning("admin command rejected", code=exc.reply_code.value,
+                             message=exc.message, request_id=exc.request_id,
+                             command=exc.command, run=exc.run, offset=record.offset, **fields)
+            self._reply(exc.reply_topic, exc.reply(now_ms=now, secret=self.policy.secret),
+                        logged=fields is not None)
             return
         except Exception as exc:  # a codec bug: the main loop (and each restart) would die
             _log.exception("admin command not decoded", offset=record.offset)
@@ -239,7 +246,7 @@ class AdminHandler:
         self._reply(reply_topic, AdminReply.success(command, message, now_ms=self._clock_ms(),
                                                     data=data, secret=self.policy.secret))
 
-    def _reply(self, topic: str | None, reply: AdminReply) -> None:
+    def _reply(self, topic: str | None, reply: AdminReply, *, logged: bool = True) -> None:
         if topic in self.protected_topics:
             _log.warning("a command's reply_topic is one of the daemon's own topics: its reply "
                          "goes to the default reply topic", reply_topic=topic,
@@ -249,9 +256,10 @@ class AdminHandler:
         if self._metrics is not None:
             self._metrics.admin_command(reply.command or "unknown", reply.code.value)
         quiet = reply.ok and reply.command == CommandKind.STATUS.value
-        _log.log(_QUERY if quiet else logging.INFO, "admin reply", request_id=reply.request_id,
-                 command=reply.command, run=reply.run, code=reply.code.value,
-                 reply_message=reply.message, topic=topic)
+        if logged:  # else a repeat of a rejection held back
+            _log.log(_QUERY if quiet else logging.INFO, "admin reply",
+                     request_id=reply.request_id, command=reply.command, run=reply.run,
+                     code=reply.code.value, reply_message=reply.message, topic=topic)
         self._send(topic, reply.encode())
         self.replies_sent += 1
 

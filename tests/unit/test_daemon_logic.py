@@ -1416,6 +1416,24 @@ def test_status_queries_are_logged_at_debug_commands_that_act_at_info() -> None:
     ]
 
 
+def test_a_flood_of_rejected_commands_is_logged_once_a_minute() -> None:
+    """Something producing garbage to the admin topic (a misdirected producer, a client
+    with the wrong secret in a loop): every record was a warning and an info line, 2,000
+    lines a second at a record a millisecond. Each still gets its reply and is counted;
+    the log has the first of each kind, the rest summed up a minute later."""
+    h, sent = _handler()
+    target = FakeTarget()
+    with capture_logs() as logs:
+        for i in range(100):
+            h.handle(Record("admin", 0, i, b"\x00garbage", None, NOW), target)  # type: ignore[arg-type]
+        h.handle(_record(encode_command(build_command("status", issued_at_ms=NOW - 31_000))),
+                 target)  # type: ignore[arg-type]
+    assert len(sent) == 101 and {m[1]["code"] for m in sent} == {"malformed", "expired"}
+    rejected = [e["code"] for e in logs if e["event"] == "admin command rejected"]
+    assert rejected == ["malformed", "expired"]
+    assert len([e for e in logs if e["event"] == "admin reply"]) <= 2
+
+
 def test_unsigned_commands_are_unauthorized_when_a_secret_is_set() -> None:
     secret = b"0123456789abcdef0123"
     h, sent = _handler(secret)
