@@ -10,7 +10,8 @@ get a :class:`concurrent.futures.Future` that the consumer thread completes betw
 
 Topics are read with ``assign()`` at explicit offsets (all partitions of a topic), obtained from
 ``get_watermark_offsets(cached=False)`` or ``offsets_for_times``: no consumer-group join, no
-rebalance, no lazily-resolved ``OFFSET_END`` race, and nothing is ever committed.
+rebalance, no lazily-resolved ``OFFSET_END`` race, and nothing is ever committed. A partition
+added to an assigned topic is found within ``_PARTITION_CHECK_S`` and read from its beginning.
 
 Each loop pass hands the records of one ``consume()`` batch to the ``on_records`` callback *in
 the consumer thread* (possibly an empty list: a tick, so the caller can run its timers), with
@@ -237,6 +238,9 @@ _PROBE_TIMEOUT_S = 0.5
 # Kafka that went silent (its host powered off, a network partition) closes no connection,
 # so librdkafka reports nothing before its own timeouts (socket.timeout.ms, 60 s)
 _IDLE_PROBE_S = 0.5
+# how often the assigned topics' partitions are looked up again: a partition an operator adds
+# is read from its beginning (a keyed producer, as the gateway, may move its messages there)
+_PARTITION_CHECK_S = 10.0
 
 
 class KafkaAdapter:
@@ -267,6 +271,7 @@ class KafkaAdapter:
         self._kafka_down = False
         self._reading_stalled = False
         self._next_probe = 0.0
+        self._next_partition_check = 0.0
         self._alive_at = time.monotonic()  # Kafka last answered the consumer (see alive_at)
         self._poll_timeout_s = poll_timeout_s
         self._metadata_timeout_s = metadata_timeout_s
@@ -698,6 +703,10 @@ class KafkaAdapter:
             elif self._kafka_down or (now - self._alive_at >= _IDLE_PROBE_S
                                       and self._has_active_topics()):
                 self._probe(consumer, now)
+            if now >= self._next_partition_check:
+                self._next_partition_check = now + _PARTITION_CHECK_S
+                if self._topics:
+                    self._add_new_partitions(consumer)
             if messages and self._first_reads:
                 self._check_first_reads(messages)
             if not messages:
@@ -1002,6 +1011,35 @@ class KafkaAdapter:
             if off < 0 and off != OFFSET_END:
                 raise TransportError(f"invalid start offset {off} for {topic}[{p}]")
         return offsets
+
+    def _add_new_partitions(self, consumer: Consumer) -> None:
+        """Assign, from their beginning, the partitions an assigned topic gained since it was
+        assigned (everything they hold was written after that); paused with their topic.
+        Kafka not answering now is left to the next check."""
+        for topic, state in list(self._topics.items()):
+            try:
+                partitions = self._partitions(consumer, topic, _PROBE_TIMEOUT_S)
+                new = [p for p in partitions or () if p not in state.partitions]
+                if not new:
+                    continue
+                offsets = {p: consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=_PROBE_TIMEOUT_S, cached=False)[0]
+                    for p in new}
+                tps = [TopicPartition(topic, p, off) for p, off in offsets.items()]
+                consumer.incremental_assign(tps)
+                if state.paused:
+                    consumer.pause(tps)
+            except KafkaException:
+                return
+            with self._topics_lock:
+                state.partitions = sorted([*state.partitions, *new])
+                state.positions.update(offsets)
+            now = time.monotonic()
+            for p, off in offsets.items():
+                self._first_reads.expect(topic, p, off, now)
+            self._count("partitions_added", len(new))
+            self._log.warning("partitions added to a topic being read: read from their "
+                              "beginning", topic=topic, offsets=offsets)
 
     def _do_remove(self, consumer: Consumer, topic: str) -> None:
         with self._topics_lock:

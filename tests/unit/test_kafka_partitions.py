@@ -1,0 +1,170 @@
+"""KafkaAdapter and topics whose partitions change, with a stand-in Consumer (Tansu cannot add
+partitions to a topic: CreatePartitions is not supported)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+
+import recorder.client.kafka as kafka_module
+from recorder.client.kafka import KafkaAdapter, StartAt
+from recorder.client.wire import Record
+from recorder.settings import KafkaSettings
+
+
+class FakeMessage:
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self._where = (topic, partition, offset)
+
+    def topic(self) -> str:
+        return self._where[0]
+
+    def partition(self) -> int:
+        return self._where[1]
+
+    def offset(self) -> int:
+        return self._where[2]
+
+    def error(self) -> Any:
+        return None
+
+    def value(self) -> bytes:
+        return b"m"
+
+    def headers(self) -> Any:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+class Broker:
+    """What the stand-in consumers see: per (topic, partition), its messages' offsets and low
+    watermark."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.logs: dict[tuple[str, int], list[int]] = {}
+        self.low: dict[tuple[str, int], int] = {}
+
+    def partitions(self, topic: str) -> list[int]:
+        with self.lock:
+            return sorted(p for t, p in self.logs if t == topic)
+
+
+class FakeConsumer:
+    broker = Broker()
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.assigned: dict[tuple[str, int], int] = {}  # next offset to read
+        self.paused: set[tuple[str, int]] = set()
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        assert topic is not None
+        parts = self.broker.partitions(topic)
+        tmeta = SimpleNamespace(error=None, partitions={p: None for p in parts})
+        return SimpleNamespace(topics={topic: tmeta} if parts else {})
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float = -1,
+                              cached: bool = False) -> tuple[int, int]:
+        key = (tp.topic, tp.partition)
+        with self.broker.lock:
+            log = self.broker.logs[key]
+            return self.broker.low.get(key, 0), (log[-1] + 1 if log else 0)
+
+    def incremental_assign(self, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            offset = tp.offset
+            if offset < 0:  # logical: the beginning (auto.offset.reset=earliest)
+                offset = self.broker.low.get((tp.topic, tp.partition), 0)
+            self.assigned[(tp.topic, tp.partition)] = offset
+
+    def incremental_unassign(self, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            self.assigned.pop((tp.topic, tp.partition), None)
+
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.paused.update((tp.topic, tp.partition) for tp in tps)
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.paused.difference_update((tp.topic, tp.partition) for tp in tps)
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.assigned[(tp.topic, tp.partition)] = tp.offset
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        out: list[FakeMessage] = []
+        with self.broker.lock:
+            for key, assigned in list(self.assigned.items()):
+                if key in self.paused:
+                    continue
+                position = max(assigned, self.broker.low.get(key, 0))
+                for offset in self.broker.logs.get(key, []):
+                    if offset >= position:
+                        out.append(FakeMessage(key[0], key[1], offset))
+                        position = offset + 1
+                self.assigned[key] = position
+        if not out:
+            time.sleep(min(timeout, 0.01))
+        return out
+
+    def poll(self, timeout: float = 0) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, records: list[Record], drained: bool) -> None:
+        with self._cond:
+            self.records.extend(records)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self.records), timeout)
+
+
+@pytest.fixture
+def broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[Broker]:
+    fake = Broker()
+    monkeypatch.setattr(FakeConsumer, "broker", fake)
+    monkeypatch.setattr(kafka_module, "Consumer", FakeConsumer)
+    monkeypatch.setattr(kafka_module, "_PARTITION_CHECK_S", 0.1, raising=False)
+    yield fake
+
+
+def test_a_partition_added_while_reading_is_read_from_its_beginning(broker: Broker) -> None:
+    """An operator adds a partition to a snapshot (or the admin) topic while the recorder reads
+    it: the producer's key now hashes to the new partition, and the gateway's messages go
+    there. The adapter assigned the partitions the topic had when it was added and never
+    looked again: everything written to the new partition was never read, without a word.
+    New partitions are now found and read from their beginning (all they hold is newer than
+    the assignment)."""
+    broker.logs[("snap", 0)] = [0, 1]
+    collector = Collector()
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="parts")
+    adapter = KafkaAdapter(settings, collector, metadata_timeout_s=1.0).start()
+    try:
+        assert adapter.add_topic("snap", StartAt.at({0: 0})).result(5) == {0: 0}
+        assert collector.wait_for(lambda rs: len(rs) == 2)
+        with broker.lock:
+            broker.logs[("snap", 1)] = [0, 1, 2]
+        assert collector.wait_for(lambda rs: len(rs) == 5, timeout=5.0), collector.records
+        assert sorted((r.partition, r.offset) for r in collector.records) == [
+            (0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+        assert adapter.positions("snap") == {0: 2, 1: 3}
+        assert adapter.counters["partitions_added"] == 1
+    finally:
+        adapter.close(1.0)
