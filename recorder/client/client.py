@@ -786,9 +786,9 @@ class K2egClient:
         # read from "now" (not resumed, not history): begin at the first whole iteration
         fresh = start is None or start.kind == "end"
         if start is None:
-            start = StartAt.at({p: high for p, (_, high) in before.items()}) if before else (
-                StartAt.beginning()
-            )
+            # a partition added since the offsets were taken holds only newer messages
+            start = StartAt.at({p: high for p, (_, high) in before.items()},
+                               others="beginning") if before else StartAt.beginning()
         sub = RecurringSnapshot(
             self, properties, topic, ack, already_running, handler,
             self.max_pending if max_pending is None else max_pending,

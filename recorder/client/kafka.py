@@ -148,7 +148,8 @@ class StartAt:
       after that point is read);
     * :meth:`beginning`: the low watermark;
     * :meth:`at`: explicit offsets (one for every partition, or a partition -> offset map;
-      partitions missing from the map start at the end);
+      partitions missing from the map start at the end, or with ``others="beginning"`` at
+      their beginning: for a map saved earlier, whose missing partitions were added since);
     * :meth:`at_timestamp`: the first message with a timestamp >= ``ms`` (Kafka
       ``offsets_for_times``); the end when there is none.
     """
@@ -157,6 +158,7 @@ class StartAt:
     offsets: Mapping[int, int] | None = None
     offset: int | None = None
     timestamp_ms: int | None = None
+    others: Literal["end", "beginning"] = "end"  # of :meth:`at`: partitions not in its map
 
     @classmethod
     def end(cls) -> StartAt:
@@ -167,10 +169,11 @@ class StartAt:
         return cls("beginning")
 
     @classmethod
-    def at(cls, offsets: int | Mapping[int, int]) -> StartAt:
+    def at(cls, offsets: int | Mapping[int, int], *,
+           others: Literal["end", "beginning"] = "end") -> StartAt:
         if isinstance(offsets, int):
             return cls("offsets", offset=offsets)
-        return cls("offsets", offsets=dict(offsets))
+        return cls("offsets", offsets=dict(offsets), others=others)
 
     @classmethod
     def at_timestamp(cls, timestamp_ms: int) -> StartAt:
@@ -1006,7 +1009,9 @@ class KafkaAdapter:
             low, high = consumer.get_watermark_offsets(
                 TopicPartition(topic, p), timeout=timeout_s, cached=False
             )
-            offsets[p] = low if start.kind == "beginning" else high
+            beginning = start.kind == "beginning" or (
+                start.kind == "offsets" and start.others == "beginning")
+            offsets[p] = low if beginning else high
         for p, off in offsets.items():
             if off < 0 and off != OFFSET_END:
                 raise TransportError(f"invalid start offset {off} for {topic}[{p}]")

@@ -11,7 +11,8 @@ atomically after each pass of the main loop that handled a command), and the lin
 reading there. Each command is then judged as usual: older than ``command_max_age_s`` is
 answered ``expired`` (never acted on), a fresher one is acted on. Without a saved position (the
 first start, another admin topic) reading starts at the topic's end; a saved position outside
-the topic's retained range is clamped to it. A crash between acting on a command and saving
+the topic's retained range is clamped to it, and a partition it does not name (added since)
+is read from its beginning. A crash between acting on a command and saving
 the position replays that command at the next start (at-least-once, within the max age); so
 does one before the reply to a command still waiting for its run (a stop finalizing its
 files): the saved position stays at the first command not answered yet, so that command and
@@ -113,9 +114,9 @@ class AdminCursor:
 
 class AdminLink:
     """Consumes ``admin_topic`` from ``start`` (partition -> next offset, e.g. from an
-    :class:`AdminCursor`; clamped to what the topic retains; partitions without a position
-    and ``start=None``: from the end) and produces replies/heartbeats. ``start_offsets``
-    says where reading really started."""
+    :class:`AdminCursor`; clamped to what the topic retains; partitions without a position:
+    from their beginning, they were added since; ``start=None``: from the end) and produces
+    replies/heartbeats. ``start_offsets`` says where reading really started."""
 
     def __init__(
         self,
@@ -155,14 +156,15 @@ class AdminLink:
         offsets: dict[int, int] = {}
         for partition, (low, high) in marks.items():
             saved = start.get(partition)
-            offsets[partition] = high if saved is None else min(max(saved, low), high)
+            # a partition the saved position does not name was added since it was saved
+            offsets[partition] = low if saved is None else min(max(saved, low), high)
             if saved is not None and saved != offsets[partition]:
                 _log.warning("saved admin offset outside the topic: clamped",
                              partition=partition, saved=saved, low=low, high=high)
         waiting = sum(high - offsets[p] for p, (_low, high) in marks.items())
         _log.info("admin topic resumed from the saved offsets", offsets=offsets,
                   commands_waiting=waiting)
-        return StartAt.at(offsets)
+        return StartAt.at(offsets, others="beginning")
 
     def _on_records(self, records: list[Record], drained: bool) -> None:  # consumer thread
         for record in records:

@@ -479,7 +479,8 @@ class RunController:
             active = self._recover_leftover(stored, active)
         start_at: StartAt | None = None
         if active is not None and active.offsets:
-            start_at = StartAt.at(active.resume_offsets())
+            # a partition it does not name was added since: all it holds is newer
+            start_at = StartAt.at(active.resume_offsets(), others="beginning")
         prewarm_writers(self._factory, [d], self._log)  # overlaps the subscription
         budget = self._value_budget
         max_pending = pending_bound(len(props.pv_uri_list), *(() if budget is None else (budget,)))

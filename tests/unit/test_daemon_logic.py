@@ -458,6 +458,38 @@ def test_start_resumes_from_the_durable_offset(tmp_path: Path) -> None:
         assert c.join(5)
 
 
+def test_a_resume_reads_a_partition_its_offsets_do_not_name_from_its_beginning(
+        tmp_path: Path) -> None:
+    """The run state names the partitions the recording read (a partition added to the
+    snapshot topic while the daemon was down, or before the recording flushed anything of it,
+    is not among them). Such a partition started at its end: the gateway's messages written
+    to it before the restart were never recorded. Everything it holds came after the saved
+    offsets: it is read from its beginning."""
+    from recorder.client.kafka import KafkaAdapter
+    from recorder.settings import KafkaSettings
+
+    class Watermarks:
+        def get_watermark_offsets(self, tp: Any, timeout: float, cached: bool
+                                  ) -> tuple[int, int]:
+            return (3, 50)
+
+    store = ResumeStore(tmp_path / "state")
+    store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41}, None))
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client)
+    adapter = KafkaAdapter(KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="r"),
+                           lambda records, drained: None)
+    try:
+        c.start().result(5)
+        start = client.starts[0]
+        assert adapter._resolve(Watermarks(), "snap", [0, 1], start, 1.0) == {  # type: ignore[arg-type]
+            0: 42, 1: 3}
+    finally:
+        adapter.close(1.0)
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_segment_numbering_and_start_time_are_kept_across_resumes(tmp_path: Path) -> None:
     store = ResumeStore(tmp_path / "state")
     store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41}, None, segments=3,

@@ -168,3 +168,30 @@ def test_a_partition_added_while_reading_is_read_from_its_beginning(broker: Brok
         assert adapter.counters["partitions_added"] == 1
     finally:
         adapter.close(1.0)
+
+
+def test_an_admin_partition_unknown_to_the_saved_position_is_read_from_its_beginning(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    """The daemon resumes the admin topic at its saved position (commands sent while it was
+    down are carried out). A partition the saved position does not name (added while the daemon
+    was down) started at its end: the commands sent to it meanwhile were never read, and their
+    senders got no answer. Everything such a partition holds came after the position was
+    saved: it is now read from its beginning."""
+    from recorder.daemon.adminlink import AdminLink
+
+    monkeypatch.setattr(KafkaAdapter, "ensure_topic", lambda self, topic, **kw: 1)
+    broker.logs[("admin", 0)] = [0, 1, 2]
+    broker.logs[("admin", 1)] = [0, 1]
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="adm")
+    link = AdminLink(settings, "admin", start={0: 2}, timeout_s=2.0)
+    try:
+        assert link.start_offsets == {0: 2, 1: 0}
+        got: list[Record] = []
+        deadline = time.monotonic() + 5.0
+        while len(got) < 3 and time.monotonic() < deadline:
+            got.extend(link.take())
+            time.sleep(0.01)
+        assert sorted((r.partition, r.offset) for r in got) == [(0, 2), (1, 0), (1, 1)]
+    finally:
+        link.close(1.0)
