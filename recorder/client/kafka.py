@@ -56,7 +56,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from recorder.client.firstread import FirstReads
+from recorder.client.firstread import FirstReads, OffsetGap
 from recorder.client.throttle import RepeatThrottle, normalized
 from recorder.client.wire import Record
 from recorder.errors import ClientClosedError, ConfigError, RecorderError, TransportError
@@ -426,8 +426,10 @@ class KafkaAdapter:
         If the topic does not exist yet, the consumer thread keeps retrying (without blocking
         other topics) until ``timeout_s`` (default: the adapter's metadata timeout), then fails
         the future with :class:`TransportError`. Adding a topic that is already assigned
-        re-positions it. Started at explicit offsets (:meth:`StartAt.at`), the first message
-        read from each partition is checked to be at its offset (see ``on_offset_gap``).
+        re-positions it. Started at explicit offsets (:meth:`StartAt.at`), an offset below
+        the partition's oldest message (deleted by retention) is a gap at once, and the first
+        message read from each partition is checked to be at its offset (see
+        ``on_offset_gap``).
         """
         deadline = time.monotonic() + (timeout_s or self._metadata_timeout_s)
         return self._submit(
@@ -798,26 +800,31 @@ class KafkaAdapter:
         reads = ((topic, m.partition(), m.offset()) for m in messages
                  if (topic := m.topic()) in watched and m.error() is None)
         for gap in first_reads.check(reads):  # type: ignore[arg-type]
-            if gap.missing:
-                self._count("offsets_missing", gap.missing)
-                self._log.warning(
-                    "messages missing from Kafka: the topic no longer holds them (its "
-                    "retention deleted them before they were read)", topic=gap.topic,
-                    partition=gap.partition, expected_offset=gap.expected,
-                    first_offset_read=gap.read, missing=gap.missing)
-            else:
-                self._count("offsets_reset")
-                self._log.warning(
-                    "the topic no longer reaches the offset to read from (deleted and created "
-                    "again?): reading from its oldest message", topic=gap.topic,
-                    partition=gap.partition, expected_offset=gap.expected,
-                    first_offset_read=gap.read)
-            if self._on_offset_gap is not None:
-                try:
-                    self._on_offset_gap(gap.topic, gap.partition, gap.expected, gap.read)
-                except Exception:
-                    self._count("callback_errors")
-                    self._log.exception("offset gap callback raised")
+            self._report_gap(gap)
+
+    def _report_gap(self, gap: OffsetGap) -> None:
+        """A partition started at an explicit offset does not read from it: logged, counted
+        and told to ``on_offset_gap``."""
+        if gap.missing:
+            self._count("offsets_missing", gap.missing)
+            self._log.warning(
+                "messages missing from Kafka: the topic no longer holds them (its "
+                "retention deleted them before they were read)", topic=gap.topic,
+                partition=gap.partition, expected_offset=gap.expected,
+                first_offset_read=gap.read, missing=gap.missing)
+        else:
+            self._count("offsets_reset")
+            self._log.warning(
+                "the topic no longer reaches the offset to read from (deleted and created "
+                "again?): reading from its oldest message", topic=gap.topic,
+                partition=gap.partition, expected_offset=gap.expected,
+                first_offset_read=gap.read)
+        if self._on_offset_gap is not None:
+            try:
+                self._on_offset_gap(gap.topic, gap.partition, gap.expected, gap.read)
+            except Exception:
+                self._count("callback_errors")
+                self._log.exception("offset gap callback raised")
 
     def _filtered(self, messages: list[Message]) -> list[Message]:
         """:meth:`_deliverable` with consumer errors or unassigned topics in the batch."""
@@ -959,20 +966,30 @@ class KafkaAdapter:
             self._retries.append(request)
             return None
         offsets = self._resolve(consumer, topic, partitions, start, max(0.5, remaining))
+        state = _TopicState(partitions=partitions, positions=dict(offsets))
+        gaps: list[OffsetGap] = []
+        if start.kind == "offsets":  # already deleted: told now, not when a message comes
+            for p, off in offsets.items():
+                low = consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=max(0.5, remaining), cached=False)[0]
+                if 0 <= off < low:
+                    gaps.append(OffsetGap(topic, p, off, low))
+                    state.positions[p] = low  # where librdkafka reads from (checked there)
         tps = [TopicPartition(topic, p, offsets[p]) for p in partitions]
         with self._topics_lock:
             existing = self._topics.get(topic)
         if existing is not None:
             consumer.incremental_unassign([TopicPartition(topic, p) for p in existing.partitions])
         consumer.incremental_assign(tps)
-        state = _TopicState(partitions=partitions, positions=dict(offsets))
         self._first_reads.forget(topic)
         if start.kind == "offsets":
             now = time.monotonic()
-            for p, off in offsets.items():
+            for p, off in state.positions.items():
                 self._first_reads.expect(topic, p, off, now)
         with self._topics_lock:
             self._topics[topic] = state
+        for gap in gaps:
+            self._report_gap(gap)
         self._log.debug("topic assigned", topic=topic, offsets=offsets, start=start.kind)
         return dict(offsets)
 

@@ -76,7 +76,8 @@ class FakeConsumer:
         key = (tp.topic, tp.partition)
         with self.broker.lock:
             log = self.broker.logs[key]
-            return self.broker.low.get(key, 0), (log[-1] + 1 if log else 0)
+            low = self.broker.low.get(key, 0)
+            return low, (log[-1] + 1 if log else low)
 
     def incremental_assign(self, tps: list[TopicPartition]) -> None:
         for tp in tps:
@@ -195,3 +196,34 @@ def test_an_admin_partition_unknown_to_the_saved_position_is_read_from_its_begin
         assert sorted((r.partition, r.offset) for r in got) == [(0, 2), (1, 0), (1, 1)]
     finally:
         link.close(1.0)
+
+
+def test_a_resume_whose_offsets_retention_deleted_reports_the_gap_without_waiting(
+    broker: Broker,
+) -> None:
+    """A resume (explicit offsets) after the daemon was down longer than the topic keeps
+    data: the gap was told only by the first message read, and only if it came within
+    firstread.WATCH_S (120 s) of the start. A topic with nothing new for longer (a triggered
+    run not triggered in those 2 minutes) lost the messages without a word, though the README
+    says the daemon reports it. The low watermark above the offset shows the gap at once."""
+    broker.low[("snap", 0)] = 10
+    broker.logs[("snap", 0)] = []  # offsets 0..9 deleted, nothing new
+    gaps: list[tuple[str, int, int, int]] = []
+    collector = Collector()
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="gap")
+    adapter = KafkaAdapter(settings, collector, metadata_timeout_s=1.0,
+                           on_offset_gap=lambda *gap: gaps.append(gap)).start()
+    try:
+        assert adapter.add_topic("snap", StartAt.at({0: 5})).result(5) == {0: 5}
+        deadline = time.monotonic() + 2.0
+        while not gaps and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gaps == [("snap", 0, 5, 10)]
+        assert adapter.counters["offsets_missing"] == 5
+        # the first message then read is at the low watermark: no second report
+        with broker.lock:
+            broker.logs[("snap", 0)] = [10]
+        assert collector.wait_for(lambda rs: len(rs) == 1)
+        assert gaps == [("snap", 0, 5, 10)] and adapter.counters["offsets_missing"] == 5
+    finally:
+        adapter.close(1.0)
