@@ -710,7 +710,7 @@ class KafkaAdapter:
                 self._probe(consumer, now)
             if now >= self._next_partition_check:
                 self._next_partition_check = now + _PARTITION_CHECK_S
-                if self._topics:
+                if self._topics and not self._kafka_down:  # else the probe's business
                     self._add_new_partitions(consumer)
             if messages and self._first_reads:
                 self._check_first_reads(messages)
