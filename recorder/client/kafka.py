@@ -848,9 +848,12 @@ class KafkaAdapter:
         if err is None or err.code() == KafkaError._PARTITION_EOF:
             return
         self._count("consumer_errors")
-        self._log.warning(
-            "consumer error", topic=msg.topic(), partition=msg.partition(), error=err.str()
-        )
+        # an error that comes back with every consume (a deleted topic): a line a minute
+        fields = _THROTTLE.log_fields(("consumer", msg.topic(), msg.partition(), err.code(),
+                                       normalized(err.str())))
+        if fields is not None:
+            self._log.warning("consumer error", topic=msg.topic(), partition=msg.partition(),
+                              error=err.str(), **fields)
 
     def _probe(self, consumer: Consumer, now: float) -> None:
         """Ask a broker for metadata: while Kafka counts as down and nothing arrives, once a

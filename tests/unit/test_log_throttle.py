@@ -154,3 +154,39 @@ def test_failed_deliveries_while_kafka_is_down_are_throttled() -> None:
     failed = [e for e in logs if e["event"] == "delivery failed"]
     assert len(failed) == 1, failed
     assert failed[0]["topic"] == "status-topic-delivery-throttle"
+
+
+def test_a_consumer_error_that_comes_back_with_every_consume_is_throttled() -> None:
+    """A partition whose leader is gone, a topic deleted under the consumer: librdkafka
+    hands the same error with each consume() (many a second); each is counted, the line is
+    written once a minute per topic, partition and error, with the count held back."""
+    from confluent_kafka import KafkaError
+
+    from recorder.client.kafka import KafkaAdapter
+    from recorder.settings import KafkaSettings
+
+    class Errored:
+        def __init__(self, topic: str) -> None:
+            self._topic = topic
+
+        def error(self) -> KafkaError:
+            return KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "Broker: Unknown topic")
+
+        def topic(self) -> str:
+            return self._topic
+
+        def partition(self) -> int:
+            return 0
+
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="consumer-errors")
+    adapter = KafkaAdapter(settings, lambda records, drained: None)
+    try:
+        with capture_logs() as logs:
+            for _ in range(50):
+                adapter._consumer_error(Errored("gone-topic-throttle"))  # type: ignore[arg-type]
+            adapter._consumer_error(Errored("other-topic-throttle"))  # type: ignore[arg-type]
+    finally:
+        adapter.close(1.0)
+    assert adapter.counters["consumer_errors"] == 51
+    lines = [(e["topic"], e.get("repeated")) for e in logs if e["event"] == "consumer error"]
+    assert lines == [("gone-topic-throttle", None), ("other-topic-throttle", None)]
