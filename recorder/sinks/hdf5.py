@@ -202,7 +202,7 @@ class HDF5Recording:
             self.counters["values"] += len(batch.samples["pv"])
             self.counters["flushes"] += 1
             self._durable.update(batch.offsets)
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, RuntimeError, ValueError, SinkError) as exc:
             self._fail(exc)
         self._last_flush = self.clock()
         self._events_at_flush = self.counters["events"]

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recorder.durability import sync_fd
+from recorder.errors import SinkError
 from recorder.sinks.buffer import (
     ITERATION_COLUMNS,
     META_COLUMNS,
@@ -184,7 +185,12 @@ class LiveWriter:
     def _flush(self) -> None:
         self.f.flush()
         if self._fd is not None:
-            sync_fd(self._fd)
+            try:
+                sync_fd(self._fd)
+            except OSError as exc:  # EIO, ENOSPC, EDQUOT: what the write-back could not do
+                raise SinkError(
+                    f"{self.f.filename}: flushed data did not reach the disk (fsync failed: "
+                    f"{exc.strerror or exc}); what earlier flushes wrote is kept") from exc
 
 
 WINDOW_BYTES = 4 << 20

@@ -114,7 +114,8 @@ def test_a_failed_fsync_fails_the_recording_and_moves_no_offset(
     _iteration(rec, 2)
     rec.flush()
     assert rec.status == "failed"
-    assert "Input/output error" in rec.reason
+    assert rec.reason == (f"{rec.current_path}: flushed data did not reach the disk (fsync "
+                          "failed: Input/output error); what earlier flushes wrote is kept")
     assert rec.last_durable_offset == {("t", 0): 5}
     partial = rec.current_path
     assert partial is not None
