@@ -1007,9 +1007,13 @@ class RunController:
                 raise
             self._log.warning("the gateway does not know the snapshot: starting it again",
                               error=str(exc))
-        ack = sub.resend_start()
-        if ack.publishing_topic:  # started anew: iter_index begins again at 1
-            self._count_resend("restarted")
+        try:
+            ack = sub.resend_start()
+        except RecorderError:
+            self._count_resend("failed")
+            raise
+        # publishing_topic: started anew (iter_index begins again at 1)
+        self._count_resend("restarted" if ack.publishing_topic else "already_running")
         return self._client.snapshot_trigger(name, tags=dict(tags) or None)
 
     # ---- stop ---------------------------------------------------------------------------

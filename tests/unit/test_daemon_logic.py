@@ -833,6 +833,34 @@ def test_a_trigger_the_gateway_does_not_know_restarts_the_snapshot_then_triggers
         c.shutdown().result(5)
 
 
+def test_every_start_a_trigger_re_sends_is_counted_by_its_outcome(tmp_path: Path) -> None:
+    """A trigger the gateway answers "has not been found" re-sends the snapshot start; the
+    gateway may answer that start "already running", or not at all. Those re-sends were not
+    counted in snapshot_resends_total (only a fresh start was), so the alert on any increase
+    of it missed them, although the metric's help names this case."""
+    client = FakeClient()
+    metrics = RecorderMetrics()
+    c, _made = _controller(tmp_path, client, triggered=True, metrics=metrics)
+    not_found = GatewayError("repeating_snapshot_trigger", -2,
+                             "Snapshot 'snap' has not been found")
+    try:
+        sub = _started(c, client)
+        client.trigger_errors = [not_found]
+        sub.resend_answers = [Ack("repeating_snapshot", "id", "Snapshot snap is already running")]
+        c.trigger().result(5)
+        assert len(sub.resends) == 1
+        assert _resends(metrics, "already_running") == 1 and _resends(metrics, "restarted") == 0
+        client.trigger_errors = [not_found]
+        sub.resend_answers = [GatewayTimeoutError("repeating_snapshot", "x", 0.1)]
+        with pytest.raises(AdminCommandError, match="trigger failed"):
+            c.trigger().result(5)
+        assert len(sub.resends) == 2 and _resends(metrics, "failed") == 1
+        assert c.status().snapshot_restarts == 0
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_a_failed_recording_stops_the_run_and_keeps_the_resume_state(tmp_path: Path) -> None:
     client = FakeClient()
     c, made = _controller(tmp_path, client)
