@@ -1127,11 +1127,11 @@ class RunController:
             self._stats.current_file = None
         failed = rec.reason if rec.status == "failed" else raised
         if failed is not None:
-            if status != "failed":  # found at the close: not counted nor logged by
-                if self._metrics is not None:  # _recording_failed
+            if status != "failed":  # found at the close: not counted, logged nor in the
+                if self._metrics is not None:  # status by _recording_failed
                     self._metrics.write_failed(self.name)
                 self._log.error("recording failed", reason=failed, files=files)
-            self._error(f"recording failed: {failed}")
+                self._error(f"recording failed: {failed}")
             # keep the state file: a start resumes from the durable offset
             return files, failed or "the recording failed"
         if self._abandoned and self._stop_for_exit:  # the next start resumes it (abandon);

@@ -875,6 +875,26 @@ def test_a_failed_recording_stops_the_run_and_keeps_the_resume_state(tmp_path: P
         assert c.join(5)
 
 
+def test_a_failed_recording_is_one_error_in_the_status(tmp_path: Path) -> None:
+    """One write failure is one error: the status counted it twice (the close of the failed
+    recording and the run's failure each added one), while write_errors_total counted 1."""
+    client = FakeClient()
+    metrics = RecorderMetrics()
+    c, made = _controller(tmp_path, client, metrics=metrics)
+    try:
+        c.start().result(5)
+        made[0].status, made[0].reason = "failed", "OSError: [Errno 5] Input/output error"
+        _wait(lambda: c.state is RunState.FAILED)
+        assert metrics.registry.get_sample_value(
+            "k2eg_recorder_write_errors_total", {"run": "r"}) == 1
+        status = c.status()
+        assert status.errors == 1, status
+        assert status.last_error == "recording failed: OSError: [Errno 5] Input/output error"
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_a_file_that_cannot_be_finalized_at_the_stop_fails_the_stop(tmp_path: Path) -> None:
     """A close that fails (the file cannot be finalized: e.g. a compression whose plugin the
     writer cannot load) was answered "stopped (complete); files: none", left the run idle
