@@ -1290,7 +1290,10 @@ class RunController:
         no_room = not stopping and (
             out_of_space(reason) or not self._room_for(self.definition.output.directory, None))
         # no room: stop reading, not the gateway snapshot (its data waits in Kafka)
+        sub = self._sub
         self._stop_snapshot_quietly(at_gateway=not no_room and not stopping)
+        if sub is not None:  # skipped since the last look: the next start's baseline
+            self._update_skips(sub)
         self._close_recording("failed", reason)
         self._sub = None
         if no_room:
@@ -1313,6 +1316,8 @@ class RunController:
     def _lost_subscription(self) -> None:
         """The client ended the subscription on its own (the client was closed)."""
         self._log.warning("snapshot subscription ended unexpectedly")
+        if self._sub is not None:  # skipped since the last look: the next start's baseline
+            self._update_skips(self._sub)
         _, failed = self._close_recording("aborted",
                                           "the k2eg client stopped reading the snapshot")
         self._sub = None

@@ -1151,6 +1151,31 @@ def test_messages_lost_to_retention_before_a_resume_are_reported(tmp_path: Path)
         assert c.join(5)
 
 
+def test_messages_skipped_just_before_a_recording_failed_are_counted(tmp_path: Path) -> None:
+    """The topic's skip counters are looked at every LAG_EVERY_S while recording; those the
+    client charged to the topic since the last look, when the recording then failed, were
+    never counted (the next start takes the client's totals as its baseline): a resume's
+    messages lost to retention went unreported when its recording failed within 2 s."""
+    metrics = RecorderMetrics()
+    client = FakeClient()
+    c, made = _controller(tmp_path, client, metrics=metrics)
+    try:
+        sub = _started(c, client)
+        _feed(sub, 1, 1)  # the first pump takes the topic's statistics
+        _wait(lambda: c.status().lag == 5)
+        sub.skips = {"malformed.not_msgpack": 3, "lost.retention": 7}
+        made[0].status, made[0].reason = "failed", "OSError: [Errno 5] Input/output error"
+        _wait(lambda: c.state is RunState.FAILED)
+        assert metrics.registry.get_sample_value(
+            "k2eg_recorder_messages_skipped_total",
+            {"run": "r", "reason": "malformed.not_msgpack"}) == 3
+        assert metrics.registry.get_sample_value(
+            "k2eg_recorder_messages_skipped_total", {"run": "r", "reason": "lost.retention"}) == 7
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_bytes_written_falls_back_to_file_growth(tmp_path: Path) -> None:
     metrics = RecorderMetrics()
     client = FakeClient()
