@@ -841,6 +841,12 @@ class RunController:
         self._update_lag(sub)
         self._update_backpressure(sub)
 
+    def _update_counts(self, sub: RecurringSnapshot) -> None:
+        """The subscription's counts since the last look (skips, pauses), before it goes:
+        the next one's start from its own baseline."""
+        self._update_skips(sub)
+        self._update_backpressure(sub)
+
     def _update_backpressure(self, sub: RecurringSnapshot) -> None:
         pauses = sub.stats["backpressure_pauses"]
         behind = sub.backpressure_paused
@@ -1082,7 +1088,7 @@ class RunController:
                 if self._rec is not None:
                     self._on_event(self._rec, event)
         if sub is not None:
-            self._update_skips(sub)
+            self._update_counts(sub)
         final_seen = isinstance(result, StopResult) and result.final_seen
         status = "complete" if final_seen else "aborted"
         why = self._stop_reason
@@ -1292,8 +1298,8 @@ class RunController:
         # no room: stop reading, not the gateway snapshot (its data waits in Kafka)
         sub = self._sub
         self._stop_snapshot_quietly(at_gateway=not no_room and not stopping)
-        if sub is not None:  # skipped since the last look: the next start's baseline
-            self._update_skips(sub)
+        if sub is not None:  # counted since the last look: the next start's baseline
+            self._update_counts(sub)
         self._close_recording("failed", reason)
         self._sub = None
         if no_room:
@@ -1316,8 +1322,8 @@ class RunController:
     def _lost_subscription(self) -> None:
         """The client ended the subscription on its own (the client was closed)."""
         self._log.warning("snapshot subscription ended unexpectedly")
-        if self._sub is not None:  # skipped since the last look: the next start's baseline
-            self._update_skips(self._sub)
+        if self._sub is not None:  # counted since the last look: the next start's baseline
+            self._update_counts(self._sub)
         _, failed = self._close_recording("aborted",
                                           "the k2eg client stopped reading the snapshot")
         self._sub = None

@@ -715,6 +715,34 @@ def test_a_run_whose_writing_falls_behind_says_so_in_status_and_metrics(
         assert c.join(5)
 
 
+def test_backpressure_pauses_just_before_a_stop_are_counted(tmp_path: Path) -> None:
+    """The subscription's pauses are looked at every LAG_EVERY_S while recording; those since
+    the last look when the run stopped (or its recording failed) were never counted in the
+    status nor in backpressure_pauses_total: the next subscription counts from 0."""
+    client = FakeClient()
+    metrics = RecorderMetrics()
+    c, made = _controller(tmp_path, client, metrics=metrics)
+    try:
+        sub = _started(c, client)
+        _feed(sub, 1, 1)  # the first pump takes the topic's statistics
+        _wait(lambda: c.status().lag == 5)
+        sub.stats["backpressure_pauses"] = 2
+        assert "stopped" in c.stop().result(5)
+        assert c.status().backpressure_pauses == 2
+        assert _run_sample(metrics, "backpressure_pauses_total") == 2
+        sub = _started(c, client)
+        _feed(sub, 2, 1)
+        _wait(lambda: c.status().lag == 5)
+        sub.stats["backpressure_pauses"] = 1
+        made[1].status, made[1].reason = "failed", "OSError: [Errno 5] Input/output error"
+        _wait(lambda: c.state is RunState.FAILED)
+        assert c.status().backpressure_pauses == 3
+        assert _run_sample(metrics, "backpressure_pauses_total") == 3
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_a_stopped_run_reports_no_lag(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
