@@ -777,15 +777,15 @@ class RunController:
     def _after_flush(self, rec: Recording) -> None:
         flushes = rec.counters.get("flushes", 0)
         if flushes != self._flushes:
-            self._flushes = flushes
-            self._flushed(rec)
+            new, self._flushes = flushes - self._flushes, flushes
+            self._flushed(rec, new)
         if rec.status == "failed":  # after saving what its flushes made durable: a resume
             self._recording_failed(rec)  # starts after it, nothing recorded twice
 
-    def _flushed(self, rec: Recording) -> None:
-        """Count what the recording's new flushes wrote and save the offsets they made
-        durable (also when it failed after them: that data is in its file)."""
-        self._count_written(rec, flushed=True)
+    def _flushed(self, rec: Recording, flushes: int) -> None:
+        """Count what the recording's ``flushes`` new flushes wrote and save the offsets they
+        made durable (also when it failed after them: that data is in its file)."""
+        self._count_written(rec, flushes=flushes)
         with self._lock:
             self._stats.current_file = None if rec.current_path is None else str(rec.current_path)
         durable = {p: o for (_t, p), o in rec.last_durable_offset.items()}
@@ -1267,22 +1267,24 @@ class RunController:
     def _after_flush_counts(self, rec: Recording) -> None:
         """After close(): what its own last flush wrote (values, bytes) and that flush."""
         flushes = rec.counters.get("flushes", 0)
-        flushed, self._flushes = flushes != self._flushes, flushes
-        self._count_written(rec, flushed=flushed)
+        new, self._flushes = flushes - self._flushes, flushes
+        self._count_written(rec, flushes=new)
 
-    def _count_written(self, rec: Recording, *, flushed: bool) -> None:
-        """Count what the recording wrote since the last count (values, bytes) and, when it
-        ``flushed``, that flush (its duration, the time of the last write)."""
+    def _count_written(self, rec: Recording, *, flushes: int) -> None:
+        """Count what the recording wrote since the last count (values, bytes) and its
+        ``flushes`` new flushes (each one's duration, the time of the last write)."""
         values = rec.counters.get("values", 0)
         delta, self._values = values - self._values, values
         nbytes = self._bytes_written(rec)  # 0 after close() without a bytes counter
         with self._lock:
             self._stats.values_written += max(0, delta)
         if self._metrics is not None:
-            if flushed or delta > 0 or nbytes:
+            if flushes > 0 or delta > 0 or nbytes:
                 self._metrics.values(self.name, max(0, delta), nbytes)
-            if flushed:
-                self._metrics.flushed(self.name, rec.last_flush_seconds, time.time())
+            if flushes > 0:  # each one (a rotation flushes inside handle(), then the pump)
+                now = time.time()
+                for seconds in list(rec.flush_seconds)[-flushes:]:
+                    self._metrics.flushed(self.name, seconds, now)
 
     def _recording_failed(self, rec: Recording) -> None:
         """The file cannot be written: stop reading (Kafka keeps the data), keep the resume

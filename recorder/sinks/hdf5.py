@@ -26,6 +26,7 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from recorder.sinks.final_layout import FORMAT_VERSION
 from recorder.sinks.finalize import finalize
 from recorder.sinks.livefile import RECORDING_STATUS, LiveWriter, create_live_layout
 from recorder.sinks.options import (
+    FLUSHES_KEPT,
     OutputOptions,
     flush_due_after,
     partial_path,
@@ -116,6 +118,7 @@ class HDF5Recording:
             "snapshot_restarts": 0,
         }
         self.last_flush_seconds = 0.0
+        self.flush_seconds: deque[float] = deque(maxlen=FLUSHES_KEPT)  # newest last
         self._final: Path | None = None
         self._file: h5py.File | None = None
         self._lock: writelock.WriterLock | None = None
@@ -196,6 +199,7 @@ class HDF5Recording:
         if self.status != "recording" or self._writer is None:
             return
         start = time.perf_counter()
+        flushes = self.counters["flushes"]
         try:
             batch = self._buffer.take()
             self._writer.write(batch, RECORDING_STATUS["recording"], self._now_ns())
@@ -207,6 +211,8 @@ class HDF5Recording:
         self._last_flush = self.clock()
         self._events_at_flush = self.counters["events"]
         self.last_flush_seconds = time.perf_counter() - start
+        if self.counters["flushes"] != flushes:
+            self.flush_seconds.append(self.last_flush_seconds)
 
     def close(self, status: str = "complete", reason: str = "") -> list[Path]:
         """Stop: flush, mark open iterations incomplete, finalize the files."""

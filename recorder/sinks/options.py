@@ -352,6 +352,11 @@ iteration soon after its tail, and a drained backlog is durable at once. Bounded
 flushes per second however the data trickles in (a flush costs a few ms whatever its size)."""
 
 
+# durations of a recording's latest flushes it keeps (``flush_seconds``): the daemon observes
+# each flush in its histogram, also when several came between two of its looks
+FLUSHES_KEPT = 256
+
+
 def flush_due_after(flush_interval_s: float, idle: bool) -> float:
     """Seconds after the last flush that the next one is due."""
     return min(flush_interval_s, IDLE_FLUSH_S) if idle else flush_interval_s

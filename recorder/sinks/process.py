@@ -86,6 +86,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,7 +97,13 @@ import structlog
 from recorder.client.events import IterationEvent
 from recorder.client.properties import SnapshotProperties
 from recorder.sinks import process_spawn
-from recorder.sinks.options import PARTIAL_SUFFIX, OutputOptions, final_path, flush_due_after
+from recorder.sinks.options import (
+    FLUSHES_KEPT,
+    PARTIAL_SUFFIX,
+    OutputOptions,
+    final_path,
+    flush_due_after,
+)
 from recorder.sinks.process_child import _log_config
 from recorder.sinks.process_codec import (
     _CLOSE,
@@ -174,6 +181,7 @@ class IsolatedRecording:
             "tags": 0,
         }
         self.last_flush_seconds = 0.0
+        self.flush_seconds: deque[float] = deque(maxlen=FLUSHES_KEPT)  # newest last
         self.blocked_seconds = 0.0  # total time handle() waited for a congested writer
         self.reply_timeout_s = reply_timeout_s
         self.close_timeout_s = close_timeout_s
@@ -484,6 +492,7 @@ class IsolatedRecording:
         counters["unserializable_values"] = self._encoder.unserializable
         self.counters = counters
         self.last_flush_seconds = float(state["last_flush_seconds"])
+        self.flush_seconds.extend(float(s) for s in state["flush_seconds"])
         if self.status == "recording" and state["status"] != "recording":
             if state["status"] == "failed":
                 self._fail(state["reason"])

@@ -59,11 +59,14 @@ def _log_config() -> dict[str, Any]:
     return {"format": fmt, "level": root.getEffectiveLevel(), "path": path}
 
 
-def _state(rec: HDF5Recording, broken: str | None, paths_from: int) -> dict[str, Any]:
+def _state(rec: HDF5Recording, broken: str | None, paths_from: int,
+           flushes_from: int = 0) -> dict[str, Any]:
     """The recording's state for the parent; of its finalized files only those from index
     ``paths_from`` on (the parent has the ones before: a recording of 60 s segments has
-    1,440 a day, and every reply carried them all)."""
+    1,440 a day, and every reply carried them all), and the durations of its flushes after
+    the first ``flushes_from``."""
     failed = broken is not None and rec.status == "recording"
+    new_flushes = rec.counters["flushes"] - flushes_from
     return {
         "status": "failed" if failed else rec.status,
         "reason": broken if failed and broken else rec.reason,
@@ -73,6 +76,7 @@ def _state(rec: HDF5Recording, broken: str | None, paths_from: int) -> dict[str,
         "durable": [[t, p, o] for (t, p), o in rec.last_durable_offset.items()],
         "counters": dict(rec.counters),
         "last_flush_seconds": rec.last_flush_seconds,
+        "flush_seconds": list(rec.flush_seconds)[-new_flushes:] if new_flushes > 0 else [],
     }
 
 
@@ -142,17 +146,18 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
             rec.flush()
         _exit(0)
 
-    paths_sent = 0
+    paths_sent = flushes_sent = 0
     upkeep = MemoryUpkeep()
 
     def reply(seq: int) -> None:
-        nonlocal paths_sent
+        nonlocal paths_sent, flushes_sent
         try:
-            tx.send_bytes(msgpack.packb([seq, _state(rec, broken, paths_sent)],
+            tx.send_bytes(msgpack.packb([seq, _state(rec, broken, paths_sent, flushes_sent)],
                                         use_bin_type=True))
         except OSError:
             parent_gone()
         paths_sent = len(rec.paths)
+        flushes_sent = rec.counters["flushes"]
 
     reply(0)
     while True:

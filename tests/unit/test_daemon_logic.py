@@ -9,7 +9,7 @@ import os
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -264,6 +264,7 @@ class FakeRecording:
         self.paths: list[Path] = []
         self.counters = {"flushes": 0, "values": 0, "segments": 1}
         self.last_flush_seconds = 0.001
+        self.flush_seconds: deque[float] = deque(maxlen=256)
         self.uid = "uid-1"
         self.events: list[Any] = []
         self.tags: list[tuple[int, Mapping[str, str]]] = []
@@ -285,6 +286,7 @@ class FakeRecording:
         if self.events and self.events[-1].offset >= 0:
             self._durable[(self.events[-1].topic, 0)] = self.events[-1].offset
         self.counters["flushes"] += 1
+        self.flush_seconds.append(self.last_flush_seconds)
         self.counters["values"] = sum(isinstance(e, ValuesReceived) for e in self.events)
 
     def close(self, status: str = "complete", reason: str = "") -> list[Path]:
@@ -2939,6 +2941,53 @@ def test_the_flush_inside_close_counts_in_the_bytes_and_flush_metrics(tmp_path: 
 
         assert sample("k2eg_recorder_bytes_written_total") == 4096
         assert sample("k2eg_recorder_flush_duration_seconds_count") == rec.counters["flushes"]
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_every_flush_of_the_recording_is_in_the_flush_histogram(tmp_path: Path,
+                                                                isolate: bool) -> None:
+    """flush_duration_seconds observed one flush per pump cycle (or writer reply), however
+    many the recording made meanwhile: a segment rotation flushes inside handle(), then the
+    cycle's own flush; with short segments its _count and _sum were a fraction of the
+    flushes made."""
+    from recorder.client.values import PVSample
+    from recorder.daemon.recording import hdf5_recording
+
+    d = RunDefinition.model_validate({
+        "name": "r",
+        "snapshot": {"snapshot_name": "snap", "pv_uri_list": ["pva://A:B"]},
+        "output": {"directory": str(tmp_path / "out"), "isolate": isolate,
+                   "segment": {"max_iterations": 1}},
+    })
+    client = FakeClient()
+    metrics = RecorderMetrics()
+    recordings: list[Any] = []
+
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        recordings.append(hdf5_recording(*args, **kwargs))
+        return recordings[-1]
+
+    c = RunController(d, client, ResumeStore(tmp_path / "state"),  # type: ignore[arg-type]
+                      recording_factory=factory, metrics=metrics,
+                      backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0))
+    try:
+        sub = _started(c, client)
+        for i in range(1, 7):  # queued at once: handled in one pump cycle or a few
+            o = 10 + 3 * i
+            sub.events.put(IterationOpened(sub.topic, "snap", i, i, offset=o))
+            sub.events.put(ValuesReceived(sub.topic, i, 1, i,
+                                          (PVSample("A:B", {"value": float(i)}),),
+                                          offset=o + 1))
+            sub.events.put(IterationClosed(sub.topic, "snap", i, IterationStatus.COMPLETE,
+                                           None, i, i, offset=o + 2))
+        assert "stopped" in c.stop().result(30)
+        flushes = recordings[0].counters["flushes"]
+        assert flushes >= 6
+        assert metrics.registry.get_sample_value(
+            "k2eg_recorder_flush_duration_seconds_count", {"run": "r"}) == flushes
     finally:
         c.shutdown().result(5)
         assert c.join(5)
