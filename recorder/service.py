@@ -710,7 +710,7 @@ class Service:
             if not change.restart_required:
                 old.definition = change.new
                 continue
-            active = old.state in (RunState.RECORDING, RunState.STARTING, RunState.RETRYING)
+            active = old.recording_wanted  # not when a stop handed to it is still queued
             old.shutdown("run definition changed by a reload")
             self._retiring.append(old)
             del self._controllers[change.name]

@@ -215,6 +215,7 @@ class RunController:
         self._requests: queue.Queue[_Request] = queue.Queue()
         self._lock = threading.Lock()  # guards _state and _stats for status()
         self._state = RunState.IDLE
+        self._stops_asked = 0  # stop requests not yet served (recording_wanted)
         self._stats = _Stats()
         self._sub: RecurringSnapshot | None = None
         self._rec: Recording | None = None
@@ -253,6 +254,8 @@ class RunController:
         return self._submit(_Request("start", Future()))
 
     def stop(self, reason: str = "stopped by an admin command") -> Future[str]:
+        with self._lock:
+            self._stops_asked += 1
         return self._submit(_Request("stop", Future(), reason=reason))
 
     def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]:
@@ -281,6 +284,18 @@ class RunController:
     def state(self) -> RunState:
         with self._lock:
             return self._state
+
+    @property
+    def recording_wanted(self) -> bool:
+        """Whether the run records or is starting to, and no stop handed to it waits for
+        its worker (what a reload that restarts the run keeps to: such a stop stands)."""
+        with self._lock:
+            return (self._stops_asked == 0 and self._state in
+                    (RunState.RECORDING, RunState.STARTING, RunState.RETRYING))
+
+    def _stop_served(self) -> None:
+        with self._lock:
+            self._stops_asked -= 1
 
     @property
     def tags_recorded(self) -> list[tuple[int, dict[str, str]]]:
@@ -328,6 +343,8 @@ class RunController:
 
     def _submit(self, request: _Request) -> Future[str]:
         if not self._thread.is_alive():
+            if request.kind == "stop":
+                self._stop_served()
             request.future.set_exception(
                 AdminCommandError(ReplyCode.INTERNAL.value, f"run {self.name!r} is shut down")
             )
@@ -420,7 +437,10 @@ class RunController:
             if request.kind == "start":
                 self._on_start(request.future)
             elif request.kind == "stop":
-                self._on_stop(request.future, request.reason)
+                try:
+                    self._on_stop(request.future, request.reason)
+                finally:
+                    self._stop_served()
             elif request.kind == "trigger":
                 self._on_trigger(request.future, request.tags)
             elif request.kind == "exit":

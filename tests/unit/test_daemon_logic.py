@@ -2274,6 +2274,7 @@ def test_runs_that_swap_snapshots_in_a_reload_wait_for_each_other(tmp_path: Path
 
     class Old:
         state = RunState.RECORDING
+        recording_wanted = True
 
         def __init__(self, d: RunDefinition) -> None:
             self.definition = d
@@ -3122,3 +3123,56 @@ def test_a_snapshot_whose_topic_is_one_of_the_daemons_own_is_refused(
     ok, message, _data = service.reload("SIGHUP")
     assert not ok and f"topic {topic!r}" in message, message
     assert service.controllers == {} and service._deferred == []
+
+
+def test_a_stop_handed_to_a_run_before_a_reload_changes_it_stands(tmp_path: Path) -> None:
+    """An admin stop handed to run r, then (the same batch of admin records, or a SIGHUP
+    within the worker's 0.1 s pump) a reload that changed r, before r's worker had acted on
+    the stop: the reload took r for recording (its state still said so) and started the new
+    r once the old one had stopped, so the stop was answered "stopped" and r recorded on."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    entered, gate = threading.Event(), threading.Event()
+
+    class Busy(FakeRecording):
+        def handle(self, event: Any) -> None:
+            entered.set()
+            gate.wait(10)  # the worker is busy with an event (a slow write)
+            super().handle(event)
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(
+        "runs:\n  - {name: r, snapshot: {snapshot_name: snap, pv_uri_list: ['pva://A:B'], "
+        f"time_window: 500}}, output: {{directory: {tmp_path / 'out'}}}}}\n")
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False,
+                      recording_factory=lambda d, **kw: Busy(  # type: ignore[arg-type]
+                          tmp_path / f"r_{kw['seq']}.h5"))
+    client = FakeClient()
+    client.kafka_unreachable_since = None  # type: ignore[attr-defined]
+    service._client = client
+    first = _definition(tmp_path)
+    service._definitions = {"r": first}
+    old = service._add_controller(first, start=False)
+    try:
+        sub = _started(old, client)
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=11))
+        assert entered.wait(5)
+        stopped = old.stop()
+        ok, message, _data = service.reload("admin command")
+        assert ok, message
+        gate.set()
+        assert "stopped" in stopped.result(5)
+        assert old.join(5)
+        service._apply_deferred()
+        new = service.controllers["r"]
+        assert new.definition.snapshot.time_window == 500
+        time.sleep(0.3)
+        assert new.state is RunState.IDLE and len(client.starts) == 1
+    finally:
+        gate.set()
+        for c in service.controllers.values():
+            c.shutdown()
+            c.join(5)
