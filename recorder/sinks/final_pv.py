@@ -516,12 +516,13 @@ class _PV:
         # flags of every row when the same for all (no `flags` dataset), else -1
         const_flags = -1 if "flags" in self.cols else self.same_flags or 0
         message = self.message
-        if message is not None and not message.spilled:
-            if self.texts:
+        if message is not None and self.texts:
+            if not message.spilled:
                 message.attrs["texts"] = list(self.texts)
-                self.cols["alarm_message"] = message
-            else:  # no row had a message to take out: nothing was buffered
-                self.w.dirty.pop(message, None)
+            # (a spilled one too: a per-row column, named in the NeXus `*_indices` below)
+            self.cols["alarm_message"] = message
+        elif message is not None:  # no row had a message to take out: nothing was buffered
+            self.w.dirty.pop(message, None)
         if self.shape is None and self.same_shape is not None:
             data = next(iter(self.table.values()), None) or self.cols.get("value")
             trailing = (data.trailing or ())[: 1 if self.table else None] if data else None
@@ -541,8 +542,7 @@ class _PV:
             # 1,000 rows of 1,000-element waveforms are ambiguous (decision 0011)
             set_attrs(self.g, {"axes": ["time", *["."] * len(value.trailing)], **{
                 f"{name}_indices": 0 for name in self.cols if name not in ("value", "time")}})
-        if message is not None and message.spilled:  # texts known only now
-            message.finish()
+        if message is not None and message.spilled and self.texts:  # texts known only now
             set_attrs(message.dataset(), {"texts": list(self.texts)})
         if self.meta_row is not None and self.meta_json is not None:
             self.meta_row.finish()

@@ -9,6 +9,7 @@ raised ``KeyError: 'data'`` for every NTNDArray PV (``*_time`` declares a sub-lo
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from recorder.client.events import (
     IterationClosed,
@@ -26,6 +28,8 @@ from recorder.client.events import (
 from recorder.client.values import PVSample
 from recorder.reader import open_file
 from recorder.sim.pvs import parse_pv, pv_structure
+from recorder.sinks import hdf5 as hdf5_module
+from recorder.sinks.finalize import finalize
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions
 
@@ -120,3 +124,35 @@ def test_scippnexus_reads_every_pv_group_as_an_nxlog(tmp_path: Path) -> None:
             v.tolist() for v in f.values(VARYING)]
         # a table is a group of columns, not one array: NeXus's fallback, a DataGroup
         assert loaded[TABLE]["type"] == "DataGroup"
+
+
+def test_a_waveform_whose_alarm_message_column_was_written_in_pieces_is_still_an_nxlog(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large file is finalized in pieces (columns spilled to chunked datasets): the
+    ``alarm_message`` column of a waveform PV must still be declared as running along
+    ``time`` (``alarm_message_indices``), else 40 rows of 40-element waveforms are
+    ambiguous and scippnexus gives up on the group (a DataGroup instead of a DataArray)."""
+    monkeypatch.setattr(hdf5_module, "finalize", functools.partial(finalize, block_bytes=256))
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="nexus")
+    n = 40
+    for i in range(n):
+        wall = T0_NS + i * 100_000_000
+        ts = {"secondsPastEpoch": wall // 10**9, "nanoseconds": wall % 10**9, "userTag": 0}
+        sample = PVSample("WF", {"value": [float(i)] * n, "timeStamp": ts,
+                                 "alarm": {"severity": 1, "status": 2,
+                                           "message": f"HIGH {i % 3}"}})
+        rec.handle(IterationOpened("t", "nexus", i, wall))
+        rec.handle(ValuesReceived("t", i, 1, 1, (sample,)))
+        rec.handle(IterationClosed("t", "nexus", i, IterationStatus.COMPLETE, None, wall,
+                                   wall + 1))
+    (path,) = rec.close()
+    with h5py.File(path, "r") as h:
+        g = h["pvs/WF"]
+        assert g["alarm_message"].chunks is not None  # written in pieces
+        assert g.attrs["alarm_message_indices"] == 0
+    got = subprocess.run([sys.executable, "-c", LOADER, str(path)], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert got.returncode == 0, got.stderr
+    row = json.loads(got.stdout)["WF"]
+    assert row["type"] == "DataArray", row["warnings"]
+    assert row["dims"] == ["time", "dim_1"]
