@@ -368,9 +368,11 @@ def _write_pv_info(out: h5py.File, rows: list[dict[str, Any]]) -> None:
     ds = out.create_dataset("pv_info", data=table, track_times=False, **kwargs)
     ds.attrs["description"] = (
         "one row per PV: name, group, source URI, protocol, kind, storage dtype, count, "
+        "flags (of every row when the same, else -1: the group's flags dataset), "
         "units, precision, display/control/alarm limits and enum choices of its first "
         "metadata (NaN / empty when absent), that metadata as JSON, and the number of "
-        "metadata entries (> 1: the group has metadata/row and metadata/json)")
+        "metadata entries (> 1: every entry is in /metadata/<PV>/row and "
+        "/metadata/<PV>/json, <PV> escaped as in the group name)")
 
 
 def _iso(t: float) -> str:

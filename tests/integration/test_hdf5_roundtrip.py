@@ -466,6 +466,23 @@ def test_metadata_text_hdf5_cannot_hold_is_finalized(tmp_path: Path) -> None:
     assert report.ok, [str(p) for p in report.errors]
 
 
+def test_pv_info_describes_where_the_file_keeps_what_it_names(tmp_path: Path) -> None:
+    """``/pv_info@description`` is what an analyst reading the file without the docs has: the
+    metadata entries of a PV whose structure changes are in ``/metadata/<PV>/{row,json}``
+    (format 5.0; it said "the group has metadata/row", where 5.x files have nothing), and the
+    ``flags`` column is described too."""
+    rec, _sent = record(tmp_path, n_iter=5)
+    (final,) = rec.close()
+    with h5py.File(final, "r") as h:
+        text = h["pv_info"].attrs["description"]
+        info = {r["pv_name"].decode(): r for r in h["pv_info"][()]}
+        assert info["F32"]["metadata_entries"] > 1 and "metadata" not in h["pvs/F32"]
+        assert "metadata/F32/row" in h and "metadata/F32/json" in h
+        assert "the group has metadata" not in text, text
+        assert "/metadata/<PV>/row" in text and "/metadata/<PV>/json" in text, text
+        assert "flags" in text, text
+
+
 def test_files_keep_the_umask_the_unit_sets(tmp_path: Path) -> None:
     """The unit's UMask=0027 makes files group-readable, not world-readable: the finalized
     file is read-only, and keeps that (0440, not 0444)."""
