@@ -51,7 +51,9 @@ Late, duplicate, restarted
     * Duplicates are dropped and counted (``duplicate``, and in the iteration's
       ``duplicates``): sequenced, the same ``msg_seq`` twice in an iteration; legacy, the same
       PV with a byte-identical payload twice in an iteration (gateway producer retries, the
-      same PV listed twice in a timedbuffered snapshot, §3.8). A repeated header or tail is
+      same PV listed twice in a timedbuffered snapshot, §3.8), when the payload has a
+      ``timeStamp`` (without one, e.g. ``pv_field_filter_list: [value]``, equal values are
+      equal bytes: such payloads are all kept). A repeated header or tail is
       counted ``duplicate.header``/``duplicate.tail``.
     * ``iter_index`` restarts at 1 when a snapshot is stopped and started again. A header for
       a remembered (closed) or lower ``iter_index`` whose timestamp is newer than anything seen
@@ -74,7 +76,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from operator import attrgetter
 from typing import Any, Final
 
@@ -751,6 +753,16 @@ class IterationAssembler:
             self._settle_after_tail(state, it, now, out)
 
     def _is_legacy_duplicate(self, it: _Iteration, msg: Data) -> bool:
+        """Same PV, byte-identical payload, already in this iteration (legacy stream), and a
+        payload with an EPICS time stamp: without one (``pv_field_filter_list`` without
+        ``timeStamp``) two events of a PV that took the same value again are byte-identical
+        too, and a retry cannot be told from them; both are kept (checked only on a match:
+        rare, and the sample is decoded only then)."""
+        if not self._seen_in_iteration(it, msg):
+            return False
+        return isinstance(msg.sample.data.get("timeStamp"), Mapping)
+
+    def _seen_in_iteration(self, it: _Iteration, msg: Data) -> bool:
         """Same PV, byte-identical payload, already in this iteration (legacy stream).
 
         With the message bytes (decoded records) the fingerprint is the PV name and the

@@ -555,6 +555,22 @@ def test_legacy_duplicate_identical_payload() -> None:
     assert run.closed()[1].n_values == 1
 
 
+def test_legacy_identical_payloads_without_time_stamp_are_all_kept() -> None:
+    """A timedbuffered snapshot with ``pv_field_filter_list: [value]``: the gateway strips
+    ``timeStamp``, so a PV whose value comes back (a toggling bit, an enum state) sends
+    byte-identical data messages in one batch. They are distinct events, not a producer's
+    retry: every one is kept (they were dropped as duplicates, losing most of the values)."""
+    on = data_msg(1, T0, "a:bit", {"value": 1})
+    off = data_msg(1, T0, "a:bit", {"value": 0})
+    run = Run()
+    run.feed([header_msg("s", 1, T0), on, off, on, off, on, tail_msg("s", 1, T0)])
+    assert run.asm.counters["duplicate"] == 0
+    [values] = run.values()
+    assert [s.data for s in values.samples] == [{"value": v} for v in (1, 0, 1, 0, 1)]
+    [c] = run.closed()
+    assert c.complete and c.n_values == 5 and c.duplicates == 0
+
+
 def test_legacy_duplicate_via_feed_message_without_raw() -> None:
     from recorder.client.wire import Data, decode_snapshot_message
 
