@@ -347,10 +347,20 @@ def scan(
             continue
         groups.setdefault((entry.run, entry.recording_uid), []).append(entry)
     for (run_name, uid), files in groups.items():
+        files[:] = _without_finalized_twins(files)
         files.sort(key=lambda f: (f.segment, f.start_ns, f.path.name))
         out.recordings.append(RecordingEntry(run_name, uid, tuple(files)))
     out.recordings.sort(key=lambda r: (r.start_ns, r.run, r.recording_uid))
     return out
+
+
+def _without_finalized_twins(files: list[FileEntry]) -> list[FileEntry]:
+    """``files`` (of one recording) less each ``.partial`` whose final name holds its
+    finalized file (the same segment): a finalization killed after the rename, before the
+    ``.partial`` was removed, was complete (``recover`` only removes that ``.partial``)."""
+    finalized = {(f.path.resolve(), f.segment) for f in files if not f.partial}
+    return [f for f in files
+            if not (f.partial and (final_path(f.path).resolve(), f.segment) in finalized)]
 
 
 def find_recordings(

@@ -1126,3 +1126,31 @@ def test_recover_of_finalized_files_says_there_is_nothing_to_do(tmp_path: Path) 
     foreign.write_bytes(b"not hdf5")
     out = recover(str(done), str(foreign))
     assert out.returncode == 1 and "notes.h5: NOT recovered" in out.stdout, out.stdout
+
+
+def test_a_partial_left_beside_its_finalized_file_is_not_listed_twice(tmp_path: Path) -> None:
+    """A writer (or recover) killed after the finalized file took its name and before it
+    removed the ``.partial``: that finalization was complete (``recover`` only removes the
+    ``.partial``). ``ls`` listed the segment twice: the recording ``unfinished``, with twice
+    its iterations, values and bytes."""
+    data = tmp_path / "data"
+    rec = HDF5Recording(OutputOptions(directory=data), run_name="twice", pv_uris=["pva://T:X"])
+    for i in range(1, 4):
+        ns = time.time_ns()
+        rec.handle(IterationOpened("t", "twice", i, ns, offset=3 * i))
+        rec.handle(ValuesReceived("t", i, 1, ns, (PVSample("T:X", {"value": float(i)}),),
+                                  offset=3 * i + 1))
+        rec.handle(IterationClosed("t", "twice", i, IterationStatus.COMPLETE, None, ns, ns,
+                                   offset=3 * i + 2))
+    rec.flush()
+    partial = rec.current_path
+    assert partial is not None
+    shutil.copyfile(partial, tmp_path / "copy")
+    (final,) = rec.close()
+    shutil.copyfile(tmp_path / "copy", partial)  # as the killed finalization left it
+
+    (entry,) = find_recordings(data)
+    assert [f.path for f in entry.files] == [final]
+    assert (entry.status, entry.iterations, entry.values) == ("complete", 3, 3)
+    doc = ls_json(str(data))
+    assert [f["path"] for r in doc["recordings"] for f in r["files"]] == [str(final)]
