@@ -68,7 +68,7 @@ from recorder.daemon.diskspace import DiskChange, DiskWatch, MinFree, format_byt
 from recorder.daemon.heartbeat import Heartbeat
 from recorder.daemon.recording import RecordingFactory, hdf5_recording, prewarm_writers
 from recorder.daemon.resume import ResumeStore
-from recorder.errors import AdminCommandError, ConfigError, RecorderError
+from recorder.errors import AdminCommandError, ConfigError, RecorderError, TransportError
 from recorder.gctune import MemoryUpkeep, tune_gc
 from recorder.metrics import RecorderMetrics, start_metrics_server
 from recorder.notify import Notifier, WatchdogPinger, watchdog_interval
@@ -618,8 +618,15 @@ class Service:
             error=error, **info,
         )
         link = self._link
+
+        def delivered(failure: TransportError | None) -> None:  # a producer poll's thread
+            if failure is not None:  # timed out while Kafka was down, or dropped at exit
+                log.error("file event not delivered", run=definition.name, path=str(path),
+                          error=str(failure))
+
         published = link is not None and link.produce(
-            self.settings.files_topic, event.encode(), key=definition.name)
+            self.settings.files_topic, event.encode(), key=definition.name,
+            on_delivery=delivered)
         self.metrics.file_finalized(definition.name, event.status or "unknown")
         log.info("file event", run=definition.name, path=str(path), status=event.status,
                  iterations=event.iterations, bytes=event.bytes, published=published,

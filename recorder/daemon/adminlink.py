@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import queue
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import structlog
@@ -192,10 +192,13 @@ class AdminLink:
                 break
         return out
 
-    def produce(self, topic: str, payload: bytes, *, key: str | None = None) -> bool:
-        """Queue a message; False (logged) when the producer cannot take it."""
+    def produce(self, topic: str, payload: bytes, *, key: str | None = None,
+                on_delivery: Callable[[TransportError | None], None] | None = None) -> bool:
+        """Queue a message; False (logged) when the producer cannot take it.
+        ``on_delivery(None | TransportError)`` is told whether Kafka took it in the end."""
         try:
-            self._adapter.produce(topic, payload, key=key, timeout_s=1.0)
+            self._adapter.produce(topic, payload, key=key, timeout_s=1.0,
+                                  on_delivery=on_delivery)
         except TransportError as exc:
             _log.warning("produce failed", topic=topic, error=str(exc))
             return False

@@ -272,3 +272,39 @@ def test_sigterm_while_kafka_is_down_finalizes_what_was_recorded_and_exits_0(
     complete = [i for i, st in zip(info["iterations"], info["iteration_status"], strict=True)
                 if st == "complete"]
     assert len(complete) >= recorded
+
+
+def test_a_file_event_kafka_never_took_is_logged_as_not_delivered(
+    relay: TcpRelay, tmp_path: Path, unique_name: Callable[[str], str],
+    daemons: list[DaemonProcess],
+) -> None:
+    """systemctl stop during an outage: the last file's event cannot reach Kafka and is
+    dropped when the daemon exits. The log said only ``file event`` with ``published: true``
+    (queued), so an operator could not tell which events to send again; the event that was
+    not delivered is now logged as such, with its path."""
+    import json
+
+    bootstrap = _bootstrap(relay)
+    token = unique_name("fe").replace("-", "_")
+    data = tmp_path / "data"
+    config = _periodic_run(tmp_path, token, "pva://SIM:AI:DOUBLE:1")
+    files_topic = unique_name("files")
+    denv = DaemonEnv.in_dir(tmp_path, bootstrap, unique_name, config,
+                            {"RECORDER_FILES_TOPIC": files_topic})
+    with simulator(bootstrap, denv.cmd_topic), denv.admin() as admin:
+        daemon = DaemonProcess(denv)
+        daemons.append(daemon)
+        wait_for(lambda: complete_iterations(admin, "periodic") >= 3, 60, "3 iterations")
+        relay.cut()
+        try:
+            time.sleep(1.0)
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
+        finally:
+            relay.restore()
+    (final,) = h5_files(data)
+    assert _messages_in(bootstrap, files_topic) == 0  # the event never got out
+    log = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{")]
+    lost = [e for e in log if e.get("event") == "file event not delivered"]
+    assert [e.get("path") for e in lost] == [str(final)], [
+        e for e in log if "file event" in str(e.get("event"))]
