@@ -610,7 +610,7 @@ class Service:
         error = None
         try:
             info = file_event_fields(path)
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:  # HDF5 on damage: any
             error = f"{type(exc).__name__}: {exc}"
         event = FileEvent(
             time=time.time_ns() // 1_000_000, instance=self.settings.instance,
