@@ -37,6 +37,7 @@ Lifecycle
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
@@ -612,6 +613,8 @@ class Service:
             info = file_event_fields(path)
         except (OSError, KeyError, ValueError, RuntimeError) as exc:  # HDF5 on damage: any
             error = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(OSError):  # its size, unless it is gone
+                info = {"bytes": path.stat().st_size}
         event = FileEvent(
             time=time.time_ns() // 1_000_000, instance=self.settings.instance,
             run=definition.name, snapshot=definition.snapshot.snapshot_name, path=str(path),

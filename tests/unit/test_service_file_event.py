@@ -89,3 +89,17 @@ def test_a_file_hdf5_fails_on_inside_is_told_with_the_error(tmp_path: Path) -> N
     event = _event(link)
     assert event.path == str(damaged) and event.status is None
     assert event.error is not None and event.error.startswith("RuntimeError: ")
+
+
+def test_the_event_of_a_file_that_cannot_be_read_still_has_its_size(tmp_path: Path) -> None:
+    """Its ``bytes`` was null too: a catalog or archive job lost the size of the file it is
+    told of (the README: every field but the first six and ``bytes`` is null)."""
+    service, link, definition = _service(tmp_path)
+    damaged = tmp_path / "r_0000.h5"
+    damaged.write_bytes(b"\0" * 4096)  # not (any more) an HDF5 file
+    service._on_file(definition, damaged)
+    event = _event(link)
+    assert event.error is not None and event.status is None
+    assert event.bytes == 4096
+
+
