@@ -1003,9 +1003,9 @@ def test_a_file_being_created_is_locked_from_the_start(
         recover_now(Path(f.filename))  # the layout is there, SWMR not yet started
         return plugins
 
-    def writer(f: h5py.File) -> LiveWriter:
+    def writer(f: h5py.File, *, sync: bool = True) -> LiveWriter:
         recover_now(Path(f.filename))  # SWMR started
-        return LiveWriter(f)
+        return LiveWriter(f, sync=sync)
 
     if moment == "layout":
         monkeypatch.setattr(hdf5_module, "create_live_layout", layout)
