@@ -445,7 +445,7 @@ class Service:
         controllers = [*self._controllers.values(), *self._retiring]
         self._deferred.clear()
         for c in controllers:
-            c.shutdown("daemon shutdown")
+            c.shutdown("daemon shutdown", resumable=True)
         deadline = time.monotonic() + budget
         next_extend = time.monotonic() + EXTEND_EVERY_S
         while any(c.alive for c in controllers) and time.monotonic() < deadline:

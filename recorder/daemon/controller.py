@@ -127,6 +127,7 @@ class _Request:
     future: Future[str]
     tags: Mapping[str, str] = field(default_factory=dict)
     reason: str = ""
+    resumable: bool = False  # exit: a recording it interrupts is left for the next start
 
 
 @dataclass(slots=True)
@@ -261,9 +262,14 @@ class RunController:
     def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]:
         return self._submit(_Request("trigger", Future(), tags=dict(tags or {})))
 
-    def shutdown(self, reason: str = "daemon shutdown") -> Future[str]:
-        """Stop recording (as :meth:`stop`) and end the worker thread."""
-        return self._submit(_Request("exit", Future(), reason=reason))
+    def shutdown(self, reason: str = "daemon shutdown", *,
+                 resumable: bool = False) -> Future[str]:
+        """Stop recording (as :meth:`stop`) and end the worker thread. ``resumable`` (the
+        daemon's own shutdown): a recording interrupted earlier and not yet resumed (the
+        run retries, e.g. waiting for room on its disk) stays in the state file for the
+        next start to resume; otherwise (a reload removed or changed the run) it is ended
+        as a stop ends it."""
+        return self._submit(_Request("exit", Future(), reason=reason, resumable=resumable))
 
     def abandon(self) -> None:
         """The daemon no longer waits for this run (its shutdown budget ran out): whatever
@@ -448,7 +454,8 @@ class RunController:
                 if self.state in (RunState.IDLE, RunState.FAILED):
                     request.future.set_result(f"run {self.name!r} shut down")
                 else:
-                    self._on_stop(request.future, request.reason)
+                    self._on_stop(request.future, request.reason,
+                                  resumable=request.resumable)
         except AdminCommandError as exc:
             if not request.future.done():
                 request.future.set_exception(exc)
@@ -1043,7 +1050,7 @@ class RunController:
         return self._client.snapshot_trigger(name, tags=dict(tags) or None)
 
     # ---- stop ---------------------------------------------------------------------------
-    def _on_stop(self, future: Future[str], reason: str) -> None:
+    def _on_stop(self, future: Future[str], reason: str, *, resumable: bool = False) -> None:
         state = self.state
         if state in (RunState.IDLE, RunState.FAILED):
             raise AdminCommandError(ReplyCode.NOT_RUNNING.value,
@@ -1053,6 +1060,8 @@ class RunController:
             if self._awaiting_room:  # its snapshot was left running for the resume
                 self._awaiting_room = False
                 self._stop_gateway_snapshot()
+            if not resumable:
+                self._end_interrupted_recording(reason)
             self._set_state(RunState.IDLE)
             future.set_result(f"run {self.name!r} stopped before it started recording")
             return
@@ -1082,6 +1091,31 @@ class RunController:
             name=f"stop-{self.name}", daemon=True,
         )
         self._stop_thread.start()
+
+    def _end_interrupted_recording(self, reason: str) -> None:
+        """A stop of a run that is not recording now but has a recording to resume (it
+        failed, e.g. on a full disk, or a crash interrupted it, and the run retries): that
+        recording ends here, as a stop ends a running one. Its ``.partial`` file is
+        finalized (and told of) where possible, else left for ``k2eg-recorder recover``
+        (logged); the state file no longer has it, so no later start resumes it."""
+        stored = self._store.load(self.name)
+        active = stored.active
+        if active is None:
+            return
+        partial = active.current_file
+        if partial:
+            self._recover_leftover(stored, active)
+            stored = self._store.load(self.name)
+            if Path(partial).exists():
+                self._log.warning("the stopped recording's file could not be finalized now: "
+                                  "left for k2eg-recorder recover", path=partial)
+        try:
+            self._store.end(stored)
+        except RecorderError as exc:
+            self._state_not_saved(exc)
+            return
+        self._log.info("the interrupted recording ended with the run", reason=reason,
+                       recording_uid=active.recording_uid)
 
     def _check_stopped(self) -> None:
         thread = self._stop_thread

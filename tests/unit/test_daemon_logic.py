@@ -2116,7 +2116,7 @@ class _AdminRun(FakeHandle):
     alive = True
     triggered = 0
 
-    def shutdown(self, reason: str = "") -> None:
+    def shutdown(self, reason: str = "", *, resumable: bool = False) -> None:
         self.alive = False
 
     def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]:
@@ -2281,7 +2281,7 @@ def test_runs_that_swap_snapshots_in_a_reload_wait_for_each_other(tmp_path: Path
             self.name = d.name
             self.alive = True
 
-        def shutdown(self, reason: str = "") -> None:
+        def shutdown(self, reason: str = "", *, resumable: bool = False) -> None:
             pass
 
         def status(self) -> RunStatus:
@@ -2385,7 +2385,7 @@ def test_a_run_a_reload_added_that_waits_for_another_to_stop_is_in_the_status(
             self.definition = d
             self.name = d.name
 
-        def shutdown(self, reason: str = "") -> None:
+        def shutdown(self, reason: str = "", *, resumable: bool = False) -> None:
             self.state = RunState.STOPPING
 
         def status(self) -> RunStatus:
@@ -3176,3 +3176,59 @@ def test_a_stop_handed_to_a_run_before_a_reload_changes_it_stands(tmp_path: Path
         for c in service.controllers.values():
             c.shutdown()
             c.join(5)
+
+
+def _waiting_for_room(tmp_path: Path, client: FakeClient
+                      ) -> tuple[RunController, list[FakeRecording], list[bool]]:
+    """A run whose recording failed on a full disk: retrying, its recording in the state
+    file for the resume."""
+    room = [True]
+    c, made = _controller(tmp_path, client, room_for=lambda _d, _since: room[0])
+    sub = _started(c, client)
+    sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=41))
+    _wait(lambda: made[0].last_durable_offset == {(sub.topic, 0): 41})
+    room[0] = False
+    made[0].status = "failed"
+    made[0].reason = "OSError: [Errno 28] No space left on device"
+    _wait(lambda: c.state is RunState.RETRYING)
+    assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is not None
+    return c, made, room
+
+
+@pytest.mark.parametrize("how", ["admin stop", "removed by a reload"])
+def test_a_run_stopped_while_it_waits_for_room_ends_its_recording(
+        tmp_path: Path, how: str) -> None:
+    """The stop of a run waiting for room on its disk (or a reload removing it) was
+    answered "stopped", but the state file kept its recording: the next daemon start
+    resumed it (an admin-started run too, which the README says stays stopped) and its
+    .partial was never finalized, even with room again."""
+    client = FakeClient()
+    c, made, room = _waiting_for_room(tmp_path, client)
+    try:
+        with capture_logs() as logs:
+            if how == "admin stop":
+                assert "stopped before it started" in c.stop().result(5)
+            else:
+                c.shutdown("run removed by a reload").result(5)
+        assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is None
+        assert any(e["event"] == "the interrupted recording ended with the run"
+                   for e in logs), logs
+        room[0] = True
+        time.sleep(0.3)  # room again: nothing resumes a stopped run
+        assert len(made) == 1 and len(client.starts) == 1
+    finally:
+        if c.alive:
+            c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_the_daemons_own_shutdown_leaves_a_run_waiting_for_room_to_resume(
+        tmp_path: Path) -> None:
+    """SIGTERM is not an operator's stop: the interrupted recording stays in the state file
+    and the next start resumes it from its durable offset."""
+    client = FakeClient()
+    c, _made, _room = _waiting_for_room(tmp_path, client)
+    c.shutdown("daemon shutdown", resumable=True).result(5)
+    assert c.join(5)
+    active = json.loads((tmp_path / "state" / "r.json").read_text())["active"]
+    assert active is not None and active["offsets"] == {"0": 41}
