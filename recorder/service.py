@@ -340,12 +340,7 @@ class Service:
                 self.notifier.status(f"waiting for Kafka ({exc}); retry in {delay:.0f} s")
                 self._sleep(delay)
                 continue
-            self._admin = AdminHandler(
-                self.settings.command_policy(), self.settings.admin_reply_topic,
-                self._link.produce, metrics=self.metrics,
-                protected_topics=(self.settings.admin_topic, self.settings.status_topic,
-                                  self.settings.files_topic, self.kafka.cmd_topic),
-            )
+            self._admin = self._admin_handler(self._link.produce)
             self._admin.remember(cursor.answered)  # not carried out twice after a crash
             self._heartbeat = Heartbeat(self.settings.heartbeat_interval_s, self._publish_status)
             return True
@@ -542,16 +537,29 @@ class Service:
             self.metrics.disks(watch.statuses)
 
     # ------------------------------------------------------------------ runs
+    def _admin_handler(self, send: Callable[[str, bytes], Any]) -> AdminHandler:
+        """The admin command handler, replying through ``send(topic, payload)``."""
+        return AdminHandler(self.settings.command_policy(), self.settings.admin_reply_topic,
+                            send, metrics=self.metrics,
+                            protected_topics=tuple(self._own_topics()))
+
+    def _own_topics(self) -> dict[str, str]:
+        """The daemon's own topics and the gateway's command topic, each with the setting
+        that names it: no snapshot may publish into one, no admin reply goes to one but the
+        admin reply topic (a reply there would reach the daemon's own consumers or the
+        gateway)."""
+        s, k = self.settings, self.kafka
+        return {s.admin_topic: "RECORDER_ADMIN_TOPIC", s.admin_reply_topic:
+                "RECORDER_ADMIN_REPLY_TOPIC", s.status_topic: "RECORDER_STATUS_TOPIC",
+                s.files_topic: "RECORDER_FILES_TOPIC", k.cmd_topic: "RECORDER_CMD_TOPIC",
+                k.effective_reply_topic: "the k2eg reply topic (RECORDER_REPLY_TOPIC)"}
+
     def _check_runs(self) -> tuple[LoadedRuns, tuple[Problem, ...]]:
         """The run definitions and their problems, with those only this daemon sees: a
         snapshot whose k2eg topic (its normalized name) is one of the daemon's own topics or
         the gateway's command topic, into which the gateway would write its data."""
         loaded, problems = check_runs(self.settings.config_path)
-        s, k = self.settings, self.kafka
-        own = {s.admin_topic: "RECORDER_ADMIN_TOPIC", s.admin_reply_topic:
-               "RECORDER_ADMIN_REPLY_TOPIC", s.status_topic: "RECORDER_STATUS_TOPIC",
-               s.files_topic: "RECORDER_FILES_TOPIC", k.cmd_topic: "RECORDER_CMD_TOPIC",
-               k.effective_reply_topic: "the k2eg reply topic (RECORDER_REPLY_TOPIC)"}
+        own = self._own_topics()
         clashes = []
         for name, definition in loaded.runs.items():
             topic = definition.snapshot.topic

@@ -3232,3 +3232,23 @@ def test_the_daemons_own_shutdown_leaves_a_run_waiting_for_room_to_resume(
     assert c.join(5)
     active = json.loads((tmp_path / "state" / "r.json").read_text())["active"]
     assert active is not None and active["offsets"] == {"0": 41}
+
+
+def test_the_k2eg_reply_topic_is_one_of_the_daemons_protected_topics(tmp_path: Path) -> None:
+    """A command naming the gateway's reply topic (where our k2eg client reads the
+    gateway's answers) as its reply_topic had its admin reply written there: the client
+    then counted a malformed gateway reply. The admin handler protects every topic the
+    snapshot names are checked against."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    kafka = KafkaSettings(reply_topic="k2eg-replies-here")
+    service = Service(DaemonSettings(config_path=tmp_path / "none.yaml"), kafka,
+                      state_dir=tmp_path / "state", gc_tuning=False)
+    own = service._own_topics()
+    assert kafka.effective_reply_topic == "k2eg-replies-here"
+    assert {"k2eg-replies-here", kafka.cmd_topic, service.settings.status_topic,
+            service.settings.files_topic, service.settings.admin_topic} <= set(own)
+    assert service._admin_handler(lambda topic, payload: None).protected_topics == (
+        set(own) - {service.settings.admin_reply_topic})
