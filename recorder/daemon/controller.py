@@ -539,6 +539,8 @@ class RunController:
         except (RecorderError, OSError, ValueError, RuntimeError) as exc:
             reason = f"cannot create the recording: {exc}"
         if rec is None or rec.status != "recording":
+            if self._metrics is not None:  # a file that cannot be written, as a failure later
+                self._metrics.write_failed(self.name)
             if out_of_space(reason):  # no room for a new file: wait for it, as after a failure
                 self._awaiting_room = True
                 self._ran_out_at = time.monotonic()

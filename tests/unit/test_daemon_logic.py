@@ -3252,3 +3252,27 @@ def test_the_k2eg_reply_topic_is_one_of_the_daemons_protected_topics(tmp_path: P
             service.settings.files_topic, service.settings.admin_topic} <= set(own)
     assert service._admin_handler(lambda topic, payload: None).protected_topics == (
         set(own) - {service.settings.admin_reply_topic})
+
+
+def test_a_recording_that_cannot_create_its_file_is_a_write_error(tmp_path: Path) -> None:
+    """Its directory not writable: the run failed, but write_errors_total (what the README
+    says to alert on) stayed 0, as if nothing had gone wrong with the disk."""
+    client = FakeClient()
+    metrics = RecorderMetrics()
+
+    def factory(definition: RunDefinition, **_kw: Any) -> FakeRecording:
+        raise OSError(13, "Permission denied", str(definition.output.directory))
+
+    c = RunController(_definition(tmp_path), client,  # type: ignore[arg-type]
+                      ResumeStore(tmp_path / "state"), recording_factory=factory,  # type: ignore[arg-type]
+                      backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0),
+                      metrics=metrics)
+    try:
+        with pytest.raises(AdminCommandError, match="Permission denied"):
+            c.start().result(5)
+        assert c.state is RunState.FAILED
+        assert metrics.registry.get_sample_value(
+            "k2eg_recorder_write_errors_total", {"run": "r"}) == 1
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
