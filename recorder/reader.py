@@ -784,7 +784,9 @@ class RecordingFile:
     def _live_samples(self, pv: str, lo: int, hi: int | None) -> list[PVSample]:
         view = self._live
         assert view is not None
-        idx = self._live_rows(pv)[lo:hi]
+        rows = self._live_rows(pv)
+        lo, hi, _ = slice(lo, hi).indices(len(rows))  # as a slice does (-2: the last two)
+        idx = rows[lo:max(lo, hi)]
         s = view.samples.take(SAMPLE_COLUMNS, idx)
         sel = self._live_meta(self._live_col(pv))
         entries = [

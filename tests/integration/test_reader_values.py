@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_hdf5_roundtrip import record, record_closed
+from test_hdf5_roundtrip import record, record_closed, write_iteration
 
 from recorder.client.values import PVSample
 from recorder.reader import RecordingFile, open_file, values_of
@@ -157,6 +157,32 @@ def test_metadata_entries_are_read_once_per_pv_not_per_window(
             assert len(f._meta["P"][1]) == 60  # an entry per value: precision changes each
         _same_samples([s for w in windows for s in w], sent["P"])
         _same_samples(f.samples_range("P", 13, 41), sent["P"][13:41])
+
+
+def test_row_ranges_count_from_the_end_in_both_layouts(tmp_path: Path) -> None:
+    """samples_range / flat_range take rows as a Python slice does (``-2, None``: the last
+    two values, the tail of a file being watched), with the metadata in effect at those
+    rows, in a live file as in the finalized one; a live file raised "damaged" instead."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="tail")
+    sent: list[PVSample] = []
+    for i in range(5):
+        sample = PVSample("P", {"value": float(i), "display": {"units": f"u{i // 2}"},
+                                "timeStamp": {"secondsPastEpoch": 1_700_000_000 + i,
+                                              "nanoseconds": 0, "userTag": 0}})
+        sent.append(sample)
+        write_iteration(rec, i, [sample])
+    rec.flush()
+    assert rec.current_path is not None
+    with open_file(rec.current_path) as live:
+        assert live.layout == "live"
+        for lo, hi in ((-2, None), (-4, -1), (1, -1), (-9, 2), (3, 1)):
+            _same_samples(live.samples_range("P", lo, hi), sent[lo:hi])
+            assert [t for _, t in live.flat_range("P", lo, hi)] == [
+                s.timestamp_ns for s in sent[lo:hi]]
+    (path,) = rec.close()
+    with open_file(path) as final:
+        for lo, hi in ((-2, None), (-4, -1), (1, -1), (-9, 2), (3, 1)):
+            _same_samples(final.samples_range("P", lo, hi), sent[lo:hi])
 
 
 def test_refresh_follows_a_live_file_to_its_finalized_file(tmp_path: Path) -> None:
