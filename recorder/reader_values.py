@@ -84,8 +84,9 @@ def values_of(samples: list[PVSample]) -> npt.NDArray[Any]:
                 exact_in_float64(np.array([v for v in vals if v.dtype.kind == kind], dtype))
                 for kind, dtype in (("i", np.int64), ("u", np.uint64))):
             return out_scalars
-    if kind is ValueKind.NDARRAY:
-        vals = [v.image() if v is not None and hasattr(v, "image") else v for v in vals]
+    # each image as an array in its shape, whatever the first sample was (no value, say)
+    vals = [v.image() if s.kind is ValueKind.NDARRAY and hasattr(v, "image") else v
+            for s, v in zip(samples, vals, strict=True)]
     if kind in (ValueKind.ARRAY, ValueKind.NDARRAY):
         shapes = {getattr(v, "shape", None) for v in vals}
         if len(shapes) == 1 and None not in shapes:

@@ -185,6 +185,38 @@ def test_row_ranges_count_from_the_end_in_both_layouts(tmp_path: Path) -> None:
             _same_samples(final.samples_range("P", lo, hi), sent[lo:hi])
 
 
+def test_images_after_a_sample_without_a_value_are_arrays(tmp_path: Path) -> None:
+    """An NTNDArray PV whose first sample had no value (a camera not connected yet): its
+    images are numpy arrays in their image shape, as for any other image PV, in values(),
+    by_iteration() and table(), not the client's NDArrayValue objects (flat data and
+    dimensions) because the first sample was not an image."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="camera")
+    for i in range(3):
+        data: dict[str, Any] = {"value": None} if i == 0 else {
+            "value": {"ushortValue": list(range(6 * i, 6 * i + 6))},
+            "dimension": [{"size": 3}, {"size": 2}]}
+        write_iteration(rec, i, [PVSample("IMG", {
+            **data, "timeStamp": {"secondsPastEpoch": 1_700_000_000 + i, "nanoseconds": 0}})])
+    rec.flush()
+    assert rec.current_path is not None
+    want = [None, np.arange(6, 12, dtype=np.uint16).reshape(2, 3),
+            np.arange(12, 18, dtype=np.uint16).reshape(2, 3)]
+
+    def check(f: RecordingFile) -> None:
+        for got in (f.values("IMG"), f.by_iteration("IMG").data, f.table(["IMG"])["IMG"]):
+            assert got.dtype == object and got[0] is None
+            for x, y in zip(got[1:], want[1:], strict=True):
+                assert isinstance(x, np.ndarray), type(x)
+                assert x.dtype == y.dtype
+                np.testing.assert_array_equal(x, y)
+
+    with open_file(rec.current_path) as live:
+        check(live)
+    (path,) = rec.close()
+    with open_file(path) as final:
+        check(final)
+
+
 def test_refresh_follows_a_live_file_to_its_finalized_file(tmp_path: Path) -> None:
     """A reader watching a .partial (refresh() in a loop) learns when the recording ends:
     finalization writes NAME.h5 and removes NAME.h5.partial, whose last commit still says
