@@ -1137,7 +1137,9 @@ class Recording:
         """:meth:`RecordingFile.summary` over every segment, one row per PV: ``count``
         summed, ``first_ns`` of the first segment with values and ``last_ns`` of the last,
         ``shape`` None when the segments' differ; ``kind``, ``dtype`` and ``units`` of the
-        first segment with values (of the first holding the PV when none has)."""
+        first segment with typed values (not kind ``none``: samples without a value, as one
+        file holding them all is typed by its first typed value), else of the first with
+        values (of the first holding the PV when none has)."""
         rows: dict[str, list[dict[str, Any]]] = {}
         for f in self.files:
             for row in f.summary():
@@ -1145,8 +1147,9 @@ class Recording:
         out = []
         for parts in rows.values():
             valued = [r for r in parts if r["count"]] or parts[:1]
-            shapes = {r["shape"] for r in valued}
-            out.append({**valued[0], "count": sum(r["count"] for r in parts),
+            typed = [r for r in valued if r["kind"] != ValueKind.NONE.value] or valued
+            shapes = {r["shape"] for r in typed}
+            out.append({**typed[0], "count": sum(r["count"] for r in parts),
                         "shape": shapes.pop() if len(shapes) == 1 else None,
                         "first_ns": valued[0]["first_ns"], "last_ns": valued[-1]["last_ns"]})
         return out

@@ -171,6 +171,22 @@ def test_a_pv_without_values_in_the_first_segment_is_exported(tmp_path: Path) ->
         ("", ""), ("", ""), ("12", ""), ("13", "")]
 
 
+def test_a_pv_without_a_value_in_the_first_segment_is_exported(tmp_path: Path) -> None:
+    """A PV whose samples had no value in the first segment (not connected yet) and numbers
+    later is exported by default (it was left out: the recording's summary said kind
+    ``none``)."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path, segment=SegmentOptions(
+        max_iterations=2)), run_name="unconnected")
+    for i in range(4):
+        write_iteration(rec, i, [PVSample("A", {"value": float(i)}),
+                                 PVSample("X", {"value": None if i < 2 else 10 + i})])
+    first, _second = rec.close()
+
+    proc = export(str(first))
+    assert proc.returncode == 0, proc.stderr
+    assert [r.get("X") for r in rows(proc.stdout)] == ["", "", "12", "13"]
+
+
 def test_a_file_beside_the_recording_that_cannot_be_read_is_said(tmp_path: Path) -> None:
     """A file of the recording's directory that cannot be read (a damaged segment?) was left
     out without a word: the CSV lacked its iterations and export exited 0. It is still left

@@ -202,6 +202,29 @@ def test_a_recording_keeps_dtypes_and_shapes_across_segments(tmp_path: Path) -> 
         f.values("AA")
 
 
+def test_a_pv_without_a_value_in_the_first_segment_is_typed_by_its_values(
+        tmp_path: Path) -> None:
+    """A PV whose samples had no value during the first segment (not connected yet) and
+    numbers later: the recording's summary gives the kind, dtype and units of its values, as
+    the summary of one file holding them all does, not ``none`` from the first segment
+    (export left such a PV out)."""
+    for name, segment in (("one", SegmentOptions()), ("split", SegmentOptions(max_iterations=2))):
+        rec = HDF5Recording(OutputOptions(directory=tmp_path / name, segment=segment),
+                            run_name=name)
+        for i in range(4):
+            write_iteration(rec, i, [
+                PVSample("A", {"value": float(i), "timeStamp": _ts(i)}),
+                PVSample("X", {"value": None if i < 2 else 10 * i, "timeStamp": _ts(i),
+                               "display": {"units": "mm"}})])
+        assert len(rec.close()) == (1 if name == "one" else 2)
+    with open_recording(tmp_path / "one") as one, open_recording(tmp_path / "split") as split:
+        assert [r["kind"] for r in split.files[0].summary() if r["pv"] == "X"] == ["none"]
+        want = {r["pv"]: r for r in one.summary()}
+        got = {r["pv"]: r for r in split.summary()}
+        assert got == want
+        assert (got["X"]["kind"], got["X"]["dtype"], got["X"]["count"]) == ("scalar", "int64", 4)
+
+
 def enum_without_index(i: int) -> list[PVSample]:
     """Iteration i of an enum PV "E" that has no index in iteration 0 (no value at all: the
     first sample) and 2 (an index that is not an integer), none in 3; and "A" every time."""
