@@ -1054,6 +1054,9 @@ class Recording:
         # SkippedFileWarning
         self.skipped: list[tuple[Path, str]] = []
         given = _now_at_all(paths)
+        if not given:  # a glob that matched nothing: not a recording without PVs
+            raise FileFormatError("no files given: open_recording takes the files of one "
+                                  "recording, one of them, or its directory")
         names = {p.resolve() for p in given}
         self.files = []
         for p in given:

@@ -13,7 +13,8 @@ import pytest
 from test_hdf5_roundtrip import record, record_closed, write_iteration
 
 from recorder.client.values import PVSample
-from recorder.reader import RecordingFile, open_file, values_of
+from recorder.errors import FileFormatError
+from recorder.reader import RecordingFile, open_file, open_recording, values_of
 from recorder.sinks.hdf5 import HDF5Recording
 from recorder.sinks.options import OutputOptions
 
@@ -215,6 +216,14 @@ def test_images_after_a_sample_without_a_value_are_arrays(tmp_path: Path) -> Non
     (path,) = rec.close()
     with open_file(path) as final:
         check(final)
+
+
+def test_open_recording_of_no_files_says_so() -> None:
+    """open_recording([]) (a glob that matched nothing) is an error saying that no file was
+    given, not a recording whose values("X") are an empty array, though it has no PV X, and
+    whose table() raises KeyError: 'iter_index'."""
+    with pytest.raises(FileFormatError, match="no files"):
+        open_recording([])
 
 
 def test_refresh_follows_a_live_file_to_its_finalized_file(tmp_path: Path) -> None:
