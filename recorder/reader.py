@@ -108,6 +108,9 @@ __all__ = [
 
 TRAIN_WINDOW_VALUES = 65_536
 """trains() reads this many values (about) at a time."""
+INDEX_BLOCK_ENTRIES = 1 << 21
+"""trains() of a finalized file reads the first/count index of this many PV-iterations (about,
+16 bytes each) at a time."""
 SUPPORTED_MAJORS = ("1", "2", "3", "4", "5")  # 5.0: the PV groups are plain NXlogs
 SHAPED_KINDS = (ValueKind.ARRAY, ValueKind.NDARRAY, ValueKind.STRING_ARRAY, ValueKind.TABLE)
 """Kinds whose rows have a shape: a ``shape`` dataset, or (5.0, when every row has the same
@@ -994,42 +997,62 @@ class RecordingFile:
         the iteration record.
         """
         its = self.iterations()
-        index = {pv: self.first_count(pv) for pv in self.pv_names}
+        names = self.pv_names
         stacked = stacked_for(self.attrs.get("snapshot_type"))
         run_name = str(self.attrs.get("run_name", ""))
         snapshot_name = str(self.attrs.get("snapshot_name", ""))
         n_rows = len(its["iter_index"])
+        # the first/count index (16 bytes per PV and iteration: held whole, it outgrew the
+        # file) of a finalized file is read a block of iterations at a time; a live file's
+        # is worked out whole from its sample columns
+        whole = {pv: self.first_count(pv) for pv in names} if self._live is not None else None
+        n_values = (sum(int(c.sum()) for _, c in whole.values()) if whole is not None
+                    else sum(self.row_count(pv) for pv in names))
         # a window of iterations at a time: each PV's rows of the window are read at once,
         # so memory holds one window, not the file (TRAIN_WINDOW_VALUES values)
         flat_cache: FlatCache = {}  # metadata dicts shared by the rows of one entry
-        per_iteration = max(1, sum(int(c.sum()) for _, c in index.values()) // max(1, n_rows))
+        per_iteration = max(1, n_values // max(1, n_rows))
         window = max(1, TRAIN_WINDOW_VALUES // per_iteration)
-        for k0 in range(0, n_rows, window):
-            k1 = min(n_rows, k0 + window)
-            # per PV with values in the window: its rows' flat values, and where each
-            # iteration's values start in them and how many there are
-            rows: dict[str, tuple[list[FlatValue], list[int], list[int]]] = {}
-            for pv, (first, count) in index.items():
-                counts = count[k0:k1]
-                if counts.any():
-                    lo = int(first[k0])
-                    hi = int((first[k0:k1] + counts).max())
-                    rows[pv] = (self.flat_range(pv, lo, hi, flat_cache),
-                                (first[k0:k1] - lo).tolist(), counts.tolist())
-            for row in range(k0, k1):
-                by_pv: dict[str, list[FlatValue]] = {}
-                for pv, (values, starts, ns) in rows.items():
-                    n = ns[row - k0]
-                    if n:
-                        a = starts[row - k0]
-                        by_pv[pv] = values[a : a + n]
-                yield build_train_flat(
-                    IterationInfo.from_columns(its, row),
-                    by_pv,
-                    stacked=stacked,
-                    run_name=run_name,
-                    snapshot_name=snapshot_name,
-                )
+        block = max(1, INDEX_BLOCK_ENTRIES // max(1, len(names)) // window) * window
+        for b0 in range(0, n_rows, block):
+            b1 = min(n_rows, b0 + block)
+            index = ({pv: (f[b0:b1], c[b0:b1]) for pv, (f, c) in whole.items()}
+                     if whole is not None else {pv: self._index_rows(pv, b0, b1) for pv in names})
+            for k0 in range(b0, b1, window):
+                k1 = min(b1, k0 + window)
+                j0, j1 = k0 - b0, k1 - b0  # the window in the block's index
+                # per PV with values in the window: its rows' flat values, and where each
+                # iteration's values start in them and how many there are
+                rows: dict[str, tuple[list[FlatValue], list[int], list[int]]] = {}
+                for pv, (first, count) in index.items():
+                    counts = count[j0:j1]
+                    if counts.any():
+                        lo = int(first[j0])
+                        hi = int((first[j0:j1] + counts).max())
+                        rows[pv] = (self.flat_range(pv, lo, hi, flat_cache),
+                                    (first[j0:j1] - lo).tolist(), counts.tolist())
+                for row in range(k0, k1):
+                    by_pv: dict[str, list[FlatValue]] = {}
+                    for pv, (values, starts, ns) in rows.items():
+                        n = ns[row - k0]
+                        if n:
+                            a = starts[row - k0]
+                            by_pv[pv] = values[a : a + n]
+                    yield build_train_flat(
+                        IterationInfo.from_columns(its, row),
+                        by_pv,
+                        stacked=stacked,
+                        run_name=run_name,
+                        snapshot_name=snapshot_name,
+                    )
+
+    def _index_rows(self, pv: str, lo: int, hi: int
+                    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """:meth:`first_count` of /iterations rows ``lo:hi`` of a finalized file (reads only
+        those)."""
+        g = self._side(pv, "index", "")
+        assert g is not None
+        return np.asarray(g["first"][lo:hi]), np.asarray(g["count"][lo:hi])
 
     def close(self) -> None:
         self.h5.close()
