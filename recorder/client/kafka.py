@@ -508,15 +508,17 @@ class KafkaAdapter:
             if err is None:
                 self._count("produced")
                 failure: TransportError | None = None
+            elif err.code() in _PURGED:  # dropped at close: counted and logged there
+                failure = TransportError(f"delivery to {topic!r} failed: dropped at exit, "
+                                         "before Kafka took it")
             else:
                 failure = TransportError(f"delivery to {topic!r} failed: {err.str()}")
-                if err.code() not in _PURGED:  # dropped at close: counted and logged there
-                    self._count("delivery_failed")
-                    # while Kafka is down every heartbeat times out: a line a minute per text
-                    fields = _THROTTLE.log_fields(("delivery", topic, normalized(err.str())))
-                    if fields is not None:
-                        self._log.warning("delivery failed", topic=topic, error=err.str(),
-                                          **fields)
+                self._count("delivery_failed")
+                # while Kafka is down every heartbeat times out: a line a minute per text
+                fields = _THROTTLE.log_fields(("delivery", topic, normalized(err.str())))
+                if fields is not None:
+                    self._log.warning("delivery failed", topic=topic, error=err.str(),
+                                      **fields)
             if on_delivery is not None:
                 try:
                     on_delivery(failure)
