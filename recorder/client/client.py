@@ -781,6 +781,7 @@ class K2egClient:
         if ack.publishing_topic and ack.publishing_topic != topic:
             log.warning("gateway publishes to another topic", publishing_topic=ack.publishing_topic)
             topic = ack.publishing_topic
+            log = log.bind(topic=topic)
         if already_running:
             log.warning("snapshot already running: its own parameters apply", message=ack.message)
         # read from "now" (not resumed, not history): begin at the first whole iteration
@@ -861,6 +862,10 @@ class K2egClient:
         self._check_open()
         topic = normalize_snapshot_name(snapshot_name)
         sub = self._subs.get(topic)
+        if sub is None:  # a gateway that acked another publishing topic: read there
+            sub = next((s for s in self._subs.values() if s.properties.topic == topic), None)
+        if sub is not None:
+            topic = sub.topic
         timeout_s = self.settings.command_timeout_s if timeout is None else timeout
         before: dict[int, int] = {}
         if sub is not None:

@@ -687,6 +687,31 @@ def test_a_command_topic_that_does_not_exist_is_named_in_the_error(
 
 
 # ------------------------------------------------------------------------------ sharing
+def test_a_snapshot_the_gateway_publishes_to_another_topic_stops_with_its_final_iteration(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway whose ``publishing_topic`` is not the name's normalized form (another
+    generation's naming): the client reads the acked topic, and a stop by the snapshot's
+    name still finds that subscription, delivers the final iteration and ends the handle."""
+    from recorder.sim import engine
+
+    plain = engine.normalize_snapshot_name
+    monkeypatch.setattr(engine, "normalize_snapshot_name", lambda name: "gw_" + plain(name))
+    start_sim(Protocol.SEQUENCED)
+    client = make_client()
+    props = SnapshotProperties(unique_name("moved").replace("-", "_"), PVS[:1], time_window=100)
+    rec = Recorder()
+    sub = client.snapshot_recurring(props, rec)
+    assert sub.topic == "gw_" + props.topic != props.topic
+    rec.wait_closed(2)
+    result = sub.stop()
+    assert result.message.endswith("has been stopped")
+    assert result.final_seen and result.final is not None
+    assert result.final == rec.closed()[-1]
+    assert sub.ended and client.subscriptions == {}
+
+
 def test_already_running_snapshot_is_still_read_from_its_normalized_topic(
     start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
 ) -> None:
