@@ -782,6 +782,10 @@ class K2egClient:
             log.warning("gateway publishes to another topic", publishing_topic=ack.publishing_topic)
             topic = ack.publishing_topic
             log = log.bind(topic=topic)
+            if start is None:  # `before` holds another topic's offsets: read this one's end
+                # (the gateway creates the topic before its ack, and publishes after it)
+                before = answer_within(self._adapter.watermarks(topic), timeout_s + 1.0,
+                                       f"the offsets of {topic!r}")
         if already_running:
             log.warning("snapshot already running: its own parameters apply", message=ack.message)
         # read from "now" (not resumed, not history): begin at the first whole iteration

@@ -712,6 +712,33 @@ def test_a_snapshot_the_gateway_publishes_to_another_topic_stops_with_its_final_
     assert sub.ended and client.subscriptions == {}
 
 
+def test_a_new_snapshot_on_another_publishing_topic_reads_none_of_its_older_messages(
+    start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Started again on a gateway that publishes to another topic than the normalized name,
+    the new subscription begins at that topic's end, as on the normalized topic: not at its
+    beginning, which holds the earlier snapshot's iterations."""
+    from recorder.sim import engine
+
+    plain = engine.normalize_snapshot_name
+    monkeypatch.setattr(engine, "normalize_snapshot_name", lambda name: "gw_" + plain(name))
+    start_sim(Protocol.SEQUENCED)
+    client = make_client()
+    props = SnapshotProperties(unique_name("again").replace("-", "_"), PVS[:1], time_window=100)
+    first = Recorder()
+    client.snapshot_recurring(props, first)
+    first.wait_closed(3)
+    assert client.snapshot_stop(props.snapshot_name).final_seen
+    began_ns = time.time_ns()
+    second = Recorder()
+    client.snapshot_recurring(props, second)
+    closed = second.wait_closed(2)
+    assert all((c.header_timestamp_ns or 0) >= began_ns - 1_000_000 for c in closed), [
+        (c.iter_index, c.header_timestamp_ns) for c in closed]
+    client.snapshot_stop(props.snapshot_name)
+
+
 def test_already_running_snapshot_is_still_read_from_its_normalized_topic(
     start_sim: SimFactory, make_client: ClientFactory, unique_name: Callable[[str], str]
 ) -> None:
