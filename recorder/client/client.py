@@ -76,7 +76,7 @@ from recorder.client.properties import (
     pv_base_name,
 )
 from recorder.client.replies import Outcome, ReplyTracker
-from recorder.client.results import Ack, StopResult
+from recorder.client.results import ALREADY_STOPPED, Ack, StopResult
 from recorder.client.subscription import DEFAULT_MAX_PENDING_BYTES, RecurringSnapshot
 from recorder.client.values import PVSample
 from recorder.client.wire import DecodeError, RawMessage, decode_reply, kafka_time_ms
@@ -107,7 +107,6 @@ _log = structlog.get_logger("recorder.client")
 DEFAULT_SLACK_S = 2.0
 _DOWN_REPORT_S = 2.0  # Kafka unreachable this long is logged (once per outage)
 _EXPIRE_EVERY_S = 0.05
-_ALREADY_STOPPED = "is already stopped"  # the stop ack of a snapshot the gateway does not run
 # assembler counters of snapshot messages read but not delivered (K2egClient.skipped)
 SKIP_PREFIXES = ("malformed.", "late.", "duplicate", "before_start.")
 # the gateway produces its final tail, releases the PVs' monitors, then produces the stop's
@@ -895,7 +894,7 @@ class K2egClient:
             final_timeout_s = iteration_timeout_s(sub.properties, self.iteration_slack_s)
         # "already stopped": the gateway did not run it (restarted, or stopped by another
         # client) and publishes no final iteration for this stop: read what the topic holds
-        tail_expected = _ALREADY_STOPPED not in ack.message
+        tail_expected = ALREADY_STOPPED not in ack.message
         reply = outcome.reply
         final = self._drain_final(sub, before, final_timeout_s, tail_expected=tail_expected,
                                   ack_time_ms=reply.kafka_time_ms if reply else None)

@@ -19,6 +19,8 @@ from recorder.client.values import PVSample
 
 __all__ = ["Ack", "Iteration", "IterationCollector", "StopResult"]
 
+ALREADY_STOPPED = "is already stopped"  # the stop ack of a snapshot the gateway does not run
+
 
 @dataclass(frozen=True, slots=True)
 class Ack:
@@ -45,6 +47,12 @@ class StopResult:
     message: str
     final_seen: bool
     final: IterationClosed | None = None
+
+    @property
+    def already_stopped(self) -> bool:
+        """The gateway answered "is already stopped": it did not run the snapshot (it was
+        restarted, or someone else stopped it), so no final iteration was published."""
+        return ALREADY_STOPPED in self.message
 
 
 @dataclass(frozen=True, slots=True)

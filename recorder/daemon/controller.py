@@ -1150,6 +1150,9 @@ class RunController:
         why = self._stop_reason
         if isinstance(result, BaseException):
             why += f"; k2eg stop failed: {result}"
+        elif not final_seen and isinstance(result, StopResult) and result.already_stopped:
+            why += (f"; the gateway no longer ran the snapshot ({result.message}): it "
+                    "published no final iteration")
         elif not final_seen:
             why += "; the final iteration did not arrive in time"
         files, failed = self._close_recording(status, why)

@@ -382,6 +382,39 @@ def test_start_retries_with_backoff_then_records_and_stops(tmp_path: Path) -> No
         assert c.join(5)
 
 
+def test_a_stop_the_gateway_answers_already_stopped_says_so_not_a_late_final_iteration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway restarted (or a snapshot stopped by another client) before the run's stop
+    answers "is already stopped" and publishes no final iteration: the recording's reason
+    and the stop's answer say so, not that the final iteration did not arrive in time (which
+    sends an operator after a slow gateway or a short stop timeout)."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    reasons: list[str] = []
+    try:
+        c.start().result(5)
+        sub = client.sub
+        assert sub is not None
+
+        def stop(timeout: float | None = None, *, final_timeout_s: float | None = None
+                 ) -> StopResult:
+            sub.events.put(None)
+            return StopResult("snap", sub.topic, "Snapshot 'snap' is already stopped", False)
+
+        monkeypatch.setattr(sub, "stop", stop)
+        close = made[0].close
+        monkeypatch.setattr(made[0], "close", lambda status="complete", reason="": (
+            reasons.append(reason), close(status, reason))[1])
+        result = c.stop().result(5)
+        assert reasons and "did not arrive in time" not in reasons[0], reasons
+        assert "already stopped" in reasons[0]
+        assert "stopped (aborted)" in result
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_a_state_file_that_cannot_be_saved_is_logged_once_a_minute(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An unwritable state directory: every failed save is counted (errors, last_error),
