@@ -112,6 +112,8 @@ SKIP_PREFIXES = ("malformed.", "late.", "duplicate", "before_start.")
 # the gateway produces its final tail, releases the PVs' monitors, then produces the stop's
 # ack: a tail produced longer than this before the ack is not the final one
 FINAL_BEFORE_ACK_MS = 250
+# the gateway answers a `get` of a PV that does not connect with -3 after this (protocol §2.2)
+GATEWAY_GET_TIMEOUT_S = 10.0
 
 
 def before_ack_ms(final: IterationClosed, ack_time_ms: int | None) -> int | None:
@@ -652,7 +654,10 @@ class K2egClient:
     # ------------------------------------------------------------------ get
     def get(self, pv_uri: str, timeout: float | None = None) -> PVSample:
         """The current value of one PV (``get``). Raises :class:`GatewayError` (e.g. -3 when
-        the PV does not connect) or :class:`GatewayTimeoutError`."""
+        the PV does not connect) or :class:`GatewayTimeoutError`. Without ``timeout`` it waits
+        the gateway's own get timeout plus the command timeout, so that -3 can arrive."""
+        if timeout is None:
+            timeout = GATEWAY_GET_TIMEOUT_S + self.settings.command_timeout_s
         fields = get_command(pv_uri, reply_topic=self.reply_topic, reply_id=new_reply_id())
         outcome = self._request(fields, GET, timeout)
         samples = outcome.samples

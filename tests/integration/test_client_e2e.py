@@ -655,6 +655,20 @@ def test_get_returns_a_typed_value_and_gateway_errors_are_typed(
     assert client.counters().get("replies.unmatched", 0) == 0
 
 
+def test_get_of_a_pv_that_never_connects_gives_the_gateways_timeout_error(
+    start_sim: SimFactory, make_client: ClientFactory,
+) -> None:
+    """The gateway answers a ``get`` of a PV that never connects with -3 "Timeout operation"
+    after its own get timeout, which is as long as the client's command timeout (both 10 s
+    by default; 1 s here): the caller gets that answer, not a GatewayTimeoutError saying the
+    gateway did not reply."""
+    start_sim(Protocol.SEQUENCED, get_timeout_s=1.0)
+    client = make_client(command_timeout_s=1.0)
+    with pytest.raises(GatewayError) as never:
+        client.get("pva://SIM:NEVER:1")
+    assert never.value.code == -3 and "Timeout operation" in never.value.message
+
+
 def test_no_gateway_gives_a_gateway_timeout(
     make_client: ClientFactory, unique_name: Callable[[str], str]
 ) -> None:
