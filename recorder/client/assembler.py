@@ -25,9 +25,11 @@ Closing
       for late messages (a header retried by the producer may land after the tail), then
       closes ``MISSING_MESSAGES`` with ``missing_messages`` set (``NO_HEADER`` when only the
       header is missing);
-    * tail otherwise: complete, or ``NO_HEADER`` if the header never came (data or the tail
-      itself then opened the iteration, ``header_timestamp_ns`` from the storage-node
-      ``header_timestamp`` key when present, else None);
+    * tail otherwise: complete, or ``MISSING_MESSAGES`` (``missing_messages`` set) when a
+      data message of the iteration was dropped as larger than ``max_message_bytes``
+      (counted ``malformed.too_large`` and logged), or ``NO_HEADER`` if the header never
+      came (data or the tail itself then opened the iteration, ``header_timestamp_ns``
+      from the storage-node ``header_timestamp`` key when present, else None);
     * a header of a new iteration closes every open iteration still waiting for its tail as
       ``NO_TAIL`` (the gateway publishes T(n) before H(n+1), protocol §3.9);
     * no tail within the topic's timeout (``set_topic_timeout``, e.g. 2 x window + slack):
@@ -75,6 +77,7 @@ indexes remembered for late-message detection).
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import Counter
 from collections.abc import Container, Mapping, Sequence
 from operator import attrgetter
@@ -91,6 +94,7 @@ from recorder.client.events import (
     IterationStatus,
     ValuesReceived,
 )
+from recorder.client.throttle import RepeatThrottle
 from recorder.client.values import PVSample
 from recorder.client.wire import (
     _INT64_MAX,
@@ -122,12 +126,42 @@ _INCOMPLETE: Final = IterationStatus.INCOMPLETE
 # the gateway's one Kafka header, as it spells it (other spellings take the general path)
 _GATEWAY_HEADERS: Final = [(SERIALIZATION_HEADER, b"Msgpack")]
 _BIG_MESSAGE: Final = 1 << 20  # the validating Unpacker is replaced after a larger message
+_ENVELOPE_READ: Final = 1 << 20  # what _envelope_of reads at most at once
+# warnings about messages too large to record: a line a minute per topic at most
+_THROTTLE: Final = RepeatThrottle(60.0)
 # legacy duplicate detection keeps larger messages as a digest, not their bytes: an iteration
 # is remembered until its tail, a timedbuffered window of images would stay in memory
 FINGERPRINT_BYTES: Final = 4096
 _RECORD_FIELDS: Final = tuple(
     attrgetter(name) for name in ("topic", "partition", "offset", "value", "headers")
 )
+
+
+def _envelope_of(value: Any) -> tuple[int | None, int | None]:
+    """``(message_type, iter_index)`` of a snapshot message without decoding its PV values
+    (keys are read and values skipped in small reads, up to the first value too large for
+    that: the gateway puts both keys before the PV's); None for what is not found."""
+    kind: int | None = None
+    idx: int | None = None
+    try:
+        unpacker = msgpack.Unpacker(io.BytesIO(value), read_size=4096,
+                                    max_buffer_size=_ENVELOPE_READ)
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key in ("message_type", "iter_index"):
+                item = unpacker.unpack()
+                if item.__class__ is int:
+                    if key == "message_type":
+                        kind = item
+                    else:
+                        idx = item
+                if kind is not None and idx is not None:
+                    break
+            else:
+                unpacker.skip()
+    except Exception:  # not msgpack, or a value too large to skip in small reads
+        pass
+    return kind, idx
 
 
 def _fingerprint(raw: bytes) -> bytes:
@@ -143,6 +177,7 @@ class _Iteration:
     __slots__ = (
         "data_seqs",
         "deadline",
+        "dropped",
         "duplicates",
         "emitted",
         "error",
@@ -186,6 +221,7 @@ class _Iteration:
         self.n_values = 0  # values emitted
         self.n_batches = 0
         self.duplicates = 0
+        self.dropped = 0  # data messages dropped as too large (their values are missing)
         self.pvs: set[str] = set()
         self.emitted: set[int] = set()  # batch keys already emitted
         self.data_seqs: set[int] = set()  # sequenced: msg_seq of accepted data
@@ -584,6 +620,8 @@ class IterationAssembler:
             )
         except DecodeError as exc:
             self.counters["malformed." + exc.reason] += 1
+            if exc.reason == "too_large":
+                self._too_large(state, record)
             return
         except Exception:  # a decoder bug must not stop the recorder
             self.counters["malformed.internal"] += 1
@@ -603,6 +641,23 @@ class IterationAssembler:
         except Exception:  # never let one message stop the recorder; counted and logged
             self.counters["internal_error"] += 1
             _log.exception("iteration assembly failed", topic=record.topic, offset=record.offset)
+
+    def _too_large(self, state: _Topic, record: Record) -> None:
+        """A message over ``max_message_bytes`` was dropped: logged, and if it is data of an
+        open iteration, that iteration lacks a value and closes ``MISSING_MESSAGES`` (a
+        legacy gateway's tail does not say how many messages it sent)."""
+        kind, idx = _envelope_of(record.value)
+        size = len(record.value) if record.value is not None else 0
+        fields = _THROTTLE.log_fields(("too_large", state.name))
+        if fields is not None:
+            _log.warning("snapshot message larger than the client takes: dropped, its values "
+                         "are missing from the recording", topic=state.name,
+                         offset=record.offset, bytes=size, max_bytes=self.max_message_bytes,
+                         iter_index=idx, **fields)
+        if kind == 1 and idx is not None:
+            it = state.open.get(idx)
+            if it is not None:
+                it.dropped += 1
 
     def feed_message(
         self, topic: str, partition: int, offset: int, msg: SnapshotMessage, now: float
@@ -1063,6 +1118,8 @@ class IterationAssembler:
         if expected is not None:
             received = it.n_data + (1 if it.header_seen else 0) + (1 if it.tail_seen else 0)
             missing = max(0, expected - received)
+        elif it.dropped:
+            missing = it.dropped
         if reason is None and missing:
             reason = IncompleteReason.MISSING_MESSAGES
         if reason is None:

@@ -1053,3 +1053,35 @@ def test_the_close_carries_the_kafka_timestamp_of_the_tail_message(sequenced: bo
     first, second = [e for e in run.events if isinstance(e, IterationClosed)]
     assert first.tail_kafka_time_ms == 1_700_000_000_000 + len(msgs) - 1
     assert second.tail_kafka_time_ms is None
+
+
+@GENERATIONS
+def test_an_iteration_with_a_too_large_data_message_is_not_complete(sequenced: bool) -> None:
+    """A PV value in a message over ``max_message_bytes`` (a big image) is dropped
+    (``malformed.too_large``); its iteration then lacks that PV and must not be recorded
+    as complete: a legacy gateway's tail does not say how many messages it sent, and the
+    iteration was closed complete without the image."""
+    run = Run(max_message_bytes=4096)
+    seq = (lambda n: n) if sequenced else (lambda n: None)
+    big = ntscalar(1.0)
+    big["value"] = [float(i) for i in range(1000)]  # ~9 kB
+    run.feed([
+        header_msg("s", 1, T0, msg_seq=seq(0)),
+        data_msg(1, T0, "SMALL", ntscalar(2.0), msg_seq=seq(1)),
+        data_msg(1, T0, "IMG", big, msg_seq=seq(2)),
+        tail_msg("s", 1, T0, msg_seq=seq(3), total=4 if sequenced else None),
+    ])
+    run.idle()
+    run.expire(100.0)
+    assert run.asm.counters["malformed.too_large"] == 1
+    [c] = run.closed()
+    assert not c.complete
+    assert c.reason is IncompleteReason.MISSING_MESSAGES
+    assert c.missing_messages == 1
+    assert [s.pv for v in run.values(1) for s in v.samples] == ["SMALL"]
+    # the next iteration is not affected
+    run.feed([header_msg("s", 2, T0 + 1, msg_seq=seq(0)),
+              data_msg(2, T0 + 1, "SMALL", ntscalar(3.0), msg_seq=seq(1)),
+              tail_msg("s", 2, T0 + 1, msg_seq=seq(2), total=3 if sequenced else None)])
+    run.expire(200.0)
+    assert run.closed()[-1].complete
