@@ -830,6 +830,10 @@ class Service:
         if down is not None:
             at = time.strftime("%H:%M:%S", time.gmtime(down))
             text += f"; Kafka unreachable since {at} UTC"
+        too_large = None if self._client is None else self._client.receive_limit_exceeded
+        if too_large is not None:
+            text += ("; reading stuck at a Kafka message too large to receive (raise "
+                     "RECORDER_KAFKA__RECEIVE__MESSAGE__MAX__BYTES)")
         if self._config_errors:
             text += f"; reload refused ({self._config_error_count} problem(s))"
         if self._metrics_problem:

@@ -348,6 +348,13 @@ class K2egClient:
         return out
 
     @property
+    def receive_limit_exceeded(self) -> tuple[int, int] | None:
+        """``(response bytes, receive.message.max.bytes)`` while a message too large for the
+        consumer to receive holds up reading (see
+        :attr:`~recorder.client.kafka.KafkaAdapter.receive_limit_exceeded`), else None."""
+        return self._adapter.receive_limit_exceeded
+
+    @property
     def kafka_unreachable_since(self) -> float | None:
         """Unix time since which this client cannot reach Kafka (transport failures, nothing
         read since), once that has lasted 2 s; None while it reads normally."""

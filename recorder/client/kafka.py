@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import re
 import threading
 import time
 import uuid
@@ -241,6 +242,11 @@ _PROBE_TIMEOUT_S = 0.5
 # Kafka that went silent (its host powered off, a network partition) closes no connection,
 # so librdkafka reports nothing before its own timeouts (socket.timeout.ms, 60 s)
 _IDLE_PROBE_S = 0.5
+# a fetch response over receive.message.max.bytes (a message larger than the consumer may
+# receive): librdkafka drops the connection and fetches the same message again, for ever
+_RESPONSE_TOO_LARGE = re.compile(r"Invalid response size (\d+) \(0\.\.(\d+)\)")
+# it counts as going on while it came back within this (librdkafka retries within seconds)
+_RECEIVE_LIMIT_RECENT_S = 30.0
 # how often the assigned topics' partitions are looked up again: a partition an operator adds
 # is read from its beginning (a keyed producer, as the gateway, may move its messages there)
 _PARTITION_CHECK_S = 10.0
@@ -273,6 +279,8 @@ class KafkaAdapter:
         self._batch_size = batch_size
         self._kafka_down = False
         self._reading_stalled = False
+        # (response bytes, receive.message.max.bytes, when): see receive_limit_exceeded
+        self._receive_limit: tuple[int, int, float] | None = None
         self._next_probe = 0.0
         self._next_partition_check = 0.0
         self._alive_at = time.monotonic()  # Kafka last answered the consumer (see alive_at)
@@ -658,8 +666,23 @@ class KafkaAdapter:
         off up to ``reconnect.backoff.max.ms``)."""
         return self._reading_stalled
 
+    @property
+    def receive_limit_exceeded(self) -> tuple[int, int] | None:
+        """``(response bytes, receive.message.max.bytes)`` while the consumer fails to
+        receive a fetch response larger than it may (a message over that limit: reading the
+        partitions fetched with it is stuck there until the limit is raised), last seen
+        within ``_RECEIVE_LIMIT_RECENT_S``; else None."""
+        hit = self._receive_limit
+        if hit is None or time.monotonic() - hit[2] > _RECEIVE_LIMIT_RECENT_S:
+            return None
+        return hit[0], hit[1]
+
     def _error_cb(self, err: KafkaError) -> None:
         self._count("kafka_errors")
+        if err.code() == KafkaError._BAD_MSG and (
+                match := _RESPONSE_TOO_LARGE.search(err.str())) is not None:
+            self._receive_limit_hit(int(match[1]), int(match[2]))
+            return
         if err.code() in _DOWN_CODES:
             self._kafka_down = self._reading_stalled = True
         if err.fatal():
@@ -668,6 +691,17 @@ class KafkaAdapter:
         fields = _THROTTLE.log_fields(("error", err.code(), normalized(err.str())))
         if fields is not None:
             self._log.warning("Kafka error", error=err.str(), code=err.name(), **fields)
+
+    def _receive_limit_hit(self, size: int, limit: int) -> None:
+        self._count("receive_limit_exceeded")
+        self._receive_limit = (size, limit, time.monotonic())
+        fields = _THROTTLE.log_fields(("receive_limit", self._name))
+        if fields is not None:
+            self._log.error(
+                "a Kafka message is too large for the consumer to receive: reading stops at "
+                "it (and at what follows it) until RECORDER_KAFKA__RECEIVE__MESSAGE__MAX__BYTES "
+                "is raised above the response size", response_bytes=size,
+                receive_message_max_bytes=limit, **fields)
 
     # ------------------------------------------------------------------ the consumer thread
     def _run(self) -> None:

@@ -239,6 +239,7 @@ class RunController:
         self._file_sizes: dict[str, int] = {}  # else: size of each file being written
         self._skips: dict[str, int] = {}  # sub.skipped() last seen
         self._bp_pauses_seen = 0  # sub.stats["backpressure_pauses"] last seen
+        self._receive_stuck = False  # reported a message too large to receive (this episode)
         self._first_segment = 0  # segment files the recording had before this process
         self._state_log_throttle = RepeatThrottle(60.0)  # "run state not saved", per error
         self._incomplete_log_throttle = RepeatThrottle(60.0)  # "iteration incomplete", per reason
@@ -920,6 +921,24 @@ class RunController:
             self._stats.lag = lag
         if self._metrics is not None:
             self._metrics.lag(self.name, lag)
+        self._check_receive_limit(sub, lag)
+
+    def _check_receive_limit(self, sub: RecurringSnapshot, lag: int) -> None:
+        """A message too large for the consumer to receive holds up reading while this
+        run's topic has messages to read: an error of the run, once per episode."""
+        hit = self._client.receive_limit_exceeded
+        if hit is None:
+            self._receive_stuck = False
+            return
+        if lag <= 0 or self._receive_stuck:
+            return
+        self._receive_stuck = True
+        size, limit = hit
+        self._log.error("reading stuck at a Kafka message too large to receive",
+                        topic=sub.topic, response_bytes=size, receive_message_max_bytes=limit)
+        self._error(f"reading stopped at a Kafka message too large to receive ({size} bytes "
+                    f"with receive.message.max.bytes {limit}): raise "
+                    "RECORDER_KAFKA__RECEIVE__MESSAGE__MAX__BYTES above it")
 
     # ---- silence (periodic runs) --------------------------------------------------------
     def _heard(self) -> None:
@@ -946,8 +965,9 @@ class RunController:
         if sub.pending:  # messages wait to be taken (a flush outlasted the limit): not silent
             self._heard()
             return
-        if self._client.kafka_unreachable_since is not None:  # Kafka's silence, not the
-            self._heard()  # gateway's: its messages wait in Kafka (and a start cannot go out)
+        if (self._client.kafka_unreachable_since is not None  # Kafka's silence, not the
+                or self._client.receive_limit_exceeded is not None):  # gateway's: its
+            self._heard()  # messages wait in Kafka (and a start cannot go out)
             return
         now = time.monotonic()
         if not watch.due(now):

@@ -224,6 +224,7 @@ class FakeClient:
         self.unsubscribed: list[FakeSub] = []
         self.stopped_by_name: list[str] = []
         self.kafka_unreachable_since: float | None = None
+        self.receive_limit_exceeded: tuple[int, int] | None = None
 
     def snapshot_recurring(self, props: Any, start: Any = None, max_pending: int = 0) -> FakeSub:
         self.starts.append(start)
