@@ -729,10 +729,15 @@ class RunController:
         deadline = time.monotonic() + budget_s
         idle = False  # the queue ran dry: the input is drained for now
         heard = False
+        stopping = self.state is RunState.STOPPING
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            if rec is not None and not stopping and not self._room_in(rec, remaining):
+                break  # the writer is behind: events wait in the subscription, whose bounded
+                # queue pauses the topic (their messages wait in Kafka, not in memory); not
+                # while stopping: the stop waits for its final iteration to be read
             try:
                 event = sub.get(timeout=remaining)
             except TimeoutError:
@@ -758,6 +763,13 @@ class RunController:
         if now >= self._next_lag and not self._sub_ended:
             self._next_lag = now + LAG_EVERY_S
             self._update_topic_stats(sub)
+
+    @staticmethod
+    def _room_in(rec: Recording, timeout_s: float) -> bool:
+        """Whether ``rec`` takes events now: a writer process behind by more than its backlog
+        bound is waited for (at most ``timeout_s``) before it is handed another one."""
+        wait: Callable[[float], bool] | None = getattr(rec, "wait_for_room", None)
+        return True if wait is None else wait(timeout_s)
 
     def _on_event(self, rec: Recording, event: IterationEvent) -> None:
         rec.handle(event)

@@ -50,8 +50,10 @@ Back-pressure (choice: bounded blocking + an observable backlog)
     about one event per ``max_block_s``: the daemon's run thread stops draining its
     subscription, whose bounded queue then pauses the Kafka topic — nothing is dropped, memory
     grows by at most one event per ``max_block_s``, and the thread still gets to its control
-    requests between events. A daemon that prefers to pause explicitly can watch
-    ``congested``. ``maybe_flush`` never waits: it ships the batch, asks for an asynchronous
+    requests between events. The daemon does not rely on that (one event of large values
+    can be tens of MB): before it takes an event from its subscription it calls
+    :meth:`IsolatedRecording.wait_for_room`, so while the writer is behind the events wait
+    in Kafka. ``maybe_flush`` never waits: it ships the batch, asks for an asynchronous
     flush when ``flush_interval_s`` has passed (at most one outstanding) and reads whatever
     replies are there; ``last_durable_offset``/``counters`` advance when the child's reply
     arrives (on a later call). ``flush`` and ``close`` are synchronous RPCs with timeouts
@@ -401,11 +403,23 @@ class IsolatedRecording:
         self._send([_EVENTS, self._take_seq(), batch], len(batch))
         self._poll(0.0)
 
-    def _relieve(self) -> None:
-        """Back-pressure: wait (at most ``max_block_s``) for the writer to catch up."""
+    def wait_for_room(self, timeout_s: float) -> bool:
+        """Whether the writer takes more events now: if it is behind by more than
+        ``max_backlog_bytes``, ship what is batched and wait for it at most ``timeout_s``.
+        False while it is still behind: a caller that can keep its next events (the daemon:
+        in its Kafka subscription, whose bounded queue pauses the topic) keeps memory bounded
+        whatever their size, where :meth:`handle` takes one per ``max_block_s`` anyway. True
+        once the writer is gone (events are dropped then)."""
+        if self.congested and not self._gone:
+            self._relieve(timeout_s)
+        return self._gone or not self.congested
+
+    def _relieve(self, timeout_s: float | None = None) -> None:
+        """Back-pressure: wait (at most ``timeout_s``, default ``max_block_s``) for the
+        writer to catch up."""
         self._ship()
         start = time.monotonic()
-        deadline = start + self.max_block_s
+        deadline = start + (self.max_block_s if timeout_s is None else timeout_s)
         while self.congested and not self._gone:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stalled():

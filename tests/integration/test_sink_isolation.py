@@ -283,6 +283,41 @@ def test_hung_writer_back_pressure_then_timeout(
         assert check_iterations(f, 12) == 12
 
 
+def test_a_writer_behind_has_no_room_for_large_values_until_it_catches_up(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording]
+) -> None:
+    """``wait_for_room``: a caller that waits for it keeps the writer's backlog within its
+    bound plus one event, whatever the events' size (``handle`` alone takes one event per
+    ``max_block_s`` anyway: 4 MB images made the backlog grow by 4 MB every 0.1 s here)."""
+    bound = 8 << 20
+    rec = recordings(OutputOptions(directory=tmp_path, max_buffer_bytes=bound),
+                     run_name="big", max_block_s=0.1)
+    rec.flush()
+    assert rec.pid is not None
+    image = PVSample.from_raw("IMG", msgpack.packb({"value": list(range(1_000_000))}), 0)
+    os.kill(rec.pid, signal.SIGSTOP)  # a writer busy finalizing a large segment
+    handed = 0
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            if not rec.wait_for_room(0.05):
+                continue
+            i = handed
+            rec.handle(IterationOpened("t", "s", i, i, offset=3 * i))
+            rec.handle(ValuesReceived("t", i, 1, i, (image,), offset=3 * i + 1))
+            rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, i, i,
+                                       offset=3 * i + 2))
+            handed += 1
+        assert rec.backlog_bytes <= bound + 2 * len(image._msg)  # type: ignore[arg-type]
+        assert not rec.wait_for_room(0.1) and rec.status == "recording"
+    finally:
+        os.kill(rec.pid, signal.SIGCONT)
+    assert rec.wait_for_room(30)
+    (path,) = rec.close()
+    with open_file(path) as f:
+        assert len(f.iterations()["iter_index"]) == handed
+
+
 def _raw(pv: str, data: dict[str, Any]) -> PVSample:
     """A lazily-decoded sample as the wire decoder builds it (floats packed as float32)."""
     return PVSample.from_raw(pv, msgpack.packb(data, use_single_float=True), 0)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -3307,6 +3308,72 @@ def test_a_recording_that_cannot_create_its_file_is_a_write_error(tmp_path: Path
         assert c.state is RunState.FAILED
         assert metrics.registry.get_sample_value(
             "k2eg_recorder_write_errors_total", {"run": "r"}) == 1
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+class _BehindRecording(FakeRecording):
+    """A recording whose writer process is behind (finalizing a large segment) until
+    ``room`` is set: what :meth:`IsolatedRecording.wait_for_room` says."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.room = threading.Event()
+
+    def wait_for_room(self, timeout_s: float) -> bool:
+        return self.room.wait(timeout_s)
+
+
+def test_events_wait_in_the_subscription_while_the_writer_is_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer behind (finalizing a large segment, a slow disk): the run handed it an event
+    every 0.5 s anyway (the writer process's bounded blocking), so with large values (a
+    batch of images is tens of MB) the daemon's memory grew by that much every 0.5 s for as
+    long as the writer was behind. The events now stay in the subscription, whose bounded
+    queue pauses the topic (the messages wait in Kafka), until the writer has room."""
+    behind: list[_BehindRecording] = []
+
+    def make(path: Path) -> FakeRecording:
+        rec = _BehindRecording(path)
+        behind.append(rec)
+        return rec
+
+    monkeypatch.setattr(sys.modules[__name__], "FakeRecording", make)
+    client = FakeClient()
+    c, _ = _controller(tmp_path, client)
+    try:
+        sub = _started(c, client)
+        [rec] = behind
+        _feed(sub, 1, 4)
+        time.sleep(1.0)  # a few pump rounds
+        assert rec.events == [] and sub.pending == 12
+        rec.room.set()
+        _wait(lambda: len(rec.events) == 12)
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_stop_takes_events_while_the_writer_is_behind(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting for the writer's room is not for a stop: the stop waits for its final
+    iteration, which the subscription reads only when its queue is taken down."""
+    behind: list[_BehindRecording] = []
+
+    def make(path: Path) -> FakeRecording:
+        rec = _BehindRecording(path)
+        behind.append(rec)
+        return rec
+
+    monkeypatch.setattr(sys.modules[__name__], "FakeRecording", make)
+    client = FakeClient()
+    c, _ = _controller(tmp_path, client)
+    try:
+        sub = _started(c, client)
+        _feed(sub, 1, 2)
+        assert "stopped" in c.stop().result(10)
+        assert sub.stopped and len(behind[0].events) == 8  # 2 iterations and the final one
     finally:
         c.shutdown().result(5)
         assert c.join(5)
