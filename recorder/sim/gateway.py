@@ -29,6 +29,10 @@ log = structlog.get_logger("recorder.sim")
 # close together coalesce (§3.6). Also bounds stop() latency and stall-release latency.
 CMD_FETCH_MAX = 10
 CMD_FETCH_TIMEOUT_S = 0.010
+# the producer's largest message (message.max.bytes, unless kafka_options set it): images as
+# large as the recorder takes (its 64 MiB MAX_MESSAGE_BYTES); librdkafka's 1 MB default
+# refused a 1024x1024 image
+SIM_MESSAGE_BYTES = 65 * 1024 * 1024
 
 
 class GatewaySimulator:
@@ -157,7 +161,7 @@ class GatewaySimulator:
         admin = AdminClient(common)
         if self.create_cmd_topic:
             self._create_topic(admin, self.cmd_topic)
-        producer = Producer({**common, "linger.ms": 1})
+        producer = Producer({"message.max.bytes": SIM_MESSAGE_BYTES, **common, "linger.ms": 1})
         consumer = Consumer(
             {
                 **common,
@@ -225,6 +229,8 @@ class GatewaySimulator:
 
     @staticmethod
     def _produce(producer: Any, action: Produce) -> None:
+        from confluent_kafka import KafkaException
+
         for attempt in range(100):
             try:
                 producer.produce(
@@ -237,6 +243,10 @@ class GatewaySimulator:
                 return
             except BufferError:  # local queue full: serve delivery reports and retry
                 producer.poll(0.05 * min(attempt + 1, 4))
+            except KafkaException as exc:  # refused (a message too large): the gateway logs
+                log.error("sim.produce.failed", topic=action.topic,  # it and goes on
+                          bytes=len(action.value), error=str(exc.args[0]))
+                return
         log.error("sim.produce.dropped", topic=action.topic)
 
     def _create_topic(self, admin: Any, name: str, partitions: int = 1) -> None:

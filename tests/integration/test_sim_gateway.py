@@ -254,3 +254,38 @@ def test_triggers_30_ms_apart_make_one_iteration_each(
     tails = [m["iter_index"] for m in stream if m["message_type"] == 2]
     assert tails == list(range(1, len(tails) + 1))
     assert len(tails) >= 2 * pairs - 1  # one coalesced pair at most (a loaded machine)
+
+
+def test_an_image_larger_than_a_megabyte_is_published_and_one_kafka_refuses_is_dropped(
+    kafka_bootstrap: str, unique_name: Callable[[str], str]
+) -> None:
+    """A documented image PV of 1024x1024 (~1.5 MB of msgpack) took the simulator down
+    (``sim.failed``: librdkafka's 1 MB ``message.max.bytes`` raised MSG_SIZE_TOO_LARGE out
+    of its loop), so no snapshot got data or acks any more. It is published now; a message
+    Kafka still refuses is logged and dropped, as the gateway does, and the rest goes on."""
+    topics = Topics(kafka_bootstrap)
+    reply = unique_name("app") + "-reply"
+    topics.create(reply)
+    pvs = ["pva://SIM:IMG:UBYTE:1:S1024x1024", "pva://SIM:AI:DOUBLE:1"]
+    for limit, image_expected in ((None, True), ("1000000", False)):
+        cmd = unique_name(f"cmd{limit}")
+        options = {} if limit is None else {"message.max.bytes": limit}
+        sim = GatewaySimulator(kafka_bootstrap, cmd, SimConfig(default_period_ms=50),
+                               kafka_options=options).start()
+        try:
+            name = unique_name(f"img{limit}")
+            topics.send(cmd, {"command": "repeating_snapshot", "reply_topic": reply,
+                              "reply_id": name, "snapshot_name": name, "pv_name_list": pvs,
+                              "time_window_msec": 200, "serialization": "msgpack"})
+            msgs = topics.read(name.lower(), lambda got: sum(
+                unpack(m)["message_type"] == 2 for m in got) >= 3, timeout_s=20)
+            decoded = [unpack(m) for m in msgs]
+            assert sum(d["message_type"] == 2 for d in decoded) >= 3
+            image = [d for d in decoded if "SIM:IMG:UBYTE:1:S1024x1024" in d]
+            assert bool(image) is image_expected
+            if image_expected:
+                assert len(image[0]["SIM:IMG:UBYTE:1:S1024x1024"]["value"]["ubyteValue"]) \
+                    == 1024 * 1024
+            assert sim.running
+        finally:
+            sim.stop()
