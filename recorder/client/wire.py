@@ -356,6 +356,7 @@ def decode_snapshot_message(
             and pv_data.__class__ is dict
             and pv_key.__class__ is str
             and pv_key not in SNAPSHOT_METADATA_KEYS
+            and "\x00" not in pv_key
             and obj["message_type"].__class__ is int
         ):
             return Data(
@@ -502,7 +503,7 @@ def _fast_data(raw: bytes) -> Data | None:
     pv = _PV_NAMES.get(kbytes)
     if pv is None:
         pv = kbytes.decode("utf-8")  # UnicodeDecodeError is a ValueError: full path
-        if pv in SNAPSHOT_METADATA_KEYS:
+        if pv in SNAPSHOT_METADATA_KEYS or "\x00" in pv:  # NUL: the full path refuses it
             return None
         if len(_PV_NAMES) >= _CACHE_MAX:
             _PV_NAMES.clear()
@@ -651,6 +652,8 @@ def _data_from_map(
         pv_key, pv_data = _find_pv(obj)
     if pv_key.__class__ is not str:
         raise DecodeError("bad_type", "PV key is not a string")
+    if "\x00" in pv_key:  # no EPICS name has one; HDF5 names and strings end at it
+        raise DecodeError("bad_type", f"PV name {pv_key!r} contains NUL")
     paths = _pv_float32_paths(raw, pv_key) if raw else _EMPTY
     return Data(
         iter_index,

@@ -480,10 +480,10 @@ value_strategy = st.one_of(
         field_names, st.one_of(leaf, st.dictionaries(field_names, leaf)), max_size=20
     ),
     value_first=st.booleans(),
-    # a PV key equal to a header field would overwrite the header in the packed map
-    pv=st.text(st.characters(codec="utf-8"), min_size=1, max_size=12).filter(
-        lambda name: name not in SNAPSHOT_METADATA_KEYS
-    ),
+    # a PV key equal to a header field would overwrite the header in the packed map; a NUL
+    # is refused (test_pv_name_with_nul_is_refused)
+    pv=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1,
+               max_size=12).filter(lambda name: name not in SNAPSHOT_METADATA_KEYS),
     sequenced=st.booleans(),
 )
 def test_fast_path_agrees_with_walker(
@@ -647,3 +647,21 @@ def test_an_iteration_with_a_timestamp_beyond_int64_is_recorded(tmp_path: Any) -
         assert list(f.values("p")) == [1.5, 2.5, 3.5]
         its = f.iterations()
         assert list(its["header_timestamp"].astype("int64")) == [0, T0 * 1_000_000, 0]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},  # legacy (the 4-key shortcut and the fast path)
+        {"msg_seq": 2, "sub": 1},  # sequenced (fast path)
+        {"msg_seq": 2, "sub": 1, "last": True, "header_ts": T0},  # the general fast path
+        {"extra": {"unknown": 1}},  # the full decoding
+    ],
+)
+def test_pv_name_with_nul_is_refused(kw: dict[str, Any]) -> None:
+    """No EPICS PV is named with a NUL, and HDF5 names and strings end at one: such a PV
+    could not be finalized (the segment, and with it the run, failed). The message is
+    refused (counted as malformed), every time, whatever the path that decodes it."""
+    raw = data_msg(1, T0, "A\x00B", ntscalar(1.0), **kw)
+    for _ in range(2):  # the second time from the fast path's name cache, if it took it
+        assert reason_of(raw) == "bad_type"
