@@ -118,7 +118,10 @@ class _PV:
         self.n_meta = 0  # metadata entries (row 0 and each change)
         self.meta_row: _Col | None = None
         self.meta_json: _Col | None = None
-        if (n and dcode == STRING_DTYPE_CODE) or self.kind is ValueKind.STRING_ARRAY:
+        # a string PV none of whose texts HDF5 can hold (not UTF-8) has the dtype code of
+        # no row: its `value` is the fill "" all the same (the texts are in the metadata)
+        if ((n and (dcode == STRING_DTYPE_CODE or self.kind is ValueKind.STRING))
+                or self.kind is ValueKind.STRING_ARRAY):
             self.cols["value"] = _Col(w, self.g, "value", n, dtype=np.dtype(object))
         elif n and dcode in DTYPE_BY_CODE and self.kind is not ValueKind.TABLE:
             self.cols["value"] = _Col(w, self.g, "value", n, dtype=DTYPE_BY_CODE[dcode])
@@ -513,6 +516,12 @@ class _PV:
             self.first.add(np.full(hi - lo, self.rows, dtype=np.int64))
             self.count.add(np.zeros(hi - lo, dtype=np.int64))
         self.next_k = n_iter
+        if self.kind is ValueKind.TABLE and self.n and self.value_group is None:
+            # no table had columns HDF5 can hold (each one is in its row's metadata): a
+            # `value` of no columns, as a table PV has one
+            self.value_group = create_group(self.g, "value")
+            set_attrs(self.value_group, {"columns": [], "labels": self.labels or [],
+                                         "NX_class": "NXcollection"})
         # flags of every row when the same for all (no `flags` dataset), else -1
         const_flags = -1 if "flags" in self.cols else self.same_flags or 0
         message = self.message
@@ -558,7 +567,7 @@ class _PV:
                 DTYPE_BY_CODE[self.dcode].name if self.dcode in DTYPE_BY_CODE
                 and self.kind not in (ValueKind.STRING_ARRAY, ValueKind.TABLE)
                 else "utf-8" if self.dcode == STRING_DTYPE_CODE
-                or self.kind is ValueKind.STRING_ARRAY
+                or self.kind in (ValueKind.STRING, ValueKind.STRING_ARRAY)
                 else "table" if self.kind is ValueKind.TABLE
                 else "none"
             ),

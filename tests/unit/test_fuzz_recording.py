@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from k2eg_sequences import MSGPACK_HEADERS, T0, iteration, ntscalar
+from k2eg_sequences import MSGPACK_HEADERS, T0, iteration, ntscalar, pack
 
 from recorder.client.assembler import IterationAssembler
 from recorder.client.wire import Record
@@ -42,3 +42,27 @@ def test_a_pv_named_with_nul_does_not_fail_the_segment(tmp_path: Path) -> None:
         assert list(f.pv_names) == ["GOOD"]
         assert f.values("GOOD").tolist() == [1.0, 1.0]
     assert verify_file(final, data=True).ok
+
+
+def test_pvs_whose_every_value_is_in_the_metadata_pass_verify(tmp_path: Path) -> None:
+    """A string PV whose every value is bytes that are not UTF-8 (a Latin-1 text), and a
+    table PV whose every table has a NUL in a column name, keep their values in the rows'
+    metadata JSON; the finalized file had no `value` for them although /pv_info says
+    'string' / 'table', and `verify` (the nightly check) failed the file. `value` holds the
+    fill the format promises for such rows."""
+    latin1 = b"\x82\xa5value\xa3\xb0C\xff\xa9timeStamp" + pack(
+        {"secondsPastEpoch": 1_700_000_000, "nanoseconds": 0, "userTag": 0})
+    table = {"labels": ["a\x00"], "value": {"a\x00": [1, 2]}}
+    msgs = []
+    for k in (1, 2):
+        msgs += [m.raw for m in iteration(
+            "s", k, [(T0 + k, [("TEXT", {"value": "x"}), ("TABLE", table)])], sequenced=True)]
+    # the string PV's values: Latin-1 bytes (the test helpers pack only valid UTF-8)
+    msgs = [raw.replace(pack("TEXT") + pack({"value": "x"}), pack("TEXT") + latin1)
+            for raw in msgs]
+    final, _ = _record(tmp_path, msgs)
+    report = verify_file(final, data=True)
+    assert report.ok, [str(p) for p in report.problems]
+    with open_file(final) as f:
+        assert [s.data["value"] for s in f.samples("TEXT")] == ["\udcb0C\udcff"] * 2
+        assert [s.data["value"] for s in f.samples("TABLE")] == [{"a\x00": [1, 2]}] * 2
