@@ -114,6 +114,7 @@ from recorder.client.wire import (
     _match_sequenced,
     _uint_of,
     decode_snapshot_message,
+    index_fits,
     kafka_time_ms,
 )
 
@@ -473,6 +474,8 @@ class IterationAssembler:
                             m = match_seq(raw, 1)
                         elif b0 == 0x84:
                             m = match_legacy(raw, 1)
+                        if m is not None and not index_fits(m.group(2)):
+                            m = None  # an iter_index beyond int64: the general path says so
                         if m is not None:
                             if b0 == 0x86:
                                 ts_b, idx_b, seq_b, sub_b, key_b = m.groups()

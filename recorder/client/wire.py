@@ -287,6 +287,12 @@ def _opt_uint(obj: Mapping[str, Any], key: str) -> int | None:
     return None
 
 
+def _opt_count(obj: Mapping[str, Any], key: str) -> int | None:
+    """An unsigned int a file keeps as an int64; None beyond it, as any bad optional field."""
+    value = _opt_uint(obj, key)
+    return value if value is None or value <= _INT64_MAX else None
+
+
 def _opt_ts(obj: Mapping[str, Any], key: str) -> int | None:
     value = obj.get(key)
     if value.__class__ is int:
@@ -352,6 +358,7 @@ def decode_snapshot_message(
         pv_data = obj[pv_key]
         if (
             iter_index.__class__ is int
+            and _INT64_MIN <= iter_index <= _INT64_MAX
             and timestamp.__class__ is int
             and pv_data.__class__ is dict
             and pv_key.__class__ is str
@@ -426,6 +433,11 @@ _TRUE: Final = b"\xc3"
 _tls = threading.local()
 
 
+def index_fits(encoded: bytes) -> bool:
+    """Whether an encoded uint (``_UINT``) is an iter_index files can keep (an int64)."""
+    return encoded[0] != 0xCF or encoded[1] < 0x80
+
+
 def _uint_of(encoded: bytes) -> int:
     value = encoded[0] if len(encoded) == 1 else int.from_bytes(encoded[1:], "big")
     if len(_UINTS) >= _CACHE_MAX:
@@ -490,6 +502,8 @@ def _fast_data(raw: bytes) -> Data | None:
             + (hts_b is not None)
         ):
             return None
+    if not index_fits(idx_b):  # an iter_index beyond int64: the full path refuses it
+        return None
     kstart = m.end()
     b = key_b[0]
     kend = kstart + (b & 0x1F if b < 0xC0 else int.from_bytes(key_b[1:], "big"))  # fixstr, str8/16
@@ -590,6 +604,8 @@ def snapshot_message_from_map(obj: dict[str, Any], raw: bytes | None = None) -> 
             raise DecodeError("missing_key", "message_type")
         raise DecodeError("bad_type", f"message_type is {type(mtype).__name__}")
     iter_index = _required_int(obj, "iter_index")
+    if not _INT64_MIN <= iter_index <= _INT64_MAX:  # files keep it as an int64
+        raise DecodeError("bad_type", f"iter_index {iter_index} is beyond int64")
     timestamp_ns = to_ns(_required_int(obj, "timestamp"))
     if mtype == 1:
         return _data_from_map(obj, raw, iter_index, timestamp_ns)
@@ -605,6 +621,8 @@ def snapshot_message_from_map(obj: dict[str, Any], raw: bytes | None = None) -> 
         error = obj.get("error", 0)
         if error.__class__ is not int:
             raise DecodeError("bad_type", f"error is {type(error).__name__}")
+        if not _INT64_MIN <= error <= _INT64_MAX:  # files keep it as an int64
+            raise DecodeError("bad_type", f"error {error} is beyond int64")
         message = obj.get("error_message", "")
         return Tail(
             iter_index,
@@ -613,7 +631,7 @@ def snapshot_message_from_map(obj: dict[str, Any], raw: bytes | None = None) -> 
             error,
             message if isinstance(message, str) else str(message),
             _opt_uint(obj, "msg_seq"),
-            _opt_uint(obj, "total_messages"),
+            _opt_count(obj, "total_messages"),
             _opt_uint(obj, "submission_seq"),
             _opt_ts(obj, "header_timestamp"),
         )

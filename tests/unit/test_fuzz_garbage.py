@@ -295,3 +295,18 @@ def test_batched_hot_path_equals_the_general_path(
     got += batched.close()
     assert _projection(got) == _projection(expected)
     assert +batched.counters == +reference.counters
+
+
+def test_iter_index_beyond_int64_is_malformed_on_the_hot_path() -> None:
+    """The batched hot path parses the gateway's layouts itself: an iter_index beyond int64
+    (which files cannot keep) is refused there as on the general path."""
+    from k2eg_sequences import data_msg
+
+    for kw in ({}, {"msg_seq": 2, "sub": 1}):  # legacy, sequenced
+        asm = IterationAssembler()
+        msgs = [data_msg(1, T0, "hot", ntscalar(1.0), **kw),
+                data_msg(2**64 - 1, T0, "hot", ntscalar(2.0), **kw)]
+        events = asm.feed_many([Record("t", 0, i, raw, MSGPACK_HEADERS)
+                                for i, raw in enumerate(msgs)], 0.0)
+        assert asm.counters["malformed.bad_type"] == 1
+        assert {e.iter_index for e in events} == {1}

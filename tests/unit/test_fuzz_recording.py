@@ -66,3 +66,27 @@ def test_pvs_whose_every_value_is_in_the_metadata_pass_verify(tmp_path: Path) ->
     with open_file(final) as f:
         assert [s.data["value"] for s in f.samples("TEXT")] == ["\udcb0C\udcff"] * 2
         assert [s.data["value"] for s in f.samples("TABLE")] == [{"a\x00": [1, 2]}] * 2
+
+
+def test_numbers_beyond_int64_do_not_fail_the_recording(tmp_path: Path) -> None:
+    """An iter_index, a tail's error code or total_messages beyond int64 (uint64 on the
+    wire) made the writer's flush raise OverflowError: the recording failed, and again on
+    each resume from the same offsets. Such messages are refused (counted as malformed) or
+    the field not known; the good iterations are recorded."""
+    good = [m.raw for m in iteration("s", 1, [(T0, [("A", ntscalar(1.0))])], sequenced=True)]
+    big_index = [m.raw for m in iteration("s", 2**64 - 1, [(T0 + 1, [("A", ntscalar(2.0))])],
+                                          sequenced=True)]
+    big_error = [m.raw for m in iteration("s", 3, [(T0 + 2, [("A", ntscalar(3.0))])],
+                                          sequenced=False, error=2**63, error_message="e")]
+    tail = pack({"message_type": 2, "error": 0, "iter_index": 4, "timestamp": T0 + 3,
+                 "snapshot_name": "s", "msg_seq": 3, "total_messages": 2**64 - 1})
+    big_total = [m.raw for m in iteration("s", 4, [(T0 + 3, [("A", ntscalar(4.0))])],
+                                          sequenced=True)]
+    big_total[-1] = tail
+    final, asm = _record(tmp_path, good + big_index + big_error + big_total)
+    assert asm.counters["malformed.bad_type"] == 3 + 1  # iteration 2's messages, 3's tail
+    with open_file(final) as f:
+        iterations = f.iterations()
+        assert iterations["iter_index"].tolist() == [1, 3, 4]
+        assert iterations["expected_messages"].tolist()[2] == -1
+    assert verify_file(final, data=True).ok

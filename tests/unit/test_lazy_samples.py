@@ -343,7 +343,7 @@ values = st.one_of(
     fields=st.dictionaries(st.text(max_size=8), structures, max_size=4),
     value_first=st.booleans(),
     pv=st.text(min_size=1, max_size=40),
-    idx=st.integers(0, 2**64 - 1),
+    idx=st.integers(0, 2**63 - 1),  # beyond: refused (test_iter_index_beyond_int64_is_refused)
     ts=st.integers(0, 2**64 - 1),
     seq=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
     sub=st.one_of(st.none(), st.integers(0, 2**64 - 1)),

@@ -665,3 +665,33 @@ def test_pv_name_with_nul_is_refused(kw: dict[str, Any]) -> None:
     raw = data_msg(1, T0, "A\x00B", ntscalar(1.0), **kw)
     for _ in range(2):  # the second time from the fast path's name cache, if it took it
         assert reason_of(raw) == "bad_type"
+
+
+BEYOND_INT64 = (2**63, 2**64 - 1)
+
+
+@pytest.mark.parametrize("idx", BEYOND_INT64)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda i: header_msg("s", i, T0, msg_seq=1, sub=1),
+        lambda i: data_msg(i, T0, "A", ntscalar(1.0)),  # legacy
+        lambda i: data_msg(i, T0, "A", ntscalar(1.0), msg_seq=2, sub=1),  # sequenced
+        lambda i: data_msg(i, T0, "A", ntscalar(1.0), msg_seq=2, sub=1, last=True),
+        lambda i: data_msg(i, T0, "A", ntscalar(1.0), extra={"unknown": 1}),  # full path
+        lambda i: tail_msg("s", i, T0),
+    ],
+)
+def test_iter_index_beyond_int64_is_refused(make: Any, idx: int) -> None:
+    """Files keep iter_index as int64: a message with a larger one (a uint64 on the wire)
+    made the writer's flush raise OverflowError, failing the recording at each restart."""
+    decode_data(data_msg(1, T0, "A", ntscalar(1.0)))  # the PV name is cached
+    assert reason_of(make(idx)) == "bad_type"
+
+
+def test_tail_numbers_beyond_int64() -> None:
+    """A tail's error code beyond int64 is refused like one that is not an int; a
+    total_messages beyond it is not known (as any bad optional field)."""
+    assert reason_of(tail_msg("s", 1, T0, error=2**63, error_message="e")) == "bad_type"
+    tail = decode_snapshot_message(tail_msg("s", 1, T0, msg_seq=3, total=2**64 - 1), H)
+    assert isinstance(tail, Tail) and tail.total_messages is None and tail.msg_seq == 3
