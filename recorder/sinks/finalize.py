@@ -115,8 +115,9 @@ def _write_iterations(f: h5py.File, out: h5py.File, w: _Writer, commit: Commit,
         hi = min(n, lo + SCAN_ROWS)
         block = {k: src[k][lo:hi] for k in ITERATION_COLUMNS}
         off, size = block["error_message"], block["error_message_size"]
-        messages = [
-            bytes_ds[o : o + z].tobytes().decode("utf-8", "replace") if o >= 0 and z else ""
+        messages = [  # NUL, where HDF5 strings end, and bytes not UTF-8 are U+FFFD
+            bytes_ds[o : o + z].tobytes().decode("utf-8", "replace").replace("\x00", "\ufffd")
+            if o >= 0 and z else ""
             for o, z in zip(off.tolist(), size.tolist(), strict=True)
         ]
         block["error_message"] = np.array(messages, dtype=object)

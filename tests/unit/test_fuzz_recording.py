@@ -90,3 +90,18 @@ def test_numbers_beyond_int64_do_not_fail_the_recording(tmp_path: Path) -> None:
         assert iterations["iter_index"].tolist() == [1, 3, 4]
         assert iterations["expected_messages"].tolist()[2] == -1
     assert verify_file(final, data=True).ok
+
+
+def test_a_tail_error_message_with_nul_does_not_fail_the_segment(tmp_path: Path) -> None:
+    """A tail whose error_message held a NUL made finalization fail ('VLEN strings do not
+    support embedded NULLs'): the run failed at its next rotation or stop, and recover
+    could not finalize the .partial. The final file has U+FFFD for the NUL, as for the other
+    texts HDF5 strings cannot hold."""
+    msgs = [m.raw for m in iteration("s", 1, [(T0, [("A", ntscalar(1.0))])], sequenced=True,
+                                     error=3, error_message="bad\x00PV")]
+    final, _ = _record(tmp_path, msgs)
+    with open_file(final) as f:
+        iterations = f.iterations()
+        assert iterations["error_code"].tolist() == [3]
+        assert iterations["error_message"].tolist() == ["bad\ufffdPV"]
+    assert verify_file(final, data=True).ok
