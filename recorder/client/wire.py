@@ -33,6 +33,8 @@ first use. Anything else goes through the full decode below, the reference behav
 checked eagerly on the fast path: content that is structurally valid msgpack but that
 msgpack-python refuses to build (a non-UTF-8 string inside the PV, a non-string map key);
 such a PV is decoded leniently on access (see :class:`PVSample`) instead of being dropped.
+The full decoding keeps text that is not UTF-8 too (as surrogate escapes: a tail's error
+message, a PV map in another layout); a PV name that is not UTF-8 is refused (``bad_type``).
 The iteration assembler's batched hot path (:meth:`IterationAssembler.feed_run
 <recorder.client.assembler.IterationAssembler.feed_run>`) applies the same checks inline, with
 ``_match_sequenced``/``_match_legacy`` and the name cache of this module; anything it does not
@@ -346,6 +348,11 @@ def decode_snapshot_message(
             return fast
     try:
         obj = _unpackb(raw)
+    except UnicodeDecodeError:  # a string that is not UTF-8: kept, as in PV maps
+        try:
+            obj = _unpackb(raw, unicode_errors="surrogateescape")
+        except Exception as exc:
+            raise DecodeError("not_msgpack", f"{type(exc).__name__}: {exc}") from None
     except Exception as exc:  # msgpack raises many types on garbage; all mean the same
         raise DecodeError("not_msgpack", f"{type(exc).__name__}: {exc}") from None
     if obj.__class__ is not dict:
@@ -364,6 +371,7 @@ def decode_snapshot_message(
             and pv_key.__class__ is str
             and pv_key not in SNAPSHOT_METADATA_KEYS
             and "\x00" not in pv_key
+            and _is_utf8(pv_key)
             and obj["message_type"].__class__ is int
         ):
             return Data(
@@ -672,6 +680,8 @@ def _data_from_map(
         raise DecodeError("bad_type", "PV key is not a string")
     if "\x00" in pv_key:  # no EPICS name has one; HDF5 names and strings end at it
         raise DecodeError("bad_type", f"PV name {pv_key!r} contains NUL")
+    if not _is_utf8(pv_key):
+        raise DecodeError("bad_type", f"PV name {pv_key!r} is not UTF-8")
     paths = _pv_float32_paths(raw, pv_key) if raw else _EMPTY
     return Data(
         iter_index,
@@ -683,6 +693,15 @@ def _data_from_map(
         header_timestamp_ns,
         raw,
     )
+
+
+def _is_utf8(text: str) -> bool:
+    """``text`` has no surrogate escape (a byte that was not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _find_pv(obj: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

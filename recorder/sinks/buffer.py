@@ -517,7 +517,10 @@ class RecordingBuffer:
             self.tags_pending.pop(it.iter_index, None)
         if ev is not None:
             if ev.error_message:
-                msg = ev.error_message.encode("utf-8", "surrogatepass")
+                try:  # the gateway's bytes (a text that was not UTF-8: its escapes)
+                    msg = ev.error_message.encode("utf-8", "surrogateescape")
+                except UnicodeEncodeError:  # other lone surrogates
+                    msg = ev.error_message.encode("utf-8", "surrogatepass")
                 msg_offset = self._add_bytes(msg)
             else:
                 msg = b""

@@ -105,3 +105,19 @@ def test_a_tail_error_message_with_nul_does_not_fail_the_segment(tmp_path: Path)
         assert iterations["error_code"].tolist() == [3]
         assert iterations["error_message"].tolist() == ["bad\ufffdPV"]
     assert verify_file(final, data=True).ok
+
+
+def test_a_tail_error_message_that_is_not_utf8_is_recorded(tmp_path: Path) -> None:
+    """A tail whose error_message was not UTF-8 (Latin-1) was dropped as not_msgpack: the
+    iteration closed without its tail (incomplete) and its error code was lost."""
+    msgs = [m.raw for m in iteration("s", 1, [(T0, [("A", ntscalar(1.0))])], sequenced=True,
+                                     error=3, error_message="XdegC")]
+    msgs[-1] = msgs[-1].replace(b"XdegC", b"\xb0C...")
+    final, asm = _record(tmp_path, msgs)
+    assert not any(k.startswith("malformed.") for k in +asm.counters)
+    with open_file(final) as f:
+        iterations = f.iterations()
+        assert iterations["reason"].tolist() == ["gateway_error"]  # not "closed" (no tail)
+        assert iterations["error_code"].tolist() == [3]
+        assert iterations["error_message"].tolist() == ["\ufffdC..."]
+    assert verify_file(final, data=True).ok

@@ -695,3 +695,23 @@ def test_tail_numbers_beyond_int64() -> None:
     assert reason_of(tail_msg("s", 1, T0, error=2**63, error_message="e")) == "bad_type"
     tail = decode_snapshot_message(tail_msg("s", 1, T0, msg_seq=3, total=2**64 - 1), H)
     assert isinstance(tail, Tail) and tail.total_messages is None and tail.msg_seq == 3
+
+
+def test_text_that_is_not_utf8_is_kept_on_the_full_path() -> None:
+    """A string that is not UTF-8 (a Latin-1 '°C') made the full decoding path drop the
+    whole message as not_msgpack: a tail's error message (tails always take that path:
+    the iteration then lost its tail and error code), a data message in another layout
+    (its value lost, where the fast path keeps it). Such text is kept as surrogate escapes,
+    as in PV maps; a PV name that is not UTF-8 is still refused."""
+    tail = tail_msg("s", 1, T0, error=3, error_message="XdegC").replace(b"XdegC", b"\xb0C...")
+    msg = decode_snapshot_message(tail, H)
+    assert isinstance(msg, Tail) and msg.error == 3 and msg.error_message == "\udcb0C..."
+    s = ntscalar(1.0)
+    s["display"] = {"units": "XdegC"}
+    raw = data_msg(1, T0, "A", s, extra={"unknown": 1}).replace(b"XdegC", b"\xb0C...")
+    data = decode_data(raw)
+    assert data.sample.pv == "A" and data.sample.data["display"]["units"] == "\udcb0C..."
+    raw = data_msg(1, T0, "Xa", ntscalar(1.0), extra={"unknown": 1}).replace(b"Xa", b"\xb0a")
+    assert reason_of(raw) == "bad_type"
+    raw = data_msg(1, T0, "Xa", ntscalar(1.0)).replace(b"Xa", b"\xb0a")  # the fast layout
+    assert reason_of(raw) == "bad_type"
