@@ -44,6 +44,10 @@ Starting fresh
     before the read position are counted ``before_start.data``/``before_start.tail`` and
     dropped, so a new recording begins with a whole iteration and never re-records the tail
     end of one an earlier recording of the same snapshot already holds.
+    :meth:`IterationAssembler.skip_until` also drops every message of the topic whose
+    timestamp is at or before a given time (``before_start.header``/``data``/``tail``): those
+    of the snapshot's life before a stop, such as its final iteration read only after the
+    snapshot was started again.
 
 Late, duplicate, restarted
     * Data or a tail for an iteration already closed is counted ``late.data``/``late.tail``
@@ -301,6 +305,8 @@ class IterationAssembler:
         self._topics: dict[str, _Topic] = {}
         self._timeouts: dict[str, float] = {}
         self._before_start: set[str] = set()  # topics that drop headless data until a header
+        # topic -> ns: messages timestamped at or before it are of an earlier life (skip_until)
+        self._skip_until: dict[str, int] = {}
         self._unpacker = msgpack.Unpacker()  # validates PV maps on the hot path (skip only)
         # no layout yet: 0xc1 is never valid msgpack, so a message starting with it fails the
         # validation below and takes the general path
@@ -318,6 +324,13 @@ class IterationAssembler:
         """``topic`` is read from "now": drop data and tails of iterations already under way
         (no header read) until the topic's first header (``before_start.*``)."""
         self._before_start.add(topic)
+
+    def skip_until(self, topic: str, timestamp_ns: int) -> None:
+        """Drop the messages of ``topic`` whose (gateway) timestamp is at or before
+        ``timestamp_ns``, counted ``before_start.<what>``: the snapshot was stopped then (its
+        stop acknowledged) and started again, so they belong to its earlier life, however late
+        they are read (a final iteration the gateway queued before its ack)."""
+        self._skip_until[topic] = timestamp_ns
 
     def open_iterations(self, topic: str) -> list[int]:
         """``iter_index`` of the iterations currently open on ``topic`` (oldest first)."""
@@ -390,6 +403,7 @@ class IterationAssembler:
             )
         open_ = state.open
         counters = self.counters
+        skip_until = self._skip_until.get(topic, 0)
         match_seq = _match_sequenced
         match_legacy = _match_legacy
         uints = _UINTS
@@ -541,6 +555,9 @@ class IterationAssembler:
                                  kafka_time_ms(rec))
                 self._feed_one(state, rec, now, out)
                 continue
+            if 0 < ts <= skip_until:  # of the snapshot's earlier life (skip_until)
+                counters["before_start.data"] += 1
+                continue
             key = ~ts if sub is None else sub
             sample = from_raw(pv, raw, kend)  # type: ignore[arg-type]
             try:
@@ -632,6 +649,8 @@ class IterationAssembler:
             return
         try:
             cls = msg.__class__
+            if self._of_earlier_life(state.name, msg):
+                return
             if cls is Data:
                 self._on_data(state, record.partition, record.offset, msg, now, out)  # type: ignore[arg-type]
             elif cls is Header:
@@ -662,6 +681,17 @@ class IterationAssembler:
             if it is not None:
                 it.dropped += 1
 
+    def _of_earlier_life(self, topic: str, msg: SnapshotMessage) -> bool:
+        """Whether ``msg`` is of the snapshot's life before its stop (:meth:`skip_until`):
+        then counted ``before_start.<what>``, to be dropped."""
+        until = self._skip_until.get(topic, 0)
+        if not until or not 0 < getattr(msg, "timestamp_ns", 0) <= until:
+            return False
+        cls = msg.__class__
+        what = "data" if cls is Data else "header" if cls is Header else "tail"
+        self.counters["before_start." + what] += 1
+        return True
+
     def feed_message(
         self, topic: str, partition: int, offset: int, msg: SnapshotMessage, now: float
     ) -> list[IterationEvent]:
@@ -674,6 +704,8 @@ class IterationAssembler:
         out: list[IterationEvent] = []
         try:
             cls = msg.__class__
+            if self._of_earlier_life(state.name, msg):
+                return out
             if cls is Data:
                 self._on_data(state, partition, offset, msg, now, out)  # type: ignore[arg-type]
             elif cls is Header:
@@ -734,8 +766,10 @@ class IterationAssembler:
         names = list(self._topics) if topic is None else [topic]
         if topic is None:
             self._before_start.clear()
+            self._skip_until.clear()
         for name in names:
             self._before_start.discard(name)
+            self._skip_until.pop(name, None)
             state = self._topics.pop(name, None)
             if state is None:
                 continue

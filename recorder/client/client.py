@@ -241,6 +241,9 @@ class K2egClient:
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._skips: dict[str, Counter[str]] = {}  # topic -> skip reason -> count (core lock)
+        # topic -> Kafka time (ms) of the last "has been stopped" ack this client read for it:
+        # all the snapshot published before is of that life (core lock)
+        self._stopped_at: dict[str, int] = {}
         self._next_expire = 0.0
         self._down_since: float | None = None  # Kafka unreachable since (consumer thread)
         self._stalled_since: float | None = None  # reading stalled since (consumer thread)
@@ -816,6 +819,11 @@ class K2egClient:
             )
             if fresh:
                 self._assembler.start_at_header(topic)
+            stopped_at = self._stopped_at.pop(topic, None)
+            if fresh and not already_running and stopped_at is not None:
+                # started anew after a stop this client saw acknowledged: what the gateway
+                # produced up to that ack (its final iteration, read late) is not of this life
+                self._assembler.skip_until(topic, stopped_at * 1_000_000 + 999_999)
         with self._subs_lock:
             if topic in self._subs:
                 raise ClientError(f"this client already reads snapshot topic {topic!r}")
@@ -900,6 +908,10 @@ class K2egClient:
                 sub._backpressure = True
             raise
         ack = self._ack(outcome)
+        reply = outcome.reply
+        if reply is not None and reply.kafka_time_ms is not None:
+            with self._core_lock:
+                self._stopped_at[topic] = reply.kafka_time_ms
         if sub is None:
             return StopResult(snapshot_name, topic, ack.message, False)
         if final_timeout_s is None:
@@ -907,7 +919,6 @@ class K2egClient:
         # "already stopped": the gateway did not run it (restarted, or stopped by another
         # client) and publishes no final iteration for this stop: read what the topic holds
         tail_expected = ALREADY_STOPPED not in ack.message
-        reply = outcome.reply
         final = self._drain_final(sub, before, final_timeout_s, tail_expected=tail_expected,
                                   ack_time_ms=reply.kafka_time_ms if reply else None)
         final_seen = final is not None

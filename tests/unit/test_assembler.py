@@ -1085,3 +1085,27 @@ def test_an_iteration_with_a_too_large_data_message_is_not_complete(sequenced: b
               tail_msg("s", 2, T0 + 1, msg_seq=seq(2), total=3 if sequenced else None)])
     run.expire(200.0)
     assert run.closed()[-1].complete
+
+
+@GENERATIONS
+def test_skip_until_drops_the_earlier_life_of_a_snapshot_however_late(sequenced: bool) -> None:
+    """The final iteration of a stopped snapshot (timestamped before the stop's ack) read
+    after the snapshot was started again is dropped, counted before_start.*; the new life's
+    iterations are kept, before and after it."""
+    asm = IterationAssembler()
+    asm.start_at_header(TOPIC)
+    asm.skip_until(TOPIC, (T0 + 5) * 1_000_000 + 999_999)
+    new1 = iteration("s", 1, [(T0 + 100, scalar_pvs(3))], sequenced=sequenced)
+    old = iteration("s", 46, [(T0 + 5, scalar_pvs(3))], sequenced=sequenced)
+    new2 = iteration("s", 2, [(T0 + 200, scalar_pvs(3))], sequenced=sequenced)
+    for msgs in (new1 + old + new2, old + new1 + new2):
+        asm.close(TOPIC)
+        asm.skip_until(TOPIC, (T0 + 5) * 1_000_000 + 999_999)
+        asm.counters.clear()
+        events = asm.feed_many(records(TOPIC, msgs), 0.0)
+        closed = [e.iter_index for e in events if isinstance(e, IterationClosed)]
+        assert closed == [1, 2]
+        assert all(e.iter_index != 46 for e in events)
+        assert asm.counters["before_start.header"] == 1
+        assert asm.counters["before_start.data"] == 3
+        assert asm.counters["before_start.tail"] == 1
