@@ -103,7 +103,7 @@ from recorder.daemon.recording import (
 from recorder.daemon.resume import ActiveRecording, ResumeStore
 from recorder.daemon.resume import RunState as StoredState
 from recorder.daemon.silence import SilenceWatch, silence_limit_s
-from recorder.errors import AdminCommandError, RecorderError
+from recorder.errors import AdminCommandError, GatewayTimeoutError, RecorderError
 from recorder.logging import bind_run
 from recorder.metrics import RecorderMetrics
 from recorder.sinks.bridge.options import BridgeOptions
@@ -207,6 +207,9 @@ class RunController:
         self._silence_after_s = silence_after_s
         self._room_for = room_for or (lambda _directory, _since: True)
         self._awaiting_room = False  # retrying after the disk ran out: only once it has room
+        # a start the gateway did not answer: it may still act on it (it reads its commands
+        # when it is back, or when it gets to them), so a stop now must stop it there too
+        self._start_unanswered = False
         self._ran_out_at = 0.0  # when (monotonic): room is judged on a later disk check
         self._on_file = on_file  # told of each finalized file (the daemon's file events)
         self._leftover_timeout_s = leftover_timeout_s
@@ -518,8 +521,11 @@ class RunController:
         try:
             sub = self._client.snapshot_recurring(props, start=start_at, max_pending=max_pending)
         except RecorderError as exc:
+            if isinstance(exc, GatewayTimeoutError):
+                self._start_unanswered = True
             self._start_failed(f"snapshot start failed: {exc}")
             return
+        self._start_unanswered = False
         self._sub = sub
         self._sub_ended = False
         self._first_segment = active.segments if active is not None else 0
@@ -1091,8 +1097,11 @@ class RunController:
                                     f"run {self.name!r} is not recording ({state.value})")
         if state in (RunState.STARTING, RunState.RETRYING):
             self._resolve_start(error=f"run {self.name!r} was stopped before it started")
-            if self._awaiting_room:  # its snapshot was left running for the resume
+            if self._awaiting_room or self._start_unanswered:
+                # its snapshot was left running for the resume, or the gateway may still
+                # start it: the stop goes after the start, so it does not run on there
                 self._awaiting_room = False
+                self._start_unanswered = False
                 self._stop_gateway_snapshot()
             if not resumable:
                 self._end_interrupted_recording(reason)

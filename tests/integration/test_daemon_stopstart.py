@@ -5,6 +5,7 @@ recording it belongs to."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -47,6 +48,14 @@ runs:
       pv_uri_list: [pva://SIM:AI:DOUBLE:20]
       triggered: true
     output: {{directory: {data}/shots, flush_interval_s: 0.3}}
+  - name: short
+    autostart: false
+    snapshot:
+      snapshot_name: short_{token}
+      pv_uri_list: [pva://SIM:AI:DOUBLE:1, pva://SIM:WF:DOUBLE:1:N8]
+      time_window: 50
+    output: {{directory: {data}/short, flush_interval_s: 0.2,
+              segment: {{max_iterations: 4}}}}
 """)
     return DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config)
 
@@ -105,3 +114,34 @@ def test_a_final_iteration_read_after_the_next_start_is_not_in_the_new_recording
     assert len(new) == 1, [n["iter_index"] for n in new]
     indexes = new[0]["iter_index"]
     assert indexes == list(range(1, len(indexes) + 1)), (old[-3:], indexes[:5])
+
+
+def test_a_stop_while_the_start_goes_unanswered_leaves_no_snapshot_at_the_gateway(
+    denv: DaemonEnv, sims: list[GatewaySimulator], daemons: list[DaemonProcess],
+) -> None:
+    """The gateway does not answer the run's start (it is down or busy: the command waits
+    in its command topic) and the operator stops the run meanwhile. When the gateway reads
+    its commands, the start is not left running there, publishing to a topic nobody reads
+    (and answering the run's next start "already running", with the old parameters)."""
+    GatewaySimulator(denv.bootstrap, denv.cmd_topic).start().stop()  # the command topic
+    daemons.append(DaemonProcess(denv))
+    with denv.admin() as admin:
+        wait_for(lambda: run_state(admin, "periodic") is not None, 40, "the daemon to answer")
+        reply = request(admin, "start", "periodic")
+        assert reply.ok and "not recording yet" in reply.message, reply
+        assert (run_state(admin, "periodic") or {}).get("state") == "retrying"
+        stopped = request(admin, "stop", "periodic")
+        assert stopped.ok, stopped
+        assert (run_state(admin, "periodic") or {}).get("state") == "idle"
+        # the gateway reads what was sent to it meanwhile (from its committed offset)
+        sim = GatewaySimulator(denv.bootstrap, denv.cmd_topic, start_offset=0).start()
+        sims.append(sim)
+        assert sim.engine is not None
+        wait_for(lambda: sim.engine is not None and sim.engine.stats["commands"] >= 1, 20,
+                 "the gateway to read the commands")
+        time.sleep(1.5)
+        assert sim.engine.snapshots == {}, list(sim.engine.snapshots)
+        # and the run starts as defined
+        assert request(admin, "start", "periodic").ok
+        wait_for(lambda: complete_iterations(admin, "periodic") >= 3, 30, "3 iterations")
+        assert request(admin, "stop", "periodic").ok
