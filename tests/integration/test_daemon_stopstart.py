@@ -5,11 +5,15 @@ recording it belongs to."""
 
 from __future__ import annotations
 
+import queue
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 from daemon_support import (
     DaemonEnv,
     DaemonProcess,
@@ -21,6 +25,8 @@ from daemon_support import (
     wait_for,
 )
 
+from recorder.admin.protocol import AdminCommand, AdminReply, decode_reply, encode_command
+from recorder.daemon.adminclient import AdminClient
 from recorder.reader import open_file
 from recorder.sim import FaultConfig, GatewaySimulator, SimConfig
 
@@ -114,6 +120,169 @@ def test_a_final_iteration_read_after_the_next_start_is_not_in_the_new_recording
     assert len(new) == 1, [n["iter_index"] for n in new]
     indexes = new[0]["iter_index"]
     assert indexes == list(range(1, len(indexes) + 1)), (old[-3:], indexes[:5])
+
+
+def _burst(admin: AdminClient, commands: list[tuple[str, str | None, dict[str, str] | None]],
+           timeout: float = 60.0) -> list[AdminReply]:
+    """Send every command at once, then collect one reply each (in the order sent)."""
+    sent = [admin.build(kind, run, tags) for kind, run, tags in commands]
+    for cmd in sent:
+        admin._adapter.produce(admin.admin_topic, encode_command(cmd))
+    admin._adapter.flush(5.0)
+    return _collect(admin, sent, timeout)
+
+
+def _collect(admin: AdminClient, sent: list[AdminCommand], timeout: float = 60.0
+             ) -> list[AdminReply]:
+    """One reply to each command sent (in the order sent)."""
+    wanted = {c.request_id for c in sent}
+    got: dict[str, AdminReply] = {}
+    deadline = time.monotonic() + timeout
+    while wanted - set(got) and time.monotonic() < deadline:
+        try:
+            record = admin._records.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        reply = decode_reply(record.value or b"")
+        if reply.request_id in wanted:
+            got.setdefault(reply.request_id, reply)
+    missing = [(c.command.value, c.run) for c in sent if c.request_id not in got]
+    assert not missing, f"no reply to {missing}"
+    return [got[c.request_id] for c in sent]
+
+
+def test_commands_in_quick_succession(
+    denv: DaemonEnv, sims: list[GatewaySimulator], daemons: list[DaemonProcess],
+) -> None:
+    """Start and stop sent together; a trigger right after a start and right before a stop;
+    two stops at once and a start behind them: each answered as the README says, the
+    trigger's and the stop's iterations tagged, every file verified."""
+    data = denv.config.parent / "data"
+    sims.append(GatewaySimulator(denv.bootstrap, denv.cmd_topic).start())
+    daemons.append(DaemonProcess(denv))
+    with denv.admin() as admin:
+        wait_for(lambda: run_state(admin, "periodic") is not None, 40, "the daemon to answer")
+        replies = _burst(admin, [("start", "periodic", None), ("stop", "periodic", None),
+                                 ("start", "shots", None), ("trigger", "shots", {"n": "0"}),
+                                 ("stop", "shots", None)])
+        assert [r.code.value for r in replies] == [
+            "start_failed", "ok", "start_failed", "not_running", "ok"], replies
+        assert "stopped before it started" in replies[1].message
+        for run in ("periodic", "shots"):
+            assert (run_state(admin, run) or {}).get("state") == "idle"
+        assert request(admin, "start", "shots").ok
+        assert request(admin, "start", "periodic").ok
+        wait_for(lambda: complete_iterations(admin, "periodic") >= 5, 30, "5 iterations")
+        assert request(admin, "trigger", "shots", {"n": "1"}).ok
+        replies = _burst(admin, [("trigger", "shots", {"n": "2"}), ("stop", "shots", None),
+                                 ("stop", "shots", None), ("status", None, None),
+                                 ("stop", "periodic", None), ("stop", "periodic", None),
+                                 ("start", "periodic", None)])
+        codes = [r.code.value for r in replies]
+        assert codes == ["ok"] * 6 + ["already_running"], replies
+        assert "is stopping" in replies[6].message
+        assert replies[1].data == replies[2].data and replies[4].data == replies[5].data
+        assert replies[3].data is not None
+        assert replies[3].data["runs"]["periodic"]["state"] in ("recording", "stopping")
+        for run in ("periodic", "shots"):
+            assert (run_state(admin, run) or {}).get("state") == "idle"
+    for run in ("periodic", "shots"):
+        for path in _verified(denv, data / run):
+            with open_file(path) as f:
+                assert f.status == "complete", f.attrs.get("status_reason")
+    [shots] = h5_files(data / "shots")
+    with open_file(shots) as f:
+        assert f.iterations()["tags"].tolist() == [
+            {"n": "1"}, {"n": "2"}, {"k2eg-recorder.cause": "stop"}]
+
+
+def test_sigterm_while_a_stop_waits_for_the_gateway(
+    denv: DaemonEnv, sims: list[GatewaySimulator], daemons: list[DaemonProcess],
+) -> None:
+    data = denv.config.parent / "data"
+    faults = FaultConfig(delay_stop_ms=2000)
+    sims.append(GatewaySimulator(denv.bootstrap, denv.cmd_topic, SimConfig(faults=faults))
+                .start())
+    daemon = DaemonProcess(denv)
+    daemons.append(daemon)
+    with denv.admin() as admin:
+        wait_for(lambda: run_state(admin, "periodic") is not None, 40, "the daemon to answer")
+        assert request(admin, "start", "periodic").ok
+        assert request(admin, "start", "shots").ok
+        wait_for(lambda: complete_iterations(admin, "periodic") >= 5, 30, "5 iterations")
+        assert request(admin, "trigger", "shots", {"n": "1"}).ok
+        cmds = [admin.build("stop", "periodic"), admin.build("stop", "shots")]
+        for cmd in cmds:
+            admin.send(cmd)
+        wait_for(lambda: (run_state(admin, "periodic") or {}).get("state") == "stopping", 10,
+                 "the stop to begin")
+        daemon.signal(signal.SIGTERM)
+        replies = _collect(admin, cmds, 40)
+        assert [r.code.value for r in replies] == ["ok", "ok"], replies
+        assert all("stopped (complete)" in r.message for r in replies), replies
+    assert daemon.wait(60) == 0
+    for run in ("periodic", "shots"):
+        for path in _verified(denv, data / run):
+            with open_file(path) as f:
+                assert f.status == "complete", f.attrs.get("status_reason")
+        # the operator's stop stands: the next daemon does not resume the run
+        assert '"active":null' in (denv.state_dir / f"{run}.json").read_text()
+
+
+def _published_headers(bootstrap: str, topic: str) -> list[tuple[int, int]]:
+    """(iter_index, timestamp ms) of every header on the snapshot topic, in order."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"hdr-{topic}",
+                         "enable.auto.commit": False})
+    out: list[tuple[int, int]] = []
+    try:
+        tp = TopicPartition(topic, 0)
+        high = consumer.get_watermark_offsets(tp, timeout=5)[1]
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        position = 0
+        deadline = time.monotonic() + 20
+        while position < high and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.2):
+                if msg.error():
+                    continue
+                position = msg.offset() + 1
+                obj = msgpack.unpackb(msg.value(), raw=False, strict_map_key=False)
+                if obj.get("message_type") == 0:
+                    out.append((obj["iter_index"], obj["timestamp"]))
+    finally:
+        consumer.close()
+    return out
+
+
+def test_quick_stops_and_starts_with_short_segments_lose_nothing(
+    denv: DaemonEnv, sims: list[GatewaySimulator], daemons: list[DaemonProcess],
+) -> None:
+    data = denv.config.parent / "data" / "short"
+    sims.append(GatewaySimulator(denv.bootstrap, denv.cmd_topic).start())
+    daemons.append(DaemonProcess(denv))
+    stops = []
+    listed: list[str] = []
+    with denv.admin() as admin:
+        wait_for(lambda: run_state(admin, "short") is not None, 40, "the daemon to answer")
+        for pause in (0.0, 0.05, 0.3, 0.17, 0.52, 0.08, 0.9, 0.23, 0.0, 0.41):
+            started = request(admin, "start", "short")
+            assert started.ok, started
+            time.sleep(pause)
+            stopped = request(admin, "stop", "short")
+            assert stopped.ok, stopped
+            stops.append(stopped.message)
+            assert stopped.data is not None
+            listed += stopped.data["files"]
+    files = _verified(denv, data)
+    assert sorted(listed) == sorted(map(str, files))
+    recorded: list[tuple[int, int]] = []
+    for path in files:
+        its = _iterations(path)
+        recorded += [(int(i), int(t) // 1_000_000) for i, t in
+                     zip(its["iter_index"], its["header_timestamp"], strict=True)]
+    published = _published_headers(denv.bootstrap, "short_" + denv.config.read_text()
+                                   .split("snapshot_name: short_")[1].split()[0].lower())
+    assert sorted(recorded) == sorted(published), (stops, sorted(set(published) - set(recorded)),
+                                                   sorted(set(recorded) - set(published)))
 
 
 def test_a_stop_while_the_start_goes_unanswered_leaves_no_snapshot_at_the_gateway(
