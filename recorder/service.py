@@ -596,7 +596,8 @@ class Service:
         last daemon did not stop it (crash, kill -9), so it resumes whether it autostarts
         or was started by an admin command."""
         active = self._store.load(definition.name).active
-        return active is not None and active.topic == definition.snapshot.topic
+        return (active is not None and active.topic == definition.snapshot.topic
+                and not active.stopped)  # an admin stop the shutdown budget cut short
 
     def _add_controller(self, definition: RunDefinition, *, start: bool) -> RunController:
         controller = RunController(

@@ -224,6 +224,7 @@ class RunController:
         self._sub: RecurringSnapshot | None = None
         self._rec: Recording | None = None
         self._stored: StoredState | None = None
+        self._store_lock = threading.Lock()  # self._stored and its file: abandon() vs worker
         self._durable: dict[int, int] = {}
         self._next_attempt = 0.0
         self._start_waiters: list[Future[str]] = []
@@ -280,7 +281,19 @@ class RunController:
         the stop :meth:`shutdown` began still does before the process ends, the state file
         keeps the recording, so the next start resumes it from its last durable offset, as
         the daemon logs (a stop an admin command began stays a stop)."""
-        self._abandoned = True
+        with self._store_lock:
+            self._abandoned = True
+            stored = self._stored
+            if (self.state is not RunState.STOPPING or self._stop_for_exit or stored is None
+                    or stored.active is None):
+                return
+            # an admin stop: should the process end before the recording is closed, the
+            # next start must not resume it (that stop was answered, it is not read again)
+            try:
+                self._stored = self._store.update(stored, stopped=True)
+            except RecorderError as exc:
+                self._log.error("run state not saved: the next start may resume the run "
+                                "being stopped", error=str(exc))
 
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
@@ -390,6 +403,7 @@ class RunController:
         # what the k2eg client logs from this thread (subscribe, stop) names the run too
         with bind_run(run=self.name):
             try:
+                self._end_stopped_leftover()
                 self._main_loop()
             finally:  # the endpoints live as long as the run's worker (see _end_bridge_recording)
                 self._close_bridge("complete", "")
@@ -848,8 +862,10 @@ class RunController:
                 or segments != stored.active.segments):
             self._durable = merged
             try:
-                self._stored = self._store.update(stored, offsets=dict(merged),
-                                                  current_file=current, segments=segments)
+                with self._store_lock:
+                    self._stored = self._store.update(self._stored or stored,
+                                                      offsets=dict(merged),
+                                                      current_file=current, segments=segments)
             except RecorderError as exc:
                 self._state_not_saved(exc)
 
@@ -1135,6 +1151,17 @@ class RunController:
         )
         self._stop_thread.start()
 
+    def _end_stopped_leftover(self) -> None:
+        """A recording an admin stop was ending when the last daemon exited (its shutdown
+        budget ran out, see :meth:`abandon`): finalized now, never resumed."""
+        try:
+            active = self._store.load(self.name).active
+            if active is not None and active.stopped:
+                self._end_interrupted_recording("stopped by an admin command before the "
+                                                "daemon's last shutdown")
+        except Exception:  # never keep the run from working
+            self._log.exception("ending the stopped recording failed")
+
     def _end_interrupted_recording(self, reason: str) -> None:
         """A stop of a run that is not recording now but has a recording to resume (it
         failed, e.g. on a full disk, or a crash interrupted it, and the run retries): that
@@ -1245,13 +1272,14 @@ class RunController:
             self._log.warning("recording closed after the shutdown budget: its state is "
                               "kept, the next start resumes it", status=status, files=files)
             return files, None
-        stored = self._stored
-        self._stored = None
-        if stored is not None:
-            try:
-                self._store.end(stored)
-            except RecorderError as exc:
-                self._error(str(exc))
+        with self._store_lock:
+            stored = self._stored
+            self._stored = None
+            if stored is not None:
+                try:
+                    self._store.end(stored)
+                except RecorderError as exc:
+                    self._error(str(exc))
         self._log.info("recording closed", status=status, files=files)
         return files, None
 

@@ -76,6 +76,9 @@ class ActiveRecording:
     segments: int = 0  # segment files opened so far = the next segment number
     started_at_ns: int = 0  # the recording's start (wall clock, ns since the epoch; 0 unknown)
     updated_at: int = 0  # ms
+    # an admin stop was under way when the daemon exited (its shutdown budget ran out): the
+    # next start finalizes what it left and does not resume it
+    stopped: bool = False
 
     def resume_offsets(self) -> dict[int, int]:
         """Where to read next: one past the highest durable offset of each partition."""
@@ -92,6 +95,7 @@ class ActiveRecording:
             "segments": self.segments,
             "started_at_ns": self.started_at_ns,
             "updated_at": self.updated_at,
+            **({"stopped": True} if self.stopped else {}),
         }
 
     @classmethod
@@ -108,6 +112,7 @@ class ActiveRecording:
             segments=int(obj.get("segments", 0)),
             started_at_ns=int(obj.get("started_at_ns", 0)),
             updated_at=int(obj.get("updated_at", 0)),
+            stopped=obj.get("stopped") is True,
         )
 
 

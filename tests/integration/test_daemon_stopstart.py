@@ -20,6 +20,7 @@ from daemon_support import (
     cli,
     complete_iterations,
     h5_files,
+    partial_files,
     request,
     run_state,
     wait_for,
@@ -62,6 +63,13 @@ runs:
       time_window: 50
     output: {{directory: {data}/short, flush_interval_s: 0.2,
               segment: {{max_iterations: 4}}}}
+  - name: big
+    autostart: false
+    snapshot:
+      snapshot_name: big_{token}
+      pv_uri_list: [pva://SIM:WF:DOUBLE:1:N20000, pva://SIM:WF:DOUBLE:2:N20000]
+      time_window: 100
+    output: {{directory: {data}/big, flush_interval_s: 0.3}}
 """)
     return DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config)
 
@@ -314,3 +322,37 @@ def test_a_stop_while_the_start_goes_unanswered_leaves_no_snapshot_at_the_gatewa
         assert request(admin, "start", "periodic").ok
         wait_for(lambda: complete_iterations(admin, "periodic") >= 3, 30, "3 iterations")
         assert request(admin, "stop", "periodic").ok
+
+
+def test_a_stop_cut_short_by_the_shutdown_budget_stays_a_stop(
+    denv: DaemonEnv, sims: list[GatewaySimulator], daemons: list[DaemonProcess],
+) -> None:
+    """An admin stop is under way (the gateway is slow to act on it) when SIGTERM comes and
+    the shutdown budget runs out before the stop ends: the operator's stop stands (README,
+    RunController.abandon), so the next daemon does not start the run again; it finalizes
+    the file left .partial."""
+    data = denv.config.parent / "data" / "big"
+    faults = FaultConfig(delay_stop_ms=6000)
+    sims.append(GatewaySimulator(denv.bootstrap, denv.cmd_topic, SimConfig(faults=faults))
+                .start())
+    denv.extra["RECORDER_SHUTDOWN_TIMEOUT_S"] = "1"
+    daemon = DaemonProcess(denv)
+    daemons.append(daemon)
+    with denv.admin() as admin:
+        wait_for(lambda: run_state(admin, "big") is not None, 40, "the daemon to answer")
+        assert request(admin, "start", "big").ok
+        wait_for(lambda: complete_iterations(admin, "big") >= 30, 30, "30 iterations")
+        cmd = admin.build("stop", "big")
+        admin.send(cmd)
+        wait_for(lambda: (run_state(admin, "big") or {}).get("state") == "stopping", 10,
+                 "the stop to begin")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+        again = DaemonProcess(denv, "daemon2")
+        daemons.append(again)
+        wait_for(lambda: run_state(admin, "big") is not None, 40, "the daemon to answer")
+        time.sleep(2)
+        state = run_state(admin, "big") or {}
+        assert state.get("state") == "idle", state
+    assert partial_files(data) == []
+    _verified(denv, data)
