@@ -63,6 +63,24 @@ runs:
       time_window: 50
     output: {{directory: {data}/short, flush_interval_s: 0.2,
               segment: {{max_iterations: 4}}}}
+  - name: bigseg
+    autostart: false
+    snapshot:
+      snapshot_name: bigseg_{token}
+      pv_uri_list: [pva://SIM:WF:DOUBLE:3:N20000, pva://SIM:AI:DOUBLE:4]
+      time_window: 60
+    output: {{directory: {data}/bigseg, flush_interval_s: 0.2,
+              segment: {{max_iterations: 3}}}}
+  - name: tbuf
+    autostart: false
+    snapshot:
+      snapshot_name: tbuf_{token}
+      pv_uri_list: [pva://SIM:AI:DOUBLE:10:P20, pva://SIM:WF:DOUBLE:10:N64:P50]
+      type: timedbuffered
+      time_window: 400
+      sub_push_delay_msec: 100
+    output: {{directory: {data}/tbuf, flush_interval_s: 0.2,
+              segment: {{max_iterations: 2}}}}
   - name: big
     autostart: false
     snapshot:
@@ -261,21 +279,22 @@ def _published_headers(bootstrap: str, topic: str) -> list[tuple[int, int]]:
     return out
 
 
+@pytest.mark.parametrize("run", ["short", "bigseg", "tbuf"])
 def test_quick_stops_and_starts_with_short_segments_lose_nothing(
-    denv: DaemonEnv, sims: list[GatewaySimulator], daemons: list[DaemonProcess],
+    denv: DaemonEnv, sims: list[GatewaySimulator], daemons: list[DaemonProcess], run: str,
 ) -> None:
-    data = denv.config.parent / "data" / "short"
+    data = denv.config.parent / "data" / run
     sims.append(GatewaySimulator(denv.bootstrap, denv.cmd_topic).start())
     daemons.append(DaemonProcess(denv))
     stops = []
     listed: list[str] = []
     with denv.admin() as admin:
-        wait_for(lambda: run_state(admin, "short") is not None, 40, "the daemon to answer")
+        wait_for(lambda: run_state(admin, run) is not None, 40, "the daemon to answer")
         for pause in (0.0, 0.05, 0.3, 0.17, 0.52, 0.08, 0.9, 0.23, 0.0, 0.41):
-            started = request(admin, "start", "short")
+            started = request(admin, "start", run)
             assert started.ok, started
             time.sleep(pause)
-            stopped = request(admin, "stop", "short")
+            stopped = request(admin, "stop", run)
             assert stopped.ok, stopped
             stops.append(stopped.message)
             assert stopped.data is not None
@@ -287,8 +306,8 @@ def test_quick_stops_and_starts_with_short_segments_lose_nothing(
         its = _iterations(path)
         recorded += [(int(i), int(t) // 1_000_000) for i, t in
                      zip(its["iter_index"], its["header_timestamp"], strict=True)]
-    published = _published_headers(denv.bootstrap, "short_" + denv.config.read_text()
-                                   .split("snapshot_name: short_")[1].split()[0].lower())
+    published = _published_headers(denv.bootstrap, f"{run}_" + denv.config.read_text()
+                                   .split(f"snapshot_name: {run}_")[1].split()[0].lower())
     assert sorted(recorded) == sorted(published), (stops, sorted(set(published) - set(recorded)),
                                                    sorted(set(recorded) - set(published)))
 
