@@ -278,10 +278,15 @@ def produce_all(prod: Any, topic: str, messages: list[bytes], flush_every: int =
         raise BenchError(f"producing to {topic}: not delivered within 60 s")
 
 
-def encode(case: Case, first: int, count: int) -> list[bytes]:
+def encode(case: Case, first: int, count: int, *, past: bool = False) -> list[bytes]:
+    """Iterations ``first..first+count-1``, 100 ms apart from now on, or with ``past`` ending
+    2 s ago (a topic the gateway filled before: the final iteration a stop makes it publish
+    is then newer than all of them, as it is on a real gateway)."""
     import bench_client as bc  # not at the top: see the module docstring
     pvs = bc.packed_pvs(case.kind, case.pvs)
     ts = int(time.time() * 1000)
+    if past:
+        ts -= 100 * (first + count) + 2000
     out: list[bytes] = []
     for index in range(first, first + count):
         out.extend(bc.iteration_messages(index, pvs, ts + 100 * index))
@@ -1048,7 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in cases:
             c.topic = f"bench_e2e_{c.name.replace('-', '_').lower()}_{uuid.uuid4().hex[:6]}"
             t = time.perf_counter()
-            messages = encode(c, 1, c.iterations)
+            messages = encode(c, 1, c.iterations, past=True)
             produce_all(prod, c.topic, messages)
             c.messages, c.values = len(messages), c.iterations * c.pvs
             del messages
@@ -1064,8 +1069,13 @@ def main(argv: list[str] | None = None) -> int:
                 # finalizing costs seconds per 1,000 PVs and does not depend on the drain:
                 # measured on the last repeat only (--quick: not for 10k PVs); earlier repeats
                 # end the daemon once the data is durable. Last, because a stop makes the
-                # gateway publish a final iteration (iter_index 1 again) into the topic.
+                # gateway publish a final iteration into the topic: iteration N + 1 after
+                # the N pre-filled ones (as the real gateway's counter goes on; iter_index 1
+                # again with older timestamps was dropped as late, and a stop waits for its
+                # final iteration, decision 0015)
                 fin = r == args.repeat - 1 and not (args.quick and c.pvs > 1000)
+                assert sim is not None
+                sim.continue_iterations(c.topic, c.iterations)
                 o = run_ours(args, c, cmd_topic, tmp, str(r), finalize=fin)
                 c.ours.append(o)
                 progress(f"{c.name} #{r + 1}: ours {c.values / o['drain_s']:,.0f} values/s "

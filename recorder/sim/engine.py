@@ -532,6 +532,12 @@ class SimEngine:
     def _slot_values(self, snap: RepeatingSnapshot) -> list[Sample]:
         return [snap.slots[pv] for pv in snap.pvs if pv in snap.slots]
 
+    def continue_iterations(self, snapshot_name: str, last_index: int) -> None:
+        """The snapshot's next iteration is ``last_index + 1``: its topic was filled
+        beforehand as if this gateway had published iterations up to ``last_index`` (a
+        benchmark's pre-filled topic), so its next (or final) iteration follows them."""
+        self._iter_counters[snapshot_name] = last_index
+
     def _tick_snapshot(self, snap: RepeatingSnapshot, now: float) -> None:
         self._add_events(snap, self._pull(snap, now))
         if snap.stopping:

@@ -68,6 +68,13 @@ class GatewaySimulator:
         self._created: set[str] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
+    def continue_iterations(self, snapshot_name: str, last_index: int) -> None:
+        """See :meth:`SimEngine.continue_iterations` (the simulator must be running)."""
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError("the gateway simulator is not running")
+        engine.continue_iterations(snapshot_name, last_index)
+
     def start(self, timeout_s: float = 20.0) -> GatewaySimulator:
         """Start the loop thread; returns once the command topic is assigned."""
         if self._thread is not None:

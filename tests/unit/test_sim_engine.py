@@ -480,3 +480,18 @@ def test_fault_delay_final_publishes_it_after_the_ack_with_its_build_time() -> N
     assert [msgpack.unpackb(a.value)["message_type"] for a in late] == [0, 1, 1, 2]
     # Kafka timestamps of when the gateway built (and queued) it, before its ack
     assert {a.timestamp_ms for a in late} == {e.wall_ms(now)}
+
+
+def test_iterations_continue_after_those_a_topic_was_filled_with() -> None:
+    """A benchmark fills the snapshot's topic as if this gateway had published iterations
+    1..41: the simulator's iterations, and the final one of a stop, go on from 42 (iter_index
+    1 again, with newer time stamps, looked like a restarted snapshot)."""
+    e = engine()
+    e.continue_iterations("snap", 41)
+    start(e)
+    run(e, T0 + 0.5)
+    send(e, T0 + 0.5, command="repeating_snapshot_stop", reply_id="stop", snapshot_name="snap")
+    run(e, T0 + 0.6, now=T0 + 0.5)
+    its = iterations(stream(e.drain()))
+    assert sorted(its) == list(range(42, 42 + len(its)))
+    assert len(its) >= 3  # two periodic ones and the stop's final one
