@@ -272,6 +272,8 @@ class RecurringSnapshot:
             with self._cond:
                 previous = self._tails.get(event.partition)
                 if previous is None or event.offset > previous.offset:
+                    # re-inserted: the dict's order is the order the tails came in
+                    self._tails.pop(event.partition, None)
                     self._tails[event.partition] = event
 
     def _end(self) -> None:
@@ -330,9 +332,11 @@ class RecurringSnapshot:
             self._apply_pause_locked()
 
     def _tail_after(self, offsets: Mapping[int, int]) -> IterationClosed | None:
-        """The newest iteration closed by a tail at an offset >= ``offsets`` (per partition)."""
+        """The newest iteration closed by a tail at an offset >= ``offsets`` (per partition):
+        of several partitions' (a keyed final iteration in another partition than a
+        pre-filled topic's), the one whose tail came last."""
         with self._cond:
-            for partition, event in self._tails.items():
+            for partition, event in reversed(self._tails.items()):
                 if event.offset >= offsets.get(partition, 0):
                     return event
             return None

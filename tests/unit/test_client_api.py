@@ -278,3 +278,22 @@ def test_a_subscription_logs_incomplete_iterations_once_a_minute_per_reason() ->
             sub._push([opened(i), closed(i, complete=False)])
     assert sub.stats["iterations.incomplete"] == 20
     assert len([e for e in logs if e["event"] == "iteration incomplete"]) == 1
+
+
+def test_the_final_tail_is_the_newest_across_partitions() -> None:
+    """A topic with several partitions (pre-filled in partition 0; the gateway's keyed final
+    iteration in partition 1): the stop took partition 0's old tail, the first in the dict,
+    for the newest one, and with decision 0015 waited for the final iteration it had read
+    already, until its timeout (the benchmark's stop hung for its whole shutdown budget)."""
+    from dataclasses import replace
+
+    fake = FakeClient()
+    sub = make_sub(fake)
+    old = closed(150)  # partition 0, offset 1509
+    final = replace(closed(151), partition=1, offset=1)
+    sub._push([opened(150), old, replace(opened(151), partition=1), final])
+    assert sub._tail_after({0: 1000, 1: 0}) == final
+    assert sub._tail_after({0: 1000, 1: 2}) == old  # only partition 0's is after the offsets
+    newer = closed(152)  # partition 0 again, after partition 1's
+    sub._push([opened(152), newer])
+    assert sub._tail_after({0: 1000, 1: 0}) == newer
