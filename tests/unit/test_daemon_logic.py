@@ -3325,21 +3325,27 @@ class _BehindRecording(FakeRecording):
         return self.room.wait(timeout_s)
 
 
+@pytest.fixture
+def behind(monkeypatch: pytest.MonkeyPatch) -> list[_BehindRecording]:
+    """The recordings the controllers make are writers behind (until ``room`` is set)."""
+    made: list[_BehindRecording] = []
+
+    def make(path: Path) -> FakeRecording:
+        rec = _BehindRecording(path)
+        made.append(rec)
+        return rec
+
+    monkeypatch.setattr(sys.modules[__name__], "FakeRecording", make)
+    return made
+
+
 def test_events_wait_in_the_subscription_while_the_writer_is_behind(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, behind: list[_BehindRecording]) -> None:
     """A writer behind (finalizing a large segment, a slow disk): the run handed it an event
     every 0.5 s anyway (the writer process's bounded blocking), so with large values (a
     batch of images is tens of MB) the daemon's memory grew by that much every 0.5 s for as
     long as the writer was behind. The events now stay in the subscription, whose bounded
     queue pauses the topic (the messages wait in Kafka), until the writer has room."""
-    behind: list[_BehindRecording] = []
-
-    def make(path: Path) -> FakeRecording:
-        rec = _BehindRecording(path)
-        behind.append(rec)
-        return rec
-
-    monkeypatch.setattr(sys.modules[__name__], "FakeRecording", make)
     client = FakeClient()
     c, _ = _controller(tmp_path, client)
     try:
@@ -3355,18 +3361,10 @@ def test_events_wait_in_the_subscription_while_the_writer_is_behind(
         assert c.join(5)
 
 
-def test_a_stop_takes_events_while_the_writer_is_behind(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stop_takes_events_while_the_writer_is_behind(
+        tmp_path: Path, behind: list[_BehindRecording]) -> None:
     """Waiting for the writer's room is not for a stop: the stop waits for its final
     iteration, which the subscription reads only when its queue is taken down."""
-    behind: list[_BehindRecording] = []
-
-    def make(path: Path) -> FakeRecording:
-        rec = _BehindRecording(path)
-        behind.append(rec)
-        return rec
-
-    monkeypatch.setattr(sys.modules[__name__], "FakeRecording", make)
     client = FakeClient()
     c, _ = _controller(tmp_path, client)
     try:
