@@ -22,16 +22,16 @@ def sync_fd(fd: int) -> None:
 
 def sync_file(path: Path) -> None:
     """:func:`sync_fd` of the file at ``path`` (any descriptor of a file syncs all of it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _sync_path(path, os.O_RDONLY)
 
 
 def sync_directory(directory: Path) -> None:
     """Make the names created, renamed or removed in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    _sync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _sync_path(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:

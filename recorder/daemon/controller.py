@@ -749,12 +749,16 @@ class RunController:
         deadline = time.monotonic() + budget_s
         idle = False  # the queue ran dry: the input is drained for now
         heard = False
-        stopping = self.state is RunState.STOPPING
+        # a writer process behind by more than its backlog bound is waited for before it is
+        # handed another event; not while stopping
+        room: Callable[[float], bool] | None = (
+            None if rec is None or self.state is RunState.STOPPING
+            else getattr(rec, "wait_for_room", None))
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            if rec is not None and not stopping and not self._room_in(rec, remaining):
+            if room is not None and not room(remaining):
                 break  # the writer is behind: events wait in the subscription, whose bounded
                 # queue pauses the topic (their messages wait in Kafka, not in memory); not
                 # while stopping: the stop waits for its final iteration to be read
@@ -783,13 +787,6 @@ class RunController:
         if now >= self._next_lag and not self._sub_ended:
             self._next_lag = now + LAG_EVERY_S
             self._update_topic_stats(sub)
-
-    @staticmethod
-    def _room_in(rec: Recording, timeout_s: float) -> bool:
-        """Whether ``rec`` takes events now: a writer process behind by more than its backlog
-        bound is waited for (at most ``timeout_s``) before it is handed another one."""
-        wait: Callable[[float], bool] | None = getattr(rec, "wait_for_room", None)
-        return True if wait is None else wait(timeout_s)
 
     def _on_event(self, rec: Recording, event: IterationEvent) -> None:
         rec.handle(event)
@@ -837,17 +834,15 @@ class RunController:
         self._log.info("trigger tags", iteration=iter_index, tags=tags)
 
     def _after_flush(self, rec: Recording) -> None:
-        flushes = rec.counters.get("flushes", 0)
-        if flushes != self._flushes:
-            new, self._flushes = flushes - self._flushes, flushes
-            self._flushed(rec, new)
+        if rec.counters.get("flushes", 0) != self._flushes:
+            self._flushed(rec)
         if rec.status == "failed":  # after saving what its flushes made durable: a resume
             self._recording_failed(rec)  # starts after it, nothing recorded twice
 
-    def _flushed(self, rec: Recording, flushes: int) -> None:
-        """Count what the recording's ``flushes`` new flushes wrote and save the offsets they
-        made durable (also when it failed after them: that data is in its file)."""
-        self._count_written(rec, flushes=flushes)
+    def _flushed(self, rec: Recording) -> None:
+        """Count what the recording's new flushes wrote and save the offsets they made
+        durable (also when it failed after them: that data is in its file)."""
+        self._count_written(rec)
         with self._lock:
             self._stats.current_file = None if rec.current_path is None else str(rec.current_path)
         durable = {p: o for (_t, p), o in rec.last_durable_offset.items()}
@@ -1155,20 +1150,23 @@ class RunController:
         """A recording an admin stop was ending when the last daemon exited (its shutdown
         budget ran out, see :meth:`abandon`): finalized now, never resumed."""
         try:
-            active = self._store.load(self.name).active
-            if active is not None and active.stopped:
+            stored = self._store.load(self.name)
+            if stored.active is not None and stored.active.stopped:
                 self._end_interrupted_recording("stopped by an admin command before the "
-                                                "daemon's last shutdown")
+                                                "daemon's last shutdown", stored)
         except Exception:  # never keep the run from working
             self._log.exception("ending the stopped recording failed")
 
-    def _end_interrupted_recording(self, reason: str) -> None:
+    def _end_interrupted_recording(self, reason: str,
+                                   stored: StoredState | None = None) -> None:
         """A stop of a run that is not recording now but has a recording to resume (it
         failed, e.g. on a full disk, or a crash interrupted it, and the run retries): that
         recording ends here, as a stop ends a running one. Its ``.partial`` file is
         finalized (and told of) where possible, else left for ``k2eg-recorder recover``
-        (logged); the state file no longer has it, so no later start resumes it."""
-        stored = self._store.load(self.name)
+        (logged); the state file no longer has it, so no later start resumes it. ``stored``:
+        the run's state, when just loaded."""
+        if stored is None:
+            stored = self._store.load(self.name)
         active = stored.active
         if active is None:
             return
@@ -1394,13 +1392,13 @@ class RunController:
 
     def _after_flush_counts(self, rec: Recording) -> None:
         """After close(): what its own last flush wrote (values, bytes) and that flush."""
-        flushes = rec.counters.get("flushes", 0)
-        new, self._flushes = flushes - self._flushes, flushes
-        self._count_written(rec, flushes=new)
+        self._count_written(rec)
 
-    def _count_written(self, rec: Recording, *, flushes: int) -> None:
-        """Count what the recording wrote since the last count (values, bytes) and its
-        ``flushes`` new flushes (each one's duration, the time of the last write)."""
+    def _count_written(self, rec: Recording) -> None:
+        """Count what the recording wrote since the last count (values, bytes) and its new
+        flushes (each one's duration, the time of the last write)."""
+        total = rec.counters.get("flushes", 0)
+        flushes, self._flushes = total - self._flushes, total
         values = rec.counters.get("values", 0)
         delta, self._values = values - self._values, values
         nbytes = self._bytes_written(rec)  # 0 after close() without a bytes counter
