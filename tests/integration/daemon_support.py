@@ -214,11 +214,12 @@ class Published:
     duplicates: int = 0
 
 
-def read_published(bootstrap: str, topic: str, timeout: float = 10.0) -> Published:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{topic}",
+def topic_messages(bootstrap: str, topic: str, group: str, timeout: float = 10.0
+                   ) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(message, its plain-msgpack decoding) of everything ``topic`` holds now, every
+    partition from offset 0 up to its high watermark, in each partition's order."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
                          "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-    out = Published()
-    seen: set[tuple[int, bytes]] = set()
     try:
         meta = consumer.list_topics(topic, timeout=5)
         parts = list(meta.topics[topic].partitions)
@@ -232,24 +233,29 @@ def read_published(bootstrap: str, topic: str, timeout: float = 10.0) -> Publish
                 if msg.error():
                     continue
                 positions[msg.partition()] = msg.offset() + 1
-                obj = msgpack.unpackb(msg.value(), raw=False, strict_map_key=False)
-                kind, it = obj.get("message_type"), obj.get("iter_index")
-                if kind == 0:
-                    out.headers.add(it)
-                elif kind == 2:
-                    out.tails.add(it)
-                    out.offsets[it] = msg.offset()
-                elif kind == 1:
-                    if (it, msg.value()) in seen:
-                        out.duplicates += 1
-                        continue
-                    seen.add((it, msg.value()))
-                    for key, value in obj.items():
-                        if isinstance(value, dict):
-                            out.data.setdefault(it, {}).setdefault(key, []).append(
-                                value.get("value"))
+                yield msg, msgpack.unpackb(msg.value(), raw=False, strict_map_key=False)
     finally:
         consumer.close()
+
+
+def read_published(bootstrap: str, topic: str, timeout: float = 10.0) -> Published:
+    out = Published()
+    seen: set[tuple[int, bytes]] = set()
+    for msg, obj in topic_messages(bootstrap, topic, f"check-{topic}", timeout):
+        kind, it = obj.get("message_type"), obj.get("iter_index")
+        if kind == 0:
+            out.headers.add(it)
+        elif kind == 2:
+            out.tails.add(it)
+            out.offsets[it] = msg.offset()
+        elif kind == 1:
+            if (it, msg.value()) in seen:
+                out.duplicates += 1
+                continue
+            seen.add((it, msg.value()))
+            for key, value in obj.items():
+                if isinstance(value, dict):
+                    out.data.setdefault(it, {}).setdefault(key, []).append(value.get("value"))
     return out
 
 

@@ -16,9 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from daemon_support import (
     DaemonEnv,
     DaemonProcess,
@@ -27,6 +25,7 @@ from daemon_support import (
     read_files,
     run_state,
     simulator,
+    topic_messages,
     wait_for,
     writer_pids,
 )
@@ -69,32 +68,17 @@ def _kill(pids: list[int]) -> None:
 def _published(bootstrap: str, topic: str) -> dict[str, list[Any]]:
     """PV -> every value the topic holds, in topic order (producer retries dropped); under
     "" the iteration index of every tail."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"chaos-{topic}",
-                         "enable.auto.commit": False})
     out: dict[str, list[Any]] = {"": []}
     seen: set[bytes] = set()
-    try:
-        high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=5)[1]
-        consumer.assign([TopicPartition(topic, 0, 0)])
-        position = 0
-        deadline = time.monotonic() + 20
-        while position < high and time.monotonic() < deadline:
-            for msg in consumer.consume(500, 0.2):
-                if msg.error():
-                    continue
-                position = msg.offset() + 1
-                obj = msgpack.unpackb(msg.value(), raw=False, strict_map_key=False)
-                if obj.get("message_type") == 2:
-                    out[""].append(obj.get("iter_index"))
-                if obj.get("message_type") != 1 or msg.value() in seen:
-                    continue
-                seen.add(msg.value())
-                for key, value in obj.items():
-                    if isinstance(value, dict):
-                        v = value.get("value")
-                        out.setdefault(key, []).append(v)
-    finally:
-        consumer.close()
+    for msg, obj in topic_messages(bootstrap, topic, f"chaos-{topic}", 20.0):
+        if obj.get("message_type") == 2:
+            out[""].append(obj.get("iter_index"))
+        if obj.get("message_type") != 1 or msg.value() in seen:
+            continue
+        seen.add(msg.value())
+        for key, value in obj.items():
+            if isinstance(value, dict):
+                out.setdefault(key, []).append(value.get("value"))
     return out
 
 

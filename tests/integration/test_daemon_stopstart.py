@@ -11,9 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import msgpack
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from daemon_support import (
     DaemonEnv,
     DaemonProcess,
@@ -23,6 +21,7 @@ from daemon_support import (
     partial_files,
     request,
     run_state,
+    topic_messages,
     wait_for,
 )
 
@@ -261,26 +260,9 @@ def test_sigterm_while_a_stop_waits_for_the_gateway(
 
 def _published_headers(bootstrap: str, topic: str) -> list[tuple[int, int]]:
     """(iter_index, timestamp ms) of every header on the snapshot topic, in order."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"hdr-{topic}",
-                         "enable.auto.commit": False})
-    out: list[tuple[int, int]] = []
-    try:
-        tp = TopicPartition(topic, 0)
-        high = consumer.get_watermark_offsets(tp, timeout=5)[1]
-        consumer.assign([TopicPartition(topic, 0, 0)])
-        position = 0
-        deadline = time.monotonic() + 20
-        while position < high and time.monotonic() < deadline:
-            for msg in consumer.consume(500, 0.2):
-                if msg.error():
-                    continue
-                position = msg.offset() + 1
-                obj = msgpack.unpackb(msg.value(), raw=False, strict_map_key=False)
-                if obj.get("message_type") == 0:
-                    out.append((obj["iter_index"], obj["timestamp"]))
-    finally:
-        consumer.close()
-    return out
+    return [(obj["iter_index"], obj["timestamp"])
+            for _msg, obj in topic_messages(bootstrap, topic, f"hdr-{topic}", 20.0)
+            if obj.get("message_type") == 0]
 
 
 @pytest.mark.parametrize("run", ["short", "bigseg", "tbuf"])

@@ -11,37 +11,12 @@ from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
+from test_kafka_resume import FakeMessage  # a consumed message's accessors
 
 import recorder.client.kafka as kafka_module
 from recorder.client.kafka import KafkaAdapter, StartAt
 from recorder.client.wire import Record
 from recorder.settings import KafkaSettings
-
-
-class FakeMessage:
-    def __init__(self, topic: str, partition: int, offset: int) -> None:
-        self._where = (topic, partition, offset)
-
-    def topic(self) -> str:
-        return self._where[0]
-
-    def partition(self) -> int:
-        return self._where[1]
-
-    def offset(self) -> int:
-        return self._where[2]
-
-    def error(self) -> Any:
-        return None
-
-    def value(self) -> bytes:
-        return b"m"
-
-    def headers(self) -> Any:
-        return None
-
-    def timestamp(self) -> tuple[int, int]:
-        return (0, 0)
 
 
 class Broker:

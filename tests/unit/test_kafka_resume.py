@@ -44,6 +44,15 @@ class FakeMessage:
     def error(self) -> Any:
         return None
 
+    def value(self) -> bytes:
+        return b"m"
+
+    def headers(self) -> Any:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
+
 
 def test_a_resume_that_finds_its_offset_deleted_reports_the_gap() -> None:
     """A topic paused for long (back-pressure: a slow sink) whose next messages the topic's
