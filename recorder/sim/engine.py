@@ -266,7 +266,9 @@ class SimEngine:
 
     # --- time and PVs ------------------------------------------------------------------------
     def wall_ms(self, now: float) -> int:
-        return round((now + self.wall_offset) * 1000.0)
+        """The wall clock in whole ms, truncated as the gateway's clock read is (rounding
+        could stamp a batch later than a Kafka record produced after it in the same ms)."""
+        return math.floor((now + self.wall_offset) * 1000.0)
 
     def spec(self, name: str) -> PVSpec:
         spec = self._specs.get(name)

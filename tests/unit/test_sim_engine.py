@@ -495,3 +495,13 @@ def test_iterations_continue_after_those_a_topic_was_filled_with() -> None:
     its = iterations(stream(e.drain()))
     assert sorted(its) == list(range(42, 42 + len(its)))
     assert len(its) >= 3  # two periodic ones and the stop's final one
+
+
+def test_wall_clock_milliseconds_are_truncated_like_a_clock_read() -> None:
+    """The gateway stamps batches with a wall clock read in whole ms (truncated), so a batch
+    is never stamped later than a Kafka record (its ack) produced after it. Rounding stamped
+    the final iteration of a stop at 1.6 ms as 2 ms, after its ack produced at 1.9 ms (1 ms):
+    a client that drops what precedes the ack kept that iteration."""
+    e = SimEngine(SimConfig(), now=0.0, wall_offset=1_700_000_000.0016)
+    assert e.wall_ms(0.0) == 1_700_000_000_001
+    assert e.wall_ms(0.0009) == 1_700_000_000_002  # 2.5 ms
