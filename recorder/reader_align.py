@@ -5,6 +5,7 @@ XFEL-style first/count index (masked where the iteration has none), and the colu
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 import numpy as np
@@ -62,12 +63,31 @@ def _object_rows(m: np.ma.MaskedArray) -> np.ma.MaskedArray:
     return np.ma.MaskedArray(out, mask=rows)
 
 
+def pv_column(pv: str, fixed: Container[str], pvs: Container[str]) -> str:
+    """The table column of PV ``pv``: its name, unless that is one of the ``fixed`` columns
+    (``iter_index``, ``status``, ...); then ``pv:`` before it, as often as it takes to name
+    neither a fixed column nor one of the other ``pvs`` (so the name does not depend on the
+    order of the PVs).
+
+    >>> pv_column("SIM:AI:1", {"status"}, set()), pv_column("status", {"status"}, set())
+    ('SIM:AI:1', 'pv:status')
+    >>> pv_column("status", {"status"}, {"pv:status"})
+    'pv:pv:status'
+    """
+    name = pv
+    while name in fixed or (name != pv and name in pvs):
+        name = "pv:" + name
+    return name
+
+
 def aligned_table(iterations: dict[str, npt.NDArray[Any]],
                   columns: dict[str, np.ma.MaskedArray]) -> dict[str, npt.NDArray[Any]]:
     """Columns for a table with one row per iteration: ``iter_index`` (``segment`` too when
     the iterations carry it), ``status``, ``header_timestamp`` (ns), then one column per PV,
-    named as the PV. A scalar column keeps its dtype when every iteration has a value. With
-    gaps (iterations without a value of the PV):
+    named as the PV; a PV named as one of those columns (``status``, say) is named
+    ``pv:status`` instead (:func:`pv_column`), so no column replaces another. A scalar
+    column keeps its dtype when every iteration has a value. With gaps (iterations without
+    a value of the PV):
 
     * floats hold NaN there, in their dtype (float32 stays float32);
     * integers become float64 with NaN (as pandas does), exact up to 2**53; a column with an
@@ -85,7 +105,9 @@ def aligned_table(iterations: dict[str, npt.NDArray[Any]],
     for key in ("segment", "status", "header_timestamp"):
         if key in iterations:
             out[key] = iterations[key]
-    for pv, m in columns.items():
+    fixed = set(out)
+    for name, m in columns.items():
+        pv = pv_column(name, fixed, columns)
         missing = np.ma.getmaskarray(m).reshape(len(m), -1).all(axis=1) if len(m) else \
             np.zeros(0, dtype=bool)
         if m.ndim > 1:

@@ -416,3 +416,31 @@ def test_a_pv_whose_type_changes_at_a_rotation_reads_as_from_one_file(
             want, got = read(one), read(split)
             assert (got.dtype, _plain(got)) == (want.dtype, _plain(want))
             assert read(one).dtype == one.values("P").dtype
+
+
+def test_pvs_named_as_a_fixed_column_do_not_replace_it(tmp_path: Path) -> None:
+    """PVs named ``status`` and ``iter_index`` (pva://status is a legal PV) get the columns
+    ``pv:status`` and ``pv:iter_index``, or ``pv:pv:status`` when a PV is named
+    ``pv:status`` (whatever the order of the PVs); the iterations' own columns stay, in a
+    file and across a recording's segments."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="names")
+    for i in range(3):
+        write_iteration(rec, 10 + i, [
+            PVSample("status", {"value": 7.0 + i, "timeStamp": _ts(i)}),
+            PVSample("iter_index", {"value": 100 + i, "timeStamp": _ts(i)}),
+            PVSample("pv:status", {"value": -1.0, "timeStamp": _ts(i)}),
+        ])
+    (path,) = rec.close()
+    with open_file(path) as f:
+        tables = [f.table()]
+    with open_recording([path]) as r:
+        tables.append(r.table())
+    for table in tables:
+        assert table["iter_index"].tolist() == [10, 11, 12]
+        assert table["status"].tolist() == ["complete"] * 3
+        assert table["pv:pv:status"].tolist() == [7.0, 8.0, 9.0]
+        assert table["pv:iter_index"].tolist() == [100, 101, 102]
+        assert table["pv:status"].tolist() == [-1.0] * 3
+    with open_file(path) as f:
+        assert list(f.table(["pv:status", "status"]))[-2:] == ["pv:status", "pv:pv:status"]
+        assert list(f.table(["status"]))[-1:] == ["pv:status"]
