@@ -30,8 +30,9 @@ Closing
       (counted ``malformed.too_large`` and logged), or ``NO_HEADER`` if the header never
       came (data or the tail itself then opened the iteration, ``header_timestamp_ns``
       from the storage-node ``header_timestamp`` key when present, else None);
-    * a header of a new iteration closes every open iteration still waiting for its tail as
-      ``NO_TAIL`` (the gateway publishes T(n) before H(n+1), protocol §3.9);
+    * a header of a new iteration closes every open iteration of its partition still waiting
+      for its tail as ``NO_TAIL`` (the gateway publishes T(n) before H(n+1), protocol §3.9;
+      Kafka keeps that order within a partition only);
     * no tail within the topic's timeout (``set_topic_timeout``, e.g. 2 x window + slack):
       ``TIMEOUT`` (at :meth:`IterationAssembler.expire`);
     * more than ``max_open_per_topic`` open: the oldest is closed ``NO_TAIL`` (``evicted``), or
@@ -950,11 +951,13 @@ class IterationAssembler:
                 self.counters["late.header"] += 1
                 return
             self._restart(state)
-        # a header is a batch boundary; a new iteration ends every one still waiting for a tail
+        # a header is a batch boundary; a new iteration ends every one of its partition still
+        # waiting for a tail (only a partition keeps the gateway's order T(n) before H(n+1):
+        # one of another partition may still have its tail to be read there)
         if state.pending is not None:
             self._flush(state, out)
         for other in list(state.open.values()):
-            if not other.tail_seen:
+            if not other.tail_seen and other.partition == partition:
                 self._close(state, other, IncompleteReason.NO_TAIL, out)
         self._open(state, idx, partition, offset, now, out, header=msg)
 
