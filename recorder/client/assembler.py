@@ -20,9 +20,10 @@ Batches
 
 Closing
     * tail, ``error != 0``: incomplete, ``GATEWAY_ERROR``;
-    * tail, sequenced with ``total_messages``: complete when all ``total_messages - 2`` data
-      and the header came; if some are missing the iteration stays open ``missing_grace_s``
-      for late messages (a header retried by the producer may land after the tail), then
+    * tail, sequenced with ``total_messages`` (else its ``msg_seq``, N of N): complete when
+      all ``total_messages - 2`` data and the header came; if some are missing the iteration
+      stays open ``missing_grace_s`` for late messages (a header retried by the producer may
+      land after the tail), then
       closes ``MISSING_MESSAGES`` with ``missing_messages`` set (``NO_HEADER`` when only the
       header is missing);
     * tail otherwise: complete, or ``MISSING_MESSAGES`` (``missing_messages`` set) when a
@@ -993,9 +994,12 @@ class IterationAssembler:
         if msg.error != 0:
             self._close(state, it, IncompleteReason.GATEWAY_ERROR, out)
             return
-        it.total_messages = msg.total_messages
+        total = msg.total_messages
+        if total is None and msg.msg_seq is not None and msg.msg_seq <= _INT64_MAX:
+            total = msg.msg_seq  # the tail is message N of N (the official client needs no more)
+        it.total_messages = total
         # total_messages counts the header too: a header reordered after the tail is waited for
-        if msg.total_messages is not None and (self._missing_data(it) > 0 or not it.header_seen):
+        if total is not None and (self._missing_data(it) > 0 or not it.header_seen):
             self.counters["waiting_for_missing"] += 1
             it.grace_deadline = now + self.missing_grace_s
             if self.missing_grace_s <= 0:

@@ -808,6 +808,26 @@ def test_sequenced_missing_messages_after_grace() -> None:
     assert run.asm.counters["late.data"] == 1
 
 
+def test_sequenced_tail_without_total_messages_counts_by_its_msg_seq() -> None:
+    """The official client's msg_seq mode needs only the tail's msg_seq (N: data 2..N-1),
+    total_messages is optional there: a tail without it still says how many came before it,
+    so a lost data message is missing, not a complete iteration."""
+    run = Run(missing_grace_s=0.5)
+    h, d2, d3, d4, _ = iteration("s", 1, [(T0, scalar_pvs(3))], sequenced=True)
+    tail = tail_msg("s", 1, T0, msg_seq=5, sub=1)
+    run.feed([h, d2, d4, tail], now=1.0)
+    assert run.asm.open_iterations(TOPIC) == [1]
+    run.expire(1.5)
+    [c] = run.closed()
+    assert c.reason is IncompleteReason.MISSING_MESSAGES
+    assert (c.expected_messages, c.missing_messages, c.n_values) == (5, 1, 2)
+    # all there: complete
+    run = Run()
+    run.feed([h, d2, d3, d4, tail])
+    [c] = run.closed()
+    assert c.complete and (c.expected_messages, c.missing_messages) == (5, 0)
+
+
 def test_sequenced_newer_header_does_not_cut_the_grace_period() -> None:
     run = Run(missing_grace_s=1.0)
     it1 = iteration("s", 1, [(T0, scalar_pvs(2))], sequenced=True)
