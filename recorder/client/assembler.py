@@ -198,11 +198,12 @@ class _Iteration:
         "n_batches",
         "n_data",
         "n_values",
-        "offset",
+        "offsets",
         "partition",
         "pvs",
         "snapshot_name",
         "tail_kafka_ms",
+        "tail_partition",
         "tail_seen",
         "tail_ts",
         "total_messages",
@@ -211,7 +212,10 @@ class _Iteration:
     def __init__(self, iter_index: int, partition: int, offset: int, deadline: float) -> None:
         self.iter_index = iter_index
         self.partition = partition
-        self.offset = offset
+        # partition -> highest offset of the iteration's messages there (a topic of several
+        # partitions may hold one iteration in two: events never mix their offsets)
+        self.offsets = {partition: offset}
+        self.tail_partition: int | None = None
         self.deadline = deadline
         self.grace_deadline: float | None = None
         self.snapshot_name: str | None = None
@@ -244,21 +248,24 @@ class _Batch:
         "nbytes",
         "offset",
         "ordered",
+        "partition",
         "samples",
         "seqs",
         "submission_seq",
         "timestamp_ns",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917
         self,
         iteration: _Iteration,
         key: int,
         timestamp_ns: int,
         submission_seq: int | None,
         late: bool,
+        partition: int,
     ) -> None:
         self.iteration = iteration
+        self.partition = partition
         self.key = key
         self.timestamp_ns = timestamp_ns
         self.submission_seq = submission_seq
@@ -428,6 +435,7 @@ class IterationAssembler:
         # the iteration and batch of the last hot message, valid while no general path ran
         hot_idx: int | None = None
         hot_key: int | None = None
+        hot_part = -1
         it: Any = None
         batch: Any = None
         data_seqs: set[int] = set()
@@ -562,8 +570,9 @@ class IterationAssembler:
                 continue
             key = ~ts if sub is None else sub
             sample = from_raw(pv, raw, kend)  # type: ignore[arg-type]
+            part = partition_of(rec)
             try:
-                if idx != hot_idx or key != hot_key:
+                if idx != hot_idx or key != hot_key or part != hot_part:
                     # not the batch of the previous hot message: is one pending for it?
                     it = open_.get(idx)
                     batch = state.pending
@@ -572,12 +581,13 @@ class IterationAssembler:
                         or batch is None
                         or batch.iteration is not it
                         or batch.key != key
+                        or batch.partition != part
                         or it.grace_deadline is not None
                     ):
                         hot_idx = None
                         self._on_data(
                             state,
-                            partition_of(rec),
+                            part,
                             offset_of(rec),
                             Data(idx, ts, sample, seq, sub, False, None, raw),
                             now,
@@ -585,7 +595,7 @@ class IterationAssembler:
                         )
                         continue
                     # valid until the general path runs (only it flushes or closes)
-                    hot_idx, hot_key, data_seqs = idx, key, it.data_seqs
+                    hot_idx, hot_key, hot_part, data_seqs = idx, key, part, it.data_seqs
                     append_sample, append_seq = batch.samples.append, batch.seqs.append
                 # _on_data, inlined: data appended to the pending batch of its iteration
                 if ts > state.max_ts:  # noqa: PLR1730 (hot path: no call)
@@ -824,13 +834,18 @@ class IterationAssembler:
         sub = msg.submission_seq
         key = sub if sub is not None else ~ts
         batch = state.pending
-        if batch is None or batch.iteration is not it or batch.key != key:
+        if (
+            batch is None
+            or batch.iteration is not it
+            or batch.key != key
+            or batch.partition != partition
+        ):
             if batch is not None:
                 self._flush(state, out)
             late = key in it.emitted
             if late:
                 self.counters["interleaved"] += 1
-            batch = state.pending = _Batch(it, key, ts, sub, late)
+            batch = state.pending = _Batch(it, key, ts, sub, late, partition)
         batch.samples.append(sample)
         if msg.raw is not None:
             batch.nbytes += len(msg.raw)
@@ -943,7 +958,7 @@ class IterationAssembler:
             it.header_seen = True
             it.header_ts = ts
             it.snapshot_name = msg.snapshot_name or it.snapshot_name
-            it.offset = max(it.offset, offset)
+            self._read_up_to(it, partition, offset)
             if it.grace_deadline is not None:
                 self._settle_after_tail(state, it, now, out)
             return
@@ -983,7 +998,8 @@ class IterationAssembler:
         it.tail_ts = ts
         it.tail_kafka_ms = kafka_ms
         it.last_ts = max(it.last_ts, ts)
-        it.offset = max(it.offset, offset)
+        it.tail_partition = partition
+        self._read_up_to(it, partition, offset)
         it.snapshot_name = msg.snapshot_name or it.snapshot_name
         it.error = msg.error
         it.error_message = msg.error_message
@@ -1008,6 +1024,13 @@ class IterationAssembler:
         self._close(state, it, None if it.header_seen else IncompleteReason.NO_HEADER, out)
 
     # ----------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _read_up_to(it: _Iteration, partition: int, offset: int) -> None:
+        """``it`` has a message at ``offset`` of ``partition``."""
+        offsets = it.offsets
+        if offset > offsets.get(partition, -1):
+            offsets[partition] = offset
+
     def _duplicate(self, it: _Iteration, counter: str) -> None:
         self.counters[counter] += 1
         it.duplicates += 1
@@ -1121,7 +1144,7 @@ class IterationAssembler:
             samples = [samples[i] for i in order]
         it.n_batches += 1
         it.n_values += len(samples)
-        it.offset = max(it.offset, batch.offset)
+        self._read_up_to(it, batch.partition, batch.offset)
         it.last_ts = max(it.last_ts, batch.timestamp_ns)
         it.pvs.update(map(_pv_of, samples))
         it.emitted.add(batch.key)
@@ -1136,7 +1159,7 @@ class IterationAssembler:
                 tuple(samples),
                 batch.submission_seq,
                 batch.late,
-                it.partition,
+                batch.partition,
                 batch.offset,
                 batch.nbytes,
             )
@@ -1172,6 +1195,8 @@ class IterationAssembler:
             self.counters["iterations.incomplete." + reason.value] += 1
         if missing:
             self.counters["missing_messages"] += missing
+        # the tail's partition (where a stop looks for its final iteration), else the first one
+        partition = it.partition if it.tail_partition is None else it.tail_partition
         out.append(
             IterationClosed(
                 state.name,
@@ -1189,8 +1214,8 @@ class IterationAssembler:
                 expected,
                 missing,
                 it.duplicates,
-                it.partition,
-                it.offset,
+                partition,
+                it.offsets[partition],
                 it.tail_kafka_ms,
             )
         )

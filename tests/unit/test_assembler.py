@@ -409,6 +409,31 @@ def test_next_header_read_from_another_partition_does_not_cut_an_iteration(
     assert run.asm.open_iterations(TOPIC) == []
 
 
+def test_an_iteration_read_from_two_partitions_gives_each_partition_its_own_offsets() -> None:
+    """Partition and offset of an event are what a sink saves as read up to (a resume goes on
+    from there). An iteration whose messages are in two partitions (one added while the
+    snapshot runs moves its key) labelled every event with the partition it was opened in
+    and the highest offset of either: here partition 1 "read up to 101", and a resume would
+    skip the iterations at offsets 3..101 of partition 1 unrecorded."""
+    run = Run()
+    it1 = iteration("s", 1, [(T0, scalar_pvs(3))], sequenced=True)
+    it2 = iteration("s", 2, [(T0 + 1000, scalar_pvs(1))], sequenced=True)
+    p0 = records(TOPIC, it1[:2], start_offset=100)  # H D, then the key moved to partition 1
+    p1 = records(TOPIC, it1[2:] + it2, partition=1)  # D D T, H D T
+    run.feed_records(p1[:3] + p0 + p1[3:])  # partition 1 read first
+    run.idle()
+    assert sorted((c.iter_index, c.reason) for c in run.closed()) == [(1, None), (2, None)]
+    read = {0: [r.offset for r in p0], 1: [r.offset for r in p1]}
+    for event in run.events:
+        if not isinstance(event, IterationOpened):
+            assert event.offset in read[event.partition], event
+    saved: dict[int, int] = {}
+    for event in run.events:
+        if not isinstance(event, IterationOpened):
+            saved[event.partition] = max(saved.get(event.partition, -1), event.offset)
+    assert saved == {0: 101, 1: 5}
+
+
 @GENERATIONS
 def test_lost_tail_and_no_next_header_times_out(sequenced: bool) -> None:
     run = Run(iteration_timeout_s=5.0)
