@@ -512,6 +512,8 @@ class RunController:
     def _attempt_start(self) -> None:
         d = self.definition
         props = d.snapshot.to_properties()
+        with self._lock:  # the errors of this attempt stay in last_error, an earlier one's go
+            errors_before = self._stats.errors
         stored = self._store.load(self.name)
         active = stored.active
         if active is not None and active.topic != d.snapshot.topic:
@@ -607,7 +609,8 @@ class RunController:
         with self._lock:
             self._stats.current_file = new_active.current_file
             self._stats.recording_started_at = time.time_ns() // 1_000_000
-            self._stats.last_error = None
+            if self._stats.errors == errors_before:
+                self._stats.last_error = None
         self._open_bridge(props)
         self._backoff.reset()
         if self._awaiting_room:

@@ -451,6 +451,30 @@ def test_a_state_file_that_cannot_be_saved_is_logged_once_a_minute(
         assert c.join(5)
 
 
+def test_a_state_file_that_cannot_be_saved_at_the_start_is_the_last_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state file cannot be written when the recording begins (a read-only state
+    directory): the status counted the error but showed ``last_error: null`` (the successful
+    start cleared it right after), so an operator saw 1 error and not what it was, until the
+    next flush failed too. The start clears the error of an earlier attempt, not its own."""
+    def refuse(self: ResumeStore, *args: Any, **kwargs: Any) -> Any:
+        raise RecorderError("cannot write /state/r.json: read-only file system")
+
+    monkeypatch.setattr(ResumeStore, "begin", refuse)
+    client = FakeClient(failures=1)  # an earlier attempt failed: its error is cleared
+    c, _made = _controller(tmp_path, client)
+    try:
+        c.start().result(5)
+        _wait(lambda: c.state is RunState.RECORDING)
+        status = c.status()
+        assert status.errors == 2, status
+        assert status.last_error == "cannot write /state/r.json: read-only file system"
+    finally:
+        monkeypatch.undo()
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_incomplete_iterations_are_logged_once_a_minute_per_reason(tmp_path: Path) -> None:
     """A gateway whose every tail carries an error (or a header lost each time) at 10 Hz:
     each incomplete iteration was an info line of its own, 36,000 an hour a run. The first
