@@ -608,7 +608,7 @@ class RunController:
             self._stored = StoredState(self.name, seq + 1, new_active)
         with self._lock:
             self._stats.current_file = new_active.current_file
-            self._stats.recording_started_at = time.time_ns() // 1_000_000
+            self._stats.recording_started_at = created_ns // 1_000_000  # a resume's: its own
             if self._stats.errors == errors_before:
                 self._stats.last_error = None
         self._open_bridge(props)

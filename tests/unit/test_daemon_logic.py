@@ -580,6 +580,33 @@ def test_segment_numbering_and_start_time_are_kept_across_resumes(tmp_path: Path
         assert fresh.join(5)
 
 
+def test_a_resumed_recording_reports_when_the_recording_started(tmp_path: Path) -> None:
+    """A recording resumed after a crash (or once its disk had room again) is the same
+    recording (uid, seq, the start time in its files' names and in `ls`), but the status said
+    ``recording_started_at``: the moment of the resume."""
+    started_ns = 1_700_000_000_123_456_789
+    store = ResumeStore(tmp_path / "state")
+    store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41}, None, segments=3,
+                                     started_at_ns=started_ns))
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client)
+    try:
+        c.start().result(5)
+        assert c.status().recording_started_at == started_ns // 1_000_000
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+    fresh, _ = _controller(tmp_path / "fresh", FakeClient())
+    try:
+        before = time.time_ns() // 1_000_000
+        fresh.start().result(5)
+        at = fresh.status().recording_started_at
+        assert at is not None and before <= at <= time.time_ns() // 1_000_000
+    finally:
+        fresh.shutdown().result(5)
+        assert fresh.join(5)
+
+
 def test_trigger_rules_and_tags_go_with_the_next_iteration(tmp_path: Path) -> None:
     client = FakeClient()
     periodic, _ = _controller(tmp_path / "p", client)
