@@ -226,6 +226,9 @@ class RunController:
         self._stored: StoredState | None = None
         self._store_lock = threading.Lock()  # self._stored and its file: abandon() vs worker
         self._durable: dict[int, int] = {}
+        # (partition, offset, complete) of the iterations counted in the status whose tail is
+        # not durable yet: a failed recording resumes before them, so they are uncounted then
+        self._undurable: list[tuple[int, int, bool]] = []
         self._next_attempt = 0.0
         self._start_waiters: list[Future[str]] = []
         self._stop_waiters: list[Future[str]] = []
@@ -578,6 +581,7 @@ class RunController:
             return
         self._rec = rec
         self._announced = 0
+        self._undurable = []
         # offsets before the first record of this recording count as durable: a crash before
         # the first flush resumes exactly where this recording started reading
         if active is not None and active.offsets:
@@ -810,6 +814,7 @@ class RunController:
                     s.complete += 1
                 else:
                     s.incomplete += 1
+            self._undurable.append((event.partition, event.offset, event.complete))
             if self._metrics is not None:
                 self._metrics.iteration_closed(self.name, event.status.value)
             if not event.complete:  # each one is counted; logged once a minute per reason
@@ -851,6 +856,7 @@ class RunController:
         durable = {p: o for (_t, p), o in rec.last_durable_offset.items()}
         merged = {**self._durable, **{p: max(o, self._durable.get(p, -1))
                                       for p, o in durable.items()}}
+        self._undurable = [u for u in self._undurable if u[1] > merged.get(u[0], -1)]
         current = None if rec.current_path is None else str(rec.current_path)
         stored = self._stored
         if stored is None or stored.active is None:
@@ -1261,6 +1267,7 @@ class RunController:
             self._stats.current_file = None
         failed = rec.reason if rec.status == "failed" else raised
         if failed is not None:
+            self._uncount_undurable()
             if status != "failed":  # found at the close: not counted, logged nor in the
                 if self._metrics is not None:  # status by _recording_failed
                     self._metrics.write_failed(self.name)
@@ -1283,6 +1290,16 @@ class RunController:
                     self._error(str(exc))
         self._log.info("recording closed", status=status, files=files)
         return files, None
+
+    def _uncount_undurable(self) -> None:
+        """The recording failed and keeps its resume state: the iterations whose tail it had
+        not made durable are read again by the resume, and counted then, not twice."""
+        undurable, self._undurable = self._undurable, []
+        complete = sum(1 for _p, _o, c in undurable if c)
+        with self._lock:
+            self._stats.complete = max(0, self._stats.complete - complete)
+            self._stats.incomplete = max(0, self._stats.incomplete
+                                         - (len(undurable) - complete))
 
     # ---- the Karabo bridge (never affects recording) ----------------------------------
     def _open_bridge(self, props: SnapshotProperties) -> None:

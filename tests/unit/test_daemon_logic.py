@@ -1011,6 +1011,48 @@ def test_a_failed_recording_is_one_error_in_the_status(tmp_path: Path) -> None:
         assert c.join(5)
 
 
+def test_iterations_re_read_after_a_failure_are_counted_once(tmp_path: Path) -> None:
+    """The status counted each closed iteration when it arrived; a recording that failed
+    resumes from its last durable offset, so the iterations after it were read (and
+    counted) again: 2 + 3 iterations recorded showed as 8. Those a failure leaves undurable
+    are no longer counted (the resume counts them when it records them)."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    try:
+        sub = _started(c, client)
+        rec = made[0]
+        _feed(sub, 1, 2)  # flushed: durable
+        _wait(lambda: rec.last_durable_offset == {(sub.topic, 0): 18})
+        rec.flush = lambda: None  # type: ignore[method-assign]  # nothing durable after
+        sub.events.put(IterationOpened(sub.topic, "snap", 3, 1, offset=19))
+        sub.events.put(IterationClosed(sub.topic, "snap", 3, IterationStatus.INCOMPLETE,
+                                       None, 1, 2, offset=21))
+        _feed(sub, 4, 2)
+        _wait(lambda: (c.status().iterations_complete, c.status().iterations_incomplete)
+              == (4, 1))
+        rec.status, rec.reason = "failed", "OSError: [Errno 5] Input/output error"
+        _wait(lambda: c.state is RunState.FAILED)
+        status = c.status()
+        assert (status.iterations_complete, status.iterations_incomplete) == (2, 0), status
+        c.start().result(5)
+        again = client.sub
+        assert again is not None and again is not sub
+        assert client.starts[-1] is not None and client.starts[-1].offsets == {0: 19}
+        again.events.put(IterationOpened(again.topic, "snap", 3, 1, offset=19))
+        again.events.put(IterationClosed(again.topic, "snap", 3, IterationStatus.INCOMPLETE,
+                                         None, 1, 2, offset=21))
+        _feed(again, 4, 2)
+        _wait(lambda: len(made) == 2 and len(made[1].events) == 8)
+        _wait(lambda: (c.status().iterations_complete, c.status().iterations_incomplete)
+              == (4, 1))
+        time.sleep(0.2)  # and no more
+        status = c.status()
+        assert (status.iterations_complete, status.iterations_incomplete) == (4, 1), status
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_a_file_that_cannot_be_finalized_at_the_stop_fails_the_stop(tmp_path: Path) -> None:
     """A close that fails (the file cannot be finalized: e.g. a compression whose plugin the
     writer cannot load) was answered "stopped (complete); files: none", left the run idle
