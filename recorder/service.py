@@ -599,12 +599,16 @@ class Service:
         return (active is not None and active.topic == definition.snapshot.topic
                 and not active.stopped)  # an admin stop the shutdown budget cut short
 
-    def _add_controller(self, definition: RunDefinition, *, start: bool) -> RunController:
+    def _add_controller(self, definition: RunDefinition, *, start: bool,
+                        replaces: RunController | None = None) -> RunController:
+        """``replaces``: the run's previous controller (a reload changed the run), stopped;
+        a failure it ended in stands in the new one's status until the run is started."""
         controller = RunController(
             definition, self._client, self._store, metrics=self.metrics,
             recording_factory=self._factory, backoff=self._run_backoff(),
             silence_after_s=self.settings.silence_after_s, room_for=self._room_for,
             on_file=self._on_file, leftover_timeout_s=self.settings.leftover_timeout_s,
+            replaces=None if replaces is None else replaces.status(),
         )
         self._controllers[definition.name] = controller
         self.metrics.set_recording(definition.name, False)
@@ -773,7 +777,8 @@ class Service:
             if any(c.alive for c in d.blockers) or d.definition.name in self._controllers:
                 waiting.append(d)
             else:
-                self._add_controller(d.definition, start=d.start)
+                previous = next((c for c in d.blockers if c.name == d.definition.name), None)
+                self._add_controller(d.definition, start=d.start, replaces=previous)
         self._deferred = waiting
 
     # ------------------------------------------------------------------ status

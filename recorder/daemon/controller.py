@@ -191,6 +191,7 @@ class RunController:
         room_for: Callable[[Path, float | None], bool] | None = None,
         on_file: Callable[[RunDefinition, Path], None] | None = None,
         leftover_timeout_s: float = LEFTOVER_TIMEOUT_S,
+        replaces: RunStatus | None = None,
     ) -> None:
         self.definition = definition
         self.name = definition.name
@@ -221,6 +222,11 @@ class RunController:
         self._state = RunState.IDLE
         self._stops_asked = 0  # stop requests not yet served (recording_wanted)
         self._stats = _Stats()
+        if replaces is not None and replaces.state is RunState.FAILED:
+            # the run's previous controller (a reload changed the run) ended failed: that
+            # stands, with its error, until the run is started
+            self._state = RunState.FAILED
+            self._stats.errors, self._stats.last_error = replaces.errors, replaces.last_error
         self._sub: RecurringSnapshot | None = None
         self._rec: Recording | None = None
         self._stored: StoredState | None = None

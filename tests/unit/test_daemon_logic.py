@@ -2431,7 +2431,7 @@ def test_runs_that_swap_snapshots_in_a_reload_wait_for_each_other(tmp_path: Path
     old = {name: Old(d) for name, d in service._definitions.items()}
     service._controllers = dict(old)  # type: ignore[arg-type]
     made: list[str] = []
-    service._add_controller = lambda d, *, start: made.append(d.name)  # type: ignore[method-assign,assignment,return-value]
+    service._add_controller = lambda d, *, start, **_kw: made.append(d.name)  # type: ignore[method-assign,assignment,return-value]
     ok, message, _data = service.reload("SIGHUP")
     assert ok, message
     assert made == []
@@ -3301,6 +3301,57 @@ def test_a_stop_handed_to_a_run_before_a_reload_changes_it_stands(tmp_path: Path
         assert new.state is RunState.IDLE and len(client.starts) == 1
     finally:
         gate.set()
+        for c in service.controllers.values():
+            c.shutdown()
+            c.join(5)
+
+
+def test_a_failed_run_a_reload_changes_stays_failed_with_its_error(tmp_path: Path) -> None:
+    """A run whose recording had failed (its resume state kept, waiting for an operator's
+    start) came back from a reload that changed it as ``idle``, ``errors: 0`` and
+    ``last_error: null``: the failure vanished from the status and ``status --check``. It
+    stays failed, with its error, until it is started."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(
+        "runs:\n  - {name: r, snapshot: {snapshot_name: snap, pv_uri_list: ['pva://A:B'], "
+        f"time_window: 500}}, output: {{directory: {tmp_path / 'out'}}}}}\n")
+    made: list[FakeRecording] = []
+
+    def factory(d: RunDefinition, **kw: Any) -> FakeRecording:
+        made.append(FakeRecording(tmp_path / f"r_{kw['seq']}.h5"))
+        return made[-1]
+
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False,
+                      recording_factory=factory)  # type: ignore[arg-type]
+    client = FakeClient()
+    service._client = client
+    first = _definition(tmp_path)
+    service._definitions = {"r": first}
+    old = service._add_controller(first, start=False)
+    try:
+        _started(old, client)
+        made[0].status, made[0].reason = "failed", "OSError: [Errno 5] Input/output error"
+        _wait(lambda: old.state is RunState.FAILED)
+        ok, message, _data = service.reload("admin command")
+        assert ok, message
+        assert old.join(5)
+        service._apply_deferred()
+        new = service.controllers["r"]
+        assert new is not old and new.definition.snapshot.time_window == 500
+        status = service.status_document().run("r")
+        assert status is not None and status.state is RunState.FAILED, status
+        assert status.errors == 1
+        assert status.last_error == "recording failed: OSError: [Errno 5] Input/output error"
+        new.start().result(5)  # an operator's start tries again
+        _wait(lambda: new.state is RunState.RECORDING)
+        status = new.status()
+        assert status.last_error is None and status.state is RunState.RECORDING
+    finally:
         for c in service.controllers.values():
             c.shutdown()
             c.join(5)
