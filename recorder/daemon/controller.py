@@ -418,37 +418,50 @@ class RunController:
                 self._close_bridge("complete", "")
 
     def _main_loop(self) -> None:
-        try:
-            while True:
-                self._serve_requests()
-                state = self.state
-                if self._exit and state in (RunState.IDLE, RunState.FAILED):
+        while True:
+            try:
+                if self._step():
                     return
-                now = time.monotonic()
-                if state in (RunState.STARTING, RunState.RETRYING) and now >= self._next_attempt:
-                    if self._awaiting_room and not self._room_for(
-                            self.definition.output.directory, self._ran_out_at):
-                        self._next_attempt = now + ROOM_POLL_S
-                    else:
-                        self._attempt_start()
-                        continue
-                if self._sub is not None:
-                    self._pump(PUMP_BUDGET_S)
-                    if self.state is RunState.STOPPING:
-                        self._check_stopped()
-                    elif self._sub_ended:
-                        self._lost_subscription()
-                    else:
-                        self._watch_silence()
-                    continue
-                self._wait_request(IDLE_WAIT_S)
-        except Exception as exc:  # a bug: never take the daemon down, report it
-            self._log.exception("run worker crashed")
-            self._error(f"internal error: {exc!r}")
-            self._set_state(RunState.FAILED)
-            self._abort_recording(f"internal error: {exc!r}")
-            self._fail_waiters(f"internal error: {exc!r}")
-            self._drain_requests_failing()
+            except Exception as exc:  # a bug: never take the daemon down, report it; the
+                self._crashed(exc)  # run is failed and serves on (a start tries again)
+
+    def _step(self) -> bool:
+        """One turn of the worker's loop; True once the worker is to end."""
+        self._serve_requests()
+        state = self.state
+        if self._exit and state in (RunState.IDLE, RunState.FAILED):
+            return True
+        now = time.monotonic()
+        if state in (RunState.STARTING, RunState.RETRYING) and now >= self._next_attempt:
+            if self._awaiting_room and not self._room_for(
+                    self.definition.output.directory, self._ran_out_at):
+                self._next_attempt = now + ROOM_POLL_S
+            else:
+                self._attempt_start()
+                return False
+        if self._sub is not None:
+            self._pump(PUMP_BUDGET_S)
+            if self.state is RunState.STOPPING:
+                self._check_stopped()
+            elif self._sub_ended:
+                self._lost_subscription()
+            else:
+                self._watch_silence()
+            return False
+        self._wait_request(IDLE_WAIT_S)
+        return False
+
+    def _crashed(self, exc: Exception) -> None:
+        """A bug in the worker: reported, the recording aborted, the run failed. The worker
+        goes on serving requests, so an admin start tries again (its thread ended: every
+        later command was answered "shut down" until the daemon was restarted)."""
+        self._log.exception("run worker crashed")
+        self._error(f"internal error: {exc!r}")
+        self._set_state(RunState.FAILED)
+        self._abort_recording(f"internal error: {exc!r}")
+        self._stop_thread = None
+        self._awaiting_room = False
+        self._fail_waiters(f"internal error: {exc!r}")
 
     def _wait_request(self, timeout: float) -> None:
         try:
@@ -1519,12 +1532,3 @@ class RunController:
             if not f.done():
                 f.set_exception(AdminCommandError(ReplyCode.INTERNAL.value, message))
 
-    def _drain_requests_failing(self) -> None:
-        while True:
-            try:
-                request = self._requests.get_nowait()
-            except queue.Empty:
-                return
-            request.future.set_exception(
-                AdminCommandError(ReplyCode.INTERNAL.value, f"run {self.name!r} failed")
-            )

@@ -1244,6 +1244,36 @@ def test_a_failed_k2eg_stop_unsubscribes_through_the_public_api(tmp_path: Path) 
         assert c.join(5)
 
 
+def test_a_run_whose_worker_hit_a_bug_can_be_started_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the run's worker (here: the recording raises on an event) fails the run with
+    the reason in its status; an admin start then tries again, as for any failed run. The
+    worker thread ended instead: every later start was answered "run 'r' is shut down" and
+    the run stayed dead until the daemon was restarted."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    try:
+        sub = _started(c, client)
+
+        def bug(event: Any) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(made[0], "handle", bug)
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=11))
+        _wait(lambda: c.state is RunState.FAILED)
+        assert "internal error" in str(c.status().last_error)
+        assert "recording" in c.start().result(5)
+        assert c.state is RunState.RECORDING and len(made) == 2
+        again = client.sub
+        assert again is not None and again is not sub
+        again.events.put(IterationOpened(again.topic, "snap", 2, 1, offset=12))
+        _wait(lambda: len(made[1].events) == 1)
+        assert "stopped (complete)" in c.stop().result(5)
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_metrics_bytes_skips_and_lag_per_run(tmp_path: Path) -> None:
     metrics = RecorderMetrics()
     reg = metrics.registry
