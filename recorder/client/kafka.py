@@ -944,7 +944,13 @@ class KafkaAdapter:
             self._serve(consumer, request)
 
     def _serve(self, consumer: Consumer, request: _Request) -> None:
-        if request.future.done():  # cancelled by the caller
+        future = request.future
+        if future.done():  # cancelled by the caller
+            return
+        # claimed before it is served (an add retried later already is): a caller that gives
+        # up waiting (answer_within) cancels it only until then; an answer set into a future
+        # cancelled meanwhile raised InvalidStateError here, which ended the consumer thread
+        if not future.running() and not future.set_running_or_notify_cancel():
             return
         try:
             if request.kind == "add":
