@@ -433,7 +433,13 @@ class RunController:
             return True
         now = time.monotonic()
         if state in (RunState.STARTING, RunState.RETRYING) and now >= self._next_attempt:
-            if self._awaiting_room and not self._room_for(
+            stopping = self._stop_thread
+            if stopping is not None and stopping.is_alive():
+                # the stop of the recording before still runs (that recording failed
+                # meanwhile): its k2eg stop, and its end of the subscription, must not
+                # come after the new start and hit the new recording's snapshot
+                self._next_attempt = now + IDLE_WAIT_S
+            elif self._awaiting_room and not self._room_for(
                     self.definition.output.directory, self._ran_out_at):
                 self._next_attempt = now + ROOM_POLL_S
             else:
@@ -459,7 +465,6 @@ class RunController:
         self._error(f"internal error: {exc!r}")
         self._set_state(RunState.FAILED)
         self._abort_recording(f"internal error: {exc!r}")
-        self._stop_thread = None
         self._awaiting_room = False
         self._fail_waiters(f"internal error: {exc!r}")
 

@@ -1988,6 +1988,53 @@ def test_a_disk_full_failure_while_stopping_does_not_resume_the_stopped_run(
         assert c.join(5)
 
 
+def test_a_start_after_a_failure_while_stopping_waits_for_that_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recording failed while its stop was still under way (the stop's helper thread
+    waiting on the gateway): an operator's start right after began the new subscription at
+    once, and the old stop went out after it, so the gateway stopped the snapshot the new
+    recording had just started (and the client ended the new subscription with the old
+    one's). The start now waits for that stop to be done."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    order: list[str] = []
+    try:
+        sub = _started(c, client)
+        gate = threading.Event()
+        stop = sub.stop
+
+        def slow_stop(timeout: float | None = None, *,
+                      final_timeout_s: float | None = None) -> StopResult:
+            gate.wait(10)
+            order.append("stop")
+            return stop(timeout, final_timeout_s=final_timeout_s)
+
+        sub.stop = slow_stop  # type: ignore[method-assign]
+        subscribe = client.snapshot_recurring
+
+        def start(props: Any, start: Any = None, max_pending: int = 0) -> FakeSub:
+            order.append("start")
+            return subscribe(props, start=start, max_pending=max_pending)
+
+        monkeypatch.setattr(client, "snapshot_recurring", start)
+        stopped = c.stop()
+        _wait(lambda: c.state is RunState.STOPPING)
+        made[0].status, made[0].reason = "failed", "the writer process was killed by SIGKILL"
+        with pytest.raises(AdminCommandError):
+            stopped.result(5)
+        assert c.state is RunState.FAILED
+        again = c.start()
+        time.sleep(0.3)
+        gate.set()
+        assert "recording" in again.result(5)
+        assert order == ["stop", "start"]
+        assert c.state is RunState.RECORDING and len(made) == 2
+    finally:
+        gate.set()
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_a_close_that_raises_keeps_the_resume_state_and_fails_the_stop(tmp_path: Path) -> None:
     """A recording's close that raised (an unexpected error: in-process, finalize's
     SinkError for a compression filter it cannot load escapes HDF5Recording.close) left its
