@@ -734,7 +734,7 @@ class Service:
                 old.definition = change.new
                 continue
             active = old.recording_wanted  # not when a stop handed to it is still queued
-            old.shutdown("run definition changed by a reload")
+            old.shutdown("run definition changed by a reload", restarting=True)
             self._retiring.append(old)
             del self._controllers[change.name]
             recreated.append(_Deferred(change.new, active, [old]))

@@ -128,6 +128,7 @@ class _Request:
     tags: Mapping[str, str] = field(default_factory=dict)
     reason: str = ""
     resumable: bool = False  # exit: a recording it interrupts is left for the next start
+    restarting: bool = False  # exit: a reload changed the run, a new controller takes over
 
 
 @dataclass(slots=True)
@@ -221,6 +222,8 @@ class RunController:
         self._lock = threading.Lock()  # guards _state and _stats for status()
         self._state = RunState.IDLE
         self._stops_asked = 0  # stop requests not yet served (recording_wanted)
+        self._starts_asked = 0  # start requests not yet served (recording_wanted)
+        self._last_asked = ""  # "start" or "stop": the newest of those handed to the worker
         self._stats = _Stats()
         if replaces is not None and replaces.state is RunState.FAILED:
             # the run's previous controller (a reload changed the run) ended failed: that
@@ -266,24 +269,31 @@ class RunController:
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> Future[str]:
+        with self._lock:
+            self._starts_asked += 1
+            self._last_asked = "start"
         return self._submit(_Request("start", Future()))
 
     def stop(self, reason: str = "stopped by an admin command") -> Future[str]:
         with self._lock:
             self._stops_asked += 1
+            self._last_asked = "stop"
         return self._submit(_Request("stop", Future(), reason=reason))
 
     def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]:
         return self._submit(_Request("trigger", Future(), tags=dict(tags or {})))
 
     def shutdown(self, reason: str = "daemon shutdown", *,
-                 resumable: bool = False) -> Future[str]:
+                 resumable: bool = False, restarting: bool = False) -> Future[str]:
         """Stop recording (as :meth:`stop`) and end the worker thread. ``resumable`` (the
         daemon's own shutdown): a recording interrupted earlier and not yet resumed (the
         run retries, e.g. waiting for room on its disk) stays in the state file for the
         next start to resume; otherwise (a reload removed or changed the run) it is ended
-        as a stop ends it."""
-        return self._submit(_Request("exit", Future(), reason=reason, resumable=resumable))
+        as a stop ends it. ``restarting``: a reload changed the run and a new controller
+        takes it over, starting it when :attr:`recording_wanted`; a start still waiting here
+        is answered so."""
+        return self._submit(_Request("exit", Future(), reason=reason, resumable=resumable,
+                                     restarting=restarting))
 
     def abandon(self) -> None:
         """The daemon no longer waits for this run (its shutdown budget ran out): whatever
@@ -319,15 +329,21 @@ class RunController:
 
     @property
     def recording_wanted(self) -> bool:
-        """Whether the run records or is starting to, and no stop handed to it waits for
-        its worker (what a reload that restarts the run keeps to: such a stop stands)."""
+        """Whether the run records or is starting to, unless a start or stop handed to it
+        still waits for its worker: then whether the newest of those is a start (what a
+        reload that restarts the run keeps to: such a command stands)."""
         with self._lock:
-            return (self._stops_asked == 0 and self._state in
-                    (RunState.RECORDING, RunState.STARTING, RunState.RETRYING))
+            if self._stops_asked or self._starts_asked:
+                return self._last_asked == "start"
+            return self._state in (RunState.RECORDING, RunState.STARTING, RunState.RETRYING)
 
     def _stop_served(self) -> None:
         with self._lock:
             self._stops_asked -= 1
+
+    def _start_served(self) -> None:
+        with self._lock:
+            self._starts_asked -= 1
 
     @property
     def tags_recorded(self) -> list[tuple[int, dict[str, str]]]:
@@ -377,6 +393,8 @@ class RunController:
         if not self._thread.is_alive():
             if request.kind == "stop":
                 self._stop_served()
+            elif request.kind == "start":
+                self._start_served()
             request.future.set_exception(
                 AdminCommandError(ReplyCode.INTERNAL.value, f"run {self.name!r} is shut down")
             )
@@ -486,7 +504,10 @@ class RunController:
     def _serve(self, request: _Request) -> None:
         try:
             if request.kind == "start":
-                self._on_start(request.future)
+                try:
+                    self._on_start(request.future)
+                finally:
+                    self._start_served()
             elif request.kind == "stop":
                 try:
                     self._on_stop(request.future, request.reason)
@@ -500,7 +521,8 @@ class RunController:
                     request.future.set_result(f"run {self.name!r} shut down")
                 else:
                     self._on_stop(request.future, request.reason,
-                                  resumable=request.resumable)
+                                  resumable=request.resumable,
+                                  restarting=request.restarting)
         except AdminCommandError as exc:
             if not request.future.done():
                 request.future.set_exception(exc)
@@ -1134,13 +1156,18 @@ class RunController:
         return self._client.snapshot_trigger(name, tags=dict(tags) or None)
 
     # ---- stop ---------------------------------------------------------------------------
-    def _on_stop(self, future: Future[str], reason: str, *, resumable: bool = False) -> None:
+    def _on_stop(self, future: Future[str], reason: str, *, resumable: bool = False,
+                 restarting: bool = False) -> None:
         state = self.state
         if state in (RunState.IDLE, RunState.FAILED):
             raise AdminCommandError(ReplyCode.NOT_RUNNING.value,
                                     f"run {self.name!r} is not recording ({state.value})")
         if state in (RunState.STARTING, RunState.RETRYING):
-            self._resolve_start(error=f"run {self.name!r} was stopped before it started")
+            if restarting:  # the new controller starts the run (recording_wanted)
+                self._resolve_start(message=f"run {self.name!r} starts with its new "
+                                    "definition (a reload changed it)")
+            else:
+                self._resolve_start(error=f"run {self.name!r} was stopped before it started")
             if self._awaiting_room or self._start_unanswered:
                 # its snapshot was left running for the resume, or the gateway may still
                 # start it: the stop goes after the start, so it does not run on there

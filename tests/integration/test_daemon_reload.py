@@ -24,10 +24,11 @@ from recorder.daemon.adminclient import AdminClient
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _yaml(data: Path, snap: str, window: int) -> str:
+def _yaml(data: Path, snap: str, window: int, autostart: bool = True) -> str:
     return f"""
 runs:
   - name: r
+    autostart: {str(autostart).lower()}
     snapshot:
       snapshot_name: {snap}
       pv_uri_list: [pva://SIM:AI:DOUBLE:1]
@@ -80,3 +81,29 @@ def test_a_run_stopped_just_before_a_reload_that_changes_it_stays_stopped(
         time.sleep(3.0)  # a restart the reload decided on would be recording by now
         state = run_state(admin, "r")
         assert state is not None and state["state"] == "idle", state
+
+
+def test_a_run_started_just_before_a_reload_that_changes_it_starts(
+    tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
+    daemons: list[DaemonProcess],
+) -> None:
+    """A start handed to an idle run whose worker had not yet acted on it when a reload
+    changed the run: the start stands (answered ok, the run records with its new
+    definition). Here the worker usually takes the start first; the unit test
+    ``test_a_start_handed_to_an_idle_run_before_a_reload_changes_it_stands`` holds it back
+    to make the race certain."""
+    data = tmp_path / "data"
+    snap = unique_name("s").replace("-", "_")
+    config = tmp_path / "runs.yaml"
+    config.write_text(_yaml(data, snap, 1000, autostart=False))
+    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config)
+    with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
+        daemons.append(DaemonProcess(denv))
+        wait_for(lambda: run_state(admin, "r") is not None, 40, "the daemon to answer")
+        config.write_text(_yaml(data, snap, 200, autostart=False))
+        start, reload = _together(admin, [("start", "r"), ("reload", None)])
+        assert start.ok and reload.ok, (start, reload)
+        assert reload.data is not None and reload.data["changed"]["r"]["restart"]
+        wait_for(lambda: complete_iterations(admin, "r") >= 3, 30, "r to record")
+        state = run_state(admin, "r")
+        assert state is not None and state["state"] == "recording", state

@@ -3330,6 +3330,61 @@ def test_a_snapshot_whose_topic_is_one_of_the_daemons_own_is_refused(
     assert service.controllers == {} and service._deferred == []
 
 
+def test_a_start_handed_to_an_idle_run_before_a_reload_changes_it_stands(
+    tmp_path: Path,
+) -> None:
+    """An admin start handed to idle run r, then a reload that changed r, before r's worker
+    had taken the start: the reload took r for idle, shut it down with the start queued
+    (answered "stopped before it started") and the new r stayed idle. The start stands: it
+    is answered ok and the new r records."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(
+        "runs:\n  - {name: r, autostart: false, snapshot: {snapshot_name: snap, pv_uri_list: "
+        f"['pva://A:B'], time_window: 500}}, output: {{directory: {tmp_path / 'out'}}}}}\n")
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False,
+                      recording_factory=lambda d, **kw: FakeRecording(  # type: ignore[arg-type]
+                          tmp_path / f"r_{kw['seq']}.h5"))
+    client = FakeClient()
+    client.kafka_unreachable_since = None  # type: ignore[attr-defined]
+    service._client = client
+    first = _definition(tmp_path)
+    service._definitions = {"r": first}
+    old = service._add_controller(first, start=False)
+    held, gate = threading.Event(), threading.Event()
+    take = old._requests.get
+
+    def slow_get(*args: Any, **kwargs: Any) -> Any:
+        if not gate.is_set():  # the worker has not come round to its queue yet
+            held.set()
+            gate.wait(10)
+        return take(*args, **kwargs)
+
+    old._requests.get = slow_get  # type: ignore[method-assign]
+    try:
+        assert held.wait(5) and old.state is RunState.IDLE
+        started = old.start()
+        ok, message, _data = service.reload("admin command")
+        assert ok, message
+        gate.set()
+        assert "starts with its new definition" in started.result(5)
+        assert old.join(5)
+        service._apply_deferred()
+        new = service.controllers["r"]
+        assert new.definition.snapshot.time_window == 500
+        _wait(lambda: new.state is RunState.RECORDING)
+        assert len(client.starts) == 1
+    finally:
+        gate.set()
+        for c in service.controllers.values():
+            c.shutdown()
+            c.join(5)
+
+
 def test_a_stop_handed_to_a_run_before_a_reload_changes_it_stands(tmp_path: Path) -> None:
     """An admin stop handed to run r, then (the same batch of admin records, or a SIGHUP
     within the worker's 0.1 s pump) a reload that changed r, before r's worker had acted on
