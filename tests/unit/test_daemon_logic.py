@@ -3330,6 +3330,30 @@ def test_a_snapshot_whose_topic_is_one_of_the_daemons_own_is_refused(
     assert service.controllers == {} and service._deferred == []
 
 
+def _service_with_run_r(tmp_path: Path, recording: type[FakeRecording], *, autostart: bool
+                        ) -> tuple[Any, FakeClient, RunController]:
+    """A Service whose runs file (read by a reload) has run r with a time window of 500 ms,
+    and its controller of r as the daemon had it before (``_definition``), not started."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(
+        f"runs:\n  - {{name: r, autostart: {str(autostart).lower()}, snapshot: {{snapshot_name: "
+        "snap, pv_uri_list: ['pva://A:B'], time_window: 500}, output: {directory: "
+        f"{tmp_path / 'out'}}}}}\n")
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False,
+                      recording_factory=lambda d, **kw: recording(tmp_path / f"r_{kw['seq']}.h5"))
+    client = FakeClient()
+    client.kafka_unreachable_since = None  # type: ignore[attr-defined]
+    service._client = client
+    first = _definition(tmp_path)
+    service._definitions = {"r": first}
+    return service, client, service._add_controller(first, start=False)
+
+
 def test_a_start_handed_to_an_idle_run_before_a_reload_changes_it_stands(
     tmp_path: Path,
 ) -> None:
@@ -3337,24 +3361,7 @@ def test_a_start_handed_to_an_idle_run_before_a_reload_changes_it_stands(
     had taken the start: the reload took r for idle, shut it down with the start queued
     (answered "stopped before it started") and the new r stayed idle. The start stands: it
     is answered ok and the new r records."""
-    from recorder.config.daemon import DaemonSettings
-    from recorder.service import Service
-    from recorder.settings import KafkaSettings
-
-    runs = tmp_path / "runs.yaml"
-    runs.write_text(
-        "runs:\n  - {name: r, autostart: false, snapshot: {snapshot_name: snap, pv_uri_list: "
-        f"['pva://A:B'], time_window: 500}}, output: {{directory: {tmp_path / 'out'}}}}}\n")
-    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
-                      state_dir=tmp_path / "state", gc_tuning=False,
-                      recording_factory=lambda d, **kw: FakeRecording(  # type: ignore[arg-type]
-                          tmp_path / f"r_{kw['seq']}.h5"))
-    client = FakeClient()
-    client.kafka_unreachable_since = None  # type: ignore[attr-defined]
-    service._client = client
-    first = _definition(tmp_path)
-    service._definitions = {"r": first}
-    old = service._add_controller(first, start=False)
+    service, client, old = _service_with_run_r(tmp_path, FakeRecording, autostart=False)
     held, gate = threading.Event(), threading.Event()
     take = old._requests.get
 
@@ -3390,10 +3397,6 @@ def test_a_stop_handed_to_a_run_before_a_reload_changes_it_stands(tmp_path: Path
     within the worker's 0.1 s pump) a reload that changed r, before r's worker had acted on
     the stop: the reload took r for recording (its state still said so) and started the new
     r once the old one had stopped, so the stop was answered "stopped" and r recorded on."""
-    from recorder.config.daemon import DaemonSettings
-    from recorder.service import Service
-    from recorder.settings import KafkaSettings
-
     entered, gate = threading.Event(), threading.Event()
 
     class Busy(FakeRecording):
@@ -3402,20 +3405,7 @@ def test_a_stop_handed_to_a_run_before_a_reload_changes_it_stands(tmp_path: Path
             gate.wait(10)  # the worker is busy with an event (a slow write)
             super().handle(event)
 
-    runs = tmp_path / "runs.yaml"
-    runs.write_text(
-        "runs:\n  - {name: r, snapshot: {snapshot_name: snap, pv_uri_list: ['pva://A:B'], "
-        f"time_window: 500}}, output: {{directory: {tmp_path / 'out'}}}}}\n")
-    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
-                      state_dir=tmp_path / "state", gc_tuning=False,
-                      recording_factory=lambda d, **kw: Busy(  # type: ignore[arg-type]
-                          tmp_path / f"r_{kw['seq']}.h5"))
-    client = FakeClient()
-    client.kafka_unreachable_since = None  # type: ignore[attr-defined]
-    service._client = client
-    first = _definition(tmp_path)
-    service._definitions = {"r": first}
-    old = service._add_controller(first, start=False)
+    service, client, old = _service_with_run_r(tmp_path, Busy, autostart=True)
     try:
         sub = _started(old, client)
         sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=11))
