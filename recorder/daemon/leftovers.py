@@ -42,6 +42,8 @@ LEFTOVER_TIMEOUT_S = 300.0  # RECORDER_LEFTOVER_TIMEOUT_S: the child's deadline 
 LEFTOVER_BYTES_PER_S = 50e6  # ... plus a second per 50 MB of the file
 RESULT = "RESULT "  # the child's answer on stdout: this, then JSON
 STACKS_FD_ENV = "K2EG_RECORDER_STACKS_FD"  # where the child writes its stacks at SIGUSR1
+CHILD_IGNORES: frozenset[signal.Signals] = frozenset({signal.SIGINT, signal.SIGTERM})
+"""The child ignores them: the daemon decides when a recovery ends (its deadline)."""
 
 
 def finalize_leftover(partial: Path, run: str, *, timeout_s: float = LEFTOVER_TIMEOUT_S
@@ -140,9 +142,23 @@ def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) ->
     # its stacks at SIGUSR1 go where the daemon's go (its own stderr is read for errors)
     stacks = os.dup(2)
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline,
-                             check=False, pass_fds=(stacks,),
-                             env={**os.environ, STACKS_FD_ENV: str(stacks)})
+        # it starts with the signals it ignores blocked (the mask survives exec), as a writer
+        # does: a terminal's Ctrl-C (SIGINT to the whole foreground group) or `systemctl
+        # kill` ended the recovery, and the intact file was left for the operator
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_IGNORES)
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, pass_fds=(stacks,),
+                                    env={**os.environ, STACKS_FD_ENV: str(stacks)})
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        with proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=deadline)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
     except subprocess.TimeoutExpired:
         # as recover_file leaves a file it did not recover: byte for byte, nothing else
         from recorder.sinks.finalize import FINAL_SUFFIX  # h5py: not in the daemon's import
@@ -157,10 +173,10 @@ def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) ->
             "ever on some damaged files); the process was killed") from None
     finally:
         os.close(stacks)
-    answers = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
+    answers = [line for line in stdout.splitlines() if line.startswith(RESULT)]
     if not answers:
-        raise RecorderError(f"{partial}: the recovery process ended (exit {out.returncode}) "
-                            f"without an answer: {out.stderr.strip()[-500:]}")
+        raise RecorderError(f"{partial}: the recovery process ended (exit {proc.returncode}) "
+                            f"without an answer: {stderr.strip()[-500:]}")
     answer = json.loads(answers[-1][len(RESULT):])
     if "final" in answer:
         return Path(answer["final"])
@@ -211,5 +227,8 @@ def _dump_stacks_on_sigusr1() -> None:
 
 
 if __name__ == "__main__":
+    for _sig in CHILD_IGNORES:  # blocked until now (see recover_in_child)
+        signal.signal(_sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_IGNORES)
     _dump_stacks_on_sigusr1()
     sys.exit(_child(sys.argv[1:]))
