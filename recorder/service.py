@@ -83,6 +83,11 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 LOOP_WAIT_S = 0.1
 EXTEND_EVERY_S = 5.0
+EXIT_WORK_S = 60.0
+"""What exiting takes once the runs stopped or the shutdown budget ran out, asked of systemd
+then (``EXTEND_TIMEOUT_USEC``): the k2eg client and the admin link closed (each waits for
+its consumer thread and flushes its producer), the writer processes reaped (a busy one
+after ``REAP_GRACE_S``, then killed)."""
 CONFIG_ERRORS_KEPT = 50
 """Problems of a refused reload listed in the status, the heartbeats and the reload's reply
 (one long PV list with a wrong prefix is thousands: all of them made every status document
@@ -450,6 +455,9 @@ class Service:
                 next_extend = now + EXTEND_EVERY_S
                 self.notifier.extend_timeout(deadline - now + 10)
             time.sleep(LOOP_WAIT_S)
+        # the time asked for so far ends 10 s after the budget: too short for what exiting
+        # still does, when the budget outlasts TimeoutStopSec= (systemd killed the daemon)
+        self.notifier.extend_timeout(EXIT_WORK_S)
         late = [c.name for c in controllers if c.alive]
         for c in self._controllers.values():  # not runs a reload removed or changed
             if c.alive:  # closing the client below ends its stop: its state is kept

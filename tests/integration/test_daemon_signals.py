@@ -1,6 +1,6 @@
 """The daemon under signals, end to end (``k2eg-recorder run`` as its own process, the
 embedded broker, the simulator): Ctrl-C on a terminal (SIGINT to the whole foreground process
-group) while the daemon recovers the file a crash left."""
+group) while the daemon recovers the file a crash left; SIGTERM while a writer hangs."""
 
 from __future__ import annotations
 
@@ -95,3 +95,59 @@ def test_ctrl_c_while_a_leftover_is_recovered_does_not_abandon_it(
     files = read_files(h5_files(data))
     crashed = [f for f in files if f["attrs"].get("recovered")]
     assert len(crashed) == 1 and crashed[0]["status"] == "aborted", [f["path"] for f in files]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_with_a_hung_writer_exits_within_the_time_it_asked_systemd_for(
+    tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
+    daemons: list[DaemonProcess], notify_lines: tuple[str, list[str]],
+) -> None:
+    """A writer that hangs (a file system that stopped answering, here SIGSTOP) when the
+    daemon is told to stop: the daemon gives up on it after its shutdown budget, exits 0 and
+    leaves no process behind. Its STOPPING=1 and EXTEND_TIMEOUT_USEC are what systemd goes by
+    when the budget (RECORDER_SHUTDOWN_TIMEOUT_S) exceeds TimeoutStopSec=: the time asked
+    for ended with the budget plus 10 s, while closing the Kafka client and reaping the
+    writer processes (10 s of grace for a busy one) takes longer, so systemd killed the
+    daemon (SIGKILL, the unit failed with a timeout) instead of it exiting 0."""
+    config, data = _run_config(tmp_path, unique_name)
+    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config,
+                            extra={"RECORDER_SHUTDOWN_TIMEOUT_S": "3"})
+    denv.extra["NOTIFY_SOCKET"], notified = notify_lines
+    with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
+        daemon = DaemonProcess(denv)
+        daemons.append(daemon)
+        wait_for(lambda: complete_iterations(admin, "sig") >= 5, 40, "5 iterations")
+        writers = _children(daemon.proc.pid, b"spawn_main")
+        assert writers
+        for w in writers:
+            os.kill(w, signal.SIGSTOP)  # a writer hung on its file system
+        seen = len(notified)
+        granted: list[float] = []  # when systemd would kill it: each extension's end
+        daemon.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 90
+        while daemon.proc.poll() is None and time.monotonic() < deadline:
+            now = time.monotonic()
+            for message in notified[seen:]:
+                for line in message.splitlines():
+                    if line.startswith("EXTEND_TIMEOUT_USEC="):
+                        granted.append(now + int(line.split("=", 1)[1]) / 1e6)
+            seen = len(notified)
+            time.sleep(0.02)
+        exited = time.monotonic()
+        code = daemon.wait(5)
+    left = [w for w in writers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert code == 0, daemon.log_text()[-3000:]
+    assert any("STOPPING=1" in m for m in notified), notified
+    assert left == [], daemon.log_text()[-3000:]
+    assert "runs did not stop within the shutdown budget" in daemon.log_text()
+    assert len(partial_files(data)) == 1  # kept, as the log says, for the next start
+    assert granted and exited < max(granted), (exited, granted)
