@@ -11,6 +11,7 @@ the same file again.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import json
@@ -18,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,6 +129,28 @@ def offsets_in_file(path: Path, topic: str) -> dict[int, int]:
     return out
 
 
+_RECOVERING: dict[subprocess.Popen[str], tuple[Path, bytes]] = {}  # child -> its file
+_RECOVERING_LOCK = threading.Lock()
+
+
+@atexit.register
+def _end_recoveries() -> None:
+    """Recoveries still running when the daemon exits (its shutdown budget ran out): killed,
+    each file left as it was for the next start. Orphaned, nothing ended one at its
+    deadline (one looping in HDF5 held a core for good)."""
+    with _RECOVERING_LOCK:
+        running = list(_RECOVERING.items())
+        _RECOVERING.clear()
+    for proc, (partial, original) in running:
+        proc.kill()
+        proc.wait()
+        # the superblock only: importing h5py (for the final file begun, which the next
+        # recovery removes) while the interpreter exits crashed it (SIGSEGV)
+        with contextlib.suppress(OSError):
+            if original and superblock_bytes(partial) != original:
+                restore_superblock(partial, original)
+
+
 def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) -> Path:
     """:func:`recorder.sinks.recover.recover_file` of ``partial`` in a child process, killed
     after ``timeout_s`` plus a second per 50 MB. Raises what recover_file raises: OSError
@@ -152,6 +176,8 @@ def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) ->
                                     env={**os.environ, STACKS_FD_ENV: str(stacks)})
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        with _RECOVERING_LOCK:
+            _RECOVERING[proc] = (partial, original)
         with proc:
             try:
                 stdout, stderr = proc.communicate(timeout=deadline)
@@ -159,6 +185,9 @@ def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) ->
                 proc.kill()
                 proc.wait()
                 raise
+            finally:
+                with _RECOVERING_LOCK:
+                    _RECOVERING.pop(proc, None)
     except subprocess.TimeoutExpired:
         # as recover_file leaves a file it did not recover: byte for byte, nothing else
         from recorder.sinks.finalize import FINAL_SUFFIX  # h5py: not in the daemon's import

@@ -151,3 +151,48 @@ def test_sigterm_with_a_hung_writer_exits_within_the_time_it_asked_systemd_for(
     assert "runs did not stop within the shutdown budget" in daemon.log_text()
     assert len(partial_files(data)) == 1  # kept, as the log says, for the next start
     assert granted and exited < max(granted), (exited, granted)
+
+
+
+def test_sigterm_while_a_leftover_recovery_hangs_leaves_no_process_behind(
+    tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
+    daemons: list[DaemonProcess],
+) -> None:
+    """The recovery of a crash's leftover hangs (a file system that stopped answering, here
+    SIGSTOP; or HDF5 looping on damage the heap scan does not know) when the daemon is told
+    to stop: the daemon exits 0 after its shutdown budget, as it should, but the recovery
+    process lived on, orphaned, with nothing left to end it at its deadline (outside
+    systemd, whose KillMode=mixed kills what the main process leaves)."""
+    config, data = _run_config(tmp_path, unique_name)
+    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config,
+                            extra={"RECORDER_SHUTDOWN_TIMEOUT_S": "3"})
+    recovering: list[int] = []
+    try:
+        with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
+            first = DaemonProcess(denv, "first")
+            daemons.append(first)
+            wait_for(lambda: complete_iterations(admin, "sig") >= 8, 40, "8 iterations")
+            first.signal(signal.SIGKILL)
+            first.wait(10)
+            (leftover,) = partial_files(data)
+            wait_for(lambda: writer_active(leftover) is False, 20, "the writer process to end")
+            whole = leftover.read_bytes()
+
+            second = DaemonProcess(denv, "second")
+            daemons.append(second)
+            recovering = wait_for(
+                lambda: _children(second.proc.pid, b"recorder.daemon.leftovers"), 60,
+                "the leftover's recovery process", interval=0.005)
+            for pid in recovering:
+                os.kill(pid, signal.SIGSTOP)
+            second.signal(signal.SIGTERM)
+            assert second.wait(60) == 0, second.log_text()[-3000:]
+        time.sleep(0.5)
+        assert [pid for pid in recovering if _alive(pid)] == [], second.log_text()[-3000:]
+        assert partial_files(data) == [leftover]  # for the next start, as it was
+        assert leftover.read_bytes() == whole
+    finally:
+        for pid in recovering:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
