@@ -44,7 +44,8 @@ LEFTOVER_TIMEOUT_S = 300.0  # RECORDER_LEFTOVER_TIMEOUT_S: the child's deadline 
 LEFTOVER_BYTES_PER_S = 50e6  # ... plus a second per 50 MB of the file
 RESULT = "RESULT "  # the child's answer on stdout: this, then JSON
 STACKS_FD_ENV = "K2EG_RECORDER_STACKS_FD"  # where the child writes its stacks at SIGUSR1
-CHILD_IGNORES: frozenset[signal.Signals] = frozenset({signal.SIGINT, signal.SIGTERM})
+CHILD_IGNORES: frozenset[signal.Signals] = frozenset(
+    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 """The child ignores them: the daemon decides when a recovery ends (its deadline)."""
 
 

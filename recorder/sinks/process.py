@@ -23,7 +23,7 @@ Process model
     cannot cross the process boundary:
     the parent uses ``clock`` for the flush interval, and the child runs the system clocks
     shifted by the difference to ``clock()``/``wall_clock()`` observed at construction. The
-    child ignores SIGINT/SIGTERM (the daemon closes recordings
+    child ignores SIGINT/SIGTERM/SIGHUP (the daemon closes recordings
     in order on shutdown; the unit's ``KillMode=mixed`` signals the main process only) and
     SIGXFSZ (a file-size limit becomes a clean EFBIG failure). When the parent goes away
     without ``close`` (crash, proxy garbage-collected) the child sees EOF, flushes what it

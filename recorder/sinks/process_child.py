@@ -2,7 +2,7 @@
 :mod:`recorder.sinks.process_spawn` starts (``spawn``: the child imports this module, so it
 stays as light as the parent's side; h5py and the HDF5 sink are imported inside the function),
 runs a plain ``HDF5Recording`` and answers every frame with :func:`_state`. It ignores
-SIGINT/SIGTERM and SIGXFSZ, logs the way the parent does (:func:`_log_config`, taken in the
+SIGINT/SIGTERM/SIGHUP and SIGXFSZ, logs the way the parent does (:func:`_log_config`, taken in the
 parent) and leaves with :func:`_exit` (no interpreter teardown). The process model is in
 :mod:`recorder.sinks.process`.
 """
@@ -34,7 +34,7 @@ log = structlog.get_logger("recorder.sinks.process")
 # blocked while a writer starts (see process_spawn._spawn_writer), until _child_main has set
 # what they do here
 STARTUP_BLOCKED: frozenset[signal.Signals] = frozenset(
-    {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
+    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1})
 
 
 def _log_config() -> dict[str, Any]:
@@ -85,7 +85,9 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
     *warm* writer (``init_blob`` None, see :func:`~recorder.sinks.process_spawn.prewarm_writer`)
     imports what it needs, then waits for its init as the first frame; EOF instead means it
     was not needed."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGXFSZ):
+    # SIGHUP (the daemon's reload) too: `systemctl kill -s HUP` and a terminal's hangup reach
+    # every process, and its default action (exit) failed every recording
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_IGN)
     # as the daemon: SIGUSR1 writes this writer's stacks to stderr (not its default: exit)
     faulthandler.register(signal.SIGUSR1, all_threads=True)

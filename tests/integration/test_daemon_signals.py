@@ -1,6 +1,7 @@
 """The daemon under signals, end to end (``k2eg-recorder run`` as its own process, the
 embedded broker, the simulator): Ctrl-C on a terminal (SIGINT to the whole foreground process
-group) while the daemon recovers the file a crash left; SIGTERM while a writer hangs."""
+group) while the daemon recovers the file a crash left; SIGTERM while a writer or that
+recovery hangs; SIGHUP sent to every process of the daemon."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from daemon_support import (
     h5_files,
     partial_files,
     read_files,
+    run_state,
     simulator,
     wait_for,
 )
@@ -196,3 +198,35 @@ def test_sigterm_while_a_leftover_recovery_hangs_leaves_no_process_behind(
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
+
+
+def test_sighup_to_every_process_of_the_daemon_reloads_and_recording_goes_on(
+    tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
+    daemons: list[DaemonProcess],
+) -> None:
+    """SIGHUP reaches the writer processes too when it is sent to the unit (``systemctl kill
+    -s HUP k2eg-recorder`` signals every process of it) or to the process group (a
+    terminal's hangup): the daemon reloaded, but each writer died of it (SIGHUP's default
+    action), so every run failed ("killed by SIGHUP") and stayed stopped until an admin
+    start. A writer now ignores SIGHUP as it ignores SIGINT and SIGTERM."""
+    config, data = _run_config(tmp_path, unique_name)
+    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config)
+    with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
+        daemon = DaemonProcess(denv)
+        daemons.append(daemon)
+        wait_for(lambda: complete_iterations(admin, "sig") >= 5, 40, "5 iterations")
+        writers = _children(daemon.proc.pid, b"spawn_main")
+        assert writers
+        os.killpg(daemon.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "run definitions reloaded" in daemon.log_text(), 20, "the reload")
+        before = complete_iterations(admin, "sig")
+        wait_for(lambda: complete_iterations(admin, "sig") >= before + 5, 20,
+                 "5 more iterations")
+        assert all(_alive(w) for w in writers)
+        state = run_state(admin, "sig") or {}
+        assert state.get("state") == "recording" and state.get("errors") == 0, state
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
+    assert partial_files(data) == []
+    (recorded,) = read_files(h5_files(data))
+    assert recorded["status"] == "complete"
