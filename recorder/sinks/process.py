@@ -137,6 +137,10 @@ log = structlog.get_logger("recorder.sinks.process")
 DEFAULT_BATCH_BYTES = 256 * 1024
 
 
+# what happens to the .partial a writer that is gone left: the daemon's resume state names it
+_LEFT_FOR = ("the run's next start finalizes it and resumes after it; "
+             "`k2eg-recorder recover` finalizes it by hand")
+
 class IsolatedRecording:
     """``HDF5Recording`` run in a writer process; see the module docstring."""
 
@@ -551,10 +555,8 @@ class IsolatedRecording:
                 self.paths.append(final)
             self.current_path = None  # which one it was writing then: not known
             return (f"; it had finalized {final}; a later segment it began is left as "
-                    f"{PARTIAL_SUFFIX} in {partial.parent} (finalize it with "
-                    "`k2eg-recorder recover`)")
-        return (f"; data up to the last flush is in {partial} "
-                "(finalize it with `k2eg-recorder recover`)")
+                    f"{PARTIAL_SUFFIX} in {partial.parent} ({_LEFT_FOR})")
+        return f"; data up to the last flush is in {partial} ({_LEFT_FOR})"
 
     def _died(self) -> None:
         self._proc.join(5)
