@@ -160,9 +160,10 @@ def encode_iteration(it: ReplayIteration, snapshot: str, *, sequenced: bool,
                      sent: int = 0) -> list[bytes]:
     """The messages of ``it`` in publishing order: header, data, tail, then late values.
 
-    ``sent``: how many messages of this iteration were already published, from the previous
-    segment (an iteration open at a rotation has a row in both): its header is not sent again
-    and ``msg_seq`` counts on from them."""
+    ``sent``: how many ``msg_seq`` numbers of this iteration were already used, by its row
+    in the previous segment (an iteration open at a rotation, or cut by a crash, has a row in
+    both): its messages, and the number of a header it did not have; its header is not sent
+    again and ``msg_seq`` counts on from them."""
     ts = it.timestamp_ms
     seq = sent
     out: list[bytes] = []

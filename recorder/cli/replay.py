@@ -252,8 +252,9 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
     t_start = time.monotonic()
     origin: tuple[float, int] | None = None  # (monotonic, recorded ms) of the first iteration
     behind = 0.0  # the most an iteration went out later than its paced time (s)
-    # the last iteration of the previous file and how many of its messages were sent: the
-    # first row of the next one may be its rest (an iteration open at a rotation)
+    # the last iteration of the previous file and how many msg_seq numbers it used: the
+    # first row of the next one may be its rest (an iteration open at a rotation, or cut by
+    # a crash and resumed)
     carried: tuple[ReplayIteration, int] | None = None
     last: tuple[ReplayIteration, int] | None = None
     try:
@@ -281,7 +282,9 @@ def _replay(args: argparse.Namespace, kafka: Any, files: list[Any], selection: A
                     _produce(producer, args.topic, key, value, headers=headers,
                              on_delivery=delivered)
                     n_messages += 1
-                last = (it, sent + len(messages))
+                # the msg_seq numbers it used: its messages, and a lost header's number
+                # (skipped, not sent) when it begins the iteration
+                last = (it, sent + len(messages) + (1 if not sent and it.header_ms is None else 0))
                 n_iterations += 1 if not sent and (it.header_ms is not None
                                                    or it.tail_ms is not None) else 0
                 n_values += len(it.samples) + len(it.late)

@@ -312,6 +312,79 @@ def test_an_iteration_split_by_a_rotation_is_replayed_as_one(
         assert its["n_values"].tolist() == [1, 1, 2, 1]
 
 
+def test_an_iteration_cut_by_a_crash_is_replayed_with_every_value(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path,
+) -> None:
+    """Iteration 2 (sub-push) had its first batch in segment 0 when the writer was killed:
+    the recovered file has it without header (``writer_crashed``), the resumed segment 1
+    its rest and tail, without header either. Replayed with --all-segments its data are
+    numbered on from the first part's: the rest began at the first part's last msg_seq
+    (the header's number, skipped, was not counted), and a sequenced consumer dropped that
+    value as a duplicate."""
+    from test_hdf5_roundtrip import _ts
+
+    from recorder.client.values import PVSample
+    from recorder.sinks.hdf5 import _PARKED
+    from recorder.sinks.recover import recover_file
+
+    def t(i: int) -> int:
+        return T0_NS + i * STEP_NS
+
+    def value(rec: HDF5Recording, i: int, x: float, batch: int = 1) -> None:
+        rec.handle(ValuesReceived("t", i, t(i), batch,
+                                  (PVSample("A", {"value": x, "timeStamp": _ts(i)}),)))
+
+    first = HDF5Recording(OutputOptions(directory=tmp_path / "src"), run_name="cut",
+                          snapshot=SNAPSHOT)
+    first.handle(IterationOpened("t", "rp-source", 1, t(1)))
+    value(first, 1, 1.0)
+    first.handle(IterationClosed("t", "rp-source", 1, IterationStatus.COMPLETE, None, t(1),
+                                 t(1) + 1_000_000, n_values=1, n_pvs=1, n_batches=1,
+                                 expected_messages=3, missing_messages=0))
+    first.handle(IterationOpened("t", "rp-source", 2, t(2)))
+    value(first, 2, 2.0)
+    first.flush()
+    # the writer dies here: its file stays .partial (the handle is never closed)
+    assert first.current_path is not None and first._lock is not None
+    _PARKED.append(first._file)
+    first._lock.release()
+    crashed = recover_file(first.current_path)
+    # the resumed recording: the rest of iteration 2 without its header, then iteration 3
+    resumed = HDF5Recording(OutputOptions(directory=tmp_path / "src"), run_name="cut",
+                            snapshot=SNAPSHOT, recording_uid=first.uid, first_segment=1,
+                            start_wall=first.start_wall)
+    value(resumed, 2, 2.5, 2)
+    resumed.handle(IterationClosed("t", "rp-source", 2, IterationStatus.INCOMPLETE,
+                                   IncompleteReason.MISSING_MESSAGES, None, t(2) + 1_000_000,
+                                   n_values=1, n_pvs=1, n_batches=1, expected_messages=4,
+                                   missing_messages=2))
+    resumed.handle(IterationOpened("t", "rp-source", 3, t(3)))
+    value(resumed, 3, 3.0)
+    resumed.handle(IterationClosed("t", "rp-source", 3, IterationStatus.COMPLETE, None, t(3),
+                                   t(3) + 1_000_000, n_values=1, n_pvs=1, n_batches=1,
+                                   expected_messages=3, missing_messages=0))
+    (rest,) = resumed.close()
+    with open_recording([crashed, rest]) as r:
+        assert r.iterations_of("A").tolist() == [1, 2, 2, 3]
+        assert r.iterations()["reason"].tolist() == ["", "writer_crashed", "missing_messages",
+                                                     ""]
+
+    topic = unique_name("replay-cut")
+    done = replay(kafka_bootstrap, str(crashed), "--all-segments", "--topic", topic,
+                  "--speed", "0")
+    assert done.returncode == 0, done.stderr
+    n = int(done.stdout.split("(")[1].split()[0])  # "... values (N messages) ..."
+    messages = consume(kafka_bootstrap, topic, n)
+    seqs = [decode_snapshot_message(m.value(), m.headers()) for m in messages]
+    of_2 = [getattr(x, "msg_seq", None) for x in seqs if x.iter_index == 2]
+    assert len(of_2) == len(set(of_2)), of_2  # every message of iteration 2 numbered once
+    again = record_again(messages, tmp_path / "again", missing_grace_s=0.0)
+    with open_file(again) as b:
+        assert b.values("A").tolist() == [1.0, 2.0, 2.5, 3.0]
+        assert b.iterations_of("A").tolist() == [1, 2, 2, 3]
+        assert b.iterations()["iter_index"].tolist() == [1, 2, 3]
+
+
 def test_iterations_missing_messages_or_their_header_stay_so(
     kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path,
 ) -> None:
