@@ -221,9 +221,12 @@ class RunController:
         self._requests: queue.Queue[_Request] = queue.Queue()
         self._lock = threading.Lock()  # guards _state and _stats for status()
         self._state = RunState.IDLE
-        self._stops_asked = 0  # stop requests not yet served (recording_wanted)
-        self._starts_asked = 0  # start requests not yet served (recording_wanted)
-        self._last_asked = ""  # "start" or "stop": the newest of those handed to the worker
+        # recording_wanted: start and stop requests not yet served, and which one of them
+        # is the newest ("start" or "stop"); a lock of their own, taken before _lock
+        self._asked_lock = threading.Lock()
+        self._stops_asked = 0
+        self._starts_asked = 0
+        self._last_asked = ""
         self._stats = _Stats()
         if replaces is not None and replaces.state is RunState.FAILED:
             # the run's previous controller (a reload changed the run) ended failed: that
@@ -269,13 +272,13 @@ class RunController:
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> Future[str]:
-        with self._lock:
+        with self._asked_lock:
             self._starts_asked += 1
             self._last_asked = "start"
         return self._submit(_Request("start", Future()))
 
     def stop(self, reason: str = "stopped by an admin command") -> Future[str]:
-        with self._lock:
+        with self._asked_lock:
             self._stops_asked += 1
             self._last_asked = "stop"
         return self._submit(_Request("stop", Future(), reason=reason))
@@ -332,17 +335,19 @@ class RunController:
         """Whether the run records or is starting to, unless a start or stop handed to it
         still waits for its worker: then whether the newest of those is a start (what a
         reload that restarts the run keeps to: such a command stands)."""
-        with self._lock:
+        with self._asked_lock:
             if self._stops_asked or self._starts_asked:
                 return self._last_asked == "start"
-            return self._state in (RunState.RECORDING, RunState.STARTING, RunState.RETRYING)
+            with self._lock:
+                return self._state in (RunState.RECORDING, RunState.STARTING,
+                                       RunState.RETRYING)
 
     def _stop_served(self) -> None:
-        with self._lock:
+        with self._asked_lock:
             self._stops_asked -= 1
 
     def _start_served(self) -> None:
-        with self._lock:
+        with self._asked_lock:
             self._starts_asked -= 1
 
     @property

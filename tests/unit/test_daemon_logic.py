@@ -2321,7 +2321,8 @@ class _AdminRun(FakeHandle):
     alive = True
     triggered = 0
 
-    def shutdown(self, reason: str = "", *, resumable: bool = False) -> None:
+    def shutdown(self, reason: str = "", *, resumable: bool = False,
+                 restarting: bool = False) -> None:
         self.alive = False
 
     def trigger(self, tags: Mapping[str, str] | None = None) -> Future[str]:
@@ -2486,7 +2487,8 @@ def test_runs_that_swap_snapshots_in_a_reload_wait_for_each_other(tmp_path: Path
             self.name = d.name
             self.alive = True
 
-        def shutdown(self, reason: str = "", *, resumable: bool = False) -> None:
+        def shutdown(self, reason: str = "", *, resumable: bool = False,
+                     restarting: bool = False) -> None:
             pass
 
         def status(self) -> RunStatus:
@@ -2590,7 +2592,8 @@ def test_a_run_a_reload_added_that_waits_for_another_to_stop_is_in_the_status(
             self.definition = d
             self.name = d.name
 
-        def shutdown(self, reason: str = "", *, resumable: bool = False) -> None:
+        def shutdown(self, reason: str = "", *, resumable: bool = False,
+                     restarting: bool = False) -> None:
             self.state = RunState.STOPPING
 
         def status(self) -> RunStatus:
