@@ -327,7 +327,17 @@ def scan(
             continue
         seen.add(key)
         try:
-            entry = describe(path)
+            try:
+                entry = describe(path)
+            except FileNotFoundError:  # finalized (renamed) or removed while it was read
+                moved = now_at(path)
+                if moved == path:
+                    raise
+                if moved is None or moved.resolve() in seen:
+                    continue
+                seen.add(moved.resolve())
+                path = moved
+                entry = describe(path)
         except FileFormatError as exc:
             if not isinstance(exc, DamagedFileError):  # ours, but damaged: unreadable
                 out.foreign.append(path)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -153,3 +155,42 @@ def test_the_writer_lock_goes_with_its_object(tmp_path: Path) -> None:
 def test_the_writer_lock_of_a_missing_file(tmp_path: Path) -> None:
     assert writelock.acquire(tmp_path / "missing") is None
     assert writelock.writer_active(tmp_path / "missing") is None
+
+
+def test_a_partial_finalized_while_it_is_read_is_listed_as_its_final_file(
+    tmp_path: Path,
+) -> None:
+    """``ls`` beside a daemon: a ``.partial`` listed, then renamed to its final name (a
+    segment rotated, a run stopped) while it is being read, is the final file, not an
+    unreadable one (``ls`` then exited 1 with "No such file or directory")."""
+    from recorder.catalog import scan
+
+    partial = tmp_path / "run_0000.h5.partial"
+    final = tmp_path / "run_0000.h5"
+    partial.write_bytes(b"")
+
+    def describe(path: Path) -> FileEntry:
+        if path == partial:  # the finalization ends while the file is being read
+            partial.rename(final)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        assert path == final
+        return dataclasses.replace(_file(0, "complete", 1_000, 2_000), path=final)
+
+    catalog = scan([tmp_path], describe=describe)
+    assert catalog.unreadable == []
+    assert [[f.path for f in r.files] for r in catalog.recordings] == [[final]]
+
+
+def test_a_file_removed_while_it_is_read_is_not_listed(tmp_path: Path) -> None:
+    """A file an archive job removed while ``ls`` read it is gone, not unreadable."""
+    from recorder.catalog import scan
+
+    gone = tmp_path / "run_0000.h5"
+    gone.write_bytes(b"")
+
+    def describe(path: Path) -> FileEntry:
+        path.unlink()
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+
+    catalog = scan([tmp_path], describe=describe)
+    assert catalog.unreadable == [] and catalog.recordings == []
