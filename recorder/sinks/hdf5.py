@@ -21,6 +21,7 @@ are unaffected. Files being written are ``<name>.h5.partial`` (SWMR, log-structu
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import socket
@@ -62,6 +63,8 @@ FORMAT_NAME = "k2eg-recorder"
 LIVE_CHUNK_CACHE = 1024 * 1024
 
 log = structlog.get_logger("recorder.sinks")
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+"""Why a new segment file cannot be created in an existing directory: said with what to do."""
 _PARKED: list[h5py.File] = []  # files of failed recordings, never closed (see _fail)
 
 
@@ -296,7 +299,16 @@ class HDF5Recording:
             )
         )
         partial = partial_path(final)
-        f = h5py.File(partial, "x", libver=("v110", "v110"), rdcc_nbytes=LIVE_CHUNK_CACHE)
+        try:
+            f = h5py.File(partial, "x", libver=("v110", "v110"), rdcc_nbytes=LIVE_CHUNK_CACHE)
+        except OSError as exc:
+            if exc.errno not in _NOT_WRITABLE:  # a full disk stays HDF5's own (it resumes)
+                raise
+            raise SinkError(
+                f"output directory {self.options.directory} is not writable: "
+                f"{os.strerror(exc.errno)} (make it writable by the service user, and list it "
+                "in the unit's ReadWritePaths=)"
+            ) from exc
         # the writer lock from the file's creation (recover leaves it alone), the shared
         # flock once HDF5 has dropped its own exclusive one (SWMR); where the lock cannot
         # be taken beside HDF5's (NFS emulates flock with POSIX locks), once SWMR started

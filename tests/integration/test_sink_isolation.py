@@ -486,6 +486,46 @@ def test_unwritable_directory_fails_cleanly(
     assert rec.close() == [] and rec.status == "failed"
 
 
+@contextlib.contextmanager
+def unwritable_directory(tmp_path: Path) -> Iterator[Path]:
+    """A directory that exists but cannot be written: a read-only mount as root (what
+    ProtectSystem=strict makes of a directory not in ReadWritePaths=), else mode 0500."""
+    target = tmp_path / "ro"
+    target.mkdir()
+    if os.geteuid() != 0:
+        target.chmod(0o500)
+        yield target
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)],
+                             check=False, capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a read-only tmpfs")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_a_directory_that_exists_but_cannot_be_written_says_what_to_do(
+    tmp_path: Path, recordings: Callable[..., IsolatedRecording], isolate: bool
+) -> None:
+    """The usual mistake under systemd (the directory exists, but is not in the unit's
+    ReadWritePaths=, so it is read-only) fails the recording with a reason that names the
+    directory and what to do, as a directory that cannot be created does; before, the reason
+    was HDF5's "OSError: [Errno 30] Unable to synchronously create file (...)"."""
+    with unwritable_directory(tmp_path) as target:
+        options = OutputOptions(directory=target, isolate=isolate)
+        rec: IsolatedRecording | HDF5Recording = (
+            recordings(options, run_name="x") if isolate
+            else HDF5Recording(options, run_name="x"))
+        assert rec.status == "failed" and rec.reason and rec.current_path is None
+        assert rec.reason.startswith(f"output directory {target} is not writable: "), rec.reason
+        assert "ReadWritePaths=" in rec.reason
+        assert rec.close() == [] and rec.status == "failed"
+        assert list(target.iterdir()) == []
+
+
 def test_factory_and_no_h5py_in_the_parent(tmp_path: Path) -> None:
     rec = open_recording(OutputOptions(directory=tmp_path, isolate=False), run_name="x")
     assert isinstance(rec, HDF5Recording)
