@@ -49,6 +49,13 @@ LOOKS = 5
 LOOK_INTERVAL_S = 0.05
 METADATA_READ_ATTEMPTS = 30  # back-off 2**30 ns ~ 1.1 s in all per damaged metadata block
 
+# h5py.File's defaults for make_fapl's parameters, which have none before h5py 3.13
+_FAPL_DEFAULTS: dict[str, Any] = {
+    "libver": None, "rdcc_nslots": None, "rdcc_nbytes": None, "rdcc_w0": None,
+    "locking": None, "page_buf_size": None, "min_meta_keep": 0, "min_raw_keep": 0,
+    "alignment_threshold": 1, "alignment_interval": 1, "meta_block_size": None,
+}
+
 _LIBHDF5 = re.compile(r"/libhdf5(?:_serial|_openmpi|_mpich)?(?:-[0-9a-f]+)?\.so[.0-9]*$")
 
 
@@ -110,7 +117,7 @@ def _open_swmr(path: Path, **kwargs: Any) -> h5py.File:
     if set_attempts is None:  # not the libhdf5 we know how to reach: HDF5's own default
         return h5py.File(path, "r", swmr=True, **kwargs)
     with h5py._objects.phil:  # h5py serializes every call into HDF5 with this lock
-        fapl = h5py._hl.files.make_fapl(None, **kwargs)
+        fapl = h5py._hl.files.make_fapl(None, **{**_FAPL_DEFAULTS, **kwargs})
         if set_attempts(fapl.id, METADATA_READ_ATTEMPTS) < 0:
             raise OSError(f"Unable to open {path} (cannot set the metadata read attempts)")
         fid = h5f.open(os.fsencode(path), h5f.ACC_RDONLY | h5f.ACC_SWMR_READ, fapl=fapl)

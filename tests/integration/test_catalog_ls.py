@@ -310,6 +310,36 @@ def test_swmr_opens_set_the_metadata_read_attempts(
         assert attempts.value == h5open.METADATA_READ_ATTEMPTS == 30
 
 
+def test_swmr_opens_work_with_the_oldest_h5py_pyproject_allows(
+    gamma: tuple[subprocess.Popen[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyproject allows h5py>=3.10, whose make_fapl (3.10 to 3.12) has no defaults: open_live
+    called it with the File keywords only, so with those h5py versions every SWMR open
+    raised TypeError, and every recording failed at its finalization (the demo made no file).
+    Here make_fapl has the 3.10 signature."""
+    from h5py._hl import files
+
+    from recorder.sinks import h5open
+
+    real = files.make_fapl
+
+    def make_fapl_3_10(  # noqa: PLR0917 (h5py 3.10's signature)
+        driver: Any, libver: Any, rdcc_nslots: Any, rdcc_nbytes: Any, rdcc_w0: Any,
+        locking: Any, page_buf_size: Any, min_meta_keep: Any, min_raw_keep: Any,
+        alignment_threshold: Any, alignment_interval: Any, meta_block_size: Any, **kwds: Any
+    ) -> Any:
+        return real(driver, libver, rdcc_nslots, rdcc_nbytes, rdcc_w0, locking,
+                    page_buf_size, min_meta_keep, min_raw_keep, alignment_threshold,
+                    alignment_interval, meta_block_size, **kwds)
+
+    monkeypatch.setattr(files, "make_fapl", make_fapl_3_10)
+    _, partial = gamma
+    with h5open.open_live(partial) as f:
+        assert f.swmr_mode and "live" in f
+    with h5open.open_live(partial, rdcc_nbytes=1 << 20) as f:
+        assert f.swmr_mode
+
+
 @pytest.mark.parametrize("where", ["column-header", "root-attribute"])
 def test_damaged_metadata_in_a_live_file_is_reported_not_waited_on(
     tmp_path: Path, gamma: tuple[subprocess.Popen[str], Path], where: str
