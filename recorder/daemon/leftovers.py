@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -112,7 +113,7 @@ def offsets_in_file(path: Path, topic: str) -> dict[int, int]:
             if "kafka" not in f:
                 return {}
             g = f["kafka"]
-            if g["topic"].compression not in (None, "gzip", "lzf"):
+            if _plugin_filtered(g["topic"]):
                 # a plugin filter: 5.1 writers before 2026-11-24 did not name it
                 register_plugins(["hdf5plugin"])
             topics = np.asarray(g["topic"][()])
@@ -128,6 +129,18 @@ def offsets_in_file(path: Path, topic: str) -> dict[int, int]:
         if bytes(t) == wanted:
             out[int(p)] = max(int(o), out.get(int(p), -1))
     return out
+
+
+def _plugin_filtered(dataset: Any) -> bool:
+    """Whether ``dataset`` has a filter neither HDF5 (ids below 256) nor h5py (LZF) provides.
+    Not ``Dataset.compression``: before h5py 3.16 it is None for a plugin filter."""
+    from h5py import h5z
+
+    dcpl = dataset.id.get_create_plist()
+    return any(
+        (fid := dcpl.get_filter(i)[0]) >= 256 and fid != h5z.FILTER_LZF
+        for i in range(dcpl.get_nfilters())
+    )
 
 
 _RECOVERING: dict[subprocess.Popen[str], tuple[Path, bytes]] = {}  # child -> its file

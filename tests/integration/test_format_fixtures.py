@@ -143,3 +143,24 @@ def test_the_daemon_reads_the_kafka_offsets_of_a_5_1_file_without_the_filter_nam
          "print(offsets_in_file(Path(sys.argv[1]), sys.argv[2]))", str(path), "topic-x"],
         capture_output=True, text=True, timeout=120, check=False)
     assert got.stdout.strip().splitlines()[-1] == "{0: 119}", got.stdout + got.stderr
+
+
+def test_the_daemon_reads_those_offsets_with_h5py_before_3_16(tmp_path: Path) -> None:
+    """Before h5py 3.16 (pyproject allows h5py>=3.10) ``Dataset.compression`` is None for a
+    plugin filter, not 'unknown': the daemon took the unnamed zstd column for an unfiltered
+    one, did not load hdf5plugin, read no offsets, and a resumed run recorded again the
+    iterations that file holds. Here ``compression`` answers as h5py 3.10 to 3.15 do."""
+    import subprocess
+    import sys
+
+    path = kafka_zstd_file(tmp_path)
+    code = (
+        "import sys; from pathlib import Path; from h5py._hl.dataset import Dataset; "
+        "Dataset.compression = property(lambda self: next(("
+        "x for x in ('gzip', 'lzf', 'szip') if x in self._filters), None)); "
+        "from recorder.daemon.leftovers import offsets_in_file; "
+        "print(offsets_in_file(Path(sys.argv[1]), sys.argv[2]))"
+    )
+    got = subprocess.run([sys.executable, "-c", code, str(path), "topic-x"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert got.stdout.strip().splitlines()[-1] == "{0: 119}", got.stdout + got.stderr
