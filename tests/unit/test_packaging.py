@@ -18,6 +18,11 @@ OLDEST_THAT_WORKS = {
     "hdf5plugin": ("4.1", "hdf5plugin.Blosc2 (compression: blosc2) came in 4.1: with 4.0 a "
                           "blosc2 run passed validate, then its recording failed with "
                           "AttributeError"),
+    "msgpack": ("1.0.4", "msgpack before 1.0.4 has no wheel for Python 3.11 and installs "
+                         "without its C extension: its pure-Python packer made the bridge's "
+                         "protocol 1.0 frames with arrays no client decodes ('buffer is too "
+                         "small'), and a deeply nested PV map raised RecursionError (logged "
+                         "as a decoder bug) instead of being counted not_msgpack"),
 }
 
 
