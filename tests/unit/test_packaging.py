@@ -15,6 +15,10 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 # package -> (oldest version the code works with, why)
 OLDEST_THAT_WORKS = {
+    "confluent-kafka": ("2.16", "with 2.13 to 2.15 a message over receive.message.max.bytes "
+                                "made metadata requests fail and Kafka look unreachable on and "
+                                "off: the runs never got the error as their last_error, as the "
+                                "README promises (test_large_messages)"),
     "hdf5plugin": ("4.1", "hdf5plugin.Blosc2 (compression: blosc2) came in 4.1: with 4.0 a "
                           "blosc2 run passed validate, then its recording failed with "
                           "AttributeError"),
