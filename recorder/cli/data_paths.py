@@ -73,11 +73,27 @@ def configured_directories() -> tuple[list[Path], str | None]:
     return dirs, None
 
 
+def finalized_since(path: Path, command: str) -> Path:
+    """``path``, or its final file when it is a ``.partial`` finalized since it was named
+    (what ``status`` showed as a run's current file, a segment rotated since): said on
+    stderr."""
+    from recorder.catalog import now_at
+
+    if path.exists():
+        return path
+    moved = now_at(path)
+    if moved is None:
+        return path
+    print(f"k2eg-recorder {command}: {path}: finalized since; reading {moved}", file=sys.stderr)
+    return moved
+
+
 def paths_to_read(paths: list[Path], command: str) -> list[Path] | None:
-    """``paths``, or when none are given the configured output directories that exist (a
+    """``paths`` (a ``.partial`` finalized since: its final file, :func:`finalized_since`),
+    or when none are given the configured output directories that exist (a
     run that has not recorded yet has none); None, said on stderr, when there are neither."""
     if paths:
-        return paths
+        return [finalized_since(p, command) for p in paths]
     found, why = configured_directories()
     if not found:
         print(f"k2eg-recorder {command}: give a PATH ({why})", file=sys.stderr)

@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     path: Path = args.file
     opener: Callable[[Path], RecordingFile | Recording] = (
         open_file if args.only_file else open_recording)
-    source = open_or_report(path, opener)
+    source = open_or_report(path, opener, "export")
     if source is None:
         return 1
     with source:

@@ -51,10 +51,15 @@ def quietly_opened(opener: Callable[[Path], T], path: Path) -> T:
     return opened
 
 
-def open_or_report(path: Path, opener: Callable[[Path], T]) -> T | None:
+def open_or_report(path: Path, opener: Callable[[Path], T], command: str = "inspect"
+                   ) -> T | None:
     """``opener(path)``, or None after saying on stderr why the file cannot be read (missing,
-    not a file, not HDF5, not ours): what ``inspect`` and ``export`` tell their users."""
+    not a file, not HDF5, not ours): what ``inspect`` and ``export`` tell their users. A
+    ``.partial`` finalized since it was named is read as its final file (said on stderr)."""
+    from recorder.cli.data_paths import finalized_since
     from recorder.errors import FileFormatError
+
+    path = finalized_since(path, command)
 
     if not path.is_file():
         print(f"{path}: {'not a file' if path.exists() else 'no such file'}", file=sys.stderr)

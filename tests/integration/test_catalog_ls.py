@@ -1184,3 +1184,25 @@ def test_a_partial_left_beside_its_finalized_file_is_not_listed_twice(tmp_path: 
     assert (entry.status, entry.iterations, entry.values) == ("complete", 3, 3)
     doc = ls_json(str(data))
     assert [f["path"] for r in doc["recordings"] for f in r["files"]] == [str(final)]
+
+
+def test_a_partial_finalized_since_it_was_named_is_read_as_its_final_file(
+    tmp_path: Path,
+) -> None:
+    """``status`` shows a run's current ``.partial``; a rotation or stop finalizes it before
+    the operator's ``inspect``/``ls``/``verify``/``export`` of that path, which then said
+    "no such file" (exit 1 or 2). Each reads the final file and says so on stderr."""
+    (final,) = record(tmp_path, "R", 1_700_000_000.0, 3)
+    partial = final.with_name(final.name + ".partial")
+    assert not partial.exists()
+    for command in (["inspect"], ["ls"], ["verify", "--data"], ["export", "-o",
+                                                               str(tmp_path / "x.csv")]):
+        out = subprocess.run([sys.executable, "-m", "recorder.cli", *command, str(partial)],
+                             check=False, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (command, out.stdout, out.stderr)
+        assert f"{partial}: finalized since; reading {final}" in out.stderr, (command, out.stderr)
+    assert "3.0" in (tmp_path / "x.csv").read_text()
+    gone = tmp_path / "missing.h5.partial"
+    out = subprocess.run([sys.executable, "-m", "recorder.cli", "inspect", str(gone)],
+                         check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no such file" in out.stderr
