@@ -51,6 +51,18 @@ Starting fresh
     of the snapshot's life before a stop, such as its final iteration read only after the
     snapshot was started again.
 
+Resuming
+    :meth:`IterationAssembler.prime_until` marks a topic resumed after a crash at given
+    offsets but read from earlier ones (the first message of the oldest iteration still open
+    then): a record below its partition's offset was recorded already and is only
+    remembered for the duplicate check (no event, no counter); a data message read after
+    the offset that is a copy of one of them (a producer retry: sequenced, the same
+    ``timestamp`` and ``msg_seq`` in the iteration; legacy, as below) is dropped as a
+    ``duplicate``, as it is without a crash. What is remembered of an iteration is
+    forgotten when it closes, when a header opens another iteration or the snapshot
+    restarts; until then and until every partition is past its offset the topic takes the
+    general path.
+
 Late, duplicate, restarted
     * Data or a tail for an iteration already closed is counted ``late.data``/``late.tail``
       and dropped: the iteration is not reopened and no event is emitted, because a sink has
@@ -278,8 +290,23 @@ class _Batch:
         self.nbytes = 0  # of the messages that carried the samples
 
 
+class _Primed:
+    """What a resumed topic read below its resume offsets (``prime_until``)."""
+
+    __slots__ = ("copies", "until")
+
+    def __init__(self, until: Mapping[int, int]) -> None:
+        # partition -> the resume offset; a partition is dropped once read up to it
+        self.until = dict(until)
+        # iter_index -> data messages recorded before the crash: sequenced (timestamp,
+        # msg_seq), legacy (PV, fingerprint of the message bytes)
+        self.copies: dict[int, set[tuple[Any, Any]]] = {}
+
+
 class _Topic:
-    __slots__ = ("closed", "max_index", "max_ts", "name", "open", "pending", "timeout_s")
+    __slots__ = (
+        "closed", "max_index", "max_ts", "name", "open", "pending", "primed", "timeout_s",
+    )
 
     def __init__(self, name: str, timeout_s: float) -> None:
         self.name = name
@@ -289,6 +316,7 @@ class _Topic:
         self.pending: _Batch | None = None
         self.max_index: int | None = None
         self.max_ts = -1
+        self.primed: _Primed | None = None  # a resume's priming, while it lasts
 
 
 class IterationAssembler:
@@ -341,10 +369,25 @@ class IterationAssembler:
         they are read (a final iteration the gateway queued before its ack)."""
         self._skip_until[topic] = timestamp_ns
 
+    def prime_until(self, topic: str, offsets: Mapping[int, int]) -> None:
+        """``topic`` resumes at ``offsets`` (partition -> offset) but is read from earlier
+        ones: records of a partition below its offset here were recorded already; they only
+        prime the duplicate check (see "Resuming" in the module docstring)."""
+        state = self._topic(topic)
+        state.primed = _Primed(offsets) if offsets else None
+
     def open_iterations(self, topic: str) -> list[int]:
         """``iter_index`` of the iterations currently open on ``topic`` (oldest first)."""
         state = self._topics.get(topic)
         return list(state.open) if state is not None else []
+
+    def _topic(self, topic: str) -> _Topic:
+        state = self._topics.get(topic)
+        if state is None:
+            state = self._topics[topic] = _Topic(
+                topic, self._timeouts.get(topic, self.iteration_timeout_s)
+            )
+        return state
 
     def feed(self, record: Record, now: float) -> list[IterationEvent]:
         """Decode and assemble one record; malformed records are counted and give ``[]``."""
@@ -405,11 +448,9 @@ class IterationAssembler:
                 cls.headers,
             )
         topic = topic_of(first)
-        state = self._topics.get(topic)
-        if state is None:
-            state = self._topics[topic] = _Topic(
-                topic, self._timeouts.get(topic, self.iteration_timeout_s)
-            )
+        state = self._topic(topic)
+        if state.primed is not None:  # a resume's priming: the general path, record by record
+            return self._feed_primed(records, start, state, now, out)
         open_ = state.open
         counters = self.counters
         skip_until = self._skip_until.get(topic, 0)
@@ -636,6 +677,93 @@ class IterationAssembler:
         self._layout = (prefix, psub_bytes, pts, pidx, psub)
         return i
 
+    def _feed_primed(
+        self,
+        records: Sequence[Record] | Sequence[RawMessage],
+        start: int,
+        state: _Topic,
+        now: float,
+        out: list[IterationEvent],
+    ) -> int:
+        """:meth:`feed_run` while ``state`` is primed: every record takes the general path."""
+        topic = state.name
+        i, n = start, len(records)
+        while i < n:
+            rec: Any = records[i]
+            if rec.__class__ is not Record:
+                if rec.topic() != topic:
+                    break
+                rec = Record(topic, rec.partition(), rec.offset(), rec.value(), rec.headers(),
+                             kafka_time_ms(rec))
+            elif rec.topic != topic:
+                break
+            i += 1
+            self._feed_one(state, rec, now, out)
+        return i
+
+    def _prime(self, state: _Topic, record: Record) -> bool:
+        """Whether ``record`` is below its partition's resume offset (then it only primes
+        the duplicate check); a partition read up to its resume offset is done priming."""
+        primed = state.primed
+        assert primed is not None
+        partition, offset = record.partition, record.offset
+        until = primed.until.get(partition)
+        if until is None:
+            return False
+        if offset < until:
+            try:
+                msg = decode_snapshot_message(
+                    record.value, record.headers, max_bytes=self.max_message_bytes
+                )
+            except Exception:  # counted when it was read before the crash
+                msg = None
+            if msg.__class__ is Data:
+                key = self._copy_key(msg)
+                if key is not None:
+                    primed.copies.setdefault(msg.iter_index, set()).add(key)
+        if offset >= until - 1:
+            del primed.until[partition]
+            self._end_priming(state)
+        return offset < until
+
+    @staticmethod
+    def _copy_key(msg: Data) -> tuple[Any, Any] | None:
+        """What identifies a data message's producer-retry copy (None: nothing, see
+        :meth:`_is_legacy_duplicate`)."""
+        if msg.msg_seq is not None:
+            return (msg.timestamp_ns, msg.msg_seq)
+        if msg.raw is None or not isinstance(msg.sample.data.get("timeStamp"), Mapping):
+            return None
+        return (msg.sample.pv, _fingerprint(msg.raw))
+
+    def _primed_copy(self, state: _Topic, primed: _Primed, msg: Data) -> bool:
+        """Whether ``msg`` is a copy of a message recorded before the resume: then counted
+        as a duplicate (in its iteration if it is open)."""
+        copies = primed.copies.get(msg.iter_index)
+        if not copies or self._copy_key(msg) not in copies:
+            return False
+        it = state.open.get(msg.iter_index)
+        if it is None:
+            self.counters["duplicate"] += 1
+        else:
+            self._duplicate(it, "duplicate")
+        return True
+
+    @staticmethod
+    def _end_priming(state: _Topic) -> None:
+        primed = state.primed
+        if primed is not None and not primed.until and not primed.copies:
+            state.primed = None
+
+    def _forget_primed(self, state: _Topic, keep: int | None = None) -> None:
+        """Forget what priming remembered of every iteration but ``keep``."""
+        primed = state.primed
+        if primed is None:
+            return
+        kept = primed.copies.get(keep) if keep is not None else None
+        primed.copies = {} if kept is None or keep is None else {keep: kept}
+        self._end_priming(state)
+
     def _new_unpacker(self) -> msgpack.Unpacker:
         """A fresh Unpacker for validating PV maps (after an error it may hold unread bytes;
         after a big message it holds a big buffer)."""
@@ -646,6 +774,8 @@ class IterationAssembler:
         self, state: _Topic, record: Record, now: float, out: list[IterationEvent]
     ) -> None:
         """The general path of one record: full decoding, then the message handlers."""
+        if state.primed is not None and self._prime(state, record):
+            return
         try:
             msg = decode_snapshot_message(
                 record.value, record.headers, max_bytes=self.max_message_bytes
@@ -708,11 +838,7 @@ class IterationAssembler:
         self, topic: str, partition: int, offset: int, msg: SnapshotMessage, now: float
     ) -> list[IterationEvent]:
         """Assemble one decoded message (``feed`` without the decoding)."""
-        state = self._topics.get(topic)
-        if state is None:
-            state = self._topics[topic] = _Topic(
-                topic, self._timeouts.get(topic, self.iteration_timeout_s)
-            )
+        state = self._topic(topic)
         out: list[IterationEvent] = []
         try:
             cls = msg.__class__
@@ -802,6 +928,9 @@ class IterationAssembler:
         out: list[IterationEvent],
     ) -> None:
         ts = msg.timestamp_ns
+        primed = state.primed
+        if primed is not None and primed.copies and self._primed_copy(state, primed, msg):
+            return
         it = self._iteration_of(state, partition, offset, msg, now, "data", out)
         if it is None:
             return
@@ -975,6 +1104,8 @@ class IterationAssembler:
         for other in list(state.open.values()):
             if not other.tail_seen and other.partition == partition:
                 self._close(state, other, IncompleteReason.NO_TAIL, out)
+        if state.primed is not None:  # copies of earlier iterations' data came before it
+            self._forget_primed(state, idx)
         self._open(state, idx, partition, offset, now, out, header=msg)
 
     def _on_tail(  # noqa: PLR0917
@@ -1059,6 +1190,8 @@ class IterationAssembler:
         self.counters["restart"] += 1
         state.closed.clear()
         state.max_index = None
+        if state.primed is not None:  # of the snapshot's earlier life
+            self._forget_primed(state)
 
     def _iteration_of(  # noqa: PLR0917
         self,
@@ -1176,6 +1309,9 @@ class IterationAssembler:
         if pending is not None and pending.iteration is it:
             self._flush(state, out)
         del state.open[it.iter_index]
+        primed = state.primed
+        if primed is not None and primed.copies.pop(it.iter_index, None) is not None:
+            self._end_priming(state)  # a copy read now would be late
         closed = state.closed
         closed[it.iter_index] = it.last_ts
         while len(closed) > self.max_closed_per_topic:

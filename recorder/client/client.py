@@ -145,6 +145,26 @@ def iteration_timeout_s(props: SnapshotProperties, slack_s: float = DEFAULT_SLAC
     return 2.0 * props.time_window / 1000.0 + slack_s
 
 
+def _primed_start(
+    start: StartAt, resume: Mapping[int, int], watermarks: Mapping[int, tuple[int, int]]
+) -> tuple[StartAt, dict[int, int]]:
+    """``start`` (explicit offsets) with each partition read from no lower than its oldest
+    message, and the resume offsets of the partitions that still start below them (see
+    :meth:`K2egClient.snapshot_recurring`'s ``prime_until``)."""
+    assert start.offsets is not None
+    offsets = dict(start.offsets)
+    primed: dict[int, int] = {}
+    for partition, asked in start.offsets.items():
+        until = resume.get(partition)
+        if until is None or asked >= until:
+            continue
+        low = watermarks.get(partition, (asked, 0))[0]
+        offsets[partition] = at = min(max(asked, low), until)
+        if at < until:
+            primed[partition] = until
+    return StartAt.at(offsets, others=start.others), primed
+
+
 def command_producer_config(settings: KafkaSettings) -> dict[str, Any]:
     """This client's producer sends gateway commands only: one that Kafka did not take within
     the command timeout is dropped (its caller got an error by then), never delivered later
@@ -760,6 +780,7 @@ class K2egClient:
         start: StartAt | None = None,
         max_pending: int | None = None,
         max_pending_bytes: int | None = None,
+        prime_until: Mapping[int, int] | None = None,
     ) -> RecurringSnapshot:
         """Start a recurring snapshot and read its topic; returns its handle.
 
@@ -772,6 +793,13 @@ class K2egClient:
         :meth:`skipped`). If the gateway answers "already running" (same
         normalized name), the parameters of the running snapshot apply; the handle says
         ``already_running`` and reads the normalized topic anyway.
+
+        ``prime_until``: with ``start`` at explicit offsets below these (partition -> offset;
+        a resume after a crash read from the oldest iteration then open), what a partition
+        holds below its offset here was recorded already: it only primes the duplicate
+        check, so a producer's copy of such a message read after it is dropped (see
+        :meth:`IterationAssembler.prime_until`); a start below a partition's oldest message
+        moves up to it (deleted by retention: nothing to prime with, and nothing lost).
         """
         self._check_open()
         properties.validate()
@@ -808,6 +836,12 @@ class K2egClient:
             # a partition added since the offsets were taken holds only newer messages
             start = StartAt.at({p: high for p, (_, high) in before.items()},
                                others="beginning") if before else StartAt.beginning()
+        primed: dict[int, int] = {}
+        if prime_until and start.kind == "offsets" and start.offsets is not None:
+            if topic != properties.topic:  # `before` is another topic's: no priming (each
+                # partition starts at its resume offset, as if that were its oldest message)
+                before = {p: (o, o) for p, o in prime_until.items()}
+            start, primed = _primed_start(start, prime_until, before)
         sub = RecurringSnapshot(
             self, properties, topic, ack, already_running, handler,
             self.max_pending if max_pending is None else max_pending,
@@ -819,6 +853,8 @@ class K2egClient:
             )
             if fresh:
                 self._assembler.start_at_header(topic)
+            if primed:
+                self._assembler.prime_until(topic, primed)
             stopped_at = self._stopped_at.pop(topic, None)
             if fresh and not already_running and stopped_at is not None:
                 # started anew after a stop this client saw acknowledged: what the gateway

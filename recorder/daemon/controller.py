@@ -241,6 +241,11 @@ class RunController:
         # (partition, offset, complete) of the iterations counted in the status whose tail is
         # not durable yet: a failed recording resumes before them, so they are uncounted then
         self._undurable: list[tuple[int, int, bool]] = []
+        # where the iterations the recording has open began: iter_index -> (partition,
+        # offset); and (partition, offset) of the closed ones whose close is not durable yet,
+        # with where they began: a resume reads from the oldest (ActiveRecording.open_offsets)
+        self._open_at: dict[int, tuple[int, int]] = {}
+        self._closing_at: list[tuple[int, int, int, int]] = []
         self._next_attempt = 0.0
         self._start_waiters: list[Future[str]] = []
         self._stop_waiters: list[Future[str]] = []
@@ -579,9 +584,12 @@ class RunController:
         if active is not None and active.current_file:
             active = self._recover_leftover(stored, active)
         start_at: StartAt | None = None
+        primed: dict[str, Any] = {}
         if active is not None and active.offsets:
             # a partition it does not name was added since: all it holds is newer
-            start_at = StartAt.at(active.resume_offsets(), others="beginning")
+            start_at = StartAt.at(active.read_offsets(), others="beginning")
+            if active.read_offsets() != active.resume_offsets():
+                primed["prime_until"] = active.resume_offsets()
         prewarm_writers(self._factory, [d], self._log)  # overlaps the subscription
         budget = self._value_budget
         max_pending = pending_bound(len(props.pv_uri_list), *(() if budget is None else (budget,)))
@@ -589,7 +597,8 @@ class RunController:
         # of it is this recording's (a resume's lost offsets come with its first fetch)
         skips_before = self._client.skipped(d.snapshot.topic)
         try:
-            sub = self._client.snapshot_recurring(props, start=start_at, max_pending=max_pending)
+            sub = self._client.snapshot_recurring(props, start=start_at, max_pending=max_pending,
+                                                  **primed)
         except RecorderError as exc:
             if isinstance(exc, GatewayTimeoutError):
                 self._start_unanswered = True
@@ -601,7 +610,7 @@ class RunController:
         self._first_segment = active.segments if active is not None else 0
         if active is not None:
             self._log.info("resuming recording", recording_uid=active.recording_uid,
-                           seq=active.seq, offsets=start_at.offsets if start_at else None,
+                           seq=active.seq, offsets=active.resume_offsets() or None,
                            next_segment=active.segments)
             seq, uid = active.seq, active.recording_uid
         else:
@@ -633,6 +642,7 @@ class RunController:
         self._rec = rec
         self._announced = 0
         self._undurable = []
+        self._open_at, self._closing_at = {}, []
         # offsets before the first record of this recording count as durable: a crash before
         # the first flush resumes exactly where this recording started reading
         if active is not None and active.offsets:
@@ -655,6 +665,8 @@ class RunController:
             segments=self._first_segment + rec.counters.get("segments", 0),
             started_at_ns=created_ns,
             updated_at=time.time_ns() // 1_000_000,
+            # a crash before the first flush resumes as this start did
+            open_offsets=dict(active.open_offsets) if active is not None else {},
         )
         try:
             self._stored = self._store.begin(self.name, new_active)
@@ -850,6 +862,12 @@ class RunController:
         rec.handle(event)
         if self._bridge is not None:
             self._feed_bridge(self._bridge, event)
+        if isinstance(event, IterationOpened):
+            self._open_at[event.iter_index] = (event.partition, event.offset)
+        elif isinstance(event, IterationClosed):
+            began = self._open_at.pop(event.iter_index, None)
+            if began is not None:
+                self._closing_at.append((event.partition, event.offset, *began))
         if self._pending_tags and isinstance(event, IterationOpened):
             # the iteration a trigger produced; tagged once the recording (and the bridge)
             # has it open (a restarted snapshot's iteration 1 is then in the new segment, not
@@ -920,9 +938,22 @@ class RunController:
                 with self._store_lock:
                     self._stored = self._store.update(self._stored or stored,
                                                       offsets=dict(merged),
+                                                      open_offsets=self._open_offsets(merged),
                                                       current_file=current, segments=segments)
             except RecorderError as exc:
                 self._state_not_saved(exc)
+
+    def _open_offsets(self, durable: dict[int, int]) -> dict[int, int]:
+        """Per partition of ``durable``, where the oldest iteration open at its offset began
+        (open now, or closed at an offset not durable yet), else one past it: a resume
+        reads from there (what a leftover file holds beyond ``durable`` is primed too)."""
+        self._closing_at = [c for c in self._closing_at if c[1] > durable.get(c[0], -1)]
+        out = {p: o + 1 for p, o in durable.items()}
+        began = [*self._open_at.values(), *((p, o) for _cp, _co, p, o in self._closing_at)]
+        for partition, offset in began:
+            if 0 <= offset < out.get(partition, -1):
+                out[partition] = offset
+        return out
 
     def _state_not_saved(self, exc: RecorderError) -> None:
         """The run's state file cannot be written (an unwritable or full state directory):

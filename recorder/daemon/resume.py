@@ -5,6 +5,7 @@ One JSON file per run in the state directory (``$STATE_DIRECTORY`` under systemd
     {"run": "bpm-10hz", "next_seq": 4,
      "active": {"recording_uid": "...", "seq": 3, "topic": "bpm_10hz",
                 "snapshot_name": "bpm_10hz", "offsets": {"0": 12345},
+                "open_offsets": {"0": 12301},
                 "current_file": "/data/.../bpm-10hz_..._0003.h5.partial",
                 "segments": 2, "started_at_ns": 1732210000500000000,
                 "updated_at": 1732212345678}}
@@ -13,6 +14,11 @@ One JSON file per run in the state directory (``$STATE_DIRECTORY`` under systemd
 durable offsets; it is cleared when the recording ends cleanly (its files finalized). A daemon
 that finds ``active`` at start resumes that recording from ``offset + 1`` into a new segment:
 everything up to ``offset`` is in a file already, everything after it is still in Kafka.
+``open_offsets`` (optional) is where the oldest iteration still open at ``offsets`` began
+(else ``offset + 1``): the resume reads from there, but what lies below where it resumes
+(``offset + 1``, or past what a leftover file holds) only primes the duplicate check (a
+message the gateway's producer published twice, its first copy in the file already and its
+second after ``offset``, is not recorded again).
 ``segments`` is the number of segment files the recording has opened so far, i.e. the number
 its next segment file gets; ``started_at_ns`` the recording's original start (wall clock):
 with them a resumed recording continues the segment numbering of the same recording.
@@ -79,10 +85,20 @@ class ActiveRecording:
     # an admin stop was under way when the daemon exited (its shutdown budget ran out): the
     # next start finalizes what it left and does not resume it
     stopped: bool = False
+    # partition -> offset of the first message of the oldest iteration still open at
+    # ``offsets``, else one past them: a resume reads from there to know what that
+    # iteration holds (a producer's copy after ``offsets`` is not recorded twice)
+    open_offsets: dict[int, int] = field(default_factory=dict)
 
     def resume_offsets(self) -> dict[int, int]:
         """Where to read next: one past the highest durable offset of each partition."""
         return {p: o + 1 for p, o in self.offsets.items()}
+
+    def read_offsets(self) -> dict[int, int]:
+        """Where a resume starts reading: :meth:`resume_offsets`, or before them the first
+        message of the oldest iteration open then (what is below them only primes the
+        duplicate check)."""
+        return {p: min(o, self.open_offsets.get(p, o)) for p, o in self.resume_offsets().items()}
 
     def to_json_obj(self) -> dict[str, Any]:
         return {
@@ -96,6 +112,8 @@ class ActiveRecording:
             "started_at_ns": self.started_at_ns,
             "updated_at": self.updated_at,
             **({"stopped": True} if self.stopped else {}),
+            **({"open_offsets": {str(p): o for p, o in sorted(self.open_offsets.items())}}
+               if self.open_offsets else {}),
         }
 
     @classmethod
@@ -113,6 +131,8 @@ class ActiveRecording:
             started_at_ns=int(obj.get("started_at_ns", 0)),
             updated_at=int(obj.get("updated_at", 0)),
             stopped=obj.get("stopped") is True,
+            open_offsets={int(p): int(o)
+                          for p, o in dict(obj.get("open_offsets") or {}).items()},
         )
 
 

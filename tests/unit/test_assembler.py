@@ -1193,3 +1193,111 @@ def test_skip_until_drops_the_earlier_life_of_a_snapshot_however_late(sequenced:
         assert asm.counters["before_start.header"] == 1
         assert asm.counters["before_start.data"] == 3
         assert asm.counters["before_start.tail"] == 1
+
+
+# -------------------------------------------------------------------------- resume priming
+def _with_copy(sequenced: bool, at: int) -> list[Msg]:
+    """Iteration 1 (header, PV:0..2, tail) with ``msgs[at]`` published twice (a producer
+    retry: the copy right after it), then a whole iteration 2."""
+    msgs = iteration("s", 1, [(T0, scalar_pvs(3))], sequenced=sequenced)
+    msgs.insert(at + 1, msgs[at])
+    return msgs + iteration("s", 2, [(T0 + 1000, scalar_pvs(3))], sequenced=sequenced)
+
+
+@GENERATIONS
+def test_a_resume_primed_from_the_open_iteration_drops_a_copy_of_a_recorded_message(
+    sequenced: bool,
+) -> None:
+    """Killed after PV:1 (offset 2) was made durable; the producer's copy of it (offset 3)
+    lies right after. The resume reads from the iteration's header (offset 0) with its
+    offset 3: what is below only primes the duplicate check, so the copy is dropped as it
+    would have been without the crash, and nothing recorded before is emitted again."""
+    msgs = _with_copy(sequenced, 2)
+    run = Run()
+    run.asm.prime_until(TOPIC, {0: 3})
+    run.feed(msgs)
+    run.expire(10.0)  # sequenced: its grace period for the missing messages ends
+    # as without the copy: the rest of an iteration cut by a crash
+    assert kinds(run.events) == (
+        ["O1", "V1:1", "O2", "V2:3", "C2:ok", "C1:missing_messages"] if sequenced
+        else ["O1", "V1:1", "C1:no_header", "O2", "V2:3", "C2:ok"])
+    assert [s.pv for v in run.values(1) for s in v.samples] == ["PV:2"]
+    [first] = [c for c in run.closed() if c.iter_index == 1]
+    assert run.asm.counters["duplicate"] == 1
+    if sequenced:  # the header and PV:0, PV:1 are in the file written before the crash
+        assert first.missing_messages == 3
+    opened = [e for e in run.events if isinstance(e, IterationOpened)]
+    assert [(e.iter_index, e.offset) for e in opened] == [(1, 4), (2, 6)]
+    assert_clean(run.asm)
+
+
+@GENERATIONS
+def test_a_primed_copy_after_its_iterations_tail_opens_nothing(sequenced: bool) -> None:
+    """The copy of PV:2 comes after the tail (a retried batch), the crash came after the
+    tail was durable: the copy is a duplicate, not a headerless iteration of one value."""
+    msgs = iteration("s", 1, [(T0, scalar_pvs(3))], sequenced=sequenced)
+    msgs = [*msgs, msgs[3], *iteration("s", 2, [(T0 + 1000, scalar_pvs(3))],
+                                        sequenced=sequenced)]
+    run = Run()
+    run.asm.prime_until(TOPIC, {0: 5})
+    run.feed(msgs)
+    assert kinds(run.events) == ["O2", "V2:3", "C2:ok"]
+    assert run.asm.counters["duplicate"] == 1
+    assert_clean(run.asm)
+
+
+@GENERATIONS
+def test_priming_is_not_taken_for_a_restarted_snapshots_same_iteration(sequenced: bool) -> None:
+    """The snapshot was restarted after the crash: its new iteration 1 carries the same
+    values and msg_seq numbers, but newer timestamps: nothing of it is a duplicate."""
+    old = iteration("s", 1, [(T0, scalar_pvs(3))], sequenced=sequenced)
+    new = iteration("s", 1, [(T0 + 60_000, scalar_pvs(3))], sequenced=sequenced)
+    run = Run()
+    run.asm.prime_until(TOPIC, {0: 3})
+    run.feed([*old[:3], *new])
+    assert kinds(run.events) == ["O1", "V1:3", "C1:ok"]
+    assert run.asm.counters["duplicate"] == 0
+
+
+def test_a_legacy_copy_without_time_stamp_is_kept_by_priming_too() -> None:
+    """Without ``timeStamp`` equal bytes are a PV that took the same value again."""
+    on = data_msg(1, T0, "a:bit", {"value": 1})
+    run = Run()
+    run.asm.prime_until(TOPIC, {0: 2})
+    run.feed([header_msg("s", 1, T0), on, on, tail_msg("s", 1, T0)])
+    assert kinds(run.events) == ["O1", "V1:1", "C1:no_header"]
+
+
+@GENERATIONS
+def test_priming_ends_and_the_hot_path_comes_back(
+    sequenced: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raws = [m.raw for m in _with_copy(sequenced, 2)]
+    _hot_stream(sequenced, 20)  # the PV names are known (the hot path takes only those)
+    asm = IterationAssembler()
+    asm.prime_until(TOPIC, {0: 3})
+    assert asm.feed_many(records(TOPIC, raws[:3]), 0.0) == []  # priming emits nothing
+    asm.feed_many(records(TOPIC, raws[3:], start_offset=3), 0.0)
+    general: list[int] = []
+    feed_one = asm._feed_one
+
+    def spy(state: Any, rec: Record, now: float, out: list[IterationEvent]) -> None:
+        general.append(rec.offset)
+        feed_one(state, rec, now, out)
+
+    monkeypatch.setattr(asm, "_feed_one", spy)
+    later = iteration("s", 3, [(T0 + 2000, scalar_pvs(20))], sequenced=sequenced)
+    out = asm.feed_many(records(TOPIC, [m.raw for m in later], start_offset=100), 0.0)
+    assert general == ([100, 120, 121] if sequenced else [100, 121])
+    assert kinds(out) == ["O3", "V3:20", "C3:ok"]
+
+
+@GENERATIONS
+def test_a_copy_of_the_only_message_primed_is_dropped(sequenced: bool) -> None:
+    """Killed right after the header and PV:0 (offset 1) were durable, PV:0's copy at 2."""
+    msgs = _with_copy(sequenced, 1)
+    run = Run()
+    run.asm.prime_until(TOPIC, {0: 2})
+    run.feed(msgs)
+    assert [s.pv for v in run.values(1) for s in v.samples] == ["PV:1", "PV:2"]
+    assert run.asm.counters["duplicate"] == 1

@@ -220,6 +220,7 @@ class FakeClient:
         self.stop_fails = stop_fails
         self.trigger_errors: list[Exception] = []
         self.starts: list[Any] = []
+        self.primes: list[Any] = []  # the prime_until of each start
         self.triggers: list[Mapping[str, str] | None] = []
         self.sub: FakeSub | None = None
         self.unsubscribed: list[FakeSub] = []
@@ -227,8 +228,10 @@ class FakeClient:
         self.kafka_unreachable_since: float | None = None
         self.receive_limit_exceeded: tuple[int, int] | None = None
 
-    def snapshot_recurring(self, props: Any, start: Any = None, max_pending: int = 0) -> FakeSub:
+    def snapshot_recurring(self, props: Any, start: Any = None, max_pending: int = 0,
+                           prime_until: Any = None) -> FakeSub:
         self.starts.append(start)
+        self.primes.append(prime_until)
         if self.failures:
             self.failures -= 1
             raise GatewayTimeoutError("repeating_snapshot", "x", 0.1)
@@ -517,6 +520,65 @@ def test_start_resumes_from_the_durable_offset(tmp_path: Path) -> None:
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+def test_the_state_file_says_where_the_oldest_iteration_open_at_the_durable_offset_began(
+        tmp_path: Path) -> None:
+    """A resume reads from there (below the durable offset only priming the duplicate check):
+    a producer's copy of a message written before a crash, lying after the durable offset,
+    is then known as one. An iteration closed at an offset not durable yet counts too; with
+    none open, one past the durable offset (a leftover file that holds more is primed)."""
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client)
+    path = tmp_path / "state" / "r.json"
+
+    def saved() -> Any:
+        return json.loads(path.read_text())["active"]
+
+    try:
+        sub = _started(c, client)
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=11))
+        sub.events.put(ValuesReceived(sub.topic, 1, 1, 1, (), offset=13))
+        _wait(lambda: saved()["offsets"] == {"0": 13})
+        assert saved()["open_offsets"] == {"0": 11}
+        sub.events.put(IterationClosed(sub.topic, "snap", 1, IterationStatus.COMPLETE, None, 1,
+                                       2, offset=14))
+        sub.events.put(IterationOpened(sub.topic, "snap", 2, 1, offset=15))
+        sub.events.put(ValuesReceived(sub.topic, 2, 1, 1, (), offset=16))
+        _wait(lambda: saved()["offsets"] == {"0": 16})
+        assert saved()["open_offsets"] == {"0": 15}
+        sub.events.put(IterationClosed(sub.topic, "snap", 2, IterationStatus.COMPLETE, None, 1,
+                                       2, offset=17))
+        _wait(lambda: saved()["offsets"] == {"0": 17})
+        assert saved()["open_offsets"] == {"0": 18}  # nothing open: a resume reads from 18
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_resume_reads_from_the_oldest_open_iteration_and_primes_up_to_the_durable_offset(
+        tmp_path: Path) -> None:
+    store = ResumeStore(tmp_path / "state")
+    store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41}, None,
+                                     open_offsets={0: 37}))
+    assert json.loads(store.path("r").read_text())["active"]["open_offsets"] == {"0": 37}
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client)
+    try:
+        c.start().result(5)
+        assert client.starts[0].offsets == {0: 37} and client.primes[0] == {0: 42}
+        # durable offsets never go back because of the earlier start; a crash before the
+        # first flush primes as this start did
+        active = json.loads(store.path("r").read_text())["active"]
+        assert active["offsets"] == {"0": 41} and active["open_offsets"] == {"0": 37}
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+    # a state file written before open_offsets existed resumes as it did
+    store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41}, None))
+    assert "open_offsets" not in store.path("r").read_text()
+    loaded = store.load("r").active
+    assert loaded is not None and loaded.read_offsets() == loaded.resume_offsets() == {0: 42}
 
 
 def test_a_resume_reads_a_partition_its_offsets_do_not_name_from_its_beginning(
@@ -1154,7 +1216,8 @@ def test_a_recording_whose_disk_ran_out_resumes_once_there_is_room(tmp_path: Pat
         _wait(lambda: c.state is RunState.RECORDING, timeout=5)
         assert len(made) == 2 and c.status().current_file == str(made[1].current_path)
         assert client.starts[-1] is not None  # resumed from the durable offset
-        assert client.starts[-1].offsets == {0: 42}
+        # read from where iteration 1, open at it, began (only priming up to the offset)
+        assert client.starts[-1].offsets == {0: 41} and client.primes[-1] == {0: 42}
     finally:
         c.shutdown().result(5)
         assert c.join(5)
@@ -2012,9 +2075,11 @@ def test_a_start_after_a_failure_while_stopping_waits_for_that_stop(
         sub.stop = slow_stop  # type: ignore[method-assign]
         subscribe = client.snapshot_recurring
 
-        def start(props: Any, start: Any = None, max_pending: int = 0) -> FakeSub:
+        def start(props: Any, start: Any = None, max_pending: int = 0,
+                  prime_until: Any = None) -> FakeSub:
             order.append("start")
-            return subscribe(props, start=start, max_pending=max_pending)
+            return subscribe(props, start=start, max_pending=max_pending,
+                             prime_until=prime_until)
 
         monkeypatch.setattr(client, "snapshot_recurring", start)
         stopped = c.stop()
@@ -2842,7 +2907,7 @@ def test_a_run_late_at_the_end_of_the_shutdown_budget_resumes_at_the_next_start(
 
     class Client(FakeClient):
         def snapshot_recurring(self, props: Any, start: Any = None,
-                               max_pending: int = 0) -> FakeSub:
+                               max_pending: int = 0, prime_until: Any = None) -> FakeSub:
             self.starts.append(start)
             self.sub = SlowStopSub(props.topic)
             return self.sub
