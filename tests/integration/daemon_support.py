@@ -26,6 +26,7 @@ from recorder.admin.protocol import AdminReply
 from recorder.daemon.adminclient import AdminClient
 from recorder.settings import KafkaSettings
 from recorder.sim import GatewaySimulator
+from recorder.sinks.writelock import writer_active
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -338,9 +339,8 @@ def tmpfs(directory: Path, size: str) -> Iterator[bool]:
             subprocess.run(["umount", "-l", str(directory)], check=False, capture_output=True)
 
 
-def writer_pids(daemon_pid: int) -> list[int]:
-    """The daemon's writer processes: its children started by multiprocessing (from
-    ``/proc``)."""
+def child_pids(pid: int, marker: bytes) -> list[int]:
+    """Child processes of ``pid`` whose command line holds ``marker`` (from ``/proc``)."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -350,7 +350,27 @@ def writer_pids(daemon_pid: int) -> list[int]:
             cmd = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == daemon_pid and b"multiprocessing" in cmd:
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and marker in cmd:
             out.append(int(entry.name))
     return out
+
+
+def writer_pids(daemon_pid: int) -> list[int]:
+    """The daemon's writer processes: its children started by multiprocessing."""
+    return child_pids(daemon_pid, b"multiprocessing")
+
+
+def crash_with_leftover(denv: DaemonEnv, admin: AdminClient, run: str, data: Path,
+                        daemons: list[DaemonProcess], *, iterations: int = 8) -> Path:
+    """A daemon that records ``run`` for ``iterations``, then is killed (SIGKILL): the
+    ``.partial`` it leaves in ``data``, once its writer process has ended."""
+    first = DaemonProcess(denv, "first")
+    daemons.append(first)
+    wait_for(lambda: complete_iterations(admin, run) >= iterations, 40,
+             f"{iterations} iterations")
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    (leftover,) = partial_files(data)
+    # its writer process outlives the daemon a moment, to flush what it had received
+    wait_for(lambda: writer_active(leftover) is False, 20, "the writer process to end")
+    return leftover

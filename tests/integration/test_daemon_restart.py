@@ -17,6 +17,7 @@ from daemon_support import (
     DaemonEnv,
     DaemonProcess,
     complete_iterations,
+    crash_with_leftover,
     h5_files,
     partial_files,
     read_files,
@@ -28,7 +29,6 @@ from daemon_support import (
 )
 
 from recorder.admin.protocol import build_command
-from recorder.sinks.writelock import writer_active
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MAX_AGE_S = 30  # RECORDER_COMMAND_MAX_AGE_S of the admin-command test
@@ -168,14 +168,7 @@ output: {{directory: {data}, flush_interval_s: 0.3}}
     denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config,
                             extra={"RECORDER_LEFTOVER_TIMEOUT_S": "3"})
     with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
-        first = DaemonProcess(denv, "first")
-        daemons.append(first)
-        wait_for(lambda: complete_iterations(admin, "damaged") >= 8, 40, "8 iterations")
-        first.signal(signal.SIGKILL)
-        first.wait(10)
-        (leftover,) = partial_files(data)
-        # its writer process outlives the daemon a moment, to flush what it had received
-        wait_for(lambda: writer_active(leftover) is False, 20, "the writer process to end")
+        leftover = crash_with_leftover(denv, admin, "damaged", data, daemons)
         whole = bytearray(leftover.read_bytes())
         if damage == "checksum":
             assert whole.count(b"pv_uri_map") == 1

@@ -15,7 +15,9 @@ import pytest
 from daemon_support import (
     DaemonEnv,
     DaemonProcess,
+    child_pids,
     complete_iterations,
+    crash_with_leftover,
     h5_files,
     partial_files,
     read_files,
@@ -24,25 +26,7 @@ from daemon_support import (
     wait_for,
 )
 
-from recorder.sinks.writelock import writer_active
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _children(pid: int, marker: bytes) -> list[int]:
-    """Child processes of ``pid`` whose command line holds ``marker`` (from ``/proc``)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and marker in cmd:
-            out.append(int(entry.name))
-    return out
 
 
 def _run_config(tmp_path: Path, unique_name: Callable[[str], str]) -> tuple[Path, Path]:
@@ -71,17 +55,11 @@ def test_ctrl_c_while_a_leftover_is_recovered_does_not_abandon_it(
     config, data = _run_config(tmp_path, unique_name)
     denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config)
     with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
-        first = DaemonProcess(denv, "first")
-        daemons.append(first)
-        wait_for(lambda: complete_iterations(admin, "sig") >= 8, 40, "8 iterations")
-        first.signal(signal.SIGKILL)
-        first.wait(10)
-        (leftover,) = partial_files(data)
-        wait_for(lambda: writer_active(leftover) is False, 20, "the writer process to end")
+        crash_with_leftover(denv, admin, "sig", data, daemons)
 
         second = DaemonProcess(denv, "second")
         daemons.append(second)
-        recovering = wait_for(lambda: _children(second.proc.pid, b"recorder.daemon.leftovers"),
+        recovering = wait_for(lambda: child_pids(second.proc.pid, b"recorder.daemon.leftovers"),
                               60, "the leftover's recovery process", interval=0.005)
         time.sleep(0.2)  # it runs (a terminal's Ctrl-C comes when it comes)
         os.killpg(second.proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
@@ -126,7 +104,7 @@ def test_sigterm_with_a_hung_writer_exits_within_the_time_it_asked_systemd_for(
         daemon = DaemonProcess(denv)
         daemons.append(daemon)
         wait_for(lambda: complete_iterations(admin, "sig") >= 5, 40, "5 iterations")
-        writers = _children(daemon.proc.pid, b"spawn_main")
+        writers = child_pids(daemon.proc.pid, b"spawn_main")
         assert writers
         for w in writers:
             os.kill(w, signal.SIGSTOP)  # a writer hung on its file system
@@ -171,19 +149,13 @@ def test_sigterm_while_a_leftover_recovery_hangs_leaves_no_process_behind(
     recovering: list[int] = []
     try:
         with simulator(denv.bootstrap, denv.cmd_topic), denv.admin() as admin:
-            first = DaemonProcess(denv, "first")
-            daemons.append(first)
-            wait_for(lambda: complete_iterations(admin, "sig") >= 8, 40, "8 iterations")
-            first.signal(signal.SIGKILL)
-            first.wait(10)
-            (leftover,) = partial_files(data)
-            wait_for(lambda: writer_active(leftover) is False, 20, "the writer process to end")
+            leftover = crash_with_leftover(denv, admin, "sig", data, daemons)
             whole = leftover.read_bytes()
 
             second = DaemonProcess(denv, "second")
             daemons.append(second)
             recovering = wait_for(
-                lambda: _children(second.proc.pid, b"recorder.daemon.leftovers"), 60,
+                lambda: child_pids(second.proc.pid, b"recorder.daemon.leftovers"), 60,
                 "the leftover's recovery process", interval=0.005)
             for pid in recovering:
                 os.kill(pid, signal.SIGSTOP)
@@ -215,7 +187,7 @@ def test_sighup_to_every_process_of_the_daemon_reloads_and_recording_goes_on(
         daemon = DaemonProcess(denv)
         daemons.append(daemon)
         wait_for(lambda: complete_iterations(admin, "sig") >= 5, 40, "5 iterations")
-        writers = _children(daemon.proc.pid, b"spawn_main")
+        writers = child_pids(daemon.proc.pid, b"spawn_main")
         assert writers
         os.killpg(daemon.proc.pid, signal.SIGHUP)
         wait_for(lambda: "run definitions reloaded" in daemon.log_text(), 20, "the reload")
