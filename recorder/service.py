@@ -56,7 +56,7 @@ from recorder import __version__
 from recorder.admin.files import FileEvent
 from recorder.admin.protocol import ReplyCode
 from recorder.admin.status import DaemonState, RunState, RunStatus, StatusDocument
-from recorder.config.daemon import DaemonSettings
+from recorder.config.daemon import DaemonSettings, own_topics
 from recorder.config.diff import RunDiff, diff_runs
 from recorder.config.loader import LoadedRuns, Problem, check_runs
 from recorder.config.models import RunDefinition
@@ -552,36 +552,14 @@ class Service:
                             protected_topics=tuple(self._own_topics()))
 
     def _own_topics(self) -> dict[str, str]:
-        """The daemon's own topics and the gateway's command topic, each with the setting
-        that names it: no snapshot may publish into one, no admin reply goes to one but the
-        admin reply topic (a reply there would reach the daemon's own consumers or the
-        gateway)."""
-        s, k = self.settings, self.kafka
-        return {s.admin_topic: "RECORDER_ADMIN_TOPIC", s.admin_reply_topic:
-                "RECORDER_ADMIN_REPLY_TOPIC", s.status_topic: "RECORDER_STATUS_TOPIC",
-                s.files_topic: "RECORDER_FILES_TOPIC", k.cmd_topic: "RECORDER_CMD_TOPIC",
-                k.effective_reply_topic: "the k2eg reply topic (RECORDER_REPLY_TOPIC)"}
+        """The daemon's own topics and the gateway's command topic (:func:`own_topics`)."""
+        return own_topics(self.settings, self.kafka)
 
     def _check_runs(self) -> tuple[LoadedRuns, tuple[Problem, ...]]:
         """The run definitions and their problems, with those only this daemon sees: a
         snapshot whose k2eg topic (its normalized name) is one of the daemon's own topics or
         the gateway's command topic, into which the gateway would write its data."""
-        loaded, problems = check_runs(self.settings.config_path)
-        own = self._own_topics()
-        clashes = []
-        for name, definition in loaded.runs.items():
-            topic = definition.snapshot.topic
-            if topic not in own:
-                continue
-            source = loaded.sources[name]
-            clashes.append(Problem(
-                source.file, source.line,
-                f"{source.field}.snapshot.snapshot_name" if source.field
-                else "snapshot.snapshot_name",
-                f"snapshot_name {definition.snapshot.snapshot_name!r} is published on topic "
-                f"{topic!r} (k2eg normalizes names: [^A-Za-z0-9-] -> '_', lower case), which "
-                f"is {own[topic]} of this daemon: rename the snapshot"))
-        return loaded, (*problems, *clashes)
+        return check_runs(self.settings.config_path, reserved_topics=self._own_topics())
 
     def _name_orphaned_leftovers(self) -> None:
         """Runs no longer defined whose state file still names the file a crash left: no

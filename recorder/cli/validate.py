@@ -58,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         args.path = str(config)
-    loaded, problems = check_runs(args.path)
+    reserved, why_not = daemon_topics()
+    if why_not is not None:
+        print(f"note: the daemon's own topics (no snapshot may be published on one) are not "
+              f"checked: invalid settings: {why_not}", file=sys.stderr)
+    loaded, problems = check_runs(args.path, reserved_topics=reserved)
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     described = [describe_run(d, str(loaded.sources[d.name]), now) for d in loaded]
     if args.json:
@@ -87,6 +91,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"{count} error{'s' if count != 1 else ''}: nothing would start", file=sys.stderr)
         return 1
     return 0
+
+
+def daemon_topics() -> tuple[dict[str, str], str | None]:
+    """The topics the daemon of this environment's ``RECORDER_*`` settings refuses a snapshot
+    to be published on, as its start and a reload do; ({}, why not) when they are invalid."""
+    from pydantic import ValidationError
+
+    from recorder.config.daemon import DaemonSettings, own_topics
+    from recorder.settings import KafkaSettings, settings_problems
+
+    try:
+        return own_topics(DaemonSettings(), KafkaSettings.from_env()), None
+    except ValidationError as exc:
+        return {}, settings_problems(exc).replace("\n", "; ")
 
 
 def describe_run(definition: RunDefinition, source: str, now: dt.datetime) -> dict[str, Any]:

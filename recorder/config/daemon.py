@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +25,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from recorder.admin.protocol import TOPIC_RE, TOPIC_RULE, CommandPolicy
 from recorder.daemon.diskspace import MinFree
 
-__all__ = ["DaemonSettings"]
+if TYPE_CHECKING:
+    from recorder.settings import KafkaSettings
+
+__all__ = ["DaemonSettings", "own_topics"]
 
 
 
@@ -161,3 +164,14 @@ class DaemonSettings(BaseSettings):
             max_future_skew_s=self.command_max_future_skew_s,
             secret=self.secret_bytes,
         )
+
+
+def own_topics(settings: DaemonSettings, kafka: KafkaSettings) -> dict[str, str]:
+    """The daemon's own topics and the gateway's command topic, each with the setting that
+    names it: no snapshot may publish into one (the daemon refuses such a run, and so does
+    ``validate``), no admin reply goes to one but the admin reply topic (a reply there would
+    reach the daemon's own consumers or the gateway)."""
+    return {settings.admin_topic: "RECORDER_ADMIN_TOPIC", settings.admin_reply_topic:
+            "RECORDER_ADMIN_REPLY_TOPIC", settings.status_topic: "RECORDER_STATUS_TOPIC",
+            settings.files_topic: "RECORDER_FILES_TOPIC", kafka.cmd_topic: "RECORDER_CMD_TOPIC",
+            kafka.effective_reply_topic: "the k2eg reply topic (RECORDER_REPLY_TOPIC)"}

@@ -144,8 +144,12 @@ def load_runs(path: str | Path) -> LoadedRuns:
     return loaded
 
 
-def check_runs(path: str | Path) -> tuple[LoadedRuns, tuple[Problem, ...]]:
-    """Load what is valid and collect every problem (never raises for bad input)."""
+def check_runs(
+    path: str | Path, *, reserved_topics: Mapping[str, str] | None = None
+) -> tuple[LoadedRuns, tuple[Problem, ...]]:
+    """Load what is valid and collect every problem (never raises for bad input).
+    ``reserved_topics``: topics no snapshot may be published on, each with what it is (the
+    daemon's own topics: :func:`recorder.config.daemon.own_topics`)."""
     path = Path(path)
     problems: list[Problem] = []
     files = definition_files(path, problems)
@@ -166,7 +170,7 @@ def check_runs(path: str | Path) -> tuple[LoadedRuns, tuple[Problem, ...]]:
                 f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {column} "
                 "(run definitions are UTF-8; re-save the file as UTF-8)",
             ))
-    loaded, more = parse_runs(texts)
+    loaded, more = parse_runs(texts, reserved_topics=reserved_topics)
     problems.extend(more)
     order = {str(file): i for i, file in enumerate(files)}  # unreadable files in their place
     problems.sort(key=lambda p: (order.get(p.file, -1), p.line or 0))
@@ -203,14 +207,17 @@ def _definition_files(path: Path, sink: list[Problem]) -> list[Path]:
     return []
 
 
-def parse_runs(texts: Iterable[tuple[str, str]]) -> tuple[LoadedRuns, tuple[Problem, ...]]:
-    """Validate ``(file name, YAML text)`` pairs together (cross-file checks included)."""
+def parse_runs(
+    texts: Iterable[tuple[str, str]], *, reserved_topics: Mapping[str, str] | None = None
+) -> tuple[LoadedRuns, tuple[Problem, ...]]:
+    """Validate ``(file name, YAML text)`` pairs together (cross-file checks included);
+    ``reserved_topics`` as for :func:`check_runs`."""
     texts = list(texts)
     problems: list[Problem] = []
     parsed: list[_Parsed] = []
     for filename, text in texts:
         parsed.extend(_parse_file(filename, text, problems))
-    runs = _cross_checks(parsed, problems)
+    runs = _cross_checks(parsed, problems, reserved_topics or {})
     order = {name: i for i, (name, _) in enumerate(texts)}
     problems.sort(key=lambda p: (order.get(p.file, -1), p.line or 0))
     return (
@@ -548,11 +555,12 @@ def _delete(obj: Any, loc: Loc) -> None:
 
 # --- cross-run checks ----------------------------------------------------------------------
 def _cross_checks(
-    parsed: list[_Parsed], problems: list[Problem]
+    parsed: list[_Parsed], problems: list[Problem], reserved_topics: Mapping[str, str]
 ) -> list[tuple[RunDefinition, RunSource, CommentedMap]]:
-    """Names, k2eg topics and file names that collide between runs. A run with errors of its
-    own takes part with its name and snapshot name (when those are valid), so a collision is
-    reported in the same pass as its other errors; only valid runs are kept."""
+    """Names, k2eg topics and file names that collide between runs, and k2eg topics that are
+    ``reserved_topics``. A run with errors of its own takes part with its name and snapshot
+    name (when those are valid), so a collision is reported in the same pass as its other
+    errors; only valid runs are kept."""
     kept: list[tuple[RunDefinition, RunSource, CommentedMap]] = []
     by_name: dict[str, RunSource] = {}
     by_topic: dict[str, _Parsed] = {}
@@ -587,6 +595,18 @@ def _cross_checks(
                 )
             )
             ok = False
+        if topic is not None and topic in reserved_topics:
+            problems.append(
+                Problem(
+                    source.file,
+                    _line(node, ("snapshot", "snapshot_name")),
+                    _field(source, "snapshot.snapshot_name"),
+                    f"snapshot_name {run.snapshot_name!r} is published on topic {topic!r} "
+                    "(k2eg normalizes names: [^A-Za-z0-9-] -> '_', lower case), which is "
+                    f"{reserved_topics[topic]} of this daemon: rename the snapshot",
+                )
+            )
+            definition = None  # not kept; its names still count for the others
         if not ok:  # a repeated run name also repeats {run} in file names: say it once
             continue
         if definition is None:  # errors of its own: its names still count for the others

@@ -206,3 +206,27 @@ def test_validate_shows_the_directory_note(
     assert f"directory    {missing}: note: does not exist yet" in out
     assert main(["validate", "--json", str(runs)]) == 0
     assert json.loads(capsys.readouterr().out)["runs"][0]["directory_note"].startswith("note:")
+
+
+def test_validate_refuses_a_snapshot_published_on_one_of_the_daemons_own_topics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon refuses, at its start and in a reload, a run whose snapshot topic (its
+    normalized name) is one of its own topics or the gateway's command topic. validate, the
+    dry run meant to be run before `systemctl reload`, said such a file was valid (exit 0).
+    It now reports it as the daemon does, from the same RECORDER_* environment, at the line
+    of snapshot_name."""
+    run = tmp_path / "own.yaml"
+    run.write_text("name: own\nsnapshot:\n  pv_uri_list: [pva://A]\n"
+                   "  snapshot_name: K2EG-Recorder-Files\noutput: {directory: /data/own}\n")
+    assert main(["validate", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith(
+        f"{run}:4: snapshot.snapshot_name: snapshot_name 'K2EG-Recorder-Files' is published on "
+        "topic 'k2eg-recorder-files'"), err
+    assert "RECORDER_FILES_TOPIC" in err
+    monkeypatch.setenv("RECORDER_FILES_TOPIC", "ops-files")  # the daemon's settings count
+    assert main(["validate", str(run)]) == 0
+    monkeypatch.setenv("RECORDER_CMD_TOPIC", "k2eg-recorder-files")
+    assert main(["validate", str(run)]) == 1
+    assert "RECORDER_CMD_TOPIC" in capsys.readouterr().err
