@@ -50,6 +50,7 @@ from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from recorder.client.properties import SNAPSHOT_NAME_RE, normalize_snapshot_name
 from recorder.config.models import RUN_NAME_RE, RunDefinition, SnapshotSpec, directory_problem
 from recorder.errors import ConfigError
+from recorder.sinks.bridge.options import endpoints_clash
 from recorder.sinks.filters import missing_plugin
 from recorder.sinks.options import OutputOptions, render_file_name
 
@@ -565,6 +566,7 @@ def _cross_checks(
     by_name: dict[str, RunSource] = {}
     by_topic: dict[str, _Parsed] = {}
     by_file: dict[Path, tuple[RunDefinition, RunSource]] = {}
+    bound: list[tuple[str, RunDefinition, RunSource]] = []  # live bridge endpoints
     sample_start = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
     for run in parsed:
         definition, source, node = run.definition, run.source, run.node
@@ -659,7 +661,26 @@ def _cross_checks(
                 )
             )
             ok = False
+        bridge = definition.output.bridge
+        endpoints = [] if bridge is None else [
+            (key, e) for key in ("rep", "pub") if (e := getattr(bridge, key)) is not None]
+        for key, endpoint in endpoints:
+            holder = next((b for b in bound if endpoints_clash(b[0], endpoint)), None)
+            if holder is None:
+                continue
+            problems.append(
+                Problem(
+                    source.file,
+                    _line(node, ("output", "bridge", key)),
+                    _field(source, f"output.bridge.{key}"),
+                    f"bridge {key} {endpoint} is bound by run {holder[1].name!r} at "
+                    f"{holder[2]} ({holder[0]}): the second to bind it fails (address in "
+                    "use) and serves nothing; use another port, or 0 for any free one",
+                )
+            )
+            ok = False
         if ok:
+            bound.extend((endpoint, definition, source) for _key, endpoint in endpoints)
             by_name[definition.name] = source
             by_topic[topic or definition.snapshot.topic] = run
             by_file[sample] = (definition, source)

@@ -687,3 +687,54 @@ def test_a_trailing_newline_is_not_part_of_a_valid_name(field: str, line: str) -
                      + ([line] if key == "metadata" else [])) + "\n"
     problems = problems_of(text)
     assert [p.split(": ", 2)[1] for p in problems] == [field], problems
+
+
+def test_bridge_endpoints_two_runs_would_both_bind_are_refused(tmp_path: Path) -> None:
+    """Two runs serving their live bridge on one endpoint (a copied definition; a port on
+    all interfaces and the same port on one): validate said valid, and the daemon's second
+    run found the address in use (`karabo bridge failed: cannot bind`), its live view never
+    served. Both the clash between runs and one within a run (rep on '*', pub on 127.0.0.1
+    of one port) are now errors at the endpoint's line."""
+    write(tmp_path, "a.yaml", """\
+        name: a
+        snapshot: {snapshot_name: a, pv_uri_list: [pva://A]}
+        output:
+          directory: /data/a
+          bridge: {rep: 4545, pub: "tcp://*:4546"}
+        """)
+    write(tmp_path, "b.yaml", """\
+        runs:
+          - name: b
+            snapshot: {snapshot_name: b, pv_uri_list: [pva://A]}
+            output:
+              directory: /data/b
+              bridge:
+                rep: "tcp://127.0.0.1:4545"
+                pub: 0
+          - name: c
+            snapshot: {snapshot_name: c, pv_uri_list: [pva://A]}
+            output:
+              directory: /data/c
+              bridge:
+                pub: "tcp://127.0.0.1:4546"
+                rep: 0
+          - name: d
+            snapshot: {snapshot_name: d, pv_uri_list: [pva://A]}
+            output:
+              directory: /data/d
+              bridge: {rep: "tcp://*:4547", pub: 4547}
+          - name: e
+            snapshot: {snapshot_name: e, pv_uri_list: [pva://A]}
+            output:
+              directory: /data/e
+              bridge: {rep: 4548, pub: 0}
+        """)
+    loaded, problems = check_runs(tmp_path)
+    b = tmp_path / "b.yaml"
+    assert [(p.file, p.line, p.field) for p in problems] == [
+        (str(b), 7, "runs.0.output.bridge.rep"),
+        (str(b), 14, "runs.1.output.bridge.pub"),
+        (str(b), 20, "runs.2.output.bridge"),
+    ], problems
+    assert "run 'a' at " in problems[0].message and "4545" in problems[0].message
+    assert list(loaded.runs) == ["a", "e"]  # port 0 (any free port) never clashes

@@ -28,6 +28,21 @@ _IPC_RE = re.compile(r"^ipc:///?[^\x00\s]+$")
 MAX_PORT = 65535
 
 
+_WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "[::]"})
+
+
+def endpoints_clash(a: str, b: str) -> bool:
+    """Whether binding the normalized endpoint ``b`` fails while ``a`` is bound: one ipc
+    path, or one tcp port (not 0: any free port) on one address or on all of them."""
+    tcp_a, tcp_b = _TCP_RE.match(a), _TCP_RE.match(b)
+    if tcp_a is None or tcp_b is None:
+        return a == b
+    (host_a, port_a), (host_b, port_b) = tcp_a.groups(), tcp_b.groups()
+    if int(port_a) != int(port_b) or int(port_a) == 0:
+        return False
+    return host_a == host_b or host_a in _WILDCARD_HOSTS or host_b in _WILDCARD_HOSTS
+
+
 def normalize_endpoint(value: Any) -> Any:
     """A port number -> ``tcp://127.0.0.1:<port>``; an endpoint string is checked."""
     if value is None:
@@ -111,7 +126,7 @@ class BridgeOptions(BaseModel):
     def _check(self) -> BridgeOptions:
         if self.rep is None and self.pub is None:
             raise ValueError("bridge: set rep and/or pub")
-        if self.rep is not None and self.rep == self.pub and not self.rep.endswith(":0"):
+        if self.rep is not None and self.pub is not None and endpoints_clash(self.rep, self.pub):
             raise ValueError("bridge: rep and pub must be different endpoints")
         return self
 
