@@ -70,6 +70,8 @@ __all__ = [
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\Z")
 FIELD_FILTER_RE = re.compile(r"^[A-Za-z0-9_]+\Z")
 ATTRIBUTE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}\Z")
+METADATA_FIELDS = frozenset({"description", "experiment", "tags"})
+"""The fields of ``metadata`` that the free ``attributes`` sit beside in a file's metadata."""
 INT32_MAX = 2**31 - 1
 NAME_MAX_BYTES = 255  # Linux NAME_MAX: one path component
 PATH_MAX_BYTES = 4096  # Linux PATH_MAX, the terminating NUL included
@@ -294,6 +296,9 @@ class RunMetadata(BaseModel):
         for key in attributes:
             if not ATTRIBUTE_NAME_RE.match(key):
                 raise invalid(f"attribute name {key!r} must match {ATTRIBUTE_NAME_RE.pattern}", key)
+            if key in METADATA_FIELDS:  # one map in the file: it would replace the field
+                raise invalid(f"attribute {key!r} would replace metadata.{key} in the files; "
+                              f"set metadata.{key}, or give the attribute another name", key)
         return attributes
 
     def file_attributes(self) -> dict[str, str | int | float | bool | list[str]]:

@@ -216,3 +216,15 @@ def test_definitions_are_frozen_and_comparable() -> None:
 def test_time_window_zero_is_a_valid_look_back_for_a_triggered_snapshot() -> None:
     d = RunDefinition.model_validate(run(snapshot={"time_window": 0, "triggered": True}))
     assert d.snapshot.time_window == 0 and d.triggered
+
+
+@pytest.mark.parametrize("name", ["description", "experiment", "tags"])
+def test_an_attribute_named_like_a_metadata_field_is_refused(name: str) -> None:
+    """The free attributes go into the file's metadata beside description, experiment and
+    tags: one named like them replaced the run's own (description 'BPM orbit' became the
+    attribute's value in every file, without a word; tags a scalar instead of a list)."""
+    data = run(metadata={"description": "BPM orbit", "experiment": "MD-1", "tags": ["bpm"],
+                         "attributes": {name: "other", "operator": "jdoe"}})
+    found = errors(data)
+    assert any(where == ("metadata", "attributes", name) and f"metadata.{name}" in m
+               for where, m in found), found
