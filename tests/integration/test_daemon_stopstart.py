@@ -181,7 +181,12 @@ def test_commands_in_quick_succession(
 ) -> None:
     """Start and stop sent together; a trigger right after a start and right before a stop;
     two stops at once and a start behind them: each answered as the README says, the
-    trigger's and the stop's iterations tagged, every file verified."""
+    trigger's and the stop's iterations tagged, every file verified.
+
+    A run's worker serves the commands as they reach it: when it has all of a burst, the
+    start is answered ``start_failed`` ("stopped before it started"); when it took the start
+    alone (the admin thread handed the rest a moment later, a busy host), the start goes
+    ahead and the stop ends that short recording. Both are right; each is checked."""
     data = denv.config.parent / "data"
     sims.append(GatewaySimulator(denv.bootstrap, denv.cmd_topic).start())
     daemons.append(DaemonProcess(denv))
@@ -190,11 +195,15 @@ def test_commands_in_quick_succession(
         replies = _burst(admin, [("start", "periodic", None), ("stop", "periodic", None),
                                  ("start", "shots", None), ("trigger", "shots", {"n": "0"}),
                                  ("stop", "shots", None)])
-        assert [r.code.value for r in replies] == [
-            "start_failed", "ok", "start_failed", "not_running", "ok"], replies
-        assert "stopped before it started" in replies[1].message
+        codes = [r.code.value for r in replies]
+        assert codes[:2] in (["start_failed", "ok"], ["ok", "ok"]), replies
+        assert codes[2:] in (["start_failed", "not_running", "ok"],
+                             ["ok", "not_running", "ok"], ["ok", "ok", "ok"]), replies
+        if codes[0] == "start_failed":
+            assert "stopped before it started" in replies[1].message
         for run in ("periodic", "shots"):
             assert (run_state(admin, run) or {}).get("state") == "idle"
+        shots_before = set(h5_files(data / "shots"))  # a recording the burst's start made
         assert request(admin, "start", "shots").ok
         assert request(admin, "start", "periodic").ok
         wait_for(lambda: complete_iterations(admin, "periodic") >= 5, 30, "5 iterations")
@@ -215,7 +224,7 @@ def test_commands_in_quick_succession(
         for path in _verified(denv, data / run):
             with open_file(path) as f:
                 assert f.status == "complete", f.attrs.get("status_reason")
-    [shots] = h5_files(data / "shots")
+    [shots] = set(h5_files(data / "shots")) - shots_before
     with open_file(shots) as f:
         assert f.iterations()["tags"].tolist() == [
             {"n": "1"}, {"n": "2"}, {"k2eg-recorder.cause": "stop"}]
