@@ -246,6 +246,9 @@ class RunController:
         # with where they began: a resume reads from the oldest (ActiveRecording.open_offsets)
         self._open_at: dict[int, tuple[int, int]] = {}
         self._closing_at: list[tuple[int, int, int, int]] = []
+        # a resume's open offsets below its durable ones (partition -> offset): where the
+        # iterations open at the crash began, until the partition's first iteration opens
+        self._carried: dict[int, int] = {}
         self._next_attempt = 0.0
         self._start_waiters: list[Future[str]] = []
         self._stop_waiters: list[Future[str]] = []
@@ -643,6 +646,8 @@ class RunController:
         self._announced = 0
         self._undurable = []
         self._open_at, self._closing_at = {}, []
+        self._carried = {} if active is None else {
+            p: o for p, o in active.open_offsets.items() if o <= active.offsets.get(p, -1)}
         # offsets before the first record of this recording count as durable: a crash before
         # the first flush resumes exactly where this recording started reading
         if active is not None and active.offsets:
@@ -863,7 +868,13 @@ class RunController:
         if self._bridge is not None:
             self._feed_bridge(self._bridge, event)
         if isinstance(event, IterationOpened):
-            self._open_at[event.iter_index] = (event.partition, event.offset)
+            at = event.offset
+            carried = self._carried.pop(event.partition, None)
+            if carried is not None and event.snapshot_name is None:
+                # opened by data: the rest of the iteration open at the crash (its header
+                # and first values were read before the resume's offsets)
+                at = min(at, carried)
+            self._open_at[event.iter_index] = (event.partition, at)
         elif isinstance(event, IterationClosed):
             began = self._open_at.pop(event.iter_index, None)
             if began is not None:
@@ -949,7 +960,8 @@ class RunController:
         reads from there (what a leftover file holds beyond ``durable`` is primed too)."""
         self._closing_at = [c for c in self._closing_at if c[1] > durable.get(c[0], -1)]
         out = {p: o + 1 for p, o in durable.items()}
-        began = [*self._open_at.values(), *((p, o) for _cp, _co, p, o in self._closing_at)]
+        began = [*self._open_at.values(), *((p, o) for _cp, _co, p, o in self._closing_at),
+                 *self._carried.items()]
         for partition, offset in began:
             if 0 <= offset < out.get(partition, -1):
                 out[partition] = offset

@@ -581,6 +581,42 @@ def test_a_resume_reads_from_the_oldest_open_iteration_and_primes_up_to_the_dura
     assert loaded is not None and loaded.read_offsets() == loaded.resume_offsets() == {0: 42}
 
 
+def test_the_first_flush_after_a_resume_keeps_where_the_iterations_open_at_the_crash_began(
+        tmp_path: Path) -> None:
+    """Resumed with iterations open at the crash on both partitions (open_offsets below the
+    durable offsets): the first flush after it, moved by new data of partition 0 alone, kept
+    partition 1's open offset, so a second crash still primes partition 1 (a producer's copy
+    right after its durable offset is not recorded again); and the iteration open at the
+    crash on partition 0, reopened by its data after the durable offset, began at 37."""
+    store = ResumeStore(tmp_path / "state")
+    store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41, 1: 20}, None,
+                                     open_offsets={0: 37, 1: 18}))
+    client = FakeClient()
+    c, _made = _controller(tmp_path, client)
+
+    def saved() -> Any:
+        return json.loads(store.path("r").read_text())["active"]
+
+    try:
+        sub = _started(c, client)
+        assert client.starts[0].offsets == {0: 37, 1: 18}
+        # the rest of iteration 1, open at the crash: opened by its data (no header)
+        sub.events.put(IterationOpened(sub.topic, None, 1, None, offset=42))
+        sub.events.put(ValuesReceived(sub.topic, 1, 1, 1, (), offset=43))
+        _wait(lambda: saved()["offsets"] == {"0": 43, "1": 20})
+        assert saved()["open_offsets"] == {"0": 37, "1": 18}
+        # a new iteration with its header: the one open at the crash is over once closed
+        sub.events.put(IterationClosed(sub.topic, None, 1, IterationStatus.INCOMPLETE, None,
+                                       1, 2, offset=44))
+        sub.events.put(IterationOpened(sub.topic, "snap", 2, 1, offset=45))
+        sub.events.put(ValuesReceived(sub.topic, 2, 1, 1, (), offset=46))
+        _wait(lambda: saved()["offsets"] == {"0": 46, "1": 20})
+        assert saved()["open_offsets"] == {"0": 45, "1": 18}
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_a_resume_reads_a_partition_its_offsets_do_not_name_from_its_beginning(
         tmp_path: Path) -> None:
     """The run state names the partitions the recording read (a partition added to the
