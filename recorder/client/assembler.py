@@ -721,6 +721,9 @@ class IterationAssembler:
                 key = self._copy_key(msg)
                 if key is not None:
                     primed.copies.setdefault(msg.iter_index, set()).add(key)
+            elif msg is not None:  # a header or tail: its copy must not open the iteration
+                primed.copies.setdefault(msg.iter_index, set()).add(
+                    (msg.__class__.__name__, msg.timestamp_ns))
         if offset >= until - 1:
             del primed.until[partition]
             self._end_priming(state)
@@ -747,6 +750,18 @@ class IterationAssembler:
             self.counters["duplicate"] += 1
         else:
             self._duplicate(it, "duplicate")
+        return True
+
+    def _primed_mark(self, state: _Topic, msg: Header | Tail) -> bool:
+        """Whether ``msg`` is a copy of a header or tail read before the resume while its
+        iteration is not open (then counted ``late.<what>``, as without the crash)."""
+        primed = state.primed
+        if primed is None or not primed.copies or msg.iter_index in state.open:
+            return False
+        copies = primed.copies.get(msg.iter_index)
+        if not copies or (msg.__class__.__name__, msg.timestamp_ns) not in copies:
+            return False
+        self.counters["late.header" if msg.__class__ is Header else "late.tail"] += 1
         return True
 
     @staticmethod
@@ -1057,6 +1072,8 @@ class IterationAssembler:
         now: float,
         out: list[IterationEvent],
     ) -> None:
+        if state.primed is not None and self._primed_mark(state, msg):
+            return
         ts = msg.timestamp_ns
         newest = ts > state.max_ts
         if newest:
@@ -1118,6 +1135,8 @@ class IterationAssembler:
         out: list[IterationEvent],
         kafka_ms: int | None = None,
     ) -> None:
+        if state.primed is not None and self._primed_mark(state, msg):
+            return
         ts = msg.timestamp_ns
         it = self._iteration_of(state, partition, offset, msg, now, "tail", out)
         if it is None:

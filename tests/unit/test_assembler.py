@@ -1301,3 +1301,20 @@ def test_a_copy_of_the_only_message_primed_is_dropped(sequenced: bool) -> None:
     run.feed(msgs)
     assert [s.pv for v in run.values(1) for s in v.samples] == ["PV:1", "PV:2"]
     assert run.asm.counters["duplicate"] == 1
+
+
+@GENERATIONS
+@pytest.mark.parametrize("copied", [0, 4], ids=["header", "tail"])
+def test_a_primed_copy_of_a_header_or_tail_opens_nothing(sequenced: bool, copied: int) -> None:
+    """A retried batch copies iteration 1's header or tail after the tail the crash left
+    durable: without the crash the copy is late and dropped; after it the copy must not
+    open iteration 1 again (an empty, incomplete iteration in the resumed segment)."""
+    msgs = iteration("s", 1, [(T0, scalar_pvs(3))], sequenced=sequenced)
+    msgs = [*msgs, msgs[copied], *iteration("s", 2, [(T0 + 1000, scalar_pvs(3))],
+                                            sequenced=sequenced)]
+    run = Run()
+    run.asm.prime_until(TOPIC, {0: 5})
+    run.feed(msgs)
+    run.expire(10.0)
+    assert kinds(run.events) == ["O2", "V2:3", "C2:ok"]
+    assert_clean(run.asm)
