@@ -376,6 +376,14 @@ class IterationAssembler:
         state = self._topic(topic)
         state.primed = _Primed(offsets) if offsets else None
 
+    def unprime(self, topic: str, partition: int) -> None:
+        """``topic``'s ``partition`` no longer reaches its resume offset (the topic was
+        deleted and created again): nothing it holds was recorded, none of it primes."""
+        state = self._topics.get(topic)
+        if state is not None and state.primed is not None:
+            state.primed.until.pop(partition, None)
+            self._end_priming(state)
+
     def open_iterations(self, topic: str) -> list[int]:
         """``iter_index`` of the iterations currently open on ``topic`` (oldest first)."""
         state = self._topics.get(topic)

@@ -158,8 +158,11 @@ def _primed_start(
         until = resume.get(partition)
         if until is None or asked >= until:
             continue
-        low = watermarks.get(partition, (asked, 0))[0]
-        offsets[partition] = at = min(max(asked, low), until)
+        marks = watermarks.get(partition)
+        if marks is None:  # no such partition (the topic was deleted): nothing was recorded
+            offsets[partition] = until  # of what it will hold; read as without priming
+            continue
+        offsets[partition] = at = min(max(asked, marks[0]), until)
         if at < until:
             primed[partition] = until
     return StartAt.at(offsets, others=start.others), primed
@@ -524,10 +527,13 @@ class K2egClient:
     def _on_offset_gap(self, topic: str, partition: int, expected: int, read: int) -> None:
         """Consumer thread: a topic resumed at ``expected`` began at ``read``; the messages
         between are gone from Kafka (its retention), charged to the topic as ``lost.retention``
-        (:meth:`skipped`). Reading from below the offset loses nothing (the adapter logs it)."""
-        if read > expected:
-            with self._core_lock:
+        (:meth:`skipped`). Reading from below the offset loses nothing (the adapter logs it):
+        the topic was created again, so nothing it holds was recorded before a resume."""
+        with self._core_lock:
+            if read > expected:
                 self._skips.setdefault(topic, Counter())["lost.retention"] += read - expected
+            else:
+                self._assembler.unprime(topic, partition)
 
     def _skip_counts(self) -> dict[str, int]:
         """The assembler's skip counters (core lock held)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
+import msgpack
 import pytest
 
 from recorder.client import (
@@ -25,7 +27,11 @@ from recorder.client import (
     ValuesReceived,
     iteration_timeout_s,
 )
+from recorder.client.assembler import IterationAssembler
+from recorder.client.client import _primed_start
+from recorder.client.wire import Record
 from recorder.errors import ClientError
+from recorder.sim.messages import data_message, header_message, tail_message
 
 PROPS = SnapshotProperties("s", ["pva://A:X", "pva://B:Y"], time_window=500)
 
@@ -64,6 +70,29 @@ def test_start_positions() -> None:
     assert StartAt.at(5).offset == 5
     assert StartAt.at({0: 3, 2: 9}).offsets == {0: 3, 2: 9}
     assert StartAt.at_timestamp(1_700_000_000_000).timestamp_ms == 1_700_000_000_000
+
+
+def test_a_resume_into_a_topic_created_again_records_what_it_holds() -> None:
+    """The topic was deleted and created again while the daemon was down: the resume asked
+    for offset 490 (its open iteration's start, priming up to 501) and Kafka's reset read
+    the new topic from 0 (the adapter tells the gap). None of it was recorded before: all is
+    recorded now, not taken for the primed past (which dropped every message below 501)."""
+    client = object.__new__(K2egClient)
+    client._core_lock = threading.Lock()
+    client._skips = {}
+    client._assembler = asm = IterationAssembler()
+    asm.prime_until("s", {0: 501})
+    client._on_offset_gap("s", 0, 490, 0)
+    ts = 1_700_000_000_000
+    msgs = [header_message("s", ts, 1), data_message("A:X", {"value": 1.0}, ts, 1),
+            tail_message("s", ts, 1)]
+    events = asm.feed_many([Record("s", 0, i, msgpack.packb(m), [("k2eg-ser-type", b"Msgpack")])
+                            for i, m in enumerate(msgs)], 0.0)
+    assert [type(e).__name__ for e in events] == [
+        "IterationOpened", "ValuesReceived", "IterationClosed"]
+    # deleted and not created yet when its offsets were asked: nothing to prime
+    start, primed = _primed_start(StartAt.at({0: 490}), {0: 501}, {})
+    assert start.offsets == {0: 501} and primed == {}
 
 
 def test_collector_builds_whole_iterations_with_every_requested_pv() -> None:
