@@ -376,6 +376,12 @@ class IterationAssembler:
         state = self._topic(topic)
         state.primed = _Primed(offsets) if offsets else None
 
+    def priming_until(self, topic: str, partition: int) -> int:
+        """The resume offset up to which ``topic``'s ``partition`` still primes (-1: none)."""
+        state = self._topics.get(topic)
+        primed = state.primed if state is not None else None
+        return primed.until.get(partition, -1) if primed is not None else -1
+
     def unprime(self, topic: str, partition: int) -> None:
         """``topic``'s ``partition`` no longer reaches its resume offset (the topic was
         deleted and created again): nothing it holds was recorded, none of it primes."""

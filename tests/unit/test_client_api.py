@@ -95,6 +95,22 @@ def test_a_resume_into_a_topic_created_again_records_what_it_holds() -> None:
     assert start.offsets == {0: 501} and primed == {}
 
 
+def test_a_primed_resume_that_finds_its_first_offsets_deleted_loses_only_past_the_durable(
+) -> None:
+    """Read from 490 (the open iteration's start), resume offset 501: the retention deleted
+    490..494 before the first fetch. Those were recorded before the crash: nothing is lost
+    (no `lost.retention`, no "the recording has a gap"); deleted past 501, only those are."""
+    client = object.__new__(K2egClient)
+    client._core_lock = threading.Lock()
+    client._skips = {}
+    client._assembler = asm = IterationAssembler()
+    asm.prime_until("s", {0: 501})
+    client._on_offset_gap("s", 0, 490, 495)
+    assert client._skips.get("s", {}).get("lost.retention", 0) == 0
+    client._on_offset_gap("s", 0, 490, 505)
+    assert client._skips["s"]["lost.retention"] == 4
+
+
 def test_collector_builds_whole_iterations_with_every_requested_pv() -> None:
     got: list[Iteration] = []
     collect = IterationCollector(got.append, PROPS.pv_names)
