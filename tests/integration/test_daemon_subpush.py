@@ -133,8 +133,12 @@ output: {{directory: {data}, flush_interval_s: 0.1}}
         assert got, detail
         start = want.index(got[0])
         assert got == want[start:], (pv, detail, len(got), len(want) - start)
-    # the final iteration of the stop is complete
-    assert files[-1]["iteration_status"][-1] == "complete", detail
+    # the final iteration of the stop is complete, unless the stop came while the iteration
+    # cut by the crash was still open: its rest (the resumed segment's first row) lacks the
+    # header and first values, which are in the crashed file, so it is incomplete by nature
+    cut = files[1]["iterations"][0] if len(files) > 1 and files[1]["iterations"] else None
+    final = files[-1]["iterations"][-1]
+    assert files[-1]["iteration_status"][-1] == "complete" or final == cut, detail
 
 
 def _published(bootstrap: str, topic: str) -> dict[str, list[tuple[int, Any]]]:
