@@ -290,6 +290,12 @@ class _Batch:
         self.nbytes = 0  # of the messages that carried the samples
 
 
+def _has_time_stamp(msg: Data) -> bool:
+    """Whether a data message's PV payload has an EPICS time stamp: only then can a legacy
+    producer retry (byte-identical) be told from the PV taking the same value again."""
+    return isinstance(msg.sample.data.get("timeStamp"), Mapping)
+
+
 class _Primed:
     """What a resumed topic read below its resume offsets (``prime_until``)."""
 
@@ -699,10 +705,11 @@ class IterationAssembler:
         now: float,
         out: list[IterationEvent],
     ) -> int:
-        """:meth:`feed_run` while ``state`` is primed: every record takes the general path."""
+        """:meth:`feed_run` while ``state`` is primed: every record takes the general path;
+        returns once priming ended (the rest of the run takes the fast path again)."""
         topic = state.name
         i, n = start, len(records)
-        while i < n:
+        while i < n and state.primed is not None:
             rec: Any = records[i]
             if rec.__class__ is not Record:
                 if rec.topic() != topic:
@@ -749,7 +756,7 @@ class IterationAssembler:
         :meth:`_is_legacy_duplicate`)."""
         if msg.msg_seq is not None:
             return (msg.timestamp_ns, msg.msg_seq)
-        if msg.raw is None or not isinstance(msg.sample.data.get("timeStamp"), Mapping):
+        if msg.raw is None or not _has_time_stamp(msg):
             return None
         return (msg.sample.pv, _fingerprint(msg.raw))
 
@@ -1027,7 +1034,7 @@ class IterationAssembler:
         rare, and the sample is decoded only then)."""
         if not self._seen_in_iteration(it, msg):
             return False
-        return isinstance(msg.sample.data.get("timeStamp"), Mapping)
+        return _has_time_stamp(msg)
 
     def _seen_in_iteration(self, it: _Iteration, msg: Data) -> bool:
         """Same PV, byte-identical payload, already in this iteration (legacy stream).

@@ -238,14 +238,13 @@ class RunController:
         self._stored: StoredState | None = None
         self._store_lock = threading.Lock()  # self._stored and its file: abandon() vs worker
         self._durable: dict[int, int] = {}
-        # (partition, offset, complete) of the iterations counted in the status whose tail is
-        # not durable yet: a failed recording resumes before them, so they are uncounted then
-        self._undurable: list[tuple[int, int, bool]] = []
-        # where the iterations the recording has open began: iter_index -> (partition,
-        # offset); and (partition, offset) of the closed ones whose close is not durable yet,
-        # with where they began: a resume reads from the oldest (ActiveRecording.open_offsets)
+        # the iterations closed (counted in the status) whose close is not durable yet:
+        # (partition, offset, complete, where it began if it opened in this recording). A
+        # failed recording resumes before them, so they are uncounted then; a resume reads
+        # from where the oldest began (ActiveRecording.open_offsets)
+        self._undurable: list[tuple[int, int, bool, tuple[int, int] | None]] = []
+        # where the iterations the recording has open began: iter_index -> (partition, offset)
         self._open_at: dict[int, tuple[int, int]] = {}
-        self._closing_at: list[tuple[int, int, int, int]] = []
         # a resume's open offsets below its durable ones (partition -> offset): where the
         # iterations open at the crash began, until the partition's first iteration opens
         self._carried: dict[int, int] = {}
@@ -644,8 +643,7 @@ class RunController:
             return
         self._rec = rec
         self._announced = 0
-        self._undurable = []
-        self._open_at, self._closing_at = {}, []
+        self._undurable, self._open_at = [], {}
         self._carried = {} if active is None else {
             p: o for p, o in active.open_offsets.items() if o <= active.offsets.get(p, -1)}
         # offsets before the first record of this recording count as durable: a crash before
@@ -875,10 +873,6 @@ class RunController:
                 # and first values were read before the resume's offsets)
                 at = min(at, carried)
             self._open_at[event.iter_index] = (event.partition, at)
-        elif isinstance(event, IterationClosed):
-            began = self._open_at.pop(event.iter_index, None)
-            if began is not None:
-                self._closing_at.append((event.partition, event.offset, *began))
         if self._pending_tags and isinstance(event, IterationOpened):
             # the iteration a trigger produced; tagged once the recording (and the bridge)
             # has it open (a restarted snapshot's iteration 1 is then in the new segment, not
@@ -894,7 +888,8 @@ class RunController:
                     s.complete += 1
                 else:
                     s.incomplete += 1
-            self._undurable.append((event.partition, event.offset, event.complete))
+            self._undurable.append((event.partition, event.offset, event.complete,
+                                    self._open_at.pop(event.iter_index, None)))
             if self._metrics is not None:
                 self._metrics.iteration_closed(self.name, event.status.value)
             if not event.complete:  # each one is counted; logged once a minute per reason
@@ -931,13 +926,13 @@ class RunController:
         """Count what the recording's new flushes wrote and save the offsets they made
         durable (also when it failed after them: that data is in its file)."""
         self._count_written(rec)
+        current = None if rec.current_path is None else str(rec.current_path)
         with self._lock:
-            self._stats.current_file = None if rec.current_path is None else str(rec.current_path)
+            self._stats.current_file = current
         durable = {p: o for (_t, p), o in rec.last_durable_offset.items()}
         merged = {**self._durable, **{p: max(o, self._durable.get(p, -1))
                                       for p, o in durable.items()}}
         self._undurable = [u for u in self._undurable if u[1] > merged.get(u[0], -1)]
-        current = None if rec.current_path is None else str(rec.current_path)
         stored = self._stored
         if stored is None or stored.active is None:
             return
@@ -956,11 +951,11 @@ class RunController:
 
     def _open_offsets(self, durable: dict[int, int]) -> dict[int, int]:
         """Per partition of ``durable``, where the oldest iteration open at its offset began
-        (open now, or closed at an offset not durable yet), else one past it: a resume
-        reads from there (what a leftover file holds beyond ``durable`` is primed too)."""
-        self._closing_at = [c for c in self._closing_at if c[1] > durable.get(c[0], -1)]
+        (open now, or closed at an offset not durable yet: ``_undurable``, already trimmed
+        to ``durable``), else one past it: a resume reads from there (what a leftover file
+        holds beyond ``durable`` is primed too)."""
         out = {p: o + 1 for p, o in durable.items()}
-        began = [*self._open_at.values(), *((p, o) for _cp, _co, p, o in self._closing_at),
+        began = [*self._open_at.values(), *(b for *_u, b in self._undurable if b is not None),
                  *self._carried.items()]
         for partition, offset in began:
             if 0 <= offset < out.get(partition, -1):
@@ -1357,7 +1352,7 @@ class RunController:
             raised = f"closing the recording failed: {type(exc).__name__}: {exc}"
             self._log.exception("closing the recording failed")
             paths = list(rec.paths)
-        self._after_flush_counts(rec)
+        self._count_written(rec)  # what its own last flush wrote, and that flush
         self._announce_files(rec)
         self._end_bridge_recording()
         files = [str(p) for p in paths]
@@ -1394,7 +1389,7 @@ class RunController:
         """The recording failed and keeps its resume state: the iterations whose tail it had
         not made durable are read again by the resume, and counted then, not twice."""
         undurable, self._undurable = self._undurable, []
-        complete = sum(1 for _p, _o, c in undurable if c)
+        complete = sum(1 for _p, _o, c, _b in undurable if c)
         with self._lock:
             self._stats.complete = max(0, self._stats.complete - complete)
             self._stats.incomplete = max(0, self._stats.incomplete
@@ -1508,10 +1503,6 @@ class RunController:
             self._on_file(self.definition, path)
         except Exception:  # a file event must never stop a recording
             self._log.exception("file event failed", path=str(path))
-
-    def _after_flush_counts(self, rec: Recording) -> None:
-        """After close(): what its own last flush wrote (values, bytes) and that flush."""
-        self._count_written(rec)
 
     def _count_written(self, rec: Recording) -> None:
         """Count what the recording wrote since the last count (values, bytes) and its new
