@@ -356,8 +356,9 @@ def child_pids(pid: int, marker: bytes) -> list[int]:
 
 
 def writer_pids(daemon_pid: int) -> list[int]:
-    """The daemon's writer processes: its children started by multiprocessing."""
-    return child_pids(daemon_pid, b"multiprocessing")
+    """The daemon's writer processes: its children started by multiprocessing's spawn (not
+    multiprocessing's resource tracker, whose command line names multiprocessing too)."""
+    return child_pids(daemon_pid, b"spawn_main")
 
 
 def crash_with_leftover(denv: DaemonEnv, admin: AdminClient, run: str, data: Path,

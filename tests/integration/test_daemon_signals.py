@@ -24,6 +24,7 @@ from daemon_support import (
     run_state,
     simulator,
     wait_for,
+    writer_pids,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -104,7 +105,7 @@ def test_sigterm_with_a_hung_writer_exits_within_the_time_it_asked_systemd_for(
         daemon = DaemonProcess(denv)
         daemons.append(daemon)
         wait_for(lambda: complete_iterations(admin, "sig") >= 5, 40, "5 iterations")
-        writers = child_pids(daemon.proc.pid, b"spawn_main")
+        writers = writer_pids(daemon.proc.pid)
         assert writers
         for w in writers:
             os.kill(w, signal.SIGSTOP)  # a writer hung on its file system
@@ -187,7 +188,7 @@ def test_sighup_to_every_process_of_the_daemon_reloads_and_recording_goes_on(
         daemon = DaemonProcess(denv)
         daemons.append(daemon)
         wait_for(lambda: complete_iterations(admin, "sig") >= 5, 40, "5 iterations")
-        writers = child_pids(daemon.proc.pid, b"spawn_main")
+        writers = writer_pids(daemon.proc.pid)
         assert writers
         os.killpg(daemon.proc.pid, signal.SIGHUP)
         wait_for(lambda: "run definitions reloaded" in daemon.log_text(), 20, "the reload")

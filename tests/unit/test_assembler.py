@@ -1008,10 +1008,9 @@ def _hot_stream(sequenced: bool, n: int = 6) -> list[bytes]:
     return raws
 
 
-@GENERATIONS
-def test_hot_path_is_taken(sequenced: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    raws = _hot_stream(sequenced, 20)
-    asm = IterationAssembler()
+def _general_path_offsets(asm: IterationAssembler, monkeypatch: pytest.MonkeyPatch
+                          ) -> list[int]:
+    """The offsets of the records ``asm`` feeds through its general path from now on."""
     general: list[int] = []
     feed_one = asm._feed_one
 
@@ -1020,6 +1019,14 @@ def test_hot_path_is_taken(sequenced: bool, monkeypatch: pytest.MonkeyPatch) -> 
         feed_one(state, rec, now, out)
 
     monkeypatch.setattr(asm, "_feed_one", spy)
+    return general
+
+
+@GENERATIONS
+def test_hot_path_is_taken(sequenced: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    raws = _hot_stream(sequenced, 20)
+    asm = IterationAssembler()
+    general = _general_path_offsets(asm, monkeypatch)
     out = asm.feed_many(records(TOPIC, raws), 0.0)
     # header, the last data (sequenced: last_submission_data), tail; the first data opens
     # the batch through _on_data without the general decoding
@@ -1278,14 +1285,7 @@ def test_priming_ends_and_the_hot_path_comes_back(
     asm.prime_until(TOPIC, {0: 3})
     assert asm.feed_many(records(TOPIC, raws[:3]), 0.0) == []  # priming emits nothing
     asm.feed_many(records(TOPIC, raws[3:], start_offset=3), 0.0)
-    general: list[int] = []
-    feed_one = asm._feed_one
-
-    def spy(state: Any, rec: Record, now: float, out: list[IterationEvent]) -> None:
-        general.append(rec.offset)
-        feed_one(state, rec, now, out)
-
-    monkeypatch.setattr(asm, "_feed_one", spy)
+    general = _general_path_offsets(asm, monkeypatch)
     later = iteration("s", 3, [(T0 + 2000, scalar_pvs(20))], sequenced=sequenced)
     out = asm.feed_many(records(TOPIC, [m.raw for m in later], start_offset=100), 0.0)
     assert general == ([100, 120, 121] if sequenced else [100, 121])

@@ -72,16 +72,22 @@ def test_start_positions() -> None:
     assert StartAt.at_timestamp(1_700_000_000_000).timestamp_ms == 1_700_000_000_000
 
 
-def test_a_resume_into_a_topic_created_again_records_what_it_holds() -> None:
-    """The topic was deleted and created again while the daemon was down: the resume asked
-    for offset 490 (its open iteration's start, priming up to 501) and Kafka's reset read
-    the new topic from 0 (the adapter tells the gap). None of it was recorded before: all is
-    recorded now, not taken for the primed past (which dropped every message below 501)."""
+def _client_primed_until_501() -> tuple[K2egClient, IterationAssembler]:
+    """A client (no Kafka) whose topic "s" resumes at offset 501 of partition 0, primed."""
     client = object.__new__(K2egClient)
     client._core_lock = threading.Lock()
     client._skips = {}
     client._assembler = asm = IterationAssembler()
     asm.prime_until("s", {0: 501})
+    return client, asm
+
+
+def test_a_resume_into_a_topic_created_again_records_what_it_holds() -> None:
+    """The topic was deleted and created again while the daemon was down: the resume asked
+    for offset 490 (its open iteration's start, priming up to 501) and Kafka's reset read
+    the new topic from 0 (the adapter tells the gap). None of it was recorded before: all is
+    recorded now, not taken for the primed past (which dropped every message below 501)."""
+    client, asm = _client_primed_until_501()
     client._on_offset_gap("s", 0, 490, 0)
     ts = 1_700_000_000_000
     msgs = [header_message("s", ts, 1), data_message("A:X", {"value": 1.0}, ts, 1),
@@ -100,11 +106,7 @@ def test_a_primed_resume_that_finds_its_first_offsets_deleted_loses_only_past_th
     """Read from 490 (the open iteration's start), resume offset 501: the retention deleted
     490..494 before the first fetch. Those were recorded before the crash: nothing is lost
     (no `lost.retention`, no "the recording has a gap"); deleted past 501, only those are."""
-    client = object.__new__(K2egClient)
-    client._core_lock = threading.Lock()
-    client._skips = {}
-    client._assembler = asm = IterationAssembler()
-    asm.prime_until("s", {0: 501})
+    client, _asm = _client_primed_until_501()
     client._on_offset_gap("s", 0, 490, 495)
     assert client._skips.get("s", {}).get("lost.retention", 0) == 0
     client._on_offset_gap("s", 0, 490, 505)
