@@ -8,7 +8,8 @@ on loopback unless told otherwise (``RECORDER_METRICS_PORT``, ``RECORDER_METRICS
 Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
 
 =======================================  =========  ===================================
-``iterations_total{run,status}``         counter    status: complete | incomplete
+``iterations_total{run,status}``         counter    status: complete | incomplete;
+                                                    counted once durable in a file
 ``values_written_total{run}``            counter    PV values appended to HDF5
 ``bytes_written_total{run}``             counter    bytes added to the files being written
 ``messages_skipped_total{run,reason}``   counter    malformed.<why>, late.<what>, duplicate...
@@ -199,10 +200,10 @@ class RecorderMetrics:
         self._file_statuses: dict[str, set[str]] = {}
 
     # --- recording side --------------------------------------------------------------------
-    def iteration_closed(self, run: str, status: str) -> None:
+    def iteration_closed(self, run: str, status: str, count: int = 1) -> None:
         self._runs.add(run)
         self._statuses.setdefault(run, set()).add(status)
-        self.iterations.labels(run=run, status=status).inc()
+        self.iterations.labels(run=run, status=status).inc(count)
 
     def values(self, run: str, count: int, nbytes: int = 0) -> None:
         self._runs.add(run)

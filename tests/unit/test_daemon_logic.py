@@ -1113,9 +1113,16 @@ def test_iterations_re_read_after_a_failure_are_counted_once(tmp_path: Path) -> 
     """The status counted each closed iteration when it arrived; a recording that failed
     resumes from its last durable offset, so the iterations after it were read (and
     counted) again: 2 + 3 iterations recorded showed as 8. Those a failure leaves undurable
-    are no longer counted (the resume counts them when it records them)."""
+    are no longer counted (the resume counts them when it records them). Prometheus's
+    ``iterations_total`` cannot go down: it counts an iteration once its close is durable."""
     client = FakeClient()
-    c, made = _controller(tmp_path, client)
+    metrics = RecorderMetrics()
+    c, made = _controller(tmp_path, client, metrics=metrics)
+
+    def counted() -> tuple[float | None, float | None]:
+        return tuple(metrics.registry.get_sample_value(  # type: ignore[return-value]
+            "k2eg_recorder_iterations_total", {"run": "r", "status": s})
+            for s in ("complete", "incomplete"))
     try:
         sub = _started(c, client)
         rec = made[0]
@@ -1132,6 +1139,7 @@ def test_iterations_re_read_after_a_failure_are_counted_once(tmp_path: Path) -> 
         _wait(lambda: c.state is RunState.FAILED)
         status = c.status()
         assert (status.iterations_complete, status.iterations_incomplete) == (2, 0), status
+        assert counted() == (2, None)
         c.start().result(5)
         again = client.sub
         assert again is not None and again is not sub
@@ -1146,6 +1154,10 @@ def test_iterations_re_read_after_a_failure_are_counted_once(tmp_path: Path) -> 
         time.sleep(0.2)  # and no more
         status = c.status()
         assert (status.iterations_complete, status.iterations_incomplete) == (4, 1), status
+        _wait(lambda: counted() == (4, 1))
+        c.stop().result(5)
+        status = c.status()
+        assert counted() == (status.iterations_complete, status.iterations_incomplete), status
     finally:
         c.shutdown().result(5)
         assert c.join(5)
