@@ -287,15 +287,18 @@ class Service:
                             f"{len(self._definitions)} run(s) loaded")
         try:
             try:
-                if not self._connect():
-                    return EXIT_OK  # stopped while still connecting
+                if not self._connect():  # stopped while still connecting
+                    self.notifier.stopping("stopped while connecting to Kafka; no run started")
+                    return EXIT_OK
             except ConfigError as exc:  # a Kafka setting librdkafka refuses: no retry mends it
                 log.error("refusing to start: fix the Kafka settings", error=str(exc))
                 self.notifier.status(f"refusing to start: {exc}")
                 self.refusal = f"refusing to start: {exc}"
                 return EXIT_CONFIG
             if self._stopping():  # SIGTERM during the last connection attempt: no run
-                return EXIT_OK  # starts only to be stopped (interrupted ones resume next time)
+                # starts only to be stopped (interrupted ones resume next time)
+                self.notifier.stopping("stopped while connecting to Kafka; no run started")
+                return EXIT_OK
             if self._reload.is_set():  # a SIGHUP while connecting: no run has started yet,
                 self._reload.clear()  # so they start as the definitions now say
                 starting = self._reload_before_start(starting)

@@ -3126,6 +3126,44 @@ def test_the_leftover_of_a_run_no_longer_defined_is_named_at_start(tmp_path: Pat
     assert "k2eg-recorder recover" in warning["event"], warning
 
 
+@pytest.mark.parametrize("when", ["in a retry", "in the last attempt"])
+def test_a_stop_while_connecting_to_kafka_tells_systemd_it_is_stopping(
+    tmp_path: Path, when: str
+) -> None:
+    """SIGTERM while the daemon still waited for Kafka (READY=1 already sent) exited without
+    STOPPING=1: ``systemctl status`` kept showing "waiting for Kafka" as the service went."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.notify import Notifier
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    class Recorded(Notifier):
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.sent: list[tuple[str, ...]] = []
+
+        def notify(self, *assignments: str) -> bool:
+            self.sent.append(assignments)
+            return True
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs: []\n")
+    notifier = Recorded()
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False, notifier=notifier)
+
+    def connect() -> bool:
+        service.request_stop()
+        return when == "in the last attempt"
+
+    service._connect = connect  # type: ignore[method-assign]
+    assert service.run() == 0
+    assert notifier.sent[0][0] == "READY=1", notifier.sent
+    stopping = [a for a in notifier.sent if a[0] == "STOPPING=1"]
+    assert stopping == [("STOPPING=1",
+                         "STATUS=stopped while connecting to Kafka; no run started")], notifier.sent
+
+
 def test_the_stop_reply_of_a_recording_with_many_segments_fits_in_a_kafka_message(
     tmp_path: Path,
 ) -> None:
