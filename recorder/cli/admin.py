@@ -92,8 +92,11 @@ def attention(doc: dict[str, Any], only: str | None = None) -> list[str]:
             continue
         state = r.get("state")
         why = f": {r['last_error']}" if r.get("last_error") else ""
-        if state in ("failed", "retrying"):
-            out.append(f"run {name} is {state}{why}")
+        if state == "failed":
+            out.append(f"run {name} is failed{why} (k2eg-recorder start {name} tries again; "
+                       f"k2eg-recorder stop {name} ends its recording)")
+        elif state == "retrying":
+            out.append(f"run {name} is retrying{why}")
         if r.get("silent_since"):
             out.append(f"run {name} gets no data from the gateway since "
                        f"{_ms(r['silent_since'])} UTC")

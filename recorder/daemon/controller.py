@@ -1210,9 +1210,17 @@ class RunController:
     def _on_stop(self, future: Future[str], reason: str, *, resumable: bool = False,
                  restarting: bool = False) -> None:
         state = self.state
-        if state in (RunState.IDLE, RunState.FAILED):
+        if state is RunState.IDLE:
             raise AdminCommandError(ReplyCode.NOT_RUNNING.value,
                                     f"run {self.name!r} is not recording ({state.value})")
+        if state is RunState.FAILED:  # an operator's "seen, leave it": only an admin stop
+            # comes here (a shutdown or reload keeps a failed run as it is). The failed
+            # recording ends as a stop ends one that waits for room: no start resumes it
+            self._end_interrupted_recording(reason)
+            self._set_state(RunState.IDLE)
+            future.set_result(f"run {self.name!r} stopped: its failed recording is ended "
+                              "(a start begins a new one)")
+            return
         if state in (RunState.STARTING, RunState.RETRYING):
             if restarting:  # the new controller starts the run (recording_wanted)
                 self._resolve_start(message=f"run {self.name!r} starts with its new "

@@ -178,7 +178,8 @@ def test_attention_lists_what_needs_a_look_and_nothing_when_all_is_well() -> Non
     )
     doc = json.loads(replace(healthy, runs=runs).encode())
     assert attention(doc) == [
-        "run a is failed: disk full",
+        "run a is failed: disk full (k2eg-recorder start a tries again; k2eg-recorder stop a "
+        "ends its recording)",
         "run b is retrying",
         "run c gets no data from the gateway since 2026-11-21 20:05:45 UTC",
     ]

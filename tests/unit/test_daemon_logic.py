@@ -1163,6 +1163,39 @@ def test_iterations_re_read_after_a_failure_are_counted_once(tmp_path: Path) -> 
         assert c.join(5)
 
 
+def test_a_stop_of_a_failed_run_ends_its_recording_and_leaves_the_run_idle(
+    tmp_path: Path,
+) -> None:
+    """``stop`` of a failed run was answered ``not_running``: an operator who had seen the
+    failure and wanted the run left alone had no way to say so, and ``status --check`` kept
+    exiting 4 until the run was started or its definition changed. The stop now ends the
+    failed recording (no later start resumes it) and leaves the run idle; the error stays in
+    its status."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    try:
+        sub = _started(c, client)
+        _feed(sub, 1, 2)
+        _wait(lambda: made[0].last_durable_offset == {(sub.topic, 0): 18})
+        made[0].status, made[0].reason = "failed", "OSError: [Errno 5] Input/output error"
+        _wait(lambda: c.state is RunState.FAILED)
+        state_file = tmp_path / "state" / "r.json"
+        assert json.loads(state_file.read_text())["active"] is not None
+        assert c.stop().result(5) == ("run 'r' stopped: its failed recording is ended (a "
+                                      "start begins a new one)")
+        assert c.state is RunState.IDLE
+        assert json.loads(state_file.read_text())["active"] is None
+        assert "Input/output error" in str(c.status().last_error)
+        with pytest.raises(AdminCommandError) as err:  # stopped now: a second stop is refused
+            c.stop().result(5)
+        assert err.value.code == "not_running"
+        c.start().result(5)  # a new recording, not the failed one resumed
+        assert client.starts[-1] is None  # from the topic's end, not from saved offsets
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_a_file_that_cannot_be_finalized_at_the_stop_fails_the_stop(tmp_path: Path) -> None:
     """A close that fails (the file cannot be finalized: e.g. a compression whose plugin the
     writer cannot load) was answered "stopped (complete); files: none", left the run idle
