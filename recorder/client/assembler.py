@@ -34,8 +34,11 @@ Closing
     * a header of a new iteration closes every open iteration of its partition still waiting
       for its tail as ``NO_TAIL`` (the gateway publishes T(n) before H(n+1), protocol §3.9;
       Kafka keeps that order within a partition only);
-    * no tail within the topic's timeout (``set_topic_timeout``, e.g. 2 x window + slack):
-      ``TIMEOUT`` (at :meth:`IterationAssembler.expire`);
+    * no tail within the topic's timeout (``set_topic_timeout``, e.g. 2 x window + slack)
+      of its opening or of its last data message: ``TIMEOUT`` (at
+      :meth:`IterationAssembler.expire`). An iteration still being read (a triggered
+      timedbuffered one is one submission of every value of its window, which can take longer
+      than its timeout to arrive) is not cut while its data keeps coming;
     * more than ``max_open_per_topic`` open: the oldest is closed ``NO_TAIL`` (``evicted``), or
       as at the end of its grace period if its tail came;
     * :meth:`IterationAssembler.close`: ``CLOSED``.
@@ -479,6 +482,7 @@ class IterationAssembler:
         uints = _UINTS
         names = _PV_NAMES
         from_raw = PVSample.from_raw
+        deadline = now + state.timeout_s  # of an iteration whose data comes in now
         max_bytes = self.max_message_bytes
         gateway_headers = _GATEWAY_HEADERS
         unpacker = self._unpacker
@@ -685,6 +689,7 @@ class IterationAssembler:
                         it.duplicates += 1
                         continue
                 it.n_data += 1
+                it.deadline = deadline
                 append_sample(sample)
                 batch.nbytes += size
                 offset = offset_of(rec)
@@ -995,6 +1000,7 @@ class IterationAssembler:
                 self._duplicate(it, "duplicate")
                 return
         it.n_data += 1
+        it.deadline = now + state.timeout_s  # its data still comes in: not stuck
         # batch (the iteration's offset and newest timestamp are updated when it is flushed)
         sub = msg.submission_seq
         key = sub if sub is not None else ~ts

@@ -133,7 +133,8 @@ def produced_before(final: IterationClosed, ack_time_ms: int | None) -> bool:
 
 
 def iteration_timeout_s(props: SnapshotProperties, slack_s: float = DEFAULT_SLACK_S) -> float:
-    """How long an iteration of ``props`` may stay open without its tail.
+    """How long an iteration of ``props`` may stay open without its tail (counted from its
+    opening, and again from each of its data messages: one still being read is not cut).
 
     Periodic snapshots publish an iteration within one window (normal: header, data and tail
     in one submission per period; timedbuffered: header at the first sub-push tick, tail at

@@ -454,6 +454,37 @@ def test_lost_tail_and_no_next_header_times_out(sequenced: bool) -> None:
     assert run.asm.counters["late.data"] == 1
 
 
+@GENERATIONS
+def test_an_iteration_still_receiving_its_data_is_not_cut_at_its_timeout(
+    sequenced: bool,
+) -> None:
+    """A triggered timedbuffered iteration is one submission holding every value of its
+    look-back window, and its timeout is the 2 s slack: a big one (30 s of 100 PVs at 120 Hz,
+    360k values, against the ~170k values/s the daemon reads) takes longer than that to be
+    read. It was closed TIMEOUT while its values were still coming in, and the rest of them
+    and its tail were dropped as late. An iteration whose data keeps arriving stays open;
+    one that receives nothing for its timeout still times out."""
+    run = Run(iteration_timeout_s=2.0)
+    msgs = iteration("s", 1, [(T0, scalar_pvs(40))], sequenced=sequenced)
+    now = 10.0
+    for m in msgs:  # one message every 0.1 s: 4.2 s for the iteration
+        run.feed([m], now=now)
+        for tick in (0.05, 0.1):  # the client expires every 50 ms
+            run.expire(now + tick)
+        now += 0.1
+    [c] = run.closed()
+    assert c.complete and c.n_values == 40, c
+    assert run.asm.counters["late.data"] == 0 and run.asm.counters["late.tail"] == 0
+    # a stuck one: its data stops, no tail
+    it2 = iteration("s", 2, [(T0 + 1, scalar_pvs(4))], sequenced=sequenced)
+    run.feed(it2[:3], now=20.0)
+    run.feed(it2[3:4], now=21.0)
+    for k in range(1, 60):
+        run.expire(21.0 + 0.05 * k)
+    [_, c2] = run.closed()
+    assert c2.reason is IncompleteReason.TIMEOUT and c2.n_values == 3
+
+
 def test_a_paused_topic_is_frozen_and_deferred_alone() -> None:
     """expire(frozen=...) leaves the open iterations of paused topics alone (their messages
     are in Kafka, unread), and defer(seconds, topic) moves only that topic's deadlines when
