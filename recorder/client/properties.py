@@ -22,6 +22,8 @@ PV_URI_RE = re.compile(
 )
 # What the official client accepts as a snapshot name
 SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+\Z")
+# The snapshot's topic is its normalized name (as long): Kafka refuses longer topic names
+SNAPSHOT_NAME_MAX = 249
 _NON_TOPIC_CHARS = re.compile(r"[^A-Za-z0-9\-]")
 # The fields of snapshot messages besides the PV: a PV with one of these names would share its
 # key with the field in the gateway's data message (one map), so its values could not be read
@@ -78,6 +80,15 @@ def normalize_snapshot_name(name: str) -> str:
     return _NON_TOPIC_CHARS.sub("_", name).lower()
 
 
+def snapshot_name_too_long(name: str) -> str:
+    """Why a snapshot name longer than :data:`SNAPSHOT_NAME_MAX` is refused."""
+    return (
+        f"snapshot_name '{name[:40]}...' is {len(name)} characters long, at most "
+        f"{SNAPSHOT_NAME_MAX} characters: the gateway publishes on a topic named as it "
+        "(normalized), and Kafka refuses longer topic names"
+    )
+
+
 def message_field_clash(uri: str) -> str | None:
     """Why the PV of a valid ``uri`` cannot be recorded from a snapshot, or None: its name is
     a field of the gateway's data messages."""
@@ -128,6 +139,8 @@ class SnapshotProperties:
             out.append(
                 f"snapshot_name {self.snapshot_name!r} must be non-empty and match [A-Za-z0-9_-]+"
             )
+        elif len(self.snapshot_name) > SNAPSHOT_NAME_MAX:
+            out.append(snapshot_name_too_long(self.snapshot_name))
         if not self.pv_uri_list:
             out.append("pv_uri_list must hold at least one PV URI")
         for uri in self.pv_uri_list:

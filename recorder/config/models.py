@@ -48,12 +48,14 @@ from pydantic import (
 
 from recorder.client.properties import (
     PV_URI_RE,
+    SNAPSHOT_NAME_MAX,
     SNAPSHOT_NAME_RE,
     PVUri,
     SnapshotProperties,
     SnapshotType,
     message_field_clash,
     normalize_snapshot_name,
+    snapshot_name_too_long,
 )
 from recorder.sinks.options import OutputOptions
 from recorder.validation import invalid, invalid_all
@@ -90,6 +92,8 @@ def _check_run_name(name: str) -> str:
 def _check_snapshot_name(name: str) -> str:
     if not SNAPSHOT_NAME_RE.match(name):
         raise invalid(f"snapshot_name {name!r} must be non-empty and match [A-Za-z0-9_-]+")
+    if len(name) > SNAPSHOT_NAME_MAX:
+        raise invalid(snapshot_name_too_long(name))
     return name
 
 
@@ -165,8 +169,8 @@ class SnapshotSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     snapshot_name: SnapshotName = Field(
-        description="k2eg snapshot name ([A-Za-z0-9_-]+). The gateway publishes on the topic "
-        "named by normalize_snapshot_name(snapshot_name)."
+        description="k2eg snapshot name ([A-Za-z0-9_-]+, at most 249 characters). The "
+        "gateway publishes on the topic named by normalize_snapshot_name(snapshot_name)."
     )
     pv_uri_list: tuple[PvUri, ...] = Field(
         min_length=1, description="PV URIs (pva://NAME, ca://NAME, optional .field)."

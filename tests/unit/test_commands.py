@@ -93,6 +93,10 @@ def test_repeating_snapshot_command() -> None:
         repeating_snapshot_command(SnapshotProperties("bad name", ("pva://a",)), **R)
     with pytest.raises(InvalidSnapshotPropertiesError):
         repeating_snapshot_command(SnapshotProperties("s", ("pva://a",), time_window=2**31), **R)
+    # its topic (the normalized name) would be one Kafka refuses: longer than 249 characters
+    assert SnapshotProperties("s" * 249, ("pva://a",)).problems() == []
+    with pytest.raises(InvalidSnapshotPropertiesError, match="at most 249 characters"):
+        repeating_snapshot_command(SnapshotProperties("s" * 250, ("pva://a",)), **R)
     # a PV named like a field of the data messages could not be read back: refused up front
     clashing = SnapshotProperties("s", ("pva://a", "pva://msg_seq", "ca://error.VAL"))
     assert clashing.problems() == [

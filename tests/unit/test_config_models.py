@@ -84,6 +84,11 @@ def errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         (run(name="-lead"), ("name",), "run name"),
         (run(autostart="yes"), ("autostart",), "valid boolean"),
         (run(snapshot={"snapshot_name": "a b"}), ("snapshot", "snapshot_name"), "[A-Za-z0-9_-]+"),
+        (  # its topic is the normalized name: Kafka refuses topic names beyond 249 chars
+            run(snapshot={"snapshot_name": "s" * 250}),
+            ("snapshot", "snapshot_name"),
+            "at most 249 characters",
+        ),
         (run(snapshot={"pv_uri_list": []}), ("snapshot", "pv_uri_list"), "at least 1"),
         (
             run(snapshot={"pv_uri_list": ["pva://A", "http://B"]}),
