@@ -295,7 +295,10 @@ def render_file_name(
     if segment > 0 and "{segment" not in options.file_template:
         stem, dot, ext = name.rpartition(".")
         name = f"{stem}_s{segment:04d}{dot}{ext}"
-    name = sanitize_component(name)
+    # the stem apart from the extension (the template ends in one): a stem left empty
+    # (non-ASCII text only, dots only) becomes "_", not the bare extension as the name
+    stem, dot, ext = name.rpartition(".")
+    name = sanitize_component(stem) + dot + sanitize_component(ext)
     if len(name.encode()) > MAX_FILE_NAME_BYTES:
         # cut, with a digest of the whole name: the end cut off holds what tells files apart
         # ({seq}, {segment}, {start}), and one name for every segment would have the resume's

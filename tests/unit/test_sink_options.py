@@ -30,6 +30,20 @@ def test_names_stay_inside_directory(tmp_path: Path, run: str) -> None:
     assert not p.name.startswith(".")
 
 
+@pytest.mark.parametrize("template", [".h5", "データ.h5", "..nxs", "{snapshot}.hdf5"])
+def test_a_name_left_without_a_stem_keeps_its_extension(tmp_path: Path, template: str) -> None:
+    """A template whose stem sanitizes away (non-ASCII text only, dots only, an empty
+    {snapshot}) gave the file the bare extension as its name ("h5"): no .h5 file, which
+    ``ls``, ``verify DIR`` and ``open_recording`` do not see."""
+    opts = OutputOptions(directory=tmp_path, file_template=template)
+    ext = template.rpartition(".")[2]
+    for segment in (0, 2):
+        p = render_file_name(opts, run="r", snapshot="", start=START, seq=0, segment=segment)
+        assert p.parent == tmp_path.resolve()
+        assert p.name.endswith("." + ext) and len(p.name) > len(ext) + 1, p.name
+        assert not p.name.startswith(".")
+
+
 @pytest.mark.parametrize(
     "template", ["{run}{bogus}.h5", "{run}.txt", "a/{run}.h5", "{run!r}.h5", "{start:%Q", ""]
 )
