@@ -255,6 +255,17 @@ def test_bridge_options_endpoints() -> None:
     assert opts.protocol_version == "2.2" and opts.queue_size == 2 and opts.serve_incomplete
 
 
+def test_an_ipc_path_longer_than_a_unix_socket_takes_is_refused() -> None:
+    """A Unix socket path holds at most 107 bytes: a longer ipc:// endpoint validated, and
+    the bridge then failed at its bind ("cannot bind") and served nothing."""
+    longest = "/tmp/" + "é" + "x" * 100  # 107 bytes
+    assert BridgeOptions(pub=f"ipc://{longest}").pub == f"ipc://{longest}"
+    with pytest.raises(ValidationError, match="at most 107 bytes"):
+        BridgeOptions(pub=f"ipc://{longest}x")
+    with pytest.raises(ValidationError, match="at most 107 bytes"):
+        BridgeOptions(rep=f"ipc://{longest.replace('é', 'ü')}{'y' * 200}")
+
+
 @pytest.mark.parametrize("bad", [
     {}, {"rep": 70000}, {"rep": "http://x:1"}, {"rep": "tcp://host"}, {"rep": 1, "pub": 1},
     {"rep": 1, "queue_size": 0}, {"rep": 1, "protocol_version": "3.0"}, {"rep": 1, "x": 1},

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 _TCP_RE = re.compile(r"^tcp://(\*|[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
 _IPC_RE = re.compile(r"^ipc:///?[^\x00\s]+$")
 MAX_PORT = 65535
+IPC_PATH_MAX_BYTES = 107  # sockaddr_un.sun_path (108) less its NUL: zmq.IPC_PATH_MAX_LEN
 
 
 _WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "[::]"})
@@ -62,6 +63,12 @@ def normalize_endpoint(value: Any) -> Any:
             raise ValueError(f"port {match.group(2)} is out of range 0..{MAX_PORT}")
         return text
     if _IPC_RE.match(text):
+        path = text[len("ipc://"):]
+        if len(path.encode("utf-8", "surrogateescape")) > IPC_PATH_MAX_BYTES:
+            raise ValueError(
+                f"endpoint {value!r}: an ipc path is a Unix socket's, at most "
+                f"{IPC_PATH_MAX_BYTES} bytes (the bridge could not bind it)"
+            )
         return text
     raise ValueError(
         f"endpoint {value!r} must be a port number, tcp://<host>:<port> or ipc://<path>"
