@@ -106,6 +106,7 @@ REPLY_METADATA_KEYS: frozenset[str] = frozenset(
     {"error", "reply_id", "message", "publishing_topic", "msg_seq", "message-size"}
 )
 _ALL_METADATA_KEYS: Final = SNAPSHOT_METADATA_KEYS | REPLY_METADATA_KEYS
+_NO_KEYS: Final[frozenset[str]] = frozenset()
 
 _EMPTY: Final[frozenset[str]] = frozenset()
 
@@ -744,19 +745,19 @@ def decode_reply(
         if error is None and "error" not in obj:
             raise DecodeError("missing_key", "error")
         raise DecodeError("bad_type", f"error is {type(error).__name__}")
-    message = obj.get("message", "")
-    topic = obj.get("publishing_topic")
+    # every map is a PV's: no field of a reply is one, and a PV may be named like one (a get
+    # of pva://message is answered {error, reply_id, "message": {...}})
     pv_maps = {
-        key: val
-        for key, val in obj.items()
-        if key not in REPLY_METADATA_KEYS and isinstance(key, str) and val.__class__ is dict
+        key: val for key, val in obj.items() if isinstance(key, str) and val.__class__ is dict
     }
+    message = "" if "message" in pv_maps else obj.get("message", "")
+    topic = obj.get("publishing_topic")
     samples: dict[str, PVSample] = {}
     if len(pv_maps) == 1:
         ((key, val),) = pv_maps.items()
         samples[key] = PVSample(key, val, _pv_float32_paths(raw, key))
     elif pv_maps:
-        by_key = _walk_float32(raw, REPLY_METADATA_KEYS)
+        by_key = _walk_float32(raw, _NO_KEYS)
         for key, val in pv_maps.items():
             samples[key] = PVSample(key, val, by_key.get(key, _EMPTY))
     fields = {

@@ -49,6 +49,24 @@ def test_get_reply_samples() -> None:
     assert out.samples["a:b"].value == 2.0 and out.samples["a:b"].value.dtype.name == "float32"
 
 
+def test_a_pv_named_like_a_reply_field_is_a_sample_of_its_reply() -> None:
+    """A get of ``pva://message`` (or ``publishing_topic``, ``msg_seq``): the gateway's reply
+    holds the PV's map under that key (its success reply has no such field of its own); it
+    was taken for the field and the get failed with "holds no value for 'message'"."""
+    for pv in ("message", "publishing_topic", "msg_seq"):
+        got = reply({"error": 0, "reply_id": "g", pv: ntscalar(F32(2.0))})
+        assert list(got.samples) == [pv], pv
+        sample = got.samples[pv]
+        assert sample.value == 2.0 and sample.value.dtype.name == "float32"
+        assert got.message == "" and got.publishing_topic is None
+    # with a one-shot snapshot's other PVs in one reply (the structural float32 walker)
+    both = reply({"error": 0, "reply_id": "s", "message": ntscalar(F32(1.5)),
+                  "a:b": ntscalar(2.5)})
+    assert sorted(both.samples) == ["a:b", "message"]
+    assert both.samples["message"].value.dtype.name == "float32"
+    assert both.samples["a:b"].value.dtype.name == "float64"
+
+
 def test_one_shot_stream_with_malformed_pv_in_the_middle() -> None:
     t = ReplyTracker()
     t.expect("s1", "snapshot", deadline=5.0, multi=True)
