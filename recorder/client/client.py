@@ -919,14 +919,22 @@ class K2egClient:
         timeout: float | None = None,
         *,
         final_timeout_s: float | None = None,
+        keep_backpressure: bool = False,
     ) -> StopResult:
         """Stop a recurring snapshot; if this client reads it, deliver its final iteration.
 
         The gateway publishes a final iteration, then acks. Unlike the official client (which
         unsubscribes first), the topic is read until that iteration's tail is seen and the
-        topic is quiet, or ``final_timeout_s`` passes (default: the iteration timeout); then
+        topic is quiet, or ``final_timeout_s`` passes (default: the iteration timeout; it
+        counts again from each step of reading a backlog, see :meth:`_drain_final`); then
         the subscription ends. In handler mode this returns after the handler saw the last
         event (unless called from a handler).
+
+        The subscription is read regardless of back-pressure meanwhile, so that the final
+        iteration comes even when nobody takes events (a stop called from the thread that
+        reads them): a subscription far behind then has its whole backlog in memory. With
+        ``keep_backpressure`` (the caller's events are taken by another thread during the
+        stop) back-pressure goes on pausing the topic: memory stays bounded.
         """
         self._check_open()
         topic = normalize_snapshot_name(snapshot_name)
@@ -941,7 +949,8 @@ class K2egClient:
             marks = answer_within(self._adapter.watermarks(topic), timeout_s + 1.0,
                                   f"the offsets of {topic!r}")
             before = {p: high for p, (_, high) in marks.items()}
-            sub._begin_final()  # after the offsets: a failure to get them leaves it as it was
+            # after the offsets: a failure to get them leaves it as it was
+            sub._begin_final(keep_backpressure)
         reply_id = new_reply_id()
         fields = stop_command(snapshot_name, reply_topic=self.reply_topic, reply_id=reply_id)
         try:
@@ -997,12 +1006,28 @@ class K2egClient:
         regular iteration that came between the stop and the final one, so the wait goes
         on for the final one until ``final_timeout_s``; then that tail is taken (a warning
         says so). See ``docs/decisions/0015-the-final-iteration-of-a-stop.md``.
+
+        ``final_timeout_s`` counts from the ack, and again from each step the reading makes
+        while it is behind where the topic ended once the ack was in: a subscription that
+        fell behind (paused by back-pressure) reads its whole backlog, whose end holds the
+        final iteration, however long that takes while it goes on.
         """
         deadline = time.monotonic() + final_timeout_s
         quiet_since: float | None = None
         quiet_marks: dict[int, tuple[int, int]] | None = None
         early: IterationClosed | None = None  # quiet, but produced long before the ack
+        ended_at: dict[int, int] | None = None  # the topic's end once the ack was in
+        read_to: dict[int, int] | None = None
         while time.monotonic() < deadline:
+            positions = self._adapter.positions(sub.topic)
+            if ended_at is None:
+                with contextlib.suppress(FutureTimeoutError, ClientError):
+                    marks = self._adapter.watermarks(sub.topic).result(2.0)
+                    ended_at = {p: hi for p, (_, hi) in marks.items()}
+            elif positions != read_to and any(positions.get(p, 0) < hi
+                                              for p, hi in ended_at.items()):
+                deadline = max(deadline, time.monotonic() + final_timeout_s)  # still reading
+            read_to = positions
             final = sub._tail_after(before)
             if final is not None or not tail_expected:
                 newer: list[int] = []

@@ -211,10 +211,12 @@ class RecurringSnapshot:
         return self._client.snapshot_resend(self.properties, timeout)
 
     def stop(
-        self, timeout: float | None = None, *, final_timeout_s: float | None = None
+        self, timeout: float | None = None, *, final_timeout_s: float | None = None,
+        keep_backpressure: bool = False,
     ) -> StopResult:
         return self._client.snapshot_stop(
-            self.snapshot_name, timeout, final_timeout_s=final_timeout_s
+            self.snapshot_name, timeout, final_timeout_s=final_timeout_s,
+            keep_backpressure=keep_backpressure,
         )
 
     def __repr__(self) -> str:
@@ -323,11 +325,13 @@ class RecurringSnapshot:
         adapter = self._client._adapter
         (adapter.pause if want else adapter.resume)(self.topic)
 
-    def _begin_final(self) -> None:
-        """Stop in progress: the final tail must be read, whatever the consumer does."""
+    def _begin_final(self, keep_backpressure: bool = False) -> None:
+        """Stop in progress: the final tail must be read, whatever the consumer does; with
+        ``keep_backpressure`` (the caller takes events meanwhile) only as fast as it does."""
         with self._cond:
-            self._backpressure = False
-            self._bp_paused = False
+            if not keep_backpressure:
+                self._backpressure = False
+                self._bp_paused = False
             self._user_paused = False
             self._apply_pause_locked()
 

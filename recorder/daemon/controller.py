@@ -1255,7 +1255,10 @@ class RunController:
 
         def stop_snapshot() -> None:
             try:
-                self._stop_result = sub.stop(final_timeout_s=self._stop_timeout_s)
+                # the worker takes events meanwhile: a run far behind reads its backlog
+                # (then the final iteration) as fast as it writes, in bounded memory
+                self._stop_result = sub.stop(final_timeout_s=self._stop_timeout_s,
+                                             keep_backpressure=True)
             except BaseException as exc:
                 self._stop_result = exc
 

@@ -201,8 +201,8 @@ class FakeSub:
     def skipped(self) -> dict[str, int]:
         return dict(self.skips)
 
-    def stop(self, timeout: float | None = None, *, final_timeout_s: float | None = None
-             ) -> StopResult:
+    def stop(self, timeout: float | None = None, *, final_timeout_s: float | None = None,
+             keep_backpressure: bool = False) -> StopResult:
         self.stopped = True
         if self.stop_fails:
             raise GatewayTimeoutError("repeating_snapshot_stop", "x", 0.1)
@@ -402,8 +402,8 @@ def test_a_stop_the_gateway_answers_already_stopped_says_so_not_a_late_final_ite
         sub = client.sub
         assert sub is not None
 
-        def stop(timeout: float | None = None, *, final_timeout_s: float | None = None
-                 ) -> StopResult:
+        def stop(timeout: float | None = None, *, final_timeout_s: float | None = None,
+                 keep_backpressure: bool = False) -> StopResult:
             sub.events.put(None)
             return StopResult("snap", sub.topic, "Snapshot 'snap' is already stopped", False)
 
@@ -2111,10 +2111,11 @@ def test_a_disk_full_failure_while_stopping_does_not_resume_the_stopped_run(
         gate = threading.Event()
         stop = sub.stop
 
-        def slow_stop(timeout: float | None = None, *,
-                      final_timeout_s: float | None = None) -> StopResult:
+        def slow_stop(timeout: float | None = None, *, final_timeout_s: float | None = None,
+                      keep_backpressure: bool = False) -> StopResult:
             gate.wait(10)
-            return stop(timeout, final_timeout_s=final_timeout_s)
+            return stop(timeout, final_timeout_s=final_timeout_s,
+                        keep_backpressure=keep_backpressure)
 
         sub.stop = slow_stop  # type: ignore[method-assign]
         stopped = c.stop()
@@ -2147,11 +2148,12 @@ def test_a_start_after_a_failure_while_stopping_waits_for_that_stop(
         gate = threading.Event()
         stop = sub.stop
 
-        def slow_stop(timeout: float | None = None, *,
-                      final_timeout_s: float | None = None) -> StopResult:
+        def slow_stop(timeout: float | None = None, *, final_timeout_s: float | None = None,
+                      keep_backpressure: bool = False) -> StopResult:
             gate.wait(10)
             order.append("stop")
-            return stop(timeout, final_timeout_s=final_timeout_s)
+            return stop(timeout, final_timeout_s=final_timeout_s,
+                        keep_backpressure=keep_backpressure)
 
         sub.stop = slow_stop  # type: ignore[method-assign]
         subscribe = client.snapshot_recurring
@@ -2981,8 +2983,8 @@ def test_a_run_late_at_the_end_of_the_shutdown_budget_resumes_at_the_next_start(
     closed = threading.Event()
 
     class SlowStopSub(FakeSub):
-        def stop(self, timeout: float | None = None, *, final_timeout_s: float | None = None
-                 ) -> StopResult:
+        def stop(self, timeout: float | None = None, *, final_timeout_s: float | None = None,
+                 keep_backpressure: bool = False) -> StopResult:
             closed.wait(10)  # the final iteration is behind the backlog
             raise ClientClosedError("the k2eg client is closed")
 
