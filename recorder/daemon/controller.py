@@ -151,8 +151,9 @@ class _Stats:
     last_error: str | None = None
     current_file: str | None = None
     recording_started_at: int | None = None
-    files: list[str] = field(default_factory=list)  # finalized files of this daemon process
-    recording_first: int = 0  # files[recording_first:] are those of the last recording
+    # finalized files of the last recording started (those of earlier ones were told in
+    # their file events and "recording closed" lines; kept, they grew for good)
+    files: list[str] = field(default_factory=list)
     triggers: int = 0
     bridge: dict[str, Any] | None = None  # bridge_status() of the current/last bridge
     silent_since: int | None = None  # ms: the snapshot's silence is being reported
@@ -392,14 +393,13 @@ class RunController:
             )
 
     def files(self) -> list[str]:
-        """Files finalized by this controller (this process)."""
+        """Files finalized of the last recording started (this process)."""
         with self._lock:
             return list(self._stats.files)
 
     def recording_files(self) -> list[str]:
         """Files finalized of the last recording started (what a stop reply lists)."""
-        with self._lock:
-            return self._stats.files[self._stats.recording_first:]
+        return self.files()
 
     def _submit(self, request: _Request) -> Future[str]:
         if not self._thread.is_alive():
@@ -566,7 +566,7 @@ class RunController:
         self._start_waiters.append(future)
         with self._lock:
             self._stats.last_error = None
-            self._stats.recording_first = len(self._stats.files)
+            self._stats.files = []
         self._pending_tags.clear()  # a trigger whose iteration never came tags nothing new
         self._set_state(RunState.STARTING)
 

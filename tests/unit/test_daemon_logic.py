@@ -1000,6 +1000,24 @@ def test_trigger_tags_kept_in_memory_are_bounded(tmp_path: Path,
         assert c.join(5)
 
 
+def test_files_of_earlier_recordings_are_not_kept_in_memory(tmp_path: Path) -> None:
+    """A run started and stopped again and again keeps the files of its last recording (what
+    a stop reply lists), not every file it ever finalized: that list grew by each
+    recording's files for as long as the daemon ran, and the "daemon stopped" log line
+    listed them all."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    try:
+        for n in range(30):
+            _started(c, client)
+            assert "stopped (complete)" in c.stop().result(5)
+            assert c.recording_files() == [str(made[n]._final)]
+        assert c.files() == [str(made[-1]._final)]
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_triggered_runs_are_not_watched_and_periodic_watch_can_be_off(tmp_path: Path) -> None:
     client = FakeClient()
     trig, _ = _controller(tmp_path / "t", client, triggered=True, time_window=10,
