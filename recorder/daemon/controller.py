@@ -1204,6 +1204,16 @@ class RunController:
             raise
         # publishing_topic: started anew (iter_index begins again at 1)
         self._count_resend("restarted" if ack.publishing_topic else "already_running")
+        if ack.publishing_topic and len(self._pending_tags) > 1:
+            # triggers the forgetful gateway acked before it restarted never made their
+            # iteration: matched in order, their tags went to this trigger's iteration and
+            # every later one was tagged with the trigger before it, for good
+            current = self._pending_tags.pop()
+            self._log.warning("triggers acknowledged before the gateway restarted made no "
+                              "iteration; their tags are dropped",
+                              tags=list(self._pending_tags))
+            self._pending_tags.clear()
+            self._pending_tags.append(current)
         return self._client.snapshot_trigger(name, tags=dict(tags) or None)
 
     # ---- stop ---------------------------------------------------------------------------

@@ -1065,6 +1065,33 @@ def test_a_trigger_the_gateway_does_not_know_restarts_the_snapshot_then_triggers
         c.shutdown().result(5)
 
 
+def test_tags_of_triggers_a_restarted_gateway_never_published_do_not_shift_later_tags(
+    tmp_path: Path,
+) -> None:
+    """The gateway acked a trigger and was restarted before it published the iteration. Its
+    tags stayed first in line: the next trigger (answered "has not been found", so the start
+    was re-sent) got them on its iteration, and every later iteration the tags of the trigger
+    before it, until the run was started again."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client, triggered=True)
+    try:
+        sub = _started(c, client)
+        assert c.trigger({"shot": "1"}).result(5) == "run 'r' triggered"  # never published
+        client.trigger_errors = [
+            GatewayError("repeating_snapshot_trigger", -2, "Snapshot 'snap' has not been found")
+        ]
+        sub.resend_answers = [Ack("repeating_snapshot", "id", "ok", publishing_topic=sub.topic)]
+        c.trigger({"shot": "2"}).result(5)
+        sub.events.put(IterationOpened(sub.topic, "snap", 1, 2, offset=40))
+        c.trigger({"shot": "3"}).result(5)
+        sub.events.put(IterationOpened(sub.topic, "snap", 2, 3, offset=50))
+        _wait(lambda: len(made[0].tags) == 2)
+        assert made[0].tags == [(1, {"shot": "2"}), (2, {"shot": "3"})]
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_every_start_a_trigger_re_sends_is_counted_by_its_outcome(tmp_path: Path) -> None:
     """A trigger the gateway answers "has not been found" re-sends the snapshot start; the
     gateway may answer that start "already running", or not at all. Those re-sends were not
