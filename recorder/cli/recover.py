@@ -26,7 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recorder.errors import FileBusyError, NothingToRecoverError
+    from recorder.errors import (
+        DamagedFileError,
+        FileBusyError,
+        FileFormatError,
+        NothingToRecoverError,
+    )
     from recorder.sinks.recover import find_partials, recover_file
     from recorder.sinks.writelock import writer_active
 
@@ -73,12 +78,13 @@ def run(args: argparse.Namespace) -> int:
             print(exc)
             gone += 1
             continue
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, FileFormatError) as exc:
             if _finalized_meanwhile(p):
                 gone += 1
                 continue
             why = str(exc).removeprefix(f"{p}: ")
-            if check is not None and "k2eg-recorder verify" not in why:
+            foreign = isinstance(exc, FileFormatError) and not isinstance(exc, DamagedFileError)
+            if check is not None and not foreign and "k2eg-recorder verify" not in why:
                 # damage the structure check did not reach (data chunks, text): the data
                 # check says where, in the file's own terms
                 found = _verify_problems(p, data=True)

@@ -13,9 +13,13 @@ from recorder.errors import (
     DAMAGED_VALUE_ERRORS,
     DamagedFileError,
     FileBusyError,
+    FileFormatError,
+    HeapLoopError,
     NothingToRecoverError,
 )
 from recorder.sinks import writelock
+from recorder.sinks.describe import plain
+from recorder.sinks.final_layout import FORMAT_VERSION
 from recorder.sinks.finalize import FINAL_SUFFIX, finalize
 from recorder.sinks.h5open import check_heap, open_live
 from recorder.sinks.livefile import read_commit
@@ -51,6 +55,40 @@ def _finalized_already(path: Path) -> bool:
         k in left and k in done and done[k] == left[k] for k in keys)
 
 
+def _check_ours(path: Path) -> None:
+    """Raise :class:`FileFormatError` unless ``path`` is a live k2eg-recorder file of a
+    format this version knows (OSError when it cannot be opened: truncated ...). Read only:
+    nothing is written to a file that is not ours."""
+    try:
+        f = open_live(path, scan_heap=False)  # its "open for write" flags may be set
+    except HeapLoopError:
+        raise
+    except OSError as exc:
+        if "truncated file" in str(exc):
+            raise
+        f = h5py.File(path, "r")  # not SWMR-readable (e.g. a version 0 superblock)
+    with f:
+        attrs = {k: plain(f.attrs[k]) for k in ("format", "format_version", "layout")
+                 if k in f.attrs}
+    if attrs.get("format") != "k2eg-recorder":
+        raise FileFormatError(f"{path}: not a k2eg-recorder file (no root attribute "
+                              "format='k2eg-recorder'): not touched")
+    version = str(attrs.get("format_version", ""))
+    major = version.split(".", 1)[0]
+    known = FORMAT_VERSION.split(".", 1)[0]
+    if not major.isdigit():
+        raise FileFormatError(f"{path}: format_version {version!r} is not MAJOR.MINOR: "
+                              "not touched")
+    if int(major) > int(known):
+        raise FileFormatError(f"{path}: format {version} is newer than this k2eg-recorder "
+                              f"knows ({known}.x): recover it with a newer version; not "
+                              "touched")
+    if attrs.get("layout") != "live":
+        raise FileFormatError(f"{path}: layout {attrs.get('layout')!r}, not a file being "
+                              f"written (a finalized file named {PARTIAL_SUFFIX}?): not "
+                              "touched")
+
+
 def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
                  check: Callable[[Path], Sequence[str]] | None = None,
                  heap_checked: bool = False) -> Path:
@@ -61,7 +99,10 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
     writer died are marked incomplete (``writer_crashed``); ``by`` completes the reason
     ("recovered by ..."). A ``.partial`` whose final name already holds the finalized file
     of the same segment (a writer killed after renaming it, before removing the ``.partial``)
-    is removed, and that file, left as it is, returned. Raises :class:`FileBusyError`
+    is removed, and that file, left as it is, returned. A file that is not a live
+    k2eg-recorder file of a format this version knows (another program's, a newer
+    version's, a finalized file named ``.partial``) raises :class:`FileFormatError`, and a
+    truncated one OSError, before anything is written to it. Raises :class:`FileBusyError`
     while a running writer holds the file (:mod:`recorder.sinks.writelock`), and
     :class:`DamagedFileError` when what it holds does not read back (:class:`HeapLoopError`,
     an OSError too, for a global heap HDF5 would loop on; also when the finalized
@@ -108,6 +149,7 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
 
 def _recover(path: Path, *, by: str, check: Callable[[Path], Sequence[str]] | None) -> Path:
     """:func:`recover_file` of a file nobody else writes nor recovers."""
+    _check_ours(path)
     if _finalized_already(path):
         # a writer (or recover) killed after the final file took its name, before it removed
         # the .partial: that finalization was complete (the file is checked and synced

@@ -481,3 +481,85 @@ def test_a_commit_row_whose_values_never_reached_the_disk_is_not_the_last_commit
     with h5py.File(final, "r") as h:
         assert h["iterations/iter_index"][()].tolist() == [1, 2, 3]
         assert h.attrs["n_values"] == 3
+
+
+# someone else's program writing an HDF5 file in SWMR mode, killed: a v3 superblock with its
+# "open for write" flags set, named like a leftover of ours
+FOREIGN_SWMR_WRITER = textwrap.dedent(
+    """
+    import os, sys
+    import h5py
+    f = h5py.File(sys.argv[1], "w", libver="latest")
+    f.create_dataset("x", data=list(range(1000)), maxshape=(None,), chunks=(100,))
+    f.attrs["format"] = "someone-else"
+    f.swmr_mode = True
+    f.flush()
+    os._exit(0)
+    """
+)
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("options", [[], ["--no-verify"]])
+@pytest.mark.parametrize("what", ["newer format", "not ours", "foreign SWMR writer",
+                                  "finalized file"])
+def test_recover_leaves_a_partial_that_is_not_ours_alone(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str,
+        options: list[str]) -> None:
+    """A ``.partial`` that is not a k2eg-recorder file (another program's, killed while it
+    wrote in SWMR mode), or one of a format newer than this version knows (left by a newer
+    version, before a downgrade): `recover --no-verify` (and the daemon's recovery of
+    leftovers, which does not verify) finalized the two the code could read as if written by
+    this version, and removed the ``.partial``; it rewrote the superblock of the third (its
+    flags cleared, then put back: a new mtime), and called a finalized file renamed
+    ``.partial`` "damaged". Each is now refused before anything is written to it."""
+    from recorder.sinks.superblock import clear_consistency_flags
+
+    if what == "foreign SWMR writer":
+        partial = tmp_path / "other_0000.h5.partial"
+        subprocess.run([sys.executable, "-c", FOREIGN_SWMR_WRITER, str(partial)], check=True,
+                       capture_output=True, timeout=120)
+    else:
+        out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)],
+                             check=True, capture_output=True, text=True, timeout=120)
+        partial = Path(out.stdout.split()[-1])
+        clear_consistency_flags(partial)
+    if what == "finalized file":
+        assert cli_main(["recover", str(partial)]) == 0
+        final = partial.with_name(partial.name.removesuffix(".partial"))
+        partial = final.rename(tmp_path / "renamed.h5.partial")
+    elif what != "foreign SWMR writer":
+        with h5py.File(partial, "r+") as h:
+            if what == "newer format":
+                h.attrs["format_version"] = "99.0"
+            else:
+                del h.attrs["format"]
+    os.utime(partial, ns=(1_000_000_000, 1_000_000_000))  # any change shows
+    before = _snapshot(tmp_path)
+    assert cli_main(["recover", *options, str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{partial}: NOT recovered" in out, out
+    assert {"newer format": "newer", "finalized file": "layout 'final'"}.get(
+        what, "not a k2eg-recorder file") in out, out
+    assert _snapshot(tmp_path) == before
+
+
+def test_recover_leaves_a_truncated_leftover_as_it_was_mtime_included(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`recover --no-verify` of a truncated copy of a leftover (flags set) cleared its
+    flags, failed to open it and put them back: the bytes as they were, but a new mtime (a
+    file "left exactly as it was" looked changed to backups and archive jobs)."""
+    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)],
+                         check=True, capture_output=True, text=True, timeout=120)
+    partial = Path(out.stdout.split()[-1])
+    with open(partial, "r+b") as fh:
+        fh.truncate(partial.stat().st_size * 9 // 10)
+    os.utime(partial, ns=(1_000_000_000, 1_000_000_000))
+    before = _snapshot(tmp_path)
+    assert cli_main(["recover", "--no-verify", str(partial)]) == 1
+    out = capsys.readouterr().out
+    assert f"{partial}: NOT recovered" in out and "truncated" in out, out
+    assert _snapshot(tmp_path) == before
