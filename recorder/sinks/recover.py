@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -159,6 +160,7 @@ def _recover(path: Path, *, by: str, check: Callable[[Path], Sequence[str]] | No
         return final_path(path)
     stale = path.with_name(final_path(path).name + FINAL_SUFFIX)
     stale.unlink(missing_ok=True)  # an interrupted finalization
+    times = path.stat()  # its mtime too is put back with the flags
     original = clear_consistency_flags(path)  # put back if it cannot be recovered
     try:
         with h5py.File(path, "r") as f:
@@ -185,6 +187,7 @@ def _recover(path: Path, *, by: str, check: Callable[[Path], Sequence[str]] | No
         # another tool or a second look; h5py's errors of a damaged file are KeyErrors
         if original is not None and path.exists():
             restore_superblock(path, original)
+            os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
         if isinstance(exc, DAMAGED_VALUE_ERRORS):
             # h5py's KeyError for damaged metadata; the others, damaged values (a PV or
             # iteration row out of range, text that does not decode)

@@ -563,3 +563,38 @@ def test_recover_leaves_a_truncated_leftover_as_it_was_mtime_included(
     out = capsys.readouterr().out
     assert f"{partial}: NOT recovered" in out and "truncated" in out, out
     assert _snapshot(tmp_path) == before
+
+
+def _set_consistency_flags(path: Path, flags: int) -> None:
+    """The superblock's "open for write" flags, as a writer killed in SWMR mode leaves them."""
+    import struct
+
+    from recorder.sinks.superblock import lookup3, restore_superblock, superblock_bytes
+
+    sb = bytearray(superblock_bytes(path))
+    sb[11] = flags
+    sb[-4:] = struct.pack("<I", lookup3(bytes(sb[:-4])))
+    restore_superblock(path, bytes(sb))
+
+
+def test_a_leftover_recover_cannot_finalize_keeps_its_mtime(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A leftover of ours (its flags set) damaged past what opening it reads: `recover
+    --no-verify` cleared the flags, failed, and put the superblock back byte for byte, but
+    the file had a new mtime (a file "left exactly as it was" looked changed to backups and
+    archive jobs that go by it)."""
+    from recorder.sinks.superblock import clear_consistency_flags
+
+    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)],
+                         check=True, capture_output=True, text=True, timeout=120)
+    partial = Path(out.stdout.split()[-1])
+    flags = clear_consistency_flags(partial)
+    assert flags is not None
+    with h5py.File(partial, "r+") as h:
+        del h["live/samples/pv"]
+    _set_consistency_flags(partial, flags[11])
+    os.utime(partial, ns=(1_000_000_000, 1_000_000_000))
+    before = _snapshot(tmp_path)
+    assert cli_main(["recover", "--no-verify", str(partial)]) == 1
+    assert f"{partial}: NOT recovered" in capsys.readouterr().out
+    assert _snapshot(tmp_path) == before
