@@ -369,6 +369,10 @@ class RecordingFile:
         else:
             table = self.h5["iterations"]
             cols = {k: table[k][()] for k in table}
+            for needed in ("iter_index", "status", "reason", "error_message"):
+                if needed not in cols:
+                    raise DamagedFileError(f"{self.path}: damaged: /iterations has no "
+                                           f"{needed!r} column")
             raw_tags = cols.get("tags")
             cols["tags"] = _object_array(
                 [_decode_tags(t) for t in raw_tags.tolist()]

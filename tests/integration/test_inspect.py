@@ -279,3 +279,24 @@ def test_a_live_file_of_images_of_one_size_has_their_shape(tmp_path: Path) -> No
             (done,) = f.summary()
         assert live["shape"] == done["shape"], (name, live, done)
         assert done["shape"] == ((3, 4) if name == "same" else None), (name, done)
+
+
+@pytest.mark.parametrize("column", ["iter_index", "status", "error_message"])
+@pytest.mark.parametrize("command", ["inspect", "export"])
+def test_a_final_file_missing_an_iterations_column_is_said_in_one_line(
+        tmp_path: Path, column: str, command: str) -> None:
+    """A finalized file whose ``/iterations`` lacks a column: `inspect` and `export` ended
+    in a Python traceback (KeyError: 'iter_index') where the column was ``iter_index`` (the
+    reader's iterations() returned the table without it); each now says, in one line naming
+    the file and the column, that it is damaged (exit 1)."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="cut")
+    write_iteration(rec, 1, [PVSample("A", {"value": 1.0})])
+    (final,) = rec.close()
+    final.chmod(0o644)
+    with h5py.File(final, "r+") as f:
+        del f[f"iterations/{column}"]
+    got = subprocess.run([sys.executable, "-m", "recorder.cli", command, str(final)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
+    assert len(got.stderr.splitlines()) == 1, got.stderr
+    assert f"{final}: damaged: " in got.stderr and column in got.stderr, got.stderr
