@@ -80,6 +80,9 @@ FINAL_REQUIRED = ("end_time", "end_time_ns", "n_iterations", "n_values")
 NONEMPTY_TEXT = ("creator", "creator_version", "hdf5_version", "h5py_version", "run_name",
                  "recording_uid", "host", "status")
 TIME_TEXT = ("start_time", "segment_start_time", "end_time")
+# integers, when present (the catalog and the reader take them as such)
+INTEGER_ATTRS = ("recording_seq", "segment", "start_time_ns", "end_time_ns", "n_iterations",
+                 "n_values")
 JSON_ATTRS = ("metadata", "pv_uri_map", "output_options", "snapshot_properties",
               "unmatched_tags")
 FINAL_STATUSES = ("complete", "aborted", "failed")
@@ -236,6 +239,9 @@ class _Checker:
         for name in NONEMPTY_TEXT:
             if name in a and not str(a[name]).strip():
                 self.err("/", f"root attribute {name!r} is empty")
+        for name in INTEGER_ATTRS:
+            if name in a and (not isinstance(a[name], int) or isinstance(a[name], bool)):
+                self.err("/", f"root attribute {name!r} is not an integer: {a[name]!r}")
         for name in TIME_TEXT:
             if name in a:
                 try:

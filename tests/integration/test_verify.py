@@ -257,6 +257,14 @@ FINAL_BREAKS: list[tuple[str, Callable[[h5py.File], None], str]] = [
     ("status of a live file", _attr("status", "recording"),
      "/: status 'recording' in a finalized file"),
     ("times reversed", _attr("end_time_ns", 1), "/: end_time_ns 1 is before start_time_ns"),
+    # numbers the catalog (`ls`) and the reader (`export`) take as integers: `ls` called
+    # such a file unreadable and `export` ended in a traceback, while verify said ok
+    ("segment not a number", _attr("segment", "abc"),
+     "/: root attribute 'segment' is not an integer: 'abc'"),
+    ("start time not a number", _attr("start_time_ns", "x"),
+     "/: root attribute 'start_time_ns' is not an integer: 'x'"),
+    ("recording_seq not an integer", _attr("recording_seq", 1.5),
+     "/: root attribute 'recording_seq' is not an integer: 1.5"),
     ("value count", _attr("n_values", 86), "/: n_values is 86, the PVs hold 85 rows"),
     ("iteration count", _attr("n_iterations", 4), "/: n_iterations is 4, /iterations has 5"),
     ("duplicate iteration", _set("iterations/iter_index", 1, 100),
