@@ -250,6 +250,10 @@ class RecordingFile:
         if version.split(".", maxsplit=1)[0] not in SUPPORTED_MAJORS:
             raise FileFormatError(f"{self.path}: unsupported format_version {version!r}")
         self.attrs: dict[str, Any] = {k: plain(v) for k, v in attrs.items()}
+        segment = self.attrs.get("segment", 0)
+        if not isinstance(segment, int):  # segments are ordered by it
+            raise DamagedFileError(f"{self.path}: damaged: root attribute 'segment' is not "
+                                   f"an integer: {segment!r}")
         self.layout = str(self.attrs.get("layout", "final"))
         self._live: LiveView | None = None
         self._cache: dict[str, list[PVSample]] = {}

@@ -284,3 +284,22 @@ def test_a_value_of_another_kind_after_a_type_change_is_exact(tmp_path: Path) ->
     assert [r["E"] for r in table] == ["0", "1", "5"]
     assert [r["X"] for r in table][::2] == ["0.0", "1.0"]
     assert json.loads(table[1]["X"]) == wave
+
+
+def test_a_segment_number_that_is_not_a_number_is_said_in_one_line(tmp_path: Path) -> None:
+    """A file whose root attribute ``segment`` is not an integer (damaged, or written by
+    another program): `export` ended in a traceback (ValueError: invalid literal for int()),
+    with or without --only-file; it now says in one line which file and what (exit 1)."""
+    import h5py
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="csv")
+    write_iteration(rec, 0, [PVSample("A", {"value": 1.0})])
+    (final,) = rec.close()
+    final.chmod(0o644)
+    with h5py.File(final, "r+") as f:
+        f.attrs["segment"] = "abc"
+    for options in ([], ["--only-file"]):
+        proc = export(str(final), *options)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert f"{final}: damaged: root attribute 'segment'" in proc.stderr, proc.stderr
