@@ -53,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
         if _finalized_meanwhile(p) or _already_final(p):
             gone += 1
             continue
+        if not p.is_file():  # not opened: reading a FIFO waits for a writer for ever
+            print(f"{p}: NOT recovered: not a regular file ({_not_regular(p)}); left as it is")
+            failures += 1
+            continue
         verified = False
         if check is not None and not writer_active(p) and not _superblock_only(p):
             # what verify finds in the .partial names the damage in the file's own terms;
@@ -97,6 +101,19 @@ def run(args: argparse.Namespace) -> int:
     if (not files or busy + gone == len(files)) and not failures:
         print("nothing to recover")
     return 1 if failures else 0
+
+
+def _not_regular(path: Path) -> str:
+    """What ``path``, not a regular file, is (its name says ``.partial``)."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:  # a symbolic link to nothing, a loop of them; removed since
+        return f"{'a symbolic link: ' if path.is_symlink() else ''}{exc.strerror or exc}"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket or a device"
 
 
 def _superblock_only(path: Path) -> bool:

@@ -598,3 +598,27 @@ def test_a_leftover_recover_cannot_finalize_keeps_its_mtime(
     assert cli_main(["recover", "--no-verify", str(partial)]) == 1
     assert f"{partial}: NOT recovered" in capsys.readouterr().out
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("options", [[], ["--no-verify"]])
+def test_recover_does_not_hang_on_a_fifo_named_partial(tmp_path: Path,
+                                                       options: list[str]) -> None:
+    """A FIFO (or a directory, a symbolic link to nothing) named ``*.h5.partial`` in the
+    directory scanned: `recover` opened the FIFO to read it and waited for a writer for
+    ever (the files after it never reached). Such names are now said not to be regular
+    files, without being opened, and the others are recovered."""
+    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)], check=True,
+                         capture_output=True, text=True, timeout=120)
+    partial = Path(out.stdout.split()[-1])
+    fifo = tmp_path / "a_0000.h5.partial"  # listed before the leftover
+    os.mkfifo(fifo)
+    (tmp_path / "b_0000.h5.partial").mkdir()
+    (tmp_path / "c_0000.h5.partial").symlink_to(tmp_path / "gone")
+    got = subprocess.run([sys.executable, "-m", "recorder.cli", "recover", *options,
+                          str(tmp_path)], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert got.returncode == 1, got.stdout + got.stderr
+    assert f"{fifo}: NOT recovered: not a regular file" in got.stdout, got.stdout
+    assert f"{tmp_path / 'b_0000.h5.partial'}: NOT recovered: not a regular file" in got.stdout
+    assert f"{tmp_path / 'c_0000.h5.partial'}: NOT recovered: not a regular file" in got.stdout
+    assert f"{partial} -> " in got.stdout, got.stdout
