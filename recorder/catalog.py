@@ -396,8 +396,9 @@ def candidates(paths: Iterable[str | os.PathLike[str]],
                unlisted: list[tuple[Path, str]] | None = None) -> tuple[list[Path], list[Path]]:
     """(the recorder's files in ``paths``, the paths that do not exist): a directory gives
     its ``*.h5`` / ``*.hdf5`` / ``*.nxs`` files and their ``.partial``, not recursively,
-    sorted; a file is taken as it is. A directory that cannot be listed (no permission) is
-    added to ``unlisted`` with the reason, when given, and skipped."""
+    sorted; a file is taken as it is. A directory that cannot be listed (no permission), or
+    a path that is neither a file nor a directory (a FIFO), is added to ``unlisted`` with the
+    reason, when given, and skipped."""
     found: list[Path] = []
     missing: list[Path] = []
     for p in map(Path, paths):
@@ -409,6 +410,9 @@ def candidates(paths: Iterable[str | os.PathLike[str]],
                     unlisted.append((p, f"cannot list the directory: {exc.strerror or exc}"))
         elif p.is_file():
             found.append(p)
+        elif p.exists():  # a FIFO, a socket, a device: there, but not a recording
+            if unlisted is not None:
+                unlisted.append((p, "not a regular file nor a directory"))
         else:
             missing.append(p)
     return found, missing

@@ -1206,3 +1206,18 @@ def test_a_partial_finalized_since_it_was_named_is_read_as_its_final_file(
     out = subprocess.run([sys.executable, "-m", "recorder.cli", "inspect", str(gone)],
                          check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "no such file" in out.stderr
+
+
+@pytest.mark.parametrize("command", ["ls", "verify"])
+def test_a_path_that_is_not_a_file_nor_a_directory_is_not_called_missing(
+        tmp_path: Path, command: str) -> None:
+    """A FIFO given by name: `ls` and `verify` said "no such file or directory" of a path
+    that is there (exit 2); they now say what it is."""
+    fifo = tmp_path / "x.h5"
+    os.mkfifo(fifo)
+    out = subprocess.run([sys.executable, "-m", "recorder.cli", command, str(fifo)],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode in (1, 2) and "Traceback" not in out.stderr, out.stderr
+    assert "no such file" not in out.stderr, out.stderr
+    assert f"{fifo}: " in out.stderr, out.stderr
+    assert "not a regular file nor a directory" in out.stderr, out.stderr
