@@ -373,10 +373,18 @@ class RecordingFile:
         else:
             table = self.h5["iterations"]
             cols = {k: table[k][()] for k in table}
-            for needed in ("iter_index", "status", "reason", "error_message"):
+            for needed in ("iter_index", "header_timestamp", "status", "reason",
+                           "error_message"):
                 if needed not in cols:
                     raise DamagedFileError(f"{self.path}: damaged: /iterations has no "
                                            f"{needed!r} column")
+            lengths = {k: len(c) for k, c in cols.items()}
+            if len(set(lengths.values())) > 1:
+                raise DamagedFileError(f"{self.path}: damaged: /iterations has columns of "
+                                       f"different lengths: {lengths}")
+            if cols["iter_index"].dtype.kind not in "iu":
+                raise DamagedFileError(f"{self.path}: damaged: /iterations/iter_index is "
+                                       f"{cols['iter_index'].dtype}, not integers")
             raw_tags = cols.get("tags")
             cols["tags"] = _object_array(
                 [_decode_tags(t) for t in raw_tags.tolist()]

@@ -300,3 +300,37 @@ def test_a_final_file_missing_an_iterations_column_is_said_in_one_line(
     assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
     assert len(got.stderr.splitlines()) == 1, got.stderr
     assert f"{final}: damaged: " in got.stderr and column in got.stderr, got.stderr
+
+
+@pytest.mark.parametrize("change", ["header_timestamp gone", "status cut short",
+                                    "iter_index as text"])
+@pytest.mark.parametrize("options", [[], ["--only-file"]])
+def test_export_of_a_file_with_a_broken_iterations_table_is_said_in_one_line(
+        tmp_path: Path, change: str, options: list[str]) -> None:
+    """``/iterations`` without ``header_timestamp``, with a column shorter than the others,
+    or with ``iter_index`` not integers: `export` ended in a traceback (KeyError,
+    IndexError, ValueError: invalid literal for int()); it now says in one line that the
+    file is damaged, and how (exit 1)."""
+    import numpy as np
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="cut")
+    for i in range(1, 5):
+        write_iteration(rec, i, [PVSample("A", {"value": float(i)})])
+    (final,) = rec.close()
+    final.chmod(0o644)
+    with h5py.File(final, "r+") as f:
+        table = f["iterations"]
+        if change == "header_timestamp gone":
+            del table["header_timestamp"]
+        elif change == "status cut short":
+            del table["status"]
+            table["status"] = np.zeros(2, np.int8)
+        else:
+            del table["iter_index"]
+            table["iter_index"] = np.array([b"x"] * 4)
+    got = subprocess.run([sys.executable, "-m", "recorder.cli", "export", str(final),
+                          *options], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
+    assert len(got.stderr.splitlines()) == 1, got.stderr
+    assert f"{final}: damaged: /iterations" in got.stderr, got.stderr
