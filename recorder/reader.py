@@ -1230,6 +1230,12 @@ class Recording:
                 n = len(f.iterations()["iter_index"])
                 firsts.append(np.zeros(n, dtype=np.int64))
                 counts.append(np.zeros(n, dtype=np.int64))
+        if rows > len(values):  # an index past the values read: name the file that lacks them
+            for f in self.files:
+                if pv in f.pv_names and len(f.values(pv)) < f.row_count(pv):
+                    raise DamagedFileError(
+                        f"{f.path}: damaged: {pv!r} has {len(f.values(pv))} values, its "
+                        f"index {f.row_count(pv)} rows")
         return _pick(values, np.concatenate(firsts), np.concatenate(counts), pick)
 
     def table(self, pvs: Iterable[str] | None = None, *, pick: str = "last"

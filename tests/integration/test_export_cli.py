@@ -303,3 +303,24 @@ def test_a_segment_number_that_is_not_a_number_is_said_in_one_line(tmp_path: Pat
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.splitlines()) == 1, proc.stderr
         assert f"{final}: damaged: root attribute 'segment'" in proc.stderr, proc.stderr
+
+
+def test_a_value_column_shorter_than_its_index_is_said_in_one_line(tmp_path: Path) -> None:
+    """A PV whose ``value`` dataset holds fewer rows than its index points at: `export` of
+    the recording ended in a traceback (IndexError: index 3 is out of bounds), where
+    `export --only-file` said the file was damaged; both now say so in one line."""
+    import h5py
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="csv")
+    for i in range(6):
+        write_iteration(rec, i, [PVSample("A", {"value": float(i)})])
+    (final,) = rec.close()
+    final.chmod(0o644)
+    with h5py.File(final, "r+") as f:
+        del f["pvs/A/value"]
+        f["pvs/A"].create_dataset("value", data=np.zeros(3))
+    for options in ([], ["--only-file"]):
+        proc = export(str(final), *options)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert f"{final}: damaged: " in proc.stderr, proc.stderr
