@@ -552,7 +552,8 @@ class Service:
         """The admin command handler, replying through ``send(topic, payload)``."""
         return AdminHandler(self.settings.command_policy(), self.settings.admin_reply_topic,
                             send, metrics=self.metrics,
-                            protected_topics=tuple(self._own_topics()))
+                            protected_topics=tuple(self._own_topics()),
+                            instance=self.settings.instance)
 
     def _own_topics(self) -> dict[str, str]:
         """The daemon's own topics and the gateway's command topic (:func:`own_topics`)."""

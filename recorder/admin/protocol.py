@@ -15,7 +15,11 @@ Reply (always exactly one per command, on ``reply_topic`` or the default reply t
     {"request_id": "7f3c...", "command": "trigger", "run": "wf-triggered",
      "ok": true, "code": "ok", "message": "run 'wf-triggered' triggered",
      "data": {...}, "replied_at": 1732212345702,
+     "instance": "rec-bpm",           # the answering daemon's RECORDER_INSTANCE (optional)
      "answers": "9c0f...", "signature": "..."}  # with a secret: see Signature
+
+Several daemons that read one admin topic each answer every command; ``instance`` tells their
+replies apart (a reply of an older daemon has none).
 
 Error codes (:class:`ReplyCode`): ``unknown_run``, ``not_running``, ``already_running``,
 ``wrong_mode`` (trigger on a periodic run), ``malformed``, ``expired``, ``unauthorized``,
@@ -465,6 +469,7 @@ class AdminReply:
     # ``bound`` says the reply has the field (replies of an older daemon do not)
     answers: str | None = None
     bound: bool = False
+    instance: str | None = None  # the answering daemon's RECORDER_INSTANCE (older: none)
 
     @property
     def ok(self) -> bool:
@@ -532,6 +537,8 @@ class AdminReply:
         }
         if self.data is not None:
             obj["data"] = _json_safe(self.data)
+        if self.instance is not None:
+            obj["instance"] = self.instance
         if self.bound:
             obj["answers"] = self.answers
         if self.signature is not None:
@@ -543,6 +550,11 @@ class AdminReply:
             return self
         bound = replace(self, bound=True, signature=None)
         return replace(bound, signature=sign(bound.to_json_obj(), secret))
+
+    def from_instance(self, instance: str, secret: bytes | None) -> AdminReply:
+        """This reply naming the daemon that sends it (signed again: the signature covers
+        ``instance`` as every other field)."""
+        return replace(self, instance=instance, signature=None).signed(secret)
 
     def encode(self) -> bytes:
         return json.dumps(self.to_json_obj(), separators=(",", ":"), allow_nan=False).encode()
@@ -586,6 +598,9 @@ def decode_reply(payload: bytes, *, secret: bytes | None = None) -> AdminReply:
         answers = obj.get("answers")
         if answers is not None and not isinstance(answers, str):
             raise TypeError("answers")
+        instance = obj.get("instance")
+        if instance is not None and not isinstance(instance, str):
+            raise TypeError("instance")
     except (KeyError, ValueError, TypeError) as exc:
         raise AdminCommandError(ReplyCode.MALFORMED.value, f"bad reply: {exc}") from None
     return AdminReply(
@@ -599,6 +614,7 @@ def decode_reply(payload: bytes, *, secret: bytes | None = None) -> AdminReply:
         obj.get("signature"),
         answers,
         "answers" in obj,
+        instance,
     )
 
 

@@ -90,8 +90,10 @@ class AdminHandler:
         metrics: RecorderMetrics | None = None,
         clock_ms: Callable[[], int] = now_ms,
         protected_topics: Iterable[str] = (),
+        instance: str | None = None,
     ) -> None:
         self.policy = policy
+        self.instance = instance  # named in every reply: several daemons may read one topic
         self.default_reply_topic = default_reply_topic
         # topics others read for something else (the admin, status and files topics, the
         # gateway's commands): a command's reply_topic naming one gets its reply on the
@@ -253,6 +255,8 @@ class AdminHandler:
                          request_id=reply.request_id, default=self.default_reply_topic)
             topic = None
         topic = topic or self.default_reply_topic
+        if self.instance is not None:
+            reply = reply.from_instance(self.instance, self.policy.secret)
         if self._metrics is not None:
             self._metrics.admin_command(reply.command or "unknown", reply.code.value)
         quiet = reply.ok and reply.command == CommandKind.STATUS.value

@@ -535,3 +535,56 @@ def test_signed_replies_name_the_command_they_answer() -> None:
     assert "answers" not in plain.to_json_obj()
     assert answers_command(decode_reply(plain.encode()), cmd)
     assert CommandPolicy(max_age_s=30).secret is None
+
+
+def test_a_reply_names_the_daemon_that_sent_it_and_its_signature_covers_the_name() -> None:
+    """Several daemons that read one admin topic each answer every command: a reply carries
+    the answering daemon's RECORDER_INSTANCE (``instance``), signed as every other field;
+    a reply without it (an older daemon) still parses and verifies."""
+    from recorder.admin.status import DaemonState, StatusDocument
+    from recorder.client.wire import Record
+    from recorder.daemon.admin import AdminHandler
+
+    cmd = build_command("trigger", run="wf", issued_at_ms=NOW, secret=SECRET)
+    old = AdminReply.success(cmd, "armed", now_ms=NOW + 1, secret=SECRET)
+    assert "instance" not in old.to_json_obj()
+    got = decode_reply(old.encode(), secret=SECRET)
+    assert got.instance is None and got.ok  # an older daemon's reply: as before
+
+    named = old.from_instance("rec-bpm", SECRET)
+    obj = json.loads(named.encode())
+    assert obj["instance"] == "rec-bpm" and obj["answers"] == cmd.signature
+    assert obj["signature"] == sign(obj, SECRET) != old.signature  # the name is signed
+    got = decode_reply(named.encode(), secret=SECRET)
+    assert got.instance == "rec-bpm" and got == named
+    obj["instance"] = "rec-other"  # someone renames the answering daemon
+    with pytest.raises(AdminCommandError) as info:
+        decode_reply(json.dumps(obj).encode(), secret=SECRET)
+    assert info.value.code == "unauthorized"
+    # without a secret: named, unsigned
+    plain = AdminReply.success(cmd, "armed", now_ms=NOW).from_instance("rec-bpm", None)
+    assert plain.signature is None and decode_reply(plain.encode()).instance == "rec-bpm"
+    with pytest.raises(AdminCommandError, match="instance"):
+        decode_reply(b'{"code": "ok", "message": "", "replied_at": 1, "instance": 7}')
+
+    # the daemon names itself in every reply it sends, signed or not, and rejections too
+    for secret in (SECRET, None):
+        sent: list[bytes] = []
+        handler = AdminHandler(CommandPolicy(max_age_s=30, secret=secret), "replies",
+                               lambda _topic, payload, out=sent: out.append(payload),
+                               clock_ms=lambda: NOW, instance="rec-bpm")
+
+        class Target:
+            def run_handle(self, name: str) -> None:
+                return None
+
+            def status_document(self, kind: str = "status") -> StatusDocument:
+                return StatusDocument("rec-bpm", DaemonState.RUNNING, 1, 0, kind=kind)
+
+        good = build_command("start", run="wf", issued_at_ms=NOW, secret=secret)
+        for payload in (encode_command(good), b"junk"):
+            handler.handle(Record("admin", 0, 0, payload, None, NOW), Target())  # type: ignore[arg-type]
+        replies = [decode_reply(p, secret=secret) for p in sent]
+        assert [(r.code.value, r.instance) for r in replies] == [
+            ("unknown_run", "rec-bpm"), ("malformed", "rec-bpm")]
+        assert secret is None or replies[0].answers == good.signature
