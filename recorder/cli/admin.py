@@ -9,6 +9,12 @@ refuses, 3 when no reply came;
 ``status --check`` exits 4 when the daemon answered but something needs attention (for
 monitoring scripts).
 
+Daemons that share one admin topic each answer every command: the replies read within
+:data:`REPLY_GRACE_S` of the first (and, after an ``unknown_run`` first, those of the daemons
+a ``status`` of the run finds having it) are printed one per line on stderr with the advice
+to give each daemon its own admin topic; the exit code is that of the one ``ok`` when the
+others are ``unknown_run``, else of the first reply.
+
 Examples::
 
     k2eg-recorder status                       # a table of every run
@@ -36,6 +42,13 @@ HELP = "admin commands to a running daemon"
 EXIT_ERROR_REPLY = 1
 EXIT_NO_REPLY = 3
 EXIT_ATTENTION = 4  # status --check: the daemon answered, and something needs attention
+REPLY_GRACE_S = 0.5
+"""After the first reply, how long other replies to the same command are read: several
+daemons that read one admin topic each answer every command."""
+SHARED_TOPIC_ADVICE = (
+    "several daemons read this admin topic and each answered: give each daemon its own "
+    "RECORDER_ADMIN_TOPIC (they may share the status, files and reply topics)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -189,6 +202,25 @@ def reply_text(reply: AdminReply) -> str:
     return "\n".join(lines)
 
 
+def chosen_reply(replies: list[AdminReply]) -> AdminReply:
+    """The reply the CLI acts on among those of several daemons: the ``ok`` when exactly one
+    daemon answered ok and every other one ``unknown_run`` (the run is that daemon's), else
+    the first."""
+    from recorder.admin.protocol import ReplyCode
+
+    ok = [r for r in replies if r.ok]
+    if len(ok) == 1 and all(r.ok or r.code is ReplyCode.UNKNOWN_RUN for r in replies):
+        return ok[0]
+    return replies[0]
+
+
+def several_replies_text(replies: list[AdminReply]) -> str:
+    """One line per daemon's reply (``<instance>: <code> <message>``) and the advice."""
+    lines = [f"{r.instance or '(a daemon that does not name itself)'}: {r.code.value} "
+             f"{r.message}" for r in replies]
+    return "\n".join([*lines, SHARED_TOPIC_ADVICE])
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -223,8 +255,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with AdminClient(kafka, daemon.admin_topic, daemon.admin_reply_topic,
                          secret=daemon.secret_bytes) as client:
-            reply = client.request(command, getattr(args, "run", None), tags or None,
-                                   timeout_s=timeout)
+            replies = client.request_all(command, getattr(args, "run", None), tags or None,
+                                         timeout_s=timeout, grace_s=REPLY_GRACE_S)
     except UnverifiedReplyError as exc:
         print(f"k2eg-recorder {command}: {exc}", file=sys.stderr)
         return EXIT_ERROR_REPLY
@@ -235,12 +267,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"k2eg-recorder {command}: {exc} (Kafka at {kafka.bootstrap_servers}: "
               "--bootstrap or RECORDER_BOOTSTRAP_SERVERS)", file=sys.stderr)
         return EXIT_NO_REPLY
+    reply = chosen_reply(replies)
     if args.json:
         print(json.dumps(reply.to_json_obj(), indent=2))
     elif command == "status" and reply.ok and reply.data:
         print(status_table(dict(reply.data), getattr(args, "run", None)))
     else:
         print(reply_text(reply), file=sys.stdout if reply.ok else sys.stderr)
+    if len(replies) > 1:
+        print(several_replies_text(replies), file=sys.stderr)
     if command == "status" and reply.ok and getattr(args, "check", False):
         needs = attention(dict(reply.data or {}), getattr(args, "run", None))
         for line in needs:

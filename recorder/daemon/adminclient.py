@@ -101,15 +101,24 @@ class AdminClient:
         (:func:`~recorder.admin.protocol.answers_command`): one caused by someone else's
         command with the same request_id is passed over."""
         deadline = time.monotonic() + timeout_s
+        reply = self._next_reply({request_id: command}, deadline)
+        if reply is None:
+            raise ServiceError(
+                f"no reply to request {request_id} on {self.reply_topic!r} within "
+                f"{timeout_s:g} s (is the daemon running and reading {self.admin_topic!r}?"
+                " The command stays on the topic: a daemon that reads it while it is "
+                "younger than its RECORDER_COMMAND_MAX_AGE_S still carries it out)"
+            )
+        return reply
+
+    def _next_reply(self, wanted: Mapping[str | None, AdminCommand | None], deadline: float,
+                    *, unverified_raises: bool = True) -> AdminReply | None:
+        """The next reply to one of the ``wanted`` request ids (each with its command, or
+        None) read before ``deadline`` (None: none came)."""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ServiceError(
-                    f"no reply to request {request_id} on {self.reply_topic!r} within "
-                    f"{timeout_s:g} s (is the daemon running and reading {self.admin_topic!r}?"
-                    " The command stays on the topic: a daemon that reads it while it is "
-                    "younger than its RECORDER_COMMAND_MAX_AGE_S still carries it out)"
-                )
+                return None
             try:
                 record = self._records.get(timeout=min(remaining, 0.2))
             except queue.Empty:
@@ -117,15 +126,18 @@ class AdminClient:
             try:
                 reply = decode_reply(record.value or b"", secret=self.secret)
             except AdminCommandError as exc:
-                if exc.code == ReplyCode.UNAUTHORIZED.value and request_id is not None:
-                    self._unverified(record.value or b"", request_id)
+                if exc.code == ReplyCode.UNAUTHORIZED.value and unverified_raises:
+                    for request_id in wanted:
+                        if request_id is not None:
+                            self._unverified(record.value or b"", request_id)
                 continue
-            if reply.request_id != request_id:
+            if reply.request_id not in wanted:
                 continue
+            command = wanted[reply.request_id]
             if command is not None and self.secret is not None \
                     and not answers_command(reply, command):
                 _log.warning("a reply to another command with this request_id was passed over",
-                             request_id=request_id, code=reply.code.value,
+                             request_id=reply.request_id, code=reply.code.value,
                              message=reply.message)
                 continue
             return reply
@@ -146,9 +158,55 @@ class AdminClient:
         tags: Mapping[str, str] | None = None, timeout_s: float = 30.0,
     ) -> AdminReply:
         """Send a command and return its reply."""
+        return self.request_all(command, run, tags, timeout_s)[0]
+
+    def request_all(
+        self, command: CommandKind | str, run: str | None = None,
+        tags: Mapping[str, str] | None = None, timeout_s: float = 30.0,
+        grace_s: float = 0.0,
+    ) -> list[AdminReply]:
+        """Send a command; its first reply, then those of other daemons that read the same
+        admin topic (each answers every command; ``instance`` names them), read for
+        ``grace_s`` after the first. When the first is ``unknown_run``, a daemon
+        that has the run may answer much later (a start waits for the gateway, a stop for
+        its files): a ``status`` of the run asks who has it, and the reply of each daemon
+        that has it is waited for (within ``timeout_s``)."""
+        started = time.monotonic()
         cmd = self.build(command, run, tags)
         self.send(cmd)
-        return self.wait_reply(cmd.request_id, timeout_s, command=cmd)
+        first = self.wait_reply(cmd.request_id, timeout_s, command=cmd)
+        if grace_s <= 0:
+            return [first]
+        wanted: dict[str | None, AdminCommand | None] = {cmd.request_id: cmd}
+        probe: AdminCommand | None = None
+        if first.code is ReplyCode.UNKNOWN_RUN and cmd.run is not None \
+                and cmd.command is not CommandKind.STATUS:
+            probe = self.build(CommandKind.STATUS, cmd.run)
+            try:
+                self.send(probe)
+                wanted[probe.request_id] = probe
+            except TransportError:  # the first reply stands
+                probe = None
+        replies = [first]
+        owners: set[str] = set()  # daemons that have the run (their status of it is ok)
+        grace_end = time.monotonic() + grace_s
+        while True:
+            waiting = owners - {r.instance for r in replies}
+            deadline = started + timeout_s if waiting else grace_end
+            reply = self._next_reply(wanted, deadline, unverified_raises=False)
+            if reply is None and waiting:
+                raise ServiceError(
+                    f"no reply to request {cmd.request_id} within {timeout_s:g} s from "
+                    f"{', '.join(sorted(waiting))}, which has run {cmd.run!r} (another daemon "
+                    f"reading {self.admin_topic!r} answered {first.code.value}: "
+                    f"{first.message})")
+            if reply is None:
+                return replies
+            if probe is not None and reply.request_id == probe.request_id:
+                if reply.ok and reply.instance is not None:
+                    owners.add(reply.instance)
+            elif reply not in replies:  # not a producer's retry of one already read
+                replies.append(reply)
 
     def close(self) -> None:
         self._adapter.close(5.0)
