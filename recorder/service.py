@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import fcntl
 import os
 import signal
 import threading
@@ -81,6 +82,7 @@ log = structlog.get_logger("recorder.service")
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+STATE_LOCK_FILE = ".daemon.lock"  # run names cannot start with a dot: no clash
 LOOP_WAIT_S = 0.1
 EXTEND_EVERY_S = 5.0
 EXIT_WORK_S = 60.0
@@ -212,6 +214,7 @@ class Service:
         self._consumers_dead_said = False  # a dead consumer thread was logged
         # why run() returned EXIT_CONFIG (what `k2eg-recorder run` prints last, on stderr)
         self.refusal: str | None = None
+        self._state_lock: int | None = None  # fd of the state directory's lock, while held
 
     # ------------------------------------------------------------------ control (any thread)
     def request_stop(self) -> None:
@@ -262,6 +265,8 @@ class Service:
                       config_path=str(self.settings.config_path), errors=len(problems))
             self.refusal = (f"invalid run definitions in {self.settings.config_path} (see the "
                             "errors above; `k2eg-recorder validate` explains them)")
+            return EXIT_CONFIG
+        if not self._lock_state_dir():
             return EXIT_CONFIG
         self._definitions = dict(loaded.runs)
         log.info("run definitions loaded", runs=list(self._definitions),
@@ -476,6 +481,36 @@ class Service:
             self._heartbeat.beat(time.monotonic(), self._heartbeat_doc)
         log.info("daemon stopped", files={c.name: c.files() for c in controllers})
 
+    def _lock_state_dir(self) -> bool:
+        """Hold the state directory (an exclusive lock, until :meth:`_close`); False (the
+        refusal said) when another daemon holds it: two daemons on one directory save their
+        admin positions over each other's and take each other's runs' state files."""
+        path = self.state_dir / STATE_LOCK_FILE
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # the state store says what it cannot write, later
+            log.warning("state directory not locked", path=str(path), error=str(exc))
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            self.refusal = (f"state directory {self.state_dir} is used by another daemon "
+                            f"(pid {holder}): give each daemon its own RECORDER_STATE_DIR")
+            log.error("refusing to start: " + self.refusal)
+            self.notifier.status(f"refusing to start: {self.refusal}")
+            return False
+        except OSError as exc:  # a filesystem without locks
+            os.close(fd)
+            log.warning("state directory not locked", path=str(path), error=str(exc))
+            return True
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._state_lock = fd
+        return True
+
     def _close(self) -> None:
         for closer in (
             (lambda: self._client.close(10.0)) if self._client is not None else None,
@@ -493,6 +528,9 @@ class Service:
         self._link = None
         self._metrics_server = None
         self._disk_probe = None
+        if self._state_lock is not None:
+            os.close(self._state_lock)  # the lock with it
+            self._state_lock = None
 
     def _start_metrics(self) -> None:
         port = self.settings.metrics_port

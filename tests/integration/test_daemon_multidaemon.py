@@ -76,3 +76,39 @@ def test_two_daemons_on_the_default_admin_topic_each_start_exits_0_with_a_warnin
         daemon.signal(signal.SIGTERM)
     for daemon in daemons:
         assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
+
+
+def test_a_second_daemon_on_the_same_state_directory_refuses_to_start(
+    tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
+    daemons: list[DaemonProcess],
+) -> None:
+    """Two daemons on one host given the same state directory (a copied unit keeps
+    ``StateDirectory=k2eg-recorder``): each saved its admin position over the other's (so
+    a restarted daemon read its admin topic from the end: commands sent while it was down
+    were lost), took the other's runs for orphaned leftovers, and a run of the same name
+    resumed the other's recording. The second now refuses to start (exit 2) and says why."""
+    token = unique_name("s").replace("-", "_")
+    envs = []
+    for name in ("alpha", "beta"):
+        home = tmp_path / name
+        home.mkdir()
+        config = home / "runs.yaml"
+        config.write_text(_yaml(name, f"{name}_{token}", tmp_path / "data"))
+        env = DaemonEnv.in_dir(home, kafka_bootstrap, unique_name, config)
+        env.app = unique_name(f"rec-{name}")
+        env.state_dir = tmp_path / "state"  # shared
+        envs.append(env)
+    alpha, beta = envs
+    with alpha.admin() as admin:
+        first = DaemonProcess(alpha, "alpha")
+        daemons.append(first)
+        wait_for(lambda: run_state(admin, "alpha") is not None, 60, "the first daemon")
+        second = DaemonProcess(beta, "beta")
+        daemons.append(second)
+        assert second.wait(60) == 2, second.log_text()[-3000:]
+        log = second.log_text()
+        assert f"state directory {alpha.state_dir} is used by another daemon" in log, log
+        assert "RECORDER_STATE_DIR" in log, log
+        assert run_state(admin, "alpha") is not None  # the first goes on
+    first.signal(signal.SIGTERM)
+    assert first.wait(60) == 0, first.log_text()[-3000:]
