@@ -46,6 +46,7 @@ from ruamel.yaml.constructor import ConstructorError, RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.events import CollectionEndEvent, CollectionStartEvent
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.reader import ReaderError
 
 from recorder.client.properties import SNAPSHOT_NAME_RE, normalize_snapshot_name
 from recorder.config.models import RUN_NAME_RE, RunDefinition, SnapshotSpec, directory_problem
@@ -330,6 +331,9 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
         documents = []
     except MarkedYAMLError as exc:
         problems.append(_syntax_problem(filename, exc))
+        return []
+    except ReaderError as exc:  # a character YAML does not allow (a NUL, an escape, ...)
+        problems.append(_character_problem(filename, text, exc))
         return []
     except YAMLError as exc:  # pragma: no cover - ruamel marks every parse error it raises
         problems.append(Problem(filename, None, "", f"YAML error: {exc}"))
@@ -702,6 +706,19 @@ def _syntax_problem(filename: str, exc: MarkedYAMLError) -> Problem:
         where = f" (the tab at column {mark.column + 1})" if mark is not None else ""
         message += f"{where}: YAML takes spaces, not tabs, for indentation and after ':'"
     return Problem(filename, line, "", message)
+
+
+def _character_problem(filename: str, text: str, exc: ReaderError) -> Problem:
+    """Where the character ruamel's reader refuses is, as a line and column of ``text``
+    (ruamel gives its index in the text, unmarked)."""
+    position = int(exc.position)
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    code = int(exc.character)
+    kind = "control character" if code < 0x20 or 0x7F <= code < 0xA0 else "character"
+    return Problem(filename, line, "", f"{kind} U+{code:04X} at column {column} is not "
+                   "allowed in YAML; remove it (or write it as an escape in a double-quoted "
+                   "string)")
 
 
 def _node_loc(root: Node, mark: Any) -> Loc:

@@ -738,3 +738,18 @@ def test_bridge_endpoints_two_runs_would_both_bind_are_refused(tmp_path: Path) -
     ], problems
     assert "run 'a' at " in problems[0].message and "4545" in problems[0].message
     assert list(loaded.runs) == ["a", "e"]  # port 0 (any free port) never clashes
+
+
+@pytest.mark.parametrize(("char", "name"), [("\x00", "U+0000"), ("\x07", "U+0007"),
+                                            ("\x1b", "U+001B"), ("\x7f", "U+007F")])
+def test_a_control_character_is_reported_at_its_line_and_column(
+        tmp_path: Path, char: str, name: str) -> None:
+    """A character YAML does not allow (a NUL, a terminal escape pasted in) was reported
+    without a line, on two lines, as a position in '<unicode string>'."""
+    path = tmp_path / "runs.yaml"
+    path.write_text(GOOD.format(name="a", snap="a") + f"metadata:\n  description: ab{char}c\n")
+    _, problems = check_runs(tmp_path)
+    assert [str(p) for p in problems] == [
+        f"{path}:8: control character {name} at column 18 is not allowed in YAML; remove it "
+        "(or write it as an escape in a double-quoted string)"
+    ]
