@@ -42,7 +42,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.constructor import ConstructorError, RoundTripConstructor
+from ruamel.yaml.constructor import RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.events import CollectionEndEvent, CollectionStartEvent
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -237,14 +237,18 @@ MAX_NODES = 2_000_000
 grows exponentially): far more than any real file (10 runs of 10,000 PVs are 100,000)."""
 
 
-class _UnreadableValueError(ConstructorError):
-    """A value ruamel resolved to a type but could not build (a date that does not exist,
-    ``!!int abc``, an integer of more digits than Python converts)."""
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    """Stands in for a value ruamel resolved to a type but could not build (a date that
+    does not exist, ``!!int abc``, an integer of more digits than Python converts): reported
+    where :func:`_plain` finds it, so the rest of the file is still checked."""
+
+    message: str
 
 
 class _Constructor(RoundTripConstructor):
-    """ruamel's round-trip constructor, whose values that cannot be built are marked errors
-    at their node (ruamel lets the ValueError of e.g. ``2026-02-30`` escape unmarked)."""
+    """ruamel's round-trip constructor, whose values that cannot be built become
+    :class:`_Unreadable` (ruamel lets the ValueError of e.g. ``2026-02-30`` escape unmarked)."""
 
     def construct_non_recursive_object(self, node: Any, tag: str | None = None) -> Any:
         try:
@@ -256,9 +260,8 @@ class _Constructor(RoundTripConstructor):
             shown = repr(node.value) if isinstance(node, ScalarNode) else "this value"
             shown = shown if len(shown) <= 40 else shown[:37] + "..."
             why = str(exc)[:200] or type(exc).__name__
-            raise _UnreadableValueError(
-                None, None, f"{shown} cannot be read as {kind}: {why}; quote it if it is meant "
-                "as text", node.start_mark) from None
+            return _Unreadable(f"{shown} cannot be read as {kind}: {why}; quote it if it is "
+                               "meant as text")
 
 
 def _yaml() -> YAML:
@@ -370,11 +373,6 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
     duplicated = [p.field for p in problems[before:] if p.message.startswith("duplicate key")]
     try:
         data = yaml.load(text)
-    except _UnreadableValueError as exc:
-        mark = exc.problem_mark
-        problems.append(Problem(filename, None if mark is None else mark.line + 1,
-                                _dotted(_node_loc(documents[0], mark)), str(exc.problem)))
-        return []
     except MarkedYAMLError as exc:  # e.g. an undefined alias is only found while constructing
         problems.append(_syntax_problem(filename, exc))
         return []
@@ -721,22 +719,6 @@ def _character_problem(filename: str, text: str, exc: ReaderError) -> Problem:
                    "string)")
 
 
-def _node_loc(root: Node, mark: Any) -> Loc:
-    """Where in the document the node that starts at ``mark`` is (() when not found)."""
-    stack: list[tuple[Node, Loc]] = [(root, ())]
-    while stack:
-        node, loc = stack.pop()
-        start = node.start_mark
-        if mark is not None and (start.line, start.column) == (mark.line, mark.column):
-            return loc
-        if isinstance(node, MappingNode):
-            stack.extend((value, (*loc, str(key.value))) for key, value in node.value
-                         if isinstance(key, ScalarNode))
-        elif isinstance(node, SequenceNode):
-            stack.extend((item, (*loc, index)) for index, item in enumerate(node.value))
-    return ()
-
-
 def _duplicate_keys(filename: str, node: Node, loc: Loc, problems: list[Problem]) -> None:
     if isinstance(node, MappingNode):
         first: dict[str, int] = {}
@@ -785,6 +767,10 @@ def _plain(
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
+            if isinstance(key, _Unreadable):
+                problems.append(Problem(filename, _key_line(value, key, _line(root, loc)),
+                                        _dotted(loc), f"key {key.message}"))
+                continue
             if not isinstance(key, str):
                 problems.append(
                     Problem(
@@ -822,6 +808,8 @@ def _plain(
         message = why
     elif isinstance(value, dt.date):  # YAML timestamps: keep what was written
         return value.isoformat()
+    elif isinstance(value, _Unreadable):
+        message = value.message
     else:
         message = f"unsupported YAML value {value!r} ({type(value).__name__}); use a plain value"
     problems.append(Problem(filename, _line(root, loc), _dotted(loc), message))

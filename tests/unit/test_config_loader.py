@@ -753,3 +753,33 @@ def test_a_control_character_is_reported_at_its_line_and_column(
         f"{path}:8: control character {name} at column 18 is not allowed in YAML; remove it "
         "(or write it as an escape in a double-quoted string)"
     ]
+
+
+def test_a_value_ruamel_cannot_build_does_not_hide_the_files_other_errors() -> None:
+    """A date that does not exist (or `!!int abc`) stopped the file's checks at it: the
+    other errors of its run, of the file's other runs, and the other such values were not
+    reported (README: every problem at once), so each fix brought up the next."""
+    text = """\
+    runs:
+      - name: a
+        snapshot: {snapshot_name: a, pv_uri_list: [pva://X], time_window: '100'}
+        output: {directory: /data/a}
+        metadata:
+          attributes: {shift: 2026-02-30, end: 2026-02-31, 2026-02-32: x}
+      - name: b
+        snapshot: {snapshot_name: b, pv_uri_list: [pva://X]}
+        output: {directory: data/b}
+      - name: c
+        snapshot: {snapshot_name: c, pv_uri_list: [pva://X]}
+        output: {directory: /data/c}
+    """
+    loaded, problems = parse_runs([("runs.yaml", textwrap.dedent(text))])
+    assert [(p.line, p.field, p.message.split(":")[0]) for p in problems] == [
+        (3, "runs.0.snapshot.time_window", "Input should be a valid integer (got '100')"),
+        (6, "runs.0.metadata.attributes.shift", "'2026-02-30' cannot be read as timestamp"),
+        (6, "runs.0.metadata.attributes.end", "'2026-02-31' cannot be read as timestamp"),
+        (6, "runs.0.metadata.attributes", "key '2026-02-32' cannot be read as timestamp"),
+        (9, "runs.1.output.directory", "output directory 'data/b' must be an absolute path "
+         "(a daemon's working directory is not a place for data)"),
+    ], problems
+    assert list(loaded.runs) == ["c"]
