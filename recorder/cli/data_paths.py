@@ -56,21 +56,28 @@ def configured_path() -> tuple[Path | None, str | None]:
         return None, settings_problems(exc).replace("\n", "; ")
 
 
-def configured_directories() -> tuple[list[Path], str | None]:
-    """The output directories of the configured runs, or ([], why not)."""
+def configured_directories() -> tuple[list[Path], str | None, str | None]:
+    """The output directories of the configured runs, or ([], why not); and a note when
+    the definitions have problems (the directories of runs with errors are not known)."""
     from recorder.config.loader import check_runs
 
     config, why_not = configured_path()
     if config is None:
-        return [], why_not
+        return [], why_not, None
     if not config.exists():
-        return [], f"no run definitions at {config} (RECORDER_CONFIG_PATH)"
+        return [], f"no run definitions at {config} (RECORDER_CONFIG_PATH)", None
     loaded, problems = check_runs(config)
     dirs = list(dict.fromkeys(Path(d.output.directory) for d in loaded))
     if not dirs:
         why = f"; {len(problems)} problem(s), see k2eg-recorder validate" if problems else ""
-        return [], f"no valid run definition at {config}{why}"
-    return dirs, None
+        return [], f"no valid run definition at {config}{why}", None
+    note = None
+    if problems:  # e.g. an edit a reload refused: the daemon still records those runs
+        count = len(problems)
+        note = (f"{count} problem{'s' if count != 1 else ''} in the run definitions at "
+                f"{config}: the output directories of runs with errors are not read "
+                "(k2eg-recorder validate lists the problems; or give their PATHs)")
+    return dirs, None, note
 
 
 def finalized_since(path: Path, command: str) -> Path:
@@ -94,7 +101,9 @@ def paths_to_read(paths: list[Path], command: str) -> list[Path] | None:
     run that has not recorded yet has none); None, said on stderr, when there are neither."""
     if paths:
         return [finalized_since(p, command) for p in paths]
-    found, why = configured_directories()
+    found, why, note = configured_directories()
+    if note is not None:
+        print(f"k2eg-recorder {command}: {note}", file=sys.stderr)
     if not found:
         print(f"k2eg-recorder {command}: give a PATH ({why})", file=sys.stderr)
         return None
