@@ -441,7 +441,7 @@ def _parse_run(
     plain = _plain(node, filename, root, prefix, problems, unusable=unusable)
     line = _line(root, prefix) if prefix else _line(root, ("name",))
     source = RunSource(filename, line, _dotted(prefix))
-    found: list[Problem] = []
+    found: dict[Problem, None] = {}  # each once, in order (`in` on a list: quadratic time)
     # checked on the raw data too, so it is reported even when other output fields are wrong
     output = plain.get("output")
     directory = output.get("directory") if isinstance(output, dict) else None
@@ -449,7 +449,7 @@ def _parse_run(
         message = directory_problem(directory)
         if message is not None:
             full = (*prefix, "output", "directory")
-            found.append(Problem(filename, _line(root, full), _dotted(full), message))
+            found[Problem(filename, _line(root, full), _dotted(full), message)] = None
     try:
         definition = RunDefinition.model_validate_json(json.dumps(plain), strict=True)
     except ValidationError as exc:
@@ -463,8 +463,7 @@ def _parse_run(
             if any(full[: len(bad)] == bad for bad in unusable):
                 continue  # already reported by _plain (the value is a stand-in)
             problem = Problem(filename, _line(root, full), _dotted(full), _message(error, loc))
-            if problem not in found:
-                found.append(problem)
+            found.setdefault(problem)
     if found or len(problems) > before:
         problems.extend(found)
         name, snapshot = plain.get("name"), plain.get("snapshot")
