@@ -72,6 +72,10 @@ Failure handling (never raises into the daemon for I/O problems)
       child is killed (SIGKILL) and the recording failed with a reason saying so.
     * A bug in the child (an unexpected exception): recording failed, reason has the
       exception, the partial is kept (not finalized: its state is unknown).
+    * The package was upgraded under the running daemon (``pip install -U`` before the
+      restart): a writer, which imports the package from disk, that does not speak the
+      daemon's pipe protocol (``process_codec.protocol``) refuses the init before opening a
+      file; the recording fails at its start with a reason saying to restart the daemon.
 
 Modules
     This one holds the proxy, :class:`IsolatedRecording`, and :func:`open_recording`;
@@ -96,6 +100,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import structlog
 
+from recorder import __version__
 from recorder.client.events import IterationEvent
 from recorder.client.properties import SnapshotProperties
 from recorder.sinks import process_spawn
@@ -115,6 +120,7 @@ from recorder.sinks.process_codec import (
     _Encoder,
     _snapshot_dict,
     _unpack,
+    protocol,
 )
 from recorder.sinks.process_spawn import (
     _LIVE,
@@ -221,6 +227,9 @@ class IsolatedRecording:
         )
 
         init = {
+            # checked by the writer before anything else (it may run an upgraded package)
+            "protocol": protocol(),
+            "version": __version__,
             "options": options.model_dump_json(),
             "run_name": run_name,
             "snapshot": None if snapshot is None else _snapshot_dict(snapshot),

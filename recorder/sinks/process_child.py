@@ -24,7 +24,15 @@ import structlog
 
 from recorder.client.properties import SnapshotProperties
 from recorder.sinks.options import OutputOptions
-from recorder.sinks.process_codec import _CLOSE, _EVENTS, _FLUSH, _TAGS, _decode_event, _unpack
+from recorder.sinks.process_codec import (
+    _CLOSE,
+    _EVENTS,
+    _FLUSH,
+    _TAGS,
+    _decode_event,
+    _unpack,
+    protocol,
+)
 
 if TYPE_CHECKING:
     from recorder.sinks.hdf5 import HDF5Recording
@@ -80,6 +88,34 @@ def _state(rec: HDF5Recording, broken: str | None, paths_from: int,
     }
 
 
+def _refusal(init: Any, theirs: Any) -> dict[str, Any]:
+    """The reply of a writer that does not speak the daemon's pipe protocol: a failed state
+    naming both versions. Its shape is the one every daemon since protocol 1 reads: keep it."""
+    import recorder
+
+    theirs_version = init.get("version") if isinstance(init, dict) else None
+    daemon = (f"k2eg-recorder {theirs_version}" if isinstance(theirs_version, str)
+              else "an older k2eg-recorder")
+    ours = protocol()[0]
+    their_number = theirs[0] if isinstance(theirs, list) and theirs else "unnamed"
+    detail = (f"the daemon's writer protocol {their_number}, this writer's {ours}"
+              if their_number != ours else f"writer protocol {ours}, with other event fields")
+    return {
+        "status": "failed",
+        "reason": (f"the writer process runs k2eg-recorder {recorder.__version__}, installed "
+                   f"after this daemon ({daemon}) started, and does not speak its pipe "
+                   f"protocol ({detail}); restart the daemon (systemctl restart "
+                   "k2eg-recorder) to record with the upgraded package"),
+        "current_path": None,
+        "paths_from": 0,
+        "paths": [],
+        "durable": [],
+        "counters": {},
+        "last_flush_seconds": 0.0,
+        "flush_seconds": [],
+    }
+
+
 def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None:
     """Entry point of the writer process (spawned; see :mod:`recorder.sinks.process`). A
     *warm* writer (``init_blob`` None, see :func:`~recorder.sinks.process_spawn.prewarm_writer`)
@@ -102,6 +138,13 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
         except (EOFError, OSError):
             _exit(0)
     init = _unpack(init_blob)
+    theirs = init.get("protocol") if isinstance(init, dict) else None
+    if theirs != protocol():
+        # the package was upgraded (or downgraded) under the running daemon: nothing else in
+        # the init or the frames to come can be trusted to mean what this code reads in them
+        with contextlib.suppress(OSError):
+            tx.send_bytes(msgpack.packb([0, _refusal(init, theirs)], use_bin_type=True))
+        _exit(0)
     logcfg = init["log"]
     if logcfg["format"] is not None:
         from recorder.logging import configure_logging

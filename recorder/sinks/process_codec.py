@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 import numpy as np
@@ -59,6 +59,19 @@ _ENUM_FIELDS: dict[str, type[enum.Enum]] = {
     "reason": IncompleteReason,
 }
 _SAMPLE_OVERHEAD = 24  # bytes per sample beyond payload + name (msgpack framing)
+
+WRITER_PROTOCOL: Final = 1
+"""Bump at every change of what crosses the pipe that :func:`protocol` does not show by itself
+(message kinds, event tags, the init, the replies). Between ``pip install -U`` and the restart
+the running daemon spawns writers that import the *new* package from disk: the writer compares
+the init's ``protocol`` with its own first and refuses a daemon that speaks another one
+(:func:`~recorder.sinks.process_child._refusal`)."""
+
+
+def protocol() -> list[Any]:
+    """What the daemon and its writer processes must agree on: :data:`WRITER_PROTOCOL` and
+    the fields of each event (a field added to an event changes it without a bump)."""
+    return [WRITER_PROTOCOL, [list(fields) for fields in _FIELDS]]
 
 
 def _pack_default(obj: Any) -> Any:

@@ -901,3 +901,53 @@ def test_a_stop_waits_for_a_writer_still_finalizing_a_large_segment(
         with contextlib.suppress(ProcessLookupError):
             os.kill(hung.pid, signal.SIGCONT)
     assert status_of(hung) == "failed" and "did not complete close" in hung.reason
+
+
+def upgraded_package(root: Path, edits: dict[str, tuple[str, str]]) -> Path:
+    """A copy of the ``recorder`` package in ``root`` with ``edits`` (module path ->
+    (old text, new text); an empty old text appends): what ``pip install -U`` puts on disk
+    while the daemon runs."""
+    import shutil
+
+    import recorder
+
+    src = Path(recorder.__file__).parent
+    dst = root / "recorder"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel, (old, new) in edits.items():
+        path = dst / rel
+        text = path.read_text()
+        assert old in text, (rel, old)
+        path.write_text(text.replace(old, new, 1) if old else text + new)
+    return root
+
+
+@pytest.mark.parametrize("edits", [
+    # a field added to an event (as tail_kafka_time_ms was): the new writer expects it
+    {"client/events.py": ("    tail_kafka_time_ms: int | None = None\n",
+                          "    tail_kafka_time_ms: int | None = None\n"
+                          "    added_later: int = 0\n")},
+    # a change of what crosses the pipe that the event fields do not show
+    {"sinks/process_codec.py": ("", "\nWRITER_PROTOCOL = 1000\n")},
+], ids=["event-field", "protocol"])
+def test_a_writer_of_an_upgraded_package_refuses_the_running_daemon_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    recordings: Callable[..., IsolatedRecording], edits: dict[str, tuple[str, str]],
+) -> None:
+    """Between `pip install -U` and the restart the running daemon spawns writers that import
+    the new code from disk: one that does not speak the daemon's pipe protocol fails the
+    recording at once, saying so (no file, no traceback in the reason)."""
+    from recorder.sinks.process_spawn import release_warm_writers
+
+    release_warm_writers()  # started before the "upgrade": they run the daemon's code
+    monkeypatch.syspath_prepend(str(upgraded_package(tmp_path / "site", edits)))
+    out = tmp_path / "out"
+    started = time.monotonic()
+    rec = recordings(OutputOptions(directory=out), run_name="upgraded")
+    assert time.monotonic() - started < 30
+    assert status_of(rec) == "failed", rec.reason
+    assert "restart" in rec.reason and "protocol" in rec.reason, rec.reason
+    for event in iteration_events(0, width=10):
+        rec.handle(event)  # never raises into the daemon
+    assert rec.close() == [] and rec.status == "failed"
+    assert not out.exists() or not any(out.iterdir())
