@@ -546,9 +546,19 @@ class IsolatedRecording:
         self._inflight_bytes = 0
         self._flush_pending = None
         if self.status == "recording":
-            self._fail(f"writer process (pid {self.pid}) {what}{self._left_behind()}")
+            self._fail(f"writer process (pid {self.pid}) {what}{self._never_ready()}"
+                       f"{self._left_behind()}")
         else:  # already failed (e.g. disk full) or closed: keep that reason
             self._log.warning("writer process gone", problem=what, status=self.status)
+
+    def _never_ready(self) -> str:
+        """For the reason of a writer gone before its first reply: it never started, and its
+        own error (an import error, say) went to its stderr, not through the pipe."""
+        if self._acked >= 0:
+            return ""
+        return (" before it was ready (its error is in the daemon's log: its stderr or the "
+                "journal); if k2eg-recorder was upgraded since the daemon started, restart "
+                "the daemon")
 
     def _left_behind(self) -> str:
         """What a writer that is gone left, for the reason: the file it was writing, as it

@@ -951,3 +951,21 @@ def test_a_writer_of_an_upgraded_package_refuses_the_running_daemon_cleanly(
         rec.handle(event)  # never raises into the daemon
     assert rec.close() == [] and rec.status == "failed"
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_writer_that_dies_before_it_is_ready_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    recordings: Callable[..., IsolatedRecording],
+) -> None:
+    """A writer that cannot even start (``pip install -U`` replacing the package while the
+    daemon spawns it, a dependency the upgrade lacks): the reason says it died before it was
+    ready, where its error went and what to do, not only its exit code."""
+    from recorder.sinks.process_spawn import release_warm_writers
+
+    release_warm_writers()
+    half = {"sinks/livefile.py": ("", "\nraise ImportError('half-installed package')\n")}
+    monkeypatch.syspath_prepend(str(upgraded_package(tmp_path / "site", half)))
+    rec = recordings(OutputOptions(directory=tmp_path / "out"), run_name="half")
+    assert status_of(rec) == "failed"
+    assert "exited with code 1" in rec.reason, rec.reason
+    assert "before it was ready" in rec.reason and "restart" in rec.reason, rec.reason
