@@ -192,6 +192,7 @@ class Service:
         self._reload_signalled = False
         self._state = DaemonState.STARTING
         self._started_ms = time.time_ns() // 1_000_000
+        self._started_mono = time.monotonic()  # the uptime: a wall-clock step does not move it
         self._definitions: dict[str, RunDefinition] = {}
         self._controllers: dict[str, RunController] = {}
         self._retiring: list[RunController] = []
@@ -832,6 +833,7 @@ class Service:
             state=self._state,
             time=time.time_ns() // 1_000_000,
             started_at=self._started_ms,
+            uptime=time.monotonic() - self._started_mono,
             runs=tuple(runs.values()),
             pid=os.getpid(),
             version=__version__,

@@ -55,7 +55,7 @@ import enum
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from recorder.errors import AdminCommandError
@@ -226,9 +226,14 @@ class StatusDocument:
     seq: int = 0
     kind: str = "heartbeat"
     disks: Sequence[DiskStatus] = ()
+    # seconds the daemon has run, on its monotonic clock (a wall-clock step does not move
+    # it); None: from ``time - started_at``
+    uptime: float | None = field(default=None, compare=False)
 
     @property
     def uptime_s(self) -> float:
+        if self.uptime is not None:
+            return max(0.0, self.uptime)
         return max(0.0, (self.time - self.started_at) / 1000)
 
     def run(self, name: str) -> RunStatus | None:
@@ -280,6 +285,7 @@ class StatusDocument:
                 seq=_int(obj.get("seq", 0)),
                 kind=_str(obj.get("kind", "heartbeat")),
                 disks=tuple(DiskStatus.from_json_obj(d) for d in daemon.get("disks") or ()),
+                uptime=_opt_float(daemon.get("uptime_s")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AdminCommandError("malformed", f"bad status document: {exc!r}") from None
@@ -323,3 +329,11 @@ def _int(value: Any) -> int:
 
 def _opt_int(value: Any) -> int | None:
     return None if value is None else _int(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)

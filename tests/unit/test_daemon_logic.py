@@ -3875,3 +3875,39 @@ def test_a_stop_takes_events_while_the_writer_is_behind(
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+def test_the_uptime_in_the_status_is_not_moved_by_a_wall_clock_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The daemon's uptime (`status`: "up N s") was its wall clock now minus its wall clock at
+    start: chrony stepping the clock back by an hour (a host booted with its RTC ahead) showed
+    a daemon up for 100 s as up 0 s, a step forward added the step to it. It is now measured
+    on the monotonic clock; ``started_at`` stays the wall-clock start."""
+    import types
+
+    from recorder import service as service_module
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    clock = {"wall_ns": 1_800_000_000_000_000_000, "mono": 1000.0}
+    fake = types.SimpleNamespace(
+        time_ns=lambda: clock["wall_ns"], monotonic=lambda: clock["mono"],
+        time=lambda: clock["wall_ns"] / 1e9, sleep=time.sleep)
+    monkeypatch.setattr(service_module, "time", fake)
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs: []\n")
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False)
+    started = service.status_document("status").started_at
+    clock["mono"] += 100.0
+    clock["wall_ns"] += 100 * 10**9 - 3600 * 10**9  # 100 s later, stepped back an hour
+    doc = service.status_document("status")
+    assert doc.uptime_s == pytest.approx(100.0)
+    assert json.loads(doc.encode())["daemon"]["uptime_s"] == pytest.approx(100.0)
+    assert StatusDocument.decode(doc.encode()).uptime_s == pytest.approx(100.0)
+    assert doc.started_at == started
+    clock["mono"] += 10.0
+    clock["wall_ns"] += 10 * 10**9 + 7200 * 10**9  # then stepped forward two hours
+    assert service.status_document("status").uptime_s == pytest.approx(110.0)
