@@ -202,6 +202,30 @@ def reply_text(reply: AdminReply) -> str:
     return "\n".join(lines)
 
 
+CLOCK_HINT_MS = 2000
+"""How far the daemon's clock (a reply's ``replied_at``) and this host's (when the reply was
+read) may be apart before an ``expired`` reply is put down to them: a reply's way from the
+daemon to here takes milliseconds."""
+
+
+def clock_hint(reply: AdminReply, received_at_ms: int | None) -> str | None:
+    """What an ``expired`` reply is due to when this host's clock and the daemon's differ
+    (the command is dated by this host, judged by the daemon's clock); None otherwise."""
+    from recorder.admin.protocol import ReplyCode
+
+    if reply.code is not ReplyCode.EXPIRED or received_at_ms is None:
+        return None
+    apart_ms = reply.replied_at - received_at_ms
+    if abs(apart_ms) < CLOCK_HINT_MS:
+        return None
+    said = "behind" if apart_ms > 0 else "ahead of"
+    return (f"this host's clock is about {abs(apart_ms) / 1000:.0f} s {said} the daemon's "
+            f"(its reply is dated {_ms(reply.replied_at)} UTC, read here at "
+            f"{_ms(received_at_ms)} UTC): commands are "
+            "dated by this host and judged by the daemon's clock; synchronize the clocks "
+            "(NTP, chrony)")
+
+
 def chosen_reply(replies: list[AdminReply]) -> AdminReply:
     """The reply the CLI acts on among those of several daemons: the ``ok`` when exactly one
     daemon answered ok and every other one ``unknown_run`` (the run is that daemon's), else
@@ -257,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
                          secret=daemon.secret_bytes) as client:
             replies = client.request_all(command, getattr(args, "run", None), tags or None,
                                          timeout_s=timeout, grace_s=REPLY_GRACE_S)
+            received = dict(client.received_at)
     except UnverifiedReplyError as exc:
         print(f"k2eg-recorder {command}: {exc}", file=sys.stderr)
         return EXIT_ERROR_REPLY
@@ -274,6 +299,9 @@ def run(args: argparse.Namespace) -> int:
         print(status_table(dict(reply.data), getattr(args, "run", None)))
     else:
         print(reply_text(reply), file=sys.stdout if reply.ok else sys.stderr)
+    hint = clock_hint(reply, received.get(reply.request_id or ""))
+    if hint is not None:
+        print(hint, file=sys.stderr)
     if len(replies) > 1:
         print(several_replies_text(replies), file=sys.stderr)
     if command == "status" and reply.ok and getattr(args, "check", False):

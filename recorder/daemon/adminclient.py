@@ -53,6 +53,9 @@ class AdminClient:
         self.reply_topic = reply_topic
         self.secret = secret
         self._records: queue.Queue[Record] = queue.Queue()
+        # request_id -> when (this host's wall clock, ms) its reply was read: a reply's
+        # replied_at is the daemon's clock, so the two tell how far the clocks are apart
+        self.received_at: dict[str, int] = {}
         settings = kafka.model_copy(update={"app_name": f"{kafka.app_name}-admin-cli"})
         self._adapter = KafkaAdapter(settings, self._on_records, name="k2eg-recorder-admin-cli")
         try:
@@ -101,7 +104,13 @@ class AdminClient:
         (:func:`~recorder.admin.protocol.answers_command`): one caused by someone else's
         command with the same request_id is passed over."""
         deadline = time.monotonic() + timeout_s
-        reply = self._next_reply({request_id: command}, deadline)
+        expired: dict[str | None, AdminReply] = {}
+        reply = self._next_reply({request_id: command}, deadline, expired=expired)
+        if reply is None and request_id in expired:
+            # signed, and expired by its date: the daemon names no command in the reply of
+            # one it rejected, so it was waited for as the reply to a forged copy would
+            # be. None other came: the command's own, said as the daemon said it
+            return expired[request_id]
         if reply is None:
             raise ServiceError(
                 f"no reply to request {request_id} on {self.reply_topic!r} within "
@@ -112,9 +121,12 @@ class AdminClient:
         return reply
 
     def _next_reply(self, wanted: Mapping[str | None, AdminCommand | None], deadline: float,
-                    *, unverified_raises: bool = True) -> AdminReply | None:
+                    *, unverified_raises: bool = True,
+                    expired: dict[str | None, AdminReply] | None = None,
+                    ) -> AdminReply | None:
         """The next reply to one of the ``wanted`` request ids (each with its command, or
-        None) read before ``deadline`` (None: none came)."""
+        None) read before ``deadline`` (None: none came). A signed ``expired`` reply that
+        names no command is passed over into ``expired``, by request id."""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -133,9 +145,13 @@ class AdminClient:
                 continue
             if reply.request_id not in wanted:
                 continue
+            if reply.request_id is not None:
+                self.received_at[reply.request_id] = time.time_ns() // 1_000_000
             command = wanted[reply.request_id]
             if command is not None and self.secret is not None \
                     and not answers_command(reply, command):
+                if expired is not None and reply.code is ReplyCode.EXPIRED:
+                    expired.setdefault(reply.request_id, reply)
                 _log.warning("a reply to another command with this request_id was passed over",
                              request_id=reply.request_id, code=reply.code.value,
                              message=reply.message)

@@ -267,3 +267,37 @@ def test_two_daemons_of_one_name_are_both_shown(
     assert out.out == "ok: run 'x' recording into /d/x.h5\n"
     assert sorted(out.err.splitlines()[:2]) == ["daq-3: ok run 'x' recording into /d/x.h5",
                                                 "daq-3: unknown_run no run named 'x'; its runs: y"]
+
+
+@pytest.mark.parametrize(("skew_s", "said"), [(-90.0, "behind"), (20.0, "ahead of")])
+def test_a_command_expired_by_the_clocks_of_two_hosts_says_so(
+        two_daemons: type[TwoDaemonsAdapter], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, skew_s: float, said: str) -> None:
+    """The CLI ran on a host whose clock is 90 s behind the daemon's (or 20 s ahead). With
+    RECORDER_ADMIN_SECRET set, the daemon's signed "expired" reply names no command, so the
+    CLI passed it over as if a forged copy had caused it and, after --timeout, said "no
+    reply ... is the daemon running?" (exit 3); without a secret it printed "expired:
+    command is 90.0 s old" for a command sent a moment ago, and nothing said why. The CLI
+    now takes that reply when no other came (exit 1) and says that this host's clock is
+    that far behind (ahead of) the daemon's, from the reply's replied_at."""
+    import types
+
+    from recorder.admin import protocol
+    from recorder.cli import main
+
+    monkeypatch.setattr(two_daemons, "SOLO", True)
+    here = types.SimpleNamespace(time_ns=lambda: time.time_ns() + int(skew_s * 1e9),
+                                 monotonic=time.monotonic)
+    monkeypatch.setattr(protocol, "time", here)  # the CLI host's clock: its issued_at...
+    monkeypatch.setattr(adminclient, "time", here)  # ...and when it reads the reply
+    t0 = time.monotonic()
+    assert main(["status", "--timeout", "3"]) == 1  # not "no reply" (3)
+    assert time.monotonic() - t0 < 5
+    err = capsys.readouterr().err
+    assert err.startswith("expired: command is"), err
+    assert f"this host's clock is about {abs(skew_s):.0f} s {said} the daemon's" in err, err
+    # clocks in step: nothing said about them
+    monkeypatch.setattr(protocol, "time", time)
+    monkeypatch.setattr(adminclient, "time", time)
+    assert main(["status"]) == 0
+    assert "clock" not in capsys.readouterr().err
