@@ -80,7 +80,9 @@ Late, duplicate, restarted
       counted ``duplicate.header``/``duplicate.tail``.
     * ``iter_index`` restarts at 1 when a snapshot is stopped and started again. A header for
       a remembered (closed) or lower ``iter_index`` whose timestamp is newer than anything seen
-      on the topic starts a new run (``restart``); otherwise it is a late header and dropped.
+      on the topic, or than a remembered iteration it would have come before (that one or a
+      later one: the gateway's clock was stepped back when it restarted), starts a new run
+      (``restart``); otherwise it is a late header and dropped.
       Data or a tail can start a new run only for an ``iter_index`` below the highest seen.
 
 Input: :meth:`IterationAssembler.feed` (one record), :meth:`~IterationAssembler.feed_many` /
@@ -1136,7 +1138,7 @@ class IterationAssembler:
                 self._settle_after_tail(state, it, now, out)
             return
         if idx in state.closed or (state.max_index is not None and idx <= state.max_index):
-            if not newest:
+            if not newest and not _after_its_successors(state.closed, idx, ts):
                 self.counters["late.header"] += 1
                 return
             self._restart(state)
@@ -1401,3 +1403,14 @@ class IterationAssembler:
                 it.tail_kafka_ms,
             )
         )
+
+
+def _after_its_successors(closed: Mapping[int, int], idx: int, ts: int) -> bool:
+    """Whether a header of ``idx`` timestamped ``ts`` is newer than an iteration it would have
+    come before: ``idx`` itself or a later one, closed and remembered (``closed``: each one's
+    newest timestamp). A header is never newer than its own iteration's messages, nor than a
+    later iteration's, so it is no late header of the run those belong to: the snapshot was
+    restarted, and the gateway's clock stepped back since (its timestamps older than the
+    newest seen on the topic)."""
+    later = [newest for j, newest in closed.items() if j >= idx and newest > 0]
+    return bool(later) and ts > min(later)

@@ -356,6 +356,31 @@ def test_restart_header_is_not_taken_for_a_headerless_iteration_in_its_grace(
 
 
 @GENERATIONS
+@pytest.mark.parametrize("remembered", [True, False], ids=["remembered", "forgotten"])
+def test_restart_with_the_gateways_clock_stepped_back_is_a_restart(
+    sequenced: bool, remembered: bool,
+) -> None:
+    """The gateway restarted the snapshot (a reboot, after which chrony stepped its clock
+    back 60 s): the new run's iter_index 1, 2, ... came with timestamps older than the newest
+    of the old run, so every header was taken for a late one and every iteration of the new
+    run dropped (late.*) until its timestamps passed the old run's newest, a minute of data
+    lost. A header newer than an iteration it would come before (its own, or a later one
+    still remembered) cannot be a late one: it is a restart. Old iteration 1 is remembered,
+    or forgotten (more closed iterations than the assembler keeps; those it keeps span more
+    than the step)."""
+    run = Run(max_closed_per_topic=64 if remembered else 8)
+    for idx in range(1, 21):  # the old run: iterations 1..20, one every 10 s
+        run.feed(iteration("s", idx, [(T0 + idx * 10_000, scalar_pvs(1))],
+                           sequenced=sequenced))
+    for idx in (1, 2):  # restarted 1 s later, its clock 60 s back: older than the old newest
+        run.feed(iteration("s", idx, [(T0 + 141_000 + idx * 1000, scalar_pvs(1))],
+                           sequenced=sequenced))
+    assert [c.iter_index for c in run.closed()] == [*range(1, 21), 1, 2]
+    assert all(c.complete for c in run.closed())
+    assert run.asm.counters["restart"] == 1 and run.asm.counters["late.header"] == 0
+
+
+@GENERATIONS
 def test_replayed_old_header_is_late_not_a_restart(sequenced: bool) -> None:
     run = Run()
     it1 = iteration("s", 1, [(T0, scalar_pvs(1))], sequenced=sequenced)
