@@ -38,6 +38,7 @@ Lifecycle
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import faulthandler
 import fcntl
 import os
@@ -46,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -86,6 +88,10 @@ STATE_LOCK_FILE = ".daemon.lock"  # run names cannot start with a dot: no clash
 LOOP_WAIT_S = 0.1
 EXTEND_EVERY_S = 5.0
 EXIT_WORK_S = 60.0
+RELOAD_CHECK_TIMEOUT_S = 30.0
+"""How long a reload's check of the run definitions may take (a 100,000-PV file takes ~6 s):
+it resolves the output directories, which hangs on a file system that does not answer (a
+hung NFS mount), and the main loop that pings the watchdog waits for it."""
 """What exiting takes once the runs stopped or the shutdown budget ran out, asked of systemd
 then (``EXTEND_TIMEOUT_USEC``): the k2eg client and the admin link closed (each waits for
 its consumer thread and flushes its producer), the writer processes reaped (a busy one
@@ -216,6 +222,7 @@ class Service:
         # why run() returned EXIT_CONFIG (what `k2eg-recorder run` prints last, on stderr)
         self.refusal: str | None = None
         self._state_lock: int | None = None  # fd of the state directory's lock, while held
+        self._reload_check: Future[tuple[LoadedRuns, tuple[Problem, ...]]] | None = None
 
     # ------------------------------------------------------------------ control (any thread)
     def request_stop(self) -> None:
@@ -598,6 +605,43 @@ class Service:
         """The daemon's own topics and the gateway's command topic (:func:`own_topics`)."""
         return own_topics(self.settings, self.kafka)
 
+    def _check_runs_in_time(self) -> tuple[LoadedRuns, tuple[Problem, ...]]:
+        """:meth:`_check_runs` for a reload: in a thread of its own while this (main) thread
+        goes on pinging the watchdog, refused when it does not end within
+        :data:`RELOAD_CHECK_TIMEOUT_S` (the definitions in force stay). Before, a check stuck
+        on a hung mount held the main loop until systemd's watchdog killed the daemon."""
+        where = str(self.settings.config_path)
+        running = self._reload_check
+        if running is not None and not running.done():
+            return LoadedRuns(), (Problem(where, None, "", (
+                "the previous reload's check of the run definitions has still not ended (an "
+                "output directory on a file system that does not answer?)")),)
+        future: Future[tuple[LoadedRuns, tuple[Problem, ...]]] = Future()
+
+        def check() -> None:
+            try:
+                future.set_result(self._check_runs())
+            except BaseException as exc:  # given to the main thread
+                future.set_exception(exc)
+
+        self._reload_check = future
+        threading.Thread(target=contextvars.copy_context().run, args=(check,),
+                         name="reload-check", daemon=True).start()
+        deadline = time.monotonic() + RELOAD_CHECK_TIMEOUT_S
+        while not future.done():
+            now = time.monotonic()
+            if now >= deadline:
+                log.error("reload: the check of the run definitions did not end in time",
+                          timeout_s=RELOAD_CHECK_TIMEOUT_S)
+                return LoadedRuns(), (Problem(where, None, "", (
+                    f"checking the run definitions did not end within "
+                    f"{RELOAD_CHECK_TIMEOUT_S:g} s (an output directory on a file system "
+                    "that does not answer, e.g. a hung NFS mount?)")),)
+            self._watchdog.maybe_ping(now)
+            with contextlib.suppress(FutureTimeoutError):
+                future.result(min(LOOP_WAIT_S, deadline - now))
+        return future.result()
+
     def _check_runs(self) -> tuple[LoadedRuns, tuple[Problem, ...]]:
         """The run definitions and their problems, with those only this daemon sees: a
         snapshot whose k2eg topic (its normalized name) is one of the daemon's own topics or
@@ -732,7 +776,7 @@ class Service:
         """A reload asked while connecting (before any run started): the definitions are
         read again (a bad set keeps those read at start, reported as a refused reload), so
         a run removed meanwhile is not started only to be stopped; which runs start."""
-        loaded, problems = self._check_runs()
+        loaded, problems = self._check_runs_in_time()
         if problems:
             self._refuse_reload(problems, "SIGHUP")
             return starting
@@ -741,7 +785,7 @@ class Service:
         return {name: d.autostart or self._interrupted(d) for name, d in self._definitions.items()}
 
     def _reload_now(self, origin: str) -> tuple[bool, str, dict[str, Any]]:
-        loaded, problems = self._check_runs()
+        loaded, problems = self._check_runs_in_time()
         if problems:
             message = self._refuse_reload(problems, origin)
             return False, message, {"problems": list(self._config_errors)}

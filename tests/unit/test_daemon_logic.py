@@ -3911,3 +3911,51 @@ def test_the_uptime_in_the_status_is_not_moved_by_a_wall_clock_step(
     clock["mono"] += 10.0
     clock["wall_ns"] += 10 * 10**9 + 7200 * 10**9  # then stepped forward two hours
     assert service.status_document("status").uptime_s == pytest.approx(110.0)
+
+
+def test_a_reload_whose_check_hangs_is_refused_in_time_and_the_watchdog_pinged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reload checks the run definitions on the main loop, and the check resolves each
+    output directory: on a hung NFS mount it never returned, the main loop stopped pinging
+    the watchdog and systemd killed the daemon. The check now runs in a thread of its own;
+    past RELOAD_CHECK_TIMEOUT_S the reload is refused (the definitions in force stay) and a
+    reload while it still hangs is refused at once."""
+    import recorder.service as service_module
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs: []\n")
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", gc_tuning=False)
+    service._client = FakeClient()
+    service._client.kafka_unreachable_since = None  # type: ignore[attr-defined]
+    hung = threading.Event()
+    check = service._check_runs
+
+    def hanging() -> Any:
+        hung.wait(20)
+        return check()
+
+    service._check_runs = hanging  # type: ignore[method-assign]
+    pings: list[float] = []
+    monkeypatch.setattr(service._watchdog, "maybe_ping", pings.append)
+    monkeypatch.setattr(service_module, "RELOAD_CHECK_TIMEOUT_S", 0.5)
+    sent: list[bytes] = []
+    h = AdminHandler(CommandPolicy(max_age_s=30), "default-replies",
+                     lambda topic, payload: sent.append(payload), clock_ms=lambda: NOW)
+    started = time.monotonic()
+    h.handle(_record(_cmd("reload")), service)
+    assert time.monotonic() - started < 5
+    assert len(pings) >= 3  # the main thread went on pinging while it waited
+    h.handle(_record(_cmd("reload")), service)  # the first check still hangs
+    first, second = (json.loads(p) for p in sent)
+    assert first["code"] == "invalid_config" and "did not end within 0.5 s" in first["message"]
+    assert second["code"] == "invalid_config" and "still not ended" in second["message"]
+    hung.set()
+    _wait(lambda: service._reload_check is not None and service._reload_check.done())
+    sent.clear()
+    h.handle(_record(_cmd("reload")), service)
+    assert json.loads(sent[0])["ok"] is True, sent
