@@ -88,14 +88,14 @@ STATE_LOCK_FILE = ".daemon.lock"  # run names cannot start with a dot: no clash
 LOOP_WAIT_S = 0.1
 EXTEND_EVERY_S = 5.0
 EXIT_WORK_S = 60.0
-RELOAD_CHECK_TIMEOUT_S = 30.0
-"""How long a reload's check of the run definitions may take (a 100,000-PV file takes ~6 s):
-it resolves the output directories, which hangs on a file system that does not answer (a
-hung NFS mount), and the main loop that pings the watchdog waits for it."""
 """What exiting takes once the runs stopped or the shutdown budget ran out, asked of systemd
 then (``EXTEND_TIMEOUT_USEC``): the k2eg client and the admin link closed (each waits for
 its consumer thread and flushes its producer), the writer processes reaped (a busy one
 after ``REAP_GRACE_S``, then killed)."""
+RELOAD_CHECK_TIMEOUT_S = 30.0
+"""How long a reload's check of the run definitions may take (a 100,000-PV file takes ~6 s):
+it resolves the output directories, which hangs on a file system that does not answer (a
+hung NFS mount), and the main loop that pings the watchdog waits for it."""
 CONFIG_ERRORS_KEPT = 50
 """Problems of a refused reload listed in the status, the heartbeats and the reload's reply
 (one long PV list with a wrong prefix is thousands: all of them made every status document
