@@ -1623,7 +1623,9 @@ class RunController:
             return
         if at_gateway:
             try:
-                sub.stop(timeout=5.0, final_timeout_s=0.5)
+                # nobody takes its events now: back-pressure stays on, or the stop would
+                # read a run's whole backlog into memory (it reads on while reading goes on)
+                sub.stop(timeout=5.0, final_timeout_s=0.5, keep_backpressure=True)
                 return
             except RecorderError as exc:
                 self._log.warning("k2eg stop failed", error=str(exc))

@@ -3959,3 +3959,43 @@ def test_a_reload_whose_check_hangs_is_refused_in_time_and_the_watchdog_pinged(
     sent.clear()
     h.handle(_record(_cmd("reload")), service)
     assert json.loads(sent[0])["ok"] is True, sent
+
+
+def test_the_stop_of_a_failed_recording_keeps_back_pressure_on_its_unread_backlog(
+    tmp_path: Path,
+) -> None:
+    """A recording fails while its subscription is far behind (a stalled or slow writer is
+    what makes it fall behind). The run stops its snapshot from its worker thread, which takes
+    no more events: a k2eg stop without back-pressure reads the whole backlog into memory (it
+    reads on while reading progresses, see ``K2egClient._drain_final``), gigabytes of events
+    nobody takes, so the daemon of every run could be OOM-killed. The stop keeps the topic
+    paused: it reads no backlog into memory."""
+    backlog = 5000  # events waiting in Kafka behind the paused topic
+
+    class BehindSub(FakeSub):
+        def stop(self, timeout: float | None = None, *, final_timeout_s: float | None = None,
+                 keep_backpressure: bool = False) -> StopResult:
+            if not keep_backpressure:  # the client reads the backlog, whoever takes it
+                for i in range(backlog):
+                    self.events.put(ValuesReceived(self.topic, 5, 1, 0, (), offset=100 + i))
+            return super().stop(timeout, final_timeout_s=final_timeout_s,
+                                keep_backpressure=keep_backpressure)
+
+    class BehindClient(FakeClient):
+        def snapshot_recurring(self, props: Any, start: Any = None, max_pending: int = 0,
+                               prime_until: Any = None) -> FakeSub:
+            sub = super().snapshot_recurring(props, start, max_pending, prime_until)
+            self.sub = BehindSub(sub.topic)
+            return self.sub
+
+    client = BehindClient()
+    c, made = _controller(tmp_path, client)
+    try:
+        sub = _started(c, client)
+        made[0].status, made[0].reason = "failed", "writer process (pid 1) stalled"
+        _wait(lambda: c.state is RunState.FAILED)
+        assert sub.stopped
+        assert sub.pending < 100, f"{sub.pending} events of the backlog read into memory"
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
