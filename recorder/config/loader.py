@@ -382,8 +382,8 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
                 filename,
                 1,
                 "",
-                "expected a run (a mapping with name:, snapshot:, ...) "
-                "or `runs:` with a list of runs",
+                _unreadable_or(data, "expected a run (a mapping with name:, snapshot:, ...) "
+                               "or `runs:` with a list of runs"),
             )
         )
         return []
@@ -392,7 +392,10 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
         return [] if run is None else [_invalid_if(run, bool(duplicated))]
     out: list[_Parsed] = []
     for key in data:
-        if key != "runs":
+        if isinstance(key, _Unreadable):
+            problems.append(Problem(filename, _key_line(data, key, 1), "",
+                                    f"key {key.message}"))
+        elif key != "runs":
             problems.append(
                 Problem(
                     filename,
@@ -404,14 +407,16 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
     items = data["runs"]
     if not isinstance(items, CommentedSeq):
         problems.append(
-            Problem(filename, _line(data, ("runs",)), "runs", "expected a list of runs")
+            Problem(filename, _line(data, ("runs",)), "runs",
+                    _unreadable_or(items, "expected a list of runs"))
         )
         return []
     for index, item in enumerate(items):
         loc: Loc = ("runs", index)
         if not isinstance(item, CommentedMap):
             problems.append(
-                Problem(filename, _line(data, loc), _dotted(loc), "expected a run (a mapping)")
+                Problem(filename, _line(data, loc), _dotted(loc),
+                        _unreadable_or(item, "expected a run (a mapping)"))
             )
             continue
         run = _parse_run(filename, item, loc, problems, root=data)
@@ -419,6 +424,11 @@ def _parse_file(filename: str, text: str, problems: list[Problem]) -> list[_Pars
             inside = f"{_dotted(loc)}."
             out.append(_invalid_if(run, any(f.startswith(inside) for f in duplicated)))
     return out
+
+
+def _unreadable_or(value: Any, message: str) -> str:
+    """``message`` about ``value``, unless ruamel could not build it: then why not."""
+    return value.message if isinstance(value, _Unreadable) else message
 
 
 def _invalid_if(run: _Parsed, invalid: bool) -> _Parsed:

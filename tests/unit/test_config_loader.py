@@ -629,6 +629,24 @@ def test_a_value_ruamel_cannot_build_is_an_error_not_a_traceback(value: str, nee
     assert needle in problem and "quote it" in problem
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("!!int abc\n", "runs.yaml:1: 'abc' cannot be read as int"),
+    ("runs: !!int abc\n", "runs.yaml:1: runs: 'abc' cannot be read as int"),
+    ("runs:\n  - !!int abc\n", "runs.yaml:2: runs.0: 'abc' cannot be read as int"),
+    ("2026-02-30: x\nruns: []\n",
+     "runs.yaml:1: key '2026-02-30' cannot be read as timestamp"),
+])
+def test_a_value_ruamel_cannot_build_where_a_run_or_the_runs_go_says_so(
+        text: str, expected: str) -> None:
+    """The whole file, ``runs:``, a run or a top-level key that ruamel cannot build (since
+    those became stand-ins, to go on checking) was said to be no run / no list of runs, the
+    reason lost ("'abc' cannot be read as int ... quote it"), or named by the stand-in's
+    repr (``_Unreadable(message=...)``)."""
+    [problem] = problems_of(text)
+    assert problem.startswith(expected), problem
+    assert "quote it" in problem and "_Unreadable" not in problem, problem
+
+
 @pytest.mark.parametrize(("extra", "line"), [
     ("metadata: &m {tags: *m}", 7),  # an alias inside what it names: an infinite value
     ("metadata: {attributes: {a: " + "[" * 400 + "]" * 400 + "}}", 7),  # past the stack
