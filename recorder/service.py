@@ -630,6 +630,10 @@ class Service:
         deadline = time.monotonic() + RELOAD_CHECK_TIMEOUT_S
         while not future.done():
             now = time.monotonic()
+            if self._stopping():  # a SIGTERM meanwhile: the shutdown does not wait for it
+                return LoadedRuns(), (Problem(where, None, "", (
+                    "the daemon is stopping: the check of the run definitions was not "
+                    "waited for")),)
             if now >= deadline:
                 log.error("reload: the check of the run definitions did not end in time",
                           timeout_s=RELOAD_CHECK_TIMEOUT_S)

@@ -3959,6 +3959,14 @@ def test_a_reload_whose_check_hangs_is_refused_in_time_and_the_watchdog_pinged(
     sent.clear()
     h.handle(_record(_cmd("reload")), service)
     assert json.loads(sent[0])["ok"] is True, sent
+    hung.clear()  # hangs again; a SIGTERM comes: the shutdown does not wait for the check
+    threading.Timer(0.1, service.request_stop).start()
+    sent.clear()
+    monkeypatch.setattr(service_module, "RELOAD_CHECK_TIMEOUT_S", 10.0)
+    started = time.monotonic()
+    assert service._reload_now("SIGHUP")[0] is False
+    assert time.monotonic() - started < 5
+    hung.set()
 
 
 def test_the_stop_of_a_failed_recording_keeps_back_pressure_on_its_unread_backlog(
