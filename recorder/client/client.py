@@ -40,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
 import time
@@ -130,6 +131,12 @@ def produced_before(final: IterationClosed, ack_time_ms: int | None) -> bool:
     ack (both Kafka timestamps)? False when either is unknown."""
     gap = before_ack_ms(final, ack_time_ms)
     return gap is not None and gap > FINAL_BEFORE_ACK_MS
+
+
+MARKS_EVERY_S = 0.1
+"""How often a stop waiting for its final iteration asks Kafka for the topic's watermarks (it
+looks at what was read every 20 ms): a hundred runs stopping at once asked every 20 ms each,
+and the consumer thread serving the asks no longer read the gateway's replies to the stops."""
 
 
 def iteration_timeout_s(props: SnapshotProperties, slack_s: float = DEFAULT_SLACK_S) -> float:
@@ -1018,12 +1025,15 @@ class K2egClient:
         early: IterationClosed | None = None  # quiet, but produced long before the ack
         ended_at: dict[int, int] | None = None  # the topic's end once the ack was in
         read_to: dict[int, int] | None = None
+        marks: dict[int, tuple[int, int]] = {}
+        marks_at = -math.inf  # asked of the broker at most every MARKS_EVERY_S: each ask is
+        # served by the one consumer thread, which also reads the replies of other stops
         while time.monotonic() < deadline:
             positions = self._adapter.positions(sub.topic)
             if ended_at is None:
-                with contextlib.suppress(FutureTimeoutError, ClientError):
-                    marks = self._adapter.watermarks(sub.topic).result(2.0)
-                    ended_at = {p: hi for p, (_, hi) in marks.items()}
+                asked = self._watermarks_or_none(sub.topic)
+                if asked is not None:
+                    ended_at = {p: hi for p, (_, hi) in asked.items()}
             elif positions != read_to and any(positions.get(p, 0) < hi
                                               for p, hi in ended_at.items()):
                 deadline = max(deadline, time.monotonic() + final_timeout_s)  # still reading
@@ -1038,10 +1048,9 @@ class K2egClient:
                 if newer:
                     quiet_since = None
                 else:
-                    try:
-                        marks = self._adapter.watermarks(sub.topic).result(2.0)
-                    except (FutureTimeoutError, ClientError):
-                        marks = {}
+                    if time.monotonic() - marks_at >= MARKS_EVERY_S:
+                        marks = self._watermarks_or_none(sub.topic) or {}
+                        marks_at = time.monotonic()
                     positions = self._adapter.positions(sub.topic)
                     caught_up = all(positions.get(p, 0) >= hi for p, (_, hi) in marks.items())
                     if not caught_up:
@@ -1068,6 +1077,19 @@ class K2egClient:
             )
             return early
         return None
+
+    def _watermarks_or_none(self, topic: str, timeout_s: float = 2.0
+                            ) -> dict[int, tuple[int, int]] | None:
+        """The topic's watermarks, or None when Kafka does not answer within ``timeout_s``
+        (the request is then withdrawn: the consumer thread does not serve it later)."""
+        future = self._adapter.watermarks(topic)
+        try:
+            return future.result(timeout_s)
+        except FutureTimeoutError:
+            future.cancel()
+            return None
+        except ClientError:
+            return None
 
     def _finish_subscription(self, sub: RecurringSnapshot, remove_timeout_s: float = 5.0) -> None:
         """Stop reading the topic, close what is still open (``CLOSED``), end the handle."""

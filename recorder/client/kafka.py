@@ -31,6 +31,7 @@ counted and handed to the per-message callback. AdminClient helpers create topic
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import re
 import threading
@@ -98,6 +99,11 @@ def librdkafka_logger(log: Any) -> LibrdkafkaLog:
 
 #: How every consumer of ours fetches (the benchmarks' plain-consumer baselines use it too, so
 #: they are compared like for like).
+SERVE_BUDGET_S: Final = 0.05
+"""How long the consumer thread serves queued requests (watermarks, assignments, ...) in a row
+before it reads again: requests that keep coming (many runs stopping at once, each asking for
+its topic's watermarks) held it off the topics, the gateway's replies to those stops unread."""
+
 FETCH_TUNING: Final[dict[str, int]] = {
     # the official client's is 5 ms; what 10 ms costs the broker idle: bench_fetch_wait.py
     "fetch.wait.max.ms": 10,
@@ -929,6 +935,7 @@ class KafkaAdapter:
         timeout = self._poll_timeout_s if wait else 0.0
         if self._retries and wait:
             timeout = min(timeout, max(0.0, min(r.retry_at for r in self._retries) - now))
+        budget_end = math.inf
         while True:
             try:
                 if timeout > 0:
@@ -942,6 +949,10 @@ class KafkaAdapter:
                 request.future.set_result(None)
                 return False
             self._serve(consumer, request)
+            if budget_end == math.inf:
+                budget_end = time.monotonic() + SERVE_BUDGET_S
+            elif time.monotonic() >= budget_end:  # read (the replies among it) before more:
+                return True  # callers that keep asking do not starve the topics
 
     def _serve(self, consumer: Consumer, request: _Request) -> None:
         future = request.future
