@@ -247,7 +247,12 @@ class IsolatedRecording:
         }
         init_blob: bytes = msgpack.packb(init, use_bin_type=True)
         self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        name = f"k2eg-writer-{run_name}-{seq}"
+        # a place among the writers starting (process_spawn.STARTING): the start timeout
+        # counts the start of this one, not the wait for the others
+        with process_spawn.STARTING:
+            self._start_writer(init_blob, f"k2eg-writer-{run_name}-{seq}", start_timeout_s)
+
+    def _start_writer(self, init_blob: bytes, name: str, start_timeout_s: float) -> None:
         writer = _take_warm()
         if writer is not None:  # started ahead of time (prewarm_writer): init is its 1st frame
             writer.proc.name = name
@@ -265,7 +270,7 @@ class IsolatedRecording:
         self._broken = threading.Event()
         self._sender = threading.Thread(
             target=_sender, args=(self._out, writer.tx, self._broken),
-            name=f"k2eg-writer-send-{run_name}-{seq}", daemon=True,
+            name=f"k2eg-writer-send-{self.run_name}-{self.seq}", daemon=True,
         )
         self._sender.start()
         self.pid = self._proc.pid

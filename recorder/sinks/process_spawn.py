@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import multiprocessing
 import multiprocessing.util  # registers its atexit hook before ours (ours must run first)
+import os
 import queue
 import signal
 import threading
@@ -121,6 +122,15 @@ class _WarmWriter:
 _WARM: list[_WarmWriter] = []
 _WARM_LOCK = threading.Lock()
 MAX_WARM: Final = 4  # writers started ahead of time at most (each an idle interpreter)
+
+
+MAX_STARTING: Final = max(2, os.cpu_count() or 2)
+"""Writer processes starting at once, at most (an interpreter, numpy and h5py to load: ~0.4 s
+of CPU each). A recording waits for a place (:data:`STARTING`) before its writer's start-up,
+and its ``start_timeout_s`` counts from then: 200 runs starting together (a daemon start, a
+reload) each had their writer start at once, sharing the CPU, and on 2 cores none was ready
+within the 60 s timeout, so every one of them was killed and its run failed."""
+STARTING = threading.BoundedSemaphore(MAX_STARTING)
 
 
 _F_SETPIPE_SZ: Final = 1031  # fcntl.F_SETPIPE_SZ (Linux; in the fcntl module from 3.10)

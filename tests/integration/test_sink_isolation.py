@@ -969,3 +969,58 @@ def test_a_writer_that_dies_before_it_is_ready_says_so(
     assert status_of(rec) == "failed"
     assert "exited with code 1" in rec.reason, rec.reason
     assert "before it was ready" in rec.reason and "restart" in rec.reason, rec.reason
+
+
+def test_writers_of_many_recordings_opened_at_once_start_a_few_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """200 runs starting together (a daemon start, a reload) each opened its recording at
+    once: every writer process loaded its interpreter and h5py (~0.4 s of CPU) at the same
+    time, none was ready within the 60 s start timeout on 2 cores, and all were killed (24
+    at once with a 3 s timeout, ~8x one start: none started). Writers now start at most
+    ``MAX_STARTING`` at a time, each timed from its own start."""
+    import multiprocessing
+    import threading
+
+    from recorder.sinks import process_spawn
+
+    process_spawn.release_warm_writers()
+    limit, count = 2, 10
+    monkeypatch.setattr(process_spawn, "STARTING", threading.BoundedSemaphore(limit),
+                        raising=False)
+    opened: list[IsolatedRecording] = []
+    lock = threading.Lock()
+    done = threading.Event()
+    peak = 0
+
+    def watch() -> None:  # writer processes alive whose recording is not open yet
+        nonlocal peak
+        while not done.is_set():
+            with lock:
+                starting = len(multiprocessing.active_children()) - len(opened)
+            peak = max(peak, starting)
+            time.sleep(0.005)
+
+    def open_one(i: int) -> None:
+        rec = open_recording(OutputOptions(directory=tmp_path), run_name=f"r{i}")
+        with lock:
+            opened.append(rec)  # type: ignore[arg-type]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=open_one, args=(i,)) for i in range(count)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        done.set()
+        assert len(opened) == count
+        assert all(status_of(r) == "recording" for r in opened), [r.reason for r in opened]
+    finally:
+        done.set()
+        watcher.join()
+        for rec in opened:
+            rec.close()
+    # a recording opened and the next writer spawned before the count saw it: at most twice
+    assert peak <= 2 * limit, f"{peak} writer processes starting at once"
