@@ -116,8 +116,14 @@ def attention(doc: dict[str, Any], only: str | None = None) -> list[str]:
     return out
 
 
-def disk_line(disk: dict[str, Any]) -> str:
-    """``disk /data: 812.3 GiB free of 931.5 GiB (87.2%), full in ~22 h (runs a, b)``."""
+DISK_RUNS_SHOWN = 5
+"""Runs named on a disk's line of the status table, at most: then how many write there (200
+runs on one filesystem made it one line of ~1,800 characters)."""
+
+
+def disk_line(disk: dict[str, Any], only: str | None = None) -> str:
+    """``disk /data: 812.3 GiB free of 931.5 GiB (87.2%), full in ~22 h (runs a, b)``; the
+    first :data:`DISK_RUNS_SHOWN` runs (``only`` first), then ``... N in all``."""
     from recorder.daemon.diskspace import format_bytes, format_duration
 
     free, total = disk.get("free_bytes"), disk.get("total_bytes")
@@ -128,8 +134,15 @@ def disk_line(disk: dict[str, Any]) -> str:
                 f"({100 * free / total:.1f}%)")
         if disk.get("full_in_s") is not None:
             text += f", full in {format_duration(disk['full_in_s'])}"
-    runs = disk.get("runs") or ()
-    return f"{text} (run{'s' if len(runs) != 1 else ''} {', '.join(runs)})" if runs else text
+    runs = list(disk.get("runs") or ())
+    if not runs:
+        return text
+    if only is not None and only in runs:
+        shown = [only] if len(runs) > DISK_RUNS_SHOWN else runs
+    else:
+        shown = runs[:DISK_RUNS_SHOWN]
+    names = ", ".join(shown) + (f", ... {len(runs)} in all" if len(shown) < len(runs) else "")
+    return f"{text} (run{'s' if len(runs) != 1 else ''} {names})"
 
 
 def status_table(doc: dict[str, Any], only: str | None = None) -> str:
@@ -144,7 +157,7 @@ def status_table(doc: dict[str, Any], only: str | None = None) -> str:
     for disk in d.get("disks") or []:
         if only is not None and only not in (disk.get("runs") or ()):
             continue
-        lines.append(disk_line(disk))
+        lines.append(disk_line(disk, only))
         if disk.get("warning"):
             lines.append(f"  ! {disk['warning']}")
     header = (f"{'RUN':28} {'STATE':10} {'MODE':24} {'COMPLETE':>8} {'INCOMPL':>7} "

@@ -254,3 +254,23 @@ def test_a_reply_prints_its_files_and_problems_once() -> None:
                                                                         "b.yaml:2: y"]}, 1)
     assert reply_text(reload) == ("invalid_config: reload refused, the previous definitions "
                                   "stay in force: 2 problem(s)\n  a.yaml:1: x\n  b.yaml:2: y")
+
+
+def test_a_disk_many_runs_write_to_is_one_readable_line_in_the_table() -> None:
+    """200 runs on one filesystem: ``k2eg-recorder status`` named all of them on the disk's
+    line (~1,800 characters, before the table it is there to head); it names the first
+    few and how many there are (``status RUN`` shows that run's)."""
+    from dataclasses import replace
+
+    from recorder.cli.admin import status_table
+
+    names = tuple(f"run{i:03d}" for i in range(200))
+    disk = DiskStatus(path="/data", directories=("/data/k2eg",), runs=names,
+                      free_bytes=812 * GIB, total_bytes=1000 * GIB)
+    obj = json.loads(replace(DOC, config_errors=(), disks=(disk,)).encode())
+    (line,) = [x for x in status_table(obj).splitlines() if x.startswith("disk /data")]
+    assert len(line) < 200, line
+    assert line.endswith("(runs run000, run001, run002, run003, run004, ... 200 in all)"), line
+    obj["runs"]["run150"] = obj["runs"][next(iter(obj["runs"]))]
+    (line,) = [x for x in status_table(obj, "run150").splitlines() if x.startswith("disk ")]
+    assert line.endswith("(runs run150, ... 200 in all)"), line
