@@ -39,7 +39,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -55,7 +55,10 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    OffsetSpec,
+)
 from confluent_kafka.cimpl import NewTopic
 
 from recorder.client.firstread import FirstReads, OffsetGap
@@ -99,6 +102,9 @@ def librdkafka_logger(log: Any) -> LibrdkafkaLog:
 
 #: How every consumer of ours fetches (the benchmarks' plain-consumer baselines use it too, so
 #: they are compared like for like).
+_EARLIEST = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+_LATEST = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+
 SERVE_BUDGET_S: Final = 0.05
 """How long the consumer thread serves queued requests (watermarks, assignments, ...) in a row
 before it reads again: requests that keep coming (many runs stopping at once, each asking for
@@ -348,6 +354,9 @@ class KafkaAdapter:
             self._admin: AdminClient | None = AdminClient(admin_conf)
         except KafkaException as exc:
             raise _creation_error("client creation", exc) from exc
+        # offset queries (watermarks) off the consumer thread: see watermarks()
+        self._queries = ThreadPoolExecutor(max_workers=4,
+                                           thread_name_prefix=f"{self._name}-query")
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 10.0) -> KafkaAdapter:
@@ -394,6 +403,8 @@ class KafkaAdapter:
         if thread is None or not thread.is_alive():
             close_producer(self._producer)
             self._admin = None  # the admin handle has no close(): released here
+        # its threads end with the queries under way (each bounded by its timeout)
+        self._queries.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> KafkaAdapter:
         return self.start()
@@ -470,9 +481,18 @@ class KafkaAdapter:
     def watermarks(
         self, topic: str, *, timeout_s: float | None = None
     ) -> Future[dict[int, tuple[int, int]]]:
-        """``{partition: (low, high)}`` queried from the broker; ``{}`` if the topic is unknown."""
+        """``{partition: (low, high)}`` queried from the broker; ``{}`` if the topic is unknown.
+
+        Asked through the admin handle in a thread of a small pool, not by the consumer thread:
+        each is a metadata and two ListOffsets round trips, and a hundred runs stopping at
+        once (each asks for its topic's) held the consumer thread off reading the gateway's
+        replies to those stops, until every one timed out."""
+        if self._closed:
+            future: Future[dict[int, tuple[int, int]]] = Future()
+            future.set_exception(ClientClosedError("the Kafka adapter is closed"))
+            return future
         deadline = time.monotonic() + (timeout_s or self._metadata_timeout_s)
-        return self._submit(_Request("watermarks", Future(), topic=topic, deadline=deadline))
+        return self._queries.submit(self._do_watermarks, topic, deadline)
 
     def call_soon(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` in the consumer thread before its next poll."""
@@ -977,10 +997,6 @@ class KafkaAdapter:
             elif request.kind == "seek":
                 self._do_seek(consumer, request)
                 result = None
-            elif request.kind == "watermarks":
-                result = self._do_watermarks(consumer, request)
-                self._kafka_down = False
-                self._alive_at = time.monotonic()
             elif request.kind == "call":
                 assert request.fn is not None
                 result = request.fn()
@@ -1165,18 +1181,37 @@ class KafkaAdapter:
         self._first_reads.expect(request.topic, request.partition, request.offset,
                                  time.monotonic())
 
-    def _do_watermarks(self, consumer: Consumer, request: _Request) -> dict[int, tuple[int, int]]:
-        remaining = max(0.05, request.deadline - time.monotonic())
-        partitions = self._partitions(consumer, request.topic, min(remaining, 2.0),
-                                      transient_raises=True)
-        if partitions is None:
-            return {}
-        out: dict[int, tuple[int, int]] = {}
-        for p in partitions:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(request.topic, p), timeout=remaining, cached=False
-            )
-            out[p] = (int(low), int(high))
+    def _do_watermarks(self, topic: str, deadline: float) -> dict[int, tuple[int, int]]:
+        """:meth:`watermarks`, in a thread of the query pool (the admin handle is
+        thread-safe)."""
+        admin = self._admin_handle()
+        remaining = max(0.05, deadline - time.monotonic())
+        try:
+            meta = admin.list_topics(topic, timeout=min(remaining, 2.0))
+            tmeta = meta.topics.get(topic)
+            if tmeta is not None and tmeta.error is not None \
+                    and tmeta.error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise TransportError(f"the metadata of topic {topic!r} is in error for now: "
+                                     f"{tmeta.error.str()}")
+            if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+                return {}
+            tps = [TopicPartition(topic, p) for p in sorted(tmeta.partitions)]
+            remaining = max(0.05, deadline - time.monotonic())
+            lows = admin.list_offsets({tp: _EARLIEST for tp in tps}, request_timeout=remaining)
+            highs = admin.list_offsets({tp: _LATEST for tp in tps}, request_timeout=remaining)
+            low_at = {tp.partition: f for tp, f in lows.items()}
+            high_at = {tp.partition: f for tp, f in highs.items()}
+            out: dict[int, tuple[int, int]] = {}
+            for tp in tps:
+                wait = max(0.05, deadline - time.monotonic())
+                low = low_at[tp.partition].result(wait).offset
+                high = high_at[tp.partition].result(wait).offset
+                out[tp.partition] = (int(low), int(high))
+        except KafkaException as exc:
+            raise _transport_error(f"watermarks {topic!r}", exc) from exc
+        except FutureTimeoutError:
+            raise TransportError(f"Kafka did not answer the offsets of {topic!r} in time") \
+                from None
         return out
 
     def _fail_pending(self, exc: BaseException) -> None:

@@ -622,11 +622,10 @@ def test_kafka_answering_too_slowly_is_a_transport_error_not_a_bare_timeout(
         client.snapshot_recurring(props, timeout=1)
     time.sleep(3)
     sub = client.snapshot_recurring(props, Recorder())
+    # the stop's own offset query no longer waits for the consumer thread (asked through
+    # the admin handle): the stop goes through while the consumer thread is busy
     client._adapter.call_soon(lambda: time.sleep(3.5))
-    with pytest.raises(TransportError):
-        sub.stop(timeout=1)
-    time.sleep(3)
-    assert sub.stop().message.endswith("has been stopped")
+    assert sub.stop(timeout=5).message.endswith("has been stopped")
     assert name not in client._adapter.topics
 
 

@@ -236,3 +236,46 @@ def test_a_killed_writer_of_one_run_never_affects_the_others(
     files = read_files([p for p in h5_files(data) if "run0" not in p.name])
     assert {f["attrs"]["run_name"] for f in files} == {"run1", "run2", "run3"}
     assert all(f["status"] == "complete" for f in files)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_with_a_hundred_runs_recording_stops_each_the_k2eg_way(
+        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
+        daemons: list[DaemonProcess]) -> None:
+    """SIGTERM with 120 runs recording: every k2eg stop timed out unanswered ("no reply to
+    'repeating_snapshot_stop' within 10 s") and every file ended aborted. Each stop asked the
+    one consumer thread for its topic's watermarks, and the thread served queued requests
+    until none was left before it read again: the gateway's replies were not read. Each
+    stop is now answered and each file complete."""
+    runs = 100
+    data = tmp_path / "data"
+    token = unique_name("t").replace("-", "_")
+    lines = ["runs:"]
+    for i in range(runs):
+        lines.append(f"""  - name: run{i}
+    snapshot: {{snapshot_name: h{i}_{token}, pv_uri_list: [{PVS[i % 3]}], time_window: 500}}
+    output: {{directory: {data}, flush_interval_s: 1.0, isolate: false}}""")
+    config = tmp_path / "runs.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    env = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config,
+                           extra={"RECORDER_SHUTDOWN_TIMEOUT_S": "120"})
+    with simulator(env.bootstrap, env.cmd_topic), env.admin() as admin:
+        daemon = DaemonProcess(env)
+        daemons.append(daemon)
+
+        def all_recording() -> bool:
+            doc = status(admin) or {}
+            states = [r["state"] for r in doc.get("runs", {}).values()]
+            return len(states) == runs and all(s == "recording" for s in states)
+
+        wait_for(all_recording, 150, "every run to record")
+        time.sleep(1.5)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(150) == 0, daemon.log_text()[-3000:]
+    log = daemon.log_text()
+    failed = [line for line in log.splitlines() if "k2eg stop failed" in line]
+    assert not failed, (len(failed), failed[:3])
+    files = read_files(h5_files(data))
+    assert len({f["attrs"]["run_name"] for f in files}) == runs
+    assert all(f["status"] == "complete" for f in files), sorted(
+        {f["status"] for f in files})

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 import pytest
 
-from recorder.client.kafka import KafkaAdapter, _Request, answer_within
+from recorder.client.kafka import KafkaAdapter, answer_within
 from recorder.errors import TransportError
 from recorder.settings import KafkaSettings
 
@@ -26,15 +25,14 @@ def test_a_request_the_caller_gave_up_on_while_it_was_served_does_not_kill_the_t
     serving = threading.Event()
     release = threading.Event()
 
-    def slow_watermarks(consumer: Any, request: _Request) -> dict[int, tuple[int, int]]:
+    def slow_request() -> dict[int, tuple[int, int]]:  # as a slow assignment or seek
         serving.set()
         release.wait(10)
         return {0: (0, 5)}
 
-    monkeypatch.setattr(adapter, "_do_watermarks", slow_watermarks)
     try:
         adapter.start(10.0)
-        future = adapter.watermarks("snap")
+        future = adapter.call_soon(slow_request)
         assert serving.wait(10)
         with pytest.raises(TransportError, match="did not answer"):
             answer_within(future, 0.05, "the offsets of 'snap'")

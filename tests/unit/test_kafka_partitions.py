@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from types import SimpleNamespace
 from typing import Any
 
@@ -97,6 +98,29 @@ class FakeConsumer:
         return None
 
 
+class FakeAdmin:
+    """The admin handle the adapter asks for watermarks (list_topics, list_offsets)."""
+
+    broker = Broker()
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        pass
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        return FakeConsumer.list_topics(self, topic, timeout)  # type: ignore[arg-type]
+
+    def list_offsets(self, specs: dict[TopicPartition, Any], request_timeout: float = -1
+                     ) -> dict[TopicPartition, Future[Any]]:
+        out: dict[TopicPartition, Future[Any]] = {}
+        for tp, spec in specs.items():
+            low, high = FakeConsumer.get_watermark_offsets(self, tp)  # type: ignore[arg-type]
+            future: Future[Any] = Future()
+            future.set_result(SimpleNamespace(
+                offset=low if spec is kafka_module._EARLIEST else high))
+            out[tp] = future
+        return out
+
+
 class Collector:
     def __init__(self) -> None:
         self.records: list[Record] = []
@@ -117,6 +141,8 @@ def broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[Broker]:
     fake = Broker()
     monkeypatch.setattr(FakeConsumer, "broker", fake)
     monkeypatch.setattr(kafka_module, "Consumer", FakeConsumer)
+    monkeypatch.setattr(FakeAdmin, "broker", fake)
+    monkeypatch.setattr(kafka_module, "AdminClient", FakeAdmin)
     monkeypatch.setattr(kafka_module, "_PARTITION_CHECK_S", 0.1, raising=False)
     yield fake
 

@@ -103,22 +103,23 @@ def test_a_topic_whose_metadata_is_in_error_for_now_is_not_taken_for_a_new_one()
     recordings' iterations) into the new file. Only a topic the broker does not know is
     absent; a transient error fails the query (the start is retried)."""
     import time
-    from concurrent.futures import Future
 
     import pytest
     from confluent_kafka import KafkaError
 
-    from recorder.client.kafka import _Request
     from recorder.errors import TransportError
 
     settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="meta")
     adapter = KafkaAdapter(settings, lambda records, drained: None)
     try:
-        request = _Request("watermarks", Future(), topic="snap", deadline=time.monotonic() + 1)
-        busy = MetadataConsumer("snap", KafkaError(KafkaError.LEADER_NOT_AVAILABLE))
+        deadline = time.monotonic() + 1
+        # the watermarks are asked through the admin handle (off the consumer thread)
+        adapter._admin = MetadataConsumer(  # type: ignore[assignment]
+            "snap", KafkaError(KafkaError.LEADER_NOT_AVAILABLE))
         with pytest.raises(TransportError, match="in error for now"):
-            adapter._do_watermarks(busy, request)  # type: ignore[arg-type]
-        unknown = MetadataConsumer("snap", KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
-        assert adapter._do_watermarks(unknown, request) == {}  # type: ignore[arg-type]
+            adapter._do_watermarks("snap", deadline)
+        adapter._admin = MetadataConsumer(  # type: ignore[assignment]
+            "snap", KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+        assert adapter._do_watermarks("snap", deadline) == {}
     finally:
         adapter.close(1.0)
