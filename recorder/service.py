@@ -66,7 +66,7 @@ from recorder.config.models import RunDefinition
 from recorder.daemon.admin import AdminHandler, RunHandle
 from recorder.daemon.adminlink import AdminCursor, AdminLink
 from recorder.daemon.backoff import Backoff
-from recorder.daemon.controller import RunController
+from recorder.daemon.controller import LOGGED_FILES, RunController
 from recorder.daemon.diskprobe import DiskProbe
 from recorder.daemon.diskspace import DiskChange, DiskWatch, MinFree, format_bytes
 from recorder.daemon.heartbeat import Heartbeat
@@ -487,7 +487,9 @@ class Service:
             self._save_admin_position(self._admin)  # answered: not read again at next start
         if self._heartbeat is not None:
             self._heartbeat.beat(time.monotonic(), self._heartbeat_doc)
-        log.info("daemon stopped", files={c.name: c.files() for c in controllers})
+        files = {c.name: c.files() for c in controllers}  # the newest listed (LOGGED_FILES)
+        log.info("daemon stopped", files={n: f[-LOGGED_FILES:] for n, f in files.items()},
+                 files_total={n: len(f) for n, f in files.items()})
 
     def _lock_state_dir(self) -> bool:
         """Hold the state directory (an exclusive lock, until :meth:`_close`); False (the

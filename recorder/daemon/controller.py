@@ -54,7 +54,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -119,6 +119,15 @@ TAGS_KEPT = 256  # trigger tags kept for tags_recorded (the newest): one per tri
 STOP_ITERATION_TAGS: dict[str, str] = {f"{RESERVED_TAG_PREFIX}cause": "stop"}
 """Tags of the iteration a triggered snapshot publishes when it is stopped (not a trigger's)."""
 SNAPSHOT_NOT_FOUND = -2  # the gateway's error code for a trigger of a snapshot it does not run
+LOGGED_FILES = 10
+"""Files a log line lists (the newest), beside how many there are: a recording of one-minute
+segments has tens of thousands, and journald cuts a line over 48 kB (LineMax=) into pieces
+that are not JSON."""
+
+
+def logged_files(files: Sequence[str]) -> dict[str, Any]:
+    """Log fields for ``files``: the newest :data:`LOGGED_FILES` and how many there are."""
+    return {"files": list(files[-LOGGED_FILES:]), "files_total": len(files)}
 
 
 @dataclass(slots=True)
@@ -1394,14 +1403,15 @@ class RunController:
             if status != "failed":  # found at the close: not counted, logged nor in the
                 if self._metrics is not None:  # status by _recording_failed
                     self._metrics.write_failed(self.name)
-                self._log.error("recording failed", reason=failed, files=files)
+                self._log.error("recording failed", reason=failed, **logged_files(files))
                 self._error(f"recording failed: {failed}")
             # keep the state file: a start resumes from the durable offset
             return files, failed or "the recording failed"
         if self._abandoned and self._stop_for_exit:  # the next start resumes it (abandon);
             # not a run an admin command was stopping: that stop stands
             self._log.warning("recording closed after the shutdown budget: its state is "
-                              "kept, the next start resumes it", status=status, files=files)
+                              "kept, the next start resumes it", status=status,
+                              **logged_files(files))
             return files, None
         with self._store_lock:
             stored = self._stored
@@ -1413,7 +1423,7 @@ class RunController:
                     self._error(str(exc))
         closed, self._undurable = self._undurable, []  # in the finalized files now
         self._count_iterations(len(closed), sum(1 for _p, _o, c, _b in closed if c))
-        self._log.info("recording closed", status=status, files=files)
+        self._log.info("recording closed", status=status, **logged_files(files))
         return files, None
 
     def _count_iterations(self, n: int, complete: int) -> None:

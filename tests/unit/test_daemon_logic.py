@@ -4007,3 +4007,26 @@ def test_the_stop_of_a_failed_recording_keeps_back_pressure_on_its_unread_backlo
     finally:
         c.shutdown().result(5)
         assert c.join(5)
+
+
+def test_the_log_lines_of_a_recording_with_many_segments_stay_short(tmp_path: Path) -> None:
+    """A recording of one-minute segments has tens of thousands of files after a few weeks.
+    The "recording closed" line listed every one (and so did "daemon stopped"): a JSON log
+    line of megabytes, which journald (LineMax=48K) cuts into pieces that ``jq`` cannot
+    read. They list the newest files and say how many there are."""
+    client = FakeClient()
+    c, made = _controller(tmp_path, client)
+    try:
+        _started(c, client)
+        made[0].paths = [tmp_path / f"r_0_seg{i:06d}_a_long_descriptive_run_name.h5"
+                         for i in range(20_000)]
+        with capture_logs() as logs:
+            assert "20001 files" in c.stop().result(5)
+        [closed] = [e for e in logs if e["event"] == "recording closed"]
+        assert len(json.dumps(closed, default=str)) < 8_000, len(json.dumps(closed, default=str))
+        assert closed["files"][-1] == str(made[0]._final)  # the newest
+        assert closed["files_total"] == 20_001
+        assert len(c.files()) == 20_001  # the stop reply's list is kept (it truncates itself)
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
