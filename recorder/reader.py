@@ -20,6 +20,7 @@ compressed with zstd/blosc2 need ``hdf5plugin``; it is imported here when instal
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import functools
 import inspect
@@ -150,6 +151,10 @@ MEMBERS_CACHED = 65_536  # PV groups whose member names are kept (see RecordingF
 META_CACHE_BYTES = 64 << 20
 """A final file's metadata entries kept in memory once read (all PVs together); beyond it
 they are read again at every read of rows."""
+OPEN_FILES_KEPT = 64
+"""Finalized files a :class:`Recording` keeps open at once, the last read (the others are
+opened again when read): an open HDF5 file takes a file descriptor (``ulimit -n``: 1024 by
+default) and ~0.6 MB, and a recording of one-minute segments has 10,000 files in a week."""
 
 
 T = TypeVar("T")
@@ -233,13 +238,32 @@ class RecordingFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.h5 = _open_h5(self.path)
+        self._h5: h5py.File | None = _open_h5(self.path)
+        self._kept: _OpenFiles | None = None  # the Recording's files kept open, if one's
         try:
             with reporting_damage(self.path):
                 self._open()
         except BaseException:
-            self.h5.close()
+            self.close()
             raise
+
+    @property
+    def h5(self) -> h5py.File:
+        """The HDF5 file (opened again if :meth:`release` closed it)."""
+        h5 = self._h5
+        if h5 is None:
+            h5 = self._h5 = _open_h5(self.path)
+        if self._kept is not None:
+            self._kept.read(self)
+        return h5
+
+    def release(self) -> None:
+        """Close a finalized file's HDF5 file until it is read again (a live file stays
+        open: its view of the last commit reads from it)."""
+        h5 = self._h5
+        if h5 is not None and self.layout != "live":
+            self._h5 = None
+            h5.close()
 
     def _open(self) -> None:
         attrs = self.h5.attrs
@@ -295,7 +319,7 @@ class RecordingFile:
             done.close()
             return
         self.h5.close()
-        self.path, self.h5, self.attrs, self.layout = done.path, done.h5, done.attrs, done.layout
+        self.path, self._h5, self.attrs, self.layout = done.path, done.h5, done.attrs, done.layout
         self._live = None
         self._info = None
         self._members, self._meta, self._meta_bytes = {}, {}, 0
@@ -1071,7 +1095,10 @@ class RecordingFile:
         return np.asarray(g["first"][lo:hi]), np.asarray(g["count"][lo:hi])
 
     def close(self) -> None:
-        self.h5.close()
+        if self._kept is not None:
+            self._kept.forget(self)
+        if self._h5 is not None:
+            self._h5.close()
 
     def __enter__(self) -> RecordingFile:
         return self
@@ -1080,6 +1107,27 @@ class RecordingFile:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class _OpenFiles:
+    """The files of a :class:`Recording` whose HDF5 file is open, the last read first out:
+    beyond :data:`OPEN_FILES_KEPT` the one read longest ago is released."""
+
+    def __init__(self) -> None:
+        self._open: collections.OrderedDict[int, RecordingFile] = collections.OrderedDict()
+
+    def read(self, f: RecordingFile) -> None:
+        key = id(f)
+        if key in self._open:
+            self._open.move_to_end(key)
+            return
+        self._open[key] = f
+        while len(self._open) > OPEN_FILES_KEPT:
+            _, old = self._open.popitem(last=False)
+            old.release()
+
+    def forget(self, f: RecordingFile) -> None:
+        self._open.pop(id(f), None)
 
 
 class Recording:
@@ -1098,9 +1146,12 @@ class Recording:
                                   "recording, one of them, or its directory")
         names = {p.resolve() for p in given}
         self.files = []
+        kept = _OpenFiles()
         for p in given:
             f = _open_now(p, names)
             if f is not None:
+                f._kept = kept
+                kept.read(f)
                 self.files.append(f)
         try:
             _one_recording(self.files)
