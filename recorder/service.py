@@ -300,16 +300,15 @@ class Service:
                             f"{len(self._definitions)} run(s) loaded")
         try:
             try:
-                if not self._connect():  # stopped while still connecting
-                    self.notifier.stopping("stopped while connecting to Kafka; no run started")
-                    return EXIT_OK
+                connected = self._connect()
             except ConfigError as exc:  # a Kafka setting librdkafka refuses: no retry mends it
                 log.error("refusing to start: fix the Kafka settings", error=str(exc))
                 self.notifier.status(f"refusing to start: {exc}")
                 self.refusal = f"refusing to start: {exc}"
                 return EXIT_CONFIG
-            if self._stopping():  # SIGTERM during the last connection attempt: no run
-                # starts only to be stopped (interrupted ones resume next time)
+            # stopped while still connecting, or a SIGTERM during the last connection attempt:
+            # no run starts only to be stopped (interrupted ones resume next time)
+            if not connected or self._stopping():
                 self.notifier.stopping("stopped while connecting to Kafka; no run started")
                 return EXIT_OK
             if self._reload.is_set():  # a SIGHUP while connecting: no run has started yet,

@@ -301,6 +301,11 @@ def _has_time_stamp(msg: Data) -> bool:
     return isinstance(msg.sample.data.get("timeStamp"), Mapping)
 
 
+def _mark_key(msg: Header | Data | Tail) -> tuple[str, int]:
+    """What a primed copy of a header or tail is known by (see ``_Primed.copies``)."""
+    return (msg.__class__.__name__, msg.timestamp_ns)
+
+
 class _Primed:
     """What a resumed topic read below its resume offsets (``prime_until``)."""
 
@@ -750,8 +755,7 @@ class IterationAssembler:
                 if key is not None:
                     primed.copies.setdefault(msg.iter_index, set()).add(key)
             elif msg is not None:  # a header or tail: its copy must not open the iteration
-                primed.copies.setdefault(msg.iter_index, set()).add(
-                    (msg.__class__.__name__, msg.timestamp_ns))
+                primed.copies.setdefault(msg.iter_index, set()).add(_mark_key(msg))
         if offset >= until - 1:
             del primed.until[partition]
             self._end_priming(state)
@@ -787,7 +791,7 @@ class IterationAssembler:
         if primed is None or not primed.copies or msg.iter_index in state.open:
             return False
         copies = primed.copies.get(msg.iter_index)
-        if not copies or (msg.__class__.__name__, msg.timestamp_ns) not in copies:
+        if not copies or _mark_key(msg) not in copies:
             return False
         self.counters["late.header" if msg.__class__ is Header else "late.tail"] += 1
         return True

@@ -1034,6 +1034,7 @@ class K2egClient:
                 asked = self._watermarks_or_none(sub.topic)
                 if asked is not None:
                     ended_at = {p: hi for p, (_, hi) in asked.items()}
+                    marks, marks_at = asked, time.monotonic()  # the quiet check's first
             elif positions != read_to and any(positions.get(p, 0) < hi
                                               for p, hi in ended_at.items()):
                 deadline = max(deadline, time.monotonic() + final_timeout_s)  # still reading

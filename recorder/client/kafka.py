@@ -100,16 +100,16 @@ def librdkafka_logger(log: Any) -> LibrdkafkaLog:
     return LibrdkafkaLog(log, _THROTTLE)
 
 
-#: How every consumer of ours fetches (the benchmarks' plain-consumer baselines use it too, so
-#: they are compared like for like).
 _EARLIEST = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
 _LATEST = OffsetSpec.latest()  # type: ignore[no-untyped-call]
 
 SERVE_BUDGET_S: Final = 0.05
-"""How long the consumer thread serves queued requests (watermarks, assignments, ...) in a row
-before it reads again: requests that keep coming (many runs stopping at once, each asking for
-its topic's watermarks) held it off the topics, the gateway's replies to those stops unread."""
+"""How long the consumer thread serves queued requests (assignments, seeks, ...) in a row
+before it reads again: requests that keep coming held it off the topics (the gateway's replies
+among them) for as long as they came."""
 
+#: How every consumer of ours fetches (the benchmarks' plain-consumer baselines use it too, so
+#: they are compared like for like).
 FETCH_TUNING: Final[dict[str, int]] = {
     # the official client's is 5 ms; what 10 ms costs the broker idle: bench_fetch_wait.py
     "fetch.wait.max.ms": 10,
@@ -1009,9 +1009,10 @@ class KafkaAdapter:
         else:
             request.future.set_result(result)
 
-    def _partitions(self, consumer: Consumer, topic: str, timeout_s: float, *,
+    def _partitions(self, consumer: Consumer | AdminClient, topic: str, timeout_s: float, *,
                     transient_raises: bool = False) -> list[int] | None:
-        """The topic's partitions, None when the broker has none for it. With
+        """The topic's partitions (the metadata asked of ``consumer``, or of the admin handle
+        off the consumer thread), None when the broker has none for it. With
         ``transient_raises`` only a topic the broker does not know is None: one whose metadata
         is in error for now (a leader election, a broker restarting) raises
         :class:`TransportError`, so it is not taken for a topic that does not exist yet
@@ -1187,15 +1188,11 @@ class KafkaAdapter:
         admin = self._admin_handle()
         remaining = max(0.05, deadline - time.monotonic())
         try:
-            meta = admin.list_topics(topic, timeout=min(remaining, 2.0))
-            tmeta = meta.topics.get(topic)
-            if tmeta is not None and tmeta.error is not None \
-                    and tmeta.error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise TransportError(f"the metadata of topic {topic!r} is in error for now: "
-                                     f"{tmeta.error.str()}")
-            if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+            partitions = self._partitions(admin, topic, min(remaining, 2.0),
+                                          transient_raises=True)
+            if partitions is None:
                 return {}
-            tps = [TopicPartition(topic, p) for p in sorted(tmeta.partitions)]
+            tps = [TopicPartition(topic, p) for p in partitions]
             remaining = max(0.05, deadline - time.monotonic())
             lows = admin.list_offsets({tp: _EARLIEST for tp in tps}, request_timeout=remaining)
             highs = admin.list_offsets({tp: _LATEST for tp in tps}, request_timeout=remaining)

@@ -939,17 +939,8 @@ class RunController:
         durable = {p: o for (_t, p), o in rec.last_durable_offset.items()}
         merged = {**self._durable, **{p: max(o, self._durable.get(p, -1))
                                       for p, o in durable.items()}}
-        undurable: list[tuple[int, int, bool, tuple[int, int] | None]] = []
-        durable_now = 0
-        complete_now = 0
-        for u in self._undurable:
-            if u[1] > merged.get(u[0], -1):
-                undurable.append(u)
-            else:
-                durable_now += 1
-                complete_now += u[2]
-        self._undurable = undurable
-        self._count_iterations(durable_now, complete_now)
+        self._count_iterations([u for u in self._undurable if u[1] <= merged.get(u[0], -1)])
+        self._undurable = [u for u in self._undurable if u[1] > merged.get(u[0], -1)]
         stored = self._stored
         if stored is None or stored.active is None:
             return
@@ -1422,18 +1413,22 @@ class RunController:
                 except RecorderError as exc:
                     self._error(str(exc))
         closed, self._undurable = self._undurable, []  # in the finalized files now
-        self._count_iterations(len(closed), sum(1 for _p, _o, c, _b in closed if c))
+        self._count_iterations(closed)
         self._log.info("recording closed", status=status, **logged_files(files))
         return files, None
 
-    def _count_iterations(self, n: int, complete: int) -> None:
-        """Prometheus counts an iteration once its close is durable (a counter cannot take
-        back the ones a failure leaves undurable, which the resume reads again)."""
-        if self._metrics is not None and n:
-            if complete:
-                self._metrics.iteration_closed(self.name, "complete", complete)
-            if n - complete:
-                self._metrics.iteration_closed(self.name, "incomplete", n - complete)
+    def _count_iterations(self, durable: list[tuple[int, int, bool, tuple[int, int] | None]]
+                          ) -> None:
+        """Prometheus counts an iteration once its close is durable (``durable``: entries of
+        ``_undurable`` that are; a counter cannot take back the ones a failure leaves
+        undurable, which the resume reads again)."""
+        if self._metrics is None or not durable:
+            return
+        complete = sum(1 for _p, _o, c, _b in durable if c)
+        if complete:
+            self._metrics.iteration_closed(self.name, "complete", complete)
+        if len(durable) - complete:
+            self._metrics.iteration_closed(self.name, "incomplete", len(durable) - complete)
 
     def _uncount_undurable(self) -> None:
         """The recording failed and keeps its resume state: the iterations whose tail it had
