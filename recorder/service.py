@@ -92,6 +92,12 @@ EXIT_WORK_S = 60.0
 then (``EXTEND_TIMEOUT_USEC``): the k2eg client and the admin link closed (each waits for
 its consumer thread and flushes its producer), the writer processes reaped (a busy one
 after ``REAP_GRACE_S``, then killed)."""
+RUN_THREADS_EXIT_S = 30.0
+"""How long exiting waits, once the Kafka client is closed, for the runs' threads still ending
+what a stop began (the runs the shutdown budget left behind: closing the client ends their
+stops, and they close their recordings). The process must not finalize the interpreter under
+them: a thread still writing a file or importing a module then dies mid-way (see
+:func:`_load_hdf5`)."""
 RELOAD_CHECK_TIMEOUT_S = 30.0
 """How long a reload's check of the run definitions may take (a 100,000-PV file takes ~6 s):
 it resolves the output directories, which hangs on a file system that does not answer (a
@@ -160,6 +166,18 @@ class _RestartingRun:
 
     def recording_files(self) -> list[str]:
         return [f for c in self._deferred.blockers for f in c.recording_files()]
+
+
+def _load_hdf5() -> None:
+    """Import h5py (with numpy and the filter plugins) in the main thread, before any run's
+    thread can: h5py registers, when imported, an atexit handler that takes its type
+    converters out of HDF5 again, and HDF5's own exit handler calls whichever are left, which
+    take the GIL of an interpreter that is gone. Imported first by a run's thread while the
+    interpreter was already finalizing (a stop the shutdown budget cut short published its
+    file's event after the main thread had returned), h5py's handler never ran and the daemon
+    died of SIGSEGV in ``exit()`` (exit code -11 for 0, seen in CI). ~0.2 s and ~10 MB, which
+    the first finalized file cost anyway."""
+    import recorder.sinks.describe  # noqa: F401
 
 
 class Service:
@@ -257,6 +275,8 @@ class Service:
         # SIGUSR1: every thread's stack to stderr (the journal), the daemon goes on; for a
         # daemon that seems stuck (`systemctl kill -s USR1 k2eg-recorder`: writers too)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+        # a crash (SIGSEGV, SIGABRT in a C library) leaves every thread's stack in the journal
+        faulthandler.enable(all_threads=True)
 
     @property
     def controllers(self) -> dict[str, RunController]:
@@ -276,6 +296,7 @@ class Service:
             return EXIT_CONFIG
         if not self._lock_state_dir():
             return EXIT_CONFIG
+        _load_hdf5()
         self._definitions = dict(loaded.runs)
         log.info("run definitions loaded", runs=list(self._definitions),
                  config_path=str(self.settings.config_path), state_dir=str(self.state_dir))
@@ -490,6 +511,20 @@ class Service:
         log.info("daemon stopped", files={n: f[-LOGGED_FILES:] for n, f in files.items()},
                  files_total={n: len(f) for n, f in files.items()})
 
+    def _join_run_threads(self) -> None:
+        """Wait (``RUN_THREADS_EXIT_S`` in all) for the runs' threads: those the shutdown
+        budget left behind end their stops once the client is closed. Not when the runs were
+        never told to stop (an exception ended :meth:`run`)."""
+        if self._state is not DaemonState.STOPPING:
+            return
+        deadline = time.monotonic() + RUN_THREADS_EXIT_S
+        for c in [*self._controllers.values(), *self._retiring]:
+            c.join(max(0.0, deadline - time.monotonic()))
+        late = [c.name for c in [*self._controllers.values(), *self._retiring] if c.alive]
+        if late:
+            log.error("runs still closing their recordings at exit; their files stay .partial",
+                      runs=late, waited_s=RUN_THREADS_EXIT_S)
+
     def _lock_state_dir(self) -> bool:
         """Hold the state directory (an exclusive lock, until :meth:`_close`); False (the
         refusal said) when another daemon holds it: two daemons on one directory save their
@@ -523,6 +558,7 @@ class Service:
     def _close(self) -> None:
         for closer in (
             (lambda: self._client.close(10.0)) if self._client is not None else None,
+            self._join_run_threads,  # before the link: their file events are still published
             self._link.close if self._link is not None else None,
             self._metrics_server.shutdown if self._metrics_server is not None else None,
             self._disk_probe.close if self._disk_probe is not None else None,

@@ -350,6 +350,11 @@ def test_a_stop_cut_short_by_the_shutdown_budget_stays_a_stop(
     daemons.append(daemon)
     with denv.admin() as admin:
         wait_for(lambda: run_state(admin, "big") is not None, 40, "the daemon to answer")
+        # HDF5 loaded by the main thread before any file: imported first by the stop's
+        # thread while the interpreter was exiting, h5py's atexit handler never ran and the
+        # daemon died of SIGSEGV in HDF5's exit handler (service._load_hdf5)
+        maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()
+        assert "libhdf5" in maps
         assert request(admin, "start", "big").ok
         wait_for(lambda: complete_iterations(admin, "big") >= 30, 30, "30 iterations")
         cmd = admin.build("stop", "big")

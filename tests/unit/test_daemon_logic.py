@@ -3078,6 +3078,66 @@ def test_a_run_late_at_the_end_of_the_shutdown_budget_resumes_at_the_next_start(
         assert active is not None and active.topic == "snap"
 
 
+def test_exiting_waits_for_the_runs_the_shutdown_budget_left_closing_their_recordings(
+    tmp_path: Path,
+) -> None:
+    """A stop cut short by the shutdown budget ends once the client is closed, and its run
+    then closes its recording (here: finalizes its file, 1 s). The daemon returned from
+    ``run()`` meanwhile and Python finalized the interpreter under that thread: its first
+    import of h5py (the file's event) came too late for h5py's atexit handler, and HDF5's exit
+    handler crashed the daemon with SIGSEGV (exit -11, seen in CI). Exiting now waits for
+    those threads (``RUN_THREADS_EXIT_S``), and their file events are still published."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.errors import ClientClosedError
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    closed = threading.Event()
+    finalized: list[str] = []
+
+    class SlowStopSub(FakeSub):
+        def stop(self, timeout: float | None = None, *, final_timeout_s: float | None = None,
+                 keep_backpressure: bool = False) -> StopResult:
+            closed.wait(10)
+            raise ClientClosedError("the k2eg client is closed")
+
+    class Client(FakeClient):
+        def snapshot_recurring(self, props: Any, start: Any = None,
+                               max_pending: int = 0, prime_until: Any = None) -> FakeSub:
+            self.sub = SlowStopSub(props.topic)
+            return self.sub
+
+        def close(self, timeout_s: float = 10.0) -> None:
+            closed.set()
+
+    class SlowRecording(FakeRecording):
+        def close(self, status: str = "complete", reason: str = "") -> list[Path]:
+            time.sleep(1.0)  # a large file's finalization
+            finalized.append(status)
+            return super().close(status, reason)
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("runs: []\n")
+    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0,
+                                     shutdown_timeout_s=0.3), KafkaSettings(),
+                      state_dir=tmp_path / "state",
+                      recording_factory=lambda d, **kw: SlowRecording(  # type: ignore[arg-type]
+                          tmp_path / f"r_{kw['seq']}.h5"),
+                      gc_tuning=False)
+    client = Client()
+    client.kafka_unreachable_since = None  # type: ignore[attr-defined]
+    service._client = client
+    definition = _definition(tmp_path)
+    service._definitions = {"r": definition}
+    c = service._add_controller(definition, start=True)
+    _wait(lambda: c.state is RunState.RECORDING)
+    c.stop()
+    _wait(lambda: c.state is RunState.STOPPING)
+    service._shutdown()
+    assert c.alive and not finalized
+    service._close()  # what run() does last
+    assert not c.alive and finalized == ["aborted"]
+
 def test_a_command_for_a_run_a_reload_removed_while_it_stops_says_so(tmp_path: Path) -> None:
     """A reload removed run r; while its recording is being finalized r is still in the
     status (stopping), so a ``stop r`` or ``trigger r`` then was answered "no run named 'r'
