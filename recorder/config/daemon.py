@@ -148,9 +148,14 @@ class DaemonSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> DaemonSettings:
-        if self.admin_topic in (self.admin_reply_topic, self.status_topic, self.files_topic):
+        def fold(topic: str) -> str:  # Kafka takes '.' and '_' for the same in topic names
+            return topic.replace(".", "_")
+
+        others = (self.admin_reply_topic, self.status_topic, self.files_topic)
+        if fold(self.admin_topic) in map(fold, others):
             raise ValueError("RECORDER_ADMIN_TOPIC must differ from RECORDER_ADMIN_REPLY_TOPIC, "
-                             "RECORDER_STATUS_TOPIC and RECORDER_FILES_TOPIC")
+                             "RECORDER_STATUS_TOPIC and RECORDER_FILES_TOPIC (Kafka takes '.' "
+                             "and '_' in topic names for the same)")
         return self
 
     @property

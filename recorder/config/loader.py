@@ -579,6 +579,10 @@ def _cross_checks(
     by_file: dict[Path, tuple[RunDefinition, RunSource]] = {}
     bound: list[tuple[str, RunDefinition, RunSource]] = []  # live bridge endpoints
     sample_start = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    # Kafka takes '.' and '_' in topic names for the same (it refuses to create a topic whose
+    # name collides so with an existing one): a snapshot topic (never a '.') collides with a
+    # reserved "k2eg.recorder.status" as it would with "k2eg_recorder_status"
+    reserved = {t.replace(".", "_"): (t, what) for t, what in reserved_topics.items()}
     for run in parsed:
         definition, source, node = run.definition, run.source, run.node
         ok = True
@@ -608,15 +612,18 @@ def _cross_checks(
                 )
             )
             ok = False
-        if topic is not None and topic in reserved_topics:
+        if topic is not None and topic in reserved:
+            taken, what = reserved[topic]
+            which = "which is" if taken == topic else \
+                f"which Kafka takes for the same topic ('.' and '_' collide) as {taken!r},"
             problems.append(
                 Problem(
                     source.file,
                     _line(node, ("snapshot", "snapshot_name")),
                     _field(source, "snapshot.snapshot_name"),
                     f"snapshot_name {run.snapshot_name!r} is published on topic {topic!r} "
-                    "(k2eg normalizes names: [^A-Za-z0-9-] -> '_', lower case), which is "
-                    f"{reserved_topics[topic]} of this daemon: rename the snapshot",
+                    f"(k2eg normalizes names: [^A-Za-z0-9-] -> '_', lower case), {which} "
+                    f"{what} of this daemon: rename the snapshot",
                 )
             )
             definition = None  # not kept; its names still count for the others

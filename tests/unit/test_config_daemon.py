@@ -168,6 +168,22 @@ def test_a_topic_clash_names_the_variables(monkeypatch: pytest.MonkeyPatch) -> N
     assert text.startswith("RECORDER_ADMIN_TOPIC ") and "RECORDER_FILES_TOPIC" in text, text
 
 
+def test_admin_topic_colliding_in_kafka_with_another_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """k2eg.recorder.admin and k2eg_recorder.admin are one topic name to Kafka, which refuses
+    to create the second (its topic-name collision rule), so the daemon could not set up its
+    topics; it is refused at start (exit 2) with the variables named, as equal names are."""
+    from recorder.settings import settings_problems
+
+    monkeypatch.setenv("RECORDER_ADMIN_TOPIC", "k2eg.recorder.admin")
+    monkeypatch.setenv("RECORDER_STATUS_TOPIC", "k2eg_recorder.admin")
+    with pytest.raises(ValidationError) as info:
+        DaemonSettings()
+    text = settings_problems(info.value)
+    assert "RECORDER_STATUS_TOPIC" in text and "'_'" in text, text
+
+
 def test_a_misspelt_variable_is_named_at_start(tmp_path: Path) -> None:
     """``RECORDER_BOOTSTRAP_SERVER`` (no S) or ``RECORDER_KAFKA_SASL__USERNAME`` (one
     underscore) was ignored without a word: the daemon then used the default. ``run`` now

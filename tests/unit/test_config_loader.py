@@ -825,3 +825,19 @@ def test_the_errors_of_a_long_pv_list_are_collected_in_linear_time(
     _, problems = parse_runs([("runs.yaml", text)])
     assert len(problems) == count
     assert comparisons < 10 * count, comparisons
+
+
+@pytest.mark.parametrize(("snap", "reserved"), [
+    ("k2eg-recorder-status", "k2eg-recorder-status"),
+    ("Ops_Status", "ops.status"),  # topic ops_status: Kafka refuses it beside ops.status
+])
+def test_a_snapshot_on_a_topic_of_the_daemon_is_refused(snap: str, reserved: str) -> None:
+    """Kafka takes '.' and '_' for the same character in topic names: with the status topic
+    named ops.status, the topic ops_status of snapshot "Ops_Status" cannot be created (the
+    gateway's snapshot never published), yet validate compared the names exactly."""
+    loaded, problems = parse_runs([("r.yaml", GOOD.format(name="a", snap=f"'{snap}'"))],
+                                  reserved_topics={reserved: "RECORDER_STATUS_TOPIC"})
+    assert len(loaded) == 0 and len(problems) == 1, problems
+    text = str(problems[0])
+    assert text.startswith("r.yaml:3: snapshot.snapshot_name: ") and "RECORDER_STATUS_TOPIC" in text
+    assert ("collide" in text) is (reserved != snap), text
