@@ -93,6 +93,7 @@ from recorder.sinks.codec import (
     rebuild_data,
 )
 from recorder.sinks.describe import plain
+from recorder.sinks.final_layout import format_major
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import LiveView, read_live
 from recorder.sinks.options import PARTIAL_SUFFIX, final_path
@@ -271,7 +272,8 @@ class RecordingFile:
         if "format" not in attrs.keys() or attrs["format"] != "k2eg-recorder":  # noqa: SIM118
             raise FileFormatError(f"{self.path} is not a k2eg-recorder file")
         version = str(attrs.get("format_version", ""))
-        if version.split(".", maxsplit=1)[0] not in SUPPORTED_MAJORS:
+        major = format_major(version)
+        if major is None or str(major) not in SUPPORTED_MAJORS:
             raise FileFormatError(f"{self.path}: unsupported format_version {version!r}")
         self.attrs: dict[str, Any] = {k: plain(v) for k, v in attrs.items()}
         segment = self.attrs.get("segment", 0)

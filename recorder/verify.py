@@ -56,6 +56,7 @@ from recorder.sinks.codec import (
     escape_name,
 )
 from recorder.sinks.describe import plain
+from recorder.sinks.final_layout import FORMAT_MAJOR, format_major
 from recorder.sinks.h5open import check_heap, open_for_reading
 from recorder.sinks.livefile import read_commit, read_pv_names
 from recorder.sinks.options import PARTIAL_SUFFIX
@@ -65,7 +66,7 @@ with contextlib.suppress(ImportError):  # zstd / blosc2 datasets (data=True deco
 
 __all__ = ["KNOWN_MAJOR", "Problem", "Report", "verify_file", "verify_paths"]
 
-KNOWN_MAJOR = 5
+KNOWN_MAJOR = FORMAT_MAJOR
 """The newest major ``format_version`` this verifier knows."""
 
 ROOT_REQUIRED = (
@@ -218,11 +219,10 @@ class _Checker:
             raise _StopError
         version = str(a.get("format_version", ""))
         self.report.format_version = version
-        try:
-            major = int(version.split(".", 1)[0])
-        except ValueError:
+        major = format_major(version)
+        if major is None:
             self.err("/", f"format_version {version!r} is not MAJOR.MINOR")
-            raise _StopError from None
+            raise _StopError
         if major > KNOWN_MAJOR:
             self.err("/", f"format {version} is newer than this k2eg-recorder knows "
                      f"({KNOWN_MAJOR}.x): check it with a newer version")
@@ -334,7 +334,7 @@ class _Checker:
 
     # --- final layout ------------------------------------------------------------------
     def final(self, f: h5py.File, attrs: Mapping[str, Any]) -> None:
-        major = int(str(attrs["format_version"]).split(".", 1)[0])
+        major = format_major(str(attrs["format_version"])) or KNOWN_MAJOR  # root() checked it
         columns = FINAL_ITERATION_COLUMNS + (("tags",) if "tags" in f.get("iterations", {})
                                              else ())
         it = self.iterations(f, columns, None)

@@ -67,6 +67,20 @@ FORMAT_VERSION = "5.1"
 4.0 added the per-sample columns of user tags and NTNDArray frame ids and times, decision
 0009; 5.0 made the PV groups plain NXlogs, decision 0011: final layout only; 5.1 gave
 /kafka/time its units and the /kafka columns the storage rule of the others)."""
+FORMAT_MAJOR = int(FORMAT_VERSION.split(".", 1)[0])
+"""The newest major ``format_version`` this version writes, reads, verifies and recovers."""
+
+
+def format_major(version: str) -> int | None:
+    """The major number of a ``format_version`` ("5.1" -> 5); None when it is not
+    MAJOR.MINOR with ASCII digits (the reader, ``verify`` and ``recover`` refuse it alike)."""
+    major, dot, minor = version.partition(".")
+    if not (dot and major.isascii() and major.isdigit() and minor.isascii()
+            and minor.isdigit()):
+        return None
+    return int(major)
+
+
 FLAGGED_COLUMNS: dict[int, tuple[tuple[str, np.dtype[Any], Mapping[str, Any] | None], ...]] = {
     F_USER_TAG: (("user_tag", np.dtype(np.int32), None),),
     F_FRAME: (("unique_id", np.dtype(np.int32), None),

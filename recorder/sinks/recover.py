@@ -20,7 +20,7 @@ from recorder.errors import (
 )
 from recorder.sinks import writelock
 from recorder.sinks.describe import plain
-from recorder.sinks.final_layout import FORMAT_VERSION
+from recorder.sinks.final_layout import FORMAT_MAJOR, format_major
 from recorder.sinks.finalize import FINAL_SUFFIX, finalize
 from recorder.sinks.h5open import check_heap, open_live
 from recorder.sinks.livefile import read_commit
@@ -75,15 +75,14 @@ def _check_ours(path: Path) -> None:
         raise FileFormatError(f"{path}: not a k2eg-recorder file (no root attribute "
                               "format='k2eg-recorder'): not touched")
     version = str(attrs.get("format_version", ""))
-    major = version.split(".", 1)[0]
-    known = FORMAT_VERSION.split(".", 1)[0]
-    if not major.isdigit():
+    major = format_major(version)
+    if major is None:
         raise FileFormatError(f"{path}: format_version {version!r} is not MAJOR.MINOR: "
                               "not touched")
-    if int(major) > int(known):
+    if major > FORMAT_MAJOR:
         raise FileFormatError(f"{path}: format {version} is newer than this k2eg-recorder "
-                              f"knows ({known}.x): recover it with a newer version; not "
-                              "touched")
+                              f"knows ({FORMAT_MAJOR}.x): recover it with a newer version; "
+                              "not touched")
     if attrs.get("layout") != "live":
         raise FileFormatError(f"{path}: layout {attrs.get('layout')!r}, not a file being "
                               f"written (a finalized file named {PARTIAL_SUFFIX}?): not "

@@ -622,3 +622,39 @@ def test_recover_does_not_hang_on_a_fifo_named_partial(tmp_path: Path,
     assert f"{tmp_path / 'b_0000.h5.partial'}: NOT recovered: not a regular file" in got.stdout
     assert f"{tmp_path / 'c_0000.h5.partial'}: NOT recovered: not a regular file" in got.stdout
     assert f"{partial} -> " in got.stdout, got.stdout
+
+
+@pytest.mark.parametrize("version", ["-1.0", "\u0665.0", "5", " 5.1", "5.x"])
+def test_a_format_version_that_is_not_major_minor_is_refused_alike(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], version: str) -> None:
+    """The reader, ``verify`` and ``recover`` each parsed ``format_version`` their own way
+    (``int()``, ``str.isdigit()``, a string compare), so an odd one was refused by one and
+    taken by another: "-1.0" passed verify's check (major -1 is not newer), "\u0665.0" (an
+    Arabic-Indic digit) passed verify and recover, "5" passed verify and the reader. All three
+    now take MAJOR.MINOR in ASCII digits, and refuse the rest alike."""
+    from recorder.errors import FileFormatError
+    from recorder.sinks.superblock import clear_consistency_flags
+
+    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)],
+                         check=True, capture_output=True, text=True, timeout=120)
+    partial = Path(out.stdout.split()[-1])
+    assert cli_main(["recover", str(partial)]) == 0
+    final = partial.with_name(partial.name.removesuffix(".partial"))
+    final.chmod(0o644)
+    with h5py.File(final, "r+") as h:
+        h.attrs["format_version"] = version
+    report = verify_file(final)
+    assert any("is not MAJOR.MINOR" in p.message for p in report.problems), report.problems
+    with pytest.raises(FileFormatError, match="unsupported format_version"):
+        open_file(final)
+
+    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path / "b")],
+                         check=True, capture_output=True, text=True, timeout=120)
+    partial = Path(out.stdout.split()[-1])
+    clear_consistency_flags(partial)
+    with h5py.File(partial, "r+") as h:
+        h.attrs["format_version"] = version
+    capsys.readouterr()
+    assert cli_main(["recover", "--no-verify", str(partial)]) == 1
+    assert "is not MAJOR.MINOR" in capsys.readouterr().out
+    assert partial.exists()
