@@ -90,14 +90,15 @@ EXTEND_EVERY_S = 5.0
 EXIT_WORK_S = 60.0
 """What exiting takes once the runs stopped or the shutdown budget ran out, asked of systemd
 then (``EXTEND_TIMEOUT_USEC``): the k2eg client and the admin link closed (each waits for
-its consumer thread and flushes its producer), the writer processes reaped (a busy one
+its consumer thread and flushes its producer), the runs' threads joined
+(``RUN_THREADS_EXIT_S``), the writer processes reaped (a busy one
 after ``REAP_GRACE_S``, then killed)."""
-RUN_THREADS_EXIT_S = 30.0
+RUN_THREADS_EXIT_S = 5.0
 """How long exiting waits, once the Kafka client is closed, for the runs' threads still ending
-what a stop began (the runs the shutdown budget left behind: closing the client ends their
-stops, and they close their recordings). The process must not finalize the interpreter under
-them: a thread still writing a file or importing a module then dies mid-way (see
-:func:`_load_hdf5`)."""
+what a stop began (those the shutdown budget left behind: closing the client ends their
+stops, and they close their recordings): long enough for a stop ended so, not for a long
+finalization (that file stays ``.partial``, for the next start). The interpreter is not
+finalized under a thread that can be let finish (see :func:`_load_hdf5`)."""
 RELOAD_CHECK_TIMEOUT_S = 30.0
 """How long a reload's check of the run definitions may take (a 100,000-PV file takes ~6 s):
 it resolves the output directories, which hangs on a file system that does not answer (a
