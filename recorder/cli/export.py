@@ -18,12 +18,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import io
 import json
 import math
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -118,6 +120,14 @@ def _kind_of(stored: str) -> str:
         return np.dtype(stored).kind
     except TypeError:  # utf-8, table, none
         return ""
+
+
+def _regular(out: TextIO) -> bool:
+    """Whether ``out`` is a regular file (not ``-o /dev/stdout``, a FIFO, a device)."""
+    try:
+        return stat.S_ISREG(os.fstat(out.fileno()).st_mode)
+    except OSError:
+        return False
 
 
 def write_csv(table: dict[str, Any], pvs: list[str], out: TextIO,
@@ -233,10 +243,21 @@ def run(args: argparse.Namespace) -> int:
             try:
                 # a text the IOC sent that is not UTF-8 (lone surrogates in the reader): its
                 # bytes as sent
-                with open(args.output, "w", encoding="utf-8", errors="surrogateescape",
-                          newline="") as out:
+                out = open(args.output, "w", encoding="utf-8",  # noqa: SIM115
+                           errors="surrogateescape", newline="")
+            except OSError as exc:  # a missing directory, a directory, no permission
+                print(f"{args.output}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+                return 1
+            regular = _regular(out)
+            try:
+                with out:
                     n = write_csv(table, pvs, out, stored, gaps, keys=keys)
-            except OSError as exc:  # a missing directory, a directory, no permission, full
+            except BaseException as exc:  # a full disk, Ctrl-C: the rows written so far
+                if regular:  # make a well-formed CSV that looks whole: they go
+                    with contextlib.suppress(OSError):
+                        args.output.unlink()
+                if not isinstance(exc, OSError):
+                    raise
                 print(f"{args.output}: cannot write: {exc.strerror or exc}", file=sys.stderr)
                 return 1
             print(f"{args.output}: {n} iterations x {len(pvs)} PVs", file=sys.stderr)

@@ -4,14 +4,18 @@ back with the csv module from the command's real output (a child process)."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
+import pytest
 from test_hdf5_roundtrip import write_iteration
 from test_reader_aligned import N, samples_of
 
@@ -324,3 +328,43 @@ def test_a_value_column_shorter_than_its_index_is_said_in_one_line(tmp_path: Pat
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.splitlines()) == 1, proc.stderr
         assert f"{final}: damaged: " in proc.stderr, proc.stderr
+
+
+def test_an_export_cut_short_leaves_no_half_written_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``export FILE -o out.csv`` ended part-way, by Ctrl-C (exit 130) or a full disk (exit
+    1), left ``out.csv`` with the rows written so far: a well-formed CSV that looked like the
+    whole recording. The half-written output now goes; an output that is not a regular file
+    (``-o /dev/full``) is left alone."""
+    import recorder.cli.export as export_cmd
+    from recorder.cli import main
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "data"), run_name="cut")
+    for i in range(3):
+        write_iteration(rec, i, [PVSample("A", {"value": 1.0 * i})])
+    (path,) = rec.close()
+    whole = export_cmd.write_csv
+
+    def cut_by(exc: BaseException) -> Callable[..., int]:
+        def write_csv(table: dict[str, Any], pvs: list[str], out: TextIO, *args: Any,
+                      **kwargs: Any) -> int:
+            out.write("iter_index,segment\n" * 1000)
+            out.flush()
+            raise exc
+        return write_csv
+
+    out = tmp_path / "out.csv"
+    for exc, code in ((KeyboardInterrupt(), 130),
+                      (OSError(errno.ENOSPC, "No space left on device"), 1)):
+        out.write_text("an earlier export\n")
+        monkeypatch.setattr(export_cmd, "write_csv", cut_by(exc))
+        assert main(["export", str(path), "-o", str(out)]) == code
+        assert not out.exists(), (exc, out.read_text()[:100])
+    monkeypatch.setattr(export_cmd, "write_csv", whole)
+    assert main(["export", str(path), "-o", str(out)]) == 0
+    assert len(rows(out.read_text())) == 3
+    monkeypatch.setattr(export_cmd, "write_csv",
+                        cut_by(OSError(errno.ENOSPC, "No space left on device")))
+    null = Path(os.devnull)
+    assert main(["export", str(path), "-o", str(null)]) == 1
+    assert null.exists() and not null.is_file()
