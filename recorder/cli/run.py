@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
             "environment variables no setting takes (misspelt?); ignored", variables=unknown)
     from recorder.config.loader import check_runs
 
+    # before the check, which takes seconds for a large file: a SIGHUP meanwhile killed the
+    # daemon (its default action), a SIGTERM ended it without its exit code 0
+    service = Service(daemon, kafka, state_dir=args.state_dir)
+    service.install_signal_handlers()
     _loaded, problems = check_runs(daemon.config_path)
     if problems:
         print(f"k2eg-recorder run: {len(problems)} error(s) in the run definitions, not "
@@ -92,8 +96,6 @@ def run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    service = Service(daemon, kafka, state_dir=args.state_dir)
-    service.install_signal_handlers()
     code = service.run()
     if service.refusal is not None:  # the run definitions, or a Kafka setting
         print(f"k2eg-recorder run: {service.refusal}", file=sys.stderr)

@@ -2111,6 +2111,51 @@ def test_a_signal_while_the_main_loop_holds_its_wake_lock_still_stops_the_daemon
     assert got.returncode == 0 and got.stdout == "stopping\n", got.stderr
 
 
+CHECK_SIGNAL_SCRIPT = """
+import os, signal, sys
+import recorder.config.loader as loader
+from recorder.cli import main
+
+checked = loader.check_runs
+def check_runs(*args, **kwargs):  # `k2eg-recorder run`'s first check (20,000 PVs: ~2 s)
+    check_runs.calls += 1
+    if check_runs.calls == 1:
+        os.kill(os.getpid(), signal.SIGHUP)  # a reload (`systemctl kill -s HUP`)
+        os.kill(os.getpid(), signal.SIGTERM)  # `systemctl stop`
+    return checked(*args, **kwargs)
+check_runs.calls = 0
+loader.check_runs = check_runs
+sys.exit(main(["run", "--config", sys.argv[1], "--state-dir", sys.argv[2],
+               "--bootstrap", "127.0.0.1:1"]))
+"""
+
+
+def test_a_signal_while_run_checks_the_definitions_does_not_kill_the_daemon(
+        tmp_path: Path) -> None:
+    """``k2eg-recorder run`` checked the run definitions (seconds for a large file) before it
+    installed its signal handlers: a SIGHUP then killed the daemon (SIGHUP's default
+    action; systemd counts that a clean exit, so ``Restart=on-failure`` did not start it
+    again), a SIGTERM too (exit -15 and not a word, for the documented 0). Both are now
+    acted on as at any later moment: the reload noted, the stop exits 0 before any run
+    starts."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(f"""
+name: r
+snapshot: {{snapshot_name: r, pv_uri_list: [pva://A], time_window: 100}}
+output: {{directory: {tmp_path / "data"}}}
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECORDER_")}
+    env["RECORDER_LOG_FORMAT"] = "json"
+    got = subprocess.run([sys.executable, "-c", CHECK_SIGNAL_SCRIPT, str(runs),
+                          str(tmp_path / "s")], capture_output=True, text=True, timeout=60,
+                         check=False, env=env)
+    assert got.returncode == 0, (got.returncode, got.stdout[-2000:], got.stderr[-2000:])
+    assert "run definitions loaded" in got.stdout and "daemon ready" not in got.stdout
+
+
 def test_a_run_a_reload_is_restarting_answers_for_itself(tmp_path: Path) -> None:
     """Between a reload that changed a run and the end of its old recording's stop, the
     run has no controller: admin commands for it were answered ``unknown_run`` ("no run
