@@ -285,40 +285,68 @@ lib = ctypes.CDLL("libseccomp.so.2")
 lib.seccomp_init.restype = ctypes.c_void_p
 lib.seccomp_init.argtypes = [ctypes.c_uint32]
 lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+class Cmp(ctypes.Structure):  # struct scmp_arg_cmp
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                       ctypes.c_uint, ctypes.POINTER(Cmp)]
 lib.seccomp_load.argtypes = [ctypes.c_void_p]
-ctx = lib.seccomp_init(0x00050000 | errno.EPERM)      # SystemCallErrorNumber=EPERM
-for name in json.loads(sys.argv[1]):
+ALLOW, EQ = 0x7FFF0000, 4
+def errno_action(value):
+    return 0x00050000 | value
+def rule(action, name, family=None):
     nr = lib.seccomp_syscall_resolve_name(name.encode())
-    if nr >= 0:
-        assert lib.seccomp_rule_add(ctx, 0x7FFF0000, nr, 0) == 0, name
+    if nr < 0:
+        return
+    cmp = Cmp(0, EQ, family or 0, 0)
+    count = 0 if family is None else 1
+    assert lib.seccomp_rule_add_array(ctx, action, nr, count, ctypes.byref(cmp)) == 0, name
+calls, families = json.loads(sys.argv[1])
+ctx = lib.seccomp_init(errno_action(errno.EPERM))       # SystemCallErrorNumber=EPERM
+for name in calls:
+    if name != "socket":
+        rule(ALLOW, name)
+if "socket" in calls:                                    # RestrictAddressFamilies=
+    for family in range(64):
+        rule(ALLOW if family in families else errno_action(errno.EAFNOSUPPORT), "socket",
+             family)
 assert lib.seccomp_load(ctx) == 0
 exec(sys.argv[2])
 """
 
 
 def run_under_unit_filter(code: str) -> subprocess.CompletedProcess[str]:
-    """``code`` in a Python child under the unit's system call filter (libseccomp)."""
+    """``code`` in a Python child under the unit's system call filter and address families
+    (libseccomp), as systemd applies them."""
     import ctypes.util
     import json
+    import socket
 
     if ctypes.util.find_library("seccomp") is None:
         pytest.skip("libseccomp is not installed")
-    allowed = sorted(unit_syscall_allow_list(UNIT.read_text()))
-    return subprocess.run([sys.executable, "-c", _UNDER_FILTER, json.dumps(allowed), code],
-                          capture_output=True, text=True, timeout=60, check=False)
+    text = UNIT.read_text()
+    allowed = sorted(unit_syscall_allow_list(text))
+    (families,) = get(text, "Service", "RestrictAddressFamilies")
+    numbers = [int(getattr(socket, name)) for name in families.split()]
+    return subprocess.run([sys.executable, "-c", _UNDER_FILTER, json.dumps([allowed, numbers]),
+                           code], capture_output=True, text=True, timeout=60, check=False)
 
 
 @needs_systemd
 def test_the_live_bridge_runs_under_the_units_syscall_filter() -> None:
-    # libzmq's I/O threads call pthread_setschedparam (sched_setscheduler) and abort the
-    # process when it fails: under ~@resources a run with a `bridge:` killed the daemon
+    # libzmq aborts the process when a call it needs is refused: its I/O threads set their
+    # scheduling policy (sched_setscheduler, in ~@resources), and a bind to an address (the
+    # bridge's `rep: PORT` is tcp://127.0.0.1:PORT) lists the interfaces (getifaddrs: an
+    # AF_NETLINK socket); either killed a daemon with a run with a `bridge:`
     pytest.importorskip("zmq")
     result = run_under_unit_filter(
         "import zmq\n"
         "ctx = zmq.Context()\n"
         "sock = ctx.socket(zmq.REP)\n"
         "sock.bind('tcp://127.0.0.1:*')\n"
+        "pub = ctx.socket(zmq.PUB)\n"
+        "pub.bind('tcp://localhost:*')\n"
+        "pub.close(linger=0)\n"
         "sock.close(linger=0)\n"
         "ctx.term()\n"
         "print('bridge sockets work')\n")
@@ -337,3 +365,15 @@ def test_the_units_syscall_filter_still_refuses_what_it_should() -> None:
         "    print('refused')\n")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "refused"
+
+
+@needs_systemd
+def test_the_units_address_families_are_applied() -> None:
+    result = run_under_unit_filter(
+        "import socket\n"
+        "try:\n"
+        "    socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
+        "except OSError as exc:\n"
+        "    print(exc.errno == 97)\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "True"
