@@ -96,16 +96,19 @@ class DaemonEnv:
 
 
 class DaemonProcess:
-    """``python -m recorder.cli run`` as a child process, killed by PID in teardown."""
+    """``python -m recorder.cli run`` as a child process, killed by PID in teardown (``wrap``:
+    the command line to run it under, given its own)."""
 
-    def __init__(self, env: DaemonEnv, name: str = "daemon") -> None:
+    def __init__(self, env: DaemonEnv, name: str = "daemon",
+                 wrap: Callable[[list[str]], list[str]] | None = None, umask: int = -1) -> None:
         self.env = env
         self.log_path = env.log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115
+        argv = [sys.executable, "-m", "recorder.cli", "run", "--config", str(env.config)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "recorder.cli", "run", "--config", str(env.config)],
+            argv if wrap is None else wrap(argv),
             stdout=self._log, stderr=subprocess.STDOUT, env=env.environ(), cwd=REPO,
-            start_new_session=True,
+            start_new_session=True, umask=umask,
         )
 
     def log_text(self) -> str:

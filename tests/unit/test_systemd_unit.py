@@ -253,83 +253,16 @@ def test_every_daemon_setting_the_env_example_documents_is_read() -> None:
 
 
 # ---------------------------------------------------------------- the system call filter
-def _syscall_group(name: str) -> set[str]:
-    """The system calls of ``@group`` (nested groups expanded), as this systemd knows it."""
-    out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True,
-                         text=True, timeout=60, check=True).stdout
-    calls: set[str] = set()
-    for raw in out.splitlines()[1:]:
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        calls |= _syscall_group(line) if line.startswith("@") else {line}
-    return calls
-
-
-def unit_syscall_allow_list(text: str) -> set[str]:
-    """The system calls the unit's ``SystemCallFilter=`` lines allow (systemd's rules: the
-    first line, an allow list, sets it; later lines add to it, ``~`` lines take away)."""
-    allowed: set[str] = set()
-    for value in get(text, "Service", "SystemCallFilter"):
-        deny = value.startswith("~")
-        calls: set[str] = set()
-        for item in value.lstrip("~").split():
-            calls |= _syscall_group(item) if item.startswith("@") else {item}
-        allowed = allowed - calls if deny else allowed | calls
-    return allowed
-
-
-_UNDER_FILTER = """
-import ctypes, errno, json, sys
-lib = ctypes.CDLL("libseccomp.so.2")
-lib.seccomp_init.restype = ctypes.c_void_p
-lib.seccomp_init.argtypes = [ctypes.c_uint32]
-lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-class Cmp(ctypes.Structure):  # struct scmp_arg_cmp
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
-                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
-lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
-                                       ctypes.c_uint, ctypes.POINTER(Cmp)]
-lib.seccomp_load.argtypes = [ctypes.c_void_p]
-ALLOW, EQ = 0x7FFF0000, 4
-def errno_action(value):
-    return 0x00050000 | value
-def rule(action, name, family=None):
-    nr = lib.seccomp_syscall_resolve_name(name.encode())
-    if nr < 0:
-        return
-    cmp = Cmp(0, EQ, family or 0, 0)
-    count = 0 if family is None else 1
-    assert lib.seccomp_rule_add_array(ctx, action, nr, count, ctypes.byref(cmp)) == 0, name
-calls, families = json.loads(sys.argv[1])
-ctx = lib.seccomp_init(errno_action(errno.EPERM))       # SystemCallErrorNumber=EPERM
-for name in calls:
-    if name != "socket":
-        rule(ALLOW, name)
-if "socket" in calls:                                    # RestrictAddressFamilies=
-    for family in range(64):
-        rule(ALLOW if family in families else errno_action(errno.EAFNOSUPPORT), "socket",
-             family)
-assert lib.seccomp_load(ctx) == 0
-exec(sys.argv[2])
-"""
-
-
 def run_under_unit_filter(code: str) -> subprocess.CompletedProcess[str]:
-    """``code`` in a Python child under the unit's system call filter and address families
-    (libseccomp), as systemd applies them."""
-    import ctypes.util
-    import json
-    import socket
+    """``code`` in a Python child under the unit's system call filter, address families and
+    MemoryDenyWriteExecute (tests/systemd_sandbox.py)."""
+    from systemd_sandbox import confined, unavailable
 
-    if ctypes.util.find_library("seccomp") is None:
-        pytest.skip("libseccomp is not installed")
-    text = UNIT.read_text()
-    allowed = sorted(unit_syscall_allow_list(text))
-    (families,) = get(text, "Service", "RestrictAddressFamilies")
-    numbers = [int(getattr(socket, name)) for name in families.split()]
-    return subprocess.run([sys.executable, "-c", _UNDER_FILTER, json.dumps([allowed, numbers]),
-                           code], capture_output=True, text=True, timeout=60, check=False)
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    return subprocess.run(confined([sys.executable, "-c", code]), capture_output=True,
+                          text=True, timeout=60, check=False)
 
 
 @needs_systemd
@@ -377,3 +310,20 @@ def test_the_units_address_families_are_applied() -> None:
         "    print(exc.errno == 97)\n")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "True"
+
+
+@needs_systemd
+def test_the_units_memory_deny_write_execute_is_applied() -> None:
+    result = run_under_unit_filter(
+        "import ctypes, mmap\n"
+        "try:\n"
+        "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+        "except OSError:\n"
+        "    print('refused')\n"
+        "else:\n"
+        "    libc = ctypes.CDLL(None)\n"
+        "    print('no MDWE' if libc.prctl(66, 0, 0, 0, 0) < 0 else 'allowed')\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    if result.stdout.strip() == "no MDWE":
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux < 6.3)")
+    assert result.stdout.strip() == "refused"
