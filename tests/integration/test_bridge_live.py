@@ -437,3 +437,25 @@ def test_a_request_waiting_when_a_recording_ends_is_answered_by_the_next_one() -
     finally:
         sink.close()
     assert sink.counters["replies"] == 2 and sink.counters.get("values_after_close", 0) == 0
+
+
+def test_ipc_endpoints_are_open_to_whoever_may_read_the_files(tmp_path: Path) -> None:
+    """A Unix socket takes a connection only from who may write it: under the unit's
+    UMask=0027 zmq made ipc:// endpoints 0750, so the analysts of the service's group, who
+    read its files, could not connect. The socket's write bits now follow its read bits."""
+    import os
+    import stat
+
+    rep, pub = tmp_path / "rep.sock", tmp_path / "pub.sock"
+    old = os.umask(0o027)
+    try:
+        sink = KaraboBridgeSink(BridgeOptions(rep=f"ipc://{rep}", pub=f"ipc://{pub}"),  # type: ignore[arg-type]
+                                run_name="ipc")
+    finally:
+        os.umask(old)
+    try:
+        assert sink.status == "serving", sink.reason
+        for path in (rep, pub):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o770, oct(path.stat().st_mode)
+    finally:
+        sink.close()

@@ -42,6 +42,7 @@ import collections
 import contextlib
 import dataclasses
 import os
+import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -347,6 +348,7 @@ class KaraboBridgeSink:
             _allow_ipv6(rep, opts.rep)
             rep.bind(opts.rep)
             self.endpoints["rep"] = rep.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._share_ipc(self.endpoints["rep"])
         if opts.pub is not None:
             pub = self._pub = self._ctx.socket(zmq.XPUB)
             pub.setsockopt(zmq.LINGER, PUB_LINGER_MS)
@@ -354,6 +356,22 @@ class KaraboBridgeSink:
             _allow_ipv6(pub, opts.pub)
             pub.bind(opts.pub)
             self.endpoints["pub"] = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._share_ipc(self.endpoints["pub"])
+
+    def _share_ipc(self, endpoint: str) -> None:
+        """Let whoever may read an ``ipc://`` endpoint's socket file connect to it: a Unix
+        socket takes connections only from who may write it, and zmq creates it with the
+        umask (the unit's UMask=0027: 0750, so the analysts of the service's group, who read
+        its files, could not connect)."""
+        path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else ""
+        if not path or path.startswith("@"):  # tcp, or an abstract socket: no file
+            return
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            os.chmod(path, mode | (mode & 0o444) >> 1)
+        except OSError as exc:
+            self._log.warning("ipc endpoint left as created", endpoint=endpoint,
+                              error=str(exc))
 
     def _close_sockets(self) -> None:
         for sock in (self._rep, self._pub):
