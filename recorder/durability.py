@@ -51,3 +51,30 @@ def make_directories(directory: Path, *, sync: bool = True) -> None:
     if sync:
         for new in reversed(created):
             sync_directory(new.parent)
+
+
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def private_tmp_mount(directory: Path) -> str | None:
+    """The mount point (``/tmp``, ``/var/tmp``) of systemd's ``PrivateTmp=`` that holds
+    ``directory``, or None: systemd deletes that directory, with all in it, when the service
+    stops. Found in :data:`MOUNTINFO`: the innermost mount holding ``directory`` has a
+    ``systemd-private-*`` directory for its source."""
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    path = os.path.abspath(directory)
+    found: str | None = None
+    depth = -1
+    for line in lines:  # later lines are mounted over earlier ones
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        root, point = fields[3], fields[4].replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= depth:
+            depth = len(point)
+            found = point if "/systemd-private-" in root else None
+    return found

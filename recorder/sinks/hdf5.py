@@ -38,7 +38,7 @@ import structlog
 from recorder import __version__
 from recorder.client.events import IterationEvent, IterationOpened
 from recorder.client.properties import PVUri, SnapshotProperties
-from recorder.durability import make_directories, sync_directory
+from recorder.durability import make_directories, private_tmp_mount, sync_directory
 from recorder.errors import SinkError
 from recorder.sinks import writelock
 from recorder.sinks.buffer import RecordingBuffer
@@ -279,6 +279,14 @@ class HDF5Recording:
 
     def _open_segment(self) -> None:
         self.segment += 1
+        private = private_tmp_mount(self.options.directory)
+        if private is not None:
+            raise SinkError(
+                f"output directory {self.options.directory} is in the service's private "
+                f"{private} (the unit's PrivateTmp=), which systemd deletes, with every file "
+                "recorded there, when the service stops: record into a directory listed in "
+                "the unit's ReadWritePaths="
+            )
         try:
             make_directories(self.options.directory, sync=self.options.fsync)
         except OSError as exc:
