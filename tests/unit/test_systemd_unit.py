@@ -182,6 +182,8 @@ def test_project_rules() -> None:
     stop = _seconds(get(text, s, "TimeoutStopSec")[0])
     assert stop > DaemonSettings.model_fields["shutdown_timeout_s"].default
     assert get(text, "Install", "WantedBy") == ["multi-user.target"]
+    # ~4 descriptors per run's writer: the default soft limit (1024) ends at ~240 runs
+    assert int(get(text, s, "LimitNOFILE")[0]) >= 8192
 
 
 def _seconds(value: str) -> float:
