@@ -156,10 +156,13 @@ class AdminLink:
         offsets: dict[int, int] = {}
         for partition, (low, high) in marks.items():
             saved = start.get(partition)
-            # a partition the saved position does not name was added since it was saved
-            offsets[partition] = low if saved is None else min(max(saved, low), high)
+            # a partition the saved position does not name was added since it was saved; one
+            # that ends below it was created again since: every command it holds is unread
+            # (those answered before are `duplicate` by their request_ids, or `expired`)
+            offsets[partition] = low if saved is None or saved > high else max(saved, low)
             if saved is not None and saved != offsets[partition]:
-                _log.warning("saved admin offset outside the topic: clamped",
+                _log.warning("saved admin offset outside the topic (its beginning deleted, or "
+                             "the topic created again): read from its oldest command",
                              partition=partition, saved=saved, low=low, high=high)
         waiting = sum(high - offsets[p] for p, (_low, high) in marks.items())
         _log.info("admin topic resumed from the saved offsets", offsets=offsets,

@@ -278,3 +278,61 @@ runs:
     assert len(ids) == len(set(ids)), replies
     assert {handled.request_id, stale.request_id, fresh.request_id} <= set(ids)
     assert '"admin topic resumed from the saved offsets"' in second.log_text()
+
+
+def test_commands_on_an_admin_topic_created_again_while_the_daemon_is_down_are_answered(
+    tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[[str], str],
+    daemons: list[DaemonProcess],
+) -> None:
+    """The admin topic deleted and created again while the daemon is down: its offsets start
+    at 0 again, below the saved read position. Everything it holds was sent after the daemon
+    stopped: it is read from its beginning (the position was clamped to its end, so the
+    commands sent meanwhile were never read, never answered)."""
+    from confluent_kafka.admin import AdminClient as KafkaAdmin
+    from confluent_kafka.admin import NewTopic
+
+    token = unique_name("adm").replace("-", "_")
+    config = tmp_path / "runs.yaml"
+    config.write_text(f"""
+name: late
+autostart: false
+snapshot: {{snapshot_name: late_{token}, pv_uri_list: [pva://SIM:AI:DOUBLE:2]}}
+output: {{directory: {tmp_path}/data/late}}
+""")
+    denv = DaemonEnv.in_dir(tmp_path, kafka_bootstrap, unique_name, config)
+    with simulator(denv.bootstrap, denv.cmd_topic):
+        with denv.admin() as admin:
+            first = DaemonProcess(denv, "first")
+            daemons.append(first)
+            wait_for(lambda: run_state(admin, "late") is not None, 40, "the daemon to answer")
+            for _ in range(4):
+                assert request(admin, "status", timeout=20).ok
+            first.signal(signal.SIGTERM)
+            assert first.wait(60) == 0, first.log_text()[-3000:]
+        saved = json.loads((denv.state_dir / ".admin-offsets.json").read_text())
+        assert saved["offsets"]["0"] >= 4, saved
+
+        kafka = KafkaAdmin({"bootstrap.servers": denv.bootstrap})
+        for future in kafka.delete_topics([denv.admin_topic], operation_timeout=10).values():
+            future.result(15)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                for future in kafka.create_topics([NewTopic(denv.admin_topic, 1, 1)]).values():
+                    future.result(15)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+        with denv.admin() as admin:
+            fresh = admin.build("start", "late")
+            admin.send(fresh)
+            second = DaemonProcess(denv, "second")
+            daemons.append(second)
+            reply = admin.wait_reply(fresh.request_id, 40)
+            assert reply.ok, reply
+            assert (run_state(admin, "late") or {}).get("state") == "recording"
+            second.signal(signal.SIGTERM)
+            assert second.wait(60) == 0, second.log_text()[-3000:]
