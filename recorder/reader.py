@@ -335,7 +335,8 @@ class RecordingFile:
     @property
     def writer_active(self) -> bool | None:
         """Whether a writer still writes this file: True while a recorder holds the lock of a
-        live ``.partial``; False for a finalized file and for a ``.partial`` nobody holds (a
+        live ``.partial``; False for a finalized file (a ``.partial`` finalized since is
+        followed, as :meth:`refresh` does) and for a ``.partial`` nobody holds (a
         crashed or failed writer: its last commit still says ``recording``; ``k2eg-recorder
         recover`` finalizes it); None where it cannot be told (no OFD locks, e.g. some
         network file systems). A watch loop that also ends on a dead writer::
@@ -343,9 +344,12 @@ class RecordingFile:
             while f.status == "recording" and f.writer_active is not False:
                 f.refresh()
         """
-        if self.layout != "live":
-            return False
-        if not self.path.exists():  # finalized since (refresh() follows it) or removed
+        if self.layout == "live" and not self.path.exists():
+            # finalized since, or removed: follow the finalized file now, so that the
+            # status read after a watch loop that ends here is its status, not the
+            # ``recording`` of the live file's last commit (which looks like a crash)
+            self.refresh()
+        if self.layout != "live" or not self.path.exists():
             return False
         return writer_active(self.path)
 

@@ -273,6 +273,31 @@ def test_writer_active_tells_a_live_file_from_a_crashed_one(tmp_path: Path) -> N
         assert loops == 0
 
 
+def test_a_watch_loop_ending_at_finalization_sees_the_finalized_status(
+    tmp_path: Path,
+) -> None:
+    """The README's watch loop (``while f.status == "recording" and f.writer_active is not
+    False: f.refresh()``, with a pause after each refresh) ends when the file is finalized
+    between a refresh and the next check, and ``f.status`` then says ``complete``: not
+    ``recording`` with no writer, which is how a crashed recording looks."""
+    from test_hdf5_roundtrip import write_iteration
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path), run_name="watch")
+    write_iteration(rec, 0, [PVSample("P", {"value": 0.0})])
+    rec.flush()
+    partial = rec.current_path
+    assert partial is not None
+    with open_file(partial) as f:
+        finalized: list[Path] = []
+        while f.status == "recording" and f.writer_active is not False:
+            f.refresh()
+            if not finalized:  # the writer finalizes while the watcher pauses
+                write_iteration(rec, 1, [PVSample("P", {"value": 1.0})])
+                finalized.extend(rec.close())
+        assert (f.status, f.layout, f.path) == ("complete", "final", finalized[0])
+        assert f.values("P").tolist() == [0.0, 1.0]
+
+
 def test_an_unsigned_pv_crossing_int64s_range_keeps_every_value_exact(tmp_path: Path) -> None:
     """Integers are int64, uint64 only above int64's range: a ulong PV going from 5 to
     2**64 - 1 changes type (the later rows in the metadata). values() gives each integer
