@@ -199,25 +199,32 @@ class SnapshotSpec(BaseModel):
     def _distinct_base_names(cls, uris: tuple[str, ...]) -> tuple[str, ...]:
         # the gateway keys data by base name: pva://X and ca://X.VAL would mix in one dataset
         first: dict[str, int] = {}
+        problems: list[tuple[str, tuple[str | int, ...]]] = []
         for index, uri in enumerate(uris):
             name = PVUri.parse(uri).name
             if name in first:
-                raise invalid(
+                problems.append((
                     f"{uri!r} names the same PV ({name}) as entry {first[name]} "
                     f"({uris[first[name]]!r}); the gateway sends both under one key",
-                    index,
-                )
-            first[name] = index
+                    (index,),
+                ))
+            else:
+                first[name] = index
+        if problems:  # every one at once, as validate promises
+            raise invalid_all(problems)
         return uris
 
     @field_validator("pv_field_filter_list")
     @classmethod
     def _distinct_filters(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         seen: set[str] = set()
+        problems: list[tuple[str, tuple[str | int, ...]]] = []
         for index, name in enumerate(value):
             if name in seen:
-                raise invalid(f"{name!r} is listed twice", index)
+                problems.append((f"{name!r} is listed twice", (index,)))
             seen.add(name)
+        if problems:
+            raise invalid_all(problems)
         return value
 
     @model_validator(mode="after")
@@ -286,23 +293,30 @@ class RunMetadata(BaseModel):
     @classmethod
     def _tags(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
         seen: set[str] = set()
+        problems: list[tuple[str, tuple[str | int, ...]]] = []
         for index, tag in enumerate(tags):
             if not tag.strip():
-                raise invalid("tags must not be empty", index)
-            if tag in seen:
-                raise invalid(f"tag {tag!r} is listed twice", index)
+                problems.append(("tags must not be empty", (index,)))
+            elif tag in seen:
+                problems.append((f"tag {tag!r} is listed twice", (index,)))
             seen.add(tag)
+        if problems:
+            raise invalid_all(problems)
         return tags
 
     @field_validator("attributes")
     @classmethod
     def _attribute_names(cls, attributes: dict[str, Any]) -> dict[str, Any]:
+        problems: list[tuple[str, tuple[str | int, ...]]] = []
         for key in attributes:
             if not ATTRIBUTE_NAME_RE.match(key):
-                raise invalid(f"attribute name {key!r} must match {ATTRIBUTE_NAME_RE.pattern}", key)
-            if key in METADATA_FIELDS:  # one map in the file: it would replace the field
-                raise invalid(f"attribute {key!r} would replace metadata.{key} in the files; "
-                              f"set metadata.{key}, or give the attribute another name", key)
+                problems.append((
+                    f"attribute name {key!r} must match {ATTRIBUTE_NAME_RE.pattern}", (key,)))
+            elif key in METADATA_FIELDS:  # one map in the file: it would replace the field
+                problems.append((f"attribute {key!r} would replace metadata.{key} in the files; "
+                                 f"set metadata.{key}, or give the attribute another name", (key,)))
+        if problems:
+            raise invalid_all(problems)
         return attributes
 
     def file_attributes(self) -> dict[str, str | int | float | bool | list[str]]:

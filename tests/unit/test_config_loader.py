@@ -427,6 +427,32 @@ def test_every_setting_the_gateway_would_ignore_is_reported_at_once() -> None:
     assert len(got) == 1 and "snapshot.pv_uri_list.0: 'pva://has space'" in got[0], got
 
 
+def test_every_repeated_or_reserved_list_entry_is_reported_at_once() -> None:
+    """`validate` reports every problem at once (README): two PVs repeated, two field
+    filters repeated, two tags repeated and two reserved attribute names are each reported,
+    not only the first of each list (the second showed only once the first was fixed)."""
+    text = """\
+    name: a
+    snapshot:
+      snapshot_name: a
+      type: timedbuffered
+      pv_uri_list: [pva://X, ca://X, pva://Y, pva://Y]
+      pv_field_filter_list: [value, value, alarm, alarm]
+    output: {directory: /data/a}
+    metadata:
+      tags: [t, t, u, u]
+      attributes: {description: d, tags: x, experiment: e}
+    """
+    got = problems_of(text)
+    assert [p.split(": ", 2)[1] for p in got] == [
+        "snapshot.pv_uri_list.1", "snapshot.pv_uri_list.3",
+        "snapshot.pv_field_filter_list.1", "snapshot.pv_field_filter_list.3",
+        "metadata.tags.1", "metadata.tags.3",
+        "metadata.attributes.description", "metadata.attributes.tags",
+        "metadata.attributes.experiment",
+    ], got
+
+
 def test_collisions_are_reported_with_the_runs_other_errors(tmp_path: Path) -> None:
     """A run with an error of its own still takes part in the checks between runs (name,
     k2eg topic), so one pass reports the collision too, not only after the other fix."""
