@@ -48,6 +48,13 @@ STACKS_FD_ENV = "K2EG_RECORDER_STACKS_FD"  # where the child writes its stacks a
 CHILD_IGNORES: frozenset[signal.Signals] = frozenset(
     {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 """The child ignores them: the daemon decides when a recovery ends (its deadline)."""
+MAX_RECOVERING = max(2, os.cpu_count() or 2)
+"""Recovery processes running at once, at most (each imports h5py: ~35 MB, ~0.4 s of CPU).
+A daemon of 200 runs killed: at the next start every run recovered its leftover at once,
+200 processes (~7 GB) sharing the cores, each one's deadline running while it waited for
+the CPU, so that large leftovers all passed it and were all left ``.partial``. A recovery
+waits for a place (:data:`_TURNS`), and its deadline counts from then."""
+_TURNS = threading.BoundedSemaphore(MAX_RECOVERING)
 
 
 def finalize_leftover(partial: Path, run: str, *, timeout_s: float = LEFTOVER_TIMEOUT_S
@@ -145,6 +152,7 @@ def _plugin_filtered(dataset: Any) -> bool:
 
 _RECOVERING: dict[subprocess.Popen[str], tuple[Path, bytes]] = {}  # child -> its file
 _RECOVERING_LOCK = threading.Lock()
+_EXITING = threading.Event()  # the daemon exits: no recovery starts (one waiting for its turn)
 
 
 @atexit.register
@@ -153,6 +161,7 @@ def _end_recoveries() -> None:
     each file left as it was for the next start. Orphaned, nothing ended one at its
     deadline (one looping in HDF5 held a core for good)."""
     with _RECOVERING_LOCK:
+        _EXITING.set()
         running = list(_RECOVERING.items())
         _RECOVERING.clear()
     for proc, (partial, original) in running:
@@ -167,9 +176,16 @@ def _end_recoveries() -> None:
 
 def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) -> Path:
     """:func:`recorder.sinks.recover.recover_file` of ``partial`` in a child process, killed
-    after ``timeout_s`` plus a second per 50 MB. Raises what recover_file raises: OSError
+    after ``timeout_s`` plus a second per 50 MB, once it has its turn (at most
+    :data:`MAX_RECOVERING` at once). Raises what recover_file raises: OSError
     (FileBusyError: a writer still holds the file), DamagedFileError (also when the child
     was killed) or RecorderError."""
+    with _TURNS:
+        return _recover_in_child(partial, timeout_s)
+
+
+def _recover_in_child(partial: Path, timeout_s: float) -> Path:
+    """:func:`recover_in_child`, its turn taken."""
     try:
         size = partial.stat().st_size
     except OSError:
@@ -183,14 +199,16 @@ def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) ->
         # it starts with the signals it ignores blocked (the mask survives exec), as a writer
         # does: a terminal's Ctrl-C (SIGINT to the whole foreground group) or `systemctl
         # kill` ended the recovery, and the intact file was left for the operator
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_IGNORES)
-        try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, pass_fds=(stacks,),
-                                    env={**os.environ, STACKS_FD_ENV: str(stacks)})
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        with _RECOVERING_LOCK:
+        with _RECOVERING_LOCK:  # not started once the daemon exits (_end_recoveries)
+            if _EXITING.is_set():
+                raise RecorderError(f"{partial}: not recovered: the daemon is exiting")
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_IGNORES)
+            try:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, pass_fds=(stacks,),
+                                        env={**os.environ, STACKS_FD_ENV: str(stacks)})
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _RECOVERING[proc] = (partial, original)
         with proc:
             try:
