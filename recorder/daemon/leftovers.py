@@ -45,6 +45,8 @@ LEFTOVER_TIMEOUT_S = 300.0  # RECORDER_LEFTOVER_TIMEOUT_S: the child's deadline 
 LEFTOVER_BYTES_PER_S = 50e6  # ... plus a second per 50 MB of the file
 RESULT = "RESULT "  # the child's answer on stdout: this, then JSON
 STACKS_FD_ENV = "K2EG_RECORDER_STACKS_FD"  # where the child writes its stacks at SIGUSR1
+PARENT_ENV = "K2EG_RECORDER_RECOVERY_PARENT"  # the daemon's pid: the child ends with it
+_PR_SET_PDEATHSIG = 1
 CHILD_IGNORES: frozenset[signal.Signals] = frozenset(
     {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 """The child ignores them: the daemon decides when a recovery ends (its deadline)."""
@@ -206,7 +208,8 @@ def _recover_in_child(partial: Path, timeout_s: float) -> Path:
             try:
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, pass_fds=(stacks,),
-                                        env={**os.environ, STACKS_FD_ENV: str(stacks)})
+                                        env={**os.environ, STACKS_FD_ENV: str(stacks),
+                                             PARENT_ENV: str(os.getpid())})
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _RECOVERING[proc] = (partial, original)
@@ -287,7 +290,24 @@ def _dump_stacks_on_sigusr1() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
+def _end_with_the_daemon() -> None:
+    """Be killed (SIGKILL) when the daemon that started this recovery dies. A daemon killed
+    again (kill -9) while it recovered a leftover left it running alone, holding the file's
+    lock, for as long as a large file takes: the next daemon found the file busy, gave up
+    and resumed from its state file, before what the file holds (iterations recorded
+    twice). Killed, the file is recovered again by the next start (it stays a .partial
+    until the final file, synced whole, takes its place)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = os.environ.get(PARENT_ENV)
+    if parent is not None and parent.isdigit() and os.getppid() != int(parent):
+        os._exit(1)  # it died before prctl: nobody waits for this recovery
+
+
 if __name__ == "__main__":
+    _end_with_the_daemon()
     for _sig in CHILD_IGNORES:  # blocked until now (see recover_in_child)
         signal.signal(_sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_IGNORES)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -99,3 +100,70 @@ def test_many_runs_recovering_their_leftovers_at_once_take_turns(tmp_path: Path)
     assert sorted(results) == partials
     assert all(results[p] == p.with_name(p.name.removesuffix(".partial")) for p in partials)
     assert not any(p.exists() for p in partials)
+
+
+DAEMON = r"""
+import sys
+from pathlib import Path
+from recorder.daemon import leftovers
+leftovers.superblock_bytes = lambda path: b""  # not of a FIFO
+leftovers.finalize_leftover(Path(sys.argv[1]), "r", timeout_s=600)
+"""
+
+
+def _children(pid: int, marker: bytes) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and marker in cmd:
+            out.append(int(entry.name))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_recovery_does_not_outlive_its_daemon_killed_while_it_ran(tmp_path: Path) -> None:
+    """The daemon killed (kill -9) again while it recovered a leftover at its start: the
+    recovery process (which ignores SIGTERM, SIGINT and SIGHUP) went on alone, holding the
+    leftover's lock, for as long as a large file takes. The daemon started next found the
+    file busy, gave up after 5 s ("could not recover a leftover file") and resumed from the
+    state file, before what the file held (iterations recorded twice), and the file that
+    recovery finalized later was never told of. The recovery now ends with its daemon;
+    the next start recovers the file again."""
+    import signal
+
+    partial = tmp_path / "r_0000.h5.partial"
+    os.mkfifo(partial)  # opening it blocks: a recovery that takes its time
+    daemon = subprocess.Popen([sys.executable, "-c", DAEMON, str(partial)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (child := _children(daemon.pid, b"recorder.daemon.leftovers")):
+            assert daemon.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        daemon.kill()
+        daemon.wait(10)
+        deadline = time.monotonic() + 10
+        while not _gone(child[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(child[0]), "the recovery outlived the daemon that started it"
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+        for pid in child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
