@@ -117,12 +117,12 @@ def _not_regular(path: Path) -> str:
 
 
 def _superblock_only(path: Path) -> bool:
-    """Left by a writer killed while it created it (recover_file removes it): verify
-    would call it truncated."""
-    from recorder.sinks.superblock import superblock_only
+    """Left by a writer killed while it created it, empty or its superblock only
+    (recover_file removes it): verify would call it truncated, or not an HDF5 file."""
+    from recorder.sinks.recover import holds_nothing
 
     try:
-        return superblock_only(path)
+        return holds_nothing(path)
     except OSError:
         return False
 

@@ -37,6 +37,13 @@ def find_partials(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(PARTIAL_SUFFIX))
 
 
+def holds_nothing(path: Path) -> bool:
+    """Whether ``path`` is what a writer killed while it created the file left: empty (HDF5
+    had opened it, not yet written its superblock) or only its superblock. Not whether a
+    writer holds it (see :func:`recover_file`)."""
+    return path.stat().st_size == 0 or superblock_only(path)
+
+
 def _finalized_already(path: Path) -> bool:
     """Whether ``path``'s final name holds the finalized file of the same recording segment
     (same ``recording_uid`` and ``segment``)."""
@@ -107,8 +114,8 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
     :class:`DamagedFileError` when what it holds does not read back (:class:`HeapLoopError`,
     an OSError too, for a global heap HDF5 would loop on; also when the finalized
     file would not pass ``check``, e.g. ``k2eg-recorder verify``): the file is then left as
-    it was, byte for byte, and no final file is written. A ``.partial`` that is only its
-    superblock (its writer was killed while it created it: no data) is removed, and
+    it was, byte for byte, and no final file is written. A ``.partial`` that is empty or
+    only its superblock (its writer was killed while it created it: no data) is removed, and
     :class:`NothingToRecoverError` raised. ``heap_checked``: the caller has
     just scanned the file's global heap (:func:`~recorder.sinks.h5open.check_heap`, which
     ``k2eg-recorder verify`` runs), so it is not scanned again (~0.6 s per GB each time).
@@ -134,7 +141,7 @@ def recover_file(path: Path, *, by: str = "k2eg-recorder recover",
     if lock is None and writer_active(path):
         raise busy
     try:
-        if lock is not None and lock.guards_hdf5 and superblock_only(path):
+        if lock is not None and lock.guards_hdf5 and holds_nothing(path):
             # no HDF5 writer has it open either (its exclusive flock, until SWMR starts)
             path.unlink()
             sync_directory(path.parent)  # gone for good, or a power cut brings it back

@@ -658,3 +658,47 @@ def test_a_format_version_that_is_not_major_minor_is_refused_alike(
     assert cli_main(["recover", "--no-verify", str(partial)]) == 1
     assert "is not MAJOR.MINOR" in capsys.readouterr().out
     assert partial.exists()
+
+
+def test_an_empty_leftover_a_writer_killed_while_hdf5_created_its_file_is_removed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """HDF5 creates the file (an open with O_CREAT) before it writes its superblock: a
+    writer killed in between (a daemon of many runs killed again while their resumed
+    recordings created their first segments) left an empty ``.partial``. `recover` refused
+    it for ever (exit 1, "file signature not found"), as the daemon's recovery did ("could
+    not recover a leftover file"), and `verify` failed it every night. It holds nothing: it
+    is removed, and said so."""
+    from recorder.daemon import leftovers
+
+    partial = tmp_path / "r_20261124T220818Z_0000_s0001.h5.partial"
+    partial.touch()
+    assert cli_main(["recover", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{partial}: removed: it holds nothing" in out, out
+    assert list(tmp_path.iterdir()) == []
+    partial.touch()
+    assert leftovers.finalize_leftover(partial, "r") is None
+    assert not partial.exists()
+    assert "could not recover" not in capsys.readouterr().out
+
+
+def test_an_empty_file_an_hdf5_writer_is_creating_is_not_removed(tmp_path: Path) -> None:
+    """Empty while HDF5 creates it (its exclusive lock held): not a leftover."""
+    from recorder.errors import NothingToRecoverError
+    from recorder.sinks.recover import recover_file
+
+    partial = tmp_path / "x.h5.partial"
+    partial.touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'r+b'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('open', flush=True); sys.stdin.read()",
+         str(partial)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        with pytest.raises(OSError) as raised:
+            recover_file(partial)
+        assert not isinstance(raised.value, NothingToRecoverError)
+        assert partial.exists() and partial.stat().st_size == 0
+    finally:
+        holder.kill()
+        holder.wait()
