@@ -592,7 +592,7 @@ class RunController:
             if active.current_file:  # the file a crash left is finalized all the same (the
                 self._recover_leftover(stored, active)  # state file is replaced below)
             active = None
-        if active is not None and active.current_file:
+        if active is not None:  # also when it names no file: a later segment may be left
             active = self._recover_leftover(stored, active)
         start_at: StartAt | None = None
         primed: dict[str, Any] = {}
@@ -706,8 +706,14 @@ class RunController:
     def _recover_leftover(self, stored: StoredState, active: ActiveRecording) -> ActiveRecording:
         """Finalize the ``.partial`` file an earlier process left and resume after the last
         offset it really holds: a writer process outlives a killed daemon long enough to
-        flush what it had received, which may be more than the state file says."""
-        assert active.current_file is not None
+        flush what it had received, which may be more than the state file says. A state file
+        that names no file (the last start recovered it, then died before it saved the file
+        its resumed recording created): the segments after it only."""
+        if active.current_file is None:
+            offsets, segments = self._recover_later_segments(active, dict(active.offsets))
+            if offsets == active.offsets and segments == active.segments:
+                return active  # nothing left: the state file stays as it is
+            return self._save_recovered(stored, active, offsets, segments)
         partial = Path(active.current_file)
         leftover = finalize_leftover(partial, self.name, timeout_s=self._leftover_timeout_s)
         finalized_before = final_path(partial)
@@ -730,6 +736,12 @@ class RunController:
         else:
             offsets = self._offsets_after(leftover, active.topic, active.offsets)
         offsets, segments = self._recover_later_segments(active, offsets)
+        return self._save_recovered(stored, active, offsets, segments)
+
+    def _save_recovered(self, stored: StoredState, active: ActiveRecording,
+                        offsets: dict[int, int], segments: int) -> ActiveRecording:
+        """The state file once the files ``active`` left are recovered: resumed after
+        ``offsets``, into segment ``segments``, naming no file."""
         try:
             new = self._store.update(stored, offsets=offsets, current_file=None,
                                      segments=segments)

@@ -2438,6 +2438,51 @@ def test_a_resume_does_not_take_an_earlier_recordings_segments_for_its_own(
         assert c.join(60)
 
 
+@pytest.mark.parametrize("left", ["empty", "superblock"])
+def test_a_resume_recovers_the_segment_the_daemon_killed_during_the_last_resume_opened(
+        tmp_path: Path, left: str) -> None:
+    """A daemon killed, then the next one killed too while it resumed: it had recovered the
+    leftover (the state file then names no file, and the next segment number) and its new
+    recording had created its first segment, not yet saved in the state file. The third
+    start looked for later segments only after recovering a file the state file names, so
+    that segment's .partial (empty, or only its superblock: no data reaches it before the
+    state file names it) stayed for good, and the resumed recording went on beside it
+    ("..._s0001-1.h5"). It is now found and removed (it holds nothing)."""
+    import datetime as dt
+
+    from recorder.sinks.options import partial_path, render_file_name
+
+    d = RunDefinition.model_validate({
+        "name": "r",
+        "snapshot": {"snapshot_name": "snap", "pv_uri_list": ["pva://A:B"]},
+        "output": {"directory": str(tmp_path / "out"), "isolate": False},
+    })
+    started = int(1.7e18)
+    name = render_file_name(d.output, run="r", snapshot="snap", seq=0, segment=1,
+                            start=dt.datetime.fromtimestamp(started / 1e9, dt.UTC))
+    leftover = partial_path(name)
+    leftover.parent.mkdir(parents=True)
+    if left == "empty":
+        leftover.touch()
+    else:  # a writer killed after HDF5 wrote the superblock
+        import h5py
+
+        h5py.File(leftover, "x", libver=("v110", "v110")).close()
+        whole = leftover.read_bytes()
+        leftover.write_bytes(whole[:48])
+    c, client, _told = _resumed_from(tmp_path, d, {
+        "uid": "uid", "offsets": 41, "current_file": None, "segments": 1})
+    try:
+        c.start().result(60)
+        assert client.starts[-1] is not None and client.starts[-1].offsets == {0: 42}
+        assert not leftover.exists()
+        (current,) = (tmp_path / "out").glob("*.partial")
+        assert "-1." not in current.name, current
+    finally:
+        c.shutdown().result(60)
+        assert c.join(60)
+
+
 @pytest.mark.timeout(120)
 def test_a_resume_with_file_names_too_long_to_keep_whole_ends(tmp_path: Path) -> None:
     """A file name longer than 200 bytes is shortened; it was cut at its end, taking the
