@@ -20,6 +20,7 @@ are unaffected. Files being written are ``<name>.h5.partial`` (SWMR, log-structu
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import json
@@ -311,6 +312,11 @@ class HDF5Recording:
             f = h5py.File(partial, "x", libver=("v110", "v110"), rdcc_nbytes=LIVE_CHUNK_CACHE)
         except OSError as exc:
             if exc.errno not in _NOT_WRITABLE:  # a full disk stays HDF5's own (it resumes)
+                # HDF5 created the file (unique_path: the name was free), then could not
+                # write its superblock: the empty file was left, a broken .partial
+                with contextlib.suppress(OSError):
+                    if partial.stat().st_size == 0:
+                        partial.unlink()
                 raise
             raise SinkError(
                 f"output directory {self.options.directory} is not writable: "

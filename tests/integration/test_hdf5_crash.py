@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -702,3 +703,30 @@ def test_an_empty_file_an_hdf5_writer_is_creating_is_not_removed(tmp_path: Path)
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_recording_that_cannot_create_its_file_on_a_full_disk_leaves_no_empty_file(
+        tmp_path: Path) -> None:
+    """HDF5 creates the file, then fails to write its superblock (ENOSPC): the recording
+    failed ("it resumes when its disk has room again") and left an empty ``.partial``, one
+    more at each start or rotation the full disk refused; `verify` failed each one
+    ("file signature not found") and `recover` refused them. The file it created is
+    removed."""
+    from daemon_support import tmpfs
+
+    from recorder.sinks.hdf5 import HDF5Recording
+    from recorder.sinks.options import OutputOptions
+
+    full = tmp_path / "full"
+    full.mkdir()
+    with tmpfs(full, "1m") as mounted:
+        if not mounted:
+            pytest.skip("needs a tmpfs (root) for a real ENOSPC")
+        filler = full / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            while True:
+                f.write(bytes(4096))
+                f.flush()
+        rec = HDF5Recording(OutputOptions(directory=full), run_name="z", pv_uris=["pva://A"])
+        assert rec.status == "failed" and "No space left" in rec.reason, rec.reason
+        assert sorted(p.name for p in full.iterdir()) == ["filler"]
