@@ -1315,12 +1315,11 @@ class RunController:
         if active is None:
             return
         partial = active.current_file
-        if partial:
-            self._recover_leftover(stored, active)
-            stored = self._store.load(self.name)
-            if Path(partial).exists():
-                self._log.warning("the stopped recording's file could not be finalized now: "
-                                  "left for k2eg-recorder recover", path=partial)
+        self._recover_leftover(stored, active)  # also a later segment when it names none
+        stored = self._store.load(self.name)
+        if partial and Path(partial).exists():
+            self._log.warning("the stopped recording's file could not be finalized now: "
+                              "left for k2eg-recorder recover", path=partial)
         try:
             self._store.end(stored)
         except RecorderError as exc:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -2478,6 +2479,26 @@ def test_a_resume_recovers_the_segment_the_daemon_killed_during_the_last_resume_
         assert not leftover.exists()
         (current,) = (tmp_path / "out").glob("*.partial")
         assert "-1." not in current.name, current
+    finally:
+        c.shutdown().result(60)
+        assert c.join(60)
+    # the same left by a recording an admin stop ended (the daemon's budget ran out): the
+    # next start ends that recording, its files finalized, this one removed
+    shutil.rmtree(tmp_path / "out")
+    shutil.rmtree(tmp_path / "state")
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"")
+    store = ResumeStore(tmp_path / "state")
+    store.begin("r", ActiveRecording("uid", 0, d.snapshot.topic, "snap", {0: 41}, None, 1,
+                                     started_at_ns=started, stopped=True))
+    c = RunController(d, FakeClient(), store,  # type: ignore[arg-type]
+                      backoff=Backoff(initial_s=0.05, factor=2, max_s=0.2, jitter=0))
+    try:
+        wait_until = time.monotonic() + 30
+        while store.load("r").active is not None and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        assert store.load("r").active is None
+        assert not leftover.exists()
     finally:
         c.shutdown().result(60)
         assert c.join(60)
