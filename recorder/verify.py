@@ -334,7 +334,8 @@ class _Checker:
 
     # --- final layout ------------------------------------------------------------------
     def final(self, f: h5py.File, attrs: Mapping[str, Any]) -> None:
-        major = format_major(str(attrs["format_version"])) or KNOWN_MAJOR  # root() checked it
+        major = format_major(str(attrs["format_version"]))
+        assert major is not None  # root() stopped at any other
         columns = FINAL_ITERATION_COLUMNS + (("tags",) if "tags" in f.get("iterations", {})
                                              else ())
         it = self.iterations(f, columns, None)
