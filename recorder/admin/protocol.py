@@ -99,6 +99,14 @@ MAX_ISSUED_AT = 2**63 - 1  # Kafka's timestamps are int64 ms; beyond, an age ove
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}\Z")
 TOPIC_RE = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9._\-]{1,249}\Z")
 TOPIC_RULE = "not a valid Kafka topic name ([A-Za-z0-9._-]{1,249})"  # what TOPIC_RE refuses
+
+
+def topic_collision_key(topic: str) -> str:
+    """What Kafka compares topic names by when it refuses a new topic that collides with an
+    existing one: ``.`` and ``_`` taken for the same character."""
+    return topic.replace(".", "_")
+
+
 RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\Z")  # as recorder.config.models
 SIGNATURE_RE = re.compile(r"^[0-9a-f]{64}\Z")
 COMMAND_KEYS = frozenset(

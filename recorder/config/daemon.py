@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from recorder.admin.protocol import TOPIC_RE, TOPIC_RULE, CommandPolicy
+from recorder.admin.protocol import TOPIC_RE, TOPIC_RULE, CommandPolicy, topic_collision_key
 from recorder.daemon.diskspace import MinFree
 
 if TYPE_CHECKING:
@@ -148,11 +148,8 @@ class DaemonSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> DaemonSettings:
-        def fold(topic: str) -> str:  # Kafka takes '.' and '_' for the same in topic names
-            return topic.replace(".", "_")
-
         others = (self.admin_reply_topic, self.status_topic, self.files_topic)
-        if fold(self.admin_topic) in map(fold, others):
+        if topic_collision_key(self.admin_topic) in map(topic_collision_key, others):
             raise ValueError("RECORDER_ADMIN_TOPIC must differ from RECORDER_ADMIN_REPLY_TOPIC, "
                              "RECORDER_STATUS_TOPIC and RECORDER_FILES_TOPIC (Kafka takes '.' "
                              "and '_' in topic names for the same)")

@@ -48,6 +48,7 @@ from ruamel.yaml.events import CollectionEndEvent, CollectionStartEvent
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.reader import ReaderError
 
+from recorder.admin.protocol import topic_collision_key
 from recorder.client.properties import SNAPSHOT_NAME_RE, normalize_snapshot_name
 from recorder.config.models import RUN_NAME_RE, RunDefinition, SnapshotSpec, directory_problem
 from recorder.errors import ConfigError
@@ -579,10 +580,9 @@ def _cross_checks(
     by_file: dict[Path, tuple[RunDefinition, RunSource]] = {}
     bound: list[tuple[str, RunDefinition, RunSource]] = []  # live bridge endpoints
     sample_start = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-    # Kafka takes '.' and '_' in topic names for the same (it refuses to create a topic whose
-    # name collides so with an existing one): a snapshot topic (never a '.') collides with a
-    # reserved "k2eg.recorder.status" as it would with "k2eg_recorder_status"
-    reserved = {t.replace(".", "_"): (t, what) for t, what in reserved_topics.items()}
+    # a snapshot topic (never a '.') collides in Kafka with a reserved "k2eg.recorder.status"
+    # as it would with "k2eg_recorder_status"
+    reserved = {topic_collision_key(t): (t, what) for t, what in reserved_topics.items()}
     for run in parsed:
         definition, source, node = run.definition, run.source, run.node
         ok = True
