@@ -519,9 +519,10 @@ class Service:
         if self._state is not DaemonState.STOPPING:
             return
         deadline = time.monotonic() + RUN_THREADS_EXIT_S
-        for c in [*self._controllers.values(), *self._retiring]:
+        controllers = [*self._controllers.values(), *self._retiring]
+        for c in controllers:
             c.join(max(0.0, deadline - time.monotonic()))
-        late = [c.name for c in [*self._controllers.values(), *self._retiring] if c.alive]
+        late = [c.name for c in controllers if c.alive]
         if late:
             log.error("runs still closing their recordings at exit; their files stay .partial",
                       runs=late, waited_s=RUN_THREADS_EXIT_S)

@@ -26,9 +26,9 @@ def unavailable() -> str | None:
     return None
 
 
-def service_values(text: str, key: str) -> list[str]:
-    """The values of ``key=`` in the unit's [Service] section, in order."""
-    out: list[str] = []
+def directives(text: str) -> list[tuple[str, str, str]]:
+    """The unit's ``(section, key, value)`` lines, in order."""
+    out: list[tuple[str, str, str]] = []
     section = ""
     for raw in text.splitlines():
         line = raw.strip()
@@ -36,9 +36,15 @@ def service_values(text: str, key: str) -> list[str]:
             continue
         if line.startswith("["):
             section = line.strip("[]")
-        elif section == "Service" and line.partition("=")[0].strip() == key:
-            out.append(line.partition("=")[2].strip())
+            continue
+        key, _, value = line.partition("=")
+        out.append((section, key.strip(), value.strip()))
     return out
+
+
+def service_values(text: str, key: str) -> list[str]:
+    """The values of ``key=`` in the unit's [Service] section, in order."""
+    return [v for s, k, v in directives(text) if s == "Service" and k == key]
 
 
 def syscall_group(name: str) -> set[str]:

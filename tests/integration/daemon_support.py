@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 from confluent_kafka import Consumer, TopicPartition
+from procs import child_pids
 from prometheus_client.parser import text_string_to_metric_families
 
 from recorder.admin.protocol import AdminReply
@@ -340,22 +341,6 @@ def tmpfs(directory: Path, size: str) -> Iterator[bool]:
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(directory)], check=False, capture_output=True)
-
-
-def child_pids(pid: int, marker: bytes) -> list[int]:
-    """Child processes of ``pid`` whose command line holds ``marker`` (from ``/proc``)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and marker in cmd:
-            out.append(int(entry.name))
-    return out
 
 
 def writer_pids(daemon_pid: int) -> list[int]:

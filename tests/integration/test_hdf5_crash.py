@@ -281,6 +281,13 @@ LEFT_BY_A_CRASH = textwrap.dedent(
 )
 
 
+def _left_by_a_crash(directory: Path) -> Path:
+    """The ``.partial`` a writer killed after its third iteration leaves in ``directory``."""
+    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(directory)], check=True,
+                         capture_output=True, text=True, timeout=120)
+    return Path(out.stdout.split()[-1])
+
+
 @pytest.mark.parametrize("stored", [{"swmr": False}, {"a_later_option": 1}])
 def test_a_leftover_whose_stored_output_options_no_longer_validate_is_recovered(
         tmp_path: Path, stored: dict[str, object]) -> None:
@@ -294,9 +301,7 @@ def test_a_leftover_whose_stored_output_options_no_longer_validate_is_recovered(
 
     from recorder.sinks.superblock import clear_consistency_flags
 
-    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)], check=True,
-                         capture_output=True, text=True, timeout=120)
-    partial = Path(out.stdout.split()[-1])
+    partial = _left_by_a_crash(tmp_path)
     clear_consistency_flags(partial)
     with h5py.File(partial, "r+") as h:  # as that other version wrote it
         options = json.loads(h.attrs["output_options"])
@@ -429,9 +434,7 @@ def test_a_leftover_another_hdf5_writer_has_open_is_left_alone(
     from recorder.sinks.recover import recover_file
     from recorder.sinks.superblock import clear_consistency_flags
 
-    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)], check=True,
-                         capture_output=True, text=True, timeout=120)
-    partial = Path(out.stdout.split()[-1])
+    partial = _left_by_a_crash(tmp_path)
     clear_consistency_flags(partial)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import h5py, sys; f = h5py.File(sys.argv[1], 'r+'); "
@@ -466,9 +469,7 @@ def test_a_commit_row_whose_values_never_reached_the_disk_is_not_the_last_commit
     from recorder.sinks.livefile import STATE_COLUMNS
     from recorder.sinks.superblock import clear_consistency_flags
 
-    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)], check=True,
-                         capture_output=True, text=True, timeout=120)
-    partial = Path(out.stdout.split()[-1])
+    partial = _left_by_a_crash(tmp_path)
     clear_consistency_flags(partial)
     with h5py.File(partial, "r+") as h:  # a row whose columns in ``unwritten`` read as 0
         state = h["live/state"]
@@ -524,9 +525,7 @@ def test_recover_leaves_a_partial_that_is_not_ours_alone(
         subprocess.run([sys.executable, "-c", FOREIGN_SWMR_WRITER, str(partial)], check=True,
                        capture_output=True, timeout=120)
     else:
-        out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)],
-                             check=True, capture_output=True, text=True, timeout=120)
-        partial = Path(out.stdout.split()[-1])
+        partial = _left_by_a_crash(tmp_path)
         clear_consistency_flags(partial)
     if what == "finalized file":
         assert cli_main(["recover", str(partial)]) == 0
@@ -553,9 +552,7 @@ def test_recover_leaves_a_truncated_leftover_as_it_was_mtime_included(
     """`recover --no-verify` of a truncated copy of a leftover (flags set) cleared its
     flags, failed to open it and put them back: the bytes as they were, but a new mtime (a
     file "left exactly as it was" looked changed to backups and archive jobs)."""
-    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)],
-                         check=True, capture_output=True, text=True, timeout=120)
-    partial = Path(out.stdout.split()[-1])
+    partial = _left_by_a_crash(tmp_path)
     with open(partial, "r+b") as fh:
         fh.truncate(partial.stat().st_size * 9 // 10)
     os.utime(partial, ns=(1_000_000_000, 1_000_000_000))
@@ -586,9 +583,7 @@ def test_a_leftover_recover_cannot_finalize_keeps_its_mtime(
     archive jobs that go by it)."""
     from recorder.sinks.superblock import clear_consistency_flags
 
-    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)],
-                         check=True, capture_output=True, text=True, timeout=120)
-    partial = Path(out.stdout.split()[-1])
+    partial = _left_by_a_crash(tmp_path)
     flags = clear_consistency_flags(partial)
     assert flags is not None
     with h5py.File(partial, "r+") as h:
@@ -608,9 +603,7 @@ def test_recover_does_not_hang_on_a_fifo_named_partial(tmp_path: Path,
     directory scanned: `recover` opened the FIFO to read it and waited for a writer for
     ever (the files after it never reached). Such names are now said not to be regular
     files, without being opened, and the others are recovered."""
-    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)], check=True,
-                         capture_output=True, text=True, timeout=120)
-    partial = Path(out.stdout.split()[-1])
+    partial = _left_by_a_crash(tmp_path)
     fifo = tmp_path / "a_0000.h5.partial"  # listed before the leftover
     os.mkfifo(fifo)
     (tmp_path / "b_0000.h5.partial").mkdir()
@@ -636,9 +629,7 @@ def test_a_format_version_that_is_not_major_minor_is_refused_alike(
     from recorder.errors import FileFormatError
     from recorder.sinks.superblock import clear_consistency_flags
 
-    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path)],
-                         check=True, capture_output=True, text=True, timeout=120)
-    partial = Path(out.stdout.split()[-1])
+    partial = _left_by_a_crash(tmp_path)
     assert cli_main(["recover", str(partial)]) == 0
     final = partial.with_name(partial.name.removesuffix(".partial"))
     final.chmod(0o644)
@@ -649,9 +640,7 @@ def test_a_format_version_that_is_not_major_minor_is_refused_alike(
     with pytest.raises(FileFormatError, match="unsupported format_version"):
         open_file(final)
 
-    out = subprocess.run([sys.executable, "-c", LEFT_BY_A_CRASH, str(tmp_path / "b")],
-                         check=True, capture_output=True, text=True, timeout=120)
-    partial = Path(out.stdout.split()[-1])
+    partial = _left_by_a_crash(tmp_path / "b")
     clear_consistency_flags(partial)
     with h5py.File(partial, "r+") as h:
         h.attrs["format_version"] = version

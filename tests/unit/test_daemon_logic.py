@@ -3120,17 +3120,11 @@ def test_sigusr1_to_a_leftover_recovery_dumps_its_stacks_and_it_goes_on(
         thread.join(30)
 
 
-@pytest.mark.parametrize("stopped_by", ["shutdown", "admin", "reload"])
-def test_a_run_late_at_the_end_of_the_shutdown_budget_resumes_at_the_next_start(
-    tmp_path: Path, stopped_by: str,
-) -> None:
-    """The shutdown budget ran out while a run was still stopping (its final iteration
-    behind a backlog its slow writer had not read yet): the daemon logged that its file
-    "resumes at the next start", then closed the Kafka client, which ended the stop; the
-    run's worker then closed its recording as aborted and cleared its state file, so the
-    next daemon did not resume it and what it had not read yet was never recorded. The
-    state file now keeps the recording: the next start resumes it. A run an admin ``stop``
-    was stopping is not resumed: that stop stands; nor one a reload removed."""
+def _recording_service_whose_stop_the_client_ends(
+    tmp_path: Path, recording: type[FakeRecording],
+) -> tuple[Any, RunController]:
+    """A service (shutdown budget 0.3 s) with run ``r`` recording into ``recording``s, whose
+    k2eg stop waits until the client is closed, which then ends it (ClientClosedError)."""
     from recorder.config.daemon import DaemonSettings
     from recorder.errors import ClientClosedError
     from recorder.service import Service
@@ -3159,7 +3153,7 @@ def test_a_run_late_at_the_end_of_the_shutdown_budget_resumes_at_the_next_start(
     service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0,
                                      shutdown_timeout_s=0.3), KafkaSettings(),
                       state_dir=tmp_path / "state",
-                      recording_factory=lambda d, **kw: FakeRecording(  # type: ignore[arg-type]
+                      recording_factory=lambda d, **kw: recording(  # type: ignore[arg-type]
                           tmp_path / f"r_{kw['seq']}.h5"),
                       gc_tuning=False)
     client = Client()
@@ -3169,6 +3163,21 @@ def test_a_run_late_at_the_end_of_the_shutdown_budget_resumes_at_the_next_start(
     service._definitions = {"r": definition}
     c = service._add_controller(definition, start=True)
     _wait(lambda: c.state is RunState.RECORDING)
+    return service, c
+
+
+@pytest.mark.parametrize("stopped_by", ["shutdown", "admin", "reload"])
+def test_a_run_late_at_the_end_of_the_shutdown_budget_resumes_at_the_next_start(
+    tmp_path: Path, stopped_by: str,
+) -> None:
+    """The shutdown budget ran out while a run was still stopping (its final iteration
+    behind a backlog its slow writer had not read yet): the daemon logged that its file
+    "resumes at the next start", then closed the Kafka client, which ended the stop; the
+    run's worker then closed its recording as aborted and cleared its state file, so the
+    next daemon did not resume it and what it had not read yet was never recorded. The
+    state file now keeps the recording: the next start resumes it. A run an admin ``stop``
+    was stopping is not resumed: that stop stands; nor one a reload removed."""
+    service, c = _recording_service_whose_stop_the_client_ends(tmp_path, FakeRecording)
     if stopped_by == "admin":
         c.stop()
         _wait(lambda: c.state is RunState.STOPPING)
@@ -3198,28 +3207,7 @@ def test_exiting_waits_for_the_runs_the_shutdown_budget_left_closing_their_recor
     import of h5py (the file's event) came too late for h5py's atexit handler, and HDF5's exit
     handler crashed the daemon with SIGSEGV (exit -11, seen in CI). Exiting now waits for
     those threads (``RUN_THREADS_EXIT_S``), and their file events are still published."""
-    from recorder.config.daemon import DaemonSettings
-    from recorder.errors import ClientClosedError
-    from recorder.service import Service
-    from recorder.settings import KafkaSettings
-
-    closed = threading.Event()
     finalized: list[str] = []
-
-    class SlowStopSub(FakeSub):
-        def stop(self, timeout: float | None = None, *, final_timeout_s: float | None = None,
-                 keep_backpressure: bool = False) -> StopResult:
-            closed.wait(10)
-            raise ClientClosedError("the k2eg client is closed")
-
-    class Client(FakeClient):
-        def snapshot_recurring(self, props: Any, start: Any = None,
-                               max_pending: int = 0, prime_until: Any = None) -> FakeSub:
-            self.sub = SlowStopSub(props.topic)
-            return self.sub
-
-        def close(self, timeout_s: float = 10.0) -> None:
-            closed.set()
 
     class SlowRecording(FakeRecording):
         def close(self, status: str = "complete", reason: str = "") -> list[Path]:
@@ -3227,27 +3215,14 @@ def test_exiting_waits_for_the_runs_the_shutdown_budget_left_closing_their_recor
             finalized.append(status)
             return super().close(status, reason)
 
-    runs = tmp_path / "runs.yaml"
-    runs.write_text("runs: []\n")
-    service = Service(DaemonSettings(config_path=runs, disk_check_interval_s=0,
-                                     shutdown_timeout_s=0.3), KafkaSettings(),
-                      state_dir=tmp_path / "state",
-                      recording_factory=lambda d, **kw: SlowRecording(  # type: ignore[arg-type]
-                          tmp_path / f"r_{kw['seq']}.h5"),
-                      gc_tuning=False)
-    client = Client()
-    client.kafka_unreachable_since = None  # type: ignore[attr-defined]
-    service._client = client
-    definition = _definition(tmp_path)
-    service._definitions = {"r": definition}
-    c = service._add_controller(definition, start=True)
-    _wait(lambda: c.state is RunState.RECORDING)
+    service, c = _recording_service_whose_stop_the_client_ends(tmp_path, SlowRecording)
     c.stop()
     _wait(lambda: c.state is RunState.STOPPING)
     service._shutdown()
     assert c.alive and not finalized
     service._close()  # what run() does last
     assert not c.alive and finalized == ["aborted"]
+
 
 def test_a_command_for_a_run_a_reload_removed_while_it_stops_says_so(tmp_path: Path) -> None:
     """A reload removed run r; while its recording is being finalized r is still in the

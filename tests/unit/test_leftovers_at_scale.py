@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import child_pids
 
 from recorder.daemon import leftovers
 
@@ -55,22 +56,6 @@ def _leftovers(directory: Path, count: int) -> list[Path]:
     return out
 
 
-def _recovery_children() -> int:
-    """This process's children that recover a leftover."""
-    me, count = str(os.getpid()), 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[1] == me and b"recorder.daemon.leftovers" in cmd:
-            count += 1
-    return count
-
-
 @pytest.mark.slow
 def test_many_runs_recovering_their_leftovers_at_once_take_turns(tmp_path: Path) -> None:
     """A daemon of 200 runs killed: at the next start every run's worker recovered its
@@ -91,7 +76,7 @@ def test_many_runs_recovering_their_leftovers_at_once_take_turns(tmp_path: Path)
     most = 0
     deadline = time.monotonic() + 240
     while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-        most = max(most, _recovery_children())
+        most = max(most, len(child_pids(os.getpid(), b"recorder.daemon.leftovers")))
         time.sleep(0.05)
     for thread in threads:
         thread.join(1)
@@ -109,21 +94,6 @@ from recorder.daemon import leftovers
 leftovers.superblock_bytes = lambda path: b""  # not of a FIFO
 leftovers.finalize_leftover(Path(sys.argv[1]), "r", timeout_s=600)
 """
-
-
-def _children(pid: int, marker: bytes) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and marker in cmd:
-            out.append(int(entry.name))
-    return out
 
 
 def _gone(pid: int) -> bool:
@@ -151,7 +121,7 @@ def test_a_recovery_does_not_outlive_its_daemon_killed_while_it_ran(tmp_path: Pa
     child: list[int] = []
     try:
         deadline = time.monotonic() + 60
-        while not (child := _children(daemon.pid, b"recorder.daemon.leftovers")):
+        while not (child := child_pids(daemon.pid, b"recorder.daemon.leftovers")):
             assert daemon.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
         daemon.kill()

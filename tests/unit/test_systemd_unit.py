@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from systemd_sandbox import directives
 
 from recorder.config.daemon import DaemonSettings
 from recorder.settings import KafkaSettings
@@ -24,21 +25,6 @@ SECURITY_THRESHOLD = 20  # x10 scale: exposure must stay <= 2.0 ("OK"); it is 1.
 needs_systemd = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
 )
-
-
-def directives(text: str) -> list[tuple[str, str, str]]:
-    out: list[tuple[str, str, str]] = []
-    section = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        out.append((section, key.strip(), value.strip()))
-    return out
 
 
 def get(text: str, section: str, key: str) -> list[str]:
