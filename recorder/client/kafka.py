@@ -775,7 +775,7 @@ class KafkaAdapter:
                 if self._topics and not self._kafka_down:  # else the probe's business
                     self._add_new_partitions(consumer)
             if messages and self._first_reads:
-                self._check_first_reads(messages)
+                self._first_reads.expire(now)
             if not messages:
                 records: list[Any] = []
             elif self._raw_messages:
@@ -798,9 +798,12 @@ class KafkaAdapter:
         records: list[Record] = []
         append = records.append
         topics = self._topics
+        watched = self._first_reads.partitions
+        first_reads: list[tuple[str, int, int]] = []
         state: _TopicState | None = None
         last_topic: str | None = None
         positions: dict[int, int] = {}
+        unread: frozenset[int] | None = None
         for msg in messages:
             if msg.error() is not None:
                 self._consumer_error(msg)
@@ -809,6 +812,7 @@ class KafkaAdapter:
             if topic != last_topic:
                 state = topics.get(topic)
                 last_topic = topic
+                unread = watched.get(topic)
                 if state is not None:
                     positions = state.positions
             if state is None:  # unassigned meanwhile: drop
@@ -817,6 +821,8 @@ class KafkaAdapter:
             offset: int = msg.offset()  # type: ignore[assignment]
             ts_type, ts = msg.timestamp()
             positions[partition] = offset + 1
+            if unread is not None and partition in unread:
+                first_reads.append((topic, partition, offset))
             append(
                 Record(
                     topic,
@@ -827,6 +833,8 @@ class KafkaAdapter:
                     ts if ts_type else None,  # 0: TIMESTAMP_NOT_AVAILABLE
                 )
             )
+        if first_reads:
+            self._check_first_reads(first_reads)
         if records:
             self._count("consumed", len(records))
         return records
@@ -835,8 +843,11 @@ class KafkaAdapter:
         """Raw mode: the consumed messages themselves, read positions tracked, no Record
         built (the hot loop: one pass; errors and unassigned topics, rare, take a second)."""
         topics = self._topics
+        watched = self._first_reads.partitions
+        first_reads: list[tuple[str, int, int]] = []
         last_topic: str | None = None
         positions: dict[int, int] = {}
+        unread: frozenset[int] | None = None
         for msg in messages:
             if msg.error() is not None:
                 return self._filtered(messages)
@@ -847,21 +858,27 @@ class KafkaAdapter:
                     return self._filtered(messages)
                 last_topic = topic
                 positions = state.positions
-            positions[msg.partition()] = msg.offset() + 1  # type: ignore[index,operator]
+                unread = watched.get(topic)
+            if unread is None:
+                positions[msg.partition()] = msg.offset() + 1  # type: ignore[index,operator]
+                continue
+            partition: int = msg.partition()  # type: ignore[assignment]
+            offset: int = msg.offset()  # type: ignore[assignment]
+            positions[partition] = offset + 1
+            if partition in unread:
+                first_reads.append((topic, partition, offset))
+        if first_reads:
+            self._check_first_reads(first_reads)
         self._count("consumed", len(messages))
         return messages
 
-    def _check_first_reads(self, messages: list[Message]) -> None:
+    def _check_first_reads(self, reads: list[tuple[str, int, int]]) -> None:
         """The first message read from a partition started at an explicit offset (a resume,
         the admin link's saved position, a seek) must be at that offset
         (:mod:`recorder.client.firstread`): a mismatch is logged, counted and told to
-        ``on_offset_gap``."""
-        first_reads = self._first_reads
-        first_reads.expire(time.monotonic())
-        watched = first_reads.topics
-        reads = ((topic, m.partition(), m.offset()) for m in messages
-                 if (topic := m.topic()) in watched and m.error() is None)
-        for gap in first_reads.check(reads):  # type: ignore[arg-type]
+        ``on_offset_gap``. ``reads``: (topic, partition, offset) of the batch's messages of
+        watched partitions, in the order read (the pass over the batch collects them)."""
+        for gap in self._first_reads.check(reads):
             self._report_gap(gap)
 
     def _report_gap(self, gap: OffsetGap) -> None:
@@ -891,16 +908,26 @@ class KafkaAdapter:
     def _filtered(self, messages: list[Message]) -> list[Message]:
         """:meth:`_deliverable` with consumer errors or unassigned topics in the batch."""
         topics = self._topics
+        watched = self._first_reads.partitions
+        first_reads: list[tuple[str, int, int]] = []
         kept: list[Message] = []
         for msg in messages:
             if msg.error() is not None:
                 self._consumer_error(msg)
                 continue
-            state = topics.get(msg.topic())  # type: ignore[arg-type]
+            topic: str = msg.topic()  # type: ignore[assignment]
+            state = topics.get(topic)
             if state is None:
                 continue
-            state.positions[msg.partition()] = msg.offset() + 1  # type: ignore[index,operator]
+            partition: int = msg.partition()  # type: ignore[assignment]
+            offset: int = msg.offset()  # type: ignore[assignment]
+            state.positions[partition] = offset + 1
             kept.append(msg)
+            unread = watched.get(topic)
+            if unread is not None and partition in unread:
+                first_reads.append((topic, partition, offset))
+        if first_reads:
+            self._check_first_reads(first_reads)
         if kept:
             self._count("consumed", len(kept))
         return kept

@@ -58,10 +58,13 @@ def test_a_partition_that_delivers_nothing_for_a_while_is_watched_no_more() -> N
     reads = FirstReads()
     reads.expect("quiet", 0, 50, now=0.0)
     reads.expect("busy", 0, 7, now=10.0)
-    assert reads.topics == {"quiet", "busy"}
+    reads.expect("busy", 3, 7, now=10.0)
+    assert reads.partitions == {"quiet": {0}, "busy": {0, 3}}
     reads.expire(WATCH_S - 1)
-    assert reads.topics == {"quiet", "busy"}
+    assert reads.partitions == {"quiet": {0}, "busy": {0, 3}}
     reads.expire(WATCH_S)
-    assert reads.topics == {"busy"}  # only the scanned topics are looked at
+    assert reads.partitions == {"busy": {0, 3}}  # only these are looked for in a batch
     assert reads.check([("quiet", 0, 99), ("busy", 0, 9)]) == [OffsetGap("busy", 0, 7, 9)]
-    assert not reads and reads.topics == frozenset()
+    assert reads.partitions == {"busy": {3}}
+    reads.expire(WATCH_S + 10)
+    assert not reads and reads.partitions == {}

@@ -228,3 +228,38 @@ def test_a_resume_whose_offsets_retention_deleted_reports_the_gap_without_waitin
         assert gaps == [("snap", 0, 5, 10)] and adapter.counters["offsets_missing"] == 5
     finally:
         adapter.close(1.0)
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["records", "raw"])
+def test_a_watched_partition_is_checked_at_its_first_message_while_its_neighbours_are_read(
+    broker: Broker, raw: bool,
+) -> None:
+    """A resume of a 4-partition snapshot topic whose gateway writes to partition 0 only: the
+    three empty partitions stay watched (firstread.WATCH_S) while partition 0 is drained. When
+    one of them delivers, batches later and in the middle of a batch, its first message is
+    the one compared with the resume offset (a gap is told once), in both delivery modes."""
+    broker.logs.update({("snap", 0): list(range(10, 40)), ("snap", 1): [],
+                        ("snap", 2): [], ("snap", 3): []})
+    broker.low.update({("snap", 2): 6})  # retention deleted 4 and 5 meanwhile
+    gaps: list[tuple[str, int, int, int]] = []
+    collector = Collector()
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="watch")
+    adapter = KafkaAdapter(settings, collector, metadata_timeout_s=1.0, raw_messages=raw,
+                           on_offset_gap=lambda *gap: gaps.append(gap)).start()
+    try:
+        resume = {0: 10, 1: 0, 2: 6, 3: 3}
+        assert adapter.add_topic("snap", StartAt.at(resume)).result(5) == resume
+        assert collector.wait_for(lambda rs: len(rs) == 30)
+        assert gaps == [] and "offsets_missing" not in adapter.counters
+        with broker.lock:  # more for 0, and 2 starts at 8 (6 and 7 deleted too)
+            broker.logs[("snap", 0)] += [40, 41]
+            broker.logs[("snap", 2)] = [8, 9, 10]
+            broker.low[("snap", 2)] = 8
+        assert collector.wait_for(lambda rs: len(rs) == 35)
+        assert gaps == [("snap", 2, 6, 8)] and adapter.counters["offsets_missing"] == 2
+        with broker.lock:  # partition 3 from its offset on: nothing to tell
+            broker.logs[("snap", 3)] = [3, 4]
+        assert collector.wait_for(lambda rs: len(rs) == 37)
+        assert gaps == [("snap", 2, 6, 8)] and adapter.counters["offsets_missing"] == 2
+    finally:
+        adapter.close(1.0)

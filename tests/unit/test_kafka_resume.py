@@ -70,14 +70,14 @@ def test_a_resume_that_finds_its_offset_deleted_reports_the_gap() -> None:
         adapter._do_pause(consumer, "snap", True)  # type: ignore[arg-type]
         adapter._do_pause(consumer, "snap", False)  # type: ignore[arg-type]
         assert consumer.calls[-1] == ("seek", [("snap", 0, 5)])
-        adapter._check_first_reads([FakeMessage("snap", 0, 9)])  # type: ignore[list-item]
+        adapter._to_records([FakeMessage("snap", 0, 9)])  # type: ignore[list-item]
         assert gaps == [("snap", 0, 5, 9)]
         assert adapter.counters["offsets_missing"] == 4
         # a resume that reads on from its offset reports nothing
         adapter._do_pause(consumer, "snap", True)  # type: ignore[arg-type]
         adapter._topics["snap"].positions[0] = 10
         adapter._do_pause(consumer, "snap", False)  # type: ignore[arg-type]
-        adapter._check_first_reads([FakeMessage("snap", 0, 10)])  # type: ignore[list-item]
+        adapter._to_records([FakeMessage("snap", 0, 10)])  # type: ignore[list-item]
         assert len(gaps) == 1
     finally:
         adapter.close(timeout_s=1.0)
