@@ -87,7 +87,7 @@ class DaemonSettings(BaseSettings):
         default=300.0,
         gt=0,
         description="the .partial file a crash left is recovered at a restart in a child "
-        "process, ended after this many seconds plus one per 50 MB of the file (HDF5 loops "
+        "process, ended after this many seconds plus one per 20 MB of the file (HDF5 loops "
         "for ever on some damaged files); the file is then left for k2eg-recorder recover",
     )
     disk_check_interval_s: float = Field(

@@ -42,7 +42,7 @@ RESUMED_BY = ("the daemon at its restart, which resumed the recording in the nex
 LEFTOVER_ATTEMPTS = 5  # recovering a .partial a dying writer process may still hold
 LEFTOVER_RETRY_S = 1.0
 LEFTOVER_TIMEOUT_S = 300.0  # RECORDER_LEFTOVER_TIMEOUT_S: the child's deadline ...
-LEFTOVER_BYTES_PER_S = 50e6  # ... plus a second per 50 MB of the file
+LEFTOVER_BYTES_PER_S = 20e6  # ... plus a second per 20 MB of the file (measured: ~35 MB/s)
 RESULT = "RESULT "  # the child's answer on stdout: this, then JSON
 STACKS_FD_ENV = "K2EG_RECORDER_STACKS_FD"  # where the child writes its stacks at SIGUSR1
 PARENT_ENV = "K2EG_RECORDER_RECOVERY_PARENT"  # the daemon's pid: the child ends with it
@@ -178,12 +178,20 @@ def _end_recoveries() -> None:
 
 def recover_in_child(partial: Path, *, timeout_s: float = LEFTOVER_TIMEOUT_S) -> Path:
     """:func:`recorder.sinks.recover.recover_file` of ``partial`` in a child process, killed
-    after ``timeout_s`` plus a second per 50 MB, once it has its turn (at most
-    :data:`MAX_RECOVERING` at once). Raises what recover_file raises: OSError
-    (FileBusyError: a writer still holds the file), DamagedFileError (also when the child
-    was killed) or RecorderError."""
-    with _TURNS:
+    after ``timeout_s`` plus a second per 20 MB, once it has its turn (at most
+    :data:`MAX_RECOVERING` at once; a recovery that has to wait says so). Raises what
+    recover_file raises: OSError (FileBusyError: a writer still holds the file),
+    DamagedFileError (also when the child was killed) or RecorderError."""
+    if not _TURNS.acquire(blocking=False):
+        # a start after a crash of many runs: without a word, a run whose recording does not
+        # resume for minutes looked hung
+        _log.info("leftover recovery waits its turn", path=str(partial),
+                  at_once=MAX_RECOVERING)
+        _TURNS.acquire()
+    try:
         return _recover_in_child(partial, timeout_s)
+    finally:
+        _TURNS.release()
 
 
 def _recover_in_child(partial: Path, timeout_s: float) -> Path:

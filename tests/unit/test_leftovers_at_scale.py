@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog.testing
 from procs import child_pids
 
 from recorder.daemon import leftovers
@@ -85,6 +86,49 @@ def test_many_runs_recovering_their_leftovers_at_once_take_turns(tmp_path: Path)
     assert sorted(results) == partials
     assert all(results[p] == p.with_name(p.name.removesuffix(".partial")) for p in partials)
     assert not any(p.exists() for p in partials)
+
+
+def test_a_recovery_waiting_for_its_turn_says_so_and_its_deadline_allows_for_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a crash of many runs, a run whose leftover waits for a place among the
+    MAX_RECOVERING recoveries said nothing: its recording resumed minutes later, looking hung
+    meanwhile. And the deadline's allowance per byte (1 s per 50 MB) was above what recovery
+    manages (~35 MB/s measured for gzip waveforms): now 1 s per 20 MB."""
+    assert leftovers.LEFTOVER_BYTES_PER_S <= 20e6
+    (partial,) = _leftovers(tmp_path, 1)
+    size = partial.stat().st_size
+    deadlines: list[float] = []
+    real_popen = subprocess.Popen
+
+    class Popen(real_popen):  # type: ignore[misc,valid-type]
+        def communicate(self, *args: object, timeout: float | None = None) -> object:
+            deadlines.append(timeout or 0.0)
+            return super().communicate(*args, timeout=timeout)
+
+    monkeypatch.setattr(leftovers.subprocess, "Popen", Popen)
+    taken = 0
+    while leftovers._TURNS.acquire(blocking=False):  # every place taken
+        taken += 1
+    assert taken == leftovers.MAX_RECOVERING
+    result: list[Path | None] = []
+    with structlog.testing.capture_logs() as logs:
+        thread = threading.Thread(target=lambda: result.append(
+            leftovers.finalize_leftover(partial, "r", timeout_s=100)), daemon=True)
+        try:
+            thread.start()
+            deadline = time.monotonic() + 10
+            while not logs and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert thread.is_alive() and not result  # waiting
+        finally:
+            for _ in range(taken):
+                leftovers._TURNS.release()
+        thread.join(120)
+    assert [e["event"] for e in logs][:1] == ["leftover recovery waits its turn"]
+    assert logs[0]["path"] == str(partial)
+    assert result == [partial.with_name(partial.name.removesuffix(".partial"))]
+    assert deadlines == [pytest.approx(100 + size / 20e6)]
 
 
 DAEMON = r"""
