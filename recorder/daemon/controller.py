@@ -278,7 +278,6 @@ class RunController:
         self._receive_stuck = False  # reported a message too large to receive (this episode)
         self._first_segment = 0  # segment files the recording had before this process
         self._state_log_throttle = RepeatThrottle(60.0)  # "run state not saved", per error
-        self._incomplete_log_throttle = RepeatThrottle(60.0)  # "iteration incomplete", per reason
         self._next_lag = 0.0
         self._exit = False
         self._abandoned = False  # the daemon exits without waiting for this run (abandon)
@@ -911,12 +910,8 @@ class RunController:
                     s.incomplete += 1
             self._undurable.append((event.partition, event.offset, event.complete,
                                     self._open_at.pop(event.iter_index, None)))
-            if not event.complete:  # each one is counted; logged once a minute per reason
-                reason = event.reason.value if event.reason else None
-                fields = self._incomplete_log_throttle.log_fields(reason)
-                if fields is not None:
-                    self._log.info("iteration incomplete", iteration=event.iter_index,
-                                   reason=reason, **fields)
+            # an incomplete one is counted here and logged by the client's subscription (once
+            # a minute per reason, with run=, the missing messages and the gateway's error)
 
     def _tag(self, rec: Recording, iter_index: int, tags: dict[str, str]) -> None:
         """Record trigger tags with the iteration the trigger produced."""
