@@ -7,7 +7,9 @@ triggered iteration's trigger tags as a JSON object; empty when none), then one 
 value in that iteration (the last one; ``--pick first``), empty where it has none (a NaN the
 PV sent prints as ``nan``: it is a value, not a gap); integers, enum indices and booleans
 print as ``10``, ``2``, ``True``. Scalar, boolean, enum (the index)
-and string PVs; by default all of them, or ``--pv NAME`` (repeat).
+and string PVs; by default all of them, or ``--pv NAME`` (repeat). An iteration open at a
+segment rotation (or cut by a crash and resumed) has a row in each of its two files; the CSV
+has one row for it, with the values of both and the status of the later one.
 
 Examples::
 
@@ -175,6 +177,44 @@ def _gaps_of(column: Any, mask: Any) -> list[bool]:
     return [v is None for v in column.tolist()]
 
 
+SPLIT_REASONS = ("recording_stopped", "writer_crashed")
+"""The reasons of the first row of an iteration that goes on in the next segment."""
+
+
+def join_split_rows(iterations: dict[str, Any], aligned: dict[str, Any], pick: str
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rows of ``iterations`` (with ``segment``) and of the PVs' ``aligned`` columns
+    (``by_iteration``'s masked arrays) with each iteration that a rotation or a crash split
+    between two files in one row: the later one's, its gaps filled from the earlier (with
+    ``pick="first"``, the earlier one's values first), its header time too when it has
+    none."""
+    import numpy as np
+
+    idx, seg = iterations["iter_index"], iterations["segment"]
+    split = [i for i in range(len(idx) - 1)
+             if iterations["reason"][i] in SPLIT_REASONS
+             and idx[i + 1] == idx[i] and seg[i + 1] > seg[i]]
+    if not split:
+        return iterations, aligned
+    header = iterations["header_timestamp"].copy()
+    joined = {}
+    for pv, column in aligned.items():
+        m = column.copy()
+        for i in split:
+            earlier_gap, later_gap = (
+                bool(np.ma.getmaskarray(m[j]).all()) for j in (i, i + 1))
+            if not earlier_gap and (later_gap or pick == "first"):
+                m[i + 1] = m[i]
+        joined[pv] = m
+    for i in split:
+        if not header[i + 1]:
+            header[i + 1] = header[i]
+    keep = np.ones(len(idx), dtype=bool)
+    keep[split] = False
+    rows = {k: v[keep] for k, v in {**iterations, "header_timestamp": header}.items()}
+    return rows, {pv: m[keep] for pv, m in joined.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -219,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         if "segment" not in iterations:  # --only-file: the same columns, its segment number
             iterations["segment"] = np.full(len(iterations["iter_index"]),
                                             int(files[0].attrs.get("segment", 0)))
+        iterations, aligned = join_split_rows(iterations, aligned, args.pick)
         # the PV columns under keys no PV name or column of the iterations can be (a PV
         # named "status" or "tags" would replace that column)
         keys = [f"\0{k}" for k in range(len(pvs))]

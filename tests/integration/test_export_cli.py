@@ -368,3 +368,51 @@ def test_an_export_cut_short_leaves_no_half_written_output(
     null = Path(os.devnull)
     assert main(["export", str(path), "-o", str(null)]) == 1
     assert null.exists() and not null.is_file()
+
+
+def test_an_iteration_open_at_a_rotation_is_one_row(tmp_path: Path) -> None:
+    """An iteration still open when its segment rotated has a row in each file (the first
+    one incomplete, `recording_stopped`) and its values split between them: the CSV has one
+    row for it, complete, with the values of both files."""
+    from recorder.client.events import (
+        IterationClosed,
+        IterationOpened,
+        IterationStatus,
+        ValuesReceived,
+    )
+
+    def value(pv: str, v: float) -> PVSample:
+        return PVSample(pv, {"value": v, "timeStamp": {"secondsPastEpoch": 1, "nanoseconds": 0}})
+
+    def closed(i: int) -> IterationClosed:
+        return IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, 1000 * i, 1000 * i)
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path,
+                                      segment=SegmentOptions(max_iterations=1)),
+                        run_name="split")
+    rec.handle(IterationOpened("t", "s", 1, 1000))
+    rec.handle(ValuesReceived("t", 1, 1, 1, (value("A", 1.0), value("B", 10.0))))
+    rec.handle(IterationOpened("t", "s", 2, 2000))
+    rec.handle(ValuesReceived("t", 2, 1, 1, (value("A", 2.0),)))
+    rec.handle(closed(1))
+    rec.handle(IterationOpened("t", "s", 3, 3000))  # rotates: iteration 2 is open
+    rec.handle(ValuesReceived("t", 2, 2, 2, (value("B", 20.0),)))
+    rec.handle(closed(2))
+    rec.handle(ValuesReceived("t", 3, 1, 1, (value("A", 3.0), value("B", 30.0))))
+    rec.handle(closed(3))
+    first, _ = rec.close()
+
+    proc = export(str(first))
+    assert proc.returncode == 0, proc.stderr
+    table = rows(proc.stdout)
+    assert [(r["iter_index"], r["segment"], r["status"], r["header_timestamp_ns"], r["A"],
+             r["B"]) for r in table] == [
+        ("1", "0", "complete", "1000", "1.0", "10.0"),
+        ("2", "1", "complete", "2000", "2.0", "20.0"),
+        ("3", "1", "complete", "3000", "3.0", "30.0"),
+    ]
+    pick_first = rows(export(str(first), "--pick", "first").stdout)
+    assert [(r["A"], r["B"]) for r in pick_first][1] == ("2.0", "20.0")
+    only = rows(export(str(first), "--only-file").stdout)  # the file's own rows
+    assert [(r["iter_index"], r["status"], r["A"], r["B"]) for r in only] == [
+        ("1", "complete", "1.0", "10.0"), ("2", "incomplete", "2.0", "")]
