@@ -41,6 +41,15 @@ messages) because writing falls behind, so its topic is paused, since then (null
 ``backpressure_pauses`` counts such pauses in this daemon process (a few during long flushes
 are normal; a run that stays behind shows its lag growing).
 
+``runs_left_out`` (added on 2026-11-25) is null unless the document would pass
+:data:`STATUS_MAX_BYTES` (one Kafka message; ~1,500 runs of ~600 bytes each): then it holds the
+details of as many runs as fit, those that need a look (failed, retrying, silent) first, then
+those with a ``last_error``, then by name, and ``{"count": n, "needing_a_look": m, "why":
+"..."}`` says how many runs are left out (and how many of those need a look); a ``status`` of
+one run (``k2eg-recorder status RUN``) answers with that run only. A run's ``last_error``, its
+bridge's ``reason`` and each of ``config_errors`` are cut to :data:`MAX_TEXT_CHARS` characters
+(the log has them whole).
+
 ``bridge`` is null unless the run's ``output.bridge`` is set; then (for the current or last
 recording of this daemon process) ``{"status": "serving" | "complete" | "aborted" | "failed",
 "reason": "...", "endpoints": {"rep": "tcp://127.0.0.1:4545", "pub": ...}, "subscribers": true,
@@ -55,12 +64,14 @@ import enum
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from recorder.errors import AdminCommandError
 
 __all__ = [
+    "MAX_TEXT_CHARS",
+    "STATUS_MAX_BYTES",
     "STATUS_SCHEMA",
     "DaemonState",
     "DiskStatus",
@@ -70,6 +81,14 @@ __all__ = [
 ]
 
 STATUS_SCHEMA = "k2eg-recorder/status/1"
+STATUS_MAX_BYTES = 900_000
+"""A status document (a heartbeat, the ``data`` of a ``status`` reply) is kept to at most this
+many bytes of JSON: it is one Kafka message, and librdkafka's producers and Kafka's brokers
+refuse one over ~1 MB by default (``message.max.bytes``); the rest is room for a reply's
+envelope. A larger one was refused: no heartbeat, and no reply to ``status`` at all."""
+MAX_TEXT_CHARS = 1_000
+"""A run's ``last_error``, its bridge's ``reason`` and each reload problem are cut to this many
+characters in the document (the daemon's log has them whole)."""
 
 
 class DaemonState(enum.StrEnum):
@@ -112,6 +131,11 @@ class RunStatus:
     writer_behind_since: int | None = None  # ms: its topic is paused, writing falls behind
     backpressure_pauses: int = 0  # times its topic was paused so (this daemon process)
 
+    @property
+    def needs_a_look(self) -> bool:
+        """Failed, retrying its start or silent: what ``status --check`` reports."""
+        return self.state in (RunState.FAILED, RunState.RETRYING) or self.silent_since is not None
+
     def to_json_obj(self) -> dict[str, Any]:
         return {
             "state": self.state.value,
@@ -130,8 +154,8 @@ class RunStatus:
             "values_written": self.values_written,
             "lag": self.lag,
             "errors": self.errors,
-            "last_error": self.last_error,
-            "bridge": None if self.bridge is None else dict(self.bridge),
+            "last_error": _bounded(self.last_error),
+            "bridge": _bridge_obj(self.bridge),
             "silent_since": self.silent_since,
             "snapshot_restarts": self.snapshot_restarts,
             "writer_behind_since": self.writer_behind_since,
@@ -229,6 +253,10 @@ class StatusDocument:
     # seconds the daemon has run, on its monotonic clock (a wall-clock step does not move
     # it); None: from ``time - started_at``
     uptime: float | None = field(default=None, compare=False)
+    # runs whose details were left out to keep it under STATUS_MAX_BYTES (see fitted()), and
+    # how many of those need a look
+    runs_left_out: int = 0
+    runs_left_out_needing_a_look: int = 0
 
     @property
     def uptime_s(self) -> float:
@@ -238,6 +266,36 @@ class StatusDocument:
 
     def run(self, name: str) -> RunStatus | None:
         return next((r for r in self.runs if r.name == name), None)
+
+    def only(self, name: str) -> StatusDocument:
+        """This document with the run ``name`` only (none when it has no such run)."""
+        return replace(self, runs=tuple(r for r in self.runs if r.name == name),
+                       runs_left_out=0, runs_left_out_needing_a_look=0)
+
+    def fitted(self, max_bytes: int = STATUS_MAX_BYTES) -> StatusDocument:
+        """This document, or one that encodes to at most ``max_bytes``: the details of as many
+        runs as fit (those that need a look first, then those with a ``last_error``, then by
+        name) and ``runs_left_out`` saying how many others there are. The daemon's part (its
+        disks, the reload problems) is always kept."""
+        if len(self.encode()) <= max_bytes:
+            return self
+        order = sorted(self.runs, key=lambda r: (not r.needs_a_look, r.last_error is None,
+                                                 r.name))
+        # the document without runs, with the largest left-out counts it may get
+        budget = max_bytes - len(replace(
+            self, runs=(), runs_left_out=len(order),
+            runs_left_out_needing_a_look=len(order)).encode())
+        kept: set[str] = set()
+        for r in order:
+            entry = len(_dumps({r.name: r.to_json_obj()})) - 1  # "name":{...} and a comma
+            if entry > budget:
+                break
+            budget -= entry
+            kept.add(r.name)
+        left = [r for r in order if r.name not in kept]
+        return replace(self, runs=tuple(r for r in self.runs if r.name in kept),
+                       runs_left_out=len(left),
+                       runs_left_out_needing_a_look=sum(r.needs_a_look for r in left))
 
     def to_json_obj(self) -> dict[str, Any]:
         return {
@@ -253,14 +311,20 @@ class StatusDocument:
                 "started_at": self.started_at,
                 "uptime_s": round(self.uptime_s, 3),
                 "config_path": self.config_path,
-                "config_errors": list(self.config_errors),
+                "config_errors": [_bounded(e) for e in self.config_errors],
                 "disks": [d.to_json_obj() for d in self.disks],
             },
             "runs": {r.name: r.to_json_obj() for r in self.runs},
+            "runs_left_out": None if not self.runs_left_out else {
+                "count": self.runs_left_out,
+                "needing_a_look": self.runs_left_out_needing_a_look,
+                "why": f"the status is kept under {STATUS_MAX_BYTES:,} bytes (one Kafka "
+                       "message): ask for one run with k2eg-recorder status RUN",
+            },
         }
 
     def encode(self) -> bytes:
-        return json.dumps(self.to_json_obj(), separators=(",", ":"), allow_nan=False).encode()
+        return _dumps(self.to_json_obj())
 
     @classmethod
     def from_json_obj(cls, obj: Mapping[str, Any]) -> StatusDocument:
@@ -272,6 +336,9 @@ class StatusDocument:
             runs = obj.get("runs", {})
             if not isinstance(runs, Mapping) or not isinstance(daemon, Mapping):
                 raise TypeError("daemon and runs must be objects")
+            left_out = obj.get("runs_left_out") or {}
+            if not isinstance(left_out, Mapping):
+                raise TypeError("runs_left_out must be an object")
             return cls(
                 instance=_str(daemon["instance"]),
                 state=DaemonState(daemon["state"]),
@@ -286,6 +353,8 @@ class StatusDocument:
                 kind=_str(obj.get("kind", "heartbeat")),
                 disks=tuple(DiskStatus.from_json_obj(d) for d in daemon.get("disks") or ()),
                 uptime=_opt_float(daemon.get("uptime_s")),
+                runs_left_out=_int(left_out.get("count", 0)),
+                runs_left_out_needing_a_look=_int(left_out.get("needing_a_look", 0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AdminCommandError("malformed", f"bad status document: {exc!r}") from None
@@ -299,6 +368,27 @@ class StatusDocument:
         if not isinstance(obj, dict):
             raise AdminCommandError("malformed", "status document is not a JSON object")
         return cls.from_json_obj(obj)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _bounded(text: str | None) -> str | None:
+    """``text`` cut to :data:`MAX_TEXT_CHARS`, saying how much was cut."""
+    if text is None or len(text) <= MAX_TEXT_CHARS:
+        return text
+    return (f"{text[:MAX_TEXT_CHARS]}... ({len(text) - MAX_TEXT_CHARS:,} more characters in "
+            "the daemon's log)")
+
+
+def _bridge_obj(bridge: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if bridge is None:
+        return None
+    out = dict(bridge)
+    if isinstance(out.get("reason"), str):
+        out["reason"] = _bounded(out["reason"])
+    return out
 
 
 def _str(value: Any) -> str:

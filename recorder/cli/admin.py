@@ -113,6 +113,11 @@ def attention(doc: dict[str, Any], only: str | None = None) -> list[str]:
         if r.get("silent_since"):
             out.append(f"run {name} gets no data from the gateway since "
                        f"{_ms(r['silent_since'])} UTC")
+    left_out = doc.get("runs_left_out") or {}
+    if only is None and left_out.get("needing_a_look"):
+        out.append(f"{left_out['needing_a_look']} more run(s) failed, retrying or silent, left "
+                   "out of the status to fit one Kafka message (k2eg-recorder status RUN shows "
+                   "one; the daemon's log names them)")
     return out
 
 
@@ -195,6 +200,10 @@ def status_table(doc: dict[str, Any], only: str | None = None) -> str:
             if bridge.get("reason"):
                 line += f"  ! {bridge['reason']}"
             lines.append(line)
+    left_out = doc.get("runs_left_out") or {}
+    if only is None and left_out.get("count"):
+        lines.append(f"... {left_out['count']} more run(s) not shown: the status is kept to one "
+                     "Kafka message (k2eg-recorder status RUN shows one)")
     return "\n".join(lines)
 
 

@@ -160,10 +160,17 @@ class AdminHandler:
         kind = command.command
         if kind is CommandKind.STATUS:
             doc = target.status_document("status")
-            if command.run is not None and doc.run(command.run) is None:
-                raise _unknown_run(command.run, doc)
-            self._ok(command, reply_topic, f"{len(doc.runs)} run(s), daemon {doc.state.value}",
-                     doc.to_json_obj())
+            if command.run is not None:
+                if doc.run(command.run) is None:
+                    raise _unknown_run(command.run, doc)
+                doc = doc.only(command.run)
+            total = len(doc.runs)
+            doc = doc.fitted()  # one Kafka message: else no reply would reach the operator
+            message = f"{total} run(s), daemon {doc.state.value}"
+            if doc.runs_left_out:
+                message += (f"; {doc.runs_left_out} left out to fit one Kafka message "
+                            "(k2eg-recorder status RUN shows one)")
+            self._ok(command, reply_topic, message, doc.to_json_obj())
             return
         if kind is CommandKind.RELOAD:
             ok, message, data = target.reload("admin command")

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from recorder.admin.status import StatusDocument
+import structlog
+
+from recorder.admin.status import STATUS_MAX_BYTES, StatusDocument
+from recorder.client.throttle import RepeatThrottle
+
+_log = structlog.get_logger("recorder.daemon.heartbeat")
 
 
 class Heartbeat:
@@ -17,6 +22,7 @@ class Heartbeat:
         self._publish = publish
         self._next: float | None = None
         self.seq = 0
+        self._left_out_log = RepeatThrottle(600.0)
 
     def due(self, now: float) -> bool:
         return self._next is None or now >= self._next
@@ -29,7 +35,19 @@ class Heartbeat:
         return True
 
     def beat(self, now: float, build: Callable[[int], StatusDocument]) -> None:
-        """Publish now (e.g. at a state change) and restart the interval."""
+        """Publish now (e.g. at a state change) and restart the interval. A document over
+        :data:`~recorder.admin.status.STATUS_MAX_BYTES` goes out with fewer runs' details
+        (logged every 10 minutes while it lasts): Kafka would refuse it whole."""
         self.seq += 1
-        self._publish(build(self.seq).encode())
+        doc = build(self.seq)
+        fitted = doc.fitted()
+        if fitted.runs_left_out:
+            fields = self._left_out_log.log_fields("left out")
+            if fields is not None:
+                _log.warning("status heartbeat too large for one Kafka message: the details "
+                             "of some runs are left out (k2eg-recorder status RUN shows one)",
+                             runs=len(doc.runs), left_out=fitted.runs_left_out,
+                             needing_a_look=fitted.runs_left_out_needing_a_look,
+                             max_bytes=STATUS_MAX_BYTES, **fields)
+        self._publish(fitted.encode())
         self._next = now + self.interval_s

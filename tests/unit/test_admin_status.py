@@ -274,3 +274,73 @@ def test_a_disk_many_runs_write_to_is_one_readable_line_in_the_table() -> None:
     obj["runs"]["run150"] = obj["runs"][next(iter(obj["runs"]))]
     (line,) = [x for x in status_table(obj, "run150").splitlines() if x.startswith("disk ")]
     assert line.endswith("(runs run150, ... 200 in all)"), line
+
+
+def _many(n: int) -> StatusDocument:
+    from dataclasses import replace
+
+    runs = tuple(replace(RUN, name=f"run-{i:04d}", current_file=f"/data/run-{i:04d}_0000.h5",
+                         last_error=None) for i in range(n))
+    return replace(DOC, runs=runs)
+
+
+def test_a_document_too_large_for_one_kafka_message_keeps_the_runs_that_need_a_look_first(
+) -> None:
+    """~450 to 850 bytes a run: 1,200 to 2,200 runs passed Kafka's default 1 MB limit and
+    the producer refused every heartbeat and every status reply (the CLI waited for its
+    timeout)."""
+    from dataclasses import replace
+
+    from recorder.admin.status import STATUS_MAX_BYTES
+    from recorder.cli.admin import attention, status_table
+
+    doc = _many(3_000)
+    runs = list(doc.runs)
+    runs[2_998] = replace(runs[2_998], state=RunState.FAILED, last_error="disk full")
+    runs[2_999] = replace(runs[2_999], last_error="iteration 7 incomplete")
+    doc = replace(doc, runs=tuple(runs))
+    assert len(doc.encode()) > 1_000_000
+
+    fitted = doc.fitted()
+    encoded = fitted.encode()
+    assert STATUS_MAX_BYTES - 1_000 < len(encoded) <= STATUS_MAX_BYTES
+    obj = json.loads(encoded)
+    assert list(obj["runs"])[-2:] == ["run-2998", "run-2999"]  # needing a look, then errors
+    assert len(obj["runs"]) + obj["runs_left_out"]["count"] == 3_000
+    assert obj["runs_left_out"]["needing_a_look"] == 0
+    assert "k2eg-recorder status RUN" in obj["runs_left_out"]["why"]
+    again = StatusDocument.decode(encoded)
+    assert again.runs_left_out == obj["runs_left_out"]["count"]
+    table = status_table(obj)
+    assert table.endswith(f"... {again.runs_left_out} more run(s) not shown: the status is kept "
+                          "to one Kafka message (k2eg-recorder status RUN shows one)")
+    assert attention(obj)[1:] == ["run run-2998 is failed: disk full (k2eg-recorder start run-2998 "
+                              "tries again; k2eg-recorder stop run-2998 ends its recording)"]
+
+    # more runs needing a look than fit: the count says so, and --check too
+    failing = replace(doc, runs=tuple(replace(r, state=RunState.RETRYING) for r in doc.runs))
+    left = failing.fitted()
+    assert left.runs_left_out == left.runs_left_out_needing_a_look > 0
+    assert attention(json.loads(left.encode()))[-1].startswith(
+        f"{left.runs_left_out} more run(s) failed, retrying or silent, left out")
+    # a document that fits is sent as it is
+    assert _many(10).fitted() == _many(10)
+    assert json.loads(_many(10).encode())["runs_left_out"] is None
+
+
+def test_long_texts_are_cut_in_the_document() -> None:
+    from dataclasses import replace
+
+    from recorder.admin.status import MAX_TEXT_CHARS
+
+    long = "x" * 100_000
+    doc = replace(DOC, runs=(replace(RUN, last_error=long,
+                                     bridge={"status": "failed", "reason": long}),),
+                  config_errors=(long,))
+    obj = json.loads(doc.encode())
+    run = obj["runs"]["bpm-10hz"]
+    for text in (run["last_error"], run["bridge"]["reason"], obj["daemon"]["config_errors"][0]):
+        assert text.startswith("x" * MAX_TEXT_CHARS)
+        assert text.endswith(f"... ({100_000 - MAX_TEXT_CHARS:,} more characters in the "
+                             "daemon's log)")
+    assert len(doc.encode()) < 4 * MAX_TEXT_CHARS

@@ -1883,6 +1883,32 @@ def test_an_unknown_run_is_answered_with_the_runs_there_are() -> None:
     ]
 
 
+def test_a_status_of_one_run_answers_with_that_run_and_one_of_many_runs_fits_a_message(
+) -> None:
+    """``k2eg-recorder status RUN`` got the whole document (the CLI showed one run of it),
+    so with too many runs for one Kafka message it got no reply either."""
+    from recorder.admin.status import STATUS_MAX_BYTES, RunState, RunStatus
+
+    class Target(FakeTarget):
+        def status_document(self, kind: str = "status") -> StatusDocument:
+            runs = tuple(RunStatus(f"run-{i:04d}", RunState.RECORDING, "s", "s",
+                                   "periodic normal", True, current_file="/data/" + "f" * 500)
+                         for i in range(3_000))
+            return StatusDocument("i", DaemonState.RUNNING, 1, 0, kind=kind, runs=runs)
+
+    h, sent = _handler()
+    h.handle(_record(_cmd("status", "run-0042")), Target())  # type: ignore[arg-type]
+    h.handle(_record(_cmd("status")), Target())  # type: ignore[arg-type]
+    one, every = sent[0][1], sent[1][1]
+    assert list(one["data"]["runs"]) == ["run-0042"] and one["data"]["runs_left_out"] is None
+    assert one["message"] == "1 run(s), daemon running"
+    left = every["data"]["runs_left_out"]["count"]
+    assert len(every["data"]["runs"]) + left == 3_000 and left > 0
+    assert every["message"] == (f"3000 run(s), daemon running; {left} left out to fit one "
+                                "Kafka message (k2eg-recorder status RUN shows one)")
+    assert len(json.dumps(every["data"], separators=(",", ":"))) <= STATUS_MAX_BYTES
+
+
 def test_status_queries_are_logged_at_debug_commands_that_act_at_info() -> None:
     """Dashboards poll status every few seconds: those lines would swamp the journal."""
     h, sent = _handler()
