@@ -12,7 +12,9 @@ commit, and as ``recording`` while a writer holds it (:mod:`recorder.sinks.write
 ``unfinished`` when none does (left by a crash or a failed writer: ``recover`` it). No PV
 data is read, so a directory of thousands of files is listed in seconds. Files of one
 recording (the same ``recording_uid``: its segments, and the segments a restarted daemon
-resumed into) are grouped, in segment order.
+resumed into) are grouped, in segment order. A file's counts are of its ``/iterations`` rows;
+a recording's are of its iterations: one open at a rotation (or cut by a crash and resumed),
+with a row in each of two files, counts once, with the later row's status.
 
 Times are ns since the Unix epoch (UTC). A file covers ``start_ns`` (its segment's start,
 the recording's for the first segment, or the header timestamp of its first iteration when
@@ -25,6 +27,7 @@ window shows only its files from the window on.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 import re
 import time
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from recorder.errors import DamagedFileError, FileFormatError
+from recorder.sinks.buffer import ITERATION_REASONS, SPLIT_REASONS
 from recorder.sinks.describe import data_span_ns, iso_ns, plain, utc
 from recorder.sinks.h5open import open_for_reading
 from recorder.sinks.livefile import read_commit
@@ -113,12 +117,15 @@ class FileEntry:
     start_ns: int  # the segment's start (the recording's, for segment 0), or its first header
     end_ns: int  # finalized: end_time_ns; being written: its last commit (start_ns if none),
     # or its last gateway timestamp
-    iterations: int
-    incomplete: int  # iterations whose status is not complete
+    iterations: int  # its /iterations rows
+    incomplete: int  # rows whose status is not complete
     values: int
     bytes: int
     format_version: str
     partial: bool  # still a .partial: being written (recording), or unfinished
+    first_iter: int | None = None  # iter_index of its first row
+    goes_on: int | None = None  # iter_index of its last row when that iteration may go on in
+    # the next segment (reason recording_stopped / writer_crashed, see SPLIT_REASONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +176,22 @@ class RecordingEntry:
 
     @property
     def iterations(self) -> int:
-        return sum(f.iterations for f in self.files)
+        """Its iterations: an iteration open at a rotation (or cut by a crash and resumed),
+        which has a row in each of two files, counts once."""
+        return sum(f.iterations for f in self.files) - self.split
 
     @property
     def incomplete(self) -> int:
-        return sum(f.incomplete for f in self.files)
+        """Its incomplete iterations: one split between two files has the later row's
+        status (the earlier row, `recording_stopped` or `writer_crashed`, is incomplete)."""
+        return sum(f.incomplete for f in self.files) - self.split
+
+    @property
+    def split(self) -> int:
+        """How many of its iterations have a row in each of two consecutive files: the
+        earlier file's last row (see :data:`SPLIT_REASONS`) and the next segment's first."""
+        return sum(a.goes_on is not None and a.goes_on == b.first_iter and b.segment > a.segment
+                   for a, b in itertools.pairwise(self.files))
 
     @property
     def values(self) -> int:
@@ -256,9 +274,14 @@ def describe_file(path: str | os.PathLike[str]) -> FileEntry:
             status = str(a.get("status", ""))
             end_ns = int(a.get("end_time_ns") or 0) or start_ns
         incomplete = 0
+        first_iter = goes_on = None
         if n_iter:
             column = f["iterations/status"][:n_iter]
             incomplete = int(np.count_nonzero(column))
+            index = f["iterations/iter_index"]
+            first_iter = int(index[0])
+            if "reason" in f["iterations"] and int(f["iterations/reason"][n_iter - 1]) in _SPLIT:
+                goes_on = int(index[n_iter - 1])
             # the segment was opened after the header of its first iteration (its start was
             # decided when the first event came; iterations read back after a restart or
             # still open at a rotation came earlier): the gateway's timestamps widen the span
@@ -283,6 +306,8 @@ def describe_file(path: str | os.PathLike[str]) -> FileEntry:
         bytes=size,
         format_version=str(a.get("format_version", "")),
         partial=partial,
+        first_iter=first_iter,
+        goes_on=goes_on,
     )
 
 
@@ -385,6 +410,7 @@ def find_recordings(
 
 
 # --------------------------------------------------------------------------------------------
+_SPLIT = frozenset(ITERATION_REASONS[r] for r in SPLIT_REASONS)
 _ATTRS = frozenset({
     "format", "format_version", "layout", "run_name", "recording_uid", "segment", "status",
     "status_reason", "start_time_ns", "segment_start_time", "end_time_ns", "n_iterations",

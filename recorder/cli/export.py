@@ -177,10 +177,6 @@ def _gaps_of(column: Any, mask: Any) -> list[bool]:
     return [v is None for v in column.tolist()]
 
 
-SPLIT_REASONS = ("recording_stopped", "writer_crashed")
-"""The reasons of the first row of an iteration that goes on in the next segment."""
-
-
 def join_split_rows(iterations: dict[str, Any], aligned: dict[str, Any], pick: str
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The rows of ``iterations`` (with ``segment``) and of the PVs' ``aligned`` columns
@@ -189,6 +185,8 @@ def join_split_rows(iterations: dict[str, Any], aligned: dict[str, Any], pick: s
     ``pick="first"``, the earlier one's values first), its header time too when it has
     none."""
     import numpy as np
+
+    from recorder.sinks.buffer import SPLIT_REASONS
 
     idx, seg = iterations["iter_index"], iterations["segment"]
     split = [i for i in range(len(idx) - 1)

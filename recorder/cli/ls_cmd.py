@@ -2,8 +2,9 @@
 
 Without PATH it lists the output directories of the run definitions the daemon reads
 (``RECORDER_CONFIG_PATH``). One line per recording (its segment files together): run, start
-and end (UTC), status, files, iterations (incomplete ones in brackets), values, size; a
-recording that is not complete also gets its reason. ``--files`` adds a line per file,
+and end (UTC), status, files, iterations (incomplete ones in brackets; an iteration split
+between two files by a rotation or a crash counts once), values, size; a recording that is not
+complete also gets its reason. ``--files`` adds a line per file (counting its own rows),
 ``--json`` prints one JSON document instead (for scripts and catalogs).
 
 Examples::

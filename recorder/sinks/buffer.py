@@ -68,6 +68,10 @@ ITERATION_REASONS: dict[str, int] = {
     "recording_stopped": 100,  # the recording ended before the iteration closed
     "writer_crashed": 101,  # set by `recover` for iterations open when the writer died
 }
+SPLIT_REASONS = ("recording_stopped", "writer_crashed")
+"""The reasons of the last row of a file whose iteration may go on in the next segment (open
+at a rotation, or cut by a crash and resumed): it is one iteration when that segment's first
+row has its ``iter_index``, with the later row's status."""
 REASON_NAMES: dict[int, str] = {v: k for k, v in ITERATION_REASONS.items()}
 STATUS_NAMES: dict[int, str] = {v: k for k, v in ITERATION_STATUS.items()}
 _COMPLETE = ITERATION_STATUS["complete"]

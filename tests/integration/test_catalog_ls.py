@@ -1221,3 +1221,38 @@ def test_a_path_that_is_not_a_file_nor_a_directory_is_not_called_missing(
     assert "no such file" not in out.stderr, out.stderr
     assert f"{fifo}: " in out.stderr, out.stderr
     assert "not a regular file nor a directory" in out.stderr, out.stderr
+
+
+def test_an_iteration_open_at_a_rotation_counts_once_for_the_recording(
+        tmp_path: Path) -> None:
+    """An iteration still open when its segment rotated has a row in each file (the first
+    incomplete, `recording_stopped`): `ls` and the catalog counted it twice, once as an
+    incomplete iteration, so a lossless recording of 3 iterations showed "4 (1)". The
+    recording's counts are of its iterations (the later row's status), a file's of its own
+    rows."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path,
+                                      segment=SegmentOptions(max_iterations=1)),
+                        run_name="split", pv_uris=["pva://A"])
+    for i, v in ((1, 1.0), (2, 2.0)):
+        rec.handle(IterationOpened("t", "s", i, 1000 * i))
+        rec.handle(ValuesReceived("t", i, 1, 1, (PVSample("A", {"value": v}),)))
+    rec.handle(IterationClosed("t", "s", 1, IterationStatus.COMPLETE, None, 1000, 1000))
+    rec.handle(IterationOpened("t", "s", 3, 3000))  # rotates: iteration 2 is open
+    rec.handle(ValuesReceived("t", 2, 2, 2, (PVSample("A", {"value": 2.5}),)))
+    rec.handle(IterationClosed("t", "s", 2, IterationStatus.COMPLETE, None, 2000, 2000))
+    rec.handle(ValuesReceived("t", 3, 1, 1, (PVSample("A", {"value": 3.0}),)))
+    rec.handle(IterationClosed("t", "s", 3, IterationStatus.COMPLETE, None, 3000, 3000))
+    first, _ = rec.close()
+
+    (entry,) = find_recordings(tmp_path)
+    assert (entry.iterations, entry.incomplete) == (3, 0)
+    assert [(f.iterations, f.incomplete) for f in entry.files] == [(2, 1), (2, 0)]
+    doc = ls_json(str(tmp_path))
+    (r,) = doc["recordings"]
+    assert (r["iterations"], r["incomplete"]) == (3, 0)
+    assert [(f["iterations"], f["incomplete"]) for f in r["files"]] == [(2, 1), (2, 0)]
+    text = ls(str(tmp_path)).stdout.splitlines()
+    assert "3 (0)" in text[1], text
+    # each file alone: its rows (the second file of a pair alone is a whole iteration)
+    (only_first,) = find_recordings(first)
+    assert (only_first.iterations, only_first.incomplete) == (2, 1)

@@ -97,6 +97,22 @@ def test_a_recording_sums_and_spans_its_files() -> None:
     assert doc["start"] == utc(1_000).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def test_an_iteration_cut_by_a_crash_and_resumed_counts_once() -> None:
+    """A leftover's last row (`writer_crashed`, incomplete) whose iteration the resumed
+    recording's next segment begins with is one iteration, with the later row's status; a
+    last row whose iteration the next segment does not begin with stays one of its own."""
+    crashed = dataclasses.replace(
+        _file(0, "aborted", 1_000, 2_000, iterations=10, incomplete=1), goes_on=10)
+    resumed = dataclasses.replace(_file(1, "complete", 2_000, 3_000, iterations=5),
+                                  first_iter=10)
+    assert (RecordingEntry("run", "uid", (crashed, resumed)).iterations,
+            RecordingEntry("run", "uid", (crashed, resumed)).incomplete) == (14, 0)
+    other = dataclasses.replace(resumed, first_iter=11)
+    rec = RecordingEntry("run", "uid", (crashed, other))
+    assert (rec.iterations, rec.incomplete) == (15, 1)
+    assert RecordingEntry("run", "uid", (crashed,)).iterations == 10  # alone: its rows
+
+
 def test_a_recordings_reason_is_that_of_the_file_that_gives_its_status() -> None:
     """A complete segment's reason ("continued in the next segment") is not why the
     recording is aborted; a complete recording has no reason to show."""
