@@ -137,6 +137,7 @@ def _print_summary(args: argparse.Namespace) -> int:
         print(f"iterations {n} ({complete} complete, {n - complete} incomplete)", end="")
         if n:
             print(f"  iter_index {its['iter_index'][0]}..{its['iter_index'][-1]}")
+            print(goes_on_note(its), end="")
         else:
             print()
         print(f"{'PV':40} {'kind':12} {'dtype':10} {'shape':12} {'units':8} {'count':>8}  "
@@ -147,6 +148,20 @@ def _print_summary(args: argparse.Namespace) -> int:
                   f"{row['units'] or '-':8} {row['count']:>8}  "
                   f"{_t(row['first_ns'])} .. {_t(row['last_ns'])}")
     return 0
+
+
+def goes_on_note(its: dict[str, Any]) -> str:
+    """A line on the file's last iteration when it was still open as the file ended (a
+    rotation, a crash: ``recording_stopped`` / ``writer_crashed``): the counts above are of
+    this file's rows, and a next segment beginning with that iteration completes it."""
+    from recorder.sinks.buffer import SPLIT_REASONS
+
+    reason = str(its["reason"][-1])
+    if reason not in SPLIT_REASONS:
+        return ""
+    return (f"           iter_index {its['iter_index'][-1]} was open when this file ended "
+            f"({reason}): counted here as this file's row; where the next segment begins "
+            "with it, it is one iteration of the recording (as ls and export count it)\n")
 
 
 def snapshot_mode(a: dict[str, Any]) -> str:

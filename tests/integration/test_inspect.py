@@ -334,3 +334,37 @@ def test_export_of_a_file_with_a_broken_iterations_table_is_said_in_one_line(
     assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
     assert len(got.stderr.splitlines()) == 1, got.stderr
     assert f"{final}: damaged: /iterations" in got.stderr, got.stderr
+
+
+def test_a_file_whose_last_iteration_goes_on_in_the_next_segment_says_so(
+        tmp_path: Path) -> None:
+    """The first file of an iteration open at a rotation counts its row as incomplete
+    (`recording_stopped`), where `ls` and `export` count the recording's iteration once, as
+    complete: `inspect` of that file said "1 incomplete" and nothing more; it now says the
+    count is this file's row and the iteration goes on in the next segment."""
+    from recorder.client.events import (
+        IterationClosed,
+        IterationOpened,
+        IterationStatus,
+        ValuesReceived,
+    )
+    from recorder.sinks.options import SegmentOptions
+
+    rec = HDF5Recording(OutputOptions(directory=tmp_path,
+                                      segment=SegmentOptions(max_iterations=1)),
+                        run_name="split")
+    for i in (1, 2):
+        rec.handle(IterationOpened("t", "s", i, 1000 * i))
+        rec.handle(ValuesReceived("t", i, 1, 1, (PVSample("A", {"value": 1.0 * i}),)))
+    rec.handle(IterationClosed("t", "s", 1, IterationStatus.COMPLETE, None, 1000, 1000))
+    rec.handle(IterationOpened("t", "s", 3, 3000))  # rotates: iteration 2 is open
+    for i in (2, 3):
+        rec.handle(IterationClosed("t", "s", i, IterationStatus.COMPLETE, None, 1000 * i,
+                                   1000 * i))
+    first, second = rec.close()
+    got = _inspect(first)
+    assert got.returncode == 0, got.stderr
+    assert "iterations 2 (1 complete, 1 incomplete)  iter_index 1..2" in got.stdout
+    assert ("iter_index 2 was open when this file ended (recording_stopped): counted here as "
+            "this file's row") in got.stdout, got.stdout
+    assert "was open when" not in _inspect(second).stdout
