@@ -33,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from recorder.cli.argtypes import given_path
+
 if TYPE_CHECKING:
     from recorder.reader import Recording, RecordingFile
 
@@ -47,8 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the value of an iteration holding several (timedbuffered)")
     parser.add_argument("--only-file", action="store_true",
                         help="this file only, not every segment of its recording")
-    parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="CSV file to write (default: standard output)")
+    parser.add_argument("-o", "--output", type=_output, default=None,
+                        help="CSV file to write (default, or -: standard output)")
+
+
+def _output(text: str) -> Path | None:
+    """``-o``: a file, or ``-`` (and nothing) for standard output."""
+    return None if text == "-" else given_path(text)
 
 
 def _iso(ns: int) -> str:

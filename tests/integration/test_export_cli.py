@@ -416,3 +416,19 @@ def test_an_iteration_open_at_a_rotation_is_one_row(tmp_path: Path) -> None:
     only = rows(export(str(first), "--only-file").stdout)  # the file's own rows
     assert [(r["iter_index"], r["status"], r["A"], r["B"]) for r in only] == [
         ("1", "complete", "1.0", "10.0"), ("2", "incomplete", "2.0", "")]
+
+
+def test_an_output_of_dash_is_standard_output(tmp_path: Path) -> None:
+    """``export FILE -o -`` wrote the CSV into a file named ``-`` in the working directory
+    (and said "-: 3 iterations"), where a shell user means standard output; it is standard
+    output now, as without ``-o``."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "data"), run_name="dash")
+    for i in range(3):
+        write_iteration(rec, i, [PVSample("A", {"value": 1.0 * i})])
+    (path,) = rec.close()
+    proc = subprocess.run([sys.executable, "-m", "recorder.cli", "export", str(path), "-o", "-"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert [r["A"] for r in rows(proc.stdout)] == ["0.0", "1.0", "2.0"], proc.stdout
+    assert not (tmp_path / "-").exists()
