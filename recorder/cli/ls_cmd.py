@@ -17,7 +17,8 @@ Examples::
 Each file is read in a worker process: one that does not answer within ``--file-timeout``
 (HDF5 loops for ever on some damaged files) is reported as unreadable and the rest listed.
 
-Exit status: 0, 1 when a file could not be read (named on stderr, the rest is listed),
+Exit status: 0, 1 when a file could not be read or a file given by name is not a
+k2eg-recorder file (named on stderr, the rest is listed),
 2 on bad usage (a time it cannot read, a PATH that does not exist, no PATH and no readable
 run definitions).
 """
@@ -88,9 +89,13 @@ def run(args: argparse.Namespace) -> int:
         print_table(catalog, sys.stdout, files=args.files)
     for p, why in catalog.unreadable:
         print(f"{p}: cannot read: {why}", file=sys.stderr)
+    named = {p.resolve() for p in paths if p.is_file()}
+    not_ours = [p for p in catalog.foreign if p.resolve() in named]
+    for p in not_ours:  # given by name (in a directory such files are only counted)
+        print(f"{p}: not a k2eg-recorder file", file=sys.stderr)
     if args.paths:
         note_subdirectories(paths, "ls")
-    return 1 if catalog.unreadable else 0
+    return 1 if catalog.unreadable or not_ours else 0
 
 
 def print_table(catalog: Catalog, out: TextIO, *, files: bool = False) -> None:

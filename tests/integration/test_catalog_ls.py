@@ -1256,3 +1256,25 @@ def test_an_iteration_open_at_a_rotation_counts_once_for_the_recording(
     # each file alone: its rows (the second file of a pair alone is a whole iteration)
     (only_first,) = find_recordings(first)
     assert (only_first.iterations, only_first.incomplete) == (2, 1)
+
+
+def test_a_file_named_that_is_not_a_recording_is_said_so(tmp_path: Path) -> None:
+    """``ls FILE`` of a file that is not a recording (not HDF5, another program's HDF5, an
+    empty file) printed "no recordings" and "1 file(s) skipped", naming no file, and exited
+    0; a file given by name is now said on stderr, with its name, and the exit status is 1
+    (in a directory, such files are still only counted)."""
+    (alpha,) = record(tmp_path / "data", "alpha", T_ALPHA, 2)
+    other = tmp_path / "someone-else.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = [1, 2, 3]
+    notes = tmp_path / "notes.h5"
+    notes.write_text("not HDF5 at all")
+    empty = tmp_path / "empty.h5"
+    empty.touch()
+    for path in (other, notes, empty):
+        out = ls(str(path))
+        assert out.returncode == 1, (path, out.stdout, out.stderr)
+        assert out.stderr.splitlines() == [f"{path}: not a k2eg-recorder file"], out.stderr
+    out = ls(str(alpha), str(notes))  # the rest is listed
+    assert out.returncode == 1 and out.stdout.splitlines()[1].split()[0] == "alpha"
+    assert ls(str(tmp_path)).returncode == 0  # in a directory given: skipped, counted
