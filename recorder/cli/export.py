@@ -139,6 +139,19 @@ def _regular(out: TextIO) -> bool:
         return False
 
 
+def _one_of(output: Path, paths: list[Path]) -> bool:
+    """Whether ``output`` is one of ``paths`` (a file being exported). A path that cannot be
+    looked up (too long, a directory that may not be searched) is none: opening it for
+    writing then says why."""
+    for path in paths:
+        try:
+            if os.path.samefile(output, path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def write_csv(table: dict[str, Any], pvs: list[str], out: TextIO,
               stored: dict[str, str] | None = None,
               gaps: dict[str, Any] | None = None, *,
@@ -281,8 +294,7 @@ def run(args: argparse.Namespace) -> int:
             except BrokenPipeError:  # `| head`: the reader has what it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         else:
-            if args.output.exists() and any(
-                    os.path.samefile(args.output, f.path) for f in files if f.path.exists()):
+            if _one_of(args.output, [f.path for f in files]):
                 print(f"{args.output}: is a file of the recording being exported; "
                       "not overwritten", file=sys.stderr)
                 return 2

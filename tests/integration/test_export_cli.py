@@ -432,3 +432,19 @@ def test_an_output_of_dash_is_standard_output(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert [r["A"] for r in rows(proc.stdout)] == ["0.0", "1.0", "2.0"], proc.stdout
     assert not (tmp_path / "-").exists()
+
+
+def test_an_output_path_that_cannot_be_looked_up_is_said_in_one_line(tmp_path: Path) -> None:
+    """``-o`` with a name too long for the file system (or, for a user, in a directory they
+    may not search) ended in a traceback (OSError from the check that the output is not a
+    file of the recording); it is one line naming the output now, exit 1, the input left
+    as it was."""
+    rec = HDF5Recording(OutputOptions(directory=tmp_path / "data"), run_name="long")
+    write_iteration(rec, 0, [PVSample("A", {"value": 1.0})])
+    (path,) = rec.close()
+    before = path.read_bytes()
+    out = tmp_path / ("x" * 300 + ".csv")
+    proc = export(str(path), "-o", str(out))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines() == [f"{out}: cannot write: File name too long"], proc.stderr
+    assert path.read_bytes() == before
