@@ -424,10 +424,16 @@ def candidates(paths: Iterable[str | os.PathLike[str]],
     its ``*.h5`` / ``*.hdf5`` / ``*.nxs`` files and their ``.partial``, not recursively,
     sorted; a file is taken as it is. A directory that cannot be listed (no permission), or
     a path that is neither a file nor a directory (a FIFO), is added to ``unlisted`` with the
-    reason, when given, and skipped."""
+    reason, when given, and skipped (so is a path that cannot be looked up)."""
     found: list[Path] = []
     missing: list[Path] = []
     for p in map(Path, paths):
+        try:
+            p.is_dir()
+        except OSError as exc:  # a name too long, a directory on the way not searchable
+            if unlisted is not None:
+                unlisted.append((p, f"cannot look it up: {exc.strerror or exc}"))
+            continue
         if p.is_dir():
             try:
                 found.extend(sorted(c for c in p.iterdir() if _ours(c.name) and c.is_file()))

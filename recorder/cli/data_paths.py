@@ -86,7 +86,10 @@ def finalized_since(path: Path, command: str) -> Path:
     stderr."""
     from recorder.catalog import now_at
 
-    if path.exists():
+    try:
+        if path.exists():
+            return path
+    except OSError:  # cannot be looked up (too long, no search permission): said by the caller
         return path
     moved = now_at(path)
     if moved is None:
@@ -117,7 +120,10 @@ def note_subdirectories(paths: list[Path], command: str) -> None:
     from recorder.catalog import candidates
 
     for p in paths:
-        if not p.is_dir() or candidates([p])[0]:
+        try:
+            if not p.is_dir() or candidates([p])[0]:
+                continue
+        except OSError:  # cannot be looked up: the command says so for the path itself
             continue
         try:
             subdirs = sorted(c for c in p.iterdir() if c.is_dir() and candidates([c])[0])

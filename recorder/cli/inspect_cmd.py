@@ -61,6 +61,11 @@ def open_or_report(path: Path, opener: Callable[[Path], T], command: str = "insp
 
     path = finalized_since(path, command)
 
+    try:
+        path.is_file()
+    except OSError as exc:  # a name too long, a directory on the way not searchable
+        print(f"{path}: cannot open: {exc.strerror or exc}", file=sys.stderr)
+        return None
     if not path.is_file():
         print(f"{path}: {'not a file' if path.exists() else 'no such file'}", file=sys.stderr)
         return None

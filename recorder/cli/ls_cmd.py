@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print_table(catalog, sys.stdout, files=args.files)
     for p, why in catalog.unreadable:
         print(f"{p}: cannot read: {why}", file=sys.stderr)
-    named = {p.resolve() for p in paths if p.is_file()}
+    named = {p.resolve() for p in paths}  # (a directory is never one of catalog.foreign)
     not_ours = [p for p in catalog.foreign if p.resolve() in named]
     for p in not_ours:  # given by name (in a directory such files are only counted)
         print(f"{p}: not a k2eg-recorder file", file=sys.stderr)

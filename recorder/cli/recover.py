@@ -38,6 +38,12 @@ def run(args: argparse.Namespace) -> int:
     files: list[Path] = []
     failures = busy = 0
     for p in args.paths:
+        try:
+            p.exists()
+        except OSError as exc:  # a name too long, a directory on the way not searchable
+            print(f"{p}: cannot look it up: {exc.strerror or exc}")
+            failures += 1
+            continue
         if not p.exists():
             print(f"{p}: no such file or directory")
             failures += 1

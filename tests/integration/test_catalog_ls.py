@@ -1278,3 +1278,20 @@ def test_a_file_named_that_is_not_a_recording_is_said_so(tmp_path: Path) -> None
     out = ls(str(alpha), str(notes))  # the rest is listed
     assert out.returncode == 1 and out.stdout.splitlines()[1].split()[0] == "alpha"
     assert ls(str(tmp_path)).returncode == 0  # in a directory given: skipped, counted
+
+
+@pytest.mark.parametrize("command", ["inspect", "export", "ls", "verify", "recover"])
+def test_a_path_that_cannot_be_looked_up_is_said_in_one_line(
+        tmp_path: Path, command: str) -> None:
+    """A PATH whose lookup fails with another error than "no such file" (a name too long
+    for the file system; for a user, a file in a directory they may not search, as the
+    data directories of other groups are): `export`, `ls`, `verify` and `recover` ended in a
+    traceback (OSError from Path.exists); each now says in one line which path and why,
+    exit non-zero."""
+    path = tmp_path / ("x" * 300 + ".h5")
+    out = subprocess.run([sys.executable, "-m", "recorder.cli", command, str(path)],
+                         check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    said = [line for line in (out.stdout + out.stderr).splitlines()
+            if str(path) in line]
+    assert len(said) == 1 and "File name too long" in said[0], (out.stdout, out.stderr)
