@@ -509,8 +509,8 @@ class Service:
         if self._heartbeat is not None:
             self._heartbeat.beat(time.monotonic(), self._heartbeat_doc)
         files = {c.name: c.files() for c in controllers}  # the newest listed (LOGGED_FILES)
-        log.info("daemon stopped", files={n: f[-LOGGED_FILES:] for n, f in files.items()},
-                 files_total={n: len(f) for n, f in files.items()})
+        log.info("daemon stopped", files={n: f.newest(LOGGED_FILES) for n, f in files.items()},
+                 files_total={n: f.total for n, f in files.items()})
 
     def _join_run_threads(self) -> None:
         """Wait (``RUN_THREADS_EXIT_S`` in all) for the runs' threads: those the shutdown

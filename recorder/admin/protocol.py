@@ -92,7 +92,8 @@ MAX_TAGS = 64
 MAX_TAG_CHARS = 1024
 REPLY_FILES_CHARS = 200_000
 """File paths listed in a reply, at most (a stop reply lists them twice: its message and its
-``files``): a reply is one Kafka message, at most ~1 MB (librdkafka's default)."""
+``files``): a reply is one Kafka message, at most ~1 MB (librdkafka's default). A run holds
+the newest :data:`recorder.newest.FILES_KEPT` of its files only (and how many there are)."""
 MAX_ISSUED_AT = 2**63 - 1  # Kafka's timestamps are int64 ms; beyond, an age overflows a float
 # \Z, not $ (which also matches before a final newline: "replies\n" passed, and Kafka
 # refuses that topic name, as it does "." and "..": the reply was lost)
@@ -152,13 +153,15 @@ def reply_files(files: Sequence[str]) -> list[str]:
     return list(files)
 
 
-def files_text(files: Sequence[str]) -> str:
+def files_text(files: Sequence[str], total: int | None = None) -> str:
     """``files: a, b`` for a reply's message (the newest: :func:`reply_files`, after how many
-    there are). Ends with ``"; files: " + ", ".join(reply_files(files))`` after a ``;``."""
+    there are: ``total``, when ``files`` are only the newest of them). Ends with
+    ``"; files: " + ", ".join(reply_files(files))`` after a ``;``."""
     shown = reply_files(files)
-    if len(shown) == len(files):
+    total = len(files) if total is None else max(total, len(files))
+    if len(shown) == total:
         return f"files: {', '.join(files) or 'none'}"
-    return f"{len(files)} files, the last {len(shown)} listed; files: {', '.join(shown)}"
+    return f"{total} files, the last {len(shown)} listed; files: {', '.join(shown)}"
 
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:

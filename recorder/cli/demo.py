@@ -298,14 +298,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {line}")
         for line in errors:
             print(f"  error: {line}", file=sys.stderr)
-        files = {name: c.files() for name, c in service.controllers.items()}
+        finalized = {name: c.files() for name, c in service.controllers.items()}
+        files = {name: list(f) for name, f in finalized.items()}  # (the newest, FILES_KEPT)
         # a run that starts by itself and left no file failed (its output directory cannot
         # be created, its disk is full, ...): the demo did not show it working
         failed = {name: c.status().last_error or f"the run ended {c.state.value}"
                   for name, c in service.controllers.items()
                   if c.definition.autostart and not files[name]}
         events = _count_messages(broker.bootstrap_servers, daemon.files_topic,
-                                 expect=sum(map(len, files.values())))
+                                 expect=sum(f.total for f in finalized.values()))
         print(f"  files topic {daemon.files_topic}: {events} file event(s), one per file "
               f"finalized")
         # drop the daemon's Kafka handles before the broker goes away (librdkafka would log

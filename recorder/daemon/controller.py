@@ -54,7 +54,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -106,6 +106,7 @@ from recorder.daemon.silence import SilenceWatch, silence_limit_s
 from recorder.errors import AdminCommandError, GatewayTimeoutError, RecorderError
 from recorder.logging import bind_run
 from recorder.metrics import RecorderMetrics
+from recorder.newest import Newest
 from recorder.sinks.bridge.options import BridgeOptions
 from recorder.sinks.options import final_path, partial_path, render_file_name, taken_paths
 
@@ -125,9 +126,9 @@ segments has tens of thousands, and journald cuts a line over 48 kB (LineMax=) i
 that are not JSON."""
 
 
-def logged_files(files: Sequence[str]) -> dict[str, Any]:
+def logged_files(files: Newest[str]) -> dict[str, Any]:
     """Log fields for ``files``: the newest :data:`LOGGED_FILES` and how many there are."""
-    return {"files": list(files[-LOGGED_FILES:]), "files_total": len(files)}
+    return {"files": files.newest(LOGGED_FILES), "files_total": files.total}
 
 
 @dataclass(slots=True)
@@ -161,8 +162,9 @@ class _Stats:
     current_file: str | None = None
     recording_started_at: int | None = None
     # finalized files of the last recording started (those of earlier ones were told in
-    # their file events and "recording closed" lines; kept, they grew for good)
-    files: list[str] = field(default_factory=list)
+    # their file events and "recording closed" lines; kept, they grew for good): the newest
+    # (FILES_KEPT: a month of 60 s segments is 43,200) and how many
+    files: Newest[str] = field(default_factory=Newest)
     triggers: int = 0
     bridge: dict[str, Any] | None = None  # bridge_status() of the current/last bridge
     silent_since: int | None = None  # ms: the snapshot's silence is being reported
@@ -400,14 +402,17 @@ class RunController:
                 backpressure_pauses=s.backpressure_pauses,
             )
 
-    def files(self) -> list[str]:
-        """Files finalized of the last recording started (this process)."""
+    def files(self) -> Newest[str]:
+        """Files finalized of the last recording started (this process): the newest
+        (:data:`~recorder.newest.FILES_KEPT`) and how many (``total``)."""
         with self._lock:
-            return list(self._stats.files)
+            return self._stats.files.copy()
 
     def recording_files(self) -> list[str]:
-        """Files finalized of the last recording started (what a stop reply lists)."""
-        return self.files()
+        """Files finalized of the last recording started (what a stop reply lists): the
+        newest (:data:`~recorder.newest.FILES_KEPT`)."""
+        with self._lock:
+            return list(self._stats.files)
 
     def _submit(self, request: _Request) -> Future[str]:
         if not self._thread.is_alive():
@@ -574,7 +579,7 @@ class RunController:
         self._start_waiters.append(future)
         with self._lock:
             self._stats.last_error = None
-            self._stats.files = []
+            self._stats.files = Newest()
         self._pending_tags.clear()  # a trigger whose iteration never came tags nothing new
         self._set_state(RunState.STARTING)
 
@@ -651,6 +656,7 @@ class RunController:
             return
         self._rec = rec
         self._announced = 0
+        rec.paths.hold(0)  # every file it finalizes is told, however many between two looks
         self._undurable, self._open_at = [], {}
         self._carried = {} if active is None else {
             p: o for p, o in active.open_offsets.items() if o <= active.offsets.get(p, -1)}
@@ -1365,32 +1371,31 @@ class RunController:
         if failed is not None:  # e.g. its file could not be finalized: say so, not "stopped"
             self._set_state(RunState.FAILED)
             self._fail_waiters(f"run {self.name!r} stopped, but its recording failed: "
-                               f"{failed}; {files_text(files)}")
+                               f"{failed}; {files_text(list(files), files.total)}")
             return
         self._set_state(RunState.IDLE)
-        text = f"run {self.name!r} stopped ({status}); {files_text(files)}"
+        text = f"run {self.name!r} stopped ({status}); {files_text(list(files), files.total)}"
         waiters, self._stop_waiters = self._stop_waiters, []
         for f in waiters:
             if not f.done():
                 f.set_result(text)
 
-    def _close_recording(self, status: str, reason: str) -> tuple[list[str], str | None]:
+    def _close_recording(self, status: str, reason: str) -> tuple[Newest[str], str | None]:
         """Close the recording as ``status``: (its files, why it failed or None). A failure
         found at the close (its file could not be finalized) counts as a write error."""
         rec, self._rec = self._rec, None
         if rec is None:
-            return [], None
+            return Newest(), None
         raised: str | None = None  # a close that raised left its file unfinalized: failed
         try:
-            paths = rec.close(status, reason)
+            rec.close(status, reason)  # its files: rec.paths (the newest, and how many)
         except Exception as exc:
             raised = f"closing the recording failed: {type(exc).__name__}: {exc}"
             self._log.exception("closing the recording failed")
-            paths = list(rec.paths)
         self._count_written(rec)  # what its own last flush wrote, and that flush
         self._announce_files(rec)
         self._end_bridge_recording()
-        files = [str(p) for p in paths]
+        files = rec.paths.mapped(str)
         with self._lock:
             self._stats.files.extend(files)
             self._stats.current_file = None
@@ -1539,11 +1544,12 @@ class RunController:
 
     def _announce_files(self, rec: Recording) -> None:
         """Tell of the files the recording finalized since the last call (a segment rotation,
-        the close)."""
-        paths = list(rec.paths)
-        if len(paths) <= self._announced:
+        the close): ``rec.paths`` holds them from ``_announced`` on (:meth:`Newest.hold`)."""
+        paths = rec.paths
+        if paths.total <= self._announced:
             return
-        new, self._announced = paths[self._announced:], len(paths)
+        new, self._announced = paths.since(self._announced), paths.total
+        paths.hold(self._announced)
         for path in new:
             self._file_finalized(Path(path))
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from recorder.client import IterationEvent
 from recorder.config.models import RunDefinition
+from recorder.newest import Newest
 
 
 class Recording(Protocol):
@@ -21,7 +22,7 @@ class Recording(Protocol):
     status: str
     reason: str
     current_path: Path | None
-    paths: list[Path]
+    paths: Newest[Path]  # finalized files: the newest (FILES_KEPT) and how many (.total)
     counters: dict[str, int]
     last_flush_seconds: float
     uid: str
@@ -40,7 +41,9 @@ class Recording(Protocol):
 
     def flush(self) -> None: ...
 
-    def close(self, status: str = "complete", reason: str = "") -> list[Path]: ...
+    def close(self, status: str = "complete", reason: str = "") -> list[Path]:
+        """Finalize; returns the files held in ``paths``."""
+        ...
 
 
 class RecordingFactory(Protocol):

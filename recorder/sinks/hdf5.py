@@ -41,6 +41,7 @@ from recorder.client.events import IterationEvent, IterationOpened
 from recorder.client.properties import PVUri, SnapshotProperties
 from recorder.durability import make_directories, private_tmp_mount, sync_directory
 from recorder.errors import SinkError
+from recorder.newest import Newest
 from recorder.sinks import writelock
 from recorder.sinks.buffer import RecordingBuffer
 from recorder.sinks.final_layout import FORMAT_VERSION
@@ -109,7 +110,8 @@ class HDF5Recording:
         self.status = "recording"
         self.reason = ""
         self.segment = first_segment - 1
-        self.paths: list[Path] = []  # finalized segment files
+        # finalized segment files: the newest (FILES_KEPT) and how many (paths.total)
+        self.paths: Newest[Path] = Newest()
         self.current_path: Path | None = None  # the .partial file being written
         self.counters: dict[str, int] = {
             "events": 0,
@@ -219,26 +221,28 @@ class HDF5Recording:
             self.flush_seconds.append(self.last_flush_seconds)
 
     def close(self, status: str = "complete", reason: str = "") -> list[Path]:
-        """Stop: flush, mark open iterations incomplete, finalize the files."""
+        """Stop: flush, mark open iterations incomplete, finalize the files. Returns the
+        files finalized (the newest :data:`~recorder.newest.FILES_KEPT`: ``paths.total``
+        counts them all)."""
         if status not in ("complete", "aborted", "failed"):
             raise ValueError(f"bad close status {status!r}")
         if self.status == "failed":
             self._close_file()
-            return self.paths
+            return list(self.paths)
         if self.status != "recording":
-            return self.paths
+            return list(self.paths)
         self._buffer.close_open("recording_stopped")
         self.flush()
         if self.status == "failed":
             self._close_file()
-            return self.paths
+            return list(self.paths)
         self._finish_segment(status, reason)
         if self.status == "failed":  # finalization failed: the .partial stays for recover
-            return self.paths
+            return list(self.paths)
         self.status = status
         self.reason = reason
-        self._log.info("recording closed", status=status, reason=reason, files=len(self.paths))
-        return self.paths
+        self._log.info("recording closed", status=status, reason=reason, files=self.paths.total)
+        return list(self.paths)
 
     def _buffer_full(self) -> bool:
         """Flush early: the buffers hold ``max_buffer_bytes``, and a quarter of that at least

@@ -103,6 +103,7 @@ import structlog
 from recorder import __version__
 from recorder.client.events import IterationEvent
 from recorder.client.properties import SnapshotProperties
+from recorder.newest import Newest
 from recorder.sinks import process_spawn
 from recorder.sinks.options import (
     FLUSHES_KEPT,
@@ -181,7 +182,7 @@ class IsolatedRecording:
         self.clock = clock
         self.status = "recording"
         self.reason = ""
-        self.paths: list[Path] = []
+        self.paths: Newest[Path] = Newest()  # finalized files: the newest, and .total
         self.current_path: Path | None = None
         self.counters: dict[str, int] = {
             "events": 0,
@@ -363,7 +364,7 @@ class IsolatedRecording:
         if status not in ("complete", "aborted", "failed"):
             raise ValueError(f"bad close status {status!r}")
         if self._closed:
-            return self.paths
+            return list(self.paths)
         self._closed = True
         if not self._gone:
             self._ship()
@@ -372,8 +373,8 @@ class IsolatedRecording:
                            while_busy=True)
         self._teardown()
         self._log.info("recording closed", status=self.status, reason=self.reason,
-                       files=len(self.paths))
-        return self.paths
+                       files=self.paths.total)
+        return list(self.paths)
 
     def __enter__(self) -> IsolatedRecording:
         return self
@@ -516,7 +517,7 @@ class IsolatedRecording:
         if self._flush_pending is not None and self._flush_pending <= seq:
             self._flush_pending = None
         self.current_path = None if state["current_path"] is None else Path(state["current_path"])
-        self.paths[state["paths_from"]:] = map(Path, state["paths"])  # the new ones
+        self.paths.replace_from(state["paths_from"], map(Path, state["paths"]))  # the new ones
         self._durable = {(t, p): o for t, p, o in state["durable"]}
         self._child_counters = dict(state["counters"])
         counters = dict(self._child_counters)

@@ -69,18 +69,18 @@ def _log_config() -> dict[str, Any]:
 
 def _state(rec: HDF5Recording, broken: str | None, paths_from: int,
            flushes_from: int = 0) -> dict[str, Any]:
-    """The recording's state for the parent; of its finalized files only those from index
+    """The recording's state for the parent; of its finalized files only those from position
     ``paths_from`` on (the parent has the ones before: a recording of 60 s segments has
-    1,440 a day, and every reply carried them all), and the durations of its flushes after
-    the first ``flushes_from``."""
+    1,440 a day, and every reply carried them all; ``rec.paths`` holds them from there, see
+    :func:`_child_main`), and the durations of its flushes after the first ``flushes_from``."""
     failed = broken is not None and rec.status == "recording"
     new_flushes = rec.counters["flushes"] - flushes_from
     return {
         "status": "failed" if failed else rec.status,
         "reason": broken if failed and broken else rec.reason,
         "current_path": None if rec.current_path is None else str(rec.current_path),
-        "paths_from": paths_from,
-        "paths": [str(p) for p in rec.paths[paths_from:]],
+        "paths_from": max(paths_from, rec.paths.first),  # (where the ones it sends begin)
+        "paths": [str(p) for p in rec.paths.since(paths_from)],
         "durable": [[t, p, o] for (t, p), o in rec.last_durable_offset.items()],
         "counters": dict(rec.counters),
         "last_flush_seconds": rec.last_flush_seconds,
@@ -192,6 +192,7 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
         _exit(0)
 
     paths_sent = flushes_sent = 0
+    rec.paths.hold(0)  # a frame can finalize thousands of tiny segments: the parent gets all
     upkeep = MemoryUpkeep()
 
     def reply(seq: int) -> None:
@@ -201,7 +202,8 @@ def _child_main(rx: Connection, tx: Connection, init_blob: bytes | None) -> None
                                         use_bin_type=True))
         except OSError:
             parent_gone()
-        paths_sent = len(rec.paths)
+        paths_sent = rec.paths.total
+        rec.paths.hold(paths_sent)
         flushes_sent = rec.counters["flushes"]
 
     reply(0)

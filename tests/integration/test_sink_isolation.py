@@ -724,7 +724,7 @@ def test_a_writer_finalizing_a_large_segment_at_a_rotation_is_busy_not_hung(
     took = time.monotonic() - t0
     assert status_of(rec) == "recording", rec.reason
     assert took > stall  # the rewrite outlasted stall_timeout_s (else this shows nothing)
-    assert len(rec.paths) == 1 and rec.alive
+    assert rec.paths.total == 1 and rec.alive
 
     assert rec.pid is not None
     os.kill(rec.pid, signal.SIGSTOP)  # now hung: no answer, no I/O

@@ -41,6 +41,7 @@ from recorder.errors import (
     SinkError,
 )
 from recorder.metrics import RecorderMetrics
+from recorder.newest import FILES_KEPT, Newest
 
 
 # ------------------------------------------------------------------ backoff / sizing
@@ -267,7 +268,7 @@ class FakeRecording:
         self.status = "recording"
         self.reason = ""
         self.current_path: Path | None = path.with_name(path.name + ".partial")
-        self.paths: list[Path] = []
+        self.paths: Newest[Path] = Newest()
         self.counters = {"flushes": 0, "values": 0, "segments": 1}
         self.last_flush_seconds = 0.001
         self.flush_seconds: deque[float] = deque(maxlen=256)
@@ -298,9 +299,9 @@ class FakeRecording:
     def close(self, status: str = "complete", reason: str = "") -> list[Path]:
         self.flush()
         self.status = status
-        self.paths = [*self.paths, self._final]  # the segments finalized before, and the last
+        self.paths.append(self._final)  # the segments finalized before, and the last
         self.current_path = None
-        return self.paths
+        return list(self.paths)
 
     def tag_iteration(self, iter_index: int, tags: Mapping[str, str]) -> None:
         self.tags.append((iter_index, tags))
@@ -378,7 +379,7 @@ def test_start_retries_with_backoff_then_records_and_stops(tmp_path: Path) -> No
         result = c.stop().result(5)
         assert "stopped (complete)" in result
         assert c.state is RunState.IDLE and c.status().last_iteration == 99
-        assert made[0].status == "complete" and c.files() == [str(made[0]._final)]
+        assert made[0].status == "complete" and list(c.files()) == [str(made[0]._final)]
         assert json.loads((tmp_path / "state" / "r.json").read_text())["active"] is None
         with pytest.raises(AdminCommandError) as err:
             c.stop().result(5)
@@ -1014,7 +1015,7 @@ def test_files_of_earlier_recordings_are_not_kept_in_memory(tmp_path: Path) -> N
             _started(c, client)
             assert "stopped (complete)" in c.stop().result(5)
             assert c.recording_files() == [str(made[n]._final)]
-        assert c.files() == [str(made[-1]._final)]
+        assert list(c.files()) == [str(made[-1]._final)]
     finally:
         c.shutdown().result(5)
         assert c.join(5)
@@ -1791,8 +1792,8 @@ class FakeHandle:
         f.set_result(f"triggered {dict(tags or {})}")
         return f
 
-    def files(self) -> list[str]:
-        return ["/earlier.h5", "/x.h5"]
+    def files(self) -> Newest[str]:
+        return Newest(["/earlier.h5", "/x.h5"])
 
     def recording_files(self) -> list[str]:
         return ["/x.h5"]
@@ -3088,7 +3089,7 @@ def test_a_start_on_another_snapshot_still_finalizes_the_file_a_crash_left(
         c.start().result(5)
         assert client.starts == [None]  # not resumed: another topic
         assert recovered == [partial] and not partial.exists()
-        assert told == [out / "r_old_0000.h5"] and c.files() == [str(out / "r_old_0000.h5")]
+        assert told == [out / "r_old_0000.h5"] and list(c.files()) == [str(out / "r_old_0000.h5")]
         active = store.load("r").active
         assert active is not None and active.topic == "snap" and active.seq == 5
     finally:
@@ -3438,7 +3439,7 @@ def test_the_stop_reply_of_a_recording_with_many_segments_fits_in_a_kafka_messag
         _started(c, client)
         earlier = [tmp_path / f"r_0_seg{i:06d}_a_long_descriptive_run_name.h5"
                    for i in range(20_000)]
-        made[0].paths = earlier
+        made[0].paths = Newest(earlier)
         h.handle(_record(_cmd("stop", "r")), Target())  # type: ignore[arg-type]
         _wait(lambda: (h.poll(), bool(sent))[1])
         assert len(sent[0]) < 1_000_000  # librdkafka's default message.max.bytes
@@ -4191,15 +4192,58 @@ def test_the_log_lines_of_a_recording_with_many_segments_stay_short(tmp_path: Pa
     c, made = _controller(tmp_path, client)
     try:
         _started(c, client)
-        made[0].paths = [tmp_path / f"r_0_seg{i:06d}_a_long_descriptive_run_name.h5"
-                         for i in range(20_000)]
+        made[0].paths = Newest(tmp_path / f"r_0_seg{i:06d}_a_long_descriptive_run_name.h5"
+                               for i in range(20_000))
         with capture_logs() as logs:
             assert "20001 files" in c.stop().result(5)
         [closed] = [e for e in logs if e["event"] == "recording closed"]
         assert len(json.dumps(closed, default=str)) < 8_000, len(json.dumps(closed, default=str))
         assert closed["files"][-1] == str(made[0]._final)  # the newest
         assert closed["files_total"] == 20_001
-        assert len(c.files()) == 20_001  # the stop reply's list is kept (it truncates itself)
+        assert c.files().total == 20_001  # how many; the newest are kept (FILES_KEPT)
+        assert c.files().held == FILES_KEPT
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
+def test_a_run_of_thousands_of_segments_holds_its_newest_files_and_tells_each_once(
+    tmp_path: Path,
+) -> None:
+    """A recording of 60 s segments has 43,200 files after a month: the run (files(), the
+    stop reply's list) and its recording (``paths``) held every path for as long as it ran
+    (~35 MB a run, ~20 MB of it in the daemon). They hold the newest (FILES_KEPT) and how
+    many; every file is still told once and in order (its file event), also thousands of
+    tiny segments finalized between two looks; the stop reply and the log say how many."""
+    told: list[Path] = []
+    client = FakeClient()
+    c, made = _controller(tmp_path, client, on_file=lambda _d, p: told.append(p))
+    try:
+        sub = _started(c, client)
+        rec = made[0]
+        names = [tmp_path / f"r_0_s{i:05d}.h5" for i in range(5_000)]
+        bursts = iter([names[:2_500], names[2_500:]])
+
+        def rotate(event: Any) -> None:  # in the run's thread, as a writer's rotations
+            FakeRecording.handle(rec, event)
+            rec.paths.extend(next(bursts, []))
+
+        rec.handle = rotate  # type: ignore[method-assign]
+        for offset, seen in ((3, 2_500), (4, 5_000)):
+            sub.events.put(IterationOpened(sub.topic, "snap", offset, offset, offset=offset))
+            _wait(lambda seen=seen: len(told) >= seen)  # type: ignore[misc]
+            assert len(list(rec.paths)) <= FILES_KEPT  # told: only the newest stay
+        with capture_logs() as logs:
+            text = c.stop().result(5)
+        every = [*names, rec._final]
+        assert told == every  # each once, in order
+        assert len(list(rec.paths)) == FILES_KEPT and rec.paths.total == 5_001
+        held = [str(p) for p in every[-FILES_KEPT:]]
+        assert list(c.files()) == held and c.files().total == 5_001
+        assert c.recording_files() == held
+        assert f"; 5001 files, the last {FILES_KEPT} listed; files: {', '.join(held)}" in text
+        [closed] = [e for e in logs if e["event"] == "recording closed"]
+        assert closed["files_total"] == 5_001 and closed["files"] == held[-10:]
     finally:
         c.shutdown().result(5)
         assert c.join(5)
