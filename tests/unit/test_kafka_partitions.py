@@ -22,12 +22,14 @@ from recorder.settings import KafkaSettings
 
 class Broker:
     """What the stand-in consumers see: per (topic, partition), its messages' offsets and low
-    watermark."""
+    watermark (and the Kafka timestamps of those that have one: ``times``)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.logs: dict[tuple[str, int], list[int]] = {}
         self.low: dict[tuple[str, int], int] = {}
+        self.times: dict[tuple[str, int, int], int] = {}
+        self.consumers = 0  # stand-in Consumers made
 
     def partitions(self, topic: str) -> list[int]:
         with self.lock:
@@ -40,6 +42,8 @@ class FakeConsumer:
     def __init__(self, conf: dict[str, Any]) -> None:
         self.assigned: dict[tuple[str, int], int] = {}  # next offset to read
         self.paused: set[tuple[str, int]] = set()
+        with self.broker.lock:
+            self.broker.consumers += 1
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
         assert topic is not None
@@ -84,7 +88,8 @@ class FakeConsumer:
                 position = max(assigned, self.broker.low.get(key, 0))
                 for offset in self.broker.logs.get(key, []):
                     if offset >= position:
-                        out.append(FakeMessage(key[0], key[1], offset))
+                        out.append(FakeMessage(key[0], key[1], offset,
+                                               self.broker.times.get((*key, offset))))
                         position = offset + 1
                 self.assigned[key] = position
         if not out:
@@ -261,5 +266,39 @@ def test_a_watched_partition_is_checked_at_its_first_message_while_its_neighbour
             broker.logs[("snap", 3)] = [3, 4]
         assert collector.wait_for(lambda rs: len(rs) == 37)
         assert gaps == [("snap", 2, 6, 8)] and adapter.counters["offsets_missing"] == 2
+    finally:
+        adapter.close(1.0)
+
+
+def test_a_topic_created_again_past_the_resume_offset_is_told_by_the_message_read_back(
+    broker: Broker,
+) -> None:
+    """The daemon was down while the snapshot topic was deleted and created again, and the
+    gateway wrote more messages into the new topic than the saved offset: a resume at that
+    offset reads from the middle of the new topic, its first message exactly at the offset
+    expected, and the new topic's first messages were skipped without a word (firstread only
+    sees a reset when the new topic is shorter). The message a recording last made durable,
+    read back, tells the topic apart: here the new one's message at that offset has another
+    Kafka timestamp; the same topic's has the recorded one."""
+    broker.logs[("snap", 0)] = list(range(30))  # the new topic: 0..29
+    broker.logs[("snap", 1)] = list(range(5))
+    broker.times.update({("snap", 0, o): 2_000_000 + o for o in range(30)})
+    broker.times.update({("snap", 1, o): 1_000_000 + o for o in range(5)})
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="recreated")
+    adapter = KafkaAdapter(settings, Collector(), metadata_timeout_s=1.0).start()
+    try:
+        consumers = broker.consumers
+        # recorded: 0[19] at 1_000_019 (the old topic's), 1[3] at 1_000_003 (the same)
+        found = adapter.recreated_partitions("snap", {0: (19, 1_000_019), 1: (3, 1_000_003)})
+        assert found.result(5) == {0: (19, 2_000_019, 19)}
+        assert adapter.counters["offsets_reset"] == 1
+        assert broker.consumers == consumers + 1  # its own, not the consumer thread's
+        # the same topic: nothing to tell
+        assert adapter.recreated_partitions("snap", {0: (19, 2_000_019)}).result(5) == {}
+        # an anchor below the oldest message (retention) or past the end (a shorter new
+        # topic: Kafka's reset, firstread tells it) is not judged here
+        broker.low[("snap", 0)] = 20
+        assert adapter.recreated_partitions("snap", {0: (19, 1), 1: (7, 1)}).result(5) == {}
+        assert adapter.counters["offsets_reset"] == 1
     finally:
         adapter.close(1.0)
