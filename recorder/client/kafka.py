@@ -506,7 +506,8 @@ class KafkaAdapter:
         (offset, timestamp read or None, offset read or None)}``, logged and counted as
         ``offsets_reset``. An anchor the topic no longer reaches (below its oldest message:
         the retention's business, told when reading starts; at or past its end: Kafka's
-        reset, told by the first message read) is not judged.
+        reset, told by the first message read) is not judged; a partition the topic does not
+        have (no such topic, or fewer partitions) is another message: ``(offset, None, None)``.
 
         Read by a short-lived Consumer of its own in a thread of the query pool (made, used
         and closed there), not by the consumer thread: other topics go on being read.
@@ -1289,16 +1290,26 @@ class KafkaAdapter:
     def _read_anchors(self, consumer: Consumer, topic: str, anchors: dict[int, tuple[int, int]],
                       deadline: float) -> dict[int, tuple[int, int | None, int | None]]:
         todo: dict[int, tuple[int, int]] = {}
+        found: dict[int, tuple[int | None, int | None]] = {}
+        # a partition the topic does not have (the topic is not there, or has fewer than were
+        # read: Kafka never takes one away) holds none of the messages recorded: created
+        # again (its watermarks raised 'Unknown partition': every start failed, for good)
+        partitions = self._partitions(consumer, topic,
+                                      max(0.05, min(deadline - time.monotonic(), 2.0)),
+                                      transient_raises=True)
         for p, (offset, ts) in sorted(anchors.items()):
+            if partitions is None or p not in partitions:
+                todo[p] = (offset, ts)
+                found[p] = (None, None)
+                continue
             wait = max(0.05, deadline - time.monotonic())
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=wait,
                                                        cached=False)
             if low <= offset < high:
                 todo[p] = (offset, ts)
-        found: dict[int, tuple[int | None, int | None]] = {}
-        if todo:
+        if len(found) < len(todo):
             consumer.incremental_assign([TopicPartition(topic, p, o)
-                                         for p, (o, _ts) in todo.items()])
+                                         for p, (o, _ts) in todo.items() if p not in found])
             while len(found) < len(todo):
                 if time.monotonic() >= deadline:
                     raise TransportError(f"Kafka did not give back the messages of {topic!r} "

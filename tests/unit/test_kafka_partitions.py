@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from test_kafka_resume import FakeMessage  # a consumed message's accessors
 
 import recorder.client.kafka as kafka_module
@@ -55,6 +55,8 @@ class FakeConsumer:
                               cached: bool = False) -> tuple[int, int]:
         key = (tp.topic, tp.partition)
         with self.broker.lock:
+            if key not in self.broker.logs:  # as librdkafka: no such partition (or topic)
+                raise KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION))
             log = self.broker.logs[key]
             low = self.broker.low.get(key, 0)
             return low, (log[-1] + 1 if log else low)
@@ -300,5 +302,29 @@ def test_a_topic_created_again_past_the_resume_offset_is_told_by_the_message_rea
         broker.low[("snap", 0)] = 20
         assert adapter.recreated_partitions("snap", {0: (19, 1), 1: (7, 1)}).result(5) == {}
         assert adapter.counters["offsets_reset"] == 1
+    finally:
+        adapter.close(1.0)
+
+
+def test_a_topic_created_again_with_fewer_partitions_is_told_not_a_failed_start(
+    broker: Broker,
+) -> None:
+    """The topic was deleted and created again with fewer partitions than the recording
+    read (or is not there at all): reading an anchor's partition back raised (librdkafka:
+    'Local: Unknown partition'), a TransportError, so every start of the run failed and was
+    retried for good, never recording, the operator told of a Kafka read failing. A
+    partition the topic does not have is not the one recorded (Kafka never takes one away):
+    the topic was created again."""
+    broker.logs[("snap", 0)] = list(range(30))
+    broker.times.update({("snap", 0, o): 1_000_000 + o for o in range(30)})
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="fewer")
+    adapter = KafkaAdapter(settings, Collector(), metadata_timeout_s=1.0).start()
+    try:
+        found = adapter.recreated_partitions("snap", {0: (19, 1_000_019), 1: (3, 1_000_003)})
+        assert found.result(5) == {1: (3, None, None)}
+        assert adapter.counters["offsets_reset"] == 1
+        # deleted and not created yet: none of its partitions is the one recorded
+        gone = adapter.recreated_partitions("gone", {0: (19, 1_000_019)})
+        assert gone.result(5) == {0: (19, None, None)}
     finally:
         adapter.close(1.0)
