@@ -759,7 +759,7 @@ def worker(args: argparse.Namespace) -> int:
     marks["returned"] = pc()
     wlog(f"service.run returned {rc}")
     c = service.controllers.get("bench")
-    files = c.files() if c is not None else []
+    files = list(c.files()) if c is not None else []  # the newest (FILES_KEPT): all here
     values = 0
     from recorder.reader import open_file
 
