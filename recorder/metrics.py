@@ -23,6 +23,9 @@ Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
 ``snapshot_resends_total{run,outcome}``  counter    snapshot starts re-sent to a gateway
                                                     that forgot them, by outcome
 ``kafka_up``                             gauge      1 while Kafka answers, else 0
+``kafka_offsets_reset_total``            counter    partitions of snapshot topics read from
+                                                    their beginning: the topic was deleted
+                                                    and created again (the log names them)
 ``admin_commands_total{command,code}``   counter    admin replies by command and code
 ``reloads_total{result}``                counter    ok | failed
 ``files_total{run,status}``              counter    files finalized: complete | aborted | failed
@@ -149,6 +152,14 @@ class RecorderMetrics:
             namespace=ns,
             registry=r,
         )
+        self.kafka_offsets_reset = Counter(
+            "kafka_offsets_reset",
+            "Partitions of snapshot topics the daemon's k2eg client read from their beginning "
+            "instead of a resume's offset because the topic was deleted and created again "
+            "(logged with the topic and partition)",
+            namespace=ns,
+            registry=r,
+        )
         self.reloads = Counter(
             "reloads", "Run-definition reloads, by result", ["result"], namespace=ns, registry=r
         )
@@ -255,6 +266,9 @@ class RecorderMetrics:
 
     def set_kafka_up(self, up: bool) -> None:
         self.kafka_up.set(1 if up else 0)
+
+    def offsets_reset(self, count: int) -> None:
+        self.kafka_offsets_reset.inc(count)
 
     def disks(self, disks: Iterable[DiskStatus]) -> None:
         """Set the disk gauges to these filesystems (series of others are removed)."""

@@ -238,6 +238,7 @@ class Service:
         self._disk_watch: DiskWatch | None = None
         self.ready = threading.Event()  # set once READY=1 was sent (tests, the demo)
         self._consumers_dead_said = False  # a dead consumer thread was logged
+        self._offsets_reset_seen = 0  # the client's offsets_reset counted in the metrics
         # why run() returned EXIT_CONFIG (what `k2eg-recorder run` prints last, on stderr)
         self.refusal: str | None = None
         self._state_lock: int | None = None  # fd of the state directory's lock, while held
@@ -443,10 +444,22 @@ class Service:
             self._watchdog.maybe_ping(now)
         self._upkeep.maybe_run(now)
         self.metrics.set_kafka_up(self._kafka_unreachable_since() is None)
+        self._count_offsets_reset()
         self._judge_disks(now)
         line = self._status_line()
         if line != self._last_status_line and self.notifier.status(line):
             self._last_status_line = line  # else sent again next pass (or not under systemd)
+
+    def _count_offsets_reset(self) -> None:
+        """The client's topics found deleted and created again (read from their beginning,
+        logged by it) into ``kafka_offsets_reset_total``."""
+        client = self._client
+        if client is None:
+            return
+        total = client.offsets_reset
+        if total > self._offsets_reset_seen:
+            self.metrics.offsets_reset(total - self._offsets_reset_seen)
+            self._offsets_reset_seen = total
 
     def _consumers_alive(self) -> bool:
         """Whether the Kafka consumer threads of the k2eg client and of the admin link are

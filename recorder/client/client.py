@@ -389,6 +389,13 @@ class K2egClient:
         return self._adapter.receive_limit_exceeded
 
     @property
+    def offsets_reset(self) -> int:
+        """Partitions read from their beginning instead of at the offset asked for, since this
+        client started: the topic was deleted and created again (``kafka.offsets_reset`` of
+        :meth:`counters`, without the core lock)."""
+        return self._adapter.counters.get("offsets_reset", 0)
+
+    @property
     def kafka_unreachable_since(self) -> float | None:
         """Unix time since which this client cannot reach Kafka (transport failures, nothing
         read since), once that has lasted 2 s; None while it reads normally."""

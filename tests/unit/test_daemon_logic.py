@@ -232,6 +232,7 @@ class FakeClient:
         self.stopped_by_name: list[str] = []
         self.kafka_unreachable_since: float | None = None
         self.receive_limit_exceeded: tuple[int, int] | None = None
+        self.offsets_reset = 0  # partitions of topics found created again, read from 0
 
     def snapshot_recurring(self, props: Any, start: Any = None, max_pending: int = 0,
                            prime_until: Any = None, **more: Any) -> FakeSub:
@@ -2988,6 +2989,36 @@ def test_the_metrics_of_a_run_a_reload_removed_are_gone_once_it_has_stopped(
     service._apply_deferred()
     assert series_of_r() == []
     assert service._retiring == []
+
+
+def test_topics_found_created_again_are_counted_in_the_metrics(tmp_path: Path) -> None:
+    """A resume whose snapshot topic was deleted and created again is logged and counted
+    (``kafka.offsets_reset``, as the README says), but that counter was in the k2eg client
+    only: no metric, no status field showed it to an operator. It is
+    ``kafka_offsets_reset_total`` now, and it never goes down."""
+    from recorder.config.daemon import DaemonSettings
+    from recorder.service import Service
+    from recorder.settings import KafkaSettings
+
+    metrics = RecorderMetrics()
+    service = Service(DaemonSettings(config_path=tmp_path / "none.yaml",
+                                     disk_check_interval_s=0), KafkaSettings(),
+                      state_dir=tmp_path / "state", metrics=metrics, gc_tuning=False)
+    client = FakeClient()
+    service._client = client
+
+    def counted() -> float | None:
+        return metrics.registry.get_sample_value("k2eg_recorder_kafka_offsets_reset_total")
+
+    service._pass()
+    assert counted() == 0
+    client.offsets_reset = 2  # two partitions read from their beginning
+    service._pass()
+    service._pass()
+    assert counted() == 2
+    client.offsets_reset = 3
+    service._pass()
+    assert counted() == 3
 
 
 def test_a_run_a_reload_added_that_waits_for_another_to_stop_is_in_the_status(

@@ -93,6 +93,9 @@ def test_the_metrics_the_readme_lists_exist() -> None:
                 for family in RecorderMetrics().registry.collect()}
     exported |= {f"{n}_total" for n in exported}
     assert names and names - exported == set()
+    # and every metric exported is listed
+    assert {n.removesuffix("_total") for n in exported} - {
+        n.removesuffix("_total") for n in names} == set()
 
 
 def test_the_reply_codes_the_readme_lists_exist() -> None:
