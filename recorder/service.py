@@ -237,7 +237,7 @@ class Service:
         self._disk_probe: DiskProbe | None = None
         self._disk_watch: DiskWatch | None = None
         self.ready = threading.Event()  # set once READY=1 was sent (tests, the demo)
-        self._consumers_dead_said = False  # a dead consumer thread was logged
+        self._consumers_dead: list[str] = []  # whose Kafka consumer thread died (logged)
         self._offsets_reset_seen = 0  # the client's offsets_reset counted in the metrics
         # why run() returned EXIT_CONFIG (what `k2eg-recorder run` prints last, on stderr)
         self.refusal: str | None = None
@@ -470,12 +470,10 @@ class Service:
             return True  # connecting, stopping: their own pings
         dead = [what for what, part in (("k2eg client", self._client), ("admin link", self._link))
                 if part is not None and not part.running]
-        if dead and not self._consumers_dead_said:
-            self._consumers_dead_said = True
+        if dead and not self._consumers_dead:
+            self._consumers_dead = dead  # in the status line from now on
             log.critical("a Kafka consumer thread died: the watchdog is no longer pinged, so "
                          "systemd restarts the daemon", consumers=dead)
-            self.notifier.status(f"Kafka consumer of the {' and '.join(dead)} died; "
-                                 "waiting for the watchdog to restart the daemon")
         return not dead
 
     def _save_admin_position(self, admin: AdminHandler) -> None:
@@ -970,6 +968,9 @@ class Service:
         if too_large is not None:
             text += ("; reading stuck at a Kafka message too large to receive (raise "
                      "RECORDER_KAFKA__RECEIVE__MESSAGE__MAX__BYTES)")
+        if self._consumers_dead:
+            text += (f"; Kafka consumer of the {' and '.join(self._consumers_dead)} died, "
+                     "waiting for the watchdog to restart the daemon")
         if self._config_errors:
             text += f"; reload refused ({self._config_error_count} problem(s))"
         if self._metrics_problem:

@@ -3620,6 +3620,45 @@ def test_a_dead_kafka_consumer_thread_stops_the_watchdog_pings(tmp_path: Path) -
         sock.close()
 
 
+def test_a_dead_kafka_consumer_stays_in_the_systemd_status_until_the_restart(
+    tmp_path: Path,
+) -> None:
+    """The STATUS= line saying a Kafka consumer thread died was sent once, then replaced by
+    the next ordinary line (at the next iteration recorded: the client records on when only
+    the admin link died), so ``systemctl status`` looked healthy until the watchdog killed
+    the daemon. The status line now keeps saying it."""
+    import socket
+
+    from recorder.admin.status import RunStatus
+    from recorder.notify import Notifier
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(2)
+    try:
+        service, run, link, _sent, _start = _admin_service(tmp_path)
+        service.notifier = Notifier(str(tmp_path / "notify.sock"))
+        service._state = DaemonState.RUNNING
+        service._pass()
+        assert "died" not in sock.recv(4096).decode()
+        link.running = False  # its consumer thread died
+        service._pass()
+        run.status = lambda: RunStatus(  # type: ignore[method-assign]
+            "r", RunState.RECORDING, "snap", "t", "periodic normal", False,
+            iterations_complete=7)
+        service._pass()  # another iteration recorded: the line changes
+        sock.setblocking(False)
+        lines = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                lines.append(sock.recv(4096).decode())
+        assert lines and "admin link died" in lines[-1], lines
+        assert "7 iterations recorded" in lines[-1], lines
+    finally:
+        sock.close()
+        service.notifier.close()
+
+
 def test_a_status_line_systemd_did_not_get_is_sent_again(tmp_path: Path) -> None:
     """A STATUS= datagram that failed (systemd re-executing, a full socket buffer) was
     remembered as sent: ``systemctl status`` kept the old line until the status changed."""
