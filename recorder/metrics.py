@@ -15,6 +15,7 @@ Metrics (prefix ``k2eg_recorder_``; every per-run metric has a ``run`` label):
 ``messages_skipped_total{run,reason}``   counter    malformed.<why>, late.<what>, duplicate...
 ``flush_duration_seconds{run}``          histogram  one HDF5 flush
 ``consumer_lag_messages{run}``           gauge      messages behind the snapshot topic's end
+                                                    (none while not read, or Kafka is down)
 ``backpressure_pauses_total{run}``       counter    times the run's topic was paused because
                                                     writing fell behind (its queue was full)
 ``run_recording{run}``                   gauge      1 while recording, else 0

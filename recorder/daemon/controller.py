@@ -1092,6 +1092,12 @@ class RunController:
     def _update_lag(self, sub: RecurringSnapshot) -> None:
         lag = sub.lag(timeout=1.0)
         if lag is None:
+            if self._client.kafka_unreachable_since is not None:
+                # not the value from before the outage (messages pile up in Kafka meanwhile)
+                with self._lock:
+                    self._stats.lag = None
+                if self._metrics is not None:
+                    self._metrics.clear_lag(self.name)
             return
         with self._lock:
             self._stats.lag = lag

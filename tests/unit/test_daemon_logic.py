@@ -1045,6 +1045,34 @@ def test_a_stopped_run_reports_no_lag(
         assert c.join(5)
 
 
+def test_the_lag_is_not_its_value_from_before_kafka_went_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While Kafka is unreachable the lag cannot be asked for: the gauge and the status kept
+    the value from before the outage (0 for a run that had caught up, while its messages
+    pile up in Kafka). They have no lag now until Kafka answers again."""
+    c, client, metrics = _topic_stats_controller(tmp_path, monkeypatch)
+
+    def gauge() -> float | None:
+        return _run_sample(metrics, "consumer_lag_messages")
+
+    try:
+        sub = _started(c, client)
+        _feed(sub, 1, 1)
+        _wait(lambda: c.status().lag == 5)
+        client.kafka_unreachable_since = time.time() - 3
+        monkeypatch.setattr(sub, "lag", lambda timeout=2.0: None)  # no answer from Kafka
+        _wait(lambda: c.status().lag is None)
+        assert gauge() is None
+        client.kafka_unreachable_since = None
+        monkeypatch.setattr(sub, "lag", lambda timeout=2.0: 7)
+        _wait(lambda: c.status().lag == 7)
+        assert gauge() == 7
+    finally:
+        c.shutdown().result(5)
+        assert c.join(5)
+
+
 def test_an_answer_to_a_resend_of_an_earlier_recording_is_not_applied_later(
     tmp_path: Path,
 ) -> None:
