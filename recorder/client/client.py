@@ -870,16 +870,9 @@ class K2egClient:
         recreated = False
         if anchors and start.kind == "offsets" and topic == properties.topic:
             # after the ack: a topic the gateway creates now exists by then
-            try:
-                recreated = bool(answer_within(
-                    self._adapter.recreated_partitions(topic, anchors, timeout_s=timeout_s),
-                    timeout_s + 1.0, f"the messages of {topic!r} a resume checks"))
-            except TransportError as exc:
-                # unchecked, as a state file without anchors resumes: a start that failed for
-                # it would be retried for as long as Kafka stays slow, recording nothing
-                self._log.warning("could not check that the topic is the one the recording "
-                                  "read: resuming at the saved offsets unchecked",
-                                  topic=topic, error=str(exc))
+            recreated = bool(answer_within(
+                self._adapter.recreated_partitions(topic, anchors, timeout_s=timeout_s),
+                timeout_s + 1.0, f"the messages of {topic!r} a resume checks"))
             if recreated:  # logged and counted (kafka.offsets_reset) by the adapter
                 start, prime_until = StartAt.beginning(), None
         primed: dict[int, int] = {}
