@@ -220,7 +220,6 @@ class _Iteration:
         "pvs",
         "snapshot_name",
         "tail_kafka_ms",
-        "tail_offset",
         "tail_partition",
         "tail_seen",
         "tail_ts",
@@ -242,7 +241,6 @@ class _Iteration:
         self.tail_seen = False
         self.tail_ts: int | None = None
         self.tail_kafka_ms: int | None = None  # the tail's Kafka message timestamp
-        self.tail_offset = -1  # the tail's Kafka offset (in tail_partition)
         self.error = 0
         self.error_message = ""
         self.total_messages: int | None = None
@@ -1182,7 +1180,6 @@ class IterationAssembler:
         it.tail_seen = True
         it.tail_ts = ts
         it.tail_kafka_ms = kafka_ms
-        it.tail_offset = offset
         it.last_ts = max(it.last_ts, ts)
         it.tail_partition = partition
         self._read_up_to(it, partition, offset)
@@ -1408,7 +1405,6 @@ class IterationAssembler:
                 partition,
                 it.offsets[partition],
                 it.tail_kafka_ms,
-                it.tail_offset,
             )
         )
 

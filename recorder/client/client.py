@@ -805,7 +805,6 @@ class K2egClient:
         max_pending: int | None = None,
         max_pending_bytes: int | None = None,
         prime_until: Mapping[int, int] | None = None,
-        anchors: Mapping[int, tuple[int, int]] | None = None,
     ) -> RecurringSnapshot:
         """Start a recurring snapshot and read its topic; returns its handle.
 
@@ -825,12 +824,6 @@ class K2egClient:
         check, so a producer's copy of such a message read after it is dropped (see
         :meth:`IterationAssembler.prime_until`); a start below a partition's oldest message
         moves up to it (deleted by retention: nothing to prime with, and nothing lost).
-
-        ``anchors``: with ``start`` at explicit offsets, per partition the offset and Kafka
-        timestamp (ms) of a message read before (a resume's last durable tail). They are read
-        back (:meth:`KafkaAdapter.recreated_partitions`): where another message stands, the
-        topic was deleted and created again, so it is read from its beginning, unprimed, and
-        the handle's ``recreated`` is True.
         """
         self._check_open()
         properties.validate()
@@ -867,14 +860,6 @@ class K2egClient:
             # a partition added since the offsets were taken holds only newer messages
             start = StartAt.at({p: high for p, (_, high) in before.items()},
                                others="beginning") if before else StartAt.beginning()
-        recreated = False
-        if anchors and start.kind == "offsets" and topic == properties.topic:
-            # after the ack: a topic the gateway creates now exists by then
-            recreated = bool(answer_within(
-                self._adapter.recreated_partitions(topic, anchors, timeout_s=timeout_s),
-                timeout_s + 1.0, f"the messages of {topic!r} a resume checks"))
-            if recreated:  # logged and counted (kafka.offsets_reset) by the adapter
-                start, prime_until = StartAt.beginning(), None
         primed: dict[int, int] = {}
         if prime_until and start.kind == "offsets" and start.offsets is not None:
             if topic != properties.topic:  # `before` is another topic's: no priming (each
@@ -886,7 +871,6 @@ class K2egClient:
             self.max_pending if max_pending is None else max_pending,
             self.max_pending_bytes if max_pending_bytes is None else max_pending_bytes,
         )
-        sub.recreated = recreated
         with self._core_lock:
             self._assembler.set_topic_timeout(
                 topic, iteration_timeout_s(properties, self.iteration_slack_s)

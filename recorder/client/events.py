@@ -89,10 +89,6 @@ class IterationClosed:
     # the Kafka timestamp of the tail's message (ms; the gateway's producer clock for
     # CreateTime topics), None when unknown: a stop compares it with its ack's
     tail_kafka_time_ms: int | None = None
-    # the tail's own offset (in ``partition``; -1 without a tail): ``offset`` may be past it
-    # (data read after the tail). With ``tail_kafka_time_ms`` it names the tail's message,
-    # which a resume reads back to know its topic was not created again meanwhile
-    tail_offset: int = -1
 
     @property
     def complete(self) -> bool:

@@ -494,31 +494,6 @@ class KafkaAdapter:
         deadline = time.monotonic() + (timeout_s or self._metadata_timeout_s)
         return self._queries.submit(self._do_watermarks, topic, deadline)
 
-    def recreated_partitions(
-        self, topic: str, anchors: Mapping[int, tuple[int, int]], *,
-        timeout_s: float | None = None,
-    ) -> Future[dict[int, tuple[int, int | None, int | None]]]:
-        """Whether ``topic`` is still the one a recording read: ``anchors`` are, per
-        partition, ``(offset, Kafka timestamp ms)`` of a message the recording read (the
-        tail of its last durable iteration). Each is read back; the future gives the
-        partitions whose message at that offset is another one (the topic was deleted and
-        created again, and its new messages already reach the offset): ``{partition:
-        (offset, timestamp read or None, offset read or None)}``, logged and counted as
-        ``offsets_reset``. An anchor the topic no longer reaches (below its oldest message:
-        the retention's business, told when reading starts; at or past its end: Kafka's
-        reset, told by the first message read) is not judged; a partition the topic does not
-        have (no such topic, or fewer partitions) is another message: ``(offset, None, None)``.
-
-        Read by a short-lived Consumer of its own in a thread of the query pool (made, used
-        and closed there), not by the consumer thread: other topics go on being read.
-        Raises :class:`TransportError` when Kafka does not answer in time."""
-        if self._closed:
-            future: Future[dict[int, tuple[int, int | None, int | None]]] = Future()
-            future.set_exception(ClientClosedError("the Kafka adapter is closed"))
-            return future
-        deadline = time.monotonic() + (timeout_s or self._metadata_timeout_s)
-        return self._queries.submit(self._do_recreated, topic, dict(anchors), deadline)
-
     def call_soon(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` in the consumer thread before its next poll."""
         return self._submit(_Request("call", Future(), fn=fn))
@@ -1261,84 +1236,6 @@ class KafkaAdapter:
         except FutureTimeoutError:
             raise TransportError(f"Kafka did not answer the offsets of {topic!r} in time") \
                 from None
-        return out
-
-    def _do_recreated(self, topic: str, anchors: dict[int, tuple[int, int]], deadline: float
-                      ) -> dict[int, tuple[int, int | None, int | None]]:
-        """:meth:`recreated_partitions`, in a thread of the query pool."""
-        conf: dict[str, Any] = {
-            **self.settings.librdkafka_config(),
-            "group.id": f"{self.settings.app_name}-{uuid.uuid4().hex[:12]}",  # never joined
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,  # nothing at the offset: said, not waited for
-            "queued.min.messages": 1,  # one message is read, not megabytes prefetched
-            "log_level": 0,  # not polled for log lines (as the admin handle)
-        }
-        try:
-            consumer = Consumer(conf)
-        except KafkaException as exc:
-            raise _creation_error("consumer creation", exc) from exc
-        try:
-            return self._read_anchors(consumer, topic, anchors, deadline)
-        except KafkaException as exc:
-            raise _transport_error(f"read back {topic!r}", exc) from exc
-        finally:
-            with contextlib.suppress(Exception):
-                consumer.close()
-
-    def _read_anchors(self, consumer: Consumer, topic: str, anchors: dict[int, tuple[int, int]],
-                      deadline: float) -> dict[int, tuple[int, int | None, int | None]]:
-        todo: dict[int, tuple[int, int]] = {}
-        found: dict[int, tuple[int | None, int | None]] = {}
-        # a partition the topic does not have (the topic is not there, or has fewer than were
-        # read: Kafka never takes one away) holds none of the messages recorded: created
-        # again (its watermarks raised 'Unknown partition': every start failed, for good)
-        partitions = self._partitions(consumer, topic,
-                                      max(0.05, min(deadline - time.monotonic(), 2.0)),
-                                      transient_raises=True)
-        for p, (offset, ts) in sorted(anchors.items()):
-            if partitions is None or p not in partitions:
-                todo[p] = (offset, ts)
-                found[p] = (None, None)
-                continue
-            wait = max(0.05, deadline - time.monotonic())
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=wait,
-                                                       cached=False)
-            if low <= offset < high:
-                todo[p] = (offset, ts)
-        if len(found) < len(todo):
-            consumer.incremental_assign([TopicPartition(topic, p, o)
-                                         for p, (o, _ts) in todo.items() if p not in found])
-            while len(found) < len(todo):
-                if time.monotonic() >= deadline:
-                    raise TransportError(f"Kafka did not give back the messages of {topic!r} "
-                                         "a resume checks in time")
-                for msg in consumer.consume(len(todo), 0.1):
-                    part = msg.partition()
-                    if msg.topic() != topic or part is None or part not in todo \
-                            or part in found:
-                        continue
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            found[part] = (None, None)  # nothing at or after it any more
-                            continue
-                        raise KafkaException(err)
-                    kind, stamp = msg.timestamp()
-                    found[part] = (msg.offset(), int(stamp) if kind else None)
-        out: dict[int, tuple[int, int | None, int | None]] = {}
-        for p, (offset, ts) in todo.items():
-            read_at, read_ts = found[p]
-            if read_at != offset or read_ts != ts:
-                out[p] = (offset, read_ts, read_at)
-                self._count("offsets_reset")
-                self._log.warning(
-                    "the topic was deleted and created again (the message the recording last "
-                    "made durable is not at its offset any more): reading from its oldest "
-                    "message", topic=topic, partition=p, offset=offset,
-                    recorded_kafka_timestamp_ms=ts, read_kafka_timestamp_ms=read_ts,
-                    offset_read=read_at)
         return out
 
     def _fail_pending(self, exc: BaseException) -> None:

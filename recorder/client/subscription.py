@@ -73,9 +73,6 @@ class RecurringSnapshot:
         self.ack = ack
         self.already_running = already_running
         self.start_offsets: dict[int, int] = {}
-        # a resume found its topic deleted and created again: read from its beginning
-        # (:meth:`K2egClient.snapshot_recurring`'s ``anchors``)
-        self.recreated = False
         self.stats: Counter[str] = Counter()
         self._client = client
         self._handler = handler

@@ -260,11 +260,6 @@ class RunController:
         # a resume's open offsets below its durable ones (partition -> offset): where the
         # iterations open at the crash began, until the partition's first iteration opens
         self._carried: dict[int, int] = {}
-        # the tails of the iterations closed since, not durable yet: (partition, offset, Kafka
-        # timestamp ms); the newest durable one per partition is its anchor (saved: a resume
-        # reads it back to know its topic was not deleted and created again)
-        self._tails: list[tuple[int, int, int]] = []
-        self._anchors: dict[int, tuple[int, int]] = {}
         self._next_attempt = 0.0
         self._start_waiters: list[Future[str]] = []
         self._stop_waiters: list[Future[str]] = []
@@ -610,8 +605,6 @@ class RunController:
             start_at = StartAt.at(active.read_offsets(), others="beginning")
             if active.read_offsets() != active.resume_offsets():
                 primed["prime_until"] = active.resume_offsets()
-            if active.anchors:  # read back: the topic may have been created again
-                primed["anchors"] = dict(active.anchors)
         prewarm_writers(self._factory, [d], self._log)  # overlaps the subscription
         budget = self._value_budget
         max_pending = pending_bound(len(props.pv_uri_list), *(() if budget is None else (budget,)))
@@ -627,11 +620,6 @@ class RunController:
             self._start_failed(f"snapshot start failed: {exc}")
             return
         self._start_unanswered = False
-        if active is not None and sub.recreated:
-            # the topic was deleted and created again (the client read the anchors back and
-            # reads it from its beginning, logged): nothing it holds is in a file, so the old
-            # topic's offsets are no longer this recording's
-            active = replace(active, offsets={}, open_offsets={}, anchors={})
         self._sub = sub
         self._sub_ended = False
         self._first_segment = active.segments if active is not None else 0
@@ -672,8 +660,6 @@ class RunController:
         self._undurable, self._open_at = [], {}
         self._carried = {} if active is None else {
             p: o for p, o in active.open_offsets.items() if o <= active.offsets.get(p, -1)}
-        self._tails = []
-        self._anchors = {} if active is None else dict(active.anchors)
         # offsets before the first record of this recording count as durable: a crash before
         # the first flush resumes exactly where this recording started reading
         if active is not None and active.offsets:
@@ -698,7 +684,6 @@ class RunController:
             updated_at=time.time_ns() // 1_000_000,
             # a crash before the first flush resumes as this start did
             open_offsets=dict(active.open_offsets) if active is not None else {},
-            anchors=dict(self._anchors),
         )
         try:
             self._stored = self._store.begin(self.name, new_active)
@@ -931,9 +916,6 @@ class RunController:
                     s.incomplete += 1
             self._undurable.append((event.partition, event.offset, event.complete,
                                     self._open_at.pop(event.iter_index, None)))
-            if event.tail_kafka_time_ms is not None and event.tail_offset >= 0:
-                self._tails.append((event.partition, event.tail_offset,
-                                    event.tail_kafka_time_ms))
             # an incomplete one is counted here and logged by the client's subscription (once
             # a minute per reason, with run=, the missing messages and the gateway's error)
 
@@ -972,29 +954,19 @@ class RunController:
                                       for p, o in durable.items()}}
         self._count_iterations([u for u in self._undurable if u[1] <= merged.get(u[0], -1)])
         self._undurable = [u for u in self._undurable if u[1] > merged.get(u[0], -1)]
-        if self._tails:
-            kept: list[tuple[int, int, int]] = []
-            for tail in self._tails:  # in the order read: the last durable one wins
-                if tail[1] <= merged.get(tail[0], -1):
-                    self._anchors[tail[0]] = (tail[1], tail[2])
-                else:
-                    kept.append(tail)
-            self._tails = kept
         stored = self._stored
         if stored is None or stored.active is None:
             return
         segments = self._first_segment + rec.counters.get("segments", 0)
         if (merged != self._durable or current != stored.active.current_file
-                or segments != stored.active.segments
-                or self._anchors != stored.active.anchors):
+                or segments != stored.active.segments):
             self._durable = merged
             try:
                 with self._store_lock:
                     self._stored = self._store.update(self._stored or stored,
                                                       offsets=dict(merged),
                                                       open_offsets=self._open_offsets(merged),
-                                                      current_file=current, segments=segments,
-                                                      anchors=dict(self._anchors))
+                                                      current_file=current, segments=segments)
             except RecorderError as exc:
                 self._state_not_saved(exc)
 

@@ -6,7 +6,6 @@ One JSON file per run in the state directory (``$STATE_DIRECTORY`` under systemd
      "active": {"recording_uid": "...", "seq": 3, "topic": "bpm_10hz",
                 "snapshot_name": "bpm_10hz", "offsets": {"0": 12345},
                 "open_offsets": {"0": 12301},
-                "anchors": {"0": [12340, 1732212345001]},
                 "current_file": "/data/.../bpm-10hz_..._0003.h5.partial",
                 "segments": 2, "started_at_ns": 1732210000500000000,
                 "updated_at": 1732212345678}}
@@ -20,11 +19,6 @@ everything up to ``offset`` is in a file already, everything after it is still i
 (``offset + 1``, or past what a leftover file holds) only primes the duplicate check (a
 message the gateway's producer published twice, its first copy in the file already and its
 second after ``offset``, is not recorded again).
-``anchors`` (optional) are, per partition, the offset and Kafka timestamp (ms) of the tail of
-the last iteration made durable: a resume reads that message back, and another one there
-means the topic was deleted and created again while the daemon was down (its new messages
-then already reach the saved offset): it is read from its beginning. Files without them
-resume unchecked.
 ``segments`` is the number of segment files the recording has opened so far, i.e. the number
 its next segment file gets; ``started_at_ns`` the recording's original start (wall clock):
 with them a resumed recording continues the segment numbering of the same recording.
@@ -95,9 +89,6 @@ class ActiveRecording:
     # ``offsets``, else one past them: a resume reads from there to know what that
     # iteration holds (a producer's copy after ``offsets`` is not recorded twice)
     open_offsets: dict[int, int] = field(default_factory=dict)
-    # partition -> (offset, Kafka timestamp ms) of a message the recording made durable (the
-    # tail of its last durable iteration): read back at a resume (a topic created again)
-    anchors: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def resume_offsets(self) -> dict[int, int]:
         """Where to read next: one past the highest durable offset of each partition."""
@@ -123,8 +114,6 @@ class ActiveRecording:
             **({"stopped": True} if self.stopped else {}),
             **({"open_offsets": {str(p): o for p, o in sorted(self.open_offsets.items())}}
                if self.open_offsets else {}),
-            **({"anchors": {str(p): [o, t] for p, (o, t) in sorted(self.anchors.items())}}
-               if self.anchors else {}),
         }
 
     @classmethod
@@ -144,8 +133,6 @@ class ActiveRecording:
             stopped=obj.get("stopped") is True,
             open_offsets={int(p): int(o)
                           for p, o in dict(obj.get("open_offsets") or {}).items()},
-            anchors={int(p): (int(a[0]), int(a[1]))
-                     for p, a in dict(obj.get("anchors") or {}).items()},
         )
 
 

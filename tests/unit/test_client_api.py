@@ -5,12 +5,10 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, cast
 
 import msgpack
 import pytest
-import structlog
 
 from recorder.client import (
     Ack,
@@ -31,10 +29,8 @@ from recorder.client import (
 )
 from recorder.client.assembler import IterationAssembler
 from recorder.client.client import _primed_start
-from recorder.client.replies import Outcome
-from recorder.client.wire import Record, Reply
+from recorder.client.wire import Record
 from recorder.errors import ClientError
-from recorder.settings import KafkaSettings
 from recorder.sim.messages import data_message, header_message, tail_message
 
 PROPS = SnapshotProperties("s", ["pva://A:X", "pva://B:Y"], time_window=500)
@@ -348,103 +344,3 @@ def test_the_final_tail_is_the_newest_across_partitions() -> None:
     newer = closed(152)  # partition 0 again, after partition 1's
     sub._push([opened(152), newer])
     assert sub._tail_after({0: 1000, 1: 0}) == newer
-
-
-class _ResumeAdapter:
-    """What :meth:`K2egClient.snapshot_recurring` asks of Kafka at a resume: the topic's
-    watermarks, the anchors read back (``recreated``: what recreated_partitions answers), the
-    assignment."""
-
-    def __init__(self, recreated: dict[int, tuple[int, int | None, int | None]]) -> None:
-        self.recreated = recreated
-        self.checked: list[dict[int, tuple[int, int]]] = []
-        self.added: list[StartAt] = []
-
-    @staticmethod
-    def _done(value: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        future.set_result(value)
-        return future
-
-    def watermarks(self, topic: str, timeout_s: float | None = None) -> Future[Any]:
-        return self._done({0: (0, 900), 1: (0, 50)})
-
-    def recreated_partitions(self, topic: str, anchors: Any, *,
-                             timeout_s: float | None = None) -> Future[Any]:
-        self.checked.append(dict(anchors))
-        return self._done(dict(self.recreated))
-
-    def add_topic(self, topic: str, start: StartAt, timeout_s: float | None = None
-                  ) -> Future[Any]:
-        self.added.append(start)
-        return self._done(dict(start.offsets or {}) if start.kind == "offsets" else {0: 0})
-
-    def remove_topic(self, topic: str) -> None:  # pragma: no cover - not on this path
-        raise AssertionError("not removed")
-
-
-class _SpyAssembler(IterationAssembler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.primed: list[dict[int, int]] = []
-
-    def prime_until(self, topic: str, offsets: Any) -> None:
-        self.primed.append(dict(offsets))
-        super().prime_until(topic, offsets)
-
-
-def _resuming_client(adapter: _ResumeAdapter) -> tuple[K2egClient, _SpyAssembler]:
-    """A K2egClient without Kafka, whose gateway acks ``repeating_snapshot`` for topic "s"."""
-    client = object.__new__(K2egClient)
-    client.settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="glue")
-    client.reply_topic = "replies"
-    client.iteration_slack_s = 1.0
-    client.max_pending = client.max_pending_bytes = 1000
-    client._log = structlog.get_logger().bind(app="glue")
-    client._closed = False
-    client._core_lock = threading.Lock()
-    client._subs_lock = threading.Lock()
-    client._subs = {}
-    client._skips = {}
-    client._stopped_at = {}
-    client._assembler = asm = _SpyAssembler()
-    client._adapter = cast(Any, adapter)
-
-    def send(fields: dict[str, Any], command: str, timeout_s: float, **_: Any
-             ) -> Future[Outcome]:
-        reply = Reply(str(fields["reply_id"]), 0, "started", "s", {}, {})
-        return _ResumeAdapter._done(Outcome(str(fields["reply_id"]), command, [reply], False,
-                                            None))
-
-    client._send = send  # type: ignore[method-assign]
-    return client, asm
-
-
-@pytest.mark.parametrize("kind", ["same", "recreated", "old_state_file"])
-def test_a_resume_with_anchors_resumes_or_reads_a_recreated_topic_from_its_beginning(
-    kind: str,
-) -> None:
-    """The glue of snapshot_recurring(anchors=): the anchors read back are the same
-    messages: the resume reads from its saved offsets, primed, ``recreated`` false; another
-    message at an anchor (the topic was deleted and created again): the topic is read from its
-    beginning, nothing primed (nothing of the new topic was recorded), ``recreated`` true;
-    no anchors (a state file written before they were kept): not read back, as before."""
-    recreated = {0: (480, 2_000_000, 480)} if kind == "recreated" else {}
-    adapter = _ResumeAdapter(recreated)
-    client, asm = _resuming_client(adapter)
-    anchors = None if kind == "old_state_file" else {0: (480, 1_000_480), 1: (40, 1_000_040)}
-    sub = client.snapshot_recurring(
-        PROPS, start=StartAt.at({0: 470, 1: 41}, others="beginning"),
-        prime_until={0: 501, 1: 41}, anchors=anchors)
-    assert adapter.checked == ([] if anchors is None else [anchors])
-    (start,) = adapter.added
-    if kind == "recreated":
-        assert sub.recreated is True
-        assert start.kind == "beginning" and asm.primed == []
-    else:
-        assert sub.recreated is False
-        assert start.kind == "offsets" and start.offsets == {0: 470, 1: 41}
-        assert start.others == "beginning"
-        assert asm.primed == [{0: 501}]  # partition 1 starts at its resume offset
-    assert sub.start_offsets == (start.offsets if start.kind == "offsets" else {0: 0})
-    assert client._subs == {"s": sub}

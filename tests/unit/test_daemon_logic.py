@@ -171,7 +171,6 @@ class FakeSub:
         self.resend_answers: list[Ack | Exception] = []  # then: "already running"
         self.resend_gate: threading.Event | None = None  # holds the answer back until set
         self.stats: Counter[str] = Counter()
-        self.recreated = False
         self.backpressure_paused = False
         self.pending_bytes = 0
 
@@ -224,8 +223,6 @@ class FakeClient:
         self.trigger_errors: list[Exception] = []
         self.starts: list[Any] = []
         self.primes: list[Any] = []  # the prime_until of each start
-        self.anchors: list[Any] = []  # the anchors of each start (None: not given)
-        self.recreated: dict[int, int] | None = None  # a start finds the topic created again
         self.triggers: list[Mapping[str, str] | None] = []
         self.sub: FakeSub | None = None
         self.unsubscribed: list[FakeSub] = []
@@ -235,18 +232,14 @@ class FakeClient:
         self.offsets_reset = 0  # partitions of topics found created again, read from 0
 
     def snapshot_recurring(self, props: Any, start: Any = None, max_pending: int = 0,
-                           prime_until: Any = None, **more: Any) -> FakeSub:
+                           prime_until: Any = None) -> FakeSub:
         self.starts.append(start)
         self.primes.append(prime_until)
-        self.anchors.append(more.get("anchors"))
         if self.failures:
             self.failures -= 1
             raise GatewayTimeoutError("repeating_snapshot", "x", 0.1)
         before = self.skipped(props.topic)
         self.sub = FakeSub(props.topic, self.stop_fails)
-        if self.recreated is not None:  # the client found the topic created again
-            self.sub.recreated = True
-            self.sub.start_offsets = self.recreated
         self.sub.skips = before  # as K2egClient: counted per topic since the client started
         return self.sub
 
@@ -562,89 +555,6 @@ def test_the_state_file_says_where_the_oldest_iteration_open_at_the_durable_offs
                                        2, offset=17))
         _wait(lambda: saved()["offsets"] == {"0": 17})
         assert saved()["open_offsets"] == {"0": 18}  # nothing open: a resume reads from 18
-    finally:
-        c.shutdown().result(5)
-        assert c.join(5)
-
-
-def test_the_state_file_keeps_the_last_durable_tail_and_a_resume_has_it_checked(
-        tmp_path: Path) -> None:
-    """A topic deleted and created again while the daemon was down, whose gateway already
-    wrote past the saved offset, was resumed in its middle (its first messages skipped
-    silently): nothing saved told the message before the offset from another. The state file
-    now keeps, per partition, the offset and Kafka timestamp of the tail of the last
-    iteration made durable (not of one closed after the durable offset); a resume hands them
-    to the client, which reads that message back. A state file without them resumes as it
-    did (no anchors given)."""
-    client = FakeClient()
-    c, _made = _controller(tmp_path, client)
-    path = tmp_path / "state" / "r.json"
-
-    def saved() -> Any:
-        return json.loads(path.read_text())["active"]
-
-    try:
-        sub = _started(c, client)
-        assert client.anchors == [None]  # a fresh start: nothing to check
-        sub.events.put(IterationOpened(sub.topic, "snap", 1, 1, offset=11))
-        sub.events.put(IterationClosed(sub.topic, "snap", 1, IterationStatus.COMPLETE, None, 1,
-                                       2, offset=14, tail_kafka_time_ms=1_700_000_000_123,
-                                       tail_offset=13))
-        _wait(lambda: saved()["offsets"] == {"0": 14})
-        assert saved()["anchors"] == {"0": [13, 1_700_000_000_123]}
-        # a close without a tail (timed out) is no anchor: the last one stays
-        sub.events.put(IterationOpened(sub.topic, "snap", 2, 1, offset=15))
-        sub.events.put(IterationClosed(sub.topic, "snap", 2, IterationStatus.INCOMPLETE, None, 1,
-                                       None, offset=16))
-        _wait(lambda: saved()["offsets"] == {"0": 16})
-        assert saved()["anchors"] == {"0": [13, 1_700_000_000_123]}
-    finally:
-        c.shutdown().result(5)
-        assert c.join(5)
-    store = ResumeStore(tmp_path / "state")
-    store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41}, None,
-                                     anchors={0: (40, 1_700_000_000_999)}))
-    client = FakeClient()
-    c, _made = _controller(tmp_path, client)
-    try:
-        c.start().result(5)
-        assert client.starts[0].offsets == {0: 42}
-        assert client.anchors == [{0: (40, 1_700_000_000_999)}]
-        # kept until a newer tail is durable: a crash before it checks the same message
-        assert saved()["anchors"] == {"0": [40, 1_700_000_000_999]}
-    finally:
-        c.shutdown().result(5)
-        assert c.join(5)
-    store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41}, None))
-    assert "anchors" not in store.path("r").read_text()
-    client = FakeClient()
-    c, _made = _controller(tmp_path, client)
-    try:
-        c.start().result(5)
-        assert client.starts[0].offsets == {0: 42} and client.anchors == [None]
-    finally:
-        c.shutdown().result(5)
-        assert c.join(5)
-
-
-def test_a_resume_into_a_topic_created_again_saves_the_new_topics_offsets(
-        tmp_path: Path) -> None:
-    """The client found the topic created again (the anchor read back is another message)
-    and reads it from its beginning: the state file must not keep the old topic's offsets
-    (a crash then resumed at offset 42 of the new topic, skipping what lies before it), nor
-    its open offsets or anchors."""
-    store = ResumeStore(tmp_path / "state")
-    store.begin("r", ActiveRecording("old-uid", 7, "snap", "snap", {0: 41}, None,
-                                     open_offsets={0: 37}, anchors={0: (40, 1)}))
-    client = FakeClient()
-    client.recreated = {0: 0}
-    c, _made = _controller(tmp_path, client)
-    try:
-        c.start().result(5)
-        active = json.loads(store.path("r").read_text())["active"]
-        assert active["offsets"] == {"0": -1}
-        assert "open_offsets" not in active and "anchors" not in active
-        assert active["seq"] == 7  # the same recording goes on
     finally:
         c.shutdown().result(5)
         assert c.join(5)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import TopicPartition
 from test_kafka_resume import FakeMessage  # a consumed message's accessors
 
 import recorder.client.kafka as kafka_module
@@ -22,14 +22,12 @@ from recorder.settings import KafkaSettings
 
 class Broker:
     """What the stand-in consumers see: per (topic, partition), its messages' offsets and low
-    watermark (and the Kafka timestamps of those that have one: ``times``)."""
+    watermark."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.logs: dict[tuple[str, int], list[int]] = {}
         self.low: dict[tuple[str, int], int] = {}
-        self.times: dict[tuple[str, int, int], int] = {}
-        self.consumers = 0  # stand-in Consumers made
 
     def partitions(self, topic: str) -> list[int]:
         with self.lock:
@@ -42,8 +40,6 @@ class FakeConsumer:
     def __init__(self, conf: dict[str, Any]) -> None:
         self.assigned: dict[tuple[str, int], int] = {}  # next offset to read
         self.paused: set[tuple[str, int]] = set()
-        with self.broker.lock:
-            self.broker.consumers += 1
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
         assert topic is not None
@@ -55,8 +51,6 @@ class FakeConsumer:
                               cached: bool = False) -> tuple[int, int]:
         key = (tp.topic, tp.partition)
         with self.broker.lock:
-            if key not in self.broker.logs:  # as librdkafka: no such partition (or topic)
-                raise KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION))
             log = self.broker.logs[key]
             low = self.broker.low.get(key, 0)
             return low, (log[-1] + 1 if log else low)
@@ -90,8 +84,7 @@ class FakeConsumer:
                 position = max(assigned, self.broker.low.get(key, 0))
                 for offset in self.broker.logs.get(key, []):
                     if offset >= position:
-                        out.append(FakeMessage(key[0], key[1], offset,
-                                               self.broker.times.get((*key, offset))))
+                        out.append(FakeMessage(key[0], key[1], offset))
                         position = offset + 1
                 self.assigned[key] = position
         if not out:
@@ -268,63 +261,5 @@ def test_a_watched_partition_is_checked_at_its_first_message_while_its_neighbour
             broker.logs[("snap", 3)] = [3, 4]
         assert collector.wait_for(lambda rs: len(rs) == 37)
         assert gaps == [("snap", 2, 6, 8)] and adapter.counters["offsets_missing"] == 2
-    finally:
-        adapter.close(1.0)
-
-
-def test_a_topic_created_again_past_the_resume_offset_is_told_by_the_message_read_back(
-    broker: Broker,
-) -> None:
-    """The daemon was down while the snapshot topic was deleted and created again, and the
-    gateway wrote more messages into the new topic than the saved offset: a resume at that
-    offset reads from the middle of the new topic, its first message exactly at the offset
-    expected, and the new topic's first messages were skipped without a word (firstread only
-    sees a reset when the new topic is shorter). The message a recording last made durable,
-    read back, tells the topic apart: here the new one's message at that offset has another
-    Kafka timestamp; the same topic's has the recorded one."""
-    broker.logs[("snap", 0)] = list(range(30))  # the new topic: 0..29
-    broker.logs[("snap", 1)] = list(range(5))
-    broker.times.update({("snap", 0, o): 2_000_000 + o for o in range(30)})
-    broker.times.update({("snap", 1, o): 1_000_000 + o for o in range(5)})
-    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="recreated")
-    adapter = KafkaAdapter(settings, Collector(), metadata_timeout_s=1.0).start()
-    try:
-        consumers = broker.consumers
-        # recorded: 0[19] at 1_000_019 (the old topic's), 1[3] at 1_000_003 (the same)
-        found = adapter.recreated_partitions("snap", {0: (19, 1_000_019), 1: (3, 1_000_003)})
-        assert found.result(5) == {0: (19, 2_000_019, 19)}
-        assert adapter.counters["offsets_reset"] == 1
-        assert broker.consumers == consumers + 1  # its own, not the consumer thread's
-        # the same topic: nothing to tell
-        assert adapter.recreated_partitions("snap", {0: (19, 2_000_019)}).result(5) == {}
-        # an anchor below the oldest message (retention) or past the end (a shorter new
-        # topic: Kafka's reset, firstread tells it) is not judged here
-        broker.low[("snap", 0)] = 20
-        assert adapter.recreated_partitions("snap", {0: (19, 1), 1: (7, 1)}).result(5) == {}
-        assert adapter.counters["offsets_reset"] == 1
-    finally:
-        adapter.close(1.0)
-
-
-def test_a_topic_created_again_with_fewer_partitions_is_told_not_a_failed_start(
-    broker: Broker,
-) -> None:
-    """The topic was deleted and created again with fewer partitions than the recording
-    read (or is not there at all): reading an anchor's partition back raised (librdkafka:
-    'Local: Unknown partition'), a TransportError, so every start of the run failed and was
-    retried for good, never recording, the operator told of a Kafka read failing. A
-    partition the topic does not have is not the one recorded (Kafka never takes one away):
-    the topic was created again."""
-    broker.logs[("snap", 0)] = list(range(30))
-    broker.times.update({("snap", 0, o): 1_000_000 + o for o in range(30)})
-    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", app_name="fewer")
-    adapter = KafkaAdapter(settings, Collector(), metadata_timeout_s=1.0).start()
-    try:
-        found = adapter.recreated_partitions("snap", {0: (19, 1_000_019), 1: (3, 1_000_003)})
-        assert found.result(5) == {1: (3, None, None)}
-        assert adapter.counters["offsets_reset"] == 1
-        # deleted and not created yet: none of its partitions is the one recorded
-        gone = adapter.recreated_partitions("gone", {0: (19, 1_000_019)})
-        assert gone.result(5) == {0: (19, None, None)}
     finally:
         adapter.close(1.0)

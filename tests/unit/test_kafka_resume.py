@@ -29,9 +29,8 @@ class FakeConsumer:
 
 
 class FakeMessage:
-    def __init__(self, topic: str, partition: int, offset: int, ts: int | None = None) -> None:
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
         self._where = (topic, partition, offset)
-        self._ts = ts
 
     def topic(self) -> str:
         return self._where[0]
@@ -52,7 +51,7 @@ class FakeMessage:
         return None
 
     def timestamp(self) -> tuple[int, int]:
-        return (0, 0) if self._ts is None else (1, self._ts)  # 1: TIMESTAMP_CREATE_TIME
+        return (0, 0)
 
 
 def test_a_resume_that_finds_its_offset_deleted_reports_the_gap() -> None:
