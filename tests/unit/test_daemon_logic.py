@@ -933,6 +933,11 @@ def test_backpressure_pauses_just_before_a_stop_are_counted(tmp_path: Path) -> N
         assert c.join(5)
 
 
+def _lag_gauge(metrics: RecorderMetrics) -> float | None:
+    """The run's ``consumer_lag_messages`` sample (None: no series)."""
+    return _run_sample(metrics, "consumer_lag_messages")
+
+
 def test_a_stopped_run_reports_no_lag(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -940,16 +945,13 @@ def test_a_stopped_run_reports_no_lag(
     gone, not its last value for ever (an alert on a growing lag kept firing)."""
     c, client, metrics = _topic_stats_controller(tmp_path, monkeypatch)
 
-    def gauge() -> float | None:
-        return _run_sample(metrics, "consumer_lag_messages")
-
     try:
         sub = _started(c, client)
         _feed(sub, 1, 1)
         _wait(lambda: c.status().lag == 5)
-        assert gauge() == 5
+        assert _lag_gauge(metrics) == 5
         c.stop().result(5)
-        assert c.status().lag is None and gauge() is None
+        assert c.status().lag is None and _lag_gauge(metrics) is None
     finally:
         c.shutdown().result(5)
         assert c.join(5)
@@ -963,9 +965,6 @@ def test_the_lag_is_not_its_value_from_before_kafka_went_away(
     pile up in Kafka). They have no lag now until Kafka answers again."""
     c, client, metrics = _topic_stats_controller(tmp_path, monkeypatch)
 
-    def gauge() -> float | None:
-        return _run_sample(metrics, "consumer_lag_messages")
-
     try:
         sub = _started(c, client)
         _feed(sub, 1, 1)
@@ -973,11 +972,11 @@ def test_the_lag_is_not_its_value_from_before_kafka_went_away(
         client.kafka_unreachable_since = time.time() - 3
         monkeypatch.setattr(sub, "lag", lambda timeout=2.0: None)  # no answer from Kafka
         _wait(lambda: c.status().lag is None)
-        assert gauge() is None
+        assert _lag_gauge(metrics) is None
         client.kafka_unreachable_since = None
         monkeypatch.setattr(sub, "lag", lambda timeout=2.0: 7)
         _wait(lambda: c.status().lag == 7)
-        assert gauge() == 7
+        assert _lag_gauge(metrics) == 7
     finally:
         c.shutdown().result(5)
         assert c.join(5)
