@@ -40,6 +40,11 @@ class Heartbeat:
         (logged every 10 minutes while it lasts): Kafka would refuse it whole."""
         self.seq += 1
         doc = build(self.seq)
+        payload = doc.encode()
+        if len(payload) <= STATUS_MAX_BYTES:  # as nearly always: encoded once, not again
+            self._publish(payload)
+            self._next = now + self.interval_s
+            return
         fitted = doc.fitted()
         if fitted.runs_left_out:
             fields = self._left_out_log.log_fields("left out")
